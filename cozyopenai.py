@@ -1,0 +1,1821 @@
+"""cozyopenai: serve workflows as conversational, OpenAI-compatible chat models.
+
+A workflow is a small graph of nodes (text templates, LLM calls, HTTP calls,
+Python functions) described in ``workflows.json``. Each workflow is exposed as
+a chat "model". When a user talks to it, the server works out which of the
+workflow's query inputs the user has given, asks for the missing ones, then
+runs the workflow and streams its progress inside a ``<thinking>`` block
+before the answer. Any OpenAI client can talk to it by changing its base URL.
+
+Run it (the JSON conversation store goes to ./conversations)::
+
+    pip install bottle openai requests
+    python cozyopenai.py --port 8000
+
+Talk to it::
+
+    from openai import OpenAI
+    client = OpenAI(api_key="unused", base_url="http://127.0.0.1:8000/openai")
+    reply = client.chat.completions.create(
+        model="trip-planner",
+        messages=[{"role": "user", "content": "I want to plan a trip to Paris."}],
+    )
+    print(reply.choices[0].message.content)
+
+Embed it: ``make_app(workflows=..., store=..., llm=LLMSettings(...))`` returns a
+Bottle application, which is a WSGI callable that can be run, merged or
+mounted. Called with no arguments, ``make_app()`` reads the same COZYOPENAI_*
+environment variables as the command line, for WSGI servers::
+
+    gunicorn --threads 16 'cozyopenai:make_app()'
+
+Security: by default the OpenAI routes need no key, so the server binds to
+loopback. Give ``--api-key`` before listening anywhere else. Fixed inputs
+(API keys and the like) are never shown to chat users, but anyone who can
+edit workflows.json can make the server fetch URLs and call Python functions.
+
+Limits: token counts in ``usage`` are estimates (about four characters a
+token); one choice per request (``n`` must be 1); the JSON store keeps one
+file per conversation in a directory, fine for thousands of chats, not for a
+cluster without a shared disk.
+"""
+
+__version__ = "0.1.0"
+__all__ = [
+    "make_app", "main", "create_server",
+    "load_workflows", "Workflow", "Node", "QueryInput", "Link", "QueryRef", "FixedRef",
+    "NodeType", "NodeContext", "TextStream", "NODE_TYPES",
+    "run_workflow", "RunEvent",
+    "LLMSettings", "LLMClient",
+    "Conversation", "MemoryStore", "JsonFileStore", "STORE_TYPES", "open_store",
+    "CozyError", "WorkflowFileError", "NodeFailed", "UpstreamError", "RequestError",
+    "UnauthorizedError", "NotFoundError", "ModelNotFoundError", "MethodNotAllowedError",
+    "BodyTooLargeError",
+]
+
+import argparse
+import hmac
+import importlib
+import json
+import logging
+import math
+import os
+import queue
+import re
+import secrets
+import string
+import sys
+import threading
+import time
+import unicodedata
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from urllib.parse import quote, urlsplit
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import bottle
+import requests
+
+log = logging.getLogger("cozyopenai")
+
+MAX_BODY_BYTES = 8 * 1024 * 1024          # chat histories are long; Bottle's default is 100 KB
+CONVERSATION_ID_BYTES = 24                # 192 random bits, 32 URL-safe characters
+CONVERSATION_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_-]{32}\Z")
+ID_BLOCK_INFO = "cozyui-conversation-identifier"
+ID_BLOCK_PATTERN = re.compile(r"```" + ID_BLOCK_INFO + r"[ \t]*\r?\n\s*([A-Za-z0-9_-]+)\s*\r?\n?```")
+THINKING_PATTERN = re.compile(r"<thinking>.*?(?:</thinking>|\Z)", re.S)
+MODEL_OWNER = "cozyui"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_WORKFLOWS_PATH = "workflows.json"
+DEFAULT_STORE = "conversations"           # a directory: the JSON store, so restarts lose nothing
+LLM_TIMEOUT_SECONDS = 30.0
+HTTP_NODE_TIMEOUT_SECONDS = 30.0
+MEMORY_STORE_MAX_CONVERSATIONS = 10_000
+CONTEXT_TURNS = 6                         # earlier messages shown to the extraction call
+CHARS_PER_TOKEN = 4                       # for the estimated `usage` figures
+REDACTED = "[redacted]"
+
+
+####################################################################################
+# Errors
+####################################################################################
+
+class CozyError(Exception):
+    """Base of every error here; knows its HTTP status and its OpenAI error type."""
+    status = 500
+    error_type = "server_error"
+    code: Optional[str] = None
+
+    def __init__(self, message: str, *, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_openai(self) -> dict:
+        return {"error": {"message": self.message, "type": self.error_type,
+                          "param": self.param, "code": self.code}}
+
+
+class WorkflowFileError(CozyError): """The workflows cannot be served; raised at start-up."""
+class NodeFailed(CozyError): """A node failed while a workflow ran; ends the run, not the conversation."""
+class UpstreamError(CozyError): status, error_type = 502, "upstream_error"
+class RequestError(CozyError): status, error_type = 400, "invalid_request_error"
+class UnauthorizedError(RequestError): status, code = 401, "invalid_api_key"
+class NotFoundError(RequestError): status, code = 404, "not_found"
+class ModelNotFoundError(NotFoundError): code = "model_not_found"
+class MethodNotAllowedError(RequestError): status, code = 405, "method_not_allowed"
+class BodyTooLargeError(RequestError): status, code = 413, "request_too_large"
+
+# Bottle raises its own HTTPError before our handlers run (no route, wrong method);
+# these turn its status into ours so every error leaves as an OpenAI error object.
+HTTP_STATUS_ERRORS = {400: RequestError, 401: UnauthorizedError, 404: NotFoundError,
+                      405: MethodNotAllowedError, 413: BodyTooLargeError}
+
+
+####################################################################################
+# Workflows: the file format, loading and validation
+####################################################################################
+
+VALUE_TYPES = ("string", "integer", "number", "boolean", "choice")
+WORKFLOW_NAME_PATTERN = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,63}\Z")
+NODE_ID_PATTERN = re.compile(r"\A[A-Za-z_][A-Za-z0-9_-]{0,63}\Z")
+INPUT_NAME_PATTERN = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+# Literal node inputs with these names are treated like fixed inputs: never shown.
+SECRET_NAME_PATTERN = re.compile(r"key|token|secret|passw|auth|credential|headers", re.I)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A node input fed by another node's output (or a path inside it: ``node.key.0``)."""
+    node: str
+    path: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class QueryRef:
+    """A node input the chat user provides: a named query input."""
+    name: str
+
+
+@dataclass(frozen=True)
+class FixedRef:
+    """A node input set by the workflow's author in ``fixed_inputs``."""
+    name: str
+
+
+@dataclass(frozen=True)
+class QueryInput:
+    """A value gathered from the chat user."""
+    name: str
+    description: str
+    type: str = "string"
+    choices: Tuple[str, ...] = ()
+    optional: bool = False
+    default: Any = None
+    question: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name.replace("_", " ")
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    type: str
+    description: str
+    inputs: Mapping[str, Any]
+
+    def dependencies(self) -> set:
+        return {value.node for value in self.inputs.values() if isinstance(value, Link)}
+
+
+@dataclass(frozen=True)
+class Workflow:
+    name: str
+    description: str
+    nodes: Tuple[Node, ...]                    # in an order where every node follows its inputs
+    query_inputs: Mapping[str, QueryInput]
+    fixed_inputs: Mapping[str, Any]
+    output_node: str
+    created: int
+
+    def node(self, node_id: str) -> Node:
+        return next(node for node in self.nodes if node.id == node_id)
+
+    def nodes_fed_by(self, query_name: str) -> List[Node]:
+        return [node for node in self.nodes if QueryRef(query_name) in node.inputs.values()]
+
+    def answer_source(self) -> Optional[str]:
+        """The node whose whole output is the answer; its tokens may stream straight out."""
+        text = self.node(self.output_node).inputs.get("text")
+        return text.node if isinstance(text, Link) and not text.path else None
+
+    def secret_values(self) -> Tuple[str, ...]:
+        """Strings redacted from everything that leaves the server: literal inputs and fixed
+        inputs with key-like names, and fixed inputs whose value looks like a credential."""
+        found = [value for name, value in self.fixed_inputs.items()
+                 if SECRET_NAME_PATTERN.search(name) or _looks_like_credential(value)]
+        for node in self.nodes:
+            found += [value for name, value in node.inputs.items() if SECRET_NAME_PATTERN.search(name)]
+        return tuple(sorted(set(_strings_in(found)), key=len, reverse=True))
+
+
+def _looks_like_credential(value: Any) -> bool:
+    return (isinstance(value, str) and len(value) >= 16 and not re.search(r"\s", value)
+            and bool(re.search(r"\d", value)) and bool(re.search(r"[A-Za-z]", value)))
+
+
+def _strings_in(values: Iterable[Any]) -> Iterator[str]:
+    for value in values:
+        if isinstance(value, str) and len(value) >= 4:
+            yield value
+        elif isinstance(value, dict):
+            yield from _strings_in(value.values())
+        elif isinstance(value, (list, tuple)):
+            yield from _strings_in(value)
+
+
+def load_workflows(source: Union[str, os.PathLike, dict, list],
+                   node_types: Optional[Mapping[str, "NodeType"]] = None) -> Dict[str, Workflow]:
+    """Read and validate workflows from a JSON file path, or from the same data as Python objects.
+
+    Raises WorkflowFileError with one message naming the workflow and node at fault.
+    """
+    node_types = NODE_TYPES if node_types is None else node_types
+    if isinstance(source, (str, os.PathLike)):
+        label = os.fspath(source)
+        data = _read_json_file(label)
+        created = int(os.path.getmtime(label))
+    else:
+        label, data, created = "workflows", source, int(time.time())
+    items = data.get("workflows") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise WorkflowFileError(f'{label}: expected {{"workflows": [ ... ]}} with at least one workflow')
+    workflows: Dict[str, Workflow] = {}
+    for index, item in enumerate(items):
+        workflow = _parse_workflow(item, label, index, node_types, created)
+        if workflow.name in workflows:
+            raise WorkflowFileError(f"{label}: workflow {workflow.name!r}: the name is used twice; "
+                                    "each workflow needs a unique name (it is the model id)")
+        workflows[workflow.name] = workflow
+    return workflows
+
+
+def _read_json_file(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except OSError as exc:
+        raise WorkflowFileError(f"{path}: cannot read it: {exc.strerror}") from None
+    except ValueError as exc:
+        raise WorkflowFileError(f"{path}: not valid JSON: {exc}") from None
+
+
+def _parse_workflow(item: Any, label: str, index: int, node_types: Mapping[str, "NodeType"],
+                    created: int) -> Workflow:
+    where = f"{label}: workflow #{index + 1}"
+    if not isinstance(item, dict):
+        raise WorkflowFileError(f"{where}: expected an object")
+    name = item.get("name")
+    if not isinstance(name, str) or not WORKFLOW_NAME_PATTERN.match(name):
+        raise WorkflowFileError(f"{where}: 'name' must be a slug of lowercase letters, digits, '-', '_' "
+                                f"or '.' (it becomes the model id), got {name!r}")
+    where = f"{label}: workflow {name!r}"
+    description = item.get("description")
+    if not isinstance(description, str) or not description.strip():
+        raise WorkflowFileError(f"{where}: needs a 'description' (it guides the extraction of inputs)")
+    query_inputs = _parse_query_inputs(item.get("query_inputs", {}), where)
+    fixed_inputs = item.get("fixed_inputs", {})
+    if not isinstance(fixed_inputs, dict):
+        raise WorkflowFileError(f"{where}: 'fixed_inputs' must be an object of name: value")
+    raw_nodes = item.get("nodes")
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise WorkflowFileError(f"{where}: needs a non-empty 'nodes' list")
+    nodes: Dict[str, Node] = {}
+    for index, raw in enumerate(raw_nodes):
+        node = _parse_node(raw, where, index, node_types, query_inputs, fixed_inputs)
+        if node.id in nodes:
+            raise WorkflowFileError(f"{where}, node {node.id!r}: the id is used twice")
+        nodes[node.id] = node
+    for node in nodes.values():
+        for input_name, value in node.inputs.items():
+            if isinstance(value, Link) and value.node not in nodes:
+                raise WorkflowFileError(f"{where}, node {node.id!r}: input {input_name!r} links to "
+                                        f"node {value.node!r}, which does not exist")
+    outputs = [node.id for node in nodes.values() if node.type == "output"]
+    if len(outputs) != 1:
+        raise WorkflowFileError(f"{where}: needs exactly one node of type 'output' (its text is the "
+                                f"answer), found {len(outputs)}")
+    for query in query_inputs.values():
+        if not any(QueryRef(query.name) in node.inputs.values() for node in nodes.values()):
+            raise WorkflowFileError(f"{where}: query input {query.name!r} feeds no node; "
+                                    f'link it with {{"query": "{query.name}"}} or remove it')
+    return Workflow(name=name, description=description.strip(), nodes=_in_dependency_order(nodes, where),
+                    query_inputs=MappingProxyType(query_inputs), fixed_inputs=MappingProxyType(dict(fixed_inputs)),
+                    output_node=outputs[0], created=int(item.get("created", created)))
+
+
+def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
+    if not isinstance(raw, dict):
+        raise WorkflowFileError(f"{where}: 'query_inputs' must be an object of name: definition")
+    parsed = {}
+    for name, spec in raw.items():
+        at = f"{where}, query input {name!r}"
+        if not INPUT_NAME_PATTERN.match(name):
+            raise WorkflowFileError(f"{at}: names are letters, digits and '_'")
+        if not isinstance(spec, dict):
+            raise WorkflowFileError(f"{at}: expected an object with a 'description' and a 'type'")
+        description = spec.get("description")
+        if not isinstance(description, str) or not description.strip():
+            raise WorkflowFileError(f"{at}: needs a 'description' (the user is asked from it)")
+        value_type = spec.get("type", "string")
+        if value_type not in VALUE_TYPES:
+            raise WorkflowFileError(f"{at}: unknown type {value_type!r}; use one of {', '.join(VALUE_TYPES)}")
+        choices = spec.get("choices", [])
+        if value_type == "choice" and (not isinstance(choices, list) or not choices
+                                       or not all(isinstance(c, str) and c.strip() for c in choices)):
+            raise WorkflowFileError(f"{at}: type 'choice' needs a non-empty 'choices' list of strings")
+        optional = spec.get("optional", False)
+        if not isinstance(optional, bool):
+            raise WorkflowFileError(f"{at}: 'optional' must be true or false")
+        query = QueryInput(name=name, description=description.strip(), type=value_type,
+                           choices=tuple(choices), optional=optional, question=str(spec.get("question", "")))
+        if "default" in spec:
+            try:
+                default = coerce_value(query, spec["default"])
+            except ValueError as exc:
+                raise WorkflowFileError(f"{at}: bad default: {exc}") from None
+            query = QueryInput(**{**query.__dict__, "default": default})
+        if optional and query.default is None:
+            raise WorkflowFileError(f"{at}: an optional input needs a 'default'")
+        parsed[name] = query
+    return parsed
+
+
+def _parse_node(raw: Any, workflow_where: str, index: int, node_types: Mapping[str, "NodeType"],
+                query_inputs: Mapping[str, QueryInput], fixed_inputs: Mapping[str, Any]) -> Node:
+    where = f"{workflow_where}, node #{index + 1}"
+    if not isinstance(raw, dict):
+        raise WorkflowFileError(f"{where}: expected an object with 'id', 'type' and 'inputs'")
+    node_id = raw.get("id")
+    if not isinstance(node_id, str) or not NODE_ID_PATTERN.match(node_id):
+        raise WorkflowFileError(f"{where}: 'id' must be letters, digits, '_' or '-', got {node_id!r}")
+    where = f"{workflow_where}, node {node_id!r}"
+    node_type = raw.get("type")
+    if node_type not in node_types:
+        raise WorkflowFileError(f"{where}: unknown node type {node_type!r} "
+                                f"(known: {', '.join(sorted(node_types))})")
+    raw_inputs = raw.get("inputs", {})
+    if not isinstance(raw_inputs, dict):
+        raise WorkflowFileError(f"{where}: 'inputs' must be an object")
+    inputs = {name: _parse_input_value(value, f"{where}, input {name!r}", query_inputs, fixed_inputs)
+              for name, value in raw_inputs.items()}
+    kind = node_types[node_type]
+    for required in kind.required:
+        if required not in inputs:
+            raise WorkflowFileError(f"{where}: a {node_type!r} node needs the input {required!r}")
+    for name in kind.author_only:
+        # Security (issue 4): what a chat user types must never choose a URL or a function.
+        if isinstance(inputs.get(name), (QueryRef, Link)):
+            raise WorkflowFileError(f"{where}: input {name!r} must be written in the workflow file "
+                                    "(a literal or a fixed input), not linked or asked from the user")
+    if kind.check:
+        try:
+            kind.check({name: _literal_value(value, fixed_inputs) for name, value in inputs.items()})
+        except (ValueError, TypeError, ImportError, AttributeError) as exc:
+            raise WorkflowFileError(f"{where}: {exc}") from None
+    return Node(id=node_id, type=node_type, description=str(raw.get("description", "")).strip(),
+                inputs=MappingProxyType(inputs))
+
+
+def _parse_input_value(value: Any, where: str, query_inputs: Mapping[str, QueryInput],
+                       fixed_inputs: Mapping[str, Any]) -> Any:
+    if value is None:
+        raise WorkflowFileError(f"{where}: is neither linked, fixed nor a query input; give a value, "
+                                '{"link": "node"}, {"fixed": "name"} or {"query": "name"}')
+    if not (isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("link", "query", "fixed")):
+        return value
+    kind, target = next(iter(value.items()))
+    if not isinstance(target, str) or not target:
+        raise WorkflowFileError(f"{where}: {kind!r} needs a name")
+    if kind == "query":
+        if target not in query_inputs:
+            raise WorkflowFileError(f"{where}: query input {target!r} is not defined in 'query_inputs'")
+        return QueryRef(target)
+    if kind == "fixed":
+        if target not in fixed_inputs:
+            raise WorkflowFileError(f"{where}: fixed input {target!r} is not defined in 'fixed_inputs'")
+        return FixedRef(target)
+    node, *path = target.split(".")
+    return Link(node, tuple(path))
+
+
+def _literal_value(value: Any, fixed_inputs: Mapping[str, Any]) -> Any:
+    """The value known at load time, for a node type's check; None where it comes later."""
+    if isinstance(value, FixedRef):
+        return fixed_inputs[value.name]
+    return None if isinstance(value, (Link, QueryRef)) else value
+
+
+def _in_dependency_order(nodes: Dict[str, Node], where: str) -> Tuple[Node, ...]:
+    """Kahn's algorithm; a cycle is reported with the nodes caught in it."""
+    waiting = {node_id: set(node.dependencies()) for node_id, node in nodes.items()}
+    ordered: List[Node] = []
+    while waiting:
+        ready = [node_id for node_id, deps in waiting.items() if not deps]
+        if not ready:
+            raise WorkflowFileError(f"{where}: the links form a cycle through nodes "
+                                    f"{', '.join(sorted(waiting))}; a node runs only when all its inputs are ready")
+        for node_id in ready:
+            del waiting[node_id]
+            ordered.append(nodes[node_id])
+        for deps in waiting.values():
+            deps.difference_update(ready)
+    return tuple(ordered)
+
+
+####################################################################################
+# The internal LLM (extraction, questions and `llm` nodes)
+####################################################################################
+
+@dataclass(frozen=True)
+class LLMSettings:
+    """Where the internal LLM is: any OpenAI-compatible server."""
+    base_url: str
+    model: str
+    api_key: str = field(default="", repr=False)
+    timeout_seconds: float = LLM_TIMEOUT_SECONDS
+
+
+class LLMClient:
+    """The openai client, with a memory of which structured-output mode the upstream accepts."""
+
+    # Tried in order: strict JSON schema, then JSON mode (llama.cpp refuses json_schema but takes
+    # json_object), then plain text from which the first JSON object is parsed.
+    JSON_MODES = ("json_schema", "json_object", "text")
+
+    def __init__(self, settings: LLMSettings):
+        import openai  # about 0.4 s to import; only servers with an LLM pay for it
+        self._openai = openai
+        self.settings = settings
+        self._client = openai.OpenAI(base_url=settings.base_url, api_key=settings.api_key or "unused",
+                                     timeout=settings.timeout_seconds, max_retries=1)
+        self._json_mode = 0
+
+    def complete(self, messages: List[dict], **options: Any) -> str:
+        """One chat completion; its text."""
+        response = self._call(messages=messages, stream=False, **options)
+        return (response.choices[0].message.content or "") if response.choices else ""
+
+    def complete_json(self, messages: List[dict], schema: dict) -> dict:
+        """A JSON object as answer, using the best structured-output mode the upstream takes."""
+        while True:
+            mode = self.JSON_MODES[self._json_mode]
+            options: Dict[str, Any] = {}
+            if mode == "json_schema":
+                options["response_format"] = {"type": "json_schema", "json_schema":
+                                              {"name": "extraction", "schema": schema, "strict": True}}
+            elif mode == "json_object":
+                options["response_format"] = {"type": "json_object"}
+            try:
+                return first_json_object(self.complete(messages, **options))
+            except UpstreamError as exc:
+                if exc.status != 400 or mode == "text":
+                    raise
+                self._json_mode += 1   # the upstream refused this response_format; remember it
+
+    def stream(self, messages: List[dict], **options: Any) -> "TextStream":
+        """A chat completion whose tokens arrive as they are generated."""
+        response = self._call(messages=messages, stream=True, **options)
+
+        def pieces() -> Iterator[str]:
+            try:
+                for chunk in response:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        yield chunk.choices[0].delta.content
+            except self._openai.OpenAIError as exc:
+                raise self._upstream_error(exc) from None
+            finally:
+                response.close()
+        return TextStream(pieces())
+
+    def _call(self, **options: Any) -> Any:
+        options.setdefault("model", self.settings.model)
+        try:
+            return self._client.chat.completions.create(**options)
+        except self._openai.OpenAIError as exc:
+            raise self._upstream_error(exc) from None
+
+    def _upstream_error(self, exc: Exception) -> UpstreamError:
+        status = getattr(exc, "status_code", None)
+        reason = f"HTTP {status}" if status else type(exc).__name__.replace("API", "").replace("Error", " error")
+        error = UpstreamError(f"the language model did not answer usably ({reason.strip()})")
+        error.status = status if status == 400 else 502
+        return error
+
+
+def first_json_object(text: str) -> dict:
+    """The first JSON object in a model's text (some wrap it in prose or a code fence)."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text or ""):
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    raise UpstreamError("the language model's answer held no JSON object")
+
+
+####################################################################################
+# Node types
+####################################################################################
+
+class TextStream:
+    """A node result that arrives in pieces. The runner joins them, and streams them
+    straight into the answer when the node's output is the answer."""
+
+    def __init__(self, pieces: Iterable[str]):
+        self._pieces = pieces
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._pieces)
+
+
+@dataclass
+class NodeContext:
+    """What a node function may use besides its inputs."""
+    node: Node
+    workflow: Workflow
+    llm: Optional[LLMClient]
+    stop: threading.Event
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A kind of node: ``run(inputs, context)`` returns the node's output (or a TextStream).
+
+    ``required`` inputs must be present; ``author_only`` inputs must be written in the
+    workflow file, never fed by a link or the user; ``check`` validates the literal inputs
+    at start-up (raise ValueError).
+    """
+    run: Callable[[Dict[str, Any], NodeContext], Any]
+    required: Tuple[str, ...] = ()
+    author_only: Tuple[str, ...] = ()
+    check: Optional[Callable[[Dict[str, Any]], None]] = None
+
+
+class _TemplateFormatter(string.Formatter):
+    """str.format with dotted paths into dicts and lists ({forecast.current.temperature})
+    and no attribute access, so a template cannot reach into Python objects."""
+
+    def get_field(self, field_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tuple[Any, str]:
+        return lookup_path(kwargs, field_name.split("."), field_name), field_name
+
+
+def lookup_path(value: Any, path: Sequence[str], label: str) -> Any:
+    for step in path:
+        if isinstance(value, dict) and step in value:
+            value = value[step]
+        elif isinstance(value, list) and step.lstrip("-").isdigit() and -len(value) <= int(step) < len(value):
+            value = value[int(step)]
+        else:
+            raise NodeFailed(f"{label!r} is not available (nothing at {step!r})")
+    return value
+
+
+def render_template(template: str, values: Mapping[str, Any]) -> str:
+    try:
+        return _TemplateFormatter().format(str(template), **values)
+    except (ValueError, IndexError) as exc:
+        raise NodeFailed(f"template error: {exc}") from None
+
+
+def _check_template(inputs: Dict[str, Any]) -> None:
+    if inputs.get("template") is not None:
+        list(string.Formatter().parse(str(inputs["template"])))  # raises ValueError on a stray brace
+
+
+def run_template_node(inputs: Dict[str, Any], context: NodeContext) -> str:
+    """Fills ``template`` with the other inputs: ``{name}``, ``{node_output.key}``."""
+    return render_template(inputs["template"], inputs)
+
+
+def run_output_node(inputs: Dict[str, Any], context: NodeContext) -> str:
+    """Its ``text`` becomes the answer."""
+    text = inputs["text"]
+    return text if isinstance(text, str) else json.dumps(text, indent=2, ensure_ascii=False)
+
+
+def run_llm_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
+    """One chat completion on the configured LLM: ``prompt``, optional ``system``,
+    ``temperature``. With no LLM configured it renders ``fallback`` instead, if given."""
+    if context.llm is None:
+        if "fallback" in inputs:
+            return render_template(inputs["fallback"], inputs)
+        raise NodeFailed("this node needs an LLM; start the server with --llm-base-url and --llm-model")
+    messages = [{"role": "user", "content": str(inputs["prompt"])}]
+    if inputs.get("system"):
+        messages.insert(0, {"role": "system", "content": str(inputs["system"])})
+    options = {"temperature": inputs["temperature"]} if "temperature" in inputs else {}
+    return context.llm.stream(messages, **options)
+
+
+def _check_http(inputs: Dict[str, Any]) -> None:
+    url = inputs.get("url")
+    if url is not None and urlsplit(str(url)).scheme not in ("http", "https"):
+        raise ValueError(f"'url' must start with http:// or https://, got {url!r}")
+
+
+def run_http_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
+    """A request through requests. ``url`` may hold ``{placeholders}`` filled (URL-encoded)
+    from the other inputs; ``method``, ``headers``, ``params``, ``json``, ``timeout_seconds``.
+    The output is the parsed JSON body, or the text."""
+    values = {name: quote(str(value), safe="") for name, value in inputs.items() if not isinstance(value, dict)}
+    url = render_template(inputs["url"], values)
+    host = urlsplit(url).hostname or "the server"   # errors name the host only: URLs may hold keys
+    try:
+        response = requests.request(str(inputs.get("method", "GET")).upper(), url,
+                                    headers=inputs.get("headers"), params=inputs.get("params"),
+                                    json=inputs.get("json"),
+                                    timeout=float(inputs.get("timeout_seconds", HTTP_NODE_TIMEOUT_SECONDS)))
+    except requests.Timeout:
+        raise NodeFailed(f"{host} did not answer in time") from None
+    except requests.RequestException as exc:
+        raise NodeFailed(f"could not reach {host} ({type(exc).__name__})") from None
+    if response.status_code >= 400:
+        raise NodeFailed(f"{host} answered HTTP {response.status_code} {response.reason or ''}".strip())
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+def import_function(spec: str) -> Callable[..., Any]:
+    """``package.module:function`` → the function."""
+    module_name, _, function_name = str(spec).partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"'function' must look like 'module:function', got {spec!r}")
+    function = importlib.import_module(module_name)
+    for part in function_name.split("."):
+        function = getattr(function, part)
+    if not callable(function):
+        raise TypeError(f"{spec!r} is not callable")
+    return function
+
+
+def _check_python(inputs: Dict[str, Any]) -> None:
+    if inputs.get("function") is not None:
+        import_function(inputs["function"])
+
+
+def run_python_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
+    """Calls ``function`` (``module:function``) with the other inputs as keyword arguments."""
+    arguments = {name: value for name, value in inputs.items() if name != "function"}
+    try:
+        return import_function(inputs["function"])(**arguments)
+    except NodeFailed:
+        raise
+    except Exception as exc:
+        raise NodeFailed(f"{inputs['function']} raised {type(exc).__name__}: {exc}") from None
+
+
+NODE_TYPES: Mapping[str, NodeType] = MappingProxyType({
+    "template": NodeType(run_template_node, required=("template",), author_only=("template",),
+                         check=_check_template),
+    "llm": NodeType(run_llm_node, required=("prompt",)),
+    "http": NodeType(run_http_node, required=("url",), author_only=("url", "method"), check=_check_http),
+    "python": NodeType(run_python_node, required=("function",), author_only=("function",),
+                       check=_check_python),
+    "output": NodeType(run_output_node, required=("text",)),
+})
+
+
+####################################################################################
+# Runner: nodes run when all their inputs are ready
+####################################################################################
+
+@dataclass(frozen=True)
+class RunEvent:
+    """What the runner reports. kind: "started", "finished" (with seconds and value),
+    "failed" (with seconds and text), "answer" (a piece of the answer), "done"."""
+    kind: str
+    node_id: str = ""
+    text: str = ""
+    seconds: float = 0.0
+    value: Any = None
+
+
+def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
+                 node_types: Optional[Mapping[str, NodeType]] = None, llm: Optional[LLMClient] = None,
+                 stop: Optional[threading.Event] = None) -> Iterator[RunEvent]:
+    """Run ``workflow`` with the query ``values``, yielding progress as it happens.
+
+    Independent nodes run side by side in threads; a plain chain runs in the caller's
+    thread. The answer arrives as "answer" events (streamed when it comes from an `llm`
+    node), then "done". A failure yields "failed" and starts nothing more. Closing the
+    generator (the client hung up) sets ``stop`` so no new node starts.
+    """
+    node_types = NODE_TYPES if node_types is None else node_types
+    stop = stop or threading.Event()
+    outputs: Dict[str, Any] = {}
+    waiting = {node.id: node.dependencies() for node in workflow.nodes}
+    finished: "queue.Queue[RunEvent]" = queue.Queue()
+    threaded: set = set()                       # nodes running in threads right now
+    streams_answer = workflow.answer_source()
+    answer_streamed = False
+
+    def events_of(node_id: str) -> Iterator[RunEvent]:
+        return _node_events(workflow, workflow.node(node_id), outputs, values, node_types, llm, stop,
+                            node_id == streams_answer)
+    try:
+        while waiting or threaded:
+            ready = [node_id for node_id, deps in waiting.items() if not deps]
+            for node_id in ready:
+                del waiting[node_id]
+            if len(ready) == 1 and not threaded:
+                events = events_of(ready[0])     # the common case, a chain: no thread hand-off
+            else:
+                for node_id in ready:
+                    _start_in_thread(events_of(node_id), finished)
+                threaded.update(ready)
+                events = iter([finished.get()])
+            for event in events:
+                if event.kind in ("finished", "failed"):
+                    threaded.discard(event.node_id)
+                answer_streamed = answer_streamed or event.kind == "answer"
+                yield event
+                if event.kind == "failed":
+                    return
+                if event.kind == "finished":
+                    outputs[event.node_id] = event.value
+                    for deps in waiting.values():
+                        deps.discard(event.node_id)
+        answer = outputs[workflow.output_node]
+        if not answer_streamed:
+            yield RunEvent("answer", workflow.output_node, text=answer)
+        yield RunEvent("done", workflow.output_node, text=answer)
+    finally:
+        stop.set()   # also on failure and GeneratorExit: threads still running start nothing new
+
+
+def _start_in_thread(events: Iterator[RunEvent], sink: "queue.Queue[RunEvent]") -> None:
+    def pump() -> None:
+        for event in events:
+            sink.put(event)
+    threading.Thread(target=pump, daemon=True).start()
+
+
+def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values: Mapping[str, Any],
+                 node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
+                 streams_answer: bool) -> Iterator[RunEvent]:
+    """Runs one node: "started", then any "answer" pieces, then "finished" or "failed"."""
+    yield RunEvent("started", node.id, text=node.description)
+    started = time.monotonic()
+    try:
+        if stop.is_set():
+            raise NodeFailed("the run was stopped")
+        inputs = {name: _input_value(workflow, node, name, value, outputs, values)
+                  for name, value in node.inputs.items()}
+        result = node_types[node.type].run(inputs, NodeContext(node, workflow, llm, stop))
+        if isinstance(result, TextStream):
+            pieces = []
+            for piece in result:
+                if stop.is_set():
+                    raise NodeFailed("the run was stopped")
+                pieces.append(piece)
+                if streams_answer:
+                    yield RunEvent("answer", node.id, text=piece)
+            result = "".join(pieces)
+    except (NodeFailed, UpstreamError) as exc:
+        yield RunEvent("failed", node.id, text=exc.message, seconds=time.monotonic() - started)
+        return
+    except Exception as exc:   # a custom node's bug must end the run, not the server
+        log.exception("node %s of %s raised", node.id, workflow.name)
+        yield RunEvent("failed", node.id, text=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - started)
+        return
+    yield RunEvent("finished", node.id, seconds=time.monotonic() - started, value=result)
+
+
+def _input_value(workflow: Workflow, node: Node, name: str, value: Any,
+                 outputs: Mapping[str, Any], values: Mapping[str, Any]) -> Any:
+    if isinstance(value, Link):
+        label = ".".join((value.node,) + value.path)
+        return lookup_path(outputs[value.node], value.path, label)
+    if isinstance(value, QueryRef):
+        return values[value.name]
+    if isinstance(value, FixedRef):
+        return workflow.fixed_inputs[value.name]
+    return value
+
+
+####################################################################################
+# Conversations and their stores
+####################################################################################
+
+@dataclass
+class Conversation:
+    """What the server remembers of one chat with one workflow."""
+    id: str
+    model: str
+    values: Dict[str, Any] = field(default_factory=dict)
+    asked: List[str] = field(default_factory=list)        # the inputs the last question asked for
+    ask_counts: Dict[str, int] = field(default_factory=dict)
+    runs: int = 0
+    turns: int = 0
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    is_new: bool = False                                  # not stored: the id block goes out once
+
+    def to_record(self) -> dict:
+        record = dict(self.__dict__)
+        del record["is_new"]
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "Conversation":
+        known = {name: record[name] for name in cls.__dataclass_fields__ if name in record and name != "is_new"}
+        return cls(**known)
+
+    def missing(self, workflow: Workflow) -> List[QueryInput]:
+        return [query for query in workflow.query_inputs.values()
+                if query.name not in self.values and not query.optional]
+
+
+def new_conversation_id() -> str:
+    return secrets.token_urlsafe(CONVERSATION_ID_BYTES)
+
+
+def is_conversation_id(text: str) -> bool:
+    """Ids are checked against a strict format before any lookup (no path tricks)."""
+    return bool(CONVERSATION_ID_PATTERN.match(text or ""))
+
+
+class MemoryStore:
+    """Conversations in a dict; gone on restart. Keeps the most recently used ones."""
+
+    def __init__(self, max_conversations: int = MEMORY_STORE_MAX_CONVERSATIONS):
+        self.max_conversations = max_conversations
+        self._records: "OrderedDict[str, str]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def load(self, conversation_id: str) -> Optional[dict]:
+        with self._lock:
+            text = self._records.get(conversation_id)
+            if text is not None:
+                self._records.move_to_end(conversation_id)
+        return json.loads(text) if text is not None else None
+
+    def save(self, conversation_id: str, record: dict) -> None:
+        text = json.dumps(record)   # a copy, so callers cannot change what is stored
+        with self._lock:
+            self._records[conversation_id] = text
+            self._records.move_to_end(conversation_id)
+            while len(self._records) > self.max_conversations:
+                self._records.popitem(last=False)
+
+
+class JsonFileStore:
+    """One JSON file per conversation in a directory. Saving one turn writes one small file,
+    whatever the number of conversations; a write goes to a temporary file that replaces
+    the old one atomically, so a crash never leaves a half-written conversation."""
+
+    def __init__(self, directory: Union[str, os.PathLike]):
+        self.directory = os.fspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+
+    def _path(self, conversation_id: str) -> str:
+        if not is_conversation_id(conversation_id):
+            raise ValueError("not a conversation id")
+        return os.path.join(self.directory, conversation_id + ".json")
+
+    def load(self, conversation_id: str) -> Optional[dict]:
+        try:
+            with open(self._path(conversation_id), encoding="utf-8") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            log.warning("conversation %s… is unreadable; starting it afresh", conversation_id[:6])
+            return None
+
+    def save(self, conversation_id: str, record: dict) -> None:
+        path = self._path(conversation_id)
+        temporary = f"{path}.{secrets.token_hex(4)}.tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump(record, handle, ensure_ascii=False)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+
+STORE_TYPES: Mapping[str, Callable[..., Any]] = MappingProxyType({"memory": MemoryStore, "json": JsonFileStore})
+
+
+def open_store(spec: Union[str, os.PathLike, Any]) -> Any:
+    """``"memory"``, a directory path for the JSON store, or a ready store object
+    (anything with ``load(id) -> dict | None`` and ``save(id, dict)``)."""
+    if hasattr(spec, "load") and hasattr(spec, "save"):
+        return spec
+    if os.fspath(spec) == "memory":
+        return STORE_TYPES["memory"]()
+    return STORE_TYPES["json"](spec)
+
+
+####################################################################################
+# Extraction and questions
+####################################################################################
+
+EXTRACTION_PROMPT = """\
+You read one chat message and pull out the values it states for the inputs of a workflow.
+
+Workflow "{name}": {description}
+
+Inputs (JSON keys), with what they mean and what they are used for:
+{inputs}
+{context}
+Rules:
+- Extract only what the user states in the NEW message (the last message). Earlier turns are \
+context only, to understand it; never take values from them.
+- Never invent, guess or fill in placeholders. If the new message does not state a value, use null.
+- Copy values in the user's words; do not convert units, currencies or dates.
+- "intent" is what the user is doing: "provide" (giving values), "correct" (changing a value \
+given before), "cancel" (stop or start over), "skip" (wants to leave an optional input out), \
+or "other" (anything else).
+
+Answer with one JSON object and nothing else: {{"values": {{{keys}}}, "intent": "provide"}}"""
+
+QUESTION_PROMPT = """\
+You are the friendly assistant of the workflow "{name}": {description}
+
+{understood}Still needed from the user:
+{missing}
+{problems}
+Write one short, natural question that asks the user for what is still needed. Acknowledge \
+what was understood, if anything. Reply in the language of the user's last message. Do not \
+answer for the user, do not invent values, do not use lists or forms, and ask nothing else."""
+
+INTENTS = ("provide", "correct", "cancel", "skip", "other")
+CANCEL_PATTERN = re.compile(r"\A\W*(stop|cancel|abort|reset|start over|start again|restart|never ?mind|"
+                            r"annuler|recommencer|abbrechen|von vorne|cancelar|empezar de nuevo|annulla|"
+                            r"ricominciare)\W*\Z", re.I)
+BOOLEAN_WORDS = {
+    True: {"true", "yes", "y", "1", "on", "yeah", "yep", "sure", "oui", "si", "sí", "ja", "sim", "da", "да",
+           "vrai", "wahr", "vero", "verdadero", "verdadeiro"},
+    False: {"false", "no", "n", "0", "off", "nope", "non", "nein", "não", "nao", "нет", "net", "faux",
+            "falsch", "falso"},
+}
+NUMBER_PATTERN = re.compile(r"(?<![\w.,])[-+]?(\d{1,3}(?:[,.'’\u00a0\u202f]\d{3})+(?:[.,]\d+)?|\d+(?:[.,]\d+)?)"
+                            r"(\s*[kK]\b|\s*[mM]\b(?!\w))?")
+LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*(.+?)\s*$", re.M)
+TYPED_VALUE_PATTERNS = {   # values whose shape makes them unambiguous, for inputs that say what they hold
+    "date": re.compile(r"\b\d{4}-\d{2}-\d{2}\b"),
+    "email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"),
+    "url": re.compile(r"\bhttps?://[^\s<>\"']+"),
+}
+
+
+@dataclass
+class Extraction:
+    """The result of reading one user message."""
+    values: Dict[str, Any] = field(default_factory=dict)     # accepted and coerced
+    rejected: Dict[str, str] = field(default_factory=dict)   # name -> why, said to the user
+    ignored: Dict[str, Any] = field(default_factory=dict)    # proposed, but the message does not say it
+    intent: str = "provide"
+    notes: List[str] = field(default_factory=list)           # for the thinking block
+
+
+def _fold(text: str) -> str:
+    """Lower case without accents, for matching words a user wrote."""
+    decomposed = unicodedata.normalize("NFKD", str(text).casefold())
+    return "".join(char for char in decomposed if not unicodedata.combining(char))
+
+
+def _words(text: str) -> List[str]:
+    return re.findall(r"\w+", _fold(text))
+
+
+def parse_number(token: str) -> float:
+    """'2,000' → 2000, '2.000,50' → 2000.5, '2,5' → 2.5, '2k' → 2000."""
+    text = re.sub(r"[\s'’\u00a0\u202f]", "", token)
+    factor = 1
+    if text[-1:] in "kK":
+        factor, text = 1_000, text[:-1]
+    elif text[-1:] in "mM":
+        factor, text = 1_000_000, text[:-1]
+    if "," in text and "." in text:
+        decimal = "," if text.rfind(",") > text.rfind(".") else "."
+        text = text.replace("." if decimal == "," else ",", "").replace(",", ".")
+    elif "," in text:
+        text = text.replace(",", "") if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+", text) else text.replace(",", ".")
+    elif re.fullmatch(r"[-+]?\d{1,3}(\.\d{3}){2,}", text):
+        text = text.replace(".", "")
+    return float(text) * factor
+
+
+def numbers_in(text: str) -> List[float]:
+    return [parse_number(match.group(0)) for match in NUMBER_PATTERN.finditer(str(text))]
+
+
+def coerce_value(query: QueryInput, raw: Any) -> Any:
+    """The value in the input's declared type; ValueError says why not, in words for the user."""
+    label = query.label
+    if query.type == "boolean":
+        if isinstance(raw, bool):
+            return raw
+        word = _fold(str(raw)).strip(" .!")
+        for value, words in BOOLEAN_WORDS.items():
+            if word in words:
+                return value
+        raise ValueError(f"I need a yes or no for the {label}, not {str(raw)!r}")
+    if query.type in ("number", "integer"):
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            number = float(raw)
+        else:
+            found = numbers_in(str(raw))
+            if len(found) != 1:
+                raise ValueError(f"I need a single number for the {label}, not {str(raw)!r}")
+            number = found[0]
+        if not math.isfinite(number):
+            raise ValueError(f"I need a real number for the {label}, not {str(raw)!r}")
+        if query.type == "integer":
+            if number != int(number):
+                raise ValueError(f"I need a whole number for the {label}, not {str(raw)!r}")
+            return int(number)
+        return int(number) if number == int(number) else number
+    if query.type == "choice":
+        return _match_choice(query, raw)
+    if isinstance(raw, (dict, list)) or raw is None or not str(raw).strip():
+        raise ValueError(f"I need some text for the {label}")
+    return str(raw).strip()
+
+
+def _match_choice(query: QueryInput, raw: Any) -> str:
+    wanted = _fold(str(raw)).strip(" .!\"'")
+    folded = {_fold(choice): choice for choice in query.choices}
+    if wanted in folded:
+        return folded[wanted]
+    prefixed = [choice for key, choice in folded.items() if len(wanted) >= 3 and key.startswith(wanted)]
+    if len(prefixed) == 1:
+        return prefixed[0]
+    raise ValueError(f"the {query.label} must be one of {', '.join(query.choices)}, not {str(raw)!r}")
+
+
+def is_stated_in(query: QueryInput, value: Any, raw: Any, text: str) -> bool:
+    """Does the user's message support this value? Nothing the user did not say is accepted."""
+    message_words = set(_words(text))
+    if query.type in ("number", "integer"):
+        return any(abs(number - float(value)) < 1e-9 for number in numbers_in(text))
+    if query.type == "boolean":
+        said = set(BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]) | set(_words(query.label))
+        return bool(message_words & said)
+    candidates = [str(raw), str(value)] if query.type == "choice" else [str(value)]
+    return any(_words(candidate) and set(_words(candidate)) <= message_words for candidate in candidates)
+
+
+def accept_values(workflow: Workflow, proposed: Mapping[str, Any], text: str, extraction: Extraction) -> None:
+    """Coerce and check each proposed value against the message; fill ``extraction``."""
+    for name, raw in proposed.items():
+        query = workflow.query_inputs.get(name)
+        if query is None or raw is None or (isinstance(raw, str) and not raw.strip()):
+            continue
+        try:
+            value = coerce_value(query, raw)
+        except ValueError as exc:
+            extraction.rejected[name] = str(exc)
+            continue
+        if is_stated_in(query, value, raw, text):
+            extraction.values[name] = value
+        else:
+            extraction.ignored[name] = raw
+
+
+def extract_offline(workflow: Workflow, conversation: Conversation, text: str) -> Extraction:
+    """The deterministic reader: ``name: value`` lines, values whose shape is unambiguous,
+    and the reply to a question that asked for exactly one input."""
+    extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(text) else "provide")
+    if extraction.intent == "cancel":
+        return extraction
+    proposed: Dict[str, Any] = {}
+    for key, value in LINE_VALUE_PATTERN.findall(text):
+        name = _input_named(workflow, key)
+        if name:
+            proposed[name] = value
+    unfilled = [q for q in workflow.query_inputs.values() if q.name not in proposed]
+    if len(conversation.asked) == 1 and not proposed and conversation.asked[0] in workflow.query_inputs:
+        proposed[conversation.asked[0]] = _reply_value(workflow.query_inputs[conversation.asked[0]], text)
+    for query in unfilled:
+        if query.name not in proposed and query.name not in conversation.values:
+            found = _unambiguous_value(query, text, workflow)
+            if found is not None:
+                proposed[query.name] = found
+    accept_values(workflow, proposed, text, extraction)
+    return extraction
+
+
+def _input_named(workflow: Workflow, key: str) -> Optional[str]:
+    wanted = re.sub(r"[\s\-]+", "_", _fold(key).strip())
+    for name in workflow.query_inputs:
+        if _fold(name) == wanted:
+            return name
+    return None
+
+
+def _reply_value(query: QueryInput, text: str) -> Any:
+    """What a direct answer to "what is the <input>?" holds."""
+    if query.type in ("number", "integer"):
+        found = numbers_in(text)
+        return found[0] if len(found) == 1 else text
+    if query.type == "boolean":
+        words = [word for word in _words(text) if word in BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]]
+        return words[0] if len(set(words)) == 1 else text
+    if query.type == "choice":
+        named = _choices_named(query, text)
+        return named[0] if len(named) == 1 else text
+    return text.strip().rstrip(".!")
+
+
+def _choices_named(query: QueryInput, text: str) -> List[str]:
+    words = " " + " ".join(_words(text)) + " "
+    return [choice for choice in query.choices if " " + " ".join(_words(choice)) + " " in words]
+
+
+def _unambiguous_value(query: QueryInput, text: str, workflow: Workflow) -> Optional[str]:
+    if query.type == "choice":
+        named = _choices_named(query, text)
+        others = [other for other in workflow.query_inputs.values()
+                  if other is not query and other.type == "choice" and set(named) & set(other.choices)]
+        return named[0] if len(named) == 1 and not others else None
+    if query.type == "string":
+        about = _fold(query.name + " " + query.description)
+        for kind, pattern in TYPED_VALUE_PATTERNS.items():
+            found = pattern.findall(text)
+            if kind in about and len(found) == 1:
+                return found[0]
+    return None
+
+
+def extraction_schema(workflow: Workflow) -> dict:
+    value_types = ["string", "number", "boolean", "null"]
+    return {
+        "type": "object",
+        "properties": {
+            "values": {"type": "object",
+                       "properties": {name: {"type": value_types} for name in workflow.query_inputs},
+                       "required": list(workflow.query_inputs), "additionalProperties": False},
+            "intent": {"type": "string", "enum": list(INTENTS)},
+        },
+        "required": ["values", "intent"],
+        "additionalProperties": False,
+    }
+
+
+def extraction_messages(workflow: Workflow, conversation: Conversation, history: Sequence[dict],
+                        text: str) -> List[dict]:
+    """The extraction call: everything about the workflow in the system message, earlier
+    turns quoted as context, and the new message alone as the user message."""
+    inputs = []
+    for query in workflow.query_inputs.values():
+        kind = f"one of {', '.join(query.choices)}" if query.type == "choice" else query.type
+        line = f"- {query.name} ({kind}{', optional' if query.optional else ''}): {query.description}"
+        uses = [f"{node.id} ({node.description})" if node.description else node.id
+                for node in workflow.nodes_fed_by(query.name)]
+        line += f" Used by: {'; '.join(uses)}."
+        if query.name in conversation.values:
+            line += f" Known so far: {conversation.values[query.name]!r}."
+        inputs.append(line)
+    context = ""
+    if history:
+        turns = "\n".join(f"{message['role']}: {message['content']}" for message in history[-CONTEXT_TURNS:])
+        context = f"\nEarlier turns (context only):\n{turns}\n"
+    keys = ", ".join(f'"{name}": null' for name in workflow.query_inputs)
+    prompt = EXTRACTION_PROMPT.format(name=workflow.name, description=workflow.description,
+                                      inputs="\n".join(inputs), context=context, keys=keys)
+    return [{"role": "system", "content": prompt}, {"role": "user", "content": text}]
+
+
+def extract_with_llm(llm: LLMClient, workflow: Workflow, conversation: Conversation,
+                     history: Sequence[dict], text: str) -> Extraction:
+    answer = llm.complete_json(extraction_messages(workflow, conversation, history, text),
+                               extraction_schema(workflow))
+    proposed = answer.get("values", answer)
+    if not isinstance(proposed, dict):
+        raise UpstreamError("the language model's answer had no 'values' object")
+    intent = answer.get("intent") if answer.get("intent") in INTENTS else "provide"
+    extraction = Extraction(intent=intent)
+    if intent != "cancel":
+        accept_values(workflow, proposed, text, extraction)
+    return extraction
+
+
+def extract(llm: Optional[LLMClient], workflow: Workflow, conversation: Conversation,
+            history: Sequence[dict], text: str) -> Extraction:
+    """Read the new message with the LLM when there is one, else (or when it fails) offline."""
+    if llm is not None:
+        try:
+            return extract_with_llm(llm, workflow, conversation, history, text)
+        except UpstreamError as exc:
+            extraction = extract_offline(workflow, conversation, text)
+            extraction.notes.append(f"Reading your message with the language model failed ({exc.message}); "
+                                    "used the simple reader instead.")
+            return extraction
+    return extract_offline(workflow, conversation, text)
+
+
+def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understood: Mapping[str, Any],
+                     problems: Mapping[str, str]) -> str:
+    """A templated question for the first missing input, naming the rest."""
+    parts = []
+    if understood:
+        parts.append("Got it: " + ", ".join(f"{workflow.query_inputs[n].label} {v}" for n, v in understood.items())
+                     + ".")
+    parts += [reason[0].upper() + reason[1:] + "." for reason in problems.values()]
+    first = missing[0]
+    if len(missing) > 1:
+        parts.append(f"I still need the {_and_list([q.label for q in missing])}.")
+    parts.append(first.question or f"Could you tell me the {first.label} ({first.description.rstrip('.')})?")
+    if len(missing) > 1:
+        parts.append(f"You can also give several at once, one per line, like \"{missing[1].name}: ...\".")
+    return " ".join(parts)
+
+
+def _and_list(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def question_with_llm(llm: LLMClient, workflow: Workflow, missing: Sequence[QueryInput],
+                      understood: Mapping[str, Any], problems: Mapping[str, str], text: str) -> str:
+    known = "".join(f"- {workflow.query_inputs[n].label}: {v}\n" for n, v in understood.items())
+    prompt = QUESTION_PROMPT.format(
+        name=workflow.name, description=workflow.description,
+        understood=f"Understood from the user so far:\n{known}\n" if known else "",
+        missing="\n".join(f"- {q.label}: {q.description}" for q in missing),
+        problems="".join(f"Could not use a value: {reason}.\n" for reason in problems.values()))
+    question = llm.complete([{"role": "system", "content": prompt}, {"role": "user", "content": text}],
+                            temperature=0.3).strip()
+    if not question:
+        raise UpstreamError("the language model returned an empty question")
+    return question
+
+
+####################################################################################
+# Turns: one user message in, thinking and answer out
+####################################################################################
+
+@dataclass(frozen=True)
+class Piece:
+    """A piece of the reply: kind "thinking" (goes inside the <thinking> block) or "answer"."""
+    kind: str
+    text: str
+
+
+def find_conversation_ids(messages: Sequence[dict]) -> List[str]:
+    """Ids in identifier blocks of assistant messages, newest first. Ids in user messages are
+    not trusted: Open WebUI quotes assistant replies inside its background-task prompts."""
+    found = []
+    for message in reversed(messages):
+        if message["role"] == "assistant":
+            found += [match for match in ID_BLOCK_PATTERN.findall(message["content"]) if is_conversation_id(match)]
+    return found
+
+
+def split_new_messages(messages: Sequence[dict]) -> Tuple[List[dict], str]:
+    """(earlier turns, cleaned for context; the user text sent after the last assistant reply)."""
+    last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    earlier = [{"role": m["role"], "content": clean_reply(m["content"]) if m["role"] == "assistant" else m["content"]}
+               for m in messages[:last_assistant + 1] if m["role"] in ("user", "assistant")]
+    new = "\n".join(m["content"] for m in messages[last_assistant + 1:] if m["role"] == "user").strip()
+    return earlier, new
+
+
+def clean_reply(text: str) -> str:
+    """An assistant message without its thinking block and identifier block."""
+    return ID_BLOCK_PATTERN.sub("", THINKING_PATTERN.sub("", text)).strip()
+
+
+def id_block(conversation_id: str) -> str:
+    return f"\n\n```{ID_BLOCK_INFO}\n{conversation_id}\n```\n"
+
+
+@dataclass
+class TurnContext:
+    """Everything one turn needs, so the turn logic holds no server state of its own."""
+    workflow: Workflow
+    conversation: Conversation
+    history: List[dict]
+    text: str
+    llm: Optional[LLMClient]
+    node_types: Mapping[str, NodeType]
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def play_turn(turn: TurnContext) -> Iterator[Piece]:
+    """Gather what the new message gives; ask for what is missing, or run the workflow."""
+    workflow, conversation = turn.workflow, turn.conversation
+    conversation.turns += 1
+    extraction = Extraction()
+    if turn.text and workflow.query_inputs:
+        yield Piece("thinking", f"Reading your message for: {_and_list([q.label for q in workflow.query_inputs.values()])}.\n")
+        extraction = extract(turn.llm, workflow, conversation, turn.history, turn.text)
+    for note in extraction.notes:
+        yield Piece("thinking", note + "\n")
+    if extraction.intent == "cancel":
+        conversation.values.clear()
+        conversation.asked, conversation.ask_counts = [], {}
+        yield Piece("thinking", "You asked to stop: cleared every value.\n")
+        yield Piece("answer", "Okay, I've cleared everything and won't run anything. Tell me when you want to "
+                              "start again.")
+        return
+    yield from _describe_extraction(workflow, conversation, extraction)
+    conversation.values.update(extraction.values)
+    missing = conversation.missing(workflow)
+    if missing:
+        yield Piece("answer", _ask(turn, missing, extraction))
+        return
+    conversation.asked = []
+    yield from _run(turn)
+
+
+def _describe_extraction(workflow: Workflow, conversation: Conversation, extraction: Extraction) -> Iterator[Piece]:
+    for name, value in extraction.values.items():
+        label = workflow.query_inputs[name].label
+        old = conversation.values.get(name)
+        if old is not None and old != value:
+            yield Piece("thinking", f"Changed {label}: {old} → {value}.\n")
+        elif old is None:
+            yield Piece("thinking", f"Understood {label}: {value}.\n")
+    for name, raw in extraction.ignored.items():
+        yield Piece("thinking", f"Ignored {workflow.query_inputs[name].label} = {raw!r}: "
+                                "your message does not say it.\n")
+    for name, reason in extraction.rejected.items():
+        yield Piece("thinking", f"Could not use the {workflow.query_inputs[name].label}: {reason}.\n")
+
+
+def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction) -> str:
+    workflow, conversation = turn.workflow, turn.conversation
+    problems = {name: reason for name, reason in extraction.rejected.items() if name not in conversation.values}
+    if turn.llm is not None:
+        try:
+            question = question_with_llm(turn.llm, workflow, missing, extraction.values, problems, turn.text)
+            conversation.asked = [query.name for query in missing]
+            return question
+        except UpstreamError as exc:
+            log.info("question call failed: %s", exc.message)
+    conversation.asked = [missing[0].name]
+    return question_offline(workflow, missing, extraction.values, problems)
+
+
+def _run(turn: TurnContext) -> Iterator[Piece]:
+    workflow, conversation = turn.workflow, turn.conversation
+    values = dict(conversation.values)
+    for query in workflow.query_inputs.values():
+        if query.name not in values:
+            values[query.name] = query.default
+            yield Piece("thinking", f"Using the default {query.label}: {query.default}.\n")
+    shown = ", ".join(f"{workflow.query_inputs[name].label} = {value}" for name, value in values.items())
+    yield Piece("thinking", f"Running {workflow.name} with {shown}.\n")
+    conversation.runs += 1
+    events = run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop)
+    try:
+        for event in events:
+            if event.kind == "started":
+                yield Piece("thinking", f"→ {event.node_id} started"
+                                        f"{': ' + event.text if event.text else ''}\n")
+            elif event.kind == "finished":
+                yield Piece("thinking", f"✓ {event.node_id} finished in {event.seconds:.2f} s\n")
+            elif event.kind == "failed":
+                yield Piece("thinking", f"✗ {event.node_id} failed after {event.seconds:.2f} s: {event.text}\n")
+                yield Piece("answer", f"Sorry, the workflow stopped: step {event.node_id!r} failed ({event.text}). "
+                                      "Your inputs are kept; send a message to try again or change a value.")
+            elif event.kind == "answer":
+                yield Piece("answer", event.text)
+    finally:
+        events.close()
+
+
+####################################################################################
+# OpenAI wire format
+####################################################################################
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: List[dict]      # {"role", "content"} with content as text
+    stream: bool
+    include_usage: bool
+
+
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    """Validate a chat-completions body; unknown fields are ignored, as OpenAI clients send many."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise RequestError("The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise RequestError("The request body must be a JSON object.")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' is required: the name of a workflow (see GET /openai/models).", param="model")
+    raw_messages = data.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise RequestError("'messages' must be a non-empty list of {role, content} objects.", param="messages")
+    messages = [_parse_message(message, index) for index, message in enumerate(raw_messages)]
+    if not any(message["role"] == "user" for message in messages):
+        raise RequestError("'messages' needs at least one message with role 'user'.", param="messages")
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be true or false.", param="stream")
+    options = data.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("'stream_options' must be an object.", param="stream_options")
+    return ChatRequest(model=model, messages=messages, stream=stream,
+                       include_usage=stream and options.get("include_usage") is True)
+
+
+def _parse_message(message: Any, index: int) -> dict:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise RequestError(f"{where} must be an object with 'role' and 'content'.", param=where)
+    role = message.get("role")
+    if role not in MESSAGE_ROLES:
+        raise RequestError(f"{where}.role must be one of {', '.join(MESSAGE_ROLES)}.", param=f"{where}.role")
+    content = message.get("content")
+    if content is None and role in ("assistant", "tool", "function"):
+        content = ""
+    if isinstance(content, list):
+        content = _text_of_parts(content, where)
+    if not isinstance(content, str):
+        raise RequestError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
+    return {"role": role, "content": content}
+
+
+def _text_of_parts(parts: List[Any], where: str) -> str:
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise RequestError(f"{where}.content: only text parts are supported, not {kind!r}; "
+                               "workflows take their inputs as text.", param=f"{where}.content")
+        if not isinstance(part.get("text"), str):
+            raise RequestError(f"{where}.content: a text part needs a 'text' string.", param=f"{where}.content")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def estimate_tokens(text: str) -> int:
+    return (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+
+
+def with_thinking_tags(pieces: Iterator[Piece]) -> Iterator[str]:
+    """The reply as text: thinking pieces inside one <thinking> block, closed before the
+    answer, and closed even when the turn fails halfway."""
+    thinking_open = False
+    try:
+        for piece in pieces:
+            if piece.kind == "thinking":
+                if not thinking_open:
+                    thinking_open = True
+                    yield "<thinking>\n"
+                yield piece.text
+            else:
+                if thinking_open:
+                    thinking_open = False
+                    yield "</thinking>\n\n"
+                yield piece.text
+    except Exception:   # the turn's own bug: say so in the reply rather than break the stream
+        log.exception("turn failed")
+        if thinking_open:
+            thinking_open = False
+            yield "</thinking>\n\n"
+        yield "Sorry, something went wrong on the server while answering. Your conversation is kept."
+    finally:
+        pieces.close()
+    if thinking_open:
+        yield "</thinking>\n\n"
+
+
+class Redactor:
+    """Replaces the workflow's secrets in outgoing text."""
+
+    def __init__(self, secrets_: Sequence[str]):
+        self._pattern = re.compile("|".join(re.escape(s) for s in secrets_)) if secrets_ else None
+
+    def __call__(self, text: str) -> str:
+        return self._pattern.sub(REDACTED, text) if self._pattern else text
+
+
+def completion_chunks(texts: Iterator[str], request: ChatRequest, prompt_tokens: int) -> Iterator[bytes]:
+    """Server-sent events of chat.completion.chunk objects, then ``data: [DONE]``."""
+    completion_id, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+
+    def chunk(delta: dict, finish_reason: Optional[str] = None) -> bytes:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": request.model, "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        if request.include_usage:
+            body["usage"] = None
+        return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    completion_chars = 0
+    for text in texts:
+        if text:
+            completion_chars += len(text)
+            yield chunk({"content": text})
+    yield chunk({}, "stop")
+    if request.include_usage:
+        usage = _usage(prompt_tokens, completion_chars)
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": request.model, "system_fingerprint": None, "choices": [], "usage": usage}
+        yield b"data: " + json.dumps(body).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+def completion_object(texts: Iterator[str], request: ChatRequest, prompt_tokens: int) -> dict:
+    content = "".join(texts)
+    return {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion", "created": int(time.time()),
+            "model": request.model, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
+                         "logprobs": None, "finish_reason": "stop"}],
+            "usage": _usage(prompt_tokens, len(content))}
+
+
+def _usage(prompt_tokens: int, completion_chars: int) -> dict:
+    completion_tokens = estimate_tokens("x" * completion_chars) if completion_chars else 0
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def model_object(workflow: Workflow) -> dict:
+    return {"id": workflow.name, "object": "model", "created": workflow.created, "owned_by": MODEL_OWNER}
+
+
+####################################################################################
+# Routes and the app factory
+####################################################################################
+
+class Service:
+    """The server's state (workflows, store, LLM) and one method per route."""
+
+    def __init__(self, workflows: Mapping[str, Workflow], store: Any, llm: Optional[LLMClient],
+                 node_types: Mapping[str, NodeType], api_keys: Sequence[str]):
+        self.workflows = workflows
+        self.store = store
+        self.llm = llm
+        self.node_types = node_types
+        self.api_keys = tuple(key for key in api_keys if key)
+        self.redactors = {name: Redactor(workflow.secret_values()) for name, workflow in workflows.items()}
+
+    def check_key(self, authorization: str) -> None:
+        if not self.api_keys:
+            return
+        given = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
+        if not any(hmac.compare_digest(given.encode(), key.encode()) for key in self.api_keys):
+            raise UnauthorizedError("Missing or wrong API key: send 'Authorization: Bearer <key>'.")
+
+    def list_models(self) -> dict:
+        return {"object": "list", "data": [model_object(workflow) for workflow in self.workflows.values()]}
+
+    def get_model(self, model_id: str) -> dict:
+        return model_object(self.workflow(model_id))
+
+    def workflow(self, model_id: str) -> Workflow:
+        if model_id not in self.workflows:
+            raise ModelNotFoundError(f"The model {model_id!r} does not exist; GET /openai/models lists them.",
+                                     param="model")
+        return self.workflows[model_id]
+
+    def chat(self, body: bytes) -> Tuple[ChatRequest, Iterator[str], int]:
+        """Validate the request and start the turn; the reply texts are produced lazily."""
+        request = parse_chat_request(body)
+        workflow = self.workflow(request.model)
+        conversation, recovered = self.resume(workflow, request.messages)
+        history, text = split_new_messages(request.messages)
+        if recovered:   # an unknown id, or none: read the whole history, not just the last message
+            history, text = [], "\n".join(m["content"] for m in request.messages if m["role"] == "user")
+        turn = TurnContext(workflow, conversation, history, text, self.llm, self.node_types)
+        redact = self.redactors[workflow.name]
+        texts = (redact(text) for text in self._turn_texts(turn))
+        prompt_tokens = estimate_tokens("".join(m["content"] for m in request.messages))
+        return request, texts, prompt_tokens
+
+    def resume(self, workflow: Workflow, messages: Sequence[dict]) -> Tuple[Conversation, bool]:
+        """(the conversation, whether it had to be recovered from the whole history)."""
+        ids = find_conversation_ids(messages)
+        for conversation_id in ids:
+            record = self.store.load(conversation_id)
+            if record is not None and record.get("model") == workflow.name:
+                return Conversation.from_record(record), False
+            if record is not None:
+                break   # another workflow's conversation: never reuse its values
+        is_first_turn = not any(m["role"] == "assistant" for m in messages)
+        adopt = ids and self.store.load(ids[0]) is None   # an unknown id (store wiped): keep using it
+        conversation = Conversation(id=ids[0] if adopt else new_conversation_id(), model=workflow.name,
+                                    is_new=not adopt)
+        return conversation, not is_first_turn
+
+    def _turn_texts(self, turn: TurnContext) -> Iterator[str]:
+        try:
+            yield from with_thinking_tags(play_turn(turn))
+            if turn.conversation.is_new:
+                yield id_block(turn.conversation.id)
+        finally:   # in the generator, not a hook: Bottle runs hooks before a stream's body
+            turn.stop.set()
+            turn.conversation.updated = time.time()
+            self.store.save(turn.conversation.id, turn.conversation.to_record())
+
+
+def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
+             store: Union[str, os.PathLike, Any, None] = None, llm: Optional[LLMSettings] = None,
+             api_keys: Optional[Sequence[str]] = None,
+             node_types: Optional[Mapping[str, NodeType]] = None) -> bottle.Bottle:
+    """A Bottle app serving ``workflows`` (a path, or the file's data as dicts).
+
+    ``store`` is "memory", a directory for the JSON store (the default, "conversations"),
+    or an object with load/save. ``llm`` enables LLM extraction, questions and `llm` nodes.
+    ``api_keys``, when given, are required as Bearer tokens. ``node_types`` adds to or
+    replaces the built-in node types. With no arguments at all, the configuration is read
+    from the COZYOPENAI_* environment variables (for ``gunicorn 'cozyopenai:make_app()'``).
+    """
+    if workflows is None and store is None and llm is None and api_keys is None and node_types is None:
+        return make_app(**config_from_environment(os.environ))
+    all_node_types = MappingProxyType({**NODE_TYPES, **(node_types or {})})
+    service = Service(workflows=load_workflows(workflows or DEFAULT_WORKFLOWS_PATH, all_node_types),
+                      store=open_store(store or DEFAULT_STORE),
+                      llm=LLMClient(llm) if llm else None, node_types=all_node_types, api_keys=api_keys or ())
+    app = bottle.Bottle()
+    # Clients configured with a "/v1" suffix or a trailing slash ask for these paths too.
+    for prefix in ("/openai", "/openai/v1", "/openai/", "/openai/v1/"):
+        app.route(prefix + "/models", "GET", _json_route(service, lambda: service.list_models()))
+        app.route(prefix + "/models/<model_id:path>", "GET", _json_route(service, service.get_model))
+        app.route(prefix + "/chat/completions", "POST", _json_route(service, lambda: _chat(service)))
+    app.route("/health", "GET", lambda: {"status": "ok", "models": len(service.workflows)})
+    app.default_error_handler = _error_page
+    app.config["cozyopenai.service"] = service
+    return app
+
+
+def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a handler: API key check, CozyError → OpenAI error object with its status."""
+    def route(**url_args: Any) -> Any:
+        try:
+            service.check_key(bottle.request.get_header("Authorization", ""))
+            result = handler(**url_args)
+        except CozyError as exc:
+            return _error_response(exc)
+        if isinstance(result, dict):
+            bottle.response.content_type = "application/json"
+            return json.dumps(result, ensure_ascii=False)
+        return result
+    return route
+
+
+def _chat(service: Service) -> Any:
+    request, texts, prompt_tokens = service.chat(_read_body())
+    if request.stream:
+        bottle.response.content_type = "text/event-stream"
+        bottle.response.set_header("Cache-Control", "no-cache")
+        bottle.response.set_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
+        return completion_chunks(texts, request, prompt_tokens)
+    return completion_object(texts, request, prompt_tokens)
+
+
+def _read_body() -> bytes:
+    """The request body, read under our own limit (Bottle's MEMFILE_MAX is a global and 100 KB)."""
+    if bottle.request.content_length > MAX_BODY_BYTES:
+        raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
+    body = bottle.request.body.read(MAX_BODY_BYTES + 1)
+    if len(body) > MAX_BODY_BYTES:
+        raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
+    return body
+
+
+def _error_response(error: CozyError) -> str:
+    bottle.response.status = error.status
+    bottle.response.content_type = "application/json"
+    return json.dumps(error.to_openai())
+
+
+def _error_page(http_error: bottle.HTTPError) -> str:
+    """Bottle's own errors (no route, wrong method, an uncaught exception) as OpenAI errors."""
+    error_class = HTTP_STATUS_ERRORS.get(http_error.status_code)
+    if error_class is None:
+        error = CozyError("The server failed to answer this request.")
+    elif error_class is NotFoundError:
+        error = NotFoundError(f"No route for {bottle.request.method} {bottle.request.path}.")
+    elif error_class is MethodNotAllowedError:
+        error = MethodNotAllowedError(f"{bottle.request.method} is not allowed on {bottle.request.path}.")
+    else:
+        error = error_class(str(http_error.body or "Bad request."))
+    return _error_response(error)
+
+
+####################################################################################
+# Server and command line
+####################################################################################
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """wsgiref's server, one thread per connection: a second client never waits for a stream."""
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _LoggingHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        log.info("%s %s", self.address_string(), format % args)
+
+    def address_string(self) -> str:   # no reverse DNS lookups
+        return self.client_address[0]
+
+
+def create_server(app: Callable[..., Any], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> WSGIServer:
+    """A threaded WSGI server for ``app``; ``port=0`` picks a free port (``server.server_port``)."""
+    return make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=_LoggingHandler)
+
+
+ENVIRONMENT_PREFIX = "COZYOPENAI_"
+
+
+def config_from_environment(environ: Mapping[str, str]) -> dict:
+    """make_app's arguments from COZYOPENAI_* variables (the flags' names, upper case)."""
+    get = lambda name, default=None: environ.get(ENVIRONMENT_PREFIX + name, default)  # noqa: E731
+    llm = None
+    if get("LLM_BASE_URL"):
+        llm = LLMSettings(base_url=get("LLM_BASE_URL"), model=get("LLM_MODEL", "default"),
+                          api_key=get("LLM_API_KEY", ""))
+    keys = [key.strip() for key in get("API_KEY", "").split(",") if key.strip()]
+    return {"workflows": get("WORKFLOWS", DEFAULT_WORKFLOWS_PATH), "store": get("STORE", DEFAULT_STORE),
+            "llm": llm, "api_keys": keys}
+
+
+def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> argparse.Namespace:
+    env = lambda name, default=None: environ.get(ENVIRONMENT_PREFIX + name, default)  # noqa: E731
+    parser = argparse.ArgumentParser(
+        prog="cozyopenai", description="Serve the workflows in a workflows file as OpenAI-compatible chat models.",
+        epilog="Every flag can also be set as an environment variable: --llm-base-url is COZYOPENAI_LLM_BASE_URL.")
+    parser.add_argument("--host", default=env("HOST", DEFAULT_HOST),
+                        help="address to listen on (default: %(default)s, loopback only)")
+    parser.add_argument("--port", type=int, default=int(env("PORT", DEFAULT_PORT)), help="default: %(default)s")
+    parser.add_argument("--workflows", default=env("WORKFLOWS", DEFAULT_WORKFLOWS_PATH),
+                        help="the workflows file (default: %(default)s)")
+    parser.add_argument("--store", default=env("STORE", DEFAULT_STORE),
+                        help="'memory', or a directory for the JSON conversation store (default: %(default)s)")
+    parser.add_argument("--llm-base-url", default=env("LLM_BASE_URL"),
+                        help="OpenAI-compatible base URL of the internal LLM, e.g. http://127.0.0.1:8080/v1")
+    parser.add_argument("--llm-model", default=env("LLM_MODEL", "default"), help="model name on that server")
+    parser.add_argument("--llm-api-key", default=env("LLM_API_KEY", ""),
+                        help="key for the internal LLM (better: the COZYOPENAI_LLM_API_KEY variable)")
+    parser.add_argument("--api-key", action="append", default=None,
+                        help="require this Bearer key on /openai routes (repeat for several keys)")
+    parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="default: %(default)s")
+    parser.add_argument("--version", action="version", version=f"cozyopenai {__version__}")
+    arguments = parser.parse_args(argv)
+    if arguments.api_key is None:
+        arguments.api_key = [key.strip() for key in env("API_KEY", "").split(",") if key.strip()]
+    return arguments
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    arguments = parse_arguments(argv, os.environ)
+    logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    llm = (LLMSettings(arguments.llm_base_url, arguments.llm_model, arguments.llm_api_key)
+           if arguments.llm_base_url else None)
+    try:
+        app = make_app(arguments.workflows, store=arguments.store, llm=llm, api_keys=arguments.api_key)
+    except WorkflowFileError as exc:
+        print(f"cozyopenai: {exc.message}", file=sys.stderr)
+        return 2
+    if not arguments.api_key and arguments.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s with no --api-key: anyone who can reach it can use the models",
+                    arguments.host)
+    server = create_server(app, arguments.host, arguments.port)
+    models = ", ".join(app.config["cozyopenai.service"].workflows)
+    log.info("cozyopenai %s serving %s on http://%s:%d/openai", __version__, models, arguments.host,
+             server.server_port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
