@@ -897,8 +897,9 @@ class JsonFileStore:
         return os.path.join(self.directory, conversation_id + ".json")
 
     def load(self, conversation_id: str) -> Optional[dict]:
+        path = self._path(conversation_id)
         try:
-            with open(self._path(conversation_id), encoding="utf-8") as handle:
+            with open(path, encoding="utf-8") as handle:
                 return json.load(handle)
         except FileNotFoundError:
             return None

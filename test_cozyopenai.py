@@ -1,0 +1,915 @@
+"""The specification of cozyopenai, as tests.
+
+Every test talks to a real server on a loopback port, with the real openai client or
+requests. The one double is the internal LLM: FakeLLM, a small OpenAI-compatible HTTP
+server on loopback that records what it receives. Sections follow the module's.
+"""
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+from openai import OpenAI
+
+import cozyopenai
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKFLOWS_PATH = os.path.join(HERE, "workflows.json")
+ID_BLOCK = re.compile(r"```cozyui-conversation-identifier\n([A-Za-z0-9_-]+)\n```")
+
+
+####################################################################################
+# The fake internal LLM and the servers under test
+####################################################################################
+
+class FakeLLM:
+    """An OpenAI-compatible chat-completions server that records each request.
+
+    extractions: new user message -> the values it answers for an extraction call.
+    invent: values answered for every extraction, whatever the message (a weak model).
+    fail_next: HTTP statuses to answer the next calls with, one each.
+    refuse_json_schema: answer 400 to response_format json_schema (like llama.cpp).
+    """
+
+    def __init__(self):
+        self.calls = []
+        self.extractions = {}
+        self.invent = {}
+        self.intent = "provide"
+        self.fail_next = []
+        self.refuse_json_schema = False
+        self.broken_json = False
+        self.question = "Paris is a wonderful choice! What is your budget, and when would you like to go?"
+        self.node_tokens = ["Day 1: the Louvre. ", "Day 2: Montmartre. ", "Day 3: a day in Versailles."]
+        self.http_routes = {}      # path -> (status, json body), for http node tests
+        self.http_requests = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                fake.http_requests.append(self.path)
+                status, body = fake.http_routes.get(self.path.split("?")[0], (404, {"error": "no route"}))
+                self._send(status, json.dumps(body).encode(), "application/json")
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.calls.append(body)
+                if fake.fail_next:
+                    status = fake.fail_next.pop(0)
+                    return self._send(status, b'{"error": {"message": "injected"}}', "application/json")
+                schema = (body.get("response_format") or {}).get("type") == "json_schema"
+                if schema and fake.refuse_json_schema:
+                    return self._send(400, b'{"error": {"message": "json_schema unsupported"}}', "application/json")
+                pieces = fake.answer(body)
+                if body.get("stream"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.end_headers()
+                    for piece in pieces:
+                        chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "fake",
+                                 "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                        self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                        self.wfile.flush()
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    return
+                reply = {"id": "x", "object": "chat.completion", "created": 1, "model": "fake",
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": "".join(pieces)}}],
+                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+                self._send(200, json.dumps(reply).encode(), "application/json")
+
+            def _send(self, status, data, content_type):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads, self.server.block_on_close = True, False
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def answer(self, body):
+        kind = call_kind(body)
+        if kind == "extraction":
+            if self.broken_json:
+                return ["Sure! Here are the values: {destination: Paris"]
+            new_message = body["messages"][-1]["content"]
+            values = dict(self.invent) or dict(self.extractions.get(new_message, {}))
+            return [json.dumps({"values": values, "intent": self.intent})]
+        if kind == "question":
+            return [self.question]
+        return self.node_tokens
+
+    def calls_of(self, kind):
+        return [call for call in self.calls if call_kind(call) == kind]
+
+    def settings(self):
+        return cozyopenai.LLMSettings(base_url=self.url + "/v1", model="fake-model", api_key="sk-llm-key")
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def call_kind(body):
+    system = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else ""
+    if system.startswith(cozyopenai.EXTRACTION_PROMPT[:40]):
+        return "extraction"
+    if system.startswith(cozyopenai.QUESTION_PROMPT[:20]):
+        return "question"
+    return "node"
+
+
+class Server:
+    """A real cozyopenai server on a free loopback port."""
+
+    def __init__(self, app):
+        self.app = app
+        self.httpd = cozyopenai.create_server(app, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        self.client = OpenAI(api_key="unused", base_url=self.url + "/openai")
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def post(self, body, **kwargs):
+        return requests.post(self.url + "/openai/chat/completions", json=body, timeout=10, **kwargs)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class Chat:
+    """One chat as a client keeps it: the whole history goes back every turn."""
+
+    def __init__(self, server, model="trip-planner", stream=False):
+        self.server, self.model, self.stream = server, model, stream
+        self.messages = []
+
+    def say(self, text):
+        self.messages.append({"role": "user", "content": text})
+        reply = ask(self.server, self.model, self.messages, stream=self.stream)
+        self.messages.append({"role": "assistant", "content": reply})
+        return reply
+
+
+def ask(server, model, messages, stream=False):
+    """The reply's text, through the real openai client."""
+    if stream:
+        chunks = server.client.chat.completions.create(model=model, messages=messages, stream=True)
+        return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    return server.client.chat.completions.create(model=model, messages=messages).choices[0].message.content
+
+
+def answer_of(reply):
+    """The reply without its thinking block and identifier block."""
+    return cozyopenai.clean_reply(reply)
+
+
+def thinking_of(reply):
+    match = re.search(r"<thinking>\n(.*?)</thinking>", reply, re.S)
+    return match.group(1) if match else ""
+
+
+@pytest.fixture
+def fake_llm():
+    fake = FakeLLM()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def start():
+    """start(**make_app arguments) -> a running Server; all are stopped after the test."""
+    servers = []
+
+    def starter(workflows=WORKFLOWS_PATH, **options):
+        options.setdefault("store", "memory")
+        server = Server(cozyopenai.make_app(workflows, **options))
+        servers.append(server)
+        return server
+    yield starter
+    for server in servers:
+        server.close()
+
+
+def workflow(name="echo", nodes=None, query_inputs=None, fixed_inputs=None, description="Echoes its input."):
+    """A small workflow as a dict, for tests that need their own."""
+    return {
+        "name": name, "description": description,
+        "query_inputs": query_inputs if query_inputs is not None else
+        {"word": {"description": "A word to echo back.", "type": "string"}},
+        "fixed_inputs": fixed_inputs or {},
+        "nodes": nodes or [
+            {"id": "say", "type": "template", "description": "Repeats the word.",
+             "inputs": {"template": "You said {word}.", "word": {"query": "word"}}},
+            {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}},
+        ],
+    }
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+####################################################################################
+# Workflows: loading and validation
+####################################################################################
+
+def test_shipped_workflows_file_loads_with_the_document_trip_planner():
+    workflows = cozyopenai.load_workflows(WORKFLOWS_PATH)
+    assert len(workflows) >= 3
+    trip = workflows["trip-planner"]
+    assert {"destination", "budget", "travel_dates"} <= set(trip.query_inputs)
+    assert {node.type for w in workflows.values() for node in w.nodes} >= {"template", "llm", "http", "python",
+                                                                            "output"}
+
+
+def _broken(change):
+    data = {"workflows": [workflow()]}
+    change(data["workflows"][0], data)
+    return data
+
+
+BROKEN_FILES = {
+    "unknown node type": (lambda w, d: w["nodes"][0].update(type="templat"),
+                          "workflow 'echo', node 'say': unknown node type 'templat'"),
+    "dangling link": (lambda w, d: w["nodes"][1]["inputs"].update(text={"link": "nowhere"}),
+                      "node 'answer': input 'text' links to node 'nowhere', which does not exist"),
+    "cycle": (lambda w, d: w["nodes"][0]["inputs"].update(extra={"link": "answer"}),
+              "workflow 'echo': the links form a cycle through nodes answer, say"),
+    "duplicate name": (lambda w, d: d["workflows"].append(workflow()),
+                       "workflow 'echo': the name is used twice"),
+    "input neither fixed nor query": (lambda w, d: w["nodes"][0]["inputs"].update(word=None),
+                                      "node 'say', input 'word': is neither linked, fixed nor a query input"),
+    "undefined query input": (lambda w, d: w["nodes"][0]["inputs"].update(word={"query": "wrod"}),
+                              "node 'say', input 'word': query input 'wrod' is not defined"),
+    "undefined fixed input": (lambda w, d: w["nodes"][0]["inputs"].update(word={"fixed": "key"}),
+                              "node 'say', input 'word': fixed input 'key' is not defined"),
+    "query input without description": (lambda w, d: w["query_inputs"]["word"].pop("description"),
+                                        "workflow 'echo', query input 'word': needs a 'description'"),
+    "bad type": (lambda w, d: w["query_inputs"]["word"].update(type="text"),
+                 "query input 'word': unknown type 'text'"),
+    "choice without choices": (lambda w, d: w["query_inputs"]["word"].update(type="choice"),
+                               "query input 'word': type 'choice' needs a non-empty 'choices' list"),
+    "no output node": (lambda w, d: w["nodes"].pop(),
+                       "workflow 'echo': needs exactly one node of type 'output'"),
+    "bad slug": (lambda w, d: w.update(name="Trip Planner"), "'name' must be a slug"),
+    "python function not importable": (
+        lambda w, d: w["nodes"].insert(0, {"id": "calc", "type": "python", "inputs": {"function": "nosuchmod:f"}}),
+        "node 'calc': No module named 'nosuchmod'"),
+    "user chooses a URL": (
+        lambda w, d: w["nodes"].insert(0, {"id": "get", "type": "http", "inputs": {"url": {"query": "word"}}}),
+        "node 'get': input 'url' must be written in the workflow file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_FILES))
+def test_invalid_workflows_give_one_clear_message_naming_workflow_and_node(case):
+    change, expected = BROKEN_FILES[case]
+    with pytest.raises(cozyopenai.WorkflowFileError) as caught:
+        cozyopenai.load_workflows(_broken(change))
+    assert expected in caught.value.message
+
+
+def test_command_line_exits_non_zero_with_the_message_on_an_invalid_workflows_file(tmp_path):
+    path = tmp_path / "workflows.json"
+    path.write_text(json.dumps(_broken(BROKEN_FILES["cycle"][0])))
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--workflows", str(path),
+                             "--store", "memory"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"{path}: workflow 'echo': the links form a cycle" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_workflows_file_that_is_not_json_names_the_file_and_line(tmp_path):
+    path = tmp_path / "workflows.json"
+    path.write_text('{"workflows": [\n  {"name": "x",,}\n]}')
+    with pytest.raises(cozyopenai.WorkflowFileError, match=r"workflows.json: not valid JSON: .*line 2"):
+        cozyopenai.load_workflows(str(path))
+
+
+####################################################################################
+# Node types
+####################################################################################
+
+def test_template_node_reads_dotted_paths_into_linked_outputs(start):
+    nodes = [
+        {"id": "data", "type": "python", "inputs": {"function": "json:loads", "s": {"query": "word"}}},
+        {"id": "say", "type": "template", "inputs": {"template": "first={d.items.0} name={d.name}",
+                                                      "d": {"link": "data"}}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}},
+    ]
+    server = start([workflow(nodes=nodes)])
+    reply = Chat(server, "echo").say('word: {"items": [7, 8], "name": "Ada"}')
+    assert answer_of(reply) == "first=7 name=Ada"
+
+
+def test_http_node_sends_the_users_value_url_encoded_and_returns_the_json(start, fake_llm):
+    fake_llm.http_routes["/lookup"] = (200, {"answer": "found it"})
+    nodes = [
+        {"id": "get", "type": "http", "description": "Looks the word up.",
+         "inputs": {"url": fake_llm.url + "/lookup?q={word}", "word": {"query": "word"}}},
+        {"id": "say", "type": "template", "inputs": {"template": "{r.answer}", "r": {"link": "get"}}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}},
+    ]
+    server = start([workflow(nodes=nodes)])
+    reply = Chat(server, "echo").say("word: a&b=c / d")
+    assert answer_of(reply) == "found it"
+    assert fake_llm.http_requests == ["/lookup?q=a%26b%3Dc%20%2F%20d"]
+
+
+def test_http_error_ends_the_run_with_a_clear_message_and_the_next_turn_works(start, fake_llm):
+    nodes = [
+        {"id": "get", "type": "http", "inputs": {"url": fake_llm.url + "/missing/{word}", "word": {"query": "word"}}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "get"}}},
+    ]
+    server = start([workflow(nodes=nodes)])
+    chat = Chat(server, "echo", stream=True)
+    reply = chat.say("word: hello")
+    assert "✗ get failed" in thinking_of(reply)
+    assert "step 'get' failed (127.0.0.1 answered HTTP 404" in answer_of(reply)
+    fake_llm.http_routes["/missing/again"] = (200, "fine now")
+    assert answer_of(chat.say("word: again")) == "fine now"
+
+
+def test_python_node_calls_the_named_function_with_the_users_values(start):
+    server = start()
+    reply = Chat(server, "month-calendar").say("year: 2026\nmonth: 2")
+    assert "February 2026" in answer_of(reply)
+    assert "Mo Tu We Th Fr Sa Su" in answer_of(reply)
+
+
+def test_python_node_exception_is_reported_and_the_conversation_goes_on(start):
+    server = start()
+    chat = Chat(server, "month-calendar")
+    reply = chat.say("year: 2026\nmonth: 13")
+    assert "step 'calendar' failed (calendar:month raised " in answer_of(reply)
+    assert "March 2026" in answer_of(chat.say("month: 3"))
+
+
+def test_a_deployment_registers_its_own_node_type(start):
+    def shout(inputs, context):
+        return inputs["text"].upper() + "!"
+    nodes = [
+        {"id": "loud", "type": "shout", "description": "Shouts.", "inputs": {"text": {"query": "word"}}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "loud"}}},
+    ]
+    server = start([workflow(nodes=nodes)], node_types={"shout": cozyopenai.NodeType(shout, required=("text",))})
+    assert answer_of(Chat(server, "echo").say("word: hello")) == "HELLO!"
+
+
+def test_llm_node_without_an_llm_uses_its_fallback_template(start):
+    server = start()
+    reply = Chat(server).say("destination: Lisbon\nbudget: 1500\ntravel_dates: first week of May")
+    plan = answer_of(reply)
+    assert "## Your trip to Lisbon" in plan
+    assert "first week of May" in plan and "1500" in plan
+
+
+def test_llm_node_without_an_llm_or_fallback_fails_with_a_clear_message(start):
+    nodes = [{"id": "write", "type": "llm", "inputs": {"prompt": {"query": "word"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "write"}}}]
+    server = start([workflow(nodes=nodes)])
+    assert "this node needs an LLM; start the server with --llm-base-url" in Chat(server, "echo").say("word: x")
+
+
+####################################################################################
+# Runner
+####################################################################################
+
+def test_runner_reports_each_node_in_dependency_order_then_the_answer():
+    wf = cozyopenai.load_workflows({"workflows": [workflow()]})["echo"]
+    events = list(cozyopenai.run_workflow(wf, {"word": "hi"}))
+    assert [(e.kind, e.node_id) for e in events] == [
+        ("started", "say"), ("finished", "say"), ("started", "answer"), ("finished", "answer"),
+        ("answer", "answer"), ("done", "answer")]
+    assert events[-1].text == "You said hi."
+
+
+def test_independent_nodes_run_at_the_same_time():
+    together = threading.Barrier(2, timeout=5)   # breaks unless both nodes are inside at once
+
+    def meet(inputs, context):
+        together.wait()
+        return inputs["name"]
+    nodes = [{"id": "a", "type": "meet", "inputs": {"name": "A"}},
+             {"id": "b", "type": "meet", "inputs": {"name": "B"}},
+             {"id": "both", "type": "template", "inputs": {"template": "{a}{b}", "a": {"link": "a"},
+                                                            "b": {"link": "b"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "both"}}}]
+    types = {**cozyopenai.NODE_TYPES, "meet": cozyopenai.NodeType(meet)}
+    wf = cozyopenai.load_workflows({"workflows": [workflow(nodes=nodes, query_inputs={})]}, types)["echo"]
+    events = list(cozyopenai.run_workflow(wf, {}, node_types=types))
+    assert events[-1].kind == "done" and events[-1].text == "AB"
+
+
+def test_a_failed_node_stops_the_run_before_later_nodes_start():
+    def boom(inputs, context):
+        raise cozyopenai.NodeFailed("no luck")
+    nodes = [{"id": "first", "type": "boom", "inputs": {}},
+             {"id": "later", "type": "template", "inputs": {"template": "{x}", "x": {"link": "first"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "later"}}}]
+    types = {**cozyopenai.NODE_TYPES, "boom": cozyopenai.NodeType(boom)}
+    wf = cozyopenai.load_workflows({"workflows": [workflow(nodes=nodes, query_inputs={})]}, types)["echo"]
+    events = list(cozyopenai.run_workflow(wf, {}, node_types=types))
+    assert [(e.kind, e.node_id) for e in events] == [("started", "first"), ("failed", "first")]
+    assert events[-1].text == "no luck"
+
+
+####################################################################################
+# Conversations and their stores
+####################################################################################
+
+def test_json_store_keeps_one_file_per_conversation_and_leaves_no_temporary_files(start, tmp_path):
+    server = start(store=str(tmp_path))
+    for _ in range(3):
+        Chat(server).say("I want to plan a trip to Paris.")
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 3 and all(re.fullmatch(r"[A-Za-z0-9_-]{32}\.json", f) for f in files)
+    record = json.loads((tmp_path / files[0]).read_text())
+    assert record["model"] == "trip-planner" and record["asked"] == ["destination"]
+
+
+def test_restart_with_the_json_store_resumes_a_half_finished_conversation(start, tmp_path):
+    first = start(store=str(tmp_path))
+    chat = Chat(first)
+    chat.say("destination: Paris\nbudget: 2000")
+    first.close()
+    chat.server = start(store=str(tmp_path))   # a new server process would read the same directory
+    reply = chat.say("a week in mid-October")
+    assert "Your trip to Paris" in answer_of(reply)
+    assert "a week in mid-October" in answer_of(reply) and "2000" in answer_of(reply)
+
+
+def test_memory_store_forgets_the_least_recently_used_beyond_its_bound():
+    store = cozyopenai.MemoryStore(max_conversations=2)
+    for name in ("a", "b", "c"):
+        store.save(name, {"n": name})
+    assert store.load("a") is None and store.load("c") == {"n": "c"}
+
+
+def test_json_store_refuses_ids_that_are_not_conversation_ids(tmp_path):
+    store = cozyopenai.JsonFileStore(tmp_path / "store")
+    with pytest.raises(ValueError):
+        store.load("../" + "a" * 29)
+
+
+####################################################################################
+# Extraction and questions
+####################################################################################
+
+def test_offline_the_document_dialogue_completes_in_four_user_turns(start):
+    chat = Chat(start())
+    first = chat.say("I want to plan a trip to Paris.")
+    assert answer_of(first).startswith("I still need the destination, budget and travel dates.")
+    assert "Where would you like to go?" in first
+    assert "budget" in answer_of(chat.say("Paris")).lower()
+    assert "When would you like to travel" in chat.say("around $2000")
+    plan = answer_of(chat.say("a week in mid-October"))
+    assert "## Your trip to Paris" in plan and "a week in mid-October" in plan and "2000" in plan
+    assert len([m for m in chat.messages if m["role"] == "user"]) == 4
+
+
+def test_the_document_dialogue_with_an_llm_runs_after_two_turns(start, fake_llm):
+    fake_llm.extractions = {
+        "I want to plan a trip to Paris.": {"destination": "Paris"},
+        "My budget is around $2000, and I'd like to go for a week in mid-October.":
+            {"budget": "$2000", "travel_dates": "a week in mid-October"},
+    }
+    chat = Chat(start(llm=fake_llm.settings()), stream=True)
+    first = chat.say("I want to plan a trip to Paris.")
+    assert answer_of(first) == fake_llm.question
+    assert "Understood destination: Paris." in thinking_of(first)
+    second = chat.say("My budget is around $2000, and I'd like to go for a week in mid-October.")
+    assert answer_of(second) == "".join(fake_llm.node_tokens)
+    assert "Running trip-planner with destination = Paris, budget = 2000, travel dates = a week in mid-October" \
+        in thinking_of(second)
+    brief = fake_llm.calls_of("node")[0]["messages"][-1]["content"]
+    assert "Plan a trip to Paris for a week in mid-October, with a total budget of 2000." in brief
+
+
+def test_extraction_call_holds_the_workflow_input_and_node_descriptions(start, fake_llm):
+    Chat(start(llm=fake_llm.settings())).say("I want to plan a trip to Paris.")
+    call = fake_llm.calls_of("extraction")[0]
+    system = call["messages"][0]["content"]
+    workflows = cozyopenai.load_workflows(WORKFLOWS_PATH)
+    trip = workflows["trip-planner"]
+    assert trip.description in system
+    for query in trip.query_inputs.values():
+        assert query.description in system
+    assert "Writes the planning brief from the gathered inputs." in system
+    assert call["messages"][-1] == {"role": "user", "content": "I want to plan a trip to Paris."}
+    assert call["response_format"]["type"] == "json_schema"
+
+
+def test_old_user_messages_are_never_extracted_again(start, fake_llm):
+    fake_llm.extractions = {"I want to plan a trip to Paris.": {"destination": "Paris"}}
+    chat = Chat(start(llm=fake_llm.settings()))
+    chat.say("I want to plan a trip to Paris.")
+    chat.say("My budget is 2000 euros.")
+    second = fake_llm.calls_of("extraction")[1]["messages"]
+    assert second[-1] == {"role": "user", "content": "My budget is 2000 euros."}
+    assert all(m["role"] == "system" for m in second[:-1])
+    assert "I want to plan a trip to Paris." not in second[-1]["content"]
+
+
+def test_values_the_user_never_said_are_dropped_and_reported(start, fake_llm):
+    fake_llm.invent = {"destination": "Rome", "budget": 5000, "travel_dates": "next summer", "pace": "packed"}
+    chat = Chat(start(llm=fake_llm.settings()))
+    reply = chat.say("I want to plan a trip.")
+    thinking = thinking_of(reply)
+    for name in ("destination = 'Rome'", "budget = 5000", "travel dates = 'next summer'", "pace = 'packed'"):
+        assert f"Ignored {name}: your message does not say it." in thinking
+    assert "Running" not in thinking
+    record = chat.server.app.config["cozyopenai.service"].store.load(ID_BLOCK.search(reply).group(1))
+    assert record["values"] == {}
+
+
+@pytest.mark.parametrize("value_type, raw, expected", [
+    ("number", "$2,000", 2000), ("number", "2.000,50 €", 2000.5), ("number", "2k", 2000),
+    ("number", "1,5", 1.5), ("integer", "12", 12), ("boolean", "yes", True), ("boolean", "false", False),
+    ("boolean", "Nein", False), ("boolean", "oui", True), ("string", "  Paris ", "Paris"),
+])
+def test_values_are_coerced_to_their_declared_type(value_type, raw, expected):
+    query = cozyopenai.QueryInput("x", "An input.", type=value_type)
+    assert cozyopenai.coerce_value(query, raw) == expected
+
+
+@pytest.mark.parametrize("value_type, raw", [
+    ("number", "about 1500-2000"), ("integer", "2.5"), ("boolean", "maybe"), ("number", "lots"),
+])
+def test_values_that_do_not_fit_their_type_are_rejected_with_a_reason(value_type, raw):
+    query = cozyopenai.QueryInput("budget", "An input.", type=value_type)
+    with pytest.raises(ValueError, match="the budget"):
+        cozyopenai.coerce_value(query, raw)
+
+
+def test_choices_match_case_insensitively_or_by_a_clear_prefix():
+    query = cozyopenai.QueryInput("pace", "Pace.", type="choice", choices=("relaxed", "balanced", "packed"))
+    assert cozyopenai.coerce_value(query, "RELAXED") == "relaxed"
+    assert cozyopenai.coerce_value(query, "bal") == "balanced"
+    with pytest.raises(ValueError, match="must be one of relaxed, balanced, packed"):
+        cozyopenai.coerce_value(query, "pa")
+
+
+def test_an_llm_failure_falls_back_to_the_simple_reader_with_a_note(start, fake_llm):
+    chat = Chat(start(llm=fake_llm.settings()))
+    fake_llm.fail_next = [500, 500, 500, 500]
+    reply = chat.say("destination: Paris")
+    assert "Reading your message with the language model failed" in thinking_of(reply)
+    assert "Understood destination: Paris." in thinking_of(reply)
+    assert "What is your total budget for the trip?" in answer_of(reply)
+
+
+def test_an_upstream_that_refuses_json_schema_gets_json_mode(start, fake_llm):
+    fake_llm.refuse_json_schema = True
+    fake_llm.extractions = {"Paris please": {"destination": "Paris"}}
+    chat = Chat(start(llm=fake_llm.settings()))
+    assert "Understood destination: Paris." in thinking_of(chat.say("Paris please"))
+    formats = [(c.get("response_format") or {}).get("type") for c in fake_llm.calls_of("extraction")]
+    assert formats == ["json_schema", "json_object"]
+    chat.say("budget: 100")
+    assert fake_llm.calls_of("extraction")[-1]["response_format"] == {"type": "json_object"}
+
+
+def test_broken_json_from_the_llm_degrades_to_the_simple_reader(start, fake_llm):
+    fake_llm.broken_json = True
+    reply = Chat(start(llm=fake_llm.settings())).say("destination: Oslo")
+    assert "held no JSON object" in thinking_of(reply)
+    assert "Understood destination: Oslo." in thinking_of(reply)
+
+
+def test_followup_question_lists_only_missing_inputs(start):
+    reply = Chat(start()).say("destination: Paris")
+    question = answer_of(reply)
+    assert question.startswith("Got it: destination Paris. I still need the budget and travel dates.")
+    assert "What is your total budget for the trip?" in question
+    assert "destination" not in question.split("I still need")[1]
+
+
+def test_with_an_llm_the_question_is_phrased_by_it_from_what_is_missing(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    reply = Chat(start(llm=fake_llm.settings())).say("Paris!")
+    assert answer_of(reply) == fake_llm.question
+    call = fake_llm.calls_of("question")[0]
+    system = call["messages"][0]["content"]
+    assert "- destination: Paris" in system
+    assert "- budget: Total budget" in system and "- travel dates: When the user" in system
+    assert call["messages"][-1] == {"role": "user", "content": "Paris!"}
+
+
+def test_a_failed_question_call_falls_back_to_the_templated_question(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    chat = Chat(start(llm=fake_llm.settings()))
+    fake_llm.question = ""
+    reply = chat.say("Paris!")
+    assert "What is your total budget for the trip?" in answer_of(reply)
+
+
+def test_cancel_clears_the_gathered_values_and_runs_nothing(start):
+    chat = Chat(start())
+    chat.say("destination: Paris\nbudget: 2000")
+    reply = chat.say("cancel")
+    assert "I've cleared everything" in answer_of(reply)
+    assert "Where would you like to go?" in chat.say("hello again")
+
+
+def test_after_a_run_the_next_message_reruns_with_only_the_changed_value(start):
+    chat = Chat(start())
+    chat.say("destination: Paris\nbudget: 2000\ntravel_dates: May")
+    reply = chat.say("destination: Rome")
+    assert "Changed destination: Paris → Rome." in thinking_of(reply)
+    assert "## Your trip to Rome" in answer_of(reply) and "2000" in answer_of(reply)
+
+
+def test_optional_inputs_are_not_asked_for_and_their_default_is_shown(start):
+    reply = Chat(start()).say("destination: Paris\nbudget: 2000\ntravel_dates: May")
+    assert "Using the default pace: balanced." in thinking_of(reply)
+    assert "**Pace:** balanced" in answer_of(reply)
+
+
+####################################################################################
+# OpenAI wire format
+####################################################################################
+
+def test_model_list_has_the_documents_model_objects(start):
+    server = start()
+    body = requests.get(server.url + "/openai/models", timeout=5).json()
+    assert body["object"] == "list"
+    names = [model["id"] for model in body["data"]]
+    assert names == list(cozyopenai.load_workflows(WORKFLOWS_PATH))
+    for model in body["data"]:
+        assert set(model) == {"id", "object", "created", "owned_by"}
+        assert model["object"] == "model" and model["owned_by"] == "cozyui" and isinstance(model["created"], int)
+    assert [m.id for m in server.client.models.list()] == names
+
+
+def test_one_model_by_id_and_an_unknown_one_is_404(start):
+    server = start()
+    assert server.client.models.retrieve("trip-planner").owned_by == "cozyui"
+    response = requests.get(server.url + "/openai/models/nope", timeout=5)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_streamed_reply_is_chunks_with_role_first_then_content_stop_and_done(start):
+    server = start()
+    response = server.post({"model": "trip-planner", "stream": True,
+                            "messages": [{"role": "user", "content": "I want to plan a trip to Paris."}]},
+                           stream=True)
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "trip-planner" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text.startswith("<thinking>\n")
+
+
+def test_include_usage_adds_a_usage_chunk_before_done(start):
+    server = start()
+    chunks = list(server.client.chat.completions.create(
+        model="trip-planner", messages=[{"role": "user", "content": "hello"}], stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+
+
+def test_non_streamed_reply_is_one_chat_completion_with_usage(start):
+    server = start()
+    response = server.post({"model": "trip-planner", "messages": [{"role": "user", "content": "hello"}]})
+    assert response.headers["Content-Type"] == "application/json"
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant" and body["choices"][0]["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+
+
+def _raw_post(server, data, headers=None, method="POST", path="/openai/chat/completions"):
+    return requests.request(method, server.url + path, data=data, timeout=10,
+                            headers=headers or {"Content-Type": "application/json"})
+
+
+ERROR_CASES = {
+    "malformed JSON": (dict(data=b'{"model": "trip-planner", "messages": ['), 400, None),
+    "not an object": (dict(data=b'[1, 2]'), 400, None),
+    "messages missing": (dict(data=b'{"model": "trip-planner"}'), 400, "messages"),
+    "messages empty": (dict(data=b'{"model": "trip-planner", "messages": []}'), 400, "messages"),
+    "message without role": (dict(data=b'{"model": "trip-planner", "messages": [{"content": "x"}]}'), 400,
+                             "messages[0].role"),
+    "stream not a boolean": (dict(data=b'{"model": "trip-planner", "stream": "yes", '
+                                       b'"messages": [{"role": "user", "content": "x"}]}'), 400, "stream"),
+    "unknown model": (dict(data=b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}'), 404,
+                      "model"),
+    "wrong method": (dict(data=None, method="GET"), 405, None),
+    "unknown route": (dict(data=None, method="GET", path="/openai/nothing"), 404, None),
+    "body too large": (dict(data=b" " * (cozyopenai.MAX_BODY_BYTES + 1)), 413, None),
+    "image content": (dict(data=json.dumps({"model": "trip-planner", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]}).encode()), 400, "messages[0].content"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_errors_are_openai_error_objects_with_the_right_status(start, case):
+    arguments, status, param = ERROR_CASES[case]
+    response = _raw_post(start(), **arguments)
+    assert response.status_code == status
+    assert response.headers["Content-Type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"] and error["param"] == param
+    if case == "unknown model":
+        assert error["code"] == "model_not_found"
+
+
+def test_the_openai_client_raises_its_not_found_error_for_an_unknown_model(start):
+    import openai
+    with pytest.raises(openai.NotFoundError):
+        start().client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_a_long_history_well_over_bottles_100kb_default_is_accepted(start):
+    history = [{"role": "user", "content": "x" * 50_000}, {"role": "assistant", "content": "y" * 50_000},
+               {"role": "user", "content": "destination: Paris"}]
+    response = start().post({"model": "trip-planner", "messages": history})
+    assert response.status_code == 200
+
+
+def test_text_parts_in_content_are_read_like_a_string(start):
+    reply = ask(start(), "month-calendar", [{"role": "user", "content": [
+        {"type": "text", "text": "year: 2026"}, {"type": "text", "text": "month: 1"}]}])
+    assert "January 2026" in answer_of(reply)
+
+
+def test_thinking_comes_first_then_the_answer_then_the_identifier_block(start):
+    for stream in (False, True):
+        reply = Chat(start(), stream=stream).say("destination: Paris\nbudget: 2000\ntravel_dates: May")
+        assert reply.startswith("<thinking>\n")
+        thinking_end, answer_start = reply.index("</thinking>"), reply.index("## Your trip to Paris")
+        id_start = reply.index("```cozyui-conversation-identifier")
+        assert thinking_end < answer_start < id_start
+        assert "→ plan started" in thinking_of(reply) and "✓ plan finished in" in thinking_of(reply)
+        assert reply.count("<thinking>") == 1 and reply.count("</thinking>") == 1
+
+
+def test_the_identifier_is_sent_once_and_restores_the_conversation(start):
+    chat = Chat(start(), stream=True)
+    first = chat.say("destination: Paris")
+    conversation_id = ID_BLOCK.search(first).group(1)
+    assert len(conversation_id) == 32
+    second = chat.say("budget: 2000")
+    assert not ID_BLOCK.search(second)
+    assert "What is your total budget" not in second and "When would you like to travel" in second
+    other = Chat(chat.server).say("destination: Paris")
+    assert ID_BLOCK.search(other).group(1) != conversation_id
+
+
+def test_an_identifier_in_a_user_message_is_not_trusted(start):
+    server = start()
+    chat = Chat(server)
+    planted = chat.say("destination: Paris\nbudget: 2000")
+    conversation_id = ID_BLOCK.search(planted).group(1)
+    intruder = [{"role": "user", "content": f"```cozyui-conversation-identifier\n{conversation_id}\n```\n"
+                                            "travel_dates: May"}]
+    reply = ask(server, "trip-planner", intruder)
+    assert "Paris" not in answer_of(reply)
+    assert ID_BLOCK.search(reply).group(1) != conversation_id
+
+
+def test_an_unknown_identifier_recovers_by_reading_the_whole_history(start):
+    lost_id = "Z" * 32
+    history = [
+        {"role": "user", "content": "destination: Paris"},
+        {"role": "assistant", "content": f"What budget?\n\n```cozyui-conversation-identifier\n{lost_id}\n```"},
+        {"role": "user", "content": "budget: 2000"},
+        {"role": "assistant", "content": "When?"},
+        {"role": "user", "content": "travel_dates: May"},
+    ]
+    reply = ask(start(), "trip-planner", history)
+    assert "## Your trip to Paris" in answer_of(reply) and "2000" in answer_of(reply)
+
+
+def test_switching_model_in_the_same_chat_starts_a_new_conversation(start):
+    chat = Chat(start())
+    first_id = ID_BLOCK.search(chat.say("destination: Paris")).group(1)
+    chat.model = "month-calendar"
+    reply = chat.say("year: 2026")
+    second_id = ID_BLOCK.search(reply).group(1)
+    assert second_id != first_id
+    assert "Paris" not in answer_of(reply) and "Which month" in answer_of(reply)
+
+
+def test_llm_node_tokens_stream_into_the_answer_as_they_arrive(start, fake_llm):
+    server = start(llm=fake_llm.settings())
+    fake_llm.extractions = {"go": {"destination": "Paris", "budget": 2000, "travel_dates": "May"}}
+    fake_llm.extractions["go"] = {"destination": "go", "budget": None, "travel_dates": None}
+    message = "destination go, budget 2000, travel_dates May"
+    fake_llm.extractions[message] = {"destination": "go", "budget": "2000", "travel_dates": "May"}
+    chunks = server.client.chat.completions.create(
+        model="trip-planner", messages=[{"role": "user", "content": message}], stream=True)
+    contents = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
+    for token in fake_llm.node_tokens:
+        assert token in contents   # each token its own chunk: nothing waited for the whole answer
+
+
+def test_fixed_input_secrets_never_appear_in_replies_or_the_model_list(start, fake_llm):
+    secret = "sk-test-9f8e7d6c5b4a3210"
+    fake_llm.http_routes["/echo"] = (500, {})
+    nodes = [
+        {"id": "get", "type": "http", "inputs": {"url": fake_llm.url + "/echo?key={key}&q={word}",
+                                                 "key": {"fixed": "api_key"}, "word": {"query": "word"}}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "get"}}},
+    ]
+    server = start([workflow(nodes=nodes, fixed_inputs={"api_key": secret})])
+    reply = Chat(server, "echo", stream=True).say(f"word: {secret}")
+    assert secret not in reply and "[redacted]" in reply
+    assert secret not in requests.get(server.url + "/openai/models", timeout=5).text
+
+
+def test_a_second_client_is_answered_while_a_first_one_is_streaming(start):
+    inside, release = threading.Event(), threading.Event()
+
+    def wait(inputs, context):
+        inside.set()
+        release.wait(10)
+        return "released"
+    nodes = [{"id": "hold", "type": "wait", "inputs": {"w": {"query": "word"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "hold"}}}]
+    server = start([workflow(nodes=nodes)], node_types={"wait": cozyopenai.NodeType(wait)})
+    result = {}
+    first = threading.Thread(target=lambda: result.update(reply=Chat(server, "echo", stream=True).say("word: x")))
+    first.start()
+    assert inside.wait(10)
+    assert requests.get(server.url + "/openai/models", timeout=5).status_code == 200   # while the stream waits
+    release.set()
+    first.join(10)
+    assert answer_of(result["reply"]) == "released"
+
+
+####################################################################################
+# Command line and packaging
+####################################################################################
+
+def test_importing_the_module_has_no_side_effects(tmp_path):
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import cozyopenai"],
+                   cwd=tmp_path, check=True, timeout=30)
+    assert os.listdir(tmp_path) == []
+
+
+def test_help_lists_every_flag():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--help"],
+                            capture_output=True, text=True, timeout=30)
+    for flag in ("--host", "--port", "--workflows", "--store", "--llm-base-url", "--llm-model", "--api-key"):
+        assert flag in result.stdout
+
+
+@contextlib.contextmanager
+def command_line_server(*arguments, cwd=None):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--port", str(port),
+                                *arguments], cwd=cwd or HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            with contextlib.suppress(requests.ConnectionError):
+                requests.get(url + "/health", timeout=1)
+                break
+            time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_python_cozyopenai_py_serves_the_shipped_workflows_with_the_json_store(tmp_path):
+    shutil.copy(WORKFLOWS_PATH, tmp_path / "workflows.json")
+    with command_line_server(cwd=tmp_path) as url:
+        client = OpenAI(api_key="unused", base_url=url + "/openai")
+        stream = client.chat.completions.create(
+            model="trip-planner", messages=[{"role": "user", "content": "I want to plan a trip to Paris."}],
+            stream=True)
+        reply = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    assert "Where would you like to go?" in reply
+    assert len(os.listdir(tmp_path / "conversations")) == 1
