@@ -95,6 +95,8 @@ DEFAULT_STORE = "conversations"           # a directory: the JSON store, so rest
 LLM_TIMEOUT_SECONDS = 30.0
 HTTP_NODE_TIMEOUT_SECONDS = 30.0
 MEMORY_STORE_MAX_CONVERSATIONS = 10_000
+MAX_ASKS_PER_INPUT = 3                    # then say so and offer to start over, instead of asking forever
+MAX_DIRECT_REPLY_WORDS = 8                # a longer reply to "where to?" is a sentence, not a destination
 CONTEXT_TURNS = 6                         # earlier messages shown to the extraction call
 CHARS_PER_TOKEN = 4                       # for the estimated `usage` figures
 REDACTED = "[redacted]"
@@ -179,6 +181,9 @@ class QueryInput:
     optional: bool = False
     default: Any = None
     question: str = ""
+    synonyms: Tuple[Tuple[str, str], ...] = ()   # (word a user may say, the choice it means)
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
 
     @property
     def label(self) -> str:
@@ -346,7 +351,9 @@ def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
         if not isinstance(optional, bool):
             raise WorkflowFileError(f"{at}: 'optional' must be true or false")
         query = QueryInput(name=name, description=description.strip(), type=value_type,
-                           choices=tuple(choices), optional=optional, question=str(spec.get("question", "")))
+                           choices=tuple(choices), optional=optional, question=str(spec.get("question", "")),
+                           synonyms=_parse_synonyms(spec.get("synonyms", {}), choices, at),
+                           minimum=_parse_bound(spec, "minimum", at), maximum=_parse_bound(spec, "maximum", at))
         if "default" in spec:
             try:
                 default = coerce_value(query, spec["default"])
@@ -357,6 +364,23 @@ def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
             raise WorkflowFileError(f"{at}: an optional input needs a 'default'")
         parsed[name] = query
     return parsed
+
+
+def _parse_bound(spec: Mapping[str, Any], key: str, at: str) -> Optional[float]:
+    bound = spec.get(key)
+    if bound is not None and (spec.get("type") not in ("number", "integer") or isinstance(bound, bool)
+                              or not isinstance(bound, (int, float))):
+        raise WorkflowFileError(f"{at}: {key!r} is a number, for inputs of type number or integer")
+    return bound
+
+
+def _parse_synonyms(raw: Any, choices: List[str], at: str) -> Tuple[Tuple[str, str], ...]:
+    if not isinstance(raw, dict) or not all(isinstance(words, list) for words in raw.values()):
+        raise WorkflowFileError(f"{at}: 'synonyms' must be an object of choice: [words]")
+    unknown = [choice for choice in raw if choice not in choices]
+    if unknown:
+        raise WorkflowFileError(f"{at}: 'synonyms' names {unknown[0]!r}, which is not one of the choices")
+    return tuple((str(word), choice) for choice, words in raw.items() for word in words)
 
 
 def _parse_node(raw: Any, workflow_where: str, index: int, node_types: Mapping[str, "NodeType"],
@@ -967,7 +991,17 @@ Write one short, natural question that asks the user for what is still needed. A
 what was understood, if anything. Reply in the language of the user's last message. Do not \
 answer for the user, do not invent values, do not use lists or forms, and ask nothing else."""
 
+CANCELLED_REPLY = "Okay, I've cleared everything and won't run anything. Tell me when you want to start again."
+NOTHING_CHANGED_REPLY = ('Nothing changed, so I have not run it again. Change a value (for example "budget: 1500") '
+                         'or say "again" to run it once more.')
+GIVE_UP_REPLY = ("I still don't have the {label} after asking {tries} times. You can give it as \"{name}: ...\", "
+                 'or say "start over" to begin again.')
+RUN_FAILED_REPLY = ("Sorry, the workflow stopped: step {node!r} failed ({reason}). Your inputs are kept; "
+                    'say "again" to retry, or change a value.')
+
 INTENTS = ("provide", "correct", "cancel", "skip", "other")
+RERUN_PATTERN = re.compile(r"\b(again|retry|re-?run|once more|try it|encore|nochmal|noch einmal|otra vez|"
+                           r"de nuevo|di nuovo|ancora)\b", re.I)
 CANCEL_PATTERN = re.compile(r"\A\W*(stop|cancel|abort|reset|start over|start again|restart|never ?mind|"
                             r"annuler|recommencer|abbrechen|von vorne|cancelar|empezar de nuevo|annulla|"
                             r"ricominciare)\W*\Z", re.I)
@@ -979,7 +1013,16 @@ BOOLEAN_WORDS = {
 }
 NUMBER_PATTERN = re.compile(r"(?<![\w.,])[-+]?(\d{1,3}(?:[,.'’\u00a0\u202f]\d{3})+(?:[.,]\d+)?|\d+(?:[.,]\d+)?)"
                             r"(\s*[kK]\b|\s*[mM]\b(?!\w))?")
+SPACED_NUMBER_PATTERN = re.compile(r"(?<![\w.,])\d{1,3}(?: \d{3})+(?![\d.,]\d)")
 LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*(.+?)\s*$", re.M)
+COMMON_WORDS = {"whether", "with", "that", "this", "from", "they", "their", "them", "user", "users", "there",
+                "what", "when", "which", "will", "would", "should", "have", "does", "into", "also", "only",
+                "more", "than", "some", "very", "your", "about", "name", "number", "value", "true", "false"}
+# A reply that opens like a sentence ("let's go to Rome") is not itself a value.
+SENTENCE_STARTS = {"i", "im", "id", "ill", "ive", "we", "were", "wed", "lets", "let", "my", "our", "it", "its",
+                   "please", "can", "could", "would", "what", "how", "why", "hi", "hello", "hey", "thanks", "ok",
+                   "okay", "je", "j", "nous", "moi", "ich", "wir", "mein", "meine", "yo", "quiero",
+                   "queremos", "mi", "io", "vorrei", "eu", "quero"}
 TYPED_VALUE_PATTERNS = {   # values whose shape makes them unambiguous, for inputs that say what they hold
     "date": re.compile(r"\b\d{4}-\d{2}-\d{2}\b"),
     "email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"),
@@ -1020,13 +1063,17 @@ def parse_number(token: str) -> float:
         text = text.replace("." if decimal == "," else ",", "").replace(",", ".")
     elif "," in text:
         text = text.replace(",", "") if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+", text) else text.replace(",", ".")
-    elif re.fullmatch(r"[-+]?\d{1,3}(\.\d{3}){2,}", text):
+    elif re.fullmatch(r"[-+]?\d{1,3}(\.\d{3})+", text):   # "2.000" is two thousand, as in German
         text = text.replace(".", "")
     return float(text) * factor
 
 
-def numbers_in(text: str) -> List[float]:
-    return [parse_number(match.group(0)) for match in NUMBER_PATTERN.finditer(str(text))]
+def numbers_in(text: str, spaced: bool = False) -> List[float]:
+    """The numbers a text states; with ``spaced``, "1 500" (French style) also counts as 1500."""
+    found = [parse_number(match.group(0)) for match in NUMBER_PATTERN.finditer(str(text))]
+    if spaced:
+        found += [parse_number(match.group(0)) for match in SPACED_NUMBER_PATTERN.finditer(str(text))]
+    return found
 
 
 def coerce_value(query: QueryInput, raw: Any) -> Any:
@@ -1045,11 +1092,18 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
             number = float(raw)
         else:
             found = numbers_in(str(raw))
+            spaced = SPACED_NUMBER_PATTERN.findall(str(raw))
+            if len(spaced) == 1 and not re.search(r"\d", SPACED_NUMBER_PATTERN.sub("", str(raw))):
+                found = [parse_number(spaced[0])]
             if len(found) != 1:
                 raise ValueError(f"I need a single number for the {label}, not {str(raw)!r}")
             number = found[0]
         if not math.isfinite(number):
             raise ValueError(f"I need a real number for the {label}, not {str(raw)!r}")
+        if query.minimum is not None and number < query.minimum:
+            raise ValueError(f"the {label} must be at least {query.minimum:g}, not {number:g}")
+        if query.maximum is not None and number > query.maximum:
+            raise ValueError(f"the {label} must be at most {query.maximum:g}, not {number:g}")
         if query.type == "integer":
             if number != int(number):
                 raise ValueError(f"I need a whole number for the {label}, not {str(raw)!r}")
@@ -1065,27 +1119,37 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
 def _match_choice(query: QueryInput, raw: Any) -> str:
     wanted = _fold(str(raw)).strip(" .!\"'")
     folded = {_fold(choice): choice for choice in query.choices}
+    folded.update({_fold(synonym): choice for synonym, choice in query.synonyms})
     if wanted in folded:
         return folded[wanted]
-    prefixed = [choice for key, choice in folded.items() if len(wanted) >= 3 and key.startswith(wanted)]
+    prefixed = {choice for key, choice in folded.items() if len(wanted) >= 3 and key.startswith(wanted)}
     if len(prefixed) == 1:
-        return prefixed[0]
+        return prefixed.pop()
     raise ValueError(f"the {query.label} must be one of {', '.join(query.choices)}, not {str(raw)!r}")
 
 
-def is_stated_in(query: QueryInput, value: Any, raw: Any, text: str) -> bool:
-    """Does the user's message support this value? Nothing the user did not say is accepted."""
+def is_stated_in(query: QueryInput, value: Any, raw: Any, text: str, asked: bool = False) -> bool:
+    """Does the user's message support this value? Nothing the user did not say is accepted.
+    ``asked``: the last question asked for this input, so a bare "yes" answers it."""
     message_words = set(_words(text))
     if query.type in ("number", "integer"):
-        return any(abs(number - float(value)) < 1e-9 for number in numbers_in(text))
-    if query.type == "boolean":
-        said = set(BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]) | set(_words(query.label))
-        return bool(message_words & said)
-    candidates = [str(raw), str(value)] if query.type == "choice" else [str(value)]
+        return any(abs(number - float(value)) < 1e-9 for number in numbers_in(text, spaced=True))
+    if query.type == "boolean":   # the message names what the input is about, or answers its question
+        yes_no = BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]
+        return bool(message_words & _topic_words(query)) or (asked and bool(message_words & yes_no))
+    candidates = [str(value)]
+    if query.type == "choice":
+        candidates += [str(raw)] + [synonym for synonym, choice in query.synonyms if choice == value]
     return any(_words(candidate) and set(_words(candidate)) <= message_words for candidate in candidates)
 
 
-def accept_values(workflow: Workflow, proposed: Mapping[str, Any], text: str, extraction: Extraction) -> None:
+def _topic_words(query: QueryInput) -> set:
+    """The words that name an input ("travel", "dates"); its description is too loose for this."""
+    return {word for word in _words(query.label) if len(word) >= 3 and word not in COMMON_WORDS}
+
+
+def accept_values(workflow: Workflow, proposed: Mapping[str, Any], text: str, extraction: Extraction,
+                  asked: Sequence[str] = ()) -> None:
     """Coerce and check each proposed value against the message; fill ``extraction``."""
     for name, raw in proposed.items():
         query = workflow.query_inputs.get(name)
@@ -1096,7 +1160,7 @@ def accept_values(workflow: Workflow, proposed: Mapping[str, Any], text: str, ex
         except ValueError as exc:
             extraction.rejected[name] = str(exc)
             continue
-        if is_stated_in(query, value, raw, text):
+        if is_stated_in(query, value, raw, text, asked=name in asked):
             extraction.values[name] = value
         else:
             extraction.ignored[name] = raw
@@ -1113,16 +1177,35 @@ def extract_offline(workflow: Workflow, conversation: Conversation, text: str) -
         name = _input_named(workflow, key)
         if name:
             proposed[name] = value
-    unfilled = [q for q in workflow.query_inputs.values() if q.name not in proposed]
-    if len(conversation.asked) == 1 and not proposed and conversation.asked[0] in workflow.query_inputs:
-        proposed[conversation.asked[0]] = _reply_value(workflow.query_inputs[conversation.asked[0]], text)
-    for query in unfilled:
+    if not proposed:
+        proposed.update(_direct_reply(workflow, conversation, text))
+    for query in workflow.query_inputs.values():
         if query.name not in proposed and query.name not in conversation.values:
             found = _unambiguous_value(query, text, workflow)
             if found is not None:
                 proposed[query.name] = found
-    accept_values(workflow, proposed, text, extraction)
+    accept_values(workflow, proposed, text, extraction, conversation.asked)
     return extraction
+
+
+def _direct_reply(workflow: Workflow, conversation: Conversation, text: str) -> Dict[str, Any]:
+    """The answer to a question that asked for one input, unless the message looks like
+    something else: a question back, or talk of another input ("my budget is 2000" when
+    asked where to go), or a long sentence given to a text input."""
+    if len(conversation.asked) != 1 or conversation.asked[0] not in workflow.query_inputs:
+        return {}
+    query = workflow.query_inputs[conversation.asked[0]]
+    others = [other for other in workflow.query_inputs.values()
+              if other.name != query.name and other.name not in conversation.values]
+    if text.rstrip().endswith("?") or any(set(_words(text)) & _topic_words(other) - _topic_words(query)
+                                          for other in others if other.type != "boolean"):
+        return {}
+    words = _words(text)
+    if query.type == "string" and (len(words) > MAX_DIRECT_REPLY_WORDS or (words and words[0] in SENTENCE_STARTS)
+                                   or (re.search(r"\d", text) and any(other.type in ("number", "integer")
+                                                                       for other in others))):
+        return {}
+    return {query.name: _reply_value(query, text)}
 
 
 def _input_named(workflow: Workflow, key: str) -> Optional[str]:
@@ -1216,7 +1299,7 @@ def extract_with_llm(llm: LLMClient, workflow: Workflow, conversation: Conversat
     intent = answer.get("intent") if answer.get("intent") in INTENTS else "provide"
     extraction = Extraction(intent=intent)
     if intent != "cancel":
-        accept_values(workflow, proposed, text, extraction)
+        accept_values(workflow, proposed, text, extraction, conversation.asked)
     return extraction
 
 
@@ -1235,19 +1318,22 @@ def extract(llm: Optional[LLMClient], workflow: Workflow, conversation: Conversa
 
 
 def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understood: Mapping[str, Any],
-                     problems: Mapping[str, str]) -> str:
+                     changed: Mapping[str, Tuple[Any, Any]], problems: Mapping[str, str]) -> str:
     """A templated question for the first missing input, naming the rest."""
     parts = []
     if understood:
-        parts.append("Got it: " + ", ".join(f"{workflow.query_inputs[n].label} {v}" for n, v in understood.items())
-                     + ".")
+        parts.append("Got it: " + _and_list([f"{workflow.query_inputs[name].label} {value}"
+                                             for name, value in understood.items()]) + ".")
+    if changed:
+        parts.append("Changed " + _and_list([f"the {workflow.query_inputs[name].label} from {old} to {new}"
+                                             for name, (old, new) in changed.items()]) + ".")
     parts += [reason[0].upper() + reason[1:] + "." for reason in problems.values()]
     first = missing[0]
     if len(missing) > 1:
-        parts.append(f"I still need the {_and_list([q.label for q in missing])}.")
+        parts.append(f"I still need the {_and_list([query.label for query in missing])}.")
     parts.append(first.question or f"Could you tell me the {first.label} ({first.description.rstrip('.')})?")
     if len(missing) > 1:
-        parts.append(f"You can also give several at once, one per line, like \"{missing[1].name}: ...\".")
+        parts.append(f'You can also give several at once, one per line, like "{missing[1].name}: ...".')
     return " ".join(parts)
 
 
@@ -1256,12 +1342,15 @@ def _and_list(items: Sequence[str]) -> str:
 
 
 def question_with_llm(llm: LLMClient, workflow: Workflow, missing: Sequence[QueryInput],
-                      understood: Mapping[str, Any], problems: Mapping[str, str], text: str) -> str:
-    known = "".join(f"- {workflow.query_inputs[n].label}: {v}\n" for n, v in understood.items())
+                      understood: Mapping[str, Any], changed: Mapping[str, Tuple[Any, Any]],
+                      problems: Mapping[str, str], text: str) -> str:
+    known = "".join(f"- {workflow.query_inputs[name].label}: {value}\n" for name, value in understood.items())
+    known += "".join(f"- {workflow.query_inputs[name].label}: changed from {old} to {new}\n"
+                     for name, (old, new) in changed.items())
     prompt = QUESTION_PROMPT.format(
         name=workflow.name, description=workflow.description,
-        understood=f"Understood from the user so far:\n{known}\n" if known else "",
-        missing="\n".join(f"- {q.label}: {q.description}" for q in missing),
+        understood=f"Understood from the user's last message:\n{known}\n" if known else "",
+        missing="\n".join(f"- {query.label}: {query.description}" for query in missing),
         problems="".join(f"Could not use a value: {reason}.\n" for reason in problems.values()))
     question = llm.complete([{"role": "system", "content": prompt}, {"role": "user", "content": text}],
                             temperature=0.3).strip()
@@ -1327,7 +1416,8 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     conversation.turns += 1
     extraction = Extraction()
     if turn.text and workflow.query_inputs:
-        yield Piece("thinking", f"Reading your message for: {_and_list([q.label for q in workflow.query_inputs.values()])}.\n")
+        labels = _and_list([query.label for query in workflow.query_inputs.values()])
+        yield Piece("thinking", f"Reading your message for: {labels}.\n")
         extraction = extract(turn.llm, workflow, conversation, turn.history, turn.text)
     for note in extraction.notes:
         yield Piece("thinking", note + "\n")
@@ -1335,49 +1425,73 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
         conversation.values.clear()
         conversation.asked, conversation.ask_counts = [], {}
         yield Piece("thinking", "You asked to stop: cleared every value.\n")
-        yield Piece("answer", "Okay, I've cleared everything and won't run anything. Tell me when you want to "
-                              "start again.")
+        yield Piece("answer", CANCELLED_REPLY)
         return
-    yield from _describe_extraction(workflow, conversation, extraction)
+    changed = {name: (conversation.values[name], value) for name, value in extraction.values.items()
+               if name in conversation.values and conversation.values[name] != value}
+    understood = {name: value for name, value in extraction.values.items() if name not in conversation.values}
+    yield from _describe_extraction(workflow, extraction, understood, changed)
     conversation.values.update(extraction.values)
+    for name in extraction.values:
+        conversation.ask_counts.pop(name, None)
     missing = conversation.missing(workflow)
     if missing:
-        yield Piece("answer", _ask(turn, missing, extraction))
+        yield Piece("answer", _ask(turn, missing, extraction, understood, changed))
         return
     conversation.asked = []
-    yield from _run(turn)
+    if conversation.runs and not understood and not changed and not RERUN_PATTERN.search(turn.text):
+        # After a run, "thanks!" should not run the whole workflow again (decision in the README).
+        yield Piece("answer", NOTHING_CHANGED_REPLY)
+        return
+    preface = ""
+    if changed:
+        preface = "Changed " + _and_list([f"the {workflow.query_inputs[name].label} from {old} to {new}"
+                                          for name, (old, new) in changed.items()]) + ".\n\n"
+    yield from _run(turn, preface)
 
 
-def _describe_extraction(workflow: Workflow, conversation: Conversation, extraction: Extraction) -> Iterator[Piece]:
-    for name, value in extraction.values.items():
-        label = workflow.query_inputs[name].label
-        old = conversation.values.get(name)
-        if old is not None and old != value:
-            yield Piece("thinking", f"Changed {label}: {old} → {value}.\n")
-        elif old is None:
-            yield Piece("thinking", f"Understood {label}: {value}.\n")
+def _describe_extraction(workflow: Workflow, extraction: Extraction, understood: Mapping[str, Any],
+                         changed: Mapping[str, Tuple[Any, Any]]) -> Iterator[Piece]:
+    for name, value in understood.items():
+        yield Piece("thinking", f"Understood {workflow.query_inputs[name].label}: {value}.\n")
+    for name, (old, new) in changed.items():
+        yield Piece("thinking", f"Changed {workflow.query_inputs[name].label}: {old} → {new}.\n")
     for name, raw in extraction.ignored.items():
         yield Piece("thinking", f"Ignored {workflow.query_inputs[name].label} = {raw!r}: "
                                 "your message does not say it.\n")
     for name, reason in extraction.rejected.items():
         yield Piece("thinking", f"Could not use the {workflow.query_inputs[name].label}: {reason}.\n")
+    if extraction.intent == "skip":
+        yield Piece("thinking", "You asked to skip an input; only optional inputs can be left out, "
+                                "and those are never asked for.\n")
 
 
-def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction) -> str:
+def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, understood: Mapping[str, Any],
+         changed: Mapping[str, Tuple[Any, Any]]) -> str:
+    """One question for what is missing, or, after three unanswered asks, an offer to start over."""
     workflow, conversation = turn.workflow, turn.conversation
+    first = missing[0]
+    if conversation.ask_counts.get(first.name, 0) >= MAX_ASKS_PER_INPUT:
+        conversation.asked = [first.name]
+        return GIVE_UP_REPLY.format(label=first.label, name=first.name, tries=MAX_ASKS_PER_INPUT)
     problems = {name: reason for name, reason in extraction.rejected.items() if name not in conversation.values}
+    question = None
     if turn.llm is not None:
         try:
-            question = question_with_llm(turn.llm, workflow, missing, extraction.values, problems, turn.text)
+            question = question_with_llm(turn.llm, workflow, missing, understood, changed, problems, turn.text)
             conversation.asked = [query.name for query in missing]
-            return question
         except UpstreamError as exc:
             log.info("question call failed: %s", exc.message)
-    conversation.asked = [missing[0].name]
-    return question_offline(workflow, missing, extraction.values, problems)
+    if question is None:
+        question = question_offline(workflow, missing, understood, changed, problems)
+        conversation.asked = [first.name]   # offline asks one at a time, so the reply can be read
+    for name in conversation.asked:
+        conversation.ask_counts[name] = conversation.ask_counts.get(name, 0) + 1
+    return question
 
 
-def _run(turn: TurnContext) -> Iterator[Piece]:
+def _run(turn: TurnContext, preface: str = "") -> Iterator[Piece]:
+    """Run the workflow: progress as thinking, then ``preface`` and the answer."""
     workflow, conversation = turn.workflow, turn.conversation
     values = dict(conversation.values)
     for query in workflow.query_inputs.values():
@@ -1397,10 +1511,10 @@ def _run(turn: TurnContext) -> Iterator[Piece]:
                 yield Piece("thinking", f"✓ {event.node_id} finished in {event.seconds:.2f} s\n")
             elif event.kind == "failed":
                 yield Piece("thinking", f"✗ {event.node_id} failed after {event.seconds:.2f} s: {event.text}\n")
-                yield Piece("answer", f"Sorry, the workflow stopped: step {event.node_id!r} failed ({event.text}). "
-                                      "Your inputs are kept; send a message to try again or change a value.")
+                yield Piece("answer", preface + RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
             elif event.kind == "answer":
-                yield Piece("answer", event.text)
+                yield Piece("answer", preface + event.text)
+                preface = ""
     finally:
         events.close()
 
@@ -1485,16 +1599,20 @@ def estimate_tokens(text: str) -> int:
 
 def with_thinking_tags(pieces: Iterator[Piece]) -> Iterator[str]:
     """The reply as text: thinking pieces inside one <thinking> block, closed before the
-    answer, and closed even when the turn fails halfway."""
-    thinking_open = False
+    answer, and closed even when the turn fails halfway. Progress that comes after the
+    answer has begun (a side branch still running) is logged, not shown: one block only."""
+    thinking_open = answer_begun = False
     try:
         for piece in pieces:
-            if piece.kind == "thinking":
+            if piece.kind == "thinking" and answer_begun:
+                log.debug("progress after the answer began: %s", piece.text.strip())
+            elif piece.kind == "thinking":
                 if not thinking_open:
                     thinking_open = True
                     yield "<thinking>\n"
                 yield piece.text
             else:
+                answer_begun = True
                 if thinking_open:
                     thinking_open = False
                     yield "</thinking>\n\n"

@@ -346,7 +346,7 @@ def test_http_error_ends_the_run_with_a_clear_message_and_the_next_turn_works(st
     assert "✗ get failed" in thinking_of(reply)
     assert "step 'get' failed (127.0.0.1 answered HTTP 404" in answer_of(reply)
     fake_llm.http_routes["/missing/again"] = (200, "fine now")
-    assert answer_of(chat.say("word: again")) == "fine now"
+    assert answer_of(chat.say("word: again")) == "Changed the word from hello to again.\n\nfine now"
 
 
 def test_python_node_calls_the_named_function_with_the_users_values(start):
@@ -357,11 +357,14 @@ def test_python_node_calls_the_named_function_with_the_users_values(start):
 
 
 def test_python_node_exception_is_reported_and_the_conversation_goes_on(start):
-    server = start()
-    chat = Chat(server, "month-calendar")
-    reply = chat.say("year: 2026\nmonth: 13")
-    assert "step 'calendar' failed (calendar:month raised " in answer_of(reply)
-    assert "March 2026" in answer_of(chat.say("month: 3"))
+    nodes = [{"id": "parse", "type": "python", "inputs": {"function": "json:loads", "s": {"query": "s"}}},
+             {"id": "say", "type": "template", "inputs": {"template": "{r}", "r": {"link": "parse"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]
+    server = start([workflow(nodes=nodes, query_inputs={"s": {"description": "Some JSON.", "type": "string"}})])
+    chat = Chat(server, "echo")
+    reply = chat.say("s: [1, 2")
+    assert "step 'parse' failed (json:loads raised JSONDecodeError: " in answer_of(reply)
+    assert answer_of(chat.say("s: [3, 4]")).endswith("[3, 4]")
 
 
 def test_a_deployment_registers_its_own_node_type(start):
