@@ -96,7 +96,7 @@ LLM_TIMEOUT_SECONDS = 30.0
 HTTP_NODE_TIMEOUT_SECONDS = 30.0
 MEMORY_STORE_MAX_CONVERSATIONS = 10_000
 MAX_ASKS_PER_INPUT = 3                    # then say so and offer to start over, instead of asking forever
-MAX_DIRECT_REPLY_WORDS = 8                # a longer reply to "where to?" is a sentence, not a destination
+MAX_DIRECT_REPLY_WORDS = 4                # a longer reply to "where to?" is a sentence, not a destination
 CONTEXT_TURNS = 6                         # earlier messages shown to the extraction call
 CHARS_PER_TOKEN = 4                       # for the estimated `usage` figures
 REDACTED = "[redacted]"
@@ -1013,6 +1013,8 @@ BOOLEAN_WORDS = {
 }
 NUMBER_PATTERN = re.compile(r"(?<![\w.,])[-+]?(\d{1,3}(?:[,.'’\u00a0\u202f]\d{3})+(?:[.,]\d+)?|\d+(?:[.,]\d+)?)"
                             r"(\s*[kK]\b|\s*[mM]\b(?!\w))?")
+LABELLED_NUMBER = (r"\b\s*(?:is|of|=|:)?\s*[$€£¥]?\s*(\d[\d.,'’\u00a0\u202f]*(?:\s*[kK]\b)?)"
+                   r"(?![\d.,]*\s*(?:-|–|to|or|bis|à|a|y|o)\s*[$€£¥]?\d)")   # not the start of a range "1500-2000"
 SPACED_NUMBER_PATTERN = re.compile(r"(?<![\w.,])\d{1,3}(?: \d{3})+(?![\d.,]\d)")
 LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*(.+?)\s*$", re.M)
 COMMON_WORDS = {"whether", "with", "that", "this", "from", "they", "their", "them", "user", "users", "there",
@@ -1022,7 +1024,15 @@ COMMON_WORDS = {"whether", "with", "that", "this", "from", "they", "their", "the
 SENTENCE_STARTS = {"i", "im", "id", "ill", "ive", "we", "were", "wed", "lets", "let", "my", "our", "it", "its",
                    "please", "can", "could", "would", "what", "how", "why", "hi", "hello", "hey", "thanks", "ok",
                    "okay", "je", "j", "nous", "moi", "ich", "wir", "mein", "meine", "yo", "quiero",
-                   "queremos", "mi", "io", "vorrei", "eu", "quero"}
+                   "queremos", "mi", "io", "vorrei", "eu", "quero", "actually", "no", "non", "nein", "nope",
+                   "yes", "oui", "si", "ja", "sorry", "well", "so", "make", "change", "maybe", "perhaps", "rather",
+                   "instead", "but", "and", "also", "then", "plutot", "lieber", "mejor", "meglio"}
+TIME_WORDS = set("""january february march april may june july august september october november december
+    monday tuesday wednesday thursday friday saturday sunday week weeks weekend day days month months tomorrow today
+    tonight spring summer autumn fall winter janvier fevrier mars avril mai juin juillet aout septembre octobre
+    novembre decembre semaine jours januar februar marz juni juli oktober dezember woche tage enero febrero marzo
+    abril mayo junio julio agosto septiembre octubre noviembre diciembre semana gennaio febbraio aprile maggio
+    giugno luglio settembre ottobre dicembre settimana""".split())
 TYPED_VALUE_PATTERNS = {   # values whose shape makes them unambiguous, for inputs that say what they hold
     "date": re.compile(r"\b\d{4}-\d{2}-\d{2}\b"),
     "email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"),
@@ -1079,6 +1089,8 @@ def numbers_in(text: str, spaced: bool = False) -> List[float]:
 def coerce_value(query: QueryInput, raw: Any) -> Any:
     """The value in the input's declared type; ValueError says why not, in words for the user."""
     label = query.label
+    if isinstance(raw, list) and len(raw) == 1:   # weak models wrap a value in a list
+        raw = raw[0]
     if query.type == "boolean":
         if isinstance(raw, bool):
             return raw
@@ -1167,8 +1179,9 @@ def accept_values(workflow: Workflow, proposed: Mapping[str, Any], text: str, ex
 
 
 def extract_offline(workflow: Workflow, conversation: Conversation, text: str) -> Extraction:
-    """The deterministic reader: ``name: value`` lines, values whose shape is unambiguous,
-    and the reply to a question that asked for exactly one input."""
+    """The deterministic reader: ``name: value`` lines, a number right after an input's name
+    ("budget 2000"), values whose shape is unambiguous, and the reply to a question that
+    asked for exactly one input."""
     extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(text) else "provide")
     if extraction.intent == "cancel":
         return extraction
@@ -1177,6 +1190,11 @@ def extract_offline(workflow: Workflow, conversation: Conversation, text: str) -
         name = _input_named(workflow, key)
         if name:
             proposed[name] = value
+    for query in workflow.query_inputs.values():
+        if query.type in ("number", "integer") and query.name not in proposed:
+            match = re.search(r"\b" + r"[\s_-]+".join(map(re.escape, _words(query.label))) + LABELLED_NUMBER, text, re.I)
+            if match:
+                proposed[query.name] = match.group(1)
     if not proposed:
         proposed.update(_direct_reply(workflow, conversation, text))
     for query in workflow.query_inputs.values():
@@ -1201,9 +1219,10 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str) -> 
                                           for other in others if other.type != "boolean"):
         return {}
     words = _words(text)
-    if query.type == "string" and (len(words) > MAX_DIRECT_REPLY_WORDS or (words and words[0] in SENTENCE_STARTS)
-                                   or (re.search(r"\d", text) and any(other.type in ("number", "integer")
-                                                                       for other in others))):
+    if query.type == "string" and (
+            len(text.split()) > MAX_DIRECT_REPLY_WORDS or (words and words[0] in SENTENCE_STARTS)
+            or (re.search(r"\d", text) and any(other.type in ("number", "integer") for other in others))
+            or (set(words) & TIME_WORDS and not _is_about_time(query) and any(map(_is_about_time, others)))):
         return {}
     return {query.name: _reply_value(query, text)}
 
@@ -1214,6 +1233,10 @@ def _input_named(workflow: Workflow, key: str) -> Optional[str]:
         if _fold(name) == wanted:
             return name
     return None
+
+
+def _is_about_time(query: QueryInput) -> bool:
+    return bool(set(_words(query.name + " " + query.description)) & {"date", "dates", "when", "time", "day", "days"})
 
 
 def _reply_value(query: QueryInput, text: str) -> Any:

@@ -35,8 +35,11 @@ ID_BLOCK = re.compile(r"```cozyui-conversation-identifier\n([A-Za-z0-9_-]+)\n```
 class FakeLLM:
     """An OpenAI-compatible chat-completions server that records each request.
 
-    extractions: new user message -> the values it answers for an extraction call.
-    invent: values answered for every extraction, whatever the message (a weak model).
+    extractions: new user message -> the values an exact model answers for it.
+    intents: new user message -> the intent it answers (default "provide").
+    invent: values added to every extraction, whatever the message (a weak model).
+    mode: "exact", "inventing" (adds INVENTED), "wrong_types" (strings as lists, numbers
+    as strings, booleans as "yes"/"no") or "broken" (no JSON at all).
     fail_next: HTTP statuses to answer the next calls with, one each.
     refuse_json_schema: answer 400 to response_format json_schema (like llama.cpp).
     """
@@ -45,7 +48,8 @@ class FakeLLM:
         self.calls = []
         self.extractions = {}
         self.invent = {}
-        self.intent = "provide"
+        self.intents = {}
+        self.mode = "exact"
         self.fail_next = []
         self.refuse_json_schema = False
         self.broken_json = False
@@ -106,11 +110,14 @@ class FakeLLM:
     def answer(self, body):
         kind = call_kind(body)
         if kind == "extraction":
-            if self.broken_json:
+            if self.broken_json or self.mode == "broken":
                 return ["Sure! Here are the values: {destination: Paris"]
             new_message = body["messages"][-1]["content"]
-            values = dict(self.invent) or dict(self.extractions.get(new_message, {}))
-            return [json.dumps({"values": values, "intent": self.intent})]
+            invented = INVENTED if self.mode == "inventing" else self.invent
+            values = {**invented, **self.extractions.get(new_message, {})}
+            if self.mode == "wrong_types":
+                values = {name: _wrong_type(value) for name, value in values.items()}
+            return [json.dumps({"values": values, "intent": self.intents.get(new_message, "provide")})]
         if kind == "question":
             return [self.question]
         return self.node_tokens
@@ -124,6 +131,19 @@ class FakeLLM:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+# Plausible values a weak model invents for every input; no message of the test set says them.
+INVENTED = {"destination": "Reykjavik", "budget": 7777, "travel_dates": "next spring", "pace": "packed",
+            "children": True, "year": 2031, "month": 9, "city": "Timbuktu", "units": "fahrenheit"}
+
+
+def _wrong_type(value):
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return [value]
 
 
 def call_kind(body):
@@ -646,6 +666,226 @@ def test_optional_inputs_are_not_asked_for_and_their_default_is_shown(start):
     reply = Chat(start()).say("destination: Paris\nbudget: 2000\ntravel_dates: May")
     assert "Using the default pace: balanced." in thinking_of(reply)
     assert "**Pace:** balanced" in answer_of(reply)
+
+
+def test_a_correction_while_gathering_is_said_in_the_reply(start):
+    chat = Chat(start())
+    chat.say("destination: Paris")
+    reply = chat.say("destination: Rome")
+    assert answer_of(reply).startswith("Changed the destination from Paris to Rome.")
+
+
+def test_a_rejected_value_stays_missing_and_the_next_question_says_why(start):
+    reply = Chat(start()).say("destination: Vienna\nbudget: lots")
+    assert "I need a single number for the budget, not 'lots'." in answer_of(reply)
+    assert "What is your total budget for the trip?" in answer_of(reply)
+
+
+def test_out_of_range_numbers_are_rejected_with_the_bound(start):
+    reply = Chat(start(), "month-calendar").say("year: 2026\nmonth: 13")
+    assert answer_of(reply) == ("Got it: year 2026. The month must be at most 12, not 13. "
+                                "Which month, as a number from 1 to 12?")
+
+
+def test_a_required_input_asked_three_times_ends_with_an_offer_to_start_over(start):
+    chat = Chat(start(), "month-calendar")
+    replies = [answer_of(chat.say(text)) for text in ("calendar please", "hmm?", "what?", "no idea?")]
+    assert all("Which year?" in reply for reply in replies[:3])
+    assert replies[3] == ("I still don't have the year after asking 3 times. You can give it as \"year: ...\", "
+                          'or say "start over" to begin again.')
+    assert "Which month" in chat.say("year: 2026")
+
+
+def test_after_a_run_a_message_that_changes_nothing_does_not_rerun(start):
+    chat = Chat(start(), "month-calendar")
+    chat.say("year: 2026\nmonth: 1")
+    reply = chat.say("thanks!")
+    assert "Running" not in reply and answer_of(reply).startswith("Nothing changed, so I have not run it again.")
+    assert "January 2026" in answer_of(chat.say("again please"))
+
+
+def test_the_llms_cancel_intent_clears_the_values(start, fake_llm):
+    fake_llm.extractions = {"Trip to Madrid with 900 euros.": {"destination": "Madrid", "budget": "900 euros"}}
+    fake_llm.intents = {"forget it, I changed my mind": "cancel"}
+    chat = Chat(start(llm=fake_llm.settings()))
+    chat.say("Trip to Madrid with 900 euros.")
+    assert answer_of(chat.say("forget it, I changed my mind")).startswith("Okay, I've cleared everything")
+
+
+def test_offline_a_reply_about_another_input_is_not_taken_for_the_asked_one(start):
+    chat = Chat(start())
+    chat.say("I want to plan a trip.")
+    reply = chat.say("My budget is around $2000, and I'd like to go for a week in mid-October.")
+    assert "Understood" not in thinking_of(reply)
+    assert "Where would you like to go?" in answer_of(reply)
+
+
+def test_offline_choices_named_exactly_and_iso_dates_are_read_without_labels(start):
+    nodes = [{"id": "say", "type": "template", "inputs": {"template": "{day} {kind}", "day": {"query": "day"},
+                                                          "kind": {"query": "kind"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]
+    queries = {"day": {"description": "The date of the event.", "type": "string"},
+               "kind": {"description": "Kind of event.", "type": "choice", "choices": ["party", "meeting"]}}
+    reply = Chat(start([workflow(nodes=nodes, query_inputs=queries)]), "echo").say(
+        "A meeting on 2026-12-01 please")
+    assert answer_of(reply) == "2026-12-01 meeting"
+
+
+def test_choice_synonyms_and_languages_are_understood(start, fake_llm):
+    message = "Drei Tage in München im Mai, bitte entspannt."
+    fake_llm.extractions = {message: {"destination": "München", "travel_dates": "Drei Tage im Mai",
+                                      "pace": "entspannt"}}
+    reply = Chat(start(llm=fake_llm.settings())).say(message)
+    assert "Understood pace: relaxed." in thinking_of(reply)
+    assert "Understood destination: München." in thinking_of(reply)
+
+
+def test_the_question_prompt_asks_for_the_users_language_and_one_question(start, fake_llm):
+    Chat(start(llm=fake_llm.settings())).say("Je voudrais voyager.")
+    call = fake_llm.calls_of("question")[0]
+    assert "Reply in the language of the user's last message" in call["messages"][0]["content"]
+    assert "one short, natural question" in call["messages"][0]["content"]
+    assert call["messages"][-1]["content"] == "Je voudrais voyager."
+
+
+def T(message, values=None, intent="provide"):
+    """One user turn of the extraction set: the message, and what an exact model extracts from it."""
+    return message, values or {}, intent
+
+
+# (model, turns, the values the user finally stated, values stated then corrected or cancelled)
+EXTRACTION_SET = [
+    ("trip-planner", [T("I want to plan a trip to Paris.", {"destination": "Paris"}),
+                      T("My budget is around $2000, and I'd like to go for a week in mid-October.",
+                        {"budget": "$2000", "travel_dates": "a week in mid-October"})],
+     {"destination": "Paris", "budget": 2000, "travel_dates": "a week in mid-October"}, {}),
+    ("trip-planner", [T("Plan a relaxed trip to Kyoto: 10 days in April, budget 3500 dollars.",
+                        {"destination": "Kyoto", "travel_dates": "10 days in April", "budget": "3500 dollars",
+                         "pace": "relaxed"})],
+     {"destination": "Kyoto", "travel_dates": "10 days in April", "budget": 3500, "pace": "relaxed"}, {}),
+    ("trip-planner", [T("A trip to Rome, please.", {"destination": "Rome"}),
+                      T("Actually, make it Florence.", {"destination": "Florence"}, "correct")],
+     {"destination": "Florence"}, {"destination": "Rome"}),
+    ("trip-planner", [T("Trip to Madrid with 900 euros.", {"destination": "Madrid", "budget": "900 euros"}),
+                      T("cancel", {}, "cancel")],
+     {}, {"destination": "Madrid", "budget": 900}),
+    ("trip-planner", [T("Let's plan Athens for 1200.", {"destination": "Athens", "budget": "1200"}),
+                      T("start over", {}, "cancel"), T("I'd rather go to Oslo.", {"destination": "Oslo"})],
+     {"destination": "Oslo"}, {"destination": "Athens", "budget": 1200}),
+    ("trip-planner", [T("Going to Vienna, budget: lots", {"destination": "Vienna", "budget": "lots"})],
+     {"destination": "Vienna"}, {}),
+    ("trip-planner", [T("I have 2k for Prague.", {"budget": "2k", "destination": "Prague"})],
+     {"budget": 2000, "destination": "Prague"}, {}),
+    ("trip-planner", [T("Je voudrais partir à Lyon avec un budget de 1 500 €.",
+                        {"destination": "Lyon", "budget": "1 500 €"})],
+     {"destination": "Lyon", "budget": 1500}, {}),
+    ("trip-planner", [T("Un voyage à Nice en juillet.", {"destination": "Nice", "travel_dates": "en juillet"}),
+                      T("Non, plutôt Marseille.", {"destination": "Marseille"}, "correct")],
+     {"destination": "Marseille", "travel_dates": "en juillet"}, {"destination": "Nice"}),
+    ("trip-planner", [T("Ich möchte nach Berlin reisen, Budget 2.000 Euro.",
+                        {"destination": "Berlin", "budget": "2.000 Euro"})],
+     {"destination": "Berlin", "budget": 2000}, {}),
+    ("trip-planner", [T("Drei Tage in München im Mai, bitte entspannt.",
+                        {"destination": "München", "travel_dates": "Drei Tage im Mai", "pace": "entspannt"})],
+     {"destination": "München", "travel_dates": "Drei Tage im Mai", "pace": "relaxed"}, {}),
+    ("trip-planner", [T("Quiero viajar a Sevilla con 1200 euros.", {"destination": "Sevilla", "budget": "1200 euros"}),
+                      T("Viajamos la primera semana de marzo.", {"travel_dates": "la primera semana de marzo"})],
+     {"destination": "Sevilla", "budget": 1200, "travel_dates": "la primera semana de marzo"}, {}),
+    ("trip-planner", [T("Vorrei andare a Venezia, budget 1.800 euro, a settembre.",
+                        {"destination": "Venezia", "budget": "1.800 euro", "travel_dates": "a settembre"})],
+     {"destination": "Venezia", "budget": 1800, "travel_dates": "a settembre"}, {}),
+    ("trip-planner", [T("Quero ir para Lisboa em agosto.", {"destination": "Lisboa", "travel_dates": "em agosto"})],
+     {"destination": "Lisboa", "travel_dates": "em agosto"}, {}),
+    ("trip-planner", [T("Budget 1,250.50 for Dublin.", {"budget": "1,250.50", "destination": "Dublin"})],
+     {"budget": 1250.5, "destination": "Dublin"}, {}),
+    ("trip-planner", [T("Somewhere warm, budget 1500-2000.", {"budget": "1500-2000"})], {}, {}),
+    ("trip-planner", [T("Barcelona, at a balanced pace.", {"destination": "Barcelona", "pace": "balanced"})],
+     {"destination": "Barcelona", "pace": "balanced"}, {}),
+    ("trip-planner", [T("We're bringing the children to Disneyland Paris.",
+                        {"destination": "Disneyland Paris", "children": True})],
+     {"destination": "Disneyland Paris", "children": True}, {}),
+    ("trip-planner", [T("destination: Bruges", {"destination": "Bruges"}), T("children: no", {"children": "no"})],
+     {"destination": "Bruges", "children": False}, {}),
+    ("trip-planner", [T("Plan a trip for me."), T("Tokyo", {"destination": "Tokyo"}), T("5000", {"budget": 5000}),
+                      T("cherry blossom season", {"travel_dates": "cherry blossom season"})],
+     {"destination": "Tokyo", "budget": 5000, "travel_dates": "cherry blossom season"}, {}),
+    ("trip-planner", [T("destination: Cairo\nbudget: 2500\ntravel_dates: December",
+                        {"destination": "Cairo", "budget": "2500", "travel_dates": "December"})],
+     {"destination": "Cairo", "budget": 2500, "travel_dates": "December"}, {}),
+    ("trip-planner", [T("destination: Quebec\nbudget: 1000\ntravel_dates: winter",
+                        {"destination": "Quebec", "budget": "1000", "travel_dates": "winter"}),
+                      T("Make the budget 1500.", {"budget": "1500"}, "correct")],
+     {"destination": "Quebec", "budget": 1500, "travel_dates": "winter"}, {"budget": 1000}),
+    ("trip-planner", [T("Trip to Seoul.", {"destination": "Seoul"}), T("What do you mean by budget?", {}, "other")],
+     {"destination": "Seoul"}, {}),
+    ("trip-planner", [T("hi there", {}, "other"), T("Let's go to Istanbul.", {"destination": "Istanbul"})],
+     {"destination": "Istanbul"}, {}),
+    ("trip-planner", [T("Can you help me plan something?", {}, "other")], {}, {}),
+    ("trip-planner", [T("Going to Porto from 3 to 10 June with 800 euros.",
+                        {"destination": "Porto", "travel_dates": "from 3 to 10 June", "budget": "800 euros"})],
+     {"destination": "Porto", "travel_dates": "from 3 to 10 June", "budget": 800}, {}),
+    ("trip-planner", [T("Trip to Nairobi, budget 3000.", {"destination": "Nairobi", "budget": "3000"}),
+                      T("Sorry, the budget is 2500.", {"budget": "2500"}, "correct")],
+     {"destination": "Nairobi", "budget": 2500}, {"budget": 3000}),
+    ("month-calendar", [T("Show me the calendar for November 2026.", {"year": 2026, "month": "November"})],
+     {"year": 2026, "month": 11}, {}),
+    ("month-calendar", [T("year 2027, month 3", {"year": 2027, "month": 3})], {"year": 2027, "month": 3}, {}),
+    ("month-calendar", [T("Kalender für 2026, Monat 5.", {"year": 2026, "month": 5})], {"year": 2026, "month": 5}, {}),
+    ("month-calendar", [T("month: 13\nyear: 2026", {"month": "13", "year": "2026"}),
+                        T("month: 12", {"month": "12"})], {"year": 2026, "month": 12}, {}),
+    ("weather-now", [T("What's the weather in Oslo?", {"city": "Oslo"})], {"city": "Oslo"}, {}),
+    ("weather-now", [T("Météo à Genève en fahrenheit", {"city": "Genève", "units": "fahrenheit"})],
+     {"city": "Genève", "units": "fahrenheit"}, {}),
+    ("weather-now", [T("weather please"), T("Lima", {"city": "Lima"})], {"city": "Lima"}, {}),
+    ("weather-now", [T("Weather in Cape Town in celsius", {"city": "Cape Town", "units": "celsius"})],
+     {"city": "Cape Town", "units": "celsius"}, {}),
+]
+
+
+def shipped_workflows_on_loopback(fake):
+    """The shipped workflows, with weather-now's HTTP nodes pointed at the local fake server."""
+    with open(WORKFLOWS_PATH) as handle:
+        text = handle.read()
+    text = re.sub(r"https://[a-z-]+\.open-meteo\.com", fake.url, text)
+    fake.http_routes["/v1/search"] = (200, {"results": [{"name": "Here", "country": "There", "latitude": 1,
+                                                         "longitude": 2}]})
+    fake.http_routes["/v1/forecast"] = (200, {"current": {"temperature_2m": 20, "wind_speed_10m": 5},
+                                              "current_units": {"temperature_2m": "°C", "wind_speed_10m": "km/h"}})
+    return json.loads(text)
+
+
+@pytest.mark.parametrize("mode", ["exact", "inventing", "wrong_types", "broken", "offline"])
+def test_extraction_set_accepts_only_what_users_said_in_every_mode(start, fake_llm, mode, capsys):
+    assert len(EXTRACTION_SET) >= 30
+    fake_llm.mode = mode
+    server = start(shipped_workflows_on_loopback(fake_llm), llm=None if mode == "offline" else fake_llm.settings())
+    store = server.app.config["cozyopenai.service"].store
+    accepted, wrong, stated, recalled, misses = set(), [], 0, 0, []
+    for number, (model, turns, expected, superseded) in enumerate(EXTRACTION_SET):
+        chat = Chat(server, model)
+        conversation_id = None
+        for message, values, intent in turns:
+            fake_llm.extractions[message], fake_llm.intents[message] = values, intent
+            reply = chat.say(message)
+            conversation_id = conversation_id or ID_BLOCK.search(reply).group(1)
+            for name, value in store.load(conversation_id)["values"].items():
+                accepted.add((number, name, repr(value)))
+                if value != expected.get(name, superseded.get(name, object())) and value != superseded.get(name):
+                    wrong.append((number, name, value))
+        final = store.load(conversation_id)["values"]
+        stated += len(expected)
+        recalled += sum(final.get(name) == value for name, value in expected.items())
+        misses += [f"#{number} {name}" for name, value in expected.items() if final.get(name) != value]
+    precision = 1 - len(wrong) / max(1, len(accepted))
+    with capsys.disabled():
+        print(f"\n[extraction set, {mode}] precision {precision:.0%} ({len(accepted) - len(wrong)}/{len(accepted)}), "
+              f"recall {recalled / stated:.0%} ({recalled}/{stated}); misses: {', '.join(misses) or 'none'}")
+    assert wrong == []
+    assert recalled / stated >= RECALL_FLOOR[mode]
+
+
+# The recall each mode reached when the set was written; a drop is a regression.
+RECALL_FLOOR = {"exact": 0.95, "inventing": 0.95, "wrong_types": 0.95, "broken": 0.3, "offline": 0.35}
 
 
 ####################################################################################
