@@ -50,12 +50,14 @@ __all__ = [
     "Conversation", "MemoryStore", "JsonFileStore", "STORE_TYPES", "open_store",
     "CozyError", "WorkflowFileError", "NodeFailed", "UpstreamError", "RequestError",
     "UnauthorizedError", "NotFoundError", "ModelNotFoundError", "MethodNotAllowedError",
-    "BodyTooLargeError",
+    "BodyTooLargeError", "UnsupportedMediaTypeError",
 ]
 
 import argparse
+import contextlib
 import hmac
 import importlib
+import ipaddress
 import json
 import logging
 import math
@@ -63,13 +65,18 @@ import os
 import queue
 import re
 import secrets
+import select
+import socket
 import string
 import sys
 import threading
 import time
+import traceback
 import unicodedata
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from socketserver import ThreadingMixIn
 from types import MappingProxyType
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -78,6 +85,11 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import bottle
 import requests
+
+try:
+    import fcntl   # file locks, so several worker processes can share the JSON store
+except ImportError:  # Windows: the JSON store is safe within one process only
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("cozyopenai")
 
@@ -95,6 +107,8 @@ DEFAULT_STORE = "conversations"           # a directory: the JSON store, so rest
 LLM_TIMEOUT_SECONDS = 30.0
 HTTP_NODE_TIMEOUT_SECONDS = 30.0
 MEMORY_STORE_MAX_CONVERSATIONS = 10_000
+KEEPALIVE_SECONDS = 10.0                  # an SSE comment this often while a stream is silent
+EXPIRE_EVERY_SECONDS = 3600.0             # how often the store is swept for old conversations
 MAX_ASKS_PER_INPUT = 3                    # then say so and offer to start over, instead of asking forever
 MAX_DIRECT_REPLY_WORDS = 4                # a longer reply to "where to?" is a sentence, not a destination
 CONTEXT_TURNS = 6                         # earlier messages shown to the extraction call
@@ -133,6 +147,7 @@ class NotFoundError(RequestError): status, code = 404, "not_found"
 class ModelNotFoundError(NotFoundError): code = "model_not_found"
 class MethodNotAllowedError(RequestError): status, code = 405, "method_not_allowed"
 class BodyTooLargeError(RequestError): status, code = 413, "request_too_large"
+class UnsupportedMediaTypeError(RequestError): status, code = 415, "unsupported_media_type"
 
 # Bottle raises its own HTTPError before our handlers run (no route, wrong method);
 # these turn its status into ours so every error leaves as an OpenAI error object.
@@ -196,6 +211,7 @@ class Node:
     type: str
     description: str
     inputs: Mapping[str, Any]
+    timeout_seconds: Optional[float] = None    # the run fails if the node takes longer
 
     def dependencies(self) -> set:
         return {value.node for value in self.inputs.values() if isinstance(value, Link)}
@@ -221,6 +237,11 @@ class Workflow:
         """The node whose whole output is the answer; its tokens may stream straight out."""
         text = self.node(self.output_node).inputs.get("text")
         return text.node if isinstance(text, Link) and not text.path else None
+
+    @cached_property
+    def redact(self) -> "Redactor":
+        """Replaces this workflow's secrets in a text that is about to leave the server."""
+        return Redactor(self.secret_values())
 
     def secret_values(self) -> Tuple[str, ...]:
         """Strings redacted from everything that leaves the server: literal inputs and fixed
@@ -415,8 +436,11 @@ def _parse_node(raw: Any, workflow_where: str, index: int, node_types: Mapping[s
             kind.check({name: _literal_value(value, fixed_inputs) for name, value in inputs.items()})
         except (ValueError, TypeError, ImportError, AttributeError) as exc:
             raise WorkflowFileError(f"{where}: {exc}") from None
+    timeout = raw.get("timeout_seconds")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise WorkflowFileError(f"{where}: 'timeout_seconds' must be a positive number of seconds")
     return Node(id=node_id, type=node_type, description=str(raw.get("description", "")).strip(),
-                inputs=MappingProxyType(inputs))
+                inputs=MappingProxyType(inputs), timeout_seconds=timeout)
 
 
 def _parse_input_value(value: Any, where: str, query_inputs: Mapping[str, QueryInput],
@@ -476,6 +500,7 @@ class LLMSettings:
     model: str
     api_key: str = field(default="", repr=False)
     timeout_seconds: float = LLM_TIMEOUT_SECONDS
+    max_retries: int = 1                   # on timeouts, refused connections, 429 and 5xx
 
 
 class LLMClient:
@@ -490,7 +515,7 @@ class LLMClient:
         self._openai = openai
         self.settings = settings
         self._client = openai.OpenAI(base_url=settings.base_url, api_key=settings.api_key or "unused",
-                                     timeout=settings.timeout_seconds, max_retries=1)
+                                     timeout=settings.timeout_seconds, max_retries=settings.max_retries)
         self._json_mode = 0
 
     def complete(self, messages: List[dict], **options: Any) -> str:
@@ -808,7 +833,8 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
             raise NodeFailed("the run was stopped")
         inputs = {name: _input_value(workflow, node, name, value, outputs, values)
                   for name, value in node.inputs.items()}
-        result = node_types[node.type].run(inputs, NodeContext(node, workflow, llm, stop))
+        context = NodeContext(node, workflow, llm, stop)
+        result = _call_within(node.timeout_seconds, node_types[node.type].run, inputs, context)
         if isinstance(result, TextStream):
             pieces = []
             for piece in result:
@@ -822,10 +848,33 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
         yield RunEvent("failed", node.id, text=exc.message, seconds=time.monotonic() - started)
         return
     except Exception as exc:   # a custom node's bug must end the run, not the server
-        log.exception("node %s of %s raised", node.id, workflow.name)
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        log.error("node %s of %s raised:\n%s", node.id, workflow.name, workflow.redact(trace))
         yield RunEvent("failed", node.id, text=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - started)
         return
     yield RunEvent("finished", node.id, seconds=time.monotonic() - started, value=result)
+
+
+def _call_within(seconds: Optional[float], function: Callable[..., Any], *arguments: Any) -> Any:
+    """function(*arguments), failing the node after ``seconds``. Python cannot stop a thread:
+    the call goes on in the background, but the run moves on without it."""
+    if seconds is None:
+        return function(*arguments)
+    outcome: Dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = function(*arguments)
+        except BaseException as exc:   # re-raised in the runner's thread
+            outcome["error"] = exc
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise NodeFailed(f"did not finish within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _input_value(workflow: Workflow, node: Node, name: str, value: Any,
@@ -882,43 +931,86 @@ def is_conversation_id(text: str) -> bool:
     return bool(CONVERSATION_ID_PATTERN.match(text or ""))
 
 
-class MemoryStore:
-    """Conversations in a dict; gone on restart. Keeps the most recently used ones."""
+class _KeyedLocks:
+    """One lock per key, made on demand and dropped when no one holds or waits for it."""
 
-    def __init__(self, max_conversations: int = MEMORY_STORE_MAX_CONVERSATIONS):
+    class _Lock:
+        __slots__ = ("lock", "__weakref__")
+
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._locks: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+        self._guard = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        with self._guard:
+            held = self._locks.get(key)
+            if held is None:
+                held = self._locks[key] = self._Lock()
+        with held.lock:
+            yield
+
+
+class MemoryStore:
+    """Conversations in a dict; gone on restart. Keeps the ``max_conversations`` most
+    recently used, and forgets those unused for ``max_age_seconds``."""
+
+    def __init__(self, max_conversations: int = MEMORY_STORE_MAX_CONVERSATIONS,
+                 max_age_seconds: Optional[float] = None):
         self.max_conversations = max_conversations
-        self._records: "OrderedDict[str, str]" = OrderedDict()
-        self._lock = threading.Lock()
+        self.max_age_seconds = max_age_seconds
+        self._records: "OrderedDict[str, Tuple[float, str]]" = OrderedDict()
+        self._guard = threading.Lock()
+        self.lock = _KeyedLocks()
 
     def load(self, conversation_id: str) -> Optional[dict]:
-        with self._lock:
-            text = self._records.get(conversation_id)
-            if text is not None:
+        with self._guard:
+            self._forget_old()
+            saved = self._records.get(conversation_id)
+            if saved is not None:
                 self._records.move_to_end(conversation_id)
-        return json.loads(text) if text is not None else None
+        return json.loads(saved[1]) if saved is not None else None
 
     def save(self, conversation_id: str, record: dict) -> None:
         text = json.dumps(record)   # a copy, so callers cannot change what is stored
-        with self._lock:
-            self._records[conversation_id] = text
+        with self._guard:
+            self._records[conversation_id] = (time.time(), text)
             self._records.move_to_end(conversation_id)
             while len(self._records) > self.max_conversations:
                 self._records.popitem(last=False)
 
+    def _forget_old(self) -> None:
+        if self.max_age_seconds is None:
+            return
+        oldest_allowed = time.time() - self.max_age_seconds
+        while self._records and next(iter(self._records.values()))[0] < oldest_allowed:
+            self._records.popitem(last=False)
+
 
 class JsonFileStore:
-    """One JSON file per conversation in a directory. Saving one turn writes one small file,
-    whatever the number of conversations; a write goes to a temporary file that replaces
-    the old one atomically, so a crash never leaves a half-written conversation."""
+    """One JSON file per conversation in a directory, shared safely by several processes.
 
-    def __init__(self, directory: Union[str, os.PathLike]):
+    Saving one turn writes one small file, whatever the number of conversations. A write
+    goes to a temporary file, is flushed to disk, then atomically replaces the old one, so
+    a crash (even kill -9) never leaves a half-written conversation. ``lock(id)`` takes an
+    exclusive file lock, so turns of one conversation in several worker processes follow
+    each other. ``expire()`` deletes conversations unused for ``max_age_seconds``.
+    """
+
+    def __init__(self, directory: Union[str, os.PathLike], max_age_seconds: Optional[float] = None):
         self.directory = os.fspath(directory)
-        os.makedirs(self.directory, exist_ok=True)
+        self.max_age_seconds = max_age_seconds
+        self._lock_directory = os.path.join(self.directory, ".locks")
+        os.makedirs(self._lock_directory, exist_ok=True)
+        self._thread_locks = _KeyedLocks()   # for systems without fcntl: one process at least
 
-    def _path(self, conversation_id: str) -> str:
-        if not is_conversation_id(conversation_id):
+    def _path(self, conversation_id: str, folder: Optional[str] = None, suffix: str = ".json") -> str:
+        if not is_conversation_id(conversation_id):   # before any file is touched: no "../" tricks
             raise ValueError("not a conversation id")
-        return os.path.join(self.directory, conversation_id + ".json")
+        return os.path.join(folder or self.directory, conversation_id + suffix)
 
     def load(self, conversation_id: str) -> Optional[dict]:
         path = self._path(conversation_id)
@@ -944,18 +1036,42 @@ class JsonFileStore:
             if os.path.exists(temporary):
                 os.unlink(temporary)
 
+    @contextlib.contextmanager
+    def lock(self, conversation_id: str) -> Iterator[None]:
+        path = self._path(conversation_id, self._lock_directory, ".lock")
+        with self._thread_locks(conversation_id), open(path, "a+b") as handle:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)   # released when the file is closed
+            yield
+
+    def expire(self) -> int:
+        """Delete conversations not saved for ``max_age_seconds``; how many went."""
+        if self.max_age_seconds is None:
+            return 0
+        oldest_allowed, removed = time.time() - self.max_age_seconds, 0
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name.endswith((".json", ".tmp")) and entry.stat().st_mtime < oldest_allowed:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+                    with contextlib.suppress(FileNotFoundError, ValueError):
+                        os.unlink(self._path(entry.name.split(".")[0], self._lock_directory, ".lock"))
+        return removed
+
 
 STORE_TYPES: Mapping[str, Callable[..., Any]] = MappingProxyType({"memory": MemoryStore, "json": JsonFileStore})
 
 
-def open_store(spec: Union[str, os.PathLike, Any]) -> Any:
-    """``"memory"``, a directory path for the JSON store, or a ready store object
-    (anything with ``load(id) -> dict | None`` and ``save(id, dict)``)."""
+def open_store(spec: Union[str, os.PathLike, Any], max_age_seconds: Optional[float] = None) -> Any:
+    """``"memory"``, a directory path for the JSON store, or a ready store object: anything
+    with ``load(id) -> dict | None`` and ``save(id, dict)``, and best also ``lock(id)`` (a
+    context manager that keeps other turns of that conversation out) and ``expire()``."""
     if hasattr(spec, "load") and hasattr(spec, "save"):
         return spec
-    if os.fspath(spec) == "memory":
-        return STORE_TYPES["memory"]()
-    return STORE_TYPES["json"](spec)
+    kind = "memory" if os.fspath(spec) == "memory" else "json"
+    arguments = () if kind == "memory" else (spec,)
+    return STORE_TYPES[kind](*arguments, max_age_seconds=max_age_seconds)
 
 
 ####################################################################################
@@ -1557,8 +1673,12 @@ class ChatRequest:
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
-def parse_chat_request(body: bytes) -> ChatRequest:
+def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
     """Validate a chat-completions body; unknown fields are ignored, as OpenAI clients send many."""
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type and media_type not in ("application/json", "text/plain") and not media_type.endswith("+json"):
+        raise UnsupportedMediaTypeError(f"Send the body as JSON with 'Content-Type: application/json', "
+                                        f"not {media_type!r}.")
     try:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -1579,6 +1699,9 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         stream = False
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be true or false.", param="stream")
+    choices = data.get("n", 1)
+    if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int) or choices != 1):
+        raise RequestError("'n' must be 1: a workflow gives one answer per turn.", param="n")
     options = data.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError("'stream_options' must be an object.", param="stream_options")
@@ -1662,8 +1785,62 @@ class Redactor:
         return self._pattern.sub(REDACTED, text) if self._pattern else text
 
 
-def completion_chunks(texts: Iterator[str], request: ChatRequest, prompt_tokens: int) -> Iterator[bytes]:
-    """Server-sent events of chat.completion.chunk objects, then ``data: [DONE]``."""
+class HangUpAwareEvent(threading.Event):
+    """The turn's stop signal. It also turns set when the client has closed its connection,
+    which the runner checks before starting each node: nothing new starts for no one."""
+
+    def __init__(self, connection: Optional[socket.socket] = None):
+        super().__init__()
+        self._connection = connection
+
+    def is_set(self) -> bool:
+        if not super().is_set() and self._connection is not None and _peer_closed(self._connection):
+            self.set()
+        return super().is_set()
+
+
+def _peer_closed(connection: socket.socket) -> bool:
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+def with_keepalives(texts: Iterator[str], interval_seconds: float, stop: threading.Event) -> Iterator[Optional[str]]:
+    """The texts, produced in a thread of their own, with a None each ``interval_seconds`` the
+    turn is silent, so a long node does not let a proxy cut the stream. When the client is
+    gone (this generator is closed) the turn is told to stop, and closes, saves and unlocks."""
+    pipe: "queue.Queue[Any]" = queue.Queue()
+    finished = object()
+
+    def produce() -> None:
+        try:
+            for text in texts:
+                pipe.put(text)
+                if stop.is_set():
+                    break
+        finally:
+            texts.close()
+            pipe.put(finished)
+    threading.Thread(target=produce, daemon=True).start()
+    try:
+        while True:
+            try:
+                item = pipe.get(timeout=interval_seconds)
+            except queue.Empty:
+                yield None
+                continue
+            if item is finished:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def completion_chunks(texts: Iterator[Optional[str]], request: ChatRequest, prompt_tokens: int) -> Iterator[bytes]:
+    """Server-sent events of chat.completion.chunk objects, then ``data: [DONE]``.
+    A None in ``texts`` becomes an SSE comment, which keeps idle proxies from closing."""
     completion_id, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
 
     def chunk(delta: dict, finish_reason: Optional[str] = None) -> bytes:
@@ -1677,7 +1854,9 @@ def completion_chunks(texts: Iterator[str], request: ChatRequest, prompt_tokens:
     yield chunk({"role": "assistant", "content": ""})
     completion_chars = 0
     for text in texts:
-        if text:
+        if text is None:
+            yield b": keep-alive\n\n"
+        elif text:
             completion_chars += len(text)
             yield chunk({"content": text})
     yield chunk({}, "stop")
@@ -1716,13 +1895,14 @@ class Service:
     """The server's state (workflows, store, LLM) and one method per route."""
 
     def __init__(self, workflows: Mapping[str, Workflow], store: Any, llm: Optional[LLMClient],
-                 node_types: Mapping[str, NodeType], api_keys: Sequence[str]):
+                 node_types: Mapping[str, NodeType], api_keys: Sequence[str], keepalive_seconds: float):
         self.workflows = workflows
         self.store = store
         self.llm = llm
         self.node_types = node_types
         self.api_keys = tuple(key for key in api_keys if key)
-        self.redactors = {name: Redactor(workflow.secret_values()) for name, workflow in workflows.items()}
+        self.keepalive_seconds = keepalive_seconds
+        self._next_expiry = 0.0
 
     def check_key(self, authorization: str) -> None:
         if not self.api_keys:
@@ -1743,64 +1923,100 @@ class Service:
                                      param="model")
         return self.workflows[model_id]
 
-    def chat(self, body: bytes) -> Tuple[ChatRequest, Iterator[str], int]:
-        """Validate the request and start the turn; the reply texts are produced lazily."""
-        request = parse_chat_request(body)
+    def chat(self, body: bytes, content_type: str = "", stop: Optional[threading.Event] = None
+             ) -> Tuple[ChatRequest, Iterator[str], int]:
+        """Validate the request (errors are raised here, before any reply starts) and return
+        the reply texts, produced lazily: the turn itself runs as they are read."""
+        request = parse_chat_request(body, content_type)
         workflow = self.workflow(request.model)
-        conversation, recovered = self.resume(workflow, request.messages)
-        history, text = split_new_messages(request.messages)
-        if recovered:   # an unknown id, or none: read the whole history, not just the last message
-            history, text = [], "\n".join(m["content"] for m in request.messages if m["role"] == "user")
-        turn = TurnContext(workflow, conversation, history, text, self.llm, self.node_types)
-        redact = self.redactors[workflow.name]
-        texts = (redact(text) for text in self._turn_texts(turn))
-        prompt_tokens = estimate_tokens("".join(m["content"] for m in request.messages))
-        return request, texts, prompt_tokens
+        self._expire_now_and_then()
+        texts = (workflow.redact(text) for text in
+                 self._turn_texts(workflow, request.messages, stop or threading.Event()))
+        return request, texts, estimate_tokens("".join(m["content"] for m in request.messages))
 
-    def resume(self, workflow: Workflow, messages: Sequence[dict]) -> Tuple[Conversation, bool]:
-        """(the conversation, whether it had to be recovered from the whole history)."""
+    def _turn_texts(self, workflow: Workflow, messages: List[dict], stop: threading.Event) -> Iterator[str]:
+        # Everything from the lock to the save happens inside this generator, so closing it
+        # (the client hung up) still saves and unlocks. Not in a hook: Bottle runs hooks
+        # before a stream's body.
+        with contextlib.ExitStack() as held:
+            conversation, recovered = self._resume(workflow, messages, held)
+            history, text = split_new_messages(messages)
+            if recovered:   # an unknown id: read the whole history, not just the last message
+                history, text = [], "\n".join(m["content"] for m in messages if m["role"] == "user")
+            turn = TurnContext(workflow, conversation, history, text, self.llm, self.node_types, stop)
+            try:
+                yield from with_thinking_tags(play_turn(turn))
+                if conversation.is_new:
+                    yield id_block(conversation.id)
+            finally:
+                stop.set()
+                conversation.updated = time.time()
+                self.store.save(conversation.id, conversation.to_record())
+
+    def _resume(self, workflow: Workflow, messages: Sequence[dict],
+                held: contextlib.ExitStack) -> Tuple[Conversation, bool]:
+        """The conversation, locked for this turn, and whether it must be recovered from the
+        whole history (an id this store does not know)."""
         ids = find_conversation_ids(messages)
         for conversation_id in ids:
+            lock = held.enter_context(contextlib.ExitStack())
+            lock.enter_context(self._lock(conversation_id))
             record = self.store.load(conversation_id)
             if record is not None and record.get("model") == workflow.name:
                 return Conversation.from_record(record), False
-            if record is not None:
-                break   # another workflow's conversation: never reuse its values
-        is_first_turn = not any(m["role"] == "assistant" for m in messages)
-        adopt = ids and self.store.load(ids[0]) is None   # an unknown id (store wiped): keep using it
-        conversation = Conversation(id=ids[0] if adopt else new_conversation_id(), model=workflow.name,
-                                    is_new=not adopt)
-        return conversation, not is_first_turn
+            lock.close()
+            if record is not None:   # another workflow's conversation: never reuse its values
+                return self._new_conversation(held, workflow), True
+        if ids:   # only ids this store does not know (wiped, or another server): keep the newest
+            held.enter_context(self._lock(ids[0]))
+            record = self.store.load(ids[0])   # a concurrent turn may have just made it
+            if record is not None and record.get("model") == workflow.name:
+                return Conversation.from_record(record), False
+            return Conversation(id=ids[0], model=workflow.name), True
+        first_turn = not any(message["role"] == "assistant" for message in messages)
+        return self._new_conversation(held, workflow), not first_turn
 
-    def _turn_texts(self, turn: TurnContext) -> Iterator[str]:
-        try:
-            yield from with_thinking_tags(play_turn(turn))
-            if turn.conversation.is_new:
-                yield id_block(turn.conversation.id)
-        finally:   # in the generator, not a hook: Bottle runs hooks before a stream's body
-            turn.stop.set()
-            turn.conversation.updated = time.time()
-            self.store.save(turn.conversation.id, turn.conversation.to_record())
+    def _new_conversation(self, held: contextlib.ExitStack, workflow: Workflow) -> Conversation:
+        conversation = Conversation(id=new_conversation_id(), model=workflow.name, is_new=True)
+        held.enter_context(self._lock(conversation.id))
+        return conversation
+
+    def _lock(self, conversation_id: str) -> Any:
+        lock = getattr(self.store, "lock", None)
+        return lock(conversation_id) if lock else contextlib.nullcontext()
+
+    def _expire_now_and_then(self) -> None:
+        """Expire old conversations at most once per EXPIRE_EVERY_SECONDS, off the request path."""
+        expire = getattr(self.store, "expire", None)
+        if expire is None or time.monotonic() < self._next_expiry:
+            return
+        self._next_expiry = time.monotonic() + EXPIRE_EVERY_SECONDS
+        threading.Thread(target=expire, daemon=True).start()
 
 
 def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
              store: Union[str, os.PathLike, Any, None] = None, llm: Optional[LLMSettings] = None,
-             api_keys: Optional[Sequence[str]] = None,
-             node_types: Optional[Mapping[str, NodeType]] = None) -> bottle.Bottle:
+             api_keys: Optional[Sequence[str]] = None, node_types: Optional[Mapping[str, NodeType]] = None,
+             keepalive_seconds: Optional[float] = None,
+             expire_after_seconds: Optional[float] = None) -> bottle.Bottle:
     """A Bottle app serving ``workflows`` (a path, or the file's data as dicts).
 
     ``store`` is "memory", a directory for the JSON store (the default, "conversations"),
-    or an object with load/save. ``llm`` enables LLM extraction, questions and `llm` nodes.
-    ``api_keys``, when given, are required as Bearer tokens. ``node_types`` adds to or
-    replaces the built-in node types. With no arguments at all, the configuration is read
-    from the COZYOPENAI_* environment variables (for ``gunicorn 'cozyopenai:make_app()'``).
+    or a store object (see open_store). ``llm`` enables LLM extraction, questions and `llm`
+    nodes. ``api_keys``, when given, are required as Bearer tokens. ``node_types`` adds to
+    or replaces the built-in node types. ``keepalive_seconds``: how often a silent stream
+    gets an SSE comment. ``expire_after_seconds``: conversations unused that long are
+    forgotten. With no arguments at all, the configuration comes from the COZYOPENAI_*
+    environment variables (for ``gunicorn 'cozyopenai:make_app()'``).
     """
-    if workflows is None and store is None and llm is None and api_keys is None and node_types is None:
+    arguments = (workflows, store, llm, api_keys, node_types, keepalive_seconds, expire_after_seconds)
+    if all(argument is None for argument in arguments):
         return make_app(**config_from_environment(os.environ))
     all_node_types = MappingProxyType({**NODE_TYPES, **(node_types or {})})
     service = Service(workflows=load_workflows(workflows or DEFAULT_WORKFLOWS_PATH, all_node_types),
-                      store=open_store(store or DEFAULT_STORE),
-                      llm=LLMClient(llm) if llm else None, node_types=all_node_types, api_keys=api_keys or ())
+                      store=open_store(store or DEFAULT_STORE, expire_after_seconds),
+                      llm=LLMClient(llm) if llm else None, node_types=all_node_types, api_keys=api_keys or (),
+                      keepalive_seconds=keepalive_seconds or KEEPALIVE_SECONDS)
     app = bottle.Bottle()
     # Clients configured with a "/v1" suffix or a trailing slash ask for these paths too.
     for prefix in ("/openai", "/openai/v1", "/openai/", "/openai/v1/"):
@@ -1829,12 +2045,13 @@ def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., 
 
 
 def _chat(service: Service) -> Any:
-    request, texts, prompt_tokens = service.chat(_read_body())
+    stop = HangUpAwareEvent(bottle.request.environ.get(CONNECTION_ENVIRON_KEY))
+    request, texts, prompt_tokens = service.chat(_read_body(), bottle.request.content_type, stop)
     if request.stream:
         bottle.response.content_type = "text/event-stream"
         bottle.response.set_header("Cache-Control", "no-cache")
         bottle.response.set_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
-        return completion_chunks(texts, request, prompt_tokens)
+        return completion_chunks(with_keepalives(texts, service.keepalive_seconds, stop), request, prompt_tokens)
     return completion_object(texts, request, prompt_tokens)
 
 
@@ -1878,7 +2095,15 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     allow_reuse_address = True
 
 
+CONNECTION_ENVIRON_KEY = "cozyopenai.connection"
+
+
 class _LoggingHandler(WSGIRequestHandler):
+    def get_environ(self) -> Dict[str, Any]:
+        environ = super().get_environ()
+        environ[CONNECTION_ENVIRON_KEY] = self.connection   # to notice a client that hung up
+        return environ
+
     def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)
 
@@ -1896,33 +2121,41 @@ ENVIRONMENT_PREFIX = "COZYOPENAI_"
 
 def config_from_environment(environ: Mapping[str, str]) -> dict:
     """make_app's arguments from COZYOPENAI_* variables (the flags' names, upper case)."""
-    get = lambda name, default=None: environ.get(ENVIRONMENT_PREFIX + name, default)  # noqa: E731
+    return _config_from_arguments(parse_arguments([], environ))
+
+
+def _config_from_arguments(arguments: argparse.Namespace) -> dict:
     llm = None
-    if get("LLM_BASE_URL"):
-        llm = LLMSettings(base_url=get("LLM_BASE_URL"), model=get("LLM_MODEL", "default"),
-                          api_key=get("LLM_API_KEY", ""))
-    keys = [key.strip() for key in get("API_KEY", "").split(",") if key.strip()]
-    return {"workflows": get("WORKFLOWS", DEFAULT_WORKFLOWS_PATH), "store": get("STORE", DEFAULT_STORE),
-            "llm": llm, "api_keys": keys}
+    if arguments.llm_base_url:
+        llm = LLMSettings(arguments.llm_base_url, arguments.llm_model, arguments.llm_api_key,
+                          timeout_seconds=arguments.llm_timeout)
+    return {"workflows": arguments.workflows, "store": arguments.store, "llm": llm, "api_keys": arguments.api_key,
+            "expire_after_seconds": arguments.expire_days * 86400 if arguments.expire_days else None}
 
 
 def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> argparse.Namespace:
+    """The command line; every flag's default comes from its COZYOPENAI_* variable."""
     env = lambda name, default=None: environ.get(ENVIRONMENT_PREFIX + name, default)  # noqa: E731
     parser = argparse.ArgumentParser(
         prog="cozyopenai", description="Serve the workflows in a workflows file as OpenAI-compatible chat models.",
-        epilog="Every flag can also be set as an environment variable: --llm-base-url is COZYOPENAI_LLM_BASE_URL.")
+        epilog="Every flag can also be set as an environment variable: --llm-base-url is COZYOPENAI_LLM_BASE_URL "
+               "(several API keys: comma-separated).")
     parser.add_argument("--host", default=env("HOST", DEFAULT_HOST),
                         help="address to listen on (default: %(default)s, loopback only)")
-    parser.add_argument("--port", type=int, default=int(env("PORT", DEFAULT_PORT)), help="default: %(default)s")
+    parser.add_argument("--port", type=int, default=env("PORT", DEFAULT_PORT), help="default: %(default)s")
     parser.add_argument("--workflows", default=env("WORKFLOWS", DEFAULT_WORKFLOWS_PATH),
                         help="the workflows file (default: %(default)s)")
     parser.add_argument("--store", default=env("STORE", DEFAULT_STORE),
                         help="'memory', or a directory for the JSON conversation store (default: %(default)s)")
+    parser.add_argument("--expire-days", type=float, default=env("EXPIRE_DAYS"),
+                        help="forget conversations unused for this many days (default: never)")
     parser.add_argument("--llm-base-url", default=env("LLM_BASE_URL"),
                         help="OpenAI-compatible base URL of the internal LLM, e.g. http://127.0.0.1:8080/v1")
     parser.add_argument("--llm-model", default=env("LLM_MODEL", "default"), help="model name on that server")
     parser.add_argument("--llm-api-key", default=env("LLM_API_KEY", ""),
                         help="key for the internal LLM (better: the COZYOPENAI_LLM_API_KEY variable)")
+    parser.add_argument("--llm-timeout", type=float, default=env("LLM_TIMEOUT", LLM_TIMEOUT_SECONDS),
+                        help="seconds to wait for the internal LLM (default: %(default)s)")
     parser.add_argument("--api-key", action="append", default=None,
                         help="require this Bearer key on /openai routes (repeat for several keys)")
     parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="default: %(default)s")
@@ -1933,17 +2166,22 @@ def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -
     return arguments
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     arguments = parse_arguments(argv, os.environ)
     logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    llm = (LLMSettings(arguments.llm_base_url, arguments.llm_model, arguments.llm_api_key)
-           if arguments.llm_base_url else None)
     try:
-        app = make_app(arguments.workflows, store=arguments.store, llm=llm, api_keys=arguments.api_key)
+        app = make_app(**_config_from_arguments(arguments))
     except WorkflowFileError as exc:
         print(f"cozyopenai: {exc.message}", file=sys.stderr)
         return 2
-    if not arguments.api_key and arguments.host not in ("127.0.0.1", "localhost", "::1"):
+    if not arguments.api_key and not _is_loopback(arguments.host):
         log.warning("listening on %s with no --api-key: anyone who can reach it can use the models",
                     arguments.host)
     server = create_server(app, arguments.host, arguments.port)
