@@ -726,10 +726,12 @@ def _check_python(inputs: Dict[str, Any]) -> None:
 
 
 def run_python_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
-    """Calls ``function`` (``module:function``) with the other inputs as keyword arguments."""
-    arguments = {name: value for name, value in inputs.items() if name != "function"}
+    """Calls ``function`` (``module:function``) with the other inputs as keyword arguments;
+    inputs named 0, 1, ... go first, as positional arguments (for functions like time.sleep)."""
+    positional = [inputs[name] for name in sorted((n for n in inputs if n.isdigit()), key=int)]
+    keywords = {name: value for name, value in inputs.items() if name != "function" and not name.isdigit()}
     try:
-        return import_function(inputs["function"])(**arguments)
+        return import_function(inputs["function"])(*positional, **keywords)
     except NodeFailed:
         raise
     except Exception as exc:
@@ -1164,6 +1166,7 @@ class Extraction:
     ignored: Dict[str, Any] = field(default_factory=dict)    # proposed, but the message does not say it
     intent: str = "provide"
     notes: List[str] = field(default_factory=list)           # for the thinking block
+    llm_failed: bool = False                                 # then the question is not asked of it either
 
 
 def _fold(text: str) -> str:
@@ -1450,6 +1453,7 @@ def extract(llm: Optional[LLMClient], workflow: Workflow, conversation: Conversa
             return extract_with_llm(llm, workflow, conversation, history, text)
         except UpstreamError as exc:
             extraction = extract_offline(workflow, conversation, text)
+            extraction.llm_failed = True
             extraction.notes.append(f"Reading your message with the language model failed ({exc.message}); "
                                     "used the simple reader instead.")
             return extraction
@@ -1615,7 +1619,7 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
         return GIVE_UP_REPLY.format(label=first.label, name=first.name, tries=MAX_ASKS_PER_INPUT)
     problems = {name: reason for name, reason in extraction.rejected.items() if name not in conversation.values}
     question = None
-    if turn.llm is not None:
+    if turn.llm is not None and not extraction.llm_failed:
         try:
             question = question_with_llm(turn.llm, workflow, missing, understood, changed, problems, turn.text)
             conversation.asked = [query.name for query in missing]
@@ -1908,7 +1912,7 @@ class Service:
         if not self.api_keys:
             return
         given = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
-        if not any(hmac.compare_digest(given.encode(), key.encode()) for key in self.api_keys):
+        if not any([hmac.compare_digest(given.encode(), key.encode()) for key in self.api_keys]):  # all compared
             raise UnauthorizedError("Missing or wrong API key: send 'Authorization: Bearer <key>'.")
 
     def list_models(self) -> dict:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -56,6 +57,7 @@ class FakeLLM:
         self.question = "Paris is a wonderful choice! What is your budget, and when would you like to go?"
         self.node_tokens = ["Day 1: the Louvre. ", "Day 2: Montmartre. ", "Day 3: a day in Versailles."]
         self.http_routes = {}      # path -> (status, json body), for http node tests
+        self.delay_seconds = 0     # before answering a chat completion (timeouts, races)
         self.http_requests = []
         fake = self
 
@@ -71,6 +73,7 @@ class FakeLLM:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.calls.append(body)
+                time.sleep(fake.delay_seconds)
                 if fake.fail_next:
                     status = fake.fail_next.pop(0)
                     return self._send(status, b'{"error": {"message": "injected"}}', "application/json")
@@ -104,6 +107,7 @@ class FakeLLM:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads, self.server.block_on_close = True, False
+        self.server.handle_error = lambda request, address: None   # clients that gave up (timeouts)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
@@ -125,8 +129,8 @@ class FakeLLM:
     def calls_of(self, kind):
         return [call for call in self.calls if call_kind(call) == kind]
 
-    def settings(self):
-        return cozyopenai.LLMSettings(base_url=self.url + "/v1", model="fake-model", api_key="sk-llm-key")
+    def settings(self, **options):
+        return cozyopenai.LLMSettings(base_url=self.url + "/v1", model="fake-model", api_key="sk-llm-key", **options)
 
     def close(self):
         self.server.shutdown()
@@ -456,6 +460,68 @@ def test_a_failed_node_stops_the_run_before_later_nodes_start():
     assert events[-1].text == "no luck"
 
 
+def test_a_node_past_its_timeout_fails_the_run_and_the_next_turn_works(start):
+    nodes = [{"id": "nap", "type": "python", "timeout_seconds": 0.2,
+              "inputs": {"function": "time:sleep", "0": {"query": "seconds"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": "awake"}}]
+    queries = {"seconds": {"description": "How long to sleep.", "type": "number"}}
+    chat = Chat(start([workflow(nodes=nodes, query_inputs=queries)]), "echo")
+    assert "step 'nap' failed (did not finish within 0.2 s)" in answer_of(chat.say("seconds: 3"))
+    assert answer_of(chat.say("seconds: 0")).endswith("awake")
+
+
+def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversation_usable(start):
+    inside, release, later_ran = threading.Event(), threading.Event(), threading.Event()
+
+    def hold(inputs, context):
+        inside.set()
+        release.wait(10)
+        return "held"
+
+    def later(inputs, context):
+        later_ran.set()
+        return "later"
+    nodes = [{"id": "hold", "type": "hold", "inputs": {"w": {"query": "word"}}},
+             {"id": "later", "type": "later", "inputs": {"x": {"link": "hold"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "later"}}}]
+    server = start([workflow(nodes=nodes)], node_types={"hold": cozyopenai.NodeType(hold),
+                                                        "later": cozyopenai.NodeType(later)})
+    body = json.dumps({"model": "echo", "stream": True, "messages": [{"role": "user", "content": "word: x"}]})
+    client = socket.create_connection(("127.0.0.1", server.httpd.server_port))
+    client.sendall(f"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    received = b""
+    while b"hold started" not in received:
+        received += client.recv(4096)
+    assert inside.wait(5)
+    client.close()                        # the client hangs up while "hold" runs
+    release.set()
+    store = server.app.config["cozyopenai.service"].store
+    for _ in range(100):                  # the turn saves as it stops
+        if store._records:
+            break
+        time.sleep(0.05)
+    (conversation_id,) = store._records
+    assert store.load(conversation_id)["values"] == {"word": "x"}
+    assert not later_ran.is_set()
+    history = [{"role": "user", "content": "word: x"},
+               {"role": "assistant", "content": f"```cozyui-conversation-identifier\n{conversation_id}\n```"},
+               {"role": "user", "content": "word: y"}]
+    release.set()
+    assert answer_of(ask(server, "echo", history)).endswith("later")   # not locked out
+
+
+def test_a_silent_stream_gets_keepalive_comments_that_clients_skip(start):
+    nodes = [{"id": "nap", "type": "python", "inputs": {"function": "time:sleep", "0": {"query": "seconds"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": "rested"}}]
+    queries = {"seconds": {"description": "How long to sleep.", "type": "number"}}
+    server = start([workflow(nodes=nodes, query_inputs=queries)], keepalive_seconds=0.05)
+    response = server.post({"model": "echo", "stream": True,
+                            "messages": [{"role": "user", "content": "seconds: 0.4"}]})
+    assert ": keep-alive" in response.text.splitlines()
+    assert answer_of(Chat(server, "echo", stream=True).say("seconds: 0.3")).endswith("rested")
+
+
 ####################################################################################
 # Conversations and their stores
 ####################################################################################
@@ -492,6 +558,102 @@ def test_json_store_refuses_ids_that_are_not_conversation_ids(tmp_path):
     store = cozyopenai.JsonFileStore(tmp_path / "store")
     with pytest.raises(ValueError):
         store.load("../" + "a" * 29)
+
+
+def test_memory_store_forgets_conversations_unused_past_their_age():
+    store = cozyopenai.MemoryStore(max_age_seconds=0.05)
+    store.save("a" * 32, {"n": 1})
+    time.sleep(0.1)
+    assert store.load("a" * 32) is None
+
+
+def test_json_store_expires_old_conversations(tmp_path):
+    store = cozyopenai.JsonFileStore(tmp_path, max_age_seconds=3600)
+    old, new = "o" * 32, "n" * 32
+    store.save(old, {"n": 1})
+    store.save(new, {"n": 2})
+    os.utime(tmp_path / f"{old}.json", (time.time() - 7200, time.time() - 7200))
+    assert store.expire() == 1
+    assert store.load(old) is None and store.load(new) == {"n": 2}
+
+
+def test_two_turns_at_once_on_one_conversation_lose_no_update(start, fake_llm):
+    fake_llm.extractions = {"Trip to Paris.": {"destination": "Paris"}, "budget: 2000": {"budget": "2000"},
+                            "travel_dates: May": {"travel_dates": "May"}}
+    server = start(llm=fake_llm.settings())
+    chat = Chat(server)
+    chat.say("Trip to Paris.")
+    fake_llm.delay_seconds = 0.3          # both turns load the conversation before either saves, unless locked
+    threads = [threading.Thread(target=ask, args=(server, "trip-planner", chat.messages + [
+        {"role": "user", "content": text}])) for text in ("budget: 2000", "travel_dates: May")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    conversation_id = ID_BLOCK.search(chat.messages[1]["content"]).group(1)
+    values = server.app.config["cozyopenai.service"].store.load(conversation_id)["values"]
+    assert values == {"destination": "Paris", "budget": 2000, "travel_dates": "May"}
+
+
+def test_two_worker_processes_sharing_the_json_store_lose_no_update(tmp_path, fake_llm):
+    fake_llm.extractions = {"Trip to Paris.": {"destination": "Paris"}, "budget: 2000": {"budget": "2000"},
+                            "travel_dates: May": {"travel_dates": "May"}}
+    llm = ["--llm-base-url", fake_llm.url + "/v1", "--llm-model", "fake", "--store", str(tmp_path)]
+    with command_line_server(*llm) as first_server, command_line_server(*llm) as second_server:
+        first, second = first_server.url, second_server.url
+        history = [{"role": "user", "content": "Trip to Paris."}]
+        reply = requests.post(first + "/openai/chat/completions", json={"model": "trip-planner", "messages": history},
+                              timeout=10).json()["choices"][0]["message"]["content"]
+        history.append({"role": "assistant", "content": reply})
+        fake_llm.delay_seconds = 0.3
+        threads = [threading.Thread(target=requests.post, args=(url + "/openai/chat/completions",), kwargs={
+            "json": {"model": "trip-planner", "messages": history + [{"role": "user", "content": text}]},
+            "timeout": 20}) for url, text in ((first, "budget: 2000"), (second, "travel_dates: May"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+    conversation_id = ID_BLOCK.search(reply).group(1)
+    values = json.loads((tmp_path / f"{conversation_id}.json").read_text())["values"]
+    assert values == {"destination": "Paris", "budget": 2000, "travel_dates": "May"}
+
+
+def test_kill_9_while_saving_leaves_a_store_that_loads_with_every_answered_turn(tmp_path, capsys):
+    answered = {}                         # conversation id -> turns the server answered
+    stop = threading.Event()
+
+    with command_line_server("--store", str(tmp_path)) as server:
+        url = server.url
+
+        def client(number):
+            session, history = requests.Session(), []
+            while not stop.is_set():
+                history.append({"role": "user", "content": f"destination: City{number}x{len(history)}"})
+                try:
+                    reply = session.post(url + "/openai/chat/completions", timeout=5, json={
+                        "model": "trip-planner", "messages": history}).json()["choices"][0]["message"]["content"]
+                except (requests.RequestException, ValueError):
+                    return
+                history.append({"role": "assistant", "content": reply})
+                conversation_id = ID_BLOCK.search(history[1]["content"]).group(1)
+                answered[conversation_id] = answered.get(conversation_id, 0) + 1
+        clients = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for thread in clients:
+            thread.start()
+        while sum(answered.values()) < 60:
+            time.sleep(0.01)
+        os.kill(server.process.pid, 9)
+        stop.set()
+        for thread in clients:
+            thread.join(10)
+    store = cozyopenai.JsonFileStore(tmp_path)
+    for conversation_id, turns in answered.items():
+        assert store.load(conversation_id)["turns"] >= turns
+    for name in os.listdir(tmp_path):
+        if name.endswith(".json"):
+            json.loads((tmp_path / name).read_text())     # every file whole
+    with capsys.disabled():
+        print(f"\n[kill -9] {sum(answered.values())} answered turns over {len(answered)} conversations, all stored")
 
 
 ####################################################################################
@@ -610,6 +772,32 @@ def test_an_upstream_that_refuses_json_schema_gets_json_mode(start, fake_llm):
     assert formats == ["json_schema", "json_object"]
     chat.say("budget: 100")
     assert fake_llm.calls_of("extraction")[-1]["response_format"] == {"type": "json_object"}
+
+
+@pytest.mark.parametrize("fault", ["timeout", "refused", "429", "500", "not json"])
+def test_an_llm_fault_is_retried_then_degrades_the_turn_and_keeps_every_value(start, fake_llm, fault):
+    fake_llm.extractions = {"Trip to Paris.": {"destination": "Paris"}}
+    settings = fake_llm.settings(timeout_seconds=0.5)
+    if fault == "refused":
+        settings = cozyopenai.LLMSettings(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", timeout_seconds=0.5)
+        fake_llm.extractions = {}
+    chat = Chat(start(llm=settings))
+    first = chat.say("Trip to Paris." if fault != "refused" else "destination: Paris")
+    assert "Understood destination: Paris." in thinking_of(first)
+    calls_before = len(fake_llm.calls)
+    fake_llm.delay_seconds = 2 if fault == "timeout" else 0
+    fake_llm.fail_next = {"429": [429] * 4, "500": [500] * 4}.get(fault, [])
+    fake_llm.broken_json = fault == "not json"
+    reply = chat.say("budget: 2000")
+    assert "used the simple reader instead" in thinking_of(reply)
+    assert "Understood budget: 2000." in thinking_of(reply)
+    if fault in ("timeout", "429", "500"):
+        extraction_calls = len(fake_llm.calls_of("extraction")) - (1 if calls_before else 0)
+        assert extraction_calls == 2          # one retry, then the simple reader: a bounded budget
+    fake_llm.delay_seconds, fake_llm.fail_next, fake_llm.broken_json = 0, [], False
+    fake_llm.extractions["travel_dates: May"] = {"travel_dates": "May"}
+    last = chat.say("travel_dates: May")
+    assert "Running trip-planner with destination = Paris, budget = 2000, travel dates = May" in thinking_of(last)
 
 
 def test_broken_json_from_the_llm_degrades_to_the_simple_reader(start, fake_llm):
@@ -969,6 +1157,13 @@ ERROR_CASES = {
     "wrong method": (dict(data=None, method="GET"), 405, None),
     "unknown route": (dict(data=None, method="GET", path="/openai/nothing"), 404, None),
     "body too large": (dict(data=b" " * (cozyopenai.MAX_BODY_BYTES + 1)), 413, None),
+    "form content type": (dict(data=b"model=trip-planner", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+                          415, None),
+    "n above one": (dict(data=b'{"model": "trip-planner", "n": 2, "messages": [{"role": "user", "content": "x"}]}'),
+                    400, "n"),
+    "messages not a list": (dict(data=b'{"model": "trip-planner", "messages": "hello"}'), 400, "messages"),
+    "content a number": (dict(data=b'{"model": "trip-planner", "messages": [{"role": "user", "content": 5}]}'), 400,
+                         "messages[0].content"),
     "image content": (dict(data=json.dumps({"model": "trip-planner", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:,"}}]}]}).encode()), 400, "messages[0].content"),
 }
@@ -1111,6 +1306,146 @@ def test_a_second_client_is_answered_while_a_first_one_is_streaming(start):
     assert answer_of(result["reply"]) == "released"
 
 
+def test_unicode_emoji_right_to_left_and_very_long_messages_work(start):
+    chat = Chat(start(), stream=True)
+    assert "Understood destination: Zürich 🏔." in thinking_of(chat.say("destination: Zürich 🏔"))
+    assert "Changed destination: Zürich 🏔 → القاهرة." in thinking_of(chat.say("destination: القاهرة"))
+    long_reply = chat.say("budget: 1200\n" + "word " * 200_000)
+    assert "Got it: budget 1200." in answer_of(long_reply)
+
+
+def test_an_identifier_with_path_tricks_never_reaches_the_file_system(start, tmp_path):
+    store = tmp_path / "store"
+    server = start(store=str(store))
+    outside = tmp_path / ("A" * 32 + ".json")
+    outside.write_text('{"model": "trip-planner", "values": {"destination": "Stolen"}}')
+    for trick in ("../" + "A" * 32, "..%2F" + "A" * 29, "A" * 31 + "/", "A" * 32 + "\x00"):
+        history = [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": f"```cozyui-conversation-identifier\n{trick}\n```"},
+                   {"role": "user", "content": "budget: 100"}]
+        reply = ask(server, "trip-planner", history)
+        assert "Stolen" not in reply
+    assert outside.read_text().count("Stolen") == 1
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{32}\.json", name) for name in os.listdir(store) if name != ".locks")
+
+
+def test_with_api_keys_every_openai_route_needs_one(start):
+    server = start(api_keys=["key-one", "key-two"])
+    for method, path in (("GET", "/openai/models"), ("GET", "/openai/models/trip-planner"),
+                         ("POST", "/openai/chat/completions")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "key-one"}):
+            response = requests.request(method, server.url + path, headers=headers, timeout=5,
+                                        json={"model": "trip-planner", "messages": [{"role": "user", "content": "x"}]})
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "invalid_api_key"
+    client = OpenAI(api_key="key-two", base_url=server.url + "/openai")
+    assert [model.id for model in client.models.list()][0] == "trip-planner"
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+
+
+def test_api_keys_come_from_the_environment_too():
+    config = cozyopenai.config_from_environment({"COZYOPENAI_API_KEY": "a, b", "COZYOPENAI_STORE": "memory"})
+    assert config["api_keys"] == ["a", "b"] and config["store"] == "memory"
+
+
+def test_a_planted_secret_never_leaves_the_server(start, fake_llm, caplog):
+    secret = "sk-planted-0123456789abcdef"
+
+    def leaky(inputs, context):
+        raise RuntimeError(f"upstream refused key {inputs['key']}")
+    fake_llm.http_routes["/echo"] = (500, {})
+    workflows = [
+        workflow(name="via-http", fixed_inputs={"api_key": secret}, nodes=[
+            {"id": "get", "type": "http", "inputs": {"url": fake_llm.url + "/echo?key={key}&q={word}",
+                                                     "key": {"fixed": "api_key"}, "word": {"query": "word"}}},
+            {"id": "answer", "type": "output", "inputs": {"text": {"link": "get"}}}]),
+        workflow(name="via-python", fixed_inputs={"token": secret}, nodes=[
+            {"id": "call", "type": "leaky", "inputs": {"key": {"fixed": "token"}, "w": {"query": "word"}}},
+            {"id": "answer", "type": "output", "inputs": {"text": {"link": "call"}}}]),
+        workflow(name="via-template", fixed_inputs={"password": secret}, nodes=[
+            {"id": "say", "type": "template", "inputs": {"template": "{p} {word}", "p": {"fixed": "password"},
+                                                         "word": {"query": "word"}}},
+            {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]),
+    ]
+    server = start(workflows, node_types={"leaky": cozyopenai.NodeType(leaky)})
+    seen = [requests.get(server.url + "/openai/models", timeout=5).text]
+    for name in ("via-http", "via-python", "via-template"):
+        seen.append(requests.get(server.url + f"/openai/models/{name}", timeout=5).text)
+        for stream in (False, True):
+            chat = Chat(server, name, stream=stream)
+            seen += [chat.say(f"word: {secret}"), chat.say("word: again")]
+        seen.append(server.post({"model": name, "messages": [{"role": "user", "content": secret}], "n": 3}).text)
+    seen += [record.getMessage() for record in caplog.records]
+    assert any("[redacted]" in text for text in seen)
+    assert not [text for text in seen if secret in text]
+
+
+def _bodies():
+    from hypothesis import strategies as st
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
+                            st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+    part = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "x"]), "text": anything})
+    message = st.fixed_dictionaries({}, optional={
+        "role": st.sampled_from(["user", "assistant", "system", "tool", "nobody"]) | anything,
+        "content": st.text(max_size=80) | st.lists(part, max_size=2) | anything,
+        "name": st.text(max_size=5)})
+    plausible = st.fixed_dictionaries({
+        "model": st.sampled_from(["trip-planner", "month-calendar"]),
+        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
+                                                    "content": st.text(max_size=60)}), min_size=1, max_size=4)},
+        optional={"stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+                  "n": st.sampled_from([1, None]), "tools": anything, "user": st.text(max_size=8)})
+    request = plausible | st.fixed_dictionaries({}, optional={
+        "model": st.sampled_from(["trip-planner", "month-calendar", "nope", ""]) | anything,
+        "messages": st.lists(message, max_size=4) | anything,
+        "stream": st.booleans() | anything, "n": st.integers(-2, 5) | anything,
+        "stream_options": st.fixed_dictionaries({"include_usage": anything}) | anything,
+        "tools": anything, "temperature": anything})
+    return (request.map(lambda body: json.dumps(body).encode())
+            | anything.map(lambda body: json.dumps(body).encode()) | st.binary(max_size=64))
+
+
+def _headers():
+    from hypothesis import strategies as st
+    header_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30).map(str.strip)
+    return st.fixed_dictionaries({}, optional={
+        "Content-Type": st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded",
+                                         "multipart/form-data; boundary=x", "application/json; charset=utf-8",
+                                         "application/json", "application/json"]) | header_text,
+        "Authorization": header_text, "Accept": header_text, "X-Anything": header_text})
+
+
+FUZZED_REQUESTS = 1000
+
+
+def test_fuzzed_requests_get_no_5xx_and_only_openai_errors(start, capsys):
+    from hypothesis import HealthCheck, given, settings
+    server, session, seen = start(), requests.Session(), []
+
+    @settings(max_examples=FUZZED_REQUESTS, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(body=_bodies(), headers=_headers())
+    def check(body, headers):
+        response = session.post(server.url + "/openai/chat/completions", data=body, headers=headers, timeout=10)
+        seen.append(response.status_code)
+        assert response.status_code < 500, response.text
+        if response.status_code >= 400:
+            assert response.headers["Content-Type"] == "application/json"
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        elif response.headers["Content-Type"].startswith("text/event-stream"):
+            assert response.text.endswith("data: [DONE]\n\n")
+        else:
+            assert response.json()["object"] == "chat.completion"
+    check()
+    assert len(seen) >= FUZZED_REQUESTS
+    assert "Where would you like to go?" in Chat(server).say("I want to plan a trip.")
+    with capsys.disabled():
+        counts = {status: seen.count(status) for status in sorted(set(seen))}
+        print(f"\n[fuzz] {len(seen)} requests, statuses {counts}")
+
+
 ####################################################################################
 # Command line and packaging
 ####################################################################################
@@ -1119,6 +1454,19 @@ def test_importing_the_module_has_no_side_effects(tmp_path):
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import cozyopenai"],
                    cwd=tmp_path, check=True, timeout=30)
     assert os.listdir(tmp_path) == []
+
+
+def test_listening_beyond_loopback_without_a_key_warns(tmp_path):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--host", "0.0.0.0",
+                                "--port", str(port), "--store", "memory"], cwd=HERE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()
+    finally:
+        process.kill()
+        process.wait(10)
+        process.stderr.close()
+    assert "listening on 0.0.0.0 with no --api-key" in line
 
 
 def test_help_lists_every_flag():
@@ -1133,23 +1481,24 @@ def command_line_server(*arguments, cwd=None):
     port = free_port()
     process = subprocess.Popen([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--port", str(port),
                                 *arguments], cwd=cwd or HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = types.SimpleNamespace(url=f"http://127.0.0.1:{port}", process=process)
     try:
         for _ in range(200):
             with contextlib.suppress(requests.ConnectionError):
-                requests.get(url + "/health", timeout=1)
+                requests.get(server.url + "/health", timeout=1)
                 break
             time.sleep(0.05)
-        yield url
+        yield server
     finally:
-        process.terminate()
+        process.kill()
         process.wait(10)
+        process.stdout.close()
 
 
 def test_python_cozyopenai_py_serves_the_shipped_workflows_with_the_json_store(tmp_path):
     shutil.copy(WORKFLOWS_PATH, tmp_path / "workflows.json")
-    with command_line_server(cwd=tmp_path) as url:
-        client = OpenAI(api_key="unused", base_url=url + "/openai")
+    with command_line_server(cwd=tmp_path) as server:
+        client = OpenAI(api_key="unused", base_url=server.url + "/openai")
         stream = client.chat.completions.create(
             model="trip-planner", messages=[{"role": "user", "content": "I want to plan a trip to Paris."}],
             stream=True)
