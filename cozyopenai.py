@@ -1559,8 +1559,9 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     conversation.turns += 1
     extraction = Extraction()
     if turn.text and workflow.query_inputs:
-        labels = _and_list([query.label for query in workflow.query_inputs.values()])
-        yield Piece("thinking", f"Reading your message for: {labels}.\n")
+        wanted = conversation.missing(workflow)
+        yield Piece("thinking", f"Reading your message for the {_and_list([q.label for q in wanted])}.\n" if wanted
+                    else "Reading your message for changes.\n")
         extraction = extract(turn.llm, workflow, conversation, turn.history, turn.text)
     for note in extraction.notes:
         yield Piece("thinking", note + "\n")
@@ -1593,12 +1594,18 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     yield from _run(turn, preface)
 
 
+def shown_value(value: Any) -> str:
+    """A value as the user reads it: yes/no rather than True/False."""
+    return ("yes" if value else "no") if isinstance(value, bool) else str(value)
+
+
 def _describe_extraction(workflow: Workflow, extraction: Extraction, understood: Mapping[str, Any],
                          changed: Mapping[str, Tuple[Any, Any]]) -> Iterator[Piece]:
     for name, value in understood.items():
-        yield Piece("thinking", f"Understood {workflow.query_inputs[name].label}: {value}.\n")
+        yield Piece("thinking", f"Understood {workflow.query_inputs[name].label}: {shown_value(value)}.\n")
     for name, (old, new) in changed.items():
-        yield Piece("thinking", f"Changed {workflow.query_inputs[name].label}: {old} → {new}.\n")
+        yield Piece("thinking", f"Changed {workflow.query_inputs[name].label}: {shown_value(old)} → "
+                                f"{shown_value(new)}.\n")
     for name, raw in extraction.ignored.items():
         yield Piece("thinking", f"Ignored {workflow.query_inputs[name].label} = {raw!r}: "
                                 "your message does not say it.\n")
@@ -1640,8 +1647,8 @@ def _run(turn: TurnContext, preface: str = "") -> Iterator[Piece]:
     for query in workflow.query_inputs.values():
         if query.name not in values:
             values[query.name] = query.default
-            yield Piece("thinking", f"Using the default {query.label}: {query.default}.\n")
-    shown = ", ".join(f"{workflow.query_inputs[name].label} = {value}" for name, value in values.items())
+            yield Piece("thinking", f"Using the default {query.label}: {shown_value(query.default)}.\n")
+    shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}" for name, value in values.items())
     yield Piece("thinking", f"Running {workflow.name} with {shown}.\n")
     conversation.runs += 1
     events = run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop)

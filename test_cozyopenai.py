@@ -1505,3 +1505,55 @@ def test_python_cozyopenai_py_serves_the_shipped_workflows_with_the_json_store(t
         reply = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
     assert "Where would you like to go?" in reply
     assert len([name for name in os.listdir(tmp_path / "conversations") if name.endswith(".json")]) == 1
+
+
+####################################################################################
+# The README's examples, run as written
+####################################################################################
+
+def readme_blocks(language):
+    with open(os.path.join(HERE, "README.md")) as handle:
+        return re.findall(r"```" + language + r"\n(.*?)```", handle.read(), re.S)
+
+
+def test_readme_test_command_is_the_one_ci_runs():
+    with open(os.path.join(HERE, ".ci", "run")) as handle:
+        ci = handle.read()
+    with open(os.path.join(HERE, "README.md")) as handle:
+        readme = handle.read()
+    command = "pip install -r requirements.txt && python -m pytest -q test_cozyopenai.py"
+    assert f"```\n{command}\n```" in readme and f"\n{command}\n" in ci
+
+
+def test_readme_workflow_example_loads_and_answers(start):
+    (example,) = [block for block in readme_blocks("json") if '"workflows"' in block]
+    chat = Chat(start(json.loads(example)), "greeter")
+    assert answer_of(chat.say("person: Ada")) == "Hello Ada! (friendly, x1) Best wishes from the cozyopenai team."
+    assert "(formal, x3)" in answer_of(chat.say("tone: formal\ntimes: 3"))
+
+
+def test_readme_python_client_example_runs_as_written(start):
+    (example,) = [block for block in readme_blocks("python") if "from openai import OpenAI" in block]
+    server = start()
+    code = example.replace("http://127.0.0.1:8000", server.url)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Agent is responding...\n<thinking>")
+    assert "Where would you like to go?" in result.stdout and result.stdout.endswith("Stream finished.\n")
+
+
+def test_readme_embedding_example_runs_as_written():
+    (example,) = [block for block in readme_blocks("python") if "make_app(" in block]
+    result = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=30, cwd=HERE)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"listening on port \d+\n", result.stdout)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_readme_curl_examples_run_as_written(start):
+    server = start()
+    for example in readme_blocks("bash"):
+        command = example.replace("http://127.0.0.1:8000", server.url)
+        result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.endswith("data: [DONE]\n\n") or json.loads(result.stdout)["object"] == "list"
