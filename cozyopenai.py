@@ -44,7 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "make_app", "main", "create_server",
     "load_workflows", "Workflow", "Node", "QueryInput", "Link", "QueryRef", "FixedRef",
-    "NodeType", "NodeContext", "TextStream", "NODE_TYPES",
+    "NodeType", "NodeTypes", "NodeContext", "TextStream", "NODE_TYPES",
     "run_workflow", "RunEvent",
     "LLMSettings", "LLMClient",
     "Conversation", "MemoryStore", "JsonFileStore", "STORE_TYPES", "open_store",
@@ -54,7 +54,9 @@ __all__ = [
 ]
 
 import argparse
+import base64
 import contextlib
+import hashlib
 import hmac
 import importlib
 import ipaddress
@@ -114,6 +116,8 @@ MAX_DIRECT_REPLY_WORDS = 4                # a longer reply to "where to?" is a s
 CONTEXT_TURNS = 6                         # earlier messages shown to the extraction call
 CHARS_PER_TOKEN = 4                       # for the estimated `usage` figures
 REDACTED = "[redacted]"
+CONNECTION_ENVIRON_KEY = "cozyopenai.connection"   # the client's socket, to notice a hang-up
+TRACE_ENVIRON_KEY = "cozyopenai.trace"             # model and short conversation id, for the log line
 
 
 ####################################################################################
@@ -736,6 +740,23 @@ def run_python_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
         raise
     except Exception as exc:
         raise NodeFailed(f"{inputs['function']} raised {type(exc).__name__}: {exc}") from None
+
+
+class NodeTypes(dict):
+    """Node types by name, to pass to make_app(node_types=...), with a decorator::
+
+        node_types = NodeTypes()
+
+        @node_types.register("shout", required=("text",))
+        def shout(inputs, context):
+            return inputs["text"].upper()
+    """
+
+    def register(self, name: str, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def decorate(run: Callable[..., Any]) -> Callable[..., Any]:
+            self[name] = NodeType(run, **options)
+            return run
+        return decorate
 
 
 NODE_TYPES: Mapping[str, NodeType] = MappingProxyType({
@@ -1669,6 +1690,44 @@ def _run(turn: TurnContext, preface: str = "") -> Iterator[Piece]:
         events.close()
 
 
+# Open WebUI sends its background tasks (chat title, tags, follow-up suggestions) to the
+# same model, as one user message starting "### Task:" that quotes the chat, our id block
+# included (issue 5). They are answered in the JSON shape they ask for and never touch a
+# conversation.
+CLIENT_TASK_PREFIX = "### Task:"
+CLIENT_TASK_KEY_PATTERN = re.compile(r'JSON format:\s*\{\s*"(\w+)"')
+
+
+def is_client_task(messages: Sequence[dict]) -> bool:
+    return messages[-1]["role"] == "user" and messages[-1]["content"].lstrip().startswith(CLIENT_TASK_PREFIX)
+
+
+def answer_client_task(workflow: Workflow, task: str, llm: Optional[LLMClient]) -> str:
+    """The task's JSON answer: from the LLM when there is one, else from the workflow's name
+    and the user's first message."""
+    match = CLIENT_TASK_KEY_PATTERN.search(task)
+    key = match.group(1) if match else "text"
+    if llm is not None:
+        try:
+            answer = first_json_object(llm.complete([{"role": "user", "content": task}]))
+            if key in answer:
+                return json.dumps(answer, ensure_ascii=False)
+        except UpstreamError as exc:
+            log.info("background task answered offline: %s", exc.message)
+    return json.dumps({key: _offline_task_value(workflow, key, task)}, ensure_ascii=False)
+
+
+def _offline_task_value(workflow: Workflow, key: str, task: str) -> Any:
+    if key == "title":
+        first = re.search(r"^USER:\s*(.+)$", task, re.M)
+        words = clean_reply(first.group(1)).split() if first else []
+        name = workflow.name.replace("-", " ").replace("_", " ").capitalize()
+        return f"{name}: {' '.join(words[:8]).rstrip('.!?')}" if words else name
+    if key == "tags":
+        return [workflow.name]
+    return [] if key in ("follow_ups", "queries") else ""
+
+
 ####################################################################################
 # OpenAI wire format
 ####################################################################################
@@ -1754,36 +1813,42 @@ def estimate_tokens(text: str) -> int:
     return (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
 
 
-def with_thinking_tags(pieces: Iterator[Piece]) -> Iterator[str]:
-    """The reply as text: thinking pieces inside one <thinking> block, closed before the
-    answer, and closed even when the turn fails halfway. Progress that comes after the
-    answer has begun (a side branch still running) is logged, not shown: one block only."""
+THINKING_STYLES = ("tags", "reasoning_content")
+
+
+def reply_fields(pieces: Iterator[Piece], thinking: str = "tags") -> Iterator[Tuple[str, str]]:
+    """The reply as (field, text): with thinking "tags", everything goes to ``content`` and
+    the thinking pieces sit in one <thinking> block, closed before the answer and closed
+    even when the turn fails halfway; with "reasoning_content", thinking goes to that field
+    (for clients that show reasoning from it) and the answer to ``content``. Progress that
+    comes after the answer has begun (a side branch still running) is logged, not shown."""
+    tags = thinking == "tags"
     thinking_open = answer_begun = False
     try:
         for piece in pieces:
             if piece.kind == "thinking" and answer_begun:
                 log.debug("progress after the answer began: %s", piece.text.strip())
             elif piece.kind == "thinking":
-                if not thinking_open:
-                    thinking_open = True
-                    yield "<thinking>\n"
-                yield piece.text
+                if tags and not thinking_open:
+                    yield "content", "<thinking>\n"
+                thinking_open = True
+                yield ("content" if tags else "reasoning_content"), piece.text
             else:
                 answer_begun = True
-                if thinking_open:
-                    thinking_open = False
-                    yield "</thinking>\n\n"
-                yield piece.text
+                if tags and thinking_open:
+                    yield "content", "</thinking>\n\n"
+                thinking_open = False
+                yield "content", piece.text
     except Exception:   # the turn's own bug: say so in the reply rather than break the stream
         log.exception("turn failed")
-        if thinking_open:
-            thinking_open = False
-            yield "</thinking>\n\n"
-        yield "Sorry, something went wrong on the server while answering. Your conversation is kept."
+        if tags and thinking_open:
+            yield "content", "</thinking>\n\n"
+        thinking_open = False
+        yield "content", "Sorry, something went wrong on the server while answering. Your conversation is kept."
     finally:
         pieces.close()
-    if thinking_open:
-        yield "</thinking>\n\n"
+    if tags and thinking_open:
+        yield "content", "</thinking>\n\n"
 
 
 class Redactor:
@@ -1818,7 +1883,7 @@ def _peer_closed(connection: socket.socket) -> bool:
         return True
 
 
-def with_keepalives(texts: Iterator[str], interval_seconds: float, stop: threading.Event) -> Iterator[Optional[str]]:
+def with_keepalives(texts: Iterator[Any], interval_seconds: float, stop: threading.Event) -> Iterator[Any]:
     """The texts, produced in a thread of their own, with a None each ``interval_seconds`` the
     turn is silent, so a long node does not let a proxy cut the stream. When the client is
     gone (this generator is closed) the turn is told to stop, and closes, saves and unlocks."""
@@ -1849,9 +1914,10 @@ def with_keepalives(texts: Iterator[str], interval_seconds: float, stop: threadi
         stop.set()
 
 
-def completion_chunks(texts: Iterator[Optional[str]], request: ChatRequest, prompt_tokens: int) -> Iterator[bytes]:
+def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: ChatRequest,
+                      prompt_tokens: int) -> Iterator[bytes]:
     """Server-sent events of chat.completion.chunk objects, then ``data: [DONE]``.
-    A None in ``texts`` becomes an SSE comment, which keeps idle proxies from closing."""
+    A None in ``fields`` becomes an SSE comment, which keeps idle proxies from closing."""
     completion_id, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
 
     def chunk(delta: dict, finish_reason: Optional[str] = None) -> bytes:
@@ -1864,12 +1930,12 @@ def completion_chunks(texts: Iterator[Optional[str]], request: ChatRequest, prom
 
     yield chunk({"role": "assistant", "content": ""})
     completion_chars = 0
-    for text in texts:
-        if text is None:
+    for item in fields:
+        if item is None:
             yield b": keep-alive\n\n"
-        elif text:
-            completion_chars += len(text)
-            yield chunk({"content": text})
+        elif item[1]:
+            completion_chars += len(item[1])
+            yield chunk({item[0]: item[1]})
     yield chunk({}, "stop")
     if request.include_usage:
         usage = _usage(prompt_tokens, completion_chars)
@@ -1879,13 +1945,18 @@ def completion_chunks(texts: Iterator[Optional[str]], request: ChatRequest, prom
     yield b"data: [DONE]\n\n"
 
 
-def completion_object(texts: Iterator[str], request: ChatRequest, prompt_tokens: int) -> dict:
-    content = "".join(texts)
+def completion_object(fields: Iterator[Tuple[str, str]], request: ChatRequest, prompt_tokens: int) -> dict:
+    texts: Dict[str, List[str]] = {"content": [], "reasoning_content": []}
+    for field_name, text in fields:
+        texts[field_name].append(text)
+    message = {"role": "assistant", "content": "".join(texts["content"]), "refusal": None}
+    if texts["reasoning_content"]:
+        message["reasoning_content"] = "".join(texts["reasoning_content"])
+    characters = sum(len(text) for parts in texts.values() for text in parts)
     return {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion", "created": int(time.time()),
             "model": request.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
-                         "logprobs": None, "finish_reason": "stop"}],
-            "usage": _usage(prompt_tokens, len(content))}
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "usage": _usage(prompt_tokens, characters)}
 
 
 def _usage(prompt_tokens: int, completion_chars: int) -> dict:
@@ -1906,13 +1977,16 @@ class Service:
     """The server's state (workflows, store, LLM) and one method per route."""
 
     def __init__(self, workflows: Mapping[str, Workflow], store: Any, llm: Optional[LLMClient],
-                 node_types: Mapping[str, NodeType], api_keys: Sequence[str], keepalive_seconds: float):
+                 node_types: Mapping[str, NodeType], api_keys: Sequence[str], keepalive_seconds: float,
+                 thinking: str, conversation_header: Optional[str]):
         self.workflows = workflows
         self.store = store
         self.llm = llm
         self.node_types = node_types
         self.api_keys = tuple(key for key in api_keys if key)
         self.keepalive_seconds = keepalive_seconds
+        self.thinking = thinking
+        self.conversation_header = conversation_header
         self._next_expiry = 0.0
 
     def check_key(self, authorization: str) -> None:
@@ -1934,35 +2008,61 @@ class Service:
                                      param="model")
         return self.workflows[model_id]
 
-    def chat(self, body: bytes, content_type: str = "", stop: Optional[threading.Event] = None
-             ) -> Tuple[ChatRequest, Iterator[str], int]:
+    def chat(self, body: bytes, content_type: str = "", stop: Optional[threading.Event] = None,
+             chat_key: str = "", trace: Optional[Dict[str, str]] = None
+             ) -> Tuple[ChatRequest, Iterator[Tuple[str, str]], int]:
         """Validate the request (errors are raised here, before any reply starts) and return
-        the reply texts, produced lazily: the turn itself runs as they are read."""
+        the reply as (field, text) pairs, produced lazily: the turn runs as they are read.
+        ``chat_key``: the conversation header's value, when conversations are keyed by it."""
         request = parse_chat_request(body, content_type)
         workflow = self.workflow(request.model)
+        trace = {} if trace is None else trace
+        trace["model"] = workflow.name
+        prompt_tokens = estimate_tokens("".join(m["content"] for m in request.messages))
+        if is_client_task(request.messages):
+            trace["conversation"] = "task"
+            answer = answer_client_task(workflow, request.messages[-1]["content"], self.llm)
+            return request, iter([("content", workflow.redact(answer))]), prompt_tokens
         self._expire_now_and_then()
-        texts = (workflow.redact(text) for text in
-                 self._turn_texts(workflow, request.messages, stop or threading.Event()))
-        return request, texts, estimate_tokens("".join(m["content"] for m in request.messages))
+        fields = ((name, workflow.redact(text)) for name, text in
+                  self._turn_fields(workflow, request.messages, stop or threading.Event(), chat_key, trace))
+        return request, fields, prompt_tokens
 
-    def _turn_texts(self, workflow: Workflow, messages: List[dict], stop: threading.Event) -> Iterator[str]:
+    def _turn_fields(self, workflow: Workflow, messages: List[dict], stop: threading.Event, chat_key: str,
+                     trace: Dict[str, str]) -> Iterator[Tuple[str, str]]:
         # Everything from the lock to the save happens inside this generator, so closing it
         # (the client hung up) still saves and unlocks. Not in a hook: Bottle runs hooks
         # before a stream's body.
         with contextlib.ExitStack() as held:
-            conversation, recovered = self._resume(workflow, messages, held)
+            if chat_key:
+                conversation, recovered = self._resume_by_key(workflow, messages, chat_key, held)
+            else:
+                conversation, recovered = self._resume(workflow, messages, held)
+            trace["conversation"] = conversation.id[:6]
             history, text = split_new_messages(messages)
             if recovered:   # an unknown id: read the whole history, not just the last message
                 history, text = [], "\n".join(m["content"] for m in messages if m["role"] == "user")
             turn = TurnContext(workflow, conversation, history, text, self.llm, self.node_types, stop)
             try:
-                yield from with_thinking_tags(play_turn(turn))
-                if conversation.is_new:
-                    yield id_block(conversation.id)
+                yield from reply_fields(play_turn(turn), self.thinking)
+                if conversation.is_new and not chat_key:
+                    yield "content", id_block(conversation.id)
             finally:
                 stop.set()
                 conversation.updated = time.time()
                 self.store.save(conversation.id, conversation.to_record())
+
+    def _resume_by_key(self, workflow: Workflow, messages: Sequence[dict], chat_key: str,
+                       held: contextlib.ExitStack) -> Tuple[Conversation, bool]:
+        """Conversations keyed by a header (Open WebUI's chat id) instead of the id block.
+        The key is hashed with the model's name: a model switch is a new conversation."""
+        digest = hashlib.sha256(f"{workflow.name}\0{chat_key}".encode()).digest()
+        conversation_id = base64.urlsafe_b64encode(digest).decode()[:32]
+        held.enter_context(self._lock(conversation_id))
+        record = self.store.load(conversation_id)
+        if record is not None and record.get("model") == workflow.name:
+            return Conversation.from_record(record), False
+        return Conversation(id=conversation_id, model=workflow.name), any(m["role"] == "assistant" for m in messages)
 
     def _resume(self, workflow: Workflow, messages: Sequence[dict],
                 held: contextlib.ExitStack) -> Tuple[Conversation, bool]:
@@ -2008,8 +2108,9 @@ class Service:
 def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
              store: Union[str, os.PathLike, Any, None] = None, llm: Optional[LLMSettings] = None,
              api_keys: Optional[Sequence[str]] = None, node_types: Optional[Mapping[str, NodeType]] = None,
-             keepalive_seconds: Optional[float] = None,
-             expire_after_seconds: Optional[float] = None) -> bottle.Bottle:
+             keepalive_seconds: Optional[float] = None, expire_after_seconds: Optional[float] = None,
+             thinking: Optional[str] = None, conversation_header: Optional[str] = None,
+             cors_origins: Optional[Sequence[str]] = None) -> bottle.Bottle:
     """A Bottle app serving ``workflows`` (a path, or the file's data as dicts).
 
     ``store`` is "memory", a directory for the JSON store (the default, "conversations"),
@@ -2017,17 +2118,25 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
     nodes. ``api_keys``, when given, are required as Bearer tokens. ``node_types`` adds to
     or replaces the built-in node types. ``keepalive_seconds``: how often a silent stream
     gets an SSE comment. ``expire_after_seconds``: conversations unused that long are
-    forgotten. With no arguments at all, the configuration comes from the COZYOPENAI_*
-    environment variables (for ``gunicorn 'cozyopenai:make_app()'``).
+    forgotten. ``thinking``: "tags" (a <thinking> block in the content, the default) or
+    "reasoning_content" (progress in that field). ``conversation_header``: key conversations
+    by this request header (Open WebUI's X-OpenWebUI-Chat-Id) instead of the id block.
+    ``cors_origins``: browser origins allowed to call the API ("*" for any). With no
+    arguments at all, the configuration comes from the COZYOPENAI_* environment variables
+    (for ``gunicorn 'cozyopenai:make_app()'``).
     """
-    arguments = (workflows, store, llm, api_keys, node_types, keepalive_seconds, expire_after_seconds)
+    arguments = (workflows, store, llm, api_keys, node_types, keepalive_seconds, expire_after_seconds, thinking,
+                 conversation_header, cors_origins)
     if all(argument is None for argument in arguments):
         return make_app(**config_from_environment(os.environ))
     all_node_types = MappingProxyType({**NODE_TYPES, **(node_types or {})})
     service = Service(workflows=load_workflows(workflows or DEFAULT_WORKFLOWS_PATH, all_node_types),
                       store=open_store(store or DEFAULT_STORE, expire_after_seconds),
                       llm=LLMClient(llm) if llm else None, node_types=all_node_types, api_keys=api_keys or (),
-                      keepalive_seconds=keepalive_seconds or KEEPALIVE_SECONDS)
+                      keepalive_seconds=keepalive_seconds or KEEPALIVE_SECONDS, thinking=thinking or "tags",
+                      conversation_header=conversation_header)
+    if service.thinking not in THINKING_STYLES:
+        raise ValueError(f"thinking must be one of {', '.join(THINKING_STYLES)}")
     app = bottle.Bottle()
     # Clients configured with a "/v1" suffix or a trailing slash ask for these paths too.
     for prefix in ("/openai", "/openai/v1", "/openai/", "/openai/v1/"):
@@ -2035,29 +2144,70 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         app.route(prefix + "/models/<model_id:path>", "GET", _json_route(service, service.get_model))
         app.route(prefix + "/chat/completions", "POST", _json_route(service, lambda: _chat(service)))
     app.route("/health", "GET", lambda: {"status": "ok", "models": len(service.workflows)})
+    if cors_origins:
+        app.route("/openai/<path:path>", "OPTIONS", lambda path: "")   # preflight; headers from the hook
+        app.add_hook("after_request", lambda: _allow_origin(cors_origins))
     app.default_error_handler = _error_page
     app.config["cozyopenai.service"] = service
     return app
 
 
 def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a handler: API key check, CozyError → OpenAI error object with its status."""
+    """Wrap a handler: API key check, CozyError → OpenAI error object with its status, and
+    one log line per request (a stream's when it ends)."""
     def route(**url_args: Any) -> Any:
+        started, trace = time.monotonic(), {}
+        bottle.request.environ[TRACE_ENVIRON_KEY] = trace
         try:
             service.check_key(bottle.request.get_header("Authorization", ""))
             result = handler(**url_args)
         except CozyError as exc:
-            return _error_response(exc)
+            result = _error_response(exc)
         if isinstance(result, dict):
             bottle.response.content_type = "application/json"
-            return json.dumps(result, ensure_ascii=False)
-        return result
+            result = json.dumps(result, ensure_ascii=False)
+        if isinstance(result, str):
+            _log_request(bottle.request, bottle.response.status_code, trace, started)
+            return result
+        return _logged_when_done(result, bottle.request.method, bottle.request.path, trace, started)
     return route
 
 
+def _log_request(request: Any, status: int, trace: Mapping[str, str], started: float) -> None:
+    _log_line(request.method, request.path, status, trace, started)
+
+
+def _log_line(method: str, path: str, status: int, trace: Mapping[str, str], started: float) -> None:
+    log.info("%s %s model=%s conversation=%s status=%d %.0f ms", method, path, trace.get("model", "-"),
+             trace.get("conversation", "-"), status, (time.monotonic() - started) * 1000)
+
+
+def _logged_when_done(stream: Iterator[bytes], method: str, path: str, trace: Mapping[str, str],
+                      started: float) -> Iterator[bytes]:
+    try:
+        yield from stream
+    finally:
+        _log_line(method, path, 200, trace, started)
+
+
+def _allow_origin(origins: Sequence[str]) -> None:
+    origin = bottle.request.get_header("Origin")
+    if origin and ("*" in origins or origin in origins):
+        bottle.response.set_header("Access-Control-Allow-Origin", origin)
+        bottle.response.set_header("Vary", "Origin")
+        bottle.response.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        bottle.response.set_header("Access-Control-Allow-Headers",
+                                   bottle.request.get_header("Access-Control-Request-Headers") or
+                                   "Authorization, Content-Type")
+        bottle.response.set_header("Access-Control-Max-Age", "600")
+
+
 def _chat(service: Service) -> Any:
-    stop = HangUpAwareEvent(bottle.request.environ.get(CONNECTION_ENVIRON_KEY))
-    request, texts, prompt_tokens = service.chat(_read_body(), bottle.request.content_type, stop)
+    environ = bottle.request.environ
+    stop = HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY))
+    chat_key = bottle.request.get_header(service.conversation_header, "") if service.conversation_header else ""
+    request, texts, prompt_tokens = service.chat(_read_body(), bottle.request.content_type, stop, chat_key,
+                                                 environ.get(TRACE_ENVIRON_KEY))
     if request.stream:
         bottle.response.content_type = "text/event-stream"
         bottle.response.set_header("Cache-Control", "no-cache")
@@ -2106,17 +2256,14 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     allow_reuse_address = True
 
 
-CONNECTION_ENVIRON_KEY = "cozyopenai.connection"
-
-
 class _LoggingHandler(WSGIRequestHandler):
     def get_environ(self) -> Dict[str, Any]:
         environ = super().get_environ()
         environ[CONNECTION_ENVIRON_KEY] = self.connection   # to notice a client that hung up
         return environ
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.info("%s %s", self.address_string(), format % args)
+    def log_message(self, format: str, *args: Any) -> None:   # the app logs each request itself
+        log.debug("%s %s", self.address_string(), format % args)
 
     def address_string(self) -> str:   # no reverse DNS lookups
         return self.client_address[0]
@@ -2141,7 +2288,9 @@ def _config_from_arguments(arguments: argparse.Namespace) -> dict:
         llm = LLMSettings(arguments.llm_base_url, arguments.llm_model, arguments.llm_api_key,
                           timeout_seconds=arguments.llm_timeout)
     return {"workflows": arguments.workflows, "store": arguments.store, "llm": llm, "api_keys": arguments.api_key,
-            "expire_after_seconds": arguments.expire_days * 86400 if arguments.expire_days else None}
+            "expire_after_seconds": arguments.expire_days * 86400 if arguments.expire_days else None,
+            "thinking": arguments.thinking, "conversation_header": arguments.conversation_header,
+            "cors_origins": arguments.cors_origin}
 
 
 def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> argparse.Namespace:
@@ -2169,11 +2318,19 @@ def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -
                         help="seconds to wait for the internal LLM (default: %(default)s)")
     parser.add_argument("--api-key", action="append", default=None,
                         help="require this Bearer key on /openai routes (repeat for several keys)")
+    parser.add_argument("--thinking", choices=THINKING_STYLES, default=env("THINKING", "tags"),
+                        help="progress as a <thinking> block in the content, or in the reasoning_content field")
+    parser.add_argument("--conversation-header", default=env("CONVERSATION_HEADER"),
+                        help="key conversations by this request header (e.g. X-OpenWebUI-Chat-Id) instead of "
+                             "the identifier block, which is then not shown")
+    parser.add_argument("--cors-origin", action="append", default=None,
+                        help="allow browser clients from this origin ('*' for any; repeat for several)")
     parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="default: %(default)s")
     parser.add_argument("--version", action="version", version=f"cozyopenai {__version__}")
     arguments = parser.parse_args(argv)
-    if arguments.api_key is None:
-        arguments.api_key = [key.strip() for key in env("API_KEY", "").split(",") if key.strip()]
+    for name in ("api_key", "cors_origin"):
+        if getattr(arguments, name) is None:
+            setattr(arguments, name, [item.strip() for item in env(name.upper(), "").split(",") if item.strip()])
     return arguments
 
 
@@ -2182,6 +2339,14 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def __getattr__(name: str) -> Any:
+    """``cozyopenai.app``, made on first access from the COZYOPENAI_* variables, so that
+    ``gunicorn cozyopenai:app`` works while importing the module still does nothing."""
+    if name == "app":
+        return make_app()
+    raise AttributeError(f"module 'cozyopenai' has no attribute {name!r}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1446,6 +1446,135 @@ def test_fuzzed_requests_get_no_5xx_and_only_openai_errors(start, capsys):
         print(f"\n[fuzz] {len(seen)} requests, statuses {counts}")
 
 
+OPEN_WEBUI_TOOLS = [{"type": "function", "function": {"name": name, "description": "built-in",
+                                                      "parameters": {"type": "object", "properties": {}}}}
+                    for name in ("search_web", "fetch_url", "query_knowledge_files", "get_current_timestamp")]
+
+
+def open_webui_history(reply):
+    """What Open WebUI sends back of a streamed reply: the reasoning it recognised removed, trimmed."""
+    return re.sub(r"<thinking>.*?</thinking>", "", reply, flags=re.S).strip()
+
+
+def test_a_replay_of_open_webuis_requests_continues_the_chat_and_answers_its_title_task(start):
+    server = start()
+    messages = [{"role": "user", "content": "I want to plan a trip to Paris."}]
+
+    def turn(text):
+        messages.append({"role": "user", "content": text})
+        body = {"model": "trip-planner", "messages": messages, "stream": True, "tools": OPEN_WEBUI_TOOLS,
+                "tool_choice": "auto", "stream_options": {"include_usage": True}, "metadata": {"chat_id": "x"}}
+        lines = server.post(body, stream=True).iter_lines(decode_unicode=True)
+        chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        reply = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        messages.append({"role": "assistant", "content": open_webui_history(reply)})
+        return reply
+    messages.pop()
+    first = turn("I want to plan a trip to Paris.")
+    assert messages[-1]["content"].endswith("```") and "<thinking>" not in messages[-1]["content"]
+    history = "\n".join(f"{m['role'].upper()}: {m['content']}" for m in messages)
+    title_task = ("### Task:\nGenerate a concise, 3-5 word title with an emoji summarizing the chat history.\n"
+                  "### Output:\nJSON format: { \"title\": \"your concise title here\" }\n"
+                  f"### Chat History:\n<chat_history>\n{history}\n</chat_history>")
+    response = server.post({"model": "trip-planner", "stream": False,
+                            "messages": [{"role": "user", "content": title_task}]})
+    title = json.loads(response.json()["choices"][0]["message"]["content"])
+    assert title == {"title": "Trip planner: I want to plan a trip to Paris"}
+    follow_ups = server.post({"model": "trip-planner", "messages": [{"role": "user", "content": title_task.replace(
+        '{ "title": "your concise title here" }', '{ "follow_ups": ["Question 1?"] }')}]}).json()
+    assert json.loads(follow_ups["choices"][0]["message"]["content"]) == {"follow_ups": []}
+    assert "Where would you like to go?" in first
+    turn("Paris")
+    last = turn("budget: 2000\ntravel_dates: May")
+    assert "## Your trip to Paris" in last and ID_BLOCK.search(last) is None
+
+
+def test_a_background_task_is_answered_through_the_llm_when_there_is_one(start, fake_llm):
+    fake_llm.node_tokens = ['{"title": "🗼 Paris Trip Planning"}']
+    server = start(llm=fake_llm.settings())
+    task = '### Task:\nGenerate a title.\n### Output:\nJSON format: { "title": "..." }\nUSER: Paris please'
+    reply = ask(server, "trip-planner", [{"role": "user", "content": task}])
+    assert json.loads(reply) == {"title": "🗼 Paris Trip Planning"}
+    assert fake_llm.calls_of("extraction") == []          # no conversation, no gathering
+
+
+def test_progress_can_go_to_the_reasoning_content_field(start):
+    server = start(thinking="reasoning_content")
+    body = {"model": "trip-planner", "messages": [{"role": "user", "content": "destination: Paris"}]}
+    message = server.post(body).json()["choices"][0]["message"]
+    assert "Understood destination: Paris." in message["reasoning_content"]
+    assert "<thinking>" not in message["content"] and "What is your total budget" in message["content"]
+    chunks = [json.loads(line[6:]) for line in server.post({**body, "stream": True}).text.splitlines()
+              if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert any("reasoning_content" in d for d in deltas) and not any("<thinking>" in d.get("content", "") for d in deltas)
+
+
+def test_conversations_can_be_keyed_by_a_header_instead_of_the_identifier_block(start):
+    server = start(conversation_header="X-OpenWebUI-Chat-Id")
+
+    def say(history, chat_id):
+        response = server.post({"model": "trip-planner", "messages": history},
+                               headers={"X-OpenWebUI-Chat-Id": chat_id})
+        return response.json()["choices"][0]["message"]["content"]
+    history = [{"role": "user", "content": "destination: Paris"}]
+    first = say(history, "chat-1")
+    assert ID_BLOCK.search(first) is None
+    history += [{"role": "assistant", "content": "What budget?"}, {"role": "user", "content": "budget: 2000"}]
+    assert "Got it: budget 2000." in say(history, "chat-1")
+    assert "Understood destination: Paris." in thinking_of(say(history, "chat-2"))   # another chat: recovered
+
+
+def test_cors_preflight_and_responses_allow_the_configured_origin(start):
+    server = start(cors_origins=["https://app.example"])
+    preflight = requests.options(server.url + "/openai/chat/completions", timeout=5, headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    models = requests.get(server.url + "/openai/models", headers={"Origin": "https://evil.example"}, timeout=5)
+    assert "Access-Control-Allow-Origin" not in models.headers
+
+
+def test_each_request_is_logged_on_one_line_with_model_conversation_status_and_duration(start, caplog):
+    caplog.set_level("INFO", logger="cozyopenai")
+    reply = Chat(start(), stream=True).say("destination: Paris")
+    short_id = ID_BLOCK.search(reply).group(1)[:6]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("POST /openai/chat/completions")]
+    assert re.fullmatch(rf"POST /openai/chat/completions model=trip-planner conversation={re.escape(short_id)} "
+                        r"status=200 \d+ ms", lines[-1])
+
+
+def test_the_async_openai_client_streams_and_not(start):
+    import asyncio
+    from openai import AsyncOpenAI
+    server = start()
+
+    async def talk():
+        client = AsyncOpenAI(api_key="unused", base_url=server.url + "/openai/v1")
+        plain = await client.chat.completions.create(
+            model="trip-planner", messages=[{"role": "user", "content": "destination: Paris"}])
+        stream = await client.chat.completions.create(
+            model="trip-planner", messages=[{"role": "user", "content": "destination: Rome"}], stream=True)
+        streamed = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+        await client.close()
+        return plain.choices[0].message.content, streamed
+    plain, streamed = asyncio.run(talk())
+    assert "Understood destination: Paris." in plain and "Understood destination: Rome." in streamed
+
+
+def test_node_types_can_be_registered_with_a_decorator(start):
+    node_types = cozyopenai.NodeTypes()
+
+    @node_types.register("reverse", required=("text",))
+    def reverse(inputs, context):
+        return inputs["text"][::-1]
+    nodes = [{"id": "flip", "type": "reverse", "inputs": {"text": {"query": "word"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "flip"}}}]
+    assert answer_of(Chat(start([workflow(nodes=nodes)], node_types=node_types), "echo").say("word: abc")) == "cba"
+
+
 ####################################################################################
 # Command line and packaging
 ####################################################################################
@@ -1467,6 +1596,17 @@ def test_listening_beyond_loopback_without_a_key_warns(tmp_path):
         process.wait(10)
         process.stderr.close()
     assert "listening on 0.0.0.0 with no --api-key" in line
+
+
+def test_the_app_attribute_is_made_on_access_from_the_environment(tmp_path):
+    code = ("import cozyopenai, bottle; app = cozyopenai.app; "
+            "print(isinstance(app, bottle.Bottle), [m['id'] for m in app.config['cozyopenai.service'].list_models()['data']])")
+    environment = {**os.environ, "COZYOPENAI_WORKFLOWS": WORKFLOWS_PATH, "COZYOPENAI_STORE": "memory",
+                   "PYTHONPATH": HERE}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                            env=environment)
+    assert result.stdout.strip() == "True ['trip-planner', 'month-calendar', 'weather-now']", result.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_help_lists_every_flag():
