@@ -2167,14 +2167,10 @@ def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., 
             bottle.response.content_type = "application/json"
             result = json.dumps(result, ensure_ascii=False)
         if isinstance(result, str):
-            _log_request(bottle.request, bottle.response.status_code, trace, started)
+            _log_line(bottle.request.method, bottle.request.path, bottle.response.status_code, trace, started)
             return result
         return _logged_when_done(result, bottle.request.method, bottle.request.path, trace, started)
     return route
-
-
-def _log_request(request: Any, status: int, trace: Mapping[str, str], started: float) -> None:
-    _log_line(request.method, request.path, status, trace, started)
 
 
 def _log_line(method: str, path: str, status: int, trace: Mapping[str, str], started: float) -> None:
