@@ -248,12 +248,16 @@ class Workflow:
         return Redactor(self.secret_values())
 
     def secret_values(self) -> Tuple[str, ...]:
-        """Strings redacted from everything that leaves the server: literal inputs and fixed
-        inputs with key-like names, and fixed inputs whose value looks like a credential."""
+        """Strings redacted from everything that leaves the server: fixed inputs and node inputs
+        with key-like names (whether literal or fed by a fixed input), and fixed inputs whose
+        value looks like a credential."""
         found = [value for name, value in self.fixed_inputs.items()
                  if SECRET_NAME_PATTERN.search(name) or _looks_like_credential(value)]
         for node in self.nodes:
-            found += [value for name, value in node.inputs.items() if SECRET_NAME_PATTERN.search(name)]
+            for name, value in node.inputs.items():
+                if SECRET_NAME_PATTERN.search(name):
+                    # A fixed input named "api" but fed to a node input "token" is a secret too.
+                    found.append(self.fixed_inputs[value.name] if isinstance(value, FixedRef) else value)
         return tuple(sorted(set(_strings_in(found)), key=len, reverse=True))
 
 
@@ -347,9 +351,12 @@ def _parse_workflow(item: Any, label: str, index: int, node_types: Mapping[str, 
         if not any(QueryRef(query.name) in node.inputs.values() for node in nodes.values()):
             raise WorkflowFileError(f"{where}: query input {query.name!r} feeds no node; "
                                     f'link it with {{"query": "{query.name}"}} or remove it')
+    created = item.get("created", created)
+    if isinstance(created, bool) or not isinstance(created, int) or created < 0:
+        raise WorkflowFileError(f"{where}: 'created' is a Unix time in whole seconds, got {created!r}")
     return Workflow(name=name, description=description.strip(), nodes=_in_dependency_order(nodes, where),
                     query_inputs=MappingProxyType(query_inputs), fixed_inputs=MappingProxyType(dict(fixed_inputs)),
-                    output_node=outputs[0], created=int(item.get("created", created)))
+                    output_node=outputs[0], created=created)
 
 
 def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
@@ -387,6 +394,9 @@ def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
             query = QueryInput(**{**query.__dict__, "default": default})
         if optional and query.default is None:
             raise WorkflowFileError(f"{at}: an optional input needs a 'default'")
+        if not optional and "default" in spec:
+            # A default on a required input would never be used: say so rather than ignore it.
+            raise WorkflowFileError(f"{at}: a 'default' needs \"optional\": true (required inputs are asked for)")
         parsed[name] = query
     return parsed
 
@@ -484,13 +494,25 @@ def _in_dependency_order(nodes: Dict[str, Node], where: str) -> Tuple[Node, ...]
         ready = [node_id for node_id, deps in waiting.items() if not deps]
         if not ready:
             raise WorkflowFileError(f"{where}: the links form a cycle through nodes "
-                                    f"{', '.join(sorted(waiting))}; a node runs only when all its inputs are ready")
+                                    f"{', '.join(sorted(_on_cycles(waiting)))}; "
+                                    "a node runs only when all its inputs are ready")
         for node_id in ready:
             del waiting[node_id]
             ordered.append(nodes[node_id])
         for deps in waiting.values():
             deps.difference_update(ready)
     return tuple(ordered)
+
+
+def _on_cycles(waiting: Dict[str, set]) -> set:
+    """The nodes Kahn's algorithm left that sit on a cycle, without those merely downstream of one."""
+    left = set(waiting)
+    while True:
+        downstream_only = {node_id for node_id in left
+                           if not any(node_id in waiting[other] for other in left)}
+        if not downstream_only:
+            return left
+        left -= downstream_only
 
 
 ####################################################################################
@@ -1093,7 +1115,8 @@ def open_store(spec: Union[str, os.PathLike, Any], max_age_seconds: Optional[flo
     if hasattr(spec, "load") and hasattr(spec, "save"):
         return spec
     kind = "memory" if os.fspath(spec) == "memory" else "json"
-    arguments = () if kind == "memory" else (spec,)
+    # "json" alone means the JSON store in its default directory, not a directory named "json".
+    arguments = () if kind == "memory" else (DEFAULT_STORE if os.fspath(spec) == "json" else spec,)
     return STORE_TYPES[kind](*arguments, max_age_seconds=max_age_seconds)
 
 
@@ -1405,10 +1428,11 @@ def _unambiguous_value(query: QueryInput, text: str, workflow: Workflow) -> Opti
                   if other is not query and other.type == "choice" and set(named) & set(other.choices)]
         return named[0] if len(named) == 1 and not others else None
     if query.type == "string":
-        about = _fold(query.name + " " + query.description)
+        about = set(re.findall(r"[a-z]+", _fold(query.name.replace("_", " ") + " " + query.description)))
         for kind, pattern in TYPED_VALUE_PATTERNS.items():
             found = pattern.findall(text)
-            if kind in about and len(found) == 1:
+            # Whole words ("rural" is not about a url), singular or plural ("travel dates").
+            if about & {kind, kind + "s"} and len(found) == 1:
                 return found[0]
     return None
 
@@ -1562,6 +1586,27 @@ def id_block(conversation_id: str) -> str:
     return f"\n\n```{ID_BLOCK_INFO}\n{conversation_id}\n```\n"
 
 
+def replay_offline(workflow: Workflow, conversation: Conversation, earlier: Sequence[dict]) -> Dict[str, Any]:
+    """Rebuild the values of a conversation the store does not know (wiped, or kept by another
+    server) from its earlier user turns, each read as the offline reader read it when it came:
+    a bare "Paris" is the answer to the question before it."""
+    turn_text: List[str] = []
+    for message in list(earlier) + [{"role": "assistant", "content": ""}]:
+        if message["role"] == "user":
+            turn_text.append(message["content"])
+            continue
+        if message["role"] != "assistant" or not turn_text:
+            continue
+        extraction = extract_offline(workflow, conversation, "\n".join(turn_text).strip())
+        turn_text = []
+        if extraction.intent == "cancel":
+            conversation.values.clear()
+        conversation.values.update(extraction.values)
+        missing = conversation.missing(workflow)
+        conversation.asked = [missing[0].name] if missing else []   # offline asks one at a time
+    return dict(conversation.values)
+
+
 @dataclass
 class TurnContext:
     """Everything one turn needs, so the turn logic holds no server state of its own."""
@@ -1572,6 +1617,7 @@ class TurnContext:
     llm: Optional[LLMClient]
     node_types: Mapping[str, NodeType]
     stop: threading.Event = field(default_factory=threading.Event)
+    restored: Mapping[str, Any] = field(default_factory=dict)   # values replayed from an unknown id's history
 
 
 def play_turn(turn: TurnContext) -> Iterator[Piece]:
@@ -1579,6 +1625,10 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     workflow, conversation = turn.workflow, turn.conversation
     conversation.turns += 1
     extraction = Extraction()
+    if turn.restored:
+        shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}"
+                          for name, value in turn.restored.items())
+        yield Piece("thinking", f"Read the earlier messages again: {shown}.\n")
     if turn.text and workflow.query_inputs:
         wanted = conversation.missing(workflow)
         yield Piece("thinking", f"Reading your message for the {_and_list([q.label for q in wanted])}.\n" if wanted
@@ -1983,7 +2033,8 @@ class Service:
         self.store = store
         self.llm = llm
         self.node_types = node_types
-        self.api_keys = tuple(key for key in api_keys if key)
+        # One key given as a plain string must not become one key per character.
+        self.api_keys = tuple(key for key in ([api_keys] if isinstance(api_keys, str) else api_keys) if key)
         self.keepalive_seconds = keepalive_seconds
         self.thinking = thinking
         self.conversation_header = conversation_header
@@ -2040,9 +2091,12 @@ class Service:
                 conversation, recovered = self._resume(workflow, messages, held)
             trace["conversation"] = conversation.id[:6]
             history, text = split_new_messages(messages)
-            if recovered:   # an unknown id: read the whole history, not just the last message
+            restored = {}
+            if recovered and self.llm is None:   # an unknown id: replay the earlier turns first
+                restored = replay_offline(workflow, conversation, history)
+            elif recovered:   # the LLM reads every user message at once, in order
                 history, text = [], "\n".join(m["content"] for m in messages if m["role"] == "user")
-            turn = TurnContext(workflow, conversation, history, text, self.llm, self.node_types, stop)
+            turn = TurnContext(workflow, conversation, history, text, self.llm, self.node_types, stop, restored)
             try:
                 yield from reply_fields(play_turn(turn), self.thinking)
                 if conversation.is_new and not chat_key:
@@ -2069,15 +2123,17 @@ class Service:
         """The conversation, locked for this turn, and whether it must be recovered from the
         whole history (an id this store does not know)."""
         ids = find_conversation_ids(messages)
-        for conversation_id in ids:
+        switched = False
+        for conversation_id in ids:   # newest first: after A → B → A, the chat resumes A
             lock = held.enter_context(contextlib.ExitStack())
             lock.enter_context(self._lock(conversation_id))
             record = self.store.load(conversation_id)
             if record is not None and record.get("model") == workflow.name:
                 return Conversation.from_record(record), False
             lock.close()
-            if record is not None:   # another workflow's conversation: never reuse its values
-                return self._new_conversation(held, workflow), True
+            switched = switched or record is not None
+        if switched:   # only other workflows' conversations: never reuse their values (issue 4),
+            return self._new_conversation(held, workflow), False   # nor the messages sent to them
         if ids:   # only ids this store does not know (wiped, or another server): keep the newest
             held.enter_context(self._lock(ids[0]))
             record = self.store.load(ids[0])   # a concurrent turn may have just made it

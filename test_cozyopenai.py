@@ -278,6 +278,15 @@ BROKEN_FILES = {
                       "node 'answer': input 'text' links to node 'nowhere', which does not exist"),
     "cycle": (lambda w, d: w["nodes"][0]["inputs"].update(extra={"link": "answer"}),
               "workflow 'echo': the links form a cycle through nodes answer, say"),
+    "cycle with a node downstream of it": (
+        lambda w, d: (w["nodes"][0]["inputs"].update(extra={"link": "answer"}),
+                      w["nodes"].append({"id": "tail", "type": "template", "inputs": {"template": "{x}",
+                                                                                      "x": {"link": "say"}}})),
+        "the links form a cycle through nodes answer, say;"),
+    "created that is not a Unix time": (lambda w, d: w.update(created="yesterday"),
+                                        "workflow 'echo': 'created' is a Unix time in whole seconds"),
+    "default on a required input": (lambda w, d: w["query_inputs"]["word"].update(default="hi"),
+                                    "query input 'word': a 'default' needs \"optional\": true"),
     "duplicate name": (lambda w, d: d["workflows"].append(workflow()),
                        "workflow 'echo': the name is used twice"),
     "input neither fixed nor query": (lambda w, d: w["nodes"][0]["inputs"].update(word=None),
@@ -552,6 +561,13 @@ def test_memory_store_forgets_the_least_recently_used_beyond_its_bound():
     for name in ("a", "b", "c"):
         store.save(name, {"n": name})
     assert store.load("a") is None and store.load("c") == {"n": "c"}
+
+
+def test_store_named_json_is_the_json_store_in_its_default_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = cozyopenai.open_store("json")
+    assert isinstance(store, cozyopenai.JsonFileStore)
+    assert (tmp_path / cozyopenai.DEFAULT_STORE).is_dir() and not (tmp_path / "json").exists()
 
 
 def test_json_store_refuses_ids_that_are_not_conversation_ids(tmp_path):
@@ -919,6 +935,16 @@ def test_offline_choices_named_exactly_and_iso_dates_are_read_without_labels(sta
     assert answer_of(reply) == "2026-12-01 meeting"
 
 
+def test_offline_typed_values_go_only_to_inputs_that_name_the_kind_as_a_word(start):
+    nodes = [{"id": "say", "type": "template", "inputs": {"template": "{area} {site}", "area": {"query": "area"},
+                                                          "site": {"query": "site"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]
+    queries = {"area": {"description": "The candidate we hire, or a curly-haired mascot.", "type": "string"},
+               "site": {"description": "The web page, as a URL, and its update date.", "type": "string"}}
+    reply = Chat(start([workflow(nodes=nodes, query_inputs=queries)]), "echo").say("see https://example.org/x")
+    assert "Understood site: https://example.org/x." in reply and "Understood area" not in reply
+
+
 def test_choice_synonyms_and_languages_are_understood(start, fake_llm):
     message = "Drei Tage in München im Mai, bitte entspannt."
     fake_llm.extractions = {message: {"destination": "München", "travel_dates": "Drei Tage im Mai",
@@ -1259,6 +1285,33 @@ def test_switching_model_in_the_same_chat_starts_a_new_conversation(start):
     assert "Paris" not in answer_of(reply) and "Which month" in answer_of(reply)
 
 
+def test_switching_back_to_the_first_model_resumes_its_conversation(start):
+    chat = Chat(start())
+    first_id = ID_BLOCK.search(chat.say("destination: Paris")).group(1)
+    chat.model = "month-calendar"
+    chat.say("year: 2026")
+    chat.model = "trip-planner"
+    reply = chat.say("budget: 2000")
+    assert ID_BLOCK.search(reply) is None   # the block is shown once, when a conversation starts
+    assert "Understood budget: 2000" in reply and "destination" not in answer_of(reply).lower()
+    assert first_id in cozyopenai.find_conversation_ids(chat.messages)
+
+
+def test_offline_recovery_reads_bare_answers_to_the_questions_before_them(start):
+    history = [
+        {"role": "user", "content": "I want to plan a trip"},
+        {"role": "assistant", "content": "Where would you like to go?\n\n```cozyui-conversation-identifier\n"
+                                         + "Q" * 32 + "\n```"},
+        {"role": "user", "content": "Paris"},
+        {"role": "assistant", "content": "What is your budget?"},
+        {"role": "user", "content": "2000"},
+        {"role": "assistant", "content": "When?"},
+        {"role": "user", "content": "3 to 7 June"},
+    ]
+    reply = ask(start(), "trip-planner", history)
+    assert "## Your trip to Paris" in answer_of(reply) and "2000" in answer_of(reply) and "June" in answer_of(reply)
+
+
 def test_llm_node_tokens_stream_into_the_answer_as_they_arrive(start, fake_llm):
     server = start(llm=fake_llm.settings())
     fake_llm.extractions = {"go": {"destination": "Paris", "budget": 2000, "travel_dates": "May"}}
@@ -1378,6 +1431,22 @@ def test_a_planted_secret_never_leaves_the_server(start, fake_llm, caplog):
     seen += [record.getMessage() for record in caplog.records]
     assert any("[redacted]" in text for text in seen)
     assert not [text for text in seen if secret in text]
+
+
+def test_a_fixed_input_fed_to_a_secret_named_node_input_is_redacted(start):
+    nodes = [{"id": "say", "type": "template", "inputs": {"template": "{token} {word}", "token": {"fixed": "site"},
+                                                          "word": {"query": "word"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]
+    server = start([workflow(nodes=nodes, fixed_inputs={"site": "open sesame"})])
+    reply = Chat(server, "echo").say("word: hello")
+    assert "hello" in answer_of(reply) and "[redacted]" in reply and "sesame" not in reply
+
+
+def test_a_single_api_key_given_as_a_string_is_one_key(start):
+    server = start(api_keys="key-one")
+    assert requests.get(server.url + "/openai/models", headers={"Authorization": "Bearer k"}, timeout=5).status_code == 401
+    assert requests.get(server.url + "/openai/models", headers={"Authorization": "Bearer key-one"},
+                        timeout=5).status_code == 200
 
 
 def _bodies():
@@ -1522,7 +1591,7 @@ def test_conversations_can_be_keyed_by_a_header_instead_of_the_identifier_block(
     assert ID_BLOCK.search(first) is None
     history += [{"role": "assistant", "content": "What budget?"}, {"role": "user", "content": "budget: 2000"}]
     assert "Got it: budget 2000." in say(history, "chat-1")
-    assert "Understood destination: Paris." in thinking_of(say(history, "chat-2"))   # another chat: recovered
+    assert "Read the earlier messages again: destination = Paris." in thinking_of(say(history, "chat-2"))
 
 
 def test_cors_preflight_and_responses_allow_the_configured_origin(start):
