@@ -65,6 +65,7 @@ import logging
 import math
 import os
 import queue
+import random
 import re
 import secrets
 import select
@@ -79,7 +80,6 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
-from socketserver import ThreadingMixIn
 from types import MappingProxyType
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, urlsplit
@@ -107,6 +107,8 @@ DEFAULT_PORT = 8000
 DEFAULT_WORKFLOWS_PATH = "workflows.json"
 DEFAULT_STORE = "conversations"           # a directory: the JSON store, so restarts lose nothing
 LLM_TIMEOUT_SECONDS = 30.0
+HANGUP_CHECK_SECONDS = 0.05               # how often a running turn looks whether its client left
+IDLE_THREAD_SECONDS = 60.0                # a server thread with no connection to answer ends after this
 HTTP_NODE_TIMEOUT_SECONDS = 30.0
 MEMORY_STORE_MAX_CONVERSATIONS = 10_000
 KEEPALIVE_SECONDS = 10.0                  # an SSE comment this often while a stream is silent
@@ -821,7 +823,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     stop = stop or threading.Event()
     outputs: Dict[str, Any] = {}
     waiting = {node.id: node.dependencies() for node in workflow.nodes}
-    finished: "queue.Queue[RunEvent]" = queue.Queue()
+    finished: Optional["queue.Queue[RunEvent]"] = None   # made only when nodes run side by side
     threaded: set = set()                       # nodes running in threads right now
     streams_answer = workflow.answer_source()
     answer_streamed = False
@@ -837,6 +839,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
             if len(ready) == 1 and not threaded:
                 events = events_of(ready[0])     # the common case, a chain: no thread hand-off
             else:
+                finished = finished or queue.Queue()
                 for node_id in ready:
                     _start_in_thread(events_of(node_id), finished)
                 threaded.update(ready)
@@ -971,6 +974,26 @@ def new_conversation_id() -> str:
     return secrets.token_urlsafe(CONVERSATION_ID_BYTES)
 
 
+class ConversationIds:
+    """Conversation ids as new_conversation_id makes them, with os.urandom read a few
+    kilobytes at a time: a system call per id makes a busy server wait for the interpreter
+    lock after each one (issue 6). A forked worker draws a pool of its own."""
+
+    POOL_BYTES = 4096
+
+    def __init__(self) -> None:
+        self._pool, self._used, self._pid = b"", 0, -1
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str:
+        with self._lock:
+            if self._used + CONVERSATION_ID_BYTES > len(self._pool) or self._pid != os.getpid():
+                self._pool, self._used, self._pid = os.urandom(self.POOL_BYTES), 0, os.getpid()
+            chunk = self._pool[self._used:self._used + CONVERSATION_ID_BYTES]
+            self._used += CONVERSATION_ID_BYTES
+        return base64.urlsafe_b64encode(chunk).rstrip(b"=").decode()
+
+
 def is_conversation_id(text: str) -> bool:
     """Ids are checked against a strict format before any lookup (no path tricks)."""
     return bool(CONVERSATION_ID_PATTERN.match(text or ""))
@@ -1043,14 +1066,24 @@ class JsonFileStore:
     a crash (even kill -9) never leaves a half-written conversation. ``lock(id)`` takes an
     exclusive file lock, so turns of one conversation in several worker processes follow
     each other. ``expire()`` deletes conversations unused for ``max_age_seconds``.
+
+    The locks are striped: a conversation takes one of LOCK_STRIPES lock files, kept open
+    by each process. A lock file per conversation cost three system calls a turn and left
+    a file per conversation behind (issue 6); two conversations sharing a stripe only
+    means one of their turns may wait for the other's.
     """
+
+    LOCK_STRIPES = 256
 
     def __init__(self, directory: Union[str, os.PathLike], max_age_seconds: Optional[float] = None):
         self.directory = os.fspath(directory)
         self.max_age_seconds = max_age_seconds
         self._lock_directory = os.path.join(self.directory, ".locks")
         os.makedirs(self._lock_directory, exist_ok=True)
-        self._thread_locks = _KeyedLocks()   # for systems without fcntl: one process at least
+        self._thread_locks = [threading.Lock() for _ in range(self.LOCK_STRIPES)]   # this process's threads
+        self._lock_files: Dict[int, int] = {}   # stripe → open descriptor, in the process that opened it
+        self._lock_files_pid = os.getpid()
+        self._lock_files_guard = threading.Lock()
 
     def _path(self, conversation_id: str, folder: Optional[str] = None, suffix: str = ".json") -> str:
         if not is_conversation_id(conversation_id):   # before any file is touched: no "../" tricks
@@ -1070,24 +1103,42 @@ class JsonFileStore:
 
     def save(self, conversation_id: str, record: dict) -> None:
         path = self._path(conversation_id)
-        temporary = f"{path}.{secrets.token_hex(4)}.tmp"
+        temporary = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"   # unique: one save per thread at a time
+        data = json.dumps(record, ensure_ascii=False).encode("utf-8")
         try:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump(record, handle, ensure_ascii=False)
+            with open(temporary, "wb") as handle:
+                handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
+        except BaseException:
+            with contextlib.suppress(OSError):
                 os.unlink(temporary)
+            raise
 
     @contextlib.contextmanager
     def lock(self, conversation_id: str) -> Iterator[None]:
-        path = self._path(conversation_id, self._lock_directory, ".lock")
-        with self._thread_locks(conversation_id), open(path, "a+b") as handle:
-            if fcntl is not None:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)   # released when the file is closed
-            yield
+        stripe = int(hashlib.blake2b(self._path(conversation_id).encode(), digest_size=4).hexdigest(), 16)
+        stripe %= self.LOCK_STRIPES
+        with self._thread_locks[stripe]:
+            if fcntl is None:   # no file locks: safe within this process only
+                yield
+                return
+            descriptor = self._lock_file(stripe)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
+
+    def _lock_file(self, stripe: int) -> int:
+        with self._lock_files_guard:
+            if self._lock_files_pid != os.getpid():   # a forked worker: locks on inherited files would be shared
+                self._lock_files, self._lock_files_pid = {}, os.getpid()
+            if stripe not in self._lock_files:
+                path = os.path.join(self._lock_directory, f"{stripe:03d}.lock")
+                self._lock_files[stripe] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            return self._lock_files[stripe]
 
     def expire(self) -> int:
         """Delete conversations not saved for ``max_age_seconds``; how many went."""
@@ -1100,8 +1151,6 @@ class JsonFileStore:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
                         removed += 1
-                    with contextlib.suppress(FileNotFoundError, ValueError):
-                        os.unlink(self._path(entry.name.split(".")[0], self._lock_directory, ".lock"))
         return removed
 
 
@@ -1215,7 +1264,10 @@ class Extraction:
 
 def _fold(text: str) -> str:
     """Lower case without accents, for matching words a user wrote."""
-    decomposed = unicodedata.normalize("NFKD", str(text).casefold())
+    text = str(text).casefold()
+    if text.isascii():   # the common case, and no accents to strip: skip the slow path (issue 6)
+        return text
+    decomposed = unicodedata.normalize("NFKD", text)
     return "".join(char for char in decomposed if not unicodedata.combining(char))
 
 
@@ -1918,10 +1970,15 @@ class HangUpAwareEvent(threading.Event):
     def __init__(self, connection: Optional[socket.socket] = None):
         super().__init__()
         self._connection = connection
+        self._next_check = time.monotonic() + HANGUP_CHECK_SECONDS
 
     def is_set(self) -> bool:
-        if not super().is_set() and self._connection is not None and _peer_closed(self._connection):
-            self.set()
+        # A system call per check would cost every fast turn under load (issue 6): look at
+        # the socket at most every HANGUP_CHECK_SECONDS, and never in a turn quicker than that.
+        if not super().is_set() and self._connection is not None and time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + HANGUP_CHECK_SECONDS
+            if _peer_closed(self._connection):
+                self.set()
         return super().is_set()
 
 
@@ -1964,11 +2021,16 @@ def with_keepalives(texts: Iterator[Any], interval_seconds: float, stop: threadi
         stop.set()
 
 
+def new_completion_id() -> str:
+    """Completion ids need to be unique, not secret: no system call for them (issue 6)."""
+    return f"chatcmpl-{random.getrandbits(96):024x}"
+
+
 def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: ChatRequest,
                       prompt_tokens: int) -> Iterator[bytes]:
     """Server-sent events of chat.completion.chunk objects, then ``data: [DONE]``.
     A None in ``fields`` becomes an SSE comment, which keeps idle proxies from closing."""
-    completion_id, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+    completion_id, created = new_completion_id(), int(time.time())
 
     def chunk(delta: dict, finish_reason: Optional[str] = None) -> bytes:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
@@ -2003,7 +2065,7 @@ def completion_object(fields: Iterator[Tuple[str, str]], request: ChatRequest, p
     if texts["reasoning_content"]:
         message["reasoning_content"] = "".join(texts["reasoning_content"])
     characters = sum(len(text) for parts in texts.values() for text in parts)
-    return {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion", "created": int(time.time()),
+    return {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
             "model": request.model, "system_fingerprint": None,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
             "usage": _usage(prompt_tokens, characters)}
@@ -2039,6 +2101,7 @@ class Service:
         self.thinking = thinking
         self.conversation_header = conversation_header
         self._next_expiry = 0.0
+        self._new_id = ConversationIds()
 
     def check_key(self, authorization: str) -> None:
         if not self.api_keys:
@@ -2144,7 +2207,7 @@ class Service:
         return self._new_conversation(held, workflow), not first_turn
 
     def _new_conversation(self, held: contextlib.ExitStack, workflow: Workflow) -> Conversation:
-        conversation = Conversation(id=new_conversation_id(), model=workflow.name, is_new=True)
+        conversation = Conversation(id=self._new_id(), model=workflow.name, is_new=True)
         held.enter_context(self._lock(conversation.id))
         return conversation
 
@@ -2302,10 +2365,46 @@ def _error_page(http_error: bottle.HTTPError) -> str:
 # Server and command line
 ####################################################################################
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    """wsgiref's server, one thread per connection: a second client never waits for a stream."""
-    daemon_threads = True
+class _ThreadingWSGIServer(WSGIServer):
+    """wsgiref's server with a thread per open connection, so a second client never waits
+    for a stream. A thread that has answered waits IDLE_THREAD_SECONDS for the next
+    connection instead of ending: a new thread per request costs more than the whole turn
+    of a small workflow (issue 6; measured in bench/)."""
     allow_reuse_address = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._waiting: "queue.SimpleQueue[Tuple[Any, Any]]" = queue.SimpleQueue()
+        self._idle_threads = 0
+        self._pool_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._pool_lock:
+            if self._idle_threads:
+                self._idle_threads -= 1
+                self._waiting.put((request, client_address))
+                return
+        threading.Thread(target=self._serve_connections, args=(request, client_address), daemon=True).start()
+
+    def _serve_connections(self, request: Any, client_address: Any) -> None:
+        while True:
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+            with self._pool_lock:
+                self._idle_threads += 1
+            try:
+                request, client_address = self._waiting.get(timeout=IDLE_THREAD_SECONDS)
+            except queue.Empty:
+                with self._pool_lock:   # a connection may have been handed over just now
+                    try:
+                        request, client_address = self._waiting.get_nowait()
+                    except queue.Empty:
+                        self._idle_threads -= 1
+                        return
 
 
 class _LoggingHandler(WSGIRequestHandler):

@@ -504,6 +504,7 @@ def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversa
         received += client.recv(4096)
     assert inside.wait(5)
     client.close()                        # the client hangs up while "hold" runs
+    time.sleep(2 * cozyopenai.HANGUP_CHECK_SECONDS)   # a hang-up is noticed within this time
     release.set()
     store = server.app.config["cozyopenai.service"].store
     for _ in range(100):                  # the turn saves as it stops

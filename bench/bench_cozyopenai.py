@@ -1,0 +1,587 @@
+"""Benchmark for cozyopenai: every figure side by side with a bare baseline from the same run.
+
+Run from the repository's top folder (the README gives the same command):
+
+    python bench/bench_cozyopenai.py                 # everything, about two minutes on 2 cores
+    python bench/bench_cozyopenai.py --runs 3 --only overhead,ttfb
+    python bench/bench_cozyopenai.py --server waitress    # the concurrency figure on another server
+
+The servers under test run in their own processes (``serve``, below), so the load generator
+does not share their interpreter lock. Each figure is the median of ``--runs`` runs, and
+each is printed next to its target (issue 6). Figures are ratios to a bare Bottle route on
+the same server, measured in the same run, because machines differ and are noisy.
+"""
+
+import argparse
+import contextlib
+import http.server
+import json
+import os
+import selectors
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(HERE)
+sys.path.insert(0, TOP)
+
+import cozyopenai  # noqa: E402  (after the path is set, so the checkout's module is measured)
+
+CLIENTS = 16                      # concurrent clients for the throughput figures
+STREAMS = 200                     # simultaneous open streams for the concurrency figure
+STORED_CONVERSATIONS = 100_000    # for the storage scaling figure
+SECTIONS = ("overhead", "ttfb", "concurrency", "parallel", "storage", "llm", "startup")
+
+
+####################################################################################
+# The servers under test (run as `bench_cozyopenai.py serve`, in their own process)
+####################################################################################
+
+def nap_node(inputs, context):
+    """Sleeps, then gives the time it woke up: the client compares it with when it read the
+    node's "finished" line."""
+    time.sleep(float(inputs.get("seconds", 0)))
+    return f"{time.time():.6f}"
+
+
+BENCH_NODE_TYPES = {"nap": cozyopenai.NodeType(nap_node)}
+
+
+def _nap_workflow(name, naps, seconds):
+    nodes = [{"id": f"nap{i}", "type": "nap", "inputs": {"seconds": seconds}} for i in range(naps)]
+    joined = " ".join("{n%d}" % i for i in range(naps))
+    nodes.append({"id": "join", "type": "template",
+                  "inputs": {"template": joined, **{f"n{i}": {"link": f"nap{i}"} for i in range(naps)}}})
+    nodes.append({"id": "answer", "type": "output", "inputs": {"text": {"link": "join"}}})
+    return {"name": name, "description": f"{naps} naps of {seconds} s.", "nodes": nodes}
+
+
+BENCH_WORKFLOWS = [
+    {"name": "echo", "description": "Repeats two values.",
+     "query_inputs": {"word": {"description": "A word.", "type": "string"},
+                      "count": {"description": "A count.", "type": "integer"}},
+     "nodes": [{"id": "say", "type": "template",
+                "inputs": {"template": "You said {word}, {count} times.", "word": {"query": "word"},
+                           "count": {"query": "count"}}},
+               {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]},
+    _nap_workflow("stamp", 1, 0.2),
+    _nap_workflow("sleepy", 1, 2.0),
+    _nap_workflow("parallel", 2, 1.0),
+]
+ECHO_MESSAGE = "word: hello\ncount: 3"
+
+
+def _bare_app(body_bytes):
+    """The baseline: a Bottle route that reads the same JSON request and answers a JSON body
+    of the same size, with nothing else."""
+    import bottle
+    bare = bottle.Bottle()
+    padding = json.dumps({"id": "x", "object": "chat.completion", "pad": ""})
+    answer = json.dumps({"id": "x", "object": "chat.completion", "pad": "x" * max(0, body_bytes - len(padding))})
+
+    @bare.post("/bare")
+    def _bare():
+        bottle.request.json   # parse the body, as any JSON route does
+        bottle.response.content_type = "application/json"
+        return answer
+
+    @bare.get("/bare")
+    def _bare_get():
+        bottle.response.content_type = "application/json"
+        return answer
+    return bare
+
+
+def serve(arguments):
+    """One server: /bare is the baseline, /memory and /json are cozyopenai with each store."""
+    apps = {"bare": _bare_app(arguments.body_bytes)}
+    apps["memory"] = cozyopenai.make_app(BENCH_WORKFLOWS, store="memory", node_types=BENCH_NODE_TYPES)
+    if arguments.json_store:
+        apps["json"] = cozyopenai.make_app(BENCH_WORKFLOWS, store=arguments.json_store, node_types=BENCH_NODE_TYPES)
+
+    def dispatch(environ, start_response):
+        # The same few lines for every app, baseline included.
+        first, _, rest = environ.get("PATH_INFO", "/").partition("/")[2].partition("/")
+        app = apps.get(first)
+        if app is None:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"no such app"]
+        if first != "bare":
+            environ["PATH_INFO"] = "/" + rest
+        return app(environ, start_response)
+
+    if arguments.server == "default":
+        server = cozyopenai.create_server(dispatch, "127.0.0.1", arguments.port)
+        server.serve_forever()
+    else:
+        import bottle
+        options = {"workers": 1, "threads": STREAMS + 50} if arguments.server == "gunicorn" else {}
+        if arguments.server == "waitress":
+            options = {"threads": STREAMS + 50}
+        bottle.run(dispatch, server=arguments.server, host="127.0.0.1", port=arguments.port, quiet=True, **options)
+
+
+class ServerProcess:
+    """A `serve` subprocess on a free loopback port."""
+
+    def __init__(self, server="default", json_store=None, body_bytes=0):
+        self.port = free_port()
+        command = [sys.executable, os.path.abspath(__file__), "serve", "--port", str(self.port),
+                   "--server", server, "--body-bytes", str(body_bytes)]
+        if json_store:
+            command += ["--json-store", json_store]
+        started = time.perf_counter()
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until_answering(self.port, "/bare", self.process)
+        self.startup_seconds = time.perf_counter() - started
+
+    def close(self):
+        self.process.kill()
+        self.process.wait()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_answering(port, path, process, limit_seconds=30.0):
+    deadline = time.perf_counter() + limit_seconds
+    while time.perf_counter() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited: {process.stderr.read().decode(errors='replace')[-2000:]}")
+        with contextlib.suppress(OSError):
+            status, _, _ = http_request(port, "GET", path)
+            if status == 200:
+                return
+        time.sleep(0.005)
+    raise SystemExit(f"server on port {port} did not answer {path}")
+
+
+####################################################################################
+# A minimal HTTP client: raw sockets, so the client's own cost stays small
+####################################################################################
+
+def chat_body(model, text, stream=False, history=()):
+    messages = list(history) + [{"role": "user", "content": text}]
+    return json.dumps({"model": model, "messages": messages, "stream": stream}).encode()
+
+
+def http_request(port, method, path, body=b"", on_first_byte=None, on_line=None):
+    """(status, body bytes, seconds to the first byte). One connection per request, as the
+    default server closes each one."""
+    head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    started = time.perf_counter()
+    first_byte = None
+    chunks = []
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head + body)
+        pending = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            if first_byte is None:
+                first_byte = time.perf_counter() - started
+            chunks.append(data)
+            if on_line:
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                now = time.time()
+                for line in lines:
+                    on_line(line, now)
+    raw = b"".join(chunks)
+    head_part, _, payload = raw.partition(b"\r\n\r\n")
+    status = int(head_part.split(b" ", 2)[1]) if head_part else 0
+    if b"transfer-encoding: chunked" in head_part.lower():
+        payload = _unchunk(payload)
+    return status, payload, first_byte
+
+
+def _unchunk(payload):
+    out, rest = [], payload
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out.append(rest[:size])
+        rest = rest[size + 2:]
+    return b"".join(out)
+
+
+def throughput(port, path, body, seconds, clients=CLIENTS):
+    """Requests per second with `clients` connections kept busy: each sends its request again
+    as soon as its answer has come. One thread drives them all with a selector, so the load
+    generator costs little next to the server (a thread per client would be the bottleneck)."""
+    request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    selector = selectors.DefaultSelector()
+    received = {}
+    done = errors = 0
+
+    def connect():
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        selector.register(sock, selectors.EVENT_WRITE)
+        received[sock] = []
+    started = time.perf_counter()
+    stop_at = started + seconds
+    for _ in range(clients):
+        connect()
+    while received:
+        for key, events in selector.select(timeout=5):
+            sock = key.fileobj
+            if events & selectors.EVENT_WRITE:
+                sock.sendall(request)
+                selector.modify(sock, selectors.EVENT_READ)
+                continue
+            data = sock.recv(65536)
+            if data:
+                received[sock].append(data)
+                continue
+            answer = b"".join(received.pop(sock))
+            selector.unregister(sock)
+            sock.close()
+            if answer.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+                done += 1
+            else:
+                errors += 1
+            if time.perf_counter() < stop_at:
+                connect()
+    selector.close()
+    return done / (time.perf_counter() - started), errors
+
+
+####################################################################################
+# The figures
+####################################################################################
+
+def report(name, value, target, ok):
+    print(f"  {name:<58} {value:<26} target {target:<14} {'met' if ok else 'MISSED'}", flush=True)
+
+
+def bench_overhead(runs, seconds):
+    print(f"Overhead: non-streamed turn, all inputs in the first message, {CLIENTS} clients, {seconds:g} s each")
+    store = tempfile.mkdtemp(prefix="cozy-bench-json-")
+    try:
+        body = chat_body("echo", ECHO_MESSAGE)
+        probe = ServerProcess(json_store=store)
+        answer_bytes = len(http_request(probe.port, "POST", "/memory/openai/chat/completions", body)[1])
+        probe.close()
+        server = ServerProcess(json_store=store, body_bytes=answer_bytes)
+        rates = {"bare": [], "memory": [], "json": []}
+        for _ in range(runs):
+            for kind, path in (("bare", "/bare"), ("memory", "/memory/openai/chat/completions"),
+                               ("json", "/json/openai/chat/completions")):
+                rate, errors = throughput(server.port, path, body, seconds)
+                assert errors == 0, f"{errors} errors on {kind}"
+                rates[kind].append(rate)
+        server.close()
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    bare = statistics.median(rates["bare"])
+    print(f"  bare Bottle route ({answer_bytes} bytes): {bare:.0f} requests/s "
+          f"(runs: {', '.join(f'{r:.0f}' for r in rates['bare'])})")
+    for kind, target in (("memory", 0.8), ("json", 0.5)):
+        ratios = [turn / base for turn, base in zip(rates[kind], rates["bare"])]
+        ratio = statistics.median(ratios)
+        report(f"turn rate, {kind} store, vs bare", f"{ratio:.2f}x ({statistics.median(rates[kind]):.0f}/s)",
+               f">= {target}x", ratio >= target)
+
+
+def bench_ttfb(runs, count=100):
+    print(f"Time to first byte: one client, {count} requests per run, streamed turn vs bare route")
+    server = ServerProcess()
+    ratios, bare_times, turn_times, delays = [], [], [], []
+    body = chat_body("echo", ECHO_MESSAGE, stream=True)
+    for _ in range(runs):
+        bare = [http_request(server.port, "GET", "/bare")[2] for _ in range(count)]
+        turn = [http_request(server.port, "POST", "/memory/openai/chat/completions", body)[2] for _ in range(count)]
+        bare_times.append(statistics.median(bare))
+        turn_times.append(statistics.median(turn))
+        ratios.append(turn_times[-1] / bare_times[-1])
+        delays.append(statistics.median([_progress_delay(server.port) for _ in range(10)]))
+    server.close()
+    report("first byte, streamed turn vs bare route",
+           f"{statistics.median(ratios):.2f}x ({statistics.median(turn_times) * 1000:.2f} ms "
+           f"vs {statistics.median(bare_times) * 1000:.2f})", "<= 1.5x", statistics.median(ratios) <= 1.5)
+    delay = statistics.median(delays)
+    report("node finished -> client reads its progress line", f"{delay * 1000:.2f} ms", "< 50 ms", delay < 0.05)
+
+
+def _progress_delay(port):
+    """Seconds from a node finishing (its own clock) to the client reading its line."""
+    read_at = {}
+
+    def on_line(line, now):
+        if b"nap0 finished" in line and "finished" not in read_at:
+            read_at["finished"] = now
+    status, payload, _ = http_request(port, "POST", "/memory/openai/chat/completions",
+                                      chat_body("stamp", "go", stream=True), on_line=on_line)
+    text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                   for line in payload.decode().splitlines() if line.startswith("data: {"))
+    woke_at = float(cozyopenai.clean_reply(text).split()[-1])
+    return read_at["finished"] - woke_at
+
+
+def bench_concurrency(runs, server_name):
+    print(f"Concurrency: {STREAMS} simultaneous streams of a 2-second workflow, server {server_name!r}")
+    server = ServerProcess(server=server_name)
+    worst_errors, worst_first_byte, worst_total = 0, 0.0, 0.0
+    for _ in range(runs):
+        results = [None] * STREAMS
+        gate = threading.Barrier(STREAMS)
+
+        def client(index):
+            gate.wait()
+            started = time.perf_counter()
+            try:
+                status, payload, first = http_request(server.port, "POST", "/memory/openai/chat/completions",
+                                                      chat_body("sleepy", "go", stream=True))
+                ok = status == 200 and b"data: [DONE]" in payload and b"</thinking>" in payload
+                results[index] = (ok, first, time.perf_counter() - started)
+            except OSError as exc:
+                results[index] = (False, None, repr(exc))
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(STREAMS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        worst_errors = max(worst_errors, sum(1 for ok, _, _ in results if not ok))
+        worst_first_byte = max([worst_first_byte] + [first for ok, first, _ in results if ok])
+        worst_total = max([worst_total] + [total for ok, _, total in results if ok])
+    server.close()
+    report(f"failed streams (worst of {runs} runs)", str(worst_errors), "0", worst_errors == 0)
+    report("slowest first byte / slowest whole stream (2 s of work)",
+           f"{worst_first_byte:.2f} s / {worst_total:.2f} s", "no starving", worst_total < 4.0)
+
+
+def bench_parallel(runs):
+    print("Parallel branches: two independent 1-second nodes")
+    server = ServerProcess()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        status, _, _ = http_request(server.port, "POST", "/memory/openai/chat/completions",
+                                    chat_body("parallel", "go"))
+        assert status == 200
+        times.append(time.perf_counter() - started)
+    server.close()
+    median = statistics.median(times)
+    report("whole turn", f"{median:.2f} s", "about 1 s", median < 1.2)
+
+
+def bench_storage(runs, count=100):
+    print(f"Storage scaling: JSON store with {STORED_CONVERSATIONS:,} vs 10 conversations")
+    folders = {size: tempfile.mkdtemp(prefix=f"cozy-bench-{size}-") for size in (10, STORED_CONVERSATIONS)}
+    try:
+        ids = {size: _fill_store(folder, size) for size, folder in folders.items()}
+        latencies = {size: [] for size in folders}
+        startups = {size: [] for size in folders}
+        for _ in range(runs):
+            for size, folder in folders.items():
+                server = ServerProcess(json_store=folder)
+                # Start-up: to the first cozyopenai answer, not just the baseline route.
+                started = time.perf_counter()
+                http_request(server.port, "GET", "/json/openai/models")
+                startups[size].append(server.startup_seconds + time.perf_counter() - started)
+                samples = []
+                for index in range(count):
+                    conversation_id = ids[size][index % len(ids[size])]
+                    history = [{"role": "user", "content": "hi"},
+                               {"role": "assistant", "content": "What word?" + cozyopenai.id_block(conversation_id)}]
+                    started = time.perf_counter()
+                    status, _, _ = http_request(server.port, "POST", "/json/openai/chat/completions",
+                                                chat_body("echo", ECHO_MESSAGE, history=history))
+                    samples.append(time.perf_counter() - started)
+                    assert status == 200
+                latencies[size].append(statistics.median(samples))
+                server.close()
+    finally:
+        for folder in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+    ratio = statistics.median([big / small for big, small in zip(latencies[STORED_CONVERSATIONS], latencies[10])])
+    report("turn latency, 100,000 vs 10 conversations",
+           f"{ratio:.2f}x ({statistics.median(latencies[STORED_CONVERSATIONS]) * 1000:.2f} ms "
+           f"vs {statistics.median(latencies[10]) * 1000:.2f})", "<= 1.2x", ratio <= 1.2)
+    ratio = statistics.median([big / small for big, small in zip(startups[STORED_CONVERSATIONS], startups[10])])
+    report("start-up, 100,000 vs 10 conversations",
+           f"{ratio:.2f}x ({statistics.median(startups[STORED_CONVERSATIONS]):.2f} s "
+           f"vs {statistics.median(startups[10]):.2f})", "no growth", ratio <= 1.2)
+
+
+def _fill_store(folder, size):
+    """`size` conversations of the echo workflow, written as the JSON store writes them (but
+    without an fsync each, which would only make the set-up slow)."""
+    ids = []
+    for _ in range(size):
+        conversation = cozyopenai.Conversation(id=cozyopenai.new_conversation_id(), model="echo")
+        with open(os.path.join(folder, conversation.id + ".json"), "w", encoding="utf-8") as handle:
+            json.dump(conversation.to_record(), handle)
+        ids.append(conversation.id)
+    return ids
+
+
+####################################################################################
+# LLM cost: a counting stand-in for the internal LLM
+####################################################################################
+
+DOCUMENT_DIALOGUE = [   # the trip-planner conversation of the product's document
+    ("I want to plan a trip to Paris.", {"destination": "Paris"}),
+    ("My budget is around $2000, and I'd like to go for a week in mid-October.",
+     {"budget": "2000", "travel_dates": "a week in mid-October"}),
+]
+
+
+class CountingLLM:
+    """An OpenAI-compatible server on loopback that answers extraction with the dialogue's
+    values and counts calls and prompt characters by kind."""
+
+    def __init__(self):
+        self.calls = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.calls.append(body)
+                reply = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                    "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                        "role": "assistant", "content": owner.answer(body)}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+
+    @staticmethod
+    def kind(body):
+        system = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else ""
+        if system.startswith(cozyopenai.EXTRACTION_PROMPT[:40]):
+            return "extraction"
+        if system.startswith(cozyopenai.QUESTION_PROMPT[:40]):
+            return "question"
+        return "node"
+
+    def answer(self, body):
+        if self.kind(body) == "node":
+            return "A plan."
+        new_message = body["messages"][-1]["content"]
+        values = next((values for text, values in DOCUMENT_DIALOGUE if text in new_message), {})
+        full = {name: values.get(name) for name in ("destination", "budget", "travel_dates", "pace", "children")}
+        return json.dumps({"values": full, "intent": "provide",
+                           "question": "What is your budget, and when would you like to go?"})
+
+
+def bench_llm_cost(single_call):
+    llm = CountingLLM()
+    app = cozyopenai.make_app(os.path.join(TOP, "workflows.json"), store="memory",
+                              llm=cozyopenai.LLMSettings(llm.url, "m", "unused"), single_call=single_call)
+    server = cozyopenai.create_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    history = []
+    label = "single call" if single_call else "two calls"
+    for turn, (text, _) in enumerate(DOCUMENT_DIALOGUE, 1):
+        before = len(llm.calls)
+        history.append({"role": "user", "content": text})
+        status, payload, _ = http_request(server.server_port, "POST", "/openai/chat/completions",
+                                          chat_body("trip-planner", text, history=history[:-1]))
+        history.append({"role": "assistant", "content": json.loads(payload)["choices"][0]["message"]["content"]})
+        calls = llm.calls[before:]
+        kinds = [CountingLLM.kind(call) for call in calls]
+        gathering = [call for call in calls if CountingLLM.kind(call) != "node"]
+        tokens = sum(cozyopenai.estimate_tokens(json.dumps(call["messages"])) for call in gathering)
+        print(f"  {label}, turn {turn}: {len(gathering)} gathering call(s) "
+              f"({', '.join(k for k in kinds if k != 'node')}), about {tokens} prompt tokens"
+              f"{', plus %d llm node call(s)' % kinds.count('node') if 'node' in kinds else ''}", flush=True)
+    server.shutdown()
+    llm.server.shutdown()
+
+
+####################################################################################
+# Start-up
+####################################################################################
+
+def bench_startup(runs):
+    print("Start-up")
+    probe = ("import time; t0 = time.perf_counter(); import bottle, requests; t1 = time.perf_counter(); "
+             "import cozyopenai; t2 = time.perf_counter(); print(t1 - t0, t2 - t1)")
+    own = []
+    for _ in range(runs):
+        output = subprocess.run([sys.executable, "-c", probe], cwd=TOP, capture_output=True, text=True,
+                                check=True).stdout.split()
+        own.append(float(output[1]))
+    report("import cozyopenai beyond bottle and requests", f"{statistics.median(own) * 1000:.0f} ms",
+           "< 200 ms", statistics.median(own) < 0.2)
+    firsts = []
+    for _ in range(runs):
+        port = free_port()
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "cozyopenai.py", "--store", "memory", "--port", str(port)],
+                                   cwd=TOP, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until_answering(port, "/openai/models", process)
+        firsts.append(time.perf_counter() - started)
+        process.kill()
+        process.wait()
+    report("python cozyopenai.py -> first answer to /openai/models", f"{statistics.median(firsts):.2f} s",
+           "< 0.5 s", statistics.median(firsts) < 0.5)
+
+
+####################################################################################
+# Command line
+####################################################################################
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", nargs="?", default="bench", choices=("bench", "serve"))
+    parser.add_argument("--runs", type=int, default=5, help="runs per figure; medians are reported")
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of each throughput run")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
+    parser.add_argument("--server", default="default",
+                        help="server for the concurrency figure: default, gunicorn, waitress, cheroot")
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--json-store", help=argparse.SUPPRESS)
+    parser.add_argument("--body-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    arguments = parser.parse_args(argv)
+    if arguments.mode == "serve":
+        return serve(arguments)
+    chosen = [name.strip() for name in arguments.only.split(",") if name.strip()]
+    print(f"cozyopenai {cozyopenai.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} cores, "
+          f"medians of {arguments.runs} runs", flush=True)
+    if "overhead" in chosen:
+        bench_overhead(arguments.runs, arguments.seconds)
+    if "ttfb" in chosen:
+        bench_ttfb(arguments.runs)
+    if "concurrency" in chosen:
+        bench_concurrency(max(1, arguments.runs // 2), arguments.server)
+    if "parallel" in chosen:
+        bench_parallel(arguments.runs)
+    if "storage" in chosen:
+        bench_storage(max(1, arguments.runs // 2))
+    if "llm" in chosen:
+        print("LLM cost per gathering turn, the document's trip-planner dialogue (tokens: characters / 4)")
+        bench_llm_cost(single_call=False)
+        bench_llm_cost(single_call=True)
+    if "startup" in chosen:
+        bench_startup(arguments.runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
