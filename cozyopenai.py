@@ -58,7 +58,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import importlib
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -109,6 +109,8 @@ DEFAULT_STORE = "conversations"           # a directory: the JSON store, so rest
 LLM_TIMEOUT_SECONDS = 30.0
 HANGUP_CHECK_SECONDS = 0.05               # how often a running turn looks whether its client left
 IDLE_THREAD_SECONDS = 60.0                # a server thread with no connection to answer ends after this
+LISTEN_BACKLOG = 1024                     # connections the kernel holds while the server accepts
+SERVER_THREADS = 256                      # for --server gunicorn/waitress/cheroot: each open stream holds one
 HTTP_NODE_TIMEOUT_SECONDS = 30.0
 MEMORY_STORE_MAX_CONVERSATIONS = 10_000
 KEEPALIVE_SECONDS = 10.0                  # an SSE comment this often while a stream is silent
@@ -529,6 +531,7 @@ class LLMSettings:
     api_key: str = field(default="", repr=False)
     timeout_seconds: float = LLM_TIMEOUT_SECONDS
     max_retries: int = 1                   # on timeouts, refused connections, 429 and 5xx
+    single_call: bool = False              # extraction also writes the follow-up question: one call a turn
 
 
 class LLMClient:
@@ -1190,7 +1193,13 @@ context only, to understand it; never take values from them.
 given before), "cancel" (stop or start over), "skip" (wants to leave an optional input out), \
 or "other" (anything else).
 
-Answer with one JSON object and nothing else: {{"values": {{{keys}}}, "intent": "provide"}}"""
+Answer with one JSON object and nothing else: {{"values": {{{keys}}}, "intent": "provide"{question_key}}}"""
+
+SINGLE_CALL_RULE = """- "question": if a required input is still missing after this message (neither known so far \
+nor stated in it), one short, natural question in the language of the new message that \
+acknowledges what it gave and asks for what is still missing, with no lists or forms; \
+otherwise null.
+"""
 
 QUESTION_PROMPT = """\
 You are the friendly assistant of the workflow "{name}": {description}
@@ -1260,6 +1269,7 @@ class Extraction:
     intent: str = "provide"
     notes: List[str] = field(default_factory=list)           # for the thinking block
     llm_failed: bool = False                                 # then the question is not asked of it either
+    question: Optional[str] = None                           # written by the extraction call (single call)
 
 
 def _fold(text: str) -> str:
@@ -1489,9 +1499,9 @@ def _unambiguous_value(query: QueryInput, text: str, workflow: Workflow) -> Opti
     return None
 
 
-def extraction_schema(workflow: Workflow) -> dict:
+def extraction_schema(workflow: Workflow, single_call: bool = False) -> dict:
     value_types = ["string", "number", "boolean", "null"]
-    return {
+    schema = {
         "type": "object",
         "properties": {
             "values": {"type": "object",
@@ -1502,10 +1512,14 @@ def extraction_schema(workflow: Workflow) -> dict:
         "required": ["values", "intent"],
         "additionalProperties": False,
     }
+    if single_call:
+        schema["properties"]["question"] = {"type": ["string", "null"]}
+        schema["required"].append("question")
+    return schema
 
 
 def extraction_messages(workflow: Workflow, conversation: Conversation, history: Sequence[dict],
-                        text: str) -> List[dict]:
+                        text: str, single_call: bool = False) -> List[dict]:
     """The extraction call: everything about the workflow in the system message, earlier
     turns quoted as context, and the new message alone as the user message."""
     inputs = []
@@ -1524,14 +1538,18 @@ def extraction_messages(workflow: Workflow, conversation: Conversation, history:
         context = f"\nEarlier turns (context only):\n{turns}\n"
     keys = ", ".join(f'"{name}": null' for name in workflow.query_inputs)
     prompt = EXTRACTION_PROMPT.format(name=workflow.name, description=workflow.description,
-                                      inputs="\n".join(inputs), context=context, keys=keys)
+                                      inputs="\n".join(inputs), context=context, keys=keys,
+                                      question_key=', "question": null' if single_call else "")
+    if single_call:
+        prompt = prompt.replace("\n\nAnswer with one JSON", "\n" + SINGLE_CALL_RULE.rstrip() + "\n\nAnswer with one JSON")
     return [{"role": "system", "content": prompt}, {"role": "user", "content": text}]
 
 
 def extract_with_llm(llm: LLMClient, workflow: Workflow, conversation: Conversation,
                      history: Sequence[dict], text: str) -> Extraction:
-    answer = llm.complete_json(extraction_messages(workflow, conversation, history, text),
-                               extraction_schema(workflow))
+    single_call = llm.settings.single_call
+    answer = llm.complete_json(extraction_messages(workflow, conversation, history, text, single_call),
+                               extraction_schema(workflow, single_call))
     proposed = answer.get("values", answer)
     if not isinstance(proposed, dict):
         raise UpstreamError("the language model's answer had no 'values' object")
@@ -1539,6 +1557,9 @@ def extract_with_llm(llm: LLMClient, workflow: Workflow, conversation: Conversat
     extraction = Extraction(intent=intent)
     if intent != "cancel":
         accept_values(workflow, proposed, text, extraction, conversation.asked)
+    question = answer.get("question")
+    if single_call and isinstance(question, str) and question.strip():
+        extraction.question = question.strip()
     return extraction
 
 
@@ -1573,7 +1594,7 @@ def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understo
         parts.append(f"I still need the {_and_list([query.label for query in missing])}.")
     parts.append(first.question or f"Could you tell me the {first.label} ({first.description.rstrip('.')})?")
     if len(missing) > 1:
-        parts.append(f'You can also give several at once, one per line, like "{missing[1].name}: ...".')
+        parts.append(f'You can also give several at once, one per line, like "{missing[1].label}: ...".')
     return " ".join(parts)
 
 
@@ -1749,7 +1770,12 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
         return GIVE_UP_REPLY.format(label=first.label, name=first.name, tries=MAX_ASKS_PER_INPUT)
     problems = {name: reason for name, reason in extraction.rejected.items() if name not in conversation.values}
     question = None
-    if turn.llm is not None and not extraction.llm_failed:
+    if extraction.question and not extraction.ignored and not extraction.rejected:
+        # Single-call mode: the extraction call wrote the question assuming its values were
+        # taken. They were, so it asks for the right inputs; otherwise the offline question.
+        question = extraction.question
+        conversation.asked = [query.name for query in missing]
+    elif turn.llm is not None and not extraction.llm_failed and not turn.llm.settings.single_call:
         try:
             question = question_with_llm(turn.llm, workflow, missing, understood, changed, problems, turn.text)
             conversation.asked = [query.name for query in missing]
@@ -2371,6 +2397,9 @@ class _ThreadingWSGIServer(WSGIServer):
     connection instead of ending: a new thread per request costs more than the whole turn
     of a small workflow (issue 6; measured in bench/)."""
     allow_reuse_address = True
+    # socketserver's default backlog is 5: a burst of clients beyond that had their connections
+    # dropped and retried by the kernel, seconds later (200 streams at once waited up to 55 s).
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -2437,7 +2466,7 @@ def _config_from_arguments(arguments: argparse.Namespace) -> dict:
     llm = None
     if arguments.llm_base_url:
         llm = LLMSettings(arguments.llm_base_url, arguments.llm_model, arguments.llm_api_key,
-                          timeout_seconds=arguments.llm_timeout)
+                          timeout_seconds=arguments.llm_timeout, single_call=arguments.llm_single_call)
     return {"workflows": arguments.workflows, "store": arguments.store, "llm": llm, "api_keys": arguments.api_key,
             "expire_after_seconds": arguments.expire_days * 86400 if arguments.expire_days else None,
             "thinking": arguments.thinking, "conversation_header": arguments.conversation_header,
@@ -2467,6 +2496,9 @@ def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -
                         help="key for the internal LLM (better: the COZYOPENAI_LLM_API_KEY variable)")
     parser.add_argument("--llm-timeout", type=float, default=env("LLM_TIMEOUT", LLM_TIMEOUT_SECONDS),
                         help="seconds to wait for the internal LLM (default: %(default)s)")
+    parser.add_argument("--llm-single-call", action="store_true",
+                        default=env("LLM_SINGLE_CALL", "").lower() in ("1", "true", "yes", "on"),
+                        help="one LLM call per gathering turn: the extraction call also writes the question")
     parser.add_argument("--api-key", action="append", default=None,
                         help="require this Bearer key on /openai routes (repeat for several keys)")
     parser.add_argument("--thinking", choices=THINKING_STYLES, default=env("THINKING", "tags"),
@@ -2476,6 +2508,14 @@ def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -
                              "the identifier block, which is then not shown")
     parser.add_argument("--cors-origin", action="append", default=None,
                         help="allow browser clients from this origin ('*' for any; repeat for several)")
+    parser.add_argument("--server", default=env("SERVER", "default"),
+                        help="'default' (built in), or a server Bottle can run if it is installed: "
+                             "gunicorn, waitress, cheroot, ...")
+    parser.add_argument("--workers", type=int, default=env("WORKERS", 1),
+                        help="worker processes, with --server gunicorn (share a JSON store; default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=env("THREADS", SERVER_THREADS),
+                        help="threads per worker with --server gunicorn, waitress or cheroot; each open "
+                             "stream holds one (default: %(default)s)")
     parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="default: %(default)s")
     parser.add_argument("--version", action="version", version=f"cozyopenai {__version__}")
     arguments = parser.parse_args(argv)
@@ -2511,8 +2551,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not arguments.api_key and not _is_loopback(arguments.host):
         log.warning("listening on %s with no --api-key: anyone who can reach it can use the models",
                     arguments.host)
-    server = create_server(app, arguments.host, arguments.port)
     models = ", ".join(app.config["cozyopenai.service"].workflows)
+    if arguments.server != "default":
+        return _run_with_bottle_adapter(app, arguments, models)
+    server = create_server(app, arguments.host, arguments.port)
     log.info("cozyopenai %s serving %s on http://%s:%d/openai", __version__, models, arguments.host,
              server.server_port)
     try:
@@ -2521,6 +2563,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pass
     finally:
         server.server_close()
+    return 0
+
+
+SERVER_OPTIONS: Mapping[str, Callable[[argparse.Namespace], dict]] = MappingProxyType({
+    # Bottle's adapter name → its options. Threads matter: every open stream holds one.
+    "gunicorn": lambda a: {"workers": a.workers, "threads": a.threads, "worker_class": "gthread"},
+    "waitress": lambda a: {"threads": a.threads},
+    "cheroot": lambda a: {"numthreads": a.threads},
+})
+
+
+def _run_with_bottle_adapter(app: bottle.Bottle, arguments: argparse.Namespace, models: str) -> int:
+    """--server NAME: one of Bottle's server adapters, if its package is installed."""
+    if arguments.server not in bottle.server_names:
+        print(f"cozyopenai: unknown --server {arguments.server!r}; try default, "
+              f"{', '.join(sorted(SERVER_OPTIONS))}", file=sys.stderr)
+        return 2
+    if arguments.server in SERVER_OPTIONS and importlib.util.find_spec(arguments.server) is None:
+        print(f"cozyopenai: --server {arguments.server} is not installed: pip install {arguments.server}",
+              file=sys.stderr)
+        return 2
+    options = SERVER_OPTIONS.get(arguments.server, lambda a: {})(arguments)
+    log.info("cozyopenai %s serving %s on http://%s:%d/openai with %s", __version__, models, arguments.host,
+             arguments.port, arguments.server)
+    try:
+        bottle.run(app, server=arguments.server, host=arguments.host, port=arguments.port, quiet=True, **options)
+    except ImportError as exc:
+        print(f"cozyopenai: --server {arguments.server} is not installed ({exc.name}): "
+              f"pip install {exc.name or arguments.server}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -121,7 +121,10 @@ class FakeLLM:
             values = {**invented, **self.extractions.get(new_message, {})}
             if self.mode == "wrong_types":
                 values = {name: _wrong_type(value) for name, value in values.items()}
-            return [json.dumps({"values": values, "intent": self.intents.get(new_message, "provide")})]
+            answer = {"values": values, "intent": self.intents.get(new_message, "provide")}
+            if "question" in body["messages"][0]["content"]:   # single-call mode asks for one
+                answer["question"] = self.question
+            return [json.dumps(answer)]
         if kind == "question":
             return [self.question]
         return self.node_tokens
@@ -571,6 +574,20 @@ def test_store_named_json_is_the_json_store_in_its_default_directory(tmp_path, m
     assert (tmp_path / cozyopenai.DEFAULT_STORE).is_dir() and not (tmp_path / "json").exists()
 
 
+def test_conversation_ids_are_well_formed_unique_and_differ_in_a_forked_worker():
+    ids = cozyopenai.ConversationIds()
+    drawn = [ids() for _ in range(500)]   # more than one pool of random bytes
+    assert len(set(drawn)) == 500 and all(cozyopenai.is_conversation_id(i) for i in drawn)
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:   # a worker forked after the pool was drawn must not repeat the parent's ids
+        os.write(writer, ids().encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert os.read(reader, 64).decode() != ids()
+    os.close(reader), os.close(writer)
+
+
 def test_json_store_refuses_ids_that_are_not_conversation_ids(tmp_path):
     store = cozyopenai.JsonFileStore(tmp_path / "store")
     with pytest.raises(ValueError):
@@ -841,6 +858,23 @@ def test_with_an_llm_the_question_is_phrased_by_it_from_what_is_missing(start, f
     assert "- destination: Paris" in system
     assert "- budget: Total budget" in system and "- travel dates: When the user" in system
     assert call["messages"][-1] == {"role": "user", "content": "Paris!"}
+
+
+def test_single_call_mode_asks_the_question_within_the_extraction_call(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    chat = Chat(start(llm=fake_llm.settings(single_call=True)))
+    assert answer_of(chat.say("Paris!")) == fake_llm.question
+    (call,) = fake_llm.calls
+    assert call_kind(call) == "extraction" and '"question"' in call["messages"][0]["content"]
+    assert "question" in call["response_format"]["json_schema"]["schema"]["required"]
+
+
+def test_single_call_mode_does_not_use_a_question_written_around_an_ignored_value(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris", "budget": 9999}}   # 9999: never said
+    reply = Chat(start(llm=fake_llm.settings(single_call=True))).say("Paris!")
+    assert "Ignored budget" in thinking_of(reply)
+    assert answer_of(reply).startswith("Got it: destination Paris. I still need the budget and travel dates.")
+    assert len(fake_llm.calls) == 1
 
 
 def test_a_failed_question_call_falls_back_to_the_templated_question(start, fake_llm):
@@ -1684,6 +1718,21 @@ def test_help_lists_every_flag():
                             capture_output=True, text=True, timeout=30)
     for flag in ("--host", "--port", "--workflows", "--store", "--llm-base-url", "--llm-model", "--api-key"):
         assert flag in result.stdout
+
+
+def test_single_call_mode_comes_from_the_flag_or_the_environment():
+    config = cozyopenai.config_from_environment({"COZYOPENAI_LLM_BASE_URL": "http://127.0.0.1:9/v1",
+                                                 "COZYOPENAI_LLM_SINGLE_CALL": "true"})
+    assert config["llm"].single_call is True
+    arguments = cozyopenai.parse_arguments(["--llm-base-url", "http://x/v1", "--llm-single-call"], {})
+    assert cozyopenai._config_from_arguments(arguments)["llm"].single_call is True
+    assert cozyopenai.config_from_environment({"COZYOPENAI_LLM_BASE_URL": "http://x/v1"})["llm"].single_call is False
+
+
+def test_an_unknown_server_name_exits_with_a_clear_message():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "memory",
+                             "--server", "no-such-server"], capture_output=True, text=True, timeout=30, cwd=HERE)
+    assert result.returncode == 2 and "unknown --server 'no-such-server'" in result.stderr
 
 
 @contextlib.contextmanager

@@ -492,7 +492,7 @@ class CountingLLM:
 def bench_llm_cost(single_call):
     llm = CountingLLM()
     app = cozyopenai.make_app(os.path.join(TOP, "workflows.json"), store="memory",
-                              llm=cozyopenai.LLMSettings(llm.url, "m", "unused"), single_call=single_call)
+                              llm=cozyopenai.LLMSettings(llm.url, "m", "unused", single_call=single_call))
     server = cozyopenai.create_server(app, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     history = []
@@ -573,7 +573,7 @@ def main(argv=None):
     if "parallel" in chosen:
         bench_parallel(arguments.runs)
     if "storage" in chosen:
-        bench_storage(max(1, arguments.runs // 2))
+        bench_storage(arguments.runs)
     if "llm" in chosen:
         print("LLM cost per gathering turn, the document's trip-planner dialogue (tokens: characters / 4)")
         bench_llm_cost(single_call=False)
