@@ -115,6 +115,7 @@ HTTP_NODE_TIMEOUT_SECONDS = 30.0
 MEMORY_STORE_MAX_CONVERSATIONS = 10_000
 KEEPALIVE_SECONDS = 10.0                  # an SSE comment this often while a stream is silent
 EXPIRE_EVERY_SECONDS = 3600.0             # how often the store is swept for old conversations
+UNDO_TURNS = 20                           # turns of state kept, to go back when a message is edited or resent
 MAX_ASKS_PER_INPUT = 3                    # then say so and offer to start over, instead of asking forever
 MAX_DIRECT_REPLY_WORDS = 4                # a longer reply to "where to?" is a sentence, not a destination
 CONTEXT_TURNS = 6                         # earlier messages shown to the extraction call
@@ -956,12 +957,49 @@ class Conversation:
     turns: int = 0
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+    seen: List[str] = field(default_factory=list)         # a fingerprint of each user turn read, in order
+    before: List[dict] = field(default_factory=list)      # the state before each of the last UNDO_TURNS
     is_new: bool = False                                  # not stored: the id block goes out once
 
     def to_record(self) -> dict:
         record = dict(self.__dict__)
         del record["is_new"]
         return record
+
+    def snapshot(self) -> dict:
+        return {"values": dict(self.values), "asked": list(self.asked), "ask_counts": dict(self.ask_counts),
+                "runs": self.runs}
+
+    def restore(self, snapshot: Mapping[str, Any]) -> None:
+        self.values, self.asked = dict(snapshot["values"]), list(snapshot["asked"])
+        self.ask_counts, self.runs = dict(snapshot["ask_counts"]), snapshot["runs"]
+
+    def remember_turn(self, text: str, snapshot: dict) -> None:
+        """Note that ``text`` was read, and the state before it, to go back to if it changes."""
+        self.seen.append(turn_fingerprint(text))
+        self.before = (self.before + [snapshot])[-UNDO_TURNS:]
+
+    def rewind_to(self, earlier_turns: Sequence[str]) -> Optional[int]:
+        """Open WebUI and others let users edit a message or regenerate a reply: the history
+        then differs from the turns read. Go back to the state before the first turn that
+        differs, and return how many of ``earlier_turns`` are accounted for (the rest must be
+        read again); None when the history goes on from what was read. Extra earlier turns
+        alone are not a change: they were sent to another model of the same chat."""
+        fingerprints = [turn_fingerprint(text) for text in earlier_turns]
+        kept = 0
+        while kept < min(len(self.seen), len(fingerprints)) and self.seen[kept] == fingerprints[kept]:
+            kept += 1
+        if kept == len(self.seen):
+            return None
+        undo = len(self.seen) - kept
+        if undo <= len(self.before):
+            self.restore(self.before[-undo])
+            self.before = self.before[:-undo]
+        else:   # older than what is kept: start from nothing and read every earlier turn again
+            self.restore({"values": {}, "asked": [], "ask_counts": {}, "runs": 0})
+            self.before, kept = [], 0
+        self.seen = self.seen[:kept]
+        return kept
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "Conversation":
@@ -971,6 +1009,11 @@ class Conversation:
     def missing(self, workflow: Workflow) -> List[QueryInput]:
         return [query for query in workflow.query_inputs.values()
                 if query.name not in self.values and not query.optional]
+
+
+def turn_fingerprint(text: str) -> str:
+    """A short digest of what the user wrote in one turn (clients trim whitespace differently)."""
+    return hashlib.sha256(" ".join(text.split()).encode()).hexdigest()[:16]
 
 
 def new_conversation_id() -> str:
@@ -1659,24 +1702,32 @@ def id_block(conversation_id: str) -> str:
     return f"\n\n```{ID_BLOCK_INFO}\n{conversation_id}\n```\n"
 
 
-def replay_offline(workflow: Workflow, conversation: Conversation, earlier: Sequence[dict]) -> Dict[str, Any]:
-    """Rebuild the values of a conversation the store does not know (wiped, or kept by another
-    server) from its earlier user turns, each read as the offline reader read it when it came:
-    a bare "Paris" is the answer to the question before it."""
-    turn_text: List[str] = []
-    for message in list(earlier) + [{"role": "assistant", "content": ""}]:
+def user_turns(history: Sequence[dict]) -> List[str]:
+    """The text of each earlier user turn: the user messages between two assistant replies."""
+    turns: List[str] = []
+    pending: List[str] = []
+    for message in list(history) + [{"role": "assistant", "content": ""}]:
         if message["role"] == "user":
-            turn_text.append(message["content"])
-            continue
-        if message["role"] != "assistant" or not turn_text:
-            continue
-        extraction = extract_offline(workflow, conversation, "\n".join(turn_text).strip())
-        turn_text = []
+            pending.append(message["content"])
+        elif message["role"] == "assistant" and pending:
+            turns.append("\n".join(pending).strip())
+            pending = []
+    return turns
+
+
+def replay_offline(workflow: Workflow, conversation: Conversation, turns: Sequence[str]) -> Dict[str, Any]:
+    """Rebuild values from earlier user turns the conversation has no record of (an unknown
+    id, or an edited message), each read as the offline reader read it when it came: a bare
+    "Paris" is the answer to the question before it. Returns the values it ends with."""
+    for text in turns:
+        snapshot = conversation.snapshot()
+        extraction = extract_offline(workflow, conversation, text)
         if extraction.intent == "cancel":
             conversation.values.clear()
         conversation.values.update(extraction.values)
         missing = conversation.missing(workflow)
         conversation.asked = [missing[0].name] if missing else []   # offline asks one at a time
+        conversation.remember_turn(text, snapshot)
     return dict(conversation.values)
 
 
@@ -1690,7 +1741,8 @@ class TurnContext:
     llm: Optional[LLMClient]
     node_types: Mapping[str, NodeType]
     stop: threading.Event = field(default_factory=threading.Event)
-    restored: Mapping[str, Any] = field(default_factory=dict)   # values replayed from an unknown id's history
+    restored: Optional[Mapping[str, Any]] = None   # values read again from the history (unknown id, edit)
+    rewound: bool = False                          # an earlier message was edited or sent again
 
 
 def play_turn(turn: TurnContext) -> Iterator[Piece]:
@@ -1698,6 +1750,8 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     workflow, conversation = turn.workflow, turn.conversation
     conversation.turns += 1
     extraction = Extraction()
+    if turn.rewound:
+        yield Piece("thinking", "A message was edited or sent again: went back to what I knew before it.\n")
     if turn.restored:
         shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}"
                           for name, value in turn.restored.items())
@@ -2159,6 +2213,11 @@ class Service:
         trace = {} if trace is None else trace
         trace["model"] = workflow.name
         prompt_tokens = estimate_tokens("".join(m["content"] for m in request.messages))
+        if request.messages[-1]["role"] == "assistant":
+            # Open WebUI's "Continue Response" sends the history ending with our reply: the
+            # turn is over and nothing was said, so there is nothing to add (and no turn).
+            trace["conversation"] = "continue"
+            return request, iter([]), prompt_tokens
         if is_client_task(request.messages):
             trace["conversation"] = "task"
             answer = answer_client_task(workflow, request.messages[-1]["content"], self.llm)
@@ -2173,6 +2232,7 @@ class Service:
         # Everything from the lock to the save happens inside this generator, so closing it
         # (the client hung up) still saves and unlocks. Not in a hook: Bottle runs hooks
         # before a stream's body.
+        arrived = time.time()
         with contextlib.ExitStack() as held:
             if chat_key:
                 conversation, recovered = self._resume_by_key(workflow, messages, chat_key, held)
@@ -2180,18 +2240,29 @@ class Service:
                 conversation, recovered = self._resume(workflow, messages, held)
             trace["conversation"] = conversation.id[:6]
             history, text = split_new_messages(messages)
-            restored = {}
+            earlier, restored, rewound = user_turns(history), None, False
             if recovered and self.llm is None:   # an unknown id: replay the earlier turns first
-                restored = replay_offline(workflow, conversation, history)
+                restored = replay_offline(workflow, conversation, earlier)
             elif recovered:   # the LLM reads every user message at once, in order
                 history, text = [], "\n".join(m["content"] for m in messages if m["role"] == "user")
-            turn = TurnContext(workflow, conversation, history, text, self.llm, self.node_types, stop, restored)
+                conversation.seen = [turn_fingerprint(turn) for turn in earlier]
+            elif arrived >= conversation.updated:
+                # Only a request sent after the last turn was saved can be an edit or a regenerate;
+                # one that waited for that turn's lock was sent alongside it (issue 4: lose no update).
+                kept = conversation.rewind_to(earlier)
+                if kept is not None:
+                    rewound = True
+                    restored = replay_offline(workflow, conversation, earlier[kept:]) if earlier[kept:] else None
+            turn = TurnContext(workflow, conversation, history, text, self.llm, self.node_types, stop,
+                               restored, rewound)
+            before_turn = conversation.snapshot()
             try:
                 yield from reply_fields(play_turn(turn), self.thinking)
                 if conversation.is_new and not chat_key:
                     yield "content", id_block(conversation.id)
             finally:
                 stop.set()
+                conversation.remember_turn(text, before_turn)
                 conversation.updated = time.time()
                 self.store.save(conversation.id, conversation.to_record())
 

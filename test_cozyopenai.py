@@ -1593,6 +1593,49 @@ def test_a_replay_of_open_webuis_requests_continues_the_chat_and_answers_its_tit
     assert "## Your trip to Paris" in last and ID_BLOCK.search(last) is None
 
 
+def test_regenerating_a_reply_reads_the_message_again_from_the_state_before_it(start):
+    server = start()
+    chat = Chat(server)
+    chat.say("destination: Paris")
+    first = chat.say("budget: 2000")
+    regenerated = ask(server, "trip-planner", chat.messages[:-1])   # the history without the last reply
+    assert "Got it: budget 2000." in answer_of(first) and "Got it: budget 2000." in answer_of(regenerated)
+    assert "went back to what I knew before it" in thinking_of(regenerated)
+
+
+def test_an_edited_earlier_message_replaces_what_it_said(start):
+    chat = Chat(start())
+    chat.say("I want to plan a trip")
+    chat.say("Paris")
+    chat.say("2000")
+    edited = chat.messages[:2] + [{"role": "user", "content": "Rome"}]   # Open WebUI keeps the branch up to the edit
+    reply = ask(chat.server, "trip-planner", edited)
+    assert "Understood destination: Rome." in thinking_of(reply)
+    assert "budget" in answer_of(reply).lower() and "Paris" not in reply
+
+
+def test_a_new_chat_under_a_reused_header_key_starts_from_nothing(start):
+    server = start(conversation_header="X-OpenWebUI-Chat-Id")
+    headers = {"X-OpenWebUI-Chat-Id": "temporary:socket-1"}   # Open WebUI's temporary chats share this key
+
+    def say(messages):
+        response = server.post({"model": "trip-planner", "messages": messages}, headers=headers)
+        return response.json()["choices"][0]["message"]["content"]
+    history = [{"role": "user", "content": "destination: Paris\nbudget: 2000"}]
+    history.append({"role": "assistant", "content": say(history)})
+    reply = say([{"role": "user", "content": "destination: Rome"}])   # a new chat: no assistant message yet
+    assert "I still need the budget and travel dates" in answer_of(reply)
+
+
+def test_continue_response_adds_nothing_and_changes_nothing(start):
+    server = start()
+    chat = Chat(server)
+    chat.say("destination: Paris")
+    continued = server.post({"model": "trip-planner", "messages": chat.messages})
+    assert continued.status_code == 200 and continued.json()["choices"][0]["message"]["content"] == ""
+    assert "Got it: budget 2000." in answer_of(chat.say("budget: 2000"))
+
+
 def test_a_background_task_is_answered_through_the_llm_when_there_is_one(start, fake_llm):
     fake_llm.node_tokens = ['{"title": "🗼 Paris Trip Planning"}']
     server = start(llm=fake_llm.settings())
