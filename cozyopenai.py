@@ -1283,6 +1283,9 @@ LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*
 COMMON_WORDS = {"whether", "with", "that", "this", "from", "they", "their", "them", "user", "users", "there",
                 "what", "when", "which", "will", "would", "should", "have", "does", "into", "also", "only",
                 "more", "than", "some", "very", "your", "about", "name", "number", "value", "true", "false"}
+# Words after a label that show it is talked about, not given: "a destination with beaches".
+PHRASE_STARTS = {"a", "an", "the", "with", "for", "of", "in", "to", "that", "which", "and", "or", "is", "are",
+                 "was", "will", "yet", "not", "still", "any", "some", "you", "should", "would", "could"}
 # A reply that opens like a sentence ("let's go to Rome") is not itself a value.
 SENTENCE_STARTS = {"i", "im", "id", "ill", "ive", "we", "were", "wed", "lets", "let", "my", "our", "it", "its",
                    "please", "can", "could", "would", "what", "how", "why", "hi", "hello", "hey", "thanks", "ok",
@@ -1463,6 +1466,10 @@ def extract_offline(workflow: Workflow, conversation: Conversation, text: str) -
             match = re.search(r"\b" + r"[\s_-]+".join(map(re.escape, _words(query.label))) + LABELLED_NUMBER, text, re.I)
             if match:
                 proposed[query.name] = match.group(1)
+        elif query.type == "string" and query.name not in proposed:
+            found = _labelled_phrase(query, text)
+            if found:
+                proposed[query.name] = found
     if not proposed:
         proposed.update(_direct_reply(workflow, conversation, text))
     for query in workflow.query_inputs.values():
@@ -1496,11 +1503,32 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str) -> 
 
 
 def _input_named(workflow: Workflow, key: str) -> Optional[str]:
+    """The input a label names: its name ("travel_dates", "travel dates"), or words of its
+    label that name no other input ("dates")."""
     wanted = re.sub(r"[\s\-]+", "_", _fold(key).strip())
     for name in workflow.query_inputs:
         if _fold(name) == wanted:
             return name
-    return None
+    words = set(_words(key))
+    if not words or any(len(word) < 3 or word in COMMON_WORDS for word in words):
+        return None
+    named = [name for name, query in workflow.query_inputs.items() if words <= set(_words(query.label))]
+    return named[0] if len(named) == 1 else None
+
+
+def _labelled_phrase(query: QueryInput, text: str) -> Optional[str]:
+    """A short phrase right after a text input's label, up to punctuation: "destination
+    Paris, budget 2000" gives Paris. Not a phrase that opens like a sentence ("destination
+    with beaches")."""
+    label = r"[\s_-]+".join(map(re.escape, _words(query.label)))
+    match = re.search(r"\b" + label + r"\b\s*(?:is|:|=)?\s*([^\n,;.!?()]+)", text, re.I)
+    if not match:
+        return None
+    phrase = match.group(1).strip()
+    words = _words(phrase)
+    if not words or len(words) > MAX_DIRECT_REPLY_WORDS or words[0] in SENTENCE_STARTS | PHRASE_STARTS:
+        return None
+    return phrase
 
 
 def _is_about_time(query: QueryInput) -> bool:
@@ -1742,7 +1770,7 @@ class TurnContext:
     node_types: Mapping[str, NodeType]
     stop: threading.Event = field(default_factory=threading.Event)
     restored: Optional[Mapping[str, Any]] = None   # values read again from the history (unknown id, edit)
-    rewound: bool = False                          # an earlier message was edited or sent again
+    rewound: str = ""                              # why the state went back: "edit" or "new chat"
 
 
 def play_turn(turn: TurnContext) -> Iterator[Piece]:
@@ -1750,7 +1778,9 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     workflow, conversation = turn.workflow, turn.conversation
     conversation.turns += 1
     extraction = Extraction()
-    if turn.rewound:
+    if turn.rewound == "new chat":   # a reused header key (Open WebUI's temporary chats share one)
+        yield Piece("thinking", "A new chat: starting from nothing.\n")
+    elif turn.rewound:
         yield Piece("thinking", "A message was edited or sent again: went back to what I knew before it.\n")
     if turn.restored:
         shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}"
@@ -2084,8 +2114,10 @@ def with_keepalives(texts: Iterator[Any], interval_seconds: float, stop: threadi
                 if stop.is_set():
                     break
         finally:
-            texts.close()
-            pipe.put(finished)
+            try:
+                getattr(texts, "close", lambda: None)()   # a turn's generator saves and unlocks on close
+            finally:
+                pipe.put(finished)   # whatever happened, the stream ends
     threading.Thread(target=produce, daemon=True).start()
     try:
         while True:
@@ -2240,7 +2272,7 @@ class Service:
                 conversation, recovered = self._resume(workflow, messages, held)
             trace["conversation"] = conversation.id[:6]
             history, text = split_new_messages(messages)
-            earlier, restored, rewound = user_turns(history), None, False
+            earlier, restored, rewound = user_turns(history), None, ""
             if recovered and self.llm is None:   # an unknown id: replay the earlier turns first
                 restored = replay_offline(workflow, conversation, earlier)
             elif recovered:   # the LLM reads every user message at once, in order
@@ -2251,7 +2283,7 @@ class Service:
                 # one that waited for that turn's lock was sent alongside it (issue 4: lose no update).
                 kept = conversation.rewind_to(earlier)
                 if kept is not None:
-                    rewound = True
+                    rewound = "edit" if earlier else "new chat"
                     restored = replay_offline(workflow, conversation, earlier[kept:]) if earlier[kept:] else None
             turn = TurnContext(workflow, conversation, history, text, self.llm, self.node_types, stop,
                                restored, rewound)

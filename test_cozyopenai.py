@@ -970,6 +970,18 @@ def test_offline_choices_named_exactly_and_iso_dates_are_read_without_labels(sta
     assert answer_of(reply) == "2026-12-01 meeting"
 
 
+def test_offline_a_short_phrase_after_a_label_is_read_and_a_word_of_a_label_names_its_input(start):
+    chat = Chat(start())
+    reply = chat.say("destination Paris, budget 2000")
+    assert "Understood destination: Paris." in reply and "Understood budget: 2000." in reply
+    assert "Understood travel dates: 3 to 7 June." in chat.say("dates: 3 to 7 June")
+
+
+def test_offline_a_label_talked_about_is_not_a_value(start):
+    reply = Chat(start()).say("I need a destination with beaches and a budget for two")
+    assert "Understood" not in thinking_of(reply)
+
+
 def test_offline_typed_values_go_only_to_inputs_that_name_the_kind_as_a_word(start):
     nodes = [{"id": "say", "type": "template", "inputs": {"template": "{area} {site}", "area": {"query": "area"},
                                                           "site": {"query": "site"}}},
@@ -1587,6 +1599,8 @@ def test_a_replay_of_open_webuis_requests_continues_the_chat_and_answers_its_tit
     follow_ups = server.post({"model": "trip-planner", "messages": [{"role": "user", "content": title_task.replace(
         '{ "title": "your concise title here" }', '{ "follow_ups": ["Question 1?"] }')}]}).json()
     assert json.loads(follow_ups["choices"][0]["message"]["content"]) == {"follow_ups": []}
+    streamed = server.post({"model": "trip-planner", "stream": True, "messages": [{"role": "user", "content": title_task}]})
+    assert '\\"title\\"' in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
     assert "Where would you like to go?" in first
     turn("Paris")
     last = turn("budget: 2000\ntravel_dates: May")
@@ -1625,6 +1639,7 @@ def test_a_new_chat_under_a_reused_header_key_starts_from_nothing(start):
     history.append({"role": "assistant", "content": say(history)})
     reply = say([{"role": "user", "content": "destination: Rome"}])   # a new chat: no assistant message yet
     assert "I still need the budget and travel dates" in answer_of(reply)
+    assert "A new chat: starting from nothing." in thinking_of(reply)
 
 
 def test_continue_response_adds_nothing_and_changes_nothing(start):
@@ -1633,6 +1648,8 @@ def test_continue_response_adds_nothing_and_changes_nothing(start):
     chat.say("destination: Paris")
     continued = server.post({"model": "trip-planner", "messages": chat.messages})
     assert continued.status_code == 200 and continued.json()["choices"][0]["message"]["content"] == ""
+    streamed = server.post({"model": "trip-planner", "messages": chat.messages, "stream": True})
+    assert streamed.text.rstrip().endswith("data: [DONE]")   # the stream ends (Open WebUI waited forever)
     assert "Got it: budget 2000." in answer_of(chat.say("budget: 2000"))
 
 
