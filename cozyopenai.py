@@ -2072,6 +2072,9 @@ class Redactor:
     def __call__(self, text: str) -> str:
         return self._pattern.sub(REDACTED, text) if self._pattern else text
 
+    def __bool__(self) -> bool:
+        return self._pattern is not None
+
 
 class HangUpAwareEvent(threading.Event):
     """The turn's stop signal. It also turns set when the client has closed its connection,
@@ -2255,8 +2258,9 @@ class Service:
             answer = answer_client_task(workflow, request.messages[-1]["content"], self.llm)
             return request, iter([("content", workflow.redact(answer))]), prompt_tokens
         self._expire_now_and_then()
-        fields = ((name, workflow.redact(text)) for name, text in
-                  self._turn_fields(workflow, request.messages, stop or threading.Event(), chat_key, trace))
+        fields = self._turn_fields(workflow, request.messages, stop or threading.Event(), chat_key, trace)
+        if workflow.redact:   # a workflow with no secrets skips a step per piece (issue 6)
+            fields = ((name, workflow.redact(text)) for name, text in fields)
         return request, fields, prompt_tokens
 
     def _turn_fields(self, workflow: Workflow, messages: List[dict], stop: threading.Event, chat_key: str,
@@ -2376,6 +2380,7 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
     arguments = (workflows, store, llm, api_keys, node_types, keepalive_seconds, expire_after_seconds, thinking,
                  conversation_header, cors_origins)
     if all(argument is None for argument in arguments):
+        _log_requests_under_a_wsgi_server(os.environ.get(ENVIRONMENT_PREFIX + "LOG_LEVEL", "INFO"))
         return make_app(**config_from_environment(os.environ))
     all_node_types = MappingProxyType({**NODE_TYPES, **(node_types or {})})
     service = Service(workflows=load_workflows(workflows or DEFAULT_WORKFLOWS_PATH, all_node_types),
@@ -2398,6 +2403,16 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
     app.default_error_handler = _error_page
     app.config["cozyopenai.service"] = service
     return app
+
+
+def _log_requests_under_a_wsgi_server(level: str) -> None:
+    """gunicorn and the like configure their own loggers, not ours: without this, the request
+    lines would go nowhere. Only when nobody configured logging, so an embedding app decides."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(level.upper())
 
 
 def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., Any]:

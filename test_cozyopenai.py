@@ -1773,6 +1773,17 @@ def test_the_app_attribute_is_made_on_access_from_the_environment(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_the_no_argument_factory_logs_requests_when_nobody_configured_logging(tmp_path):
+    code = ("import cozyopenai, wsgiref.util; app = cozyopenai.make_app(); environ = {}; "
+            "wsgiref.util.setup_testing_defaults(environ); environ['PATH_INFO'] = '/openai/models'; "
+            "b''.join(app(environ, lambda status, headers: None))")
+    environment = {**os.environ, "COZYOPENAI_WORKFLOWS": WORKFLOWS_PATH, "COZYOPENAI_STORE": "memory",
+                   "PYTHONPATH": HERE}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                            env=environment)
+    assert "INFO GET /openai/models model=- conversation=- status=200" in result.stderr, result.stderr
+
+
 def test_help_lists_every_flag():
     result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--help"],
                             capture_output=True, text=True, timeout=30)

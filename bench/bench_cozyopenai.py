@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import http.server
 import json
+import logging
 import os
 import selectors
 import shutil
@@ -99,7 +100,9 @@ def _bare_app(body_bytes):
 
 
 def serve(arguments):
-    """One server: /bare is the baseline, /memory and /json are cozyopenai with each store."""
+    """One server: /bare is the baseline, /memory and /json are cozyopenai with each store.
+    Logging is set up as `python cozyopenai.py` sets it (a line per request, to stderr)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     apps = {"bare": _bare_app(arguments.body_bytes)}
     apps["memory"] = cozyopenai.make_app(BENCH_WORKFLOWS, store="memory", node_types=BENCH_NODE_TYPES)
     if arguments.json_store:
@@ -137,13 +140,25 @@ class ServerProcess:
         if json_store:
             command += ["--json-store", json_store]
         started = time.perf_counter()
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_until_answering(self.port, "/bare", self.process)
+        self.log = tempfile.TemporaryFile()   # the server's log lines, as `python cozyopenai.py` writes them
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
+        try:
+            wait_until_answering(self.port, "/bare", self.process)
+        except BaseException:
+            self.close()
+            raise
         self.startup_seconds = time.perf_counter() - started
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
 
     def close(self):
         self.process.kill()
         self.process.wait()
+        self.log.close()
 
 
 def free_port():
@@ -156,7 +171,7 @@ def wait_until_answering(port, path, process, limit_seconds=30.0):
     deadline = time.perf_counter() + limit_seconds
     while time.perf_counter() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"server exited: {process.stderr.read().decode(errors='replace')[-2000:]}")
+            raise SystemExit(f"server on port {port} exited with status {process.returncode}")
         with contextlib.suppress(OSError):
             status, _, _ = http_request(port, "GET", path)
             if status == 200:
@@ -275,18 +290,16 @@ def bench_overhead(runs, seconds):
     store = tempfile.mkdtemp(prefix="cozy-bench-json-")
     try:
         body = chat_body("echo", ECHO_MESSAGE)
-        probe = ServerProcess(json_store=store)
-        answer_bytes = len(http_request(probe.port, "POST", "/memory/openai/chat/completions", body)[1])
-        probe.close()
-        server = ServerProcess(json_store=store, body_bytes=answer_bytes)
+        with ServerProcess(json_store=store) as probe:
+            answer_bytes = len(http_request(probe.port, "POST", "/memory/openai/chat/completions", body)[1])
         rates = {"bare": [], "memory": [], "json": []}
-        for _ in range(runs):
-            for kind, path in (("bare", "/bare"), ("memory", "/memory/openai/chat/completions"),
-                               ("json", "/json/openai/chat/completions")):
-                rate, errors = throughput(server.port, path, body, seconds)
-                assert errors == 0, f"{errors} errors on {kind}"
-                rates[kind].append(rate)
-        server.close()
+        with ServerProcess(json_store=store, body_bytes=answer_bytes) as server:
+            for _ in range(runs):
+                for kind, path in (("bare", "/bare"), ("memory", "/memory/openai/chat/completions"),
+                                   ("json", "/json/openai/chat/completions")):
+                    rate, errors = throughput(server.port, path, body, seconds)
+                    assert errors == 0, f"{errors} errors on {kind}"
+                    rates[kind].append(rate)
     finally:
         shutil.rmtree(store, ignore_errors=True)
     bare = statistics.median(rates["bare"])
@@ -301,17 +314,17 @@ def bench_overhead(runs, seconds):
 
 def bench_ttfb(runs, count=100):
     print(f"Time to first byte: one client, {count} requests per run, streamed turn vs bare route")
-    server = ServerProcess()
     ratios, bare_times, turn_times, delays = [], [], [], []
     body = chat_body("echo", ECHO_MESSAGE, stream=True)
-    for _ in range(runs):
-        bare = [http_request(server.port, "GET", "/bare")[2] for _ in range(count)]
-        turn = [http_request(server.port, "POST", "/memory/openai/chat/completions", body)[2] for _ in range(count)]
-        bare_times.append(statistics.median(bare))
-        turn_times.append(statistics.median(turn))
-        ratios.append(turn_times[-1] / bare_times[-1])
-        delays.append(statistics.median([_progress_delay(server.port) for _ in range(10)]))
-    server.close()
+    with ServerProcess() as server:
+        for _ in range(runs):
+            bare = [http_request(server.port, "GET", "/bare")[2] for _ in range(count)]
+            turn = [http_request(server.port, "POST", "/memory/openai/chat/completions", body)[2]
+                    for _ in range(count)]
+            bare_times.append(statistics.median(bare))
+            turn_times.append(statistics.median(turn))
+            ratios.append(turn_times[-1] / bare_times[-1])
+            delays.append(statistics.median([_progress_delay(server.port) for _ in range(10)]))
     report("first byte, streamed turn vs bare route",
            f"{statistics.median(ratios):.2f}x ({statistics.median(turn_times) * 1000:.2f} ms "
            f"vs {statistics.median(bare_times) * 1000:.2f})", "<= 1.5x", statistics.median(ratios) <= 1.5)
@@ -336,47 +349,51 @@ def _progress_delay(port):
 
 def bench_concurrency(runs, server_name):
     print(f"Concurrency: {STREAMS} simultaneous streams of a 2-second workflow, server {server_name!r}")
-    server = ServerProcess(server=server_name)
     worst_errors, worst_first_byte, worst_total = 0, 0.0, 0.0
-    for _ in range(runs):
-        results = [None] * STREAMS
-        gate = threading.Barrier(STREAMS)
-
-        def client(index):
-            gate.wait()
-            started = time.perf_counter()
-            try:
-                status, payload, first = http_request(server.port, "POST", "/memory/openai/chat/completions",
-                                                      chat_body("sleepy", "go", stream=True))
-                ok = status == 200 and b"data: [DONE]" in payload and b"</thinking>" in payload
-                results[index] = (ok, first, time.perf_counter() - started)
-            except OSError as exc:
-                results[index] = (False, None, repr(exc))
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(STREAMS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        worst_errors = max(worst_errors, sum(1 for ok, _, _ in results if not ok))
-        worst_first_byte = max([worst_first_byte] + [first for ok, first, _ in results if ok])
-        worst_total = max([worst_total] + [total for ok, _, total in results if ok])
-    server.close()
+    with ServerProcess(server=server_name) as server:
+        for _ in range(runs):
+            results = _open_streams_at_once(server.port)
+            worst_errors = max(worst_errors, sum(1 for ok, _, _ in results if not ok))
+            worst_first_byte = max([worst_first_byte] + [first for ok, first, _ in results if ok])
+            worst_total = max([worst_total] + [total for ok, _, total in results if ok])
     report(f"failed streams (worst of {runs} runs)", str(worst_errors), "0", worst_errors == 0)
     report("slowest first byte / slowest whole stream (2 s of work)",
            f"{worst_first_byte:.2f} s / {worst_total:.2f} s", "no starving", worst_total < 4.0)
 
 
+def _open_streams_at_once(port):
+    """(ok, seconds to first byte, seconds to the end) for STREAMS clients let go together."""
+    results = [None] * STREAMS
+    gate = threading.Barrier(STREAMS)
+
+    def client(index):
+        gate.wait()
+        started = time.perf_counter()
+        try:
+            status, payload, first = http_request(port, "POST", "/memory/openai/chat/completions",
+                                                  chat_body("sleepy", "go", stream=True))
+            ok = status == 200 and b"data: [DONE]" in payload and b"</thinking>" in payload
+            results[index] = (ok, first, time.perf_counter() - started)
+        except OSError as exc:
+            results[index] = (False, None, repr(exc))
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(STREAMS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 def bench_parallel(runs):
     print("Parallel branches: two independent 1-second nodes")
-    server = ServerProcess()
     times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        status, _, _ = http_request(server.port, "POST", "/memory/openai/chat/completions",
-                                    chat_body("parallel", "go"))
-        assert status == 200
-        times.append(time.perf_counter() - started)
-    server.close()
+    with ServerProcess() as server:
+        for _ in range(runs):
+            started = time.perf_counter()
+            status, _, _ = http_request(server.port, "POST", "/memory/openai/chat/completions",
+                                        chat_body("parallel", "go"))
+            assert status == 200
+            times.append(time.perf_counter() - started)
     median = statistics.median(times)
     report("whole turn", f"{median:.2f} s", "about 1 s", median < 1.2)
 
@@ -390,23 +407,12 @@ def bench_storage(runs, count=100):
         startups = {size: [] for size in folders}
         for _ in range(runs):
             for size, folder in folders.items():
-                server = ServerProcess(json_store=folder)
-                # Start-up: to the first cozyopenai answer, not just the baseline route.
-                started = time.perf_counter()
-                http_request(server.port, "GET", "/json/openai/models")
-                startups[size].append(server.startup_seconds + time.perf_counter() - started)
-                samples = []
-                for index in range(count):
-                    conversation_id = ids[size][index % len(ids[size])]
-                    history = [{"role": "user", "content": "hi"},
-                               {"role": "assistant", "content": "What word?" + cozyopenai.id_block(conversation_id)}]
+                with ServerProcess(json_store=folder) as server:
+                    # Start-up: to the first cozyopenai answer, not just the baseline route.
                     started = time.perf_counter()
-                    status, _, _ = http_request(server.port, "POST", "/json/openai/chat/completions",
-                                                chat_body("echo", ECHO_MESSAGE, history=history))
-                    samples.append(time.perf_counter() - started)
-                    assert status == 200
-                latencies[size].append(statistics.median(samples))
-                server.close()
+                    http_request(server.port, "GET", "/json/openai/models")
+                    startups[size].append(server.startup_seconds + time.perf_counter() - started)
+                    latencies[size].append(_median_turn_latency(server.port, ids[size], count))
     finally:
         for folder in folders.values():
             shutil.rmtree(folder, ignore_errors=True)
@@ -418,6 +424,21 @@ def bench_storage(runs, count=100):
     report("start-up, 100,000 vs 10 conversations",
            f"{ratio:.2f}x ({statistics.median(startups[STORED_CONVERSATIONS]):.2f} s "
            f"vs {statistics.median(startups[10]):.2f})", "no growth", ratio <= 1.2)
+
+
+def _median_turn_latency(port, conversation_ids, count):
+    """Turns on stored conversations, one after another (each loads and saves one file)."""
+    samples = []
+    for index in range(count):
+        conversation_id = conversation_ids[index % len(conversation_ids)]
+        history = [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": "What word?" + cozyopenai.id_block(conversation_id)}]
+        started = time.perf_counter()
+        status, _, _ = http_request(port, "POST", "/json/openai/chat/completions",
+                                    chat_body("echo", ECHO_MESSAGE, history=history))
+        samples.append(time.perf_counter() - started)
+        assert status == 200, status
+    return statistics.median(samples)
 
 
 def _fill_store(folder, size):
