@@ -1887,3 +1887,17 @@ def test_readme_curl_examples_run_as_written(start):
         result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stderr
         assert result.stdout.endswith("data: [DONE]\n\n") or json.loads(result.stdout)["object"] == "list"
+
+
+def test_readme_benchmark_command_runs_and_prints_every_figure_with_its_target():
+    (command,) = [block.strip() for block in re.findall(r"```\n(python bench/[^\n]*)\n```", open(
+        os.path.join(HERE, "README.md")).read())]
+    quick = ["--runs", "1", "--seconds", "0.2", "--conversations", "50",
+             "--only", "overhead,ttfb,parallel,storage,llm,startup"]   # the figures, not their precision
+    result = subprocess.run([sys.executable, *command.split()[1:], *quick], capture_output=True, text=True,
+                            timeout=60, cwd=HERE)
+    assert result.returncode == 0, result.stderr
+    for figure in ("memory store, vs bare", "json store, vs bare", "first byte", "progress line", "whole turn",
+                   "turn latency", "start-up,", "single call, turn 1: 1 gathering call", "import cozyopenai",
+                   "first answer"):
+        assert re.search(re.escape(figure) + r".*(target|prompt tokens)", result.stdout), figure

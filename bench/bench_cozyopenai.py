@@ -398,9 +398,9 @@ def bench_parallel(runs):
     report("whole turn", f"{median:.2f} s", "about 1 s", median < 1.2)
 
 
-def bench_storage(runs, count=100):
-    print(f"Storage scaling: JSON store with {STORED_CONVERSATIONS:,} vs 10 conversations")
-    folders = {size: tempfile.mkdtemp(prefix=f"cozy-bench-{size}-") for size in (10, STORED_CONVERSATIONS)}
+def bench_storage(runs, stored, count=100):
+    print(f"Storage scaling: JSON store with {stored:,} vs 10 conversations")
+    folders = {size: tempfile.mkdtemp(prefix=f"cozy-bench-{size}-") for size in (10, stored)}
     try:
         ids = {size: _fill_store(folder, size) for size, folder in folders.items()}
         latencies = {size: [] for size in folders}
@@ -416,13 +416,13 @@ def bench_storage(runs, count=100):
     finally:
         for folder in folders.values():
             shutil.rmtree(folder, ignore_errors=True)
-    ratio = statistics.median([big / small for big, small in zip(latencies[STORED_CONVERSATIONS], latencies[10])])
-    report("turn latency, 100,000 vs 10 conversations",
-           f"{ratio:.2f}x ({statistics.median(latencies[STORED_CONVERSATIONS]) * 1000:.2f} ms "
+    ratio = statistics.median([big / small for big, small in zip(latencies[stored], latencies[10])])
+    report(f"turn latency, {stored:,} vs 10 conversations",
+           f"{ratio:.2f}x ({statistics.median(latencies[stored]) * 1000:.2f} ms "
            f"vs {statistics.median(latencies[10]) * 1000:.2f})", "<= 1.2x", ratio <= 1.2)
-    ratio = statistics.median([big / small for big, small in zip(startups[STORED_CONVERSATIONS], startups[10])])
-    report("start-up, 100,000 vs 10 conversations",
-           f"{ratio:.2f}x ({statistics.median(startups[STORED_CONVERSATIONS]):.2f} s "
+    ratio = statistics.median([big / small for big, small in zip(startups[stored], startups[10])])
+    report(f"start-up, {stored:,} vs 10 conversations",
+           f"{ratio:.2f}x ({statistics.median(startups[stored]):.2f} s "
            f"vs {statistics.median(startups[10]):.2f})", "no growth", ratio <= 1.2)
 
 
@@ -574,6 +574,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=5, help="runs per figure; medians are reported")
     parser.add_argument("--seconds", type=float, default=2.0, help="length of each throughput run")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
+    parser.add_argument("--conversations", type=int, default=STORED_CONVERSATIONS,
+                        help="stored conversations for the storage figure (default: %(default)s)")
     parser.add_argument("--server", default="default",
                         help="server for the concurrency figure: default, gunicorn, waitress, cheroot")
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -594,7 +596,7 @@ def main(argv=None):
     if "parallel" in chosen:
         bench_parallel(arguments.runs)
     if "storage" in chosen:
-        bench_storage(arguments.runs)
+        bench_storage(arguments.runs, arguments.conversations)
     if "llm" in chosen:
         print("LLM cost per gathering turn, the document's trip-planner dialogue (tokens: characters / 4)")
         bench_llm_cost(single_call=False)
