@@ -2276,11 +2276,11 @@ class Service:
                 conversation, recovered = self._resume(workflow, messages, held)
             trace["conversation"] = conversation.id[:6]
             history, text = split_new_messages(messages)
-            earlier, restored, rewound = user_turns(history), None, ""
+            earlier, restored, rewound, reading = user_turns(history), None, "", text
             if recovered and self.llm is None:   # an unknown id: replay the earlier turns first
                 restored = replay_offline(workflow, conversation, earlier)
             elif recovered:   # the LLM reads every user message at once, in order
-                history, text = [], "\n".join(m["content"] for m in messages if m["role"] == "user")
+                history, reading = [], "\n".join(m["content"] for m in messages if m["role"] == "user")
                 conversation.seen = [turn_fingerprint(turn) for turn in earlier]
             elif arrived >= conversation.updated:
                 # Only a request sent after the last turn was saved can be an edit or a regenerate;
@@ -2289,7 +2289,7 @@ class Service:
                 if kept is not None:
                     rewound = "edit" if earlier else "new chat"
                     restored = replay_offline(workflow, conversation, earlier[kept:]) if earlier[kept:] else None
-            turn = TurnContext(workflow, conversation, history, text, self.llm, self.node_types, stop,
+            turn = TurnContext(workflow, conversation, history, reading, self.llm, self.node_types, stop,
                                restored, rewound)
             before_turn = conversation.snapshot()
             try:

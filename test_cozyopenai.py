@@ -1344,6 +1344,21 @@ def test_switching_back_to_the_first_model_resumes_its_conversation(start):
     assert first_id in cozyopenai.find_conversation_ids(chat.messages)
 
 
+def test_values_recovered_with_the_llm_are_kept_on_the_next_turn(start, fake_llm):
+    fake_llm.extractions = {"destination: Paris\nbudget: 2000": {"destination": "Paris", "budget": "2000"},
+                            "travel dates: May": {"travel_dates": "May"}}
+    server = start(llm=fake_llm.settings())
+    history = [{"role": "user", "content": "destination: Paris"},
+               {"role": "assistant", "content": "What budget?\n\n```cozyui-conversation-identifier\n" + "R" * 32
+                                                + "\n```"},
+               {"role": "user", "content": "budget: 2000"}]
+    history.append({"role": "assistant", "content": ask(server, "trip-planner", history)})
+    history.append({"role": "user", "content": "travel dates: May"})
+    reply = ask(server, "trip-planner", history)
+    assert "Running trip-planner with destination = Paris, budget = 2000, travel dates = May" in reply
+    assert "went back" not in reply
+
+
 def test_offline_recovery_reads_bare_answers_to_the_questions_before_them(start):
     history = [
         {"role": "user", "content": "I want to plan a trip"},
