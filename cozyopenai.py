@@ -59,6 +59,7 @@ import contextlib
 import hashlib
 import hmac
 import importlib.util
+import itertools
 import ipaddress
 import json
 import logging
@@ -208,6 +209,7 @@ class QueryInput:
     synonyms: Tuple[Tuple[str, str], ...] = ()   # (word a user may say, the choice it means)
     minimum: Optional[float] = None
     maximum: Optional[float] = None
+    cues: Tuple[str, ...] = ()     # words after which a user names a text value ("trip to" Paris)
 
     @property
     def label(self) -> str:
@@ -390,7 +392,8 @@ def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
         query = QueryInput(name=name, description=description.strip(), type=value_type,
                            choices=tuple(choices), optional=optional, question=str(spec.get("question", "")),
                            synonyms=_parse_synonyms(spec.get("synonyms", {}), choices, at),
-                           minimum=_parse_bound(spec, "minimum", at), maximum=_parse_bound(spec, "maximum", at))
+                           minimum=_parse_bound(spec, "minimum", at), maximum=_parse_bound(spec, "maximum", at),
+                           cues=_parse_cues(spec.get("cues", []), value_type, at))
         if "default" in spec:
             try:
                 default = coerce_value(query, spec["default"])
@@ -404,6 +407,14 @@ def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
             raise WorkflowFileError(f"{at}: a 'default' needs \"optional\": true (required inputs are asked for)")
         parsed[name] = query
     return parsed
+
+
+def _parse_cues(raw: Any, value_type: str, at: str) -> Tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(cue, str) and cue.strip() for cue in raw):
+        raise WorkflowFileError(f"{at}: 'cues' must be a list of words, like [\"trip to\", \"visit\"]")
+    if raw and value_type != "string":
+        raise WorkflowFileError(f"{at}: 'cues' are for inputs of type string")
+    return tuple(cue.strip() for cue in raw)
 
 
 def _parse_bound(spec: Mapping[str, Any], key: str, at: str) -> Optional[float]:
@@ -1467,7 +1478,7 @@ def extract_offline(workflow: Workflow, conversation: Conversation, text: str) -
             if match:
                 proposed[query.name] = match.group(1)
         elif query.type == "string" and query.name not in proposed:
-            found = _labelled_phrase(query, text)
+            found = _labelled_phrase(query, text) or _cued_name(query, text)
             if found:
                 proposed[query.name] = found
     if not proposed:
@@ -1529,6 +1540,19 @@ def _labelled_phrase(query: QueryInput, text: str) -> Optional[str]:
     if not words or len(words) > MAX_DIRECT_REPLY_WORDS or words[0] in SENTENCE_STARTS | PHRASE_STARTS:
         return None
     return phrase
+
+
+def _cued_name(query: QueryInput, text: str) -> Optional[str]:
+    """A capitalised name right after one of the input's cues: "a trip to New York in May"
+    gives New York; "go to the beach" gives nothing. Two different names: nothing."""
+    names = set()
+    for cue in query.cues:
+        pattern = r"(?i:\b" + r"\s+".join(map(re.escape, cue.split())) + r")\s+([^\W\d_][\w'’-]*(?:\s+[^\W\d_][\w'’-]*){0,3})"
+        for match in re.finditer(pattern, text):
+            words = list(itertools.takewhile(lambda word: word[0].isupper(), match.group(1).split()))
+            if words:
+                names.add(" ".join(words))
+    return names.pop() if len(names) == 1 else None
 
 
 def _is_about_time(query: QueryInput) -> bool:

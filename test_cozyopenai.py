@@ -290,6 +290,8 @@ BROKEN_FILES = {
                                         "workflow 'echo': 'created' is a Unix time in whole seconds"),
     "default on a required input": (lambda w, d: w["query_inputs"]["word"].update(default="hi"),
                                     "query input 'word': a 'default' needs \"optional\": true"),
+    "cues that are not a list of words": (lambda w, d: w["query_inputs"]["word"].update(cues="trip to"),
+                                          "query input 'word': 'cues' must be a list of words"),
     "duplicate name": (lambda w, d: d["workflows"].append(workflow()),
                        "workflow 'echo': the name is used twice"),
     "input neither fixed nor query": (lambda w, d: w["nodes"][0]["inputs"].update(word=None),
@@ -546,7 +548,8 @@ def test_json_store_keeps_one_file_per_conversation_and_leaves_no_temporary_file
     files = sorted(name for name in os.listdir(tmp_path) if name != ".locks")
     assert len(files) == 3 and all(re.fullmatch(r"[A-Za-z0-9_-]{32}\.json", f) for f in files)
     record = json.loads((tmp_path / files[0]).read_text())
-    assert record["model"] == "trip-planner" and record["asked"] == ["destination"]
+    assert record["model"] == "trip-planner" and record["values"] == {"destination": "Paris"}
+    assert record["asked"] == ["budget"]
 
 
 def test_restart_with_the_json_store_resumes_a_half_finished_conversation(start, tmp_path):
@@ -694,16 +697,20 @@ def test_kill_9_while_saving_leaves_a_store_that_loads_with_every_answered_turn(
 # Extraction and questions
 ####################################################################################
 
-def test_offline_the_document_dialogue_completes_in_four_user_turns(start):
+def test_offline_the_document_dialogue_completes_in_at_most_four_user_turns(start):
     chat = Chat(start())
-    first = chat.say("I want to plan a trip to Paris.")
-    assert answer_of(first).startswith("I still need the destination, budget and travel dates.")
-    assert "Where would you like to go?" in first
-    assert "budget" in answer_of(chat.say("Paris")).lower()
+    first = chat.say("I want to plan a trip to Paris.")   # "trip to" is a cue of the destination
+    assert answer_of(first).startswith("Got it: destination Paris. I still need the budget and travel dates.")
     assert "When would you like to travel" in chat.say("around $2000")
     plan = answer_of(chat.say("a week in mid-October"))
     assert "## Your trip to Paris" in plan and "a week in mid-October" in plan and "2000" in plan
-    assert len([m for m in chat.messages if m["role"] == "user"]) == 4
+    assert len([m for m in chat.messages if m["role"] == "user"]) == 3
+
+
+def test_offline_a_cue_takes_only_a_capitalised_name_and_not_two_different_ones(start):
+    assert "Understood destination: New York." in Chat(start()).say("A trip to New York in May, please")
+    assert "Understood destination" not in Chat(start()).say("I'd like to go to the beach")
+    assert "Understood destination" not in Chat(start()).say("Fly to Rome, then go to Paris")
 
 
 def test_the_document_dialogue_with_an_llm_runs_after_two_turns(start, fake_llm):
@@ -1146,7 +1153,7 @@ def test_extraction_set_accepts_only_what_users_said_in_every_mode(start, fake_l
 
 
 # The recall each mode reached when the set was written; a drop is a regression.
-RECALL_FLOOR = {"exact": 0.95, "inventing": 0.95, "wrong_types": 0.95, "broken": 0.3, "offline": 0.35}
+RECALL_FLOOR = {"exact": 0.95, "inventing": 0.95, "wrong_types": 0.95, "broken": 0.5, "offline": 0.5}
 
 
 ####################################################################################
@@ -1616,9 +1623,9 @@ def test_a_replay_of_open_webuis_requests_continues_the_chat_and_answers_its_tit
     assert json.loads(follow_ups["choices"][0]["message"]["content"]) == {"follow_ups": []}
     streamed = server.post({"model": "trip-planner", "stream": True, "messages": [{"role": "user", "content": title_task}]})
     assert '\\"title\\"' in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
-    assert "Where would you like to go?" in first
-    turn("Paris")
-    last = turn("budget: 2000\ntravel_dates: May")
+    assert "Got it: destination Paris." in first
+    turn("2000")
+    last = turn("travel_dates: May")
     assert "## Your trip to Paris" in last and ID_BLOCK.search(last) is None
 
 
@@ -1848,7 +1855,7 @@ def test_python_cozyopenai_py_serves_the_shipped_workflows_with_the_json_store(t
             model="trip-planner", messages=[{"role": "user", "content": "I want to plan a trip to Paris."}],
             stream=True)
         reply = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
-    assert "Where would you like to go?" in reply
+    assert "Got it: destination Paris." in reply
     assert len([name for name in os.listdir(tmp_path / "conversations") if name.endswith(".json")]) == 1
 
 
@@ -1884,7 +1891,7 @@ def test_readme_python_client_example_runs_as_written(start):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Agent is responding...\n<thinking>")
-    assert "Where would you like to go?" in result.stdout and result.stdout.endswith("Stream finished.\n")
+    assert "Got it: destination Paris." in result.stdout and result.stdout.endswith("Stream finished.\n")
 
 
 def test_readme_embedding_example_runs_as_written():
