@@ -111,6 +111,7 @@ LLM_TIMEOUT_SECONDS = 30.0
 HANGUP_CHECK_SECONDS = 0.05               # how often a running turn looks whether its client left
 IDLE_THREAD_SECONDS = 60.0                # a server thread with no connection to answer ends after this
 LISTEN_BACKLOG = 1024                     # connections the kernel holds while the server accepts
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SERVER_THREADS = 256                      # for --server gunicorn/waitress/cheroot: each open stream holds one
 HTTP_NODE_TIMEOUT_SECONDS = 30.0
 MEMORY_STORE_MAX_CONVERSATIONS = 10_000
@@ -992,25 +993,27 @@ class Conversation:
 
     def rewind_to(self, earlier_turns: Sequence[str]) -> Optional[int]:
         """Open WebUI and others let users edit a message or regenerate a reply: the history
-        then differs from the turns read. Go back to the state before the first turn that
-        differs, and return how many of ``earlier_turns`` are accounted for (the rest must be
-        read again); None when the history goes on from what was read. Extra earlier turns
-        alone are not a change: they were sent to another model of the same chat."""
-        fingerprints = [turn_fingerprint(text) for text in earlier_turns]
-        kept = 0
-        while kept < min(len(self.seen), len(fingerprints)) and self.seen[kept] == fingerprints[kept]:
-            kept += 1
-        if kept == len(self.seen):
+        then lacks turns that were read. Go back to the state before the first turn read that
+        the history no longer has. Returns None when nothing was undone, else the index of
+        the first earlier turn to read again (only when the state to go back to is older than
+        UNDO_TURNS: then from nothing). Earlier turns that were never read are not a change:
+        they went to another model of the same chat, and are never read here."""
+        found, matched = iter(turn_fingerprint(text) for text in earlier_turns), 0
+        for fingerprint in self.seen:   # the turns read must still be there, in order
+            if fingerprint not in found:
+                break
+            matched += 1
+        if matched == len(self.seen):
             return None
-        undo = len(self.seen) - kept
+        undo = len(self.seen) - matched
+        self.seen = self.seen[:matched]
         if undo <= len(self.before):
             self.restore(self.before[-undo])
             self.before = self.before[:-undo]
-        else:   # older than what is kept: start from nothing and read every earlier turn again
-            self.restore({"values": {}, "asked": [], "ask_counts": {}, "runs": 0})
-            self.before, kept = [], 0
-        self.seen = self.seen[:kept]
-        return kept
+            return len(earlier_turns)
+        self.restore({"values": {}, "asked": [], "ask_counts": {}, "runs": 0})
+        self.seen, self.before = [], []
+        return 0
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "Conversation":
@@ -1124,23 +1127,22 @@ class JsonFileStore:
     exclusive file lock, so turns of one conversation in several worker processes follow
     each other. ``expire()`` deletes conversations unused for ``max_age_seconds``.
 
-    The locks are striped: a conversation takes one of LOCK_STRIPES lock files, kept open
-    by each process. A lock file per conversation cost three system calls a turn and left
-    a file per conversation behind (issue 6); two conversations sharing a stripe only
-    means one of their turns may wait for the other's.
+    Across processes, a turn locks one byte of a single lock file, at an offset drawn
+    from the conversation's id (POSIX record locks), on a descriptor each process keeps
+    open: a lock file per conversation cost three system calls a turn and left a file per
+    conversation behind (issue 6). Within a process, a lock per id keeps threads apart
+    (record locks belong to the process, not the thread).
     """
-
-    LOCK_STRIPES = 256
 
     def __init__(self, directory: Union[str, os.PathLike], max_age_seconds: Optional[float] = None):
         self.directory = os.fspath(directory)
         self.max_age_seconds = max_age_seconds
         self._lock_directory = os.path.join(self.directory, ".locks")
         os.makedirs(self._lock_directory, exist_ok=True)
-        self._thread_locks = [threading.Lock() for _ in range(self.LOCK_STRIPES)]   # this process's threads
-        self._lock_files: Dict[int, int] = {}   # stripe → open descriptor, in the process that opened it
-        self._lock_files_pid = os.getpid()
-        self._lock_files_guard = threading.Lock()
+        self._thread_locks = _KeyedLocks()   # this process's threads
+        self._lock_file: Optional[int] = None   # the open descriptor, in the process that opened it
+        self._lock_file_pid = -1
+        self._lock_file_guard = threading.Lock()
 
     def _path(self, conversation_id: str, folder: Optional[str] = None, suffix: str = ".json") -> str:
         if not is_conversation_id(conversation_id):   # before any file is touched: no "../" tricks
@@ -1175,27 +1177,25 @@ class JsonFileStore:
 
     @contextlib.contextmanager
     def lock(self, conversation_id: str) -> Iterator[None]:
-        stripe = int(hashlib.blake2b(self._path(conversation_id).encode(), digest_size=4).hexdigest(), 16)
-        stripe %= self.LOCK_STRIPES
-        with self._thread_locks[stripe]:
+        self._path(conversation_id)   # a conversation id, or ValueError
+        with self._thread_locks(conversation_id):
             if fcntl is None:   # no file locks: safe within this process only
                 yield
                 return
-            descriptor = self._lock_file(stripe)
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            digest = hashlib.blake2b(conversation_id.encode(), digest_size=8).digest()
+            offset, descriptor = int.from_bytes(digest, "big") >> 2, self._open_lock_file()   # below 2**62
+            fcntl.lockf(descriptor, fcntl.LOCK_EX, 1, offset)
             try:
                 yield
             finally:
-                fcntl.flock(descriptor, fcntl.LOCK_UN)
+                fcntl.lockf(descriptor, fcntl.LOCK_UN, 1, offset)
 
-    def _lock_file(self, stripe: int) -> int:
-        with self._lock_files_guard:
-            if self._lock_files_pid != os.getpid():   # a forked worker: locks on inherited files would be shared
-                self._lock_files, self._lock_files_pid = {}, os.getpid()
-            if stripe not in self._lock_files:
-                path = os.path.join(self._lock_directory, f"{stripe:03d}.lock")
-                self._lock_files[stripe] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            return self._lock_files[stripe]
+    def _open_lock_file(self) -> int:
+        with self._lock_file_guard:
+            if self._lock_file is None or self._lock_file_pid != os.getpid():   # new here, or a forked worker
+                path = os.path.join(self._lock_directory, "conversations.lock")
+                self._lock_file, self._lock_file_pid = os.open(path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
+            return self._lock_file
 
     def expire(self) -> int:
         """Delete conversations not saved for ``max_age_seconds``; how many went."""
@@ -1296,7 +1296,8 @@ COMMON_WORDS = {"whether", "with", "that", "this", "from", "they", "their", "the
                 "more", "than", "some", "very", "your", "about", "name", "number", "value", "true", "false"}
 # Words after a label that show it is talked about, not given: "a destination with beaches".
 PHRASE_STARTS = {"a", "an", "the", "with", "for", "of", "in", "to", "that", "which", "and", "or", "is", "are",
-                 "was", "will", "yet", "not", "still", "any", "some", "you", "should", "would", "could"}
+                 "was", "will", "yet", "not", "still", "any", "some", "you", "should", "would", "could", "as",
+                 "doesn", "don", "isn", "no", "none", "nothing", "never", "really", "tbd", "unknown", "undecided"}
 # A reply that opens like a sentence ("let's go to Rome") is not itself a value.
 SENTENCE_STARTS = {"i", "im", "id", "ill", "ive", "we", "were", "wed", "lets", "let", "my", "our", "it", "its",
                    "please", "can", "could", "would", "what", "how", "why", "hi", "hello", "hey", "thanks", "ok",
@@ -1532,12 +1533,15 @@ def _labelled_phrase(query: QueryInput, text: str) -> Optional[str]:
     Paris, budget 2000" gives Paris. Not a phrase that opens like a sentence ("destination
     with beaches")."""
     label = r"[\s_-]+".join(map(re.escape, _words(query.label)))
-    match = re.search(r"\b" + label + r"\b\s*(?:is|:|=)?\s*([^\n,;.!?()]+)", text, re.I)
+    # The phrase ends at punctuation, but not at the dot of "St." or "Mt.".
+    match = re.search(r"(?i:\b" + label + r"\b)\s*(is\b|:|=)?\s*((?:\b[A-Z][a-z]{0,2}\.(?=\s)|[^\n,;.!?()])+)", text)
     if not match:
         return None
-    phrase = match.group(1).strip()
+    phrase = match.group(2).strip()
     words = _words(phrase)
     if not words or len(words) > MAX_DIRECT_REPLY_WORDS or words[0] in SENTENCE_STARTS | PHRASE_STARTS:
+        return None
+    if not match.group(1) and not phrase[0].isupper():   # "destination Paris", not "destination really"
         return None
     return phrase
 
@@ -2309,10 +2313,11 @@ class Service:
             elif arrived >= conversation.updated:
                 # Only a request sent after the last turn was saved can be an edit or a regenerate;
                 # one that waited for that turn's lock was sent alongside it (issue 4: lose no update).
-                kept = conversation.rewind_to(earlier)
-                if kept is not None:
+                replay_from = conversation.rewind_to(earlier)
+                if replay_from is not None:
                     rewound = "edit" if earlier else "new chat"
-                    restored = replay_offline(workflow, conversation, earlier[kept:]) if earlier[kept:] else None
+                    if earlier[replay_from:]:
+                        restored = replay_offline(workflow, conversation, earlier[replay_from:])
             turn = TurnContext(workflow, conversation, history, reading, self.llm, self.node_types, stop,
                                restored, rewound)
             before_turn = conversation.snapshot()
@@ -2436,7 +2441,9 @@ def _log_requests_under_a_wsgi_server(level: str) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
-        log.setLevel(level.upper())
+        log.setLevel(level.upper() if level.upper() in LOG_LEVELS else "INFO")
+        if level.upper() not in LOG_LEVELS:
+            log.warning("unknown COZYOPENAI_LOG_LEVEL %r; using INFO (one of %s)", level, ", ".join(LOG_LEVELS))
 
 
 def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -2661,6 +2668,8 @@ def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -
     parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="default: %(default)s")
     parser.add_argument("--version", action="version", version=f"cozyopenai {__version__}")
     arguments = parser.parse_args(argv)
+    if arguments.log_level.upper() not in LOG_LEVELS:
+        parser.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {arguments.log_level!r}")
     for name in ("api_key", "cors_origin"):
         if getattr(arguments, name) is None:
             setattr(arguments, name, [item.strip() for item in env(name.upper(), "").split(",") if item.strip()])

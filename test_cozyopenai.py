@@ -591,6 +591,26 @@ def test_conversation_ids_are_well_formed_unique_and_differ_in_a_forked_worker()
     os.close(reader), os.close(writer)
 
 
+def test_json_store_locks_each_conversation_on_its_own(tmp_path):
+    store = cozyopenai.JsonFileStore(tmp_path)
+    ids = [cozyopenai.new_conversation_id() for _ in range(64)]
+    all_held = threading.Barrier(len(ids), timeout=10)   # only if no two conversations share a lock
+    failures = []
+
+    def hold(conversation_id):
+        with store.lock(conversation_id):
+            try:
+                all_held.wait()
+            except threading.BrokenBarrierError:
+                failures.append(conversation_id)
+    threads = [threading.Thread(target=hold, args=(i,)) for i in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert failures == [] and os.listdir(tmp_path / ".locks") == ["conversations.lock"]
+
+
 def test_json_store_refuses_ids_that_are_not_conversation_ids(tmp_path):
     store = cozyopenai.JsonFileStore(tmp_path / "store")
     with pytest.raises(ValueError):
@@ -985,8 +1005,11 @@ def test_offline_a_short_phrase_after_a_label_is_read_and_a_word_of_a_label_name
 
 
 def test_offline_a_label_talked_about_is_not_a_value(start):
-    reply = Chat(start()).say("I need a destination with beaches and a budget for two")
-    assert "Understood" not in thinking_of(reply)
+    server = start()
+    for message in ("I need a destination with beaches and a budget for two", "the destination doesn't matter much",
+                    "What a destination really", "budget as low as possible, destination as cheap as possible"):
+        assert "Understood" not in thinking_of(Chat(server).say(message)), message
+    assert "Understood destination: St. Louis." in Chat(server).say("My destination: St. Louis")
 
 
 def test_offline_typed_values_go_only_to_inputs_that_name_the_kind_as_a_word(start):
@@ -1337,6 +1360,18 @@ def test_switching_model_in_the_same_chat_starts_a_new_conversation(start):
     second_id = ID_BLOCK.search(reply).group(1)
     assert second_id != first_id
     assert "Paris" not in answer_of(reply) and "Which month" in answer_of(reply)
+
+
+def test_messages_to_another_model_in_between_are_neither_read_nor_taken_for_edits(start):
+    chat = Chat(start())
+    chat.say("destination: Paris")
+    chat.model = "month-calendar"
+    chat.say("2026")
+    assert "edited" not in chat.say("5")
+    chat.model = "trip-planner"
+    chat.say("budget 2000")
+    reply = chat.say("a week in mid-October")
+    assert "travel dates = a week in mid-October" in reply and "edited" not in reply
 
 
 def test_switching_back_to_the_first_model_resumes_its_conversation(start):
@@ -1820,6 +1855,14 @@ def test_single_call_mode_comes_from_the_flag_or_the_environment():
     arguments = cozyopenai.parse_arguments(["--llm-base-url", "http://x/v1", "--llm-single-call"], {})
     assert cozyopenai._config_from_arguments(arguments)["llm"].single_call is True
     assert cozyopenai.config_from_environment({"COZYOPENAI_LLM_BASE_URL": "http://x/v1"})["llm"].single_call is False
+
+
+def test_an_unknown_log_level_is_refused_clearly():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "memory"],
+                            capture_output=True, text=True, timeout=30, cwd=HERE,
+                            env={**os.environ, "COZYOPENAI_LOG_LEVEL": "verbose"})
+    assert result.returncode == 2 and "--log-level must be one of DEBUG, INFO" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_an_unknown_server_name_exits_with_a_clear_message():
