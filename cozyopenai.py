@@ -2720,8 +2720,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 SERVER_OPTIONS: Mapping[str, Callable[[argparse.Namespace], dict]] = MappingProxyType({
     # Bottle's adapter name → its options. Threads matter: every open stream holds one.
     "gunicorn": lambda a: {"workers": a.workers, "threads": a.threads, "worker_class": "gthread"},
-    "waitress": lambda a: {"threads": a.threads},
-    "cheroot": lambda a: {"numthreads": a.threads},
+    "waitress": lambda a: {"threads": a.threads, "connection_limit": 4 * a.threads},   # its default is 100
+    "cheroot": lambda a: {"numthreads": a.threads, "request_queue_size": LISTEN_BACKLOG},   # its default is 5
 })
 
 

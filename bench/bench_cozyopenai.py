@@ -124,9 +124,9 @@ def serve(arguments):
         server.serve_forever()
     else:
         import bottle
-        options = {"workers": 1, "threads": STREAMS + 50} if arguments.server == "gunicorn" else {}
-        if arguments.server == "waitress":
-            options = {"threads": STREAMS + 50}
+        import types   # the options `python cozyopenai.py --server NAME` gives it, with a thread per stream
+        settings = types.SimpleNamespace(workers=1, threads=STREAMS + 50)
+        options = cozyopenai.SERVER_OPTIONS.get(arguments.server, lambda a: {})(settings)
         bottle.run(dispatch, server=arguments.server, host="127.0.0.1", port=arguments.port, quiet=True, **options)
 
 
