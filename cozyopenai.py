@@ -47,7 +47,7 @@ __all__ = [
     "NodeType", "NodeTypes", "NodeContext", "TextStream", "NODE_TYPES",
     "run_workflow", "RunEvent",
     "LLMSettings", "LLMClient",
-    "Conversation", "MemoryStore", "JsonFileStore", "STORE_TYPES", "open_store",
+    "Conversation", "ConversationIds", "MemoryStore", "JsonFileStore", "STORE_TYPES", "open_store",
     "CozyError", "WorkflowFileError", "NodeFailed", "UpstreamError", "RequestError",
     "UnauthorizedError", "NotFoundError", "ModelNotFoundError", "MethodNotAllowedError",
     "BodyTooLargeError", "UnsupportedMediaTypeError",
