@@ -978,6 +978,11 @@ class Conversation:
         del record["is_new"]
         return record
 
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "Conversation":
+        known = {name: record[name] for name in cls.__dataclass_fields__ if name in record and name != "is_new"}
+        return cls(**known)
+
     def snapshot(self) -> dict:
         return {"values": dict(self.values), "asked": list(self.asked), "ask_counts": dict(self.ask_counts),
                 "runs": self.runs}
@@ -991,34 +996,34 @@ class Conversation:
         self.seen.append(turn_fingerprint(text))
         self.before = (self.before + [snapshot])[-UNDO_TURNS:]
 
-    def rewind_to(self, earlier_turns: Sequence[str]) -> Optional[int]:
+    def rewind_to(self, earlier_turns: Sequence[str]) -> Optional[List[str]]:
         """Open WebUI and others let users edit a message or regenerate a reply: the history
-        then lacks turns that were read. Go back to the state before the first turn read that
-        the history no longer has. Returns None when nothing was undone, else the index of
-        the first earlier turn to read again (only when the state to go back to is older than
-        UNDO_TURNS: then from nothing). Earlier turns that were never read are not a change:
-        they went to another model of the same chat, and are never read here."""
-        found, matched = iter(turn_fingerprint(text) for text in earlier_turns), 0
+        then lacks turns that were read. Go back to the state before the first of them, and
+        return the earlier turns to read again (None when nothing was undone). Those are the
+        turns after the last one still in place: all of them when there are as many as were
+        undone (a message edited in place), else only those read before (the rest went to
+        another model of the same chat, and are never read here)."""
+        fingerprints = [turn_fingerprint(text) for text in earlier_turns]
+        matched, position = 0, 0
         for fingerprint in self.seen:   # the turns read must still be there, in order
-            if fingerprint not in found:
+            if fingerprint not in fingerprints[position:]:
                 break
+            position = fingerprints.index(fingerprint, position) + 1
             matched += 1
         if matched == len(self.seen):
             return None
-        undo = len(self.seen) - matched
+        undone = self.seen[matched:]
         self.seen = self.seen[:matched]
-        if undo <= len(self.before):
-            self.restore(self.before[-undo])
-            self.before = self.before[:-undo]
-            return len(earlier_turns)
-        self.restore({"values": {}, "asked": [], "ask_counts": {}, "runs": 0})
-        self.seen, self.before = [], []
-        return 0
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> "Conversation":
-        known = {name: record[name] for name in cls.__dataclass_fields__ if name in record and name != "is_new"}
-        return cls(**known)
+        if len(undone) > len(self.before):   # older than what is kept: from nothing, every turn read again
+            self.restore({"values": {}, "asked": [], "ask_counts": {}, "runs": 0})
+            self.seen, self.before = [], []
+            return list(earlier_turns)
+        self.restore(self.before[-len(undone)])
+        self.before = self.before[:-len(undone)]
+        tail = list(earlier_turns[position:])
+        if len(tail) == len(undone):
+            return tail
+        return [text for text in tail if turn_fingerprint(text) in undone]
 
     def missing(self, workflow: Workflow) -> List[QueryInput]:
         return [query for query in workflow.query_inputs.values()
@@ -1266,10 +1271,9 @@ what was understood, if anything. Reply in the language of the user's last messa
 answer for the user, do not invent values, do not use lists or forms, and ask nothing else."""
 
 CANCELLED_REPLY = "Okay, I've cleared everything and won't run anything. Tell me when you want to start again."
-NOTHING_CHANGED_REPLY = ('Nothing changed, so I have not run it again. Change a value (for example "budget: 1500") '
-                         'or say "again" to run it once more.')
-GIVE_UP_REPLY = ("I still don't have the {label} after asking {tries} times. You can give it as \"{name}: ...\", "
-                 'or say "start over" to begin again.')
+NOTHING_CHANGED_REPLY = 'Nothing changed, so I have not run it again. {change}say "again" to run it once more.'
+GIVE_UP_REPLY = ("I asked for the {label} {tries} times without an answer I could use. You can give it as "
+                 '"{name}: ...", or say "start over" to begin again.')
 RUN_FAILED_REPLY = ("Sorry, the workflow stopped: step {node!r} failed ({reason}). Your inputs are kept; "
                     'say "again" to retry, or change a value.')
 
@@ -1841,12 +1845,14 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     conversation.asked = []
     if conversation.runs and not understood and not changed and not RERUN_PATTERN.search(turn.text):
         # After a run, "thanks!" should not run the whole workflow again (decision in the README).
-        yield Piece("answer", NOTHING_CHANGED_REPLY)
+        first = next(iter(workflow.query_inputs.values()), None)
+        change = f'Change a value (for example "{first.label}: ...") or ' if first else ""
+        yield Piece("answer", NOTHING_CHANGED_REPLY.format(change=change))
         return
-    preface = ""
-    if changed:
-        preface = "Changed " + _and_list([f"the {workflow.query_inputs[name].label} from {old} to {new}"
-                                          for name, (old, new) in changed.items()]) + ".\n\n"
+    news = [f"the {workflow.query_inputs[name].label} from {old} to {new}" for name, (old, new) in changed.items()]
+    if conversation.runs:   # after a run, an optional input given now is news too
+        news += [f"the {workflow.query_inputs[name].label} to {shown_value(value)}" for name, value in understood.items()]
+    preface = ("Changed " if changed else "Set ") + _and_list(news) + ".\n\n" if news else ""
     yield from _run(turn, preface)
 
 
@@ -1993,6 +1999,8 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise RequestError("The request body is not valid JSON.") from None
+    except RecursionError:   # a thousand nested brackets: refused, not a 500
+        raise RequestError("The request body is nested too deeply.") from None
     if not isinstance(data, dict):
         raise RequestError("The request body must be a JSON object.")
     model = data.get("model")
@@ -2313,11 +2321,11 @@ class Service:
             elif arrived >= conversation.updated:
                 # Only a request sent after the last turn was saved can be an edit or a regenerate;
                 # one that waited for that turn's lock was sent alongside it (issue 4: lose no update).
-                replay_from = conversation.rewind_to(earlier)
-                if replay_from is not None:
+                again = conversation.rewind_to(earlier)
+                if again is not None:
                     rewound = "edit" if earlier else "new chat"
-                    if earlier[replay_from:]:
-                        restored = replay_offline(workflow, conversation, earlier[replay_from:])
+                    if again:
+                        restored = replay_offline(workflow, conversation, again)
             turn = TurnContext(workflow, conversation, history, reading, self.llm, self.node_types, stop,
                                restored, rewound)
             before_turn = conversation.snapshot()
@@ -2705,7 +2713,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     models = ", ".join(app.config["cozyopenai.service"].workflows)
     if arguments.server != "default":
         return _run_with_bottle_adapter(app, arguments, models)
-    server = create_server(app, arguments.host, arguments.port)
+    try:
+        server = create_server(app, arguments.host, arguments.port)
+    except OSError as exc:   # most often: the port is taken
+        print(f"cozyopenai: cannot listen on {arguments.host}:{arguments.port}: {exc.strerror}", file=sys.stderr)
+        return 1
     log.info("cozyopenai %s serving %s on http://%s:%d/openai", __version__, models, arguments.host,
              server.server_port)
     try:

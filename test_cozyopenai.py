@@ -957,16 +957,29 @@ def test_a_required_input_asked_three_times_ends_with_an_offer_to_start_over(sta
     chat = Chat(start(), "month-calendar")
     replies = [answer_of(chat.say(text)) for text in ("calendar please", "hmm?", "what?", "no idea?")]
     assert all("Which year?" in reply for reply in replies[:3])
-    assert replies[3] == ("I still don't have the year after asking 3 times. You can give it as \"year: ...\", "
-                          'or say "start over" to begin again.')
+    assert replies[3] == ("I asked for the year 3 times without an answer I could use. You can give it as "
+                          '"year: ...", or say "start over" to begin again.')
     assert "Which month" in chat.say("year: 2026")
+
+
+def test_offline_after_a_run_now_do_it_for_rome_reruns_with_only_that_change(start):
+    chat = Chat(start())
+    chat.say("I want to plan a trip to Paris.")
+    chat.say("around $2000")
+    chat.say("a week in mid-October")
+    reply = chat.say("now do it for Rome")
+    assert answer_of(reply).startswith("Changed the destination from Paris to Rome.")
+    assert "## Your trip to Rome" in answer_of(reply) and "2000" in answer_of(reply)
+    both = answer_of(chat.say("budget 3000, and pace relaxed"))
+    assert both.startswith("Changed the budget from 2000 to 3000 and the pace to relaxed.")
 
 
 def test_after_a_run_a_message_that_changes_nothing_does_not_rerun(start):
     chat = Chat(start(), "month-calendar")
     chat.say("year: 2026\nmonth: 1")
     reply = chat.say("thanks!")
-    assert "Running" not in reply and answer_of(reply).startswith("Nothing changed, so I have not run it again.")
+    assert answer_of(reply) == ('Nothing changed, so I have not run it again. Change a value (for example "year: ...") '
+                                'or say "again" to run it once more.')
     assert "January 2026" in answer_of(chat.say("again please"))
 
 
@@ -1182,6 +1195,13 @@ RECALL_FLOOR = {"exact": 0.95, "inventing": 0.95, "wrong_types": 0.95, "broken":
 ####################################################################################
 # OpenAI wire format
 ####################################################################################
+
+def test_a_deeply_nested_body_is_refused_with_a_400(start):
+    server = start()
+    response = requests.post(server.url + "/openai/chat/completions", data="[" * 5000 + "]" * 5000,
+                             headers={"Content-Type": "application/json"}, timeout=10)
+    assert response.status_code == 400 and response.json()["error"]["message"] == "The request body is nested too deeply."
+
 
 def test_model_list_has_the_documents_model_objects(start):
     server = start()
@@ -1685,6 +1705,15 @@ def test_an_edited_earlier_message_replaces_what_it_said(start):
     assert "budget" in answer_of(reply).lower() and "Paris" not in reply
 
 
+def test_a_message_edited_in_place_is_read_again_with_the_turns_after_it(start):
+    chat = Chat(start())
+    chat.say("destination: Paris")
+    chat.say("budget: 2000")
+    chat.messages[0] = {"role": "user", "content": "destination: Rome"}   # a client that edits without branching
+    reply = chat.say("travel dates: May")
+    assert "Running trip-planner with destination = Rome, budget = 2000, travel dates = May" in reply
+
+
 def test_a_new_chat_under_a_reused_header_key_starts_from_nothing(start):
     server = start(conversation_header="X-OpenWebUI-Chat-Id")
     headers = {"X-OpenWebUI-Chat-Id": "temporary:socket-1"}   # Open WebUI's temporary chats share this key
@@ -1857,6 +1886,16 @@ def test_single_call_mode_comes_from_the_flag_or_the_environment():
     assert cozyopenai.config_from_environment({"COZYOPENAI_LLM_BASE_URL": "http://x/v1"})["llm"].single_call is False
 
 
+def test_a_port_in_use_gets_one_line_not_a_traceback():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "memory", "--port",
+                                 str(taken.getsockname()[1])], capture_output=True, text=True, timeout=30, cwd=HERE)
+    assert result.returncode == 1 and "cannot listen on 127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_an_unknown_log_level_is_refused_clearly():
     result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "memory"],
                             capture_output=True, text=True, timeout=30, cwd=HERE,
@@ -1939,6 +1978,8 @@ def test_readme_python_client_example_runs_as_written(start):
 
 def test_readme_embedding_example_runs_as_written():
     (example,) = [block for block in readme_blocks("python") if "make_app(" in block]
+    assert example.rstrip().endswith("server.serve_forever()")
+    example = example.replace("server.serve_forever()", "server.server_close()")   # the test does not wait forever
     result = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=30, cwd=HERE)
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"listening on port \d+\n", result.stdout)
