@@ -1149,10 +1149,10 @@ class JsonFileStore:
         self._lock_file_pid = -1
         self._lock_file_guard = threading.Lock()
 
-    def _path(self, conversation_id: str, folder: Optional[str] = None, suffix: str = ".json") -> str:
+    def _path(self, conversation_id: str) -> str:
         if not is_conversation_id(conversation_id):   # before any file is touched: no "../" tricks
             raise ValueError("not a conversation id")
-        return os.path.join(folder or self.directory, conversation_id + suffix)
+        return os.path.join(self.directory, conversation_id + ".json")
 
     def load(self, conversation_id: str) -> Optional[dict]:
         path = self._path(conversation_id)
@@ -2449,8 +2449,9 @@ def _log_requests_under_a_wsgi_server(level: str) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
-        log.setLevel(level.upper() if level.upper() in LOG_LEVELS else "INFO")
-        if level.upper() not in LOG_LEVELS:
+        known = level.upper() in LOG_LEVELS
+        log.setLevel(level.upper() if known else "INFO")
+        if not known:
             log.warning("unknown COZYOPENAI_LOG_LEVEL %r; using INFO (one of %s)", level, ", ".join(LOG_LEVELS))
 
 
