@@ -2103,6 +2103,7 @@ class Redactor:
     """Replaces the workflow's secrets in outgoing text."""
 
     def __init__(self, secrets_: Sequence[str]):
+        self._secrets = tuple(secrets_)
         self._pattern = re.compile("|".join(re.escape(s) for s in secrets_)) if secrets_ else None
 
     def __call__(self, text: str) -> str:
@@ -2110,6 +2111,30 @@ class Redactor:
 
     def __bool__(self) -> bool:
         return self._pattern is not None
+
+    def stream(self, fields: Iterator[Tuple[str, str]]) -> Iterator[Tuple[str, str]]:
+        """Redact (field, text) pieces as they stream. An LLM may echo a secret split over two
+        tokens, so the end of a piece that could begin a secret waits for the next piece."""
+        current, held = "", ""
+        try:
+            for name, text in fields:
+                if name != current and held:   # a secret does not span fields
+                    yield current, self(held)
+                    held = ""
+                current, text = name, self(held + text)
+                cut = len(text) - self._possible_start(text)
+                text, held = text[:cut], text[cut:]
+                if text:
+                    yield name, text
+            if held:
+                yield current, self(held)
+        finally:
+            getattr(fields, "close", lambda: None)()   # the turn saves and unlocks when closed
+
+    def _possible_start(self, text: str) -> int:
+        """The length of the longest end of ``text`` that is the beginning of a secret."""
+        return max((size for secret in self._secrets for size in range(min(len(secret) - 1, len(text)), 0, -1)
+                    if text.endswith(secret[:size])), default=0)
 
 
 class HangUpAwareEvent(threading.Event):
@@ -2296,7 +2321,7 @@ class Service:
         self._expire_now_and_then()
         fields = self._turn_fields(workflow, request.messages, stop or threading.Event(), chat_key, trace)
         if workflow.redact:   # a workflow with no secrets skips a step per piece (issue 6)
-            fields = ((name, workflow.redact(text)) for name, text in fields)
+            fields = workflow.redact.stream(fields)
         return request, fields, prompt_tokens
 
     def _turn_fields(self, workflow: Workflow, messages: List[dict], stop: threading.Event, chat_key: str,

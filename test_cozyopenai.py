@@ -1557,6 +1557,20 @@ def test_a_planted_secret_never_leaves_the_server(start, fake_llm, caplog):
     assert not [text for text in seen if secret in text]
 
 
+def test_a_secret_an_llm_echoes_across_two_streamed_tokens_is_redacted(start, fake_llm):
+    secret = "sk-split-0123456789abcdef"
+    fake_llm.node_tokens = ["Your key is sk-spl", "it-0123456789", "abcdef, keep it safe."]
+    nodes = [{"id": "echo", "type": "llm", "inputs": {"prompt": "Say {word}", "key": {"fixed": "api_key"},
+                                                      "word": {"query": "word"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "echo"}}}]
+    server = start([workflow(nodes=nodes, fixed_inputs={"api_key": secret})], llm=fake_llm.settings())
+    fake_llm.extractions = {"word: hi": {"word": "hi"}}
+    for stream in (True, False):
+        reply = Chat(server, "echo", stream=stream).say("word: hi")
+        assert answer_of(reply) == "Your key is [redacted], keep it safe."
+        assert "sk-spl" not in reply and "0123456789abcdef" not in reply
+
+
 def test_a_fixed_input_fed_to_a_secret_named_node_input_is_redacted(start):
     nodes = [{"id": "say", "type": "template", "inputs": {"template": "{token} {word}", "token": {"fixed": "site"},
                                                           "word": {"query": "word"}}},
