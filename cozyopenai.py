@@ -392,7 +392,7 @@ def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
             raise WorkflowFileError(f"{at}: 'optional' must be true or false")
         query = QueryInput(name=name, description=description.strip(), type=value_type,
                            choices=tuple(choices), optional=optional, question=str(spec.get("question", "")),
-                           synonyms=_parse_synonyms(spec.get("synonyms", {}), choices, at),
+                           synonyms=_parse_synonyms(spec.get("synonyms", {}), value_type, choices, at),
                            minimum=_parse_bound(spec, "minimum", at), maximum=_parse_bound(spec, "maximum", at),
                            cues=_parse_cues(spec.get("cues", []), value_type, at))
         if "default" in spec:
@@ -426,13 +426,21 @@ def _parse_bound(spec: Mapping[str, Any], key: str, at: str) -> Optional[float]:
     return bound
 
 
-def _parse_synonyms(raw: Any, choices: List[str], at: str) -> Tuple[Tuple[str, str], ...]:
+def _parse_synonyms(raw: Any, value_type: str, choices: List[str], at: str) -> Tuple[Tuple[str, str], ...]:
+    """Words for a choice ({"relaxed": ["calm"]}), or for a number ({"3": ["March", "mars"]})."""
     if not isinstance(raw, dict) or not all(isinstance(words, list) for words in raw.values()):
-        raise WorkflowFileError(f"{at}: 'synonyms' must be an object of choice: [words]")
-    unknown = [choice for choice in raw if choice not in choices]
-    if unknown:
-        raise WorkflowFileError(f"{at}: 'synonyms' names {unknown[0]!r}, which is not one of the choices")
-    return tuple((str(word), choice) for choice, words in raw.items() for word in words)
+        raise WorkflowFileError(f"{at}: 'synonyms' must be an object of value: [words]")
+    if value_type in ("number", "integer"):
+        unknown = [value for value in raw if not re.fullmatch(r"-?\d+(\.\d+)?", value)]
+        if unknown:
+            raise WorkflowFileError(f"{at}: 'synonyms' names {unknown[0]!r}, which is not a number")
+    elif raw and value_type != "choice":
+        raise WorkflowFileError(f"{at}: 'synonyms' are for inputs of type choice, number or integer")
+    else:
+        unknown = [choice for choice in raw if choice not in choices]
+        if unknown:
+            raise WorkflowFileError(f"{at}: 'synonyms' names {unknown[0]!r}, which is not one of the choices")
+    return tuple((str(word), value) for value, words in raw.items() for word in words)
 
 
 def _parse_node(raw: Any, workflow_where: str, index: int, node_types: Mapping[str, "NodeType"],
@@ -1387,8 +1395,11 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
                 return value
         raise ValueError(f"I need a yes or no for the {label}, not {str(raw)!r}")
     if query.type in ("number", "integer"):
+        named = [value for word, value in query.synonyms if _fold(word) == _fold(str(raw)).strip(" .!")]
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
             number = float(raw)
+        elif named:   # "March" for a month, when the workflow says so
+            number = float(named[0])
         else:
             found = numbers_in(str(raw))
             spaced = SPACED_NUMBER_PATTERN.findall(str(raw))
@@ -1432,7 +1443,9 @@ def is_stated_in(query: QueryInput, value: Any, raw: Any, text: str, asked: bool
     ``asked``: the last question asked for this input, so a bare "yes" answers it."""
     message_words = set(_words(text))
     if query.type in ("number", "integer"):
-        return any(abs(number - float(value)) < 1e-9 for number in numbers_in(text, spaced=True))
+        return (any(abs(number - float(value)) < 1e-9 for number in numbers_in(text, spaced=True))
+                or any(float(number) == float(value) and set(_words(word)) <= message_words
+                       for word, number in query.synonyms))
     if query.type == "boolean":   # the message names what the input is about, or answers its question
         yes_no = BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]
         return bool(message_words & _topic_words(query)) or (asked and bool(message_words & yes_no))

@@ -290,6 +290,8 @@ BROKEN_FILES = {
                                         "workflow 'echo': 'created' is a Unix time in whole seconds"),
     "default on a required input": (lambda w, d: w["query_inputs"]["word"].update(default="hi"),
                                     "query input 'word': a 'default' needs \"optional\": true"),
+    "synonyms for a text input": (lambda w, d: w["query_inputs"]["word"].update(synonyms={"a": ["b"]}),
+                                  "query input 'word': 'synonyms' are for inputs of type choice, number or integer"),
     "cues that are not a list of words": (lambda w, d: w["query_inputs"]["word"].update(cues="trip to"),
                                           "query input 'word': 'cues' must be a list of words"),
     "duplicate name": (lambda w, d: d["workflows"].append(workflow()),
@@ -950,7 +952,7 @@ def test_a_rejected_value_stays_missing_and_the_next_question_says_why(start):
 def test_out_of_range_numbers_are_rejected_with_the_bound(start):
     reply = Chat(start(), "month-calendar").say("year: 2026\nmonth: 13")
     assert answer_of(reply) == ("Got it: year 2026. The month must be at most 12, not 13. "
-                                "Which month, as a number from 1 to 12?")
+                                "Which month (its name, or a number from 1 to 12)?")
 
 
 def test_a_required_input_asked_three_times_ends_with_an_offer_to_start_over(start):
@@ -972,6 +974,15 @@ def test_offline_after_a_run_now_do_it_for_rome_reruns_with_only_that_change(sta
     assert "## Your trip to Rome" in answer_of(reply) and "2000" in answer_of(reply)
     both = answer_of(chat.say("budget 3000, and pace relaxed"))
     assert both.startswith("Changed the budget from 2000 to 3000 and the pace to relaxed.")
+
+
+def test_a_number_can_be_named_by_its_synonyms(start, fake_llm):
+    chat = Chat(start(), "month-calendar")
+    chat.say("year: 2027")
+    assert "March 2027" in answer_of(chat.say("March"))   # offline: the answer to "Which month?"
+    fake_llm.extractions = {"Kalender für März 2027": {"year": 2027, "month": "März"}}
+    reply = Chat(start(llm=fake_llm.settings()), "month-calendar").say("Kalender für März 2027")
+    assert "März 2027" in answer_of(reply) or "March 2027" in answer_of(reply)
 
 
 def test_after_a_run_a_message_that_changes_nothing_does_not_rerun(start):
