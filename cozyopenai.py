@@ -1571,7 +1571,8 @@ def _cued_name(query: QueryInput, text: str) -> Optional[str]:
         pattern = r"(?i:\b" + r"\s+".join(map(re.escape, cue.split())) + r")\s+([^\W\d_][\w'’-]*(?:\s+[^\W\d_][\w'’-]*){0,3})"
         for match in re.finditer(pattern, text):
             words = list(itertools.takewhile(lambda word: word[0].isupper(), match.group(1).split()))
-            if words:
+            # "how about I ...", "what about June": capitalised, but not a name
+            if words and not set(_words(words[0])) & (SENTENCE_STARTS | TIME_WORDS):
                 names.add(" ".join(words))
     return names.pop() if len(names) == 1 else None
 

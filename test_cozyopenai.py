@@ -733,6 +733,8 @@ def test_offline_a_cue_takes_only_a_capitalised_name_and_not_two_different_ones(
     assert "Understood destination: New York." in Chat(start()).say("A trip to New York in May, please")
     assert "Understood destination" not in Chat(start()).say("I'd like to go to the beach")
     assert "Understood destination" not in Chat(start()).say("Fly to Rome, then go to Paris")
+    for message in ("How about I tell you later", "What about June?"):
+        assert "Understood destination" not in Chat(start()).say(message), message
 
 
 def test_the_document_dialogue_with_an_llm_runs_after_two_turns(start, fake_llm):
