@@ -1322,7 +1322,7 @@ TIME_WORDS = set("""january february march april may june july august september 
     tonight spring summer autumn fall winter janvier fevrier mars avril mai juin juillet aout septembre octobre
     novembre decembre semaine jours januar februar marz juni juli oktober dezember woche tage enero febrero marzo
     abril mayo junio julio agosto septiembre octubre noviembre diciembre semana gennaio febbraio aprile maggio
-    giugno luglio settembre ottobre dicembre settimana""".split())
+    giugno luglio settembre ottobre dicembre settimana jan feb apr jun jul aug sep sept oct nov dec""".split())
 TYPED_VALUE_PATTERNS = {   # values whose shape makes them unambiguous, for inputs that say what they hold
     "date": re.compile(r"\b\d{4}-\d{2}-\d{2}\b"),
     "email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"),
@@ -1395,11 +1395,14 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
                 return value
         raise ValueError(f"I need a yes or no for the {label}, not {str(raw)!r}")
     if query.type in ("number", "integer"):
-        named = [value for word, value in query.synonyms if _fold(word) == _fold(str(raw)).strip(" .!")]
+        raw_words = set(_words(str(raw)))
+        named = {value for word, value in query.synonyms if set(_words(word)) <= raw_words}
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
             number = float(raw)
-        elif named:   # "March" for a month, when the workflow says so
-            number = float(named[0])
+        elif len(named) == 1 and not numbers_in(str(raw)):   # "March" for a month, when the workflow says so
+            number = float(named.pop())
+        elif named:   # "May 3": a month and a number, or two months
+            raise ValueError(f"I need the {label} alone, not {str(raw)!r}")
         else:
             found = numbers_in(str(raw))
             spaced = SPACED_NUMBER_PATTERN.findall(str(raw))
@@ -1443,8 +1446,12 @@ def is_stated_in(query: QueryInput, value: Any, raw: Any, text: str, asked: bool
     ``asked``: the last question asked for this input, so a bare "yes" answers it."""
     message_words = set(_words(text))
     if query.type in ("number", "integer"):
+        # A synonym counts as written in the workflow ("May", not "I may"), or any way when it
+        # answers the question that asked for this input.
+        spelled = set(re.findall(r"\w+", str(text)))
         return (any(abs(number - float(value)) < 1e-9 for number in numbers_in(text, spaced=True))
-                or any(float(number) == float(value) and set(_words(word)) <= message_words
+                or any(float(number) == float(value) and (set(re.findall(r"\w+", word)) <= spelled
+                                                          or asked and set(_words(word)) <= message_words)
                        for word, number in query.synonyms))
     if query.type == "boolean":   # the message names what the input is about, or answers its question
         yes_no = BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]
@@ -1496,7 +1503,7 @@ def extract_offline(workflow: Workflow, conversation: Conversation, text: str) -
             if match:
                 proposed[query.name] = match.group(1)
         elif query.type == "string" and query.name not in proposed:
-            found = _labelled_phrase(query, text) or _cued_name(query, text)
+            found = _labelled_phrase(query, text) or _cued_name(workflow, query, text)
             if found:
                 proposed[query.name] = found
     if not proposed:
@@ -1563,16 +1570,21 @@ def _labelled_phrase(query: QueryInput, text: str) -> Optional[str]:
     return phrase
 
 
-def _cued_name(query: QueryInput, text: str) -> Optional[str]:
+def _cued_name(workflow: Workflow, query: QueryInput, text: str) -> Optional[str]:
     """A capitalised name right after one of the input's cues: "a trip to New York in May"
-    gives New York; "go to the beach" gives nothing. Two different names: nothing."""
+    gives New York; "go to the beach" gives nothing. Two different names: nothing. Not a
+    word that means something else here: "how about I", "what about June", "make it
+    Relaxed" (a pace), "how about Fahrenheit" (a unit), "do it for Two Weeks"."""
+    taken = SENTENCE_STARTS | TIME_WORDS | BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]
+    for other in workflow.query_inputs.values():
+        taken |= set(_words(other.label + " " + " ".join(other.choices)))
+        taken |= {word for synonym, _ in other.synonyms for word in _words(synonym)}
     names = set()
     for cue in query.cues:
         pattern = r"(?i:\b" + r"\s+".join(map(re.escape, cue.split())) + r")\s+([^\W\d_][\w'’-]*(?:\s+[^\W\d_][\w'’-]*){0,3})"
         for match in re.finditer(pattern, text):
             words = list(itertools.takewhile(lambda word: word[0].isupper(), match.group(1).split()))
-            # "how about I ...", "what about June": capitalised, but not a name
-            if words and not set(_words(words[0])) & (SENTENCE_STARTS | TIME_WORDS):
+            if words and not set(_words(" ".join(words))) & taken:
                 names.add(" ".join(words))
     return names.pop() if len(names) == 1 else None
 
@@ -1585,7 +1597,8 @@ def _reply_value(query: QueryInput, text: str) -> Any:
     """What a direct answer to "what is the <input>?" holds."""
     if query.type in ("number", "integer"):
         found = numbers_in(text)
-        return found[0] if len(found) == 1 else text
+        named = any(set(_words(word)) <= set(_words(text)) for word, _ in query.synonyms)
+        return found[0] if len(found) == 1 and not named else text   # "May 3": the coercion decides
     if query.type == "boolean":
         words = [word for word in _words(text) if word in BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]]
         return words[0] if len(set(words)) == 1 else text
@@ -2117,8 +2130,8 @@ class Redactor:
     """Replaces the workflow's secrets in outgoing text."""
 
     def __init__(self, secrets_: Sequence[str]):
-        self._secrets = tuple(secrets_)
-        self._pattern = re.compile("|".join(re.escape(s) for s in secrets_)) if secrets_ else None
+        self._secrets = tuple(sorted(secrets_, key=len, reverse=True))   # "abcdef" before "abc"
+        self._pattern = re.compile("|".join(map(re.escape, self._secrets))) if secrets_ else None
 
     def __call__(self, text: str) -> str:
         return self._pattern.sub(REDACTED, text) if self._pattern else text

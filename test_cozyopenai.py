@@ -733,8 +733,13 @@ def test_offline_a_cue_takes_only_a_capitalised_name_and_not_two_different_ones(
     assert "Understood destination: New York." in Chat(start()).say("A trip to New York in May, please")
     assert "Understood destination" not in Chat(start()).say("I'd like to go to the beach")
     assert "Understood destination" not in Chat(start()).say("Fly to Rome, then go to Paris")
-    for message in ("How about I tell you later", "What about June?"):
+    for message in ("How about I tell you later", "What about June?", "What about Budget 3000",
+                    "Do it for Two Weeks", "Make it Sept"):
         assert "Understood destination" not in Chat(start()).say(message), message
+    chat = Chat(start())
+    chat.say("destination: Rome\nbudget: 2000\ntravel dates: May")
+    reply = chat.say("Make it Relaxed")   # a pace, not a place
+    assert "Changed destination" not in reply and "pace = relaxed" in reply
 
 
 def test_the_document_dialogue_with_an_llm_runs_after_two_turns(start, fake_llm):
@@ -985,6 +990,16 @@ def test_a_number_can_be_named_by_its_synonyms(start, fake_llm):
     fake_llm.extractions = {"Kalender für März 2027": {"year": 2027, "month": "März"}}
     reply = Chat(start(llm=fake_llm.settings()), "month-calendar").say("Kalender für März 2027")
     assert "März 2027" in answer_of(reply) or "March 2027" in answer_of(reply)
+
+
+def test_a_number_synonym_is_stated_only_as_written_or_as_the_answer(start, fake_llm):
+    fake_llm.extractions = {"I may want 2026, what does it look like?": {"year": 2026, "month": 5}}
+    reply = Chat(start(llm=fake_llm.settings()), "month-calendar").say("I may want 2026, what does it look like?")
+    assert "Ignored month = 5" in reply
+    chat = Chat(start(), "month-calendar")
+    chat.say("year: 2026")
+    assert "I need the month alone, not 'May 3'" in answer_of(chat.say("May 3"))
+    assert "May 2026" in answer_of(chat.say("may"))   # lower case is fine as the answer to "Which month?"
 
 
 def test_after_a_run_a_message_that_changes_nothing_does_not_rerun(start):
@@ -1582,6 +1597,13 @@ def test_a_secret_an_llm_echoes_across_two_streamed_tokens_is_redacted(start, fa
         reply = Chat(server, "echo", stream=stream).say("word: hi")
         assert answer_of(reply) == "Your key is [redacted], keep it safe."
         assert "sk-spl" not in reply and "0123456789abcdef" not in reply
+
+
+def test_overlapping_secrets_are_redacted_whole():
+    redact = cozyopenai.Redactor(["abcd", "abcdefgh"])
+    assert redact("xxabcdefgh") == "xx[redacted]"
+    assert "".join(text for _, text in redact.stream(iter([("content", "xxabc"), ("content", "defgh!")]))) == \
+        "xx[redacted]!"
 
 
 def test_a_fixed_input_fed_to_a_secret_named_node_input_is_redacted(start):
