@@ -1014,9 +1014,10 @@ class Conversation:
         fingerprints = [turn_fingerprint(text) for text in earlier_turns]
         matched, position = 0, 0
         for fingerprint in self.seen:   # the turns read must still be there, in order
-            if fingerprint not in fingerprints[position:]:
+            try:
+                position = fingerprints.index(fingerprint, position) + 1
+            except ValueError:
                 break
-            position = fingerprints.index(fingerprint, position) + 1
             matched += 1
         if matched == len(self.seen):
             return None
@@ -1259,7 +1260,7 @@ context only, to understand it; never take values from them.
 - "intent" is what the user is doing: "provide" (giving values), "correct" (changing a value \
 given before), "cancel" (stop or start over), "skip" (wants to leave an optional input out), \
 or "other" (anything else).
-
+{single_call_rule}
 Answer with one JSON object and nothing else: {{"values": {{{keys}}}, "intent": "provide"{question_key}}}"""
 
 SINGLE_CALL_RULE = """- "question": if a required input is still missing after this message (neither known so far \
@@ -1395,8 +1396,7 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
                 return value
         raise ValueError(f"I need a yes or no for the {label}, not {str(raw)!r}")
     if query.type in ("number", "integer"):
-        raw_words = set(_words(str(raw)))
-        named = {value for word, value in query.synonyms if set(_words(word)) <= raw_words}
+        named = _synonyms_named(query, str(raw))
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
             number = float(raw)
         elif len(named) == 1 and not numbers_in(str(raw)):   # "March" for a month, when the workflow says so
@@ -1427,6 +1427,12 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
     if isinstance(raw, (dict, list)) or raw is None or not str(raw).strip():
         raise ValueError(f"I need some text for the {label}")
     return str(raw).strip()
+
+
+def _synonyms_named(query: QueryInput, text: str) -> set:
+    """The values whose synonyms the text says, in any case ("march" names 3)."""
+    words = set(_words(text))
+    return {value for synonym, value in query.synonyms if set(_words(synonym)) <= words}
 
 
 def _match_choice(query: QueryInput, raw: Any) -> str:
@@ -1597,7 +1603,7 @@ def _reply_value(query: QueryInput, text: str) -> Any:
     """What a direct answer to "what is the <input>?" holds."""
     if query.type in ("number", "integer"):
         found = numbers_in(text)
-        named = any(set(_words(word)) <= set(_words(text)) for word, _ in query.synonyms)
+        named = _synonyms_named(query, text)
         return found[0] if len(found) == 1 and not named else text   # "May 3": the coercion decides
     if query.type == "boolean":
         words = [word for word in _words(text) if word in BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]]
@@ -1669,9 +1675,8 @@ def extraction_messages(workflow: Workflow, conversation: Conversation, history:
     keys = ", ".join(f'"{name}": null' for name in workflow.query_inputs)
     prompt = EXTRACTION_PROMPT.format(name=workflow.name, description=workflow.description,
                                       inputs="\n".join(inputs), context=context, keys=keys,
-                                      question_key=', "question": null' if single_call else "")
-    if single_call:
-        prompt = prompt.replace("\n\nAnswer with one JSON", "\n" + SINGLE_CALL_RULE.rstrip() + "\n\nAnswer with one JSON")
+                                      question_key=', "question": null' if single_call else "",
+                                      single_call_rule=SINGLE_CALL_RULE if single_call else "")
     return [{"role": "system", "content": prompt}, {"role": "user", "content": text}]
 
 
