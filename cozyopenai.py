@@ -56,6 +56,7 @@ __all__ = [
 import argparse
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import importlib.util
@@ -114,6 +115,8 @@ LISTEN_BACKLOG = 1024                     # connections the kernel holds while t
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SERVER_THREADS = 256                      # for --server gunicorn/waitress/cheroot: each open stream holds one
 HTTP_NODE_TIMEOUT_SECONDS = 30.0
+LLM_NODE_MAX_TOKENS = 1024                # an `llm` node's answer, unless its `max_tokens` says otherwise
+LLM_NODE_TIMEOUT_SECONDS = 120.0          # an `llm` node's whole stream, unless its `timeout_seconds` does
 MEMORY_STORE_MAX_CONVERSATIONS = 10_000
 KEEPALIVE_SECONDS = 10.0                  # an SSE comment this often while a stream is silent
 EXPIRE_EVERY_SECONDS = 3600.0             # how often the store is swept for old conversations
@@ -170,7 +173,12 @@ HTTP_STATUS_ERRORS = {400: RequestError, 401: UnauthorizedError, 404: NotFoundEr
 # Workflows: the file format, loading and validation
 ####################################################################################
 
-VALUE_TYPES = ("string", "integer", "number", "boolean", "choice")
+# Text types hold the user's words; "place" and "date" tell the reader what to look for
+# ("a trip to Lisbon", "from 10 to 17 October"), "email" and "url" are checked. Number types
+# hold numbers; "money" takes amounts with a currency ("1 200 €", "$5000").
+STRING_TYPES = ("string", "place", "date", "email", "url")
+NUMERIC_TYPES = ("number", "integer", "money")
+VALUE_TYPES = STRING_TYPES + NUMERIC_TYPES + ("boolean", "choice")
 WORKFLOW_NAME_PATTERN = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,63}\Z")
 NODE_ID_PATTERN = re.compile(r"\A[A-Za-z_][A-Za-z0-9_-]{0,63}\Z")
 INPUT_NAME_PATTERN = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
@@ -207,7 +215,7 @@ class QueryInput:
     optional: bool = False
     default: Any = None
     question: str = ""
-    synonyms: Tuple[Tuple[str, str], ...] = ()   # (word a user may say, the choice it means)
+    synonyms: Tuple[Tuple[str, Any], ...] = ()   # (word a user may say, the value it means)
     minimum: Optional[float] = None
     maximum: Optional[float] = None
     cues: Tuple[str, ...] = ()     # words after which a user names a text value ("trip to" Paris)
@@ -215,6 +223,11 @@ class QueryInput:
     @property
     def label(self) -> str:
         return self.name.replace("_", " ")
+
+    @cached_property
+    def kind(self) -> str:
+        """What the reader looks for: see input_kind."""
+        return input_kind(self)
 
 
 @dataclass(frozen=True)
@@ -249,6 +262,11 @@ class Workflow:
         """The node whose whole output is the answer; its tokens may stream straight out."""
         text = self.node(self.output_node).inputs.get("text")
         return text.node if isinstance(text, Link) and not text.path else None
+
+    @cached_property
+    def words_taken(self) -> frozenset:
+        """Words that are never a name in this workflow's chats: see words_taken."""
+        return words_taken(self)
 
     @cached_property
     def redact(self) -> "Redactor":
@@ -400,7 +418,7 @@ def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
                 default = coerce_value(query, spec["default"])
             except ValueError as exc:
                 raise WorkflowFileError(f"{at}: bad default: {exc}") from None
-            query = QueryInput(**{**query.__dict__, "default": default})
+            query = dataclasses.replace(query, default=default)
         if optional and query.default is None:
             raise WorkflowFileError(f"{at}: an optional input needs a 'default'")
         if not optional and "default" in spec:
@@ -413,29 +431,36 @@ def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
 def _parse_cues(raw: Any, value_type: str, at: str) -> Tuple[str, ...]:
     if not isinstance(raw, list) or not all(isinstance(cue, str) and cue.strip() for cue in raw):
         raise WorkflowFileError(f"{at}: 'cues' must be a list of words, like [\"trip to\", \"visit\"]")
-    if raw and value_type != "string":
-        raise WorkflowFileError(f"{at}: 'cues' are for inputs of type string")
+    if raw and value_type not in ("string", "place"):
+        raise WorkflowFileError(f"{at}: 'cues' are for inputs of type string or place")
     return tuple(cue.strip() for cue in raw)
 
 
 def _parse_bound(spec: Mapping[str, Any], key: str, at: str) -> Optional[float]:
     bound = spec.get(key)
-    if bound is not None and (spec.get("type") not in ("number", "integer") or isinstance(bound, bool)
+    if bound is not None and (spec.get("type") not in NUMERIC_TYPES or isinstance(bound, bool)
                               or not isinstance(bound, (int, float))):
-        raise WorkflowFileError(f"{at}: {key!r} is a number, for inputs of type number or integer")
+        raise WorkflowFileError(f"{at}: {key!r} is a number, for inputs of type number, integer or money")
     return bound
 
 
-def _parse_synonyms(raw: Any, value_type: str, choices: List[str], at: str) -> Tuple[Tuple[str, str], ...]:
-    """Words for a choice ({"relaxed": ["calm"]}), or for a number ({"3": ["March", "mars"]})."""
+def _parse_synonyms(raw: Any, value_type: str, choices: List[str], at: str) -> Tuple[Tuple[str, Any], ...]:
+    """Words for a choice ({"relaxed": ["calm"]}), a number ({"3": ["March", "mars"]}), or a
+    yes or no ({"true": ["kids", "enfants"]}: "no kids" is then a no)."""
     if not isinstance(raw, dict) or not all(isinstance(words, list) for words in raw.values()):
         raise WorkflowFileError(f"{at}: 'synonyms' must be an object of value: [words]")
-    if value_type in ("number", "integer"):
+    if value_type in NUMERIC_TYPES:
         unknown = [value for value in raw if not re.fullmatch(r"-?\d+(\.\d+)?", value)]
         if unknown:
             raise WorkflowFileError(f"{at}: 'synonyms' names {unknown[0]!r}, which is not a number")
+    elif value_type == "boolean":
+        unknown = [value for value in raw if value not in ("true", "false")]
+        if unknown:
+            raise WorkflowFileError(f"{at}: 'synonyms' of a yes/no input are for \"true\" or \"false\", "
+                                    f"not {unknown[0]!r}")
+        return tuple((str(word), value == "true") for value, words in raw.items() for word in words)
     elif raw and value_type != "choice":
-        raise WorkflowFileError(f"{at}: 'synonyms' are for inputs of type choice, number or integer")
+        raise WorkflowFileError(f"{at}: 'synonyms' are for inputs of type choice, boolean or a number type")
     else:
         unknown = [choice for choice in raw if choice not in choices]
         if unknown:
@@ -555,12 +580,28 @@ class LLMSettings:
     single_call: bool = False              # extraction also writes the follow-up question: one call a turn
 
 
+class LLMError(UpstreamError):
+    """The internal LLM failed. ``reason`` is short and safe to show ("HTTP 500", "timed out after
+    120 s"); ``upstream_status`` and ``names_format`` (the error body names response_format,
+    json_schema or json_object) tell a refused structured-output mode from an outage."""
+
+    def __init__(self, reason: str, *, upstream_status: Optional[int] = None, names_format: bool = False):
+        super().__init__(f"the language model did not answer usably ({reason})")
+        self.reason, self.upstream_status, self.names_format = reason, upstream_status, names_format
+        self.status = 400 if upstream_status == 400 else 502
+
+
+class LLMTimeout(LLMError):
+    """The whole answer did not arrive within its time limit."""
+
+
 class LLMClient:
-    """The openai client, with a memory of which structured-output mode the upstream accepts."""
+    """The openai client for one upstream, with a memory of which structured-output mode it accepts."""
 
     # Tried in order: strict JSON schema, then JSON mode (llama.cpp refuses json_schema but takes
     # json_object), then plain text from which the first JSON object is parsed.
     JSON_MODES = ("json_schema", "json_object", "text")
+    FORMAT_WORDS = re.compile(r"response_format|json_schema|json_object")   # in an error body: a refusal
 
     def __init__(self, settings: LLMSettings):
         import openai  # about 0.4 s to import; only servers with an LLM pay for it
@@ -568,58 +609,172 @@ class LLMClient:
         self.settings = settings
         self._client = openai.OpenAI(base_url=settings.base_url, api_key=settings.api_key or "unused",
                                      timeout=settings.timeout_seconds, max_retries=settings.max_retries)
-        self._json_mode = 0
+        # A mode never seen working is tried without the client's retry: an upstream that refuses
+        # it (llama.cpp answers json_schema with a 500) then costs one call per server run, not two a turn.
+        self._client_once = self._client.with_options(max_retries=0)
+        self._json_mode = 0                    # index in JSON_MODES; only ever steps down
+        self._json_mode_confirmed = False      # the current mode has answered once on this upstream
+        self._json_lock = threading.Lock()     # turns run at once
+
+    @property
+    def host(self) -> str:
+        """The upstream's host:port, to name it in notes and logs: never its path, query or key."""
+        parts = urlsplit(self.settings.base_url)
+        host = parts.hostname or "the configured server"
+        host = f"[{host}]" if ":" in host else host
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        return f"{host}:{port}" if port else host
 
     def complete(self, messages: List[dict], **options: Any) -> str:
         """One chat completion; its text."""
-        response = self._call(messages=messages, stream=False, **options)
-        return (response.choices[0].message.content or "") if response.choices else ""
+        return self._text_of(self._call(messages=messages, stream=False, **options))
 
     def complete_json(self, messages: List[dict], schema: dict) -> dict:
-        """A JSON object as answer, using the best structured-output mode the upstream takes."""
-        while True:
-            mode = self.JSON_MODES[self._json_mode]
-            options: Dict[str, Any] = {}
-            if mode == "json_schema":
-                options["response_format"] = {"type": "json_schema", "json_schema":
-                                              {"name": "extraction", "schema": schema, "strict": True}}
-            elif mode == "json_object":
-                options["response_format"] = {"type": "json_object"}
-            try:
-                return first_json_object(self.complete(messages, **options))
-            except UpstreamError as exc:
-                if exc.status != 400 or mode == "text":
-                    raise
-                self._json_mode += 1   # the upstream refused this response_format; remember it
+        """A JSON object as answer, using the best structured-output mode the upstream takes.
 
-    def stream(self, messages: List[dict], **options: Any) -> "TextStream":
-        """A chat completion whose tokens arrive as they are generated."""
-        response = self._call(messages=messages, stream=True, **options)
+        A refused mode is stepped down from and remembered. An unexplained 5xx on a json_schema
+        call never seen working steps down for this call only, and is remembered once json_object
+        works: so a real outage does not walk the mode down for good."""
+        index = self._json_mode
+        while True:
+            mode = self.JSON_MODES[index]
+            confirmed = self._is_confirmed(index)
+            try:
+                response = self._call(messages=messages, stream=False, retry=confirmed,
+                                      **self._json_options(mode, schema))
+            except LLMError as exc:
+                refusal = self._refusal(exc, mode, confirmed)
+                if refusal is None:
+                    raise
+                if refusal == "refused":
+                    self._settle_json_mode(index + 1, worked=False)
+                index += 1
+                continue
+            self._settle_json_mode(index, worked=True)
+            return first_json_object(self._text_of(response))
+
+    @staticmethod
+    def _json_options(mode: str, schema: dict) -> Dict[str, Any]:
+        if mode == "json_schema":
+            return {"response_format": {"type": "json_schema", "json_schema":
+                                        {"name": "extraction", "schema": schema, "strict": True}}}
+        if mode == "json_object":
+            return {"response_format": {"type": "json_object"}}
+        return {}
+
+    def _is_confirmed(self, index: int) -> bool:
+        """Plain text is no structured call; a structured mode once it has answered here."""
+        return self.JSON_MODES[index] == "text" or (index == self._json_mode and self._json_mode_confirmed)
+
+    @staticmethod
+    def _refusal(exc: LLMError, mode: str, confirmed: bool) -> Optional[str]:
+        """"refused" when the upstream said it does not take this mode, "unexplained" for a 5xx on a
+        json_schema call never seen working (llama.cpp's refusal may say nothing useful), else None:
+        a mode that has worked is not given up over a 400 about something else, nor over an outage."""
+        status = exc.upstream_status or 0
+        if mode == "text" or status < 400:
+            return None
+        if exc.names_format or (not confirmed and status in (400, 422)):
+            return "refused"
+        if not confirmed and mode == "json_schema" and status >= 500:
+            return "unexplained"
+        return None
+
+    def _settle_json_mode(self, index: int, worked: bool) -> None:
+        """Remember that mode ``index`` answered, or that the ones above it were refused. The mode
+        only steps down, so turns that learn the same thing at once change it, and log it, once."""
+        with self._json_lock:
+            previous = self._json_mode
+            if index > previous:
+                self._json_mode, self._json_mode_confirmed = index, False
+            if worked and index == self._json_mode:
+                self._json_mode_confirmed = True
+        if index > previous:
+            log.warning("the language model at %s does not take response_format %s; using %s from now on",
+                        self.host, self.JSON_MODES[previous],
+                        "prompt-only text" if self.JSON_MODES[index] == "text" else self.JSON_MODES[index])
+
+    def stream(self, messages: List[dict], *, within_seconds: Optional[float] = None,
+               **options: Any) -> "TextStream":
+        """A chat completion whose tokens arrive as they are generated; the request goes out when
+        the stream is first read, and failures raise LLMError from the reading. With
+        ``within_seconds`` the whole answer, request to last token, must arrive in that time, even
+        when the upstream stalls between tokens: past it, reading raises LLMTimeout. Read to its
+        end, the stream's ``finish_reason`` says why the model stopped ("stop", "length")."""
+        request = dict(options, messages=messages)
+        if within_seconds is not None:   # so a stalled connection is also given up soon after the deadline
+            request.setdefault("timeout", min(self.settings.timeout_seconds, within_seconds))
 
         def pieces() -> Iterator[str]:
+            arrived: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
+            leaving = threading.Event()
+            deadline = None if within_seconds is None else time.monotonic() + within_seconds
+            threading.Thread(target=self._read_stream, args=(request, arrived, leaving), daemon=True).start()
             try:
-                for chunk in response:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        yield chunk.choices[0].delta.content
-            except self._openai.OpenAIError as exc:
-                raise self._upstream_error(exc) from None
+                while True:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:   # checked per piece too: a fast, endless model
+                        raise LLMTimeout(f"timed out after {within_seconds:g} s")
+                    try:
+                        kind, value = arrived.get(timeout=left)
+                    except queue.Empty:
+                        continue
+                    if kind == "piece":
+                        yield value
+                    elif kind == "end":
+                        answer.finish_reason = value
+                        return
+                    else:
+                        raise value
             finally:
-                response.close()
-        return TextStream(pieces())
+                leaving.set()   # the reading thread closes the connection at its next chunk
+        answer = TextStream(pieces())
+        return answer
 
-    def _call(self, **options: Any) -> Any:
-        options.setdefault("model", self.settings.model)
+    def _read_stream(self, request: Dict[str, Any], arrived: "queue.Queue[Tuple[str, Any]]",
+                     leaving: threading.Event) -> None:
+        """In a thread of its own, so that a stalled upstream cannot hold the reader past its
+        deadline: puts ("piece", text)..., then ("end", finish_reason) or ("error", LLMError)."""
+        response, finish_reason = None, None
         try:
-            return self._client.chat.completions.create(**options)
+            response = self._call(stream=True, **request)
+            for chunk in response:
+                if leaving.is_set():
+                    return   # the reader gave up; closing the connection stops the upstream's work too
+                choice = chunk.choices[0] if chunk.choices else None
+                if choice is not None and choice.delta is not None and choice.delta.content:
+                    arrived.put(("piece", choice.delta.content))
+                finish_reason = (choice.finish_reason if choice is not None else None) or finish_reason
+            arrived.put(("end", finish_reason))
+        except LLMError as exc:
+            arrived.put(("error", exc))
+        except Exception as exc:   # the SDK's errors, and a connection or chunk broken under it
+            arrived.put(("error", self._upstream_error(exc)))
+        finally:
+            if response is not None:
+                response.close()
+
+    def _call(self, *, retry: bool = True, **options: Any) -> Any:
+        options.setdefault("model", self.settings.model)
+        client = self._client if retry else self._client_once
+        try:
+            return client.chat.completions.create(**options)
         except self._openai.OpenAIError as exc:
             raise self._upstream_error(exc) from None
 
-    def _upstream_error(self, exc: Exception) -> UpstreamError:
+    @staticmethod
+    def _text_of(response: Any) -> str:
+        return (response.choices[0].message.content or "") if response.choices else ""
+
+    def _upstream_error(self, exc: Exception) -> LLMError:
         status = getattr(exc, "status_code", None)
         reason = f"HTTP {status}" if status else type(exc).__name__.replace("API", "").replace("Error", " error")
-        error = UpstreamError(f"the language model did not answer usably ({reason.strip()})")
-        error.status = status if status == 400 else 502
-        return error
+        said = f"{getattr(exc, 'message', '')} {json.dumps(getattr(exc, 'body', None), default=str)}"
+        return LLMError(reason.strip(), upstream_status=status,
+                        names_format=bool(status) and bool(self.FORMAT_WORDS.search(said)))
 
 
 def first_json_object(text: str) -> dict:
@@ -642,6 +797,7 @@ def first_json_object(text: str) -> dict:
 class TextStream:
     """A node result that arrives in pieces. The runner joins them, and streams them
     straight into the answer when the node's output is the answer."""
+    finish_reason: Optional[str] = None   # set by LLMClient.stream once read to its end ("stop", "length")
 
     def __init__(self, pieces: Iterable[str]):
         self._pieces = pieces
@@ -657,6 +813,11 @@ class NodeContext:
     workflow: Workflow
     llm: Optional[LLMClient]
     stop: threading.Event
+    notes: List[str] = field(default_factory=list)   # the runner reports them as "note" events
+
+    def note(self, text: str) -> None:
+        """A line for the thinking block: why a fallback was used, why an answer stops early."""
+        self.notes.append(str(text))
 
 
 @dataclass(frozen=True)
@@ -717,7 +878,9 @@ def run_output_node(inputs: Dict[str, Any], context: NodeContext) -> str:
 
 def run_llm_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
     """One chat completion on the configured LLM: ``prompt``, optional ``system``,
-    ``temperature``. With no LLM configured it renders ``fallback`` instead, if given."""
+    ``temperature``, ``max_tokens`` (default LLM_NODE_MAX_TOKENS). The whole answer must arrive
+    within the node's ``timeout_seconds`` (default LLM_NODE_TIMEOUT_SECONDS). ``fallback``, a
+    template, is rendered instead with no LLM configured, or when the LLM fails before its first token."""
     if context.llm is None:
         if "fallback" in inputs:
             return render_template(inputs["fallback"], inputs)
@@ -725,8 +888,61 @@ def run_llm_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
     messages = [{"role": "user", "content": str(inputs["prompt"])}]
     if inputs.get("system"):
         messages.insert(0, {"role": "system", "content": str(inputs["system"])})
-    options = {"temperature": inputs["temperature"]} if "temperature" in inputs else {}
-    return context.llm.stream(messages, **options)
+    try:
+        max_tokens = _positive_integer(inputs.get("max_tokens", LLM_NODE_MAX_TOKENS), "max_tokens")
+    except ValueError as exc:   # fed by a link or the user, so not checked at start-up
+        raise NodeFailed(str(exc)) from None
+    options = {"max_tokens": max_tokens}
+    if "temperature" in inputs:
+        options["temperature"] = inputs["temperature"]
+    seconds = context.node.timeout_seconds or LLM_NODE_TIMEOUT_SECONDS
+    # The stream is read by the runner after this returns, so this limit (not _call_within's,
+    # which covers only this call) is what ends a long answer.
+    stream = context.llm.stream(messages, within_seconds=seconds, **options)
+    return TextStream(_bounded_answer(stream, inputs, context, seconds, max_tokens))
+
+
+def _bounded_answer(stream: TextStream, inputs: Dict[str, Any], context: NodeContext,
+                    seconds: float, max_tokens: int) -> Iterator[str]:
+    """The LLM's pieces. If it fails before the first: the fallback, or NodeFailed. If it fails
+    or runs out of time after some: what it wrote, then a line saying it stopped there."""
+    host = context.llm.host if context.llm is not None else "the configured server"
+    wrote = False
+    try:
+        for piece in stream:
+            wrote = True
+            yield piece
+    except LLMError as exc:
+        if wrote:
+            context.note(f"the language model at {host} stopped ({exc.reason}); kept what it had written.")
+            yield _stopped_line(exc, seconds)
+        elif "fallback" in inputs:
+            context.note(f"the language model at {host} did not answer ({exc.reason}); "
+                         "used the fallback template.")
+            yield render_template(inputs["fallback"], inputs)
+        else:
+            raise NodeFailed(f"the language model at {host} did not answer ({exc.reason})") from None
+        return
+    if stream.finish_reason == "length":
+        context.note(f"the answer hit its limit of {max_tokens} tokens.")
+
+
+def _stopped_line(exc: LLMError, seconds: float) -> str:
+    """Ends an answer cut short, so a reader does not take it for the whole one."""
+    if isinstance(exc, LLMTimeout):
+        return f"\n\n(Stopped here: the language model took longer than {seconds:g} s.)"
+    return "\n\n(Stopped here: the language model stopped answering.)"
+
+
+def _positive_integer(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name!r} must be a positive whole number, got {value!r}")
+    return value
+
+
+def _check_llm(inputs: Dict[str, Any]) -> None:
+    if inputs.get("max_tokens") is not None:
+        _positive_integer(inputs["max_tokens"], "max_tokens")
 
 
 def _check_http(inputs: Dict[str, Any]) -> None:
@@ -810,7 +1026,7 @@ class NodeTypes(dict):
 NODE_TYPES: Mapping[str, NodeType] = MappingProxyType({
     "template": NodeType(run_template_node, required=("template",), author_only=("template",),
                          check=_check_template),
-    "llm": NodeType(run_llm_node, required=("prompt",)),
+    "llm": NodeType(run_llm_node, required=("prompt",), check=_check_llm),
     "http": NodeType(run_http_node, required=("url",), author_only=("url", "method"), check=_check_http),
     "python": NodeType(run_python_node, required=("function",), author_only=("function",),
                        check=_check_python),
@@ -825,7 +1041,8 @@ NODE_TYPES: Mapping[str, NodeType] = MappingProxyType({
 @dataclass(frozen=True)
 class RunEvent:
     """What the runner reports. kind: "started", "finished" (with seconds and value),
-    "failed" (with seconds and text), "answer" (a piece of the answer), "done"."""
+    "failed" (with seconds and text), "note" (a line for the thinking block, from
+    NodeContext.note, in the order noted), "answer" (a piece of the answer), "done"."""
     kind: str
     node_id: str = ""
     text: str = ""
@@ -897,26 +1114,31 @@ def _start_in_thread(events: Iterator[RunEvent], sink: "queue.Queue[RunEvent]") 
 def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values: Mapping[str, Any],
                  node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
                  streams_answer: bool) -> Iterator[RunEvent]:
-    """Runs one node: "started", then any "answer" pieces, then "finished" or "failed"."""
+    """Runs one node: "started", then any "note" and "answer" events in the order they happen,
+    then "finished" or "failed"."""
     yield RunEvent("started", node.id, text=node.description)
     started = time.monotonic()
+    context = NodeContext(node, workflow, llm, stop)
     try:
         if stop.is_set():
             raise NodeFailed("the run was stopped")
         inputs = {name: _input_value(workflow, node, name, value, outputs, values)
                   for name, value in node.inputs.items()}
-        context = NodeContext(node, workflow, llm, stop)
         result = _call_within(node.timeout_seconds, node_types[node.type].run, inputs, context)
+        yield from _note_events(context)
         if isinstance(result, TextStream):
             pieces = []
             for piece in result:
                 if stop.is_set():
                     raise NodeFailed("the run was stopped")
                 pieces.append(piece)
+                yield from _note_events(context)   # noted before this piece came
                 if streams_answer:
                     yield RunEvent("answer", node.id, text=piece)
+            yield from _note_events(context)
             result = "".join(pieces)
     except (NodeFailed, UpstreamError) as exc:
+        yield from _note_events(context)
         yield RunEvent("failed", node.id, text=exc.message, seconds=time.monotonic() - started)
         return
     except Exception as exc:   # a custom node's bug must end the run, not the server
@@ -927,9 +1149,15 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
     yield RunEvent("finished", node.id, seconds=time.monotonic() - started, value=result)
 
 
+def _note_events(context: NodeContext) -> Iterator[RunEvent]:
+    while context.notes:
+        yield RunEvent("note", context.node.id, text=context.notes.pop(0))
+
+
 def _call_within(seconds: Optional[float], function: Callable[..., Any], *arguments: Any) -> Any:
     """function(*arguments), failing the node after ``seconds``. Python cannot stop a thread:
-    the call goes on in the background, but the run moves on without it."""
+    the call goes on in the background, but the run moves on without it. A TextStream the
+    function returns is read afterwards, outside this limit: an `llm` node bounds its own."""
     if seconds is None:
         return function(*arguments)
     outcome: Dict[str, Any] = {}
@@ -1241,7 +1469,7 @@ def open_store(spec: Union[str, os.PathLike, Any], max_age_seconds: Optional[flo
 
 
 ####################################################################################
-# Extraction and questions
+# Reading what the user said, and asking for the rest
 ####################################################################################
 
 EXTRACTION_PROMPT = """\
@@ -1318,17 +1546,112 @@ SENTENCE_STARTS = {"i", "im", "id", "ill", "ive", "we", "were", "wed", "lets", "
                    "queremos", "mi", "io", "vorrei", "eu", "quero", "actually", "no", "non", "nein", "nope",
                    "yes", "oui", "si", "ja", "sorry", "well", "so", "make", "change", "maybe", "perhaps", "rather",
                    "instead", "but", "and", "also", "then", "plutot", "lieber", "mejor", "meglio"}
-TIME_WORDS = set("""january february march april may june july august september october november december
-    monday tuesday wednesday thursday friday saturday sunday week weeks weekend day days month months tomorrow today
-    tonight spring summer autumn fall winter janvier fevrier mars avril mai juin juillet aout septembre octobre
-    novembre decembre semaine jours januar februar marz juni juli oktober dezember woche tage enero febrero marzo
-    abril mayo junio julio agosto septiembre octubre noviembre diciembre semana gennaio febbraio aprile maggio
-    giugno luglio settembre ottobre dicembre settimana jan feb apr jun jul aug sep sept oct nov dec""".split())
-TYPED_VALUE_PATTERNS = {   # values whose shape makes them unambiguous, for inputs that say what they hold
-    "date": re.compile(r"\b\d{4}-\d{2}-\d{2}\b"),
+TYPED_VALUE_PATTERNS = {   # values whose shape makes them unambiguous, for inputs that hold that kind
     "email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"),
     "url": re.compile(r"\bhttps?://[^\s<>\"']+"),
 }
+
+# Language data (issue 9). Each table is words, folded (lower case, no accents, no
+# apostrophes) and separated by spaces, in English, French, German, Spanish and Italian
+# (and some Portuguese). A contributor adds a language here; the reader's logic stays as it is.
+MONTH_NAMES = {
+    1: "january jan janvier januar janner enero gennaio janeiro",
+    2: "february feb fevrier februar febrero febbraio fevereiro",
+    3: "march mar mars marz maerz marzo marco",
+    4: "april apr avril abril aprile",
+    5: "may mai mayo maggio maio",
+    6: "june jun juin juni junio giugno junho",
+    7: "july jul juillet juli julio luglio julho",
+    8: "august aug aout agosto",
+    9: "september sep sept septembre septiembre settembre setembro",
+    10: "october oct octobre oktober octubre ottobre outubro",
+    11: "november nov novembre noviembre novembro",
+    12: "december dec decembre dezember diciembre dicembre dezembro",
+}
+TIME_NAME_WORDS = """monday tuesday wednesday thursday friday saturday sunday lundi mardi mercredi jeudi vendredi
+    samedi dimanche montag dienstag mittwoch donnerstag freitag samstag sonntag lunes martes miercoles jueves
+    viernes sabado domingo lunedi martedi mercoledi giovedi venerdi sabato domenica
+    spring summer autumn fall winter season easter christmas printemps ete automne hiver saison paques noel
+    fruhling fruehling sommer herbst ostern weihnachten primavera verano otono invierno temporada pascua navidad
+    estate autunno inverno stagione pasqua natale
+    today tomorrow tonight weekend week-end weekends aujourdhui demain heute morgen wochenende hoy manana
+    oggi domani"""
+# Words that are also ordinary words ("I may", "to march", "the fall"): a time only when
+# written with a capital and next to a number or a word of time ("in May", "May 3").
+UNCERTAIN_TIME_WORDS = "may mar jan march sun sat wed fall morgen"
+TIME_UNIT_WORDS = """day days night nights week weeks month months fortnight jour jours journee nuit nuits semaine
+    semaines mois quinzaine tag tage tagen nacht nachte woche wochen monat monate dia dias noche noches semana
+    semanas mes meses quincena giorno giorni notte notti settimana settimane mese mesi"""
+NUMBER_WORDS = """a an one two three four five six seven eight nine ten eleven twelve fourteen fifteen couple few
+    several un une deux trois quatre cinq six sept huit neuf dix quinze ein eine einen zwei drei vier funf sechs
+    sieben acht neun zehn vierzehn uno una dos tres cuatro cinco seis siete ocho nueve diez quince due tre quattro
+    cinque sei sette otto nove dieci quindici"""
+TIME_QUALIFIER_WORDS = """early mid middle late end beginning start first second third fourth last next this coming
+    following long whole entire half debut mi milieu fin premier premiere deuxieme troisieme dernier derniere
+    prochain prochaine anfang mitte ende erste ersten zweite zweiten dritte letzte letzten nachste nachsten
+    kommende kommenden principios mediados finales primera primer segunda segundo tercera ultima ultimo proximo
+    proxima inizio meta prima primo seconda secondo terza prossimo prossima"""
+# Words that join the parts of a period ("from 10 to 17 October", "del 3 al 10 de junio").
+TIME_LINK_WORDS = """to until till through thru and from of in on at the for during du des au aux jusqu jusquau
+    et le la les l d de en dans pour pendant vom von bis zum zur und im am in der den des dem fur wahrend al del
+    desde hasta y el los las a ad dal dai fino e il lo di nel nella per durante em do da ate ao"""
+# Of these, the ones that only lead into a period: "in April" is April, "du 3 au 10 juin" is 3 au 10 juin.
+LEADING_LINK_WORDS = """in on at for from during du au aux jusqu de d en dans pour pendant vom von bis zum zur im am
+    fur wahrend del desde hasta a ad dal dai fino nel nella per durante em do da ate ao di"""
+# Words after which a capitalised name is a place ("a trip to Lisbon", "viajar a Madrid").
+PLACE_LEAD_WORDS = """to in for visit visiting see explore discover a au aux en pour vers visiter voir decouvrir
+    nach in fur besuchen sehen entdecken a en para por hacia visitar ver conocer descubrir a ad in per verso
+    visitare vedere scoprire para em"""
+NEGATION_WORDS = """not no never without except excluding nor dont doesnt didnt wont cant isnt arent pas non sans
+    sauf jamais ni nicht kein keine keinen keinem ohne ausser statt anstatt nie sin excepto salvo menos nunca
+    senza tranne eccetto mai ne"""
+EXCEPT_OPENER_WORDS = "anywhere anything everywhere everything all any somewhere"   # "anywhere but Paris"
+EXCEPT_WORDS = "but"
+CONTRAST_WORDS = "but rather instead mais plutot sondern lieber pero sino mejor ma piuttosto invece"
+PREFERENCE_WORDS = "rather instead plutot lieber mejor meglio piuttosto invece"   # "plutôt Marseille": a place
+ALTERNATIVE_WORDS = "or ou oder o u oppure"
+NAME_JOINER_WORDS = "de del da di do dos das la le upon on am an sur en y"   # "Rio de Janeiro", "Frankfurt am Main"
+CANCEL_WORDS = """stop cancel abort reset forget nevermind restart annuler annule oublie oublier arrete abbrechen
+    vergiss vergessen stopp cancela cancelar olvida olvidalo annulla lascia dimentica"""
+CURRENCY_WORDS = """usd eur gbp chf jpy cad aud dollar dollars bucks euro euros pound pounds quid yen franc francs
+    franken peso pesos dolar dolares dollari sterlina sterline real reais kr"""
+CURRENCY_SIGNS = "$€£¥₹"
+# The kinds of value a text or number input holds, recognised from the words of its name
+# and description when its type does not say ("travel_dates: when the user ..." is a period).
+KIND_WORDS = {
+    "email": "email e-mail",
+    "url": "url urls link website webpage",
+    "date": "date dates when period day days",
+    "place": "where destination city town place country region location",
+    "money": "budget price cost money amount spend spending fee salary currency",
+    "year": "year years annee jahr ano anno",
+}
+TEXT_KINDS = ("email", "url", "date", "place")     # kinds of the string type
+NUMBER_KINDS = ("money", "year")                  # kinds of the number types
+
+
+def _table(words: str) -> frozenset:
+    return frozenset(words.split())
+
+
+MONTHS = MappingProxyType({word: month for month, words in MONTH_NAMES.items() for word in words.split()})
+TIME_NAMES, UNCERTAIN_TIMES = _table(TIME_NAME_WORDS) | MONTHS.keys(), _table(UNCERTAIN_TIME_WORDS)
+TIME_UNITS, COUNT_WORDS, QUALIFIERS = _table(TIME_UNIT_WORDS), _table(NUMBER_WORDS), _table(TIME_QUALIFIER_WORDS)
+TIME_LINKS, LEADING_LINKS = _table(TIME_LINK_WORDS), _table(LEADING_LINK_WORDS)
+PLACE_LEADS, NEGATIONS, CONTRASTS = _table(PLACE_LEAD_WORDS), _table(NEGATION_WORDS), _table(CONTRAST_WORDS)
+ALTERNATIVES, NAME_JOINERS, CANCELS = _table(ALTERNATIVE_WORDS), _table(NAME_JOINER_WORDS), _table(CANCEL_WORDS)
+CURRENCIES, PREFERENCES = _table(CURRENCY_WORDS), _table(PREFERENCE_WORDS)
+EXCEPTS, EXCEPT_OPENERS = _table(EXCEPT_WORDS), _table(EXCEPT_OPENER_WORDS)
+KINDS = MappingProxyType({kind: _table(words) for kind, words in KIND_WORDS.items()})
+CLAUSE_MARKS = frozenset(",;.!?:()[]—|\n")
+MONEY_PATTERN = re.compile(
+    r"(?:(?P<sign>[" + CURRENCY_SIGNS + r"]|\b(?:US\$|USD|EUR|GBP|CHF)\b)\s?(?P<before>\d[\d.,'’]*\d|\d)(?P<k1>\s?[kK]\b)?)"
+    r"|(?:(?<![\w.,])(?P<after>\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?![\d.,]\d)|\d[\d.,'’]*\d|\d)(?P<k2>\s?[kK]\b)?"
+    r"\s?(?P<unit>[" + CURRENCY_SIGNS + r"]|[^\W\d_]+)?)")
+TOKEN_PATTERN = re.compile(
+    r"(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4})"
+    r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]))|(?P<number>\d+(?:[.,]\d+)*)"
+    r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\S)")
 
 
 @dataclass
@@ -1336,7 +1659,8 @@ class Extraction:
     """The result of reading one user message."""
     values: Dict[str, Any] = field(default_factory=dict)     # accepted and coerced
     rejected: Dict[str, str] = field(default_factory=dict)   # name -> why, said to the user
-    ignored: Dict[str, Any] = field(default_factory=dict)    # proposed, but the message does not say it
+    ignored: Dict[str, Tuple[Any, str]] = field(default_factory=dict)   # proposed, dropped: (raw, why)
+    ambiguous: Dict[str, List[Any]] = field(default_factory=dict)       # several candidates: asked which
     intent: str = "provide"
     notes: List[str] = field(default_factory=list)           # for the thinking block
     llm_failed: bool = False                                 # then the question is not asked of it either
@@ -1382,6 +1706,19 @@ def numbers_in(text: str, spaced: bool = False) -> List[float]:
     return found
 
 
+def input_kind(query: QueryInput) -> str:
+    """What an input holds, for the reader: its type, or for text and numbers a kind its
+    name and description name (a "place", a "date", "money", a "year", ...), else "text"
+    or "number"."""
+    if query.type not in ("string", "number", "integer"):
+        return query.type
+    words = set(_words(query.name.replace("_", " ") + " " + query.description))
+    kinds = TEXT_KINDS if query.type == "string" else NUMBER_KINDS
+    if query.type != "string" and set(_words(query.label)) & KINDS["year"]:
+        return "year"
+    return next((kind for kind in kinds if words & KINDS[kind]), "text" if query.type == "string" else "number")
+
+
 def coerce_value(query: QueryInput, raw: Any) -> Any:
     """The value in the input's declared type; ValueError says why not, in words for the user."""
     label = query.label
@@ -1394,45 +1731,72 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
         for value, words in BOOLEAN_WORDS.items():
             if word in words:
                 return value
-        raise ValueError(f"I need a yes or no for the {label}, not {str(raw)!r}")
-    if query.type in ("number", "integer"):
         named = _synonyms_named(query, str(raw))
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            number = float(raw)
-        elif len(named) == 1 and not numbers_in(str(raw)):   # "March" for a month, when the workflow says so
-            number = float(named.pop())
-        elif named:   # "May 3": a month and a number, or two months
-            raise ValueError(f"I need the {label} alone, not {str(raw)!r}")
-        else:
-            found = numbers_in(str(raw))
-            spaced = SPACED_NUMBER_PATTERN.findall(str(raw))
-            if len(spaced) == 1 and not re.search(r"\d", SPACED_NUMBER_PATTERN.sub("", str(raw))):
-                found = [parse_number(spaced[0])]
-            if len(found) != 1:
-                raise ValueError(f"I need a single number for the {label}, not {str(raw)!r}")
-            number = found[0]
-        if not math.isfinite(number):
-            raise ValueError(f"I need a real number for the {label}, not {str(raw)!r}")
-        if query.minimum is not None and number < query.minimum:
-            raise ValueError(f"the {label} must be at least {query.minimum:g}, not {number:g}")
-        if query.maximum is not None and number > query.maximum:
-            raise ValueError(f"the {label} must be at most {query.maximum:g}, not {number:g}")
-        if query.type == "integer":
-            if number != int(number):
-                raise ValueError(f"I need a whole number for the {label}, not {str(raw)!r}")
-            return int(number)
-        return int(number) if number == int(number) else number
+        if len(named) == 1:
+            return named.pop()
+        raise ValueError(f"I need a yes or no for the {label}, not {str(raw)!r}")
+    if query.type in NUMERIC_TYPES:
+        return _coerce_number(query, raw)
     if query.type == "choice":
         return _match_choice(query, raw)
     if isinstance(raw, (dict, list)) or raw is None or not str(raw).strip():
         raise ValueError(f"I need some text for the {label}")
-    return str(raw).strip()
+    text = str(raw).strip()
+    if query.type in TYPED_VALUE_PATTERNS and not TYPED_VALUE_PATTERNS[query.type].fullmatch(text):
+        raise ValueError(f"I need {'an email address' if query.type == 'email' else 'a web address'} "
+                         f"for the {label}, not {text!r}")
+    return text
+
+
+def _coerce_number(query: QueryInput, raw: Any) -> Any:
+    label = query.label
+    named = _synonyms_named(query, str(raw))
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        number = float(raw)
+    elif len(named) == 1 and not numbers_in(str(raw)):   # "March" for a month, when the workflow says so
+        number = float(named.pop())
+    elif named:   # "May 3": a month and a number, or two months
+        raise ValueError(f"I need the {label} alone, not {str(raw)!r}")
+    else:
+        found = numbers_in(str(raw))
+        spaced = SPACED_NUMBER_PATTERN.findall(str(raw))
+        if len(spaced) == 1 and not re.search(r"\d", SPACED_NUMBER_PATTERN.sub("", str(raw))):
+            found = [parse_number(spaced[0])]
+        if len(found) != 1:
+            raise ValueError(f"I need a single number for the {label}, not {str(raw)!r}")
+        number = found[0]
+    if not math.isfinite(number):
+        raise ValueError(f"I need a real number for the {label}, not {str(raw)!r}")
+    if query.minimum is not None and number < query.minimum:
+        raise ValueError(f"the {label} must be at least {query.minimum:g}, not {number:g}")
+    if query.maximum is not None and number > query.maximum:
+        raise ValueError(f"the {label} must be at most {query.maximum:g}, not {number:g}")
+    if query.type == "integer":
+        if number != int(number):
+            raise ValueError(f"I need a whole number for the {label}, not {str(raw)!r}")
+        return int(number)
+    return int(number) if number == int(number) else number
+
+
+def _same_word(word: str, known: str) -> bool:
+    """A word and a known word, allowing a short ending ("entspannte" is "entspannt")."""
+    if word == known:
+        return True
+    shorter, longer = sorted((word, known), key=len)
+    return len(shorter) >= 5 and longer.startswith(shorter) and len(longer) - len(shorter) <= 2
+
+
+def _says_words(message_words: Sequence[str], phrase_words: Sequence[str]) -> bool:
+    """Does the message hold the phrase's words in a row (allowing short endings)?"""
+    size = len(phrase_words)
+    return size > 0 and any(all(_same_word(message_words[start + k], phrase_words[k]) for k in range(size))
+                            for start in range(len(message_words) - size + 1))
 
 
 def _synonyms_named(query: QueryInput, text: str) -> set:
     """The values whose synonyms the text says, in any case ("march" names 3)."""
-    words = set(_words(text))
-    return {value for synonym, value in query.synonyms if set(_words(synonym)) <= words}
+    words = _words(text)
+    return {value for synonym, value in query.synonyms if _says_words(words, _words(synonym))}
 
 
 def _match_choice(query: QueryInput, raw: Any) -> str:
@@ -1441,17 +1805,564 @@ def _match_choice(query: QueryInput, raw: Any) -> str:
     folded.update({_fold(synonym): choice for synonym, choice in query.synonyms})
     if wanted in folded:
         return folded[wanted]
-    prefixed = {choice for key, choice in folded.items() if len(wanted) >= 3 and key.startswith(wanted)}
+    prefixed = {choice for key, choice in folded.items()
+                if len(wanted) >= 3 and key.startswith(wanted) or _same_word(wanted, key)}
     if len(prefixed) == 1:
         return prefixed.pop()
     raise ValueError(f"the {query.label} must be one of {', '.join(query.choices)}, not {str(raw)!r}")
 
 
+def _topic_words(query: QueryInput) -> set:
+    """The words that name an input ("travel", "dates"); its description is too loose for this."""
+    return {word for word in _words(query.label) if len(word) >= 3 and word not in COMMON_WORDS}
+
+
+####################################################################################
+# Reading: typed spans of a message (issue 9)
+####################################################################################
+
+@dataclass(frozen=True)
+class Token:
+    text: str
+    folded: str          # lower case, no accents, no apostrophes
+    start: int
+    end: int
+    kind: str            # "word", "number", "ordinal", "iso", "dmy" or "mark"
+
+    @property
+    def capitalised(self) -> bool:
+        return self.kind == "word" and self.text[:1].isupper()
+
+
+def tokenize(text: str) -> List[Token]:
+    return [Token(match.group(0), _fold(match.group(0)).replace("'", "").replace("’", ""), match.start(),
+                  match.end(), match.lastgroup) for match in TOKEN_PATTERN.finditer(text)]
+
+
+@dataclass(frozen=True)
+class Span:
+    """A piece of the message that can be a value: where it is, what kind, and how it reads."""
+    kind: str            # "money", "date", "year", "number", "name", "choice", "boolean", "email", "url"
+    start: int           # token indexes [start, end)
+    end: int
+    value: Any
+    negated: bool = False
+
+
+def _is_break(tokens: Sequence[Token], index: int) -> bool:
+    token = tokens[index]
+    if token.kind != "mark":
+        return False
+    if token.text in "-–/":   # "10-17 October" is one period; "Paris - Lyon" two clauses
+        return not (0 < index < len(tokens) - 1 and tokens[index - 1].kind in ("number", "ordinal")
+                    and tokens[index + 1].kind in ("number", "ordinal"))
+    return token.text in CLAUSE_MARKS
+
+
+def is_negated(tokens: Sequence[Token], index: int, reach: int = 4) -> bool:
+    """Is the word at ``index`` ruled out by a word before it in its clause: "not relaxed",
+    "no children", "anywhere but Paris", "sans enfants"? A contrast ("not Paris but Lyon")
+    ends the negation's reach."""
+    for back in range(index - 1, max(-1, index - 1 - reach), -1):
+        token = tokens[back]
+        if _is_break(tokens, back) or (token.folded in CONTRASTS and not _is_except(tokens, back)):
+            return False
+        if token.folded in NEGATIONS or _is_except(tokens, back):
+            return True
+    return False
+
+
+def _is_except(tokens: Sequence[Token], index: int) -> bool:
+    return tokens[index].folded in EXCEPTS and index > 0 and tokens[index - 1].folded in EXCEPT_OPENERS
+
+
+def _clause_is_question(tokens: Sequence[Token], index: int) -> bool:
+    for token in tokens[index:]:
+        if token.kind == "mark" and token.text in CLAUSE_MARKS:
+            return token.text == "?"
+    return False
+
+
+def money_spans(text: str, tokens: Sequence[Token]) -> List[Span]:
+    """Amounts with a currency: "$5000", "1 200 €", "3000 dólares", "2.000 Euro", and "2k"."""
+    spans = []
+    for match in MONEY_PATTERN.finditer(text):
+        number, unit = match.group("before") or match.group("after"), match.group("unit")
+        has_k = bool(match.group("k1") or match.group("k2"))
+        currency = match.group("sign") or (unit and (unit in CURRENCY_SIGNS or _fold(unit) in CURRENCIES))
+        if not currency and not has_k:
+            continue
+        if _starts_a_range(text, match.start()) or re.match(r"\s*(?:-|–|to|bis|à|a|al|y|o|or)\s*[$€£¥]?\d",
+                                                            text[match.end():]):
+            continue   # "1500-2000 euros" is a range, not one amount
+        end_char = match.end() if (unit and currency) or match.group("sign") else match.end("after") + (
+            len(match.group("k2")) if match.group("k2") else 0)
+        amount = parse_number(number + ("k" if has_k else ""))
+        first = next(i for i, token in enumerate(tokens) if token.end > match.start())
+        last = max(i for i, token in enumerate(tokens) if token.start < end_char) + 1
+        spans.append(Span("money", first, last, amount, is_negated(tokens, first)))
+    return spans
+
+
+def _starts_a_range(text: str, position: int) -> bool:
+    return bool(re.search(r"\d\s*(?:-|–|to|bis|à|al|y|o|or|and|und|et)\s*[$€£¥]?\s*\Z", text[:position]))
+
+
+def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
+    """"anchor" (a month, a day, "a week"), "glue" (numbers, links, qualifiers that belong to
+    a period next to an anchor) or None."""
+    token, previous = tokens[index], tokens[index - 1] if index else None
+    if token.kind in ("iso", "dmy"):
+        return "anchor"
+    if token.kind == "ordinal":
+        return "glue"
+    if token.kind == "number":
+        number = parse_number(token.folded)
+        if 1 <= number <= 31 and number == int(number):
+            return "glue"
+        after_month = previous is not None and previous.folded in MONTHS
+        return "glue" if after_month and 1900 <= number <= 2100 else None
+    if token.kind == "mark":
+        return "glue" if token.text in "'’" or not _is_break(tokens, index) else None
+    parts = token.folded.split("-")
+    if token.folded in TIME_NAMES or (any(part in TIME_NAMES for part in parts)
+                                      and all(part in TIME_NAMES | QUALIFIERS for part in parts)):
+        if token.folded in UNCERTAIN_TIMES and not _certainly_time(tokens, index):
+            return None
+        return "anchor"
+    if token.folded in TIME_UNITS:
+        counted = previous is not None and (previous.kind in ("number", "ordinal")
+                                            or previous.folded in COUNT_WORDS | QUALIFIERS)
+        return "anchor" if counted else None
+    if token.folded in COUNT_WORDS | QUALIFIERS | TIME_LINKS:
+        return "glue"
+    return None
+
+
+def _certainly_time(tokens: Sequence[Token], index: int) -> bool:
+    """"May" is a month in "in May", "May 3", "early May", not in "May I ask" or "I may"."""
+    token = tokens[index]
+    if not token.capitalised:
+        return False
+    before = tokens[index - 1] if index else None
+    after = tokens[index + 1] if index + 1 < len(tokens) else None
+    return ((before is not None and (before.folded in TIME_LINKS | QUALIFIERS or before.kind in ("number", "ordinal")))
+            or (after is not None and after.kind in ("number", "ordinal")))
+
+
+def period_spans(tokens: Sequence[Token]) -> List[Span]:
+    """Dates and periods in words: "in April", "a week in mid-October", "from 10 to 17
+    October", "im Juli", "del 3 al 10 de junio", "2026-05-01 to 2026-05-08". The value is the
+    user's own words, without the word that leads into it ("in April" is April)."""
+    roles = [_time_role(tokens, index) for index in range(len(tokens))]
+    spans, index = [], 0
+    while index < len(tokens):
+        if roles[index] is None:
+            index += 1
+            continue
+        end = index
+        while end < len(tokens) and roles[end] is not None:
+            end += 1
+        start, stop = index, end
+        while start < stop and roles[start] == "glue" and _leads_into_period(tokens, start):
+            start += 1
+        while stop > start and roles[stop - 1] == "glue" and (tokens[stop - 1].folded in TIME_LINKS
+                                                             or tokens[stop - 1].kind == "mark"):
+            stop -= 1
+        if any(roles[k] == "anchor" for k in range(start, stop)):
+            spans.append(Span("date", start, stop, None, is_negated(tokens, start)))
+        index = end
+    return spans
+
+
+def _leads_into_period(tokens: Sequence[Token], index: int) -> bool:
+    token = tokens[index]
+    if token.kind == "mark":
+        return True
+    if token.folded == "a":   # Spanish and Italian "a settembre", not English "a week"
+        following = tokens[index + 1] if index + 1 < len(tokens) else None
+        return following is not None and following.folded not in TIME_UNITS | QUALIFIERS | COUNT_WORDS
+    return token.folded in LEADING_LINKS or (token.folded in TIME_LINKS and token.folded not in COUNT_WORDS
+                                             and token.folded not in ("the", "la", "le", "les", "el", "il", "lo"))
+
+
+def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset) -> List[Span]:
+    """Capitalised names after a word that leads to one ("to Lisbon", "nach Berlin"), or
+    ruled out after a negation ("not Paris"), and the name that replaces a ruled-out one
+    ("Not Paris — Lyon", "Pas Nice, plutôt Cannes")."""
+    spans: List[Span] = []
+    index = 0
+    while index < len(tokens):
+        end = _name_end(tokens, index, taken)
+        if end == index:
+            index += 1
+            continue
+        before = tokens[index - 1] if index else None
+        value = _span_text(tokens, index, end)
+        negated = is_negated(tokens, index)
+        replaces = spans and spans[-1].negated and _follows_closely(tokens, spans[-1].end, index)
+        if negated or replaces or (before is not None and (before.folded in leads)):
+            spans.append(Span("name", index, end, value, negated and not replaces))
+        index = end
+    return spans
+
+
+def _name_end(tokens: Sequence[Token], index: int, taken: frozenset) -> int:
+    """The end of a capitalised name starting at ``index`` ("New York", "Rio de Janeiro"),
+    or ``index`` when none starts there."""
+    end = index
+    while end < len(tokens):
+        token = tokens[end]
+        if token.capitalised and token.folded not in taken and not _is_time_word(token):
+            end += 1
+        elif (end > index and token.folded in NAME_JOINERS and end + 1 < len(tokens)
+              and tokens[end + 1].capitalised and tokens[end + 1].folded not in taken):
+            end += 1
+        else:
+            break
+    while end > index and tokens[end - 1].folded in NAME_JOINERS:
+        end -= 1
+    return end
+
+
+def _names_in(tokens: Sequence[Token], taken: frozenset) -> List[str]:
+    """Every capitalised name in the message, once each."""
+    names: List[str] = []
+    index = 0
+    while index < len(tokens):
+        end = _name_end(tokens, index, taken)
+        if end == index:
+            index += 1
+            continue
+        name = _span_text(tokens, index, end)
+        names += [name] if name not in names else []
+        index = end
+    return names
+
+
+def _is_time_word(token: Token) -> bool:
+    return any(part in TIME_NAMES | TIME_UNITS for part in token.folded.split("-"))
+
+
+def _follows_closely(tokens: Sequence[Token], after: int, index: int) -> bool:
+    """Only marks and contrast words between: "Paris — Lyon", "Nice, plutôt Cannes"."""
+    between = tokens[after:index]
+    return len(between) <= 3 and all(t.kind == "mark" or t.folded in CONTRASTS for t in between)
+
+
+def _span_text(tokens: Sequence[Token], start: int, end: int, text: Optional[str] = None) -> str:
+    if text is None:
+        return " ".join(token.text for token in tokens[start:end])
+    return text[tokens[start].start:tokens[end - 1].end]
+
+
+def find_words(tokens: Sequence[Token], value: Any) -> List[int]:
+    """Where the words of ``value`` stand in a row in the message (token indexes)."""
+    wanted = [_fold(word) for word in re.findall(r"[^\W_]+", str(value))]
+    words = [(index, token) for index, token in enumerate(tokens) if token.kind != "mark"]
+    found = []
+    for position in range(len(words) - len(wanted) + 1):
+        if wanted and all(_same_word(words[position + k][1].folded, wanted[k]) or
+                          words[position + k][1].folded.startswith(wanted[k] + "-") for k in range(len(wanted))):
+            found.append(words[position][0])
+    return found
+
+
+def alternatives_to(tokens: Sequence[Token], index: int, size: int) -> List[str]:
+    """The other values offered beside the one at ``index``: "Sydney or Melbourne" gives
+    Melbourne for Sydney; "Lima o a Cusco" gives Cusco; none when it stands alone."""
+    def option_at(position: int) -> Optional[str]:
+        token = tokens[position]
+        if (token.capitalised != tokens[index].capitalised or token.kind != tokens[index].kind
+                or token.folded in NEGATIONS | TIME_LINKS | COUNT_WORDS):
+            return None
+        end = _name_end(tokens, position, frozenset()) if token.capitalised else position + 1
+        return _span_text(tokens, position, max(end, position + 1))
+    found = []
+    after = index + size
+    if after < len(tokens) and tokens[after].folded in ALTERNATIVES:
+        rest = [k for k in range(after + 1, min(len(tokens), after + 4))
+                if tokens[k].folded not in PLACE_LEADS | TIME_LINKS]
+        found += [option_at(rest[0])] if rest else []
+    before = index - 1
+    while before >= 0 and tokens[before].folded in (PLACE_LEADS | TIME_LINKS) - ALTERNATIVES:
+        before -= 1
+    if before >= 1 and tokens[before].folded in ALTERNATIVES:
+        start = before - 1
+        while start > 0 and tokens[start - 1].capitalised and tokens[start].capitalised:
+            start -= 1
+        found += [option_at(start)]
+    return [option for option in found if option]
+
+
+####################################################################################
+# Reading: the floor (no LLM) and the LLM on top of it
+####################################################################################
+
+@dataclass
+class Reading:
+    """What the deterministic reader found: candidates per input, by strength (3: a
+    ``name: value`` line, 2: the answer to the question just asked, 1: a typed span)."""
+    candidates: Dict[str, Dict[int, List[Any]]] = field(default_factory=dict)
+    ruled_out: Dict[str, List[Any]] = field(default_factory=dict)   # what the message negates
+    polarity: Dict[str, bool] = field(default_factory=dict)         # booleans the message states
+
+    def add(self, name: str, strength: int, raw: Any) -> None:
+        self.candidates.setdefault(name, {}).setdefault(strength, []).append(raw)
+
+
+def read_floor(workflow: Workflow, conversation: Conversation, text: str) -> Tuple[Extraction, Reading]:
+    """The deterministic reader, which always runs (issue 9): ``name: value`` lines, labels
+    followed by a value, the reply to the one input just asked for, and typed spans
+    (amounts, periods, years, names after a place word or a cue, choices, yes/no topics)
+    assigned to inputs by their kind. One candidate for an input is accepted; competing
+    ones are asked about; what the message rules out is never taken."""
+    extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(text) else "provide")
+    reading = Reading()
+    if extraction.intent == "cancel":
+        return extraction, reading
+    _read_labels(workflow, text, reading)
+    if not reading.candidates:
+        for name, raw in _direct_reply(workflow, conversation, text).items():
+            reading.add(name, 2, raw)
+    _read_spans(workflow, conversation, text, reading)
+    _choose(workflow, reading, text, extraction, conversation.asked)
+    return extraction, reading
+
+
+def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
+    """``name: value`` lines, and a value right after a label: "budget 2000", "destination
+    Paris". For a number, the number right after its label: "budget: 1500, and we might
+    spend 2000 on flights" is 1500."""
+    numbers = {query.name: match.group(1) for query in workflow.query_inputs.values() if query.type in NUMERIC_TYPES
+               for match in [re.search(r"\b" + r"[\s_-]+".join(map(re.escape, _words(query.label)))
+                                       + LABELLED_NUMBER, text, re.I)] if match}
+    for key, value in LINE_VALUE_PATTERN.findall(text):
+        name = _input_named(workflow, key)
+        if name:
+            reading.add(name, 3, numbers.get(name, value))
+    for query in workflow.query_inputs.values():
+        if query.name in reading.candidates:
+            continue
+        if query.name in numbers:
+            reading.add(query.name, 3, numbers[query.name])
+        elif query.type in STRING_TYPES:
+            found = _labelled_phrase(query, text)
+            if found:
+                reading.add(query.name, 3, found)
+
+
+def _read_spans(workflow: Workflow, conversation: Conversation, text: str, reading: Reading) -> None:
+    """Typed spans, each given to the input of its kind. Inputs already known take a new value
+    only from their cues or a replaced name ("now do it for Rome", "not Paris — Lyon")."""
+    tokens = tokenize(text)
+    money = money_spans(text, tokens)
+    taken_tokens = {index for span in money for index in range(span.start, span.end)}
+    periods = [span for span in period_spans(tokens) if not taken_tokens & set(range(span.start, span.end))]
+    taken_tokens |= {index for span in periods for index in range(span.start, span.end)}
+    money_tokens = {index for span in money for index in range(span.start, span.end)}
+    places = [query for query in workflow.query_inputs.values() if query.kind == "place"]
+    for query in workflow.query_inputs.values():
+        kind, is_open = query.kind, query.name not in conversation.values
+        if query.type in STRING_TYPES and kind in ("place", "text"):
+            leads = _table(" ".join(_fold(cue).split()[-1] for cue in query.cues))
+            if kind == "place" and len(places) == 1:
+                leads |= PLACE_LEADS | PREFERENCES
+            for span in name_spans(tokens, leads, workflow.words_taken):
+                if span.negated:
+                    reading.ruled_out.setdefault(query.name, []).append(span.value)
+                elif is_open or _cued(tokens, span, query) or _replaces(tokens, span):
+                    reading.add(query.name, 1, span.value)
+        if not is_open:
+            continue
+        if kind == "money":
+            for span in money:
+                (reading.ruled_out.setdefault(query.name, []).append(span.value) if span.negated
+                 else reading.add(query.name, 1, span.value))
+        elif kind == "date":
+            _read_period(tokens, text, periods, query, reading)
+        elif kind == "year":
+            years = {int(token.folded) for index, token in enumerate(tokens)
+                     if token.kind == "number" and index not in money_tokens and re.fullmatch(r"\d{4}", token.folded)}
+            for year in years:
+                reading.add(query.name, 1, year)
+        elif kind in TYPED_VALUE_PATTERNS:
+            found = TYPED_VALUE_PATTERNS[kind].findall(text)
+            if len(found) == 1:
+                reading.add(query.name, 1, found[0])
+        elif query.type == "choice":
+            _read_choice(workflow, tokens, query, reading)
+        elif query.type == "boolean":
+            _read_polarity(tokens, query, reading)
+        elif query.type in NUMERIC_TYPES and query.synonyms:
+            spelled = set(re.findall(r"\w+", text))
+            for synonym, value in query.synonyms:
+                if set(re.findall(r"\w+", synonym)) <= spelled:   # as the author wrote it: "May", not "may"
+                    reading.add(query.name, 1, synonym)
+    _read_bounded_number(workflow, conversation, tokens, taken_tokens, reading)
+
+
+def words_taken(workflow: Workflow) -> frozenset:
+    """Words that mean something else here, so are never a name: "make it Relaxed" (a pace),
+    "how about Fahrenheit" (a unit), "I", "Budget"."""
+    taken = set(SENTENCE_STARTS | BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False] | COUNT_WORDS | NEGATIONS)
+    taken |= CURRENCIES | CONTRASTS | ALTERNATIVES | CANCELS | QUALIFIERS
+    for query in workflow.query_inputs.values():
+        taken |= set(_words(query.label + " " + " ".join(query.choices)))
+        taken |= {word for synonym, _ in query.synonyms for word in _words(str(synonym))}
+    return frozenset(taken)
+
+
+def _cued(tokens: Sequence[Token], span: Span, query: QueryInput) -> bool:
+    """Is the name right after one of the input's own cues ("now do it for Rome")?"""
+    before = " ".join(token.folded for token in tokens[max(0, span.start - 4):span.start])
+    return any(before.endswith(" ".join(_words(cue))) for cue in query.cues)
+
+
+def _replaces(tokens: Sequence[Token], span: Span) -> bool:
+    """A name that replaces a ruled-out one: "not Paris — Lyon"."""
+    before = span.start - 1
+    while before >= 0 and (tokens[before].kind == "mark" or tokens[before].folded in CONTRASTS):
+        before -= 1
+    return before >= 0 and before < span.start - 1 and tokens[before].capitalised and is_negated(tokens, before)
+
+
+def _read_period(tokens: Sequence[Token], text: str, periods: Sequence[Span], query: QueryInput,
+                 reading: Reading) -> None:
+    """One period, in the user's words; parts of it said apart join ("two weeks ... next
+    spring"), but periods offered as alternatives ("May or June") compete."""
+    kept = [span for span in periods if not span.negated]
+    reading.ruled_out.setdefault(query.name, []).extend(_span_text(tokens, s.start, s.end, text)
+                                                        for s in periods if s.negated)
+    if not kept:
+        return
+    if any(alternatives_to(tokens, span.start, span.end - span.start) or
+           (span.start >= 1 and tokens[span.start - 1].folded in ALTERNATIVES) for span in kept[1:]):
+        for span in kept:
+            reading.add(query.name, 1, _span_text(tokens, span.start, span.end, text))
+        return
+    parts = [_span_text(tokens, kept[0].start, kept[0].end, text)]
+    for span in kept[1:]:   # later parts keep the word that leads into them: "Drei Tage" + "im Mai"
+        start = span.start - 1 if span.start and tokens[span.start - 1].folded in TIME_LINKS else span.start
+        parts.append(_span_text(tokens, start, span.end, text))
+    reading.add(query.name, 1, " ".join(parts))
+
+
+def _read_choice(workflow: Workflow, tokens: Sequence[Token], query: QueryInput, reading: Reading) -> None:
+    """Choices and their synonyms named anywhere, unless ruled out ("not relaxed") or also a
+    choice of another input."""
+    others = {_fold(word) for other in workflow.query_inputs.values() if other is not query
+              for word in list(other.choices) + [synonym for synonym, _ in other.synonyms]}
+    for phrase, choice in [(choice, choice) for choice in query.choices] + list(query.synonyms):
+        if _fold(phrase) in others:
+            continue
+        for index in find_words(tokens, phrase):
+            if is_negated(tokens, index):
+                reading.ruled_out.setdefault(query.name, []).append(choice)
+            else:
+                reading.add(query.name, 1, choice)
+
+
+def _read_polarity(tokens: Sequence[Token], query: QueryInput, reading: Reading) -> None:
+    """A yes/no input from the words that name it: "with the kids" is yes, "no children",
+    "sans enfants" and "ohne Kinder" are no; a question ("children allowed?") is neither."""
+    seen = set()
+    phrases = [(word, True) for word in _topic_words(query)] + [(s, v) for s, v in query.synonyms]
+    for phrase, meaning in phrases:
+        for index in find_words(tokens, phrase):
+            if not _clause_is_question(tokens, index):
+                seen.add(meaning != is_negated(tokens, index))
+    if len(seen) == 1:
+        reading.polarity[query.name] = seen.pop()
+        reading.add(query.name, 1, reading.polarity[query.name])
+
+
+def _read_bounded_number(workflow: Workflow, conversation: Conversation, tokens: Sequence[Token],
+                         taken_tokens: set, reading: Reading) -> None:
+    """A number input with both bounds takes the message's one number left over, when it fits
+    only that input ("Kalender für 2026, Monat 5": 5 is the month once 2026 is the year)."""
+    used = {number for found in reading.candidates.values() for raws in found.values() for raw in raws
+            if not isinstance(raw, bool) for number in numbers_in(str(raw))}
+    left = [parse_number(token.folded) for index, token in enumerate(tokens)
+            if token.kind == "number" and index not in taken_tokens and parse_number(token.folded) not in used]
+    bounded = [query for query in workflow.query_inputs.values()
+               if query.type in NUMERIC_TYPES and query.name not in conversation.values
+               and query.name not in reading.candidates and query.minimum is not None and query.maximum is not None]
+    if len(left) != 1:
+        return
+    fits = [query for query in bounded if query.minimum <= left[0] <= query.maximum]
+    if len(fits) == 1:
+        reading.add(fits[0].name, 1, left[0])
+
+
+def _choose(workflow: Workflow, reading: Reading, text: str, extraction: Extraction, asked: Sequence[str]) -> None:
+    """Per input, the strongest candidates: one value is accepted, several are asked about."""
+    for name, found in reading.candidates.items():
+        query = workflow.query_inputs[name]
+        strongest = found[max(found)]
+        values, problems = [], []
+        for raw in strongest:
+            try:
+                value = coerce_value(query, raw)
+            except ValueError as exc:
+                problems.append(str(exc))
+                continue
+            if value not in values and value not in [_coerce_or_none(query, r) for r in reading.ruled_out.get(name, [])]:
+                values.append(value)
+        if len(values) == 1:
+            extraction.values[name] = values[0]
+        elif len(values) > 1:
+            extraction.ambiguous[name] = values
+        elif problems:
+            extraction.rejected[name] = problems[0]
+
+
+def _coerce_or_none(query: QueryInput, raw: Any) -> Any:
+    try:
+        return coerce_value(query, raw)
+    except ValueError:
+        return None
+
+
+OFFERED_AMONG_OTHERS = "your message offers it as one of several"
+
+
+def ground(query: QueryInput, value: Any, raw: Any, text: str, tokens: Sequence[Token], reading: Reading,
+           asked: bool = False) -> Optional[str]:
+    """Why the message does not support a value the LLM proposed, or None when it does: the
+    message must say it, not rule it out, not offer it as one of several, and it must be of
+    the input's kind (a period for dates, not a date for a place)."""
+    if not is_stated_in(query, value, raw, text, asked):
+        return "your message does not say it"
+    if query.type == "boolean":
+        stated = reading.polarity.get(query.name)
+        return None if stated is None or stated == value else f"your message says {shown_value(stated)}"
+    phrase = raw if query.type == "choice" and find_words(tokens, raw) else value
+    if isinstance(value, (int, float)) and query.type in NUMERIC_TYPES and not query.synonyms:
+        return None
+    places = find_words(tokens, phrase)
+    size = len(re.findall(r"[^\W_]+", str(phrase)))
+    if places and all(is_negated(tokens, index) for index in places):
+        return "your message rules it out"
+    if places and all(alternatives_to(tokens, index, size) for index in places):
+        return OFFERED_AMONG_OTHERS
+    kind = query.kind
+    value_tokens = tokenize(str(value))
+    if kind == "date" and not asked and not any(token.kind != "word" and token.kind != "mark" or _is_time_word(token)
+                                                for token in value_tokens):
+        return "that is not a date or a period"
+    if kind in ("place", "text") and value_tokens and (
+            all(_time_role(value_tokens, i) for i in range(len(value_tokens)))
+            or money_spans(str(value), value_tokens)):
+        return f"that is not a {'place' if kind == 'place' else 'value'} for the {query.label}"
+    return None
+
+
 def is_stated_in(query: QueryInput, value: Any, raw: Any, text: str, asked: bool = False) -> bool:
-    """Does the user's message support this value? Nothing the user did not say is accepted.
+    """Does the user's message say this value at all? Nothing the user did not say is accepted.
     ``asked``: the last question asked for this input, so a bare "yes" answers it."""
     message_words = set(_words(text))
-    if query.type in ("number", "integer"):
+    if query.type in NUMERIC_TYPES:
         # A synonym counts as written in the workflow ("May", not "I may"), or any way when it
         # answers the question that asked for this input.
         spelled = set(re.findall(r"\w+", str(text)))
@@ -1461,72 +2372,27 @@ def is_stated_in(query: QueryInput, value: Any, raw: Any, text: str, asked: bool
                        for word, number in query.synonyms))
     if query.type == "boolean":   # the message names what the input is about, or answers its question
         yes_no = BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]
-        return bool(message_words & _topic_words(query)) or (asked and bool(message_words & yes_no))
+        named = {word for synonym, _ in query.synonyms for word in _words(synonym)}
+        return (bool(message_words & (_topic_words(query) | named)) or bool(_synonyms_named(query, text))
+                or (asked and bool(message_words & yes_no)))
     candidates = [str(value)]
     if query.type == "choice":
         candidates += [str(raw)] + [synonym for synonym, choice in query.synonyms if choice == value]
-    return any(_words(candidate) and set(_words(candidate)) <= message_words for candidate in candidates)
-
-
-def _topic_words(query: QueryInput) -> set:
-    """The words that name an input ("travel", "dates"); its description is too loose for this."""
-    return {word for word in _words(query.label) if len(word) >= 3 and word not in COMMON_WORDS}
-
-
-def accept_values(workflow: Workflow, proposed: Mapping[str, Any], text: str, extraction: Extraction,
-                  asked: Sequence[str] = ()) -> None:
-    """Coerce and check each proposed value against the message; fill ``extraction``."""
-    for name, raw in proposed.items():
-        query = workflow.query_inputs.get(name)
-        if query is None or raw is None or (isinstance(raw, str) and not raw.strip()):
-            continue
-        try:
-            value = coerce_value(query, raw)
-        except ValueError as exc:
-            extraction.rejected[name] = str(exc)
-            continue
-        if is_stated_in(query, value, raw, text, asked=name in asked):
-            extraction.values[name] = value
-        else:
-            extraction.ignored[name] = raw
+    words = _words(text)
+    return any(_words(candidate) and _says_words(words, _words(candidate)) or
+               (_words(candidate) and set(_words(candidate)) <= message_words) for candidate in candidates)
 
 
 def extract_offline(workflow: Workflow, conversation: Conversation, text: str) -> Extraction:
-    """The deterministic reader: ``name: value`` lines, a number right after an input's name
-    ("budget 2000"), values whose shape is unambiguous, and the reply to a question that
-    asked for exactly one input."""
-    extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(text) else "provide")
-    if extraction.intent == "cancel":
-        return extraction
-    proposed: Dict[str, Any] = {}
-    for key, value in LINE_VALUE_PATTERN.findall(text):
-        name = _input_named(workflow, key)
-        if name:
-            proposed[name] = value
-    for query in workflow.query_inputs.values():
-        if query.type in ("number", "integer") and query.name not in proposed:
-            match = re.search(r"\b" + r"[\s_-]+".join(map(re.escape, _words(query.label))) + LABELLED_NUMBER, text, re.I)
-            if match:
-                proposed[query.name] = match.group(1)
-        elif query.type == "string" and query.name not in proposed:
-            found = _labelled_phrase(query, text) or _cued_name(workflow, query, text)
-            if found:
-                proposed[query.name] = found
-    if not proposed:
-        proposed.update(_direct_reply(workflow, conversation, text))
-    for query in workflow.query_inputs.values():
-        if query.name not in proposed and query.name not in conversation.values:
-            found = _unambiguous_value(query, text, workflow)
-            if found is not None:
-                proposed[query.name] = found
-    accept_values(workflow, proposed, text, extraction, conversation.asked)
-    return extraction
+    """The deterministic reader alone (no LLM, or the LLM failed)."""
+    return read_floor(workflow, conversation, text)[0]
 
 
 def _direct_reply(workflow: Workflow, conversation: Conversation, text: str) -> Dict[str, Any]:
     """The answer to a question that asked for one input, unless the message looks like
     something else: a question back, or talk of another input ("my budget is 2000" when
-    asked where to go), or a long sentence given to a text input."""
+    asked where to go), or a long sentence given to a text input (its typed spans are read
+    instead: "I'd like to go to Lisbon, please")."""
     if len(conversation.asked) != 1 or conversation.asked[0] not in workflow.query_inputs:
         return {}
     query = workflow.query_inputs[conversation.asked[0]]
@@ -1536,11 +2402,16 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str) -> 
                                           for other in others if other.type != "boolean"):
         return {}
     words = _words(text)
-    if query.type == "string" and (
-            len(text.split()) > MAX_DIRECT_REPLY_WORDS or (words and words[0] in SENTENCE_STARTS)
-            or (re.search(r"\d", text) and any(other.type in ("number", "integer") for other in others))
-            or (set(words) & TIME_WORDS and not _is_about_time(query) and any(map(_is_about_time, others)))):
-        return {}
+    if query.type in STRING_TYPES:
+        tokens = tokenize(text)
+        if query.kind == "place" and len(text.split()) > 1:
+            names = _names_in(tokens, workflow.words_taken)
+            if len(names) == 1:
+                return {query.name: names[0]}
+        if (len(text.split()) > MAX_DIRECT_REPLY_WORDS or (words and words[0] in SENTENCE_STARTS)
+                or (re.search(r"\d", text) and any(o.type in NUMERIC_TYPES for o in others))
+                or (period_spans(tokens) and query.kind != "date" and any(o.kind == "date" for o in others))):
+            return {}
     return {query.name: _reply_value(query, text)}
 
 
@@ -1576,32 +2447,9 @@ def _labelled_phrase(query: QueryInput, text: str) -> Optional[str]:
     return phrase
 
 
-def _cued_name(workflow: Workflow, query: QueryInput, text: str) -> Optional[str]:
-    """A capitalised name right after one of the input's cues: "a trip to New York in May"
-    gives New York; "go to the beach" gives nothing. Two different names: nothing. Not a
-    word that means something else here: "how about I", "what about June", "make it
-    Relaxed" (a pace), "how about Fahrenheit" (a unit), "do it for Two Weeks"."""
-    taken = SENTENCE_STARTS | TIME_WORDS | BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]
-    for other in workflow.query_inputs.values():
-        taken |= set(_words(other.label + " " + " ".join(other.choices)))
-        taken |= {word for synonym, _ in other.synonyms for word in _words(synonym)}
-    names = set()
-    for cue in query.cues:
-        pattern = r"(?i:\b" + r"\s+".join(map(re.escape, cue.split())) + r")\s+([^\W\d_][\w'’-]*(?:\s+[^\W\d_][\w'’-]*){0,3})"
-        for match in re.finditer(pattern, text):
-            words = list(itertools.takewhile(lambda word: word[0].isupper(), match.group(1).split()))
-            if words and not set(_words(" ".join(words))) & taken:
-                names.add(" ".join(words))
-    return names.pop() if len(names) == 1 else None
-
-
-def _is_about_time(query: QueryInput) -> bool:
-    return bool(set(_words(query.name + " " + query.description)) & {"date", "dates", "when", "time", "day", "days"})
-
-
 def _reply_value(query: QueryInput, text: str) -> Any:
     """What a direct answer to "what is the <input>?" holds."""
-    if query.type in ("number", "integer"):
+    if query.type in NUMERIC_TYPES:
         found = numbers_in(text)
         named = _synonyms_named(query, text)
         return found[0] if len(found) == 1 and not named else text   # "May 3": the coercion decides
@@ -1617,22 +2465,6 @@ def _reply_value(query: QueryInput, text: str) -> Any:
 def _choices_named(query: QueryInput, text: str) -> List[str]:
     words = " " + " ".join(_words(text)) + " "
     return [choice for choice in query.choices if " " + " ".join(_words(choice)) + " " in words]
-
-
-def _unambiguous_value(query: QueryInput, text: str, workflow: Workflow) -> Optional[str]:
-    if query.type == "choice":
-        named = _choices_named(query, text)
-        others = [other for other in workflow.query_inputs.values()
-                  if other is not query and other.type == "choice" and set(named) & set(other.choices)]
-        return named[0] if len(named) == 1 and not others else None
-    if query.type == "string":
-        about = set(re.findall(r"[a-z]+", _fold(query.name.replace("_", " ") + " " + query.description)))
-        for kind, pattern in TYPED_VALUE_PATTERNS.items():
-            found = pattern.findall(text)
-            # Whole words ("rural" is not about a url), singular or plural ("travel dates").
-            if about & {kind, kind + "s"} and len(found) == 1:
-                return found[0]
-    return None
 
 
 def extraction_schema(workflow: Workflow, single_call: bool = False) -> dict:
@@ -1681,7 +2513,8 @@ def extraction_messages(workflow: Workflow, conversation: Conversation, history:
 
 
 def extract_with_llm(llm: LLMClient, workflow: Workflow, conversation: Conversation,
-                     history: Sequence[dict], text: str) -> Extraction:
+                     history: Sequence[dict], text: str, floor: Extraction, reading: Reading) -> Extraction:
+    """The LLM's reading, grounded against the message and merged on top of the floor."""
     single_call = llm.settings.single_call
     answer = llm.complete_json(extraction_messages(workflow, conversation, history, text, single_call),
                                extraction_schema(workflow, single_call))
@@ -1689,33 +2522,76 @@ def extract_with_llm(llm: LLMClient, workflow: Workflow, conversation: Conversat
     if not isinstance(proposed, dict):
         raise UpstreamError("the language model's answer had no 'values' object")
     intent = answer.get("intent") if answer.get("intent") in INTENTS else "provide"
-    extraction = Extraction(intent=intent)
-    if intent != "cancel":
-        accept_values(workflow, proposed, text, extraction, conversation.asked)
+    if floor.intent == "cancel" or (intent == "cancel" and set(_words(text)) & CANCELS):
+        return Extraction(intent="cancel")
+    extraction = Extraction(values=dict(floor.values), rejected=dict(floor.rejected),
+                            ambiguous=dict(floor.ambiguous), intent="provide" if intent == "cancel" else intent)
+    _merge(workflow, proposed, text, reading, extraction, conversation.asked)
     question = answer.get("question")
     if single_call and isinstance(question, str) and question.strip():
         extraction.question = question.strip()
     return extraction
 
 
+def _merge(workflow: Workflow, proposed: Mapping[str, Any], text: str, reading: Reading, extraction: Extraction,
+           asked: Sequence[str]) -> None:
+    """Each value the LLM proposes is coerced and grounded; where the floor read the same
+    input differently, the floor's reading wins unless the LLM's holds it whole (a fuller
+    reading of the same words: "a week in mid-October" over "mid-October")."""
+    tokens = tokenize(text)
+    for name, raw in proposed.items():
+        query = workflow.query_inputs.get(name)
+        if query is None or raw is None or (isinstance(raw, str) and not raw.strip()):
+            continue
+        try:
+            value = coerce_value(query, raw)
+        except ValueError as exc:
+            if name not in extraction.values:
+                extraction.rejected.setdefault(name, str(exc))
+            continue
+        why = ground(query, value, raw, text, tokens, reading, asked=name in asked)
+        if why == OFFERED_AMONG_OTHERS and name not in extraction.values:
+            places = find_words(tokens, value)
+            others = alternatives_to(tokens, places[0], len(re.findall(r"[^\W_]+", str(value))))
+            extraction.ambiguous.setdefault(name, [value] + [o for o in others if o != value])
+        if why:
+            extraction.ignored[name] = (raw, why)
+            continue
+        floor_value = extraction.values.get(name)
+        if floor_value is None or floor_value == value:
+            extraction.values[name] = value
+            extraction.ambiguous.pop(name, None)
+            extraction.rejected.pop(name, None)
+        elif isinstance(value, str) and _says_words(_words(value), _words(str(floor_value))):
+            extraction.notes.append(f"Took the language model's reading of the {query.label}, "
+                                    f"{shown_value(value)!r}, which holds {shown_value(floor_value)!r}.")
+            extraction.values[name] = value
+        else:
+            extraction.notes.append(f"Kept the {query.label} {shown_value(floor_value)!r} as your message "
+                                    f"states it; the language model read {shown_value(value)!r}.")
+
+
 def extract(llm: Optional[LLMClient], workflow: Workflow, conversation: Conversation,
             history: Sequence[dict], text: str) -> Extraction:
-    """Read the new message with the LLM when there is one, else (or when it fails) offline."""
-    if llm is not None:
-        try:
-            return extract_with_llm(llm, workflow, conversation, history, text)
-        except UpstreamError as exc:
-            extraction = extract_offline(workflow, conversation, text)
-            extraction.llm_failed = True
-            extraction.notes.append(f"Reading your message with the language model failed ({exc.message}); "
-                                    "used the simple reader instead.")
-            return extraction
-    return extract_offline(workflow, conversation, text)
+    """Read the new message: the deterministic floor always, and the LLM on top when there
+    is one (a failing LLM leaves the floor's reading, with a note)."""
+    floor, reading = read_floor(workflow, conversation, text)
+    if llm is None:
+        return floor
+    try:
+        return extract_with_llm(llm, workflow, conversation, history, text, floor, reading)
+    except UpstreamError as exc:
+        floor.llm_failed = True
+        floor.notes.append(f"Reading your message with the language model failed ({exc.message}); "
+                           "used the simple reader instead.")
+        return floor
 
 
 def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understood: Mapping[str, Any],
-                     changed: Mapping[str, Tuple[Any, Any]], problems: Mapping[str, str]) -> str:
-    """A templated question for the first missing input, naming the rest."""
+                     changed: Mapping[str, Tuple[Any, Any]], problems: Mapping[str, str],
+                     ambiguous: Optional[Mapping[str, Sequence[Any]]] = None, show_form: bool = False) -> str:
+    """A templated question for the first missing input, naming the rest; "which one?" when
+    the message named several values for it."""
     parts = []
     if understood:
         parts.append("Got it: " + _and_list([f"{workflow.query_inputs[name].label} {value}"
@@ -1727,10 +2603,30 @@ def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understo
     first = missing[0]
     if len(missing) > 1:
         parts.append(f"I still need the {_and_list([query.label for query in missing])}.")
-    parts.append(first.question or f"Could you tell me the {first.label} ({first.description.rstrip('.')})?")
-    if len(missing) > 1:
+    if ambiguous and first.name in ambiguous:
+        parts.append(f"Which {first.label} do you mean: {_or_list(ambiguous[first.name])}?")
+    else:
+        parts.append(first.question or f"Could you tell me the {first.label} ({first.description.rstrip('.')})?")
+    if len(missing) > 1 and not show_form:
         parts.append(f'You can also give several at once, one per line, like "{missing[1].label}: ...".')
     return " ".join(parts)
+
+
+def _or_list(values: Sequence[Any]) -> str:
+    shown = [shown_value(value) for value in values]
+    return ", ".join(shown[:-1]) + " or " + shown[-1] if len(shown) > 1 else shown[0]
+
+
+def _line_form(missing: Sequence[QueryInput]) -> str:
+    """The ``name: value`` lines the simple reader always understands, for what is missing."""
+    return "\n\nYou can also write it like this, one per line:\n\n" + "\n".join(
+        f"    {query.label}: ..." for query in missing)
+
+
+def _nothing_read(text: str, asked: Sequence[str], extraction: Extraction) -> bool:
+    """A reply to a question that gave nothing usable (a question back is not one)."""
+    return bool(text and asked and extraction.intent in ("provide", "correct") and not extraction.values
+                and not extraction.rejected and not extraction.ambiguous and not text.rstrip().endswith("?"))
 
 
 def _and_list(items: Sequence[str]) -> str:
@@ -1739,7 +2635,8 @@ def _and_list(items: Sequence[str]) -> str:
 
 def question_with_llm(llm: LLMClient, workflow: Workflow, missing: Sequence[QueryInput],
                       understood: Mapping[str, Any], changed: Mapping[str, Tuple[Any, Any]],
-                      problems: Mapping[str, str], text: str) -> str:
+                      problems: Mapping[str, str], text: str,
+                      ambiguous: Optional[Mapping[str, Sequence[Any]]] = None) -> str:
     known = "".join(f"- {workflow.query_inputs[name].label}: {value}\n" for name, value in understood.items())
     known += "".join(f"- {workflow.query_inputs[name].label}: changed from {old} to {new}\n"
                      for name, (old, new) in changed.items())
@@ -1747,7 +2644,9 @@ def question_with_llm(llm: LLMClient, workflow: Workflow, missing: Sequence[Quer
         name=workflow.name, description=workflow.description,
         understood=f"Understood from the user's last message:\n{known}\n" if known else "",
         missing="\n".join(f"- {query.label}: {query.description}" for query in missing),
-        problems="".join(f"Could not use a value: {reason}.\n" for reason in problems.values()))
+        problems="".join(f"Could not use a value: {reason}.\n" for reason in problems.values()) + "".join(
+            f"The user named several values for the {workflow.query_inputs[name].label} ({_or_list(values)}): "
+            "ask which one they mean.\n" for name, values in (ambiguous or {}).items()))
     question = llm.complete([{"role": "system", "content": prompt}, {"role": "user", "content": text}],
                             temperature=0.3).strip()
     if not question:
@@ -1900,9 +2799,11 @@ def _describe_extraction(workflow: Workflow, extraction: Extraction, understood:
     for name, (old, new) in changed.items():
         yield Piece("thinking", f"Changed {workflow.query_inputs[name].label}: {shown_value(old)} → "
                                 f"{shown_value(new)}.\n")
-    for name, raw in extraction.ignored.items():
-        yield Piece("thinking", f"Ignored {workflow.query_inputs[name].label} = {raw!r}: "
-                                "your message does not say it.\n")
+    for name, (raw, why) in extraction.ignored.items():
+        yield Piece("thinking", f"Ignored {workflow.query_inputs[name].label} = {raw!r}: {why}.\n")
+    for name, values in extraction.ambiguous.items():
+        yield Piece("thinking", f"Your message names several values for the {workflow.query_inputs[name].label}"
+                                f" ({_or_list(values)}): asking which.\n")
     for name, reason in extraction.rejected.items():
         yield Piece("thinking", f"Could not use the {workflow.query_inputs[name].label}: {reason}.\n")
     if extraction.intent == "skip":
@@ -1914,26 +2815,35 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
          changed: Mapping[str, Tuple[Any, Any]]) -> str:
     """One question for what is missing, or, after three unanswered asks, an offer to start over."""
     workflow, conversation = turn.workflow, turn.conversation
+    ambiguous = {name: values for name, values in extraction.ambiguous.items() if name not in conversation.values}
+    missing = sorted(missing, key=lambda query: query.name not in ambiguous)   # "which one?" first
     first = missing[0]
     if conversation.ask_counts.get(first.name, 0) >= MAX_ASKS_PER_INPUT:
         conversation.asked = [first.name]
         return GIVE_UP_REPLY.format(label=first.label, name=first.name, tries=MAX_ASKS_PER_INPUT)
     problems = {name: reason for name, reason in extraction.rejected.items() if name not in conversation.values}
+    asked_before = [name for name in conversation.asked if name in workflow.query_inputs]
+    nothing_read = _nothing_read(turn.text, asked_before, extraction)
     question = None
-    if extraction.question and not extraction.ignored and not extraction.rejected:
+    if extraction.question and not extraction.ignored and not extraction.rejected and not ambiguous:
         # Single-call mode: the extraction call wrote the question assuming its values were
         # taken. They were, so it asks for the right inputs; otherwise the offline question.
         question = extraction.question
         conversation.asked = [query.name for query in missing]
     elif turn.llm is not None and not extraction.llm_failed and not turn.llm.settings.single_call:
         try:
-            question = question_with_llm(turn.llm, workflow, missing, understood, changed, problems, turn.text)
+            question = question_with_llm(turn.llm, workflow, missing, understood, changed, problems, turn.text,
+                                         ambiguous)
             conversation.asked = [query.name for query in missing]
         except UpstreamError as exc:
             log.info("question call failed: %s", exc.message)
     if question is None:
-        question = question_offline(workflow, missing, understood, changed, problems)
+        question = question_offline(workflow, missing, understood, changed, problems, ambiguous, nothing_read)
         conversation.asked = [first.name]   # offline asks one at a time, so the reply can be read
+    if nothing_read:   # issue 9: say what was not understood, and the form that always is
+        quoted = turn.text if len(turn.text) <= 80 else turn.text[:77].rstrip() + "..."
+        question = (f"I could not read the {_and_list([workflow.query_inputs[n].label for n in asked_before])}"
+                    f" from \"{quoted}\". {question}{_line_form(missing)}")
     for name in conversation.asked:
         conversation.ask_counts[name] = conversation.ask_counts.get(name, 0) + 1
     return question
@@ -1958,6 +2868,8 @@ def _run(turn: TurnContext, preface: str = "") -> Iterator[Piece]:
                                         f"{': ' + event.text if event.text else ''}\n")
             elif event.kind == "finished":
                 yield Piece("thinking", f"✓ {event.node_id} finished in {event.seconds:.2f} s\n")
+            elif event.kind == "note":
+                yield Piece("thinking", f"{event.node_id}: {event.text}\n")
             elif event.kind == "failed":
                 yield Piece("thinking", f"✗ {event.node_id} failed after {event.seconds:.2f} s: {event.text}\n")
                 yield Piece("answer", preface + RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))

@@ -18,6 +18,7 @@ import http.server
 import json
 import logging
 import os
+import re
 import selectors
 import shutil
 import socket
@@ -37,7 +38,7 @@ import cozyopenai  # noqa: E402  (after the path is set, so the checkout's modul
 CLIENTS = 16                      # concurrent clients for the throughput figures
 STREAMS = 200                     # simultaneous open streams for the concurrency figure
 STORED_CONVERSATIONS = 100_000    # for the storage scaling figure
-SECTIONS = ("overhead", "ttfb", "concurrency", "parallel", "storage", "llm", "startup")
+SECTIONS = ("overhead", "ttfb", "concurrency", "parallel", "storage", "llm", "reading", "startup")
 
 
 ####################################################################################
@@ -454,7 +455,7 @@ def _fill_store(folder, size):
 
 
 ####################################################################################
-# LLM cost: a counting stand-in for the internal LLM
+# A stand-in for the internal LLM, and the extraction set scored per mode (issue 9)
 ####################################################################################
 
 DOCUMENT_DIALOGUE = [   # the trip-planner conversation of the product's document
@@ -462,34 +463,54 @@ DOCUMENT_DIALOGUE = [   # the trip-planner conversation of the product's documen
     ("My budget is around $2000, and I'd like to go for a week in mid-October.",
      {"budget": "2000", "travel_dates": "a week in mid-October"}),
 ]
+EXTRACTION_SET_PATH = os.path.join(HERE, "extraction_set.json")
+# Plausible values a weak model invents for every input; no message of the set says them.
+INVENTED = {"destination": "Reykjavik", "budget": 7777, "travel_dates": "next spring", "pace": "packed",
+            "children": True, "year": 2031, "month": 9, "city": "Timbuktu", "units": "fahrenheit"}
+MODES = ("offline", "exact", "inventing", "wrong_types", "broken")
+WEATHER_ROUTES = {   # the weather workflow's two HTTP calls, answered on loopback
+    "/v1/search": {"results": [{"name": "Here", "country": "There", "latitude": 1, "longitude": 2}]},
+    "/v1/forecast": {"current": {"temperature_2m": 20, "wind_speed_10m": 5},
+                     "current_units": {"temperature_2m": "°C", "wind_speed_10m": "km/h"}},
+}
 
 
-class CountingLLM:
-    """An OpenAI-compatible server on loopback that answers extraction with the dialogue's
-    values and counts calls and prompt characters by kind."""
+class StandInLLM:
+    """An OpenAI-compatible server on loopback that records each call. Extraction calls are
+    answered from ``says`` (what an exact model reads in each message, a table of its own,
+    never the values a message is scored against), as ``mode`` says: "exact", "inventing"
+    (INVENTED added to every answer), "wrong_types" (numbers as strings, text in lists,
+    booleans as yes/no) or "broken" (no JSON). It also answers the weather workflow's HTTP calls."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, says=None, mode="exact"):
+        self.calls, self.says, self.intents, self.mode = [], dict(says or {}), {}, mode
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
+            def do_GET(self):
+                self._send(json.dumps(WEATHER_ROUTES.get(self.path.split("?")[0], {})).encode())
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 owner.calls.append(body)
-                reply = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                                    "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                        "role": "assistant", "content": owner.answer(body)}}]}).encode()
+                self._send(json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                       "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                           "role": "assistant", "content": owner.answer(body)}}]}).encode())
+
+            def _send(self, reply):
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
                 self.wfile.write(reply)
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        self.base = f"http://127.0.0.1:{self.server.server_port}"
+        self.url = self.base + "/v1"
 
     @staticmethod
     def kind(body):
@@ -501,17 +522,129 @@ class CountingLLM:
         return "node"
 
     def answer(self, body):
-        if self.kind(body) == "node":
+        kind = self.kind(body)
+        if kind == "node":
             return "A plan."
-        new_message = body["messages"][-1]["content"]
-        values = next((values for text, values in DOCUMENT_DIALOGUE if text in new_message), {})
-        full = {name: values.get(name) for name in ("destination", "budget", "travel_dates", "pace", "children")}
-        return json.dumps({"values": full, "intent": "provide",
+        if kind == "question":
+            return "What else can you tell me?"
+        if self.mode == "broken":
+            return "Sure! Here are the values: {destination: Paris"
+        message = body["messages"][-1]["content"]
+        values = {**(INVENTED if self.mode == "inventing" else {}), **self.says.get(message, {})}
+        if self.mode == "wrong_types":
+            values = {name: wrong_type(value) for name, value in values.items()}
+        return json.dumps({"values": values, "intent": self.intents.get(message, "provide"),
                            "question": "What is your budget, and when would you like to go?"})
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def wrong_type(value):
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value) if isinstance(value, (int, float)) else [value]
+
+
+def load_extraction_set():
+    with open(EXTRACTION_SET_PATH, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def same_value(found, expected):
+    """A value read equals the one stated: numbers and yes/no exactly, texts as words, without
+    the word that leads into them ("en juillet" is "juillet") and without case or accents."""
+    if isinstance(expected, str) and isinstance(found, str):
+        return _plain_words(found) == _plain_words(expected)
+    return type(found) is type(expected) and found == expected or (
+        not isinstance(found, (bool, str)) and not isinstance(expected, (bool, str)) and found == expected)
+
+
+LEADING_WORDS = {"in", "en", "im", "a", "ad", "am", "em", "for", "fur", "pour", "por", "per", "from", "vom", "du",
+                 "dal", "del", "desde", "on", "at", "de", "di"}
+
+
+def _plain_words(text):
+    words = cozyopenai._words(text)
+    while words and words[0] in LEADING_WORDS:
+        words = words[1:]
+    return words
+
+
+def score_extraction_set(mode, llm_settings=None, sets=("dialogues", "natural")):
+    """Play the extraction set through a real server and score what it accepted: precision
+    (accepted values that the messages state) and recall (stated values accepted at the
+    end). ``mode``: "offline", a stand-in mode, or "real" with ``llm_settings``."""
+    data = load_extraction_set()
+    stand_in = StandInLLM(mode=mode if mode in MODES else "exact")
+    if llm_settings is None and mode not in ("offline", "real"):
+        llm_settings = cozyopenai.LLMSettings(stand_in.url, "stand-in", "unused")
+    with open(os.path.join(TOP, "workflows.json"), encoding="utf-8") as handle:
+        workflows = json.loads(re.sub(r"https://[a-z-]+\.open-meteo\.com", stand_in.base, handle.read()))
+    app = cozyopenai.make_app(workflows, store="memory", llm=llm_settings if mode != "offline" else None)
+    server = cozyopenai.create_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    store = app.config["cozyopenai.service"].store
+    try:
+        dialogues = [(item["model"], item["turns"], item["expected"], item["superseded"]) for item in
+                     data["dialogues"]] if "dialogues" in sets else []
+        natural = [(item["model"], [{"message": item["message"], "says": item["says"]}], item["expected"], {})
+                   for item in data["natural"]] if "natural" in sets else []
+        return {name: _score(server.server_port, store, stand_in, chats)
+                for name, chats in (("dialogues", dialogues), ("natural", natural)) if chats}
+    finally:
+        server.shutdown()
+        server.server_close()
+        stand_in.close()
+
+
+def _score(port, store, stand_in, chats):
+    accepted, wrong, stated, recalled, misses = set(), [], 0, 0, []
+    for number, (model, turns, expected, superseded) in enumerate(chats):
+        history, conversation_id, final = [], None, {}
+        for turn in turns:
+            stand_in.says[turn["message"]] = turn["says"]
+            stand_in.intents[turn["message"]] = turn.get("intent", "provide")
+            status, payload, _ = http_request(port, "POST", "/openai/chat/completions",
+                                              chat_body(model, turn["message"], history=history))
+            assert status == 200, payload
+            reply = json.loads(payload)["choices"][0]["message"]["content"]
+            history += [{"role": "user", "content": turn["message"]}, {"role": "assistant", "content": reply}]
+            conversation_id = conversation_id or re.search(r"identifier\n(\S+)\n", reply).group(1)
+            final = store.load(conversation_id)["values"]
+            for name, value in final.items():
+                accepted.add((number, name, repr(value)))
+                if not any(name in known and same_value(value, known[name]) for known in (expected, superseded)):
+                    wrong.append(f"#{number} {name}={value!r}")
+        stated += len(expected)
+        found = [name for name, value in expected.items() if name in final and same_value(final[name], value)]
+        recalled += len(found)
+        misses += [f"#{number} {name}" for name in expected if name not in found]
+    return {"precision": 1 - len(set(wrong)) / max(1, len(accepted)), "accepted": len(accepted),
+            "wrong": sorted(set(wrong)), "recall": recalled / max(1, stated), "recalled": recalled,
+            "stated": stated, "misses": misses}
+
+
+def bench_extraction(real_url=None, real_model="gemma"):
+    """Precision and recall of the reading pipeline per mode, on both halves of the set."""
+    print("Reading: the extraction set (bench/extraction_set.json), precision and recall per mode")
+    modes = [(mode, None) for mode in MODES]
+    if real_url:
+        modes.append(("real", cozyopenai.LLMSettings(real_url, real_model, "unused", timeout_seconds=120)))
+    for mode, settings in modes:
+        started = time.perf_counter()
+        scores = score_extraction_set(mode, settings)
+        for name, score in scores.items():
+            print(f"  {mode:<12} {name:<10} precision {score['precision']:.0%} ({score['accepted'] - len(score['wrong'])}"
+                  f"/{score['accepted']}), recall {score['recall']:.0%} ({score['recalled']}/{score['stated']})"
+                  f"{'  wrong: ' + ', '.join(score['wrong']) if score['wrong'] else ''}", flush=True)
+            print(f"  {'':<12} {'':<10} misses: {', '.join(score['misses']) or 'none'}", flush=True)
+        print(f"  {mode:<12} ({time.perf_counter() - started:.1f} s)", flush=True)
 
 
 def bench_llm_cost(single_call):
-    llm = CountingLLM()
+    llm = StandInLLM(says=dict(DOCUMENT_DIALOGUE))
     app = cozyopenai.make_app(os.path.join(TOP, "workflows.json"), store="memory",
                               llm=cozyopenai.LLMSettings(llm.url, "m", "unused", single_call=single_call))
     server = cozyopenai.create_server(app, "127.0.0.1", 0)
@@ -525,14 +658,14 @@ def bench_llm_cost(single_call):
                                           chat_body("trip-planner", text, history=history[:-1]))
         history.append({"role": "assistant", "content": json.loads(payload)["choices"][0]["message"]["content"]})
         calls = llm.calls[before:]
-        kinds = [CountingLLM.kind(call) for call in calls]
-        gathering = [call for call in calls if CountingLLM.kind(call) != "node"]
+        kinds = [StandInLLM.kind(call) for call in calls]
+        gathering = [call for call in calls if StandInLLM.kind(call) != "node"]
         tokens = sum(cozyopenai.estimate_tokens(json.dumps(call["messages"])) for call in gathering)
         print(f"  {label}, turn {turn}: {len(gathering)} gathering call(s) "
               f"({', '.join(k for k in kinds if k != 'node')}), about {tokens} prompt tokens"
               f"{', plus %d llm node call(s)' % kinds.count('node') if 'node' in kinds else ''}", flush=True)
     server.shutdown()
-    llm.server.shutdown()
+    llm.close()
 
 
 ####################################################################################
@@ -578,6 +711,10 @@ def main(argv=None):
                         help="stored conversations for the storage figure (default: %(default)s)")
     parser.add_argument("--server", default="default",
                         help="server for the concurrency figure: default, gunicorn, waitress, cheroot")
+    parser.add_argument("--real-llm", metavar="URL",
+                        help="also score the reading pipeline against a real OpenAI-compatible server, e.g. "
+                             "http://127.0.0.1:8091/v1 (llama.cpp with gemma3-270m: see the README)")
+    parser.add_argument("--real-model", default="gemma", help="model name on --real-llm (default: %(default)s)")
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json-store", help=argparse.SUPPRESS)
     parser.add_argument("--body-bytes", type=int, default=0, help=argparse.SUPPRESS)
@@ -601,6 +738,8 @@ def main(argv=None):
         print("LLM cost per gathering turn, the document's trip-planner dialogue (tokens: characters / 4)")
         bench_llm_cost(single_call=False)
         bench_llm_cost(single_call=True)
+    if "reading" in chosen:
+        bench_extraction(arguments.real_llm, arguments.real_model)
     if "startup" in chosen:
         bench_startup(arguments.runs)
     return 0
