@@ -1529,7 +1529,7 @@ BOOLEAN_WORDS = {
 NUMBER_PATTERN = re.compile(r"(?<![\w.,])[-+]?(\d{1,3}(?:[,.'’\u00a0\u202f]\d{3})+(?:[.,]\d+)?|\d+(?:[.,]\d+)?)"
                             r"(\s*[kK]\b|\s*[mM]\b(?!\w))?")
 LABELLED_NUMBER = (r"\b\s*(?:is|of|=|:)?\s*[$€£¥]?\s*(\d[\d.,'’\u00a0\u202f]*(?:\s*[kK]\b)?)"
-                   r"(?![\d.,]*\s*(?:-|–|to|or|bis|à|a|y|o)\s*[$€£¥]?\d)")   # not the start of a range "1500-2000"
+                   r"(?![\d.,]*\s*(?:-|–|to|or|bis|à|a|y|o|oder|ou|oppure)\s*[$€£¥]?\d)")   # not a range "1500-2000"
 SPACED_NUMBER_PATTERN = re.compile(r"(?<![\w.,])\d{1,3}(?: \d{3})+(?![\d.,]\d)")
 LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*(.+?)\s*$", re.M)
 COMMON_WORDS = {"whether", "with", "that", "this", "from", "they", "their", "them", "user", "users", "there",
@@ -1573,7 +1573,8 @@ TIME_NAME_WORDS = """monday tuesday wednesday thursday friday saturday sunday lu
     viernes sabado domingo lunedi martedi mercoledi giovedi venerdi sabato domenica
     spring summer autumn fall winter season easter christmas printemps ete automne hiver saison paques noel
     fruhling fruehling sommer herbst ostern weihnachten primavera verano otono invierno temporada pascua navidad
-    estate autunno inverno stagione pasqua natale
+    estate autunno inverno stagione pasqua natale thanksgiving pentecost pentecote pfingsten silvester
+    nochevieja reveillon capodanno ferragosto
     today tomorrow tonight weekend week-end weekends aujourdhui demain heute morgen wochenende hoy manana
     oggi domani"""
 # Words that are also ordinary words ("I may", "to march", "the fall"): a time only when
@@ -1584,27 +1585,33 @@ TIME_UNIT_WORDS = """day days night nights week weeks month months fortnight jou
     semanas mes meses quincena giorno giorni notte notti settimana settimane mese mesi"""
 NUMBER_WORDS = """a an one two three four five six seven eight nine ten eleven twelve fourteen fifteen couple few
     several un une deux trois quatre cinq six sept huit neuf dix quinze ein eine einen zwei drei vier funf sechs
-    sieben acht neun zehn vierzehn uno una dos tres cuatro cinco seis siete ocho nueve diez quince due tre quattro
-    cinque sei sette otto nove dieci quindici"""
+    sieben acht neun zehn vierzehn paar einige uno una unos unas dos tres cuatro cinco seis siete ocho nueve diez
+    quince due tre quattro cinque sei sette otto nove dieci quindici qualche alcuni alcune quelques"""
 TIME_QUALIFIER_WORDS = """early mid middle late end beginning start first second third fourth last next this coming
     following long whole entire half debut mi milieu fin premier premiere deuxieme troisieme dernier derniere
-    prochain prochaine anfang mitte ende erste ersten zweite zweiten dritte letzte letzten nachste nachsten
-    kommende kommenden principios mediados finales primera primer segunda segundo tercera ultima ultimo proximo
-    proxima inizio meta prima primo seconda secondo terza prossimo prossima"""
+    prochain prochaine ce cet cette anfang mitte ende erste ersten zweite zweiten dritte letzte letzten nachste
+    nachsten kommende kommenden diese diesen dieses lang lange langes langen principios mediados finales primera
+    primer segunda segundo tercera ultima ultimo proximo proxima este esta largo larga inizio meta prima primo
+    seconda secondo terza prossimo prossima questo questa lungo lunga viene vient"""
 # Words that join the parts of a period ("from 10 to 17 October", "del 3 al 10 de junio").
-TIME_LINK_WORDS = """to until till through thru and from of in on at the for during du des au aux jusqu jusquau
-    et le la les l d de en dans pour pendant vom von bis zum zur und im am in der den des dem fur wahrend al del
+TIME_LINK_WORDS = """to until till through thru and from of in on at the for during over du des au aux jusqu jusquau
+    et le la les l d de en dans pour pendant qui vom von bis zum zur und im am in der den des dem fur wahrend uber
+    ubers al del que che
     desde hasta y el los las a ad dal dai fino e il lo di nel nella per durante em do da ate ao"""
 # Of these, the ones that only lead into a period: "in April" is April, "du 3 au 10 juin" is 3 au 10 juin.
-LEADING_LINK_WORDS = """in on at for from during du au aux jusqu de d en dans pour pendant vom von bis zum zur im am
-    fur wahrend del desde hasta a ad dal dai fino nel nella per durante em do da ate ao di"""
+LEADING_LINK_WORDS = """in on at for from during over du au aux jusqu de d en dans pour pendant vom von bis zum zur
+    im am fur wahrend uber ubers del desde hasta a ad dal dai fino nel nella per durante em do da ate ao di"""
 # Words after which a capitalised name is a place ("a trip to Lisbon", "viajar a Madrid").
-PLACE_LEAD_WORDS = """to in for visit visiting see explore discover a au aux en pour vers visiter voir decouvrir
-    nach in fur besuchen sehen entdecken a en para por hacia visitar ver conocer descubrir a ad in per verso
-    visitare vedere scoprire para em"""
+PLACE_LEAD_WORDS = """to in into for visit visiting see explore discover a au aux en pour vers visiter voir
+    decouvrir nach in ins fur besuchen sehen entdecken a al en para por hacia visitar ver conocer descubrir a ad in
+    nel nella nell per verso visitare vedere scoprire para em"""
+# Articles that may stand between a place word and the name: "in the Scottish Highlands".
+PLACE_ARTICLE_WORDS = "the la le les l el los las il lo gli der die das den"
+# A correction of a name said just before: "à Québec ? Ah non pardon, Montréal", "Roma, bueno no, a Florencia".
+CORRECTION_FILLER_WORDS = "sorry pardon wait actually oops ah oh bueno perdon perdona anzi scusa scusate entschuldigung"
 NEGATION_WORDS = """not no never without except excluding nor dont doesnt didnt wont cant isnt arent pas non sans
-    sauf jamais ni nicht kein keine keinen keinem ohne ausser statt anstatt nie sin excepto salvo menos nunca
-    senza tranne eccetto mai ne"""
+    sauf jamais ni aucun aucune nicht kein keine keinen keinem ohne ausser statt anstatt nie sin excepto salvo
+    menos nunca nada ningun ninguno ninguna senza tranne eccetto mai ne niente nessun nessuno nessuna none zero"""
 EXCEPT_OPENER_WORDS = "anywhere anything everywhere everything all any somewhere"   # "anywhere but Paris"
 EXCEPT_WORDS = "but"
 CONTRAST_WORDS = "but rather instead mais plutot sondern lieber pero sino mejor ma piuttosto invece"
@@ -1614,7 +1621,7 @@ NAME_JOINER_WORDS = "de del da di do dos das la le upon on am an sur en y"   # "
 CANCEL_WORDS = """stop cancel abort reset forget nevermind restart annuler annule oublie oublier arrete abbrechen
     vergiss vergessen stopp cancela cancelar olvida olvidalo annulla lascia dimentica"""
 CURRENCY_WORDS = """usd eur gbp chf jpy cad aud dollar dollars bucks euro euros pound pounds quid yen franc francs
-    franken peso pesos dolar dolares dollari sterlina sterline real reais kr"""
+    franken peso pesos dolar dolares dollari sterlina sterline real reais kr pavos balles"""
 CURRENCY_SIGNS = "$€£¥₹"
 # The kinds of value a text or number input holds, recognised from the words of its name
 # and description when its type does not say ("travel_dates: when the user ..." is a period).
@@ -1641,6 +1648,7 @@ TIME_LINKS, LEADING_LINKS = _table(TIME_LINK_WORDS), _table(LEADING_LINK_WORDS)
 PLACE_LEADS, NEGATIONS, CONTRASTS = _table(PLACE_LEAD_WORDS), _table(NEGATION_WORDS), _table(CONTRAST_WORDS)
 ALTERNATIVES, NAME_JOINERS, CANCELS = _table(ALTERNATIVE_WORDS), _table(NAME_JOINER_WORDS), _table(CANCEL_WORDS)
 CURRENCIES, PREFERENCES = _table(CURRENCY_WORDS), _table(PREFERENCE_WORDS)
+PLACE_ARTICLES, CORRECTION_FILLERS = _table(PLACE_ARTICLE_WORDS), _table(CORRECTION_FILLER_WORDS)
 EXCEPTS, EXCEPT_OPENERS = _table(EXCEPT_WORDS), _table(EXCEPT_OPENER_WORDS)
 KINDS = MappingProxyType({kind: _table(words) for kind, words in KIND_WORDS.items()})
 CLAUSE_MARKS = frozenset(",;.!?:()[]—|\n")
@@ -1905,7 +1913,8 @@ def money_spans(text: str, tokens: Sequence[Token]) -> List[Span]:
 
 
 def _starts_a_range(text: str, position: int) -> bool:
-    return bool(re.search(r"\d\s*(?:-|–|to|bis|à|al|y|o|or|and|und|et)\s*[$€£¥]?\s*\Z", text[:position]))
+    return bool(re.search(r"\d\s*(?:-|–|to|bis|à|al|y|o|or|and|und|et|oder|ou|oppure)\s*[$€£¥]?\s*\Z",
+                          text[:position]))
 
 
 def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
@@ -1930,10 +1939,13 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
         if token.folded in UNCERTAIN_TIMES and not _certainly_time(tokens, index):
             return None
         return "anchor"
-    if token.folded in TIME_UNITS:
+    if token.folded in TIME_UNITS:   # "a week", "10 days", "next month", "le mois prochain", "el mes que viene"
+        following = [t.folded for t in tokens[index + 1:index + 3]]
         counted = previous is not None and (previous.kind in ("number", "ordinal")
                                             or previous.folded in COUNT_WORDS | QUALIFIERS)
-        return "anchor" if counted else None
+        qualified = bool(following) and (following[0] in QUALIFIERS or following[:2] in (
+            ["que", "viene"], ["qui", "vient"], ["che", "viene"]))
+        return "anchor" if counted or qualified else None
     if token.folded in COUNT_WORDS | QUALIFIERS | TIME_LINKS:
         return "glue"
     return None
@@ -1966,7 +1978,7 @@ def period_spans(tokens: Sequence[Token]) -> List[Span]:
         start, stop = index, end
         while start < stop and roles[start] == "glue" and _leads_into_period(tokens, start):
             start += 1
-        while stop > start and roles[stop - 1] == "glue" and (tokens[stop - 1].folded in TIME_LINKS
+        while stop > start and roles[stop - 1] == "glue" and (tokens[stop - 1].folded in TIME_LINKS | COUNT_WORDS
                                                              or tokens[stop - 1].kind == "mark"):
             stop -= 1
         if any(roles[k] == "anchor" for k in range(start, stop)):
@@ -1997,14 +2009,34 @@ def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset) -> L
         if end == index:
             index += 1
             continue
-        before = tokens[index - 1] if index else None
         value = _span_text(tokens, index, end)
         negated = is_negated(tokens, index)
-        replaces = spans and spans[-1].negated and _follows_closely(tokens, spans[-1].end, index)
-        if negated or replaces or (before is not None and (before.folded in leads)):
+        corrects = bool(spans) and not spans[-1].negated and _corrects(tokens, spans[-1].end, index)
+        if corrects:   # "Roma, bueno no, a Florencia": the earlier name is ruled out
+            spans[-1] = dataclasses.replace(spans[-1], negated=True)
+        replaces = bool(spans) and spans[-1].negated and (corrects or _follows_closely(tokens, spans[-1].end, index))
+        if negated or replaces or _led_by(tokens, index, leads):
             spans.append(Span("name", index, end, value, negated and not replaces))
         index = end
     return spans
+
+
+def _led_by(tokens: Sequence[Token], index: int, leads: frozenset) -> bool:
+    """Does a word of ``leads`` stand right before the name, or before its article?"""
+    before = index - 1
+    if before >= 1 and tokens[before].folded in PLACE_ARTICLES:
+        before -= 1
+    return before >= 0 and tokens[before].folded in leads
+
+
+def _corrects(tokens: Sequence[Token], after: int, index: int) -> bool:
+    """Between two names, a "no" that stands alone: "Québec ? Ah non pardon, Montréal",
+    "Tokyo, anzi no, a Seul", "Kopenhagen planen? Nein, sorry, nach Stockholm"."""
+    between = tokens[after:index]
+    return len(between) <= 8 and any(
+        (token.folded in NEGATIONS or token.folded in BOOLEAN_WORDS[False]) and k + 1 < len(between)
+        and (between[k + 1].kind == "mark" or between[k + 1].folded in CORRECTION_FILLERS | PLACE_LEADS)
+        for k, token in enumerate(between))
 
 
 def _name_end(tokens: Sequence[Token], index: int, taken: frozenset) -> int:
@@ -2172,7 +2204,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
                 if span.negated:
                     reading.ruled_out.setdefault(query.name, []).append(span.value)
                 elif is_open or _cued(tokens, span, query) or _replaces(tokens, span):
-                    reading.add(query.name, 1, span.value)
+                    for name in [span.value] + alternatives_to(tokens, span.start, span.end - span.start):
+                        reading.add(query.name, 1, name)   # "nach Norwegen oder Schweden": which one?
         if not is_open:
             continue
         if kind == "money":
@@ -2241,10 +2274,16 @@ def _read_period(tokens: Sequence[Token], text: str, periods: Sequence[Span], qu
         for span in kept:
             reading.add(query.name, 1, _span_text(tokens, span.start, span.end, text))
         return
-    parts = [_span_text(tokens, kept[0].start, kept[0].end, text)]
-    for span in kept[1:]:   # later parts keep the word that leads into them: "Drei Tage" + "im Mai"
-        start = span.start - 1 if span.start and tokens[span.start - 1].folded in TIME_LINKS else span.start
-        parts.append(_span_text(tokens, start, span.end, text))
+    pieces: List[List[int]] = []   # [first token, end token] of each stretch of the message quoted
+    for span in kept:
+        gap = tokens[pieces[-1][1]:span.start] if pieces else []
+        if pieces and len(gap) <= 3 and not any(t.capitalised or t.folded in NEGATIONS for t in gap):
+            pieces[-1][1] = span.end   # close together: quoted as written ("noviembre, unos 10 días")
+        elif pieces:   # apart: the later part keeps the word that leads into it ("Drei Tage" + "im Mai")
+            pieces.append([span.start - 1 if tokens[span.start - 1].folded in TIME_LINKS else span.start, span.end])
+        else:
+            pieces.append([span.start, span.end])
+    parts = [_span_text(tokens, start, end, text) for start, end in pieces]
     reading.add(query.name, 1, " ".join(parts))
 
 

@@ -562,7 +562,7 @@ def same_value(found, expected):
 
 
 LEADING_WORDS = {"in", "en", "im", "a", "ad", "am", "em", "for", "fur", "pour", "por", "per", "from", "vom", "du",
-                 "dal", "del", "desde", "on", "at", "de", "di"}
+                 "dal", "del", "desde", "on", "at", "de", "di", "over", "uber", "ubers"}
 
 
 def _plain_words(text):
@@ -572,7 +572,7 @@ def _plain_words(text):
     return words
 
 
-def score_extraction_set(mode, llm_settings=None, sets=("dialogues", "natural")):
+def score_extraction_set(mode, llm_settings=None, sets=("dialogues", "natural", "blind")):
     """Play the extraction set through a real server and score what it accepted: precision
     (accepted values that the messages state) and recall (stated values accepted at the
     end). ``mode``: "offline", a stand-in mode, or "real" with ``llm_settings``."""
@@ -589,10 +589,10 @@ def score_extraction_set(mode, llm_settings=None, sets=("dialogues", "natural"))
     try:
         dialogues = [(item["model"], item["turns"], item["expected"], item["superseded"]) for item in
                      data["dialogues"]] if "dialogues" in sets else []
-        natural = [(item["model"], [{"message": item["message"], "says": item["says"]}], item["expected"], {})
-                   for item in data["natural"]] if "natural" in sets else []
-        return {name: _score(server.server_port, store, stand_in, chats)
-                for name, chats in (("dialogues", dialogues), ("natural", natural)) if chats}
+        one_liners = {name: [(item["model"], [{"message": item["message"], "says": item["says"]}],
+                              item["expected"], {}) for item in data[name]] for name in ("natural", "blind")}
+        chats = {"dialogues": dialogues, **one_liners}
+        return {name: _score(server.server_port, store, stand_in, chats[name]) for name in sets if chats[name]}
     finally:
         server.shutdown()
         server.server_close()
