@@ -116,6 +116,11 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SERVER_THREADS = 256                      # for --server gunicorn/waitress/cheroot: each open stream holds one
 HTTP_NODE_TIMEOUT_SECONDS = 30.0
 LLM_NODE_MAX_TOKENS = 1024                # an `llm` node's answer, unless its `max_tokens` says otherwise
+# The server's own calls are short; a cap keeps a small model that loops from writing until
+# its context is full (gemma3-270m did, for minutes, on an uncapped extraction call).
+EXTRACTION_MAX_TOKENS = 512               # the JSON of every input's value, and the question in single-call mode
+QUESTION_MAX_TOKENS = 160                 # one short question
+CLIENT_TASK_MAX_TOKENS = 200              # a chat title, tags or follow-up suggestions
 LLM_NODE_TIMEOUT_SECONDS = 120.0          # an `llm` node's whole stream, unless its `timeout_seconds` does
 MEMORY_STORE_MAX_CONVERSATIONS = 10_000
 KEEPALIVE_SECONDS = 10.0                  # an SSE comment this often while a stream is silent
@@ -632,7 +637,7 @@ class LLMClient:
         """One chat completion; its text."""
         return self._text_of(self._call(messages=messages, stream=False, **options))
 
-    def complete_json(self, messages: List[dict], schema: dict) -> dict:
+    def complete_json(self, messages: List[dict], schema: dict, **options: Any) -> dict:
         """A JSON object as answer, using the best structured-output mode the upstream takes.
 
         A refused mode is stepped down from and remembered. An unexplained 5xx on a json_schema
@@ -644,7 +649,7 @@ class LLMClient:
             confirmed = self._is_confirmed(index)
             try:
                 response = self._call(messages=messages, stream=False, retry=confirmed,
-                                      **self._json_options(mode, schema))
+                                      **options, **self._json_options(mode, schema))
             except LLMError as exc:
                 refusal = self._refusal(exc, mode, confirmed)
                 if refusal is None:
@@ -2556,7 +2561,7 @@ def extract_with_llm(llm: LLMClient, workflow: Workflow, conversation: Conversat
     """The LLM's reading, grounded against the message and merged on top of the floor."""
     single_call = llm.settings.single_call
     answer = llm.complete_json(extraction_messages(workflow, conversation, history, text, single_call),
-                               extraction_schema(workflow, single_call))
+                               extraction_schema(workflow, single_call), max_tokens=EXTRACTION_MAX_TOKENS)
     proposed = answer.get("values", answer)
     if not isinstance(proposed, dict):
         raise UpstreamError("the language model's answer had no 'values' object")
@@ -2687,7 +2692,7 @@ def question_with_llm(llm: LLMClient, workflow: Workflow, missing: Sequence[Quer
             f"The user named several values for the {workflow.query_inputs[name].label} ({_or_list(values)}): "
             "ask which one they mean.\n" for name, values in (ambiguous or {}).items()))
     question = llm.complete([{"role": "system", "content": prompt}, {"role": "user", "content": text}],
-                            temperature=0.3).strip()
+                            temperature=0.3, max_tokens=QUESTION_MAX_TOKENS).strip()
     if not question:
         raise UpstreamError("the language model returned an empty question")
     return question
@@ -2938,7 +2943,8 @@ def answer_client_task(workflow: Workflow, task: str, llm: Optional[LLMClient]) 
     key = match.group(1) if match else "text"
     if llm is not None:
         try:
-            answer = first_json_object(llm.complete([{"role": "user", "content": task}]))
+            answer = first_json_object(llm.complete([{"role": "user", "content": task}],
+                                                    max_tokens=CLIENT_TASK_MAX_TOKENS))
             if key in answer:
                 return json.dumps(answer, ensure_ascii=False)
         except UpstreamError as exc:

@@ -861,6 +861,7 @@ def test_extraction_call_holds_the_workflow_input_and_node_descriptions(start, f
     assert "Writes the planning brief from the gathered inputs." in system
     assert call["messages"][-1] == {"role": "user", "content": "I want to plan a trip to Paris."}
     assert call["response_format"]["type"] == "json_schema"
+    assert call["max_tokens"] == cozyopenai.EXTRACTION_MAX_TOKENS   # a looping small model stops there
 
 
 def test_old_user_messages_are_never_extracted_again(start, fake_llm):
@@ -1038,6 +1039,7 @@ def test_with_an_llm_the_question_is_phrased_by_it_from_what_is_missing(start, f
     assert "- destination: Paris" in system
     assert "- budget: Total budget" in system and "- travel dates: When the user" in system
     assert call["messages"][-1] == {"role": "user", "content": "Paris!"}
+    assert call["max_tokens"] == cozyopenai.QUESTION_MAX_TOKENS
 
 
 def test_single_call_mode_asks_the_question_within_the_extraction_call(start, fake_llm):
