@@ -1533,7 +1533,7 @@ BOOLEAN_WORDS = {
 }
 NUMBER_PATTERN = re.compile(r"(?<![\w.,])[-+]?(\d{1,3}(?:[,.'’\u00a0\u202f]\d{3})+(?:[.,]\d+)?|\d+(?:[.,]\d+)?)"
                             r"(\s*[kK]\b|\s*[mM]\b(?!\w))?")
-LABELLED_NUMBER = (r"\b\s*(?:is|of|=|:)?\s*[$€£¥]?\s*(\d[\d.,'’\u00a0\u202f]*(?:\s*[kK]\b)?)"
+LABELLED_NUMBER = (r"\b\s*(?:is|of|=|:)?\s*[$€£¥]?\s*(\d{1,3}(?: \d{3})+(?![\d.,]?\d)|\d[\d.,'’\u00a0\u202f]*(?:\s*[kK]\b)?)"
                    r"(?![\d.,]*\s*(?:-|–|to|or|bis|à|a|y|o|oder|ou|oppure)\s*[$€£¥]?\d)")   # not a range "1500-2000"
 SPACED_NUMBER_PATTERN = re.compile(r"(?<![\w.,])\d{1,3}(?: \d{3})+(?![\d.,]\d)")
 LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*(.+?)\s*$", re.M)
@@ -1579,9 +1579,12 @@ TIME_NAME_WORDS = """monday tuesday wednesday thursday friday saturday sunday lu
     spring summer autumn fall winter season easter christmas printemps ete automne hiver saison paques noel
     fruhling fruehling sommer herbst ostern weihnachten primavera verano otono invierno temporada pascua navidad
     estate autunno inverno stagione pasqua natale thanksgiving pentecost pentecote pfingsten silvester
-    nochevieja reveillon capodanno ferragosto
+    nochevieja reveillon capodanno ferragosto toussaint fruhjahr
     today tomorrow tonight weekend week-end weekends aujourdhui demain heute morgen wochenende hoy manana
     oggi domani"""
+# Words that make a holiday of the time word next to them: "spring break", "Semana Santa",
+# "le vacanze di Natale", "il ponte del 25 aprile".
+HOLIDAY_WORDS = "break breaks holiday holidays vacation vacances ferien urlaub vacaciones vacanze ponte puente santa sainte santo"
 # Words that are also ordinary words ("I may", "to march", "the fall"): a time only when
 # written with a capital and next to a number or a word of time ("in May", "May 3").
 UNCERTAIN_TIME_WORDS = "may mar jan march sun sat wed fall morgen"
@@ -1595,7 +1598,7 @@ NUMBER_WORDS = """a an one two three four five six seven eight nine ten eleven t
 TIME_QUALIFIER_WORDS = """early mid middle late end beginning start first second third fourth last next this coming
     following long whole entire half debut mi milieu fin premier premiere deuxieme troisieme dernier derniere
     prochain prochaine ce cet cette anfang mitte ende erste ersten zweite zweiten dritte letzte letzten nachste
-    nachsten kommende kommenden diese diesen dieses lang lange langes langen principios mediados finales primera
+    nachsten nachstes nachster kommende kommenden diese diesen dieses lang lange langes langen principios mediados finales primera
     primer segunda segundo tercera ultima ultimo proximo proxima este esta largo larga inizio meta prima primo
     seconda secondo terza prossimo prossima questo questa lungo lunga viene vient"""
 # Words that join the parts of a period ("from 10 to 17 October", "del 3 al 10 de junio").
@@ -1649,6 +1652,7 @@ def _table(words: str) -> frozenset:
 MONTHS = MappingProxyType({word: month for month, words in MONTH_NAMES.items() for word in words.split()})
 TIME_NAMES, UNCERTAIN_TIMES = _table(TIME_NAME_WORDS) | MONTHS.keys(), _table(UNCERTAIN_TIME_WORDS)
 TIME_UNITS, COUNT_WORDS, QUALIFIERS = _table(TIME_UNIT_WORDS), _table(NUMBER_WORDS), _table(TIME_QUALIFIER_WORDS)
+HOLIDAYS = _table(HOLIDAY_WORDS)
 TIME_LINKS, LEADING_LINKS = _table(TIME_LINK_WORDS), _table(LEADING_LINK_WORDS)
 PLACE_LEADS, NEGATIONS, CONTRASTS = _table(PLACE_LEAD_WORDS), _table(NEGATION_WORDS), _table(CONTRAST_WORDS)
 ALTERNATIVES, NAME_JOINERS, CANCELS = _table(ALTERNATIVE_WORDS), _table(NAME_JOINER_WORDS), _table(CANCEL_WORDS)
@@ -1948,10 +1952,10 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
         following = [t.folded for t in tokens[index + 1:index + 3]]
         counted = previous is not None and (previous.kind in ("number", "ordinal")
                                             or previous.folded in COUNT_WORDS | QUALIFIERS)
-        qualified = bool(following) and (following[0] in QUALIFIERS or following[:2] in (
+        qualified = bool(following) and (following[0] in QUALIFIERS | HOLIDAYS or following[:2] in (
             ["que", "viene"], ["qui", "vient"], ["che", "viene"]))
         return "anchor" if counted or qualified else None
-    if token.folded in COUNT_WORDS | QUALIFIERS | TIME_LINKS:
+    if token.folded in COUNT_WORDS | QUALIFIERS | TIME_LINKS | HOLIDAYS:
         return "glue"
     return None
 
@@ -2020,10 +2024,23 @@ def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset) -> L
         if corrects:   # "Roma, bueno no, a Florencia": the earlier name is ruled out
             spans[-1] = dataclasses.replace(spans[-1], negated=True)
         replaces = bool(spans) and spans[-1].negated and (corrects or _follows_closely(tokens, spans[-1].end, index))
-        if negated or replaces or _led_by(tokens, index, leads):
-            spans.append(Span("name", index, end, value, negated and not replaces))
+        chosen = end < len(tokens) and tokens[end].folded in PREFERENCES   # "let's do Florence instead"
+        if negated or replaces or chosen or _led_by(tokens, index, leads):
+            retracted = _retracted(tokens, end)   # "to Rome, actually no, ..."
+            spans.append(Span("name", index, end, value, (negated and not replaces) or retracted))
         index = end
     return spans
+
+
+def _retracted(tokens: Sequence[Token], end: int) -> bool:
+    """Is the name that ends at ``end`` taken back right after: "Rome, actually no, ..."?"""
+    after = tokens[end:end + 5]
+    for k, token in enumerate(after):
+        if token.folded in NEGATIONS | BOOLEAN_WORDS[False]:
+            return k + 1 < len(after) and after[k + 1].kind == "mark"
+        if not (token.kind == "mark" and token.text not in ".!?" or token.folded in CORRECTION_FILLERS):
+            return False
+    return False
 
 
 def _led_by(tokens: Sequence[Token], index: int, leads: frozenset) -> bool:
@@ -2035,13 +2052,17 @@ def _led_by(tokens: Sequence[Token], index: int, leads: frozenset) -> bool:
 
 
 def _corrects(tokens: Sequence[Token], after: int, index: int) -> bool:
-    """Between two names, a "no" that stands alone: "Québec ? Ah non pardon, Montréal",
-    "Tokyo, anzi no, a Seul", "Kopenhagen planen? Nein, sorry, nach Stockholm"."""
+    """Between two names, a "no" that stands alone, or a word of preference, followed only by
+    small words up to the name: "Québec ? Ah non pardon, Montréal", "Tokyo, anzi no, a Seul",
+    "nach Paris, aber jetzt doch lieber nach Amsterdam"."""
     between = tokens[after:index]
-    return len(between) <= 8 and any(
-        (token.folded in NEGATIONS or token.folded in BOOLEAN_WORDS[False]) and k + 1 < len(between)
-        and (between[k + 1].kind == "mark" or between[k + 1].folded in CORRECTION_FILLERS | PLACE_LEADS)
-        for k, token in enumerate(between))
+    small = CORRECTION_FILLERS | PLACE_LEADS | PLACE_ARTICLES | PREFERENCES
+    for k, token in enumerate(between):
+        standalone_no = (token.folded in NEGATIONS or token.folded in BOOLEAN_WORDS[False]) and k + 1 < len(between)
+        if (standalone_no or token.folded in PREFERENCES) and all(
+                rest.kind == "mark" and rest.text not in ".!?" or rest.folded in small for rest in between[k + 1:]):
+            return len(between) <= 10
+    return False
 
 
 def _name_end(tokens: Sequence[Token], index: int, taken: frozenset) -> int:

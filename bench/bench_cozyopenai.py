@@ -562,7 +562,8 @@ def same_value(found, expected):
 
 
 LEADING_WORDS = {"in", "en", "im", "a", "ad", "am", "em", "for", "fur", "pour", "por", "per", "from", "vom", "du",
-                 "dal", "del", "desde", "on", "at", "de", "di", "over", "uber", "ubers"}
+                 "dal", "del", "desde", "on", "at", "de", "di", "over", "uber", "ubers", "during", "pendant",
+                 "durante", "wahrend"}
 
 
 def _plain_words(text):
@@ -572,7 +573,10 @@ def _plain_words(text):
     return words
 
 
-def score_extraction_set(mode, llm_settings=None, sets=("dialogues", "natural", "blind")):
+ONE_LINER_SETS = ("natural", "blind", "blind_2")
+
+
+def score_extraction_set(mode, llm_settings=None, sets=("dialogues",) + ONE_LINER_SETS):
     """Play the extraction set through a real server and score what it accepted: precision
     (accepted values that the messages state) and recall (stated values accepted at the
     end). ``mode``: "offline", a stand-in mode, or "real" with ``llm_settings``."""
@@ -590,7 +594,7 @@ def score_extraction_set(mode, llm_settings=None, sets=("dialogues", "natural", 
         dialogues = [(item["model"], item["turns"], item["expected"], item["superseded"]) for item in
                      data["dialogues"]] if "dialogues" in sets else []
         one_liners = {name: [(item["model"], [{"message": item["message"], "says": item["says"]}],
-                              item["expected"], {}) for item in data[name]] for name in ("natural", "blind")}
+                              item["expected"], {}) for item in data[name]] for name in ONE_LINER_SETS}
         chats = {"dialogues": dialogues, **one_liners}
         return {name: _score(server.server_port, store, stand_in, chats[name]) for name in sets if chats[name]}
     finally:
