@@ -83,7 +83,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence,
+                    Tuple, Union)
 from urllib.parse import quote, urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -125,7 +126,9 @@ LLM_NODE_TIMEOUT_SECONDS = 120.0          # an `llm` node's whole stream, unless
 MEMORY_STORE_MAX_CONVERSATIONS = 10_000
 KEEPALIVE_SECONDS = 10.0                  # an SSE comment this often while a stream is silent
 EXPIRE_EVERY_SECONDS = 3600.0             # how often the store is swept for old conversations
-UNDO_TURNS = 20                           # turns of state kept, to go back when a message is edited or resent
+SNAPSHOTS_KEPT = 40                       # turns of state a conversation keeps, for edits and older branches
+RECORD_VERSION = 2                        # conversation records: 1 held one mutable state, 2 holds snapshots
+LEGACY_SNAPSHOT = "version-1"             # the key of the one snapshot a version-1 record becomes
 MAX_ASKS_PER_INPUT = 3                    # then say so and offer to start over, instead of asking forever
 MAX_DIRECT_REPLY_WORDS = 4                # a longer reply to "where to?" is a sentence, not a destination
 CONTEXT_TURNS = 6                         # earlier messages shown to the extraction call
@@ -819,6 +822,9 @@ class NodeContext:
     llm: Optional[LLMClient]
     stop: threading.Event
     notes: List[str] = field(default_factory=list)   # the runner reports them as "note" events
+    # For the node whose output is the answer, when the user asks for something about the last
+    # answer and changes no value ("Add Details"): (that answer, what the user asked).
+    follow_up: Optional[Tuple[str, str]] = None
 
     def note(self, text: str) -> None:
         """A line for the thinking block: why a fallback was used, why an answer stops early."""
@@ -893,6 +899,9 @@ def run_llm_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
     messages = [{"role": "user", "content": str(inputs["prompt"])}]
     if inputs.get("system"):
         messages.insert(0, {"role": "system", "content": str(inputs["system"])})
+    if context.follow_up:   # "More Concise": the last answer, then what the user asks of it
+        messages += [{"role": "assistant", "content": context.follow_up[0]},
+                     {"role": "user", "content": context.follow_up[1]}]
     try:
         max_tokens = _positive_integer(inputs.get("max_tokens", LLM_NODE_MAX_TOKENS), "max_tokens")
     except ValueError as exc:   # fed by a link or the user, so not checked at start-up
@@ -1057,13 +1066,15 @@ class RunEvent:
 
 def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
                  node_types: Optional[Mapping[str, NodeType]] = None, llm: Optional[LLMClient] = None,
-                 stop: Optional[threading.Event] = None) -> Iterator[RunEvent]:
+                 stop: Optional[threading.Event] = None,
+                 follow_up: Optional[Tuple[str, str]] = None) -> Iterator[RunEvent]:
     """Run ``workflow`` with the query ``values``, yielding progress as it happens.
 
     Independent nodes run side by side in threads; a plain chain runs in the caller's
     thread. The answer arrives as "answer" events (streamed when it comes from an `llm`
     node), then "done". A failure yields "failed" and starts nothing more. Closing the
-    generator (the client hung up) sets ``stop`` so no new node starts.
+    generator (the client hung up) sets ``stop`` so no new node starts. ``follow_up`` goes to
+    the node whose output is the answer (see NodeContext).
     """
     node_types = NODE_TYPES if node_types is None else node_types
     stop = stop or threading.Event()
@@ -1076,7 +1087,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
 
     def events_of(node_id: str) -> Iterator[RunEvent]:
         return _node_events(workflow, workflow.node(node_id), outputs, values, node_types, llm, stop,
-                            node_id == streams_answer)
+                            node_id == streams_answer, follow_up if node_id == streams_answer else None)
     try:
         while waiting or threaded:
             ready = [node_id for node_id, deps in waiting.items() if not deps]
@@ -1118,12 +1129,12 @@ def _start_in_thread(events: Iterator[RunEvent], sink: "queue.Queue[RunEvent]") 
 
 def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values: Mapping[str, Any],
                  node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
-                 streams_answer: bool) -> Iterator[RunEvent]:
+                 streams_answer: bool, follow_up: Optional[Tuple[str, str]] = None) -> Iterator[RunEvent]:
     """Runs one node: "started", then any "note" and "answer" events in the order they happen,
     then "finished" or "failed"."""
     yield RunEvent("started", node.id, text=node.description)
     started = time.monotonic()
-    context = NodeContext(node, workflow, llm, stop)
+    context = NodeContext(node, workflow, llm, stop, follow_up=follow_up)
     try:
         if stop.is_set():
             raise NodeFailed("the run was stopped")
@@ -1200,81 +1211,164 @@ def _input_value(workflow: Workflow, node: Node, name: str, value: Any,
 
 @dataclass
 class Conversation:
-    """What the server remembers of one chat with one workflow."""
+    """What the server remembers of one chat with one workflow: every turn's resulting state
+    as a snapshot, never changed once written (issue 10), and the state this turn works on.
+
+    Chat clients send histories that branch: an earlier message edited, a reply regenerated
+    (with or without an instruction), an older branch continued, a reply pasted into another
+    chat. The state a request continues from is the snapshot behind the last reply in its
+    own history that this server wrote: found by a digest of the reply as clients send it
+    back (thinking and identifier removed, whitespace collapsed), the user turns before it
+    breaking ties. So no branch ever undoes another."""
     id: str
     model: str
-    values: Dict[str, Any] = field(default_factory=dict)
+    values: Dict[str, Any] = field(default_factory=dict)   # the working state, from the snapshot continued
     asked: List[str] = field(default_factory=list)        # the inputs the last question asked for
     ask_counts: Dict[str, int] = field(default_factory=dict)
     runs: int = 0
+    result: str = ""                                      # digest of the last run's answer, in `results`
     turns: int = 0
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
-    seen: List[str] = field(default_factory=list)         # a fingerprint of each user turn read, in order
-    before: List[dict] = field(default_factory=list)      # the state before each of the last UNDO_TURNS
+    snapshots: List[dict] = field(default_factory=list)   # oldest first, the most recent SNAPSHOTS_KEPT
+    results: Dict[str, str] = field(default_factory=dict)  # answers of runs, by digest, shared by snapshots
+    parent: str = ""                                      # not stored: the snapshot this turn continues
     is_new: bool = False                                  # not stored: the id block goes out once
 
+    STATE_FIELDS = ("values", "asked", "ask_counts", "runs", "result")
+
     def to_record(self) -> dict:
-        record = dict(self.__dict__)
-        del record["is_new"]
-        return record
+        return {"version": RECORD_VERSION, "id": self.id, "model": self.model, "turns": self.turns,
+                "created": self.created, "updated": self.updated, "snapshots": self.snapshots,
+                "results": self.results}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "Conversation":
-        known = {name: record[name] for name in cls.__dataclass_fields__ if name in record and name != "is_new"}
-        return cls(**known)
+        """A stored conversation; a record of version 1 (one mutable state) becomes one snapshot
+        that any reply of that conversation continues from."""
+        conversation = cls(id=record["id"], model=record["model"], turns=record.get("turns", 0),
+                           created=record.get("created", time.time()), updated=record.get("updated", time.time()),
+                           snapshots=list(record.get("snapshots", [])), results=dict(record.get("results", {})))
+        if "snapshots" not in record:
+            state = {name: record.get(name, default) for name, default in
+                     (("values", {}), ("asked", []), ("ask_counts", {}), ("runs", 0))}
+            conversation.snapshots = [{"key": LEGACY_SNAPSHOT, "reply": "", "users": "", "users_before": "",
+                                       "parent": "", "at": conversation.updated, **state, "result": ""}]
+        return conversation
 
-    def snapshot(self) -> dict:
+    def state(self) -> dict:
         return {"values": dict(self.values), "asked": list(self.asked), "ask_counts": dict(self.ask_counts),
-                "runs": self.runs}
+                "runs": self.runs, "result": self.result}
 
-    def restore(self, snapshot: Mapping[str, Any]) -> None:
-        self.values, self.asked = dict(snapshot["values"]), list(snapshot["asked"])
-        self.ask_counts, self.runs = dict(snapshot["ask_counts"]), snapshot["runs"]
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.values, self.asked = dict(state["values"]), list(state["asked"])
+        self.ask_counts, self.runs, self.result = dict(state["ask_counts"]), state["runs"], state.get("result", "")
 
-    def remember_turn(self, text: str, snapshot: dict) -> None:
-        """Note that ``text`` was read, and the state before it, to go back to if it changes."""
-        self.seen.append(turn_fingerprint(text))
-        self.before = (self.before + [snapshot])[-UNDO_TURNS:]
-
-    def rewind_to(self, earlier_turns: Sequence[str]) -> Optional[List[str]]:
-        """Open WebUI and others let users edit a message or regenerate a reply: the history
-        then lacks turns that were read. Go back to the state before the first of them, and
-        return the earlier turns to read again (None when nothing was undone). Those are the
-        turns after the last one still in place: all of them when there are as many as were
-        undone (a message edited in place), else only those read before (the rest went to
-        another model of the same chat, and are never read here)."""
-        fingerprints = [turn_fingerprint(text) for text in earlier_turns]
-        matched, position = 0, 0
-        for fingerprint in self.seen:   # the turns read must still be there, in order
-            try:
-                position = fingerprints.index(fingerprint, position) + 1
-            except ValueError:
+    def continue_from(self, messages: Sequence[dict], arrived: float) -> Tuple[Optional[dict], List[str]]:
+        """Take the state behind the newest assistant message of ``messages`` that this
+        conversation wrote; return its snapshot (None: none of them, and the state is empty)
+        and the user turns to read again before the new one: those between it and a later
+        reply of ours whose turns were edited in place. A turn saved while this request waited
+        for the conversation's lock, from the same snapshot, is taken too: two messages sent at
+        once both count (issue 4)."""
+        self.restore({"values": {}, "asked": [], "ask_counts": {}, "runs": 0})
+        replies = replies_in(messages)
+        found, position = None, -1
+        for position in range(len(replies) - 1, -1, -1):
+            found = self.snapshot_of(replies[position].reply, replies[position].users)
+            if found:
                 break
-            matched += 1
-        if matched == len(self.seen):
-            return None
-        undone = self.seen[matched:]
-        self.seen = self.seen[:matched]
-        if len(undone) > len(self.before):   # older than what is kept: from nothing, every turn read again
-            self.restore({"values": {}, "asked": [], "ask_counts": {}, "runs": 0})
-            self.seen, self.before = [], []
-            return list(earlier_turns)
-        self.restore(self.before[-len(undone)])
-        self.before = self.before[:-len(undone)]
-        tail = list(earlier_turns[position:])
-        if len(tail) == len(undone):
-            return tail
-        return [text for text in tail if turn_fingerprint(text) in undone]
+        if found is None:
+            found = next((s for s in self.snapshots if s["key"] == LEGACY_SNAPSHOT), None)
+            return (self._take(found, arrived), []) if found else (None, [])
+        ours = {s["reply"] for s in self.snapshots}
+        later = [reply.index for reply in replies[position + 1:] if reply.reply in ours]
+        again = user_turns(messages[replies[position].index + 1:later[-1]]) if later else []
+        return self._take(found, arrived), again
+
+    def _take(self, found: dict, arrived: float) -> dict:
+        while True:   # follow turns of the same branch saved while this request waited
+            later = [s for s in self.snapshots if s["parent"] == found["key"] and s["at"] > arrived]
+            if not later:
+                break
+            found = later[-1]
+        self.restore(found)
+        self.parent = found["key"]
+        return found
+
+    def snapshot_of(self, reply: str, users: str) -> Optional[dict]:
+        """The newest snapshot for this reply after these user turns, or after them plus one
+        the client no longer sends (Open WebUI drops a "Suggest a change" instruction); else
+        the one for those user turns alone (a reply the client changed)."""
+        for snapshot in reversed(self.snapshots):
+            if snapshot["reply"] == reply and users in (snapshot["users"], snapshot["users_before"]):
+                return snapshot
+        if any(snapshot["reply"] == reply for snapshot in self.snapshots):
+            return None   # our reply after other user turns: an earlier message edited in place
+        return next((s for s in reversed(self.snapshots) if s["users"] == users and s["reply"]), None)
+
+    def remember(self, reply_text: str, users: Tuple[str, str], answer: Optional[str] = None) -> None:
+        """Save this turn's resulting state as a new snapshot, keyed by the reply as written and
+        ``users``, the digests of the user turns with and without the last. ``answer``: the
+        workflow's answer, when it ran, to give again if asked for nothing new."""
+        if answer is not None:
+            self.result = text_digest(answer)
+            self.results[self.result] = answer
+        reply = reply_digest(reply_text)
+        snapshot = {"key": f"{reply}:{users[0]}", "reply": reply, "users": users[0], "users_before": users[1],
+                    "parent": self.parent, "at": time.time(), **self.state()}
+        if not any(s["key"] == snapshot["key"] and all(s[f] == snapshot[f] for f in self.STATE_FIELDS)
+                   for s in self.snapshots):   # a regenerated reply that came out the same
+            self.snapshots = (self.snapshots + [snapshot])[-SNAPSHOTS_KEPT:]
+        used = {s.get("result") for s in self.snapshots}
+        self.results = {digest: text for digest, text in self.results.items() if digest in used}
+
+    def last_result(self) -> str:
+        return self.results.get(self.result, "")
 
     def missing(self, workflow: Workflow) -> List[QueryInput]:
         return [query for query in workflow.query_inputs.values()
                 if query.name not in self.values and not query.optional]
 
 
-def turn_fingerprint(text: str) -> str:
-    """A short digest of what the user wrote in one turn (clients trim whitespace differently)."""
-    return hashlib.sha256(" ".join(text.split()).encode()).hexdigest()[:16]
+def text_digest(text: str) -> str:
+    """A short digest of a text, whitespace collapsed (clients trim it differently)."""
+    return hashlib.sha256(" ".join(text.split()).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def reply_digest(text: str) -> str:
+    """An assistant reply as clients send it back: without the thinking block (Open WebUI
+    strips it) or the identifier block, whitespace collapsed."""
+    return text_digest(clean_reply(text))
+
+
+class Reply(NamedTuple):
+    index: int      # in the request's messages
+    reply: str      # reply_digest of its text
+    users: str      # digest of the user turns before it
+
+
+def replies_in(messages: Sequence[dict]) -> List[Reply]:
+    """Each assistant message, with the digest of the user turns before it."""
+    found, turns = [], []
+    pending: List[str] = []
+    for index, message in enumerate(messages):
+        if message["role"] == "user":
+            pending.append(message["content"])
+        elif message["role"] == "assistant":
+            if pending:
+                turns.append(text_digest("\n".join(pending)))
+                pending = []
+            found.append(Reply(index, reply_digest(message["content"]), text_digest(" ".join(turns))))
+    return found
+
+
+def users_digest(messages: Sequence[dict]) -> Tuple[str, str]:
+    """The digests of the user turns of ``messages``, with and without the last, as
+    replies_in computes them for a reply that follows them."""
+    turns = user_turns(messages)
+    return (text_digest(" ".join(text_digest(turn) for turn in turns)),
+            text_digest(" ".join(text_digest(turn) for turn in turns[:-1])))
 
 
 def new_conversation_id() -> str:
@@ -2012,12 +2106,7 @@ def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset) -> L
     ruled out after a negation ("not Paris"), and the name that replaces a ruled-out one
     ("Not Paris — Lyon", "Pas Nice, plutôt Cannes")."""
     spans: List[Span] = []
-    index = 0
-    while index < len(tokens):
-        end = _name_end(tokens, index, taken)
-        if end == index:
-            index += 1
-            continue
+    for index, end in _name_runs(tokens, taken):
         value = _span_text(tokens, index, end)
         negated = is_negated(tokens, index)
         corrects = bool(spans) and not spans[-1].negated and _corrects(tokens, spans[-1].end, index)
@@ -2028,7 +2117,6 @@ def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset) -> L
         if negated or replaces or chosen or _led_by(tokens, index, leads):
             retracted = _retracted(tokens, end)   # "to Rome, actually no, ..."
             spans.append(Span("name", index, end, value, (negated and not replaces) or retracted))
-        index = end
     return spans
 
 
@@ -2083,19 +2171,19 @@ def _name_end(tokens: Sequence[Token], index: int, taken: frozenset) -> int:
     return end
 
 
-def _names_in(tokens: Sequence[Token], taken: frozenset) -> List[str]:
-    """Every capitalised name in the message, once each."""
-    names: List[str] = []
+def _name_runs(tokens: Sequence[Token], taken: frozenset) -> Iterator[Tuple[int, int]]:
+    """(first, end) token indexes of each capitalised name, in order."""
     index = 0
     while index < len(tokens):
         end = _name_end(tokens, index, taken)
-        if end == index:
-            index += 1
-            continue
-        name = _span_text(tokens, index, end)
-        names += [name] if name not in names else []
-        index = end
-    return names
+        if end > index:
+            yield index, end
+        index = max(end, index + 1)
+
+
+def _names_in(tokens: Sequence[Token], taken: frozenset) -> List[str]:
+    """Every capitalised name in the message, once each."""
+    return list(dict.fromkeys(_span_text(tokens, start, end) for start, end in _name_runs(tokens, taken)))
 
 
 def _is_time_word(token: Token) -> bool:
@@ -2524,7 +2612,14 @@ def _reply_value(query: QueryInput, text: str) -> Any:
     if query.type == "choice":
         named = _choices_named(query, text)
         return named[0] if len(named) == 1 else text
-    return text.strip().rstrip(".!")
+    text = text.strip().rstrip(".!")
+    if query.kind == "date":   # "in May" is May, as in a sentence (decision in the README)
+        tokens = tokenize(text)
+        start = 0
+        while start < len(tokens) - 1 and tokens[start].folded in LEADING_LINKS and _leads_into_period(tokens, start):
+            start += 1
+        text = text[tokens[start].start:] if tokens else text
+    return text
 
 
 def _choices_named(query: QueryInput, text: str) -> List[str]:
@@ -2773,17 +2868,15 @@ def user_turns(history: Sequence[dict]) -> List[str]:
 
 def replay_offline(workflow: Workflow, conversation: Conversation, turns: Sequence[str]) -> Dict[str, Any]:
     """Rebuild values from earlier user turns the conversation has no record of (an unknown
-    id, or an edited message), each read as the offline reader read it when it came: a bare
-    "Paris" is the answer to the question before it. Returns the values it ends with."""
+    id, or replies it no longer keeps), each read as the offline reader read it when it came:
+    a bare "Paris" is the answer to the question before it. Returns the values it ends with."""
     for text in turns:
-        snapshot = conversation.snapshot()
         extraction = extract_offline(workflow, conversation, text)
         if extraction.intent == "cancel":
             conversation.values.clear()
         conversation.values.update(extraction.values)
         missing = conversation.missing(workflow)
         conversation.asked = [missing[0].name] if missing else []   # offline asks one at a time
-        conversation.remember_turn(text, snapshot)
     return dict(conversation.values)
 
 
@@ -2797,8 +2890,9 @@ class TurnContext:
     llm: Optional[LLMClient]
     node_types: Mapping[str, NodeType]
     stop: threading.Event = field(default_factory=threading.Event)
-    restored: Optional[Mapping[str, Any]] = None   # values read again from the history (unknown id, edit)
-    rewound: str = ""                              # why the state went back: "edit" or "new chat"
+    restored: Optional[Mapping[str, Any]] = None   # values read again from the history (unknown id)
+    branch: str = ""                               # "earlier" (an older reply continued) or "new chat"
+    answer: Optional[str] = None                   # the workflow's answer, when it ran
 
 
 def play_turn(turn: TurnContext) -> Iterator[Piece]:
@@ -2806,10 +2900,13 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     workflow, conversation = turn.workflow, turn.conversation
     conversation.turns += 1
     extraction = Extraction()
-    if turn.rewound == "new chat":   # a reused header key (Open WebUI's temporary chats share one)
+    if turn.branch == "new chat":   # a reused header key (Open WebUI's temporary chats share one)
         yield Piece("thinking", "A new chat: starting from nothing.\n")
-    elif turn.rewound:
-        yield Piece("thinking", "A message was edited or sent again: went back to what I knew before it.\n")
+    elif turn.branch:
+        known = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}"
+                          for name, value in conversation.values.items() if name in workflow.query_inputs)
+        yield Piece("thinking", "Continuing from an earlier reply of this chat (a message edited or sent again, "
+                                f"or an older branch): {known or 'nothing gathered yet'}.\n")
     if turn.restored:
         shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}"
                           for name, value in turn.restored.items())
@@ -2840,16 +2937,34 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
         return
     conversation.asked = []
     if conversation.runs and not understood and not changed and not RERUN_PATTERN.search(turn.text):
-        # After a run, "thanks!" should not run the whole workflow again (decision in the README).
-        first = next(iter(workflow.query_inputs.values()), None)
-        change = f'Change a value (for example "{first.label}: ...") or ' if first else ""
-        yield Piece("answer", NOTHING_CHANGED_REPLY.format(change=change))
+        yield from _answer_again(turn)   # "thanks!", or Open WebUI's "Add Details" (decision in the README)
         return
     news = [f"the {workflow.query_inputs[name].label} from {old} to {new}" for name, (old, new) in changed.items()]
     if conversation.runs:   # after a run, an optional input given now is news too
         news += [f"the {workflow.query_inputs[name].label} to {shown_value(value)}" for name, value in understood.items()]
     preface = ("Changed " if changed else "Set ") + _and_list(news) + ".\n\n" if news else ""
     yield from _run(turn, preface)
+
+
+def _answer_again(turn: TurnContext) -> Iterator[Piece]:
+    """After a run, a message that changes no value never replaces the result with a
+    non-answer (issue 10: Open WebUI shows a regenerated reply in place of the last one).
+    With an LLM writing the answer, it reworks the last answer as the message asks ("More
+    Concise"); otherwise the last result comes again, and the thinking block says why."""
+    workflow, conversation = turn.workflow, turn.conversation
+    last, source = conversation.last_result(), workflow.answer_source()
+    if last and turn.llm is not None and source and workflow.node(source).type == "llm":
+        yield Piece("thinking", "Your message changes no value: the last answer is written again as it asks.\n")
+        yield from _run(turn, follow_up=(last, turn.text))
+    elif last:
+        yield Piece("thinking", 'Your message changes no value, so this is the last result again. Change a value, '
+                                'or say "again" to run it once more.\n')
+        yield Piece("answer", last)
+        turn.answer = last
+    else:   # a conversation stored before results were kept
+        first = next(iter(workflow.query_inputs.values()), None)
+        change = f'Change a value (for example "{first.label}: ...") or ' if first else ""
+        yield Piece("answer", NOTHING_CHANGED_REPLY.format(change=change))
 
 
 def shown_value(value: Any) -> str:
@@ -2914,7 +3029,7 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
     return question
 
 
-def _run(turn: TurnContext, preface: str = "") -> Iterator[Piece]:
+def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, str]] = None) -> Iterator[Piece]:
     """Run the workflow: progress as thinking, then ``preface`` and the answer."""
     workflow, conversation = turn.workflow, turn.conversation
     values = dict(conversation.values)
@@ -2925,7 +3040,8 @@ def _run(turn: TurnContext, preface: str = "") -> Iterator[Piece]:
     shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}" for name, value in values.items())
     yield Piece("thinking", f"Running {workflow.name} with {shown}.\n")
     conversation.runs += 1
-    events = run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop)
+    events = run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
+                          follow_up=follow_up)
     try:
         for event in events:
             if event.kind == "started":
@@ -2941,6 +3057,8 @@ def _run(turn: TurnContext, preface: str = "") -> Iterator[Piece]:
             elif event.kind == "answer":
                 yield Piece("answer", preface + event.text)
                 preface = ""
+            elif event.kind == "done":
+                turn.answer = event.text
     finally:
         events.close()
 
@@ -3347,32 +3465,43 @@ class Service:
                 conversation, recovered = self._resume(workflow, messages, held)
             trace["conversation"] = conversation.id[:6]
             history, text = split_new_messages(messages)
-            earlier, restored, rewound, reading = user_turns(history), None, "", text
-            if recovered and self.llm is None:   # an unknown id: replay the earlier turns first
-                restored = replay_offline(workflow, conversation, earlier)
+            branch, again = ("", []) if recovered else self._branch_of(conversation, messages, arrived)
+            recovered = recovered or branch == "unknown"   # none of its replies kept: read the history again
+            restored, reading = None, text
+            if again:   # turns edited in place, with our replies after them kept
+                restored, branch = replay_offline(workflow, conversation, again), "earlier"
+            elif recovered and self.llm is None:   # replay the earlier turns first, as they came
+                restored = replay_offline(workflow, conversation, user_turns(history))
             elif recovered:   # the LLM reads every user message at once, in order
                 history, reading = [], "\n".join(m["content"] for m in messages if m["role"] == "user")
-                conversation.seen = [turn_fingerprint(turn) for turn in earlier]
-            elif arrived >= conversation.updated:
-                # Only a request sent after the last turn was saved can be an edit or a regenerate;
-                # one that waited for that turn's lock was sent alongside it (issue 4: lose no update).
-                again = conversation.rewind_to(earlier)
-                if again is not None:
-                    rewound = "edit" if earlier else "new chat"
-                    if again:
-                        restored = replay_offline(workflow, conversation, again)
             turn = TurnContext(workflow, conversation, history, reading, self.llm, self.node_types, stop,
-                               restored, rewound)
-            before_turn = conversation.snapshot()
+                               restored, "" if branch == "unknown" else branch)
+            written: List[str] = []
             try:
-                yield from reply_fields(play_turn(turn), self.thinking)
+                for name, piece in reply_fields(play_turn(turn), self.thinking):
+                    written += [piece] if name == "content" else []
+                    yield name, piece
                 if conversation.is_new and not chat_key:
-                    yield "content", id_block(conversation.id)
+                    written.append(id_block(conversation.id))
+                    yield "content", written[-1]
             finally:
                 stop.set()
-                conversation.remember_turn(text, before_turn)
+                conversation.remember(workflow.redact("".join(written)), users_digest(messages), turn.answer)
                 conversation.updated = time.time()
                 self.store.save(conversation.id, conversation.to_record())
+
+    @staticmethod
+    def _branch_of(conversation: Conversation, messages: Sequence[dict], arrived: float) -> Tuple[str, List[str]]:
+        """Set the conversation to the state this request continues from, and say how: "" (its
+        latest reply), "earlier" (an older one: an edit, a regenerated reply, an older branch),
+        "new chat" (no reply yet, under a reused header key) or "unknown" (replies it does not keep),
+        and the user turns to read again first (edited in place)."""
+        found, again = conversation.continue_from(messages, arrived)
+        if not conversation.snapshots:
+            return "", []
+        if found is None:
+            return ("unknown" if any(m["role"] == "assistant" for m in messages) else "new chat"), []
+        return ("" if found is conversation.snapshots[-1] or found["key"] == LEGACY_SNAPSHOT else "earlier"), again
 
     def _resume_by_key(self, workflow: Workflow, messages: Sequence[dict], chat_key: str,
                        held: contextlib.ExitStack) -> Tuple[Conversation, bool]:

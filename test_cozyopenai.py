@@ -284,6 +284,11 @@ def workflow(name="echo", nodes=None, query_inputs=None, fixed_inputs=None, desc
     }
 
 
+def latest_values(record):
+    """The values of a stored conversation's newest turn (records keep a snapshot per turn)."""
+    return record["snapshots"][-1]["values"]
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -608,7 +613,7 @@ def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversa
             break
         time.sleep(0.05)
     (conversation_id,) = store._records
-    assert store.load(conversation_id)["values"] == {"word": "x"}
+    assert latest_values(store.load(conversation_id)) == {"word": "x"}
     assert not later_ran.is_set()
     history = [{"role": "user", "content": "word: x"},
                {"role": "assistant", "content": f"```cozyui-conversation-identifier\n{conversation_id}\n```"},
@@ -639,8 +644,8 @@ def test_json_store_keeps_one_file_per_conversation_and_leaves_no_temporary_file
     files = sorted(name for name in os.listdir(tmp_path) if name != ".locks")
     assert len(files) == 3 and all(re.fullmatch(r"[A-Za-z0-9_-]{32}\.json", f) for f in files)
     record = json.loads((tmp_path / files[0]).read_text())
-    assert record["model"] == "trip-planner" and record["values"] == {"destination": "Paris"}
-    assert record["asked"] == ["budget"]
+    assert record["model"] == "trip-planner" and latest_values(record) == {"destination": "Paris"}
+    assert record["version"] == 2 and record["snapshots"][-1]["asked"] == ["budget"]
 
 
 def test_restart_with_the_json_store_resumes_a_half_finished_conversation(start, tmp_path):
@@ -739,7 +744,7 @@ def test_two_turns_at_once_on_one_conversation_lose_no_update(start, fake_llm):
     for thread in threads:
         thread.join(20)
     conversation_id = ID_BLOCK.search(chat.messages[1]["content"]).group(1)
-    values = server.app.config["cozyopenai.service"].store.load(conversation_id)["values"]
+    values = latest_values(server.app.config["cozyopenai.service"].store.load(conversation_id))
     assert values == {"destination": "Paris", "budget": 2000, "travel_dates": "May"}
 
 
@@ -762,7 +767,7 @@ def test_two_worker_processes_sharing_the_json_store_lose_no_update(tmp_path, fa
         for thread in threads:
             thread.join(20)
     conversation_id = ID_BLOCK.search(reply).group(1)
-    values = json.loads((tmp_path / f"{conversation_id}.json").read_text())["values"]
+    values = latest_values(json.loads((tmp_path / f"{conversation_id}.json").read_text()))
     assert values == {"destination": "Paris", "budget": 2000, "travel_dates": "May"}
 
 
@@ -884,7 +889,7 @@ def test_values_the_user_never_said_are_dropped_and_reported(start, fake_llm):
         assert f"Ignored {name}: your message does not say it." in thinking
     assert "Running" not in thinking
     record = chat.server.app.config["cozyopenai.service"].store.load(ID_BLOCK.search(reply).group(1))
-    assert record["values"] == {}
+    assert latest_values(record) == {}
 
 
 @pytest.mark.parametrize("value_type, raw, expected", [
@@ -1148,13 +1153,14 @@ def test_a_number_synonym_is_stated_only_as_written_or_as_the_answer(start, fake
     assert "May 2026" in answer_of(chat.say("may"))   # lower case is fine as the answer to "Which month?"
 
 
-def test_after_a_run_a_message_that_changes_nothing_does_not_rerun(start):
+def test_after_a_run_a_message_that_changes_nothing_gives_the_last_result_again_without_running(start):
     chat = Chat(start(), "month-calendar")
-    chat.say("year: 2026\nmonth: 1")
+    first = chat.say("year: 2026\nmonth: 1")
     reply = chat.say("thanks!")
-    assert answer_of(reply) == ('Nothing changed, so I have not run it again. Change a value (for example "year: ...") '
-                                'or say "again" to run it once more.')
-    assert "January 2026" in answer_of(chat.say("again please"))
+    assert answer_of(reply) == answer_of(first) and "January 2026" in answer_of(reply)
+    assert "Your message changes no value, so this is the last result again." in thinking_of(reply)
+    assert "Running" not in thinking_of(reply)
+    assert "Running month-calendar" in thinking_of(chat.say("again please"))
 
 
 def test_the_llms_cancel_intent_clears_the_values(start, fake_llm):
@@ -1835,7 +1841,8 @@ def test_regenerating_a_reply_reads_the_message_again_from_the_state_before_it(s
     first = chat.say("budget: 2000")
     regenerated = ask(server, "trip-planner", chat.messages[:-1])   # the history without the last reply
     assert "Got it: budget 2000." in answer_of(first) and "Got it: budget 2000." in answer_of(regenerated)
-    assert "went back to what I knew before it" in thinking_of(regenerated)
+    assert "Continuing from an earlier reply of this chat" in thinking_of(regenerated)
+    assert "destination = Paris" in thinking_of(regenerated)
 
 
 def test_an_edited_earlier_message_replaces_what_it_said(start):
@@ -1870,6 +1877,124 @@ def test_a_new_chat_under_a_reused_header_key_starts_from_nothing(start):
     reply = say([{"role": "user", "content": "destination: Rome"}])   # a new chat: no assistant message yet
     assert "I still need the budget and travel dates" in answer_of(reply)
     assert "A new chat: starting from nothing." in thinking_of(reply)
+
+
+class OpenWebUIChat:
+    """A chat as Open WebUI 0.12.4 keeps it and sends it: replies with their thinking block
+    removed and trimmed, branches made by editing or regenerating, instructions dropped."""
+
+    def __init__(self, server, model="trip-planner"):
+        self.server, self.model, self.messages = server, model, []
+
+    def send(self, messages):
+        reply = ask(self.server, self.model, messages, stream=True)
+        return reply, messages + [{"role": "assistant", "content": open_webui_history(reply)}]
+
+    def say(self, text):
+        reply, self.messages = self.send(self.messages + [{"role": "user", "content": text}])
+        return reply
+
+
+def planned_trip(server):
+    chat = OpenWebUIChat(server)
+    chat.say("destination: Rome\nbudget: 2000")
+    plan = chat.say("10 to 17 October")
+    assert "## Your trip to Rome" in plan
+    return chat
+
+
+def test_suggest_a_change_holds_in_every_later_turn_though_the_client_drops_the_instruction(start):
+    chat = planned_trip(start())
+    lisbon, _ = chat.send(chat.messages + [{"role": "user", "content": "make it Lisbon instead"}])
+    assert answer_of(lisbon).startswith("Changed the destination from Rome to Lisbon.")
+    chat.messages[-1] = {"role": "assistant", "content": open_webui_history(lisbon)}   # shown in place of the plan
+    reply = chat.say("pace: relaxed")   # sent after the Lisbon plan, without "make it Lisbon instead"
+    assert "Running trip-planner with destination = Lisbon, budget = 2000, travel dates = 10 to 17 October, " \
+           "pace = relaxed" in reply
+    assert "edited" not in thinking_of(reply)
+
+
+def test_add_details_after_a_run_never_replaces_the_result_with_a_non_answer(start, fake_llm):
+    chat = planned_trip(start())
+    details, _ = chat.send(chat.messages + [{"role": "user", "content": "Add Details"}])
+    assert answer_of(details) == answer_of(chat.messages[-1]["content"])   # offline: the plan again
+    assert "changes no value" in thinking_of(details)
+    fake_llm.extractions = {"destination: Rome\nbudget: 2000": {"destination": "Rome", "budget": 2000},
+                            "10 to 17 October": {"travel_dates": "10 to 17 October"}}
+    chat = OpenWebUIChat(start(llm=fake_llm.settings()))
+    chat.say("destination: Rome\nbudget: 2000")
+    plan = chat.say("10 to 17 October")
+    concise, _ = chat.send(chat.messages + [{"role": "user", "content": "More Concise"}])
+    assert answer_of(concise) == "".join(fake_llm.node_tokens)
+    last_call = fake_llm.calls_of("node")[-1]["messages"]
+    assert last_call[-2:] == [{"role": "assistant", "content": answer_of(plan)},
+                              {"role": "user", "content": "More Concise"}]
+    assert "Running trip-planner with destination = Rome" in thinking_of(concise)
+
+
+def test_try_again_gives_the_same_state_and_runs_again_only_if_it_ran(start):
+    chat = OpenWebUIChat(start())
+    chat.say("destination: Rome\nbudget: 2000")
+    question_again, _ = chat.send(chat.messages[:-1])   # regenerate the first reply
+    assert "Running" not in question_again and "Got it: destination Rome and budget 2000." in question_again
+    chat.say("10 to 17 October")
+    plan_again, _ = chat.send(chat.messages[:-1])       # regenerate the plan
+    assert "Running trip-planner with destination = Rome, budget = 2000, travel dates = 10 to 17 October" \
+           in plan_again
+
+
+def test_an_edit_continues_from_before_it_and_the_older_branch_keeps_its_values(start, tmp_path):
+    server = start(store=str(tmp_path))
+    chat = OpenWebUIChat(server)
+    chat.say("destination: Rome")
+    chat.say("budget: 2000")
+    older = list(chat.messages)
+    edited, _ = chat.send(older[:2] + [{"role": "user", "content": "budget: 3000"}])   # edit the second message
+    assert "Understood budget: 3000." in edited and "Continuing from an earlier reply" in edited
+    restarted = start(store=str(tmp_path))   # a restart keeps every branch
+    reply = ask(restarted, "trip-planner", older + [{"role": "user", "content": "travel dates: May"}])
+    assert "Running trip-planner with destination = Rome, budget = 2000, travel dates = May" in reply
+    assert "3000" not in reply
+
+
+def test_a_reply_pasted_into_another_chat_never_changes_the_original(start):
+    server = start()
+    original = OpenWebUIChat(server)
+    first = original.say("destination: Paris\nbudget: 2000")
+    assert ID_BLOCK.search(first)
+    other = OpenWebUIChat(server)
+    other.messages = [{"role": "user", "content": "look at this"}, original.messages[-1]]   # pasted, id block and all
+    pasted = other.say("destination: Oslo")
+    assert "Paris" not in thinking_of(pasted) and "2000" not in thinking_of(pasted)
+    reply = original.say("travel dates: May")
+    assert "Running trip-planner with destination = Paris, budget = 2000, travel dates = May" in reply
+
+
+def test_a_conversation_stored_by_the_previous_release_continues(start, tmp_path):
+    conversation_id = "A" * 32
+    (tmp_path / f"{conversation_id}.json").write_text(json.dumps({
+        "id": conversation_id, "model": "trip-planner", "values": {"destination": "Paris", "budget": 2000},
+        "asked": ["travel_dates"], "ask_counts": {"travel_dates": 1}, "runs": 0, "turns": 1, "created": 1.0,
+        "updated": 1.0, "seen": ["x"], "before": []}))
+    history = [{"role": "user", "content": "destination: Paris\nbudget: 2000"},
+               {"role": "assistant", "content": "When?\n\n```cozyui-conversation-identifier\n" + conversation_id
+                + "\n```"}, {"role": "user", "content": "in May"}]
+    reply = ask(start(store=str(tmp_path)), "trip-planner", history)
+    assert "Running trip-planner with destination = Paris, budget = 2000, travel dates = May" in reply
+    record = json.loads((tmp_path / f"{conversation_id}.json").read_text())
+    assert record["version"] == 2 and len(record["snapshots"]) == 2
+
+
+def test_a_conversation_keeps_its_most_recent_snapshots_only(start):
+    server = start()
+    chat = Chat(server, "month-calendar")
+    for year in range(2000, 2000 + cozyopenai.SNAPSHOTS_KEPT + 5):
+        chat.say(f"year: {year}\nmonth: 1")
+    conversation_id = ID_BLOCK.search(chat.messages[1]["content"]).group(1)
+    record = server.app.config["cozyopenai.service"].store.load(conversation_id)
+    assert len(record["snapshots"]) == cozyopenai.SNAPSHOTS_KEPT
+    assert latest_values(record) == {"year": 2000 + cozyopenai.SNAPSHOTS_KEPT + 4, "month": 1}
+    assert len(record["results"]) <= cozyopenai.SNAPSHOTS_KEPT
 
 
 def test_continue_response_adds_nothing_and_changes_nothing(start):

@@ -616,7 +616,7 @@ def _score(port, store, stand_in, chats):
             reply = json.loads(payload)["choices"][0]["message"]["content"]
             history += [{"role": "user", "content": turn["message"]}, {"role": "assistant", "content": reply}]
             conversation_id = conversation_id or re.search(r"identifier\n(\S+)\n", reply).group(1)
-            final = store.load(conversation_id)["values"]
+            final = store.load(conversation_id)["snapshots"][-1]["values"]
             for name, value in final.items():
                 accepted.add((number, name, repr(value)))
                 if not any(name in known and same_value(value, known[name]) for known in (expected, superseded)):
