@@ -42,13 +42,13 @@ cluster without a shared disk.
 
 __version__ = "0.1.0"
 __all__ = [
-    "make_app", "main", "create_server",
+    "make_app", "main", "create_server", "app", "AppFromEnvironment",
     "load_workflows", "Workflow", "Node", "QueryInput", "Link", "QueryRef", "FixedRef",
     "NodeType", "NodeTypes", "NodeContext", "TextStream", "NODE_TYPES",
     "run_workflow", "RunEvent",
     "LLMSettings", "LLMClient",
     "Conversation", "ConversationIds", "MemoryStore", "JsonFileStore", "STORE_TYPES", "open_store",
-    "CozyError", "WorkflowFileError", "NodeFailed", "UpstreamError", "RequestError",
+    "Metrics", "CozyError", "WorkflowFileError", "ConfigError", "NodeFailed", "UpstreamError", "RequestError",
     "UnauthorizedError", "NotFoundError", "ModelNotFoundError", "MethodNotAllowedError",
     "BodyTooLargeError", "UnsupportedMediaTypeError",
 ]
@@ -59,6 +59,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import html
 import importlib.util
 import itertools
 import ipaddress
@@ -116,6 +117,7 @@ LISTEN_BACKLOG = 1024                     # connections the kernel holds while t
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SERVER_THREADS = 256                      # for --server gunicorn/waitress/cheroot: each open stream holds one
 HTTP_NODE_TIMEOUT_SECONDS = 30.0
+LLM_CHECK_SECONDS = 3.0                   # the start-up look at the LLM's /models
 LLM_NODE_MAX_TOKENS = 1024                # an `llm` node's answer, unless its `max_tokens` says otherwise
 # The server's own calls are short; a cap keeps a small model that loops from writing until
 # its context is full (gemma3-270m did, for minutes, on an uncapped extraction call).
@@ -161,6 +163,7 @@ class CozyError(Exception):
 
 
 class WorkflowFileError(CozyError): """The workflows cannot be served; raised at start-up."""
+class ConfigError(CozyError): """A setting the server cannot start with (a store it cannot write, ...)."""
 class NodeFailed(CozyError): """A node failed while a workflow ran; ends the run, not the conversation."""
 class UpstreamError(CozyError): status, error_type = 502, "upstream_error"
 class RequestError(CozyError): status, error_type = 400, "invalid_request_error"
@@ -321,6 +324,7 @@ def load_workflows(source: Union[str, os.PathLike, dict, list],
         label = os.fspath(source)
         data = _read_json_file(label)
         created = int(os.path.getmtime(label))
+        _import_beside(label)
     else:
         label, data, created = "workflows", source, int(time.time())
     items = data.get("workflows") if isinstance(data, dict) else data
@@ -334,6 +338,26 @@ def load_workflows(source: Union[str, os.PathLike, dict, list],
                                     "each workflow needs a unique name (it is the model id)")
         workflows[workflow.name] = workflow
     return workflows
+
+
+def default_workflows_path() -> str:
+    """``workflows.json`` in the current folder, else the one beside this module (for
+    ``python path/to/cozyopenai.py`` from elsewhere, or the file copied into a deployment)."""
+    tried = [os.path.abspath(DEFAULT_WORKFLOWS_PATH),
+             os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_WORKFLOWS_PATH)]
+    found = next((path for path in tried if os.path.isfile(path)), None)
+    if found is None:
+        raise WorkflowFileError(f"{DEFAULT_WORKFLOWS_PATH}: not found in {tried[0]} nor {tried[1]}; "
+                                "give one with --workflows")
+    return found
+
+
+def _import_beside(path: str) -> None:
+    """A `python` node's module is looked for beside the workflows file first (``mytools.py``
+    next to ``workflows.json``), as if the server ran from that folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 
 def _read_json_file(path: str) -> Any:
@@ -611,10 +635,11 @@ class LLMClient:
     JSON_MODES = ("json_schema", "json_object", "text")
     FORMAT_WORDS = re.compile(r"response_format|json_schema|json_object")   # in an error body: a refusal
 
-    def __init__(self, settings: LLMSettings):
+    def __init__(self, settings: LLMSettings, metrics: Optional["Metrics"] = None):
         import openai  # about 0.4 s to import; only servers with an LLM pay for it
         self._openai = openai
         self.settings = settings
+        self.metrics = metrics
         self._client = openai.OpenAI(base_url=settings.base_url, api_key=settings.api_key or "unused",
                                      timeout=settings.timeout_seconds, max_retries=settings.max_retries)
         # A mode never seen working is tried without the client's retry: an upstream that refuses
@@ -700,6 +725,8 @@ class LLMClient:
                 self._json_mode, self._json_mode_confirmed = index, False
             if worked and index == self._json_mode:
                 self._json_mode_confirmed = True
+        if index > previous and self.metrics is not None:
+            self.metrics.add("llm_format_refusals_total")
         if index > previous:
             log.warning("the language model at %s does not take response_format %s; using %s from now on",
                         self.host, self.JSON_MODES[previous],
@@ -768,10 +795,17 @@ class LLMClient:
     def _call(self, *, retry: bool = True, **options: Any) -> Any:
         options.setdefault("model", self.settings.model)
         client = self._client if retry else self._client_once
+        started, outcome = time.monotonic(), "error"
         try:
-            return client.chat.completions.create(**options)
+            response = client.chat.completions.create(**options)
+            outcome = "ok"
+            return response
         except self._openai.OpenAIError as exc:
             raise self._upstream_error(exc) from None
+        finally:
+            if self.metrics is not None:
+                self.metrics.add("llm_calls_total", outcome=outcome)
+                self.metrics.observe("llm_call_seconds", time.monotonic() - started)
 
     @staticmethod
     def _text_of(response: Any) -> str:
@@ -1443,6 +1477,9 @@ class MemoryStore:
                 self._records.move_to_end(conversation_id)
         return json.loads(saved[1]) if saved is not None else None
 
+    def count(self) -> int:
+        return len(self._records)
+
     def save(self, conversation_id: str, record: dict) -> None:
         text = json.dumps(record)   # a copy, so callers cannot change what is stored
         with self._guard:
@@ -1479,7 +1516,13 @@ class JsonFileStore:
         self.directory = os.fspath(directory)
         self.max_age_seconds = max_age_seconds
         self._lock_directory = os.path.join(self.directory, ".locks")
-        os.makedirs(self._lock_directory, exist_ok=True)
+        try:
+            os.makedirs(self._lock_directory, exist_ok=True)
+            if not os.access(self.directory, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as exc:   # a file of that name, a folder it may not write, /proc
+            raise ConfigError(f"store {self.directory!r}: cannot keep conversations there "
+                              f"({exc.strerror or exc}); give a folder it can create and write, or 'memory'") from None
         self._thread_locks = _KeyedLocks()   # this process's threads
         self._lock_file: Optional[int] = None   # the open descriptor, in the process that opened it
         self._lock_file_pid = -1
@@ -1538,6 +1581,10 @@ class JsonFileStore:
                 self._lock_file, self._lock_file_pid = os.open(path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
             return self._lock_file
 
+    def count(self) -> int:
+        with os.scandir(self.directory) as entries:
+            return sum(1 for entry in entries if entry.name.endswith(".json"))
+
     def expire(self) -> int:
         """Delete conversations not saved for ``max_age_seconds``; how many went."""
         if self.max_age_seconds is None:
@@ -1561,9 +1608,10 @@ def open_store(spec: Union[str, os.PathLike, Any], max_age_seconds: Optional[flo
     context manager that keeps other turns of that conversation out) and ``expire()``."""
     if hasattr(spec, "load") and hasattr(spec, "save"):
         return spec
-    kind = "memory" if os.fspath(spec) == "memory" else "json"
+    name = os.fspath(spec)
+    kind = "memory" if name.lower() == "memory" else "json"
     # "json" alone means the JSON store in its default directory, not a directory named "json".
-    arguments = () if kind == "memory" else (DEFAULT_STORE if os.fspath(spec) == "json" else spec,)
+    arguments = () if kind == "memory" else (DEFAULT_STORE if name.lower() == "json" else name,)
     return STORE_TYPES[kind](*arguments, max_age_seconds=max_age_seconds)
 
 
@@ -2893,6 +2941,7 @@ class TurnContext:
     restored: Optional[Mapping[str, Any]] = None   # values read again from the history (unknown id)
     branch: str = ""                               # "earlier" (an older reply continued) or "new chat"
     answer: Optional[str] = None                   # the workflow's answer, when it ran
+    metrics: Optional["Metrics"] = None
 
 
 def play_turn(turn: TurnContext) -> Iterator[Piece]:
@@ -3040,6 +3089,7 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
     shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}" for name, value in values.items())
     yield Piece("thinking", f"Running {workflow.name} with {shown}.\n")
     conversation.runs += 1
+    outcome = "stopped"
     events = run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
                           follow_up=follow_up)
     try:
@@ -3052,15 +3102,20 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
             elif event.kind == "note":
                 yield Piece("thinking", f"{event.node_id}: {event.text}\n")
             elif event.kind == "failed":
+                outcome = "failed"
+                if turn.metrics is not None:
+                    turn.metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
                 yield Piece("thinking", f"✗ {event.node_id} failed after {event.seconds:.2f} s: {event.text}\n")
                 yield Piece("answer", preface + RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
             elif event.kind == "answer":
                 yield Piece("answer", preface + event.text)
                 preface = ""
             elif event.kind == "done":
-                turn.answer = event.text
+                turn.answer, outcome = event.text, "ok"
     finally:
         events.close()
+        if turn.metrics is not None:
+            turn.metrics.add("runs_total", model=workflow.name, outcome=outcome)
 
 
 # Open WebUI sends its background tasks (chat title, tags, follow-up suggestions) to the
@@ -3169,7 +3224,17 @@ def _parse_message(message: Any, index: int) -> dict:
         content = _text_of_parts(content, where)
     if not isinstance(content, str):
         raise RequestError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
-    return {"role": role, "content": content}
+    return {"role": role, "content": valid_text(content)}
+
+
+def valid_text(text: str) -> str:
+    """Text that can be written out: JSON allows a lone surrogate ("\\ud800"), UTF-8 does not,
+    so each becomes the replacement character instead of failing the turn (issue 11)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:   # json.loads joins valid pairs, so any surrogate left is alone
+        return re.sub("[\ud800-\udfff]", "\ufffd", text)
 
 
 def _text_of_parts(parts: List[Any], where: str) -> str:
@@ -3389,13 +3454,63 @@ def model_object(workflow: Workflow) -> dict:
 # Routes and the app factory
 ####################################################################################
 
+class Metrics:
+    """Counters for ``GET /metrics``, in the Prometheus text format (issue 11). Names take the
+    ``cozyopenai_`` prefix; a summary is written as its ``_sum`` and ``_count``."""
+
+    KINDS = {
+        "turns_total": ("counter", "Chat turns answered, by model."),
+        "turn_seconds": ("summary", "Seconds from a turn's request to its last piece, by model."),
+        "runs_total": ("counter", "Workflow runs, by model and outcome."),
+        "node_failures_total": ("counter", "Nodes that failed, by node type."),
+        "llm_calls_total": ("counter", "Calls to the internal LLM, by outcome."),
+        "llm_call_seconds": ("summary", "Seconds per call to the internal LLM (streams: until the first piece)."),
+        "llm_format_refusals_total": ("counter", "Structured-output modes the internal LLM refused."),
+        "open_streams": ("gauge", "Streamed replies being sent now."),
+        "stored_conversations": ("gauge", "Conversations in the store."),
+    }
+
+    def __init__(self) -> None:
+        self._values: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        self.add(name + "_sum", seconds, **labels)
+        self.add(name + "_count", 1, **labels)
+
+    def render(self, gauges: Mapping[str, float]) -> str:
+        with self._lock:
+            values = dict(self._values)
+        values.update({(name, ()): value for name, value in gauges.items()})
+        lines = []
+        for name, (kind, text) in self.KINDS.items():
+            lines += [f"# HELP cozyopenai_{name} {text}", f"# TYPE cozyopenai_{name} {kind}"]
+            for suffix in ("_sum", "_count") if kind == "summary" else ("",):
+                lines += [f"cozyopenai_{name}{suffix}{_labels(labels)} {value:g}"
+                          for (key, labels), value in sorted(values.items()) if key == name + suffix]
+        return "\n".join(lines) + "\n"
+
+
+def _labels(labels: Tuple[Tuple[str, str], ...]) -> str:
+    escape = lambda value: str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")  # noqa: E731
+    return "{" + ",".join(f'{name}="{escape(value)}"' for name, value in labels) + "}" if labels else ""
+
+
 class Service:
     """The server's state (workflows, store, LLM) and one method per route."""
 
     def __init__(self, workflows: Mapping[str, Workflow], store: Any, llm: Optional[LLMClient],
                  node_types: Mapping[str, NodeType], api_keys: Sequence[str], keepalive_seconds: float,
-                 thinking: str, conversation_header: Optional[str]):
+                 thinking: str, conversation_header: Optional[str], workflows_source: str = "",
+                 metrics: Optional[Metrics] = None):
         self.workflows = workflows
+        self.workflows_source = workflows_source
+        self.metrics = metrics or Metrics()
         self.store = store
         self.llm = llm
         self.node_types = node_types
@@ -3413,6 +3528,12 @@ class Service:
         given = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
         if not any([hmac.compare_digest(given.encode(), key.encode()) for key in self.api_keys]):  # all compared
             raise UnauthorizedError("Missing or wrong API key: send 'Authorization: Bearer <key>'.")
+
+    def metrics_text(self) -> str:
+        """The counters, with the gauges read now."""
+        count = getattr(self.store, "count", None)
+        gauges = {"stored_conversations": count()} if count else {}
+        return self.metrics.render(gauges)
 
     def list_models(self) -> dict:
         return {"object": "list", "data": [model_object(workflow) for workflow in self.workflows.values()]}
@@ -3475,7 +3596,7 @@ class Service:
             elif recovered:   # the LLM reads every user message at once, in order
                 history, reading = [], "\n".join(m["content"] for m in messages if m["role"] == "user")
             turn = TurnContext(workflow, conversation, history, reading, self.llm, self.node_types, stop,
-                               restored, "" if branch == "unknown" else branch)
+                               restored, "" if branch == "unknown" else branch, metrics=self.metrics)
             written: List[str] = []
             try:
                 for name, piece in reply_fields(play_turn(turn), self.thinking):
@@ -3489,6 +3610,8 @@ class Service:
                 conversation.remember(workflow.redact("".join(written)), users_digest(messages), turn.answer)
                 conversation.updated = time.time()
                 self.store.save(conversation.id, conversation.to_record())
+                self.metrics.add("turns_total", model=workflow.name)
+                self.metrics.observe("turn_seconds", time.time() - arrived, model=workflow.name)
 
     @staticmethod
     def _branch_of(conversation: Conversation, messages: Sequence[dict], arrived: float) -> Tuple[str, List[str]]:
@@ -3584,11 +3707,15 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         _log_requests_under_a_wsgi_server(os.environ.get(ENVIRONMENT_PREFIX + "LOG_LEVEL", "INFO"))
         return make_app(**config_from_environment(os.environ))
     all_node_types = MappingProxyType({**NODE_TYPES, **(node_types or {})})
-    service = Service(workflows=load_workflows(workflows or DEFAULT_WORKFLOWS_PATH, all_node_types),
+    source = workflows or default_workflows_path()
+    metrics = Metrics()
+    service = Service(workflows=load_workflows(source, all_node_types),
                       store=open_store(store or DEFAULT_STORE, expire_after_seconds),
-                      llm=LLMClient(llm) if llm else None, node_types=all_node_types, api_keys=api_keys or (),
-                      keepalive_seconds=keepalive_seconds or KEEPALIVE_SECONDS, thinking=thinking or "tags",
-                      conversation_header=conversation_header)
+                      llm=LLMClient(llm, metrics) if llm else None, node_types=all_node_types,
+                      api_keys=api_keys or (), keepalive_seconds=keepalive_seconds or KEEPALIVE_SECONDS,
+                      thinking=thinking or "tags", conversation_header=conversation_header, metrics=metrics,
+                      workflows_source=os.path.abspath(source) if isinstance(source, (str, os.PathLike))
+                      else "the workflows given to make_app")
     if service.thinking not in THINKING_STYLES:
         raise ValueError(f"thinking must be one of {', '.join(THINKING_STYLES)}")
     app = bottle.Bottle()
@@ -3598,6 +3725,8 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         app.route(prefix + "/models/<model_id:path>", "GET", _json_route(service, service.get_model))
         app.route(prefix + "/chat/completions", "POST", _json_route(service, lambda: _chat(service)))
     app.route("/health", "GET", lambda: {"status": "ok", "models": len(service.workflows)})
+    app.route("/metrics", "GET", _json_route(service, lambda: _metrics(service)))
+    app.route("/", "GET", lambda: _home(service))
     if cors_origins:
         app.route("/openai/<path:path>", "OPTIONS", lambda path: "")   # preflight; headers from the hook
         app.add_hook("after_request", lambda: _allow_origin(cors_origins))
@@ -3613,6 +3742,7 @@ def _log_requests_under_a_wsgi_server(level: str) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
+        log.propagate = False   # waitress configures the root logger later: one line, not two
         known = level.upper() in LOG_LEVELS
         log.setLevel(level.upper() if known else "INFO")
         if not known:
@@ -3675,8 +3805,71 @@ def _chat(service: Service) -> Any:
         bottle.response.content_type = "text/event-stream"
         bottle.response.set_header("Cache-Control", "no-cache")
         bottle.response.set_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
-        return completion_chunks(with_keepalives(texts, service.keepalive_seconds, stop), request, prompt_tokens)
+        return _counted_stream(completion_chunks(with_keepalives(texts, service.keepalive_seconds, stop), request,
+                                                 prompt_tokens), service.metrics)
     return completion_object(texts, request, prompt_tokens)
+
+
+HOME_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>cozyopenai</title>
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:48em;margin:2em auto;padding:0 1em;color:#222}}
+code,pre{{background:#f3f3f3;border-radius:4px;padding:.1em .3em}}pre{{padding:.8em;overflow-x:auto}}</style>
+</head><body>
+<h1>cozyopenai</h1>
+<p>Workflows served as OpenAI-compatible chat models. Give your client (the <code>openai</code> library,
+Open WebUI, ...) this base URL: <code id="base-url">{base}</code>{key}</p>
+<h2>Models</h2>
+{models}
+<h2>Try it</h2>
+<pre>curl -N {base}/chat/completions -H "Content-Type: application/json"{auth} \\
+  -d '{{"model": "{first}", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'</pre>
+</body></html>
+"""
+
+
+def home_page(service: Service, base: str) -> str:
+    """A page for people who open the server in a browser: the models, what each asks for,
+    and how to connect. Fixed inputs are never listed."""
+    escape = html.escape
+    models = []
+    for workflow in service.workflows.values():
+        inputs = "".join(f"<li><b>{escape(query.label)}</b> ({escape(query.type)}"
+                         f"{', optional' if query.optional else ''}): {escape(query.description)}</li>"
+                         for query in workflow.query_inputs.values())
+        models.append(f'<h3 class="model">{escape(workflow.name)}</h3><p>{escape(workflow.description)}</p>'
+                      + (f"<ul>{inputs}</ul>" if inputs else ""))
+    keyed = bool(service.api_keys)
+    return HOME_PAGE.format(base=escape(base), models="\n".join(models), first=escape(next(iter(service.workflows))),
+                            key=" and an API key (ask whoever runs this server)." if keyed else ". No key is needed.",
+                            auth=' -H "Authorization: Bearer $KEY"' if keyed else "")
+
+
+def _home(service: Service) -> str:
+    """GET /: the page for browsers; for API clients, an OpenAI error that says where the API is."""
+    if "text/html" not in bottle.request.get_header("Accept", ""):
+        return _error_response(NotFoundError(f"This is an OpenAI-compatible API under /openai: give clients the "
+                                             f"base URL {_base_url()} (GET /openai/models lists the models)."))
+    bottle.response.content_type = "text/html; charset=utf-8"
+    return home_page(service, _base_url())
+
+
+def _base_url() -> str:
+    parts = bottle.request.urlparts
+    return f"{parts.scheme}://{parts.netloc}/openai"
+
+
+def _metrics(service: Service) -> str:
+    bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+    return service.metrics_text()
+
+
+def _counted_stream(stream: Iterator[bytes], metrics: Metrics) -> Iterator[bytes]:
+    metrics.add("open_streams")
+    try:
+        yield from stream
+    finally:
+        metrics.add("open_streams", -1)
 
 
 def _read_body() -> bytes:
@@ -3696,10 +3889,15 @@ def _error_response(error: CozyError) -> str:
 
 
 def _error_page(http_error: bottle.HTTPError) -> str:
-    """Bottle's own errors (no route, wrong method, an uncaught exception) as OpenAI errors."""
+    """Bottle's own errors (no route, wrong method, an uncaught exception) as OpenAI errors; a
+    path outside the API says where the API is (a base URL without /openai is a common slip)."""
     error_class = HTTP_STATUS_ERRORS.get(http_error.status_code)
     if error_class is None:
         error = CozyError("The server failed to answer this request.")
+    elif error_class is NotFoundError and not bottle.request.path.startswith("/openai"):
+        error = NotFoundError(f"No route for {bottle.request.method} {bottle.request.path}. The API is under "
+                              f"/openai: give clients the base URL {_base_url()} (for example POST "
+                              "/openai/chat/completions).")
     elif error_class is NotFoundError:
         error = NotFoundError(f"No route for {bottle.request.method} {bottle.request.path}.")
     elif error_class is MethodNotAllowedError:
@@ -3805,15 +4003,15 @@ def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -
     parser.add_argument("--host", default=env("HOST", DEFAULT_HOST),
                         help="address to listen on (default: %(default)s, loopback only)")
     parser.add_argument("--port", type=int, default=env("PORT", DEFAULT_PORT), help="default: %(default)s")
-    parser.add_argument("--workflows", default=env("WORKFLOWS", DEFAULT_WORKFLOWS_PATH),
-                        help="the workflows file (default: %(default)s)")
+    parser.add_argument("--workflows", default=env("WORKFLOWS"),
+                        help="the workflows file (default: workflows.json here, else the one beside cozyopenai.py)")
     parser.add_argument("--store", default=env("STORE", DEFAULT_STORE),
                         help="'memory', or a directory for the JSON conversation store (default: %(default)s)")
     parser.add_argument("--expire-days", type=float, default=env("EXPIRE_DAYS"),
                         help="forget conversations unused for this many days (default: never)")
     parser.add_argument("--llm-base-url", default=env("LLM_BASE_URL"),
                         help="OpenAI-compatible base URL of the internal LLM, e.g. http://127.0.0.1:8080/v1")
-    parser.add_argument("--llm-model", default=env("LLM_MODEL", "default"), help="model name on that server")
+    parser.add_argument("--llm-model", default=env("LLM_MODEL"), help="model name on that server (default: default)")
     parser.add_argument("--llm-api-key", default=env("LLM_API_KEY", ""),
                         help="key for the internal LLM (better: the COZYOPENAI_LLM_API_KEY variable)")
     parser.add_argument("--llm-timeout", type=float, default=env("LLM_TIMEOUT", LLM_TIMEOUT_SECONDS),
@@ -3843,10 +4041,25 @@ def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -
     arguments = parser.parse_args(argv)
     if arguments.log_level.upper() not in LOG_LEVELS:
         parser.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {arguments.log_level!r}")
+    _check_numbers(parser, arguments)
+    if arguments.llm_model and not arguments.llm_base_url:
+        parser.error("--llm-model needs --llm-base-url, the address of the LLM's OpenAI-compatible API")
+    arguments.llm_model = arguments.llm_model or "default"
     for name in ("api_key", "cors_origin"):
         if getattr(arguments, name) is None:
             setattr(arguments, name, [item.strip() for item in env(name.upper(), "").split(",") if item.strip()])
     return arguments
+
+
+def _check_numbers(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -> None:
+    """Numbers that must be positive, refused in one line (exit status 2) rather than later."""
+    for flag, value, smallest in (("--expire-days", arguments.expire_days, None),
+                                  ("--llm-timeout", arguments.llm_timeout, None),
+                                  ("--workers", arguments.workers, 1), ("--threads", arguments.threads, 1)):
+        if value is not None and (value < smallest if smallest else value <= 0):
+            parser.error(f"{flag} must be {'at least %d' % smallest if smallest else 'positive'}, not {value:g}")
+    if not 0 <= arguments.port <= 65535:
+        parser.error(f"--port must be from 0 to 65535, not {arguments.port}")
 
 
 def _is_loopback(host: str) -> bool:
@@ -3856,12 +4069,39 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def __getattr__(name: str) -> Any:
-    """``cozyopenai.app``, made on first access from the COZYOPENAI_* variables, so that
-    ``gunicorn cozyopenai:app`` works while importing the module still does nothing."""
-    if name == "app":
-        return make_app()
-    raise AttributeError(f"module 'cozyopenai' has no attribute {name!r}")
+class AppFromEnvironment:
+    """A WSGI app that is ``make_app()`` (the COZYOPENAI_* variables), made on its first
+    request, once: so ``gunicorn cozyopenai:app`` works, while importing the module or
+    looking at ``cozyopenai.app`` does nothing. A setting it cannot start with is logged and
+    answered with a 503 OpenAI error; ``make_app()`` itself reports it at start-up instead."""
+
+    def __init__(self) -> None:
+        self._app: Optional[Callable[..., Any]] = None
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if self._app is None:
+            with self._lock:
+                if self._app is None:
+                    self._app = self._make()
+        return self._app(environ, start_response)
+
+    @staticmethod
+    def _make() -> Callable[..., Any]:
+        try:
+            return make_app()
+        except (WorkflowFileError, ConfigError) as exc:
+            log.error("cozyopenai cannot start: %s", exc.message)
+            body = json.dumps(CozyError(f"The server is not configured: {exc.message}").to_openai()).encode()
+
+            def unconfigured(environ: Dict[str, Any], start_response: Callable[..., Any]) -> List[bytes]:
+                start_response("503 Service Unavailable", [("Content-Type", "application/json"),
+                                                           ("Content-Length", str(len(body)))])
+                return [body]
+            return unconfigured
+
+
+app = AppFromEnvironment()   # for `gunicorn cozyopenai:app`; builds nothing until its first request
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -3869,22 +4109,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     try:
         app = make_app(**_config_from_arguments(arguments))
-    except WorkflowFileError as exc:
+    except (WorkflowFileError, ConfigError) as exc:
         print(f"cozyopenai: {exc.message}", file=sys.stderr)
         return 2
+    service = app.config["cozyopenai.service"]
+    log.info("%s", startup_summary(service))
     if not arguments.api_key and not _is_loopback(arguments.host):
         log.warning("listening on %s with no --api-key: anyone who can reach it can use the models",
                     arguments.host)
-    models = ", ".join(app.config["cozyopenai.service"].workflows)
+    if service.llm is not None:
+        threading.Thread(target=_warn_if_unreachable, args=(service.llm,), daemon=True).start()
     if arguments.server != "default":
-        return _run_with_bottle_adapter(app, arguments, models)
+        return _run_with_bottle_adapter(app, arguments)
     try:
         server = create_server(app, arguments.host, arguments.port)
     except OSError as exc:   # most often: the port is taken
         print(f"cozyopenai: cannot listen on {arguments.host}:{arguments.port}: {exc.strerror}", file=sys.stderr)
         return 1
-    log.info("cozyopenai %s serving %s on http://%s:%d/openai", __version__, models, arguments.host,
-             server.server_port)
+    log.info("serving on http://%s:%d/openai (a page for people at http://%s:%d/)", arguments.host,
+             server.server_port, arguments.host, server.server_port)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -3892,6 +4135,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def startup_summary(service: "Service") -> str:
+    """What a server runs with, in one line: version, models and their file, store, LLM, keys."""
+    store = service.store
+    where = (f"JSON files in {os.path.abspath(store.directory)}" if isinstance(store, JsonFileStore) else
+             "memory (lost on restart)" if isinstance(store, MemoryStore) else type(store).__name__)
+    llm = (f"{service.llm.settings.base_url} model {service.llm.settings.model}" if service.llm
+           else "none: the simple reader")
+    return (f"cozyopenai {__version__}: {len(service.workflows)} models ({', '.join(service.workflows)}) from "
+            f"{service.workflows_source}; store: {where}; LLM: {llm}; API keys: "
+            f"{'required' if service.api_keys else 'not required'}")
+
+
+def _warn_if_unreachable(llm: LLMClient) -> None:
+    """One quick look at the LLM's model list, so that an LLM that is down is known at start-up,
+    not at the first turn. It only warns: the LLM may come up later."""
+    try:
+        response = requests.get(llm.settings.base_url.rstrip("/") + "/models", timeout=LLM_CHECK_SECONDS,
+                                headers={"Authorization": f"Bearer {llm.settings.api_key or 'unused'}"})
+        problem = f"HTTP {response.status_code}" if response.status_code >= 400 else ""
+    except requests.RequestException as exc:
+        problem = type(exc).__name__
+    if problem:
+        log.warning("the LLM at %s did not answer GET /models (%s); until it does, turns use the simple reader "
+                    "and llm nodes their fallback", llm.host, problem)
 
 
 SERVER_OPTIONS: Mapping[str, Callable[[argparse.Namespace], dict]] = MappingProxyType({
@@ -3902,7 +4171,7 @@ SERVER_OPTIONS: Mapping[str, Callable[[argparse.Namespace], dict]] = MappingProx
 })
 
 
-def _run_with_bottle_adapter(app: bottle.Bottle, arguments: argparse.Namespace, models: str) -> int:
+def _run_with_bottle_adapter(app: bottle.Bottle, arguments: argparse.Namespace) -> int:
     """--server NAME: one of Bottle's server adapters, if its package is installed."""
     if arguments.server not in bottle.server_names:
         print(f"cozyopenai: unknown --server {arguments.server!r}; try default, "
@@ -3913,8 +4182,7 @@ def _run_with_bottle_adapter(app: bottle.Bottle, arguments: argparse.Namespace, 
               file=sys.stderr)
         return 2
     options = SERVER_OPTIONS.get(arguments.server, lambda a: {})(arguments)
-    log.info("cozyopenai %s serving %s on http://%s:%d/openai with %s", __version__, models, arguments.host,
-             arguments.port, arguments.server)
+    log.info("serving on http://%s:%d/openai with %s", arguments.host, arguments.port, arguments.server)
     try:
         bottle.run(app, server=arguments.server, host=arguments.host, port=arguments.port, quiet=True, **options)
     except ImportError as exc:

@@ -570,6 +570,25 @@ def test_a_failed_node_stops_the_run_before_later_nodes_start():
     assert events[-1].text == "no luck"
 
 
+def test_a_stopped_run_starts_no_further_node():
+    stop, ran = threading.Event(), []
+
+    def first(inputs, context):
+        stop.set()   # as a hang-up does, while this node runs
+        return "done"
+
+    def second(inputs, context):
+        ran.append("second")
+        return "never"
+    nodes = [{"id": "first", "type": "first", "inputs": {}},
+             {"id": "second", "type": "second", "inputs": {"x": {"link": "first"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "second"}}}]
+    types = {**cozyopenai.NODE_TYPES, "first": cozyopenai.NodeType(first), "second": cozyopenai.NodeType(second)}
+    wf = cozyopenai.load_workflows({"workflows": [workflow(nodes=nodes, query_inputs={})]}, types)["echo"]
+    events = list(cozyopenai.run_workflow(wf, {}, node_types=types, stop=stop))
+    assert ran == [] and events[-1].kind == "failed" and events[-1].text == "the run was stopped"
+
+
 def test_a_node_past_its_timeout_fails_the_run_and_the_next_turn_works(start):
     nodes = [{"id": "nap", "type": "python", "timeout_seconds": 0.2,
               "inputs": {"function": "time:sleep", "0": {"query": "seconds"}}},
@@ -773,6 +792,7 @@ def test_two_worker_processes_sharing_the_json_store_lose_no_update(tmp_path, fa
 
 def test_kill_9_while_saving_leaves_a_store_that_loads_with_every_answered_turn(tmp_path, capsys):
     answered = {}                         # conversation id -> turns the server answered
+    counting = threading.Lock()           # four clients count at once
     stop = threading.Event()
 
     with command_line_server("--store", str(tmp_path)) as server:
@@ -789,16 +809,22 @@ def test_kill_9_while_saving_leaves_a_store_that_loads_with_every_answered_turn(
                     return
                 history.append({"role": "assistant", "content": reply})
                 conversation_id = ID_BLOCK.search(history[1]["content"]).group(1)
-                answered[conversation_id] = answered.get(conversation_id, 0) + 1
+                with counting:
+                    answered[conversation_id] = answered.get(conversation_id, 0) + 1
         clients = [threading.Thread(target=client, args=(n,)) for n in range(4)]
         for thread in clients:
             thread.start()
-        while sum(answered.values()) < 60:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with counting:
+                if sum(answered.values()) >= 60:
+                    break
             time.sleep(0.01)
         os.kill(server.process.pid, 9)
         stop.set()
         for thread in clients:
             thread.join(10)
+    assert sum(answered.values()) >= 60, "the clients did not get 60 answers within 30 s"
     store = cozyopenai.JsonFileStore(tmp_path)
     for conversation_id, turns in answered.items():
         assert store.load(conversation_id)["turns"] >= turns
@@ -2065,6 +2091,67 @@ def test_each_request_is_logged_on_one_line_with_model_conversation_status_and_d
                         r"status=200 \d+ ms", lines[-1])
 
 
+def test_the_home_page_lists_the_models_for_people_and_api_clients_are_told_where_the_api_is(start):
+    secret = workflow(fixed_inputs={"api_token": "sk-hidden-1234567890abcdef"}, nodes=[
+        {"id": "say", "type": "template", "inputs": {"template": "{word}", "word": {"query": "word"},
+                                                     "token": {"fixed": "api_token"}}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}])
+    server = start([secret])
+    page = requests.get(server.url + "/", headers={"Accept": "text/html,application/xhtml+xml"}, timeout=5)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert "<h3 class=\"model\">echo</h3>" in page.text and "A word to echo back." in page.text
+    assert f"{server.url}/openai" in page.text and "sk-hidden" not in page.text and "api_token" not in page.text
+    for method, path in (("GET", "/"), ("POST", "/v1/chat/completions"), ("GET", "/models")):
+        response = requests.request(method, server.url + path, timeout=5)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+        assert f"base URL {server.url}/openai" in response.json()["error"]["message"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_home_page_renders_in_a_real_browser(start, tmp_path):
+    server = start()
+    result = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                             "--disable-sync", f"--user-data-dir={tmp_path}", "--dump-dom", server.url + "/"],
+                            capture_output=True, text=True, timeout=60)
+    assert '<code id="base-url">' + server.url + "/openai</code>" in result.stdout, result.stderr[-2000:]
+    assert result.stdout.count('class="model"') == 3 and "travel dates" in result.stdout
+
+
+def test_metrics_count_turns_runs_failures_and_llm_calls_in_the_prometheus_format(start, fake_llm):
+    server = start(llm=fake_llm.settings())
+    Chat(server, "month-calendar").say("year: 2026\nmonth: 2")
+    Chat(server, "month-calendar").say("year: 2026")
+    response = requests.get(server.url + "/metrics", timeout=5)
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = response.text
+    assert '# TYPE cozyopenai_turns_total counter' in text
+    assert 'cozyopenai_turns_total{model="month-calendar"} 2' in text
+    assert 'cozyopenai_runs_total{model="month-calendar",outcome="ok"} 1' in text
+    assert 'cozyopenai_llm_calls_total{outcome="ok"} 3' in text   # two extractions and one question
+    assert "cozyopenai_stored_conversations 2" in text and "cozyopenai_turn_seconds_count" in text
+    keyed = start(api_keys=["k"])
+    assert requests.get(keyed.url + "/metrics", timeout=5).status_code == 401
+    assert requests.get(keyed.url + "/metrics", headers={"Authorization": "Bearer k"}, timeout=5).status_code == 200
+
+
+def test_metrics_count_node_failures_by_type(start):
+    nodes = [{"id": "fail", "type": "python", "inputs": {"function": "math:sqrt", "0": {"query": "word"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "fail"}}}]
+    server = start([workflow(nodes=nodes)])
+    Chat(server, "echo").say("word: nope")
+    assert 'cozyopenai_node_failures_total{type="python"} 1' in requests.get(server.url + "/metrics", timeout=5).text
+
+
+def test_a_lone_surrogate_in_a_message_is_replaced_not_a_500(start):
+    server = start([workflow()])
+    body = '{"model": "echo", "messages": [{"role": "user", "content": "word: caf\\ud800e"}]}'
+    response = requests.post(server.url + "/openai/chat/completions", data=body.encode(), timeout=10,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 200
+    assert "caf\ufffde" in response.json()["choices"][0]["message"]["content"]
+
+
 def test_the_async_openai_client_streams_and_not(start):
     import asyncio
     from openai import AsyncOpenAI
@@ -2109,23 +2196,51 @@ def test_listening_beyond_loopback_without_a_key_warns(tmp_path):
     process = subprocess.Popen([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--host", "0.0.0.0",
                                 "--port", str(port), "--store", "memory"], cwd=HERE, stderr=subprocess.PIPE, text=True)
     try:
-        line = process.stderr.readline()
+        lines = lines_within(process.stderr, 10, until="no --api-key")
     finally:
         process.kill()
         process.wait(10)
         process.stderr.close()
-    assert "listening on 0.0.0.0 with no --api-key" in line
+    assert any("listening on 0.0.0.0 with no --api-key" in line for line in lines), lines
 
 
-def test_the_app_attribute_is_made_on_access_from_the_environment(tmp_path):
-    code = ("import cozyopenai, bottle; app = cozyopenai.app; "
-            "print(isinstance(app, bottle.Bottle), [m['id'] for m in app.config['cozyopenai.service'].list_models()['data']])")
+def test_the_app_attribute_is_made_once_and_looking_at_it_does_nothing(tmp_path):
+    code = ("import cozyopenai, json, wsgiref.util; print(hasattr(cozyopenai, 'app'), cozyopenai.app is cozyopenai.app); "
+            "import os; print(os.listdir('.')); environ = {}; wsgiref.util.setup_testing_defaults(environ); "
+            "environ['PATH_INFO'] = '/openai/models'; "
+            "body = b''.join(cozyopenai.app(environ, lambda *started: None)); "
+            "print([m['id'] for m in json.loads(body)['data']])")
     environment = {**os.environ, "COZYOPENAI_WORKFLOWS": WORKFLOWS_PATH, "COZYOPENAI_STORE": "memory",
                    "PYTHONPATH": HERE}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=tmp_path,
                             env=environment)
-    assert result.stdout.strip() == "True ['trip-planner', 'month-calendar', 'weather-now']", result.stderr
+    assert result.stdout.splitlines() == ["True True", "[]", "['trip-planner', 'month-calendar', 'weather-now']"], \
+        result.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_the_app_attribute_answers_a_503_openai_error_when_it_cannot_start(tmp_path):
+    code = ("import cozyopenai, wsgiref.util; environ = {}; wsgiref.util.setup_testing_defaults(environ); "
+            "statuses = []; body = b''.join(cozyopenai.app(environ, lambda status, *rest: statuses.append(status))); "
+            "print(statuses[0]); print(body.decode())")
+    environment = {**os.environ, "COZYOPENAI_WORKFLOWS": str(tmp_path / "missing.json"), "PYTHONPATH": HERE}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                            env=environment)
+    status, body = result.stdout.split("\n", 1)
+    assert status == "503 Service Unavailable" and "missing.json: cannot read it" in json.loads(body)["error"]["message"]
+
+
+def test_one_log_line_per_request_even_when_the_wsgi_server_configures_logging_later(tmp_path):
+    code = ("import cozyopenai, logging, wsgiref.util\n"
+            "def get():\n"
+            "    environ = {}; wsgiref.util.setup_testing_defaults(environ); environ['PATH_INFO'] = '/openai/models'\n"
+            "    b''.join(cozyopenai.app(environ, lambda *started: None))\n"
+            "get(); logging.basicConfig(); get()   # waitress-serve configures the root logger after loading the app")
+    environment = {**os.environ, "COZYOPENAI_WORKFLOWS": WORKFLOWS_PATH, "COZYOPENAI_STORE": "memory",
+                   "PYTHONPATH": HERE}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                            env=environment)
+    assert result.stderr.count("GET /openai/models") == 2, result.stderr
 
 
 def test_the_no_argument_factory_logs_requests_when_nobody_configured_logging(tmp_path):
@@ -2179,6 +2294,22 @@ def test_an_unknown_server_name_exits_with_a_clear_message():
     assert result.returncode == 2 and "unknown --server 'no-such-server'" in result.stderr
 
 
+def lines_within(stream, seconds, until):
+    """The lines a child writes, read until one holds ``until`` or ``seconds`` pass: a
+    readline() with a deadline, so a child that stays silent cannot hang the suite."""
+    lines, found = [], threading.Event()
+
+    def read():
+        for line in iter(stream.readline, ""):
+            lines.append(line)
+            if until in line:
+                found.set()
+                return
+    threading.Thread(target=read, daemon=True).start()
+    found.wait(seconds)
+    return list(lines)
+
+
 @contextlib.contextmanager
 def command_line_server(*arguments, cwd=None):
     port = free_port()
@@ -2196,6 +2327,67 @@ def command_line_server(*arguments, cwd=None):
         process.kill()
         process.wait(10)
         process.stdout.close()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--store", "README.md"], "store 'README.md': cannot keep conversations there"),
+    (["--store", "/proc/nope"], "store '/proc/nope': cannot keep conversations there"),
+    (["--expire-days", "-1"], "--expire-days must be positive, not -1"),
+    (["--llm-timeout", "0"], "--llm-timeout must be positive, not 0"),
+    (["--workers", "0"], "--workers must be at least 1, not 0"),
+    (["--llm-model", "gpt"], "--llm-model needs --llm-base-url"),
+])
+def test_bad_options_stop_the_start_with_one_line_and_status_2(arguments, message):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), *arguments, "--port", "0"],
+                            capture_output=True, text=True, timeout=30, cwd=HERE)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_store_memory_and_json_in_any_case_create_no_folder_of_that_name(tmp_path):
+    for store in ("Memory", "JSON"):
+        with command_line_server("--store", store, "--workflows", WORKFLOWS_PATH, cwd=tmp_path) as server:
+            assert requests.get(server.url + "/openai/models", timeout=5).status_code == 200
+    assert sorted(os.listdir(tmp_path)) == ["conversations"]   # "JSON" is the default folder
+
+
+def test_run_from_another_folder_it_finds_the_workflows_beside_it_and_their_python_modules(tmp_path):
+    with command_line_server("--store", "memory", cwd=tmp_path) as server:
+        models = requests.get(server.url + "/openai/models", timeout=5).json()["data"]
+        assert [model["id"] for model in models] == ["trip-planner", "month-calendar", "weather-now"]
+    (tmp_path / "mytools.py").write_text("def shout(text):\n    return text.upper()\n")
+    (tmp_path / "workflows.json").write_text(json.dumps({"workflows": [workflow(nodes=[
+        {"id": "loud", "type": "python", "inputs": {"function": "mytools:shout", "text": {"query": "word"}}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "loud"}}}])]}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with command_line_server("--store", "memory", "--workflows", str(tmp_path / "workflows.json"),
+                             cwd=elsewhere) as server:
+        reply = server_chat(server, "echo", "word: quiet")
+    assert answer_of(reply) == "QUIET"
+
+
+def server_chat(server, model, text):
+    return requests.post(server.url + "/openai/chat/completions", timeout=10, json={
+        "model": model, "messages": [{"role": "user", "content": text}]}).json()["choices"][0]["message"]["content"]
+
+
+def test_start_up_says_what_runs_and_warns_when_the_llm_does_not_answer(tmp_path):
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--port", str(free_port()),
+                                "--store", str(tmp_path), "--llm-base-url", down, "--llm-model", "small",
+                                "--api-key", "k1"], cwd=HERE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = lines_within(process.stderr, 15, until="did not answer GET /models")
+    finally:
+        process.kill()
+        process.wait(10)
+        process.stderr.close()
+    said = "".join(lines)
+    assert f"cozyopenai {cozyopenai.__version__}: 3 models (trip-planner, month-calendar, weather-now) from " \
+           f"{WORKFLOWS_PATH}; store: JSON files in {tmp_path}; LLM: {down} model small; API keys: required" in said
+    assert f"the LLM at 127.0.0.1:{down.split(':')[2].split('/')[0]} did not answer GET /models" in said
+    assert "k1" not in said
 
 
 def test_python_cozyopenai_py_serves_the_shipped_workflows_with_the_json_store(tmp_path):
@@ -2224,7 +2416,7 @@ def test_readme_test_command_is_the_one_ci_runs():
         ci = handle.read()
     with open(os.path.join(HERE, "README.md")) as handle:
         readme = handle.read()
-    command = "pip install -r requirements.txt && python -m pytest -q test_cozyopenai.py"
+    command = "pip install -r requirements.txt pytest hypothesis && python -m pytest -q test_cozyopenai.py"
     assert f"```\n{command}\n```" in readme and f"\n{command}\n" in ci
 
 
