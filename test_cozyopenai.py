@@ -2192,54 +2192,43 @@ def test_importing_the_module_has_no_side_effects(tmp_path):
 
 
 def test_listening_beyond_loopback_without_a_key_warns(tmp_path):
-    port = free_port()
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--host", "0.0.0.0",
-                                "--port", str(port), "--store", "memory"], cwd=HERE, stderr=subprocess.PIPE, text=True)
-    try:
-        lines = lines_within(process.stderr, 10, until="no --api-key")
-    finally:
-        process.kill()
-        process.wait(10)
-        process.stderr.close()
+    lines = start_up_lines("--host", "0.0.0.0", "--port", str(free_port()), "--store", "memory", until="no --api-key")
     assert any("listening on 0.0.0.0 with no --api-key" in line for line in lines), lines
 
 
+def python_with_the_module(code, cwd, **variables):
+    """Run ``code`` in a new interpreter that can import cozyopenai, configured by COZYOPENAI_*
+    ``variables`` (the shipped workflows and the memory store unless given); ``get(path)``
+    is there to send one GET through ``cozyopenai.app``."""
+    prelude = ("import cozyopenai, json, logging, os, wsgiref.util\n"
+               "def get(path, statuses=None):\n"
+               "    environ = {}; wsgiref.util.setup_testing_defaults(environ); environ['PATH_INFO'] = path\n"
+               "    return b''.join(cozyopenai.app(environ, lambda status, *rest: None if statuses is None else statuses.append(status)))\n")
+    settings = {"COZYOPENAI_WORKFLOWS": WORKFLOWS_PATH, "COZYOPENAI_STORE": "memory", **variables}
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=30,
+                          cwd=cwd, env={**os.environ, **settings, "PYTHONPATH": HERE})
+
+
 def test_the_app_attribute_is_made_once_and_looking_at_it_does_nothing(tmp_path):
-    code = ("import cozyopenai, json, wsgiref.util; print(hasattr(cozyopenai, 'app'), cozyopenai.app is cozyopenai.app); "
-            "import os; print(os.listdir('.')); environ = {}; wsgiref.util.setup_testing_defaults(environ); "
-            "environ['PATH_INFO'] = '/openai/models'; "
-            "body = b''.join(cozyopenai.app(environ, lambda *started: None)); "
-            "print([m['id'] for m in json.loads(body)['data']])")
-    environment = {**os.environ, "COZYOPENAI_WORKFLOWS": WORKFLOWS_PATH, "COZYOPENAI_STORE": "memory",
-                   "PYTHONPATH": HERE}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=tmp_path,
-                            env=environment)
+    result = python_with_the_module(
+        "print(hasattr(cozyopenai, 'app'), cozyopenai.app is cozyopenai.app); print(os.listdir('.'))\n"
+        "print([model['id'] for model in json.loads(get('/openai/models'))['data']])", tmp_path)
     assert result.stdout.splitlines() == ["True True", "[]", "['trip-planner', 'month-calendar', 'weather-now']"], \
         result.stderr
     assert os.listdir(tmp_path) == []
 
 
 def test_the_app_attribute_answers_a_503_openai_error_when_it_cannot_start(tmp_path):
-    code = ("import cozyopenai, wsgiref.util; environ = {}; wsgiref.util.setup_testing_defaults(environ); "
-            "statuses = []; body = b''.join(cozyopenai.app(environ, lambda status, *rest: statuses.append(status))); "
-            "print(statuses[0]); print(body.decode())")
-    environment = {**os.environ, "COZYOPENAI_WORKFLOWS": str(tmp_path / "missing.json"), "PYTHONPATH": HERE}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=tmp_path,
-                            env=environment)
+    result = python_with_the_module("statuses = []; body = get('/openai/models', statuses)\n"
+                                    "print(statuses[0]); print(body.decode())", tmp_path,
+                                    COZYOPENAI_WORKFLOWS=str(tmp_path / "missing.json"))
     status, body = result.stdout.split("\n", 1)
     assert status == "503 Service Unavailable" and "missing.json: cannot read it" in json.loads(body)["error"]["message"]
 
 
 def test_one_log_line_per_request_even_when_the_wsgi_server_configures_logging_later(tmp_path):
-    code = ("import cozyopenai, logging, wsgiref.util\n"
-            "def get():\n"
-            "    environ = {}; wsgiref.util.setup_testing_defaults(environ); environ['PATH_INFO'] = '/openai/models'\n"
-            "    b''.join(cozyopenai.app(environ, lambda *started: None))\n"
-            "get(); logging.basicConfig(); get()   # waitress-serve configures the root logger after loading the app")
-    environment = {**os.environ, "COZYOPENAI_WORKFLOWS": WORKFLOWS_PATH, "COZYOPENAI_STORE": "memory",
-                   "PYTHONPATH": HERE}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=tmp_path,
-                            env=environment)
+    # waitress-serve configures the root logger after loading the app
+    result = python_with_the_module("get('/openai/models'); logging.basicConfig(); get('/openai/models')", tmp_path)
     assert result.stderr.count("GET /openai/models") == 2, result.stderr
 
 
@@ -2292,6 +2281,18 @@ def test_an_unknown_server_name_exits_with_a_clear_message():
     result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "memory",
                              "--server", "no-such-server"], capture_output=True, text=True, timeout=30, cwd=HERE)
     assert result.returncode == 2 and "unknown --server 'no-such-server'" in result.stderr
+
+
+def start_up_lines(*arguments, until, seconds=15):
+    """What ``python cozyopenai.py ARGUMENTS`` writes to stderr until a line holds ``until``."""
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cozyopenai.py"), *arguments], cwd=HERE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        return lines_within(process.stderr, seconds, until)
+    finally:
+        process.kill()
+        process.wait(10)
+        process.stderr.close()
 
 
 def lines_within(stream, seconds, until):
@@ -2374,16 +2375,8 @@ def server_chat(server, model, text):
 
 def test_start_up_says_what_runs_and_warns_when_the_llm_does_not_answer(tmp_path):
     down = f"http://127.0.0.1:{free_port()}/v1"
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--port", str(free_port()),
-                                "--store", str(tmp_path), "--llm-base-url", down, "--llm-model", "small",
-                                "--api-key", "k1"], cwd=HERE, stderr=subprocess.PIPE, text=True)
-    try:
-        lines = lines_within(process.stderr, 15, until="did not answer GET /models")
-    finally:
-        process.kill()
-        process.wait(10)
-        process.stderr.close()
-    said = "".join(lines)
+    said = "".join(start_up_lines("--port", str(free_port()), "--store", str(tmp_path), "--llm-base-url", down,
+                                  "--llm-model", "small", "--api-key", "k1", until="did not answer GET /models"))
     assert f"cozyopenai {cozyopenai.__version__}: 3 models (trip-planner, month-calendar, weather-now) from " \
            f"{WORKFLOWS_PATH}; store: JSON files in {tmp_path}; LLM: {down} model small; API keys: required" in said
     assert f"the LLM at 127.0.0.1:{down.split(':')[2].split('/')[0]} did not answer GET /models" in said
