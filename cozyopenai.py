@@ -48,7 +48,8 @@ __all__ = [
     "run_workflow", "RunEvent",
     "LLMSettings", "LLMClient",
     "Conversation", "ConversationIds", "MemoryStore", "JsonFileStore", "STORE_TYPES", "open_store",
-    "Metrics", "CozyError", "WorkflowFileError", "ConfigError", "NodeFailed", "UpstreamError", "RequestError",
+    "Metrics", "Store", "RedisStore", "CozyError", "WorkflowFileError", "ConfigError", "StoreUnavailable",
+    "NodeFailed", "UpstreamError", "RequestError",
     "UnauthorizedError", "NotFoundError", "ModelNotFoundError", "MethodNotAllowedError",
     "BodyTooLargeError", "UnsupportedMediaTypeError",
 ]
@@ -126,6 +127,9 @@ QUESTION_MAX_TOKENS = 160                 # one short question
 CLIENT_TASK_MAX_TOKENS = 200              # a chat title, tags or follow-up suggestions
 LLM_NODE_TIMEOUT_SECONDS = 120.0          # an `llm` node's whole stream, unless its `timeout_seconds` does
 MEMORY_STORE_MAX_CONVERSATIONS = 10_000
+REDIS_LOCK_SECONDS = 30.0                 # a turn's lock in Redis lives this long unless its holder renews it
+REDIS_LOCK_POLL_SECONDS = 0.02            # how often a turn waiting for that lock tries again
+REDIS_TIMEOUT_SECONDS = 5.0               # to connect to Redis, and for each command
 KEEPALIVE_SECONDS = 10.0                  # an SSE comment this often while a stream is silent
 EXPIRE_EVERY_SECONDS = 3600.0             # how often the store is swept for old conversations
 SNAPSHOTS_KEPT = 40                       # turns of state a conversation keeps, for edits and older branches
@@ -164,6 +168,7 @@ class CozyError(Exception):
 
 class WorkflowFileError(CozyError): """The workflows cannot be served; raised at start-up."""
 class ConfigError(CozyError): """A setting the server cannot start with (a store it cannot write, ...)."""
+class StoreUnavailable(CozyError): status = 503   # the conversation store (Redis) cannot be reached now
 class NodeFailed(CozyError): """A node failed while a workflow ran; ends the run, not the conversation."""
 class UpstreamError(CozyError): status, error_type = 502, "upstream_error"
 class RequestError(CozyError): status, error_type = 400, "invalid_request_error"
@@ -1457,7 +1462,37 @@ class _KeyedLocks:
             yield
 
 
-class MemoryStore:
+class Store:
+    """What a conversation store does; the stores below share these names (see STORE_TYPES).
+    A store must keep turns of one conversation apart (``lock``): without it two turns at
+    once would lose one's update, so open_store refuses an object that cannot lock."""
+
+    def load(self, conversation_id: str) -> Optional[dict]:
+        """The record saved for this id, or None."""
+        raise NotImplementedError
+
+    def save(self, conversation_id: str, record: dict) -> None:
+        """Keep ``record`` whole: a crash leaves the old record or the new one, never half."""
+        raise NotImplementedError
+
+    def lock(self, conversation_id: str) -> "contextlib.AbstractContextManager[None]":
+        """Hold this conversation for one turn, across every thread and process that shares the store."""
+        raise NotImplementedError
+
+    def expire(self) -> int:
+        """Forget conversations unused for the store's ``max_age_seconds``; how many went."""
+        return 0
+
+    def count(self) -> int:
+        """How many conversations are stored."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """Where the conversations are, for the start-up line (never a password)."""
+        return type(self).__name__
+
+
+class MemoryStore(Store):
     """Conversations in a dict; gone on restart. Keeps the ``max_conversations`` most
     recently used, and forgets those unused for ``max_age_seconds``."""
 
@@ -1480,6 +1515,9 @@ class MemoryStore:
     def count(self) -> int:
         return len(self._records)
 
+    def describe(self) -> str:
+        return "memory (lost on restart)"
+
     def save(self, conversation_id: str, record: dict) -> None:
         text = json.dumps(record)   # a copy, so callers cannot change what is stored
         with self._guard:
@@ -1496,7 +1534,7 @@ class MemoryStore:
             self._records.popitem(last=False)
 
 
-class JsonFileStore:
+class JsonFileStore(Store):
     """One JSON file per conversation in a directory, shared safely by several processes.
 
     Saving one turn writes one small file, whatever the number of conversations. A write
@@ -1585,6 +1623,9 @@ class JsonFileStore:
         with os.scandir(self.directory) as entries:
             return sum(1 for entry in entries if entry.name.endswith(".json"))
 
+    def describe(self) -> str:
+        return f"JSON files in {os.path.abspath(self.directory)}"
+
     def expire(self) -> int:
         """Delete conversations not saved for ``max_age_seconds``; how many went."""
         if self.max_age_seconds is None:
@@ -1599,20 +1640,116 @@ class JsonFileStore:
         return removed
 
 
-STORE_TYPES: Mapping[str, Callable[..., Any]] = MappingProxyType({"memory": MemoryStore, "json": JsonFileStore})
+class RedisStore(Store):
+    """Conversations in Redis (or Valkey), for several server instances on several machines
+    (issue 12). A record is the JSON the other stores write, under one key per conversation,
+    with Redis' own expiry refreshed on every save. A turn's lock is a key set with NX and an
+    expiry, released only by its owner (compare and delete in one Lua step) and kept alive
+    while the turn runs: an instance killed mid-turn holds a conversation for at most
+    ``lock_seconds``. Needs ``pip install redis``, imported only here.
+
+    URL: ``redis://[:password@]host:port/db`` or ``rediss://`` for TLS; ``?lock_seconds=N``
+    sets the lock's life (default REDIS_LOCK_SECONDS)."""
+
+    KEY = "cozyopenai:conversation:"
+    LOCK_KEY = "cozyopenai:lock:"
+    RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+    RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
+             "else return 0 end")
+
+    def __init__(self, url: str, max_age_seconds: Optional[float] = None):
+        parts = urlsplit(url)
+        self.where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"   # no password
+        options = dict(item.split("=", 1) for item in parts.query.split("&") if "=" in item)
+        self.lock_seconds = float(options.pop("lock_seconds", REDIS_LOCK_SECONDS))
+        self.max_age_seconds = max_age_seconds
+        try:
+            import redis
+        except ImportError:
+            raise ConfigError(f"store {self.where}: the Redis store needs the redis package: pip install redis") from None
+        self._errors = (redis.RedisError, OSError)
+        query = "&".join(f"{name}={value}" for name, value in options.items())
+        self._redis = redis.Redis.from_url(parts._replace(query=query).geturl(), socket_timeout=REDIS_TIMEOUT_SECONDS,
+                                           socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+        try:
+            self._redis.ping()
+        except self._errors as exc:
+            raise ConfigError(f"store {self.where}: cannot reach Redis ({self._reason(exc)})") from None
+        self._release = self._redis.register_script(self.RELEASE)
+        self._renew = self._redis.register_script(self.RENEW)
+
+    def load(self, conversation_id: str) -> Optional[dict]:
+        data = self._call(self._redis.get, self.KEY + conversation_id)
+        return json.loads(data) if data is not None else None
+
+    def save(self, conversation_id: str, record: dict) -> None:
+        data = json.dumps(record, ensure_ascii=False)
+        expiry = int(self.max_age_seconds) if self.max_age_seconds else None
+        self._call(self._redis.set, self.KEY + conversation_id, data, ex=expiry)
+
+    @contextlib.contextmanager
+    def lock(self, conversation_id: str) -> Iterator[None]:
+        key, token = self.LOCK_KEY + conversation_id, secrets.token_hex(16)
+        life_ms = int(self.lock_seconds * 1000)
+        give_up = time.monotonic() + self.lock_seconds + REDIS_TIMEOUT_SECONDS
+        while not self._call(self._redis.set, key, token, nx=True, px=life_ms):
+            if time.monotonic() > give_up:   # the holder keeps it alive: it is still working
+                raise StoreUnavailable(f"The conversation is busy with another turn in {self.where}; try again.")
+            time.sleep(REDIS_LOCK_POLL_SECONDS)
+        done = threading.Event()
+        keeper = threading.Thread(target=self._keep_alive, args=(key, token, life_ms, done), daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            done.set()
+            with contextlib.suppress(*self._errors):   # if Redis is gone, the lock expires by itself
+                self._release(keys=[key], args=[token])
+
+    def _keep_alive(self, key: str, token: str, life_ms: int, done: threading.Event) -> None:
+        while not done.wait(self.lock_seconds / 3):
+            with contextlib.suppress(*self._errors):
+                self._renew(keys=[key], args=[token, life_ms])
+
+    def count(self) -> int:
+        return sum(1 for _ in self._call(self._redis.scan_iter, match=self.KEY + "*", count=1000))
+
+    def describe(self) -> str:
+        return f"Redis at {self.where}"
+
+    def _call(self, method: Callable[..., Any], *arguments: Any, **options: Any) -> Any:
+        try:
+            return method(*arguments, **options)
+        except self._errors as exc:
+            raise StoreUnavailable(f"The conversation store ({self.where}) cannot be reached "
+                                   f"({self._reason(exc)}); nothing was changed, try again shortly.") from None
+
+    @staticmethod
+    def _reason(exc: BaseException) -> str:
+        return str(exc).split(".")[0][:120] or type(exc).__name__
+
+
+# open_store's name → class table; a "redis://" or "rediss://" URL picks "redis", a folder "json".
+STORE_TYPES: Mapping[str, Callable[..., Store]] = MappingProxyType({
+    "memory": MemoryStore, "json": JsonFileStore, "redis": RedisStore})
 
 
 def open_store(spec: Union[str, os.PathLike, Any], max_age_seconds: Optional[float] = None) -> Any:
-    """``"memory"``, a directory path for the JSON store, or a ready store object: anything
-    with ``load(id) -> dict | None`` and ``save(id, dict)``, and best also ``lock(id)`` (a
-    context manager that keeps other turns of that conversation out) and ``expire()``."""
-    if hasattr(spec, "load") and hasattr(spec, "save"):
+    """``"memory"``, a directory path for the JSON store, a ``redis://`` URL, or a ready store
+    object with ``load``, ``save`` and ``lock`` (see Store); one that cannot lock is refused."""
+    if not isinstance(spec, (str, os.PathLike)):
+        missing = [name for name in ("load", "save", "lock") if not callable(getattr(spec, name, None))]
+        if missing:
+            raise ConfigError(f"the store {type(spec).__name__} has no {', '.join(missing)}: a store must load, "
+                              "save and lock a conversation (see cozyopenai.Store)")
         return spec
     name = os.fspath(spec)
-    kind = "memory" if name.lower() == "memory" else "json"
+    if name.lower() == "memory":
+        return STORE_TYPES["memory"](max_age_seconds=max_age_seconds)
+    if name.lower().startswith(("redis://", "rediss://")):
+        return STORE_TYPES["redis"](name, max_age_seconds=max_age_seconds)
     # "json" alone means the JSON store in its default directory, not a directory named "json".
-    arguments = () if kind == "memory" else (DEFAULT_STORE if name.lower() == "json" else name,)
-    return STORE_TYPES[kind](*arguments, max_age_seconds=max_age_seconds)
+    return STORE_TYPES["json"](DEFAULT_STORE if name.lower() == "json" else name, max_age_seconds=max_age_seconds)
 
 
 ####################################################################################
@@ -3370,6 +3507,8 @@ def with_keepalives(texts: Iterator[Any], interval_seconds: float, stop: threadi
                 pipe.put(text)
                 if stop.is_set():
                     break
+        except CozyError as exc:   # the store went away while the reply streamed: too late for a 503
+            log.error("a streamed turn ended early: %s", exc.message)
         finally:
             try:
                 getattr(texts, "close", lambda: None)()   # a turn's generator saves and unlocks on close
@@ -3569,12 +3708,13 @@ class Service:
             return request, iter([("content", workflow.redact(answer))]), prompt_tokens
         self._expire_now_and_then()
         fields = self._turn_fields(workflow, request.messages, stop or threading.Event(), chat_key, trace)
+        next(fields)   # lock and load now: a store that is down is a 503 before any reply starts
         if workflow.redact:   # a workflow with no secrets skips a step per piece (issue 6)
             fields = workflow.redact.stream(fields)
         return request, fields, prompt_tokens
 
     def _turn_fields(self, workflow: Workflow, messages: List[dict], stop: threading.Event, chat_key: str,
-                     trace: Dict[str, str]) -> Iterator[Tuple[str, str]]:
+                     trace: Dict[str, str]) -> Iterator[Optional[Tuple[str, str]]]:
         # Everything from the lock to the save happens inside this generator, so closing it
         # (the client hung up) still saves and unlocks. Not in a hook: Bottle runs hooks
         # before a stream's body.
@@ -3585,6 +3725,7 @@ class Service:
             else:
                 conversation, recovered = self._resume(workflow, messages, held)
             trace["conversation"] = conversation.id[:6]
+            yield None   # loaded: Service.chat goes on from here (see there)
             history, text = split_new_messages(messages)
             branch, again = ("", []) if recovered else self._branch_of(conversation, messages, arrived)
             recovered = recovered or branch == "unknown"   # none of its replies kept: read the history again
@@ -3669,12 +3810,11 @@ class Service:
         return conversation
 
     def _lock(self, conversation_id: str) -> Any:
-        lock = getattr(self.store, "lock", None)
-        return lock(conversation_id) if lock else contextlib.nullcontext()
+        return self.store.lock(conversation_id)
 
     def _expire_now_and_then(self) -> None:
         """Expire old conversations at most once per EXPIRE_EVERY_SECONDS, off the request path."""
-        expire = getattr(self.store, "expire", None)
+        expire = getattr(self.store, "expire", None)   # a store given to make_app may not have one
         if expire is None or time.monotonic() < self._next_expiry:
             return
         self._next_expiry = time.monotonic() + EXPIRE_EVERY_SECONDS
@@ -4139,9 +4279,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def startup_summary(service: "Service") -> str:
     """What a server runs with, in one line: version, models and their file, store, LLM, keys."""
-    store = service.store
-    where = (f"JSON files in {os.path.abspath(store.directory)}" if isinstance(store, JsonFileStore) else
-             "memory (lost on restart)" if isinstance(store, MemoryStore) else type(store).__name__)
+    describe = getattr(service.store, "describe", None)
+    where = describe() if describe else type(service.store).__name__
     llm = (f"{service.llm.settings.base_url} model {service.llm.settings.model}" if service.llm
            else "none: the simple reader")
     return (f"cozyopenai {__version__}: {len(service.workflows)} models ({', '.join(service.workflows)}) from "

@@ -835,6 +835,140 @@ def test_kill_9_while_saving_leaves_a_store_that_loads_with_every_answered_turn(
         print(f"\n[kill -9] {sum(answered.values())} answered turns over {len(answered)} conversations, all stored")
 
 
+class RedisServer:
+    """A real redis-server on a free loopback port, in a folder of the test's, with a password
+    and the append-only file on (what the README recommends)."""
+    PASSWORD = "redis-pass-8d1f"
+
+    def __init__(self, folder):
+        self.folder, self.port = folder, free_port()
+        self.url = f"redis://:{self.PASSWORD}@127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self):
+        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+                                         str(self.folder), "--appendonly", "yes", "--save", "", "--requirepass",
+                                         self.PASSWORD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return
+            time.sleep(0.02)
+        raise RuntimeError("redis-server did not start within 10 s")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+    def client(self):
+        import redis
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    if shutil.which("redis-server") is None:
+        pytest.skip("Debian's redis-server is not installed (.ci/run installs it)")
+    pytest.importorskip("redis")
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def test_a_conversation_alternates_between_two_instances_on_one_redis(start, redis_server):
+    first, second = (start(store=redis_server.url, expire_after_seconds=3600) for _ in range(2))
+    messages = []
+    for server, text in ((first, "destination: Rome"), (second, "budget: 2000"), (first, "travel dates: May")):
+        messages.append({"role": "user", "content": text})
+        messages.append({"role": "assistant", "content": ask(server, "trip-planner", messages)})
+    assert "Running trip-planner with destination = Rome, budget = 2000, travel dates = May" in messages[-1]["content"]
+    conversation_id = ID_BLOCK.search(messages[1]["content"]).group(1)
+    record = json.loads(redis_server.client().get("cozyopenai:conversation:" + conversation_id))
+    assert latest_values(record)["travel_dates"] == "May"
+    assert 3500 < redis_server.client().ttl("cozyopenai:conversation:" + conversation_id) <= 3600   # Redis' expiry
+
+
+def test_two_turns_at_once_one_per_instance_lose_no_update(start, fake_llm, redis_server):
+    fake_llm.extractions = {"Trip to Paris.": {"destination": "Paris"}, "budget: 2000": {"budget": "2000"},
+                            "travel_dates: May": {"travel_dates": "May"}}
+    servers = [start(store=redis_server.url, llm=fake_llm.settings()) for _ in range(2)]
+    chat = Chat(servers[0])
+    chat.say("Trip to Paris.")
+    fake_llm.delay_seconds = 0.3          # both turns load the conversation before either saves, unless locked
+    threads = [threading.Thread(target=ask, args=(server, "trip-planner", chat.messages + [
+        {"role": "user", "content": text}])) for server, text in zip(servers, ("budget: 2000", "travel_dates: May"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    conversation_id = ID_BLOCK.search(chat.messages[1]["content"]).group(1)
+    values = latest_values(servers[1].app.config["cozyopenai.service"].store.load(conversation_id))
+    assert values == {"destination": "Paris", "budget": 2000, "travel_dates": "May"}
+
+
+def test_an_instance_killed_mid_turn_frees_its_conversation_for_the_next_turn_elsewhere(start, redis_server, tmp_path):
+    slow = workflow(nodes=[{"id": "nap", "type": "python", "inputs": {"function": "time:sleep", "0": 30}},
+                           {"id": "say", "type": "template", "inputs": {"template": "{word}", "word": {"query": "word"},
+                                                                       "after": {"link": "nap"}}},
+                           {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}])
+    (tmp_path / "slow.json").write_text(json.dumps({"workflows": [slow]}))
+    url = redis_server.url + "?lock_seconds=1"
+    messages = [{"role": "user", "content": "hello"}]
+    with command_line_server("--store", url, "--workflows", str(tmp_path / "slow.json")) as doomed:
+        messages.append({"role": "assistant", "content": server_chat(doomed, "echo", "hello")})
+        messages.append({"role": "user", "content": "word: first"})
+        def slow_turn():
+            with contextlib.suppress(requests.RequestException):   # its server is killed under it
+                requests.post(doomed.url + "/openai/chat/completions", timeout=40,
+                              json={"model": "echo", "messages": messages})
+        threading.Thread(target=slow_turn, daemon=True).start()
+        conversation_id = ID_BLOCK.search(messages[1]["content"]).group(1)
+        deadline = time.monotonic() + 10
+        while not redis_server.client().exists("cozyopenai:lock:" + conversation_id):   # the turn is running
+            assert time.monotonic() < deadline, "the turn never took its lock"
+            time.sleep(0.02)
+        os.kill(doomed.process.pid, 9)
+    survivor = start([workflow()], store=url)
+    reply = ask(survivor, "echo", messages[:2] + [{"role": "user", "content": "word: second"}])
+    assert answer_of(reply) == "You said second."
+
+
+def test_redis_stopped_and_started_again_keeps_every_answered_turn_and_the_outage_is_a_503(start, redis_server):
+    server = start(store=redis_server.url)
+    chat = Chat(server)
+    chat.say("destination: Rome")
+    chat.say("budget: 2000")
+    redis_server.stop()
+    response = server.post({"model": "trip-planner", "messages": chat.messages + [
+        {"role": "user", "content": "travel dates: May"}]})
+    error = response.json()["error"]
+    assert response.status_code == 503 and error["type"] == "server_error"
+    assert f"127.0.0.1:{redis_server.port}/0" in error["message"] and RedisServer.PASSWORD not in error["message"]
+    redis_server.start()   # the same folder: the append-only file brings the conversation back
+    reply = chat.say("travel dates: May")
+    assert "Running trip-planner with destination = Rome, budget = 2000, travel dates = May" in reply
+
+
+def test_a_redis_store_that_cannot_be_reached_at_start_up_is_one_line():
+    pytest.importorskip("redis")
+    url = f"redis://:hidden-pw@127.0.0.1:{free_port()}/0"
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", url, "--port", "0"],
+                            capture_output=True, text=True, timeout=30, cwd=HERE)
+    assert result.returncode == 2 and "cannot reach Redis" in result.stderr and "hidden-pw" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_store_that_cannot_lock_is_refused_at_start_up():
+    class Forgetful:
+        def load(self, conversation_id):
+            return None
+
+        def save(self, conversation_id, record):
+            pass
+    with pytest.raises(cozyopenai.ConfigError, match="has no lock"):
+        cozyopenai.make_app(WORKFLOWS_PATH, store=Forgetful())
+
+
 ####################################################################################
 # Extraction and questions
 ####################################################################################
@@ -2409,7 +2543,7 @@ def test_readme_test_command_is_the_one_ci_runs():
         ci = handle.read()
     with open(os.path.join(HERE, "README.md")) as handle:
         readme = handle.read()
-    command = "pip install -r requirements.txt pytest hypothesis && python -m pytest -q test_cozyopenai.py"
+    command = "pip install -r requirements.txt pytest hypothesis redis && python -m pytest -q test_cozyopenai.py"
     assert f"```\n{command}\n```" in readme and f"\n{command}\n" in ci
 
 
