@@ -15,6 +15,8 @@ the same server, measured in the same run, because machines differ and are noisy
 import argparse
 import contextlib
 import http.server
+import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -108,6 +110,8 @@ def serve(arguments):
     apps["memory"] = cozyopenai.make_app(BENCH_WORKFLOWS, store="memory", node_types=BENCH_NODE_TYPES)
     if arguments.json_store:
         apps["json"] = cozyopenai.make_app(BENCH_WORKFLOWS, store=arguments.json_store, node_types=BENCH_NODE_TYPES)
+    if arguments.redis_url:
+        apps["redis"] = cozyopenai.make_app(BENCH_WORKFLOWS, store=arguments.redis_url, node_types=BENCH_NODE_TYPES)
 
     def dispatch(environ, start_response):
         # The same few lines for every app, baseline included.
@@ -134,12 +138,14 @@ def serve(arguments):
 class ServerProcess:
     """A `serve` subprocess on a free loopback port."""
 
-    def __init__(self, server="default", json_store=None, body_bytes=0):
+    def __init__(self, server="default", json_store=None, body_bytes=0, redis_url=None):
         self.port = free_port()
         command = [sys.executable, os.path.abspath(__file__), "serve", "--port", str(self.port),
                    "--server", server, "--body-bytes", str(body_bytes)]
         if json_store:
             command += ["--json-store", json_store]
+        if redis_url:
+            command += ["--redis-url", redis_url]
         started = time.perf_counter()
         self.log = tempfile.TemporaryFile()   # the server's log lines, as `python cozyopenai.py` writes them
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
@@ -235,6 +241,11 @@ def _unchunk(payload):
 
 
 def throughput(port, path, body, seconds, clients=CLIENTS):
+    """Requests per second on one server (see spread_throughput)."""
+    return spread_throughput([port], path, body, seconds, clients)
+
+
+def spread_throughput(ports, path, body, seconds, clients=CLIENTS):
     """Requests per second with `clients` connections kept busy: each sends its request again
     as soon as its answer has come. One thread drives them all with a selector, so the load
     generator costs little next to the server (a thread per client would be the bottleneck)."""
@@ -244,10 +255,12 @@ def throughput(port, path, body, seconds, clients=CLIENTS):
     received = {}
     done = errors = 0
 
+    turns_of_ports = itertools.cycle(ports)
+
     def connect():
         sock = socket.socket()
         sock.setblocking(False)
-        sock.connect_ex(("127.0.0.1", port))
+        sock.connect_ex(("127.0.0.1", next(turns_of_ports)))   # clients spread over the servers in turn
         selector.register(sock, selectors.EVENT_WRITE)
         received[sock] = []
     started = time.perf_counter()
@@ -286,31 +299,92 @@ def report(name, value, target, ok):
     print(f"  {name:<58} {value:<26} target {target:<14} {'met' if ok else 'MISSED'}", flush=True)
 
 
+class RedisProcess:
+    """A redis-server of the benchmark's own on a free loopback port, append-only file on (as the
+    README recommends), or None where Debian's redis-server or the redis package is missing."""
+
+    def __init__(self):
+        self.folder, self.port = tempfile.mkdtemp(prefix="cozy-bench-redis-"), free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+                                         self.folder, "--appendonly", "yes", "--save", ""],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.perf_counter() + 10
+        while time.perf_counter() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return
+            time.sleep(0.02)
+        raise SystemExit("redis-server did not start")
+
+    @staticmethod
+    def start():
+        if shutil.which("redis-server") is None or importlib.util.find_spec("redis") is None:
+            print("  (no redis-server or redis package: the Redis figures are left out)")
+            return contextlib.nullcontext()
+        return RedisProcess()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def bench_overhead(runs, seconds):
     print(f"Overhead: non-streamed turn, all inputs in the first message, {CLIENTS} clients, {seconds:g} s each")
     store = tempfile.mkdtemp(prefix="cozy-bench-json-")
     try:
-        body = chat_body("echo", ECHO_MESSAGE)
-        with ServerProcess(json_store=store) as probe:
-            answer_bytes = len(http_request(probe.port, "POST", "/memory/openai/chat/completions", body)[1])
-        rates = {"bare": [], "memory": [], "json": []}
-        with ServerProcess(json_store=store, body_bytes=answer_bytes) as server:
-            for _ in range(runs):
-                for kind, path in (("bare", "/bare"), ("memory", "/memory/openai/chat/completions"),
-                                   ("json", "/json/openai/chat/completions")):
-                    rate, errors = throughput(server.port, path, body, seconds)
-                    assert errors == 0, f"{errors} errors on {kind}"
-                    rates[kind].append(rate)
+        with RedisProcess.start() as redis_server:
+            redis_url = redis_server.url if redis_server else None
+            body = chat_body("echo", ECHO_MESSAGE)
+            with ServerProcess(json_store=store) as probe:
+                answer_bytes = len(http_request(probe.port, "POST", "/memory/openai/chat/completions", body)[1])
+            kinds = ["bare", "memory", "json"] + (["redis"] if redis_url else [])
+            rates = {kind: [] for kind in kinds}
+            with ServerProcess(json_store=store, body_bytes=answer_bytes, redis_url=redis_url) as server:
+                for _ in range(runs):
+                    for kind in kinds:
+                        path = "/bare" if kind == "bare" else f"/{kind}/openai/chat/completions"
+                        rate, errors = throughput(server.port, path, body, seconds)
+                        assert errors == 0, f"{errors} errors on {kind}"
+                        rates[kind].append(rate)
+            _report_turn_rates(rates, answer_bytes)
+            if redis_url:
+                _bench_instances(runs, seconds, body, redis_url)
     finally:
         shutil.rmtree(store, ignore_errors=True)
+
+
+def _report_turn_rates(rates, answer_bytes):
     bare = statistics.median(rates["bare"])
     print(f"  bare Bottle route ({answer_bytes} bytes): {bare:.0f} requests/s "
           f"(runs: {', '.join(f'{r:.0f}' for r in rates['bare'])})")
-    for kind, target in (("memory", 0.8), ("json", 0.5)):
+    for kind, target in (("memory", 0.8), ("json", 0.5), ("redis", 0.5)):
+        if kind not in rates:
+            continue
         ratios = [turn / base for turn, base in zip(rates[kind], rates["bare"])]
         ratio = statistics.median(ratios)
         report(f"turn rate, {kind} store, vs bare", f"{ratio:.2f}x ({statistics.median(rates[kind]):.0f}/s)",
                f">= {target}x", ratio >= target)
+
+
+def _bench_instances(runs, seconds, body, redis_url):
+    """Turns per second of 1 and 2 server processes on one Redis, the clients spread over them."""
+    rates = {}
+    for count in (1, 2):
+        servers = [ServerProcess(redis_url=redis_url) for _ in range(count)]
+        try:
+            ports = [server.port for server in servers]
+            rates[count] = [spread_throughput(ports, "/redis/openai/chat/completions", body, seconds)[0]
+                            for _ in range(runs)]
+        finally:
+            for server in servers:
+                server.close()
+    one, two = statistics.median(rates[1]), statistics.median(rates[2])
+    report("2 instances on one Redis vs 1 (2 cores: both share them)", f"{two / one:.2f}x ({two:.0f} vs {one:.0f}/s)",
+           "measured", True)
 
 
 def bench_ttfb(runs, count=100):
@@ -721,6 +795,7 @@ def main(argv=None):
     parser.add_argument("--real-model", default="gemma", help="model name on --real-llm (default: %(default)s)")
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json-store", help=argparse.SUPPRESS)
+    parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     parser.add_argument("--body-bytes", type=int, default=0, help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
     if arguments.mode == "serve":
