@@ -1677,6 +1677,9 @@ class RedisStore(Store):
             raise ConfigError(f"store {self.where}: cannot reach Redis ({self._reason(exc)})") from None
         self._release = self._redis.register_script(self.RELEASE)
         self._renew = self._redis.register_script(self.RENEW)
+        self._held: Dict[str, str] = {}   # lock key -> token, for the turns running in this process
+        self._held_guard = threading.Lock()
+        self._keeper: Optional[threading.Thread] = None
 
     def load(self, conversation_id: str) -> Optional[dict]:
         data = self._call(self._redis.get, self.KEY + conversation_id)
@@ -1696,20 +1699,31 @@ class RedisStore(Store):
             if time.monotonic() > give_up:   # the holder keeps it alive: it is still working
                 raise StoreUnavailable(f"The conversation is busy with another turn in {self.where}; try again.")
             time.sleep(REDIS_LOCK_POLL_SECONDS)
-        done = threading.Event()
-        keeper = threading.Thread(target=self._keep_alive, args=(key, token, life_ms, done), daemon=True)
-        keeper.start()
+        with self._held_guard:
+            self._held[key] = token
+            if self._keeper is None or not self._keeper.is_alive():   # one thread renews every lock held here
+                self._keeper = threading.Thread(target=self._keep_alive, args=(life_ms,), daemon=True)
+                self._keeper.start()
         try:
             yield
         finally:
-            done.set()
+            with self._held_guard:
+                self._held.pop(key, None)
             with contextlib.suppress(*self._errors):   # if Redis is gone, the lock expires by itself
                 self._release(keys=[key], args=[token])
 
-    def _keep_alive(self, key: str, token: str, life_ms: int, done: threading.Event) -> None:
-        while not done.wait(self.lock_seconds / 3):
-            with contextlib.suppress(*self._errors):
-                self._renew(keys=[key], args=[token, life_ms])
+    def _keep_alive(self, life_ms: int) -> None:
+        """Renew the locks of the turns running here, a third of their life at a time."""
+        while True:
+            time.sleep(self.lock_seconds / 3)
+            with self._held_guard:
+                held = list(self._held.items())
+                if not held:
+                    self._keeper = None
+                    return
+            for key, token in held:
+                with contextlib.suppress(*self._errors):
+                    self._renew(keys=[key], args=[token, life_ms])
 
     def count(self) -> int:
         return sum(1 for _ in self._call(self._redis.scan_iter, match=self.KEY + "*", count=1000))
