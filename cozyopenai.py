@@ -1271,6 +1271,7 @@ class Conversation:
     updated: float = field(default_factory=time.time)
     snapshots: List[dict] = field(default_factory=list)   # oldest first, the most recent SNAPSHOTS_KEPT
     results: Dict[str, str] = field(default_factory=dict)  # answers of runs, by digest, shared by snapshots
+    responses: Dict[str, dict] = field(default_factory=dict)   # Responses API: stored responses, by id
     parent: str = ""                                      # not stored: the snapshot this turn continues
     is_new: bool = False                                  # not stored: the id block goes out once
 
@@ -1279,7 +1280,7 @@ class Conversation:
     def to_record(self) -> dict:
         return {"version": RECORD_VERSION, "id": self.id, "model": self.model, "turns": self.turns,
                 "created": self.created, "updated": self.updated, "snapshots": self.snapshots,
-                "results": self.results}
+                "results": self.results, "responses": self.responses}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "Conversation":
@@ -1287,7 +1288,8 @@ class Conversation:
         that any reply of that conversation continues from."""
         conversation = cls(id=record["id"], model=record["model"], turns=record.get("turns", 0),
                            created=record.get("created", time.time()), updated=record.get("updated", time.time()),
-                           snapshots=list(record.get("snapshots", [])), results=dict(record.get("results", {})))
+                           snapshots=list(record.get("snapshots", [])), results=dict(record.get("results", {})),
+                           responses=dict(record.get("responses", {})))
         if "snapshots" not in record:
             state = {name: record.get(name, default) for name, default in
                      (("values", {}), ("asked", []), ("ask_counts", {}), ("runs", 0))}
@@ -1325,6 +1327,11 @@ class Conversation:
         again = user_turns(messages[replies[position].index + 1:later[-1]]) if later else []
         return self._take(found, arrived), again
 
+    def continue_from_key(self, key: str, arrived: float) -> Optional[dict]:
+        """Take the state of the snapshot ``key`` (a stored response's); None when not kept."""
+        found = next((snapshot for snapshot in reversed(self.snapshots) if snapshot["key"] == key), None)
+        return self._take(found, arrived) if found else None
+
     def _take(self, found: dict, arrived: float) -> dict:
         while True:   # follow turns of the same branch saved while this request waited
             later = [s for s in self.snapshots if s["parent"] == found["key"] and s["at"] > arrived]
@@ -1346,7 +1353,7 @@ class Conversation:
             return None   # our reply after other user turns: an earlier message edited in place
         return next((s for s in reversed(self.snapshots) if s["users"] == users and s["reply"]), None)
 
-    def remember(self, reply_text: str, users: Tuple[str, str], answer: Optional[str] = None) -> None:
+    def remember(self, reply_text: str, users: Tuple[str, str], answer: Optional[str] = None) -> str:
         """Save this turn's resulting state as a new snapshot, keyed by the reply as written and
         ``users``, the digests of the user turns with and without the last. ``answer``: the
         workflow's answer, when it ran, to give again if asked for nothing new."""
@@ -1361,6 +1368,14 @@ class Conversation:
             self.snapshots = (self.snapshots + [snapshot])[-SNAPSHOTS_KEPT:]
         used = {s.get("result") for s in self.snapshots}
         self.results = {digest: text for digest, text in self.results.items() if digest in used}
+        kept = {s["key"] for s in self.snapshots}
+        self.responses = {rid: response for rid, response in self.responses.items() if response["snapshot"] in kept}
+        return snapshot["key"]
+
+    def keep_response(self, response_id: str, snapshot: str, thinking: str, answer: str, extra: Mapping[str, Any]) -> None:
+        """A response of the Responses API, stored with the snapshot it left, to continue from."""
+        self.responses[response_id] = {"snapshot": snapshot, "created_at": int(time.time()), "thinking": thinking,
+                                       "answer": answer, **extra}
 
     def last_result(self) -> str:
         return self.results.get(self.result, "")
@@ -1408,6 +1423,18 @@ def users_digest(messages: Sequence[dict]) -> Tuple[str, str]:
     turns = user_turns(messages)
     return (text_digest(" ".join(text_digest(turn) for turn in turns)),
             text_digest(" ".join(text_digest(turn) for turn in turns[:-1])))
+
+
+def new_response_id(conversation_id: str) -> str:
+    """A stored response's id holds its conversation's, so the response can be found from it."""
+    return f"resp_{conversation_id}{secrets.token_hex(4)}"
+
+
+def conversation_of_response(response_id: str) -> str:
+    conversation_id = str(response_id)[5:37]
+    if not str(response_id).startswith("resp_") or not is_conversation_id(conversation_id):
+        raise NotFoundError(f"No stored response {response_id!r}.", param="response_id")
+    return conversation_id
 
 
 def new_conversation_id() -> str:
@@ -3080,6 +3107,51 @@ def replay_offline(workflow: Workflow, conversation: Conversation, turns: Sequen
 
 
 @dataclass
+class TurnRequest:
+    """One turn asked for, whatever API it came by (issue 13)."""
+    model: str
+    messages: List[dict]                  # {"role", "content"}: the history, the new user text last
+    id_block: bool = True                 # the first reply carries the conversation in an identifier block
+    chat_key: str = ""                    # the conversation header's value, when keyed by it
+    previous_response_id: str = ""        # Responses: continue from this stored response
+    store_response: bool = False          # Responses: keep this turn as a response (``store``)
+    response_extra: Dict[str, Any] = field(default_factory=dict)   # stored with it: metadata, usage, ...
+    response_id: str = ""                 # set once the conversation is known
+
+
+SORRY_REPLY = "Sorry, something went wrong on the server while answering. Your conversation is kept."
+
+
+def ordered_pieces(pieces: Iterator[Piece]) -> Iterator[Piece]:
+    """The turn's pieces as every API shows them: thinking, then the answer. Progress that comes
+    after the answer has begun (a side branch still running) is logged, not shown; a bug in the
+    turn ends the answer with an apology rather than a broken reply."""
+    answer_begun = False
+    try:
+        for piece in pieces:
+            if piece.kind == "thinking" and answer_begun:
+                log.debug("progress after the answer began: %s", piece.text.strip())
+                continue
+            answer_begun = answer_begun or piece.kind == "answer"
+            yield piece
+    except Exception:   # the turn's own bug
+        log.exception("turn failed")
+        yield Piece("answer", SORRY_REPLY)
+    finally:
+        getattr(pieces, "close", lambda: None)()
+
+
+def _as_pairs(pieces: Iterator[Any]) -> Iterator[Tuple[str, str]]:
+    """Pieces as (kind, text), for the redactor; closing this closes the turn (it saves then)."""
+    try:
+        for piece in pieces:
+            if piece is not None:
+                yield piece.kind, piece.text
+    finally:
+        getattr(pieces, "close", lambda: None)()
+
+
+@dataclass
 class TurnContext:
     """Everything one turn needs, so the turn logic holds no server state of its own."""
     workflow: Workflow
@@ -3409,36 +3481,25 @@ THINKING_STYLES = ("tags", "reasoning_content")
 
 
 def reply_fields(pieces: Iterator[Piece], thinking: str = "tags") -> Iterator[Tuple[str, str]]:
-    """The reply as (field, text): with thinking "tags", everything goes to ``content`` and
-    the thinking pieces sit in one <thinking> block, closed before the answer and closed
-    even when the turn fails halfway; with "reasoning_content", thinking goes to that field
-    (for clients that show reasoning from it) and the answer to ``content``. Progress that
-    comes after the answer has begun (a side branch still running) is logged, not shown."""
-    tags = thinking == "tags"
-    thinking_open = answer_begun = False
+    """Chat Completions: the pieces as (field, text). With thinking "tags", everything goes to
+    ``content`` and the thinking sits in one <thinking> block, closed before the answer; with
+    "reasoning_content", thinking goes to that field (for clients that show reasoning from
+    it) and the answer to ``content``."""
+    tags, thinking_open = thinking == "tags", False
     try:
         for piece in pieces:
-            if piece.kind == "thinking" and answer_begun:
-                log.debug("progress after the answer began: %s", piece.text.strip())
-            elif piece.kind == "thinking":
+            if piece.kind == "thinking":
                 if tags and not thinking_open:
                     yield "content", "<thinking>\n"
                 thinking_open = True
                 yield ("content" if tags else "reasoning_content"), piece.text
             else:
-                answer_begun = True
                 if tags and thinking_open:
                     yield "content", "</thinking>\n\n"
                 thinking_open = False
                 yield "content", piece.text
-    except Exception:   # the turn's own bug: say so in the reply rather than break the stream
-        log.exception("turn failed")
-        if tags and thinking_open:
-            yield "content", "</thinking>\n\n"
-        thinking_open = False
-        yield "content", "Sorry, something went wrong on the server while answering. Your conversation is kept."
     finally:
-        pieces.close()
+        getattr(pieces, "close", lambda: None)()   # the turn saves and unlocks when closed
     if tags and thinking_open:
         yield "content", "</thinking>\n\n"
 
@@ -3700,48 +3761,53 @@ class Service:
                                      param="model")
         return self.workflows[model_id]
 
-    def chat(self, body: bytes, content_type: str = "", stop: Optional[threading.Event] = None,
-             chat_key: str = "", trace: Optional[Dict[str, str]] = None
-             ) -> Tuple[ChatRequest, Iterator[Tuple[str, str]], int]:
-        """Validate the request (errors are raised here, before any reply starts) and return
-        the reply as (field, text) pairs, produced lazily: the turn runs as they are read.
-        ``chat_key``: the conversation header's value, when conversations are keyed by it."""
-        request = parse_chat_request(body, content_type)
+    def turn(self, request: "TurnRequest", stop: Optional[threading.Event] = None,
+             trace: Optional[Dict[str, str]] = None) -> Iterator[Piece]:
+        """One turn, whatever API it came by: its pieces (thinking, then the answer), produced
+        lazily, as the turn runs while they are read. Errors found before any piece (an unknown
+        model, a store that is down, an unknown previous response) are raised here."""
         workflow = self.workflow(request.model)
         trace = {} if trace is None else trace
         trace["model"] = workflow.name
-        prompt_tokens = estimate_tokens("".join(m["content"] for m in request.messages))
         if request.messages[-1]["role"] == "assistant":
             # Open WebUI's "Continue Response" sends the history ending with our reply: the
             # turn is over and nothing was said, so there is nothing to add (and no turn).
             trace["conversation"] = "continue"
-            return request, iter([]), prompt_tokens
+            return iter([])
         if is_client_task(request.messages):
             trace["conversation"] = "task"
             answer = answer_client_task(workflow, request.messages[-1]["content"], self.llm)
-            return request, iter([("content", workflow.redact(answer))]), prompt_tokens
+            return iter([Piece("answer", workflow.redact(answer))])
         self._expire_now_and_then()
-        fields = self._turn_fields(workflow, request.messages, stop or threading.Event(), chat_key, trace)
-        next(fields)   # lock and load now: a store that is down is a 503 before any reply starts
-        if workflow.redact:   # a workflow with no secrets skips a step per piece (issue 6)
-            fields = workflow.redact.stream(fields)
-        return request, fields, prompt_tokens
+        pieces = self._turn_pieces(workflow, request, stop or threading.Event(), trace)
+        next(pieces)   # lock and load now: a store that is down is a 503 before any reply starts
+        if not workflow.redact:   # a workflow with no secrets skips a step per piece (issue 6)
+            return pieces
+        return (Piece(kind, text) for kind, text in workflow.redact.stream(_as_pairs(pieces)))
 
-    def _turn_fields(self, workflow: Workflow, messages: List[dict], stop: threading.Event, chat_key: str,
-                     trace: Dict[str, str]) -> Iterator[Optional[Tuple[str, str]]]:
+    def _turn_pieces(self, workflow: Workflow, request: "TurnRequest", stop: threading.Event,
+                     trace: Dict[str, str]) -> Iterator[Optional[Piece]]:
         # Everything from the lock to the save happens inside this generator, so closing it
         # (the client hung up) still saves and unlocks. Not in a hook: Bottle runs hooks
         # before a stream's body.
-        arrived = time.time()
+        arrived, messages = time.time(), request.messages
         with contextlib.ExitStack() as held:
-            if chat_key:
-                conversation, recovered = self._resume_by_key(workflow, messages, chat_key, held)
+            if request.previous_response_id:
+                conversation, recovered = self._resume_response(workflow, request.previous_response_id, arrived,
+                                                                held), False
+                history, text = [], split_new_messages(messages)[1]
+                branch, again = "", []
             else:
-                conversation, recovered = self._resume(workflow, messages, held)
+                if request.chat_key:
+                    conversation, recovered = self._resume_by_key(workflow, messages, request.chat_key, held)
+                else:
+                    conversation, recovered = self._resume(workflow, messages, held)
+                history, text = split_new_messages(messages)
+                branch, again = ("", []) if recovered else self._branch_of(conversation, messages, arrived)
             trace["conversation"] = conversation.id[:6]
-            yield None   # loaded: Service.chat goes on from here (see there)
-            history, text = split_new_messages(messages)
-            branch, again = ("", []) if recovered else self._branch_of(conversation, messages, arrived)
+            if request.store_response:
+                request.response_id = new_response_id(conversation.id)
+            yield None   # loaded: Service.turn goes on from here (see there)
             recovered = recovered or branch == "unknown"   # none of its replies kept: read the history again
             restored, reading = None, text
             if again:   # turns edited in place, with our replies after them kept
@@ -3752,21 +3818,60 @@ class Service:
                 history, reading = [], "\n".join(m["content"] for m in messages if m["role"] == "user")
             turn = TurnContext(workflow, conversation, history, reading, self.llm, self.node_types, stop,
                                restored, "" if branch == "unknown" else branch, metrics=self.metrics)
-            written: List[str] = []
+            written: Dict[str, List[str]] = {"thinking": [], "answer": []}
             try:
-                for name, piece in reply_fields(play_turn(turn), self.thinking):
-                    written += [piece] if name == "content" else []
-                    yield name, piece
-                if conversation.is_new and not chat_key:
-                    written.append(id_block(conversation.id))
-                    yield "content", written[-1]
+                for piece in ordered_pieces(play_turn(turn)):
+                    written[piece.kind].append(piece.text)
+                    yield piece
+                if conversation.is_new and request.id_block and not request.chat_key:
+                    written["answer"].append(id_block(conversation.id))
+                    yield Piece("answer", written["answer"][-1])
             finally:
                 stop.set()
-                conversation.remember(workflow.redact("".join(written)), users_digest(messages), turn.answer)
+                answer = workflow.redact("".join(written["answer"]))
+                key = conversation.remember(answer, users_digest(messages), turn.answer)
+                if request.response_id:
+                    conversation.keep_response(request.response_id, key, workflow.redact("".join(written["thinking"])),
+                                               answer, request.response_extra)
                 conversation.updated = time.time()
                 self.store.save(conversation.id, conversation.to_record())
                 self.metrics.add("turns_total", model=workflow.name)
                 self.metrics.observe("turn_seconds", time.time() - arrived, model=workflow.name)
+
+    def _resume_response(self, workflow: Workflow, response_id: str, arrived: float,
+                         held: contextlib.ExitStack) -> Conversation:
+        """The conversation behind a stored response, set to the state right after it (so two
+        responses that continue the same one each get their own branch)."""
+        conversation_id = conversation_of_response(response_id)
+        held.enter_context(self._lock(conversation_id))
+        record = self.store.load(conversation_id)
+        response = (record or {}).get("responses", {}).get(response_id)
+        if record is None or response is None or record.get("model") != workflow.name:
+            raise RequestError(f"No stored response {response_id!r} of the model {workflow.name!r}; send the "
+                               "whole conversation as input, or start a new one.", param="previous_response_id")
+        conversation = Conversation.from_record(record)
+        if conversation.continue_from_key(response["snapshot"], arrived) is None:
+            raise RequestError(f"The response {response_id!r} is older than what the conversation keeps; send the "
+                               "whole conversation as input instead.", param="previous_response_id")
+        return conversation
+
+    def stored_response(self, response_id: str) -> dict:
+        """GET /responses/{id}: a response saved with ``store``."""
+        record = self.store.load(conversation_of_response(response_id))
+        response = (record or {}).get("responses", {}).get(response_id)
+        if response is None:
+            raise NotFoundError(f"No stored response {response_id!r}.", param="response_id")
+        return response_object(response_id, record["model"], response)
+
+    def delete_response(self, response_id: str) -> dict:
+        conversation_id = conversation_of_response(response_id)
+        with self._lock(conversation_id):
+            record = self.store.load(conversation_id)
+            if record is None or response_id not in record.get("responses", {}):
+                raise NotFoundError(f"No stored response {response_id!r}.", param="response_id")
+            del record["responses"][response_id]
+            self.store.save(conversation_id, record)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     @staticmethod
     def _branch_of(conversation: Conversation, messages: Sequence[dict], arrived: float) -> Tuple[str, List[str]]:
@@ -3953,8 +4058,11 @@ def _chat(service: Service) -> Any:
     environ = bottle.request.environ
     stop = HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY))
     chat_key = bottle.request.get_header(service.conversation_header, "") if service.conversation_header else ""
-    request, texts, prompt_tokens = service.chat(_read_body(), bottle.request.content_type, stop, chat_key,
-                                                 environ.get(TRACE_ENVIRON_KEY))
+    request = parse_chat_request(_read_body(), bottle.request.content_type)
+    prompt_tokens = estimate_tokens("".join(message["content"] for message in request.messages))
+    pieces = service.turn(TurnRequest(request.model, request.messages, chat_key=chat_key), stop,
+                          environ.get(TRACE_ENVIRON_KEY))
+    texts = reply_fields(pieces, service.thinking)
     if request.stream:
         bottle.response.content_type = "text/event-stream"
         bottle.response.set_header("Cache-Control", "no-cache")
