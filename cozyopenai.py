@@ -3395,8 +3395,8 @@ class ChatRequest:
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
-def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
-    """Validate a chat-completions body; unknown fields are ignored, as OpenAI clients send many."""
+def _json_body(body: bytes, content_type: str) -> dict:
+    """The request body as a JSON object, or the OpenAI error that says why not."""
     media_type = content_type.split(";")[0].strip().lower()
     if media_type and media_type not in ("application/json", "text/plain") and not media_type.endswith("+json"):
         raise UnsupportedMediaTypeError(f"Send the body as JSON with 'Content-Type: application/json', "
@@ -3409,6 +3409,12 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
         raise RequestError("The request body is nested too deeply.") from None
     if not isinstance(data, dict):
         raise RequestError("The request body must be a JSON object.")
+    return data
+
+
+def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
+    """Validate a chat-completions body; unknown fields are ignored, as OpenAI clients send many."""
+    data = _json_body(body, content_type)
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError("'model' is required: the name of a workflow (see GET /openai/models).", param="model")
@@ -3660,6 +3666,207 @@ def _usage(prompt_tokens: int, completion_chars: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+####################################################################################
+# OpenAI wire format: the Responses API (issue 13)
+####################################################################################
+
+@dataclass(frozen=True)
+class ResponsesRequest:
+    model: str
+    messages: List[dict]          # the input as chat messages
+    stream: bool
+    store: bool
+    previous_response_id: str
+    metadata: Dict[str, Any]
+    instructions: Optional[str]
+
+
+RESPONSES_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "developer"}
+INPUT_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+def parse_responses_request(body: bytes, content_type: str = "") -> ResponsesRequest:
+    """Validate a Responses body. ``input`` is a string or a list of messages (content a
+    string or text parts); other input items (reasoning, tool calls) are skipped, as a
+    workflow calls no client tools; images and files are refused. Unknown fields are ignored."""
+    data = _json_body(body, content_type)
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' is required: the name of a workflow (see GET /openai/models).", param="model")
+    raw = data.get("input")
+    if isinstance(raw, str):
+        raw = [{"role": "user", "content": raw}]
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("'input' must be a string or a non-empty list of messages.", param="input")
+    messages = [message for index, item in enumerate(raw) for message in _input_message(item, index)]
+    if not any(message["role"] == "user" for message in messages):
+        raise RequestError("'input' needs at least one user message.", param="input")
+    for name, kind in (("stream", bool), ("store", bool), ("previous_response_id", str), ("metadata", dict),
+                       ("instructions", str)):
+        if data.get(name) is not None and not isinstance(data[name], kind):
+            raise RequestError(f"'{name}' must be {'true or false' if kind is bool else 'a ' + kind.__name__}.",
+                               param=name)
+    return ResponsesRequest(model=model, messages=messages, stream=bool(data.get("stream")),
+                            store=data.get("store") is not False,
+                            previous_response_id=data.get("previous_response_id") or "",
+                            metadata=dict(data.get("metadata") or {}), instructions=data.get("instructions"))
+
+
+def _input_message(item: Any, index: int) -> List[dict]:
+    where = f"input[{index}]"
+    if not isinstance(item, dict):
+        raise RequestError(f"{where} must be an object: a message with 'role' and 'content'.", param=where)
+    if item.get("type", "message") != "message":
+        return []   # reasoning, function calls and their outputs: nothing a workflow reads
+    role = RESPONSES_ROLES.get(item.get("role"))
+    if role is None:
+        raise RequestError(f"{where}.role must be one of {', '.join(RESPONSES_ROLES)}.", param=f"{where}.role")
+    content = item.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in INPUT_TEXT_PARTS:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RequestError(f"{where}.content: only text parts are supported, not {kind!r}; workflows take "
+                                   "their inputs as text.", param=f"{where}.content")
+            if not isinstance(part.get("text"), str):
+                raise RequestError(f"{where}.content: a text part needs a 'text' string.", param=f"{where}.content")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    if not isinstance(content, str):
+        raise RequestError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
+    return [{"role": role, "content": valid_text(content)}]
+
+
+def response_object(response_id: str, model: str, stored: Mapping[str, Any], status: str = "completed") -> dict:
+    """A ``response`` object: the progress as a reasoning item (clients show it as reasoning,
+    not answer), the answer as one message with one output_text part."""
+    output: List[dict] = []
+    if stored.get("thinking"):
+        output.append(_reasoning_item(response_id, stored["thinking"]))
+    if status == "completed" or stored.get("answer"):
+        output.append(_message_item(response_id, stored.get("answer", ""), status))
+    usage = _response_usage(stored.get("prompt_tokens", 0), stored.get("thinking", ""), stored.get("answer", ""))
+    return {"id": response_id, "object": "response", "created_at": stored.get("created_at", int(time.time())),
+            "status": status, "model": model, "output": output, "output_text": stored.get("answer", ""),
+            "previous_response_id": stored.get("previous_response_id") or None,
+            "instructions": stored.get("instructions"), "metadata": stored.get("metadata") or {},
+            "store": stored.get("store", True), "error": None, "incomplete_details": None,
+            "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "temperature": None, "top_p": None,
+            "max_output_tokens": None, "truncation": "disabled", "text": {"format": {"type": "text"}},
+            "reasoning": {"effort": None, "summary": None}, "user": None,
+            "usage": {"input_tokens": usage.get("input_tokens", 0),
+                      "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": usage.get("output_tokens", 0),
+                      "output_tokens_details": {"reasoning_tokens": usage.get("reasoning_tokens", 0)},
+                      "total_tokens": usage.get("input_tokens", 0) + usage.get("output_tokens", 0)}}
+
+
+def _reasoning_item(response_id: str, text: str) -> dict:
+    return {"type": "reasoning", "id": "rs_" + response_id[5:], "summary": [{"type": "summary_text", "text": text}]}
+
+
+def _message_item(response_id: str, text: str, status: str = "completed") -> dict:
+    return {"type": "message", "id": "msg_" + response_id[5:], "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" or text
+            else []}
+
+
+def _response_usage(prompt_tokens: int, thinking: str, answer: str) -> dict:
+    return {"input_tokens": prompt_tokens, "output_tokens": estimate_tokens(thinking + answer),
+            "reasoning_tokens": estimate_tokens(thinking)}
+
+
+def collect_response(pieces: Iterator[Piece], request: ResponsesRequest, response_id: str,
+                     prompt_tokens: int) -> dict:
+    """Non-streamed: the whole response object."""
+    texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
+    for piece in pieces:
+        texts[piece.kind].append(piece.text)
+    thinking, answer = "".join(texts["thinking"]), "".join(texts["answer"])
+    return response_object(response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens))
+
+
+def _stored_fields(request: ResponsesRequest, thinking: str, answer: str, prompt_tokens: int) -> dict:
+    return {"thinking": thinking, "answer": answer, "created_at": int(time.time()), "metadata": request.metadata,
+            "previous_response_id": request.previous_response_id, "instructions": request.instructions,
+            "store": request.store, "prompt_tokens": prompt_tokens}
+
+
+def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest, response_id: str,
+                    prompt_tokens: int) -> Iterator[bytes]:
+    """Streamed: the semantic events in order, each with a rising ``sequence_number``; the
+    progress lines as reasoning summary deltas as they happen, the answer as output_text
+    deltas (an `llm` node's tokens as they arrive), then ``response.completed`` with the
+    whole response. A None in ``pieces`` becomes an SSE comment (keep-alive)."""
+    sequence = itertools.count()
+    item = {"reasoning": _reasoning_item(response_id, ""), "message": _message_item(response_id, "", "in_progress")}
+    texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
+    opened: List[str] = []
+
+    def event(kind: str, **fields: Any) -> bytes:
+        body = {"type": kind, "sequence_number": next(sequence), **fields}
+        return f"event: {kind}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+    def open_item(kind: str) -> Iterator[bytes]:
+        index = len(opened)
+        opened.append(kind)
+        shown = dict(item[kind], summary=[]) if kind == "reasoning" else item[kind]
+        yield event("response.output_item.added", output_index=index, item=shown)
+        if kind == "reasoning":
+            yield event("response.reasoning_summary_part.added", item_id=item[kind]["id"], output_index=index,
+                        summary_index=0, part={"type": "summary_text", "text": ""})
+        else:
+            yield event("response.content_part.added", item_id=item[kind]["id"], output_index=index,
+                        content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+
+    def close_item(kind: str) -> Iterator[bytes]:
+        index, text = opened.index(kind), "".join(texts["thinking" if kind == "reasoning" else "answer"])
+        if kind == "reasoning":
+            done = _reasoning_item(response_id, text)
+            yield event("response.reasoning_summary_text.done", item_id=done["id"], output_index=index,
+                        summary_index=0, text=text)
+            yield event("response.reasoning_summary_part.done", item_id=done["id"], output_index=index,
+                        summary_index=0, part=done["summary"][0])
+        else:
+            done = _message_item(response_id, text)
+            yield event("response.output_text.done", item_id=done["id"], output_index=index, content_index=0,
+                        text=text)
+            yield event("response.content_part.done", item_id=done["id"], output_index=index, content_index=0,
+                        part=done["content"][0])
+        yield event("response.output_item.done", output_index=index, item=done)
+
+    started = response_object(response_id, request.model, {"metadata": request.metadata, "store": request.store,
+                                                             "previous_response_id": request.previous_response_id,
+                                                             "instructions": request.instructions}, "in_progress")
+    yield event("response.created", response=started)
+    yield event("response.in_progress", response=started)
+    for piece in pieces:
+        if piece is None:
+            yield b": keep-alive\n\n"
+            continue
+        kind = "reasoning" if piece.kind == "thinking" else "message"
+        if kind not in opened:
+            if kind == "message" and "reasoning" in opened:
+                yield from close_item("reasoning")
+            yield from open_item(kind)
+        texts[piece.kind].append(piece.text)
+        if kind == "reasoning":
+            yield event("response.reasoning_summary_text.delta", item_id=item[kind]["id"],
+                        output_index=opened.index(kind), summary_index=0, delta=piece.text)
+        elif piece.text:
+            yield event("response.output_text.delta", item_id=item[kind]["id"], output_index=opened.index(kind),
+                        content_index=0, delta=piece.text)
+    if "reasoning" in opened and "message" not in opened:
+        yield from close_item("reasoning")
+    if "message" not in opened:
+        yield from open_item("message")
+    yield from close_item("message")
+    thinking, answer = "".join(texts["thinking"]), "".join(texts["answer"])
+    yield event("response.completed", response=response_object(
+        response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens)))
+
+
 def model_object(workflow: Workflow) -> dict:
     return {"id": workflow.name, "object": "model", "created": workflow.created, "owned_by": MODEL_OWNER}
 
@@ -3842,9 +4049,13 @@ class Service:
                          held: contextlib.ExitStack) -> Conversation:
         """The conversation behind a stored response, set to the state right after it (so two
         responses that continue the same one each get their own branch)."""
-        conversation_id = conversation_of_response(response_id)
-        held.enter_context(self._lock(conversation_id))
-        record = self.store.load(conversation_id)
+        try:
+            conversation_id = conversation_of_response(response_id)
+        except NotFoundError:
+            conversation_id, record = "", None
+        else:
+            held.enter_context(self._lock(conversation_id))
+            record = self.store.load(conversation_id)
         response = (record or {}).get("responses", {}).get(response_id)
         if record is None or response is None or record.get("model") != workflow.name:
             raise RequestError(f"No stored response {response_id!r} of the model {workflow.name!r}; send the "
@@ -3983,6 +4194,9 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         app.route(prefix + "/models", "GET", _json_route(service, lambda: service.list_models()))
         app.route(prefix + "/models/<model_id:path>", "GET", _json_route(service, service.get_model))
         app.route(prefix + "/chat/completions", "POST", _json_route(service, lambda: _chat(service)))
+        app.route(prefix + "/responses", "POST", _json_route(service, lambda: _responses(service)))
+        app.route(prefix + "/responses/<response_id>", "GET", _json_route(service, service.stored_response))
+        app.route(prefix + "/responses/<response_id>", "DELETE", _json_route(service, service.delete_response))
     app.route("/health", "GET", lambda: {"status": "ok", "models": len(service.workflows)})
     app.route("/metrics", "GET", _json_route(service, lambda: _metrics(service)))
     app.route("/", "GET", lambda: _home(service))
@@ -4047,7 +4261,7 @@ def _allow_origin(origins: Sequence[str]) -> None:
     if origin and ("*" in origins or origin in origins):
         bottle.response.set_header("Access-Control-Allow-Origin", origin)
         bottle.response.set_header("Vary", "Origin")
-        bottle.response.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        bottle.response.set_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
         bottle.response.set_header("Access-Control-Allow-Headers",
                                    bottle.request.get_header("Access-Control-Request-Headers") or
                                    "Authorization, Content-Type")
@@ -4064,9 +4278,7 @@ def _chat(service: Service) -> Any:
                           environ.get(TRACE_ENVIRON_KEY))
     texts = reply_fields(pieces, service.thinking)
     if request.stream:
-        bottle.response.content_type = "text/event-stream"
-        bottle.response.set_header("Cache-Control", "no-cache")
-        bottle.response.set_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
+        _stream_headers()
         return _counted_stream(completion_chunks(with_keepalives(texts, service.keepalive_seconds, stop), request,
                                                  prompt_tokens), service.metrics)
     return completion_object(texts, request, prompt_tokens)
@@ -4119,6 +4331,30 @@ def _home(service: Service) -> str:
 def _base_url() -> str:
     parts = bottle.request.urlparts
     return f"{parts.scheme}://{parts.netloc}/openai"
+
+
+def _responses(service: Service) -> Any:
+    environ = bottle.request.environ
+    stop = HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY))
+    request = parse_responses_request(_read_body(), bottle.request.content_type)
+    prompt_tokens = estimate_tokens("".join(message["content"] for message in request.messages))
+    turn = TurnRequest(request.model, request.messages, id_block=not request.store,
+                       previous_response_id=request.previous_response_id, store_response=request.store,
+                       response_extra={key: value for key, value in _stored_fields(request, "", "", prompt_tokens).items()
+                                       if key not in ("thinking", "answer", "created_at")})
+    pieces = service.turn(turn, stop, environ.get(TRACE_ENVIRON_KEY))
+    response_id = turn.response_id or f"resp_{secrets.token_hex(20)}"   # not stored: an id of its own
+    if request.stream:
+        _stream_headers()
+        return _counted_stream(response_events(with_keepalives(pieces, service.keepalive_seconds, stop), request,
+                                               response_id, prompt_tokens), service.metrics)
+    return collect_response(pieces, request, response_id, prompt_tokens)
+
+
+def _stream_headers() -> None:
+    bottle.response.content_type = "text/event-stream"
+    bottle.response.set_header("Cache-Control", "no-cache")
+    bottle.response.set_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
 
 
 def _metrics(service: Service) -> str:

@@ -19,6 +19,7 @@ import time
 import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import openai
 import pytest
 import requests
 from openai import OpenAI
@@ -2286,6 +2287,96 @@ def test_a_lone_surrogate_in_a_message_is_replaced_not_a_500(start):
     assert "caf\ufffde" in response.json()["choices"][0]["message"]["content"]
 
 
+DOCUMENT_TURNS = ("I want to plan a trip to Paris.", "budget: 2000", "a week in mid-October")
+
+
+def test_the_responses_api_runs_the_document_conversation_chained_by_previous_response_id(start):
+    client = start().client
+    first = client.responses.create(model="trip-planner", input=DOCUMENT_TURNS[0])
+    assert first.id.startswith("resp_") and first.object == "response" and first.status == "completed"
+    assert [item.type for item in first.output] == ["reasoning", "message"]
+    assert "Understood destination: Paris." in first.output[0].summary[0].text
+    assert first.output_text.startswith("Got it: destination Paris.") and "<thinking>" not in first.output_text
+    assert "cozyui-conversation-identifier" not in first.output_text   # the response id carries the conversation
+    second = client.responses.create(model="trip-planner", input=DOCUMENT_TURNS[1], previous_response_id=first.id,
+                                     metadata={"user": "u1"})
+    assert second.output_text.startswith("Got it: budget 2000.") and second.metadata == {"user": "u1"}
+    with client.responses.stream(model="trip-planner", input=DOCUMENT_TURNS[2],
+                                 previous_response_id=second.id) as stream:
+        events = [event for event in stream]
+        final = stream.get_final_response()
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert kinds.index("response.reasoning_summary_text.delta") < kinds.index("response.output_text.delta")
+    progress = "".join(e.delta for e in events if e.type == "response.reasoning_summary_text.delta")
+    assert "→ plan started" in progress and "Running trip-planner with destination = Paris, budget = 2000" in progress
+    assert final.output_text.startswith("## Your trip to Paris") and "a week in mid-October" in final.output_text
+    assert client.responses.retrieve(second.id).output_text == second.output_text
+
+
+def test_two_responses_that_continue_the_same_one_each_get_their_own_state(start):
+    client = start().client
+    first = client.responses.create(model="trip-planner", input="destination: Rome\nbudget: 2000")
+    lisbon = client.responses.create(model="trip-planner", input="destination: Lisbon", previous_response_id=first.id)
+    may = client.responses.create(model="trip-planner", input="travel dates: May", previous_response_id=first.id)
+    assert "destination = Rome" in may.output[0].summary[0].text and "Lisbon" not in may.output[0].summary[0].text
+    june = client.responses.create(model="trip-planner", input="travel dates: June", previous_response_id=lisbon.id)
+    assert "Running trip-planner with destination = Lisbon, budget = 2000, travel dates = June" in \
+        june.output[0].summary[0].text
+
+
+def test_responses_errors_and_the_stateless_form(start):
+    server = start()
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.client.responses.create(model="trip-planner", input="hello", previous_response_id="resp_unknown")
+    assert caught.value.body["param"] == "previous_response_id"
+    bad = requests.post(server.url + "/openai/v1/responses", timeout=10, json={
+        "model": "trip-planner", "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "input[0].content"
+    missing = requests.get(server.url + "/openai/responses/resp_nothing", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    first = server.client.responses.create(model="trip-planner", input="destination: Oslo", store=False)
+    assert ID_BLOCK.search(first.output_text)   # stateless: the id block carries the conversation, as in chat
+    history = [{"role": "user", "content": "destination: Oslo"}, {"role": "assistant", "content": first.output_text},
+               {"role": "user", "content": "budget: 900\ntravel dates: May"}]
+    again = server.client.responses.create(model="trip-planner", input=history, store=False)
+    assert "Running trip-planner with destination = Oslo, budget = 900, travel dates = May" in \
+        again.output[0].summary[0].text
+    stored = server.client.responses.create(model="trip-planner", input="destination: Bergen")
+    server.client.responses.delete(stored.id)
+    assert requests.get(f"{server.url}/openai/responses/{stored.id}", timeout=10).status_code == 404
+
+
+def test_the_agents_sdk_talks_to_a_workflow_over_the_responses_api(start):
+    agents = pytest.importorskip("agents")
+    import asyncio
+    agents.set_tracing_disabled(True)   # its traces would go to OpenAI's servers: nothing leaves this machine
+    from openai import AsyncOpenAI
+    server = start()
+    model = agents.OpenAIResponsesModel(model="trip-planner",
+                                        openai_client=AsyncOpenAI(api_key="unused", base_url=server.url + "/openai"))
+    agent = agents.Agent(name="planner", instructions="Plan trips.", model=model)
+
+    async def conversation():
+        outputs, previous, reasoning = [], None, []
+        for number, text in enumerate(DOCUMENT_TURNS):
+            if number < 2:
+                result = await agents.Runner.run(agent, text, previous_response_id=previous)
+            else:
+                result = agents.Runner.run_streamed(agent, text, previous_response_id=previous)
+                async for event in result.stream_events():
+                    if event.type == "raw_response_event" and event.data.type == \
+                            "response.reasoning_summary_text.delta":
+                        reasoning.append(event.data.delta)
+            outputs.append(result.final_output)
+            previous = result.last_response_id
+        return outputs, "".join(reasoning)
+    outputs, reasoning = asyncio.run(asyncio.wait_for(conversation(), 60))
+    assert outputs[0].startswith("Got it: destination Paris.") and outputs[1].startswith("Got it: budget 2000.")
+    assert outputs[2].startswith("## Your trip to Paris") and "Running trip-planner" in reasoning
+
+
 def test_the_async_openai_client_streams_and_not(start):
     import asyncio
     from openai import AsyncOpenAI
@@ -2543,7 +2634,7 @@ def test_readme_test_command_is_the_one_ci_runs():
         ci = handle.read()
     with open(os.path.join(HERE, "README.md")) as handle:
         readme = handle.read()
-    command = "pip install -r requirements.txt pytest hypothesis redis && python -m pytest -q test_cozyopenai.py"
+    command = "pip install -r requirements.txt pytest hypothesis redis openai-agents && python -m pytest -q test_cozyopenai.py"
     assert f"```\n{command}\n```" in readme and f"\n{command}\n" in ci
 
 
@@ -2555,13 +2646,24 @@ def test_readme_workflow_example_loads_and_answers(start):
 
 
 def test_readme_python_client_example_runs_as_written(start):
-    (example,) = [block for block in readme_blocks("python") if "from openai import OpenAI" in block]
+    (example,) = [block for block in readme_blocks("python") if "chat.completions.create" in block]
     server = start()
     code = example.replace("http://127.0.0.1:8000", server.url)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Agent is responding...\n<thinking>")
     assert "Got it: destination Paris." in result.stdout and result.stdout.endswith("Stream finished.\n")
+
+
+@pytest.mark.parametrize("marker, expected", [("client.responses.create", "## Your trip to Paris"),
+                                               ("OpenAIResponsesModel", "## Your trip to Paris")])
+def test_readme_responses_examples_run_as_written(start, marker, expected):
+    (example,) = [block for block in readme_blocks("python") if marker in block]
+    server = start()
+    result = subprocess.run([sys.executable, "-c", example.replace("http://127.0.0.1:8000", server.url)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout and "<thinking>" not in result.stdout
 
 
 def test_readme_embedding_example_runs_as_written():

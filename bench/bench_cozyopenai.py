@@ -341,13 +341,16 @@ def bench_overhead(runs, seconds):
             body = chat_body("echo", ECHO_MESSAGE)
             with ServerProcess(json_store=store) as probe:
                 answer_bytes = len(http_request(probe.port, "POST", "/memory/openai/chat/completions", body)[1])
-            kinds = ["bare", "memory", "json"] + (["redis"] if redis_url else [])
+            kinds = ["bare", "memory", "json"] + (["redis"] if redis_url else []) + ["responses"]
             rates = {kind: [] for kind in kinds}
+            responses_body = json.dumps({"model": "echo", "input": ECHO_MESSAGE}).encode()
             with ServerProcess(json_store=store, body_bytes=answer_bytes, redis_url=redis_url) as server:
                 for _ in range(runs):
                     for kind in kinds:
-                        path = "/bare" if kind == "bare" else f"/{kind}/openai/chat/completions"
-                        rate, errors = throughput(server.port, path, body, seconds)
+                        path = {"bare": "/bare", "responses": "/memory/openai/responses"}.get(
+                            kind, f"/{kind}/openai/chat/completions")
+                        rate, errors = throughput(server.port, path, responses_body if kind == "responses" else body,
+                                                  seconds)
                         assert errors == 0, f"{errors} errors on {kind}"
                         rates[kind].append(rate)
             _report_turn_rates(rates, answer_bytes)
@@ -361,12 +364,13 @@ def _report_turn_rates(rates, answer_bytes):
     bare = statistics.median(rates["bare"])
     print(f"  bare Bottle route ({answer_bytes} bytes): {bare:.0f} requests/s "
           f"(runs: {', '.join(f'{r:.0f}' for r in rates['bare'])})")
-    for kind, target in (("memory", 0.8), ("json", 0.5), ("redis", 0.5)):
+    for kind, target in (("memory", 0.8), ("responses", 0.8), ("json", 0.5), ("redis", 0.5)):
         if kind not in rates:
             continue
         ratios = [turn / base for turn, base in zip(rates[kind], rates["bare"])]
         ratio = statistics.median(ratios)
-        report(f"turn rate, {kind} store, vs bare", f"{ratio:.2f}x ({statistics.median(rates[kind]):.0f}/s)",
+        label = "Responses API turn, memory store" if kind == "responses" else f"{kind} store"
+        report(f"turn rate, {label}, vs bare", f"{ratio:.2f}x ({statistics.median(rates[kind]):.0f}/s)",
                f">= {target}x", ratio >= target)
 
 
