@@ -1946,6 +1946,14 @@ CONTRAST_WORDS = "but rather instead mais plutot sondern lieber pero sino mejor 
 PREFERENCE_WORDS = "rather instead plutot lieber mejor meglio piuttosto invece"   # "plutôt Marseille": a place
 ALTERNATIVE_WORDS = "or ou oder o u oppure"
 NAME_JOINER_WORDS = "de del da di do dos das la le upon on am an sur en y"   # "Rio de Janeiro", "Frankfurt am Main"
+# Words of a reply that says something about the conversation, not a value: "Add Details",
+# "More Concise", "Tell me more", "hmm, let me think", "no idea".
+NON_ANSWER_WORDS = """add details detail more less concise shorter longer tell me explain elaborate continue
+    again regenerate retry try hmm hm um uh er let think about it maybe not sure unsure know dunno idk no idea
+    whatever anything anywhere somewhere something wait please thanks thank you ok okay yes what why how which who
+    plus details detaille concis court explique encore peut etre sais pas idee mehr kurzer erklare weiter
+    vielleicht weiss nicht keine ahnung mas detalles conciso explica quizas se ni idea piu dettagli spiega forse
+    so non idea"""
 CANCEL_WORDS = """stop cancel abort reset forget nevermind restart annuler annule oublie oublier arrete abbrechen
     vergiss vergessen stopp cancela cancelar olvida olvidalo annulla lascia dimentica"""
 CURRENCY_WORDS = """usd eur gbp chf jpy cad aud dollar dollars bucks euro euros pound pounds quid yen franc francs
@@ -1978,6 +1986,7 @@ PLACE_LEADS, NEGATIONS, CONTRASTS = _table(PLACE_LEAD_WORDS), _table(NEGATION_WO
 ALTERNATIVES, NAME_JOINERS, CANCELS = _table(ALTERNATIVE_WORDS), _table(NAME_JOINER_WORDS), _table(CANCEL_WORDS)
 CURRENCIES, PREFERENCES = _table(CURRENCY_WORDS), _table(PREFERENCE_WORDS)
 PLACE_ARTICLES, CORRECTION_FILLERS = _table(PLACE_ARTICLE_WORDS), _table(CORRECTION_FILLER_WORDS)
+NON_ANSWERS = _table(NON_ANSWER_WORDS)
 EXCEPTS, EXCEPT_OPENERS = _table(EXCEPT_WORDS), _table(EXCEPT_OPENER_WORDS)
 KINDS = MappingProxyType({kind: _table(words) for kind, words in KIND_WORDS.items()})
 CLAUSE_MARKS = frozenset(",;.!?:()[]—|\n")
@@ -2171,9 +2180,31 @@ class Token:
         return self.kind == "word" and self.text[:1].isupper()
 
 
-def tokenize(text: str) -> List[Token]:
-    return [Token(match.group(0), _fold(match.group(0)).replace("'", "").replace("’", ""), match.start(),
-                  match.end(), match.lastgroup) for match in TOKEN_PATTERN.finditer(text)]
+class Tokens(list):
+    """A message's tokens, with an index of where each word stands, made once: a long message
+    is looked through for every choice and synonym, and must not be scanned again each time."""
+
+    @cached_property
+    def words(self) -> List[Tuple[int, Token]]:
+        return [(index, token) for index, token in enumerate(self) if token.kind != "mark"]
+
+    @cached_property
+    def where(self) -> Dict[str, List[int]]:
+        """Positions in ``words`` by word, by the first part of a hyphenated word, and by the
+        first five letters (for _same_word's short endings, under "~")."""
+        found: Dict[str, List[int]] = {}
+        for position, (_, token) in enumerate(self.words):
+            keys = {token.folded, token.folded.split("-")[0]}
+            if len(token.folded) >= 5:
+                keys.add("~" + token.folded[:5])
+            for key in keys:
+                found.setdefault(key, []).append(position)
+        return found
+
+
+def tokenize(text: str) -> Tokens:
+    return Tokens(Token(match.group(0), _fold(match.group(0)).replace("'", "").replace("’", ""), match.start(),
+                        match.end(), match.lastgroup) for match in TOKEN_PATTERN.finditer(text))
 
 
 @dataclass(frozen=True)
@@ -2431,13 +2462,14 @@ def _span_text(tokens: Sequence[Token], start: int, end: int, text: Optional[str
 def find_words(tokens: Sequence[Token], value: Any) -> List[int]:
     """Where the words of ``value`` stand in a row in the message (token indexes)."""
     wanted = [_fold(word) for word in re.findall(r"[^\W_]+", str(value))]
-    words = [(index, token) for index, token in enumerate(tokens) if token.kind != "mark"]
-    found = []
-    for position in range(len(words) - len(wanted) + 1):
-        if wanted and all(_same_word(words[position + k][1].folded, wanted[k]) or
-                          words[position + k][1].folded.startswith(wanted[k] + "-") for k in range(len(wanted))):
-            found.append(words[position][0])
-    return found
+    if not wanted:
+        return []
+    tokens = tokens if isinstance(tokens, Tokens) else Tokens(tokens)
+    words, where = tokens.words, tokens.where
+    starts = set(where.get(wanted[0], [])) | set(where.get("~" + wanted[0][:5], []) if len(wanted[0]) >= 5 else [])
+    return [words[position][0] for position in sorted(starts) if position + len(wanted) <= len(words) and all(
+        _same_word(words[position + k][1].folded, wanted[k]) or words[position + k][1].folded.startswith(wanted[k] + "-")
+        for k in range(len(wanted)))]
 
 
 def alternatives_to(tokens: Sequence[Token], index: int, size: int) -> List[str]:
@@ -2579,7 +2611,7 @@ def words_taken(workflow: Workflow) -> frozenset:
     """Words that mean something else here, so are never a name: "make it Relaxed" (a pace),
     "how about Fahrenheit" (a unit), "I", "Budget"."""
     taken = set(SENTENCE_STARTS | BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False] | COUNT_WORDS | NEGATIONS)
-    taken |= CURRENCIES | CONTRASTS | ALTERNATIVES | CANCELS | QUALIFIERS
+    taken |= CURRENCIES | CONTRASTS | ALTERNATIVES | CANCELS | QUALIFIERS | NON_ANSWERS
     for query in workflow.query_inputs.values():
         taken |= set(_words(query.label + " " + " ".join(query.choices)))
         taken |= {word for synonym, _ in query.synonyms for word in _words(str(synonym))}
@@ -2789,9 +2821,19 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str) -> 
                 return {query.name: names[0]}
         if (len(text.split()) > MAX_DIRECT_REPLY_WORDS or (words and words[0] in SENTENCE_STARTS)
                 or (re.search(r"\d", text) and any(o.type in NUMERIC_TYPES for o in others))
-                or (period_spans(tokens) and query.kind != "date" and any(o.kind == "date" for o in others))):
+                or (period_spans(tokens) and query.kind != "date" and any(o.kind == "date" for o in others))
+                or not _could_be(query, tokens, words)):
             return {}
     return {query.name: _reply_value(query, text)}
+
+
+def _could_be(query: QueryInput, tokens: Sequence[Token], words: Sequence[str]) -> bool:
+    """Could a short reply be a value of this kind? A date has a word of time or a number; a
+    place or a text is not made of words that only talk ("Add Details", "Tell me more",
+    "hmm, let me think": Open WebUI sends its regenerate buttons as messages, issue 10)."""
+    if query.kind == "date":
+        return bool(re.search(r"\d", " ".join(words))) or any(_is_time_word(token) for token in tokens)
+    return not words or not all(word in NON_ANSWERS for word in words)
 
 
 def _input_named(workflow: Workflow, key: str) -> Optional[str]:

@@ -1473,6 +1473,18 @@ def test_where_the_floor_and_the_llm_disagree_the_message_decides_and_the_thinki
     assert "Kept the budget '1500' as your message states it; the language model read '2000'." in reply
 
 
+@pytest.mark.parametrize("reply", ["Add Details", "More Concise", "Tell me more", "hmm, let me think"])
+def test_a_regenerate_button_or_a_filler_on_a_question_is_not_taken_for_the_value(start, reply):
+    chat = Chat(start())
+    chat.say("destination: Rome\nbudget: 2000")   # asks when
+    answer = answer_of(chat.say(reply))
+    assert answer.startswith(f'I could not read the travel dates from "{reply}".'), answer
+    chat = Chat(start())
+    chat.say("I want to plan a trip")              # asks where
+    assert answer_of(chat.say(reply)).startswith(f'I could not read the destination from "{reply}".')
+    assert "Understood destination: lisbon." in chat.say("lisbon")   # a plain answer still is one
+
+
 def test_a_reply_that_answers_nothing_quotes_it_and_shows_the_line_form(start):
     chat = Chat(start())
     chat.say("I want to plan a trip.")
