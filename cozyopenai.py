@@ -34,10 +34,17 @@ loopback. Give ``--api-key`` before listening anywhere else. Fixed inputs
 (API keys and the like) are never shown to chat users, but anyone who can
 edit workflows.json can make the server fetch URLs and call Python functions.
 
+It speaks Chat Completions (``/openai/chat/completions``) and the Responses API
+(``/openai/responses``, with ``previous_response_id``); ``GET /`` is a page for
+people and ``GET /metrics`` gives Prometheus counters. Conversations live in
+memory, in a folder of JSON files (the default), or in Redis
+(``--store redis://host:6379/0``) for several instances on several machines.
+
 Limits: token counts in ``usage`` are estimates (about four characters a
 token); one choice per request (``n`` must be 1); the JSON store keeps one
-file per conversation in a directory, fine for thousands of chats, not for a
-cluster without a shared disk.
+file per conversation in a directory, fine for thousands of chats on one
+machine; without an LLM the reader knows English, French, German, Spanish and
+Italian (its tables are in the "Reading" section).
 """
 
 __version__ = "0.1.0"
