@@ -3916,6 +3916,266 @@ def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest
         response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens)))
 
 
+####################################################################################
+# MCP: the workflows as tools, missing inputs asked for by elicitation (issue 14)
+####################################################################################
+
+# Streamable HTTP, the handshake era of the protocol: initialize, a session id, then
+# requests. The 2026-07-28 era's probe (server/discover) is answered "method not found",
+# which makes current clients fall back to initialize (as the specification says).
+MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")   # newest first: what initialize may agree on
+MCP_SESSION_IDLE_SECONDS = 3600.0        # a session unused this long is forgotten (clients may never DELETE)
+MCP_ELICIT_SECONDS = 600.0               # how long a tool call waits for a person to answer
+MCP_KEEPALIVE_SECONDS = 15.0             # an SSE comment this often while waiting (clients time out at 300 s)
+MCP_MAX_SESSIONS = 10_000
+JSONRPC_PARSE_ERROR, JSONRPC_INVALID_REQUEST, JSONRPC_NO_METHOD, JSONRPC_INVALID_PARAMS = -32700, -32600, -32601, -32602
+REQUEST_ARGUMENT = "request"             # the optional free-text argument, read like a chat message
+
+
+class McpError(Exception):
+    """A JSON-RPC error, with the HTTP status it goes out with."""
+
+    def __init__(self, code: int, message: str, status: int = 200):
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+@dataclass
+class McpSession:
+    """One MCP client's session: what it can do, and the elicitations waiting for its answers."""
+    version: str
+    can_elicit: bool
+    used: float = field(default_factory=time.monotonic)
+    waiting: Dict[Any, "queue.Queue[dict]"] = field(default_factory=dict)
+
+
+class McpSessions:
+    """Sessions of this process, by id; an elicitation's answer must reach the process that
+    asked (one process, or sticky sessions in front of several)."""
+
+    def __init__(self) -> None:
+        self._sessions: "OrderedDict[str, McpSession]" = OrderedDict()
+        self._guard = threading.Lock()
+
+    def open(self, version: str, capabilities: Mapping[str, Any]) -> Tuple[str, McpSession]:
+        elicitation = capabilities.get("elicitation")
+        session = McpSession(version, isinstance(elicitation, dict) and (not elicitation or "form" in elicitation))
+        session_id = secrets.token_urlsafe(24)
+        with self._guard:
+            self._forget_idle()
+            self._sessions[session_id] = session
+            while len(self._sessions) > MCP_MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+        return session_id, session
+
+    def get(self, session_id: str) -> Optional[McpSession]:
+        with self._guard:
+            self._forget_idle()
+            session = self._sessions.get(session_id)
+            if session is not None:
+                session.used = time.monotonic()
+                self._sessions.move_to_end(session_id)
+            return session
+
+    def close(self, session_id: str) -> bool:
+        with self._guard:
+            return self._sessions.pop(session_id, None) is not None
+
+    def _forget_idle(self) -> None:
+        oldest = time.monotonic() - MCP_SESSION_IDLE_SECONDS
+        while self._sessions and next(iter(self._sessions.values())).used < oldest:
+            self._sessions.popitem(last=False)
+
+
+def mcp_tool(workflow: Workflow) -> dict:
+    """A workflow as an MCP tool: its query inputs as the input schema (fixed inputs never
+    appear), plus the optional free-text ``request``."""
+    properties = {name: input_schema(query) for name, query in workflow.query_inputs.items()}
+    properties[REQUEST_ARGUMENT] = {"type": "string", "description": (
+        "Optional: what you want, in your own words (\"a week in Lisbon in October, about 1200 euros\"); the values "
+        "it states are read from it, and only what is still missing is asked for.")}
+    return {"name": workflow.name, "title": workflow.name.replace("-", " ").replace("_", " ").capitalize(),
+            "description": workflow.description,
+            "inputSchema": {"type": "object", "properties": properties,
+                            "required": [name for name, query in workflow.query_inputs.items() if not query.optional]}}
+
+
+def input_schema(query: QueryInput) -> dict:
+    """One input as a JSON schema property, within what MCP elicitation forms allow."""
+    if query.type == "choice":
+        schema: Dict[str, Any] = {"type": "string", "enum": list(query.choices)}
+    elif query.type in NUMERIC_TYPES:
+        schema = {"type": "integer" if query.type == "integer" else "number"}
+        schema.update({key: bound for key, bound in (("minimum", query.minimum), ("maximum", query.maximum))
+                       if bound is not None})
+    elif query.type == "boolean":
+        schema = {"type": "boolean"}
+    else:
+        schema = {"type": "string"}
+        if query.type in ("email", "url"):
+            schema["format"] = "email" if query.type == "email" else "uri"
+    schema.update({"title": query.label.capitalize(), "description": query.description})
+    if query.optional:
+        schema["default"] = query.default
+    return schema
+
+
+def _jsonrpc(message_id: Any, result: Any = None, error: Optional[McpError] = None) -> dict:
+    if error is not None:
+        return {"jsonrpc": "2.0", "id": message_id, "error": {"code": error.code, "message": error.message}}
+    return {"jsonrpc": "2.0", "id": message_id, "result": result}
+
+
+def _sse_message(message: dict) -> bytes:
+    return b"event: message\ndata: " + json.dumps(message, ensure_ascii=False).encode() + b"\n\n"
+
+
+class McpCall:
+    """One tools/call: the arguments read as chat reads a message, what is missing asked for
+    (elicitation, when the client can), then the workflow run with its progress sent as
+    notifications. It yields JSON-RPC messages to stream, and None for a keep-alive."""
+
+    def __init__(self, service: "Service", session: McpSession, message: dict):
+        params = message.get("params") if isinstance(message.get("params"), dict) else {}
+        self.service, self.session, self.id = service, session, message.get("id")
+        name = params.get("name")
+        if not isinstance(name, str) or name not in service.workflows:
+            raise McpError(JSONRPC_INVALID_PARAMS, f"Unknown tool {name!r}; tools/list lists them.")
+        self.workflow = service.workflows[name]
+        self.arguments = params.get("arguments") or {}
+        if not isinstance(self.arguments, dict):
+            raise McpError(JSONRPC_INVALID_PARAMS, "'arguments' must be an object.")
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        self.progress_token = meta.get("progressToken")
+
+    def messages(self) -> Iterator[Optional[dict]]:
+        workflow = self.workflow
+        values, problems = self._read_arguments()
+        asked = 0
+        while True:
+            missing = [query for query in workflow.query_inputs.values()
+                       if query.name not in values and not query.optional]
+            if not missing:
+                break
+            if not self.session.can_elicit:
+                yield self._result(self._missing_text(missing, problems), is_error=True)
+                return
+            if asked >= MAX_ASKS_PER_INPUT:
+                yield self._result(f"Asked {asked} times without usable values; still missing: "
+                                   f"{self._missing_text(missing, problems)}", is_error=True)
+                return
+            asked += 1
+            answer: Dict[str, Any] = {}
+            yield from self._elicit(missing, values, problems, answer)
+            action = answer.get("action")
+            if action != "accept":
+                yield self._result(f"Not run: the user chose to {action or 'not answer'} instead of giving the "
+                                   f"{_and_list([query.label for query in missing])}.", is_error=True)
+                return
+            problems = {}
+            self._take(answer.get("content") or {}, values, problems)
+        yield from self._run(values)
+
+    def _read_arguments(self) -> Tuple[Dict[str, Any], Dict[str, str]]:
+        """The arguments coerced with the same code as chat; ``request`` read by the same pipeline."""
+        values: Dict[str, Any] = {}
+        problems: Dict[str, str] = {}
+        text = self.arguments.get(REQUEST_ARGUMENT)
+        if isinstance(text, str) and text.strip():
+            conversation = Conversation(id="mcp", model=self.workflow.name)
+            extraction = extract(self.service.llm, self.workflow, conversation, [], valid_text(text))
+            values.update(extraction.values)
+            problems.update(extraction.rejected)
+        self._take({name: value for name, value in self.arguments.items() if name != REQUEST_ARGUMENT},
+                   values, problems)
+        return values, problems
+
+    def _take(self, given: Mapping[str, Any], values: Dict[str, Any], problems: Dict[str, str]) -> None:
+        for name, raw in given.items():
+            query = self.workflow.query_inputs.get(name)
+            if query is None or raw is None or raw == "":
+                continue
+            try:
+                values[name] = coerce_value(query, valid_text(raw) if isinstance(raw, str) else raw)
+                problems.pop(name, None)
+            except ValueError as exc:
+                values.pop(name, None)
+                problems[name] = str(exc)
+
+    def _missing_text(self, missing: Sequence[QueryInput], problems: Mapping[str, str]) -> str:
+        lines = [f"- {query.name}: {problems.get(query.name) or query.description}" for query in missing]
+        return (f"The workflow {self.workflow.name!r} needs more inputs before it can run:\n" + "\n".join(lines)
+                + "\nCall it again with them (or with a 'request' that states them).")
+
+    def _elicit(self, missing: Sequence[QueryInput], values: Mapping[str, Any], problems: Mapping[str, str],
+                answer: Dict[str, Any]) -> Iterator[Optional[dict]]:
+        """Ask the person for exactly the missing inputs, as chat would, and wait for the answer."""
+        question = question_offline(self.workflow, missing, {}, {}, problems, show_form=True)   # a form, not lines
+        if self.service.llm is not None:
+            with contextlib.suppress(UpstreamError):
+                question = question_with_llm(self.service.llm, self.workflow, missing, values, {}, problems,
+                                             str(self.arguments.get(REQUEST_ARGUMENT) or ""))
+        request_id = "elicit-" + secrets.token_hex(6)
+        waiting: "queue.Queue[dict]" = queue.Queue()
+        self.session.waiting[request_id] = waiting
+        try:
+            yield {"jsonrpc": "2.0", "id": request_id, "method": "elicitation/create", "params": {
+                "mode": "form", "message": self.workflow.redact(question),
+                "requestedSchema": {"type": "object", "properties": {q.name: input_schema(q) for q in missing},
+                                    "required": [q.name for q in missing]}}}
+            deadline = time.monotonic() + MCP_ELICIT_SECONDS
+            while time.monotonic() < deadline:
+                try:
+                    reply = waiting.get(timeout=MCP_KEEPALIVE_SECONDS)
+                except queue.Empty:
+                    yield None
+                    continue
+                answer.update(reply.get("result") if isinstance(reply.get("result"), dict) else {"action": "error"})
+                return
+            answer["action"] = "let the question time out"
+        finally:
+            self.session.waiting.pop(request_id, None)
+
+    def _run(self, values: Dict[str, Any]) -> Iterator[Optional[dict]]:
+        workflow = self.workflow
+        for query in workflow.query_inputs.values():
+            values.setdefault(query.name, query.default)
+        steps, answer = 0, []   # each node's start and finish is half a step: progress must always rise
+        for event in run_workflow(workflow, values, node_types=self.service.node_types, llm=self.service.llm):
+            if event.kind in ("started", "finished") and self.progress_token is not None:
+                steps += 1
+                text = (f"{event.node_id} started{': ' + event.text if event.text else ''}" if event.kind == "started"
+                        else f"{event.node_id} finished in {event.seconds:.2f} s")
+                yield {"jsonrpc": "2.0", "method": "notifications/progress", "params": {
+                    "progressToken": self.progress_token, "progress": steps / 2, "total": len(workflow.nodes),
+                    "message": workflow.redact(text)}}
+            elif event.kind == "failed":
+                yield self._result(f"The workflow stopped: step {event.node_id!r} failed ({event.text}).",
+                                   is_error=True)
+                return
+            elif event.kind == "answer":
+                answer.append(event.text)
+        yield self._result("".join(answer))
+
+    def _result(self, text: str, is_error: bool = False) -> dict:
+        return _jsonrpc(self.id, {"content": [{"type": "text", "text": self.workflow.redact(text)}],
+                                  "isError": is_error})
+
+
+def mcp_initialize(sessions: McpSessions, message: dict) -> Tuple[str, dict]:
+    """Agree on a protocol version (the client's when we speak it, else our newest) and open a session."""
+    params = message.get("params") if isinstance(message.get("params"), dict) else {}
+    asked = params.get("protocolVersion")
+    version = asked if asked in MCP_VERSIONS else MCP_VERSIONS[0]
+    capabilities = params.get("capabilities") if isinstance(params.get("capabilities"), dict) else {}
+    session_id, _ = sessions.open(version, capabilities)
+    return session_id, _jsonrpc(message.get("id"), {
+        "protocolVersion": version, "capabilities": {"tools": {"listChanged": False}},
+        "serverInfo": {"name": "cozyopenai", "version": __version__},
+        "instructions": "Each tool runs a workflow. Give its inputs as arguments, or describe what you want in "
+                        "'request'; missing inputs are asked for when the client supports elicitation."})
+
+
 def model_object(workflow: Workflow) -> dict:
     return {"id": workflow.name, "object": "model", "created": workflow.created, "owned_by": MODEL_OWNER}
 
@@ -3991,6 +4251,7 @@ class Service:
         self.conversation_header = conversation_header
         self._next_expiry = 0.0
         self._new_id = ConversationIds()
+        self.mcp_sessions = McpSessions()
 
     def check_key(self, authorization: str) -> None:
         if not self.api_keys:
@@ -4249,6 +4510,10 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
     app.route("/health", "GET", lambda: {"status": "ok", "models": len(service.workflows)})
     app.route("/metrics", "GET", _json_route(service, lambda: _metrics(service)))
     app.route("/", "GET", lambda: _home(service))
+    for path in ("/mcp", "/mcp/"):
+        app.route(path, "POST", lambda: _mcp_post(service, cors_origins or ()))
+        app.route(path, "GET", _mcp_no_stream)
+        app.route(path, "DELETE", lambda: _mcp_delete(service))
     if cors_origins:
         app.route("/openai/<path:path>", "OPTIONS", lambda path: "")   # preflight; headers from the hook
         app.add_hook("after_request", lambda: _allow_origin(cors_origins))
@@ -4404,6 +4669,119 @@ def _stream_headers() -> None:
     bottle.response.content_type = "text/event-stream"
     bottle.response.set_header("Cache-Control", "no-cache")
     bottle.response.set_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
+
+
+def _mcp_post(service: Service, origins: Sequence[str]) -> Any:
+    """POST /mcp: one JSON-RPC message of MCP's Streamable HTTP transport."""
+    started, message_id = time.monotonic(), None
+    try:
+        _mcp_guard(service, origins)
+        message = _mcp_message()
+        method, message_id = message.get("method"), message.get("id")
+        if method == "initialize":
+            session_id, reply = mcp_initialize(service.mcp_sessions, message)
+            bottle.response.set_header("Mcp-Session-Id", session_id)
+            return _mcp_answer(reply, method, started)
+        session = _mcp_session(service, method)
+        if method is None or message_id is None:   # an answer to our elicitation, or a notification
+            waiting = session.waiting.get(message_id) if method is None else None
+            if waiting is not None:
+                waiting.put(message)
+            bottle.response.status = 202
+            return _mcp_answer(None, method or "response", started)
+        if method == "ping":
+            return _mcp_answer(_jsonrpc(message_id, {}), method, started)
+        if method == "tools/list":
+            return _mcp_answer(_jsonrpc(message_id, {"tools": [mcp_tool(w) for w in service.workflows.values()]}),
+                               method, started)
+        if method == "tools/call":
+            call = McpCall(service, session, message)
+            if "text/event-stream" not in bottle.request.get_header("Accept", ""):   # JSON only: no questions
+                call.session = dataclasses.replace(session, can_elicit=False)
+                return _mcp_answer([m for m in call.messages() if m is not None][-1], method, started)
+            _stream_headers()
+            return _logged_when_done(_counted_stream(_mcp_events(service, call), service.metrics), "POST", "/mcp",
+                                     {"model": call.workflow.name, "conversation": "mcp"}, started)
+        raise McpError(JSONRPC_NO_METHOD, f"Method not found: {method!r}.")
+    except McpError as exc:
+        bottle.response.status = exc.status
+        return _mcp_answer(_jsonrpc(message_id, error=exc), "error", started)
+
+
+def _mcp_guard(service: Service, origins: Sequence[str]) -> None:
+    """The API keys, as on /openai; and a browser's Origin must be this server's, loopback's or
+    an allowed one (the specification asks servers to refuse others: DNS rebinding)."""
+    try:
+        service.check_key(bottle.request.get_header("Authorization", ""))
+    except UnauthorizedError as exc:
+        raise McpError(JSONRPC_INVALID_REQUEST, exc.message, 401) from None
+    origin = bottle.request.get_header("Origin")
+    if origin and origin not in origins and "*" not in origins:
+        host = urlsplit(origin).hostname or ""
+        if host not in ("localhost", "127.0.0.1", "::1") and urlsplit(origin).netloc != bottle.request.get_header(
+                "Host", ""):
+            raise McpError(JSONRPC_INVALID_REQUEST, f"Origin {origin!r} is not allowed here.", 403)
+
+
+def _mcp_message() -> dict:
+    try:
+        body = _read_body()
+    except CozyError as exc:
+        raise McpError(JSONRPC_INVALID_REQUEST, exc.message, exc.status) from None
+    try:
+        message = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise McpError(JSONRPC_PARSE_ERROR, "The body is not valid JSON.", 400) from None
+    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+        raise McpError(JSONRPC_INVALID_REQUEST, "Send one JSON-RPC 2.0 message (batches are not supported).", 400)
+    if message.get("method") is not None and not isinstance(message["method"], str):
+        raise McpError(JSONRPC_INVALID_REQUEST, "'method' must be a string.", 400)
+    return message
+
+
+def _mcp_session(service: Service, method: Optional[str]) -> McpSession:
+    session_id = bottle.request.get_header("Mcp-Session-Id")
+    if not session_id:
+        if method == "server/discover":   # the 2026-07-28 probe: "not here" makes clients use initialize
+            raise McpError(JSONRPC_NO_METHOD, "Method not found: this server speaks the initialize handshake "
+                                              f"({', '.join(MCP_VERSIONS)}).", 404)
+        raise McpError(JSONRPC_INVALID_REQUEST, "No session: send initialize first.", 400)
+    session = service.mcp_sessions.get(session_id)
+    if session is None:
+        raise McpError(JSONRPC_INVALID_REQUEST, "Session not found (ended or expired): initialize again.", 404)
+    return session
+
+
+def _mcp_events(service: Service, call: McpCall) -> Iterator[bytes]:
+    stop = threading.Event()
+    for message in with_keepalives(call.messages(), MCP_KEEPALIVE_SECONDS, stop):
+        yield b": keep-alive\n\n" if message is None else _sse_message(message)
+
+
+def _mcp_answer(reply: Optional[dict], method: str, started: float) -> str:
+    _log_line("POST", "/mcp", bottle.response.status_code, {"model": method}, started)
+    if reply is None:
+        return ""
+    bottle.response.content_type = "application/json"
+    return json.dumps(reply, ensure_ascii=False)
+
+
+def _mcp_no_stream() -> str:
+    """GET /mcp: no stream of server-initiated messages outside a call; clients go on without it."""
+    bottle.response.status = 405
+    bottle.response.set_header("Allow", "POST, DELETE")
+    return ""
+
+
+def _mcp_delete(service: Service) -> str:
+    try:
+        _mcp_guard(service, ())
+    except McpError as exc:
+        bottle.response.status = exc.status
+        return ""
+    closed = service.mcp_sessions.close(bottle.request.get_header("Mcp-Session-Id", ""))
+    bottle.response.status = 200 if closed else 404
+    return ""
 
 
 def _metrics(service: Service) -> str:

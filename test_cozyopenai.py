@@ -2389,6 +2389,152 @@ def test_the_agents_sdk_talks_to_a_workflow_over_the_responses_api(start):
     assert outputs[2].startswith("## Your trip to Paris") and "Running trip-planner" in reasoning
 
 
+def mcp_session(server, elicit=None, **options):
+    """An MCP client session of the official SDK on ``server``'s /mcp; ``elicit(message, schema)``
+    answers the elicitations with an ElicitResult (no callback: the client cannot elicit)."""
+    mcp = pytest.importorskip("mcp")
+    import mcp_types
+
+    async def on_elicit(context, params):
+        return elicit(params.message, params.requested_schema, mcp_types)
+    return mcp.Client(server.url + "/mcp", elicitation_callback=on_elicit if elicit else None,
+                      read_timeout_seconds=30, **options)
+
+
+def run_async(coroutine):
+    import asyncio
+    return asyncio.run(asyncio.wait_for(coroutine, 60))
+
+
+def test_mcp_lists_each_workflow_as_a_tool_without_its_fixed_inputs(start):
+    server = start([workflow(fixed_inputs={"api_token": "sk-hidden-1234567890abcdef"}, nodes=[
+        {"id": "say", "type": "template", "inputs": {"template": "{word}", "word": {"query": "word"},
+                                                     "token": {"fixed": "api_token"}}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}])] + json.load(open(WORKFLOWS_PATH))[
+        "workflows"])
+
+    async def tools():
+        async with mcp_session(server) as client:
+            return client.protocol_version, (await client.list_tools()).tools
+    version, listed = run_async(tools())
+    assert version in cozyopenai.MCP_VERSIONS
+    assert [tool.name for tool in listed] == ["echo", "trip-planner", "month-calendar", "weather-now"]
+    echo, trip = listed[0], listed[1]
+    assert "api_token" not in json.dumps(echo.input_schema) and "sk-hidden" not in json.dumps(echo.input_schema)
+    schema = trip.input_schema
+    assert schema["required"] == ["destination", "budget", "travel_dates"]
+    assert schema["properties"]["pace"] == {"type": "string", "enum": ["relaxed", "balanced", "packed"], "title": "Pace",
+                                            "description": "How full the days should be.", "default": "balanced"}
+    assert schema["properties"]["budget"]["type"] == "number" and "request" in schema["properties"]
+    assert listed[2].input_schema["properties"]["month"]["maximum"] == 12
+
+
+def test_mcp_calls_a_workflow_with_its_arguments_and_reports_progress(start):
+    server, progress = start(), []
+
+    async def call():
+        async def on_progress(done, total, message):
+            progress.append((done, total, message))
+        async with mcp_session(server) as client:
+            return await client.call_tool("month-calendar", {"year": 2026, "month": 3}, progress_callback=on_progress)
+    result = run_async(call())
+    assert not result.is_error and "March 2026" in result.content[0].text
+    assert [done for done, _, _ in progress] == [0.5, 1, 1.5, 2, 2.5, 3] and progress[-1][1] == 3
+    assert progress[0][2].startswith("calendar started")
+
+
+def test_mcp_asks_for_missing_inputs_by_elicitation_and_honours_decline(start):
+    server, asked = start(), []
+
+    def answer(message, schema, types):
+        asked.append((message, sorted(schema["properties"])))
+        return types.ElicitResult(action="accept", content={"budget": 1500, "travel_dates": "10 to 17 October"})
+
+    async def call(elicit, arguments):
+        async with mcp_session(server, elicit) as client:
+            return await client.call_tool("trip-planner", arguments)
+    result = run_async(call(answer, {"destination": "Lisbon"}))
+    assert not result.is_error and result.content[0].text.startswith("## Your trip to Lisbon")
+    assert "1500 in total" in result.content[0].text
+    assert asked == [("I still need the budget and travel dates. What is your total budget for the trip?",
+                      ["budget", "travel_dates"])]
+    declined = run_async(call(lambda message, schema, types: types.ElicitResult(action="decline"),
+                              {"destination": "Lisbon"}))
+    assert declined.is_error and "the user chose to decline" in declined.content[0].text
+
+
+def test_mcp_re_asks_a_bad_value_and_reads_a_free_text_request(start):
+    server, answers = start(), iter([{"month": 13}, {"month": 3}])
+
+    async def call(tool, arguments, elicit=None):
+        async with mcp_session(server, elicit) as client:
+            return await client.call_tool(tool, arguments)
+    result = run_async(call("month-calendar", {"year": 2026},
+                            lambda message, schema, types: types.ElicitResult(action="accept", content=next(answers))))
+    assert "March 2026" in result.content[0].text
+    request = run_async(call("trip-planner", {"request": "a week in Lisbon in October, about 1200 euros"}))
+    assert not request.is_error and "Lisbon" in request.content[0].text and "1200 in total" in request.content[0].text
+
+
+def test_mcp_without_elicitation_lists_what_is_missing_and_why(start):
+    server = start()
+
+    async def call():
+        async with mcp_session(server) as client:   # no callback: the client cannot elicit
+            return await client.call_tool("trip-planner", {"destination": "Lisbon", "budget": "lots"})
+    result = run_async(call())
+    assert result.is_error
+    assert "- budget: I need a single number for the budget, not 'lots'" in result.content[0].text
+    assert "- travel_dates: When the user wants to travel" in result.content[0].text
+
+
+def test_mcp_errors_are_json_rpc_errors_and_keys_and_origins_are_checked(start):
+    server = start(api_keys=["k"])
+    post = lambda body, **headers: requests.post(server.url + "/mcp", data=body, timeout=10, headers={  # noqa: E731
+        "Content-Type": "application/json", "Accept": "application/json, text/event-stream", **headers})
+    assert post(b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}').status_code == 401
+    key = {"Authorization": "Bearer k"}
+    bad = post(b"{nope", **key)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == -32700
+    assert post(b'{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}', Origin="https://evil.example",
+                **key).status_code == 403
+    initialized = post(b'{"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": '
+                       b'"2025-06-18", "capabilities": {}}}', **key)
+    assert initialized.json()["result"]["protocolVersion"] == "2025-06-18" and initialized.json()["id"] == 0
+    session = {"Mcp-Session-Id": initialized.headers["Mcp-Session-Id"], **key}
+    unknown = post(b'{"jsonrpc": "2.0", "id": 2, "method": "resources/list"}', **session)
+    assert unknown.json()["error"]["code"] == -32601
+    wrong_tool = post(b'{"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "nope"}}', **session)
+    assert wrong_tool.json()["error"]["code"] == -32602
+    assert post(b'{"jsonrpc": "2.0", "id": 4, "method": "server/discover"}', **key).status_code == 404
+    assert requests.delete(server.url + "/mcp", headers=session, timeout=10).status_code == 200
+    assert post(b'{"jsonrpc": "2.0", "id": 5, "method": "ping"}', **session).status_code == 404
+
+
+def inspector_command():
+    """The MCP Inspector's command line, from the folder COZYOPENAI_INSPECTOR_DIR names (where
+    .ci/run installs it from the npm registry), or None."""
+    folder = os.environ.get("COZYOPENAI_INSPECTOR_DIR", "")
+    launcher = os.path.join(folder, "node_modules", "@modelcontextprotocol", "inspector", "clients", "launcher",
+                            "build", "index.js")
+    return ["node", launcher, "--cli"] if folder and os.path.exists(launcher) and shutil.which("node") else None
+
+
+@pytest.mark.skipif(inspector_command() is None, reason="the MCP Inspector is not installed (.ci/run installs it)")
+def test_the_mcp_inspector_cli_lists_and_calls_a_tool(start, tmp_path):
+    server = start()
+    environment = {**os.environ, "HOME": str(tmp_path)}
+    listed = subprocess.run(inspector_command() + [server.url + "/mcp", "--transport", "http", "--method",
+                                                   "tools/list"], capture_output=True, text=True, timeout=60,
+                            env=environment)
+    assert listed.returncode == 0 and "trip-planner" in listed.stdout, listed.stderr
+    called = subprocess.run(inspector_command() + [server.url + "/mcp", "--transport", "http", "--method",
+                                                   "tools/call", "--tool-name", "month-calendar", "--tool-arg",
+                                                   "year=2026", "--tool-arg", "month=3"],
+                            capture_output=True, text=True, timeout=60, env=environment)
+    assert called.returncode == 0 and "March 2026" in called.stdout, called.stderr
+
+
 def test_the_async_openai_client_streams_and_not(start):
     import asyncio
     from openai import AsyncOpenAI
@@ -2646,7 +2792,7 @@ def test_readme_test_command_is_the_one_ci_runs():
         ci = handle.read()
     with open(os.path.join(HERE, "README.md")) as handle:
         readme = handle.read()
-    command = "pip install -r requirements.txt pytest hypothesis redis openai-agents && python -m pytest -q test_cozyopenai.py"
+    command = "pip install -r requirements.txt pytest hypothesis redis openai-agents mcp && python -m pytest -q test_cozyopenai.py"
     assert f"```\n{command}\n```" in readme and f"\n{command}\n" in ci
 
 
@@ -2668,8 +2814,9 @@ def test_readme_python_client_example_runs_as_written(start):
 
 
 @pytest.mark.parametrize("marker, expected", [("client.responses.create", "## Your trip to Paris"),
-                                               ("OpenAIResponsesModel", "## Your trip to Paris")])
-def test_readme_responses_examples_run_as_written(start, marker, expected):
+                                               ("OpenAIResponsesModel", "## Your trip to Paris"),
+                                               ("elicitation_callback", "## Your trip to Lisbon")])
+def test_readme_responses_and_mcp_examples_run_as_written(start, marker, expected):
     (example,) = [block for block in readme_blocks("python") if marker in block]
     server = start()
     result = subprocess.run([sys.executable, "-c", example.replace("http://127.0.0.1:8000", server.url)],
