@@ -3515,10 +3515,10 @@ def valid_text(text: str) -> str:
         return re.sub("[\ud800-\udfff]", "\ufffd", text)
 
 
-def _text_of_parts(parts: List[Any], where: str) -> str:
+def _text_of_parts(parts: List[Any], where: str, kinds: Sequence[str] = ("text", "input_text")) -> str:
     texts = []
     for part in parts:
-        if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
+        if not isinstance(part, dict) or part.get("type") not in kinds:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise RequestError(f"{where}.content: only text parts are supported, not {kind!r}; "
                                "workflows take their inputs as text.", param=f"{where}.content")
@@ -3772,16 +3772,7 @@ def _input_message(item: Any, index: int) -> List[dict]:
         raise RequestError(f"{where}.role must be one of {', '.join(RESPONSES_ROLES)}.", param=f"{where}.role")
     content = item.get("content")
     if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") not in INPUT_TEXT_PARTS:
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise RequestError(f"{where}.content: only text parts are supported, not {kind!r}; workflows take "
-                                   "their inputs as text.", param=f"{where}.content")
-            if not isinstance(part.get("text"), str):
-                raise RequestError(f"{where}.content: a text part needs a 'text' string.", param=f"{where}.content")
-            texts.append(part["text"])
-        content = "\n".join(texts)
+        content = _text_of_parts(content, where, INPUT_TEXT_PARTS)
     if not isinstance(content, str):
         raise RequestError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
     return [{"role": role, "content": valid_text(content)}]
