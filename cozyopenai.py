@@ -92,8 +92,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence,
-                    Tuple, Union)
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, NoReturn, Optional,
+                    Sequence, Tuple, Union)
 from urllib.parse import quote, urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -1521,6 +1521,10 @@ class Store:
         """How many conversations are stored."""
         raise NotImplementedError
 
+    def ping(self) -> bool:
+        """Can the store be used right now? (for /health)"""
+        return True
+
     def describe(self) -> str:
         """Where the conversations are, for the start-up line (never a password)."""
         return type(self).__name__
@@ -1760,7 +1764,13 @@ class RedisStore(Store):
                     self._renew(keys=[key], args=[token, life_ms])
 
     def count(self) -> int:
-        return sum(1 for _ in self._call(self._redis.scan_iter, match=self.KEY + "*", count=1000))
+        return self._call(lambda: sum(1 for _ in self._redis.scan_iter(match=self.KEY + "*", count=1000)))
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._redis.ping())
+        except self._errors:
+            return False
 
     def describe(self) -> str:
         return f"Redis at {self.where}"
@@ -1774,7 +1784,7 @@ class RedisStore(Store):
 
     @staticmethod
     def _reason(exc: BaseException) -> str:
-        return str(exc).split(".")[0][:120] or type(exc).__name__
+        return str(exc).rstrip(".")[:160] or type(exc).__name__   # redis-py names the host, never the password
 
 
 # open_store's name → class table; a "redis://" or "rediss://" URL picks "redis", a folder "json".
@@ -4141,11 +4151,14 @@ class McpCall:
                     "progressToken": self.progress_token, "progress": steps / 2, "total": len(workflow.nodes),
                     "message": workflow.redact(text)}}
             elif event.kind == "failed":
+                self.service.metrics.add("runs_total", model=workflow.name, outcome="failed")
+                self.service.metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
                 yield self._result(f"The workflow stopped: step {event.node_id!r} failed ({event.text}).",
                                    is_error=True)
                 return
             elif event.kind == "answer":
                 answer.append(event.text)
+        self.service.metrics.add("runs_total", model=workflow.name, outcome="ok")
         yield self._result("".join(answer))
 
     def _result(self, text: str, is_error: bool = False) -> dict:
@@ -4253,8 +4266,9 @@ class Service:
 
     def metrics_text(self) -> str:
         """The counters, with the gauges read now."""
-        count = getattr(self.store, "count", None)
-        gauges = {"stored_conversations": count()} if count else {}
+        gauges = {}
+        with contextlib.suppress(CozyError, OSError, NotImplementedError):   # a store that is down: no gauge
+            gauges["stored_conversations"] = self.store.count()
         return self.metrics.render(gauges)
 
     def list_models(self) -> dict:
@@ -4498,7 +4512,7 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         app.route(prefix + "/responses", "POST", _json_route(service, lambda: _responses(service)))
         app.route(prefix + "/responses/<response_id>", "GET", _json_route(service, service.stored_response))
         app.route(prefix + "/responses/<response_id>", "DELETE", _json_route(service, service.delete_response))
-    app.route("/health", "GET", lambda: {"status": "ok", "models": len(service.workflows)})
+    app.route("/health", "GET", lambda: _health(service))
     app.route("/metrics", "GET", _json_route(service, lambda: _metrics(service)))
     app.route("/", "GET", lambda: _home(service))
     for path in ("/mcp", "/mcp/"):
@@ -4662,9 +4676,17 @@ def _stream_headers() -> None:
     bottle.response.set_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
 
 
+def _health(service: Service) -> dict:
+    """For load balancers: 200 while the server can serve turns, 503 while its store is down."""
+    if not getattr(service.store, "ping", lambda: True)():
+        bottle.response.status = 503
+        return {"status": "store unavailable", "models": len(service.workflows)}
+    return {"status": "ok", "models": len(service.workflows)}
+
+
 def _mcp_post(service: Service, origins: Sequence[str]) -> Any:
     """POST /mcp: one JSON-RPC message of MCP's Streamable HTTP transport."""
-    started, message_id = time.monotonic(), None
+    started, message_id, method = time.monotonic(), None, None
     try:
         _mcp_guard(service, origins)
         message = _mcp_message()
@@ -4696,7 +4718,7 @@ def _mcp_post(service: Service, origins: Sequence[str]) -> Any:
         raise McpError(JSONRPC_NO_METHOD, f"Method not found: {method!r}.")
     except McpError as exc:
         bottle.response.status = exc.status
-        return _mcp_answer(_jsonrpc(message_id, error=exc), "error", started)
+        return _mcp_answer(_jsonrpc(message_id, error=exc), method or "-", started)
 
 
 def _mcp_guard(service: Service, origins: Sequence[str]) -> None:
@@ -4750,7 +4772,7 @@ def _mcp_events(service: Service, call: McpCall) -> Iterator[bytes]:
 
 
 def _mcp_answer(reply: Optional[dict], method: str, started: float) -> str:
-    _log_line("POST", "/mcp", bottle.response.status_code, {"model": method}, started)
+    _log_line("POST", "/mcp", bottle.response.status_code, {"model": method, "conversation": "mcp"}, started)
     if reply is None:
         return ""
     bottle.response.content_type = "application/json"
@@ -4912,7 +4934,7 @@ def _config_from_arguments(arguments: argparse.Namespace) -> dict:
 def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> argparse.Namespace:
     """The command line; every flag's default comes from its COZYOPENAI_* variable."""
     env = lambda name, default=None: environ.get(ENVIRONMENT_PREFIX + name, default)  # noqa: E731
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="cozyopenai", description="Serve the workflows in a workflows file as OpenAI-compatible chat models.",
         epilog="Every flag can also be set as an environment variable: --llm-base-url is COZYOPENAI_LLM_BASE_URL "
                "(several API keys: comma-separated).")
@@ -4965,6 +4987,13 @@ def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -
         if getattr(arguments, name) is None:
             setattr(arguments, name, [item.strip() for item in env(name.upper(), "").split(",") if item.strip()])
     return arguments
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad option is one line on stderr and exit status 2, without the whole usage text."""
+
+    def error(self, message: str) -> "NoReturn":
+        self.exit(2, f"cozyopenai: {message} (see --help)\n")
 
 
 def _check_numbers(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -> None:
