@@ -2781,7 +2781,8 @@ def ground(query: QueryInput, value: Any, raw: Any, text: str, tokens: Sequence[
         return "that is not a date or a period"
     if kind in ("place", "text") and value_tokens and (
             all(_time_role(value_tokens, i) for i in range(len(value_tokens)))
-            or money_spans(str(value), value_tokens)):
+            or (kind == "place" and period_spans(value_tokens)) or money_spans(str(value), value_tokens)):
+        # "Oporto del 1 al 4 de junio" for a destination (gemma3-270m): a place holds no dates
         return f"that is not a {'place' if kind == 'place' else 'value'} for the {query.label}"
     return None
 
@@ -2817,13 +2818,17 @@ def extract_offline(workflow: Workflow, conversation: Conversation, text: str) -
 
 
 def _direct_reply(workflow: Workflow, conversation: Conversation, text: str) -> Dict[str, Any]:
-    """The answer to a question that asked for one input, unless the message looks like
-    something else: a question back, or talk of another input ("my budget is 2000" when
-    asked where to go), or a long sentence given to a text input (its typed spans are read
-    instead: "I'd like to go to Lisbon, please")."""
-    if len(conversation.asked) != 1 or conversation.asked[0] not in workflow.query_inputs:
+    """The answer to the question just asked, unless the message looks like something else:
+    a question back, or talk of another input ("my budget is 2000" when asked where to go),
+    or a long sentence given to a text input (its typed spans are read instead: "I'd like to
+    go to Lisbon, please"). When the question asked for several inputs (an LLM phrased it),
+    a bare answer goes to the one of them it can only be: "Tokyo", "5000", "cherry blossom
+    season"."""
+    asked = [workflow.query_inputs[name] for name in conversation.asked if name in workflow.query_inputs]
+    fitting = asked if len(asked) == 1 else [query for query in asked if _fits(query, text)]
+    if len(fitting) != 1:
         return {}
-    query = workflow.query_inputs[conversation.asked[0]]
+    query = fitting[0]
     others = [other for other in workflow.query_inputs.values()
               if other.name != query.name and other.name not in conversation.values]
     if text.rstrip().endswith("?") or any(set(_words(text)) & _topic_words(other) - _topic_words(query)
@@ -2842,6 +2847,22 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str) -> 
                 or not _could_be(query, tokens, words)):
             return {}
     return {query.name: _reply_value(query, text)}
+
+
+def _fits(query: QueryInput, text: str) -> bool:
+    """Could a bare reply be this input's value, and that of no input of another kind?"""
+    tokens, words = tokenize(text), _words(text)
+    timely = any(_is_time_word(token) for token in tokens)
+    if query.type in NUMERIC_TYPES:
+        return len(numbers_in(text)) == 1 and not timely or len(_synonyms_named(query, text)) == 1
+    if query.type == "choice":
+        return len(_choices_named(query, text)) == 1
+    if query.type == "boolean":
+        return bool(set(words) & (BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]))
+    if query.kind == "date":
+        return timely
+    return (0 < len(words) <= MAX_DIRECT_REPLY_WORDS and not timely and not re.search(r"\d", text)
+            and _could_be(query, tokens, words))
 
 
 def _could_be(query: QueryInput, tokens: Sequence[Token], words: Sequence[str]) -> bool:

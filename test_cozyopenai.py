@@ -1468,6 +1468,23 @@ def test_an_llm_that_invents_never_hides_what_the_user_wrote_plainly(start, fake
     assert "Reykjavik" not in answer_of(reply) and "7777" not in answer_of(reply)
 
 
+def test_bare_answers_to_a_question_for_several_inputs_go_where_they_can_only_go(start, fake_llm):
+    chat = Chat(start(llm=fake_llm.settings()))   # the LLM asks for every missing input at once, reads nothing
+    chat.say("Plan a trip for me.")
+    assert "Understood destination: Tokyo." in chat.say("Tokyo")
+    assert "Understood budget: 5000." in chat.say("5000")
+    assert "Running trip-planner with destination = Tokyo, budget = 5000, travel dates = cherry blossom season" \
+        in chat.say("cherry blossom season")
+
+
+def test_a_place_proposed_with_dates_in_it_is_not_taken(start, fake_llm):
+    message = "Vamos a Oporto del 1 al 4 de junio."
+    fake_llm.extractions = {message: {"destination": "Oporto del 1 al 4 de junio"}}   # as gemma3-270m answered
+    reply = Chat(start(llm=fake_llm.settings())).say(message)
+    assert "Understood destination: Oporto." in reply and "Understood travel dates: 1 al 4 de junio." in reply
+    assert "Ignored destination = 'Oporto del 1 al 4 de junio': that is not a place for the destination." in reply
+
+
 def test_where_the_floor_and_the_llm_disagree_the_message_decides_and_the_thinking_says_so(start, fake_llm):
     message = "budget: 1500, and we might spend 2000 on flights"
     fake_llm.extractions = {message: {"budget": 2000}}
