@@ -3055,7 +3055,7 @@ def extract(llm: Optional[LLMClient], workflow: Workflow, conversation: Conversa
 
 def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understood: Mapping[str, Any],
                      changed: Mapping[str, Tuple[Any, Any]], problems: Mapping[str, str],
-                     ambiguous: Optional[Mapping[str, Sequence[Any]]] = None, show_form: bool = False) -> str:
+                     ambiguous: Optional[Mapping[str, Sequence[Any]]] = None, line_hint: bool = True) -> str:
     """A templated question for the first missing input, naming the rest; "which one?" when
     the message named several values for it."""
     parts = []
@@ -3073,7 +3073,7 @@ def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understo
         parts.append(f"Which {first.label} do you mean: {_or_list(ambiguous[first.name])}?")
     else:
         parts.append(first.question or f"Could you tell me the {first.label} ({first.description.rstrip('.')})?")
-    if len(missing) > 1 and not show_form:
+    if len(missing) > 1 and line_hint:
         parts.append(f'You can also give several at once, one per line, like "{missing[1].label}: ...".')
     return " ".join(parts)
 
@@ -3370,7 +3370,8 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
         except UpstreamError as exc:
             log.info("question call failed: %s", exc.message)
     if question is None:
-        question = question_offline(workflow, missing, understood, changed, problems, ambiguous, nothing_read)
+        question = question_offline(workflow, missing, understood, changed, problems, ambiguous,
+                                    line_hint=not nothing_read)
         conversation.asked = [first.name]   # offline asks one at a time, so the reply can be read
     if nothing_read:   # issue 9: say what was not understood, and the form that always is
         quoted = turn.text if len(turn.text) <= 80 else turn.text[:77].rstrip() + "..."
@@ -4132,7 +4133,7 @@ class McpCall:
     def _elicit(self, missing: Sequence[QueryInput], values: Mapping[str, Any], problems: Mapping[str, str],
                 answer: Dict[str, Any]) -> Iterator[Optional[dict]]:
         """Ask the person for exactly the missing inputs, as chat would, and wait for the answer."""
-        question = question_offline(self.workflow, missing, {}, {}, problems, show_form=True)   # a form, not lines
+        question = question_offline(self.workflow, missing, {}, {}, problems, line_hint=False)   # a form, not lines
         if self.service.llm is not None:
             with contextlib.suppress(UpstreamError):
                 question = question_with_llm(self.service.llm, self.workflow, missing, values, {}, problems,
