@@ -836,42 +836,15 @@ def test_kill_9_while_saving_leaves_a_store_that_loads_with_every_answered_turn(
         print(f"\n[kill -9] {sum(answered.values())} answered turns over {len(answered)} conversations, all stored")
 
 
-class RedisServer:
-    """A real redis-server on a free loopback port, in a folder of the test's, with a password
-    and the append-only file on (what the README recommends)."""
-    PASSWORD = "redis-pass-8d1f"
-
-    def __init__(self, folder):
-        self.folder, self.port = folder, free_port()
-        self.url = f"redis://:{self.PASSWORD}@127.0.0.1:{self.port}/0"
-        self.start()
-
-    def start(self):
-        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-                                         str(self.folder), "--appendonly", "yes", "--save", "", "--requirepass",
-                                         self.PASSWORD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not start within 10 s")
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(10)
-
-    def client(self):
-        import redis
-        return redis.Redis.from_url(self.url)
+REDIS_PASSWORD = "redis-pass-8d1f"
 
 
 @pytest.fixture
 def redis_server(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("Debian's redis-server is not installed (.ci/run installs it)")
-    pytest.importorskip("redis")
-    server = RedisServer(tmp_path)
+    """A real redis-server of the test's own (the benchmark's RedisProcess), with a password."""
+    if not bench.RedisProcess.available():
+        pytest.skip("Debian's redis-server or the redis package is not installed (.ci/run installs them)")
+    server = bench.RedisProcess(tmp_path, password=REDIS_PASSWORD)
     yield server
     server.stop()
 
@@ -946,7 +919,7 @@ def test_redis_stopped_and_started_again_keeps_every_answered_turn_and_the_outag
         {"role": "user", "content": "travel dates: May"}]})
     error = response.json()["error"]
     assert response.status_code == 503 and error["type"] == "server_error"
-    assert f"127.0.0.1:{redis_server.port}/0" in error["message"] and RedisServer.PASSWORD not in error["message"]
+    assert f"127.0.0.1:{redis_server.port}/0" in error["message"] and REDIS_PASSWORD not in error["message"]
     redis_server.start()   # the same folder: the append-only file brings the conversation back
     assert requests.get(server.url + "/health", timeout=10).json()["status"] == "ok"
     reply = chat.say("travel dates: May")

@@ -300,25 +300,43 @@ def report(name, value, target, ok):
 
 
 class RedisProcess:
-    """A redis-server of the benchmark's own on a free loopback port, append-only file on (as the
-    README recommends), or None where Debian's redis-server or the redis package is missing."""
+    """A redis-server of its own on a free loopback port, in a folder of its own, with the
+    append-only file on (as the README recommends) and optionally a password. ``stop()`` and
+    ``start()`` again keep the folder: the append-only file brings the data back. The tests
+    use it too."""
 
-    def __init__(self):
-        self.folder, self.port = tempfile.mkdtemp(prefix="cozy-bench-redis-"), free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-                                         self.folder, "--appendonly", "yes", "--save", ""],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def __init__(self, folder=None, password=None):
+        self.folder, self.port, self.password = folder or tempfile.mkdtemp(prefix="cozy-redis-"), free_port(), password
+        self.url = f"redis://{':' + password + '@' if password else ''}127.0.0.1:{self.port}/0"
+        self.process = None
+        self.start()
+
+    def start(self):
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                   "--appendonly", "yes", "--save", ""] + (["--requirepass", self.password] if self.password else [])
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.perf_counter() + 10
         while time.perf_counter() < deadline:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
                 return
             time.sleep(0.02)
-        raise SystemExit("redis-server did not start")
+        raise RuntimeError("redis-server did not start within 10 s")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+    def client(self):
+        import redis
+        return redis.Redis.from_url(self.url)
 
     @staticmethod
-    def start():
-        if shutil.which("redis-server") is None or importlib.util.find_spec("redis") is None:
+    def available():
+        return shutil.which("redis-server") is not None and importlib.util.find_spec("redis") is not None
+
+    @staticmethod
+    def for_the_benchmark():
+        if not RedisProcess.available():
             print("  (no redis-server or redis package: the Redis figures are left out)")
             return contextlib.nullcontext()
         return RedisProcess()
@@ -327,8 +345,7 @@ class RedisProcess:
         return self
 
     def __exit__(self, *exc_info):
-        self.process.kill()
-        self.process.wait()
+        self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -336,7 +353,7 @@ def bench_overhead(runs, seconds):
     print(f"Overhead: non-streamed turn, all inputs in the first message, {CLIENTS} clients, {seconds:g} s each")
     store = tempfile.mkdtemp(prefix="cozy-bench-json-")
     try:
-        with RedisProcess.start() as redis_server:
+        with RedisProcess.for_the_benchmark() as redis_server:
             redis_url = redis_server.url if redis_server else None
             body = chat_body("echo", ECHO_MESSAGE)
             with ServerProcess(json_store=store) as probe:
