@@ -137,9 +137,11 @@ MEMORY_STORE_MAX_CONVERSATIONS = 10_000
 REDIS_LOCK_SECONDS = 30.0                 # a turn's lock in Redis lives this long unless its holder renews it
 REDIS_LOCK_POLL_SECONDS = 0.02            # how often a turn waiting for that lock tries again
 REDIS_TIMEOUT_SECONDS = 5.0               # to connect to Redis, and for each command
+REDIS_LOCK_WAIT_SECONDS = 600.0           # a turn waits this long for the one before it (its holder renews it)
 KEEPALIVE_SECONDS = 10.0                  # an SSE comment this often while a stream is silent
 EXPIRE_EVERY_SECONDS = 3600.0             # how often the store is swept for old conversations
 SNAPSHOTS_KEPT = 40                       # turns of state a conversation keeps, for edits and older branches
+RESPONSES_KEPT = 100                      # stored responses (Responses API) a conversation keeps, newest
 RECORD_VERSION = 2                        # conversation records: 1 held one mutable state, 2 holds snapshots
 LEGACY_SNAPSHOT = "version-1"             # the key of the one snapshot a version-1 record becomes
 MAX_ASKS_PER_INPUT = 3                    # then say so and offer to start over, instead of asking forever
@@ -1334,19 +1336,26 @@ class Conversation:
         again = user_turns(messages[replies[position].index + 1:later[-1]]) if later else []
         return self._take(found, arrived), again
 
-    def continue_from_key(self, key: str, arrived: float) -> Optional[dict]:
-        """Take the state of the snapshot ``key`` (a stored response's); None when not kept."""
-        found = next((snapshot for snapshot in reversed(self.snapshots) if snapshot["key"] == key), None)
-        return self._take(found, arrived) if found else None
+    def continue_from_key(self, sid: str) -> Optional[dict]:
+        """Take the state of exactly the snapshot ``sid`` (a stored response's): two responses
+        continuing one each get their own branch, even when sent at once. None when not kept."""
+        found = next((snapshot for snapshot in reversed(self.snapshots) if _sid(snapshot) == sid), None)
+        if found is not None:
+            self.restore(found)
+            self.parent = sid
+        return found
 
     def _take(self, found: dict, arrived: float) -> dict:
+        seen = {_sid(found)}
         while True:   # follow turns of the same branch saved while this request waited
-            later = [s for s in self.snapshots if s["parent"] == found["key"] and s["at"] > arrived]
+            later = [s for s in self.snapshots if s["parent"] == _sid(found) and s["at"] > arrived
+                     and _sid(s) not in seen]
             if not later:
                 break
             found = later[-1]
+            seen.add(_sid(found))
         self.restore(found)
-        self.parent = found["key"]
+        self.parent = _sid(found)
         return found
 
     def snapshot_of(self, reply: str, users: str) -> Optional[dict]:
@@ -1368,16 +1377,20 @@ class Conversation:
             self.result = text_digest(answer)
             self.results[self.result] = answer
         reply = reply_digest(reply_text)
-        snapshot = {"key": f"{reply}:{users[0]}", "reply": reply, "users": users[0], "users_before": users[1],
-                    "parent": self.parent, "at": time.time(), **self.state()}
-        if not any(s["key"] == snapshot["key"] and all(s[f] == snapshot[f] for f in self.STATE_FIELDS)
-                   for s in self.snapshots):   # a regenerated reply that came out the same
+        snapshot = {"key": f"{reply}:{users[0]}", "sid": secrets.token_hex(6), "reply": reply, "users": users[0],
+                    "users_before": users[1], "parent": self.parent, "at": time.time(), **self.state()}
+        same = next((s for s in self.snapshots if s["key"] == snapshot["key"] and s["parent"] == self.parent
+                     and all(s[f] == snapshot[f] for f in self.STATE_FIELDS)), None)
+        if same is not None:   # a regenerated reply that came out the same, from the same state
+            snapshot = same
+        else:
             self.snapshots = (self.snapshots + [snapshot])[-SNAPSHOTS_KEPT:]
         used = {s.get("result") for s in self.snapshots}
         self.results = {digest: text for digest, text in self.results.items() if digest in used}
-        kept = {s["key"] for s in self.snapshots}
-        self.responses = {rid: response for rid, response in self.responses.items() if response["snapshot"] in kept}
-        return snapshot["key"]
+        kept = {_sid(s) for s in self.snapshots}
+        responses = [(rid, response) for rid, response in self.responses.items() if response["snapshot"] in kept]
+        self.responses = dict(responses[-RESPONSES_KEPT:])
+        return _sid(snapshot)
 
     def keep_response(self, response_id: str, snapshot: str, thinking: str, answer: str, extra: Mapping[str, Any]) -> None:
         """A response of the Responses API, stored with the snapshot it left, to continue from."""
@@ -1390,6 +1403,11 @@ class Conversation:
     def missing(self, workflow: Workflow) -> List[QueryInput]:
         return [query for query in workflow.query_inputs.values()
                 if query.name not in self.values and not query.optional]
+
+
+def _sid(snapshot: Mapping[str, Any]) -> str:
+    """A snapshot's own id (records before it had only the key)."""
+    return snapshot.get("sid") or snapshot["key"]
 
 
 def text_digest(text: str) -> str:
@@ -1699,7 +1717,12 @@ class RedisStore(Store):
         parts = urlsplit(url)
         self.where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"   # no password
         options = dict(item.split("=", 1) for item in parts.query.split("&") if "=" in item)
-        self.lock_seconds = float(options.pop("lock_seconds", REDIS_LOCK_SECONDS))
+        try:
+            self.lock_seconds = float(options.pop("lock_seconds", REDIS_LOCK_SECONDS))
+        except ValueError:
+            self.lock_seconds = -1.0
+        if not 0 < self.lock_seconds < math.inf:
+            raise ConfigError(f"store {self.where}: lock_seconds must be a positive number of seconds")
         self.max_age_seconds = max_age_seconds
         try:
             import redis
@@ -1732,7 +1755,7 @@ class RedisStore(Store):
     def lock(self, conversation_id: str) -> Iterator[None]:
         key, token = self.LOCK_KEY + conversation_id, secrets.token_hex(16)
         life_ms = int(self.lock_seconds * 1000)
-        give_up = time.monotonic() + self.lock_seconds + REDIS_TIMEOUT_SECONDS
+        give_up = time.monotonic() + max(self.lock_seconds, REDIS_LOCK_WAIT_SECONDS)   # as long as a turn may run
         while not self._call(self._redis.set, key, token, nx=True, px=life_ms):
             if time.monotonic() > give_up:   # the holder keeps it alive: it is still working
                 raise StoreUnavailable(f"The conversation is busy with another turn in {self.where}; try again.")
@@ -1952,6 +1975,8 @@ PLACE_LEAD_WORDS = """to in into for visit visiting see explore discover a au au
     nel nella nell per verso visitare vedere scoprire para em"""
 # Articles that may stand between a place word and the name: "in the Scottish Highlands".
 PLACE_ARTICLE_WORDS = "the la le les l el los las il lo gli der die das den"
+# Words of being somewhere already, before "in"/"à": "I'm in London", "je suis à Lyon".
+STAY_WORDS = "im am live lives living based stay staying wohne wohnen lebe bin suis habite vis vivo vive estoy sono abito"
 # A correction of a name said just before: "à Québec ? Ah non pardon, Montréal", "Roma, bueno no, a Florencia".
 CORRECTION_FILLER_WORDS = "sorry pardon wait actually oops ah oh bueno perdon perdona anzi scusa scusate entschuldigung"
 NEGATION_WORDS = """not no never without except excluding nor dont doesnt didnt wont cant isnt arent pas non sans
@@ -2003,7 +2028,7 @@ PLACE_LEADS, NEGATIONS, CONTRASTS = _table(PLACE_LEAD_WORDS), _table(NEGATION_WO
 ALTERNATIVES, NAME_JOINERS, CANCELS = _table(ALTERNATIVE_WORDS), _table(NAME_JOINER_WORDS), _table(CANCEL_WORDS)
 CURRENCIES, PREFERENCES = _table(CURRENCY_WORDS), _table(PREFERENCE_WORDS)
 PLACE_ARTICLES, CORRECTION_FILLERS = _table(PLACE_ARTICLE_WORDS), _table(CORRECTION_FILLER_WORDS)
-NON_ANSWERS = _table(NON_ANSWER_WORDS)
+NON_ANSWERS, STAYS = _table(NON_ANSWER_WORDS), _table(STAY_WORDS)
 EXCEPTS, EXCEPT_OPENERS = _table(EXCEPT_WORDS), _table(EXCEPT_OPENER_WORDS)
 KINDS = MappingProxyType({kind: _table(words) for kind, words in KIND_WORDS.items()})
 CLAUSE_MARKS = frozenset(",;.!?:()[]—|\n")
@@ -2061,6 +2086,14 @@ def parse_number(token: str) -> float:
     return float(text) * factor
 
 
+def _number_or_none(token: str) -> Optional[float]:
+    try:
+        number = parse_number(token)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def numbers_in(text: str, spaced: bool = False) -> List[float]:
     """The numbers a text states; with ``spaced``, "1 500" (French style) also counts as 1500."""
     found = [parse_number(match.group(0)) for match in NUMBER_PATTERN.finditer(str(text))]
@@ -2113,6 +2146,10 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
 
 def _coerce_number(query: QueryInput, raw: Any) -> Any:
     label = query.label
+    if isinstance(raw, (dict, list)):
+        raise ValueError(f"I need a number for the {label}, not {json.dumps(raw)[:40]}")
+    if isinstance(raw, int) and not isinstance(raw, bool) and abs(raw) > 10 ** 15:
+        raise ValueError(f"the {label} is too large")
     named = _synonyms_named(query, str(raw))
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
         number = float(raw)
@@ -2282,7 +2319,9 @@ def money_spans(text: str, tokens: Sequence[Token]) -> List[Span]:
             continue   # "1500-2000 euros" is a range, not one amount
         end_char = match.end() if (unit and currency) or match.group("sign") else match.end("after") + (
             len(match.group("k2")) if match.group("k2") else 0)
-        amount = parse_number(number + ("k" if has_k else ""))
+        amount = _number_or_none(number + ("k" if has_k else ""))
+        if amount is None:
+            continue
         first = next(i for i, token in enumerate(tokens) if token.end > match.start())
         last = max(i for i, token in enumerate(tokens) if token.start < end_char) + 1
         spans.append(Span("money", first, last, amount, is_negated(tokens, first)))
@@ -2303,7 +2342,9 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
     if token.kind == "ordinal":
         return "glue"
     if token.kind == "number":
-        number = parse_number(token.folded)
+        number = _number_or_none(token.folded)
+        if number is None:   # "1.2.3", "10.0.0.1": a version or an address, not a time
+            return None
         if 1 <= number <= 31 and number == int(number):
             return "glue"
         after_month = previous is not None and previous.folded in MONTHS
@@ -2406,11 +2447,13 @@ def _retracted(tokens: Sequence[Token], end: int) -> bool:
 
 
 def _led_by(tokens: Sequence[Token], index: int, leads: frozenset) -> bool:
-    """Does a word of ``leads`` stand right before the name, or before its article?"""
+    """Does a word of ``leads`` stand right before the name, or before its article, and not
+    after a word of being somewhere ("I'm in London", "Ich wohne in Hamburg")?"""
     before = index - 1
     if before >= 1 and tokens[before].folded in PLACE_ARTICLES:
         before -= 1
-    return before >= 0 and tokens[before].folded in leads
+    staying = before >= 1 and tokens[before - 1].folded in STAYS
+    return before >= 0 and tokens[before].folded in leads and not staying
 
 
 def _corrects(tokens: Sequence[Token], after: int, index: int) -> bool:
@@ -2420,7 +2463,9 @@ def _corrects(tokens: Sequence[Token], after: int, index: int) -> bool:
     between = tokens[after:index]
     small = CORRECTION_FILLERS | PLACE_LEADS | PLACE_ARTICLES | PREFERENCES
     for k, token in enumerate(between):
-        standalone_no = (token.folded in NEGATIONS or token.folded in BOOLEAN_WORDS[False]) and k + 1 < len(between)
+        # "bueno no, a Florencia", not "Barcelona, not to Valencia" (that "not" rules out Valencia)
+        standalone_no = ((token.folded in NEGATIONS or token.folded in BOOLEAN_WORDS[False]) and k + 1 < len(between)
+                         and (between[k + 1].kind == "mark" or between[k + 1].folded in CORRECTION_FILLERS))
         if (standalone_no or token.folded in PREFERENCES) and all(
                 rest.kind == "mark" and rest.text not in ".!?" or rest.folded in small for rest in between[k + 1:]):
             return len(between) <= 10
@@ -2697,12 +2742,24 @@ def _read_polarity(tokens: Sequence[Token], query: QueryInput, reading: Reading)
     seen = set()
     phrases = [(word, True) for word in _topic_words(query)] + [(s, v) for s, v in query.synonyms]
     for phrase, meaning in phrases:
+        size = len(re.findall(r"[^\W_]+", str(phrase)))
         for index in find_words(tokens, phrase):
-            if not _clause_is_question(tokens, index):
+            answer = _yes_or_no_after(tokens, index + size)   # "kids: no", "Kinder - nein"
+            if answer is not None:
+                seen.add(meaning == answer)
+            elif not _clause_is_question(tokens, index):
                 seen.add(meaning != is_negated(tokens, index))
     if len(seen) == 1:
         reading.polarity[query.name] = seen.pop()
         reading.add(query.name, 1, reading.polarity[query.name])
+
+
+def _yes_or_no_after(tokens: Sequence[Token], index: int) -> Optional[bool]:
+    """A yes or no given right after a topic and a colon or dash: "kids: no"."""
+    if index + 1 < len(tokens) and tokens[index].text in ":=-–" and tokens[index + 1].kind == "word":
+        word = tokens[index + 1].folded
+        return True if word in BOOLEAN_WORDS[True] else False if word in BOOLEAN_WORDS[False] else None
+    return None
 
 
 def _read_bounded_number(workflow: Workflow, conversation: Conversation, tokens: Sequence[Token],
@@ -2711,8 +2768,9 @@ def _read_bounded_number(workflow: Workflow, conversation: Conversation, tokens:
     only that input ("Kalender für 2026, Monat 5": 5 is the month once 2026 is the year)."""
     used = {number for found in reading.candidates.values() for raws in found.values() for raw in raws
             if not isinstance(raw, bool) for number in numbers_in(str(raw))}
-    left = [parse_number(token.folded) for index, token in enumerate(tokens)
-            if token.kind == "number" and index not in taken_tokens and parse_number(token.folded) not in used]
+    numbers = [_number_or_none(token.folded) for index, token in enumerate(tokens)
+               if token.kind == "number" and index not in taken_tokens]
+    left = [number for number in numbers if number is not None and number not in used]
     bounded = [query for query in workflow.query_inputs.values()
                if query.type in NUMERIC_TYPES and query.name not in conversation.values
                and query.name not in reading.candidates and query.minimum is not None and query.maximum is not None]
@@ -3017,8 +3075,9 @@ def _merge(workflow: Workflow, proposed: Mapping[str, Any], text: str, reading: 
             continue
         why = ground(query, value, raw, text, tokens, reading, asked=name in asked)
         if why == OFFERED_AMONG_OTHERS and name not in extraction.values:
-            places = find_words(tokens, value)
-            others = alternatives_to(tokens, places[0], len(re.findall(r"[^\W_]+", str(value))))
+            phrase = raw if query.type == "choice" and find_words(tokens, raw) else value
+            places = find_words(tokens, phrase)
+            others = alternatives_to(tokens, places[0], len(re.findall(r"[^\W_]+", str(phrase)))) if places else []
             extraction.ambiguous.setdefault(name, [value] + [o for o in others if o != value])
         if why:
             extraction.ignored[name] = (raw, why)
@@ -4072,6 +4131,15 @@ class McpCall:
         self.progress_token = meta.get("progressToken")
 
     def messages(self) -> Iterator[Optional[dict]]:
+        """The call's messages; a bug or an odd answer ends it with an isError result, never an
+        empty stream the client would wait on."""
+        try:
+            yield from self._messages()
+        except Exception as exc:   # noqa: BLE001 - the call must end with a result
+            log.exception("MCP call of %s failed", self.workflow.name)
+            yield self._result(f"The server failed while running the tool ({type(exc).__name__}).", is_error=True)
+
+    def _messages(self) -> Iterator[Optional[dict]]:
         workflow = self.workflow
         values, problems = self._read_arguments()
         asked = 0
@@ -4096,7 +4164,8 @@ class McpCall:
                                    f"{_and_list([query.label for query in missing])}.", is_error=True)
                 return
             problems = {}
-            self._take(answer.get("content") or {}, values, problems)
+            content = answer.get("content")
+            self._take(content if isinstance(content, dict) else {}, values, problems)
         yield from self._run(values)
 
     def _read_arguments(self) -> Tuple[Dict[str, Any], Dict[str, str]]:
@@ -4398,7 +4467,7 @@ class Service:
             raise RequestError(f"No stored response {response_id!r} of the model {workflow.name!r}; send the "
                                "whole conversation as input, or start a new one.", param="previous_response_id")
         conversation = Conversation.from_record(record)
-        if conversation.continue_from_key(response["snapshot"], arrived) is None:
+        if conversation.continue_from_key(response["snapshot"]) is None:
             raise RequestError(f"The response {response_id!r} is older than what the conversation keeps; send the "
                                "whole conversation as input instead.", param="previous_response_id")
         return conversation
@@ -4543,6 +4612,7 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         app.route(path, "DELETE", lambda: _mcp_delete(service))
     if cors_origins:
         app.route("/openai/<path:path>", "OPTIONS", lambda path: "")   # preflight; headers from the hook
+        app.route("/mcp", "OPTIONS", lambda: "")
         app.add_hook("after_request", lambda: _allow_origin(cors_origins))
     app.default_error_handler = _error_page
     app.config["cozyopenai.service"] = service
@@ -4607,6 +4677,7 @@ def _allow_origin(origins: Sequence[str]) -> None:
                                    bottle.request.get_header("Access-Control-Request-Headers") or
                                    "Authorization, Content-Type")
         bottle.response.set_header("Access-Control-Max-Age", "600")
+        bottle.response.set_header("Access-Control-Expose-Headers", "Mcp-Session-Id")
 
 
 def _chat(service: Service) -> Any:
@@ -4719,7 +4790,8 @@ def _mcp_post(service: Service, origins: Sequence[str]) -> Any:
             return _mcp_answer(reply, method, started)
         session = _mcp_session(service, method)
         if method is None or message_id is None:   # an answer to our elicitation, or a notification
-            waiting = session.waiting.get(message_id) if method is None else None
+            ours = method is None and isinstance(message_id, str)   # our elicitations have string ids
+            waiting = session.waiting.get(message_id) if ours else None
             if waiting is not None:
                 waiting.put(message)
             bottle.response.status = 202
@@ -4752,10 +4824,10 @@ def _mcp_guard(service: Service, origins: Sequence[str]) -> None:
         raise McpError(JSONRPC_INVALID_REQUEST, exc.message, 401) from None
     origin = bottle.request.get_header("Origin")
     if origin and origin not in origins and "*" not in origins:
-        host = urlsplit(origin).hostname or ""
-        if host not in ("localhost", "127.0.0.1", "::1") and urlsplit(origin).netloc != bottle.request.get_header(
-                "Host", ""):
-            raise McpError(JSONRPC_INVALID_REQUEST, f"Origin {origin!r} is not allowed here.", 403)
+        # Not "the same as Host": under DNS rebinding the attacker's page and Host name match.
+        if (urlsplit(origin).hostname or "") not in ("localhost", "127.0.0.1", "::1"):
+            raise McpError(JSONRPC_INVALID_REQUEST, f"Origin {origin!r} is not allowed here; give it with "
+                                                    "--cors-origin.", 403)
 
 
 def _mcp_message() -> dict:

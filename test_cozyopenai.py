@@ -1429,6 +1429,28 @@ def test_competing_values_are_asked_about_by_name(start, fake_llm):
     assert "The user named several values for the destination (Sydney or Melbourne): ask which one" in question_prompt
 
 
+@pytest.mark.parametrize("message, values", [
+    ("I want to go to Barcelona, not to Valencia", {"destination": "Barcelona"}),
+    ("Je vais à Lyon, pas à Nice", {"destination": "Lyon"}),
+    ("kids: no", {"children": False}),
+    ("Kinder: nein", {"children": False}),
+    ("I'm in London and want to go somewhere warm in May", {"travel_dates": "May"}),
+    ("see ticket 1.2.3 on 10.0.0.1", {}),
+])
+def test_the_reader_on_sentences_a_review_found(message, values):
+    workflow = cozyopenai.load_workflows(WORKFLOWS_PATH)["trip-planner"]
+    extraction = cozyopenai.extract_offline(workflow, cozyopenai.Conversation(id="x" * 32, model="trip-planner"),
+                                            message)
+    assert extraction.values == values
+
+
+def test_a_synonym_offered_among_alternatives_is_asked_about_not_a_crash(start, fake_llm):
+    message = "Trip to Paris, budget 2000 in May, calm or packed, not sure"
+    fake_llm.extractions = {message: {"pace": "calm"}}
+    reply = Chat(start(llm=fake_llm.settings())).say(message)
+    assert "Sorry" not in reply and "Understood pace" not in reply
+
+
 def test_an_llm_that_invents_never_hides_what_the_user_wrote_plainly(start, fake_llm):
     fake_llm.mode = "inventing"   # every extraction proposes INVENTED values, whatever the message
     chat = Chat(start(llm=fake_llm.settings()))
@@ -2335,6 +2357,20 @@ def test_two_responses_that_continue_the_same_one_each_get_their_own_state(start
         june.output[0].summary[0].text
 
 
+def test_a_stored_response_continues_from_exactly_its_own_state(start):
+    client = start().client
+    first = client.responses.create(model="trip-planner", input="I want to plan a trip to Paris.")
+    rome = client.responses.create(model="trip-planner", input="destination: Rome", previous_response_id=first.id)
+    paris_budget = client.responses.create(model="trip-planner", input="budget: 2000", previous_response_id=first.id)
+    client.responses.create(model="trip-planner", input="budget: 2000", previous_response_id=rome.id)   # same text
+    plan = client.responses.create(model="trip-planner", input="a week in mid-October",
+                                   previous_response_id=paris_budget.id)
+    assert plan.output_text.startswith("## Your trip to Paris")
+    again = [client.responses.create(model="trip-planner", input="hmm", previous_response_id=first.id)
+             for _ in range(3)]   # the same reply from the same state: one snapshot, no loop
+    assert len({response.output_text for response in again}) == 1
+
+
 def test_responses_errors_and_the_stateless_form(start):
     server = start()
     with pytest.raises(openai.BadRequestError) as caught:
@@ -2506,6 +2542,28 @@ def test_mcp_errors_are_json_rpc_errors_and_keys_and_origins_are_checked(start):
     assert post(b'{"jsonrpc": "2.0", "id": 4, "method": "server/discover"}', **key).status_code == 404
     assert requests.delete(server.url + "/mcp", headers=session, timeout=10).status_code == 200
     assert post(b'{"jsonrpc": "2.0", "id": 5, "method": "ping"}', **session).status_code == 404
+
+
+def test_mcp_odd_answers_and_arguments_end_with_a_result(start):
+    server = start()
+
+    async def call(arguments, elicit=None):
+        async with mcp_session(server, elicit) as client:
+            return await client.call_tool("trip-planner", arguments)
+    weird = run_async(call({"destination": "Lisbon"},
+                           lambda message, schema, types: types.ElicitResult(action="accept", content={})))
+    assert weird.is_error   # asked again with nothing usable, then given up: a result, not a hang
+    typed = run_async(call({"destination": "Lisbon", "budget": {"a": 1}, "travel_dates": "May"}))
+    assert typed.is_error and "I need a number for the budget" in typed.content[0].text
+    initialized = requests.post(server.url + "/mcp", timeout=10, json={
+        "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}})
+    answer = requests.post(server.url + "/mcp", timeout=10, headers={
+        "Mcp-Session-Id": initialized.headers["Mcp-Session-Id"]}, json={"jsonrpc": "2.0", "id": [1], "result": {}})
+    assert answer.status_code == 202
+    rebound = requests.post(server.url + "/mcp", timeout=10, headers={"Origin": "http://attacker.example:1",
+                                                                      "Host": "attacker.example:1"},
+                            json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}})
+    assert rebound.status_code == 403   # DNS rebinding: the Host matches the page's, still refused
 
 
 def inspector_command():
