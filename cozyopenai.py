@@ -2572,6 +2572,7 @@ class Reading:
     candidates: Dict[str, Dict[int, List[Any]]] = field(default_factory=dict)
     ruled_out: Dict[str, List[Any]] = field(default_factory=dict)   # what the message negates
     polarity: Dict[str, bool] = field(default_factory=dict)         # booleans the message states
+    tokens: Tokens = field(default_factory=Tokens)                  # the message's, made once per message
 
     def add(self, name: str, strength: int, raw: Any) -> None:
         self.candidates.setdefault(name, {}).setdefault(strength, []).append(raw)
@@ -2584,15 +2585,15 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str) -> Tup
     assigned to inputs by their kind. One candidate for an input is accepted; competing
     ones are asked about; what the message rules out is never taken."""
     extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(text) else "provide")
-    reading = Reading()
+    reading = Reading(tokens=tokenize(text))
     if extraction.intent == "cancel":
         return extraction, reading
     _read_labels(workflow, text, reading)
     if not reading.candidates:
-        for name, raw in _direct_reply(workflow, conversation, text).items():
+        for name, raw in _direct_reply(workflow, conversation, text, reading.tokens).items():
             reading.add(name, 2, raw)
     _read_spans(workflow, conversation, text, reading)
-    _choose(workflow, reading, text, extraction, conversation.asked)
+    _choose(workflow, reading, extraction)
     return extraction, reading
 
 
@@ -2621,12 +2622,11 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
 def _read_spans(workflow: Workflow, conversation: Conversation, text: str, reading: Reading) -> None:
     """Typed spans, each given to the input of its kind. Inputs already known take a new value
     only from their cues or a replaced name ("now do it for Rome", "not Paris — Lyon")."""
-    tokens = tokenize(text)
+    tokens = reading.tokens
     money = money_spans(text, tokens)
-    taken_tokens = {index for span in money for index in range(span.start, span.end)}
-    periods = [span for span in period_spans(tokens) if not taken_tokens & set(range(span.start, span.end))]
-    taken_tokens |= {index for span in periods for index in range(span.start, span.end)}
     money_tokens = {index for span in money for index in range(span.start, span.end)}
+    periods = [span for span in period_spans(tokens) if not money_tokens & set(range(span.start, span.end))]
+    taken_tokens = money_tokens | {index for span in periods for index in range(span.start, span.end)}
     places = [query for query in workflow.query_inputs.values() if query.kind == "place"]
     for query in workflow.query_inputs.values():
         kind, is_open = query.kind, query.name not in conversation.values
@@ -2781,19 +2781,20 @@ def _read_bounded_number(workflow: Workflow, conversation: Conversation, tokens:
         reading.add(fits[0].name, 1, left[0])
 
 
-def _choose(workflow: Workflow, reading: Reading, text: str, extraction: Extraction, asked: Sequence[str]) -> None:
+def _choose(workflow: Workflow, reading: Reading, extraction: Extraction) -> None:
     """Per input, the strongest candidates: one value is accepted, several are asked about."""
     for name, found in reading.candidates.items():
         query = workflow.query_inputs[name]
         strongest = found[max(found)]
         values, problems = [], []
+        ruled_out = [_coerce_or_none(query, raw) for raw in reading.ruled_out.get(name, [])]
         for raw in strongest:
             try:
                 value = coerce_value(query, raw)
             except ValueError as exc:
                 problems.append(str(exc))
                 continue
-            if value not in values and value not in [_coerce_or_none(query, r) for r in reading.ruled_out.get(name, [])]:
+            if value not in values and value not in ruled_out:
                 values.append(value)
         if len(values) == 1:
             extraction.values[name] = values[0]
@@ -2875,7 +2876,7 @@ def extract_offline(workflow: Workflow, conversation: Conversation, text: str) -
     return read_floor(workflow, conversation, text)[0]
 
 
-def _direct_reply(workflow: Workflow, conversation: Conversation, text: str) -> Dict[str, Any]:
+def _direct_reply(workflow: Workflow, conversation: Conversation, text: str, tokens: Tokens) -> Dict[str, Any]:
     """The answer to the question just asked, unless the message looks like something else:
     a question back, or talk of another input ("my budget is 2000" when asked where to go),
     or a long sentence given to a text input (its typed spans are read instead: "I'd like to
@@ -2883,7 +2884,7 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str) -> 
     a bare answer goes to the one of them it can only be: "Tokyo", "5000", "cherry blossom
     season"."""
     asked = [workflow.query_inputs[name] for name in conversation.asked if name in workflow.query_inputs]
-    fitting = asked if len(asked) == 1 else [query for query in asked if _fits(query, text)]
+    fitting = asked if len(asked) == 1 else [query for query in asked if _fits(query, text, tokens)]
     if len(fitting) != 1:
         return {}
     query = fitting[0]
@@ -2894,7 +2895,6 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str) -> 
         return {}
     words = _words(text)
     if query.type in STRING_TYPES:
-        tokens = tokenize(text)
         if query.kind == "place" and len(text.split()) > 1:
             names = _names_in(tokens, workflow.words_taken)
             if len(names) == 1:
@@ -2907,9 +2907,9 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str) -> 
     return {query.name: _reply_value(query, text)}
 
 
-def _fits(query: QueryInput, text: str) -> bool:
+def _fits(query: QueryInput, text: str, tokens: Sequence[Token]) -> bool:
     """Could a bare reply be this input's value, and that of no input of another kind?"""
-    tokens, words = tokenize(text), _words(text)
+    words = _words(text)
     timely = any(_is_time_word(token) for token in tokens)
     if query.type in NUMERIC_TYPES:
         return len(numbers_in(text)) == 1 and not timely or len(_synonyms_named(query, text)) == 1
@@ -3062,7 +3062,7 @@ def _merge(workflow: Workflow, proposed: Mapping[str, Any], text: str, reading: 
     """Each value the LLM proposes is coerced and grounded; where the floor read the same
     input differently, the floor's reading wins unless the LLM's holds it whole (a fuller
     reading of the same words: "a week in mid-October" over "mid-October")."""
-    tokens = tokenize(text)
+    tokens = reading.tokens
     for name, raw in proposed.items():
         query = workflow.query_inputs.get(name)
         if query is None or raw is None or (isinstance(raw, str) and not raw.strip()):
