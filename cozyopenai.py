@@ -3276,18 +3276,6 @@ def ordered_pieces(pieces: Iterator[Piece]) -> Iterator[Piece]:
     except Exception:   # the turn's own bug
         log.exception("turn failed")
         yield Piece("answer", SORRY_REPLY)
-    finally:
-        getattr(pieces, "close", lambda: None)()
-
-
-def _as_pairs(pieces: Iterator[Any]) -> Iterator[Tuple[str, str]]:
-    """Pieces as (kind, text), for the redactor; closing this closes the turn (it saves then)."""
-    try:
-        for piece in pieces:
-            if piece is not None:
-                yield piece.kind, piece.text
-    finally:
-        getattr(pieces, "close", lambda: None)()
 
 
 @dataclass
@@ -3626,26 +3614,25 @@ def estimate_tokens(text: str) -> int:
 THINKING_STYLES = ("tags", "reasoning_content")
 
 
-def reply_fields(pieces: Iterator[Piece], thinking: str = "tags") -> Iterator[Tuple[str, str]]:
+def reply_fields(pieces: Iterator[Optional[Piece]], thinking: str = "tags") -> Iterator[Optional[Tuple[str, str]]]:
     """Chat Completions: the pieces as (field, text). With thinking "tags", everything goes to
     ``content`` and the thinking sits in one <thinking> block, closed before the answer; with
     "reasoning_content", thinking goes to that field (for clients that show reasoning from
     it) and the answer to ``content``."""
     tags, thinking_open = thinking == "tags", False
-    try:
-        for piece in pieces:
-            if piece.kind == "thinking":
-                if tags and not thinking_open:
-                    yield "content", "<thinking>\n"
-                thinking_open = True
-                yield ("content" if tags else "reasoning_content"), piece.text
-            else:
-                if tags and thinking_open:
-                    yield "content", "</thinking>\n\n"
-                thinking_open = False
-                yield "content", piece.text
-    finally:
-        getattr(pieces, "close", lambda: None)()   # the turn saves and unlocks when closed
+    for piece in pieces:
+        if piece is None:   # a keep-alive
+            yield None
+        elif piece.kind == "thinking":
+            if tags and not thinking_open:
+                yield "content", "<thinking>\n"
+            thinking_open = True
+            yield ("content" if tags else "reasoning_content"), piece.text
+        else:
+            if tags and thinking_open:
+                yield "content", "</thinking>\n\n"
+            thinking_open = False
+            yield "content", piece.text
     if tags and thinking_open:
         yield "content", "</thinking>\n\n"
 
@@ -3667,20 +3654,17 @@ class Redactor:
         """Redact (field, text) pieces as they stream. An LLM may echo a secret split over two
         tokens, so the end of a piece that could begin a secret waits for the next piece."""
         current, held = "", ""
-        try:
-            for name, text in fields:
-                if name != current and held:   # a secret does not span fields
-                    yield current, self(held)
-                    held = ""
-                current, text = name, self(held + text)
-                cut = len(text) - self._possible_start(text)
-                text, held = text[:cut], text[cut:]
-                if text:
-                    yield name, text
-            if held:
+        for name, text in fields:
+            if name != current and held:   # a secret does not span fields
                 yield current, self(held)
-        finally:
-            getattr(fields, "close", lambda: None)()   # the turn saves and unlocks when closed
+                held = ""
+            current, text = name, self(held + text)
+            cut = len(text) - self._possible_start(text)
+            text, held = text[:cut], text[cut:]
+            if text:
+                yield name, text
+        if held:
+            yield current, self(held)
 
     def _possible_start(self, text: str) -> int:
         """The length of the longest end of ``text`` that is the beginning of a secret."""
@@ -3717,8 +3701,8 @@ def _peer_closed(connection: socket.socket) -> bool:
 
 def with_keepalives(texts: Iterator[Any], interval_seconds: float, stop: threading.Event) -> Iterator[Any]:
     """The texts, produced in a thread of their own, with a None each ``interval_seconds`` the
-    turn is silent, so a long node does not let a proxy cut the stream. When the client is
-    gone (this generator is closed) the turn is told to stop, and closes, saves and unlocks."""
+    turn is silent, so a long node does not let a proxy cut the stream. Closing this generator
+    (the client is gone, or the reply is over) tells the producer to stop and waits for it."""
     pipe: "queue.Queue[Any]" = queue.Queue()
     finished = object()
 
@@ -3728,14 +3712,15 @@ def with_keepalives(texts: Iterator[Any], interval_seconds: float, stop: threadi
                 pipe.put(text)
                 if stop.is_set():
                     break
-        except CozyError as exc:   # the store went away while the reply streamed: too late for a 503
-            log.error("a streamed turn ended early: %s", exc.message)
+        except Exception:   # a bug in what is produced: the stream still ends
+            log.exception("a streamed reply failed")
         finally:
             try:
-                getattr(texts, "close", lambda: None)()   # a turn's generator saves and unlocks on close
+                getattr(texts, "close", lambda: None)()   # closed on the thread that ran it
             finally:
                 pipe.put(finished)   # whatever happened, the stream ends
-    threading.Thread(target=produce, daemon=True).start()
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
     try:
         while True:
             try:
@@ -3748,6 +3733,7 @@ def with_keepalives(texts: Iterator[Any], interval_seconds: float, stop: threadi
             yield item
     finally:
         stop.set()
+        producer.join()   # nothing runs on after this generator is closed: its closer may save now
 
 
 def new_completion_id() -> str:
@@ -4327,15 +4313,16 @@ def _labels(labels: Tuple[Tuple[str, str], ...]) -> str:
 
 
 class Service:
-    """The server's state (workflows, store, LLM) and one method per route."""
+    """The server's state: its workflows, store, LLM and node types, and how a turn is opened
+    on them. Routes hold one; every wire format opens its turns here."""
 
-    def __init__(self, workflows: Mapping[str, Workflow], store: Any, llm: Optional[LLMClient],
-                 node_types: Mapping[str, NodeType], api_keys: Sequence[str], keepalive_seconds: float,
-                 thinking: str, conversation_header: Optional[str], workflows_source: str = "",
-                 metrics: Optional[Metrics] = None):
+    def __init__(self, workflows: Mapping[str, Workflow], store: "Store", llm: Optional[LLMClient],
+                 node_types: Mapping[str, NodeType], metrics: Any, api_keys: Sequence[str] = (),
+                 keepalive_seconds: float = KEEPALIVE_SECONDS, thinking: str = "tags",
+                 conversation_header: Optional[str] = None, workflows_source: str = ""):
         self.workflows = workflows
         self.workflows_source = workflows_source
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics
         self.store = store
         self.llm = llm
         self.node_types = node_types
@@ -4344,29 +4331,8 @@ class Service:
         self.keepalive_seconds = keepalive_seconds
         self.thinking = thinking
         self.conversation_header = conversation_header
+        self.new_conversation_id = ConversationIds()
         self._next_expiry = 0.0
-        self._new_id = ConversationIds()
-        self.mcp_sessions = McpSessions()
-
-    def check_key(self, authorization: str) -> None:
-        if not self.api_keys:
-            return
-        given = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
-        if not any([hmac.compare_digest(given.encode(), key.encode()) for key in self.api_keys]):  # all compared
-            raise UnauthorizedError("Missing or wrong API key: send 'Authorization: Bearer <key>'.")
-
-    def metrics_text(self) -> str:
-        """The counters, with the gauges read now."""
-        gauges = {}
-        with contextlib.suppress(CozyError, OSError, NotImplementedError):   # a store that is down: no gauge
-            gauges["stored_conversations"] = self.store.count()
-        return self.metrics.render(gauges)
-
-    def list_models(self) -> dict:
-        return {"object": "list", "data": [model_object(workflow) for workflow in self.workflows.values()]}
-
-    def get_model(self, model_id: str) -> dict:
-        return model_object(self.workflow(model_id))
 
     def workflow(self, model_id: str) -> Workflow:
         if model_id not in self.workflows:
@@ -4374,11 +4340,11 @@ class Service:
                                      param="model")
         return self.workflows[model_id]
 
-    def turn(self, request: "TurnRequest", stop: Optional[threading.Event] = None,
-             trace: Optional[Dict[str, str]] = None) -> Iterator[Piece]:
-        """One turn, whatever API it came by: its pieces (thinking, then the answer), produced
-        lazily, as the turn runs while they are read. Errors found before any piece (an unknown
-        model, a store that is down, an unknown previous response) are raised here."""
+    def open_turn(self, request: TurnRequest, stop: Optional[threading.Event] = None,
+                  trace: Optional[Dict[str, str]] = None) -> Union["Turn", "AnsweredTurn"]:
+        """A turn, opened: its conversation locked and loaded. Errors found before any piece (an
+        unknown model, a store that is down, an unknown previous response) are raised here,
+        so that they are answered as errors before a reply starts. Close what this returns."""
         workflow = self.workflow(request.model)
         trace = {} if trace is None else trace
         trace["model"] = workflow.name
@@ -4386,175 +4352,238 @@ class Service:
             # Open WebUI's "Continue Response" sends the history ending with our reply: the
             # turn is over and nothing was said, so there is nothing to add (and no turn).
             trace["conversation"] = "continue"
-            return iter([])
-        if is_client_task(request.messages):
-            trace["conversation"] = "task"
-            answer = answer_client_task(workflow, request.messages[-1]["content"], self.llm)
-            return iter([Piece("answer", workflow.redact(answer))])
+            return AnsweredTurn("")
         self._expire_now_and_then()
-        pieces = self._turn_pieces(workflow, request, stop or threading.Event(), trace)
-        next(pieces)   # lock and load now: a store that is down is a 503 before any reply starts
-        if not workflow.redact:   # a workflow with no secrets skips a step per piece (issue 6)
-            return pieces
-        return (Piece(kind, text) for kind, text in workflow.redact.stream(_as_pairs(pieces)))
-
-    def _turn_pieces(self, workflow: Workflow, request: "TurnRequest", stop: threading.Event,
-                     trace: Dict[str, str]) -> Iterator[Optional[Piece]]:
-        # Everything from the lock to the save happens inside this generator, so closing it
-        # (the client hung up) still saves and unlocks. Not in a hook: Bottle runs hooks
-        # before a stream's body.
-        arrived, messages = time.time(), request.messages
-        with contextlib.ExitStack() as held:
-            if request.previous_response_id:
-                conversation, recovered = self._resume_response(workflow, request.previous_response_id, arrived,
-                                                                held), False
-                history, text = [], split_new_messages(messages)[1]
-                branch, again = "", []
-            else:
-                if request.chat_key:
-                    conversation, recovered = self._resume_by_key(workflow, messages, request.chat_key, held)
-                else:
-                    conversation, recovered = self._resume(workflow, messages, held)
-                history, text = split_new_messages(messages)
-                branch, again = ("", []) if recovered else self._branch_of(conversation, messages, arrived)
-            trace["conversation"] = conversation.id[:6]
-            if request.store_response:
-                request.response_id = new_response_id(conversation.id)
-            yield None   # loaded: Service.turn goes on from here (see there)
-            recovered = recovered or branch == "unknown"   # none of its replies kept: read the history again
-            restored, reading = None, text
-            if again:   # turns edited in place, with our replies after them kept
-                restored, branch = replay_offline(workflow, conversation, again), "earlier"
-            elif recovered and self.llm is None:   # replay the earlier turns first, as they came
-                restored = replay_offline(workflow, conversation, user_turns(history))
-            elif recovered:   # the LLM reads every user message at once, in order
-                history, reading = [], "\n".join(m["content"] for m in messages if m["role"] == "user")
-            turn = TurnContext(workflow, conversation, history, reading, self.llm, self.node_types, stop,
-                               restored, "" if branch == "unknown" else branch, metrics=self.metrics)
-            written: Dict[str, List[str]] = {"thinking": [], "answer": []}
-            try:
-                for piece in ordered_pieces(play_turn(turn)):
-                    written[piece.kind].append(piece.text)
-                    yield piece
-                if conversation.is_new and request.id_block and not request.chat_key:
-                    written["answer"].append(id_block(conversation.id))
-                    yield Piece("answer", written["answer"][-1])
-            finally:
-                stop.set()
-                answer = workflow.redact("".join(written["answer"]))
-                key = conversation.remember(answer, users_digest(messages), turn.answer)
-                if request.response_id:
-                    conversation.keep_response(request.response_id, key, workflow.redact("".join(written["thinking"])),
-                                               answer, request.response_extra)
-                conversation.updated = time.time()
-                self.store.save(conversation.id, conversation.to_record())
-                self.metrics.add("turns_total", model=workflow.name)
-                self.metrics.observe("turn_seconds", time.time() - arrived, model=workflow.name)
-
-    def _resume_response(self, workflow: Workflow, response_id: str, arrived: float,
-                         held: contextlib.ExitStack) -> Conversation:
-        """The conversation behind a stored response, set to the state right after it (so two
-        responses that continue the same one each get their own branch)."""
+        turn = Turn(self, workflow, request, stop or threading.Event(), trace)
         try:
-            conversation_id = conversation_of_response(response_id)
-        except NotFoundError:
-            conversation_id, record = "", None
-        else:
-            held.enter_context(self._lock(conversation_id))
-            record = self.store.load(conversation_id)
-        response = (record or {}).get("responses", {}).get(response_id)
-        if record is None or response is None or record.get("model") != workflow.name:
-            raise RequestError(f"No stored response {response_id!r} of the model {workflow.name!r}; send the "
-                               "whole conversation as input, or start a new one.", param="previous_response_id")
-        conversation = Conversation.from_record(record)
-        if conversation.continue_from_key(response["snapshot"]) is None:
-            raise RequestError(f"The response {response_id!r} is older than what the conversation keeps; send the "
-                               "whole conversation as input instead.", param="previous_response_id")
-        return conversation
-
-    def stored_response(self, response_id: str) -> dict:
-        """GET /responses/{id}: a response saved with ``store``."""
-        record = self.store.load(conversation_of_response(response_id))
-        response = (record or {}).get("responses", {}).get(response_id)
-        if response is None:
-            raise NotFoundError(f"No stored response {response_id!r}.", param="response_id")
-        return response_object(response_id, record["model"], response)
-
-    def delete_response(self, response_id: str) -> dict:
-        conversation_id = conversation_of_response(response_id)
-        with self._lock(conversation_id):
-            record = self.store.load(conversation_id)
-            if record is None or response_id not in record.get("responses", {}):
-                raise NotFoundError(f"No stored response {response_id!r}.", param="response_id")
-            del record["responses"][response_id]
-            self.store.save(conversation_id, record)
-        return {"id": response_id, "object": "response.deleted", "deleted": True}
-
-    @staticmethod
-    def _branch_of(conversation: Conversation, messages: Sequence[dict], arrived: float) -> Tuple[str, List[str]]:
-        """Set the conversation to the state this request continues from, and say how: "" (its
-        latest reply), "earlier" (an older one: an edit, a regenerated reply, an older branch),
-        "new chat" (no reply yet, under a reused header key) or "unknown" (replies it does not keep),
-        and the user turns to read again first (edited in place)."""
-        found, again = conversation.continue_from(messages, arrived)
-        if not conversation.snapshots:
-            return "", []
-        if found is None:
-            return ("unknown" if any(m["role"] == "assistant" for m in messages) else "new chat"), []
-        return ("" if found is conversation.snapshots[-1] or found["key"] == LEGACY_SNAPSHOT else "earlier"), again
-
-    def _resume_by_key(self, workflow: Workflow, messages: Sequence[dict], chat_key: str,
-                       held: contextlib.ExitStack) -> Tuple[Conversation, bool]:
-        """Conversations keyed by a header (Open WebUI's chat id) instead of the id block.
-        The key is hashed with the model's name: a model switch is a new conversation."""
-        digest = hashlib.sha256(f"{workflow.name}\0{chat_key}".encode()).digest()
-        conversation_id = base64.urlsafe_b64encode(digest).decode()[:32]
-        held.enter_context(self._lock(conversation_id))
-        record = self.store.load(conversation_id)
-        if record is not None and record.get("model") == workflow.name:
-            return Conversation.from_record(record), False
-        return Conversation(id=conversation_id, model=workflow.name), any(m["role"] == "assistant" for m in messages)
-
-    def _resume(self, workflow: Workflow, messages: Sequence[dict],
-                held: contextlib.ExitStack) -> Tuple[Conversation, bool]:
-        """The conversation, locked for this turn, and whether it must be recovered from the
-        whole history (an id this store does not know)."""
-        ids = find_conversation_ids(messages)
-        switched = False
-        for conversation_id in ids:   # newest first: after A → B → A, the chat resumes A
-            lock = held.enter_context(contextlib.ExitStack())
-            lock.enter_context(self._lock(conversation_id))
-            record = self.store.load(conversation_id)
-            if record is not None and record.get("model") == workflow.name:
-                return Conversation.from_record(record), False
-            lock.close()
-            switched = switched or record is not None
-        if switched:   # only other workflows' conversations: never reuse their values (issue 4),
-            return self._new_conversation(held, workflow), False   # nor the messages sent to them
-        if ids:   # only ids this store does not know (wiped, or another server): keep the newest
-            held.enter_context(self._lock(ids[0]))
-            record = self.store.load(ids[0])   # a concurrent turn may have just made it
-            if record is not None and record.get("model") == workflow.name:
-                return Conversation.from_record(record), False
-            return Conversation(id=ids[0], model=workflow.name), True
-        first_turn = not any(message["role"] == "assistant" for message in messages)
-        return self._new_conversation(held, workflow), not first_turn
-
-    def _new_conversation(self, held: contextlib.ExitStack, workflow: Workflow) -> Conversation:
-        conversation = Conversation(id=self._new_id(), model=workflow.name, is_new=True)
-        held.enter_context(self._lock(conversation.id))
-        return conversation
-
-    def _lock(self, conversation_id: str) -> Any:
-        return self.store.lock(conversation_id)
+            turn.open()
+        except BaseException:
+            turn.close()
+            raise
+        return turn
 
     def _expire_now_and_then(self) -> None:
         """Expire old conversations at most once per EXPIRE_EVERY_SECONDS, off the request path."""
-        expire = getattr(self.store, "expire", None)   # a store given to make_app may not have one
-        if expire is None or time.monotonic() < self._next_expiry:
+        if time.monotonic() < self._next_expiry:
             return
         self._next_expiry = time.monotonic() + EXPIRE_EVERY_SECONDS
-        threading.Thread(target=expire, daemon=True).start()
+        threading.Thread(target=self.store.expire, daemon=True).start()
+
+
+class Turn:
+    """One turn on one conversation, from its lock to its save.
+
+    ``Service.open_turn`` opens it: the conversation is locked and loaded on the calling
+    thread. ``pieces()`` plays it. ``close()`` stops what still runs, saves and unlocks, on the
+    thread that opened it, once: called by a ``with`` block around a whole reply, or by
+    StreamedTurn when the WSGI server ends a stream. Wire formats only read the pieces, so
+    none of them can hold a lock or forget to free one.
+    """
+
+    def __init__(self, service: Service, workflow: Workflow, request: TurnRequest, stop: threading.Event,
+                 trace: Dict[str, str]):
+        self.service, self.workflow, self.request, self.stop, self.trace = service, workflow, request, stop, trace
+        self.conversation: Optional[Conversation] = None
+        self._held = contextlib.ExitStack()   # the conversation's lock, entered in open()
+        self._arrived = time.time()
+        self._written: Dict[str, List[str]] = {"thinking": [], "answer": []}
+        self._playing: Optional[Iterator[Any]] = None   # the pieces being read, closed in close()
+        self._game: Optional[Iterator[Piece]] = None      # play_turn, closed in close() after them
+        self._context: Optional[TurnContext] = None
+        self._closed = False
+
+    def __enter__(self) -> "Turn":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def open(self) -> None:
+        service, workflow, request = self.service, self.workflow, self.request
+        messages, held = request.messages, self._held
+        if request.previous_response_id:
+            conversation = resume_response(service, workflow, request.previous_response_id, held)
+            recovered, history, text = False, [], split_new_messages(messages)[1]
+            branch, again = "", []
+        else:
+            if request.chat_key:
+                conversation, recovered = resume_by_key(service, workflow, messages, request.chat_key, held)
+            else:
+                conversation, recovered = resume_by_id_block(service, workflow, messages, held)
+            history, text = split_new_messages(messages)
+            branch, again = ("", []) if recovered else branch_of(conversation, messages, self._arrived)
+        self.conversation = conversation
+        self.trace["conversation"] = conversation.id[:6]
+        if request.store_response:
+            request.response_id = new_response_id(conversation.id)
+        recovered = recovered or branch == "unknown"   # none of its replies kept: read the history again
+        restored, reading = None, text
+        if again:   # turns edited in place, with our replies after them kept
+            restored, branch = replay_offline(workflow, conversation, again), "earlier"
+        elif recovered and service.llm is None:   # replay the earlier turns first, as they came
+            restored = replay_offline(workflow, conversation, user_turns(history))
+        elif recovered:   # the LLM reads every user message at once, in order
+            history, reading = [], "\n".join(m["content"] for m in messages if m["role"] == "user")
+        self._context = TurnContext(workflow, conversation, history, reading, service.llm, service.node_types,
+                                    self.stop, restored, "" if branch == "unknown" else branch,
+                                    metrics=service.metrics)
+
+    def pieces(self, keepalive_seconds: Optional[float] = None) -> Iterator[Optional[Piece]]:
+        """The turn's pieces, thinking then answer, with secrets redacted, produced as they are
+        read. With ``keepalive_seconds``, they are produced in a thread of their own and a None
+        comes each time the turn is silent that long (so a proxy keeps a long stream open)."""
+        self._playing = self._play()
+        if keepalive_seconds is None:
+            return self._playing
+        self._playing = with_keepalives(self._playing, keepalive_seconds, self.stop)
+        return self._playing
+
+    def _play(self) -> Iterator[Piece]:
+        assert self._context is not None
+        self._game = play_turn(self._context)
+        pieces = self._recorded(ordered_pieces(self._game))
+        if not self.workflow.redact:   # a workflow with no secrets skips a step per piece
+            yield from pieces
+            return
+        for kind, text in self.workflow.redact.stream((piece.kind, piece.text) for piece in pieces):
+            yield Piece(kind, text)
+
+    def _recorded(self, pieces: Iterator[Piece]) -> Iterator[Piece]:
+        """The pieces, kept as written for the save; the first reply ends with the id block."""
+        assert self.conversation is not None
+        for piece in pieces:
+            self._written[piece.kind].append(piece.text)
+            yield piece
+        if self.conversation.is_new and self.request.id_block and not self.request.chat_key:
+            self._written["answer"].append(id_block(self.conversation.id))
+            yield Piece("answer", self._written["answer"][-1])
+
+    def close(self) -> None:
+        """Stop what still runs, save what the turn did, and unlock. Safe to call again."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._held:   # unlocks last, whatever saving does
+            self.stop.set()
+            for playing in (self._playing, self._game):   # outside in; a stream's producer is joined first
+                if playing is not None:
+                    playing.close()
+            if self.conversation is None or self._context is None:
+                return   # not loaded: nothing to save
+            self._save()
+
+    def _save(self) -> None:
+        workflow, conversation, request = self.workflow, self.conversation, self.request
+        assert conversation is not None and self._context is not None
+        answer = workflow.redact("".join(self._written["answer"]))
+        key = conversation.remember(answer, users_digest(request.messages), self._context.answer)
+        if request.response_id:
+            conversation.keep_response(request.response_id, key, workflow.redact("".join(self._written["thinking"])),
+                                       answer, request.response_extra)
+        conversation.updated = time.time()
+        self.service.store.save(conversation.id, conversation.to_record())
+        self.service.metrics.add("turns_total", model=workflow.name)
+        self.service.metrics.observe("turn_seconds", time.time() - self._arrived, model=workflow.name)
+
+
+class AnsweredTurn:
+    """A turn that touches no conversation, its answer known at once (a client's background
+    task, a "continue"): the same interface as Turn, with nothing to lock or save."""
+
+    def __init__(self, answer: str):
+        self._pieces = [Piece("answer", answer)] if answer else []
+
+    def __enter__(self) -> "AnsweredTurn":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def pieces(self, keepalive_seconds: Optional[float] = None) -> Iterator[Optional[Piece]]:
+        return iter(self._pieces)
+
+    def close(self) -> None:
+        pass
+
+
+def resume_response(service: Service, workflow: Workflow, response_id: str, held: contextlib.ExitStack) -> Conversation:
+    """The conversation behind a stored response, set to the state right after it (so two
+    responses that continue the same one each get their own branch)."""
+    try:
+        conversation_id = conversation_of_response(response_id)
+    except NotFoundError:
+        conversation_id, record = "", None
+    else:
+        held.enter_context(service.store.lock(conversation_id))
+        record = service.store.load(conversation_id)
+    response = (record or {}).get("responses", {}).get(response_id)
+    if record is None or response is None or record.get("model") != workflow.name:
+        raise RequestError(f"No stored response {response_id!r} of the model {workflow.name!r}; send the "
+                           "whole conversation as input, or start a new one.", param="previous_response_id")
+    conversation = Conversation.from_record(record)
+    if conversation.continue_from_key(response["snapshot"]) is None:
+        raise RequestError(f"The response {response_id!r} is older than what the conversation keeps; send the "
+                           "whole conversation as input instead.", param="previous_response_id")
+    return conversation
+
+
+def branch_of(conversation: Conversation, messages: Sequence[dict], arrived: float) -> Tuple[str, List[str]]:
+    """Set the conversation to the state this request continues from, and say how: "" (its
+    latest reply), "earlier" (an older one: an edit, a regenerated reply, an older branch),
+    "new chat" (no reply yet, under a reused header key) or "unknown" (replies it does not keep),
+    and the user turns to read again first (edited in place)."""
+    found, again = conversation.continue_from(messages, arrived)
+    if not conversation.snapshots:
+        return "", []
+    if found is None:
+        return ("unknown" if any(m["role"] == "assistant" for m in messages) else "new chat"), []
+    return ("" if found is conversation.snapshots[-1] or found["key"] == LEGACY_SNAPSHOT else "earlier"), again
+
+
+def resume_by_key(service: Service, workflow: Workflow, messages: Sequence[dict], chat_key: str,
+                  held: contextlib.ExitStack) -> Tuple[Conversation, bool]:
+    """Conversations keyed by a header (Open WebUI's chat id) instead of the id block.
+    The key is hashed with the model's name: a model switch is a new conversation."""
+    digest = hashlib.sha256(f"{workflow.name}\0{chat_key}".encode()).digest()
+    conversation_id = base64.urlsafe_b64encode(digest).decode()[:32]
+    held.enter_context(service.store.lock(conversation_id))
+    record = service.store.load(conversation_id)
+    if record is not None and record.get("model") == workflow.name:
+        return Conversation.from_record(record), False
+    return Conversation(id=conversation_id, model=workflow.name), any(m["role"] == "assistant" for m in messages)
+
+
+def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[dict],
+                       held: contextlib.ExitStack) -> Tuple[Conversation, bool]:
+    """The conversation named by the newest id block of this model, locked for this turn, and
+    whether it must be recovered from the whole history (an id this store does not know)."""
+    store = service.store
+    ids = find_conversation_ids(messages)
+    switched = False
+    for conversation_id in ids:   # newest first: after A → B → A, the chat resumes A
+        lock = held.enter_context(contextlib.ExitStack())
+        lock.enter_context(store.lock(conversation_id))
+        record = store.load(conversation_id)
+        if record is not None and record.get("model") == workflow.name:
+            return Conversation.from_record(record), False
+        lock.close()
+        switched = switched or record is not None
+    if switched:   # only other workflows' conversations: never reuse their values,
+        return _new_conversation(service, workflow, held), False   # nor the messages sent to them
+    if ids:   # only ids this store does not know (wiped, or another server): keep the newest
+        held.enter_context(store.lock(ids[0]))
+        record = store.load(ids[0])   # a concurrent turn may have just made it
+        if record is not None and record.get("model") == workflow.name:
+            return Conversation.from_record(record), False
+        return Conversation(id=ids[0], model=workflow.name), True
+    first_turn = not any(message["role"] == "assistant" for message in messages)
+    return _new_conversation(service, workflow, held), not first_turn
+
+
+def _new_conversation(service: Service, workflow: Workflow, held: contextlib.ExitStack) -> Conversation:
+    conversation = Conversation(id=service.new_conversation_id(), model=workflow.name, is_new=True)
+    held.enter_context(service.store.lock(conversation.id))
+    return conversation
 
 
 def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
@@ -4594,22 +4623,23 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
                       else "the workflows given to make_app")
     if service.thinking not in THINKING_STYLES:
         raise ValueError(f"thinking must be one of {', '.join(THINKING_STYLES)}")
+    sessions = McpSessions()
     app = bottle.Bottle()
     # Clients configured with a "/v1" suffix or a trailing slash ask for these paths too.
     for prefix in ("/openai", "/openai/v1", "/openai/", "/openai/v1/"):
-        app.route(prefix + "/models", "GET", _json_route(service, lambda: service.list_models()))
-        app.route(prefix + "/models/<model_id:path>", "GET", _json_route(service, service.get_model))
-        app.route(prefix + "/chat/completions", "POST", _json_route(service, lambda: _chat(service)))
-        app.route(prefix + "/responses", "POST", _json_route(service, lambda: _responses(service)))
-        app.route(prefix + "/responses/<response_id>", "GET", _json_route(service, service.stored_response))
-        app.route(prefix + "/responses/<response_id>", "DELETE", _json_route(service, service.delete_response))
+        app.route(prefix + "/models", "GET", _json_route(service, list_models))
+        app.route(prefix + "/models/<model_id:path>", "GET", _json_route(service, get_model))
+        app.route(prefix + "/chat/completions", "POST", _json_route(service, chat_completions))
+        app.route(prefix + "/responses", "POST", _json_route(service, responses))
+        app.route(prefix + "/responses/<response_id>", "GET", _json_route(service, stored_response))
+        app.route(prefix + "/responses/<response_id>", "DELETE", _json_route(service, delete_response))
     app.route("/health", "GET", lambda: _health(service))
-    app.route("/metrics", "GET", _json_route(service, lambda: _metrics(service)))
+    app.route("/metrics", "GET", _json_route(service, _metrics))
     app.route("/", "GET", lambda: _home(service))
     for path in ("/mcp", "/mcp/"):
-        app.route(path, "POST", lambda: _mcp_post(service, cors_origins or ()))
-        app.route(path, "GET", _mcp_no_stream)
-        app.route(path, "DELETE", lambda: _mcp_delete(service))
+        app.route(path, "POST", lambda: mcp_post(service, sessions, cors_origins or ()))
+        app.route(path, "GET", mcp_no_stream)
+        app.route(path, "DELETE", lambda: mcp_delete(service, sessions))
     if cors_origins:
         app.route("/openai/<path:path>", "OPTIONS", lambda path: "")   # preflight; headers from the hook
         app.route("/mcp", "OPTIONS", lambda: "")
@@ -4634,14 +4664,14 @@ def _log_requests_under_a_wsgi_server(level: str) -> None:
 
 
 def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a handler: API key check, CozyError → OpenAI error object with its status, and
-    one log line per request (a stream's when it ends)."""
+    """Wrap ``handler(service, **url_args)``: API key check, CozyError → OpenAI error object
+    with its status, and one log line per request (a stream's when it ends)."""
     def route(**url_args: Any) -> Any:
         started, trace = time.monotonic(), {}
         bottle.request.environ[TRACE_ENVIRON_KEY] = trace
         try:
-            service.check_key(bottle.request.get_header("Authorization", ""))
-            result = handler(**url_args)
+            check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
+            result = handler(service, **url_args)
         except CozyError as exc:
             result = _error_response(exc)
         if isinstance(result, dict):
@@ -4680,20 +4710,40 @@ def _allow_origin(origins: Sequence[str]) -> None:
         bottle.response.set_header("Access-Control-Expose-Headers", "Mcp-Session-Id")
 
 
-def _chat(service: Service) -> Any:
+def chat_completions(service: Service) -> Any:
+    """POST /openai/chat/completions: one turn, streamed as chunks or answered whole."""
     environ = bottle.request.environ
-    stop = HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY))
-    chat_key = bottle.request.get_header(service.conversation_header, "") if service.conversation_header else ""
-    request = parse_chat_request(_read_body(), bottle.request.content_type)
+    request = parse_chat_request(read_body(), bottle.request.content_type)
     prompt_tokens = estimate_tokens("".join(message["content"] for message in request.messages))
-    pieces = service.turn(TurnRequest(request.model, request.messages, chat_key=chat_key), stop,
-                          environ.get(TRACE_ENVIRON_KEY))
-    texts = reply_fields(pieces, service.thinking)
+    chat_key = bottle.request.get_header(service.conversation_header, "") if service.conversation_header else ""
+    turn = open_chat_turn(service, TurnRequest(request.model, request.messages, chat_key=chat_key),
+                          HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY)), environ.get(TRACE_ENVIRON_KEY))
     if request.stream:
-        _stream_headers()
-        return _counted_stream(completion_chunks(with_keepalives(texts, service.keepalive_seconds, stop), request,
-                                                 prompt_tokens), service.metrics)
-    return completion_object(texts, request, prompt_tokens)
+        stream_headers()
+        fields = reply_fields(turn.pieces(service.keepalive_seconds), service.thinking)
+        return StreamedTurn(completion_chunks(fields, request, prompt_tokens), turn, service.metrics)
+    with turn:
+        return completion_object(reply_fields(turn.pieces(), service.thinking), request, prompt_tokens)
+
+
+def open_chat_turn(service: Service, request: TurnRequest, stop: threading.Event,
+                   trace: Optional[Dict[str, str]]) -> Union[Turn, AnsweredTurn]:
+    """The turn, or a client's background task answered without one."""
+    if is_client_task(request.messages):
+        workflow = service.workflow(request.model)
+        if trace is not None:
+            trace.update(model=workflow.name, conversation="task")
+        return AnsweredTurn(workflow.redact(answer_client_task(workflow, request.messages[-1]["content"],
+                                                               service.llm)))
+    return service.open_turn(request, stop, trace)
+
+
+def list_models(service: Service) -> dict:
+    return {"object": "list", "data": [model_object(workflow) for workflow in service.workflows.values()]}
+
+
+def get_model(service: Service, model_id: str) -> dict:
+    return model_object(service.workflow(model_id))
 
 
 HOME_PAGE = """<!doctype html>
@@ -4745,25 +4795,48 @@ def _base_url() -> str:
     return f"{parts.scheme}://{parts.netloc}/openai"
 
 
-def _responses(service: Service) -> Any:
+def responses(service: Service) -> Any:
+    """POST /openai/responses: one turn, streamed as semantic events or answered whole."""
     environ = bottle.request.environ
-    stop = HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY))
-    request = parse_responses_request(_read_body(), bottle.request.content_type)
+    request = parse_responses_request(read_body(), bottle.request.content_type)
     prompt_tokens = estimate_tokens("".join(message["content"] for message in request.messages))
-    turn = TurnRequest(request.model, request.messages, id_block=not request.store,
-                       previous_response_id=request.previous_response_id, store_response=request.store,
-                       response_extra={key: value for key, value in _stored_fields(request, "", "", prompt_tokens).items()
-                                       if key not in ("thinking", "answer", "created_at")})
-    pieces = service.turn(turn, stop, environ.get(TRACE_ENVIRON_KEY))
-    response_id = turn.response_id or f"resp_{secrets.token_hex(20)}"   # not stored: an id of its own
+    turn_request = TurnRequest(request.model, request.messages, id_block=not request.store,
+                               previous_response_id=request.previous_response_id, store_response=request.store,
+                               response_extra={key: value for key, value in
+                                               _stored_fields(request, "", "", prompt_tokens).items()
+                                               if key not in ("thinking", "answer", "created_at")})
+    turn = open_chat_turn(service, turn_request, HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY)),
+                          environ.get(TRACE_ENVIRON_KEY))
+    response_id = turn_request.response_id or f"resp_{secrets.token_hex(20)}"   # not stored: an id of its own
     if request.stream:
-        _stream_headers()
-        return _counted_stream(response_events(with_keepalives(pieces, service.keepalive_seconds, stop), request,
-                                               response_id, prompt_tokens), service.metrics)
-    return collect_response(pieces, request, response_id, prompt_tokens)
+        stream_headers()
+        events = response_events(turn.pieces(service.keepalive_seconds), request, response_id, prompt_tokens)
+        return StreamedTurn(events, turn, service.metrics)
+    with turn:
+        return collect_response(turn.pieces(), request, response_id, prompt_tokens)
 
 
-def _stream_headers() -> None:
+def stored_response(service: Service, response_id: str) -> dict:
+    """GET /responses/{id}: a response saved with ``store``."""
+    record = service.store.load(conversation_of_response(response_id))
+    response = (record or {}).get("responses", {}).get(response_id)
+    if response is None:
+        raise NotFoundError(f"No stored response {response_id!r}.", param="response_id")
+    return response_object(response_id, record["model"], response)
+
+
+def delete_response(service: Service, response_id: str) -> dict:
+    conversation_id = conversation_of_response(response_id)
+    with service.store.lock(conversation_id):
+        record = service.store.load(conversation_id)
+        if record is None or response_id not in record.get("responses", {}):
+            raise NotFoundError(f"No stored response {response_id!r}.", param="response_id")
+        del record["responses"][response_id]
+        service.store.save(conversation_id, record)
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+
+def stream_headers() -> None:
     bottle.response.content_type = "text/event-stream"
     bottle.response.set_header("Cache-Control", "no-cache")
     bottle.response.set_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
@@ -4777,7 +4850,7 @@ def _health(service: Service) -> dict:
     return {"status": "ok", "models": len(service.workflows)}
 
 
-def _mcp_post(service: Service, origins: Sequence[str]) -> Any:
+def mcp_post(service: Service, sessions: McpSessions, origins: Sequence[str]) -> Any:
     """POST /mcp: one JSON-RPC message of MCP's Streamable HTTP transport."""
     started, message_id, method = time.monotonic(), None, None
     try:
@@ -4785,10 +4858,10 @@ def _mcp_post(service: Service, origins: Sequence[str]) -> Any:
         message = _mcp_message()
         method, message_id = message.get("method"), message.get("id")
         if method == "initialize":
-            session_id, reply = mcp_initialize(service.mcp_sessions, message)
+            session_id, reply = mcp_initialize(sessions, message)
             bottle.response.set_header("Mcp-Session-Id", session_id)
             return _mcp_answer(reply, method, started)
-        session = _mcp_session(service, method)
+        session = _mcp_session(sessions, method)
         if method is None or message_id is None:   # an answer to our elicitation, or a notification
             ours = method is None and isinstance(message_id, str)   # our elicitations have string ids
             waiting = session.waiting.get(message_id) if ours else None
@@ -4806,8 +4879,8 @@ def _mcp_post(service: Service, origins: Sequence[str]) -> Any:
             if "text/event-stream" not in bottle.request.get_header("Accept", ""):   # JSON only: no questions
                 call.session = dataclasses.replace(session, can_elicit=False)
                 return _mcp_answer([m for m in call.messages() if m is not None][-1], method, started)
-            _stream_headers()
-            return _logged_when_done(_counted_stream(_mcp_events(service, call), service.metrics), "POST", "/mcp",
+            stream_headers()
+            return _logged_when_done(counted_stream(_mcp_events(service, call), service.metrics), "POST", "/mcp",
                                      {"model": call.workflow.name, "conversation": "mcp"}, started)
         raise McpError(JSONRPC_NO_METHOD, f"Method not found: {method!r}.")
     except McpError as exc:
@@ -4819,7 +4892,7 @@ def _mcp_guard(service: Service, origins: Sequence[str]) -> None:
     """The API keys, as on /openai; and a browser's Origin must be this server's, loopback's or
     an allowed one (the specification asks servers to refuse others: DNS rebinding)."""
     try:
-        service.check_key(bottle.request.get_header("Authorization", ""))
+        check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
     except UnauthorizedError as exc:
         raise McpError(JSONRPC_INVALID_REQUEST, exc.message, 401) from None
     origin = bottle.request.get_header("Origin")
@@ -4832,7 +4905,7 @@ def _mcp_guard(service: Service, origins: Sequence[str]) -> None:
 
 def _mcp_message() -> dict:
     try:
-        body = _read_body()
+        body = read_body()
     except CozyError as exc:
         raise McpError(JSONRPC_INVALID_REQUEST, exc.message, exc.status) from None
     try:
@@ -4846,14 +4919,14 @@ def _mcp_message() -> dict:
     return message
 
 
-def _mcp_session(service: Service, method: Optional[str]) -> McpSession:
+def _mcp_session(sessions: McpSessions, method: Optional[str]) -> McpSession:
     session_id = bottle.request.get_header("Mcp-Session-Id")
     if not session_id:
         if method == "server/discover":   # the 2026-07-28 probe: "not here" makes clients use initialize
             raise McpError(JSONRPC_NO_METHOD, "Method not found: this server speaks the initialize handshake "
                                               f"({', '.join(MCP_VERSIONS)}).", 404)
         raise McpError(JSONRPC_INVALID_REQUEST, "No session: send initialize first.", 400)
-    session = service.mcp_sessions.get(session_id)
+    session = sessions.get(session_id)
     if session is None:
         raise McpError(JSONRPC_INVALID_REQUEST, "Session not found (ended or expired): initialize again.", 404)
     return session
@@ -4873,30 +4946,38 @@ def _mcp_answer(reply: Optional[dict], method: str, started: float) -> str:
     return json.dumps(reply, ensure_ascii=False)
 
 
-def _mcp_no_stream() -> str:
+def mcp_no_stream() -> str:
     """GET /mcp: no stream of server-initiated messages outside a call; clients go on without it."""
     bottle.response.status = 405
     bottle.response.set_header("Allow", "POST, DELETE")
     return ""
 
 
-def _mcp_delete(service: Service) -> str:
+def mcp_delete(service: Service, sessions: McpSessions) -> str:
     try:
         _mcp_guard(service, ())
     except McpError as exc:
         bottle.response.status = exc.status
         return ""
-    closed = service.mcp_sessions.close(bottle.request.get_header("Mcp-Session-Id", ""))
+    closed = sessions.close(bottle.request.get_header("Mcp-Session-Id", ""))
     bottle.response.status = 200 if closed else 404
     return ""
 
 
 def _metrics(service: Service) -> str:
     bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-    return service.metrics_text()
+    return metrics_text(service)
 
 
-def _counted_stream(stream: Iterator[bytes], metrics: Metrics) -> Iterator[bytes]:
+def metrics_text(service: Any) -> str:
+    """The counters, with the gauges read now."""
+    gauges = {}
+    with contextlib.suppress(CozyError, OSError, NotImplementedError):   # a store that is down: no gauge
+        gauges["stored_conversations"] = service.store.count()
+    return service.metrics.render(gauges)
+
+
+def counted_stream(stream: Iterator[bytes], metrics: Any) -> Iterator[bytes]:
     metrics.add("open_streams")
     try:
         yield from stream
@@ -4904,7 +4985,50 @@ def _counted_stream(stream: Iterator[bytes], metrics: Metrics) -> Iterator[bytes
         metrics.add("open_streams", -1)
 
 
-def _read_body() -> bytes:
+class StreamedTurn:
+    """A streamed reply's body that owns its turn. The WSGI server calls ``close()`` once the
+    reply ends, whether it was sent whole or the client left (PEP 3333); that closes the body,
+    then the turn, which saves and unlocks. A body read to its end closes itself, for servers
+    that never call close on an empty reply."""
+
+    def __init__(self, body: Iterator[bytes], turn: Union[Turn, AnsweredTurn], metrics: Any):
+        self._body, self._turn, self._metrics = body, turn, metrics
+        metrics.add("open_streams")
+        self._open = True
+
+    def __iter__(self) -> "StreamedTurn":
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._body)
+        except BaseException:   # the end, or a failure: either way the turn is over
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        try:
+            getattr(self._body, "close", lambda: None)()
+            self._turn.close()
+        except CozyError as exc:   # the store went away while the reply streamed: too late for a 503
+            log.error("a streamed turn could not be saved: %s", exc.message)
+        finally:
+            self._metrics.add("open_streams", -1)
+
+
+def check_key(api_keys: Sequence[str], authorization: str) -> None:
+    """With API keys set, the request must carry one of them as a Bearer token."""
+    if not api_keys:
+        return
+    given = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
+    if not any([hmac.compare_digest(given.encode(), key.encode()) for key in api_keys]):  # all compared
+        raise UnauthorizedError("Missing or wrong API key: send 'Authorization: Bearer <key>'.")
+
+
+def read_body() -> bytes:
     """The request body, read under our own limit (Bottle's MEMFILE_MAX is a global and 100 KB)."""
     if bottle.request.content_length > MAX_BODY_BYTES:
         raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
