@@ -283,6 +283,14 @@ class Workflow:
     def nodes_fed_by(self, query_name: str) -> List[Node]:
         return [node for node in self.nodes if QueryRef(query_name) in node.inputs.values()]
 
+    def missing(self, values: Mapping[str, Any]) -> List["QueryInput"]:
+        """The required inputs that ``values`` does not hold yet, in the file's order."""
+        return [query for query in self.query_inputs.values() if query.name not in values and not query.optional]
+
+    def with_defaults(self, values: Mapping[str, Any]) -> Dict[str, Any]:
+        """``values`` with each input they leave out set to its default (optional inputs have one)."""
+        return {**{name: query.default for name, query in self.query_inputs.items()}, **values}
+
     def answer_source(self) -> Optional[str]:
         """The node whose whole output is the answer; its tokens may stream straight out."""
         text = self.node(self.output_node).inputs.get("text")
@@ -1401,8 +1409,7 @@ class Conversation:
         return self.results.get(self.result, "")
 
     def missing(self, workflow: Workflow) -> List[QueryInput]:
-        return [query for query in workflow.query_inputs.values()
-                if query.name not in self.values and not query.optional]
+        return workflow.missing(self.values)
 
 
 def _sid(snapshot: Mapping[str, Any]) -> str:
@@ -3432,41 +3439,60 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
 def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, str]] = None) -> Iterator[Piece]:
     """Run the workflow: progress as thinking, then ``preface`` and the answer."""
     workflow, conversation = turn.workflow, turn.conversation
-    values = dict(conversation.values)
-    for query in workflow.query_inputs.values():
-        if query.name not in values:
-            values[query.name] = query.default
-            yield Piece("thinking", f"Using the default {query.label}: {shown_value(query.default)}.\n")
+    values = workflow.with_defaults(conversation.values)
+    for name in values.keys() - conversation.values.keys():
+        yield Piece("thinking", f"Using the default {workflow.query_inputs[name].label}: "
+                                f"{shown_value(values[name])}.\n")
     shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}" for name, value in values.items())
     yield Piece("thinking", f"Running {workflow.name} with {shown}.\n")
     conversation.runs += 1
+    for event in run_events(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
+                            metrics=turn.metrics, follow_up=follow_up):
+        if event.kind in RUN_MARKS:
+            yield Piece("thinking", RUN_MARKS[event.kind] + progress_line(event) + "\n")
+        if event.kind == "failed":
+            yield Piece("answer", preface + RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
+        elif event.kind == "answer":
+            yield Piece("answer", preface + event.text)
+            preface = ""
+        elif event.kind == "done":
+            turn.answer = event.text
+
+
+RUN_MARKS = {"started": "→ ", "finished": "✓ ", "failed": "✗ ", "note": ""}   # how the thinking block shows them
+
+
+def progress_line(event: RunEvent) -> str:
+    """A node's event as one line, as the thinking block and MCP progress both tell it."""
+    if event.kind == "started":
+        return f"{event.node_id} started{': ' + event.text if event.text else ''}"
+    if event.kind == "finished":
+        return f"{event.node_id} finished in {event.seconds:.2f} s"
+    if event.kind == "failed":
+        return f"{event.node_id} failed after {event.seconds:.2f} s: {event.text}"
+    return f"{event.node_id}: {event.text}"
+
+
+def run_events(workflow: Workflow, values: Mapping[str, Any], *, node_types: Mapping[str, NodeType],
+               llm: Optional[LLMClient], stop: threading.Event, metrics: Any = None,
+               follow_up: Optional[Tuple[str, str]] = None) -> Iterator[RunEvent]:
+    """The run of every wire format: run_workflow's events, counted in the metrics (runs by
+    outcome, failed nodes by type); closing it stops the run."""
     outcome = "stopped"
-    events = run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
-                          follow_up=follow_up)
+    events = run_workflow(workflow, values, node_types=node_types, llm=llm, stop=stop, follow_up=follow_up)
     try:
         for event in events:
-            if event.kind == "started":
-                yield Piece("thinking", f"→ {event.node_id} started"
-                                        f"{': ' + event.text if event.text else ''}\n")
-            elif event.kind == "finished":
-                yield Piece("thinking", f"✓ {event.node_id} finished in {event.seconds:.2f} s\n")
-            elif event.kind == "note":
-                yield Piece("thinking", f"{event.node_id}: {event.text}\n")
-            elif event.kind == "failed":
+            if event.kind == "failed":
                 outcome = "failed"
-                if turn.metrics is not None:
-                    turn.metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
-                yield Piece("thinking", f"✗ {event.node_id} failed after {event.seconds:.2f} s: {event.text}\n")
-                yield Piece("answer", preface + RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
-            elif event.kind == "answer":
-                yield Piece("answer", preface + event.text)
-                preface = ""
+                if metrics is not None:
+                    metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
             elif event.kind == "done":
-                turn.answer, outcome = event.text, "ok"
+                outcome = "ok"
+            yield event
     finally:
         events.close()
-        if turn.metrics is not None:
-            turn.metrics.add("runs_total", model=workflow.name, outcome=outcome)
+        if metrics is not None:
+            metrics.add("runs_total", model=workflow.name, outcome=outcome)
 
 
 # Open WebUI sends its background tasks (chat title, tags, follow-up suggestions) to the
@@ -4115,6 +4141,7 @@ class McpCall:
             raise McpError(JSONRPC_INVALID_PARAMS, "'arguments' must be an object.")
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
         self.progress_token = meta.get("progressToken")
+        self.stop = threading.Event()   # set when the call's stream is closed: its run starts nothing more
 
     def messages(self) -> Iterator[Optional[dict]]:
         """The call's messages; a bug or an odd answer ends it with an isError result, never an
@@ -4130,8 +4157,7 @@ class McpCall:
         values, problems = self._read_arguments()
         asked = 0
         while True:
-            missing = [query for query in workflow.query_inputs.values()
-                       if query.name not in values and not query.optional]
+            missing = workflow.missing(values)
             if not missing:
                 break
             if not self.session.can_elicit:
@@ -4215,27 +4241,21 @@ class McpCall:
             self.session.waiting.pop(request_id, None)
 
     def _run(self, values: Dict[str, Any]) -> Iterator[Optional[dict]]:
-        workflow = self.workflow
-        for query in workflow.query_inputs.values():
-            values.setdefault(query.name, query.default)
-        steps, answer = 0, []   # each node's start and finish is half a step: progress must always rise
-        for event in run_workflow(workflow, values, node_types=self.service.node_types, llm=self.service.llm):
+        workflow, service, answer = self.workflow, self.service, []
+        steps = 0   # each node's start and finish is half a step: progress must always rise
+        for event in run_events(workflow, workflow.with_defaults(values), node_types=service.node_types,
+                                llm=service.llm, stop=self.stop, metrics=service.metrics):
             if event.kind in ("started", "finished") and self.progress_token is not None:
                 steps += 1
-                text = (f"{event.node_id} started{': ' + event.text if event.text else ''}" if event.kind == "started"
-                        else f"{event.node_id} finished in {event.seconds:.2f} s")
                 yield {"jsonrpc": "2.0", "method": "notifications/progress", "params": {
                     "progressToken": self.progress_token, "progress": steps / 2, "total": len(workflow.nodes),
-                    "message": workflow.redact(text)}}
+                    "message": workflow.redact(progress_line(event))}}
             elif event.kind == "failed":
-                self.service.metrics.add("runs_total", model=workflow.name, outcome="failed")
-                self.service.metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
                 yield self._result(f"The workflow stopped: step {event.node_id!r} failed ({event.text}).",
                                    is_error=True)
                 return
             elif event.kind == "answer":
                 answer.append(event.text)
-        self.service.metrics.add("runs_total", model=workflow.name, outcome="ok")
         yield self._result("".join(answer))
 
     def _result(self, text: str, is_error: bool = False) -> dict:
@@ -4880,7 +4900,7 @@ def mcp_post(service: Service, sessions: McpSessions, origins: Sequence[str]) ->
                 call.session = dataclasses.replace(session, can_elicit=False)
                 return _mcp_answer([m for m in call.messages() if m is not None][-1], method, started)
             stream_headers()
-            return _logged_when_done(counted_stream(_mcp_events(service, call), service.metrics), "POST", "/mcp",
+            return _logged_when_done(counted_stream(_mcp_events(call), service.metrics), "POST", "/mcp",
                                      {"model": call.workflow.name, "conversation": "mcp"}, started)
         raise McpError(JSONRPC_NO_METHOD, f"Method not found: {method!r}.")
     except McpError as exc:
@@ -4932,9 +4952,8 @@ def _mcp_session(sessions: McpSessions, method: Optional[str]) -> McpSession:
     return session
 
 
-def _mcp_events(service: Service, call: McpCall) -> Iterator[bytes]:
-    stop = threading.Event()
-    for message in with_keepalives(call.messages(), MCP_KEEPALIVE_SECONDS, stop):
+def _mcp_events(call: McpCall) -> Iterator[bytes]:
+    for message in with_keepalives(call.messages(), MCP_KEEPALIVE_SECONDS, call.stop):
         yield b": keep-alive\n\n" if message is None else _sse_message(message)
 
 
