@@ -61,6 +61,7 @@ __all__ = [
     "BodyTooLargeError", "UnsupportedMediaTypeError",
 ]
 
+import abc
 import argparse
 import base64
 import contextlib
@@ -289,7 +290,7 @@ class Workflow:
 
     def with_defaults(self, values: Mapping[str, Any]) -> Dict[str, Any]:
         """``values`` with each input they leave out set to its default (optional inputs have one)."""
-        return {**{name: query.default for name, query in self.query_inputs.items()}, **values}
+        return {**values, **{name: query.default for name, query in self.query_inputs.items() if name not in values}}
 
     def answer_source(self) -> Optional[str]:
         """The node whose whole output is the answer; its tokens may stream straight out."""
@@ -1521,30 +1522,43 @@ class _KeyedLocks:
             yield
 
 
-class Store:
-    """What a conversation store does; the stores below share these names (see STORE_TYPES).
-    A store must keep turns of one conversation apart (``lock``): without it two turns at
-    once would lose one's update, so open_store refuses an object that cannot lock."""
+class Store(abc.ABC):
+    """What a conversation store does. The stores below implement it, and STORE_TYPES picks
+    one by the scheme of ``--store``; an embedding application may give its own subclass.
 
+    The locking rule: a turn enters ``lock(id)``, then calls ``load(id)``, later ``save(id,
+    ...)``, then leaves the lock, all on one thread (the request's). The lock must keep turns
+    of one conversation apart across every thread and process that shares the store: without
+    it two turns at once would lose one's update. It need not be re-entrant (a turn never takes
+    the same lock twice), and it may be a plain mutex, since it is released on the thread that
+    took it. ``load`` and ``save`` for other ids (``count``, ``expire``, a stored response read
+    with no turn) may run at any time on any thread, unlocked.
+    """
+
+    @classmethod
+    def from_spec(cls, spec: str, max_age_seconds: Optional[float] = None) -> "Store":
+        """The store ``--store spec`` names (a path or a URL whose scheme chose this class)."""
+        return cls(spec, max_age_seconds=max_age_seconds)   # type: ignore[call-arg]
+
+    @abc.abstractmethod
     def load(self, conversation_id: str) -> Optional[dict]:
         """The record saved for this id, or None."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def save(self, conversation_id: str, record: dict) -> None:
         """Keep ``record`` whole: a crash leaves the old record or the new one, never half."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def lock(self, conversation_id: str) -> "contextlib.AbstractContextManager[None]":
-        """Hold this conversation for one turn, across every thread and process that shares the store."""
-        raise NotImplementedError
+        """Hold this conversation for one turn (see the locking rule above)."""
 
     def expire(self) -> int:
         """Forget conversations unused for the store's ``max_age_seconds``; how many went."""
         return 0
 
+    @abc.abstractmethod
     def count(self) -> int:
         """How many conversations are stored."""
-        raise NotImplementedError
 
     def ping(self) -> bool:
         """Can the store be used right now? (for /health)"""
@@ -1559,13 +1573,20 @@ class MemoryStore(Store):
     """Conversations in a dict; gone on restart. Keeps the ``max_conversations`` most
     recently used, and forgets those unused for ``max_age_seconds``."""
 
+    @classmethod
+    def from_spec(cls, spec: str, max_age_seconds: Optional[float] = None) -> "MemoryStore":
+        return cls(max_age_seconds=max_age_seconds)
+
     def __init__(self, max_conversations: int = MEMORY_STORE_MAX_CONVERSATIONS,
                  max_age_seconds: Optional[float] = None):
         self.max_conversations = max_conversations
         self.max_age_seconds = max_age_seconds
         self._records: "OrderedDict[str, Tuple[float, str]]" = OrderedDict()
         self._guard = threading.Lock()
-        self.lock = _KeyedLocks()
+        self._locks = _KeyedLocks()
+
+    def lock(self, conversation_id: str) -> "contextlib.AbstractContextManager[None]":
+        return self._locks(conversation_id)
 
     def load(self, conversation_id: str) -> Optional[dict]:
         with self._guard:
@@ -1612,6 +1633,11 @@ class JsonFileStore(Store):
     conversation behind (issue 6). Within a process, a lock per id keeps threads apart
     (record locks belong to the process, not the thread).
     """
+
+    @classmethod
+    def from_spec(cls, spec: str, max_age_seconds: Optional[float] = None) -> "JsonFileStore":
+        folder = spec[len("file://"):] if spec.lower().startswith("file://") else spec
+        return cls(folder, max_age_seconds=max_age_seconds)
 
     def __init__(self, directory: Union[str, os.PathLike], max_age_seconds: Optional[float] = None):
         self.directory = os.fspath(directory)
@@ -1722,7 +1748,16 @@ class RedisStore(Store):
 
     def __init__(self, url: str, max_age_seconds: Optional[float] = None):
         parts = urlsplit(url)
-        self.where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"   # no password
+        # Valkey speaks Redis' protocol; the client knows only Redis' schemes.
+        parts = parts._replace(scheme={"valkey": "redis", "valkeys": "rediss"}.get(parts.scheme.lower(), parts.scheme))
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"store {parts.scheme}://{parts.hostname}: the port is not a number") from None
+        self.where = f"{parts.scheme}://{parts.hostname}:{port or 6379}{parts.path or '/0'}"   # no password
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise ConfigError(f"store {self.where}: the database is a number (redis://host:6379/0), "
+                              f"not {parts.path.strip('/')!r}")
         options = dict(item.split("=", 1) for item in parts.query.split("&") if "=" in item)
         try:
             self.lock_seconds = float(options.pop("lock_seconds", REDIS_LOCK_SECONDS))
@@ -1818,26 +1853,40 @@ class RedisStore(Store):
 
 
 # open_store's name → class table; a "redis://" or "rediss://" URL picks "redis", a folder "json".
-STORE_TYPES: Mapping[str, Callable[..., Store]] = MappingProxyType({
-    "memory": MemoryStore, "json": JsonFileStore, "redis": RedisStore})
+# The stores by the scheme of ``--store``: "memory" and "json" are whole values, a value with no
+# scheme is a folder for the JSON store, and Valkey speaks Redis' protocol.
+STORE_TYPES: Mapping[str, type] = MappingProxyType({
+    "memory": MemoryStore, "json": JsonFileStore, "file": JsonFileStore,
+    "redis": RedisStore, "rediss": RedisStore, "valkey": RedisStore, "valkeys": RedisStore})
+STORE_SCHEME_PATTERN = re.compile(r"\A([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-def open_store(spec: Union[str, os.PathLike, Any], max_age_seconds: Optional[float] = None) -> Any:
-    """``"memory"``, a directory path for the JSON store, a ``redis://`` URL, or a ready store
-    object with ``load``, ``save`` and ``lock`` (see Store); one that cannot lock is refused."""
+def open_store(spec: Union[str, os.PathLike, Store], max_age_seconds: Optional[float] = None) -> Store:
+    """The store ``spec`` names: "memory", "json" (the default folder), a folder for the JSON
+    store, a ``redis://``, ``rediss://`` or ``valkey://`` URL; or a Store given ready. Anything
+    else is a ConfigError in one line: an unknown scheme must not become a folder of its name."""
     if not isinstance(spec, (str, os.PathLike)):
-        missing = [name for name in ("load", "save", "lock") if not callable(getattr(spec, name, None))]
-        if missing:
-            raise ConfigError(f"the store {type(spec).__name__} has no {', '.join(missing)}: a store must load, "
-                              "save and lock a conversation (see cozyopenai.Store)")
+        missing = [name for name in ("load", "save", "lock", "count") if not callable(getattr(spec, name, None))]
+        if missing or not isinstance(spec, Store):
+            raise ConfigError(f"the store {type(spec).__name__} is not a cozyopenai.Store"
+                              f"{' (it has no ' + ', '.join(missing) + ')' if missing else ''}: a store must "
+                              "load, save, lock and count conversations (subclass cozyopenai.Store)")
         return spec
-    name = os.fspath(spec)
-    if name.lower() == "memory":
-        return STORE_TYPES["memory"](max_age_seconds=max_age_seconds)
-    if name.lower().startswith(("redis://", "rediss://")):
-        return STORE_TYPES["redis"](name, max_age_seconds=max_age_seconds)
-    # "json" alone means the JSON store in its default directory, not a directory named "json".
-    return STORE_TYPES["json"](DEFAULT_STORE if name.lower() == "json" else name, max_age_seconds=max_age_seconds)
+    name = os.fspath(spec).strip()
+    if not name:
+        raise ConfigError("--store is empty: give memory, a folder, or a redis:// URL")
+    scheme = STORE_SCHEME_PATTERN.match(name)
+    if scheme is None:
+        chosen = name.lower() if name.lower() in ("memory", "json") else ""
+        store_type = STORE_TYPES.get(chosen, JsonFileStore)
+        # "json" alone means the JSON store in its default folder, not a folder named "json".
+        return store_type.from_spec(DEFAULT_STORE if chosen == "json" else name, max_age_seconds)
+    store_type = STORE_TYPES.get(scheme.group(1).lower())
+    if store_type is None or scheme.group(1).lower() in ("memory", "json"):
+        known = sorted(key for key in STORE_TYPES if key not in ("memory", "json"))
+        raise ConfigError(f"--store {scheme.group(1)}://...: unknown scheme; use memory, a folder, or one of "
+                          + ", ".join(f"{key}://" for key in known))
+    return store_type.from_spec(name, max_age_seconds)
 
 
 ####################################################################################
@@ -3440,7 +3489,7 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
     """Run the workflow: progress as thinking, then ``preface`` and the answer."""
     workflow, conversation = turn.workflow, turn.conversation
     values = workflow.with_defaults(conversation.values)
-    for name in values.keys() - conversation.values.keys():
+    for name in [name for name in values if name not in conversation.values]:
         yield Piece("thinking", f"Using the default {workflow.query_inputs[name].label}: "
                                 f"{shown_value(values[name])}.\n")
     shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}" for name, value in values.items())
@@ -4395,9 +4444,10 @@ class Turn:
 
     ``Service.open_turn`` opens it: the conversation is locked and loaded on the calling
     thread. ``pieces()`` plays it. ``close()`` stops what still runs, saves and unlocks, on the
-    thread that opened it, once: called by a ``with`` block around a whole reply, or by
-    StreamedTurn when the WSGI server ends a stream. Wire formats only read the pieces, so
-    none of them can hold a lock or forget to free one.
+    thread that opened it, once: when the last piece has been read, or else (the client left,
+    an error) by the ``with`` block around a whole reply or by StreamedTurn when the WSGI
+    server ends a stream. Wire formats only read the pieces, so none of them can hold a lock
+    or forget to free one.
     """
 
     def __init__(self, service: Service, workflow: Workflow, request: TurnRequest, stop: threading.Event,
@@ -4453,10 +4503,16 @@ class Turn:
         read. With ``keepalive_seconds``, they are produced in a thread of their own and a None
         comes each time the turn is silent that long (so a proxy keeps a long stream open)."""
         self._playing = self._play()
-        if keepalive_seconds is None:
-            return self._playing
-        self._playing = with_keepalives(self._playing, keepalive_seconds, self.stop)
-        return self._playing
+        if keepalive_seconds is not None:
+            self._playing = with_keepalives(self._playing, keepalive_seconds, self.stop)
+        return self._closed_at_the_end(self._playing)
+
+    def _closed_at_the_end(self, pieces: Iterator[Optional[Piece]]) -> Iterator[Optional[Piece]]:
+        """The pieces; once they are all read, the turn closes at once (on the reader's thread,
+        the one that opened it): saved before the reply's last bytes go out, so a client
+        that has read the whole reply finds its turn kept."""
+        yield from pieces
+        self.close()
 
     def _play(self) -> Iterator[Piece]:
         assert self._context is not None
