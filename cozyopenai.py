@@ -268,6 +268,40 @@ class Node:
         return {value.node for value in self.inputs.values() if isinstance(value, Link)}
 
 
+class FunctionFinder:
+    """Finds a `python` node's ``module:function``. A module file beside the workflows file
+    (``mytools.py`` next to ``workflows.json``) is loaded by its path, once, and kept here,
+    never put on the host's ``sys.path`` or in ``sys.modules``; any other name is imported."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._modules: Dict[str, Any] = {}
+        self._guard = threading.Lock()
+
+    def __call__(self, spec: str) -> Callable[..., Any]:
+        module_name, _, function_name = str(spec).partition(":")
+        if not module_name or not function_name:
+            raise ValueError(f"'function' must look like 'module:function', got {spec!r}")
+        function = self._module(module_name)
+        for part in function_name.split("."):
+            function = getattr(function, part)
+        if not callable(function):
+            raise TypeError(f"{spec!r} is not callable")
+        return function
+
+    def _module(self, name: str) -> Any:
+        path = os.path.join(self.folder, name + ".py") if self.folder and "." not in name else ""
+        if not path or not os.path.isfile(path):
+            return importlib.import_module(name)
+        with self._guard:
+            if name not in self._modules:
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)   # type: ignore[arg-type]
+                spec.loader.exec_module(module)                  # type: ignore[union-attr]
+                self._modules[name] = module
+            return self._modules[name]
+
+
 @dataclass(frozen=True)
 class Workflow:
     name: str
@@ -277,6 +311,7 @@ class Workflow:
     fixed_inputs: Mapping[str, Any]
     output_node: str
     created: int
+    functions: "FunctionFinder" = field(default_factory=lambda: FunctionFinder(""), compare=False, repr=False)
 
     def node(self, node_id: str) -> Node:
         return next(node for node in self.nodes if node.id == node_id)
@@ -347,15 +382,16 @@ def load_workflows(source: Union[str, os.PathLike, dict, list],
         label = os.fspath(source)
         data = _read_json_file(label)
         created = int(os.path.getmtime(label))
-        _import_beside(label)
+        functions = FunctionFinder(os.path.dirname(os.path.abspath(label)))
     else:
         label, data, created = "workflows", source, int(time.time())
+        functions = FunctionFinder("")
     items = data.get("workflows") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise WorkflowFileError(f'{label}: expected {{"workflows": [ ... ]}} with at least one workflow')
     workflows: Dict[str, Workflow] = {}
     for index, item in enumerate(items):
-        workflow = _parse_workflow(item, label, index, node_types, created)
+        workflow = _parse_workflow(item, label, index, node_types, created, functions)
         if workflow.name in workflows:
             raise WorkflowFileError(f"{label}: workflow {workflow.name!r}: the name is used twice; "
                                     "each workflow needs a unique name (it is the model id)")
@@ -375,14 +411,6 @@ def default_workflows_path() -> str:
     return found
 
 
-def _import_beside(path: str) -> None:
-    """A `python` node's module is looked for beside the workflows file first (``mytools.py``
-    next to ``workflows.json``), as if the server ran from that folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-
-
 def _read_json_file(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -394,7 +422,7 @@ def _read_json_file(path: str) -> Any:
 
 
 def _parse_workflow(item: Any, label: str, index: int, node_types: Mapping[str, "NodeType"],
-                    created: int) -> Workflow:
+                    created: int, functions: FunctionFinder) -> Workflow:
     where = f"{label}: workflow #{index + 1}"
     if not isinstance(item, dict):
         raise WorkflowFileError(f"{where}: expected an object")
@@ -415,7 +443,7 @@ def _parse_workflow(item: Any, label: str, index: int, node_types: Mapping[str, 
         raise WorkflowFileError(f"{where}: needs a non-empty 'nodes' list")
     nodes: Dict[str, Node] = {}
     for index, raw in enumerate(raw_nodes):
-        node = _parse_node(raw, where, index, node_types, query_inputs, fixed_inputs)
+        node = _parse_node(raw, where, index, node_types, query_inputs, fixed_inputs, functions)
         if node.id in nodes:
             raise WorkflowFileError(f"{where}, node {node.id!r}: the id is used twice")
         nodes[node.id] = node
@@ -437,7 +465,7 @@ def _parse_workflow(item: Any, label: str, index: int, node_types: Mapping[str, 
         raise WorkflowFileError(f"{where}: 'created' is a Unix time in whole seconds, got {created!r}")
     return Workflow(name=name, description=description.strip(), nodes=_in_dependency_order(nodes, where),
                     query_inputs=MappingProxyType(query_inputs), fixed_inputs=MappingProxyType(dict(fixed_inputs)),
-                    output_node=outputs[0], created=created)
+                    output_node=outputs[0], created=created, functions=functions)
 
 
 def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
@@ -524,7 +552,8 @@ def _parse_synonyms(raw: Any, value_type: str, choices: List[str], at: str) -> T
 
 
 def _parse_node(raw: Any, workflow_where: str, index: int, node_types: Mapping[str, "NodeType"],
-                query_inputs: Mapping[str, QueryInput], fixed_inputs: Mapping[str, Any]) -> Node:
+                query_inputs: Mapping[str, QueryInput], fixed_inputs: Mapping[str, Any],
+                functions: FunctionFinder) -> Node:
     where = f"{workflow_where}, node #{index + 1}"
     if not isinstance(raw, dict):
         raise WorkflowFileError(f"{where}: expected an object with 'id', 'type' and 'inputs'")
@@ -552,7 +581,7 @@ def _parse_node(raw: Any, workflow_where: str, index: int, node_types: Mapping[s
                                     "(a literal or a fixed input), not linked or asked from the user")
     if kind.check:
         try:
-            kind.check({name: _literal_value(value, fixed_inputs) for name, value in inputs.items()})
+            kind.check({name: _literal_value(value, fixed_inputs) for name, value in inputs.items()}, functions)
         except (ValueError, TypeError, ImportError, AttributeError) as exc:
             raise WorkflowFileError(f"{where}: {exc}") from None
     timeout = raw.get("timeout_seconds")
@@ -893,13 +922,14 @@ class NodeType:
     """A kind of node: ``run(inputs, context)`` returns the node's output (or a TextStream).
 
     ``required`` inputs must be present; ``author_only`` inputs must be written in the
-    workflow file, never fed by a link or the user; ``check`` validates the literal inputs
-    at start-up (raise ValueError).
+    workflow file, never fed by a link or the user; ``check(inputs, functions)`` validates
+    the literal inputs at start-up (raise ValueError); ``functions`` finds a ``module:function``
+    as `python` nodes do, beside the workflows file first.
     """
     run: Callable[[Dict[str, Any], NodeContext], Any]
     required: Tuple[str, ...] = ()
     author_only: Tuple[str, ...] = ()
-    check: Optional[Callable[[Dict[str, Any]], None]] = None
+    check: Optional[Callable[[Dict[str, Any], FunctionFinder], None]] = None
 
 
 class _TemplateFormatter(string.Formatter):
@@ -928,7 +958,7 @@ def render_template(template: str, values: Mapping[str, Any]) -> str:
         raise NodeFailed(f"template error: {exc}") from None
 
 
-def _check_template(inputs: Dict[str, Any]) -> None:
+def _check_template(inputs: Dict[str, Any], functions: Optional[FunctionFinder] = None) -> None:
     if inputs.get("template") is not None:
         list(string.Formatter().parse(str(inputs["template"])))  # raises ValueError on a stray brace
 
@@ -1011,12 +1041,12 @@ def _positive_integer(value: Any, name: str) -> int:
     return value
 
 
-def _check_llm(inputs: Dict[str, Any]) -> None:
+def _check_llm(inputs: Dict[str, Any], functions: Optional[FunctionFinder] = None) -> None:
     if inputs.get("max_tokens") is not None:
         _positive_integer(inputs["max_tokens"], "max_tokens")
 
 
-def _check_http(inputs: Dict[str, Any]) -> None:
+def _check_http(inputs: Dict[str, Any], functions: Optional[FunctionFinder] = None) -> None:
     url = inputs.get("url")
     if url is not None and urlsplit(str(url)).scheme not in ("http", "https"):
         raise ValueError(f"'url' must start with http:// or https://, got {url!r}")
@@ -1046,22 +1076,9 @@ def run_http_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
         return response.text
 
 
-def import_function(spec: str) -> Callable[..., Any]:
-    """``package.module:function`` → the function."""
-    module_name, _, function_name = str(spec).partition(":")
-    if not module_name or not function_name:
-        raise ValueError(f"'function' must look like 'module:function', got {spec!r}")
-    function = importlib.import_module(module_name)
-    for part in function_name.split("."):
-        function = getattr(function, part)
-    if not callable(function):
-        raise TypeError(f"{spec!r} is not callable")
-    return function
-
-
-def _check_python(inputs: Dict[str, Any]) -> None:
+def _check_python(inputs: Dict[str, Any], functions: FunctionFinder) -> None:
     if inputs.get("function") is not None:
-        import_function(inputs["function"])
+        functions(inputs["function"])
 
 
 def run_python_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
@@ -1070,7 +1087,7 @@ def run_python_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
     positional = [inputs[name] for name in sorted((n for n in inputs if n.isdigit()), key=int)]
     keywords = {name: value for name, value in inputs.items() if name != "function" and not name.isdigit()}
     try:
-        return import_function(inputs["function"])(*positional, **keywords)
+        return context.workflow.functions(inputs["function"])(*positional, **keywords)
     except NodeFailed:
         raise
     except Exception as exc:
@@ -3757,13 +3774,26 @@ class HangUpAwareEvent(threading.Event):
         self._next_check = time.monotonic() + HANGUP_CHECK_SECONDS
 
     def is_set(self) -> bool:
-        # A system call per check would cost every fast turn under load (issue 6): look at
-        # the socket at most every HANGUP_CHECK_SECONDS, and never in a turn quicker than that.
+        # A system call per check would cost every fast turn under load: look at the socket
+        # at most every HANGUP_CHECK_SECONDS, and never in a turn quicker than that.
         if not super().is_set() and self._connection is not None and time.monotonic() >= self._next_check:
             self._next_check = time.monotonic() + HANGUP_CHECK_SECONDS
             if _peer_closed(self._connection):
                 self.set()
         return super().is_set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """As Event.wait, and a hang-up ends the wait too (a node that waits on the stop signal
+        must not run on for a client that left): the socket is looked at every check."""
+        if self._connection is None:
+            return super().wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = HANGUP_CHECK_SECONDS if deadline is None else min(HANGUP_CHECK_SECONDS, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            super().wait(left)
+        return True
 
 
 def _peer_closed(connection: socket.socket) -> bool:
