@@ -208,6 +208,10 @@ VALUE_TYPES = STRING_TYPES + NUMERIC_TYPES + ("boolean", "choice")
 WORKFLOW_NAME_PATTERN = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,63}\Z")
 NODE_ID_PATTERN = re.compile(r"\A[A-Za-z_][A-Za-z0-9_-]{0,63}\Z")
 INPUT_NAME_PATTERN = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+FORMAT_PATTERNS = {   # the text types whose values have a shape of their own
+    "email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"),
+    "url": re.compile(r"\bhttps?://[^\s<>\"']+"),
+}
 # Literal node inputs with these names are treated like fixed inputs: never shown.
 SECRET_NAME_PATTERN = re.compile(r"key|token|secret|passw|auth|credential|headers", re.I)
 
@@ -245,15 +249,12 @@ class QueryInput:
     minimum: Optional[float] = None
     maximum: Optional[float] = None
     cues: Tuple[str, ...] = ()     # words after which a user names a text value ("trip to" Paris)
+    # What the reader works out from the definition (its kind, ...), kept so it is worked out once.
+    derived: Dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def label(self) -> str:
         return self.name.replace("_", " ")
-
-    @cached_property
-    def kind(self) -> str:
-        """What the reader looks for: see input_kind."""
-        return input_kind(self)
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,8 @@ class Workflow:
     output_node: str
     created: int
     functions: "FunctionFinder" = field(default_factory=lambda: FunctionFinder(""), compare=False, repr=False)
+    # What later sections work out from the workflow (the reader's taken words, ...), once.
+    derived: Dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def node(self, node_id: str) -> Node:
         return next(node for node in self.nodes if node.id == node_id)
@@ -333,11 +336,6 @@ class Workflow:
         return text.node if isinstance(text, Link) and not text.path else None
 
     @cached_property
-    def words_taken(self) -> frozenset:
-        """Words that are never a name in this workflow's chats: see words_taken."""
-        return words_taken(self)
-
-    @cached_property
     def redact(self) -> "Redactor":
         """Replaces this workflow's secrets in a text that is about to leave the server."""
         return Redactor(self.secret_values())
@@ -354,6 +352,42 @@ class Workflow:
                     # A fixed input named "api" but fed to a node input "token" is a secret too.
                     found.append(self.fixed_inputs[value.name] if isinstance(value, FixedRef) else value)
         return tuple(sorted(set(_strings_in(found)), key=len, reverse=True))
+
+
+def check_value(query: QueryInput, value: Any) -> Any:
+    """``value``, written as the input's own type (a default in the workflows file, say),
+    checked against its definition: type, bounds, choices and format. ValueError says why
+    not, in words for the user. The reader turns what people write into such values."""
+    label = query.label
+    if query.type == "boolean":
+        if not isinstance(value, bool):
+            raise ValueError(f"I need true or false for the {label}, not {value!r}")
+        return value
+    if query.type in NUMERIC_TYPES:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"I need a number for the {label}, not {value!r}")
+        check_bounds(query, value)
+        if query.type == "integer" and value != int(value):
+            raise ValueError(f"I need a whole number for the {label}, not {value!r}")
+        return int(value) if value == int(value) else value
+    if query.type == "choice":
+        if value not in query.choices:
+            raise ValueError(f"the {label} is one of {', '.join(query.choices)}, not {value!r}")
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"I need some text for the {label}")
+    if query.type in FORMAT_PATTERNS and not FORMAT_PATTERNS[query.type].fullmatch(value.strip()):
+        raise ValueError(f"I need {'an email address' if query.type == 'email' else 'a web address'} "
+                         f"for the {label}, not {value!r}")
+    return value.strip()
+
+
+def check_bounds(query: QueryInput, number: float) -> None:
+    """A number within the input's ``minimum`` and ``maximum``; ValueError names the bound."""
+    if query.minimum is not None and number < query.minimum:
+        raise ValueError(f"the {query.label} must be at least {query.minimum:g}, not {number:g}")
+    if query.maximum is not None and number > query.maximum:
+        raise ValueError(f"the {query.label} must be at most {query.maximum:g}, not {number:g}")
 
 
 def _looks_like_credential(value: Any) -> bool:
@@ -498,7 +532,7 @@ def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
                            cues=_parse_cues(spec.get("cues", []), value_type, at))
         if "default" in spec:
             try:
-                default = coerce_value(query, spec["default"])
+                default = check_value(query, spec["default"])
             except ValueError as exc:
                 raise WorkflowFileError(f"{at}: bad default: {exc}") from None
             query = dataclasses.replace(query, default=default)
@@ -1984,10 +2018,7 @@ SENTENCE_STARTS = {"i", "im", "id", "ill", "ive", "we", "were", "wed", "lets", "
                    "queremos", "mi", "io", "vorrei", "eu", "quero", "actually", "no", "non", "nein", "nope",
                    "yes", "oui", "si", "ja", "sorry", "well", "so", "make", "change", "maybe", "perhaps", "rather",
                    "instead", "but", "and", "also", "then", "plutot", "lieber", "mejor", "meglio"}
-TYPED_VALUE_PATTERNS = {   # values whose shape makes them unambiguous, for inputs that hold that kind
-    "email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"),
-    "url": re.compile(r"\bhttps?://[^\s<>\"']+"),
-}
+TYPED_VALUE_PATTERNS = FORMAT_PATTERNS   # their shape makes them unambiguous: read without a label
 
 # Language data (issue 9). Each table is words, folded (lower case, no accents, no
 # apostrophes) and separated by spaces, in English, French, German, Spanish and Italian
@@ -2178,7 +2209,14 @@ def numbers_in(text: str, spaced: bool = False) -> List[float]:
 def input_kind(query: QueryInput) -> str:
     """What an input holds, for the reader: its type, or for text and numbers a kind its
     name and description name (a "place", a "date", "money", a "year", ...), else "text"
-    or "number"."""
+    or "number". Worked out once per input."""
+    kind = query.derived.get("kind")
+    if kind is None:
+        kind = query.derived["kind"] = _input_kind(query)
+    return kind
+
+
+def _input_kind(query: QueryInput) -> str:
     if query.type not in ("string", "number", "integer"):
         return query.type
     words = set(_words(query.name.replace("_", " ") + " " + query.description))
@@ -2211,7 +2249,7 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
     if isinstance(raw, (dict, list)) or raw is None or not str(raw).strip():
         raise ValueError(f"I need some text for the {label}")
     text = str(raw).strip()
-    if query.type in TYPED_VALUE_PATTERNS and not TYPED_VALUE_PATTERNS[query.type].fullmatch(text):
+    if query.type in FORMAT_PATTERNS and not FORMAT_PATTERNS[query.type].fullmatch(text):
         raise ValueError(f"I need {'an email address' if query.type == 'email' else 'a web address'} "
                          f"for the {label}, not {text!r}")
     return text
@@ -2240,10 +2278,7 @@ def _coerce_number(query: QueryInput, raw: Any) -> Any:
         number = found[0]
     if not math.isfinite(number):
         raise ValueError(f"I need a real number for the {label}, not {str(raw)!r}")
-    if query.minimum is not None and number < query.minimum:
-        raise ValueError(f"the {label} must be at least {query.minimum:g}, not {number:g}")
-    if query.maximum is not None and number > query.maximum:
-        raise ValueError(f"the {label} must be at most {query.maximum:g}, not {number:g}")
+    check_bounds(query, number)
     if query.type == "integer":
         if number != int(number):
             raise ValueError(f"I need a whole number for the {label}, not {str(raw)!r}")
@@ -2700,14 +2735,14 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     money_tokens = {index for span in money for index in range(span.start, span.end)}
     periods = [span for span in period_spans(tokens) if not money_tokens & set(range(span.start, span.end))]
     taken_tokens = money_tokens | {index for span in periods for index in range(span.start, span.end)}
-    places = [query for query in workflow.query_inputs.values() if query.kind == "place"]
+    places = [query for query in workflow.query_inputs.values() if input_kind(query) == "place"]
     for query in workflow.query_inputs.values():
-        kind, is_open = query.kind, query.name not in conversation.values
+        kind, is_open = input_kind(query), query.name not in conversation.values
         if query.type in STRING_TYPES and kind in ("place", "text"):
             leads = _table(" ".join(_fold(cue).split()[-1] for cue in query.cues))
             if kind == "place" and len(places) == 1:
                 leads |= PLACE_LEADS | PREFERENCES
-            for span in name_spans(tokens, leads, workflow.words_taken):
+            for span in name_spans(tokens, leads, words_taken(workflow)):
                 if span.negated:
                     reading.ruled_out.setdefault(query.name, []).append(span.value)
                 elif is_open or _cued(tokens, span, query) or _replaces(tokens, span):
@@ -2744,7 +2779,14 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
 
 def words_taken(workflow: Workflow) -> frozenset:
     """Words that mean something else here, so are never a name: "make it Relaxed" (a pace),
-    "how about Fahrenheit" (a unit), "I", "Budget"."""
+    "how about Fahrenheit" (a unit), "I", "Budget". Worked out once per workflow."""
+    taken = workflow.derived.get("words_taken")
+    if taken is None:
+        taken = workflow.derived["words_taken"] = _words_taken(workflow)
+    return taken
+
+
+def _words_taken(workflow: Workflow) -> frozenset:
     taken = set(SENTENCE_STARTS | BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False] | COUNT_WORDS | NEGATIONS)
     taken |= CURRENCIES | CONTRASTS | ALTERNATIVES | CANCELS | QUALIFIERS | NON_ANSWERS
     for query in workflow.query_inputs.values():
@@ -2906,7 +2948,7 @@ def ground(query: QueryInput, value: Any, raw: Any, text: str, tokens: Sequence[
         return "your message rules it out"
     if places and all(alternatives_to(tokens, index, size) for index in places):
         return OFFERED_AMONG_OTHERS
-    kind = query.kind
+    kind = input_kind(query)
     value_tokens = tokenize(str(value))
     if kind == "date" and not asked and not any(token.kind != "word" and token.kind != "mark" or _is_time_word(token)
                                                 for token in value_tokens):
@@ -2968,13 +3010,13 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str, tok
         return {}
     words = _words(text)
     if query.type in STRING_TYPES:
-        if query.kind == "place" and len(text.split()) > 1:
-            names = _names_in(tokens, workflow.words_taken)
+        if input_kind(query) == "place" and len(text.split()) > 1:
+            names = _names_in(tokens, words_taken(workflow))
             if len(names) == 1:
                 return {query.name: names[0]}
         if (len(text.split()) > MAX_DIRECT_REPLY_WORDS or (words and words[0] in SENTENCE_STARTS)
                 or (re.search(r"\d", text) and any(o.type in NUMERIC_TYPES for o in others))
-                or (period_spans(tokens) and query.kind != "date" and any(o.kind == "date" for o in others))
+                or (period_spans(tokens) and input_kind(query) != "date" and any(input_kind(o) == "date" for o in others))
                 or not _could_be(query, tokens, words)):
             return {}
     return {query.name: _reply_value(query, text)}
@@ -2990,7 +3032,7 @@ def _fits(query: QueryInput, text: str, tokens: Sequence[Token]) -> bool:
         return len(_choices_named(query, text)) == 1
     if query.type == "boolean":
         return bool(set(words) & (BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]))
-    if query.kind == "date":
+    if input_kind(query) == "date":
         return timely
     return (0 < len(words) <= MAX_DIRECT_REPLY_WORDS and not timely and not re.search(r"\d", text)
             and _could_be(query, tokens, words))
@@ -3000,7 +3042,7 @@ def _could_be(query: QueryInput, tokens: Sequence[Token], words: Sequence[str]) 
     """Could a short reply be a value of this kind? A date has a word of time or a number; a
     place or a text is not made of words that only talk ("Add Details", "Tell me more",
     "hmm, let me think": Open WebUI sends its regenerate buttons as messages, issue 10)."""
-    if query.kind == "date":
+    if input_kind(query) == "date":
         return bool(re.search(r"\d", " ".join(words))) or any(_is_time_word(token) for token in tokens)
     return not words or not all(word in NON_ANSWERS for word in words)
 
@@ -3050,7 +3092,7 @@ def _reply_value(query: QueryInput, text: str) -> Any:
         named = _choices_named(query, text)
         return named[0] if len(named) == 1 else text
     text = text.strip().rstrip(".!")
-    if query.kind == "date":   # "in May" is May, as in a sentence (decision in the README)
+    if input_kind(query) == "date":   # "in May" is May, as in a sentence (decision in the README)
         tokens = tokenize(text)
         start = 0
         while start < len(tokens) - 1 and tokens[start].folded in LEADING_LINKS and _leads_into_period(tokens, start):
@@ -4736,7 +4778,7 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         app.route(prefix + "/models", "GET", _json_route(service, list_models))
         app.route(prefix + "/models/<model_id:path>", "GET", _json_route(service, get_model))
         app.route(prefix + "/chat/completions", "POST", _json_route(service, chat_completions))
-        app.route(prefix + "/responses", "POST", _json_route(service, responses))
+        app.route(prefix + "/responses", "POST", _json_route(service, create_response))
         app.route(prefix + "/responses/<response_id>", "GET", _json_route(service, stored_response))
         app.route(prefix + "/responses/<response_id>", "DELETE", _json_route(service, delete_response))
     app.route("/health", "GET", lambda: _health(service))
@@ -4901,7 +4943,7 @@ def _base_url() -> str:
     return f"{parts.scheme}://{parts.netloc}/openai"
 
 
-def responses(service: Service) -> Any:
+def create_response(service: Service) -> Any:
     """POST /openai/responses: one turn, streamed as semantic events or answered whole."""
     environ = bottle.request.environ
     request = parse_responses_request(read_body(), bottle.request.content_type)
