@@ -47,6 +47,8 @@ machine; without an LLM the reader knows English, French, German, Spanish and
 Italian (its tables are in the "Reading" section).
 """
 
+from __future__ import annotations   # a type named before its section, as an argument, is not read at import
+
 __version__ = "0.1.0"
 __all__ = [
     "make_app", "main", "create_server", "app", "AppFromEnvironment",
@@ -195,8 +197,23 @@ HTTP_STATUS_ERRORS = {400: RequestError, 401: UnauthorizedError, 404: NotFoundEr
                       405: MethodNotAllowedError, 413: BodyTooLargeError}
 
 
+class LLMError(UpstreamError):
+    """The internal LLM failed. ``reason`` is short and safe to show ("HTTP 500", "timed out after
+    120 s"); ``upstream_status`` and ``names_format`` (the error body names response_format,
+    json_schema or json_object) tell a refused structured-output mode from an outage."""
+
+    def __init__(self, reason: str, *, upstream_status: Optional[int] = None, names_format: bool = False):
+        super().__init__(f"the language model did not answer usably ({reason})")
+        self.reason, self.upstream_status, self.names_format = reason, upstream_status, names_format
+        self.status = 400 if upstream_status == 400 else 502
+
+
+class LLMTimeout(LLMError):
+    """The whole answer did not arrive within its time limit."""
+
+
 ####################################################################################
-# Workflows: the file format, loading and validation
+# Workflows: the file format and its checks
 ####################################################################################
 
 # Text types hold the user's words; "place" and "date" tell the reader what to look for
@@ -403,56 +420,6 @@ def _strings_in(values: Iterable[Any]) -> Iterator[str]:
             yield from _strings_in(value.values())
         elif isinstance(value, (list, tuple)):
             yield from _strings_in(value)
-
-
-def load_workflows(source: Union[str, os.PathLike, dict, list],
-                   node_types: Optional[Mapping[str, "NodeType"]] = None) -> Dict[str, Workflow]:
-    """Read and validate workflows from a JSON file path, or from the same data as Python objects.
-
-    Raises WorkflowFileError with one message naming the workflow and node at fault.
-    """
-    node_types = NODE_TYPES if node_types is None else node_types
-    if isinstance(source, (str, os.PathLike)):
-        label = os.fspath(source)
-        data = _read_json_file(label)
-        created = int(os.path.getmtime(label))
-        functions = FunctionFinder(os.path.dirname(os.path.abspath(label)))
-    else:
-        label, data, created = "workflows", source, int(time.time())
-        functions = FunctionFinder("")
-    items = data.get("workflows") if isinstance(data, dict) else data
-    if not isinstance(items, list) or not items:
-        raise WorkflowFileError(f'{label}: expected {{"workflows": [ ... ]}} with at least one workflow')
-    workflows: Dict[str, Workflow] = {}
-    for index, item in enumerate(items):
-        workflow = _parse_workflow(item, label, index, node_types, created, functions)
-        if workflow.name in workflows:
-            raise WorkflowFileError(f"{label}: workflow {workflow.name!r}: the name is used twice; "
-                                    "each workflow needs a unique name (it is the model id)")
-        workflows[workflow.name] = workflow
-    return workflows
-
-
-def default_workflows_path() -> str:
-    """``workflows.json`` in the current folder, else the one beside this module (for
-    ``python path/to/cozyopenai.py`` from elsewhere, or the file copied into a deployment)."""
-    tried = [os.path.abspath(DEFAULT_WORKFLOWS_PATH),
-             os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_WORKFLOWS_PATH)]
-    found = next((path for path in tried if os.path.isfile(path)), None)
-    if found is None:
-        raise WorkflowFileError(f"{DEFAULT_WORKFLOWS_PATH}: not found in {tried[0]} nor {tried[1]}; "
-                                "give one with --workflows")
-    return found
-
-
-def _read_json_file(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except OSError as exc:
-        raise WorkflowFileError(f"{path}: cannot read it: {exc.strerror}") from None
-    except ValueError as exc:
-        raise WorkflowFileError(f"{path}: not valid JSON: {exc}") from None
 
 
 def _parse_workflow(item: Any, label: str, index: int, node_types: Mapping[str, "NodeType"],
@@ -683,244 +650,99 @@ def _on_cycles(waiting: Dict[str, set]) -> set:
         left -= downstream_only
 
 
-####################################################################################
-# The internal LLM (extraction, questions and `llm` nodes)
-####################################################################################
-
-@dataclass(frozen=True)
-class LLMSettings:
-    """Where the internal LLM is: any OpenAI-compatible server."""
-    base_url: str
-    model: str
-    api_key: str = field(default="", repr=False)
-    timeout_seconds: float = LLM_TIMEOUT_SECONDS
-    max_retries: int = 1                   # on timeouts, refused connections, 429 and 5xx
-    single_call: bool = False              # extraction also writes the follow-up question: one call a turn
+def shown_value(value: Any) -> str:
+    """A value as the user reads it: yes/no rather than True/False."""
+    return ("yes" if value else "no") if isinstance(value, bool) else str(value)
 
 
-class LLMError(UpstreamError):
-    """The internal LLM failed. ``reason`` is short and safe to show ("HTTP 500", "timed out after
-    120 s"); ``upstream_status`` and ``names_format`` (the error body names response_format,
-    json_schema or json_object) tell a refused structured-output mode from an outage."""
+class Redactor:
+    """Replaces the workflow's secrets in outgoing text."""
 
-    def __init__(self, reason: str, *, upstream_status: Optional[int] = None, names_format: bool = False):
-        super().__init__(f"the language model did not answer usably ({reason})")
-        self.reason, self.upstream_status, self.names_format = reason, upstream_status, names_format
-        self.status = 400 if upstream_status == 400 else 502
+    def __init__(self, secrets_: Sequence[str]):
+        self._secrets = tuple(sorted(secrets_, key=len, reverse=True))   # "abcdef" before "abc"
+        self._pattern = re.compile("|".join(map(re.escape, self._secrets))) if secrets_ else None
 
+    def __call__(self, text: str) -> str:
+        return self._pattern.sub(REDACTED, text) if self._pattern else text
 
-class LLMTimeout(LLMError):
-    """The whole answer did not arrive within its time limit."""
+    def __bool__(self) -> bool:
+        return self._pattern is not None
 
+    def stream(self, fields: Iterator[Tuple[str, str]]) -> Iterator[Tuple[str, str]]:
+        """Redact (field, text) pieces as they stream. An LLM may echo a secret split over two
+        tokens, so the end of a piece that could begin a secret waits for the next piece."""
+        current, held = "", ""
+        for name, text in fields:
+            if name != current and held:   # a secret does not span fields
+                yield current, self(held)
+                held = ""
+            current, text = name, self(held + text)
+            cut = len(text) - self._possible_start(text)
+            text, held = text[:cut], text[cut:]
+            if text:
+                yield name, text
+        if held:
+            yield current, self(held)
 
-class LLMClient:
-    """The openai client for one upstream, with a memory of which structured-output mode it accepts."""
-
-    # Tried in order: strict JSON schema, then JSON mode (llama.cpp refuses json_schema but takes
-    # json_object), then plain text from which the first JSON object is parsed.
-    JSON_MODES = ("json_schema", "json_object", "text")
-    FORMAT_WORDS = re.compile(r"response_format|json_schema|json_object")   # in an error body: a refusal
-
-    def __init__(self, settings: LLMSettings, metrics: Optional["Metrics"] = None):
-        import openai  # about 0.4 s to import; only servers with an LLM pay for it
-        self._openai = openai
-        self.settings = settings
-        self.metrics = metrics
-        self._client = openai.OpenAI(base_url=settings.base_url, api_key=settings.api_key or "unused",
-                                     timeout=settings.timeout_seconds, max_retries=settings.max_retries)
-        # A mode never seen working is tried without the client's retry: an upstream that refuses
-        # it (llama.cpp answers json_schema with a 500) then costs one call per server run, not two a turn.
-        self._client_once = self._client.with_options(max_retries=0)
-        self._json_mode = 0                    # index in JSON_MODES; only ever steps down
-        self._json_mode_confirmed = False      # the current mode has answered once on this upstream
-        self._json_lock = threading.Lock()     # turns run at once
-
-    @property
-    def host(self) -> str:
-        """The upstream's host:port, to name it in notes and logs: never its path, query or key."""
-        parts = urlsplit(self.settings.base_url)
-        host = parts.hostname or "the configured server"
-        host = f"[{host}]" if ":" in host else host
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        return f"{host}:{port}" if port else host
-
-    def complete(self, messages: List[dict], **options: Any) -> str:
-        """One chat completion; its text."""
-        return self._text_of(self._call(messages=messages, stream=False, **options))
-
-    def complete_json(self, messages: List[dict], schema: dict, **options: Any) -> dict:
-        """A JSON object as answer, using the best structured-output mode the upstream takes.
-
-        A refused mode is stepped down from and remembered. An unexplained 5xx on a json_schema
-        call never seen working steps down for this call only, and is remembered once json_object
-        works: so a real outage does not walk the mode down for good."""
-        index = self._json_mode
-        while True:
-            mode = self.JSON_MODES[index]
-            confirmed = self._is_confirmed(index)
-            try:
-                response = self._call(messages=messages, stream=False, retry=confirmed,
-                                      **options, **self._json_options(mode, schema))
-            except LLMError as exc:
-                refusal = self._refusal(exc, mode, confirmed)
-                if refusal is None:
-                    raise
-                if refusal == "refused":
-                    self._settle_json_mode(index + 1, worked=False)
-                index += 1
-                continue
-            self._settle_json_mode(index, worked=True)
-            return first_json_object(self._text_of(response))
-
-    @staticmethod
-    def _json_options(mode: str, schema: dict) -> Dict[str, Any]:
-        if mode == "json_schema":
-            return {"response_format": {"type": "json_schema", "json_schema":
-                                        {"name": "extraction", "schema": schema, "strict": True}}}
-        if mode == "json_object":
-            return {"response_format": {"type": "json_object"}}
-        return {}
-
-    def _is_confirmed(self, index: int) -> bool:
-        """Plain text is no structured call; a structured mode once it has answered here."""
-        return self.JSON_MODES[index] == "text" or (index == self._json_mode and self._json_mode_confirmed)
-
-    @staticmethod
-    def _refusal(exc: LLMError, mode: str, confirmed: bool) -> Optional[str]:
-        """"refused" when the upstream said it does not take this mode, "unexplained" for a 5xx on a
-        json_schema call never seen working (llama.cpp's refusal may say nothing useful), else None:
-        a mode that has worked is not given up over a 400 about something else, nor over an outage."""
-        status = exc.upstream_status or 0
-        if mode == "text" or status < 400:
-            return None
-        if exc.names_format or (not confirmed and status in (400, 422)):
-            return "refused"
-        if not confirmed and mode == "json_schema" and status >= 500:
-            return "unexplained"
-        return None
-
-    def _settle_json_mode(self, index: int, worked: bool) -> None:
-        """Remember that mode ``index`` answered, or that the ones above it were refused. The mode
-        only steps down, so turns that learn the same thing at once change it, and log it, once."""
-        with self._json_lock:
-            previous = self._json_mode
-            if index > previous:
-                self._json_mode, self._json_mode_confirmed = index, False
-            if worked and index == self._json_mode:
-                self._json_mode_confirmed = True
-        if index > previous and self.metrics is not None:
-            self.metrics.add("llm_format_refusals_total")
-        if index > previous:
-            log.warning("the language model at %s does not take response_format %s; using %s from now on",
-                        self.host, self.JSON_MODES[previous],
-                        "prompt-only text" if self.JSON_MODES[index] == "text" else self.JSON_MODES[index])
-
-    def stream(self, messages: List[dict], *, within_seconds: Optional[float] = None,
-               **options: Any) -> "TextStream":
-        """A chat completion whose tokens arrive as they are generated; the request goes out when
-        the stream is first read, and failures raise LLMError from the reading. With
-        ``within_seconds`` the whole answer, request to last token, must arrive in that time, even
-        when the upstream stalls between tokens: past it, reading raises LLMTimeout. Read to its
-        end, the stream's ``finish_reason`` says why the model stopped ("stop", "length")."""
-        request = dict(options, messages=messages)
-        if within_seconds is not None:   # so a stalled connection is also given up soon after the deadline
-            request.setdefault("timeout", min(self.settings.timeout_seconds, within_seconds))
-
-        def pieces() -> Iterator[str]:
-            arrived: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
-            leaving = threading.Event()
-            deadline = None if within_seconds is None else time.monotonic() + within_seconds
-            threading.Thread(target=self._read_stream, args=(request, arrived, leaving), daemon=True).start()
-            try:
-                while True:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:   # checked per piece too: a fast, endless model
-                        raise LLMTimeout(f"timed out after {within_seconds:g} s")
-                    try:
-                        kind, value = arrived.get(timeout=left)
-                    except queue.Empty:
-                        continue
-                    if kind == "piece":
-                        yield value
-                    elif kind == "end":
-                        answer.finish_reason = value
-                        return
-                    else:
-                        raise value
-            finally:
-                leaving.set()   # the reading thread closes the connection at its next chunk
-        answer = TextStream(pieces())
-        return answer
-
-    def _read_stream(self, request: Dict[str, Any], arrived: "queue.Queue[Tuple[str, Any]]",
-                     leaving: threading.Event) -> None:
-        """In a thread of its own, so that a stalled upstream cannot hold the reader past its
-        deadline: puts ("piece", text)..., then ("end", finish_reason) or ("error", LLMError)."""
-        response, finish_reason = None, None
-        try:
-            response = self._call(stream=True, **request)
-            for chunk in response:
-                if leaving.is_set():
-                    return   # the reader gave up; closing the connection stops the upstream's work too
-                choice = chunk.choices[0] if chunk.choices else None
-                if choice is not None and choice.delta is not None and choice.delta.content:
-                    arrived.put(("piece", choice.delta.content))
-                finish_reason = (choice.finish_reason if choice is not None else None) or finish_reason
-            arrived.put(("end", finish_reason))
-        except LLMError as exc:
-            arrived.put(("error", exc))
-        except Exception as exc:   # the SDK's errors, and a connection or chunk broken under it
-            arrived.put(("error", self._upstream_error(exc)))
-        finally:
-            if response is not None:
-                response.close()
-
-    def _call(self, *, retry: bool = True, **options: Any) -> Any:
-        options.setdefault("model", self.settings.model)
-        client = self._client if retry else self._client_once
-        started, outcome = time.monotonic(), "error"
-        try:
-            response = client.chat.completions.create(**options)
-            outcome = "ok"
-            return response
-        except self._openai.OpenAIError as exc:
-            raise self._upstream_error(exc) from None
-        finally:
-            if self.metrics is not None:
-                self.metrics.add("llm_calls_total", outcome=outcome)
-                self.metrics.observe("llm_call_seconds", time.monotonic() - started)
-
-    @staticmethod
-    def _text_of(response: Any) -> str:
-        return (response.choices[0].message.content or "") if response.choices else ""
-
-    def _upstream_error(self, exc: Exception) -> LLMError:
-        status = getattr(exc, "status_code", None)
-        reason = f"HTTP {status}" if status else type(exc).__name__.replace("API", "").replace("Error", " error")
-        said = f"{getattr(exc, 'message', '')} {json.dumps(getattr(exc, 'body', None), default=str)}"
-        return LLMError(reason.strip(), upstream_status=status,
-                        names_format=bool(status) and bool(self.FORMAT_WORDS.search(said)))
-
-
-def first_json_object(text: str) -> dict:
-    """The first JSON object in a model's text (some wrap it in prose or a code fence)."""
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text or ""):
-        try:
-            value, _ = decoder.raw_decode(text, match.start())
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            return value
-    raise UpstreamError("the language model's answer held no JSON object")
+    def _possible_start(self, text: str) -> int:
+        """The length of the longest end of ``text`` that is the beginning of a secret."""
+        return max((size for secret in self._secrets for size in range(min(len(secret) - 1, len(text)), 0, -1)
+                    if text.endswith(secret[:size])), default=0)
 
 
 ####################################################################################
-# Node types
+# Node types, and loading a workflows file with them
 ####################################################################################
+
+def load_workflows(source: Union[str, os.PathLike, dict, list],
+                   node_types: Optional[Mapping[str, "NodeType"]] = None) -> Dict[str, Workflow]:
+    """Read and validate workflows from a JSON file path, or from the same data as Python objects.
+
+    Raises WorkflowFileError with one message naming the workflow and node at fault.
+    """
+    node_types = NODE_TYPES if node_types is None else node_types
+    if isinstance(source, (str, os.PathLike)):
+        label = os.fspath(source)
+        data = _read_json_file(label)
+        created = int(os.path.getmtime(label))
+        functions = FunctionFinder(os.path.dirname(os.path.abspath(label)))
+    else:
+        label, data, created = "workflows", source, int(time.time())
+        functions = FunctionFinder("")
+    items = data.get("workflows") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise WorkflowFileError(f'{label}: expected {{"workflows": [ ... ]}} with at least one workflow')
+    workflows: Dict[str, Workflow] = {}
+    for index, item in enumerate(items):
+        workflow = _parse_workflow(item, label, index, node_types, created, functions)
+        if workflow.name in workflows:
+            raise WorkflowFileError(f"{label}: workflow {workflow.name!r}: the name is used twice; "
+                                    "each workflow needs a unique name (it is the model id)")
+        workflows[workflow.name] = workflow
+    return workflows
+
+
+def default_workflows_path() -> str:
+    """``workflows.json`` in the current folder, else the one beside this module (for
+    ``python path/to/cozyopenai.py`` from elsewhere, or the file copied into a deployment)."""
+    tried = [os.path.abspath(DEFAULT_WORKFLOWS_PATH),
+             os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_WORKFLOWS_PATH)]
+    found = next((path for path in tried if os.path.isfile(path)), None)
+    if found is None:
+        raise WorkflowFileError(f"{DEFAULT_WORKFLOWS_PATH}: not found in {tried[0]} nor {tried[1]}; "
+                                "give one with --workflows")
+    return found
+
+
+def _read_json_file(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except OSError as exc:
+        raise WorkflowFileError(f"{path}: cannot read it: {exc.strerror}") from None
+    except ValueError as exc:
+        raise WorkflowFileError(f"{path}: not valid JSON: {exc}") from None
+
 
 class TextStream:
     """A node result that arrives in pieces. The runner joins them, and streams them
@@ -1311,6 +1133,266 @@ def _input_value(workflow: Workflow, node: Node, name: str, value: Any,
     if isinstance(value, FixedRef):
         return workflow.fixed_inputs[value.name]
     return value
+
+
+class HangUpAwareEvent(threading.Event):
+    """The turn's stop signal. It also turns set when the client has closed its connection,
+    which the runner checks before starting each node: nothing new starts for no one."""
+
+    def __init__(self, connection: Optional[socket.socket] = None):
+        super().__init__()
+        self._connection = connection
+        self._next_check = time.monotonic() + HANGUP_CHECK_SECONDS
+
+    def is_set(self) -> bool:
+        # A system call per check would cost every fast turn under load: look at the socket
+        # at most every HANGUP_CHECK_SECONDS, and never in a turn quicker than that.
+        if not super().is_set() and self._connection is not None and time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + HANGUP_CHECK_SECONDS
+            if _peer_closed(self._connection):
+                self.set()
+        return super().is_set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """As Event.wait, and a hang-up ends the wait too (a node that waits on the stop signal
+        must not run on for a client that left): the socket is looked at every check."""
+        if self._connection is None:
+            return super().wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = HANGUP_CHECK_SECONDS if deadline is None else min(HANGUP_CHECK_SECONDS, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            super().wait(left)
+        return True
+
+
+def _peer_closed(connection: socket.socket) -> bool:
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+####################################################################################
+# The internal LLM (extraction, questions and `llm` nodes)
+####################################################################################
+
+@dataclass(frozen=True)
+class LLMSettings:
+    """Where the internal LLM is: any OpenAI-compatible server."""
+    base_url: str
+    model: str
+    api_key: str = field(default="", repr=False)
+    timeout_seconds: float = LLM_TIMEOUT_SECONDS
+    max_retries: int = 1                   # on timeouts, refused connections, 429 and 5xx
+    single_call: bool = False              # extraction also writes the follow-up question: one call a turn
+
+
+class LLMClient:
+    """The openai client for one upstream, with a memory of which structured-output mode it accepts."""
+
+    # Tried in order: strict JSON schema, then JSON mode (llama.cpp refuses json_schema but takes
+    # json_object), then plain text from which the first JSON object is parsed.
+    JSON_MODES = ("json_schema", "json_object", "text")
+    FORMAT_WORDS = re.compile(r"response_format|json_schema|json_object")   # in an error body: a refusal
+
+    def __init__(self, settings: LLMSettings, metrics: Optional["Metrics"] = None):
+        import openai  # about 0.4 s to import; only servers with an LLM pay for it
+        self._openai = openai
+        self.settings = settings
+        self.metrics = metrics
+        self._client = openai.OpenAI(base_url=settings.base_url, api_key=settings.api_key or "unused",
+                                     timeout=settings.timeout_seconds, max_retries=settings.max_retries)
+        # A mode never seen working is tried without the client's retry: an upstream that refuses
+        # it (llama.cpp answers json_schema with a 500) then costs one call per server run, not two a turn.
+        self._client_once = self._client.with_options(max_retries=0)
+        self._json_mode = 0                    # index in JSON_MODES; only ever steps down
+        self._json_mode_confirmed = False      # the current mode has answered once on this upstream
+        self._json_lock = threading.Lock()     # turns run at once
+
+    @property
+    def host(self) -> str:
+        """The upstream's host:port, to name it in notes and logs: never its path, query or key."""
+        parts = urlsplit(self.settings.base_url)
+        host = parts.hostname or "the configured server"
+        host = f"[{host}]" if ":" in host else host
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        return f"{host}:{port}" if port else host
+
+    def complete(self, messages: List[dict], **options: Any) -> str:
+        """One chat completion; its text."""
+        return self._text_of(self._call(messages=messages, stream=False, **options))
+
+    def complete_json(self, messages: List[dict], schema: dict, **options: Any) -> dict:
+        """A JSON object as answer, using the best structured-output mode the upstream takes.
+
+        A refused mode is stepped down from and remembered. An unexplained 5xx on a json_schema
+        call never seen working steps down for this call only, and is remembered once json_object
+        works: so a real outage does not walk the mode down for good."""
+        index = self._json_mode
+        while True:
+            mode = self.JSON_MODES[index]
+            confirmed = self._is_confirmed(index)
+            try:
+                response = self._call(messages=messages, stream=False, retry=confirmed,
+                                      **options, **self._json_options(mode, schema))
+            except LLMError as exc:
+                refusal = self._refusal(exc, mode, confirmed)
+                if refusal is None:
+                    raise
+                if refusal == "refused":
+                    self._settle_json_mode(index + 1, worked=False)
+                index += 1
+                continue
+            self._settle_json_mode(index, worked=True)
+            return first_json_object(self._text_of(response))
+
+    @staticmethod
+    def _json_options(mode: str, schema: dict) -> Dict[str, Any]:
+        if mode == "json_schema":
+            return {"response_format": {"type": "json_schema", "json_schema":
+                                        {"name": "extraction", "schema": schema, "strict": True}}}
+        if mode == "json_object":
+            return {"response_format": {"type": "json_object"}}
+        return {}
+
+    def _is_confirmed(self, index: int) -> bool:
+        """Plain text is no structured call; a structured mode once it has answered here."""
+        return self.JSON_MODES[index] == "text" or (index == self._json_mode and self._json_mode_confirmed)
+
+    @staticmethod
+    def _refusal(exc: LLMError, mode: str, confirmed: bool) -> Optional[str]:
+        """"refused" when the upstream said it does not take this mode, "unexplained" for a 5xx on a
+        json_schema call never seen working (llama.cpp's refusal may say nothing useful), else None:
+        a mode that has worked is not given up over a 400 about something else, nor over an outage."""
+        status = exc.upstream_status or 0
+        if mode == "text" or status < 400:
+            return None
+        if exc.names_format or (not confirmed and status in (400, 422)):
+            return "refused"
+        if not confirmed and mode == "json_schema" and status >= 500:
+            return "unexplained"
+        return None
+
+    def _settle_json_mode(self, index: int, worked: bool) -> None:
+        """Remember that mode ``index`` answered, or that the ones above it were refused. The mode
+        only steps down, so turns that learn the same thing at once change it, and log it, once."""
+        with self._json_lock:
+            previous = self._json_mode
+            if index > previous:
+                self._json_mode, self._json_mode_confirmed = index, False
+            if worked and index == self._json_mode:
+                self._json_mode_confirmed = True
+        if index > previous and self.metrics is not None:
+            self.metrics.add("llm_format_refusals_total")
+        if index > previous:
+            log.warning("the language model at %s does not take response_format %s; using %s from now on",
+                        self.host, self.JSON_MODES[previous],
+                        "prompt-only text" if self.JSON_MODES[index] == "text" else self.JSON_MODES[index])
+
+    def stream(self, messages: List[dict], *, within_seconds: Optional[float] = None,
+               **options: Any) -> "TextStream":
+        """A chat completion whose tokens arrive as they are generated; the request goes out when
+        the stream is first read, and failures raise LLMError from the reading. With
+        ``within_seconds`` the whole answer, request to last token, must arrive in that time, even
+        when the upstream stalls between tokens: past it, reading raises LLMTimeout. Read to its
+        end, the stream's ``finish_reason`` says why the model stopped ("stop", "length")."""
+        request = dict(options, messages=messages)
+        if within_seconds is not None:   # so a stalled connection is also given up soon after the deadline
+            request.setdefault("timeout", min(self.settings.timeout_seconds, within_seconds))
+
+        def pieces() -> Iterator[str]:
+            arrived: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
+            leaving = threading.Event()
+            deadline = None if within_seconds is None else time.monotonic() + within_seconds
+            threading.Thread(target=self._read_stream, args=(request, arrived, leaving), daemon=True).start()
+            try:
+                while True:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:   # checked per piece too: a fast, endless model
+                        raise LLMTimeout(f"timed out after {within_seconds:g} s")
+                    try:
+                        kind, value = arrived.get(timeout=left)
+                    except queue.Empty:
+                        continue
+                    if kind == "piece":
+                        yield value
+                    elif kind == "end":
+                        answer.finish_reason = value
+                        return
+                    else:
+                        raise value
+            finally:
+                leaving.set()   # the reading thread closes the connection at its next chunk
+        answer = TextStream(pieces())
+        return answer
+
+    def _read_stream(self, request: Dict[str, Any], arrived: "queue.Queue[Tuple[str, Any]]",
+                     leaving: threading.Event) -> None:
+        """In a thread of its own, so that a stalled upstream cannot hold the reader past its
+        deadline: puts ("piece", text)..., then ("end", finish_reason) or ("error", LLMError)."""
+        response, finish_reason = None, None
+        try:
+            response = self._call(stream=True, **request)
+            for chunk in response:
+                if leaving.is_set():
+                    return   # the reader gave up; closing the connection stops the upstream's work too
+                choice = chunk.choices[0] if chunk.choices else None
+                if choice is not None and choice.delta is not None and choice.delta.content:
+                    arrived.put(("piece", choice.delta.content))
+                finish_reason = (choice.finish_reason if choice is not None else None) or finish_reason
+            arrived.put(("end", finish_reason))
+        except LLMError as exc:
+            arrived.put(("error", exc))
+        except Exception as exc:   # the SDK's errors, and a connection or chunk broken under it
+            arrived.put(("error", self._upstream_error(exc)))
+        finally:
+            if response is not None:
+                response.close()
+
+    def _call(self, *, retry: bool = True, **options: Any) -> Any:
+        options.setdefault("model", self.settings.model)
+        client = self._client if retry else self._client_once
+        started, outcome = time.monotonic(), "error"
+        try:
+            response = client.chat.completions.create(**options)
+            outcome = "ok"
+            return response
+        except self._openai.OpenAIError as exc:
+            raise self._upstream_error(exc) from None
+        finally:
+            if self.metrics is not None:
+                self.metrics.add("llm_calls_total", outcome=outcome)
+                self.metrics.observe("llm_call_seconds", time.monotonic() - started)
+
+    @staticmethod
+    def _text_of(response: Any) -> str:
+        return (response.choices[0].message.content or "") if response.choices else ""
+
+    def _upstream_error(self, exc: Exception) -> LLMError:
+        status = getattr(exc, "status_code", None)
+        reason = f"HTTP {status}" if status else type(exc).__name__.replace("API", "").replace("Error", " error")
+        said = f"{getattr(exc, 'message', '')} {json.dumps(getattr(exc, 'body', None), default=str)}"
+        return LLMError(reason.strip(), upstream_status=status,
+                        names_format=bool(status) and bool(self.FORMAT_WORDS.search(said)))
+
+
+def first_json_object(text: str) -> dict:
+    """The first JSON object in a model's text (some wrap it in prose or a code fence)."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text or ""):
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    raise UpstreamError("the language model's answer held no JSON object")
 
 
 ####################################################################################
@@ -1940,51 +2022,50 @@ def open_store(spec: Union[str, os.PathLike, Store], max_age_seconds: Optional[f
     return store_type.from_spec(name, max_age_seconds)
 
 
+def find_conversation_ids(messages: Sequence[dict]) -> List[str]:
+    """Ids in identifier blocks of assistant messages, newest first. Ids in user messages are
+    not trusted: Open WebUI quotes assistant replies inside its background-task prompts."""
+    found = []
+    for message in reversed(messages):
+        if message["role"] == "assistant":
+            found += [match for match in ID_BLOCK_PATTERN.findall(message["content"]) if is_conversation_id(match)]
+    return found
+
+
+def split_new_messages(messages: Sequence[dict]) -> Tuple[List[dict], str]:
+    """(earlier turns, cleaned for context; the user text sent after the last assistant reply)."""
+    last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    earlier = [{"role": m["role"], "content": clean_reply(m["content"]) if m["role"] == "assistant" else m["content"]}
+               for m in messages[:last_assistant + 1] if m["role"] in ("user", "assistant")]
+    new = "\n".join(m["content"] for m in messages[last_assistant + 1:] if m["role"] == "user").strip()
+    return earlier, new
+
+
+def clean_reply(text: str) -> str:
+    """An assistant message without its thinking block and identifier block."""
+    return ID_BLOCK_PATTERN.sub("", THINKING_PATTERN.sub("", text)).strip()
+
+
+def id_block(conversation_id: str) -> str:
+    return f"\n\n```{ID_BLOCK_INFO}\n{conversation_id}\n```\n"
+
+
+def user_turns(history: Sequence[dict]) -> List[str]:
+    """The text of each earlier user turn: the user messages between two assistant replies."""
+    turns: List[str] = []
+    pending: List[str] = []
+    for message in list(history) + [{"role": "assistant", "content": ""}]:
+        if message["role"] == "user":
+            pending.append(message["content"])
+        elif message["role"] == "assistant" and pending:
+            turns.append("\n".join(pending).strip())
+            pending = []
+    return turns
+
+
 ####################################################################################
-# Reading what the user said, and asking for the rest
+# Reading: the language tables
 ####################################################################################
-
-EXTRACTION_PROMPT = """\
-You read one chat message and pull out the values it states for the inputs of a workflow.
-
-Workflow "{name}": {description}
-
-Inputs (JSON keys), with what they mean and what they are used for:
-{inputs}
-{context}
-Rules:
-- Extract only what the user states in the NEW message (the last message). Earlier turns are \
-context only, to understand it; never take values from them.
-- Never invent, guess or fill in placeholders. If the new message does not state a value, use null.
-- Copy values in the user's words; do not convert units, currencies or dates.
-- "intent" is what the user is doing: "provide" (giving values), "correct" (changing a value \
-given before), "cancel" (stop or start over), "skip" (wants to leave an optional input out), \
-or "other" (anything else).
-{single_call_rule}
-Answer with one JSON object and nothing else: {{"values": {{{keys}}}, "intent": "provide"{question_key}}}"""
-
-SINGLE_CALL_RULE = """- "question": if a required input is still missing after this message (neither known so far \
-nor stated in it), one short, natural question in the language of the new message that \
-acknowledges what it gave and asks for what is still missing, with no lists or forms; \
-otherwise null.
-"""
-
-QUESTION_PROMPT = """\
-You are the friendly assistant of the workflow "{name}": {description}
-
-{understood}Still needed from the user:
-{missing}
-{problems}
-Write one short, natural question that asks the user for what is still needed. Acknowledge \
-what was understood, if anything. Reply in the language of the user's last message. Do not \
-answer for the user, do not invent values, do not use lists or forms, and ask nothing else."""
-
-CANCELLED_REPLY = "Okay, I've cleared everything and won't run anything. Tell me when you want to start again."
-NOTHING_CHANGED_REPLY = 'Nothing changed, so I have not run it again. {change}say "again" to run it once more.'
-GIVE_UP_REPLY = ("I asked for the {label} {tries} times without an answer I could use. You can give it as "
-                 '"{name}: ...", or say "start over" to begin again.')
-RUN_FAILED_REPLY = ("Sorry, the workflow stopped: step {node!r} failed ({reason}). Your inputs are kept; "
-                    'say "again" to retry, or change a value.')
 
 INTENTS = ("provide", "correct", "cancel", "skip", "other")
 RERUN_PATTERN = re.compile(r"\b(again|retry|re-?run|once more|try it|encore|nochmal|noch einmal|otra vez|"
@@ -2145,6 +2226,10 @@ TOKEN_PATTERN = re.compile(
     r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]))|(?P<number>\d+(?:[.,]\d+)*)"
     r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\S)")
 
+
+####################################################################################
+# Reading: words, numbers and typed values
+####################################################################################
 
 @dataclass
 class Extraction:
@@ -2325,8 +2410,18 @@ def _topic_words(query: QueryInput) -> set:
     return {word for word in _words(query.label) if len(word) >= 3 and word not in COMMON_WORDS}
 
 
+def valid_text(text: str) -> str:
+    """Text that can be written out: JSON allows a lone surrogate ("\\ud800"), UTF-8 does not,
+    so each becomes the replacement character instead of failing the turn (issue 11)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:   # json.loads joins valid pairs, so any surrogate left is alone
+        return re.sub("[\ud800-\udfff]", "\ufffd", text)
+
+
 ####################################################################################
-# Reading: typed spans of a message (issue 9)
+# Reading: typed spans of a message
 ####################################################################################
 
 @dataclass(frozen=True)
@@ -2672,6 +2767,32 @@ def alternatives_to(tokens: Sequence[Token], index: int, size: int) -> List[str]
 ####################################################################################
 # Reading: the floor (no LLM) and the LLM on top of it
 ####################################################################################
+
+EXTRACTION_PROMPT = """\
+You read one chat message and pull out the values it states for the inputs of a workflow.
+
+Workflow "{name}": {description}
+
+Inputs (JSON keys), with what they mean and what they are used for:
+{inputs}
+{context}
+Rules:
+- Extract only what the user states in the NEW message (the last message). Earlier turns are \
+context only, to understand it; never take values from them.
+- Never invent, guess or fill in placeholders. If the new message does not state a value, use null.
+- Copy values in the user's words; do not convert units, currencies or dates.
+- "intent" is what the user is doing: "provide" (giving values), "correct" (changing a value \
+given before), "cancel" (stop or start over), "skip" (wants to leave an optional input out), \
+or "other" (anything else).
+{single_call_rule}
+Answer with one JSON object and nothing else: {{"values": {{{keys}}}, "intent": "provide"{question_key}}}"""
+
+SINGLE_CALL_RULE = """- "question": if a required input is still missing after this message (neither known so far \
+nor stated in it), one short, natural question in the language of the new message that \
+acknowledges what it gave and asks for what is still missing, with no lists or forms; \
+otherwise null.
+"""
+
 
 @dataclass
 class Reading:
@@ -3227,6 +3348,21 @@ def extract(llm: Optional[LLMClient], workflow: Workflow, conversation: Conversa
         return floor
 
 
+####################################################################################
+# Questions: asking for what is missing
+####################################################################################
+
+QUESTION_PROMPT = """\
+You are the friendly assistant of the workflow "{name}": {description}
+
+{understood}Still needed from the user:
+{missing}
+{problems}
+Write one short, natural question that asks the user for what is still needed. Acknowledge \
+what was understood, if anything. Reply in the language of the user's last message. Do not \
+answer for the user, do not invent values, do not use lists or forms, and ask nothing else."""
+
+
 def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understood: Mapping[str, Any],
                      changed: Mapping[str, Tuple[Any, Any]], problems: Mapping[str, str],
                      ambiguous: Optional[Mapping[str, Sequence[Any]]] = None, line_hint: bool = True) -> str:
@@ -3295,55 +3431,22 @@ def question_with_llm(llm: LLMClient, workflow: Workflow, missing: Sequence[Quer
 
 
 ####################################################################################
-# Turns: one user message in, thinking and answer out
+# The turn: one user message in, thinking and answer out
 ####################################################################################
+
+CANCELLED_REPLY = "Okay, I've cleared everything and won't run anything. Tell me when you want to start again."
+NOTHING_CHANGED_REPLY = 'Nothing changed, so I have not run it again. {change}say "again" to run it once more.'
+GIVE_UP_REPLY = ("I asked for the {label} {tries} times without an answer I could use. You can give it as "
+                 '"{name}: ...", or say "start over" to begin again.')
+RUN_FAILED_REPLY = ("Sorry, the workflow stopped: step {node!r} failed ({reason}). Your inputs are kept; "
+                    'say "again" to retry, or change a value.')
+
 
 @dataclass(frozen=True)
 class Piece:
     """A piece of the reply: kind "thinking" (goes inside the <thinking> block) or "answer"."""
     kind: str
     text: str
-
-
-def find_conversation_ids(messages: Sequence[dict]) -> List[str]:
-    """Ids in identifier blocks of assistant messages, newest first. Ids in user messages are
-    not trusted: Open WebUI quotes assistant replies inside its background-task prompts."""
-    found = []
-    for message in reversed(messages):
-        if message["role"] == "assistant":
-            found += [match for match in ID_BLOCK_PATTERN.findall(message["content"]) if is_conversation_id(match)]
-    return found
-
-
-def split_new_messages(messages: Sequence[dict]) -> Tuple[List[dict], str]:
-    """(earlier turns, cleaned for context; the user text sent after the last assistant reply)."""
-    last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    earlier = [{"role": m["role"], "content": clean_reply(m["content"]) if m["role"] == "assistant" else m["content"]}
-               for m in messages[:last_assistant + 1] if m["role"] in ("user", "assistant")]
-    new = "\n".join(m["content"] for m in messages[last_assistant + 1:] if m["role"] == "user").strip()
-    return earlier, new
-
-
-def clean_reply(text: str) -> str:
-    """An assistant message without its thinking block and identifier block."""
-    return ID_BLOCK_PATTERN.sub("", THINKING_PATTERN.sub("", text)).strip()
-
-
-def id_block(conversation_id: str) -> str:
-    return f"\n\n```{ID_BLOCK_INFO}\n{conversation_id}\n```\n"
-
-
-def user_turns(history: Sequence[dict]) -> List[str]:
-    """The text of each earlier user turn: the user messages between two assistant replies."""
-    turns: List[str] = []
-    pending: List[str] = []
-    for message in list(history) + [{"role": "assistant", "content": ""}]:
-        if message["role"] == "user":
-            pending.append(message["content"])
-        elif message["role"] == "assistant" and pending:
-            turns.append("\n".join(pending).strip())
-            pending = []
-    return turns
 
 
 def replay_offline(workflow: Workflow, conversation: Conversation, turns: Sequence[str]) -> Dict[str, Any]:
@@ -3481,11 +3584,6 @@ def _answer_again(turn: TurnContext) -> Iterator[Piece]:
         yield Piece("answer", NOTHING_CHANGED_REPLY.format(change=change))
 
 
-def shown_value(value: Any) -> str:
-    """A value as the user reads it: yes/no rather than True/False."""
-    return ("yes" if value else "no") if isinstance(value, bool) else str(value)
-
-
 def _describe_extraction(workflow: Workflow, extraction: Extraction, understood: Mapping[str, Any],
                          changed: Mapping[str, Tuple[Any, Any]]) -> Iterator[Piece]:
     for name, value in understood.items():
@@ -3603,249 +3701,6 @@ def run_events(workflow: Workflow, values: Mapping[str, Any], *, node_types: Map
             metrics.add("runs_total", model=workflow.name, outcome=outcome)
 
 
-# Open WebUI sends its background tasks (chat title, tags, follow-up suggestions) to the
-# same model, as one user message starting "### Task:" that quotes the chat, our id block
-# included (issue 5). They are answered in the JSON shape they ask for and never touch a
-# conversation.
-CLIENT_TASK_PREFIX = "### Task:"
-CLIENT_TASK_KEY_PATTERN = re.compile(r'JSON format:\s*\{\s*"(\w+)"')
-
-
-def is_client_task(messages: Sequence[dict]) -> bool:
-    return messages[-1]["role"] == "user" and messages[-1]["content"].lstrip().startswith(CLIENT_TASK_PREFIX)
-
-
-def answer_client_task(workflow: Workflow, task: str, llm: Optional[LLMClient]) -> str:
-    """The task's JSON answer: from the LLM when there is one, else from the workflow's name
-    and the user's first message."""
-    match = CLIENT_TASK_KEY_PATTERN.search(task)
-    key = match.group(1) if match else "text"
-    if llm is not None:
-        try:
-            answer = first_json_object(llm.complete([{"role": "user", "content": task}],
-                                                    max_tokens=CLIENT_TASK_MAX_TOKENS))
-            if key in answer:
-                return json.dumps(answer, ensure_ascii=False)
-        except UpstreamError as exc:
-            log.info("background task answered offline: %s", exc.message)
-    return json.dumps({key: _offline_task_value(workflow, key, task)}, ensure_ascii=False)
-
-
-def _offline_task_value(workflow: Workflow, key: str, task: str) -> Any:
-    if key == "title":
-        first = re.search(r"^USER:\s*(.+)$", task, re.M)
-        words = clean_reply(first.group(1)).split() if first else []
-        name = workflow.name.replace("-", " ").replace("_", " ").capitalize()
-        return f"{name}: {' '.join(words[:8]).rstrip('.!?')}" if words else name
-    if key == "tags":
-        return [workflow.name]
-    return [] if key in ("follow_ups", "queries") else ""
-
-
-####################################################################################
-# OpenAI wire format
-####################################################################################
-
-@dataclass(frozen=True)
-class ChatRequest:
-    model: str
-    messages: List[dict]      # {"role", "content"} with content as text
-    stream: bool
-    include_usage: bool
-
-
-MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-
-
-def _json_body(body: bytes, content_type: str) -> dict:
-    """The request body as a JSON object, or the OpenAI error that says why not."""
-    media_type = content_type.split(";")[0].strip().lower()
-    if media_type and media_type not in ("application/json", "text/plain") and not media_type.endswith("+json"):
-        raise UnsupportedMediaTypeError(f"Send the body as JSON with 'Content-Type: application/json', "
-                                        f"not {media_type!r}.")
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise RequestError("The request body is not valid JSON.") from None
-    except RecursionError:   # a thousand nested brackets: refused, not a 500
-        raise RequestError("The request body is nested too deeply.") from None
-    if not isinstance(data, dict):
-        raise RequestError("The request body must be a JSON object.")
-    return data
-
-
-def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
-    """Validate a chat-completions body; unknown fields are ignored, as OpenAI clients send many."""
-    data = _json_body(body, content_type)
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise RequestError("'model' is required: the name of a workflow (see GET /openai/models).", param="model")
-    raw_messages = data.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise RequestError("'messages' must be a non-empty list of {role, content} objects.", param="messages")
-    messages = [_parse_message(message, index) for index, message in enumerate(raw_messages)]
-    if not any(message["role"] == "user" for message in messages):
-        raise RequestError("'messages' needs at least one message with role 'user'.", param="messages")
-    stream = data.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be true or false.", param="stream")
-    choices = data.get("n", 1)
-    if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int) or choices != 1):
-        raise RequestError("'n' must be 1: a workflow gives one answer per turn.", param="n")
-    options = data.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise RequestError("'stream_options' must be an object.", param="stream_options")
-    return ChatRequest(model=model, messages=messages, stream=stream,
-                       include_usage=stream and options.get("include_usage") is True)
-
-
-def _parse_message(message: Any, index: int) -> dict:
-    where = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise RequestError(f"{where} must be an object with 'role' and 'content'.", param=where)
-    role = message.get("role")
-    if role not in MESSAGE_ROLES:
-        raise RequestError(f"{where}.role must be one of {', '.join(MESSAGE_ROLES)}.", param=f"{where}.role")
-    content = message.get("content")
-    if content is None and role in ("assistant", "tool", "function"):
-        content = ""
-    if isinstance(content, list):
-        content = _text_of_parts(content, where)
-    if not isinstance(content, str):
-        raise RequestError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
-    return {"role": role, "content": valid_text(content)}
-
-
-def valid_text(text: str) -> str:
-    """Text that can be written out: JSON allows a lone surrogate ("\\ud800"), UTF-8 does not,
-    so each becomes the replacement character instead of failing the turn (issue 11)."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:   # json.loads joins valid pairs, so any surrogate left is alone
-        return re.sub("[\ud800-\udfff]", "\ufffd", text)
-
-
-def _text_of_parts(parts: List[Any], where: str, kinds: Sequence[str] = ("text", "input_text")) -> str:
-    texts = []
-    for part in parts:
-        if not isinstance(part, dict) or part.get("type") not in kinds:
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise RequestError(f"{where}.content: only text parts are supported, not {kind!r}; "
-                               "workflows take their inputs as text.", param=f"{where}.content")
-        if not isinstance(part.get("text"), str):
-            raise RequestError(f"{where}.content: a text part needs a 'text' string.", param=f"{where}.content")
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
-def estimate_tokens(text: str) -> int:
-    return (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
-
-
-THINKING_STYLES = ("tags", "reasoning_content")
-
-
-def reply_fields(pieces: Iterator[Optional[Piece]], thinking: str = "tags") -> Iterator[Optional[Tuple[str, str]]]:
-    """Chat Completions: the pieces as (field, text). With thinking "tags", everything goes to
-    ``content`` and the thinking sits in one <thinking> block, closed before the answer; with
-    "reasoning_content", thinking goes to that field (for clients that show reasoning from
-    it) and the answer to ``content``."""
-    tags, thinking_open = thinking == "tags", False
-    for piece in pieces:
-        if piece is None:   # a keep-alive
-            yield None
-        elif piece.kind == "thinking":
-            if tags and not thinking_open:
-                yield "content", "<thinking>\n"
-            thinking_open = True
-            yield ("content" if tags else "reasoning_content"), piece.text
-        else:
-            if tags and thinking_open:
-                yield "content", "</thinking>\n\n"
-            thinking_open = False
-            yield "content", piece.text
-    if tags and thinking_open:
-        yield "content", "</thinking>\n\n"
-
-
-class Redactor:
-    """Replaces the workflow's secrets in outgoing text."""
-
-    def __init__(self, secrets_: Sequence[str]):
-        self._secrets = tuple(sorted(secrets_, key=len, reverse=True))   # "abcdef" before "abc"
-        self._pattern = re.compile("|".join(map(re.escape, self._secrets))) if secrets_ else None
-
-    def __call__(self, text: str) -> str:
-        return self._pattern.sub(REDACTED, text) if self._pattern else text
-
-    def __bool__(self) -> bool:
-        return self._pattern is not None
-
-    def stream(self, fields: Iterator[Tuple[str, str]]) -> Iterator[Tuple[str, str]]:
-        """Redact (field, text) pieces as they stream. An LLM may echo a secret split over two
-        tokens, so the end of a piece that could begin a secret waits for the next piece."""
-        current, held = "", ""
-        for name, text in fields:
-            if name != current and held:   # a secret does not span fields
-                yield current, self(held)
-                held = ""
-            current, text = name, self(held + text)
-            cut = len(text) - self._possible_start(text)
-            text, held = text[:cut], text[cut:]
-            if text:
-                yield name, text
-        if held:
-            yield current, self(held)
-
-    def _possible_start(self, text: str) -> int:
-        """The length of the longest end of ``text`` that is the beginning of a secret."""
-        return max((size for secret in self._secrets for size in range(min(len(secret) - 1, len(text)), 0, -1)
-                    if text.endswith(secret[:size])), default=0)
-
-
-class HangUpAwareEvent(threading.Event):
-    """The turn's stop signal. It also turns set when the client has closed its connection,
-    which the runner checks before starting each node: nothing new starts for no one."""
-
-    def __init__(self, connection: Optional[socket.socket] = None):
-        super().__init__()
-        self._connection = connection
-        self._next_check = time.monotonic() + HANGUP_CHECK_SECONDS
-
-    def is_set(self) -> bool:
-        # A system call per check would cost every fast turn under load: look at the socket
-        # at most every HANGUP_CHECK_SECONDS, and never in a turn quicker than that.
-        if not super().is_set() and self._connection is not None and time.monotonic() >= self._next_check:
-            self._next_check = time.monotonic() + HANGUP_CHECK_SECONDS
-            if _peer_closed(self._connection):
-                self.set()
-        return super().is_set()
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """As Event.wait, and a hang-up ends the wait too (a node that waits on the stop signal
-        must not run on for a client that left): the socket is looked at every check."""
-        if self._connection is None:
-            return super().wait(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.is_set():
-            left = HANGUP_CHECK_SECONDS if deadline is None else min(HANGUP_CHECK_SECONDS, deadline - time.monotonic())
-            if left <= 0:
-                return False
-            super().wait(left)
-        return True
-
-
-def _peer_closed(connection: socket.socket) -> bool:
-    try:
-        readable, _, _ = select.select([connection], [], [], 0)
-        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
-
-
 def with_keepalives(texts: Iterator[Any], interval_seconds: float, stop: threading.Event) -> Iterator[Any]:
     """The texts, produced in a thread of their own, with a None each ``interval_seconds`` the
     turn is silent, so a long node does not let a proxy cut the stream. Closing this generator
@@ -3881,576 +3736,6 @@ def with_keepalives(texts: Iterator[Any], interval_seconds: float, stop: threadi
     finally:
         stop.set()
         producer.join()   # nothing runs on after this generator is closed: its closer may save now
-
-
-def new_completion_id() -> str:
-    """Completion ids need to be unique, not secret: no system call for them (issue 6)."""
-    return f"chatcmpl-{random.getrandbits(96):024x}"
-
-
-def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: ChatRequest,
-                      prompt_tokens: int) -> Iterator[bytes]:
-    """Server-sent events of chat.completion.chunk objects, then ``data: [DONE]``.
-    A None in ``fields`` becomes an SSE comment, which keeps idle proxies from closing."""
-    completion_id, created = new_completion_id(), int(time.time())
-
-    def chunk(delta: dict, finish_reason: Optional[str] = None) -> bytes:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                "model": request.model, "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-        if request.include_usage:
-            body["usage"] = None
-        return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
-
-    yield chunk({"role": "assistant", "content": ""})
-    completion_chars = 0
-    for item in fields:
-        if item is None:
-            yield b": keep-alive\n\n"
-        elif item[1]:
-            completion_chars += len(item[1])
-            yield chunk({item[0]: item[1]})
-    yield chunk({}, "stop")
-    if request.include_usage:
-        usage = _usage(prompt_tokens, completion_chars)
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                "model": request.model, "system_fingerprint": None, "choices": [], "usage": usage}
-        yield b"data: " + json.dumps(body).encode() + b"\n\n"
-    yield b"data: [DONE]\n\n"
-
-
-def completion_object(fields: Iterator[Tuple[str, str]], request: ChatRequest, prompt_tokens: int) -> dict:
-    texts: Dict[str, List[str]] = {"content": [], "reasoning_content": []}
-    for field_name, text in fields:
-        texts[field_name].append(text)
-    message = {"role": "assistant", "content": "".join(texts["content"]), "refusal": None}
-    if texts["reasoning_content"]:
-        message["reasoning_content"] = "".join(texts["reasoning_content"])
-    characters = sum(len(text) for parts in texts.values() for text in parts)
-    return {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
-            "model": request.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
-            "usage": _usage(prompt_tokens, characters)}
-
-
-def _usage(prompt_tokens: int, completion_chars: int) -> dict:
-    completion_tokens = estimate_tokens("x" * completion_chars) if completion_chars else 0
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-####################################################################################
-# OpenAI wire format: the Responses API (issue 13)
-####################################################################################
-
-@dataclass(frozen=True)
-class ResponsesRequest:
-    model: str
-    messages: List[dict]          # the input as chat messages
-    stream: bool
-    store: bool
-    previous_response_id: str
-    metadata: Dict[str, Any]
-    instructions: Optional[str]
-
-
-RESPONSES_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "developer"}
-INPUT_TEXT_PARTS = ("input_text", "output_text", "text")
-
-
-def parse_responses_request(body: bytes, content_type: str = "") -> ResponsesRequest:
-    """Validate a Responses body. ``input`` is a string or a list of messages (content a
-    string or text parts); other input items (reasoning, tool calls) are skipped, as a
-    workflow calls no client tools; images and files are refused. Unknown fields are ignored."""
-    data = _json_body(body, content_type)
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise RequestError("'model' is required: the name of a workflow (see GET /openai/models).", param="model")
-    raw = data.get("input")
-    if isinstance(raw, str):
-        raw = [{"role": "user", "content": raw}]
-    if not isinstance(raw, list) or not raw:
-        raise RequestError("'input' must be a string or a non-empty list of messages.", param="input")
-    messages = [message for index, item in enumerate(raw) for message in _input_message(item, index)]
-    if not any(message["role"] == "user" for message in messages):
-        raise RequestError("'input' needs at least one user message.", param="input")
-    for name, kind in (("stream", bool), ("store", bool), ("previous_response_id", str), ("metadata", dict),
-                       ("instructions", str)):
-        if data.get(name) is not None and not isinstance(data[name], kind):
-            raise RequestError(f"'{name}' must be {'true or false' if kind is bool else 'a ' + kind.__name__}.",
-                               param=name)
-    return ResponsesRequest(model=model, messages=messages, stream=bool(data.get("stream")),
-                            store=data.get("store") is not False,
-                            previous_response_id=data.get("previous_response_id") or "",
-                            metadata=dict(data.get("metadata") or {}), instructions=data.get("instructions"))
-
-
-def _input_message(item: Any, index: int) -> List[dict]:
-    where = f"input[{index}]"
-    if not isinstance(item, dict):
-        raise RequestError(f"{where} must be an object: a message with 'role' and 'content'.", param=where)
-    if item.get("type", "message") != "message":
-        return []   # reasoning, function calls and their outputs: nothing a workflow reads
-    role = RESPONSES_ROLES.get(item.get("role"))
-    if role is None:
-        raise RequestError(f"{where}.role must be one of {', '.join(RESPONSES_ROLES)}.", param=f"{where}.role")
-    content = item.get("content")
-    if isinstance(content, list):
-        content = _text_of_parts(content, where, INPUT_TEXT_PARTS)
-    if not isinstance(content, str):
-        raise RequestError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
-    return [{"role": role, "content": valid_text(content)}]
-
-
-def response_object(response_id: str, model: str, stored: Mapping[str, Any], status: str = "completed") -> dict:
-    """A ``response`` object: the progress as a reasoning item (clients show it as reasoning,
-    not answer), the answer as one message with one output_text part."""
-    output: List[dict] = []
-    if stored.get("thinking"):
-        output.append(_reasoning_item(response_id, stored["thinking"]))
-    if status == "completed" or stored.get("answer"):
-        output.append(_message_item(response_id, stored.get("answer", ""), status))
-    usage = _response_usage(stored.get("prompt_tokens", 0), stored.get("thinking", ""), stored.get("answer", ""))
-    return {"id": response_id, "object": "response", "created_at": stored.get("created_at", int(time.time())),
-            "status": status, "model": model, "output": output, "output_text": stored.get("answer", ""),
-            "previous_response_id": stored.get("previous_response_id") or None,
-            "instructions": stored.get("instructions"), "metadata": stored.get("metadata") or {},
-            "store": stored.get("store", True), "error": None, "incomplete_details": None,
-            "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "temperature": None, "top_p": None,
-            "max_output_tokens": None, "truncation": "disabled", "text": {"format": {"type": "text"}},
-            "reasoning": {"effort": None, "summary": None}, "user": None,
-            "usage": {"input_tokens": usage.get("input_tokens", 0),
-                      "input_tokens_details": {"cached_tokens": 0},
-                      "output_tokens": usage.get("output_tokens", 0),
-                      "output_tokens_details": {"reasoning_tokens": usage.get("reasoning_tokens", 0)},
-                      "total_tokens": usage.get("input_tokens", 0) + usage.get("output_tokens", 0)}}
-
-
-def _reasoning_item(response_id: str, text: str) -> dict:
-    return {"type": "reasoning", "id": "rs_" + response_id[5:], "summary": [{"type": "summary_text", "text": text}]}
-
-
-def _message_item(response_id: str, text: str, status: str = "completed") -> dict:
-    return {"type": "message", "id": "msg_" + response_id[5:], "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" or text
-            else []}
-
-
-def _response_usage(prompt_tokens: int, thinking: str, answer: str) -> dict:
-    return {"input_tokens": prompt_tokens, "output_tokens": estimate_tokens(thinking + answer),
-            "reasoning_tokens": estimate_tokens(thinking)}
-
-
-def collect_response(pieces: Iterator[Piece], request: ResponsesRequest, response_id: str,
-                     prompt_tokens: int) -> dict:
-    """Non-streamed: the whole response object."""
-    texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
-    for piece in pieces:
-        texts[piece.kind].append(piece.text)
-    thinking, answer = "".join(texts["thinking"]), "".join(texts["answer"])
-    return response_object(response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens))
-
-
-def _stored_fields(request: ResponsesRequest, thinking: str, answer: str, prompt_tokens: int) -> dict:
-    return {"thinking": thinking, "answer": answer, "created_at": int(time.time()), "metadata": request.metadata,
-            "previous_response_id": request.previous_response_id, "instructions": request.instructions,
-            "store": request.store, "prompt_tokens": prompt_tokens}
-
-
-def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest, response_id: str,
-                    prompt_tokens: int) -> Iterator[bytes]:
-    """Streamed: the semantic events in order, each with a rising ``sequence_number``; the
-    progress lines as reasoning summary deltas as they happen, the answer as output_text
-    deltas (an `llm` node's tokens as they arrive), then ``response.completed`` with the
-    whole response. A None in ``pieces`` becomes an SSE comment (keep-alive)."""
-    sequence = itertools.count()
-    item = {"reasoning": _reasoning_item(response_id, ""), "message": _message_item(response_id, "", "in_progress")}
-    texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
-    opened: List[str] = []
-
-    def event(kind: str, **fields: Any) -> bytes:
-        body = {"type": kind, "sequence_number": next(sequence), **fields}
-        return f"event: {kind}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
-
-    def open_item(kind: str) -> Iterator[bytes]:
-        index = len(opened)
-        opened.append(kind)
-        shown = dict(item[kind], summary=[]) if kind == "reasoning" else item[kind]
-        yield event("response.output_item.added", output_index=index, item=shown)
-        if kind == "reasoning":
-            yield event("response.reasoning_summary_part.added", item_id=item[kind]["id"], output_index=index,
-                        summary_index=0, part={"type": "summary_text", "text": ""})
-        else:
-            yield event("response.content_part.added", item_id=item[kind]["id"], output_index=index,
-                        content_index=0, part={"type": "output_text", "text": "", "annotations": []})
-
-    def close_item(kind: str) -> Iterator[bytes]:
-        index, text = opened.index(kind), "".join(texts["thinking" if kind == "reasoning" else "answer"])
-        if kind == "reasoning":
-            done = _reasoning_item(response_id, text)
-            yield event("response.reasoning_summary_text.done", item_id=done["id"], output_index=index,
-                        summary_index=0, text=text)
-            yield event("response.reasoning_summary_part.done", item_id=done["id"], output_index=index,
-                        summary_index=0, part=done["summary"][0])
-        else:
-            done = _message_item(response_id, text)
-            yield event("response.output_text.done", item_id=done["id"], output_index=index, content_index=0,
-                        text=text)
-            yield event("response.content_part.done", item_id=done["id"], output_index=index, content_index=0,
-                        part=done["content"][0])
-        yield event("response.output_item.done", output_index=index, item=done)
-
-    started = response_object(response_id, request.model, {"metadata": request.metadata, "store": request.store,
-                                                             "previous_response_id": request.previous_response_id,
-                                                             "instructions": request.instructions}, "in_progress")
-    yield event("response.created", response=started)
-    yield event("response.in_progress", response=started)
-    for piece in pieces:
-        if piece is None:
-            yield b": keep-alive\n\n"
-            continue
-        kind = "reasoning" if piece.kind == "thinking" else "message"
-        if kind not in opened:
-            if kind == "message" and "reasoning" in opened:
-                yield from close_item("reasoning")
-            yield from open_item(kind)
-        texts[piece.kind].append(piece.text)
-        if kind == "reasoning":
-            yield event("response.reasoning_summary_text.delta", item_id=item[kind]["id"],
-                        output_index=opened.index(kind), summary_index=0, delta=piece.text)
-        elif piece.text:
-            yield event("response.output_text.delta", item_id=item[kind]["id"], output_index=opened.index(kind),
-                        content_index=0, delta=piece.text)
-    if "reasoning" in opened and "message" not in opened:
-        yield from close_item("reasoning")
-    if "message" not in opened:
-        yield from open_item("message")
-    yield from close_item("message")
-    thinking, answer = "".join(texts["thinking"]), "".join(texts["answer"])
-    yield event("response.completed", response=response_object(
-        response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens)))
-
-
-####################################################################################
-# MCP: the workflows as tools, missing inputs asked for by elicitation (issue 14)
-####################################################################################
-
-# Streamable HTTP, the handshake era of the protocol: initialize, a session id, then
-# requests. The 2026-07-28 era's probe (server/discover) is answered "method not found",
-# which makes current clients fall back to initialize (as the specification says).
-MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")   # newest first: what initialize may agree on
-MCP_SESSION_IDLE_SECONDS = 3600.0        # a session unused this long is forgotten (clients may never DELETE)
-MCP_ELICIT_SECONDS = 600.0               # how long a tool call waits for a person to answer
-MCP_KEEPALIVE_SECONDS = 15.0             # an SSE comment this often while waiting (clients time out at 300 s)
-MCP_MAX_SESSIONS = 10_000
-JSONRPC_PARSE_ERROR, JSONRPC_INVALID_REQUEST, JSONRPC_NO_METHOD, JSONRPC_INVALID_PARAMS = -32700, -32600, -32601, -32602
-REQUEST_ARGUMENT = "request"             # the optional free-text argument, read like a chat message
-
-
-class McpError(Exception):
-    """A JSON-RPC error, with the HTTP status it goes out with."""
-
-    def __init__(self, code: int, message: str, status: int = 200):
-        super().__init__(message)
-        self.code, self.message, self.status = code, message, status
-
-
-@dataclass
-class McpSession:
-    """One MCP client's session: what it can do, and the elicitations waiting for its answers."""
-    version: str
-    can_elicit: bool
-    used: float = field(default_factory=time.monotonic)
-    waiting: Dict[Any, "queue.Queue[dict]"] = field(default_factory=dict)
-
-
-class McpSessions:
-    """Sessions of this process, by id; an elicitation's answer must reach the process that
-    asked (one process, or sticky sessions in front of several)."""
-
-    def __init__(self) -> None:
-        self._sessions: "OrderedDict[str, McpSession]" = OrderedDict()
-        self._guard = threading.Lock()
-
-    def open(self, version: str, capabilities: Mapping[str, Any]) -> Tuple[str, McpSession]:
-        elicitation = capabilities.get("elicitation")
-        session = McpSession(version, isinstance(elicitation, dict) and (not elicitation or "form" in elicitation))
-        session_id = secrets.token_urlsafe(24)
-        with self._guard:
-            self._forget_idle()
-            self._sessions[session_id] = session
-            while len(self._sessions) > MCP_MAX_SESSIONS:
-                self._sessions.popitem(last=False)
-        return session_id, session
-
-    def get(self, session_id: str) -> Optional[McpSession]:
-        with self._guard:
-            self._forget_idle()
-            session = self._sessions.get(session_id)
-            if session is not None:
-                session.used = time.monotonic()
-                self._sessions.move_to_end(session_id)
-            return session
-
-    def close(self, session_id: str) -> bool:
-        with self._guard:
-            return self._sessions.pop(session_id, None) is not None
-
-    def _forget_idle(self) -> None:
-        oldest = time.monotonic() - MCP_SESSION_IDLE_SECONDS
-        while self._sessions and next(iter(self._sessions.values())).used < oldest:
-            self._sessions.popitem(last=False)
-
-
-def mcp_tool(workflow: Workflow) -> dict:
-    """A workflow as an MCP tool: its query inputs as the input schema (fixed inputs never
-    appear), plus the optional free-text ``request``."""
-    properties = {name: input_schema(query) for name, query in workflow.query_inputs.items()}
-    properties[REQUEST_ARGUMENT] = {"type": "string", "description": (
-        "Optional: what you want, in your own words (\"a week in Lisbon in October, about 1200 euros\"); the values "
-        "it states are read from it, and only what is still missing is asked for.")}
-    return {"name": workflow.name, "title": workflow.name.replace("-", " ").replace("_", " ").capitalize(),
-            "description": workflow.description,
-            "inputSchema": {"type": "object", "properties": properties,
-                            "required": [name for name, query in workflow.query_inputs.items() if not query.optional]}}
-
-
-def input_schema(query: QueryInput) -> dict:
-    """One input as a JSON schema property, within what MCP elicitation forms allow."""
-    if query.type == "choice":
-        schema: Dict[str, Any] = {"type": "string", "enum": list(query.choices)}
-    elif query.type in NUMERIC_TYPES:
-        schema = {"type": "integer" if query.type == "integer" else "number"}
-        schema.update({key: bound for key, bound in (("minimum", query.minimum), ("maximum", query.maximum))
-                       if bound is not None})
-    elif query.type == "boolean":
-        schema = {"type": "boolean"}
-    else:
-        schema = {"type": "string"}
-        if query.type in ("email", "url"):
-            schema["format"] = "email" if query.type == "email" else "uri"
-    schema.update({"title": query.label.capitalize(), "description": query.description})
-    if query.optional:
-        schema["default"] = query.default
-    return schema
-
-
-def _jsonrpc(message_id: Any, result: Any = None, error: Optional[McpError] = None) -> dict:
-    if error is not None:
-        return {"jsonrpc": "2.0", "id": message_id, "error": {"code": error.code, "message": error.message}}
-    return {"jsonrpc": "2.0", "id": message_id, "result": result}
-
-
-def _sse_message(message: dict) -> bytes:
-    return b"event: message\ndata: " + json.dumps(message, ensure_ascii=False).encode() + b"\n\n"
-
-
-class McpCall:
-    """One tools/call: the arguments read as chat reads a message, what is missing asked for
-    (elicitation, when the client can), then the workflow run with its progress sent as
-    notifications. It yields JSON-RPC messages to stream, and None for a keep-alive."""
-
-    def __init__(self, service: "Service", session: McpSession, message: dict):
-        params = message.get("params") if isinstance(message.get("params"), dict) else {}
-        self.service, self.session, self.id = service, session, message.get("id")
-        name = params.get("name")
-        if not isinstance(name, str) or name not in service.workflows:
-            raise McpError(JSONRPC_INVALID_PARAMS, f"Unknown tool {name!r}; tools/list lists them.")
-        self.workflow = service.workflows[name]
-        self.arguments = params.get("arguments") or {}
-        if not isinstance(self.arguments, dict):
-            raise McpError(JSONRPC_INVALID_PARAMS, "'arguments' must be an object.")
-        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
-        self.progress_token = meta.get("progressToken")
-        self.stop = threading.Event()   # set when the call's stream is closed: its run starts nothing more
-
-    def messages(self) -> Iterator[Optional[dict]]:
-        """The call's messages; a bug or an odd answer ends it with an isError result, never an
-        empty stream the client would wait on."""
-        try:
-            yield from self._messages()
-        except Exception as exc:   # noqa: BLE001 - the call must end with a result
-            log.exception("MCP call of %s failed", self.workflow.name)
-            yield self._result(f"The server failed while running the tool ({type(exc).__name__}).", is_error=True)
-
-    def _messages(self) -> Iterator[Optional[dict]]:
-        workflow = self.workflow
-        values, problems = self._read_arguments()
-        asked = 0
-        while True:
-            missing = workflow.missing(values)
-            if not missing:
-                break
-            if not self.session.can_elicit:
-                yield self._result(self._missing_text(missing, problems), is_error=True)
-                return
-            if asked >= MAX_ASKS_PER_INPUT:
-                yield self._result(f"Asked {asked} times without usable values; still missing: "
-                                   f"{self._missing_text(missing, problems)}", is_error=True)
-                return
-            asked += 1
-            answer: Dict[str, Any] = {}
-            yield from self._elicit(missing, values, problems, answer)
-            action = answer.get("action")
-            if action != "accept":
-                yield self._result(f"Not run: the user chose to {action or 'not answer'} instead of giving the "
-                                   f"{_and_list([query.label for query in missing])}.", is_error=True)
-                return
-            problems = {}
-            content = answer.get("content")
-            self._take(content if isinstance(content, dict) else {}, values, problems)
-        yield from self._run(values)
-
-    def _read_arguments(self) -> Tuple[Dict[str, Any], Dict[str, str]]:
-        """The arguments coerced with the same code as chat; ``request`` read by the same pipeline."""
-        values: Dict[str, Any] = {}
-        problems: Dict[str, str] = {}
-        text = self.arguments.get(REQUEST_ARGUMENT)
-        if isinstance(text, str) and text.strip():
-            conversation = Conversation(id="mcp", model=self.workflow.name)
-            extraction = extract(self.service.llm, self.workflow, conversation, [], valid_text(text))
-            values.update(extraction.values)
-            problems.update(extraction.rejected)
-        self._take({name: value for name, value in self.arguments.items() if name != REQUEST_ARGUMENT},
-                   values, problems)
-        return values, problems
-
-    def _take(self, given: Mapping[str, Any], values: Dict[str, Any], problems: Dict[str, str]) -> None:
-        for name, raw in given.items():
-            query = self.workflow.query_inputs.get(name)
-            if query is None or raw is None or raw == "":
-                continue
-            try:
-                values[name] = coerce_value(query, valid_text(raw) if isinstance(raw, str) else raw)
-                problems.pop(name, None)
-            except ValueError as exc:
-                values.pop(name, None)
-                problems[name] = str(exc)
-
-    def _missing_text(self, missing: Sequence[QueryInput], problems: Mapping[str, str]) -> str:
-        lines = [f"- {query.name}: {problems.get(query.name) or query.description}" for query in missing]
-        return (f"The workflow {self.workflow.name!r} needs more inputs before it can run:\n" + "\n".join(lines)
-                + "\nCall it again with them (or with a 'request' that states them).")
-
-    def _elicit(self, missing: Sequence[QueryInput], values: Mapping[str, Any], problems: Mapping[str, str],
-                answer: Dict[str, Any]) -> Iterator[Optional[dict]]:
-        """Ask the person for exactly the missing inputs, as chat would, and wait for the answer."""
-        question = question_offline(self.workflow, missing, {}, {}, problems, line_hint=False)   # a form, not lines
-        if self.service.llm is not None:
-            with contextlib.suppress(UpstreamError):
-                question = question_with_llm(self.service.llm, self.workflow, missing, values, {}, problems,
-                                             str(self.arguments.get(REQUEST_ARGUMENT) or ""))
-        request_id = "elicit-" + secrets.token_hex(6)
-        waiting: "queue.Queue[dict]" = queue.Queue()
-        self.session.waiting[request_id] = waiting
-        try:
-            yield {"jsonrpc": "2.0", "id": request_id, "method": "elicitation/create", "params": {
-                "mode": "form", "message": self.workflow.redact(question),
-                "requestedSchema": {"type": "object", "properties": {q.name: input_schema(q) for q in missing},
-                                    "required": [q.name for q in missing]}}}
-            deadline = time.monotonic() + MCP_ELICIT_SECONDS
-            while time.monotonic() < deadline:
-                try:
-                    reply = waiting.get(timeout=MCP_KEEPALIVE_SECONDS)
-                except queue.Empty:
-                    yield None
-                    continue
-                answer.update(reply.get("result") if isinstance(reply.get("result"), dict) else {"action": "error"})
-                return
-            answer["action"] = "let the question time out"
-        finally:
-            self.session.waiting.pop(request_id, None)
-
-    def _run(self, values: Dict[str, Any]) -> Iterator[Optional[dict]]:
-        workflow, service, answer = self.workflow, self.service, []
-        steps = 0   # each node's start and finish is half a step: progress must always rise
-        for event in run_events(workflow, workflow.with_defaults(values), node_types=service.node_types,
-                                llm=service.llm, stop=self.stop, metrics=service.metrics):
-            if event.kind in ("started", "finished") and self.progress_token is not None:
-                steps += 1
-                yield {"jsonrpc": "2.0", "method": "notifications/progress", "params": {
-                    "progressToken": self.progress_token, "progress": steps / 2, "total": len(workflow.nodes),
-                    "message": workflow.redact(progress_line(event))}}
-            elif event.kind == "failed":
-                yield self._result(f"The workflow stopped: step {event.node_id!r} failed ({event.text}).",
-                                   is_error=True)
-                return
-            elif event.kind == "answer":
-                answer.append(event.text)
-        yield self._result("".join(answer))
-
-    def _result(self, text: str, is_error: bool = False) -> dict:
-        return _jsonrpc(self.id, {"content": [{"type": "text", "text": self.workflow.redact(text)}],
-                                  "isError": is_error})
-
-
-def mcp_initialize(sessions: McpSessions, message: dict) -> Tuple[str, dict]:
-    """Agree on a protocol version (the client's when we speak it, else our newest) and open a session."""
-    params = message.get("params") if isinstance(message.get("params"), dict) else {}
-    asked = params.get("protocolVersion")
-    version = asked if asked in MCP_VERSIONS else MCP_VERSIONS[0]
-    capabilities = params.get("capabilities") if isinstance(params.get("capabilities"), dict) else {}
-    session_id, _ = sessions.open(version, capabilities)
-    return session_id, _jsonrpc(message.get("id"), {
-        "protocolVersion": version, "capabilities": {"tools": {"listChanged": False}},
-        "serverInfo": {"name": "cozyopenai", "version": __version__},
-        "instructions": "Each tool runs a workflow. Give its inputs as arguments, or describe what you want in "
-                        "'request'; missing inputs are asked for when the client supports elicitation."})
-
-
-def model_object(workflow: Workflow) -> dict:
-    return {"id": workflow.name, "object": "model", "created": workflow.created, "owned_by": MODEL_OWNER}
-
-
-####################################################################################
-# Routes and the app factory
-####################################################################################
-
-class Metrics:
-    """Counters for ``GET /metrics``, in the Prometheus text format (issue 11). Names take the
-    ``cozyopenai_`` prefix; a summary is written as its ``_sum`` and ``_count``."""
-
-    KINDS = {
-        "turns_total": ("counter", "Chat turns answered, by model."),
-        "turn_seconds": ("summary", "Seconds from a turn's request to its last piece, by model."),
-        "runs_total": ("counter", "Workflow runs, by model and outcome."),
-        "node_failures_total": ("counter", "Nodes that failed, by node type."),
-        "llm_calls_total": ("counter", "Calls to the internal LLM, by outcome."),
-        "llm_call_seconds": ("summary", "Seconds per call to the internal LLM (streams: until the first piece)."),
-        "llm_format_refusals_total": ("counter", "Structured-output modes the internal LLM refused."),
-        "open_streams": ("gauge", "Streamed replies being sent now."),
-        "stored_conversations": ("gauge", "Conversations in the store."),
-    }
-
-    def __init__(self) -> None:
-        self._values: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}
-        self._lock = threading.Lock()
-
-    def add(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def observe(self, name: str, seconds: float, **labels: str) -> None:
-        self.add(name + "_sum", seconds, **labels)
-        self.add(name + "_count", 1, **labels)
-
-    def render(self, gauges: Mapping[str, float]) -> str:
-        with self._lock:
-            values = dict(self._values)
-        values.update({(name, ()): value for name, value in gauges.items()})
-        lines = []
-        for name, (kind, text) in self.KINDS.items():
-            lines += [f"# HELP cozyopenai_{name} {text}", f"# TYPE cozyopenai_{name} {kind}"]
-            for suffix in ("_sum", "_count") if kind == "summary" else ("",):
-                lines += [f"cozyopenai_{name}{suffix}{_labels(labels)} {value:g}"
-                          for (key, labels), value in sorted(values.items()) if key == name + suffix]
-        return "\n".join(lines) + "\n"
-
-
-def _labels(labels: Tuple[Tuple[str, str], ...]) -> str:
-    escape = lambda value: str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")  # noqa: E731
-    return "{" + ",".join(f'{name}="{escape(value)}"' for name, value in labels) + "}" if labels else ""
 
 
 class Service:
@@ -4734,102 +4019,12 @@ def _new_conversation(service: Service, workflow: Workflow, held: contextlib.Exi
     return conversation
 
 
-def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
-             store: Union[str, os.PathLike, Any, None] = None, llm: Optional[LLMSettings] = None,
-             api_keys: Optional[Sequence[str]] = None, node_types: Optional[Mapping[str, NodeType]] = None,
-             keepalive_seconds: Optional[float] = None, expire_after_seconds: Optional[float] = None,
-             thinking: Optional[str] = None, conversation_header: Optional[str] = None,
-             cors_origins: Optional[Sequence[str]] = None) -> bottle.Bottle:
-    """A Bottle app serving ``workflows`` (a path, or the file's data as dicts).
+####################################################################################
+# Serving a turn over HTTP: streams, keep-alives, keys
+####################################################################################
 
-    ``store`` is "memory", a directory for the JSON store (the default, "conversations"),
-    or a store object (see open_store). ``llm`` enables LLM extraction, questions and `llm`
-    nodes. ``api_keys``, when given, are required as Bearer tokens. ``node_types`` adds to
-    or replaces the built-in node types. ``keepalive_seconds``: how often a silent stream
-    gets an SSE comment. ``expire_after_seconds``: conversations unused that long are
-    forgotten. ``thinking``: "tags" (a <thinking> block in the content, the default) or
-    "reasoning_content" (progress in that field). ``conversation_header``: key conversations
-    by this request header (Open WebUI's X-OpenWebUI-Chat-Id) instead of the id block.
-    ``cors_origins``: browser origins allowed to call the API ("*" for any). With no
-    arguments at all, the configuration comes from the COZYOPENAI_* environment variables
-    (for ``gunicorn 'cozyopenai:make_app()'``).
-    """
-    arguments = (workflows, store, llm, api_keys, node_types, keepalive_seconds, expire_after_seconds, thinking,
-                 conversation_header, cors_origins)
-    if all(argument is None for argument in arguments):
-        _log_requests_under_a_wsgi_server(os.environ.get(ENVIRONMENT_PREFIX + "LOG_LEVEL", "INFO"))
-        return make_app(**config_from_environment(os.environ))
-    all_node_types = MappingProxyType({**NODE_TYPES, **(node_types or {})})
-    source = workflows or default_workflows_path()
-    metrics = Metrics()
-    service = Service(workflows=load_workflows(source, all_node_types),
-                      store=open_store(store or DEFAULT_STORE, expire_after_seconds),
-                      llm=LLMClient(llm, metrics) if llm else None, node_types=all_node_types,
-                      api_keys=api_keys or (), keepalive_seconds=keepalive_seconds or KEEPALIVE_SECONDS,
-                      thinking=thinking or "tags", conversation_header=conversation_header, metrics=metrics,
-                      workflows_source=os.path.abspath(source) if isinstance(source, (str, os.PathLike))
-                      else "the workflows given to make_app")
-    if service.thinking not in THINKING_STYLES:
-        raise ValueError(f"thinking must be one of {', '.join(THINKING_STYLES)}")
-    sessions = McpSessions()
-    app = bottle.Bottle()
-    # Clients configured with a "/v1" suffix or a trailing slash ask for these paths too.
-    for prefix in ("/openai", "/openai/v1", "/openai/", "/openai/v1/"):
-        app.route(prefix + "/models", "GET", _json_route(service, list_models))
-        app.route(prefix + "/models/<model_id:path>", "GET", _json_route(service, get_model))
-        app.route(prefix + "/chat/completions", "POST", _json_route(service, chat_completions))
-        app.route(prefix + "/responses", "POST", _json_route(service, create_response))
-        app.route(prefix + "/responses/<response_id>", "GET", _json_route(service, stored_response))
-        app.route(prefix + "/responses/<response_id>", "DELETE", _json_route(service, delete_response))
-    app.route("/health", "GET", lambda: _health(service))
-    app.route("/metrics", "GET", _json_route(service, _metrics))
-    app.route("/", "GET", lambda: _home(service))
-    for path in ("/mcp", "/mcp/"):
-        app.route(path, "POST", lambda: mcp_post(service, sessions, cors_origins or ()))
-        app.route(path, "GET", mcp_no_stream)
-        app.route(path, "DELETE", lambda: mcp_delete(service, sessions))
-    if cors_origins:
-        app.route("/openai/<path:path>", "OPTIONS", lambda path: "")   # preflight; headers from the hook
-        app.route("/mcp", "OPTIONS", lambda: "")
-        app.add_hook("after_request", lambda: _allow_origin(cors_origins))
-    app.default_error_handler = _error_page
-    app.config["cozyopenai.service"] = service
-    return app
-
-
-def _log_requests_under_a_wsgi_server(level: str) -> None:
-    """gunicorn and the like configure their own loggers, not ours: without this, the request
-    lines would go nowhere. Only when nobody configured logging, so an embedding app decides."""
-    if not log.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.propagate = False   # waitress configures the root logger later: one line, not two
-        known = level.upper() in LOG_LEVELS
-        log.setLevel(level.upper() if known else "INFO")
-        if not known:
-            log.warning("unknown COZYOPENAI_LOG_LEVEL %r; using INFO (one of %s)", level, ", ".join(LOG_LEVELS))
-
-
-def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap ``handler(service, **url_args)``: API key check, CozyError → OpenAI error object
-    with its status, and one log line per request (a stream's when it ends)."""
-    def route(**url_args: Any) -> Any:
-        started, trace = time.monotonic(), {}
-        bottle.request.environ[TRACE_ENVIRON_KEY] = trace
-        try:
-            check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
-            result = handler(service, **url_args)
-        except CozyError as exc:
-            result = _error_response(exc)
-        if isinstance(result, dict):
-            bottle.response.content_type = "application/json"
-            result = json.dumps(result, ensure_ascii=False)
-        if isinstance(result, str):
-            _log_line(bottle.request.method, bottle.request.path, bottle.response.status_code, trace, started)
-            return result
-        return _logged_when_done(result, bottle.request.method, bottle.request.path, trace, started)
-    return route
+def estimate_tokens(text: str) -> int:
+    return (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
 
 
 def _log_line(method: str, path: str, status: int, trace: Mapping[str, str], started: float) -> None:
@@ -4845,17 +4040,291 @@ def _logged_when_done(stream: Iterator[bytes], method: str, path: str, trace: Ma
         _log_line(method, path, 200, trace, started)
 
 
-def _allow_origin(origins: Sequence[str]) -> None:
-    origin = bottle.request.get_header("Origin")
-    if origin and ("*" in origins or origin in origins):
-        bottle.response.set_header("Access-Control-Allow-Origin", origin)
-        bottle.response.set_header("Vary", "Origin")
-        bottle.response.set_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
-        bottle.response.set_header("Access-Control-Allow-Headers",
-                                   bottle.request.get_header("Access-Control-Request-Headers") or
-                                   "Authorization, Content-Type")
-        bottle.response.set_header("Access-Control-Max-Age", "600")
-        bottle.response.set_header("Access-Control-Expose-Headers", "Mcp-Session-Id")
+def stream_headers() -> None:
+    bottle.response.content_type = "text/event-stream"
+    bottle.response.set_header("Cache-Control", "no-cache")
+    bottle.response.set_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
+
+
+def counted_stream(stream: Iterator[bytes], metrics: Any) -> Iterator[bytes]:
+    metrics.add("open_streams")
+    try:
+        yield from stream
+    finally:
+        metrics.add("open_streams", -1)
+
+
+class StreamedTurn:
+    """A streamed reply's body that owns its turn. The WSGI server calls ``close()`` once the
+    reply ends, whether it was sent whole or the client left (PEP 3333); that closes the body,
+    then the turn, which saves and unlocks. A body read to its end closes itself, for servers
+    that never call close on an empty reply."""
+
+    def __init__(self, body: Iterator[bytes], turn: Union[Turn, AnsweredTurn], metrics: Any):
+        self._body, self._turn, self._metrics = body, turn, metrics
+        metrics.add("open_streams")
+        self._open = True
+
+    def __iter__(self) -> "StreamedTurn":
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._body)
+        except BaseException:   # the end, or a failure: either way the turn is over
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        try:
+            getattr(self._body, "close", lambda: None)()
+            self._turn.close()
+        except CozyError as exc:   # the store went away while the reply streamed: too late for a 503
+            log.error("a streamed turn could not be saved: %s", exc.message)
+        finally:
+            self._metrics.add("open_streams", -1)
+
+
+def check_key(api_keys: Sequence[str], authorization: str) -> None:
+    """With API keys set, the request must carry one of them as a Bearer token."""
+    if not api_keys:
+        return
+    given = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
+    if not any([hmac.compare_digest(given.encode(), key.encode()) for key in api_keys]):  # all compared
+        raise UnauthorizedError("Missing or wrong API key: send 'Authorization: Bearer <key>'.")
+
+
+def read_body() -> bytes:
+    """The request body, read under our own limit (Bottle's MEMFILE_MAX is a global and 100 KB)."""
+    if bottle.request.content_length > MAX_BODY_BYTES:
+        raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
+    body = bottle.request.body.read(MAX_BODY_BYTES + 1)
+    if len(body) > MAX_BODY_BYTES:
+        raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
+    return body
+
+
+def _error_response(error: CozyError) -> str:
+    bottle.response.status = error.status
+    bottle.response.content_type = "application/json"
+    return json.dumps(error.to_openai())
+
+
+####################################################################################
+# Chat Completions
+####################################################################################
+
+# Open WebUI sends its background tasks (chat title, tags, follow-up suggestions) to the
+# same model, as one user message starting "### Task:" that quotes the chat, our id block
+# included (issue 5). They are answered in the JSON shape they ask for and never touch a
+# conversation.
+CLIENT_TASK_PREFIX = "### Task:"
+CLIENT_TASK_KEY_PATTERN = re.compile(r'JSON format:\s*\{\s*"(\w+)"')
+
+
+def is_client_task(messages: Sequence[dict]) -> bool:
+    return messages[-1]["role"] == "user" and messages[-1]["content"].lstrip().startswith(CLIENT_TASK_PREFIX)
+
+
+def answer_client_task(workflow: Workflow, task: str, llm: Optional[LLMClient]) -> str:
+    """The task's JSON answer: from the LLM when there is one, else from the workflow's name
+    and the user's first message."""
+    match = CLIENT_TASK_KEY_PATTERN.search(task)
+    key = match.group(1) if match else "text"
+    if llm is not None:
+        try:
+            answer = first_json_object(llm.complete([{"role": "user", "content": task}],
+                                                    max_tokens=CLIENT_TASK_MAX_TOKENS))
+            if key in answer:
+                return json.dumps(answer, ensure_ascii=False)
+        except UpstreamError as exc:
+            log.info("background task answered offline: %s", exc.message)
+    return json.dumps({key: _offline_task_value(workflow, key, task)}, ensure_ascii=False)
+
+
+def _offline_task_value(workflow: Workflow, key: str, task: str) -> Any:
+    if key == "title":
+        first = re.search(r"^USER:\s*(.+)$", task, re.M)
+        words = clean_reply(first.group(1)).split() if first else []
+        name = workflow.name.replace("-", " ").replace("_", " ").capitalize()
+        return f"{name}: {' '.join(words[:8]).rstrip('.!?')}" if words else name
+    if key == "tags":
+        return [workflow.name]
+    return [] if key in ("follow_ups", "queries") else ""
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: List[dict]      # {"role", "content"} with content as text
+    stream: bool
+    include_usage: bool
+
+
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def _json_body(body: bytes, content_type: str) -> dict:
+    """The request body as a JSON object, or the OpenAI error that says why not."""
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type and media_type not in ("application/json", "text/plain") and not media_type.endswith("+json"):
+        raise UnsupportedMediaTypeError(f"Send the body as JSON with 'Content-Type: application/json', "
+                                        f"not {media_type!r}.")
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise RequestError("The request body is not valid JSON.") from None
+    except RecursionError:   # a thousand nested brackets: refused, not a 500
+        raise RequestError("The request body is nested too deeply.") from None
+    if not isinstance(data, dict):
+        raise RequestError("The request body must be a JSON object.")
+    return data
+
+
+def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
+    """Validate a chat-completions body; unknown fields are ignored, as OpenAI clients send many."""
+    data = _json_body(body, content_type)
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' is required: the name of a workflow (see GET /openai/models).", param="model")
+    raw_messages = data.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise RequestError("'messages' must be a non-empty list of {role, content} objects.", param="messages")
+    messages = [_parse_message(message, index) for index, message in enumerate(raw_messages)]
+    if not any(message["role"] == "user" for message in messages):
+        raise RequestError("'messages' needs at least one message with role 'user'.", param="messages")
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be true or false.", param="stream")
+    choices = data.get("n", 1)
+    if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int) or choices != 1):
+        raise RequestError("'n' must be 1: a workflow gives one answer per turn.", param="n")
+    options = data.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("'stream_options' must be an object.", param="stream_options")
+    return ChatRequest(model=model, messages=messages, stream=stream,
+                       include_usage=stream and options.get("include_usage") is True)
+
+
+def _parse_message(message: Any, index: int) -> dict:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise RequestError(f"{where} must be an object with 'role' and 'content'.", param=where)
+    role = message.get("role")
+    if role not in MESSAGE_ROLES:
+        raise RequestError(f"{where}.role must be one of {', '.join(MESSAGE_ROLES)}.", param=f"{where}.role")
+    content = message.get("content")
+    if content is None and role in ("assistant", "tool", "function"):
+        content = ""
+    if isinstance(content, list):
+        content = _text_of_parts(content, where)
+    if not isinstance(content, str):
+        raise RequestError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
+    return {"role": role, "content": valid_text(content)}
+
+
+def _text_of_parts(parts: List[Any], where: str, kinds: Sequence[str] = ("text", "input_text")) -> str:
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") not in kinds:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise RequestError(f"{where}.content: only text parts are supported, not {kind!r}; "
+                               "workflows take their inputs as text.", param=f"{where}.content")
+        if not isinstance(part.get("text"), str):
+            raise RequestError(f"{where}.content: a text part needs a 'text' string.", param=f"{where}.content")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+THINKING_STYLES = ("tags", "reasoning_content")
+
+
+def reply_fields(pieces: Iterator[Optional[Piece]], thinking: str = "tags") -> Iterator[Optional[Tuple[str, str]]]:
+    """Chat Completions: the pieces as (field, text). With thinking "tags", everything goes to
+    ``content`` and the thinking sits in one <thinking> block, closed before the answer; with
+    "reasoning_content", thinking goes to that field (for clients that show reasoning from
+    it) and the answer to ``content``."""
+    tags, thinking_open = thinking == "tags", False
+    for piece in pieces:
+        if piece is None:   # a keep-alive
+            yield None
+        elif piece.kind == "thinking":
+            if tags and not thinking_open:
+                yield "content", "<thinking>\n"
+            thinking_open = True
+            yield ("content" if tags else "reasoning_content"), piece.text
+        else:
+            if tags and thinking_open:
+                yield "content", "</thinking>\n\n"
+            thinking_open = False
+            yield "content", piece.text
+    if tags and thinking_open:
+        yield "content", "</thinking>\n\n"
+
+
+def new_completion_id() -> str:
+    """Completion ids need to be unique, not secret: no system call for them (issue 6)."""
+    return f"chatcmpl-{random.getrandbits(96):024x}"
+
+
+def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: ChatRequest,
+                      prompt_tokens: int) -> Iterator[bytes]:
+    """Server-sent events of chat.completion.chunk objects, then ``data: [DONE]``.
+    A None in ``fields`` becomes an SSE comment, which keeps idle proxies from closing."""
+    completion_id, created = new_completion_id(), int(time.time())
+
+    def chunk(delta: dict, finish_reason: Optional[str] = None) -> bytes:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": request.model, "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        if request.include_usage:
+            body["usage"] = None
+        return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    completion_chars = 0
+    for item in fields:
+        if item is None:
+            yield b": keep-alive\n\n"
+        elif item[1]:
+            completion_chars += len(item[1])
+            yield chunk({item[0]: item[1]})
+    yield chunk({}, "stop")
+    if request.include_usage:
+        usage = _usage(prompt_tokens, completion_chars)
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": request.model, "system_fingerprint": None, "choices": [], "usage": usage}
+        yield b"data: " + json.dumps(body).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+def completion_object(fields: Iterator[Tuple[str, str]], request: ChatRequest, prompt_tokens: int) -> dict:
+    texts: Dict[str, List[str]] = {"content": [], "reasoning_content": []}
+    for field_name, text in fields:
+        texts[field_name].append(text)
+    message = {"role": "assistant", "content": "".join(texts["content"]), "refusal": None}
+    if texts["reasoning_content"]:
+        message["reasoning_content"] = "".join(texts["reasoning_content"])
+    characters = sum(len(text) for parts in texts.values() for text in parts)
+    return {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
+            "model": request.model, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "usage": _usage(prompt_tokens, characters)}
+
+
+def _usage(prompt_tokens: int, completion_chars: int) -> dict:
+    completion_tokens = estimate_tokens("x" * completion_chars) if completion_chars else 0
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def model_object(workflow: Workflow) -> dict:
+    return {"id": workflow.name, "object": "model", "created": workflow.created, "owned_by": MODEL_OWNER}
 
 
 def chat_completions(service: Service) -> Any:
@@ -4894,53 +4363,196 @@ def get_model(service: Service, model_id: str) -> dict:
     return model_object(service.workflow(model_id))
 
 
-HOME_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>cozyopenai</title>
-<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:48em;margin:2em auto;padding:0 1em;color:#222}}
-code,pre{{background:#f3f3f3;border-radius:4px;padding:.1em .3em}}pre{{padding:.8em;overflow-x:auto}}</style>
-</head><body>
-<h1>cozyopenai</h1>
-<p>Workflows served as OpenAI-compatible chat models. Give your client (the <code>openai</code> library,
-Open WebUI, ...) this base URL: <code id="base-url">{base}</code>{key}</p>
-<h2>Models</h2>
-{models}
-<h2>Try it</h2>
-<pre>curl -N {base}/chat/completions -H "Content-Type: application/json"{auth} \\
-  -d '{{"model": "{first}", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'</pre>
-</body></html>
-"""
+####################################################################################
+# The Responses API
+####################################################################################
+
+@dataclass(frozen=True)
+class ResponsesRequest:
+    model: str
+    messages: List[dict]          # the input as chat messages
+    stream: bool
+    store: bool
+    previous_response_id: str
+    metadata: Dict[str, Any]
+    instructions: Optional[str]
 
 
-def home_page(service: Service, base: str) -> str:
-    """A page for people who open the server in a browser: the models, what each asks for,
-    and how to connect. Fixed inputs are never listed."""
-    escape = html.escape
-    models = []
-    for workflow in service.workflows.values():
-        inputs = "".join(f"<li><b>{escape(query.label)}</b> ({escape(query.type)}"
-                         f"{', optional' if query.optional else ''}): {escape(query.description)}</li>"
-                         for query in workflow.query_inputs.values())
-        models.append(f'<h3 class="model">{escape(workflow.name)}</h3><p>{escape(workflow.description)}</p>'
-                      + (f"<ul>{inputs}</ul>" if inputs else ""))
-    keyed = bool(service.api_keys)
-    return HOME_PAGE.format(base=escape(base), models="\n".join(models), first=escape(next(iter(service.workflows))),
-                            key=" and an API key (ask whoever runs this server)." if keyed else ". No key is needed.",
-                            auth=' -H "Authorization: Bearer $KEY"' if keyed else "")
+RESPONSES_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "developer"}
+INPUT_TEXT_PARTS = ("input_text", "output_text", "text")
 
 
-def _home(service: Service) -> str:
-    """GET /: the page for browsers; for API clients, an OpenAI error that says where the API is."""
-    if "text/html" not in bottle.request.get_header("Accept", ""):
-        return _error_response(NotFoundError(f"This is an OpenAI-compatible API under /openai: give clients the "
-                                             f"base URL {_base_url()} (GET /openai/models lists the models)."))
-    bottle.response.content_type = "text/html; charset=utf-8"
-    return home_page(service, _base_url())
+def parse_responses_request(body: bytes, content_type: str = "") -> ResponsesRequest:
+    """Validate a Responses body. ``input`` is a string or a list of messages (content a
+    string or text parts); other input items (reasoning, tool calls) are skipped, as a
+    workflow calls no client tools; images and files are refused. Unknown fields are ignored."""
+    data = _json_body(body, content_type)
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' is required: the name of a workflow (see GET /openai/models).", param="model")
+    raw = data.get("input")
+    if isinstance(raw, str):
+        raw = [{"role": "user", "content": raw}]
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("'input' must be a string or a non-empty list of messages.", param="input")
+    messages = [message for index, item in enumerate(raw) for message in _input_message(item, index)]
+    if not any(message["role"] == "user" for message in messages):
+        raise RequestError("'input' needs at least one user message.", param="input")
+    for name, kind in (("stream", bool), ("store", bool), ("previous_response_id", str), ("metadata", dict),
+                       ("instructions", str)):
+        if data.get(name) is not None and not isinstance(data[name], kind):
+            raise RequestError(f"'{name}' must be {'true or false' if kind is bool else 'a ' + kind.__name__}.",
+                               param=name)
+    return ResponsesRequest(model=model, messages=messages, stream=bool(data.get("stream")),
+                            store=data.get("store") is not False,
+                            previous_response_id=data.get("previous_response_id") or "",
+                            metadata=dict(data.get("metadata") or {}), instructions=data.get("instructions"))
 
 
-def _base_url() -> str:
-    parts = bottle.request.urlparts
-    return f"{parts.scheme}://{parts.netloc}/openai"
+def _input_message(item: Any, index: int) -> List[dict]:
+    where = f"input[{index}]"
+    if not isinstance(item, dict):
+        raise RequestError(f"{where} must be an object: a message with 'role' and 'content'.", param=where)
+    if item.get("type", "message") != "message":
+        return []   # reasoning, function calls and their outputs: nothing a workflow reads
+    role = RESPONSES_ROLES.get(item.get("role"))
+    if role is None:
+        raise RequestError(f"{where}.role must be one of {', '.join(RESPONSES_ROLES)}.", param=f"{where}.role")
+    content = item.get("content")
+    if isinstance(content, list):
+        content = _text_of_parts(content, where, INPUT_TEXT_PARTS)
+    if not isinstance(content, str):
+        raise RequestError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
+    return [{"role": role, "content": valid_text(content)}]
+
+
+def response_object(response_id: str, model: str, stored: Mapping[str, Any], status: str = "completed") -> dict:
+    """A ``response`` object: the progress as a reasoning item (clients show it as reasoning,
+    not answer), the answer as one message with one output_text part."""
+    output: List[dict] = []
+    if stored.get("thinking"):
+        output.append(_reasoning_item(response_id, stored["thinking"]))
+    if status == "completed" or stored.get("answer"):
+        output.append(_message_item(response_id, stored.get("answer", ""), status))
+    usage = _response_usage(stored.get("prompt_tokens", 0), stored.get("thinking", ""), stored.get("answer", ""))
+    return {"id": response_id, "object": "response", "created_at": stored.get("created_at", int(time.time())),
+            "status": status, "model": model, "output": output, "output_text": stored.get("answer", ""),
+            "previous_response_id": stored.get("previous_response_id") or None,
+            "instructions": stored.get("instructions"), "metadata": stored.get("metadata") or {},
+            "store": stored.get("store", True), "error": None, "incomplete_details": None,
+            "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "temperature": None, "top_p": None,
+            "max_output_tokens": None, "truncation": "disabled", "text": {"format": {"type": "text"}},
+            "reasoning": {"effort": None, "summary": None}, "user": None,
+            "usage": {"input_tokens": usage.get("input_tokens", 0),
+                      "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": usage.get("output_tokens", 0),
+                      "output_tokens_details": {"reasoning_tokens": usage.get("reasoning_tokens", 0)},
+                      "total_tokens": usage.get("input_tokens", 0) + usage.get("output_tokens", 0)}}
+
+
+def _reasoning_item(response_id: str, text: str) -> dict:
+    return {"type": "reasoning", "id": "rs_" + response_id[5:], "summary": [{"type": "summary_text", "text": text}]}
+
+
+def _message_item(response_id: str, text: str, status: str = "completed") -> dict:
+    return {"type": "message", "id": "msg_" + response_id[5:], "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" or text
+            else []}
+
+
+def _response_usage(prompt_tokens: int, thinking: str, answer: str) -> dict:
+    return {"input_tokens": prompt_tokens, "output_tokens": estimate_tokens(thinking + answer),
+            "reasoning_tokens": estimate_tokens(thinking)}
+
+
+def collect_response(pieces: Iterator[Piece], request: ResponsesRequest, response_id: str,
+                     prompt_tokens: int) -> dict:
+    """Non-streamed: the whole response object."""
+    texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
+    for piece in pieces:
+        texts[piece.kind].append(piece.text)
+    thinking, answer = "".join(texts["thinking"]), "".join(texts["answer"])
+    return response_object(response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens))
+
+
+def _stored_fields(request: ResponsesRequest, thinking: str, answer: str, prompt_tokens: int) -> dict:
+    return {"thinking": thinking, "answer": answer, "created_at": int(time.time()), "metadata": request.metadata,
+            "previous_response_id": request.previous_response_id, "instructions": request.instructions,
+            "store": request.store, "prompt_tokens": prompt_tokens}
+
+
+def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest, response_id: str,
+                    prompt_tokens: int) -> Iterator[bytes]:
+    """Streamed: the semantic events in order, each with a rising ``sequence_number``; the
+    progress lines as reasoning summary deltas as they happen, the answer as output_text
+    deltas (an `llm` node's tokens as they arrive), then ``response.completed`` with the
+    whole response. A None in ``pieces`` becomes an SSE comment (keep-alive)."""
+    sequence = itertools.count()
+    item = {"reasoning": _reasoning_item(response_id, ""), "message": _message_item(response_id, "", "in_progress")}
+    texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
+    opened: List[str] = []
+
+    def event(kind: str, **fields: Any) -> bytes:
+        body = {"type": kind, "sequence_number": next(sequence), **fields}
+        return f"event: {kind}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+    def open_item(kind: str) -> Iterator[bytes]:
+        index = len(opened)
+        opened.append(kind)
+        shown = dict(item[kind], summary=[]) if kind == "reasoning" else item[kind]
+        yield event("response.output_item.added", output_index=index, item=shown)
+        if kind == "reasoning":
+            yield event("response.reasoning_summary_part.added", item_id=item[kind]["id"], output_index=index,
+                        summary_index=0, part={"type": "summary_text", "text": ""})
+        else:
+            yield event("response.content_part.added", item_id=item[kind]["id"], output_index=index,
+                        content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+
+    def close_item(kind: str) -> Iterator[bytes]:
+        index, text = opened.index(kind), "".join(texts["thinking" if kind == "reasoning" else "answer"])
+        if kind == "reasoning":
+            done = _reasoning_item(response_id, text)
+            yield event("response.reasoning_summary_text.done", item_id=done["id"], output_index=index,
+                        summary_index=0, text=text)
+            yield event("response.reasoning_summary_part.done", item_id=done["id"], output_index=index,
+                        summary_index=0, part=done["summary"][0])
+        else:
+            done = _message_item(response_id, text)
+            yield event("response.output_text.done", item_id=done["id"], output_index=index, content_index=0,
+                        text=text)
+            yield event("response.content_part.done", item_id=done["id"], output_index=index, content_index=0,
+                        part=done["content"][0])
+        yield event("response.output_item.done", output_index=index, item=done)
+
+    started = response_object(response_id, request.model, {"metadata": request.metadata, "store": request.store,
+                                                             "previous_response_id": request.previous_response_id,
+                                                             "instructions": request.instructions}, "in_progress")
+    yield event("response.created", response=started)
+    yield event("response.in_progress", response=started)
+    for piece in pieces:
+        if piece is None:
+            yield b": keep-alive\n\n"
+            continue
+        kind = "reasoning" if piece.kind == "thinking" else "message"
+        if kind not in opened:
+            if kind == "message" and "reasoning" in opened:
+                yield from close_item("reasoning")
+            yield from open_item(kind)
+        texts[piece.kind].append(piece.text)
+        if kind == "reasoning":
+            yield event("response.reasoning_summary_text.delta", item_id=item[kind]["id"],
+                        output_index=opened.index(kind), summary_index=0, delta=piece.text)
+        elif piece.text:
+            yield event("response.output_text.delta", item_id=item[kind]["id"], output_index=opened.index(kind),
+                        content_index=0, delta=piece.text)
+    if "reasoning" in opened and "message" not in opened:
+        yield from close_item("reasoning")
+    if "message" not in opened:
+        yield from open_item("message")
+    yield from close_item("message")
+    thinking, answer = "".join(texts["thinking"]), "".join(texts["answer"])
+    yield event("response.completed", response=response_object(
+        response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens)))
 
 
 def create_response(service: Service) -> Any:
@@ -4984,18 +4596,271 @@ def delete_response(service: Service, response_id: str) -> dict:
     return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
-def stream_headers() -> None:
-    bottle.response.content_type = "text/event-stream"
-    bottle.response.set_header("Cache-Control", "no-cache")
-    bottle.response.set_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
+####################################################################################
+# MCP: the workflows as tools, missing inputs asked for by elicitation
+####################################################################################
+
+# Streamable HTTP, the handshake era of the protocol: initialize, a session id, then
+# requests. The 2026-07-28 era's probe (server/discover) is answered "method not found",
+# which makes current clients fall back to initialize (as the specification says).
+MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")   # newest first: what initialize may agree on
+MCP_SESSION_IDLE_SECONDS = 3600.0        # a session unused this long is forgotten (clients may never DELETE)
+MCP_ELICIT_SECONDS = 600.0               # how long a tool call waits for a person to answer
+MCP_KEEPALIVE_SECONDS = 15.0             # an SSE comment this often while waiting (clients time out at 300 s)
+MCP_MAX_SESSIONS = 10_000
+JSONRPC_PARSE_ERROR, JSONRPC_INVALID_REQUEST, JSONRPC_NO_METHOD, JSONRPC_INVALID_PARAMS = -32700, -32600, -32601, -32602
+REQUEST_ARGUMENT = "request"             # the optional free-text argument, read like a chat message
 
 
-def _health(service: Service) -> dict:
-    """For load balancers: 200 while the server can serve turns, 503 while its store is down."""
-    if not getattr(service.store, "ping", lambda: True)():
-        bottle.response.status = 503
-        return {"status": "store unavailable", "models": len(service.workflows)}
-    return {"status": "ok", "models": len(service.workflows)}
+class McpError(Exception):
+    """A JSON-RPC error, with the HTTP status it goes out with."""
+
+    def __init__(self, code: int, message: str, status: int = 200):
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+@dataclass
+class McpSession:
+    """One MCP client's session: what it can do, and the elicitations waiting for its answers."""
+    version: str
+    can_elicit: bool
+    used: float = field(default_factory=time.monotonic)
+    waiting: Dict[Any, "queue.Queue[dict]"] = field(default_factory=dict)
+
+
+class McpSessions:
+    """Sessions of this process, by id; an elicitation's answer must reach the process that
+    asked (one process, or sticky sessions in front of several)."""
+
+    def __init__(self) -> None:
+        self._sessions: "OrderedDict[str, McpSession]" = OrderedDict()
+        self._guard = threading.Lock()
+
+    def open(self, version: str, capabilities: Mapping[str, Any]) -> Tuple[str, McpSession]:
+        elicitation = capabilities.get("elicitation")
+        session = McpSession(version, isinstance(elicitation, dict) and (not elicitation or "form" in elicitation))
+        session_id = secrets.token_urlsafe(24)
+        with self._guard:
+            self._forget_idle()
+            self._sessions[session_id] = session
+            while len(self._sessions) > MCP_MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+        return session_id, session
+
+    def get(self, session_id: str) -> Optional[McpSession]:
+        with self._guard:
+            self._forget_idle()
+            session = self._sessions.get(session_id)
+            if session is not None:
+                session.used = time.monotonic()
+                self._sessions.move_to_end(session_id)
+            return session
+
+    def close(self, session_id: str) -> bool:
+        with self._guard:
+            return self._sessions.pop(session_id, None) is not None
+
+    def _forget_idle(self) -> None:
+        oldest = time.monotonic() - MCP_SESSION_IDLE_SECONDS
+        while self._sessions and next(iter(self._sessions.values())).used < oldest:
+            self._sessions.popitem(last=False)
+
+
+def mcp_tool(workflow: Workflow) -> dict:
+    """A workflow as an MCP tool: its query inputs as the input schema (fixed inputs never
+    appear), plus the optional free-text ``request``."""
+    properties = {name: input_schema(query) for name, query in workflow.query_inputs.items()}
+    properties[REQUEST_ARGUMENT] = {"type": "string", "description": (
+        "Optional: what you want, in your own words (\"a week in Lisbon in October, about 1200 euros\"); the values "
+        "it states are read from it, and only what is still missing is asked for.")}
+    return {"name": workflow.name, "title": workflow.name.replace("-", " ").replace("_", " ").capitalize(),
+            "description": workflow.description,
+            "inputSchema": {"type": "object", "properties": properties,
+                            "required": [name for name, query in workflow.query_inputs.items() if not query.optional]}}
+
+
+def input_schema(query: QueryInput) -> dict:
+    """One input as a JSON schema property, within what MCP elicitation forms allow."""
+    if query.type == "choice":
+        schema: Dict[str, Any] = {"type": "string", "enum": list(query.choices)}
+    elif query.type in NUMERIC_TYPES:
+        schema = {"type": "integer" if query.type == "integer" else "number"}
+        schema.update({key: bound for key, bound in (("minimum", query.minimum), ("maximum", query.maximum))
+                       if bound is not None})
+    elif query.type == "boolean":
+        schema = {"type": "boolean"}
+    else:
+        schema = {"type": "string"}
+        if query.type in ("email", "url"):
+            schema["format"] = "email" if query.type == "email" else "uri"
+    schema.update({"title": query.label.capitalize(), "description": query.description})
+    if query.optional:
+        schema["default"] = query.default
+    return schema
+
+
+def _jsonrpc(message_id: Any, result: Any = None, error: Optional[McpError] = None) -> dict:
+    if error is not None:
+        return {"jsonrpc": "2.0", "id": message_id, "error": {"code": error.code, "message": error.message}}
+    return {"jsonrpc": "2.0", "id": message_id, "result": result}
+
+
+def _sse_message(message: dict) -> bytes:
+    return b"event: message\ndata: " + json.dumps(message, ensure_ascii=False).encode() + b"\n\n"
+
+
+class McpCall:
+    """One tools/call: the arguments read as chat reads a message, what is missing asked for
+    (elicitation, when the client can), then the workflow run with its progress sent as
+    notifications. It yields JSON-RPC messages to stream, and None for a keep-alive."""
+
+    def __init__(self, service: "Service", session: McpSession, message: dict):
+        params = message.get("params") if isinstance(message.get("params"), dict) else {}
+        self.service, self.session, self.id = service, session, message.get("id")
+        name = params.get("name")
+        if not isinstance(name, str) or name not in service.workflows:
+            raise McpError(JSONRPC_INVALID_PARAMS, f"Unknown tool {name!r}; tools/list lists them.")
+        self.workflow = service.workflows[name]
+        self.arguments = params.get("arguments") or {}
+        if not isinstance(self.arguments, dict):
+            raise McpError(JSONRPC_INVALID_PARAMS, "'arguments' must be an object.")
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        self.progress_token = meta.get("progressToken")
+        self.stop = threading.Event()   # set when the call's stream is closed: its run starts nothing more
+
+    def messages(self) -> Iterator[Optional[dict]]:
+        """The call's messages; a bug or an odd answer ends it with an isError result, never an
+        empty stream the client would wait on."""
+        try:
+            yield from self._messages()
+        except Exception as exc:   # noqa: BLE001 - the call must end with a result
+            log.exception("MCP call of %s failed", self.workflow.name)
+            yield self._result(f"The server failed while running the tool ({type(exc).__name__}).", is_error=True)
+
+    def _messages(self) -> Iterator[Optional[dict]]:
+        workflow = self.workflow
+        values, problems = self._read_arguments()
+        asked = 0
+        while True:
+            missing = workflow.missing(values)
+            if not missing:
+                break
+            if not self.session.can_elicit:
+                yield self._result(self._missing_text(missing, problems), is_error=True)
+                return
+            if asked >= MAX_ASKS_PER_INPUT:
+                yield self._result(f"Asked {asked} times without usable values; still missing: "
+                                   f"{self._missing_text(missing, problems)}", is_error=True)
+                return
+            asked += 1
+            answer: Dict[str, Any] = {}
+            yield from self._elicit(missing, values, problems, answer)
+            action = answer.get("action")
+            if action != "accept":
+                yield self._result(f"Not run: the user chose to {action or 'not answer'} instead of giving the "
+                                   f"{_and_list([query.label for query in missing])}.", is_error=True)
+                return
+            problems = {}
+            content = answer.get("content")
+            self._take(content if isinstance(content, dict) else {}, values, problems)
+        yield from self._run(values)
+
+    def _read_arguments(self) -> Tuple[Dict[str, Any], Dict[str, str]]:
+        """The arguments coerced with the same code as chat; ``request`` read by the same pipeline."""
+        values: Dict[str, Any] = {}
+        problems: Dict[str, str] = {}
+        text = self.arguments.get(REQUEST_ARGUMENT)
+        if isinstance(text, str) and text.strip():
+            conversation = Conversation(id="mcp", model=self.workflow.name)
+            extraction = extract(self.service.llm, self.workflow, conversation, [], valid_text(text))
+            values.update(extraction.values)
+            problems.update(extraction.rejected)
+        self._take({name: value for name, value in self.arguments.items() if name != REQUEST_ARGUMENT},
+                   values, problems)
+        return values, problems
+
+    def _take(self, given: Mapping[str, Any], values: Dict[str, Any], problems: Dict[str, str]) -> None:
+        for name, raw in given.items():
+            query = self.workflow.query_inputs.get(name)
+            if query is None or raw is None or raw == "":
+                continue
+            try:
+                values[name] = coerce_value(query, valid_text(raw) if isinstance(raw, str) else raw)
+                problems.pop(name, None)
+            except ValueError as exc:
+                values.pop(name, None)
+                problems[name] = str(exc)
+
+    def _missing_text(self, missing: Sequence[QueryInput], problems: Mapping[str, str]) -> str:
+        lines = [f"- {query.name}: {problems.get(query.name) or query.description}" for query in missing]
+        return (f"The workflow {self.workflow.name!r} needs more inputs before it can run:\n" + "\n".join(lines)
+                + "\nCall it again with them (or with a 'request' that states them).")
+
+    def _elicit(self, missing: Sequence[QueryInput], values: Mapping[str, Any], problems: Mapping[str, str],
+                answer: Dict[str, Any]) -> Iterator[Optional[dict]]:
+        """Ask the person for exactly the missing inputs, as chat would, and wait for the answer."""
+        question = question_offline(self.workflow, missing, {}, {}, problems, line_hint=False)   # a form, not lines
+        if self.service.llm is not None:
+            with contextlib.suppress(UpstreamError):
+                question = question_with_llm(self.service.llm, self.workflow, missing, values, {}, problems,
+                                             str(self.arguments.get(REQUEST_ARGUMENT) or ""))
+        request_id = "elicit-" + secrets.token_hex(6)
+        waiting: "queue.Queue[dict]" = queue.Queue()
+        self.session.waiting[request_id] = waiting
+        try:
+            yield {"jsonrpc": "2.0", "id": request_id, "method": "elicitation/create", "params": {
+                "mode": "form", "message": self.workflow.redact(question),
+                "requestedSchema": {"type": "object", "properties": {q.name: input_schema(q) for q in missing},
+                                    "required": [q.name for q in missing]}}}
+            deadline = time.monotonic() + MCP_ELICIT_SECONDS
+            while time.monotonic() < deadline:
+                try:
+                    reply = waiting.get(timeout=MCP_KEEPALIVE_SECONDS)
+                except queue.Empty:
+                    yield None
+                    continue
+                answer.update(reply.get("result") if isinstance(reply.get("result"), dict) else {"action": "error"})
+                return
+            answer["action"] = "let the question time out"
+        finally:
+            self.session.waiting.pop(request_id, None)
+
+    def _run(self, values: Dict[str, Any]) -> Iterator[Optional[dict]]:
+        workflow, service, answer = self.workflow, self.service, []
+        steps = 0   # each node's start and finish is half a step: progress must always rise
+        for event in run_events(workflow, workflow.with_defaults(values), node_types=service.node_types,
+                                llm=service.llm, stop=self.stop, metrics=service.metrics):
+            if event.kind in ("started", "finished") and self.progress_token is not None:
+                steps += 1
+                yield {"jsonrpc": "2.0", "method": "notifications/progress", "params": {
+                    "progressToken": self.progress_token, "progress": steps / 2, "total": len(workflow.nodes),
+                    "message": workflow.redact(progress_line(event))}}
+            elif event.kind == "failed":
+                yield self._result(f"The workflow stopped: step {event.node_id!r} failed ({event.text}).",
+                                   is_error=True)
+                return
+            elif event.kind == "answer":
+                answer.append(event.text)
+        yield self._result("".join(answer))
+
+    def _result(self, text: str, is_error: bool = False) -> dict:
+        return _jsonrpc(self.id, {"content": [{"type": "text", "text": self.workflow.redact(text)}],
+                                  "isError": is_error})
+
+
+def mcp_initialize(sessions: McpSessions, message: dict) -> Tuple[str, dict]:
+    """Agree on a protocol version (the client's when we speak it, else our newest) and open a session."""
+    params = message.get("params") if isinstance(message.get("params"), dict) else {}
+    asked = params.get("protocolVersion")
+    version = asked if asked in MCP_VERSIONS else MCP_VERSIONS[0]
+    capabilities = params.get("capabilities") if isinstance(params.get("capabilities"), dict) else {}
+    session_id, _ = sessions.open(version, capabilities)
+    return session_id, _jsonrpc(message.get("id"), {
+        "protocolVersion": version, "capabilities": {"tools": {"listChanged": False}},
+        "serverInfo": {"name": "cozyopenai", "version": __version__},
+        "instructions": "Each tool runs a workflow. Give its inputs as arguments, or describe what you want in "
+                        "'request'; missing inputs are asked for when the client supports elicitation."})
 
 
 def mcp_post(service: Service, sessions: McpSessions, origins: Sequence[str]) -> Any:
@@ -5111,6 +4976,57 @@ def mcp_delete(service: Service, sessions: McpSessions) -> str:
     return ""
 
 
+####################################################################################
+# Metrics
+####################################################################################
+
+class Metrics:
+    """Counters for ``GET /metrics``, in the Prometheus text format (issue 11). Names take the
+    ``cozyopenai_`` prefix; a summary is written as its ``_sum`` and ``_count``."""
+
+    KINDS = {
+        "turns_total": ("counter", "Chat turns answered, by model."),
+        "turn_seconds": ("summary", "Seconds from a turn's request to its last piece, by model."),
+        "runs_total": ("counter", "Workflow runs, by model and outcome."),
+        "node_failures_total": ("counter", "Nodes that failed, by node type."),
+        "llm_calls_total": ("counter", "Calls to the internal LLM, by outcome."),
+        "llm_call_seconds": ("summary", "Seconds per call to the internal LLM (streams: until the first piece)."),
+        "llm_format_refusals_total": ("counter", "Structured-output modes the internal LLM refused."),
+        "open_streams": ("gauge", "Streamed replies being sent now."),
+        "stored_conversations": ("gauge", "Conversations in the store."),
+    }
+
+    def __init__(self) -> None:
+        self._values: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        self.add(name + "_sum", seconds, **labels)
+        self.add(name + "_count", 1, **labels)
+
+    def render(self, gauges: Mapping[str, float]) -> str:
+        with self._lock:
+            values = dict(self._values)
+        values.update({(name, ()): value for name, value in gauges.items()})
+        lines = []
+        for name, (kind, text) in self.KINDS.items():
+            lines += [f"# HELP cozyopenai_{name} {text}", f"# TYPE cozyopenai_{name} {kind}"]
+            for suffix in ("_sum", "_count") if kind == "summary" else ("",):
+                lines += [f"cozyopenai_{name}{suffix}{_labels(labels)} {value:g}"
+                          for (key, labels), value in sorted(values.items()) if key == name + suffix]
+        return "\n".join(lines) + "\n"
+
+
+def _labels(labels: Tuple[Tuple[str, str], ...]) -> str:
+    escape = lambda value: str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")  # noqa: E731
+    return "{" + ",".join(f'{name}="{escape(value)}"' for name, value in labels) + "}" if labels else ""
+
+
 def _metrics(service: Service) -> str:
     bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
     return metrics_text(service)
@@ -5124,158 +5040,9 @@ def metrics_text(service: Any) -> str:
     return service.metrics.render(gauges)
 
 
-def counted_stream(stream: Iterator[bytes], metrics: Any) -> Iterator[bytes]:
-    metrics.add("open_streams")
-    try:
-        yield from stream
-    finally:
-        metrics.add("open_streams", -1)
-
-
-class StreamedTurn:
-    """A streamed reply's body that owns its turn. The WSGI server calls ``close()`` once the
-    reply ends, whether it was sent whole or the client left (PEP 3333); that closes the body,
-    then the turn, which saves and unlocks. A body read to its end closes itself, for servers
-    that never call close on an empty reply."""
-
-    def __init__(self, body: Iterator[bytes], turn: Union[Turn, AnsweredTurn], metrics: Any):
-        self._body, self._turn, self._metrics = body, turn, metrics
-        metrics.add("open_streams")
-        self._open = True
-
-    def __iter__(self) -> "StreamedTurn":
-        return self
-
-    def __next__(self) -> bytes:
-        try:
-            return next(self._body)
-        except BaseException:   # the end, or a failure: either way the turn is over
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if not self._open:
-            return
-        self._open = False
-        try:
-            getattr(self._body, "close", lambda: None)()
-            self._turn.close()
-        except CozyError as exc:   # the store went away while the reply streamed: too late for a 503
-            log.error("a streamed turn could not be saved: %s", exc.message)
-        finally:
-            self._metrics.add("open_streams", -1)
-
-
-def check_key(api_keys: Sequence[str], authorization: str) -> None:
-    """With API keys set, the request must carry one of them as a Bearer token."""
-    if not api_keys:
-        return
-    given = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
-    if not any([hmac.compare_digest(given.encode(), key.encode()) for key in api_keys]):  # all compared
-        raise UnauthorizedError("Missing or wrong API key: send 'Authorization: Bearer <key>'.")
-
-
-def read_body() -> bytes:
-    """The request body, read under our own limit (Bottle's MEMFILE_MAX is a global and 100 KB)."""
-    if bottle.request.content_length > MAX_BODY_BYTES:
-        raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
-    body = bottle.request.body.read(MAX_BODY_BYTES + 1)
-    if len(body) > MAX_BODY_BYTES:
-        raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
-    return body
-
-
-def _error_response(error: CozyError) -> str:
-    bottle.response.status = error.status
-    bottle.response.content_type = "application/json"
-    return json.dumps(error.to_openai())
-
-
-def _error_page(http_error: bottle.HTTPError) -> str:
-    """Bottle's own errors (no route, wrong method, an uncaught exception) as OpenAI errors; a
-    path outside the API says where the API is (a base URL without /openai is a common slip)."""
-    error_class = HTTP_STATUS_ERRORS.get(http_error.status_code)
-    if error_class is None:
-        error = CozyError("The server failed to answer this request.")
-    elif error_class is NotFoundError and not bottle.request.path.startswith("/openai"):
-        error = NotFoundError(f"No route for {bottle.request.method} {bottle.request.path}. The API is under "
-                              f"/openai: give clients the base URL {_base_url()} (for example POST "
-                              "/openai/chat/completions).")
-    elif error_class is NotFoundError:
-        error = NotFoundError(f"No route for {bottle.request.method} {bottle.request.path}.")
-    elif error_class is MethodNotAllowedError:
-        error = MethodNotAllowedError(f"{bottle.request.method} is not allowed on {bottle.request.path}.")
-    else:
-        error = error_class(str(http_error.body or "Bad request."))
-    return _error_response(error)
-
-
 ####################################################################################
-# Server and command line
+# Configuration: the options, as flags or COZYOPENAI_* variables
 ####################################################################################
-
-class _ThreadingWSGIServer(WSGIServer):
-    """wsgiref's server with a thread per open connection, so a second client never waits
-    for a stream. A thread that has answered waits IDLE_THREAD_SECONDS for the next
-    connection instead of ending: a new thread per request costs more than the whole turn
-    of a small workflow (issue 6; measured in bench/)."""
-    allow_reuse_address = True
-    # socketserver's default backlog is 5: a burst of clients beyond that had their connections
-    # dropped and retried by the kernel, seconds later (200 streams at once waited up to 55 s).
-    request_queue_size = LISTEN_BACKLOG
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._waiting: "queue.SimpleQueue[Tuple[Any, Any]]" = queue.SimpleQueue()
-        self._idle_threads = 0
-        self._pool_lock = threading.Lock()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._pool_lock:
-            if self._idle_threads:
-                self._idle_threads -= 1
-                self._waiting.put((request, client_address))
-                return
-        threading.Thread(target=self._serve_connections, args=(request, client_address), daemon=True).start()
-
-    def _serve_connections(self, request: Any, client_address: Any) -> None:
-        while True:
-            try:
-                self.finish_request(request, client_address)
-            except Exception:
-                self.handle_error(request, client_address)
-            finally:
-                self.shutdown_request(request)
-            with self._pool_lock:
-                self._idle_threads += 1
-            try:
-                request, client_address = self._waiting.get(timeout=IDLE_THREAD_SECONDS)
-            except queue.Empty:
-                with self._pool_lock:   # a connection may have been handed over just now
-                    try:
-                        request, client_address = self._waiting.get_nowait()
-                    except queue.Empty:
-                        self._idle_threads -= 1
-                        return
-
-
-class _LoggingHandler(WSGIRequestHandler):
-    def get_environ(self) -> Dict[str, Any]:
-        environ = super().get_environ()
-        environ[CONNECTION_ENVIRON_KEY] = self.connection   # to notice a client that hung up
-        return environ
-
-    def log_message(self, format: str, *args: Any) -> None:   # the app logs each request itself
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def address_string(self) -> str:   # no reverse DNS lookups
-        return self.client_address[0]
-
-
-def create_server(app: Callable[..., Any], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> WSGIServer:
-    """A threaded WSGI server for ``app``; ``port=0`` picks a free port (``server.server_port``)."""
-    return make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=_LoggingHandler)
-
 
 ENVIRONMENT_PREFIX = "COZYOPENAI_"
 
@@ -5377,6 +5144,264 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+####################################################################################
+# Routes and the app factory
+####################################################################################
+
+def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
+             store: Union[str, os.PathLike, Any, None] = None, llm: Optional[LLMSettings] = None,
+             api_keys: Optional[Sequence[str]] = None, node_types: Optional[Mapping[str, NodeType]] = None,
+             keepalive_seconds: Optional[float] = None, expire_after_seconds: Optional[float] = None,
+             thinking: Optional[str] = None, conversation_header: Optional[str] = None,
+             cors_origins: Optional[Sequence[str]] = None) -> bottle.Bottle:
+    """A Bottle app serving ``workflows`` (a path, or the file's data as dicts).
+
+    ``store`` is "memory", a directory for the JSON store (the default, "conversations"),
+    or a store object (see open_store). ``llm`` enables LLM extraction, questions and `llm`
+    nodes. ``api_keys``, when given, are required as Bearer tokens. ``node_types`` adds to
+    or replaces the built-in node types. ``keepalive_seconds``: how often a silent stream
+    gets an SSE comment. ``expire_after_seconds``: conversations unused that long are
+    forgotten. ``thinking``: "tags" (a <thinking> block in the content, the default) or
+    "reasoning_content" (progress in that field). ``conversation_header``: key conversations
+    by this request header (Open WebUI's X-OpenWebUI-Chat-Id) instead of the id block.
+    ``cors_origins``: browser origins allowed to call the API ("*" for any). With no
+    arguments at all, the configuration comes from the COZYOPENAI_* environment variables
+    (for ``gunicorn 'cozyopenai:make_app()'``).
+    """
+    arguments = (workflows, store, llm, api_keys, node_types, keepalive_seconds, expire_after_seconds, thinking,
+                 conversation_header, cors_origins)
+    if all(argument is None for argument in arguments):
+        _log_requests_under_a_wsgi_server(os.environ.get(ENVIRONMENT_PREFIX + "LOG_LEVEL", "INFO"))
+        return make_app(**config_from_environment(os.environ))
+    all_node_types = MappingProxyType({**NODE_TYPES, **(node_types or {})})
+    source = workflows or default_workflows_path()
+    metrics = Metrics()
+    service = Service(workflows=load_workflows(source, all_node_types),
+                      store=open_store(store or DEFAULT_STORE, expire_after_seconds),
+                      llm=LLMClient(llm, metrics) if llm else None, node_types=all_node_types,
+                      api_keys=api_keys or (), keepalive_seconds=keepalive_seconds or KEEPALIVE_SECONDS,
+                      thinking=thinking or "tags", conversation_header=conversation_header, metrics=metrics,
+                      workflows_source=os.path.abspath(source) if isinstance(source, (str, os.PathLike))
+                      else "the workflows given to make_app")
+    if service.thinking not in THINKING_STYLES:
+        raise ValueError(f"thinking must be one of {', '.join(THINKING_STYLES)}")
+    sessions = McpSessions()
+    app = bottle.Bottle()
+    # Clients configured with a "/v1" suffix or a trailing slash ask for these paths too.
+    for prefix in ("/openai", "/openai/v1", "/openai/", "/openai/v1/"):
+        app.route(prefix + "/models", "GET", _json_route(service, list_models))
+        app.route(prefix + "/models/<model_id:path>", "GET", _json_route(service, get_model))
+        app.route(prefix + "/chat/completions", "POST", _json_route(service, chat_completions))
+        app.route(prefix + "/responses", "POST", _json_route(service, create_response))
+        app.route(prefix + "/responses/<response_id>", "GET", _json_route(service, stored_response))
+        app.route(prefix + "/responses/<response_id>", "DELETE", _json_route(service, delete_response))
+    app.route("/health", "GET", lambda: _health(service))
+    app.route("/metrics", "GET", _json_route(service, _metrics))
+    app.route("/", "GET", lambda: _home(service))
+    for path in ("/mcp", "/mcp/"):
+        app.route(path, "POST", lambda: mcp_post(service, sessions, cors_origins or ()))
+        app.route(path, "GET", mcp_no_stream)
+        app.route(path, "DELETE", lambda: mcp_delete(service, sessions))
+    if cors_origins:
+        app.route("/openai/<path:path>", "OPTIONS", lambda path: "")   # preflight; headers from the hook
+        app.route("/mcp", "OPTIONS", lambda: "")
+        app.add_hook("after_request", lambda: _allow_origin(cors_origins))
+    app.default_error_handler = _error_page
+    app.config["cozyopenai.service"] = service
+    return app
+
+
+def _log_requests_under_a_wsgi_server(level: str) -> None:
+    """gunicorn and the like configure their own loggers, not ours: without this, the request
+    lines would go nowhere. Only when nobody configured logging, so an embedding app decides."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False   # waitress configures the root logger later: one line, not two
+        known = level.upper() in LOG_LEVELS
+        log.setLevel(level.upper() if known else "INFO")
+        if not known:
+            log.warning("unknown COZYOPENAI_LOG_LEVEL %r; using INFO (one of %s)", level, ", ".join(LOG_LEVELS))
+
+
+def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``handler(service, **url_args)``: API key check, CozyError → OpenAI error object
+    with its status, and one log line per request (a stream's when it ends)."""
+    def route(**url_args: Any) -> Any:
+        started, trace = time.monotonic(), {}
+        bottle.request.environ[TRACE_ENVIRON_KEY] = trace
+        try:
+            check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
+            result = handler(service, **url_args)
+        except CozyError as exc:
+            result = _error_response(exc)
+        if isinstance(result, dict):
+            bottle.response.content_type = "application/json"
+            result = json.dumps(result, ensure_ascii=False)
+        if isinstance(result, str):
+            _log_line(bottle.request.method, bottle.request.path, bottle.response.status_code, trace, started)
+            return result
+        return _logged_when_done(result, bottle.request.method, bottle.request.path, trace, started)
+    return route
+
+
+def _allow_origin(origins: Sequence[str]) -> None:
+    origin = bottle.request.get_header("Origin")
+    if origin and ("*" in origins or origin in origins):
+        bottle.response.set_header("Access-Control-Allow-Origin", origin)
+        bottle.response.set_header("Vary", "Origin")
+        bottle.response.set_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
+        bottle.response.set_header("Access-Control-Allow-Headers",
+                                   bottle.request.get_header("Access-Control-Request-Headers") or
+                                   "Authorization, Content-Type")
+        bottle.response.set_header("Access-Control-Max-Age", "600")
+        bottle.response.set_header("Access-Control-Expose-Headers", "Mcp-Session-Id")
+
+
+HOME_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>cozyopenai</title>
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:48em;margin:2em auto;padding:0 1em;color:#222}}
+code,pre{{background:#f3f3f3;border-radius:4px;padding:.1em .3em}}pre{{padding:.8em;overflow-x:auto}}</style>
+</head><body>
+<h1>cozyopenai</h1>
+<p>Workflows served as OpenAI-compatible chat models. Give your client (the <code>openai</code> library,
+Open WebUI, ...) this base URL: <code id="base-url">{base}</code>{key}</p>
+<h2>Models</h2>
+{models}
+<h2>Try it</h2>
+<pre>curl -N {base}/chat/completions -H "Content-Type: application/json"{auth} \\
+  -d '{{"model": "{first}", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'</pre>
+</body></html>
+"""
+
+
+def home_page(service: Service, base: str) -> str:
+    """A page for people who open the server in a browser: the models, what each asks for,
+    and how to connect. Fixed inputs are never listed."""
+    escape = html.escape
+    models = []
+    for workflow in service.workflows.values():
+        inputs = "".join(f"<li><b>{escape(query.label)}</b> ({escape(query.type)}"
+                         f"{', optional' if query.optional else ''}): {escape(query.description)}</li>"
+                         for query in workflow.query_inputs.values())
+        models.append(f'<h3 class="model">{escape(workflow.name)}</h3><p>{escape(workflow.description)}</p>'
+                      + (f"<ul>{inputs}</ul>" if inputs else ""))
+    keyed = bool(service.api_keys)
+    return HOME_PAGE.format(base=escape(base), models="\n".join(models), first=escape(next(iter(service.workflows))),
+                            key=" and an API key (ask whoever runs this server)." if keyed else ". No key is needed.",
+                            auth=' -H "Authorization: Bearer $KEY"' if keyed else "")
+
+
+def _home(service: Service) -> str:
+    """GET /: the page for browsers; for API clients, an OpenAI error that says where the API is."""
+    if "text/html" not in bottle.request.get_header("Accept", ""):
+        return _error_response(NotFoundError(f"This is an OpenAI-compatible API under /openai: give clients the "
+                                             f"base URL {_base_url()} (GET /openai/models lists the models)."))
+    bottle.response.content_type = "text/html; charset=utf-8"
+    return home_page(service, _base_url())
+
+
+def _base_url() -> str:
+    parts = bottle.request.urlparts
+    return f"{parts.scheme}://{parts.netloc}/openai"
+
+
+def _health(service: Service) -> dict:
+    """For load balancers: 200 while the server can serve turns, 503 while its store is down."""
+    if not getattr(service.store, "ping", lambda: True)():
+        bottle.response.status = 503
+        return {"status": "store unavailable", "models": len(service.workflows)}
+    return {"status": "ok", "models": len(service.workflows)}
+
+
+def _error_page(http_error: bottle.HTTPError) -> str:
+    """Bottle's own errors (no route, wrong method, an uncaught exception) as OpenAI errors; a
+    path outside the API says where the API is (a base URL without /openai is a common slip)."""
+    error_class = HTTP_STATUS_ERRORS.get(http_error.status_code)
+    if error_class is None:
+        error = CozyError("The server failed to answer this request.")
+    elif error_class is NotFoundError and not bottle.request.path.startswith("/openai"):
+        error = NotFoundError(f"No route for {bottle.request.method} {bottle.request.path}. The API is under "
+                              f"/openai: give clients the base URL {_base_url()} (for example POST "
+                              "/openai/chat/completions).")
+    elif error_class is NotFoundError:
+        error = NotFoundError(f"No route for {bottle.request.method} {bottle.request.path}.")
+    elif error_class is MethodNotAllowedError:
+        error = MethodNotAllowedError(f"{bottle.request.method} is not allowed on {bottle.request.path}.")
+    else:
+        error = error_class(str(http_error.body or "Bad request."))
+    return _error_response(error)
+
+
+####################################################################################
+# Server and command line
+####################################################################################
+
+class _ThreadingWSGIServer(WSGIServer):
+    """wsgiref's server with a thread per open connection, so a second client never waits
+    for a stream. A thread that has answered waits IDLE_THREAD_SECONDS for the next
+    connection instead of ending: a new thread per request costs more than the whole turn
+    of a small workflow (issue 6; measured in bench/)."""
+    allow_reuse_address = True
+    # socketserver's default backlog is 5: a burst of clients beyond that had their connections
+    # dropped and retried by the kernel, seconds later (200 streams at once waited up to 55 s).
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._waiting: "queue.SimpleQueue[Tuple[Any, Any]]" = queue.SimpleQueue()
+        self._idle_threads = 0
+        self._pool_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._pool_lock:
+            if self._idle_threads:
+                self._idle_threads -= 1
+                self._waiting.put((request, client_address))
+                return
+        threading.Thread(target=self._serve_connections, args=(request, client_address), daemon=True).start()
+
+    def _serve_connections(self, request: Any, client_address: Any) -> None:
+        while True:
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+            with self._pool_lock:
+                self._idle_threads += 1
+            try:
+                request, client_address = self._waiting.get(timeout=IDLE_THREAD_SECONDS)
+            except queue.Empty:
+                with self._pool_lock:   # a connection may have been handed over just now
+                    try:
+                        request, client_address = self._waiting.get_nowait()
+                    except queue.Empty:
+                        self._idle_threads -= 1
+                        return
+
+
+class _LoggingHandler(WSGIRequestHandler):
+    def get_environ(self) -> Dict[str, Any]:
+        environ = super().get_environ()
+        environ[CONNECTION_ENVIRON_KEY] = self.connection   # to notice a client that hung up
+        return environ
+
+    def log_message(self, format: str, *args: Any) -> None:   # the app logs each request itself
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def address_string(self) -> str:   # no reverse DNS lookups
+        return self.client_address[0]
+
+
+def create_server(app: Callable[..., Any], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> WSGIServer:
+    """A threaded WSGI server for ``app``; ``port=0`` picks a free port (``server.server_port``)."""
+    return make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=_LoggingHandler)
 
 
 class AppFromEnvironment:
