@@ -571,18 +571,18 @@ def _parse_node(raw: Any, workflow_where: str, index: int, node_types: Mapping[s
         raise WorkflowFileError(f"{where}: 'inputs' must be an object")
     inputs = {name: _parse_input_value(value, f"{where}, input {name!r}", query_inputs, fixed_inputs)
               for name, value in raw_inputs.items()}
-    kind = node_types[node_type]
-    for required in kind.required:
+    spec = node_types[node_type]
+    for required in spec.required:
         if required not in inputs:
             raise WorkflowFileError(f"{where}: a {node_type!r} node needs the input {required!r}")
-    for name in kind.author_only:
+    for name in spec.author_only:
         # Security (issue 4): what a chat user types must never choose a URL or a function.
         if isinstance(inputs.get(name), (QueryRef, Link)):
             raise WorkflowFileError(f"{where}: input {name!r} must be written in the workflow file "
                                     "(a literal or a fixed input), not linked or asked from the user")
-    if kind.check:
+    if spec.check:
         try:
-            kind.check({name: _literal_value(value, fixed_inputs) for name, value in inputs.items()}, functions)
+            spec.check({name: _literal_value(value, fixed_inputs) for name, value in inputs.items()}, functions)
         except (ValueError, TypeError, ImportError, AttributeError) as exc:
             raise WorkflowFileError(f"{where}: {exc}") from None
     timeout = raw.get("timeout_seconds")
@@ -599,14 +599,14 @@ def _parse_input_value(value: Any, where: str, query_inputs: Mapping[str, QueryI
                                 '{"link": "node"}, {"fixed": "name"} or {"query": "name"}')
     if not (isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("link", "query", "fixed")):
         return value
-    kind, target = next(iter(value.items()))
+    source, target = next(iter(value.items()))
     if not isinstance(target, str) or not target:
-        raise WorkflowFileError(f"{where}: {kind!r} needs a name")
-    if kind == "query":
+        raise WorkflowFileError(f"{where}: {source!r} needs a name")
+    if source == "query":
         if target not in query_inputs:
             raise WorkflowFileError(f"{where}: query input {target!r} is not defined in 'query_inputs'")
         return QueryRef(target)
-    if kind == "fixed":
+    if source == "fixed":
         if target not in fixed_inputs:
             raise WorkflowFileError(f"{where}: fixed input {target!r} is not defined in 'fixed_inputs'")
         return FixedRef(target)
@@ -984,10 +984,10 @@ NODE_TYPES: Mapping[str, NodeType] = MappingProxyType({
 
 @dataclass(frozen=True)
 class RunEvent:
-    """What the runner reports. kind: "started", "finished" (with seconds and value),
+    """What the runner reports. what: "started", "finished" (with seconds and value),
     "failed" (with seconds and text), "note" (a line for the thinking block, from
     NodeContext.note, in the order noted), "answer" (a piece of the answer), "done"."""
-    kind: str
+    what: str
     node_id: str = ""
     text: str = ""
     seconds: float = 0.0
@@ -1032,13 +1032,13 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
                 threaded.update(ready)
                 events = iter([finished.get()])
             for event in events:
-                if event.kind in ("finished", "failed"):
+                if event.what in ("finished", "failed"):
                     threaded.discard(event.node_id)
-                answer_streamed = answer_streamed or event.kind == "answer"
+                answer_streamed = answer_streamed or event.what == "answer"
                 yield event
-                if event.kind == "failed":
+                if event.what == "failed":
                     return
-                if event.kind == "finished":
+                if event.what == "finished":
                     outputs[event.node_id] = event.value
                     for deps in waiting.values():
                         deps.discard(event.node_id)
@@ -1317,12 +1317,12 @@ class LLMClient:
                     if left is not None and left <= 0:   # checked per piece too: a fast, endless model
                         raise LLMTimeout(f"timed out after {within_seconds:g} s")
                     try:
-                        kind, value = arrived.get(timeout=left)
+                        tag, value = arrived.get(timeout=left)
                     except queue.Empty:
                         continue
-                    if kind == "piece":
+                    if tag == "piece":
                         yield value
-                    elif kind == "end":
+                    elif tag == "end":
                         answer.finish_reason = value
                         return
                     else:
@@ -2430,11 +2430,11 @@ class Token:
     folded: str          # lower case, no accents, no apostrophes
     start: int
     end: int
-    kind: str            # "word", "number", "ordinal", "iso", "dmy" or "mark"
+    shape: str           # "word", "number", "ordinal", "iso", "dmy" or "mark"
 
     @property
     def capitalised(self) -> bool:
-        return self.kind == "word" and self.text[:1].isupper()
+        return self.shape == "word" and self.text[:1].isupper()
 
 
 class Tokens(list):
@@ -2443,7 +2443,7 @@ class Tokens(list):
 
     @cached_property
     def words(self) -> List[Tuple[int, Token]]:
-        return [(index, token) for index, token in enumerate(self) if token.kind != "mark"]
+        return [(index, token) for index, token in enumerate(self) if token.shape != "mark"]
 
     @cached_property
     def where(self) -> Dict[str, List[int]]:
@@ -2466,8 +2466,8 @@ def tokenize(text: str) -> Tokens:
 
 @dataclass(frozen=True)
 class Span:
-    """A piece of the message that can be a value: where it is, what kind, and how it reads."""
-    kind: str            # "money", "date", "year", "number", "name", "choice", "boolean", "email", "url"
+    """A piece of the message that can be a value: where it is, what it holds, and how it reads."""
+    holds: str           # "money", "date", "year", "number", "name", "choice", "boolean", "email", "url"
     start: int           # token indexes [start, end)
     end: int
     value: Any
@@ -2476,11 +2476,11 @@ class Span:
 
 def _is_break(tokens: Sequence[Token], index: int) -> bool:
     token = tokens[index]
-    if token.kind != "mark":
+    if token.shape != "mark":
         return False
     if token.text in "-–/":   # "10-17 October" is one period; "Paris - Lyon" two clauses
-        return not (0 < index < len(tokens) - 1 and tokens[index - 1].kind in ("number", "ordinal")
-                    and tokens[index + 1].kind in ("number", "ordinal"))
+        return not (0 < index < len(tokens) - 1 and tokens[index - 1].shape in ("number", "ordinal")
+                    and tokens[index + 1].shape in ("number", "ordinal"))
     return token.text in CLAUSE_MARKS
 
 
@@ -2503,7 +2503,7 @@ def _is_except(tokens: Sequence[Token], index: int) -> bool:
 
 def _clause_is_question(tokens: Sequence[Token], index: int) -> bool:
     for token in tokens[index:]:
-        if token.kind == "mark" and token.text in CLAUSE_MARKS:
+        if token.shape == "mark" and token.text in CLAUSE_MARKS:
             return token.text == "?"
     return False
 
@@ -2540,11 +2540,11 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
     """"anchor" (a month, a day, "a week"), "glue" (numbers, links, qualifiers that belong to
     a period next to an anchor) or None."""
     token, previous = tokens[index], tokens[index - 1] if index else None
-    if token.kind in ("iso", "dmy"):
+    if token.shape in ("iso", "dmy"):
         return "anchor"
-    if token.kind == "ordinal":
+    if token.shape == "ordinal":
         return "glue"
-    if token.kind == "number":
+    if token.shape == "number":
         number = _number_or_none(token.folded)
         if number is None:   # "1.2.3", "10.0.0.1": a version or an address, not a time
             return None
@@ -2552,7 +2552,7 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
             return "glue"
         after_month = previous is not None and previous.folded in MONTHS
         return "glue" if after_month and 1900 <= number <= 2100 else None
-    if token.kind == "mark":
+    if token.shape == "mark":
         return "glue" if token.text in "'’" or not _is_break(tokens, index) else None
     parts = token.folded.split("-")
     if token.folded in TIME_NAMES or (any(part in TIME_NAMES for part in parts)
@@ -2562,7 +2562,7 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
         return "anchor"
     if token.folded in TIME_UNITS:   # "a week", "10 days", "next month", "le mois prochain", "el mes que viene"
         following = [t.folded for t in tokens[index + 1:index + 3]]
-        counted = previous is not None and (previous.kind in ("number", "ordinal")
+        counted = previous is not None and (previous.shape in ("number", "ordinal")
                                             or previous.folded in COUNT_WORDS | QUALIFIERS)
         qualified = bool(following) and (following[0] in QUALIFIERS | HOLIDAYS or following[:2] in (
             ["que", "viene"], ["qui", "vient"], ["che", "viene"]))
@@ -2579,8 +2579,8 @@ def _certainly_time(tokens: Sequence[Token], index: int) -> bool:
         return False
     before = tokens[index - 1] if index else None
     after = tokens[index + 1] if index + 1 < len(tokens) else None
-    return ((before is not None and (before.folded in TIME_LINKS | QUALIFIERS or before.kind in ("number", "ordinal")))
-            or (after is not None and after.kind in ("number", "ordinal")))
+    return ((before is not None and (before.folded in TIME_LINKS | QUALIFIERS or before.shape in ("number", "ordinal")))
+            or (after is not None and after.shape in ("number", "ordinal")))
 
 
 def period_spans(tokens: Sequence[Token]) -> List[Span]:
@@ -2600,7 +2600,7 @@ def period_spans(tokens: Sequence[Token]) -> List[Span]:
         while start < stop and roles[start] == "glue" and _leads_into_period(tokens, start):
             start += 1
         while stop > start and roles[stop - 1] == "glue" and (tokens[stop - 1].folded in TIME_LINKS | COUNT_WORDS
-                                                             or tokens[stop - 1].kind == "mark"):
+                                                             or tokens[stop - 1].shape == "mark"):
             stop -= 1
         if any(roles[k] == "anchor" for k in range(start, stop)):
             spans.append(Span("date", start, stop, None, is_negated(tokens, start)))
@@ -2610,7 +2610,7 @@ def period_spans(tokens: Sequence[Token]) -> List[Span]:
 
 def _leads_into_period(tokens: Sequence[Token], index: int) -> bool:
     token = tokens[index]
-    if token.kind == "mark":
+    if token.shape == "mark":
         return True
     if token.folded == "a":   # Spanish and Italian "a settembre", not English "a week"
         following = tokens[index + 1] if index + 1 < len(tokens) else None
@@ -2643,8 +2643,8 @@ def _retracted(tokens: Sequence[Token], end: int) -> bool:
     after = tokens[end:end + 5]
     for k, token in enumerate(after):
         if token.folded in NEGATIONS | BOOLEAN_WORDS[False]:
-            return k + 1 < len(after) and after[k + 1].kind == "mark"
-        if not (token.kind == "mark" and token.text not in ".!?" or token.folded in CORRECTION_FILLERS):
+            return k + 1 < len(after) and after[k + 1].shape == "mark"
+        if not (token.shape == "mark" and token.text not in ".!?" or token.folded in CORRECTION_FILLERS):
             return False
     return False
 
@@ -2668,9 +2668,9 @@ def _corrects(tokens: Sequence[Token], after: int, index: int) -> bool:
     for k, token in enumerate(between):
         # "bueno no, a Florencia", not "Barcelona, not to Valencia" (that "not" rules out Valencia)
         standalone_no = ((token.folded in NEGATIONS or token.folded in BOOLEAN_WORDS[False]) and k + 1 < len(between)
-                         and (between[k + 1].kind == "mark" or between[k + 1].folded in CORRECTION_FILLERS))
+                         and (between[k + 1].shape == "mark" or between[k + 1].folded in CORRECTION_FILLERS))
         if (standalone_no or token.folded in PREFERENCES) and all(
-                rest.kind == "mark" and rest.text not in ".!?" or rest.folded in small for rest in between[k + 1:]):
+                rest.shape == "mark" and rest.text not in ".!?" or rest.folded in small for rest in between[k + 1:]):
             return len(between) <= 10
     return False
 
@@ -2715,7 +2715,7 @@ def _is_time_word(token: Token) -> bool:
 def _follows_closely(tokens: Sequence[Token], after: int, index: int) -> bool:
     """Only marks and contrast words between: "Paris — Lyon", "Nice, plutôt Cannes"."""
     between = tokens[after:index]
-    return len(between) <= 3 and all(t.kind == "mark" or t.folded in CONTRASTS for t in between)
+    return len(between) <= 3 and all(t.shape == "mark" or t.folded in CONTRASTS for t in between)
 
 
 def _span_text(tokens: Sequence[Token], start: int, end: int, text: Optional[str] = None) -> str:
@@ -2742,7 +2742,7 @@ def alternatives_to(tokens: Sequence[Token], index: int, size: int) -> List[str]
     Melbourne for Sydney; "Lima o a Cusco" gives Cusco; none when it stands alone."""
     def option_at(position: int) -> Optional[str]:
         token = tokens[position]
-        if (token.capitalised != tokens[index].capitalised or token.kind != tokens[index].kind
+        if (token.capitalised != tokens[index].capitalised or token.shape != tokens[index].shape
                 or token.folded in NEGATIONS | TIME_LINKS | COUNT_WORDS):
             return None
         end = _name_end(tokens, position, frozenset()) if token.capitalised else position + 1
@@ -2879,7 +2879,7 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
             _read_period(tokens, text, periods, query, reading)
         elif kind == "year":
             years = {int(token.folded) for index, token in enumerate(tokens)
-                     if token.kind == "number" and index not in money_tokens and re.fullmatch(r"\d{4}", token.folded)}
+                     if token.shape == "number" and index not in money_tokens and re.fullmatch(r"\d{4}", token.folded)}
             for year in years:
                 reading.add(query.name, 1, year)
         elif kind in TYPED_VALUE_PATTERNS:
@@ -2925,7 +2925,7 @@ def _cued(tokens: Sequence[Token], span: Span, query: QueryInput) -> bool:
 def _replaces(tokens: Sequence[Token], span: Span) -> bool:
     """A name that replaces a ruled-out one: "not Paris — Lyon"."""
     before = span.start - 1
-    while before >= 0 and (tokens[before].kind == "mark" or tokens[before].folded in CONTRASTS):
+    while before >= 0 and (tokens[before].shape == "mark" or tokens[before].folded in CONTRASTS):
         before -= 1
     return before >= 0 and before < span.start - 1 and tokens[before].capitalised and is_negated(tokens, before)
 
@@ -2992,7 +2992,7 @@ def _read_polarity(tokens: Sequence[Token], query: QueryInput, reading: Reading)
 
 def _yes_or_no_after(tokens: Sequence[Token], index: int) -> Optional[bool]:
     """A yes or no given right after a topic and a colon or dash: "kids: no"."""
-    if index + 1 < len(tokens) and tokens[index].text in ":=-–" and tokens[index + 1].kind == "word":
+    if index + 1 < len(tokens) and tokens[index].text in ":=-–" and tokens[index + 1].shape == "word":
         word = tokens[index + 1].folded
         return True if word in BOOLEAN_WORDS[True] else False if word in BOOLEAN_WORDS[False] else None
     return None
@@ -3005,7 +3005,7 @@ def _read_bounded_number(workflow: Workflow, conversation: Conversation, tokens:
     used = {number for found in reading.candidates.values() for raws in found.values() for raw in raws
             if not isinstance(raw, bool) for number in numbers_in(str(raw))}
     numbers = [_number_or_none(token.folded) for index, token in enumerate(tokens)
-               if token.kind == "number" and index not in taken_tokens]
+               if token.shape == "number" and index not in taken_tokens]
     left = [number for number in numbers if number is not None and number not in used]
     bounded = [query for query in workflow.query_inputs.values()
                if query.type in NUMERIC_TYPES and query.name not in conversation.values
@@ -3071,7 +3071,7 @@ def ground(query: QueryInput, value: Any, raw: Any, text: str, tokens: Sequence[
         return OFFERED_AMONG_OTHERS
     kind = input_kind(query)
     value_tokens = tokenize(str(value))
-    if kind == "date" and not asked and not any(token.kind != "word" and token.kind != "mark" or _is_time_word(token)
+    if kind == "date" and not asked and not any(token.shape != "word" and token.shape != "mark" or _is_time_word(token)
                                                 for token in value_tokens):
         return "that is not a date or a period"
     if kind in ("place", "text") and value_tokens and (
@@ -3252,8 +3252,8 @@ def extraction_messages(workflow: Workflow, conversation: Conversation, history:
     turns quoted as context, and the new message alone as the user message."""
     inputs = []
     for query in workflow.query_inputs.values():
-        kind = f"one of {', '.join(query.choices)}" if query.type == "choice" else query.type
-        line = f"- {query.name} ({kind}{', optional' if query.optional else ''}): {query.description}"
+        shown_type = f"one of {', '.join(query.choices)}" if query.type == "choice" else query.type
+        line = f"- {query.name} ({shown_type}{', optional' if query.optional else ''}): {query.description}"
         uses = [f"{node.id} ({node.description})" if node.description else node.id
                 for node in workflow.nodes_fed_by(query.name)]
         line += f" Used by: {'; '.join(uses)}."
@@ -3444,8 +3444,8 @@ RUN_FAILED_REPLY = ("Sorry, the workflow stopped: step {node!r} failed ({reason}
 
 @dataclass(frozen=True)
 class Piece:
-    """A piece of the reply: kind "thinking" (goes inside the <thinking> block) or "answer"."""
-    kind: str
+    """A piece of the reply, for the channel "thinking" (inside the <thinking> block) or "answer"."""
+    channel: str
     text: str
 
 
@@ -3486,10 +3486,10 @@ def ordered_pieces(pieces: Iterator[Piece]) -> Iterator[Piece]:
     answer_begun = False
     try:
         for piece in pieces:
-            if piece.kind == "thinking" and answer_begun:
+            if piece.channel == "thinking" and answer_begun:
                 log.debug("progress after the answer began: %s", piece.text.strip())
                 continue
-            answer_begun = answer_begun or piece.kind == "answer"
+            answer_begun = answer_begun or piece.channel == "answer"
             yield piece
     except Exception:   # the turn's own bug
         log.exception("turn failed")
@@ -3654,14 +3654,14 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
     conversation.runs += 1
     for event in run_events(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
                             metrics=turn.metrics, follow_up=follow_up):
-        if event.kind in RUN_MARKS:
-            yield Piece("thinking", RUN_MARKS[event.kind] + progress_line(event) + "\n")
-        if event.kind == "failed":
+        if event.what in RUN_MARKS:
+            yield Piece("thinking", RUN_MARKS[event.what] + progress_line(event) + "\n")
+        if event.what == "failed":
             yield Piece("answer", preface + RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
-        elif event.kind == "answer":
+        elif event.what == "answer":
             yield Piece("answer", preface + event.text)
             preface = ""
-        elif event.kind == "done":
+        elif event.what == "done":
             turn.answer = event.text
 
 
@@ -3670,11 +3670,11 @@ RUN_MARKS = {"started": "→ ", "finished": "✓ ", "failed": "✗ ", "note": ""
 
 def progress_line(event: RunEvent) -> str:
     """A node's event as one line, as the thinking block and MCP progress both tell it."""
-    if event.kind == "started":
+    if event.what == "started":
         return f"{event.node_id} started{': ' + event.text if event.text else ''}"
-    if event.kind == "finished":
+    if event.what == "finished":
         return f"{event.node_id} finished in {event.seconds:.2f} s"
-    if event.kind == "failed":
+    if event.what == "failed":
         return f"{event.node_id} failed after {event.seconds:.2f} s: {event.text}"
     return f"{event.node_id}: {event.text}"
 
@@ -3688,11 +3688,11 @@ def run_events(workflow: Workflow, values: Mapping[str, Any], *, node_types: Map
     events = run_workflow(workflow, values, node_types=node_types, llm=llm, stop=stop, follow_up=follow_up)
     try:
         for event in events:
-            if event.kind == "failed":
+            if event.what == "failed":
                 outcome = "failed"
                 if metrics is not None:
                     metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
-            elif event.kind == "done":
+            elif event.what == "done":
                 outcome = "ok"
             yield event
     finally:
@@ -3878,14 +3878,14 @@ class Turn:
         if not self.workflow.redact:   # a workflow with no secrets skips a step per piece
             yield from pieces
             return
-        for kind, text in self.workflow.redact.stream((piece.kind, piece.text) for piece in pieces):
-            yield Piece(kind, text)
+        for channel, text in self.workflow.redact.stream((piece.channel, piece.text) for piece in pieces):
+            yield Piece(channel, text)
 
     def _recorded(self, pieces: Iterator[Piece]) -> Iterator[Piece]:
         """The pieces, kept as written for the save; the first reply ends with the id block."""
         assert self.conversation is not None
         for piece in pieces:
-            self._written[piece.kind].append(piece.text)
+            self._written[piece.channel].append(piece.text)
             yield piece
         if self.conversation.is_new and self.request.id_block and not self.request.chat_key:
             self._written["answer"].append(id_block(self.conversation.id))
@@ -4232,8 +4232,8 @@ def _text_of_parts(parts: List[Any], where: str, kinds: Sequence[str] = ("text",
     texts = []
     for part in parts:
         if not isinstance(part, dict) or part.get("type") not in kinds:
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise RequestError(f"{where}.content: only text parts are supported, not {kind!r}; "
+            part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise RequestError(f"{where}.content: only text parts are supported, not {part_type!r}; "
                                "workflows take their inputs as text.", param=f"{where}.content")
         if not isinstance(part.get("text"), str):
             raise RequestError(f"{where}.content: a text part needs a 'text' string.", param=f"{where}.content")
@@ -4253,7 +4253,7 @@ def reply_fields(pieces: Iterator[Optional[Piece]], thinking: str = "tags") -> I
     for piece in pieces:
         if piece is None:   # a keep-alive
             yield None
-        elif piece.kind == "thinking":
+        elif piece.channel == "thinking":
             if tags and not thinking_open:
                 yield "content", "<thinking>\n"
             thinking_open = True
@@ -4398,10 +4398,10 @@ def parse_responses_request(body: bytes, content_type: str = "") -> ResponsesReq
     messages = [message for index, item in enumerate(raw) for message in _input_message(item, index)]
     if not any(message["role"] == "user" for message in messages):
         raise RequestError("'input' needs at least one user message.", param="input")
-    for name, kind in (("stream", bool), ("store", bool), ("previous_response_id", str), ("metadata", dict),
+    for name, expected in (("stream", bool), ("store", bool), ("previous_response_id", str), ("metadata", dict),
                        ("instructions", str)):
-        if data.get(name) is not None and not isinstance(data[name], kind):
-            raise RequestError(f"'{name}' must be {'true or false' if kind is bool else 'a ' + kind.__name__}.",
+        if data.get(name) is not None and not isinstance(data[name], expected):
+            raise RequestError(f"'{name}' must be {'true or false' if expected is bool else 'a ' + expected.__name__}.",
                                param=name)
     return ResponsesRequest(model=model, messages=messages, stream=bool(data.get("stream")),
                             store=data.get("store") is not False,
@@ -4470,7 +4470,7 @@ def collect_response(pieces: Iterator[Piece], request: ResponsesRequest, respons
     """Non-streamed: the whole response object."""
     texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
     for piece in pieces:
-        texts[piece.kind].append(piece.text)
+        texts[piece.channel].append(piece.text)
     thinking, answer = "".join(texts["thinking"]), "".join(texts["answer"])
     return response_object(response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens))
 
@@ -4492,25 +4492,25 @@ def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest
     texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
     opened: List[str] = []
 
-    def event(kind: str, **fields: Any) -> bytes:
-        body = {"type": kind, "sequence_number": next(sequence), **fields}
-        return f"event: {kind}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+    def event(event_type: str, **fields: Any) -> bytes:
+        body = {"type": event_type, "sequence_number": next(sequence), **fields}
+        return f"event: {event_type}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
 
-    def open_item(kind: str) -> Iterator[bytes]:
+    def open_item(item_type: str) -> Iterator[bytes]:
         index = len(opened)
-        opened.append(kind)
-        shown = dict(item[kind], summary=[]) if kind == "reasoning" else item[kind]
+        opened.append(item_type)
+        shown = dict(item[item_type], summary=[]) if item_type == "reasoning" else item[item_type]
         yield event("response.output_item.added", output_index=index, item=shown)
-        if kind == "reasoning":
-            yield event("response.reasoning_summary_part.added", item_id=item[kind]["id"], output_index=index,
+        if item_type == "reasoning":
+            yield event("response.reasoning_summary_part.added", item_id=item[item_type]["id"], output_index=index,
                         summary_index=0, part={"type": "summary_text", "text": ""})
         else:
-            yield event("response.content_part.added", item_id=item[kind]["id"], output_index=index,
+            yield event("response.content_part.added", item_id=item[item_type]["id"], output_index=index,
                         content_index=0, part={"type": "output_text", "text": "", "annotations": []})
 
-    def close_item(kind: str) -> Iterator[bytes]:
-        index, text = opened.index(kind), "".join(texts["thinking" if kind == "reasoning" else "answer"])
-        if kind == "reasoning":
+    def close_item(item_type: str) -> Iterator[bytes]:
+        index, text = opened.index(item_type), "".join(texts["thinking" if item_type == "reasoning" else "answer"])
+        if item_type == "reasoning":
             done = _reasoning_item(response_id, text)
             yield event("response.reasoning_summary_text.done", item_id=done["id"], output_index=index,
                         summary_index=0, text=text)
@@ -4533,17 +4533,17 @@ def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest
         if piece is None:
             yield b": keep-alive\n\n"
             continue
-        kind = "reasoning" if piece.kind == "thinking" else "message"
-        if kind not in opened:
-            if kind == "message" and "reasoning" in opened:
+        item_type = "reasoning" if piece.channel == "thinking" else "message"
+        if item_type not in opened:
+            if item_type == "message" and "reasoning" in opened:
                 yield from close_item("reasoning")
-            yield from open_item(kind)
-        texts[piece.kind].append(piece.text)
-        if kind == "reasoning":
-            yield event("response.reasoning_summary_text.delta", item_id=item[kind]["id"],
-                        output_index=opened.index(kind), summary_index=0, delta=piece.text)
+            yield from open_item(item_type)
+        texts[piece.channel].append(piece.text)
+        if item_type == "reasoning":
+            yield event("response.reasoning_summary_text.delta", item_id=item[item_type]["id"],
+                        output_index=opened.index(item_type), summary_index=0, delta=piece.text)
         elif piece.text:
-            yield event("response.output_text.delta", item_id=item[kind]["id"], output_index=opened.index(kind),
+            yield event("response.output_text.delta", item_id=item[item_type]["id"], output_index=opened.index(item_type),
                         content_index=0, delta=piece.text)
     if "reasoning" in opened and "message" not in opened:
         yield from close_item("reasoning")
@@ -4831,16 +4831,16 @@ class McpCall:
         steps = 0   # each node's start and finish is half a step: progress must always rise
         for event in run_events(workflow, workflow.with_defaults(values), node_types=service.node_types,
                                 llm=service.llm, stop=self.stop, metrics=service.metrics):
-            if event.kind in ("started", "finished") and self.progress_token is not None:
+            if event.what in ("started", "finished") and self.progress_token is not None:
                 steps += 1
                 yield {"jsonrpc": "2.0", "method": "notifications/progress", "params": {
                     "progressToken": self.progress_token, "progress": steps / 2, "total": len(workflow.nodes),
                     "message": workflow.redact(progress_line(event))}}
-            elif event.kind == "failed":
+            elif event.what == "failed":
                 yield self._result(f"The workflow stopped: step {event.node_id!r} failed ({event.text}).",
                                    is_error=True)
                 return
-            elif event.kind == "answer":
+            elif event.what == "answer":
                 answer.append(event.text)
         yield self._result("".join(answer))
 
@@ -4984,7 +4984,7 @@ class Metrics:
     """Counters for ``GET /metrics``, in the Prometheus text format (issue 11). Names take the
     ``cozyopenai_`` prefix; a summary is written as its ``_sum`` and ``_count``."""
 
-    KINDS = {
+    SERIES = {   # name: (Prometheus type, help)
         "turns_total": ("counter", "Chat turns answered, by model."),
         "turn_seconds": ("summary", "Seconds from a turn's request to its last piece, by model."),
         "runs_total": ("counter", "Workflow runs, by model and outcome."),
@@ -5014,9 +5014,9 @@ class Metrics:
             values = dict(self._values)
         values.update({(name, ()): value for name, value in gauges.items()})
         lines = []
-        for name, (kind, text) in self.KINDS.items():
-            lines += [f"# HELP cozyopenai_{name} {text}", f"# TYPE cozyopenai_{name} {kind}"]
-            for suffix in ("_sum", "_count") if kind == "summary" else ("",):
+        for name, (metric_type, text) in self.SERIES.items():
+            lines += [f"# HELP cozyopenai_{name} {text}", f"# TYPE cozyopenai_{name} {metric_type}"]
+            for suffix in ("_sum", "_count") if metric_type == "summary" else ("",):
                 lines += [f"cozyopenai_{name}{suffix}{_labels(labels)} {value:g}"
                           for (key, labels), value in sorted(values.items()) if key == name + suffix]
         return "\n".join(lines) + "\n"

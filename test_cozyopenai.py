@@ -535,7 +535,7 @@ def test_an_llm_node_sends_max_tokens_from_its_input_or_the_default_and_bad_ones
 def test_runner_reports_each_node_in_dependency_order_then_the_answer():
     wf = cozyopenai.load_workflows({"workflows": [workflow()]})["echo"]
     events = list(cozyopenai.run_workflow(wf, {"word": "hi"}))
-    assert [(e.kind, e.node_id) for e in events] == [
+    assert [(e.what, e.node_id) for e in events] == [
         ("started", "say"), ("finished", "say"), ("started", "answer"), ("finished", "answer"),
         ("answer", "answer"), ("done", "answer")]
     assert events[-1].text == "You said hi."
@@ -555,7 +555,7 @@ def test_independent_nodes_run_at_the_same_time():
     types = {**cozyopenai.NODE_TYPES, "meet": cozyopenai.NodeType(meet)}
     wf = cozyopenai.load_workflows({"workflows": [workflow(nodes=nodes, query_inputs={})]}, types)["echo"]
     events = list(cozyopenai.run_workflow(wf, {}, node_types=types))
-    assert events[-1].kind == "done" and events[-1].text == "AB"
+    assert events[-1].what == "done" and events[-1].text == "AB"
 
 
 def test_a_failed_node_stops_the_run_before_later_nodes_start():
@@ -567,7 +567,7 @@ def test_a_failed_node_stops_the_run_before_later_nodes_start():
     types = {**cozyopenai.NODE_TYPES, "boom": cozyopenai.NodeType(boom)}
     wf = cozyopenai.load_workflows({"workflows": [workflow(nodes=nodes, query_inputs={})]}, types)["echo"]
     events = list(cozyopenai.run_workflow(wf, {}, node_types=types))
-    assert [(e.kind, e.node_id) for e in events] == [("started", "first"), ("failed", "first")]
+    assert [(e.what, e.node_id) for e in events] == [("started", "first"), ("failed", "first")]
     assert events[-1].text == "no luck"
 
 
@@ -587,7 +587,7 @@ def test_a_stopped_run_starts_no_further_node():
     types = {**cozyopenai.NODE_TYPES, "first": cozyopenai.NodeType(first), "second": cozyopenai.NodeType(second)}
     wf = cozyopenai.load_workflows({"workflows": [workflow(nodes=nodes, query_inputs={})]}, types)["echo"]
     events = list(cozyopenai.run_workflow(wf, {}, node_types=types, stop=stop))
-    assert ran == [] and events[-1].kind == "failed" and events[-1].text == "the run was stopped"
+    assert ran == [] and events[-1].what == "failed" and events[-1].text == "the run was stopped"
 
 
 def test_a_node_past_its_timeout_fails_the_run_and_the_next_turn_works(start):
