@@ -576,7 +576,7 @@ def _parse_node(raw: Any, workflow_where: str, index: int, node_types: Mapping[s
         if required not in inputs:
             raise WorkflowFileError(f"{where}: a {node_type!r} node needs the input {required!r}")
     for name in spec.author_only:
-        # Security (issue 4): what a chat user types must never choose a URL or a function.
+        # Security: what a chat user types must never choose a URL or a function.
         if isinstance(inputs.get(name), (QueryRef, Link)):
             raise WorkflowFileError(f"{where}: input {name!r} must be written in the workflow file "
                                     "(a literal or a fixed input), not linked or asked from the user")
@@ -1402,7 +1402,8 @@ def first_json_object(text: str) -> dict:
 @dataclass
 class Conversation:
     """What the server remembers of one chat with one workflow: every turn's resulting state
-    as a snapshot, never changed once written (issue 10), and the state this turn works on.
+    as a snapshot, never changed once written (an edit or a regenerated reply goes back to
+    one), and the state this turn works on.
 
     Chat clients send histories that branch: an earlier message edited, a reply regenerated
     (with or without an instruction), an older branch continued, a reply pasted into another
@@ -1462,7 +1463,7 @@ class Conversation:
         and the user turns to read again before the new one: those between it and a later
         reply of ours whose turns were edited in place. A turn saved while this request waited
         for the conversation's lock, from the same snapshot, is taken too: two messages sent at
-        once both count (issue 4)."""
+        once both count."""
         self.restore({"values": {}, "asked": [], "ask_counts": {}, "runs": 0})
         replies = replies_in(messages)
         found, position = None, -1
@@ -1610,7 +1611,7 @@ def new_conversation_id() -> str:
 class ConversationIds:
     """Conversation ids as new_conversation_id makes them, with os.urandom read a few
     kilobytes at a time: a system call per id makes a busy server wait for the interpreter
-    lock after each one (issue 6). A forked worker draws a pool of its own."""
+    lock after each one (a system call per id would cost every turn). A forked worker draws a pool of its own."""
 
     POOL_BYTES = 4096
 
@@ -1763,7 +1764,7 @@ class JsonFileStore(Store):
     Across processes, a turn locks one byte of a single lock file, at an offset drawn
     from the conversation's id (POSIX record locks), on a descriptor each process keeps
     open: a lock file per conversation cost three system calls a turn and left a file per
-    conversation behind (issue 6). Within a process, a lock per id keeps threads apart
+    conversation behind. Within a process, a lock per id keeps threads apart
     (record locks belong to the process, not the thread).
     """
 
@@ -1863,8 +1864,8 @@ class JsonFileStore(Store):
 
 
 class RedisStore(Store):
-    """Conversations in Redis (or Valkey), for several server instances on several machines
-    (issue 12). A record is the JSON the other stores write, under one key per conversation,
+    """Conversations in Redis (or Valkey), for several server instances on several machines.
+    A record is the JSON the other stores write, under one key per conversation,
     with Redis' own expiry refreshed on every save. A turn's lock is a key set with NX and an
     expiry, released only by its owner (compare and delete in one Lua step) and kept alive
     while the turn runs: an instance killed mid-turn holds a conversation for at most
@@ -2101,7 +2102,7 @@ SENTENCE_STARTS = {"i", "im", "id", "ill", "ive", "we", "were", "wed", "lets", "
                    "instead", "but", "and", "also", "then", "plutot", "lieber", "mejor", "meglio"}
 TYPED_VALUE_PATTERNS = FORMAT_PATTERNS   # their shape makes them unambiguous: read without a label
 
-# Language data (issue 9). Each table is words, folded (lower case, no accents, no
+# Language data. Each table is words, folded (lower case, no accents, no
 # apostrophes) and separated by spaces, in English, French, German, Spanish and Italian
 # (and some Portuguese). A contributor adds a language here; the reader's logic stays as it is.
 MONTH_NAMES = {
@@ -2247,7 +2248,7 @@ class Extraction:
 def _fold(text: str) -> str:
     """Lower case without accents, for matching words a user wrote."""
     text = str(text).casefold()
-    if text.isascii():   # the common case, and no accents to strip: skip the slow path (issue 6)
+    if text.isascii():   # the common case, and no accents to strip: skip the slow path
         return text
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(char for char in decomposed if not unicodedata.combining(char))
@@ -2412,7 +2413,7 @@ def _topic_words(query: QueryInput) -> set:
 
 def valid_text(text: str) -> str:
     """Text that can be written out: JSON allows a lone surrogate ("\\ud800"), UTF-8 does not,
-    so each becomes the replacement character instead of failing the turn (issue 11)."""
+    so each becomes the replacement character instead of failing the turn."""
     try:
         text.encode("utf-8")
         return text
@@ -2808,7 +2809,7 @@ class Reading:
 
 
 def read_floor(workflow: Workflow, conversation: Conversation, text: str) -> Tuple[Extraction, Reading]:
-    """The deterministic reader, which always runs (issue 9): ``name: value`` lines, labels
+    """The deterministic reader, which always runs, with or without an LLM: ``name: value`` lines, labels
     followed by a value, the reply to the one input just asked for, and typed spans
     (amounts, periods, years, names after a place word or a cue, choices, yes/no topics)
     assigned to inputs by their kind. One candidate for an input is accepted; competing
@@ -3162,7 +3163,7 @@ def _fits(query: QueryInput, text: str, tokens: Sequence[Token]) -> bool:
 def _could_be(query: QueryInput, tokens: Sequence[Token], words: Sequence[str]) -> bool:
     """Could a short reply be a value of this kind? A date has a word of time or a number; a
     place or a text is not made of words that only talk ("Add Details", "Tell me more",
-    "hmm, let me think": Open WebUI sends its regenerate buttons as messages, issue 10)."""
+    "hmm, let me think": Open WebUI sends its regenerate buttons as messages)."""
     if input_kind(query) == "date":
         return bool(re.search(r"\d", " ".join(words))) or any(_is_time_word(token) for token in tokens)
     return not words or not all(word in NON_ANSWERS for word in words)
@@ -3465,7 +3466,7 @@ def replay_offline(workflow: Workflow, conversation: Conversation, turns: Sequen
 
 @dataclass
 class TurnRequest:
-    """One turn asked for, whatever API it came by (issue 13)."""
+    """One turn asked for, whatever API it came by."""
     model: str
     messages: List[dict]                  # {"role", "content"}: the history, the new user text last
     id_block: bool = True                 # the first reply carries the conversation in an identifier block
@@ -3565,7 +3566,7 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
 
 def _answer_again(turn: TurnContext) -> Iterator[Piece]:
     """After a run, a message that changes no value never replaces the result with a
-    non-answer (issue 10: Open WebUI shows a regenerated reply in place of the last one).
+    non-answer (Open WebUI shows a regenerated reply in place of the last one).
     With an LLM writing the answer, it reworks the last answer as the message asks ("More
     Concise"); otherwise the last result comes again, and the thinking block says why."""
     workflow, conversation = turn.workflow, turn.conversation
@@ -3633,7 +3634,7 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
         question = question_offline(workflow, missing, understood, changed, problems, ambiguous,
                                     line_hint=not nothing_read)
         conversation.asked = [first.name]   # offline asks one at a time, so the reply can be read
-    if nothing_read:   # issue 9: say what was not understood, and the form that always is
+    if nothing_read:   # say what was not understood, and the form that always is
         quoted = turn.text if len(turn.text) <= 80 else turn.text[:77].rstrip() + "..."
         question = (f"I could not read the {_and_list([workflow.query_inputs[n].label for n in asked_before])}"
                     f" from \"{quoted}\". {question}{_line_form(missing)}")
@@ -4119,7 +4120,7 @@ def _error_response(error: CozyError) -> str:
 
 # Open WebUI sends its background tasks (chat title, tags, follow-up suggestions) to the
 # same model, as one user message starting "### Task:" that quotes the chat, our id block
-# included (issue 5). They are answered in the JSON shape they ask for and never touch a
+# included. They are answered in the JSON shape they ask for and never touch a
 # conversation.
 CLIENT_TASK_PREFIX = "### Task:"
 CLIENT_TASK_KEY_PATTERN = re.compile(r'JSON format:\s*\{\s*"(\w+)"')
@@ -4268,7 +4269,7 @@ def reply_fields(pieces: Iterator[Optional[Piece]], thinking: str = "tags") -> I
 
 
 def new_completion_id() -> str:
-    """Completion ids need to be unique, not secret: no system call for them (issue 6)."""
+    """Completion ids need to be unique, not secret: no system call for them (one per reply costs under load)."""
     return f"chatcmpl-{random.getrandbits(96):024x}"
 
 
@@ -4981,7 +4982,7 @@ def mcp_delete(service: Service, sessions: McpSessions) -> str:
 ####################################################################################
 
 class Metrics:
-    """Counters for ``GET /metrics``, in the Prometheus text format (issue 11). Names take the
+    """Counters for ``GET /metrics``, in the Prometheus text format. Names take the
     ``cozyopenai_`` prefix; a summary is written as its ``_sum`` and ``_count``."""
 
     SERIES = {   # name: (Prometheus type, help)
@@ -5345,7 +5346,7 @@ class _ThreadingWSGIServer(WSGIServer):
     """wsgiref's server with a thread per open connection, so a second client never waits
     for a stream. A thread that has answered waits IDLE_THREAD_SECONDS for the next
     connection instead of ending: a new thread per request costs more than the whole turn
-    of a small workflow (issue 6; measured in bench/)."""
+    of a small workflow (measured in bench/)."""
     allow_reuse_address = True
     # socketserver's default backlog is 5: a burst of clients beyond that had their connections
     # dropped and retried by the kernel, seconds later (200 streams at once waited up to 55 s).
