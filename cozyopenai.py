@@ -3768,18 +3768,13 @@ class Service:
         return self.workflows[model_id]
 
     def open_turn(self, request: TurnRequest, stop: Optional[threading.Event] = None,
-                  trace: Optional[Dict[str, str]] = None) -> Union["Turn", "AnsweredTurn"]:
+                  trace: Optional[Dict[str, str]] = None) -> "Turn":
         """A turn, opened: its conversation locked and loaded. Errors found before any piece (an
         unknown model, a store that is down, an unknown previous response) are raised here,
         so that they are answered as errors before a reply starts. Close what this returns."""
         workflow = self.workflow(request.model)
         trace = {} if trace is None else trace
         trace["model"] = workflow.name
-        if request.messages[-1]["role"] == "assistant":
-            # Open WebUI's "Continue Response" sends the history ending with our reply: the
-            # turn is over and nothing was said, so there is nothing to add (and no turn).
-            trace["conversation"] = "continue"
-            return AnsweredTurn("")
         self._expire_now_and_then()
         turn = Turn(self, workflow, request, stop or threading.Event(), trace)
         try:
@@ -4346,11 +4341,16 @@ def chat_completions(service: Service) -> Any:
 
 def open_chat_turn(service: Service, request: TurnRequest, stop: threading.Event,
                    trace: Optional[Dict[str, str]]) -> Union[Turn, AnsweredTurn]:
-    """The turn, or a client's background task answered without one."""
+    """The turn, or what a chat client's own requests get without one (both APIs use this)."""
+    trace = {} if trace is None else trace
+    if request.messages[-1]["role"] == "assistant":
+        # Open WebUI's "Continue Response" sends the history ending with our reply: the turn
+        # is over and nothing was said, so there is nothing to add (and no turn).
+        trace.update(model=service.workflow(request.model).name, conversation="continue")
+        return AnsweredTurn("")
     if is_client_task(request.messages):
         workflow = service.workflow(request.model)
-        if trace is not None:
-            trace.update(model=workflow.name, conversation="task")
+        trace.update(model=workflow.name, conversation="task")
         return AnsweredTurn(workflow.redact(answer_client_task(workflow, request.messages[-1]["content"],
                                                                service.llm)))
     return service.open_turn(request, stop, trace)
