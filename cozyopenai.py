@@ -2069,163 +2069,354 @@ def user_turns(history: Sequence[dict]) -> List[str]:
 ####################################################################################
 
 INTENTS = ("provide", "correct", "cancel", "skip", "other")
-RERUN_PATTERN = re.compile(r"\b(again|retry|re-?run|once more|try it|encore|nochmal|noch einmal|otra vez|"
-                           r"de nuevo|di nuovo|ancora)\b", re.I)
-CANCEL_PATTERN = re.compile(r"\A\W*(stop|cancel|abort|reset|start over|start again|restart|never ?mind|"
-                            r"annuler|recommencer|abbrechen|von vorne|cancelar|empezar de nuevo|annulla|"
-                            r"ricominciare)\W*\Z", re.I)
-BOOLEAN_WORDS = {
-    True: {"true", "yes", "y", "1", "on", "yeah", "yep", "sure", "oui", "si", "sí", "ja", "sim", "da", "да",
-           "vrai", "wahr", "vero", "verdadero", "verdadeiro"},
-    False: {"false", "no", "n", "0", "off", "nope", "non", "nein", "não", "nao", "нет", "net", "faux",
-            "falsch", "falso"},
-}
+
+
+@dataclass(frozen=True)
+class Language:
+    """One language's words, for the reader. Every field is words separated by spaces,
+    written folded (lower case, no accents, no apostrophes: as the reader sees a message),
+    except ``months`` (twelve such lists) and the phrase fields (phrases separated by
+    commas). A field a language has no words for stays empty. The reader's logic names no
+    word of any language: it reads only these tables, so adding a language is adding one
+    Language to LANGUAGES (its entries are checked when the module loads)."""
+    code: str
+    months: Tuple[str, ...] = ()        # January..December: names and abbreviations
+    weekdays: str = ""
+    seasons: str = ""                   # seasons, holidays and days named by a single word
+    time_phrases: str = ""              # times named by several words: "new years eve, semana santa"
+    season_nouns: str = ""              # a time the words before it name: "the cherry blossom season"
+    holiday_words: str = ""             # make a holiday of the time word next to them: "spring break"
+    uncertain_times: str = ""           # also ordinary words: a time only capitalised, beside a number
+    time_units: str = ""                # "a week", "10 days"
+    numbers: str = ""                   # number words: "a week", "two nights", "a couple of days"
+    qualifiers: str = ""                # "early May", "next week", "el mes que viene"
+    relatives: str = ""                 # between a unit and its qualifier: "el mes que viene"
+    range_links: str = ""               # join the parts of a period: "from 10 to 17 October", "del 3 al 10"
+    range_words: str = ""               # between two numbers, a range or a choice: "1500 to 2000", "1500 or 2000"
+    and_words: str = ""                 # between two numbers, the ends of a range: "between 1000 and 2000"
+    period_leads: str = ""              # lead into a period, not part of it: "in April" is April
+    articles: str = ""                  # between a place word and a name: "in the Highlands"
+    place_leads: str = ""               # a capitalised name after them is a place: "a trip to Lisbon"
+    stays: str = ""                     # being somewhere already: "I'm in London"
+    corrections: str = ""               # fillers of a correction: "Rome, sorry, Florence"
+    negations: str = ""                 # rule out what follows in the clause: "not Paris"
+    except_openers: str = ""            # with except_words: "anywhere but Paris"
+    except_words: str = ""
+    contrasts: str = ""                 # end a negation's reach, and a later value replaces: "not Paris but Lyon"
+    preferences: str = ""               # choose the value beside them: "Florence instead", "plutot Cannes"
+    alternatives: str = ""              # offer values side by side: "Sydney or Melbourne"
+    hedges: str = ""                    # leave the clause's value open: "somewhere in Italy, maybe"
+    name_joiners: str = ""              # inside a name: "Rio de Janeiro", "Frankfurt am Main"
+    confirmations: str = ""             # a clause of a name and these only names a value: "Florence it is"
+    non_answers: str = ""               # talk about the chat, not a value: "Add Details", "no idea"
+    cancels: str = ""                   # words of stopping, for the LLM's cancel intent
+    cancel_phrases: str = ""            # a whole message of one of these cancels: "start over"
+    rerun_phrases: str = ""             # "again": run once more with the same values
+    yes: str = ""
+    no: str = ""
+    sentence_starts: str = ""           # a reply opening with one is a sentence, not a value
+    phrase_starts: str = ""             # after a label, show it is talked about: "a destination with beaches"
+    copulas: str = ""                   # between a label and its value: "destination is Rome"
+    label_links: str = ""               # between a label and its number, besides copulas: "a budget of 2000"
+    common_words: str = ""              # too loose to name an input, in a label: "number", "value"
+    currency_words: str = ""
+    rate_words: str = ""                # an amount before these and a unit is a rate: "50 euros a night"
+    rate_units: str = ""                # besides time units: "per person"
+    kind_words: Mapping[str, str] = field(default_factory=dict)   # the kind of an input, from its words
+
+
+ENGLISH = Language(
+    code="en",
+    months=("january jan", "february feb", "march mar", "april apr", "may", "june jun", "july jul",
+            "august aug", "september sep sept", "october oct", "november nov", "december dec"),
+    weekdays="monday tuesday wednesday thursday friday saturday sunday",
+    seasons="spring summer autumn fall winter season easter christmas thanksgiving pentecost today tomorrow "
+            "tonight weekend week-end weekends",
+    time_phrases="new year, new years, new years eve, new years day",
+    season_nouns="season",
+    holiday_words="break breaks holiday holidays vacation eve",
+    uncertain_times="may mar jan march sun sat wed fall",
+    time_units="day days night nights week weeks month months fortnight year years",
+    numbers="a an one two three four five six seven eight nine ten eleven twelve fourteen fifteen couple few "
+            "several",
+    qualifiers="early mid middle late end beginning start first second third fourth last next this coming "
+               "following long whole entire half",
+    range_links="to until till through thru and from of in on at the for during over",
+    range_words="to or", and_words="and",
+    period_leads="in on at for from during over",
+    articles="the",
+    place_leads="to in into for visit visiting see explore discover",
+    stays="im am live lives living based stay staying",
+    corrections="sorry pardon wait actually oops ah oh",
+    negations="not no never without except excluding nor dont doesnt didnt wont cant isnt arent none zero",
+    except_openers="anywhere anything everywhere everything all any somewhere",
+    except_words="but",
+    contrasts="but rather instead",
+    preferences="rather instead",
+    alternatives="or",
+    hedges="maybe perhaps possibly somewhere probably",
+    name_joiners="upon on",
+    confirmations="it is its please then",
+    non_answers="add details detail more less concise shorter longer tell me explain elaborate continue again "
+                "regenerate retry try hmm hm um uh er let think about it maybe not sure unsure know dunno idk no "
+                "idea whatever anything anywhere somewhere something wait please thanks thank you ok okay yes what "
+                "why how which who",
+    cancels="stop cancel abort reset forget nevermind restart",
+    cancel_phrases="stop, cancel, abort, reset, start over, start again, restart, never mind, nevermind",
+    rerun_phrases="again, retry, rerun, re-run, once more, try it",
+    yes="yes yeah yep sure true",
+    no="no nope false",
+    sentence_starts="i im id ill ive we were wed lets let my our it its please can could would what how why hi "
+                    "hello hey thanks ok okay actually no nope yes sorry well so make change maybe perhaps rather "
+                    "instead but and also then",
+    phrase_starts="a an the with for of in to that which and or is are was will yet not still any some you "
+                  "should would could as doesn don isn no none nothing never really tbd unknown undecided",
+    copulas="is", label_links="of",
+    common_words="whether with that this from they their them user users there what when which will would should "
+                 "have does into also only more than some very your about name number value true false",
+    currency_words="dollar dollars bucks pound pounds quid",
+    rate_words="a an per each every",
+    rate_units="person persons people head pax",
+    kind_words={"email": "email e-mail", "url": "url urls link website webpage",
+                "date": "date dates when period day days", "place": "where destination city town place country "
+                "region location", "money": "budget price cost money amount spend spending fee salary currency",
+                "year": "year years"},
+)
+
+FRENCH = Language(
+    code="fr",
+    months=("janvier", "fevrier", "mars", "avril", "mai", "juin", "juillet", "aout", "septembre", "octobre",
+            "novembre", "decembre"),
+    weekdays="lundi mardi mercredi jeudi vendredi samedi dimanche",
+    seasons="printemps ete automne hiver saison paques noel pentecote reveillon toussaint aujourdhui demain "
+            "week-end",
+    time_phrases="nouvel an, jour de lan, saint sylvestre",
+    season_nouns="saison",
+    holiday_words="vacances sainte",
+    time_units="jour jours journee nuit nuits semaine semaines mois quinzaine annee annees",
+    numbers="un une deux trois quatre cinq six sept huit neuf dix quinze quelques",
+    qualifiers="debut mi milieu fin premier premiere deuxieme troisieme dernier derniere prochain prochaine ce "
+               "cet cette vient",
+    relatives="qui",
+    range_links="du des au aux jusqu jusquau et le la les l d de en dans pour pendant qui",
+    range_words="a ou", and_words="et",
+    period_leads="du au aux jusqu de d en dans pour pendant",
+    articles="la le les l",
+    place_leads="a au aux en pour vers visiter voir decouvrir",
+    stays="suis habite vis",
+    corrections="pardon",
+    negations="pas non sans sauf jamais ni aucun aucune",
+    contrasts="mais plutot",
+    preferences="plutot",
+    alternatives="ou",
+    hedges="peut-etre peutetre",
+    name_joiners="de la le sur en",
+    confirmations="cest alors svp",
+    non_answers="plus details detaille concis court explique encore peut etre sais pas idee",
+    cancels="annuler annule oublie oublier arrete",
+    cancel_phrases="annuler, recommencer, on recommence",
+    rerun_phrases="encore",
+    yes="oui vrai",
+    no="non faux",
+    sentence_starts="je j nous moi non oui plutot",
+    copulas="est", label_links="de",
+    currency_words="euro euros franc francs balles",
+    rate_words="par la le",
+    rate_units="personne personnes",
+    kind_words={"year": "annee"},
+)
+
+GERMAN = Language(
+    code="de",
+    months=("januar janner", "februar", "marz maerz", "april", "mai", "juni", "juli", "august", "september",
+            "oktober", "november", "dezember"),
+    weekdays="montag dienstag mittwoch donnerstag freitag samstag sonntag",
+    seasons="fruhling fruehling sommer herbst winter ostern weihnachten pfingsten silvester fruhjahr heute "
+            "morgen wochenende",
+    season_nouns="saison",
+    holiday_words="ferien urlaub",
+    uncertain_times="morgen",
+    time_units="tag tage tagen nacht nachte woche wochen monat monate jahr jahre",
+    numbers="ein eine einen zwei drei vier funf sechs sieben acht neun zehn vierzehn paar einige",
+    qualifiers="anfang mitte ende erste ersten zweite zweiten dritte letzte letzten nachste nachsten nachstes "
+               "nachster kommende kommenden diese diesen dieses lang lange langes langen",
+    range_links="vom von bis zum zur und im am in der den des dem fur wahrend uber ubers",
+    range_words="bis oder", and_words="und",
+    period_leads="vom von bis zum zur im am fur wahrend uber ubers",
+    articles="der die das den",
+    place_leads="nach in ins fur besuchen sehen entdecken",
+    stays="wohne wohnen lebe bin",
+    corrections="entschuldigung",
+    negations="nicht kein keine keinen keinem ohne ausser statt anstatt nie",
+    contrasts="aber sondern lieber",
+    preferences="lieber",
+    alternatives="oder",
+    hedges="vielleicht eventuell irgendwo",
+    name_joiners="am an",
+    confirmations="bitte dann",
+    non_answers="mehr kurzer erklare weiter vielleicht weiss nicht keine ahnung",
+    cancels="abbrechen vergiss vergessen stopp",
+    cancel_phrases="abbrechen, von vorne, nochmal von vorne",
+    rerun_phrases="nochmal, noch einmal",
+    yes="ja wahr",
+    no="nein falsch",
+    sentence_starts="ich wir mein meine nein ja lieber",
+    copulas="ist", label_links="von",
+    currency_words="franken",
+    rate_words="pro je",
+    rate_units="person personen",
+    kind_words={"year": "jahr"},
+)
+
+SPANISH = Language(
+    code="es",
+    months=("enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre setiembre",
+            "octubre", "noviembre", "diciembre"),
+    weekdays="lunes martes miercoles jueves viernes sabado domingo",
+    seasons="primavera verano otono invierno temporada pascua navidad nochevieja hoy manana",
+    time_phrases="semana santa, ano nuevo, fin de ano",
+    season_nouns="temporada",
+    holiday_words="vacaciones puente santa santo",
+    time_units="dia dias noche noches semana semanas mes meses quincena ano anos",
+    numbers="un una uno unos unas dos tres cuatro cinco seis siete ocho nueve diez quince",
+    qualifiers="principios mediados finales primera primer segunda segundo tercera ultima ultimo proximo "
+               "proxima este esta largo larga viene",
+    relatives="que",
+    range_links="al del que desde hasta y el los las a de en",
+    range_words="a al y o", and_words="y",
+    period_leads="del desde hasta a en de",
+    articles="el los las la",
+    place_leads="a al en para por hacia visitar ver conocer descubrir",
+    stays="vivo vive estoy",
+    corrections="bueno perdon perdona",
+    negations="sin excepto salvo menos nunca nada ningun ninguno ninguna",
+    contrasts="pero sino mejor",
+    preferences="mejor",
+    alternatives="o u",
+    hedges="quizas quiza tal",
+    name_joiners="de del la y",
+    confirmations="porfa",
+    non_answers="mas detalles conciso explica quizas se ni idea",
+    cancels="cancela cancelar olvida olvidalo",
+    cancel_phrases="cancelar, cancela, empezar de nuevo, empecemos de nuevo",
+    rerun_phrases="otra vez, de nuevo",
+    yes="si verdadero",
+    no="no falso",
+    sentence_starts="yo quiero queremos mi mejor",
+    copulas="es", label_links="de",
+    currency_words="peso pesos dolar dolares pavos",
+    rate_words="por la el",
+    rate_units="persona personas",
+    kind_words={"year": "ano"},
+)
+
+ITALIAN = Language(
+    code="it",
+    months=("gennaio", "febbraio", "marzo", "aprile", "maggio", "giugno", "luglio", "agosto", "settembre",
+            "ottobre", "novembre", "dicembre"),
+    weekdays="lunedi martedi mercoledi giovedi venerdi sabato domenica",
+    seasons="primavera estate autunno inverno stagione pasqua natale capodanno ferragosto oggi domani",
+    season_nouns="stagione",
+    holiday_words="vacanze ponte santo",
+    time_units="giorno giorni notte notti settimana settimane mese mesi anno anni",
+    numbers="un uno una due tre quattro cinque sei sette otto nove dieci quindici qualche alcuni alcune",
+    qualifiers="inizio meta prima primo seconda secondo terza prossimo prossima questo questa lungo lunga "
+               "viene",
+    relatives="che",
+    range_links="al dal dai fino e il lo di del nel nella per durante a",
+    range_words="a o oppure", and_words="e",
+    period_leads="a ad dal dai fino nel nella per durante di",
+    articles="il lo la gli",
+    place_leads="a ad in nel nella nell per verso visitare vedere scoprire",
+    stays="sono abito",
+    corrections="anzi scusa scusate",
+    negations="senza tranne eccetto mai ne niente nessun nessuno nessuna",
+    contrasts="ma piuttosto invece",
+    preferences="meglio piuttosto invece",
+    alternatives="o oppure",
+    hedges="forse magari",
+    name_joiners="di da",
+    confirmations="allora grazie",
+    non_answers="piu dettagli spiega forse so non idea",
+    cancels="annulla lascia dimentica",
+    cancel_phrases="annulla, ricominciare, ricominciamo",
+    rerun_phrases="di nuovo, ancora",
+    yes="si vero",
+    no="no falso",
+    sentence_starts="io vorrei mi meglio",
+    label_links="di",
+    currency_words="dollari sterlina sterline",
+    rate_words="a al per",
+    rate_units="persona persone",
+    kind_words={"year": "anno"},
+)
+
+PORTUGUESE = Language(
+    code="pt",
+    months=("janeiro", "fevereiro", "marco", "abril", "maio", "junho", "julho", "agosto", "setembro",
+            "outubro", "novembro", "dezembro"),
+    weekdays="segunda terca quarta quinta sexta sabado domingo",
+    seasons="primavera verao outono inverno temporada pascoa natal reveillon carnaval hoje amanha",
+    time_phrases="ano novo, semana santa",
+    season_nouns="temporada",
+    holiday_words="ferias feriado",
+    time_units="dia dias noite noites semana semanas mes meses quinzena ano anos",
+    numbers="um uma dois duas tres quatro cinco seis sete oito nove dez quinze alguns algumas",
+    qualifiers="inicio meados fim final primeira primeiro segunda segundo terceira ultima ultimo proximo "
+               "proxima este esta longo longa vem",
+    relatives="que",
+    range_links="de do da dos das a ao ate e em no na",
+    range_words="a ate ou", and_words="e",
+    period_leads="em no na de do da a ate",
+    articles="o os as",
+    place_leads="a ao para em conhecer visitar ver descobrir",
+    stays="moro vivo estou",
+    corrections="desculpa desculpe perdao",
+    negations="nao nem sem nunca exceto nenhum nenhuma",
+    contrasts="mas prefiro antes",
+    preferences="prefiro antes melhor",
+    alternatives="ou",
+    hedges="talvez quica",
+    name_joiners="de do da dos das",
+    confirmations="entao",
+    non_answers="mais detalhes explica talvez sei nao ideia",
+    cancels="cancela cancelar esquece",
+    cancel_phrases="cancelar, cancela, recomecar, vamos recomecar, comecar de novo",
+    rerun_phrases="de novo, outra vez",
+    yes="sim verdadeiro",
+    no="nao falso",
+    sentence_starts="eu quero queremos meu minha prefiro",
+    label_links="de",
+    currency_words="real reais",
+    rate_words="por a o",
+    rate_units="pessoa pessoas",
+    kind_words={"year": "ano"},
+)
+
+LANGUAGES: Mapping[str, Language] = MappingProxyType({
+    language.code: language for language in (ENGLISH, FRENCH, GERMAN, SPANISH, ITALIAN, PORTUGUESE)})
+# Written the same in every language: symbols of yes and no, currency codes and signs.
+SYMBOL_YES, SYMBOL_NO = "y 1 on", "n 0 off"
+CURRENCY_CODES = "usd eur gbp chf jpy cad aud yen kr"
+CURRENCY_SIGNS = "$€£¥₹"
 NUMBER_PATTERN = re.compile(r"(?<![\w.,])[-+]?(\d{1,3}(?:[,.'’\u00a0\u202f]\d{3})+(?:[.,]\d+)?|\d+(?:[.,]\d+)?)"
                             r"(\s*[kK]\b|\s*[mM]\b(?!\w))?")
-LABELLED_NUMBER = (r"\b\s*(?:is|of|=|:)?\s*[$€£¥]?\s*(\d{1,3}(?: \d{3})+(?![\d.,]?\d)|\d[\d.,'’\u00a0\u202f]*(?:\s*[kK]\b)?)"
-                   r"(?![\d.,]*\s*(?:-|–|to|or|bis|à|a|y|o|oder|ou|oppure)\s*[$€£¥]?\d)")   # not a range "1500-2000"
 SPACED_NUMBER_PATTERN = re.compile(r"(?<![\w.,])\d{1,3}(?: \d{3})+(?![\d.,]\d)")
 LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*(.+?)\s*$", re.M)
-COMMON_WORDS = {"whether", "with", "that", "this", "from", "they", "their", "them", "user", "users", "there",
-                "what", "when", "which", "will", "would", "should", "have", "does", "into", "also", "only",
-                "more", "than", "some", "very", "your", "about", "name", "number", "value", "true", "false"}
-# Words after a label that show it is talked about, not given: "a destination with beaches".
-PHRASE_STARTS = {"a", "an", "the", "with", "for", "of", "in", "to", "that", "which", "and", "or", "is", "are",
-                 "was", "will", "yet", "not", "still", "any", "some", "you", "should", "would", "could", "as",
-                 "doesn", "don", "isn", "no", "none", "nothing", "never", "really", "tbd", "unknown", "undecided"}
-# A reply that opens like a sentence ("let's go to Rome") is not itself a value.
-SENTENCE_STARTS = {"i", "im", "id", "ill", "ive", "we", "were", "wed", "lets", "let", "my", "our", "it", "its",
-                   "please", "can", "could", "would", "what", "how", "why", "hi", "hello", "hey", "thanks", "ok",
-                   "okay", "je", "j", "nous", "moi", "ich", "wir", "mein", "meine", "yo", "quiero",
-                   "queremos", "mi", "io", "vorrei", "eu", "quero", "actually", "no", "non", "nein", "nope",
-                   "yes", "oui", "si", "ja", "sorry", "well", "so", "make", "change", "maybe", "perhaps", "rather",
-                   "instead", "but", "and", "also", "then", "plutot", "lieber", "mejor", "meglio"}
 TYPED_VALUE_PATTERNS = FORMAT_PATTERNS   # their shape makes them unambiguous: read without a label
-
-# Language data. Each table is words, folded (lower case, no accents, no
-# apostrophes) and separated by spaces, in English, French, German, Spanish and Italian
-# (and some Portuguese). A contributor adds a language here; the reader's logic stays as it is.
-MONTH_NAMES = {
-    1: "january jan janvier januar janner enero gennaio janeiro",
-    2: "february feb fevrier februar febrero febbraio fevereiro",
-    3: "march mar mars marz maerz marzo marco",
-    4: "april apr avril abril aprile",
-    5: "may mai mayo maggio maio",
-    6: "june jun juin juni junio giugno junho",
-    7: "july jul juillet juli julio luglio julho",
-    8: "august aug aout agosto",
-    9: "september sep sept septembre septiembre settembre setembro",
-    10: "october oct octobre oktober octubre ottobre outubro",
-    11: "november nov novembre noviembre novembro",
-    12: "december dec decembre dezember diciembre dicembre dezembro",
-}
-TIME_NAME_WORDS = """monday tuesday wednesday thursday friday saturday sunday lundi mardi mercredi jeudi vendredi
-    samedi dimanche montag dienstag mittwoch donnerstag freitag samstag sonntag lunes martes miercoles jueves
-    viernes sabado domingo lunedi martedi mercoledi giovedi venerdi sabato domenica
-    spring summer autumn fall winter season easter christmas printemps ete automne hiver saison paques noel
-    fruhling fruehling sommer herbst ostern weihnachten primavera verano otono invierno temporada pascua navidad
-    estate autunno inverno stagione pasqua natale thanksgiving pentecost pentecote pfingsten silvester
-    nochevieja reveillon capodanno ferragosto toussaint fruhjahr
-    today tomorrow tonight weekend week-end weekends aujourdhui demain heute morgen wochenende hoy manana
-    oggi domani"""
-# Words that make a holiday of the time word next to them: "spring break", "Semana Santa",
-# "le vacanze di Natale", "il ponte del 25 aprile".
-HOLIDAY_WORDS = "break breaks holiday holidays vacation vacances ferien urlaub vacaciones vacanze ponte puente santa sainte santo"
-# Words that are also ordinary words ("I may", "to march", "the fall"): a time only when
-# written with a capital and next to a number or a word of time ("in May", "May 3").
-UNCERTAIN_TIME_WORDS = "may mar jan march sun sat wed fall morgen"
-TIME_UNIT_WORDS = """day days night nights week weeks month months fortnight jour jours journee nuit nuits semaine
-    semaines mois quinzaine tag tage tagen nacht nachte woche wochen monat monate dia dias noche noches semana
-    semanas mes meses quincena giorno giorni notte notti settimana settimane mese mesi"""
-NUMBER_WORDS = """a an one two three four five six seven eight nine ten eleven twelve fourteen fifteen couple few
-    several un une deux trois quatre cinq six sept huit neuf dix quinze ein eine einen zwei drei vier funf sechs
-    sieben acht neun zehn vierzehn paar einige uno una unos unas dos tres cuatro cinco seis siete ocho nueve diez
-    quince due tre quattro cinque sei sette otto nove dieci quindici qualche alcuni alcune quelques"""
-TIME_QUALIFIER_WORDS = """early mid middle late end beginning start first second third fourth last next this coming
-    following long whole entire half debut mi milieu fin premier premiere deuxieme troisieme dernier derniere
-    prochain prochaine ce cet cette anfang mitte ende erste ersten zweite zweiten dritte letzte letzten nachste
-    nachsten nachstes nachster kommende kommenden diese diesen dieses lang lange langes langen principios mediados finales primera
-    primer segunda segundo tercera ultima ultimo proximo proxima este esta largo larga inizio meta prima primo
-    seconda secondo terza prossimo prossima questo questa lungo lunga viene vient"""
-# Words that join the parts of a period ("from 10 to 17 October", "del 3 al 10 de junio").
-TIME_LINK_WORDS = """to until till through thru and from of in on at the for during over du des au aux jusqu jusquau
-    et le la les l d de en dans pour pendant qui vom von bis zum zur und im am in der den des dem fur wahrend uber
-    ubers al del que che
-    desde hasta y el los las a ad dal dai fino e il lo di nel nella per durante em do da ate ao"""
-# Of these, the ones that only lead into a period: "in April" is April, "du 3 au 10 juin" is 3 au 10 juin.
-LEADING_LINK_WORDS = """in on at for from during over du au aux jusqu de d en dans pour pendant vom von bis zum zur
-    im am fur wahrend uber ubers del desde hasta a ad dal dai fino nel nella per durante em do da ate ao di"""
-# Words after which a capitalised name is a place ("a trip to Lisbon", "viajar a Madrid").
-PLACE_LEAD_WORDS = """to in into for visit visiting see explore discover a au aux en pour vers visiter voir
-    decouvrir nach in ins fur besuchen sehen entdecken a al en para por hacia visitar ver conocer descubrir a ad in
-    nel nella nell per verso visitare vedere scoprire para em"""
-# Articles that may stand between a place word and the name: "in the Scottish Highlands".
-PLACE_ARTICLE_WORDS = "the la le les l el los las il lo gli der die das den"
-# Words of being somewhere already, before "in"/"à": "I'm in London", "je suis à Lyon".
-STAY_WORDS = "im am live lives living based stay staying wohne wohnen lebe bin suis habite vis vivo vive estoy sono abito"
-# A correction of a name said just before: "à Québec ? Ah non pardon, Montréal", "Roma, bueno no, a Florencia".
-CORRECTION_FILLER_WORDS = "sorry pardon wait actually oops ah oh bueno perdon perdona anzi scusa scusate entschuldigung"
-NEGATION_WORDS = """not no never without except excluding nor dont doesnt didnt wont cant isnt arent pas non sans
-    sauf jamais ni aucun aucune nicht kein keine keinen keinem ohne ausser statt anstatt nie sin excepto salvo
-    menos nunca nada ningun ninguno ninguna senza tranne eccetto mai ne niente nessun nessuno nessuna none zero"""
-EXCEPT_OPENER_WORDS = "anywhere anything everywhere everything all any somewhere"   # "anywhere but Paris"
-EXCEPT_WORDS = "but"
-CONTRAST_WORDS = "but rather instead mais plutot sondern lieber pero sino mejor ma piuttosto invece"
-PREFERENCE_WORDS = "rather instead plutot lieber mejor meglio piuttosto invece"   # "plutôt Marseille": a place
-ALTERNATIVE_WORDS = "or ou oder o u oppure"
-NAME_JOINER_WORDS = "de del da di do dos das la le upon on am an sur en y"   # "Rio de Janeiro", "Frankfurt am Main"
-# Words of a reply that says something about the conversation, not a value: "Add Details",
-# "More Concise", "Tell me more", "hmm, let me think", "no idea".
-NON_ANSWER_WORDS = """add details detail more less concise shorter longer tell me explain elaborate continue
-    again regenerate retry try hmm hm um uh er let think about it maybe not sure unsure know dunno idk no idea
-    whatever anything anywhere somewhere something wait please thanks thank you ok okay yes what why how which who
-    plus details detaille concis court explique encore peut etre sais pas idee mehr kurzer erklare weiter
-    vielleicht weiss nicht keine ahnung mas detalles conciso explica quizas se ni idea piu dettagli spiega forse
-    so non idea"""
-CANCEL_WORDS = """stop cancel abort reset forget nevermind restart annuler annule oublie oublier arrete abbrechen
-    vergiss vergessen stopp cancela cancelar olvida olvidalo annulla lascia dimentica"""
-CURRENCY_WORDS = """usd eur gbp chf jpy cad aud dollar dollars bucks euro euros pound pounds quid yen franc francs
-    franken peso pesos dolar dolares dollari sterlina sterline real reais kr pavos balles"""
-CURRENCY_SIGNS = "$€£¥₹"
-# The kinds of value a text or number input holds, recognised from the words of its name
-# and description when its type does not say ("travel_dates: when the user ..." is a period).
-KIND_WORDS = {
-    "email": "email e-mail",
-    "url": "url urls link website webpage",
-    "date": "date dates when period day days",
-    "place": "where destination city town place country region location",
-    "money": "budget price cost money amount spend spending fee salary currency",
-    "year": "year years annee jahr ano anno",
-}
 TEXT_KINDS = ("email", "url", "date", "place")     # kinds of the string type
 NUMBER_KINDS = ("money", "year")                  # kinds of the number types
-
-
-def _table(words: str) -> frozenset:
-    return frozenset(words.split())
-
-
-MONTHS = MappingProxyType({word: month for month, words in MONTH_NAMES.items() for word in words.split()})
-TIME_NAMES, UNCERTAIN_TIMES = _table(TIME_NAME_WORDS) | MONTHS.keys(), _table(UNCERTAIN_TIME_WORDS)
-TIME_UNITS, COUNT_WORDS, QUALIFIERS = _table(TIME_UNIT_WORDS), _table(NUMBER_WORDS), _table(TIME_QUALIFIER_WORDS)
-HOLIDAYS = _table(HOLIDAY_WORDS)
-TIME_LINKS, LEADING_LINKS = _table(TIME_LINK_WORDS), _table(LEADING_LINK_WORDS)
-PLACE_LEADS, NEGATIONS, CONTRASTS = _table(PLACE_LEAD_WORDS), _table(NEGATION_WORDS), _table(CONTRAST_WORDS)
-ALTERNATIVES, NAME_JOINERS, CANCELS = _table(ALTERNATIVE_WORDS), _table(NAME_JOINER_WORDS), _table(CANCEL_WORDS)
-CURRENCIES, PREFERENCES = _table(CURRENCY_WORDS), _table(PREFERENCE_WORDS)
-PLACE_ARTICLES, CORRECTION_FILLERS = _table(PLACE_ARTICLE_WORDS), _table(CORRECTION_FILLER_WORDS)
-NON_ANSWERS, STAYS = _table(NON_ANSWER_WORDS), _table(STAY_WORDS)
-EXCEPTS, EXCEPT_OPENERS = _table(EXCEPT_WORDS), _table(EXCEPT_OPENER_WORDS)
-KINDS = MappingProxyType({kind: _table(words) for kind, words in KIND_WORDS.items()})
 CLAUSE_MARKS = frozenset(",;.!?:()[]—|\n")
-MONEY_PATTERN = re.compile(
-    r"(?:(?P<sign>[" + CURRENCY_SIGNS + r"]|\b(?:US\$|USD|EUR|GBP|CHF)\b)\s?(?P<before>\d[\d.,'’]*\d|\d)(?P<k1>\s?[kK]\b)?)"
-    r"|(?:(?<![\w.,])(?P<after>\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?![\d.,]\d)|\d[\d.,'’]*\d|\d)(?P<k2>\s?[kK]\b)?"
-    r"\s?(?P<unit>[" + CURRENCY_SIGNS + r"]|[^\W\d_]+)?)")
 TOKEN_PATTERN = re.compile(
     r"(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4})"
     r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]))|(?P<number>\d+(?:[.,]\d+)*)"
     r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\S)")
+# A short capitalised abbreviation with its dot ("St. Louis", "Mt. Fuji") does not end a phrase.
+ABBREVIATION_PATTERN = r"\b[A-Z][a-z]{0,2}\.(?=\s)"
+# Marks that are not text: controls, bidirectional and zero-width marks, lone surrogates.
+INVISIBLE_PATTERN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff"
+                               "\ud800-\udfff]")
+CODE_FENCE_PATTERN = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?(?:^[ \t]*\1[ \t]*$|\Z)", re.M | re.S)
 
 
 ####################################################################################
@@ -2256,6 +2447,100 @@ def _fold(text: str) -> str:
 
 def _words(text: str) -> List[str]:
     return re.findall(r"\w+", _fold(text))
+
+
+# The language tables as the reader uses them: each field's words over every language. An
+# entry a message can never match (not folded, an apostrophe, two words where one is read)
+# stops the module from loading, naming the language, the field and the entry.
+PHRASE_FIELDS = ("time_phrases", "cancel_phrases", "rerun_phrases")
+WORD_PATTERN = re.compile(r"[^\W_]+(?:-[^\W_]+)*\Z")
+
+
+def _language_entries(language: Language) -> Iterator[Tuple[str, str]]:
+    """(field, entry) for every entry of a language: words, and the words of its phrases."""
+    for spec in dataclasses.fields(language):
+        value = getattr(language, spec.name)
+        if spec.name == "code":
+            continue
+        if spec.name == "months":
+            texts = list(value)
+        elif spec.name == "kind_words":
+            texts = list(value.values())
+        else:
+            texts = value.replace(",", " ").split() if spec.name in PHRASE_FIELDS else [value]
+        for text in texts:
+            for word in text.split():
+                yield spec.name, word
+
+
+def check_language(language: Language) -> Language:
+    """The language, if every entry can match a message's words; else ValueError."""
+    if language.months and len(language.months) != 12:
+        raise ValueError(f"language {language.code}: 'months' lists {len(language.months)} months, not 12")
+    for name, word in _language_entries(language):
+        if _fold(word) != word or "'" in word or not WORD_PATTERN.match(word):
+            raise ValueError(f"language {language.code}, {name}: {word!r} can never match a message's words "
+                             f"(write it folded: {_fold(word).replace(chr(39), '')!r})")
+    return language
+
+
+def words_of(field_name: str) -> frozenset:
+    """One field's words, in every language."""
+    return frozenset(word for language in LANGUAGES.values() for word in getattr(language, field_name).split())
+
+
+def phrases_of(field_name: str) -> Tuple[Tuple[str, ...], ...]:
+    """One phrase field's phrases, each as its words, longest first, in every language."""
+    phrases = {tuple(phrase.split()) for language in LANGUAGES.values()
+               for phrase in getattr(language, field_name).split(",") if phrase.strip()}
+    return tuple(sorted(phrases, key=len, reverse=True))
+
+
+def _phrase_pattern(field_name: str, whole: bool) -> re.Pattern:
+    """A pattern of one phrase field, matched on folded text: the whole message, or anywhere."""
+    body = "|".join(r"[\s-]*".join(map(re.escape, phrase)) for phrase in phrases_of(field_name))
+    return re.compile(r"\A\W*(?:" + body + r")\W*\Z" if whole else r"\b(?:" + body + r")\b", re.I)
+
+
+CHECKED_LANGUAGES = tuple(check_language(language) for language in LANGUAGES.values())
+MONTHS = MappingProxyType({word: month for language in LANGUAGES.values()
+                           for month, words in enumerate(language.months, 1) for word in words.split()})
+TIME_NAMES = words_of("weekdays") | words_of("seasons") | MONTHS.keys()
+TIME_PHRASES = phrases_of("time_phrases")
+UNCERTAIN_TIMES, SEASON_NOUNS, HOLIDAYS = words_of("uncertain_times"), words_of("season_nouns"), words_of("holiday_words")
+TIME_UNITS, COUNT_WORDS, QUALIFIERS = words_of("time_units"), words_of("numbers"), words_of("qualifiers")
+RELATIVES = words_of("relatives")
+TIME_LINKS, LEADING_LINKS, ARTICLES = words_of("range_links"), words_of("period_leads"), words_of("articles")
+RANGE_WORDS, AND_WORDS = words_of("range_words"), words_of("and_words")
+PLACE_LEADS, STAYS, CORRECTION_FILLERS = words_of("place_leads"), words_of("stays"), words_of("corrections")
+NEGATIONS, CONTRASTS, PREFERENCES = words_of("negations"), words_of("contrasts"), words_of("preferences")
+EXCEPTS, EXCEPT_OPENERS = words_of("except_words"), words_of("except_openers")
+ALTERNATIVES, HEDGES, NAME_JOINERS = words_of("alternatives"), words_of("hedges"), words_of("name_joiners")
+CONFIRMATIONS, NON_ANSWERS, CANCELS = words_of("confirmations"), words_of("non_answers"), words_of("cancels")
+SENTENCE_STARTS, PHRASE_STARTS = words_of("sentence_starts"), words_of("phrase_starts")
+COPULAS, LABEL_LINKS, COMMON_WORDS = words_of("copulas"), words_of("label_links"), words_of("common_words")
+CURRENCIES = words_of("currency_words") | frozenset(CURRENCY_CODES.split())
+RATE_WORDS, RATE_UNITS = words_of("rate_words"), words_of("rate_units") | TIME_UNITS
+BOOLEAN_WORDS = MappingProxyType({True: words_of("yes") | frozenset(SYMBOL_YES.split()),
+                                  False: words_of("no") | frozenset(SYMBOL_NO.split())})
+KINDS = MappingProxyType({kind: frozenset(word for language in LANGUAGES.values()
+                                          for word in language.kind_words.get(kind, "").split())
+                          for kind in TEXT_KINDS + NUMBER_KINDS})
+CANCEL_PATTERN = _phrase_pattern("cancel_phrases", whole=True)
+RERUN_PATTERN = _phrase_pattern("rerun_phrases", whole=False)
+_RANGE = "|".join(map(re.escape, sorted(RANGE_WORDS, key=len, reverse=True)))
+_RANGE_OR_AND = "|".join(map(re.escape, sorted(RANGE_WORDS | AND_WORDS, key=len, reverse=True)))
+# A number right after its label ("budget: 1500", "budget of 2000"), not the start of a range ("1500-2000").
+LABELLED_NUMBER = (r"\b\s*(?:(?:" + "|".join(map(re.escape, sorted(COPULAS | LABEL_LINKS))) + r")\b|=|:)?\s*[$€£¥]?\s*"
+                   r"(\d{1,3}(?: \d{3})+(?![\d.,]?\d)|\d[\d.,'’\u00a0\u202f]*(?:\s*[kK]\b)?)"
+                   r"(?![\d.,]*\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d)")
+RANGE_AFTER_PATTERN = re.compile(r"\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d", re.I)
+RANGE_BEFORE_PATTERN = re.compile(r"\d\s*(?:-|–|\b(?:" + _RANGE_OR_AND + r"))\s*[$€£¥]?\s*\Z", re.I)
+MONEY_PATTERN = re.compile(
+    r"(?:(?P<sign>[" + CURRENCY_SIGNS + r"]|\b(?:US\$|" + "|".join(code.upper() for code in CURRENCY_CODES.split())
+    + r")\b)\s?(?P<before>\d[\d.,'’]*\d|\d)(?P<k1>\s?[kK]\b)?)"
+    r"|(?:(?<![\w.,])(?P<after>\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?![\d.,]\d)|\d[\d.,'’]*\d|\d)(?P<k2>\s?[kK]\b)?"
+    r"\s?(?P<unit>[" + CURRENCY_SIGNS + r"]|[^\W\d_]+)?)")
 
 
 def parse_number(token: str) -> float:
@@ -2518,8 +2803,7 @@ def money_spans(text: str, tokens: Sequence[Token]) -> List[Span]:
         currency = match.group("sign") or (unit and (unit in CURRENCY_SIGNS or _fold(unit) in CURRENCIES))
         if not currency and not has_k:
             continue
-        if _starts_a_range(text, match.start()) or re.match(r"\s*(?:-|–|to|bis|à|a|al|y|o|or)\s*[$€£¥]?\d",
-                                                            text[match.end():]):
+        if _starts_a_range(text, match.start()) or RANGE_AFTER_PATTERN.match(_fold(text[match.end():])):
             continue   # "1500-2000 euros" is a range, not one amount
         end_char = match.end() if (unit and currency) or match.group("sign") else match.end("after") + (
             len(match.group("k2")) if match.group("k2") else 0)
@@ -2533,8 +2817,7 @@ def money_spans(text: str, tokens: Sequence[Token]) -> List[Span]:
 
 
 def _starts_a_range(text: str, position: int) -> bool:
-    return bool(re.search(r"\d\s*(?:-|–|to|bis|à|al|y|o|or|and|und|et|oder|ou|oppure)\s*[$€£¥]?\s*\Z",
-                          text[:position]))
+    return bool(RANGE_BEFORE_PATTERN.search(_fold(text[:position])))
 
 
 def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
@@ -2565,8 +2848,9 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
         following = [t.folded for t in tokens[index + 1:index + 3]]
         counted = previous is not None and (previous.shape in ("number", "ordinal")
                                             or previous.folded in COUNT_WORDS | QUALIFIERS)
-        qualified = bool(following) and (following[0] in QUALIFIERS | HOLIDAYS or following[:2] in (
-            ["que", "viene"], ["qui", "vient"], ["che", "viene"]))
+        if following and following[0] in RELATIVES:   # "el mes que viene"
+            following = following[1:]
+        qualified = bool(following) and following[0] in QUALIFIERS | HOLIDAYS
         return "anchor" if counted or qualified else None
     if token.folded in COUNT_WORDS | QUALIFIERS | TIME_LINKS | HOLIDAYS:
         return "glue"
@@ -2613,11 +2897,11 @@ def _leads_into_period(tokens: Sequence[Token], index: int) -> bool:
     token = tokens[index]
     if token.shape == "mark":
         return True
-    if token.folded == "a":   # Spanish and Italian "a settembre", not English "a week"
+    if token.folded in COUNT_WORDS and token.folded in LEADING_LINKS:   # "a settembre", not "a week"
         following = tokens[index + 1] if index + 1 < len(tokens) else None
         return following is not None and following.folded not in TIME_UNITS | QUALIFIERS | COUNT_WORDS
     return token.folded in LEADING_LINKS or (token.folded in TIME_LINKS and token.folded not in COUNT_WORDS
-                                             and token.folded not in ("the", "la", "le", "les", "el", "il", "lo"))
+                                             and token.folded not in ARTICLES)
 
 
 def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset) -> List[Span]:
@@ -2654,7 +2938,7 @@ def _led_by(tokens: Sequence[Token], index: int, leads: frozenset) -> bool:
     """Does a word of ``leads`` stand right before the name, or before its article, and not
     after a word of being somewhere ("I'm in London", "Ich wohne in Hamburg")?"""
     before = index - 1
-    if before >= 1 and tokens[before].folded in PLACE_ARTICLES:
+    if before >= 1 and tokens[before].folded in ARTICLES:
         before -= 1
     staying = before >= 1 and tokens[before - 1].folded in STAYS
     return before >= 0 and tokens[before].folded in leads and not staying
@@ -2665,7 +2949,7 @@ def _corrects(tokens: Sequence[Token], after: int, index: int) -> bool:
     small words up to the name: "Québec ? Ah non pardon, Montréal", "Tokyo, anzi no, a Seul",
     "nach Paris, aber jetzt doch lieber nach Amsterdam"."""
     between = tokens[after:index]
-    small = CORRECTION_FILLERS | PLACE_LEADS | PLACE_ARTICLES | PREFERENCES
+    small = CORRECTION_FILLERS | PLACE_LEADS | ARTICLES | PREFERENCES
     for k, token in enumerate(between):
         # "bueno no, a Florencia", not "Barcelona, not to Valencia" (that "not" rules out Valencia)
         standalone_no = ((token.folded in NEGATIONS or token.folded in BOOLEAN_WORDS[False]) and k + 1 < len(between)
@@ -2814,7 +3098,7 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str) -> Tup
     (amounts, periods, years, names after a place word or a cue, choices, yes/no topics)
     assigned to inputs by their kind. One candidate for an input is accepted; competing
     ones are asked about; what the message rules out is never taken."""
-    extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(text) else "provide")
+    extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(_fold(text)) else "provide")
     reading = Reading(tokens=tokenize(text))
     if extraction.intent == "cancel":
         return extraction, reading
@@ -2861,7 +3145,7 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     for query in workflow.query_inputs.values():
         kind, is_open = input_kind(query), query.name not in conversation.values
         if query.type in STRING_TYPES and kind in ("place", "text"):
-            leads = _table(" ".join(_fold(cue).split()[-1] for cue in query.cues))
+            leads = frozenset(_fold(cue).split()[-1] for cue in query.cues)
             if kind == "place" and len(places) == 1:
                 leads |= PLACE_LEADS | PREFERENCES
             for span in name_spans(tokens, leads, words_taken(workflow)):
@@ -3078,7 +3362,7 @@ def ground(query: QueryInput, value: Any, raw: Any, text: str, tokens: Sequence[
     if kind in ("place", "text") and value_tokens and (
             all(_time_role(value_tokens, i) for i in range(len(value_tokens)))
             or (kind == "place" and period_spans(value_tokens)) or money_spans(str(value), value_tokens)):
-        # "Oporto del 1 al 4 de junio" for a destination (gemma3-270m): a place holds no dates
+        # "Oporto del 1 al 4 de junio" for a destination (a small model's reading): a place holds no dates
         return f"that is not a {'place' if kind == 'place' else 'value'} for the {query.label}"
     return None
 
@@ -3188,8 +3472,10 @@ def _labelled_phrase(query: QueryInput, text: str) -> Optional[str]:
     Paris, budget 2000" gives Paris. Not a phrase that opens like a sentence ("destination
     with beaches")."""
     label = r"[\s_-]+".join(map(re.escape, _words(query.label)))
-    # The phrase ends at punctuation, but not at the dot of "St." or "Mt.".
-    match = re.search(r"(?i:\b" + label + r"\b)\s*(is\b|:|=)?\s*((?:\b[A-Z][a-z]{0,2}\.(?=\s)|[^\n,;.!?()])+)", text)
+    # The phrase ends at punctuation, but not at the dot of an abbreviation ("St. Louis").
+    copula = "|".join(map(re.escape, sorted(COPULAS)))
+    match = re.search(r"(?i:\b" + label + r"\b)\s*((?i:" + copula + r")\b|:|=)?\s*((?:" + ABBREVIATION_PATTERN
+                      + r"|[^\n,;.!?()])+)", text)
     if not match:
         return None
     phrase = match.group(2).strip()
