@@ -495,7 +495,8 @@ def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
         query = QueryInput(name=name, description=description.strip(), type=value_type,
                            choices=tuple(choices), optional=optional, question=str(spec.get("question", "")),
                            synonyms=_parse_synonyms(spec.get("synonyms", {}), value_type, choices, at),
-                           minimum=_parse_bound(spec, "minimum", at), maximum=_parse_bound(spec, "maximum", at),
+                           minimum=_parse_bound(spec, "minimum", at, 0 if value_type == "money" else None),
+                           maximum=_parse_bound(spec, "maximum", at),
                            cues=_parse_cues(spec.get("cues", []), value_type, at))
         if "default" in spec:
             try:
@@ -520,8 +521,9 @@ def _parse_cues(raw: Any, value_type: str, at: str) -> Tuple[str, ...]:
     return tuple(cue.strip() for cue in raw)
 
 
-def _parse_bound(spec: Mapping[str, Any], key: str, at: str) -> Optional[float]:
-    bound = spec.get(key)
+def _parse_bound(spec: Mapping[str, Any], key: str, at: str, default: Optional[float] = None) -> Optional[float]:
+    """A bound of a number input; money has a minimum of 0 unless the file gives one."""
+    bound = spec.get(key, default)
     if bound is not None and (spec.get("type") not in NUMERIC_TYPES or isinstance(bound, bool)
                               or not isinstance(bound, (int, float))):
         raise WorkflowFileError(f"{at}: {key!r} is a number, for inputs of type number, integer or money")
@@ -2100,10 +2102,12 @@ class Language:
     stays: str = ""                     # being somewhere already: "I'm in London"
     corrections: str = ""               # fillers of a correction: "Rome, sorry, Florence"
     negations: str = ""                 # rule out what follows in the clause: "not Paris"
+    wishes: str = ""                    # a negated wish reaches further: "I don't want to go in July"
     except_openers: str = ""            # with except_words: "anywhere but Paris"
     except_words: str = ""
     contrasts: str = ""                 # end a negation's reach, and a later value replaces: "not Paris but Lyon"
     preferences: str = ""               # choose the value beside them: "Florence instead", "plutot Cannes"
+    changes: str = ""                   # a choice after them changes a value given before: "make it packed"
     alternatives: str = ""              # offer values side by side: "Sydney or Melbourne"
     hedges: str = ""                    # leave the clause's value open: "somewhere in Italy, maybe"
     name_joiners: str = ""              # inside a name: "Rio de Janeiro", "Frankfurt am Main"
@@ -2115,6 +2119,7 @@ class Language:
     yes: str = ""
     no: str = ""
     sentence_starts: str = ""           # a reply opening with one is a sentence, not a value
+    greetings: str = ""                 # never a name, though capitalised alone: "Bonjour, ..."
     phrase_starts: str = ""             # after a label, show it is talked about: "a destination with beaches"
     copulas: str = ""                   # between a label and its value: "destination is Rome"
     label_links: str = ""               # between a label and its number, besides copulas: "a budget of 2000"
@@ -2127,6 +2132,8 @@ class Language:
 
 ENGLISH = Language(
     code="en",
+    greetings="hi hello hey dear",
+    wishes="want wanna like wish would", changes="make change switch set turn go",
     months=("january jan", "february feb", "march mar", "april apr", "may", "june jun", "july jul",
             "august aug", "september sep sept", "october oct", "november nov", "december dec"),
     weekdays="monday tuesday wednesday thursday friday saturday sunday",
@@ -2185,6 +2192,8 @@ ENGLISH = Language(
 
 FRENCH = Language(
     code="fr",
+    greetings="bonjour salut bonsoir coucou",
+    wishes="veux voudrais veut voulons aimerais", changes="mets passe change rends",
     months=("janvier", "fevrier", "mars", "avril", "mai", "juin", "juillet", "aout", "septembre", "octobre",
             "novembre", "decembre"),
     weekdays="lundi mardi mercredi jeudi vendredi samedi dimanche",
@@ -2228,6 +2237,8 @@ FRENCH = Language(
 
 GERMAN = Language(
     code="de",
+    greetings="hallo servus moin",
+    wishes="will mochte mochten wollen moechte", changes="mach mache machen stell andere",
     months=("januar janner", "februar", "marz maerz", "april", "mai", "juni", "juli", "august", "september",
             "oktober", "november", "dezember"),
     weekdays="montag dienstag mittwoch donnerstag freitag samstag sonntag",
@@ -2270,6 +2281,8 @@ GERMAN = Language(
 
 SPANISH = Language(
     code="es",
+    greetings="hola buenas",
+    wishes="quiero quisiera queremos", changes="hazlo haz pon cambia ponlo",
     months=("enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre setiembre",
             "octubre", "noviembre", "diciembre"),
     weekdays="lunes martes miercoles jueves viernes sabado domingo",
@@ -2312,6 +2325,8 @@ SPANISH = Language(
 
 ITALIAN = Language(
     code="it",
+    greetings="ciao salve buongiorno buonasera",
+    wishes="voglio vorrei vogliamo", changes="fallo fai metti cambia rendilo",
     months=("gennaio", "febbraio", "marzo", "aprile", "maggio", "giugno", "luglio", "agosto", "settembre",
             "ottobre", "novembre", "dicembre"),
     weekdays="lunedi martedi mercoledi giovedi venerdi sabato domenica",
@@ -2353,6 +2368,8 @@ ITALIAN = Language(
 
 PORTUGUESE = Language(
     code="pt",
+    greetings="ola oi",
+    wishes="quero queria queremos", changes="faz faca coloca muda deixa",
     months=("janeiro", "fevereiro", "marco", "abril", "maio", "junho", "julho", "agosto", "setembro",
             "outubro", "novembro", "dezembro"),
     weekdays="segunda terca quarta quinta sexta sabado domingo",
@@ -2514,10 +2531,11 @@ TIME_LINKS, LEADING_LINKS, ARTICLES = words_of("range_links"), words_of("period_
 RANGE_WORDS, AND_WORDS = words_of("range_words"), words_of("and_words")
 PLACE_LEADS, STAYS, CORRECTION_FILLERS = words_of("place_leads"), words_of("stays"), words_of("corrections")
 NEGATIONS, CONTRASTS, PREFERENCES = words_of("negations"), words_of("contrasts"), words_of("preferences")
+WISHES, CHANGES = words_of("wishes"), words_of("changes")
 EXCEPTS, EXCEPT_OPENERS = words_of("except_words"), words_of("except_openers")
 ALTERNATIVES, HEDGES, NAME_JOINERS = words_of("alternatives"), words_of("hedges"), words_of("name_joiners")
 CONFIRMATIONS, NON_ANSWERS, CANCELS = words_of("confirmations"), words_of("non_answers"), words_of("cancels")
-SENTENCE_STARTS, PHRASE_STARTS = words_of("sentence_starts"), words_of("phrase_starts")
+SENTENCE_STARTS, PHRASE_STARTS = words_of("sentence_starts") | words_of("greetings"), words_of("phrase_starts")
 COPULAS, LABEL_LINKS, COMMON_WORDS = words_of("copulas"), words_of("label_links"), words_of("common_words")
 CURRENCIES = words_of("currency_words") | frozenset(CURRENCY_CODES.split())
 RATE_WORDS, RATE_UNITS = words_of("rate_words"), words_of("rate_units") | TIME_UNITS
@@ -2619,7 +2637,10 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
         return _match_choice(query, raw)
     if isinstance(raw, (dict, list)) or raw is None or not str(raw).strip():
         raise ValueError(f"I need some text for the {label}")
-    text = str(raw).strip()
+    # One line of plain text: a value never carries a code fence or line breaks into a workflow.
+    text = " ".join(INVISIBLE_PATTERN.sub("", str(raw)).replace("`", " ").split())
+    if not text:
+        raise ValueError(f"I need some text for the {label}")
     if query.type in FORMAT_PATTERNS and not FORMAT_PATTERNS[query.type].fullmatch(text):
         raise ValueError(f"I need {'an email address' if query.type == 'email' else 'a web address'} "
                          f"for the {label}, not {text!r}")
@@ -2696,6 +2717,25 @@ def _topic_words(query: QueryInput) -> set:
     return {word for word in _words(query.label) if len(word) >= 3 and word not in COMMON_WORDS}
 
 
+PASTED_LINE_MIN_CHARS = 16   # a line this long found in one of our replies was pasted from it
+
+
+def user_words(text: str, history: Sequence[dict] = ()) -> str:
+    """The user's own words in a message, cleaned for reading. Invisible marks go (a NUL, a
+    bidirectional mark or a lone surrogate inside or before a name would hide it), and so does
+    what is only context, which must never give values over the user's own words: fenced
+    code blocks, quoted lines ("> ...") and lines pasted from one of our earlier replies."""
+    text = CODE_FENCE_PATTERN.sub("\n", INVISIBLE_PATTERN.sub("", text))
+    ours = [" ".join(_fold(message["content"]).split()) for message in history if message.get("role") == "assistant"]
+    kept = []
+    for line in text.split("\n"):
+        plain = " ".join(_fold(line).split())
+        if line.lstrip().startswith(">") or (len(plain) >= PASTED_LINE_MIN_CHARS and any(plain in reply for reply in ours)):
+            continue
+        kept.append(line)
+    return "\n".join(kept).strip()
+
+
 def valid_text(text: str) -> str:
     """Text that can be written out: JSON allows a lone surrogate ("\\ud800"), UTF-8 does not,
     so each becomes the replacement character instead of failing the turn."""
@@ -2726,6 +2766,20 @@ class Token:
 class Tokens(list):
     """A message's tokens, with an index of where each word stands, made once: a long message
     is looked through for every choice and synonym, and must not be scanned again each time."""
+    text = ""   # the text they were read from, for spans quoted as written
+
+    @cached_property
+    def in_time_phrases(self) -> frozenset:
+        """Indexes of tokens that are part of a time named by several words ("New Year's Eve")."""
+        words = self.words
+        found = set()
+        for position in range(len(words)):
+            for phrase in TIME_PHRASES:
+                if position + len(phrase) <= len(words) and all(
+                        words[position + k][1].folded == phrase[k] for k in range(len(phrase))):
+                    found.update(words[position + k][0] for k in range(len(phrase)))
+                    break
+        return frozenset(found)
 
     @cached_property
     def words(self) -> List[Tuple[int, Token]]:
@@ -2746,8 +2800,10 @@ class Tokens(list):
 
 
 def tokenize(text: str) -> Tokens:
-    return Tokens(Token(match.group(0), _fold(match.group(0)).replace("'", "").replace("’", ""), match.start(),
-                        match.end(), match.lastgroup) for match in TOKEN_PATTERN.finditer(text))
+    tokens = Tokens(Token(match.group(0), _fold(match.group(0)).replace("'", "").replace("’", ""), match.start(),
+                          match.end(), match.lastgroup) for match in TOKEN_PATTERN.finditer(text))
+    tokens.text = text
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -2773,13 +2829,16 @@ def _is_break(tokens: Sequence[Token], index: int) -> bool:
 def is_negated(tokens: Sequence[Token], index: int, reach: int = 4) -> bool:
     """Is the word at ``index`` ruled out by a word before it in its clause: "not relaxed",
     "no children", "anywhere but Paris", "sans enfants"? A contrast ("not Paris but Lyon")
-    ends the negation's reach."""
-    for back in range(index - 1, max(-1, index - 1 - reach), -1):
+    ends the negation's reach; a negated wish reaches twice as far ("I don't want to go in
+    July"), a negated other verb does not ("I can't wait to see Paris")."""
+    wished = False
+    for back in range(index - 1, max(-1, index - 1 - 2 * reach), -1):
         token = tokens[back]
         if _is_break(tokens, back) or (token.folded in CONTRASTS and not _is_except(tokens, back)):
             return False
         if token.folded in NEGATIONS or _is_except(tokens, back):
-            return True
+            return index - back <= reach or wished
+        wished = wished or token.folded in WISHES
     return False
 
 
@@ -2824,7 +2883,7 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
     """"anchor" (a month, a day, "a week"), "glue" (numbers, links, qualifiers that belong to
     a period next to an anchor) or None."""
     token, previous = tokens[index], tokens[index - 1] if index else None
-    if token.shape in ("iso", "dmy"):
+    if token.shape in ("iso", "dmy") or index in getattr(tokens, "in_time_phrases", ()):
         return "anchor"
     if token.shape == "ordinal":
         return "glue"
@@ -2854,7 +2913,19 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
         return "anchor" if counted or qualified else None
     if token.folded in COUNT_WORDS | QUALIFIERS | TIME_LINKS | HOLIDAYS:
         return "glue"
+    if token.shape == "word" and _names_a_season(tokens, index):
+        return "glue"
     return None
+
+
+def _names_a_season(tokens: Sequence[Token], index: int) -> bool:
+    """Is this plain word one of up to two before a season noun: "the cherry blossom season"?"""
+    for ahead in tokens[index + 1:index + 3]:
+        if ahead.folded in SEASON_NOUNS:
+            return True
+        if ahead.shape != "word" or ahead.capitalised or ahead.folded in TIME_LINKS | PLACE_LEADS:
+            return False
+    return False
 
 
 def _certainly_time(tokens: Sequence[Token], index: int) -> bool:
@@ -2904,23 +2975,85 @@ def _leads_into_period(tokens: Sequence[Token], index: int) -> bool:
                                              and token.folded not in ARTICLES)
 
 
-def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset) -> List[Span]:
+def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alone: bool = False) -> List[Span]:
     """Capitalised names after a word that leads to one ("to Lisbon", "nach Berlin"), or
     ruled out after a negation ("not Paris"), and the name that replaces a ruled-out one
-    ("Not Paris — Lyon", "Pas Nice, plutôt Cannes")."""
+    ("Not Paris — Lyon", "Pas Nice, plutôt Cannes"). With ``alone``, also a name that is a
+    clause of its own ("Rome, 1500 euros", "Florence it is.", "Kyoto"). A name in a hedged
+    clause ("somewhere in Italy, maybe?") is left open: neither taken nor ruled out."""
     spans: List[Span] = []
-    for index, end in _name_runs(tokens, taken):
+    for index, end in _qualified(tokens, list(_name_runs(tokens, taken))):
         value = _span_text(tokens, index, end)
+        if _is_hedged(tokens, index, end):
+            continue
         negated = is_negated(tokens, index)
         corrects = bool(spans) and not spans[-1].negated and _corrects(tokens, spans[-1].end, index)
         if corrects:   # "Roma, bueno no, a Florencia": the earlier name is ruled out
             spans[-1] = dataclasses.replace(spans[-1], negated=True)
         replaces = bool(spans) and spans[-1].negated and (corrects or _follows_closely(tokens, spans[-1].end, index))
         chosen = end < len(tokens) and tokens[end].folded in PREFERENCES   # "let's do Florence instead"
-        if negated or replaces or chosen or _led_by(tokens, index, leads):
+        if negated or replaces or chosen or _led_by(tokens, index, leads) or (alone and _stands_alone(tokens, index, end)):
             retracted = _retracted(tokens, end)   # "to Rome, actually no, ..."
             spans.append(Span("name", index, end, value, (negated and not replaces) or retracted))
     return spans
+
+
+def _clause(tokens: Sequence[Token], index: int, end: int) -> Tuple[int, int]:
+    """The token indexes [first, end) of the clause that holds tokens [index, end)."""
+    first = index
+    while first > 0 and not _is_break(tokens, first - 1):
+        first -= 1
+    last = end
+    while last < len(tokens) and not _is_break(tokens, last):
+        last += 1
+    return first, last
+
+
+def _stands_alone(tokens: Sequence[Token], index: int, end: int) -> bool:
+    """Is the name a clause of its own: the message's first clause ("Rome, 1500 euros"), or a
+    sentence of the name and words that confirm it ("Florence it is.", "Kyoto")?"""
+    first, last = _clause(tokens, index, end)
+    rest = [token for token in tokens[first:index] + tokens[end:last] if token.shape != "mark"]
+    if first == 0 and not rest:
+        return True
+    sentence_start = first == 0 or tokens[first - 1].text in ".!?\n"
+    return sentence_start and bool(rest) and all(token.folded in CONFIRMATIONS for token in rest) and (
+        last == len(tokens) or tokens[last].text in ".!?\n")
+
+
+def _is_hedged(tokens: Sequence[Token], index: int, end: int) -> bool:
+    """Does the clause of tokens [index, end) leave its value open ("somewhere in Italy",
+    "vielleicht Wien"), or does the next clause only hedge it ("Italy, maybe?")?"""
+    first, last = _clause(tokens, index, end)
+    if any(token.folded in HEDGES for token in tokens[first:last]):
+        return True
+    following = []
+    for position in range(last + 1, len(tokens)):
+        if _is_break(tokens, position):
+            break
+        following.append(tokens[position])
+    return bool(following) and all(token.folded in HEDGES for token in following)
+
+
+def _qualified(tokens: Sequence[Token], runs: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """Names told apart by a qualifier after a comma join it: in "Paris, Texas, not Paris,
+    France" the two Parises are "Paris, Texas" and "Paris, France"."""
+    heads: Dict[str, set] = {}
+    pairs = [(k, runs[k], runs[k + 1]) for k in range(len(runs) - 1)
+             if runs[k][1] + 1 == runs[k + 1][0] and tokens[runs[k][1]].text == ","]
+    for _, (start, end), qualifier in pairs:
+        heads.setdefault(_span_text(tokens, start, end), set()).add(_span_text(tokens, *qualifier))
+    joined, skip = [], set()
+    for k, run in enumerate(runs):
+        if k in skip:
+            continue
+        pair = next((p for p in pairs if p[0] == k), None)
+        if pair is not None and len(heads.get(_span_text(tokens, *run), ())) > 1:
+            joined.append((run[0], pair[2][1]))
+            skip.add(k + 1)
+        else:
+            joined.append(run)
+    return joined
 
 
 def _retracted(tokens: Sequence[Token], end: int) -> bool:
@@ -2966,7 +3099,7 @@ def _name_end(tokens: Sequence[Token], index: int, taken: frozenset) -> int:
     end = index
     while end < len(tokens):
         token = tokens[end]
-        if token.capitalised and token.folded not in taken and not _is_time_word(token):
+        if token.capitalised and token.folded not in taken and not _is_time_word(token, tokens, end):
             end += 1
         elif (end > index and token.folded in NAME_JOINERS and end + 1 < len(tokens)
               and tokens[end + 1].capitalised and tokens[end + 1].folded not in taken):
@@ -2993,8 +3126,10 @@ def _names_in(tokens: Sequence[Token], taken: frozenset) -> List[str]:
     return list(dict.fromkeys(_span_text(tokens, start, end) for start, end in _name_runs(tokens, taken)))
 
 
-def _is_time_word(token: Token) -> bool:
-    return any(part in TIME_NAMES | TIME_UNITS for part in token.folded.split("-"))
+def _is_time_word(token: Token, tokens: Sequence[Token] = (), index: int = -1) -> bool:
+    """A word of time ("May", "week"), or part of a time named by several words."""
+    return (any(part in TIME_NAMES | TIME_UNITS for part in token.folded.split("-"))
+            or index in getattr(tokens, "in_time_phrases", ()))
 
 
 def _follows_closely(tokens: Sequence[Token], after: int, index: int) -> bool:
@@ -3004,7 +3139,8 @@ def _follows_closely(tokens: Sequence[Token], after: int, index: int) -> bool:
 
 
 def _span_text(tokens: Sequence[Token], start: int, end: int, text: Optional[str] = None) -> str:
-    if text is None:
+    text = text if text is not None else getattr(tokens, "text", "")
+    if not text:
         return " ".join(token.text for token in tokens[start:end])
     return text[tokens[start].start:tokens[end - 1].end]
 
@@ -3092,21 +3228,25 @@ class Reading:
         self.candidates.setdefault(name, {}).setdefault(strength, []).append(raw)
 
 
-def read_floor(workflow: Workflow, conversation: Conversation, text: str) -> Tuple[Extraction, Reading]:
+def read_floor(workflow: Workflow, conversation: Conversation, text: str,
+               history: Sequence[dict] = ()) -> Tuple[Extraction, Reading]:
     """The deterministic reader, which always runs, with or without an LLM: ``name: value`` lines, labels
     followed by a value, the reply to the one input just asked for, and typed spans
     (amounts, periods, years, names after a place word or a cue, choices, yes/no topics)
     assigned to inputs by their kind. One candidate for an input is accepted; competing
     ones are asked about; what the message rules out is never taken."""
+    text = user_words(text, history)
     extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(_fold(text)) else "provide")
     reading = Reading(tokens=tokenize(text))
     if extraction.intent == "cancel":
         return extraction, reading
     _read_labels(workflow, text, reading)
-    if not reading.candidates:
-        for name, raw in _direct_reply(workflow, conversation, text, reading.tokens).items():
-            reading.add(name, 2, raw)
+    labelled = bool(reading.candidates)
     _read_spans(workflow, conversation, text, reading)
+    if not labelled:   # the answer to the question just asked, unless the message is a sentence of
+        for name, raw in _direct_reply(workflow, conversation, text, reading.tokens).items():   # several values
+            if name not in reading.candidates or reading.candidates.keys() == {name}:
+                reading.add(name, 2, raw)
     _choose(workflow, reading, extraction)
     return extraction, reading
 
@@ -3138,7 +3278,9 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     only from their cues or a replaced name ("now do it for Rome", "not Paris — Lyon")."""
     tokens = reading.tokens
     money = money_spans(text, tokens)
-    money_tokens = {index for span in money for index in range(span.start, span.end)}
+    rates = {id(span): _rate_end(tokens, span.end) for span in money}   # "50 euros a night" is no total
+    money_tokens = {index for span in money for index in range(span.start, rates[id(span)] or span.end)}
+    money = [span for span in money if not rates[id(span)]]
     periods = [span for span in period_spans(tokens) if not money_tokens & set(range(span.start, span.end))]
     taken_tokens = money_tokens | {index for span in periods for index in range(span.start, span.end)}
     places = [query for query in workflow.query_inputs.values() if input_kind(query) == "place"]
@@ -3146,14 +3288,17 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
         kind, is_open = input_kind(query), query.name not in conversation.values
         if query.type in STRING_TYPES and kind in ("place", "text"):
             leads = frozenset(_fold(cue).split()[-1] for cue in query.cues)
-            if kind == "place" and len(places) == 1:
+            only_place = kind == "place" and len(places) == 1
+            if only_place:
                 leads |= PLACE_LEADS | PREFERENCES
-            for span in name_spans(tokens, leads, words_taken(workflow)):
-                if span.negated:
-                    reading.ruled_out.setdefault(query.name, []).append(span.value)
-                elif is_open or _cued(tokens, span, query) or _replaces(tokens, span):
+            spans = name_spans(tokens, leads, words_taken(workflow), alone=only_place and is_open)
+            reading.ruled_out.setdefault(query.name, []).extend(span.value for span in spans if span.negated)
+            for span in _after_the_last_contrast(tokens, [span for span in spans if not span.negated]):
+                if is_open or _cued(tokens, span, query) or _replaces(tokens, span):
                     for name in [span.value] + alternatives_to(tokens, span.start, span.end - span.start):
                         reading.add(query.name, 1, name)   # "nach Norwegen oder Schweden": which one?
+        if query.type == "choice" and not is_open:
+            _read_choice(workflow, tokens, query, reading, changing=True)   # "make it packed"
         if not is_open:
             continue
         if kind == "money":
@@ -3242,19 +3387,50 @@ def _read_period(tokens: Sequence[Token], text: str, periods: Sequence[Span], qu
     reading.add(query.name, 1, " ".join(parts))
 
 
-def _read_choice(workflow: Workflow, tokens: Sequence[Token], query: QueryInput, reading: Reading) -> None:
+def _read_choice(workflow: Workflow, tokens: Sequence[Token], query: QueryInput, reading: Reading,
+                 changing: bool = False) -> None:
     """Choices and their synonyms named anywhere, unless ruled out ("not relaxed") or also a
-    choice of another input."""
+    choice of another input. With ``changing`` (a choice made before), a synonym changes it
+    only when the message asks for a change ("make it busy"), names the input ("a busy
+    pace") or is the whole message: "the full plan" is no change of pace."""
     others = {_fold(word) for other in workflow.query_inputs.values() if other is not query
               for word in list(other.choices) + [synonym for synonym, _ in other.synonyms]}
     for phrase, choice in [(choice, choice) for choice in query.choices] + list(query.synonyms):
         if _fold(phrase) in others:
             continue
         for index in find_words(tokens, phrase):
+            if changing and phrase not in query.choices and not _asks_a_change(tokens, query, index, phrase):
+                continue
             if is_negated(tokens, index):
                 reading.ruled_out.setdefault(query.name, []).append(choice)
             else:
                 reading.add(query.name, 1, choice)
+
+
+def _asks_a_change(tokens: Sequence[Token], query: QueryInput, index: int, phrase: str) -> bool:
+    size = len(re.findall(r"[^\W_]+", phrase))
+    near = tokens[max(0, index - 3):index] + tokens[index + size:index + size + 2]
+    words = [token for token in tokens if token.shape != "mark"]
+    return (any(token.folded in CHANGES for token in tokens[max(0, index - 3):index])
+            or any(token.folded in _topic_words(query) for token in near) or len(words) == size)
+
+
+def _rate_end(tokens: Sequence[Token], end: int) -> int:
+    """Where "a night" ends after an amount that ends at ``end`` ("50 euros a night", "30 € par
+    personne"): the amount is a rate, not a total. 0 when no rate follows."""
+    if end + 1 < len(tokens) and tokens[end].folded in RATE_WORDS and tokens[end + 1].folded in RATE_UNITS:
+        return end + 2
+    return 0
+
+
+def _after_the_last_contrast(tokens: Sequence[Token], spans: List[Span]) -> List[Span]:
+    """Of names said on both sides of a contrast, the later ones: "my friend went to Paris,
+    but I want to go to Athens" is Athens. Names side by side ("Sydney or Melbourne") stay."""
+    for k in range(len(spans) - 1, 0, -1):
+        if any(token.folded in CONTRASTS and not _is_except(tokens, position)
+               for position, token in enumerate(tokens) if spans[k - 1].end <= position < spans[k].start):
+            return spans[k:]
+    return spans
 
 
 def _read_polarity(tokens: Sequence[Token], query: QueryInput, reading: Reading) -> None:
@@ -3392,9 +3568,10 @@ def is_stated_in(query: QueryInput, value: Any, raw: Any, text: str, asked: bool
                (_words(candidate) and set(_words(candidate)) <= message_words) for candidate in candidates)
 
 
-def extract_offline(workflow: Workflow, conversation: Conversation, text: str) -> Extraction:
+def extract_offline(workflow: Workflow, conversation: Conversation, text: str,
+                    history: Sequence[dict] = ()) -> Extraction:
     """The deterministic reader alone (no LLM, or the LLM failed)."""
-    return read_floor(workflow, conversation, text)[0]
+    return read_floor(workflow, conversation, text, history)[0]
 
 
 def _direct_reply(workflow: Workflow, conversation: Conversation, text: str, tokens: Tokens) -> Dict[str, Any]:
@@ -3411,6 +3588,10 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str, tok
     query = fitting[0]
     others = [other for other in workflow.query_inputs.values()
               if other.name != query.name and other.name not in conversation.values]
+    if not _fits(query, text, tokens):   # a bare value of another kind: "2000" when asked where to go
+        instead = [other for other in others if not other.optional and _fits(other, text, tokens)]
+        if len(instead) == 1 and input_kind(instead[0]) not in ("place", "text"):
+            return {instead[0].name: _reply_value(instead[0], text)}
     if text.rstrip().endswith("?") or any(set(_words(text)) & _topic_words(other) - _topic_words(query)
                                           for other in others if other.type != "boolean"):
         return {}
@@ -3439,7 +3620,7 @@ def _fits(query: QueryInput, text: str, tokens: Sequence[Token]) -> bool:
     if query.type == "boolean":
         return bool(set(words) & (BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]))
     if input_kind(query) == "date":
-        return timely
+        return is_period(tokens)
     return (0 < len(words) <= MAX_DIRECT_REPLY_WORDS and not timely and not re.search(r"\d", text)
             and _could_be(query, tokens, words))
 
@@ -3449,8 +3630,16 @@ def _could_be(query: QueryInput, tokens: Sequence[Token], words: Sequence[str]) 
     place or a text is not made of words that only talk ("Add Details", "Tell me more",
     "hmm, let me think": Open WebUI sends its regenerate buttons as messages)."""
     if input_kind(query) == "date":
-        return bool(re.search(r"\d", " ".join(words))) or any(_is_time_word(token) for token in tokens)
+        return is_period(tokens)
     return not words or not all(word in NON_ANSWERS for word in words)
+
+
+def is_period(tokens: Sequence[Token]) -> bool:
+    """Does a short reply name a time: a period in words, a date, a day ("the 10th"), or two
+    days joined ("10-17")? A bare "42" or "around $3000" does not."""
+    numbers = [token for token in tokens if token.shape == "number" and (_number_or_none(token.folded) or 0) <= 31]
+    return bool(period_spans(tokens)) or any(token.shape in ("iso", "dmy", "ordinal") for token in tokens) or (
+        len(numbers) == 2 and len(tokens) <= 5 and not money_spans(getattr(tokens, "text", ""), tokens))
 
 
 def _input_named(workflow: Workflow, key: str) -> Optional[str]:
@@ -3623,7 +3812,8 @@ def extract(llm: Optional[LLMClient], workflow: Workflow, conversation: Conversa
             history: Sequence[dict], text: str) -> Extraction:
     """Read the new message: the deterministic floor always, and the LLM on top when there
     is one (a failing LLM leaves the floor's reading, with a note)."""
-    floor, reading = read_floor(workflow, conversation, text)
+    text = user_words(text, history)
+    floor, reading = read_floor(workflow, conversation, text, history)
     if llm is None:
         return floor
     try:
