@@ -43,8 +43,8 @@ memory, in a folder of JSON files (the default), or in Redis
 Limits: token counts in ``usage`` are estimates (about four characters a
 token); one choice per request (``n`` must be 1); the JSON store keeps one
 file per conversation in a directory, fine for thousands of chats on one
-machine; without an LLM the reader knows English, French, German, Spanish and
-Italian (its tables are in the "Reading" section).
+machine; without an LLM the reader knows English, French, German, Spanish,
+Italian and Portuguese (one table each, in "Reading: the language tables").
 """
 
 from __future__ import annotations   # a type named before its section, as an argument, is not read at import
@@ -2432,7 +2432,7 @@ TOKEN_PATTERN = re.compile(
 ABBREVIATION_PATTERN = r"\b[A-Z][a-z]{0,2}\.(?=\s)"
 # Marks that are not text: controls, bidirectional and zero-width marks, lone surrogates.
 INVISIBLE_PATTERN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff"
-                               "\ud800-\udfff]")
+                               "\ufffd\ud800-\udfff]")   # and the replacement mark a lone surrogate became
 CODE_FENCE_PATTERN = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?(?:^[ \t]*\1[ \t]*$|\Z)", re.M | re.S)
 
 
