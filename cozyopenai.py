@@ -2124,6 +2124,7 @@ class Language:
     copulas: str = ""                   # between a label and its value: "destination is Rome"
     label_links: str = ""               # between a label and its number, besides copulas: "a budget of 2000"
     common_words: str = ""              # too loose to name an input, in a label: "number", "value"
+    thousands: str = ""                 # after a number, times a thousand: "3 mil reais", "2 grand"
     currency_words: str = ""
     rate_words: str = ""                # an amount before these and a unit is a rate: "50 euros a night"
     rate_units: str = ""                # besides time units: "per person"
@@ -2147,8 +2148,8 @@ ENGLISH = Language(
     numbers="a an one two three four five six seven eight nine ten eleven twelve fourteen fifteen couple few "
             "several",
     qualifiers="early mid middle late end beginning start first second third fourth last next this coming "
-               "following long whole entire half",
-    range_links="to until till through thru and from of in on at the for during over",
+               "following long whole entire half now",
+    range_links="to until till through thru and from of in on at the for during over after before around",
     range_words="to or", and_words="and",
     period_leads="in on at for from during over",
     articles="the",
@@ -2159,11 +2160,11 @@ ENGLISH = Language(
     except_openers="anywhere anything everywhere everything all any somewhere",
     except_words="but",
     contrasts="but rather instead",
-    preferences="rather instead",
+    preferences="rather instead prefer",
     alternatives="or",
     hedges="maybe perhaps possibly somewhere probably",
     name_joiners="upon on",
-    confirmations="it is its please then",
+    confirmations="it is its please then this time now decided ok okay",
     non_answers="add details detail more less concise shorter longer tell me explain elaborate continue again "
                 "regenerate retry try hmm hm um uh er let think about it maybe not sure unsure know dunno idk no "
                 "idea whatever anything anywhere somewhere something wait please thanks thank you ok okay yes what "
@@ -2178,10 +2179,10 @@ ENGLISH = Language(
                     "instead but and also then",
     phrase_starts="a an the with for of in to that which and or is are was will yet not still any some you "
                   "should would could as doesn don isn no none nothing never really tbd unknown undecided",
-    copulas="is", label_links="of",
+    copulas="is are", label_links="of", thousands="thousand grand",
     common_words="whether with that this from they their them user users there what when which will would should "
                  "have does into also only more than some very your about name number value true false",
-    currency_words="dollar dollars bucks pound pounds quid",
+    currency_words="dollar dollars bucks pound pounds quid euro euros",
     rate_words="a an per each every",
     rate_units="person persons people head pax",
     kind_words={"email": "email e-mail", "url": "url urls link website webpage",
@@ -2203,11 +2204,11 @@ FRENCH = Language(
     season_nouns="saison",
     holiday_words="vacances sainte",
     time_units="jour jours journee nuit nuits semaine semaines mois quinzaine annee annees",
-    numbers="un une deux trois quatre cinq six sept huit neuf dix quinze quelques",
+    numbers="un une deux trois quatre cinq six sept huit neuf dix quinze quelques dizaine douzaine",
     qualifiers="debut mi milieu fin premier premiere deuxieme troisieme dernier derniere prochain prochaine ce "
                "cet cette vient",
     relatives="qui",
-    range_links="du des au aux jusqu jusquau et le la les l d de en dans pour pendant qui",
+    range_links="du des au aux jusqu jusquau et le la les l d de en dans pour pendant qui apres avant vers",
     range_words="a ou", and_words="et",
     period_leads="du au aux jusqu de d en dans pour pendant",
     articles="la le les l",
@@ -2216,11 +2217,11 @@ FRENCH = Language(
     corrections="pardon",
     negations="pas non sans sauf jamais ni aucun aucune",
     contrasts="mais plutot",
-    preferences="plutot",
+    preferences="plutot prefere prefererais",
     alternatives="ou",
     hedges="peut-etre peutetre",
     name_joiners="de la le sur en",
-    confirmations="cest alors svp",
+    confirmations="cest alors svp decide cette fois sera ce",
     non_answers="plus details detaille concis court explique encore peut etre sais pas idee",
     cancels="annuler annule oublie oublier arrete",
     cancel_phrases="annuler, recommencer, on recommence",
@@ -2228,11 +2229,12 @@ FRENCH = Language(
     yes="oui vrai",
     no="non faux",
     sentence_starts="je j nous moi non oui plutot",
-    copulas="est", label_links="de",
+    copulas="est sont", label_links="de", thousands="mille",
     currency_words="euro euros franc francs balles",
     rate_words="par la le",
     rate_units="personne personnes",
-    kind_words={"year": "annee"},
+    kind_words={"year": "annee", "place": "destination ville lieu pays", "date": "quand dates periode",
+                "money": "budget prix"},
 )
 
 GERMAN = Language(
@@ -2248,10 +2250,10 @@ GERMAN = Language(
     holiday_words="ferien urlaub",
     uncertain_times="morgen",
     time_units="tag tage tagen nacht nachte woche wochen monat monate jahr jahre",
-    numbers="ein eine einen zwei drei vier funf sechs sieben acht neun zehn vierzehn paar einige",
+    numbers="ein eine einen zwei drei vier funf sechs sieben acht neun zehn vierzehn paar einige dutzend",
     qualifiers="anfang mitte ende erste ersten zweite zweiten dritte letzte letzten nachste nachsten nachstes "
                "nachster kommende kommenden diese diesen dieses lang lange langes langen",
-    range_links="vom von bis zum zur und im am in der den des dem fur wahrend uber ubers",
+    range_links="vom von bis zum zur und im am in der die das den des dem fur wahrend uber ubers um gegen vor",
     range_words="bis oder", and_words="und",
     period_leads="vom von bis zum zur im am fur wahrend uber ubers",
     articles="der die das den",
@@ -2260,11 +2262,11 @@ GERMAN = Language(
     corrections="entschuldigung",
     negations="nicht kein keine keinen keinem ohne ausser statt anstatt nie",
     contrasts="aber sondern lieber",
-    preferences="lieber",
+    preferences="lieber bevorzuge",
     alternatives="oder",
     hedges="vielleicht eventuell irgendwo",
     name_joiners="am an",
-    confirmations="bitte dann",
+    confirmations="bitte dann entschieden diesmal",
     non_answers="mehr kurzer erklare weiter vielleicht weiss nicht keine ahnung",
     cancels="abbrechen vergiss vergessen stopp",
     cancel_phrases="abbrechen, von vorne, nochmal von vorne",
@@ -2272,11 +2274,12 @@ GERMAN = Language(
     yes="ja wahr",
     no="nein falsch",
     sentence_starts="ich wir mein meine nein ja lieber",
-    copulas="ist", label_links="von",
-    currency_words="franken",
+    copulas="ist sind", label_links="von", thousands="tausend",
+    currency_words="franken pfund",
     rate_words="pro je",
     rate_units="person personen",
-    kind_words={"year": "jahr"},
+    kind_words={"year": "jahr", "place": "wohin ziel reiseziel stadt ort", "date": "wann zeitraum datum reisezeit",
+                "money": "budget preis"},
 )
 
 SPANISH = Language(
@@ -2287,15 +2290,15 @@ SPANISH = Language(
             "octubre", "noviembre", "diciembre"),
     weekdays="lunes martes miercoles jueves viernes sabado domingo",
     seasons="primavera verano otono invierno temporada pascua navidad nochevieja hoy manana",
-    time_phrases="semana santa, ano nuevo, fin de ano",
+    time_phrases="semana santa, ano nuevo, fin de ano, fin de semana",
     season_nouns="temporada",
     holiday_words="vacaciones puente santa santo",
     time_units="dia dias noche noches semana semanas mes meses quincena ano anos",
-    numbers="un una uno unos unas dos tres cuatro cinco seis siete ocho nueve diez quince",
+    numbers="un una uno unos unas dos tres cuatro cinco seis siete ocho nueve diez quince decena docena",
     qualifiers="principios mediados finales primera primer segunda segundo tercera ultima ultimo proximo "
                "proxima este esta largo larga viene",
     relatives="que",
-    range_links="al del que desde hasta y el los las a de en",
+    range_links="al del que desde hasta y el los las a de en despues antes hacia",
     range_words="a al y o", and_words="y",
     period_leads="del desde hasta a en de",
     articles="el los las la",
@@ -2304,11 +2307,11 @@ SPANISH = Language(
     corrections="bueno perdon perdona",
     negations="sin excepto salvo menos nunca nada ningun ninguno ninguna",
     contrasts="pero sino mejor",
-    preferences="mejor",
+    preferences="mejor prefiero",
     alternatives="o u",
     hedges="quizas quiza tal",
     name_joiners="de del la y",
-    confirmations="porfa",
+    confirmations="porfa decidido entonces sera",
     non_answers="mas detalles conciso explica quizas se ni idea",
     cancels="cancela cancelar olvida olvidalo",
     cancel_phrases="cancelar, cancela, empezar de nuevo, empecemos de nuevo",
@@ -2316,11 +2319,12 @@ SPANISH = Language(
     yes="si verdadero",
     no="no falso",
     sentence_starts="yo quiero queremos mi mejor",
-    copulas="es", label_links="de",
-    currency_words="peso pesos dolar dolares pavos",
+    copulas="es son", label_links="de", thousands="mil",
+    currency_words="peso pesos dolar dolares pavos libra libras",
     rate_words="por la el",
     rate_units="persona personas",
-    kind_words={"year": "ano"},
+    kind_words={"year": "ano", "place": "destino ciudad lugar", "date": "cuando fechas fecha",
+                "money": "presupuesto precio"},
 )
 
 ITALIAN = Language(
@@ -2331,14 +2335,16 @@ ITALIAN = Language(
             "ottobre", "novembre", "dicembre"),
     weekdays="lunedi martedi mercoledi giovedi venerdi sabato domenica",
     seasons="primavera estate autunno inverno stagione pasqua natale capodanno ferragosto oggi domani",
+    time_phrases="fine settimana",
     season_nouns="stagione",
     holiday_words="vacanze ponte santo",
     time_units="giorno giorni notte notti settimana settimane mese mesi anno anni",
-    numbers="un uno una due tre quattro cinque sei sette otto nove dieci quindici qualche alcuni alcune",
-    qualifiers="inizio meta prima primo seconda secondo terza prossimo prossima questo questa lungo lunga "
-               "viene",
+    numbers="un uno una due tre quattro cinque sei sette otto nove dieci quindici qualche alcuni alcune decina "
+            "dozzina",
+    qualifiers="inizio meta fine prima primo seconda secondo terza prossimo prossima questo questa lungo "
+               "lunga viene",
     relatives="che",
-    range_links="al dal dai fino e il lo di del nel nella per durante a",
+    range_links="al dal dai fino e il lo di del nel nella per durante a dopo verso",
     range_words="a o oppure", and_words="e",
     period_leads="a ad dal dai fino nel nella per durante di",
     articles="il lo la gli",
@@ -2347,11 +2353,11 @@ ITALIAN = Language(
     corrections="anzi scusa scusate",
     negations="senza tranne eccetto mai ne niente nessun nessuno nessuna",
     contrasts="ma piuttosto invece",
-    preferences="meglio piuttosto invece",
+    preferences="meglio piuttosto invece preferisco",
     alternatives="o oppure",
     hedges="forse magari",
     name_joiners="di da",
-    confirmations="allora grazie",
+    confirmations="allora grazie deciso sara",
     non_answers="piu dettagli spiega forse so non idea",
     cancels="annulla lascia dimentica",
     cancel_phrases="annulla, ricominciare, ricominciamo",
@@ -2359,11 +2365,12 @@ ITALIAN = Language(
     yes="si vero",
     no="no falso",
     sentence_starts="io vorrei mi meglio",
-    label_links="di",
+    copulas="sono", label_links="di", thousands="mila mille",
     currency_words="dollari sterlina sterline",
     rate_words="a al per",
     rate_units="persona persone",
-    kind_words={"year": "anno"},
+    kind_words={"year": "anno", "place": "destinazione citta luogo", "date": "quando date periodo",
+                "money": "budget prezzo"},
 )
 
 PORTUGUESE = Language(
@@ -2374,15 +2381,15 @@ PORTUGUESE = Language(
             "outubro", "novembro", "dezembro"),
     weekdays="segunda terca quarta quinta sexta sabado domingo",
     seasons="primavera verao outono inverno temporada pascoa natal reveillon carnaval hoje amanha",
-    time_phrases="ano novo, semana santa",
+    time_phrases="ano novo, semana santa, fim de semana",
     season_nouns="temporada",
     holiday_words="ferias feriado",
     time_units="dia dias noite noites semana semanas mes meses quinzena ano anos",
-    numbers="um uma dois duas tres quatro cinco seis sete oito nove dez quinze alguns algumas",
+    numbers="um uma dois duas tres quatro cinco seis sete oito nove dez quinze alguns algumas dezena duzia",
     qualifiers="inicio meados fim final primeira primeiro segunda segundo terceira ultima ultimo proximo "
                "proxima este esta longo longa vem",
     relatives="que",
-    range_links="de do da dos das a ao ate e em no na",
+    range_links="de do da dos das a ao ate e em no na depois antes",
     range_words="a ate ou", and_words="e",
     period_leads="em no na de do da a ate",
     articles="o os as",
@@ -2395,7 +2402,7 @@ PORTUGUESE = Language(
     alternatives="ou",
     hedges="talvez quica",
     name_joiners="de do da dos das",
-    confirmations="entao",
+    confirmations="entao decidido vai ser",
     non_answers="mais detalhes explica talvez sei nao ideia",
     cancels="cancela cancelar esquece",
     cancel_phrases="cancelar, cancela, recomecar, vamos recomecar, comecar de novo",
@@ -2403,11 +2410,12 @@ PORTUGUESE = Language(
     yes="sim verdadeiro",
     no="nao falso",
     sentence_starts="eu quero queremos meu minha prefiro",
-    label_links="de",
-    currency_words="real reais",
+    copulas="sao", label_links="de", thousands="mil",
+    currency_words="real reais libra libras",
     rate_words="por a o",
     rate_units="pessoa pessoas",
-    kind_words={"year": "ano"},
+    kind_words={"year": "ano", "place": "destino cidade lugar", "date": "quando datas",
+                "money": "orcamento preco"},
 )
 
 LANGUAGES: Mapping[str, Language] = MappingProxyType({
@@ -2416,8 +2424,6 @@ LANGUAGES: Mapping[str, Language] = MappingProxyType({
 SYMBOL_YES, SYMBOL_NO = "y 1 on", "n 0 off"
 CURRENCY_CODES = "usd eur gbp chf jpy cad aud yen kr"
 CURRENCY_SIGNS = "$€£¥₹"
-NUMBER_PATTERN = re.compile(r"(?<![\w.,])[-+]?(\d{1,3}(?:[,.'’\u00a0\u202f]\d{3})+(?:[.,]\d+)?|\d+(?:[.,]\d+)?)"
-                            r"(\s*[kK]\b|\s*[mM]\b(?!\w))?")
 SPACED_NUMBER_PATTERN = re.compile(r"(?<![\w.,])\d{1,3}(?: \d{3})+(?![\d.,]\d)")
 LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*(.+?)\s*$", re.M)
 TYPED_VALUE_PATTERNS = FORMAT_PATTERNS   # their shape makes them unambiguous: read without a label
@@ -2537,6 +2543,10 @@ ALTERNATIVES, HEDGES, NAME_JOINERS = words_of("alternatives"), words_of("hedges"
 CONFIRMATIONS, NON_ANSWERS, CANCELS = words_of("confirmations"), words_of("non_answers"), words_of("cancels")
 SENTENCE_STARTS, PHRASE_STARTS = words_of("sentence_starts") | words_of("greetings"), words_of("phrase_starts")
 COPULAS, LABEL_LINKS, COMMON_WORDS = words_of("copulas"), words_of("label_links"), words_of("common_words")
+THOUSANDS = words_of("thousands")
+_THOUSAND = r"(?:[kK]|" + "|".join(sorted(THOUSANDS, key=len, reverse=True)) + r")\b"
+NUMBER_PATTERN = re.compile(r"(?<![\w.,])[-+]?(\d{1,3}(?:[,.'’\u00a0\u202f]\d{3})+(?:[.,]\d+)?|\d+(?:[.,]\d+)?)"
+                            r"(\s*" + _THOUSAND + r"|\s*[mM]\b(?!\w))?", re.I)
 CURRENCIES = words_of("currency_words") | frozenset(CURRENCY_CODES.split())
 RATE_WORDS, RATE_UNITS = words_of("rate_words"), words_of("rate_units") | TIME_UNITS
 BOOLEAN_WORDS = MappingProxyType({True: words_of("yes") | frozenset(SYMBOL_YES.split()),
@@ -2549,22 +2559,26 @@ RERUN_PATTERN = _phrase_pattern("rerun_phrases", whole=False)
 _RANGE = "|".join(map(re.escape, sorted(RANGE_WORDS, key=len, reverse=True)))
 _RANGE_OR_AND = "|".join(map(re.escape, sorted(RANGE_WORDS | AND_WORDS, key=len, reverse=True)))
 # A number right after its label ("budget: 1500", "budget of 2000"), not the start of a range ("1500-2000").
-LABELLED_NUMBER = (r"\b\s*(?:(?:" + "|".join(map(re.escape, sorted(COPULAS | LABEL_LINKS))) + r")\b|=|:)?\s*[$€£¥]?\s*"
+LABELLED_NUMBER = (r"\b(?:\s*(?:(?:" + "|".join(map(re.escape, sorted(COPULAS | LABEL_LINKS))) + r")\b|=|:)){0,2}\s*[$€£¥]?\s*"
                    r"(\d{1,3}(?: \d{3})+(?![\d.,]?\d)|\d[\d.,'’\u00a0\u202f]*(?:\s*[kK]\b)?)"
                    r"(?![\d.,]*\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d)")
 RANGE_AFTER_PATTERN = re.compile(r"\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d", re.I)
 RANGE_BEFORE_PATTERN = re.compile(r"\d\s*(?:-|–|\b(?:" + _RANGE_OR_AND + r"))\s*[$€£¥]?\s*\Z", re.I)
 MONEY_PATTERN = re.compile(
     r"(?:(?P<sign>[" + CURRENCY_SIGNS + r"]|\b(?:US\$|" + "|".join(code.upper() for code in CURRENCY_CODES.split())
-    + r")\b)\s?(?P<before>\d[\d.,'’]*\d|\d)(?P<k1>\s?[kK]\b)?)"
-    r"|(?:(?<![\w.,])(?P<after>\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?![\d.,]\d)|\d[\d.,'’]*\d|\d)(?P<k2>\s?[kK]\b)?"
+    + r")\b)\s?(?P<before>\d[\d.,'’]*\d|\d)(?P<k1>\s?" + _THOUSAND + r")?)"
+    r"|(?:(?<![\w.,])(?P<after>\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?![\d.,]\d)|\d[\d.,'’]*\d|\d)(?P<k2>\s?"
+    + _THOUSAND + r")?"
     r"\s?(?P<unit>[" + CURRENCY_SIGNS + r"]|[^\W\d_]+)?)")
 
 
 def parse_number(token: str) -> float:
-    """'2,000' → 2000, '2.000,50' → 2000.5, '2,5' → 2.5, '2k' → 2000."""
+    """'2,000' → 2000, '2.000,50' → 2000.5, '2,5' → 2.5, '2k' → 2000, '3 mil' → 3000."""
     text = re.sub(r"[\s'’\u00a0\u202f]", "", token)
     factor = 1
+    word = re.search(r"[^\W\d_]{2,}\Z", text)
+    if word and _fold(word.group(0)) in THOUSANDS:
+        factor, text = 1_000, text[:word.start()]
     if text[-1:] in "kK":
         factor, text = 1_000, text[:-1]
     elif text[-1:] in "mM":
@@ -2905,12 +2919,14 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
         return "anchor"
     if token.folded in TIME_UNITS:   # "a week", "10 days", "next month", "le mois prochain", "el mes que viene"
         following = [t.folded for t in tokens[index + 1:index + 3]]
+        if previous is not None and previous.folded in TIME_LINKS and index >= 2:
+            previous = tokens[index - 2]   # "une dizaine de jours", "a couple of days", "fim do ano"
         counted = previous is not None and (previous.shape in ("number", "ordinal")
                                             or previous.folded in COUNT_WORDS | QUALIFIERS)
         if following and following[0] in RELATIVES:   # "el mes que viene"
             following = following[1:]
         qualified = bool(following) and following[0] in QUALIFIERS | HOLIDAYS
-        return "anchor" if counted or qualified else None
+        return "anchor" if counted or qualified else "glue"   # "la semaine du 14 avril", "the week after Easter"
     if token.folded in COUNT_WORDS | QUALIFIERS | TIME_LINKS | HOLIDAYS:
         return "glue"
     if token.shape == "word" and _names_a_season(tokens, index):
@@ -3010,12 +3026,14 @@ def _clause(tokens: Sequence[Token], index: int, end: int) -> Tuple[int, int]:
 
 
 def _stands_alone(tokens: Sequence[Token], index: int, end: int) -> bool:
-    """Is the name a clause of its own: the message's first clause ("Rome, 1500 euros"), or a
-    sentence of the name and words that confirm it ("Florence it is.", "Kyoto")?"""
+    """Is the name a clause of its own: a list item ("Rome, 1500 euros", "Kyoto"), a value
+    after a colon, or a sentence of the name and words that confirm it ("Florence it is.")?
+    Not a sentence of its own that ends otherwise ("Honeymoon!! Santorini, 4.5k")."""
     first, last = _clause(tokens, index, end)
     rest = [token for token in tokens[first:index] + tokens[end:last] if token.shape != "mark"]
-    if first == 0 and not rest:
-        return True
+    ends_an_item = last == len(tokens) or tokens[last].text in ",;"
+    if not rest and (ends_an_item or (first > 0 and tokens[first - 1].text == ":")):
+        return True   # "Rome, 1500 euros", "Quick one: Berlin, ...", "la montagne : Chamonix."
     sentence_start = first == 0 or tokens[first - 1].text in ".!?\n"
     return sentence_start and bool(rest) and all(token.folded in CONFIRMATIONS for token in rest) and (
         last == len(tokens) or tokens[last].text in ".!?\n")
@@ -3097,6 +3115,8 @@ def _name_end(tokens: Sequence[Token], index: int, taken: frozenset) -> int:
     """The end of a capitalised name starting at ``index`` ("New York", "Rio de Janeiro"),
     or ``index`` when none starts there."""
     end = index
+    if tokens[index].folded in PLACE_LEADS - ARTICLES:   # capitalised at a sentence's start: "À Québec"
+        return index
     while end < len(tokens):
         token = tokens[end]
         if token.capitalised and token.folded not in taken and not _is_time_word(token, tokens, end):
@@ -3255,9 +3275,10 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
     """``name: value`` lines, and a value right after a label: "budget 2000", "destination
     Paris". For a number, the number right after its label: "budget: 1500, and we might
     spend 2000 on flights" is 1500."""
+    folded = _fold(text)   # numbers are ASCII: found in the folded text, they read the same
     numbers = {query.name: match.group(1) for query in workflow.query_inputs.values() if query.type in NUMERIC_TYPES
-               for match in [re.search(r"\b" + r"[\s_-]+".join(map(re.escape, _words(query.label)))
-                                       + LABELLED_NUMBER, text, re.I)] if match}
+               for match in [re.search(r"\b(?:" + "|".join(_label_patterns(workflow, query)) + r")"
+                                       + LABELLED_NUMBER, folded, re.I)] if match}
     for key, value in LINE_VALUE_PATTERN.findall(text):
         name = _input_named(workflow, key)
         if name:
@@ -3273,6 +3294,24 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
                 reading.add(query.name, 3, found)
 
 
+def _label_patterns(workflow: Workflow, query: QueryInput) -> List[str]:
+    """How a label of this input is written: its own words, or a word of its kind in any
+    language when no other input has that kind ("orcamento: 2500" is the budget)."""
+    patterns = [r"[\s_-]+".join(map(re.escape, _words(query.label)))]
+    kind = input_kind(query)
+    if kind in KINDS and sum(input_kind(other) == kind for other in workflow.query_inputs.values()) == 1:
+        patterns += [re.escape(word) for word in sorted(KINDS[kind])]
+    return patterns
+
+
+def asks_a_change(tokens: Sequence[Token]) -> bool:
+    """Does the message correct or change something said before: "make it", "rather",
+    "anzi no", "Ah non pardon"? Then every input is read as if it were still open."""
+    words = [token for token in tokens if token.shape != "mark"]
+    return any(token.folded in CHANGES | PREFERENCES | CORRECTION_FILLERS for token in words) or (
+        len(tokens) > 1 and tokens[0].folded in NEGATIONS | BOOLEAN_WORDS[False] and tokens[1].shape == "mark")
+
+
 def _read_spans(workflow: Workflow, conversation: Conversation, text: str, reading: Reading) -> None:
     """Typed spans, each given to the input of its kind. Inputs already known take a new value
     only from their cues or a replaced name ("now do it for Rome", "not Paris — Lyon")."""
@@ -3281,11 +3320,15 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     rates = {id(span): _rate_end(tokens, span.end) for span in money}   # "50 euros a night" is no total
     money_tokens = {index for span in money for index in range(span.start, rates[id(span)] or span.end)}
     money = [span for span in money if not rates[id(span)]]
+    reading.ruled_out.update({query.name: [span.value for span in money if span.negated]
+                              for query in workflow.query_inputs.values() if input_kind(query) == "money"})
+    money = [span for span in money if not span.negated]
     periods = [span for span in period_spans(tokens) if not money_tokens & set(range(span.start, span.end))]
     taken_tokens = money_tokens | {index for span in periods for index in range(span.start, span.end)}
     places = [query for query in workflow.query_inputs.values() if input_kind(query) == "place"]
+    changing = asks_a_change(tokens)
     for query in workflow.query_inputs.values():
-        kind, is_open = input_kind(query), query.name not in conversation.values
+        kind, is_open = input_kind(query), query.name not in conversation.values or changing
         if query.type in STRING_TYPES and kind in ("place", "text"):
             leads = frozenset(_fold(cue).split()[-1] for cue in query.cues)
             only_place = kind == "place" and len(places) == 1
@@ -3302,9 +3345,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
         if not is_open:
             continue
         if kind == "money":
-            for span in money:
-                (reading.ruled_out.setdefault(query.name, []).append(span.value) if span.negated
-                 else reading.add(query.name, 1, span.value))
+            for span in _after_the_last_contrast(tokens, money):
+                reading.add(query.name, 1, span.value)
         elif kind == "date":
             _read_period(tokens, text, periods, query, reading)
         elif kind == "year":
@@ -3339,7 +3381,8 @@ def words_taken(workflow: Workflow) -> frozenset:
 
 def _words_taken(workflow: Workflow) -> frozenset:
     taken = set(SENTENCE_STARTS | BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False] | COUNT_WORDS | NEGATIONS)
-    taken |= CURRENCIES | CONTRASTS | ALTERNATIVES | CANCELS | QUALIFIERS | NON_ANSWERS
+    taken |= CURRENCIES | CONTRASTS | ALTERNATIVES | CANCELS | QUALIFIERS | NON_ANSWERS | CONFIRMATIONS | HEDGES
+    taken |= CORRECTION_FILLERS | PREFERENCES | CHANGES
     for query in workflow.query_inputs.values():
         taken |= set(_words(query.label + " " + " ".join(query.choices)))
         taken |= {word for synonym, _ in query.synonyms for word in _words(str(synonym))}
@@ -3597,10 +3640,12 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str, tok
         return {}
     words = _words(text)
     if query.type in STRING_TYPES:
-        if input_kind(query) == "place" and len(text.split()) > 1:
+        if input_kind(query) == "place" and 1 < len(text.split()) <= MAX_DIRECT_REPLY_WORDS:
             names = _names_in(tokens, words_taken(workflow))
             if len(names) == 1:
                 return {query.name: names[0]}
+        if input_kind(query) != "date" and any(_is_break(tokens, k) for k in range(len(tokens) - 1)):
+            return {}   # "Neapel. Entschieden.": a sentence, not a bare value
         if (len(text.split()) > MAX_DIRECT_REPLY_WORDS or (words and words[0] in SENTENCE_STARTS)
                 or (re.search(r"\d", text) and any(o.type in NUMERIC_TYPES for o in others))
                 or (period_spans(tokens) and input_kind(query) != "date" and any(input_kind(o) == "date" for o in others))
@@ -3653,6 +3698,9 @@ def _input_named(workflow: Workflow, key: str) -> Optional[str]:
     if not words or any(len(word) < 3 or word in COMMON_WORDS for word in words):
         return None
     named = [name for name, query in workflow.query_inputs.items() if words <= set(_words(query.label))]
+    if not named:   # a word of the input's kind, in any language: "where", "Ziel", "fechas", "presupuesto"
+        named = [name for name, query in workflow.query_inputs.items()
+                 if input_kind(query) in KINDS and words <= KINDS[input_kind(query)]]
     return named[0] if len(named) == 1 else None
 
 
