@@ -2093,6 +2093,7 @@ class Language:
     numbers: str = ""                   # number words: "a week", "two nights", "a couple of days"
     qualifiers: str = ""                # "early May", "next week", "el mes que viene"
     relatives: str = ""                 # between a unit and its qualifier: "el mes que viene"
+    past: str = ""                      # a time before now: "last year" (a sentence about the past gives no value)
     range_links: str = ""               # join the parts of a period: "from 10 to 17 October", "del 3 al 10"
     range_words: str = ""               # between two numbers, a range or a choice: "1500 to 2000", "1500 or 2000"
     and_words: str = ""                 # between two numbers, the ends of a range: "between 1000 and 2000"
@@ -2103,6 +2104,7 @@ class Language:
     corrections: str = ""               # fillers of a correction: "Rome, sorry, Florence"
     negations: str = ""                 # rule out what follows in the clause: "not Paris"
     wishes: str = ""                    # a negated wish reaches further: "I don't want to go in July"
+    excess: str = ""                    # a choice after them is a complaint, not a wish: "too busy", "zu voll"
     except_openers: str = ""            # with except_words: "anywhere but Paris"
     except_words: str = ""
     contrasts: str = ""                 # end a negation's reach, and a later value replaces: "not Paris but Lyon"
@@ -2133,6 +2135,8 @@ class Language:
 
 ENGLISH = Language(
     code="en",
+    excess="too overly",
+    past="last ago previous",
     greetings="hi hello hey dear",
     wishes="want wanna like wish would", changes="make change switch set turn go",
     months=("january jan", "february feb", "march mar", "april apr", "may", "june jun", "july jul",
@@ -2193,6 +2197,8 @@ ENGLISH = Language(
 
 FRENCH = Language(
     code="fr",
+    excess="trop",
+    past="dernier derniere passe passee",
     greetings="bonjour salut bonsoir coucou",
     wishes="veux voudrais veut voulons aimerais", changes="mets passe change rends",
     months=("janvier", "fevrier", "mars", "avril", "mai", "juin", "juillet", "aout", "septembre", "octobre",
@@ -2239,6 +2245,8 @@ FRENCH = Language(
 
 GERMAN = Language(
     code="de",
+    excess="zu",
+    past="letztes letzten letzte vergangenen vergangenes vorigen voriges",
     greetings="hallo servus moin",
     wishes="will mochte mochten wollen moechte", changes="mach mache machen stell andere",
     months=("januar janner", "februar", "marz maerz", "april", "mai", "juni", "juli", "august", "september",
@@ -2251,7 +2259,7 @@ GERMAN = Language(
     uncertain_times="morgen",
     time_units="tag tage tagen nacht nachte woche wochen monat monate jahr jahre",
     numbers="ein eine einen zwei drei vier funf sechs sieben acht neun zehn vierzehn paar einige dutzend",
-    qualifiers="anfang mitte ende erste ersten zweite zweiten dritte letzte letzten nachste nachsten nachstes "
+    qualifiers="anfang mitte ende erste ersten zweite zweiten dritte letzte letzten letztes nachste nachsten nachstes "
                "nachster kommende kommenden diese diesen dieses lang lange langes langen",
     range_links="vom von bis zum zur und im am in der die das den des dem fur wahrend uber ubers um gegen vor",
     range_words="bis oder", and_words="und",
@@ -2284,6 +2292,8 @@ GERMAN = Language(
 
 SPANISH = Language(
     code="es",
+    excess="demasiado demasiada",
+    past="pasado pasada anterior",
     greetings="hola buenas",
     wishes="quiero quisiera queremos", changes="hazlo haz pon cambia ponlo",
     months=("enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre setiembre",
@@ -2329,6 +2339,8 @@ SPANISH = Language(
 
 ITALIAN = Language(
     code="it",
+    excess="troppo troppa",
+    past="scorso scorsa",
     greetings="ciao salve buongiorno buonasera",
     wishes="voglio vorrei vogliamo", changes="fallo fai metti cambia rendilo",
     months=("gennaio", "febbraio", "marzo", "aprile", "maggio", "giugno", "luglio", "agosto", "settembre",
@@ -2375,6 +2387,8 @@ ITALIAN = Language(
 
 PORTUGUESE = Language(
     code="pt",
+    excess="demais demasiado",
+    past="passado passada",
     greetings="ola oi",
     wishes="quero queria queremos", changes="faz faca coloca muda deixa",
     months=("janeiro", "fevereiro", "marco", "abril", "maio", "junho", "julho", "agosto", "setembro",
@@ -2432,7 +2446,7 @@ NUMBER_KINDS = ("money", "year")                  # kinds of the number types
 CLAUSE_MARKS = frozenset(",;.!?:()[]—|\n")
 TOKEN_PATTERN = re.compile(
     r"(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4})"
-    r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]))|(?P<number>\d+(?:[.,]\d+)*)"
+    r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]|\s*[–-]\s*\d))|(?P<number>\d+(?:[.,]\d+)*)"
     r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\S)")
 # A short capitalised abbreviation with its dot ("St. Louis", "Mt. Fuji") does not end a phrase.
 ABBREVIATION_PATTERN = r"\b[A-Z][a-z]{0,2}\.(?=\s)"
@@ -2532,12 +2546,12 @@ TIME_NAMES = words_of("weekdays") | words_of("seasons") | MONTHS.keys()
 TIME_PHRASES = phrases_of("time_phrases")
 UNCERTAIN_TIMES, SEASON_NOUNS, HOLIDAYS = words_of("uncertain_times"), words_of("season_nouns"), words_of("holiday_words")
 TIME_UNITS, COUNT_WORDS, QUALIFIERS = words_of("time_units"), words_of("numbers"), words_of("qualifiers")
-RELATIVES = words_of("relatives")
+RELATIVES, PAST = words_of("relatives"), words_of("past")
 TIME_LINKS, LEADING_LINKS, ARTICLES = words_of("range_links"), words_of("period_leads"), words_of("articles")
 RANGE_WORDS, AND_WORDS = words_of("range_words"), words_of("and_words")
 PLACE_LEADS, STAYS, CORRECTION_FILLERS = words_of("place_leads"), words_of("stays"), words_of("corrections")
 NEGATIONS, CONTRASTS, PREFERENCES = words_of("negations"), words_of("contrasts"), words_of("preferences")
-WISHES, CHANGES = words_of("wishes"), words_of("changes")
+WISHES, CHANGES, EXCESS = words_of("wishes"), words_of("changes"), words_of("excess")
 EXCEPTS, EXCEPT_OPENERS = words_of("except_words"), words_of("except_openers")
 ALTERNATIVES, HEDGES, NAME_JOINERS = words_of("alternatives"), words_of("hedges"), words_of("name_joiners")
 CONFIRMATIONS, NON_ANSWERS, CANCELS = words_of("confirmations"), words_of("non_answers"), words_of("cancels")
@@ -3316,14 +3330,16 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     """Typed spans, each given to the input of its kind. Inputs already known take a new value
     only from their cues or a replaced name ("now do it for Rome", "not Paris — Lyon")."""
     tokens = reading.tokens
-    money = money_spans(text, tokens)
+    past = _past_sentences(tokens)   # "last year in Paris we spent 3000 euros": no value of this trip
+    money = [span for span in money_spans(text, tokens) if _sentence_of(tokens, span.start) not in past]
     rates = {id(span): _rate_end(tokens, span.end) for span in money}   # "50 euros a night" is no total
     money_tokens = {index for span in money for index in range(span.start, rates[id(span)] or span.end)}
     money = [span for span in money if not rates[id(span)]]
     reading.ruled_out.update({query.name: [span.value for span in money if span.negated]
                               for query in workflow.query_inputs.values() if input_kind(query) == "money"})
     money = [span for span in money if not span.negated]
-    periods = [span for span in period_spans(tokens) if not money_tokens & set(range(span.start, span.end))]
+    periods = [span for span in period_spans(tokens) if not money_tokens & set(range(span.start, span.end))
+               and _sentence_of(tokens, span.start) not in past]
     taken_tokens = money_tokens | {index for span in periods for index in range(span.start, span.end)}
     places = [query for query in workflow.query_inputs.values() if input_kind(query) == "place"]
     changing = asks_a_change(tokens)
@@ -3334,7 +3350,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
             only_place = kind == "place" and len(places) == 1
             if only_place:
                 leads |= PLACE_LEADS | PREFERENCES
-            spans = name_spans(tokens, leads, words_taken(workflow), alone=only_place and is_open)
+            spans = [span for span in name_spans(tokens, leads, words_taken(workflow), alone=only_place and is_open)
+                     if _sentence_of(tokens, span.start) not in past]
             reading.ruled_out.setdefault(query.name, []).extend(span.value for span in spans if span.negated)
             for span in _after_the_last_contrast(tokens, [span for span in spans if not span.negated]):
                 if is_open or _cued(tokens, span, query) or _replaces(tokens, span):
@@ -3417,6 +3434,16 @@ def _read_period(tokens: Sequence[Token], text: str, periods: Sequence[Span], qu
         for span in kept:
             reading.add(query.name, 1, _span_text(tokens, span.start, span.end, text))
         return
+    sentences = _by_sentence(tokens, kept)
+    if len(sentences) > 1:   # said in different sentences: different answers, unless one names a time
+        naming = [group for group in sentences if any(_names_a_time(tokens, span) for span in group)]
+        if len(naming) > 1:
+            for group in naming:
+                reading.add(query.name, 1, " ".join(_span_text(tokens, s.start, s.end, text) for s in group))
+            return
+        kept = naming[0] if naming else kept
+    if any(_names_a_time(tokens, span) for span in kept):   # "este año ... a finales de agosto": August
+        kept = [span for span in kept if _names_a_time(tokens, span) or _counts_a_time(tokens, span)]
     pieces: List[List[int]] = []   # [first token, end token] of each stretch of the message quoted
     for span in kept:
         gap = tokens[pieces[-1][1]:span.start] if pieces else []
@@ -3428,6 +3455,39 @@ def _read_period(tokens: Sequence[Token], text: str, periods: Sequence[Span], qu
             pieces.append([span.start, span.end])
     parts = [_span_text(tokens, start, end, text) for start, end in pieces]
     reading.add(query.name, 1, " ".join(parts))
+
+
+def _sentence_of(tokens: Sequence[Token], index: int) -> int:
+    return sum(1 for token in tokens[:index] if token.text in ".!?\n")
+
+
+def _past_sentences(tokens: Sequence[Token]) -> set:
+    """The sentences that tell of the past: a period in them is a time before now, named by
+    no month or day ("last year", "el año pasado", "letztes Jahr"; not "the last week of May")."""
+    return {_sentence_of(tokens, span.start) for span in period_spans(tokens)
+            if any(token.folded in PAST for token in tokens[span.start:span.end])
+            and not _names_a_time(tokens, span)}
+
+
+def _by_sentence(tokens: Sequence[Token], spans: Sequence[Span]) -> List[List[Span]]:
+    """The spans, grouped by the sentence they stand in."""
+    groups: Dict[int, List[Span]] = {}
+    for span in spans:
+        groups.setdefault(_sentence_of(tokens, span.start), []).append(span)
+    return list(groups.values())
+
+
+def _names_a_time(tokens: Sequence[Token], span: Span) -> bool:
+    """Does the period name its time: a month, a day, a season, a holiday, a date?"""
+    return any(token.folded in TIME_NAMES or token.shape in ("iso", "dmy")
+               or position in getattr(tokens, "in_time_phrases", ()) for position, token in
+               enumerate(tokens[span.start:span.end], span.start))
+
+
+def _counts_a_time(tokens: Sequence[Token], span: Span) -> bool:
+    """Is the period a length ("two weeks", "10 días"), not a time relative to now ("last year")?"""
+    return any(token.shape == "number" or (token.folded in COUNT_WORDS and token.folded not in ARTICLES)
+               for token in tokens[span.start:span.end])
 
 
 def _read_choice(workflow: Workflow, tokens: Sequence[Token], query: QueryInput, reading: Reading,
@@ -3444,7 +3504,7 @@ def _read_choice(workflow: Workflow, tokens: Sequence[Token], query: QueryInput,
         for index in find_words(tokens, phrase):
             if changing and phrase not in query.choices and not _asks_a_change(tokens, query, index, phrase):
                 continue
-            if is_negated(tokens, index):
+            if is_negated(tokens, index) or (index > 0 and tokens[index - 1].folded in EXCESS):
                 reading.ruled_out.setdefault(query.name, []).append(choice)
             else:
                 reading.add(query.name, 1, choice)
