@@ -2540,6 +2540,7 @@ def _phrase_pattern(field_name: str, whole: bool) -> re.Pattern:
 
 
 CHECKED_LANGUAGES = tuple(check_language(language) for language in LANGUAGES.values())
+ALL_WORDS = frozenset(word for language in LANGUAGES.values() for _, word in _language_entries(language))
 MONTHS = MappingProxyType({word: month for language in LANGUAGES.values()
                            for month, words in enumerate(language.months, 1) for word in words.split()})
 TIME_NAMES = words_of("weekdays") | words_of("seasons") | MONTHS.keys()
@@ -3352,6 +3353,9 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
                 leads |= PLACE_LEADS | PREFERENCES
             spans = [span for span in name_spans(tokens, leads, words_taken(workflow), alone=only_place and is_open)
                      if _sentence_of(tokens, span.start) not in past]
+            if only_place and is_open and not spans:   # "rome, 1200 eur, 5 days in june"
+                valued = {k for span in money + periods for k in range(span.start, span.end)}
+                spans = _lowercase_list_head(tokens, words_taken(workflow), valued)
             reading.ruled_out.setdefault(query.name, []).extend(span.value for span in spans if span.negated)
             for span in _after_the_last_contrast(tokens, [span for span in spans if not span.negated]):
                 if is_open or _cued(tokens, span, query) or _replaces(tokens, span):
@@ -3455,6 +3459,25 @@ def _read_period(tokens: Sequence[Token], text: str, periods: Sequence[Span], qu
             pieces.append([span.start, span.end])
     parts = [_span_text(tokens, start, end, text) for start, end in pieces]
     reading.add(query.name, 1, " ".join(parts))
+
+
+def _lowercase_list_head(tokens: Sequence[Token], taken: frozenset, valued: set) -> List[Span]:
+    """In a message written all in lower case that lists values, its first item when it is one
+    to three words that mean nothing else here and the next item is a value (an amount, a
+    period): "hamburg. 500 euro", "porto, 400 euros"; not "oii gente, eu e minhas amigas"."""
+    if any(token.text[:1].isupper() for token in tokens):
+        return []
+    end = 0
+    while end < len(tokens) and tokens[end].shape == "word":
+        end += 1
+    known = taken | ALL_WORDS
+    if not 1 <= end <= 3 or end == len(tokens) or tokens[end].text not in ",;." or any(
+            token.folded in known or len(token.folded) < 3 for token in tokens[:end]):
+        return []
+    following = next((k for k in range(end + 1, len(tokens)) if tokens[k].shape != "mark"), None)
+    if following is None or following not in valued:   # the next item is itself a value
+        return []
+    return [Span("name", 0, end, _span_text(tokens, 0, end))]
 
 
 def _sentence_of(tokens: Sequence[Token], index: int) -> int:
