@@ -5,6 +5,7 @@ requests. The one double is the internal LLM: FakeLLM, a small OpenAI-compatible
 server on loopback that records what it receives. Sections follow the module's.
 """
 
+import argparse
 import contextlib
 import importlib.util
 import json
@@ -299,18 +300,33 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def wait_until(condition, failure, seconds=10):
+    """Wait until ``condition()`` holds; once ``seconds`` have passed, fail the test with
+    ``failure``. For what no event announces (a record saved, a port answering)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def command_line_server(*arguments, cwd=None):
     port = free_port()
     process = subprocess.Popen([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--port", str(port),
                                 *arguments], cwd=cwd or HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     server = types.SimpleNamespace(url=f"http://127.0.0.1:{port}", process=process)
+
+    def answers():
+        if process.poll() is not None:
+            output = process.stdout.read().decode(errors="replace")
+            pytest.fail(f"the server exited with status {process.returncode} before answering: {output[-2000:]}")
+        with contextlib.suppress(requests.ConnectionError):
+            requests.get(server.url + "/health", timeout=1)
+            return True
+        return False
     try:
-        for _ in range(200):
-            with contextlib.suppress(requests.ConnectionError):
-                requests.get(server.url + "/health", timeout=1)
-                break
-            time.sleep(0.05)
+        wait_until(answers, f"the server started with {' '.join(arguments)} did not answer /health within 15 s",
+                   seconds=15)
         yield server
     finally:
         process.kill()
@@ -780,7 +796,10 @@ def test_a_node_past_its_timeout_fails_the_run_and_the_next_turn_works(start):
 def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversation_usable(start):
     inside, release, later_ran = threading.Event(), threading.Event(), threading.Event()
 
+    stops = []
+
     def hold(inputs, context):
+        stops.append(context.stop)        # the turn's stop signal, which notices a hang-up
         inside.set()
         release.wait(10)
         return "held"
@@ -797,18 +816,20 @@ def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversa
     client = socket.create_connection(("127.0.0.1", server.httpd.server_port))
     client.sendall(f"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    client.settimeout(10)
     received = b""
     while b"hold started" not in received:
-        received += client.recv(4096)
+        chunk = client.recv(4096)
+        assert chunk, f"the stream ended before 'hold' started: {received!r}"
+        received += chunk
     assert inside.wait(5)
     client.close()                        # the client hangs up while "hold" runs
-    time.sleep(2 * cozyopenai.HANGUP_CHECK_SECONDS)   # a hang-up is noticed within this time
+    (stop,) = stops
+    # Well within the 10 s keep-alive, whose failed write would also stop the turn: this is the hang-up check.
+    assert stop.wait(5), "the turn did not notice within 5 s that its client hung up"
     release.set()
     store = server.app.config["cozyopenai.service"].store
-    for _ in range(100):                  # the turn saves as it stops
-        if store._records:
-            break
-        time.sleep(0.05)
+    wait_until(lambda: store._records, "the stopped turn did not save its conversation within 10 s")
     (conversation_id,) = store._records
     assert latest_values(store.load(conversation_id)) == {"word": "x"}
     assert not later_ran.is_set()
@@ -2666,11 +2687,40 @@ def test_single_call_mode_comes_from_the_flag_or_the_environment():
     assert cozyopenai.config_from_environment({"COZYOPENAI_LLM_BASE_URL": "http://x/v1"})["llm"].single_call is False
 
 
-def test_help_lists_every_flag():
+def command_line_options(monkeypatch):
+    """The actions of the argument parser that ``cozyopenai.parse_arguments`` builds, taken
+    from the parser itself as it parses, so a new flag is checked without being listed here."""
+    parsers = []
+    parse = cozyopenai._OneLineParser.parse_args
+
+    def keep(parser, *arguments, **options):
+        parsers.append(parser)
+        return parse(parser, *arguments, **options)
+    monkeypatch.setattr(cozyopenai._OneLineParser, "parse_args", keep)
+    cozyopenai.parse_arguments([], {})
+    (parser,) = parsers
+    return [action for action in parser._actions if action.option_strings]
+
+
+def test_help_and_the_readmes_configuration_table_list_every_option_the_parser_defines(monkeypatch):
+    options = command_line_options(monkeypatch)
     result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--help"],
                             capture_output=True, text=True, timeout=30)
-    for flag in ("--host", "--port", "--workflows", "--store", "--llm-base-url", "--llm-model", "--api-key"):
-        assert flag in result.stdout
+    assert result.returncode == 0, result.stderr
+    for flag in (flag for option in options for flag in option.option_strings):
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", result.stdout), f"--help does not show {flag}"
+    # Every setting (all but --help and --version) has its row: the flag, then its COZYOPENAI_* variable.
+    settings = [option for option in options
+                if not isinstance(option, (argparse._HelpAction, argparse._VersionAction))]
+    with open(os.path.join(HERE, "README.md")) as handle:
+        configuration = handle.read().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = {match.group(1): match.group(0) for match in re.finditer(r"^\| `(--[\w-]+)`.*$", configuration, re.M)}
+    assert len(settings) >= 18 and rows, "the parser's settings or README.md's configuration table not found"
+    for option in settings:
+        (flag,) = [flag for flag in option.option_strings if flag.startswith("--")]
+        assert flag in rows, f"README.md's configuration table has no row for {flag}"
+        assert f"`COZYOPENAI_{option.dest.upper()}`" in rows[flag], rows[flag]
+    assert set(rows) == {flag for option in settings for flag in option.option_strings}, "a row for no option"
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -2933,7 +2983,9 @@ def test_readme_embedding_example_runs_as_written():
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_readme_curl_examples_run_as_written(start):
     server = start()
-    for example in readme_blocks("bash"):
+    examples = readme_blocks("bash")
+    assert any(example.lstrip().startswith("curl ") for example in examples), "README.md shows no curl example"
+    for example in examples:
         command = example.replace("http://127.0.0.1:8000", server.url)
         result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stderr
