@@ -309,6 +309,17 @@ def wait_until(condition, failure, seconds=10):
         time.sleep(0.01)
 
 
+@pytest.fixture(scope="module")
+def trip_planner():
+    """The shipped trip-planner workflow, for tests that call the reader's pieces directly."""
+    return cozyopenai.load_workflows(WORKFLOWS_PATH)["trip-planner"]
+
+
+def new_conversation(model="trip-planner", **state):
+    """A conversation that has just started (or with ``state``, such as the inputs just asked for)."""
+    return cozyopenai.Conversation(id="x" * 32, model=model, **state)
+
+
 @contextlib.contextmanager
 def command_line_server(*arguments, cwd=None):
     port = free_port()
@@ -445,6 +456,25 @@ def test_command_line_exits_non_zero_with_the_message_on_an_invalid_workflows_fi
     assert result.returncode == 2
     assert f"{path}: workflow 'echo': the links form a cycle" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_value_written_in_the_file_is_checked_in_its_inputs_own_type_and_bounds():
+    month = cozyopenai.QueryInput("month", "The month.", type="integer", minimum=1, maximum=12)
+    assert cozyopenai.check_value(month, 12) == 12 and cozyopenai.check_value(month, 3.0) == 3
+    for value, reason in ((13, "must be at most 12, not 13"), (2.5, "a whole number"), ("5", "a number"),
+                          (True, "a number")):
+        with pytest.raises(ValueError, match=reason):
+            cozyopenai.check_value(month, value)
+    assert cozyopenai.coerce_value(month, "5") == 5   # what a user writes is read; what a file holds is typed
+    pace = cozyopenai.QueryInput("pace", "Pace.", type="choice", choices=("relaxed", "packed"))
+    assert cozyopenai.check_value(pace, "packed") == "packed"
+    with pytest.raises(ValueError, match="the pace is one of relaxed, packed, not 'calm'"):
+        cozyopenai.check_value(pace, "calm")
+    with pytest.raises(ValueError, match="I need true or false for the children, not 'yes'"):
+        cozyopenai.check_value(cozyopenai.QueryInput("children", "Kids?", type="boolean"), "yes")
+    with pytest.raises(ValueError, match="I need an email address for the contact"):
+        cozyopenai.check_value(cozyopenai.QueryInput("contact", "Email.", type="email"), "nobody")
+    assert cozyopenai.check_value(cozyopenai.QueryInput("city", "A city."), "  Oslo ") == "Oslo"
 
 
 def test_fixed_input_secrets_never_appear_in_replies_or_the_model_list(start, fake_llm):
@@ -1298,8 +1328,74 @@ def test_a_store_that_cannot_lock_is_refused_at_start_up():
 
 
 ####################################################################################
+# Reading: the language tables
+####################################################################################
+
+def test_the_language_tables_hold_only_folded_words_as_the_reader_compares_them():
+    # A message's words are compared folded (lower case, no accents, no apostrophes): a table
+    # word that is not folded would never match anything a user writes.
+    tables = {name: getattr(cozyopenai, name) for name in (
+        "TIME_NAMES", "UNCERTAIN_TIMES", "TIME_UNITS", "COUNT_WORDS", "QUALIFIERS", "HOLIDAYS", "TIME_LINKS",
+        "LEADING_LINKS", "PLACE_LEADS", "NEGATIONS", "CONTRASTS", "ALTERNATIVES", "NAME_JOINERS", "CANCELS",
+        "CURRENCIES", "PREFERENCES", "PLACE_ARTICLES", "CORRECTION_FILLERS", "NON_ANSWERS", "STAYS", "EXCEPTS",
+        "EXCEPT_OPENERS")}
+    tables.update({f"KINDS[{kind!r}]": words for kind, words in cozyopenai.KINDS.items()},
+                  MONTHS=set(cozyopenai.MONTHS))
+    for name, words in tables.items():
+        assert words, name
+        unfolded = [word for word in words if cozyopenai._fold(word) != word or "'" in word or "’" in word]
+        assert unfolded == [], name
+    assert cozyopenai.LEADING_LINKS <= cozyopenai.TIME_LINKS   # the words that lead into a period also join one
+
+
+def test_month_names_in_each_language_give_the_months_number():
+    for words, month in ((("october", "oct", "octobre", "oktober", "octubre", "ottobre", "outubro"), 10),
+                         (("may", "mai", "mayo", "maggio", "maio"), 5), (("march", "mars", "marz", "marzo"), 3)):
+        assert {cozyopenai.MONTHS[word] for word in words} == {month}, words
+    assert sorted(set(cozyopenai.MONTHS.values())) == list(range(1, 13))
+
+
+####################################################################################
 # Reading: words, numbers and typed values
 ####################################################################################
+
+@pytest.mark.parametrize("written, number", [
+    ("2,000", 2000), ("2.000,50", 2000.5), ("2,000.50", 2000.5), ("2,5", 2.5), ("2.000", 2000), ("1'000", 1000),
+    ("1 500", 1500), ("2k", 2000), ("1.5m", 1_500_000), ("-3", -3),
+])
+def test_a_number_is_read_with_either_decimal_mark_its_thousands_separators_and_a_k_or_m(written, number):
+    assert cozyopenai.parse_number(written) == number
+
+
+def test_numbers_in_a_text_are_each_number_it_states_and_spaced_thousands_only_when_asked():
+    assert cozyopenai.numbers_in("between 2,000 and 3.5k") == [2000, 3500]
+    assert cozyopenai.numbers_in("a 3 day trip for 2") == [3, 2]
+    assert cozyopenai.numbers_in("nothing to count") == []
+    assert cozyopenai.numbers_in("1 500 euros") == [1, 500]   # two numbers, unless French spacing is asked for
+    assert 1500 in cozyopenai.numbers_in("1 500 euros", spaced=True)
+    with pytest.raises(ValueError):
+        cozyopenai.parse_number("lots")
+
+
+def test_an_inputs_kind_comes_from_its_type_or_the_words_of_its_name_and_description():
+    workflows = cozyopenai.load_workflows(WORKFLOWS_PATH)
+    trip, calendar = workflows["trip-planner"].query_inputs, workflows["month-calendar"].query_inputs
+    assert {name: cozyopenai.input_kind(query) for name, query in trip.items()} == {
+        "destination": "place", "budget": "money", "travel_dates": "date", "pace": "choice", "children": "boolean"}
+    assert cozyopenai.input_kind(calendar["year"]) == "year" and cozyopenai.input_kind(calendar["month"]) == "number"
+    assert cozyopenai.input_kind(cozyopenai.QueryInput("contact", "Where we send the summary, by email.")) == "email"
+    assert cozyopenai.input_kind(cozyopenai.QueryInput("topic", "What the talk is about.")) == "text"
+    assert cozyopenai.input_kind(cozyopenai.QueryInput("guests", "How many come.", type="integer")) == "number"
+
+
+def test_a_month_is_read_by_its_name_in_any_language_but_not_beside_a_day_nor_past_its_bound():
+    month = cozyopenai.load_workflows(WORKFLOWS_PATH)["month-calendar"].query_inputs["month"]
+    assert [cozyopenai.coerce_value(month, raw) for raw in ("March", "märz", "mars", "10", 7)] == [3, 3, 3, 10, 7]
+    with pytest.raises(ValueError, match="I need the month alone, not 'May 3'"):
+        cozyopenai.coerce_value(month, "May 3")
+    with pytest.raises(ValueError, match="the month must be at most 12, not 13"):
+        cozyopenai.coerce_value(month, 13)
+
 
 @pytest.mark.parametrize("value_type, raw, expected", [
     ("number", "$2,000", 2000), ("number", "2.000,50 €", 2000.5), ("number", "2k", 2000),
@@ -1372,8 +1468,127 @@ def test_a_lone_surrogate_in_a_message_is_dropped_from_the_value_not_a_500(start
 
 
 ####################################################################################
+# Reading: typed spans of a message
+####################################################################################
+
+def test_a_message_is_tokens_with_a_shape_and_folded_text_each_where_it_was_written():
+    text = "Zürich on 2026-05-01 or 3/5/2026, the 3rd: 1,500 isn't it? Am 3. Mai"
+    tokens = cozyopenai.tokenize(text)
+    assert [(token.text, token.shape) for token in tokens] == [
+        ("Zürich", "word"), ("on", "word"), ("2026-05-01", "iso"), ("or", "word"), ("3/5/2026", "dmy"),
+        (",", "mark"), ("the", "word"), ("3rd", "ordinal"), (":", "mark"), ("1,500", "number"), ("isn't", "word"),
+        ("it", "word"), ("?", "mark"), ("Am", "word"), ("3.", "ordinal"), ("Mai", "word")]
+    assert [token.folded for token in tokens if token.shape == "word"] == [
+        "zurich", "on", "or", "the", "isnt", "it", "am", "mai"]
+    assert all(text[token.start:token.end] == token.text for token in tokens)
+    assert tokens[0].capitalised and not tokens[1].capitalised and not tokens[7].capitalised
+
+
+@pytest.mark.parametrize("text, amount", [
+    ("1 500 €", 1500), ("$5000", 5000), ("3000 dólares", 3000), ("2.000 Euro", 2000), ("2k", 2000),
+    ("USD 1,200.50", 1200.5), ("€1.200", 1200),
+])
+def test_an_amount_with_its_currency_before_or_after_it_is_one_money_span(text, amount):
+    tokens = cozyopenai.tokenize(text)
+    (span,) = cozyopenai.money_spans(text, tokens)
+    assert (span.holds, span.value, span.negated) == ("money", amount, False)
+    assert (span.start, span.end) == (0, len(tokens))   # the currency is part of it
+
+
+@pytest.mark.parametrize("text", ["1500-2000 euros", "between 1500 and 2000 €", "1500 or 2000 euros",
+                                  "budget 2000", "in 2026"])
+def test_a_range_or_a_number_without_a_currency_is_no_money_span(text):
+    assert cozyopenai.money_spans(text, cozyopenai.tokenize(text)) == []
+
+
+@pytest.mark.parametrize("text, period", [
+    ("from 10 to 17 October", "10 to 17 October"), ("a week in mid-October", "a week in mid-October"),
+    ("Let's go in April", "April"), ("im Juli", "Juli"), ("del 3 al 10 de junio", "3 al 10 de junio"),
+    ("2026-05-01 to 2026-05-08", "2026-05-01 to 2026-05-08"), ("10-17 October", "10-17 October"),
+])
+def test_a_period_is_one_date_span_in_the_users_words_without_the_word_leading_into_it(text, period):
+    tokens = cozyopenai.tokenize(text)
+    (span,) = cozyopenai.period_spans(tokens)
+    assert span.holds == "date" and not span.negated
+    assert text[tokens[span.start].start:tokens[span.end - 1].end] == period
+
+
+@pytest.mark.parametrize("text", ["May I ask something?", "I may go", "the fall of Rome", "see ticket 1.2.3 on 10.0.0.1"])
+def test_a_month_word_used_otherwise_a_version_or_an_address_is_no_period(text):
+    assert cozyopenai.period_spans(cozyopenai.tokenize(text)) == []
+
+
+def test_a_capitalised_name_after_a_place_word_is_a_name_span_and_a_ruled_out_one_is_negated(trip_planner):
+    taken = cozyopenai.words_taken(trip_planner)
+
+    def names(text):
+        return [(span.value, span.negated)
+                for span in cozyopenai.name_spans(cozyopenai.tokenize(text), cozyopenai.PLACE_LEADS, taken)]
+    assert names("A trip to New York in May") == [("New York", False)]
+    assert names("nach Frankfurt am Main") == [("Frankfurt am Main", False)]
+    assert names("not Paris") == [("Paris", True)]
+    assert names("Not Paris — Lyon") == [("Paris", True), ("Lyon", False)]
+    assert names("Pas Nice, plutôt Cannes") == [("Nice", True), ("Cannes", False)]
+    assert names("to Rome, actually no, to Milan") == [("Rome", True), ("Milan", False)]
+    assert names("I'm in London and want to go to Rome") == [("Rome", False)]   # where one is, not where to go
+    assert names("Paris is nice") == []                                         # no place word leads to it
+
+
+@pytest.mark.parametrize("text, word, negated", [
+    ("not Paris", "Paris", True), ("Not relaxed, packed please", "relaxed", True),
+    ("Not relaxed, packed please", "packed", False), ("anywhere but Paris", "Paris", True),
+    ("no children", "children", True), ("sans enfants", "enfants", True), ("ohne Kinder", "Kinder", True),
+    ("not Paris but Lyon", "Lyon", False), ("Paris, not Lyon", "Paris", False),
+])
+def test_a_word_is_negated_by_a_negation_before_it_in_its_clause_until_a_contrast(text, word, negated):
+    tokens = cozyopenai.tokenize(text)
+    (index,) = [index for index, token in enumerate(tokens) if token.text == word]
+    assert cozyopenai.is_negated(tokens, index) is negated
+
+
+####################################################################################
 # Reading: the floor (no LLM) and the LLM on top of it
 ####################################################################################
+
+def test_the_floor_reads_an_amount_a_period_and_a_place_from_plain_sentences(trip_planner):
+    extraction, reading = cozyopenai.read_floor(trip_planner, new_conversation(),
+                                                "My budget is 1 500 €, from 10 to 17 October")
+    assert extraction.values == {"budget": 1500, "travel_dates": "10 to 17 October"} and extraction.rejected == {}
+    assert [token.text for token in reading.tokens][:3] == ["My", "budget", "is"]
+    assert cozyopenai.extract_offline(trip_planner, new_conversation(), "Trip to Oslo with the children, 2k euros"
+                                      ).values == {"destination": "Oslo", "budget": 2000, "children": True}
+
+
+def test_the_floor_never_takes_a_value_the_message_rules_out(trip_planner):
+    extraction, reading = cozyopenai.read_floor(trip_planner, new_conversation(), "Anywhere but Paris, budget 2000.")
+    assert extraction.values == {"budget": 2000} and reading.ruled_out["destination"] == ["Paris"]
+    extraction, reading = cozyopenai.read_floor(trip_planner, new_conversation(), "not relaxed, packed please")
+    assert extraction.values == {"pace": "packed"} and reading.ruled_out["pace"] == ["relaxed"]
+
+
+def test_the_floor_reads_name_value_lines_and_says_why_a_value_does_not_fit(trip_planner):
+    lines = cozyopenai.extract_offline(trip_planner, new_conversation(),
+                                       "destination: Lisbon\nbudget: 1500\ntravel dates: May")
+    assert lines.values == {"destination": "Lisbon", "budget": 1500, "travel_dates": "May"}
+    unfit = cozyopenai.extract_offline(trip_planner, new_conversation(), "budget: lots")
+    assert unfit.values == {} and unfit.rejected == {"budget": "I need a single number for the budget, not 'lots'"}
+
+
+def test_the_floor_gives_a_bare_answer_to_the_input_just_asked_for_and_only_then(trip_planner):
+    asked = lambda name: new_conversation(asked=[name])   # noqa: E731
+    assert cozyopenai.extract_offline(trip_planner, asked("destination"), "Paris").values == {"destination": "Paris"}
+    assert cozyopenai.extract_offline(trip_planner, asked("budget"), "2000").values == {"budget": 2000}
+    assert cozyopenai.extract_offline(trip_planner, new_conversation(), "Paris").values == {}
+    assert cozyopenai.extract_offline(trip_planner, asked("travel_dates"), "2000").values == {}   # not a date
+
+
+def test_the_floor_takes_a_whole_message_of_cancelling_as_the_cancel_intent(trip_planner):
+    for text in ("cancel", "Start over!", "annuler"):
+        extraction = cozyopenai.extract_offline(trip_planner, new_conversation(), text)
+        assert (extraction.intent, extraction.values) == ("cancel", {}), text
+    going_on = cozyopenai.extract_offline(trip_planner, new_conversation(), "cancel the museum, destination: Rome")
+    assert (going_on.intent, going_on.values) == ("provide", {"destination": "Rome"})
+
 
 def test_offline_the_document_dialogue_completes_in_at_most_four_user_turns(start):
     chat = Chat(start())
@@ -1628,6 +1843,33 @@ def test_extraction_set_accepts_only_what_users_said_and_never_reads_less_than_o
 ####################################################################################
 # Questions: asking for what is missing
 ####################################################################################
+
+def test_the_templated_question_acknowledges_what_was_understood_and_asks_for_the_first_missing_input(trip_planner):
+    inputs = trip_planner.query_inputs
+    missing = [inputs["budget"], inputs["travel_dates"]]
+    assert cozyopenai.question_offline(trip_planner, missing, {"destination": "Paris"}, {}, {}) == (
+        "Got it: destination Paris. I still need the budget and travel dates. What is your total budget for the "
+        'trip? You can also give several at once, one per line, like "travel dates: ...".')
+    assert cozyopenai.question_offline(trip_planner, missing, {}, {}, {}, line_hint=False) == (
+        "I still need the budget and travel dates. What is your total budget for the trip?")
+    echo = cozyopenai.load_workflows({"workflows": [workflow()]})["echo"]   # an input without its own question
+    assert cozyopenai.question_offline(echo, list(echo.query_inputs.values()), {}, {}, {}) == (
+        "Could you tell me the word (A word to echo back)?")
+
+
+def test_the_templated_question_asks_which_one_when_the_message_named_several(trip_planner):
+    question = cozyopenai.question_offline(trip_planner, [trip_planner.query_inputs["destination"]], {}, {}, {},
+                                           ambiguous={"destination": ["Lima", "Cusco"]})
+    assert question == "Which destination do you mean: Lima or Cusco?"
+
+
+def test_the_templated_question_says_what_changed_and_why_a_value_was_refused(trip_planner):
+    question = cozyopenai.question_offline(trip_planner, [trip_planner.query_inputs["travel_dates"]], {},
+                                           {"destination": ("Paris", "Rome")},
+                                           {"budget": "I need a single number for the budget, not 'lots'"})
+    assert question == ("Changed the destination from Paris to Rome. I need a single number for the budget, not "
+                        "'lots'. When would you like to travel, and for how long?")
+
 
 def test_followup_question_lists_only_missing_inputs(start):
     reply = Chat(start()).say("destination: Paris")
