@@ -589,6 +589,21 @@ def test_run_from_another_folder_it_finds_the_workflows_beside_it_and_their_pyth
     assert answer_of(reply) == "QUIET"
 
 
+def test_a_python_module_beside_the_workflows_file_runs_without_changing_sys_path_or_sys_modules(tmp_path):
+    for folder, mark in (("one", "!"), ("two", "?")):   # two files, each with a mytools.py of its own
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "mytools.py").write_text(f"def shout(text):\n    return text.upper() + {mark!r}\n")
+        (tmp_path / folder / "workflows.json").write_text(json.dumps({"workflows": [workflow(nodes=[
+            {"id": "loud", "type": "python", "inputs": {"function": "mytools:shout", "text": {"query": "word"}}},
+            {"id": "answer", "type": "output", "inputs": {"text": {"link": "loud"}}}])]}))
+    path, modules, answers = list(sys.path), dict(sys.modules), {}
+    for folder in ("one", "two"):
+        echo = cozyopenai.load_workflows(str(tmp_path / folder / "workflows.json"))["echo"]
+        answers[folder] = list(cozyopenai.run_workflow(echo, {"word": "quiet"}))[-1].text
+    assert answers == {"one": "QUIET!", "two": "QUIET?"}
+    assert sys.path == path and sys.modules == modules and "mytools" not in sys.modules
+
+
 def test_template_node_reads_dotted_paths_into_linked_outputs(start):
     nodes = [
         {"id": "data", "type": "python", "inputs": {"function": "json:loads", "s": {"query": "word"}}},
@@ -823,6 +838,20 @@ def test_a_node_past_its_timeout_fails_the_run_and_the_next_turn_works(start):
     assert answer_of(chat.say("seconds: 0")).endswith("awake")
 
 
+def test_a_hang_up_aware_event_turns_set_soon_after_the_peer_closes():
+    ours, theirs = socket.socketpair()
+    with ours:
+        event = cozyopenai.HangUpAwareEvent(ours)
+        assert event.wait(0.2) is False and not event.is_set()   # the peer is still there
+        closing = threading.Timer(0.1, theirs.close)
+        closing.start()
+        started = time.monotonic()
+        assert event.wait(10) is True, "the peer's close was not noticed within 10 s"
+        assert time.monotonic() - started < 2        # within a few checks, not at the timeout
+        assert event.is_set()
+        closing.join()
+
+
 def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversation_usable(start):
     inside, release, later_ran = threading.Event(), threading.Event(), threading.Event()
 
@@ -1025,6 +1054,48 @@ def test_store_memory_and_json_in_any_case_create_no_folder_of_that_name(tmp_pat
         with command_line_server("--store", store, "--workflows", WORKFLOWS_PATH, cwd=tmp_path) as server:
             assert requests.get(server.url + "/openai/models", timeout=5).status_code == 200
     assert sorted(os.listdir(tmp_path)) == ["conversations"]   # "JSON" is the default folder
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("ftp://x/y", "--store ftp://...: unknown scheme; use memory, a folder, or one of file://, redis://"),
+    ("", "--store is empty: give memory, a folder, or a redis:// URL"),
+    ("redis://127.0.0.1:6379/abc", "the database is a number (redis://host:6379/0), not 'abc'"),
+])
+def test_a_store_of_an_unknown_scheme_an_empty_name_or_a_redis_database_that_is_no_number_is_refused(
+        spec, reason, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cozyopenai.ConfigError) as refused:
+        cozyopenai.open_store(spec)
+    assert reason in refused.value.message
+    assert os.listdir(tmp_path) == []   # refused before anything was made: no folder of that name
+
+
+def test_the_command_line_refuses_a_store_of_an_unknown_scheme_with_one_line_and_status_2(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "ftp://x/y", "--port",
+                             "0"], capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode == 2 and "--store ftp://...: unknown scheme" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_store_object_is_taken_only_if_it_is_a_cozyopenai_store():
+    class LooksLikeAStore:   # every method a store has, but not a subclass of cozyopenai.Store
+        def load(self, conversation_id):
+            return None
+
+        def save(self, conversation_id, record):
+            pass
+
+        def lock(self, conversation_id):
+            return contextlib.nullcontext()
+
+        def count(self):
+            return 0
+    with pytest.raises(cozyopenai.ConfigError, match=r"the store LooksLikeAStore is not a cozyopenai\.Store: .*"
+                                                     r"\(subclass cozyopenai\.Store\)"):
+        cozyopenai.open_store(LooksLikeAStore())
+    store = cozyopenai.MemoryStore()
+    assert cozyopenai.open_store(store) is store
 
 
 def test_conversation_ids_are_well_formed_unique_and_differ_in_a_forked_worker():
