@@ -1,8 +1,10 @@
 """The specification of cozyopenai, as tests.
 
-Every test talks to a real server on a loopback port, with the real openai client or
-requests. The one double is the internal LLM: FakeLLM, a small OpenAI-compatible HTTP
-server on loopback that records what it receives. Sections follow the module's.
+Most tests talk to a real server on a loopback port, with the real openai client or
+requests; the reader's pieces, the stores and a few other parts are also called directly,
+in-process. The one double is the internal LLM: FakeLLM, a small OpenAI-compatible HTTP
+server on loopback that records what it receives. Sections follow the module's, in its
+order; the README's examples and the benchmark come last.
 """
 
 import argparse
@@ -382,6 +384,24 @@ class OpenWebUIChat:
     def say(self, text):
         reply, self.messages = self.send(self.messages + [{"role": "user", "content": text}])
         return reply
+
+
+####################################################################################
+# Errors
+####################################################################################
+
+def test_each_error_becomes_an_openai_error_object_with_its_status_type_and_code():
+    missing = cozyopenai.ModelNotFoundError("The model 'x' does not exist.", param="model")
+    assert isinstance(missing, cozyopenai.RequestError) and missing.status == 404
+    assert missing.to_openai() == {"error": {"message": "The model 'x' does not exist.", "type": "invalid_request_error",
+                                             "param": "model", "code": "model_not_found"}}
+    down = cozyopenai.LLMError("HTTP 500", upstream_status=500)
+    assert isinstance(down, cozyopenai.UpstreamError) and down.status == 502 and down.reason == "HTTP 500"
+    assert down.to_openai()["error"]["type"] == "upstream_error"
+    assert cozyopenai.LLMError("HTTP 400", upstream_status=400).status == 400   # the request was at fault
+    assert cozyopenai.StoreUnavailable("Redis is down").status == 503
+    for status, error in cozyopenai.HTTP_STATUS_ERRORS.items():   # Bottle's own errors leave as ours
+        assert issubclass(error, cozyopenai.CozyError) and error.status == status
 
 
 ####################################################################################
