@@ -1758,7 +1758,7 @@ def test_offline_typed_values_go_only_to_inputs_that_name_the_kind_as_a_word(sta
     ("I'm in London and want to go somewhere warm in May", {"travel_dates": "May"}),
     ("see ticket 1.2.3 on 10.0.0.1", {}),
 ])
-def test_the_reader_on_sentences_a_review_found(message, values):
+def test_the_floor_keeps_only_the_values_stated_in_sentences_it_once_misread(message, values):
     workflow = cozyopenai.load_workflows(WORKFLOWS_PATH)["trip-planner"]
     extraction = cozyopenai.extract_offline(workflow, cozyopenai.Conversation(id="x" * 32, model="trip-planner"),
                                             message)
@@ -2124,7 +2124,7 @@ def test_after_a_run_a_message_that_changes_nothing_gives_the_last_result_again_
     assert "Running month-calendar" in thinking_of(chat.say("again please"))
 
 
-def test_unicode_emoji_right_to_left_and_very_long_messages_work(start):
+def test_unicode_emoji_right_to_left_and_very_long_messages_are_read_and_answered(start):
     chat = Chat(start(), stream=True)
     assert "Understood destination: Zürich 🏔." in thinking_of(chat.say("destination: Zürich 🏔"))
     assert "Changed destination: Zürich 🏔 → القاهرة." in thinking_of(chat.say("destination: القاهرة"))
@@ -2549,7 +2549,7 @@ def test_the_openai_client_raises_its_not_found_error_for_an_unknown_model(start
         start().client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
 
 
-def test_the_async_openai_client_streams_and_not(start):
+def test_the_async_openai_client_gets_a_plain_and_a_streamed_reply(start):
     import asyncio
     from openai import AsyncOpenAI
     server = start()
@@ -2750,7 +2750,7 @@ def test_a_stored_response_continues_from_exactly_its_own_state(start):
     assert len({response.output_text for response in again}) == 1
 
 
-def test_responses_errors_and_the_stateless_form(start):
+def test_responses_errors_are_openai_errors_and_a_stateless_response_carries_the_id_block(start):
     server = start()
     with pytest.raises(openai.BadRequestError) as caught:
         server.client.responses.create(model="trip-planner", input="hello", previous_response_id="resp_unknown")
@@ -2927,7 +2927,7 @@ def test_mcp_errors_are_json_rpc_errors_and_keys_and_origins_are_checked(start):
     assert post(b'{"jsonrpc": "2.0", "id": 5, "method": "ping"}', **session).status_code == 404
 
 
-def test_mcp_odd_answers_and_arguments_end_with_a_result(start):
+def test_mcp_odd_answers_and_arguments_end_with_a_result_and_a_rebinding_host_is_refused(start):
     server = start()
 
     async def call(arguments, elicit=None):
