@@ -1,11 +1,15 @@
 """The specification of cozyopenai, as tests.
 
-Every test talks to a real server on a loopback port, with the real openai client or
-requests. The one double is the internal LLM: FakeLLM, a small OpenAI-compatible HTTP
-server on loopback that records what it receives. Sections follow the module's.
+Most tests talk to a real server on a loopback port, with the real openai client or
+requests; the reader's pieces, the stores and a few other parts are also called directly,
+in-process. The one double is the internal LLM: FakeLLM, a small OpenAI-compatible HTTP
+server on loopback that records what it receives. Sections follow the module's, in its
+order; the README's examples and the benchmark come last.
 """
 
+import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -194,7 +198,10 @@ LLAMA_CPP_REFUSAL = json.dumps({"error": {
                "'text' or 'json_object' [type=literal_error, input_value='json_schema', input_type=str]",
     "type": "internal_server_error"}}).encode()
 
+
 INVENTED = bench.INVENTED
+
+
 call_kind = bench.StandInLLM.kind
 
 
@@ -296,18 +303,111 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def wait_until(condition, failure, seconds=10):
+    """Wait until ``condition()`` holds; once ``seconds`` have passed, fail the test with
+    ``failure``. For what no event announces (a record saved, a port answering)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def trip_planner():
+    """The shipped trip-planner workflow, for tests that call the reader's pieces directly."""
+    return cozyopenai.load_workflows(WORKFLOWS_PATH)["trip-planner"]
+
+
+def new_conversation(model="trip-planner", **state):
+    """A conversation that has just started (or with ``state``, such as the inputs just asked for)."""
+    return cozyopenai.Conversation(id="x" * 32, model=model, **state)
+
+
+@contextlib.contextmanager
+def command_line_server(*arguments, cwd=None):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--port", str(port),
+                                *arguments], cwd=cwd or HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = types.SimpleNamespace(url=f"http://127.0.0.1:{port}", process=process)
+
+    def answers():
+        if process.poll() is not None:
+            output = process.stdout.read().decode(errors="replace")
+            pytest.fail(f"the server exited with status {process.returncode} before answering: {output[-2000:]}")
+        with contextlib.suppress(requests.ConnectionError):
+            requests.get(server.url + "/health", timeout=1)
+            return True
+        return False
+    try:
+        wait_until(answers, f"the server started with {' '.join(arguments)} did not answer /health within 15 s",
+                   seconds=15)
+        yield server
+    finally:
+        process.kill()
+        process.wait(10)
+        process.stdout.close()
+
+
+def server_chat(server, model, text):
+    return requests.post(server.url + "/openai/chat/completions", timeout=10, json={
+        "model": model, "messages": [{"role": "user", "content": text}]}).json()["choices"][0]["message"]["content"]
+
+
+def python_with_the_module(code, cwd, **variables):
+    """Run ``code`` in a new interpreter that can import cozyopenai, configured by COZYOPENAI_*
+    ``variables`` (the shipped workflows and the memory store unless given); ``get(path)``
+    is there to send one GET through ``cozyopenai.app``."""
+    prelude = ("import cozyopenai, json, logging, os, wsgiref.util\n"
+               "def get(path, statuses=None):\n"
+               "    environ = {}; wsgiref.util.setup_testing_defaults(environ); environ['PATH_INFO'] = path\n"
+               "    return b''.join(cozyopenai.app(environ, lambda status, *rest: None if statuses is None else statuses.append(status)))\n")
+    settings = {"COZYOPENAI_WORKFLOWS": WORKFLOWS_PATH, "COZYOPENAI_STORE": "memory", **variables}
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=30,
+                          cwd=cwd, env={**os.environ, **settings, "PYTHONPATH": HERE})
+
+
+def open_webui_history(reply):
+    """What Open WebUI sends back of a streamed reply: the reasoning it recognised removed, trimmed."""
+    return re.sub(r"<thinking>.*?</thinking>", "", reply, flags=re.S).strip()
+
+
+class OpenWebUIChat:
+    """A chat as Open WebUI 0.12.4 keeps it and sends it: replies with their thinking block
+    removed and trimmed, branches made by editing or regenerating, instructions dropped."""
+
+    def __init__(self, server, model="trip-planner"):
+        self.server, self.model, self.messages = server, model, []
+
+    def send(self, messages):
+        reply = ask(self.server, self.model, messages, stream=True)
+        return reply, messages + [{"role": "assistant", "content": open_webui_history(reply)}]
+
+    def say(self, text):
+        reply, self.messages = self.send(self.messages + [{"role": "user", "content": text}])
+        return reply
+
+
 ####################################################################################
-# Workflows: loading and validation
+# Errors
 ####################################################################################
 
-def test_shipped_workflows_file_loads_with_the_document_trip_planner():
-    workflows = cozyopenai.load_workflows(WORKFLOWS_PATH)
-    assert len(workflows) >= 3
-    trip = workflows["trip-planner"]
-    assert {"destination", "budget", "travel_dates"} <= set(trip.query_inputs)
-    assert {node.type for w in workflows.values() for node in w.nodes} >= {"template", "llm", "http", "python",
-                                                                            "output"}
+def test_each_error_becomes_an_openai_error_object_with_its_status_type_and_code():
+    missing = cozyopenai.ModelNotFoundError("The model 'x' does not exist.", param="model")
+    assert isinstance(missing, cozyopenai.RequestError) and missing.status == 404
+    assert missing.to_openai() == {"error": {"message": "The model 'x' does not exist.", "type": "invalid_request_error",
+                                             "param": "model", "code": "model_not_found"}}
+    down = cozyopenai.LLMError("HTTP 500", upstream_status=500)
+    assert isinstance(down, cozyopenai.UpstreamError) and down.status == 502 and down.reason == "HTTP 500"
+    assert down.to_openai()["error"]["type"] == "upstream_error"
+    assert cozyopenai.LLMError("HTTP 400", upstream_status=400).status == 400   # the request was at fault
+    assert cozyopenai.StoreUnavailable("Redis is down").status == 503
+    for status, error in cozyopenai.HTTP_STATUS_ERRORS.items():   # Bottle's own errors leave as ours
+        assert issubclass(error, cozyopenai.CozyError) and error.status == status
 
+
+####################################################################################
+# Workflows: the file format and its checks
+####################################################################################
 
 def _broken(change):
     data = {"workflows": [workflow()]}
@@ -379,6 +479,114 @@ def test_command_line_exits_non_zero_with_the_message_on_an_invalid_workflows_fi
     assert "Traceback" not in result.stderr
 
 
+def test_a_value_written_in_the_file_is_checked_in_its_inputs_own_type_and_bounds():
+    month = cozyopenai.QueryInput("month", "The month.", type="integer", minimum=1, maximum=12)
+    assert cozyopenai.check_value(month, 12) == 12 and cozyopenai.check_value(month, 3.0) == 3
+    for value, reason in ((13, "must be at most 12, not 13"), (2.5, "a whole number"), ("5", "a number"),
+                          (True, "a number")):
+        with pytest.raises(ValueError, match=reason):
+            cozyopenai.check_value(month, value)
+    assert cozyopenai.coerce_value(month, "5") == 5   # what a user writes is read; what a file holds is typed
+    pace = cozyopenai.QueryInput("pace", "Pace.", type="choice", choices=("relaxed", "packed"))
+    assert cozyopenai.check_value(pace, "packed") == "packed"
+    with pytest.raises(ValueError, match="the pace is one of relaxed, packed, not 'calm'"):
+        cozyopenai.check_value(pace, "calm")
+    with pytest.raises(ValueError, match="I need true or false for the children, not 'yes'"):
+        cozyopenai.check_value(cozyopenai.QueryInput("children", "Kids?", type="boolean"), "yes")
+    with pytest.raises(ValueError, match="I need an email address for the contact"):
+        cozyopenai.check_value(cozyopenai.QueryInput("contact", "Email.", type="email"), "nobody")
+    assert cozyopenai.check_value(cozyopenai.QueryInput("city", "A city."), "  Oslo ") == "Oslo"
+
+
+def test_fixed_input_secrets_never_appear_in_replies_or_the_model_list(start, fake_llm):
+    secret = "sk-test-9f8e7d6c5b4a3210"
+    fake_llm.http_routes["/echo"] = (500, {})
+    nodes = [
+        {"id": "get", "type": "http", "inputs": {"url": fake_llm.url + "/echo?key={key}&q={word}",
+                                                 "key": {"fixed": "api_key"}, "word": {"query": "word"}}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "get"}}},
+    ]
+    server = start([workflow(nodes=nodes, fixed_inputs={"api_key": secret})])
+    reply = Chat(server, "echo", stream=True).say(f"word: {secret}")
+    assert secret not in reply and "[redacted]" in reply
+    assert secret not in requests.get(server.url + "/openai/models", timeout=5).text
+
+
+def test_a_planted_secret_never_leaves_the_server(start, fake_llm, caplog):
+    secret = "sk-planted-0123456789abcdef"
+
+    def leaky(inputs, context):
+        raise RuntimeError(f"upstream refused key {inputs['key']}")
+    fake_llm.http_routes["/echo"] = (500, {})
+    workflows = [
+        workflow(name="via-http", fixed_inputs={"api_key": secret}, nodes=[
+            {"id": "get", "type": "http", "inputs": {"url": fake_llm.url + "/echo?key={key}&q={word}",
+                                                     "key": {"fixed": "api_key"}, "word": {"query": "word"}}},
+            {"id": "answer", "type": "output", "inputs": {"text": {"link": "get"}}}]),
+        workflow(name="via-python", fixed_inputs={"token": secret}, nodes=[
+            {"id": "call", "type": "leaky", "inputs": {"key": {"fixed": "token"}, "w": {"query": "word"}}},
+            {"id": "answer", "type": "output", "inputs": {"text": {"link": "call"}}}]),
+        workflow(name="via-template", fixed_inputs={"password": secret}, nodes=[
+            {"id": "say", "type": "template", "inputs": {"template": "{p} {word}", "p": {"fixed": "password"},
+                                                         "word": {"query": "word"}}},
+            {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]),
+    ]
+    server = start(workflows, node_types={"leaky": cozyopenai.NodeType(leaky)})
+    seen = [requests.get(server.url + "/openai/models", timeout=5).text]
+    for name in ("via-http", "via-python", "via-template"):
+        seen.append(requests.get(server.url + f"/openai/models/{name}", timeout=5).text)
+        for stream in (False, True):
+            chat = Chat(server, name, stream=stream)
+            seen += [chat.say(f"word: {secret}"), chat.say("word: again")]
+        seen.append(server.post({"model": name, "messages": [{"role": "user", "content": secret}], "n": 3}).text)
+    seen += [record.getMessage() for record in caplog.records]
+    assert any("[redacted]" in text for text in seen)
+    assert not [text for text in seen if secret in text]
+
+
+def test_a_secret_an_llm_echoes_across_two_streamed_tokens_is_redacted(start, fake_llm):
+    secret = "sk-split-0123456789abcdef"
+    fake_llm.node_tokens = ["Your key is sk-spl", "it-0123456789", "abcdef, keep it safe."]
+    nodes = [{"id": "echo", "type": "llm", "inputs": {"prompt": "Say {word}", "key": {"fixed": "api_key"},
+                                                      "word": {"query": "word"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "echo"}}}]
+    server = start([workflow(nodes=nodes, fixed_inputs={"api_key": secret})], llm=fake_llm.settings())
+    fake_llm.extractions = {"word: hi": {"word": "hi"}}
+    for stream in (True, False):
+        reply = Chat(server, "echo", stream=stream).say("word: hi")
+        assert answer_of(reply) == "Your key is [redacted], keep it safe."
+        assert "sk-spl" not in reply and "0123456789abcdef" not in reply
+
+
+def test_overlapping_secrets_are_redacted_whole():
+    redact = cozyopenai.Redactor(["abcd", "abcdefgh"])
+    assert redact("xxabcdefgh") == "xx[redacted]"
+    assert "".join(text for _, text in redact.stream(iter([("content", "xxabc"), ("content", "defgh!")]))) == \
+        "xx[redacted]!"
+
+
+def test_a_fixed_input_fed_to_a_secret_named_node_input_is_redacted(start):
+    nodes = [{"id": "say", "type": "template", "inputs": {"template": "{token} {word}", "token": {"fixed": "site"},
+                                                          "word": {"query": "word"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]
+    server = start([workflow(nodes=nodes, fixed_inputs={"site": "open sesame"})])
+    reply = Chat(server, "echo").say("word: hello")
+    assert "hello" in answer_of(reply) and "[redacted]" in reply and "sesame" not in reply
+
+
+####################################################################################
+# Node types, and loading a workflows file with them
+####################################################################################
+
+def test_shipped_workflows_file_loads_with_the_document_trip_planner():
+    workflows = cozyopenai.load_workflows(WORKFLOWS_PATH)
+    assert len(workflows) >= 3
+    trip = workflows["trip-planner"]
+    assert {"destination", "budget", "travel_dates"} <= set(trip.query_inputs)
+    assert {node.type for w in workflows.values() for node in w.nodes} >= {"template", "llm", "http", "python",
+                                                                            "output"}
+
+
 def test_workflows_file_that_is_not_json_names_the_file_and_line(tmp_path):
     path = tmp_path / "workflows.json"
     path.write_text('{"workflows": [\n  {"name": "x",,}\n]}')
@@ -386,9 +594,36 @@ def test_workflows_file_that_is_not_json_names_the_file_and_line(tmp_path):
         cozyopenai.load_workflows(str(path))
 
 
-####################################################################################
-# Node types
-####################################################################################
+def test_run_from_another_folder_it_finds_the_workflows_beside_it_and_their_python_modules(tmp_path):
+    with command_line_server("--store", "memory", cwd=tmp_path) as server:
+        models = requests.get(server.url + "/openai/models", timeout=5).json()["data"]
+        assert [model["id"] for model in models] == ["trip-planner", "month-calendar", "weather-now"]
+    (tmp_path / "mytools.py").write_text("def shout(text):\n    return text.upper()\n")
+    (tmp_path / "workflows.json").write_text(json.dumps({"workflows": [workflow(nodes=[
+        {"id": "loud", "type": "python", "inputs": {"function": "mytools:shout", "text": {"query": "word"}}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "loud"}}}])]}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with command_line_server("--store", "memory", "--workflows", str(tmp_path / "workflows.json"),
+                             cwd=elsewhere) as server:
+        reply = server_chat(server, "echo", "word: quiet")
+    assert answer_of(reply) == "QUIET"
+
+
+def test_a_python_module_beside_the_workflows_file_runs_without_changing_sys_path_or_sys_modules(tmp_path):
+    for folder, mark in (("one", "!"), ("two", "?")):   # two files, each with a mytools.py of its own
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "mytools.py").write_text(f"def shout(text):\n    return text.upper() + {mark!r}\n")
+        (tmp_path / folder / "workflows.json").write_text(json.dumps({"workflows": [workflow(nodes=[
+            {"id": "loud", "type": "python", "inputs": {"function": "mytools:shout", "text": {"query": "word"}}},
+            {"id": "answer", "type": "output", "inputs": {"text": {"link": "loud"}}}])]}))
+    path, modules, answers = list(sys.path), dict(sys.modules), {}
+    for folder in ("one", "two"):
+        echo = cozyopenai.load_workflows(str(tmp_path / folder / "workflows.json"))["echo"]
+        answers[folder] = list(cozyopenai.run_workflow(echo, {"word": "quiet"}))[-1].text
+    assert answers == {"one": "QUIET!", "two": "QUIET?"}
+    assert sys.path == path and sys.modules == modules and "mytools" not in sys.modules
+
 
 def test_template_node_reads_dotted_paths_into_linked_outputs(start):
     nodes = [
@@ -457,6 +692,17 @@ def test_a_deployment_registers_its_own_node_type(start):
     ]
     server = start([workflow(nodes=nodes)], node_types={"shout": cozyopenai.NodeType(shout, required=("text",))})
     assert answer_of(Chat(server, "echo").say("word: hello")) == "HELLO!"
+
+
+def test_node_types_can_be_registered_with_a_decorator(start):
+    node_types = cozyopenai.NodeTypes()
+
+    @node_types.register("reverse", required=("text",))
+    def reverse(inputs, context):
+        return inputs["text"][::-1]
+    nodes = [{"id": "flip", "type": "reverse", "inputs": {"text": {"query": "word"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "flip"}}}]
+    assert answer_of(Chat(start([workflow(nodes=nodes)], node_types=node_types), "echo").say("word: abc")) == "cba"
 
 
 def test_llm_node_without_an_llm_uses_its_fallback_template(start):
@@ -528,8 +774,21 @@ def test_an_llm_node_sends_max_tokens_from_its_input_or_the_default_and_bad_ones
             cozyopenai.load_workflows({"workflows": [broken]})
 
 
+def test_llm_node_tokens_stream_into_the_answer_as_they_arrive(start, fake_llm):
+    server = start(llm=fake_llm.settings())
+    fake_llm.extractions = {"go": {"destination": "Paris", "budget": 2000, "travel_dates": "May"}}
+    fake_llm.extractions["go"] = {"destination": "go", "budget": None, "travel_dates": None}
+    message = "destination go, budget 2000, travel_dates May"
+    fake_llm.extractions[message] = {"destination": "go", "budget": "2000", "travel_dates": "May"}
+    chunks = server.client.chat.completions.create(
+        model="trip-planner", messages=[{"role": "user", "content": message}], stream=True)
+    contents = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
+    for token in fake_llm.node_tokens:
+        assert token in contents   # each token its own chunk: nothing waited for the whole answer
+
+
 ####################################################################################
-# Runner
+# Runner: nodes run when all their inputs are ready
 ####################################################################################
 
 def test_runner_reports_each_node_in_dependency_order_then_the_answer():
@@ -600,10 +859,27 @@ def test_a_node_past_its_timeout_fails_the_run_and_the_next_turn_works(start):
     assert answer_of(chat.say("seconds: 0")).endswith("awake")
 
 
+def test_a_hang_up_aware_event_turns_set_soon_after_the_peer_closes():
+    ours, theirs = socket.socketpair()
+    with ours:
+        event = cozyopenai.HangUpAwareEvent(ours)
+        assert event.wait(0.2) is False and not event.is_set()   # the peer is still there
+        closing = threading.Timer(0.1, theirs.close)
+        closing.start()
+        started = time.monotonic()
+        assert event.wait(10) is True, "the peer's close was not noticed within 10 s"
+        assert time.monotonic() - started < 2        # within a few checks, not at the timeout
+        assert event.is_set()
+        closing.join()
+
+
 def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversation_usable(start):
     inside, release, later_ran = threading.Event(), threading.Event(), threading.Event()
 
+    stops = []
+
     def hold(inputs, context):
+        stops.append(context.stop)        # the turn's stop signal, which notices a hang-up
         inside.set()
         release.wait(10)
         return "held"
@@ -620,18 +896,20 @@ def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversa
     client = socket.create_connection(("127.0.0.1", server.httpd.server_port))
     client.sendall(f"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    client.settimeout(10)
     received = b""
     while b"hold started" not in received:
-        received += client.recv(4096)
+        chunk = client.recv(4096)
+        assert chunk, f"the stream ended before 'hold' started: {received!r}"
+        received += chunk
     assert inside.wait(5)
     client.close()                        # the client hangs up while "hold" runs
-    time.sleep(2 * cozyopenai.HANGUP_CHECK_SECONDS)   # a hang-up is noticed within this time
+    (stop,) = stops
+    # Well within the 10 s keep-alive, whose failed write would also stop the turn: this is the hang-up check.
+    assert stop.wait(5), "the turn did not notice within 5 s that its client hung up"
     release.set()
     store = server.app.config["cozyopenai.service"].store
-    for _ in range(100):                  # the turn saves as it stops
-        if store._records:
-            break
-        time.sleep(0.05)
+    wait_until(lambda: store._records, "the stopped turn did not save its conversation within 10 s")
     (conversation_id,) = store._records
     assert latest_values(store.load(conversation_id)) == {"word": "x"}
     assert not later_ran.is_set()
@@ -642,15 +920,107 @@ def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversa
     assert answer_of(ask(server, "echo", history)).endswith("later")   # not locked out
 
 
-def test_a_silent_stream_gets_keepalive_comments_that_clients_skip(start):
-    nodes = [{"id": "nap", "type": "python", "inputs": {"function": "time:sleep", "0": {"query": "seconds"}}},
-             {"id": "answer", "type": "output", "inputs": {"text": "rested"}}]
-    queries = {"seconds": {"description": "How long to sleep.", "type": "number"}}
-    server = start([workflow(nodes=nodes, query_inputs=queries)], keepalive_seconds=0.05)
-    response = server.post({"model": "echo", "stream": True,
-                            "messages": [{"role": "user", "content": "seconds: 0.4"}]})
-    assert ": keep-alive" in response.text.splitlines()
-    assert answer_of(Chat(server, "echo", stream=True).say("seconds: 0.3")).endswith("rested")
+####################################################################################
+# The internal LLM (extraction, questions and `llm` nodes)
+####################################################################################
+
+def test_an_upstream_that_refuses_json_schema_gets_json_mode(start, fake_llm):
+    fake_llm.refuse_json_schema = True
+    fake_llm.extractions = {"Paris please": {"destination": "Paris"}}
+    chat = Chat(start(llm=fake_llm.settings()))
+    assert "Understood destination: Paris." in thinking_of(chat.say("Paris please"))
+    formats = [(c.get("response_format") or {}).get("type") for c in fake_llm.calls_of("extraction")]
+    assert formats == ["json_schema", "json_object"]
+    chat.say("budget: 100")
+    assert fake_llm.calls_of("extraction")[-1]["response_format"] == {"type": "json_object"}
+
+
+def _formats(calls):
+    return [(call.get("response_format") or {}).get("type") for call in calls]
+
+
+def _three_turns_on_an_upstream_that_refuses_json_schema_with_a_500(start, fake_llm):
+    fake_llm.refuse_json_schema_status = 500   # as llama-cpp-python 0.3.x does
+    fake_llm.extractions = {"Paris please": {"destination": "Paris"}, "A budget of 100.": {"budget": 100},
+                            "In May.": {"travel_dates": "May"}}
+    chat = Chat(start(llm=fake_llm.settings()))
+    return [chat.say(text) for text in ("Paris please", "A budget of 100.", "In May.")]
+
+
+def test_an_upstream_that_refuses_json_schema_with_a_500_is_asked_once_then_gets_json_mode(start, fake_llm):
+    first, second, _ = _three_turns_on_an_upstream_that_refuses_json_schema_with_a_500(start, fake_llm)
+    assert "Understood destination: Paris." in thinking_of(first)
+    assert "Understood budget: 100." in thinking_of(second)
+    assert "simple reader" not in thinking_of(first) + thinking_of(second)
+    formats = _formats(fake_llm.calls_of("extraction"))
+    assert formats[:2] == ["json_schema", "json_object"]                 # no client retry of the refusal
+    assert formats.count("json_schema") == 1 and set(formats[1:]) == {"json_object"} and len(formats) >= 4
+
+
+def test_stepping_down_from_json_schema_is_logged_once_naming_the_host_and_not_the_key(start, fake_llm, caplog):
+    caplog.set_level("WARNING", logger="cozyopenai")
+    _three_turns_on_an_upstream_that_refuses_json_schema_with_a_500(start, fake_llm)
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelname == "WARNING" and "response_format" in record.getMessage()]
+    assert warnings == [f"the language model at 127.0.0.1:{fake_llm.server.server_port} does not take "
+                        "response_format json_schema; using json_object from now on"]
+    assert "sk-llm-key" not in caplog.text
+
+
+def test_an_outage_does_not_change_the_structured_output_mode(fake_llm):
+    messages = [{"role": "system", "content": cozyopenai.EXTRACTION_PROMPT}, {"role": "user", "content": "hi"}]
+    fake_llm.refuse_json_schema_status = 500
+    confirmed = cozyopenai.LLMClient(fake_llm.settings())
+    confirmed.complete_json(messages, {"type": "object"})     # json_schema refused, json_object answers
+    seen = len(fake_llm.calls)
+    fake_llm.fail_next = [500] * 4                            # an outage: 500s whose body names no format
+    for _ in range(2):
+        with pytest.raises(cozyopenai.UpstreamError, match="HTTP 500"):
+            confirmed.complete_json(messages, {"type": "object"})
+    assert confirmed.complete_json(messages, {"type": "object"})["intent"] == "provide"
+    assert _formats(fake_llm.calls[seen:]) == ["json_object"] * 5   # retried as usual, never down to text
+
+    fake_llm.refuse_json_schema_status = None
+    fresh = cozyopenai.LLMClient(fake_llm.settings())
+    seen = len(fake_llm.calls)
+    fake_llm.fail_next = [500, 500]                           # before json_schema has ever answered
+    with pytest.raises(cozyopenai.UpstreamError, match="HTTP 500"):
+        fresh.complete_json(messages, {"type": "object"})
+    fresh.complete_json(messages, {"type": "object"})
+    assert _formats(fake_llm.calls[seen:]) == ["json_schema", "json_object", "json_schema"]
+
+
+@pytest.mark.parametrize("fault", ["timeout", "refused", "429", "500", "not json"])
+def test_an_llm_fault_is_retried_then_degrades_the_turn_and_keeps_every_value(start, fake_llm, fault):
+    fake_llm.extractions = {"Trip to Paris.": {"destination": "Paris"}}
+    settings = fake_llm.settings(timeout_seconds=0.5)
+    if fault == "refused":
+        settings = cozyopenai.LLMSettings(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", timeout_seconds=0.5)
+        fake_llm.extractions = {}
+    chat = Chat(start(llm=settings))
+    first = chat.say("Trip to Paris." if fault != "refused" else "destination: Paris")
+    assert "Understood destination: Paris." in thinking_of(first)
+    calls_before = len(fake_llm.calls)
+    fake_llm.delay_seconds = 2 if fault == "timeout" else 0
+    fake_llm.fail_next = {"429": [429] * 4, "500": [500] * 4}.get(fault, [])
+    fake_llm.broken_json = fault == "not json"
+    reply = chat.say("budget: 2000")
+    assert "used the simple reader instead" in thinking_of(reply)
+    assert "Understood budget: 2000." in thinking_of(reply)
+    if fault in ("timeout", "429", "500"):
+        extraction_calls = len(fake_llm.calls_of("extraction")) - (1 if calls_before else 0)
+        assert extraction_calls == 2          # one retry, then the simple reader: a bounded budget
+    fake_llm.delay_seconds, fake_llm.fail_next, fake_llm.broken_json = 0, [], False
+    fake_llm.extractions["travel_dates: May"] = {"travel_dates": "May"}
+    last = chat.say("travel_dates: May")
+    assert "Running trip-planner with destination = Paris, budget = 2000, travel dates = May" in thinking_of(last)
+
+
+def test_broken_json_from_the_llm_degrades_to_the_simple_reader(start, fake_llm):
+    fake_llm.broken_json = True
+    reply = Chat(start(llm=fake_llm.settings())).say("destination: Oslo")
+    assert "held no JSON object" in thinking_of(reply)
+    assert "Understood destination: Oslo." in thinking_of(reply)
 
 
 ####################################################################################
@@ -686,11 +1056,67 @@ def test_memory_store_forgets_the_least_recently_used_beyond_its_bound():
     assert store.load("a") is None and store.load("c") == {"n": "c"}
 
 
+def test_memory_store_forgets_conversations_unused_past_their_age():
+    store = cozyopenai.MemoryStore(max_age_seconds=0.05)
+    store.save("a" * 32, {"n": 1})
+    time.sleep(0.1)
+    assert store.load("a" * 32) is None
+
+
 def test_store_named_json_is_the_json_store_in_its_default_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     store = cozyopenai.open_store("json")
     assert isinstance(store, cozyopenai.JsonFileStore)
     assert (tmp_path / cozyopenai.DEFAULT_STORE).is_dir() and not (tmp_path / "json").exists()
+
+
+def test_store_memory_and_json_in_any_case_create_no_folder_of_that_name(tmp_path):
+    for store in ("Memory", "JSON"):
+        with command_line_server("--store", store, "--workflows", WORKFLOWS_PATH, cwd=tmp_path) as server:
+            assert requests.get(server.url + "/openai/models", timeout=5).status_code == 200
+    assert sorted(os.listdir(tmp_path)) == ["conversations"]   # "JSON" is the default folder
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("ftp://x/y", "--store ftp://...: unknown scheme; use memory, a folder, or one of file://, redis://"),
+    ("", "--store is empty: give memory, a folder, or a redis:// URL"),
+    ("redis://127.0.0.1:6379/abc", "the database is a number (redis://host:6379/0), not 'abc'"),
+])
+def test_a_store_of_an_unknown_scheme_an_empty_name_or_a_redis_database_that_is_no_number_is_refused(
+        spec, reason, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cozyopenai.ConfigError) as refused:
+        cozyopenai.open_store(spec)
+    assert reason in refused.value.message
+    assert os.listdir(tmp_path) == []   # refused before anything was made: no folder of that name
+
+
+def test_the_command_line_refuses_a_store_of_an_unknown_scheme_with_one_line_and_status_2(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "ftp://x/y", "--port",
+                             "0"], capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode == 2 and "--store ftp://...: unknown scheme" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_store_object_is_taken_only_if_it_is_a_cozyopenai_store():
+    class LooksLikeAStore:   # every method a store has, but not a subclass of cozyopenai.Store
+        def load(self, conversation_id):
+            return None
+
+        def save(self, conversation_id, record):
+            pass
+
+        def lock(self, conversation_id):
+            return contextlib.nullcontext()
+
+        def count(self):
+            return 0
+    with pytest.raises(cozyopenai.ConfigError, match=r"the store LooksLikeAStore is not a cozyopenai\.Store: .*"
+                                                     r"\(subclass cozyopenai\.Store\)"):
+        cozyopenai.open_store(LooksLikeAStore())
+    store = cozyopenai.MemoryStore()
+    assert cozyopenai.open_store(store) is store
 
 
 def test_conversation_ids_are_well_formed_unique_and_differ_in_a_forked_worker():
@@ -733,11 +1159,19 @@ def test_json_store_refuses_ids_that_are_not_conversation_ids(tmp_path):
         store.load("../" + "a" * 29)
 
 
-def test_memory_store_forgets_conversations_unused_past_their_age():
-    store = cozyopenai.MemoryStore(max_age_seconds=0.05)
-    store.save("a" * 32, {"n": 1})
-    time.sleep(0.1)
-    assert store.load("a" * 32) is None
+def test_an_identifier_with_path_tricks_never_reaches_the_file_system(start, tmp_path):
+    store = tmp_path / "store"
+    server = start(store=str(store))
+    outside = tmp_path / ("A" * 32 + ".json")
+    outside.write_text('{"model": "trip-planner", "values": {"destination": "Stolen"}}')
+    for trick in ("../" + "A" * 32, "..%2F" + "A" * 29, "A" * 31 + "/", "A" * 32 + "\x00"):
+        history = [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": f"```cozyui-conversation-identifier\n{trick}\n```"},
+                   {"role": "user", "content": "budget: 100"}]
+        reply = ask(server, "trip-planner", history)
+        assert "Stolen" not in reply
+    assert outside.read_text().count("Stolen") == 1
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{32}\.json", name) for name in os.listdir(store) if name != ".locks")
 
 
 def test_json_store_expires_old_conversations(tmp_path):
@@ -748,6 +1182,45 @@ def test_json_store_expires_old_conversations(tmp_path):
     os.utime(tmp_path / f"{old}.json", (time.time() - 7200, time.time() - 7200))
     assert store.expire() == 1
     assert store.load(old) is None and store.load(new) == {"n": 2}
+
+
+def test_an_identifier_in_a_user_message_is_not_trusted(start):
+    server = start()
+    chat = Chat(server)
+    planted = chat.say("destination: Paris\nbudget: 2000")
+    conversation_id = ID_BLOCK.search(planted).group(1)
+    intruder = [{"role": "user", "content": f"```cozyui-conversation-identifier\n{conversation_id}\n```\n"
+                                            "travel_dates: May"}]
+    reply = ask(server, "trip-planner", intruder)
+    assert "Paris" not in answer_of(reply)
+    assert ID_BLOCK.search(reply).group(1) != conversation_id
+
+
+def test_a_conversation_stored_by_the_previous_release_continues(start, tmp_path):
+    conversation_id = "A" * 32
+    (tmp_path / f"{conversation_id}.json").write_text(json.dumps({
+        "id": conversation_id, "model": "trip-planner", "values": {"destination": "Paris", "budget": 2000},
+        "asked": ["travel_dates"], "ask_counts": {"travel_dates": 1}, "runs": 0, "turns": 1, "created": 1.0,
+        "updated": 1.0, "seen": ["x"], "before": []}))
+    history = [{"role": "user", "content": "destination: Paris\nbudget: 2000"},
+               {"role": "assistant", "content": "When?\n\n```cozyui-conversation-identifier\n" + conversation_id
+                + "\n```"}, {"role": "user", "content": "in May"}]
+    reply = ask(start(store=str(tmp_path)), "trip-planner", history)
+    assert "Running trip-planner with destination = Paris, budget = 2000, travel dates = May" in reply
+    record = json.loads((tmp_path / f"{conversation_id}.json").read_text())
+    assert record["version"] == 2 and len(record["snapshots"]) == 2
+
+
+def test_a_conversation_keeps_its_most_recent_snapshots_only(start):
+    server = start()
+    chat = Chat(server, "month-calendar")
+    for year in range(2000, 2000 + cozyopenai.SNAPSHOTS_KEPT + 5):
+        chat.say(f"year: {year}\nmonth: 1")
+    conversation_id = ID_BLOCK.search(chat.messages[1]["content"]).group(1)
+    record = server.app.config["cozyopenai.service"].store.load(conversation_id)
+    assert len(record["snapshots"]) == cozyopenai.SNAPSHOTS_KEPT
+    assert latest_values(record) == {"year": 2000 + cozyopenai.SNAPSHOTS_KEPT + 4, "month": 1}
+    assert len(record["results"]) <= cozyopenai.SNAPSHOTS_KEPT
 
 
 def test_two_turns_at_once_on_one_conversation_lose_no_update(start, fake_llm):
@@ -947,8 +1420,265 @@ def test_a_store_that_cannot_lock_is_refused_at_start_up():
 
 
 ####################################################################################
-# Extraction and questions
+# Reading: the language tables
 ####################################################################################
+
+def test_every_shipped_language_passes_its_check_and_an_entry_no_message_can_match_is_refused():
+    # A message's words are compared folded (lower case, no accents, no apostrophes): an entry
+    # that is not, or a month list that is not twelve, stops the module from loading.
+    assert all(cozyopenai.check_language(language) is language for language in cozyopenai.LANGUAGES.values())
+    english = cozyopenai.ENGLISH
+    for broken, reason in ((dataclasses.replace(english, negations="not Never"),
+                            "language en, negations: 'Never' can never match a message's words"),
+                           (dataclasses.replace(english, stays="i'm"),
+                            "language en, stays: \"i'm\" can never match a message's words (write it folded: 'im')"),
+                           (dataclasses.replace(english, months=english.months[:11]),
+                            "language en: 'months' lists 11 months, not 12")):
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            cozyopenai.check_language(broken)
+
+
+def test_month_names_in_each_language_give_the_months_number():
+    for words, month in ((("october", "oct", "octobre", "oktober", "octubre", "ottobre", "outubro"), 10),
+                         (("may", "mai", "mayo", "maggio", "maio"), 5), (("march", "mars", "marz", "marzo"), 3)):
+        assert {cozyopenai.MONTHS[word] for word in words} == {month}, words
+    assert sorted(set(cozyopenai.MONTHS.values())) == list(range(1, 13))
+
+
+####################################################################################
+# Reading: words, numbers and typed values
+####################################################################################
+
+@pytest.mark.parametrize("written, number", [
+    ("2,000", 2000), ("2.000,50", 2000.5), ("2,000.50", 2000.5), ("2,5", 2.5), ("2.000", 2000), ("1'000", 1000),
+    ("1 500", 1500), ("2k", 2000), ("1.5m", 1_500_000), ("-3", -3),
+])
+def test_a_number_is_read_with_either_decimal_mark_its_thousands_separators_and_a_k_or_m(written, number):
+    assert cozyopenai.parse_number(written) == number
+
+
+def test_numbers_in_a_text_are_each_number_it_states_and_spaced_thousands_only_when_asked():
+    assert cozyopenai.numbers_in("between 2,000 and 3.5k") == [2000, 3500]
+    assert cozyopenai.numbers_in("a 3 day trip for 2") == [3, 2]
+    assert cozyopenai.numbers_in("nothing to count") == []
+    assert cozyopenai.numbers_in("1 500 euros") == [1, 500]   # two numbers, unless French spacing is asked for
+    assert 1500 in cozyopenai.numbers_in("1 500 euros", spaced=True)
+    with pytest.raises(ValueError):
+        cozyopenai.parse_number("lots")
+
+
+def test_an_inputs_kind_comes_from_its_type_or_the_words_of_its_name_and_description():
+    workflows = cozyopenai.load_workflows(WORKFLOWS_PATH)
+    trip, calendar = workflows["trip-planner"].query_inputs, workflows["month-calendar"].query_inputs
+    assert {name: cozyopenai.input_kind(query) for name, query in trip.items()} == {
+        "destination": "place", "budget": "money", "travel_dates": "date", "pace": "choice", "children": "boolean"}
+    assert cozyopenai.input_kind(calendar["year"]) == "year" and cozyopenai.input_kind(calendar["month"]) == "number"
+    assert cozyopenai.input_kind(cozyopenai.QueryInput("contact", "Where we send the summary, by email.")) == "email"
+    assert cozyopenai.input_kind(cozyopenai.QueryInput("topic", "What the talk is about.")) == "text"
+    assert cozyopenai.input_kind(cozyopenai.QueryInput("guests", "How many come.", type="integer")) == "number"
+
+
+def test_a_month_is_read_by_its_name_in_any_language_but_not_beside_a_day_nor_past_its_bound():
+    month = cozyopenai.load_workflows(WORKFLOWS_PATH)["month-calendar"].query_inputs["month"]
+    assert [cozyopenai.coerce_value(month, raw) for raw in ("March", "märz", "mars", "10", 7)] == [3, 3, 3, 10, 7]
+    with pytest.raises(ValueError, match="I need the month alone, not 'May 3'"):
+        cozyopenai.coerce_value(month, "May 3")
+    with pytest.raises(ValueError, match="the month must be at most 12, not 13"):
+        cozyopenai.coerce_value(month, 13)
+
+
+@pytest.mark.parametrize("value_type, raw, expected", [
+    ("number", "$2,000", 2000), ("number", "2.000,50 €", 2000.5), ("number", "2k", 2000),
+    ("number", "1,5", 1.5), ("integer", "12", 12), ("boolean", "yes", True), ("boolean", "false", False),
+    ("boolean", "Nein", False), ("boolean", "oui", True), ("string", "  Paris ", "Paris"),
+])
+def test_values_are_coerced_to_their_declared_type(value_type, raw, expected):
+    query = cozyopenai.QueryInput("x", "An input.", type=value_type)
+    assert cozyopenai.coerce_value(query, raw) == expected
+
+
+@pytest.mark.parametrize("value_type, raw", [
+    ("number", "about 1500-2000"), ("integer", "2.5"), ("boolean", "maybe"), ("number", "lots"),
+])
+def test_values_that_do_not_fit_their_type_are_rejected_with_a_reason(value_type, raw):
+    query = cozyopenai.QueryInput("budget", "An input.", type=value_type)
+    with pytest.raises(ValueError, match="the budget"):
+        cozyopenai.coerce_value(query, raw)
+
+
+def test_choices_match_case_insensitively_or_by_a_clear_prefix():
+    query = cozyopenai.QueryInput("pace", "Pace.", type="choice", choices=("relaxed", "balanced", "packed"))
+    assert cozyopenai.coerce_value(query, "RELAXED") == "relaxed"
+    assert cozyopenai.coerce_value(query, "bal") == "balanced"
+    with pytest.raises(ValueError, match="must be one of relaxed, balanced, packed"):
+        cozyopenai.coerce_value(query, "pa")
+
+
+def test_choice_synonyms_and_languages_are_understood(start, fake_llm):
+    message = "Drei Tage in München im Mai, bitte entspannt."
+    fake_llm.extractions = {message: {"destination": "München", "travel_dates": "Drei Tage im Mai",
+                                      "pace": "entspannt"}}
+    reply = Chat(start(llm=fake_llm.settings())).say(message)
+    assert "Understood pace: relaxed." in thinking_of(reply)
+    assert "Understood destination: München." in thinking_of(reply)
+
+
+def test_out_of_range_numbers_are_rejected_with_the_bound(start):
+    reply = Chat(start(), "month-calendar").say("year: 2026\nmonth: 13")
+    assert answer_of(reply) == ("Got it: year 2026. The month must be at most 12, not 13. "
+                                "Which month (its name, or a number from 1 to 12)?")
+
+
+def test_a_number_can_be_named_by_its_synonyms(start, fake_llm):
+    chat = Chat(start(), "month-calendar")
+    chat.say("year: 2027")
+    assert "March 2027" in answer_of(chat.say("March"))   # offline: the answer to "Which month?"
+    fake_llm.extractions = {"Kalender für März 2027": {"year": 2027, "month": "März"}}
+    reply = Chat(start(llm=fake_llm.settings()), "month-calendar").say("Kalender für März 2027")
+    assert "März 2027" in answer_of(reply) or "March 2027" in answer_of(reply)
+
+
+def test_a_number_synonym_is_stated_only_as_written_or_as_the_answer(start, fake_llm):
+    fake_llm.extractions = {"I may want 2026, what does it look like?": {"year": 2026, "month": 5}}
+    reply = Chat(start(llm=fake_llm.settings()), "month-calendar").say("I may want 2026, what does it look like?")
+    assert "Ignored month = 5" in reply
+    chat = Chat(start(), "month-calendar")
+    chat.say("year: 2026")
+    assert "I need the month alone, not 'May 3'" in answer_of(chat.say("May 3"))
+    assert "May 2026" in answer_of(chat.say("may"))   # lower case is fine as the answer to "Which month?"
+
+
+def test_a_lone_surrogate_in_a_message_is_dropped_from_the_value_not_a_500(start):
+    server = start([workflow()])
+    body = '{"model": "echo", "messages": [{"role": "user", "content": "word: caf\\ud800e"}]}'
+    response = requests.post(server.url + "/openai/chat/completions", data=body.encode(), timeout=10,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 200
+    assert "You said cafe." in response.json()["choices"][0]["message"]["content"]
+
+
+####################################################################################
+# Reading: typed spans of a message
+####################################################################################
+
+def test_a_message_is_tokens_with_a_shape_and_folded_text_each_where_it_was_written():
+    text = "Zürich on 2026-05-01 or 3/5/2026, the 3rd: 1,500 isn't it? Am 3. Mai"
+    tokens = cozyopenai.tokenize(text)
+    assert [(token.text, token.shape) for token in tokens] == [
+        ("Zürich", "word"), ("on", "word"), ("2026-05-01", "iso"), ("or", "word"), ("3/5/2026", "dmy"),
+        (",", "mark"), ("the", "word"), ("3rd", "ordinal"), (":", "mark"), ("1,500", "number"), ("isn't", "word"),
+        ("it", "word"), ("?", "mark"), ("Am", "word"), ("3.", "ordinal"), ("Mai", "word")]
+    assert [token.folded for token in tokens if token.shape == "word"] == [
+        "zurich", "on", "or", "the", "isnt", "it", "am", "mai"]
+    assert all(text[token.start:token.end] == token.text for token in tokens)
+    assert tokens[0].capitalised and not tokens[1].capitalised and not tokens[7].capitalised
+
+
+@pytest.mark.parametrize("text, amount", [
+    ("1 500 €", 1500), ("$5000", 5000), ("3000 dólares", 3000), ("2.000 Euro", 2000), ("2k", 2000),
+    ("USD 1,200.50", 1200.5), ("€1.200", 1200),
+])
+def test_an_amount_with_its_currency_before_or_after_it_is_one_money_span(text, amount):
+    tokens = cozyopenai.tokenize(text)
+    (span,) = cozyopenai.money_spans(text, tokens)
+    assert (span.holds, span.value, span.negated) == ("money", amount, False)
+    assert (span.start, span.end) == (0, len(tokens))   # the currency is part of it
+
+
+@pytest.mark.parametrize("text", ["1500-2000 euros", "between 1500 and 2000 €", "1500 or 2000 euros",
+                                  "budget 2000", "in 2026"])
+def test_a_range_or_a_number_without_a_currency_is_no_money_span(text):
+    assert cozyopenai.money_spans(text, cozyopenai.tokenize(text)) == []
+
+
+@pytest.mark.parametrize("text, period", [
+    ("from 10 to 17 October", "10 to 17 October"), ("a week in mid-October", "a week in mid-October"),
+    ("Let's go in April", "April"), ("im Juli", "Juli"), ("del 3 al 10 de junio", "3 al 10 de junio"),
+    ("2026-05-01 to 2026-05-08", "2026-05-01 to 2026-05-08"), ("10-17 October", "10-17 October"),
+])
+def test_a_period_is_one_date_span_in_the_users_words_without_the_word_leading_into_it(text, period):
+    tokens = cozyopenai.tokenize(text)
+    (span,) = cozyopenai.period_spans(tokens)
+    assert span.holds == "date" and not span.negated
+    assert text[tokens[span.start].start:tokens[span.end - 1].end] == period
+
+
+@pytest.mark.parametrize("text", ["May I ask something?", "I may go", "the fall of Rome", "see ticket 1.2.3 on 10.0.0.1"])
+def test_a_month_word_used_otherwise_a_version_or_an_address_is_no_period(text):
+    assert cozyopenai.period_spans(cozyopenai.tokenize(text)) == []
+
+
+def test_a_capitalised_name_after_a_place_word_is_a_name_span_and_a_ruled_out_one_is_negated(trip_planner):
+    taken = cozyopenai.words_taken(trip_planner)
+
+    def names(text):
+        return [(span.value, span.negated)
+                for span in cozyopenai.name_spans(cozyopenai.tokenize(text), cozyopenai.PLACE_LEADS, taken)]
+    assert names("A trip to New York in May") == [("New York", False)]
+    assert names("nach Frankfurt am Main") == [("Frankfurt am Main", False)]
+    assert names("not Paris") == [("Paris", True)]
+    assert names("Not Paris — Lyon") == [("Paris", True), ("Lyon", False)]
+    assert names("Pas Nice, plutôt Cannes") == [("Nice", True), ("Cannes", False)]
+    assert names("to Rome, actually no, to Milan") == [("Rome", True), ("Milan", False)]
+    assert names("I'm in London and want to go to Rome") == [("Rome", False)]   # where one is, not where to go
+    assert names("Paris is nice") == []                                         # no place word leads to it
+
+
+@pytest.mark.parametrize("text, word, negated", [
+    ("not Paris", "Paris", True), ("Not relaxed, packed please", "relaxed", True),
+    ("Not relaxed, packed please", "packed", False), ("anywhere but Paris", "Paris", True),
+    ("no children", "children", True), ("sans enfants", "enfants", True), ("ohne Kinder", "Kinder", True),
+    ("not Paris but Lyon", "Lyon", False), ("Paris, not Lyon", "Paris", False),
+])
+def test_a_word_is_negated_by_a_negation_before_it_in_its_clause_until_a_contrast(text, word, negated):
+    tokens = cozyopenai.tokenize(text)
+    (index,) = [index for index, token in enumerate(tokens) if token.text == word]
+    assert cozyopenai.is_negated(tokens, index) is negated
+
+
+####################################################################################
+# Reading: the floor (no LLM) and the LLM on top of it
+####################################################################################
+
+def test_the_floor_reads_an_amount_a_period_and_a_place_from_plain_sentences(trip_planner):
+    extraction, reading = cozyopenai.read_floor(trip_planner, new_conversation(),
+                                                "My budget is 1 500 €, from 10 to 17 October")
+    assert extraction.values == {"budget": 1500, "travel_dates": "10 to 17 October"} and extraction.rejected == {}
+    assert [token.text for token in reading.tokens][:3] == ["My", "budget", "is"]
+    assert cozyopenai.extract_offline(trip_planner, new_conversation(), "Trip to Oslo with the children, 2k euros"
+                                      ).values == {"destination": "Oslo", "budget": 2000, "children": True}
+
+
+def test_the_floor_never_takes_a_value_the_message_rules_out(trip_planner):
+    extraction, reading = cozyopenai.read_floor(trip_planner, new_conversation(), "Anywhere but Paris, budget 2000.")
+    assert extraction.values == {"budget": 2000} and reading.ruled_out["destination"] == ["Paris"]
+    extraction, reading = cozyopenai.read_floor(trip_planner, new_conversation(), "not relaxed, packed please")
+    assert extraction.values == {"pace": "packed"} and reading.ruled_out["pace"] == ["relaxed"]
+
+
+def test_the_floor_reads_name_value_lines_and_says_why_a_value_does_not_fit(trip_planner):
+    lines = cozyopenai.extract_offline(trip_planner, new_conversation(),
+                                       "destination: Lisbon\nbudget: 1500\ntravel dates: May")
+    assert lines.values == {"destination": "Lisbon", "budget": 1500, "travel_dates": "May"}
+    unfit = cozyopenai.extract_offline(trip_planner, new_conversation(), "budget: lots")
+    assert unfit.values == {} and unfit.rejected == {"budget": "I need a single number for the budget, not 'lots'"}
+
+
+def test_the_floor_gives_a_bare_answer_to_the_input_asked_for_or_to_the_one_other_input_it_fits(trip_planner):
+    asked = lambda name: new_conversation(asked=[name])   # noqa: E731
+    assert cozyopenai.extract_offline(trip_planner, asked("destination"), "Paris").values == {"destination": "Paris"}
+    assert cozyopenai.extract_offline(trip_planner, asked("budget"), "2000").values == {"budget": 2000}
+    assert cozyopenai.extract_offline(trip_planner, asked("travel_dates"), "2000").values == {"budget": 2000}
+    assert cozyopenai.extract_offline(trip_planner, new_conversation(), "2000").values == {}   # a number alone
+
+
+def test_the_floor_takes_a_whole_message_of_cancelling_as_the_cancel_intent(trip_planner):
+    for text in ("cancel", "Start over!", "annuler"):
+        extraction = cozyopenai.extract_offline(trip_planner, new_conversation(), text)
+        assert (extraction.intent, extraction.values) == ("cancel", {}), text
+    going_on = cozyopenai.extract_offline(trip_planner, new_conversation(), "cancel the museum, destination: Rome")
+    assert (going_on.intent, going_on.values) == ("provide", {"destination": "Rome"})
+
 
 def test_offline_the_document_dialogue_completes_in_at_most_four_user_turns(start):
     chat = Chat(start())
@@ -971,6 +1701,79 @@ def test_offline_a_cue_takes_only_a_capitalised_name_and_not_two_different_ones(
     chat.say("destination: Rome\nbudget: 2000\ntravel dates: May")
     reply = chat.say("Make it Relaxed")   # a pace, not a place
     assert "Changed destination" not in reply and "pace = relaxed" in reply
+
+
+def test_offline_a_reply_about_other_inputs_fills_those_and_asks_again_for_the_asked_one(start):
+    chat = Chat(start())
+    chat.say("I want to plan a trip.")
+    reply = chat.say("My budget is around $2000, and I'd like to go for a week in mid-October.")
+    assert "Understood budget: 2000." in thinking_of(reply)
+    assert "Understood travel dates: a week in mid-October." in thinking_of(reply)
+    assert "Understood destination" not in thinking_of(reply)
+    assert "Where would you like to go?" in answer_of(reply)
+
+
+def test_offline_choices_named_exactly_and_iso_dates_are_read_without_labels(start):
+    nodes = [{"id": "say", "type": "template", "inputs": {"template": "{day} {kind}", "day": {"query": "day"},
+                                                          "kind": {"query": "kind"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]
+    queries = {"day": {"description": "The date of the event.", "type": "string"},
+               "kind": {"description": "Kind of event.", "type": "choice", "choices": ["party", "meeting"]}}
+    reply = Chat(start([workflow(nodes=nodes, query_inputs=queries)]), "echo").say(
+        "A meeting on 2026-12-01 please")
+    assert answer_of(reply) == "2026-12-01 meeting"
+
+
+def test_offline_a_short_phrase_after_a_label_is_read_and_a_word_of_a_label_names_its_input(start):
+    chat = Chat(start())
+    reply = chat.say("destination Paris, budget 2000")
+    assert "Understood destination: Paris." in reply and "Understood budget: 2000." in reply
+    assert "Understood travel dates: 3 to 7 June." in chat.say("dates: 3 to 7 June")
+
+
+def test_offline_a_label_talked_about_is_not_a_value(start):
+    server = start()
+    for message in ("I need a destination with beaches and a budget for two", "the destination doesn't matter much",
+                    "What a destination really", "budget as low as possible, destination as cheap as possible"):
+        assert "Understood" not in thinking_of(Chat(server).say(message)), message
+    assert "Understood destination: St. Louis." in Chat(server).say("My destination: St. Louis")
+
+
+def test_offline_typed_values_go_only_to_inputs_that_name_the_kind_as_a_word(start):
+    nodes = [{"id": "say", "type": "template", "inputs": {"template": "{area} {site}", "area": {"query": "area"},
+                                                          "site": {"query": "site"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]
+    queries = {"area": {"description": "The candidate we hire, or a curly-haired mascot.", "type": "string"},
+               "site": {"description": "The web page, as a URL, and its update date.", "type": "string"}}
+    reply = Chat(start([workflow(nodes=nodes, query_inputs=queries)]), "echo").say("see https://example.org/x")
+    assert "Understood site: https://example.org/x." in reply and "Understood area" not in reply
+
+
+@pytest.mark.parametrize("message, values", [
+    ("I want to go to Barcelona, not to Valencia", {"destination": "Barcelona"}),
+    ("Je vais à Lyon, pas à Nice", {"destination": "Lyon"}),
+    ("kids: no", {"children": False}),
+    ("Kinder: nein", {"children": False}),
+    ("I'm in London and want to go somewhere warm in May", {"travel_dates": "May"}),
+    ("see ticket 1.2.3 on 10.0.0.1", {}),
+])
+def test_the_floor_keeps_only_the_values_stated_in_sentences_it_once_misread(message, values):
+    workflow = cozyopenai.load_workflows(WORKFLOWS_PATH)["trip-planner"]
+    extraction = cozyopenai.extract_offline(workflow, cozyopenai.Conversation(id="x" * 32, model="trip-planner"),
+                                            message)
+    assert extraction.values == values
+
+
+@pytest.mark.parametrize("reply", ["Add Details", "More Concise", "Tell me more", "hmm, let me think"])
+def test_a_regenerate_button_or_a_filler_on_a_question_is_not_taken_for_the_value(start, reply):
+    chat = Chat(start())
+    chat.say("destination: Rome\nbudget: 2000")   # asks when
+    answer = answer_of(chat.say(reply))
+    assert answer.startswith(f'I could not read the travel dates from "{reply}".'), answer
+    chat = Chat(start())
+    chat.say("I want to plan a trip")              # asks where
+    assert answer_of(chat.say(reply)).startswith(f'I could not read the destination from "{reply}".')
+    assert "Understood destination: lisbon." in chat.say("lisbon")   # a plain answer still is one
 
 
 def test_the_document_dialogue_with_an_llm_runs_after_two_turns(start, fake_llm):
@@ -1029,33 +1832,6 @@ def test_values_the_user_never_said_are_dropped_and_reported(start, fake_llm):
     assert latest_values(record) == {}
 
 
-@pytest.mark.parametrize("value_type, raw, expected", [
-    ("number", "$2,000", 2000), ("number", "2.000,50 €", 2000.5), ("number", "2k", 2000),
-    ("number", "1,5", 1.5), ("integer", "12", 12), ("boolean", "yes", True), ("boolean", "false", False),
-    ("boolean", "Nein", False), ("boolean", "oui", True), ("string", "  Paris ", "Paris"),
-])
-def test_values_are_coerced_to_their_declared_type(value_type, raw, expected):
-    query = cozyopenai.QueryInput("x", "An input.", type=value_type)
-    assert cozyopenai.coerce_value(query, raw) == expected
-
-
-@pytest.mark.parametrize("value_type, raw", [
-    ("number", "about 1500-2000"), ("integer", "2.5"), ("boolean", "maybe"), ("number", "lots"),
-])
-def test_values_that_do_not_fit_their_type_are_rejected_with_a_reason(value_type, raw):
-    query = cozyopenai.QueryInput("budget", "An input.", type=value_type)
-    with pytest.raises(ValueError, match="the budget"):
-        cozyopenai.coerce_value(query, raw)
-
-
-def test_choices_match_case_insensitively_or_by_a_clear_prefix():
-    query = cozyopenai.QueryInput("pace", "Pace.", type="choice", choices=("relaxed", "balanced", "packed"))
-    assert cozyopenai.coerce_value(query, "RELAXED") == "relaxed"
-    assert cozyopenai.coerce_value(query, "bal") == "balanced"
-    with pytest.raises(ValueError, match="must be one of relaxed, balanced, packed"):
-        cozyopenai.coerce_value(query, "pa")
-
-
 def test_an_llm_failure_falls_back_to_the_simple_reader_with_a_note(start, fake_llm):
     chat = Chat(start(llm=fake_llm.settings()))
     fake_llm.fail_next = [500, 500, 500, 500]
@@ -1063,340 +1839,6 @@ def test_an_llm_failure_falls_back_to_the_simple_reader_with_a_note(start, fake_
     assert "Reading your message with the language model failed" in thinking_of(reply)
     assert "Understood destination: Paris." in thinking_of(reply)
     assert "What is your total budget for the trip?" in answer_of(reply)
-
-
-def test_an_upstream_that_refuses_json_schema_gets_json_mode(start, fake_llm):
-    fake_llm.refuse_json_schema = True
-    fake_llm.extractions = {"Paris please": {"destination": "Paris"}}
-    chat = Chat(start(llm=fake_llm.settings()))
-    assert "Understood destination: Paris." in thinking_of(chat.say("Paris please"))
-    formats = [(c.get("response_format") or {}).get("type") for c in fake_llm.calls_of("extraction")]
-    assert formats == ["json_schema", "json_object"]
-    chat.say("budget: 100")
-    assert fake_llm.calls_of("extraction")[-1]["response_format"] == {"type": "json_object"}
-
-
-def _formats(calls):
-    return [(call.get("response_format") or {}).get("type") for call in calls]
-
-
-def _three_turns_on_an_upstream_that_refuses_json_schema_with_a_500(start, fake_llm):
-    fake_llm.refuse_json_schema_status = 500   # as llama-cpp-python 0.3.x does
-    fake_llm.extractions = {"Paris please": {"destination": "Paris"}, "A budget of 100.": {"budget": 100},
-                            "In May.": {"travel_dates": "May"}}
-    chat = Chat(start(llm=fake_llm.settings()))
-    return [chat.say(text) for text in ("Paris please", "A budget of 100.", "In May.")]
-
-
-def test_an_upstream_that_refuses_json_schema_with_a_500_is_asked_once_then_gets_json_mode(start, fake_llm):
-    first, second, _ = _three_turns_on_an_upstream_that_refuses_json_schema_with_a_500(start, fake_llm)
-    assert "Understood destination: Paris." in thinking_of(first)
-    assert "Understood budget: 100." in thinking_of(second)
-    assert "simple reader" not in thinking_of(first) + thinking_of(second)
-    formats = _formats(fake_llm.calls_of("extraction"))
-    assert formats[:2] == ["json_schema", "json_object"]                 # no client retry of the refusal
-    assert formats.count("json_schema") == 1 and set(formats[1:]) == {"json_object"} and len(formats) >= 4
-
-
-def test_stepping_down_from_json_schema_is_logged_once_naming_the_host_and_not_the_key(start, fake_llm, caplog):
-    caplog.set_level("WARNING", logger="cozyopenai")
-    _three_turns_on_an_upstream_that_refuses_json_schema_with_a_500(start, fake_llm)
-    warnings = [record.getMessage() for record in caplog.records
-                if record.levelname == "WARNING" and "response_format" in record.getMessage()]
-    assert warnings == [f"the language model at 127.0.0.1:{fake_llm.server.server_port} does not take "
-                        "response_format json_schema; using json_object from now on"]
-    assert "sk-llm-key" not in caplog.text
-
-
-def test_an_outage_does_not_change_the_structured_output_mode(fake_llm):
-    messages = [{"role": "system", "content": cozyopenai.EXTRACTION_PROMPT}, {"role": "user", "content": "hi"}]
-    fake_llm.refuse_json_schema_status = 500
-    confirmed = cozyopenai.LLMClient(fake_llm.settings())
-    confirmed.complete_json(messages, {"type": "object"})     # json_schema refused, json_object answers
-    seen = len(fake_llm.calls)
-    fake_llm.fail_next = [500] * 4                            # an outage: 500s whose body names no format
-    for _ in range(2):
-        with pytest.raises(cozyopenai.UpstreamError, match="HTTP 500"):
-            confirmed.complete_json(messages, {"type": "object"})
-    assert confirmed.complete_json(messages, {"type": "object"})["intent"] == "provide"
-    assert _formats(fake_llm.calls[seen:]) == ["json_object"] * 5   # retried as usual, never down to text
-
-    fake_llm.refuse_json_schema_status = None
-    fresh = cozyopenai.LLMClient(fake_llm.settings())
-    seen = len(fake_llm.calls)
-    fake_llm.fail_next = [500, 500]                           # before json_schema has ever answered
-    with pytest.raises(cozyopenai.UpstreamError, match="HTTP 500"):
-        fresh.complete_json(messages, {"type": "object"})
-    fresh.complete_json(messages, {"type": "object"})
-    assert _formats(fake_llm.calls[seen:]) == ["json_schema", "json_object", "json_schema"]
-
-
-@pytest.mark.parametrize("fault", ["timeout", "refused", "429", "500", "not json"])
-def test_an_llm_fault_is_retried_then_degrades_the_turn_and_keeps_every_value(start, fake_llm, fault):
-    fake_llm.extractions = {"Trip to Paris.": {"destination": "Paris"}}
-    settings = fake_llm.settings(timeout_seconds=0.5)
-    if fault == "refused":
-        settings = cozyopenai.LLMSettings(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", timeout_seconds=0.5)
-        fake_llm.extractions = {}
-    chat = Chat(start(llm=settings))
-    first = chat.say("Trip to Paris." if fault != "refused" else "destination: Paris")
-    assert "Understood destination: Paris." in thinking_of(first)
-    calls_before = len(fake_llm.calls)
-    fake_llm.delay_seconds = 2 if fault == "timeout" else 0
-    fake_llm.fail_next = {"429": [429] * 4, "500": [500] * 4}.get(fault, [])
-    fake_llm.broken_json = fault == "not json"
-    reply = chat.say("budget: 2000")
-    assert "used the simple reader instead" in thinking_of(reply)
-    assert "Understood budget: 2000." in thinking_of(reply)
-    if fault in ("timeout", "429", "500"):
-        extraction_calls = len(fake_llm.calls_of("extraction")) - (1 if calls_before else 0)
-        assert extraction_calls == 2          # one retry, then the simple reader: a bounded budget
-    fake_llm.delay_seconds, fake_llm.fail_next, fake_llm.broken_json = 0, [], False
-    fake_llm.extractions["travel_dates: May"] = {"travel_dates": "May"}
-    last = chat.say("travel_dates: May")
-    assert "Running trip-planner with destination = Paris, budget = 2000, travel dates = May" in thinking_of(last)
-
-
-def test_broken_json_from_the_llm_degrades_to_the_simple_reader(start, fake_llm):
-    fake_llm.broken_json = True
-    reply = Chat(start(llm=fake_llm.settings())).say("destination: Oslo")
-    assert "held no JSON object" in thinking_of(reply)
-    assert "Understood destination: Oslo." in thinking_of(reply)
-
-
-def test_followup_question_lists_only_missing_inputs(start):
-    reply = Chat(start()).say("destination: Paris")
-    question = answer_of(reply)
-    assert question.startswith("Got it: destination Paris. I still need the budget and travel dates.")
-    assert "What is your total budget for the trip?" in question
-    assert "destination" not in question.split("I still need")[1]
-
-
-def test_with_an_llm_the_question_is_phrased_by_it_from_what_is_missing(start, fake_llm):
-    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
-    reply = Chat(start(llm=fake_llm.settings())).say("Paris!")
-    assert answer_of(reply) == fake_llm.question
-    call = fake_llm.calls_of("question")[0]
-    system = call["messages"][0]["content"]
-    assert "- destination: Paris" in system
-    assert "- budget: Total budget" in system and "- travel dates: When the user" in system
-    assert call["messages"][-1] == {"role": "user", "content": "Paris!"}
-    assert call["max_tokens"] == cozyopenai.QUESTION_MAX_TOKENS
-
-
-def test_single_call_mode_asks_the_question_within_the_extraction_call(start, fake_llm):
-    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
-    chat = Chat(start(llm=fake_llm.settings(single_call=True)))
-    assert answer_of(chat.say("Paris!")) == fake_llm.question
-    (call,) = fake_llm.calls
-    assert call_kind(call) == "extraction" and '"question"' in call["messages"][0]["content"]
-    assert "question" in call["response_format"]["json_schema"]["schema"]["required"]
-
-
-def test_single_call_mode_does_not_use_a_question_written_around_an_ignored_value(start, fake_llm):
-    fake_llm.extractions = {"Paris!": {"destination": "Paris", "budget": 9999}}   # 9999: never said
-    reply = Chat(start(llm=fake_llm.settings(single_call=True))).say("Paris!")
-    assert "Ignored budget" in thinking_of(reply)
-    assert answer_of(reply).startswith("Got it: destination Paris. I still need the budget and travel dates.")
-    assert len(fake_llm.calls) == 1
-
-
-def test_a_failed_question_call_falls_back_to_the_templated_question(start, fake_llm):
-    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
-    chat = Chat(start(llm=fake_llm.settings()))
-    fake_llm.question = ""
-    reply = chat.say("Paris!")
-    assert "What is your total budget for the trip?" in answer_of(reply)
-
-
-def test_cancel_clears_the_gathered_values_and_runs_nothing(start):
-    chat = Chat(start())
-    chat.say("destination: Paris\nbudget: 2000")
-    reply = chat.say("cancel")
-    assert "I've cleared everything" in answer_of(reply)
-    assert "Where would you like to go?" in chat.say("hello again")
-
-
-def test_after_a_run_the_next_message_reruns_with_only_the_changed_value(start):
-    chat = Chat(start())
-    chat.say("destination: Paris\nbudget: 2000\ntravel_dates: May")
-    reply = chat.say("destination: Rome")
-    assert "Changed destination: Paris → Rome." in thinking_of(reply)
-    assert "## Your trip to Rome" in answer_of(reply) and "2000" in answer_of(reply)
-
-
-def test_optional_inputs_are_not_asked_for_and_their_default_is_shown(start):
-    reply = Chat(start()).say("destination: Paris\nbudget: 2000\ntravel_dates: May")
-    assert "Using the default pace: balanced." in thinking_of(reply)
-    assert "**Pace:** balanced" in answer_of(reply)
-
-
-def test_a_correction_while_gathering_is_said_in_the_reply(start):
-    chat = Chat(start())
-    chat.say("destination: Paris")
-    reply = chat.say("destination: Rome")
-    assert answer_of(reply).startswith("Changed the destination from Paris to Rome.")
-
-
-def test_a_rejected_value_stays_missing_and_the_next_question_says_why(start):
-    reply = Chat(start()).say("destination: Vienna\nbudget: lots")
-    assert "I need a single number for the budget, not 'lots'." in answer_of(reply)
-    assert "What is your total budget for the trip?" in answer_of(reply)
-
-
-def test_out_of_range_numbers_are_rejected_with_the_bound(start):
-    reply = Chat(start(), "month-calendar").say("year: 2026\nmonth: 13")
-    assert answer_of(reply) == ("Got it: year 2026. The month must be at most 12, not 13. "
-                                "Which month (its name, or a number from 1 to 12)?")
-
-
-def test_a_required_input_asked_three_times_ends_with_an_offer_to_start_over(start):
-    chat = Chat(start(), "month-calendar")
-    replies = [answer_of(chat.say(text)) for text in ("calendar please", "hmm?", "what?", "no idea?")]
-    assert all("Which year?" in reply for reply in replies[:3])
-    assert replies[3] == ("I asked for the year 3 times without an answer I could use. You can give it as "
-                          '"year: ...", or say "start over" to begin again.')
-    assert "Which month" in chat.say("year: 2026")
-
-
-def test_offline_after_a_run_now_do_it_for_rome_reruns_with_only_that_change(start):
-    chat = Chat(start())
-    chat.say("I want to plan a trip to Paris.")
-    chat.say("around $2000")
-    chat.say("a week in mid-October")
-    reply = chat.say("now do it for Rome")
-    assert answer_of(reply).startswith("Changed the destination from Paris to Rome.")
-    assert "## Your trip to Rome" in answer_of(reply) and "2000" in answer_of(reply)
-    both = answer_of(chat.say("budget 3000, and pace relaxed"))
-    assert both.startswith("Changed the budget from 2000 to 3000 and the pace to relaxed.")
-
-
-def test_a_number_can_be_named_by_its_synonyms(start, fake_llm):
-    chat = Chat(start(), "month-calendar")
-    chat.say("year: 2027")
-    assert "March 2027" in answer_of(chat.say("March"))   # offline: the answer to "Which month?"
-    fake_llm.extractions = {"Kalender für März 2027": {"year": 2027, "month": "März"}}
-    reply = Chat(start(llm=fake_llm.settings()), "month-calendar").say("Kalender für März 2027")
-    assert "März 2027" in answer_of(reply) or "March 2027" in answer_of(reply)
-
-
-def test_a_number_synonym_is_stated_only_as_written_or_as_the_answer(start, fake_llm):
-    fake_llm.extractions = {"I may want 2026, what does it look like?": {"year": 2026, "month": 5}}
-    reply = Chat(start(llm=fake_llm.settings()), "month-calendar").say("I may want 2026, what does it look like?")
-    assert "Ignored month = 5" in reply
-    chat = Chat(start(), "month-calendar")
-    chat.say("year: 2026")
-    assert "I need the month alone, not 'May 3'" in answer_of(chat.say("May 3"))
-    assert "May 2026" in answer_of(chat.say("may"))   # lower case is fine as the answer to "Which month?"
-
-
-def test_after_a_run_a_message_that_changes_nothing_gives_the_last_result_again_without_running(start):
-    chat = Chat(start(), "month-calendar")
-    first = chat.say("year: 2026\nmonth: 1")
-    reply = chat.say("thanks!")
-    assert answer_of(reply) == answer_of(first) and "January 2026" in answer_of(reply)
-    assert "Your message changes no value, so this is the last result again." in thinking_of(reply)
-    assert "Running" not in thinking_of(reply)
-    assert "Running month-calendar" in thinking_of(chat.say("again please"))
-
-
-def test_the_llms_cancel_intent_clears_the_values(start, fake_llm):
-    fake_llm.extractions = {"Trip to Madrid with 900 euros.": {"destination": "Madrid", "budget": "900 euros"}}
-    fake_llm.intents = {"forget it, I changed my mind": "cancel"}
-    chat = Chat(start(llm=fake_llm.settings()))
-    chat.say("Trip to Madrid with 900 euros.")
-    assert answer_of(chat.say("forget it, I changed my mind")).startswith("Okay, I've cleared everything")
-
-
-def test_offline_a_reply_about_other_inputs_fills_those_and_asks_again_for_the_asked_one(start):
-    chat = Chat(start())
-    chat.say("I want to plan a trip.")
-    reply = chat.say("My budget is around $2000, and I'd like to go for a week in mid-October.")
-    assert "Understood budget: 2000." in thinking_of(reply)
-    assert "Understood travel dates: a week in mid-October." in thinking_of(reply)
-    assert "Understood destination" not in thinking_of(reply)
-    assert "Where would you like to go?" in answer_of(reply)
-
-
-def test_offline_choices_named_exactly_and_iso_dates_are_read_without_labels(start):
-    nodes = [{"id": "say", "type": "template", "inputs": {"template": "{day} {kind}", "day": {"query": "day"},
-                                                          "kind": {"query": "kind"}}},
-             {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]
-    queries = {"day": {"description": "The date of the event.", "type": "string"},
-               "kind": {"description": "Kind of event.", "type": "choice", "choices": ["party", "meeting"]}}
-    reply = Chat(start([workflow(nodes=nodes, query_inputs=queries)]), "echo").say(
-        "A meeting on 2026-12-01 please")
-    assert answer_of(reply) == "2026-12-01 meeting"
-
-
-def test_offline_a_short_phrase_after_a_label_is_read_and_a_word_of_a_label_names_its_input(start):
-    chat = Chat(start())
-    reply = chat.say("destination Paris, budget 2000")
-    assert "Understood destination: Paris." in reply and "Understood budget: 2000." in reply
-    assert "Understood travel dates: 3 to 7 June." in chat.say("dates: 3 to 7 June")
-
-
-def test_offline_a_label_talked_about_is_not_a_value(start):
-    server = start()
-    for message in ("I need a destination with beaches and a budget for two", "the destination doesn't matter much",
-                    "What a destination really", "budget as low as possible, destination as cheap as possible"):
-        assert "Understood" not in thinking_of(Chat(server).say(message)), message
-    assert "Understood destination: St. Louis." in Chat(server).say("My destination: St. Louis")
-
-
-def test_offline_typed_values_go_only_to_inputs_that_name_the_kind_as_a_word(start):
-    nodes = [{"id": "say", "type": "template", "inputs": {"template": "{area} {site}", "area": {"query": "area"},
-                                                          "site": {"query": "site"}}},
-             {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]
-    queries = {"area": {"description": "The candidate we hire, or a curly-haired mascot.", "type": "string"},
-               "site": {"description": "The web page, as a URL, and its update date.", "type": "string"}}
-    reply = Chat(start([workflow(nodes=nodes, query_inputs=queries)]), "echo").say("see https://example.org/x")
-    assert "Understood site: https://example.org/x." in reply and "Understood area" not in reply
-
-
-def test_choice_synonyms_and_languages_are_understood(start, fake_llm):
-    message = "Drei Tage in München im Mai, bitte entspannt."
-    fake_llm.extractions = {message: {"destination": "München", "travel_dates": "Drei Tage im Mai",
-                                      "pace": "entspannt"}}
-    reply = Chat(start(llm=fake_llm.settings())).say(message)
-    assert "Understood pace: relaxed." in thinking_of(reply)
-    assert "Understood destination: München." in thinking_of(reply)
-
-
-def test_the_question_prompt_asks_for_the_users_language_and_one_question(start, fake_llm):
-    Chat(start(llm=fake_llm.settings())).say("Je voudrais voyager.")
-    call = fake_llm.calls_of("question")[0]
-    assert "Reply in the language of the user's last message" in call["messages"][0]["content"]
-    assert "one short, natural question" in call["messages"][0]["content"]
-    assert call["messages"][-1]["content"] == "Je voudrais voyager."
-
-
-
-
-@pytest.fixture(scope="module")
-def offline_scores():
-    return bench.score_extraction_set("offline")
-
-
-def test_the_extraction_set_has_forty_natural_requests_in_five_languages():
-    natural = bench.load_extraction_set()["natural"]
-    assert len(natural) >= 40 and len(bench.load_extraction_set()["dialogues"]) >= 30
-    for word in ("Quiero", "Ich", "Je", "Vorrei", "I'd"):   # one sentence of each language, at least
-        assert any(item["message"].startswith(word) for item in natural), word
-
-
-@pytest.mark.parametrize("mode", bench.MODES)
-def test_extraction_set_accepts_only_what_users_said_and_never_reads_less_than_offline(mode, offline_scores,
-                                                                                        capsys):
-    scores = offline_scores if mode == "offline" else bench.score_extraction_set(mode)
-    for name, score in scores.items():
-        with capsys.disabled():
-            print(f"\n[extraction set, {mode}, {name}] precision {score['precision']:.0%}, recall "
-                  f"{score['recall']:.0%} ({score['recalled']}/{score['stated']}); misses: "
-                  f"{', '.join(score['misses']) or 'none'}")
-        assert score["wrong"] == []
-        assert score["recall"] >= offline_scores[name]["recall"]
-    assert scores["natural"]["recall"] >= 0.6   # issue 9: offline on natural one-line requests
 
 
 @pytest.mark.parametrize("message, proposed, expected, absent", [
@@ -1416,32 +1858,6 @@ def test_a_value_the_message_negates_or_leaves_open_is_never_accepted(start, fak
     reply = Chat(start(llm=fake_llm.settings())).say(message)
     assert expected in reply and absent not in reply
     assert "Ignored" in thinking_of(reply)   # the LLM's reading is shown, with why it was dropped
-
-
-def test_competing_values_are_asked_about_by_name(start, fake_llm):
-    reply = Chat(start()).say("Quiero ir a Lima o a Cusco en mayo.")
-    assert "Understood travel dates: mayo." in reply
-    assert "Which destination do you mean: Lima or Cusco?" in answer_of(reply)
-    message = "Sydney or Melbourne, 2000 dollars"
-    fake_llm.extractions = {message: {"destination": "Sydney"}}
-    Chat(start(llm=fake_llm.settings())).say(message)
-    question_prompt = fake_llm.calls_of("question")[0]["messages"][0]["content"]
-    assert "The user named several values for the destination (Sydney or Melbourne): ask which one" in question_prompt
-
-
-@pytest.mark.parametrize("message, values", [
-    ("I want to go to Barcelona, not to Valencia", {"destination": "Barcelona"}),
-    ("Je vais à Lyon, pas à Nice", {"destination": "Lyon"}),
-    ("kids: no", {"children": False}),
-    ("Kinder: nein", {"children": False}),
-    ("I'm in London and want to go somewhere warm in May", {"travel_dates": "May"}),
-    ("see ticket 1.2.3 on 10.0.0.1", {}),
-])
-def test_the_reader_on_sentences_a_review_found(message, values):
-    workflow = cozyopenai.load_workflows(WORKFLOWS_PATH)["trip-planner"]
-    extraction = cozyopenai.extract_offline(workflow, cozyopenai.Conversation(id="x" * 32, model="trip-planner"),
-                                            message)
-    assert extraction.values == values
 
 
 def test_a_synonym_offered_among_alternatives_is_asked_about_not_a_crash(start, fake_llm):
@@ -1488,16 +1904,86 @@ def test_where_the_floor_and_the_llm_disagree_the_message_decides_and_the_thinki
     assert "Kept the budget '1500' as your message states it; the language model read '2000'." in reply
 
 
-@pytest.mark.parametrize("reply", ["Add Details", "More Concise", "Tell me more", "hmm, let me think"])
-def test_a_regenerate_button_or_a_filler_on_a_question_is_not_taken_for_the_value(start, reply):
-    chat = Chat(start())
-    chat.say("destination: Rome\nbudget: 2000")   # asks when
-    answer = answer_of(chat.say(reply))
-    assert answer.startswith(f'I could not read the travel dates from "{reply}".'), answer
-    chat = Chat(start())
-    chat.say("I want to plan a trip")              # asks where
-    assert answer_of(chat.say(reply)).startswith(f'I could not read the destination from "{reply}".')
-    assert "Understood destination: lisbon." in chat.say("lisbon")   # a plain answer still is one
+@pytest.fixture(scope="module")
+def offline_scores():
+    return bench.score_extraction_set("offline")
+
+
+def test_the_extraction_set_has_forty_natural_requests_in_five_languages():
+    natural = bench.load_extraction_set()["natural"]
+    assert len(natural) >= 40 and len(bench.load_extraction_set()["dialogues"]) >= 30
+    for word in ("Quiero", "Ich", "Je", "Vorrei", "I'd"):   # one sentence of each language, at least
+        assert any(item["message"].startswith(word) for item in natural), word
+
+
+@pytest.mark.parametrize("mode", bench.MODES)
+def test_extraction_set_accepts_only_what_users_said_and_never_reads_less_than_offline(mode, offline_scores,
+                                                                                        capsys):
+    scores = offline_scores if mode == "offline" else bench.score_extraction_set(mode)
+    for name, score in scores.items():
+        with capsys.disabled():
+            print(f"\n[extraction set, {mode}, {name}] precision {score['precision']:.0%}, recall "
+                  f"{score['recall']:.0%} ({score['recalled']}/{score['stated']}); misses: "
+                  f"{', '.join(score['misses']) or 'none'}")
+        assert score["wrong"] == []
+        assert score["recall"] >= offline_scores[name]["recall"]
+    assert scores["natural"]["recall"] >= 0.6   # issue 9: offline on natural one-line requests
+
+
+####################################################################################
+# Questions: asking for what is missing
+####################################################################################
+
+def test_the_templated_question_acknowledges_what_was_understood_and_asks_for_the_first_missing_input(trip_planner):
+    inputs = trip_planner.query_inputs
+    missing = [inputs["budget"], inputs["travel_dates"]]
+    assert cozyopenai.question_offline(trip_planner, missing, {"destination": "Paris"}, {}, {}) == (
+        "Got it: destination Paris. I still need the budget and travel dates. What is your total budget for the "
+        'trip? You can also give several at once, one per line, like "travel dates: ...".')
+    assert cozyopenai.question_offline(trip_planner, missing, {}, {}, {}, line_hint=False) == (
+        "I still need the budget and travel dates. What is your total budget for the trip?")
+    echo = cozyopenai.load_workflows({"workflows": [workflow()]})["echo"]   # an input without its own question
+    assert cozyopenai.question_offline(echo, list(echo.query_inputs.values()), {}, {}, {}) == (
+        "Could you tell me the word (A word to echo back)?")
+
+
+def test_the_templated_question_asks_which_one_when_the_message_named_several(trip_planner):
+    question = cozyopenai.question_offline(trip_planner, [trip_planner.query_inputs["destination"]], {}, {}, {},
+                                           ambiguous={"destination": ["Lima", "Cusco"]})
+    assert question == "Which destination do you mean: Lima or Cusco?"
+
+
+def test_the_templated_question_says_what_changed_and_why_a_value_was_refused(trip_planner):
+    question = cozyopenai.question_offline(trip_planner, [trip_planner.query_inputs["travel_dates"]], {},
+                                           {"destination": ("Paris", "Rome")},
+                                           {"budget": "I need a single number for the budget, not 'lots'"})
+    assert question == ("Changed the destination from Paris to Rome. I need a single number for the budget, not "
+                        "'lots'. When would you like to travel, and for how long?")
+
+
+def test_followup_question_lists_only_missing_inputs(start):
+    reply = Chat(start()).say("destination: Paris")
+    question = answer_of(reply)
+    assert question.startswith("Got it: destination Paris. I still need the budget and travel dates.")
+    assert "What is your total budget for the trip?" in question
+    assert "destination" not in question.split("I still need")[1]
+
+
+def test_a_rejected_value_stays_missing_and_the_next_question_says_why(start):
+    reply = Chat(start()).say("destination: Vienna\nbudget: lots")
+    assert "I need a single number for the budget, not 'lots'." in answer_of(reply)
+    assert "What is your total budget for the trip?" in answer_of(reply)
+
+
+def test_competing_values_are_asked_about_by_name(start, fake_llm):
+    reply = Chat(start()).say("Quiero ir a Lima o a Cusco en mayo.")
+    assert "Understood travel dates: mayo." in reply
+    assert "Which destination do you mean: Lima or Cusco?" in answer_of(reply)
+    message = "Sydney or Melbourne, 2000 dollars"
+    fake_llm.extractions = {message: {"destination": "Sydney"}}
+    Chat(start(llm=fake_llm.settings())).say(message)
+    question_prompt = fake_llm.calls_of("question")[0]["messages"][0]["content"]
+    assert "The user named several values for the destination (Sydney or Melbourne): ask which one" in question_prompt
 
 
 def test_a_reply_that_answers_nothing_quotes_it_and_shows_the_line_form(start):
@@ -1509,137 +1995,54 @@ def test_a_reply_that_answers_nothing_quotes_it_and_shows_the_line_form(start):
     assert "Understood destination: Lisbon." in chat.say("destination: Lisbon")
 
 
+def test_with_an_llm_the_question_is_phrased_by_it_from_what_is_missing(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    reply = Chat(start(llm=fake_llm.settings())).say("Paris!")
+    assert answer_of(reply) == fake_llm.question
+    call = fake_llm.calls_of("question")[0]
+    system = call["messages"][0]["content"]
+    assert "- destination: Paris" in system
+    assert "- budget: Total budget" in system and "- travel dates: When the user" in system
+    assert call["messages"][-1] == {"role": "user", "content": "Paris!"}
+    assert call["max_tokens"] == cozyopenai.QUESTION_MAX_TOKENS
+
+
+def test_the_question_prompt_asks_for_the_users_language_and_one_question(start, fake_llm):
+    Chat(start(llm=fake_llm.settings())).say("Je voudrais voyager.")
+    call = fake_llm.calls_of("question")[0]
+    assert "Reply in the language of the user's last message" in call["messages"][0]["content"]
+    assert "one short, natural question" in call["messages"][0]["content"]
+    assert call["messages"][-1]["content"] == "Je voudrais voyager."
+
+
+def test_single_call_mode_asks_the_question_within_the_extraction_call(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    chat = Chat(start(llm=fake_llm.settings(single_call=True)))
+    assert answer_of(chat.say("Paris!")) == fake_llm.question
+    (call,) = fake_llm.calls
+    assert call_kind(call) == "extraction" and '"question"' in call["messages"][0]["content"]
+    assert "question" in call["response_format"]["json_schema"]["schema"]["required"]
+
+
+def test_single_call_mode_does_not_use_a_question_written_around_an_ignored_value(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris", "budget": 9999}}   # 9999: never said
+    reply = Chat(start(llm=fake_llm.settings(single_call=True))).say("Paris!")
+    assert "Ignored budget" in thinking_of(reply)
+    assert answer_of(reply).startswith("Got it: destination Paris. I still need the budget and travel dates.")
+    assert len(fake_llm.calls) == 1
+
+
+def test_a_failed_question_call_falls_back_to_the_templated_question(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    chat = Chat(start(llm=fake_llm.settings()))
+    fake_llm.question = ""
+    reply = chat.say("Paris!")
+    assert "What is your total budget for the trip?" in answer_of(reply)
+
+
 ####################################################################################
-# OpenAI wire format
+# The turn: one user message in, thinking and answer out
 ####################################################################################
-
-def test_a_deeply_nested_body_is_refused_with_a_400(start):
-    server = start()
-    response = requests.post(server.url + "/openai/chat/completions", data="[" * 5000 + "]" * 5000,
-                             headers={"Content-Type": "application/json"}, timeout=10)
-    assert response.status_code == 400 and response.json()["error"]["message"] == "The request body is nested too deeply."
-
-
-def test_model_list_has_the_documents_model_objects(start):
-    server = start()
-    body = requests.get(server.url + "/openai/models", timeout=5).json()
-    assert body["object"] == "list"
-    names = [model["id"] for model in body["data"]]
-    assert names == list(cozyopenai.load_workflows(WORKFLOWS_PATH))
-    for model in body["data"]:
-        assert set(model) == {"id", "object", "created", "owned_by"}
-        assert model["object"] == "model" and model["owned_by"] == "cozyui" and isinstance(model["created"], int)
-    assert [m.id for m in server.client.models.list()] == names
-
-
-def test_one_model_by_id_and_an_unknown_one_is_404(start):
-    server = start()
-    assert server.client.models.retrieve("trip-planner").owned_by == "cozyui"
-    response = requests.get(server.url + "/openai/models/nope", timeout=5)
-    assert response.status_code == 404
-    assert response.json()["error"]["code"] == "model_not_found"
-
-
-def test_streamed_reply_is_chunks_with_role_first_then_content_stop_and_done(start):
-    server = start()
-    response = server.post({"model": "trip-planner", "stream": True,
-                            "messages": [{"role": "user", "content": "I want to plan a trip to Paris."}]},
-                           stream=True)
-    assert response.headers["Content-Type"].startswith("text/event-stream")
-    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
-    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
-    chunks = [json.loads(line[6:]) for line in lines[:-1]]
-    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "trip-planner" for c in chunks)
-    assert len({c["id"] for c in chunks}) == 1
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
-    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert text.startswith("<thinking>\n")
-
-
-def test_include_usage_adds_a_usage_chunk_before_done(start):
-    server = start()
-    chunks = list(server.client.chat.completions.create(
-        model="trip-planner", messages=[{"role": "user", "content": "hello"}], stream=True,
-        stream_options={"include_usage": True}))
-    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
-    assert all(chunk.usage is None for chunk in chunks[:-1])
-
-
-def test_non_streamed_reply_is_one_chat_completion_with_usage(start):
-    server = start()
-    response = server.post({"model": "trip-planner", "messages": [{"role": "user", "content": "hello"}]})
-    assert response.headers["Content-Type"] == "application/json"
-    body = response.json()
-    assert body["object"] == "chat.completion"
-    assert body["choices"][0]["message"]["role"] == "assistant" and body["choices"][0]["finish_reason"] == "stop"
-    usage = body["usage"]
-    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
-
-
-def _raw_post(server, data, headers=None, method="POST", path="/openai/chat/completions"):
-    return requests.request(method, server.url + path, data=data, timeout=10,
-                            headers=headers or {"Content-Type": "application/json"})
-
-
-ERROR_CASES = {
-    "malformed JSON": (dict(data=b'{"model": "trip-planner", "messages": ['), 400, None),
-    "not an object": (dict(data=b'[1, 2]'), 400, None),
-    "messages missing": (dict(data=b'{"model": "trip-planner"}'), 400, "messages"),
-    "messages empty": (dict(data=b'{"model": "trip-planner", "messages": []}'), 400, "messages"),
-    "message without role": (dict(data=b'{"model": "trip-planner", "messages": [{"content": "x"}]}'), 400,
-                             "messages[0].role"),
-    "stream not a boolean": (dict(data=b'{"model": "trip-planner", "stream": "yes", '
-                                       b'"messages": [{"role": "user", "content": "x"}]}'), 400, "stream"),
-    "unknown model": (dict(data=b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}'), 404,
-                      "model"),
-    "wrong method": (dict(data=None, method="GET"), 405, None),
-    "unknown route": (dict(data=None, method="GET", path="/openai/nothing"), 404, None),
-    "body too large": (dict(data=b" " * (cozyopenai.MAX_BODY_BYTES + 1)), 413, None),
-    "form content type": (dict(data=b"model=trip-planner", headers={"Content-Type": "application/x-www-form-urlencoded"}),
-                          415, None),
-    "n above one": (dict(data=b'{"model": "trip-planner", "n": 2, "messages": [{"role": "user", "content": "x"}]}'),
-                    400, "n"),
-    "messages not a list": (dict(data=b'{"model": "trip-planner", "messages": "hello"}'), 400, "messages"),
-    "content a number": (dict(data=b'{"model": "trip-planner", "messages": [{"role": "user", "content": 5}]}'), 400,
-                         "messages[0].content"),
-    "image content": (dict(data=json.dumps({"model": "trip-planner", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:,"}}]}]}).encode()), 400, "messages[0].content"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(ERROR_CASES))
-def test_errors_are_openai_error_objects_with_the_right_status(start, case):
-    arguments, status, param = ERROR_CASES[case]
-    response = _raw_post(start(), **arguments)
-    assert response.status_code == status
-    assert response.headers["Content-Type"] == "application/json"
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == "invalid_request_error" and error["message"] and error["param"] == param
-    if case == "unknown model":
-        assert error["code"] == "model_not_found"
-
-
-def test_the_openai_client_raises_its_not_found_error_for_an_unknown_model(start):
-    import openai
-    with pytest.raises(openai.NotFoundError):
-        start().client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
-
-
-def test_a_long_history_well_over_bottles_100kb_default_is_accepted(start):
-    history = [{"role": "user", "content": "x" * 50_000}, {"role": "assistant", "content": "y" * 50_000},
-               {"role": "user", "content": "destination: Paris"}]
-    response = start().post({"model": "trip-planner", "messages": history})
-    assert response.status_code == 200
-
-
-def test_text_parts_in_content_are_read_like_a_string(start):
-    reply = ask(start(), "month-calendar", [{"role": "user", "content": [
-        {"type": "text", "text": "year: 2026"}, {"type": "text", "text": "month: 1"}]}])
-    assert "January 2026" in answer_of(reply)
-
 
 def test_thinking_comes_first_then_the_answer_then_the_identifier_block(start):
     for stream in (False, True):
@@ -1650,6 +2053,82 @@ def test_thinking_comes_first_then_the_answer_then_the_identifier_block(start):
         assert thinking_end < answer_start < id_start
         assert "→ plan started" in thinking_of(reply) and "✓ plan finished in" in thinking_of(reply)
         assert reply.count("<thinking>") == 1 and reply.count("</thinking>") == 1
+
+
+def test_cancel_clears_the_gathered_values_and_runs_nothing(start):
+    chat = Chat(start())
+    chat.say("destination: Paris\nbudget: 2000")
+    reply = chat.say("cancel")
+    assert "I've cleared everything" in answer_of(reply)
+    assert "Where would you like to go?" in chat.say("hello again")
+
+
+def test_the_llms_cancel_intent_clears_the_values(start, fake_llm):
+    fake_llm.extractions = {"Trip to Madrid with 900 euros.": {"destination": "Madrid", "budget": "900 euros"}}
+    fake_llm.intents = {"forget it, I changed my mind": "cancel"}
+    chat = Chat(start(llm=fake_llm.settings()))
+    chat.say("Trip to Madrid with 900 euros.")
+    assert answer_of(chat.say("forget it, I changed my mind")).startswith("Okay, I've cleared everything")
+
+
+def test_optional_inputs_are_not_asked_for_and_their_default_is_shown(start):
+    reply = Chat(start()).say("destination: Paris\nbudget: 2000\ntravel_dates: May")
+    assert "Using the default pace: balanced." in thinking_of(reply)
+    assert "**Pace:** balanced" in answer_of(reply)
+
+
+def test_a_correction_while_gathering_is_said_in_the_reply(start):
+    chat = Chat(start())
+    chat.say("destination: Paris")
+    reply = chat.say("destination: Rome")
+    assert answer_of(reply).startswith("Changed the destination from Paris to Rome.")
+
+
+def test_a_required_input_asked_three_times_ends_with_an_offer_to_start_over(start):
+    chat = Chat(start(), "month-calendar")
+    replies = [answer_of(chat.say(text)) for text in ("calendar please", "hmm?", "what?", "no idea?")]
+    assert all("Which year?" in reply for reply in replies[:3])
+    assert replies[3] == ("I asked for the year 3 times without an answer I could use. You can give it as "
+                          '"year: ...", or say "start over" to begin again.')
+    assert "Which month" in chat.say("year: 2026")
+
+
+def test_after_a_run_the_next_message_reruns_with_only_the_changed_value(start):
+    chat = Chat(start())
+    chat.say("destination: Paris\nbudget: 2000\ntravel_dates: May")
+    reply = chat.say("destination: Rome")
+    assert "Changed destination: Paris → Rome." in thinking_of(reply)
+    assert "## Your trip to Rome" in answer_of(reply) and "2000" in answer_of(reply)
+
+
+def test_offline_after_a_run_now_do_it_for_rome_reruns_with_only_that_change(start):
+    chat = Chat(start())
+    chat.say("I want to plan a trip to Paris.")
+    chat.say("around $2000")
+    chat.say("a week in mid-October")
+    reply = chat.say("now do it for Rome")
+    assert answer_of(reply).startswith("Changed the destination from Paris to Rome.")
+    assert "## Your trip to Rome" in answer_of(reply) and "2000" in answer_of(reply)
+    both = answer_of(chat.say("budget 3000, and pace relaxed"))
+    assert both.startswith("Changed the budget from 2000 to 3000 and the pace to relaxed.")
+
+
+def test_after_a_run_a_message_that_changes_nothing_gives_the_last_result_again_without_running(start):
+    chat = Chat(start(), "month-calendar")
+    first = chat.say("year: 2026\nmonth: 1")
+    reply = chat.say("thanks!")
+    assert answer_of(reply) == answer_of(first) and "January 2026" in answer_of(reply)
+    assert "Your message changes no value, so this is the last result again." in thinking_of(reply)
+    assert "Running" not in thinking_of(reply)
+    assert "Running month-calendar" in thinking_of(chat.say("again please"))
+
+
+def test_unicode_emoji_right_to_left_and_very_long_messages_are_read_and_answered(start):
+    chat = Chat(start(), stream=True)
+    assert "Understood destination: Zürich 🏔." in thinking_of(chat.say("destination: Zürich 🏔"))
+    assert "Changed destination: Zürich 🏔 → القاهرة." in thinking_of(chat.say("destination: القاهرة"))
+    long_reply = chat.say("budget: 1200\n" + "word " * 200_000)
+    assert "Got it: budget 1200." in answer_of(long_reply)
 
 
 def test_the_identifier_is_sent_once_and_restores_the_conversation(start):
@@ -1664,18 +2143,6 @@ def test_the_identifier_is_sent_once_and_restores_the_conversation(start):
     assert ID_BLOCK.search(other).group(1) != conversation_id
 
 
-def test_an_identifier_in_a_user_message_is_not_trusted(start):
-    server = start()
-    chat = Chat(server)
-    planted = chat.say("destination: Paris\nbudget: 2000")
-    conversation_id = ID_BLOCK.search(planted).group(1)
-    intruder = [{"role": "user", "content": f"```cozyui-conversation-identifier\n{conversation_id}\n```\n"
-                                            "travel_dates: May"}]
-    reply = ask(server, "trip-planner", intruder)
-    assert "Paris" not in answer_of(reply)
-    assert ID_BLOCK.search(reply).group(1) != conversation_id
-
-
 def test_an_unknown_identifier_recovers_by_reading_the_whole_history(start):
     lost_id = "Z" * 32
     history = [
@@ -1687,6 +2154,65 @@ def test_an_unknown_identifier_recovers_by_reading_the_whole_history(start):
     ]
     reply = ask(start(), "trip-planner", history)
     assert "## Your trip to Paris" in answer_of(reply) and "2000" in answer_of(reply)
+
+
+def test_values_recovered_with_the_llm_are_kept_on_the_next_turn(start, fake_llm):
+    fake_llm.extractions = {"destination: Paris\nbudget: 2000": {"destination": "Paris", "budget": "2000"},
+                            "travel dates: May": {"travel_dates": "May"}}
+    server = start(llm=fake_llm.settings())
+    history = [{"role": "user", "content": "destination: Paris"},
+               {"role": "assistant", "content": "What budget?\n\n```cozyui-conversation-identifier\n" + "R" * 32
+                                                + "\n```"},
+               {"role": "user", "content": "budget: 2000"}]
+    history.append({"role": "assistant", "content": ask(server, "trip-planner", history)})
+    history.append({"role": "user", "content": "travel dates: May"})
+    reply = ask(server, "trip-planner", history)
+    assert "Running trip-planner with destination = Paris, budget = 2000, travel dates = May" in reply
+    assert "went back" not in reply
+
+
+def test_offline_recovery_reads_bare_answers_to_the_questions_before_them(start):
+    history = [
+        {"role": "user", "content": "I want to plan a trip"},
+        {"role": "assistant", "content": "Where would you like to go?\n\n```cozyui-conversation-identifier\n"
+                                         + "Q" * 32 + "\n```"},
+        {"role": "user", "content": "Paris"},
+        {"role": "assistant", "content": "What is your budget?"},
+        {"role": "user", "content": "2000"},
+        {"role": "assistant", "content": "When?"},
+        {"role": "user", "content": "3 to 7 June"},
+    ]
+    reply = ask(start(), "trip-planner", history)
+    assert "## Your trip to Paris" in answer_of(reply) and "2000" in answer_of(reply) and "June" in answer_of(reply)
+
+
+def test_conversations_can_be_keyed_by_a_header_instead_of_the_identifier_block(start):
+    server = start(conversation_header="X-OpenWebUI-Chat-Id")
+
+    def say(history, chat_id):
+        response = server.post({"model": "trip-planner", "messages": history},
+                               headers={"X-OpenWebUI-Chat-Id": chat_id})
+        return response.json()["choices"][0]["message"]["content"]
+    history = [{"role": "user", "content": "destination: Paris"}]
+    first = say(history, "chat-1")
+    assert ID_BLOCK.search(first) is None
+    history += [{"role": "assistant", "content": "What budget?"}, {"role": "user", "content": "budget: 2000"}]
+    assert "Got it: budget 2000." in say(history, "chat-1")
+    assert "Read the earlier messages again: destination = Paris." in thinking_of(say(history, "chat-2"))
+
+
+def test_a_new_chat_under_a_reused_header_key_starts_from_nothing(start):
+    server = start(conversation_header="X-OpenWebUI-Chat-Id")
+    headers = {"X-OpenWebUI-Chat-Id": "temporary:socket-1"}   # Open WebUI's temporary chats share this key
+
+    def say(messages):
+        response = server.post({"model": "trip-planner", "messages": messages}, headers=headers)
+        return response.json()["choices"][0]["message"]["content"]
+    history = [{"role": "user", "content": "destination: Paris\nbudget: 2000"}]
+    history.append({"role": "assistant", "content": say(history)})
+    reply = say([{"role": "user", "content": "destination: Rome"}])   # a new chat: no assistant message yet
+    assert "I still need the budget and travel dates" in answer_of(reply)
+    assert "A new chat: starting from nothing." in thinking_of(reply)
 
 
 def test_switching_model_in_the_same_chat_starts_a_new_conversation(start):
@@ -1723,305 +2249,6 @@ def test_switching_back_to_the_first_model_resumes_its_conversation(start):
     assert first_id in cozyopenai.find_conversation_ids(chat.messages)
 
 
-def test_values_recovered_with_the_llm_are_kept_on_the_next_turn(start, fake_llm):
-    fake_llm.extractions = {"destination: Paris\nbudget: 2000": {"destination": "Paris", "budget": "2000"},
-                            "travel dates: May": {"travel_dates": "May"}}
-    server = start(llm=fake_llm.settings())
-    history = [{"role": "user", "content": "destination: Paris"},
-               {"role": "assistant", "content": "What budget?\n\n```cozyui-conversation-identifier\n" + "R" * 32
-                                                + "\n```"},
-               {"role": "user", "content": "budget: 2000"}]
-    history.append({"role": "assistant", "content": ask(server, "trip-planner", history)})
-    history.append({"role": "user", "content": "travel dates: May"})
-    reply = ask(server, "trip-planner", history)
-    assert "Running trip-planner with destination = Paris, budget = 2000, travel dates = May" in reply
-    assert "went back" not in reply
-
-
-def test_offline_recovery_reads_bare_answers_to_the_questions_before_them(start):
-    history = [
-        {"role": "user", "content": "I want to plan a trip"},
-        {"role": "assistant", "content": "Where would you like to go?\n\n```cozyui-conversation-identifier\n"
-                                         + "Q" * 32 + "\n```"},
-        {"role": "user", "content": "Paris"},
-        {"role": "assistant", "content": "What is your budget?"},
-        {"role": "user", "content": "2000"},
-        {"role": "assistant", "content": "When?"},
-        {"role": "user", "content": "3 to 7 June"},
-    ]
-    reply = ask(start(), "trip-planner", history)
-    assert "## Your trip to Paris" in answer_of(reply) and "2000" in answer_of(reply) and "June" in answer_of(reply)
-
-
-def test_llm_node_tokens_stream_into_the_answer_as_they_arrive(start, fake_llm):
-    server = start(llm=fake_llm.settings())
-    fake_llm.extractions = {"go": {"destination": "Paris", "budget": 2000, "travel_dates": "May"}}
-    fake_llm.extractions["go"] = {"destination": "go", "budget": None, "travel_dates": None}
-    message = "destination go, budget 2000, travel_dates May"
-    fake_llm.extractions[message] = {"destination": "go", "budget": "2000", "travel_dates": "May"}
-    chunks = server.client.chat.completions.create(
-        model="trip-planner", messages=[{"role": "user", "content": message}], stream=True)
-    contents = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
-    for token in fake_llm.node_tokens:
-        assert token in contents   # each token its own chunk: nothing waited for the whole answer
-
-
-def test_fixed_input_secrets_never_appear_in_replies_or_the_model_list(start, fake_llm):
-    secret = "sk-test-9f8e7d6c5b4a3210"
-    fake_llm.http_routes["/echo"] = (500, {})
-    nodes = [
-        {"id": "get", "type": "http", "inputs": {"url": fake_llm.url + "/echo?key={key}&q={word}",
-                                                 "key": {"fixed": "api_key"}, "word": {"query": "word"}}},
-        {"id": "answer", "type": "output", "inputs": {"text": {"link": "get"}}},
-    ]
-    server = start([workflow(nodes=nodes, fixed_inputs={"api_key": secret})])
-    reply = Chat(server, "echo", stream=True).say(f"word: {secret}")
-    assert secret not in reply and "[redacted]" in reply
-    assert secret not in requests.get(server.url + "/openai/models", timeout=5).text
-
-
-def test_a_second_client_is_answered_while_a_first_one_is_streaming(start):
-    inside, release = threading.Event(), threading.Event()
-
-    def wait(inputs, context):
-        inside.set()
-        release.wait(10)
-        return "released"
-    nodes = [{"id": "hold", "type": "wait", "inputs": {"w": {"query": "word"}}},
-             {"id": "answer", "type": "output", "inputs": {"text": {"link": "hold"}}}]
-    server = start([workflow(nodes=nodes)], node_types={"wait": cozyopenai.NodeType(wait)})
-    result = {}
-    first = threading.Thread(target=lambda: result.update(reply=Chat(server, "echo", stream=True).say("word: x")))
-    first.start()
-    assert inside.wait(10)
-    assert requests.get(server.url + "/openai/models", timeout=5).status_code == 200   # while the stream waits
-    release.set()
-    first.join(10)
-    assert answer_of(result["reply"]) == "released"
-
-
-def test_unicode_emoji_right_to_left_and_very_long_messages_work(start):
-    chat = Chat(start(), stream=True)
-    assert "Understood destination: Zürich 🏔." in thinking_of(chat.say("destination: Zürich 🏔"))
-    assert "Changed destination: Zürich 🏔 → القاهرة." in thinking_of(chat.say("destination: القاهرة"))
-    long_reply = chat.say("budget: 1200\n" + "word " * 200_000)
-    assert "Got it: budget 1200." in answer_of(long_reply)
-
-
-def test_an_identifier_with_path_tricks_never_reaches_the_file_system(start, tmp_path):
-    store = tmp_path / "store"
-    server = start(store=str(store))
-    outside = tmp_path / ("A" * 32 + ".json")
-    outside.write_text('{"model": "trip-planner", "values": {"destination": "Stolen"}}')
-    for trick in ("../" + "A" * 32, "..%2F" + "A" * 29, "A" * 31 + "/", "A" * 32 + "\x00"):
-        history = [{"role": "user", "content": "hi"},
-                   {"role": "assistant", "content": f"```cozyui-conversation-identifier\n{trick}\n```"},
-                   {"role": "user", "content": "budget: 100"}]
-        reply = ask(server, "trip-planner", history)
-        assert "Stolen" not in reply
-    assert outside.read_text().count("Stolen") == 1
-    assert all(re.fullmatch(r"[A-Za-z0-9_-]{32}\.json", name) for name in os.listdir(store) if name != ".locks")
-
-
-def test_with_api_keys_every_openai_route_needs_one(start):
-    server = start(api_keys=["key-one", "key-two"])
-    for method, path in (("GET", "/openai/models"), ("GET", "/openai/models/trip-planner"),
-                         ("POST", "/openai/chat/completions")):
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "key-one"}):
-            response = requests.request(method, server.url + path, headers=headers, timeout=5,
-                                        json={"model": "trip-planner", "messages": [{"role": "user", "content": "x"}]})
-            assert response.status_code == 401
-            assert response.json()["error"]["code"] == "invalid_api_key"
-    client = OpenAI(api_key="key-two", base_url=server.url + "/openai")
-    assert [model.id for model in client.models.list()][0] == "trip-planner"
-    assert requests.get(server.url + "/health", timeout=5).status_code == 200
-
-
-def test_api_keys_come_from_the_environment_too():
-    config = cozyopenai.config_from_environment({"COZYOPENAI_API_KEY": "a, b", "COZYOPENAI_STORE": "memory"})
-    assert config["api_keys"] == ["a", "b"] and config["store"] == "memory"
-
-
-def test_a_planted_secret_never_leaves_the_server(start, fake_llm, caplog):
-    secret = "sk-planted-0123456789abcdef"
-
-    def leaky(inputs, context):
-        raise RuntimeError(f"upstream refused key {inputs['key']}")
-    fake_llm.http_routes["/echo"] = (500, {})
-    workflows = [
-        workflow(name="via-http", fixed_inputs={"api_key": secret}, nodes=[
-            {"id": "get", "type": "http", "inputs": {"url": fake_llm.url + "/echo?key={key}&q={word}",
-                                                     "key": {"fixed": "api_key"}, "word": {"query": "word"}}},
-            {"id": "answer", "type": "output", "inputs": {"text": {"link": "get"}}}]),
-        workflow(name="via-python", fixed_inputs={"token": secret}, nodes=[
-            {"id": "call", "type": "leaky", "inputs": {"key": {"fixed": "token"}, "w": {"query": "word"}}},
-            {"id": "answer", "type": "output", "inputs": {"text": {"link": "call"}}}]),
-        workflow(name="via-template", fixed_inputs={"password": secret}, nodes=[
-            {"id": "say", "type": "template", "inputs": {"template": "{p} {word}", "p": {"fixed": "password"},
-                                                         "word": {"query": "word"}}},
-            {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]),
-    ]
-    server = start(workflows, node_types={"leaky": cozyopenai.NodeType(leaky)})
-    seen = [requests.get(server.url + "/openai/models", timeout=5).text]
-    for name in ("via-http", "via-python", "via-template"):
-        seen.append(requests.get(server.url + f"/openai/models/{name}", timeout=5).text)
-        for stream in (False, True):
-            chat = Chat(server, name, stream=stream)
-            seen += [chat.say(f"word: {secret}"), chat.say("word: again")]
-        seen.append(server.post({"model": name, "messages": [{"role": "user", "content": secret}], "n": 3}).text)
-    seen += [record.getMessage() for record in caplog.records]
-    assert any("[redacted]" in text for text in seen)
-    assert not [text for text in seen if secret in text]
-
-
-def test_a_secret_an_llm_echoes_across_two_streamed_tokens_is_redacted(start, fake_llm):
-    secret = "sk-split-0123456789abcdef"
-    fake_llm.node_tokens = ["Your key is sk-spl", "it-0123456789", "abcdef, keep it safe."]
-    nodes = [{"id": "echo", "type": "llm", "inputs": {"prompt": "Say {word}", "key": {"fixed": "api_key"},
-                                                      "word": {"query": "word"}}},
-             {"id": "answer", "type": "output", "inputs": {"text": {"link": "echo"}}}]
-    server = start([workflow(nodes=nodes, fixed_inputs={"api_key": secret})], llm=fake_llm.settings())
-    fake_llm.extractions = {"word: hi": {"word": "hi"}}
-    for stream in (True, False):
-        reply = Chat(server, "echo", stream=stream).say("word: hi")
-        assert answer_of(reply) == "Your key is [redacted], keep it safe."
-        assert "sk-spl" not in reply and "0123456789abcdef" not in reply
-
-
-def test_overlapping_secrets_are_redacted_whole():
-    redact = cozyopenai.Redactor(["abcd", "abcdefgh"])
-    assert redact("xxabcdefgh") == "xx[redacted]"
-    assert "".join(text for _, text in redact.stream(iter([("content", "xxabc"), ("content", "defgh!")]))) == \
-        "xx[redacted]!"
-
-
-def test_a_fixed_input_fed_to_a_secret_named_node_input_is_redacted(start):
-    nodes = [{"id": "say", "type": "template", "inputs": {"template": "{token} {word}", "token": {"fixed": "site"},
-                                                          "word": {"query": "word"}}},
-             {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]
-    server = start([workflow(nodes=nodes, fixed_inputs={"site": "open sesame"})])
-    reply = Chat(server, "echo").say("word: hello")
-    assert "hello" in answer_of(reply) and "[redacted]" in reply and "sesame" not in reply
-
-
-def test_a_single_api_key_given_as_a_string_is_one_key(start):
-    server = start(api_keys="key-one")
-    assert requests.get(server.url + "/openai/models", headers={"Authorization": "Bearer k"}, timeout=5).status_code == 401
-    assert requests.get(server.url + "/openai/models", headers={"Authorization": "Bearer key-one"},
-                        timeout=5).status_code == 200
-
-
-def _bodies():
-    from hypothesis import strategies as st
-    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
-    anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
-                            st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
-    part = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "x"]), "text": anything})
-    message = st.fixed_dictionaries({}, optional={
-        "role": st.sampled_from(["user", "assistant", "system", "tool", "nobody"]) | anything,
-        "content": st.text(max_size=80) | st.lists(part, max_size=2) | anything,
-        "name": st.text(max_size=5)})
-    plausible = st.fixed_dictionaries({
-        "model": st.sampled_from(["trip-planner", "month-calendar"]),
-        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
-                                                    "content": st.text(max_size=60)}), min_size=1, max_size=4)},
-        optional={"stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
-                  "n": st.sampled_from([1, None]), "tools": anything, "user": st.text(max_size=8)})
-    request = plausible | st.fixed_dictionaries({}, optional={
-        "model": st.sampled_from(["trip-planner", "month-calendar", "nope", ""]) | anything,
-        "messages": st.lists(message, max_size=4) | anything,
-        "stream": st.booleans() | anything, "n": st.integers(-2, 5) | anything,
-        "stream_options": st.fixed_dictionaries({"include_usage": anything}) | anything,
-        "tools": anything, "temperature": anything})
-    return (request.map(lambda body: json.dumps(body).encode())
-            | anything.map(lambda body: json.dumps(body).encode()) | st.binary(max_size=64))
-
-
-def _headers():
-    from hypothesis import strategies as st
-    header_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30).map(str.strip)
-    return st.fixed_dictionaries({}, optional={
-        "Content-Type": st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded",
-                                         "multipart/form-data; boundary=x", "application/json; charset=utf-8",
-                                         "application/json", "application/json"]) | header_text,
-        "Authorization": header_text, "Accept": header_text, "X-Anything": header_text})
-
-
-FUZZED_REQUESTS = 1000
-
-
-def test_fuzzed_requests_get_no_5xx_and_only_openai_errors(start, capsys):
-    from hypothesis import HealthCheck, given, settings
-    server, session, seen = start(), requests.Session(), []
-
-    @settings(max_examples=FUZZED_REQUESTS, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
-    @given(body=_bodies(), headers=_headers())
-    def check(body, headers):
-        response = session.post(server.url + "/openai/chat/completions", data=body, headers=headers, timeout=10)
-        seen.append(response.status_code)
-        assert response.status_code < 500, response.text
-        if response.status_code >= 400:
-            assert response.headers["Content-Type"] == "application/json"
-            error = response.json()["error"]
-            assert set(error) == {"message", "type", "param", "code"} and error["message"]
-        elif response.headers["Content-Type"].startswith("text/event-stream"):
-            assert response.text.endswith("data: [DONE]\n\n")
-        else:
-            assert response.json()["object"] == "chat.completion"
-    check()
-    assert len(seen) >= FUZZED_REQUESTS
-    assert "Where would you like to go?" in Chat(server).say("I want to plan a trip.")
-    with capsys.disabled():
-        counts = {status: seen.count(status) for status in sorted(set(seen))}
-        print(f"\n[fuzz] {len(seen)} requests, statuses {counts}")
-
-
-OPEN_WEBUI_TOOLS = [{"type": "function", "function": {"name": name, "description": "built-in",
-                                                      "parameters": {"type": "object", "properties": {}}}}
-                    for name in ("search_web", "fetch_url", "query_knowledge_files", "get_current_timestamp")]
-
-
-def open_webui_history(reply):
-    """What Open WebUI sends back of a streamed reply: the reasoning it recognised removed, trimmed."""
-    return re.sub(r"<thinking>.*?</thinking>", "", reply, flags=re.S).strip()
-
-
-def test_a_replay_of_open_webuis_requests_continues_the_chat_and_answers_its_title_task(start):
-    server = start()
-    messages = [{"role": "user", "content": "I want to plan a trip to Paris."}]
-
-    def turn(text):
-        messages.append({"role": "user", "content": text})
-        body = {"model": "trip-planner", "messages": messages, "stream": True, "tools": OPEN_WEBUI_TOOLS,
-                "tool_choice": "auto", "stream_options": {"include_usage": True}, "metadata": {"chat_id": "x"}}
-        lines = server.post(body, stream=True).iter_lines(decode_unicode=True)
-        chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-        reply = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-        messages.append({"role": "assistant", "content": open_webui_history(reply)})
-        return reply
-    messages.pop()
-    first = turn("I want to plan a trip to Paris.")
-    assert messages[-1]["content"].endswith("```") and "<thinking>" not in messages[-1]["content"]
-    history = "\n".join(f"{m['role'].upper()}: {m['content']}" for m in messages)
-    title_task = ("### Task:\nGenerate a concise, 3-5 word title with an emoji summarizing the chat history.\n"
-                  "### Output:\nJSON format: { \"title\": \"your concise title here\" }\n"
-                  f"### Chat History:\n<chat_history>\n{history}\n</chat_history>")
-    response = server.post({"model": "trip-planner", "stream": False,
-                            "messages": [{"role": "user", "content": title_task}]})
-    title = json.loads(response.json()["choices"][0]["message"]["content"])
-    assert title == {"title": "Trip planner: I want to plan a trip to Paris"}
-    follow_ups = server.post({"model": "trip-planner", "messages": [{"role": "user", "content": title_task.replace(
-        '{ "title": "your concise title here" }', '{ "follow_ups": ["Question 1?"] }')}]}).json()
-    assert json.loads(follow_ups["choices"][0]["message"]["content"]) == {"follow_ups": []}
-    streamed = server.post({"model": "trip-planner", "stream": True, "messages": [{"role": "user", "content": title_task}]})
-    assert '\\"title\\"' in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
-    assert "Got it: destination Paris." in first
-    turn("2000")
-    last = turn("travel_dates: May")
-    assert "## Your trip to Paris" in last and ID_BLOCK.search(last) is None
-
-
 def test_regenerating_a_reply_reads_the_message_again_from_the_state_before_it(start):
     server = start()
     chat = Chat(server)
@@ -2051,36 +2278,6 @@ def test_a_message_edited_in_place_is_read_again_with_the_turns_after_it(start):
     chat.messages[0] = {"role": "user", "content": "destination: Rome"}   # a client that edits without branching
     reply = chat.say("travel dates: May")
     assert "Running trip-planner with destination = Rome, budget = 2000, travel dates = May" in reply
-
-
-def test_a_new_chat_under_a_reused_header_key_starts_from_nothing(start):
-    server = start(conversation_header="X-OpenWebUI-Chat-Id")
-    headers = {"X-OpenWebUI-Chat-Id": "temporary:socket-1"}   # Open WebUI's temporary chats share this key
-
-    def say(messages):
-        response = server.post({"model": "trip-planner", "messages": messages}, headers=headers)
-        return response.json()["choices"][0]["message"]["content"]
-    history = [{"role": "user", "content": "destination: Paris\nbudget: 2000"}]
-    history.append({"role": "assistant", "content": say(history)})
-    reply = say([{"role": "user", "content": "destination: Rome"}])   # a new chat: no assistant message yet
-    assert "I still need the budget and travel dates" in answer_of(reply)
-    assert "A new chat: starting from nothing." in thinking_of(reply)
-
-
-class OpenWebUIChat:
-    """A chat as Open WebUI 0.12.4 keeps it and sends it: replies with their thinking block
-    removed and trimmed, branches made by editing or regenerating, instructions dropped."""
-
-    def __init__(self, server, model="trip-planner"):
-        self.server, self.model, self.messages = server, model, []
-
-    def send(self, messages):
-        reply = ask(self.server, self.model, messages, stream=True)
-        return reply, messages + [{"role": "assistant", "content": open_webui_history(reply)}]
-
-    def say(self, text):
-        reply, self.messages = self.send(self.messages + [{"role": "user", "content": text}])
-        return reply
 
 
 def planned_trip(server):
@@ -2158,31 +2355,321 @@ def test_a_reply_pasted_into_another_chat_never_changes_the_original(start):
     assert "Running trip-planner with destination = Paris, budget = 2000, travel dates = May" in reply
 
 
-def test_a_conversation_stored_by_the_previous_release_continues(start, tmp_path):
-    conversation_id = "A" * 32
-    (tmp_path / f"{conversation_id}.json").write_text(json.dumps({
-        "id": conversation_id, "model": "trip-planner", "values": {"destination": "Paris", "budget": 2000},
-        "asked": ["travel_dates"], "ask_counts": {"travel_dates": 1}, "runs": 0, "turns": 1, "created": 1.0,
-        "updated": 1.0, "seen": ["x"], "before": []}))
-    history = [{"role": "user", "content": "destination: Paris\nbudget: 2000"},
-               {"role": "assistant", "content": "When?\n\n```cozyui-conversation-identifier\n" + conversation_id
-                + "\n```"}, {"role": "user", "content": "in May"}]
-    reply = ask(start(store=str(tmp_path)), "trip-planner", history)
-    assert "Running trip-planner with destination = Paris, budget = 2000, travel dates = May" in reply
-    record = json.loads((tmp_path / f"{conversation_id}.json").read_text())
-    assert record["version"] == 2 and len(record["snapshots"]) == 2
+####################################################################################
+# Serving a turn over HTTP: streams, keep-alives, keys
+####################################################################################
+
+def test_a_silent_stream_gets_keepalive_comments_that_clients_skip(start):
+    nodes = [{"id": "nap", "type": "python", "inputs": {"function": "time:sleep", "0": {"query": "seconds"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": "rested"}}]
+    queries = {"seconds": {"description": "How long to sleep.", "type": "number"}}
+    server = start([workflow(nodes=nodes, query_inputs=queries)], keepalive_seconds=0.05)
+    response = server.post({"model": "echo", "stream": True,
+                            "messages": [{"role": "user", "content": "seconds: 0.4"}]})
+    assert ": keep-alive" in response.text.splitlines()
+    assert answer_of(Chat(server, "echo", stream=True).say("seconds: 0.3")).endswith("rested")
 
 
-def test_a_conversation_keeps_its_most_recent_snapshots_only(start):
+def test_each_request_is_logged_on_one_line_with_model_conversation_status_and_duration(start, caplog):
+    caplog.set_level("INFO", logger="cozyopenai")
+    reply = Chat(start(), stream=True).say("destination: Paris")
+    short_id = ID_BLOCK.search(reply).group(1)[:6]
+    deadline = time.monotonic() + 5   # a stream's line is written once the server has sent its last byte
+    while not (lines := [r.getMessage() for r in caplog.records
+                         if r.getMessage().startswith("POST /openai/chat/completions")]):
+        assert time.monotonic() < deadline, "no log line for the request"
+        time.sleep(0.01)
+    assert re.fullmatch(rf"POST /openai/chat/completions model=trip-planner conversation={re.escape(short_id)} "
+                        r"status=200 \d+ ms", lines[-1])
+
+
+def test_a_long_history_well_over_bottles_100kb_default_is_accepted(start):
+    history = [{"role": "user", "content": "x" * 50_000}, {"role": "assistant", "content": "y" * 50_000},
+               {"role": "user", "content": "destination: Paris"}]
+    response = start().post({"model": "trip-planner", "messages": history})
+    assert response.status_code == 200
+
+
+def test_with_api_keys_every_openai_route_needs_one(start):
+    server = start(api_keys=["key-one", "key-two"])
+    for method, path in (("GET", "/openai/models"), ("GET", "/openai/models/trip-planner"),
+                         ("POST", "/openai/chat/completions")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "key-one"}):
+            response = requests.request(method, server.url + path, headers=headers, timeout=5,
+                                        json={"model": "trip-planner", "messages": [{"role": "user", "content": "x"}]})
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "invalid_api_key"
+    client = OpenAI(api_key="key-two", base_url=server.url + "/openai")
+    assert [model.id for model in client.models.list()][0] == "trip-planner"
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+
+
+def test_a_single_api_key_given_as_a_string_is_one_key(start):
+    server = start(api_keys="key-one")
+    assert requests.get(server.url + "/openai/models", headers={"Authorization": "Bearer k"}, timeout=5).status_code == 401
+    assert requests.get(server.url + "/openai/models", headers={"Authorization": "Bearer key-one"},
+                        timeout=5).status_code == 200
+
+
+####################################################################################
+# Chat Completions
+####################################################################################
+
+def test_model_list_has_the_documents_model_objects(start):
     server = start()
-    chat = Chat(server, "month-calendar")
-    for year in range(2000, 2000 + cozyopenai.SNAPSHOTS_KEPT + 5):
-        chat.say(f"year: {year}\nmonth: 1")
-    conversation_id = ID_BLOCK.search(chat.messages[1]["content"]).group(1)
-    record = server.app.config["cozyopenai.service"].store.load(conversation_id)
-    assert len(record["snapshots"]) == cozyopenai.SNAPSHOTS_KEPT
-    assert latest_values(record) == {"year": 2000 + cozyopenai.SNAPSHOTS_KEPT + 4, "month": 1}
-    assert len(record["results"]) <= cozyopenai.SNAPSHOTS_KEPT
+    body = requests.get(server.url + "/openai/models", timeout=5).json()
+    assert body["object"] == "list"
+    names = [model["id"] for model in body["data"]]
+    assert names == list(cozyopenai.load_workflows(WORKFLOWS_PATH))
+    for model in body["data"]:
+        assert set(model) == {"id", "object", "created", "owned_by"}
+        assert model["object"] == "model" and model["owned_by"] == "cozyui" and isinstance(model["created"], int)
+    assert [m.id for m in server.client.models.list()] == names
+
+
+def test_one_model_by_id_and_an_unknown_one_is_404(start):
+    server = start()
+    assert server.client.models.retrieve("trip-planner").owned_by == "cozyui"
+    response = requests.get(server.url + "/openai/models/nope", timeout=5)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_streamed_reply_is_chunks_with_role_first_then_content_stop_and_done(start):
+    server = start()
+    response = server.post({"model": "trip-planner", "stream": True,
+                            "messages": [{"role": "user", "content": "I want to plan a trip to Paris."}]},
+                           stream=True)
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "trip-planner" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text.startswith("<thinking>\n")
+
+
+def test_include_usage_adds_a_usage_chunk_before_done(start):
+    server = start()
+    chunks = list(server.client.chat.completions.create(
+        model="trip-planner", messages=[{"role": "user", "content": "hello"}], stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+
+
+def test_non_streamed_reply_is_one_chat_completion_with_usage(start):
+    server = start()
+    response = server.post({"model": "trip-planner", "messages": [{"role": "user", "content": "hello"}]})
+    assert response.headers["Content-Type"] == "application/json"
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant" and body["choices"][0]["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+
+
+def test_progress_can_go_to_the_reasoning_content_field(start):
+    server = start(thinking="reasoning_content")
+    body = {"model": "trip-planner", "messages": [{"role": "user", "content": "destination: Paris"}]}
+    message = server.post(body).json()["choices"][0]["message"]
+    assert "Understood destination: Paris." in message["reasoning_content"]
+    assert "<thinking>" not in message["content"] and "What is your total budget" in message["content"]
+    chunks = [json.loads(line[6:]) for line in server.post({**body, "stream": True}).text.splitlines()
+              if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert any("reasoning_content" in d for d in deltas) and not any("<thinking>" in d.get("content", "") for d in deltas)
+
+
+def test_text_parts_in_content_are_read_like_a_string(start):
+    reply = ask(start(), "month-calendar", [{"role": "user", "content": [
+        {"type": "text", "text": "year: 2026"}, {"type": "text", "text": "month: 1"}]}])
+    assert "January 2026" in answer_of(reply)
+
+
+def test_a_deeply_nested_body_is_refused_with_a_400(start):
+    server = start()
+    response = requests.post(server.url + "/openai/chat/completions", data="[" * 5000 + "]" * 5000,
+                             headers={"Content-Type": "application/json"}, timeout=10)
+    assert response.status_code == 400 and response.json()["error"]["message"] == "The request body is nested too deeply."
+
+
+def _raw_post(server, data, headers=None, method="POST", path="/openai/chat/completions"):
+    return requests.request(method, server.url + path, data=data, timeout=10,
+                            headers=headers or {"Content-Type": "application/json"})
+
+
+ERROR_CASES = {
+    "malformed JSON": (dict(data=b'{"model": "trip-planner", "messages": ['), 400, None),
+    "not an object": (dict(data=b'[1, 2]'), 400, None),
+    "messages missing": (dict(data=b'{"model": "trip-planner"}'), 400, "messages"),
+    "messages empty": (dict(data=b'{"model": "trip-planner", "messages": []}'), 400, "messages"),
+    "message without role": (dict(data=b'{"model": "trip-planner", "messages": [{"content": "x"}]}'), 400,
+                             "messages[0].role"),
+    "stream not a boolean": (dict(data=b'{"model": "trip-planner", "stream": "yes", '
+                                       b'"messages": [{"role": "user", "content": "x"}]}'), 400, "stream"),
+    "unknown model": (dict(data=b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}'), 404,
+                      "model"),
+    "wrong method": (dict(data=None, method="GET"), 405, None),
+    "unknown route": (dict(data=None, method="GET", path="/openai/nothing"), 404, None),
+    "body too large": (dict(data=b" " * (cozyopenai.MAX_BODY_BYTES + 1)), 413, None),
+    "form content type": (dict(data=b"model=trip-planner", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+                          415, None),
+    "n above one": (dict(data=b'{"model": "trip-planner", "n": 2, "messages": [{"role": "user", "content": "x"}]}'),
+                    400, "n"),
+    "messages not a list": (dict(data=b'{"model": "trip-planner", "messages": "hello"}'), 400, "messages"),
+    "content a number": (dict(data=b'{"model": "trip-planner", "messages": [{"role": "user", "content": 5}]}'), 400,
+                         "messages[0].content"),
+    "image content": (dict(data=json.dumps({"model": "trip-planner", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]}).encode()), 400, "messages[0].content"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_errors_are_openai_error_objects_with_the_right_status(start, case):
+    arguments, status, param = ERROR_CASES[case]
+    response = _raw_post(start(), **arguments)
+    assert response.status_code == status
+    assert response.headers["Content-Type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"] and error["param"] == param
+    if case == "unknown model":
+        assert error["code"] == "model_not_found"
+
+
+def test_the_openai_client_raises_its_not_found_error_for_an_unknown_model(start):
+    import openai
+    with pytest.raises(openai.NotFoundError):
+        start().client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_the_async_openai_client_gets_a_plain_and_a_streamed_reply(start):
+    import asyncio
+    from openai import AsyncOpenAI
+    server = start()
+
+    async def talk():
+        client = AsyncOpenAI(api_key="unused", base_url=server.url + "/openai/v1")
+        plain = await client.chat.completions.create(
+            model="trip-planner", messages=[{"role": "user", "content": "destination: Paris"}])
+        stream = await client.chat.completions.create(
+            model="trip-planner", messages=[{"role": "user", "content": "destination: Rome"}], stream=True)
+        streamed = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+        await client.close()
+        return plain.choices[0].message.content, streamed
+    plain, streamed = asyncio.run(talk())
+    assert "Understood destination: Paris." in plain and "Understood destination: Rome." in streamed
+
+
+def _bodies():
+    from hypothesis import strategies as st
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
+                            st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+    part = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "x"]), "text": anything})
+    message = st.fixed_dictionaries({}, optional={
+        "role": st.sampled_from(["user", "assistant", "system", "tool", "nobody"]) | anything,
+        "content": st.text(max_size=80) | st.lists(part, max_size=2) | anything,
+        "name": st.text(max_size=5)})
+    plausible = st.fixed_dictionaries({
+        "model": st.sampled_from(["trip-planner", "month-calendar"]),
+        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
+                                                    "content": st.text(max_size=60)}), min_size=1, max_size=4)},
+        optional={"stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+                  "n": st.sampled_from([1, None]), "tools": anything, "user": st.text(max_size=8)})
+    request = plausible | st.fixed_dictionaries({}, optional={
+        "model": st.sampled_from(["trip-planner", "month-calendar", "nope", ""]) | anything,
+        "messages": st.lists(message, max_size=4) | anything,
+        "stream": st.booleans() | anything, "n": st.integers(-2, 5) | anything,
+        "stream_options": st.fixed_dictionaries({"include_usage": anything}) | anything,
+        "tools": anything, "temperature": anything})
+    return (request.map(lambda body: json.dumps(body).encode())
+            | anything.map(lambda body: json.dumps(body).encode()) | st.binary(max_size=64))
+
+
+def _headers():
+    from hypothesis import strategies as st
+    header_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30).map(str.strip)
+    return st.fixed_dictionaries({}, optional={
+        "Content-Type": st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded",
+                                         "multipart/form-data; boundary=x", "application/json; charset=utf-8",
+                                         "application/json", "application/json"]) | header_text,
+        "Authorization": header_text, "Accept": header_text, "X-Anything": header_text})
+
+
+FUZZED_REQUESTS = 1000
+
+
+def test_fuzzed_requests_get_no_5xx_and_only_openai_errors(start, capsys):
+    from hypothesis import HealthCheck, given, settings
+    server, session, seen = start(), requests.Session(), []
+
+    @settings(max_examples=FUZZED_REQUESTS, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(body=_bodies(), headers=_headers())
+    def check(body, headers):
+        response = session.post(server.url + "/openai/chat/completions", data=body, headers=headers, timeout=10)
+        seen.append(response.status_code)
+        assert response.status_code < 500, response.text
+        if response.status_code >= 400:
+            assert response.headers["Content-Type"] == "application/json"
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        elif response.headers["Content-Type"].startswith("text/event-stream"):
+            assert response.text.endswith("data: [DONE]\n\n")
+        else:
+            assert response.json()["object"] == "chat.completion"
+    check()
+    assert len(seen) >= FUZZED_REQUESTS
+    assert "Where would you like to go?" in Chat(server).say("I want to plan a trip.")
+    with capsys.disabled():
+        counts = {status: seen.count(status) for status in sorted(set(seen))}
+        print(f"\n[fuzz] {len(seen)} requests, statuses {counts}")
+
+
+OPEN_WEBUI_TOOLS = [{"type": "function", "function": {"name": name, "description": "built-in",
+                                                      "parameters": {"type": "object", "properties": {}}}}
+                    for name in ("search_web", "fetch_url", "query_knowledge_files", "get_current_timestamp")]
+
+
+def test_a_replay_of_open_webuis_requests_continues_the_chat_and_answers_its_title_task(start):
+    server = start()
+    messages = [{"role": "user", "content": "I want to plan a trip to Paris."}]
+
+    def turn(text):
+        messages.append({"role": "user", "content": text})
+        body = {"model": "trip-planner", "messages": messages, "stream": True, "tools": OPEN_WEBUI_TOOLS,
+                "tool_choice": "auto", "stream_options": {"include_usage": True}, "metadata": {"chat_id": "x"}}
+        lines = server.post(body, stream=True).iter_lines(decode_unicode=True)
+        chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        reply = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        messages.append({"role": "assistant", "content": open_webui_history(reply)})
+        return reply
+    messages.pop()
+    first = turn("I want to plan a trip to Paris.")
+    assert messages[-1]["content"].endswith("```") and "<thinking>" not in messages[-1]["content"]
+    history = "\n".join(f"{m['role'].upper()}: {m['content']}" for m in messages)
+    title_task = ("### Task:\nGenerate a concise, 3-5 word title with an emoji summarizing the chat history.\n"
+                  "### Output:\nJSON format: { \"title\": \"your concise title here\" }\n"
+                  f"### Chat History:\n<chat_history>\n{history}\n</chat_history>")
+    response = server.post({"model": "trip-planner", "stream": False,
+                            "messages": [{"role": "user", "content": title_task}]})
+    title = json.loads(response.json()["choices"][0]["message"]["content"])
+    assert title == {"title": "Trip planner: I want to plan a trip to Paris"}
+    follow_ups = server.post({"model": "trip-planner", "messages": [{"role": "user", "content": title_task.replace(
+        '{ "title": "your concise title here" }', '{ "follow_ups": ["Question 1?"] }')}]}).json()
+    assert json.loads(follow_ups["choices"][0]["message"]["content"]) == {"follow_ups": []}
+    streamed = server.post({"model": "trip-planner", "stream": True, "messages": [{"role": "user", "content": title_task}]})
+    assert '\\"title\\"' in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
+    assert "Got it: destination Paris." in first
+    turn("2000")
+    last = turn("travel_dates: May")
+    assert "## Your trip to Paris" in last and ID_BLOCK.search(last) is None
 
 
 def test_continue_response_adds_nothing_and_changes_nothing(start):
@@ -2205,118 +2692,9 @@ def test_a_background_task_is_answered_through_the_llm_when_there_is_one(start, 
     assert fake_llm.calls_of("extraction") == []          # no conversation, no gathering
 
 
-def test_progress_can_go_to_the_reasoning_content_field(start):
-    server = start(thinking="reasoning_content")
-    body = {"model": "trip-planner", "messages": [{"role": "user", "content": "destination: Paris"}]}
-    message = server.post(body).json()["choices"][0]["message"]
-    assert "Understood destination: Paris." in message["reasoning_content"]
-    assert "<thinking>" not in message["content"] and "What is your total budget" in message["content"]
-    chunks = [json.loads(line[6:]) for line in server.post({**body, "stream": True}).text.splitlines()
-              if line.startswith("data: {")]
-    deltas = [c["choices"][0]["delta"] for c in chunks]
-    assert any("reasoning_content" in d for d in deltas) and not any("<thinking>" in d.get("content", "") for d in deltas)
-
-
-def test_conversations_can_be_keyed_by_a_header_instead_of_the_identifier_block(start):
-    server = start(conversation_header="X-OpenWebUI-Chat-Id")
-
-    def say(history, chat_id):
-        response = server.post({"model": "trip-planner", "messages": history},
-                               headers={"X-OpenWebUI-Chat-Id": chat_id})
-        return response.json()["choices"][0]["message"]["content"]
-    history = [{"role": "user", "content": "destination: Paris"}]
-    first = say(history, "chat-1")
-    assert ID_BLOCK.search(first) is None
-    history += [{"role": "assistant", "content": "What budget?"}, {"role": "user", "content": "budget: 2000"}]
-    assert "Got it: budget 2000." in say(history, "chat-1")
-    assert "Read the earlier messages again: destination = Paris." in thinking_of(say(history, "chat-2"))
-
-
-def test_cors_preflight_and_responses_allow_the_configured_origin(start):
-    server = start(cors_origins=["https://app.example"])
-    preflight = requests.options(server.url + "/openai/chat/completions", timeout=5, headers={
-        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type"})
-    assert preflight.status_code == 200
-    assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
-    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"]
-    models = requests.get(server.url + "/openai/models", headers={"Origin": "https://evil.example"}, timeout=5)
-    assert "Access-Control-Allow-Origin" not in models.headers
-
-
-def test_each_request_is_logged_on_one_line_with_model_conversation_status_and_duration(start, caplog):
-    caplog.set_level("INFO", logger="cozyopenai")
-    reply = Chat(start(), stream=True).say("destination: Paris")
-    short_id = ID_BLOCK.search(reply).group(1)[:6]
-    deadline = time.monotonic() + 5   # a stream's line is written once the server has sent its last byte
-    while not (lines := [r.getMessage() for r in caplog.records
-                         if r.getMessage().startswith("POST /openai/chat/completions")]):
-        assert time.monotonic() < deadline, "no log line for the request"
-        time.sleep(0.01)
-    assert re.fullmatch(rf"POST /openai/chat/completions model=trip-planner conversation={re.escape(short_id)} "
-                        r"status=200 \d+ ms", lines[-1])
-
-
-def test_the_home_page_lists_the_models_for_people_and_api_clients_are_told_where_the_api_is(start):
-    secret = workflow(fixed_inputs={"api_token": "sk-hidden-1234567890abcdef"}, nodes=[
-        {"id": "say", "type": "template", "inputs": {"template": "{word}", "word": {"query": "word"},
-                                                     "token": {"fixed": "api_token"}}},
-        {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}])
-    server = start([secret])
-    page = requests.get(server.url + "/", headers={"Accept": "text/html,application/xhtml+xml"}, timeout=5)
-    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
-    assert "<h3 class=\"model\">echo</h3>" in page.text and "A word to echo back." in page.text
-    assert f"{server.url}/openai" in page.text and "sk-hidden" not in page.text and "api_token" not in page.text
-    for method, path in (("GET", "/"), ("POST", "/v1/chat/completions"), ("GET", "/models")):
-        response = requests.request(method, server.url + path, timeout=5)
-        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
-        assert f"base URL {server.url}/openai" in response.json()["error"]["message"]
-
-
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_the_home_page_renders_in_a_real_browser(start, tmp_path):
-    server = start()
-    result = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                             "--disable-sync", f"--user-data-dir={tmp_path}", "--dump-dom", server.url + "/"],
-                            capture_output=True, text=True, timeout=60)
-    assert '<code id="base-url">' + server.url + "/openai</code>" in result.stdout, result.stderr[-2000:]
-    assert result.stdout.count('class="model"') == 3 and "travel dates" in result.stdout
-
-
-def test_metrics_count_turns_runs_failures_and_llm_calls_in_the_prometheus_format(start, fake_llm):
-    server = start(llm=fake_llm.settings())
-    Chat(server, "month-calendar").say("year: 2026\nmonth: 2")
-    Chat(server, "month-calendar").say("year: 2026")
-    response = requests.get(server.url + "/metrics", timeout=5)
-    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    text = response.text
-    assert '# TYPE cozyopenai_turns_total counter' in text
-    assert 'cozyopenai_turns_total{model="month-calendar"} 2' in text
-    assert 'cozyopenai_runs_total{model="month-calendar",outcome="ok"} 1' in text
-    assert 'cozyopenai_llm_calls_total{outcome="ok"} 3' in text   # two extractions and one question
-    assert "cozyopenai_stored_conversations 2" in text and "cozyopenai_turn_seconds_count" in text
-    keyed = start(api_keys=["k"])
-    assert requests.get(keyed.url + "/metrics", timeout=5).status_code == 401
-    assert requests.get(keyed.url + "/metrics", headers={"Authorization": "Bearer k"}, timeout=5).status_code == 200
-
-
-def test_metrics_count_node_failures_by_type(start):
-    nodes = [{"id": "fail", "type": "python", "inputs": {"function": "math:sqrt", "0": {"query": "word"}}},
-             {"id": "answer", "type": "output", "inputs": {"text": {"link": "fail"}}}]
-    server = start([workflow(nodes=nodes)])
-    Chat(server, "echo").say("word: nope")
-    assert 'cozyopenai_node_failures_total{type="python"} 1' in requests.get(server.url + "/metrics", timeout=5).text
-
-
-def test_a_lone_surrogate_in_a_message_is_dropped_from_the_value_not_a_500(start):
-    server = start([workflow()])
-    body = '{"model": "echo", "messages": [{"role": "user", "content": "word: caf\\ud800e"}]}'
-    response = requests.post(server.url + "/openai/chat/completions", data=body.encode(), timeout=10,
-                             headers={"Content-Type": "application/json"})
-    assert response.status_code == 200
-    assert "You said cafe." in response.json()["choices"][0]["message"]["content"]
-
+####################################################################################
+# The Responses API
+####################################################################################
 
 DOCUMENT_TURNS = ("I want to plan a trip to Paris.", "budget: 2000", "a week in mid-October")
 
@@ -2371,7 +2749,7 @@ def test_a_stored_response_continues_from_exactly_its_own_state(start):
     assert len({response.output_text for response in again}) == 1
 
 
-def test_responses_errors_and_the_stateless_form(start):
+def test_responses_errors_are_openai_errors_and_a_stateless_response_carries_the_id_block(start):
     server = start()
     with pytest.raises(openai.BadRequestError) as caught:
         server.client.responses.create(model="trip-planner", input="hello", previous_response_id="resp_unknown")
@@ -2421,6 +2799,10 @@ def test_the_agents_sdk_talks_to_a_workflow_over_the_responses_api(start):
     assert outputs[0].startswith("Got it: destination Paris.") and outputs[1].startswith("Got it: budget 2000.")
     assert outputs[2].startswith("## Your trip to Paris") and "Running trip-planner" in reasoning
 
+
+####################################################################################
+# MCP: the workflows as tools, missing inputs asked for by elicitation
+####################################################################################
 
 def mcp_session(server, elicit=None, **options):
     """An MCP client session of the official SDK on ``server``'s /mcp; ``elicit(message, schema)``
@@ -2544,7 +2926,7 @@ def test_mcp_errors_are_json_rpc_errors_and_keys_and_origins_are_checked(start):
     assert post(b'{"jsonrpc": "2.0", "id": 5, "method": "ping"}', **session).status_code == 404
 
 
-def test_mcp_odd_answers_and_arguments_end_with_a_result(start):
+def test_mcp_odd_answers_and_arguments_end_with_a_result_and_a_rebinding_host_is_refused(start):
     server = start()
 
     async def call(arguments, elicit=None):
@@ -2590,61 +2972,180 @@ def test_the_mcp_inspector_cli_lists_and_calls_a_tool(start, tmp_path):
     assert called.returncode == 0 and "March 2026" in called.stdout, called.stderr
 
 
-def test_the_async_openai_client_streams_and_not(start):
-    import asyncio
-    from openai import AsyncOpenAI
-    server = start()
+####################################################################################
+# Metrics
+####################################################################################
 
-    async def talk():
-        client = AsyncOpenAI(api_key="unused", base_url=server.url + "/openai/v1")
-        plain = await client.chat.completions.create(
-            model="trip-planner", messages=[{"role": "user", "content": "destination: Paris"}])
-        stream = await client.chat.completions.create(
-            model="trip-planner", messages=[{"role": "user", "content": "destination: Rome"}], stream=True)
-        streamed = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
-        await client.close()
-        return plain.choices[0].message.content, streamed
-    plain, streamed = asyncio.run(talk())
-    assert "Understood destination: Paris." in plain and "Understood destination: Rome." in streamed
+def test_metrics_count_turns_runs_failures_and_llm_calls_in_the_prometheus_format(start, fake_llm):
+    server = start(llm=fake_llm.settings())
+    Chat(server, "month-calendar").say("year: 2026\nmonth: 2")
+    Chat(server, "month-calendar").say("year: 2026")
+    response = requests.get(server.url + "/metrics", timeout=5)
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = response.text
+    assert '# TYPE cozyopenai_turns_total counter' in text
+    assert 'cozyopenai_turns_total{model="month-calendar"} 2' in text
+    assert 'cozyopenai_runs_total{model="month-calendar",outcome="ok"} 1' in text
+    assert 'cozyopenai_llm_calls_total{outcome="ok"} 3' in text   # two extractions and one question
+    assert "cozyopenai_stored_conversations 2" in text and "cozyopenai_turn_seconds_count" in text
+    keyed = start(api_keys=["k"])
+    assert requests.get(keyed.url + "/metrics", timeout=5).status_code == 401
+    assert requests.get(keyed.url + "/metrics", headers={"Authorization": "Bearer k"}, timeout=5).status_code == 200
 
 
-def test_node_types_can_be_registered_with_a_decorator(start):
-    node_types = cozyopenai.NodeTypes()
-
-    @node_types.register("reverse", required=("text",))
-    def reverse(inputs, context):
-        return inputs["text"][::-1]
-    nodes = [{"id": "flip", "type": "reverse", "inputs": {"text": {"query": "word"}}},
-             {"id": "answer", "type": "output", "inputs": {"text": {"link": "flip"}}}]
-    assert answer_of(Chat(start([workflow(nodes=nodes)], node_types=node_types), "echo").say("word: abc")) == "cba"
+def test_metrics_count_node_failures_by_type(start):
+    nodes = [{"id": "fail", "type": "python", "inputs": {"function": "math:sqrt", "0": {"query": "word"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "fail"}}}]
+    server = start([workflow(nodes=nodes)])
+    Chat(server, "echo").say("word: nope")
+    assert 'cozyopenai_node_failures_total{type="python"} 1' in requests.get(server.url + "/metrics", timeout=5).text
 
 
 ####################################################################################
-# Command line and packaging
+# Configuration: the options, as flags or COZYOPENAI_* variables
+####################################################################################
+
+def test_api_keys_come_from_the_environment_too():
+    config = cozyopenai.config_from_environment({"COZYOPENAI_API_KEY": "a, b", "COZYOPENAI_STORE": "memory"})
+    assert config["api_keys"] == ["a", "b"] and config["store"] == "memory"
+
+
+def test_single_call_mode_comes_from_the_flag_or_the_environment():
+    config = cozyopenai.config_from_environment({"COZYOPENAI_LLM_BASE_URL": "http://127.0.0.1:9/v1",
+                                                 "COZYOPENAI_LLM_SINGLE_CALL": "true"})
+    assert config["llm"].single_call is True
+    arguments = cozyopenai.parse_arguments(["--llm-base-url", "http://x/v1", "--llm-single-call"], {})
+    assert cozyopenai._config_from_arguments(arguments)["llm"].single_call is True
+    assert cozyopenai.config_from_environment({"COZYOPENAI_LLM_BASE_URL": "http://x/v1"})["llm"].single_call is False
+
+
+def command_line_options(monkeypatch):
+    """The actions of the argument parser that ``cozyopenai.parse_arguments`` builds, taken
+    from the parser itself as it parses, so a new flag is checked without being listed here."""
+    parsers = []
+    parse = cozyopenai._OneLineParser.parse_args
+
+    def keep(parser, *arguments, **options):
+        parsers.append(parser)
+        return parse(parser, *arguments, **options)
+    monkeypatch.setattr(cozyopenai._OneLineParser, "parse_args", keep)
+    cozyopenai.parse_arguments([], {})
+    (parser,) = parsers
+    return [action for action in parser._actions if action.option_strings]
+
+
+def test_help_and_the_readmes_configuration_table_list_every_option_the_parser_defines(monkeypatch):
+    options = command_line_options(monkeypatch)
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--help"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    for flag in (flag for option in options for flag in option.option_strings):
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", result.stdout), f"--help does not show {flag}"
+    # Every setting (all but --help and --version) has its row: the flag, then its COZYOPENAI_* variable.
+    settings = [option for option in options
+                if not isinstance(option, (argparse._HelpAction, argparse._VersionAction))]
+    with open(os.path.join(HERE, "README.md")) as handle:
+        configuration = handle.read().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = {match.group(1): match.group(0) for match in re.finditer(r"^\| `(--[\w-]+)`.*$", configuration, re.M)}
+    assert len(settings) >= 18 and rows, "the parser's settings or README.md's configuration table not found"
+    for option in settings:
+        (flag,) = [flag for flag in option.option_strings if flag.startswith("--")]
+        assert flag in rows, f"README.md's configuration table has no row for {flag}"
+        assert f"`COZYOPENAI_{option.dest.upper()}`" in rows[flag], rows[flag]
+    assert set(rows) == {flag for option in settings for flag in option.option_strings}, "a row for no option"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--store", "README.md"], "store 'README.md': cannot keep conversations there"),
+    (["--store", "/proc/nope"], "store '/proc/nope': cannot keep conversations there"),
+    (["--expire-days", "-1"], "--expire-days must be positive, not -1"),
+    (["--llm-timeout", "0"], "--llm-timeout must be positive, not 0"),
+    (["--workers", "0"], "--workers must be at least 1, not 0"),
+    (["--llm-model", "gpt"], "--llm-model needs --llm-base-url"),
+])
+def test_bad_options_stop_the_start_with_one_line_and_status_2(arguments, message):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), *arguments, "--port", "0"],
+                            capture_output=True, text=True, timeout=30, cwd=HERE)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_an_unknown_log_level_is_refused_clearly():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "memory"],
+                            capture_output=True, text=True, timeout=30, cwd=HERE,
+                            env={**os.environ, "COZYOPENAI_LOG_LEVEL": "verbose"})
+    assert result.returncode == 2 and "--log-level must be one of DEBUG, INFO" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+####################################################################################
+# Routes and the app factory
+####################################################################################
+
+def test_cors_preflight_and_responses_allow_the_configured_origin(start):
+    server = start(cors_origins=["https://app.example"])
+    preflight = requests.options(server.url + "/openai/chat/completions", timeout=5, headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    models = requests.get(server.url + "/openai/models", headers={"Origin": "https://evil.example"}, timeout=5)
+    assert "Access-Control-Allow-Origin" not in models.headers
+
+
+def test_the_home_page_lists_the_models_for_people_and_api_clients_are_told_where_the_api_is(start):
+    secret = workflow(fixed_inputs={"api_token": "sk-hidden-1234567890abcdef"}, nodes=[
+        {"id": "say", "type": "template", "inputs": {"template": "{word}", "word": {"query": "word"},
+                                                     "token": {"fixed": "api_token"}}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}])
+    server = start([secret])
+    page = requests.get(server.url + "/", headers={"Accept": "text/html,application/xhtml+xml"}, timeout=5)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert "<h3 class=\"model\">echo</h3>" in page.text and "A word to echo back." in page.text
+    assert f"{server.url}/openai" in page.text and "sk-hidden" not in page.text and "api_token" not in page.text
+    for method, path in (("GET", "/"), ("POST", "/v1/chat/completions"), ("GET", "/models")):
+        response = requests.request(method, server.url + path, timeout=5)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+        assert f"base URL {server.url}/openai" in response.json()["error"]["message"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_home_page_renders_in_a_real_browser(start, tmp_path):
+    server = start()
+    result = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                             "--disable-sync", f"--user-data-dir={tmp_path}", "--dump-dom", server.url + "/"],
+                            capture_output=True, text=True, timeout=60)
+    assert '<code id="base-url">' + server.url + "/openai</code>" in result.stdout, result.stderr[-2000:]
+    assert result.stdout.count('class="model"') == 3 and "travel dates" in result.stdout
+
+
+def test_the_no_argument_factory_logs_requests_when_nobody_configured_logging(tmp_path):
+    code = ("import cozyopenai, wsgiref.util; app = cozyopenai.make_app(); environ = {}; "
+            "wsgiref.util.setup_testing_defaults(environ); environ['PATH_INFO'] = '/openai/models'; "
+            "b''.join(app(environ, lambda status, headers: None))")
+    environment = {**os.environ, "COZYOPENAI_WORKFLOWS": WORKFLOWS_PATH, "COZYOPENAI_STORE": "memory",
+                   "PYTHONPATH": HERE}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                            env=environment)
+    assert "INFO GET /openai/models model=- conversation=- status=200" in result.stderr, result.stderr
+
+
+def test_one_log_line_per_request_even_when_the_wsgi_server_configures_logging_later(tmp_path):
+    # waitress-serve configures the root logger after loading the app
+    result = python_with_the_module("get('/openai/models'); logging.basicConfig(); get('/openai/models')", tmp_path)
+    assert result.stderr.count("GET /openai/models") == 2, result.stderr
+
+
+####################################################################################
+# Server and command line
 ####################################################################################
 
 def test_importing_the_module_has_no_side_effects(tmp_path):
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import cozyopenai"],
                    cwd=tmp_path, check=True, timeout=30)
     assert os.listdir(tmp_path) == []
-
-
-def test_listening_beyond_loopback_without_a_key_warns(tmp_path):
-    lines = start_up_lines("--host", "0.0.0.0", "--port", str(free_port()), "--store", "memory", until="no --api-key")
-    assert any("listening on 0.0.0.0 with no --api-key" in line for line in lines), lines
-
-
-def python_with_the_module(code, cwd, **variables):
-    """Run ``code`` in a new interpreter that can import cozyopenai, configured by COZYOPENAI_*
-    ``variables`` (the shipped workflows and the memory store unless given); ``get(path)``
-    is there to send one GET through ``cozyopenai.app``."""
-    prelude = ("import cozyopenai, json, logging, os, wsgiref.util\n"
-               "def get(path, statuses=None):\n"
-               "    environ = {}; wsgiref.util.setup_testing_defaults(environ); environ['PATH_INFO'] = path\n"
-               "    return b''.join(cozyopenai.app(environ, lambda status, *rest: None if statuses is None else statuses.append(status)))\n")
-    settings = {"COZYOPENAI_WORKFLOWS": WORKFLOWS_PATH, "COZYOPENAI_STORE": "memory", **variables}
-    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=30,
-                          cwd=cwd, env={**os.environ, **settings, "PYTHONPATH": HERE})
 
 
 def test_the_app_attribute_is_made_once_and_looking_at_it_does_nothing(tmp_path):
@@ -2664,61 +3165,24 @@ def test_the_app_attribute_answers_a_503_openai_error_when_it_cannot_start(tmp_p
     assert status == "503 Service Unavailable" and "missing.json: cannot read it" in json.loads(body)["error"]["message"]
 
 
-def test_one_log_line_per_request_even_when_the_wsgi_server_configures_logging_later(tmp_path):
-    # waitress-serve configures the root logger after loading the app
-    result = python_with_the_module("get('/openai/models'); logging.basicConfig(); get('/openai/models')", tmp_path)
-    assert result.stderr.count("GET /openai/models") == 2, result.stderr
+def test_a_second_client_is_answered_while_a_first_one_is_streaming(start):
+    inside, release = threading.Event(), threading.Event()
 
-
-def test_the_no_argument_factory_logs_requests_when_nobody_configured_logging(tmp_path):
-    code = ("import cozyopenai, wsgiref.util; app = cozyopenai.make_app(); environ = {}; "
-            "wsgiref.util.setup_testing_defaults(environ); environ['PATH_INFO'] = '/openai/models'; "
-            "b''.join(app(environ, lambda status, headers: None))")
-    environment = {**os.environ, "COZYOPENAI_WORKFLOWS": WORKFLOWS_PATH, "COZYOPENAI_STORE": "memory",
-                   "PYTHONPATH": HERE}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=tmp_path,
-                            env=environment)
-    assert "INFO GET /openai/models model=- conversation=- status=200" in result.stderr, result.stderr
-
-
-def test_help_lists_every_flag():
-    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--help"],
-                            capture_output=True, text=True, timeout=30)
-    for flag in ("--host", "--port", "--workflows", "--store", "--llm-base-url", "--llm-model", "--api-key"):
-        assert flag in result.stdout
-
-
-def test_single_call_mode_comes_from_the_flag_or_the_environment():
-    config = cozyopenai.config_from_environment({"COZYOPENAI_LLM_BASE_URL": "http://127.0.0.1:9/v1",
-                                                 "COZYOPENAI_LLM_SINGLE_CALL": "true"})
-    assert config["llm"].single_call is True
-    arguments = cozyopenai.parse_arguments(["--llm-base-url", "http://x/v1", "--llm-single-call"], {})
-    assert cozyopenai._config_from_arguments(arguments)["llm"].single_call is True
-    assert cozyopenai.config_from_environment({"COZYOPENAI_LLM_BASE_URL": "http://x/v1"})["llm"].single_call is False
-
-
-def test_a_port_in_use_gets_one_line_not_a_traceback():
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "memory", "--port",
-                                 str(taken.getsockname()[1])], capture_output=True, text=True, timeout=30, cwd=HERE)
-    assert result.returncode == 1 and "cannot listen on 127.0.0.1:" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_an_unknown_log_level_is_refused_clearly():
-    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "memory"],
-                            capture_output=True, text=True, timeout=30, cwd=HERE,
-                            env={**os.environ, "COZYOPENAI_LOG_LEVEL": "verbose"})
-    assert result.returncode == 2 and "--log-level must be one of DEBUG, INFO" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_an_unknown_server_name_exits_with_a_clear_message():
-    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "memory",
-                             "--server", "no-such-server"], capture_output=True, text=True, timeout=30, cwd=HERE)
-    assert result.returncode == 2 and "unknown --server 'no-such-server'" in result.stderr
+    def wait(inputs, context):
+        inside.set()
+        release.wait(10)
+        return "released"
+    nodes = [{"id": "hold", "type": "wait", "inputs": {"w": {"query": "word"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "hold"}}}]
+    server = start([workflow(nodes=nodes)], node_types={"wait": cozyopenai.NodeType(wait)})
+    result = {}
+    first = threading.Thread(target=lambda: result.update(reply=Chat(server, "echo", stream=True).say("word: x")))
+    first.start()
+    assert inside.wait(10)
+    assert requests.get(server.url + "/openai/models", timeout=5).status_code == 200   # while the stream waits
+    release.set()
+    first.join(10)
+    assert answer_of(result["reply"]) == "released"
 
 
 def start_up_lines(*arguments, until, seconds=15):
@@ -2749,66 +3213,9 @@ def lines_within(stream, seconds, until):
     return list(lines)
 
 
-@contextlib.contextmanager
-def command_line_server(*arguments, cwd=None):
-    port = free_port()
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--port", str(port),
-                                *arguments], cwd=cwd or HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    server = types.SimpleNamespace(url=f"http://127.0.0.1:{port}", process=process)
-    try:
-        for _ in range(200):
-            with contextlib.suppress(requests.ConnectionError):
-                requests.get(server.url + "/health", timeout=1)
-                break
-            time.sleep(0.05)
-        yield server
-    finally:
-        process.kill()
-        process.wait(10)
-        process.stdout.close()
-
-
-@pytest.mark.parametrize("arguments, message", [
-    (["--store", "README.md"], "store 'README.md': cannot keep conversations there"),
-    (["--store", "/proc/nope"], "store '/proc/nope': cannot keep conversations there"),
-    (["--expire-days", "-1"], "--expire-days must be positive, not -1"),
-    (["--llm-timeout", "0"], "--llm-timeout must be positive, not 0"),
-    (["--workers", "0"], "--workers must be at least 1, not 0"),
-    (["--llm-model", "gpt"], "--llm-model needs --llm-base-url"),
-])
-def test_bad_options_stop_the_start_with_one_line_and_status_2(arguments, message):
-    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), *arguments, "--port", "0"],
-                            capture_output=True, text=True, timeout=30, cwd=HERE)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-
-
-def test_store_memory_and_json_in_any_case_create_no_folder_of_that_name(tmp_path):
-    for store in ("Memory", "JSON"):
-        with command_line_server("--store", store, "--workflows", WORKFLOWS_PATH, cwd=tmp_path) as server:
-            assert requests.get(server.url + "/openai/models", timeout=5).status_code == 200
-    assert sorted(os.listdir(tmp_path)) == ["conversations"]   # "JSON" is the default folder
-
-
-def test_run_from_another_folder_it_finds_the_workflows_beside_it_and_their_python_modules(tmp_path):
-    with command_line_server("--store", "memory", cwd=tmp_path) as server:
-        models = requests.get(server.url + "/openai/models", timeout=5).json()["data"]
-        assert [model["id"] for model in models] == ["trip-planner", "month-calendar", "weather-now"]
-    (tmp_path / "mytools.py").write_text("def shout(text):\n    return text.upper()\n")
-    (tmp_path / "workflows.json").write_text(json.dumps({"workflows": [workflow(nodes=[
-        {"id": "loud", "type": "python", "inputs": {"function": "mytools:shout", "text": {"query": "word"}}},
-        {"id": "answer", "type": "output", "inputs": {"text": {"link": "loud"}}}])]}))
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    with command_line_server("--store", "memory", "--workflows", str(tmp_path / "workflows.json"),
-                             cwd=elsewhere) as server:
-        reply = server_chat(server, "echo", "word: quiet")
-    assert answer_of(reply) == "QUIET"
-
-
-def server_chat(server, model, text):
-    return requests.post(server.url + "/openai/chat/completions", timeout=10, json={
-        "model": model, "messages": [{"role": "user", "content": text}]}).json()["choices"][0]["message"]["content"]
+def test_listening_beyond_loopback_without_a_key_warns(tmp_path):
+    lines = start_up_lines("--host", "0.0.0.0", "--port", str(free_port()), "--store", "memory", until="no --api-key")
+    assert any("listening on 0.0.0.0 with no --api-key" in line for line in lines), lines
 
 
 def test_start_up_says_what_runs_and_warns_when_the_llm_does_not_answer(tmp_path):
@@ -2819,6 +3226,22 @@ def test_start_up_says_what_runs_and_warns_when_the_llm_does_not_answer(tmp_path
            f"{WORKFLOWS_PATH}; store: JSON files in {tmp_path}; LLM: {down} model small; API keys: required" in said
     assert f"the LLM at 127.0.0.1:{down.split(':')[2].split('/')[0]} did not answer GET /models" in said
     assert "k1" not in said
+
+
+def test_a_port_in_use_gets_one_line_not_a_traceback():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "memory", "--port",
+                                 str(taken.getsockname()[1])], capture_output=True, text=True, timeout=30, cwd=HERE)
+    assert result.returncode == 1 and "cannot listen on 127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unknown_server_name_exits_with_a_clear_message():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "memory",
+                             "--server", "no-such-server"], capture_output=True, text=True, timeout=30, cwd=HERE)
+    assert result.returncode == 2 and "unknown --server 'no-such-server'" in result.stderr
 
 
 def test_python_cozyopenai_py_serves_the_shipped_workflows_with_the_json_store(tmp_path):
@@ -2892,12 +3315,18 @@ def test_readme_embedding_example_runs_as_written():
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_readme_curl_examples_run_as_written(start):
     server = start()
-    for example in readme_blocks("bash"):
+    examples = readme_blocks("bash")
+    assert any(example.lstrip().startswith("curl ") for example in examples), "README.md shows no curl example"
+    for example in examples:
         command = example.replace("http://127.0.0.1:8000", server.url)
         result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stderr
         assert result.stdout.endswith("data: [DONE]\n\n") or json.loads(result.stdout)["object"] == "list"
 
+
+####################################################################################
+# The benchmark, run as the README gives it
+####################################################################################
 
 def test_readme_benchmark_command_runs_and_prints_every_figure_with_its_target():
     (command,) = [block.strip() for block in re.findall(r"```\n(python bench/[^\n]*)\n```", open(
