@@ -3137,13 +3137,25 @@ def _name_end(tokens: Sequence[Token], index: int, taken: frozenset) -> int:
         if token.capitalised and token.folded not in taken and not _is_time_word(token, tokens, end):
             end += 1
         elif (end > index and token.folded in NAME_JOINERS and end + 1 < len(tokens)
-              and tokens[end + 1].capitalised and tokens[end + 1].folded not in taken):
-            end += 1
+              and tokens[end + 1].capitalised and tokens[end + 1].folded not in taken
+              and (not _is_time_word(tokens[end + 1], tokens, end + 1) or (
+                  tokens[end + 1].folded in MONTHS and end + 1 not in getattr(tokens, "in_time_phrases", ())
+                  and _ends_a_name(tokens, end + 2)))):
+            end += 1   # "Rio de Janeiro" (in May), not "Lisboa de Janeiro a Março"
+            if _is_time_word(tokens[end], tokens, end):
+                end += 1
+                break
         else:
             break
     while end > index and tokens[end - 1].folded in NAME_JOINERS:
         end -= 1
     return end
+
+
+def _ends_a_name(tokens: Sequence[Token], index: int) -> bool:
+    """Could a name end before ``index``: nothing follows, or no word that joins a range?"""
+    return index >= len(tokens) or (tokens[index].folded not in RANGE_WORDS | AND_WORDS
+                                    and tokens[index].shape not in ("number", "ordinal"))
 
 
 def _name_runs(tokens: Sequence[Token], taken: frozenset) -> Iterator[Tuple[int, int]]:
@@ -3339,8 +3351,11 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     reading.ruled_out.update({query.name: [span.value for span in money if span.negated]
                               for query in workflow.query_inputs.values() if input_kind(query) == "money"})
     money = [span for span in money if not span.negated]
-    periods = [span for span in period_spans(tokens) if not money_tokens & set(range(span.start, span.end))
-               and _sentence_of(tokens, span.start) not in past]
+    joined = {k for start, end in _name_runs(tokens, words_taken(workflow)) if end - start > 2
+              for k in range(start, end)}   # "Rio de Janeiro" holds no month
+    periods = [_without(tokens, span, joined) for span in period_spans(tokens)
+               if not money_tokens & set(range(span.start, span.end)) and _sentence_of(tokens, span.start) not in past]
+    periods = [span for span in periods if span is not None]
     taken_tokens = money_tokens | {index for span in periods for index in range(span.start, span.end)}
     places = [query for query in workflow.query_inputs.values() if input_kind(query) == "place"]
     changing = asks_a_change(tokens)
@@ -3478,6 +3493,21 @@ def _lowercase_list_head(tokens: Sequence[Token], taken: frozenset, valued: set)
     if following is None or following not in valued:   # the next item is itself a value
         return []
     return [Span("name", 0, end, _span_text(tokens, 0, end))]
+
+
+def _without(tokens: Sequence[Token], span: Span, taken: set) -> Optional[Span]:
+    """The period without the tokens of a name at its start, nor the word that then leads
+    into it ("Janeiro in May" is "May"); None when nothing of a time is left."""
+    start = span.start
+    while start < span.end and start in taken:
+        start += 1
+    if start == span.start:
+        return span
+    while start < span.end - 1 and _leads_into_period(tokens, start):
+        start += 1
+    rest = Span(span.holds, start, span.end, span.value, span.negated)
+    return rest if start < span.end and not taken & set(range(start, span.end)) and _names_a_time(tokens, rest) \
+        or start < span.end and _counts_a_time(tokens, rest) else None
 
 
 def _sentence_of(tokens: Sequence[Token], index: int) -> int:
