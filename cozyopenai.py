@@ -2575,7 +2575,7 @@ _RANGE = "|".join(map(re.escape, sorted(RANGE_WORDS, key=len, reverse=True)))
 _RANGE_OR_AND = "|".join(map(re.escape, sorted(RANGE_WORDS | AND_WORDS, key=len, reverse=True)))
 # A number right after its label ("budget: 1500", "budget of 2000"), not the start of a range ("1500-2000").
 LABELLED_NUMBER = (r"\b(?:\s*(?:(?:" + "|".join(map(re.escape, sorted(COPULAS | LABEL_LINKS))) + r")\b|=|:)){0,2}\s*[$€£¥]?\s*"
-                   r"(\d{1,3}(?: \d{3})+(?![\d.,]?\d)|\d[\d.,'’\u00a0\u202f]*(?:\s*[kK]\b)?)"
+                   r"(-?\d{1,3}(?: \d{3})+(?![\d.,]?\d)|-?\d[\d.,'’\u00a0\u202f]*(?:\s*[kK]\b)?)"
                    r"(?![\d.,]*\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d)")
 RANGE_AFTER_PATTERN = re.compile(r"\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d", re.I)
 RANGE_BEFORE_PATTERN = re.compile(r"\d\s*(?:-|–|\b(?:" + _RANGE_OR_AND + r"))\s*[$€£¥]?\s*\Z", re.I)
@@ -3051,7 +3051,7 @@ def _stands_alone(tokens: Sequence[Token], index: int, end: int) -> bool:
         return True   # "Rome, 1500 euros", "Quick one: Berlin, ...", "la montagne : Chamonix."
     sentence_start = first == 0 or tokens[first - 1].text in ".!?\n"
     return sentence_start and bool(rest) and all(token.folded in CONFIRMATIONS for token in rest) and (
-        last == len(tokens) or tokens[last].text in ".!?\n")
+        last == len(tokens) or tokens[last].text in ".!?\n,;")
 
 
 def _is_hedged(tokens: Sequence[Token], index: int, end: int) -> bool:
@@ -3808,12 +3808,14 @@ def _input_named(workflow: Workflow, key: str) -> Optional[str]:
         if _fold(name) == wanted:
             return name
     words = set(_words(key))
+    # A word of the input's kind, in any language: "where", "when", "Ziel", "fechas", "presupuesto".
+    named = [name for name, query in workflow.query_inputs.items()
+             if words and input_kind(query) in KINDS and words <= KINDS[input_kind(query)]]
+    if len(named) == 1:
+        return named[0]
     if not words or any(len(word) < 3 or word in COMMON_WORDS for word in words):
         return None
     named = [name for name, query in workflow.query_inputs.items() if words <= set(_words(query.label))]
-    if not named:   # a word of the input's kind, in any language: "where", "Ziel", "fechas", "presupuesto"
-        named = [name for name, query in workflow.query_inputs.items()
-                 if input_kind(query) in KINDS and words <= KINDS[input_kind(query)]]
     return named[0] if len(named) == 1 else None
 
 

@@ -8,6 +8,7 @@ order; the README's examples and the benchmark come last.
 """
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import importlib.util
@@ -1445,6 +1446,48 @@ def test_month_names_in_each_language_give_the_months_number():
     assert sorted(set(cozyopenai.MONTHS.values())) == list(range(1, 13))
 
 
+def test_every_language_has_the_same_fields_and_each_reading_field_some_words():
+    # Each language is data of one shape; a field the reader uses is never empty in English.
+    fields = {spec.name for spec in dataclasses.fields(cozyopenai.Language)}
+    for language in cozyopenai.LANGUAGES.values():
+        assert {spec.name for spec in dataclasses.fields(language)} == fields
+        assert len(language.months) == 12 and language.negations and language.place_leads, language.code
+    assert all(getattr(cozyopenai.ENGLISH, name) for name in fields - {"code", "relatives", "greetings"})
+
+
+def test_a_new_language_is_one_table_the_module_checks():
+    # Adding a language is adding a table: a clean one passes, with its words where the reader looks.
+    breton = dataclasses.replace(cozyopenai.ENGLISH, code="br", negations="ne ket", place_leads="da")
+    assert cozyopenai.check_language(breton) is breton
+    with pytest.raises(ValueError, match="language br, place_leads: 'Da'"):
+        cozyopenai.check_language(dataclasses.replace(breton, place_leads="Da"))
+
+
+def test_the_readers_logic_names_no_word_of_any_language():
+    # The sections after the tables may quote internal names (token shapes, kinds, JSON keys)
+    # but never a word a user writes: those come from the tables alone.
+    source = open(os.path.join(HERE, "cozyopenai.py"), encoding="utf-8").read()
+    start = source.index("# Reading: words, numbers and typed values")
+    end = source.index("# Questions: asking for what is missing")
+    tree = ast.parse(source)
+    internal = (set(cozyopenai.VALUE_TYPES) | set(cozyopenai.TEXT_KINDS) | set(cozyopenai.NUMBER_KINDS)
+                | set(cozyopenai.INTENTS) | set(cozyopenai.TOKEN_PATTERN.groupindex)
+                | {spec.name for spec in dataclasses.fields(cozyopenai.Language)}
+                | {"anchor", "glue", "text", "number", "name", "values", "intent", "question", "type", "role",
+                   "content", "system", "user", "assistant", "object", "properties", "required", "enum", "null",
+                   "additionalProperties", "before", "after", "unit", "sign", "kind", "mM", "kK", "NFKD", "value"})
+    first_line = source[:start].count("\n") + 1
+    last_line = source[:end].count("\n") + 1
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    quoted = {node.value for node in ast.walk(tree)
+              if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+              and first_line <= node.lineno <= last_line and re.fullmatch(r"[^\W\d_]{2,}", node.value)}
+    assert quoted - internal == set()
+    assert not (quoted - internal) & cozyopenai.ALL_WORDS
+
+
 ####################################################################################
 # Reading: words, numbers and typed values
 ####################################################################################
@@ -1928,6 +1971,95 @@ def test_extraction_set_accepts_only_what_users_said_and_never_reads_less_than_o
         assert score["wrong"] == []
         assert score["recall"] >= offline_scores[name]["recall"]
     assert scores["natural"]["recall"] >= 0.6   # issue 9: offline on natural one-line requests
+
+
+def read(workflow, text, **state):
+    return cozyopenai.extract_offline(workflow, new_conversation(**state), text).values
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Rome, 1500 euros, first week of May", {"destination": "Rome", "budget": 1500, "travel_dates": "first week of May"}),
+    ("Florence it is.", {"destination": "Florence"}),
+    ("Kyoto", {"destination": "Kyoto"}),
+    ("Honeymoon!! Santorini, 4.5k total, late June", {"destination": "Santorini", "budget": 4500,
+                                                      "travel_dates": "late June"}),
+    ("Somewhere in Italy, maybe?", {}),
+    ("My friend went to Paris, but I want to go to Athens", {"destination": "Athens"}),
+    ("Trip to New York over New Year's Eve", {"destination": "New York", "travel_dates": "New Year's Eve"}),
+    ("Trip to Tokyo for the cherry blossom season next spring",
+     {"destination": "Tokyo", "travel_dates": "the cherry blossom season next spring"}),
+    ("I don't want to go in July, rather August. Trip to Oslo.", {"destination": "Oslo", "travel_dates": "August"}),
+    ("We don't have much time to plan a trip to Oslo", {"destination": "Oslo"}),
+    ("Trip to Rome. It costs 50 euros a night.", {"destination": "Rome"}),
+    ("Trip to Rome. It costs 50 euros a night, 900 euros in total.", {"destination": "Rome", "budget": 900}),
+    ("Paris, Texas, not Paris, France", {"destination": "Paris, Texas"}),
+    ("A trip to Rio de Janeiro in May", {"destination": "Rio de Janeiro", "travel_dates": "May"}),
+    ("Last year in Paris we spent 3000 euros. This time Prague, 1000 euros, 2.–6. May.",
+     {"destination": "Prague", "budget": 1000, "travel_dates": "2.–6. May"}),
+    ("Trip to Pa\x00ris", {"destination": "Paris"}),
+    ("Trip to \u200fParis", {"destination": "Paris"}),
+    ("porto, 400 euros, fim de semana que vem", {"destination": "porto", "budget": 400,
+                                                 "travel_dates": "fim de semana que vem"}),
+    ("oi gente, a gente quer viajar", {}),
+    ("Viagem ao Rio, R$3 mil", {"destination": "Rio", "budget": 3000}),
+    ("- where: Lisbon\n- budget: €1,800\n- when: 3/5–3/12", {"destination": "Lisbon", "budget": 1800,
+                                                            "travel_dates": "3/5–3/12"}),
+    ("- Ziel: Kopenhagen\n- Budget: 2.000 EUR", {"destination": "Kopenhagen", "budget": 2000}),
+    ("Quero ir a Lisboa em maio com 1500 euros", {"destination": "Lisboa", "travel_dates": "maio", "budget": 1500}),
+    ("Não quero ir a Paris, prefiro Roma", {"destination": "Roma"}),
+])
+def test_the_floor_reads_each_rule_of_the_grammar(trip_planner, text, expected):
+    assert read(trip_planner, text) == expected
+
+
+@pytest.mark.parametrize("text, asked, known, expected", [
+    ("42", ["travel_dates"], {"destination": "Paris", "budget": 2000}, {}),
+    ("around $3000", ["travel_dates"], {"destination": "Paris", "budget": 2000}, {}),
+    ("next March", ["travel_dates"], {}, {"travel_dates": "next March"}),
+    ("2000", ["destination"], {}, {"budget": 2000}),
+    ("1 500 €, du 10 au 17 avril", ["budget"], {"destination": "Nice"}, {"budget": 1500,
+                                                                      "travel_dates": "10 au 17 avril"}),
+    ("1800 dollars, September 5 to 12", ["budget"], {}, {"budget": 1800, "travel_dates": "September 5 to 12"}),
+    ("Neapel. Entschieden.", ["destination"], {}, {"destination": "Neapel"}),
+])
+def test_a_direct_answer_is_of_the_asked_type_or_goes_to_the_one_input_it_fits(trip_planner, text, asked, known,
+                                                                              expected):
+    conversation = new_conversation(asked=asked)
+    conversation.values.update(known)
+    assert cozyopenai.extract_offline(trip_planner, conversation, text).values == expected
+
+
+def test_a_money_input_is_never_negative_unless_its_file_says_so(trip_planner):
+    extraction = cozyopenai.extract_offline(trip_planner, new_conversation(), "Trip to Oslo, with a budget of -5")
+    assert "budget" not in extraction.values and extraction.rejected["budget"] == "the budget must be at least 0, not -5"
+
+
+@pytest.mark.parametrize("text, changed", [("Make it packed.", True), ("packed", True), ("Actually make it busy.", True),
+                                           ("I want a packed pace instead", True), ("Show me the full plan", False),
+                                           ("Ach nein, da ist es zu voll.", False)])
+def test_a_choice_made_before_changes_only_when_the_message_asks_for_it(trip_planner, text, changed):
+    conversation = new_conversation()
+    conversation.values.update(destination="Lisbon", budget=2000, travel_dates="May", pace="relaxed")
+    values = cozyopenai.extract_offline(trip_planner, conversation, text).values
+    assert values.get("pace") == ("packed" if changed else None)
+
+
+def test_pasted_replies_quotes_and_code_blocks_are_context_never_values(trip_planner):
+    ours = "Got it: destination Paris. I still need your budget."
+    history = [{"role": "user", "content": "Trip to Paris"}, {"role": "assistant", "content": ours}]
+    text = f"I would like to go to Rome instead, budget 1500 euros. Here is what you told me before:\n{ours}"
+    conversation = new_conversation()
+    conversation.values["destination"] = "Paris"
+    assert cozyopenai.extract_offline(trip_planner, conversation, text, history).values == {
+        "destination": "Rome", "budget": 1500}
+    assert read(trip_planner, "> destination: Paris\nTrip to Oslo") == {"destination": "Oslo"}
+    assert read(trip_planner, "```\nbudget: 3\n```\nTrip to Rome, a week in mid-October") == {
+        "destination": "Rome", "travel_dates": "a week in mid-October"}
+
+
+def test_a_text_value_is_one_line_with_no_markdown_fence(trip_planner):
+    value = cozyopenai.coerce_value(trip_planner.query_inputs["travel_dates"], "3\n```\na week\tin mid-October")
+    assert value == "3 a week in mid-October"
 
 
 ####################################################################################
