@@ -98,7 +98,7 @@ from types import MappingProxyType
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, NoReturn, Optional,
                     Sequence, Tuple, Union)
 from urllib.parse import quote, urlsplit
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
 import bottle
 import requests
@@ -190,11 +190,16 @@ class ModelNotFoundError(NotFoundError): code = "model_not_found"
 class MethodNotAllowedError(RequestError): status, code = 405, "method_not_allowed"
 class BodyTooLargeError(RequestError): status, code = 413, "request_too_large"
 class UnsupportedMediaTypeError(RequestError): status, code = 415, "unsupported_media_type"
+class RequestTimeoutError(RequestError): status, code = 408, "request_timeout"   # a body that stopped arriving
+class HeadersTooLargeError(RequestError): status, code = 431, "request_header_fields_too_large"
+class UriTooLongError(RequestError): status, code = 414, "uri_too_long"
+class ServerBusyError(CozyError): status, code = 503, "server_busy"   # past the connection cap, or shutting down
 
 # Bottle raises its own HTTPError before our handlers run (no route, wrong method);
 # these turn its status into ours so every error leaves as an OpenAI error object.
 HTTP_STATUS_ERRORS = {400: RequestError, 401: UnauthorizedError, 404: NotFoundError,
-                      405: MethodNotAllowedError, 413: BodyTooLargeError}
+                      405: MethodNotAllowedError, 408: RequestTimeoutError, 413: BodyTooLargeError,
+                      414: UriTooLongError, 431: HeadersTooLargeError, 503: ServerBusyError}
 
 
 class LLMError(UpstreamError):
@@ -4094,12 +4099,30 @@ def check_key(api_keys: Sequence[str], authorization: str) -> None:
 
 
 def read_body() -> bytes:
-    """The request body, read under our own limit (Bottle's MEMFILE_MAX is a global and 100 KB)."""
-    if bottle.request.content_length > MAX_BODY_BYTES:
-        raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
-    body = bottle.request.body.read(MAX_BODY_BYTES + 1)
+    """The request body, read under our own limit (Bottle's MEMFILE_MAX is a global and 100 KB).
+    The framing was checked at the edge (check_framing); a chunked body comes decoded by the
+    server. A body shorter than its Content-Length is a 400; one that stops arriving (the
+    built-in server's --body-timeout) a 408."""
+    environ = bottle.request.environ
+    stream, length = environ["wsgi.input"], bottle.request.content_length
+    try:
+        if length > MAX_BODY_BYTES:
+            raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
+        if "HTTP_TRANSFER_ENCODING" in environ and length < 0:   # chunked: read to its end
+            body = stream.read(MAX_BODY_BYTES + 1)
+        else:
+            body = stream.read(length) if length > 0 else b""
+    except (TimeoutError, socket.timeout):
+        raise RequestTimeoutError("The request body stopped arriving; the connection is closed.") from None
+    except ValueError as exc:   # the server's chunk decoder: a malformed chunked body
+        raise RequestError(f"The chunked request body is malformed ({exc}).") from None
+    except OSError:
+        raise RequestError("The connection failed while the request body was read.") from None
     if len(body) > MAX_BODY_BYTES:
         raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
+    if len(body) < length:
+        raise RequestError(f"The request body ended after {len(body)} of the {length} bytes its Content-Length "
+                           "announced.")
     return body
 
 
@@ -5209,9 +5232,62 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         app.route("/openai/<path:path>", "OPTIONS", lambda path: "")   # preflight; headers from the hook
         app.route("/mcp", "OPTIONS", lambda: "")
         app.add_hook("after_request", lambda: _allow_origin(cors_origins))
+    app.add_hook("before_request", lambda: _guard_the_edge(service))
     app.default_error_handler = _error_page
     app.config["cozyopenai.service"] = service
     return app
+
+
+MAX_HEADER_BYTES = 64 * 1024               # all header fields together; nginx allows 32 KiB, gunicorn about 800 KiB
+CONTENT_LENGTH_DIGITS = re.compile(r"\A[0-9]{1,18}\Z")
+
+
+def is_mcp_path(path: str) -> bool:
+    return path == "/mcp" or path.startswith("/mcp/")
+
+
+def is_keyed_path(path: str) -> bool:
+    """Paths the API keys guard: everything under /openai and /mcp, routes or not."""
+    return path == "/openai" or path.startswith("/openai/") or is_mcp_path(path)
+
+
+def edge_error_body(path: str, error: CozyError) -> bytes:
+    """An error found before a route ran, in the protocol of its path: a JSON-RPC error on
+    /mcp, an OpenAI error object anywhere else."""
+    if is_mcp_path(path):
+        return json.dumps(_jsonrpc(None, error=McpError(JSONRPC_INVALID_REQUEST, error.message, error.status))).encode()
+    return json.dumps(error.to_openai()).encode()
+
+
+def check_framing(environ: Mapping[str, Any]) -> None:
+    """The request's framing, as strict servers (nginx, gunicorn) check it: Content-Length in
+    digits only, Transfer-Encoding only chunked, headers under MAX_HEADER_BYTES. Run before
+    any route, so Bottle never parses a bad length itself (its int() was a 500)."""
+    length, coding = environ.get("CONTENT_LENGTH"), environ.get("HTTP_TRANSFER_ENCODING")
+    length = None if length == "" else length   # wsgiref's empty default: no Content-Length
+    if length is not None and not CONTENT_LENGTH_DIGITS.match(str(length).strip(" \t")):
+        raise RequestError(f"Content-Length must be the body's size in decimal digits, not {str(length)[:40]!r}.",
+                           code="invalid_content_length")
+    if coding is not None and str(coding).strip(" \t").lower() != "chunked":
+        raise RequestError(f"Transfer-Encoding must be 'chunked', not {str(coding)[:40]!r}.",
+                           code="invalid_transfer_encoding")
+    size = sum(len(key) - 5 + len(value) + 4 for key, value in environ.items()
+               if key.startswith("HTTP_") and isinstance(value, str))
+    if size > MAX_HEADER_BYTES:
+        raise HeadersTooLargeError(f"The request's header fields are over the limit of {MAX_HEADER_BYTES} bytes.")
+
+
+def _guard_the_edge(service: Service) -> None:
+    """Before any route: the framing, then the API key on every path it guards, so that an
+    unknown path under /openai is a 401 without a key (a 404 would tell what exists)."""
+    environ, path = bottle.request.environ, bottle.request.path
+    try:
+        check_framing(environ)
+        if service.api_keys and is_keyed_path(path) and bottle.request.method != "OPTIONS":
+            check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
+    except CozyError as exc:
+        _log_line(bottle.request.method, path, exc.status, {}, time.monotonic())
+        raise bottle.HTTPResponse(edge_error_body(path, exc), exc.status, {"Content-Type": "application/json"})
 
 
 def _log_requests_under_a_wsgi_server(level: str) -> None:
@@ -5320,8 +5396,8 @@ def _health(service: Service) -> dict:
 
 
 def _error_page(http_error: bottle.HTTPError) -> str:
-    """Bottle's own errors (no route, wrong method, an uncaught exception) as OpenAI errors; a
-    path outside the API says where the API is (a base URL without /openai is a common slip)."""
+    """Bottle's own errors (no route, wrong method, an uncaught exception) as OpenAI errors (on
+    /mcp, JSON-RPC errors); a path outside the API says where the API is (a base URL without /openai is a common slip)."""
     error_class = HTTP_STATUS_ERRORS.get(http_error.status_code)
     if error_class is None:
         error = CozyError("The server failed to answer this request.")
@@ -5335,6 +5411,10 @@ def _error_page(http_error: bottle.HTTPError) -> str:
         error = MethodNotAllowedError(f"{bottle.request.method} is not allowed on {bottle.request.path}.")
     else:
         error = error_class(str(http_error.body or "Bad request."))
+    if is_mcp_path(bottle.request.path):   # /mcp speaks JSON-RPC, its errors too
+        bottle.response.status = error.status
+        bottle.response.content_type = "application/json"
+        return edge_error_body(bottle.request.path, error).decode()
     return _error_response(error)
 
 
@@ -5387,7 +5467,101 @@ class _ThreadingWSGIServer(WSGIServer):
                         return
 
 
+class _ChunkedBody:
+    """A chunked request body, decoded for the app as other WSGI servers do: hexadecimal
+    sizes, CRLF after each chunk, trailers skipped. Malformed framing is a ValueError."""
+
+    def __init__(self, stream: Any):
+        self._stream, self._left, self._ended = stream, 0, False
+
+    def read(self, size: int = -1) -> bytes:
+        parts: List[bytes] = []
+        wanted = size if size is not None and size >= 0 else float("inf")
+        while wanted > 0 and not self._ended:
+            if self._left == 0 and not self._next_chunk():
+                break
+            part = self._stream.read(int(min(self._left, wanted)))
+            if not part:
+                raise ValueError("it ended inside a chunk")
+            parts.append(part)
+            self._left -= len(part)
+            wanted -= len(part)
+            if self._left == 0 and self._stream.read(2) != b"\r\n":
+                raise ValueError("a chunk is not followed by CRLF")
+        return b"".join(parts)
+
+    def _next_chunk(self) -> bool:
+        line = self._stream.readline(1026)
+        size = line.split(b";", 1)[0].strip()
+        if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size):
+            raise ValueError(f"a chunk size is not a hexadecimal number: {line[:20]!r}")
+        self._left = int(size, 16)
+        if self._left == 0:
+            self._ended = True
+            for _ in range(100):   # trailer fields, up to the empty line
+                if self._stream.readline(8192).strip() == b"":
+                    break
+        return not self._ended
+
+
 class _LoggingHandler(WSGIRequestHandler):
+    """One connection: one request (HTTP/1.0), its framing checked before the app runs (two
+    Content-Length fields, or one with Transfer-Encoding, are refused: the way requests are
+    smuggled past a proxy), and every error it answers itself in the protocol's own form."""
+
+    def handle(self) -> None:
+        try:
+            self._handle()
+        except (TimeoutError, socket.timeout, ConnectionError):
+            self.close_connection = True
+
+    def _handle(self) -> None:
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline, self.request_version, self.command = "", "", ""
+            self.send_error(414, "URI Too Long", "The request line is over 65536 bytes.")
+            return
+        if not self.parse_request():   # an error was answered, or nothing was asked
+            return
+        problem = self._framing_problem()
+        if problem:
+            self.send_error(400, "Bad Request", problem)
+            return
+        stdin = _ChunkedBody(self.rfile) if "Transfer-Encoding" in self.headers else self.rfile
+        handler = ServerHandler(stdin, self.wfile, self.get_stderr(), self.get_environ(), multithread=False)
+        handler.request_handler = self
+        handler.run(self.server.get_app())
+
+    def _framing_problem(self) -> str:
+        lengths = self.headers.get_all("Content-Length") or []
+        codings = self.headers.get_all("Transfer-Encoding") or []
+        if len(lengths) > 1:
+            return "The request has more than one Content-Length field."
+        if len(codings) > 1:
+            return "The request has more than one Transfer-Encoding field."
+        if lengths and codings:
+            return "Send Content-Length or Transfer-Encoding: chunked, not both."
+        return ""
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """What http.server answers itself (a request line it cannot parse, a header line over
+        64 KiB or more than 100 fields), as an OpenAI error object, or a JSON-RPC error on /mcp."""
+        if code == 431:   # http.client's words name its own limits, not what to change
+            explain = "The request's header fields are too large (a line over 64 KiB, or over 100 fields)."
+        error = HTTP_STATUS_ERRORS.get(code, RequestError)(explain or message or "Bad request.")
+        error.status = code
+        body = edge_error_body(getattr(self, "path", "") or "", error)
+        self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":   # a line it could not read: headers anyway
+            self.request_version = "HTTP/1.0"
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if getattr(self, "command", "") != "HEAD":
+            self.wfile.write(body)
+
     def get_environ(self) -> Dict[str, Any]:
         environ = super().get_environ()
         environ[CONNECTION_ENVIRON_KEY] = self.connection   # to notice a client that hung up
