@@ -72,6 +72,7 @@ import hashlib
 import hmac
 import html
 import importlib.util
+import io
 import itertools
 import ipaddress
 import json
@@ -98,7 +99,7 @@ from types import MappingProxyType
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, NoReturn, Optional,
                     Sequence, Tuple, Union)
 from urllib.parse import quote, urlsplit
-from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 import bottle
 import requests
@@ -125,6 +126,12 @@ LLM_TIMEOUT_SECONDS = 30.0
 HANGUP_CHECK_SECONDS = 0.05               # how often a running turn looks whether its client left
 IDLE_THREAD_SECONDS = 60.0                # a server thread with no connection to answer ends after this
 LISTEN_BACKLOG = 1024                     # connections the kernel holds while the server accepts
+IDLE_THREADS_KEPT = 32                    # server threads that wait for a next connection; more end
+REQUEST_LINE_SECONDS = 10.0               # built-in server: a new connection's request line must arrive in this
+HEADER_SECONDS = 10.0                     # ... then its header fields
+BODY_PAUSE_SECONDS = 30.0                 # ... then its body may pause this long at most (else 408)
+MAX_CONNECTIONS = 1000                    # ... and this many connections at once (past them, 503)
+REFUSAL_READ_SECONDS = 0.2                # a refused connection's request is read this long before the 503
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SERVER_THREADS = 256                      # for --server gunicorn/waitress/cheroot: each open stream holds one
 HTTP_NODE_TIMEOUT_SECONDS = 30.0
@@ -5130,6 +5137,16 @@ def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -
     parser.add_argument("--threads", type=int, default=env("THREADS", SERVER_THREADS),
                         help="threads per worker with --server gunicorn, waitress or cheroot; each open "
                              "stream holds one (default: %(default)s)")
+    parser.add_argument("--request-line-timeout", type=float, default=env("REQUEST_LINE_TIMEOUT", REQUEST_LINE_SECONDS),
+                        help="built-in server: seconds a new connection has to send its request line, else 408 "
+                             "(default: %(default)s)")
+    parser.add_argument("--header-timeout", type=float, default=env("HEADER_TIMEOUT", HEADER_SECONDS),
+                        help="built-in server: seconds for the header fields after it (default: %(default)s)")
+    parser.add_argument("--body-timeout", type=float, default=env("BODY_TIMEOUT", BODY_PAUSE_SECONDS),
+                        help="built-in server: the longest pause while a request body arrives, else 408 "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-connections", type=int, default=env("MAX_CONNECTIONS", MAX_CONNECTIONS),
+                        help="built-in server: connections open at once; past them, a 503 (default: %(default)s)")
     parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="default: %(default)s")
     parser.add_argument("--version", action="version", version=f"cozyopenai {__version__}")
     arguments = parser.parse_args(argv)
@@ -5156,7 +5173,11 @@ def _check_numbers(parser: argparse.ArgumentParser, arguments: argparse.Namespac
     """Numbers that must be positive, refused in one line (exit status 2) rather than later."""
     for flag, value, smallest in (("--expire-days", arguments.expire_days, None),
                                   ("--llm-timeout", arguments.llm_timeout, None),
-                                  ("--workers", arguments.workers, 1), ("--threads", arguments.threads, 1)):
+                                  ("--workers", arguments.workers, 1), ("--threads", arguments.threads, 1),
+                                  ("--request-line-timeout", arguments.request_line_timeout, None),
+                                  ("--header-timeout", arguments.header_timeout, None),
+                                  ("--body-timeout", arguments.body_timeout, None),
+                                  ("--max-connections", arguments.max_connections, 1)):
         if value is not None and (value < smallest if smallest else value <= 0):
             parser.error(f"{flag} must be {'at least %d' % smallest if smallest else 'positive'}, not {value:g}")
     if not 0 <= arguments.port <= 65535:
@@ -5422,24 +5443,44 @@ def _error_page(http_error: bottle.HTTPError) -> str:
 # Server and command line
 ####################################################################################
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """What the built-in server allows a client: seconds to send the request line once
+    connected, then its header fields, and the longest pause while the body arrives (a
+    slow client cannot hold a thread longer); open connections at once (past them, a 503)."""
+    request_line_seconds: float = REQUEST_LINE_SECONDS
+    header_seconds: float = HEADER_SECONDS
+    body_pause_seconds: float = BODY_PAUSE_SECONDS
+    max_connections: int = MAX_CONNECTIONS
+
+
 class _ThreadingWSGIServer(WSGIServer):
     """wsgiref's server with a thread per open connection, so a second client never waits
     for a stream. A thread that has answered waits IDLE_THREAD_SECONDS for the next
-    connection instead of ending: a new thread per request costs more than the whole turn
-    of a small workflow (measured in bench/)."""
+    connection instead of ending (a new thread per request costs more than the whole turn
+    of a small workflow, measured in bench/); at most IDLE_THREADS_KEPT wait, so a burst of
+    connections does not leave its threads behind. Past ``limits.max_connections`` open
+    connections, a new one is answered 503 by one thread of its own and closed."""
     allow_reuse_address = True
     # socketserver's default backlog is 5: a burst of clients beyond that had their connections
     # dropped and retried by the kernel, seconds later (200 streams at once waited up to 55 s).
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, limits: ServerLimits = ServerLimits(), **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.limits = limits
         self._waiting: "queue.SimpleQueue[Tuple[Any, Any]]" = queue.SimpleQueue()
         self._idle_threads = 0
+        self._open_connections = 0
         self._pool_lock = threading.Lock()
+        self._refused: "Optional[queue.SimpleQueue[Any]]" = None
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._pool_lock:
+            if self._open_connections >= self.limits.max_connections:
+                self._refuse(request)
+                return
+            self._open_connections += 1
             if self._idle_threads:
                 self._idle_threads -= 1
                 self._waiting.put((request, client_address))
@@ -5455,6 +5496,9 @@ class _ThreadingWSGIServer(WSGIServer):
             finally:
                 self.shutdown_request(request)
             with self._pool_lock:
+                self._open_connections -= 1
+                if self._idle_threads >= IDLE_THREADS_KEPT:
+                    return
                 self._idle_threads += 1
             try:
                 request, client_address = self._waiting.get(timeout=IDLE_THREAD_SECONDS)
@@ -5465,6 +5509,63 @@ class _ThreadingWSGIServer(WSGIServer):
                     except queue.Empty:
                         self._idle_threads -= 1
                         return
+
+    def _refuse(self, request: Any) -> None:
+        """Hand a connection past the cap to the one thread that answers them all (called
+        under the pool lock): the accepting thread never waits on a client."""
+        if self._refused is None:
+            self._refused = queue.SimpleQueue()
+            threading.Thread(target=self._answer_refused, daemon=True).start()
+        self._refused.put(request)
+
+    def _answer_refused(self) -> None:
+        assert self._refused is not None
+        while True:
+            connection, head = self._refused.get(), b""
+            try:
+                connection.settimeout(REFUSAL_READ_SECONDS)
+                with contextlib.suppress(OSError):
+                    head = connection.recv(65536)   # read what was sent, so closing does not reset the answer
+                path = head.split(b" ", 2)[1].decode("latin-1") if head.count(b" ") >= 2 else ""
+                error = ServerBusyError(f"The server has {self.limits.max_connections} connections open, its "
+                                        "limit; try again in a moment.")
+                body = edge_error_body(path, error)
+                connection.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                   b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                                   % (len(body), body))
+                connection.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            finally:
+                connection.close()
+
+
+class _SocketReader(io.RawIOBase):
+    """The connection's bytes for the handler's rfile, each read bounded in time: by a
+    ``deadline`` (the request line, the header fields: a client that trickles them in
+    cannot stretch them) and by the longest ``pause`` (the body). Past either, TimeoutError."""
+
+    def __init__(self, connection: socket.socket):
+        super().__init__()
+        self._connection = connection
+        self.deadline: Optional[float] = None
+        self.pause: Optional[float] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        timeout = self.pause
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the client took too long")
+            timeout = left if timeout is None else min(timeout, left)
+        self._connection.settimeout(timeout)
+        try:
+            return self._connection.recv_into(buffer)
+        finally:
+            self._connection.settimeout(None)   # writes are not bounded by the read's limit
 
 
 class _ChunkedBody:
@@ -5509,14 +5610,27 @@ class _LoggingHandler(WSGIRequestHandler):
     Content-Length fields, or one with Transfer-Encoding, are refused: the way requests are
     smuggled past a proxy), and every error it answers itself in the protocol's own form."""
 
+    def setup(self) -> None:
+        super().setup()
+        self._reader = _SocketReader(self.connection)
+        self.rfile.close()
+        self.rfile = io.BufferedReader(self._reader)
+
     def handle(self) -> None:
         try:
             self._handle()
-        except (TimeoutError, socket.timeout, ConnectionError):
+        except (TimeoutError, socket.timeout):   # the request line or header fields took too long
+            with contextlib.suppress(OSError):
+                self.send_error(408, None, "The request took too long to arrive; the connection is closed.")
+        except ConnectionError:
             self.close_connection = True
 
     def _handle(self) -> None:
+        limits: ServerLimits = self.server.limits   # type: ignore[attr-defined]
+        self.command, self.requestline, self.path, self.request_version = "", "", "", "HTTP/1.0"   # until read
+        self._reader.deadline = time.monotonic() + limits.request_line_seconds
         self.raw_requestline = self.rfile.readline(65537)
+        self._reader.deadline = time.monotonic() + limits.header_seconds
         if len(self.raw_requestline) > 65536:
             self.requestline, self.request_version, self.command = "", "", ""
             self.send_error(414, "URI Too Long", "The request line is over 65536 bytes.")
@@ -5527,6 +5641,7 @@ class _LoggingHandler(WSGIRequestHandler):
         if problem:
             self.send_error(400, "Bad Request", problem)
             return
+        self._reader.deadline, self._reader.pause = None, limits.body_pause_seconds
         stdin = _ChunkedBody(self.rfile) if "Transfer-Encoding" in self.headers else self.rfile
         handler = ServerHandler(stdin, self.wfile, self.get_stderr(), self.get_environ(), multithread=False)
         handler.request_handler = self
@@ -5574,9 +5689,19 @@ class _LoggingHandler(WSGIRequestHandler):
         return self.client_address[0]
 
 
-def create_server(app: Callable[..., Any], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> WSGIServer:
-    """A threaded WSGI server for ``app``; ``port=0`` picks a free port (``server.server_port``)."""
-    return make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=_LoggingHandler)
+def create_server(app: Callable[..., Any], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                  limits: ServerLimits = ServerLimits()) -> WSGIServer:
+    """A threaded WSGI server for ``app``; ``port=0`` picks a free port (``server.server_port``).
+    ``limits`` bound slow clients and open connections (ServerLimits)."""
+    server = _ThreadingWSGIServer((host, port), _LoggingHandler, limits=limits)
+    server.set_app(app)
+    return server
+
+
+def server_limits(arguments: argparse.Namespace) -> ServerLimits:
+    """The built-in server's limits on slow clients and open connections, from the flags."""
+    return ServerLimits(request_line_seconds=arguments.request_line_timeout, header_seconds=arguments.header_timeout,
+                        body_pause_seconds=arguments.body_timeout, max_connections=arguments.max_connections)
 
 
 class AppFromEnvironment:
@@ -5632,7 +5757,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if arguments.server != "default":
         return _run_with_bottle_adapter(app, arguments)
     try:
-        server = create_server(app, arguments.host, arguments.port)
+        server = create_server(app, arguments.host, arguments.port, server_limits(arguments))
     except OSError as exc:   # most often: the port is taken
         print(f"cozyopenai: cannot listen on {arguments.host}:{arguments.port}: {exc.strerror}", file=sys.stderr)
         return 1
