@@ -84,6 +84,7 @@ import random
 import re
 import secrets
 import select
+import signal
 import socket
 import string
 import sys
@@ -161,6 +162,9 @@ CHARS_PER_TOKEN = 4                       # for the estimated `usage` figures
 REDACTED = "[redacted]"
 CONNECTION_ENVIRON_KEY = "cozyopenai.connection"   # the client's socket, to notice a hang-up
 TRACE_ENVIRON_KEY = "cozyopenai.trace"             # model and short conversation id, for the log line
+ENDING_ENVIRON_KEY = "cozyopenai.ending"           # how a stream ends if the server cuts it short (StreamEnding)
+SHUTDOWN_GRACE_SECONDS = 10.0                       # on SIGTERM, running turns have this long to finish
+SHUTDOWN_MESSAGE = "The server is shutting down; this reply was cut short. Send it again in a moment."
 
 
 ####################################################################################
@@ -4049,7 +4053,7 @@ def _logged_when_done(stream: Iterator[bytes], method: str, path: str, trace: Ma
 
 
 def stream_headers() -> None:
-    bottle.response.content_type = "text/event-stream"
+    bottle.response.content_type = "text/event-stream; charset=utf-8"
     bottle.response.set_header("Cache-Control", "no-cache")
     bottle.response.set_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
 
@@ -4062,26 +4066,51 @@ def counted_stream(stream: Iterator[bytes], metrics: Any) -> Iterator[bytes]:
         metrics.add("open_streams", -1)
 
 
+class StreamEnding:
+    """What an open stream ends with when the server cuts it short (a shutdown past its grace
+    period): the built-in server puts one in each request's environ, a streamed route sets
+    ``end`` (a message in, the protocol's last events out), and the server writes them
+    between two of the stream's own writes."""
+
+    def __init__(self) -> None:
+        self.end: Optional[Callable[[str], bytes]] = None
+
+
+def stream_ending(end: Callable[[str], bytes]) -> None:
+    """Say how this request's stream ends if it is cut short (a no-op on servers without it)."""
+    ending = bottle.request.environ.get(ENDING_ENVIRON_KEY)
+    if isinstance(ending, StreamEnding):
+        ending.end = end
+
+
 class StreamedTurn:
     """A streamed reply's body that owns its turn. The WSGI server calls ``close()`` once the
     reply ends, whether it was sent whole or the client left (PEP 3333); that closes the body,
     then the turn, which saves and unlocks. A body read to its end closes itself, for servers
-    that never call close on an empty reply."""
+    that never call close on an empty reply. ``ending(message, events sent)`` gives the bytes
+    that end it if the server cuts it short."""
 
-    def __init__(self, body: Iterator[bytes], turn: Union[Turn, AnsweredTurn], metrics: Any):
+    def __init__(self, body: Iterator[bytes], turn: Union[Turn, AnsweredTurn], metrics: Any,
+                 ending: Optional[Callable[[str, int], bytes]] = None):
         self._body, self._turn, self._metrics = body, turn, metrics
+        self.events_sent = 0   # SSE events, not comments: the Responses API numbers its events
         metrics.add("open_streams")
         self._open = True
+        if ending is not None:
+            stream_ending(lambda message: ending(message, self.events_sent))
 
     def __iter__(self) -> "StreamedTurn":
         return self
 
     def __next__(self) -> bytes:
         try:
-            return next(self._body)
+            data = next(self._body)
         except BaseException:   # the end, or a failure: either way the turn is over
             self.close()
             raise
+        if not data.startswith(b":"):
+            self.events_sent += 1
+        return data
 
     def close(self) -> None:
         if not self._open:
@@ -4329,6 +4358,13 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
     yield b"data: [DONE]\n\n"
 
 
+def completion_cut(message: str) -> bytes:
+    """The end of a stream the server cuts short: an error chunk (the openai client raises
+    it) and ``[DONE]``; a finished stream's last chunk has ``finish_reason`` instead."""
+    error = ServerBusyError(message, code="server_shutting_down").to_openai()
+    return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
+
+
 def completion_object(fields: Iterator[Tuple[str, str]], request: ChatRequest, prompt_tokens: int) -> dict:
     texts: Dict[str, List[str]] = {"content": [], "reasoning_content": []}
     for field_name, text in fields:
@@ -4364,7 +4400,8 @@ def chat_completions(service: Service) -> Any:
     if request.stream:
         stream_headers()
         fields = reply_fields(turn.pieces(service.keepalive_seconds), service.thinking)
-        return StreamedTurn(completion_chunks(fields, request, prompt_tokens), turn, service.metrics)
+        return StreamedTurn(completion_chunks(fields, request, prompt_tokens), turn, service.metrics,
+                            lambda message, sent: completion_cut(message))
     with turn:
         return completion_object(reply_fields(turn.pieces(), service.thinking), request, prompt_tokens)
 
@@ -4586,6 +4623,14 @@ def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest
         response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens)))
 
 
+def response_cut(response_id: str, model: str, message: str, sequence_number: int) -> bytes:
+    """The end of a stream the server cuts short: ``response.failed``, with the error."""
+    response = dict(response_object(response_id, model, {}, "failed"),
+                    error={"code": "server_error", "message": message})
+    body = {"type": "response.failed", "sequence_number": sequence_number, "response": response}
+    return f"event: response.failed\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+
 def create_response(service: Service) -> Any:
     """POST /openai/responses: one turn, streamed as semantic events or answered whole."""
     environ = bottle.request.environ
@@ -4602,7 +4647,8 @@ def create_response(service: Service) -> Any:
     if request.stream:
         stream_headers()
         events = response_events(turn.pieces(service.keepalive_seconds), request, response_id, prompt_tokens)
-        return StreamedTurn(events, turn, service.metrics)
+        return StreamedTurn(events, turn, service.metrics,
+                            lambda message, sent: response_cut(response_id, request.model, message, sent))
     with turn:
         return collect_response(turn.pieces(), request, response_id, prompt_tokens)
 
@@ -4640,6 +4686,7 @@ MCP_ELICIT_SECONDS = 600.0               # how long a tool call waits for a pers
 MCP_KEEPALIVE_SECONDS = 15.0             # an SSE comment this often while waiting (clients time out at 300 s)
 MCP_MAX_SESSIONS = 10_000
 JSONRPC_PARSE_ERROR, JSONRPC_INVALID_REQUEST, JSONRPC_NO_METHOD, JSONRPC_INVALID_PARAMS = -32700, -32600, -32601, -32602
+JSONRPC_INTERNAL_ERROR = -32603
 REQUEST_ARGUMENT = "request"             # the optional free-text argument, read like a chat message
 
 
@@ -4924,6 +4971,7 @@ def mcp_post(service: Service, sessions: McpSessions, origins: Sequence[str]) ->
                 call.session = dataclasses.replace(session, can_elicit=False)
                 return _mcp_answer([m for m in call.messages() if m is not None][-1], method, started)
             stream_headers()
+            stream_ending(lambda text: _sse_message(_jsonrpc(call.id, error=McpError(JSONRPC_INTERNAL_ERROR, text))))
             return _logged_when_done(counted_stream(_mcp_events(call), service.metrics), "POST", "/mcp",
                                      {"model": call.workflow.name, "conversation": "mcp"}, started)
         raise McpError(JSONRPC_NO_METHOD, f"Method not found: {method!r}.")
@@ -5147,6 +5195,9 @@ def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -
                              "(default: %(default)s)")
     parser.add_argument("--max-connections", type=int, default=env("MAX_CONNECTIONS", MAX_CONNECTIONS),
                         help="built-in server: connections open at once; past them, a 503 (default: %(default)s)")
+    parser.add_argument("--shutdown-grace", type=float, default=env("SHUTDOWN_GRACE", SHUTDOWN_GRACE_SECONDS),
+                        help="built-in server: on SIGTERM or Ctrl-C, seconds running turns have to finish before "
+                             "open streams are ended with an error (default: %(default)s)")
     parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="default: %(default)s")
     parser.add_argument("--version", action="version", version=f"cozyopenai {__version__}")
     arguments = parser.parse_args(argv)
@@ -5177,9 +5228,11 @@ def _check_numbers(parser: argparse.ArgumentParser, arguments: argparse.Namespac
                                   ("--request-line-timeout", arguments.request_line_timeout, None),
                                   ("--header-timeout", arguments.header_timeout, None),
                                   ("--body-timeout", arguments.body_timeout, None),
-                                  ("--max-connections", arguments.max_connections, 1)):
-        if value is not None and (value < smallest if smallest else value <= 0):
-            parser.error(f"{flag} must be {'at least %d' % smallest if smallest else 'positive'}, not {value:g}")
+                                  ("--max-connections", arguments.max_connections, 1),
+                                  ("--shutdown-grace", arguments.shutdown_grace, 0)):
+        if value is not None and (value < smallest if smallest is not None else value <= 0):
+            parser.error(f"{flag} must be {'at least %d' % smallest if smallest is not None else 'positive'}, "
+                         f"not {value:g}")
     if not 0 <= arguments.port <= 65535:
         parser.error(f"--port must be from 0 to 65535, not {arguments.port}")
 
@@ -5474,6 +5527,30 @@ class _ThreadingWSGIServer(WSGIServer):
         self._open_connections = 0
         self._pool_lock = threading.Lock()
         self._refused: "Optional[queue.SimpleQueue[Any]]" = None
+        self._active: set = set()   # the handlers answering now, for a shutdown to wait on or cut short
+        self._active_changed = threading.Condition(self._pool_lock)
+
+    def track(self, handler: "_LoggingHandler", active: bool) -> None:
+        with self._active_changed:
+            (self._active.add if active else self._active.discard)(handler)
+            self._active_changed.notify_all()
+
+    def drain(self, grace_seconds: float, message: str = SHUTDOWN_MESSAGE,
+              hurry: Optional[threading.Event] = None) -> int:
+        """A graceful end, once serve_forever has returned: stop listening, let the requests
+        being answered finish for ``grace_seconds`` (or until ``hurry`` is set), then end each
+        one still open with an error its client can see. Returns how many were cut short."""
+        self.server_close()   # new connections are refused from now on
+        deadline = time.monotonic() + grace_seconds
+        with self._active_changed:
+            while self._active and time.monotonic() < deadline and not (hurry and hurry.is_set()):
+                self._active_changed.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            open_now = list(self._active)
+        for handler in open_now:
+            handler.cut_short(message)
+        with self._active_changed:   # their threads notice at their next write
+            self._active_changed.wait_for(lambda: not self._active, timeout=1.0)
+        return len(open_now)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._pool_lock:
@@ -5605,6 +5682,33 @@ class _ChunkedBody:
         return not self._ended
 
 
+class _GuardedWriter:
+    """The connection's writes, each whole and one at a time, so that a shutdown can end a
+    reply between two of them; after ``cut``, a write is a BrokenPipeError, as if the
+    client had left (the app then closes the reply)."""
+
+    def __init__(self, connection: socket.socket):
+        self._connection = connection
+        self.lock = threading.Lock()
+        self.written = 0
+        self.cut = False
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        with self.lock:
+            if self.cut:
+                raise BrokenPipeError("the server cut this reply short")
+            self._connection.sendall(data)
+            self.written += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class _LoggingHandler(WSGIRequestHandler):
     """One connection: one request (HTTP/1.0), its framing checked before the app runs (two
     Content-Length fields, or one with Transfer-Encoding, are refused: the way requests are
@@ -5615,8 +5719,11 @@ class _LoggingHandler(WSGIRequestHandler):
         self._reader = _SocketReader(self.connection)
         self.rfile.close()
         self.rfile = io.BufferedReader(self._reader)
+        self.wfile = _GuardedWriter(self.connection)
+        self._ending = StreamEnding()
 
     def handle(self) -> None:
+        self.server.track(self, True)   # type: ignore[attr-defined]
         try:
             self._handle()
         except (TimeoutError, socket.timeout):   # the request line or header fields took too long
@@ -5624,6 +5731,33 @@ class _LoggingHandler(WSGIRequestHandler):
                 self.send_error(408, None, "The request took too long to arrive; the connection is closed.")
         except ConnectionError:
             self.close_connection = True
+        finally:
+            self.server.track(self, False)   # type: ignore[attr-defined]
+
+    def cut_short(self, message: str) -> None:
+        """End this request's reply now, from another thread (a shutdown): a 503 in the
+        protocol's form if nothing was sent yet, the protocol's last events if it is a stream
+        (StreamEnding), then close the connection."""
+        writer = self.wfile
+        if writer.lock.acquire(timeout=1.0):   # a client that reads nothing holds it: just close
+            try:
+                if not writer.cut:
+                    writer.cut = True
+                    self.connection.settimeout(1.0)
+                    self.connection.sendall(self._last_bytes(message, writer.written))
+            except OSError:
+                pass
+            finally:
+                writer.lock.release()
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _last_bytes(self, message: str, written: int) -> bytes:
+        if not written:
+            body = edge_error_body(self.path or "", ServerBusyError(message, code="server_shutting_down"))
+            return (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        return self._ending.end(message) if self._ending.end is not None else b""
 
     def _handle(self) -> None:
         limits: ServerLimits = self.server.limits   # type: ignore[attr-defined]
@@ -5680,6 +5814,7 @@ class _LoggingHandler(WSGIRequestHandler):
     def get_environ(self) -> Dict[str, Any]:
         environ = super().get_environ()
         environ[CONNECTION_ENVIRON_KEY] = self.connection   # to notice a client that hung up
+        environ[ENDING_ENVIRON_KEY] = self._ending
         return environ
 
     def log_message(self, format: str, *args: Any) -> None:   # the app logs each request itself
@@ -5763,12 +5898,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     log.info("serving on http://%s:%d/openai (a page for people at http://%s:%d/)", arguments.host,
              server.server_port, arguments.host, server.server_port)
+    stopping, hurry = threading.Event(), threading.Event()
+
+    def on_signal(number: int, frame: Any) -> None:
+        if stopping.is_set():   # a second Ctrl-C: cut what still runs now
+            hurry.set()
+            return
+        stopping.set()
+        log.info("%s: shutting down; running turns have %g s to finish", signal.Signals(number).name,
+                 arguments.shutdown_grace)
+        threading.Thread(target=server.shutdown, daemon=True).start()   # it waits for serve_forever
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, on_signal)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.serve_forever(poll_interval=0.1)
     finally:
-        server.server_close()
+        cut = server.drain(arguments.shutdown_grace, hurry=hurry)   # type: ignore[attr-defined]
+    log.info("stopped%s", f"; {cut} replies cut short" if cut else ": every reply finished")
     return 0
 
 
