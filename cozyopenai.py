@@ -145,6 +145,7 @@ QUESTION_MAX_TOKENS = 160                 # one short question
 CLIENT_TASK_MAX_TOKENS = 200              # a chat title, tags or follow-up suggestions
 LLM_NODE_TIMEOUT_SECONDS = 120.0          # an `llm` node's whole stream, unless its `timeout_seconds` does
 MEMORY_STORE_MAX_CONVERSATIONS = 10_000
+TEMPORARY_FILE_SECONDS = 60.0             # an older temporary file in the JSON store is a killed save's leftover
 REDIS_LOCK_SECONDS = 30.0                 # a turn's lock in Redis lives this long unless its holder renews it
 REDIS_LOCK_POLL_SECONDS = 0.02            # how often a turn waiting for that lock tries again
 REDIS_TIMEOUT_SECONDS = 5.0               # to connect to Redis, and for each command
@@ -1800,10 +1801,30 @@ class JsonFileStore(Store):
         except OSError as exc:   # a file of that name, a folder it may not write, /proc
             raise ConfigError(f"store {self.directory!r}: cannot keep conversations there "
                               f"({exc.strerror or exc}); give a folder it can create and write, or 'memory'") from None
+        self.leftovers_removed = self._remove_leftovers()
         self._thread_locks = _KeyedLocks()   # this process's threads
         self._lock_file: Optional[int] = None   # the open descriptor, in the process that opened it
         self._lock_file_pid = -1
         self._lock_file_guard = threading.Lock()
+
+    TEMPORARY_NAME = re.compile(r"\A[A-Za-z0-9_-]{32}\.json\.(\d+)-\d+\.tmp\Z")   # <id>.json.<pid>-<thread>.tmp
+
+    def _remove_leftovers(self) -> int:
+        """Delete the temporary files of saves that never finished (a process killed while it
+        wrote); how many. A file is a leftover when the process named in it is gone, or it
+        is older than TEMPORARY_FILE_SECONDS (a save takes milliseconds; a pid may be reused):
+        the temporary files of live workers sharing the folder are left alone."""
+        removed, oldest_allowed = 0, time.time() - TEMPORARY_FILE_SECONDS
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                match = self.TEMPORARY_NAME.match(entry.name)
+                if not match:
+                    continue
+                with contextlib.suppress(OSError):
+                    if _process_is_gone(int(match.group(1))) or entry.stat().st_mtime < oldest_allowed:
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
 
     def _path(self, conversation_id: str) -> str:
         if not is_conversation_id(conversation_id):   # before any file is touched: no "../" tricks
@@ -1863,7 +1884,9 @@ class JsonFileStore(Store):
             return sum(1 for entry in entries if entry.name.endswith(".json"))
 
     def describe(self) -> str:
-        return f"JSON files in {os.path.abspath(self.directory)}"
+        removed = self.leftovers_removed
+        return f"JSON files in {os.path.abspath(self.directory)}" + (
+            f" ({removed} temporary file{'s' if removed != 1 else ''} of unfinished saves removed)" if removed else "")
 
     def expire(self) -> int:
         """Delete conversations not saved for ``max_age_seconds``; how many went."""
@@ -1877,6 +1900,19 @@ class JsonFileStore(Store):
                         os.unlink(entry.path)
                         removed += 1
         return removed
+
+
+def _process_is_gone(pid: int) -> bool:
+    """No process has this id (on this machine): os.kill with signal 0 only asks."""
+    if pid == os.getpid() or os.name == "nt":   # on Windows os.kill would end the process: go by age there
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, OSError):
+        return False   # someone else's process, or a Windows quirk: keep the file
+    return False
 
 
 class RedisStore(Store):
