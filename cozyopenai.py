@@ -99,7 +99,7 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, NoReturn, Optional,
                     Sequence, Tuple, Union)
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 import bottle
@@ -673,11 +673,13 @@ def shown_value(value: Any) -> str:
 
 
 class Redactor:
-    """Replaces the workflow's secrets in outgoing text."""
+    """Replaces the workflow's secrets in outgoing text: each in its plain form and in the
+    forms an upstream may echo it in (encoded_forms), all built once."""
 
     def __init__(self, secrets_: Sequence[str]):
-        self._secrets = tuple(sorted(secrets_, key=len, reverse=True))   # "abcdef" before "abc"
-        self._pattern = re.compile("|".join(map(re.escape, self._secrets))) if secrets_ else None
+        forms = {form for secret in secrets_ if secret for form in encoded_forms(secret)}
+        self._secrets = tuple(sorted(forms, key=len, reverse=True))   # "abcdef" before "abc"
+        self._pattern = re.compile("|".join(map(re.escape, self._secrets))) if self._secrets else None
 
     def __call__(self, text: str) -> str:
         return self._pattern.sub(REDACTED, text) if self._pattern else text
@@ -705,6 +707,33 @@ class Redactor:
         """The length of the longest end of ``text`` that is the beginning of a secret."""
         return max((size for secret in self._secrets for size in range(min(len(secret) - 1, len(text)), 0, -1)
                     if text.endswith(secret[:size])), default=0)
+
+
+ENCODED_FORM_MIN_CHARS = 8   # a shorter encoded form would match ordinary text: only the plain form is redacted
+
+
+def encoded_forms(secret: str) -> List[str]:
+    """The secret as it may leave the server: plain; URL-encoded (quote with and without '/'
+    kept, quote_plus, escapes in either case); JSON-escaped (ASCII-only or not, '/' as '\\/');
+    base64, standard and URL-safe, whole and as it reads inside a longer encoded text (at
+    each of the three offsets, so "user:secret" in a Basic header is caught); hex in either
+    case. Encoded forms shorter than ENCODED_FORM_MIN_CHARS are left out."""
+    data = secret.encode("utf-8")
+    forms = [quote(secret, safe=""), quote(secret), quote_plus(secret), quote_plus(secret, safe="/")]
+    forms += [re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), form) for form in forms]
+    for ascii_only in (True, False):
+        escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
+        forms += [escaped, escaped.replace("/", "\\/")]
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        whole = encode(data).decode("ascii")
+        forms += [whole, whole.rstrip("=")]
+        for offset in (1, 2):   # at offset 0 the whole form's unpadded start is the same text
+            text = encode(bytes(offset) + data + bytes(2)).decode("ascii")
+            first, end = -(-8 * offset // 6), (8 * (offset + len(data))) // 6   # characters of the secret's bits only
+            forms.append(text[first:end])
+        forms.append(encode(data + bytes(2)).decode("ascii")[:(8 * len(data)) // 6])
+    forms += [data.hex(), data.hex().upper()]
+    return [secret] + [form for form in dict.fromkeys(forms) if form != secret and len(form) >= ENCODED_FORM_MIN_CHARS]
 
 
 ####################################################################################
