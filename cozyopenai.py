@@ -5497,8 +5497,13 @@ Open WebUI, ...) this base URL: <code id="base-url">{base}</code>{key}</p>
 
 def home_page(service: Service, base: str) -> str:
     """A page for people who open the server in a browser: the models, what each asks for,
-    and how to connect. Fixed inputs are never listed."""
+    and how to connect. Fixed inputs are never listed; with API keys, nor are the models."""
     escape = html.escape
+    keyed = bool(service.api_keys)
+    if keyed:   # the key guards the models: the page says only how to connect
+        return HOME_PAGE.format(base=escape(base), first="MODEL", auth=' -H "Authorization: Bearer $KEY"',
+                                key=" and an API key (ask whoever runs this server).",
+                                models="<p>With a key, <code>GET /openai/models</code> lists them.</p>")
     models = []
     for workflow in service.workflows.values():
         inputs = "".join(f"<li><b>{escape(query.label)}</b> ({escape(query.type)}"
@@ -5506,10 +5511,8 @@ def home_page(service: Service, base: str) -> str:
                          for query in workflow.query_inputs.values())
         models.append(f'<h3 class="model">{escape(workflow.name)}</h3><p>{escape(workflow.description)}</p>'
                       + (f"<ul>{inputs}</ul>" if inputs else ""))
-    keyed = bool(service.api_keys)
     return HOME_PAGE.format(base=escape(base), models="\n".join(models), first=escape(next(iter(service.workflows))),
-                            key=" and an API key (ask whoever runs this server)." if keyed else ". No key is needed.",
-                            auth=' -H "Authorization: Bearer $KEY"' if keyed else "")
+                            key=". No key is needed.", auth="")
 
 
 def _home(service: Service) -> str:
