@@ -102,8 +102,12 @@ from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Name
 from urllib.parse import quote, quote_plus, urlsplit
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
-import bottle
-import requests
+try:   # a missing package is one line from main() (pip install -r requirements.txt), not a traceback
+    import bottle
+    import requests
+    MISSING_PACKAGE: Optional[ImportError] = None
+except ImportError as _missing:
+    MISSING_PACKAGE = _missing
 
 try:
     import fcntl   # file locks, so several worker processes can share the JSON store
@@ -514,6 +518,9 @@ def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
                            synonyms=_parse_synonyms(spec.get("synonyms", {}), value_type, choices, at),
                            minimum=_parse_bound(spec, "minimum", at), maximum=_parse_bound(spec, "maximum", at),
                            cues=_parse_cues(spec.get("cues", []), value_type, at))
+        if query.minimum is not None and query.maximum is not None and query.minimum > query.maximum:
+            raise WorkflowFileError(f"{at}: 'minimum' ({query.minimum:g}) is above 'maximum' ({query.maximum:g}); "
+                                    "no value could be accepted")
         if "default" in spec:
             try:
                 default = check_value(query, spec["default"])
@@ -542,6 +549,8 @@ def _parse_bound(spec: Mapping[str, Any], key: str, at: str) -> Optional[float]:
     if bound is not None and (spec.get("type") not in NUMERIC_TYPES or isinstance(bound, bool)
                               or not isinstance(bound, (int, float))):
         raise WorkflowFileError(f"{at}: {key!r} is a number, for inputs of type number, integer or money")
+    if bound is not None and not math.isfinite(bound):
+        raise WorkflowFileError(f"{at}: {key!r} must be a finite number, not {bound}")
     return bound
 
 
@@ -952,6 +961,19 @@ def _check_http(inputs: Dict[str, Any], functions: Optional[FunctionFinder] = No
     url = inputs.get("url")
     if url is not None and urlsplit(str(url)).scheme not in ("http", "https"):
         raise ValueError(f"'url' must start with http:// or https://, got {url!r}")
+    headers = inputs.get("headers")
+    if headers is not None and not isinstance(headers, dict):
+        raise ValueError(f"'headers' must be an object of header names to text, not {_json_type(headers)}")
+    for name, value in (headers or {}).items():   # the values may be secrets: only their type is named
+        if not isinstance(value, str):
+            raise ValueError(f"header {name!r} must be a string, not {_json_type(value)}")
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"header {name!r} must be one line")
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def run_http_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
@@ -5335,13 +5357,21 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
     """
     arguments = (workflows, store, llm, api_keys, node_types, keepalive_seconds, expire_after_seconds, thinking,
                  conversation_header, cors_origins)
+    if MISSING_PACKAGE is not None:
+        raise MISSING_PACKAGE
     if all(argument is None for argument in arguments):
         _log_requests_under_a_wsgi_server(os.environ.get(ENVIRONMENT_PREFIX + "LOG_LEVEL", "INFO"))
         return make_app(**config_from_environment(os.environ))
     all_node_types = MappingProxyType({**NODE_TYPES, **(node_types or {})})
     source = workflows or default_workflows_path()
     metrics = Metrics()
-    service = Service(workflows=load_workflows(source, all_node_types),
+    try:
+        loaded = load_workflows(source, all_node_types)
+    except RecursionError:   # the JSON parser or the validator went deeper than Python allows
+        where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the workflows given to make_app"
+        raise WorkflowFileError(f"{where}: nested too deeply (over {sys.getrecursionlimit()} levels) to be "
+                                "checked; a workflows file needs a few levels only") from None
+    service = Service(workflows=loaded,
                       store=open_store(store or DEFAULT_STORE, expire_after_seconds),
                       llm=LLMClient(llm, metrics) if llm else None, node_types=all_node_types,
                       api_keys=api_keys or (), keepalive_seconds=keepalive_seconds or KEEPALIVE_SECONDS,
@@ -5943,6 +5973,10 @@ app = AppFromEnvironment()   # for `gunicorn cozyopenai:app`; builds nothing unt
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if MISSING_PACKAGE is not None:
+        print(f"cozyopenai: the package {MISSING_PACKAGE.name or MISSING_PACKAGE} is missing; install what it needs "
+              "with: pip install -r requirements.txt", file=sys.stderr)
+        return 2
     arguments = parse_arguments(argv, os.environ)
     logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -5951,19 +5985,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"cozyopenai: {exc.message}", file=sys.stderr)
         return 2
     service = app.config["cozyopenai.service"]
+    server = None
+    if arguments.server == "default":   # listen first: a taken port is a refusal like the others
+        try:
+            server = create_server(app, arguments.host, arguments.port, server_limits(arguments))
+        except OSError as exc:   # most often: the port is taken
+            print(f"cozyopenai: cannot listen on {arguments.host}:{arguments.port}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
     log.info("%s", startup_summary(service))
     if not arguments.api_key and not _is_loopback(arguments.host):
         log.warning("listening on %s with no --api-key: anyone who can reach it can use the models",
                     arguments.host)
     if service.llm is not None:
         threading.Thread(target=_warn_if_unreachable, args=(service.llm,), daemon=True).start()
-    if arguments.server != "default":
+    if server is None:
         return _run_with_bottle_adapter(app, arguments)
-    try:
-        server = create_server(app, arguments.host, arguments.port, server_limits(arguments))
-    except OSError as exc:   # most often: the port is taken
-        print(f"cozyopenai: cannot listen on {arguments.host}:{arguments.port}: {exc.strerror}", file=sys.stderr)
-        return 1
     log.info("serving on http://%s:%d/openai (a page for people at http://%s:%d/)", arguments.host,
              server.server_port, arguments.host, server.server_port)
     stopping, hurry = threading.Event(), threading.Event()

@@ -2703,8 +2703,8 @@ def test_a_port_in_use_gets_one_line_not_a_traceback():
         taken.listen()
         result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "memory", "--port",
                                  str(taken.getsockname()[1])], capture_output=True, text=True, timeout=30, cwd=HERE)
-    assert result.returncode == 1 and "cannot listen on 127.0.0.1:" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2 and "cannot listen on 127.0.0.1:" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 def test_an_unknown_log_level_is_refused_clearly():
