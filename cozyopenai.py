@@ -4326,12 +4326,20 @@ def _json_body(body: bytes, content_type: str) -> dict:
     return data
 
 
+def _model_of(data: Mapping[str, Any]) -> str:
+    model = data.get("model")
+    if model is None or model == "":
+        raise RequestError("'model' is required: the name of a workflow (see GET /openai/models).", param="model")
+    if not isinstance(model, str):
+        raise RequestError(f"'model' must be a string, the name of a workflow (see GET /openai/models), not "
+                           f"{_json_type(model)}.", param="model")
+    return model
+
+
 def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
     """Validate a chat-completions body; unknown fields are ignored, as OpenAI clients send many."""
     data = _json_body(body, content_type)
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise RequestError("'model' is required: the name of a workflow (see GET /openai/models).", param="model")
+    model = _model_of(data)
     raw_messages = data.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise RequestError("'messages' must be a non-empty list of {role, content} objects.", param="messages")
@@ -4542,9 +4550,7 @@ def parse_responses_request(body: bytes, content_type: str = "") -> ResponsesReq
     string or text parts); other input items (reasoning, tool calls) are skipped, as a
     workflow calls no client tools; images and files are refused. Unknown fields are ignored."""
     data = _json_body(body, content_type)
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise RequestError("'model' is required: the name of a workflow (see GET /openai/models).", param="model")
+    model = _model_of(data)
     raw = data.get("input")
     if isinstance(raw, str):
         raw = [{"role": "user", "content": raw}]
@@ -4884,12 +4890,20 @@ class McpCall:
         params = message.get("params") if isinstance(message.get("params"), dict) else {}
         self.service, self.session, self.id = service, session, message.get("id")
         name = params.get("name")
-        if not isinstance(name, str) or name not in service.workflows:
+        if name is None or name == "":
+            raise McpError(JSONRPC_INVALID_PARAMS, "The tool name is missing: tools/call needs 'params.name', one of "
+                                                   "the tools tools/list lists.")
+        if not isinstance(name, str):
+            raise McpError(JSONRPC_INVALID_PARAMS, f"The tool name 'params.name' must be a string, not "
+                                                   f"{_json_type(name)}.")
+        if name not in service.workflows:
             raise McpError(JSONRPC_INVALID_PARAMS, f"Unknown tool {name!r}; tools/list lists them.")
         self.workflow = service.workflows[name]
-        self.arguments = params.get("arguments") or {}
-        if not isinstance(self.arguments, dict):
-            raise McpError(JSONRPC_INVALID_PARAMS, "'arguments' must be an object.")
+        arguments = params.get("arguments")
+        if arguments is not None and not isinstance(arguments, dict):
+            raise McpError(JSONRPC_INVALID_PARAMS, f"'arguments' must be an object of input names to values, not "
+                                                   f"{_json_type(arguments)}.")
+        self.arguments = arguments or {}
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
         self.progress_token = meta.get("progressToken")
         self.stop = threading.Event()   # set when the call's stream is closed: its run starts nothing more
@@ -4906,6 +4920,14 @@ class McpCall:
     def _messages(self) -> Iterator[Optional[dict]]:
         workflow = self.workflow
         values, problems = self._read_arguments()
+        refused = [(name, reason) for name, reason in problems.items()   # given, optional, bad: never the default
+                   if name in self.arguments and workflow.query_inputs[name].optional]
+        if refused:
+            yield self._result("Not run: " + "; ".join(
+                f"the argument {name!r} is not valid ({reason}); correct it, or leave it out for its default "
+                f"({shown_value(workflow.query_inputs[name].default)})" for name, reason in refused) + ".",
+                is_error=True)
+            return
         asked = 0
         while True:
             missing = workflow.missing(values)
