@@ -5668,8 +5668,8 @@ class _ThreadingWSGIServer(WSGIServer):
             open_now = list(self._active)
         for handler in open_now:
             handler.cut_short(message)
-        with self._active_changed:   # their threads notice at their next write
-            self._active_changed.wait_for(lambda: not self._active, timeout=1.0)
+        with self._active_changed:   # their threads notice at their next write; one stuck in a node may not
+            self._active_changed.wait_for(lambda: not self._active, timeout=0.2)
         return len(open_now)
 
     def process_request(self, request: Any, client_address: Any) -> None:
