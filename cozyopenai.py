@@ -5423,7 +5423,7 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         app.route("/openai/<path:path>", "OPTIONS", lambda path: "")   # preflight; headers from the hook
         app.route("/mcp", "OPTIONS", lambda: "")
         app.add_hook("after_request", lambda: _allow_origin(cors_origins))
-    app.add_hook("before_request", lambda: _guard_the_edge(service))
+    app.add_hook("before_request", lambda: _guard_the_edge(service, preflight=bool(cors_origins)))
     app.default_error_handler = _error_page
     app.config["cozyopenai.service"] = service
     return app
@@ -5468,13 +5468,14 @@ def check_framing(environ: Mapping[str, Any]) -> None:
         raise HeadersTooLargeError(f"The request's header fields are over the limit of {MAX_HEADER_BYTES} bytes.")
 
 
-def _guard_the_edge(service: Service) -> None:
+def _guard_the_edge(service: Service, preflight: bool) -> None:
     """Before any route: the framing, then the API key on every path it guards, so that an
-    unknown path under /openai is a 401 without a key (a 404 would tell what exists)."""
+    unknown path under /openai is a 401 without a key (a 404 would tell what exists). A
+    CORS preflight carries no key: with origins allowed, OPTIONS passes."""
     environ, path = bottle.request.environ, bottle.request.path
     try:
         check_framing(environ)
-        if service.api_keys and is_keyed_path(path) and bottle.request.method != "OPTIONS":
+        if service.api_keys and is_keyed_path(path) and not (preflight and bottle.request.method == "OPTIONS"):
             check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
     except CozyError as exc:
         _log_line(bottle.request.method, path, exc.status, {}, time.monotonic())

@@ -3033,7 +3033,7 @@ def thread_count():
 
 
 def test_400_stalled_connections_do_not_hold_400_threads_nor_delay_a_normal_request(start):
-    server = start(limits=cozyopenai.ServerLimits(header_seconds=5, body_pause_seconds=1.0))
+    server = start(limits=cozyopenai.ServerLimits(header_seconds=5, body_pause_seconds=2.0))
     port, before = int(server.url.rsplit(":", 1)[1]), thread_count()
     stalled = []
     try:
@@ -3043,7 +3043,7 @@ def test_400_stalled_connections_do_not_hold_400_threads_nor_delay_a_normal_requ
             stalled.append(sock)
         began = time.monotonic()
         reply = server.post({"model": "trip-planner", "messages": [{"role": "user", "content": "Paris"}]})
-        assert reply.status_code == 200 and time.monotonic() - began < 1.0   # not delayed by the stalled ones
+        assert reply.status_code == 200 and time.monotonic() - began < 1.0   # not held until they time out (2 s)
         statuses = []
         for sock in stalled:
             answer = b""
@@ -3053,7 +3053,7 @@ def test_400_stalled_connections_do_not_hold_400_threads_nor_delay_a_normal_requ
                     break
                 answer += chunk
             statuses.append(int(answer.split(b" ", 2)[1]))
-        assert statuses == [408] * 400 and time.monotonic() - began < 6
+        assert statuses == [408] * 400 and time.monotonic() - began < 8
     finally:
         for sock in stalled:
             sock.close()
@@ -3309,6 +3309,7 @@ def test_with_a_key_the_home_page_shows_no_model_and_any_api_path_is_401_first(s
     for path in ("/openai/nope", "/openai", "/openai/v1/nothing/here", "/mcp/nope"):
         response = requests.get(server.url + path, timeout=5)
         assert_protocol_error(path, response.status_code, response.headers, response.content, 401)
+    assert requests.options(server.url + "/openai/nope", timeout=5).status_code == 401   # no CORS: no preflight
     assert requests.get(server.url + "/openai/nope", headers={"Authorization": "Bearer k1"},
                         timeout=5).status_code == 404
 
