@@ -51,7 +51,7 @@ from __future__ import annotations   # a type named before its section, as an ar
 
 __version__ = "0.1.0"
 __all__ = [
-    "make_app", "main", "create_server", "app", "AppFromEnvironment",
+    "make_app", "main", "create_server", "ServerLimits", "app", "AppFromEnvironment",
     "load_workflows", "Workflow", "Node", "QueryInput", "Link", "QueryRef", "FixedRef",
     "NodeType", "NodeTypes", "NodeContext", "TextStream", "NODE_TYPES",
     "run_workflow", "RunEvent",
