@@ -51,7 +51,7 @@ from __future__ import annotations   # a type named before its section, as an ar
 
 __version__ = "0.1.0"
 __all__ = [
-    "make_app", "main", "create_server", "app", "AppFromEnvironment",
+    "make_app", "main", "create_server", "ServerLimits", "app", "AppFromEnvironment",
     "load_workflows", "Workflow", "Node", "QueryInput", "Link", "QueryRef", "FixedRef",
     "NodeType", "NodeTypes", "NodeContext", "TextStream", "NODE_TYPES",
     "run_workflow", "RunEvent",
@@ -72,6 +72,7 @@ import hashlib
 import hmac
 import html
 import importlib.util
+import io
 import itertools
 import ipaddress
 import json
@@ -83,6 +84,7 @@ import random
 import re
 import secrets
 import select
+import signal
 import socket
 import string
 import sys
@@ -97,11 +99,15 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, NoReturn, Optional,
                     Sequence, Tuple, Union)
-from urllib.parse import quote, urlsplit
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from urllib.parse import quote, quote_plus, urlsplit
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
-import bottle
-import requests
+try:   # a missing package is one line from main() (pip install -r requirements.txt), not a traceback
+    import bottle
+    import requests
+    MISSING_PACKAGE: Optional[ImportError] = None
+except ImportError as _missing:
+    MISSING_PACKAGE = _missing
 
 try:
     import fcntl   # file locks, so several worker processes can share the JSON store
@@ -125,6 +131,12 @@ LLM_TIMEOUT_SECONDS = 30.0
 HANGUP_CHECK_SECONDS = 0.05               # how often a running turn looks whether its client left
 IDLE_THREAD_SECONDS = 60.0                # a server thread with no connection to answer ends after this
 LISTEN_BACKLOG = 1024                     # connections the kernel holds while the server accepts
+IDLE_THREADS_KEPT = 32                    # server threads that wait for a next connection; more end
+REQUEST_LINE_SECONDS = 10.0               # built-in server: a new connection's request line must arrive in this
+HEADER_SECONDS = 10.0                     # ... then its header fields
+BODY_PAUSE_SECONDS = 30.0                 # ... then its body may pause this long at most (else 408)
+MAX_CONNECTIONS = 1000                    # ... and this many connections at once (past them, 503)
+REFUSAL_READ_SECONDS = 0.2                # a refused connection's request is read this long before the 503
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SERVER_THREADS = 256                      # for --server gunicorn/waitress/cheroot: each open stream holds one
 HTTP_NODE_TIMEOUT_SECONDS = 30.0
@@ -137,6 +149,7 @@ QUESTION_MAX_TOKENS = 160                 # one short question
 CLIENT_TASK_MAX_TOKENS = 200              # a chat title, tags or follow-up suggestions
 LLM_NODE_TIMEOUT_SECONDS = 120.0          # an `llm` node's whole stream, unless its `timeout_seconds` does
 MEMORY_STORE_MAX_CONVERSATIONS = 10_000
+TEMPORARY_FILE_SECONDS = 60.0             # an older temporary file in the JSON store is a killed save's leftover
 REDIS_LOCK_SECONDS = 30.0                 # a turn's lock in Redis lives this long unless its holder renews it
 REDIS_LOCK_POLL_SECONDS = 0.02            # how often a turn waiting for that lock tries again
 REDIS_TIMEOUT_SECONDS = 5.0               # to connect to Redis, and for each command
@@ -154,6 +167,9 @@ CHARS_PER_TOKEN = 4                       # for the estimated `usage` figures
 REDACTED = "[redacted]"
 CONNECTION_ENVIRON_KEY = "cozyopenai.connection"   # the client's socket, to notice a hang-up
 TRACE_ENVIRON_KEY = "cozyopenai.trace"             # model and short conversation id, for the log line
+ENDING_ENVIRON_KEY = "cozyopenai.ending"           # how a stream ends if the server cuts it short (StreamEnding)
+SHUTDOWN_GRACE_SECONDS = 10.0                       # on SIGTERM, running turns have this long to finish
+SHUTDOWN_MESSAGE = "The server is shutting down; this reply was cut short. Send it again in a moment."
 
 
 ####################################################################################
@@ -190,11 +206,16 @@ class ModelNotFoundError(NotFoundError): code = "model_not_found"
 class MethodNotAllowedError(RequestError): status, code = 405, "method_not_allowed"
 class BodyTooLargeError(RequestError): status, code = 413, "request_too_large"
 class UnsupportedMediaTypeError(RequestError): status, code = 415, "unsupported_media_type"
+class RequestTimeoutError(RequestError): status, code = 408, "request_timeout"   # a body that stopped arriving
+class HeadersTooLargeError(RequestError): status, code = 431, "request_header_fields_too_large"
+class UriTooLongError(RequestError): status, code = 414, "uri_too_long"
+class ServerBusyError(CozyError): status, code = 503, "server_busy"   # past the connection cap, or shutting down
 
 # Bottle raises its own HTTPError before our handlers run (no route, wrong method);
 # these turn its status into ours so every error leaves as an OpenAI error object.
 HTTP_STATUS_ERRORS = {400: RequestError, 401: UnauthorizedError, 404: NotFoundError,
-                      405: MethodNotAllowedError, 413: BodyTooLargeError}
+                      405: MethodNotAllowedError, 408: RequestTimeoutError, 413: BodyTooLargeError,
+                      414: UriTooLongError, 431: HeadersTooLargeError, 503: ServerBusyError}
 
 
 class LLMError(UpstreamError):
@@ -498,6 +519,9 @@ def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
                            minimum=_parse_bound(spec, "minimum", at, 0 if value_type == "money" else None),
                            maximum=_parse_bound(spec, "maximum", at),
                            cues=_parse_cues(spec.get("cues", []), value_type, at))
+        if query.minimum is not None and query.maximum is not None and query.minimum > query.maximum:
+            raise WorkflowFileError(f"{at}: 'minimum' ({query.minimum:g}) is above 'maximum' ({query.maximum:g}); "
+                                    "no value could be accepted")
         if "default" in spec:
             try:
                 default = check_value(query, spec["default"])
@@ -527,6 +551,8 @@ def _parse_bound(spec: Mapping[str, Any], key: str, at: str, default: Optional[f
     if bound is not None and (spec.get("type") not in NUMERIC_TYPES or isinstance(bound, bool)
                               or not isinstance(bound, (int, float))):
         raise WorkflowFileError(f"{at}: {key!r} is a number, for inputs of type number, integer or money")
+    if bound is not None and not math.isfinite(bound):
+        raise WorkflowFileError(f"{at}: {key!r} must be a finite number, not {bound}")
     return bound
 
 
@@ -658,11 +684,13 @@ def shown_value(value: Any) -> str:
 
 
 class Redactor:
-    """Replaces the workflow's secrets in outgoing text."""
+    """Replaces the workflow's secrets in outgoing text: each in its plain form and in the
+    forms an upstream may echo it in (encoded_forms), all built once."""
 
     def __init__(self, secrets_: Sequence[str]):
-        self._secrets = tuple(sorted(secrets_, key=len, reverse=True))   # "abcdef" before "abc"
-        self._pattern = re.compile("|".join(map(re.escape, self._secrets))) if secrets_ else None
+        forms = {form for secret in secrets_ if secret for form in encoded_forms(secret)}
+        self._secrets = tuple(sorted(forms, key=len, reverse=True))   # "abcdef" before "abc"
+        self._pattern = re.compile("|".join(map(re.escape, self._secrets))) if self._secrets else None
 
     def __call__(self, text: str) -> str:
         return self._pattern.sub(REDACTED, text) if self._pattern else text
@@ -690,6 +718,33 @@ class Redactor:
         """The length of the longest end of ``text`` that is the beginning of a secret."""
         return max((size for secret in self._secrets for size in range(min(len(secret) - 1, len(text)), 0, -1)
                     if text.endswith(secret[:size])), default=0)
+
+
+ENCODED_FORM_MIN_CHARS = 8   # a shorter encoded form would match ordinary text: only the plain form is redacted
+
+
+def encoded_forms(secret: str) -> List[str]:
+    """The secret as it may leave the server: plain; URL-encoded (quote with and without '/'
+    kept, quote_plus, escapes in either case); JSON-escaped (ASCII-only or not, '/' as '\\/');
+    base64, standard and URL-safe, whole and as it reads inside a longer encoded text (at
+    each of the three offsets, so "user:secret" in a Basic header is caught); hex in either
+    case. Encoded forms shorter than ENCODED_FORM_MIN_CHARS are left out."""
+    data = secret.encode("utf-8")
+    forms = [quote(secret, safe=""), quote(secret), quote_plus(secret), quote_plus(secret, safe="/")]
+    forms += [re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), form) for form in forms]
+    for ascii_only in (True, False):
+        escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
+        forms += [escaped, escaped.replace("/", "\\/")]
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        whole = encode(data).decode("ascii")
+        forms += [whole, whole.rstrip("=")]
+        for offset in (1, 2):   # at offset 0 the whole form's unpadded start is the same text
+            text = encode(bytes(offset) + data + bytes(2)).decode("ascii")
+            first, end = -(-8 * offset // 6), (8 * (offset + len(data))) // 6   # characters of the secret's bits only
+            forms.append(text[first:end])
+        forms.append(encode(data + bytes(2)).decode("ascii")[:(8 * len(data)) // 6])
+    forms += [data.hex(), data.hex().upper()]
+    return [secret] + [form for form in dict.fromkeys(forms) if form != secret and len(form) >= ENCODED_FORM_MIN_CHARS]
 
 
 ####################################################################################
@@ -908,6 +963,19 @@ def _check_http(inputs: Dict[str, Any], functions: Optional[FunctionFinder] = No
     url = inputs.get("url")
     if url is not None and urlsplit(str(url)).scheme not in ("http", "https"):
         raise ValueError(f"'url' must start with http:// or https://, got {url!r}")
+    headers = inputs.get("headers")
+    if headers is not None and not isinstance(headers, dict):
+        raise ValueError(f"'headers' must be an object of header names to text, not {_json_type(headers)}")
+    for name, value in (headers or {}).items():   # the values may be secrets: only their type is named
+        if not isinstance(value, str):
+            raise ValueError(f"header {name!r} must be a string, not {_json_type(value)}")
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"header {name!r} must be one line")
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def run_http_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
@@ -1786,10 +1854,30 @@ class JsonFileStore(Store):
         except OSError as exc:   # a file of that name, a folder it may not write, /proc
             raise ConfigError(f"store {self.directory!r}: cannot keep conversations there "
                               f"({exc.strerror or exc}); give a folder it can create and write, or 'memory'") from None
+        self.leftovers_removed = self._remove_leftovers()
         self._thread_locks = _KeyedLocks()   # this process's threads
         self._lock_file: Optional[int] = None   # the open descriptor, in the process that opened it
         self._lock_file_pid = -1
         self._lock_file_guard = threading.Lock()
+
+    TEMPORARY_NAME = re.compile(r"\A[A-Za-z0-9_-]{32}\.json\.(\d+)-\d+\.tmp\Z")   # <id>.json.<pid>-<thread>.tmp
+
+    def _remove_leftovers(self) -> int:
+        """Delete the temporary files of saves that never finished (a process killed while it
+        wrote); how many. A file is a leftover when the process named in it is gone, or it
+        is older than TEMPORARY_FILE_SECONDS (a save takes milliseconds; a pid may be reused):
+        the temporary files of live workers sharing the folder are left alone."""
+        removed, oldest_allowed = 0, time.time() - TEMPORARY_FILE_SECONDS
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                match = self.TEMPORARY_NAME.match(entry.name)
+                if not match:
+                    continue
+                with contextlib.suppress(OSError):
+                    if _process_is_gone(int(match.group(1))) or entry.stat().st_mtime < oldest_allowed:
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
 
     def _path(self, conversation_id: str) -> str:
         if not is_conversation_id(conversation_id):   # before any file is touched: no "../" tricks
@@ -1849,7 +1937,9 @@ class JsonFileStore(Store):
             return sum(1 for entry in entries if entry.name.endswith(".json"))
 
     def describe(self) -> str:
-        return f"JSON files in {os.path.abspath(self.directory)}"
+        removed = self.leftovers_removed
+        return f"JSON files in {os.path.abspath(self.directory)}" + (
+            f" ({removed} temporary file{'s' if removed != 1 else ''} of unfinished saves removed)" if removed else "")
 
     def expire(self) -> int:
         """Delete conversations not saved for ``max_age_seconds``; how many went."""
@@ -1863,6 +1953,19 @@ class JsonFileStore(Store):
                         os.unlink(entry.path)
                         removed += 1
         return removed
+
+
+def _process_is_gone(pid: int) -> bool:
+    """No process has this id (on this machine): os.kill with signal 0 only asks."""
+    if pid == os.getpid() or os.name == "nt":   # on Windows os.kill would end the process: go by age there
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, OSError):
+        return False   # someone else's process, or a Windows quirk: keep the file
+    return False
 
 
 class RedisStore(Store):
@@ -4676,7 +4779,7 @@ def _logged_when_done(stream: Iterator[bytes], method: str, path: str, trace: Ma
 
 
 def stream_headers() -> None:
-    bottle.response.content_type = "text/event-stream"
+    bottle.response.content_type = "text/event-stream; charset=utf-8"
     bottle.response.set_header("Cache-Control", "no-cache")
     bottle.response.set_header("X-Accel-Buffering", "no")   # nginx: do not buffer the stream
 
@@ -4689,26 +4792,51 @@ def counted_stream(stream: Iterator[bytes], metrics: Any) -> Iterator[bytes]:
         metrics.add("open_streams", -1)
 
 
+class StreamEnding:
+    """What an open stream ends with when the server cuts it short (a shutdown past its grace
+    period): the built-in server puts one in each request's environ, a streamed route sets
+    ``end`` (a message in, the protocol's last events out), and the server writes them
+    between two of the stream's own writes."""
+
+    def __init__(self) -> None:
+        self.end: Optional[Callable[[str], bytes]] = None
+
+
+def stream_ending(end: Callable[[str], bytes]) -> None:
+    """Say how this request's stream ends if it is cut short (a no-op on servers without it)."""
+    ending = bottle.request.environ.get(ENDING_ENVIRON_KEY)
+    if isinstance(ending, StreamEnding):
+        ending.end = end
+
+
 class StreamedTurn:
     """A streamed reply's body that owns its turn. The WSGI server calls ``close()`` once the
     reply ends, whether it was sent whole or the client left (PEP 3333); that closes the body,
     then the turn, which saves and unlocks. A body read to its end closes itself, for servers
-    that never call close on an empty reply."""
+    that never call close on an empty reply. ``ending(message, events sent)`` gives the bytes
+    that end it if the server cuts it short."""
 
-    def __init__(self, body: Iterator[bytes], turn: Union[Turn, AnsweredTurn], metrics: Any):
+    def __init__(self, body: Iterator[bytes], turn: Union[Turn, AnsweredTurn], metrics: Any,
+                 ending: Optional[Callable[[str, int], bytes]] = None):
         self._body, self._turn, self._metrics = body, turn, metrics
+        self.events_sent = 0   # SSE events, not comments: the Responses API numbers its events
         metrics.add("open_streams")
         self._open = True
+        if ending is not None:
+            stream_ending(lambda message: ending(message, self.events_sent))
 
     def __iter__(self) -> "StreamedTurn":
         return self
 
     def __next__(self) -> bytes:
         try:
-            return next(self._body)
+            data = next(self._body)
         except BaseException:   # the end, or a failure: either way the turn is over
             self.close()
             raise
+        if not data.startswith(b":"):
+            self.events_sent += 1
+        return data
 
     def close(self) -> None:
         if not self._open:
@@ -4733,12 +4861,30 @@ def check_key(api_keys: Sequence[str], authorization: str) -> None:
 
 
 def read_body() -> bytes:
-    """The request body, read under our own limit (Bottle's MEMFILE_MAX is a global and 100 KB)."""
-    if bottle.request.content_length > MAX_BODY_BYTES:
-        raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
-    body = bottle.request.body.read(MAX_BODY_BYTES + 1)
+    """The request body, read under our own limit (Bottle's MEMFILE_MAX is a global and 100 KB).
+    The framing was checked at the edge (check_framing); a chunked body comes decoded by the
+    server. A body shorter than its Content-Length is a 400; one that stops arriving (the
+    built-in server's --body-timeout) a 408."""
+    environ = bottle.request.environ
+    stream, length = environ["wsgi.input"], bottle.request.content_length
+    try:
+        if length > MAX_BODY_BYTES:
+            raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
+        if "HTTP_TRANSFER_ENCODING" in environ and length < 0:   # chunked: read to its end
+            body = stream.read(MAX_BODY_BYTES + 1)
+        else:
+            body = stream.read(length) if length > 0 else b""
+    except (TimeoutError, socket.timeout):
+        raise RequestTimeoutError("The request body stopped arriving; the connection is closed.") from None
+    except ValueError as exc:   # the server's chunk decoder: a malformed chunked body
+        raise RequestError(f"The chunked request body is malformed ({exc}).") from None
+    except OSError:
+        raise RequestError("The connection failed while the request body was read.") from None
     if len(body) > MAX_BODY_BYTES:
         raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
+    if len(body) < length:
+        raise RequestError(f"The request body ended after {len(body)} of the {length} bytes its Content-Length "
+                           "announced.")
     return body
 
 
@@ -4819,12 +4965,20 @@ def _json_body(body: bytes, content_type: str) -> dict:
     return data
 
 
+def _model_of(data: Mapping[str, Any]) -> str:
+    model = data.get("model")
+    if model is None or model == "":
+        raise RequestError("'model' is required: the name of a workflow (see GET /openai/models).", param="model")
+    if not isinstance(model, str):
+        raise RequestError(f"'model' must be a string, the name of a workflow (see GET /openai/models), not "
+                           f"{_json_type(model)}.", param="model")
+    return model
+
+
 def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
     """Validate a chat-completions body; unknown fields are ignored, as OpenAI clients send many."""
     data = _json_body(body, content_type)
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise RequestError("'model' is required: the name of a workflow (see GET /openai/models).", param="model")
+    model = _model_of(data)
     raw_messages = data.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise RequestError("'messages' must be a non-empty list of {role, content} objects.", param="messages")
@@ -4938,6 +5092,13 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
     yield b"data: [DONE]\n\n"
 
 
+def completion_cut(message: str) -> bytes:
+    """The end of a stream the server cuts short: an error chunk (the openai client raises
+    it) and ``[DONE]``; a finished stream's last chunk has ``finish_reason`` instead."""
+    error = ServerBusyError(message, code="server_shutting_down").to_openai()
+    return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
+
+
 def completion_object(fields: Iterator[Tuple[str, str]], request: ChatRequest, prompt_tokens: int) -> dict:
     texts: Dict[str, List[str]] = {"content": [], "reasoning_content": []}
     for field_name, text in fields:
@@ -4973,7 +5134,8 @@ def chat_completions(service: Service) -> Any:
     if request.stream:
         stream_headers()
         fields = reply_fields(turn.pieces(service.keepalive_seconds), service.thinking)
-        return StreamedTurn(completion_chunks(fields, request, prompt_tokens), turn, service.metrics)
+        return StreamedTurn(completion_chunks(fields, request, prompt_tokens), turn, service.metrics,
+                            lambda message, sent: completion_cut(message))
     with turn:
         return completion_object(reply_fields(turn.pieces(), service.thinking), request, prompt_tokens)
 
@@ -5027,9 +5189,7 @@ def parse_responses_request(body: bytes, content_type: str = "") -> ResponsesReq
     string or text parts); other input items (reasoning, tool calls) are skipped, as a
     workflow calls no client tools; images and files are refused. Unknown fields are ignored."""
     data = _json_body(body, content_type)
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise RequestError("'model' is required: the name of a workflow (see GET /openai/models).", param="model")
+    model = _model_of(data)
     raw = data.get("input")
     if isinstance(raw, str):
         raw = [{"role": "user", "content": raw}]
@@ -5195,6 +5355,14 @@ def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest
         response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens)))
 
 
+def response_cut(response_id: str, model: str, message: str, sequence_number: int) -> bytes:
+    """The end of a stream the server cuts short: ``response.failed``, with the error."""
+    response = dict(response_object(response_id, model, {}, "failed"),
+                    error={"code": "server_error", "message": message})
+    body = {"type": "response.failed", "sequence_number": sequence_number, "response": response}
+    return f"event: response.failed\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+
 def create_response(service: Service) -> Any:
     """POST /openai/responses: one turn, streamed as semantic events or answered whole."""
     environ = bottle.request.environ
@@ -5211,7 +5379,8 @@ def create_response(service: Service) -> Any:
     if request.stream:
         stream_headers()
         events = response_events(turn.pieces(service.keepalive_seconds), request, response_id, prompt_tokens)
-        return StreamedTurn(events, turn, service.metrics)
+        return StreamedTurn(events, turn, service.metrics,
+                            lambda message, sent: response_cut(response_id, request.model, message, sent))
     with turn:
         return collect_response(turn.pieces(), request, response_id, prompt_tokens)
 
@@ -5249,6 +5418,7 @@ MCP_ELICIT_SECONDS = 600.0               # how long a tool call waits for a pers
 MCP_KEEPALIVE_SECONDS = 15.0             # an SSE comment this often while waiting (clients time out at 300 s)
 MCP_MAX_SESSIONS = 10_000
 JSONRPC_PARSE_ERROR, JSONRPC_INVALID_REQUEST, JSONRPC_NO_METHOD, JSONRPC_INVALID_PARAMS = -32700, -32600, -32601, -32602
+JSONRPC_INTERNAL_ERROR = -32603
 REQUEST_ARGUMENT = "request"             # the optional free-text argument, read like a chat message
 
 
@@ -5359,12 +5529,20 @@ class McpCall:
         params = message.get("params") if isinstance(message.get("params"), dict) else {}
         self.service, self.session, self.id = service, session, message.get("id")
         name = params.get("name")
-        if not isinstance(name, str) or name not in service.workflows:
+        if name is None or name == "":
+            raise McpError(JSONRPC_INVALID_PARAMS, "The tool name is missing: tools/call needs 'params.name', one of "
+                                                   "the tools tools/list lists.")
+        if not isinstance(name, str):
+            raise McpError(JSONRPC_INVALID_PARAMS, f"The tool name 'params.name' must be a string, not "
+                                                   f"{_json_type(name)}.")
+        if name not in service.workflows:
             raise McpError(JSONRPC_INVALID_PARAMS, f"Unknown tool {name!r}; tools/list lists them.")
         self.workflow = service.workflows[name]
-        self.arguments = params.get("arguments") or {}
-        if not isinstance(self.arguments, dict):
-            raise McpError(JSONRPC_INVALID_PARAMS, "'arguments' must be an object.")
+        arguments = params.get("arguments")
+        if arguments is not None and not isinstance(arguments, dict):
+            raise McpError(JSONRPC_INVALID_PARAMS, f"'arguments' must be an object of input names to values, not "
+                                                   f"{_json_type(arguments)}.")
+        self.arguments = arguments or {}
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
         self.progress_token = meta.get("progressToken")
         self.stop = threading.Event()   # set when the call's stream is closed: its run starts nothing more
@@ -5381,6 +5559,14 @@ class McpCall:
     def _messages(self) -> Iterator[Optional[dict]]:
         workflow = self.workflow
         values, problems = self._read_arguments()
+        refused = [(name, reason) for name, reason in problems.items()   # given, optional, bad: never the default
+                   if name in self.arguments and workflow.query_inputs[name].optional]
+        if refused:
+            yield self._result("Not run: " + "; ".join(
+                f"the argument {name!r} is not valid ({reason}); correct it, or leave it out for its default "
+                f"({shown_value(workflow.query_inputs[name].default)})" for name, reason in refused) + ".",
+                is_error=True)
+            return
         asked = 0
         while True:
             missing = workflow.missing(values)
@@ -5533,6 +5719,7 @@ def mcp_post(service: Service, sessions: McpSessions, origins: Sequence[str]) ->
                 call.session = dataclasses.replace(session, can_elicit=False)
                 return _mcp_answer([m for m in call.messages() if m is not None][-1], method, started)
             stream_headers()
+            stream_ending(lambda text: _sse_message(_jsonrpc(call.id, error=McpError(JSONRPC_INTERNAL_ERROR, text))))
             return _logged_when_done(counted_stream(_mcp_events(call), service.metrics), "POST", "/mcp",
                                      {"model": call.workflow.name, "conversation": "mcp"}, started)
         raise McpError(JSONRPC_NO_METHOD, f"Method not found: {method!r}.")
@@ -5746,6 +5933,19 @@ def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -
     parser.add_argument("--threads", type=int, default=env("THREADS", SERVER_THREADS),
                         help="threads per worker with --server gunicorn, waitress or cheroot; each open "
                              "stream holds one (default: %(default)s)")
+    parser.add_argument("--request-line-timeout", type=float, default=env("REQUEST_LINE_TIMEOUT", REQUEST_LINE_SECONDS),
+                        help="built-in server: seconds a new connection has to send its request line, else 408 "
+                             "(default: %(default)s)")
+    parser.add_argument("--header-timeout", type=float, default=env("HEADER_TIMEOUT", HEADER_SECONDS),
+                        help="built-in server: seconds for the header fields after it (default: %(default)s)")
+    parser.add_argument("--body-timeout", type=float, default=env("BODY_TIMEOUT", BODY_PAUSE_SECONDS),
+                        help="built-in server: the longest pause while a request body arrives, else 408 "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-connections", type=int, default=env("MAX_CONNECTIONS", MAX_CONNECTIONS),
+                        help="built-in server: connections open at once; past them, a 503 (default: %(default)s)")
+    parser.add_argument("--shutdown-grace", type=float, default=env("SHUTDOWN_GRACE", SHUTDOWN_GRACE_SECONDS),
+                        help="built-in server: on SIGTERM or Ctrl-C, seconds running turns have to finish before "
+                             "open streams are ended with an error (default: %(default)s)")
     parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="default: %(default)s")
     parser.add_argument("--version", action="version", version=f"cozyopenai {__version__}")
     arguments = parser.parse_args(argv)
@@ -5772,9 +5972,15 @@ def _check_numbers(parser: argparse.ArgumentParser, arguments: argparse.Namespac
     """Numbers that must be positive, refused in one line (exit status 2) rather than later."""
     for flag, value, smallest in (("--expire-days", arguments.expire_days, None),
                                   ("--llm-timeout", arguments.llm_timeout, None),
-                                  ("--workers", arguments.workers, 1), ("--threads", arguments.threads, 1)):
-        if value is not None and (value < smallest if smallest else value <= 0):
-            parser.error(f"{flag} must be {'at least %d' % smallest if smallest else 'positive'}, not {value:g}")
+                                  ("--workers", arguments.workers, 1), ("--threads", arguments.threads, 1),
+                                  ("--request-line-timeout", arguments.request_line_timeout, None),
+                                  ("--header-timeout", arguments.header_timeout, None),
+                                  ("--body-timeout", arguments.body_timeout, None),
+                                  ("--max-connections", arguments.max_connections, 1),
+                                  ("--shutdown-grace", arguments.shutdown_grace, 0)):
+        if value is not None and (value < smallest if smallest is not None else value <= 0):
+            parser.error(f"{flag} must be {'at least %d' % smallest if smallest is not None else 'positive'}, "
+                         f"not {value:g}")
     if not 0 <= arguments.port <= 65535:
         parser.error(f"--port must be from 0 to 65535, not {arguments.port}")
 
@@ -5812,13 +6018,21 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
     """
     arguments = (workflows, store, llm, api_keys, node_types, keepalive_seconds, expire_after_seconds, thinking,
                  conversation_header, cors_origins)
+    if MISSING_PACKAGE is not None:
+        raise MISSING_PACKAGE
     if all(argument is None for argument in arguments):
         _log_requests_under_a_wsgi_server(os.environ.get(ENVIRONMENT_PREFIX + "LOG_LEVEL", "INFO"))
         return make_app(**config_from_environment(os.environ))
     all_node_types = MappingProxyType({**NODE_TYPES, **(node_types or {})})
     source = workflows or default_workflows_path()
     metrics = Metrics()
-    service = Service(workflows=load_workflows(source, all_node_types),
+    try:
+        loaded = load_workflows(source, all_node_types)
+    except RecursionError:   # the JSON parser or the validator went deeper than Python allows
+        where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the workflows given to make_app"
+        raise WorkflowFileError(f"{where}: nested too deeply (over {sys.getrecursionlimit()} levels) to be "
+                                "checked; a workflows file needs a few levels only") from None
+    service = Service(workflows=loaded,
                       store=open_store(store or DEFAULT_STORE, expire_after_seconds),
                       llm=LLMClient(llm, metrics) if llm else None, node_types=all_node_types,
                       api_keys=api_keys or (), keepalive_seconds=keepalive_seconds or KEEPALIVE_SECONDS,
@@ -5848,9 +6062,63 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         app.route("/openai/<path:path>", "OPTIONS", lambda path: "")   # preflight; headers from the hook
         app.route("/mcp", "OPTIONS", lambda: "")
         app.add_hook("after_request", lambda: _allow_origin(cors_origins))
+    app.add_hook("before_request", lambda: _guard_the_edge(service, preflight=bool(cors_origins)))
     app.default_error_handler = _error_page
     app.config["cozyopenai.service"] = service
     return app
+
+
+MAX_HEADER_BYTES = 64 * 1024               # all header fields together; nginx allows 32 KiB, gunicorn about 800 KiB
+CONTENT_LENGTH_DIGITS = re.compile(r"\A[0-9]{1,18}\Z")
+
+
+def is_mcp_path(path: str) -> bool:
+    return path == "/mcp" or path.startswith("/mcp/")
+
+
+def is_keyed_path(path: str) -> bool:
+    """Paths the API keys guard: everything under /openai and /mcp, routes or not."""
+    return path == "/openai" or path.startswith("/openai/") or is_mcp_path(path)
+
+
+def edge_error_body(path: str, error: CozyError) -> bytes:
+    """An error found before a route ran, in the protocol of its path: a JSON-RPC error on
+    /mcp, an OpenAI error object anywhere else."""
+    if is_mcp_path(path):
+        return json.dumps(_jsonrpc(None, error=McpError(JSONRPC_INVALID_REQUEST, error.message, error.status))).encode()
+    return json.dumps(error.to_openai()).encode()
+
+
+def check_framing(environ: Mapping[str, Any]) -> None:
+    """The request's framing, as strict servers (nginx, gunicorn) check it: Content-Length in
+    digits only, Transfer-Encoding only chunked, headers under MAX_HEADER_BYTES. Run before
+    any route, so Bottle never parses a bad length itself (its int() was a 500)."""
+    length, coding = environ.get("CONTENT_LENGTH"), environ.get("HTTP_TRANSFER_ENCODING")
+    length = None if length == "" else length   # wsgiref's empty default: no Content-Length
+    if length is not None and not CONTENT_LENGTH_DIGITS.match(str(length).strip(" \t")):
+        raise RequestError(f"Content-Length must be the body's size in decimal digits, not {str(length)[:40]!r}.",
+                           code="invalid_content_length")
+    if coding is not None and str(coding).strip(" \t").lower() != "chunked":
+        raise RequestError(f"Transfer-Encoding must be 'chunked', not {str(coding)[:40]!r}.",
+                           code="invalid_transfer_encoding")
+    size = sum(len(key) - 5 + len(value) + 4 for key, value in environ.items()
+               if key.startswith("HTTP_") and isinstance(value, str))
+    if size > MAX_HEADER_BYTES:
+        raise HeadersTooLargeError(f"The request's header fields are over the limit of {MAX_HEADER_BYTES} bytes.")
+
+
+def _guard_the_edge(service: Service, preflight: bool) -> None:
+    """Before any route: the framing, then the API key on every path it guards, so that an
+    unknown path under /openai is a 401 without a key (a 404 would tell what exists). A
+    CORS preflight carries no key: with origins allowed, OPTIONS passes."""
+    environ, path = bottle.request.environ, bottle.request.path
+    try:
+        check_framing(environ)
+        if service.api_keys and is_keyed_path(path) and not (preflight and bottle.request.method == "OPTIONS"):
+            check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
+    except CozyError as exc:
+        _log_line(bottle.request.method, path, exc.status, {}, time.monotonic())
+        raise bottle.HTTPResponse(edge_error_body(path, exc), exc.status, {"Content-Type": "application/json"})
 
 
 def _log_requests_under_a_wsgi_server(level: str) -> None:
@@ -5921,8 +6189,13 @@ Open WebUI, ...) this base URL: <code id="base-url">{base}</code>{key}</p>
 
 def home_page(service: Service, base: str) -> str:
     """A page for people who open the server in a browser: the models, what each asks for,
-    and how to connect. Fixed inputs are never listed."""
+    and how to connect. Fixed inputs are never listed; with API keys, nor are the models."""
     escape = html.escape
+    keyed = bool(service.api_keys)
+    if keyed:   # the key guards the models: the page says only how to connect
+        return HOME_PAGE.format(base=escape(base), first="MODEL", auth=' -H "Authorization: Bearer $KEY"',
+                                key=" and an API key (ask whoever runs this server).",
+                                models="<p>With a key, <code>GET /openai/models</code> lists them.</p>")
     models = []
     for workflow in service.workflows.values():
         inputs = "".join(f"<li><b>{escape(query.label)}</b> ({escape(query.type)}"
@@ -5930,10 +6203,8 @@ def home_page(service: Service, base: str) -> str:
                          for query in workflow.query_inputs.values())
         models.append(f'<h3 class="model">{escape(workflow.name)}</h3><p>{escape(workflow.description)}</p>'
                       + (f"<ul>{inputs}</ul>" if inputs else ""))
-    keyed = bool(service.api_keys)
     return HOME_PAGE.format(base=escape(base), models="\n".join(models), first=escape(next(iter(service.workflows))),
-                            key=" and an API key (ask whoever runs this server)." if keyed else ". No key is needed.",
-                            auth=' -H "Authorization: Bearer $KEY"' if keyed else "")
+                            key=". No key is needed.", auth="")
 
 
 def _home(service: Service) -> str:
@@ -5959,8 +6230,8 @@ def _health(service: Service) -> dict:
 
 
 def _error_page(http_error: bottle.HTTPError) -> str:
-    """Bottle's own errors (no route, wrong method, an uncaught exception) as OpenAI errors; a
-    path outside the API says where the API is (a base URL without /openai is a common slip)."""
+    """Bottle's own errors (no route, wrong method, an uncaught exception) as OpenAI errors (on
+    /mcp, JSON-RPC errors); a path outside the API says where the API is (a base URL without /openai is a common slip)."""
     error_class = HTTP_STATUS_ERRORS.get(http_error.status_code)
     if error_class is None:
         error = CozyError("The server failed to answer this request.")
@@ -5974,6 +6245,10 @@ def _error_page(http_error: bottle.HTTPError) -> str:
         error = MethodNotAllowedError(f"{bottle.request.method} is not allowed on {bottle.request.path}.")
     else:
         error = error_class(str(http_error.body or "Bad request."))
+    if is_mcp_path(bottle.request.path):   # /mcp speaks JSON-RPC, its errors too
+        bottle.response.status = error.status
+        bottle.response.content_type = "application/json"
+        return edge_error_body(bottle.request.path, error).decode()
     return _error_response(error)
 
 
@@ -5981,24 +6256,68 @@ def _error_page(http_error: bottle.HTTPError) -> str:
 # Server and command line
 ####################################################################################
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """What the built-in server allows a client: seconds to send the request line once
+    connected, then its header fields, and the longest pause while the body arrives (a
+    slow client cannot hold a thread longer); open connections at once (past them, a 503)."""
+    request_line_seconds: float = REQUEST_LINE_SECONDS
+    header_seconds: float = HEADER_SECONDS
+    body_pause_seconds: float = BODY_PAUSE_SECONDS
+    max_connections: int = MAX_CONNECTIONS
+
+
 class _ThreadingWSGIServer(WSGIServer):
     """wsgiref's server with a thread per open connection, so a second client never waits
     for a stream. A thread that has answered waits IDLE_THREAD_SECONDS for the next
-    connection instead of ending: a new thread per request costs more than the whole turn
-    of a small workflow (measured in bench/)."""
+    connection instead of ending (a new thread per request costs more than the whole turn
+    of a small workflow, measured in bench/); at most IDLE_THREADS_KEPT wait, so a burst of
+    connections does not leave its threads behind. Past ``limits.max_connections`` open
+    connections, a new one is answered 503 by one thread of its own and closed."""
     allow_reuse_address = True
     # socketserver's default backlog is 5: a burst of clients beyond that had their connections
     # dropped and retried by the kernel, seconds later (200 streams at once waited up to 55 s).
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, limits: ServerLimits = ServerLimits(), **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.limits = limits
         self._waiting: "queue.SimpleQueue[Tuple[Any, Any]]" = queue.SimpleQueue()
         self._idle_threads = 0
+        self._open_connections = 0
         self._pool_lock = threading.Lock()
+        self._refused: "Optional[queue.SimpleQueue[Any]]" = None
+        self._active: set = set()   # the handlers answering now, for a shutdown to wait on or cut short
+        self._active_changed = threading.Condition(self._pool_lock)
+
+    def track(self, handler: "_LoggingHandler", active: bool) -> None:
+        with self._active_changed:
+            (self._active.add if active else self._active.discard)(handler)
+            self._active_changed.notify_all()
+
+    def drain(self, grace_seconds: float, message: str = SHUTDOWN_MESSAGE,
+              hurry: Optional[threading.Event] = None) -> int:
+        """A graceful end, once serve_forever has returned: stop listening, let the requests
+        being answered finish for ``grace_seconds`` (or until ``hurry`` is set), then end each
+        one still open with an error its client can see. Returns how many were cut short."""
+        self.server_close()   # new connections are refused from now on
+        deadline = time.monotonic() + grace_seconds
+        with self._active_changed:
+            while self._active and time.monotonic() < deadline and not (hurry and hurry.is_set()):
+                self._active_changed.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            open_now = list(self._active)
+        for handler in open_now:
+            handler.cut_short(message)
+        with self._active_changed:   # their threads notice at their next write; one stuck in a node may not
+            self._active_changed.wait_for(lambda: not self._active, timeout=0.2)
+        return len(open_now)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._pool_lock:
+            if self._open_connections >= self.limits.max_connections:
+                self._refuse(request)
+                return
+            self._open_connections += 1
             if self._idle_threads:
                 self._idle_threads -= 1
                 self._waiting.put((request, client_address))
@@ -6014,6 +6333,9 @@ class _ThreadingWSGIServer(WSGIServer):
             finally:
                 self.shutdown_request(request)
             with self._pool_lock:
+                self._open_connections -= 1
+                if self._idle_threads >= IDLE_THREADS_KEPT:
+                    return
                 self._idle_threads += 1
             try:
                 request, client_address = self._waiting.get(timeout=IDLE_THREAD_SECONDS)
@@ -6025,11 +6347,234 @@ class _ThreadingWSGIServer(WSGIServer):
                         self._idle_threads -= 1
                         return
 
+    def _refuse(self, request: Any) -> None:
+        """Hand a connection past the cap to the one thread that answers them all (called
+        under the pool lock): the accepting thread never waits on a client."""
+        if self._refused is None:
+            self._refused = queue.SimpleQueue()
+            threading.Thread(target=self._answer_refused, daemon=True).start()
+        self._refused.put(request)
+
+    def _answer_refused(self) -> None:
+        assert self._refused is not None
+        while True:
+            connection, head = self._refused.get(), b""
+            try:
+                connection.settimeout(REFUSAL_READ_SECONDS)
+                with contextlib.suppress(OSError):
+                    head = connection.recv(65536)   # read what was sent, so closing does not reset the answer
+                path = head.split(b" ", 2)[1].decode("latin-1") if head.count(b" ") >= 2 else ""
+                error = ServerBusyError(f"The server has {self.limits.max_connections} connections open, its "
+                                        "limit; try again in a moment.")
+                body = edge_error_body(path, error)
+                connection.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                   b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                                   % (len(body), body))
+                connection.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            finally:
+                connection.close()
+
+
+class _SocketReader(io.RawIOBase):
+    """The connection's bytes for the handler's rfile, each read bounded in time: by a
+    ``deadline`` (the request line, the header fields: a client that trickles them in
+    cannot stretch them) and by the longest ``pause`` (the body). Past either, TimeoutError."""
+
+    def __init__(self, connection: socket.socket):
+        super().__init__()
+        self._connection = connection
+        self.deadline: Optional[float] = None
+        self.pause: Optional[float] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        timeout = self.pause
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the client took too long")
+            timeout = left if timeout is None else min(timeout, left)
+        self._connection.settimeout(timeout)
+        try:
+            return self._connection.recv_into(buffer)
+        finally:
+            self._connection.settimeout(None)   # writes are not bounded by the read's limit
+
+
+class _ChunkedBody:
+    """A chunked request body, decoded for the app as other WSGI servers do: hexadecimal
+    sizes, CRLF after each chunk, trailers skipped. Malformed framing is a ValueError."""
+
+    def __init__(self, stream: Any):
+        self._stream, self._left, self._ended = stream, 0, False
+
+    def read(self, size: int = -1) -> bytes:
+        parts: List[bytes] = []
+        wanted = size if size is not None and size >= 0 else float("inf")
+        while wanted > 0 and not self._ended:
+            if self._left == 0 and not self._next_chunk():
+                break
+            part = self._stream.read(int(min(self._left, wanted)))
+            if not part:
+                raise ValueError("it ended inside a chunk")
+            parts.append(part)
+            self._left -= len(part)
+            wanted -= len(part)
+            if self._left == 0 and self._stream.read(2) != b"\r\n":
+                raise ValueError("a chunk is not followed by CRLF")
+        return b"".join(parts)
+
+    def _next_chunk(self) -> bool:
+        line = self._stream.readline(1026)
+        size = line.split(b";", 1)[0].strip()
+        if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size):
+            raise ValueError(f"a chunk size is not a hexadecimal number: {line[:20]!r}")
+        self._left = int(size, 16)
+        if self._left == 0:
+            self._ended = True
+            for _ in range(100):   # trailer fields, up to the empty line
+                if self._stream.readline(8192).strip() == b"":
+                    break
+        return not self._ended
+
+
+class _GuardedWriter:
+    """The connection's writes, each whole and one at a time, so that a shutdown can end a
+    reply between two of them; after ``cut``, a write is a BrokenPipeError, as if the
+    client had left (the app then closes the reply)."""
+
+    def __init__(self, connection: socket.socket):
+        self._connection = connection
+        self.lock = threading.Lock()
+        self.written = 0
+        self.cut = False
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        with self.lock:
+            if self.cut:
+                raise BrokenPipeError("the server cut this reply short")
+            self._connection.sendall(data)
+            self.written += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
 
 class _LoggingHandler(WSGIRequestHandler):
+    """One connection: one request (HTTP/1.0), its framing checked before the app runs (two
+    Content-Length fields, or one with Transfer-Encoding, are refused: the way requests are
+    smuggled past a proxy), and every error it answers itself in the protocol's own form."""
+
+    def setup(self) -> None:
+        super().setup()
+        self._reader = _SocketReader(self.connection)
+        self.rfile.close()
+        self.rfile = io.BufferedReader(self._reader)
+        self.wfile = _GuardedWriter(self.connection)
+        self._ending = StreamEnding()
+
+    def handle(self) -> None:
+        self.server.track(self, True)   # type: ignore[attr-defined]
+        try:
+            self._handle()
+        except (TimeoutError, socket.timeout):   # the request line or header fields took too long
+            with contextlib.suppress(OSError):
+                self.send_error(408, None, "The request took too long to arrive; the connection is closed.")
+        except ConnectionError:
+            self.close_connection = True
+        finally:
+            self.server.track(self, False)   # type: ignore[attr-defined]
+
+    def cut_short(self, message: str) -> None:
+        """End this request's reply now, from another thread (a shutdown): a 503 in the
+        protocol's form if nothing was sent yet, the protocol's last events if it is a stream
+        (StreamEnding), then close the connection."""
+        writer = self.wfile
+        if writer.lock.acquire(timeout=1.0):   # a client that reads nothing holds it: just close
+            try:
+                if not writer.cut:
+                    writer.cut = True
+                    self.connection.settimeout(1.0)
+                    self.connection.sendall(self._last_bytes(message, writer.written))
+            except OSError:
+                pass
+            finally:
+                writer.lock.release()
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _last_bytes(self, message: str, written: int) -> bytes:
+        if not written:
+            body = edge_error_body(self.path or "", ServerBusyError(message, code="server_shutting_down"))
+            return (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        return self._ending.end(message) if self._ending.end is not None else b""
+
+    def _handle(self) -> None:
+        limits: ServerLimits = self.server.limits   # type: ignore[attr-defined]
+        self.command, self.requestline, self.path, self.request_version = "", "", "", "HTTP/1.0"   # until read
+        self._reader.deadline = time.monotonic() + limits.request_line_seconds
+        self.raw_requestline = self.rfile.readline(65537)
+        self._reader.deadline = time.monotonic() + limits.header_seconds
+        if len(self.raw_requestline) > 65536:
+            self.requestline, self.request_version, self.command = "", "", ""
+            self.send_error(414, "URI Too Long", "The request line is over 65536 bytes.")
+            return
+        if not self.parse_request():   # an error was answered, or nothing was asked
+            return
+        problem = self._framing_problem()
+        if problem:
+            self.send_error(400, "Bad Request", problem)
+            return
+        self._reader.deadline, self._reader.pause = None, limits.body_pause_seconds
+        stdin = _ChunkedBody(self.rfile) if "Transfer-Encoding" in self.headers else self.rfile
+        handler = ServerHandler(stdin, self.wfile, self.get_stderr(), self.get_environ(), multithread=False)
+        handler.request_handler = self
+        handler.run(self.server.get_app())
+
+    def _framing_problem(self) -> str:
+        lengths = self.headers.get_all("Content-Length") or []
+        codings = self.headers.get_all("Transfer-Encoding") or []
+        if len(lengths) > 1:
+            return "The request has more than one Content-Length field."
+        if len(codings) > 1:
+            return "The request has more than one Transfer-Encoding field."
+        if lengths and codings:
+            return "Send Content-Length or Transfer-Encoding: chunked, not both."
+        return ""
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """What http.server answers itself (a request line it cannot parse, a header line over
+        64 KiB or more than 100 fields), as an OpenAI error object, or a JSON-RPC error on /mcp."""
+        if code == 431:   # http.client's words name its own limits, not what to change
+            explain = "The request's header fields are too large (a line over 64 KiB, or over 100 fields)."
+        error = HTTP_STATUS_ERRORS.get(code, RequestError)(explain or message or "Bad request.")
+        error.status = code
+        body = edge_error_body(getattr(self, "path", "") or "", error)
+        self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":   # a line it could not read: headers anyway
+            self.request_version = "HTTP/1.0"
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if getattr(self, "command", "") != "HEAD":
+            self.wfile.write(body)
+
     def get_environ(self) -> Dict[str, Any]:
         environ = super().get_environ()
         environ[CONNECTION_ENVIRON_KEY] = self.connection   # to notice a client that hung up
+        environ[ENDING_ENVIRON_KEY] = self._ending
         return environ
 
     def log_message(self, format: str, *args: Any) -> None:   # the app logs each request itself
@@ -6039,9 +6584,19 @@ class _LoggingHandler(WSGIRequestHandler):
         return self.client_address[0]
 
 
-def create_server(app: Callable[..., Any], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> WSGIServer:
-    """A threaded WSGI server for ``app``; ``port=0`` picks a free port (``server.server_port``)."""
-    return make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=_LoggingHandler)
+def create_server(app: Callable[..., Any], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                  limits: ServerLimits = ServerLimits()) -> WSGIServer:
+    """A threaded WSGI server for ``app``; ``port=0`` picks a free port (``server.server_port``).
+    ``limits`` bound slow clients and open connections (ServerLimits)."""
+    server = _ThreadingWSGIServer((host, port), _LoggingHandler, limits=limits)
+    server.set_app(app)
+    return server
+
+
+def server_limits(arguments: argparse.Namespace) -> ServerLimits:
+    """The built-in server's limits on slow clients and open connections, from the flags."""
+    return ServerLimits(request_line_seconds=arguments.request_line_timeout, header_seconds=arguments.header_timeout,
+                        body_pause_seconds=arguments.body_timeout, max_connections=arguments.max_connections)
 
 
 class AppFromEnvironment:
@@ -6080,6 +6635,10 @@ app = AppFromEnvironment()   # for `gunicorn cozyopenai:app`; builds nothing unt
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if MISSING_PACKAGE is not None:
+        print(f"cozyopenai: the package {MISSING_PACKAGE.name or MISSING_PACKAGE} is missing; install what it needs "
+              "with: pip install -r requirements.txt", file=sys.stderr)
+        return 2
     arguments = parse_arguments(argv, os.environ)
     logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -6088,27 +6647,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"cozyopenai: {exc.message}", file=sys.stderr)
         return 2
     service = app.config["cozyopenai.service"]
+    server = None
+    if arguments.server == "default":   # listen first: a taken port is a refusal like the others
+        try:
+            server = create_server(app, arguments.host, arguments.port, server_limits(arguments))
+        except OSError as exc:   # most often: the port is taken
+            print(f"cozyopenai: cannot listen on {arguments.host}:{arguments.port}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
     log.info("%s", startup_summary(service))
     if not arguments.api_key and not _is_loopback(arguments.host):
         log.warning("listening on %s with no --api-key: anyone who can reach it can use the models",
                     arguments.host)
     if service.llm is not None:
         threading.Thread(target=_warn_if_unreachable, args=(service.llm,), daemon=True).start()
-    if arguments.server != "default":
+    if server is None:
         return _run_with_bottle_adapter(app, arguments)
-    try:
-        server = create_server(app, arguments.host, arguments.port)
-    except OSError as exc:   # most often: the port is taken
-        print(f"cozyopenai: cannot listen on {arguments.host}:{arguments.port}: {exc.strerror}", file=sys.stderr)
-        return 1
     log.info("serving on http://%s:%d/openai (a page for people at http://%s:%d/)", arguments.host,
              server.server_port, arguments.host, server.server_port)
+    stopping, hurry = threading.Event(), threading.Event()
+
+    def on_signal(number: int, frame: Any) -> None:
+        if stopping.is_set():   # a second Ctrl-C: cut what still runs now
+            hurry.set()
+            return
+        stopping.set()
+        log.info("%s: shutting down; running turns have %g s to finish", signal.Signals(number).name,
+                 arguments.shutdown_grace)
+        threading.Thread(target=server.shutdown, daemon=True).start()   # it waits for serve_forever
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, on_signal)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.serve_forever(poll_interval=0.1)
     finally:
-        server.server_close()
+        cut = server.drain(arguments.shutdown_grace, hurry=hurry)   # type: ignore[attr-defined]
+    log.info("stopped%s", f"; {cut} replies cut short" if cut else ": every reply finished")
     return 0
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -209,9 +210,9 @@ call_kind = bench.StandInLLM.kind
 class Server:
     """A real cozyopenai server on a free loopback port."""
 
-    def __init__(self, app):
+    def __init__(self, app, limits=None):
         self.app = app
-        self.httpd = cozyopenai.create_server(app, "127.0.0.1", 0)
+        self.httpd = cozyopenai.create_server(app, "127.0.0.1", 0, limits or cozyopenai.ServerLimits())
         self.url = f"http://127.0.0.1:{self.httpd.server_port}"
         self.client = OpenAI(api_key="unused", base_url=self.url + "/openai")
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
@@ -265,12 +266,12 @@ def fake_llm():
 
 @pytest.fixture
 def start():
-    """start(**make_app arguments) -> a running Server; all are stopped after the test."""
+    """start(**make_app arguments, limits=ServerLimits) -> a running Server; all are stopped after the test."""
     servers = []
 
-    def starter(workflows=WORKFLOWS_PATH, **options):
+    def starter(workflows=WORKFLOWS_PATH, limits=None, **options):
         options.setdefault("store", "memory")
-        server = Server(cozyopenai.make_app(workflows, **options))
+        server = Server(cozyopenai.make_app(workflows, **options), limits)
         servers.append(server)
         return server
     yield starter
@@ -3366,8 +3367,8 @@ def test_a_port_in_use_gets_one_line_not_a_traceback():
         taken.listen()
         result = subprocess.run([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--store", "memory", "--port",
                                  str(taken.getsockname()[1])], capture_output=True, text=True, timeout=30, cwd=HERE)
-    assert result.returncode == 1 and "cannot listen on 127.0.0.1:" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2 and "cannot listen on 127.0.0.1:" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 def test_an_unknown_server_name_exits_with_a_clear_message():
@@ -3472,3 +3473,461 @@ def test_readme_benchmark_command_runs_and_prints_every_figure_with_its_target()
                    "turn latency", "start-up,", "single call, turn 1: 1 gathering call", "import cozyopenai",
                    "first answer"):
         assert re.search(re.escape(figure) + r".*(target|prompt tokens)", result.stdout), figure
+
+
+####################################################################################
+# The edge: malformed bytes, slow clients, shutdowns
+####################################################################################
+
+EDGE_BODY = b'{"model": "trip-planner", "messages": [{"role": "user", "content": "hi"}]}'
+EDGE_ROUTES = [("POST", "/openai/chat/completions"), ("POST", "/openai/responses"), ("POST", "/mcp"),
+               ("GET", "/openai/models"), ("GET", "/openai/responses/resp_x"), ("DELETE", "/mcp")]
+QUICK_LIMITS = cozyopenai.ServerLimits(request_line_seconds=0.5, header_seconds=0.5, body_pause_seconds=0.5)
+
+
+def raw_exchange(server, data, seconds=5.0, half_close=False):
+    """Bytes sent on a raw socket (then, with ``half_close``, the end of what the client sends),
+    and the server's whole answer: its status, headers and body. ``seconds`` is the deadline
+    for the answer, which fails the test."""
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=seconds) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        answer, deadline = b"", time.monotonic() + seconds
+        while True:
+            assert time.monotonic() < deadline, f"no answer in {seconds} s: {answer[:200]!r}"
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    headers = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:] if ": " in line)
+    return status, headers, body
+
+
+def assert_protocol_error(path, status, headers, body, expected=None):
+    """A 4xx in the protocol's own form: an OpenAI error object, or a JSON-RPC error on /mcp."""
+    assert 400 <= status < 500 and (expected is None or status == expected), (status, body[:300])
+    assert headers["Content-Type"] == "application/json", headers
+    error = json.loads(body)
+    if path.startswith("/mcp"):
+        assert error["jsonrpc"] == "2.0" and error["error"]["code"] == -32600 and error["error"]["message"]
+    else:
+        assert set(error["error"]) == {"message", "type", "param", "code"} and error["error"]["message"]
+    return error
+
+
+def request_bytes(method, path, headers=b"", body=EDGE_BODY):
+    return (method.encode() + b" " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n" + headers + b"\r\n" + body)
+
+
+BAD_FRAMING = {
+    "length abc": (b"Content-Length: abc\r\n", 400),
+    "length 1e3": (b"Content-Length: 1e3\r\n", 400),
+    "length 5, 5": (b"Content-Length: 5, 5\r\n", 400),
+    "length 0x10": (b"Content-Length: 0x10\r\n", 400),
+    "length negative": (b"Content-Length: -74\r\n", 400),
+    "two lengths": (b"Content-Length: 74\r\nContent-Length: 74\r\n", 400),
+    "length and chunked": (b"Content-Length: 74\r\nTransfer-Encoding: chunked\r\n", 400),
+    "gzip coding": (b"Transfer-Encoding: gzip\r\n", 400),
+    "two codings": (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", 400),
+    "a header line over 64 KiB": (b"X-Big: " + b"a" * 70_000 + b"\r\n", 431),
+    "headers over 64 KiB in all": (b"".join(b"X-F%d: %s\r\n" % (i, b"b" * 900) for i in range(80)), 431),
+    "over 100 header fields": (b"".join(b"X-F%d: 1\r\n" % i for i in range(120)), 431),
+}
+
+
+def test_malformed_framing_on_every_route_is_a_4xx_in_the_protocols_form(start):
+    server, seen = start(), []
+    for method, path in EDGE_ROUTES:
+        for case, (headers, expected) in BAD_FRAMING.items():
+            status, response_headers, body = raw_exchange(server, request_bytes(method, path, headers))
+            assert_protocol_error(path, status, response_headers, body, expected)
+            seen.append(status)
+        chunked = b"zz\r\nabc\r\n0\r\n\r\n"   # a chunk size that is not hexadecimal
+        status, response_headers, body = raw_exchange(
+            server, request_bytes(method, path, b"Transfer-Encoding: chunked\r\n", chunked))
+        if method == "POST":
+            assert_protocol_error(path, status, response_headers, body, 400)
+    short = raw_exchange(server, request_bytes("POST", "/openai/chat/completions", b"Content-Length: 500\r\n"),
+                         half_close=True)   # fewer bytes than announced, then the client's end
+    for answer in (raw_exchange(server, b"GARBAGE\r\n\r\n"), raw_exchange(server, b"GET /" + b"a" * 70_000 +
+                                                                              b" HTTP/1.1\r\n\r\n")):
+        assert_protocol_error("/", *answer)
+    error = assert_protocol_error("/openai", *short, 400)
+    assert "ended after 74 of the 500 bytes" in error["error"]["message"]
+    assert len(seen) == len(EDGE_ROUTES) * len(BAD_FRAMING) and max(seen) < 500
+    good = EDGE_BODY
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(good), good)   # well-formed chunked bodies are read
+    status, _, body = raw_exchange(server, request_bytes("POST", "/openai/chat/completions",
+                                                         b"Transfer-Encoding: chunked\r\n", chunked))
+    assert status == 200 and json.loads(body)["object"] == "chat.completion"
+
+
+def test_stalled_requests_on_every_route_are_answered_408_in_time_and_closed(start):
+    server = start(limits=QUICK_LIMITS)
+    port, began, stalled = int(server.url.rsplit(":", 1)[1]), time.monotonic(), []
+    for path in ("/openai/chat/completions", "/openai/responses", "/mcp"):
+        for sent, form in ((b"", "/"), (b"POST " + path.encode(), "/"),   # nothing, half a request line
+                           (request_bytes("POST", path, b"X-Slow: 1\r\n", b"")[:-2], path),   # headers unfinished
+                           (request_bytes("POST", path, b"Content-Length: 200\r\n", EDGE_BODY[:20]), path)):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=3)   # each read's deadline
+            sock.sendall(sent)
+            stalled.append((sock, form))
+    for sock, form in stalled:
+        with sock:
+            answer = b""
+            while chunk := sock.recv(65536):   # the answer, then the close
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
+        assert_protocol_error(form, int(head.split(b" ")[1]), headers, body, 408)
+    assert time.monotonic() - began < 2.5
+    assert server.post({"model": "trip-planner", "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+
+
+def thread_count():
+    return threading.active_count()
+
+
+def test_400_stalled_connections_do_not_hold_400_threads_nor_delay_a_normal_request(start):
+    server = start(limits=cozyopenai.ServerLimits(header_seconds=5, body_pause_seconds=2.0))
+    port, before = int(server.url.rsplit(":", 1)[1]), thread_count()
+    stalled = []
+    try:
+        for _ in range(400):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(request_bytes("POST", "/openai/chat/completions", b"Content-Length: 500\r\n", b'{"mo'))
+            stalled.append(sock)
+        began = time.monotonic()
+        reply = server.post({"model": "trip-planner", "messages": [{"role": "user", "content": "Paris"}]})
+        assert reply.status_code == 200 and time.monotonic() - began < 1.0   # not held until they time out (2 s)
+        statuses = []
+        for sock in stalled:
+            answer = b""
+            while not answer.endswith(b"}") and len(answer) < 4096:
+                chunk = sock.recv(4096)   # each socket's timeout (10 s) is the test's deadline
+                if not chunk:
+                    break
+                answer += chunk
+            statuses.append(int(answer.split(b" ", 2)[1]))
+        assert statuses == [408] * 400 and time.monotonic() - began < 8
+    finally:
+        for sock in stalled:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while thread_count() > before + cozyopenai.IDLE_THREADS_KEPT + 2:
+        assert time.monotonic() < deadline, f"{thread_count()} threads, {before} before the 400 connections"
+        time.sleep(0.05)
+
+
+def test_past_the_connection_cap_a_new_connection_gets_a_503_at_once(start):
+    server = start(limits=cozyopenai.ServerLimits(header_seconds=3, max_connections=4))
+    port = int(server.url.rsplit(":", 1)[1])
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+    try:
+        for sock in held:
+            sock.sendall(b"POST /openai/chat/completions HTTP/1.1\r\n")   # headers still to come
+        time.sleep(0.1)
+        for path in ("/openai/models", "/mcp"):
+            began = time.monotonic()
+            status, headers, body = raw_exchange(server, request_bytes("POST", path), seconds=3)
+            assert status == 503 and headers["Retry-After"] == "1" and time.monotonic() - began < 1.5
+            error = json.loads(body)
+            assert "4 connections open" in (error["error"]["message"])
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while requests.get(server.url + "/health", timeout=5).status_code != 200:   # served again once they left
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _responses_bodies():
+    from hypothesis import strategies as st
+    scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+    anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
+                            st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+    part = st.fixed_dictionaries({"type": st.sampled_from(["input_text", "input_image", "x"]), "text": anything})
+    item = st.fixed_dictionaries({}, optional={"role": st.sampled_from(["user", "assistant", "tool"]) | anything,
+                                               "content": st.text(max_size=40) | st.lists(part, max_size=2) | anything,
+                                               "type": st.sampled_from(["message", "reasoning"]) | anything})
+    body = st.fixed_dictionaries({}, optional={
+        "model": st.sampled_from(["trip-planner", "nope"]) | anything, "input": st.text(max_size=40) |
+        st.lists(item, max_size=3) | anything, "stream": st.booleans() | anything, "store": anything,
+        "previous_response_id": st.sampled_from(["resp_x", ""]) | anything, "metadata": anything})
+    return body.map(lambda value: json.dumps(value).encode()) | st.binary(max_size=48)
+
+
+def _mcp_bodies():
+    from hypothesis import strategies as st
+    scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+    anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
+                            st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+    arguments = st.dictionaries(st.sampled_from(["destination", "budget", "pace", "children", "request", "x"]),
+                                anything, max_size=4) | anything
+    params = st.fixed_dictionaries({}, optional={"name": st.sampled_from(["trip-planner", "weather-now", ""]) |
+                                                 anything, "arguments": arguments, "_meta": anything})
+    message = st.fixed_dictionaries({"jsonrpc": st.sampled_from(["2.0", "1.0"]) | anything}, optional={
+        "id": st.integers(0, 9) | anything, "method": st.sampled_from(["tools/call", "tools/list", "ping", "x"]) |
+        anything, "params": params | anything, "result": anything})
+    return message.map(lambda value: json.dumps(value).encode()) | st.binary(max_size=48)
+
+
+EDGE_FUZZED = 30   # per route and store; the suite's other fuzz test sends a thousand chat bodies
+
+
+@pytest.mark.parametrize("store", ["memory", "json"])
+def test_fuzzed_bodies_on_every_route_and_store_get_4xx_protocol_errors_and_never_a_5xx(start, store, tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    server = start(store="memory" if store == "memory" else str(tmp_path / "conversations"))
+    session = requests.Session()
+    initialized = session.post(server.url + "/mcp", timeout=10, json={"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                                                                      "params": {"capabilities": {}}})
+    mcp_headers = {"Mcp-Session-Id": initialized.headers["Mcp-Session-Id"], "Content-Type": "application/json",
+                   "Accept": "application/json"}
+    seen = []
+
+    def check(path, body, headers):
+        response = session.post(server.url + path, data=body, headers=headers, timeout=10)
+        seen.append(response.status_code)
+        assert response.status_code < 500, response.text[:300]
+        if response.status_code >= 400 and path == "/mcp":
+            assert response.json()["error"]["message"]
+        elif response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        elif response.headers["Content-Type"].startswith("text/event-stream"):
+            assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+            assert response.text.endswith(("data: [DONE]\n\n", "response.completed", "\n\n"))
+            assert "response.failed" not in response.text and '"error": {' not in response.text.split("\n")[0]
+
+    @settings(max_examples=EDGE_FUZZED, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(chat=_bodies(), responses=_responses_bodies(), mcp=_mcp_bodies())
+    def fuzz(chat, responses, mcp):
+        check("/openai/chat/completions", chat, {"Content-Type": "application/json"})
+        check("/openai/responses", responses, {"Content-Type": "application/json"})
+        check("/mcp", mcp, mcp_headers)
+    fuzz()
+    assert len(seen) >= 3 * EDGE_FUZZED and any(status >= 400 for status in seen)
+    assert "Where would you like to go?" in Chat(server).say("I want to plan a trip.")
+
+
+SLOW_WORKFLOW = workflow(name="slow", nodes=[
+    {"id": "wait", "type": "python", "inputs": {"function": "time:sleep", "0": 30}},
+    {"id": "say", "type": "template", "inputs": {"template": "{word}{nothing}", "word": {"query": "word"},
+                                                 "nothing": {"link": "wait"}}},
+    {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}])
+
+
+class RawStream:
+    """A streamed POST on a raw socket, its bytes gathered by a thread as they arrive (HTTP
+    clients buffer them), so a test can wait for what it expects with a deadline."""
+
+    def __init__(self, url, path, body):
+        host, port = url.rsplit("/", 1)[1].split(":")
+        data = json.dumps(body).encode()
+        self.sock = socket.create_connection((host, int(port)), timeout=15)
+        self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d"
+                          b"\r\n\r\n%s" % (path.encode(), host.encode(), len(data), data))
+        self.data, self.ended, self.changed = b"", False, threading.Condition()
+        threading.Thread(target=self._gather, daemon=True).start()
+
+    def _gather(self):
+        try:
+            while chunk := self.sock.recv(65536):
+                with self.changed:
+                    self.data += chunk
+                    self.changed.notify_all()
+        except OSError:
+            pass
+        with self.changed:
+            self.ended = True
+            self.changed.notify_all()
+
+    def text_until(self, marker, seconds):
+        with self.changed:
+            found = self.changed.wait_for(lambda: marker.encode() in self.data or self.ended, seconds)
+            assert found and marker.encode() in self.data, f"{marker!r} not seen in {seconds} s: {self.data[-300:]!r}"
+            return self.data.decode("utf-8")
+
+    def wait_end(self, seconds):
+        with self.changed:
+            assert self.changed.wait_for(lambda: self.ended, seconds), "the stream did not end in time"
+            return self.data.decode("utf-8")
+
+
+def test_sigterm_mid_stream_ends_each_stream_with_an_error_and_its_end_event_and_exits_0(tmp_path):
+    quick = dict(json.loads(json.dumps(SLOW_WORKFLOW).replace('"0": 30', '"0": 0.4')), name="quick")
+    (tmp_path / "workflows.json").write_text(json.dumps({"workflows": [SLOW_WORKFLOW, quick]}))
+    with command_line_server("--workflows", str(tmp_path / "workflows.json"), "--store", str(tmp_path / "chats"),
+                             "--shutdown-grace", "0.8", cwd=tmp_path) as server:
+        said = [{"role": "user", "content": "word: hi"}]
+        chat = RawStream(server.url, "/openai/chat/completions", {"model": "slow", "stream": True, "messages": said})
+        response = RawStream(server.url, "/openai/responses", {"model": "slow", "stream": True, "input": "word: hi"})
+        finishing = RawStream(server.url, "/openai/chat/completions", {"model": "quick", "stream": True,
+                                                                        "messages": said})
+        client_saw = []
+
+        def with_the_openai_client():   # the library a client would use raises the cut as an error
+            client = OpenAI(api_key="unused", base_url=server.url + "/openai", timeout=10, max_retries=0)
+            try:
+                for chunk in client.chat.completions.create(model="slow", messages=said, stream=True):
+                    client_saw.append(chunk.choices[0].delta.content or "")
+            except openai.APIError as exc:
+                client_saw.append(exc)
+        reader = threading.Thread(target=with_the_openai_client, daemon=True)
+        reader.start()
+        assert "Content-Type: text/event-stream; charset=utf-8" in chat.text_until("wait started", 5)
+        response.text_until("wait started", 5)
+        finishing.text_until("wait started", 5)
+        deadline = time.monotonic() + 5
+        while "".join(text for text in client_saw if isinstance(text, str)).count("wait started") < 1:
+            assert time.monotonic() < deadline, client_saw
+            time.sleep(0.02)
+        server.process.send_signal(signal.SIGTERM)
+        seen_chat, seen_response, seen_finished = chat.wait_end(5), response.wait_end(5), finishing.wait_end(5)
+        reader.join(5)
+        assert server.process.wait(10) == 0
+        log = server.process.stdout.read().decode()
+    assert '"code": "server_shutting_down"' in seen_chat and seen_chat.rstrip().endswith("data: [DONE]")
+    assert '"finish_reason": "stop"' not in seen_chat   # told from a finished stream, which has one:
+    assert '"finish_reason": "stop"' in seen_finished and "shutting" not in seen_finished
+    failed = json.loads(seen_response.rstrip().split("data: ")[-1])
+    assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
+    assert failed["response"]["error"]["message"].startswith("The server is shutting down")
+    assert "response.completed" not in seen_response
+    assert isinstance(client_saw[-1], openai.APIError) and "shutting down" in str(client_saw[-1])
+    assert "SIGTERM: shutting down" in log and "3 replies cut short" in log and "Traceback" not in log
+    assert not [name for name in os.listdir(tmp_path / "chats") if name.endswith(".tmp")]
+
+
+def test_a_restart_removes_the_temporary_files_killed_saves_left_and_counts_them(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          timeout=30)
+    dead_pid, store = int(gone.stdout), tmp_path / "chats"
+    store.mkdir()
+    conversation = "A" * 32
+    (store / f"{conversation}.json").write_text("{}")
+    leftovers = [store / f"{conversation}.json.{dead_pid}-{n}.tmp" for n in (1, 2, 3)]
+    live = store / f"{conversation}.json.{os.getpid()}-9.tmp"   # a live worker's save in progress
+    for path in leftovers + [live]:
+        path.write_text('{"half": ')
+    said = cozyopenai.startup_summary(cozyopenai.make_app(WORKFLOWS_PATH, store=str(store)).config["cozyopenai.service"])
+    assert f"store: JSON files in {store} (3 temporary files of unfinished saves removed)" in said
+    assert sorted(os.listdir(store)) == sorted([".locks", f"{conversation}.json", live.name])
+
+
+def test_encoded_copies_of_secrets_are_redacted_in_replies_thinking_logs_and_errors(start, fake_llm, caplog):
+    import base64
+    from urllib.parse import quote, quote_plus
+    key, header = "Ab3/de+fGh9=ij12KLmn", 'Qw3"rt\\yU7-op9aSd5'
+    encoded = {"quote": quote(key, safe=""), "plus": quote_plus(key), "json": json.dumps(header)[1:-1],
+               "b64": base64.b64encode(key.encode()).decode(), "hex": key.encode().hex(),
+               "basic": base64.b64encode(b"user:" + key.encode()).decode()}
+    fake_llm.http_routes["/echo"] = (200, {name: f"key={value}" for name, value in encoded.items()})
+    secrets = {"api_key": key, "headers": {"X-Header": header}}
+    echo = workflow(name="echo", fixed_inputs=secrets, nodes=[
+        {"id": "fetch", "type": "http", "inputs": {"url": fake_llm.url + "/echo?w={word}", "word": {"query": "word"},
+                                                 "headers": {"fixed": "headers"}}},
+        {"id": "say", "type": "template", "inputs": {"template": " ".join(f"{{r.{name}}}" for name in encoded),
+                                                     "r": {"link": "fetch"}}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}])
+    say = {"id": "say", "type": "template", "inputs": {"template": "{word}", "word": {"query": "word"}}}
+    broken = workflow(name="broken", fixed_inputs=secrets, nodes=[say,   # an error that quotes the secret, encoded
+        {"id": "parse", "type": "python", "inputs": {"function": "ipaddress:ip_address", "0": "key=" + encoded["quote"]}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}, "a": {"link": "parse"}}}])
+    leaking = workflow(name="leaking", fixed_inputs=secrets, nodes=[say,
+        {"id": "leak", "type": "leaky", "inputs": {"text": "key=" + encoded["b64"], "after": {"link": "say"}}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "leak"}}}])
+
+    def leaky(inputs, context):   # a custom node's bug: its exception is logged with its traceback
+        raise RuntimeError(f"upstream answered {inputs['text']}")
+    server = start({"workflows": [echo, broken, leaking]}, node_types={"leaky": cozyopenai.NodeType(leaky)})
+    for stream in (False, True):
+        reply = ask(server, "echo", [{"role": "user", "content": "word: hi"}], stream=stream)
+        assert reply.count("[redacted]") >= len(encoded), reply
+        for value in encoded.values():
+            assert value not in reply and value[8:20] not in reply, value
+    failed = ask(server, "broken", [{"role": "user", "content": "word: hi"}])
+    assert "ValueError: 'key=[redacted]'" in failed and encoded["quote"] not in failed
+    with caplog.at_level("ERROR", logger="cozyopenai"):
+        leaked = ask(server, "leaking", [{"role": "user", "content": "word: hi"}])
+    assert "RuntimeError: upstream answered key=[redacted]" in caplog.text and encoded["b64"] not in caplog.text
+    assert encoded["b64"] not in leaked
+
+
+def test_with_a_key_the_home_page_shows_no_model_and_any_api_path_is_401_first(start):
+    server = start(api_keys=["k1"])
+    page = requests.get(server.url + "/", headers={"Accept": "text/html"}, timeout=5)
+    assert page.status_code == 200 and "Authorization: Bearer" in page.text and "/openai" in page.text
+    for name in ("trip-planner", "month-calendar", "weather-now", "destination", "Budget"):
+        assert name not in page.text
+    for path in ("/openai/nope", "/openai", "/openai/v1/nothing/here", "/mcp/nope"):
+        response = requests.get(server.url + path, timeout=5)
+        assert_protocol_error(path, response.status_code, response.headers, response.content, 401)
+    assert requests.options(server.url + "/openai/nope", timeout=5).status_code == 401   # no CORS: no preflight
+    assert requests.get(server.url + "/openai/nope", headers={"Authorization": "Bearer k1"},
+                        timeout=5).status_code == 404
+
+
+def test_start_up_refusals_are_one_line_and_exit_2(tmp_path, capsys):
+    bad_bounds = workflow(query_inputs={"n": {"description": "A number.", "type": "number", "minimum": 10,
+                                              "maximum": 1}},
+                          nodes=[{"id": "say", "type": "template", "inputs": {"template": "{n}", "n": {"query": "n"}}},
+                                 {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}])
+    bad_header = workflow(nodes=[
+        {"id": "get", "type": "http", "inputs": {"url": "http://127.0.0.1:9/{word}", "word": {"query": "word"},
+                                               "headers": {"X-Key": {"an": "object"}}}},
+        {"id": "answer", "type": "output", "inputs": {"text": {"link": "get"}}}])
+    (tmp_path / "bounds.json").write_text(json.dumps({"workflows": [bad_bounds]}))
+    (tmp_path / "header.json").write_text(json.dumps({"workflows": [bad_header]}))
+    (tmp_path / "deep.json").write_text('{"workflows": ' + "[" * 5000 + "]" * 5000 + "}")
+    for name, message in (("bounds.json", "'minimum' (10) is above 'maximum' (1)"),
+                          ("header.json", "header 'X-Key' must be a string, not an object"),
+                          ("deep.json", "nested too deeply")):
+        assert cozyopenai.main(["--workflows", str(tmp_path / name), "--store", "memory", "--port", "0"]) == 2
+        said = capsys.readouterr().err
+        assert message in said and len(said.strip().splitlines()) == 1, said
+    missing = ("import runpy, sys; sys.modules['bottle'] = None; sys.argv = ['cozyopenai.py']; "
+               f"runpy.run_path({os.path.join(HERE, 'cozyopenai.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", missing], capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == (
+        "cozyopenai: the package bottle is missing; install what it needs with: pip install -r requirements.txt\n")
+
+
+def mcp_raw(server):
+    """post(message) on a raw MCP session (JSON answers), for the protocol's own errors."""
+    initialized = requests.post(server.url + "/mcp", timeout=10, json={
+        "jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"capabilities": {}}})
+    headers = {"Mcp-Session-Id": initialized.headers["Mcp-Session-Id"], "Accept": "application/json"}
+    return lambda message: requests.post(server.url + "/mcp", json={"jsonrpc": "2.0", "id": 1, **message},
+                                         headers=headers, timeout=10)
+
+
+def test_no_silent_acceptance_at_the_edge(start):
+    server = start()
+    typed = server.post({"model": 1, "messages": [{"role": "user", "content": "hi"}]})
+    assert typed.status_code == 400 and "'model' must be a string" in typed.json()["error"]["message"]
+    assert typed.json()["error"]["param"] == "model"
+    responses = requests.post(server.url + "/openai/responses", json={"model": ["x"], "input": "hi"}, timeout=10)
+    assert responses.status_code == 400 and "'model' must be a string" in responses.json()["error"]["message"]
+    post = mcp_raw(server)
+    nameless = post({"method": "tools/call", "params": {"arguments": {}}}).json()
+    assert nameless["error"]["code"] == -32602 and "tool name is missing" in nameless["error"]["message"]
+    listed = post({"method": "tools/call", "params": {"name": "trip-planner", "arguments": []}}).json()
+    assert listed["error"]["code"] == -32602 and "'arguments' must be an object" in listed["error"]["message"]
+    given = {"destination": "Lisbon", "budget": "1200 EUR", "travel_dates": "May"}
+    for name, value in (("pace", "warp"), ("children", "maybe")):
+        result = post({"method": "tools/call", "params": {"name": "trip-planner",
+                                                          "arguments": {**given, name: value}}}).json()["result"]
+        assert result["isError"] and f"the argument {name!r} is not valid" in result["content"][0]["text"]
+    fine = post({"method": "tools/call", "params": {"name": "trip-planner", "arguments": given}}).json()["result"]
+    assert not fine["isError"] and "Lisbon" in fine["content"][0]["text"]
+    stream = requests.post(server.url + "/openai/chat/completions", timeout=10, json={
+        "model": "trip-planner", "stream": True, "messages": [{"role": "user", "content": "Un voyage à Zürich ☀"}]})
+    assert stream.headers["Content-Type"] == "text/event-stream; charset=utf-8" and "Zürich" in stream.text

@@ -5,6 +5,7 @@ Run from the repository's top folder (the README gives the same command):
     python bench/bench_cozyopenai.py                 # everything, about two minutes on 2 cores
     python bench/bench_cozyopenai.py --runs 3 --only overhead,ttfb
     python bench/bench_cozyopenai.py --server waitress    # the concurrency figure on another server
+    python bench/bench_cozyopenai.py --only soak --soak-seconds 600   # ten minutes at half the turn rate
 
 The servers under test run in their own processes (``serve``, below), so the load generator
 does not share their interpreter lock. Each figure is the median of ``--runs`` runs, and
@@ -41,6 +42,9 @@ CLIENTS = 16                      # concurrent clients for the throughput figure
 STREAMS = 200                     # simultaneous open streams for the concurrency figure
 STORED_CONVERSATIONS = 100_000    # for the storage scaling figure
 SECTIONS = ("overhead", "ttfb", "concurrency", "parallel", "storage", "llm", "reading", "startup")
+EXTRA_SECTIONS = ("soak",)        # long: only with --only soak
+SOAK_SECONDS = 600.0
+SOAK_MOST_OPEN = 64               # connections the soak's client keeps open at most
 
 
 ####################################################################################
@@ -804,12 +808,106 @@ def bench_startup(runs):
 # Command line
 ####################################################################################
 
+def resident_kib(pid):
+    """The process's resident memory (VmRSS in /proc/<pid>/status, what it reads as /proc/self), KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS:")).split()[1])
+
+
+def bench_soak(seconds):
+    """Half the measured turn rate for ``seconds``, every other turn streamed, on the JSON
+    store: errors (want 0), and the server's resident memory at the start and the end (want
+    growth under 10%)."""
+    store = tempfile.mkdtemp(prefix="cozy-bench-soak-")
+    path = "/json/openai/chat/completions"
+    bodies = [chat_body("echo", ECHO_MESSAGE), chat_body("echo", ECHO_MESSAGE, stream=True)]
+    try:
+        with ServerProcess(json_store=store) as server:
+            measured, errors = throughput(server.port, path, bodies[0], 3.0)
+            assert errors == 0, f"{errors} errors while measuring the turn rate"
+            rate = measured / 2
+            print(f"Soak: {seconds:g} s at {rate:.0f} turns/s (half the measured {measured:.0f}), every other turn "
+                  f"streamed, JSON store, after {min(30.0, seconds / 10):g} s of warm-up", flush=True)
+            warm_up = min(30.0, seconds / 10)   # threads and allocator arenas settle first: then the start figure
+            paced_turns(server.port, path, bodies, rate, warm_up)
+            start_kib, samples = resident_kib(server.process.pid), []
+            result = paced_turns(server.port, path, bodies, rate, seconds,
+                                 every_10_s=lambda: samples.append(resident_kib(server.process.pid)))
+            end_kib = resident_kib(server.process.pid)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    growth = (end_kib - start_kib) / start_kib
+    print(f"  {result['done']} turns ({result['streamed']} streamed), {result['behind']} started late; resident "
+          f"memory every 10 s (MiB): {', '.join(f'{kib / 1024:.1f}' for kib in samples)}")
+    report("soak errors", f"{result['errors']} of {result['done'] + result['errors']}", "0", result["errors"] == 0)
+    report("soak resident memory, start -> end", f"{start_kib / 1024:.1f} -> {end_kib / 1024:.1f} MiB "
+           f"({growth:+.1%})", "< +10%", growth < 0.10)
+    return result
+
+
+def paced_turns(port, path, bodies, rate, seconds, every_10_s=None, most_open=SOAK_MOST_OPEN):
+    """Requests started at ``rate`` per second for ``seconds``, taking ``bodies`` in turn
+    (the second one streamed), from one thread with a selector. A turn counts as an error
+    unless it is a 200 and, streamed, ends with [DONE] after a finish_reason."""
+    requests_ = [(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body for body in bodies]
+    selector, open_, kinds = selectors.DefaultSelector(), {}, itertools.cycle(range(len(bodies)))
+    result = {"done": 0, "errors": 0, "streamed": 0, "behind": 0}
+    started = time.perf_counter()
+    end, next_start, next_sample = started + seconds, started, started
+    while True:
+        now = time.perf_counter()
+        if now >= next_sample and now < end and every_10_s:
+            every_10_s()
+            next_sample += 10
+        while now < end and next_start <= now:
+            if len(open_) >= most_open:   # the server is behind: the turn waits for a free connection
+                result["behind"] += 1
+                next_start = now + 0.001
+                break
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            selector.register(sock, selectors.EVENT_WRITE)
+            open_[sock] = ([], next(kinds))
+            next_start += 1 / rate
+        if now >= end and not open_:
+            break
+        for key, events in selector.select(timeout=max(0.0, min(next_start - now, 0.05)) if now < end else 1.0):
+            sock = key.fileobj
+            chunks, kind = open_[sock]
+            try:
+                if events & selectors.EVENT_WRITE:
+                    sock.sendall(requests_[kind])
+                    selector.modify(sock, selectors.EVENT_READ)
+                    continue
+                data = sock.recv(65536)
+            except OSError:
+                data, chunks[:] = b"", [b"failed"]
+            if data:
+                chunks.append(data)
+                continue
+            selector.unregister(sock)
+            sock.close()
+            del open_[sock]
+            answer = b"".join(chunks)
+            good = answer.startswith(b"HTTP/1.0 200") and (
+                kind == 0 or (answer.endswith(b"data: [DONE]\n\n") and b'"finish_reason": "stop"' in answer))
+            result["done" if good else "errors"] += 1
+            result["streamed"] += good and kind == 1
+    selector.close()
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", nargs="?", default="bench", choices=("bench", "serve"))
     parser.add_argument("--runs", type=int, default=5, help="runs per figure; medians are reported")
     parser.add_argument("--seconds", type=float, default=2.0, help="length of each throughput run")
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help="comma-separated: " + ", ".join(SECTIONS + EXTRA_SECTIONS) + " (soak: only when named)")
+    parser.add_argument("--soak-seconds", type=float, default=SOAK_SECONDS,
+                        help="length of the soak (default: %(default)s)")
     parser.add_argument("--conversations", type=int, default=STORED_CONVERSATIONS,
                         help="stored conversations for the storage figure (default: %(default)s)")
     parser.add_argument("--server", default="default",
@@ -846,6 +944,8 @@ def main(argv=None):
         bench_extraction(arguments.real_llm, arguments.real_model)
     if "startup" in chosen:
         bench_startup(arguments.runs)
+    if "soak" in chosen:
+        bench_soak(arguments.soak_seconds)
     return 0
 
 
