@@ -2648,6 +2648,8 @@ MONTHS = MappingProxyType({word: month for language in LANGUAGES.values()
                            for month, words in enumerate(language.months, 1) for word in words.split()})
 TIME_NAMES = words_of("weekdays") | words_of("seasons") | MONTHS.keys()
 TIME_PHRASES = phrases_of("time_phrases")
+TIME_PHRASES_BY_FIRST_WORD: Mapping[str, Tuple[Tuple[str, ...], ...]] = MappingProxyType({
+    first: tuple(phrase for phrase in TIME_PHRASES if phrase[0] == first) for first in {p[0] for p in TIME_PHRASES}})
 UNCERTAIN_TIMES, SEASON_NOUNS, HOLIDAYS = words_of("uncertain_times"), words_of("season_nouns"), words_of("holiday_words")
 TIME_UNITS, COUNT_WORDS, QUALIFIERS = words_of("time_units"), words_of("numbers"), words_of("qualifiers")
 RELATIVES, PAST = words_of("relatives"), words_of("past")
@@ -2672,6 +2674,22 @@ BOOLEAN_WORDS = MappingProxyType({True: words_of("yes") | frozenset(SYMBOL_YES.s
 KINDS = MappingProxyType({kind: frozenset(word for language in LANGUAGES.values()
                                           for word in language.kind_words.get(kind, "").split())
                           for kind in TEXT_KINDS + NUMBER_KINDS})
+# Unions the reader looks words up in, made once rather than on every look-up.
+YES_OR_NO = BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]
+NEGATING = NEGATIONS | BOOLEAN_WORDS[False]
+TIME_WORDS = TIME_NAMES | TIME_UNITS
+LEADS_OR_LINKS = PLACE_LEADS | TIME_LINKS
+NEVER_OPTIONS = NEGATIONS | TIME_LINKS | COUNT_WORDS
+AFTER_A_COUNT = TIME_UNITS | QUALIFIERS | COUNT_WORDS
+LINKS_OR_COUNTS = TIME_LINKS | COUNT_WORDS
+LINKS_OR_QUALIFIERS = TIME_LINKS | QUALIFIERS
+TIME_GLUE = COUNT_WORDS | QUALIFIERS | TIME_LINKS | HOLIDAYS
+QUALIFIES_A_UNIT = QUALIFIERS | HOLIDAYS
+COUNTS_A_UNIT = COUNT_WORDS | QUALIFIERS
+TIME_NAME_PARTS = TIME_NAMES | QUALIFIERS
+SMALL_IN_A_CORRECTION = CORRECTION_FILLERS | PLACE_LEADS | ARTICLES | PREFERENCES
+CHANGE_WORDS = CHANGES | PREFERENCES | CORRECTION_FILLERS
+LEADS_BEFORE_AN_OPTION = LEADS_OR_LINKS - ALTERNATIVES
 CANCEL_PATTERN = _phrase_pattern("cancel_phrases", whole=True)
 RERUN_PATTERN = _phrase_pattern("rerun_phrases", whole=False)
 _RANGE = "|".join(map(re.escape, sorted(RANGE_WORDS, key=len, reverse=True)))
@@ -2905,13 +2923,18 @@ class Tokens(list):
         """Indexes of tokens that are part of a time named by several words ("New Year's Eve")."""
         words = self.words
         found = set()
-        for position in range(len(words)):
-            for phrase in TIME_PHRASES:
+        for position, (_, token) in enumerate(words):
+            for phrase in TIME_PHRASES_BY_FIRST_WORD.get(token.folded, ()):
                 if position + len(phrase) <= len(words) and all(
-                        words[position + k][1].folded == phrase[k] for k in range(len(phrase))):
+                        words[position + k][1].folded == phrase[k] for k in range(1, len(phrase))):
                     found.update(words[position + k][0] for k in range(len(phrase)))
                     break
         return frozenset(found)
+
+    @cached_property
+    def periods(self) -> List["Span"]:
+        """The message's periods (see period_spans), found once."""
+        return period_spans(self, cached=False)
 
     @cached_property
     def words(self) -> List[Tuple[int, Token]]:
@@ -3031,7 +3054,7 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
         return "glue" if token.text in "'’" or not _is_break(tokens, index) else None
     parts = token.folded.split("-")
     if token.folded in TIME_NAMES or (any(part in TIME_NAMES for part in parts)
-                                      and all(part in TIME_NAMES | QUALIFIERS for part in parts)):
+                                      and all(part in TIME_NAME_PARTS for part in parts)):
         if token.folded in UNCERTAIN_TIMES and not _certainly_time(tokens, index):
             return None
         return "anchor"
@@ -3040,12 +3063,12 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
         if previous is not None and previous.folded in TIME_LINKS and index >= 2:
             previous = tokens[index - 2]   # "une dizaine de jours", "a couple of days", "fim do ano"
         counted = previous is not None and (previous.shape in ("number", "ordinal")
-                                            or previous.folded in COUNT_WORDS | QUALIFIERS)
+                                            or previous.folded in COUNTS_A_UNIT)
         if following and following[0] in RELATIVES:   # "el mes que viene"
             following = following[1:]
-        qualified = bool(following) and following[0] in QUALIFIERS | HOLIDAYS
+        qualified = bool(following) and following[0] in QUALIFIES_A_UNIT
         return "anchor" if counted or qualified else "glue"   # "la semaine du 14 avril", "the week after Easter"
-    if token.folded in COUNT_WORDS | QUALIFIERS | TIME_LINKS | HOLIDAYS:
+    if token.folded in TIME_GLUE:
         return "glue"
     if token.shape == "word" and _names_a_season(tokens, index):
         return "glue"
@@ -3057,7 +3080,7 @@ def _names_a_season(tokens: Sequence[Token], index: int) -> bool:
     for ahead in tokens[index + 1:index + 3]:
         if ahead.folded in SEASON_NOUNS:
             return True
-        if ahead.shape != "word" or ahead.capitalised or ahead.folded in TIME_LINKS | PLACE_LEADS:
+        if ahead.shape != "word" or ahead.capitalised or ahead.folded in LEADS_OR_LINKS:
             return False
     return False
 
@@ -3069,14 +3092,16 @@ def _certainly_time(tokens: Sequence[Token], index: int) -> bool:
         return False
     before = tokens[index - 1] if index else None
     after = tokens[index + 1] if index + 1 < len(tokens) else None
-    return ((before is not None and (before.folded in TIME_LINKS | QUALIFIERS or before.shape in ("number", "ordinal")))
+    return ((before is not None and (before.folded in LINKS_OR_QUALIFIERS or before.shape in ("number", "ordinal")))
             or (after is not None and after.shape in ("number", "ordinal")))
 
 
-def period_spans(tokens: Sequence[Token]) -> List[Span]:
+def period_spans(tokens: Sequence[Token], cached: bool = True) -> List[Span]:
     """Dates and periods in words: "in April", "a week in mid-October", "from 10 to 17
     October", "im Juli", "del 3 al 10 de junio", "2026-05-01 to 2026-05-08". The value is the
     user's own words, without the word that leads into it ("in April" is April)."""
+    if cached and isinstance(tokens, Tokens):
+        return tokens.periods
     roles = [_time_role(tokens, index) for index in range(len(tokens))]
     spans, index = [], 0
     while index < len(tokens):
@@ -3089,7 +3114,7 @@ def period_spans(tokens: Sequence[Token]) -> List[Span]:
         start, stop = index, end
         while start < stop and roles[start] == "glue" and _leads_into_period(tokens, start):
             start += 1
-        while stop > start and roles[stop - 1] == "glue" and (tokens[stop - 1].folded in TIME_LINKS | COUNT_WORDS
+        while stop > start and roles[stop - 1] == "glue" and (tokens[stop - 1].folded in LINKS_OR_COUNTS
                                                              or tokens[stop - 1].shape == "mark"):
             stop -= 1
         if any(roles[k] == "anchor" for k in range(start, stop)):
@@ -3104,7 +3129,7 @@ def _leads_into_period(tokens: Sequence[Token], index: int) -> bool:
         return True
     if token.folded in COUNT_WORDS and token.folded in LEADING_LINKS:   # "a settembre", not "a week"
         following = tokens[index + 1] if index + 1 < len(tokens) else None
-        return following is not None and following.folded not in TIME_UNITS | QUALIFIERS | COUNT_WORDS
+        return following is not None and following.folded not in AFTER_A_COUNT
     return token.folded in LEADING_LINKS or (token.folded in TIME_LINKS and token.folded not in COUNT_WORDS
                                              and token.folded not in ARTICLES)
 
@@ -3196,7 +3221,7 @@ def _retracted(tokens: Sequence[Token], end: int) -> bool:
     """Is the name that ends at ``end`` taken back right after: "Rome, actually no, ..."?"""
     after = tokens[end:end + 5]
     for k, token in enumerate(after):
-        if token.folded in NEGATIONS | BOOLEAN_WORDS[False]:
+        if token.folded in NEGATING:
             return k + 1 < len(after) and after[k + 1].shape == "mark"
         if not (token.shape == "mark" and token.text not in ".!?" or token.folded in CORRECTION_FILLERS):
             return False
@@ -3218,7 +3243,7 @@ def _corrects(tokens: Sequence[Token], after: int, index: int) -> bool:
     small words up to the name: "Québec ? Ah non pardon, Montréal", "Tokyo, anzi no, a Seul",
     "nach Paris, aber jetzt doch lieber nach Amsterdam"."""
     between = tokens[after:index]
-    small = CORRECTION_FILLERS | PLACE_LEADS | ARTICLES | PREFERENCES
+    small = SMALL_IN_A_CORRECTION
     for k, token in enumerate(between):
         # "bueno no, a Florencia", not "Barcelona, not to Valencia" (that "not" rules out Valencia)
         standalone_no = ((token.folded in NEGATIONS or token.folded in BOOLEAN_WORDS[False]) and k + 1 < len(between)
@@ -3278,7 +3303,7 @@ def _names_in(tokens: Sequence[Token], taken: frozenset) -> List[str]:
 
 def _is_time_word(token: Token, tokens: Sequence[Token] = (), index: int = -1) -> bool:
     """A word of time ("May", "week"), or part of a time named by several words."""
-    return (any(part in TIME_NAMES | TIME_UNITS for part in token.folded.split("-"))
+    return (any(part in TIME_WORDS for part in token.folded.split("-"))
             or index in getattr(tokens, "in_time_phrases", ()))
 
 
@@ -3314,7 +3339,7 @@ def alternatives_to(tokens: Sequence[Token], index: int, size: int) -> List[str]
     def option_at(position: int) -> Optional[str]:
         token = tokens[position]
         if (token.capitalised != tokens[index].capitalised or token.shape != tokens[index].shape
-                or token.folded in NEGATIONS | TIME_LINKS | COUNT_WORDS):
+                or token.folded in NEVER_OPTIONS):
             return None
         end = _name_end(tokens, position, frozenset()) if token.capitalised else position + 1
         return _span_text(tokens, position, max(end, position + 1))
@@ -3322,10 +3347,10 @@ def alternatives_to(tokens: Sequence[Token], index: int, size: int) -> List[str]
     after = index + size
     if after < len(tokens) and tokens[after].folded in ALTERNATIVES:
         rest = [k for k in range(after + 1, min(len(tokens), after + 4))
-                if tokens[k].folded not in PLACE_LEADS | TIME_LINKS]
+                if tokens[k].folded not in LEADS_OR_LINKS]
         found += [option_at(rest[0])] if rest else []
     before = index - 1
-    while before >= 0 and tokens[before].folded in (PLACE_LEADS | TIME_LINKS) - ALTERNATIVES:
+    while before >= 0 and tokens[before].folded in LEADS_BEFORE_AN_OPTION:
         before -= 1
     if before >= 1 and tokens[before].folded in ALTERNATIVES:
         start = before - 1
@@ -3438,8 +3463,8 @@ def asks_a_change(tokens: Sequence[Token]) -> bool:
     """Does the message correct or change something said before: "make it", "rather",
     "anzi no", "Ah non pardon"? Then every input is read as if it were still open."""
     words = [token for token in tokens if token.shape != "mark"]
-    return any(token.folded in CHANGES | PREFERENCES | CORRECTION_FILLERS for token in words) or (
-        len(tokens) > 1 and tokens[0].folded in NEGATIONS | BOOLEAN_WORDS[False] and tokens[1].shape == "mark")
+    return any(token.folded in CHANGE_WORDS for token in words) or (
+        len(tokens) > 1 and tokens[0].folded in NEGATING and tokens[1].shape == "mark")
 
 
 def _read_spans(workflow: Workflow, conversation: Conversation, text: str, reading: Reading) -> None:
@@ -3519,7 +3544,7 @@ def words_taken(workflow: Workflow) -> frozenset:
 
 
 def _words_taken(workflow: Workflow) -> frozenset:
-    taken = set(SENTENCE_STARTS | BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False] | COUNT_WORDS | NEGATIONS)
+    taken = set(SENTENCE_STARTS | YES_OR_NO | COUNT_WORDS | NEGATIONS)
     taken |= CURRENCIES | CONTRASTS | ALTERNATIVES | CANCELS | QUALIFIERS | NON_ANSWERS | CONFIRMATIONS | HEDGES
     taken |= CORRECTION_FILLERS | PREFERENCES | CHANGES
     for query in workflow.query_inputs.values():
@@ -3815,7 +3840,7 @@ def is_stated_in(query: QueryInput, value: Any, raw: Any, text: str, asked: bool
                                                           or asked and set(_words(word)) <= message_words)
                        for word, number in query.synonyms))
     if query.type == "boolean":   # the message names what the input is about, or answers its question
-        yes_no = BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]
+        yes_no = YES_OR_NO
         named = {word for synonym, _ in query.synonyms for word in _words(synonym)}
         return (bool(message_words & (_topic_words(query) | named)) or bool(_synonyms_named(query, text))
                 or (asked and bool(message_words & yes_no)))
@@ -3879,7 +3904,7 @@ def _fits(query: QueryInput, text: str, tokens: Sequence[Token]) -> bool:
     if query.type == "choice":
         return len(_choices_named(query, text)) == 1
     if query.type == "boolean":
-        return bool(set(words) & (BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]))
+        return bool(set(words) & (YES_OR_NO))
     if input_kind(query) == "date":
         return is_period(tokens)
     return (0 < len(words) <= MAX_DIRECT_REPLY_WORDS and not timely and not re.search(r"\d", text)
@@ -3949,7 +3974,7 @@ def _reply_value(query: QueryInput, text: str) -> Any:
         named = _synonyms_named(query, text)
         return found[0] if len(found) == 1 and not named else text   # "May 3": the coercion decides
     if query.type == "boolean":
-        words = [word for word in _words(text) if word in BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]]
+        words = [word for word in _words(text) if word in YES_OR_NO]
         return words[0] if len(set(words)) == 1 else text
     if query.type == "choice":
         named = _choices_named(query, text)
