@@ -2932,7 +2932,7 @@ class Tokens(list):
         return frozenset(found)
 
     @cached_property
-    def periods(self) -> List["Span"]:
+    def periods(self) -> List[Span]:
         """The message's periods (see period_spans), found once."""
         return period_spans(self, cached=False)
 
