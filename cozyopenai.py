@@ -3633,9 +3633,9 @@ def _without(tokens: Sequence[Token], span: Span, taken: set) -> Optional[Span]:
         return span
     while start < span.end - 1 and _leads_into_period(tokens, start):
         start += 1
-    rest = Span(span.holds, start, span.end, span.value, span.negated)
-    return rest if start < span.end and not taken & set(range(start, span.end)) and _names_a_time(tokens, rest) \
-        or start < span.end and _counts_a_time(tokens, rest) else None
+    rest = dataclasses.replace(span, start=start)
+    left_a_time = start < span.end and (_names_a_time(tokens, rest) or _counts_a_time(tokens, rest))
+    return rest if left_a_time and not taken & set(range(start, span.end)) else None
 
 
 def _sentence_of(tokens: Sequence[Token], index: int) -> int:
@@ -3683,7 +3683,7 @@ def _read_choice(workflow: Workflow, tokens: Sequence[Token], query: QueryInput,
         if _fold(phrase) in others:
             continue
         for index in find_words(tokens, phrase):
-            if changing and phrase not in query.choices and not _asks_a_change(tokens, query, index, phrase):
+            if changing and phrase not in query.choices and not _choice_change_asked(tokens, query, index, phrase):
                 continue
             if is_negated(tokens, index) or (index > 0 and tokens[index - 1].folded in EXCESS):
                 reading.ruled_out.setdefault(query.name, []).append(choice)
@@ -3691,7 +3691,9 @@ def _read_choice(workflow: Workflow, tokens: Sequence[Token], query: QueryInput,
                 reading.add(query.name, 1, choice)
 
 
-def _asks_a_change(tokens: Sequence[Token], query: QueryInput, index: int, phrase: str) -> bool:
+def _choice_change_asked(tokens: Sequence[Token], query: QueryInput, index: int, phrase: str) -> bool:
+    """Is the choice word at ``index`` asked for as a change: after a word of change ("make it
+    busy"), beside the input's own words ("a busy pace"), or the whole message ("busy")?"""
     size = len(re.findall(r"[^\W_]+", phrase))
     near = tokens[max(0, index - 3):index] + tokens[index + size:index + size + 2]
     words = [token for token in tokens if token.shape != "mark"]
