@@ -2303,7 +2303,7 @@ FRENCH = Language(
     excess="trop",
     past="dernier derniere passe passee",
     greetings="bonjour salut bonsoir coucou",
-    wishes="veux voudrais veut voulons aimerais", changes="mets passe change rends",
+    wishes="veux voudrais veut voulons aimerais voulais", changes="mets passe change rends",
     months=("janvier", "fevrier", "mars", "avril", "mai", "juin", "juillet", "aout", "septembre", "octobre",
             "novembre", "decembre"),
     weekdays="lundi mardi mercredi jeudi vendredi samedi dimanche",
@@ -2398,7 +2398,7 @@ SPANISH = Language(
     excess="demasiado demasiada",
     past="pasado pasada anterior",
     greetings="hola buenas",
-    wishes="quiero quisiera queremos", changes="hazlo haz pon cambia ponlo",
+    wishes="quiero quisiera queremos queria", changes="hazlo haz pon cambia ponlo",
     months=("enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre setiembre",
             "octubre", "noviembre", "diciembre"),
     weekdays="lunes martes miercoles jueves viernes sabado domingo",
@@ -2445,7 +2445,7 @@ ITALIAN = Language(
     excess="troppo troppa",
     past="scorso scorsa",
     greetings="ciao salve buongiorno buonasera",
-    wishes="voglio vorrei vogliamo", changes="fallo fai metti cambia rendilo",
+    wishes="voglio vorrei vogliamo volevo", changes="fallo fai metti cambia rendilo",
     months=("gennaio", "febbraio", "marzo", "aprile", "maggio", "giugno", "luglio", "agosto", "settembre",
             "ottobre", "novembre", "dicembre"),
     weekdays="lunedi martedi mercoledi giovedi venerdi sabato domenica",
@@ -3420,7 +3420,9 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     _read_spans(workflow, conversation, text, reading)
     if not labelled:   # the answer to the question just asked, unless the message is a sentence of
         for name, raw in _direct_reply(workflow, conversation, text, reading.tokens).items():   # several values
-            if name not in reading.candidates or reading.candidates.keys() == {name}:
+            gives_others = bool(reading.candidates.keys() - {name})
+            phrase = input_kind(workflow.query_inputs[name]) in ("place", "text") and len(str(raw).split()) > 1
+            if not gives_others or (name not in reading.candidates and not phrase):
                 reading.add(name, 2, raw)
     _choose(workflow, reading, extraction)
     return extraction, reading
@@ -3546,7 +3548,7 @@ def words_taken(workflow: Workflow) -> frozenset:
 def _words_taken(workflow: Workflow) -> frozenset:
     taken = set(SENTENCE_STARTS | YES_OR_NO | COUNT_WORDS | NEGATIONS)
     taken |= CURRENCIES | CONTRASTS | ALTERNATIVES | CANCELS | QUALIFIERS | NON_ANSWERS | CONFIRMATIONS | HEDGES
-    taken |= CORRECTION_FILLERS | PREFERENCES | CHANGES
+    taken |= CORRECTION_FILLERS | PREFERENCES | CHANGES | WISHES | STAYS
     for query in workflow.query_inputs.values():
         taken |= set(_words(query.label + " " + " ".join(query.choices)))
         taken |= {word for synonym, _ in query.synonyms for word in _words(str(synonym))}
@@ -3982,13 +3984,12 @@ def _reply_value(query: QueryInput, text: str) -> Any:
         named = _choices_named(query, text)
         return named[0] if len(named) == 1 else text
     text = text.strip().rstrip(".!")
-    if input_kind(query) == "date":   # "in May" is May, as in a sentence (decision in the README)
-        tokens = tokenize(text)
-        start = 0
-        while start < len(tokens) - 1 and tokens[start].folded in LEADING_LINKS and _leads_into_period(tokens, start):
-            start += 1
-        text = text[tokens[start].start:] if tokens else text
-    return text
+    tokens = tokenize(text)
+    start = 0   # "Actually, rather in May" is May, as "in May" is in a sentence (decision in the README)
+    while start < len(tokens) - 1 and (tokens[start].folded in CHANGE_WORDS or tokens[start].shape == "mark" or (
+            input_kind(query) == "date" and tokens[start].folded in LEADING_LINKS and _leads_into_period(tokens, start))):
+        start += 1
+    return text[tokens[start].start:] if tokens else text
 
 
 def _choices_named(query: QueryInput, text: str) -> List[str]:
