@@ -3806,6 +3806,8 @@ def ground(query: QueryInput, value: Any, raw: Any, text: str, tokens: Sequence[
     the input's kind (a period for dates, not a date for a place)."""
     if not is_stated_in(query, value, raw, text, asked):
         return "your message does not say it"
+    if any(_coerce_or_none(query, out) == value for out in reading.ruled_out.get(query.name, [])):
+        return "your message rules it out"   # as the reader alone found it: "not Paris", "zu voll"
     if query.type == "boolean":
         stated = reading.polarity.get(query.name)
         return None if stated is None or stated == value else f"your message says {shown_value(stated)}"

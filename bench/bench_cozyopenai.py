@@ -673,12 +673,12 @@ def _plain_words(text):
 
 
 ONE_LINER_SETS = ("natural", "blind", "blind_2")
-DIALOGUE_SETS = ("dialogues", "blind_3")
+DIALOGUE_SETS = ("dialogues", "dev_4", "blind_3")
 # Scored in the benchmark only: its first score is the honest figure, and it has no stand-in readings.
 UNSEEN_SETS = ("blind_3",)
 
 
-def score_extraction_set(mode, llm_settings=None, sets=("dialogues",) + ONE_LINER_SETS):
+def score_extraction_set(mode, llm_settings=None, sets=("dialogues", "dev_4") + ONE_LINER_SETS):
     """Play the extraction set through a real server and score what it accepted: precision
     (accepted values that the messages state) and recall (stated values accepted at the
     end). ``mode``: "offline", a stand-in mode, or "real" with ``llm_settings``."""
@@ -740,7 +740,7 @@ def bench_extraction(real_url=None, real_model="gemma"):
         modes.append(("real", cozyopenai.LLMSettings(real_url, real_model, "unused", timeout_seconds=120)))
     for mode, settings in modes:
         started = time.perf_counter()
-        scores = score_extraction_set(mode, settings, sets=("dialogues",) + ONE_LINER_SETS
+        scores = score_extraction_set(mode, settings, sets=("dialogues", "dev_4") + ONE_LINER_SETS
                                       + (UNSEEN_SETS if mode in ("offline", "real") else ()))
         for name, score in scores.items():
             print(f"  {mode:<12} {name:<10} precision {score['precision']:.0%} ({score['accepted'] - len(score['wrong'])}"
