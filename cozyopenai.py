@@ -52,15 +52,17 @@ from __future__ import annotations   # a type named before its section, as an ar
 __version__ = "0.1.0"
 __all__ = [
     "make_app", "main", "create_server", "ServerLimits", "app", "AppFromEnvironment",
-    "load_workflows", "Workflow", "Node", "QueryInput", "Link", "QueryRef", "FixedRef",
-    "NodeType", "NodeTypes", "NodeContext", "TextStream", "NODE_TYPES",
+    "load_workflows", "Workflow", "Node", "QueryInput", "Link", "QueryRef", "FixedRef", "FunctionFinder",
+    "check_value", "NodeType", "NodeTypes", "NodeContext", "TextStream", "NODE_TYPES",
+    "Language", "LANGUAGES", "check_language", "Service", "TurnRequest", "Turn", "AnsweredTurn", "StreamedTurn",
     "run_workflow", "RunEvent",
     "LLMSettings", "LLMClient",
     "Conversation", "ConversationIds", "MemoryStore", "JsonFileStore", "STORE_TYPES", "open_store",
     "Metrics", "Store", "RedisStore", "CozyError", "WorkflowFileError", "ConfigError", "StoreUnavailable",
     "NodeFailed", "UpstreamError", "RequestError",
     "UnauthorizedError", "NotFoundError", "ModelNotFoundError", "MethodNotAllowedError",
-    "BodyTooLargeError", "UnsupportedMediaTypeError",
+    "BodyTooLargeError", "UnsupportedMediaTypeError", "HeadersTooLargeError", "UriTooLongError",
+    "RequestTimeoutError", "ServerBusyError", "LLMError", "LLMTimeout", "McpError",
 ]
 
 import abc
@@ -5452,12 +5454,12 @@ JSONRPC_INTERNAL_ERROR = -32603
 REQUEST_ARGUMENT = "request"             # the optional free-text argument, read like a chat message
 
 
-class McpError(Exception):
-    """A JSON-RPC error, with the HTTP status it goes out with."""
+class McpError(CozyError):
+    """A JSON-RPC error (its ``code`` a JSON-RPC number), with the HTTP status it goes out with."""
 
-    def __init__(self, code: int, message: str, status: int = 200):
+    def __init__(self, code: int, message: str, status: int = 200):   # type: ignore[override]
         super().__init__(message)
-        self.code, self.message, self.status = code, message, status
+        self.code, self.status = code, status   # type: ignore[assignment]
 
 
 @dataclass
