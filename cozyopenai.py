@@ -3324,7 +3324,9 @@ def _span_text(tokens: Sequence[Token], start: int, end: int, text: Optional[str
 
 def find_words(tokens: Sequence[Token], value: Any) -> List[int]:
     """Where the words of ``value`` stand in a row in the message (token indexes)."""
-    wanted = [_fold(word) for word in re.findall(r"[^\W_]+", str(value))]
+    text = str(value)
+    wanted = ([token.folded for token in tokenize(text) if token.shape != "mark"] if "-" in text
+              else [_fold(word) for word in re.findall(r"[^\W_]+", text)])   # "mid-October" is one word
     if not wanted:
         return []
     tokens = tokens if isinstance(tokens, Tokens) else Tokens(tokens)
@@ -4092,6 +4094,7 @@ def _merge(workflow: Workflow, proposed: Mapping[str, Any], text: str, reading: 
         if why:
             extraction.ignored[name] = (raw, why)
             continue
+        value = as_the_user_wrote(query, value, tokens)
         floor_value = extraction.values.get(name)
         if floor_value is None or floor_value == value:
             extraction.values[name] = value
@@ -4104,6 +4107,22 @@ def _merge(workflow: Workflow, proposed: Mapping[str, Any], text: str, reading: 
         else:
             extraction.notes.append(f"Kept the {query.label} {shown_value(floor_value)!r} as your message "
                                     f"states it; the language model read {shown_value(value)!r}.")
+
+
+def as_the_user_wrote(query: QueryInput, value: Any, tokens: Tokens) -> Any:
+    """A text value as the message spells it: the LLM's "paris" is the user's "Paris", its
+    "a week in mid-october" the user's "a week in mid-October". Other values are as read."""
+    if query.type not in STRING_TYPES or not isinstance(value, str):
+        return value
+    size = len([token for token in tokenize(value) if token.shape != "mark"])
+    places = find_words(tokens, value)
+    if not places or not size:
+        return value
+    words = [position for position, _ in tokens.words]
+    first = words.index(places[0])
+    if first + size > len(words):
+        return value
+    return _span_text(tokens, places[0], words[first + size - 1] + 1)
 
 
 def extract(llm: Optional[LLMClient], workflow: Workflow, conversation: Conversation,

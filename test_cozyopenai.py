@@ -1864,6 +1864,14 @@ def test_old_user_messages_are_never_extracted_again(start, fake_llm):
     assert "I want to plan a trip to Paris." not in second[-1]["content"]
 
 
+def test_a_value_the_llm_read_is_used_as_the_message_spells_it(start, fake_llm):
+    message = "I want to go to Paris for a week in mid-October"
+    fake_llm.extractions = {message: {"destination": "paris", "travel_dates": "A WEEK IN MID-OCTOBER"}}
+    reply = Chat(start(llm=fake_llm.settings()), "trip-planner").say(message)
+    assert "Understood destination: Paris." in reply and "Understood travel dates: a week in mid-October." in reply
+    assert "paris" not in reply and "MID-OCTOBER" not in reply
+
+
 def test_values_the_user_never_said_are_dropped_and_reported(start, fake_llm):
     fake_llm.invent = {"destination": "Rome", "budget": 5000, "travel_dates": "next summer", "pace": "packed"}
     chat = Chat(start(llm=fake_llm.settings()))
