@@ -2227,6 +2227,25 @@ TOKEN_PATTERN = re.compile(
     r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]))|(?P<number>\d+(?:[.,]\d+)*)"
     r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\S)")
 
+# The commonest words of each language, folded, to tell which language a text is in (a question
+# the LLM writes must be in the language of the user's message). Same shape for each language:
+# pronouns, articles, question words, verbs of wanting, then travel and time words.
+LANGUAGE_WORD_LISTS = {
+    "English": """i you your we my me it the a an and or is are was be do does have what when where which how
+        who would could should like want please tell for with of to about this that trip travel go much long""",
+    "French": """je tu vous votre vos nous mon ma mes le les un une des du et ou est sont etes quel quelle quels
+        quand ou comment combien voudrais voulez souhaitez aimeriez pour avec dans sur voyage partir aller pas""",
+    "German": """ich du sie ihr ihre wir mein meine der die das den dem ein eine einen und oder ist sind wann wo
+        wie welche welcher wohin mochte mochten wollen bitte fur mit nach reise fahren urlaub nicht auch""",
+    "Spanish": """yo tu usted su sus nosotros mi mis el los las un una unos y o es son esta cual cuales cuando
+        donde como cuanto quiero quisiera gustaria para con por viaje viajar ir fechas presupuesto""",
+    "Italian": """io tu lei voi noi mio mia il lo gli un una uno e o sono che quale quali quando dove
+        come quanto voglio vorrei piacerebbe per con di del della viaggio andare partire date""",
+    "Portuguese": """eu voce vos seu sua nos meu minha o os as um uma uns e ou sao esta qual quais quando onde
+        como quanto quero gostaria queria para com do da viagem viajar ir datas orcamento nao""",
+}
+LANGUAGE_WORDS = MappingProxyType({language: _table(words) for language, words in LANGUAGE_WORD_LISTS.items()})
+
 
 ####################################################################################
 # Reading: words, numbers and typed values
@@ -3364,6 +3383,110 @@ what was understood, if anything. Reply in the language of the user's last messa
 answer for the user, do not invent values, do not use lists or forms, and ask nothing else."""
 
 
+# What the LLM writes for the user outside a workflow's own `llm` node (questions, a chat's title,
+# suggestions) is checked before it is shown; failing, the templated text is shown instead.
+CHECKED_TEXT_MAX_CHARS = 400              # a question a person can act on: a sentence or two
+TITLE_MAX_CHARS = 80                      # a chat's title (Open WebUI's task)
+SUGGESTION_MAX_CHARS = 80                 # one follow-up suggestion
+# Chat-template markers and the debris of a small model that talks to itself: a role label
+# opening a line, a quoted block, special tokens of every common template.
+CHAT_TEMPLATE_PATTERN = re.compile(
+    r"\[/?INST\]|<</?SYS>>|</?start_of_turn>|<end_of_turn>|<\|[^|<>\s]{1,40}\|>|</?s>|<bos>|<eos>|```"
+    r"|^[ \t]*>|^[ \t]*\**(?:assistant|user|system|model|human|bot|ai|question|answer|response)\**[ \t]*:",
+    re.I | re.M)
+PROMPT_ECHO_WORDS = 6                     # this many words in a row from the server's prompts is an echo
+SENTENCE_START_PATTERN = re.compile(r"(?:\A|[.!?¿¡:;\n])[\s\"'«(]*\Z")
+CAPITALISED_WORD_PATTERN = re.compile(r"\b[^\W\d_a-z][\w'’-]*")
+NUMBER_IN_TEXT_PATTERN = re.compile(r"\d+(?:[.,'’\u00a0\u202f ]\d{3})*(?:[.,]\d+)?")
+
+
+def language_of(text: str) -> Optional[str]:
+    """The language whose common words the text uses most (the tables at the end of "Reading:
+    the language tables"), or None when it uses too few of them to tell or two equally."""
+    words = _words(text)
+    counts = sorted(((sum(word in table for word in words), language) for language, table in LANGUAGE_WORDS.items()),
+                    reverse=True)
+    (best, language), (second, _) = counts[0], counts[1]
+    return language if best >= 2 and best > second else None
+
+
+_PROMPT_ECHOES: List[frozenset] = []     # made at the first check
+
+
+def _prompt_echoes() -> frozenset:
+    """Every run of PROMPT_ECHO_WORDS words of the server's own prompts, placeholders left out."""
+    if not _PROMPT_ECHOES:
+        runs = set()
+        for prompt in _server_prompts():
+            for part in re.split(r"\{[^{}]*\}", prompt):
+                words = _words(part)
+                runs.update(tuple(words[i:i + PROMPT_ECHO_WORDS]) for i in range(len(words) - PROMPT_ECHO_WORDS + 1))
+        _PROMPT_ECHOES.append(frozenset(runs))
+    return _PROMPT_ECHOES[0]
+
+
+def _server_prompts() -> Tuple[str, ...]:
+    return (EXTRACTION_PROMPT, SINGLE_CALL_RULE, QUESTION_PROMPT)
+
+
+def workflow_words(workflow: Workflow) -> str:
+    """What the workflow itself offers: its name, description, and each input's label,
+    description, question, choices, synonyms, default and bounds."""
+    parts = [workflow.name, workflow.description]
+    for query in workflow.query_inputs.values():
+        parts += [query.label, query.description, query.question, *query.choices,
+                  *(f"{word} {value}" for word, value in query.synonyms)]
+        parts += [shown_value(bound) for bound in (query.default, query.minimum, query.maximum) if bound is not None]
+    return "\n".join(str(part) for part in parts)
+
+
+def _number_key(text: str) -> str:
+    return re.sub(r"[^\d]", "", text.split(",")[0] if re.fullmatch(r"\d+,\d{1,2}", text) else text).lstrip("0")
+
+
+def check_llm_text(text: str, workflow: Workflow, said: Sequence[str], language: Optional[str],
+                   asks: bool = True, max_chars: int = CHECKED_TEXT_MAX_CHARS, names: bool = True) -> Optional[str]:
+    """Why the LLM's ``text`` cannot be shown to the user, or None when it can: it must be
+    short, ask (when ``asks``: end with "?"), hold no chat-template debris nor the server's
+    own prompt, be in ``language`` (the user's, when known), and name no number, nor (with
+    ``names``; a title is in title case) capitalised name, that neither the user's messages
+    (``said``) nor the workflow holds."""
+    text = text.strip()
+    if not text:
+        return "it was empty"
+    if len(text) > max_chars:
+        return f"it is {len(text)} characters long, over {max_chars}"
+    debris = CHAT_TEMPLATE_PATTERN.search(text)
+    if debris:
+        shown = debris.group(0).strip() or "a quoted block"
+        return f"it holds chat-template debris ({'a quoted block' if shown == '>' else shown})"
+    words = _words(text)
+    if any(tuple(words[i:i + PROMPT_ECHO_WORDS]) in _prompt_echoes() for i in range(len(words))):
+        return "it repeats the server's own instructions"
+    if asks and not re.search(r"[?？][\W_]*\Z", text):
+        return "it asks nothing: no question mark"
+    written_in = language_of(text)
+    if language and written_in and written_in != language:
+        return f"it is in {written_in}, your message in {language}"
+    known_text = "\n".join(list(said) + [workflow_words(workflow)])
+    known_numbers = {_number_key(number) for number in NUMBER_IN_TEXT_PATTERN.findall(known_text)}
+    for number in NUMBER_IN_TEXT_PATTERN.findall(text):
+        if _number_key(number) not in known_numbers:
+            return f"it names {number.strip()!r}, which you did not say and the workflow does not offer"
+    known_words = set(_words(known_text)) | CURRENCIES
+    for match in CAPITALISED_WORD_PATTERN.finditer(text if names else ""):
+        if SENTENCE_START_PATTERN.search(text[:match.start()]) or match.group(0) == "I":
+            continue
+        if not set(_words(match.group(0))) <= known_words:
+            return f"it names {match.group(0)!r}, which you did not say and the workflow does not offer"
+    return None
+
+
+def users_language(said: Sequence[str]) -> Optional[str]:
+    """The language of the user's newest message, else of all their messages together."""
+    return (language_of(said[-1]) if said else None) or language_of("\n".join(said))
+
+
 def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understood: Mapping[str, Any],
                      changed: Mapping[str, Tuple[Any, Any]], problems: Mapping[str, str],
                      ambiguous: Optional[Mapping[str, Sequence[Any]]] = None, line_hint: bool = True) -> str:
@@ -3551,7 +3674,10 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
         conversation.ask_counts.pop(name, None)
     missing = conversation.missing(workflow)
     if missing:
-        yield Piece("answer", _ask(turn, missing, extraction, understood, changed))
+        question, notes = _ask(turn, missing, extraction, understood, changed)
+        for note in notes:
+            yield Piece("thinking", note + " Asked the templated question instead.\n")
+        yield Piece("answer", question)
         return
     conversation.asked = []
     if conversation.runs and not understood and not changed and not RERUN_PATTERN.search(turn.text):
@@ -3605,31 +3731,39 @@ def _describe_extraction(workflow: Workflow, extraction: Extraction, understood:
 
 
 def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, understood: Mapping[str, Any],
-         changed: Mapping[str, Tuple[Any, Any]]) -> str:
-    """One question for what is missing, or, after three unanswered asks, an offer to start over."""
+         changed: Mapping[str, Tuple[Any, Any]]) -> Tuple[str, List[str]]:
+    """One question for what is missing, or, after three unanswered asks, an offer to start over;
+    and the lines for the thinking block (why the LLM's question was not used)."""
     workflow, conversation = turn.workflow, turn.conversation
     ambiguous = {name: values for name, values in extraction.ambiguous.items() if name not in conversation.values}
     missing = sorted(missing, key=lambda query: query.name not in ambiguous)   # "which one?" first
     first = missing[0]
     if conversation.ask_counts.get(first.name, 0) >= MAX_ASKS_PER_INPUT:
         conversation.asked = [first.name]
-        return GIVE_UP_REPLY.format(label=first.label, name=first.name, tries=MAX_ASKS_PER_INPUT)
+        return GIVE_UP_REPLY.format(label=first.label, name=first.name, tries=MAX_ASKS_PER_INPUT), []
     problems = {name: reason for name, reason in extraction.rejected.items() if name not in conversation.values}
     asked_before = [name for name in conversation.asked if name in workflow.query_inputs]
     nothing_read = _nothing_read(turn.text, asked_before, extraction)
-    question = None
+    question, notes = None, []
     if extraction.question and not extraction.ignored and not extraction.rejected and not ambiguous:
         # Single-call mode: the extraction call wrote the question assuming its values were
         # taken. They were, so it asks for the right inputs; otherwise the offline question.
         question = extraction.question
-        conversation.asked = [query.name for query in missing]
     elif turn.llm is not None and not extraction.llm_failed and not turn.llm.settings.single_call:
         try:
             question = question_with_llm(turn.llm, workflow, missing, understood, changed, problems, turn.text,
                                          ambiguous)
-            conversation.asked = [query.name for query in missing]
         except UpstreamError as exc:
             log.info("question call failed: %s", exc.message)
+    if question is not None:
+        messages = [m["content"] for m in turn.history if m["role"] == "user"] + [turn.text]
+        said = messages + [shown_value(value) for value in conversation.values.values()]
+        why = check_llm_text(question, workflow, said, users_language(messages))
+        if why is None:
+            conversation.asked = [query.name for query in missing]
+        else:
+            notes.append(f"The language model's question was not used: {why}.")
+            question = None
     if question is None:
         question = question_offline(workflow, missing, understood, changed, problems, ambiguous,
                                     line_hint=not nothing_read)
@@ -3640,7 +3774,7 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
                     f" from \"{quoted}\". {question}{_line_form(missing)}")
     for name in conversation.asked:
         conversation.ask_counts[name] = conversation.ask_counts.get(name, 0) + 1
-    return question
+    return question, notes
 
 
 def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, str]] = None) -> Iterator[Piece]:
@@ -4132,13 +4266,38 @@ def answer_client_task(workflow: Workflow, task: str, llm: Optional[LLMClient]) 
     key = match.group(1) if match else "text"
     if llm is not None:
         try:
-            answer = first_json_object(llm.complete([{"role": "user", "content": task}],
+            answer = first_json_object(llm.complete([{"role": "user", "content": task}], temperature=0,
                                                     max_tokens=CLIENT_TASK_MAX_TOKENS))
-            if key in answer:
-                return json.dumps(answer, ensure_ascii=False)
+            why = _task_answer_problem(workflow, key, answer.get(key), task)
+            if why is None:
+                return json.dumps({key: answer[key]}, ensure_ascii=False)
+            log.info("background task %r answered offline: the language model's answer %s", key, why)
         except UpstreamError as exc:
             log.info("background task answered offline: %s", exc.message)
     return json.dumps({key: _offline_task_value(workflow, key, task)}, ensure_ascii=False)
+
+
+def _task_answer_problem(workflow: Workflow, key: str, value: Any, task: str) -> Optional[str]:
+    """Why the LLM's answer to a background task is not of the asked shape (a title is one short
+    line, tags and follow-ups a list of short texts) or fails the checks of any text it writes
+    for the user; None when it can be shown."""
+    said = [line.split(":", 1)[1] for line in task.splitlines() if line.upper().startswith("USER:")] or [task]
+    if key == "title":
+        if not isinstance(value, str) or "\n" in value.strip():
+            return "is not one line of text"
+        why = check_llm_text(value, workflow, [task], users_language(said), asks=False, max_chars=TITLE_MAX_CHARS,
+                             names=False)
+        return f"has a title that cannot be shown: {why}" if why else None
+    if key in ("tags", "follow_ups", "queries"):
+        if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):
+            return "is not a list of texts"
+        for item in value:
+            why = check_llm_text(item, workflow, [task], users_language(said) if key == "follow_ups" else None,
+                                 asks=False, max_chars=SUGGESTION_MAX_CHARS)
+            if why:
+                return f"holds {item[:40]!r}, which cannot be shown: {why}"
+        return None
+    return None if value is not None else "has no such key"
 
 
 def _offline_task_value(workflow: Workflow, key: str, task: str) -> Any:

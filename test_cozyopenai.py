@@ -1184,6 +1184,48 @@ def test_with_an_llm_the_question_is_phrased_by_it_from_what_is_missing(start, f
     assert call["max_tokens"] == cozyopenai.QUESTION_MAX_TOKENS
 
 
+GEMMA_DEBRIS = ("<</SYS>>\n> I am not sure if you have a question about the language of your user. "
+                "[INST] What is the budget? [/INST]")
+
+
+@pytest.mark.parametrize("message, question, why", [
+    ("Trip to Paris.", GEMMA_DEBRIS, "it holds chat-template debris (<</SYS>>)"),
+    ("Trip to Paris.", "<start_of_turn>model\nWhat is your budget?<end_of_turn>", "chat-template debris"),
+    ("Trip to Paris.", "Write one short, natural question that asks the user for what is still needed. Budget?",
+     "it repeats the server's own instructions"),
+    ("Je veux partir à Paris avec un petit budget.", "What is your budget, and when would you like to go?",
+     "it is in English, your message in French"),
+    ("Trip to Paris.", "Paris! Is a budget of 100,000 yen (about $950) fine for you?",
+     "it names '100,000', which you did not say and the workflow does not offer"),
+    ("Trip to Paris.", "Paris is lovely. Should we add a day in Versailles, and what is your budget?",
+     "it names 'Versailles'"),
+    ("Trip to Paris.", "Paris is lovely. Tell me your budget.", "it asks nothing: no question mark"),
+    ("Trip to Paris.", "What is your budget? " + "Tell me more about what you like. " * 20, "characters long, over 400"),
+])
+def test_an_llm_question_that_fails_a_check_is_replaced_by_the_templated_one(start, fake_llm, message, question, why):
+    fake_llm.extractions = {message: {"destination": "Paris"}}
+    fake_llm.question = question
+    reply = Chat(start(llm=fake_llm.settings())).say(message)
+    assert answer_of(reply).startswith("Got it: destination Paris. I still need the budget and travel dates.")
+    line = next(line for line in thinking_of(reply).splitlines() if "question was not used" in line)
+    assert why in line and line.endswith("Asked the templated question instead.")
+
+
+def test_an_llm_question_in_the_users_language_naming_what_they_said_is_shown(start, fake_llm):
+    fake_llm.extractions = {"Je veux partir à Paris.": {"destination": "Paris"}}
+    fake_llm.question = "Paris, très bien ! Quel est votre budget, et quand voulez-vous partir ?"
+    reply = Chat(start(llm=fake_llm.settings())).say("Je veux partir à Paris.")
+    assert answer_of(reply) == fake_llm.question and "not used" not in thinking_of(reply)
+
+
+def test_single_call_questions_are_checked_too(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    fake_llm.question = "<|im_start|>assistant What is your budget?"
+    reply = Chat(start(llm=fake_llm.settings(single_call=True))).say("Paris!")
+    assert "chat-template debris (<|im_start|>)" in thinking_of(reply)
+    assert "What is your total budget for the trip?" in answer_of(reply)
+
+
 def test_single_call_mode_asks_the_question_within_the_extraction_call(start, fake_llm):
     fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
     chat = Chat(start(llm=fake_llm.settings(single_call=True)))
