@@ -651,8 +651,13 @@ def _on_cycles(waiting: Dict[str, set]) -> set:
 
 
 def shown_value(value: Any) -> str:
-    """A value as the user reads it: yes/no rather than True/False."""
-    return ("yes" if value else "no") if isinstance(value, bool) else str(value)
+    """A value as people read it, in replies, thinking lines and templates: yes/no rather than
+    True/False, a whole number without ".0"; anything else as it is."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value)
 
 
 class Redactor:
@@ -794,6 +799,13 @@ class _TemplateFormatter(string.Formatter):
 
     def get_field(self, field_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tuple[Any, str]:
         return lookup_path(kwargs, field_name.split("."), field_name), field_name
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        """A template is text for people: a yes/no value reads "yes" or "no" ("Children coming
+        along: no"), a whole number without ".0"; a format spec ({budget:.2f}) is applied as written."""
+        if not format_spec and isinstance(value, (bool, float)):
+            return shown_value(value)
+        return super().format_field(value, format_spec)
 
 
 def lookup_path(value: Any, path: Sequence[str], label: str) -> Any:
@@ -3494,10 +3506,11 @@ def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understo
     the message named several values for it."""
     parts = []
     if understood:
-        parts.append("Got it: " + _and_list([f"{workflow.query_inputs[name].label} {value}"
+        parts.append("Got it: " + _and_list([f"{workflow.query_inputs[name].label} {shown_value(value)}"
                                              for name, value in understood.items()]) + ".")
     if changed:
-        parts.append("Changed " + _and_list([f"the {workflow.query_inputs[name].label} from {old} to {new}"
+        parts.append("Changed " + _and_list([f"the {workflow.query_inputs[name].label} from {shown_value(old)} to "
+                                             f"{shown_value(new)}"
                                              for name, (old, new) in changed.items()]) + ".")
     parts += [reason[0].upper() + reason[1:] + "." for reason in problems.values()]
     first = missing[0]
@@ -3537,8 +3550,8 @@ def question_with_llm(llm: LLMClient, workflow: Workflow, missing: Sequence[Quer
                       understood: Mapping[str, Any], changed: Mapping[str, Tuple[Any, Any]],
                       problems: Mapping[str, str], text: str,
                       ambiguous: Optional[Mapping[str, Sequence[Any]]] = None) -> str:
-    known = "".join(f"- {workflow.query_inputs[name].label}: {value}\n" for name, value in understood.items())
-    known += "".join(f"- {workflow.query_inputs[name].label}: changed from {old} to {new}\n"
+    known = "".join(f"- {workflow.query_inputs[name].label}: {shown_value(value)}\n" for name, value in understood.items())
+    known += "".join(f"- {workflow.query_inputs[name].label}: changed from {shown_value(old)} to {shown_value(new)}\n"
                      for name, (old, new) in changed.items())
     prompt = QUESTION_PROMPT.format(
         name=workflow.name, description=workflow.description,
@@ -3683,7 +3696,8 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     if conversation.runs and not understood and not changed and not RERUN_PATTERN.search(turn.text):
         yield from _answer_again(turn)   # "thanks!", or Open WebUI's "Add Details" (decision in the README)
         return
-    news = [f"the {workflow.query_inputs[name].label} from {old} to {new}" for name, (old, new) in changed.items()]
+    news = [f"the {workflow.query_inputs[name].label} from {shown_value(old)} to {shown_value(new)}"
+            for name, (old, new) in changed.items()]
     if conversation.runs:   # after a run, an optional input given now is news too
         news += [f"the {workflow.query_inputs[name].label} to {shown_value(value)}" for name, value in understood.items()]
     preface = ("Changed " if changed else "Set ") + _and_list(news) + ".\n\n" if news else ""

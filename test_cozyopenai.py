@@ -402,6 +402,19 @@ def test_template_node_reads_dotted_paths_into_linked_outputs(start):
     assert answer_of(reply) == "first=7 name=Ada"
 
 
+def test_booleans_read_yes_or_no_in_replies_thinking_and_templates(start, fake_llm):
+    fake_llm.question = ""   # no question from the LLM: the templated one
+    chat = Chat(start(llm=fake_llm.settings()))
+    reply = chat.say("destination: Paris\nchildren: yes")
+    assert answer_of(reply).startswith("Got it: destination Paris and children yes.")
+    assert "Understood children: yes." in thinking_of(reply) and "True" not in reply
+    reply = chat.say("budget: 2000\ntravel dates: May\nchildren: no")
+    assert "Changed children: yes → no." in thinking_of(reply) and "children = no" in thinking_of(reply)
+    assert "Children coming along: no." in fake_llm.calls_of("node")[-1]["messages"][-1]["content"]
+    assert "False" not in json.dumps(fake_llm.calls_of("node")[-1]["messages"])
+    assert cozyopenai.render_template("{a} {b} {c:.1f}", {"a": True, "b": 2000.0, "c": 2.0}) == "yes 2000 2.0"
+
+
 def test_http_node_sends_the_users_value_url_encoded_and_returns_the_json(start, fake_llm):
     fake_llm.http_routes["/lookup"] = (200, {"answer": "found it"})
     nodes = [
