@@ -68,6 +68,7 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import hmac
 import html
@@ -145,6 +146,7 @@ KEEPALIVE_SECONDS = 10.0                  # an SSE comment this often while a st
 EXPIRE_EVERY_SECONDS = 3600.0             # how often the store is swept for old conversations
 SNAPSHOTS_KEPT = 40                       # turns of state a conversation keeps, for edits and older branches
 RESPONSES_KEPT = 100                      # stored responses (Responses API) a conversation keeps, newest
+ANSWERED_KEPT = 8                         # answers a conversation keeps by request, to give again to a twin
 RECORD_VERSION = 2                        # conversation records: 1 held one mutable state, 2 holds snapshots
 LEGACY_SNAPSHOT = "version-1"             # the key of the one snapshot a version-1 record becomes
 MAX_ASKS_PER_INPUT = 3                    # then say so and offer to start over, instead of asking forever
@@ -1436,6 +1438,7 @@ class Conversation:
     snapshots: List[dict] = field(default_factory=list)   # oldest first, the most recent SNAPSHOTS_KEPT
     results: Dict[str, str] = field(default_factory=dict)  # answers of runs, by digest, shared by snapshots
     responses: Dict[str, dict] = field(default_factory=dict)   # Responses API: stored responses, by id
+    answered: Dict[str, dict] = field(default_factory=dict)    # request digest -> its answer, the newest
     parent: str = ""                                      # not stored: the snapshot this turn continues
     is_new: bool = False                                  # not stored: the id block goes out once
 
@@ -1444,7 +1447,7 @@ class Conversation:
     def to_record(self) -> dict:
         return {"version": RECORD_VERSION, "id": self.id, "model": self.model, "turns": self.turns,
                 "created": self.created, "updated": self.updated, "snapshots": self.snapshots,
-                "results": self.results, "responses": self.responses}
+                "results": self.results, "responses": self.responses, "answered": self.answered}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "Conversation":
@@ -1453,7 +1456,8 @@ class Conversation:
         conversation = cls(id=record["id"], model=record["model"], turns=record.get("turns", 0),
                            created=record.get("created", time.time()), updated=record.get("updated", time.time()),
                            snapshots=list(record.get("snapshots", [])), results=dict(record.get("results", {})),
-                           responses=dict(record.get("responses", {})))
+                           responses=dict(record.get("responses", {})),
+                           answered=dict(record.get("answered", {})))
         if "snapshots" not in record:
             state = {name: record.get(name, default) for name, default in
                      (("values", {}), ("asked", []), ("ask_counts", {}), ("runs", 0))}
@@ -1555,8 +1559,32 @@ class Conversation:
     def last_result(self) -> str:
         return self.results.get(self.result, "")
 
+    def answer_request(self, digest: str, thinking: str, answer: str, snapshot: str) -> None:
+        """Remember what the request with this digest (request_digest) was answered, so that
+        the same request, sent again while this one ran, gets this answer instead of a second
+        reading of its message. The newest ANSWERED_KEPT are kept: a twin waits for the
+        conversation's lock, so it is always among the last few."""
+        self.answered.pop(digest, None)
+        self.answered[digest] = {"at": time.time(), "thinking": thinking, "answer": answer, "snapshot": snapshot}
+        self.answered = dict(list(self.answered.items())[-ANSWERED_KEPT:])
+
+    def twin_of(self, digest: str, arrived: float) -> Optional[dict]:
+        """The answer of the same request, if it was answered after ``arrived`` (this request
+        came while it was in flight: a double click, a client's retry). One answered before
+        this came is not a twin: the same history sent again later is a regenerated reply, read
+        again from the state before it (and so read once)."""
+        twin = self.answered.get(digest)
+        return twin if twin is not None and twin["at"] >= arrived else None
+
     def missing(self, workflow: Workflow) -> List[QueryInput]:
         return workflow.missing(self.values)
+
+
+def request_digest(model: str, messages: Sequence[dict], chat_key: str = "") -> str:
+    """What makes two requests the same one: the model, the whole history (the new message
+    included) and the conversation header's key."""
+    sent = json.dumps([model, chat_key, [[m["role"], m["content"]] for m in messages]], ensure_ascii=False)
+    return hashlib.sha256(sent.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _sid(snapshot: Mapping[str, Any]) -> str:
@@ -1841,7 +1869,16 @@ class JsonFileStore(Store):
                 return
             digest = hashlib.blake2b(conversation_id.encode(), digest_size=8).digest()
             offset, descriptor = int.from_bytes(digest, "big") >> 2, self._open_lock_file()   # below 2**62
-            fcntl.lockf(descriptor, fcntl.LOCK_EX, 1, offset)
+            while True:
+                try:
+                    fcntl.lockf(descriptor, fcntl.LOCK_EX, 1, offset)
+                    break
+                except OSError as exc:
+                    # The kernel looks for deadlocks between processes, not threads: two workers
+                    # whose threads wait for each other's conversations look like one. It is not.
+                    if exc.errno != errno.EDEADLK:
+                        raise
+                    time.sleep(REDIS_LOCK_POLL_SECONDS)
             try:
                 yield
             finally:
@@ -3962,6 +3999,8 @@ class Turn:
         self._game: Optional[Iterator[Piece]] = None      # play_turn, closed in close() after them
         self._context: Optional[TurnContext] = None
         self._closed = False
+        self._digest = ""                       # request_digest, for a twin sent while this one runs
+        self._twin: Optional[dict] = None       # this request's answer, given while it waited: a repeat
 
     def __enter__(self) -> "Turn":
         return self
@@ -3987,6 +4026,11 @@ class Turn:
         self.trace["conversation"] = conversation.id[:6]
         if request.store_response:
             request.response_id = new_response_id(conversation.id)
+        if not request.previous_response_id:   # a stored response continues its own snapshot: never a twin
+            self._digest = request_digest(request.model, messages, request.chat_key)
+            self._twin = conversation.twin_of(self._digest, self._arrived)
+            if self._twin is not None:
+                return   # answered while it waited for the lock: given again, nothing read twice
         recovered = recovered or branch == "unknown"   # none of its replies kept: read the history again
         restored, reading = None, text
         if again:   # turns edited in place, with our replies after them kept
@@ -4016,6 +4060,11 @@ class Turn:
         self.close()
 
     def _play(self) -> Iterator[Piece]:
+        if self._twin is not None:
+            yield Piece("thinking", self._twin["thinking"])
+            yield Piece("thinking", REPEAT_NOTE)
+            yield Piece("answer", self._twin["answer"])
+            return
         assert self._context is not None
         self._game = play_turn(self._context)
         pieces = self._recorded(ordered_pieces(self._game))
@@ -4045,22 +4094,41 @@ class Turn:
             for playing in (self._playing, self._game):   # outside in; a stream's producer is joined first
                 if playing is not None:
                     playing.close()
+            if self.conversation is not None and self._twin is not None:
+                self._save_repeat()
             if self.conversation is None or self._context is None:
-                return   # not loaded: nothing to save
+                return   # not loaded, or a repeat: nothing to save
             self._save()
 
     def _save(self) -> None:
         workflow, conversation, request = self.workflow, self.conversation, self.request
         assert conversation is not None and self._context is not None
         answer = workflow.redact("".join(self._written["answer"]))
+        thinking = workflow.redact("".join(self._written["thinking"]))
         key = conversation.remember(answer, users_digest(request.messages), self._context.answer)
         if request.response_id:
-            conversation.keep_response(request.response_id, key, workflow.redact("".join(self._written["thinking"])),
-                                       answer, request.response_extra)
+            conversation.keep_response(request.response_id, key, thinking, answer, request.response_extra)
+        if self._digest:
+            conversation.answer_request(self._digest, thinking, answer, key)
         conversation.updated = time.time()
         self.service.store.save(conversation.id, conversation.to_record())
         self.service.metrics.add("turns_total", model=workflow.name)
         self.service.metrics.observe("turn_seconds", time.time() - self._arrived, model=workflow.name)
+
+
+    def _save_repeat(self) -> None:
+        """A repeat changes nothing; a stored response of it (Responses API) continues where its twin's does."""
+        conversation, twin = self.conversation, self._twin
+        assert conversation is not None and twin is not None
+        if self.request.response_id:
+            conversation.keep_response(self.request.response_id, twin["snapshot"], twin["thinking"] + REPEAT_NOTE,
+                                       twin["answer"], self.request.response_extra)
+            self.service.store.save(conversation.id, conversation.to_record())
+        self.service.metrics.add("repeated_requests_total", model=self.workflow.name)
+
+
+REPEAT_NOTE = ("This request is the same as one answered while it waited (a double click, or a client's retry): "
+               "this is that answer again, and nothing was read twice.\n")
 
 
 class AnsweredTurn:
@@ -5166,6 +5234,7 @@ class Metrics:
         "llm_calls_total": ("counter", "Calls to the internal LLM, by outcome."),
         "llm_call_seconds": ("summary", "Seconds per call to the internal LLM (streams: until the first piece)."),
         "llm_format_refusals_total": ("counter", "Structured-output modes the internal LLM refused."),
+        "repeated_requests_total": ("counter", "Requests answered again because the same one was answered while they waited."),
         "open_streams": ("gauge", "Streamed replies being sent now."),
         "stored_conversations": ("gauge", "Conversations in the store."),
     }

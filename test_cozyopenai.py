@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +48,10 @@ bench = _load_bench()
 ####################################################################################
 # The fake internal LLM and the servers under test
 ####################################################################################
+
+class _ListeningLong(ThreadingHTTPServer):
+    request_queue_size = 128   # the default 5 drops a burst of connections, which come back a second later
+
 
 class FakeLLM:
     """An OpenAI-compatible chat-completions server that records each request.
@@ -152,7 +157,7 @@ class FakeLLM:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _ListeningLong(("127.0.0.1", 0), Handler)
         self.server.daemon_threads, self.server.block_on_close = True, False
         self.server.handle_error = lambda request, address: None   # clients that gave up (timeouts)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
@@ -891,6 +896,123 @@ def test_two_turns_at_once_one_per_instance_lose_no_update(start, fake_llm, redi
     conversation_id = ID_BLOCK.search(chat.messages[1]["content"]).group(1)
     values = latest_values(servers[1].app.config["cozyopenai.service"].store.load(conversation_id))
     assert values == {"destination": "Paris", "budget": 2000, "travel_dates": "May"}
+
+
+@contextlib.contextmanager
+def gunicorn_server(*arguments, workers=4):
+    """cozyopenai.py --server gunicorn with ``workers`` worker processes, stopped gracefully after."""
+    if importlib.util.find_spec("gunicorn") is None:
+        pytest.skip("gunicorn is not installed (pip install gunicorn)")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--port", str(port), "--server",
+                                "gunicorn", "--workers", str(workers), *arguments], cwd=HERE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while not _answers(url + "/health"):
+            assert time.monotonic() < deadline and process.poll() is None, "gunicorn did not start within 20 s"
+            time.sleep(0.05)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)   # gunicorn's quick shutdown; its workers may linger for seconds
+        try:
+            process.wait(0.5)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)   # the master and its workers: a session of their own
+            process.wait(10)
+
+
+def _answers(url):
+    with contextlib.suppress(requests.RequestException):
+        return requests.get(url, timeout=1).status_code == 200
+    return False
+
+
+def _post_chat(url, messages):
+    response = requests.post(url + "/openai/chat/completions", timeout=20,
+                             json={"model": "trip-planner", "messages": messages})
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def _all_at_once(calls, seconds=30):
+    """Each call in a thread of its own, released together by a barrier; all must end in ``seconds``."""
+    barrier, failures = threading.Barrier(len(calls), timeout=10), []
+
+    def run(call):
+        try:
+            barrier.wait()
+            call()
+        except BaseException as exc:   # noqa: BLE001 - reported by the test
+            failures.append(exc)
+    threads = [threading.Thread(target=run, args=(call,), daemon=True) for call in calls]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + seconds
+    for thread in threads:
+        thread.join(max(0.1, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), f"not every request was answered within {seconds} s"
+    assert not failures, failures[0]
+
+
+def _pairs_at_once(urls, fake_llm, pairs=15):
+    """``pairs`` conversations that each get the same next request twice at once (a double
+    click, a client's retry), and one more that gets two different requests at once."""
+    fake_llm.extractions = {"trip to Tromso": {"destination": "Tromso"}, "around $2222": {"budget": 2222},
+                            "budget: 2222": {"budget": 2222}, "travel dates: May": {"travel_dates": "May"}}
+    fake_llm.question, fake_llm.delay_seconds = "What is your total budget?", 0
+    histories = [[{"role": "user", "content": "trip to Tromso"}] for _ in range(pairs + 1)]
+
+    def begin(number):
+        histories[number].append({"role": "assistant", "content": _post_chat(urls[number % len(urls)],
+                                                                              histories[number])})
+    _all_at_once([lambda number=number: begin(number) for number in range(pairs + 1)])
+    sends = [(number, histories[number] + [{"role": "user", "content": "around $2222"}])
+             for number in range(pairs) for _ in range(2)]
+    sends += [(pairs, histories[pairs] + [{"role": "user", "content": text}])
+              for text in ("budget: 2222", "travel dates: May")]
+    fake_llm.delay_seconds = 0.15   # the first of a pair still reads its message when its twin arrives
+    replies = [None] * len(sends)
+
+    def send(index):
+        replies[index] = _post_chat(urls[index % len(urls)], sends[index][1])
+    _all_at_once([lambda index=index: send(index) for index in range(len(sends))])
+    fake_llm.delay_seconds = 0
+    ids = [ID_BLOCK.search(history[1]["content"]).group(1) for history in histories]
+    return ids, replies
+
+
+def _counted_once(ids, replies, load, pairs=15):
+    for number in range(pairs):
+        first, second = replies[2 * number], replies[2 * number + 1]
+        assert answer_of(first) == answer_of(second)
+        assert "Understood travel dates" not in first + second and "When: around" not in first + second
+        assert sum("nothing was read twice" in reply for reply in (first, second)) == 1
+        record = load(ids[number])
+        assert latest_values(record) == {"destination": "Tromso", "budget": 2222}
+        assert not any("travel_dates" in snapshot["values"] for snapshot in record["snapshots"])
+    assert latest_values(load(ids[pairs])) == {"destination": "Tromso", "budget": 2222, "travel_dates": "May"}
+
+
+@pytest.mark.parametrize("store", ["memory", "json", "redis"])
+def test_the_same_request_twice_at_once_counts_once_and_two_different_ones_both_count(start, fake_llm, store,
+                                                                                   tmp_path, request):
+    spec = {"memory": "memory", "json": str(tmp_path), "redis": None}[store]
+    if store == "redis":
+        spec = request.getfixturevalue("redis_server").url
+    # Two instances on Redis; one process for the others (POSIX file locks do not exclude one process
+    # from itself: several processes on one JSON store are the gunicorn test's).
+    servers = [start(store=spec, llm=fake_llm.settings()) for _ in range(2 if store == "redis" else 1)]
+    ids, replies = _pairs_at_once([server.url for server in servers], fake_llm)
+    _counted_once(ids, replies, servers[0].app.config["cozyopenai.service"].store.load)
+
+
+def test_the_same_request_twice_at_once_counts_once_under_gunicorn_with_four_workers(fake_llm, tmp_path):
+    llm = ["--llm-base-url", fake_llm.url + "/v1", "--llm-model", "fake", "--store", str(tmp_path)]
+    with gunicorn_server(*llm) as url:
+        ids, replies = _pairs_at_once([url], fake_llm)
+    _counted_once(ids, replies, lambda conversation_id: json.loads((tmp_path / f"{conversation_id}.json").read_text()))
 
 
 def test_an_instance_killed_mid_turn_frees_its_conversation_for_the_next_turn_elsewhere(start, redis_server, tmp_path):
