@@ -762,6 +762,11 @@ class TextStream:
     def __iter__(self) -> Iterator[str]:
         return iter(self._pieces)
 
+    def close(self) -> None:
+        """Stop its producer now (an LLM's stream closes its connection): the runner calls it
+        when it stops reading early, so nothing waits for the garbage collector to do it."""
+        getattr(self._pieces, "close", lambda: None)()
+
 
 @dataclass
 class NodeContext:
@@ -869,7 +874,7 @@ def run_llm_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
     seconds = context.node.timeout_seconds or LLM_NODE_TIMEOUT_SECONDS
     # The stream is read by the runner after this returns, so this limit (not _call_within's,
     # which covers only this call) is what ends a long answer.
-    stream = context.llm.stream(messages, within_seconds=seconds, **options)
+    stream = context.llm.stream(messages, within_seconds=seconds, stop=context.stop, **options)
     return TextStream(_bounded_answer(stream, inputs, context, seconds, max_tokens))
 
 
@@ -880,9 +885,12 @@ def _bounded_answer(stream: TextStream, inputs: Dict[str, Any], context: NodeCon
     host = context.llm.host if context.llm is not None else "the configured server"
     wrote = False
     try:
-        for piece in stream:
-            wrote = True
-            yield piece
+        try:
+            for piece in stream:
+                wrote = True
+                yield piece
+        finally:   # also when the reader stops early (the client left): the connection closes now
+            stream.close()
     except LLMError as exc:
         if wrote:
             context.note(f"the language model at {host} stopped ({exc.reason}); kept what it had written.")
@@ -1088,13 +1096,16 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
         yield from _note_events(context)
         if isinstance(result, TextStream):
             pieces = []
-            for piece in result:
-                if stop.is_set():
-                    raise NodeFailed("the run was stopped")
-                pieces.append(piece)
-                yield from _note_events(context)   # noted before this piece came
-                if streams_answer:
-                    yield RunEvent("answer", node.id, text=piece)
+            try:
+                for piece in result:
+                    if stop.is_set():
+                        raise NodeFailed("the run was stopped")
+                    pieces.append(piece)
+                    yield from _note_events(context)   # noted before this piece came
+                    if streams_answer:
+                        yield RunEvent("answer", node.id, text=piece)
+            finally:   # stopped, failed or closed (the client left): its producer stops now
+                result.close()
             yield from _note_events(context)
             result = "".join(pieces)
     except (NodeFailed, UpstreamError) as exc:
@@ -1204,6 +1215,92 @@ class LLMSettings:
     single_call: bool = False              # extraction also writes the follow-up question: one call a turn
 
 
+class TurnBudget:
+    """What a turn allows its own calls to the LLM (extraction, question): one attempt each,
+    all of them within ``seconds`` from the turn's start, and none going on once ``stop`` is
+    set (the client left). Given to LLMClient.within around the calls."""
+
+    def __init__(self, stop: threading.Event, seconds: float):
+        self.stop, self.seconds = stop, seconds
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class _UpstreamSockets:
+    """The socket each thread is reading or writing right now in a call to the LLM, so that a
+    call can be cut from another thread: a socket another thread is blocked reading from is not
+    freed by close(), but shutdown() ends the read and the upstream sees the connection go,
+    so it stops generating. Installed by wrapping the HTTP client's network backend (httpcore's,
+    under the openai SDK); where that cannot be found, a call given up is left to finish."""
+
+    def __init__(self) -> None:
+        self._by_thread: Dict[int, Any] = {}
+
+    def install(self, http_client: Any) -> bool:
+        pool = getattr(getattr(http_client, "_transport", None), "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        if backend is None or not hasattr(backend, "connect_tcp"):
+            return False
+        pool._network_backend = _TrackedBackend(backend, self)
+        return True
+
+    @contextlib.contextmanager
+    def using(self, stream: Any) -> Iterator[None]:
+        thread = threading.get_ident()
+        self._by_thread[thread] = stream
+        try:
+            yield
+        finally:
+            self._by_thread.pop(thread, None)
+
+    def cut(self, thread: threading.Thread) -> bool:
+        """Shut down the socket ``thread`` is using, if it still runs; whether there was one."""
+        stream = self._by_thread.get(thread.ident or -1) if thread.is_alive() else None
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is None:
+            return False
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        return True
+
+
+class _TrackedBackend:
+    """A network backend whose streams say which thread uses them (see _UpstreamSockets)."""
+
+    def __init__(self, backend: Any, sockets: _UpstreamSockets):
+        self._backend, self._sockets = backend, sockets
+
+    def connect_tcp(self, *arguments: Any, **options: Any) -> "_TrackedStream":
+        return _TrackedStream(self._backend.connect_tcp(*arguments, **options), self._sockets)
+
+    def connect_unix_socket(self, *arguments: Any, **options: Any) -> "_TrackedStream":
+        return _TrackedStream(self._backend.connect_unix_socket(*arguments, **options), self._sockets)
+
+    def __getattr__(self, name: str) -> Any:   # sleep, and whatever a later version adds
+        return getattr(self._backend, name)
+
+
+class _TrackedStream:
+    def __init__(self, stream: Any, sockets: _UpstreamSockets):
+        self._stream, self._sockets = stream, sockets
+
+    def read(self, *arguments: Any, **options: Any) -> bytes:
+        with self._sockets.using(self._stream):
+            return self._stream.read(*arguments, **options)
+
+    def write(self, *arguments: Any, **options: Any) -> None:
+        with self._sockets.using(self._stream):
+            return self._stream.write(*arguments, **options)
+
+    def start_tls(self, *arguments: Any, **options: Any) -> "_TrackedStream":
+        return _TrackedStream(self._stream.start_tls(*arguments, **options), self._sockets)
+
+    def __getattr__(self, name: str) -> Any:   # close, get_extra_info
+        return getattr(self._stream, name)
+
+
 class LLMClient:
     """The openai client for one upstream, with a memory of which structured-output mode it accepts."""
 
@@ -1225,6 +1322,20 @@ class LLMClient:
         self._json_mode = 0                    # index in JSON_MODES; only ever steps down
         self._json_mode_confirmed = False      # the current mode has answered once on this upstream
         self._json_lock = threading.Lock()     # turns run at once
+        self._sockets = _UpstreamSockets()
+        self._cuttable = self._sockets.install(getattr(self._client, "_client", None))
+        self._turn = threading.local()         # .budget: the TurnBudget of the turn calling on this thread
+
+    @contextlib.contextmanager
+    def within(self, budget: Optional[TurnBudget]) -> Iterator[None]:
+        """The calls made on this thread inside the block are the turn's own: one attempt each,
+        within the budget, given up (and their connection closed) once its stop is set."""
+        previous = getattr(self._turn, "budget", None)
+        self._turn.budget = budget
+        try:
+            yield
+        finally:
+            self._turn.budget = previous
 
     @property
     def host(self) -> str:
@@ -1239,7 +1350,9 @@ class LLMClient:
         return f"{host}:{port}" if port else host
 
     def complete(self, messages: List[dict], **options: Any) -> str:
-        """One chat completion; its text."""
+        """One chat completion; its text. Temperature 0 unless asked otherwise: the server's own
+        calls must read and ask the same way each time."""
+        options.setdefault("temperature", 0)
         return self._text_of(self._call(messages=messages, stream=False, **options))
 
     def complete_json(self, messages: List[dict], schema: dict, **options: Any) -> dict:
@@ -1247,7 +1360,9 @@ class LLMClient:
 
         A refused mode is stepped down from and remembered. An unexplained 5xx on a json_schema
         call never seen working steps down for this call only, and is remembered once json_object
-        works: so a real outage does not walk the mode down for good."""
+        works: so a real outage does not walk the mode down for good. Temperature 0 unless asked
+        otherwise: the same message is read the same way each time."""
+        options.setdefault("temperature", 0)
         index = self._json_mode
         while True:
             mode = self.JSON_MODES[index]
@@ -1310,12 +1425,14 @@ class LLMClient:
                         "prompt-only text" if self.JSON_MODES[index] == "text" else self.JSON_MODES[index])
 
     def stream(self, messages: List[dict], *, within_seconds: Optional[float] = None,
-               **options: Any) -> "TextStream":
+               stop: Optional[threading.Event] = None, **options: Any) -> "TextStream":
         """A chat completion whose tokens arrive as they are generated; the request goes out when
         the stream is first read, and failures raise LLMError from the reading. With
         ``within_seconds`` the whole answer, request to last token, must arrive in that time, even
         when the upstream stalls between tokens: past it, reading raises LLMTimeout. Read to its
-        end, the stream's ``finish_reason`` says why the model stopped ("stop", "length")."""
+        end, the stream's ``finish_reason`` says why the model stopped ("stop", "length"). Once
+        ``stop`` is set (the client left), reading raises LLMError and the connection is cut,
+        without waiting for the upstream's next token."""
         request = dict(options, messages=messages)
         if within_seconds is not None:   # so a stalled connection is also given up soon after the deadline
             request.setdefault("timeout", min(self.settings.timeout_seconds, within_seconds))
@@ -1324,27 +1441,36 @@ class LLMClient:
             arrived: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
             leaving = threading.Event()
             deadline = None if within_seconds is None else time.monotonic() + within_seconds
-            threading.Thread(target=self._read_stream, args=(request, arrived, leaving), daemon=True).start()
+            reader = threading.Thread(target=self._read_stream, args=(request, arrived, leaving), daemon=True)
+            reader.start()
+            ended = False
             try:
                 while True:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:   # checked per piece too: a fast, endless model
                         raise LLMTimeout(f"timed out after {within_seconds:g} s")
+                    if stop is not None and stop.is_set():
+                        raise LLMError("the run was stopped")
                     try:
-                        tag, value = arrived.get(timeout=left)
+                        tag, value = arrived.get(timeout=left if stop is None else min(left or math.inf,
+                                                                                         HANGUP_CHECK_SECONDS))
                     except queue.Empty:
                         continue
                     if tag == "piece":
                         yield value
                     elif tag == "end":
-                        answer.finish_reason = value
+                        ended = True
+                        finish[0] = value
                         return
                     else:
+                        ended = True
                         raise value
             finally:
-                leaving.set()   # the reading thread closes the connection at its next chunk
-        answer = TextStream(pieces())
-        return answer
+                leaving.set()   # the reading thread closes the connection at its next chunk, or now:
+                if not ended and self._sockets.cut(reader) and self.metrics is not None:
+                    self.metrics.add("llm_calls_cut_total")
+        finish: List[Optional[str]] = [None]   # no reference from the pieces to the stream: no cycle to wait for
+        return _LLMStream(pieces(), finish)
 
     def _read_stream(self, request: Dict[str, Any], arrived: "queue.Queue[Tuple[str, Any]]",
                      leaving: threading.Event) -> None:
@@ -1371,6 +1497,43 @@ class LLMClient:
 
     def _call(self, *, retry: bool = True, **options: Any) -> Any:
         options.setdefault("model", self.settings.model)
+        budget = getattr(self._turn, "budget", None)
+        if budget is not None and not options.get("stream"):
+            return self._call_within_budget(budget, options)
+        return self._call_now(retry, options)
+
+    def _call_within_budget(self, budget: TurnBudget, options: Dict[str, Any]) -> Any:
+        """One attempt, no retry, within what is left of the turn's budget, on a thread of its own
+        so that a client who leaves ends it: its connection is cut at once, and the turn moves on."""
+        left = budget.left()
+        if left <= 0.05:
+            raise LLMTimeout(f"no time left of the turn's {budget.seconds:g} s")
+        options["timeout"] = min(float(options.get("timeout") or self.settings.timeout_seconds), left)
+        outcome: Dict[str, Any] = {}
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                outcome["value"] = self._call_now(False, options)
+            except BaseException as exc:   # re-raised on the turn's thread
+                outcome["error"] = exc
+            finally:
+                done.set()
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        while not done.wait(HANGUP_CHECK_SECONDS):
+            if budget.stop.is_set():   # the client left: nobody waits for this answer
+                if self._sockets.cut(worker) and self.metrics is not None:
+                    self.metrics.add("llm_calls_cut_total")
+                raise LLMError("the client left")
+        if "error" in outcome:
+            if isinstance(outcome["error"], LLMTimeout):
+                log.warning("the language model at %s did not answer within %.3g s (what was left of the turn's "
+                            "%g s); the turn goes on without it", self.host, options["timeout"], budget.seconds)
+            raise outcome["error"]
+        return outcome["value"]
+
+    def _call_now(self, retry: bool, options: Dict[str, Any]) -> Any:
         client = self._client if retry else self._client_once
         started, outcome = time.monotonic(), "error"
         try:
@@ -1389,11 +1552,25 @@ class LLMClient:
         return (response.choices[0].message.content or "") if response.choices else ""
 
     def _upstream_error(self, exc: Exception) -> LLMError:
+        if isinstance(exc, self._openai.APITimeoutError):
+            return LLMTimeout("timed out")
         status = getattr(exc, "status_code", None)
         reason = f"HTTP {status}" if status else type(exc).__name__.replace("API", "").replace("Error", " error")
         said = f"{getattr(exc, 'message', '')} {json.dumps(getattr(exc, 'body', None), default=str)}"
         return LLMError(reason.strip(), upstream_status=status,
                         names_format=bool(status) and bool(self.FORMAT_WORDS.search(said)))
+
+
+class _LLMStream(TextStream):
+    """LLMClient.stream's answer: its finish reason is set once the stream is read to its end."""
+
+    def __init__(self, pieces: Iterator[str], finish: List[Optional[str]]):
+        super().__init__(pieces)
+        self._finish = finish
+
+    @property   # type: ignore[override]
+    def finish_reason(self) -> Optional[str]:
+        return self._finish[0]
 
 
 def first_json_object(text: str) -> dict:
@@ -3691,6 +3868,10 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     workflow, conversation = turn.workflow, turn.conversation
     conversation.turns += 1
     extraction = Extraction()
+    # The turn's own LLM calls (extraction, question): one attempt each, all within --llm-timeout,
+    # and cut as soon as the client leaves.
+    budget = TurnBudget(turn.stop, turn.llm.settings.timeout_seconds) if turn.llm is not None else None
+    own_calls = (lambda: turn.llm.within(budget)) if turn.llm is not None else contextlib.nullcontext
     if turn.branch == "new chat":   # a reused header key (Open WebUI's temporary chats share one)
         yield Piece("thinking", "A new chat: starting from nothing.\n")
     elif turn.branch:
@@ -3706,7 +3887,8 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
         wanted = conversation.missing(workflow)
         yield Piece("thinking", f"Reading your message for the {_and_list([q.label for q in wanted])}.\n" if wanted
                     else "Reading your message for changes.\n")
-        extraction = extract(turn.llm, workflow, conversation, turn.history, turn.text)
+        with own_calls():
+            extraction = extract(turn.llm, workflow, conversation, turn.history, turn.text)
     for note in extraction.notes:
         yield Piece("thinking", note + "\n")
     if extraction.intent == "cancel":
@@ -3724,7 +3906,8 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
         conversation.ask_counts.pop(name, None)
     missing = conversation.missing(workflow)
     if missing:
-        question, notes = _ask(turn, missing, extraction, understood, changed)
+        with own_calls():
+            question, notes = _ask(turn, missing, extraction, understood, changed)
         for note in notes:
             yield Piece("thinking", note + " Asked the templated question instead.\n")
         yield Piece("answer", question)
@@ -5234,6 +5417,8 @@ class Metrics:
         "llm_calls_total": ("counter", "Calls to the internal LLM, by outcome."),
         "llm_call_seconds": ("summary", "Seconds per call to the internal LLM (streams: until the first piece)."),
         "llm_format_refusals_total": ("counter", "Structured-output modes the internal LLM refused."),
+        "llm_calls_cut_total": ("counter", "Calls to the internal LLM whose connection was closed before their end: "
+                                           "the client left, or their time ran out."),
         "repeated_requests_total": ("counter", "Requests answered again because the same one was answered while they waited."),
         "open_streams": ("gauge", "Streamed replies being sent now."),
         "stored_conversations": ("gauge", "Conversations in the store."),

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -65,8 +66,10 @@ class FakeLLM:
     refuse_json_schema: answer 400 to response_format json_schema (like llama.cpp).
     refuse_json_schema_status: when set (500, as llama-cpp-python 0.3.x does), answer
     json_schema with this status and llama.cpp's body, which names response_format.
-    endless_node_stream: a node's stream sends a token every 20 ms until the client goes
-    away; endless_stream_ended is set when that handler has ended.
+    endless_node_stream: a node's stream sends a token every endless_seconds (20 ms) until
+    the client goes away; endless_stream_ended is set when that handler has ended, at ended_at.
+    hold: a call kind ("extraction") answered by no word until the client closes its connection
+    (a slow model's long silence); held_call_closed is set when it did, at ended_at.
     """
 
     def __init__(self):
@@ -80,6 +83,8 @@ class FakeLLM:
         self.refuse_json_schema_status = None
         self.endless_node_stream = False
         self.endless_stream_ended = threading.Event()
+        self.endless_seconds = 0.02
+        self.hold, self.held_call_closed, self.ended_at = None, threading.Event(), None
         self.closed = threading.Event()
         self.broken_json = False
         self.question = "Paris is a wonderful choice! What is your budget, and when would you like to go?"
@@ -101,6 +106,8 @@ class FakeLLM:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.calls.append(body)
+                if fake.hold and call_kind(body) == fake.hold:
+                    return self._hold()
                 time.sleep(fake.delay_seconds)
                 if fake.fail_next:
                     status = fake.fail_next.pop(0)
@@ -144,11 +151,27 @@ class FakeLLM:
                     while not fake.closed.is_set():
                         self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                         self.wfile.flush()
-                        time.sleep(0.02)
+                        if self._closed_within(fake.endless_seconds):
+                            break
                 except OSError:   # the client went away: this handler thread ends
                     pass
                 finally:
+                    fake.ended_at = time.monotonic()
                     fake.endless_stream_ended.set()
+
+            def _hold(self):
+                if self._closed_within(10):
+                    fake.ended_at = time.monotonic()
+                    fake.held_call_closed.set()
+
+            def _closed_within(self, seconds):
+                """Whether the client closed the connection within ``seconds``."""
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    readable, _, _ = select.select([self.connection], [], [], min(0.01, seconds))
+                    if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                        return True
+                return False
 
             def _send(self, status, data, content_type):
                 self.send_response(status)
@@ -658,6 +681,39 @@ def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversa
                {"role": "user", "content": "word: y"}]
     release.set()
     assert answer_of(ask(server, "echo", history)).endswith("later")   # not locked out
+
+
+def _hang_up_after(server, message, seen, seconds=10):
+    """Send a streamed chat request on a raw socket, read until ``seen`` arrives (or at once, with
+    None), then hang up; the moment it hung up."""
+    body = json.dumps({"model": "trip-planner", "stream": True, "messages": [{"role": "user", "content": message}]})
+    client = socket.create_connection(("127.0.0.1", server.httpd.server_port))
+    client.sendall(f"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    received, deadline = b"", time.monotonic() + seconds
+    client.settimeout(seconds)
+    while seen is not None and seen not in received:
+        assert time.monotonic() < deadline, f"{seen!r} did not arrive within {seconds} s"
+        received += client.recv(4096)
+    client.close()
+    return time.monotonic()
+
+
+def test_a_hang_up_on_the_first_turn_closes_the_llm_stream_within_a_second(start, fake_llm):
+    fake_llm.endless_node_stream, fake_llm.endless_seconds = True, 0.5   # a slow model: a token every 0.5 s
+    server = start(llm=fake_llm.settings())
+    left = _hang_up_after(server, "destination: Paris\nbudget: 2000\ntravel dates: May", b"and on ")
+    assert fake_llm.endless_stream_ended.wait(5), "the LLM's stream was still read 5 s after the client left"
+    assert fake_llm.ended_at - left < 1.0
+    assert "cozyopenai_llm_calls_cut_total 1" in requests.get(server.url + "/metrics", timeout=5).text
+
+
+def test_a_hang_up_during_the_extraction_call_closes_its_connection_within_a_second(start, fake_llm):
+    fake_llm.hold = "extraction"                        # the model says nothing for a long while
+    server = start(llm=fake_llm.settings(timeout_seconds=20))
+    left = _hang_up_after(server, "I want to plan a trip to Paris.", b"Reading your message")
+    assert fake_llm.held_call_closed.wait(5), "the extraction call was still open 5 s after the client left"
+    assert fake_llm.ended_at - left < 1.0
 
 
 def test_a_silent_stream_gets_keepalive_comments_that_clients_skip(start):
@@ -1267,7 +1323,7 @@ def test_an_outage_does_not_change_the_structured_output_mode(fake_llm):
 
 
 @pytest.mark.parametrize("fault", ["timeout", "refused", "429", "500", "not json"])
-def test_an_llm_fault_is_retried_then_degrades_the_turn_and_keeps_every_value(start, fake_llm, fault):
+def test_an_llm_fault_costs_one_attempt_then_degrades_the_turn_and_keeps_every_value(start, fake_llm, fault, caplog):
     fake_llm.extractions = {"Trip to Paris.": {"destination": "Paris"}}
     settings = fake_llm.settings(timeout_seconds=0.5)
     if fault == "refused":
@@ -1280,12 +1336,16 @@ def test_an_llm_fault_is_retried_then_degrades_the_turn_and_keeps_every_value(st
     fake_llm.delay_seconds = 2 if fault == "timeout" else 0
     fake_llm.fail_next = {"429": [429] * 4, "500": [500] * 4}.get(fault, [])
     fake_llm.broken_json = fault == "not json"
+    started = time.monotonic()
     reply = chat.say("budget: 2000")
     assert "used the simple reader instead" in thinking_of(reply)
     assert "Understood budget: 2000." in thinking_of(reply)
     if fault in ("timeout", "429", "500"):
         extraction_calls = len(fake_llm.calls_of("extraction")) - (1 if calls_before else 0)
-        assert extraction_calls == 2          # one retry, then the simple reader: a bounded budget
+        assert extraction_calls == 1          # one attempt, then the simple reader: no retry doubles the wait
+    if fault == "timeout":
+        assert time.monotonic() - started < 1.5   # the turn's LLM calls, question included, share --llm-timeout
+        assert "did not answer within" in caplog.text
     fake_llm.delay_seconds, fake_llm.fail_next, fake_llm.broken_json = 0, [], False
     fake_llm.extractions["travel_dates: May"] = {"travel_dates": "May"}
     last = chat.say("travel_dates: May")
