@@ -902,8 +902,9 @@ def _bounded_answer(stream: TextStream, inputs: Dict[str, Any], context: NodeCon
         else:
             raise NodeFailed(f"the language model at {host} did not answer ({exc.reason})") from None
         return
-    if stream.finish_reason == "length":
+    if stream.finish_reason == "length":   # said in the answer too, so a reader does not take it for the whole
         context.note(f"the answer hit its limit of {max_tokens} tokens.")
+        yield f"\n\n(Stopped here: the answer reached its limit of {max_tokens} tokens.)"
 
 
 def _stopped_line(exc: LLMError, seconds: float) -> str:
@@ -3775,7 +3776,7 @@ def question_with_llm(llm: LLMClient, workflow: Workflow, missing: Sequence[Quer
             f"The user named several values for the {workflow.query_inputs[name].label} ({_or_list(values)}): "
             "ask which one they mean.\n" for name, values in (ambiguous or {}).items()))
     question = llm.complete([{"role": "system", "content": prompt}, {"role": "user", "content": text}],
-                            temperature=0.3, max_tokens=QUESTION_MAX_TOKENS).strip()
+                            temperature=0, max_tokens=QUESTION_MAX_TOKENS).strip()
     if not question:
         raise UpstreamError("the language model returned an empty question")
     return question
@@ -3832,16 +3833,19 @@ SORRY_REPLY = "Sorry, something went wrong on the server while answering. Your c
 
 def ordered_pieces(pieces: Iterator[Piece]) -> Iterator[Piece]:
     """The turn's pieces as every API shows them: thinking, then the answer. Progress that comes
-    after the answer has begun (a side branch still running) is logged, not shown; a bug in the
-    turn ends the answer with an apology rather than a broken reply."""
-    answer_begun = False
+    after the answer has begun (the node that streams the answer finishing, a side branch) is
+    held and shown after the answer, so the record of the run is whole; a bug in the turn ends
+    the answer with an apology rather than a broken reply."""
+    answer_begun, after = False, []   # after: thinking held until the answer is whole
     try:
         for piece in pieces:
             if piece.channel == "thinking" and answer_begun:
-                log.debug("progress after the answer began: %s", piece.text.strip())
+                after.append(piece.text)
                 continue
             answer_begun = answer_begun or piece.channel == "answer"
             yield piece
+        if after:
+            yield Piece("thinking", "".join(after))
     except Exception:   # the turn's own bug
         log.exception("turn failed")
         yield Piece("answer", SORRY_REPLY)
@@ -4959,6 +4963,9 @@ def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest
             yield b": keep-alive\n\n"
             continue
         item_type = "reasoning" if piece.channel == "thinking" else "message"
+        if item_type == "reasoning" and "message" in opened and "reasoning" in opened:
+            texts["thinking"].append(piece.text)   # the run's record after a streamed answer: in the
+            continue                               # completed response, its item being closed
         if item_type not in opened:
             if item_type == "message" and "reasoning" in opened:
                 yield from close_item("reasoning")

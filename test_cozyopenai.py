@@ -560,13 +560,31 @@ def test_an_llm_node_sends_max_tokens_from_its_input_or_the_default_and_bad_ones
     assert fake_llm.calls_of("node")[-1]["max_tokens"] == cozyopenai.LLM_NODE_MAX_TOKENS
     reply = Chat(server, "short").say("word: hi")
     assert fake_llm.calls_of("node")[-1]["max_tokens"] == 2
-    assert answer_of(reply) == "".join(fake_llm.node_tokens[:2]).strip()   # the fake counts a piece as a token
+    assert answer_of(reply) == ("".join(fake_llm.node_tokens[:2])   # the fake counts a piece as a token
+                                + "\n\n(Stopped here: the answer reached its limit of 2 tokens.)")
     assert "write: the answer hit its limit of 2 tokens." in thinking_of(reply)
     for bad in ("lots", 0):
         broken = _llm_node_workflow(inputs={**capped, "max_tokens": bad})
         with pytest.raises(cozyopenai.WorkflowFileError,
                            match=r"node 'write': 'max_tokens' must be a positive whole number"):
             cozyopenai.load_workflows({"workflows": [broken]})
+
+
+def test_the_run_record_is_whole_after_a_streamed_answer_and_the_servers_calls_are_at_temperature_0(start, fake_llm):
+    fake_llm.extractions = {"Trip to Paris.": {"destination": "Paris"}}
+    server = start(llm=fake_llm.settings())
+    chat = Chat(server, stream=True)
+    chat.say("Trip to Paris.")
+    reply = chat.say("budget: 2000\ntravel dates: May")
+    answer_end = reply.index(fake_llm.node_tokens[-1]) + len(fake_llm.node_tokens[-1])
+    after = reply[answer_end:]   # the node that streamed the answer finishes after it: shown there
+    assert re.match(r"\n*<thinking>\n✓ plan finished in \d+\.\d\d s\n→ answer started", after.lstrip())
+    assert "✓ answer finished in" in after and "plan finished" not in reply[:answer_end]
+    response = server.client.responses.create(model="trip-planner", input="destination: Rome\nbudget: 900\n"
+                                              "travel dates: June", stream=True)
+    completed = [event for event in response if event.type == "response.completed"][0].response
+    assert "✓ plan finished in" in completed.output[0].summary[0].text
+    assert [call["temperature"] for call in fake_llm.calls if call_kind(call) != "node"] == [0, 0, 0, 0]
 
 
 ####################################################################################
