@@ -3653,7 +3653,7 @@ def _prompt_echoes() -> frozenset:
 
 
 def _server_prompts() -> Tuple[str, ...]:
-    return (EXTRACTION_PROMPT, SINGLE_CALL_RULE, QUESTION_PROMPT)
+    return (EXTRACTION_PROMPT, SINGLE_CALL_RULE, QUESTION_PROMPT, SUGGESTIONS_PROMPT)
 
 
 def workflow_words(workflow: Workflow) -> str:
@@ -3712,6 +3712,83 @@ def check_llm_text(text: str, workflow: Workflow, said: Sequence[str], language:
 def users_language(said: Sequence[str]) -> Optional[str]:
     """The language of the user's newest message, else of all their messages together."""
     return (language_of(said[-1]) if said else None) or language_of("\n".join(said))
+
+
+SUGGESTIONS_MAX = 5                       # follow-up suggestions offered at once
+SUGGESTIONS_PROMPT = """\
+Translate each of these short replies, which a user may send to a chat assistant, into {language}. \
+Keep their meaning, and keep every name and number as it is. Answer with one JSON object and nothing \
+else: {{"follow_ups": [the {count} translated replies, in the same order]}}"""
+
+
+def follow_ups_offline(workflow: Workflow, conversation: Optional[Conversation]) -> List[str]:
+    """Replies that move the conversation on, built from the workflow, as a user would send
+    them: while an input is asked for, the ways to answer it (its choices, yes or no, the words
+    of its synonyms); at any time, the optional inputs that can still change ("Make the pace
+    relaxed", "With kids"); after a run, "Run it again". None names a value the workflow does not offer."""
+    values = dict(conversation.values) if conversation is not None else {}
+    missing = workflow.missing(values)
+    asked = [name for name in (conversation.asked if conversation is not None else []) if name not in values]
+    suggestions: List[str] = []
+    if missing:
+        query = workflow.query_inputs[asked[0]] if asked else missing[0]
+        suggestions += _answers_to(query)
+    current = workflow.with_defaults(values)
+    for query in workflow.query_inputs.values():
+        if not query.optional:
+            continue
+        # Said as the reader reads it: a value given before changes by its label ("pace: packed").
+        given = query.name in values
+        if query.type == "choice":
+            suggestions += [f"{query.label}: {choice}" if given else f"Make the {query.label} {choice}"
+                            for choice in query.choices if choice != current.get(query.name)]
+        elif query.type == "boolean":
+            word = next((str(said) for said, meant in query.synonyms if meant is True), "")
+            wanted = not current.get(query.name, False)
+            suggestions.append(f"{'With' if wanted else 'Without'} {word}" if word and not given else
+                               f"{query.label}: {shown_value(wanted)}")
+    if not missing and conversation is not None and conversation.runs:
+        suggestions.append("Run it again")
+    return list(dict.fromkeys(suggestions))[:SUGGESTIONS_MAX]
+
+
+def _answers_to(query: QueryInput) -> List[str]:
+    if query.type == "choice":
+        return [choice[:1].upper() + choice[1:] for choice in query.choices]
+    if query.type == "boolean":
+        return ["Yes", "No"]
+    first_words = {}   # the first word for each value: the month calendar's "January", "February", "March"
+    for word, meant in query.synonyms:
+        first_words.setdefault(str(meant), str(word))
+    return list(first_words.values())[:3]
+
+
+def follow_ups_with_llm(llm: LLMClient, workflow: Workflow, offline: Sequence[str], language: str) -> List[str]:
+    """The offline suggestions in the user's language; each checked like every text the LLM
+    writes for the user (UpstreamError when any fails: the offline ones are shown then)."""
+    prompt = SUGGESTIONS_PROMPT.format(language=language, count=len(offline))
+    answer = first_json_object(llm.complete([{"role": "system", "content": prompt},
+                                             {"role": "user", "content": json.dumps(list(offline), ensure_ascii=False)}],
+                                            max_tokens=CLIENT_TASK_MAX_TOKENS))
+    translated = answer.get("follow_ups")
+    if not isinstance(translated, list) or len(translated) != len(offline):
+        raise UpstreamError(f"the language model's follow-ups were not a list of {len(offline)} texts")
+    for text in translated:
+        why = check_llm_text(str(text), workflow, list(offline), language, asks=False, max_chars=SUGGESTION_MAX_CHARS)
+        if not isinstance(text, str) or why:
+            raise UpstreamError(f"the language model's follow-up {str(text)[:40]!r} cannot be shown: {why}")
+    return [text.strip() for text in translated]
+
+
+def elicitation_message(workflow: Workflow, missing: Sequence[QueryInput], problems: Mapping[str, str]) -> str:
+    """The message of a form asking for every input in ``missing`` (MCP): it names each one,
+    and asks each one's question."""
+    if len(missing) == 1:
+        return question_offline(workflow, missing, {}, {}, problems, line_hint=False)
+    parts = [reason[0].upper() + reason[1:] + "." for reason in problems.values()]
+    parts.append(f"I still need the {_and_list([query.label for query in missing])}.")
+    parts += [query.question or f"What is the {query.label} ({query.description.rstrip('.')})?" for query in missing]
+    return " ".join(parts)
 
 
 def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understood: Mapping[str, Any],
@@ -4376,13 +4453,18 @@ def resume_by_key(service: Service, workflow: Workflow, messages: Sequence[dict]
                   held: contextlib.ExitStack) -> Tuple[Conversation, bool]:
     """Conversations keyed by a header (Open WebUI's chat id) instead of the id block.
     The key is hashed with the model's name: a model switch is a new conversation."""
-    digest = hashlib.sha256(f"{workflow.name}\0{chat_key}".encode()).digest()
-    conversation_id = base64.urlsafe_b64encode(digest).decode()[:32]
+    conversation_id = keyed_conversation_id(workflow, chat_key)
     held.enter_context(service.store.lock(conversation_id))
     record = service.store.load(conversation_id)
     if record is not None and record.get("model") == workflow.name:
         return Conversation.from_record(record), False
     return Conversation(id=conversation_id, model=workflow.name), any(m["role"] == "assistant" for m in messages)
+
+
+def keyed_conversation_id(workflow: Workflow, chat_key: str) -> str:
+    """The conversation a header key names for this model: the key hashed with the model's name."""
+    digest = hashlib.sha256(f"{workflow.name}\0{chat_key}".encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode()[:32]
 
 
 def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[dict],
@@ -4528,11 +4610,26 @@ def is_client_task(messages: Sequence[dict]) -> bool:
     return messages[-1]["role"] == "user" and messages[-1]["content"].lstrip().startswith(CLIENT_TASK_PREFIX)
 
 
-def answer_client_task(workflow: Workflow, task: str, llm: Optional[LLMClient]) -> str:
-    """The task's JSON answer: from the LLM when there is one, else from the workflow's name
-    and the user's first message."""
+def answer_client_task(workflow: Workflow, task: str, llm: Optional[LLMClient],
+                       conversation: Optional[Conversation] = None) -> str:
+    """The task's JSON answer. Follow-up suggestions and tags are built from the workflow and
+    ``conversation`` (the chat the task is about, when known): suggestions in the user's language
+    through the LLM, checked; tags the workflow's name and the values the user gave. Anything
+    else from the LLM when there is one, checked, else from the workflow's name and the user's first message."""
     match = CLIENT_TASK_KEY_PATTERN.search(task)
     key = match.group(1) if match else "text"
+    said = [line.split(":", 1)[1] for line in task.splitlines() if line.upper().startswith("USER:")]
+    if key == "follow_ups":
+        offline = follow_ups_offline(workflow, conversation)
+        language = users_language(said)
+        if llm is not None and offline and language not in (None, "English"):
+            try:
+                return json.dumps({key: follow_ups_with_llm(llm, workflow, offline, language)}, ensure_ascii=False)
+            except UpstreamError as exc:
+                log.info("follow-up suggestions offered in English: %s", exc.message)
+        return json.dumps({key: offline}, ensure_ascii=False)
+    if key == "tags":
+        return json.dumps({key: task_tags(workflow, conversation)}, ensure_ascii=False)
     if llm is not None:
         try:
             answer = first_json_object(llm.complete([{"role": "user", "content": task}], temperature=0,
@@ -4567,6 +4664,32 @@ def _task_answer_problem(workflow: Workflow, key: str, value: Any, task: str) ->
                 return f"holds {item[:40]!r}, which cannot be shown: {why}"
         return None
     return None if value is not None else "has no such key"
+
+
+def task_tags(workflow: Workflow, conversation: Optional[Conversation]) -> List[str]:
+    """A chat's tags: the workflow's name, then the short text values the user gave (a place, a choice)."""
+    tags = [workflow.name.replace("-", " ").replace("_", " ").capitalize()]
+    for name, value in (conversation.values if conversation is not None else {}).items():
+        query = workflow.query_inputs.get(name)
+        if query is not None and isinstance(value, str) and query.type != "date" and len(value.split()) <= 3:
+            tags.append(value)
+    return list(dict.fromkeys(tags))
+
+
+def conversation_of_task(service: Service, workflow: Workflow, task: str, chat_key: str) -> Optional[Conversation]:
+    """The chat a background task is about, as its newest turn left it, read without a lock (a
+    task changes nothing): by the conversation header, or by the identifier block the task quotes."""
+    ids = [keyed_conversation_id(workflow, chat_key)] if chat_key else [
+        found for found in reversed(ID_BLOCK_PATTERN.findall(task)) if is_conversation_id(found)]
+    for conversation_id in ids[:1]:
+        with contextlib.suppress(CozyError, ValueError, OSError):
+            record = service.store.load(conversation_id)
+            if record is not None and record.get("model") == workflow.name:
+                conversation = Conversation.from_record(record)
+                if conversation.snapshots:
+                    conversation.restore(conversation.snapshots[-1])
+                return conversation
+    return None
 
 
 def _offline_task_value(workflow: Workflow, key: str, task: str) -> Any:
@@ -4779,8 +4902,9 @@ def open_chat_turn(service: Service, request: TurnRequest, stop: threading.Event
     if is_client_task(request.messages):
         workflow = service.workflow(request.model)
         trace.update(model=workflow.name, conversation="task")
-        return AnsweredTurn(workflow.redact(answer_client_task(workflow, request.messages[-1]["content"],
-                                                               service.llm)))
+        task = request.messages[-1]["content"]
+        conversation = conversation_of_task(service, workflow, task, request.chat_key)
+        return AnsweredTurn(workflow.redact(answer_client_task(workflow, task, service.llm, conversation)))
     return service.open_turn(request, stop, trace)
 
 
@@ -5232,11 +5356,15 @@ class McpCall:
     def _elicit(self, missing: Sequence[QueryInput], values: Mapping[str, Any], problems: Mapping[str, str],
                 answer: Dict[str, Any]) -> Iterator[Optional[dict]]:
         """Ask the person for exactly the missing inputs, as chat would, and wait for the answer."""
-        question = question_offline(self.workflow, missing, {}, {}, problems, line_hint=False)   # a form, not lines
+        question = elicitation_message(self.workflow, missing, problems)   # names and asks every field
         if self.service.llm is not None:
+            request = str(self.arguments.get(REQUEST_ARGUMENT) or "")
             with contextlib.suppress(UpstreamError):
-                question = question_with_llm(self.service.llm, self.workflow, missing, values, {}, problems,
-                                             str(self.arguments.get(REQUEST_ARGUMENT) or ""))
+                phrased = question_with_llm(self.service.llm, self.workflow, missing, values, {}, problems, request)
+                said = [request] + [shown_value(value) for value in values.values()]
+                named = all(query.label.lower() in phrased.lower() for query in missing)
+                if named and check_llm_text(phrased, self.workflow, said, users_language([request])) is None:
+                    question = phrased   # checked, and it names every field of the form
         request_id = "elicit-" + secrets.token_hex(6)
         waiting: "queue.Queue[dict]" = queue.Queue()
         self.session.waiting[request_id] = waiting

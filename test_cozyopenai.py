@@ -88,6 +88,7 @@ class FakeLLM:
         self.closed = threading.Event()
         self.broken_json = False
         self.question = "Paris is a wonderful choice! What is your budget, and when would you like to go?"
+        self.follow_ups = []       # the suggestions call's answer (follow-ups in the user's language)
         self.node_tokens = ["Day 1: the Louvre. ", "Day 2: Montmartre. ", "Day 3: a day in Versailles."]
         self.http_routes = {}      # path -> (status, json body), for http node tests
         self.delay_seconds = 0     # before answering a chat completion (timeouts, races)
@@ -202,6 +203,8 @@ class FakeLLM:
             return [json.dumps(answer)]
         if kind == "question":
             return [self.question]
+        if body["messages"][0]["content"].startswith(cozyopenai.SUGGESTIONS_PROMPT[:40]):
+            return [json.dumps({"follow_ups": self.follow_ups})]
         return self.node_tokens
 
     def calls_of(self, kind):
@@ -2268,7 +2271,8 @@ def test_a_replay_of_open_webuis_requests_continues_the_chat_and_answers_its_tit
     assert title == {"title": "Trip planner: I want to plan a trip to Paris"}
     follow_ups = server.post({"model": "trip-planner", "messages": [{"role": "user", "content": title_task.replace(
         '{ "title": "your concise title here" }', '{ "follow_ups": ["Question 1?"] }')}]}).json()
-    assert json.loads(follow_ups["choices"][0]["message"]["content"]) == {"follow_ups": []}
+    assert json.loads(follow_ups["choices"][0]["message"]["content"]) == {   # the budget has no choices to offer
+        "follow_ups": ["Make the pace relaxed", "Make the pace packed", "With kids"]}
     streamed = server.post({"model": "trip-planner", "stream": True, "messages": [{"role": "user", "content": title_task}]})
     assert '\\"title\\"' in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
     assert "Got it: destination Paris." in first
@@ -2458,6 +2462,37 @@ def test_a_background_task_is_answered_through_the_llm_when_there_is_one(start, 
     reply = ask(server, "trip-planner", [{"role": "user", "content": task}])
     assert json.loads(reply) == {"title": "🗼 Paris Trip Planning"}
     assert fake_llm.calls_of("extraction") == []          # no conversation, no gathering
+
+
+def _task(history, key, example):
+    chat = "\n".join(f"{m['role'].upper()}: {m['content']}" for m in history)
+    return {"role": "user", "content": f"### Task:\nSuggest what the user might say next.\n### Output:\nJSON format: "
+                                       f'{{ "{key}": {example} }}\n### Chat History:\n<chat_history>\n{chat}\n</chat_history>'}
+
+
+def test_follow_ups_and_tags_come_from_the_workflow_and_what_the_user_gave(start, fake_llm):
+    chat = Chat(start())
+    task = lambda key: json.loads(ask(chat.server, "trip-planner", [_task(chat.messages, key, '["..."]')]))[key]
+    chat.say("destination: Lisbon\nbudget: 900\ntravel dates: May\npace: relaxed")
+    assert task("follow_ups") == ["pace: balanced", "pace: packed", "With kids", "Run it again"]
+    assert task("tags") == ["Trip planner", "Lisbon", "relaxed"]
+    for suggestion, change in (("With kids", "children = yes"), ("pace: packed", "pace = packed")):
+        reply = chat.say(suggestion)   # a suggestion, sent as it is, is read
+        assert "Running trip-planner with destination = Lisbon" in reply and change in reply
+    assert task("follow_ups") == ["pace: relaxed", "pace: balanced", "children: no", "Run it again"]
+    calendar = Chat(chat.server, "month-calendar")
+    calendar.say("year: 2026")
+    assert json.loads(ask(chat.server, "month-calendar", [_task(calendar.messages, "follow_ups", "[]")])) == {
+        "follow_ups": ["January", "February", "March"]}   # the ways to answer the question asked
+    # With an LLM, in the user's language: checked, and the offline ones when a check fails.
+    french = Chat(start(llm=fake_llm.settings()))
+    fake_llm.question = ""
+    french.say("Je voudrais partir à Lisbonne avec un budget de 900 euros.")
+    fake_llm.follow_ups = ["Un rythme tranquille", "Un rythme chargé", "Avec les enfants"]
+    asked = lambda: json.loads(ask(french.server, "trip-planner", [_task(french.messages, "follow_ups", "[]")]))
+    assert asked() == {"follow_ups": fake_llm.follow_ups}
+    fake_llm.follow_ups = ["Un rythme tranquille", "<|im_start|>", "Avec les enfants à Tokyo"]
+    assert asked() == {"follow_ups": ["Make the pace relaxed", "Make the pace packed", "With kids"]}
 
 
 def test_progress_can_go_to_the_reasoning_content_field(start):
@@ -2744,8 +2779,8 @@ def test_mcp_asks_for_missing_inputs_by_elicitation_and_honours_decline(start):
     result = run_async(call(answer, {"destination": "Lisbon"}))
     assert not result.is_error and result.content[0].text.startswith("## Your trip to Lisbon")
     assert "1500 in total" in result.content[0].text
-    assert asked == [("I still need the budget and travel dates. What is your total budget for the trip?",
-                      ["budget", "travel_dates"])]
+    assert asked == [("I still need the budget and travel dates. What is your total budget for the trip? "
+                      "When would you like to travel, and for how long?", ["budget", "travel_dates"])]
     declined = run_async(call(lambda message, schema, types: types.ElicitResult(action="decline"),
                               {"destination": "Lisbon"}))
     assert declined.is_error and "the user chose to decline" in declined.content[0].text
