@@ -13,6 +13,7 @@ the same server, measured in the same run, because machines differ and are noisy
 """
 
 import argparse
+import collections
 import contextlib
 import http.server
 import importlib.util
@@ -701,17 +702,49 @@ def score_extraction_set(mode, llm_settings=None, sets=("dialogues",) + ONE_LINE
         stand_in.close()
 
 
+UNUSABLE_REPLY_CHARS = 700   # a gathering reply longer than this is not read, let alone answered
+
+
+def unusable_reason(reply, message):
+    """Why a person cannot act on a gathering reply (a question): none asked, chat-template
+    debris or the server's own prompt, another language than the user's message, over
+    UNUSABLE_REPLY_CHARS; None when it is usable. "templated" marks the server's own English
+    question shown in place of the LLM's (the offline fallback), kept apart in the figures."""
+    answer = cozyopenai.clean_reply(reply)
+    words = cozyopenai._words(answer)
+    if len(answer) > UNUSABLE_REPLY_CHARS:
+        return "over %d characters" % UNUSABLE_REPLY_CHARS
+    if cozyopenai.CHAT_TEMPLATE_PATTERN.search(answer) or any(
+            tuple(words[i:i + cozyopenai.PROMPT_ECHO_WORDS]) in cozyopenai._prompt_echoes() for i in range(len(words))):
+        return "debris"
+    if "?" not in answer and answer not in (cozyopenai.CANCELLED_REPLY,) and "start over" not in answer:
+        # (a cancel is answered, and the offer to start over asks nothing: both are clear)
+        return "no question"
+    wanted, written = cozyopenai.language_of(message), cozyopenai.language_of(answer)
+    if wanted and written and wanted != written:
+        return "wrong language (templated)" if written == "English" else "wrong language"
+    return None
+
+
 def _score(port, store, stand_in, chats):
     accepted, wrong, stated, recalled, misses = set(), [], 0, 0, []
+    unusable, gathering, seconds = [], 0, []
     for number, (model, turns, expected, superseded) in enumerate(chats):
         history, conversation_id, final = [], None, {}
         for turn in turns:
             stand_in.says[turn["message"]] = turn["says"]
             stand_in.intents[turn["message"]] = turn.get("intent", "provide")
+            started = time.perf_counter()
             status, payload, _ = http_request(port, "POST", "/openai/chat/completions",
                                               chat_body(model, turn["message"], history=history))
+            seconds.append(time.perf_counter() - started)
             assert status == 200, payload
             reply = json.loads(payload)["choices"][0]["message"]["content"]
+            if "Running " not in reply.split("</thinking>")[0] and "changes no value" not in reply:
+                gathering += 1
+                why = unusable_reason(reply, turn["message"])
+                if why:
+                    unusable.append(f"#{number} {why}")
             history += [{"role": "user", "content": turn["message"]}, {"role": "assistant", "content": reply}]
             conversation_id = conversation_id or re.search(r"identifier\n(\S+)\n", reply).group(1)
             final = store.load(conversation_id)["snapshots"][-1]["values"]
@@ -725,7 +758,7 @@ def _score(port, store, stand_in, chats):
         misses += [f"#{number} {name}" for name in expected if name not in found]
     return {"precision": 1 - len(set(wrong)) / max(1, len(accepted)), "accepted": len(accepted),
             "wrong": sorted(set(wrong)), "recall": recalled / max(1, stated), "recalled": recalled,
-            "stated": stated, "misses": misses}
+            "stated": stated, "misses": misses, "unusable": unusable, "gathering": gathering, "seconds": seconds}
 
 
 def bench_extraction(real_url=None, real_model="gemma"):
@@ -743,6 +776,13 @@ def bench_extraction(real_url=None, real_model="gemma"):
                   f"/{score['accepted']}), recall {score['recall']:.0%} ({score['recalled']}/{score['stated']})"
                   f"{'  wrong: ' + ', '.join(score['wrong']) if score['wrong'] else ''}", flush=True)
             print(f"  {'':<12} {'':<10} misses: {', '.join(score['misses']) or 'none'}", flush=True)
+            kinds = collections.Counter(reason.split(" ", 1)[1] for reason in score["unusable"])
+            times = sorted(score["seconds"])
+            print(f"  {'':<12} {'':<10} gathering replies a person cannot act on: "
+                  f"{sum(count for kind, count in kinds.items() if 'templated' not in kind)}/{score['gathering']}"
+                  f" ({', '.join(f'{kind} {count}' for kind, count in sorted(kinds.items())) or 'none'});"
+                  f" turn wall time median {statistics.median(times):.2f} s, 90th percentile "
+                  f"{times[int(0.9 * (len(times) - 1))]:.2f} s, max {times[-1]:.2f} s", flush=True)
         print(f"  {mode:<12} ({time.perf_counter() - started:.1f} s)", flush=True)
 
 
