@@ -766,7 +766,7 @@ def bench_extraction(real_url=None, real_model="gemma"):
     print("Reading: the extraction set (bench/extraction_set.json), precision and recall per mode")
     modes = [(mode, None) for mode in MODES]
     if real_url:
-        modes.append(("real", cozyopenai.LLMSettings(real_url, real_model, "unused", timeout_seconds=120)))
+        modes.append(("real", cozyopenai.LLMSettings(real_url, real_model, "unused", timeout_seconds=45)))   # a turn's budget
     for mode, settings in modes:
         started = time.perf_counter()
         scores = score_extraction_set(mode, settings, sets=("dialogues",) + ONE_LINER_SETS
