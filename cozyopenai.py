@@ -3767,8 +3767,8 @@ def follow_ups_with_llm(llm: LLMClient, workflow: Workflow, offline: Sequence[st
     """The offline suggestions in the user's language; each checked like every text the LLM
     writes for the user (UpstreamError when any fails: the offline ones are shown then)."""
     prompt = SUGGESTIONS_PROMPT.format(language=language, count=len(offline))
-    answer = first_json_object(llm.complete([{"role": "system", "content": prompt},
-                                             {"role": "user", "content": json.dumps(list(offline), ensure_ascii=False)}],
+    listed = json.dumps(list(offline), ensure_ascii=False)
+    answer = first_json_object(llm.complete([{"role": "system", "content": prompt}, {"role": "user", "content": listed}],
                                             max_tokens=CLIENT_TASK_MAX_TOKENS))
     translated = answer.get("follow_ups")
     if not isinstance(translated, list) or len(translated) != len(offline):
@@ -3842,7 +3842,8 @@ def question_with_llm(llm: LLMClient, workflow: Workflow, missing: Sequence[Quer
                       understood: Mapping[str, Any], changed: Mapping[str, Tuple[Any, Any]],
                       problems: Mapping[str, str], text: str,
                       ambiguous: Optional[Mapping[str, Sequence[Any]]] = None) -> str:
-    known = "".join(f"- {workflow.query_inputs[name].label}: {shown_value(value)}\n" for name, value in understood.items())
+    known = "".join(f"- {workflow.query_inputs[name].label}: {shown_value(value)}\n"
+                    for name, value in understood.items())
     known += "".join(f"- {workflow.query_inputs[name].label}: changed from {shown_value(old)} to {shown_value(new)}\n"
                      for name, (old, new) in changed.items())
     prompt = QUESTION_PROMPT.format(
@@ -5554,7 +5555,7 @@ class Metrics:
         "llm_format_refusals_total": ("counter", "Structured-output modes the internal LLM refused."),
         "llm_calls_cut_total": ("counter", "Calls to the internal LLM whose connection was closed before their end: "
                                            "the client left, or their time ran out."),
-        "repeated_requests_total": ("counter", "Requests answered again because the same one was answered while they waited."),
+        "repeated_requests_total": ("counter", "Requests answered again: the same one was answered while they waited."),
         "open_streams": ("gauge", "Streamed replies being sent now."),
         "stored_conversations": ("gauge", "Conversations in the store."),
     }

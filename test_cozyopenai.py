@@ -2786,6 +2786,24 @@ def test_mcp_asks_for_missing_inputs_by_elicitation_and_honours_decline(start):
     assert declined.is_error and "the user chose to decline" in declined.content[0].text
 
 
+def test_an_mcp_form_message_from_the_llm_is_used_only_when_it_names_every_field(start, fake_llm):
+    server, asked = start(llm=fake_llm.settings()), []
+
+    def answer(message, schema, types):
+        asked.append(message)
+        return types.ElicitResult(action="decline")
+
+    async def call():
+        async with mcp_session(server, answer) as client:
+            return await client.call_tool("trip-planner", {"destination": "Lisbon"})
+    fake_llm.question = "Lisbon! What is your budget?"                 # asks the budget only
+    run_async(call())
+    fake_llm.question = "Lisbon! What budget and travel dates do you have in mind?"
+    run_async(call())
+    assert asked == ["I still need the budget and travel dates. What is your total budget for the trip? "
+                     "When would you like to travel, and for how long?", fake_llm.question]
+
+
 def test_mcp_re_asks_a_bad_value_and_reads_a_free_text_request(start):
     server, answers = start(), iter([{"month": 13}, {"month": 3}])
 
