@@ -1523,10 +1523,13 @@ class LLMClient:
         worker = threading.Thread(target=call, daemon=True)
         worker.start()
         while not done.wait(HANGUP_CHECK_SECONDS):
-            if budget.stop.is_set():   # the client left: nobody waits for this answer
+            out_of_time = budget.left() <= 0   # the SDK's timeout bounds each read, not the whole call
+            if budget.stop.is_set() or out_of_time:   # the client left, or the turn cannot wait longer
                 if self._sockets.cut(worker) and self.metrics is not None:
                     self.metrics.add("llm_calls_cut_total")
-                raise LLMError("the client left")
+                outcome["error"] = LLMTimeout(f"timed out after {budget.seconds:g} s") if out_of_time else \
+                    LLMError("the client left")
+                break
         if "error" in outcome:
             if isinstance(outcome["error"], LLMTimeout):
                 log.warning("the language model at %s did not answer within %.3g s (what was left of the turn's "

@@ -197,6 +197,9 @@ def chat_body(model, text, stream=False, history=()):
     return json.dumps({"model": model, "messages": messages, "stream": stream}).encode()
 
 
+HTTP_TIMEOUT_SECONDS = 180   # a turn on a real small model takes up to its 120 s budget, and then some
+
+
 def http_request(port, method, path, body=b"", on_first_byte=None, on_line=None):
     """(status, body bytes, seconds to the first byte). One connection per request, as the
     default server closes each one."""
@@ -205,7 +208,7 @@ def http_request(port, method, path, body=b"", on_first_byte=None, on_line=None)
     started = time.perf_counter()
     first_byte = None
     chunks = []
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_SECONDS) as sock:
         sock.sendall(head + body)
         pending = b""
         while True:
@@ -766,7 +769,9 @@ def bench_extraction(real_url=None, real_model="gemma"):
     print("Reading: the extraction set (bench/extraction_set.json), precision and recall per mode")
     modes = [(mode, None) for mode in MODES]
     if real_url:
-        modes.append(("real", cozyopenai.LLMSettings(real_url, real_model, "unused", timeout_seconds=45)))   # a turn's budget
+        # A turn's budget for its LLM calls; a small model on 2 cores takes some 15 s for an
+        # extraction and 30 s for a question, and a call given up still runs in llama.cpp.
+        modes.append(("real", cozyopenai.LLMSettings(real_url, real_model, "unused", timeout_seconds=120)))
     for mode, settings in modes:
         started = time.perf_counter()
         scores = score_extraction_set(mode, settings, sets=("dialogues",) + ONE_LINER_SETS
