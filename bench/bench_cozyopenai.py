@@ -678,6 +678,9 @@ DIALOGUE_SETS = ("dialogues", "blind_3")
 UNSEEN_SETS = ("blind_3",)
 
 
+REAL_PLAN_MAX_TOKENS = 48
+
+
 def score_extraction_set(mode, llm_settings=None, sets=("dialogues",) + ONE_LINER_SETS):
     """Play the extraction set through a real server and score what it accepted: precision
     (accepted values that the messages state) and recall (stated values accepted at the
@@ -688,6 +691,11 @@ def score_extraction_set(mode, llm_settings=None, sets=("dialogues",) + ONE_LINE
         llm_settings = cozyopenai.LLMSettings(stand_in.url, "stand-in", "unused")
     with open(os.path.join(TOP, "workflows.json"), encoding="utf-8") as handle:
         workflows = json.loads(re.sub(r"https://[a-z-]+\.open-meteo\.com", stand_in.base, handle.read()))
+    if mode == "real":   # the figures are about reading: a short plan keeps a small model's run to seconds
+        for item in workflows["workflows"]:
+            for node in item["nodes"]:
+                if node["type"] == "llm":
+                    node["inputs"]["max_tokens"] = REAL_PLAN_MAX_TOKENS
     app = cozyopenai.make_app(workflows, store="memory", llm=llm_settings if mode != "offline" else None)
     server = cozyopenai.create_server(app, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -764,7 +772,7 @@ def _score(port, store, stand_in, chats):
             "stated": stated, "misses": misses, "unusable": unusable, "gathering": gathering, "seconds": seconds}
 
 
-def bench_extraction(real_url=None, real_model="gemma"):
+def bench_extraction(real_url=None, real_model="gemma", real_sets=()):
     """Precision and recall of the reading pipeline per mode, on both halves of the set."""
     print("Reading: the extraction set (bench/extraction_set.json), precision and recall per mode")
     modes = [(mode, None) for mode in MODES]
@@ -774,9 +782,13 @@ def bench_extraction(real_url=None, real_model="gemma"):
         modes.append(("real", cozyopenai.LLMSettings(real_url, real_model, "unused", timeout_seconds=120)))
     for mode, settings in modes:
         started = time.perf_counter()
-        scores = score_extraction_set(mode, settings, sets=("dialogues",) + ONE_LINER_SETS
-                                      + (UNSEEN_SETS if mode in ("offline", "real") else ()))
-        for name, score in scores.items():
+        sets = (("dialogues",) + ONE_LINER_SETS + (UNSEEN_SETS if mode in ("offline", "real") else ()))
+        if mode == "real" and real_sets:
+            sets = tuple(real_sets)
+        # One set at a time for a real model (minutes each), each printed as soon as it is scored.
+        scored = [score_extraction_set(mode, settings, sets=(name,)) for name in sets] if mode == "real" else [
+            score_extraction_set(mode, settings, sets=sets)]
+        for name, score in ((name, score) for scores in scored for name, score in scores.items()):
             print(f"  {mode:<12} {name:<10} precision {score['precision']:.0%} ({score['accepted'] - len(score['wrong'])}"
                   f"/{score['accepted']}), recall {score['recall']:.0%} ({score['recalled']}/{score['stated']})"
                   f"{'  wrong: ' + ', '.join(score['wrong']) if score['wrong'] else ''}", flush=True)
@@ -863,6 +875,8 @@ def main(argv=None):
                         help="also score the reading pipeline against a real OpenAI-compatible server, e.g. "
                              "http://127.0.0.1:8091/v1 (llama.cpp with gemma3-270m: see the README)")
     parser.add_argument("--real-model", default="gemma", help="model name on --real-llm (default: %(default)s)")
+    parser.add_argument("--real-sets", default="", help="the sets the real model reads, comma-separated "
+                        "(default: all; each takes some 20 s a turn on 2 cores)")
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json-store", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
@@ -888,7 +902,8 @@ def main(argv=None):
         bench_llm_cost(single_call=False)
         bench_llm_cost(single_call=True)
     if "reading" in chosen:
-        bench_extraction(arguments.real_llm, arguments.real_model)
+        bench_extraction(arguments.real_llm, arguments.real_model,
+                         [name.strip() for name in arguments.real_sets.split(",") if name.strip()])
     if "startup" in chosen:
         bench_startup(arguments.runs)
     return 0
