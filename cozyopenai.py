@@ -70,6 +70,7 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import hmac
 import html
@@ -160,6 +161,7 @@ KEEPALIVE_SECONDS = 10.0                  # an SSE comment this often while a st
 EXPIRE_EVERY_SECONDS = 3600.0             # how often the store is swept for old conversations
 SNAPSHOTS_KEPT = 40                       # turns of state a conversation keeps, for edits and older branches
 RESPONSES_KEPT = 100                      # stored responses (Responses API) a conversation keeps, newest
+ANSWERED_KEPT = 8                         # answers a conversation keeps by request, to give again to a twin
 RECORD_VERSION = 2                        # conversation records: 1 held one mutable state, 2 holds snapshots
 LEGACY_SNAPSHOT = "version-1"             # the key of the one snapshot a version-1 record becomes
 MAX_ASKS_PER_INPUT = 3                    # then say so and offer to start over, instead of asking forever
@@ -681,8 +683,13 @@ def _on_cycles(waiting: Dict[str, set]) -> set:
 
 
 def shown_value(value: Any) -> str:
-    """A value as the user reads it: yes/no rather than True/False."""
-    return ("yes" if value else "no") if isinstance(value, bool) else str(value)
+    """A value as people read it, in replies, thinking lines and templates: yes/no rather than
+    True/False, a whole number without ".0"; anything else as it is."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value)
 
 
 class Redactor:
@@ -814,6 +821,11 @@ class TextStream:
     def __iter__(self) -> Iterator[str]:
         return iter(self._pieces)
 
+    def close(self) -> None:
+        """Stop its producer now (an LLM's stream closes its connection): the runner calls it
+        when it stops reading early, so nothing waits for the garbage collector to do it."""
+        getattr(self._pieces, "close", lambda: None)()
+
 
 @dataclass
 class NodeContext:
@@ -853,6 +865,13 @@ class _TemplateFormatter(string.Formatter):
 
     def get_field(self, field_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tuple[Any, str]:
         return lookup_path(kwargs, field_name.split("."), field_name), field_name
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        """A template is text for people: a yes/no value reads "yes" or "no" ("Children coming
+        along: no"), a whole number without ".0"; a format spec ({budget:.2f}) is applied as written."""
+        if not format_spec and isinstance(value, (bool, float)):
+            return shown_value(value)
+        return super().format_field(value, format_spec)
 
 
 def lookup_path(value: Any, path: Sequence[str], label: str) -> Any:
@@ -914,7 +933,7 @@ def run_llm_node(inputs: Dict[str, Any], context: NodeContext) -> Any:
     seconds = context.node.timeout_seconds or LLM_NODE_TIMEOUT_SECONDS
     # The stream is read by the runner after this returns, so this limit (not _call_within's,
     # which covers only this call) is what ends a long answer.
-    stream = context.llm.stream(messages, within_seconds=seconds, **options)
+    stream = context.llm.stream(messages, within_seconds=seconds, stop=context.stop, **options)
     return TextStream(_bounded_answer(stream, inputs, context, seconds, max_tokens))
 
 
@@ -925,9 +944,12 @@ def _bounded_answer(stream: TextStream, inputs: Dict[str, Any], context: NodeCon
     host = context.llm.host if context.llm is not None else "the configured server"
     wrote = False
     try:
-        for piece in stream:
-            wrote = True
-            yield piece
+        try:
+            for piece in stream:
+                wrote = True
+                yield piece
+        finally:   # also when the reader stops early (the client left): the connection closes now
+            stream.close()
     except LLMError as exc:
         if wrote:
             context.note(f"the language model at {host} stopped ({exc.reason}); kept what it had written.")
@@ -939,8 +961,9 @@ def _bounded_answer(stream: TextStream, inputs: Dict[str, Any], context: NodeCon
         else:
             raise NodeFailed(f"the language model at {host} did not answer ({exc.reason})") from None
         return
-    if stream.finish_reason == "length":
+    if stream.finish_reason == "length":   # said in the answer too, so a reader does not take it for the whole
         context.note(f"the answer hit its limit of {max_tokens} tokens.")
+        yield f"\n\n(Stopped here: the answer reached its limit of {max_tokens} tokens.)"
 
 
 def _stopped_line(exc: LLMError, seconds: float) -> str:
@@ -1146,13 +1169,16 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
         yield from _note_events(context)
         if isinstance(result, TextStream):
             pieces = []
-            for piece in result:
-                if stop.is_set():
-                    raise NodeFailed("the run was stopped")
-                pieces.append(piece)
-                yield from _note_events(context)   # noted before this piece came
-                if streams_answer:
-                    yield RunEvent("answer", node.id, text=piece)
+            try:
+                for piece in result:
+                    if stop.is_set():
+                        raise NodeFailed("the run was stopped")
+                    pieces.append(piece)
+                    yield from _note_events(context)   # noted before this piece came
+                    if streams_answer:
+                        yield RunEvent("answer", node.id, text=piece)
+            finally:   # stopped, failed or closed (the client left): its producer stops now
+                result.close()
             yield from _note_events(context)
             result = "".join(pieces)
     except (NodeFailed, UpstreamError) as exc:
@@ -1262,6 +1288,92 @@ class LLMSettings:
     single_call: bool = False              # extraction also writes the follow-up question: one call a turn
 
 
+class TurnBudget:
+    """What a turn allows its own calls to the LLM (extraction, question): one attempt each,
+    all of them within ``seconds`` from the turn's start, and none going on once ``stop`` is
+    set (the client left). Given to LLMClient.within around the calls."""
+
+    def __init__(self, stop: threading.Event, seconds: float):
+        self.stop, self.seconds = stop, seconds
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class _UpstreamSockets:
+    """The socket each thread is reading or writing right now in a call to the LLM, so that a
+    call can be cut from another thread: a socket another thread is blocked reading from is not
+    freed by close(), but shutdown() ends the read and the upstream sees the connection go,
+    so it stops generating. Installed by wrapping the HTTP client's network backend (httpcore's,
+    under the openai SDK); where that cannot be found, a call given up is left to finish."""
+
+    def __init__(self) -> None:
+        self._by_thread: Dict[int, Any] = {}
+
+    def install(self, http_client: Any) -> bool:
+        pool = getattr(getattr(http_client, "_transport", None), "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        if backend is None or not hasattr(backend, "connect_tcp"):
+            return False
+        pool._network_backend = _TrackedBackend(backend, self)
+        return True
+
+    @contextlib.contextmanager
+    def using(self, stream: Any) -> Iterator[None]:
+        thread = threading.get_ident()
+        self._by_thread[thread] = stream
+        try:
+            yield
+        finally:
+            self._by_thread.pop(thread, None)
+
+    def cut(self, thread: threading.Thread) -> bool:
+        """Shut down the socket ``thread`` is using, if it still runs; whether there was one."""
+        stream = self._by_thread.get(thread.ident or -1) if thread.is_alive() else None
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is None:
+            return False
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        return True
+
+
+class _TrackedBackend:
+    """A network backend whose streams say which thread uses them (see _UpstreamSockets)."""
+
+    def __init__(self, backend: Any, sockets: _UpstreamSockets):
+        self._backend, self._sockets = backend, sockets
+
+    def connect_tcp(self, *arguments: Any, **options: Any) -> "_TrackedStream":
+        return _TrackedStream(self._backend.connect_tcp(*arguments, **options), self._sockets)
+
+    def connect_unix_socket(self, *arguments: Any, **options: Any) -> "_TrackedStream":
+        return _TrackedStream(self._backend.connect_unix_socket(*arguments, **options), self._sockets)
+
+    def __getattr__(self, name: str) -> Any:   # sleep, and whatever a later version adds
+        return getattr(self._backend, name)
+
+
+class _TrackedStream:
+    def __init__(self, stream: Any, sockets: _UpstreamSockets):
+        self._stream, self._sockets = stream, sockets
+
+    def read(self, *arguments: Any, **options: Any) -> bytes:
+        with self._sockets.using(self._stream):
+            return self._stream.read(*arguments, **options)
+
+    def write(self, *arguments: Any, **options: Any) -> None:
+        with self._sockets.using(self._stream):
+            return self._stream.write(*arguments, **options)
+
+    def start_tls(self, *arguments: Any, **options: Any) -> "_TrackedStream":
+        return _TrackedStream(self._stream.start_tls(*arguments, **options), self._sockets)
+
+    def __getattr__(self, name: str) -> Any:   # close, get_extra_info
+        return getattr(self._stream, name)
+
+
 class LLMClient:
     """The openai client for one upstream, with a memory of which structured-output mode it accepts."""
 
@@ -1283,6 +1395,20 @@ class LLMClient:
         self._json_mode = 0                    # index in JSON_MODES; only ever steps down
         self._json_mode_confirmed = False      # the current mode has answered once on this upstream
         self._json_lock = threading.Lock()     # turns run at once
+        self._sockets = _UpstreamSockets()
+        self._cuttable = self._sockets.install(getattr(self._client, "_client", None))
+        self._turn = threading.local()         # .budget: the TurnBudget of the turn calling on this thread
+
+    @contextlib.contextmanager
+    def within(self, budget: Optional[TurnBudget]) -> Iterator[None]:
+        """The calls made on this thread inside the block are the turn's own: one attempt each,
+        within the budget, given up (and their connection closed) once its stop is set."""
+        previous = getattr(self._turn, "budget", None)
+        self._turn.budget = budget
+        try:
+            yield
+        finally:
+            self._turn.budget = previous
 
     @property
     def host(self) -> str:
@@ -1297,7 +1423,9 @@ class LLMClient:
         return f"{host}:{port}" if port else host
 
     def complete(self, messages: List[dict], **options: Any) -> str:
-        """One chat completion; its text."""
+        """One chat completion; its text. Temperature 0 unless asked otherwise: the server's own
+        calls must read and ask the same way each time."""
+        options.setdefault("temperature", 0)
         return self._text_of(self._call(messages=messages, stream=False, **options))
 
     def complete_json(self, messages: List[dict], schema: dict, **options: Any) -> dict:
@@ -1305,7 +1433,9 @@ class LLMClient:
 
         A refused mode is stepped down from and remembered. An unexplained 5xx on a json_schema
         call never seen working steps down for this call only, and is remembered once json_object
-        works: so a real outage does not walk the mode down for good."""
+        works: so a real outage does not walk the mode down for good. Temperature 0 unless asked
+        otherwise: the same message is read the same way each time."""
+        options.setdefault("temperature", 0)
         index = self._json_mode
         while True:
             mode = self.JSON_MODES[index]
@@ -1368,12 +1498,14 @@ class LLMClient:
                         "prompt-only text" if self.JSON_MODES[index] == "text" else self.JSON_MODES[index])
 
     def stream(self, messages: List[dict], *, within_seconds: Optional[float] = None,
-               **options: Any) -> "TextStream":
+               stop: Optional[threading.Event] = None, **options: Any) -> "TextStream":
         """A chat completion whose tokens arrive as they are generated; the request goes out when
         the stream is first read, and failures raise LLMError from the reading. With
         ``within_seconds`` the whole answer, request to last token, must arrive in that time, even
         when the upstream stalls between tokens: past it, reading raises LLMTimeout. Read to its
-        end, the stream's ``finish_reason`` says why the model stopped ("stop", "length")."""
+        end, the stream's ``finish_reason`` says why the model stopped ("stop", "length"). Once
+        ``stop`` is set (the client left), reading raises LLMError and the connection is cut,
+        without waiting for the upstream's next token."""
         request = dict(options, messages=messages)
         if within_seconds is not None:   # so a stalled connection is also given up soon after the deadline
             request.setdefault("timeout", min(self.settings.timeout_seconds, within_seconds))
@@ -1382,27 +1514,36 @@ class LLMClient:
             arrived: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
             leaving = threading.Event()
             deadline = None if within_seconds is None else time.monotonic() + within_seconds
-            threading.Thread(target=self._read_stream, args=(request, arrived, leaving), daemon=True).start()
+            reader = threading.Thread(target=self._read_stream, args=(request, arrived, leaving), daemon=True)
+            reader.start()
+            ended = False
             try:
                 while True:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:   # checked per piece too: a fast, endless model
                         raise LLMTimeout(f"timed out after {within_seconds:g} s")
+                    if stop is not None and stop.is_set():
+                        raise LLMError("the run was stopped")
                     try:
-                        tag, value = arrived.get(timeout=left)
+                        tag, value = arrived.get(timeout=left if stop is None else min(left or math.inf,
+                                                                                         HANGUP_CHECK_SECONDS))
                     except queue.Empty:
                         continue
                     if tag == "piece":
                         yield value
                     elif tag == "end":
-                        answer.finish_reason = value
+                        ended = True
+                        finish[0] = value
                         return
                     else:
+                        ended = True
                         raise value
             finally:
-                leaving.set()   # the reading thread closes the connection at its next chunk
-        answer = TextStream(pieces())
-        return answer
+                leaving.set()   # the reading thread closes the connection at its next chunk, or now:
+                if not ended and self._sockets.cut(reader) and self.metrics is not None:
+                    self.metrics.add("llm_calls_cut_total")
+        finish: List[Optional[str]] = [None]   # no reference from the pieces to the stream: no cycle to wait for
+        return _LLMStream(pieces(), finish)
 
     def _read_stream(self, request: Dict[str, Any], arrived: "queue.Queue[Tuple[str, Any]]",
                      leaving: threading.Event) -> None:
@@ -1429,6 +1570,46 @@ class LLMClient:
 
     def _call(self, *, retry: bool = True, **options: Any) -> Any:
         options.setdefault("model", self.settings.model)
+        budget = getattr(self._turn, "budget", None)
+        if budget is not None and not options.get("stream"):
+            return self._call_within_budget(budget, options)
+        return self._call_now(retry, options)
+
+    def _call_within_budget(self, budget: TurnBudget, options: Dict[str, Any]) -> Any:
+        """One attempt, no retry, within what is left of the turn's budget, on a thread of its own
+        so that a client who leaves ends it: its connection is cut at once, and the turn moves on."""
+        left = budget.left()
+        if left <= 0.05:
+            raise LLMTimeout(f"no time left of the turn's {budget.seconds:g} s")
+        options["timeout"] = min(float(options.get("timeout") or self.settings.timeout_seconds), left)
+        outcome: Dict[str, Any] = {}
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                outcome["value"] = self._call_now(False, options)
+            except BaseException as exc:   # re-raised on the turn's thread
+                outcome["error"] = exc
+            finally:
+                done.set()
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        while not done.wait(HANGUP_CHECK_SECONDS):
+            out_of_time = budget.left() <= 0   # the SDK's timeout bounds each read, not the whole call
+            if budget.stop.is_set() or out_of_time:   # the client left, or the turn cannot wait longer
+                if self._sockets.cut(worker) and self.metrics is not None:
+                    self.metrics.add("llm_calls_cut_total")
+                outcome["error"] = LLMTimeout(f"timed out after {budget.seconds:g} s") if out_of_time else \
+                    LLMError("the client left")
+                break
+        if "error" in outcome:
+            if isinstance(outcome["error"], LLMTimeout):
+                log.warning("the language model at %s did not answer within %.3g s (what was left of the turn's "
+                            "%g s); the turn goes on without it", self.host, options["timeout"], budget.seconds)
+            raise outcome["error"]
+        return outcome["value"]
+
+    def _call_now(self, retry: bool, options: Dict[str, Any]) -> Any:
         client = self._client if retry else self._client_once
         started, outcome = time.monotonic(), "error"
         try:
@@ -1447,11 +1628,25 @@ class LLMClient:
         return (response.choices[0].message.content or "") if response.choices else ""
 
     def _upstream_error(self, exc: Exception) -> LLMError:
+        if isinstance(exc, self._openai.APITimeoutError):
+            return LLMTimeout("timed out")
         status = getattr(exc, "status_code", None)
         reason = f"HTTP {status}" if status else type(exc).__name__.replace("API", "").replace("Error", " error")
         said = f"{getattr(exc, 'message', '')} {json.dumps(getattr(exc, 'body', None), default=str)}"
         return LLMError(reason.strip(), upstream_status=status,
                         names_format=bool(status) and bool(self.FORMAT_WORDS.search(said)))
+
+
+class _LLMStream(TextStream):
+    """LLMClient.stream's answer: its finish reason is set once the stream is read to its end."""
+
+    def __init__(self, pieces: Iterator[str], finish: List[Optional[str]]):
+        super().__init__(pieces)
+        self._finish = finish
+
+    @property   # type: ignore[override]
+    def finish_reason(self) -> Optional[str]:
+        return self._finish[0]
 
 
 def first_json_object(text: str) -> dict:
@@ -1496,6 +1691,7 @@ class Conversation:
     snapshots: List[dict] = field(default_factory=list)   # oldest first, the most recent SNAPSHOTS_KEPT
     results: Dict[str, str] = field(default_factory=dict)  # answers of runs, by digest, shared by snapshots
     responses: Dict[str, dict] = field(default_factory=dict)   # Responses API: stored responses, by id
+    answered: Dict[str, dict] = field(default_factory=dict)    # request digest -> its answer, the newest
     parent: str = ""                                      # not stored: the snapshot this turn continues
     is_new: bool = False                                  # not stored: the id block goes out once
 
@@ -1504,7 +1700,7 @@ class Conversation:
     def to_record(self) -> dict:
         return {"version": RECORD_VERSION, "id": self.id, "model": self.model, "turns": self.turns,
                 "created": self.created, "updated": self.updated, "snapshots": self.snapshots,
-                "results": self.results, "responses": self.responses}
+                "results": self.results, "responses": self.responses, "answered": self.answered}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "Conversation":
@@ -1513,7 +1709,8 @@ class Conversation:
         conversation = cls(id=record["id"], model=record["model"], turns=record.get("turns", 0),
                            created=record.get("created", time.time()), updated=record.get("updated", time.time()),
                            snapshots=list(record.get("snapshots", [])), results=dict(record.get("results", {})),
-                           responses=dict(record.get("responses", {})))
+                           responses=dict(record.get("responses", {})),
+                           answered=dict(record.get("answered", {})))
         if "snapshots" not in record:
             state = {name: record.get(name, default) for name, default in
                      (("values", {}), ("asked", []), ("ask_counts", {}), ("runs", 0))}
@@ -1615,8 +1812,32 @@ class Conversation:
     def last_result(self) -> str:
         return self.results.get(self.result, "")
 
+    def answer_request(self, digest: str, thinking: str, answer: str, snapshot: str) -> None:
+        """Remember what the request with this digest (request_digest) was answered, so that
+        the same request, sent again while this one ran, gets this answer instead of a second
+        reading of its message. The newest ANSWERED_KEPT are kept: a twin waits for the
+        conversation's lock, so it is always among the last few."""
+        self.answered.pop(digest, None)
+        self.answered[digest] = {"at": time.time(), "thinking": thinking, "answer": answer, "snapshot": snapshot}
+        self.answered = dict(list(self.answered.items())[-ANSWERED_KEPT:])
+
+    def twin_of(self, digest: str, arrived: float) -> Optional[dict]:
+        """The answer of the same request, if it was answered after ``arrived`` (this request
+        came while it was in flight: a double click, a client's retry). One answered before
+        this came is not a twin: the same history sent again later is a regenerated reply, read
+        again from the state before it (and so read once)."""
+        twin = self.answered.get(digest)
+        return twin if twin is not None and twin["at"] >= arrived else None
+
     def missing(self, workflow: Workflow) -> List[QueryInput]:
         return workflow.missing(self.values)
+
+
+def request_digest(model: str, messages: Sequence[dict], chat_key: str = "") -> str:
+    """What makes two requests the same one: the model, the whole history (the new message
+    included) and the conversation header's key."""
+    sent = json.dumps([model, chat_key, [[m["role"], m["content"]] for m in messages]], ensure_ascii=False)
+    return hashlib.sha256(sent.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _sid(snapshot: Mapping[str, Any]) -> str:
@@ -1921,7 +2142,16 @@ class JsonFileStore(Store):
                 return
             digest = hashlib.blake2b(conversation_id.encode(), digest_size=8).digest()
             offset, descriptor = int.from_bytes(digest, "big") >> 2, self._open_lock_file()   # below 2**62
-            fcntl.lockf(descriptor, fcntl.LOCK_EX, 1, offset)
+            while True:
+                try:
+                    fcntl.lockf(descriptor, fcntl.LOCK_EX, 1, offset)
+                    break
+                except OSError as exc:
+                    # The kernel looks for deadlocks between processes, not threads: two workers
+                    # whose threads wait for each other's conversations look like one. It is not.
+                    if exc.errno != errno.EDEADLK:
+                        raise
+                    time.sleep(REDIS_LOCK_POLL_SECONDS)
             try:
                 yield
             finally:
@@ -2187,6 +2417,8 @@ class Language:
     word of any language: it reads only these tables, so adding a language is adding one
     Language to LANGUAGES (its entries are checked when the module loads)."""
     code: str
+    name: str = ""                      # as a question names it: "English"
+    function_words: str = ""            # common words that tell the language of a text apart
     months: Tuple[str, ...] = ()        # January..December: names and abbreviations
     weekdays: str = ""
     seasons: str = ""                   # seasons, holidays and days named by a single word
@@ -2240,6 +2472,10 @@ class Language:
 
 ENGLISH = Language(
     code="en",
+    name="English",
+    function_words="i you your we my me it the a an and or is are was be do does have what when where which how "
+                   "who would could should like want please tell for with of to about this that trip travel go "
+                   "much long",
     excess="too overly",
     past="last ago previous",
     greetings="hi hello hey dear",
@@ -2302,6 +2538,10 @@ ENGLISH = Language(
 
 FRENCH = Language(
     code="fr",
+    name="French",
+    function_words="je tu vous votre vos nous mon ma mes le les un une des du et ou est sont etes quel quelle "
+                   "quels quand ou comment combien voudrais voulez souhaitez aimeriez pour avec dans sur voyage "
+                   "partir aller pas",
     excess="trop",
     past="dernier derniere passe passee",
     greetings="bonjour salut bonsoir coucou",
@@ -2350,6 +2590,10 @@ FRENCH = Language(
 
 GERMAN = Language(
     code="de",
+    name="German",
+    function_words="ich du sie ihr ihre wir mein meine der die das den dem ein eine einen und oder ist sind wann "
+                   "wo wie welche welcher wohin mochte mochten wollen bitte fur mit nach reise fahren urlaub "
+                   "nicht auch",
     excess="zu",
     past="letztes letzten letzte vergangenen vergangenes vorigen voriges",
     greetings="hallo servus moin",
@@ -2397,6 +2641,9 @@ GERMAN = Language(
 
 SPANISH = Language(
     code="es",
+    name="Spanish",
+    function_words="yo tu usted su sus nosotros mi mis el los las un una unos y o es son esta cual cuales cuando "
+                   "donde como cuanto quiero quisiera gustaria para con por viaje viajar ir fechas presupuesto",
     excess="demasiado demasiada",
     past="pasado pasada anterior",
     greetings="hola buenas",
@@ -2444,6 +2691,9 @@ SPANISH = Language(
 
 ITALIAN = Language(
     code="it",
+    name="Italian",
+    function_words="io tu lei voi noi mio mia il lo gli un una uno e o sono che quale quali quando dove come "
+                   "quanto voglio vorrei piacerebbe per con di del della viaggio andare partire date",
     excess="troppo troppa",
     past="scorso scorsa",
     greetings="ciao salve buongiorno buonasera",
@@ -2492,6 +2742,9 @@ ITALIAN = Language(
 
 PORTUGUESE = Language(
     code="pt",
+    name="Portuguese",
+    function_words="eu voce vos seu sua nos meu minha o os as um uma uns e ou sao esta qual quais quando onde "
+                   "como quanto quero gostaria queria para com do da viagem viajar ir datas orcamento nao",
     excess="demais demasiado",
     past="passado passada",
     greetings="ola oi",
@@ -2560,6 +2813,10 @@ INVISIBLE_PATTERN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u20
                                "\ufffd\ud800-\udfff]")   # and the replacement mark a lone surrogate became
 CODE_FENCE_PATTERN = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?(?:^[ \t]*\1[ \t]*$|\Z)", re.M | re.S)
 
+# The commonest words of each language, folded, to tell which language a text is in (a question
+# the LLM writes must be in the language of the user's message). Same shape for each language:
+# pronouns, articles, question words, verbs of wanting, then travel and time words.
+
 
 ####################################################################################
 # Reading: words, numbers and typed values
@@ -2602,7 +2859,7 @@ def _language_entries(language: Language) -> Iterator[Tuple[str, str]]:
     """(field, entry) for every entry of a language: words, and the words of its phrases."""
     for spec in dataclasses.fields(language):
         value = getattr(language, spec.name)
-        if spec.name == "code":
+        if spec.name in ("code", "name"):   # labels of the table, not words a message holds
             continue
         if spec.name == "months":
             texts = list(value)
@@ -2645,6 +2902,8 @@ def _phrase_pattern(field_name: str, whole: bool) -> re.Pattern:
 
 
 CHECKED_LANGUAGES = tuple(check_language(language) for language in LANGUAGES.values())
+LANGUAGE_WORDS = MappingProxyType({language.name: frozenset(language.function_words.split())
+                                   for language in LANGUAGES.values()})   # to tell a text's language
 ALL_WORDS = frozenset(word for language in LANGUAGES.values() for _, word in _language_entries(language))
 MONTHS = MappingProxyType({word: month for language in LANGUAGES.values()
                            for month, words in enumerate(language.months, 1) for word in words.split()})
@@ -4157,6 +4416,187 @@ what was understood, if anything. Reply in the language of the user's last messa
 answer for the user, do not invent values, do not use lists or forms, and ask nothing else."""
 
 
+# What the LLM writes for the user outside a workflow's own `llm` node (questions, a chat's title,
+# suggestions) is checked before it is shown; failing, the templated text is shown instead.
+CHECKED_TEXT_MAX_CHARS = 400              # a question a person can act on: a sentence or two
+TITLE_MAX_CHARS = 80                      # a chat's title (Open WebUI's task)
+SUGGESTION_MAX_CHARS = 80                 # one follow-up suggestion
+# Chat-template markers and the debris of a small model that talks to itself: a role label
+# opening a line, a quoted block, special tokens of every common template.
+CHAT_TEMPLATE_PATTERN = re.compile(
+    r"\[/?INST\]|<</?SYS>>|</?start_of_turn>|<end_of_turn>|<\|[^|<>\s]{1,40}\|>|</?s>|<bos>|<eos>|```"
+    r"|^[ \t]*>|^[ \t]*\**(?:assistant|user|system|model|human|bot|ai|question|answer|response)\**[ \t]*:",
+    re.I | re.M)
+PROMPT_ECHO_WORDS = 6                     # this many words in a row from the server's prompts is an echo
+SENTENCE_START_PATTERN = re.compile(r"(?:\A|[.!?¿¡:;\n])[\s\"'«(]*\Z")
+CAPITALISED_WORD_PATTERN = re.compile(r"\b[^\W\d_a-z][\w'’-]*")
+NUMBER_IN_TEXT_PATTERN = re.compile(r"\d+(?:[.,'’\u00a0\u202f ]\d{3})*(?:[.,]\d+)?")
+
+
+def language_of(text: str) -> Optional[str]:
+    """The language whose common words the text uses most (the tables at the end of "Reading:
+    the language tables"), or None when it uses too few of them to tell or two equally."""
+    words = _words(text)
+    counts = sorted(((sum(word in table for word in words), language) for language, table in LANGUAGE_WORDS.items()),
+                    reverse=True)
+    (best, language), (second, _) = counts[0], counts[1]
+    return language if best >= 2 and best > second else None
+
+
+_PROMPT_ECHOES: List[frozenset] = []     # made at the first check
+
+
+def _prompt_echoes() -> frozenset:
+    """Every run of PROMPT_ECHO_WORDS words of the server's own prompts, placeholders left out."""
+    if not _PROMPT_ECHOES:
+        runs = set()
+        for prompt in _server_prompts():
+            for part in re.split(r"\{[^{}]*\}", prompt):
+                words = _words(part)
+                runs.update(tuple(words[i:i + PROMPT_ECHO_WORDS]) for i in range(len(words) - PROMPT_ECHO_WORDS + 1))
+        _PROMPT_ECHOES.append(frozenset(runs))
+    return _PROMPT_ECHOES[0]
+
+
+def _server_prompts() -> Tuple[str, ...]:
+    return (EXTRACTION_PROMPT, SINGLE_CALL_RULE, QUESTION_PROMPT, SUGGESTIONS_PROMPT)
+
+
+def workflow_words(workflow: Workflow) -> str:
+    """What the workflow itself offers: its name, description, and each input's label,
+    description, question, choices, synonyms, default and bounds."""
+    parts = [workflow.name, workflow.description]
+    for query in workflow.query_inputs.values():
+        parts += [query.label, query.description, query.question, *query.choices,
+                  *(f"{word} {value}" for word, value in query.synonyms)]
+        parts += [shown_value(bound) for bound in (query.default, query.minimum, query.maximum) if bound is not None]
+    return "\n".join(str(part) for part in parts)
+
+
+def _number_key(text: str) -> str:
+    return re.sub(r"[^\d]", "", text.split(",")[0] if re.fullmatch(r"\d+,\d{1,2}", text) else text).lstrip("0")
+
+
+def check_llm_text(text: str, workflow: Workflow, said: Sequence[str], language: Optional[str],
+                   asks: bool = True, max_chars: int = CHECKED_TEXT_MAX_CHARS, names: bool = True) -> Optional[str]:
+    """Why the LLM's ``text`` cannot be shown to the user, or None when it can: it must be
+    short, ask (when ``asks``: end with "?"), hold no chat-template debris nor the server's
+    own prompt, be in ``language`` (the user's, when known), and name no number, nor (with
+    ``names``; a title is in title case) capitalised name, that neither the user's messages
+    (``said``) nor the workflow holds."""
+    text = text.strip()
+    if not text:
+        return "it was empty"
+    if len(text) > max_chars:
+        return f"it is {len(text)} characters long, over {max_chars}"
+    debris = CHAT_TEMPLATE_PATTERN.search(text)
+    if debris:
+        shown = debris.group(0).strip() or "a quoted block"
+        return f"it holds chat-template debris ({'a quoted block' if shown == '>' else shown})"
+    words = _words(text)
+    if any(tuple(words[i:i + PROMPT_ECHO_WORDS]) in _prompt_echoes() for i in range(len(words))):
+        return "it repeats the server's own instructions"
+    if asks and not re.search(r"[?？][\W_]*\Z", text):
+        return "it asks nothing: no question mark"
+    written_in = language_of(text)
+    if language and written_in and written_in != language:
+        return f"it is in {written_in}, your message in {language}"
+    known_text = "\n".join(list(said) + [workflow_words(workflow)])
+    known_numbers = {_number_key(number) for number in NUMBER_IN_TEXT_PATTERN.findall(known_text)}
+    for number in NUMBER_IN_TEXT_PATTERN.findall(text):
+        if _number_key(number) not in known_numbers:
+            return f"it names {number.strip()!r}, which you did not say and the workflow does not offer"
+    known_words = set(_words(known_text)) | CURRENCIES
+    for match in CAPITALISED_WORD_PATTERN.finditer(text if names else ""):
+        if SENTENCE_START_PATTERN.search(text[:match.start()]) or match.group(0) == "I":
+            continue
+        if not set(_words(match.group(0))) <= known_words:
+            return f"it names {match.group(0)!r}, which you did not say and the workflow does not offer"
+    return None
+
+
+def users_language(said: Sequence[str]) -> Optional[str]:
+    """The language of the user's newest message, else of all their messages together."""
+    return (language_of(said[-1]) if said else None) or language_of("\n".join(said))
+
+
+SUGGESTIONS_MAX = 5                       # follow-up suggestions offered at once
+SUGGESTIONS_PROMPT = """\
+Translate each of these short replies, which a user may send to a chat assistant, into {language}. \
+Keep their meaning, and keep every name and number as it is. Answer with one JSON object and nothing \
+else: {{"follow_ups": [the {count} translated replies, in the same order]}}"""
+
+
+def follow_ups_offline(workflow: Workflow, conversation: Optional[Conversation]) -> List[str]:
+    """Replies that move the conversation on, built from the workflow, as a user would send
+    them: while an input is asked for, the ways to answer it (its choices, yes or no, the words
+    of its synonyms); at any time, the optional inputs that can still change ("Make the pace
+    relaxed", "With kids"); after a run, "Run it again". None names a value the workflow does not offer."""
+    values = dict(conversation.values) if conversation is not None else {}
+    missing = workflow.missing(values)
+    asked = [name for name in (conversation.asked if conversation is not None else []) if name not in values]
+    suggestions: List[str] = []
+    if missing:
+        query = workflow.query_inputs[asked[0]] if asked else missing[0]
+        suggestions += _answers_to(query)
+    current = workflow.with_defaults(values)
+    for query in workflow.query_inputs.values():
+        if not query.optional:
+            continue
+        # Said as the reader reads it: a value given before changes by its label ("pace: packed").
+        given = query.name in values
+        if query.type == "choice":
+            suggestions += [f"{query.label}: {choice}" if given else f"Make the {query.label} {choice}"
+                            for choice in query.choices if choice != current.get(query.name)]
+        elif query.type == "boolean":
+            word = next((str(said) for said, meant in query.synonyms if meant is True), "")
+            wanted = not current.get(query.name, False)
+            suggestions.append(f"{'With' if wanted else 'Without'} {word}" if word and not given else
+                               f"{query.label}: {shown_value(wanted)}")
+    if not missing and conversation is not None and conversation.runs:
+        suggestions.append("Run it again")
+    return list(dict.fromkeys(suggestions))[:SUGGESTIONS_MAX]
+
+
+def _answers_to(query: QueryInput) -> List[str]:
+    if query.type == "choice":
+        return [choice[:1].upper() + choice[1:] for choice in query.choices]
+    if query.type == "boolean":
+        return ["Yes", "No"]
+    first_words = {}   # the first word for each value: the month calendar's "January", "February", "March"
+    for word, meant in query.synonyms:
+        first_words.setdefault(str(meant), str(word))
+    return list(first_words.values())[:3]
+
+
+def follow_ups_with_llm(llm: LLMClient, workflow: Workflow, offline: Sequence[str], language: str) -> List[str]:
+    """The offline suggestions in the user's language; each checked like every text the LLM
+    writes for the user (UpstreamError when any fails: the offline ones are shown then)."""
+    prompt = SUGGESTIONS_PROMPT.format(language=language, count=len(offline))
+    listed = json.dumps(list(offline), ensure_ascii=False)
+    answer = first_json_object(llm.complete([{"role": "system", "content": prompt}, {"role": "user", "content": listed}],
+                                            max_tokens=CLIENT_TASK_MAX_TOKENS))
+    translated = answer.get("follow_ups")
+    if not isinstance(translated, list) or len(translated) != len(offline):
+        raise UpstreamError(f"the language model's follow-ups were not a list of {len(offline)} texts")
+    for text in translated:
+        why = check_llm_text(str(text), workflow, list(offline), language, asks=False, max_chars=SUGGESTION_MAX_CHARS)
+        if not isinstance(text, str) or why:
+            raise UpstreamError(f"the language model's follow-up {str(text)[:40]!r} cannot be shown: {why}")
+    return [text.strip() for text in translated]
+
+
+def elicitation_message(workflow: Workflow, missing: Sequence[QueryInput], problems: Mapping[str, str]) -> str:
+    """The message of a form asking for every input in ``missing`` (MCP): it names each one,
+    and asks each one's question."""
+    if len(missing) == 1:
+        return question_offline(workflow, missing, {}, {}, problems, line_hint=False)
+    parts = [reason[0].upper() + reason[1:] + "." for reason in problems.values()]
+    parts.append(f"I still need the {_and_list([query.label for query in missing])}.")
+    parts += [query.question or f"What is the {query.label} ({query.description.rstrip('.')})?" for query in missing]
+    return " ".join(parts)
+
+
 def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understood: Mapping[str, Any],
                      changed: Mapping[str, Tuple[Any, Any]], problems: Mapping[str, str],
                      ambiguous: Optional[Mapping[str, Sequence[Any]]] = None, line_hint: bool = True) -> str:
@@ -4164,10 +4604,11 @@ def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understo
     the message named several values for it."""
     parts = []
     if understood:
-        parts.append("Got it: " + _and_list([f"{workflow.query_inputs[name].label} {value}"
+        parts.append("Got it: " + _and_list([f"{workflow.query_inputs[name].label} {shown_value(value)}"
                                              for name, value in understood.items()]) + ".")
     if changed:
-        parts.append("Changed " + _and_list([f"the {workflow.query_inputs[name].label} from {old} to {new}"
+        parts.append("Changed " + _and_list([f"the {workflow.query_inputs[name].label} from {shown_value(old)} to "
+                                             f"{shown_value(new)}"
                                              for name, (old, new) in changed.items()]) + ".")
     parts += [reason[0].upper() + reason[1:] + "." for reason in problems.values()]
     first = missing[0]
@@ -4207,8 +4648,9 @@ def question_with_llm(llm: LLMClient, workflow: Workflow, missing: Sequence[Quer
                       understood: Mapping[str, Any], changed: Mapping[str, Tuple[Any, Any]],
                       problems: Mapping[str, str], text: str,
                       ambiguous: Optional[Mapping[str, Sequence[Any]]] = None) -> str:
-    known = "".join(f"- {workflow.query_inputs[name].label}: {value}\n" for name, value in understood.items())
-    known += "".join(f"- {workflow.query_inputs[name].label}: changed from {old} to {new}\n"
+    known = "".join(f"- {workflow.query_inputs[name].label}: {shown_value(value)}\n"
+                    for name, value in understood.items())
+    known += "".join(f"- {workflow.query_inputs[name].label}: changed from {shown_value(old)} to {shown_value(new)}\n"
                      for name, (old, new) in changed.items())
     prompt = QUESTION_PROMPT.format(
         name=workflow.name, description=workflow.description,
@@ -4218,7 +4660,7 @@ def question_with_llm(llm: LLMClient, workflow: Workflow, missing: Sequence[Quer
             f"The user named several values for the {workflow.query_inputs[name].label} ({_or_list(values)}): "
             "ask which one they mean.\n" for name, values in (ambiguous or {}).items()))
     question = llm.complete([{"role": "system", "content": prompt}, {"role": "user", "content": text}],
-                            temperature=0.3, max_tokens=QUESTION_MAX_TOKENS).strip()
+                            temperature=0, max_tokens=QUESTION_MAX_TOKENS).strip()
     if not question:
         raise UpstreamError("the language model returned an empty question")
     return question
@@ -4275,16 +4717,19 @@ SORRY_REPLY = "Sorry, something went wrong on the server while answering. Your c
 
 def ordered_pieces(pieces: Iterator[Piece]) -> Iterator[Piece]:
     """The turn's pieces as every API shows them: thinking, then the answer. Progress that comes
-    after the answer has begun (a side branch still running) is logged, not shown; a bug in the
-    turn ends the answer with an apology rather than a broken reply."""
-    answer_begun = False
+    after the answer has begun (the node that streams the answer finishing, a side branch) is
+    held and shown after the answer, so the record of the run is whole; a bug in the turn ends
+    the answer with an apology rather than a broken reply."""
+    answer_begun, after = False, []   # after: thinking held until the answer is whole
     try:
         for piece in pieces:
             if piece.channel == "thinking" and answer_begun:
-                log.debug("progress after the answer began: %s", piece.text.strip())
+                after.append(piece.text)
                 continue
             answer_begun = answer_begun or piece.channel == "answer"
             yield piece
+        if after:
+            yield Piece("thinking", "".join(after))
     except Exception:   # the turn's own bug
         log.exception("turn failed")
         yield Piece("answer", SORRY_REPLY)
@@ -4311,6 +4756,10 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     workflow, conversation = turn.workflow, turn.conversation
     conversation.turns += 1
     extraction = Extraction()
+    # The turn's own LLM calls (extraction, question): one attempt each, all within --llm-timeout,
+    # and cut as soon as the client leaves.
+    budget = TurnBudget(turn.stop, turn.llm.settings.timeout_seconds) if turn.llm is not None else None
+    own_calls = (lambda: turn.llm.within(budget)) if turn.llm is not None else contextlib.nullcontext
     if turn.branch == "new chat":   # a reused header key (Open WebUI's temporary chats share one)
         yield Piece("thinking", "A new chat: starting from nothing.\n")
     elif turn.branch:
@@ -4326,7 +4775,8 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
         wanted = conversation.missing(workflow)
         yield Piece("thinking", f"Reading your message for the {_and_list([q.label for q in wanted])}.\n" if wanted
                     else "Reading your message for changes.\n")
-        extraction = extract(turn.llm, workflow, conversation, turn.history, turn.text)
+        with own_calls():
+            extraction = extract(turn.llm, workflow, conversation, turn.history, turn.text)
     for note in extraction.notes:
         yield Piece("thinking", note + "\n")
     if extraction.intent == "cancel":
@@ -4344,13 +4794,18 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
         conversation.ask_counts.pop(name, None)
     missing = conversation.missing(workflow)
     if missing:
-        yield Piece("answer", _ask(turn, missing, extraction, understood, changed))
+        with own_calls():
+            question, notes = _ask(turn, missing, extraction, understood, changed)
+        for note in notes:
+            yield Piece("thinking", note + " Asked the templated question instead.\n")
+        yield Piece("answer", question)
         return
     conversation.asked = []
     if conversation.runs and not understood and not changed and not RERUN_PATTERN.search(turn.text):
         yield from _answer_again(turn)   # "thanks!", or Open WebUI's "Add Details" (decision in the README)
         return
-    news = [f"the {workflow.query_inputs[name].label} from {old} to {new}" for name, (old, new) in changed.items()]
+    news = [f"the {workflow.query_inputs[name].label} from {shown_value(old)} to {shown_value(new)}"
+            for name, (old, new) in changed.items()]
     if conversation.runs:   # after a run, an optional input given now is news too
         news += [f"the {workflow.query_inputs[name].label} to {shown_value(value)}" for name, value in understood.items()]
     preface = ("Changed " if changed else "Set ") + _and_list(news) + ".\n\n" if news else ""
@@ -4398,31 +4853,39 @@ def _describe_extraction(workflow: Workflow, extraction: Extraction, understood:
 
 
 def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, understood: Mapping[str, Any],
-         changed: Mapping[str, Tuple[Any, Any]]) -> str:
-    """One question for what is missing, or, after three unanswered asks, an offer to start over."""
+         changed: Mapping[str, Tuple[Any, Any]]) -> Tuple[str, List[str]]:
+    """One question for what is missing, or, after three unanswered asks, an offer to start over;
+    and the lines for the thinking block (why the LLM's question was not used)."""
     workflow, conversation = turn.workflow, turn.conversation
     ambiguous = {name: values for name, values in extraction.ambiguous.items() if name not in conversation.values}
     missing = sorted(missing, key=lambda query: query.name not in ambiguous)   # "which one?" first
     first = missing[0]
     if conversation.ask_counts.get(first.name, 0) >= MAX_ASKS_PER_INPUT:
         conversation.asked = [first.name]
-        return GIVE_UP_REPLY.format(label=first.label, name=first.name, tries=MAX_ASKS_PER_INPUT)
+        return GIVE_UP_REPLY.format(label=first.label, name=first.name, tries=MAX_ASKS_PER_INPUT), []
     problems = {name: reason for name, reason in extraction.rejected.items() if name not in conversation.values}
     asked_before = [name for name in conversation.asked if name in workflow.query_inputs]
     nothing_read = _nothing_read(turn.text, asked_before, extraction)
-    question = None
+    question, notes = None, []
     if extraction.question and not extraction.ignored and not extraction.rejected and not ambiguous:
         # Single-call mode: the extraction call wrote the question assuming its values were
         # taken. They were, so it asks for the right inputs; otherwise the offline question.
         question = extraction.question
-        conversation.asked = [query.name for query in missing]
     elif turn.llm is not None and not extraction.llm_failed and not turn.llm.settings.single_call:
         try:
             question = question_with_llm(turn.llm, workflow, missing, understood, changed, problems, turn.text,
                                          ambiguous)
-            conversation.asked = [query.name for query in missing]
         except UpstreamError as exc:
             log.info("question call failed: %s", exc.message)
+    if question is not None:
+        messages = [m["content"] for m in turn.history if m["role"] == "user"] + [turn.text]
+        said = messages + [shown_value(value) for value in conversation.values.values()]
+        why = check_llm_text(question, workflow, said, users_language(messages))
+        if why is None:
+            conversation.asked = [query.name for query in missing]
+        else:
+            notes.append(f"The language model's question was not used: {why}.")
+            question = None
     if question is None:
         question = question_offline(workflow, missing, understood, changed, problems, ambiguous,
                                     line_hint=not nothing_read)
@@ -4433,7 +4896,7 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
                     f" from \"{quoted}\". {question}{_line_form(missing)}")
     for name in conversation.asked:
         conversation.ask_counts[name] = conversation.ask_counts.get(name, 0) + 1
-    return question
+    return question, notes
 
 
 def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, str]] = None) -> Iterator[Piece]:
@@ -4607,6 +5070,8 @@ class Turn:
         self._game: Optional[Iterator[Piece]] = None      # play_turn, closed in close() after them
         self._context: Optional[TurnContext] = None
         self._closed = False
+        self._digest = ""                       # request_digest, for a twin sent while this one runs
+        self._twin: Optional[dict] = None       # this request's answer, given while it waited: a repeat
 
     def __enter__(self) -> "Turn":
         return self
@@ -4632,6 +5097,11 @@ class Turn:
         self.trace["conversation"] = conversation.id[:6]
         if request.store_response:
             request.response_id = new_response_id(conversation.id)
+        if not request.previous_response_id:   # a stored response continues its own snapshot: never a twin
+            self._digest = request_digest(request.model, messages, request.chat_key)
+            self._twin = conversation.twin_of(self._digest, self._arrived)
+            if self._twin is not None:
+                return   # answered while it waited for the lock: given again, nothing read twice
         recovered = recovered or branch == "unknown"   # none of its replies kept: read the history again
         restored, reading = None, text
         if again:   # turns edited in place, with our replies after them kept
@@ -4661,6 +5131,11 @@ class Turn:
         self.close()
 
     def _play(self) -> Iterator[Piece]:
+        if self._twin is not None:
+            yield Piece("thinking", self._twin["thinking"])
+            yield Piece("thinking", REPEAT_NOTE)
+            yield Piece("answer", self._twin["answer"])
+            return
         assert self._context is not None
         self._game = play_turn(self._context)
         pieces = self._recorded(ordered_pieces(self._game))
@@ -4690,22 +5165,41 @@ class Turn:
             for playing in (self._playing, self._game):   # outside in; a stream's producer is joined first
                 if playing is not None:
                     playing.close()
+            if self.conversation is not None and self._twin is not None:
+                self._save_repeat()
             if self.conversation is None or self._context is None:
-                return   # not loaded: nothing to save
+                return   # not loaded, or a repeat: nothing to save
             self._save()
 
     def _save(self) -> None:
         workflow, conversation, request = self.workflow, self.conversation, self.request
         assert conversation is not None and self._context is not None
         answer = workflow.redact("".join(self._written["answer"]))
+        thinking = workflow.redact("".join(self._written["thinking"]))
         key = conversation.remember(answer, users_digest(request.messages), self._context.answer)
         if request.response_id:
-            conversation.keep_response(request.response_id, key, workflow.redact("".join(self._written["thinking"])),
-                                       answer, request.response_extra)
+            conversation.keep_response(request.response_id, key, thinking, answer, request.response_extra)
+        if self._digest:
+            conversation.answer_request(self._digest, thinking, answer, key)
         conversation.updated = time.time()
         self.service.store.save(conversation.id, conversation.to_record())
         self.service.metrics.add("turns_total", model=workflow.name)
         self.service.metrics.observe("turn_seconds", time.time() - self._arrived, model=workflow.name)
+
+
+    def _save_repeat(self) -> None:
+        """A repeat changes nothing; a stored response of it (Responses API) continues where its twin's does."""
+        conversation, twin = self.conversation, self._twin
+        assert conversation is not None and twin is not None
+        if self.request.response_id:
+            conversation.keep_response(self.request.response_id, twin["snapshot"], twin["thinking"] + REPEAT_NOTE,
+                                       twin["answer"], self.request.response_extra)
+            self.service.store.save(conversation.id, conversation.to_record())
+        self.service.metrics.add("repeated_requests_total", model=self.workflow.name)
+
+
+REPEAT_NOTE = ("This request is the same as one answered while it waited (a double click, or a client's retry): "
+               "this is that answer again, and nothing was read twice.\n")
 
 
 class AnsweredTurn:
@@ -4766,13 +5260,18 @@ def resume_by_key(service: Service, workflow: Workflow, messages: Sequence[dict]
                   held: contextlib.ExitStack) -> Tuple[Conversation, bool]:
     """Conversations keyed by a header (Open WebUI's chat id) instead of the id block.
     The key is hashed with the model's name: a model switch is a new conversation."""
-    digest = hashlib.sha256(f"{workflow.name}\0{chat_key}".encode()).digest()
-    conversation_id = base64.urlsafe_b64encode(digest).decode()[:32]
+    conversation_id = keyed_conversation_id(workflow, chat_key)
     held.enter_context(service.store.lock(conversation_id))
     record = service.store.load(conversation_id)
     if record is not None and record.get("model") == workflow.name:
         return Conversation.from_record(record), False
     return Conversation(id=conversation_id, model=workflow.name), any(m["role"] == "assistant" for m in messages)
+
+
+def keyed_conversation_id(workflow: Workflow, chat_key: str) -> str:
+    """The conversation a header key names for this model: the key hashed with the model's name."""
+    digest = hashlib.sha256(f"{workflow.name}\0{chat_key}".encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode()[:32]
 
 
 def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[dict],
@@ -4961,20 +5460,86 @@ def is_client_task(messages: Sequence[dict]) -> bool:
     return messages[-1]["role"] == "user" and messages[-1]["content"].lstrip().startswith(CLIENT_TASK_PREFIX)
 
 
-def answer_client_task(workflow: Workflow, task: str, llm: Optional[LLMClient]) -> str:
-    """The task's JSON answer: from the LLM when there is one, else from the workflow's name
-    and the user's first message."""
+def answer_client_task(workflow: Workflow, task: str, llm: Optional[LLMClient],
+                       conversation: Optional[Conversation] = None) -> str:
+    """The task's JSON answer. Follow-up suggestions and tags are built from the workflow and
+    ``conversation`` (the chat the task is about, when known): suggestions in the user's language
+    through the LLM, checked; tags the workflow's name and the values the user gave. Anything
+    else from the LLM when there is one, checked, else from the workflow's name and the user's first message."""
     match = CLIENT_TASK_KEY_PATTERN.search(task)
     key = match.group(1) if match else "text"
+    said = [line.split(":", 1)[1] for line in task.splitlines() if line.upper().startswith("USER:")]
+    if key == "follow_ups":
+        offline = follow_ups_offline(workflow, conversation)
+        language = users_language(said)
+        if llm is not None and offline and language not in (None, "English"):
+            try:
+                return json.dumps({key: follow_ups_with_llm(llm, workflow, offline, language)}, ensure_ascii=False)
+            except UpstreamError as exc:
+                log.info("follow-up suggestions offered in English: %s", exc.message)
+        return json.dumps({key: offline}, ensure_ascii=False)
+    if key == "tags":
+        return json.dumps({key: task_tags(workflow, conversation)}, ensure_ascii=False)
     if llm is not None:
         try:
-            answer = first_json_object(llm.complete([{"role": "user", "content": task}],
+            answer = first_json_object(llm.complete([{"role": "user", "content": task}], temperature=0,
                                                     max_tokens=CLIENT_TASK_MAX_TOKENS))
-            if key in answer:
-                return json.dumps(answer, ensure_ascii=False)
+            why = _task_answer_problem(workflow, key, answer.get(key), task)
+            if why is None:
+                return json.dumps({key: answer[key]}, ensure_ascii=False)
+            log.info("background task %r answered offline: the language model's answer %s", key, why)
         except UpstreamError as exc:
             log.info("background task answered offline: %s", exc.message)
     return json.dumps({key: _offline_task_value(workflow, key, task)}, ensure_ascii=False)
+
+
+def _task_answer_problem(workflow: Workflow, key: str, value: Any, task: str) -> Optional[str]:
+    """Why the LLM's answer to a background task is not of the asked shape (a title is one short
+    line, tags and follow-ups a list of short texts) or fails the checks of any text it writes
+    for the user; None when it can be shown."""
+    said = [line.split(":", 1)[1] for line in task.splitlines() if line.upper().startswith("USER:")] or [task]
+    if key == "title":
+        if not isinstance(value, str) or "\n" in value.strip():
+            return "is not one line of text"
+        why = check_llm_text(value, workflow, [task], users_language(said), asks=False, max_chars=TITLE_MAX_CHARS,
+                             names=False)
+        return f"has a title that cannot be shown: {why}" if why else None
+    if key in ("tags", "follow_ups", "queries"):
+        if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):
+            return "is not a list of texts"
+        for item in value:
+            why = check_llm_text(item, workflow, [task], users_language(said) if key == "follow_ups" else None,
+                                 asks=False, max_chars=SUGGESTION_MAX_CHARS)
+            if why:
+                return f"holds {item[:40]!r}, which cannot be shown: {why}"
+        return None
+    return None if value is not None else "has no such key"
+
+
+def task_tags(workflow: Workflow, conversation: Optional[Conversation]) -> List[str]:
+    """A chat's tags: the workflow's name, then the short text values the user gave (a place, a choice)."""
+    tags = [workflow.name.replace("-", " ").replace("_", " ").capitalize()]
+    for name, value in (conversation.values if conversation is not None else {}).items():
+        query = workflow.query_inputs.get(name)
+        if query is not None and isinstance(value, str) and query.type != "date" and len(value.split()) <= 3:
+            tags.append(value)
+    return list(dict.fromkeys(tags))
+
+
+def conversation_of_task(service: Service, workflow: Workflow, task: str, chat_key: str) -> Optional[Conversation]:
+    """The chat a background task is about, as its newest turn left it, read without a lock (a
+    task changes nothing): by the conversation header, or by the identifier block the task quotes."""
+    ids = [keyed_conversation_id(workflow, chat_key)] if chat_key else [
+        found for found in reversed(ID_BLOCK_PATTERN.findall(task)) if is_conversation_id(found)]
+    for conversation_id in ids[:1]:
+        with contextlib.suppress(CozyError, ValueError, OSError):
+            record = service.store.load(conversation_id)
+            if record is not None and record.get("model") == workflow.name:
+                conversation = Conversation.from_record(record)
+                if conversation.snapshots:
+                    conversation.restore(conversation.snapshots[-1])
+                return conversation
+    return None
 
 
 def _offline_task_value(workflow: Workflow, key: str, task: str) -> Any:
@@ -5203,8 +5768,9 @@ def open_chat_turn(service: Service, request: TurnRequest, stop: threading.Event
     if is_client_task(request.messages):
         workflow = service.workflow(request.model)
         trace.update(model=workflow.name, conversation="task")
-        return AnsweredTurn(workflow.redact(answer_client_task(workflow, request.messages[-1]["content"],
-                                                               service.llm)))
+        task = request.messages[-1]["content"]
+        conversation = conversation_of_task(service, workflow, task, request.chat_key)
+        return AnsweredTurn(workflow.redact(answer_client_task(workflow, task, service.llm, conversation)))
     return service.open_turn(request, stop, trace)
 
 
@@ -5385,6 +5951,9 @@ def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest
             yield b": keep-alive\n\n"
             continue
         item_type = "reasoning" if piece.channel == "thinking" else "message"
+        if item_type == "reasoning" and "message" in opened and "reasoning" in opened:
+            texts["thinking"].append(piece.text)   # the run's record after a streamed answer: in the
+            continue                               # completed response, its item being closed
         if item_type not in opened:
             if item_type == "message" and "reasoning" in opened:
                 yield from close_item("reasoning")
@@ -5677,11 +6246,15 @@ class McpCall:
     def _elicit(self, missing: Sequence[QueryInput], values: Mapping[str, Any], problems: Mapping[str, str],
                 answer: Dict[str, Any]) -> Iterator[Optional[dict]]:
         """Ask the person for exactly the missing inputs, as chat would, and wait for the answer."""
-        question = question_offline(self.workflow, missing, {}, {}, problems, line_hint=False)   # a form, not lines
+        question = elicitation_message(self.workflow, missing, problems)   # names and asks every field
         if self.service.llm is not None:
+            request = str(self.arguments.get(REQUEST_ARGUMENT) or "")
             with contextlib.suppress(UpstreamError):
-                question = question_with_llm(self.service.llm, self.workflow, missing, values, {}, problems,
-                                             str(self.arguments.get(REQUEST_ARGUMENT) or ""))
+                phrased = question_with_llm(self.service.llm, self.workflow, missing, values, {}, problems, request)
+                said = [request] + [shown_value(value) for value in values.values()]
+                named = all(query.label.lower() in phrased.lower() for query in missing)
+                if named and check_llm_text(phrased, self.workflow, said, users_language([request])) is None:
+                    question = phrased   # checked, and it names every field of the form
         request_id = "elicit-" + secrets.token_hex(6)
         waiting: "queue.Queue[dict]" = queue.Queue()
         self.session.waiting[request_id] = waiting
@@ -5870,6 +6443,9 @@ class Metrics:
         "llm_calls_total": ("counter", "Calls to the internal LLM, by outcome."),
         "llm_call_seconds": ("summary", "Seconds per call to the internal LLM (streams: until the first piece)."),
         "llm_format_refusals_total": ("counter", "Structured-output modes the internal LLM refused."),
+        "llm_calls_cut_total": ("counter", "Calls to the internal LLM whose connection was closed before their end: "
+                                           "the client left, or their time ran out."),
+        "repeated_requests_total": ("counter", "Requests answered again: the same one was answered while they waited."),
         "open_streams": ("gauge", "Streamed replies being sent now."),
         "stored_conversations": ("gauge", "Conversations in the store."),
     }

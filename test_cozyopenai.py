@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -50,6 +51,10 @@ def _load_bench():
 bench = _load_bench()
 
 
+class _ListeningLong(ThreadingHTTPServer):
+    request_queue_size = 128   # the default 5 drops a burst of connections, which come back a second later
+
+
 ####################################################################################
 # The fake internal LLM and the servers under test
 ####################################################################################
@@ -66,8 +71,10 @@ class FakeLLM:
     refuse_json_schema: answer 400 to response_format json_schema (like llama.cpp).
     refuse_json_schema_status: when set (500, as llama-cpp-python 0.3.x does), answer
     json_schema with this status and llama.cpp's body, which names response_format.
-    endless_node_stream: a node's stream sends a token every 20 ms until the client goes
-    away; endless_stream_ended is set when that handler has ended.
+    endless_node_stream: a node's stream sends a token every endless_seconds (20 ms) until
+    the client goes away; endless_stream_ended is set when that handler has ended, at ended_at.
+    hold: a call kind ("extraction") answered by no word until the client closes its connection
+    (a slow model's long silence); held_call_closed is set when it did, at ended_at.
     """
 
     def __init__(self):
@@ -81,9 +88,12 @@ class FakeLLM:
         self.refuse_json_schema_status = None
         self.endless_node_stream = False
         self.endless_stream_ended = threading.Event()
+        self.endless_seconds = 0.02
+        self.hold, self.held_call_closed, self.ended_at = None, threading.Event(), None
         self.closed = threading.Event()
         self.broken_json = False
         self.question = "Paris is a wonderful choice! What is your budget, and when would you like to go?"
+        self.follow_ups = []       # the suggestions call's answer (follow-ups in the user's language)
         self.node_tokens = ["Day 1: the Louvre. ", "Day 2: Montmartre. ", "Day 3: a day in Versailles."]
         self.http_routes = {}      # path -> (status, json body), for http node tests
         self.delay_seconds = 0     # before answering a chat completion (timeouts, races)
@@ -102,6 +112,8 @@ class FakeLLM:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.calls.append(body)
+                if fake.hold and call_kind(body) == fake.hold:
+                    return self._hold()
                 time.sleep(fake.delay_seconds)
                 if fake.fail_next:
                     status = fake.fail_next.pop(0)
@@ -145,11 +157,27 @@ class FakeLLM:
                     while not fake.closed.is_set():
                         self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                         self.wfile.flush()
-                        time.sleep(0.02)
+                        if self._closed_within(fake.endless_seconds):
+                            break
                 except OSError:   # the client went away: this handler thread ends
                     pass
                 finally:
+                    fake.ended_at = time.monotonic()
                     fake.endless_stream_ended.set()
+
+            def _hold(self):
+                if self._closed_within(10):
+                    fake.ended_at = time.monotonic()
+                    fake.held_call_closed.set()
+
+            def _closed_within(self, seconds):
+                """Whether the client closed the connection within ``seconds``."""
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    readable, _, _ = select.select([self.connection], [], [], min(0.01, seconds))
+                    if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                        return True
+                return False
 
             def _send(self, status, data, content_type):
                 self.send_response(status)
@@ -158,7 +186,7 @@ class FakeLLM:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _ListeningLong(("127.0.0.1", 0), Handler)
         self.server.daemon_threads, self.server.block_on_close = True, False
         self.server.handle_error = lambda request, address: None   # clients that gave up (timeouts)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
@@ -180,6 +208,8 @@ class FakeLLM:
             return [json.dumps(answer)]
         if kind == "question":
             return [self.question]
+        if body["messages"][0]["content"].startswith(cozyopenai.SUGGESTIONS_PROMPT[:40]):
+            return [json.dumps({"follow_ups": self.follow_ups})]
         return self.node_tokens
 
     def calls_of(self, kind):
@@ -639,6 +669,19 @@ def test_template_node_reads_dotted_paths_into_linked_outputs(start):
     assert answer_of(reply) == "first=7 name=Ada"
 
 
+def test_booleans_read_yes_or_no_in_replies_thinking_and_templates(start, fake_llm):
+    fake_llm.question = ""   # no question from the LLM: the templated one
+    chat = Chat(start(llm=fake_llm.settings()))
+    reply = chat.say("destination: Paris\nchildren: yes")
+    assert answer_of(reply).startswith("Got it: destination Paris and children yes.")
+    assert "Understood children: yes." in thinking_of(reply) and "True" not in reply
+    reply = chat.say("budget: 2000\ntravel dates: May\nchildren: no")
+    assert "Changed children: yes → no." in thinking_of(reply) and "children = no" in thinking_of(reply)
+    assert "Children coming along: no." in fake_llm.calls_of("node")[-1]["messages"][-1]["content"]
+    assert "False" not in json.dumps(fake_llm.calls_of("node")[-1]["messages"])
+    assert cozyopenai.render_template("{a} {b} {c:.1f}", {"a": True, "b": 2000.0, "c": 2.0}) == "yes 2000 2.0"
+
+
 def test_http_node_sends_the_users_value_url_encoded_and_returns_the_json(start, fake_llm):
     fake_llm.http_routes["/lookup"] = (200, {"answer": "found it"})
     nodes = [
@@ -767,13 +810,31 @@ def test_an_llm_node_sends_max_tokens_from_its_input_or_the_default_and_bad_ones
     assert fake_llm.calls_of("node")[-1]["max_tokens"] == cozyopenai.LLM_NODE_MAX_TOKENS
     reply = Chat(server, "short").say("word: hi")
     assert fake_llm.calls_of("node")[-1]["max_tokens"] == 2
-    assert answer_of(reply) == "".join(fake_llm.node_tokens[:2]).strip()   # the fake counts a piece as a token
+    assert answer_of(reply) == ("".join(fake_llm.node_tokens[:2])   # the fake counts a piece as a token
+                                + "\n\n(Stopped here: the answer reached its limit of 2 tokens.)")
     assert "write: the answer hit its limit of 2 tokens." in thinking_of(reply)
     for bad in ("lots", 0):
         broken = _llm_node_workflow(inputs={**capped, "max_tokens": bad})
         with pytest.raises(cozyopenai.WorkflowFileError,
                            match=r"node 'write': 'max_tokens' must be a positive whole number"):
             cozyopenai.load_workflows({"workflows": [broken]})
+
+
+def test_the_run_record_is_whole_after_a_streamed_answer_and_the_servers_calls_are_at_temperature_0(start, fake_llm):
+    fake_llm.extractions = {"Trip to Paris.": {"destination": "Paris"}}
+    server = start(llm=fake_llm.settings())
+    chat = Chat(server, stream=True)
+    chat.say("Trip to Paris.")
+    reply = chat.say("budget: 2000\ntravel dates: May")
+    answer_end = reply.index(fake_llm.node_tokens[-1]) + len(fake_llm.node_tokens[-1])
+    after = reply[answer_end:]   # the node that streamed the answer finishes after it: shown there
+    assert re.match(r"\n*<thinking>\n✓ plan finished in \d+\.\d\d s\n→ answer started", after.lstrip())
+    assert "✓ answer finished in" in after and "plan finished" not in reply[:answer_end]
+    response = server.client.responses.create(model="trip-planner", input="destination: Rome\nbudget: 900\n"
+                                              "travel dates: June", stream=True)
+    completed = [event for event in response if event.type == "response.completed"][0].response
+    assert "✓ plan finished in" in completed.output[0].summary[0].text
+    assert [call["temperature"] for call in fake_llm.calls if call_kind(call) != "node"] == [0, 0, 0, 0]
 
 
 def test_llm_node_tokens_stream_into_the_answer_as_they_arrive(start, fake_llm):
@@ -922,6 +983,39 @@ def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversa
     assert answer_of(ask(server, "echo", history)).endswith("later")   # not locked out
 
 
+def _hang_up_after(server, message, seen, seconds=10):
+    """Send a streamed chat request on a raw socket, read until ``seen`` arrives (or at once, with
+    None), then hang up; the moment it hung up."""
+    body = json.dumps({"model": "trip-planner", "stream": True, "messages": [{"role": "user", "content": message}]})
+    client = socket.create_connection(("127.0.0.1", server.httpd.server_port))
+    client.sendall(f"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    received, deadline = b"", time.monotonic() + seconds
+    client.settimeout(seconds)
+    while seen is not None and seen not in received:
+        assert time.monotonic() < deadline, f"{seen!r} did not arrive within {seconds} s"
+        received += client.recv(4096)
+    client.close()
+    return time.monotonic()
+
+
+def test_a_hang_up_on_the_first_turn_closes_the_llm_stream_within_a_second(start, fake_llm):
+    fake_llm.endless_node_stream, fake_llm.endless_seconds = True, 0.5   # a slow model: a token every 0.5 s
+    server = start(llm=fake_llm.settings())
+    left = _hang_up_after(server, "destination: Paris\nbudget: 2000\ntravel dates: May", b"and on ")
+    assert fake_llm.endless_stream_ended.wait(5), "the LLM's stream was still read 5 s after the client left"
+    assert fake_llm.ended_at - left < 1.0
+    assert "cozyopenai_llm_calls_cut_total 1" in requests.get(server.url + "/metrics", timeout=5).text
+
+
+def test_a_hang_up_during_the_extraction_call_closes_its_connection_within_a_second(start, fake_llm):
+    fake_llm.hold = "extraction"                        # the model says nothing for a long while
+    server = start(llm=fake_llm.settings(timeout_seconds=20))
+    left = _hang_up_after(server, "I want to plan a trip to Paris.", b"Reading your message")
+    assert fake_llm.held_call_closed.wait(5), "the extraction call was still open 5 s after the client left"
+    assert fake_llm.ended_at - left < 1.0
+
+
 ####################################################################################
 # The internal LLM (extraction, questions and `llm` nodes)
 ####################################################################################
@@ -993,7 +1087,7 @@ def test_an_outage_does_not_change_the_structured_output_mode(fake_llm):
 
 
 @pytest.mark.parametrize("fault", ["timeout", "refused", "429", "500", "not json"])
-def test_an_llm_fault_is_retried_then_degrades_the_turn_and_keeps_every_value(start, fake_llm, fault):
+def test_an_llm_fault_costs_one_attempt_then_degrades_the_turn_and_keeps_every_value(start, fake_llm, fault, caplog):
     fake_llm.extractions = {"Trip to Paris.": {"destination": "Paris"}}
     settings = fake_llm.settings(timeout_seconds=0.5)
     if fault == "refused":
@@ -1006,12 +1100,16 @@ def test_an_llm_fault_is_retried_then_degrades_the_turn_and_keeps_every_value(st
     fake_llm.delay_seconds = 2 if fault == "timeout" else 0
     fake_llm.fail_next = {"429": [429] * 4, "500": [500] * 4}.get(fault, [])
     fake_llm.broken_json = fault == "not json"
+    started = time.monotonic()
     reply = chat.say("budget: 2000")
     assert "used the simple reader instead" in thinking_of(reply)
     assert "Understood budget: 2000." in thinking_of(reply)
     if fault in ("timeout", "429", "500"):
         extraction_calls = len(fake_llm.calls_of("extraction")) - (1 if calls_before else 0)
-        assert extraction_calls == 2          # one retry, then the simple reader: a bounded budget
+        assert extraction_calls == 1          # one attempt, then the simple reader: no retry doubles the wait
+    if fault == "timeout":
+        assert time.monotonic() - started < 1.5   # the turn's LLM calls, question included, share --llm-timeout
+        assert "did not answer within" in caplog.text
     fake_llm.delay_seconds, fake_llm.fail_next, fake_llm.broken_json = 0, [], False
     fake_llm.extractions["travel_dates: May"] = {"travel_dates": "May"}
     last = chat.say("travel_dates: May")
@@ -1353,6 +1451,123 @@ def test_two_turns_at_once_one_per_instance_lose_no_update(start, fake_llm, redi
     conversation_id = ID_BLOCK.search(chat.messages[1]["content"]).group(1)
     values = latest_values(servers[1].app.config["cozyopenai.service"].store.load(conversation_id))
     assert values == {"destination": "Paris", "budget": 2000, "travel_dates": "May"}
+
+
+@contextlib.contextmanager
+def gunicorn_server(*arguments, workers=4):
+    """cozyopenai.py --server gunicorn with ``workers`` worker processes, stopped gracefully after."""
+    if importlib.util.find_spec("gunicorn") is None:
+        pytest.skip("gunicorn is not installed (pip install gunicorn)")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cozyopenai.py"), "--port", str(port), "--server",
+                                "gunicorn", "--workers", str(workers), *arguments], cwd=HERE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while not _answers(url + "/health"):
+            assert time.monotonic() < deadline and process.poll() is None, "gunicorn did not start within 20 s"
+            time.sleep(0.05)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)   # gunicorn's quick shutdown; its workers may linger for seconds
+        try:
+            process.wait(0.5)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)   # the master and its workers: a session of their own
+            process.wait(10)
+
+
+def _answers(url):
+    with contextlib.suppress(requests.RequestException):
+        return requests.get(url, timeout=1).status_code == 200
+    return False
+
+
+def _post_chat(url, messages):
+    response = requests.post(url + "/openai/chat/completions", timeout=20,
+                             json={"model": "trip-planner", "messages": messages})
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def _all_at_once(calls, seconds=30):
+    """Each call in a thread of its own, released together by a barrier; all must end in ``seconds``."""
+    barrier, failures = threading.Barrier(len(calls), timeout=10), []
+
+    def run(call):
+        try:
+            barrier.wait()
+            call()
+        except BaseException as exc:   # noqa: BLE001 - reported by the test
+            failures.append(exc)
+    threads = [threading.Thread(target=run, args=(call,), daemon=True) for call in calls]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + seconds
+    for thread in threads:
+        thread.join(max(0.1, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), f"not every request was answered within {seconds} s"
+    assert not failures, failures[0]
+
+
+def _pairs_at_once(urls, fake_llm, pairs=15):
+    """``pairs`` conversations that each get the same next request twice at once (a double
+    click, a client's retry), and one more that gets two different requests at once."""
+    fake_llm.extractions = {"trip to Tromso": {"destination": "Tromso"}, "around $2222": {"budget": 2222},
+                            "budget: 2222": {"budget": 2222}, "travel dates: May": {"travel_dates": "May"}}
+    fake_llm.question, fake_llm.delay_seconds = "What is your total budget?", 0
+    histories = [[{"role": "user", "content": "trip to Tromso"}] for _ in range(pairs + 1)]
+
+    def begin(number):
+        histories[number].append({"role": "assistant", "content": _post_chat(urls[number % len(urls)],
+                                                                              histories[number])})
+    _all_at_once([lambda number=number: begin(number) for number in range(pairs + 1)])
+    sends = [(number, histories[number] + [{"role": "user", "content": "around $2222"}])
+             for number in range(pairs) for _ in range(2)]
+    sends += [(pairs, histories[pairs] + [{"role": "user", "content": text}])
+              for text in ("budget: 2222", "travel dates: May")]
+    fake_llm.delay_seconds = 0.15   # the first of a pair still reads its message when its twin arrives
+    replies = [None] * len(sends)
+
+    def send(index):
+        replies[index] = _post_chat(urls[index % len(urls)], sends[index][1])
+    _all_at_once([lambda index=index: send(index) for index in range(len(sends))])
+    fake_llm.delay_seconds = 0
+    ids = [ID_BLOCK.search(history[1]["content"]).group(1) for history in histories]
+    return ids, replies
+
+
+def _counted_once(ids, replies, load, pairs=15):
+    for number in range(pairs):
+        first, second = replies[2 * number], replies[2 * number + 1]
+        assert answer_of(first) == answer_of(second)
+        assert "Understood travel dates" not in first + second and "When: around" not in first + second
+        assert sum("nothing was read twice" in reply for reply in (first, second)) == 1
+        record = load(ids[number])
+        assert latest_values(record) == {"destination": "Tromso", "budget": 2222}
+        assert not any("travel_dates" in snapshot["values"] for snapshot in record["snapshots"])
+    assert latest_values(load(ids[pairs])) == {"destination": "Tromso", "budget": 2222, "travel_dates": "May"}
+
+
+@pytest.mark.parametrize("store", ["memory", "json", "redis"])
+def test_the_same_request_twice_at_once_counts_once_and_two_different_ones_both_count(start, fake_llm, store,
+                                                                                   tmp_path, request):
+    spec = {"memory": "memory", "json": str(tmp_path), "redis": None}[store]
+    if store == "redis":
+        spec = request.getfixturevalue("redis_server").url
+    # Two instances on Redis; one process for the others (POSIX file locks do not exclude one process
+    # from itself: several processes on one JSON store are the gunicorn test's).
+    servers = [start(store=spec, llm=fake_llm.settings()) for _ in range(2 if store == "redis" else 1)]
+    ids, replies = _pairs_at_once([server.url for server in servers], fake_llm)
+    _counted_once(ids, replies, servers[0].app.config["cozyopenai.service"].store.load)
+
+
+def test_the_same_request_twice_at_once_counts_once_under_gunicorn_with_four_workers(fake_llm, tmp_path):
+    llm = ["--llm-base-url", fake_llm.url + "/v1", "--llm-model", "fake", "--store", str(tmp_path)]
+    with gunicorn_server(*llm) as url:
+        ids, replies = _pairs_at_once([url], fake_llm)
+    _counted_once(ids, replies, lambda conversation_id: json.loads((tmp_path / f"{conversation_id}.json").read_text()))
 
 
 def test_an_instance_killed_mid_turn_frees_its_conversation_for_the_next_turn_elsewhere(start, redis_server, tmp_path):
@@ -2148,6 +2363,48 @@ def test_with_an_llm_the_question_is_phrased_by_it_from_what_is_missing(start, f
     assert call["max_tokens"] == cozyopenai.QUESTION_MAX_TOKENS
 
 
+GEMMA_DEBRIS = ("<</SYS>>\n> I am not sure if you have a question about the language of your user. "
+                "[INST] What is the budget? [/INST]")
+
+
+@pytest.mark.parametrize("message, question, why", [
+    ("Trip to Paris.", GEMMA_DEBRIS, "it holds chat-template debris (<</SYS>>)"),
+    ("Trip to Paris.", "<start_of_turn>model\nWhat is your budget?<end_of_turn>", "chat-template debris"),
+    ("Trip to Paris.", "Write one short, natural question that asks the user for what is still needed. Budget?",
+     "it repeats the server's own instructions"),
+    ("Je veux partir à Paris avec un petit budget.", "What is your budget, and when would you like to go?",
+     "it is in English, your message in French"),
+    ("Trip to Paris.", "Paris! Is a budget of 100,000 yen (about $950) fine for you?",
+     "it names '100,000', which you did not say and the workflow does not offer"),
+    ("Trip to Paris.", "Paris is lovely. Should we add a day in Versailles, and what is your budget?",
+     "it names 'Versailles'"),
+    ("Trip to Paris.", "Paris is lovely. Tell me your budget.", "it asks nothing: no question mark"),
+    ("Trip to Paris.", "What is your budget? " + "Tell me more about what you like. " * 20, "characters long, over 400"),
+])
+def test_an_llm_question_that_fails_a_check_is_replaced_by_the_templated_one(start, fake_llm, message, question, why):
+    fake_llm.extractions = {message: {"destination": "Paris"}}
+    fake_llm.question = question
+    reply = Chat(start(llm=fake_llm.settings())).say(message)
+    assert answer_of(reply).startswith("Got it: destination Paris. I still need the budget and travel dates.")
+    line = next(line for line in thinking_of(reply).splitlines() if "question was not used" in line)
+    assert why in line and line.endswith("Asked the templated question instead.")
+
+
+def test_an_llm_question_in_the_users_language_naming_what_they_said_is_shown(start, fake_llm):
+    fake_llm.extractions = {"Je veux partir à Paris.": {"destination": "Paris"}}
+    fake_llm.question = "Paris, très bien ! Quel est votre budget, et quand voulez-vous partir ?"
+    reply = Chat(start(llm=fake_llm.settings())).say("Je veux partir à Paris.")
+    assert answer_of(reply) == fake_llm.question and "not used" not in thinking_of(reply)
+
+
+def test_single_call_questions_are_checked_too(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    fake_llm.question = "<|im_start|>assistant What is your budget?"
+    reply = Chat(start(llm=fake_llm.settings(single_call=True))).say("Paris!")
+    assert "chat-template debris (<|im_start|>)" in thinking_of(reply)
+    assert "What is your total budget for the trip?" in answer_of(reply)
+
+
 def test_the_question_prompt_asks_for_the_users_language_and_one_question(start, fake_llm):
     Chat(start(llm=fake_llm.settings())).say("Je voudrais voyager.")
     call = fake_llm.calls_of("question")[0]
@@ -2804,7 +3061,8 @@ def test_a_replay_of_open_webuis_requests_continues_the_chat_and_answers_its_tit
     assert title == {"title": "Trip planner: I want to plan a trip to Paris"}
     follow_ups = server.post({"model": "trip-planner", "messages": [{"role": "user", "content": title_task.replace(
         '{ "title": "your concise title here" }', '{ "follow_ups": ["Question 1?"] }')}]}).json()
-    assert json.loads(follow_ups["choices"][0]["message"]["content"]) == {"follow_ups": []}
+    assert json.loads(follow_ups["choices"][0]["message"]["content"]) == {   # the budget has no choices to offer
+        "follow_ups": ["Make the pace relaxed", "Make the pace packed", "With kids"]}
     streamed = server.post({"model": "trip-planner", "stream": True, "messages": [{"role": "user", "content": title_task}]})
     assert '\\"title\\"' in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
     assert "Got it: destination Paris." in first
@@ -2831,6 +3089,37 @@ def test_a_background_task_is_answered_through_the_llm_when_there_is_one(start, 
     reply = ask(server, "trip-planner", [{"role": "user", "content": task}])
     assert json.loads(reply) == {"title": "🗼 Paris Trip Planning"}
     assert fake_llm.calls_of("extraction") == []          # no conversation, no gathering
+
+
+def _task(history, key, example):
+    chat = "\n".join(f"{m['role'].upper()}: {m['content']}" for m in history)
+    return {"role": "user", "content": f"### Task:\nSuggest what the user might say next.\n### Output:\nJSON format: "
+                                       f'{{ "{key}": {example} }}\n### Chat History:\n<chat_history>\n{chat}\n</chat_history>'}
+
+
+def test_follow_ups_and_tags_come_from_the_workflow_and_what_the_user_gave(start, fake_llm):
+    chat = Chat(start())
+    task = lambda key: json.loads(ask(chat.server, "trip-planner", [_task(chat.messages, key, '["..."]')]))[key]
+    chat.say("destination: Lisbon\nbudget: 900\ntravel dates: May\npace: relaxed")
+    assert task("follow_ups") == ["pace: balanced", "pace: packed", "With kids", "Run it again"]
+    assert task("tags") == ["Trip planner", "Lisbon", "relaxed"]
+    for suggestion, change in (("With kids", "children = yes"), ("pace: packed", "pace = packed")):
+        reply = chat.say(suggestion)   # a suggestion, sent as it is, is read
+        assert "Running trip-planner with destination = Lisbon" in reply and change in reply
+    assert task("follow_ups") == ["pace: relaxed", "pace: balanced", "children: no", "Run it again"]
+    calendar = Chat(chat.server, "month-calendar")
+    calendar.say("year: 2026")
+    assert json.loads(ask(chat.server, "month-calendar", [_task(calendar.messages, "follow_ups", "[]")])) == {
+        "follow_ups": ["January", "February", "March"]}   # the ways to answer the question asked
+    # With an LLM, in the user's language: checked, and the offline ones when a check fails.
+    french = Chat(start(llm=fake_llm.settings()))
+    fake_llm.question = ""
+    french.say("Je voudrais partir à Lisbonne avec un budget de 900 euros.")
+    fake_llm.follow_ups = ["Un rythme tranquille", "Un rythme chargé", "Avec les enfants"]
+    asked = lambda: json.loads(ask(french.server, "trip-planner", [_task(french.messages, "follow_ups", "[]")]))
+    assert asked() == {"follow_ups": fake_llm.follow_ups}
+    fake_llm.follow_ups = ["Un rythme tranquille", "<|im_start|>", "Avec les enfants à Tokyo"]
+    assert asked() == {"follow_ups": ["Make the pace relaxed", "Make the pace packed", "With kids"]}
 
 
 ####################################################################################
@@ -3012,11 +3301,29 @@ def test_mcp_asks_for_missing_inputs_by_elicitation_and_honours_decline(start):
     result = run_async(call(answer, {"destination": "Lisbon"}))
     assert not result.is_error and result.content[0].text.startswith("## Your trip to Lisbon")
     assert "1500 in total" in result.content[0].text
-    assert asked == [("I still need the budget and travel dates. What is your total budget for the trip?",
-                      ["budget", "travel_dates"])]
+    assert asked == [("I still need the budget and travel dates. What is your total budget for the trip? "
+                      "When would you like to travel, and for how long?", ["budget", "travel_dates"])]
     declined = run_async(call(lambda message, schema, types: types.ElicitResult(action="decline"),
                               {"destination": "Lisbon"}))
     assert declined.is_error and "the user chose to decline" in declined.content[0].text
+
+
+def test_an_mcp_form_message_from_the_llm_is_used_only_when_it_names_every_field(start, fake_llm):
+    server, asked = start(llm=fake_llm.settings()), []
+
+    def answer(message, schema, types):
+        asked.append(message)
+        return types.ElicitResult(action="decline")
+
+    async def call():
+        async with mcp_session(server, answer) as client:
+            return await client.call_tool("trip-planner", {"destination": "Lisbon"})
+    fake_llm.question = "Lisbon! What is your budget?"                 # asks the budget only
+    run_async(call())
+    fake_llm.question = "Lisbon! What budget and travel dates do you have in mind?"
+    run_async(call())
+    assert asked == ["I still need the budget and travel dates. What is your total budget for the trip? "
+                     "When would you like to travel, and for how long?", fake_llm.question]
 
 
 def test_mcp_re_asks_a_bad_value_and_reads_a_free_text_request(start):

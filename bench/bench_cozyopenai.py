@@ -14,6 +14,7 @@ the same server, measured in the same run, because machines differ and are noisy
 """
 
 import argparse
+import collections
 import contextlib
 import http.server
 import importlib.util
@@ -200,6 +201,9 @@ def chat_body(model, text, stream=False, history=()):
     return json.dumps({"model": model, "messages": messages, "stream": stream}).encode()
 
 
+HTTP_TIMEOUT_SECONDS = 180   # a turn on a real small model takes up to its 120 s budget, and then some
+
+
 def http_request(port, method, path, body=b"", on_first_byte=None, on_line=None):
     """(status, body bytes, seconds to the first byte). One connection per request, as the
     default server closes each one."""
@@ -208,7 +212,7 @@ def http_request(port, method, path, body=b"", on_first_byte=None, on_line=None)
     started = time.perf_counter()
     first_byte = None
     chunks = []
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_SECONDS) as sock:
         sock.sendall(head + body)
         pending = b""
         while True:
@@ -678,6 +682,9 @@ DIALOGUE_SETS = ("dialogues", "dev_4", "blind_3")
 UNSEEN_SETS = ("blind_3",)
 
 
+REAL_PLAN_MAX_TOKENS = 48
+
+
 def score_extraction_set(mode, llm_settings=None, sets=("dialogues", "dev_4") + ONE_LINER_SETS):
     """Play the extraction set through a real server and score what it accepted: precision
     (accepted values that the messages state) and recall (stated values accepted at the
@@ -688,6 +695,11 @@ def score_extraction_set(mode, llm_settings=None, sets=("dialogues", "dev_4") + 
         llm_settings = cozyopenai.LLMSettings(stand_in.url, "stand-in", "unused")
     with open(os.path.join(TOP, "workflows.json"), encoding="utf-8") as handle:
         workflows = json.loads(re.sub(r"https://[a-z-]+\.open-meteo\.com", stand_in.base, handle.read()))
+    if mode == "real":   # the figures are about reading: a short plan keeps a small model's run to seconds
+        for item in workflows["workflows"]:
+            for node in item["nodes"]:
+                if node["type"] == "llm":
+                    node["inputs"]["max_tokens"] = REAL_PLAN_MAX_TOKENS
     app = cozyopenai.make_app(workflows, store="memory", llm=llm_settings if mode != "offline" else None)
     server = cozyopenai.create_server(app, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -705,17 +717,49 @@ def score_extraction_set(mode, llm_settings=None, sets=("dialogues", "dev_4") + 
         stand_in.close()
 
 
+UNUSABLE_REPLY_CHARS = 700   # a gathering reply longer than this is not read, let alone answered
+
+
+def unusable_reason(reply, message):
+    """Why a person cannot act on a gathering reply (a question): none asked, chat-template
+    debris or the server's own prompt, another language than the user's message, over
+    UNUSABLE_REPLY_CHARS; None when it is usable. "templated" marks the server's own English
+    question shown in place of the LLM's (the offline fallback), kept apart in the figures."""
+    answer = cozyopenai.clean_reply(reply)
+    words = cozyopenai._words(answer)
+    if len(answer) > UNUSABLE_REPLY_CHARS:
+        return "over %d characters" % UNUSABLE_REPLY_CHARS
+    if cozyopenai.CHAT_TEMPLATE_PATTERN.search(answer) or any(
+            tuple(words[i:i + cozyopenai.PROMPT_ECHO_WORDS]) in cozyopenai._prompt_echoes() for i in range(len(words))):
+        return "debris"
+    if "?" not in answer and answer not in (cozyopenai.CANCELLED_REPLY,) and "start over" not in answer:
+        # (a cancel is answered, and the offer to start over asks nothing: both are clear)
+        return "no question"
+    wanted, written = cozyopenai.language_of(message), cozyopenai.language_of(answer)
+    if wanted and written and wanted != written:
+        return "wrong language (templated)" if written == "English" else "wrong language"
+    return None
+
+
 def _score(port, store, stand_in, chats):
     accepted, wrong, stated, recalled, misses = set(), [], 0, 0, []
+    unusable, gathering, seconds = [], 0, []
     for number, (model, turns, expected, superseded) in enumerate(chats):
         history, conversation_id, final = [], None, {}
         for turn in turns:
             stand_in.says[turn["message"]] = turn["says"]
             stand_in.intents[turn["message"]] = turn.get("intent", "provide")
+            started = time.perf_counter()
             status, payload, _ = http_request(port, "POST", "/openai/chat/completions",
                                               chat_body(model, turn["message"], history=history))
+            seconds.append(time.perf_counter() - started)
             assert status == 200, payload
             reply = json.loads(payload)["choices"][0]["message"]["content"]
+            if "Running " not in reply.split("</thinking>")[0] and "changes no value" not in reply:
+                gathering += 1
+                why = unusable_reason(reply, turn["message"])
+                if why:
+                    unusable.append(f"#{number} {why}")
             history += [{"role": "user", "content": turn["message"]}, {"role": "assistant", "content": reply}]
             conversation_id = conversation_id or re.search(r"identifier\n(\S+)\n", reply).group(1)
             final = store.load(conversation_id)["snapshots"][-1]["values"]
@@ -729,24 +773,37 @@ def _score(port, store, stand_in, chats):
         misses += [f"#{number} {name}" for name in expected if name not in found]
     return {"precision": 1 - len(set(wrong)) / max(1, len(accepted)), "accepted": len(accepted),
             "wrong": sorted(set(wrong)), "recall": recalled / max(1, stated), "recalled": recalled,
-            "stated": stated, "misses": misses}
+            "stated": stated, "misses": misses, "unusable": unusable, "gathering": gathering, "seconds": seconds}
 
 
-def bench_extraction(real_url=None, real_model="gemma"):
+def bench_extraction(real_url=None, real_model="gemma", real_sets=()):
     """Precision and recall of the reading pipeline per mode, on both halves of the set."""
     print("Reading: the extraction set (bench/extraction_set.json), precision and recall per mode")
     modes = [(mode, None) for mode in MODES]
     if real_url:
+        # A turn's budget for its LLM calls; a small model on 2 cores takes some 15 s for an
+        # extraction and 30 s for a question, and a call given up still runs in llama.cpp.
         modes.append(("real", cozyopenai.LLMSettings(real_url, real_model, "unused", timeout_seconds=120)))
     for mode, settings in modes:
         started = time.perf_counter()
-        scores = score_extraction_set(mode, settings, sets=("dialogues", "dev_4") + ONE_LINER_SETS
-                                      + (UNSEEN_SETS if mode in ("offline", "real") else ()))
-        for name, score in scores.items():
+        sets = (("dialogues", "dev_4") + ONE_LINER_SETS + (UNSEEN_SETS if mode in ("offline", "real") else ()))
+        if mode == "real" and real_sets:
+            sets = tuple(real_sets)
+        # One set at a time for a real model (minutes each), each printed as soon as it is scored.
+        scored = [score_extraction_set(mode, settings, sets=(name,)) for name in sets] if mode == "real" else [
+            score_extraction_set(mode, settings, sets=sets)]
+        for name, score in ((name, score) for scores in scored for name, score in scores.items()):
             print(f"  {mode:<12} {name:<10} precision {score['precision']:.0%} ({score['accepted'] - len(score['wrong'])}"
                   f"/{score['accepted']}), recall {score['recall']:.0%} ({score['recalled']}/{score['stated']})"
                   f"{'  wrong: ' + ', '.join(score['wrong']) if score['wrong'] else ''}", flush=True)
             print(f"  {'':<12} {'':<10} misses: {', '.join(score['misses']) or 'none'}", flush=True)
+            kinds = collections.Counter(reason.split(" ", 1)[1] for reason in score["unusable"])
+            times = sorted(score["seconds"])
+            print(f"  {'':<12} {'':<10} gathering replies a person cannot act on: "
+                  f"{sum(count for kind, count in kinds.items() if 'templated' not in kind)}/{score['gathering']}"
+                  f" ({', '.join(f'{kind} {count}' for kind, count in sorted(kinds.items())) or 'none'});"
+                  f" turn wall time median {statistics.median(times):.2f} s, 90th percentile "
+                  f"{times[int(0.9 * (len(times) - 1))]:.2f} s, max {times[-1]:.2f} s", flush=True)
         print(f"  {mode:<12} ({time.perf_counter() - started:.1f} s)", flush=True)
 
 
@@ -916,6 +973,8 @@ def main(argv=None):
                         help="also score the reading pipeline against a real OpenAI-compatible server, e.g. "
                              "http://127.0.0.1:8091/v1 (llama.cpp with gemma3-270m: see the README)")
     parser.add_argument("--real-model", default="gemma", help="model name on --real-llm (default: %(default)s)")
+    parser.add_argument("--real-sets", default="", help="the sets the real model reads, comma-separated "
+                        "(default: all; each takes some 20 s a turn on 2 cores)")
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json-store", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
@@ -941,7 +1000,8 @@ def main(argv=None):
         bench_llm_cost(single_call=False)
         bench_llm_cost(single_call=True)
     if "reading" in chosen:
-        bench_extraction(arguments.real_llm, arguments.real_model)
+        bench_extraction(arguments.real_llm, arguments.real_model,
+                         [name.strip() for name in arguments.real_sets.split(",") if name.strip()])
     if "startup" in chosen:
         bench_startup(arguments.runs)
     if "soak" in chosen:
