@@ -3718,8 +3718,8 @@ def test_readme_test_command_is_the_one_ci_runs():
         ci = handle.read()
     with open(os.path.join(HERE, "README.md")) as handle:
         readme = handle.read()
-    command = "pip install -r requirements.txt pytest hypothesis redis openai-agents mcp && python -m pytest -q test_cozyopenai.py"
-    assert f"```\n{command}\n```" in readme and f"\n{command}\n" in ci
+    (command,) = [line for line in ci.splitlines() if "pytest -q test_cozyopenai.py" in line]   # what CI runs
+    assert command.startswith("pip install -r requirements.txt ") and f"```\n{command}\n```" in readme
 
 
 def test_readme_workflow_example_loads_and_answers(start):
