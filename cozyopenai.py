@@ -2070,8 +2070,12 @@ class JsonFileStore(Store):
         self.directory = os.fspath(directory)
         self.max_age_seconds = max_age_seconds
         self._lock_directory = os.path.join(self.directory, ".locks")
+        # Saves are written in a folder of their own, so that finding what a killed process left
+        # at start-up looks at a handful of files, not at every conversation.
+        self._saving_directory = os.path.join(self.directory, ".saving")
         try:
             os.makedirs(self._lock_directory, exist_ok=True)
+            os.makedirs(self._saving_directory, exist_ok=True)
             if not os.access(self.directory, os.W_OK):
                 raise PermissionError(13, "Permission denied")
         except OSError as exc:   # a file of that name, a folder it may not write, /proc
@@ -2091,7 +2095,7 @@ class JsonFileStore(Store):
         is older than TEMPORARY_FILE_SECONDS (a save takes milliseconds; a pid may be reused):
         the temporary files of live workers sharing the folder are left alone."""
         removed, oldest_allowed = 0, time.time() - TEMPORARY_FILE_SECONDS
-        with os.scandir(self.directory) as entries:
+        with os.scandir(self._saving_directory) as entries:
             for entry in entries:
                 match = self.TEMPORARY_NAME.match(entry.name)
                 if not match:
@@ -2120,7 +2124,8 @@ class JsonFileStore(Store):
 
     def save(self, conversation_id: str, record: dict) -> None:
         path = self._path(conversation_id)
-        temporary = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"   # unique: one save per thread at a time
+        temporary = os.path.join(self._saving_directory, f"{conversation_id}.json.{os.getpid()}-"
+                                 f"{threading.get_ident()}.tmp")   # unique: one save per thread at a time
         data = json.dumps(record, ensure_ascii=False).encode("utf-8")
         try:
             with open(temporary, "wb") as handle:

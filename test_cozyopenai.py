@@ -1131,8 +1131,9 @@ def test_json_store_keeps_one_file_per_conversation_and_leaves_no_temporary_file
     server = start(store=str(tmp_path))
     for _ in range(3):
         Chat(server).say("I want to plan a trip to Paris.")
-    files = sorted(name for name in os.listdir(tmp_path) if name != ".locks")
+    files = sorted(name for name in os.listdir(tmp_path) if name not in (".locks", ".saving"))
     assert len(files) == 3 and all(re.fullmatch(r"[A-Za-z0-9_-]{32}\.json", f) for f in files)
+    assert os.listdir(tmp_path / ".saving") == []   # every save renamed into place
     record = json.loads((tmp_path / files[0]).read_text())
     assert record["model"] == "trip-planner" and latest_values(record) == {"destination": "Paris"}
     assert record["version"] == 2 and record["snapshots"][-1]["asked"] == ["budget"]
@@ -1271,7 +1272,7 @@ def test_an_identifier_with_path_tricks_never_reaches_the_file_system(start, tmp
         reply = ask(server, "trip-planner", history)
         assert "Stolen" not in reply
     assert outside.read_text().count("Stolen") == 1
-    assert all(re.fullmatch(r"[A-Za-z0-9_-]{32}\.json", name) for name in os.listdir(store) if name != ".locks")
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{32}\.json", name) for name in os.listdir(store) if name not in (".locks", ".saving"))
 
 
 def test_json_store_expires_old_conversations(tmp_path):
@@ -4128,13 +4129,15 @@ def test_a_restart_removes_the_temporary_files_killed_saves_left_and_counts_them
     store.mkdir()
     conversation = "A" * 32
     (store / f"{conversation}.json").write_text("{}")
-    leftovers = [store / f"{conversation}.json.{dead_pid}-{n}.tmp" for n in (1, 2, 3)]
-    live = store / f"{conversation}.json.{os.getpid()}-9.tmp"   # a live worker's save in progress
+    (store / ".saving").mkdir()   # where saves are written before they are renamed into place
+    leftovers = [store / ".saving" / f"{conversation}.json.{dead_pid}-{n}.tmp" for n in (1, 2, 3)]
+    live = store / ".saving" / f"{conversation}.json.{os.getpid()}-9.tmp"   # a live worker's save in progress
     for path in leftovers + [live]:
         path.write_text('{"half": ')
     said = cozyopenai.startup_summary(cozyopenai.make_app(WORKFLOWS_PATH, store=str(store)).config["cozyopenai.service"])
     assert f"store: JSON files in {store} (3 temporary files of unfinished saves removed)" in said
-    assert sorted(os.listdir(store)) == sorted([".locks", f"{conversation}.json", live.name])
+    assert sorted(os.listdir(store)) == sorted([".locks", ".saving", f"{conversation}.json"])
+    assert os.listdir(store / ".saving") == [live.name]
 
 
 def test_encoded_copies_of_secrets_are_redacted_in_replies_thinking_logs_and_errors(start, fake_llm, caplog):
