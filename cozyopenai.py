@@ -34,11 +34,14 @@ loopback. Give ``--api-key`` before listening anywhere else. Fixed inputs
 (API keys and the like) are never shown to chat users, but anyone who can
 edit workflows.json can make the server fetch URLs and call Python functions.
 
-It speaks Chat Completions (``/openai/chat/completions``) and the Responses API
-(``/openai/responses``, with ``previous_response_id``); ``GET /`` is a page for
-people and ``GET /metrics`` gives Prometheus counters. Conversations live in
-memory, in a folder of JSON files (the default), or in Redis
-(``--store redis://host:6379/0``) for several instances on several machines.
+It speaks Chat Completions (``/openai/chat/completions``), the Responses API
+(``/openai/responses``, with ``previous_response_id``) and MCP (``/mcp``), each a
+thin block over one turn; ``GET /`` is a page for people and ``GET /metrics`` gives
+Prometheus counters. Conversations live in memory, in a folder of JSON files (the
+default), or in Redis or Valkey (``--store redis://host:6379/0``) for several
+instances on several machines; another store is a ``Store`` subclass (its docstring
+states the locking rule). Text the internal LLM writes for a person (questions,
+client tasks) is checked before it is shown, with a templated fallback.
 
 Limits: token counts in ``usage`` are estimates (about four characters a
 token); one choice per request (``n`` must be 1); the JSON store keeps one
