@@ -5376,9 +5376,8 @@ class StreamedTurn:
 
     def __init__(self, body: Iterator[bytes], turn: Union[Turn, AnsweredTurn], metrics: Any,
                  ending: Optional[Callable[[str, int], bytes]] = None):
-        self._body, self._turn, self._metrics = body, turn, metrics
+        self._body, self._turn = counted_stream(body, metrics), turn   # the open-streams gauge, as MCP's
         self.events_sent = 0   # SSE events, not comments: the Responses API numbers its events
-        metrics.add("open_streams")
         self._open = True
         if ending is not None:
             stream_ending(lambda message: ending(message, self.events_sent))
@@ -5401,12 +5400,10 @@ class StreamedTurn:
             return
         self._open = False
         try:
-            getattr(self._body, "close", lambda: None)()
+            self._body.close()
             self._turn.close()
         except CozyError as exc:   # the store went away while the reply streamed: too late for a 503
             log.error("a streamed turn could not be saved: %s", exc.message)
-        finally:
-            self._metrics.add("open_streams", -1)
 
 
 def check_key(api_keys: Sequence[str], authorization: str) -> None:
