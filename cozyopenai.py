@@ -3188,6 +3188,11 @@ class Tokens(list):
     text = ""   # the text they were read from, for spans quoted as written
 
     @cached_property
+    def name_runs(self) -> Dict[frozenset, List[Tuple[int, int]]]:
+        """_name_runs' answers, by the set of taken words they were found with."""
+        return {}
+
+    @cached_property
     def in_time_phrases(self) -> frozenset:
         """Indexes of tokens that are part of a time named by several words ("New Year's Eve")."""
         words = self.words
@@ -3410,7 +3415,7 @@ def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alon
     clause of its own ("Rome, 1500 euros", "Florence it is.", "Kyoto"). A name in a hedged
     clause ("somewhere in Italy, maybe?") is left open: neither taken nor ruled out."""
     spans: List[Span] = []
-    for index, end in _qualified(tokens, list(_name_runs(tokens, taken))):
+    for index, end in _qualified(tokens, _name_runs(tokens, taken)):
         value = _span_text(tokens, index, end)
         if _is_hedged(tokens, index, end):
             continue
@@ -3555,14 +3560,19 @@ def _ends_a_name(tokens: Sequence[Token], index: int) -> bool:
                                     and tokens[index].shape not in ("number", "ordinal"))
 
 
-def _name_runs(tokens: Sequence[Token], taken: frozenset) -> Iterator[Tuple[int, int]]:
-    """(first, end) token indexes of each capitalised name, in order."""
-    index = 0
-    while index < len(tokens):
-        end = _name_end(tokens, index, taken)
-        if end > index:
-            yield index, end
-        index = max(end, index + 1)
+def _name_runs(tokens: Sequence[Token], taken: frozenset) -> List[Tuple[int, int]]:
+    """(first, end) token indexes of each capitalised name, in order; found once per message
+    and set of taken words (the spans, the direct reply and the periods all ask)."""
+    memo = tokens.name_runs if isinstance(tokens, Tokens) else {}
+    if taken not in memo:
+        runs, index = [], 0
+        while index < len(tokens):
+            end = _name_end(tokens, index, taken)
+            if end > index:
+                runs.append((index, end))
+            index = max(end, index + 1)
+        memo[taken] = runs
+    return memo[taken]
 
 
 def _names_in(tokens: Sequence[Token], taken: frozenset) -> List[str]:
