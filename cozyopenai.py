@@ -1288,7 +1288,10 @@ class LLMSettings:
     api_key: str = field(default="", repr=False)
     timeout_seconds: float = LLM_TIMEOUT_SECONDS
     max_retries: int = 1                   # on timeouts, refused connections, 429 and 5xx
-    single_call: bool = False              # extraction also writes the follow-up question: one call a turn
+    # The extraction call also writes the follow-up question, one call a gathering turn: None (the
+    # default) does so while the upstream takes structured output, True always, False never (a
+    # question call of its own).
+    single_call: Optional[bool] = None
 
 
 class TurnBudget:
@@ -1412,6 +1415,13 @@ class LLMClient:
             yield
         finally:
             self._turn.budget = previous
+
+    @property
+    def asks_in_extraction(self) -> bool:
+        """Whether the extraction call also writes the question (LLMSettings.single_call)."""
+        if self.settings.single_call is not None:
+            return self.settings.single_call
+        return self.JSON_MODES[self._json_mode] != "text"
 
     @property
     def host(self) -> str:
@@ -2841,6 +2851,7 @@ class Extraction:
     notes: List[str] = field(default_factory=list)           # for the thinking block
     llm_failed: bool = False                                 # then the question is not asked of it either
     question: Optional[str] = None                           # written by the extraction call (single call)
+    question_assumes: frozenset = frozenset()                # the inputs that call gave values for
 
 
 def _fold(text: str) -> str:
@@ -4328,7 +4339,7 @@ def extraction_messages(workflow: Workflow, conversation: Conversation, history:
 def extract_with_llm(llm: LLMClient, workflow: Workflow, conversation: Conversation,
                      history: Sequence[dict], text: str, floor: Extraction, reading: Reading) -> Extraction:
     """The LLM's reading, grounded against the message and merged on top of the floor."""
-    single_call = llm.settings.single_call
+    single_call = llm.asks_in_extraction
     answer = llm.complete_json(extraction_messages(workflow, conversation, history, text, single_call),
                                extraction_schema(workflow, single_call), max_tokens=EXTRACTION_MAX_TOKENS)
     proposed = answer.get("values", answer)
@@ -4343,6 +4354,8 @@ def extract_with_llm(llm: LLMClient, workflow: Workflow, conversation: Conversat
     question = answer.get("question")
     if single_call and isinstance(question, str) and question.strip():
         extraction.question = question.strip()
+        extraction.question_assumes = frozenset(name for name, raw in proposed.items()
+                                                if raw is not None and not (isinstance(raw, str) and not raw.strip()))
     return extraction
 
 
@@ -4885,11 +4898,18 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
     asked_before = [name for name in conversation.asked if name in workflow.query_inputs]
     nothing_read = _nothing_read(turn.text, asked_before, extraction)
     question, notes = None, []
-    if extraction.question and not extraction.ignored and not extraction.rejected and not ambiguous:
-        # Single-call mode: the extraction call wrote the question assuming its values were
-        # taken. They were, so it asks for the right inputs; otherwise the offline question.
-        question = extraction.question
-    elif turn.llm is not None and not extraction.llm_failed and not turn.llm.settings.single_call:
+    if extraction.question is not None:
+        # The extraction call wrote the question assuming its values were taken. It asks for the
+        # right inputs only when they were, and the simple reader took nothing it did not give;
+        # otherwise the question is templated, with no second call.
+        why = ("a value it read was not used" if extraction.ignored or extraction.rejected or ambiguous else
+               "it was written before the simple reader found more" if not set(understood) <= extraction.question_assumes
+               else None)
+        if why is None:
+            question = extraction.question
+        else:
+            notes.append(f"The language model's question was not used: {why}.")
+    elif turn.llm is not None and not extraction.llm_failed and not turn.llm.asks_in_extraction:
         try:
             question = question_with_llm(turn.llm, workflow, missing, understood, changed, problems, turn.text,
                                          ambiguous)
@@ -6525,7 +6545,9 @@ def _config_from_arguments(arguments: argparse.Namespace) -> dict:
     llm = None
     if arguments.llm_base_url:
         llm = LLMSettings(arguments.llm_base_url, arguments.llm_model, arguments.llm_api_key,
-                          timeout_seconds=arguments.llm_timeout, single_call=arguments.llm_single_call)
+                          timeout_seconds=arguments.llm_timeout,
+                          single_call=True if arguments.llm_single_call else False if arguments.llm_question_call
+                          else None)
     return {"workflows": arguments.workflows, "store": arguments.store, "llm": llm, "api_keys": arguments.api_key,
             "expire_after_seconds": arguments.expire_days * 86400 if arguments.expire_days else None,
             "thinking": arguments.thinking, "conversation_header": arguments.conversation_header,
@@ -6555,9 +6577,14 @@ def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -
                         help="key for the internal LLM (better: the COZYOPENAI_LLM_API_KEY variable)")
     parser.add_argument("--llm-timeout", type=float, default=env("LLM_TIMEOUT", LLM_TIMEOUT_SECONDS),
                         help="seconds to wait for the internal LLM (default: %(default)s)")
-    parser.add_argument("--llm-single-call", action="store_true",
-                        default=env("LLM_SINGLE_CALL", "").lower() in ("1", "true", "yes", "on"),
-                        help="one LLM call per gathering turn: the extraction call also writes the question")
+    single_call = env("LLM_SINGLE_CALL", "").lower()
+    parser.add_argument("--llm-single-call", action="store_true", default=single_call in ("1", "true", "yes", "on"),
+                        help="the extraction call writes the question even where the LLM takes no structured "
+                             "output (by default it does where it does)")
+    parser.add_argument("--llm-question-call", action="store_true",
+                        default=single_call in ("0", "false", "no", "off") or
+                        env("LLM_QUESTION_CALL", "").lower() in ("1", "true", "yes", "on"),
+                        help="a call of its own writes the question: two LLM calls per gathering turn")
     parser.add_argument("--api-key", action="append", default=None,
                         help="require this Bearer key on /openai routes (repeat for several keys)")
     parser.add_argument("--thinking", choices=THINKING_STYLES, default=env("THINKING", "tags"),

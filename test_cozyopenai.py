@@ -75,6 +75,8 @@ class FakeLLM:
     the client goes away; endless_stream_ended is set when that handler has ended, at ended_at.
     hold: a call kind ("extraction") answered by no word until the client closes its connection
     (a slow model's long silence); held_call_closed is set when it did, at ended_at.
+    gate: an Event each chat completion waits on (10 s at most) before it is answered;
+    answered counts the calls answered so far.
     """
 
     def __init__(self):
@@ -97,6 +99,7 @@ class FakeLLM:
         self.node_tokens = ["Day 1: the Louvre. ", "Day 2: Montmartre. ", "Day 3: a day in Versailles."]
         self.http_routes = {}      # path -> (status, json body), for http node tests
         self.delay_seconds = 0     # before answering a chat completion (timeouts, races)
+        self.gate, self.answered = None, 0
         self.http_requests = []
         fake = self
 
@@ -115,6 +118,9 @@ class FakeLLM:
                 if fake.hold and call_kind(body) == fake.hold:
                     return self._hold()
                 time.sleep(fake.delay_seconds)
+                if fake.gate is not None:
+                    fake.gate.wait(10)
+                fake.answered += 1
                 if fake.fail_next:
                     status = fake.fail_next.pop(0)
                     return self._send(status, b'{"error": {"message": "injected"}}', "application/json")
@@ -2352,9 +2358,9 @@ def test_a_reply_that_answers_nothing_quotes_it_and_shows_the_line_form(start):
     assert "Understood destination: Lisbon." in chat.say("destination: Lisbon")
 
 
-def test_with_an_llm_the_question_is_phrased_by_it_from_what_is_missing(start, fake_llm):
+def test_with_a_question_call_the_question_is_phrased_by_it_from_what_is_missing(start, fake_llm):
     fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
-    reply = Chat(start(llm=fake_llm.settings())).say("Paris!")
+    reply = Chat(start(llm=fake_llm.settings(single_call=False))).say("Paris!")
     assert answer_of(reply) == fake_llm.question
     call = fake_llm.calls_of("question")[0]
     system = call["messages"][0]["content"]
@@ -2407,7 +2413,7 @@ def test_single_call_questions_are_checked_too(start, fake_llm):
 
 
 def test_the_question_prompt_asks_for_the_users_language_and_one_question(start, fake_llm):
-    Chat(start(llm=fake_llm.settings())).say("Je voudrais voyager.")
+    Chat(start(llm=fake_llm.settings(single_call=False))).say("Je voudrais voyager.")
     call = fake_llm.calls_of("question")[0]
     assert "Reply in the language of the user's last message" in call["messages"][0]["content"]
     assert "one short, natural question" in call["messages"][0]["content"]
@@ -2437,6 +2443,39 @@ def test_a_failed_question_call_falls_back_to_the_templated_question(start, fake
     fake_llm.question = ""
     reply = chat.say("Paris!")
     assert "What is your total budget for the trip?" in answer_of(reply)
+
+
+def test_where_the_upstream_takes_structured_output_a_gathering_turn_is_one_llm_call(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    chat = Chat(start(llm=fake_llm.settings()))
+    assert answer_of(chat.say("Paris!")) == fake_llm.question
+    assert [call_kind(call) for call in fake_llm.calls] == ["extraction"]
+    assert fake_llm.calls[0]["response_format"]["type"] == "json_schema"
+
+
+def test_the_extraction_calls_question_is_checked_and_templated_when_it_fails(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    fake_llm.question = "Paris! What is your budget? <start_of_turn>user"
+    reply = Chat(start(llm=fake_llm.settings())).say("Paris!")
+    assert "not used: it holds chat-template debris (<start_of_turn>)" in thinking_of(reply)
+    assert "What is your total budget for the trip?" in answer_of(reply) and len(fake_llm.calls) == 1
+
+
+def test_a_question_written_before_the_simple_reader_found_more_is_templated_with_no_second_call(start, fake_llm):
+    text = "Paris!\nbudget: 2000"   # the LLM gives the destination only; the budget line is read anyway
+    fake_llm.extractions = {text: {"destination": "Paris"}}
+    fake_llm.question = "Paris! What is your budget, and when would you like to go?"   # asks the budget again
+    reply = Chat(start(llm=fake_llm.settings())).say(text)
+    assert "not used: it was written before the simple reader found more" in thinking_of(reply)
+    assert answer_of(reply) == "Got it: budget 2000 and destination Paris. When would you like to travel, and for how long?"
+    assert len(fake_llm.calls) == 1
+
+
+def test_with_a_question_call_asked_for_a_gathering_turn_makes_two_calls(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    answer_of(Chat(start(llm=fake_llm.settings(single_call=False))).say("Paris!"))
+    assert [call_kind(call) for call in fake_llm.calls] == ["extraction", "question"]
+    assert "question" not in fake_llm.calls[0]["response_format"]["json_schema"]["schema"]["required"]
 
 
 ####################################################################################
@@ -2801,6 +2840,26 @@ def test_with_api_keys_every_openai_route_needs_one(start):
     client = OpenAI(api_key="key-two", base_url=server.url + "/openai")
     assert [model.id for model in client.models.list()][0] == "trip-planner"
     assert requests.get(server.url + "/health", timeout=5).status_code == 200
+
+
+def test_a_streamed_turn_shows_its_first_thinking_line_before_the_llm_has_answered(start, fake_llm):
+    fake_llm.gate = threading.Event()   # the fake answers nothing until the test has read that line
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    server = start(llm=fake_llm.settings())
+    try:
+        chunks = server.client.chat.completions.create(model="trip-planner", stream=True,
+                                                       messages=[{"role": "user", "content": "Paris!"}])
+        shown = ""
+        for chunk in chunks:
+            shown += chunk.choices[0].delta.content or "" if chunk.choices else ""
+            if "Reading your message" in shown:
+                break
+        assert fake_llm.answered == 0 and "Reading your message for the destination" in shown
+        fake_llm.gate.set()
+        rest = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+        assert "Understood destination: Paris." in rest and fake_llm.answered == 1
+    finally:
+        fake_llm.gate.set()
 
 
 def test_a_single_api_key_given_as_a_string_is_one_key(start):
@@ -3426,7 +3485,7 @@ def test_the_mcp_inspector_cli_lists_and_calls_a_tool(start, tmp_path):
 ####################################################################################
 
 def test_metrics_count_turns_runs_failures_and_llm_calls_in_the_prometheus_format(start, fake_llm):
-    server = start(llm=fake_llm.settings())
+    server = start(llm=fake_llm.settings(single_call=False))
     Chat(server, "month-calendar").say("year: 2026\nmonth: 2")
     Chat(server, "month-calendar").say("year: 2026")
     response = requests.get(server.url + "/metrics", timeout=5)
@@ -3465,7 +3524,12 @@ def test_single_call_mode_comes_from_the_flag_or_the_environment():
     assert config["llm"].single_call is True
     arguments = cozyopenai.parse_arguments(["--llm-base-url", "http://x/v1", "--llm-single-call"], {})
     assert cozyopenai._config_from_arguments(arguments)["llm"].single_call is True
-    assert cozyopenai.config_from_environment({"COZYOPENAI_LLM_BASE_URL": "http://x/v1"})["llm"].single_call is False
+    arguments = cozyopenai.parse_arguments(["--llm-base-url", "http://x/v1", "--llm-question-call"], {})
+    assert cozyopenai._config_from_arguments(arguments)["llm"].single_call is False
+    assert cozyopenai.config_from_environment({"COZYOPENAI_LLM_BASE_URL": "http://x/v1",
+                                               "COZYOPENAI_LLM_SINGLE_CALL": "false"})["llm"].single_call is False
+    # Unset: one call while the upstream takes structured output (LLMClient.asks_in_extraction).
+    assert cozyopenai.config_from_environment({"COZYOPENAI_LLM_BASE_URL": "http://x/v1"})["llm"].single_call is None
 
 
 def command_line_options(monkeypatch):
