@@ -42,7 +42,7 @@ import cozyopenai  # noqa: E402  (after the path is set, so the checkout's modul
 CLIENTS = 16                      # concurrent clients for the throughput figures
 STREAMS = 200                     # simultaneous open streams for the concurrency figure
 STORED_CONVERSATIONS = 100_000    # for the storage scaling figure
-SECTIONS = ("overhead", "ttfb", "concurrency", "parallel", "storage", "llm", "reading", "startup")
+SECTIONS = ("overhead", "ttfb", "concurrency", "parallel", "storage", "llm", "latency", "calls", "reading", "startup")
 EXTRA_SECTIONS = ("soak",)        # long: only with --only soak
 SOAK_SECONDS = 600.0
 SOAK_MOST_OPEN = 64               # connections the soak's client keeps open at most
@@ -836,6 +836,186 @@ def bench_llm_cost(single_call):
 
 
 ####################################################################################
+# Waiting for the LLM: a fake of fixed latency, and the turn's own Python calls
+####################################################################################
+
+FIRST_TOKEN_SECONDS = 0.300      # the fixed-latency fake: to its first token,
+TOKEN_SECONDS = 0.020            # then per token after it (a token is CHARS_PER_TOKEN characters)
+LATENCY_QUESTION = "Paris, lovely! What is your budget, and when would you like to go?"
+LATENCY_PLAN = "Day 1: the Louvre and a walk along the Seine. Day 2: Montmartre. Day 3: Versailles."
+
+
+class FixedLatencyLLM:
+    """An OpenAI-compatible server whose answers take a fixed time: FIRST_TOKEN_SECONDS to
+    the first token and TOKEN_SECONDS for each one after it, streamed or whole. Extraction
+    calls are answered from ``says`` (the document's dialogue), with the question when the
+    call asks for one; any other call with LATENCY_PLAN. Each request body is kept in
+    ``calls``, to be sent again as a bare call."""
+
+    def __init__(self, says):
+        self.calls, self.says = [], dict(says)
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.calls.append(body)
+                pieces = owner.pieces(body)
+                if not body.get("stream"):
+                    time.sleep(FIRST_TOKEN_SECONDS + TOKEN_SECONDS * (len(pieces) - 1))
+                    reply = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                        "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                            "role": "assistant", "content": "".join(pieces)}}]}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                time.sleep(FIRST_TOKEN_SECONDS)
+                for index, piece in enumerate(pieces):
+                    if index:
+                        time.sleep(TOKEN_SECONDS)
+                    self.wfile.write(b"data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0,
+                                     "model": "m", "choices": [{"index": 0, "delta": {"content": piece},
+                                                                "finish_reason": None}]}).encode() + b"\n\n")
+                    self.wfile.flush()
+                self.wfile.write(b'data: {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m", '
+                                 b'"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+                                 b"data: [DONE]\n\n")
+                self.close_connection = True
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def pieces(self, body):
+        if StandInLLM.kind(body) != "extraction":
+            text = LATENCY_PLAN
+        else:
+            answer = {"values": self.says.get(body["messages"][-1]["content"], {}), "intent": "provide"}
+            if '"question"' in body["messages"][0]["content"]:
+                answer["question"] = LATENCY_QUESTION if len(answer["values"]) < 2 else None
+            text = json.dumps(answer)
+        size = cozyopenai.CHARS_PER_TOKEN
+        return [text[i:i + size] for i in range(0, len(text), size)]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def streamed_turn(port, body):
+    """(seconds to the first visible content, seconds to the end, the reply's text) of a streamed turn."""
+    started, first, texts = time.perf_counter(), [], []
+
+    def on_line(line, now):
+        if line.startswith(b"data: {"):
+            choices = json.loads(line[6:])["choices"]
+            content = choices[0]["delta"].get("content") if choices else None
+            if content:
+                first.append(first[0] if first else time.perf_counter() - started)
+                texts.append(content)
+    status, _, _ = http_request(port, "POST", "/openai/chat/completions", body, on_line=on_line)
+    assert status == 200, status
+    return first[0], time.perf_counter() - started, "".join(texts)
+
+
+def bare_call_seconds(port, body):
+    """One call made again straight to the upstream, the same body, read to its end."""
+    started = time.perf_counter()
+    status, _, _ = http_request(port, "POST", "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 200, status
+    return time.perf_counter() - started
+
+
+def bench_latency(runs):
+    """(a) the first visible byte of a streamed gathering turn; (b) that turn's wall time over
+    one bare call to the same fake for the same output (its extraction call sent again);
+    (c) a run turn's wall time over its bare extraction call plus the llm node's own call."""
+    print(f"Waiting for the LLM: a fake of fixed latency ({FIRST_TOKEN_SECONDS * 1000:.0f} ms to the first token, "
+          f"{TOKEN_SECONDS * 1000:.0f} ms per token after it), the document's dialogue, streamed")
+    fake = FixedLatencyLLM(dict(DOCUMENT_DIALOGUE))
+    app = cozyopenai.make_app(os.path.join(TOP, "workflows.json"), store="memory",
+                              llm=cozyopenai.LLMSettings(fake.url, "m", "unused"))
+    server = cozyopenai.create_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    firsts, gathering, running, calls = [], [], [], []
+    try:
+        for _ in range(runs):
+            (first_text, _), (second_text, _) = DOCUMENT_DIALOGUE
+            before = len(fake.calls)
+            first, whole, reply = streamed_turn(server.server_port, chat_body("trip-planner", first_text, stream=True))
+            turn_calls = fake.calls[before:]
+            gathering.append(whole / bare_call_seconds(fake.port, turn_calls[0]))
+            firsts.append(first)
+            history = [{"role": "user", "content": first_text}, {"role": "assistant", "content": reply}]
+            before = len(fake.calls)
+            _, whole, _ = streamed_turn(server.server_port, chat_body("trip-planner", second_text, stream=True,
+                                                                      history=history))
+            run_calls = fake.calls[before:]
+            running.append(whole / sum(bare_call_seconds(fake.port, call) for call in run_calls))
+            calls.append(f"{len(turn_calls)} + {len(run_calls)}")
+    finally:
+        server.shutdown()
+        server.server_close()
+        fake.close()
+    first, gather, run = statistics.median(firsts), statistics.median(gathering), statistics.median(running)
+    report("(a) first visible byte of a gathering turn", f"{first * 1000:.1f} ms", "<= 50 ms", first <= 0.05)
+    report("(b) gathering turn vs one bare call, same output", f"{gather:.3f}x ({calls[0].split()[0]} call)",
+           "<= 1.2x", gather <= 1.2)
+    report("(c) run turn vs its bare extraction call + llm node call", f"{run:.3f}x", "<= 1.1x", run <= 1.1)
+
+
+PROFILED_TURNS = 200
+
+
+def python_calls_per_turn(service, model, text, turns=PROFILED_TURNS):
+    """Python function calls per turn, counted by cProfile, and µs per turn without it: a new
+    conversation each time, opened, played and saved in-process (no HTTP)."""
+    import cProfile
+    import pstats
+
+    def one_turn():
+        with service.open_turn(cozyopenai.TurnRequest(model, [{"role": "user", "content": text}])) as turn:
+            for _ in turn.pieces():
+                pass
+    for _ in range(20):
+        one_turn()
+    started = time.perf_counter()
+    for _ in range(turns):
+        one_turn()
+    seconds = (time.perf_counter() - started) / turns
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(turns):
+        one_turn()
+    profile.disable()
+    return pstats.Stats(profile).total_calls / turns, seconds * 1e6
+
+
+def bench_calls():
+    print("Python calls per turn (cProfile), in-process, no LLM, memory store")
+    trip = cozyopenai.make_app(os.path.join(TOP, "workflows.json"), store="memory").config["cozyopenai.service"]
+    echo = cozyopenai.make_app(BENCH_WORKFLOWS, store="memory", node_types=BENCH_NODE_TYPES).config["cozyopenai.service"]
+    for label, service, model, text in (("gathering turn, the document's first message", trip, "trip-planner",
+                                         DOCUMENT_DIALOGUE[0][0]),
+                                        ("whole echo turn, the overhead figure's", echo, "echo", ECHO_MESSAGE)):
+        calls, micros = python_calls_per_turn(service, model, text)
+        report(f"{label}", f"{calls:.0f} calls ({micros:.0f} µs)", "measured", True)
+
+
+####################################################################################
 # Start-up
 ####################################################################################
 
@@ -1002,6 +1182,10 @@ def main(argv=None):
         print("LLM cost per gathering turn, the document's trip-planner dialogue (tokens: characters / 4)")
         bench_llm_cost(single_call=False)
         bench_llm_cost(single_call=True)
+    if "latency" in chosen:
+        bench_latency(arguments.runs)
+    if "calls" in chosen:
+        bench_calls()
     if "reading" in chosen:
         bench_extraction(arguments.real_llm, arguments.real_model,
                          [name.strip() for name in arguments.real_sets.split(",") if name.strip()])
