@@ -2750,7 +2750,7 @@ ITALIAN = Language(
     yes="si vero",
     no="no falso",
     sentence_starts="io vorrei mi meglio",
-    copulas="sono", label_links="di", thousands="mila mille",
+    copulas="e sono", label_links="di", thousands="mila mille",
     currency_words="dollari sterlina sterline",
     rate_words="a al per",
     rate_units="persona persone",
@@ -2800,7 +2800,7 @@ PORTUGUESE = Language(
     yes="sim verdadeiro",
     no="nao falso",
     sentence_starts="eu quero queremos meu minha prefiro",
-    copulas="sao", label_links="de", thousands="mil",
+    copulas="e sao", label_links="de", thousands="mil",
     currency_words="real reais libra libras",
     rate_words="por a o",
     rate_units="pessoa pessoas",
@@ -2830,6 +2830,14 @@ ABBREVIATION_PATTERN = r"\b[A-Z][a-z]{0,2}\.(?=\s)"
 INVISIBLE_PATTERN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff"
                                "\ufffd\ud800-\udfff]")   # and the replacement mark a lone surrogate became
 CODE_FENCE_PATTERN = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?(?:^[ \t]*\1[ \t]*$|\Z)", re.M | re.S)
+# A passage in quotation marks, inside a line: what someone else wrote or we replied, pasted
+# as context ("here is what you told my husband: '...'"). A straight quote opens only after a
+# space or a colon and closes only before one, so an apostrophe ("l'hotel") is never taken.
+QUOTED_PASSAGE_PATTERN = re.compile(
+    r"\u201c[^\u201c\u201d\n]*\u201d|\u201e[^\u201c\u201d\u201e\n]*[\u201c\u201d]|\u00ab[^\u00ab\u00bb\n]*\u00bb"
+    r"|\u2018[^\u2018\u2019\n]*\u2019(?![^\W\d_])"
+    r"|(?:(?<=^)|(?<=[\s:(]))\"[^\"\n]*\"|(?:(?<=^)|(?<=[\s:(]))'[^'\n]*'(?=[\s.,;:!?)]|$)", re.M)
+QUOTED_PASSAGE_MIN_WORDS = 4   # fewer is a value quoted for emphasis: a trip to "Paris"
 
 # The commonest words of each language, folded, to tell which language a text is in (a question
 # the LLM writes must be in the language of the user's message). Same shape for each language:
@@ -2861,6 +2869,18 @@ def _fold(text: str) -> str:
         return text
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(char for char in decomposed if not unicodedata.combining(char))
+
+
+def _accented(letter: str) -> str:
+    """The letters that fold to this one, as a regular expression class: "e" is [eèéêë...]."""
+    found = [char for char in map(chr, range(0xC0, 0x250)) if _fold(char) == letter]
+    return "[" + re.escape(letter) + "".join(found) + "]" if found else re.escape(letter)
+
+
+def folded_pattern(words: Iterable[str]) -> str:
+    """A regular expression for folded words as a user may write them, accents and all: a
+    table's "e" (Italian "is") matches the "è" of the message."""
+    return "|".join("".join(map(_accented, word)) for word in sorted(words, key=len, reverse=True))
 
 
 def _words(text: str) -> List[str]:
@@ -2944,6 +2964,7 @@ CONFIRMATIONS, NON_ANSWERS, CANCELS = words_of("confirmations"), words_of("non_a
 SENTENCE_STARTS, PHRASE_STARTS = words_of("sentence_starts") | words_of("greetings"), words_of("phrase_starts")
 COPULAS, LABEL_LINKS, COMMON_WORDS = words_of("copulas"), words_of("label_links"), words_of("common_words")
 THOUSANDS = words_of("thousands")
+COPULA_PATTERN = folded_pattern(COPULAS)   # matched in the text as written: "destinazione è Roma"
 _THOUSAND = r"(?:[kK]|" + "|".join(sorted(THOUSANDS, key=len, reverse=True)) + r")\b"
 NUMBER_PATTERN = re.compile(r"(?<![\w.,])[-+]?(\d{1,3}(?:[,.'’\u00a0\u202f]\d{3})+(?:[.,]\d+)?|\d+(?:[.,]\d+)?)"
                             r"(\s*" + _THOUSAND + r"|\s*[mM]\b(?!\w))?", re.I)
@@ -3150,12 +3171,22 @@ def _topic_words(query: QueryInput) -> set:
 PASTED_LINE_MIN_CHARS = 16   # a line this long found in one of our replies was pasted from it
 
 
+def _without_a_long_passage(quoted: "re.Match") -> str:
+    passage = quoted.group(0)
+    if len(passage[1:-1].split()) < QUOTED_PASSAGE_MIN_WORDS:
+        return passage[1:-1]   # a value quoted: its marks must not stand between a place word and it
+    inside = passage[1:-1].rstrip()
+    return passage[0] + passage[-1] + (inside[-1] if inside[-1:] in ".!?" else "")   # a sentence it ended still ends
+
+
 def user_words(text: str, history: Sequence[dict] = ()) -> str:
     """The user's own words in a message, cleaned for reading. Invisible marks go (a NUL, a
     bidirectional mark or a lone surrogate inside or before a name would hide it), and so does
     what is only context, which must never give values over the user's own words: fenced
-    code blocks, quoted lines ("> ...") and lines pasted from one of our earlier replies."""
+    code blocks, quoted lines ("> ..."), passages of several words in quotation marks and lines
+    pasted from one of our earlier replies."""
     text = CODE_FENCE_PATTERN.sub("\n", INVISIBLE_PATTERN.sub("", text))
+    text = QUOTED_PASSAGE_PATTERN.sub(_without_a_long_passage, text)
     ours = [" ".join(_fold(message["content"]).split()) for message in history if message.get("role") == "assistant"]
     kept = []
     for line in text.split("\n"):
@@ -3436,7 +3467,7 @@ def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alon
             spans[-1] = dataclasses.replace(spans[-1], negated=True)
         replaces = bool(spans) and spans[-1].negated and (corrects or _follows_closely(tokens, spans[-1].end, index))
         chosen = end < len(tokens) and tokens[end].folded in PREFERENCES   # "let's do Florence instead"
-        if negated or replaces or chosen or _led_by(tokens, index, leads) or (alone and _stands_alone(tokens, index, end)):
+        if negated or replaces or chosen or _led_by(tokens, index, leads, end) or (alone and _stands_alone(tokens, index, end)):
             retracted = _retracted(tokens, end)   # "to Rome, actually no, ..."
             spans.append(Span("name", index, end, value, (negated and not replaces) or retracted))
     return spans
@@ -3513,14 +3544,19 @@ def _retracted(tokens: Sequence[Token], end: int) -> bool:
     return False
 
 
-def _led_by(tokens: Sequence[Token], index: int, leads: frozenset) -> bool:
+def _led_by(tokens: Sequence[Token], index: int, leads: frozenset, end: int) -> bool:
     """Does a word of ``leads`` stand right before the name, or before its article, and not
-    after a word of being somewhere ("I'm in London", "Ich wohne in Hamburg")?"""
+    after a word of being somewhere ("I'm in London", "Ich wohne in Hamburg")? A wish leads
+    only to a name that ends its phrase ("I want Rome", "Volevo Verona."), not to a word that
+    describes the next one ("I'd like Italian food")."""
     before = index - 1
     if before >= 1 and tokens[before].folded in ARTICLES:
         before -= 1
     staying = before >= 1 and tokens[before - 1].folded in STAYS
-    return before >= 0 and tokens[before].folded in leads and not staying
+    if before < 0 or tokens[before].folded not in leads or staying:
+        return False
+    return tokens[before].folded not in WISHES - PLACE_LEADS or end == len(tokens) or (
+        tokens[end].shape != "word" or tokens[end].folded in PLACE_LEADS | LEADING_LINKS | AND_WORDS)
 
 
 def _corrects(tokens: Sequence[Token], after: int, index: int) -> bool:
@@ -3738,7 +3774,7 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
         if query.name in numbers:
             reading.add(query.name, 3, numbers[query.name])
         elif query.type in STRING_TYPES:
-            found = _labelled_phrase(query, text)
+            found = _labelled_phrase(query, text, _label_patterns(workflow, query)[1:])
             if found:
                 reading.add(query.name, 3, found)
 
@@ -3786,8 +3822,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
         if query.type in STRING_TYPES and kind in ("place", "text"):
             leads = frozenset(_fold(cue).split()[-1] for cue in query.cues)
             only_place = kind == "place" and len(places) == 1
-            if only_place:
-                leads |= PLACE_LEADS | PREFERENCES
+            if only_place:   # the workflow's one place: "a trip to Rome", "rather Rome", "I want Rome"
+                leads |= PLACE_LEADS | PREFERENCES | WISHES
             spans = [span for span in name_spans(tokens, leads, words_taken(workflow), alone=only_place and is_open)
                      if _sentence_of(tokens, span.start) not in past]
             if only_place and is_open and not spans:   # "rome, 1200 eur, 5 days in june"
@@ -4172,7 +4208,7 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str, tok
               if other.name != query.name and other.name not in conversation.values]
     if not _fits(query, text, tokens):   # a bare value of another kind: "2000" when asked where to go
         instead = [other for other in others if not other.optional and _fits(other, text, tokens)]
-        if len(instead) == 1 and input_kind(instead[0]) not in ("place", "text"):
+        if len(instead) == 1 and input_kind(instead[0]) not in ("place", "text") and _is_bare(tokens, text):
             return {instead[0].name: _reply_value(instead[0], text)}
     if text.rstrip().endswith("?") or any(set(_words(text)) & _topic_words(other) - _topic_words(query)
                                           for other in others if other.type != "boolean"):
@@ -4191,6 +4227,13 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str, tok
                 or not _could_be(query, tokens, words)):
             return {}
     return {query.name: _reply_value(query, text)}
+
+
+def _is_bare(tokens: Sequence[Token], text: str) -> bool:
+    """Is a reply one value alone, not a sentence with several ("4 days in March is fine, but
+    the budget is 600")? Its spans are read instead."""
+    return (len(text.split()) <= MAX_DIRECT_REPLY_WORDS
+            and not any(_is_break(tokens, k) or tokens[k].folded in CONTRASTS for k in range(len(tokens) - 1)))
 
 
 def _fits(query: QueryInput, text: str, tokens: Sequence[Token]) -> bool:
@@ -4245,14 +4288,23 @@ def _input_named(workflow: Workflow, key: str) -> Optional[str]:
     return named[0] if len(named) == 1 else None
 
 
-def _labelled_phrase(query: QueryInput, text: str) -> Optional[str]:
+def _labelled_phrase(query: QueryInput, text: str, kind_labels: Sequence[str] = ()) -> Optional[str]:
     """A short phrase right after a text input's label, up to punctuation: "destination
     Paris, budget 2000" gives Paris. Not a phrase that opens like a sentence ("destination
-    with beaches")."""
-    label = r"[\s_-]+".join(map(re.escape, _words(query.label)))
+    with beaches"). A word of the input's kind in another language labels it too, but only
+    with a copula or a colon before a capitalised name ("Ziel ist Bangkok"): alone, such a
+    word is too common ("the city was lovely")."""
+    found = _phrase_after(r"[\s_-]+".join(map(re.escape, _words(query.label))), text)
+    if found or not kind_labels:
+        return found and found[1]
+    found = _phrase_after(folded_pattern(kind_labels), text)
+    return found[1] if found and found[0] and found[1][0].isupper() else None
+
+
+def _phrase_after(label: str, text: str) -> Optional[Tuple[str, str]]:
+    """The link ("is", ":") and the phrase after a label's first place in the text."""
     # The phrase ends at punctuation, but not at the dot of an abbreviation ("St. Louis").
-    copula = "|".join(map(re.escape, sorted(COPULAS)))
-    match = re.search(r"(?i:\b" + label + r"\b)\s*((?i:" + copula + r")\b|:|=)?\s*((?:" + ABBREVIATION_PATTERN
+    match = re.search(r"(?i:\b(?:" + label + r")\b)\s*((?i:" + COPULA_PATTERN + r")\b|:|=)?\s*((?:" + ABBREVIATION_PATTERN
                       + r"|[^\n,;.!?()])+)", text)
     if not match:
         return None
@@ -4262,7 +4314,7 @@ def _labelled_phrase(query: QueryInput, text: str) -> Optional[str]:
         return None
     if not match.group(1) and not phrase[0].isupper():   # "destination Paris", not "destination really"
         return None
-    return phrase
+    return match.group(1) or "", phrase
 
 
 def _reply_value(query: QueryInput, text: str) -> Any:

@@ -2252,6 +2252,8 @@ def test_the_floor_reads_each_rule_of_the_grammar(trip_planner, text, expected):
                                                                       "travel_dates": "10 au 17 avril"}),
     ("1800 dollars, September 5 to 12", ["budget"], {}, {"budget": 1800, "travel_dates": "September 5 to 12"}),
     ("Neapel. Entschieden.", ["destination"], {}, {"destination": "Neapel"}),
+    ("4 giorni a marzo va bene, ma il budget è 600", ["destination"], {}, {"travel_dates": "4 giorni a marzo",
+                                                                           "budget": 600}),
 ])
 def test_a_direct_answer_is_of_the_asked_type_or_goes_to_the_one_input_it_fits(trip_planner, text, asked, known,
                                                                               expected):
@@ -2286,6 +2288,38 @@ def test_pasted_replies_quotes_and_code_blocks_are_context_never_values(trip_pla
     assert read(trip_planner, "> destination: Paris\nTrip to Oslo") == {"destination": "Oslo"}
     assert read(trip_planner, "```\nbudget: 3\n```\nTrip to Rome, a week in mid-October") == {
         "destination": "Rome", "travel_dates": "a week in mid-October"}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('My husband got this from you: "Plan a trip to Barcelona for two weeks in August, with a total budget of 4000." '
+     "I want Edinburgh", {"destination": "Edinburgh"}),
+    ("Mon collègue m'a transféré ta réponse : « Voici votre voyage à Berlin, 5 jours en juin, budget 1200 € ». "
+     "Moi c'est pour Vienne", {"destination": "Vienne"}),
+    ("Mi amiga me pasó esto: 'Plan para Roma, 4 días, 800 euros'. Yo quiero ir a Lisboa", {"destination": "Lisboa"}),
+    ("Er schrieb „Plan a trip to Prag for 3 days, budget 500“ und ich will nach Krakau", {"destination": "Krakau"}),
+    ('A trip to "Lisbon" in May', {"destination": "Lisbon", "travel_dates": "May"}),
+    ("I'm off to 'Rome' in May, it's our anniversary", {"destination": "Rome", "travel_dates": "May"}),
+])
+def test_a_passage_of_several_words_in_quotation_marks_is_context_and_a_quoted_value_is_read(trip_planner, text,
+                                                                                             expected):
+    assert read(trip_planner, text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("il budget è 600", {"budget": 600}), ("o orçamento é 2000", {"budget": 2000}),
+    ("destinazione è Roma", {"destination": "Roma"}), ("Umstieg in Istanbul, Ziel ist Bangkok.", {"destination": "Bangkok"}),
+    ("the city was lovely", {}),
+    ("Volevo Verona", {"destination": "Verona"}), ("I want Rome in May", {"destination": "Rome", "travel_dates": "May"}),
+    ("I would like Italian food", {}),
+])
+def test_a_label_in_any_language_or_a_wish_leads_to_the_value_after_it(trip_planner, text,
+                                                                                            expected):
+    assert read(trip_planner, text) == expected
+
+
+def test_folded_pattern_matches_a_folded_word_as_written_with_accents():
+    pattern = re.compile(r"\b(?:" + cozyopenai.folded_pattern(["e", "sao"]) + r")\b")
+    assert pattern.search("il budget è 600") and pattern.search("eles são") and not pattern.search("bien sûr")
 
 
 def test_a_text_value_is_one_line_with_no_markdown_fence(trip_planner):
