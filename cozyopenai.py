@@ -101,7 +101,7 @@ import unicodedata
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from types import MappingProxyType
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, NoReturn, Optional,
                     Sequence, Tuple, Union)
@@ -2871,6 +2871,7 @@ def _fold(text: str) -> str:
     return "".join(char for char in decomposed if not unicodedata.combining(char))
 
 
+@lru_cache(maxsize=None)   # a few dozen letters; scanning the accented ones costs 400 folds each
 def _accented(letter: str) -> str:
     """The letters that fold to this one, as a regular expression class: "e" is [eèéêë...]."""
     found = [char for char in map(chr, range(0xC0, 0x250)) if _fold(char) == letter]
@@ -2880,7 +2881,14 @@ def _accented(letter: str) -> str:
 def folded_pattern(words: Iterable[str]) -> str:
     """A regular expression for folded words as a user may write them, accents and all: a
     table's "e" (Italian "is") matches the "è" of the message."""
-    return "|".join("".join(map(_accented, word)) for word in sorted(words, key=len, reverse=True))
+    return _folded_pattern(frozenset(words))
+
+
+@lru_cache(maxsize=1024)   # the same few label sets, turn after turn
+def _folded_pattern(words: frozenset) -> str:
+    # Longest first, so a word is not matched by its own beginning; words of one length cannot
+    # both match at one place, so their order does not matter.
+    return "|".join("".join(map(_accented, word)) for word in sorted(words, key=lambda word: (-len(word), word)))
 
 
 def _words(text: str) -> List[str]:
