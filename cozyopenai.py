@@ -3256,6 +3256,11 @@ class Tokens(list):
         return frozenset(found)
 
     @cached_property
+    def has_season_noun(self) -> bool:
+        """Whether any word is a season noun (else no word can be one before it: _names_a_season)."""
+        return not SEASON_NOUNS.isdisjoint([token.folded for token in self])
+
+    @cached_property
     def periods(self) -> List[Span]:
         """The message's periods (see period_spans), found once."""
         return period_spans(self, cached=False)
@@ -3279,8 +3284,8 @@ class Tokens(list):
 
 
 def tokenize(text: str) -> Tokens:
-    tokens = Tokens(Token(match.group(0), _fold(match.group(0)).replace("'", "").replace("’", ""), match.start(),
-                          match.end(), match.lastgroup) for match in TOKEN_PATTERN.finditer(text))
+    tokens = Tokens([Token(match.group(0), _fold(match.group(0)).replace("'", "").replace("’", ""), match.start(),
+                           match.end(), match.lastgroup) for match in TOKEN_PATTERN.finditer(text)])
     tokens.text = text
     return tokens
 
@@ -3376,8 +3381,8 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
         return "glue" if after_month and 1900 <= number <= 2100 else None
     if token.shape == "mark":
         return "glue" if token.text in "'’" or not _is_break(tokens, index) else None
-    parts = token.folded.split("-")
-    if token.folded in TIME_NAMES or (any(part in TIME_NAMES for part in parts)
+    parts = token.folded.split("-") if "-" in token.folded else None   # a word alone: only TIME_NAMES can name it
+    if token.folded in TIME_NAMES or (parts is not None and any(part in TIME_NAMES for part in parts)
                                       and all(part in TIME_NAME_PARTS for part in parts)):
         if token.folded in UNCERTAIN_TIMES and not _certainly_time(tokens, index):
             return None
@@ -3394,7 +3399,7 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
         return "anchor" if counted or qualified else "glue"   # "la semaine du 14 avril", "the week after Easter"
     if token.folded in TIME_GLUE:
         return "glue"
-    if token.shape == "word" and _names_a_season(tokens, index):
+    if token.shape == "word" and getattr(tokens, "has_season_noun", True) and _names_a_season(tokens, index):
         return "glue"
     return None
 
@@ -3656,17 +3661,36 @@ def _span_text(tokens: Sequence[Token], start: int, end: int, text: Optional[str
 
 def find_words(tokens: Sequence[Token], value: Any) -> List[int]:
     """Where the words of ``value`` stand in a row in the message (token indexes)."""
-    text = str(value)
-    wanted = ([token.folded for token in tokenize(text) if token.shape != "mark"] if "-" in text
-              else [_fold(word) for word in re.findall(r"[^\W_]+", text)])   # "mid-October" is one word
+    wanted = _wanted_words(str(value))
     if not wanted:
         return []
     tokens = tokens if isinstance(tokens, Tokens) else Tokens(tokens)
-    words, where = tokens.words, tokens.where
-    starts = set(where.get(wanted[0], [])) | set(where.get("~" + wanted[0][:5], []) if len(wanted[0]) >= 5 else [])
+    where = tokens.where
+    first = where.get(wanted[0])
+    near = where.get("~" + wanted[0][:5]) if len(wanted[0]) >= 5 else None
+    if not first and not near:   # the common case: a table's word the message does not hold
+        return []
+    words = tokens.words
+    starts = set(first or ()) | set(near or ())
     return [words[position][0] for position in sorted(starts) if position + len(wanted) <= len(words) and all(
         _same_word(words[position + k][1].folded, wanted[k]) or words[position + k][1].folded.startswith(wanted[k] + "-")
         for k in range(len(wanted)))]
+
+
+@lru_cache(maxsize=4096)   # the same table words and values, message after message
+def _wanted_words(text: str) -> Tuple[str, ...]:
+    """The folded words find_words looks for, in order ("mid-October" is one word)."""
+    return tuple([token.folded for token in tokenize(text) if token.shape != "mark"] if "-" in text
+                 else [_fold(word) for word in re.findall(r"[^\W_]+", text)])
+
+
+def _index_keys(phrase: Any) -> Optional[Tuple[str, str]]:
+    """The keys of Tokens.where under which find_words looks for the phrase's first word, or
+    None when it has no words: a table looked through for every message checks these first."""
+    wanted = _wanted_words(str(phrase))
+    if not wanted:
+        return None
+    return wanted[0], ("~" + wanted[0][:5] if len(wanted[0]) >= 5 else wanted[0])
 
 
 def alternatives_to(tokens: Sequence[Token], index: int, size: int) -> List[str]:
@@ -3769,9 +3793,8 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
     Paris". For a number, the number right after its label: "budget: 1500, and we might
     spend 2000 on flights" is 1500."""
     folded = _fold(text)   # numbers are ASCII: found in the folded text, they read the same
-    numbers = {query.name: match.group(1) for query in workflow.query_inputs.values() if query.type in NUMERIC_TYPES
-               for match in [re.search(r"\b(?:" + "|".join(_label_patterns(workflow, query)) + r")"
-                                       + LABELLED_NUMBER, folded, re.I)] if match}
+    numbers = {name: match.group(1) for name, pattern in _labelled_number_patterns(workflow).items()
+               for match in [pattern.search(folded)] if match}
     for key, value in LINE_VALUE_PATTERN.findall(text):
         name = _input_named(workflow, key)
         if name:
@@ -3787,9 +3810,27 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
                 reading.add(query.name, 3, found)
 
 
+def _labelled_number_patterns(workflow: Workflow) -> Dict[str, "re.Pattern[str]"]:
+    """Per number input, a label and the number right after it, compiled once per workflow."""
+    found = workflow.derived.get("labelled_numbers")
+    if found is None:
+        found = workflow.derived["labelled_numbers"] = {
+            query.name: re.compile(r"\b(?:" + "|".join(_label_patterns(workflow, query)) + r")" + LABELLED_NUMBER, re.I)
+            for query in workflow.query_inputs.values() if query.type in NUMERIC_TYPES}
+    return found
+
+
 def _label_patterns(workflow: Workflow, query: QueryInput) -> List[str]:
     """How a label of this input is written: its own words, or a word of its kind in any
-    language when no other input has that kind ("orcamento: 2500" is the budget)."""
+    language when no other input has that kind ("orcamento: 2500" is the budget). Worked out
+    once per input."""
+    known = workflow.derived.setdefault("label_patterns", {})
+    if query.name not in known:
+        known[query.name] = _label_patterns_of(workflow, query)
+    return known[query.name]
+
+
+def _label_patterns_of(workflow: Workflow, query: QueryInput) -> List[str]:
     patterns = [r"[\s_-]+".join(map(re.escape, _words(query.label)))]
     kind = input_kind(query)
     if kind in KINDS and sum(input_kind(other) == kind for other in workflow.query_inputs.values()) == 1:
@@ -3828,7 +3869,9 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     for query in workflow.query_inputs.values():
         kind, is_open = input_kind(query), query.name not in conversation.values or changing
         if query.type in STRING_TYPES and kind in ("place", "text"):
-            leads = frozenset(_fold(cue).split()[-1] for cue in query.cues)
+            leads = query.derived.get("leads")
+            if leads is None:   # the last word of each cue, once per input
+                leads = query.derived["leads"] = frozenset(_fold(cue).split()[-1] for cue in query.cues)
             only_place = kind == "place" and len(places) == 1
             if only_place:   # the workflow's one place: "a trip to Rome", "rather Rome", "I want Rome"
                 leads |= PLACE_LEADS | PREFERENCES | WISHES
@@ -4015,10 +4058,9 @@ def _read_choice(workflow: Workflow, tokens: Sequence[Token], query: QueryInput,
     choice of another input. With ``changing`` (a choice made before), a synonym changes it
     only when the message asks for a change ("make it busy"), names the input ("a busy
     pace") or is the whole message: "the full plan" is no change of pace."""
-    others = {_fold(word) for other in workflow.query_inputs.values() if other is not query
-              for word in list(other.choices) + [synonym for synonym, _ in other.synonyms]}
-    for phrase, choice in [(choice, choice) for choice in query.choices] + list(query.synonyms):
-        if _fold(phrase) in others:
+    where = (tokens if isinstance(tokens, Tokens) else Tokens(tokens)).where
+    for phrase, choice, keys in _choice_phrases(workflow, query):
+        if not (keys[0] in where or keys[1] in where):   # not in the message: find_words would find nothing
             continue
         for index in find_words(tokens, phrase):
             if changing and phrase not in query.choices and not _choice_change_asked(tokens, query, index, phrase):
@@ -4027,6 +4069,19 @@ def _read_choice(workflow: Workflow, tokens: Sequence[Token], query: QueryInput,
                 reading.ruled_out.setdefault(query.name, []).append(choice)
             else:
                 reading.add(query.name, 1, choice)
+
+
+def _choice_phrases(workflow: Workflow, query: QueryInput) -> List[Tuple[str, Any, Tuple[str, str]]]:
+    """(phrase, choice, its _index_keys) for the input's choices and synonyms, without those
+    that are also a choice of another input or hold no word; worked out once per workflow."""
+    known = workflow.derived.setdefault("choice_phrases", {})
+    if query.name not in known:
+        others = {_fold(word) for other in workflow.query_inputs.values() if other is not query
+                  for word in list(other.choices) + [synonym for synonym, _ in other.synonyms]}
+        known[query.name] = [(phrase, choice, keys) for phrase, choice in
+                             [(choice, choice) for choice in query.choices] + list(query.synonyms)
+                             if _fold(phrase) not in others for keys in [_index_keys(phrase)] if keys]
+    return known[query.name]
 
 
 def _choice_change_asked(tokens: Sequence[Token], query: QueryInput, index: int, phrase: str) -> bool:
@@ -4061,9 +4116,16 @@ def _read_polarity(tokens: Sequence[Token], query: QueryInput, reading: Reading)
     """A yes/no input from the words that name it: "with the kids" is yes, "no children",
     "sans enfants" and "ohne Kinder" are no; a question ("children allowed?") is neither."""
     seen = set()
-    phrases = [(word, True) for word in _topic_words(query)] + [(s, v) for s, v in query.synonyms]
-    for phrase, meaning in phrases:
-        size = len(re.findall(r"[^\W_]+", str(phrase)))
+    phrases = query.derived.get("polarity_phrases")
+    if phrases is None:   # worked out once per input
+        phrases = query.derived["polarity_phrases"] = [
+            (phrase, meaning, len(re.findall(r"[^\W_]+", str(phrase))), keys)
+            for phrase, meaning in [(word, True) for word in _topic_words(query)] + list(query.synonyms)
+            for keys in [_index_keys(phrase)] if keys]
+    where = (tokens if isinstance(tokens, Tokens) else Tokens(tokens)).where
+    for phrase, meaning, size, keys in phrases:
+        if not (keys[0] in where or keys[1] in where):   # not in the message: find_words would find nothing
+            continue
         for index in find_words(tokens, phrase):
             answer = _yes_or_no_after(tokens, index + size)   # "kids: no", "Kinder - nein"
             if answer is not None:
