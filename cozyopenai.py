@@ -3777,7 +3777,10 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
         return extraction, reading
     _read_labels(workflow, text, reading)
     labelled = bool(reading.candidates)
-    _read_spans(workflow, conversation, text, reading)
+    if _spans_change_nothing(workflow, text, reading):   # "word: hello\ncount: 3"
+        _read_topics(workflow, conversation, reading)
+    else:
+        _read_spans(workflow, conversation, text, reading)
     if not labelled:   # the answer to the question just asked, unless the message is a sentence of
         for name, raw in _direct_reply(workflow, conversation, text, reading.tokens).items():   # several values
             gives_others = bool(reading.candidates.keys() - {name})
@@ -3786,6 +3789,31 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
                 reading.add(name, 2, raw)
     _choose(workflow, reading, extraction)
     return extraction, reading
+
+
+# Words without which no span of a message is ruled out (is_negated, _corrects, _retracted, EXCESS).
+RULING_OUT_WORDS = NEGATIONS | NEGATING | EXCEPTS | EXCESS | PREFERENCES
+
+
+def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bool:
+    """Whether reading typed spans could change nothing: the message is only ``name: value``
+    lines, every input has one, and no word rules anything out. Spans then add only weaker
+    candidates than the lines' (never chosen), so only the yes/no topics are read (_read_topics)."""
+    if len(reading.candidates) < len(workflow.query_inputs):
+        return False
+    lines = sum(1 for line in text.splitlines() if line.strip())
+    if len(LINE_VALUE_PATTERN.findall(text)) != lines:
+        return False
+    return RULING_OUT_WORDS.isdisjoint([token.folded for token in reading.tokens])
+
+
+def _read_topics(workflow: Workflow, conversation: Conversation, reading: Reading) -> None:
+    """What _read_spans finds that a message of ``name: value`` lines can still need: the
+    yes/no an input's topic words state, which an LLM's reading is checked against."""
+    changing = asks_a_change(reading.tokens)
+    for query in workflow.query_inputs.values():
+        if query.type == "boolean" and (query.name not in conversation.values or changing):
+            _read_polarity(reading.tokens, query, reading)
 
 
 def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
