@@ -4825,10 +4825,11 @@ def _and_list(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def question_with_llm(llm: LLMClient, workflow: Workflow, missing: Sequence[QueryInput],
-                      understood: Mapping[str, Any], changed: Mapping[str, Tuple[Any, Any]],
-                      problems: Mapping[str, str], text: str,
-                      ambiguous: Optional[Mapping[str, Sequence[Any]]] = None) -> str:
+def question_messages(workflow: Workflow, missing: Sequence[QueryInput], understood: Mapping[str, Any],
+                      changed: Mapping[str, Tuple[Any, Any]], problems: Mapping[str, str], text: str,
+                      ambiguous: Optional[Mapping[str, Sequence[Any]]] = None) -> List[dict]:
+    """The question call's messages: what is missing, understood and refused in the system
+    message, the user's new message as the user message."""
     known = "".join(f"- {workflow.query_inputs[name].label}: {shown_value(value)}\n"
                     for name, value in understood.items())
     known += "".join(f"- {workflow.query_inputs[name].label}: changed from {shown_value(old)} to {shown_value(new)}\n"
@@ -4840,11 +4841,75 @@ def question_with_llm(llm: LLMClient, workflow: Workflow, missing: Sequence[Quer
         problems="".join(f"Could not use a value: {reason}.\n" for reason in problems.values()) + "".join(
             f"The user named several values for the {workflow.query_inputs[name].label} ({_or_list(values)}): "
             "ask which one they mean.\n" for name, values in (ambiguous or {}).items()))
-    question = llm.complete([{"role": "system", "content": prompt}, {"role": "user", "content": text}],
+    return [{"role": "system", "content": prompt}, {"role": "user", "content": text}]
+
+
+def question_with_llm(llm: LLMClient, workflow: Workflow, missing: Sequence[QueryInput],
+                      understood: Mapping[str, Any], changed: Mapping[str, Tuple[Any, Any]],
+                      problems: Mapping[str, str], text: str,
+                      ambiguous: Optional[Mapping[str, Sequence[Any]]] = None) -> str:
+    question = llm.complete(question_messages(workflow, missing, understood, changed, problems, text, ambiguous),
                             temperature=0, max_tokens=QUESTION_MAX_TOKENS).strip()
     if not question:
         raise UpstreamError("the language model returned an empty question")
     return question
+
+
+QUESTION_MARK_PATTERN = re.compile(r"[?？][\W_]*\Z")   # a text that ends as a question does
+
+
+class CheckedQuestion:
+    """The LLM's question as it is written (``pieces``, a stream), given out part by part so
+    that a person sees it as it comes, yet never sees text that has not passed ``check``:
+    the text is held until it ends a question ("?"), and then given out only if the whole
+    text so far passes the check. Each piece is also looked at alone for what can be seen at
+    once (chat-template debris, the server's own prompt, too long): then the stream is closed
+    at once, so a small model talking to itself is not waited for. After iterating,
+    ``shown`` is the text given out and ``why`` the reason the rest (or all) was not used."""
+
+    def __init__(self, pieces: Iterable[str], check: Callable[[str], Optional[str]],
+                 max_chars: int = CHECKED_TEXT_MAX_CHARS):
+        self._pieces, self._check, self._max_chars = pieces, check, max_chars
+        self.shown, self.why = "", None   # type: str, Optional[str]
+
+    def __iter__(self) -> Iterator[str]:
+        written = ""
+        try:
+            for piece in self._pieces:
+                written += piece
+                self.why = _visible_problem(written.strip(), self._max_chars)
+                if self.why:
+                    return   # closed in finally: the upstream stops writing
+                if QUESTION_MARK_PATTERN.search(written) and len(written.strip()) > len(self.shown):
+                    if self._check(written.strip()) is None:
+                        part, self.shown = written.strip()[len(self.shown):], written.strip()
+                        yield part
+            rest = written.strip()
+            if rest != self.shown:   # what came after the last question, or no question at all
+                self.why = self._check(rest) or ("it does not end as a question" if self.shown else None)
+                if self.why is None:
+                    part, self.shown = rest[len(self.shown):], rest
+                    yield part
+        except UpstreamError as exc:   # the call failed (or timed out) while it was written
+            log.info("question call failed: %s", exc.message)
+            self.why = None if not self.shown else f"the call failed ({exc.message})"
+        finally:
+            getattr(self._pieces, "close", lambda: None)()
+
+
+def _visible_problem(text: str, max_chars: int) -> Optional[str]:
+    """What makes a text the LLM is still writing unusable whatever comes next: too long,
+    chat-template debris, or a run of the server's own prompt (check_llm_text's first checks)."""
+    if len(text) > max_chars:
+        return f"it is over {max_chars} characters long"
+    debris = CHAT_TEMPLATE_PATTERN.search(text)
+    if debris:
+        shown = debris.group(0).strip() or "a quoted block"
+        return f"it holds chat-template debris ({'a quoted block' if shown == '>' else shown})"
+    words = _words(text)
+    if any(tuple(words[i:i + PROMPT_ECHO_WORDS]) in _prompt_echoes() for i in range(len(words))):
+        return "it repeats the server's own instructions"
+    return None
 
 
 ####################################################################################
@@ -4976,10 +5041,7 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     missing = conversation.missing(workflow)
     if missing:
         with own_calls():
-            question, notes = _ask(turn, missing, extraction, understood, changed)
-        for note in notes:
-            yield Piece("thinking", note + " Asked the templated question instead.\n")
-        yield Piece("answer", question)
+            yield from _ask(turn, missing, extraction, understood, changed, budget)
         return
     conversation.asked = []
     if conversation.runs and not understood and not changed and not RERUN_PATTERN.search(turn.text):
@@ -5034,57 +5096,82 @@ def _describe_extraction(workflow: Workflow, extraction: Extraction, understood:
 
 
 def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, understood: Mapping[str, Any],
-         changed: Mapping[str, Tuple[Any, Any]]) -> Tuple[str, List[str]]:
-    """One question for what is missing, or, after three unanswered asks, an offer to start over;
-    and the lines for the thinking block (why the LLM's question was not used)."""
+         changed: Mapping[str, Tuple[Any, Any]], budget: Optional[TurnBudget] = None) -> Iterator[Piece]:
+    """One question for what is missing, or, after three unanswered asks, an offer to start over,
+    as answer pieces; and the lines for the thinking block (why the LLM's question was not used).
+    A question call of its own is streamed as it is written, each part checked (CheckedQuestion)."""
     workflow, conversation = turn.workflow, turn.conversation
     ambiguous = {name: values for name, values in extraction.ambiguous.items() if name not in conversation.values}
     missing = sorted(missing, key=lambda query: query.name not in ambiguous)   # "which one?" first
     first = missing[0]
     if conversation.ask_counts.get(first.name, 0) >= MAX_ASKS_PER_INPUT:
         conversation.asked = [first.name]
-        return GIVE_UP_REPLY.format(label=first.label, name=first.name, tries=MAX_ASKS_PER_INPUT), []
+        yield Piece("answer", GIVE_UP_REPLY.format(label=first.label, name=first.name, tries=MAX_ASKS_PER_INPUT))
+        return
     problems = {name: reason for name, reason in extraction.rejected.items() if name not in conversation.values}
     asked_before = [name for name in conversation.asked if name in workflow.query_inputs]
     nothing_read = _nothing_read(turn.text, asked_before, extraction)
+    messages = [m["content"] for m in turn.history if m["role"] == "user"] + [turn.text]
+    said = messages + [shown_value(value) for value in conversation.values.values()]
+    language = users_language(messages)
     question, notes = None, []
+    opening, closing = "", ""
+    if nothing_read:   # say what was not understood, and the form that always is
+        quoted = turn.text if len(turn.text) <= 80 else turn.text[:77].rstrip() + "..."
+        opening = (f"I could not read the {_and_list([workflow.query_inputs[n].label for n in asked_before])}"
+                   f" from \"{quoted}\". ")
+        closing = _line_form(missing)
     if extraction.question is not None:
         # The extraction call wrote the question assuming its values were taken. It asks for the
         # right inputs only when they were, and the simple reader took nothing it did not give;
         # otherwise the question is templated, with no second call.
         why = ("a value it read was not used" if extraction.ignored or extraction.rejected or ambiguous else
                "it was written before the simple reader found more" if not set(understood) <= extraction.question_assumes
-               else None)
+               else check_llm_text(extraction.question, workflow, said, language))
         if why is None:
             question = extraction.question
         else:
             notes.append(f"The language model's question was not used: {why}.")
     elif turn.llm is not None and not extraction.llm_failed and not turn.llm.asks_in_extraction:
-        try:
-            question = question_with_llm(turn.llm, workflow, missing, understood, changed, problems, turn.text,
-                                         ambiguous)
-        except UpstreamError as exc:
-            log.info("question call failed: %s", exc.message)
+        checked = CheckedQuestion(_question_stream(turn.llm, budget, workflow, missing, understood, changed, problems,
+                                                   turn.text, ambiguous),
+                                  lambda text: check_llm_text(text, workflow, said, language))
+        for part in checked:
+            yield Piece("answer", opening + part)
+            opening = ""   # said once, before the question's first part
+        if checked.shown:   # part of it, at least, was a checked question: the rest is left out
+            if checked.why:
+                yield Piece("thinking", f"The rest of the language model's question was not used: {checked.why}.\n")
+            question = ""
+        elif checked.why:
+            notes.append(f"The language model's question was not used: {checked.why}.")
+    for note in notes:
+        yield Piece("thinking", note + " Asked the templated question instead.\n")
     if question is not None:
-        messages = [m["content"] for m in turn.history if m["role"] == "user"] + [turn.text]
-        said = messages + [shown_value(value) for value in conversation.values.values()]
-        why = check_llm_text(question, workflow, said, users_language(messages))
-        if why is None:
-            conversation.asked = [query.name for query in missing]
-        else:
-            notes.append(f"The language model's question was not used: {why}.")
-            question = None
-    if question is None:
-        question = question_offline(workflow, missing, understood, changed, problems, ambiguous,
-                                    line_hint=not nothing_read)
+        conversation.asked = [query.name for query in missing]
+        if question:
+            yield Piece("answer", opening + question)
+    else:
+        yield Piece("answer", opening + question_offline(workflow, missing, understood, changed, problems, ambiguous,
+                                                         line_hint=not nothing_read))
         conversation.asked = [first.name]   # offline asks one at a time, so the reply can be read
-    if nothing_read:   # say what was not understood, and the form that always is
-        quoted = turn.text if len(turn.text) <= 80 else turn.text[:77].rstrip() + "..."
-        question = (f"I could not read the {_and_list([workflow.query_inputs[n].label for n in asked_before])}"
-                    f" from \"{quoted}\". {question}{_line_form(missing)}")
+    if closing:
+        yield Piece("answer", closing)
     for name in conversation.asked:
         conversation.ask_counts[name] = conversation.ask_counts.get(name, 0) + 1
-    return question, notes
+
+
+def _question_stream(llm: LLMClient, budget: Optional[TurnBudget], workflow: Workflow, missing: Sequence[QueryInput],
+                     understood: Mapping[str, Any], changed: Mapping[str, Tuple[Any, Any]],
+                     problems: Mapping[str, str], text: str, ambiguous: Mapping[str, Sequence[Any]]) -> Iterator[str]:
+    """The question call, streamed within what is left of the turn's budget (none: nothing)."""
+    left = budget.left() if budget is not None else llm.settings.timeout_seconds
+    if left <= 0.05:
+        log.warning("no time left of the turn's %g s for the question call", llm.settings.timeout_seconds)
+        return iter(())
+    return iter(llm.stream(question_messages(workflow, missing, understood, changed, problems, text, ambiguous),
+                           within_seconds=left, stop=budget.stop if budget is not None else None,
+                           temperature=0, max_tokens=QUESTION_MAX_TOKENS, retry=False))   # one attempt
 
 
 def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, str]] = None) -> Iterator[Piece]:

@@ -77,6 +77,9 @@ class FakeLLM:
     (a slow model's long silence); held_call_closed is set when it did, at ended_at.
     gate: an Event each chat completion waits on (10 s at most) before it is answered;
     answered counts the calls answered so far.
+    question: the question call's answer; a list is streamed piece by piece, stream_gate (an
+    Event, 10 s at most) waited on before piece stream_gate_at (1), piece_seconds between the others;
+    pieces_sent counts them, and stream_cut is set when the client closed the stream early.
     """
 
     def __init__(self):
@@ -100,6 +103,8 @@ class FakeLLM:
         self.http_routes = {}      # path -> (status, json body), for http node tests
         self.delay_seconds = 0     # before answering a chat completion (timeouts, races)
         self.gate, self.answered = None, 0
+        self.stream_gate, self.piece_seconds, self.pieces_sent, self.stream_cut = None, 0, 0, threading.Event()
+        self.stream_gate_at = 1
         self.http_requests = []
         fake = self
 
@@ -137,11 +142,20 @@ class FakeLLM:
                     self.send_header("Content-Type", "text/event-stream")
                     self.end_headers()
                     capped = len(pieces) > body.get("max_tokens", len(pieces))   # a piece counts as a token
-                    for piece in pieces[:body.get("max_tokens")]:
+                    for index, piece in enumerate(pieces[:body.get("max_tokens")]):
+                        if index == fake.stream_gate_at and fake.stream_gate is not None:
+                            fake.stream_gate.wait(10)
+                        elif index:
+                            time.sleep(fake.piece_seconds)
                         chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "fake",
                                  "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-                        self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-                        self.wfile.flush()
+                        try:
+                            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                            self.wfile.flush()
+                        except OSError:   # the client closed the stream
+                            fake.stream_cut.set()
+                            return
+                        fake.pieces_sent += 1
                     chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "fake",
                              "choices": [{"index": 0, "delta": {}, "finish_reason": "length" if capped else "stop"}]}
                     self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
@@ -213,7 +227,7 @@ class FakeLLM:
                 answer["question"] = self.question
             return [json.dumps(answer)]
         if kind == "question":
-            return [self.question]
+            return list(self.question) if isinstance(self.question, list) else [self.question]
         if body["messages"][0]["content"].startswith(cozyopenai.SUGGESTIONS_PROMPT[:40]):
             return [json.dumps({"follow_ups": self.follow_ups})]
         return self.node_tokens
@@ -2327,6 +2341,27 @@ def test_a_text_value_is_one_line_with_no_markdown_fence(trip_planner):
     assert value == "3 a week in mid-October"
 
 
+def test_a_message_of_only_name_value_lines_reads_the_same_without_the_typed_spans(trip_planner, monkeypatch):
+    messages = ["destination: Paris\nbudget: 2000\ntravel dates: May\npace: relaxed\nchildren: yes",
+                "destination: not Paris\nbudget: 2000 euros\ntravel dates: a week in June\npace: packed\nchildren: no",
+                "destination: Rome or Lyon\nbudget: 1500\ntravel_dates: 2026-05-01 to 2026-05-08\npace: balanced\n"
+                "children: no kids",
+                "destination: Lisbon\nbudget: 3000\ntravel dates: mayo\npace: too packed\nchildren: with the kids",
+                "destination: Lisbon\nbudget: 3000 euros\ntravel dates: mayo\npace: packed\nchildren: with the kids"]
+    skipped = 0
+    for text in messages:
+        fast, fast_reading = cozyopenai.read_floor(trip_planner, new_conversation(), text)
+        skipped += cozyopenai._spans_change_nothing(trip_planner, text, fast_reading)
+        with monkeypatch.context() as patched:
+            patched.setattr(cozyopenai, "_spans_change_nothing", lambda *arguments: False)
+            full, full_reading = cozyopenai.read_floor(trip_planner, new_conversation(), text)
+        assert (fast.values, fast.rejected, fast.ambiguous, fast_reading.polarity) == (
+            full.values, full.rejected, full.ambiguous, full_reading.polarity), text
+        assert {k: v for k, v in fast_reading.ruled_out.items() if v} == {
+            k: v for k, v in full_reading.ruled_out.items() if v}, text
+    assert skipped == 2   # those with "not", "no" and "too" read their spans
+
+
 ####################################################################################
 # Questions: asking for what is missing
 ####################################################################################
@@ -2378,7 +2413,7 @@ def test_competing_values_are_asked_about_by_name(start, fake_llm):
     assert "Which destination do you mean: Lima or Cusco?" in answer_of(reply)
     message = "Sydney or Melbourne, 2000 dollars"
     fake_llm.extractions = {message: {"destination": "Sydney"}}
-    Chat(start(llm=fake_llm.settings())).say(message)
+    Chat(start(llm=fake_llm.settings(single_call=False))).say(message)
     question_prompt = fake_llm.calls_of("question")[0]["messages"][0]["content"]
     assert "The user named several values for the destination (Sydney or Melbourne): ask which one" in question_prompt
 
@@ -2503,6 +2538,47 @@ def test_a_question_written_before_the_simple_reader_found_more_is_templated_wit
     assert "not used: it was written before the simple reader found more" in thinking_of(reply)
     assert answer_of(reply) == "Got it: budget 2000 and destination Paris. When would you like to travel, and for how long?"
     assert len(fake_llm.calls) == 1
+
+
+def test_a_question_call_is_streamed_as_written_each_part_shown_once_checked(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    fake_llm.question = ["Paris, lovely! What is your ", "budget? ", "And when would you like to go?"]
+    fake_llm.stream_gate, fake_llm.stream_gate_at = threading.Event(), 2   # the last piece waits for the test
+    server = start(llm=fake_llm.settings(single_call=False))
+    try:
+        chunks = server.client.chat.completions.create(model="trip-planner", stream=True,
+                                                       messages=[{"role": "user", "content": "Paris!"}])
+        shown = ""
+        for chunk in chunks:
+            shown += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+            if "?" in shown:
+                break
+        assert fake_llm.pieces_sent == 2 and shown.endswith("</thinking>\n\nParis, lovely! What is your budget?")
+        fake_llm.stream_gate.set()
+        shown += "".join((chunk.choices[0].delta.content or "") for chunk in chunks if chunk.choices)
+    finally:
+        fake_llm.stream_gate.set()
+    assert answer_of(shown) == "Paris, lovely! What is your budget? And when would you like to go?"
+    assert "not used" not in thinking_of(shown)
+
+
+def test_a_streamed_question_stops_at_debris_and_keeps_only_what_was_checked(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    fake_llm.question = ["What is your budget? ", "<start_of_turn>user I am not sure "] + ["and so on "] * 40
+    fake_llm.piece_seconds = 0.02
+    reply = Chat(start(llm=fake_llm.settings(single_call=False)), stream=True).say("Paris!")
+    assert answer_of(reply) == "What is your budget?"
+    assert ("The rest of the language model's question was not used: it holds chat-template debris "
+            "(<start_of_turn>)") in reply
+    assert fake_llm.stream_cut.wait(5), "the question call was read to its end"
+
+
+def test_a_streamed_question_with_debris_before_any_question_is_templated(start, fake_llm):
+    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+    fake_llm.question = ["<|im_start|>assistant ", "What is your budget?"]
+    reply = Chat(start(llm=fake_llm.settings(single_call=False)), stream=True).say("Paris!")
+    assert "not used: it holds chat-template debris (<|im_start|>). Asked the templated question" in reply
+    assert "What is your total budget for the trip?" in answer_of(reply)
 
 
 def test_with_a_question_call_asked_for_a_gathering_turn_makes_two_calls(start, fake_llm):
