@@ -3955,13 +3955,14 @@ def test_readme_benchmark_command_runs_and_prints_every_figure_with_its_target()
     (command,) = [block.strip() for block in re.findall(r"```\n(python bench/[^\n]*)\n```", open(
         os.path.join(HERE, "README.md")).read())]
     quick = ["--runs", "1", "--seconds", "0.2", "--conversations", "50",
-             "--only", "overhead,ttfb,parallel,storage,llm,startup"]   # the figures, not their precision
+             "--only", "overhead,ttfb,parallel,storage,llm,latency,calls,startup"]   # the figures, not their precision
     result = subprocess.run([sys.executable, *command.split()[1:], *quick], capture_output=True, text=True,
                             timeout=60, cwd=HERE)
     assert result.returncode == 0, result.stderr
     for figure in ("memory store, vs bare", "json store, vs bare", "first byte", "progress line", "whole turn",
                    "turn latency", "start-up,", "single call, turn 1: 1 gathering call", "import cozyopenai",
-                   "first answer"):
+                   "first answer", "first visible byte of a gathering turn", "gathering turn vs one bare call",
+                   "run turn vs its bare extraction call", "gathering turn, the document's first message"):
         assert re.search(re.escape(figure) + r".*(target|prompt tokens)", result.stdout), figure
 
 

@@ -915,6 +915,50 @@ class FixedLatencyLLM:
         self.server.server_close()
 
 
+class RecordingProxy:
+    """Forwards every request to an OpenAI-compatible upstream (a real model) as it is, the
+    answer streamed back as it comes, and keeps each request body in ``calls``: so the turn's
+    own calls can be sent again as bare calls."""
+
+    def __init__(self, upstream_url):
+        import urllib.parse
+        self.calls, upstream = [], urllib.parse.urlsplit(upstream_url)
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                import http.client
+                data = self.rfile.read(int(self.headers["Content-Length"]))
+                connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=HTTP_TIMEOUT_SECONDS)
+                connection.request("POST", self.path, data, {"Content-Type": "application/json"})
+                answer = connection.getresponse()
+                if answer.status == 200:   # a refused structured-output mode is no call to send again
+                    owner.calls.append(json.loads(data))
+                self.send_response(answer.status)
+                self.send_header("Content-Type", answer.getheader("Content-Type", "application/json"))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                while True:
+                    chunk = answer.read1(65536)
+                    if not chunk:
+                        break
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+                connection.close()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.upstream_port = upstream.port
+        self.url = f"http://127.0.0.1:{self.server.server_port}{upstream.path}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def streamed_turn(port, body):
     """(seconds to the first visible content, seconds to the end, the reply's text) of a streamed turn."""
     started, first, texts = time.perf_counter(), [], []
@@ -931,40 +975,53 @@ def streamed_turn(port, body):
     return first[0], time.perf_counter() - started, "".join(texts)
 
 
-def bare_call_seconds(port, body):
+def bare_call_seconds(port, body, path="/v1/chat/completions"):
     """One call made again straight to the upstream, the same body, read to its end."""
     started = time.perf_counter()
-    status, _, _ = http_request(port, "POST", "/v1/chat/completions", json.dumps(body).encode())
+    status, _, _ = http_request(port, "POST", path, json.dumps(body).encode())
     assert status == 200, status
     return time.perf_counter() - started
 
 
-def bench_latency(runs):
+def urlsplit_path(url):
+    import urllib.parse
+    return urllib.parse.urlsplit(url).path.rstrip("/")
+
+
+def bench_latency(runs, real_url=None, real_model="gemma"):
     """(a) the first visible byte of a streamed gathering turn; (b) that turn's wall time over
-    one bare call to the same fake for the same output (its extraction call sent again);
-    (c) a run turn's wall time over its bare extraction call plus the llm node's own call."""
-    print(f"Waiting for the LLM: a fake of fixed latency ({FIRST_TOKEN_SECONDS * 1000:.0f} ms to the first token, "
-          f"{TOKEN_SECONDS * 1000:.0f} ms per token after it), the document's dialogue, streamed")
-    fake = FixedLatencyLLM(dict(DOCUMENT_DIALOGUE))
+    one bare call to the same upstream for the same output (its extraction call sent again);
+    (c) a run turn's wall time over its bare extraction call plus the llm node's own call.
+    With ``real_url``, the same against a real model, through a RecordingProxy."""
+    if real_url:
+        print(f"Waiting for the LLM: the real model {real_model!r} at {real_url}, the document's dialogue, streamed")
+        fake = RecordingProxy(real_url)
+        fake.port, path, model = fake.upstream_port, urlsplit_path(real_url) + "/chat/completions", real_model
+    else:
+        print(f"Waiting for the LLM: a fake of fixed latency ({FIRST_TOKEN_SECONDS * 1000:.0f} ms to the first "
+              f"token, {TOKEN_SECONDS * 1000:.0f} ms per token after it), the document's dialogue, streamed")
+        fake, path, model = FixedLatencyLLM(dict(DOCUMENT_DIALOGUE)), "/v1/chat/completions", "m"
     app = cozyopenai.make_app(os.path.join(TOP, "workflows.json"), store="memory",
-                              llm=cozyopenai.LLMSettings(fake.url, "m", "unused"))
+                              llm=cozyopenai.LLMSettings(fake.url, model, "unused", timeout_seconds=120))
     server = cozyopenai.create_server(app, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     firsts, gathering, running, calls = [], [], [], []
     try:
+        if real_url:   # the structured-output mode it takes is learnt on a first turn, not measured
+            streamed_turn(server.server_port, chat_body("trip-planner", DOCUMENT_DIALOGUE[0][0], stream=True))
         for _ in range(runs):
             (first_text, _), (second_text, _) = DOCUMENT_DIALOGUE
             before = len(fake.calls)
             first, whole, reply = streamed_turn(server.server_port, chat_body("trip-planner", first_text, stream=True))
             turn_calls = fake.calls[before:]
-            gathering.append(whole / bare_call_seconds(fake.port, turn_calls[0]))
+            gathering.append(whole / bare_call_seconds(fake.port, turn_calls[0], path))
             firsts.append(first)
             history = [{"role": "user", "content": first_text}, {"role": "assistant", "content": reply}]
             before = len(fake.calls)
             _, whole, _ = streamed_turn(server.server_port, chat_body("trip-planner", second_text, stream=True,
                                                                       history=history))
             run_calls = fake.calls[before:]
-            running.append(whole / sum(bare_call_seconds(fake.port, call) for call in run_calls))
+            running.append(whole / sum(bare_call_seconds(fake.port, call, path) for call in run_calls))
             calls.append(f"{len(turn_calls)} + {len(run_calls)}")
     finally:
         server.shutdown()
@@ -1184,6 +1241,8 @@ def main(argv=None):
         bench_llm_cost(single_call=True)
     if "latency" in chosen:
         bench_latency(arguments.runs)
+        if arguments.real_llm:
+            bench_latency(1, arguments.real_llm, arguments.real_model)
     if "calls" in chosen:
         bench_calls()
     if "reading" in chosen:
