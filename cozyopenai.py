@@ -3897,9 +3897,9 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     for query in workflow.query_inputs.values():
         kind, is_open = input_kind(query), query.name not in conversation.values or changing
         if query.type in STRING_TYPES and kind in ("place", "text"):
-            leads = query.derived.get("leads")
+            leads = query.derived.get("cue_leads")
             if leads is None:   # the last word of each cue, once per input
-                leads = query.derived["leads"] = frozenset(_fold(cue).split()[-1] for cue in query.cues)
+                leads = query.derived["cue_leads"] = frozenset(_fold(cue).split()[-1] for cue in query.cues)
             only_place = kind == "place" and len(places) == 1
             if only_place:   # the workflow's one place: "a trip to Rome", "rather Rome", "I want Rome"
                 leads |= PLACE_LEADS | PREFERENCES | WISHES
