@@ -2445,6 +2445,7 @@ class Language:
     period_leads: str = ""              # lead into a period, not part of it: "in April" is April
     articles: str = ""                  # between a place word and a name: "in the Highlands"
     place_leads: str = ""               # a capitalised name after them is a place: "a trip to Lisbon"
+    motions: str = ""                   # going somewhere, before a place word: "going to lyon", "wollen nach"
     stays: str = ""                     # being somewhere already: "I'm in London"
     corrections: str = ""               # fillers of a correction: "Rome, sorry, Florence"
     negations: str = ""                 # rule out what follows in the clause: "not Paris"
@@ -2500,13 +2501,14 @@ ENGLISH = Language(
     time_units="day days night nights week weeks month months fortnight year years",
     numbers="a an one two three four five six seven eight nine ten eleven twelve fourteen fifteen couple few "
             "several",
-    qualifiers="early mid middle late end beginning start first second third fourth last next this coming "
+    qualifiers="early mid middle late end sometime beginning start first second third fourth last next this coming "
                "following long whole entire half now",
     range_links="to until till through thru and from of in on at the for during over after before around",
     range_words="to or", and_words="and",
     period_leads="in on at for from during over",
     articles="the",
     place_leads="to in into for visit visiting see explore discover",
+    motions="go goes going travel travelling traveling fly flying trip head heading getaway holiday vacation",
     stays="im am live lives living based stay staying",
     corrections="sorry pardon wait actually oops ah oh",
     negations="not no never without except excluding nor dont doesnt didnt wont cant isnt arent none zero",
@@ -2572,6 +2574,7 @@ FRENCH = Language(
     period_leads="du au aux jusqu de d en dans pour pendant",
     articles="la le les l",
     place_leads="a au aux en pour vers visiter voir decouvrir",
+    motions="aller vais va allons partir pars partons voyage voyager voler sejour escapade vacances",
     stays="suis habite vis",
     corrections="pardon",
     negations="pas non sans sauf jamais ni aucun aucune",
@@ -2602,7 +2605,7 @@ GERMAN = Language(
     function_words="ich du sie ihr ihre wir mein meine der die das den dem ein eine einen und oder ist sind wann "
                    "wo wie welche welcher wohin mochte mochten wollen bitte fur mit nach reise fahren urlaub "
                    "nicht auch",
-    excess="zu",
+    excess="zu so",
     past="letztes letzten letzte vergangenen vergangenes vorigen voriges",
     greetings="hallo servus moin",
     wishes="will mochte mochten wollen moechte", changes="mach mache machen stell andere",
@@ -2623,6 +2626,7 @@ GERMAN = Language(
     period_leads="vom von bis zum zur im am fur wahrend uber ubers",
     articles="der die das den",
     place_leads="nach in ins fur besuchen sehen entdecken",
+    motions="fahren fahre fahrt fliegen fliege reise reisen urlaub ausflug will wollen mochte mochten moechte",
     stays="wohne wohnen lebe bin",
     corrections="entschuldigung",
     negations="nicht kein keine keinen keinem ohne ausser statt anstatt nie",
@@ -2673,6 +2677,7 @@ SPANISH = Language(
     period_leads="del desde hasta a en de",
     articles="el los las la",
     place_leads="a al en para por hacia visitar ver conocer descubrir",
+    motions="ir voy vamos viajar viaje volar escapada vacaciones",
     stays="vivo vive estoy",
     corrections="bueno perdon perdona",
     negations="sin excepto salvo menos nunca nada ningun ninguno ninguna",
@@ -2724,6 +2729,7 @@ ITALIAN = Language(
     period_leads="a ad dal dai fino nel nella per durante di",
     articles="il lo la gli",
     place_leads="a ad in nel nella nell per verso visitare vedere scoprire",
+    motions="andare vado andiamo viaggio viaggiare volare partire vacanza gita",
     stays="sono abito",
     corrections="anzi scusa scusate",
     negations="senza tranne eccetto mai ne niente nessun nessuno nessuna",
@@ -2773,7 +2779,8 @@ PORTUGUESE = Language(
     range_words="a ate ou", and_words="e",
     period_leads="em no na de do da a ate",
     articles="o os as",
-    place_leads="a ao para em conhecer visitar ver descobrir",
+    place_leads="a ao para pra pro em conhecer visitar ver descobrir",
+    motions="ir vou vamos viajar viagem voar ferias passeio",
     stays="moro vivo estou",
     corrections="desculpa desculpe perdao",
     negations="nao nem sem nunca exceto nenhum nenhuma",
@@ -2828,6 +2835,7 @@ QUOTED_PASSAGE_PATTERN = re.compile(
     r"|\u2018[^\u2018\u2019\n]*\u2019(?![^\W\d_])"
     r"|(?:(?<=^)|(?<=[\s:(]))\"[^\"\n]*\"|(?:(?<=^)|(?<=[\s:(]))'[^'\n]*'(?=[\s.,;:!?)]|$)", re.M)
 QUOTED_PASSAGE_MIN_WORDS = 4   # fewer is a value quoted for emphasis: a trip to "Paris"
+MAX_LABEL_WORDS = 3            # "travel dates: ..." labels a value; "my friend sent me this: ..." does not
 
 # The commonest words of each language, folded, to tell which language a text is in (a question
 # the LLM writes must be in the language of the user's message). Same shape for each language:
@@ -2935,7 +2943,12 @@ LANGUAGE_WORDS = MappingProxyType({language.name: frozenset(language.function_wo
 ALL_WORDS = frozenset(word for language in LANGUAGES.values() for _, word in _language_entries(language))
 MONTHS = MappingProxyType({word: month for language in LANGUAGES.values()
                            for month, words in enumerate(language.months, 1) for word in words.split()})
-TIME_NAMES = words_of("weekdays") | words_of("seasons") | MONTHS.keys()
+# A season and a holiday word written as one word name a time too ("Herbstferien", "Osterferien",
+# "Weihnachtsurlaub"): made from each language's own two lists, with the joins compounds take.
+COMPOUND_TIMES = frozenset(stem + join + holiday for language in LANGUAGES.values()
+                           for season in language.seasons.split() for holiday in language.holiday_words.split()
+                           for stem in (season, season[:-1]) for join in ("", "s"))
+TIME_NAMES = words_of("weekdays") | words_of("seasons") | MONTHS.keys() | COMPOUND_TIMES
 TIME_PHRASES = phrases_of("time_phrases")
 TIME_PHRASES_BY_FIRST_WORD: Mapping[str, Tuple[Tuple[str, ...], ...]] = MappingProxyType({
     first: tuple(phrase for phrase in TIME_PHRASES if phrase[0] == first) for first in {p[0] for p in TIME_PHRASES}})
@@ -2945,6 +2958,7 @@ RELATIVES, PAST = words_of("relatives"), words_of("past")
 TIME_LINKS, LEADING_LINKS, ARTICLES = words_of("range_links"), words_of("period_leads"), words_of("articles")
 RANGE_WORDS, AND_WORDS = words_of("range_words"), words_of("and_words")
 PLACE_LEADS, STAYS, CORRECTION_FILLERS = words_of("place_leads"), words_of("stays"), words_of("corrections")
+MOTIONS = words_of("motions")
 NEGATIONS, CONTRASTS, PREFERENCES = words_of("negations"), words_of("contrasts"), words_of("preferences")
 WISHES, CHANGES, EXCESS = words_of("wishes"), words_of("changes"), words_of("excess")
 EXCEPTS, EXCEPT_OPENERS = words_of("except_words"), words_of("except_openers")
@@ -2968,6 +2982,12 @@ KINDS = MappingProxyType({kind: frozenset(word for language in LANGUAGES.values(
 YES_OR_NO = BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]
 NEGATING = NEGATIONS | BOOLEAN_WORDS[False]
 TIME_WORDS = TIME_NAMES | TIME_UNITS
+# Month names long enough that one slip of the keyboard leaves them recognisable, and what each
+# becomes with a letter dropped: a misspelt month is found through these (see _month_misspelt).
+MONTH_TYPO_MIN_LETTERS = 6
+LONG_MONTHS = frozenset(word for word in MONTHS if len(word) >= MONTH_TYPO_MIN_LETTERS)
+MONTH_DELETIONS = MappingProxyType({word[:k] + word[k + 1:]: word for word in sorted(LONG_MONTHS)
+                                    for k in range(len(word))})
 LEADS_OR_LINKS = PLACE_LEADS | TIME_LINKS
 NEVER_OPTIONS = NEGATIONS | TIME_LINKS | COUNT_WORDS
 AFTER_A_COUNT = TIME_UNITS | QUALIFIERS | COUNT_WORDS
@@ -3175,13 +3195,15 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     code blocks, quoted lines ("> ..."), passages of several words in quotation marks and lines
     pasted from one of our earlier replies."""
     text = CODE_FENCE_PATTERN.sub("\n", INVISIBLE_PATTERN.sub("", text))
-    text = QUOTED_PASSAGE_PATTERN.sub(_without_a_long_passage, text)
     ours = [" ".join(_fold(message["content"]).split()) for message in history if message.get("role") == "assistant"]
     kept = []
     for line in text.split("\n"):
         plain = " ".join(_fold(line).split())
         if line.lstrip().startswith(">") or (len(plain) >= PASTED_LINE_MIN_CHARS and any(plain in reply for reply in ours)):
             continue
+        labelled = LINE_VALUE_PATTERN.match(line)   # "word: {"a": 1}": a labelled value is taken as written
+        if not labelled or len(labelled.group(1).split()) > MAX_LABEL_WORDS:
+            line = QUOTED_PASSAGE_PATTERN.sub(_without_a_long_passage, line)
         kept.append(line)
     return "\n".join(kept).strip()
 
@@ -3262,8 +3284,32 @@ class Tokens(list):
 def tokenize(text: str) -> Tokens:
     tokens = Tokens(Token(match.group(0), _fold(match.group(0)).replace("'", "").replace("’", ""), match.start(),
                           match.end(), match.lastgroup) for match in TOKEN_PATTERN.finditer(text))
+    for index, token in enumerate(tokens):
+        if (token.shape == "word" and len(token.folded) >= MONTH_TYPO_MIN_LETTERS and token.folded not in ALL_WORDS
+                and not token.text[:1].isupper()   # a capitalised word is written with care, or a name: "Augusta"
+                and index > 0 and (tokens[index - 1].shape in ("number", "ordinal")
+                                   or tokens[index - 1].folded in LEADING_LINKS | QUALIFIERS | TIME_LINKS)):
+            month = _month_misspelt(token.folded)   # "in setpember", "anfang dezembr": read as the month
+            if month:
+                tokens[index] = dataclasses.replace(token, folded=month)
     tokens.text = text
     return tokens
+
+
+def _deletions(word: str) -> List[str]:
+    return [word[:k] + word[k + 1:] for k in range(len(word))]
+
+
+def _month_misspelt(word: str) -> Optional[str]:
+    """The month name a word is one slip away from (a letter missing, added, changed or two
+    swapped), if it is: "dezembr", "setpember", "septembr"."""
+    if word in MONTH_DELETIONS:
+        return MONTH_DELETIONS[word]
+    for shorter in _deletions(word):
+        month = MONTH_DELETIONS.get(shorter) or (shorter if shorter in LONG_MONTHS else None)
+        if month:
+            return month
+    return None
 
 
 @dataclass(frozen=True)
@@ -3815,9 +3861,10 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
                 leads |= PLACE_LEADS | PREFERENCES | WISHES
             spans = [span for span in name_spans(tokens, leads, words_taken(workflow), alone=only_place and is_open)
                      if _sentence_of(tokens, span.start) not in past]
-            if only_place and is_open and not spans:   # "rome, 1200 eur, 5 days in june"
+            if only_place and is_open and not spans:   # "rome, 1200 eur, 5 days in june", "going to lyon"
                 valued = {k for span in money + periods for k in range(span.start, span.end)}
-                spans = _lowercase_list_head(tokens, words_taken(workflow), valued)
+                spans = (_lowercase_list_head(tokens, words_taken(workflow), valued)
+                         or _lowercase_destination(tokens, words_taken(workflow), valued))
             reading.ruled_out.setdefault(query.name, []).extend(span.value for span in spans if span.negated)
             for span in _after_the_last_contrast(tokens, [span for span in spans if not span.negated]):
                 if is_open or _cued(tokens, span, query) or _replaces(tokens, span):
@@ -3940,6 +3987,26 @@ def _lowercase_list_head(tokens: Sequence[Token], taken: frozenset, valued: set)
     if following is None or following not in valued:   # the next item is itself a value
         return []
     return [Span("name", 0, end, _span_text(tokens, 0, end))]
+
+
+def _lowercase_destination(tokens: Sequence[Token], taken: frozenset, valued: set) -> List[Span]:
+    """In a message written all in lower case, the place after going somewhere: "trip to
+    lisbon", "jveux aller a lyon", "wir wollen nach amsterdam". One to three words that mean
+    nothing else here, right after a place word that follows a word of motion,
+    and ending at a mark, a number or a word that does mean something ("... to lyon 4 jours")."""
+    if any(token.text[:1].isupper() for token in tokens):
+        return []
+    known = taken | ALL_WORDS
+    for index in range(2, len(tokens)):
+        if not (tokens[index - 1].folded in PLACE_LEADS and tokens[index - 2].folded in MOTIONS):
+            continue
+        end = index
+        while (end < len(tokens) and end - index < 3 and end not in valued and tokens[end].shape == "word"
+               and tokens[end].folded not in known and len(tokens[end].folded) >= 3):
+            end += 1
+        if end > index and (end == len(tokens) or tokens[end].shape != "word" or tokens[end].folded in known):
+            return [Span("name", index, end, _span_text(tokens, index, end), is_negated(tokens, index))]
+    return []
 
 
 def _without(tokens: Sequence[Token], span: Span, taken: set) -> Optional[Span]:
@@ -4197,8 +4264,10 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str, tok
               if other.name != query.name and other.name not in conversation.values]
     if not _fits(query, text, tokens):   # a bare value of another kind: "2000" when asked where to go
         instead = [other for other in others if not other.optional and _fits(other, text, tokens)]
-        if len(instead) == 1 and input_kind(instead[0]) not in ("place", "text") and _is_bare(tokens, text):
+        if len(instead) == 1 and input_kind(instead[0]) not in ("place", "text") and _is_bare(tokens):
             return {instead[0].name: _reply_value(instead[0], text)}
+        if query.type not in STRING_TYPES:   # "5 days at Christmas" is no budget: its spans are read instead
+            return {}
     if text.rstrip().endswith("?") or any(set(_words(text)) & _topic_words(other) - _topic_words(query)
                                           for other in others if other.type != "boolean"):
         return {}
@@ -4218,11 +4287,10 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str, tok
     return {query.name: _reply_value(query, text)}
 
 
-def _is_bare(tokens: Sequence[Token], text: str) -> bool:
+def _is_bare(tokens: Sequence[Token]) -> bool:
     """Is a reply one value alone, not a sentence with several ("4 days in March is fine, but
     the budget is 600")? Its spans are read instead."""
-    return (len(text.split()) <= MAX_DIRECT_REPLY_WORDS
-            and not any(_is_break(tokens, k) or tokens[k].folded in CONTRASTS for k in range(len(tokens) - 1)))
+    return not any(_is_break(tokens, k) or tokens[k].folded in CONTRASTS for k in range(len(tokens) - 1))
 
 
 def _fits(query: QueryInput, text: str, tokens: Sequence[Token]) -> bool:
