@@ -655,6 +655,13 @@ def load_extraction_set():
         return json.load(handle)
 
 
+def stated_values(name, expected, superseded):
+    """What the messages stated for an input: its expected value, and those replaced (one, or
+    a list of them)."""
+    replaced = superseded.get(name, [])
+    return ([expected[name]] if name in expected else []) + (replaced if isinstance(replaced, list) else [replaced])
+
+
 def same_value(found, expected):
     """A value read equals the one stated: numbers and yes/no exactly, texts as words, without
     the word that leads into them ("en juillet" is "juillet") and without case or accents."""
@@ -768,7 +775,7 @@ def _score(port, store, stand_in, chats):
             final = store.load(conversation_id)["snapshots"][-1]["values"]
             for name, value in final.items():
                 accepted.add((number, name, repr(value)))
-                if not any(name in known and same_value(value, known[name]) for known in (expected, superseded)):
+                if not any(same_value(value, stated_value) for stated_value in stated_values(name, expected, superseded)):
                     wrong.append(f"#{number} {name}={value!r}")
         stated += len(expected)
         found = [name for name, value in expected.items() if name in final and same_value(final[name], value)]
