@@ -2667,7 +2667,7 @@ SPANISH = Language(
     time_phrases="semana santa, ano nuevo, fin de ano, fin de semana",
     season_nouns="temporada",
     holiday_words="vacaciones puente santa santo",
-    time_units="dia dias noche noches semana semanas mes meses quincena ano anos",
+    time_units="dia dias noche noches semana semanas finde findes mes meses quincena ano anos",
     numbers="un una uno unos unas dos tres cuatro cinco seis siete ocho nueve diez quince decena docena",
     qualifiers="principios mediados finales primera primer segunda segundo tercera ultima ultimo proximo "
                "proxima este esta largo larga viene",
@@ -2779,7 +2779,7 @@ PORTUGUESE = Language(
     range_words="a ate ou", and_words="e",
     period_leads="em no na de do da a ate",
     articles="o os as",
-    place_leads="a ao para pra pro em conhecer visitar ver descobrir",
+    place_leads="a ao para pra em conhecer visitar ver descobrir",
     motions="ir vou vamos viajar viagem voar ferias passeio",
     stays="moro vivo estou",
     corrections="desculpa desculpe perdao",
@@ -2818,7 +2818,7 @@ TEXT_KINDS = ("email", "url", "date", "place")     # kinds of the string type
 NUMBER_KINDS = ("money", "year")                  # kinds of the number types
 CLAUSE_MARKS = frozenset(",;.!?:()[]—|\n")
 TOKEN_PATTERN = re.compile(
-    r"(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4})"
+    r"(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4}|\d{1,2}/\d{1,2}(?![\d/]))"
     r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]|\s*[–-]\s*\d))|(?P<number>\d+(?:[.,]\d+)*)"
     r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\S)")
 # A short capitalised abbreviation with its dot ("St. Louis", "Mt. Fuji") does not end a phrase.
@@ -2834,7 +2834,7 @@ QUOTED_PASSAGE_PATTERN = re.compile(
     r"\u201c[^\u201c\u201d\n]*\u201d|\u201e[^\u201c\u201d\u201e\n]*[\u201c\u201d]|\u00ab[^\u00ab\u00bb\n]*\u00bb"
     r"|\u2018[^\u2018\u2019\n]*\u2019(?![^\W\d_])"
     r"|(?:(?<=^)|(?<=[\s:(]))\"[^\"\n]*\"|(?:(?<=^)|(?<=[\s:(]))'[^'\n]*'(?=[\s.,;:!?)]|$)", re.M)
-QUOTED_PASSAGE_MIN_WORDS = 4   # fewer is a value quoted for emphasis: a trip to "Paris"
+QUOTED_PASSAGE_MIN_WORDS = 4   # fewer is a value quoted for emphasis ("a trip to "Paris""), unless it quotes a label
 MAX_LABEL_WORDS = 3            # "travel dates: ..." labels a value; "my friend sent me this: ..." does not
 
 # The commonest words of each language, folded, to tell which language a text is in (a question
@@ -2982,6 +2982,9 @@ KINDS = MappingProxyType({kind: frozenset(word for language in LANGUAGES.values(
 YES_OR_NO = BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]
 NEGATING = NEGATIONS | BOOLEAN_WORDS[False]
 TIME_WORDS = TIME_NAMES | TIME_UNITS
+# Words of money long enough to end a compound that labels an amount ("Gesamtbudget", "Urlaubsbudget").
+COMPOUND_LABEL_HEADS = tuple(sorted(word for word in KINDS["money"] if len(word) >= 6))
+ABBREVIATION_MAX_LETTERS = 3   # "St", "Mt", "Ste": a capitalised word this short before a dot
 # Month names long enough that one slip of the keyboard leaves them recognisable, and what each
 # becomes with a letter dropped: a misspelt month is found through these (see _month_misspelt).
 MONTH_TYPO_MIN_LETTERS = 6
@@ -3182,10 +3185,22 @@ PASTED_LINE_MIN_CHARS = 16   # a line this long found in one of our replies was 
 
 def _without_a_long_passage(quoted: "re.Match") -> str:
     passage = quoted.group(0)
-    if len(passage[1:-1].split()) < QUOTED_PASSAGE_MIN_WORDS:
+    if len(passage[1:-1].split()) < QUOTED_PASSAGE_MIN_WORDS and not re.search("[:=]", passage):
         return passage[1:-1]   # a value quoted: its marks must not stand between a place word and it
     inside = passage[1:-1].rstrip()
     return passage[0] + passage[-1] + (inside[-1] if inside[-1:] in ".!?" else "")   # a sentence it ended still ends
+
+
+def _is_a_written_value(line: str) -> bool:
+    """Is the line a label and a value taken as written, quotes and all: data ("word: {"a":
+    1}") or one quotation ("title: "Our trip to Rome"")? Not "You wrote: "destination: Venice".
+    No, Verona!", where the quotation is context."""
+    labelled = LINE_VALUE_PATTERN.match(line)
+    if not labelled or len(labelled.group(1).split()) > MAX_LABEL_WORDS:
+        return False
+    value = labelled.group(2)
+    whole = QUOTED_PASSAGE_PATTERN.fullmatch(value)
+    return value[:1] in "{[" or bool(whole)
 
 
 def user_words(text: str, history: Sequence[dict] = ()) -> str:
@@ -3201,8 +3216,7 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
         plain = " ".join(_fold(line).split())
         if line.lstrip().startswith(">") or (len(plain) >= PASTED_LINE_MIN_CHARS and any(plain in reply for reply in ours)):
             continue
-        labelled = LINE_VALUE_PATTERN.match(line)   # "word: {"a": 1}": a labelled value is taken as written
-        if not labelled or len(labelled.group(1).split()) > MAX_LABEL_WORDS:
+        if not _is_a_written_value(line):
             line = QUOTED_PASSAGE_PATTERN.sub(_without_a_long_passage, line)
         kept.append(line)
     return "\n".join(kept).strip()
@@ -3618,8 +3632,12 @@ def _name_end(tokens: Sequence[Token], index: int, taken: frozenset) -> int:
         return index
     while end < len(tokens):
         token = tokens[end]
-        if token.capitalised and token.folded not in taken and not _is_time_word(token, tokens, end):
+        if token.capitalised and token.folded not in taken and not _is_time_word(token, tokens, end) and not (
+                token.folded.endswith(COMPOUND_LABEL_HEADS)):   # "Gesamtbudget" labels an amount
             end += 1
+            if (len(token.text) <= ABBREVIATION_MAX_LETTERS and end + 1 < len(tokens) and tokens[end].text == "."
+                    and tokens[end + 1].capitalised):
+                end += 1   # "St. Gallen", "Mt. Fuji": the abbreviation's dot is inside the name
         elif (end > index and token.folded in NAME_JOINERS and end + 1 < len(tokens)
               and tokens[end + 1].capitalised and tokens[end + 1].folded not in taken
               and (not _is_time_word(tokens[end + 1], tokens, end + 1) or (
@@ -3821,6 +3839,8 @@ def _label_patterns(workflow: Workflow, query: QueryInput) -> List[str]:
     kind = input_kind(query)
     if kind in KINDS and sum(input_kind(other) == kind for other in workflow.query_inputs.values()) == 1:
         patterns += [re.escape(word) for word in sorted(KINDS[kind])]
+        if kind == "money":   # the head of a compound: "Gesamtbudget 1500", "Reisebudget: 2000"
+            patterns += [r"[^\W\d_]+" + re.escape(word) for word in sorted(COMPOUND_LABEL_HEADS)]
     return patterns
 
 
@@ -3991,20 +4011,21 @@ def _lowercase_list_head(tokens: Sequence[Token], taken: frozenset, valued: set)
 
 def _lowercase_destination(tokens: Sequence[Token], taken: frozenset, valued: set) -> List[Span]:
     """In a message written all in lower case, the place after going somewhere: "trip to
-    lisbon", "jveux aller a lyon", "wir wollen nach amsterdam". One to three words that mean
-    nothing else here, right after a place word that follows a word of motion,
-    and ending at a mark, a number or a word that does mean something ("... to lyon 4 jours")."""
+    lisbon", "jveux aller a lyon", "wir wollen nach amsterdam". One word that means nothing
+    else here, right after a place word that follows a word of motion, and ending at a mark,
+    a number or a word that does mean something ("... to lyon 4 jours"): of two unknown words
+    in a row, which is the name would be a guess ("bilbao prsupuesto")."""
     if any(token.text[:1].isupper() for token in tokens):
         return []
     known = taken | ALL_WORDS
     for index in range(2, len(tokens)):
         if not (tokens[index - 1].folded in PLACE_LEADS and tokens[index - 2].folded in MOTIONS):
             continue
-        end = index
-        while (end < len(tokens) and end - index < 3 and end not in valued and tokens[end].shape == "word"
-               and tokens[end].folded not in known and len(tokens[end].folded) >= 3):
-            end += 1
-        if end > index and (end == len(tokens) or tokens[end].shape != "word" or tokens[end].folded in known):
+        if (index in valued or tokens[index].shape != "word" or tokens[index].folded in known
+                or len(tokens[index].folded) < 3):
+            continue
+        end = index + 1
+        if end == len(tokens) or tokens[end].shape != "word" or tokens[end].folded in known:
             return [Span("name", index, end, _span_text(tokens, index, end), is_negated(tokens, index))]
     return []
 
@@ -4315,6 +4336,9 @@ def _could_be(query: QueryInput, tokens: Sequence[Token], words: Sequence[str]) 
     "hmm, let me think": Open WebUI sends its regenerate buttons as messages)."""
     if input_kind(query) == "date":
         return is_period(tokens)
+    if input_kind(query) == "place" and not any(word not in ALL_WORDS for word in words) and not any(
+            token.capitalised for token in tokens):   # "de 10/06 a 15/06" names no place: "Como" does
+        return False
     return not words or not all(word in NON_ANSWERS for word in words)
 
 

@@ -2311,6 +2311,48 @@ def test_a_label_in_any_language_or_a_wish_leads_to_the_value_after_it(trip_plan
     assert read(trip_planner, text) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("salut jveux aller a lyon 4 jours en octobre", {"destination": "lyon", "travel_dates": "4 jours en octobre"}),
+    ("hallo, wir wollen nach amsterdam, so 4 tage anfang dezembr", {"destination": "amsterdam",
+                                                                    "travel_dates": "4 tage anfang dezembr"}),
+    ("we want to go to the beach in july", {"travel_dates": "july"}),
+    ("we want to take it slow", {"pace": "relaxed"}),
+    ("viaje a bilbao prsupuesto 900e finde largo de mayo", {"travel_dates": "finde largo de mayo"}),
+    ("Familienurlaub in Dänemark, 10 Tage in den Herbstferien", {"destination": "Dänemark",
+                                                                 "travel_dates": "10 Tage in den Herbstferien"}),
+    ("Trip to Rome in Augusta", {"ambiguous": ["Rome", "Augusta"]}),
+    ("Gesamtbudget 1500, über Ostern", {"budget": 1500, "travel_dates": "Ostern"}),
+    ("Ich will nach Madrid, der Flug kostet etwa 150 Euro pro Person", {"destination": "Madrid"}),
+    ("Hai scritto: “destinazione: Venezia”. No, ho detto Verona!", {}),
+])
+def test_lower_case_places_compound_words_misspelt_months_and_quoted_labels_are_read_by_rule(trip_planner, text,
+                                                                                             expected):
+    extraction = cozyopenai.extract_offline(trip_planner, new_conversation(), text)
+    if "ambiguous" in expected:
+        assert extraction.ambiguous["destination"] == expected["ambiguous"]
+    else:
+        assert extraction.values == expected
+
+
+def test_an_abbreviation_with_its_dot_is_inside_a_name(start):
+    weather = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))["weather-now"]
+    extraction = cozyopenai.extract_offline(weather, new_conversation(), "Wie warm ist es in St. Gallen? Bitte in Celsius")
+    assert extraction.values == {"city": "St. Gallen", "units": "celsius"}
+
+
+@pytest.mark.parametrize("text, expected", [("de 10/06 a 15/06", {"travel_dates": "10/06 a 15/06"}),
+                                            ("Como", {"destination": "Como"})])
+def test_a_reply_to_where_that_names_no_place_is_not_a_place(trip_planner, text, expected):
+    conversation = new_conversation(asked=["destination"])
+    conversation.values["budget"] = 1200
+    assert cozyopenai.extract_offline(trip_planner, conversation, text).values == expected
+
+
+def test_a_labelled_value_in_quotes_or_as_data_keeps_its_quotes():
+    assert cozyopenai.user_words('title: "Our great trip to Rome"') == 'title: "Our great trip to Rome"'
+    assert cozyopenai.user_words('word: {"items": [7], "name": "Ada"}') == 'word: {"items": [7], "name": "Ada"}'
+
+
 def test_folded_pattern_matches_a_folded_word_as_written_with_accents():
     pattern = re.compile(r"\b(?:" + cozyopenai.folded_pattern(["e", "sao"]) + r")\b")
     assert pattern.search("il budget è 600") and pattern.search("eles são") and not pattern.search("bien sûr")
