@@ -3252,7 +3252,11 @@ def run_async(coroutine):
     return asyncio.run(asyncio.wait_for(coroutine, 60))
 
 
-def test_mcp_lists_each_workflow_as_a_tool_without_its_fixed_inputs(start):
+MCP_MODES = ["2026-07-28", "auto", "legacy"]   # the client's era: per-request, discovered, handshake
+
+
+@pytest.mark.parametrize("mode", MCP_MODES)
+def test_mcp_lists_each_workflow_as_a_tool_without_its_fixed_inputs_or_required_inputs(start, mode):
     server = start([workflow(fixed_inputs={"api_token": "sk-hidden-1234567890abcdef"}, nodes=[
         {"id": "say", "type": "template", "inputs": {"template": "{word}", "word": {"query": "word"},
                                                      "token": {"fixed": "api_token"}}},
@@ -3260,28 +3264,30 @@ def test_mcp_lists_each_workflow_as_a_tool_without_its_fixed_inputs(start):
         "workflows"])
 
     async def tools():
-        async with mcp_session(server) as client:
+        async with mcp_session(server, mode=mode) as client:
             return client.protocol_version, (await client.list_tools()).tools
     version, listed = run_async(tools())
-    assert version in cozyopenai.MCP_VERSIONS
+    assert version in (cozyopenai.MCP_VERSIONS if mode == "legacy" else cozyopenai.MCP_MODERN_VERSIONS)
     assert [tool.name for tool in listed] == ["echo", "trip-planner", "month-calendar", "weather-now"]
     echo, trip = listed[0], listed[1]
     assert "api_token" not in json.dumps(echo.input_schema) and "sk-hidden" not in json.dumps(echo.input_schema)
     schema = trip.input_schema
-    assert schema["required"] == ["destination", "budget", "travel_dates"]
+    assert "required" not in schema   # a client may call with what it knows: the rest is asked for
+    assert schema["properties"]["budget"]["description"].endswith("Asked for when left out.")
     assert schema["properties"]["pace"] == {"type": "string", "enum": ["relaxed", "balanced", "packed"], "title": "Pace",
                                             "description": "How full the days should be.", "default": "balanced"}
     assert schema["properties"]["budget"]["type"] == "number" and "request" in schema["properties"]
     assert listed[2].input_schema["properties"]["month"]["maximum"] == 12
 
 
-def test_mcp_calls_a_workflow_with_its_arguments_and_reports_progress(start):
+@pytest.mark.parametrize("mode", MCP_MODES)
+def test_mcp_calls_a_workflow_with_its_arguments_and_reports_progress(start, mode):
     server, progress = start(), []
 
     async def call():
         async def on_progress(done, total, message):
             progress.append((done, total, message))
-        async with mcp_session(server) as client:
+        async with mcp_session(server, mode=mode) as client:
             return await client.call_tool("month-calendar", {"year": 2026, "month": 3}, progress_callback=on_progress)
     result = run_async(call())
     assert not result.is_error and "March 2026" in result.content[0].text
@@ -3289,7 +3295,8 @@ def test_mcp_calls_a_workflow_with_its_arguments_and_reports_progress(start):
     assert progress[0][2].startswith("calendar started")
 
 
-def test_mcp_asks_for_missing_inputs_by_elicitation_and_honours_decline(start):
+@pytest.mark.parametrize("mode", MCP_MODES)
+def test_mcp_asks_for_missing_inputs_by_elicitation_and_honours_decline_and_cancel(start, mode):
     server, asked = start(), []
 
     def answer(message, schema, types):
@@ -3297,16 +3304,17 @@ def test_mcp_asks_for_missing_inputs_by_elicitation_and_honours_decline(start):
         return types.ElicitResult(action="accept", content={"budget": 1500, "travel_dates": "10 to 17 October"})
 
     async def call(elicit, arguments):
-        async with mcp_session(server, elicit) as client:
+        async with mcp_session(server, elicit, mode=mode) as client:
             return await client.call_tool("trip-planner", arguments)
     result = run_async(call(answer, {"destination": "Lisbon"}))
     assert not result.is_error and result.content[0].text.startswith("## Your trip to Lisbon")
     assert "1500 in total" in result.content[0].text
     assert asked == [("I still need the budget and travel dates. What is your total budget for the trip? "
                       "When would you like to travel, and for how long?", ["budget", "travel_dates"])]
-    declined = run_async(call(lambda message, schema, types: types.ElicitResult(action="decline"),
-                              {"destination": "Lisbon"}))
-    assert declined.is_error and "the user chose to decline" in declined.content[0].text
+    for action in ("decline", "cancel"):
+        ended = run_async(call(lambda message, schema, types: types.ElicitResult(action=action),
+                               {"destination": "Lisbon"}))
+        assert ended.is_error and f"the user chose to {action} instead of giving the budget" in ended.content[0].text
 
 
 def test_an_mcp_form_message_from_the_llm_is_used_only_when_it_names_every_field(start, fake_llm):
@@ -3370,9 +3378,74 @@ def test_mcp_errors_are_json_rpc_errors_and_keys_and_origins_are_checked(start):
     assert unknown.json()["error"]["code"] == -32601
     wrong_tool = post(b'{"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "nope"}}', **session)
     assert wrong_tool.json()["error"]["code"] == -32602
-    assert post(b'{"jsonrpc": "2.0", "id": 4, "method": "server/discover"}', **key).status_code == 404
+    assert post(b'{"jsonrpc": "2.0", "id": 4, "method": "ping"}', **{"MCP-Protocol-Version": "1999-01-01"},
+                **session).status_code == 400   # a version it does not speak, as the specification asks
+    assert post(b'{"jsonrpc": "2.0", "id": 4, "method": "ping"}', **{"MCP-Protocol-Version": "2025-06-18"},
+                **session).json()["result"] == {}
+    batch = post(b'[{"jsonrpc": "2.0", "id": 6, "method": "ping"}]', **session)
+    assert batch.status_code == 400 and "2025-03-26 only" in batch.json()["error"]["message"]
     assert requests.delete(server.url + "/mcp", headers=session, timeout=10).status_code == 200
     assert post(b'{"jsonrpc": "2.0", "id": 5, "method": "ping"}', **session).status_code == 404
+
+
+def test_mcp_batches_are_answered_under_2025_03_26_which_allows_them(start):
+    server = start()
+    post = lambda body, **headers: requests.post(server.url + "/mcp", json=body, timeout=10, headers={  # noqa: E731
+        "Accept": "application/json, text/event-stream", **headers})
+    initialized = post({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-03-26", "capabilities": {}}})
+    session = {"Mcp-Session-Id": initialized.headers["Mcp-Session-Id"]}
+    answers = post([{"jsonrpc": "2.0", "method": "notifications/initialized"},
+                    {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                    {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+                        "name": "month-calendar", "arguments": {"year": 2026, "month": 3}}},
+                    {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "month-calendar",
+                                                                                   "arguments": {"month": "x"}}},
+                    {"jsonrpc": "2.0", "id": 4, "method": "nope"}], **session)
+    listed, called, refused, unknown = answers.json()
+    assert answers.status_code == 200 and [answer["id"] for answer in answers.json()] == [1, 2, 3, 4]
+    assert "trip-planner" in [tool["name"] for tool in listed["result"]["tools"]]
+    assert "March 2026" in called["result"]["content"][0]["text"]
+    assert refused["result"]["isError"] and "- month:" in refused["result"]["content"][0]["text"]
+    assert unknown["error"]["code"] == -32601
+    assert post([{"jsonrpc": "2.0", "method": "notifications/initialized"}], **session).status_code == 202
+
+
+def test_mcp_2026_requests_are_checked_against_their_envelope_and_headers(start):
+    server = start()
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}
+
+    def post(method, params=None, version="2026-07-28", **headers):
+        return requests.post(server.url + "/mcp", timeout=10, json={
+            "jsonrpc": "2.0", "id": 7, "method": method, "params": {"_meta": meta} if params is None else params},
+            headers={"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": version,
+                     "Mcp-Method": method, **headers})
+    discovered = post("server/discover").json()["result"]
+    assert discovered["supportedVersions"][0] == "2026-07-28" and "2025-11-25" in discovered["supportedVersions"]
+    assert discovered["resultType"] == "complete" and discovered["capabilities"]["tools"] == {"listChanged": False}
+    assert discovered["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "cozyopenai"
+    listed = post("tools/list").json()["result"]
+    assert listed["resultType"] == "complete" and listed["ttlMs"] > 0 and listed["cacheScope"] == "public"
+    later = {"_meta": {**meta, "io.modelcontextprotocol/protocolVersion": "2027-01-01"}}
+    unsupported = post("tools/list", later, version="2027-01-01")
+    assert unsupported.status_code == 400 and unsupported.json()["error"]["code"] == -32022
+    assert unsupported.json()["error"]["data"] == {"supported": ["2026-07-28", "2025-11-25", "2025-06-18",
+                                                                 "2025-03-26"], "requested": "2027-01-01"}
+    mismatched = post("tools/list", **{"Mcp-Method": "tools/call"})
+    assert mismatched.status_code == 400 and mismatched.json()["error"]["code"] == -32020
+    wrong_name = post("tools/call", {"_meta": meta, "name": "trip-planner"}, **{"Mcp-Name": "month-calendar"})
+    assert wrong_name.json()["error"]["code"] == -32020
+    bare = post("tools/list", {})
+    assert bare.status_code == 400 and bare.json()["error"]["code"] == -32602
+    assert post("ping").status_code == 404 and post("ping").json()["error"]["code"] == -32601
+    notified = requests.post(server.url + "/mcp", timeout=10, json={"jsonrpc": "2.0", "method": "notifications/x"},
+                             headers={"MCP-Protocol-Version": "2026-07-28"})
+    assert notified.status_code == 202
+    called = post("tools/call", {"_meta": meta, "name": "trip-planner", "arguments": {"destination": "Lisbon"}},
+                  **{"Mcp-Name": "trip-planner", "Accept": "application/json"}).json()["result"]
+    assert called["resultType"] == "complete" and called["isError"]   # no elicitation capability: what is missing
+    assert "- budget:" in called["content"][0]["text"]
 
 
 def test_mcp_odd_answers_and_arguments_end_with_a_result_and_a_rebinding_host_is_refused(start):
