@@ -12,6 +12,7 @@ import ast
 import contextlib
 import dataclasses
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -3468,6 +3469,116 @@ def test_mcp_odd_answers_and_arguments_end_with_a_result_and_a_rebinding_host_is
                                                                       "Host": "attacker.example:1"},
                             json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}})
     assert rebound.status_code == 403   # DNS rebinding: the Host matches the page's, still refused
+
+
+def test_the_agents_sdk_calls_the_trip_planner_with_only_a_destination_and_hears_what_is_missing(start):
+    agents = pytest.importorskip("agents")
+    from agents.mcp import MCPServerStreamableHttp
+    server = start()
+
+    async def call():
+        async with MCPServerStreamableHttp({"url": server.url + "/mcp", "timeout": 30}, name="cozy",
+                                           client_session_timeout_seconds=30) as tools:
+            return await tools.call_tool("trip-planner", {"destination": "Lisbon"})
+    result = run_async(call())   # not refused in the client: the schema requires nothing
+    assert result.is_error   # this client cannot elicit: the result names what is missing
+    assert "- budget:" in result.content[0].text and "- travel_dates:" in result.content[0].text
+
+
+def test_a_request_state_opens_only_for_its_tool_with_its_key_unaltered_and_in_time():
+    key = cozyopenai.mcp_state_key("shared secret")
+    assert key == cozyopenai.mcp_state_key("shared secret") and key != cozyopenai.mcp_state_key("another")
+    sealed = cozyopenai.seal_request_state(key, {"tool": "trip-planner", "expires": time.time() + 60,
+                                                 "values": {"destination": "Lisbon"}})
+    assert "Lisbon" not in sealed and "trip-planner" not in sealed   # the values are not readable
+    assert cozyopenai.open_request_state(key, sealed, "trip-planner")["values"] == {"destination": "Lisbon"}
+    refusals = {
+        "altered": (key, sealed[:-6] + ("A" if sealed[-6] != "A" else "B") + sealed[-5:], "trip-planner", None),
+        "another key": (cozyopenai.mcp_state_key("another"), sealed, "trip-planner", None),
+        "another tool": (key, sealed, "month-calendar", None),
+        "expired": (key, sealed, "trip-planner", time.time() + 61),
+        "forged": (key, "cz1." + "A" * 80, "trip-planner", None),
+        "not ours": (key, "hello", "trip-planner", None)}
+    for why, (opening_key, token, tool, now) in refusals.items():
+        with pytest.raises(cozyopenai.McpError) as refused:
+            cozyopenai.open_request_state(opening_key, token, tool, now)
+        assert refused.value.code == -32602 and refused.value.status == 400, why
+    assert "another tool" in str(pytest.raises(cozyopenai.McpError, cozyopenai.open_request_state, key, sealed,
+                                               "month-calendar").value.message)
+
+
+class RoundRobin:
+    """A load balancer in front of several instances that sends every request to the next one,
+    streaming the answer back; it notes which instance got each MCP method."""
+
+    def __init__(self, backends):
+        self.backends, self.served, self._next = backends, [], itertools.count()
+        balancer = self
+
+        class Forward(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                number = next(balancer._next) % len(balancer.backends)
+                balancer.served.append((number, self.headers.get("Mcp-Method")))
+                headers = {name: value for name, value in self.headers.items()
+                           if name.lower() not in ("host", "content-length", "connection")}
+                with requests.post(balancer.backends[number] + self.path, data=body, headers=headers, stream=True,
+                                   timeout=30) as answer:
+                    self.send_response(answer.status_code)
+                    for name, value in answer.headers.items():
+                        if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                            self.send_header(name, value)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    for chunk in answer.iter_content(None):
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+
+            def log_message(self, *arguments):
+                pass
+        self.httpd = _ListeningLong(("127.0.0.1", 0), Forward)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_three_round_mcp_gathering_completes_with_every_request_sent_to_the_other_instance(start, redis_server):
+    mcp = pytest.importorskip("mcp")
+    import mcp_types
+    instances = [start(store=redis_server.url, mcp_state_secret="the same on both") for _ in range(2)]
+    balancer = RoundRobin([instance.url for instance in instances])
+    answers = iter([{"budget": "lots"}, {"budget": 1500}, {"travel_dates": "10 to 17 October"}])
+    asked = []
+
+    async def answer(context, params):
+        asked.append(sorted(params.requested_schema["properties"]))
+        return mcp_types.ElicitResult(action="accept", content=next(answers))
+
+    async def gather():
+        async with mcp.Client(balancer.url + "/mcp", mode="2026-07-28", elicitation_callback=answer,
+                              read_timeout_seconds=30) as client:
+            result = await client.call_tool("trip-planner", {"destination": "Lisbon"})
+            first = await client.session.call_tool("trip-planner", {"destination": "Lisbon"},
+                                                   allow_input_required=True)
+            state = first.request_state
+            tampered = state[:-6] + ("A" if state[-6] != "A" else "B") + state[-5:]
+            with pytest.raises(mcp.MCPError) as refused:
+                await client.session.call_tool("trip-planner", {"destination": "Lisbon"}, request_state=tampered,
+                                               input_responses={}, allow_input_required=True)
+            return result, refused.value
+    try:
+        result, refused = run_async(gather())
+    finally:
+        balancer.close()
+    assert not result.is_error and result.content[0].text.startswith("## Your trip to Lisbon")
+    assert "1500 in total" in result.content[0].text
+    assert asked == [["budget", "travel_dates"], ["budget", "travel_dates"], ["travel_dates"]]
+    gathering = [number for number, method in balancer.served if method == "tools/call"][:4]   # 3 forms, 1 run
+    assert gathering in ([0, 1, 0, 1], [1, 0, 1, 0])   # each round on the other instance than the one before
+    assert refused.code == -32602 and "altered" in str(refused)
 
 
 def inspector_command():
