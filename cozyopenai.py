@@ -6469,8 +6469,9 @@ class McpCall:
                     "progressToken": self.progress_token, "progress": steps / 2, "total": len(workflow.nodes),
                     "message": workflow.redact(progress_line(event))}}
             elif event.what == "failed":
-                yield self._result(f"The workflow stopped: step {event.node_id!r} failed ({event.text}).",
-                                   is_error=True)
+                if not self.cancelled:
+                    yield self._result(f"The workflow stopped: step {event.node_id!r} failed ({event.text}).",
+                                       is_error=True)
                 return
             elif event.what == "answer":
                 answer.append(event.text)

@@ -3581,6 +3581,65 @@ def test_a_three_round_mcp_gathering_completes_with_every_request_sent_to_the_ot
     assert refused.code == -32602 and "altered" in str(refused)
 
 
+def _metrics_text(server):
+    return requests.get(server.url + "/metrics", timeout=5).text
+
+
+@pytest.mark.parametrize("mode", ["2026-07-28", "legacy"])
+def test_a_cancelled_mcp_call_runs_no_node_after_the_cancel(start, mode):
+    import asyncio
+    inside, later_ran = threading.Event(), threading.Event()
+
+    def hold(inputs, context):
+        inside.set()
+        context.stop.wait(10)   # a cancel or a hang-up ends the wait, as for a chat whose client left
+        return "held"
+
+    def later(inputs, context):
+        later_ran.set()
+        return "later"
+    nodes = [{"id": "hold", "type": "hold", "inputs": {"w": {"query": "word"}}},
+             {"id": "later", "type": "later", "inputs": {"x": {"link": "hold"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "later"}}}]
+    server = start([workflow(nodes=nodes)], node_types={"hold": cozyopenai.NodeType(hold),
+                                                        "later": cozyopenai.NodeType(later)})
+
+    async def call():
+        async with mcp_session(server, mode=mode) as client:
+            task = asyncio.ensure_future(client.call_tool("echo", {"word": "x"}))
+            assert await asyncio.get_running_loop().run_in_executor(None, inside.wait, 10), "hold did not start"
+            task.cancel()   # legacy: notifications/cancelled; 2026-07-28: the request's stream closed
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    run_async(call())
+    wait_until(lambda: 'cozyopenai_runs_total{model="echo"' in _metrics_text(server),
+               "the cancelled run did not end within 10 s")   # hold waits 10 s unless the cancel reaches it
+    assert not later_ran.is_set()
+
+
+def test_a_cancel_ends_a_pending_elicitation_and_the_workflow_never_runs(start):
+    import asyncio
+    server, asked = start(), threading.Event()
+
+    async def call():
+        async def never_answered(context, params):
+            asked.set()
+            await asyncio.sleep(30)
+        async with mcp.Client(server.url + "/mcp", mode="legacy", elicitation_callback=never_answered,
+                              read_timeout_seconds=30) as client:
+            task = asyncio.ensure_future(client.call_tool("trip-planner", {"destination": "Lisbon"}))
+            assert await asyncio.get_running_loop().run_in_executor(None, asked.wait, 10), "nothing was asked"
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.get_running_loop().run_in_executor(None, lambda: wait_until(
+                lambda: "cozyopenai_open_streams 0" in _metrics_text(server),
+                "the call's stream was still open 10 s after the cancel"))   # its 600 s wait ended
+    mcp = pytest.importorskip("mcp")
+    run_async(call())
+    assert 'cozyopenai_runs_total{model="trip-planner"' not in _metrics_text(server)
+
+
 def inspector_command():
     """The MCP Inspector's command line, from the folder COZYOPENAI_INSPECTOR_DIR names (where
     .ci/run installs it from the npm registry), or None."""
