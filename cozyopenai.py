@@ -35,8 +35,9 @@ loopback. Give ``--api-key`` before listening anywhere else. Fixed inputs
 edit workflows.json can make the server fetch URLs and call Python functions.
 
 It speaks Chat Completions (``/openai/chat/completions``), the Responses API
-(``/openai/responses``, with ``previous_response_id``) and MCP (``/mcp``), each a
-thin block over one turn; ``GET /`` is a page for people and ``GET /metrics`` gives
+(``/openai/responses``, with ``previous_response_id``) and MCP (``/mcp``: the
+handshake era and 2026-07-28, whose sealed requestState lets any instance given the
+same ``--mcp-state-secret`` go on with a gathering), each a thin block over one turn; ``GET /`` is a page for people and ``GET /metrics`` gives
 Prometheus counters. Conversations live in memory, in a folder of JSON files (the
 default), or in Redis or Valkey (``--store redis://host:6379/0``) for several
 instances on several machines; another store is a ``Store`` subclass (its docstring
@@ -66,6 +67,7 @@ __all__ = [
     "UnauthorizedError", "NotFoundError", "ModelNotFoundError", "MethodNotAllowedError",
     "BodyTooLargeError", "UnsupportedMediaTypeError", "HeadersTooLargeError", "UriTooLongError",
     "RequestTimeoutError", "ServerBusyError", "LLMError", "LLMTimeout", "McpError",
+    "mcp_state_key", "seal_request_state", "open_request_state",
 ]
 
 import abc
