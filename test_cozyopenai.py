@@ -3349,16 +3349,19 @@ def test_mcp_re_asks_a_bad_value_and_reads_a_free_text_request(start):
     assert not request.is_error and "Lisbon" in request.content[0].text and "1200 in total" in request.content[0].text
 
 
-def test_mcp_without_elicitation_lists_what_is_missing_and_why(start):
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_mcp_without_elicitation_lists_what_is_missing_and_why_and_refuses_unknown_arguments(start, mode):
     server = start()
 
-    async def call():
-        async with mcp_session(server) as client:   # no callback: the client cannot elicit
-            return await client.call_tool("trip-planner", {"destination": "Lisbon", "budget": "lots"})
-    result = run_async(call())
+    async def call(arguments):
+        async with mcp_session(server, mode=mode) as client:   # no callback: the client cannot elicit
+            return await client.call_tool("trip-planner", arguments)
+    result = run_async(call({"destination": "Lisbon", "budget": "lots"}))
     assert result.is_error
     assert "- budget: I need a single number for the budget, not 'lots'" in result.content[0].text
     assert "- travel_dates: When the user wants to travel" in result.content[0].text
+    typo = run_async(call({"destination": "Lisbon", "budjet": 1500}))
+    assert typo.is_error and "Not run: there is no argument 'budjet'" in typo.content[0].text
 
 
 def test_mcp_errors_are_json_rpc_errors_and_keys_and_origins_are_checked(start):
@@ -3457,7 +3460,7 @@ def test_mcp_odd_answers_and_arguments_end_with_a_result_and_a_rebinding_host_is
             return await client.call_tool("trip-planner", arguments)
     weird = run_async(call({"destination": "Lisbon"},
                            lambda message, schema, types: types.ElicitResult(action="accept", content={})))
-    assert weird.is_error   # asked again with nothing usable, then given up: a result, not a hang
+    assert weird.is_error and weird.content[0].text.startswith("Asked 3 times without usable values")
     typed = run_async(call({"destination": "Lisbon", "budget": {"a": 1}, "travel_dates": "May"}))
     assert typed.is_error and "I need a number for the budget" in typed.content[0].text
     initialized = requests.post(server.url + "/mcp", timeout=10, json={
@@ -3698,8 +3701,9 @@ def test_metrics_count_node_failures_by_type(start):
 ####################################################################################
 
 def test_api_keys_come_from_the_environment_too():
-    config = cozyopenai.config_from_environment({"COZYOPENAI_API_KEY": "a, b", "COZYOPENAI_STORE": "memory"})
-    assert config["api_keys"] == ["a", "b"] and config["store"] == "memory"
+    config = cozyopenai.config_from_environment({"COZYOPENAI_API_KEY": "a, b", "COZYOPENAI_STORE": "memory",
+                                                 "COZYOPENAI_MCP_STATE_SECRET": "shared"})
+    assert config["api_keys"] == ["a", "b"] and config["store"] == "memory" and config["mcp_state_secret"] == "shared"
 
 
 def test_single_call_mode_comes_from_the_flag_or_the_environment():
