@@ -37,12 +37,13 @@ edit workflows.json can make the server fetch URLs and call Python functions.
 It speaks Chat Completions (``/openai/chat/completions``), the Responses API
 (``/openai/responses``, with ``previous_response_id``) and MCP (``/mcp``: the
 handshake era and 2026-07-28, whose sealed requestState lets any instance given the
-same ``--mcp-state-secret`` go on with a gathering), each a thin block over one turn; ``GET /`` is a page for people and ``GET /metrics`` gives
-Prometheus counters. Conversations live in memory, in a folder of JSON files (the
-default), or in Redis or Valkey (``--store redis://host:6379/0``) for several
-instances on several machines; another store is a ``Store`` subclass (its docstring
-states the locking rule). Text the internal LLM writes for a person (questions,
-client tasks) is checked before it is shown, with a templated fallback.
+same ``--mcp-state-secret`` go on with a gathering), each a thin block over one turn;
+``GET /`` is a page for people and ``GET /metrics`` gives Prometheus counters.
+Conversations live in memory, in a folder of JSON files (the default), or in Redis
+or Valkey (``--store redis://host:6379/0``) for several instances on several
+machines; another store is a ``Store`` subclass (its docstring states the locking
+rule). Text the internal LLM writes for a person (questions, client tasks) is
+checked before it is shown, with a templated fallback.
 
 Limits: token counts in ``usage`` are estimates (about four characters a
 token); one choice per request (``n`` must be 1); the JSON store keeps one
@@ -6146,7 +6147,9 @@ def mcp_tool(workflow: Workflow) -> dict:
     for name, query in workflow.query_inputs.items():
         properties[name] = input_schema(query)
         if not query.optional:
-            properties[name]["description"] = query.description.rstrip() + ASKED_NOTE
+            description = query.description.rstrip()
+            properties[name]["description"] = description + ("" if description.endswith((".", "?", "!")) else ".") \
+                + ASKED_NOTE
     properties[REQUEST_ARGUMENT] = {"type": "string", "description": (
         "Optional: what you want, in your own words (\"a week in Lisbon in October, about 1200 euros\"); the values "
         "it states are read from it, and only what is still missing is asked for.")}
@@ -6523,7 +6526,8 @@ def mcp_post(service: Service, sessions: McpSessions, origins: Sequence[str], st
             bottle.response.set_header("Mcp-Session-Id", session_id)
             return _mcp_answer(reply, method, started)
         session = _mcp_session(sessions)
-        if method == "tools/call" and "text/event-stream" in bottle.request.get_header("Accept", ""):
+        if method == "tools/call" and message_id is not None and \
+                "text/event-stream" in bottle.request.get_header("Accept", ""):
             call = McpCall(service, message, session.can_elicit, _stop_signal(), session=session)
             session.calls[call.id] = call   # for notifications/cancelled
             return _mcp_stream(service, call, started)
@@ -6556,7 +6560,7 @@ def mcp_reply(service: Service, session: McpSession, message: dict) -> Optional[
     if method == "tools/list":
         return _jsonrpc(message_id, {"tools": [mcp_tool(w) for w in service.workflows.values()]})
     if method == "tools/call":
-        call = McpCall(service, message, False, threading.Event(), session=session)
+        call = McpCall(service, message, False, _stop_signal(), session=session)
         return [m for m in call.messages() if m is not None][-1]
     if method == "initialize":
         raise McpError(JSONRPC_INVALID_REQUEST, "initialize must not be part of a batch.", 400)
