@@ -3450,6 +3450,23 @@ def test_mcp_2026_requests_are_checked_against_their_envelope_and_headers(start)
                   **{"Mcp-Name": "trip-planner", "Accept": "application/json"}).json()["result"]
     assert called["resultType"] == "complete" and called["isError"]   # no elicitation capability: what is missing
     assert "- budget:" in called["content"][0]["text"]
+    eliciting = {**meta, "io.modelcontextprotocol/clientCapabilities": {"elicitation": {"form": {}}}}
+    asked = post("tools/call", {"_meta": eliciting, "name": "trip-planner", "arguments": {"destination": "Lisbon"}},
+                 **{"Mcp-Name": "trip-planner", "Accept": "application/json"}).json()["result"]
+    assert asked["resultType"] == "input_required" and asked["requestState"].startswith("cz1.")
+    (form,) = asked["inputRequests"].values()
+    assert form["method"] == "elicitation/create" and form["params"]["message"].startswith(
+        "I still need the budget and travel dates.")
+    assert form["params"]["requestedSchema"]["required"] == ["budget", "travel_dates"]
+    (key,) = asked["inputRequests"]
+    declined = post("tools/call", {"_meta": eliciting, "name": "trip-planner", "requestState": asked["requestState"],
+                                   "inputResponses": {key: {"action": "decline"}}},
+                    **{"Mcp-Name": "trip-planner", "Accept": "application/json"}).json()["result"]
+    assert declined["isError"] and "the user chose to decline" in declined["content"][0]["text"]
+    replayed = post("tools/call", {"_meta": eliciting, "name": "month-calendar", "requestState": asked["requestState"],
+                                   "inputResponses": {}},
+                    **{"Mcp-Name": "month-calendar", "Accept": "application/json"})
+    assert replayed.status_code == 400 and "belongs to another tool" in replayed.json()["error"]["message"]
 
 
 def test_mcp_odd_answers_and_arguments_end_with_a_result_and_a_rebinding_host_is_refused(start):
