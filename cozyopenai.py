@@ -6351,6 +6351,8 @@ class McpCall:
             asked = 0
         while True:
             missing = workflow.missing(values)
+            if self.cancelled:
+                return   # cancelled while the arguments were read: ask nothing, run nothing
             if not missing:
                 break
             if not self.can_elicit:
@@ -6520,11 +6522,11 @@ def mcp_post(service: Service, sessions: McpSessions, origins: Sequence[str], st
         method, message_id = message.get("method"), message.get("id")
         if _is_modern(message):
             return mcp_modern(service, message, state_key, started)
-        _handshake_version()
-        if method == "initialize":
+        if method == "initialize":   # the version is agreed on here: a header before it says nothing yet
             session_id, reply = mcp_initialize(sessions, message)
             bottle.response.set_header("Mcp-Session-Id", session_id)
             return _mcp_answer(reply, method, started)
+        _handshake_version()
         session = _mcp_session(sessions)
         if method == "tools/call" and message_id is not None and \
                 "text/event-stream" in bottle.request.get_header("Accept", ""):
