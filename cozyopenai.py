@@ -35,13 +35,15 @@ loopback. Give ``--api-key`` before listening anywhere else. Fixed inputs
 edit workflows.json can make the server fetch URLs and call Python functions.
 
 It speaks Chat Completions (``/openai/chat/completions``), the Responses API
-(``/openai/responses``, with ``previous_response_id``) and MCP (``/mcp``), each a
-thin block over one turn; ``GET /`` is a page for people and ``GET /metrics`` gives
-Prometheus counters. Conversations live in memory, in a folder of JSON files (the
-default), or in Redis or Valkey (``--store redis://host:6379/0``) for several
-instances on several machines; another store is a ``Store`` subclass (its docstring
-states the locking rule). Text the internal LLM writes for a person (questions,
-client tasks) is checked before it is shown, with a templated fallback.
+(``/openai/responses``, with ``previous_response_id``) and MCP (``/mcp``: the
+handshake era and 2026-07-28, whose sealed requestState lets any instance given the
+same ``--mcp-state-secret`` go on with a gathering), each a thin block over one turn;
+``GET /`` is a page for people and ``GET /metrics`` gives Prometheus counters.
+Conversations live in memory, in a folder of JSON files (the default), or in Redis
+or Valkey (``--store redis://host:6379/0``) for several instances on several
+machines; another store is a ``Store`` subclass (its docstring states the locking
+rule). Text the internal LLM writes for a person (questions, client tasks) is
+checked before it is shown, with a templated fallback.
 
 Limits: token counts in ``usage`` are estimates (about four characters a
 token); one choice per request (``n`` must be 1); the JSON store keeps one
@@ -66,6 +68,7 @@ __all__ = [
     "UnauthorizedError", "NotFoundError", "ModelNotFoundError", "MethodNotAllowedError",
     "BodyTooLargeError", "UnsupportedMediaTypeError", "HeadersTooLargeError", "UriTooLongError",
     "RequestTimeoutError", "ServerBusyError", "LLMError", "LLMTimeout", "McpError",
+    "mcp_state_key", "seal_request_state", "open_request_state",
 ]
 
 import abc
@@ -6188,47 +6191,64 @@ def delete_response(service: Service, response_id: str) -> dict:
 # MCP: the workflows as tools, missing inputs asked for by elicitation
 ####################################################################################
 
-# Streamable HTTP, the handshake era of the protocol: initialize, a session id, then
-# requests. The 2026-07-28 era's probe (server/discover) is answered "method not found",
-# which makes current clients fall back to initialize (as the specification says).
-MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")   # newest first: what initialize may agree on
+# Streamable HTTP, in both eras of the protocol. The handshake era (2025-03-26 to 2025-11-25):
+# initialize, a session id, then requests; what is missing is asked by an elicitation/create
+# sent on the call's own stream, so the answer must reach the process that asked. The
+# 2026-07-28 era: no session, each request carries its version and the client's capabilities
+# in _meta, and a call that needs more returns "input_required" with a sealed requestState
+# that any instance holding the same key can continue from (a round-robin balancer is fine).
+MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")   # the handshake era, newest first
+MCP_MODERN_VERSIONS = ("2026-07-28",)    # the per-request era: server/discover, _meta, requestState
+MCP_BATCH_VERSIONS = ("2025-03-26",)     # the one version whose JSON-RPC batches the specification allows
+MCP_UNSTATED_VERSION = "2025-03-26"      # a handshake request without MCP-Protocol-Version is read as this
 MCP_SESSION_IDLE_SECONDS = 3600.0        # a session unused this long is forgotten (clients may never DELETE)
-MCP_ELICIT_SECONDS = 600.0               # how long a tool call waits for a person to answer
+MCP_ELICIT_SECONDS = 600.0               # how long a person has to answer a form, in either era
 MCP_KEEPALIVE_SECONDS = 15.0             # an SSE comment this often while waiting (clients time out at 300 s)
+MCP_WAIT_CHECK_SECONDS = 0.5             # how often a waiting elicitation looks for a cancel or a hang-up
 MCP_MAX_SESSIONS = 10_000
+MCP_LIST_TTL_MILLISECONDS = 300_000      # the tools change only with a restart: clients may cache the list
 JSONRPC_PARSE_ERROR, JSONRPC_INVALID_REQUEST, JSONRPC_NO_METHOD, JSONRPC_INVALID_PARAMS = -32700, -32600, -32601, -32602
 JSONRPC_INTERNAL_ERROR = -32603
+MCP_HEADER_MISMATCH, MCP_UNSUPPORTED_VERSION = -32020, -32022   # the 2026-07-28 era's own codes
+MCP_META_VERSION = "io.modelcontextprotocol/protocolVersion"
+MCP_META_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
+MCP_META_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
+MCP_STATE_PREFIX = "cz1."                # the requestState format: a version, then nonce, ciphertext, tag
+MCP_STATE_NONCE_BYTES, MCP_STATE_TAG_BYTES = 16, 32
 REQUEST_ARGUMENT = "request"             # the optional free-text argument, read like a chat message
+ASKED_NOTE = " Asked for when left out."   # in the tool's schema: a missing input is gathered, not refused
 
 
 class McpError(CozyError):
-    """A JSON-RPC error (its ``code`` a JSON-RPC number), with the HTTP status it goes out with."""
+    """A JSON-RPC error (its ``code`` a JSON-RPC number), with the HTTP status it goes out with
+    and, for some codes, the ``data`` the specification gives them."""
 
-    def __init__(self, code: int, message: str, status: int = 200):   # type: ignore[override]
+    def __init__(self, code: int, message: str, status: int = 200, data: Any = None):   # type: ignore[override]
         super().__init__(message)
-        self.code, self.status = code, status   # type: ignore[assignment]
+        self.code, self.status, self.data = code, status, data   # type: ignore[assignment]
 
 
 @dataclass
 class McpSession:
-    """One MCP client's session: what it can do, and the elicitations waiting for its answers."""
+    """One MCP client's session (the handshake era): what it can do, the elicitations waiting
+    for its answers, and its calls running, by request id, for notifications/cancelled."""
     version: str
     can_elicit: bool
     used: float = field(default_factory=time.monotonic)
     waiting: Dict[Any, "queue.Queue[dict]"] = field(default_factory=dict)
+    calls: Dict[Any, "McpCall"] = field(default_factory=dict)
 
 
 class McpSessions:
-    """Sessions of this process, by id; an elicitation's answer must reach the process that
-    asked (one process, or sticky sessions in front of several)."""
+    """Sessions of this process, by id; a handshake-era elicitation's answer must reach the
+    process that asked (one process, or sticky sessions in front of several)."""
 
     def __init__(self) -> None:
         self._sessions: "OrderedDict[str, McpSession]" = OrderedDict()
         self._guard = threading.Lock()
 
     def open(self, version: str, capabilities: Mapping[str, Any]) -> Tuple[str, McpSession]:
-        elicitation = capabilities.get("elicitation")
-        session = McpSession(version, isinstance(elicitation, dict) and (not elicitation or "form" in elicitation))
+        session = McpSession(version, can_elicit_forms(capabilities))
         session_id = secrets.token_urlsafe(24)
         with self._guard:
             self._forget_idle()
@@ -6256,17 +6276,30 @@ class McpSessions:
             self._sessions.popitem(last=False)
 
 
+def can_elicit_forms(capabilities: Any) -> bool:
+    """Whether client capabilities offer form elicitation (``{}`` means forms, as before URLs existed)."""
+    elicitation = capabilities.get("elicitation") if isinstance(capabilities, dict) else None
+    return isinstance(elicitation, dict) and (not elicitation or "form" in elicitation)
+
+
 def mcp_tool(workflow: Workflow) -> dict:
     """A workflow as an MCP tool: its query inputs as the input schema (fixed inputs never
-    appear), plus the optional free-text ``request``."""
-    properties = {name: input_schema(query) for name, query in workflow.query_inputs.items()}
+    appear), plus the optional free-text ``request``. None is ``required``: a call may leave
+    out what it does not know (clients refuse calls that miss a required property), and what
+    is missing is then asked for, as in chat."""
+    properties = {}
+    for name, query in workflow.query_inputs.items():
+        properties[name] = input_schema(query)
+        if not query.optional:
+            description = query.description.rstrip()
+            properties[name]["description"] = description + ("" if description.endswith((".", "?", "!")) else ".") \
+                + ASKED_NOTE
     properties[REQUEST_ARGUMENT] = {"type": "string", "description": (
         "Optional: what you want, in your own words (\"a week in Lisbon in October, about 1200 euros\"); the values "
         "it states are read from it, and only what is still missing is asked for.")}
     return {"name": workflow.name, "title": workflow.name.replace("-", " ").replace("_", " ").capitalize(),
             "description": workflow.description,
-            "inputSchema": {"type": "object", "properties": properties,
-                            "required": [name for name, query in workflow.query_inputs.items() if not query.optional]}}
+            "inputSchema": {"type": "object", "properties": properties}}
 
 
 def input_schema(query: QueryInput) -> dict:
@@ -6289,9 +6322,82 @@ def input_schema(query: QueryInput) -> dict:
     return schema
 
 
+def mcp_state_key(secret: Union[str, bytes, None]) -> bytes:
+    """The key requestStates are sealed with. From a configured secret, every instance given
+    the same one continues the others' gatherings; without one, a random key of this process
+    (safe, and enough for one instance and the workers it forks)."""
+    if not secret:
+        return secrets.token_bytes(32)
+    raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+    return hmac.new(raw, b"cozyopenai mcp request state", hashlib.sha256).digest()
+
+
+def _keystream(key: bytes, nonce: bytes, length: int) -> bytes:
+    """HMAC-SHA256 in counter mode: a stream cipher from the standard library alone."""
+    blocks = (hmac.new(key, nonce + counter.to_bytes(8, "big"), hashlib.sha256).digest()
+              for counter in range((length + 31) // 32))
+    return b"".join(blocks)[:length]
+
+
+def _xor(data: bytes, stream: bytes) -> bytes:
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(data), "big")
+
+
+def _state_keys(key: bytes) -> Tuple[bytes, bytes]:
+    # One key for secrecy, another for the tag: never the same key for both uses.
+    return (hmac.new(key, b"encrypt", hashlib.sha256).digest(), hmac.new(key, b"authenticate", hashlib.sha256).digest())
+
+
+def seal_request_state(key: bytes, payload: Mapping[str, Any]) -> str:
+    """``payload`` encrypted and authenticated (encrypt-then-MAC): the user's values inside
+    are neither readable nor changeable by the client that carries it."""
+    encrypt, authenticate = _state_keys(key)
+    plain = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    nonce = secrets.token_bytes(MCP_STATE_NONCE_BYTES)
+    sealed = nonce + _xor(plain, _keystream(encrypt, nonce, len(plain)))
+    tag = hmac.new(authenticate, MCP_STATE_PREFIX.encode() + sealed, hashlib.sha256).digest()
+    return MCP_STATE_PREFIX + base64.urlsafe_b64encode(sealed + tag).decode("ascii").rstrip("=")
+
+
+def open_request_state(key: bytes, token: Any, tool: str, now: Optional[float] = None) -> dict:
+    """The payload of a requestState this server sealed for ``tool`` and not yet expired;
+    anything else is refused (-32602), never half read."""
+    def refused(why: str) -> McpError:
+        return McpError(JSONRPC_INVALID_PARAMS, f"The requestState {why}: call the tool again without "
+                                                "'requestState' and 'inputResponses' to start over.", 400)
+    if not isinstance(token, str) or not token.startswith(MCP_STATE_PREFIX):
+        raise refused("is not one this server issued")
+    try:
+        body = token[len(MCP_STATE_PREFIX):]
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (ValueError, TypeError):
+        raise refused("is not one this server issued") from None
+    if len(raw) < MCP_STATE_NONCE_BYTES + MCP_STATE_TAG_BYTES:
+        raise refused("is not one this server issued")
+    encrypt, authenticate = _state_keys(key)
+    sealed, tag = raw[:-MCP_STATE_TAG_BYTES], raw[-MCP_STATE_TAG_BYTES:]
+    if not hmac.compare_digest(tag, hmac.new(authenticate, MCP_STATE_PREFIX.encode() + sealed,
+                                             hashlib.sha256).digest()):
+        raise refused("was altered, or was sealed with another key")
+    nonce, cipher = sealed[:MCP_STATE_NONCE_BYTES], sealed[MCP_STATE_NONCE_BYTES:]
+    try:
+        payload = json.loads(_xor(cipher, _keystream(encrypt, nonce, len(cipher))).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise refused("is not one this server issued") from None
+    if not isinstance(payload, dict) or payload.get("tool") != tool:
+        raise refused(f"belongs to another tool, not {tool!r}")
+    if not isinstance(payload.get("expires"), (int, float)) or payload["expires"] < (time.time() if now is None
+                                                                                     else now):
+        raise refused("has expired (a form not answered in time)")
+    return payload
+
+
 def _jsonrpc(message_id: Any, result: Any = None, error: Optional[McpError] = None) -> dict:
     if error is not None:
-        return {"jsonrpc": "2.0", "id": message_id, "error": {"code": error.code, "message": error.message}}
+        body: Dict[str, Any] = {"code": error.code, "message": error.message}
+        if getattr(error, "data", None) is not None:
+            body["data"] = error.data
+        return {"jsonrpc": "2.0", "id": message_id, "error": body}
     return {"jsonrpc": "2.0", "id": message_id, "result": result}
 
 
@@ -6300,58 +6406,100 @@ def _sse_message(message: dict) -> bytes:
 
 
 class McpCall:
-    """One tools/call: the arguments read as chat reads a message, what is missing asked for
-    (elicitation, when the client can), then the workflow run with its progress sent as
-    notifications. It yields JSON-RPC messages to stream, and None for a keep-alive."""
+    """One tools/call: the arguments read as chat reads a message, what is missing asked for,
+    then the workflow run with its progress sent as notifications. It yields JSON-RPC
+    messages to stream, and None for a keep-alive.
 
-    def __init__(self, service: "Service", session: McpSession, message: dict):
+    The handshake era asks by an elicitation/create on this call's stream and waits for the
+    answer; the 2026-07-28 era (``state_key`` given) answers "input_required" with the form and
+    a sealed requestState instead, and the retry that carries the answer goes on from there,
+    on this instance or another. ``stop`` is the call's stop signal: a cancel or a hang-up sets
+    it, and from then on no node starts and nothing more is sent."""
+
+    def __init__(self, service: "Service", message: dict, can_elicit: bool, stop: threading.Event,
+                 session: Optional[McpSession] = None, state_key: Optional[bytes] = None):
         params = message.get("params") if isinstance(message.get("params"), dict) else {}
-        self.service, self.session, self.id = service, session, message.get("id")
+        self.service, self.session, self.id, self.can_elicit = service, session, message.get("id"), can_elicit
         name = params.get("name")
         if name is None or name == "":
             raise McpError(JSONRPC_INVALID_PARAMS, "The tool name is missing: tools/call needs 'params.name', one of "
-                                                   "the tools tools/list lists.")
+                                                   "the tools tools/list lists.", 400)
         if not isinstance(name, str):
             raise McpError(JSONRPC_INVALID_PARAMS, f"The tool name 'params.name' must be a string, not "
-                                                   f"{_json_type(name)}.")
+                                                   f"{_json_type(name)}.", 400)
         if name not in service.workflows:
-            raise McpError(JSONRPC_INVALID_PARAMS, f"Unknown tool {name!r}; tools/list lists them.")
+            raise McpError(JSONRPC_INVALID_PARAMS, f"Unknown tool {name!r}; tools/list lists them.", 400)
         self.workflow = service.workflows[name]
         arguments = params.get("arguments")
         if arguments is not None and not isinstance(arguments, dict):
             raise McpError(JSONRPC_INVALID_PARAMS, f"'arguments' must be an object of input names to values, not "
-                                                   f"{_json_type(arguments)}.")
+                                                   f"{_json_type(arguments)}.", 400)
         self.arguments = arguments or {}
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
         self.progress_token = meta.get("progressToken")
-        self.stop = threading.Event()   # set when the call's stream is closed: its run starts nothing more
+        self.stop, self.cancelled = stop, False
+        self.state_key, self.state, self.responses = state_key, None, {}
+        if state_key is not None:
+            responses = params.get("inputResponses")
+            if responses is not None and not isinstance(responses, dict):
+                raise McpError(JSONRPC_INVALID_PARAMS, "'inputResponses' must be an object of the inputRequests' "
+                                                       f"keys to their results, not {_json_type(responses)}.", 400)
+            self.responses = responses or {}
+            if params.get("requestState") is not None:   # opened now: a refused state is an error, not a stream
+                self.state = open_request_state(state_key, params["requestState"], name)
+        self._waiting: Optional["queue.Queue[dict]"] = None
+
+    def cancel(self) -> None:
+        """notifications/cancelled: stop the run, end a wait for an answer; send nothing more."""
+        self.cancelled = True
+        self.stop.set()
+        waiting = self._waiting
+        if waiting is not None:
+            waiting.put({"cancelled": True})
 
     def messages(self) -> Iterator[Optional[dict]]:
         """The call's messages; a bug or an odd answer ends it with an isError result, never an
-        empty stream the client would wait on."""
+        empty stream the client would wait on (a cancelled call ends with nothing, as asked)."""
         try:
             yield from self._messages()
         except Exception as exc:   # noqa: BLE001 - the call must end with a result
             log.exception("MCP call of %s failed", self.workflow.name)
             yield self._result(f"The server failed while running the tool ({type(exc).__name__}).", is_error=True)
+        finally:
+            if self.session is not None and self.session.calls.get(self.id) is self:
+                del self.session.calls[self.id]
 
     def _messages(self) -> Iterator[Optional[dict]]:
         workflow = self.workflow
-        values, problems = self._read_arguments()
-        refused = [(name, reason) for name, reason in problems.items()   # given, optional, bad: never the default
-                   if name in self.arguments and workflow.query_inputs[name].optional]
-        if refused:
-            yield self._result("Not run: " + "; ".join(
-                f"the argument {name!r} is not valid ({reason}); correct it, or leave it out for its default "
-                f"({shown_value(workflow.query_inputs[name].default)})" for name, reason in refused) + ".",
-                is_error=True)
-            return
-        asked = 0
+        if self.state is not None:   # a retry with the answer to our form: go on from the state
+            values, problems, asked = dict(self.state.get("values") or {}), {}, int(self.state.get("asked") or 0)
+            answer = self.responses.get(self.state.get("key"))
+            if not isinstance(answer, dict) or answer.get("action") != "accept":
+                yield self._declined(answer if isinstance(answer, dict) else {}, workflow.missing(values))
+                return
+            content = answer.get("content")
+            self._take(content if isinstance(content, dict) else {}, values, problems)
+        else:
+            unknown = [name for name in self.arguments if name not in workflow.query_inputs
+                       and name != REQUEST_ARGUMENT]
+            values, problems = self._read_arguments()
+            refused = [(name, reason) for name, reason in problems.items()   # given, optional, bad: never the default
+                       if name in self.arguments and workflow.query_inputs[name].optional]
+            if refused or unknown:
+                yield self._result("Not run: " + "; ".join(
+                    [f"the argument {name!r} is not valid ({reason}); correct it, or leave it out for its default "
+                     f"({shown_value(workflow.query_inputs[name].default)})" for name, reason in refused]
+                    + [f"there is no argument {name!r} (the tool takes {_and_list(list(workflow.query_inputs))} "
+                       f"and {REQUEST_ARGUMENT!r})" for name in unknown]) + ".", is_error=True)
+                return
+            asked = 0
         while True:
             missing = workflow.missing(values)
+            if self.cancelled:
+                return   # cancelled while the arguments were read: ask nothing, run nothing
             if not missing:
                 break
-            if not self.session.can_elicit:
+            if not self.can_elicit:
                 yield self._result(self._missing_text(missing, problems), is_error=True)
                 return
             if asked >= MAX_ASKS_PER_INPUT:
@@ -6359,17 +6507,25 @@ class McpCall:
                                    f"{self._missing_text(missing, problems)}", is_error=True)
                 return
             asked += 1
+            if self.state_key is not None:
+                yield self._input_required(missing, values, problems, asked)
+                return
             answer: Dict[str, Any] = {}
             yield from self._elicit(missing, values, problems, answer)
-            action = answer.get("action")
-            if action != "accept":
-                yield self._result(f"Not run: the user chose to {action or 'not answer'} instead of giving the "
-                                   f"{_and_list([query.label for query in missing])}.", is_error=True)
+            if self.cancelled or self.stop.is_set():
+                return   # the client cancelled or left: no answer is owed
+            if answer.get("action") != "accept":
+                yield self._declined(answer, missing)
                 return
             problems = {}
             content = answer.get("content")
             self._take(content if isinstance(content, dict) else {}, values, problems)
         yield from self._run(values)
+
+    def _declined(self, answer: Mapping[str, Any], missing: Sequence[QueryInput]) -> dict:
+        action = answer.get("action")
+        return self._result(f"Not run: the user chose to {action if isinstance(action, str) else 'not answer'} "
+                            f"instead of giving the {_and_list([query.label for query in missing])}.", is_error=True)
 
     def _read_arguments(self) -> Tuple[Dict[str, Any], Dict[str, str]]:
         """The arguments coerced with the same code as chat; ``request`` read by the same pipeline."""
@@ -6402,9 +6558,8 @@ class McpCall:
         return (f"The workflow {self.workflow.name!r} needs more inputs before it can run:\n" + "\n".join(lines)
                 + "\nCall it again with them (or with a 'request' that states them).")
 
-    def _elicit(self, missing: Sequence[QueryInput], values: Mapping[str, Any], problems: Mapping[str, str],
-                answer: Dict[str, Any]) -> Iterator[Optional[dict]]:
-        """Ask the person for exactly the missing inputs, as chat would, and wait for the answer."""
+    def _form(self, missing: Sequence[QueryInput], values: Mapping[str, Any], problems: Mapping[str, str]) -> dict:
+        """The elicitation form for exactly the missing inputs, its message phrased as chat would."""
         question = elicitation_message(self.workflow, missing, problems)   # names and asks every field
         if self.service.llm is not None:
             request = str(self.arguments.get(REQUEST_ARGUMENT) or "")
@@ -6414,26 +6569,45 @@ class McpCall:
                 named = all(query.label.lower() in phrased.lower() for query in missing)
                 if named and check_llm_text(phrased, self.workflow, said, users_language([request])) is None:
                     question = phrased   # checked, and it names every field of the form
+        return {"mode": "form", "message": self.workflow.redact(question),
+                "requestedSchema": {"type": "object", "properties": {q.name: input_schema(q) for q in missing},
+                                    "required": [q.name for q in missing]}}
+
+    def _input_required(self, missing: Sequence[QueryInput], values: Mapping[str, Any],
+                        problems: Mapping[str, str], asked: int) -> dict:
+        """The 2026-07-28 answer to a call that needs more: the form, and the state to go on from."""
+        key = f"ask-{asked}"
+        state = seal_request_state(self.state_key or b"", {
+            "tool": self.workflow.name, "expires": time.time() + MCP_ELICIT_SECONDS, "asked": asked, "key": key,
+            "values": dict(values)})
+        return _jsonrpc(self.id, {"resultType": "input_required", "requestState": state, "inputRequests": {
+            key: {"method": "elicitation/create", "params": self._form(missing, values, problems)}}})
+
+    def _elicit(self, missing: Sequence[QueryInput], values: Mapping[str, Any], problems: Mapping[str, str],
+                answer: Dict[str, Any]) -> Iterator[Optional[dict]]:
+        """Ask the person for exactly the missing inputs and wait for the answer, a cancel or a hang-up."""
+        session = self.session
+        assert session is not None   # the handshake era always has one
         request_id = "elicit-" + secrets.token_hex(6)
         waiting: "queue.Queue[dict]" = queue.Queue()
-        self.session.waiting[request_id] = waiting
+        session.waiting[request_id], self._waiting = waiting, waiting
         try:
-            yield {"jsonrpc": "2.0", "id": request_id, "method": "elicitation/create", "params": {
-                "mode": "form", "message": self.workflow.redact(question),
-                "requestedSchema": {"type": "object", "properties": {q.name: input_schema(q) for q in missing},
-                                    "required": [q.name for q in missing]}}}
+            yield {"jsonrpc": "2.0", "id": request_id, "method": "elicitation/create",
+                   "params": self._form(missing, values, problems)}
             deadline = time.monotonic() + MCP_ELICIT_SECONDS
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not self.stop.is_set():
                 try:
-                    reply = waiting.get(timeout=MCP_KEEPALIVE_SECONDS)
+                    reply = waiting.get(timeout=MCP_WAIT_CHECK_SECONDS)
                 except queue.Empty:
-                    yield None
                     continue
-                answer.update(reply.get("result") if isinstance(reply.get("result"), dict) else {"action": "error"})
+                if not reply.get("cancelled"):
+                    answer.update(reply.get("result") if isinstance(reply.get("result"), dict) else
+                                  {"action": "error"})
                 return
             answer["action"] = "let the question time out"
         finally:
-            self.session.waiting.pop(request_id, None)
+            session.waiting.pop(request_id, None)
+            self._waiting = None
 
     def _run(self, values: Dict[str, Any]) -> Iterator[Optional[dict]]:
         workflow, service, answer = self.workflow, self.service, []
@@ -6446,16 +6620,22 @@ class McpCall:
                     "progressToken": self.progress_token, "progress": steps / 2, "total": len(workflow.nodes),
                     "message": workflow.redact(progress_line(event))}}
             elif event.what == "failed":
-                yield self._result(f"The workflow stopped: step {event.node_id!r} failed ({event.text}).",
-                                   is_error=True)
+                if not self.cancelled:
+                    yield self._result(f"The workflow stopped: step {event.node_id!r} failed ({event.text}).",
+                                       is_error=True)
                 return
             elif event.what == "answer":
                 answer.append(event.text)
+        if self.cancelled:
+            return   # the client said it no longer waits for a result (the runner sets stop itself when done)
         yield self._result("".join(answer))
 
     def _result(self, text: str, is_error: bool = False) -> dict:
-        return _jsonrpc(self.id, {"content": [{"type": "text", "text": self.workflow.redact(text)}],
-                                  "isError": is_error})
+        result: Dict[str, Any] = {"content": [{"type": "text", "text": self.workflow.redact(text)}],
+                                  "isError": is_error}
+        if self.state_key is not None:
+            result["resultType"] = "complete"
+        return _jsonrpc(self.id, result)
 
 
 def mcp_initialize(sessions: McpSessions, message: dict) -> Tuple[str, dict]:
@@ -6467,48 +6647,215 @@ def mcp_initialize(sessions: McpSessions, message: dict) -> Tuple[str, dict]:
     session_id, _ = sessions.open(version, capabilities)
     return session_id, _jsonrpc(message.get("id"), {
         "protocolVersion": version, "capabilities": {"tools": {"listChanged": False}},
-        "serverInfo": {"name": "cozyopenai", "version": __version__},
-        "instructions": "Each tool runs a workflow. Give its inputs as arguments, or describe what you want in "
-                        "'request'; missing inputs are asked for when the client supports elicitation."})
+        "serverInfo": {"name": "cozyopenai", "version": __version__}, "instructions": MCP_INSTRUCTIONS})
 
 
-def mcp_post(service: Service, sessions: McpSessions, origins: Sequence[str]) -> Any:
-    """POST /mcp: one JSON-RPC message of MCP's Streamable HTTP transport."""
+MCP_INSTRUCTIONS = ("Each tool runs a workflow. Give the inputs you know as arguments, or describe what you want in "
+                    "'request'; missing inputs are asked for when the client supports elicitation, else listed.")
+
+
+def mcp_post(service: Service, sessions: McpSessions, origins: Sequence[str], state_key: bytes) -> Any:
+    """POST /mcp: one JSON-RPC message (or a batch, where allowed) of MCP's Streamable HTTP transport."""
     started, message_id, method = time.monotonic(), None, None
     try:
         _mcp_guard(service, origins)
-        message = _mcp_message()
+        body = _mcp_body()
+        if isinstance(body, list):
+            return _mcp_batch(service, sessions, body, started)
+        message = _mcp_message(body)
         method, message_id = message.get("method"), message.get("id")
-        if method == "initialize":
+        if _is_modern(message):
+            return mcp_modern(service, message, state_key, started)
+        if method == "initialize":   # the version is agreed on here: a header before it says nothing yet
             session_id, reply = mcp_initialize(sessions, message)
             bottle.response.set_header("Mcp-Session-Id", session_id)
             return _mcp_answer(reply, method, started)
-        session = _mcp_session(sessions, method)
-        if method is None or message_id is None:   # an answer to our elicitation, or a notification
-            ours = method is None and isinstance(message_id, str)   # our elicitations have string ids
-            waiting = session.waiting.get(message_id) if ours else None
-            if waiting is not None:
-                waiting.put(message)
+        _handshake_version()
+        session = _mcp_session(sessions)
+        if method == "tools/call" and message_id is not None and \
+                "text/event-stream" in bottle.request.get_header("Accept", ""):
+            call = McpCall(service, message, session.can_elicit, _stop_signal(), session=session)
+            session.calls[call.id] = call   # for notifications/cancelled
+            return _mcp_stream(service, call, started)
+        reply = mcp_reply(service, session, message)
+        if reply is None:
             bottle.response.status = 202
-            return _mcp_answer(None, method or "response", started)
-        if method == "ping":
-            return _mcp_answer(_jsonrpc(message_id, {}), method, started)
-        if method == "tools/list":
-            return _mcp_answer(_jsonrpc(message_id, {"tools": [mcp_tool(w) for w in service.workflows.values()]}),
-                               method, started)
-        if method == "tools/call":
-            call = McpCall(service, session, message)
-            if "text/event-stream" not in bottle.request.get_header("Accept", ""):   # JSON only: no questions
-                call.session = dataclasses.replace(session, can_elicit=False)
-                return _mcp_answer([m for m in call.messages() if m is not None][-1], method, started)
-            stream_headers()
-            stream_ending(lambda text: _sse_message(_jsonrpc(call.id, error=McpError(JSONRPC_INTERNAL_ERROR, text))))
-            return _logged_when_done(counted_stream(_mcp_events(call), service.metrics), "POST", "/mcp",
-                                     {"model": call.workflow.name, "conversation": "mcp"}, started)
-        raise McpError(JSONRPC_NO_METHOD, f"Method not found: {method!r}.")
+        return _mcp_answer(reply, method or "response", started)
     except McpError as exc:
         bottle.response.status = exc.status
         return _mcp_answer(_jsonrpc(message_id, error=exc), method or "-", started)
+
+
+def mcp_reply(service: Service, session: McpSession, message: dict) -> Optional[dict]:
+    """A handshake-era message answered at once: None for an answer to our elicitation or a
+    notification; a tools/call here runs with no questions (a JSON-only client or a batch)."""
+    method, message_id = message.get("method"), message.get("id")
+    if method is None or message_id is None:   # an answer to our elicitation, or a notification
+        if method is None and isinstance(message_id, str):   # our elicitations have string ids
+            waiting = session.waiting.get(message_id)
+            if waiting is not None:
+                waiting.put(message)
+        elif method == "notifications/cancelled":
+            params = message.get("params") if isinstance(message.get("params"), dict) else {}
+            call = session.calls.get(params.get("requestId"))
+            if call is not None:
+                call.cancel()
+        return None
+    if method == "ping":
+        return _jsonrpc(message_id, {})
+    if method == "tools/list":
+        return _jsonrpc(message_id, {"tools": [mcp_tool(w) for w in service.workflows.values()]})
+    if method == "tools/call":
+        call = McpCall(service, message, False, _stop_signal(), session=session)
+        return [m for m in call.messages() if m is not None][-1]
+    if method == "initialize":
+        raise McpError(JSONRPC_INVALID_REQUEST, "initialize must not be part of a batch.", 400)
+    raise McpError(JSONRPC_NO_METHOD, f"Method not found: {method!r}.")
+
+
+def mcp_modern(service: Service, message: dict, state_key: bytes, started: float) -> Any:
+    """A request of the 2026-07-28 era: checked against its envelope and headers, then
+    answered on its own, with no session."""
+    method, message_id = message.get("method"), message.get("id")
+    if method is None:
+        raise McpError(JSONRPC_INVALID_REQUEST, "Protocol 2026-07-28 has no server requests to answer: send one "
+                                                "request or notification.", 400)
+    if message_id is None:   # a notification: acknowledged (a cancel is closing the request's stream)
+        _modern_version(bottle.request.get_header("MCP-Protocol-Version", ""))
+        bottle.response.status = 202
+        return _mcp_answer(None, method, started)
+    capabilities = _modern_envelope(message)
+    if method == "server/discover":
+        return _mcp_answer(_jsonrpc(message_id, {
+            "resultType": "complete", "supportedVersions": list(MCP_MODERN_VERSIONS + MCP_VERSIONS),
+            "capabilities": {"tools": {"listChanged": False}}, "instructions": MCP_INSTRUCTIONS,
+            "ttlMs": MCP_LIST_TTL_MILLISECONDS, "cacheScope": _cache_scope(service),
+            "_meta": {MCP_META_SERVER_INFO: {"name": "cozyopenai", "version": __version__}}}), method, started)
+    if method == "tools/list":
+        return _mcp_answer(_jsonrpc(message_id, {
+            "resultType": "complete", "tools": [mcp_tool(w) for w in service.workflows.values()],
+            "ttlMs": MCP_LIST_TTL_MILLISECONDS, "cacheScope": _cache_scope(service)}), method, started)
+    if method == "tools/call":
+        call = McpCall(service, message, can_elicit_forms(capabilities), _stop_signal(), state_key=state_key)
+        if "text/event-stream" not in bottle.request.get_header("Accept", ""):
+            return _mcp_answer([m for m in call.messages() if m is not None][-1], method, started)
+        return _mcp_stream(service, call, started)
+    raise McpError(JSONRPC_NO_METHOD, f"Method not found: {method!r} (protocol 2026-07-28 here: server/discover, "
+                                      "tools/list and tools/call).", 404)
+
+
+def _cache_scope(service: Service) -> str:
+    # The list holds nothing of one user's; behind API keys it is still not for every cache to share.
+    return "private" if service.api_keys else "public"
+
+
+def _is_modern(message: dict) -> bool:
+    """The era of a request: 2026-07-28 by its header, or, with no session, by the envelope in
+    its _meta or by being server/discover (which no handshake-era request is)."""
+    if message.get("method") == "initialize":
+        return False
+    if bottle.request.get_header("MCP-Protocol-Version", "") in MCP_MODERN_VERSIONS:
+        return True
+    if bottle.request.get_header("Mcp-Session-Id"):
+        return False
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return message.get("method") == "server/discover" or (isinstance(meta, dict) and MCP_META_VERSION in meta)
+
+
+def _modern_version(version: Any) -> str:
+    if version not in MCP_MODERN_VERSIONS:
+        raise McpError(MCP_UNSUPPORTED_VERSION, f"Unsupported protocol version {version!r}; this server speaks "
+                                                f"{', '.join(MCP_MODERN_VERSIONS + MCP_VERSIONS)} (the last three "
+                                                "with initialize).", 400,
+                       {"supported": list(MCP_MODERN_VERSIONS + MCP_VERSIONS), "requested": version})
+    return version
+
+
+def _modern_envelope(message: dict) -> Any:
+    """The request's _meta checked as the specification says (envelope, then headers, then
+    version); the client's capabilities for this request."""
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    if not isinstance(meta, dict):
+        raise McpError(JSONRPC_INVALID_PARAMS, f"params._meta must be an object with {MCP_META_VERSION!r} and "
+                                               f"{MCP_META_CAPABILITIES!r} (protocol 2026-07-28).", 400)
+    absent = [key for key in (MCP_META_VERSION, MCP_META_CAPABILITIES) if key not in meta]
+    if absent:
+        raise McpError(JSONRPC_INVALID_PARAMS, f"params._meta is missing {_and_list(absent)}.", 400)
+    version, header = meta[MCP_META_VERSION], bottle.request.get_header("MCP-Protocol-Version")
+    if header is None or header != version:
+        raise McpError(MCP_HEADER_MISMATCH, "The MCP-Protocol-Version header must match the protocol version in "
+                                            "params._meta.", 400)
+    if bottle.request.get_header("Mcp-Method") != message.get("method"):
+        raise McpError(MCP_HEADER_MISMATCH, "The Mcp-Method header must match the request's method.", 400)
+    name = params.get("name") if message.get("method") == "tools/call" else None
+    if name is not None and _header_value(bottle.request.get_header("Mcp-Name")) != name:
+        raise McpError(MCP_HEADER_MISMATCH, "The Mcp-Name header must match the tool's name in params.", 400)
+    _modern_version(version)
+    return meta[MCP_META_CAPABILITIES]
+
+
+def _header_value(value: Optional[str]) -> Optional[str]:
+    """A header's text, decoded from the specification's =?base64?...?= form for non-ASCII names."""
+    match = re.fullmatch(r"=\?base64\?(.*)\?=", value or "")
+    if match is None:
+        return value
+    try:
+        return base64.b64decode(match.group(1), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _handshake_version() -> str:
+    """The MCP-Protocol-Version of a handshake-era request: one we speak (400 otherwise, as
+    the specification asks); without the header, 2025-03-26."""
+    version = bottle.request.get_header("MCP-Protocol-Version")
+    if version is None:
+        return MCP_UNSTATED_VERSION
+    if version not in MCP_VERSIONS:
+        raise McpError(JSONRPC_INVALID_REQUEST, f"Unsupported MCP-Protocol-Version {version!r}; this server speaks "
+                                                f"{', '.join(MCP_VERSIONS)} with initialize, and "
+                                                f"{', '.join(MCP_MODERN_VERSIONS)} without.", 400)
+    return version
+
+
+def _stop_signal() -> threading.Event:
+    return HangUpAwareEvent(bottle.request.environ.get(CONNECTION_ENVIRON_KEY))
+
+
+def _mcp_stream(service: Service, call: McpCall, started: float) -> Iterator[bytes]:
+    stream_headers()
+    stream_ending(lambda text: _sse_message(_jsonrpc(call.id, error=McpError(JSONRPC_INTERNAL_ERROR, text))))
+    return _logged_when_done(counted_stream(_mcp_events(call), service.metrics), "POST", "/mcp",
+                             {"model": call.workflow.name, "conversation": "mcp"}, started)
+
+
+def _mcp_batch(service: Service, sessions: McpSessions, batch: list, started: float) -> str:
+    """A JSON-RPC batch, which only 2025-03-26 allows: each message answered at once, the
+    answers in one array (none at all: 202)."""
+    version = _handshake_version()
+    session = _mcp_session(sessions)
+    if session.version not in MCP_BATCH_VERSIONS or version not in MCP_BATCH_VERSIONS:
+        raise McpError(JSONRPC_INVALID_REQUEST, f"JSON-RPC batches are part of protocol {MCP_BATCH_VERSIONS[0]} only; "
+                                                f"this session speaks {session.version}: send one message per "
+                                                "request.", 400)
+    if not batch:
+        raise McpError(JSONRPC_INVALID_REQUEST, "The batch is empty.", 400)
+    replies = []
+    for item in batch:
+        try:
+            reply = mcp_reply(service, session, _mcp_message(item))
+        except McpError as exc:
+            reply = _jsonrpc(item.get("id") if isinstance(item, dict) else None, error=exc)
+        if reply is not None:
+            replies.append(reply)
+    if not replies:
+        bottle.response.status = 202
+        return _mcp_answer(None, "batch", started)
+    _log_line("POST", "/mcp", bottle.response.status_code, {"model": "batch", "conversation": "mcp"}, started)
+    bottle.response.content_type = "application/json"
+    return json.dumps(replies, ensure_ascii=False)
 
 
 def _mcp_guard(service: Service, origins: Sequence[str]) -> None:
@@ -6526,29 +6873,31 @@ def _mcp_guard(service: Service, origins: Sequence[str]) -> None:
                                                     "--cors-origin.", 403)
 
 
-def _mcp_message() -> dict:
+def _mcp_body() -> Any:
     try:
         body = read_body()
     except CozyError as exc:
         raise McpError(JSONRPC_INVALID_REQUEST, exc.message, exc.status) from None
     try:
-        message = json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise McpError(JSONRPC_PARSE_ERROR, "The body is not valid JSON.", 400) from None
+
+
+def _mcp_message(message: Any) -> dict:
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
-        raise McpError(JSONRPC_INVALID_REQUEST, "Send one JSON-RPC 2.0 message (batches are not supported).", 400)
+        raise McpError(JSONRPC_INVALID_REQUEST, "Send a JSON-RPC 2.0 message: an object with \"jsonrpc\": \"2.0\".",
+                       400)
     if message.get("method") is not None and not isinstance(message["method"], str):
         raise McpError(JSONRPC_INVALID_REQUEST, "'method' must be a string.", 400)
     return message
 
 
-def _mcp_session(sessions: McpSessions, method: Optional[str]) -> McpSession:
+def _mcp_session(sessions: McpSessions) -> McpSession:
     session_id = bottle.request.get_header("Mcp-Session-Id")
     if not session_id:
-        if method == "server/discover":   # the 2026-07-28 probe: "not here" makes clients use initialize
-            raise McpError(JSONRPC_NO_METHOD, "Method not found: this server speaks the initialize handshake "
-                                              f"({', '.join(MCP_VERSIONS)}).", 404)
-        raise McpError(JSONRPC_INVALID_REQUEST, "No session: send initialize first.", 400)
+        raise McpError(JSONRPC_INVALID_REQUEST, "No session: send initialize first (or speak protocol 2026-07-28, "
+                                                "which needs none).", 400)
     session = sessions.get(session_id)
     if session is None:
         raise McpError(JSONRPC_INVALID_REQUEST, "Session not found (ended or expired): initialize again.", 404)
@@ -6673,7 +7022,7 @@ def _config_from_arguments(arguments: argparse.Namespace) -> dict:
     return {"workflows": arguments.workflows, "store": arguments.store, "llm": llm, "api_keys": arguments.api_key,
             "expire_after_seconds": arguments.expire_days * 86400 if arguments.expire_days else None,
             "thinking": arguments.thinking, "conversation_header": arguments.conversation_header,
-            "cors_origins": arguments.cors_origin}
+            "cors_origins": arguments.cors_origin, "mcp_state_secret": arguments.mcp_state_secret}
 
 
 def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> argparse.Namespace:
@@ -6711,6 +7060,9 @@ def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -
                              "the identifier block, which is then not shown")
     parser.add_argument("--cors-origin", action="append", default=None,
                         help="allow browser clients from this origin ('*' for any; repeat for several)")
+    parser.add_argument("--mcp-state-secret", default=env("MCP_STATE_SECRET"),
+                        help="secret that seals MCP's requestState; give every instance the same one (better: "
+                             "the COZYOPENAI_MCP_STATE_SECRET variable; default: random per start)")
     parser.add_argument("--server", default=env("SERVER", "default"),
                         help="'default' (built in), or a server Bottle can run if it is installed: "
                              "gunicorn, waitress, cheroot, ...")
@@ -6787,7 +7139,8 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
              api_keys: Optional[Sequence[str]] = None, node_types: Optional[Mapping[str, NodeType]] = None,
              keepalive_seconds: Optional[float] = None, expire_after_seconds: Optional[float] = None,
              thinking: Optional[str] = None, conversation_header: Optional[str] = None,
-             cors_origins: Optional[Sequence[str]] = None) -> bottle.Bottle:
+             cors_origins: Optional[Sequence[str]] = None,
+             mcp_state_secret: Union[str, bytes, None] = None) -> bottle.Bottle:
     """A Bottle app serving ``workflows`` (a path, or the file's data as dicts).
 
     ``store`` is "memory", a directory for the JSON store (the default, "conversations"),
@@ -6798,12 +7151,14 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
     forgotten. ``thinking``: "tags" (a <thinking> block in the content, the default) or
     "reasoning_content" (progress in that field). ``conversation_header``: key conversations
     by this request header (Open WebUI's X-OpenWebUI-Chat-Id) instead of the id block.
-    ``cors_origins``: browser origins allowed to call the API ("*" for any). With no
+    ``cors_origins``: browser origins allowed to call the API ("*" for any).
+    ``mcp_state_secret``: the secret MCP's requestStates are sealed with; instances given the
+    same one continue each other's gatherings (default: a random key of this app). With no
     arguments at all, the configuration comes from the COZYOPENAI_* environment variables
     (for ``gunicorn 'cozyopenai:make_app()'``).
     """
     arguments = (workflows, store, llm, api_keys, node_types, keepalive_seconds, expire_after_seconds, thinking,
-                 conversation_header, cors_origins)
+                 conversation_header, cors_origins, mcp_state_secret)
     if MISSING_PACKAGE is not None:
         raise MISSING_PACKAGE
     if all(argument is None for argument in arguments):
@@ -6827,7 +7182,7 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
                       else "the workflows given to make_app")
     if service.thinking not in THINKING_STYLES:
         raise ValueError(f"thinking must be one of {', '.join(THINKING_STYLES)}")
-    sessions = McpSessions()
+    sessions, state_key = McpSessions(), mcp_state_key(mcp_state_secret)
     app = bottle.Bottle()
     # Clients configured with a "/v1" suffix or a trailing slash ask for these paths too.
     for prefix in ("/openai", "/openai/v1", "/openai/", "/openai/v1/"):
@@ -6841,7 +7196,7 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
     app.route("/metrics", "GET", _json_route(service, _metrics))
     app.route("/", "GET", lambda: _home(service))
     for path in ("/mcp", "/mcp/"):
-        app.route(path, "POST", lambda: mcp_post(service, sessions, cors_origins or ()))
+        app.route(path, "POST", lambda: mcp_post(service, sessions, cors_origins or (), state_key))
         app.route(path, "GET", mcp_no_stream)
         app.route(path, "DELETE", lambda: mcp_delete(service, sessions))
     if cors_origins:
