@@ -2476,6 +2476,8 @@ class Language:
     label_links: str = ""               # between a label and its number, besides copulas: "a budget of 2000"
     common_words: str = ""              # too loose to name an input, in a label: "number", "value"
     thousands: str = ""                 # after a number, times a thousand: "3 mil reais", "2 grand"
+    cardinals: str = ""                 # number words as "word:value": "twenty:20 hundred:100"; glued
+                                        # ("zweitausendfunfhundert") or hyphenated, they add and multiply
     currency_words: str = ""
     rate_words: str = ""                # an amount before these and a unit is a rate: "50 euros a night"
     rate_units: str = ""                # besides time units: "per person"
@@ -2541,6 +2543,10 @@ ENGLISH = Language(
     common_words="whether with that this from they their them user users there what when which will would should "
                  "have does into also only more than some very your about name number value true false",
     currency_words="dollar dollars bucks pound pounds quid euro euros",
+    cardinals="zero:0 one:1 two:2 three:3 four:4 five:5 six:6 seven:7 eight:8 nine:9 ten:10 eleven:11 twelve:12 "
+              "thirteen:13 fourteen:14 fifteen:15 sixteen:16 seventeen:17 eighteen:18 nineteen:19 twenty:20 "
+              "thirty:30 forty:40 fifty:50 sixty:60 seventy:70 eighty:80 ninety:90 hundred:100 thousand:1000 "
+              "grand:1000",
     rate_words="a an per each every",
     rate_units="person persons people head pax",
     kind_words={"email": "email e-mail", "url": "url urls link website webpage",
@@ -2596,6 +2602,10 @@ FRENCH = Language(
     sentence_starts="je j nous moi non oui plutot",
     copulas="est sont", label_links="de", thousands="mille",
     currency_words="euro euros franc francs balles",
+    cardinals="zero:0 un:1 une:1 deux:2 trois:3 quatre:4 cinq:5 six:6 sept:7 huit:8 neuf:9 dix:10 onze:11 "
+              "douze:12 treize:13 quatorze:14 quinze:15 seize:16 vingt:20 vingts:20 trente:30 quarante:40 "
+              "cinquante:50 soixante:60 septante:70 huitante:80 octante:80 nonante:90 quatre-vingt:80 "
+              "quatre-vingts:80 cent:100 cents:100 mille:1000",
     rate_words="par la le",
     rate_units="personne personnes",
     kind_words={"year": "annee", "place": "destination ville lieu pays", "date": "quand dates periode",
@@ -2648,6 +2658,10 @@ GERMAN = Language(
     sentence_starts="ich wir mein meine nein ja lieber",
     copulas="ist sind", label_links="von", thousands="tausend",
     currency_words="franken pfund",
+    cardinals="null:0 ein:1 eins:1 eine:1 zwei:2 drei:3 vier:4 funf:5 fuenf:5 sechs:6 sieben:7 acht:8 neun:9 "
+              "zehn:10 elf:11 zwolf:12 zwoelf:12 dreizehn:13 vierzehn:14 funfzehn:15 sechzehn:16 siebzehn:17 "
+              "achtzehn:18 neunzehn:19 zwanzig:20 dreissig:30 vierzig:40 funfzig:50 sechzig:60 siebzig:70 "
+              "achtzig:80 neunzig:90 hundert:100 tausend:1000",
     rate_words="pro je",
     rate_units="person personen",
     kind_words={"year": "jahr", "place": "wohin ziel reiseziel stadt ort", "date": "wann zeitraum datum reisezeit",
@@ -2699,6 +2713,12 @@ SPANISH = Language(
     sentence_starts="yo quiero queremos mi mejor",
     copulas="es son", label_links="de", thousands="mil",
     currency_words="peso pesos dolar dolares pavos libra libras",
+    cardinals="cero:0 un:1 uno:1 una:1 dos:2 tres:3 cuatro:4 cinco:5 seis:6 siete:7 ocho:8 nueve:9 diez:10 "
+              "once:11 doce:12 trece:13 catorce:14 quince:15 dieciseis:16 diecisiete:17 dieciocho:18 "
+              "diecinueve:19 veinte:20 veinti:20 treinta:30 cuarenta:40 cincuenta:50 sesenta:60 setenta:70 "
+              "ochenta:80 noventa:90 cien:100 ciento:100 doscientos:200 doscientas:200 trescientos:300 "
+              "cuatrocientos:400 quinientos:500 seiscientos:600 setecientos:700 ochocientos:800 "
+              "novecientos:900 mil:1000",
     rate_words="por la el",
     rate_units="persona personas",
     kind_words={"year": "ano", "place": "destino ciudad lugar", "date": "cuando fechas fecha",
@@ -2751,6 +2771,11 @@ ITALIAN = Language(
     sentence_starts="io vorrei mi meglio",
     copulas="e sono", label_links="di", thousands="mila mille",
     currency_words="dollari sterlina sterline",
+    cardinals="zero:0 uno:1 una:1 un:1 due:2 tre:3 quattro:4 cinque:5 sei:6 sette:7 otto:8 nove:9 dieci:10 "
+              "undici:11 dodici:12 tredici:13 quattordici:14 quindici:15 sedici:16 diciassette:17 diciotto:18 "
+              "diciannove:19 venti:20 vent:20 trenta:30 trent:30 quaranta:40 quarant:40 cinquanta:50 "
+              "cinquant:50 sessanta:60 sessant:60 settanta:70 settant:70 ottanta:80 ottant:80 novanta:90 "
+              "novant:90 cento:100 mille:1000 mila:1000",
     rate_words="a al per",
     rate_units="persona persone",
     kind_words={"year": "anno", "place": "destinazione citta luogo", "date": "quando date periodo",
@@ -2802,6 +2827,12 @@ PORTUGUESE = Language(
     sentence_starts="eu quero queremos meu minha prefiro",
     copulas="e sao", label_links="de", thousands="mil",
     currency_words="real reais libra libras",
+    cardinals="zero:0 um:1 uma:1 dois:2 duas:2 tres:3 quatro:4 cinco:5 seis:6 sete:7 oito:8 nove:9 dez:10 "
+              "onze:11 doze:12 treze:13 catorze:14 quatorze:14 quinze:15 dezesseis:16 dezasseis:16 "
+              "dezessete:17 dezassete:17 dezoito:18 dezenove:19 dezanove:19 vinte:20 trinta:30 quarenta:40 "
+              "cinquenta:50 sessenta:60 setenta:70 oitenta:80 noventa:90 cem:100 cento:100 duzentos:200 "
+              "duzentas:200 trezentos:300 quatrocentos:400 quinhentos:500 seiscentos:600 setecentos:700 "
+              "oitocentos:800 novecentos:900 mil:1000",
     rate_words="por a o",
     rate_units="pessoa pessoas",
     kind_words={"year": "ano", "place": "destino cidade lugar", "date": "quando datas",
@@ -2904,6 +2935,8 @@ def _language_entries(language: Language) -> Iterator[Tuple[str, str]]:
             texts = list(value)
         elif spec.name == "kind_words":
             texts = list(value.values())
+        elif spec.name == "cardinals":
+            texts = [" ".join(entry.partition(":")[0] for entry in value.split())]
         else:
             texts = value.replace(",", " ").split() if spec.name in PHRASE_FIELDS else [value]
         for text in texts:
@@ -2976,6 +3009,27 @@ NUMBER_PATTERN = re.compile(r"(?<![\w.,])[-+]?(\d{1,3}(?:[,.'’\u00a0\u202f]\d{
                             r"(\s*" + _THOUSAND + r"|\s*[mM]\b(?!\w))?", re.I)
 CURRENCIES = words_of("currency_words") | frozenset(CURRENCY_CODES.split())
 RATE_WORDS, RATE_UNITS = words_of("rate_words"), words_of("rate_units") | TIME_UNITS
+
+
+def _cardinals() -> Mapping[str, int]:
+    """Every language's number words and their values, hyphens dropped ("quatrevingt"); a word
+    that two languages give different values could never be read, so it is refused here."""
+    values: Dict[str, int] = {}
+    for language in LANGUAGES.values():
+        for entry in language.cardinals.split():
+            word, _, value = entry.partition(":")
+            word = word.replace("-", "")
+            if values.setdefault(word, int(value)) != int(value):
+                raise ValueError(f"language {language.code}, cardinals: {word!r} has two values")
+    return MappingProxyType(values)
+
+
+CARDINALS = _cardinals()
+# Inside a glued number word only a join of several letters ("fünfundzwanzig"): one letter
+# ("e", "y") would glue too much ("tree" is no "tre" and "e").
+NUMBER_GLUES = frozenset(word for word in AND_WORDS if len(word) > 1)
+NUMBER_WORD_PATTERN = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*|\d+")
+CARDINAL_PHRASE_MIN = 100   # smaller counts stay words: "two weeks" is read as a period, as written
 BOOLEAN_WORDS = MappingProxyType({True: words_of("yes") | frozenset(SYMBOL_YES.split()),
                                   False: words_of("no") | frozenset(SYMBOL_NO.split())})
 KINDS = MappingProxyType({kind: frozenset(word for language in LANGUAGES.values()
@@ -3059,6 +3113,69 @@ def numbers_in(text: str, spaced: bool = False) -> List[float]:
     if spaced:
         found += [parse_number(match.group(0)) for match in SPACED_NUMBER_PATTERN.finditer(str(text))]
     return found
+
+
+def _number_parts(word: str, glued: bool = False) -> Optional[Tuple[int, ...]]:
+    """The values a number word is made of, glued or hyphenated: "zweitausendfunfhundert" is
+    (2, 1000, 5, 100); None when it is not made of number words alone."""
+    if not word:
+        return ()
+    for end in range(len(word), 0, -1):   # longest first: "quatrevingt" before "quatre"
+        head = word[:end]
+        if head in CARDINALS or (glued and head in NUMBER_GLUES):
+            rest = _number_parts(word[end:], True)
+            if rest is not None:
+                return ((CARDINALS[head],) if head in CARDINALS else ()) + rest
+    return None
+
+
+def cardinal_value(parts: Sequence[int]) -> int:
+    """What number words say, in any of the tables' languages: each hundred or thousand
+    multiplies what came before it ("trois mille cinq cents" is 3 x 1000 + 5 x 100)."""
+    total = current = 0
+    for value in parts:
+        if value >= 1000:
+            total, current = total + max(current, 1) * value, 0
+        elif value == 100:
+            current = max(current, 1) * 100
+        else:
+            current += value
+    return total + current
+
+
+def numbers_as_digits(text: str) -> str:
+    """The text with amounts and years written in words put in digits, as the rest of the
+    reader reads them: "deux mille euros" is "2000 euros", "duemilaventisette" is "2027".
+    Only numbers of CARDINAL_PHRASE_MIN and more, of several number words or a thousand
+    before a currency ("mil euros"); not a capitalised word inside a sentence ("Mila")."""
+    words = list(NUMBER_WORD_PATTERN.finditer(text))
+    pieces, last, index = [], 0, 0
+    while index < len(words):
+        first, parts, end = index, [], index
+        while end < len(words):
+            word = words[end]
+            folded = _fold(word.group(0)).replace("-", "")
+            starts = word.start() == 0 or text[:word.start()].rstrip()[-1:] in ".!?:\n"
+            found = _number_parts(folded) if word.group(0)[:1].islower() or starts else None
+            if found is None and parts and folded in AND_WORDS and end + 1 < len(words):
+                end += 1   # "mil e quinhentos": the join, if a number word follows
+                continue
+            if found is None:
+                break
+            parts.extend(found)
+            end += 1
+        while end > first and _fold(words[end - 1].group(0)) in AND_WORDS and not _number_parts(
+                _fold(words[end - 1].group(0))):
+            end -= 1
+        value = cardinal_value(parts)
+        following = words[end].group(0) if end < len(words) else ""
+        spoken = len(parts) > 1 or (parts and max(parts) >= 1000 and _fold(following) in CURRENCIES)
+        after_digits = first > 0 and words[first - 1].group(0).isdigit()   # "3 mil reais" is read as it is
+        if parts and spoken and value >= CARDINAL_PHRASE_MIN and not after_digits:
+            pieces += [text[last:words[first].start()], str(value)]
+            last = words[end - 1].end()
+        index = max(end, first + 1)
+    return "".join(pieces) + text[last:] if pieces else text
 
 
 def input_kind(query: QueryInput) -> str:
@@ -3211,7 +3328,7 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     bidirectional mark or a lone surrogate inside or before a name would hide it), and so does
     what is only context, which must never give values over the user's own words: fenced
     code blocks, quoted lines ("> ..."), passages of several words in quotation marks and lines
-    pasted from one of our earlier replies."""
+    pasted from one of our earlier replies. Amounts in words are put in digits ("deux mille")."""
     text = CODE_FENCE_PATTERN.sub("\n", INVISIBLE_PATTERN.sub("", text))
     ours = [" ".join(_fold(message["content"]).split()) for message in history if message.get("role") == "assistant"]
     kept = []
@@ -3222,7 +3339,7 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
         if not _is_a_written_value(line):
             line = QUOTED_PASSAGE_PATTERN.sub(_without_a_long_passage, line)
         kept.append(line)
-    return "\n".join(kept).strip()
+    return numbers_as_digits("\n".join(kept).strip())
 
 
 def valid_text(text: str) -> str:

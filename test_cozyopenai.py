@@ -1009,12 +1009,13 @@ def test_a_hang_up_on_the_first_turn_closes_the_llm_stream_within_a_second(start
     assert "cozyopenai_llm_calls_cut_total 1" in requests.get(server.url + "/metrics", timeout=5).text
 
 
-def test_a_hang_up_during_the_extraction_call_closes_its_connection_within_a_second(start, fake_llm):
+def test_a_hang_up_during_the_extraction_call_closes_its_connection_long_before_its_time_out(start, fake_llm):
     fake_llm.hold = "extraction"                        # the model says nothing for a long while
     server = start(llm=fake_llm.settings(timeout_seconds=20))
     left = _hang_up_after(server, "I want to plan a trip to Paris.", b"Reading your message")
+    # The hang-up closes it, not the 20 s time-out (the margin is for a loaded machine, not a speed).
     assert fake_llm.held_call_closed.wait(5), "the extraction call was still open 5 s after the client left"
-    assert fake_llm.ended_at - left < 1.0
+    assert fake_llm.ended_at - left < 5
 
 
 ####################################################################################
@@ -2352,6 +2353,32 @@ def test_a_reply_to_where_that_names_no_place_is_not_a_place(trip_planner, text,
 def test_a_labelled_value_in_quotes_or_as_data_keeps_its_quotes():
     assert cozyopenai.user_words('title: "Our great trip to Rome"') == 'title: "Our great trip to Rome"'
     assert cozyopenai.user_words('word: {"items": [7], "name": "Ada"}') == 'word: {"items": [7], "name": "Ada"}'
+
+
+@pytest.mark.parametrize("text, written", [
+    ("deux mille euros", "2000 euros"), ("sagen wir dreitausendfünfhundert Franken", "sagen wir 3500 Franken"),
+    ("mil e quinhentos euros", "1500 euros"), ("budget: twelve hundred dollars", "budget: 1200 dollars"),
+    ("presupuesto mil doscientos euros", "presupuesto 1200 euros"), ("marzo del duemilaventisette", "marzo del 2027"),
+    ("Budget : trois mille cinq cents euros.", "Budget : 3500 euros."), ("mil pavos", "1000 pavos"),
+    ("two weeks in May", "two weeks in May"), ("3 mil reais", "3 mil reais"), ("50 cents", "50 cents"),
+    ("Mila and I", "Mila and I"), ("a trip to Cinque Terre", "a trip to Cinque Terre"),
+])
+def test_amounts_and_years_in_words_are_put_in_digits_and_small_counts_stay_words(text, written):
+    assert cozyopenai.numbers_as_digits(text) == written
+
+
+def test_number_words_add_and_multiply_as_they_are_said():
+    assert cozyopenai.cardinal_value([3, 1000, 5, 100]) == 3500 and cozyopenai.cardinal_value([12, 100]) == 1200
+    assert cozyopenai.cardinal_value([2, 1000, 20, 7]) == 2027 and cozyopenai.cardinal_value([1000, 200]) == 1200
+
+
+def test_no_number_word_has_two_values_in_the_tables():
+    spoken = {}
+    for language in cozyopenai.LANGUAGES.values():
+        for entry in language.cardinals.split():
+            word, _, value = entry.partition(":")
+            assert spoken.setdefault(word.replace("-", ""), int(value)) == int(value), word
+    assert spoken == dict(cozyopenai.CARDINALS)
 
 
 def test_folded_pattern_matches_a_folded_word_as_written_with_accents():
