@@ -2463,7 +2463,7 @@ class Language:
     hedges: str = ""                    # leave the clause's value open: "somewhere in Italy, maybe"
     name_joiners: str = ""              # inside a name: "Rio de Janeiro", "Frankfurt am Main"
     confirmations: str = ""             # a clause of a name and these only names a value: "Florence it is"
-    non_answers: str = ""               # talk about the chat, not a value: "Add Details", "no idea"
+    non_answers: str = ""               # talk about the chat, not a value: "Add Details", "no idea", "Great."
     cancels: str = ""                   # words of stopping, for the LLM's cancel intent
     cancel_phrases: str = ""            # a whole message of one of these cancels: "start over"
     rerun_phrases: str = ""             # "again": run once more with the same values
@@ -2528,7 +2528,7 @@ ENGLISH = Language(
     non_answers="add details detail more less concise shorter longer tell me explain elaborate continue again "
                 "regenerate retry try hmm hm um uh er let think about it maybe not sure unsure know dunno idk no "
                 "idea whatever anything anywhere somewhere something wait please thanks thank you ok okay yes what "
-                "why how which who",
+                "why how which who great perfect cool awesome super fine sure good lovely excellent amazing wonderful",
     cancels="stop cancel abort reset forget nevermind restart",
     cancel_phrases="stop, cancel, abort, reset, start over, start again, restart, never mind, nevermind",
     rerun_phrases="again, retry, rerun, re-run, once more, try it",
@@ -2593,7 +2593,8 @@ FRENCH = Language(
     hedges="peut-etre peutetre",
     name_joiners="de la le sur en",
     confirmations="cest alors svp decide cette fois sera ce",
-    non_answers="plus details detaille concis court explique encore peut etre sais pas idee",
+    non_answers="plus details detaille concis court explique encore peut etre sais pas idee parfait super genial "
+                "bien excellent top",
     cancels="annuler annule oublie oublier arrete",
     cancel_phrases="annuler, recommencer, on recommence",
     rerun_phrases="encore",
@@ -2649,7 +2650,7 @@ GERMAN = Language(
     hedges="vielleicht eventuell irgendwo",
     name_joiners="am an",
     confirmations="bitte dann entschieden diesmal",
-    non_answers="mehr kurzer erklare weiter vielleicht weiss nicht keine ahnung",
+    non_answers="mehr kurzer erklare weiter vielleicht weiss nicht keine ahnung super toll prima perfekt gut klasse",
     cancels="abbrechen vergiss vergessen stopp",
     cancel_phrases="abbrechen, von vorne, nochmal von vorne",
     rerun_phrases="nochmal, noch einmal",
@@ -2704,7 +2705,7 @@ SPANISH = Language(
     hedges="quizas quiza tal",
     name_joiners="de del la y",
     confirmations="porfa decidido entonces sera",
-    non_answers="mas detalles conciso explica quizas se ni idea",
+    non_answers="mas detalles conciso explica quizas se ni idea perfecto genial vale bien estupendo",
     cancels="cancela cancelar olvida olvidalo",
     cancel_phrases="cancelar, cancela, empezar de nuevo, empecemos de nuevo",
     rerun_phrases="otra vez, de nuevo",
@@ -2762,7 +2763,7 @@ ITALIAN = Language(
     hedges="forse magari",
     name_joiners="di da",
     confirmations="allora grazie deciso sara",
-    non_answers="piu dettagli spiega forse so non idea",
+    non_answers="piu dettagli spiega forse so non idea perfetto ottimo bene benissimo fantastico",
     cancels="annulla lascia dimentica",
     cancel_phrases="annulla, ricominciare, ricominciamo",
     rerun_phrases="di nuovo, ancora",
@@ -2818,7 +2819,7 @@ PORTUGUESE = Language(
     hedges="talvez quica",
     name_joiners="de do da dos das",
     confirmations="entao decidido vai ser",
-    non_answers="mais detalhes explica talvez sei nao ideia",
+    non_answers="mais detalhes explica talvez sei nao ideia perfeito otimo beleza legal",
     cancels="cancela cancelar esquece",
     cancel_phrases="cancelar, cancela, recomecar, vamos recomecar, comecar de novo",
     rerun_phrases="de novo, outra vez",
@@ -3619,7 +3620,8 @@ def _leads_into_period(tokens: Sequence[Token], index: int) -> bool:
                                              and token.folded not in ARTICLES)
 
 
-def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alone: bool = False) -> List[Span]:
+def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alone: bool = False,
+               listing: bool = False) -> List[Span]:
     """Capitalised names after a word that leads to one ("to Lisbon", "nach Berlin"), or
     ruled out after a negation ("not Paris"), and the name that replaces a ruled-out one
     ("Not Paris — Lyon", "Pas Nice, plutôt Cannes"). With ``alone``, also a name that is a
@@ -3636,7 +3638,7 @@ def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alon
             spans[-1] = dataclasses.replace(spans[-1], negated=True)
         replaces = bool(spans) and spans[-1].negated and (corrects or _follows_closely(tokens, spans[-1].end, index))
         chosen = end < len(tokens) and tokens[end].folded in PREFERENCES   # "let's do Florence instead"
-        if negated or replaces or chosen or _led_by(tokens, index, leads, end) or (alone and _stands_alone(tokens, index, end)):
+        if negated or replaces or chosen or _led_by(tokens, index, leads, end) or (alone and _stands_alone(tokens, index, end, listing)):
             retracted = _retracted(tokens, end)   # "to Rome, actually no, ..."
             spans.append(Span("name", index, end, value, (negated and not replaces) or retracted))
     return spans
@@ -3653,17 +3655,20 @@ def _clause(tokens: Sequence[Token], index: int, end: int) -> Tuple[int, int]:
     return first, last
 
 
-def _stands_alone(tokens: Sequence[Token], index: int, end: int) -> bool:
+def _stands_alone(tokens: Sequence[Token], index: int, end: int, listing: bool = False) -> bool:
     """Is the name a clause of its own: a list item ("Rome, 1500 euros", "Kyoto"), a value
-    after a colon, or a sentence of the name and words that confirm it ("Florence it is.")?
+    after a colon, or a sentence of the name and words that confirm it ("Florence it is.",
+    "yeah Seville it is", "Pode ser Bruxelas sim")? With ``listing`` (the message also gives
+    an amount or a period), a sentence of the name alone too ("Kreta. Budget 2500, ...").
     Not a sentence of its own that ends otherwise ("Honeymoon!! Santorini, 4.5k")."""
     first, last = _clause(tokens, index, end)
     rest = [token for token in tokens[first:index] + tokens[end:last] if token.shape != "mark"]
-    ends_an_item = last == len(tokens) or tokens[last].text in ",;"
+    ends_an_item = last == len(tokens) or tokens[last].text in ",;" or (listing and tokens[last].text == ".")
     if not rest and (ends_an_item or (first > 0 and tokens[first - 1].text == ":")):
         return True   # "Rome, 1500 euros", "Quick one: Berlin, ...", "la montagne : Chamonix."
     sentence_start = first == 0 or tokens[first - 1].text in ".!?\n"
-    return sentence_start and bool(rest) and all(token.folded in CONFIRMATIONS for token in rest) and (
+    return sentence_start and bool(rest) and all(token.folded in CONFIRMATIONS | BOOLEAN_WORDS[True]
+                                                 for token in rest) and (
         last == len(tokens) or tokens[last].text in ".!?\n,;")
 
 
@@ -3976,8 +3981,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     """Typed spans, each given to the input of its kind. Inputs already known take a new value
     only from their cues or a replaced name ("now do it for Rome", "not Paris — Lyon")."""
     tokens = reading.tokens
-    past = _past_sentences(tokens)   # "last year in Paris we spent 3000 euros": no value of this trip
-    money = [span for span in money_spans(text, tokens) if _sentence_of(tokens, span.start) not in past]
+    past = _past_tokens(tokens)   # "last year in Paris we spent 3000 euros": no value of this trip
+    money = [span for span in money_spans(text, tokens) if span.start not in past]
     rates = {id(span): _rate_end(tokens, span.end) for span in money}   # "50 euros a night" is no total
     money_tokens = {index for span in money for index in range(span.start, rates[id(span)] or span.end)}
     money = [span for span in money if not rates[id(span)]]
@@ -3987,7 +3992,7 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     joined = {k for start, end in _name_runs(tokens, words_taken(workflow)) if end - start > 2
               for k in range(start, end)}   # "Rio de Janeiro" holds no month
     periods = [_without(tokens, span, joined) for span in period_spans(tokens)
-               if not money_tokens & set(range(span.start, span.end)) and _sentence_of(tokens, span.start) not in past]
+               if not money_tokens & set(range(span.start, span.end)) and span.start not in past]
     periods = [span for span in periods if span is not None]
     taken_tokens = money_tokens | {index for span in periods for index in range(span.start, span.end)}
     places = [query for query in workflow.query_inputs.values() if input_kind(query) == "place"]
@@ -3999,8 +4004,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
             only_place = kind == "place" and len(places) == 1
             if only_place:   # the workflow's one place: "a trip to Rome", "rather Rome", "I want Rome"
                 leads |= PLACE_LEADS | PREFERENCES | WISHES
-            spans = [span for span in name_spans(tokens, leads, words_taken(workflow), alone=only_place and is_open)
-                     if _sentence_of(tokens, span.start) not in past]
+            spans = [span for span in name_spans(tokens, leads, words_taken(workflow), alone=only_place and is_open,
+                                                 listing=bool(money or periods)) if span.start not in past]
             if only_place and is_open and not spans:   # "rome, 1200 eur, 5 days in june", "going to lyon"
                 valued = {k for span in money + periods for k in range(span.start, span.end)}
                 spans = (_lowercase_list_head(tokens, words_taken(workflow), valued)
@@ -4169,12 +4174,23 @@ def _sentence_of(tokens: Sequence[Token], index: int) -> int:
     return sum(1 for token in tokens[:index] if token.text in ".!?\n")
 
 
-def _past_sentences(tokens: Sequence[Token]) -> set:
-    """The sentences that tell of the past: a period in them is a time before now, named by
-    no month or day ("last year", "el año pasado", "letztes Jahr"; not "the last week of May")."""
-    return {_sentence_of(tokens, span.start) for span in period_spans(tokens)
-            if any(token.folded in PAST for token in tokens[span.start:span.end])
-            and not _names_a_time(tokens, span)}
+def _past_tokens(tokens: Sequence[Token]) -> set:
+    """The tokens of the parts of sentences that tell of the past: a period in them is a time
+    before now, named by no month or day ("last year", "el año pasado", "letztes Jahr"; not
+    "the last week of May"). A contrast ends the part ("my friend went to Paris last year, but
+    I want Athens"): what comes after it is about this trip."""
+    past = set()
+    for span in period_spans(tokens):
+        if not any(token.folded in PAST for token in tokens[span.start:span.end]) or _names_a_time(tokens, span):
+            continue
+        first = span.start
+        while first > 0 and tokens[first - 1].text not in ".!?\n" and tokens[first - 1].folded not in CONTRASTS:
+            first -= 1
+        end = span.end
+        while end < len(tokens) and tokens[end].text not in ".!?\n" and tokens[end].folded not in CONTRASTS:
+            end += 1
+        past.update(range(first, end))
+    return past
 
 
 def _by_sentence(tokens: Sequence[Token], spans: Sequence[Span]) -> List[List[Span]]:

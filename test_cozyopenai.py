@@ -2326,6 +2326,11 @@ def test_a_label_in_any_language_or_a_wish_leads_to_the_value_after_it(trip_plan
     ("Gesamtbudget 1500, über Ostern", {"budget": 1500, "travel_dates": "Ostern"}),
     ("Ich will nach Madrid, der Flug kostet etwa 150 Euro pro Person", {"destination": "Madrid"}),
     ("Hai scritto: “destinazione: Venezia”. No, ho detto Verona!", {}),
+    ("my friend went to Paris last year and loved it, but I want Athens", {"destination": "Athens"}),
+    ("I want Athens, but last year we went to Paris", {"destination": "Athens"}),
+    ("Kreta. Budget 2500, Mitte September", {"destination": "Kreta", "budget": 2500, "travel_dates": "Mitte September"}),
+    ("yeah Seville it is. 2k", {"destination": "Seville", "budget": 2000}),
+    ("Great. In May.", {"travel_dates": "May"}),
 ])
 def test_lower_case_places_compound_words_misspelt_months_and_quoted_labels_are_read_by_rule(trip_planner, text,
                                                                                              expected):
