@@ -35,13 +35,15 @@ loopback. Give ``--api-key`` before listening anywhere else. Fixed inputs
 edit workflows.json can make the server fetch URLs and call Python functions.
 
 It speaks Chat Completions (``/openai/chat/completions``), the Responses API
-(``/openai/responses``, with ``previous_response_id``) and MCP (``/mcp``), each a
-thin block over one turn; ``GET /`` is a page for people and ``GET /metrics`` gives
-Prometheus counters. Conversations live in memory, in a folder of JSON files (the
-default), or in Redis or Valkey (``--store redis://host:6379/0``) for several
-instances on several machines; another store is a ``Store`` subclass (its docstring
-states the locking rule). Text the internal LLM writes for a person (questions,
-client tasks) is checked before it is shown, with a templated fallback.
+(``/openai/responses``, with ``previous_response_id``) and MCP (``/mcp``: the
+handshake era and 2026-07-28, whose sealed requestState lets any instance given the
+same ``--mcp-state-secret`` go on with a gathering), each a thin block over one turn;
+``GET /`` is a page for people and ``GET /metrics`` gives Prometheus counters.
+Conversations live in memory, in a folder of JSON files (the default), or in Redis
+or Valkey (``--store redis://host:6379/0``) for several instances on several
+machines; another store is a ``Store`` subclass (its docstring states the locking
+rule). Text the internal LLM writes for a person (questions, client tasks) is
+checked before it is shown, with a templated fallback.
 
 Limits: token counts in ``usage`` are estimates (about four characters a
 token); one choice per request (``n`` must be 1); the JSON store keeps one
@@ -66,6 +68,7 @@ __all__ = [
     "UnauthorizedError", "NotFoundError", "ModelNotFoundError", "MethodNotAllowedError",
     "BodyTooLargeError", "UnsupportedMediaTypeError", "HeadersTooLargeError", "UriTooLongError",
     "RequestTimeoutError", "ServerBusyError", "LLMError", "LLMTimeout", "McpError",
+    "mcp_state_key", "seal_request_state", "open_request_state",
 ]
 
 import abc
@@ -2455,6 +2458,7 @@ class Language:
     period_leads: str = ""              # lead into a period, not part of it: "in April" is April
     articles: str = ""                  # between a place word and a name: "in the Highlands"
     place_leads: str = ""               # a capitalised name after them is a place: "a trip to Lisbon"
+    motions: str = ""                   # going somewhere, before a place word: "going to lyon", "wollen nach"
     stays: str = ""                     # being somewhere already: "I'm in London"
     corrections: str = ""               # fillers of a correction: "Rome, sorry, Florence"
     negations: str = ""                 # rule out what follows in the clause: "not Paris"
@@ -2469,7 +2473,7 @@ class Language:
     hedges: str = ""                    # leave the clause's value open: "somewhere in Italy, maybe"
     name_joiners: str = ""              # inside a name: "Rio de Janeiro", "Frankfurt am Main"
     confirmations: str = ""             # a clause of a name and these only names a value: "Florence it is"
-    non_answers: str = ""               # talk about the chat, not a value: "Add Details", "no idea"
+    non_answers: str = ""               # talk about the chat, not a value: "Add Details", "no idea", "Great."
     cancels: str = ""                   # words of stopping, for the LLM's cancel intent
     cancel_phrases: str = ""            # a whole message of one of these cancels: "start over"
     rerun_phrases: str = ""             # "again": run once more with the same values
@@ -2482,6 +2486,8 @@ class Language:
     label_links: str = ""               # between a label and its number, besides copulas: "a budget of 2000"
     common_words: str = ""              # too loose to name an input, in a label: "number", "value"
     thousands: str = ""                 # after a number, times a thousand: "3 mil reais", "2 grand"
+    cardinals: str = ""                 # number words as "word:value": "twenty:20 hundred:100"; glued
+                                        # ("zweitausendfunfhundert") or hyphenated, they add and multiply
     currency_words: str = ""
     rate_words: str = ""                # an amount before these and a unit is a rate: "50 euros a night"
     rate_units: str = ""                # besides time units: "per person"
@@ -2510,13 +2516,14 @@ ENGLISH = Language(
     time_units="day days night nights week weeks month months fortnight year years",
     numbers="a an one two three four five six seven eight nine ten eleven twelve fourteen fifteen couple few "
             "several",
-    qualifiers="early mid middle late end beginning start first second third fourth last next this coming "
+    qualifiers="early mid middle late end sometime beginning start first second third fourth last next this coming "
                "following long whole entire half now",
     range_links="to until till through thru and from of in on at the for during over after before around",
     range_words="to or", and_words="and",
     period_leads="in on at for from during over",
     articles="the",
     place_leads="to in into for visit visiting see explore discover",
+    motions="go goes going travel travelling traveling fly flying trip head heading getaway holiday vacation",
     stays="im am live lives living based stay staying",
     corrections="sorry pardon wait actually oops ah oh",
     negations="not no never without except excluding nor dont doesnt didnt wont cant isnt arent none zero",
@@ -2531,7 +2538,7 @@ ENGLISH = Language(
     non_answers="add details detail more less concise shorter longer tell me explain elaborate continue again "
                 "regenerate retry try hmm hm um uh er let think about it maybe not sure unsure know dunno idk no "
                 "idea whatever anything anywhere somewhere something wait please thanks thank you ok okay yes what "
-                "why how which who",
+                "why how which who great perfect cool awesome super fine sure good lovely excellent amazing wonderful",
     cancels="stop cancel abort reset forget nevermind restart",
     cancel_phrases="stop, cancel, abort, reset, start over, start again, restart, never mind, nevermind",
     rerun_phrases="again, retry, rerun, re-run, once more, try it",
@@ -2546,6 +2553,10 @@ ENGLISH = Language(
     common_words="whether with that this from they their them user users there what when which will would should "
                  "have does into also only more than some very your about name number value true false",
     currency_words="dollar dollars bucks pound pounds quid euro euros",
+    cardinals="zero:0 one:1 two:2 three:3 four:4 five:5 six:6 seven:7 eight:8 nine:9 ten:10 eleven:11 twelve:12 "
+              "thirteen:13 fourteen:14 fifteen:15 sixteen:16 seventeen:17 eighteen:18 nineteen:19 twenty:20 "
+              "thirty:30 forty:40 fifty:50 sixty:60 seventy:70 eighty:80 ninety:90 hundred:100 thousand:1000 "
+              "grand:1000",
     rate_words="a an per each every",
     rate_units="person persons people head pax",
     kind_words={"email": "email e-mail", "url": "url urls link website webpage",
@@ -2582,6 +2593,7 @@ FRENCH = Language(
     period_leads="du au aux jusqu de d en dans pour pendant",
     articles="la le les l",
     place_leads="a au aux en pour vers visiter voir decouvrir",
+    motions="aller vais va allons partir pars partons voyage voyager voler sejour escapade vacances",
     stays="suis habite vis",
     corrections="pardon",
     negations="pas non sans sauf jamais ni aucun aucune",
@@ -2591,7 +2603,8 @@ FRENCH = Language(
     hedges="peut-etre peutetre",
     name_joiners="de la le sur en",
     confirmations="cest alors svp decide cette fois sera ce",
-    non_answers="plus details detaille concis court explique encore peut etre sais pas idee",
+    non_answers="plus details detaille concis court explique encore peut etre sais pas idee parfait super genial "
+                "bien excellent top",
     cancels="annuler annule oublie oublier arrete",
     cancel_phrases="annuler, recommencer, on recommence",
     rerun_phrases="encore",
@@ -2600,6 +2613,10 @@ FRENCH = Language(
     sentence_starts="je j nous moi non oui plutot",
     copulas="est sont", label_links="de", thousands="mille",
     currency_words="euro euros franc francs balles",
+    cardinals="zero:0 un:1 une:1 deux:2 trois:3 quatre:4 cinq:5 six:6 sept:7 huit:8 neuf:9 dix:10 onze:11 "
+              "douze:12 treize:13 quatorze:14 quinze:15 seize:16 vingt:20 vingts:20 trente:30 quarante:40 "
+              "cinquante:50 soixante:60 septante:70 huitante:80 octante:80 nonante:90 quatre-vingt:80 "
+              "quatre-vingts:80 cent:100 cents:100 mille:1000",
     rate_words="par la le",
     rate_units="personne personnes",
     kind_words={"year": "annee", "place": "destination ville lieu pays", "date": "quand dates periode",
@@ -2612,7 +2629,7 @@ GERMAN = Language(
     function_words="ich du sie ihr ihre wir mein meine der die das den dem ein eine einen und oder ist sind wann "
                    "wo wie welche welcher wohin mochte mochten wollen bitte fur mit nach reise fahren urlaub "
                    "nicht auch",
-    excess="zu",
+    excess="zu so",
     past="letztes letzten letzte vergangenen vergangenes vorigen voriges",
     greetings="hallo servus moin",
     wishes="will mochte mochten wollen moechte", changes="mach mache machen stell andere",
@@ -2633,6 +2650,7 @@ GERMAN = Language(
     period_leads="vom von bis zum zur im am fur wahrend uber ubers",
     articles="der die das den",
     place_leads="nach in ins fur besuchen sehen entdecken",
+    motions="fahren fahre fahrt fliegen fliege reise reisen urlaub ausflug will wollen mochte mochten moechte",
     stays="wohne wohnen lebe bin",
     corrections="entschuldigung",
     negations="nicht kein keine keinen keinem ohne ausser statt anstatt nie",
@@ -2642,7 +2660,7 @@ GERMAN = Language(
     hedges="vielleicht eventuell irgendwo",
     name_joiners="am an",
     confirmations="bitte dann entschieden diesmal",
-    non_answers="mehr kurzer erklare weiter vielleicht weiss nicht keine ahnung",
+    non_answers="mehr kurzer erklare weiter vielleicht weiss nicht keine ahnung super toll prima perfekt gut klasse",
     cancels="abbrechen vergiss vergessen stopp",
     cancel_phrases="abbrechen, von vorne, nochmal von vorne",
     rerun_phrases="nochmal, noch einmal",
@@ -2651,6 +2669,10 @@ GERMAN = Language(
     sentence_starts="ich wir mein meine nein ja lieber",
     copulas="ist sind", label_links="von", thousands="tausend",
     currency_words="franken pfund",
+    cardinals="null:0 ein:1 eins:1 eine:1 zwei:2 drei:3 vier:4 funf:5 fuenf:5 sechs:6 sieben:7 acht:8 neun:9 "
+              "zehn:10 elf:11 zwolf:12 zwoelf:12 dreizehn:13 vierzehn:14 funfzehn:15 sechzehn:16 siebzehn:17 "
+              "achtzehn:18 neunzehn:19 zwanzig:20 dreissig:30 vierzig:40 funfzig:50 sechzig:60 siebzig:70 "
+              "achtzig:80 neunzig:90 hundert:100 tausend:1000",
     rate_words="pro je",
     rate_units="person personen",
     kind_words={"year": "jahr", "place": "wohin ziel reiseziel stadt ort", "date": "wann zeitraum datum reisezeit",
@@ -2673,7 +2695,7 @@ SPANISH = Language(
     time_phrases="semana santa, ano nuevo, fin de ano, fin de semana",
     season_nouns="temporada",
     holiday_words="vacaciones puente santa santo",
-    time_units="dia dias noche noches semana semanas mes meses quincena ano anos",
+    time_units="dia dias noche noches semana semanas finde findes mes meses quincena ano anos",
     numbers="un una uno unos unas dos tres cuatro cinco seis siete ocho nueve diez quince decena docena",
     qualifiers="principios mediados finales primera primer segunda segundo tercera ultima ultimo proximo "
                "proxima este esta largo larga viene",
@@ -2683,6 +2705,7 @@ SPANISH = Language(
     period_leads="del desde hasta a en de",
     articles="el los las la",
     place_leads="a al en para por hacia visitar ver conocer descubrir",
+    motions="ir voy vamos viajar viaje volar escapada vacaciones",
     stays="vivo vive estoy",
     corrections="bueno perdon perdona",
     negations="sin excepto salvo menos nunca nada ningun ninguno ninguna",
@@ -2692,7 +2715,7 @@ SPANISH = Language(
     hedges="quizas quiza tal",
     name_joiners="de del la y",
     confirmations="porfa decidido entonces sera",
-    non_answers="mas detalles conciso explica quizas se ni idea",
+    non_answers="mas detalles conciso explica quizas se ni idea perfecto genial vale bien estupendo",
     cancels="cancela cancelar olvida olvidalo",
     cancel_phrases="cancelar, cancela, empezar de nuevo, empecemos de nuevo",
     rerun_phrases="otra vez, de nuevo",
@@ -2701,6 +2724,12 @@ SPANISH = Language(
     sentence_starts="yo quiero queremos mi mejor",
     copulas="es son", label_links="de", thousands="mil",
     currency_words="peso pesos dolar dolares pavos libra libras",
+    cardinals="cero:0 un:1 uno:1 una:1 dos:2 tres:3 cuatro:4 cinco:5 seis:6 siete:7 ocho:8 nueve:9 diez:10 "
+              "once:11 doce:12 trece:13 catorce:14 quince:15 dieciseis:16 diecisiete:17 dieciocho:18 "
+              "diecinueve:19 veinte:20 veinti:20 treinta:30 cuarenta:40 cincuenta:50 sesenta:60 setenta:70 "
+              "ochenta:80 noventa:90 cien:100 ciento:100 doscientos:200 doscientas:200 trescientos:300 "
+              "cuatrocientos:400 quinientos:500 seiscientos:600 setecientos:700 ochocientos:800 "
+              "novecientos:900 mil:1000",
     rate_words="por la el",
     rate_units="persona personas",
     kind_words={"year": "ano", "place": "destino ciudad lugar", "date": "cuando fechas fecha",
@@ -2734,6 +2763,7 @@ ITALIAN = Language(
     period_leads="a ad dal dai fino nel nella per durante di",
     articles="il lo la gli",
     place_leads="a ad in nel nella nell per verso visitare vedere scoprire",
+    motions="andare vado andiamo viaggio viaggiare volare partire vacanza gita",
     stays="sono abito",
     corrections="anzi scusa scusate",
     negations="senza tranne eccetto mai ne niente nessun nessuno nessuna",
@@ -2743,7 +2773,7 @@ ITALIAN = Language(
     hedges="forse magari",
     name_joiners="di da",
     confirmations="allora grazie deciso sara",
-    non_answers="piu dettagli spiega forse so non idea",
+    non_answers="piu dettagli spiega forse so non idea perfetto ottimo bene benissimo fantastico",
     cancels="annulla lascia dimentica",
     cancel_phrases="annulla, ricominciare, ricominciamo",
     rerun_phrases="di nuovo, ancora",
@@ -2752,6 +2782,11 @@ ITALIAN = Language(
     sentence_starts="io vorrei mi meglio",
     copulas="e sono", label_links="di", thousands="mila mille",
     currency_words="dollari sterlina sterline",
+    cardinals="zero:0 uno:1 una:1 un:1 due:2 tre:3 quattro:4 cinque:5 sei:6 sette:7 otto:8 nove:9 dieci:10 "
+              "undici:11 dodici:12 tredici:13 quattordici:14 quindici:15 sedici:16 diciassette:17 diciotto:18 "
+              "diciannove:19 venti:20 vent:20 trenta:30 trent:30 quaranta:40 quarant:40 cinquanta:50 "
+              "cinquant:50 sessanta:60 sessant:60 settanta:70 settant:70 ottanta:80 ottant:80 novanta:90 "
+              "novant:90 cento:100 mille:1000 mila:1000",
     rate_words="a al per",
     rate_units="persona persone",
     kind_words={"year": "anno", "place": "destinazione citta luogo", "date": "quando date periodo",
@@ -2783,7 +2818,8 @@ PORTUGUESE = Language(
     range_words="a ate ou", and_words="e",
     period_leads="em no na de do da a ate",
     articles="o os as",
-    place_leads="a ao para em conhecer visitar ver descobrir",
+    place_leads="a ao para pra em conhecer visitar ver descobrir",
+    motions="ir vou vamos viajar viagem voar ferias passeio",
     stays="moro vivo estou",
     corrections="desculpa desculpe perdao",
     negations="nao nem sem nunca exceto nenhum nenhuma",
@@ -2793,7 +2829,7 @@ PORTUGUESE = Language(
     hedges="talvez quica",
     name_joiners="de do da dos das",
     confirmations="entao decidido vai ser",
-    non_answers="mais detalhes explica talvez sei nao ideia",
+    non_answers="mais detalhes explica talvez sei nao ideia perfeito otimo beleza legal",
     cancels="cancela cancelar esquece",
     cancel_phrases="cancelar, cancela, recomecar, vamos recomecar, comecar de novo",
     rerun_phrases="de novo, outra vez",
@@ -2802,6 +2838,12 @@ PORTUGUESE = Language(
     sentence_starts="eu quero queremos meu minha prefiro",
     copulas="e sao", label_links="de", thousands="mil",
     currency_words="real reais libra libras",
+    cardinals="zero:0 um:1 uma:1 dois:2 duas:2 tres:3 quatro:4 cinco:5 seis:6 sete:7 oito:8 nove:9 dez:10 "
+              "onze:11 doze:12 treze:13 catorze:14 quatorze:14 quinze:15 dezesseis:16 dezasseis:16 "
+              "dezessete:17 dezassete:17 dezoito:18 dezenove:19 dezanove:19 vinte:20 trinta:30 quarenta:40 "
+              "cinquenta:50 sessenta:60 setenta:70 oitenta:80 noventa:90 cem:100 cento:100 duzentos:200 "
+              "duzentas:200 trezentos:300 quatrocentos:400 quinhentos:500 seiscentos:600 setecentos:700 "
+              "oitocentos:800 novecentos:900 mil:1000",
     rate_words="por a o",
     rate_units="pessoa pessoas",
     kind_words={"year": "ano", "place": "destino cidade lugar", "date": "quando datas",
@@ -2821,7 +2863,7 @@ TEXT_KINDS = ("email", "url", "date", "place")     # kinds of the string type
 NUMBER_KINDS = ("money", "year")                  # kinds of the number types
 CLAUSE_MARKS = frozenset(",;.!?:()[]—|\n")
 TOKEN_PATTERN = re.compile(
-    r"(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4})"
+    r"(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4}|\d{1,2}/\d{1,2}(?![\d/]))"
     r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]|\s*[–-]\s*\d))|(?P<number>\d+(?:[.,]\d+)*)"
     r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\S)")
 # A short capitalised abbreviation with its dot ("St. Louis", "Mt. Fuji") does not end a phrase.
@@ -2837,7 +2879,8 @@ QUOTED_PASSAGE_PATTERN = re.compile(
     r"\u201c[^\u201c\u201d\n]*\u201d|\u201e[^\u201c\u201d\u201e\n]*[\u201c\u201d]|\u00ab[^\u00ab\u00bb\n]*\u00bb"
     r"|\u2018[^\u2018\u2019\n]*\u2019(?![^\W\d_])"
     r"|(?:(?<=^)|(?<=[\s:(]))\"[^\"\n]*\"|(?:(?<=^)|(?<=[\s:(]))'[^'\n]*'(?=[\s.,;:!?)]|$)", re.M)
-QUOTED_PASSAGE_MIN_WORDS = 4   # fewer is a value quoted for emphasis: a trip to "Paris"
+QUOTED_PASSAGE_MIN_WORDS = 4   # fewer is a value quoted for emphasis ("a trip to "Paris""), unless it quotes a label
+MAX_LABEL_WORDS = 3            # "travel dates: ..." labels a value; "my friend sent me this: ..." does not
 
 # The commonest words of each language, folded, to tell which language a text is in (a question
 # the LLM writes must be in the language of the user's message). Same shape for each language:
@@ -2912,6 +2955,8 @@ def _language_entries(language: Language) -> Iterator[Tuple[str, str]]:
             texts = list(value)
         elif spec.name == "kind_words":
             texts = list(value.values())
+        elif spec.name == "cardinals":
+            texts = [" ".join(entry.partition(":")[0] for entry in value.split())]
         else:
             texts = value.replace(",", " ").split() if spec.name in PHRASE_FIELDS else [value]
         for text in texts:
@@ -2954,7 +2999,12 @@ LANGUAGE_WORDS = MappingProxyType({language.name: frozenset(language.function_wo
 ALL_WORDS = frozenset(word for language in LANGUAGES.values() for _, word in _language_entries(language))
 MONTHS = MappingProxyType({word: month for language in LANGUAGES.values()
                            for month, words in enumerate(language.months, 1) for word in words.split()})
-TIME_NAMES = words_of("weekdays") | words_of("seasons") | MONTHS.keys()
+# A season and a holiday word written as one word name a time too ("Herbstferien", "Osterferien",
+# "Weihnachtsurlaub"): made from each language's own two lists, with the joins compounds take.
+COMPOUND_TIMES = frozenset(stem + join + holiday for language in LANGUAGES.values()
+                           for season in language.seasons.split() for holiday in language.holiday_words.split()
+                           for stem in (season, season[:-1]) for join in ("", "s"))
+TIME_NAMES = words_of("weekdays") | words_of("seasons") | MONTHS.keys() | COMPOUND_TIMES
 TIME_PHRASES = phrases_of("time_phrases")
 TIME_PHRASES_BY_FIRST_WORD: Mapping[str, Tuple[Tuple[str, ...], ...]] = MappingProxyType({
     first: tuple(phrase for phrase in TIME_PHRASES if phrase[0] == first) for first in {p[0] for p in TIME_PHRASES}})
@@ -2964,6 +3014,7 @@ RELATIVES, PAST = words_of("relatives"), words_of("past")
 TIME_LINKS, LEADING_LINKS, ARTICLES = words_of("range_links"), words_of("period_leads"), words_of("articles")
 RANGE_WORDS, AND_WORDS = words_of("range_words"), words_of("and_words")
 PLACE_LEADS, STAYS, CORRECTION_FILLERS = words_of("place_leads"), words_of("stays"), words_of("corrections")
+MOTIONS = words_of("motions")
 NEGATIONS, CONTRASTS, PREFERENCES = words_of("negations"), words_of("contrasts"), words_of("preferences")
 WISHES, CHANGES, EXCESS = words_of("wishes"), words_of("changes"), words_of("excess")
 EXCEPTS, EXCEPT_OPENERS = words_of("except_words"), words_of("except_openers")
@@ -2978,6 +3029,27 @@ NUMBER_PATTERN = re.compile(r"(?<![\w.,])[-+]?(\d{1,3}(?:[,.'’\u00a0\u202f]\d{
                             r"(\s*" + _THOUSAND + r"|\s*[mM]\b(?!\w))?", re.I)
 CURRENCIES = words_of("currency_words") | frozenset(CURRENCY_CODES.split())
 RATE_WORDS, RATE_UNITS = words_of("rate_words"), words_of("rate_units") | TIME_UNITS
+
+
+def _cardinals() -> Mapping[str, int]:
+    """Every language's number words and their values, hyphens dropped ("quatrevingt"); a word
+    that two languages give different values could never be read, so it is refused here."""
+    values: Dict[str, int] = {}
+    for language in LANGUAGES.values():
+        for entry in language.cardinals.split():
+            word, _, value = entry.partition(":")
+            word = word.replace("-", "")
+            if values.setdefault(word, int(value)) != int(value):
+                raise ValueError(f"language {language.code}, cardinals: {word!r} has two values")
+    return MappingProxyType(values)
+
+
+CARDINALS = _cardinals()
+# Inside a glued number word only a join of several letters ("fünfundzwanzig"): one letter
+# ("e", "y") would glue too much ("tree" is no "tre" and "e").
+NUMBER_GLUES = frozenset(word for word in AND_WORDS if len(word) > 1)
+NUMBER_WORD_PATTERN = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*|\d+")
+CARDINAL_PHRASE_MIN = 100   # smaller counts stay words: "two weeks" is read as a period, as written
 BOOLEAN_WORDS = MappingProxyType({True: words_of("yes") | frozenset(SYMBOL_YES.split()),
                                   False: words_of("no") | frozenset(SYMBOL_NO.split())})
 KINDS = MappingProxyType({kind: frozenset(word for language in LANGUAGES.values()
@@ -2987,6 +3059,15 @@ KINDS = MappingProxyType({kind: frozenset(word for language in LANGUAGES.values(
 YES_OR_NO = BOOLEAN_WORDS[True] | BOOLEAN_WORDS[False]
 NEGATING = NEGATIONS | BOOLEAN_WORDS[False]
 TIME_WORDS = TIME_NAMES | TIME_UNITS
+# Words of money long enough to end a compound that labels an amount ("Gesamtbudget", "Urlaubsbudget").
+COMPOUND_LABEL_HEADS = tuple(sorted(word for word in KINDS["money"] if len(word) >= 6))
+ABBREVIATION_MAX_LETTERS = 3   # "St", "Mt", "Ste": a capitalised word this short before a dot
+# Month names long enough that one slip of the keyboard leaves them recognisable, and what each
+# becomes with a letter dropped: a misspelt month is found through these (see _month_misspelt).
+MONTH_TYPO_MIN_LETTERS = 6
+LONG_MONTHS = frozenset(word for word in MONTHS if len(word) >= MONTH_TYPO_MIN_LETTERS)
+MONTH_DELETIONS = MappingProxyType({word[:k] + word[k + 1:]: word for word in sorted(LONG_MONTHS)
+                                    for k in range(len(word))})
 LEADS_OR_LINKS = PLACE_LEADS | TIME_LINKS
 NEVER_OPTIONS = NEGATIONS | TIME_LINKS | COUNT_WORDS
 AFTER_A_COUNT = TIME_UNITS | QUALIFIERS | COUNT_WORDS
@@ -3052,6 +3133,69 @@ def numbers_in(text: str, spaced: bool = False) -> List[float]:
     if spaced:
         found += [parse_number(match.group(0)) for match in SPACED_NUMBER_PATTERN.finditer(str(text))]
     return found
+
+
+def _number_parts(word: str, glued: bool = False) -> Optional[Tuple[int, ...]]:
+    """The values a number word is made of, glued or hyphenated: "zweitausendfunfhundert" is
+    (2, 1000, 5, 100); None when it is not made of number words alone."""
+    if not word:
+        return ()
+    for end in range(len(word), 0, -1):   # longest first: "quatrevingt" before "quatre"
+        head = word[:end]
+        if head in CARDINALS or (glued and head in NUMBER_GLUES):
+            rest = _number_parts(word[end:], True)
+            if rest is not None:
+                return ((CARDINALS[head],) if head in CARDINALS else ()) + rest
+    return None
+
+
+def cardinal_value(parts: Sequence[int]) -> int:
+    """What number words say, in any of the tables' languages: each hundred or thousand
+    multiplies what came before it ("trois mille cinq cents" is 3 x 1000 + 5 x 100)."""
+    total = current = 0
+    for value in parts:
+        if value >= 1000:
+            total, current = total + max(current, 1) * value, 0
+        elif value == 100:
+            current = max(current, 1) * 100
+        else:
+            current += value
+    return total + current
+
+
+def numbers_as_digits(text: str) -> str:
+    """The text with amounts and years written in words put in digits, as the rest of the
+    reader reads them: "deux mille euros" is "2000 euros", "duemilaventisette" is "2027".
+    Only numbers of CARDINAL_PHRASE_MIN and more, of several number words or a thousand
+    before a currency ("mil euros"); not a capitalised word inside a sentence ("Mila")."""
+    words = list(NUMBER_WORD_PATTERN.finditer(text))
+    pieces, last, index = [], 0, 0
+    while index < len(words):
+        first, parts, end = index, [], index
+        while end < len(words):
+            word = words[end]
+            folded = _fold(word.group(0)).replace("-", "")
+            starts = word.start() == 0 or text[:word.start()].rstrip()[-1:] in ".!?:\n"
+            found = _number_parts(folded) if word.group(0)[:1].islower() or starts else None
+            if found is None and parts and folded in AND_WORDS and end + 1 < len(words):
+                end += 1   # "mil e quinhentos": the join, if a number word follows
+                continue
+            if found is None:
+                break
+            parts.extend(found)
+            end += 1
+        while end > first and _fold(words[end - 1].group(0)) in AND_WORDS and not _number_parts(
+                _fold(words[end - 1].group(0))):
+            end -= 1
+        value = cardinal_value(parts)
+        following = words[end].group(0) if end < len(words) else ""
+        spoken = len(parts) > 1 or (parts and max(parts) >= 1000 and _fold(following) in CURRENCIES)
+        after_digits = first > 0 and words[first - 1].group(0).isdigit()   # "3 mil reais" is read as it is
+        if parts and spoken and value >= CARDINAL_PHRASE_MIN and not after_digits:
+            pieces += [text[last:words[first].start()], str(value)]
+            last = words[end - 1].end()
+        index = max(end, first + 1)
+    return "".join(pieces) + text[last:] if pieces else text
 
 
 def input_kind(query: QueryInput) -> str:
@@ -3181,10 +3325,22 @@ PASTED_LINE_MIN_CHARS = 16   # a line this long found in one of our replies was 
 
 def _without_a_long_passage(quoted: "re.Match") -> str:
     passage = quoted.group(0)
-    if len(passage[1:-1].split()) < QUOTED_PASSAGE_MIN_WORDS:
+    if len(passage[1:-1].split()) < QUOTED_PASSAGE_MIN_WORDS and not re.search("[:=]", passage):
         return passage[1:-1]   # a value quoted: its marks must not stand between a place word and it
     inside = passage[1:-1].rstrip()
     return passage[0] + passage[-1] + (inside[-1] if inside[-1:] in ".!?" else "")   # a sentence it ended still ends
+
+
+def _is_a_written_value(line: str) -> bool:
+    """Is the line a label and a value taken as written, quotes and all: data ("word: {"a":
+    1}") or one quotation ("title: "Our trip to Rome"")? Not "You wrote: "destination: Venice".
+    No, Verona!", where the quotation is context."""
+    labelled = LINE_VALUE_PATTERN.match(line)
+    if not labelled or len(labelled.group(1).split()) > MAX_LABEL_WORDS:
+        return False
+    value = labelled.group(2)
+    whole = QUOTED_PASSAGE_PATTERN.fullmatch(value)
+    return value[:1] in "{[" or bool(whole)
 
 
 def user_words(text: str, history: Sequence[dict] = ()) -> str:
@@ -3192,17 +3348,18 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     bidirectional mark or a lone surrogate inside or before a name would hide it), and so does
     what is only context, which must never give values over the user's own words: fenced
     code blocks, quoted lines ("> ..."), passages of several words in quotation marks and lines
-    pasted from one of our earlier replies."""
+    pasted from one of our earlier replies. Amounts in words are put in digits ("deux mille")."""
     text = CODE_FENCE_PATTERN.sub("\n", INVISIBLE_PATTERN.sub("", text))
-    text = QUOTED_PASSAGE_PATTERN.sub(_without_a_long_passage, text)
     ours = [" ".join(_fold(message["content"]).split()) for message in history if message.get("role") == "assistant"]
     kept = []
     for line in text.split("\n"):
         plain = " ".join(_fold(line).split())
         if line.lstrip().startswith(">") or (len(plain) >= PASTED_LINE_MIN_CHARS and any(plain in reply for reply in ours)):
             continue
+        if not _is_a_written_value(line):
+            line = QUOTED_PASSAGE_PATTERN.sub(_without_a_long_passage, line)
         kept.append(line)
-    return "\n".join(kept).strip()
+    return numbers_as_digits("\n".join(kept).strip())
 
 
 def valid_text(text: str) -> str:
@@ -3286,8 +3443,32 @@ class Tokens(list):
 def tokenize(text: str) -> Tokens:
     tokens = Tokens([Token(match.group(0), _fold(match.group(0)).replace("'", "").replace("’", ""), match.start(),
                            match.end(), match.lastgroup) for match in TOKEN_PATTERN.finditer(text)])
+    for index, token in enumerate(tokens):
+        if (token.shape == "word" and len(token.folded) >= MONTH_TYPO_MIN_LETTERS and token.folded not in ALL_WORDS
+                and not token.text[:1].isupper()   # a capitalised word is written with care, or a name: "Augusta"
+                and index > 0 and (tokens[index - 1].shape in ("number", "ordinal")
+                                   or tokens[index - 1].folded in LEADING_LINKS | QUALIFIERS | TIME_LINKS)):
+            month = _month_misspelt(token.folded)   # "in setpember", "anfang dezembr": read as the month
+            if month:
+                tokens[index] = dataclasses.replace(token, folded=month)
     tokens.text = text
     return tokens
+
+
+def _deletions(word: str) -> List[str]:
+    return [word[:k] + word[k + 1:] for k in range(len(word))]
+
+
+def _month_misspelt(word: str) -> Optional[str]:
+    """The month name a word is one slip away from (a letter missing, added, changed or two
+    swapped), if it is: "dezembr", "setpember", "septembr"."""
+    if word in MONTH_DELETIONS:
+        return MONTH_DELETIONS[word]
+    for shorter in _deletions(word):
+        month = MONTH_DELETIONS.get(shorter) or (shorter if shorter in LONG_MONTHS else None)
+        if month:
+            return month
+    return None
 
 
 @dataclass(frozen=True)
@@ -3463,7 +3644,8 @@ def _leads_into_period(tokens: Sequence[Token], index: int) -> bool:
                                              and token.folded not in ARTICLES)
 
 
-def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alone: bool = False) -> List[Span]:
+def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alone: bool = False,
+               listing: bool = False) -> List[Span]:
     """Capitalised names after a word that leads to one ("to Lisbon", "nach Berlin"), or
     ruled out after a negation ("not Paris"), and the name that replaces a ruled-out one
     ("Not Paris — Lyon", "Pas Nice, plutôt Cannes"). With ``alone``, also a name that is a
@@ -3480,7 +3662,7 @@ def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alon
             spans[-1] = dataclasses.replace(spans[-1], negated=True)
         replaces = bool(spans) and spans[-1].negated and (corrects or _follows_closely(tokens, spans[-1].end, index))
         chosen = end < len(tokens) and tokens[end].folded in PREFERENCES   # "let's do Florence instead"
-        if negated or replaces or chosen or _led_by(tokens, index, leads, end) or (alone and _stands_alone(tokens, index, end)):
+        if negated or replaces or chosen or _led_by(tokens, index, leads, end) or (alone and _stands_alone(tokens, index, end, listing)):
             retracted = _retracted(tokens, end)   # "to Rome, actually no, ..."
             spans.append(Span("name", index, end, value, (negated and not replaces) or retracted))
     return spans
@@ -3497,17 +3679,20 @@ def _clause(tokens: Sequence[Token], index: int, end: int) -> Tuple[int, int]:
     return first, last
 
 
-def _stands_alone(tokens: Sequence[Token], index: int, end: int) -> bool:
+def _stands_alone(tokens: Sequence[Token], index: int, end: int, listing: bool = False) -> bool:
     """Is the name a clause of its own: a list item ("Rome, 1500 euros", "Kyoto"), a value
-    after a colon, or a sentence of the name and words that confirm it ("Florence it is.")?
+    after a colon, or a sentence of the name and words that confirm it ("Florence it is.",
+    "yeah Seville it is", "Pode ser Bruxelas sim")? With ``listing`` (the message also gives
+    an amount or a period), a sentence of the name alone too ("Kreta. Budget 2500, ...").
     Not a sentence of its own that ends otherwise ("Honeymoon!! Santorini, 4.5k")."""
     first, last = _clause(tokens, index, end)
     rest = [token for token in tokens[first:index] + tokens[end:last] if token.shape != "mark"]
-    ends_an_item = last == len(tokens) or tokens[last].text in ",;"
+    ends_an_item = last == len(tokens) or tokens[last].text in ",;" or (listing and tokens[last].text == ".")
     if not rest and (ends_an_item or (first > 0 and tokens[first - 1].text == ":")):
         return True   # "Rome, 1500 euros", "Quick one: Berlin, ...", "la montagne : Chamonix."
     sentence_start = first == 0 or tokens[first - 1].text in ".!?\n"
-    return sentence_start and bool(rest) and all(token.folded in CONFIRMATIONS for token in rest) and (
+    return sentence_start and bool(rest) and all(token.folded in CONFIRMATIONS | BOOLEAN_WORDS[True]
+                                                 for token in rest) and (
         last == len(tokens) or tokens[last].text in ".!?\n,;")
 
 
@@ -3596,8 +3781,12 @@ def _name_end(tokens: Sequence[Token], index: int, taken: frozenset) -> int:
         return index
     while end < len(tokens):
         token = tokens[end]
-        if token.capitalised and token.folded not in taken and not _is_time_word(token, tokens, end):
+        if token.capitalised and token.folded not in taken and not _is_time_word(token, tokens, end) and not (
+                token.folded.endswith(COMPOUND_LABEL_HEADS)):   # "Gesamtbudget" labels an amount
             end += 1
+            if (len(token.text) <= ABBREVIATION_MAX_LETTERS and end + 1 < len(tokens) and tokens[end].text == "."
+                    and tokens[end + 1].capitalised):
+                end += 1   # "St. Gallen", "Mt. Fuji": the abbreviation's dot is inside the name
         elif (end > index and token.folded in NAME_JOINERS and end + 1 < len(tokens)
               and tokens[end + 1].capitalised and tokens[end + 1].folded not in taken
               and (not _is_time_word(tokens[end + 1], tokens, end + 1) or (
@@ -3863,6 +4052,8 @@ def _label_patterns_of(workflow: Workflow, query: QueryInput) -> List[str]:
     kind = input_kind(query)
     if kind in KINDS and sum(input_kind(other) == kind for other in workflow.query_inputs.values()) == 1:
         patterns += [re.escape(word) for word in sorted(KINDS[kind])]
+        if kind == "money":   # the head of a compound: "Gesamtbudget 1500", "Reisebudget: 2000"
+            patterns += [r"[^\W\d_]+" + re.escape(word) for word in sorted(COMPOUND_LABEL_HEADS)]
     return patterns
 
 
@@ -3878,8 +4069,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     """Typed spans, each given to the input of its kind. Inputs already known take a new value
     only from their cues or a replaced name ("now do it for Rome", "not Paris — Lyon")."""
     tokens = reading.tokens
-    past = _past_sentences(tokens)   # "last year in Paris we spent 3000 euros": no value of this trip
-    money = [span for span in money_spans(text, tokens) if _sentence_of(tokens, span.start) not in past]
+    past = _past_tokens(tokens)   # "last year in Paris we spent 3000 euros": no value of this trip
+    money = [span for span in money_spans(text, tokens) if span.start not in past]
     rates = {id(span): _rate_end(tokens, span.end) for span in money}   # "50 euros a night" is no total
     money_tokens = {index for span in money for index in range(span.start, rates[id(span)] or span.end)}
     money = [span for span in money if not rates[id(span)]]
@@ -3889,7 +4080,7 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     joined = {k for start, end in _name_runs(tokens, words_taken(workflow)) if end - start > 2
               for k in range(start, end)}   # "Rio de Janeiro" holds no month
     periods = [_without(tokens, span, joined) for span in period_spans(tokens)
-               if not money_tokens & set(range(span.start, span.end)) and _sentence_of(tokens, span.start) not in past]
+               if not money_tokens & set(range(span.start, span.end)) and span.start not in past]
     periods = [span for span in periods if span is not None]
     taken_tokens = money_tokens | {index for span in periods for index in range(span.start, span.end)}
     places = [query for query in workflow.query_inputs.values() if input_kind(query) == "place"]
@@ -3903,11 +4094,12 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
             only_place = kind == "place" and len(places) == 1
             if only_place:   # the workflow's one place: "a trip to Rome", "rather Rome", "I want Rome"
                 leads |= PLACE_LEADS | PREFERENCES | WISHES
-            spans = [span for span in name_spans(tokens, leads, words_taken(workflow), alone=only_place and is_open)
-                     if _sentence_of(tokens, span.start) not in past]
-            if only_place and is_open and not spans:   # "rome, 1200 eur, 5 days in june"
+            spans = [span for span in name_spans(tokens, leads, words_taken(workflow), alone=only_place and is_open,
+                                                 listing=bool(money or periods)) if span.start not in past]
+            if only_place and is_open and not spans:   # "rome, 1200 eur, 5 days in june", "going to lyon"
                 valued = {k for span in money + periods for k in range(span.start, span.end)}
-                spans = _lowercase_list_head(tokens, words_taken(workflow), valued)
+                spans = (_lowercase_list_head(tokens, words_taken(workflow), valued)
+                         or _lowercase_destination(tokens, words_taken(workflow), valued))
             reading.ruled_out.setdefault(query.name, []).extend(span.value for span in spans if span.negated)
             for span in _after_the_last_contrast(tokens, [span for span in spans if not span.negated]):
                 if is_open or _cued(tokens, span, query) or _replaces(tokens, span):
@@ -4032,6 +4224,27 @@ def _lowercase_list_head(tokens: Sequence[Token], taken: frozenset, valued: set)
     return [Span("name", 0, end, _span_text(tokens, 0, end))]
 
 
+def _lowercase_destination(tokens: Sequence[Token], taken: frozenset, valued: set) -> List[Span]:
+    """In a message written all in lower case, the place after going somewhere: "trip to
+    lisbon", "jveux aller a lyon", "wir wollen nach amsterdam". One word that means nothing
+    else here, right after a place word that follows a word of motion, and ending at a mark,
+    a number or a word that does mean something ("... to lyon 4 jours"): of two unknown words
+    in a row, which is the name would be a guess ("bilbao prsupuesto")."""
+    if any(token.text[:1].isupper() for token in tokens):
+        return []
+    known = taken | ALL_WORDS
+    for index in range(2, len(tokens)):
+        if not (tokens[index - 1].folded in PLACE_LEADS and tokens[index - 2].folded in MOTIONS):
+            continue
+        if (index in valued or tokens[index].shape != "word" or tokens[index].folded in known
+                or len(tokens[index].folded) < 3):
+            continue
+        end = index + 1
+        if end == len(tokens) or tokens[end].shape != "word" or tokens[end].folded in known:
+            return [Span("name", index, end, _span_text(tokens, index, end), is_negated(tokens, index))]
+    return []
+
+
 def _without(tokens: Sequence[Token], span: Span, taken: set) -> Optional[Span]:
     """The period without the tokens of a name at its start, nor the word that then leads
     into it ("Janeiro in May" is "May"); None when nothing of a time is left."""
@@ -4051,12 +4264,23 @@ def _sentence_of(tokens: Sequence[Token], index: int) -> int:
     return sum(1 for token in tokens[:index] if token.text in ".!?\n")
 
 
-def _past_sentences(tokens: Sequence[Token]) -> set:
-    """The sentences that tell of the past: a period in them is a time before now, named by
-    no month or day ("last year", "el año pasado", "letztes Jahr"; not "the last week of May")."""
-    return {_sentence_of(tokens, span.start) for span in period_spans(tokens)
-            if any(token.folded in PAST for token in tokens[span.start:span.end])
-            and not _names_a_time(tokens, span)}
+def _past_tokens(tokens: Sequence[Token]) -> set:
+    """The tokens of the parts of sentences that tell of the past: a period in them is a time
+    before now, named by no month or day ("last year", "el año pasado", "letztes Jahr"; not
+    "the last week of May"). A contrast ends the part ("my friend went to Paris last year, but
+    I want Athens"): what comes after it is about this trip."""
+    past = set()
+    for span in period_spans(tokens):
+        if not any(token.folded in PAST for token in tokens[span.start:span.end]) or _names_a_time(tokens, span):
+            continue
+        first = span.start
+        while first > 0 and tokens[first - 1].text not in ".!?\n" and tokens[first - 1].folded not in CONTRASTS:
+            first -= 1
+        end = span.end
+        while end < len(tokens) and tokens[end].text not in ".!?\n" and tokens[end].folded not in CONTRASTS:
+            end += 1
+        past.update(range(first, end))
+    return past
 
 
 def _by_sentence(tokens: Sequence[Token], spans: Sequence[Span]) -> List[List[Span]]:
@@ -4306,8 +4530,10 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str, tok
               if other.name != query.name and other.name not in conversation.values]
     if not _fits(query, text, tokens):   # a bare value of another kind: "2000" when asked where to go
         instead = [other for other in others if not other.optional and _fits(other, text, tokens)]
-        if len(instead) == 1 and input_kind(instead[0]) not in ("place", "text") and _is_bare(tokens, text):
+        if len(instead) == 1 and input_kind(instead[0]) not in ("place", "text") and _is_bare(tokens):
             return {instead[0].name: _reply_value(instead[0], text)}
+        if query.type not in STRING_TYPES:   # "5 days at Christmas" is no budget: its spans are read instead
+            return {}
     if text.rstrip().endswith("?") or any(set(_words(text)) & _topic_words(other) - _topic_words(query)
                                           for other in others if other.type != "boolean"):
         return {}
@@ -4327,11 +4553,10 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str, tok
     return {query.name: _reply_value(query, text)}
 
 
-def _is_bare(tokens: Sequence[Token], text: str) -> bool:
+def _is_bare(tokens: Sequence[Token]) -> bool:
     """Is a reply one value alone, not a sentence with several ("4 days in March is fine, but
     the budget is 600")? Its spans are read instead."""
-    return (len(text.split()) <= MAX_DIRECT_REPLY_WORDS
-            and not any(_is_break(tokens, k) or tokens[k].folded in CONTRASTS for k in range(len(tokens) - 1)))
+    return not any(_is_break(tokens, k) or tokens[k].folded in CONTRASTS for k in range(len(tokens) - 1))
 
 
 def _fits(query: QueryInput, text: str, tokens: Sequence[Token]) -> bool:
@@ -4356,6 +4581,9 @@ def _could_be(query: QueryInput, tokens: Sequence[Token], words: Sequence[str]) 
     "hmm, let me think": Open WebUI sends its regenerate buttons as messages)."""
     if input_kind(query) == "date":
         return is_period(tokens)
+    if input_kind(query) == "place" and not any(word not in ALL_WORDS for word in words) and not any(
+            token.capitalised for token in tokens):   # "de 10/06 a 15/06" names no place: "Como" does
+        return False
     return not words or not all(word in NON_ANSWERS for word in words)
 
 
@@ -6301,47 +6529,64 @@ def delete_response(service: Service, response_id: str) -> dict:
 # MCP: the workflows as tools, missing inputs asked for by elicitation
 ####################################################################################
 
-# Streamable HTTP, the handshake era of the protocol: initialize, a session id, then
-# requests. The 2026-07-28 era's probe (server/discover) is answered "method not found",
-# which makes current clients fall back to initialize (as the specification says).
-MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")   # newest first: what initialize may agree on
+# Streamable HTTP, in both eras of the protocol. The handshake era (2025-03-26 to 2025-11-25):
+# initialize, a session id, then requests; what is missing is asked by an elicitation/create
+# sent on the call's own stream, so the answer must reach the process that asked. The
+# 2026-07-28 era: no session, each request carries its version and the client's capabilities
+# in _meta, and a call that needs more returns "input_required" with a sealed requestState
+# that any instance holding the same key can continue from (a round-robin balancer is fine).
+MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")   # the handshake era, newest first
+MCP_MODERN_VERSIONS = ("2026-07-28",)    # the per-request era: server/discover, _meta, requestState
+MCP_BATCH_VERSIONS = ("2025-03-26",)     # the one version whose JSON-RPC batches the specification allows
+MCP_UNSTATED_VERSION = "2025-03-26"      # a handshake request without MCP-Protocol-Version is read as this
 MCP_SESSION_IDLE_SECONDS = 3600.0        # a session unused this long is forgotten (clients may never DELETE)
-MCP_ELICIT_SECONDS = 600.0               # how long a tool call waits for a person to answer
+MCP_ELICIT_SECONDS = 600.0               # how long a person has to answer a form, in either era
 MCP_KEEPALIVE_SECONDS = 15.0             # an SSE comment this often while waiting (clients time out at 300 s)
+MCP_WAIT_CHECK_SECONDS = 0.5             # how often a waiting elicitation looks for a cancel or a hang-up
 MCP_MAX_SESSIONS = 10_000
+MCP_LIST_TTL_MILLISECONDS = 300_000      # the tools change only with a restart: clients may cache the list
 JSONRPC_PARSE_ERROR, JSONRPC_INVALID_REQUEST, JSONRPC_NO_METHOD, JSONRPC_INVALID_PARAMS = -32700, -32600, -32601, -32602
 JSONRPC_INTERNAL_ERROR = -32603
+MCP_HEADER_MISMATCH, MCP_UNSUPPORTED_VERSION = -32020, -32022   # the 2026-07-28 era's own codes
+MCP_META_VERSION = "io.modelcontextprotocol/protocolVersion"
+MCP_META_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
+MCP_META_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
+MCP_STATE_PREFIX = "cz1."                # the requestState format: a version, then nonce, ciphertext, tag
+MCP_STATE_NONCE_BYTES, MCP_STATE_TAG_BYTES = 16, 32
 REQUEST_ARGUMENT = "request"             # the optional free-text argument, read like a chat message
+ASKED_NOTE = " Asked for when left out."   # in the tool's schema: a missing input is gathered, not refused
 
 
 class McpError(CozyError):
-    """A JSON-RPC error (its ``code`` a JSON-RPC number), with the HTTP status it goes out with."""
+    """A JSON-RPC error (its ``code`` a JSON-RPC number), with the HTTP status it goes out with
+    and, for some codes, the ``data`` the specification gives them."""
 
-    def __init__(self, code: int, message: str, status: int = 200):   # type: ignore[override]
+    def __init__(self, code: int, message: str, status: int = 200, data: Any = None):   # type: ignore[override]
         super().__init__(message)
-        self.code, self.status = code, status   # type: ignore[assignment]
+        self.code, self.status, self.data = code, status, data   # type: ignore[assignment]
 
 
 @dataclass
 class McpSession:
-    """One MCP client's session: what it can do, and the elicitations waiting for its answers."""
+    """One MCP client's session (the handshake era): what it can do, the elicitations waiting
+    for its answers, and its calls running, by request id, for notifications/cancelled."""
     version: str
     can_elicit: bool
     used: float = field(default_factory=time.monotonic)
     waiting: Dict[Any, "queue.Queue[dict]"] = field(default_factory=dict)
+    calls: Dict[Any, "McpCall"] = field(default_factory=dict)
 
 
 class McpSessions:
-    """Sessions of this process, by id; an elicitation's answer must reach the process that
-    asked (one process, or sticky sessions in front of several)."""
+    """Sessions of this process, by id; a handshake-era elicitation's answer must reach the
+    process that asked (one process, or sticky sessions in front of several)."""
 
     def __init__(self) -> None:
         self._sessions: "OrderedDict[str, McpSession]" = OrderedDict()
         self._guard = threading.Lock()
 
     def open(self, version: str, capabilities: Mapping[str, Any]) -> Tuple[str, McpSession]:
-        elicitation = capabilities.get("elicitation")
-        session = McpSession(version, isinstance(elicitation, dict) and (not elicitation or "form" in elicitation))
+        session = McpSession(version, can_elicit_forms(capabilities))
         session_id = secrets.token_urlsafe(24)
         with self._guard:
             self._forget_idle()
@@ -6369,17 +6614,30 @@ class McpSessions:
             self._sessions.popitem(last=False)
 
 
+def can_elicit_forms(capabilities: Any) -> bool:
+    """Whether client capabilities offer form elicitation (``{}`` means forms, as before URLs existed)."""
+    elicitation = capabilities.get("elicitation") if isinstance(capabilities, dict) else None
+    return isinstance(elicitation, dict) and (not elicitation or "form" in elicitation)
+
+
 def mcp_tool(workflow: Workflow) -> dict:
     """A workflow as an MCP tool: its query inputs as the input schema (fixed inputs never
-    appear), plus the optional free-text ``request``."""
-    properties = {name: input_schema(query) for name, query in workflow.query_inputs.items()}
+    appear), plus the optional free-text ``request``. None is ``required``: a call may leave
+    out what it does not know (clients refuse calls that miss a required property), and what
+    is missing is then asked for, as in chat."""
+    properties = {}
+    for name, query in workflow.query_inputs.items():
+        properties[name] = input_schema(query)
+        if not query.optional:
+            description = query.description.rstrip()
+            properties[name]["description"] = description + ("" if description.endswith((".", "?", "!")) else ".") \
+                + ASKED_NOTE
     properties[REQUEST_ARGUMENT] = {"type": "string", "description": (
         "Optional: what you want, in your own words (\"a week in Lisbon in October, about 1200 euros\"); the values "
         "it states are read from it, and only what is still missing is asked for.")}
     return {"name": workflow.name, "title": workflow.name.replace("-", " ").replace("_", " ").capitalize(),
             "description": workflow.description,
-            "inputSchema": {"type": "object", "properties": properties,
-                            "required": [name for name, query in workflow.query_inputs.items() if not query.optional]}}
+            "inputSchema": {"type": "object", "properties": properties}}
 
 
 def input_schema(query: QueryInput) -> dict:
@@ -6402,9 +6660,82 @@ def input_schema(query: QueryInput) -> dict:
     return schema
 
 
+def mcp_state_key(secret: Union[str, bytes, None]) -> bytes:
+    """The key requestStates are sealed with. From a configured secret, every instance given
+    the same one continues the others' gatherings; without one, a random key of this process
+    (safe, and enough for one instance and the workers it forks)."""
+    if not secret:
+        return secrets.token_bytes(32)
+    raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+    return hmac.new(raw, b"cozyopenai mcp request state", hashlib.sha256).digest()
+
+
+def _keystream(key: bytes, nonce: bytes, length: int) -> bytes:
+    """HMAC-SHA256 in counter mode: a stream cipher from the standard library alone."""
+    blocks = (hmac.new(key, nonce + counter.to_bytes(8, "big"), hashlib.sha256).digest()
+              for counter in range((length + 31) // 32))
+    return b"".join(blocks)[:length]
+
+
+def _xor(data: bytes, stream: bytes) -> bytes:
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(data), "big")
+
+
+def _state_keys(key: bytes) -> Tuple[bytes, bytes]:
+    # One key for secrecy, another for the tag: never the same key for both uses.
+    return (hmac.new(key, b"encrypt", hashlib.sha256).digest(), hmac.new(key, b"authenticate", hashlib.sha256).digest())
+
+
+def seal_request_state(key: bytes, payload: Mapping[str, Any]) -> str:
+    """``payload`` encrypted and authenticated (encrypt-then-MAC): the user's values inside
+    are neither readable nor changeable by the client that carries it."""
+    encrypt, authenticate = _state_keys(key)
+    plain = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    nonce = secrets.token_bytes(MCP_STATE_NONCE_BYTES)
+    sealed = nonce + _xor(plain, _keystream(encrypt, nonce, len(plain)))
+    tag = hmac.new(authenticate, MCP_STATE_PREFIX.encode() + sealed, hashlib.sha256).digest()
+    return MCP_STATE_PREFIX + base64.urlsafe_b64encode(sealed + tag).decode("ascii").rstrip("=")
+
+
+def open_request_state(key: bytes, token: Any, tool: str, now: Optional[float] = None) -> dict:
+    """The payload of a requestState this server sealed for ``tool`` and not yet expired;
+    anything else is refused (-32602), never half read."""
+    def refused(why: str) -> McpError:
+        return McpError(JSONRPC_INVALID_PARAMS, f"The requestState {why}: call the tool again without "
+                                                "'requestState' and 'inputResponses' to start over.", 400)
+    if not isinstance(token, str) or not token.startswith(MCP_STATE_PREFIX):
+        raise refused("is not one this server issued")
+    try:
+        body = token[len(MCP_STATE_PREFIX):]
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (ValueError, TypeError):
+        raise refused("is not one this server issued") from None
+    if len(raw) < MCP_STATE_NONCE_BYTES + MCP_STATE_TAG_BYTES:
+        raise refused("is not one this server issued")
+    encrypt, authenticate = _state_keys(key)
+    sealed, tag = raw[:-MCP_STATE_TAG_BYTES], raw[-MCP_STATE_TAG_BYTES:]
+    if not hmac.compare_digest(tag, hmac.new(authenticate, MCP_STATE_PREFIX.encode() + sealed,
+                                             hashlib.sha256).digest()):
+        raise refused("was altered, or was sealed with another key")
+    nonce, cipher = sealed[:MCP_STATE_NONCE_BYTES], sealed[MCP_STATE_NONCE_BYTES:]
+    try:
+        payload = json.loads(_xor(cipher, _keystream(encrypt, nonce, len(cipher))).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise refused("is not one this server issued") from None
+    if not isinstance(payload, dict) or payload.get("tool") != tool:
+        raise refused(f"belongs to another tool, not {tool!r}")
+    if not isinstance(payload.get("expires"), (int, float)) or payload["expires"] < (time.time() if now is None
+                                                                                     else now):
+        raise refused("has expired (a form not answered in time)")
+    return payload
+
+
 def _jsonrpc(message_id: Any, result: Any = None, error: Optional[McpError] = None) -> dict:
     if error is not None:
-        return {"jsonrpc": "2.0", "id": message_id, "error": {"code": error.code, "message": error.message}}
+        body: Dict[str, Any] = {"code": error.code, "message": error.message}
+        if getattr(error, "data", None) is not None:
+            body["data"] = error.data
+        return {"jsonrpc": "2.0", "id": message_id, "error": body}
     return {"jsonrpc": "2.0", "id": message_id, "result": result}
 
 
@@ -6413,58 +6744,100 @@ def _sse_message(message: dict) -> bytes:
 
 
 class McpCall:
-    """One tools/call: the arguments read as chat reads a message, what is missing asked for
-    (elicitation, when the client can), then the workflow run with its progress sent as
-    notifications. It yields JSON-RPC messages to stream, and None for a keep-alive."""
+    """One tools/call: the arguments read as chat reads a message, what is missing asked for,
+    then the workflow run with its progress sent as notifications. It yields JSON-RPC
+    messages to stream, and None for a keep-alive.
 
-    def __init__(self, service: "Service", session: McpSession, message: dict):
+    The handshake era asks by an elicitation/create on this call's stream and waits for the
+    answer; the 2026-07-28 era (``state_key`` given) answers "input_required" with the form and
+    a sealed requestState instead, and the retry that carries the answer goes on from there,
+    on this instance or another. ``stop`` is the call's stop signal: a cancel or a hang-up sets
+    it, and from then on no node starts and nothing more is sent."""
+
+    def __init__(self, service: "Service", message: dict, can_elicit: bool, stop: threading.Event,
+                 session: Optional[McpSession] = None, state_key: Optional[bytes] = None):
         params = message.get("params") if isinstance(message.get("params"), dict) else {}
-        self.service, self.session, self.id = service, session, message.get("id")
+        self.service, self.session, self.id, self.can_elicit = service, session, message.get("id"), can_elicit
         name = params.get("name")
         if name is None or name == "":
             raise McpError(JSONRPC_INVALID_PARAMS, "The tool name is missing: tools/call needs 'params.name', one of "
-                                                   "the tools tools/list lists.")
+                                                   "the tools tools/list lists.", 400)
         if not isinstance(name, str):
             raise McpError(JSONRPC_INVALID_PARAMS, f"The tool name 'params.name' must be a string, not "
-                                                   f"{_json_type(name)}.")
+                                                   f"{_json_type(name)}.", 400)
         if name not in service.workflows:
-            raise McpError(JSONRPC_INVALID_PARAMS, f"Unknown tool {name!r}; tools/list lists them.")
+            raise McpError(JSONRPC_INVALID_PARAMS, f"Unknown tool {name!r}; tools/list lists them.", 400)
         self.workflow = service.workflows[name]
         arguments = params.get("arguments")
         if arguments is not None and not isinstance(arguments, dict):
             raise McpError(JSONRPC_INVALID_PARAMS, f"'arguments' must be an object of input names to values, not "
-                                                   f"{_json_type(arguments)}.")
+                                                   f"{_json_type(arguments)}.", 400)
         self.arguments = arguments or {}
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
         self.progress_token = meta.get("progressToken")
-        self.stop = threading.Event()   # set when the call's stream is closed: its run starts nothing more
+        self.stop, self.cancelled = stop, False
+        self.state_key, self.state, self.responses = state_key, None, {}
+        if state_key is not None:
+            responses = params.get("inputResponses")
+            if responses is not None and not isinstance(responses, dict):
+                raise McpError(JSONRPC_INVALID_PARAMS, "'inputResponses' must be an object of the inputRequests' "
+                                                       f"keys to their results, not {_json_type(responses)}.", 400)
+            self.responses = responses or {}
+            if params.get("requestState") is not None:   # opened now: a refused state is an error, not a stream
+                self.state = open_request_state(state_key, params["requestState"], name)
+        self._waiting: Optional["queue.Queue[dict]"] = None
+
+    def cancel(self) -> None:
+        """notifications/cancelled: stop the run, end a wait for an answer; send nothing more."""
+        self.cancelled = True
+        self.stop.set()
+        waiting = self._waiting
+        if waiting is not None:
+            waiting.put({"cancelled": True})
 
     def messages(self) -> Iterator[Optional[dict]]:
         """The call's messages; a bug or an odd answer ends it with an isError result, never an
-        empty stream the client would wait on."""
+        empty stream the client would wait on (a cancelled call ends with nothing, as asked)."""
         try:
             yield from self._messages()
         except Exception as exc:   # noqa: BLE001 - the call must end with a result
             log.exception("MCP call of %s failed", self.workflow.name)
             yield self._result(f"The server failed while running the tool ({type(exc).__name__}).", is_error=True)
+        finally:
+            if self.session is not None and self.session.calls.get(self.id) is self:
+                del self.session.calls[self.id]
 
     def _messages(self) -> Iterator[Optional[dict]]:
         workflow = self.workflow
-        values, problems = self._read_arguments()
-        refused = [(name, reason) for name, reason in problems.items()   # given, optional, bad: never the default
-                   if name in self.arguments and workflow.query_inputs[name].optional]
-        if refused:
-            yield self._result("Not run: " + "; ".join(
-                f"the argument {name!r} is not valid ({reason}); correct it, or leave it out for its default "
-                f"({shown_value(workflow.query_inputs[name].default)})" for name, reason in refused) + ".",
-                is_error=True)
-            return
-        asked = 0
+        if self.state is not None:   # a retry with the answer to our form: go on from the state
+            values, problems, asked = dict(self.state.get("values") or {}), {}, int(self.state.get("asked") or 0)
+            answer = self.responses.get(self.state.get("key"))
+            if not isinstance(answer, dict) or answer.get("action") != "accept":
+                yield self._declined(answer if isinstance(answer, dict) else {}, workflow.missing(values))
+                return
+            content = answer.get("content")
+            self._take(content if isinstance(content, dict) else {}, values, problems)
+        else:
+            unknown = [name for name in self.arguments if name not in workflow.query_inputs
+                       and name != REQUEST_ARGUMENT]
+            values, problems = self._read_arguments()
+            refused = [(name, reason) for name, reason in problems.items()   # given, optional, bad: never the default
+                       if name in self.arguments and workflow.query_inputs[name].optional]
+            if refused or unknown:
+                yield self._result("Not run: " + "; ".join(
+                    [f"the argument {name!r} is not valid ({reason}); correct it, or leave it out for its default "
+                     f"({shown_value(workflow.query_inputs[name].default)})" for name, reason in refused]
+                    + [f"there is no argument {name!r} (the tool takes {_and_list(list(workflow.query_inputs))} "
+                       f"and {REQUEST_ARGUMENT!r})" for name in unknown]) + ".", is_error=True)
+                return
+            asked = 0
         while True:
             missing = workflow.missing(values)
+            if self.cancelled:
+                return   # cancelled while the arguments were read: ask nothing, run nothing
             if not missing:
                 break
-            if not self.session.can_elicit:
+            if not self.can_elicit:
                 yield self._result(self._missing_text(missing, problems), is_error=True)
                 return
             if asked >= MAX_ASKS_PER_INPUT:
@@ -6472,17 +6845,25 @@ class McpCall:
                                    f"{self._missing_text(missing, problems)}", is_error=True)
                 return
             asked += 1
+            if self.state_key is not None:
+                yield self._input_required(missing, values, problems, asked)
+                return
             answer: Dict[str, Any] = {}
             yield from self._elicit(missing, values, problems, answer)
-            action = answer.get("action")
-            if action != "accept":
-                yield self._result(f"Not run: the user chose to {action or 'not answer'} instead of giving the "
-                                   f"{_and_list([query.label for query in missing])}.", is_error=True)
+            if self.cancelled or self.stop.is_set():
+                return   # the client cancelled or left: no answer is owed
+            if answer.get("action") != "accept":
+                yield self._declined(answer, missing)
                 return
             problems = {}
             content = answer.get("content")
             self._take(content if isinstance(content, dict) else {}, values, problems)
         yield from self._run(values)
+
+    def _declined(self, answer: Mapping[str, Any], missing: Sequence[QueryInput]) -> dict:
+        action = answer.get("action")
+        return self._result(f"Not run: the user chose to {action if isinstance(action, str) else 'not answer'} "
+                            f"instead of giving the {_and_list([query.label for query in missing])}.", is_error=True)
 
     def _read_arguments(self) -> Tuple[Dict[str, Any], Dict[str, str]]:
         """The arguments coerced with the same code as chat; ``request`` read by the same pipeline."""
@@ -6515,9 +6896,8 @@ class McpCall:
         return (f"The workflow {self.workflow.name!r} needs more inputs before it can run:\n" + "\n".join(lines)
                 + "\nCall it again with them (or with a 'request' that states them).")
 
-    def _elicit(self, missing: Sequence[QueryInput], values: Mapping[str, Any], problems: Mapping[str, str],
-                answer: Dict[str, Any]) -> Iterator[Optional[dict]]:
-        """Ask the person for exactly the missing inputs, as chat would, and wait for the answer."""
+    def _form(self, missing: Sequence[QueryInput], values: Mapping[str, Any], problems: Mapping[str, str]) -> dict:
+        """The elicitation form for exactly the missing inputs, its message phrased as chat would."""
         question = elicitation_message(self.workflow, missing, problems)   # names and asks every field
         if self.service.llm is not None:
             request = str(self.arguments.get(REQUEST_ARGUMENT) or "")
@@ -6527,26 +6907,45 @@ class McpCall:
                 named = all(query.label.lower() in phrased.lower() for query in missing)
                 if named and check_llm_text(phrased, self.workflow, said, users_language([request])) is None:
                     question = phrased   # checked, and it names every field of the form
+        return {"mode": "form", "message": self.workflow.redact(question),
+                "requestedSchema": {"type": "object", "properties": {q.name: input_schema(q) for q in missing},
+                                    "required": [q.name for q in missing]}}
+
+    def _input_required(self, missing: Sequence[QueryInput], values: Mapping[str, Any],
+                        problems: Mapping[str, str], asked: int) -> dict:
+        """The 2026-07-28 answer to a call that needs more: the form, and the state to go on from."""
+        key = f"ask-{asked}"
+        state = seal_request_state(self.state_key or b"", {
+            "tool": self.workflow.name, "expires": time.time() + MCP_ELICIT_SECONDS, "asked": asked, "key": key,
+            "values": dict(values)})
+        return _jsonrpc(self.id, {"resultType": "input_required", "requestState": state, "inputRequests": {
+            key: {"method": "elicitation/create", "params": self._form(missing, values, problems)}}})
+
+    def _elicit(self, missing: Sequence[QueryInput], values: Mapping[str, Any], problems: Mapping[str, str],
+                answer: Dict[str, Any]) -> Iterator[Optional[dict]]:
+        """Ask the person for exactly the missing inputs and wait for the answer, a cancel or a hang-up."""
+        session = self.session
+        assert session is not None   # the handshake era always has one
         request_id = "elicit-" + secrets.token_hex(6)
         waiting: "queue.Queue[dict]" = queue.Queue()
-        self.session.waiting[request_id] = waiting
+        session.waiting[request_id], self._waiting = waiting, waiting
         try:
-            yield {"jsonrpc": "2.0", "id": request_id, "method": "elicitation/create", "params": {
-                "mode": "form", "message": self.workflow.redact(question),
-                "requestedSchema": {"type": "object", "properties": {q.name: input_schema(q) for q in missing},
-                                    "required": [q.name for q in missing]}}}
+            yield {"jsonrpc": "2.0", "id": request_id, "method": "elicitation/create",
+                   "params": self._form(missing, values, problems)}
             deadline = time.monotonic() + MCP_ELICIT_SECONDS
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not self.stop.is_set():
                 try:
-                    reply = waiting.get(timeout=MCP_KEEPALIVE_SECONDS)
+                    reply = waiting.get(timeout=MCP_WAIT_CHECK_SECONDS)
                 except queue.Empty:
-                    yield None
                     continue
-                answer.update(reply.get("result") if isinstance(reply.get("result"), dict) else {"action": "error"})
+                if not reply.get("cancelled"):
+                    answer.update(reply.get("result") if isinstance(reply.get("result"), dict) else
+                                  {"action": "error"})
                 return
             answer["action"] = "let the question time out"
         finally:
-            self.session.waiting.pop(request_id, None)
+            session.waiting.pop(request_id, None)
+            self._waiting = None
 
     def _run(self, values: Dict[str, Any]) -> Iterator[Optional[dict]]:
         workflow, service, answer = self.workflow, self.service, []
@@ -6559,16 +6958,22 @@ class McpCall:
                     "progressToken": self.progress_token, "progress": steps / 2, "total": len(workflow.nodes),
                     "message": workflow.redact(progress_line(event))}}
             elif event.what == "failed":
-                yield self._result(f"The workflow stopped: step {event.node_id!r} failed ({event.text}).",
-                                   is_error=True)
+                if not self.cancelled:
+                    yield self._result(f"The workflow stopped: step {event.node_id!r} failed ({event.text}).",
+                                       is_error=True)
                 return
             elif event.what == "answer":
                 answer.append(event.text)
+        if self.cancelled:
+            return   # the client said it no longer waits for a result (the runner sets stop itself when done)
         yield self._result("".join(answer))
 
     def _result(self, text: str, is_error: bool = False) -> dict:
-        return _jsonrpc(self.id, {"content": [{"type": "text", "text": self.workflow.redact(text)}],
-                                  "isError": is_error})
+        result: Dict[str, Any] = {"content": [{"type": "text", "text": self.workflow.redact(text)}],
+                                  "isError": is_error}
+        if self.state_key is not None:
+            result["resultType"] = "complete"
+        return _jsonrpc(self.id, result)
 
 
 def mcp_initialize(sessions: McpSessions, message: dict) -> Tuple[str, dict]:
@@ -6580,48 +6985,215 @@ def mcp_initialize(sessions: McpSessions, message: dict) -> Tuple[str, dict]:
     session_id, _ = sessions.open(version, capabilities)
     return session_id, _jsonrpc(message.get("id"), {
         "protocolVersion": version, "capabilities": {"tools": {"listChanged": False}},
-        "serverInfo": {"name": "cozyopenai", "version": __version__},
-        "instructions": "Each tool runs a workflow. Give its inputs as arguments, or describe what you want in "
-                        "'request'; missing inputs are asked for when the client supports elicitation."})
+        "serverInfo": {"name": "cozyopenai", "version": __version__}, "instructions": MCP_INSTRUCTIONS})
 
 
-def mcp_post(service: Service, sessions: McpSessions, origins: Sequence[str]) -> Any:
-    """POST /mcp: one JSON-RPC message of MCP's Streamable HTTP transport."""
+MCP_INSTRUCTIONS = ("Each tool runs a workflow. Give the inputs you know as arguments, or describe what you want in "
+                    "'request'; missing inputs are asked for when the client supports elicitation, else listed.")
+
+
+def mcp_post(service: Service, sessions: McpSessions, origins: Sequence[str], state_key: bytes) -> Any:
+    """POST /mcp: one JSON-RPC message (or a batch, where allowed) of MCP's Streamable HTTP transport."""
     started, message_id, method = time.monotonic(), None, None
     try:
         _mcp_guard(service, origins)
-        message = _mcp_message()
+        body = _mcp_body()
+        if isinstance(body, list):
+            return _mcp_batch(service, sessions, body, started)
+        message = _mcp_message(body)
         method, message_id = message.get("method"), message.get("id")
-        if method == "initialize":
+        if _is_modern(message):
+            return mcp_modern(service, message, state_key, started)
+        if method == "initialize":   # the version is agreed on here: a header before it says nothing yet
             session_id, reply = mcp_initialize(sessions, message)
             bottle.response.set_header("Mcp-Session-Id", session_id)
             return _mcp_answer(reply, method, started)
-        session = _mcp_session(sessions, method)
-        if method is None or message_id is None:   # an answer to our elicitation, or a notification
-            ours = method is None and isinstance(message_id, str)   # our elicitations have string ids
-            waiting = session.waiting.get(message_id) if ours else None
-            if waiting is not None:
-                waiting.put(message)
+        _handshake_version()
+        session = _mcp_session(sessions)
+        if method == "tools/call" and message_id is not None and \
+                "text/event-stream" in bottle.request.get_header("Accept", ""):
+            call = McpCall(service, message, session.can_elicit, _stop_signal(), session=session)
+            session.calls[call.id] = call   # for notifications/cancelled
+            return _mcp_stream(service, call, started)
+        reply = mcp_reply(service, session, message)
+        if reply is None:
             bottle.response.status = 202
-            return _mcp_answer(None, method or "response", started)
-        if method == "ping":
-            return _mcp_answer(_jsonrpc(message_id, {}), method, started)
-        if method == "tools/list":
-            return _mcp_answer(_jsonrpc(message_id, {"tools": [mcp_tool(w) for w in service.workflows.values()]}),
-                               method, started)
-        if method == "tools/call":
-            call = McpCall(service, session, message)
-            if "text/event-stream" not in bottle.request.get_header("Accept", ""):   # JSON only: no questions
-                call.session = dataclasses.replace(session, can_elicit=False)
-                return _mcp_answer([m for m in call.messages() if m is not None][-1], method, started)
-            stream_headers()
-            stream_ending(lambda text: _sse_message(_jsonrpc(call.id, error=McpError(JSONRPC_INTERNAL_ERROR, text))))
-            return _logged_when_done(counted_stream(_mcp_events(call), service.metrics), "POST", "/mcp",
-                                     {"model": call.workflow.name, "conversation": "mcp"}, started)
-        raise McpError(JSONRPC_NO_METHOD, f"Method not found: {method!r}.")
+        return _mcp_answer(reply, method or "response", started)
     except McpError as exc:
         bottle.response.status = exc.status
         return _mcp_answer(_jsonrpc(message_id, error=exc), method or "-", started)
+
+
+def mcp_reply(service: Service, session: McpSession, message: dict) -> Optional[dict]:
+    """A handshake-era message answered at once: None for an answer to our elicitation or a
+    notification; a tools/call here runs with no questions (a JSON-only client or a batch)."""
+    method, message_id = message.get("method"), message.get("id")
+    if method is None or message_id is None:   # an answer to our elicitation, or a notification
+        if method is None and isinstance(message_id, str):   # our elicitations have string ids
+            waiting = session.waiting.get(message_id)
+            if waiting is not None:
+                waiting.put(message)
+        elif method == "notifications/cancelled":
+            params = message.get("params") if isinstance(message.get("params"), dict) else {}
+            call = session.calls.get(params.get("requestId"))
+            if call is not None:
+                call.cancel()
+        return None
+    if method == "ping":
+        return _jsonrpc(message_id, {})
+    if method == "tools/list":
+        return _jsonrpc(message_id, {"tools": [mcp_tool(w) for w in service.workflows.values()]})
+    if method == "tools/call":
+        call = McpCall(service, message, False, _stop_signal(), session=session)
+        return [m for m in call.messages() if m is not None][-1]
+    if method == "initialize":
+        raise McpError(JSONRPC_INVALID_REQUEST, "initialize must not be part of a batch.", 400)
+    raise McpError(JSONRPC_NO_METHOD, f"Method not found: {method!r}.")
+
+
+def mcp_modern(service: Service, message: dict, state_key: bytes, started: float) -> Any:
+    """A request of the 2026-07-28 era: checked against its envelope and headers, then
+    answered on its own, with no session."""
+    method, message_id = message.get("method"), message.get("id")
+    if method is None:
+        raise McpError(JSONRPC_INVALID_REQUEST, "Protocol 2026-07-28 has no server requests to answer: send one "
+                                                "request or notification.", 400)
+    if message_id is None:   # a notification: acknowledged (a cancel is closing the request's stream)
+        _modern_version(bottle.request.get_header("MCP-Protocol-Version", ""))
+        bottle.response.status = 202
+        return _mcp_answer(None, method, started)
+    capabilities = _modern_envelope(message)
+    if method == "server/discover":
+        return _mcp_answer(_jsonrpc(message_id, {
+            "resultType": "complete", "supportedVersions": list(MCP_MODERN_VERSIONS + MCP_VERSIONS),
+            "capabilities": {"tools": {"listChanged": False}}, "instructions": MCP_INSTRUCTIONS,
+            "ttlMs": MCP_LIST_TTL_MILLISECONDS, "cacheScope": _cache_scope(service),
+            "_meta": {MCP_META_SERVER_INFO: {"name": "cozyopenai", "version": __version__}}}), method, started)
+    if method == "tools/list":
+        return _mcp_answer(_jsonrpc(message_id, {
+            "resultType": "complete", "tools": [mcp_tool(w) for w in service.workflows.values()],
+            "ttlMs": MCP_LIST_TTL_MILLISECONDS, "cacheScope": _cache_scope(service)}), method, started)
+    if method == "tools/call":
+        call = McpCall(service, message, can_elicit_forms(capabilities), _stop_signal(), state_key=state_key)
+        if "text/event-stream" not in bottle.request.get_header("Accept", ""):
+            return _mcp_answer([m for m in call.messages() if m is not None][-1], method, started)
+        return _mcp_stream(service, call, started)
+    raise McpError(JSONRPC_NO_METHOD, f"Method not found: {method!r} (protocol 2026-07-28 here: server/discover, "
+                                      "tools/list and tools/call).", 404)
+
+
+def _cache_scope(service: Service) -> str:
+    # The list holds nothing of one user's; behind API keys it is still not for every cache to share.
+    return "private" if service.api_keys else "public"
+
+
+def _is_modern(message: dict) -> bool:
+    """The era of a request: 2026-07-28 by its header, or, with no session, by the envelope in
+    its _meta or by being server/discover (which no handshake-era request is)."""
+    if message.get("method") == "initialize":
+        return False
+    if bottle.request.get_header("MCP-Protocol-Version", "") in MCP_MODERN_VERSIONS:
+        return True
+    if bottle.request.get_header("Mcp-Session-Id"):
+        return False
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return message.get("method") == "server/discover" or (isinstance(meta, dict) and MCP_META_VERSION in meta)
+
+
+def _modern_version(version: Any) -> str:
+    if version not in MCP_MODERN_VERSIONS:
+        raise McpError(MCP_UNSUPPORTED_VERSION, f"Unsupported protocol version {version!r}; this server speaks "
+                                                f"{', '.join(MCP_MODERN_VERSIONS + MCP_VERSIONS)} (the last three "
+                                                "with initialize).", 400,
+                       {"supported": list(MCP_MODERN_VERSIONS + MCP_VERSIONS), "requested": version})
+    return version
+
+
+def _modern_envelope(message: dict) -> Any:
+    """The request's _meta checked as the specification says (envelope, then headers, then
+    version); the client's capabilities for this request."""
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    if not isinstance(meta, dict):
+        raise McpError(JSONRPC_INVALID_PARAMS, f"params._meta must be an object with {MCP_META_VERSION!r} and "
+                                               f"{MCP_META_CAPABILITIES!r} (protocol 2026-07-28).", 400)
+    absent = [key for key in (MCP_META_VERSION, MCP_META_CAPABILITIES) if key not in meta]
+    if absent:
+        raise McpError(JSONRPC_INVALID_PARAMS, f"params._meta is missing {_and_list(absent)}.", 400)
+    version, header = meta[MCP_META_VERSION], bottle.request.get_header("MCP-Protocol-Version")
+    if header is None or header != version:
+        raise McpError(MCP_HEADER_MISMATCH, "The MCP-Protocol-Version header must match the protocol version in "
+                                            "params._meta.", 400)
+    if bottle.request.get_header("Mcp-Method") != message.get("method"):
+        raise McpError(MCP_HEADER_MISMATCH, "The Mcp-Method header must match the request's method.", 400)
+    name = params.get("name") if message.get("method") == "tools/call" else None
+    if name is not None and _header_value(bottle.request.get_header("Mcp-Name")) != name:
+        raise McpError(MCP_HEADER_MISMATCH, "The Mcp-Name header must match the tool's name in params.", 400)
+    _modern_version(version)
+    return meta[MCP_META_CAPABILITIES]
+
+
+def _header_value(value: Optional[str]) -> Optional[str]:
+    """A header's text, decoded from the specification's =?base64?...?= form for non-ASCII names."""
+    match = re.fullmatch(r"=\?base64\?(.*)\?=", value or "")
+    if match is None:
+        return value
+    try:
+        return base64.b64decode(match.group(1), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _handshake_version() -> str:
+    """The MCP-Protocol-Version of a handshake-era request: one we speak (400 otherwise, as
+    the specification asks); without the header, 2025-03-26."""
+    version = bottle.request.get_header("MCP-Protocol-Version")
+    if version is None:
+        return MCP_UNSTATED_VERSION
+    if version not in MCP_VERSIONS:
+        raise McpError(JSONRPC_INVALID_REQUEST, f"Unsupported MCP-Protocol-Version {version!r}; this server speaks "
+                                                f"{', '.join(MCP_VERSIONS)} with initialize, and "
+                                                f"{', '.join(MCP_MODERN_VERSIONS)} without.", 400)
+    return version
+
+
+def _stop_signal() -> threading.Event:
+    return HangUpAwareEvent(bottle.request.environ.get(CONNECTION_ENVIRON_KEY))
+
+
+def _mcp_stream(service: Service, call: McpCall, started: float) -> Iterator[bytes]:
+    stream_headers()
+    stream_ending(lambda text: _sse_message(_jsonrpc(call.id, error=McpError(JSONRPC_INTERNAL_ERROR, text))))
+    return _logged_when_done(counted_stream(_mcp_events(call), service.metrics), "POST", "/mcp",
+                             {"model": call.workflow.name, "conversation": "mcp"}, started)
+
+
+def _mcp_batch(service: Service, sessions: McpSessions, batch: list, started: float) -> str:
+    """A JSON-RPC batch, which only 2025-03-26 allows: each message answered at once, the
+    answers in one array (none at all: 202)."""
+    version = _handshake_version()
+    session = _mcp_session(sessions)
+    if session.version not in MCP_BATCH_VERSIONS or version not in MCP_BATCH_VERSIONS:
+        raise McpError(JSONRPC_INVALID_REQUEST, f"JSON-RPC batches are part of protocol {MCP_BATCH_VERSIONS[0]} only; "
+                                                f"this session speaks {session.version}: send one message per "
+                                                "request.", 400)
+    if not batch:
+        raise McpError(JSONRPC_INVALID_REQUEST, "The batch is empty.", 400)
+    replies = []
+    for item in batch:
+        try:
+            reply = mcp_reply(service, session, _mcp_message(item))
+        except McpError as exc:
+            reply = _jsonrpc(item.get("id") if isinstance(item, dict) else None, error=exc)
+        if reply is not None:
+            replies.append(reply)
+    if not replies:
+        bottle.response.status = 202
+        return _mcp_answer(None, "batch", started)
+    _log_line("POST", "/mcp", bottle.response.status_code, {"model": "batch", "conversation": "mcp"}, started)
+    bottle.response.content_type = "application/json"
+    return json.dumps(replies, ensure_ascii=False)
 
 
 def _mcp_guard(service: Service, origins: Sequence[str]) -> None:
@@ -6639,29 +7211,31 @@ def _mcp_guard(service: Service, origins: Sequence[str]) -> None:
                                                     "--cors-origin.", 403)
 
 
-def _mcp_message() -> dict:
+def _mcp_body() -> Any:
     try:
         body = read_body()
     except CozyError as exc:
         raise McpError(JSONRPC_INVALID_REQUEST, exc.message, exc.status) from None
     try:
-        message = json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise McpError(JSONRPC_PARSE_ERROR, "The body is not valid JSON.", 400) from None
+
+
+def _mcp_message(message: Any) -> dict:
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
-        raise McpError(JSONRPC_INVALID_REQUEST, "Send one JSON-RPC 2.0 message (batches are not supported).", 400)
+        raise McpError(JSONRPC_INVALID_REQUEST, "Send a JSON-RPC 2.0 message: an object with \"jsonrpc\": \"2.0\".",
+                       400)
     if message.get("method") is not None and not isinstance(message["method"], str):
         raise McpError(JSONRPC_INVALID_REQUEST, "'method' must be a string.", 400)
     return message
 
 
-def _mcp_session(sessions: McpSessions, method: Optional[str]) -> McpSession:
+def _mcp_session(sessions: McpSessions) -> McpSession:
     session_id = bottle.request.get_header("Mcp-Session-Id")
     if not session_id:
-        if method == "server/discover":   # the 2026-07-28 probe: "not here" makes clients use initialize
-            raise McpError(JSONRPC_NO_METHOD, "Method not found: this server speaks the initialize handshake "
-                                              f"({', '.join(MCP_VERSIONS)}).", 404)
-        raise McpError(JSONRPC_INVALID_REQUEST, "No session: send initialize first.", 400)
+        raise McpError(JSONRPC_INVALID_REQUEST, "No session: send initialize first (or speak protocol 2026-07-28, "
+                                                "which needs none).", 400)
     session = sessions.get(session_id)
     if session is None:
         raise McpError(JSONRPC_INVALID_REQUEST, "Session not found (ended or expired): initialize again.", 404)
@@ -6788,7 +7362,7 @@ def _config_from_arguments(arguments: argparse.Namespace) -> dict:
     return {"workflows": arguments.workflows, "store": arguments.store, "llm": llm, "api_keys": arguments.api_key,
             "expire_after_seconds": arguments.expire_days * 86400 if arguments.expire_days else None,
             "thinking": arguments.thinking, "conversation_header": arguments.conversation_header,
-            "cors_origins": arguments.cors_origin}
+            "cors_origins": arguments.cors_origin, "mcp_state_secret": arguments.mcp_state_secret}
 
 
 def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> argparse.Namespace:
@@ -6831,6 +7405,9 @@ def parse_arguments(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -
                              "the identifier block, which is then not shown")
     parser.add_argument("--cors-origin", action="append", default=None,
                         help="allow browser clients from this origin ('*' for any; repeat for several)")
+    parser.add_argument("--mcp-state-secret", default=env("MCP_STATE_SECRET"),
+                        help="secret that seals MCP's requestState; give every instance the same one (better: "
+                             "the COZYOPENAI_MCP_STATE_SECRET variable; default: random per start)")
     parser.add_argument("--server", default=env("SERVER", "default"),
                         help="'default' (built in), or a server Bottle can run if it is installed: "
                              "gunicorn, waitress, cheroot, ...")
@@ -6907,7 +7484,8 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
              api_keys: Optional[Sequence[str]] = None, node_types: Optional[Mapping[str, NodeType]] = None,
              keepalive_seconds: Optional[float] = None, expire_after_seconds: Optional[float] = None,
              thinking: Optional[str] = None, conversation_header: Optional[str] = None,
-             cors_origins: Optional[Sequence[str]] = None) -> bottle.Bottle:
+             cors_origins: Optional[Sequence[str]] = None,
+             mcp_state_secret: Union[str, bytes, None] = None) -> bottle.Bottle:
     """A Bottle app serving ``workflows`` (a path, or the file's data as dicts).
 
     ``store`` is "memory", a directory for the JSON store (the default, "conversations"),
@@ -6918,12 +7496,14 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
     forgotten. ``thinking``: "tags" (a <thinking> block in the content, the default) or
     "reasoning_content" (progress in that field). ``conversation_header``: key conversations
     by this request header (Open WebUI's X-OpenWebUI-Chat-Id) instead of the id block.
-    ``cors_origins``: browser origins allowed to call the API ("*" for any). With no
+    ``cors_origins``: browser origins allowed to call the API ("*" for any).
+    ``mcp_state_secret``: the secret MCP's requestStates are sealed with; instances given the
+    same one continue each other's gatherings (default: a random key of this app). With no
     arguments at all, the configuration comes from the COZYOPENAI_* environment variables
     (for ``gunicorn 'cozyopenai:make_app()'``).
     """
     arguments = (workflows, store, llm, api_keys, node_types, keepalive_seconds, expire_after_seconds, thinking,
-                 conversation_header, cors_origins)
+                 conversation_header, cors_origins, mcp_state_secret)
     if MISSING_PACKAGE is not None:
         raise MISSING_PACKAGE
     if all(argument is None for argument in arguments):
@@ -6947,7 +7527,7 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
                       else "the workflows given to make_app")
     if service.thinking not in THINKING_STYLES:
         raise ValueError(f"thinking must be one of {', '.join(THINKING_STYLES)}")
-    sessions = McpSessions()
+    sessions, state_key = McpSessions(), mcp_state_key(mcp_state_secret)
     app = bottle.Bottle()
     # Clients configured with a "/v1" suffix or a trailing slash ask for these paths too.
     for prefix in ("/openai", "/openai/v1", "/openai/", "/openai/v1/"):
@@ -6961,7 +7541,7 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
     app.route("/metrics", "GET", _json_route(service, _metrics))
     app.route("/", "GET", lambda: _home(service))
     for path in ("/mcp", "/mcp/"):
-        app.route(path, "POST", lambda: mcp_post(service, sessions, cors_origins or ()))
+        app.route(path, "POST", lambda: mcp_post(service, sessions, cors_origins or (), state_key))
         app.route(path, "GET", mcp_no_stream)
         app.route(path, "DELETE", lambda: mcp_delete(service, sessions))
     if cors_origins:

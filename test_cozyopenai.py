@@ -12,6 +12,7 @@ import ast
 import contextlib
 import dataclasses
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -1028,12 +1029,13 @@ def test_a_hang_up_on_the_first_turn_closes_the_llm_stream_within_a_second(start
     assert "cozyopenai_llm_calls_cut_total 1" in requests.get(server.url + "/metrics", timeout=5).text
 
 
-def test_a_hang_up_during_the_extraction_call_closes_its_connection_within_a_second(start, fake_llm):
+def test_a_hang_up_during_the_extraction_call_closes_its_connection_long_before_its_time_out(start, fake_llm):
     fake_llm.hold = "extraction"                        # the model says nothing for a long while
     server = start(llm=fake_llm.settings(timeout_seconds=20))
     left = _hang_up_after(server, "I want to plan a trip to Paris.", b"Reading your message")
+    # The hang-up closes it, not the 20 s time-out (the margin is for a loaded machine, not a speed).
     assert fake_llm.held_call_closed.wait(5), "the extraction call was still open 5 s after the client left"
-    assert fake_llm.ended_at - left < 1.0
+    assert fake_llm.ended_at - left < 5
 
 
 ####################################################################################
@@ -2331,6 +2333,79 @@ def test_a_label_in_any_language_or_a_wish_leads_to_the_value_after_it(trip_plan
     assert read(trip_planner, text) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("salut jveux aller a lyon 4 jours en octobre", {"destination": "lyon", "travel_dates": "4 jours en octobre"}),
+    ("hallo, wir wollen nach amsterdam, so 4 tage anfang dezembr", {"destination": "amsterdam",
+                                                                    "travel_dates": "4 tage anfang dezembr"}),
+    ("we want to go to the beach in july", {"travel_dates": "july"}),
+    ("we want to take it slow", {"pace": "relaxed"}),
+    ("viaje a bilbao prsupuesto 900e finde largo de mayo", {"travel_dates": "finde largo de mayo"}),
+    ("Familienurlaub in Dänemark, 10 Tage in den Herbstferien", {"destination": "Dänemark",
+                                                                 "travel_dates": "10 Tage in den Herbstferien"}),
+    ("Trip to Rome in Augusta", {"ambiguous": ["Rome", "Augusta"]}),
+    ("Gesamtbudget 1500, über Ostern", {"budget": 1500, "travel_dates": "Ostern"}),
+    ("Ich will nach Madrid, der Flug kostet etwa 150 Euro pro Person", {"destination": "Madrid"}),
+    ("Hai scritto: “destinazione: Venezia”. No, ho detto Verona!", {}),
+    ("my friend went to Paris last year and loved it, but I want Athens", {"destination": "Athens"}),
+    ("I want Athens, but last year we went to Paris", {"destination": "Athens"}),
+    ("Kreta. Budget 2500, Mitte September", {"destination": "Kreta", "budget": 2500, "travel_dates": "Mitte September"}),
+    ("yeah Seville it is. 2k", {"destination": "Seville", "budget": 2000}),
+    ("Great. In May.", {"travel_dates": "May"}),
+])
+def test_lower_case_places_compound_words_misspelt_months_and_quoted_labels_are_read_by_rule(trip_planner, text,
+                                                                                             expected):
+    extraction = cozyopenai.extract_offline(trip_planner, new_conversation(), text)
+    if "ambiguous" in expected:
+        assert extraction.ambiguous["destination"] == expected["ambiguous"]
+    else:
+        assert extraction.values == expected
+
+
+def test_an_abbreviation_with_its_dot_is_inside_a_name(start):
+    weather = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))["weather-now"]
+    extraction = cozyopenai.extract_offline(weather, new_conversation(), "Wie warm ist es in St. Gallen? Bitte in Celsius")
+    assert extraction.values == {"city": "St. Gallen", "units": "celsius"}
+
+
+@pytest.mark.parametrize("text, expected", [("de 10/06 a 15/06", {"travel_dates": "10/06 a 15/06"}),
+                                            ("Como", {"destination": "Como"})])
+def test_a_reply_to_where_that_names_no_place_is_not_a_place(trip_planner, text, expected):
+    conversation = new_conversation(asked=["destination"])
+    conversation.values["budget"] = 1200
+    assert cozyopenai.extract_offline(trip_planner, conversation, text).values == expected
+
+
+def test_a_labelled_value_in_quotes_or_as_data_keeps_its_quotes():
+    assert cozyopenai.user_words('title: "Our great trip to Rome"') == 'title: "Our great trip to Rome"'
+    assert cozyopenai.user_words('word: {"items": [7], "name": "Ada"}') == 'word: {"items": [7], "name": "Ada"}'
+
+
+@pytest.mark.parametrize("text, written", [
+    ("deux mille euros", "2000 euros"), ("sagen wir dreitausendfünfhundert Franken", "sagen wir 3500 Franken"),
+    ("mil e quinhentos euros", "1500 euros"), ("budget: twelve hundred dollars", "budget: 1200 dollars"),
+    ("presupuesto mil doscientos euros", "presupuesto 1200 euros"), ("marzo del duemilaventisette", "marzo del 2027"),
+    ("Budget : trois mille cinq cents euros.", "Budget : 3500 euros."), ("mil pavos", "1000 pavos"),
+    ("two weeks in May", "two weeks in May"), ("3 mil reais", "3 mil reais"), ("50 cents", "50 cents"),
+    ("Mila and I", "Mila and I"), ("a trip to Cinque Terre", "a trip to Cinque Terre"),
+])
+def test_amounts_and_years_in_words_are_put_in_digits_and_small_counts_stay_words(text, written):
+    assert cozyopenai.numbers_as_digits(text) == written
+
+
+def test_number_words_add_and_multiply_as_they_are_said():
+    assert cozyopenai.cardinal_value([3, 1000, 5, 100]) == 3500 and cozyopenai.cardinal_value([12, 100]) == 1200
+    assert cozyopenai.cardinal_value([2, 1000, 20, 7]) == 2027 and cozyopenai.cardinal_value([1000, 200]) == 1200
+
+
+def test_no_number_word_has_two_values_in_the_tables():
+    spoken = {}
+    for language in cozyopenai.LANGUAGES.values():
+        for entry in language.cardinals.split():
+            word, _, value = entry.partition(":")
+            assert spoken.setdefault(word.replace("-", ""), int(value)) == int(value), word
+    assert spoken == dict(cozyopenai.CARDINALS)
+
+
 def test_folded_pattern_matches_a_folded_word_as_written_with_accents():
     pattern = re.compile(r"\b(?:" + cozyopenai.folded_pattern(["e", "sao"]) + r")\b")
     assert pattern.search("il budget è 600") and pattern.search("eles são") and not pattern.search("bien sûr")
@@ -3421,7 +3496,11 @@ def run_async(coroutine):
     return asyncio.run(asyncio.wait_for(coroutine, 60))
 
 
-def test_mcp_lists_each_workflow_as_a_tool_without_its_fixed_inputs(start):
+MCP_MODES = ["2026-07-28", "auto", "legacy"]   # the client's era: per-request, discovered, handshake
+
+
+@pytest.mark.parametrize("mode", MCP_MODES)
+def test_mcp_lists_each_workflow_as_a_tool_without_its_fixed_inputs_or_required_inputs(start, mode):
     server = start([workflow(fixed_inputs={"api_token": "sk-hidden-1234567890abcdef"}, nodes=[
         {"id": "say", "type": "template", "inputs": {"template": "{word}", "word": {"query": "word"},
                                                      "token": {"fixed": "api_token"}}},
@@ -3429,28 +3508,30 @@ def test_mcp_lists_each_workflow_as_a_tool_without_its_fixed_inputs(start):
         "workflows"])
 
     async def tools():
-        async with mcp_session(server) as client:
+        async with mcp_session(server, mode=mode) as client:
             return client.protocol_version, (await client.list_tools()).tools
     version, listed = run_async(tools())
-    assert version in cozyopenai.MCP_VERSIONS
+    assert version in (cozyopenai.MCP_VERSIONS if mode == "legacy" else cozyopenai.MCP_MODERN_VERSIONS)
     assert [tool.name for tool in listed] == ["echo", "trip-planner", "month-calendar", "weather-now"]
     echo, trip = listed[0], listed[1]
     assert "api_token" not in json.dumps(echo.input_schema) and "sk-hidden" not in json.dumps(echo.input_schema)
     schema = trip.input_schema
-    assert schema["required"] == ["destination", "budget", "travel_dates"]
+    assert "required" not in schema   # a client may call with what it knows: the rest is asked for
+    assert schema["properties"]["budget"]["description"].endswith("Asked for when left out.")
     assert schema["properties"]["pace"] == {"type": "string", "enum": ["relaxed", "balanced", "packed"], "title": "Pace",
                                             "description": "How full the days should be.", "default": "balanced"}
     assert schema["properties"]["budget"]["type"] == "number" and "request" in schema["properties"]
     assert listed[2].input_schema["properties"]["month"]["maximum"] == 12
 
 
-def test_mcp_calls_a_workflow_with_its_arguments_and_reports_progress(start):
+@pytest.mark.parametrize("mode", MCP_MODES)
+def test_mcp_calls_a_workflow_with_its_arguments_and_reports_progress(start, mode):
     server, progress = start(), []
 
     async def call():
         async def on_progress(done, total, message):
             progress.append((done, total, message))
-        async with mcp_session(server) as client:
+        async with mcp_session(server, mode=mode) as client:
             return await client.call_tool("month-calendar", {"year": 2026, "month": 3}, progress_callback=on_progress)
     result = run_async(call())
     assert not result.is_error and "March 2026" in result.content[0].text
@@ -3458,7 +3539,8 @@ def test_mcp_calls_a_workflow_with_its_arguments_and_reports_progress(start):
     assert progress[0][2].startswith("calendar started")
 
 
-def test_mcp_asks_for_missing_inputs_by_elicitation_and_honours_decline(start):
+@pytest.mark.parametrize("mode", MCP_MODES)
+def test_mcp_asks_for_missing_inputs_by_elicitation_and_honours_decline_and_cancel(start, mode):
     server, asked = start(), []
 
     def answer(message, schema, types):
@@ -3466,16 +3548,17 @@ def test_mcp_asks_for_missing_inputs_by_elicitation_and_honours_decline(start):
         return types.ElicitResult(action="accept", content={"budget": 1500, "travel_dates": "10 to 17 October"})
 
     async def call(elicit, arguments):
-        async with mcp_session(server, elicit) as client:
+        async with mcp_session(server, elicit, mode=mode) as client:
             return await client.call_tool("trip-planner", arguments)
     result = run_async(call(answer, {"destination": "Lisbon"}))
     assert not result.is_error and result.content[0].text.startswith("## Your trip to Lisbon")
     assert "1500 in total" in result.content[0].text
     assert asked == [("I still need the budget and travel dates. What is your total budget for the trip? "
                       "When would you like to travel, and for how long?", ["budget", "travel_dates"])]
-    declined = run_async(call(lambda message, schema, types: types.ElicitResult(action="decline"),
-                              {"destination": "Lisbon"}))
-    assert declined.is_error and "the user chose to decline" in declined.content[0].text
+    for action in ("decline", "cancel"):
+        ended = run_async(call(lambda message, schema, types: types.ElicitResult(action=action),
+                               {"destination": "Lisbon"}))
+        assert ended.is_error and f"the user chose to {action} instead of giving the budget" in ended.content[0].text
 
 
 def test_an_mcp_form_message_from_the_llm_is_used_only_when_it_names_every_field(start, fake_llm):
@@ -3509,16 +3592,19 @@ def test_mcp_re_asks_a_bad_value_and_reads_a_free_text_request(start):
     assert not request.is_error and "Lisbon" in request.content[0].text and "1200 in total" in request.content[0].text
 
 
-def test_mcp_without_elicitation_lists_what_is_missing_and_why(start):
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_mcp_without_elicitation_lists_what_is_missing_and_why_and_refuses_unknown_arguments(start, mode):
     server = start()
 
-    async def call():
-        async with mcp_session(server) as client:   # no callback: the client cannot elicit
-            return await client.call_tool("trip-planner", {"destination": "Lisbon", "budget": "lots"})
-    result = run_async(call())
+    async def call(arguments):
+        async with mcp_session(server, mode=mode) as client:   # no callback: the client cannot elicit
+            return await client.call_tool("trip-planner", arguments)
+    result = run_async(call({"destination": "Lisbon", "budget": "lots"}))
     assert result.is_error
     assert "- budget: I need a single number for the budget, not 'lots'" in result.content[0].text
     assert "- travel_dates: When the user wants to travel" in result.content[0].text
+    typo = run_async(call({"destination": "Lisbon", "budjet": 1500}))
+    assert typo.is_error and "Not run: there is no argument 'budjet'" in typo.content[0].text
 
 
 def test_mcp_errors_are_json_rpc_errors_and_keys_and_origins_are_checked(start):
@@ -3539,9 +3625,91 @@ def test_mcp_errors_are_json_rpc_errors_and_keys_and_origins_are_checked(start):
     assert unknown.json()["error"]["code"] == -32601
     wrong_tool = post(b'{"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "nope"}}', **session)
     assert wrong_tool.json()["error"]["code"] == -32602
-    assert post(b'{"jsonrpc": "2.0", "id": 4, "method": "server/discover"}', **key).status_code == 404
+    assert post(b'{"jsonrpc": "2.0", "id": 4, "method": "ping"}', **{"MCP-Protocol-Version": "1999-01-01"},
+                **session).status_code == 400   # a version it does not speak, as the specification asks
+    assert post(b'{"jsonrpc": "2.0", "id": 4, "method": "ping"}', **{"MCP-Protocol-Version": "2025-06-18"},
+                **session).json()["result"] == {}
+    batch = post(b'[{"jsonrpc": "2.0", "id": 6, "method": "ping"}]', **session)
+    assert batch.status_code == 400 and "2025-03-26 only" in batch.json()["error"]["message"]
     assert requests.delete(server.url + "/mcp", headers=session, timeout=10).status_code == 200
     assert post(b'{"jsonrpc": "2.0", "id": 5, "method": "ping"}', **session).status_code == 404
+
+
+def test_mcp_batches_are_answered_under_2025_03_26_which_allows_them(start):
+    server = start()
+    post = lambda body, **headers: requests.post(server.url + "/mcp", json=body, timeout=10, headers={  # noqa: E731
+        "Accept": "application/json, text/event-stream", **headers})
+    initialized = post({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-03-26", "capabilities": {}}})
+    session = {"Mcp-Session-Id": initialized.headers["Mcp-Session-Id"]}
+    answers = post([{"jsonrpc": "2.0", "method": "notifications/initialized"},
+                    {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                    {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+                        "name": "month-calendar", "arguments": {"year": 2026, "month": 3}}},
+                    {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "month-calendar",
+                                                                                   "arguments": {"month": "x"}}},
+                    {"jsonrpc": "2.0", "id": 4, "method": "nope"}], **session)
+    listed, called, refused, unknown = answers.json()
+    assert answers.status_code == 200 and [answer["id"] for answer in answers.json()] == [1, 2, 3, 4]
+    assert "trip-planner" in [tool["name"] for tool in listed["result"]["tools"]]
+    assert "March 2026" in called["result"]["content"][0]["text"]
+    assert refused["result"]["isError"] and "- month:" in refused["result"]["content"][0]["text"]
+    assert unknown["error"]["code"] == -32601
+    assert post([{"jsonrpc": "2.0", "method": "notifications/initialized"}], **session).status_code == 202
+
+
+def test_mcp_2026_requests_are_checked_against_their_envelope_and_headers(start):
+    server = start()
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {}}
+
+    def post(method, params=None, version="2026-07-28", **headers):
+        return requests.post(server.url + "/mcp", timeout=10, json={
+            "jsonrpc": "2.0", "id": 7, "method": method, "params": {"_meta": meta} if params is None else params},
+            headers={"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": version,
+                     "Mcp-Method": method, **headers})
+    discovered = post("server/discover").json()["result"]
+    assert discovered["supportedVersions"][0] == "2026-07-28" and "2025-11-25" in discovered["supportedVersions"]
+    assert discovered["resultType"] == "complete" and discovered["capabilities"]["tools"] == {"listChanged": False}
+    assert discovered["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "cozyopenai"
+    listed = post("tools/list").json()["result"]
+    assert listed["resultType"] == "complete" and listed["ttlMs"] > 0 and listed["cacheScope"] == "public"
+    later = {"_meta": {**meta, "io.modelcontextprotocol/protocolVersion": "2027-01-01"}}
+    unsupported = post("tools/list", later, version="2027-01-01")
+    assert unsupported.status_code == 400 and unsupported.json()["error"]["code"] == -32022
+    assert unsupported.json()["error"]["data"] == {"supported": ["2026-07-28", "2025-11-25", "2025-06-18",
+                                                                 "2025-03-26"], "requested": "2027-01-01"}
+    mismatched = post("tools/list", **{"Mcp-Method": "tools/call"})
+    assert mismatched.status_code == 400 and mismatched.json()["error"]["code"] == -32020
+    wrong_name = post("tools/call", {"_meta": meta, "name": "trip-planner"}, **{"Mcp-Name": "month-calendar"})
+    assert wrong_name.json()["error"]["code"] == -32020
+    bare = post("tools/list", {})
+    assert bare.status_code == 400 and bare.json()["error"]["code"] == -32602
+    assert post("ping").status_code == 404 and post("ping").json()["error"]["code"] == -32601
+    notified = requests.post(server.url + "/mcp", timeout=10, json={"jsonrpc": "2.0", "method": "notifications/x"},
+                             headers={"MCP-Protocol-Version": "2026-07-28"})
+    assert notified.status_code == 202
+    called = post("tools/call", {"_meta": meta, "name": "trip-planner", "arguments": {"destination": "Lisbon"}},
+                  **{"Mcp-Name": "trip-planner", "Accept": "application/json"}).json()["result"]
+    assert called["resultType"] == "complete" and called["isError"]   # no elicitation capability: what is missing
+    assert "- budget:" in called["content"][0]["text"]
+    eliciting = {**meta, "io.modelcontextprotocol/clientCapabilities": {"elicitation": {"form": {}}}}
+    asked = post("tools/call", {"_meta": eliciting, "name": "trip-planner", "arguments": {"destination": "Lisbon"}},
+                 **{"Mcp-Name": "trip-planner", "Accept": "application/json"}).json()["result"]
+    assert asked["resultType"] == "input_required" and asked["requestState"].startswith("cz1.")
+    (form,) = asked["inputRequests"].values()
+    assert form["method"] == "elicitation/create" and form["params"]["message"].startswith(
+        "I still need the budget and travel dates.")
+    assert form["params"]["requestedSchema"]["required"] == ["budget", "travel_dates"]
+    (key,) = asked["inputRequests"]
+    declined = post("tools/call", {"_meta": eliciting, "name": "trip-planner", "requestState": asked["requestState"],
+                                   "inputResponses": {key: {"action": "decline"}}},
+                    **{"Mcp-Name": "trip-planner", "Accept": "application/json"}).json()["result"]
+    assert declined["isError"] and "the user chose to decline" in declined["content"][0]["text"]
+    replayed = post("tools/call", {"_meta": eliciting, "name": "month-calendar", "requestState": asked["requestState"],
+                                   "inputResponses": {}},
+                    **{"Mcp-Name": "month-calendar", "Accept": "application/json"})
+    assert replayed.status_code == 400 and "belongs to another tool" in replayed.json()["error"]["message"]
 
 
 def test_mcp_odd_answers_and_arguments_end_with_a_result_and_a_rebinding_host_is_refused(start):
@@ -3552,7 +3720,7 @@ def test_mcp_odd_answers_and_arguments_end_with_a_result_and_a_rebinding_host_is
             return await client.call_tool("trip-planner", arguments)
     weird = run_async(call({"destination": "Lisbon"},
                            lambda message, schema, types: types.ElicitResult(action="accept", content={})))
-    assert weird.is_error   # asked again with nothing usable, then given up: a result, not a hang
+    assert weird.is_error and weird.content[0].text.startswith("Asked 3 times without usable values")
     typed = run_async(call({"destination": "Lisbon", "budget": {"a": 1}, "travel_dates": "May"}))
     assert typed.is_error and "I need a number for the budget" in typed.content[0].text
     initialized = requests.post(server.url + "/mcp", timeout=10, json={
@@ -3564,6 +3732,175 @@ def test_mcp_odd_answers_and_arguments_end_with_a_result_and_a_rebinding_host_is
                                                                       "Host": "attacker.example:1"},
                             json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}})
     assert rebound.status_code == 403   # DNS rebinding: the Host matches the page's, still refused
+
+
+def test_the_agents_sdk_calls_the_trip_planner_with_only_a_destination_and_hears_what_is_missing(start):
+    agents = pytest.importorskip("agents")
+    from agents.mcp import MCPServerStreamableHttp
+    server = start()
+
+    async def call():
+        async with MCPServerStreamableHttp({"url": server.url + "/mcp", "timeout": 30}, name="cozy",
+                                           client_session_timeout_seconds=30) as tools:
+            return await tools.call_tool("trip-planner", {"destination": "Lisbon"})
+    result = run_async(call())   # not refused in the client: the schema requires nothing
+    assert result.is_error   # this client cannot elicit: the result names what is missing
+    assert "- budget:" in result.content[0].text and "- travel_dates:" in result.content[0].text
+
+
+def test_a_request_state_opens_only_for_its_tool_with_its_key_unaltered_and_in_time():
+    key = cozyopenai.mcp_state_key("shared secret")
+    assert key == cozyopenai.mcp_state_key("shared secret") and key != cozyopenai.mcp_state_key("another")
+    sealed = cozyopenai.seal_request_state(key, {"tool": "trip-planner", "expires": time.time() + 60,
+                                                 "values": {"destination": "Lisbon"}})
+    assert "Lisbon" not in sealed and "trip-planner" not in sealed   # the values are not readable
+    assert cozyopenai.open_request_state(key, sealed, "trip-planner")["values"] == {"destination": "Lisbon"}
+    refusals = {
+        "altered": (key, sealed[:-6] + ("A" if sealed[-6] != "A" else "B") + sealed[-5:], "trip-planner", None),
+        "another key": (cozyopenai.mcp_state_key("another"), sealed, "trip-planner", None),
+        "another tool": (key, sealed, "month-calendar", None),
+        "expired": (key, sealed, "trip-planner", time.time() + 61),
+        "forged": (key, "cz1." + "A" * 80, "trip-planner", None),
+        "not ours": (key, "hello", "trip-planner", None)}
+    for why, (opening_key, token, tool, now) in refusals.items():
+        with pytest.raises(cozyopenai.McpError) as refused:
+            cozyopenai.open_request_state(opening_key, token, tool, now)
+        assert refused.value.code == -32602 and refused.value.status == 400, why
+    assert "another tool" in str(pytest.raises(cozyopenai.McpError, cozyopenai.open_request_state, key, sealed,
+                                               "month-calendar").value.message)
+
+
+class RoundRobin:
+    """A load balancer in front of several instances that sends every request to the next one,
+    streaming the answer back; it notes which instance got each MCP method."""
+
+    def __init__(self, backends):
+        self.backends, self.served, self._next = backends, [], itertools.count()
+        balancer = self
+
+        class Forward(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                number = next(balancer._next) % len(balancer.backends)
+                balancer.served.append((number, self.headers.get("Mcp-Method")))
+                headers = {name: value for name, value in self.headers.items()
+                           if name.lower() not in ("host", "content-length", "connection")}
+                with requests.post(balancer.backends[number] + self.path, data=body, headers=headers, stream=True,
+                                   timeout=30) as answer:
+                    self.send_response(answer.status_code)
+                    for name, value in answer.headers.items():
+                        if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                            self.send_header(name, value)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    for chunk in answer.iter_content(None):
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+
+            def log_message(self, *arguments):
+                pass
+        self.httpd = _ListeningLong(("127.0.0.1", 0), Forward)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_three_round_mcp_gathering_completes_with_every_request_sent_to_the_other_instance(start, redis_server):
+    mcp = pytest.importorskip("mcp")
+    import mcp_types
+    instances = [start(store=redis_server.url, mcp_state_secret="the same on both") for _ in range(2)]
+    balancer = RoundRobin([instance.url for instance in instances])
+    answers = iter([{"budget": "lots"}, {"budget": 1500}, {"travel_dates": "10 to 17 October"}])
+    asked = []
+
+    async def answer(context, params):
+        asked.append(sorted(params.requested_schema["properties"]))
+        return mcp_types.ElicitResult(action="accept", content=next(answers))
+
+    async def gather():
+        async with mcp.Client(balancer.url + "/mcp", mode="2026-07-28", elicitation_callback=answer,
+                              read_timeout_seconds=30) as client:
+            result = await client.call_tool("trip-planner", {"destination": "Lisbon"})
+            first = await client.session.call_tool("trip-planner", {"destination": "Lisbon"},
+                                                   allow_input_required=True)
+            state = first.request_state
+            tampered = state[:-6] + ("A" if state[-6] != "A" else "B") + state[-5:]
+            with pytest.raises(mcp.MCPError) as refused:
+                await client.session.call_tool("trip-planner", {"destination": "Lisbon"}, request_state=tampered,
+                                               input_responses={}, allow_input_required=True)
+            return result, refused.value
+    try:
+        result, refused = run_async(gather())
+    finally:
+        balancer.close()
+    assert not result.is_error and result.content[0].text.startswith("## Your trip to Lisbon")
+    assert "1500 in total" in result.content[0].text
+    assert asked == [["budget", "travel_dates"], ["budget", "travel_dates"], ["travel_dates"]]
+    gathering = [number for number, method in balancer.served if method == "tools/call"][:4]   # 3 forms, 1 run
+    assert gathering in ([0, 1, 0, 1], [1, 0, 1, 0])   # each round on the other instance than the one before
+    assert refused.code == -32602 and "altered" in str(refused)
+
+
+def _metrics_text(server):
+    return requests.get(server.url + "/metrics", timeout=5).text
+
+
+@pytest.mark.parametrize("mode", ["2026-07-28", "legacy"])
+def test_a_cancelled_mcp_call_runs_no_node_after_the_cancel(start, mode):
+    import asyncio
+    inside, later_ran = threading.Event(), threading.Event()
+
+    def hold(inputs, context):
+        inside.set()
+        context.stop.wait(10)   # a cancel or a hang-up ends the wait, as for a chat whose client left
+        return "held"
+
+    def later(inputs, context):
+        later_ran.set()
+        return "later"
+    nodes = [{"id": "hold", "type": "hold", "inputs": {"w": {"query": "word"}}},
+             {"id": "later", "type": "later", "inputs": {"x": {"link": "hold"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "later"}}}]
+    server = start([workflow(nodes=nodes)], node_types={"hold": cozyopenai.NodeType(hold),
+                                                        "later": cozyopenai.NodeType(later)})
+
+    async def call():
+        async with mcp_session(server, mode=mode) as client:
+            task = asyncio.ensure_future(client.call_tool("echo", {"word": "x"}))
+            assert await asyncio.get_running_loop().run_in_executor(None, inside.wait, 10), "hold did not start"
+            task.cancel()   # legacy: notifications/cancelled; 2026-07-28: the request's stream closed
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    run_async(call())
+    wait_until(lambda: 'cozyopenai_runs_total{model="echo"' in _metrics_text(server),
+               "the cancelled run did not end within 10 s")   # hold waits 10 s unless the cancel reaches it
+    assert not later_ran.is_set()
+
+
+def test_a_cancel_ends_a_pending_elicitation_and_the_workflow_never_runs(start):
+    import asyncio
+    server, asked = start(), threading.Event()
+
+    async def call():
+        async def never_answered(context, params):
+            asked.set()
+            await asyncio.sleep(30)
+        async with mcp.Client(server.url + "/mcp", mode="legacy", elicitation_callback=never_answered,
+                              read_timeout_seconds=30) as client:
+            task = asyncio.ensure_future(client.call_tool("trip-planner", {"destination": "Lisbon"}))
+            assert await asyncio.get_running_loop().run_in_executor(None, asked.wait, 10), "nothing was asked"
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.get_running_loop().run_in_executor(None, lambda: wait_until(
+                lambda: "cozyopenai_open_streams 0" in _metrics_text(server),
+                "the call's stream was still open 10 s after the cancel"))   # its 600 s wait ended
+    mcp = pytest.importorskip("mcp")
+    run_async(call())
+    assert 'cozyopenai_runs_total{model="trip-planner"' not in _metrics_text(server)
 
 
 def inspector_command():
@@ -3624,8 +3961,9 @@ def test_metrics_count_node_failures_by_type(start):
 ####################################################################################
 
 def test_api_keys_come_from_the_environment_too():
-    config = cozyopenai.config_from_environment({"COZYOPENAI_API_KEY": "a, b", "COZYOPENAI_STORE": "memory"})
-    assert config["api_keys"] == ["a", "b"] and config["store"] == "memory"
+    config = cozyopenai.config_from_environment({"COZYOPENAI_API_KEY": "a, b", "COZYOPENAI_STORE": "memory",
+                                                 "COZYOPENAI_MCP_STATE_SECRET": "shared"})
+    assert config["api_keys"] == ["a", "b"] and config["store"] == "memory" and config["mcp_state_secret"] == "shared"
 
 
 def test_single_call_mode_comes_from_the_flag_or_the_environment():
@@ -4095,7 +4433,7 @@ def test_400_stalled_connections_do_not_hold_400_threads_nor_delay_a_normal_requ
             stalled.append(sock)
         began = time.monotonic()
         reply = server.post({"model": "trip-planner", "messages": [{"role": "user", "content": "Paris"}]})
-        assert reply.status_code == 200 and time.monotonic() - began < 1.0   # not held until they time out (2 s)
+        assert reply.status_code == 200 and time.monotonic() - began < 2   # not held until they time out (2 s)
         statuses = []
         for sock in stalled:
             answer = b""
