@@ -3045,6 +3045,8 @@ def _cardinals() -> Mapping[str, int]:
 
 
 CARDINALS = _cardinals()
+# Any number word of the tables, anywhere: a message holds none unless its folded text does.
+CARDINAL_PATTERN = re.compile("|".join(map(re.escape, sorted(CARDINALS, key=len, reverse=True))))
 # Inside a glued number word only a join of several letters ("fünfundzwanzig"): one letter
 # ("e", "y") would glue too much ("tree" is no "tre" and "e").
 NUMBER_GLUES = frozenset(word for word in AND_WORDS if len(word) > 1)
@@ -3135,6 +3137,7 @@ def numbers_in(text: str, spaced: bool = False) -> List[float]:
     return found
 
 
+@lru_cache(maxsize=8192)   # the same words, message after message
 def _number_parts(word: str, glued: bool = False) -> Optional[Tuple[int, ...]]:
     """The values a number word is made of, glued or hyphenated: "zweitausendfunfhundert" is
     (2, 1000, 5, 100); None when it is not made of number words alone."""
@@ -3168,6 +3171,8 @@ def numbers_as_digits(text: str) -> str:
     reader reads them: "deux mille euros" is "2000 euros", "duemilaventisette" is "2027".
     Only numbers of CARDINAL_PHRASE_MIN and more, of several number words or a thousand
     before a currency ("mil euros"); not a capitalised word inside a sentence ("Mila")."""
+    if not CARDINAL_PATTERN.search(_fold(text).replace("-", "")):   # no word can begin a number word
+        return text
     words = list(NUMBER_WORD_PATTERN.finditer(text))
     pieces, last, index = [], 0, 0
     while index < len(words):
@@ -3432,11 +3437,13 @@ class Tokens(list):
         first five letters (for _same_word's short endings, under "~")."""
         found: Dict[str, List[int]] = {}
         for position, (_, token) in enumerate(self.words):
-            keys = {token.folded, token.folded.split("-")[0]}
-            if len(token.folded) >= 5:
-                keys.add("~" + token.folded[:5])
-            for key in keys:
-                found.setdefault(key, []).append(position)
+            folded = token.folded
+            found.setdefault(folded, []).append(position)
+            head = folded.split("-")[0] if "-" in folded else folded
+            if head != folded:
+                found.setdefault(head, []).append(position)
+            if len(folded) >= 5:
+                found.setdefault("~" + folded[:5], []).append(position)
         return found
 
 
@@ -5339,9 +5346,10 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
     problems = {name: reason for name, reason in extraction.rejected.items() if name not in conversation.values}
     asked_before = [name for name in conversation.asked if name in workflow.query_inputs]
     nothing_read = _nothing_read(turn.text, asked_before, extraction)
-    messages = [m["content"] for m in turn.history if m["role"] == "user"] + [turn.text]
-    said = messages + [shown_value(value) for value in conversation.values.values()]
-    language = users_language(messages)
+    def check(text: str) -> Optional[str]:   # what the user said and their language: only for an LLM's text
+        messages = [m["content"] for m in turn.history if m["role"] == "user"] + [turn.text]
+        said = messages + [shown_value(value) for value in conversation.values.values()]
+        return check_llm_text(text, workflow, said, users_language(messages))
     question, notes = None, []
     opening, closing = "", ""
     if nothing_read:   # say what was not understood, and the form that always is
@@ -5355,7 +5363,7 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
         # otherwise the question is templated, with no second call.
         why = ("a value it read was not used" if extraction.ignored or extraction.rejected or ambiguous else
                "it was written before the simple reader found more" if not set(understood) <= extraction.question_assumes
-               else check_llm_text(extraction.question, workflow, said, language))
+               else check(extraction.question))
         if why is None:
             question = extraction.question
         else:
@@ -5363,7 +5371,7 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
     elif turn.llm is not None and not extraction.llm_failed and not turn.llm.asks_in_extraction:
         checked = CheckedQuestion(_question_stream(turn.llm, budget, workflow, missing, understood, changed, problems,
                                                    turn.text, ambiguous),
-                                  lambda text: check_llm_text(text, workflow, said, language))
+                                  check)
         for part in checked:
             yield Piece("answer", opening + part)
             opening = ""   # said once, before the question's first part
