@@ -3045,8 +3045,10 @@ def _cardinals() -> Mapping[str, int]:
 
 
 CARDINALS = _cardinals()
-# Any number word of the tables, anywhere: a message holds none unless its folded text does.
-CARDINAL_PATTERN = re.compile("|".join(map(re.escape, sorted(CARDINALS, key=len, reverse=True))))
+# A number word of the tables at the start of a word, in a message's words folded and joined
+# by spaces: a word is made of number words only if it starts with one.
+CARDINAL_START_PATTERN = re.compile(r"(?:^| )(?:" + "|".join(map(re.escape, sorted(CARDINALS, key=len, reverse=True)))
+                                    + ")")
 # Inside a glued number word only a join of several letters ("fünfundzwanzig"): one letter
 # ("e", "y") would glue too much ("tree" is no "tre" and "e").
 NUMBER_GLUES = frozenset(word for word in AND_WORDS if len(word) > 1)
@@ -3171,8 +3173,8 @@ def numbers_as_digits(text: str) -> str:
     reader reads them: "deux mille euros" is "2000 euros", "duemilaventisette" is "2027".
     Only numbers of CARDINAL_PHRASE_MIN and more, of several number words or a thousand
     before a currency ("mil euros"); not a capitalised word inside a sentence ("Mila")."""
-    if not CARDINAL_PATTERN.search(_fold(text).replace("-", "")):   # no word can begin a number word
-        return text
+    if not CARDINAL_START_PATTERN.search(_fold(" ".join(NUMBER_WORD_PATTERN.findall(text))).replace("-", "")):
+        return text   # no word starts with a number word: none can be one
     words = list(NUMBER_WORD_PATTERN.finditer(text))
     pieces, last, index = [], 0, 0
     while index < len(words):
