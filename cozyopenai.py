@@ -3026,6 +3026,9 @@ def _cardinals() -> Mapping[str, int]:
 
 
 CARDINALS = _cardinals()
+WORDS_BESIDES_MONTHS = frozenset(word for language in LANGUAGES.values()
+                                 for field_name, word in _language_entries(language) if field_name != "months")
+MONTH_SYNONYM_MIN_LETTERS = 4   # "mar" is also the sea, "jun" and "jul" are too short to be sure of
 # Inside a glued number word only a join of several letters ("fünfundzwanzig"): one letter
 # ("e", "y") would glue too much ("tree" is no "tre" and "e").
 NUMBER_GLUES = frozenset(word for word in AND_WORDS if len(word) > 1)
@@ -3277,10 +3280,26 @@ def _says_words(message_words: Sequence[str], phrase_words: Sequence[str]) -> bo
                             for start in range(len(message_words) - size + 1))
 
 
+def synonyms_read(query: QueryInput) -> Tuple[Tuple[str, Any], ...]:
+    """An input's synonyms as the reader reads them: the workflow's, and for an input whose
+    synonyms name months ("January": 1), every table's name of those months in any case
+    ("janeiro", "marco", "december"), but for one that is also another word of the tables
+    ("sept" is seven, "march" and "may" are verbs too)."""
+    found = query.derived.get("synonyms_read")
+    if found is None:
+        named = {MONTHS[_fold(synonym)]: value for synonym, value in query.synonyms
+                 if _fold(synonym) in MONTHS and _number_or_none(str(value)) == MONTHS[_fold(synonym)]}
+        found = query.derived["synonyms_read"] = tuple(query.synonyms) + tuple(
+            (word, named[month]) for word, month in sorted(MONTHS.items())
+            if month in named and len(word) >= MONTH_SYNONYM_MIN_LETTERS
+            and word not in WORDS_BESIDES_MONTHS)
+    return found
+
+
 def _synonyms_named(query: QueryInput, text: str) -> set:
     """The values whose synonyms the text says, in any case ("march" names 3)."""
     words = _words(text)
-    return {value for synonym, value in query.synonyms if _says_words(words, _words(synonym))}
+    return {value for synonym, value in synonyms_read(query) if _says_words(words, _words(synonym))}
 
 
 def _match_choice(query: QueryInput, raw: Any) -> str:
@@ -4042,6 +4061,10 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
             for synonym, value in query.synonyms:
                 if set(re.findall(r"\w+", synonym)) <= spelled:   # as the author wrote it: "May", not "may"
                     reading.add(query.name, 1, synonym)
+            folded = {token.folded for token in tokens}
+            for synonym, value in synonyms_read(query)[len(query.synonyms):]:
+                if synonym in folded:   # a table's month name, long enough to be no other word: "março"
+                    reading.add(query.name, 1, value)
     _read_bounded_number(workflow, conversation, tokens, taken_tokens, reading)
 
 
@@ -4385,7 +4408,9 @@ def is_stated_in(query: QueryInput, value: Any, raw: Any, text: str, asked: bool
         return (any(abs(number - float(value)) < 1e-9 for number in numbers_in(text, spaced=True))
                 or any(float(number) == float(value) and (set(re.findall(r"\w+", word)) <= spelled
                                                           or asked and set(_words(word)) <= message_words)
-                       for word, number in query.synonyms))
+                       for word, number in query.synonyms)
+                or any(float(number) == float(value) and word in message_words
+                       for word, number in synonyms_read(query)[len(query.synonyms):]))
     if query.type == "boolean":   # the message names what the input is about, or answers its question
         yes_no = YES_OR_NO
         named = {word for synonym, _ in query.synonyms for word in _words(synonym)}

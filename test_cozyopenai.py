@@ -2386,6 +2386,16 @@ def test_no_number_word_has_two_values_in_the_tables():
     assert spoken == dict(cozyopenai.CARDINALS)
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("calendário de março de 2026", {"year": 2026, "month": 3}), ("junho", {"month": 6}),
+    ("calendar for december 2025 pls", {"year": 2025, "month": 12}), ("sept 2026", {"year": 2026}),
+    ("el mar en mayo 2026", {"year": 2026, "month": 5}),
+])
+def test_a_month_input_takes_every_tables_names_of_its_months_but_ambiguous_ones(text, expected):
+    calendar = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))["month-calendar"]
+    assert cozyopenai.extract_offline(calendar, new_conversation("month-calendar"), text).values == expected
+
+
 def test_folded_pattern_matches_a_folded_word_as_written_with_accents():
     pattern = re.compile(r"\b(?:" + cozyopenai.folded_pattern(["e", "sao"]) + r")\b")
     assert pattern.search("il budget è 600") and pattern.search("eles são") and not pattern.search("bien sûr")
