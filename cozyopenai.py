@@ -2779,7 +2779,7 @@ ITALIAN = Language(
               "novant:90 cento:100 mille:1000 mila:1000",
     rate_words="a al per",
     rate_units="persona persone",
-    kind_words={"year": "anno", "place": "destinazione citta luogo", "date": "quando date periodo",
+    kind_words={"year": "anno", "place": "destinazione meta citta luogo", "date": "quando date periodo",
                 "money": "budget prezzo"},
 )
 
@@ -2800,7 +2800,7 @@ PORTUGUESE = Language(
     season_nouns="temporada",
     holiday_words="ferias feriado",
     time_units="dia dias noite noites semana semanas mes meses quinzena ano anos",
-    numbers="um uma dois duas tres quatro cinco seis sete oito nove dez quinze alguns algumas dezena duzia",
+    numbers="um uma uns umas dois duas tres quatro cinco seis sete oito nove dez quinze alguns algumas dezena duzia",
     qualifiers="inicio meados fim final primeira primeiro segunda segundo terceira ultima ultimo proximo "
                "proxima este esta longo longa vem",
     relatives="que",
@@ -2870,6 +2870,7 @@ QUOTED_PASSAGE_PATTERN = re.compile(
     r"|\u2018[^\u2018\u2019\n]*\u2019(?![^\W\d_])"
     r"|(?:(?<=^)|(?<=[\s:(]))\"[^\"\n]*\"|(?:(?<=^)|(?<=[\s:(]))'[^'\n]*'(?=[\s.,;:!?)]|$)", re.M)
 QUOTED_PASSAGE_MIN_WORDS = 4   # fewer is a value quoted for emphasis ("a trip to "Paris""), unless it quotes a label
+CENTURY_OF_SHORT_YEARS = 2000   # "'27" is 2027
 MAX_LABEL_WORDS = 3            # "travel dates: ..." labels a value; "my friend sent me this: ..." does not
 
 # The commonest words of each language, folded, to tell which language a text is in (a question
@@ -3070,7 +3071,7 @@ _RANGE = "|".join(map(re.escape, sorted(RANGE_WORDS, key=len, reverse=True)))
 _RANGE_OR_AND = "|".join(map(re.escape, sorted(RANGE_WORDS | AND_WORDS, key=len, reverse=True)))
 # A number right after its label ("budget: 1500", "budget of 2000"), not the start of a range ("1500-2000").
 LABELLED_NUMBER = (r"\b(?:\s*(?:(?:" + "|".join(map(re.escape, sorted(COPULAS | LABEL_LINKS))) + r")\b|=|:)){0,2}\s*[$€£¥]?\s*"
-                   r"(-?\d{1,3}(?: \d{3})+(?![\d.,]?\d)|-?\d[\d.,'’\u00a0\u202f]*(?:\s*[kK]\b)?)"
+                   r"(-?\d{1,3}(?: \d{3})+(?![\d.,]?\d)|-?\d[\d.,'’\u00a0\u202f]*(?:\s*" + _THOUSAND + r")?)"
                    r"(?![\d.,]*\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d)")
 RANGE_AFTER_PATTERN = re.compile(r"\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d", re.I)
 RANGE_BEFORE_PATTERN = re.compile(r"\d\s*(?:-|–|\b(?:" + _RANGE_OR_AND + r"))\s*[$€£¥]?\s*\Z", re.I)
@@ -3593,10 +3594,11 @@ def _names_a_season(tokens: Sequence[Token], index: int) -> bool:
 def _certainly_time(tokens: Sequence[Token], index: int) -> bool:
     """"May" is a month in "in May", "May 3", "early May", not in "May I ask" or "I may"."""
     token = tokens[index]
-    if not token.capitalised:
-        return False
     before = tokens[index - 1] if index else None
     after = tokens[index + 1] if index + 1 < len(tokens) else None
+    if not token.capitalised:   # in lower case only where nothing else fits: "in may", "the first week of may"
+        return before is not None and (before.folded in LEADING_LINKS or before.shape in ("number", "ordinal") or (
+            before.folded in TIME_LINKS and index > 1 and tokens[index - 2].folded in TIME_UNITS))
     return ((before is not None and (before.folded in LINKS_OR_QUALIFIERS or before.shape in ("number", "ordinal")))
             or (after is not None and after.shape in ("number", "ordinal")))
 
@@ -4046,6 +4048,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
         elif kind == "year":
             years = {int(token.folded) for index, token in enumerate(tokens)
                      if token.shape == "number" and index not in money_tokens and re.fullmatch(r"\d{4}", token.folded)}
+            years |= {CENTURY_OF_SHORT_YEARS + int(token.folded) for index, token in enumerate(tokens)
+                      if index and tokens[index - 1].text in "'’" and re.fullmatch(r"\d{2}", token.folded)}   # "march '27"
             for year in years:
                 reading.add(query.name, 1, year)
         elif kind in TYPED_VALUE_PATTERNS:
