@@ -3202,6 +3202,74 @@ def test_responses_errors_are_openai_errors_and_a_stateless_response_carries_the
     assert requests.get(f"{server.url}/openai/responses/{stored.id}", timeout=10).status_code == 404
 
 
+def test_a_trip_planned_in_three_turns_through_a_conversation_keeps_every_item_in_it(start):
+    client = start().client
+    conversation = client.conversations.create(metadata={"topic": "trip"})
+    assert conversation.id.startswith("conv_") and conversation.object == "conversation"
+    outputs = [client.responses.create(model="trip-planner", input=text, conversation=conversation.id)
+               for text in DOCUMENT_TURNS]
+    assert outputs[0].output_text.startswith("Got it: destination Paris.")
+    assert outputs[1].output_text.startswith("Got it: budget 2000.")
+    assert outputs[2].output_text.startswith("## Your trip to Paris") and outputs[2].conversation.id == conversation.id
+    items = list(client.conversations.items.list(conversation.id, order="asc", limit=4))   # three pages
+    assert [(item.type, getattr(item, "role", None)) for item in items] == \
+        [("message", "user"), ("reasoning", None), ("message", "assistant")] * 3
+    assert items[0].content[0].text == DOCUMENT_TURNS[0] and items[-1].id == outputs[2].output[-1].id
+    newest = client.conversations.items.list(conversation.id, limit=2)
+    assert [item.id for item in newest.data] == [items[-1].id, items[-2].id] and newest.has_more
+    assert client.conversations.retrieve(conversation.id).metadata == {"topic": "trip"}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="trip-planner", input="hi", conversation=conversation.id,
+                                previous_response_id=outputs[0].id)
+    assert caught.value.body["param"] == "conversation" and "previous_response_id" in caught.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="trip-planner", input="hi", conversation="conv_" + "x" * 32)
+
+
+def test_a_trip_planned_through_the_conversations_apis_items_and_its_changes_are_kept(start):
+    client = start().client
+    conversation = client.conversations.create(items=[
+        {"type": "message", "role": "user", "content": DOCUMENT_TURNS[0]}])
+    answers = [client.responses.create(model="trip-planner", conversation=conversation.id).output_text]
+    for text in DOCUMENT_TURNS[1:]:
+        added = client.conversations.items.create(conversation.id, items=[
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}])
+        assert added.data[0].content[0].text == text
+        answers.append(client.responses.create(model="trip-planner", conversation={"id": conversation.id}).output_text)
+    assert answers[0].startswith("Got it: destination Paris.") and answers[1].startswith("Got it: budget 2000.")
+    assert answers[2].startswith("## Your trip to Paris")
+    with pytest.raises(openai.BadRequestError):   # nothing new after the last answer
+        client.responses.create(model="trip-planner", conversation=conversation.id)
+    first = client.conversations.items.list(conversation.id, order="asc").data[0]
+    assert client.conversations.items.retrieve(first.id, conversation_id=conversation.id).id == first.id
+    client.conversations.items.delete(first.id, conversation_id=conversation.id)
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.items.retrieve(first.id, conversation_id=conversation.id)
+    assert client.conversations.update(conversation.id, metadata={"a": "b"}).metadata == {"a": "b"}
+    assert client.conversations.delete(conversation.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.retrieve(conversation.id)
+
+
+def test_the_agents_sdk_keeps_a_three_turn_trip_in_a_conversation_by_its_id(start):
+    agents = pytest.importorskip("agents")
+    import asyncio
+    agents.set_tracing_disabled(True)
+    from openai import AsyncOpenAI
+    server = start()
+    client = AsyncOpenAI(api_key="unused", base_url=server.url + "/openai")
+    agent = agents.Agent(name="planner", instructions="Plan trips.",
+                         model=agents.OpenAIResponsesModel(model="trip-planner", openai_client=client))
+
+    async def conversation():
+        conversation_id = (await client.conversations.create()).id
+        return [(await agents.Runner.run(agent, text, conversation_id=conversation_id)).final_output
+                for text in DOCUMENT_TURNS]
+    outputs = asyncio.run(asyncio.wait_for(conversation(), 60))
+    assert outputs[0].startswith("Got it: destination Paris.") and outputs[1].startswith("Got it: budget 2000.")
+    assert outputs[2].startswith("## Your trip to Paris")
+
+
 def test_the_agents_sdk_talks_to_a_workflow_over_the_responses_api(start):
     agents = pytest.importorskip("agents")
     import asyncio
