@@ -3270,6 +3270,35 @@ def test_the_agents_sdk_keeps_a_three_turn_trip_in_a_conversation_by_its_id(star
     assert outputs[2].startswith("## Your trip to Paris")
 
 
+def test_a_history_of_item_references_as_the_vercel_ai_sdk_sends_it_reads_like_the_whole_history(start):
+    server = start()
+
+    def user(text):
+        return {"role": "user", "content": [{"type": "input_text", "text": text}]}
+
+    def respond(history):   # the body of @ai-sdk/openai with store: true (its default)
+        reply = requests.post(server.url + "/openai/responses", timeout=10,
+                              json={"model": "trip-planner", "input": history, "store": True})
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+    history = [user(DOCUMENT_TURNS[0])]
+    first = respond(history)
+    assert first["output_text"].startswith("Got it: destination Paris.") and "budget" in first["output_text"]
+    history += [{"type": "item_reference", "id": item["id"]} for item in first["output"]] + [user("2000")]
+    second = respond(history)
+    assert second["output_text"].startswith("Got it: budget 2000.")
+    assert "Read the earlier messages again" not in second["output"][0]["summary"][0]["text"]   # its state, not a replay
+    history += [{"type": "item_reference", "id": item["id"]} for item in second["output"]] + [user(DOCUMENT_TURNS[2])]
+    third = respond(history)
+    assert third["output_text"].startswith("## Your trip to Paris") and "2000" in third["output"][0]["summary"][0]["text"]
+    whole = [user(DOCUMENT_TURNS[0]), {"role": "assistant", "content": first["output_text"]}, user("2000")]
+    assert respond(whole)["output_text"] == second["output_text"]   # the same history sent in full
+    unknown = requests.post(server.url + "/openai/responses", timeout=10, json={
+        "model": "trip-planner", "input": [user("hi"), {"type": "item_reference", "id": "msg_gone"}]})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "input[1]"
+    assert "msg_gone" in unknown.json()["error"]["message"]
+
+
 def test_the_agents_sdk_talks_to_a_workflow_over_the_responses_api(start):
     agents = pytest.importorskip("agents")
     import asyncio
