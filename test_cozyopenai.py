@@ -3299,6 +3299,25 @@ def test_a_history_of_item_references_as_the_vercel_ai_sdk_sends_it_reads_like_t
     assert "msg_gone" in unknown.json()["error"]["message"]
 
 
+def test_a_responses_input_items_are_listed_a_page_at_a_time_as_openais(start):
+    server = start()
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "destination: Rome"},
+               {"role": "assistant", "content": "Noted."}, {"role": "user", "content": "budget: 2000"}]
+    response = server.client.responses.create(model="trip-planner", input=history)
+    items = list(server.client.responses.input_items.list(response.id, order="asc", limit=3))   # two pages
+    assert [(item.role, item.content[0].text) for item in items] == [(m["role"], m["content"]) for m in history]
+    assert len({item.id for item in items}) == 4
+    newest = server.client.responses.input_items.list(response.id, limit=1)
+    assert newest.data[0].id == items[-1].id and newest.has_more and newest.first_id == newest.last_id
+    after = requests.get(f"{server.url}/openai/responses/{response.id}/input_items", timeout=10,
+                         params={"after": items[1].id, "order": "asc"}).json()
+    assert [item["id"] for item in after["data"]] == [items[2].id, items[3].id] and not after["has_more"]
+    for query in ({"limit": "0"}, {"order": "up"}, {"after": "msg_x"}):
+        bad = requests.get(f"{server.url}/openai/responses/{response.id}/input_items", params=query, timeout=10)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == next(iter(query))
+    assert requests.get(f"{server.url}/openai/responses/resp_x/input_items", timeout=10).status_code == 404
+
+
 def test_the_agents_sdk_talks_to_a_workflow_over_the_responses_api(start):
     agents = pytest.importorskip("agents")
     import asyncio
