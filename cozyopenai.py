@@ -35,7 +35,8 @@ loopback. Give ``--api-key`` before listening anywhere else. Fixed inputs
 edit workflows.json can make the server fetch URLs and call Python functions.
 
 It speaks Chat Completions (``/openai/chat/completions``), the Responses API
-(``/openai/responses``, with ``previous_response_id``) and MCP (``/mcp``), each a
+(``/openai/responses``, with ``previous_response_id``, item references and the
+Conversations API under ``/openai/conversations``) and MCP (``/mcp``), each a
 thin block over one turn; ``GET /`` is a page for people and ``GET /metrics`` gives
 Prometheus counters. Conversations live in memory, in a folder of JSON files (the
 default), or in Redis or Valkey (``--store redis://host:6379/0``) for several
@@ -5948,8 +5949,8 @@ def _refuse_what_is_not_honoured(data: Mapping[str, Any]) -> None:
         raise RequestError("'tool_choice' must be 'auto' or 'none': a workflow calls no client tools.",
                            param="tool_choice", code="unsupported_parameter")
     if text is not None and (not isinstance(text, dict) or (text.get("format") or {"type": "text"}) != {"type": "text"}):
-        raise RequestError("'text.format' must be {\"type\": \"text\"}: a workflow answers in text.",
-                           param="text", code="unsupported_parameter")
+        raise RequestError("'text' is not supported but with the format {\"type\": \"text\"}: a workflow "
+                           "answers in text.", param="text", code="unsupported_parameter")
 
 
 def _input_items(item: Any, index: int, find_item: Optional[Callable[[str], Optional[dict]]]) -> List[dict]:

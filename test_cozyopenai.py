@@ -3318,6 +3318,26 @@ def test_a_responses_input_items_are_listed_a_page_at_a_time_as_openais(start):
     assert requests.get(f"{server.url}/openai/responses/resp_x/input_items", timeout=10).status_code == 404
 
 
+@pytest.mark.parametrize("name, value", [
+    ("max_output_tokens", 100), ("temperature", 0.5), ("top_p", 0.9), ("prompt", {"id": "pmpt_1"}),
+    ("tools", [{"type": "function", "name": "f", "parameters": {}}]), ("tool_choice", "required"),
+    ("text", {"format": {"type": "json_object"}}), ("truncation", "sometimes"), ("frobnicate", 1)])
+def test_a_field_a_workflow_cannot_honour_is_a_400_naming_it(start, name, value):
+    reply = requests.post(start().url + "/openai/responses", timeout=10,
+                          json={"model": "trip-planner", "input": "destination: Rome", name: value})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == name
+    assert f"'{name}'" in reply.json()["error"]["message"]
+
+
+def test_fields_that_change_nothing_for_a_workflow_are_taken_and_truncation_is_echoed(start):
+    reply = requests.post(start().url + "/openai/responses", timeout=10, json={
+        "model": "trip-planner", "input": "destination: Rome", "truncation": "auto", "tools": [], "tool_choice": "auto",
+        "include": ["reasoning.encrypted_content"], "user": "u1", "parallel_tool_calls": True, "temperature": None,
+        "max_output_tokens": None, "text": {"format": {"type": "text"}, "verbosity": "low"}, "service_tier": "auto",
+        "reasoning": {"summary": "auto"}, "safety_identifier": "s1", "prompt_cache_key": "k"})
+    assert reply.status_code == 200 and reply.json()["truncation"] == "auto"
+
+
 def test_the_agents_sdk_talks_to_a_workflow_over_the_responses_api(start):
     agents = pytest.importorskip("agents")
     import asyncio
@@ -3856,7 +3876,8 @@ def test_readme_python_client_example_runs_as_written(start):
     assert "Got it: destination Paris." in result.stdout and result.stdout.endswith("Stream finished.\n")
 
 
-@pytest.mark.parametrize("marker, expected", [("client.responses.create", "## Your trip to Paris"),
+@pytest.mark.parametrize("marker, expected", [("previous_response_id=first.id", "## Your trip to Paris"),
+                                               ("conversations.create", "## Your trip to Paris"),
                                                ("OpenAIResponsesModel", "## Your trip to Paris"),
                                                ("elicitation_callback", "## Your trip to Lisbon")])
 def test_readme_responses_and_mcp_examples_run_as_written(start, marker, expected):
