@@ -6068,18 +6068,29 @@ def _stored_fields(request: ResponsesRequest, thinking: str, answer: str, prompt
 
 def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest, response_id: str,
                     prompt_tokens: int) -> Iterator[bytes]:
-    """Streamed: the semantic events in order, each with a rising ``sequence_number``; the
+    """Streamed: the events of response_event_objects as server-sent events; a None (the
+    turn silent for a while) becomes an SSE comment (keep-alive)."""
+    for event in response_event_objects(pieces, request, response_id, prompt_tokens):
+        yield b": keep-alive\n\n" if event is None else sse_event(event)
+
+
+def sse_event(event: Mapping[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+
+
+def response_event_objects(pieces: Iterator[Optional[Piece]], request: ResponsesRequest, response_id: str,
+                           prompt_tokens: int) -> Iterator[Optional[dict]]:
+    """The semantic events in order, each with a rising ``sequence_number`` from 0; the
     progress lines as reasoning summary deltas as they happen, the answer as output_text
     deltas (an `llm` node's tokens as they arrive), then ``response.completed`` with the
-    whole response. A None in ``pieces`` becomes an SSE comment (keep-alive)."""
+    whole response. A None in ``pieces`` comes through as a None."""
     sequence = itertools.count()
     item = {"reasoning": _reasoning_item(response_id, ""), "message": _message_item(response_id, "", "in_progress")}
     texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
     opened: List[str] = []
 
-    def event(event_type: str, **fields: Any) -> bytes:
-        body = {"type": event_type, "sequence_number": next(sequence), **fields}
-        return f"event: {event_type}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+    def event(event_type: str, **fields: Any) -> dict:
+        return {"type": event_type, "sequence_number": next(sequence), **fields}
 
     def open_item(item_type: str) -> Iterator[bytes]:
         index = len(opened)
@@ -6116,7 +6127,7 @@ def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest
     yield event("response.in_progress", response=started)
     for piece in pieces:
         if piece is None:
-            yield b": keep-alive\n\n"
+            yield None
             continue
         item_type = "reasoning" if piece.channel == "thinking" else "message"
         if item_type == "reasoning" and "message" in opened and "reasoning" in opened:
@@ -6151,12 +6162,23 @@ def response_cut(response_id: str, model: str, message: str, sequence_number: in
     return f"event: response.failed\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
 
 
-def create_response(service: Service) -> Any:
-    """POST /openai/responses: one turn, streamed as semantic events or answered whole."""
+def create_response(service: Service, runs: Optional["BackgroundRuns"] = None) -> Any:
+    """POST /openai/responses: one turn, streamed as semantic events or answered whole; with
+    ``background``, run on without the client (see BackgroundRun)."""
     environ = bottle.request.environ
     request = parse_responses_request(read_body(), bottle.request.content_type,
                                       lambda item_id: find_item(service, item_id))
     turn_request = response_turn_request(request)
+    if request.background:
+        if not request.store:
+            raise RequestError("'background' needs 'store': a background response is kept to be read later.",
+                               param="background")
+        started = BackgroundRun(service, request, turn_request, runs or BackgroundRuns()).start()
+        if not request.stream:
+            return started
+        stream_headers()
+        return counted_stream(background_events(service, started["id"], -1, service.keepalive_seconds),
+                              service.metrics)
     opening = service.open_turn if turn_request.conversation else partial(open_chat_turn, service)
     turn = opening(turn_request, HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY)), environ.get(TRACE_ENVIRON_KEY))
     response_id = turn_request.response_id or f"resp_{secrets.token_hex(20)}"   # not stored: an id of its own
@@ -6204,13 +6226,245 @@ def conversation_key(conversation_id: str) -> str:
     return key
 
 
-def stored_response(service: Service, response_id: str) -> dict:
-    """GET /responses/{id}: a response saved with ``store``."""
+# Background responses. The run's turn holds its conversation locked while it runs, so what
+# readers see of it (status, events, heartbeat) is a record of its own, under a key drawn
+# from the response's id, in the same store: any instance sharing the store can show it,
+# stream it from any event, or cancel it; a run whose instance died stops renewing its
+# heartbeat, and the first reader after its lease marks it failed.
+BACKGROUND_FLUSH_SECONDS = 0.2      # a run writes its new events to the store at most this often
+BACKGROUND_HEARTBEAT_SECONDS = 1.0  # ... and at least this often while its turn is silent (its heartbeat)
+BACKGROUND_LEASE_SECONDS = 15.0     # a run whose heartbeat is older than this lost its instance: failed
+BACKGROUND_POLL_SECONDS = 0.1       # how often a stream of a run looks for its new events
+BACKGROUND_CANCEL_SECONDS = 5.0     # how long a cancel waits for the run to stop before it answers
+BACKGROUND_DIED = "The server running this response stopped before it finished; create it again."
+
+
+def background_key(response_id: str) -> str:
+    """The store key of a background run's record (a conversation id's form, for every store)."""
+    digest = hashlib.sha256(f"background\0{response_id}".encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode()[:32]
+
+
+class BackgroundRuns:
+    """The background runs of this process, by response id: a cancel that reaches this
+    instance stops its run at once; one on another instance sees the cancel in the store at
+    its next heartbeat."""
+
+    def __init__(self) -> None:
+        self._runs: Dict[str, "BackgroundRun"] = {}
+        self._guard = threading.Lock()
+
+    def add(self, run: "BackgroundRun") -> None:
+        with self._guard:
+            self._runs[run.response_id] = run
+
+    def discard(self, run: "BackgroundRun") -> None:
+        with self._guard:
+            self._runs.pop(run.response_id, None)
+
+    def cancel(self, response_id: str) -> None:
+        with self._guard:
+            run = self._runs.get(response_id)
+        if run is not None:
+            run.cancel()
+
+
+class BackgroundRun:
+    """One background response, on a thread of its own: the thread opens the turn (so its
+    conversation is locked and freed on one thread, as the Store's rule asks), plays it to
+    the end with no client, and writes the events, the status and a heartbeat to the run's
+    record. ``start()`` gives the response as it begins, or raises what a foreground
+    request would have answered (an unknown model or previous response, a store that is down)."""
+
+    def __init__(self, service: Service, request: ResponsesRequest, turn_request: TurnRequest, runs: BackgroundRuns):
+        self.service, self.request, self.turn_request, self.runs = service, request, turn_request, runs
+        self.response_id, self.key = "", ""
+        self._stop, self._cancelled, self._opened = threading.Event(), threading.Event(), threading.Event()
+        self._error: Optional[BaseException] = None
+        self._events: List[dict] = []
+        self._response: dict = {}
+        self._thread = threading.Thread(target=self._run, name="background-response", daemon=True)
+
+    def start(self) -> dict:
+        self._thread.start()
+        self._opened.wait()
+        if self._error is not None:
+            raise self._error
+        return self._response
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._stop.set()   # the nodes stop as for a client that hung up
+
+    def _run(self) -> None:
+        service, turn_request = self.service, self.turn_request
+        try:
+            opening = service.open_turn if turn_request.conversation else partial(open_chat_turn, service)
+            turn = opening(turn_request, self._stop, {})
+        except BaseException as exc:   # answered to the request that started it
+            self._error = exc
+            self._opened.set()
+            return
+        with turn:
+            try:
+                # A turn with no conversation (a client's task) is kept as a run only.
+                self.response_id = turn_request.response_id or new_response_id(service.new_conversation_id())
+                self.key = background_key(self.response_id)
+                self._response = self._response_as("in_progress")
+                self._write("in_progress")
+            except BaseException as exc:
+                self._error = exc
+                self._opened.set()
+                return
+            self.runs.add(self)
+            self._opened.set()
+            try:
+                status = self._play(turn)
+            finally:
+                self.runs.discard(self)
+            if status != "completed":
+                turn_request.response_extra["status"] = status
+        self._finish(status)
+
+    def _response_as(self, status: str, **extra: Any) -> dict:
+        fields = _stored_fields(self.request, "", "", self.turn_request.response_extra["prompt_tokens"])
+        return response_object(self.response_id, self.request.model, dict(fields, status=status, **extra))
+
+    def _play(self, turn: Union[Turn, AnsweredTurn]) -> str:
+        """Play the turn, writing its events as they come; how it ended."""
+        events = response_event_objects(turn.pieces(BACKGROUND_HEARTBEAT_SECONDS), self.request, self.response_id,
+                                        self.turn_request.response_extra["prompt_tokens"])
+        written = time.monotonic()
+        try:
+            for event in events:
+                if event is not None:
+                    self._events.append(event)
+                    if event["type"] == "response.completed":
+                        self._response = event["response"]
+                if self._cancelled.is_set():
+                    return "cancelled"
+                if event is None or time.monotonic() - written >= BACKGROUND_FLUSH_SECONDS:
+                    if self._write("in_progress"):
+                        self.cancel()
+                        return "cancelled"
+                    written = time.monotonic()
+            return "completed"
+        except CozyError as exc:   # the store went away mid-run
+            log.error("a background response could not be written: %s", exc.message)
+            return "failed"
+        except Exception:   # a bug: the run fails, the thread and the server go on
+            log.exception("a background response failed")
+            return "failed"
+        finally:
+            events.close()
+
+    def _finish(self, status: str) -> None:
+        if status != "completed":
+            error = {"code": "cancelled" if status == "cancelled" else "server_error",
+                     "message": "The response was cancelled." if status == "cancelled" else BACKGROUND_DIED}
+            self._response = self._response_as(status, error=error)
+            self._events.append({"type": "response.failed", "sequence_number": len(self._events),
+                                 "response": self._response})
+        with contextlib.suppress(CozyError):
+            self._write(status)
+
+    def _write(self, status: str) -> bool:
+        """The run's record, written whole with its events so far; whether a cancel was asked there."""
+        store = self.service.store
+        with store.lock(self.key):
+            record = store.load(self.key) or {}
+            cancel = bool((record.get("background") or {}).get("cancel"))
+            store.save(self.key, {"id": self.key, "model": "", "background": {
+                "response_id": self.response_id, "status": status, "events": self._events, "heartbeat": time.time(),
+                "response": self._response, "cancel": cancel}})
+        return cancel
+
+
+def background_run(service: Service, response_id: str) -> Optional[dict]:
+    """A background run's record (None: not one), a run past its lease marked failed first."""
+    key = background_key(response_id)
+    run = (service.store.load(key) or {}).get("background")
+    if run is None or run["status"] != "in_progress" or time.time() - run["heartbeat"] < BACKGROUND_LEASE_SECONDS:
+        return run
+    with service.store.lock(key):
+        record = service.store.load(key) or {}
+        run = record.get("background")
+        if run is not None and run["status"] == "in_progress" and \
+                time.time() - run["heartbeat"] >= BACKGROUND_LEASE_SECONDS:
+            run["status"] = "failed"
+            run["response"] = dict(run["response"], status="failed",
+                                   error={"code": "server_error", "message": BACKGROUND_DIED})
+            run["events"].append({"type": "response.failed", "sequence_number": len(run["events"]),
+                                  "response": run["response"]})
+            service.store.save(key, record)
+    return run
+
+
+def background_events(service: Service, response_id: str, starting_after: int,
+                      keepalive_seconds: float) -> Iterator[bytes]:
+    """A background run's events after ``starting_after``, as server-sent events, read from the
+    store as the run writes them (on whatever instance it runs), until its last."""
+    sent, quiet_since = starting_after + 1, time.monotonic()
+    while True:
+        run = background_run(service, response_id)
+        if run is None:
+            return
+        for event in run["events"][sent:]:
+            yield sse_event(event)
+            sent, quiet_since = sent + 1, time.monotonic()
+        if run["status"] != "in_progress" and sent >= len(run["events"]):
+            return
+        if time.monotonic() - quiet_since >= keepalive_seconds:
+            yield b": keep-alive\n\n"
+            quiet_since = time.monotonic()
+        time.sleep(BACKGROUND_POLL_SECONDS)
+
+
+def cancel_response(service: Service, response_id: str, runs: Optional[BackgroundRuns] = None) -> dict:
+    """POST /responses/{id}/cancel: stop a background response; once stopped (or done), the response."""
+    conversation_of_response(response_id)
+    key = background_key(response_id)
+    with service.store.lock(key):
+        record = service.store.load(key) or {}
+        run = record.get("background")
+        if run is not None and run["status"] == "in_progress":
+            run["cancel"] = True
+            service.store.save(key, record)
+    if run is None:
+        stored_response(service, response_id)   # a 404 when there is no such response
+        raise RequestError("Only a background response can be cancelled.", param="response_id")
+    if runs is not None:
+        runs.cancel(response_id)
+    deadline = time.monotonic() + BACKGROUND_CANCEL_SECONDS
+    while run["status"] == "in_progress" and time.monotonic() < deadline:
+        time.sleep(BACKGROUND_POLL_SECONDS)
+        run = background_run(service, response_id) or run
+    return run["response"]
+
+
+def stored_response(service: Service, response_id: str) -> Any:
+    """GET /responses/{id}: a response saved with ``store``, or a background one as it runs;
+    with ``stream=true``, a background response's events after ``starting_after``."""
+    query = bottle.request.query
+    if str(query.get("stream", "")).lower() == "true":
+        try:
+            starting_after = int(query.get("starting_after") or -1)
+        except ValueError:
+            raise RequestError("'starting_after' must be a sequence number.", param="starting_after") from None
+        conversation_of_response(response_id)
+        if background_run(service, response_id) is None:
+            raise NotFoundError(f"No background response {response_id!r} to stream.", param="response_id")
+        stream_headers()
+        return counted_stream(background_events(service, response_id, starting_after, service.keepalive_seconds),
+                              service.metrics)
     record = service.store.load(conversation_of_response(response_id))
     response = (record or {}).get("responses", {}).get(response_id)
-    if response is None:
+    if response is not None:
+        return response_object(response_id, record["model"], response)
+    run = background_run(service, response_id)
+    if run is None:
         raise NotFoundError(f"No stored response {response_id!r}.", param="response_id")
-    return response_object(response_id, record["model"], response)
+    return run["response"]
 
 
 def delete_response(service: Service, response_id: str) -> dict:
@@ -6221,6 +6475,10 @@ def delete_response(service: Service, response_id: str) -> dict:
             raise NotFoundError(f"No stored response {response_id!r}.", param="response_id")
         del record["responses"][response_id]
         service.store.save(conversation_id, record)
+    key = background_key(response_id)
+    with service.store.lock(key):
+        if service.store.load(key) is not None:   # its events go too
+            service.store.save(key, {"id": key, "model": ""})
     return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
@@ -7028,14 +7286,16 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
                       else "the workflows given to make_app")
     if service.thinking not in THINKING_STYLES:
         raise ValueError(f"thinking must be one of {', '.join(THINKING_STYLES)}")
-    sessions = McpSessions()
+    sessions, runs = McpSessions(), BackgroundRuns()
     app = bottle.Bottle()
     # Clients configured with a "/v1" suffix or a trailing slash ask for these paths too.
     for prefix in ("/openai", "/openai/v1", "/openai/", "/openai/v1/"):
         app.route(prefix + "/models", "GET", _json_route(service, list_models))
         app.route(prefix + "/models/<model_id:path>", "GET", _json_route(service, get_model))
         app.route(prefix + "/chat/completions", "POST", _json_route(service, chat_completions))
-        app.route(prefix + "/responses", "POST", _json_route(service, create_response))
+        app.route(prefix + "/responses", "POST", _json_route(service, partial(create_response, runs=runs)))
+        app.route(prefix + "/responses/<response_id>/cancel", "POST",
+                  _json_route(service, partial(cancel_response, runs=runs)))
         app.route(prefix + "/responses/<response_id>", "GET", _json_route(service, stored_response))
         app.route(prefix + "/responses/<response_id>", "DELETE", _json_route(service, delete_response))
         app.route(prefix + "/responses/<response_id>/input_items", "GET", _json_route(service, response_input_items))

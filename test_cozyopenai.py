@@ -3338,6 +3338,79 @@ def test_fields_that_change_nothing_for_a_workflow_are_taken_and_truncation_is_e
     assert reply.status_code == 200 and reply.json()["truncation"] == "auto"
 
 
+def held_workflow(release):
+    """The echo workflow behind a node that holds until ``release`` is set or its run is stopped."""
+    def hold(inputs, context):
+        while not release.is_set() and not context.stop.is_set():
+            time.sleep(0.01)
+        return "held"
+    nodes = [{"id": "hold", "type": "hold", "inputs": {"w": {"query": "word"}}},
+             {"id": "say", "type": "template", "inputs": {"template": "You said {word}.", "word": {"query": "word"},
+                                                         "after": {"link": "hold"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]
+    return {"workflows": [workflow(nodes=nodes)], "node_types": {"hold": cozyopenai.NodeType(hold)}}
+
+
+def test_a_background_response_returns_at_once_and_is_polled_to_completion(start):
+    release = threading.Event()
+    held = held_workflow(release)
+    client = start(held["workflows"], node_types=held["node_types"]).client
+    started = client.responses.create(model="echo", input="word: kite", background=True)
+    assert started.status in ("queued", "in_progress") and started.background and started.output_text == ""
+    assert client.responses.retrieve(started.id).status == "in_progress"
+    release.set()
+    wait_until(lambda: client.responses.retrieve(started.id).status == "completed",
+               "the background response did not complete within 10 s")
+    done = client.responses.retrieve(started.id)
+    assert done.output_text == "You said kite." and done.background and "hold finished" in done.output[0].summary[0].text
+    after = client.responses.create(model="echo", input="word: sail", previous_response_id=started.id)
+    assert after.output_text == "Changed the word from kite to sail.\n\nYou said sail."   # from its state
+    with pytest.raises(openai.BadRequestError):   # a foreground response cannot be cancelled
+        client.responses.cancel(after.id)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="echo", input="word: x", background=True, store=False)
+
+
+def test_a_background_response_cancelled_on_another_instance_stops_its_run(start, redis_server):
+    release = threading.Event()
+    held = held_workflow(release)
+    running, other = (start(held["workflows"], node_types=held["node_types"], store=redis_server.url)
+                      for _ in range(2))
+    started = running.client.responses.create(model="echo", input="word: kite", background=True)
+    cancelled = other.client.responses.cancel(started.id)   # seen by the run at its next heartbeat
+    assert cancelled.status == "cancelled" and cancelled.id == started.id
+    assert running.client.responses.retrieve(started.id).status == "cancelled"
+    assert other.client.responses.cancel(started.id).status == "cancelled"   # again: the same answer
+    release.set()   # for the next run (the cancelled one stopped while its node held)
+    after = other.client.responses.create(model="echo", input="word: sail", previous_response_id=started.id)
+    assert after.output_text.endswith("You said sail.")   # the conversation was freed
+
+
+def test_a_background_stream_dropped_mid_run_is_resumed_after_its_last_event_on_another_instance(start,
+                                                                                                 redis_server):
+    release = threading.Event()
+    held = held_workflow(release)
+    first, second = (start(held["workflows"], node_types=held["node_types"], store=redis_server.url)
+                     for _ in range(2))
+    stream = first.client.responses.create(model="echo", input="word: kite", background=True, stream=True)
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if event.type == "response.reasoning_summary_text.delta" and "hold started" in event.delta:
+            break
+    stream.close()   # the client leaves while "hold" runs; the run goes on without it
+    response_id = seen[0].response.id
+    assert seen[0].type == "response.created" and seen[0].response.background
+    release.set()
+    resumed = list(second.client.responses.retrieve(response_id, stream=True,
+                                                    starting_after=seen[-1].sequence_number))
+    numbers = [event.sequence_number for event in seen + resumed]
+    assert numbers == list(range(len(numbers)))   # nothing lost, nothing twice
+    assert resumed[-1].type == "response.completed" and resumed[-1].response.output_text == "You said kite."
+    everything = list(second.client.responses.retrieve(response_id, stream=True))
+    assert [event.type for event in everything] == [event.type for event in seen + resumed]
+
+
 def test_the_agents_sdk_talks_to_a_workflow_over_the_responses_api(start):
     agents = pytest.importorskip("agents")
     import asyncio
