@@ -3411,6 +3411,29 @@ def test_a_background_stream_dropped_mid_run_is_resumed_after_its_last_event_on_
     assert [event.type for event in everything] == [event.type for event in seen + resumed]
 
 
+def test_a_background_response_whose_instance_is_killed_is_marked_failed_not_left_in_progress(
+        start, redis_server, tmp_path, monkeypatch):
+    slow = workflow(nodes=[{"id": "nap", "type": "python", "inputs": {"function": "time:sleep", "0": 30}},
+                           {"id": "say", "type": "template", "inputs": {"template": "{word}", "word": {"query": "word"},
+                                                                       "after": {"link": "nap"}}},
+                           {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}])
+    (tmp_path / "slow.json").write_text(json.dumps({"workflows": [slow]}))
+    url = redis_server.url + "?lock_seconds=1"
+    with command_line_server("--store", url, "--workflows", str(tmp_path / "slow.json")) as doomed:
+        started = requests.post(doomed.url + "/openai/responses", timeout=10,
+                                json={"model": "echo", "input": "word: kite", "background": True}).json()
+        assert started["status"] == "in_progress"
+        os.kill(doomed.process.pid, 9)
+    monkeypatch.setattr(cozyopenai, "BACKGROUND_LEASE_SECONDS", 1.0)   # the survivor's patience, shortened
+    survivor = start([workflow()], store=url)
+    wait_until(lambda: survivor.client.responses.retrieve(started["id"]).status == "failed",
+               "the dead instance's background response was not marked failed within 10 s")
+    failed = survivor.client.responses.retrieve(started["id"])
+    assert failed.error.code == "server_error" and "stopped before it finished" in failed.error.message
+    events = list(survivor.client.responses.retrieve(started["id"], stream=True))
+    assert events[-1].type == "response.failed"
+
+
 def test_the_agents_sdk_talks_to_a_workflow_over_the_responses_api(start):
     agents = pytest.importorskip("agents")
     import asyncio
