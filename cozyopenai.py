@@ -35,8 +35,8 @@ loopback. Give ``--api-key`` before listening anywhere else. Fixed inputs
 edit workflows.json can make the server fetch URLs and call Python functions.
 
 It speaks Chat Completions (``/openai/chat/completions``), the Responses API
-(``/openai/responses``, with ``previous_response_id``, item references and the
-Conversations API under ``/openai/conversations``) and MCP (``/mcp``), each a
+(``/openai/responses``, with ``previous_response_id``, item references, background
+runs and the Conversations API under ``/openai/conversations``) and MCP (``/mcp``), each a
 thin block over one turn; ``GET /`` is a page for people and ``GET /metrics`` gives
 Prometheus counters. Conversations live in memory, in a folder of JSON files (the
 default), or in Redis or Valkey (``--store redis://host:6379/0``) for several
@@ -1975,7 +1975,9 @@ class Store(abc.ABC):
     it two turns at once would lose one's update. It need not be re-entrant (a turn never takes
     the same lock twice), and it may be a plain mutex, since it is released on the thread that
     took it. ``load`` and ``save`` for other ids (``count``, ``expire``, a stored response read
-    with no turn) may run at any time on any thread, unlocked.
+    with no turn) may run at any time on any thread, unlocked. A background response's run
+    follows the rule on its own thread, and the records of the Conversations API and of
+    background runs are records like the others, under ids of the same form.
     """
 
     @classmethod
