@@ -5955,9 +5955,10 @@ def _refuse_what_is_not_honoured(data: Mapping[str, Any]) -> None:
                            "answers in text.", param="text", code="unsupported_parameter")
 
 
-def _input_items(item: Any, index: int, find_item: Optional[Callable[[str], Optional[dict]]]) -> List[dict]:
+def _input_items(item: Any, index: int, find_item: Optional[Callable[[str], Optional[dict]]],
+                 field_name: str = "input") -> List[dict]:
     """One input item as the message items it gives (none, or one)."""
-    where = f"input[{index}]"
+    where = f"{field_name}[{index}]"
     if not isinstance(item, dict):
         raise RequestError(f"{where} must be an object: a message with 'role' and 'content'.", param=where)
     if item.get("type") == "item_reference":
@@ -6307,26 +6308,31 @@ class BackgroundRun:
             self._error = exc
             self._opened.set()
             return
-        with turn:
-            try:
-                # A turn with no conversation (a client's task) is kept as a run only.
-                self.response_id = turn_request.response_id or new_response_id(service.new_conversation_id())
-                self.key = background_key(self.response_id)
-                self._response = self._response_as("in_progress")
-                self._write("in_progress")
-            except BaseException as exc:
-                self._error = exc
+        try:
+            with turn:
+                try:
+                    # A turn with no conversation (a client's task) is kept as a run only.
+                    self.response_id = turn_request.response_id or new_response_id(service.new_conversation_id())
+                    self.key = background_key(self.response_id)
+                    self._response = self._response_as("in_progress")
+                    self._write("in_progress")
+                except BaseException as exc:
+                    self._error = exc
+                    self._opened.set()
+                    return
+                self.runs.add(self)
                 self._opened.set()
-                return
-            self.runs.add(self)
-            self._opened.set()
-            try:
-                status = self._play(turn)
-            finally:
-                self.runs.discard(self)
-            if status != "completed":
-                turn_request.response_extra["status"] = status
-        self._finish(status)
+                try:
+                    status = self._play(turn)
+                finally:
+                    self.runs.discard(self)
+                if status != "completed":
+                    turn_request.response_extra["status"] = status
+        except CozyError as exc:   # the turn could not be saved (the store went away): the run failed
+            log.error("a background response could not be saved: %s", exc.message)
+            status = "failed"
+        if self._opened.is_set() and self._error is None:
+            self._finish(status)
 
     def _response_as(self, status: str, **extra: Any) -> dict:
         fields = _stored_fields(self.request, "", "", self.turn_request.response_extra["prompt_tokens"])
@@ -6569,7 +6575,7 @@ def _new_items(key: str, raw: Any) -> List[dict]:
         if not isinstance(item, dict) or item.get("type", "message") != "message":
             raise RequestError(f"items[{index}]: only messages can be added; a workflow reads no other item.",
                                param=f"items[{index}]")
-        message = _input_items(item, index, None)[0]
+        message = _input_items(item, index, None, "items")[0]
         items.append(dict(message, id=f"msg_{key}{secrets.token_hex(4)}"))
     return items
 

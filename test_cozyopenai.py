@@ -4204,11 +4204,27 @@ def _responses_bodies():
     part = st.fixed_dictionaries({"type": st.sampled_from(["input_text", "input_image", "x"]), "text": anything})
     item = st.fixed_dictionaries({}, optional={"role": st.sampled_from(["user", "assistant", "tool"]) | anything,
                                                "content": st.text(max_size=40) | st.lists(part, max_size=2) | anything,
-                                               "type": st.sampled_from(["message", "reasoning"]) | anything})
+                                               "type": st.sampled_from(["message", "reasoning", "item_reference"]) |
+                                               anything, "id": st.sampled_from(["msg_" + "a" * 40, "rs_x"]) | anything})
     body = st.fixed_dictionaries({}, optional={
         "model": st.sampled_from(["trip-planner", "nope"]) | anything, "input": st.text(max_size=40) |
         st.lists(item, max_size=3) | anything, "stream": st.booleans() | anything, "store": anything,
-        "previous_response_id": st.sampled_from(["resp_x", ""]) | anything, "metadata": anything})
+        "previous_response_id": st.sampled_from(["resp_x", ""]) | anything, "metadata": anything,
+        "conversation": st.sampled_from(["conv_" + "a" * 32, "conv_x"]) | anything, "background": st.booleans() |
+        anything, "truncation": st.sampled_from(["auto", "x"]) | anything, "tools": anything})
+    return body.map(lambda value: json.dumps(value).encode()) | st.binary(max_size=48)
+
+
+def _conversations_bodies():
+    from hypothesis import strategies as st
+    scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+    anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
+                            st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+    item = st.fixed_dictionaries({}, optional={"role": st.sampled_from(["user", "assistant"]) | anything,
+                                               "content": st.text(max_size=20) | anything,
+                                               "type": st.sampled_from(["message", "reasoning"]) | anything})
+    body = st.fixed_dictionaries({}, optional={"items": st.lists(item, max_size=3) | anything, "metadata": st.dictionaries(
+        st.text(max_size=8), st.text(max_size=8), max_size=3) | anything})
     return body.map(lambda value: json.dumps(value).encode()) | st.binary(max_size=48)
 
 
@@ -4254,15 +4270,20 @@ def test_fuzzed_bodies_on_every_route_and_store_get_4xx_protocol_errors_and_neve
             assert response.text.endswith(("data: [DONE]\n\n", "response.completed", "\n\n"))
             assert "response.failed" not in response.text and '"error": {' not in response.text.split("\n")[0]
 
+    conversation = server.client.conversations.create().id
+
     @settings(max_examples=EDGE_FUZZED, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
-    @given(chat=_bodies(), responses=_responses_bodies(), mcp=_mcp_bodies())
-    def fuzz(chat, responses, mcp):
+    @given(chat=_bodies(), responses=_responses_bodies(), mcp=_mcp_bodies(), conversations=_conversations_bodies())
+    def fuzz(chat, responses, mcp, conversations):
         check("/openai/chat/completions", chat, {"Content-Type": "application/json"})
         check("/openai/responses", responses, {"Content-Type": "application/json"})
         check("/mcp", mcp, mcp_headers)
+        for path in ("/openai/conversations", f"/openai/conversations/{conversation}",
+                     f"/openai/conversations/{conversation}/items"):
+            check(path, conversations, {"Content-Type": "application/json"})
     fuzz()
-    assert len(seen) >= 3 * EDGE_FUZZED and any(status >= 400 for status in seen)
+    assert len(seen) >= 6 * EDGE_FUZZED and any(status >= 400 for status in seen)
     assert "Where would you like to go?" in Chat(server).say("I want to plan a trip.")
 
 
