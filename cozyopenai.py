@@ -4745,7 +4745,7 @@ class TurnRequest:
     response_id: str = ""                 # set once the conversation is known
     conversation: str = ""                # Responses: the Conversations API conversation it continues, its id
     conversation_hints: List[str] = field(default_factory=list)   # Responses: conversations its items' ids name
-    saving: Optional[Callable[["Conversation", str, str], None]] = None   # called with thinking, answer before the save
+    saving: Optional[Callable[["Conversation", str, str], None]] = None   # with thinking, answer, at the save
 
 
 SORRY_REPLY = "Sorry, something went wrong on the server while answering. Your conversation is kept."
@@ -5143,7 +5143,8 @@ class Turn:
         self.trace["conversation"] = conversation.id[:6]
         if request.store_response:
             request.response_id = new_response_id(conversation.id)
-        if not request.previous_response_id and not request.conversation:   # these continue their own state: never a twin
+        # A stored response, or a conversation of the Conversations API, goes on from its own state: never a twin.
+        if not request.previous_response_id and not request.conversation:
             self._digest = request_digest(request.model, messages, request.chat_key)
             self._twin = conversation.twin_of(self._digest, self._arrived)
             if self._twin is not None:
@@ -5950,7 +5951,8 @@ def _refuse_what_is_not_honoured(data: Mapping[str, Any]) -> None:
     if choice is not None and choice not in ("auto", "none"):
         raise RequestError("'tool_choice' must be 'auto' or 'none': a workflow calls no client tools.",
                            param="tool_choice", code="unsupported_parameter")
-    if text is not None and (not isinstance(text, dict) or (text.get("format") or {"type": "text"}) != {"type": "text"}):
+    if text is not None and (not isinstance(text, dict) or
+                             (text.get("format") or {"type": "text"}) != {"type": "text"}):
         raise RequestError("'text' is not supported but with the format {\"type\": \"text\"}: a workflow "
                            "answers in text.", param="text", code="unsupported_parameter")
 
@@ -5982,12 +5984,11 @@ def _input_items(item: Any, index: int, find_item: Optional[Callable[[str], Opti
     return [message]
 
 
-def text_item(role: str, text: str, item_id: Optional[str] = None) -> dict:
+def text_item(role: str, text: str) -> dict:
     """A message item of the Responses and Conversations APIs, with one text part."""
-    item = {"type": "message", "role": role, "status": "completed",
+    return {"type": "message", "role": role, "status": "completed",
             "content": [{"type": "output_text", "text": text, "annotations": []} if role == "assistant"
                         else {"type": "input_text", "text": text}]}
-    return dict({"id": item_id}, **item) if item_id else item
 
 
 def find_item(service: Service, item_id: str) -> Optional[dict]:
@@ -6183,7 +6184,8 @@ def create_response(service: Service, runs: Optional["BackgroundRuns"] = None) -
         return counted_stream(background_events(service, started["id"], -1, service.keepalive_seconds),
                               service.metrics)
     opening = service.open_turn if turn_request.conversation else partial(open_chat_turn, service)
-    turn = opening(turn_request, HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY)), environ.get(TRACE_ENVIRON_KEY))
+    turn = opening(turn_request, HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY)),
+                   environ.get(TRACE_ENVIRON_KEY))
     response_id = turn_request.response_id or f"resp_{secrets.token_hex(20)}"   # not stored: an id of its own
     prompt_tokens = turn_request.response_extra["prompt_tokens"]
     if request.stream:
@@ -6352,9 +6354,10 @@ class BackgroundRun:
                 if self._cancelled.is_set():
                     return "cancelled"
                 if event is None or time.monotonic() - written >= BACKGROUND_FLUSH_SECONDS:
-                    if self._write("in_progress"):
+                    stopped = self._write("in_progress")
+                    if stopped:
                         self.cancel()
-                        return "cancelled"
+                        return stopped
                     written = time.monotonic()
             return "completed"
         except CozyError as exc:   # the store went away mid-run
@@ -6376,16 +6379,21 @@ class BackgroundRun:
         with contextlib.suppress(CozyError):
             self._write(status)
 
-    def _write(self, status: str) -> bool:
-        """The run's record, written whole with its events so far; whether a cancel was asked there."""
+    def _write(self, status: str) -> str:
+        """The run's record, written whole with its events so far; how the run must stop, as
+        the record says: "cancelled" (a cancel came there), "failed" (a reader took it for dead
+        when it missed its lease), or "" (it goes on)."""
         store = self.service.store
         with store.lock(self.key):
             record = store.load(self.key) or {}
-            cancel = bool((record.get("background") or {}).get("cancel"))
+            seen = record.get("background") or {}
+            stopped = "failed" if seen.get("status") == "failed" else "cancelled" if seen.get("cancel") else ""
+            if stopped == "failed" and status == "in_progress":
+                return stopped   # left as the reader wrote it
             store.save(self.key, {"id": self.key, "model": "", "background": {
                 "response_id": self.response_id, "status": status, "events": self._events, "heartbeat": time.time(),
-                "response": self._response, "cancel": cancel}})
-        return cancel
+                "response": self._response, "cancel": bool(seen.get("cancel"))}})
+        return stopped
 
 
 def background_run(service: Service, response_id: str) -> Optional[dict]:
@@ -6412,7 +6420,7 @@ def background_events(service: Service, response_id: str, starting_after: int,
                       keepalive_seconds: float) -> Iterator[bytes]:
     """A background run's events after ``starting_after``, as server-sent events, read from the
     store as the run writes them (on whatever instance it runs), until its last."""
-    sent, quiet_since = starting_after + 1, time.monotonic()
+    sent, quiet_since = max(starting_after + 1, 0), time.monotonic()
     while True:
         run = background_run(service, response_id)
         if run is None:
