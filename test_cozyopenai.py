@@ -3371,6 +3371,15 @@ def test_a_background_response_returns_at_once_and_is_polled_to_completion(start
         client.responses.create(model="echo", input="word: x", background=True, store=False)
 
 
+def test_a_conversation_made_on_one_instance_is_continued_and_listed_on_another_sharing_redis(start, redis_server):
+    first, second = (start(store=redis_server.url) for _ in range(2))
+    conversation = first.client.conversations.create()
+    for server, text in zip((first, second, first), DOCUMENT_TURNS):
+        reply = server.client.responses.create(model="trip-planner", input=text, conversation=conversation.id)
+    assert reply.output_text.startswith("## Your trip to Paris")
+    assert len(second.client.conversations.items.list(conversation.id, limit=100).data) == 9
+
+
 def test_a_background_response_cancelled_on_another_instance_stops_its_run(start, redis_server):
     release = threading.Event()
     held = held_workflow(release)
