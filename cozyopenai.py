@@ -6543,7 +6543,8 @@ CONVERSATION_METADATA_MAX = 16
 
 def create_conversation(service: Service) -> dict:
     """POST /conversations: a new conversation, with optional ``items`` and ``metadata``."""
-    data = _json_body(read_body(), bottle.request.content_type)
+    body = read_body()
+    data = _json_body(body, bottle.request.content_type) if body.strip() else {}   # curl -X POST, with no body
     for name in data:
         if name not in ("items", "metadata"):
             raise RequestError(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
