@@ -3339,9 +3339,11 @@ def test_fields_that_change_nothing_for_a_workflow_are_taken_and_truncation_is_e
 
 
 def held_workflow(release):
-    """The echo workflow behind a node that holds until ``release`` is set or its run is stopped."""
+    """The echo workflow behind a node that holds until ``release`` is set or its run is stopped
+    (10 s at most, so that a test waiting for something else fails rather than hangs)."""
     def hold(inputs, context):
-        while not release.is_set() and not context.stop.is_set():
+        deadline = time.monotonic() + 10
+        while not release.is_set() and not context.stop.is_set() and time.monotonic() < deadline:
             time.sleep(0.01)
         return "held"
     nodes = [{"id": "hold", "type": "hold", "inputs": {"w": {"query": "word"}}},
