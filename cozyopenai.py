@@ -2514,7 +2514,8 @@ ENGLISH = Language(
     weekdays="monday tuesday wednesday thursday friday saturday sunday",
     seasons="spring summer autumn fall winter season easter christmas thanksgiving pentecost today tomorrow "
             "tonight weekend week-end weekends",
-    time_phrases="new year, new years, new years eve, new years day",
+    time_phrases="new year, new years, new years eve, new years day, memorial day, labor day, labour day, "
+                 "independence day, bank holiday",
     season_nouns="season",
     holiday_words="break breaks holiday holidays vacation eve",
     uncertain_times="may mar jan march sun sat wed fall",
@@ -2590,8 +2591,8 @@ FRENCH = Language(
     holiday_words="vacances sainte",
     time_units="jour jours journee nuit nuits semaine semaines mois quinzaine annee annees",
     numbers="un une deux trois quatre cinq six sept huit neuf dix quinze quelques dizaine douzaine",
-    qualifiers="debut mi milieu fin premier premiere deuxieme troisieme dernier derniere prochain prochaine ce "
-               "cet cette vient",
+    qualifiers="debut mi milieu fin premier premiere premiers premieres deuxieme deuxiemes troisieme dernier "
+               "derniere derniers dernieres prochain prochaine prochains prochaines ce cet cette ces vient",
     relatives="qui",
     range_links="du des au aux jusqu jusquau et le la les l d de en dans pour pendant qui apres avant vers",
     range_words="a ou", and_words="et",
@@ -2649,7 +2650,8 @@ GERMAN = Language(
     time_units="tag tage tagen nacht nachte woche wochen monat monate jahr jahre",
     numbers="ein eine einen zwei drei vier funf sechs sieben acht neun zehn vierzehn paar einige dutzend",
     qualifiers="anfang mitte ende erste ersten zweite zweiten dritte letzte letzten letztes nachste nachsten nachstes "
-               "nachster kommende kommenden diese diesen dieses lang lange langes langen",
+               "nachster kommende kommenden diese diesen dieses lang lange langes langen verlangerte verlangertes "
+               "verlangerten",
     range_links="vom von bis zum zur und im am in der die das den des dem fur wahrend uber ubers um gegen vor",
     range_words="bis oder", and_words="und",
     period_leads="vom von bis zum zur im am fur wahrend uber ubers",
