@@ -937,6 +937,19 @@ def test_a_hang_up_aware_event_turns_set_soon_after_the_peer_closes():
         closing.join()
 
 
+def start_hold_then_later(start, hold, later_ran):
+    """A server whose "echo" workflow runs ``hold`` then a node that sets ``later_ran``: what
+    stops a run must stop it before the second node."""
+    def later(inputs, context):
+        later_ran.set()
+        return "later"
+    nodes = [{"id": "hold", "type": "hold", "inputs": {"w": {"query": "word"}}},
+             {"id": "later", "type": "later", "inputs": {"x": {"link": "hold"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "later"}}}]
+    return start([workflow(nodes=nodes)], node_types={"hold": cozyopenai.NodeType(hold),
+                                                      "later": cozyopenai.NodeType(later)})
+
+
 def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversation_usable(start):
     inside, release, later_ran = threading.Event(), threading.Event(), threading.Event()
 
@@ -948,14 +961,7 @@ def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversa
         release.wait(10)
         return "held"
 
-    def later(inputs, context):
-        later_ran.set()
-        return "later"
-    nodes = [{"id": "hold", "type": "hold", "inputs": {"w": {"query": "word"}}},
-             {"id": "later", "type": "later", "inputs": {"x": {"link": "hold"}}},
-             {"id": "answer", "type": "output", "inputs": {"text": {"link": "later"}}}]
-    server = start([workflow(nodes=nodes)], node_types={"hold": cozyopenai.NodeType(hold),
-                                                        "later": cozyopenai.NodeType(later)})
+    server = start_hold_then_later(start, hold, later_ran)
     body = json.dumps({"model": "echo", "stream": True, "messages": [{"role": "user", "content": "word: x"}]})
     client = socket.create_connection(("127.0.0.1", server.httpd.server_port))
     client.sendall(f"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -1573,12 +1579,18 @@ def test_the_same_request_twice_at_once_counts_once_under_gunicorn_with_four_wor
     _counted_once(ids, replies, lambda conversation_id: json.loads((tmp_path / f"{conversation_id}.json").read_text()))
 
 
-def test_an_instance_killed_mid_turn_frees_its_conversation_for_the_next_turn_elsewhere(start, redis_server, tmp_path):
+def write_slow_workflows(path):
+    """A workflows file whose "echo" sleeps 30 s before it answers: long enough to kill its
+    instance in the middle of a run."""
     slow = workflow(nodes=[{"id": "nap", "type": "python", "inputs": {"function": "time:sleep", "0": 30}},
                            {"id": "say", "type": "template", "inputs": {"template": "{word}", "word": {"query": "word"},
                                                                        "after": {"link": "nap"}}},
                            {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}])
-    (tmp_path / "slow.json").write_text(json.dumps({"workflows": [slow]}))
+    path.write_text(json.dumps({"workflows": [slow]}))
+
+
+def test_an_instance_killed_mid_turn_frees_its_conversation_for_the_next_turn_elsewhere(start, redis_server, tmp_path):
+    write_slow_workflows(tmp_path / "slow.json")
     url = redis_server.url + "?lock_seconds=1"
     messages = [{"role": "user", "content": "hello"}]
     with command_line_server("--store", url, "--workflows", str(tmp_path / "slow.json")) as doomed:
@@ -3547,11 +3559,7 @@ def test_a_background_stream_dropped_mid_run_is_resumed_after_its_last_event_on_
 
 def test_a_background_response_whose_instance_is_killed_is_marked_failed_not_left_in_progress(
         start, redis_server, tmp_path, monkeypatch):
-    slow = workflow(nodes=[{"id": "nap", "type": "python", "inputs": {"function": "time:sleep", "0": 30}},
-                           {"id": "say", "type": "template", "inputs": {"template": "{word}", "word": {"query": "word"},
-                                                                       "after": {"link": "nap"}}},
-                           {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}])
-    (tmp_path / "slow.json").write_text(json.dumps({"workflows": [slow]}))
+    write_slow_workflows(tmp_path / "slow.json")
     url = redis_server.url + "?lock_seconds=1"
     with command_line_server("--store", url, "--workflows", str(tmp_path / "slow.json")) as doomed:
         started = requests.post(doomed.url + "/openai/responses", timeout=10,
@@ -3980,14 +3988,7 @@ def test_a_cancelled_mcp_call_runs_no_node_after_the_cancel(start, mode):
         context.stop.wait(10)   # a cancel or a hang-up ends the wait, as for a chat whose client left
         return "held"
 
-    def later(inputs, context):
-        later_ran.set()
-        return "later"
-    nodes = [{"id": "hold", "type": "hold", "inputs": {"w": {"query": "word"}}},
-             {"id": "later", "type": "later", "inputs": {"x": {"link": "hold"}}},
-             {"id": "answer", "type": "output", "inputs": {"text": {"link": "later"}}}]
-    server = start([workflow(nodes=nodes)], node_types={"hold": cozyopenai.NodeType(hold),
-                                                        "later": cozyopenai.NodeType(later)})
+    server = start_hold_then_later(start, hold, later_ran)
 
     async def call():
         async with mcp_session(server, mode=mode) as client:
