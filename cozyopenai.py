@@ -35,7 +35,8 @@ loopback. Give ``--api-key`` before listening anywhere else. Fixed inputs
 edit workflows.json can make the server fetch URLs and call Python functions.
 
 It speaks Chat Completions (``/openai/chat/completions``), the Responses API
-(``/openai/responses``, with ``previous_response_id``) and MCP (``/mcp``: the
+(``/openai/responses``, with ``previous_response_id``, item references, background
+runs and the Conversations API under ``/openai/conversations``) and MCP (``/mcp``: the
 handshake era and 2026-07-28, whose sealed requestState lets any instance given the
 same ``--mcp-state-secret`` go on with a gathering), each a thin block over one turn;
 ``GET /`` is a page for people and ``GET /metrics`` gives Prometheus counters.
@@ -104,7 +105,7 @@ import unicodedata
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
 from types import MappingProxyType
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, NoReturn, Optional,
                     Sequence, Tuple, Union)
@@ -1708,6 +1709,9 @@ class Conversation:
     results: Dict[str, str] = field(default_factory=dict)  # answers of runs, by digest, shared by snapshots
     responses: Dict[str, dict] = field(default_factory=dict)   # Responses API: stored responses, by id
     answered: Dict[str, dict] = field(default_factory=dict)    # request digest -> its answer, the newest
+    # Conversations API: {"created_at", "metadata", "items"} of a conversation made there (None: not one).
+    # Its items are the history a response with ``conversation`` continues; the model is set by its first.
+    api: Optional[dict] = None
     parent: str = ""                                      # not stored: the snapshot this turn continues
     is_new: bool = False                                  # not stored: the id block goes out once
 
@@ -1716,7 +1720,8 @@ class Conversation:
     def to_record(self) -> dict:
         return {"version": RECORD_VERSION, "id": self.id, "model": self.model, "turns": self.turns,
                 "created": self.created, "updated": self.updated, "snapshots": self.snapshots,
-                "results": self.results, "responses": self.responses, "answered": self.answered}
+                "results": self.results, "responses": self.responses, "answered": self.answered,
+                **({"api": self.api} if self.api is not None else {})}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "Conversation":
@@ -1726,7 +1731,7 @@ class Conversation:
                            created=record.get("created", time.time()), updated=record.get("updated", time.time()),
                            snapshots=list(record.get("snapshots", [])), results=dict(record.get("results", {})),
                            responses=dict(record.get("responses", {})),
-                           answered=dict(record.get("answered", {})))
+                           answered=dict(record.get("answered", {})), api=record.get("api"))
         if "snapshots" not in record:
             state = {name: record.get(name, default) for name, default in
                      (("values", {}), ("asked", []), ("ask_counts", {}), ("runs", 0))}
@@ -1847,6 +1852,14 @@ class Conversation:
 
     def missing(self, workflow: Workflow) -> List[QueryInput]:
         return workflow.missing(self.values)
+
+
+def item_messages(items: Sequence[Mapping[str, Any]]) -> List[dict]:
+    """Message items (Responses and Conversations APIs, content as parts) as chat messages;
+    other items (reasoning, tool calls) are nothing a workflow reads."""
+    return [{"role": item["role"], "content": "\n".join(part.get("text", "") for part in item.get("content", []))}
+            for item in items if item.get("type") == "message" and item.get("role") in ("user", "assistant",
+                                                                                         "system", "developer")]
 
 
 def request_digest(model: str, messages: Sequence[dict], chat_key: str = "") -> str:
@@ -1975,7 +1988,9 @@ class Store(abc.ABC):
     it two turns at once would lose one's update. It need not be re-entrant (a turn never takes
     the same lock twice), and it may be a plain mutex, since it is released on the thread that
     took it. ``load`` and ``save`` for other ids (``count``, ``expire``, a stored response read
-    with no turn) may run at any time on any thread, unlocked.
+    with no turn) may run at any time on any thread, unlocked. A background response's run
+    follows the rule on its own thread, and the records of the Conversations API and of
+    background runs are records like the others, under ids of the same form.
     """
 
     @classmethod
@@ -2509,7 +2524,8 @@ ENGLISH = Language(
     weekdays="monday tuesday wednesday thursday friday saturday sunday",
     seasons="spring summer autumn fall winter season easter christmas thanksgiving pentecost today tomorrow "
             "tonight weekend week-end weekends",
-    time_phrases="new year, new years, new years eve, new years day",
+    time_phrases="new year, new years, new years eve, new years day, memorial day, labor day, labour day, "
+                 "independence day, bank holiday",
     season_nouns="season",
     holiday_words="break breaks holiday holidays vacation eve",
     uncertain_times="may mar jan march sun sat wed fall",
@@ -2585,8 +2601,8 @@ FRENCH = Language(
     holiday_words="vacances sainte",
     time_units="jour jours journee nuit nuits semaine semaines mois quinzaine annee annees",
     numbers="un une deux trois quatre cinq six sept huit neuf dix quinze quelques dizaine douzaine",
-    qualifiers="debut mi milieu fin premier premiere deuxieme troisieme dernier derniere prochain prochaine ce "
-               "cet cette vient",
+    qualifiers="debut mi milieu fin premier premiere premiers premieres deuxieme deuxiemes troisieme dernier "
+               "derniere derniers dernieres prochain prochaine prochains prochaines ce cet cette ces vient",
     relatives="qui",
     range_links="du des au aux jusqu jusquau et le la les l d de en dans pour pendant qui apres avant vers",
     range_words="a ou", and_words="et",
@@ -2644,7 +2660,8 @@ GERMAN = Language(
     time_units="tag tage tagen nacht nachte woche wochen monat monate jahr jahre",
     numbers="ein eine einen zwei drei vier funf sechs sieben acht neun zehn vierzehn paar einige dutzend",
     qualifiers="anfang mitte ende erste ersten zweite zweiten dritte letzte letzten letztes nachste nachsten nachstes "
-               "nachster kommende kommenden diese diesen dieses lang lange langes langen",
+               "nachster kommende kommenden diese diesen dieses lang lange langes langen verlangerte verlangertes "
+               "verlangerten",
     range_links="vom von bis zum zur und im am in der die das den des dem fur wahrend uber ubers um gegen vor",
     range_words="bis oder", and_words="und",
     period_leads="vom von bis zum zur im am fur wahrend uber ubers",
@@ -2789,7 +2806,7 @@ ITALIAN = Language(
               "novant:90 cento:100 mille:1000 mila:1000",
     rate_words="a al per",
     rate_units="persona persone",
-    kind_words={"year": "anno", "place": "destinazione citta luogo", "date": "quando date periodo",
+    kind_words={"year": "anno", "place": "destinazione meta citta luogo", "date": "quando date periodo",
                 "money": "budget prezzo"},
 )
 
@@ -2810,7 +2827,7 @@ PORTUGUESE = Language(
     season_nouns="temporada",
     holiday_words="ferias feriado",
     time_units="dia dias noite noites semana semanas mes meses quinzena ano anos",
-    numbers="um uma dois duas tres quatro cinco seis sete oito nove dez quinze alguns algumas dezena duzia",
+    numbers="um uma uns umas dois duas tres quatro cinco seis sete oito nove dez quinze alguns algumas dezena duzia",
     qualifiers="inicio meados fim final primeira primeiro segunda segundo terceira ultima ultimo proximo "
                "proxima este esta longo longa vem",
     relatives="que",
@@ -2880,6 +2897,7 @@ QUOTED_PASSAGE_PATTERN = re.compile(
     r"|\u2018[^\u2018\u2019\n]*\u2019(?![^\W\d_])"
     r"|(?:(?<=^)|(?<=[\s:(]))\"[^\"\n]*\"|(?:(?<=^)|(?<=[\s:(]))'[^'\n]*'(?=[\s.,;:!?)]|$)", re.M)
 QUOTED_PASSAGE_MIN_WORDS = 4   # fewer is a value quoted for emphasis ("a trip to "Paris""), unless it quotes a label
+CENTURY_OF_SHORT_YEARS = 2000   # "'27" is 2027
 MAX_LABEL_WORDS = 3            # "travel dates: ..." labels a value; "my friend sent me this: ..." does not
 
 # The commonest words of each language, folded, to tell which language a text is in (a question
@@ -3049,6 +3067,9 @@ CARDINALS = _cardinals()
 # by spaces: a word is made of number words only if it starts with one.
 CARDINAL_START_PATTERN = re.compile(r"(?:^| )(?:" + "|".join(map(re.escape, sorted(CARDINALS, key=len, reverse=True)))
                                     + ")")
+WORDS_BESIDES_MONTHS = frozenset(word for language in LANGUAGES.values()
+                                 for field_name, word in _language_entries(language) if field_name != "months")
+MONTH_SYNONYM_MIN_LETTERS = 4   # "mar" is also the sea, "jun" and "jul" are too short to be sure of
 # Inside a glued number word only a join of several letters ("fünfundzwanzig"): one letter
 # ("e", "y") would glue too much ("tree" is no "tre" and "e").
 NUMBER_GLUES = frozenset(word for word in AND_WORDS if len(word) > 1)
@@ -3090,7 +3111,7 @@ _RANGE = "|".join(map(re.escape, sorted(RANGE_WORDS, key=len, reverse=True)))
 _RANGE_OR_AND = "|".join(map(re.escape, sorted(RANGE_WORDS | AND_WORDS, key=len, reverse=True)))
 # A number right after its label ("budget: 1500", "budget of 2000"), not the start of a range ("1500-2000").
 LABELLED_NUMBER = (r"\b(?:\s*(?:(?:" + "|".join(map(re.escape, sorted(COPULAS | LABEL_LINKS))) + r")\b|=|:)){0,2}\s*[$€£¥]?\s*"
-                   r"(-?\d{1,3}(?: \d{3})+(?![\d.,]?\d)|-?\d[\d.,'’\u00a0\u202f]*(?:\s*[kK]\b)?)"
+                   r"(-?\d{1,3}(?: \d{3})+(?![\d.,]?\d)|-?\d[\d.,'’\u00a0\u202f]*(?:\s*" + _THOUSAND + r")?)"
                    r"(?![\d.,]*\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d)")
 RANGE_AFTER_PATTERN = re.compile(r"\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d", re.I)
 RANGE_BEFORE_PATTERN = re.compile(r"\d\s*(?:-|–|\b(?:" + _RANGE_OR_AND + r"))\s*[$€£¥]?\s*\Z", re.I)
@@ -3303,10 +3324,26 @@ def _says_words(message_words: Sequence[str], phrase_words: Sequence[str]) -> bo
                             for start in range(len(message_words) - size + 1))
 
 
+def synonyms_read(query: QueryInput) -> Tuple[Tuple[str, Any], ...]:
+    """An input's synonyms as the reader reads them: the workflow's, and for an input whose
+    synonyms name months ("January": 1), every table's name of those months in any case
+    ("janeiro", "marco", "december"), but for one that is also another word of the tables
+    ("sept" is seven, "march" and "may" are verbs too)."""
+    found = query.derived.get("synonyms_read")
+    if found is None:
+        named = {MONTHS[_fold(synonym)]: value for synonym, value in query.synonyms
+                 if _fold(synonym) in MONTHS and _number_or_none(str(value)) == MONTHS[_fold(synonym)]}
+        found = query.derived["synonyms_read"] = tuple(query.synonyms) + tuple(
+            (word, named[month]) for word, month in sorted(MONTHS.items())
+            if month in named and len(word) >= MONTH_SYNONYM_MIN_LETTERS
+            and word not in WORDS_BESIDES_MONTHS)
+    return found
+
+
 def _synonyms_named(query: QueryInput, text: str) -> set:
     """The values whose synonyms the text says, in any case ("march" names 3)."""
     words = _words(text)
-    return {value for synonym, value in query.synonyms if _says_words(words, _words(synonym))}
+    return {value for synonym, value in synonyms_read(query) if _says_words(words, _words(synonym))}
 
 
 def _match_choice(query: QueryInput, raw: Any) -> str:
@@ -3607,10 +3644,11 @@ def _names_a_season(tokens: Sequence[Token], index: int) -> bool:
 def _certainly_time(tokens: Sequence[Token], index: int) -> bool:
     """"May" is a month in "in May", "May 3", "early May", not in "May I ask" or "I may"."""
     token = tokens[index]
-    if not token.capitalised:
-        return False
     before = tokens[index - 1] if index else None
     after = tokens[index + 1] if index + 1 < len(tokens) else None
+    if not token.capitalised:   # in lower case only where nothing else fits: "in may", "the first week of may"
+        return before is not None and (before.folded in LEADING_LINKS or before.shape in ("number", "ordinal") or (
+            before.folded in TIME_LINKS and index > 1 and tokens[index - 2].folded in TIME_UNITS))
     return ((before is not None and (before.folded in LINKS_OR_QUALIFIERS or before.shape in ("number", "ordinal")))
             or (after is not None and after.shape in ("number", "ordinal")))
 
@@ -4126,6 +4164,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
         elif kind == "year":
             years = {int(token.folded) for index, token in enumerate(tokens)
                      if token.shape == "number" and index not in money_tokens and re.fullmatch(r"\d{4}", token.folded)}
+            years |= {CENTURY_OF_SHORT_YEARS + int(token.folded) for index, token in enumerate(tokens)
+                      if index and tokens[index - 1].text in "'’" and re.fullmatch(r"\d{2}", token.folded)}   # "march '27"
             for year in years:
                 reading.add(query.name, 1, year)
         elif kind in TYPED_VALUE_PATTERNS:
@@ -4141,6 +4181,10 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
             for synonym, value in query.synonyms:
                 if set(re.findall(r"\w+", synonym)) <= spelled:   # as the author wrote it: "May", not "may"
                     reading.add(query.name, 1, synonym)
+            folded = {token.folded for token in tokens}
+            for synonym, value in synonyms_read(query)[len(query.synonyms):]:
+                if synonym in folded:   # a table's month name, long enough to be no other word: "março"
+                    reading.add(query.name, 1, value)
     _read_bounded_number(workflow, conversation, tokens, taken_tokens, reading)
 
 
@@ -4503,7 +4547,9 @@ def is_stated_in(query: QueryInput, value: Any, raw: Any, text: str, asked: bool
         return (any(abs(number - float(value)) < 1e-9 for number in numbers_in(text, spaced=True))
                 or any(float(number) == float(value) and (set(re.findall(r"\w+", word)) <= spelled
                                                           or asked and set(_words(word)) <= message_words)
-                       for word, number in query.synonyms))
+                       for word, number in query.synonyms)
+                or any(float(number) == float(value) and word in message_words
+                       for word, number in synonyms_read(query)[len(query.synonyms):]))
     if query.type == "boolean":   # the message names what the input is about, or answers its question
         yes_no = YES_OR_NO
         named = {word for synonym, _ in query.synonyms for word in _words(synonym)}
@@ -5193,6 +5239,9 @@ class TurnRequest:
     store_response: bool = False          # Responses: keep this turn as a response (``store``)
     response_extra: Dict[str, Any] = field(default_factory=dict)   # stored with it: metadata, usage, ...
     response_id: str = ""                 # set once the conversation is known
+    conversation: str = ""                # Responses: the Conversations API conversation it continues, its id
+    conversation_hints: List[str] = field(default_factory=list)   # Responses: conversations its items' ids name
+    saving: Optional[Callable[["Conversation", str, str], None]] = None   # with thinking, answer, at the save
 
 
 SORRY_REPLY = "Sorry, something went wrong on the server while answering. Your conversation is kept."
@@ -5599,18 +5648,29 @@ class Turn:
             conversation = resume_response(service, workflow, request.previous_response_id, held)
             recovered, history, text = False, [], split_new_messages(messages)[1]
             branch, again = "", []
+        elif request.conversation:   # its items are the history; the new input follows them
+            conversation = resume_api_conversation(service, workflow, request.conversation, held)
+            messages = request.messages = item_messages(conversation.api["items"]) + list(messages)
+            history, text = split_new_messages(messages)
+            if not text:
+                raise RequestError("Nothing new to answer: the conversation ends with an answer and 'input' adds "
+                                   "no user message.", param="input")
+            recovered = False
+            branch, again = branch_of(conversation, messages, self._arrived)
         else:
             if request.chat_key:
                 conversation, recovered = resume_by_key(service, workflow, messages, request.chat_key, held)
             else:
-                conversation, recovered = resume_by_id_block(service, workflow, messages, held)
+                conversation, recovered = resume_by_id_block(service, workflow, messages, held,
+                                                             request.conversation_hints)
             history, text = split_new_messages(messages)
             branch, again = ("", []) if recovered else branch_of(conversation, messages, self._arrived)
         self.conversation = conversation
         self.trace["conversation"] = conversation.id[:6]
         if request.store_response:
             request.response_id = new_response_id(conversation.id)
-        if not request.previous_response_id:   # a stored response continues its own snapshot: never a twin
+        # A stored response, or a conversation of the Conversations API, goes on from its own state: never a twin.
+        if not request.previous_response_id and not request.conversation:
             self._digest = request_digest(request.model, messages, request.chat_key)
             self._twin = conversation.twin_of(self._digest, self._arrived)
             if self._twin is not None:
@@ -5692,6 +5752,8 @@ class Turn:
         key = conversation.remember(answer, users_digest(request.messages), self._context.answer)
         if request.response_id:
             conversation.keep_response(request.response_id, key, thinking, answer, request.response_extra)
+        if request.saving is not None:
+            request.saving(conversation, thinking, answer)
         if self._digest:
             conversation.answer_request(self._digest, thinking, answer, key)
         conversation.updated = time.time()
@@ -5756,6 +5818,21 @@ def resume_response(service: Service, workflow: Workflow, response_id: str, held
     return conversation
 
 
+def resume_api_conversation(service: Service, workflow: Workflow, conversation_id: str,
+                            held: contextlib.ExitStack) -> Conversation:
+    """A conversation made with the Conversations API, locked for this turn; its first response
+    gives it its model, and it keeps that one."""
+    held.enter_context(service.store.lock(conversation_id))
+    record = service.store.load(conversation_id)
+    if record is None or record.get("api") is None:
+        raise NotFoundError(f"Conversation with id 'conv_{conversation_id}' not found.", param="conversation")
+    if record.get("model") not in ("", workflow.name):
+        raise RequestError(f"The conversation 'conv_{conversation_id}' is with the model {record['model']!r}; a "
+                           "conversation keeps the workflow of its first response.", param="conversation")
+    conversation = Conversation.from_record(dict(record, model=workflow.name))
+    return conversation
+
+
 def branch_of(conversation: Conversation, messages: Sequence[dict], arrived: float) -> Tuple[str, List[str]]:
     """Set the conversation to the state this request continues from, and say how: "" (its
     latest reply), "earlier" (an older one: an edit, a regenerated reply, an older branch),
@@ -5788,11 +5865,13 @@ def keyed_conversation_id(workflow: Workflow, chat_key: str) -> str:
 
 
 def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[dict],
-                       held: contextlib.ExitStack) -> Tuple[Conversation, bool]:
-    """The conversation named by the newest id block of this model, locked for this turn, and
-    whether it must be recovered from the whole history (an id this store does not know)."""
+                       held: contextlib.ExitStack, hints: Sequence[str] = ()) -> Tuple[Conversation, bool]:
+    """The conversation named by the newest id block of this model (or else by ``hints``, the
+    conversations the ids of the history's replies name), locked for this turn, and whether it
+    must be recovered from the whole history (an id this store does not know)."""
     store = service.store
     ids = find_conversation_ids(messages)
+    ids += [hint for hint in hints if hint not in ids and is_conversation_id(hint)]
     switched = False
     for conversation_id in ids:   # newest first: after A → B → A, the chat resumes A
         lock = held.enter_context(contextlib.ExitStack())
@@ -6305,41 +6384,116 @@ class ResponsesRequest:
     previous_response_id: str
     metadata: Dict[str, Any]
     instructions: Optional[str]
+    conversation: str = ""        # the Conversations API's id, as sent ("conv_...")
+    items: Tuple[dict, ...] = ()  # the input's message items, references resolved: what input_items lists
+    hints: Tuple[str, ...] = ()   # the conversations the ids of the input's replies name, newest first
+    truncation: str = "disabled"
+    background: bool = False
 
 
 RESPONSES_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "developer"}
 INPUT_TEXT_PARTS = ("input_text", "output_text", "text")
+# An item id names its conversation, so a reference is found with one load: "msg_" or "rs_",
+# the conversation's id, then a response's or an item's own characters.
+ITEM_ID_PATTERN = re.compile(r"\A(?:msg|rs)_([A-Za-z0-9_-]{32})[A-Za-z0-9_]{1,24}\Z")
+# The request fields of OpenAI's Responses API that change nothing here, whatever their value:
+# who the user is, caching and billing hints, what to include that a workflow has none of.
+RESPONSES_IGNORED_FIELDS = ("user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+                            "prompt_cache_options", "service_tier", "parallel_tool_calls", "include", "reasoning",
+                            "stream_options")
+RESPONSES_OWN_FIELDS = ("model", "input", "stream", "store", "previous_response_id", "metadata", "instructions",
+                        "conversation", "background", "truncation", "tools", "tool_choice", "text")
+# Fields a workflow cannot honour: set to anything but null they are a 400 that says why.
+RESPONSES_REFUSED_FIELDS = {
+    "max_output_tokens": "a workflow's answer is written by its nodes; an `llm` node has its own max_tokens",
+    "temperature": "a workflow's `llm` nodes have their own settings", "top_p": "a workflow's `llm` nodes have "
+    "their own settings", "top_logprobs": "no logprobs are produced", "max_tool_calls": "a workflow calls no "
+    "client tools", "prompt": "there are no stored prompts; send 'input'", "background_options": "background "
+    "runs take no options", "context_management": "a workflow reads only the new message, so it needs none",
+    "moderation": "there is no moderation model", "image": "workflows take text", "access_programs":
+    "there are no access programs"}
 
 
-def parse_responses_request(body: bytes, content_type: str = "") -> ResponsesRequest:
-    """Validate a Responses body. ``input`` is a string or a list of messages (content a
-    string or text parts); other input items (reasoning, tool calls) are skipped, as a
-    workflow calls no client tools; images and files are refused. Unknown fields are ignored."""
+def parse_responses_request(body: bytes, content_type: str = "",
+                            find_item: Optional[Callable[[str], Optional[dict]]] = None) -> ResponsesRequest:
+    """Validate a Responses body. ``input`` is a string or a list of items: messages (content
+    a string or text parts) and ``item_reference`` items, which ``find_item`` resolves to the
+    stored items they name; other items (reasoning, tool calls) are skipped, as a workflow
+    calls no client tools; images and files are refused. A field OpenAI's API has and this
+    server does not honour is a 400 that names it, as is one OpenAI's API does not have."""
     data = _json_body(body, content_type)
+    _refuse_what_is_not_honoured(data)
     model = _model_of(data)
-    raw = data.get("input")
-    if isinstance(raw, str):
-        raw = [{"role": "user", "content": raw}]
-    if not isinstance(raw, list) or not raw:
-        raise RequestError("'input' must be a string or a non-empty list of messages.", param="input")
-    messages = [message for index, item in enumerate(raw) for message in _input_message(item, index)]
-    if not any(message["role"] == "user" for message in messages):
-        raise RequestError("'input' needs at least one user message.", param="input")
     for name, expected in (("stream", bool), ("store", bool), ("previous_response_id", str), ("metadata", dict),
-                       ("instructions", str)):
+                           ("instructions", str), ("background", bool)):
         if data.get(name) is not None and not isinstance(data[name], expected):
             raise RequestError(f"'{name}' must be {'true or false' if expected is bool else 'a ' + expected.__name__}.",
                                param=name)
+    conversation = data.get("conversation")
+    if isinstance(conversation, dict):
+        conversation = conversation.get("id")
+    if conversation is not None and not (isinstance(conversation, str) and conversation):
+        raise RequestError("'conversation' must be a conversation's id, or an object with its 'id'.",
+                           param="conversation")
+    if conversation and data.get("previous_response_id"):
+        raise RequestError("Mutually exclusive parameters: Ensure you are only providing one of: "
+                           "'previous_response_id' or 'conversation'.", param="conversation",
+                           code="mutually_exclusive_parameters")
+    raw = data.get("input")
+    if raw is None and conversation:
+        raw = []   # the conversation's own items are the input
+    if isinstance(raw, str):
+        raw = [{"role": "user", "content": raw}]
+    if not isinstance(raw, list) or (not raw and not conversation):
+        raise RequestError("'input' must be a string or a non-empty list of messages.", param="input")
+    items = [message for index, item in enumerate(raw) for message in _input_items(item, index, find_item)]
+    messages = item_messages(items)
+    if not conversation and not any(message["role"] == "user" for message in messages):
+        raise RequestError("'input' needs at least one user message.", param="input")
+    hints = [match.group(1) for match in (ITEM_ID_PATTERN.match(item.get("id") or "") for item in reversed(items)
+                                          if item["role"] == "assistant") if match]
+    truncation = data.get("truncation") or "disabled"
+    if truncation not in ("auto", "disabled"):
+        raise RequestError("'truncation' must be 'auto' or 'disabled'.", param="truncation")
     return ResponsesRequest(model=model, messages=messages, stream=bool(data.get("stream")),
                             store=data.get("store") is not False,
                             previous_response_id=data.get("previous_response_id") or "",
-                            metadata=dict(data.get("metadata") or {}), instructions=data.get("instructions"))
+                            metadata=dict(data.get("metadata") or {}), instructions=data.get("instructions"),
+                            conversation=conversation or "", items=tuple(items), hints=tuple(dict.fromkeys(hints)),
+                            truncation=truncation, background=bool(data.get("background")))
 
 
-def _input_message(item: Any, index: int) -> List[dict]:
-    where = f"input[{index}]"
+def _refuse_what_is_not_honoured(data: Mapping[str, Any]) -> None:
+    for name, value in data.items():
+        if name in RESPONSES_REFUSED_FIELDS and value is not None:
+            raise RequestError(f"'{name}' is not supported: {RESPONSES_REFUSED_FIELDS[name]}.", param=name,
+                               code="unsupported_parameter")
+        if name not in RESPONSES_REFUSED_FIELDS and name not in RESPONSES_IGNORED_FIELDS + RESPONSES_OWN_FIELDS:
+            raise RequestError(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
+    tools, choice, text = data.get("tools"), data.get("tool_choice"), data.get("text")
+    if tools is not None and tools != []:
+        raise RequestError("'tools' is not supported: a workflow calls no client tools; send an empty list.",
+                           param="tools", code="unsupported_parameter")
+    if choice is not None and choice not in ("auto", "none"):
+        raise RequestError("'tool_choice' must be 'auto' or 'none': a workflow calls no client tools.",
+                           param="tool_choice", code="unsupported_parameter")
+    if text is not None and (not isinstance(text, dict) or
+                             (text.get("format") or {"type": "text"}) != {"type": "text"}):
+        raise RequestError("'text' is not supported but with the format {\"type\": \"text\"}: a workflow "
+                           "answers in text.", param="text", code="unsupported_parameter")
+
+
+def _input_items(item: Any, index: int, find_item: Optional[Callable[[str], Optional[dict]]],
+                 field_name: str = "input") -> List[dict]:
+    """One input item as the message items it gives (none, or one)."""
+    where = f"{field_name}[{index}]"
     if not isinstance(item, dict):
         raise RequestError(f"{where} must be an object: a message with 'role' and 'content'.", param=where)
+    if item.get("type") == "item_reference":
+        found = find_item(item["id"]) if isinstance(item.get("id"), str) and find_item is not None else None
+        if found is None:
+            raise RequestError(f"Item with id {item.get('id')!r} not found.", param=where, code="item_not_found")
+        return [found] if found.get("type") == "message" else []
     if item.get("type", "message") != "message":
         return []   # reasoning, function calls and their outputs: nothing a workflow reads
     role = RESPONSES_ROLES.get(item.get("role"))
@@ -6350,31 +6504,64 @@ def _input_message(item: Any, index: int) -> List[dict]:
         content = _text_of_parts(content, where, INPUT_TEXT_PARTS)
     if not isinstance(content, str):
         raise RequestError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
-    return [{"role": role, "content": valid_text(content)}]
+    message = text_item(role, valid_text(content))
+    if isinstance(item.get("id"), str):
+        message["id"] = item["id"]
+    return [message]
+
+
+def text_item(role: str, text: str) -> dict:
+    """A message item of the Responses and Conversations APIs, with one text part."""
+    return {"type": "message", "role": role, "status": "completed",
+            "content": [{"type": "output_text", "text": text, "annotations": []} if role == "assistant"
+                        else {"type": "input_text", "text": text}]}
+
+
+def find_item(service: Service, item_id: str) -> Optional[dict]:
+    """The stored item ``item_id`` names: a response's input or output, or a conversation's item."""
+    match = ITEM_ID_PATTERN.match(item_id)
+    record = service.store.load(match.group(1)) if match else None
+    if record is None:
+        return None
+    candidates = list((record.get("api") or {}).get("items", []))
+    for response_id, response in record.get("responses", {}).items():
+        candidates += response_output(response_id, response) + list(response.get("input", []))
+    return next((dict(item) for item in candidates if item.get("id") == item_id), None)
 
 
 def response_object(response_id: str, model: str, stored: Mapping[str, Any], status: str = "completed") -> dict:
     """A ``response`` object: the progress as a reasoning item (clients show it as reasoning,
     not answer), the answer as one message with one output_text part."""
-    output: List[dict] = []
-    if stored.get("thinking"):
-        output.append(_reasoning_item(response_id, stored["thinking"]))
-    if status == "completed" or stored.get("answer"):
-        output.append(_message_item(response_id, stored.get("answer", ""), status))
+    status = stored.get("status", status)
+    output = response_output(response_id, stored, status)
     usage = _response_usage(stored.get("prompt_tokens", 0), stored.get("thinking", ""), stored.get("answer", ""))
+    conversation = stored.get("conversation")
     return {"id": response_id, "object": "response", "created_at": stored.get("created_at", int(time.time())),
             "status": status, "model": model, "output": output, "output_text": stored.get("answer", ""),
             "previous_response_id": stored.get("previous_response_id") or None,
+            "conversation": {"id": conversation} if conversation else None,
+            "background": stored.get("background", False),
             "instructions": stored.get("instructions"), "metadata": stored.get("metadata") or {},
-            "store": stored.get("store", True), "error": None, "incomplete_details": None,
+            "store": stored.get("store", True), "error": stored.get("error"), "incomplete_details": None,
             "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "temperature": None, "top_p": None,
-            "max_output_tokens": None, "truncation": "disabled", "text": {"format": {"type": "text"}},
+            "max_output_tokens": None, "truncation": stored.get("truncation", "disabled"),
+            "text": {"format": {"type": "text"}},
             "reasoning": {"effort": None, "summary": None}, "user": None,
             "usage": {"input_tokens": usage.get("input_tokens", 0),
                       "input_tokens_details": {"cached_tokens": 0},
                       "output_tokens": usage.get("output_tokens", 0),
                       "output_tokens_details": {"reasoning_tokens": usage.get("reasoning_tokens", 0)},
                       "total_tokens": usage.get("input_tokens", 0) + usage.get("output_tokens", 0)}}
+
+
+def response_output(response_id: str, stored: Mapping[str, Any], status: str = "completed") -> List[dict]:
+    """A response's output items: its progress as a reasoning item, its answer as a message."""
+    output: List[dict] = []
+    if stored.get("thinking"):
+        output.append(_reasoning_item(response_id, stored["thinking"]))
+    if status == "completed" or stored.get("answer"):
+        output.append(_message_item(response_id, stored.get("answer", ""), status))
+    return output
 
 
 def _reasoning_item(response_id: str, text: str) -> dict:
@@ -6405,23 +6592,35 @@ def collect_response(pieces: Iterator[Piece], request: ResponsesRequest, respons
 def _stored_fields(request: ResponsesRequest, thinking: str, answer: str, prompt_tokens: int) -> dict:
     return {"thinking": thinking, "answer": answer, "created_at": int(time.time()), "metadata": request.metadata,
             "previous_response_id": request.previous_response_id, "instructions": request.instructions,
-            "store": request.store, "prompt_tokens": prompt_tokens}
+            "store": request.store, "prompt_tokens": prompt_tokens, "conversation": request.conversation,
+            "truncation": request.truncation, "background": request.background}
 
 
 def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest, response_id: str,
                     prompt_tokens: int) -> Iterator[bytes]:
-    """Streamed: the semantic events in order, each with a rising ``sequence_number``; the
+    """Streamed: the events of response_event_objects as server-sent events; a None (the
+    turn silent for a while) becomes an SSE comment (keep-alive)."""
+    for event in response_event_objects(pieces, request, response_id, prompt_tokens):
+        yield b": keep-alive\n\n" if event is None else sse_event(event)
+
+
+def sse_event(event: Mapping[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+
+
+def response_event_objects(pieces: Iterator[Optional[Piece]], request: ResponsesRequest, response_id: str,
+                           prompt_tokens: int) -> Iterator[Optional[dict]]:
+    """The semantic events in order, each with a rising ``sequence_number`` from 0; the
     progress lines as reasoning summary deltas as they happen, the answer as output_text
     deltas (an `llm` node's tokens as they arrive), then ``response.completed`` with the
-    whole response. A None in ``pieces`` becomes an SSE comment (keep-alive)."""
+    whole response. A None in ``pieces`` comes through as a None."""
     sequence = itertools.count()
     item = {"reasoning": _reasoning_item(response_id, ""), "message": _message_item(response_id, "", "in_progress")}
     texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
     opened: List[str] = []
 
-    def event(event_type: str, **fields: Any) -> bytes:
-        body = {"type": event_type, "sequence_number": next(sequence), **fields}
-        return f"event: {event_type}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+    def event(event_type: str, **fields: Any) -> dict:
+        return {"type": event_type, "sequence_number": next(sequence), **fields}
 
     def open_item(item_type: str) -> Iterator[bytes]:
         index = len(opened)
@@ -6451,14 +6650,14 @@ def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest
                         part=done["content"][0])
         yield event("response.output_item.done", output_index=index, item=done)
 
-    started = response_object(response_id, request.model, {"metadata": request.metadata, "store": request.store,
-                                                             "previous_response_id": request.previous_response_id,
-                                                             "instructions": request.instructions}, "in_progress")
+    started = response_object(response_id, request.model, {
+        key: value for key, value in _stored_fields(request, "", "", prompt_tokens).items()
+        if key not in ("thinking", "answer")}, "in_progress")
     yield event("response.created", response=started)
     yield event("response.in_progress", response=started)
     for piece in pieces:
         if piece is None:
-            yield b": keep-alive\n\n"
+            yield None
             continue
         item_type = "reasoning" if piece.channel == "thinking" else "message"
         if item_type == "reasoning" and "message" in opened and "reasoning" in opened:
@@ -6493,19 +6692,28 @@ def response_cut(response_id: str, model: str, message: str, sequence_number: in
     return f"event: response.failed\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
 
 
-def create_response(service: Service) -> Any:
-    """POST /openai/responses: one turn, streamed as semantic events or answered whole."""
+def create_response(service: Service, runs: Optional["BackgroundRuns"] = None) -> Any:
+    """POST /openai/responses: one turn, streamed as semantic events or answered whole; with
+    ``background``, run on without the client (see BackgroundRun)."""
     environ = bottle.request.environ
-    request = parse_responses_request(read_body(), bottle.request.content_type)
-    prompt_tokens = estimate_tokens("".join(message["content"] for message in request.messages))
-    turn_request = TurnRequest(request.model, request.messages, id_block=not request.store,
-                               previous_response_id=request.previous_response_id, store_response=request.store,
-                               response_extra={key: value for key, value in
-                                               _stored_fields(request, "", "", prompt_tokens).items()
-                                               if key not in ("thinking", "answer", "created_at")})
-    turn = open_chat_turn(service, turn_request, HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY)),
-                          environ.get(TRACE_ENVIRON_KEY))
+    request = parse_responses_request(read_body(), bottle.request.content_type,
+                                      lambda item_id: find_item(service, item_id))
+    turn_request = response_turn_request(request)
+    if request.background:
+        if not request.store:
+            raise RequestError("'background' needs 'store': a background response is kept to be read later.",
+                               param="background")
+        started = BackgroundRun(service, request, turn_request, runs or BackgroundRuns()).start()
+        if not request.stream:
+            return started
+        stream_headers()
+        return counted_stream(background_events(service, started["id"], -1, service.keepalive_seconds),
+                              service.metrics)
+    opening = service.open_turn if turn_request.conversation else partial(open_chat_turn, service)
+    turn = opening(turn_request, HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY)),
+                   environ.get(TRACE_ENVIRON_KEY))
     response_id = turn_request.response_id or f"resp_{secrets.token_hex(20)}"   # not stored: an id of its own
+    prompt_tokens = turn_request.response_extra["prompt_tokens"]
     if request.stream:
         stream_headers()
         events = response_events(turn.pieces(service.keepalive_seconds), request, response_id, prompt_tokens)
@@ -6515,13 +6723,290 @@ def create_response(service: Service) -> Any:
         return collect_response(turn.pieces(), request, response_id, prompt_tokens)
 
 
-def stored_response(service: Service, response_id: str) -> dict:
-    """GET /responses/{id}: a response saved with ``store``."""
+def response_turn_request(request: ResponsesRequest) -> TurnRequest:
+    """The turn a Responses request asks for. Its response keeps its input items, and a
+    conversation (Conversations API) gets the input and output items of each response."""
+    conversation = conversation_key(request.conversation) if request.conversation else ""
+    prompt_tokens = estimate_tokens("".join(message["content"] for message in request.messages))
+    turn_request = TurnRequest(request.model, request.messages, id_block=not request.store and not conversation,
+                               previous_response_id=request.previous_response_id,
+                               store_response=request.store or bool(conversation), conversation=conversation,
+                               conversation_hints=list(request.hints),
+                               response_extra={key: value for key, value in
+                                               _stored_fields(request, "", "", prompt_tokens).items()
+                                               if key not in ("thinking", "answer", "created_at")})
+
+    def saving(kept: Conversation, thinking: str, answer: str) -> None:
+        response_id = turn_request.response_id
+        response = kept.responses.get(response_id)
+        if response is None:
+            return
+        response["input"] = [dict(item, id=f"msg_{response_id[5:]}_{number}") for number, item in
+                             enumerate(request.items)]
+        if conversation and kept.api is not None:
+            kept.api["items"] = kept.api["items"] + response["input"] + response_output(response_id, response)
+    turn_request.saving = saving
+    return turn_request
+
+
+def conversation_key(conversation_id: str) -> str:
+    """The store's key of a Conversations API id ("conv_" and the key), or a 404."""
+    key = str(conversation_id)[5:]
+    if not str(conversation_id).startswith("conv_") or not is_conversation_id(key):
+        raise NotFoundError(f"Conversation with id {conversation_id!r} not found.", param="conversation")
+    return key
+
+
+# Background responses. The run's turn holds its conversation locked while it runs, so what
+# readers see of it (status, events, heartbeat) is a record of its own, under a key drawn
+# from the response's id, in the same store: any instance sharing the store can show it,
+# stream it from any event, or cancel it; a run whose instance died stops renewing its
+# heartbeat, and the first reader after its lease marks it failed.
+BACKGROUND_FLUSH_SECONDS = 0.2      # a run writes its new events to the store at most this often
+BACKGROUND_HEARTBEAT_SECONDS = 1.0  # ... and at least this often while its turn is silent (its heartbeat)
+BACKGROUND_LEASE_SECONDS = 15.0     # a run whose heartbeat is older than this lost its instance: failed
+BACKGROUND_POLL_SECONDS = 0.1       # how often a stream of a run looks for its new events
+BACKGROUND_CANCEL_SECONDS = 5.0     # how long a cancel waits for the run to stop before it answers
+BACKGROUND_DIED = "The server running this response stopped before it finished; create it again."
+
+
+def background_key(response_id: str) -> str:
+    """The store key of a background run's record (a conversation id's form, for every store)."""
+    digest = hashlib.sha256(f"background\0{response_id}".encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode()[:32]
+
+
+class BackgroundRuns:
+    """The background runs of this process, by response id: a cancel that reaches this
+    instance stops its run at once; one on another instance sees the cancel in the store at
+    its next heartbeat."""
+
+    def __init__(self) -> None:
+        self._runs: Dict[str, "BackgroundRun"] = {}
+        self._guard = threading.Lock()
+
+    def add(self, run: "BackgroundRun") -> None:
+        with self._guard:
+            self._runs[run.response_id] = run
+
+    def discard(self, run: "BackgroundRun") -> None:
+        with self._guard:
+            self._runs.pop(run.response_id, None)
+
+    def cancel(self, response_id: str) -> None:
+        with self._guard:
+            run = self._runs.get(response_id)
+        if run is not None:
+            run.cancel()
+
+
+class BackgroundRun:
+    """One background response, on a thread of its own: the thread opens the turn (so its
+    conversation is locked and freed on one thread, as the Store's rule asks), plays it to
+    the end with no client, and writes the events, the status and a heartbeat to the run's
+    record. ``start()`` gives the response as it begins, or raises what a foreground
+    request would have answered (an unknown model or previous response, a store that is down)."""
+
+    def __init__(self, service: Service, request: ResponsesRequest, turn_request: TurnRequest, runs: BackgroundRuns):
+        self.service, self.request, self.turn_request, self.runs = service, request, turn_request, runs
+        self.response_id, self.key = "", ""
+        self._stop, self._cancelled, self._opened = threading.Event(), threading.Event(), threading.Event()
+        self._error: Optional[BaseException] = None
+        self._events: List[dict] = []
+        self._response: dict = {}
+        self._thread = threading.Thread(target=self._run, name="background-response", daemon=True)
+
+    def start(self) -> dict:
+        self._thread.start()
+        self._opened.wait()
+        if self._error is not None:
+            raise self._error
+        return self._response
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._stop.set()   # the nodes stop as for a client that hung up
+
+    def _run(self) -> None:
+        service, turn_request = self.service, self.turn_request
+        try:
+            opening = service.open_turn if turn_request.conversation else partial(open_chat_turn, service)
+            turn = opening(turn_request, self._stop, {})
+        except BaseException as exc:   # answered to the request that started it
+            self._error = exc
+            self._opened.set()
+            return
+        try:
+            with turn:
+                try:
+                    # A turn with no conversation (a client's task) is kept as a run only.
+                    self.response_id = turn_request.response_id or new_response_id(service.new_conversation_id())
+                    self.key = background_key(self.response_id)
+                    self._response = self._response_as("in_progress")
+                    self._write("in_progress")
+                except BaseException as exc:
+                    self._error = exc
+                    self._opened.set()
+                    return
+                self.runs.add(self)
+                self._opened.set()
+                try:
+                    status = self._play(turn)
+                finally:
+                    self.runs.discard(self)
+                if status != "completed":
+                    turn_request.response_extra["status"] = status
+        except CozyError as exc:   # the turn could not be saved (the store went away): the run failed
+            log.error("a background response could not be saved: %s", exc.message)
+            status = "failed"
+        if self._opened.is_set() and self._error is None:
+            self._finish(status)
+
+    def _response_as(self, status: str, **extra: Any) -> dict:
+        fields = _stored_fields(self.request, "", "", self.turn_request.response_extra["prompt_tokens"])
+        return response_object(self.response_id, self.request.model, dict(fields, status=status, **extra))
+
+    def _play(self, turn: Union[Turn, AnsweredTurn]) -> str:
+        """Play the turn, writing its events as they come; how it ended."""
+        events = response_event_objects(turn.pieces(BACKGROUND_HEARTBEAT_SECONDS), self.request, self.response_id,
+                                        self.turn_request.response_extra["prompt_tokens"])
+        written = time.monotonic()
+        try:
+            for event in events:
+                if event is not None:
+                    self._events.append(event)
+                    if event["type"] == "response.completed":
+                        self._response = event["response"]
+                if self._cancelled.is_set():
+                    return "cancelled"
+                if event is None or time.monotonic() - written >= BACKGROUND_FLUSH_SECONDS:
+                    stopped = self._write("in_progress")
+                    if stopped:
+                        self.cancel()
+                        return stopped
+                    written = time.monotonic()
+            return "completed"
+        except CozyError as exc:   # the store went away mid-run
+            log.error("a background response could not be written: %s", exc.message)
+            return "failed"
+        except Exception:   # a bug: the run fails, the thread and the server go on
+            log.exception("a background response failed")
+            return "failed"
+        finally:
+            events.close()
+
+    def _finish(self, status: str) -> None:
+        if status != "completed":
+            error = {"code": "cancelled" if status == "cancelled" else "server_error",
+                     "message": "The response was cancelled." if status == "cancelled" else BACKGROUND_DIED}
+            self._response = self._response_as(status, error=error)
+            self._events.append({"type": "response.failed", "sequence_number": len(self._events),
+                                 "response": self._response})
+        with contextlib.suppress(CozyError):
+            self._write(status)
+
+    def _write(self, status: str) -> str:
+        """The run's record, written whole with its events so far; how the run must stop, as
+        the record says: "cancelled" (a cancel came there), "failed" (a reader took it for dead
+        when it missed its lease), or "" (it goes on)."""
+        store = self.service.store
+        with store.lock(self.key):
+            record = store.load(self.key) or {}
+            seen = record.get("background") or {}
+            stopped = "failed" if seen.get("status") == "failed" else "cancelled" if seen.get("cancel") else ""
+            if stopped == "failed" and status == "in_progress":
+                return stopped   # left as the reader wrote it
+            store.save(self.key, {"id": self.key, "model": "", "background": {
+                "response_id": self.response_id, "status": status, "events": self._events, "heartbeat": time.time(),
+                "response": self._response, "cancel": bool(seen.get("cancel"))}})
+        return stopped
+
+
+def background_run(service: Service, response_id: str) -> Optional[dict]:
+    """A background run's record (None: not one), a run past its lease marked failed first."""
+    key = background_key(response_id)
+    run = (service.store.load(key) or {}).get("background")
+    if run is None or run["status"] != "in_progress" or time.time() - run["heartbeat"] < BACKGROUND_LEASE_SECONDS:
+        return run
+    with service.store.lock(key):
+        record = service.store.load(key) or {}
+        run = record.get("background")
+        if run is not None and run["status"] == "in_progress" and \
+                time.time() - run["heartbeat"] >= BACKGROUND_LEASE_SECONDS:
+            run["status"] = "failed"
+            run["response"] = dict(run["response"], status="failed",
+                                   error={"code": "server_error", "message": BACKGROUND_DIED})
+            run["events"].append({"type": "response.failed", "sequence_number": len(run["events"]),
+                                  "response": run["response"]})
+            service.store.save(key, record)
+    return run
+
+
+def background_events(service: Service, response_id: str, starting_after: int,
+                      keepalive_seconds: float) -> Iterator[bytes]:
+    """A background run's events after ``starting_after``, as server-sent events, read from the
+    store as the run writes them (on whatever instance it runs), until its last."""
+    sent, quiet_since = max(starting_after + 1, 0), time.monotonic()
+    while True:
+        run = background_run(service, response_id)
+        if run is None:
+            return
+        for event in run["events"][sent:]:
+            yield sse_event(event)
+            sent, quiet_since = sent + 1, time.monotonic()
+        if run["status"] != "in_progress" and sent >= len(run["events"]):
+            return
+        if time.monotonic() - quiet_since >= keepalive_seconds:
+            yield b": keep-alive\n\n"
+            quiet_since = time.monotonic()
+        time.sleep(BACKGROUND_POLL_SECONDS)
+
+
+def cancel_response(service: Service, response_id: str, runs: Optional[BackgroundRuns] = None) -> dict:
+    """POST /responses/{id}/cancel: stop a background response; once stopped (or done), the response."""
+    conversation_of_response(response_id)
+    key = background_key(response_id)
+    with service.store.lock(key):
+        record = service.store.load(key) or {}
+        run = record.get("background")
+        if run is not None and run["status"] == "in_progress":
+            run["cancel"] = True
+            service.store.save(key, record)
+    if run is None:
+        stored_response(service, response_id)   # a 404 when there is no such response
+        raise RequestError("Only a background response can be cancelled.", param="response_id")
+    if runs is not None:
+        runs.cancel(response_id)
+    deadline = time.monotonic() + BACKGROUND_CANCEL_SECONDS
+    while run["status"] == "in_progress" and time.monotonic() < deadline:
+        time.sleep(BACKGROUND_POLL_SECONDS)
+        run = background_run(service, response_id) or run
+    return run["response"]
+
+
+def stored_response(service: Service, response_id: str) -> Any:
+    """GET /responses/{id}: a response saved with ``store``, or a background one as it runs;
+    with ``stream=true``, a background response's events after ``starting_after``."""
+    query = bottle.request.query
+    if str(query.get("stream", "")).lower() == "true":
+        try:
+            starting_after = int(query.get("starting_after") or -1)
+        except ValueError:
+            raise RequestError("'starting_after' must be a sequence number.", param="starting_after") from None
+        conversation_of_response(response_id)
+        if background_run(service, response_id) is None:
+            raise NotFoundError(f"No background response {response_id!r} to stream.", param="response_id")
+        stream_headers()
+        return counted_stream(background_events(service, response_id, starting_after, service.keepalive_seconds),
+                              service.metrics)
     record = service.store.load(conversation_of_response(response_id))
     response = (record or {}).get("responses", {}).get(response_id)
-    if response is None:
+    if response is not None:
+        return response_object(response_id, record["model"], response)
+    run = background_run(service, response_id)
+    if run is None:
         raise NotFoundError(f"No stored response {response_id!r}.", param="response_id")
-    return response_object(response_id, record["model"], response)
+    return run["response"]
 
 
 def delete_response(service: Service, response_id: str) -> dict:
@@ -6532,7 +7017,173 @@ def delete_response(service: Service, response_id: str) -> dict:
             raise NotFoundError(f"No stored response {response_id!r}.", param="response_id")
         del record["responses"][response_id]
         service.store.save(conversation_id, record)
+    key = background_key(response_id)
+    with service.store.lock(key):
+        if service.store.load(key) is not None:   # its events go too
+            service.store.save(key, {"id": key, "model": ""})
     return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+
+def response_input_items(service: Service, response_id: str) -> dict:
+    """GET /responses/{id}/input_items: the items of its input, a page at a time as OpenAI's."""
+    record = service.store.load(conversation_of_response(response_id))
+    response = (record or {}).get("responses", {}).get(response_id)
+    if response is None:
+        raise NotFoundError(f"No stored response {response_id!r}.", param="response_id")
+    return item_page(response.get("input", []), bottle.request.query)
+
+
+ITEM_PAGE_LIMIT = 20           # items in a page of a list, unless ``limit`` says otherwise
+ITEM_PAGE_MAX_LIMIT = 100
+
+
+def item_page(items: Sequence[dict], query: Mapping[str, str]) -> dict:
+    """A page of ``items`` (oldest first) as OpenAI's lists are paged: ``order`` ("desc", the
+    default, newest first), ``limit`` (1 to 100, default 20) and ``after`` (the id the page starts after)."""
+    order = query.get("order") or "desc"
+    if order not in ("asc", "desc"):
+        raise RequestError("'order' must be 'asc' or 'desc'.", param="order")
+    try:
+        limit = int(query.get("limit") or ITEM_PAGE_LIMIT)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= ITEM_PAGE_MAX_LIMIT:
+        raise RequestError(f"'limit' must be a whole number from 1 to {ITEM_PAGE_MAX_LIMIT}.", param="limit")
+    ordered = list(items) if order == "asc" else list(reversed(items))
+    start, after = 0, query.get("after")
+    if after:
+        start = next((index + 1 for index, item in enumerate(ordered) if item.get("id") == after), -1)
+        if start < 0:
+            raise RequestError(f"'after': no item with id {after!r} here.", param="after")
+    page = ordered[start:start + limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(ordered)}
+
+
+# The Conversations API: a conversation is a record of the store (so every instance sharing
+# it sees it) whose items are the history; a response with ``conversation`` reads them and
+# adds its input and output items, and the state of the workflow goes on from the last one.
+CONVERSATION_ITEMS_AT_ONCE = 20       # items one create or add request may carry, as OpenAI's
+CONVERSATION_METADATA_MAX = 16
+
+
+def create_conversation(service: Service) -> dict:
+    """POST /conversations: a new conversation, with optional ``items`` and ``metadata``."""
+    body = read_body()
+    data = _json_body(body, bottle.request.content_type) if body.strip() else {}   # curl -X POST, with no body
+    for name in data:
+        if name not in ("items", "metadata"):
+            raise RequestError(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
+    key = service.new_conversation_id()
+    conversation = Conversation(id=key, model="", api={"created_at": int(time.time()),
+                                                       "metadata": _conversation_metadata(data.get("metadata")),
+                                                       "items": _new_items(key, data.get("items"))})
+    with service.store.lock(key):
+        service.store.save(key, conversation.to_record())
+    return conversation_object(key, conversation.api)
+
+
+def conversation_object(key: str, api: Mapping[str, Any]) -> dict:
+    return {"id": "conv_" + key, "object": "conversation", "created_at": api["created_at"],
+            "metadata": api.get("metadata") or {}}
+
+
+def _conversation_metadata(metadata: Any) -> Dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or len(metadata) > CONVERSATION_METADATA_MAX or not all(
+            isinstance(name, str) and len(name) <= 64 and isinstance(value, str) and len(value) <= 512
+            for name, value in metadata.items()):
+        raise RequestError(f"'metadata' must be an object of at most {CONVERSATION_METADATA_MAX} string values "
+                           "(keys up to 64 characters, values up to 512).", param="metadata")
+    return dict(metadata)
+
+
+def _new_items(key: str, raw: Any) -> List[dict]:
+    """Items given to a conversation, as message items with ids of their own (which name the conversation)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or len(raw) > CONVERSATION_ITEMS_AT_ONCE:
+        raise RequestError(f"'items' must be a list of at most {CONVERSATION_ITEMS_AT_ONCE} messages.", param="items")
+    items = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict) or item.get("type", "message") != "message":
+            raise RequestError(f"items[{index}]: only messages can be added; a workflow reads no other item.",
+                               param=f"items[{index}]")
+        message = _input_items(item, index, None, "items")[0]
+        items.append(dict(message, id=f"msg_{key}{secrets.token_hex(4)}"))
+    return items
+
+
+@contextlib.contextmanager
+def api_conversation(service: Service, conversation_id: str, change: bool = False) -> Iterator[dict]:
+    """The record of a Conversations API conversation (a 404 if none); with ``change``, locked,
+    and saved when the block ends."""
+    key = conversation_key(conversation_id)
+    with service.store.lock(key) if change else contextlib.nullcontext():
+        record = service.store.load(key)
+        if record is None or record.get("api") is None:
+            raise NotFoundError(f"Conversation with id {conversation_id!r} not found.", param="conversation_id")
+        yield record
+        if change:
+            service.store.save(key, record)
+
+
+def retrieve_conversation(service: Service, conversation_id: str) -> dict:
+    with api_conversation(service, conversation_id) as record:
+        return conversation_object(record["id"], record["api"])
+
+
+def update_conversation(service: Service, conversation_id: str) -> dict:
+    """POST /conversations/{id}: its metadata replaced."""
+    data = _json_body(read_body(), bottle.request.content_type)
+    if "metadata" not in data or set(data) - {"metadata"}:
+        raise RequestError("Send 'metadata', and only it, to update a conversation.", param="metadata")
+    metadata = _conversation_metadata(data["metadata"])
+    with api_conversation(service, conversation_id, change=True) as record:
+        record["api"]["metadata"] = metadata
+    return conversation_object(record["id"], record["api"])
+
+
+def delete_conversation(service: Service, conversation_id: str) -> dict:
+    """DELETE /conversations/{id}: the conversation and its items; its responses stay, as OpenAI's do."""
+    with api_conversation(service, conversation_id, change=True) as record:
+        del record["api"]
+    return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+
+
+def list_conversation_items(service: Service, conversation_id: str) -> dict:
+    with api_conversation(service, conversation_id) as record:
+        return item_page(record["api"]["items"], bottle.request.query)
+
+
+def add_conversation_items(service: Service, conversation_id: str) -> dict:
+    """POST /conversations/{id}/items: messages added at its end; the list of those added."""
+    data = _json_body(read_body(), bottle.request.content_type)
+    if not isinstance(data.get("items"), list) or not data["items"]:
+        raise RequestError("'items' must be a non-empty list of messages.", param="items")
+    with api_conversation(service, conversation_id, change=True) as record:
+        added = _new_items(record["id"], data["items"])
+        record["api"]["items"] = record["api"]["items"] + added
+    return item_page(added, {"order": "asc", "limit": str(ITEM_PAGE_MAX_LIMIT)})
+
+
+def retrieve_conversation_item(service: Service, conversation_id: str, item_id: str) -> dict:
+    with api_conversation(service, conversation_id) as record:
+        found = next((item for item in record["api"]["items"] if item.get("id") == item_id), None)
+    if found is None:
+        raise NotFoundError(f"Item with id {item_id!r} not found.", param="item_id")
+    return found
+
+
+def delete_conversation_item(service: Service, conversation_id: str, item_id: str) -> dict:
+    """DELETE /conversations/{id}/items/{item}: the conversation without that item."""
+    with api_conversation(service, conversation_id, change=True) as record:
+        items = record["api"]["items"]
+        if not any(item.get("id") == item_id for item in items):
+            raise NotFoundError(f"Item with id {item_id!r} not found.", param="item_id")
+        record["api"]["items"] = [item for item in items if item.get("id") != item_id]
+    return conversation_object(record["id"], record["api"])
 
 
 ####################################################################################
@@ -7537,16 +8188,31 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
                       else "the workflows given to make_app")
     if service.thinking not in THINKING_STYLES:
         raise ValueError(f"thinking must be one of {', '.join(THINKING_STYLES)}")
-    sessions, state_key = McpSessions(), mcp_state_key(mcp_state_secret)
+    sessions, runs, state_key = McpSessions(), BackgroundRuns(), mcp_state_key(mcp_state_secret)
     app = bottle.Bottle()
     # Clients configured with a "/v1" suffix or a trailing slash ask for these paths too.
     for prefix in ("/openai", "/openai/v1", "/openai/", "/openai/v1/"):
         app.route(prefix + "/models", "GET", _json_route(service, list_models))
         app.route(prefix + "/models/<model_id:path>", "GET", _json_route(service, get_model))
         app.route(prefix + "/chat/completions", "POST", _json_route(service, chat_completions))
-        app.route(prefix + "/responses", "POST", _json_route(service, create_response))
+        app.route(prefix + "/responses", "POST", _json_route(service, partial(create_response, runs=runs)))
+        app.route(prefix + "/responses/<response_id>/cancel", "POST",
+                  _json_route(service, partial(cancel_response, runs=runs)))
         app.route(prefix + "/responses/<response_id>", "GET", _json_route(service, stored_response))
         app.route(prefix + "/responses/<response_id>", "DELETE", _json_route(service, delete_response))
+        app.route(prefix + "/responses/<response_id>/input_items", "GET", _json_route(service, response_input_items))
+        app.route(prefix + "/conversations", "POST", _json_route(service, create_conversation))
+        app.route(prefix + "/conversations/<conversation_id>", "GET", _json_route(service, retrieve_conversation))
+        app.route(prefix + "/conversations/<conversation_id>", "POST", _json_route(service, update_conversation))
+        app.route(prefix + "/conversations/<conversation_id>", "DELETE", _json_route(service, delete_conversation))
+        app.route(prefix + "/conversations/<conversation_id>/items", "GET",
+                  _json_route(service, list_conversation_items))
+        app.route(prefix + "/conversations/<conversation_id>/items", "POST",
+                  _json_route(service, add_conversation_items))
+        app.route(prefix + "/conversations/<conversation_id>/items/<item_id>", "GET",
+                  _json_route(service, retrieve_conversation_item))
+        app.route(prefix + "/conversations/<conversation_id>/items/<item_id>", "DELETE",
+                  _json_route(service, delete_conversation_item))
     app.route("/health", "GET", lambda: _health(service))
     app.route("/metrics", "GET", _json_route(service, _metrics))
     app.route("/", "GET", lambda: _home(service))

@@ -957,6 +957,19 @@ def test_a_hang_up_aware_event_turns_set_soon_after_the_peer_closes():
         closing.join()
 
 
+def start_hold_then_later(start, hold, later_ran):
+    """A server whose "echo" workflow runs ``hold`` then a node that sets ``later_ran``: what
+    stops a run must stop it before the second node."""
+    def later(inputs, context):
+        later_ran.set()
+        return "later"
+    nodes = [{"id": "hold", "type": "hold", "inputs": {"w": {"query": "word"}}},
+             {"id": "later", "type": "later", "inputs": {"x": {"link": "hold"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "later"}}}]
+    return start([workflow(nodes=nodes)], node_types={"hold": cozyopenai.NodeType(hold),
+                                                      "later": cozyopenai.NodeType(later)})
+
+
 def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversation_usable(start):
     inside, release, later_ran = threading.Event(), threading.Event(), threading.Event()
 
@@ -968,14 +981,7 @@ def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversa
         release.wait(10)
         return "held"
 
-    def later(inputs, context):
-        later_ran.set()
-        return "later"
-    nodes = [{"id": "hold", "type": "hold", "inputs": {"w": {"query": "word"}}},
-             {"id": "later", "type": "later", "inputs": {"x": {"link": "hold"}}},
-             {"id": "answer", "type": "output", "inputs": {"text": {"link": "later"}}}]
-    server = start([workflow(nodes=nodes)], node_types={"hold": cozyopenai.NodeType(hold),
-                                                        "later": cozyopenai.NodeType(later)})
+    server = start_hold_then_later(start, hold, later_ran)
     body = json.dumps({"model": "echo", "stream": True, "messages": [{"role": "user", "content": "word: x"}]})
     client = socket.create_connection(("127.0.0.1", server.httpd.server_port))
     client.sendall(f"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -1593,12 +1599,18 @@ def test_the_same_request_twice_at_once_counts_once_under_gunicorn_with_four_wor
     _counted_once(ids, replies, lambda conversation_id: json.loads((tmp_path / f"{conversation_id}.json").read_text()))
 
 
-def test_an_instance_killed_mid_turn_frees_its_conversation_for_the_next_turn_elsewhere(start, redis_server, tmp_path):
+def write_slow_workflows(path):
+    """A workflows file whose "echo" sleeps 30 s before it answers: long enough to kill its
+    instance in the middle of a run."""
     slow = workflow(nodes=[{"id": "nap", "type": "python", "inputs": {"function": "time:sleep", "0": 30}},
                            {"id": "say", "type": "template", "inputs": {"template": "{word}", "word": {"query": "word"},
                                                                        "after": {"link": "nap"}}},
                            {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}])
-    (tmp_path / "slow.json").write_text(json.dumps({"workflows": [slow]}))
+    path.write_text(json.dumps({"workflows": [slow]}))
+
+
+def test_an_instance_killed_mid_turn_frees_its_conversation_for_the_next_turn_elsewhere(start, redis_server, tmp_path):
+    write_slow_workflows(tmp_path / "slow.json")
     url = redis_server.url + "?lock_seconds=1"
     messages = [{"role": "user", "content": "hello"}]
     with command_line_server("--store", url, "--workflows", str(tmp_path / "slow.json")) as doomed:
@@ -2351,6 +2363,10 @@ def test_a_label_in_any_language_or_a_wish_leads_to_the_value_after_it(trip_plan
     ("Kreta. Budget 2500, Mitte September", {"destination": "Kreta", "budget": 2500, "travel_dates": "Mitte September"}),
     ("yeah Seville it is. 2k", {"destination": "Seville", "budget": 2000}),
     ("Great. In May.", {"travel_dates": "May"}),
+    ("we want to do lisbon the first week of may", {"travel_dates": "the first week of may"}),
+    ("Faccio scalo a Istanbul, ma la meta è Bangkok.", {"destination": "Bangkok"}),
+    ("com as crianças, orçamento 4 mil reais", {"budget": 4000, "children": True}),
+    ("I may go", {}),
 ])
 def test_lower_case_places_compound_words_misspelt_months_and_quoted_labels_are_read_by_rule(trip_planner, text,
                                                                                              expected):
@@ -2404,6 +2420,16 @@ def test_no_number_word_has_two_values_in_the_tables():
             word, _, value = entry.partition(":")
             assert spoken.setdefault(word.replace("-", ""), int(value)) == int(value), word
     assert spoken == dict(cozyopenai.CARDINALS)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("calendário de março de 2026", {"year": 2026, "month": 3}), ("junho", {"month": 6}),
+    ("calendar for december 2025 pls", {"year": 2025, "month": 12}), ("sept 2026", {"year": 2026}),
+    ("el mar en mayo 2026", {"year": 2026, "month": 5}), ("can i see it for '27", {"year": 2027}),
+])
+def test_a_month_input_takes_every_tables_names_of_its_months_but_ambiguous_ones(text, expected):
+    calendar = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))["month-calendar"]
+    assert cozyopenai.extract_offline(calendar, new_conversation("month-calendar"), text).values == expected
 
 
 def test_folded_pattern_matches_a_folded_word_as_written_with_accents():
@@ -3446,6 +3472,245 @@ def test_responses_errors_are_openai_errors_and_a_stateless_response_carries_the
     assert requests.get(f"{server.url}/openai/responses/{stored.id}", timeout=10).status_code == 404
 
 
+def test_a_trip_planned_in_three_turns_through_a_conversation_keeps_every_item_in_it(start):
+    client = start().client
+    conversation = client.conversations.create(metadata={"topic": "trip"})
+    assert conversation.id.startswith("conv_") and conversation.object == "conversation"
+    outputs = [client.responses.create(model="trip-planner", input=text, conversation=conversation.id)
+               for text in DOCUMENT_TURNS]
+    assert outputs[0].output_text.startswith("Got it: destination Paris.")
+    assert outputs[1].output_text.startswith("Got it: budget 2000.")
+    assert outputs[2].output_text.startswith("## Your trip to Paris") and outputs[2].conversation.id == conversation.id
+    items = list(client.conversations.items.list(conversation.id, order="asc", limit=4))   # three pages
+    assert [(item.type, getattr(item, "role", None)) for item in items] == \
+        [("message", "user"), ("reasoning", None), ("message", "assistant")] * 3
+    assert items[0].content[0].text == DOCUMENT_TURNS[0] and items[-1].id == outputs[2].output[-1].id
+    newest = client.conversations.items.list(conversation.id, limit=2)
+    assert [item.id for item in newest.data] == [items[-1].id, items[-2].id] and newest.has_more
+    assert client.conversations.retrieve(conversation.id).metadata == {"topic": "trip"}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="trip-planner", input="hi", conversation=conversation.id,
+                                previous_response_id=outputs[0].id)
+    assert caught.value.body["param"] == "conversation" and "previous_response_id" in caught.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="trip-planner", input="hi", conversation="conv_" + "x" * 32)
+
+
+def test_a_trip_planned_through_the_conversations_apis_items_and_its_changes_are_kept(start):
+    client = start().client
+    conversation = client.conversations.create(items=[
+        {"type": "message", "role": "user", "content": DOCUMENT_TURNS[0]}])
+    answers = [client.responses.create(model="trip-planner", conversation=conversation.id).output_text]
+    for text in DOCUMENT_TURNS[1:]:
+        added = client.conversations.items.create(conversation.id, items=[
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}])
+        assert added.data[0].content[0].text == text
+        answers.append(client.responses.create(model="trip-planner", conversation={"id": conversation.id}).output_text)
+    assert answers[0].startswith("Got it: destination Paris.") and answers[1].startswith("Got it: budget 2000.")
+    assert answers[2].startswith("## Your trip to Paris")
+    with pytest.raises(openai.BadRequestError):   # nothing new after the last answer
+        client.responses.create(model="trip-planner", conversation=conversation.id)
+    first = client.conversations.items.list(conversation.id, order="asc").data[0]
+    assert client.conversations.items.retrieve(first.id, conversation_id=conversation.id).id == first.id
+    client.conversations.items.delete(first.id, conversation_id=conversation.id)
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.items.retrieve(first.id, conversation_id=conversation.id)
+    assert client.conversations.update(conversation.id, metadata={"a": "b"}).metadata == {"a": "b"}
+    assert client.conversations.delete(conversation.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.retrieve(conversation.id)
+
+
+def test_the_agents_sdk_keeps_a_three_turn_trip_in_a_conversation_by_its_id(start):
+    agents = pytest.importorskip("agents")
+    import asyncio
+    agents.set_tracing_disabled(True)
+    from openai import AsyncOpenAI
+    server = start()
+    client = AsyncOpenAI(api_key="unused", base_url=server.url + "/openai")
+    agent = agents.Agent(name="planner", instructions="Plan trips.",
+                         model=agents.OpenAIResponsesModel(model="trip-planner", openai_client=client))
+
+    async def conversation():
+        conversation_id = (await client.conversations.create()).id
+        return [(await agents.Runner.run(agent, text, conversation_id=conversation_id)).final_output
+                for text in DOCUMENT_TURNS]
+    outputs = asyncio.run(asyncio.wait_for(conversation(), 60))
+    assert outputs[0].startswith("Got it: destination Paris.") and outputs[1].startswith("Got it: budget 2000.")
+    assert outputs[2].startswith("## Your trip to Paris")
+
+
+def test_a_history_of_item_references_as_the_vercel_ai_sdk_sends_it_reads_like_the_whole_history(start):
+    server = start()
+
+    def user(text):
+        return {"role": "user", "content": [{"type": "input_text", "text": text}]}
+
+    def respond(history):   # the body of @ai-sdk/openai with store: true (its default)
+        reply = requests.post(server.url + "/openai/responses", timeout=10,
+                              json={"model": "trip-planner", "input": history, "store": True})
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+    history = [user(DOCUMENT_TURNS[0])]
+    first = respond(history)
+    assert first["output_text"].startswith("Got it: destination Paris.") and "budget" in first["output_text"]
+    history += [{"type": "item_reference", "id": item["id"]} for item in first["output"]] + [user("2000")]
+    second = respond(history)
+    assert second["output_text"].startswith("Got it: budget 2000.")
+    assert "Read the earlier messages again" not in second["output"][0]["summary"][0]["text"]   # its state, not a replay
+    history += [{"type": "item_reference", "id": item["id"]} for item in second["output"]] + [user(DOCUMENT_TURNS[2])]
+    third = respond(history)
+    assert third["output_text"].startswith("## Your trip to Paris") and "2000" in third["output"][0]["summary"][0]["text"]
+    whole = [user(DOCUMENT_TURNS[0]), {"role": "assistant", "content": first["output_text"]}, user("2000")]
+    assert respond(whole)["output_text"] == second["output_text"]   # the same history sent in full
+    unknown = requests.post(server.url + "/openai/responses", timeout=10, json={
+        "model": "trip-planner", "input": [user("hi"), {"type": "item_reference", "id": "msg_gone"}]})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "input[1]"
+    assert "msg_gone" in unknown.json()["error"]["message"]
+
+
+def test_a_responses_input_items_are_listed_a_page_at_a_time_as_openais(start):
+    server = start()
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "destination: Rome"},
+               {"role": "assistant", "content": "Noted."}, {"role": "user", "content": "budget: 2000"}]
+    response = server.client.responses.create(model="trip-planner", input=history)
+    items = list(server.client.responses.input_items.list(response.id, order="asc", limit=3))   # two pages
+    assert [(item.role, item.content[0].text) for item in items] == [(m["role"], m["content"]) for m in history]
+    assert len({item.id for item in items}) == 4
+    newest = server.client.responses.input_items.list(response.id, limit=1)
+    assert newest.data[0].id == items[-1].id and newest.has_more and newest.first_id == newest.last_id
+    after = requests.get(f"{server.url}/openai/responses/{response.id}/input_items", timeout=10,
+                         params={"after": items[1].id, "order": "asc"}).json()
+    assert [item["id"] for item in after["data"]] == [items[2].id, items[3].id] and not after["has_more"]
+    for query in ({"limit": "0"}, {"order": "up"}, {"after": "msg_x"}):
+        bad = requests.get(f"{server.url}/openai/responses/{response.id}/input_items", params=query, timeout=10)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == next(iter(query))
+    assert requests.get(f"{server.url}/openai/responses/resp_x/input_items", timeout=10).status_code == 404
+
+
+@pytest.mark.parametrize("name, value", [
+    ("max_output_tokens", 100), ("temperature", 0.5), ("top_p", 0.9), ("prompt", {"id": "pmpt_1"}),
+    ("tools", [{"type": "function", "name": "f", "parameters": {}}]), ("tool_choice", "required"),
+    ("text", {"format": {"type": "json_object"}}), ("truncation", "sometimes"), ("frobnicate", 1)])
+def test_a_field_a_workflow_cannot_honour_is_a_400_naming_it(start, name, value):
+    reply = requests.post(start().url + "/openai/responses", timeout=10,
+                          json={"model": "trip-planner", "input": "destination: Rome", name: value})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == name
+    assert f"'{name}'" in reply.json()["error"]["message"]
+
+
+def test_fields_that_change_nothing_for_a_workflow_are_taken_and_truncation_is_echoed(start):
+    reply = requests.post(start().url + "/openai/responses", timeout=10, json={
+        "model": "trip-planner", "input": "destination: Rome", "truncation": "auto", "tools": [], "tool_choice": "auto",
+        "include": ["reasoning.encrypted_content"], "user": "u1", "parallel_tool_calls": True, "temperature": None,
+        "max_output_tokens": None, "text": {"format": {"type": "text"}, "verbosity": "low"}, "service_tier": "auto",
+        "reasoning": {"summary": "auto"}, "safety_identifier": "s1", "prompt_cache_key": "k"})
+    assert reply.status_code == 200 and reply.json()["truncation"] == "auto"
+
+
+def held_workflow(release):
+    """The echo workflow behind a node that holds until ``release`` is set or its run is stopped
+    (10 s at most, so that a test waiting for something else fails rather than hangs)."""
+    def hold(inputs, context):
+        deadline = time.monotonic() + 10
+        while not release.is_set() and not context.stop.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "held"
+    nodes = [{"id": "hold", "type": "hold", "inputs": {"w": {"query": "word"}}},
+             {"id": "say", "type": "template", "inputs": {"template": "You said {word}.", "word": {"query": "word"},
+                                                         "after": {"link": "hold"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "say"}}}]
+    return {"workflows": [workflow(nodes=nodes)], "node_types": {"hold": cozyopenai.NodeType(hold)}}
+
+
+def test_a_background_response_returns_at_once_and_is_polled_to_completion(start):
+    release = threading.Event()
+    held = held_workflow(release)
+    client = start(held["workflows"], node_types=held["node_types"]).client
+    started = client.responses.create(model="echo", input="word: kite", background=True)
+    assert started.status in ("queued", "in_progress") and started.background and started.output_text == ""
+    assert client.responses.retrieve(started.id).status == "in_progress"
+    release.set()
+    wait_until(lambda: client.responses.retrieve(started.id).status == "completed",
+               "the background response did not complete within 10 s")
+    done = client.responses.retrieve(started.id)
+    assert done.output_text == "You said kite." and done.background and "hold finished" in done.output[0].summary[0].text
+    after = client.responses.create(model="echo", input="word: sail", previous_response_id=started.id)
+    assert after.output_text == "Changed the word from kite to sail.\n\nYou said sail."   # from its state
+    with pytest.raises(openai.BadRequestError):   # a foreground response cannot be cancelled
+        client.responses.cancel(after.id)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="echo", input="word: x", background=True, store=False)
+
+
+def test_a_conversation_made_on_one_instance_is_continued_and_listed_on_another_sharing_redis(start, redis_server):
+    first, second = (start(store=redis_server.url) for _ in range(2))
+    conversation = first.client.conversations.create()
+    for server, text in zip((first, second, first), DOCUMENT_TURNS):
+        reply = server.client.responses.create(model="trip-planner", input=text, conversation=conversation.id)
+    assert reply.output_text.startswith("## Your trip to Paris")
+    assert len(second.client.conversations.items.list(conversation.id, limit=100).data) == 9
+
+
+def test_a_background_response_cancelled_on_another_instance_stops_its_run(start, redis_server):
+    release = threading.Event()
+    held = held_workflow(release)
+    running, other = (start(held["workflows"], node_types=held["node_types"], store=redis_server.url)
+                      for _ in range(2))
+    started = running.client.responses.create(model="echo", input="word: kite", background=True)
+    cancelled = other.client.responses.cancel(started.id)   # seen by the run at its next heartbeat
+    assert cancelled.status == "cancelled" and cancelled.id == started.id
+    assert running.client.responses.retrieve(started.id).status == "cancelled"
+    assert other.client.responses.cancel(started.id).status == "cancelled"   # again: the same answer
+    release.set()   # for the next run (the cancelled one stopped while its node held)
+    after = other.client.responses.create(model="echo", input="word: sail", previous_response_id=started.id)
+    assert after.output_text.endswith("You said sail.")   # the conversation was freed
+
+
+def test_a_background_stream_dropped_mid_run_is_resumed_after_its_last_event_on_another_instance(start,
+                                                                                                 redis_server):
+    release = threading.Event()
+    held = held_workflow(release)
+    first, second = (start(held["workflows"], node_types=held["node_types"], store=redis_server.url)
+                     for _ in range(2))
+    stream = first.client.responses.create(model="echo", input="word: kite", background=True, stream=True)
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if event.type == "response.reasoning_summary_text.delta" and "hold started" in event.delta:
+            break
+    stream.close()   # the client leaves while "hold" runs; the run goes on without it
+    response_id = seen[0].response.id
+    assert seen[0].type == "response.created" and seen[0].response.background
+    release.set()
+    resumed = list(second.client.responses.retrieve(response_id, stream=True,
+                                                    starting_after=seen[-1].sequence_number))
+    numbers = [event.sequence_number for event in seen + resumed]
+    assert numbers == list(range(len(numbers)))   # nothing lost, nothing twice
+    assert resumed[-1].type == "response.completed" and resumed[-1].response.output_text == "You said kite."
+    everything = list(second.client.responses.retrieve(response_id, stream=True))
+    assert [event.type for event in everything] == [event.type for event in seen + resumed]
+
+
+def test_a_background_response_whose_instance_is_killed_is_marked_failed_not_left_in_progress(
+        start, redis_server, tmp_path, monkeypatch):
+    write_slow_workflows(tmp_path / "slow.json")
+    url = redis_server.url + "?lock_seconds=1"
+    with command_line_server("--store", url, "--workflows", str(tmp_path / "slow.json")) as doomed:
+        started = requests.post(doomed.url + "/openai/responses", timeout=10,
+                                json={"model": "echo", "input": "word: kite", "background": True}).json()
+        assert started["status"] == "in_progress"
+        os.kill(doomed.process.pid, 9)
+    monkeypatch.setattr(cozyopenai, "BACKGROUND_LEASE_SECONDS", 1.0)   # the survivor's patience, shortened
+    survivor = start([workflow()], store=url)
+    wait_until(lambda: survivor.client.responses.retrieve(started["id"]).status == "failed",
+               "the dead instance's background response was not marked failed within 10 s")
+    failed = survivor.client.responses.retrieve(started["id"])
+    assert failed.error.code == "server_error" and "stopped before it finished" in failed.error.message
+    events = list(survivor.client.responses.retrieve(started["id"], stream=True))
+    assert events[-1].type == "response.failed"
+
+
 def test_the_agents_sdk_talks_to_a_workflow_over_the_responses_api(start):
     agents = pytest.importorskip("agents")
     import asyncio
@@ -3858,14 +4123,7 @@ def test_a_cancelled_mcp_call_runs_no_node_after_the_cancel(start, mode):
         context.stop.wait(10)   # a cancel or a hang-up ends the wait, as for a chat whose client left
         return "held"
 
-    def later(inputs, context):
-        later_ran.set()
-        return "later"
-    nodes = [{"id": "hold", "type": "hold", "inputs": {"w": {"query": "word"}}},
-             {"id": "later", "type": "later", "inputs": {"x": {"link": "hold"}}},
-             {"id": "answer", "type": "output", "inputs": {"text": {"link": "later"}}}]
-    server = start([workflow(nodes=nodes)], node_types={"hold": cozyopenai.NodeType(hold),
-                                                        "later": cozyopenai.NodeType(later)})
+    server = start_hold_then_later(start, hold, later_ran)
 
     async def call():
         async with mcp_session(server, mode=mode) as client:
@@ -4252,7 +4510,8 @@ def test_readme_python_client_example_runs_as_written(start):
     assert "Got it: destination Paris." in result.stdout and result.stdout.endswith("Stream finished.\n")
 
 
-@pytest.mark.parametrize("marker, expected", [("client.responses.create", "## Your trip to Paris"),
+@pytest.mark.parametrize("marker, expected", [("previous_response_id=first.id", "## Your trip to Paris"),
+                                               ("conversations.create", "## Your trip to Paris"),
                                                ("OpenAIResponsesModel", "## Your trip to Paris"),
                                                ("elicitation_callback", "## Your trip to Lisbon")])
 def test_readme_responses_and_mcp_examples_run_as_written(start, marker, expected):
@@ -4484,11 +4743,27 @@ def _responses_bodies():
     part = st.fixed_dictionaries({"type": st.sampled_from(["input_text", "input_image", "x"]), "text": anything})
     item = st.fixed_dictionaries({}, optional={"role": st.sampled_from(["user", "assistant", "tool"]) | anything,
                                                "content": st.text(max_size=40) | st.lists(part, max_size=2) | anything,
-                                               "type": st.sampled_from(["message", "reasoning"]) | anything})
+                                               "type": st.sampled_from(["message", "reasoning", "item_reference"]) |
+                                               anything, "id": st.sampled_from(["msg_" + "a" * 40, "rs_x"]) | anything})
     body = st.fixed_dictionaries({}, optional={
         "model": st.sampled_from(["trip-planner", "nope"]) | anything, "input": st.text(max_size=40) |
         st.lists(item, max_size=3) | anything, "stream": st.booleans() | anything, "store": anything,
-        "previous_response_id": st.sampled_from(["resp_x", ""]) | anything, "metadata": anything})
+        "previous_response_id": st.sampled_from(["resp_x", ""]) | anything, "metadata": anything,
+        "conversation": st.sampled_from(["conv_" + "a" * 32, "conv_x"]) | anything, "background": st.booleans() |
+        anything, "truncation": st.sampled_from(["auto", "x"]) | anything, "tools": anything})
+    return body.map(lambda value: json.dumps(value).encode()) | st.binary(max_size=48)
+
+
+def _conversations_bodies():
+    from hypothesis import strategies as st
+    scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+    anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
+                            st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+    item = st.fixed_dictionaries({}, optional={"role": st.sampled_from(["user", "assistant"]) | anything,
+                                               "content": st.text(max_size=20) | anything,
+                                               "type": st.sampled_from(["message", "reasoning"]) | anything})
+    body = st.fixed_dictionaries({}, optional={"items": st.lists(item, max_size=3) | anything, "metadata": st.dictionaries(
+        st.text(max_size=8), st.text(max_size=8), max_size=3) | anything})
     return body.map(lambda value: json.dumps(value).encode()) | st.binary(max_size=48)
 
 
@@ -4534,15 +4809,20 @@ def test_fuzzed_bodies_on_every_route_and_store_get_4xx_protocol_errors_and_neve
             assert response.text.endswith(("data: [DONE]\n\n", "response.completed", "\n\n"))
             assert "response.failed" not in response.text and '"error": {' not in response.text.split("\n")[0]
 
+    conversation = server.client.conversations.create().id
+
     @settings(max_examples=EDGE_FUZZED, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
-    @given(chat=_bodies(), responses=_responses_bodies(), mcp=_mcp_bodies())
-    def fuzz(chat, responses, mcp):
+    @given(chat=_bodies(), responses=_responses_bodies(), mcp=_mcp_bodies(), conversations=_conversations_bodies())
+    def fuzz(chat, responses, mcp, conversations):
         check("/openai/chat/completions", chat, {"Content-Type": "application/json"})
         check("/openai/responses", responses, {"Content-Type": "application/json"})
         check("/mcp", mcp, mcp_headers)
+        for path in ("/openai/conversations", f"/openai/conversations/{conversation}",
+                     f"/openai/conversations/{conversation}/items"):
+            check(path, conversations, {"Content-Type": "application/json"})
     fuzz()
-    assert len(seen) >= 3 * EDGE_FUZZED and any(status >= 400 for status in seen)
+    assert len(seen) >= 6 * EDGE_FUZZED and any(status >= 400 for status in seen)
     assert "Where would you like to go?" in Chat(server).say("I want to plan a trip.")
 
 
