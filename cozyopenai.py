@@ -4770,9 +4770,11 @@ def extraction_messages(workflow: Workflow, conversation: Conversation, history:
 
 
 def extract_with_llm(llm: LLMClient, workflow: Workflow, conversation: Conversation,
-                     history: Sequence[dict], text: str, floor: Extraction, reading: Reading) -> Extraction:
-    """The LLM's reading, grounded against the message and merged on top of the floor."""
-    single_call = llm.asks_in_extraction
+                     history: Sequence[dict], text: str, floor: Extraction, reading: Reading,
+                     asks: bool = True) -> Extraction:
+    """The LLM's reading, grounded against the message and merged on top of the floor; with
+    ``asks`` and an upstream that writes it there, the question for what is left open too."""
+    single_call = asks and llm.asks_in_extraction
     answer = llm.complete_json(extraction_messages(workflow, conversation, history, text, single_call),
                                extraction_schema(workflow, single_call), max_tokens=EXTRACTION_MAX_TOKENS)
     proposed = answer.get("values", answer)
@@ -4849,15 +4851,16 @@ def as_the_user_wrote(query: QueryInput, value: Any, tokens: Tokens) -> Any:
 
 
 def extract(llm: Optional[LLMClient], workflow: Workflow, conversation: Conversation,
-            history: Sequence[dict], text: str) -> Extraction:
+            history: Sequence[dict], text: str, asks: bool = True) -> Extraction:
     """Read the new message: the deterministic floor always, and the LLM on top when there
-    is one (a failing LLM leaves the floor's reading, with a note)."""
+    is one (a failing LLM leaves the floor's reading, with a note). ``asks``: a question for
+    what is left open may be written in the same call (not for MCP, which asks by a form)."""
     text = user_words(text, history)
     floor, reading = read_floor(workflow, conversation, text, history)
     if llm is None:
         return floor
     try:
-        return extract_with_llm(llm, workflow, conversation, history, text, floor, reading)
+        return extract_with_llm(llm, workflow, conversation, history, text, floor, reading, asks)
     except UpstreamError as exc:
         floor.llm_failed = True
         floor.notes.append(f"Reading your message with the language model failed ({exc.message}); "
@@ -7533,7 +7536,7 @@ class McpCall:
         text = self.arguments.get(REQUEST_ARGUMENT)
         if isinstance(text, str) and text.strip():
             conversation = Conversation(id="mcp", model=self.workflow.name)
-            extraction = extract(self.service.llm, self.workflow, conversation, [], valid_text(text))
+            extraction = extract(self.service.llm, self.workflow, conversation, [], valid_text(text), asks=False)
             values.update(extraction.values)
             problems.update(extraction.rejected)
         self._take({name: value for name, value in self.arguments.items() if name != REQUEST_ARGUMENT},

@@ -3857,6 +3857,18 @@ def test_mcp_re_asks_a_bad_value_and_reads_a_free_text_request(start):
     assert not request.is_error and "Lisbon" in request.content[0].text and "1200 in total" in request.content[0].text
 
 
+def test_an_mcp_request_is_read_by_an_extraction_call_that_writes_no_question(start, fake_llm):
+    fake_llm.extractions = {"a week in Lisbon": {"destination": "Lisbon"}}
+    server = start(llm=fake_llm.settings())
+
+    async def call():
+        async with mcp_session(server, lambda message, schema, types: types.ElicitResult(action="decline")) as client:
+            return await client.call_tool("trip-planner", {"request": "a week in Lisbon"})
+    run_async(call())
+    (extraction,) = fake_llm.calls_of("extraction")   # MCP asks by a form: no question written in the call
+    assert "question" not in extraction["response_format"]["json_schema"]["schema"]["required"]
+
+
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 def test_mcp_without_elicitation_lists_what_is_missing_and_why_and_refuses_unknown_arguments(start, mode):
     server = start()
