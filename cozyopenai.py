@@ -4857,8 +4857,13 @@ def extract(llm: Optional[LLMClient], workflow: Workflow, conversation: Conversa
     what is left open may be written in the same call (not for MCP, which asks by a form)."""
     text = user_words(text, history)
     floor, reading = read_floor(workflow, conversation, text, history)
-    if llm is None:
-        return floor
+    return floor if llm is None else extract_on_floor(llm, workflow, conversation, history, text, floor, reading, asks)
+
+
+def extract_on_floor(llm: LLMClient, workflow: Workflow, conversation: Conversation, history: Sequence[dict],
+                     text: str, floor: Extraction, reading: Reading, asks: bool = True) -> Extraction:
+    """extract's second step: the LLM's reading on top of the floor's (``text`` cleaned by
+    user_words); a failing LLM leaves the floor's reading, with a note."""
     try:
         return extract_with_llm(llm, workflow, conversation, history, text, floor, reading, asks)
     except UpstreamError as exc:
@@ -5310,8 +5315,16 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
         wanted = conversation.missing(workflow)
         yield Piece("thinking", f"Reading your message for the {_and_list([q.label for q in wanted])}.\n" if wanted
                     else "Reading your message for changes.\n")
-        with own_calls():
-            extraction = extract(turn.llm, workflow, conversation, turn.history, turn.text)
+        text = user_words(turn.text, turn.history)
+        extraction, reading = read_floor(workflow, conversation, text, turn.history)
+        if turn.llm is not None:   # what the simple reader decided is shown while the LLM reads
+            if extraction.values and extraction.intent != "cancel":
+                found = ", ".join(f"{workflow.query_inputs[name].label} {shown_value(value)}"
+                                  for name, value in extraction.values.items())
+                yield Piece("thinking", f"Found so far: {found} (the language model is reading it too).\n")
+            with own_calls():
+                extraction = extract_on_floor(turn.llm, workflow, conversation, turn.history, text, extraction,
+                                              reading)
     for note in extraction.notes:
         yield Piece("thinking", note + "\n")
     if extraction.intent == "cancel":

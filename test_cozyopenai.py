@@ -3053,19 +3053,20 @@ def test_with_api_keys_every_openai_route_needs_one(start):
     assert requests.get(server.url + "/health", timeout=5).status_code == 200
 
 
-def test_a_streamed_turn_shows_its_first_thinking_line_before_the_llm_has_answered(start, fake_llm):
-    fake_llm.gate = threading.Event()   # the fake answers nothing until the test has read that line
-    fake_llm.extractions = {"Paris!": {"destination": "Paris"}}
+def test_a_streamed_turn_shows_its_first_thinking_lines_before_the_llm_has_answered(start, fake_llm):
+    fake_llm.gate = threading.Event()   # the fake answers nothing until the test has read those lines
+    fake_llm.extractions = {"A trip to Paris.": {"destination": "Paris"}}
     server = start(llm=fake_llm.settings())
     try:
         chunks = server.client.chat.completions.create(model="trip-planner", stream=True,
-                                                       messages=[{"role": "user", "content": "Paris!"}])
+                                                       messages=[{"role": "user", "content": "A trip to Paris."}])
         shown = ""
         for chunk in chunks:
             shown += chunk.choices[0].delta.content or "" if chunk.choices else ""
-            if "Reading your message" in shown:
+            if "Found so far" in shown:   # what the simple reader decided, before the LLM's reading
                 break
         assert fake_llm.answered == 0 and "Reading your message for the destination" in shown
+        assert "Found so far: destination Paris (the language model is reading it too)." in shown
         fake_llm.gate.set()
         rest = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
         assert "Understood destination: Paris." in rest and fake_llm.answered == 1
