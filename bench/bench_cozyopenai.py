@@ -655,6 +655,11 @@ def load_extraction_set():
         return json.load(handle)
 
 
+def percent(share):
+    """A share as a percentage that never rounds a miss away: 244/245 is 99.6%, not 100%."""
+    return "100%" if share == 1 else f"{share:.1%}"
+
+
 def stated_values(name, expected, superseded):
     """What the messages stated for an input: its expected value, and those replaced (one, or
     a list of them)."""
@@ -803,8 +808,8 @@ def bench_extraction(real_url=None, real_model="gemma", real_sets=()):
         scored = [score_extraction_set(mode, settings, sets=(name,)) for name in sets] if mode == "real" else [
             score_extraction_set(mode, settings, sets=sets)]
         for name, score in ((name, score) for scores in scored for name, score in scores.items()):
-            print(f"  {mode:<12} {name:<10} precision {score['precision']:.0%} ({score['accepted'] - len(score['wrong'])}"
-                  f"/{score['accepted']}), recall {score['recall']:.0%} ({score['recalled']}/{score['stated']})"
+            print(f"  {mode:<12} {name:<10} precision {percent(score['precision'])} ({score['accepted'] - len(score['wrong'])}"
+                  f"/{score['accepted']}), recall {percent(score['recall'])} ({score['recalled']}/{score['stated']})"
                   f"{'  wrong: ' + ', '.join(score['wrong']) if score['wrong'] else ''}", flush=True)
             print(f"  {'':<12} {'':<10} misses: {', '.join(score['misses']) or 'none'}", flush=True)
             kinds = collections.Counter(reason.split(" ", 1)[1] for reason in score["unusable"])
