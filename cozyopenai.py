@@ -173,6 +173,7 @@ RECORD_VERSION = 2                        # conversation records: 1 held one mut
 LEGACY_SNAPSHOT = "version-1"             # the key of the one snapshot a version-1 record becomes
 MAX_ASKS_PER_INPUT = 3                    # then say so and offer to start over, instead of asking forever
 MAX_DIRECT_REPLY_WORDS = 4                # a longer reply to "where to?" is a sentence, not a destination
+MAX_NUMBER_VALUE = 10 ** 15                # a number beyond this is a slip, never a budget, count or year
 CONTEXT_TURNS = 6                         # earlier messages shown to the extraction call
 CHARS_PER_TOKEN = 4                       # for the estimated `usage` figures
 REDACTED = "[redacted]"
@@ -3261,7 +3262,7 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
         named = _synonyms_named(query, str(raw))
         if len(named) == 1:
             return named.pop()
-        raise ValueError(f"I need a yes or no for the {label}, not {str(raw)!r}")
+        raise ValueError(f"I need a yes or no for the {label}, not {as_written(raw)}")
     if query.type in NUMERIC_TYPES:
         return _coerce_number(query, raw)
     if query.type == "choice":
@@ -3278,11 +3279,23 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
     return text
 
 
+def as_written(raw: Any) -> str:
+    """A refused value as it was written: text in quotes, a yes/no or a number as shown_value
+    shows it, data as JSON; never Python's spelling (True, {'a': 1})."""
+    if isinstance(raw, str):
+        return repr(raw)
+    if isinstance(raw, (bool, int, float)):
+        return shown_value(raw)
+    return json.dumps(raw, ensure_ascii=False, default=str)[:40]
+
+
 def _coerce_number(query: QueryInput, raw: Any) -> Any:
     label = query.label
     if isinstance(raw, (dict, list)):
-        raise ValueError(f"I need a number for the {label}, not {json.dumps(raw)[:40]}")
-    if isinstance(raw, int) and not isinstance(raw, bool) and abs(raw) > 10 ** 15:
+        raise ValueError(f"I need a number for the {label}, not {as_written(raw)}")
+    if isinstance(raw, bool):   # JSON's true is no number, whatever Python says
+        raise ValueError(f"I need a number for the {label}, not {as_written(raw)}")
+    if isinstance(raw, int) and abs(raw) > MAX_NUMBER_VALUE:   # before float(), which a huge int overflows
         raise ValueError(f"the {label} is too large")
     named = _synonyms_named(query, str(raw))
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
@@ -3300,7 +3313,9 @@ def _coerce_number(query: QueryInput, raw: Any) -> Any:
             raise ValueError(f"I need a single number for the {label}, not {str(raw)!r}")
         number = found[0]
     if not math.isfinite(number):
-        raise ValueError(f"I need a real number for the {label}, not {str(raw)!r}")
+        raise ValueError(f"I need a finite number for the {label}")
+    if abs(number) > MAX_NUMBER_VALUE:   # 1e308 would be written out with 309 digits
+        raise ValueError(f"the {label} is too large")
     check_bounds(query, number)
     if query.type == "integer":
         if number != int(number):
@@ -3356,7 +3371,7 @@ def _match_choice(query: QueryInput, raw: Any) -> str:
                 if len(wanted) >= 3 and key.startswith(wanted) or _same_word(wanted, key)}
     if len(prefixed) == 1:
         return prefixed.pop()
-    raise ValueError(f"the {query.label} must be one of {', '.join(query.choices)}, not {str(raw)!r}")
+    raise ValueError(f"the {query.label} must be one of {', '.join(query.choices)}, not {as_written(raw)}")
 
 
 def _topic_words(query: QueryInput) -> set:
@@ -4648,6 +4663,30 @@ def is_period(tokens: Sequence[Token]) -> bool:
     numbers = [token for token in tokens if token.shape == "number" and (_number_or_none(token.folded) or 0) <= 31]
     return bool(period_spans(tokens)) or any(token.shape in ("iso", "dmy", "ordinal") for token in tokens) or (
         len(numbers) == 2 and len(tokens) <= 5 and not money_spans(getattr(tokens, "text", ""), tokens))
+
+
+def field_value(query: QueryInput, raw: Any) -> Any:
+    """A value given in a field of its own (an MCP argument, a form's answer), held to what
+    chat holds a direct answer to (_fits, _could_be), then coerced as chat coerces it: a date
+    needs a period or a date ("42" is neither), a place or a text needs words (not a number, a
+    yes/no or "tell me more"). A month's name alone is a date here: in chat, "May" may be the
+    verb; in a field for dates it is not. ValueError says why not, in words for the user."""
+    if isinstance(raw, list) and len(raw) == 1:   # as coerce_value unwraps it
+        raw = raw[0]
+    if query.type not in STRING_TYPES or isinstance(raw, (dict, list)) or raw is None:
+        return coerce_value(query, raw)   # numbers, yes/no and choices are typed there; no text is "some text"
+    kind = input_kind(query)
+    if isinstance(raw, (bool, int, float)):
+        wanted = {"date": "a period or a date", "place": "a place"}.get(kind, "some text")
+        raise ValueError(f"I need {wanted} for the {query.label}, not {as_written(raw)}")
+    text = valid_text(str(raw))
+    tokens = tokenize(text)
+    if kind == "date" and not (is_period(tokens) or any(token.folded in MONTHS for token in tokens)):
+        raise ValueError(f"I need a period or a date for the {query.label}, not {as_written(text.strip())}")
+    if kind != "date" and text.strip() and not _could_be(query, tokens, _words(text)):
+        raise ValueError(f"I need {'a place' if kind == 'place' else 'the ' + query.label + ' itself'} for the "
+                         f"{query.label}, not {as_written(text.strip())}")
+    return coerce_value(query, text)
 
 
 def _input_named(workflow: Workflow, key: str) -> Optional[str]:
@@ -7543,7 +7582,8 @@ class McpCall:
                             f"instead of giving the {_and_list([query.label for query in missing])}.", is_error=True)
 
     def _read_arguments(self) -> Tuple[Dict[str, Any], Dict[str, str]]:
-        """The arguments coerced with the same code as chat; ``request`` read by the same pipeline."""
+        """The arguments checked and coerced with the same code as chat's direct answers;
+        ``request`` read by the same pipeline as a chat message."""
         values: Dict[str, Any] = {}
         problems: Dict[str, str] = {}
         text = self.arguments.get(REQUEST_ARGUMENT)
@@ -7562,7 +7602,7 @@ class McpCall:
             if query is None or raw is None or raw == "":
                 continue
             try:
-                values[name] = coerce_value(query, valid_text(raw) if isinstance(raw, str) else raw)
+                values[name] = field_value(query, raw)   # held to what chat holds a direct answer to
                 problems.pop(name, None)
             except ValueError as exc:
                 values.pop(name, None)

@@ -1793,6 +1793,7 @@ def test_values_are_coerced_to_their_declared_type(value_type, raw, expected):
 
 @pytest.mark.parametrize("value_type, raw", [
     ("number", "about 1500-2000"), ("integer", "2.5"), ("boolean", "maybe"), ("number", "lots"),
+    ("number", True), ("number", 1e308), ("number", "99999999999999999999"), ("number", float("nan")),
 ])
 def test_values_that_do_not_fit_their_type_are_rejected_with_a_reason(value_type, raw):
     query = cozyopenai.QueryInput("budget", "An input.", type=value_type)
@@ -3856,6 +3857,36 @@ def test_mcp_re_asks_a_bad_value_and_reads_a_free_text_request(start):
     assert "March 2026" in result.content[0].text
     request = run_async(call("trip-planner", {"request": "a week in Lisbon in October, about 1200 euros"}))
     assert not request.is_error and "Lisbon" in request.content[0].text and "1200 in total" in request.content[0].text
+
+
+@pytest.mark.parametrize("mode", ["2026-07-28", "legacy"])
+def test_mcp_arguments_and_form_answers_pass_the_typed_checks_of_a_chat_answer(start, mode):
+    server, asked = start(), []
+    answers = iter([{"budget": 900, "travel_dates": "42"}, {"travel_dates": True}, {"travel_dates": "10 to 17 October"}])
+
+    def answer(message, schema, types):
+        asked.append((message, sorted(schema["properties"])))
+        return types.ElicitResult(action="accept", content=next(answers))
+
+    async def calls():
+        async with mcp_session(server, answer, mode=mode) as client:
+            gathered = await client.call_tool("trip-planner", {"destination": "Lisbon"})
+        async with mcp_session(server, mode=mode) as client:
+            refused = await client.call_tool("trip-planner", {"destination": 5, "budget": True, "travel_dates": "42"})
+            huge = await client.call_tool("trip-planner", {"destination": "Lisbon", "budget": 1e308,
+                                                           "travel_dates": "May"})
+        return gathered, refused, huge
+    gathered, refused, huge = run_async(calls())
+    assert [fields for _, fields in asked] == [["budget", "travel_dates"], ["travel_dates"], ["travel_dates"]]
+    assert asked[1][0].startswith("I need a period or a date for the travel dates, not '42'. When would you like")
+    assert asked[2][0].startswith("I need a period or a date for the travel dates, not yes.")
+    assert not gathered.is_error and "- **When:** 10 to 17 October" in gathered.content[0].text
+    assert "900 in total" in gathered.content[0].text
+    assert refused.is_error and "When: 42" not in refused.content[0].text
+    assert "- destination: I need a place for the destination, not 5\n" in refused.content[0].text
+    assert "- budget: I need a number for the budget, not yes\n" in refused.content[0].text   # never Python's True
+    assert "- travel_dates: I need a period or a date for the travel dates, not '42'\n" in refused.content[0].text
+    assert huge.is_error and "- budget: the budget is too large\n" in huge.content[0].text
 
 
 def test_an_mcp_request_is_read_by_an_extraction_call_that_writes_no_question(start, fake_llm):
