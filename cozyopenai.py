@@ -7694,12 +7694,19 @@ class McpCall:
 
 
 def mcp_initialize(sessions: McpSessions, message: dict) -> Tuple[str, dict]:
-    """Agree on a protocol version (the client's when we speak it, else our newest) and open a session."""
-    params = message.get("params") if isinstance(message.get("params"), dict) else {}
+    """Agree on a protocol version (the client's when we speak it, else our newest) and open a
+    session. Params of the wrong type are refused: a client that sends them is not understood."""
+    params = message.get("params") if message.get("params") is not None else {}
+    if not isinstance(params, dict):
+        raise McpError(JSONRPC_INVALID_PARAMS, f"initialize's 'params' must be an object, not {_json_type(params)}.",
+                       400)
+    for name, wanted, what in (("protocolVersion", str, "a string"), ("capabilities", dict, "an object")):
+        if params.get(name) is not None and not isinstance(params[name], wanted):
+            raise McpError(JSONRPC_INVALID_PARAMS, f"initialize's 'params.{name}' must be {what}, not "
+                                                   f"{_json_type(params[name])}.", 400)
     asked = params.get("protocolVersion")
     version = asked if asked in MCP_VERSIONS else MCP_VERSIONS[0]
-    capabilities = params.get("capabilities") if isinstance(params.get("capabilities"), dict) else {}
-    session_id, _ = sessions.open(version, capabilities)
+    session_id, _ = sessions.open(version, params.get("capabilities") or {})
     return session_id, _jsonrpc(message.get("id"), {
         "protocolVersion": version, "capabilities": {"tools": {"listChanged": False}},
         "serverInfo": {"name": "cozyopenai", "version": __version__}, "instructions": MCP_INSTRUCTIONS})
@@ -7776,7 +7783,7 @@ def mcp_modern(service: Service, message: dict, state_key: bytes, started: float
         raise McpError(JSONRPC_INVALID_REQUEST, "Protocol 2026-07-28 has no server requests to answer: send one "
                                                 "request or notification.", 400)
     if message_id is None:   # a notification: acknowledged (a cancel is closing the request's stream)
-        _modern_version(bottle.request.get_header("MCP-Protocol-Version", ""))
+        _modern_version(_modern_version_header())
         bottle.response.status = 202
         return _mcp_answer(None, method, started)
     capabilities = _modern_envelope(message)
@@ -7827,6 +7834,14 @@ def _modern_version(version: Any) -> str:
     return version
 
 
+def _modern_version_header() -> str:
+    header = bottle.request.get_header("MCP-Protocol-Version")
+    if header is None:   # said as missing, not as a mismatch with the version in _meta
+        raise McpError(MCP_HEADER_MISMATCH, "The MCP-Protocol-Version header is missing: protocol 2026-07-28 sends "
+                                            "it with every request, the same as the version in params._meta.", 400)
+    return header
+
+
 def _modern_envelope(message: dict) -> Any:
     """The request's _meta checked as the specification says (envelope, then headers, then
     version); the client's capabilities for this request."""
@@ -7838,8 +7853,8 @@ def _modern_envelope(message: dict) -> Any:
     absent = [key for key in (MCP_META_VERSION, MCP_META_CAPABILITIES) if key not in meta]
     if absent:
         raise McpError(JSONRPC_INVALID_PARAMS, f"params._meta is missing {_and_list(absent)}.", 400)
-    version, header = meta[MCP_META_VERSION], bottle.request.get_header("MCP-Protocol-Version")
-    if header is None or header != version:
+    version, header = meta[MCP_META_VERSION], _modern_version_header()
+    if header != version:
         raise McpError(MCP_HEADER_MISMATCH, "The MCP-Protocol-Version header must match the protocol version in "
                                             "params._meta.", 400)
     if bottle.request.get_header("Mcp-Method") != message.get("method"):
@@ -7847,8 +7862,12 @@ def _modern_envelope(message: dict) -> Any:
     name = params.get("name") if message.get("method") == "tools/call" else None
     if name is not None and _header_value(bottle.request.get_header("Mcp-Name")) != name:
         raise McpError(MCP_HEADER_MISMATCH, "The Mcp-Name header must match the tool's name in params.", 400)
+    capabilities = meta[MCP_META_CAPABILITIES]
+    if not isinstance(capabilities, dict):   # as initialize refuses them: a client not understood
+        raise McpError(JSONRPC_INVALID_PARAMS, f"params._meta's {MCP_META_CAPABILITIES!r} must be an object, not "
+                                               f"{_json_type(capabilities)}.", 400)
     _modern_version(version)
-    return meta[MCP_META_CAPABILITIES]
+    return capabilities
 
 
 def _header_value(value: Optional[str]) -> Optional[str]:
@@ -7889,20 +7908,21 @@ def _mcp_stream(service: Service, call: McpCall, started: float) -> Iterator[byt
 def _mcp_batch(service: Service, sessions: McpSessions, batch: list, started: float) -> str:
     """A JSON-RPC batch, which only 2025-03-26 allows: each message answered at once, the
     answers in one array (none at all: 202)."""
+    if not batch:   # JSON-RPC's own answer to [], whatever the session
+        raise McpError(JSONRPC_INVALID_REQUEST, "The batch is empty: send one message, or an array of them.", 400)
     version = _handshake_version()
     session = _mcp_session(sessions)
     if session.version not in MCP_BATCH_VERSIONS or version not in MCP_BATCH_VERSIONS:
         raise McpError(JSONRPC_INVALID_REQUEST, f"JSON-RPC batches are part of protocol {MCP_BATCH_VERSIONS[0]} only; "
                                                 f"this session speaks {session.version}: send one message per "
                                                 "request.", 400)
-    if not batch:
-        raise McpError(JSONRPC_INVALID_REQUEST, "The batch is empty.", 400)
     replies = []
     for item in batch:
         try:
             reply = mcp_reply(service, session, _mcp_message(item))
         except McpError as exc:
-            reply = _jsonrpc(item.get("id") if isinstance(item, dict) else None, error=exc)
+            reply = _jsonrpc(item.get("id") if isinstance(item, dict) and _is_jsonrpc_id(item.get("id")) else None,
+                             error=exc)
         if reply is not None:
             replies.append(reply)
     if not replies:
@@ -7935,17 +7955,27 @@ def _mcp_body() -> Any:
         raise McpError(JSONRPC_INVALID_REQUEST, exc.message, exc.status) from None
     try:
         return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise McpError(JSONRPC_PARSE_ERROR, "The body is not valid JSON.", 400) from None
+    except (UnicodeDecodeError, ValueError):
+        raise McpError(JSONRPC_PARSE_ERROR, "The request body is not valid JSON.", 400) from None
+    except RecursionError:   # valid JSON, but past what can be read: the same words as on /openai
+        raise McpError(JSONRPC_PARSE_ERROR, "The request body is nested too deeply.", 400) from None
 
 
 def _mcp_message(message: Any) -> dict:
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
         raise McpError(JSONRPC_INVALID_REQUEST, "Send a JSON-RPC 2.0 message: an object with \"jsonrpc\": \"2.0\".",
                        400)
+    if not _is_jsonrpc_id(message.get("id")):
+        raise McpError(JSONRPC_INVALID_REQUEST, f"'id' must be a string, a number or null, not "
+                                                f"{_json_type(message['id'])}.", 400)
     if message.get("method") is not None and not isinstance(message["method"], str):
         raise McpError(JSONRPC_INVALID_REQUEST, "'method' must be a string.", 400)
     return message
+
+
+def _is_jsonrpc_id(value: Any) -> bool:
+    """JSON-RPC's ids: a string, a number or null (a refused message's error goes out with null)."""
+    return value is None or isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
 def _mcp_session(sessions: McpSessions) -> McpSession:

@@ -3967,6 +3967,46 @@ def test_mcp_batches_are_answered_under_2025_03_26_which_allows_them(start):
     assert post([{"jsonrpc": "2.0", "method": "notifications/initialized"}], **session).status_code == 202
 
 
+def test_mcp_refuses_ids_params_batches_and_bodies_json_rpc_does_not_allow_with_its_own_errors(start):
+    server = start()
+
+    def post(body, **headers):
+        return requests.post(server.url + "/mcp", data=body if isinstance(body, bytes) else json.dumps(body),
+                             timeout=10, headers={"Content-Type": "application/json",
+                                                  "Accept": "application/json, text/event-stream", **headers})
+    for odd in ({"a": 1}, [1], True):   # JSON-RPC ids are strings, numbers or null
+        refused = post({"jsonrpc": "2.0", "id": odd, "method": "initialize", "params": {}})
+        assert refused.status_code == 400 and refused.json()["id"] is None, odd
+        assert refused.json()["error"]["code"] == -32600 and "'id' must be a string, a number or null" in \
+            refused.json()["error"]["message"]
+    for params, named in (({"capabilities": 5}, "params.capabilities"), ({"protocolVersion": 5},
+                                                                           "params.protocolVersion"), (5, "params")):
+        refused = post({"jsonrpc": "2.0", "id": 3, "method": "initialize", "params": params})
+        assert refused.status_code == 400 and "Mcp-Session-Id" not in refused.headers
+        assert refused.json()["id"] == 3 and refused.json()["error"]["code"] == -32602
+        assert f"initialize's {named!r} must be" in refused.json()["error"]["message"]
+    empty = post([])   # JSON-RPC's invalid request, before any talk of sessions
+    assert empty.status_code == 400 and empty.json()["id"] is None and empty.json()["error"]["code"] == -32600
+    assert "batch is empty" in empty.json()["error"]["message"]
+    deep = post(b"[" * 5000 + b"]" * 5000)   # said as /openai says it
+    assert deep.status_code == 400 and deep.json()["error"] == {"code": -32700,
+                                                                "message": "The request body is nested too deeply."}
+    session = {"Mcp-Session-Id": post({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-03-26", "capabilities": {}}}).headers["Mcp-Session-Id"]}
+    odd, fine = post([{"jsonrpc": "2.0", "id": {"a": 1}, "method": "ping"}, {"jsonrpc": "2.0", "id": 2,
+                                                                            "method": "ping"}], **session).json()
+    assert odd["id"] is None and odd["error"]["code"] == -32600 and fine == {"jsonrpc": "2.0", "id": 2, "result": {}}
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+    unheaded = post({"jsonrpc": "2.0", "id": 7, "method": "server/discover", "params": {"_meta": meta}},
+                    **{"Mcp-Method": "server/discover"})
+    assert unheaded.status_code == 400 and unheaded.json()["error"]["code"] == -32020
+    assert "MCP-Protocol-Version header is missing" in unheaded.json()["error"]["message"]
+    numbered = post({"jsonrpc": "2.0", "id": 8, "method": "tools/list", "params": {"_meta": {
+        **meta, "io.modelcontextprotocol/clientCapabilities": 5}}}, **{"Mcp-Method": "tools/list",
+                                                                       "MCP-Protocol-Version": "2026-07-28"})
+    assert numbered.status_code == 400 and numbered.json()["error"]["code"] == -32602
+
+
 def test_mcp_2026_requests_are_checked_against_their_envelope_and_headers(start):
     server = start()
     meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
@@ -4035,8 +4075,8 @@ def test_mcp_odd_answers_and_arguments_end_with_a_result_and_a_rebinding_host_is
     initialized = requests.post(server.url + "/mcp", timeout=10, json={
         "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}})
     answer = requests.post(server.url + "/mcp", timeout=10, headers={
-        "Mcp-Session-Id": initialized.headers["Mcp-Session-Id"]}, json={"jsonrpc": "2.0", "id": [1], "result": {}})
-    assert answer.status_code == 202
+        "Mcp-Session-Id": initialized.headers["Mcp-Session-Id"]}, json={"jsonrpc": "2.0", "id": "x", "result": 5})
+    assert answer.status_code == 202   # an answer to no elicitation of ours: nothing waits for it
     rebound = requests.post(server.url + "/mcp", timeout=10, headers={"Origin": "http://attacker.example:1",
                                                                       "Host": "attacker.example:1"},
                             json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}})
