@@ -4097,6 +4097,15 @@ def test_the_agents_sdk_calls_the_trip_planner_with_only_a_destination_and_hears
     assert "- budget:" in result.content[0].text and "- travel_dates:" in result.content[0].text
 
 
+def test_the_readmes_python_mcp_code_reads_is_error_as_the_mcp_sdk_names_it():
+    mcp_types = pytest.importorskip("mcp_types")
+    assert mcp_types.CallToolResult.model_fields["is_error"].alias == "isError"   # isError on the wire only
+    blocks = [block for block in readme_blocks("python") if "call_tool(" in block]
+    assert blocks and any("result.is_error" in block for block in blocks)
+    assert not any("isError" in line for block in blocks for line in block.splitlines()
+                   if "#" not in line)   # code, not a comment naming the wire's field
+
+
 def test_a_request_state_opens_only_for_its_tool_with_its_key_unaltered_and_in_time():
     key = cozyopenai.mcp_state_key("shared secret")
     assert key == cozyopenai.mcp_state_key("shared secret") and key != cozyopenai.mcp_state_key("another")
