@@ -7539,12 +7539,16 @@ class McpCall:
             values, problems = self._read_arguments()
             refused = [(name, reason) for name, reason in problems.items()   # given, optional, bad: never the default
                        if name in self.arguments and workflow.query_inputs[name].optional]
-            if refused or unknown:
+            request = self.arguments.get(REQUEST_ARGUMENT)
+            untold = [] if request is None or isinstance(request, str) else [as_written(request)]   # never skipped
+            if refused or unknown or untold:
                 yield self._result("Not run: " + "; ".join(
                     [f"the argument {name!r} is not valid ({reason}); correct it, or leave it out for its default "
                      f"({shown_value(workflow.query_inputs[name].default)})" for name, reason in refused]
                     + [f"there is no argument {name!r} (the tool takes {_and_list(list(workflow.query_inputs))} "
-                       f"and {REQUEST_ARGUMENT!r})" for name in unknown]) + ".", is_error=True)
+                       f"and {REQUEST_ARGUMENT!r})" for name in unknown]
+                    + [f"the argument {REQUEST_ARGUMENT!r} must be text, what you want in words, not {written}"
+                       for written in untold]) + ".", is_error=True)
                 return
             asked = 0
         while True:
