@@ -173,7 +173,7 @@ RECORD_VERSION = 2                        # conversation records: 1 held one mut
 LEGACY_SNAPSHOT = "version-1"             # the key of the one snapshot a version-1 record becomes
 MAX_ASKS_PER_INPUT = 3                    # then say so and offer to start over, instead of asking forever
 MAX_DIRECT_REPLY_WORDS = 4                # a longer reply to "where to?" is a sentence, not a destination
-MAX_NUMBER_VALUE = 10 ** 15                # a number beyond this is a slip, never a budget, count or year
+MAX_NUMBER_VALUE = 10 ** 15               # a number beyond this is a slip, never a budget, count or year
 CONTEXT_TURNS = 6                         # earlier messages shown to the extraction call
 CHARS_PER_TOKEN = 4                       # for the estimated `usage` figures
 REDACTED = "[redacted]"
@@ -4667,7 +4667,7 @@ def is_period(tokens: Sequence[Token]) -> bool:
 
 def field_value(query: QueryInput, raw: Any) -> Any:
     """A value given in a field of its own (an MCP argument, a form's answer), held to what
-    chat holds a direct answer to (_fits, _could_be), then coerced as chat coerces it: a date
+    chat holds a direct answer to (is_period, _could_be), then coerced as chat coerces it: a date
     needs a period or a date ("42" is neither), a place or a text needs words (not a number, a
     yes/no or "tell me more"). A month's name alone is a date here: in chat, "May" may be the
     verb; in a field for dates it is not. ValueError says why not, in words for the user."""
