@@ -172,6 +172,7 @@ ANSWERED_KEPT = 8                         # answers a conversation keeps by requ
 RECORD_VERSION = 2                        # conversation records: 1 held one mutable state, 2 holds snapshots
 LEGACY_SNAPSHOT = "version-1"             # the key of the one snapshot a version-1 record becomes
 MAX_ASKS_PER_INPUT = 3                    # then say so and offer to start over, instead of asking forever
+TRANSPORT_LOGGERS = ("httpx", "httpx2", "httpcore")   # the openai client's HTTP libraries, by release
 MAX_DIRECT_REPLY_WORDS = 4                # a longer reply to "where to?" is a sentence, not a destination
 CONTEXT_TURNS = 6                         # earlier messages shown to the extraction call
 CHARS_PER_TOKEN = 4                       # for the estimated `usage` figures
@@ -697,6 +698,15 @@ def shown_value(value: Any) -> str:
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     return str(value)
+
+
+def shown_url(url: str) -> str:
+    """A URL as logs and listings may show it: scheme, host, port and path, never a user name,
+    a password or a query (an upstream's key is often passed in one)."""
+    parts = urlsplit(str(url))
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else "(not a URL)"
 
 
 class Redactor:
@@ -8819,6 +8829,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     arguments = parse_arguments(argv, os.environ)
     logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    # The openai client's HTTP library logs each call's whole URL at INFO, credentials and
+    # all, and a line per call besides ours: only its warnings are kept.
+    for name in TRANSPORT_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         app = make_app(**_config_from_arguments(arguments))
     except (WorkflowFileError, ConfigError) as exc:
@@ -8867,7 +8881,7 @@ def startup_summary(service: "Service") -> str:
     """What a server runs with, in one line: version, models and their file, store, LLM, keys."""
     describe = getattr(service.store, "describe", None)
     where = describe() if describe else type(service.store).__name__
-    llm = (f"{service.llm.settings.base_url} model {service.llm.settings.model}" if service.llm
+    llm = (f"{shown_url(service.llm.settings.base_url)} model {service.llm.settings.model}" if service.llm
            else "none: the simple reader")
     return (f"cozyopenai {__version__}: {len(service.workflows)} models ({', '.join(service.workflows)}) from "
             f"{service.workflows_source}; store: {where}; LLM: {llm}; API keys: "

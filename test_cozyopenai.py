@@ -4374,6 +4374,22 @@ def test_one_log_line_per_request_even_when_the_wsgi_server_configures_logging_l
 # Server and command line
 ####################################################################################
 
+def test_the_llms_credentials_never_reach_the_log_at_start_up_nor_on_each_call(fake_llm):
+    fake_llm.extractions = {"Trip to Oslo": {"destination": "Oslo"}}
+    base = fake_llm.url.replace("http://", "http://alice:S3cretPassw0rd99@") + "/v1"
+    with command_line_server("--store", "memory", "--llm-base-url", base, "--llm-model", "fake-model") as server:
+        server_chat(server, "trip-planner", "Trip to Oslo")
+        assert fake_llm.calls, "the LLM was never called"
+        server.process.terminate()
+        output = server.process.communicate(timeout=15)[0].decode()
+    assert "S3cretPassw0rd99" not in output and "alice" not in output
+    assert "HTTP Request" not in output and f"LLM: {fake_llm.url}/v1 model fake-model" in output
+
+
+def test_a_url_is_shown_without_its_user_password_or_query():
+    assert cozyopenai.shown_url("http://alice:pw@127.0.0.1:8091/v1?api-key=QK") == "http://127.0.0.1:8091/v1"
+
+
 def test_importing_the_module_has_no_side_effects(tmp_path):
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import cozyopenai"],
                    cwd=tmp_path, check=True, timeout=30)
