@@ -67,7 +67,7 @@ __all__ = [
     "Metrics", "Store", "RedisStore", "CozyError", "WorkflowFileError", "ConfigError", "StoreUnavailable",
     "NodeFailed", "UpstreamError", "RequestError",
     "UnauthorizedError", "NotFoundError", "ModelNotFoundError", "MethodNotAllowedError",
-    "BodyTooLargeError", "UnsupportedMediaTypeError", "HeadersTooLargeError", "UriTooLongError",
+    "BodyTooLargeError", "UnsupportedMediaTypeError", "ForbiddenOriginError", "HeadersTooLargeError", "UriTooLongError",
     "RequestTimeoutError", "ServerBusyError", "LLMError", "LLMTimeout", "McpError",
     "mcp_state_key", "seal_request_state", "open_request_state",
 ]
@@ -218,6 +218,7 @@ class ModelNotFoundError(NotFoundError): code = "model_not_found"
 class MethodNotAllowedError(RequestError): status, code = 405, "method_not_allowed"
 class BodyTooLargeError(RequestError): status, code = 413, "request_too_large"
 class UnsupportedMediaTypeError(RequestError): status, code = 415, "unsupported_media_type"
+class ForbiddenOriginError(RequestError): status, code = 403, "origin_not_allowed"   # another site's page
 class RequestTimeoutError(RequestError): status, code = 408, "request_timeout"   # a body that stopped arriving
 class HeadersTooLargeError(RequestError): status, code = 431, "request_header_fields_too_large"
 class UriTooLongError(RequestError): status, code = 414, "uri_too_long"
@@ -6025,6 +6026,16 @@ def check_key(api_keys: Sequence[str], authorization: str) -> None:
         raise UnauthorizedError("Missing or wrong API key: send 'Authorization: Bearer <key>'.")
 
 
+def check_origin(origins: Sequence[str]) -> None:
+    """A browser's Origin must be this machine's (loopback) or one given with --cors-origin:
+    without it any page the user opens could drive the workflows (a form or a text/plain
+    POST needs no preflight), and DNS rebinding makes "the same as Host" no test at all."""
+    origin = bottle.request.get_header("Origin")
+    if origin and origin not in origins and "*" not in origins:
+        if (urlsplit(origin).hostname or "") not in ("localhost", "127.0.0.1", "::1"):
+            raise ForbiddenOriginError(f"Origin {origin!r} is not allowed here; give it with --cors-origin.")
+
+
 def read_body() -> bytes:
     """The request body, read under our own limit (Bottle's MEMFILE_MAX is a global and 100 KB).
     The framing was checked at the edge (check_framing); a chunked body comes decoded by the
@@ -7890,12 +7901,10 @@ def _mcp_guard(service: Service, origins: Sequence[str]) -> None:
         check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
     except UnauthorizedError as exc:
         raise McpError(JSONRPC_INVALID_REQUEST, exc.message, 401) from None
-    origin = bottle.request.get_header("Origin")
-    if origin and origin not in origins and "*" not in origins:
-        # Not "the same as Host": under DNS rebinding the attacker's page and Host name match.
-        if (urlsplit(origin).hostname or "") not in ("localhost", "127.0.0.1", "::1"):
-            raise McpError(JSONRPC_INVALID_REQUEST, f"Origin {origin!r} is not allowed here; give it with "
-                                                    "--cors-origin.", 403)
+    try:
+        check_origin(origins)
+    except ForbiddenOriginError as exc:
+        raise McpError(JSONRPC_INVALID_REQUEST, exc.message, 403) from None
 
 
 def _mcp_body() -> Any:
@@ -8250,7 +8259,7 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         app.route("/openai/<path:path>", "OPTIONS", lambda path: "")   # preflight; headers from the hook
         app.route("/mcp", "OPTIONS", lambda: "")
         app.add_hook("after_request", lambda: _allow_origin(cors_origins))
-    app.add_hook("before_request", lambda: _guard_the_edge(service, preflight=bool(cors_origins)))
+    app.add_hook("before_request", lambda: _guard_the_edge(service, cors_origins or ()))
     app.default_error_handler = _error_page
     app.config["cozyopenai.service"] = service
     return app
@@ -8295,15 +8304,18 @@ def check_framing(environ: Mapping[str, Any]) -> None:
         raise HeadersTooLargeError(f"The request's header fields are over the limit of {MAX_HEADER_BYTES} bytes.")
 
 
-def _guard_the_edge(service: Service, preflight: bool) -> None:
+def _guard_the_edge(service: Service, origins: Sequence[str]) -> None:
     """Before any route: the framing, then the API key on every path it guards, so that an
-    unknown path under /openai is a 401 without a key (a 404 would tell what exists). A
-    CORS preflight carries no key: with origins allowed, OPTIONS passes."""
+    unknown path under /openai is a 401 without a key (a 404 would tell what exists), then
+    a browser's Origin on anything that changes state. A CORS preflight carries no key: with
+    origins allowed, OPTIONS passes."""
     environ, path = bottle.request.environ, bottle.request.path
     try:
         check_framing(environ)
-        if service.api_keys and is_keyed_path(path) and not (preflight and bottle.request.method == "OPTIONS"):
+        if service.api_keys and is_keyed_path(path) and not (origins and bottle.request.method == "OPTIONS"):
             check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
+        if bottle.request.method not in ("GET", "HEAD", "OPTIONS") and not path.startswith("/mcp"):
+            check_origin(origins)   # /mcp answers its own refusal, in JSON-RPC
     except CozyError as exc:
         _log_line(bottle.request.method, path, exc.status, {}, time.monotonic())
         raise bottle.HTTPResponse(edge_error_body(path, exc), exc.status, {"Content-Type": "application/json"})

@@ -4326,6 +4326,21 @@ def test_cors_preflight_and_responses_allow_the_configured_origin(start):
     assert "Access-Control-Allow-Origin" not in models.headers
 
 
+def test_another_sites_page_cannot_drive_the_workflows_and_the_allowed_and_loopback_origins_can(start):
+    server = start(cors_origins=["https://app.example"])
+    body = json.dumps({"model": "trip-planner", "messages": [{"role": "user", "content": "Trip to Rome"}]})
+    for path in ("/openai/chat/completions", "/openai/responses"):
+        refused = requests.post(server.url + path, data=body, timeout=5,   # a browser's simple request
+                                headers={"Origin": "http://evil.example", "Content-Type": "text/plain"})
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "origin_not_allowed" and "--cors-origin" in refused.json()["error"]["message"]
+    for origin in ("https://app.example", "http://localhost:3000"):
+        allowed = requests.post(server.url + "/openai/chat/completions", data=body, timeout=5,
+                                headers={"Origin": origin, "Content-Type": "application/json"})
+        assert allowed.status_code == 200, allowed.text
+    assert requests.post(server.url + "/openai/chat/completions", data=body, timeout=5).status_code == 200
+
+
 def test_the_home_page_lists_the_models_for_people_and_api_clients_are_told_where_the_api_is(start):
     secret = workflow(fixed_inputs={"api_token": "sk-hidden-1234567890abcdef"}, nodes=[
         {"id": "say", "type": "template", "inputs": {"template": "{word}", "word": {"query": "word"},
