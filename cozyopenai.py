@@ -174,6 +174,7 @@ LEGACY_SNAPSHOT = "version-1"             # the key of the one snapshot a versio
 MAX_ASKS_PER_INPUT = 3                    # then say so and offer to start over, instead of asking forever
 TRANSPORT_LOGGERS = ("httpx", "httpx2", "httpcore")   # the openai client's HTTP libraries, by release
 MAX_DIRECT_REPLY_WORDS = 4                # a longer reply to "where to?" is a sentence, not a destination
+READ_MAX_CHARS = 16000                    # of a message, read: its first and last halves (a 6 MB one held a thread for a minute)
 CONTEXT_TURNS = 6                         # earlier messages shown to the extraction call
 CHARS_PER_TOKEN = 4                       # for the estimated `usage` figures
 REDACTED = "[redacted]"
@@ -3398,12 +3399,27 @@ def _is_a_written_value(line: str) -> bool:
     return value[:1] in "{[" or bool(whole)
 
 
+LONG_MESSAGE_NOTE = (f"The message is long: only its first and last {READ_MAX_CHARS // 2:,} characters "
+                     "were read.")
+
+
+def within_reading_limit(text: str) -> str:
+    """A message as far as it is read: all of it, or its first and last halves of
+    READ_MAX_CHARS characters. What a user states is there, at the start or at the end of
+    what they pasted; reading megabytes would hold a thread for a minute."""
+    if len(text) <= READ_MAX_CHARS:
+        return text
+    half = READ_MAX_CHARS // 2
+    return text[:half] + "\n" + text[len(text) - (READ_MAX_CHARS - half - 1):]
+
+
 def user_words(text: str, history: Sequence[dict] = ()) -> str:
     """The user's own words in a message, cleaned for reading. Invisible marks go (a NUL, a
     bidirectional mark or a lone surrogate inside or before a name would hide it), and so does
     what is only context, which must never give values over the user's own words: fenced
     code blocks, quoted lines ("> ..."), passages of several words in quotation marks and lines
     pasted from one of our earlier replies. Amounts in words are put in digits ("deux mille")."""
+    text = within_reading_limit(text)
     text = CODE_FENCE_PATTERN.sub("\n", INVISIBLE_PATTERN.sub("", text))
     ours = [" ".join(_fold(message["content"]).split()) for message in history if message.get("role") == "assistant"]
     kept = []
@@ -4017,8 +4033,11 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     (amounts, periods, years, names after a place word or a cue, choices, yes/no topics)
     assigned to inputs by their kind. One candidate for an input is accepted; competing
     ones are asked about; what the message rules out is never taken."""
+    long = len(text) > READ_MAX_CHARS
     text = user_words(text, history)
     extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(_fold(text)) else "provide")
+    if long:
+        extraction.notes.append(LONG_MESSAGE_NOTE)
     reading = Reading(tokens=tokenize(text))
     if extraction.intent == "cancel":
         return extraction, reading
@@ -4770,7 +4789,8 @@ def extraction_messages(workflow: Workflow, conversation: Conversation, history:
         inputs.append(line)
     context = ""
     if history:
-        turns = "\n".join(f"{message['role']}: {message['content']}" for message in history[-CONTEXT_TURNS:])
+        turns = "\n".join(f"{message['role']}: {within_reading_limit(str(message['content']))}"
+                          for message in history[-CONTEXT_TURNS:])
         context = f"\nEarlier turns (context only):\n{turns}\n"
     keys = ", ".join(f'"{name}": null' for name in workflow.query_inputs)
     prompt = EXTRACTION_PROMPT.format(name=workflow.name, description=workflow.description,
@@ -4866,8 +4886,11 @@ def extract(llm: Optional[LLMClient], workflow: Workflow, conversation: Conversa
     """Read the new message: the deterministic floor always, and the LLM on top when there
     is one (a failing LLM leaves the floor's reading, with a note). ``asks``: a question for
     what is left open may be written in the same call (not for MCP, which asks by a form)."""
+    long = len(text) > READ_MAX_CHARS
     text = user_words(text, history)
     floor, reading = read_floor(workflow, conversation, text, history)
+    if long:
+        floor.notes.append(LONG_MESSAGE_NOTE)
     return floor if llm is None else extract_on_floor(llm, workflow, conversation, history, text, floor, reading, asks)
 
 

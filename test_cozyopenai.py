@@ -2432,6 +2432,14 @@ def test_a_month_input_takes_every_tables_names_of_its_months_but_ambiguous_ones
     assert cozyopenai.extract_offline(calendar, new_conversation("month-calendar"), text).values == expected
 
 
+def test_a_message_over_the_reading_limit_is_read_in_its_first_and_last_parts_and_says_so(trip_planner):
+    text = "Trip to Rome in May. " + "1 " * 3_000_000 + "budget 2000 euros"
+    extraction = cozyopenai.extract_offline(trip_planner, new_conversation(), text)
+    assert extraction.values == {"destination": "Rome", "travel_dates": "May", "budget": 2000}
+    assert extraction.notes == [cozyopenai.LONG_MESSAGE_NOTE]
+    assert len(cozyopenai.within_reading_limit(text)) == cozyopenai.READ_MAX_CHARS
+
+
 def test_folded_pattern_matches_a_folded_word_as_written_with_accents():
     pattern = re.compile(r"\b(?:" + cozyopenai.folded_pattern(["e", "sao"]) + r")\b")
     assert pattern.search("il budget è 600") and pattern.search("eles são") and not pattern.search("bien sûr")
