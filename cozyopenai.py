@@ -2530,7 +2530,7 @@ ENGLISH = Language(
     excess="too overly",
     past="last ago previous",
     greetings="hi hello hey dear",
-    wishes="want wanna like wish would", changes="make change switch set turn go",
+    wishes="want wanna like wish would", changes="make change changed switch set turn go",
     months=("january jan", "february feb", "march mar", "april apr", "may", "june jun", "july jul",
             "august aug", "september sep sept", "october oct", "november nov", "december dec"),
     weekdays="monday tuesday wednesday thursday friday saturday sunday",
@@ -2558,7 +2558,7 @@ ENGLISH = Language(
     except_openers="anywhere anything everywhere everything all any somewhere",
     except_words="but",
     contrasts="but rather instead",
-    preferences="rather instead prefer",
+    preferences="rather instead prefer finally",
     alternatives="or",
     hedges="maybe perhaps possibly somewhere probably",
     name_joiners="upon on",
@@ -2577,7 +2577,7 @@ ENGLISH = Language(
                     "instead but and also then",
     phrase_starts="a an the with for of in to that which and or is are was will yet not still any some you "
                   "should would could as doesn don isn no none nothing never really tbd unknown undecided",
-    copulas="is are", label_links="of", thousands="thousand grand",
+    copulas="is are", label_links="of now", thousands="thousand grand",
     common_words="whether with that this from they their them user users there what when which will would should "
                  "have does into also only more than some very your about name number value true false",
     currency_words="dollar dollars bucks pound pounds quid euro euros",
@@ -2602,7 +2602,7 @@ FRENCH = Language(
     excess="trop",
     past="dernier derniere passe passee",
     greetings="bonjour salut bonsoir coucou",
-    wishes="veux voudrais veut voulons aimerais voulais", changes="mets passe change rends",
+    wishes="veux voudrais veut voulons aimerais voulais", changes="mets passe change rends faisons",
     months=("janvier", "fevrier", "mars", "avril", "mai", "juin", "juillet", "aout", "septembre", "octobre",
             "novembre", "decembre"),
     weekdays="lundi mardi mercredi jeudi vendredi samedi dimanche",
@@ -2626,7 +2626,7 @@ FRENCH = Language(
     corrections="pardon",
     negations="pas non sans sauf jamais ni aucun aucune",
     contrasts="mais plutot",
-    preferences="plutot prefere prefererais",
+    preferences="plutot prefere prefererais finalement",
     alternatives="ou",
     hedges="peut-etre peutetre",
     name_joiners="de la le sur en",
@@ -2639,7 +2639,7 @@ FRENCH = Language(
     yes="oui vrai",
     no="non faux",
     sentence_starts="je j nous moi non oui plutot",
-    copulas="est sont", label_links="de", thousands="mille",
+    copulas="est sont", label_links="de maintenant desormais", thousands="mille",
     currency_words="euro euros franc francs balles",
     cardinals="zero:0 un:1 une:1 deux:2 trois:3 quatre:4 cinq:5 six:6 sept:7 huit:8 neuf:9 dix:10 onze:11 "
               "douze:12 treize:13 quatorze:14 quinze:15 seize:16 vingt:20 vingts:20 trente:30 quarante:40 "
@@ -2696,7 +2696,7 @@ GERMAN = Language(
     yes="ja wahr",
     no="nein falsch",
     sentence_starts="ich wir mein meine nein ja lieber",
-    copulas="ist sind", label_links="von", thousands="tausend",
+    copulas="ist sind", label_links="von jetzt nun", thousands="tausend",
     currency_words="franken pfund",
     cardinals="null:0 ein:1 eins:1 eine:1 zwei:2 drei:3 vier:4 funf:5 fuenf:5 sechs:6 sieben:7 acht:8 neun:9 "
               "zehn:10 elf:11 zwolf:12 zwoelf:12 dreizehn:13 vierzehn:14 funfzehn:15 sechzehn:16 siebzehn:17 "
@@ -2716,7 +2716,7 @@ SPANISH = Language(
     excess="demasiado demasiada",
     past="pasado pasada anterior",
     greetings="hola buenas",
-    wishes="quiero quisiera queremos queria", changes="hazlo haz pon cambia ponlo",
+    wishes="quiero quisiera queremos queria", changes="hazlo haz pon cambia ponlo hagamos",
     months=("enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre setiembre",
             "octubre", "noviembre", "diciembre"),
     weekdays="lunes martes miercoles jueves viernes sabado domingo",
@@ -2739,7 +2739,7 @@ SPANISH = Language(
     corrections="bueno perdon perdona",
     negations="sin excepto salvo menos nunca nada ningun ninguno ninguna",
     contrasts="pero sino mejor",
-    preferences="mejor prefiero",
+    preferences="mejor prefiero finalmente",
     alternatives="o u",
     hedges="quizas quiza tal",
     name_joiners="de del la y",
@@ -2751,7 +2751,7 @@ SPANISH = Language(
     yes="si verdadero",
     no="no falso",
     sentence_starts="yo quiero queremos mi mejor",
-    copulas="es son", label_links="de", thousands="mil",
+    copulas="es son", label_links="de ahora", thousands="mil",
     currency_words="peso pesos dolar dolares pavos libra libras",
     cardinals="cero:0 un:1 uno:1 una:1 dos:2 tres:3 cuatro:4 cinco:5 seis:6 siete:7 ocho:8 nueve:9 diez:10 "
               "once:11 doce:12 trece:13 catorce:14 quince:15 dieciseis:16 diecisiete:17 dieciocho:18 "
@@ -2773,7 +2773,7 @@ ITALIAN = Language(
     excess="troppo troppa",
     past="scorso scorsa",
     greetings="ciao salve buongiorno buonasera",
-    wishes="voglio vorrei vogliamo volevo", changes="fallo fai metti cambia rendilo",
+    wishes="voglio vorrei vogliamo volevo", changes="fallo fai metti cambia rendilo facciamo",
     months=("gennaio", "febbraio", "marzo", "aprile", "maggio", "giugno", "luglio", "agosto", "settembre",
             "ottobre", "novembre", "dicembre"),
     weekdays="lunedi martedi mercoledi giovedi venerdi sabato domenica",
@@ -2797,7 +2797,7 @@ ITALIAN = Language(
     corrections="anzi scusa scusate",
     negations="senza tranne eccetto mai ne niente nessun nessuno nessuna",
     contrasts="ma piuttosto invece",
-    preferences="meglio piuttosto invece preferisco",
+    preferences="meglio piuttosto invece preferisco finalmente",
     alternatives="o oppure",
     hedges="forse magari",
     name_joiners="di da",
@@ -2809,7 +2809,7 @@ ITALIAN = Language(
     yes="si vero",
     no="no falso",
     sentence_starts="io vorrei mi meglio",
-    copulas="e sono", label_links="di", thousands="mila mille",
+    copulas="e sono", label_links="di ora adesso", thousands="mila mille",
     currency_words="dollari sterlina sterline",
     cardinals="zero:0 uno:1 una:1 un:1 due:2 tre:3 quattro:4 cinque:5 sei:6 sette:7 otto:8 nove:9 dieci:10 "
               "undici:11 dodici:12 tredici:13 quattordici:14 quindici:15 sedici:16 diciassette:17 diciotto:18 "
@@ -2830,7 +2830,7 @@ PORTUGUESE = Language(
     excess="demais demasiado",
     past="passado passada",
     greetings="ola oi",
-    wishes="quero queria queremos", changes="faz faca coloca muda deixa",
+    wishes="quero queria queremos", changes="faz faca coloca muda deixa fazemos",
     months=("janeiro", "fevereiro", "marco", "abril", "maio", "junho", "julho", "agosto", "setembro",
             "outubro", "novembro", "dezembro"),
     weekdays="segunda terca quarta quinta sexta sabado domingo",
@@ -2853,7 +2853,7 @@ PORTUGUESE = Language(
     corrections="desculpa desculpe perdao",
     negations="nao nem sem nunca exceto nenhum nenhuma",
     contrasts="mas prefiro antes",
-    preferences="prefiro antes melhor",
+    preferences="prefiro antes melhor finalmente",
     alternatives="ou",
     hedges="talvez quica",
     name_joiners="de do da dos das",
@@ -2865,7 +2865,7 @@ PORTUGUESE = Language(
     yes="sim verdadeiro",
     no="nao falso",
     sentence_starts="eu quero queremos meu minha prefiro",
-    copulas="e sao", label_links="de", thousands="mil",
+    copulas="e sao", label_links="de agora", thousands="mil",
     currency_words="real reais libra libras",
     cardinals="zero:0 um:1 uma:1 dois:2 duas:2 tres:3 quatro:4 cinco:5 seis:6 sete:7 oito:8 nove:9 dez:10 "
               "onze:11 doze:12 treze:13 catorze:14 quatorze:14 quinze:15 dezesseis:16 dezasseis:16 "
@@ -3122,7 +3122,7 @@ RERUN_PATTERN = _phrase_pattern("rerun_phrases", whole=False)
 _RANGE = "|".join(map(re.escape, sorted(RANGE_WORDS, key=len, reverse=True)))
 _RANGE_OR_AND = "|".join(map(re.escape, sorted(RANGE_WORDS | AND_WORDS, key=len, reverse=True)))
 # A number right after its label ("budget: 1500", "budget of 2000"), not the start of a range ("1500-2000").
-LABELLED_NUMBER = (r"\b(?:\s*(?:(?:" + "|".join(map(re.escape, sorted(COPULAS | LABEL_LINKS))) + r")\b|=|:)){0,2}\s*[$€£¥]?\s*"
+LABELLED_NUMBER = (r"\b(?:\s*(?:(?:" + "|".join(map(re.escape, sorted(COPULAS | LABEL_LINKS))) + r")\b|=|:)){0,3}\s*[$€£¥]?\s*"
                    r"(-?\d{1,3}(?: \d{3})+(?![\d.,]?\d)|-?\d[\d.,'’\u00a0\u202f]*(?:\s*" + _THOUSAND + r")?)"
                    r"(?![\d.,]*\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d)")
 RANGE_AFTER_PATTERN = re.compile(r"\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d", re.I)
@@ -4169,14 +4169,14 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
             if leads is None:   # the last word of each cue, once per input
                 leads = query.derived["cue_leads"] = frozenset(_fold(cue).split()[-1] for cue in query.cues)
             only_place = kind == "place" and len(places) == 1
-            if only_place:   # the workflow's one place: "a trip to Rome", "rather Rome", "I want Rome"
-                leads |= PLACE_LEADS | PREFERENCES | WISHES
+            if only_place:   # the workflow's one place: "a trip to Rome", "rather Rome", "I want Rome", "facciamo Napoli"
+                leads |= PLACE_LEADS | PREFERENCES | WISHES | CHANGES
             spans = [span for span in name_spans(tokens, leads, words_taken(workflow), alone=only_place and is_open,
                                                  listing=bool(money or periods)) if span.start not in past]
             if only_place and is_open and not spans:   # "rome, 1200 eur, 5 days in june", "going to lyon"
                 valued = {k for span in money + periods for k in range(span.start, span.end)}
                 spans = (_lowercase_list_head(tokens, words_taken(workflow), valued)
-                         or _lowercase_destination(tokens, words_taken(workflow), valued))
+                         or _lowercase_destination(tokens, words_taken(workflow), valued, _cue_pairs(query)))
             reading.ruled_out.setdefault(query.name, []).extend(span.value for span in spans if span.negated)
             for span in _after_the_last_contrast(tokens, [span for span in spans if not span.negated]):
                 if is_open or _cued(tokens, span, query) or _replaces(tokens, span):
@@ -4307,17 +4307,25 @@ def _lowercase_list_head(tokens: Sequence[Token], taken: frozenset, valued: set)
     return [Span("name", 0, end, _span_text(tokens, 0, end))]
 
 
-def _lowercase_destination(tokens: Sequence[Token], taken: frozenset, valued: set) -> List[Span]:
+def _cue_pairs(query: QueryInput) -> frozenset:
+    """The last two words of each of an input's cues of two words or more: "make it", "trip to"."""
+    return frozenset(tuple(_fold(cue).split()[-2:]) for cue in query.cues if len(cue.split()) >= 2)
+
+
+def _lowercase_destination(tokens: Sequence[Token], taken: frozenset, valued: set,
+                           cue_pairs: frozenset = frozenset()) -> List[Span]:
     """In a message written all in lower case, the place after going somewhere: "trip to
-    lisbon", "jveux aller a lyon", "wir wollen nach amsterdam". One word that means nothing
-    else here, right after a place word that follows a word of motion, and ending at a mark,
+    lisbon", "jveux aller a lyon", "wir wollen nach amsterdam", "make it porto". One word
+    that means nothing else here, right after a place word that follows a word of motion or
+    after one of the input's cues, and ending at a mark,
     a number or a word that does mean something ("... to lyon 4 jours"): of two unknown words
     in a row, which is the name would be a guess ("bilbao prsupuesto")."""
     if any(token.text[:1].isupper() for token in tokens):
         return []
     known = taken | ALL_WORDS
     for index in range(2, len(tokens)):
-        if not (tokens[index - 1].folded in PLACE_LEADS and tokens[index - 2].folded in MOTIONS):
+        if not ((tokens[index - 1].folded in PLACE_LEADS and tokens[index - 2].folded in MOTIONS)
+                or (tokens[index - 2].folded, tokens[index - 1].folded) in cue_pairs):   # "make it porto"
             continue
         if (index in valued or tokens[index].shape != "word" or tokens[index].folded in known
                 or len(tokens[index].folded) < 3):
@@ -4617,6 +4625,12 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str, tok
         instead = [other for other in others if not other.optional and _fits(other, text, tokens)]
         if len(instead) == 1 and input_kind(instead[0]) not in ("place", "text") and _is_bare(tokens):
             return {instead[0].name: _reply_value(instead[0], text)}
+        # An amount alone, with its currency, changes the one amount known: "3000 euros"
+        # when asked for the dates, after a budget of 2000.
+        amounts = [other for other in workflow.query_inputs.values() if other.name in conversation.values
+                   and other.name != query.name and input_kind(other) == "money" and _fits(other, text, tokens)]
+        if not instead and len(amounts) == 1 and _is_bare(tokens) and money_spans(text, tokens):
+            return {amounts[0].name: _reply_value(amounts[0], text)}
         if query.type not in STRING_TYPES:   # "5 days at Christmas" is no budget: its spans are read instead
             return {}
     if text.rstrip().endswith("?") or any(set(_words(text)) & _topic_words(other) - _topic_words(query)
@@ -5440,7 +5454,7 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
     ambiguous = {name: values for name, values in extraction.ambiguous.items() if name not in conversation.values}
     missing = sorted(missing, key=lambda query: query.name not in ambiguous)   # "which one?" first
     first = missing[0]
-    if conversation.ask_counts.get(first.name, 0) >= MAX_ASKS_PER_INPUT:
+    if conversation.ask_counts.get(first.name, 0) >= MAX_ASKS_PER_INPUT and not extraction.values:
         conversation.asked = [first.name]
         yield Piece("answer", GIVE_UP_REPLY.format(label=first.label, name=first.name, tries=MAX_ASKS_PER_INPUT))
         return
@@ -5455,7 +5469,10 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
     opening, closing = "", ""
     if nothing_read:   # say what was not understood, and the form that always is
         quoted = turn.text if len(turn.text) <= 80 else turn.text[:77].rstrip() + "..."
-        opening = (f"I could not read the {_and_list([workflow.query_inputs[n].label for n in asked_before])}"
+        words = set(_words(turn.text))   # the input the message talks of, if not the one asked
+        named = [name for name, query in workflow.query_inputs.items() if words & _topic_words(query)]
+        blamed = named if named and not set(named) <= set(asked_before) else asked_before
+        opening = (f"I could not read the {_and_list([workflow.query_inputs[n].label for n in blamed])}"
                    f" from \"{quoted}\". ")
         closing = _line_form(missing)
     if extraction.question is not None:
@@ -5494,8 +5511,9 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
         conversation.asked = [first.name]   # offline asks one at a time, so the reply can be read
     if closing:
         yield Piece("answer", closing)
-    for name in conversation.asked:
-        conversation.ask_counts[name] = conversation.ask_counts.get(name, 0) + 1
+    if not extraction.values:   # a reply that changed or gave something was an answer I could use
+        for name in conversation.asked:
+            conversation.ask_counts[name] = conversation.ask_counts.get(name, 0) + 1
 
 
 def _question_stream(llm: LLMClient, budget: Optional[TurnBudget], workflow: Workflow, missing: Sequence[QueryInput],

@@ -2273,7 +2273,8 @@ def test_the_floor_reads_each_rule_of_the_grammar(trip_planner, text, expected):
 
 @pytest.mark.parametrize("text, asked, known, expected", [
     ("42", ["travel_dates"], {"destination": "Paris", "budget": 2000}, {}),
-    ("around $3000", ["travel_dates"], {"destination": "Paris", "budget": 2000}, {}),
+    ("around $3000", ["travel_dates"], {"destination": "Paris", "budget": 2000}, {"budget": 3000}),   # a change
+    ("2027", ["travel_dates"], {"destination": "Paris", "budget": 2000}, {}),   # no currency: not surely an amount
     ("next March", ["travel_dates"], {}, {"travel_dates": "next March"}),
     ("2000", ["destination"], {}, {"budget": 2000}),
     ("1 500 €, du 10 au 17 avril", ["budget"], {"destination": "Nice"}, {"budget": 1500,
@@ -2430,6 +2431,19 @@ def test_no_number_word_has_two_values_in_the_tables():
 def test_a_month_input_takes_every_tables_names_of_its_months_but_ambiguous_ones(text, expected):
     calendar = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))["month-calendar"]
     assert cozyopenai.extract_offline(calendar, new_conversation("month-calendar"), text).values == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("budget is now three thousand euros", {"budget": 3000}),
+    ("le budget est maintenant de trois mille euros", {"budget": 3000}),
+    ("3000 euros", {"budget": 3000}), ("anzi, facciamo Napoli", {"destination": "Napoli"}),
+    ("finalement Nice", {"destination": "Nice"}), ("I changed my mind: Rome", {"destination": "Rome"}),
+    ("make it porto", {"destination": "porto"}), ("3000", {}),
+])
+def test_a_correction_of_a_known_value_is_read_in_any_of_its_usual_forms(trip_planner, text, expected):
+    conversation = new_conversation(asked=["travel_dates"])
+    conversation.values.update(destination="Milano", budget=2000)
+    assert cozyopenai.extract_offline(trip_planner, conversation, text).values == expected
 
 
 def test_a_message_over_the_reading_limit_is_read_in_its_first_and_last_parts_and_says_so(trip_planner):
@@ -2748,6 +2762,15 @@ def test_a_required_input_asked_three_times_ends_with_an_offer_to_start_over(sta
     assert replies[3] == ("I asked for the year 3 times without an answer I could use. You can give it as "
                           '"year: ...", or say "start over" to begin again.')
     assert "Which month" in chat.say("year: 2026")
+
+
+def test_replies_that_change_other_values_are_no_unanswered_asks(start):
+    chat = Chat(start())
+    chat.say("Trip to Kyoto, 2000 euros")
+    for text in ("3000 euros", "actually make it Osaka", "budget is now 3500 euros", "anzi, facciamo Nara"):
+        reply = answer_of(chat.say(text))
+        assert "When would you like to travel" in reply and "without an answer I could use" not in reply, reply
+    assert "## Your trip to Nara" in answer_of(chat.say("a week in May"))
 
 
 def test_after_a_run_the_next_message_reruns_with_only_the_changed_value(start):
