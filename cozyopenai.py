@@ -67,7 +67,7 @@ __all__ = [
     "Metrics", "Store", "RedisStore", "CozyError", "WorkflowFileError", "ConfigError", "StoreUnavailable",
     "NodeFailed", "UpstreamError", "RequestError",
     "UnauthorizedError", "NotFoundError", "ModelNotFoundError", "MethodNotAllowedError",
-    "BodyTooLargeError", "UnsupportedMediaTypeError", "HeadersTooLargeError", "UriTooLongError",
+    "BodyTooLargeError", "UnsupportedMediaTypeError", "ForbiddenOriginError", "HeadersTooLargeError", "UriTooLongError",
     "RequestTimeoutError", "ServerBusyError", "LLMError", "LLMTimeout", "McpError",
     "mcp_state_key", "seal_request_state", "open_request_state",
 ]
@@ -172,7 +172,9 @@ ANSWERED_KEPT = 8                         # answers a conversation keeps by requ
 RECORD_VERSION = 2                        # conversation records: 1 held one mutable state, 2 holds snapshots
 LEGACY_SNAPSHOT = "version-1"             # the key of the one snapshot a version-1 record becomes
 MAX_ASKS_PER_INPUT = 3                    # then say so and offer to start over, instead of asking forever
+TRANSPORT_LOGGERS = ("httpx", "httpx2", "httpcore")   # the openai client's HTTP libraries, by release
 MAX_DIRECT_REPLY_WORDS = 4                # a longer reply to "where to?" is a sentence, not a destination
+READ_MAX_CHARS = 16000                    # of a message, read: its first and last halves (a 6 MB one held a thread for a minute)
 MAX_NUMBER_VALUE = 10 ** 15               # a number beyond this is a slip, never a budget, count or year
 CONTEXT_TURNS = 6                         # earlier messages shown to the extraction call
 CHARS_PER_TOKEN = 4                       # for the estimated `usage` figures
@@ -218,6 +220,7 @@ class ModelNotFoundError(NotFoundError): code = "model_not_found"
 class MethodNotAllowedError(RequestError): status, code = 405, "method_not_allowed"
 class BodyTooLargeError(RequestError): status, code = 413, "request_too_large"
 class UnsupportedMediaTypeError(RequestError): status, code = 415, "unsupported_media_type"
+class ForbiddenOriginError(RequestError): status, code = 403, "origin_not_allowed"   # another site's page
 class RequestTimeoutError(RequestError): status, code = 408, "request_timeout"   # a body that stopped arriving
 class HeadersTooLargeError(RequestError): status, code = 431, "request_header_fields_too_large"
 class UriTooLongError(RequestError): status, code = 414, "uri_too_long"
@@ -698,6 +701,15 @@ def shown_value(value: Any) -> str:
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     return str(value)
+
+
+def shown_url(url: str) -> str:
+    """A URL as logs and listings may show it: scheme, host, port and path, never a user name,
+    a password or a query (an upstream's key is often passed in one)."""
+    parts = urlsplit(str(url))
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else "(not a URL)"
 
 
 class Redactor:
@@ -2519,7 +2531,7 @@ ENGLISH = Language(
     excess="too overly",
     past="last ago previous",
     greetings="hi hello hey dear",
-    wishes="want wanna like wish would", changes="make change switch set turn go",
+    wishes="want wanna like wish would", changes="make change changed switch set turn go",
     months=("january jan", "february feb", "march mar", "april apr", "may", "june jun", "july jul",
             "august aug", "september sep sept", "october oct", "november nov", "december dec"),
     weekdays="monday tuesday wednesday thursday friday saturday sunday",
@@ -2547,7 +2559,7 @@ ENGLISH = Language(
     except_openers="anywhere anything everywhere everything all any somewhere",
     except_words="but",
     contrasts="but rather instead",
-    preferences="rather instead prefer",
+    preferences="rather instead prefer finally",
     alternatives="or",
     hedges="maybe perhaps possibly somewhere probably",
     name_joiners="upon on",
@@ -2566,7 +2578,7 @@ ENGLISH = Language(
                     "instead but and also then",
     phrase_starts="a an the with for of in to that which and or is are was will yet not still any some you "
                   "should would could as doesn don isn no none nothing never really tbd unknown undecided",
-    copulas="is are", label_links="of", thousands="thousand grand",
+    copulas="is are", label_links="of now", thousands="thousand grand",
     common_words="whether with that this from they their them user users there what when which will would should "
                  "have does into also only more than some very your about name number value true false",
     currency_words="dollar dollars bucks pound pounds quid euro euros",
@@ -2591,7 +2603,7 @@ FRENCH = Language(
     excess="trop",
     past="dernier derniere passe passee",
     greetings="bonjour salut bonsoir coucou",
-    wishes="veux voudrais veut voulons aimerais voulais", changes="mets passe change rends",
+    wishes="veux voudrais veut voulons aimerais voulais", changes="mets passe change rends faisons",
     months=("janvier", "fevrier", "mars", "avril", "mai", "juin", "juillet", "aout", "septembre", "octobre",
             "novembre", "decembre"),
     weekdays="lundi mardi mercredi jeudi vendredi samedi dimanche",
@@ -2615,7 +2627,7 @@ FRENCH = Language(
     corrections="pardon",
     negations="pas non sans sauf jamais ni aucun aucune",
     contrasts="mais plutot",
-    preferences="plutot prefere prefererais",
+    preferences="plutot prefere prefererais finalement",
     alternatives="ou",
     hedges="peut-etre peutetre",
     name_joiners="de la le sur en",
@@ -2628,7 +2640,7 @@ FRENCH = Language(
     yes="oui vrai",
     no="non faux",
     sentence_starts="je j nous moi non oui plutot",
-    copulas="est sont", label_links="de", thousands="mille",
+    copulas="est sont", label_links="de maintenant desormais", thousands="mille",
     currency_words="euro euros franc francs balles",
     cardinals="zero:0 un:1 une:1 deux:2 trois:3 quatre:4 cinq:5 six:6 sept:7 huit:8 neuf:9 dix:10 onze:11 "
               "douze:12 treize:13 quatorze:14 quinze:15 seize:16 vingt:20 vingts:20 trente:30 quarante:40 "
@@ -2685,7 +2697,7 @@ GERMAN = Language(
     yes="ja wahr",
     no="nein falsch",
     sentence_starts="ich wir mein meine nein ja lieber",
-    copulas="ist sind", label_links="von", thousands="tausend",
+    copulas="ist sind", label_links="von jetzt nun", thousands="tausend",
     currency_words="franken pfund",
     cardinals="null:0 ein:1 eins:1 eine:1 zwei:2 drei:3 vier:4 funf:5 fuenf:5 sechs:6 sieben:7 acht:8 neun:9 "
               "zehn:10 elf:11 zwolf:12 zwoelf:12 dreizehn:13 vierzehn:14 funfzehn:15 sechzehn:16 siebzehn:17 "
@@ -2705,7 +2717,7 @@ SPANISH = Language(
     excess="demasiado demasiada",
     past="pasado pasada anterior",
     greetings="hola buenas",
-    wishes="quiero quisiera queremos queria", changes="hazlo haz pon cambia ponlo",
+    wishes="quiero quisiera queremos queria", changes="hazlo haz pon cambia ponlo hagamos",
     months=("enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre setiembre",
             "octubre", "noviembre", "diciembre"),
     weekdays="lunes martes miercoles jueves viernes sabado domingo",
@@ -2728,7 +2740,7 @@ SPANISH = Language(
     corrections="bueno perdon perdona",
     negations="sin excepto salvo menos nunca nada ningun ninguno ninguna",
     contrasts="pero sino mejor",
-    preferences="mejor prefiero",
+    preferences="mejor prefiero finalmente",
     alternatives="o u",
     hedges="quizas quiza tal",
     name_joiners="de del la y",
@@ -2740,7 +2752,7 @@ SPANISH = Language(
     yes="si verdadero",
     no="no falso",
     sentence_starts="yo quiero queremos mi mejor",
-    copulas="es son", label_links="de", thousands="mil",
+    copulas="es son", label_links="de ahora", thousands="mil",
     currency_words="peso pesos dolar dolares pavos libra libras",
     cardinals="cero:0 un:1 uno:1 una:1 dos:2 tres:3 cuatro:4 cinco:5 seis:6 siete:7 ocho:8 nueve:9 diez:10 "
               "once:11 doce:12 trece:13 catorce:14 quince:15 dieciseis:16 diecisiete:17 dieciocho:18 "
@@ -2762,7 +2774,7 @@ ITALIAN = Language(
     excess="troppo troppa",
     past="scorso scorsa",
     greetings="ciao salve buongiorno buonasera",
-    wishes="voglio vorrei vogliamo volevo", changes="fallo fai metti cambia rendilo",
+    wishes="voglio vorrei vogliamo volevo", changes="fallo fai metti cambia rendilo facciamo",
     months=("gennaio", "febbraio", "marzo", "aprile", "maggio", "giugno", "luglio", "agosto", "settembre",
             "ottobre", "novembre", "dicembre"),
     weekdays="lunedi martedi mercoledi giovedi venerdi sabato domenica",
@@ -2786,7 +2798,7 @@ ITALIAN = Language(
     corrections="anzi scusa scusate",
     negations="senza tranne eccetto mai ne niente nessun nessuno nessuna",
     contrasts="ma piuttosto invece",
-    preferences="meglio piuttosto invece preferisco",
+    preferences="meglio piuttosto invece preferisco finalmente",
     alternatives="o oppure",
     hedges="forse magari",
     name_joiners="di da",
@@ -2798,7 +2810,7 @@ ITALIAN = Language(
     yes="si vero",
     no="no falso",
     sentence_starts="io vorrei mi meglio",
-    copulas="e sono", label_links="di", thousands="mila mille",
+    copulas="e sono", label_links="di ora adesso", thousands="mila mille",
     currency_words="dollari sterlina sterline",
     cardinals="zero:0 uno:1 una:1 un:1 due:2 tre:3 quattro:4 cinque:5 sei:6 sette:7 otto:8 nove:9 dieci:10 "
               "undici:11 dodici:12 tredici:13 quattordici:14 quindici:15 sedici:16 diciassette:17 diciotto:18 "
@@ -2819,7 +2831,7 @@ PORTUGUESE = Language(
     excess="demais demasiado",
     past="passado passada",
     greetings="ola oi",
-    wishes="quero queria queremos", changes="faz faca coloca muda deixa",
+    wishes="quero queria queremos", changes="faz faca coloca muda deixa fazemos",
     months=("janeiro", "fevereiro", "marco", "abril", "maio", "junho", "julho", "agosto", "setembro",
             "outubro", "novembro", "dezembro"),
     weekdays="segunda terca quarta quinta sexta sabado domingo",
@@ -2842,7 +2854,7 @@ PORTUGUESE = Language(
     corrections="desculpa desculpe perdao",
     negations="nao nem sem nunca exceto nenhum nenhuma",
     contrasts="mas prefiro antes",
-    preferences="prefiro antes melhor",
+    preferences="prefiro antes melhor finalmente",
     alternatives="ou",
     hedges="talvez quica",
     name_joiners="de do da dos das",
@@ -2854,7 +2866,7 @@ PORTUGUESE = Language(
     yes="sim verdadeiro",
     no="nao falso",
     sentence_starts="eu quero queremos meu minha prefiro",
-    copulas="e sao", label_links="de", thousands="mil",
+    copulas="e sao", label_links="de agora", thousands="mil",
     currency_words="real reais libra libras",
     cardinals="zero:0 um:1 uma:1 dois:2 duas:2 tres:3 quatro:4 cinco:5 seis:6 sete:7 oito:8 nove:9 dez:10 "
               "onze:11 doze:12 treze:13 catorze:14 quatorze:14 quinze:15 dezesseis:16 dezasseis:16 "
@@ -3111,7 +3123,7 @@ RERUN_PATTERN = _phrase_pattern("rerun_phrases", whole=False)
 _RANGE = "|".join(map(re.escape, sorted(RANGE_WORDS, key=len, reverse=True)))
 _RANGE_OR_AND = "|".join(map(re.escape, sorted(RANGE_WORDS | AND_WORDS, key=len, reverse=True)))
 # A number right after its label ("budget: 1500", "budget of 2000"), not the start of a range ("1500-2000").
-LABELLED_NUMBER = (r"\b(?:\s*(?:(?:" + "|".join(map(re.escape, sorted(COPULAS | LABEL_LINKS))) + r")\b|=|:)){0,2}\s*[$€£¥]?\s*"
+LABELLED_NUMBER = (r"\b(?:\s*(?:(?:" + "|".join(map(re.escape, sorted(COPULAS | LABEL_LINKS))) + r")\b|=|:)){0,3}\s*[$€£¥]?\s*"
                    r"(-?\d{1,3}(?: \d{3})+(?![\d.,]?\d)|-?\d[\d.,'’\u00a0\u202f]*(?:\s*" + _THOUSAND + r")?)"
                    r"(?![\d.,]*\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d)")
 RANGE_AFTER_PATTERN = re.compile(r"\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d", re.I)
@@ -3402,12 +3414,27 @@ def _is_a_written_value(line: str) -> bool:
     return value[:1] in "{[" or bool(whole)
 
 
+LONG_MESSAGE_NOTE = (f"The message is long: only its first and last {READ_MAX_CHARS // 2:,} characters "
+                     "were read.")
+
+
+def within_reading_limit(text: str) -> str:
+    """A message as far as it is read: all of it, or its first and last halves of
+    READ_MAX_CHARS characters. What a user states is there, at the start or at the end of
+    what they pasted; reading megabytes would hold a thread for a minute."""
+    if len(text) <= READ_MAX_CHARS:
+        return text
+    half = READ_MAX_CHARS // 2
+    return text[:half] + "\n" + text[len(text) - (READ_MAX_CHARS - half - 1):]
+
+
 def user_words(text: str, history: Sequence[dict] = ()) -> str:
     """The user's own words in a message, cleaned for reading. Invisible marks go (a NUL, a
     bidirectional mark or a lone surrogate inside or before a name would hide it), and so does
     what is only context, which must never give values over the user's own words: fenced
     code blocks, quoted lines ("> ..."), passages of several words in quotation marks and lines
     pasted from one of our earlier replies. Amounts in words are put in digits ("deux mille")."""
+    text = within_reading_limit(text)
     text = CODE_FENCE_PATTERN.sub("\n", INVISIBLE_PATTERN.sub("", text))
     ours = [" ".join(_fold(message["content"]).split()) for message in history if message.get("role") == "assistant"]
     kept = []
@@ -4021,8 +4048,11 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     (amounts, periods, years, names after a place word or a cue, choices, yes/no topics)
     assigned to inputs by their kind. One candidate for an input is accepted; competing
     ones are asked about; what the message rules out is never taken."""
+    long = len(text) > READ_MAX_CHARS
     text = user_words(text, history)
     extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(_fold(text)) else "provide")
+    if long:
+        extraction.notes.append(LONG_MESSAGE_NOTE)
     reading = Reading(tokens=tokenize(text))
     if extraction.intent == "cancel":
         return extraction, reading
@@ -4154,14 +4184,14 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
             if leads is None:   # the last word of each cue, once per input
                 leads = query.derived["cue_leads"] = frozenset(_fold(cue).split()[-1] for cue in query.cues)
             only_place = kind == "place" and len(places) == 1
-            if only_place:   # the workflow's one place: "a trip to Rome", "rather Rome", "I want Rome"
-                leads |= PLACE_LEADS | PREFERENCES | WISHES
+            if only_place:   # the workflow's one place: "a trip to Rome", "rather Rome", "I want Rome", "facciamo Napoli"
+                leads |= PLACE_LEADS | PREFERENCES | WISHES | CHANGES
             spans = [span for span in name_spans(tokens, leads, words_taken(workflow), alone=only_place and is_open,
                                                  listing=bool(money or periods)) if span.start not in past]
             if only_place and is_open and not spans:   # "rome, 1200 eur, 5 days in june", "going to lyon"
                 valued = {k for span in money + periods for k in range(span.start, span.end)}
                 spans = (_lowercase_list_head(tokens, words_taken(workflow), valued)
-                         or _lowercase_destination(tokens, words_taken(workflow), valued))
+                         or _lowercase_destination(tokens, words_taken(workflow), valued, _cue_pairs(query)))
             reading.ruled_out.setdefault(query.name, []).extend(span.value for span in spans if span.negated)
             for span in _after_the_last_contrast(tokens, [span for span in spans if not span.negated]):
                 if is_open or _cued(tokens, span, query) or _replaces(tokens, span):
@@ -4292,17 +4322,25 @@ def _lowercase_list_head(tokens: Sequence[Token], taken: frozenset, valued: set)
     return [Span("name", 0, end, _span_text(tokens, 0, end))]
 
 
-def _lowercase_destination(tokens: Sequence[Token], taken: frozenset, valued: set) -> List[Span]:
+def _cue_pairs(query: QueryInput) -> frozenset:
+    """The last two words of each of an input's cues of two words or more: "make it", "trip to"."""
+    return frozenset(tuple(_fold(cue).split()[-2:]) for cue in query.cues if len(cue.split()) >= 2)
+
+
+def _lowercase_destination(tokens: Sequence[Token], taken: frozenset, valued: set,
+                           cue_pairs: frozenset = frozenset()) -> List[Span]:
     """In a message written all in lower case, the place after going somewhere: "trip to
-    lisbon", "jveux aller a lyon", "wir wollen nach amsterdam". One word that means nothing
-    else here, right after a place word that follows a word of motion, and ending at a mark,
+    lisbon", "jveux aller a lyon", "wir wollen nach amsterdam", "make it porto". One word
+    that means nothing else here, right after a place word that follows a word of motion or
+    after one of the input's cues, and ending at a mark,
     a number or a word that does mean something ("... to lyon 4 jours"): of two unknown words
     in a row, which is the name would be a guess ("bilbao prsupuesto")."""
     if any(token.text[:1].isupper() for token in tokens):
         return []
     known = taken | ALL_WORDS
     for index in range(2, len(tokens)):
-        if not (tokens[index - 1].folded in PLACE_LEADS and tokens[index - 2].folded in MOTIONS):
+        if not ((tokens[index - 1].folded in PLACE_LEADS and tokens[index - 2].folded in MOTIONS)
+                or (tokens[index - 2].folded, tokens[index - 1].folded) in cue_pairs):   # "make it porto"
             continue
         if (index in valued or tokens[index].shape != "word" or tokens[index].folded in known
                 or len(tokens[index].folded) < 3):
@@ -4602,6 +4640,12 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str, tok
         instead = [other for other in others if not other.optional and _fits(other, text, tokens)]
         if len(instead) == 1 and input_kind(instead[0]) not in ("place", "text") and _is_bare(tokens):
             return {instead[0].name: _reply_value(instead[0], text)}
+        # An amount alone, with its currency, changes the one amount known: "3000 euros"
+        # when asked for the dates, after a budget of 2000.
+        amounts = [other for other in workflow.query_inputs.values() if other.name in conversation.values
+                   and other.name != query.name and input_kind(other) == "money" and _fits(other, text, tokens)]
+        if not instead and len(amounts) == 1 and _is_bare(tokens) and money_spans(text, tokens):
+            return {amounts[0].name: _reply_value(amounts[0], text)}
         if query.type not in STRING_TYPES:   # "5 days at Christmas" is no budget: its spans are read instead
             return {}
     if text.rstrip().endswith("?") or any(set(_words(text)) & _topic_words(other) - _topic_words(query)
@@ -4798,7 +4842,8 @@ def extraction_messages(workflow: Workflow, conversation: Conversation, history:
         inputs.append(line)
     context = ""
     if history:
-        turns = "\n".join(f"{message['role']}: {message['content']}" for message in history[-CONTEXT_TURNS:])
+        turns = "\n".join(f"{message['role']}: {within_reading_limit(str(message['content']))}"
+                          for message in history[-CONTEXT_TURNS:])
         context = f"\nEarlier turns (context only):\n{turns}\n"
     keys = ", ".join(f'"{name}": null' for name in workflow.query_inputs)
     prompt = EXTRACTION_PROMPT.format(name=workflow.name, description=workflow.description,
@@ -4894,8 +4939,11 @@ def extract(llm: Optional[LLMClient], workflow: Workflow, conversation: Conversa
     """Read the new message: the deterministic floor always, and the LLM on top when there
     is one (a failing LLM leaves the floor's reading, with a note). ``asks``: a question for
     what is left open may be written in the same call (not for MCP, which asks by a form)."""
+    long = len(text) > READ_MAX_CHARS
     text = user_words(text, history)
     floor, reading = read_floor(workflow, conversation, text, history)
+    if long:
+        floor.notes.append(LONG_MESSAGE_NOTE)
     return floor if llm is None else extract_on_floor(llm, workflow, conversation, history, text, floor, reading, asks)
 
 
@@ -5445,7 +5493,7 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
     ambiguous = {name: values for name, values in extraction.ambiguous.items() if name not in conversation.values}
     missing = sorted(missing, key=lambda query: query.name not in ambiguous)   # "which one?" first
     first = missing[0]
-    if conversation.ask_counts.get(first.name, 0) >= MAX_ASKS_PER_INPUT:
+    if conversation.ask_counts.get(first.name, 0) >= MAX_ASKS_PER_INPUT and not extraction.values:
         conversation.asked = [first.name]
         yield Piece("answer", GIVE_UP_REPLY.format(label=first.label, name=first.name, tries=MAX_ASKS_PER_INPUT))
         return
@@ -5460,7 +5508,10 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
     opening, closing = "", ""
     if nothing_read:   # say what was not understood, and the form that always is
         quoted = turn.text if len(turn.text) <= 80 else turn.text[:77].rstrip() + "..."
-        opening = (f"I could not read the {_and_list([workflow.query_inputs[n].label for n in asked_before])}"
+        words = set(_words(turn.text))   # the input the message talks of, if not the one asked
+        named = [name for name, query in workflow.query_inputs.items() if words & _topic_words(query)]
+        blamed = named if named and not set(named) <= set(asked_before) else asked_before
+        opening = (f"I could not read the {_and_list([workflow.query_inputs[n].label for n in blamed])}"
                    f" from \"{quoted}\". ")
         closing = _line_form(missing)
     if extraction.question is not None:
@@ -5499,8 +5550,9 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
         conversation.asked = [first.name]   # offline asks one at a time, so the reply can be read
     if closing:
         yield Piece("answer", closing)
-    for name in conversation.asked:
-        conversation.ask_counts[name] = conversation.ask_counts.get(name, 0) + 1
+    if not extraction.values:   # a reply that changed or gave something was an answer I could use
+        for name in conversation.asked:
+            conversation.ask_counts[name] = conversation.ask_counts.get(name, 0) + 1
 
 
 def _question_stream(llm: LLMClient, budget: Optional[TurnBudget], workflow: Workflow, missing: Sequence[QueryInput],
@@ -6052,6 +6104,16 @@ def check_key(api_keys: Sequence[str], authorization: str) -> None:
     given = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
     if not any([hmac.compare_digest(given.encode(), key.encode()) for key in api_keys]):  # all compared
         raise UnauthorizedError("Missing or wrong API key: send 'Authorization: Bearer <key>'.")
+
+
+def check_origin(origins: Sequence[str]) -> None:
+    """A browser's Origin must be this machine's (loopback) or one given with --cors-origin:
+    without it any page the user opens could drive the workflows (a form or a text/plain
+    POST needs no preflight), and DNS rebinding makes "the same as Host" no test at all."""
+    origin = bottle.request.get_header("Origin")
+    if origin and origin not in origins and "*" not in origins:
+        if (urlsplit(origin).hostname or "") not in ("localhost", "127.0.0.1", "::1"):
+            raise ForbiddenOriginError(f"Origin {origin!r} is not allowed here; give it with --cors-origin.")
 
 
 def read_body() -> bytes:
@@ -7944,12 +8006,10 @@ def _mcp_guard(service: Service, origins: Sequence[str]) -> None:
         check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
     except UnauthorizedError as exc:
         raise McpError(JSONRPC_INVALID_REQUEST, exc.message, 401) from None
-    origin = bottle.request.get_header("Origin")
-    if origin and origin not in origins and "*" not in origins:
-        # Not "the same as Host": under DNS rebinding the attacker's page and Host name match.
-        if (urlsplit(origin).hostname or "") not in ("localhost", "127.0.0.1", "::1"):
-            raise McpError(JSONRPC_INVALID_REQUEST, f"Origin {origin!r} is not allowed here; give it with "
-                                                    "--cors-origin.", 403)
+    try:
+        check_origin(origins)
+    except ForbiddenOriginError as exc:
+        raise McpError(JSONRPC_INVALID_REQUEST, exc.message, 403) from None
 
 
 def _mcp_body() -> Any:
@@ -8314,7 +8374,7 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         app.route("/openai/<path:path>", "OPTIONS", lambda path: "")   # preflight; headers from the hook
         app.route("/mcp", "OPTIONS", lambda: "")
         app.add_hook("after_request", lambda: _allow_origin(cors_origins))
-    app.add_hook("before_request", lambda: _guard_the_edge(service, preflight=bool(cors_origins)))
+    app.add_hook("before_request", lambda: _guard_the_edge(service, cors_origins or ()))
     app.default_error_handler = _error_page
     app.config["cozyopenai.service"] = service
     return app
@@ -8359,15 +8419,18 @@ def check_framing(environ: Mapping[str, Any]) -> None:
         raise HeadersTooLargeError(f"The request's header fields are over the limit of {MAX_HEADER_BYTES} bytes.")
 
 
-def _guard_the_edge(service: Service, preflight: bool) -> None:
+def _guard_the_edge(service: Service, origins: Sequence[str]) -> None:
     """Before any route: the framing, then the API key on every path it guards, so that an
-    unknown path under /openai is a 401 without a key (a 404 would tell what exists). A
-    CORS preflight carries no key: with origins allowed, OPTIONS passes."""
+    unknown path under /openai is a 401 without a key (a 404 would tell what exists), then
+    a browser's Origin on anything that changes state. A CORS preflight carries no key: with
+    origins allowed, OPTIONS passes."""
     environ, path = bottle.request.environ, bottle.request.path
     try:
         check_framing(environ)
-        if service.api_keys and is_keyed_path(path) and not (preflight and bottle.request.method == "OPTIONS"):
+        if service.api_keys and is_keyed_path(path) and not (origins and bottle.request.method == "OPTIONS"):
             check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
+        if bottle.request.method not in ("GET", "HEAD", "OPTIONS") and not path.startswith("/mcp"):
+            check_origin(origins)   # /mcp answers its own refusal, in JSON-RPC
     except CozyError as exc:
         _log_line(bottle.request.method, path, exc.status, {}, time.monotonic())
         raise bottle.HTTPResponse(edge_error_body(path, exc), exc.status, {"Content-Type": "application/json"})
@@ -8893,6 +8956,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     arguments = parse_arguments(argv, os.environ)
     logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    # The openai client's HTTP library logs each call's whole URL at INFO, credentials and
+    # all, and a line per call besides ours: only its warnings are kept.
+    for name in TRANSPORT_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         app = make_app(**_config_from_arguments(arguments))
     except (WorkflowFileError, ConfigError) as exc:
@@ -8941,7 +9008,7 @@ def startup_summary(service: "Service") -> str:
     """What a server runs with, in one line: version, models and their file, store, LLM, keys."""
     describe = getattr(service.store, "describe", None)
     where = describe() if describe else type(service.store).__name__
-    llm = (f"{service.llm.settings.base_url} model {service.llm.settings.model}" if service.llm
+    llm = (f"{shown_url(service.llm.settings.base_url)} model {service.llm.settings.model}" if service.llm
            else "none: the simple reader")
     return (f"cozyopenai {__version__}: {len(service.workflows)} models ({', '.join(service.workflows)}) from "
             f"{service.workflows_source}; store: {where}; LLM: {llm}; API keys: "

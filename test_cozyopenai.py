@@ -2274,7 +2274,8 @@ def test_the_floor_reads_each_rule_of_the_grammar(trip_planner, text, expected):
 
 @pytest.mark.parametrize("text, asked, known, expected", [
     ("42", ["travel_dates"], {"destination": "Paris", "budget": 2000}, {}),
-    ("around $3000", ["travel_dates"], {"destination": "Paris", "budget": 2000}, {}),
+    ("around $3000", ["travel_dates"], {"destination": "Paris", "budget": 2000}, {"budget": 3000}),   # a change
+    ("2027", ["travel_dates"], {"destination": "Paris", "budget": 2000}, {}),   # no currency: not surely an amount
     ("next March", ["travel_dates"], {}, {"travel_dates": "next March"}),
     ("2000", ["destination"], {}, {"budget": 2000}),
     ("1 500 €, du 10 au 17 avril", ["budget"], {"destination": "Nice"}, {"budget": 1500,
@@ -2431,6 +2432,27 @@ def test_no_number_word_has_two_values_in_the_tables():
 def test_a_month_input_takes_every_tables_names_of_its_months_but_ambiguous_ones(text, expected):
     calendar = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))["month-calendar"]
     assert cozyopenai.extract_offline(calendar, new_conversation("month-calendar"), text).values == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("budget is now three thousand euros", {"budget": 3000}),
+    ("le budget est maintenant de trois mille euros", {"budget": 3000}),
+    ("3000 euros", {"budget": 3000}), ("anzi, facciamo Napoli", {"destination": "Napoli"}),
+    ("finalement Nice", {"destination": "Nice"}), ("I changed my mind: Rome", {"destination": "Rome"}),
+    ("make it porto", {"destination": "porto"}), ("3000", {}),
+])
+def test_a_correction_of_a_known_value_is_read_in_any_of_its_usual_forms(trip_planner, text, expected):
+    conversation = new_conversation(asked=["travel_dates"])
+    conversation.values.update(destination="Milano", budget=2000)
+    assert cozyopenai.extract_offline(trip_planner, conversation, text).values == expected
+
+
+def test_a_message_over_the_reading_limit_is_read_in_its_first_and_last_parts_and_says_so(trip_planner):
+    text = "Trip to Rome in May. " + "1 " * 3_000_000 + "budget 2000 euros"
+    extraction = cozyopenai.extract_offline(trip_planner, new_conversation(), text)
+    assert extraction.values == {"destination": "Rome", "travel_dates": "May", "budget": 2000}
+    assert extraction.notes == [cozyopenai.LONG_MESSAGE_NOTE]
+    assert len(cozyopenai.within_reading_limit(text)) == cozyopenai.READ_MAX_CHARS
 
 
 def test_folded_pattern_matches_a_folded_word_as_written_with_accents():
@@ -2741,6 +2763,15 @@ def test_a_required_input_asked_three_times_ends_with_an_offer_to_start_over(sta
     assert replies[3] == ("I asked for the year 3 times without an answer I could use. You can give it as "
                           '"year: ...", or say "start over" to begin again.')
     assert "Which month" in chat.say("year: 2026")
+
+
+def test_replies_that_change_other_values_are_no_unanswered_asks(start):
+    chat = Chat(start())
+    chat.say("Trip to Kyoto, 2000 euros")
+    for text in ("3000 euros", "actually make it Osaka", "budget is now 3500 euros", "anzi, facciamo Nara"):
+        reply = answer_of(chat.say(text))
+        assert "When would you like to travel" in reply and "without an answer I could use" not in reply, reply
+    assert "## Your trip to Nara" in answer_of(chat.say("a week in May"))
 
 
 def test_after_a_run_the_next_message_reruns_with_only_the_changed_value(start):
@@ -4408,6 +4439,21 @@ def test_cors_preflight_and_responses_allow_the_configured_origin(start):
     assert "Access-Control-Allow-Origin" not in models.headers
 
 
+def test_another_sites_page_cannot_drive_the_workflows_and_the_allowed_and_loopback_origins_can(start):
+    server = start(cors_origins=["https://app.example"])
+    body = json.dumps({"model": "trip-planner", "messages": [{"role": "user", "content": "Trip to Rome"}]})
+    for path in ("/openai/chat/completions", "/openai/responses"):
+        refused = requests.post(server.url + path, data=body, timeout=5,   # a browser's simple request
+                                headers={"Origin": "http://evil.example", "Content-Type": "text/plain"})
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "origin_not_allowed" and "--cors-origin" in refused.json()["error"]["message"]
+    for origin in ("https://app.example", "http://localhost:3000"):
+        allowed = requests.post(server.url + "/openai/chat/completions", data=body, timeout=5,
+                                headers={"Origin": origin, "Content-Type": "application/json"})
+        assert allowed.status_code == 200, allowed.text
+    assert requests.post(server.url + "/openai/chat/completions", data=body, timeout=5).status_code == 200
+
+
 def test_the_home_page_lists_the_models_for_people_and_api_clients_are_told_where_the_api_is(start):
     secret = workflow(fixed_inputs={"api_token": "sk-hidden-1234567890abcdef"}, nodes=[
         {"id": "say", "type": "template", "inputs": {"template": "{word}", "word": {"query": "word"},
@@ -4455,6 +4501,22 @@ def test_one_log_line_per_request_even_when_the_wsgi_server_configures_logging_l
 ####################################################################################
 # Server and command line
 ####################################################################################
+
+def test_the_llms_credentials_never_reach_the_log_at_start_up_nor_on_each_call(fake_llm):
+    fake_llm.extractions = {"Trip to Oslo": {"destination": "Oslo"}}
+    base = fake_llm.url.replace("http://", "http://alice:S3cretPassw0rd99@") + "/v1"
+    with command_line_server("--store", "memory", "--llm-base-url", base, "--llm-model", "fake-model") as server:
+        server_chat(server, "trip-planner", "Trip to Oslo")
+        assert fake_llm.calls, "the LLM was never called"
+        server.process.terminate()
+        output = server.process.communicate(timeout=15)[0].decode()
+    assert "S3cretPassw0rd99" not in output and "alice" not in output
+    assert "HTTP Request" not in output and f"LLM: {fake_llm.url}/v1 model fake-model" in output
+
+
+def test_a_url_is_shown_without_its_user_password_or_query():
+    assert cozyopenai.shown_url("http://alice:pw@127.0.0.1:8091/v1?api-key=QK") == "http://127.0.0.1:8091/v1"
+
 
 def test_importing_the_module_has_no_side_effects(tmp_path):
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import cozyopenai"],
