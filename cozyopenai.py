@@ -5487,20 +5487,28 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
     shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}" for name, value in values.items())
     yield Piece("thinking", f"Running {workflow.name} with {shown}.\n")
     conversation.runs += 1
+    written = ""   # the answer streamed so far: a stop notice after it gets a paragraph of its own
     for event in run_events(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
                             metrics=turn.metrics, follow_up=follow_up):
         if event.what in RUN_MARKS:
             yield Piece("thinking", RUN_MARKS[event.what] + progress_line(event) + "\n")
         if event.what == "failed":
-            yield Piece("answer", preface + RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
+            yield Piece("answer", (paragraph_break(written) if written else preface) +
+                        RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
         elif event.what == "answer":
             yield Piece("answer", preface + event.text)
-            preface = ""
+            written, preface = (written + event.text)[-2:], ""
         elif event.what == "done":
             turn.answer = event.text
 
 
 RUN_MARKS = {"started": "→ ", "finished": "✓ ", "failed": "✗ ", "note": ""}   # how the thinking block shows them
+
+
+def paragraph_break(text: str) -> str:
+    """What starts a new paragraph after ``text`` (the end of an answer already sent, which
+    cannot be changed): a blank line, less what it already ends with."""
+    return "\n\n"[len(text) - len(text.rstrip("\n")):]
 
 
 def progress_line(event: RunEvent) -> str:
@@ -6585,7 +6593,9 @@ def _reasoning_item(response_id: str, text: str) -> dict:
 
 
 def _message_item(response_id: str, text: str, status: str = "completed") -> dict:
-    return {"type": "message", "id": "msg_" + response_id[5:], "status": status, "role": "assistant",
+    # An item is in progress, completed or incomplete: the answer of a response cut short is incomplete.
+    item_status = status if status in ("completed", "in_progress") else "incomplete"
+    return {"type": "message", "id": "msg_" + response_id[5:], "status": item_status, "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" or text
             else []}
 
@@ -6830,6 +6840,7 @@ class BackgroundRun:
         self._error: Optional[BaseException] = None
         self._events: List[dict] = []
         self._response: dict = {}
+        self._saved = {"thinking": "", "answer": ""}   # what its turn saved: the end of a run cut short
         self._thread = threading.Thread(target=self._run, name="background-response", daemon=True)
 
     def start(self) -> dict:
@@ -6845,6 +6856,13 @@ class BackgroundRun:
 
     def _run(self) -> None:
         service, turn_request = self.service, self.turn_request
+        saving = turn_request.saving
+
+        def saved(kept: Conversation, thinking: str, answer: str) -> None:
+            self._saved = {"thinking": thinking, "answer": answer}
+            if saving is not None:
+                saving(kept, thinking, answer)
+        turn_request.saving = saved
         try:
             opening = service.open_turn if turn_request.conversation else partial(open_chat_turn, service)
             turn = opening(turn_request, self._stop, {})
@@ -6870,8 +6888,8 @@ class BackgroundRun:
                     status = self._play(turn)
                 finally:
                     self.runs.discard(self)
-                if status != "completed":
-                    turn_request.response_extra["status"] = status
+                if status != "completed":   # the stored response as the run's record ends it
+                    turn_request.response_extra.update(status=status, error=background_error(status))
         except CozyError as exc:   # the turn could not be saved (the store went away): the run failed
             log.error("a background response could not be saved: %s", exc.message)
             status = "failed"
@@ -6912,10 +6930,8 @@ class BackgroundRun:
             events.close()
 
     def _finish(self, status: str) -> None:
-        if status != "completed":
-            error = {"code": "cancelled" if status == "cancelled" else "server_error",
-                     "message": "The response was cancelled." if status == "cancelled" else BACKGROUND_DIED}
-            self._response = self._response_as(status, error=error)
+        if status != "completed":   # what the turn wrote before it stopped is kept, as retrieving it shows
+            self._response = self._response_as(status, error=background_error(status), **self._saved)
             self._events.append({"type": "response.failed", "sequence_number": len(self._events),
                                  "response": self._response})
         with contextlib.suppress(CozyError):
@@ -6936,6 +6952,12 @@ class BackgroundRun:
                 "response_id": self.response_id, "status": status, "events": self._events, "heartbeat": time.time(),
                 "response": self._response, "cancel": bool(seen.get("cancel"))}})
         return stopped
+
+
+def background_error(status: str) -> dict:
+    """The error of a background response that did not complete."""
+    return {"code": "cancelled" if status == "cancelled" else "server_error",
+            "message": "The response was cancelled." if status == "cancelled" else BACKGROUND_DIED}
 
 
 def background_run(service: Service, response_id: str) -> Optional[dict]:
@@ -6979,7 +7001,8 @@ def background_events(service: Service, response_id: str, starting_after: int,
 
 
 def cancel_response(service: Service, response_id: str, runs: Optional[BackgroundRuns] = None) -> dict:
-    """POST /responses/{id}/cancel: stop a background response; once stopped (or done), the response."""
+    """POST /responses/{id}/cancel: stop a background response, wherever it runs; once it has
+    stopped (or BACKGROUND_CANCEL_SECONDS passed), the response as retrieving it shows it."""
     conversation_of_response(response_id)
     key = background_key(response_id)
     with service.store.lock(key):
@@ -6997,7 +7020,7 @@ def cancel_response(service: Service, response_id: str, runs: Optional[Backgroun
     while run["status"] == "in_progress" and time.monotonic() < deadline:
         time.sleep(BACKGROUND_POLL_SECONDS)
         run = background_run(service, response_id) or run
-    return run["response"]
+    return retrieved_response(service, response_id)
 
 
 def stored_response(service: Service, response_id: str) -> Any:
@@ -7015,6 +7038,11 @@ def stored_response(service: Service, response_id: str) -> Any:
         stream_headers()
         return counted_stream(background_events(service, response_id, starting_after, service.keepalive_seconds),
                               service.metrics)
+    return retrieved_response(service, response_id)
+
+
+def retrieved_response(service: Service, response_id: str) -> dict:
+    """A response saved with ``store``, or a background one as it runs (a 404 if neither)."""
     record = service.store.load(conversation_of_response(response_id))
     response = (record or {}).get("responses", {}).get(response_id)
     if response is not None:

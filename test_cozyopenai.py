@@ -779,6 +779,20 @@ def test_llm_node_without_an_llm_uses_its_fallback_template(start):
     assert "first week of May" in plan and "1500" in plan
 
 
+def test_a_node_that_fails_after_streaming_part_of_the_answer_says_so_in_a_paragraph_of_its_own(start):
+    def flaky(inputs, context):
+        def pieces():
+            yield "word0 word1"
+            raise cozyopenai.NodeFailed("the source went away")
+        return cozyopenai.TextStream(pieces())
+    nodes = [{"id": "write", "type": "flaky", "inputs": {"w": {"query": "word"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "write"}}}]
+    server = start([workflow(nodes=nodes)], node_types={"flaky": cozyopenai.NodeType(flaky)})
+    assert answer_of(Chat(server, "echo").say("word: x")) == (
+        "word0 word1\n\nSorry, the workflow stopped: step 'write' failed (the source went away). Your inputs are "
+        'kept; say "again" to retry, or change a value.')
+
+
 def test_llm_node_without_an_llm_or_fallback_fails_with_a_clear_message(start):
     nodes = [{"id": "write", "type": "llm", "inputs": {"prompt": {"query": "word"}}},
              {"id": "answer", "type": "output", "inputs": {"text": {"link": "write"}}}]
@@ -3644,6 +3658,29 @@ def test_a_background_response_returns_at_once_and_is_polled_to_completion(start
         client.responses.create(model="echo", input="word: x", background=True, store=False)
 
 
+def test_a_cancel_answers_the_stopped_response_as_retrieving_it_shows_with_what_it_had_written(start, fake_llm):
+    fake_llm.endless_node_stream = True   # the node writes until it is stopped
+    fake_llm.extractions = {"word: loop": {"word": "loop"}}
+    client = start([_llm_node_workflow()], llm=fake_llm.settings()).client
+    stream = client.responses.create(model="echo", input="word: loop", background=True, stream=True)
+    deadline, response_id = time.monotonic() + 10, None
+    for event in stream:   # until the answer has begun
+        assert time.monotonic() < deadline, "no answer text within 10 s"
+        response_id = response_id or event.response.id   # response.created comes first
+        if event.type == "response.output_text.delta":
+            break
+    stream.close()
+    cancelled = client.responses.cancel(response_id)
+    assert cancelled.status == "cancelled" and cancelled.model_dump() == client.responses.retrieve(
+        cancelled.id).model_dump()
+    assert [item.type for item in cancelled.output] == ["reasoning", "message"]
+    answer = cancelled.output[1].content[0].text
+    assert answer.startswith("and on ") and cancelled.output[1].status == "incomplete"
+    assert answer.endswith("and on \n\nSorry, the workflow stopped: step 'write' failed (the run was stopped). "
+                           'Your inputs are kept; say "again" to retry, or change a value.')
+    assert fake_llm.endless_stream_ended.wait(10)
+
+
 def test_a_conversation_made_on_one_instance_is_continued_and_listed_on_another_sharing_redis(start, redis_server):
     first, second = (start(store=redis_server.url) for _ in range(2))
     conversation = first.client.conversations.create()
@@ -3661,7 +3698,7 @@ def test_a_background_response_cancelled_on_another_instance_stops_its_run(start
     started = running.client.responses.create(model="echo", input="word: kite", background=True)
     cancelled = other.client.responses.cancel(started.id)   # seen by the run at its next heartbeat
     assert cancelled.status == "cancelled" and cancelled.id == started.id
-    assert running.client.responses.retrieve(started.id).status == "cancelled"
+    assert running.client.responses.retrieve(started.id).model_dump() == cancelled.model_dump()   # its end, waited for
     assert other.client.responses.cancel(started.id).status == "cancelled"   # again: the same answer
     release.set()   # for the next run (the cancelled one stopped while its node held)
     after = other.client.responses.create(model="echo", input="word: sail", previous_response_id=started.id)
