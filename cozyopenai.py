@@ -1006,7 +1006,8 @@ def _check_http(inputs: Dict[str, Any], functions: Optional[FunctionFinder] = No
 
 
 def _json_type(value: Any) -> str:
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+    """A value's type as JSON names it, as the client wrote it (every message names types so)."""
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
             dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
 
 
@@ -6194,6 +6195,17 @@ def _json_body(body: bytes, content_type: str) -> dict:
     return data
 
 
+JSON_TYPE_NAMES = {str: "a string", bool: "true or false", dict: "an object", list: "an array"}
+
+
+def _field_of(data: Mapping[str, Any], name: str, expected: type) -> Any:
+    """A body field of one JSON type (None when null or left out); a 400 naming both types otherwise."""
+    value = data.get(name)
+    if value is not None and not isinstance(value, expected):
+        raise RequestError(f"'{name}' must be {JSON_TYPE_NAMES[expected]}, not {_json_type(value)}.", param=name)
+    return value
+
+
 def _model_of(data: Mapping[str, Any]) -> str:
     model = data.get("model")
     if model is None or model == "":
@@ -6210,21 +6222,16 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
     model = _model_of(data)
     raw_messages = data.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
-        raise RequestError("'messages' must be a non-empty list of {role, content} objects.", param="messages")
+        raise RequestError("'messages' must be a non-empty array of {role, content} objects, not "
+                           f"{'an empty array' if raw_messages == [] else _json_type(raw_messages)}.", param="messages")
     messages = [_parse_message(message, index) for index, message in enumerate(raw_messages)]
     if not any(message["role"] == "user" for message in messages):
         raise RequestError("'messages' needs at least one message with role 'user'.", param="messages")
-    stream = data.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be true or false.", param="stream")
+    stream = bool(_field_of(data, "stream", bool))
     choices = data.get("n", 1)
     if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int) or choices != 1):
         raise RequestError("'n' must be 1: a workflow gives one answer per turn.", param="n")
-    options = data.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise RequestError("'stream_options' must be an object.", param="stream_options")
+    options = _field_of(data, "stream_options", dict) or {}
     return ChatRequest(model=model, messages=messages, stream=stream,
                        include_usage=stream and options.get("include_usage") is True)
 
@@ -6232,7 +6239,8 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
 def _parse_message(message: Any, index: int) -> dict:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
-        raise RequestError(f"{where} must be an object with 'role' and 'content'.", param=where)
+        raise RequestError(f"{where} must be an object with 'role' and 'content', not {_json_type(message)}.",
+                           param=where)
     role = message.get("role")
     if role not in MESSAGE_ROLES:
         raise RequestError(f"{where}.role must be one of {', '.join(MESSAGE_ROLES)}.", param=f"{where}.role")
@@ -6242,19 +6250,26 @@ def _parse_message(message: Any, index: int) -> dict:
     if isinstance(content, list):
         content = _text_of_parts(content, where)
     if not isinstance(content, str):
-        raise RequestError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
+        raise RequestError(f"{where}.content must be a string or an array of text parts, not {_json_type(content)}.",
+                           param=f"{where}.content")
     return {"role": role, "content": valid_text(content)}
 
 
 def _text_of_parts(parts: List[Any], where: str, kinds: Sequence[str] = ("text", "input_text")) -> str:
     texts = []
     for part in parts:
-        if not isinstance(part, dict) or part.get("type") not in kinds:
-            part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise RequestError(f"{where}.content: only text parts are supported, not {part_type!r}; "
+        if not isinstance(part, dict):
+            raise RequestError(f"{where}.content: a part must be an object with 'type' and 'text', not "
+                               f"{_json_type(part)}.", param=f"{where}.content")
+        if part.get("type") not in kinds:
+            kind = part.get("type")
+            shown = (repr(kind) if isinstance(kind, str) else "a part with no 'type'" if kind is None
+                     else f"a part whose 'type' is {_json_type(kind)}")
+            raise RequestError(f"{where}.content: only text parts are supported, not {shown}; "
                                "workflows take their inputs as text.", param=f"{where}.content")
         if not isinstance(part.get("text"), str):
-            raise RequestError(f"{where}.content: a text part needs a 'text' string.", param=f"{where}.content")
+            raise RequestError(f"{where}.content: a text part needs a 'text' string, not "
+                               f"{_json_type(part.get('text'))}.", param=f"{where}.content")
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -6450,9 +6465,7 @@ def parse_responses_request(body: bytes, content_type: str = "",
     model = _model_of(data)
     for name, expected in (("stream", bool), ("store", bool), ("previous_response_id", str), ("metadata", dict),
                            ("instructions", str), ("background", bool)):
-        if data.get(name) is not None and not isinstance(data[name], expected):
-            raise RequestError(f"'{name}' must be {'true or false' if expected is bool else 'a ' + expected.__name__}.",
-                               param=name)
+        _field_of(data, name, expected)
     conversation = data.get("conversation")
     if isinstance(conversation, dict):
         conversation = conversation.get("id")
@@ -6469,7 +6482,8 @@ def parse_responses_request(body: bytes, content_type: str = "",
     if isinstance(raw, str):
         raw = [{"role": "user", "content": raw}]
     if not isinstance(raw, list) or (not raw and not conversation):
-        raise RequestError("'input' must be a string or a non-empty list of messages.", param="input")
+        raise RequestError("'input' must be a string or a non-empty array of messages, not "
+                           f"{'an empty array' if raw == [] else _json_type(raw)}.", param="input")
     items = [message for index, item in enumerate(raw) for message in _input_items(item, index, find_item)]
     messages = item_messages(items)
     if not conversation and not any(message["role"] == "user" for message in messages):
@@ -6512,7 +6526,8 @@ def _input_items(item: Any, index: int, find_item: Optional[Callable[[str], Opti
     """One input item as the message items it gives (none, or one)."""
     where = f"{field_name}[{index}]"
     if not isinstance(item, dict):
-        raise RequestError(f"{where} must be an object: a message with 'role' and 'content'.", param=where)
+        raise RequestError(f"{where} must be an object: a message with 'role' and 'content', not {_json_type(item)}.",
+                           param=where)
     if item.get("type") == "item_reference":
         found = find_item(item["id"]) if isinstance(item.get("id"), str) and find_item is not None else None
         if found is None:
@@ -6527,7 +6542,8 @@ def _input_items(item: Any, index: int, find_item: Optional[Callable[[str], Opti
     if isinstance(content, list):
         content = _text_of_parts(content, where, INPUT_TEXT_PARTS)
     if not isinstance(content, str):
-        raise RequestError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
+        raise RequestError(f"{where}.content must be a string or an array of text parts, not {_json_type(content)}.",
+                           param=f"{where}.content")
     message = text_item(role, valid_text(content))
     if isinstance(item.get("id"), str):
         message["id"] = item["id"]
@@ -7148,7 +7164,8 @@ def _new_items(key: str, raw: Any) -> List[dict]:
     if raw is None:
         return []
     if not isinstance(raw, list) or len(raw) > CONVERSATION_ITEMS_AT_ONCE:
-        raise RequestError(f"'items' must be a list of at most {CONVERSATION_ITEMS_AT_ONCE} messages.", param="items")
+        raise RequestError(f"'items' must be an array of at most {CONVERSATION_ITEMS_AT_ONCE} messages, not "
+                           f"{_json_type(raw) if not isinstance(raw, list) else f'{len(raw)} of them'}.", param="items")
     items = []
     for index, item in enumerate(raw):
         if not isinstance(item, dict) or item.get("type", "message") != "message":
@@ -7205,7 +7222,9 @@ def add_conversation_items(service: Service, conversation_id: str) -> dict:
     """POST /conversations/{id}/items: messages added at its end; the list of those added."""
     data = _json_body(read_body(), bottle.request.content_type)
     if not isinstance(data.get("items"), list) or not data["items"]:
-        raise RequestError("'items' must be a non-empty list of messages.", param="items")
+        raise RequestError("'items' must be a non-empty array of messages, not "
+                           f"{'an empty array' if data.get('items') == [] else _json_type(data.get('items'))}.",
+                           param="items")
     with api_conversation(service, conversation_id, change=True) as record:
         added = _new_items(record["id"], data["items"])
         record["api"]["items"] = record["api"]["items"] + added

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import types
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
@@ -3304,6 +3305,7 @@ def test_fuzzed_requests_get_no_5xx_and_only_openai_errors(start, capsys):
             assert response.headers["Content-Type"] == "application/json"
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"]
+            assert not PYTHON_TYPE_NAME.search(error["message"]), error["message"]
         elif response.headers["Content-Type"].startswith("text/event-stream"):
             assert response.text.endswith("data: [DONE]\n\n")
         else:
@@ -3463,6 +3465,35 @@ def test_a_stored_response_continues_from_exactly_its_own_state(start):
     again = [client.responses.create(model="trip-planner", input="hmm", previous_response_id=first.id)
              for _ in range(3)]   # the same reply from the same state: one snapshot, no loop
     assert len({response.output_text for response in again}) == 1
+
+
+PYTHON_TYPE_NAME = re.compile(r"NoneType|\b(?:a|an|not) '?(?:str|dict|list|int|float|bool|tuple)\b")
+
+
+def test_errors_name_json_types_as_a_client_writes_them_on_every_route(start):
+    client = start().client
+    conversation = client.conversations.create().id
+    texts = [{"role": "user", "content": [None]}]
+    respond = partial(client.responses.create, model="trip-planner")
+    chat = partial(client.chat.completions.create, model="trip-planner")
+    for call, param, words in (
+            (lambda: respond(input=texts), "input[0].content", "not null"),
+            (lambda: respond(input="hi", previous_response_id=5), "previous_response_id",
+             "'previous_response_id' must be a string, not a number."),
+            (lambda: respond(input="hi", metadata=["a"]), "metadata", "not an array"),
+            (lambda: respond(input="hi", extra_body={"store": "yes"}), "store",
+             "'store' must be true or false, not a string."),
+            (lambda: chat(messages=texts), "messages[0].content", "not null"),
+            (lambda: chat(messages=[{"role": "user", "content": {"text": "hi"}}]), "messages[0].content",
+             "must be a string or an array of text parts, not an object."),
+            (lambda: chat(messages="hi"), "messages", "not a string"),
+            (lambda: chat(messages=[{"role": "user", "content": "hi"}], extra_body={"stream_options": [1]}),
+             "stream_options", "'stream_options' must be an object, not an array."),
+            (lambda: client.conversations.items.create(conversation, items=texts), "items[0].content", "not null")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            call()
+        assert caught.value.body["param"] == param and words in caught.value.body["message"], caught.value.body
+        assert not PYTHON_TYPE_NAME.search(caught.value.body["message"]), caught.value.body
 
 
 def test_responses_errors_are_openai_errors_and_a_stateless_response_carries_the_id_block(start):
@@ -4854,6 +4885,8 @@ def test_fuzzed_bodies_on_every_route_and_store_get_4xx_protocol_errors_and_neve
             assert response.json()["error"]["message"]
         elif response.status_code >= 400:
             assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        if response.status_code >= 400:   # types named as JSON names them, on every route
+            assert not PYTHON_TYPE_NAME.search(response.json()["error"]["message"]), response.text[:300]
         elif response.headers["Content-Type"].startswith("text/event-stream"):
             assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
             assert response.text.endswith(("data: [DONE]\n\n", "response.completed", "\n\n"))
