@@ -6529,7 +6529,12 @@ def _input_items(item: Any, index: int, find_item: Optional[Callable[[str], Opti
         raise RequestError(f"{where} must be an object: a message with 'role' and 'content', not {_json_type(item)}.",
                            param=where)
     if item.get("type") == "item_reference":
-        found = find_item(item["id"]) if isinstance(item.get("id"), str) and find_item is not None else None
+        if item.get("id") is None or item.get("id") == "":
+            raise RequestError(f"Missing required parameter: '{where}.id': an item_reference names the item it "
+                               "stands for by its id.", param=f"{where}.id", code="missing_required_parameter")
+        if not isinstance(item["id"], str):
+            raise RequestError(f"'{where}.id' must be a string, not {_json_type(item['id'])}.", param=f"{where}.id")
+        found = find_item(item["id"]) if find_item is not None else None
         if found is None:
             raise RequestError(f"Item with id {item.get('id')!r} not found.", param=where, code="item_not_found")
         return [found] if found.get("type") == "message" else []

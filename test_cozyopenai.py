@@ -3613,6 +3613,13 @@ def test_a_history_of_item_references_as_the_vercel_ai_sdk_sends_it_reads_like_t
         "model": "trip-planner", "input": [user("hi"), {"type": "item_reference", "id": "msg_gone"}]})
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "input[1]"
     assert "msg_gone" in unknown.json()["error"]["message"]
+    for reference, words in (({"type": "item_reference"}, "Missing required parameter: 'input[1].id'"),
+                             ({"type": "item_reference", "id": None}, "Missing required parameter: 'input[1].id'"),
+                             ({"type": "item_reference", "id": 7}, "'input[1].id' must be a string, not a number.")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            server.client.responses.create(model="trip-planner", input=[user("hi"), reference])
+        assert caught.value.body["param"] == "input[1].id" and words in caught.value.body["message"]
+        assert "None" not in caught.value.body["message"]
 
 
 def test_a_responses_input_items_are_listed_a_page_at_a_time_as_openais(start):
