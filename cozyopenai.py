@@ -6453,6 +6453,36 @@ RESPONSES_REFUSED_FIELDS = {
     "there are no access programs"}
 
 
+# OpenAI's rule for the metadata of a response and of a conversation alike.
+METADATA_MAX_KEYS = 16
+METADATA_MAX_KEY_CHARACTERS = 64
+METADATA_MAX_VALUE_CHARACTERS = 512
+
+
+def checked_metadata(metadata: Any) -> Dict[str, str]:
+    """``metadata`` as OpenAI takes it (a response's or a conversation's): an object of at
+    most 16 keys of up to 64 characters, each to a string of up to 512; a 400 saying which not."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise RequestError(f"'metadata' must be an object of keys to strings, not {_json_type(metadata)}.",
+                           param="metadata")
+    if len(metadata) > METADATA_MAX_KEYS:
+        raise RequestError(f"'metadata' can have at most {METADATA_MAX_KEYS} keys, not {len(metadata)}.",
+                           param="metadata")
+    for key, value in metadata.items():
+        if len(key) > METADATA_MAX_KEY_CHARACTERS:
+            raise RequestError(f"'metadata' keys can be at most {METADATA_MAX_KEY_CHARACTERS} characters, not "
+                               f"{len(key)}.", param="metadata")
+        if not isinstance(value, str):
+            raise RequestError(f"'metadata.{key}' must be a string, not {_json_type(value)}: metadata values "
+                               "are strings.", param=f"metadata.{key}")
+        if len(value) > METADATA_MAX_VALUE_CHARACTERS:
+            raise RequestError(f"'metadata.{key}' can be at most {METADATA_MAX_VALUE_CHARACTERS} characters, not "
+                               f"{len(value)}.", param=f"metadata.{key}")
+    return dict(metadata)
+
+
 def parse_responses_request(body: bytes, content_type: str = "",
                             find_item: Optional[Callable[[str], Optional[dict]]] = None) -> ResponsesRequest:
     """Validate a Responses body. ``input`` is a string or a list of items: messages (content
@@ -6463,9 +6493,10 @@ def parse_responses_request(body: bytes, content_type: str = "",
     data = _json_body(body, content_type)
     _refuse_what_is_not_honoured(data)
     model = _model_of(data)
-    for name, expected in (("stream", bool), ("store", bool), ("previous_response_id", str), ("metadata", dict),
+    for name, expected in (("stream", bool), ("store", bool), ("previous_response_id", str),
                            ("instructions", str), ("background", bool)):
         _field_of(data, name, expected)
+    metadata = checked_metadata(data.get("metadata"))
     conversation = data.get("conversation")
     if isinstance(conversation, dict):
         conversation = conversation.get("id")
@@ -6496,7 +6527,7 @@ def parse_responses_request(body: bytes, content_type: str = "",
     return ResponsesRequest(model=model, messages=messages, stream=bool(data.get("stream")),
                             store=data.get("store") is not False,
                             previous_response_id=data.get("previous_response_id") or "",
-                            metadata=dict(data.get("metadata") or {}), instructions=data.get("instructions"),
+                            metadata=metadata, instructions=data.get("instructions"),
                             conversation=conversation or "", items=tuple(items), hints=tuple(dict.fromkeys(hints)),
                             truncation=truncation, background=bool(data.get("background")))
 
@@ -7129,7 +7160,6 @@ def item_page(items: Sequence[dict], query: Mapping[str, str]) -> dict:
 # it sees it) whose items are the history; a response with ``conversation`` reads them and
 # adds its input and output items, and the state of the workflow goes on from the last one.
 CONVERSATION_ITEMS_AT_ONCE = 20       # items one create or add request may carry, as OpenAI's
-CONVERSATION_METADATA_MAX = 16
 
 
 def create_conversation(service: Service) -> dict:
@@ -7141,7 +7171,7 @@ def create_conversation(service: Service) -> dict:
             raise RequestError(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
     key = service.new_conversation_id()
     conversation = Conversation(id=key, model="", api={"created_at": int(time.time()),
-                                                       "metadata": _conversation_metadata(data.get("metadata")),
+                                                       "metadata": checked_metadata(data.get("metadata")),
                                                        "items": _new_items(key, data.get("items"))})
     with service.store.lock(key):
         service.store.save(key, conversation.to_record())
@@ -7151,17 +7181,6 @@ def create_conversation(service: Service) -> dict:
 def conversation_object(key: str, api: Mapping[str, Any]) -> dict:
     return {"id": "conv_" + key, "object": "conversation", "created_at": api["created_at"],
             "metadata": api.get("metadata") or {}}
-
-
-def _conversation_metadata(metadata: Any) -> Dict[str, str]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict) or len(metadata) > CONVERSATION_METADATA_MAX or not all(
-            isinstance(name, str) and len(name) <= 64 and isinstance(value, str) and len(value) <= 512
-            for name, value in metadata.items()):
-        raise RequestError(f"'metadata' must be an object of at most {CONVERSATION_METADATA_MAX} string values "
-                           "(keys up to 64 characters, values up to 512).", param="metadata")
-    return dict(metadata)
 
 
 def _new_items(key: str, raw: Any) -> List[dict]:
@@ -7205,7 +7224,7 @@ def update_conversation(service: Service, conversation_id: str) -> dict:
     data = _json_body(read_body(), bottle.request.content_type)
     if "metadata" not in data or set(data) - {"metadata"}:
         raise RequestError("Send 'metadata', and only it, to update a conversation.", param="metadata")
-    metadata = _conversation_metadata(data["metadata"])
+    metadata = checked_metadata(data["metadata"])
     with api_conversation(service, conversation_id, change=True) as record:
         record["api"]["metadata"] = metadata
     return conversation_object(record["id"], record["api"])

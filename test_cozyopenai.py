@@ -3496,6 +3496,25 @@ def test_errors_name_json_types_as_a_client_writes_them_on_every_route(start):
         assert not PYTHON_TYPE_NAME.search(caught.value.body["message"]), caught.value.body
 
 
+def test_responses_and_conversations_take_metadata_by_one_rule_openais(start):
+    client = start().client
+    conversation = client.conversations.create().id
+    routes = (lambda metadata: client.responses.create(model="trip-planner", input="hi", metadata=metadata),
+              lambda metadata: client.conversations.create(metadata=metadata),
+              lambda metadata: client.conversations.update(conversation, metadata=metadata))
+    largest = {f"{number:02d}" + "k" * 62: "v" * 512 for number in range(16)}
+    for metadata, param, words in (({"a": 5}, "metadata.a", "'metadata.a' must be a string, not a number"),
+                                   ({"a": None}, "metadata.a", "not null"),
+                                   (dict(largest, extra="x"), "metadata", "at most 16 keys, not 17"),
+                                   ({"k" * 65: "x"}, "metadata", "keys can be at most 64 characters"),
+                                   ({"a": "v" * 513}, "metadata.a", "at most 512 characters, not 513")):
+        for route in routes:
+            with pytest.raises(openai.BadRequestError) as caught:
+                route(metadata)
+            assert caught.value.body["param"] == param and words in caught.value.body["message"], caught.value.body
+    assert all(route(largest).metadata == largest for route in routes)
+
+
 def test_responses_errors_are_openai_errors_and_a_stateless_response_carries_the_id_block(start):
     server = start()
     with pytest.raises(openai.BadRequestError) as caught:
