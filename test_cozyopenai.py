@@ -3718,7 +3718,7 @@ def test_a_background_response_returns_at_once_and_is_polled_to_completion(start
 def test_a_cancel_answers_the_stopped_response_as_retrieving_it_shows_with_what_it_had_written(start, fake_llm):
     fake_llm.endless_node_stream = True   # the node writes until it is stopped
     fake_llm.extractions = {"word: loop": {"word": "loop"}}
-    client = start([_llm_node_workflow()], llm=fake_llm.settings()).client
+    client = start([_llm_node_workflow()], llm=fake_llm.settings()).client.with_options(timeout=20, max_retries=0)
     stream = client.responses.create(model="echo", input="word: loop", background=True, stream=True)
     deadline, response_id = time.monotonic() + 10, None
     for event in stream:   # until the answer has begun
