@@ -1019,7 +1019,8 @@ def _check_http(inputs: Dict[str, Any], functions: Optional[FunctionFinder] = No
 
 
 def _json_type(value: Any) -> str:
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+    """A value's type as JSON names it, as the client wrote it (every message names types so)."""
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
             dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
 
 
@@ -5578,20 +5579,28 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
     shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}" for name, value in values.items())
     yield Piece("thinking", f"Running {workflow.name} with {shown}.\n")
     conversation.runs += 1
+    written = ""   # the answer streamed so far: a stop notice after it gets a paragraph of its own
     for event in run_events(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
                             metrics=turn.metrics, follow_up=follow_up):
         if event.what in RUN_MARKS:
             yield Piece("thinking", RUN_MARKS[event.what] + progress_line(event) + "\n")
         if event.what == "failed":
-            yield Piece("answer", preface + RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
+            yield Piece("answer", (paragraph_break(written) if written else preface) +
+                        RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
         elif event.what == "answer":
             yield Piece("answer", preface + event.text)
-            preface = ""
+            written, preface = (written + event.text)[-2:], ""
         elif event.what == "done":
             turn.answer = event.text
 
 
 RUN_MARKS = {"started": "→ ", "finished": "✓ ", "failed": "✗ ", "note": ""}   # how the thinking block shows them
+
+
+def paragraph_break(text: str) -> str:
+    """What starts a new paragraph after ``text`` (the end of an answer already sent, which
+    cannot be changed): a blank line, less what it already ends with."""
+    return "\n\n"[len(text) - len(text.rstrip("\n")):]
 
 
 def progress_line(event: RunEvent) -> str:
@@ -6287,6 +6296,17 @@ def _json_body(body: bytes, content_type: str) -> dict:
     return data
 
 
+JSON_TYPE_NAMES = {str: "a string", bool: "true or false", dict: "an object", list: "an array"}
+
+
+def _field_of(data: Mapping[str, Any], name: str, expected: type) -> Any:
+    """A body field of one JSON type (None when null or left out); a 400 naming both types otherwise."""
+    value = data.get(name)
+    if value is not None and not isinstance(value, expected):
+        raise RequestError(f"'{name}' must be {JSON_TYPE_NAMES[expected]}, not {_json_type(value)}.", param=name)
+    return value
+
+
 def _model_of(data: Mapping[str, Any]) -> str:
     model = data.get("model")
     if model is None or model == "":
@@ -6303,21 +6323,16 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
     model = _model_of(data)
     raw_messages = data.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
-        raise RequestError("'messages' must be a non-empty list of {role, content} objects.", param="messages")
+        raise RequestError("'messages' must be a non-empty array of {role, content} objects, not "
+                           f"{'an empty array' if raw_messages == [] else _json_type(raw_messages)}.", param="messages")
     messages = [_parse_message(message, index) for index, message in enumerate(raw_messages)]
     if not any(message["role"] == "user" for message in messages):
         raise RequestError("'messages' needs at least one message with role 'user'.", param="messages")
-    stream = data.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be true or false.", param="stream")
+    stream = bool(_field_of(data, "stream", bool))
     choices = data.get("n", 1)
     if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int) or choices != 1):
         raise RequestError("'n' must be 1: a workflow gives one answer per turn.", param="n")
-    options = data.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise RequestError("'stream_options' must be an object.", param="stream_options")
+    options = _field_of(data, "stream_options", dict) or {}
     return ChatRequest(model=model, messages=messages, stream=stream,
                        include_usage=stream and options.get("include_usage") is True)
 
@@ -6325,7 +6340,8 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
 def _parse_message(message: Any, index: int) -> dict:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
-        raise RequestError(f"{where} must be an object with 'role' and 'content'.", param=where)
+        raise RequestError(f"{where} must be an object with 'role' and 'content', not {_json_type(message)}.",
+                           param=where)
     role = message.get("role")
     if role not in MESSAGE_ROLES:
         raise RequestError(f"{where}.role must be one of {', '.join(MESSAGE_ROLES)}.", param=f"{where}.role")
@@ -6335,19 +6351,26 @@ def _parse_message(message: Any, index: int) -> dict:
     if isinstance(content, list):
         content = _text_of_parts(content, where)
     if not isinstance(content, str):
-        raise RequestError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
+        raise RequestError(f"{where}.content must be a string or an array of text parts, not {_json_type(content)}.",
+                           param=f"{where}.content")
     return {"role": role, "content": valid_text(content)}
 
 
 def _text_of_parts(parts: List[Any], where: str, kinds: Sequence[str] = ("text", "input_text")) -> str:
     texts = []
     for part in parts:
-        if not isinstance(part, dict) or part.get("type") not in kinds:
-            part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise RequestError(f"{where}.content: only text parts are supported, not {part_type!r}; "
+        if not isinstance(part, dict):
+            raise RequestError(f"{where}.content: a part must be an object with 'type' and 'text', not "
+                               f"{_json_type(part)}.", param=f"{where}.content")
+        if part.get("type") not in kinds:
+            kind = part.get("type")
+            shown = (repr(kind) if isinstance(kind, str) else "a part with no 'type'" if kind is None
+                     else f"a part whose 'type' is {_json_type(kind)}")
+            raise RequestError(f"{where}.content: only text parts are supported, not {shown}; "
                                "workflows take their inputs as text.", param=f"{where}.content")
         if not isinstance(part.get("text"), str):
-            raise RequestError(f"{where}.content: a text part needs a 'text' string.", param=f"{where}.content")
+            raise RequestError(f"{where}.content: a text part needs a 'text' string, not "
+                               f"{_json_type(part.get('text'))}.", param=f"{where}.content")
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -6531,6 +6554,36 @@ RESPONSES_REFUSED_FIELDS = {
     "there are no access programs"}
 
 
+# OpenAI's rule for the metadata of a response and of a conversation alike.
+METADATA_MAX_KEYS = 16
+METADATA_MAX_KEY_CHARACTERS = 64
+METADATA_MAX_VALUE_CHARACTERS = 512
+
+
+def checked_metadata(metadata: Any) -> Dict[str, str]:
+    """``metadata`` as OpenAI takes it (a response's or a conversation's): an object of at
+    most 16 keys of up to 64 characters, each to a string of up to 512; a 400 saying which not."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise RequestError(f"'metadata' must be an object of keys to strings, not {_json_type(metadata)}.",
+                           param="metadata")
+    if len(metadata) > METADATA_MAX_KEYS:
+        raise RequestError(f"'metadata' can have at most {METADATA_MAX_KEYS} keys, not {len(metadata)}.",
+                           param="metadata")
+    for key, value in metadata.items():
+        if len(key) > METADATA_MAX_KEY_CHARACTERS:
+            raise RequestError(f"'metadata' keys can be at most {METADATA_MAX_KEY_CHARACTERS} characters, not "
+                               f"{len(key)}.", param="metadata")
+        if not isinstance(value, str):
+            raise RequestError(f"'metadata.{key}' must be a string, not {_json_type(value)}: metadata values "
+                               "are strings.", param=f"metadata.{key}")
+        if len(value) > METADATA_MAX_VALUE_CHARACTERS:
+            raise RequestError(f"'metadata.{key}' can be at most {METADATA_MAX_VALUE_CHARACTERS} characters, not "
+                               f"{len(value)}.", param=f"metadata.{key}")
+    return dict(metadata)
+
+
 def parse_responses_request(body: bytes, content_type: str = "",
                             find_item: Optional[Callable[[str], Optional[dict]]] = None) -> ResponsesRequest:
     """Validate a Responses body. ``input`` is a string or a list of items: messages (content
@@ -6541,11 +6594,10 @@ def parse_responses_request(body: bytes, content_type: str = "",
     data = _json_body(body, content_type)
     _refuse_what_is_not_honoured(data)
     model = _model_of(data)
-    for name, expected in (("stream", bool), ("store", bool), ("previous_response_id", str), ("metadata", dict),
+    for name, expected in (("stream", bool), ("store", bool), ("previous_response_id", str),
                            ("instructions", str), ("background", bool)):
-        if data.get(name) is not None and not isinstance(data[name], expected):
-            raise RequestError(f"'{name}' must be {'true or false' if expected is bool else 'a ' + expected.__name__}.",
-                               param=name)
+        _field_of(data, name, expected)
+    metadata = checked_metadata(data.get("metadata"))
     conversation = data.get("conversation")
     if isinstance(conversation, dict):
         conversation = conversation.get("id")
@@ -6562,7 +6614,8 @@ def parse_responses_request(body: bytes, content_type: str = "",
     if isinstance(raw, str):
         raw = [{"role": "user", "content": raw}]
     if not isinstance(raw, list) or (not raw and not conversation):
-        raise RequestError("'input' must be a string or a non-empty list of messages.", param="input")
+        raise RequestError("'input' must be a string or a non-empty array of messages, not "
+                           f"{'an empty array' if raw == [] else _json_type(raw)}.", param="input")
     items = [message for index, item in enumerate(raw) for message in _input_items(item, index, find_item)]
     messages = item_messages(items)
     if not conversation and not any(message["role"] == "user" for message in messages):
@@ -6575,7 +6628,7 @@ def parse_responses_request(body: bytes, content_type: str = "",
     return ResponsesRequest(model=model, messages=messages, stream=bool(data.get("stream")),
                             store=data.get("store") is not False,
                             previous_response_id=data.get("previous_response_id") or "",
-                            metadata=dict(data.get("metadata") or {}), instructions=data.get("instructions"),
+                            metadata=metadata, instructions=data.get("instructions"),
                             conversation=conversation or "", items=tuple(items), hints=tuple(dict.fromkeys(hints)),
                             truncation=truncation, background=bool(data.get("background")))
 
@@ -6605,9 +6658,15 @@ def _input_items(item: Any, index: int, find_item: Optional[Callable[[str], Opti
     """One input item as the message items it gives (none, or one)."""
     where = f"{field_name}[{index}]"
     if not isinstance(item, dict):
-        raise RequestError(f"{where} must be an object: a message with 'role' and 'content'.", param=where)
+        raise RequestError(f"{where} must be an object: a message with 'role' and 'content', not {_json_type(item)}.",
+                           param=where)
     if item.get("type") == "item_reference":
-        found = find_item(item["id"]) if isinstance(item.get("id"), str) and find_item is not None else None
+        if item.get("id") is None or item.get("id") == "":
+            raise RequestError(f"Missing required parameter: '{where}.id': an item_reference names the item it "
+                               "stands for by its id.", param=f"{where}.id", code="missing_required_parameter")
+        if not isinstance(item["id"], str):
+            raise RequestError(f"'{where}.id' must be a string, not {_json_type(item['id'])}.", param=f"{where}.id")
+        found = find_item(item["id"]) if find_item is not None else None
         if found is None:
             raise RequestError(f"Item with id {item.get('id')!r} not found.", param=where, code="item_not_found")
         return [found] if found.get("type") == "message" else []
@@ -6620,7 +6679,8 @@ def _input_items(item: Any, index: int, find_item: Optional[Callable[[str], Opti
     if isinstance(content, list):
         content = _text_of_parts(content, where, INPUT_TEXT_PARTS)
     if not isinstance(content, str):
-        raise RequestError(f"{where}.content must be a string or a list of text parts.", param=f"{where}.content")
+        raise RequestError(f"{where}.content must be a string or an array of text parts, not {_json_type(content)}.",
+                           param=f"{where}.content")
     message = text_item(role, valid_text(content))
     if isinstance(item.get("id"), str):
         message["id"] = item["id"]
@@ -6686,7 +6746,9 @@ def _reasoning_item(response_id: str, text: str) -> dict:
 
 
 def _message_item(response_id: str, text: str, status: str = "completed") -> dict:
-    return {"type": "message", "id": "msg_" + response_id[5:], "status": status, "role": "assistant",
+    # An item is in progress, completed or incomplete: the answer of a response cut short is incomplete.
+    item_status = status if status in ("completed", "in_progress") else "incomplete"
+    return {"type": "message", "id": "msg_" + response_id[5:], "status": item_status, "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" or text
             else []}
 
@@ -6931,6 +6993,7 @@ class BackgroundRun:
         self._error: Optional[BaseException] = None
         self._events: List[dict] = []
         self._response: dict = {}
+        self._saved = {"thinking": "", "answer": ""}   # what its turn saved: the end of a run cut short
         self._thread = threading.Thread(target=self._run, name="background-response", daemon=True)
 
     def start(self) -> dict:
@@ -6946,6 +7009,13 @@ class BackgroundRun:
 
     def _run(self) -> None:
         service, turn_request = self.service, self.turn_request
+        saving = turn_request.saving
+
+        def saved(kept: Conversation, thinking: str, answer: str) -> None:
+            self._saved = {"thinking": thinking, "answer": answer}
+            if saving is not None:
+                saving(kept, thinking, answer)
+        turn_request.saving = saved
         try:
             opening = service.open_turn if turn_request.conversation else partial(open_chat_turn, service)
             turn = opening(turn_request, self._stop, {})
@@ -6971,8 +7041,8 @@ class BackgroundRun:
                     status = self._play(turn)
                 finally:
                     self.runs.discard(self)
-                if status != "completed":
-                    turn_request.response_extra["status"] = status
+                if status != "completed":   # the stored response as the run's record ends it
+                    turn_request.response_extra.update(status=status, error=background_error(status))
         except CozyError as exc:   # the turn could not be saved (the store went away): the run failed
             log.error("a background response could not be saved: %s", exc.message)
             status = "failed"
@@ -7013,10 +7083,8 @@ class BackgroundRun:
             events.close()
 
     def _finish(self, status: str) -> None:
-        if status != "completed":
-            error = {"code": "cancelled" if status == "cancelled" else "server_error",
-                     "message": "The response was cancelled." if status == "cancelled" else BACKGROUND_DIED}
-            self._response = self._response_as(status, error=error)
+        if status != "completed":   # what the turn wrote before it stopped is kept, as retrieving it shows
+            self._response = self._response_as(status, error=background_error(status), **self._saved)
             self._events.append({"type": "response.failed", "sequence_number": len(self._events),
                                  "response": self._response})
         with contextlib.suppress(CozyError):
@@ -7037,6 +7105,12 @@ class BackgroundRun:
                 "response_id": self.response_id, "status": status, "events": self._events, "heartbeat": time.time(),
                 "response": self._response, "cancel": bool(seen.get("cancel"))}})
         return stopped
+
+
+def background_error(status: str) -> dict:
+    """The error of a background response that did not complete."""
+    return {"code": "cancelled" if status == "cancelled" else "server_error",
+            "message": "The response was cancelled." if status == "cancelled" else BACKGROUND_DIED}
 
 
 def background_run(service: Service, response_id: str) -> Optional[dict]:
@@ -7080,7 +7154,8 @@ def background_events(service: Service, response_id: str, starting_after: int,
 
 
 def cancel_response(service: Service, response_id: str, runs: Optional[BackgroundRuns] = None) -> dict:
-    """POST /responses/{id}/cancel: stop a background response; once stopped (or done), the response."""
+    """POST /responses/{id}/cancel: stop a background response, wherever it runs; once it has
+    stopped (or BACKGROUND_CANCEL_SECONDS passed), the response as retrieving it shows it."""
     conversation_of_response(response_id)
     key = background_key(response_id)
     with service.store.lock(key):
@@ -7098,7 +7173,7 @@ def cancel_response(service: Service, response_id: str, runs: Optional[Backgroun
     while run["status"] == "in_progress" and time.monotonic() < deadline:
         time.sleep(BACKGROUND_POLL_SECONDS)
         run = background_run(service, response_id) or run
-    return run["response"]
+    return retrieved_response(service, response_id)
 
 
 def stored_response(service: Service, response_id: str) -> Any:
@@ -7116,6 +7191,11 @@ def stored_response(service: Service, response_id: str) -> Any:
         stream_headers()
         return counted_stream(background_events(service, response_id, starting_after, service.keepalive_seconds),
                               service.metrics)
+    return retrieved_response(service, response_id)
+
+
+def retrieved_response(service: Service, response_id: str) -> dict:
+    """A response saved with ``store``, or a background one as it runs (a 404 if neither)."""
     record = service.store.load(conversation_of_response(response_id))
     response = (record or {}).get("responses", {}).get(response_id)
     if response is not None:
@@ -7181,7 +7261,6 @@ def item_page(items: Sequence[dict], query: Mapping[str, str]) -> dict:
 # it sees it) whose items are the history; a response with ``conversation`` reads them and
 # adds its input and output items, and the state of the workflow goes on from the last one.
 CONVERSATION_ITEMS_AT_ONCE = 20       # items one create or add request may carry, as OpenAI's
-CONVERSATION_METADATA_MAX = 16
 
 
 def create_conversation(service: Service) -> dict:
@@ -7193,7 +7272,7 @@ def create_conversation(service: Service) -> dict:
             raise RequestError(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
     key = service.new_conversation_id()
     conversation = Conversation(id=key, model="", api={"created_at": int(time.time()),
-                                                       "metadata": _conversation_metadata(data.get("metadata")),
+                                                       "metadata": checked_metadata(data.get("metadata")),
                                                        "items": _new_items(key, data.get("items"))})
     with service.store.lock(key):
         service.store.save(key, conversation.to_record())
@@ -7205,23 +7284,13 @@ def conversation_object(key: str, api: Mapping[str, Any]) -> dict:
             "metadata": api.get("metadata") or {}}
 
 
-def _conversation_metadata(metadata: Any) -> Dict[str, str]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict) or len(metadata) > CONVERSATION_METADATA_MAX or not all(
-            isinstance(name, str) and len(name) <= 64 and isinstance(value, str) and len(value) <= 512
-            for name, value in metadata.items()):
-        raise RequestError(f"'metadata' must be an object of at most {CONVERSATION_METADATA_MAX} string values "
-                           "(keys up to 64 characters, values up to 512).", param="metadata")
-    return dict(metadata)
-
-
 def _new_items(key: str, raw: Any) -> List[dict]:
     """Items given to a conversation, as message items with ids of their own (which name the conversation)."""
     if raw is None:
         return []
     if not isinstance(raw, list) or len(raw) > CONVERSATION_ITEMS_AT_ONCE:
-        raise RequestError(f"'items' must be a list of at most {CONVERSATION_ITEMS_AT_ONCE} messages.", param="items")
+        raise RequestError(f"'items' must be an array of at most {CONVERSATION_ITEMS_AT_ONCE} messages, not "
+                           f"{_json_type(raw) if not isinstance(raw, list) else f'{len(raw)} of them'}.", param="items")
     items = []
     for index, item in enumerate(raw):
         if not isinstance(item, dict) or item.get("type", "message") != "message":
@@ -7256,7 +7325,7 @@ def update_conversation(service: Service, conversation_id: str) -> dict:
     data = _json_body(read_body(), bottle.request.content_type)
     if "metadata" not in data or set(data) - {"metadata"}:
         raise RequestError("Send 'metadata', and only it, to update a conversation.", param="metadata")
-    metadata = _conversation_metadata(data["metadata"])
+    metadata = checked_metadata(data["metadata"])
     with api_conversation(service, conversation_id, change=True) as record:
         record["api"]["metadata"] = metadata
     return conversation_object(record["id"], record["api"])
@@ -7278,7 +7347,9 @@ def add_conversation_items(service: Service, conversation_id: str) -> dict:
     """POST /conversations/{id}/items: messages added at its end; the list of those added."""
     data = _json_body(read_body(), bottle.request.content_type)
     if not isinstance(data.get("items"), list) or not data["items"]:
-        raise RequestError("'items' must be a non-empty list of messages.", param="items")
+        raise RequestError("'items' must be a non-empty array of messages, not "
+                           f"{'an empty array' if data.get('items') == [] else _json_type(data.get('items'))}.",
+                           param="items")
     with api_conversation(service, conversation_id, change=True) as record:
         added = _new_items(record["id"], data["items"])
         record["api"]["items"] = record["api"]["items"] + added

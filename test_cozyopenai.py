@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import types
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
@@ -777,6 +778,20 @@ def test_llm_node_without_an_llm_uses_its_fallback_template(start):
     plan = answer_of(reply)
     assert "## Your trip to Lisbon" in plan
     assert "first week of May" in plan and "1500" in plan
+
+
+def test_a_node_that_fails_after_streaming_part_of_the_answer_says_so_in_a_paragraph_of_its_own(start):
+    def flaky(inputs, context):
+        def pieces():
+            yield "word0 word1"
+            raise cozyopenai.NodeFailed("the source went away")
+        return cozyopenai.TextStream(pieces())
+    nodes = [{"id": "write", "type": "flaky", "inputs": {"w": {"query": "word"}}},
+             {"id": "answer", "type": "output", "inputs": {"text": {"link": "write"}}}]
+    server = start([workflow(nodes=nodes)], node_types={"flaky": cozyopenai.NodeType(flaky)})
+    assert answer_of(Chat(server, "echo").say("word: x")) == (
+        "word0 word1\n\nSorry, the workflow stopped: step 'write' failed (the source went away). Your inputs are "
+        'kept; say "again" to retry, or change a value.')
 
 
 def test_llm_node_without_an_llm_or_fallback_fails_with_a_clear_message(start):
@@ -3322,6 +3337,7 @@ def test_fuzzed_requests_get_no_5xx_and_only_openai_errors(start, capsys):
             assert response.headers["Content-Type"] == "application/json"
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"]
+            assert not PYTHON_TYPE_NAME.search(error["message"]), error["message"]
         elif response.headers["Content-Type"].startswith("text/event-stream"):
             assert response.text.endswith("data: [DONE]\n\n")
         else:
@@ -3483,6 +3499,54 @@ def test_a_stored_response_continues_from_exactly_its_own_state(start):
     assert len({response.output_text for response in again}) == 1
 
 
+PYTHON_TYPE_NAME = re.compile(r"NoneType|\b(?:a|an|not) '?(?:str|dict|list|int|float|bool|tuple)\b")
+
+
+def test_errors_name_json_types_as_a_client_writes_them_on_every_route(start):
+    client = start().client
+    conversation = client.conversations.create().id
+    texts = [{"role": "user", "content": [None]}]
+    respond = partial(client.responses.create, model="trip-planner")
+    chat = partial(client.chat.completions.create, model="trip-planner")
+    for call, param, words in (
+            (lambda: respond(input=texts), "input[0].content", "not null"),
+            (lambda: respond(input="hi", previous_response_id=5), "previous_response_id",
+             "'previous_response_id' must be a string, not a number."),
+            (lambda: respond(input="hi", metadata=["a"]), "metadata", "not an array"),
+            (lambda: respond(input="hi", extra_body={"store": "yes"}), "store",
+             "'store' must be true or false, not a string."),
+            (lambda: chat(messages=texts), "messages[0].content", "not null"),
+            (lambda: chat(messages=[{"role": "user", "content": {"text": "hi"}}]), "messages[0].content",
+             "must be a string or an array of text parts, not an object."),
+            (lambda: chat(messages="hi"), "messages", "not a string"),
+            (lambda: chat(messages=[{"role": "user", "content": "hi"}], extra_body={"stream_options": [1]}),
+             "stream_options", "'stream_options' must be an object, not an array."),
+            (lambda: client.conversations.items.create(conversation, items=texts), "items[0].content", "not null")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            call()
+        assert caught.value.body["param"] == param and words in caught.value.body["message"], caught.value.body
+        assert not PYTHON_TYPE_NAME.search(caught.value.body["message"]), caught.value.body
+
+
+def test_responses_and_conversations_take_metadata_by_one_rule_openais(start):
+    client = start().client
+    conversation = client.conversations.create().id
+    routes = (lambda metadata: client.responses.create(model="trip-planner", input="hi", metadata=metadata),
+              lambda metadata: client.conversations.create(metadata=metadata),
+              lambda metadata: client.conversations.update(conversation, metadata=metadata))
+    largest = {f"{number:02d}" + "k" * 62: "v" * 512 for number in range(16)}
+    for metadata, param, words in (({"a": 5}, "metadata.a", "'metadata.a' must be a string, not a number"),
+                                   ({"a": None}, "metadata.a", "not null"),
+                                   (dict(largest, extra="x"), "metadata", "at most 16 keys, not 17"),
+                                   ({"k" * 65: "x"}, "metadata", "keys can be at most 64 characters"),
+                                   ({"a": "v" * 513}, "metadata.a", "at most 512 characters, not 513")):
+        for route in routes:
+            with pytest.raises(openai.BadRequestError) as caught:
+                route(metadata)
+            assert caught.value.body["param"] == param and words in caught.value.body["message"], caught.value.body
+    assert all(route(largest).metadata == largest for route in routes)
+
+
 def test_responses_errors_are_openai_errors_and_a_stateless_response_carries_the_id_block(start):
     server = start()
     with pytest.raises(openai.BadRequestError) as caught:
@@ -3600,6 +3664,13 @@ def test_a_history_of_item_references_as_the_vercel_ai_sdk_sends_it_reads_like_t
         "model": "trip-planner", "input": [user("hi"), {"type": "item_reference", "id": "msg_gone"}]})
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "input[1]"
     assert "msg_gone" in unknown.json()["error"]["message"]
+    for reference, words in (({"type": "item_reference"}, "Missing required parameter: 'input[1].id'"),
+                             ({"type": "item_reference", "id": None}, "Missing required parameter: 'input[1].id'"),
+                             ({"type": "item_reference", "id": 7}, "'input[1].id' must be a string, not a number.")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            server.client.responses.create(model="trip-planner", input=[user("hi"), reference])
+        assert caught.value.body["param"] == "input[1].id" and words in caught.value.body["message"]
+        assert "None" not in caught.value.body["message"]
 
 
 def test_a_responses_input_items_are_listed_a_page_at_a_time_as_openais(start):
@@ -3676,6 +3747,29 @@ def test_a_background_response_returns_at_once_and_is_polled_to_completion(start
         client.responses.create(model="echo", input="word: x", background=True, store=False)
 
 
+def test_a_cancel_answers_the_stopped_response_as_retrieving_it_shows_with_what_it_had_written(start, fake_llm):
+    fake_llm.endless_node_stream = True   # the node writes until it is stopped
+    fake_llm.extractions = {"word: loop": {"word": "loop"}}
+    client = start([_llm_node_workflow()], llm=fake_llm.settings()).client.with_options(timeout=20, max_retries=0)
+    stream = client.responses.create(model="echo", input="word: loop", background=True, stream=True)
+    deadline, response_id = time.monotonic() + 10, None
+    for event in stream:   # until the answer has begun
+        assert time.monotonic() < deadline, "no answer text within 10 s"
+        response_id = response_id or event.response.id   # response.created comes first
+        if event.type == "response.output_text.delta":
+            break
+    stream.close()
+    cancelled = client.responses.cancel(response_id)
+    assert cancelled.status == "cancelled" and cancelled.model_dump() == client.responses.retrieve(
+        cancelled.id).model_dump()
+    assert [item.type for item in cancelled.output] == ["reasoning", "message"]
+    answer = cancelled.output[1].content[0].text
+    assert answer.startswith("and on ") and cancelled.output[1].status == "incomplete"
+    assert answer.endswith("and on \n\nSorry, the workflow stopped: step 'write' failed (the run was stopped). "
+                           'Your inputs are kept; say "again" to retry, or change a value.')
+    assert fake_llm.endless_stream_ended.wait(10)
+
+
 def test_a_conversation_made_on_one_instance_is_continued_and_listed_on_another_sharing_redis(start, redis_server):
     first, second = (start(store=redis_server.url) for _ in range(2))
     conversation = first.client.conversations.create()
@@ -3693,7 +3787,7 @@ def test_a_background_response_cancelled_on_another_instance_stops_its_run(start
     started = running.client.responses.create(model="echo", input="word: kite", background=True)
     cancelled = other.client.responses.cancel(started.id)   # seen by the run at its next heartbeat
     assert cancelled.status == "cancelled" and cancelled.id == started.id
-    assert running.client.responses.retrieve(started.id).status == "cancelled"
+    assert running.client.responses.retrieve(started.id).model_dump() == cancelled.model_dump()   # its end, waited for
     assert other.client.responses.cancel(started.id).status == "cancelled"   # again: the same answer
     release.set()   # for the next run (the cancelled one stopped while its node held)
     after = other.client.responses.create(model="echo", input="word: sail", previous_response_id=started.id)
@@ -4961,6 +5055,8 @@ def test_fuzzed_bodies_on_every_route_and_store_get_4xx_protocol_errors_and_neve
             assert response.json()["error"]["message"]
         elif response.status_code >= 400:
             assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        if response.status_code >= 400:   # types named as JSON names them, on every route
+            assert not PYTHON_TYPE_NAME.search(response.json()["error"]["message"]), response.text[:300]
         elif response.headers["Content-Type"].startswith("text/event-stream"):
             assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
             assert response.text.endswith(("data: [DONE]\n\n", "response.completed", "\n\n"))
