@@ -4716,9 +4716,9 @@ def field_value(query: QueryInput, raw: Any) -> Any:
     needs a period or a date ("42" is neither), a place or a text needs words (not a number, a
     yes/no or "tell me more"). A month's name alone is a date here: in chat, "May" may be the
     verb; in a field for dates it is not. ValueError says why not, in words for the user."""
-    if isinstance(raw, list) and len(raw) == 1:   # as coerce_value unwraps it
-        raw = raw[0]
-    if query.type not in STRING_TYPES or isinstance(raw, (dict, list)) or raw is None:
+    if isinstance(raw, (dict, list)):   # the schema says one value: [1] is no budget (an LLM's list is unwrapped elsewhere)
+        raise ValueError(f"I need one value for the {query.label}, not {as_written(raw)}")
+    if query.type not in STRING_TYPES or raw is None:
         return coerce_value(query, raw)   # numbers, yes/no and choices are typed there; no text is "some text"
     kind = input_kind(query)
     if isinstance(raw, (bool, int, float)):

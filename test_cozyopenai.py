@@ -4001,8 +4001,10 @@ def test_mcp_arguments_and_form_answers_pass_the_typed_checks_of_a_chat_answer(s
             huge = await client.call_tool("trip-planner", {"destination": "Lisbon", "budget": 1e308,
                                                            "travel_dates": "May"})
             untold = await client.call_tool("trip-planner", {"request": 5})   # not skipped as if absent
-        return gathered, refused, huge, untold
-    gathered, refused, huge, untold = run_async(calls())
+            listed = await client.call_tool("trip-planner", {"destination": "Lisbon", "budget": [1],
+                                                             "travel_dates": "May"})
+        return gathered, refused, huge, untold, listed
+    gathered, refused, huge, untold, listed = run_async(calls())
     assert [fields for _, fields in asked] == [["budget", "travel_dates"], ["travel_dates"], ["travel_dates"]]
     assert asked[1][0].startswith("I need a period or a date for the travel dates, not '42'. When would you like")
     assert asked[2][0].startswith("I need a period or a date for the travel dates, not yes.")
@@ -4014,6 +4016,7 @@ def test_mcp_arguments_and_form_answers_pass_the_typed_checks_of_a_chat_answer(s
     assert "- travel_dates: I need a period or a date for the travel dates, not '42'\n" in refused.content[0].text
     assert huge.is_error and "- budget: the budget is too large\n" in huge.content[0].text
     assert untold.is_error and "the argument 'request' must be text" in untold.content[0].text
+    assert listed.is_error and "- budget: I need one value for the budget, not [1]\n" in listed.content[0].text
 
 
 def test_an_mcp_request_is_read_by_an_extraction_call_that_writes_no_question(start, fake_llm):
