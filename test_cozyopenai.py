@@ -4201,7 +4201,7 @@ def test_mcp_odd_answers_and_arguments_end_with_a_result_and_a_rebinding_host_is
                            lambda message, schema, types: types.ElicitResult(action="accept", content={})))
     assert weird.is_error and weird.content[0].text.startswith("Asked 3 times without usable values")
     typed = run_async(call({"destination": "Lisbon", "budget": {"a": 1}, "travel_dates": "May"}))
-    assert typed.is_error and "I need a number for the budget" in typed.content[0].text
+    assert typed.is_error and 'I need one value for the budget, not {"a": 1}' in typed.content[0].text
     initialized = requests.post(server.url + "/mcp", timeout=10, json={
         "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}})
     answer = requests.post(server.url + "/mcp", timeout=10, headers={
