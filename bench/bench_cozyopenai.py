@@ -864,7 +864,7 @@ class FixedLatencyLLM:
     call asks for one; any other call with LATENCY_PLAN. Each request body is kept in
     ``calls``, to be sent again as a bare call."""
 
-    def __init__(self, says):
+    def __init__(self, says, first_token_seconds=FIRST_TOKEN_SECONDS, token_seconds=TOKEN_SECONDS):
         self.calls, self.says = [], dict(says)
         owner = self
 
@@ -879,7 +879,7 @@ class FixedLatencyLLM:
                 owner.calls.append(body)
                 pieces = owner.pieces(body)
                 if not body.get("stream"):
-                    time.sleep(FIRST_TOKEN_SECONDS + TOKEN_SECONDS * (len(pieces) - 1))
+                    time.sleep(first_token_seconds + token_seconds * (len(pieces) - 1))
                     reply = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
                                         "choices": [{"index": 0, "finish_reason": "stop", "message": {
                                             "role": "assistant", "content": "".join(pieces)}}]}).encode()
@@ -893,10 +893,10 @@ class FixedLatencyLLM:
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
                 self.end_headers()
-                time.sleep(FIRST_TOKEN_SECONDS)
+                time.sleep(first_token_seconds)
                 for index, piece in enumerate(pieces):
                     if index:
-                        time.sleep(TOKEN_SECONDS)
+                        time.sleep(token_seconds)
                     self.wfile.write(b"data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0,
                                      "model": "m", "choices": [{"index": 0, "delta": {"content": piece},
                                                                 "finish_reason": None}]}).encode() + b"\n\n")
@@ -1000,7 +1000,7 @@ def urlsplit_path(url):
     return urllib.parse.urlsplit(url).path.rstrip("/")
 
 
-def bench_latency(runs, real_url=None, real_model="gemma"):
+def bench_latency(runs, real_url=None, real_model="gemma", scale=1.0):
     """(a) the first visible byte of a streamed gathering turn; (b) that turn's wall time over
     one bare call to the same upstream for the same output (its extraction call sent again);
     (c) a run turn's wall time over its bare extraction call plus the llm node's own call.
@@ -1010,9 +1010,11 @@ def bench_latency(runs, real_url=None, real_model="gemma"):
         fake = RecordingProxy(real_url)
         fake.port, path, model = fake.upstream_port, urlsplit_path(real_url) + "/chat/completions", real_model
     else:
-        print(f"Waiting for the LLM: a fake of fixed latency ({FIRST_TOKEN_SECONDS * 1000:.0f} ms to the first "
-              f"token, {TOKEN_SECONDS * 1000:.0f} ms per token after it), the document's dialogue, streamed")
-        fake, path, model = FixedLatencyLLM(dict(DOCUMENT_DIALOGUE)), "/v1/chat/completions", "m"
+        first_token, per_token = FIRST_TOKEN_SECONDS * scale, TOKEN_SECONDS * scale
+        print(f"Waiting for the LLM: a fake of fixed latency ({first_token * 1000:.0f} ms to the first "
+              f"token, {per_token * 1000:.0f} ms per token after it), the document's dialogue, streamed")
+        fake = FixedLatencyLLM(dict(DOCUMENT_DIALOGUE), first_token, per_token)
+        path, model = "/v1/chat/completions", "m"
     app = cozyopenai.make_app(os.path.join(TOP, "workflows.json"), store="memory",
                               llm=cozyopenai.LLMSettings(fake.url, model, "unused", timeout_seconds=120))
     server = cozyopenai.create_server(app, "127.0.0.1", 0)
@@ -1225,6 +1227,8 @@ def main(argv=None):
                         help="also score the reading pipeline against a real OpenAI-compatible server, e.g. "
                              "http://127.0.0.1:8091/v1 (llama.cpp with gemma3-270m: see the README)")
     parser.add_argument("--real-model", default="gemma", help="model name on --real-llm (default: %(default)s)")
+    parser.add_argument("--latency-scale", type=float, default=1.0,
+                        help="the latency figures' fake LLM at this share of its 300 ms + 20 ms a token (a quick run)")
     parser.add_argument("--real-sets", default="", help="the sets the real model reads, comma-separated "
                         "(default: all; each takes some 20 s a turn on 2 cores)")
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -1252,7 +1256,7 @@ def main(argv=None):
         bench_llm_cost(single_call=False)
         bench_llm_cost(single_call=True)
     if "latency" in chosen:
-        bench_latency(arguments.runs)
+        bench_latency(arguments.runs, scale=arguments.latency_scale)
         if arguments.real_llm:
             bench_latency(1, arguments.real_llm, arguments.real_model)
     if "calls" in chosen:
