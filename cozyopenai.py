@@ -5037,6 +5037,19 @@ def _number_key(text: str) -> str:
     return re.sub(r"[^\d]", "", text.split(",")[0] if re.fullmatch(r"\d+,\d{1,2}", text) else text).lstrip("0")
 
 
+def debris_or_echo(text: str) -> Optional[str]:
+    """Why a text the LLM wrote is no text for a person, whatever else it holds: chat-template
+    debris, or a run of the server's own prompt."""
+    debris = CHAT_TEMPLATE_PATTERN.search(text)
+    if debris:
+        shown = debris.group(0).strip() or "a quoted block"
+        return f"it holds chat-template debris ({'a quoted block' if shown == '>' else shown})"
+    words = _words(text)
+    if any(tuple(words[i:i + PROMPT_ECHO_WORDS]) in _prompt_echoes() for i in range(len(words))):
+        return "it repeats the server's own instructions"
+    return None
+
+
 def check_llm_text(text: str, workflow: Workflow, said: Sequence[str], language: Optional[str],
                    asks: bool = True, max_chars: int = CHECKED_TEXT_MAX_CHARS, names: bool = True) -> Optional[str]:
     """Why the LLM's ``text`` cannot be shown to the user, or None when it can: it must be
@@ -5049,13 +5062,9 @@ def check_llm_text(text: str, workflow: Workflow, said: Sequence[str], language:
         return "it was empty"
     if len(text) > max_chars:
         return f"it is {len(text)} characters long, over {max_chars}"
-    debris = CHAT_TEMPLATE_PATTERN.search(text)
-    if debris:
-        shown = debris.group(0).strip() or "a quoted block"
-        return f"it holds chat-template debris ({'a quoted block' if shown == '>' else shown})"
-    words = _words(text)
-    if any(tuple(words[i:i + PROMPT_ECHO_WORDS]) in _prompt_echoes() for i in range(len(words))):
-        return "it repeats the server's own instructions"
+    problem = debris_or_echo(text)
+    if problem:
+        return problem
     if asks and not re.search(r"[?？][\W_]*\Z", text):
         return "it asks nothing: no question mark"
     written_in = language_of(text)
@@ -5281,14 +5290,7 @@ def _visible_problem(text: str, max_chars: int) -> Optional[str]:
     chat-template debris, or a run of the server's own prompt (check_llm_text's first checks)."""
     if len(text) > max_chars:
         return f"it is over {max_chars} characters long"
-    debris = CHAT_TEMPLATE_PATTERN.search(text)
-    if debris:
-        shown = debris.group(0).strip() or "a quoted block"
-        return f"it holds chat-template debris ({'a quoted block' if shown == '>' else shown})"
-    words = _words(text)
-    if any(tuple(words[i:i + PROMPT_ECHO_WORDS]) in _prompt_echoes() for i in range(len(words))):
-        return "it repeats the server's own instructions"
-    return None
+    return debris_or_echo(text)
 
 
 ####################################################################################
