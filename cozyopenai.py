@@ -3215,20 +3215,15 @@ def numbers_as_digits(text: str) -> str:
     while index < len(words):
         first, parts, end = index, [], index
         while end < len(words):
-            word = words[end]
-            folded = _fold(word.group(0)).replace("-", "")
-            starts = word.start() == 0 or text[:word.start()].rstrip()[-1:] in ".!?:\n"
-            found = _number_parts(folded) if word.group(0)[:1].islower() or starts else None
-            if found is None and parts and folded in AND_WORDS and end + 1 < len(words):
-                end += 1   # "mil e quinhentos": the join, if a number word follows
-                continue
-            if found is None:
-                break
+            found = _spoken_number_parts(text, words[end])
+            if found is None:   # "mil e quinhentos": a join counts only before another number word
+                joined = (parts and _fold(words[end].group(0)) in AND_WORDS and end + 1 < len(words)
+                          and _spoken_number_parts(text, words[end + 1]) is not None)
+                if not joined:
+                    break
+                found = ()
             parts.extend(found)
             end += 1
-        while end > first and _fold(words[end - 1].group(0)) in AND_WORDS and not _number_parts(
-                _fold(words[end - 1].group(0))):
-            end -= 1
         value = cardinal_value(parts)
         following = words[end].group(0) if end < len(words) else ""
         spoken = len(parts) > 1 or (parts and max(parts) >= 1000 and _fold(following) in CURRENCIES)
@@ -3238,6 +3233,15 @@ def numbers_as_digits(text: str) -> str:
             last = words[end - 1].end()
         index = max(end, first + 1)
     return "".join(pieces) + text[last:] if pieces else text
+
+
+def _spoken_number_parts(text: str, word: "re.Match") -> Optional[Tuple[int, ...]]:
+    """The number word's parts (_number_parts), unless it is capitalised inside a sentence: a
+    name, not a number ("Mila", "Cinque Terre")."""
+    starts = word.start() == 0 or text[:word.start()].rstrip()[-1:] in ".!?:\n"
+    if not (word.group(0)[:1].islower() or starts):
+        return None
+    return _number_parts(_fold(word.group(0)).replace("-", ""))
 
 
 def input_kind(query: QueryInput) -> str:
@@ -3400,7 +3404,7 @@ def _without_a_long_passage(quoted: "re.Match") -> str:
     if len(passage[1:-1].split()) < QUOTED_PASSAGE_MIN_WORDS and not re.search("[:=]", passage):
         return passage[1:-1]   # a value quoted: its marks must not stand between a place word and it
     inside = passage[1:-1].rstrip()
-    return passage[0] + passage[-1] + (inside[-1] if inside[-1:] in ".!?" else "")   # a sentence it ended still ends
+    return inside[-1] if inside[-1:] in ".!?" else ""   # gone, marks and all; a sentence it ended still ends
 
 
 def _is_a_written_value(line: str) -> bool:
@@ -4048,7 +4052,8 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     followed by a value, the reply to the one input just asked for, and typed spans
     (amounts, periods, years, names after a place word or a cue, choices, yes/no topics)
     assigned to inputs by their kind. One candidate for an input is accepted; competing
-    ones are asked about; what the message rules out is never taken."""
+    ones are asked about; what the message rules out is never taken. ``text`` is the message
+    as sent: it is cleaned here, once (user_words), and ``reading.tokens.text`` is what was read."""
     long = len(text) > READ_MAX_CHARS
     text = user_words(text, history)
     extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(_fold(text)) else "provide")
@@ -4940,12 +4945,9 @@ def extract(llm: Optional[LLMClient], workflow: Workflow, conversation: Conversa
     """Read the new message: the deterministic floor always, and the LLM on top when there
     is one (a failing LLM leaves the floor's reading, with a note). ``asks``: a question for
     what is left open may be written in the same call (not for MCP, which asks by a form)."""
-    long = len(text) > READ_MAX_CHARS
-    text = user_words(text, history)
     floor, reading = read_floor(workflow, conversation, text, history)
-    if long:
-        floor.notes.append(LONG_MESSAGE_NOTE)
-    return floor if llm is None else extract_on_floor(llm, workflow, conversation, history, text, floor, reading, asks)
+    return floor if llm is None else extract_on_floor(llm, workflow, conversation, history, reading.tokens.text,
+                                                      floor, reading, asks)
 
 
 def extract_on_floor(llm: LLMClient, workflow: Workflow, conversation: Conversation, history: Sequence[dict],
@@ -5405,16 +5407,15 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
         wanted = conversation.missing(workflow)
         yield Piece("thinking", f"Reading your message for the {_and_list([q.label for q in wanted])}.\n" if wanted
                     else "Reading your message for changes.\n")
-        text = user_words(turn.text, turn.history)
-        extraction, reading = read_floor(workflow, conversation, text, turn.history)
+        extraction, reading = read_floor(workflow, conversation, turn.text, turn.history)
         if turn.llm is not None:   # what the simple reader decided is shown while the LLM reads
             if extraction.values and extraction.intent != "cancel":
                 found = ", ".join(f"{workflow.query_inputs[name].label} {shown_value(value)}"
                                   for name, value in extraction.values.items())
                 yield Piece("thinking", f"Found so far: {found} (the language model is reading it too).\n")
             with own_calls():
-                extraction = extract_on_floor(turn.llm, workflow, conversation, turn.history, text, extraction,
-                                              reading)
+                extraction = extract_on_floor(turn.llm, workflow, conversation, turn.history, reading.tokens.text,
+                                              extraction, reading)
     for note in extraction.notes:
         yield Piece("thinking", note + "\n")
     if extraction.intent == "cancel":

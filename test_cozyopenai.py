@@ -2470,6 +2470,11 @@ def test_a_message_over_the_reading_limit_is_read_in_its_first_and_last_parts_an
     assert len(cozyopenai.within_reading_limit(text)) == cozyopenai.READ_MAX_CHARS
 
 
+def test_a_chat_turn_on_a_message_over_the_reading_limit_says_so_in_its_thinking(start):
+    text = "Trip to Rome in May. " + "1 " * 100_000 + "budget 2000 euros"
+    assert cozyopenai.LONG_MESSAGE_NOTE in thinking_of(Chat(start()).say(text))
+
+
 def test_folded_pattern_matches_a_folded_word_as_written_with_accents():
     pattern = re.compile(r"\b(?:" + cozyopenai.folded_pattern(["e", "sao"]) + r")\b")
     assert pattern.search("il budget è 600") and pattern.search("eles são") and not pattern.search("bien sûr")
