@@ -4994,11 +4994,17 @@ def test_past_the_connection_cap_a_new_connection_gets_a_503_at_once(start):
         time.sleep(0.05)
 
 
-def _responses_bodies():
+def _any_json():
+    """Any small JSON value: what a fuzzed field holds when it is not one of the shapes tried."""
     from hypothesis import strategies as st
     scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
-    anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
-                            st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
+                        st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+
+
+def _responses_bodies():
+    from hypothesis import strategies as st
+    anything = _any_json()
     part = st.fixed_dictionaries({"type": st.sampled_from(["input_text", "input_image", "x"]), "text": anything})
     item = st.fixed_dictionaries({}, optional={"role": st.sampled_from(["user", "assistant", "tool"]) | anything,
                                                "content": st.text(max_size=40) | st.lists(part, max_size=2) | anything,
@@ -5015,9 +5021,7 @@ def _responses_bodies():
 
 def _conversations_bodies():
     from hypothesis import strategies as st
-    scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
-    anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
-                            st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+    anything = _any_json()
     item = st.fixed_dictionaries({}, optional={"role": st.sampled_from(["user", "assistant"]) | anything,
                                                "content": st.text(max_size=20) | anything,
                                                "type": st.sampled_from(["message", "reasoning"]) | anything})
@@ -5028,9 +5032,7 @@ def _conversations_bodies():
 
 def _mcp_bodies():
     from hypothesis import strategies as st
-    scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
-    anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
-                            st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+    anything = _any_json()
     arguments = st.dictionaries(st.sampled_from(["destination", "budget", "pace", "children", "request", "x"]),
                                 anything, max_size=4) | anything
     params = st.fixed_dictionaries({}, optional={"name": st.sampled_from(["trip-planner", "weather-now", ""]) |
