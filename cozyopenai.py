@@ -2481,6 +2481,7 @@ class Language:
     qualifiers: str = ""                # "early May", "next week", "el mes que viene"
     relatives: str = ""                 # between a unit and its qualifier: "el mes que viene"
     past: str = ""                      # a time before now: "last year" (a sentence about the past gives no value)
+    reasons: str = ""                   # open a clause of why, whose values are context: "because of Christmas"
     range_links: str = ""               # join the parts of a period: "from 10 to 17 October", "del 3 al 10"
     range_words: str = ""               # between two numbers, a range or a choice: "1500 to 2000", "1500 or 2000"
     and_words: str = ""                 # between two numbers, the ends of a range: "between 1000 and 2000"
@@ -2555,7 +2556,8 @@ ENGLISH = Language(
     place_leads="to in into for visit visiting see explore discover",
     motions="go goes going travel travelling traveling fly flying trip head heading getaway holiday vacation",
     stays="im am live lives living based stay staying",
-    corrections="sorry pardon wait actually oops ah oh",
+    corrections="sorry pardon wait actually oops ah oh meant",
+    reasons="because cause cuz coz",
     negations="not no never without except excluding nor dont doesnt didnt wont cant isnt arent none zero",
     except_openers="anywhere anything everywhere everything all any somewhere",
     except_words="but",
@@ -2625,7 +2627,8 @@ FRENCH = Language(
     place_leads="a au aux en pour vers visiter voir decouvrir",
     motions="aller vais va allons partir pars partons voyage voyager voler sejour escapade vacances",
     stays="suis habite vis",
-    corrections="pardon",
+    corrections="pardon oups attends",
+    reasons="parce car",
     negations="pas non sans sauf jamais ni aucun aucune",
     contrasts="mais plutot",
     preferences="plutot prefere prefererais finalement",
@@ -2683,7 +2686,8 @@ GERMAN = Language(
     place_leads="nach in ins fur besuchen sehen entdecken",
     motions="fahren fahre fahrt fliegen fliege reise reisen urlaub ausflug will wollen mochte mochten moechte",
     stays="wohne wohnen lebe bin",
-    corrections="entschuldigung",
+    corrections="entschuldigung ups warte eigentlich",
+    reasons="weil wegen",
     negations="nicht kein keine keinen keinem ohne ausser statt anstatt nie",
     contrasts="aber sondern lieber",
     preferences="lieber bevorzuge",
@@ -2738,7 +2742,8 @@ SPANISH = Language(
     place_leads="a al en para por hacia visitar ver conocer descubrir",
     motions="ir voy vamos viajar viaje volar escapada vacaciones",
     stays="vivo vive estoy",
-    corrections="bueno perdon perdona",
+    corrections="bueno perdon perdona ups espera quise",
+    reasons="porque causa",
     negations="sin excepto salvo menos nunca nada ningun ninguno ninguna",
     contrasts="pero sino mejor",
     preferences="mejor prefiero finalmente",
@@ -2796,7 +2801,8 @@ ITALIAN = Language(
     place_leads="a ad in nel nella nell per verso visitare vedere scoprire",
     motions="andare vado andiamo viaggio viaggiare volare partire vacanza gita",
     stays="sono abito",
-    corrections="anzi scusa scusate",
+    corrections="anzi scusa scusate ops aspetta",
+    reasons="perche causa",
     negations="senza tranne eccetto mai ne niente nessun nessuno nessuna",
     contrasts="ma piuttosto invece",
     preferences="meglio piuttosto invece preferisco finalmente",
@@ -2852,7 +2858,8 @@ PORTUGUESE = Language(
     place_leads="a ao para pra em conhecer visitar ver descobrir",
     motions="ir vou vamos viajar viagem voar ferias passeio",
     stays="moro vivo estou",
-    corrections="desculpa desculpe perdao",
+    corrections="desculpa desculpe perdao ops espera quis afinal",
+    reasons="porque causa",
     negations="nao nem sem nunca exceto nenhum nenhuma",
     contrasts="mas prefiro antes",
     preferences="prefiro antes melhor finalmente",
@@ -3042,7 +3049,7 @@ TIME_PHRASES_BY_FIRST_WORD: Mapping[str, Tuple[Tuple[str, ...], ...]] = MappingP
     first: tuple(phrase for phrase in TIME_PHRASES if phrase[0] == first) for first in {p[0] for p in TIME_PHRASES}})
 UNCERTAIN_TIMES, SEASON_NOUNS, HOLIDAYS = words_of("uncertain_times"), words_of("season_nouns"), words_of("holiday_words")
 TIME_UNITS, COUNT_WORDS, QUALIFIERS = words_of("time_units"), words_of("numbers"), words_of("qualifiers")
-RELATIVES, PAST = words_of("relatives"), words_of("past")
+RELATIVES, PAST, REASONS = words_of("relatives"), words_of("past"), words_of("reasons")
 TIME_LINKS, LEADING_LINKS, ARTICLES = words_of("range_links"), words_of("period_leads"), words_of("articles")
 RANGE_WORDS, AND_WORDS = words_of("range_words"), words_of("and_words")
 PLACE_LEADS, STAYS, CORRECTION_FILLERS = words_of("place_leads"), words_of("stays"), words_of("corrections")
@@ -3118,6 +3125,7 @@ COUNTS_A_UNIT = COUNT_WORDS | QUALIFIERS
 TIME_NAME_PARTS = TIME_NAMES | QUALIFIERS
 SMALL_IN_A_CORRECTION = CORRECTION_FILLERS | PLACE_LEADS | ARTICLES | PREFERENCES
 CHANGE_WORDS = CHANGES | PREFERENCES | CORRECTION_FILLERS
+CORRECTION_LEAD_WORDS = 3   # a correction's word stands this close before the value it gives: "mets plutôt 2500"
 LEADS_BEFORE_AN_OPTION = LEADS_OR_LINKS - ALTERNATIVES
 CANCEL_PATTERN = _phrase_pattern("cancel_phrases", whole=True)
 RERUN_PATTERN = _phrase_pattern("rerun_phrases", whole=False)
@@ -3929,6 +3937,45 @@ def _is_time_word(token: Token, tokens: Sequence[Token] = (), index: int = -1) -
             or index in getattr(tokens, "in_time_phrases", ()))
 
 
+def _correction_before(tokens: Sequence[Token], after: int, index: int) -> bool:
+    """Is the value at ``index`` said as a correction of one that ends at ``after``: a contrast
+    between them ("2000, but rather 2500"), a "no" that stands alone ("2026, euh non, 2027"),
+    or a word of correction, preference or change among the last words before it ("1800 €.
+    Ah non, mets plutôt 2500", "abril, no espera, mejor junio", "make it the weekend after next")?"""
+    between = tokens[after:index]
+    words = [k for k, token in enumerate(between) if token.shape != "mark"]
+    for k, token in enumerate(between):
+        if token.folded in CONTRASTS and not _is_except(tokens, after + k):
+            return True
+        if (token.folded in NEGATING and k + 1 < len(between) and between[k + 1].shape == "mark"
+                and between[k + 1].text not in ".!?"):
+            return True
+    return any(between[k].folded in CHANGE_WORDS for k in words[-CORRECTION_LEAD_WORDS:])
+
+
+def _after_the_last_correction(tokens: Sequence[Token], spans: Sequence[Span]) -> List[Span]:
+    """Of values of one kind said on both sides of a correction, the later ones: the earlier
+    were taken back ("900 Euro. Ach nee, sagen wir lieber 1200" is 1200)."""
+    spans = sorted(spans, key=lambda span: span.start)
+    for k in range(len(spans) - 1, 0, -1):
+        if _correction_before(tokens, spans[k - 1].end, spans[k].start):
+            return spans[k:]
+    return spans
+
+
+def _corrected_amounts(tokens: Sequence[Token], money: Sequence[Span], taken: set) -> List[Span]:
+    """A bare number said as a correction of an amount before it is an amount too: "2000
+    euro, anzi facciamo 2500", "orçamento 3000 dólares... melhor 3500"."""
+    if not money:
+        return []
+    first_end = min(span.end for span in money)
+    return [Span("money", index, index + 1, parse_number(token.folded)) for index, token in enumerate(tokens)
+            if index >= first_end and token.shape == "number" and index not in taken
+            and not (index + 1 < len(tokens) and tokens[index + 1].folded in TIME_UNITS)
+            and _correction_before(tokens, first_end, index)
+            and not any(span.start <= index < span.end for span in money)]
+
+
 def _follows_closely(tokens: Sequence[Token], after: int, index: int) -> bool:
     """Only marks and contrast words between: "Paris — Lyon", "Nice, plutôt Cannes"."""
     between = tokens[after:index]
@@ -4167,7 +4214,7 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     """Typed spans, each given to the input of its kind. Inputs already known take a new value
     only from their cues or a replaced name ("now do it for Rome", "not Paris — Lyon")."""
     tokens = reading.tokens
-    past = _past_tokens(tokens)   # "last year in Paris we spent 3000 euros": no value of this trip
+    past = _context_tokens(tokens)   # "last year in Paris we spent 3000 euros": no value of this trip
     money = [span for span in money_spans(text, tokens) if span.start not in past]
     rates = {id(span): _rate_end(tokens, span.end) for span in money}   # "50 euros a night" is no total
     money_tokens = {index for span in money for index in range(span.start, rates[id(span)] or span.end)}
@@ -4181,6 +4228,14 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
                if not money_tokens & set(range(span.start, span.end)) and span.start not in past]
     periods = [span for span in periods if span is not None]
     taken_tokens = money_tokens | {index for span in periods for index in range(span.start, span.end)}
+    labels = {_coerce_or_none(query, raw) for query in workflow.query_inputs.values() if input_kind(query) == "money"
+              for raw in reading.candidates.get(query.name, {}).get(3, [])}   # "orçamento 3000, melhor 3500"
+    labelled = [Span("money", index, index + 1, parse_number(token.folded)) for index, token in enumerate(tokens)
+                if labels and token.shape == "number" and parse_number(token.folded) in labels]
+    corrected = _corrected_amounts(tokens, money + labelled, taken_tokens | past)   # "1800 €, ah non, mets plutôt 2500"
+    money += corrected + [span for span in labelled if span.start not in money_tokens]
+    money_tokens |= {span.start for span in corrected}
+    taken_tokens |= money_tokens
     places = [query for query in workflow.query_inputs.values() if input_kind(query) == "place"]
     changing = asks_a_change(tokens)
     for query in workflow.query_inputs.values():
@@ -4208,16 +4263,17 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
         if not is_open:
             continue
         if kind == "money":
-            for span in _after_the_last_contrast(tokens, money):
+            for span in _take_corrected(reading, query.name, tokens, money):
                 reading.add(query.name, 1, span.value)
         elif kind == "date":
             _read_period(tokens, text, periods, query, reading)
         elif kind == "year":
-            years = {int(token.folded) for index, token in enumerate(tokens)
-                     if token.shape == "number" and index not in money_tokens and re.fullmatch(r"\d{4}", token.folded)}
-            years |= {CENTURY_OF_SHORT_YEARS + int(token.folded) for index, token in enumerate(tokens)
-                      if index and tokens[index - 1].text in "'’" and re.fullmatch(r"\d{2}", token.folded)}   # "march '27"
-            for year in years:
+            years = [Span("year", index, index + 1, int(token.folded)) for index, token in enumerate(tokens)
+                     if token.shape == "number" and index not in money_tokens and re.fullmatch(r"\d{4}", token.folded)]
+            years += [Span("year", index, index + 1, CENTURY_OF_SHORT_YEARS + int(token.folded))
+                      for index, token in enumerate(tokens)
+                      if index and tokens[index - 1].text in "'’" and re.fullmatch(r"\d{2}", token.folded)]   # "march '27"
+            for year in {span.value for span in _take_corrected(reading, query.name, tokens, years)}:
                 reading.add(query.name, 1, year)
         elif kind in TYPED_VALUE_PATTERNS:
             found = TYPED_VALUE_PATTERNS[kind].findall(text)
@@ -4228,15 +4284,26 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
         elif query.type == "boolean":
             _read_polarity(tokens, query, reading)
         elif query.type in NUMERIC_TYPES and query.synonyms:
-            spelled = set(re.findall(r"\w+", text))
-            for synonym, value in query.synonyms:
-                if set(re.findall(r"\w+", synonym)) <= spelled:   # as the author wrote it: "May", not "may"
-                    reading.add(query.name, 1, synonym)
-            folded = {token.folded for token in tokens}
-            for synonym, value in synonyms_read(query)[len(query.synonyms):]:
-                if synonym in folded:   # a table's month name, long enough to be no other word: "março"
-                    reading.add(query.name, 1, value)
+            named = _synonym_spans(tokens, query)
+            reading.ruled_out.setdefault(query.name, []).extend(span.value for span in named if span.negated)
+            for value in {span.value for span in _take_corrected(reading, query.name, tokens,
+                                                                   [s for s in named if not s.negated])}:
+                reading.add(query.name, 1, value)
     _read_bounded_number(workflow, conversation, tokens, taken_tokens, reading)
+
+
+def _synonym_spans(tokens: Sequence[Token], query: QueryInput) -> List[Span]:
+    """Where a number input's synonyms are named: the author's as written ("May", not "may"),
+    and the tables' month names long enough to be no other word ("março"); "not July" is
+    ruled out."""
+    spans = []
+    written = {synonym for synonym, _ in query.synonyms}
+    from_tables = dict(synonyms_read(query)[len(query.synonyms):])
+    for index, token in enumerate(tokens):
+        raw = token.text if token.text in written else from_tables.get(token.folded)
+        if raw is not None:
+            spans.append(Span("number", index, index + 1, raw, is_negated(tokens, index)))
+    return spans
 
 
 def words_taken(workflow: Workflow) -> frozenset:
@@ -4272,6 +4339,23 @@ def _replaces(tokens: Sequence[Token], span: Span) -> bool:
     return before >= 0 and before < span.start - 1 and tokens[before].capitalised and is_negated(tokens, before)
 
 
+def _take_corrected(reading: Reading, name: str, tokens: Sequence[Token], spans: Sequence[Span],
+                    shown: Callable[[Span], Any] = lambda span: span.value) -> List[Span]:
+    """The spans an input keeps after the message's last correction of it. What the correction
+    takes back is ruled out, a label's value too ("orçamento 3000 dólares... melhor 3500"), and
+    what replaces it is as strong as anything else the message gives the input."""
+    spans = sorted(spans, key=lambda span: span.start)
+    kept = _after_the_last_correction(tokens, spans)
+    if len(kept) == len(spans):
+        return kept
+    reading.ruled_out.setdefault(name, []).extend(shown(span) for span in spans[:len(spans) - len(kept)])
+    strongest = max(reading.candidates.get(name, {1: []}))
+    if strongest > 1:
+        for span in kept:
+            reading.add(name, strongest, shown(span))
+    return kept
+
+
 def _read_period(tokens: Sequence[Token], text: str, periods: Sequence[Span], query: QueryInput,
                  reading: Reading) -> None:
     """One period, in the user's words; parts of it said apart join ("two weeks ... next
@@ -4281,6 +4365,8 @@ def _read_period(tokens: Sequence[Token], text: str, periods: Sequence[Span], qu
                                                         for s in periods if s.negated)
     if not kept:
         return
+    kept = _take_corrected(reading, query.name, tokens, kept,   # "next weekend ..., make it the weekend after next"
+                           lambda span: _span_text(tokens, span.start, span.end, text))
     if any(alternatives_to(tokens, span.start, span.end - span.start) or
            (span.start >= 1 and tokens[span.start - 1].folded in ALTERNATIVES) for span in kept[1:]):
         for span in kept:
@@ -4376,14 +4462,14 @@ def _sentence_of(tokens: Sequence[Token], index: int) -> int:
     return sum(1 for token in tokens[:index] if token.text in ".!?\n")
 
 
-def _past_tokens(tokens: Sequence[Token]) -> set:
-    """The tokens of the parts of sentences that tell of the past: a period in them is a time
-    before now, named by no month or day ("last year", "el año pasado", "letztes Jahr"; not
-    "the last week of May"). A contrast ends the part ("my friend went to Paris last year, but
-    I want Athens"): what comes after it is about this trip."""
-    past = set()
+def _context_tokens(tokens: Sequence[Token]) -> set:
+    """The tokens of the parts of sentences whose values are context, not this trip's: the
+    parts that tell of the past ("last year", "el año pasado", "letzten Sommer"; not "the
+    last week of May") and clauses of why ("por causa dos presentes de natal"). A contrast
+    ends the part ("my friend went to Paris last year, but I want Athens")."""
+    context = set()
     for span in period_spans(tokens):
-        if not any(token.folded in PAST for token in tokens[span.start:span.end]) or _names_a_time(tokens, span):
+        if not _tells_of_the_past(tokens, span):
             continue
         first = span.start
         while first > 0 and tokens[first - 1].text not in ".!?\n" and tokens[first - 1].folded not in CONTRASTS:
@@ -4391,8 +4477,31 @@ def _past_tokens(tokens: Sequence[Token]) -> set:
         end = span.end
         while end < len(tokens) and tokens[end].text not in ".!?\n" and tokens[end].folded not in CONTRASTS:
             end += 1
-        past.update(range(first, end))
-    return past
+        context.update(range(first, end))
+    for index, token in enumerate(tokens):
+        if token.folded in REASONS:
+            end = index + 1
+            while end < len(tokens) and not _is_break(tokens, end):
+                end += 1
+            context.update(range(index, end))
+    return context
+
+
+def _tells_of_the_past(tokens: Sequence[Token], span: Span) -> bool:
+    """Is the period a time before now: a word of the past in it, and neither a month nor a
+    date, nor the past word naming a part of a time ("the last two weeks of June")?"""
+    if any(token.folded in MONTHS or token.shape in ("iso", "dmy") for token in tokens[span.start:span.end]):
+        return False
+    for index in range(span.start, span.end):
+        if tokens[index].folded in PAST:
+            after = index + 1
+            while after < len(tokens) and (tokens[after].shape == "number" or tokens[after].folded in COUNT_WORDS):
+                after += 1
+            part_of = (after + 1 < span.end and tokens[after].folded in TIME_UNITS
+                       and tokens[after + 1].folded in TIME_LINKS)   # the period goes on: "of summer"
+            if not part_of:
+                return True
+    return False
 
 
 def _by_sentence(tokens: Sequence[Token], spans: Sequence[Span]) -> List[List[Span]]:

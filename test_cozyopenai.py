@@ -2462,6 +2462,34 @@ def test_a_correction_of_a_known_value_is_read_in_any_of_its_usual_forms(trip_pl
     assert cozyopenai.extract_offline(trip_planner, conversation, text).values == expected
 
 
+@pytest.mark.parametrize("model, text, expected", [
+    ("trip-planner", "1800€. ah non attends, on sera trois, mets plutôt 2500", {"budget": 2500}),
+    ("trip-planner", "900 Euro. ach nee, sagen wir lieber zwölfhundert", {"budget": 1200}),
+    ("trip-planner", "orçamento 3000 dólares... hmm, melhor 3500", {"budget": 3500}),
+    ("trip-planner", "600 bucks. oh wait, next weekend is my sister's wedding, make it the weekend after next",
+     {"budget": 600, "travel_dates": "the weekend after next"}),
+    ("trip-planner", "budget: 1500, and we might spend 2000 on flights", {"budget": 1500}),
+    ("month-calendar", "calendar for july 2026 please... no sorry, august not july", {"year": 2026, "month": 8}),
+    ("month-calendar", "le calendrier de septembre 2026, euh non, 2027 pardon", {"year": 2027, "month": 9}),
+    ("month-calendar", "calendario de abril 2030, no espera, mejor junio", {"year": 2030, "month": 6}),
+    ("month-calendar", "calendário de outubro 2029, ops, quis dizer 2030", {"year": 2030, "month": 10}),
+])
+def test_a_value_corrected_in_the_same_message_is_the_later_one_of_any_kind(model, text, expected):
+    workflow = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))[model]
+    extraction = cozyopenai.extract_offline(workflow, new_conversation(model), text)
+    assert extraction.values == expected and not extraction.ambiguous
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("orçamento 3000, melhor 3500, por causa dos presentes de natal", {"budget": 3500}),
+    ("wir waren letzten Sommer in Kroatien. Jetzt nach Norwegen, zwei Wochen im August",
+     {"destination": "Norwegen", "travel_dates": "zwei Wochen im August"}),
+    ("the last two weeks of june", {"travel_dates": "the last two weeks of june"}),
+])
+def test_values_in_a_clause_of_why_or_of_the_past_are_context(trip_planner, text, expected):
+    assert cozyopenai.extract_offline(trip_planner, new_conversation(), text).values == expected
+
+
 def test_a_message_over_the_reading_limit_is_read_in_its_first_and_last_parts_and_says_so(trip_planner):
     text = "Trip to Rome in May. " + "1 " * 3_000_000 + "budget 2000 euros"
     extraction = cozyopenai.extract_offline(trip_planner, new_conversation(), text)
