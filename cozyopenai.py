@@ -2502,6 +2502,7 @@ class Language:
     alternatives: str = ""              # offer values side by side: "Sydney or Melbourne"
     hedges: str = ""                    # leave the clause's value open: "somewhere in Italy, maybe"
     name_joiners: str = ""              # inside a name: "Rio de Janeiro", "Frankfurt am Main"
+    name_starts: str = ""               # start a place's name, written in lower case too: "new york", "san jose"
     confirmations: str = ""             # a clause of a name and these only names a value: "Florence it is"
     non_answers: str = ""               # talk about the chat, not a value: "Add Details", "no idea", "Great."
     cancels: str = ""                   # words of stopping, for the LLM's cancel intent
@@ -2565,12 +2566,13 @@ ENGLISH = Language(
     preferences="rather instead prefer finally",
     alternatives="or",
     hedges="maybe perhaps possibly somewhere probably",
-    name_joiners="upon on",
+    name_joiners="upon on", name_starts="new san santa saint st port fort mount lake",
     confirmations="it is its please then this time now decided ok okay",
     non_answers="add details detail more less concise shorter longer tell me explain elaborate continue again "
                 "regenerate retry try hmm hm um uh er let think about it maybe not sure unsure know dunno idk no "
                 "idea whatever anything anywhere somewhere something wait please thanks thank you ok okay yes what "
-                "why how which who great perfect cool awesome super fine sure good lovely excellent amazing wonderful",
+                "why how which who great perfect cool awesome super fine sure good lovely excellent amazing wonderful "
+                "lol haha",
     cancels="stop cancel abort reset forget nevermind restart",
     cancel_phrases="stop, cancel, abort, reset, start over, start again, restart, never mind, nevermind",
     rerun_phrases="again, retry, rerun, re-run, once more, try it",
@@ -2634,7 +2636,7 @@ FRENCH = Language(
     preferences="plutot prefere prefererais finalement",
     alternatives="ou",
     hedges="peut-etre peutetre",
-    name_joiners="de la le sur en",
+    name_joiners="de la le sur en", name_starts="saint sainte",
     confirmations="cest alors svp decide cette fois sera ce",
     non_answers="plus details detaille concis court explique encore peut etre sais pas idee parfait super genial "
                 "bien excellent top",
@@ -2661,7 +2663,7 @@ GERMAN = Language(
     name="German",
     function_words="ich du sie ihr ihre wir mein meine der die das den dem ein eine einen und oder ist sind wann "
                    "wo wie welche welcher wohin mochte mochten wollen bitte fur mit nach reise fahren urlaub "
-                   "nicht auch",
+                   "nicht auch gerade",
     excess="zu so",
     past="letztes letzten letzte vergangenen vergangenes vorigen voriges",
     greetings="hallo servus moin",
@@ -2693,7 +2695,7 @@ GERMAN = Language(
     preferences="lieber bevorzuge",
     alternatives="oder",
     hedges="vielleicht eventuell irgendwo",
-    name_joiners="am an",
+    name_joiners="am an", name_starts="sankt bad",
     confirmations="bitte dann entschieden diesmal",
     non_answers="mehr kurzer erklare weiter vielleicht weiss nicht keine ahnung super toll prima perfekt gut klasse",
     cancels="abbrechen vergiss vergessen stopp",
@@ -2749,7 +2751,7 @@ SPANISH = Language(
     preferences="mejor prefiero finalmente",
     alternatives="o u",
     hedges="quizas quiza tal",
-    name_joiners="de del la y",
+    name_joiners="de del la y", name_starts="san santa santo los las ciudad puerto",
     confirmations="porfa decidido entonces sera",
     non_answers="mas detalles conciso explica quizas se ni idea perfecto genial vale bien estupendo",
     cancels="cancela cancelar olvida olvidalo",
@@ -2808,7 +2810,7 @@ ITALIAN = Language(
     preferences="meglio piuttosto invece preferisco finalmente",
     alternatives="o oppure",
     hedges="forse magari",
-    name_joiners="di da",
+    name_joiners="di da", name_starts="san santa santo",
     confirmations="allora grazie deciso sara",
     non_answers="piu dettagli spiega forse so non idea perfetto ottimo bene benissimo fantastico",
     cancels="annulla lascia dimentica",
@@ -2855,7 +2857,7 @@ PORTUGUESE = Language(
     range_words="a ate ou", and_words="e",
     period_leads="em no na de do da a ate",
     articles="o os as",
-    place_leads="a ao para pra em conhecer visitar ver descobrir",
+    place_leads="a ao aos para pra pro em conhecer visitar ver descobrir",
     motions="ir vou vamos viajar viagem voar ferias passeio",
     stays="moro vivo estou",
     corrections="desculpa desculpe perdao ops espera quis afinal",
@@ -2865,7 +2867,7 @@ PORTUGUESE = Language(
     preferences="prefiro antes melhor finalmente",
     alternatives="ou",
     hedges="talvez quica",
-    name_joiners="de do da dos das",
+    name_joiners="de do da dos das", name_starts="sao santa santo nova novo",
     confirmations="entao decidido vai ser",
     non_answers="mais detalhes explica talvez sei nao ideia perfeito otimo beleza legal",
     cancels="cancela cancelar esquece",
@@ -3058,6 +3060,7 @@ NEGATIONS, CONTRASTS, PREFERENCES = words_of("negations"), words_of("contrasts")
 WISHES, CHANGES, EXCESS = words_of("wishes"), words_of("changes"), words_of("excess")
 EXCEPTS, EXCEPT_OPENERS = words_of("except_words"), words_of("except_openers")
 ALTERNATIVES, HEDGES, NAME_JOINERS = words_of("alternatives"), words_of("hedges"), words_of("name_joiners")
+NAME_STARTS = words_of("name_starts")
 CONFIRMATIONS, NON_ANSWERS, CANCELS = words_of("confirmations"), words_of("non_answers"), words_of("cancels")
 SENTENCE_STARTS, PHRASE_STARTS = words_of("sentence_starts") | words_of("greetings"), words_of("phrase_starts")
 COPULAS, LABEL_LINKS, COMMON_WORDS = words_of("copulas"), words_of("label_links"), words_of("common_words")
@@ -3767,7 +3770,8 @@ def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alon
         if negated or replaces or chosen or _led_by(tokens, index, leads, end) or (alone and _stands_alone(tokens, index, end, listing)):
             retracted = _retracted(tokens, end)   # "to Rome, actually no, ..."
             spans.append(Span("name", index, end, value, (negated and not replaces) or retracted))
-    return spans
+    regions = {span.value.partition(",")[0] for span in spans if "," in span.value}
+    return [span for span in spans if span.value not in regions]   # "Toronto, Canada ... in Toronto" is one place
 
 
 def _clause(tokens: Sequence[Token], index: int, end: int) -> Tuple[int, int]:
@@ -3813,8 +3817,10 @@ def _is_hedged(tokens: Sequence[Token], index: int, end: int) -> bool:
 
 
 def _qualified(tokens: Sequence[Token], runs: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
-    """Names told apart by a qualifier after a comma join it: in "Paris, Texas, not Paris,
-    France" the two Parises are "Paris, Texas" and "Paris, France"."""
+    """A name and the region after its comma are one place ("Toronto, Canada for work",
+    "Paris, Texas (yes, that one)"; in "Paris, Texas, not Paris, France" the two Parises are
+    "Paris, Texas" and "Paris, France"); the same name alone elsewhere is that place too.
+    Names in a list stay apart: "Paris, London or Rome", "Rome, Florence, Venice"."""
     heads: Dict[str, set] = {}
     pairs = [(k, runs[k], runs[k + 1]) for k in range(len(runs) - 1)
              if runs[k][1] + 1 == runs[k + 1][0] and tokens[runs[k][1]].text == ","]
@@ -3825,12 +3831,22 @@ def _qualified(tokens: Sequence[Token], runs: List[Tuple[int, int]]) -> List[Tup
         if k in skip:
             continue
         pair = next((p for p in pairs if p[0] == k), None)
-        if pair is not None and len(heads.get(_span_text(tokens, *run), ())) > 1:
+        listed = k > 0 and runs[k - 1][1] + 1 == run[0]   # "Rome, Florence, Venice": the run before is one comma away
+        if pair is not None and (len(heads.get(_span_text(tokens, *run), ())) > 1
+                                 or (not listed and _is_a_region(tokens, run, pair[2]))):
             joined.append((run[0], pair[2][1]))
             skip.add(k + 1)
         else:
             joined.append(run)
     return joined
+
+
+def _is_a_region(tokens: Sequence[Token], head: Tuple[int, int], qualifier: Tuple[int, int]) -> bool:
+    """Is ``qualifier``, after the comma that follows ``head``, its region rather than the next
+    name of a list: neither of them beside another comma or a word that lists ("or", "and")?"""
+    before = tokens[head[0] - 1].folded if head[0] > 0 else ""
+    after = tokens[qualifier[1]].folded if qualifier[1] < len(tokens) else ""
+    return before not in ALTERNATIVES | AND_WORDS and after not in {","} | ALTERNATIVES | AND_WORDS
 
 
 def _retracted(tokens: Sequence[Token], end: int) -> bool:
@@ -3977,9 +3993,11 @@ def _corrected_amounts(tokens: Sequence[Token], money: Sequence[Span], taken: se
 
 
 def _follows_closely(tokens: Sequence[Token], after: int, index: int) -> bool:
-    """Only marks and contrast words between: "Paris — Lyon", "Nice, plutôt Cannes"."""
+    """Only marks, contrast words and fillers between: "Paris — Lyon", "Nice, plutôt Cannes",
+    "Not Paris France lol, Paris, Texas"."""
     between = tokens[after:index]
-    return len(between) <= 3 and all(t.shape == "mark" or t.folded in CONTRASTS for t in between)
+    return len(between) <= 3 and all(t.shape == "mark" or t.folded in CONTRASTS | CORRECTION_FILLERS | NON_ANSWERS
+                                     for t in between)
 
 
 def _span_text(tokens: Sequence[Token], start: int, end: int, text: Optional[str] = None) -> str:
@@ -4224,6 +4242,15 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     money = [span for span in money if not span.negated]
     joined = {k for start, end in _name_runs(tokens, words_taken(workflow)) if end - start > 2
               for k in range(start, end)}   # "Rio de Janeiro" holds no month
+    places = [query for query in workflow.query_inputs.values() if input_kind(query) == "place"]
+    changing = asks_a_change(tokens)
+    lowercase: List[Span] = []   # "will nach rio de janeiro!!!": the workflow's one place, written in lower case
+    if len(places) == 1 and (places[0].name not in conversation.values or changing):
+        needed = [query for query in workflow.query_inputs.values() if not query.optional]
+        lowercase = [span for span in _lowercase_places(tokens, words_taken(workflow), money_tokens,
+                                                        _cue_pairs(places[0]), any_lead=needed == places)
+                     if span.start not in past]
+        joined |= {k for span in lowercase for k in range(span.start, span.end)}
     periods = [_without(tokens, span, joined) for span in period_spans(tokens)
                if not money_tokens & set(range(span.start, span.end)) and span.start not in past]
     periods = [span for span in periods if span is not None]
@@ -4236,8 +4263,6 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     money += corrected + [span for span in labelled if span.start not in money_tokens]
     money_tokens |= {span.start for span in corrected}
     taken_tokens |= money_tokens
-    places = [query for query in workflow.query_inputs.values() if input_kind(query) == "place"]
-    changing = asks_a_change(tokens)
     for query in workflow.query_inputs.values():
         kind, is_open = input_kind(query), query.name not in conversation.values or changing
         if query.type in STRING_TYPES and kind in ("place", "text"):
@@ -4251,8 +4276,7 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
                                                  listing=bool(money or periods)) if span.start not in past]
             if only_place and is_open and not spans:   # "rome, 1200 eur, 5 days in june", "going to lyon"
                 valued = {k for span in money + periods for k in range(span.start, span.end)}
-                spans = (_lowercase_list_head(tokens, words_taken(workflow), valued)
-                         or _lowercase_destination(tokens, words_taken(workflow), valued, _cue_pairs(query)))
+                spans = _lowercase_list_head(tokens, words_taken(workflow), valued) or lowercase
             reading.ruled_out.setdefault(query.name, []).extend(span.value for span in spans if span.negated)
             for span in _after_the_last_contrast(tokens, [span for span in spans if not span.negated]):
                 if is_open or _cued(tokens, span, query) or _replaces(tokens, span):
@@ -4320,7 +4344,7 @@ def _words_taken(workflow: Workflow) -> frozenset:
     taken |= CURRENCIES | CONTRASTS | ALTERNATIVES | CANCELS | QUALIFIERS | NON_ANSWERS | CONFIRMATIONS | HEDGES
     taken |= CORRECTION_FILLERS | PREFERENCES | CHANGES | WISHES | STAYS
     for query in workflow.query_inputs.values():
-        taken |= set(_words(query.label + " " + " ".join(query.choices)))
+        taken |= set(_words(query.label + " " + " ".join(query.choices) + " " + " ".join(query.cues)))   # "temperatura em"
         taken |= {word for synonym, _ in query.synonyms for word in _words(str(synonym))}
     return frozenset(taken)
 
@@ -4419,28 +4443,59 @@ def _cue_pairs(query: QueryInput) -> frozenset:
     return frozenset(tuple(_fold(cue).split()[-2:]) for cue in query.cues if len(cue.split()) >= 2)
 
 
-def _lowercase_destination(tokens: Sequence[Token], taken: frozenset, valued: set,
-                           cue_pairs: frozenset = frozenset()) -> List[Span]:
+def _lowercase_places(tokens: Sequence[Token], taken: frozenset, valued: set, cue_pairs: frozenset = frozenset(),
+                      any_lead: bool = False) -> List[Span]:
     """In a message written all in lower case, the place after going somewhere: "trip to
-    lisbon", "jveux aller a lyon", "wir wollen nach amsterdam", "make it porto". One word
-    that means nothing else here, right after a place word that follows a word of motion or
-    after one of the input's cues, and ending at a mark,
-    a number or a word that does mean something ("... to lyon 4 jours"): of two unknown words
-    in a row, which is the name would be a guess ("bilbao prsupuesto")."""
+    lisbon", "jveux aller a lyon", "will nach rio de janeiro!!!", "make it porto"; with
+    ``any_lead`` (the place is all the workflow needs), after any place word: "weather in san
+    francisco in fahrenheit". The place is right after a place word that follows a word of
+    motion, or after one of the input's cues (_lowercase_name_end)."""
     if any(token.text[:1].isupper() for token in tokens):
         return []
     known = taken | ALL_WORDS
-    for index in range(2, len(tokens)):
-        if not ((tokens[index - 1].folded in PLACE_LEADS and tokens[index - 2].folded in MOTIONS)
-                or (tokens[index - 2].folded, tokens[index - 1].folded) in cue_pairs):   # "make it porto"
+    for index in range(1, len(tokens)):
+        lead = tokens[index - 1].folded in PLACE_LEADS
+        loose = any_lead and tokens[index - 1].folded not in ARTICLES   # "qual a temperatura": "a" is "the" too
+        if not ((lead and (loose or (index >= 2 and tokens[index - 2].folded in MOTIONS)))
+                or (index >= 2 and (tokens[index - 2].folded, tokens[index - 1].folded) in cue_pairs)):
             continue
-        if (index in valued or tokens[index].shape != "word" or tokens[index].folded in known
-                or len(tokens[index].folded) < 3):
-            continue
-        end = index + 1
-        if end == len(tokens) or tokens[end].shape != "word" or tokens[end].folded in known:
+        end = _lowercase_name_end(tokens, index, known, valued)
+        if end > index:
             return [Span("name", index, end, _span_text(tokens, index, end), is_negated(tokens, index))]
     return []
+
+
+def _lowercase_name_end(tokens: Sequence[Token], index: int, known: frozenset, valued: set,
+                        region: bool = True) -> int:
+    """Where a lower-case name that starts at ``index`` ends, or ``index`` when none does: one
+    word that means nothing else here ("lyon"), after words that start names ("new york",
+    "san francisco", "los angeles") and joined to more by a name's joining words ("frankfurt
+    am main", "rio de janeiro", "ciudad de mexico"), with its region after a comma ("zürich,
+    schweiz"; see _qualified). It must end at a mark, a number or a word
+    that means something: of two unknown words in a row, which is the name would be a guess
+    ("bilbao prsupuesto")."""
+    def unknown(position: int) -> bool:
+        token = tokens[position]
+        return (token.shape == "word" and token.folded not in known and len(token.folded) >= 3
+                and position not in valued)
+    end = index
+    while end < len(tokens) and tokens[end].folded in NAME_STARTS and end + 1 < len(tokens) and unknown(end + 1):
+        end += 1
+    joined_start = (end + 2 < len(tokens) and tokens[end].folded in NAME_STARTS
+                    and tokens[end + 1].folded in NAME_JOINERS and unknown(end + 2))   # "ciudad de mexico"
+    if end >= len(tokens) or not (unknown(end) or joined_start):
+        return index
+    end += 1
+    while end + 1 < len(tokens) and tokens[end].folded in NAME_JOINERS - PLACE_LEADS and (
+            unknown(end + 1) or tokens[end + 1].folded in MONTHS):   # "rio de janeiro", not "sevilla en grados"
+        end += 2
+    if end < len(tokens) and unknown(end):
+        return index
+    if region and end + 1 < len(tokens) and tokens[end].text == ",":   # "zürich, schweiz", "bogotá, colombia en grados"
+        region_end = _lowercase_name_end(tokens, end + 1, known, valued, region=False)
+        if region_end > end + 1 and _is_a_region(tokens, (index, end), (end + 1, region_end)):
+            return region_end
+    return end
 
 
 def _without(tokens: Sequence[Token], span: Span, taken: set) -> Optional[Span]:
