@@ -2534,7 +2534,7 @@ ENGLISH = Language(
     excess="too overly",
     past="last ago previous",
     greetings="hi hello hey dear",
-    wishes="want wanna like wish would", changes="make change changed switch set turn go",
+    wishes="want wanna like wish would", changes="make change changed switch set turn go raise increase bump",
     months=("january jan", "february feb", "march mar", "april apr", "may", "june jun", "july jul",
             "august aug", "september sep sept", "october oct", "november nov", "december dec"),
     weekdays="monday tuesday wednesday thursday friday saturday sunday",
@@ -2608,7 +2608,7 @@ FRENCH = Language(
     excess="trop",
     past="dernier derniere passe passee",
     greetings="bonjour salut bonsoir coucou",
-    wishes="veux voudrais veut voulons aimerais voulais", changes="mets passe change rends faisons",
+    wishes="veux voudrais veut voulons aimerais voulais", changes="mets passe change rends faisons monte augmente",
     months=("janvier", "fevrier", "mars", "avril", "mai", "juin", "juillet", "aout", "septembre", "octobre",
             "novembre", "decembre"),
     weekdays="lundi mardi mercredi jeudi vendredi samedi dimanche",
@@ -2667,7 +2667,7 @@ GERMAN = Language(
     excess="zu so",
     past="letztes letzten letzte vergangenen vergangenes vorigen voriges",
     greetings="hallo servus moin",
-    wishes="will mochte mochten wollen moechte", changes="mach mache machen stell andere",
+    wishes="will mochte mochten wollen moechte", changes="mach mache machen stell andere erhohe erhoh",
     months=("januar janner", "februar", "marz maerz", "april", "mai", "juni", "juli", "august", "september",
             "oktober", "november", "dezember"),
     weekdays="montag dienstag mittwoch donnerstag freitag samstag sonntag",
@@ -2724,7 +2724,7 @@ SPANISH = Language(
     excess="demasiado demasiada",
     past="pasado pasada anterior",
     greetings="hola buenas",
-    wishes="quiero quisiera queremos queria", changes="hazlo haz pon cambia ponlo hagamos",
+    wishes="quiero quisiera queremos queria", changes="hazlo haz pon cambia ponlo hagamos sube subelo aumenta",
     months=("enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre setiembre",
             "octubre", "noviembre", "diciembre"),
     weekdays="lunes martes miercoles jueves viernes sabado domingo",
@@ -2782,7 +2782,7 @@ ITALIAN = Language(
     excess="troppo troppa",
     past="scorso scorsa",
     greetings="ciao salve buongiorno buonasera",
-    wishes="voglio vorrei vogliamo volevo", changes="fallo fai metti cambia rendilo facciamo",
+    wishes="voglio vorrei vogliamo volevo", changes="fallo fai metti cambia rendilo facciamo alza alzalo aumenta",
     months=("gennaio", "febbraio", "marzo", "aprile", "maggio", "giugno", "luglio", "agosto", "settembre",
             "ottobre", "novembre", "dicembre"),
     weekdays="lunedi martedi mercoledi giovedi venerdi sabato domenica",
@@ -2840,7 +2840,7 @@ PORTUGUESE = Language(
     excess="demais demasiado",
     past="passado passada",
     greetings="ola oi",
-    wishes="quero queria queremos", changes="faz faca coloca muda deixa fazemos",
+    wishes="quero queria queremos", changes="faz faca coloca muda deixa fazemos sobe aumenta",
     months=("janeiro", "fevereiro", "marco", "abril", "maio", "junho", "julho", "agosto", "setembro",
             "outubro", "novembro", "dezembro"),
     weekdays="segunda terca quarta quinta sexta sabado domingo",
@@ -3979,17 +3979,25 @@ def _after_the_last_correction(tokens: Sequence[Token], spans: Sequence[Span]) -
     return spans
 
 
-def _corrected_amounts(tokens: Sequence[Token], money: Sequence[Span], taken: set) -> List[Span]:
+def _corrected_amounts(tokens: Sequence[Token], money: Sequence[Span], taken: set, known: bool = False) -> List[Span]:
     """A bare number said as a correction of an amount before it is an amount too: "2000
-    euro, anzi facciamo 2500", "orçamento 3000 dólares... melhor 3500"."""
-    if not money:
+    euro, anzi facciamo 2500", "orçamento 3000 dólares... melhor 3500"; with ``known`` (an
+    amount was given before), one right after a word of change: "y súbelo a 700"."""
+    if not money and not known:
         return []
-    first_end = min(span.end for span in money)
+    first_end = min(span.end for span in money) if money else 0
     return [Span("money", index, index + 1, parse_number(token.folded)) for index, token in enumerate(tokens)
             if index >= first_end and token.shape == "number" and index not in taken
             and not (index + 1 < len(tokens) and tokens[index + 1].folded in TIME_UNITS)
-            and _correction_before(tokens, first_end, index)
+            and (_correction_before(tokens, first_end, index) if money else _changed_by(tokens, index))
             and not any(span.start <= index < span.end for span in money)]
+
+
+def _changed_by(tokens: Sequence[Token], index: int) -> bool:
+    """Is the number at ``index`` what a word of change just before it sets: "make it 700",
+    "y súbelo a 700", "mets 900"?"""
+    words = [token for token in tokens[max(0, index - CORRECTION_LEAD_WORDS):index] if token.shape != "mark"]
+    return any(token.folded in CHANGES for token in words)
 
 
 def _follows_closely(tokens: Sequence[Token], after: int, index: int) -> bool:
@@ -4259,7 +4267,10 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
               for raw in reading.candidates.get(query.name, {}).get(3, [])}   # "orçamento 3000, melhor 3500"
     labelled = [Span("money", index, index + 1, parse_number(token.folded)) for index, token in enumerate(tokens)
                 if labels and token.shape == "number" and parse_number(token.folded) in labels]
-    corrected = _corrected_amounts(tokens, money + labelled, taken_tokens | past)   # "1800 €, ah non, mets plutôt 2500"
+    amount_known = any(input_kind(query) == "money" and query.name in conversation.values
+                       for query in workflow.query_inputs.values())
+    corrected = _corrected_amounts(tokens, money + labelled, taken_tokens | past,   # "1800 €, ah non, mets plutôt 2500"
+                                   known=amount_known)
     money += corrected + [span for span in labelled if span.start not in money_tokens]
     money_tokens |= {span.start for span in corrected}
     taken_tokens |= money_tokens
@@ -4277,6 +4288,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
             if only_place and is_open and not spans:   # "rome, 1200 eur, 5 days in june", "going to lyon"
                 valued = {k for span in money + periods for k in range(span.start, span.end)}
                 spans = _lowercase_list_head(tokens, words_taken(workflow), valued) or lowercase
+            if query.name in conversation.values:   # "mejor Córdoba, Granada ya la conozco": Granada is no region
+                spans = [_without_the_known(tokens, span, conversation.values[query.name]) for span in spans]
             reading.ruled_out.setdefault(query.name, []).extend(span.value for span in spans if span.negated)
             for span in _after_the_last_contrast(tokens, [span for span in spans if not span.negated]):
                 if is_open or _cued(tokens, span, query) or _replaces(tokens, span):
@@ -4347,6 +4360,16 @@ def _words_taken(workflow: Workflow) -> frozenset:
         taken |= set(_words(query.label + " " + " ".join(query.choices) + " " + " ".join(query.cues)))   # "temperatura em"
         taken |= {word for synonym, _ in query.synonyms for word in _words(str(synonym))}
     return frozenset(taken)
+
+
+def _without_the_known(tokens: Sequence[Token], span: Span, known: Any) -> Span:
+    """The name without the "region" after its comma when that is the value known so far,
+    named again: in "mejor Córdoba, Granada ya la conozco" the place is Córdoba."""
+    head, comma, region = str(span.value).partition(",")
+    if not comma or _fold(region.strip()) != _fold(str(known)):
+        return span
+    end = next(k for k in range(span.start, span.end) if tokens[k].text == ",")
+    return dataclasses.replace(span, end=end, value=head)
 
 
 def _cued(tokens: Sequence[Token], span: Span, query: QueryInput) -> bool:
