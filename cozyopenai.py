@@ -2519,6 +2519,7 @@ class Language:
     thousands: str = ""                 # after a number, times a thousand: "3 mil reais", "2 grand"
     cardinals: str = ""                 # number words as "word:value": "twenty:20 hundred:100"; glued
                                         # ("zweitausendfunfhundert") or hyphenated, they add and multiply
+    ordinals: str = ""                  # ordinal words as "word:value", up to twelfth: "third:3" ("the third month")
     currency_words: str = ""
     rate_words: str = ""                # an amount before these and a unit is a rate: "50 euros a night"
     rate_units: str = ""                # besides time units: "per person"
@@ -2587,6 +2588,7 @@ ENGLISH = Language(
     common_words="whether with that this from they their them user users there what when which will would should "
                  "have does into also only more than some very your about name number value true false",
     currency_words="dollar dollars bucks pound pounds quid euro euros",
+    ordinals="first:1 second:2 third:3 fourth:4 fifth:5 sixth:6 seventh:7 eighth:8 ninth:9 tenth:10 eleventh:11 twelfth:12",
     cardinals="zero:0 one:1 two:2 three:3 four:4 five:5 six:6 seven:7 eight:8 nine:9 ten:10 eleven:11 twelve:12 "
               "thirteen:13 fourteen:14 fifteen:15 sixteen:16 seventeen:17 eighteen:18 nineteen:19 twenty:20 "
               "thirty:30 forty:40 fifty:50 sixty:60 seventy:70 eighty:80 ninety:90 hundred:100 thousand:1000 "
@@ -2596,7 +2598,7 @@ ENGLISH = Language(
     kind_words={"email": "email e-mail", "url": "url urls link website webpage",
                 "date": "date dates when period day days", "place": "where destination city town place country "
                 "region location", "money": "budget price cost money amount spend spending fee salary currency",
-                "year": "year years"},
+                "year": "year years", "month": "month"},
 )
 
 FRENCH = Language(
@@ -2648,13 +2650,14 @@ FRENCH = Language(
     sentence_starts="je j nous moi non oui plutot",
     copulas="est sont", label_links="de maintenant desormais", thousands="mille",
     currency_words="euro euros franc francs balles",
+    ordinals="premier:1 premiere:1 deuxieme:2 second:2 seconde:2 troisieme:3 quatrieme:4 cinquieme:5 sixieme:6 septieme:7 huitieme:8 neuvieme:9 dixieme:10 onzieme:11 douzieme:12",
     cardinals="zero:0 un:1 une:1 deux:2 trois:3 quatre:4 cinq:5 six:6 sept:7 huit:8 neuf:9 dix:10 onze:11 "
               "douze:12 treize:13 quatorze:14 quinze:15 seize:16 vingt:20 vingts:20 trente:30 quarante:40 "
               "cinquante:50 soixante:60 septante:70 huitante:80 octante:80 nonante:90 quatre-vingt:80 "
               "quatre-vingts:80 cent:100 cents:100 mille:1000",
     rate_words="par la le",
     rate_units="personne personnes",
-    kind_words={"year": "annee", "place": "destination ville lieu pays", "date": "quand dates periode",
+    kind_words={"year": "annee", "month": "mois", "place": "destination ville lieu pays", "date": "quand dates periode",
                 "money": "budget prix"},
 )
 
@@ -2706,13 +2709,14 @@ GERMAN = Language(
     sentence_starts="ich wir mein meine nein ja lieber",
     copulas="ist sind", label_links="von jetzt nun", thousands="tausend",
     currency_words="franken pfund",
+    ordinals="erste:1 ersten:1 zweite:2 zweiten:2 dritte:3 dritten:3 vierte:4 vierten:4 funfte:5 funften:5 sechste:6 sechsten:6 siebte:7 siebten:7 achte:8 achten:8 neunte:9 neunten:9 zehnte:10 zehnten:10 elfte:11 elften:11 zwolfte:12 zwolften:12",
     cardinals="null:0 ein:1 eins:1 eine:1 zwei:2 drei:3 vier:4 funf:5 fuenf:5 sechs:6 sieben:7 acht:8 neun:9 "
               "zehn:10 elf:11 zwolf:12 zwoelf:12 dreizehn:13 vierzehn:14 funfzehn:15 sechzehn:16 siebzehn:17 "
               "achtzehn:18 neunzehn:19 zwanzig:20 dreissig:30 vierzig:40 funfzig:50 sechzig:60 siebzig:70 "
               "achtzig:80 neunzig:90 hundert:100 tausend:1000",
     rate_words="pro je",
     rate_units="person personen",
-    kind_words={"year": "jahr", "place": "wohin ziel reiseziel stadt ort", "date": "wann zeitraum datum reisezeit",
+    kind_words={"year": "jahr", "month": "monat", "place": "wohin ziel reiseziel stadt ort", "date": "wann zeitraum datum reisezeit",
                 "money": "budget preis"},
 )
 
@@ -2762,6 +2766,7 @@ SPANISH = Language(
     sentence_starts="yo quiero queremos mi mejor",
     copulas="es son", label_links="de ahora", thousands="mil",
     currency_words="peso pesos dolar dolares pavos libra libras",
+    ordinals="primer:1 primero:1 primera:1 segundo:2 segunda:2 tercer:3 tercero:3 tercera:3 cuarto:4 cuarta:4 quinto:5 quinta:5 sexto:6 sexta:6 septimo:7 septima:7 octavo:8 octava:8 noveno:9 novena:9 decimo:10 decima:10 undecimo:11 duodecimo:12",
     cardinals="cero:0 un:1 uno:1 una:1 dos:2 tres:3 cuatro:4 cinco:5 seis:6 siete:7 ocho:8 nueve:9 diez:10 "
               "once:11 doce:12 trece:13 catorce:14 quince:15 dieciseis:16 diecisiete:17 dieciocho:18 "
               "diecinueve:19 veinte:20 veinti:20 treinta:30 cuarenta:40 cincuenta:50 sesenta:60 setenta:70 "
@@ -2770,7 +2775,7 @@ SPANISH = Language(
               "novecientos:900 mil:1000",
     rate_words="por la el",
     rate_units="persona personas",
-    kind_words={"year": "ano", "place": "destino ciudad lugar", "date": "cuando fechas fecha",
+    kind_words={"year": "ano", "month": "mes", "place": "destino ciudad lugar", "date": "cuando fechas fecha",
                 "money": "presupuesto precio"},
 )
 
@@ -2821,6 +2826,7 @@ ITALIAN = Language(
     sentence_starts="io vorrei mi meglio",
     copulas="e sono", label_links="di ora adesso", thousands="mila mille",
     currency_words="dollari sterlina sterline",
+    ordinals="primo:1 prima:1 secondo:2 seconda:2 terzo:3 terza:3 quarto:4 quarta:4 quinto:5 quinta:5 sesto:6 sesta:6 settimo:7 settima:7 ottavo:8 ottava:8 nono:9 nona:9 decimo:10 decima:10 undicesimo:11 dodicesimo:12",
     cardinals="zero:0 uno:1 una:1 un:1 due:2 tre:3 quattro:4 cinque:5 sei:6 sette:7 otto:8 nove:9 dieci:10 "
               "undici:11 dodici:12 tredici:13 quattordici:14 quindici:15 sedici:16 diciassette:17 diciotto:18 "
               "diciannove:19 venti:20 vent:20 trenta:30 trent:30 quaranta:40 quarant:40 cinquanta:50 "
@@ -2828,7 +2834,7 @@ ITALIAN = Language(
               "novant:90 cento:100 mille:1000 mila:1000",
     rate_words="a al per",
     rate_units="persona persone",
-    kind_words={"year": "anno", "place": "destinazione meta citta luogo", "date": "quando date periodo",
+    kind_words={"year": "anno", "month": "mese", "place": "destinazione meta citta luogo", "date": "quando date periodo",
                 "money": "budget prezzo"},
 )
 
@@ -2878,6 +2884,7 @@ PORTUGUESE = Language(
     sentence_starts="eu quero queremos meu minha prefiro",
     copulas="e sao", label_links="de agora", thousands="mil",
     currency_words="real reais libra libras",
+    ordinals="primeiro:1 primeira:1 segundo:2 segunda:2 terceiro:3 terceira:3 quarto:4 quarta:4 quinto:5 quinta:5 sexto:6 sexta:6 setimo:7 setima:7 oitavo:8 oitava:8 nono:9 nona:9 decimo:10 decima:10",
     cardinals="zero:0 um:1 uma:1 dois:2 duas:2 tres:3 quatro:4 cinco:5 seis:6 sete:7 oito:8 nove:9 dez:10 "
               "onze:11 doze:12 treze:13 catorze:14 quatorze:14 quinze:15 dezesseis:16 dezasseis:16 "
               "dezessete:17 dezassete:17 dezoito:18 dezenove:19 dezanove:19 vinte:20 trinta:30 quarenta:40 "
@@ -2886,7 +2893,7 @@ PORTUGUESE = Language(
               "oitocentos:800 novecentos:900 mil:1000",
     rate_words="por a o",
     rate_units="pessoa pessoas",
-    kind_words={"year": "ano", "place": "destino cidade lugar", "date": "quando datas",
+    kind_words={"year": "ano", "month": "mes", "place": "destino cidade lugar", "date": "quando datas",
                 "money": "orcamento preco"},
 )
 
@@ -2900,7 +2907,7 @@ SPACED_NUMBER_PATTERN = re.compile(r"(?<![\w.,])\d{1,3}(?: \d{3})+(?![\d.,]\d)")
 LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*(.+?)\s*$", re.M)
 TYPED_VALUE_PATTERNS = FORMAT_PATTERNS   # their shape makes them unambiguous: read without a label
 TEXT_KINDS = ("email", "url", "date", "place")     # kinds of the string type
-NUMBER_KINDS = ("money", "year")                  # kinds of the number types
+NUMBER_KINDS = ("money", "year", "month")         # kinds of the number types
 CLAUSE_MARKS = frozenset(",;.!?:()[]—|\n")
 TOKEN_PATTERN = re.compile(
     r"(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4}|\d{1,2}/\d{1,2}(?![\d/]))"
@@ -2996,7 +3003,7 @@ def _language_entries(language: Language) -> Iterator[Tuple[str, str]]:
             texts = list(value)
         elif spec.name == "kind_words":
             texts = list(value.values())
-        elif spec.name == "cardinals":
+        elif spec.name in ("cardinals", "ordinals"):
             texts = [" ".join(entry.partition(":")[0] for entry in value.split())]
         else:
             texts = value.replace(",", " ").split() if spec.name in PHRASE_FIELDS else [value]
@@ -3073,20 +3080,20 @@ CURRENCIES = words_of("currency_words") | frozenset(CURRENCY_CODES.split())
 RATE_WORDS, RATE_UNITS = words_of("rate_words"), words_of("rate_units") | TIME_UNITS
 
 
-def _cardinals() -> Mapping[str, int]:
-    """Every language's number words and their values, hyphens dropped ("quatrevingt"); a word
-    that two languages give different values could never be read, so it is refused here."""
+def valued_words(field_name: str) -> Mapping[str, int]:
+    """A field of "word:value" entries over every language, hyphens dropped ("quatrevingt");
+    a word that two languages give different values could never be read, so it is refused."""
     values: Dict[str, int] = {}
     for language in LANGUAGES.values():
-        for entry in language.cardinals.split():
+        for entry in getattr(language, field_name).split():
             word, _, value = entry.partition(":")
             word = word.replace("-", "")
             if values.setdefault(word, int(value)) != int(value):
-                raise ValueError(f"language {language.code}, cardinals: {word!r} has two values")
+                raise ValueError(f"language {language.code}, {field_name}: {word!r} has two values")
     return MappingProxyType(values)
 
 
-CARDINALS = _cardinals()
+CARDINALS, ORDINALS = valued_words("cardinals"), valued_words("ordinals")
 # A number word of the tables at the start of a word, in a message's words folded and joined
 # by spaces: a word is made of number words only if it starts with one.
 CARDINAL_START_PATTERN = re.compile(r"(?:^| )(?:" + "|".join(map(re.escape, sorted(CARDINALS, key=len, reverse=True)))
@@ -3374,8 +3381,9 @@ def synonyms_read(query: QueryInput) -> Tuple[Tuple[str, Any], ...]:
     ("sept" is seven, "march" and "may" are verbs too)."""
     found = query.derived.get("synonyms_read")
     if found is None:
-        named = {MONTHS[_fold(synonym)]: value for synonym, value in query.synonyms
-                 if _fold(synonym) in MONTHS and _number_or_none(str(value)) == MONTHS[_fold(synonym)]}
+        named = query.derived["month_values"] = {
+            MONTHS[_fold(synonym)]: value for synonym, value in query.synonyms
+            if _fold(synonym) in MONTHS and _number_or_none(str(value)) == MONTHS[_fold(synonym)]}
         found = query.derived["synonyms_read"] = tuple(query.synonyms) + tuple(
             (word, named[month]) for word, month in sorted(MONTHS.items())
             if month in named and len(word) >= MONTH_SYNONYM_MIN_LETTERS
@@ -4182,7 +4190,8 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
     spend 2000 on flights" is 1500."""
     folded = _fold(text)   # numbers are ASCII: found in the folded text, they read the same
     numbers = {name: match.group(1) for name, pattern in _labelled_number_patterns(workflow).items()
-               for match in [pattern.search(folded)] if match}
+               for match in [pattern.search(folded)] if match
+               and not _linked_out_of_bounds(workflow.query_inputs[name], match)}
     for key, value in LINE_VALUE_PATTERN.findall(text):
         name = _input_named(workflow, key)
         if name:
@@ -4196,6 +4205,15 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
             found = _labelled_phrase(query, text, _label_patterns(workflow, query)[1:])
             if found:
                 reading.add(query.name, 3, found)
+
+
+def _linked_out_of_bounds(query: QueryInput, match: "re.Match[str]") -> bool:
+    """Is a number its label reaches through a link word outside the input's bounds, so the
+    link is of something else: "the first month of 2027" names no month 2027."""
+    number = _number_or_none(match.group(1))
+    linked = bool(set(_words(match.group(0))) & LABEL_LINKS)
+    return linked and number is not None and (
+        (query.minimum is not None and number < query.minimum) or (query.maximum is not None and number > query.maximum))
 
 
 def _labelled_number_patterns(workflow: Workflow) -> Dict[str, "re.Pattern[str]"]:
@@ -4321,7 +4339,7 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
         elif query.type == "boolean":
             _read_polarity(tokens, query, reading)
         elif query.type in NUMERIC_TYPES and query.synonyms:
-            named = _synonym_spans(tokens, query)
+            named = _synonym_spans(tokens, query) + _ordinal_spans(tokens, kind)
             reading.ruled_out.setdefault(query.name, []).extend(span.value for span in named if span.negated)
             for value in {span.value for span in _take_corrected(reading, query.name, tokens,
                                                                    [s for s in named if not s.negated])}:
@@ -4336,10 +4354,26 @@ def _synonym_spans(tokens: Sequence[Token], query: QueryInput) -> List[Span]:
     spans = []
     written = {synonym for synonym, _ in query.synonyms}
     from_tables = dict(synonyms_read(query)[len(query.synonyms):])
+    months = query.derived["month_values"]
     for index, token in enumerate(tokens):
         raw = token.text if token.text in written else from_tables.get(token.folded)
+        if raw is None and token.folded in MONTHS and index + 1 < len(tokens) and (
+                re.fullmatch(r"\d{4}", tokens[index + 1].folded) or tokens[index + 1].text in "'’"):
+            raw = months.get(MONTHS[token.folded])   # a name that is also another word, before its year: "sept 2027"
         if raw is not None:
             spans.append(Span("number", index, index + 1, raw, is_negated(tokens, index)))
+    return spans
+
+
+def _ordinal_spans(tokens: Sequence[Token], kind: str) -> List[Span]:
+    """An ordinal before a word of the input's kind: "the 11th month", "il terzo mese"."""
+    words = KINDS.get(kind, frozenset())
+    spans = []
+    for index in range(len(tokens) - 1):
+        token = tokens[index]
+        if tokens[index + 1].folded in words and (token.shape == "ordinal" or token.folded in ORDINALS):
+            value = ORDINALS.get(token.folded) or int(re.match(r"\d+", token.folded).group(0))
+            spans.append(Span("number", index, index + 2, value, is_negated(tokens, index)))
     return spans
 
 
@@ -4355,7 +4389,7 @@ def words_taken(workflow: Workflow) -> frozenset:
 def _words_taken(workflow: Workflow) -> frozenset:
     taken = set(SENTENCE_STARTS | YES_OR_NO | COUNT_WORDS | NEGATIONS)
     taken |= CURRENCIES | CONTRASTS | ALTERNATIVES | CANCELS | QUALIFIERS | NON_ANSWERS | CONFIRMATIONS | HEDGES
-    taken |= CORRECTION_FILLERS | PREFERENCES | CHANGES | WISHES | STAYS
+    taken |= CORRECTION_FILLERS | PREFERENCES | CHANGES | WISHES | STAYS | RATE_UNITS   # "150 Euro pro Person"
     for query in workflow.query_inputs.values():
         taken |= set(_words(query.label + " " + " ".join(query.choices) + " " + " ".join(query.cues)))   # "temperatura em"
         taken |= {word for synonym, _ in query.synonyms for word in _words(str(synonym))}

@@ -2441,10 +2441,13 @@ def test_no_number_word_has_two_values_in_the_tables():
 
 @pytest.mark.parametrize("text, expected", [
     ("calendário de março de 2026", {"year": 2026, "month": 3}), ("junho", {"month": 6}),
-    ("calendar for december 2025 pls", {"year": 2025, "month": 12}), ("sept 2026", {"year": 2026}),
+    ("calendar for december 2025 pls", {"year": 2025, "month": 12}), ("sept 2026", {"year": 2026, "month": 9}),
+    ("sept", {}), ("affiche moi le mois 7", {"month": 7}), ("quiero ver el mes 5", {"month": 5}),
+    ("mostra o mês 12", {"month": 12}), ("the 11th month", {"month": 11}),
+    ("il terzo mese del 2027", {"year": 2027, "month": 3}), ("the first month of 2027", {"year": 2027, "month": 1}),
     ("el mar en mayo 2026", {"year": 2026, "month": 5}), ("can i see it for '27", {"year": 2027}),
 ])
-def test_a_month_input_takes_every_tables_names_of_its_months_but_ambiguous_ones(text, expected):
+def test_a_month_input_takes_its_names_its_number_after_a_month_word_and_an_ordinal_before_one(text, expected):
     calendar = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))["month-calendar"]
     assert cozyopenai.extract_offline(calendar, new_conversation("month-calendar"), text).values == expected
 
@@ -2488,6 +2491,38 @@ def test_a_value_corrected_in_the_same_message_is_the_later_one_of_any_kind(mode
 ])
 def test_values_in_a_clause_of_why_or_of_the_past_are_context(trip_planner, text, expected):
     assert cozyopenai.extract_offline(trip_planner, new_conversation(), text).values == expected
+
+
+@pytest.mark.parametrize("model, text, expected", [
+    ("weather-now", "weather in san francisco in fahrenheit", {"city": "san francisco", "units": "fahrenheit"}),
+    ("weather-now", "il fait combien a new york la maintenant ?", {"city": "new york"}),
+    ("weather-now", "wie warm ist es gerade in frankfurt am main? in celsius bitte",
+     {"city": "frankfurt am main", "units": "celsius"}),
+    ("weather-now", "que temperatura hace ahora en ciudad de mexico?", {"city": "ciudad de mexico"}),
+    ("weather-now", "qual a temperatura agora em miami?", {"city": "miami"}),
+    ("weather-now", "tiempo en bogotá, colombia en grados celsius", {"city": "bogotá, colombia", "units": "celsius"}),
+    ("weather-now", "I'm from Denver but stuck in Toronto, Canada for work. How cold is it in Toronto?",
+     {"city": "Toronto, Canada"}),
+    ("trip-planner", "will nach rio de janeiro!!! 3 wochen im januar",
+     {"destination": "rio de janeiro", "travel_dates": "3 wochen im januar"}),
+    ("trip-planner", "Not Paris France lol, Paris, Texas 🤠 road trip over Memorial Day weekend",
+     {"destination": "Paris, Texas", "travel_dates": "Memorial Day weekend"}),
+    ("trip-planner", "viaje a bilbao prsupuesto 900e finde largo de mayo", {"travel_dates": "finde largo de mayo"}),
+    ("trip-planner", "budget 2000 in total", {"budget": 2000}),
+])
+def test_places_of_several_words_in_lower_case_and_a_place_with_its_region_are_one_name(model, text, expected):
+    workflow = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))[model]
+    assert cozyopenai.extract_offline(workflow, new_conversation(model), text).values == expected
+
+
+def test_names_in_a_list_stay_apart_and_a_known_value_named_again_is_no_region(trip_planner):
+    assert cozyopenai.extract_offline(trip_planner, new_conversation(), "Rome, Florence, Venice").ambiguous == {
+        "destination": ["Rome", "Florence", "Venice"]}
+    conversation = new_conversation()
+    conversation.values.update(destination="Granada", travel_dates="puente de mayo", budget=500)
+    assert cozyopenai.extract_offline(trip_planner, conversation, "mejor Córdoba, Granada ya la conozco").values == {
+        "destination": "Córdoba"}
+    assert cozyopenai.extract_offline(trip_planner, conversation, "y súbelo a 700").values == {"budget": 700}
 
 
 def test_a_message_over_the_reading_limit_is_read_in_its_first_and_last_parts_and_says_so(trip_planner):
