@@ -2473,6 +2473,7 @@ class Language:
     weekdays: str = ""
     seasons: str = ""                   # seasons, holidays and days named by a single word
     time_phrases: str = ""              # times named by several words: "new years eve, semana santa"
+    approximations: str = ""            # after a period, part of it: "10 days or so", "une semaine environ"
     season_nouns: str = ""              # a time the words before it name: "the cherry blossom season"
     holiday_words: str = ""             # make a holiday of the time word next to them: "spring break"
     uncertain_times: str = ""           # also ordinary words: a time only capitalised, beside a number
@@ -2536,6 +2537,7 @@ ENGLISH = Language(
     past="last ago previous",
     greetings="hi hello hey dear",
     wishes="want wanna like wish would", changes="make change changed switch set turn go raise increase bump",
+    approximations="or so, ish, more or less, roughly",
     months=("january jan", "february feb", "march mar", "april apr", "may", "june jun", "july jul",
             "august aug", "september sep sept", "october oct", "november nov", "december dec"),
     weekdays="monday tuesday wednesday thursday friday saturday sunday",
@@ -2611,6 +2613,7 @@ FRENCH = Language(
     past="dernier derniere passe passee",
     greetings="bonjour salut bonsoir coucou",
     wishes="veux voudrais veut voulons aimerais voulais", changes="mets passe change rends faisons monte augmente",
+    approximations="environ, a peu pres, plus ou moins",
     months=("janvier", "fevrier", "mars", "avril", "mai", "juin", "juillet", "aout", "septembre", "octobre",
             "novembre", "decembre"),
     weekdays="lundi mardi mercredi jeudi vendredi samedi dimanche",
@@ -2671,6 +2674,7 @@ GERMAN = Language(
     past="letztes letzten letzte vergangenen vergangenes vorigen voriges",
     greetings="hallo servus moin",
     wishes="will mochte mochten wollen moechte", changes="mach mache machen stell andere erhohe erhoh",
+    approximations="oder so, ungefahr, etwa",
     months=("januar janner", "februar", "marz maerz", "april", "mai", "juni", "juli", "august", "september",
             "oktober", "november", "dezember"),
     weekdays="montag dienstag mittwoch donnerstag freitag samstag sonntag",
@@ -2729,6 +2733,7 @@ SPANISH = Language(
     past="pasado pasada anterior",
     greetings="hola buenas",
     wishes="quiero quisiera queremos queria", changes="hazlo haz pon cambia ponlo hagamos sube subelo aumenta",
+    approximations="mas o menos, o asi, aproximadamente",
     months=("enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre setiembre",
             "octubre", "noviembre", "diciembre"),
     weekdays="lunes martes miercoles jueves viernes sabado domingo",
@@ -2739,7 +2744,7 @@ SPANISH = Language(
     time_units="dia dias noche noches semana semanas finde findes mes meses quincena ano anos",
     numbers="un una uno unos unas dos tres cuatro cinco seis siete ocho nueve diez quince decena docena",
     qualifiers="principios mediados finales primera primer segunda segundo tercera ultima ultimo proximo "
-               "proxima este esta largo larga viene",
+               "proxima este esta largo larga viene primeras primeros ultimas ultimos",
     relatives="que",
     range_links="al del que desde hasta y el los las a de en despues antes hacia",
     range_words="a al y o", and_words="y",
@@ -2788,6 +2793,7 @@ ITALIAN = Language(
     past="scorso scorsa",
     greetings="ciao salve buongiorno buonasera",
     wishes="voglio vorrei vogliamo volevo", changes="fallo fai metti cambia rendilo facciamo alza alzalo aumenta",
+    approximations="piu o meno, circa, o giu di li",
     months=("gennaio", "febbraio", "marzo", "aprile", "maggio", "giugno", "luglio", "agosto", "settembre",
             "ottobre", "novembre", "dicembre"),
     weekdays="lunedi martedi mercoledi giovedi venerdi sabato domenica",
@@ -2799,7 +2805,7 @@ ITALIAN = Language(
     numbers="un uno una due tre quattro cinque sei sette otto nove dieci quindici qualche alcuni alcune decina "
             "dozzina",
     qualifiers="inizio meta fine prima primo seconda secondo terza prossimo prossima questo questa lungo "
-               "lunga viene",
+               "lunga viene prime primi ultime ultimi",
     relatives="che",
     range_links="al dal dai fino e il lo di del nel nella per durante a dopo verso",
     range_words="a o oppure", and_words="e",
@@ -2847,6 +2853,7 @@ PORTUGUESE = Language(
     past="passado passada",
     greetings="ola oi",
     wishes="quero queria queremos", changes="faz faca coloca muda deixa fazemos sobe aumenta",
+    approximations="mais ou menos, por ai, aproximadamente",
     months=("janeiro", "fevereiro", "marco", "abril", "maio", "junho", "julho", "agosto", "setembro",
             "outubro", "novembro", "dezembro"),
     weekdays="segunda terca quarta quinta sexta sabado domingo",
@@ -2857,7 +2864,7 @@ PORTUGUESE = Language(
     time_units="dia dias noite noites semana semanas mes meses quinzena ano anos",
     numbers="um uma uns umas dois duas tres quatro cinco seis sete oito nove dez quinze alguns algumas dezena duzia",
     qualifiers="inicio meados fim final primeira primeiro segunda segundo terceira ultima ultimo proximo "
-               "proxima este esta longo longa vem",
+               "proxima este esta longo longa vem primeiras primeiros ultimas ultimos",
     relatives="que",
     range_links="de do da dos das a ao ate e em no na depois antes",
     range_words="a ate ou", and_words="e",
@@ -2989,7 +2996,7 @@ def _words(text: str) -> List[str]:
 # The language tables as the reader uses them: each field's words over every language. An
 # entry a message can never match (not folded, an apostrophe, two words where one is read)
 # stops the module from loading, naming the language, the field and the entry.
-PHRASE_FIELDS = ("time_phrases", "cancel_phrases", "rerun_phrases")
+PHRASE_FIELDS = ("time_phrases", "cancel_phrases", "rerun_phrases", "approximations")
 WORD_PATTERN = re.compile(r"[^\W_]+(?:-[^\W_]+)*\Z")
 
 
@@ -3053,7 +3060,7 @@ COMPOUND_TIMES = frozenset(stem + join + holiday for language in LANGUAGES.value
                            for season in language.seasons.split() for holiday in language.holiday_words.split()
                            for stem in (season, season[:-1]) for join in ("", "s"))
 TIME_NAMES = words_of("weekdays") | words_of("seasons") | MONTHS.keys() | COMPOUND_TIMES
-TIME_PHRASES = phrases_of("time_phrases")
+TIME_PHRASES, APPROXIMATIONS = phrases_of("time_phrases"), phrases_of("approximations")
 TIME_PHRASES_BY_FIRST_WORD: Mapping[str, Tuple[Tuple[str, ...], ...]] = MappingProxyType({
     first: tuple(phrase for phrase in TIME_PHRASES if phrase[0] == first) for first in {p[0] for p in TIME_PHRASES}})
 UNCERTAIN_TIMES, SEASON_NOUNS, HOLIDAYS = words_of("uncertain_times"), words_of("season_nouns"), words_of("holiday_words")
@@ -3117,6 +3124,10 @@ NEGATING = NEGATIONS | BOOLEAN_WORDS[False]
 TIME_WORDS = TIME_NAMES | TIME_UNITS
 # Words of money long enough to end a compound that labels an amount ("Gesamtbudget", "Urlaubsbudget").
 COMPOUND_LABEL_HEADS = tuple(sorted(word for word in KINDS["money"] if len(word) >= 6))
+# A word of travel long enough to start a compound that is a common noun ("Reiseplanung",
+# "Urlaubsplanung"), when this many letters or more follow it: no name.
+COMPOUND_TRAVEL_STARTS = tuple(sorted(word for word in MOTIONS - WISHES if len(word) >= 5))
+COMPOUND_REST_MIN_LETTERS = 4
 ABBREVIATION_MAX_LETTERS = 3   # "St", "Mt", "Ste": a capitalised word this short before a dot
 # Month names long enough that one slip of the keyboard leaves them recognisable, and what each
 # becomes with a letter dropped: a misspelt month is found through these (see _month_misspelt).
@@ -3672,8 +3683,9 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
             return "glue"
         after_month = previous is not None and previous.folded in MONTHS
         return "glue" if after_month and 1900 <= number <= 2100 else None
-    if token.shape == "mark":
-        return "glue" if token.text in "'’" or not _is_break(tokens, index) else None
+    if token.shape == "mark":   # an emoji or a symbol ends a period: "cada una 🙈 este año"
+        return "glue" if token.text in "'’" or (not _is_break(tokens, index)
+                                                and unicodedata.category(token.text[0])[0] == "P") else None
     parts = token.folded.split("-") if "-" in token.folded else None   # a word alone: only TIME_NAMES can name it
     if token.folded in TIME_NAMES or (parts is not None and any(part in TIME_NAMES for part in parts)
                                       and all(part in TIME_NAME_PARTS for part in parts)):
@@ -3714,7 +3726,7 @@ def _certainly_time(tokens: Sequence[Token], index: int) -> bool:
     after = tokens[index + 1] if index + 1 < len(tokens) else None
     if not token.capitalised:   # in lower case only where nothing else fits: "in may", "the first week of may"
         return before is not None and (before.folded in LEADING_LINKS or before.shape in ("number", "ordinal") or (
-            before.folded in TIME_LINKS and index > 1 and tokens[index - 2].folded in TIME_UNITS))
+            before.folded in TIME_LINKS and index > 1 and tokens[index - 2].folded in TIME_UNITS | QUALIFIERS))
     return ((before is not None and (before.folded in LINKS_OR_QUALIFIERS or before.shape in ("number", "ordinal")))
             or (after is not None and after.shape in ("number", "ordinal")))
 
@@ -3741,9 +3753,18 @@ def period_spans(tokens: Sequence[Token], cached: bool = True) -> List[Span]:
                                                              or tokens[stop - 1].shape == "mark"):
             stop -= 1
         if any(roles[k] == "anchor" for k in range(start, stop)):
+            stop += _approximation_after(tokens, stop)   # "10 days or so"
             spans.append(Span("date", start, stop, None, is_negated(tokens, start)))
         index = end
     return spans
+
+
+def _approximation_after(tokens: Sequence[Token], index: int) -> int:
+    """How many tokens from ``index`` make a phrase that leaves a period approximate: "or so"."""
+    for phrase in APPROXIMATIONS:
+        if tuple(token.folded for token in tokens[index:index + len(phrase)]) == phrase:
+            return len(phrase)
+    return 0
 
 
 def _leads_into_period(tokens: Sequence[Token], index: int) -> bool:
@@ -3908,7 +3929,8 @@ def _name_end(tokens: Sequence[Token], index: int, taken: frozenset) -> int:
     while end < len(tokens):
         token = tokens[end]
         if token.capitalised and token.folded not in taken and not _is_time_word(token, tokens, end) and not (
-                token.folded.endswith(COMPOUND_LABEL_HEADS)):   # "Gesamtbudget" labels an amount
+                token.folded.endswith(COMPOUND_LABEL_HEADS)   # "Gesamtbudget" labels an amount
+                or _is_a_travel_compound(token.folded)):
             end += 1
             if (len(token.text) <= ABBREVIATION_MAX_LETTERS and end + 1 < len(tokens) and tokens[end].text == "."
                     and tokens[end + 1].capitalised):
@@ -3959,6 +3981,12 @@ def _is_time_word(token: Token, tokens: Sequence[Token] = (), index: int = -1) -
     """A word of time ("May", "week"), or part of a time named by several words."""
     return (any(part in TIME_WORDS for part in token.folded.split("-"))
             or index in getattr(tokens, "in_time_phrases", ()))
+
+
+def _is_a_travel_compound(word: str) -> bool:
+    """A noun made on a word of travel: "reiseplanung", "urlaubsplanung" (not "tripoli")."""
+    return any(word.startswith(start) and len(word) - len(start) >= COMPOUND_REST_MIN_LETTERS
+               for start in COMPOUND_TRAVEL_STARTS)
 
 
 def _correction_before(tokens: Sequence[Token], after: int, index: int) -> bool:
@@ -4487,8 +4515,8 @@ def _lowercase_list_head(tokens: Sequence[Token], taken: frozenset, valued: set)
         end += 1
     known = taken | ALL_WORDS
     if not 1 <= end <= 3 or end == len(tokens) or tokens[end].text not in ",;." or any(
-            token.folded in known or len(token.folded) < 3 for token in tokens[:end]):
-        return []
+            token.folded in known or len(token.folded) < 3 or k in valued for k, token in enumerate(tokens[:end])):
+        return []   # "mi-mai, 5 jours" lists two periods
     following = next((k for k in range(end + 1, len(tokens)) if tokens[k].shape != "mark"), None)
     if following is None or following not in valued:   # the next item is itself a value
         return []

@@ -2515,6 +2515,28 @@ def test_places_of_several_words_in_lower_case_and_a_place_with_its_region_are_o
     assert cozyopenai.extract_offline(workflow, new_conversation(model), text).values == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("mid-oct, 10 days or so", {"travel_dates": "mid-oct, 10 days or so"}),
+    ("zwei Wochen oder so im Juli", {"travel_dates": "zwei Wochen oder so im Juli"}),
+    ("need a getaway end of march, 4 nights", {"travel_dates": "end of march, 4 nights"}),
+    ("2500 dólares, las dos primeras semanas de diciembre",
+     {"budget": 2500, "travel_dates": "las dos primeras semanas de diciembre"}),
+    ("gastamos 2000 cada una 🙈 este año queremos ir a Dublín, 5 días en marzo",
+     {"destination": "Dublín", "travel_dates": "5 días en marzo"}),
+    ("Reiseplanung", {}), ("Williamsburg", {"destination": "Williamsburg"}),
+])
+def test_a_period_keeps_its_approximation_and_ends_at_an_emoji_and_a_travel_compound_is_no_name(trip_planner, text,
+                                                                                               expected):
+    assert cozyopenai.extract_offline(trip_planner, new_conversation(), text).values == expected
+
+
+def test_a_reply_listing_two_periods_names_no_place(trip_planner):
+    conversation = new_conversation(asked=["destination"])
+    conversation.values["budget"] = 1500
+    assert cozyopenai.extract_offline(trip_planner, conversation, "mi-mai, 5 jours").values == {
+        "travel_dates": "mi-mai, 5 jours"}
+
+
 def test_names_in_a_list_stay_apart_and_a_known_value_named_again_is_no_region(trip_planner):
     assert cozyopenai.extract_offline(trip_planner, new_conversation(), "Rome, Florence, Venice").ambiguous == {
         "destination": ["Rome", "Florence", "Venice"]}
