@@ -107,8 +107,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache, partial
 from types import MappingProxyType
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, NoReturn, Optional,
-                    Sequence, Tuple, Union)
+from typing import (AbstractSet, Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, NoReturn,
+                    Optional, Sequence, Tuple, Union)
 from urllib.parse import quote, quote_plus, urlsplit
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
@@ -2483,6 +2483,7 @@ class Language:
     relatives: str = ""                 # between a unit and its qualifier: "el mes que viene"
     past: str = ""                      # a time before now: "last year" (a sentence about the past gives no value)
     reasons: str = ""                   # open a clause of why, whose values are context: "because of Christmas"
+    hearsay: str = ""                   # open a clause of what others said, context too: "they told me it is calm"
     range_links: str = ""               # join the parts of a period: "from 10 to 17 October", "del 3 al 10"
     range_words: str = ""               # between two numbers, a range or a choice: "1500 to 2000", "1500 or 2000"
     and_words: str = ""                 # between two numbers, the ends of a range: "between 1000 and 2000"
@@ -2561,6 +2562,7 @@ ENGLISH = Language(
     motions="go goes going travel travelling traveling fly flying trip head heading getaway holiday vacation",
     stays="im am live lives living based stay staying",
     corrections="sorry pardon wait actually oops ah oh meant",
+    hearsay="heard told said says",
     reasons="because cause cuz coz",
     negations="not no never without except excluding nor dont doesnt didnt wont cant isnt arent none zero",
     except_openers="anywhere anything everywhere everything all any somewhere",
@@ -2590,7 +2592,8 @@ ENGLISH = Language(
     common_words="whether with that this from they their them user users there what when which will would should "
                  "have does into also only more than some very your about name number value true false",
     currency_words="dollar dollars bucks pound pounds quid euro euros",
-    ordinals="first:1 second:2 third:3 fourth:4 fifth:5 sixth:6 seventh:7 eighth:8 ninth:9 tenth:10 eleventh:11 twelfth:12",
+    ordinals="first:1 second:2 third:3 fourth:4 fifth:5 sixth:6 seventh:7 eighth:8 ninth:9 tenth:10 "
+             "eleventh:11 twelfth:12",
     cardinals="zero:0 one:1 two:2 three:3 four:4 five:5 six:6 seven:7 eight:8 nine:9 ten:10 eleven:11 twelve:12 "
               "thirteen:13 fourteen:14 fifteen:15 sixteen:16 seventeen:17 eighteen:18 nineteen:19 twenty:20 "
               "thirty:30 forty:40 fifty:50 sixty:60 seventy:70 eighty:80 ninety:90 hundred:100 thousand:1000 "
@@ -2635,6 +2638,7 @@ FRENCH = Language(
     motions="aller vais va allons partir pars partons voyage voyager voler sejour escapade vacances",
     stays="suis habite vis",
     corrections="pardon oups attends",
+    hearsay="dit disent entendu",
     reasons="parce car",
     negations="pas non sans sauf jamais ni aucun aucune",
     contrasts="mais plutot",
@@ -2653,7 +2657,8 @@ FRENCH = Language(
     sentence_starts="je j nous moi non oui plutot",
     copulas="est sont", label_links="de maintenant desormais", thousands="mille",
     currency_words="euro euros franc francs balles",
-    ordinals="premier:1 premiere:1 deuxieme:2 second:2 seconde:2 troisieme:3 quatrieme:4 cinquieme:5 sixieme:6 septieme:7 huitieme:8 neuvieme:9 dixieme:10 onzieme:11 douzieme:12",
+    ordinals="premier:1 premiere:1 deuxieme:2 second:2 seconde:2 troisieme:3 quatrieme:4 cinquieme:5 sixieme:6 "
+             "septieme:7 huitieme:8 neuvieme:9 dixieme:10 onzieme:11 douzieme:12",
     cardinals="zero:0 un:1 une:1 deux:2 trois:3 quatre:4 cinq:5 six:6 sept:7 huit:8 neuf:9 dix:10 onze:11 "
               "douze:12 treize:13 quatorze:14 quinze:15 seize:16 vingt:20 vingts:20 trente:30 quarante:40 "
               "cinquante:50 soixante:60 septante:70 huitante:80 octante:80 nonante:90 quatre-vingt:80 "
@@ -2696,6 +2701,7 @@ GERMAN = Language(
     motions="fahren fahre fahrt fliegen fliege reise reisen urlaub ausflug will wollen mochte mochten moechte",
     stays="wohne wohnen lebe bin",
     corrections="entschuldigung ups warte eigentlich",
+    hearsay="gesagt sagt gehort",
     reasons="weil wegen",
     negations="nicht kein keine keinen keinem ohne ausser statt anstatt nie",
     contrasts="aber sondern lieber",
@@ -2713,14 +2719,17 @@ GERMAN = Language(
     sentence_starts="ich wir mein meine nein ja lieber",
     copulas="ist sind", label_links="von jetzt nun", thousands="tausend",
     currency_words="franken pfund",
-    ordinals="erste:1 ersten:1 zweite:2 zweiten:2 dritte:3 dritten:3 vierte:4 vierten:4 funfte:5 funften:5 sechste:6 sechsten:6 siebte:7 siebten:7 achte:8 achten:8 neunte:9 neunten:9 zehnte:10 zehnten:10 elfte:11 elften:11 zwolfte:12 zwolften:12",
+    ordinals="erste:1 ersten:1 zweite:2 zweiten:2 dritte:3 dritten:3 vierte:4 vierten:4 funfte:5 funften:5 "
+             "sechste:6 sechsten:6 siebte:7 siebten:7 achte:8 achten:8 neunte:9 neunten:9 zehnte:10 zehnten:10 "
+             "elfte:11 elften:11 zwolfte:12 zwolften:12",
     cardinals="null:0 ein:1 eins:1 eine:1 zwei:2 drei:3 vier:4 funf:5 fuenf:5 sechs:6 sieben:7 acht:8 neun:9 "
               "zehn:10 elf:11 zwolf:12 zwoelf:12 dreizehn:13 vierzehn:14 funfzehn:15 sechzehn:16 siebzehn:17 "
               "achtzehn:18 neunzehn:19 zwanzig:20 dreissig:30 vierzig:40 funfzig:50 sechzig:60 siebzig:70 "
               "achtzig:80 neunzig:90 hundert:100 tausend:1000",
     rate_words="pro je",
     rate_units="person personen",
-    kind_words={"year": "jahr", "month": "monat", "place": "wohin ziel reiseziel stadt ort", "date": "wann zeitraum datum reisezeit",
+    kind_words={"year": "jahr", "month": "monat", "place": "wohin ziel reiseziel stadt ort",
+                "date": "wann zeitraum datum reisezeit",
                 "money": "budget preis"},
 )
 
@@ -2754,6 +2763,7 @@ SPANISH = Language(
     motions="ir voy vamos viajar viaje volar escapada vacaciones",
     stays="vivo vive estoy",
     corrections="bueno perdon perdona ups espera quise",
+    hearsay="dijeron dicen dijo oido",
     reasons="porque causa",
     negations="sin excepto salvo menos nunca nada ningun ninguno ninguna",
     contrasts="pero sino mejor",
@@ -2771,7 +2781,9 @@ SPANISH = Language(
     sentence_starts="yo quiero queremos mi mejor",
     copulas="es son", label_links="de ahora", thousands="mil",
     currency_words="peso pesos dolar dolares pavos libra libras",
-    ordinals="primer:1 primero:1 primera:1 segundo:2 segunda:2 tercer:3 tercero:3 tercera:3 cuarto:4 cuarta:4 quinto:5 quinta:5 sexto:6 sexta:6 septimo:7 septima:7 octavo:8 octava:8 noveno:9 novena:9 decimo:10 decima:10 undecimo:11 duodecimo:12",
+    ordinals="primer:1 primero:1 primera:1 segundo:2 segunda:2 tercer:3 tercero:3 tercera:3 cuarto:4 cuarta:4 "
+             "quinto:5 quinta:5 sexto:6 sexta:6 septimo:7 septima:7 octavo:8 octava:8 noveno:9 novena:9 "
+             "decimo:10 decima:10 undecimo:11 duodecimo:12",
     cardinals="cero:0 un:1 uno:1 una:1 dos:2 tres:3 cuatro:4 cinco:5 seis:6 siete:7 ocho:8 nueve:9 diez:10 "
               "once:11 doce:12 trece:13 catorce:14 quince:15 dieciseis:16 diecisiete:17 dieciocho:18 "
               "diecinueve:19 veinte:20 veinti:20 treinta:30 cuarenta:40 cincuenta:50 sesenta:60 setenta:70 "
@@ -2815,6 +2827,7 @@ ITALIAN = Language(
     motions="andare vado andiamo viaggio viaggiare volare partire vacanza gita",
     stays="sono abito",
     corrections="anzi scusa scusate ops aspetta",
+    hearsay="detto dicono sentito",
     reasons="perche causa",
     negations="senza tranne eccetto mai ne niente nessun nessuno nessuna",
     contrasts="ma piuttosto invece",
@@ -2832,7 +2845,9 @@ ITALIAN = Language(
     sentence_starts="io vorrei mi meglio",
     copulas="e sono", label_links="di ora adesso", thousands="mila mille",
     currency_words="dollari sterlina sterline",
-    ordinals="primo:1 prima:1 secondo:2 seconda:2 terzo:3 terza:3 quarto:4 quarta:4 quinto:5 quinta:5 sesto:6 sesta:6 settimo:7 settima:7 ottavo:8 ottava:8 nono:9 nona:9 decimo:10 decima:10 undicesimo:11 dodicesimo:12",
+    ordinals="primo:1 prima:1 secondo:2 seconda:2 terzo:3 terza:3 quarto:4 quarta:4 quinto:5 quinta:5 sesto:6 "
+             "sesta:6 settimo:7 settima:7 ottavo:8 ottava:8 nono:9 nona:9 decimo:10 decima:10 undicesimo:11 "
+             "dodicesimo:12",
     cardinals="zero:0 uno:1 una:1 un:1 due:2 tre:3 quattro:4 cinque:5 sei:6 sette:7 otto:8 nove:9 dieci:10 "
               "undici:11 dodici:12 tredici:13 quattordici:14 quindici:15 sedici:16 diciassette:17 diciotto:18 "
               "diciannove:19 venti:20 vent:20 trenta:30 trent:30 quaranta:40 quarant:40 cinquanta:50 "
@@ -2840,7 +2855,8 @@ ITALIAN = Language(
               "novant:90 cento:100 mille:1000 mila:1000",
     rate_words="a al per",
     rate_units="persona persone",
-    kind_words={"year": "anno", "month": "mese", "place": "destinazione meta citta luogo", "date": "quando date periodo",
+    kind_words={"year": "anno", "month": "mese", "place": "destinazione meta citta luogo",
+                "date": "quando date periodo",
                 "money": "budget prezzo"},
 )
 
@@ -2874,6 +2890,7 @@ PORTUGUESE = Language(
     motions="ir vou vamos viajar viagem voar ferias passeio",
     stays="moro vivo estou",
     corrections="desculpa desculpe perdao ops espera quis afinal",
+    hearsay="disseram dizem disse ouvi",
     reasons="porque causa",
     negations="nao nem sem nunca exceto nenhum nenhuma",
     contrasts="mas prefiro antes",
@@ -2891,7 +2908,8 @@ PORTUGUESE = Language(
     sentence_starts="eu quero queremos meu minha prefiro",
     copulas="e sao", label_links="de agora", thousands="mil",
     currency_words="real reais libra libras",
-    ordinals="primeiro:1 primeira:1 segundo:2 segunda:2 terceiro:3 terceira:3 quarto:4 quarta:4 quinto:5 quinta:5 sexto:6 sexta:6 setimo:7 setima:7 oitavo:8 oitava:8 nono:9 nona:9 decimo:10 decima:10",
+    ordinals="primeiro:1 primeira:1 segundo:2 segunda:2 terceiro:3 terceira:3 quarto:4 quarta:4 quinto:5 "
+             "quinta:5 sexto:6 sexta:6 setimo:7 setima:7 oitavo:8 oitava:8 nono:9 nona:9 decimo:10 decima:10",
     cardinals="zero:0 um:1 uma:1 dois:2 duas:2 tres:3 quatro:4 cinco:5 seis:6 sete:7 oito:8 nove:9 dez:10 "
               "onze:11 doze:12 treze:13 catorze:14 quatorze:14 quinze:15 dezesseis:16 dezasseis:16 "
               "dezessete:17 dezassete:17 dezoito:18 dezenove:19 dezanove:19 vinte:20 trinta:30 quarenta:40 "
@@ -3059,13 +3077,15 @@ MONTHS = MappingProxyType({word: month for language in LANGUAGES.values()
 COMPOUND_TIMES = frozenset(stem + join + holiday for language in LANGUAGES.values()
                            for season in language.seasons.split() for holiday in language.holiday_words.split()
                            for stem in (season, season[:-1]) for join in ("", "s"))
-TIME_NAMES = words_of("weekdays") | words_of("seasons") | MONTHS.keys() | COMPOUND_TIMES
+SEASONS = words_of("seasons")
+TIME_NAMES = words_of("weekdays") | SEASONS | MONTHS.keys() | COMPOUND_TIMES
 TIME_PHRASES, APPROXIMATIONS = phrases_of("time_phrases"), phrases_of("approximations")
 TIME_PHRASES_BY_FIRST_WORD: Mapping[str, Tuple[Tuple[str, ...], ...]] = MappingProxyType({
     first: tuple(phrase for phrase in TIME_PHRASES if phrase[0] == first) for first in {p[0] for p in TIME_PHRASES}})
 UNCERTAIN_TIMES, SEASON_NOUNS, HOLIDAYS = words_of("uncertain_times"), words_of("season_nouns"), words_of("holiday_words")
 TIME_UNITS, COUNT_WORDS, QUALIFIERS = words_of("time_units"), words_of("numbers"), words_of("qualifiers")
 RELATIVES, PAST, REASONS = words_of("relatives"), words_of("past"), words_of("reasons")
+HEARSAY = words_of("hearsay")
 TIME_LINKS, LEADING_LINKS, ARTICLES = words_of("range_links"), words_of("period_leads"), words_of("articles")
 RANGE_WORDS, AND_WORDS = words_of("range_words"), words_of("and_words")
 PLACE_LEADS, STAYS, CORRECTION_FILLERS = words_of("place_leads"), words_of("stays"), words_of("corrections")
@@ -3141,6 +3161,7 @@ AFTER_A_COUNT = TIME_UNITS | QUALIFIERS | COUNT_WORDS
 LINKS_OR_COUNTS = TIME_LINKS | COUNT_WORDS
 LINKS_OR_QUALIFIERS = TIME_LINKS | QUALIFIERS
 TIME_GLUE = COUNT_WORDS | QUALIFIERS | TIME_LINKS | HOLIDAYS
+OF_JOINERS = NAME_JOINERS - ARTICLES - PLACE_LEADS   # "mercatini di Natale", not "Tokio en primavera"
 QUALIFIES_A_UNIT = QUALIFIERS | HOLIDAYS
 COUNTS_A_UNIT = COUNT_WORDS | QUALIFIERS
 TIME_NAME_PARTS = TIME_NAMES | QUALIFIERS
@@ -3691,6 +3712,8 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
                                       and all(part in TIME_NAME_PARTS for part in parts)):
         if token.folded in UNCERTAIN_TIMES and not _certainly_time(tokens, index):
             return None
+        if token.folded in SEASONS and _names_a_thing(tokens, index):
+            return None
         return "anchor"
     if token.folded in TIME_UNITS:   # "a week", "10 days", "next month", "le mois prochain", "el mes que viene"
         following = [t.folded for t in tokens[index + 1:index + 3]]
@@ -3707,6 +3730,16 @@ def _time_role(tokens: Sequence[Token], index: int) -> Optional[str]:
     if token.shape == "word" and getattr(tokens, "has_season_noun", True) and _names_a_season(tokens, index):
         return "glue"
     return None
+
+
+def _names_a_thing(tokens: Sequence[Token], index: int) -> bool:
+    """Does the holiday at ``index`` only say what a thing is, after a word of no time and a
+    joining word: "i mercatini di Natale", "os presentes de natal", "le marché de Noël"?"""
+    if index < 2 or tokens[index - 1].folded not in OF_JOINERS:
+        return False
+    thing = tokens[index - 2]
+    return (thing.shape == "word" and not thing.capitalised and not _is_time_word(thing, tokens, index - 2)
+            and thing.folded not in TIME_GLUE | MOTIONS)
 
 
 def _names_a_season(tokens: Sequence[Token], index: int) -> bool:
@@ -3910,6 +3943,8 @@ def _corrects(tokens: Sequence[Token], after: int, index: int) -> bool:
     "nach Paris, aber jetzt doch lieber nach Amsterdam"."""
     between = tokens[after:index]
     small = SMALL_IN_A_CORRECTION
+    if between and between[0].folded in PREFERENCES:
+        return False   # "make it Florence instead, Rome is too crowded": the preference is Florence's
     for k, token in enumerate(between):
         # "bueno no, a Florencia", not "Barcelona, not to Valencia" (that "not" rules out Valencia)
         standalone_no = ((token.folded in NEGATIONS or token.folded in BOOLEAN_WORDS[False]) and k + 1 < len(between)
@@ -3995,6 +4030,8 @@ def _correction_before(tokens: Sequence[Token], after: int, index: int) -> bool:
     or a word of correction, preference or change among the last words before it ("1800 €.
     Ah non, mets plutôt 2500", "abril, no espera, mejor junio", "make it the weekend after next")?"""
     between = tokens[after:index]
+    if between and between[0].folded in PREFERENCES:
+        return False   # "2500 instead, 2000 is too little": the preference is the earlier value's
     words = [k for k, token in enumerate(between) if token.shape != "mark"]
     for k, token in enumerate(between):
         if token.folded in CONTRASTS and not _is_except(tokens, after + k):
@@ -4241,7 +4278,8 @@ def _linked_out_of_bounds(query: QueryInput, match: "re.Match[str]") -> bool:
     number = _number_or_none(match.group(1))
     linked = bool(set(_words(match.group(0))) & LABEL_LINKS)
     return linked and number is not None and (
-        (query.minimum is not None and number < query.minimum) or (query.maximum is not None and number > query.maximum))
+        (query.minimum is not None and number < query.minimum)
+        or (query.maximum is not None and number > query.maximum))
 
 
 def _labelled_number_patterns(workflow: Workflow) -> Dict[str, "re.Pattern[str]"]:
@@ -4287,6 +4325,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     only from their cues or a replaced name ("now do it for Rome", "not Paris — Lyon")."""
     tokens = reading.tokens
     past = _context_tokens(tokens)   # "last year in Paris we spent 3000 euros": no value of this trip
+    if asks_a_change(tokens):   # "make it naples instead, rome is too crowded in summer": no dates
+        past |= _clauses_of_the_replaced(tokens, conversation)
     money = [span for span in money_spans(text, tokens) if span.start not in past]
     rates = {id(span): _rate_end(tokens, span.end) for span in money}   # "50 euros a night" is no total
     money_tokens = {index for span in money for index in range(span.start, rates[id(span)] or span.end)}
@@ -4315,8 +4355,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
                 if labels and token.shape == "number" and parse_number(token.folded) in labels]
     amount_known = any(input_kind(query) == "money" and query.name in conversation.values
                        for query in workflow.query_inputs.values())
-    corrected = _corrected_amounts(tokens, money + labelled, taken_tokens | past,   # "1800 €, ah non, mets plutôt 2500"
-                                   known=amount_known)
+    # "1800 €, ah non, mets plutôt 2500", "orçamento 3000, melhor 3500", "y súbelo a 700"
+    corrected = _corrected_amounts(tokens, money + labelled, taken_tokens | past, known=amount_known)
     money += corrected + [span for span in labelled if span.start not in money_tokens]
     money_tokens |= {span.start for span in corrected}
     taken_tokens |= money_tokens
@@ -4342,7 +4382,7 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
                     for name in [span.value] + alternatives_to(tokens, span.start, span.end - span.start):
                         reading.add(query.name, 1, name)   # "nach Norwegen oder Schweden": which one?
         if query.type == "choice" and not is_open:
-            _read_choice(workflow, tokens, query, reading, changing=True)   # "make it packed"
+            _read_choice(workflow, tokens, query, reading, changing=True, context=past)   # "make it packed"
         if not is_open:
             continue
         if kind == "money":
@@ -4363,7 +4403,7 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
             if len(found) == 1:
                 reading.add(query.name, 1, found[0])
         elif query.type == "choice":
-            _read_choice(workflow, tokens, query, reading)
+            _read_choice(workflow, tokens, query, reading, context=past)
         elif query.type == "boolean":
             _read_polarity(tokens, query, reading)
         elif query.type in NUMERIC_TYPES and query.synonyms:
@@ -4419,7 +4459,8 @@ def _words_taken(workflow: Workflow) -> frozenset:
     taken |= CURRENCIES | CONTRASTS | ALTERNATIVES | CANCELS | QUALIFIERS | NON_ANSWERS | CONFIRMATIONS | HEDGES
     taken |= CORRECTION_FILLERS | PREFERENCES | CHANGES | WISHES | STAYS | RATE_UNITS   # "150 Euro pro Person"
     for query in workflow.query_inputs.values():
-        taken |= set(_words(query.label + " " + " ".join(query.choices) + " " + " ".join(query.cues)))   # "temperatura em"
+        # A cue's words too: "qual a temperatura agora em miami" (cue "temperatura em") names no "temperatura".
+        taken |= set(_words(" ".join([query.label, *query.choices, *query.cues])))
         taken |= {word for synonym, _ in query.synonyms for word in _words(str(synonym))}
     return frozenset(taken)
 
@@ -4576,7 +4617,7 @@ def _lowercase_name_end(tokens: Sequence[Token], index: int, known: frozenset, v
         end += 2
     if end < len(tokens) and unknown(end):
         return index
-    if region and end + 1 < len(tokens) and tokens[end].text == ",":   # "zürich, schweiz", "bogotá, colombia en grados"
+    if region and end + 1 < len(tokens) and tokens[end].text == ",":   # "zürich, schweiz", "bogotá, colombia en"
         region_end = _lowercase_name_end(tokens, end + 1, known, valued, region=False)
         if region_end > end + 1 and _is_a_region(tokens, (index, end), (end + 1, region_end)):
             return region_end
@@ -4605,7 +4646,8 @@ def _sentence_of(tokens: Sequence[Token], index: int) -> int:
 def _context_tokens(tokens: Sequence[Token]) -> set:
     """The tokens of the parts of sentences whose values are context, not this trip's: the
     parts that tell of the past ("last year", "el año pasado", "letzten Sommer"; not "the
-    last week of May") and clauses of why ("por causa dos presentes de natal"). A contrast
+    last week of May"), clauses of why ("por causa dos presentes de natal") and of what others
+    said ("me dijeron que es más tranquilo"). A contrast
     ends the part ("my friend went to Paris last year, but I want Athens")."""
     context = set()
     for span in period_spans(tokens):
@@ -4619,11 +4661,28 @@ def _context_tokens(tokens: Sequence[Token]) -> set:
             end += 1
         context.update(range(first, end))
     for index, token in enumerate(tokens):
-        if token.folded in REASONS:
+        if token.folded in REASONS | HEARSAY:
             end = index + 1
             while end < len(tokens) and not _is_break(tokens, end):
                 end += 1
             context.update(range(index, end))
+    return context
+
+
+def _clauses_of_the_replaced(tokens: Sequence[Token], conversation: Conversation) -> set:
+    """The tokens of the clauses that name a value known so far while the message changes
+    something: they tell why the old value goes ("Oktober geht bei der Arbeit nicht", "rome is
+    too crowded in summer"), so their values are context. A clause that itself changes or
+    rules out ("instead of Rome", "not Paris") is read as usual."""
+    context = set()
+    for value in conversation.values.values():
+        if not isinstance(value, str):
+            continue
+        for index in find_words(tokens, value):
+            first, last = _clause(tokens, index, index + 1)
+            if not any(token.folded in CHANGE_WORDS | CONTRASTS for token in tokens[first:last]) and not any(
+                    token.folded in NEGATING for token in tokens[first:index]):
+                context.update(range(first, last))
     return context
 
 
@@ -4666,7 +4725,7 @@ def _counts_a_time(tokens: Sequence[Token], span: Span) -> bool:
 
 
 def _read_choice(workflow: Workflow, tokens: Sequence[Token], query: QueryInput, reading: Reading,
-                 changing: bool = False) -> None:
+                 changing: bool = False, context: AbstractSet[int] = frozenset()) -> None:
     """Choices and their synonyms named anywhere, unless ruled out ("not relaxed") or also a
     choice of another input. With ``changing`` (a choice made before), a synonym changes it
     only when the message asks for a change ("make it busy"), names the input ("a busy
@@ -4676,8 +4735,9 @@ def _read_choice(workflow: Workflow, tokens: Sequence[Token], query: QueryInput,
         if not (keys[0] in where or keys[1] in where):   # not in the message: find_words would find nothing
             continue
         for index in find_words(tokens, phrase):
-            if changing and phrase not in query.choices and not _choice_change_asked(tokens, query, index, phrase):
-                continue
+            if index in context or (changing and phrase not in query.choices
+                                    and not _choice_change_asked(tokens, query, index, phrase)):
+                continue   # "me dijeron que es más tranquilo" is what others said
             if is_negated(tokens, index) or (index > 0 and tokens[index - 1].folded in EXCESS):
                 reading.ruled_out.setdefault(query.name, []).append(choice)
             else:

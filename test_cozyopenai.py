@@ -2530,6 +2530,20 @@ def test_a_period_keeps_its_approximation_and_ends_at_an_emoji_and_a_travel_comp
     assert cozyopenai.extract_offline(trip_planner, new_conversation(), text).values == expected
 
 
+@pytest.mark.parametrize("known, text, expected", [
+    ({"destination": "rome"}, "actually make it naples instead, rome is too crowded in summer", {"destination": "naples"}),
+    ({"destination": "Rome"}, "Actually make it Florence instead, Rome is way too crowded then.",
+     {"destination": "Florence"}),
+    ({"travel_dates": "Oktober"}, "ach nee, lieber im März, Oktober geht bei der Arbeit nicht", {"travel_dates": "März"}),
+    ({"travel_dates": "novembre"}, "anzi no, a dicembre, per i mercatini di Natale", {"travel_dates": "dicembre"}),
+    ({"destination": "Cancún"}, "mejor a Tulum, me dijeron que es más tranquilo", {"destination": "Tulum"}),
+])
+def test_what_is_said_of_the_value_replaced_or_by_others_gives_no_value(trip_planner, known, text, expected):
+    conversation = new_conversation()
+    conversation.values.update(known)
+    assert cozyopenai.extract_offline(trip_planner, conversation, text).values == expected
+
+
 def test_a_reply_listing_two_periods_names_no_place(trip_planner):
     conversation = new_conversation(asked=["destination"])
     conversation.values["budget"] = 1500
