@@ -2478,6 +2478,7 @@ class Language:
     holiday_words: str = ""             # make a holiday of the time word next to them: "spring break"
     uncertain_times: str = ""           # also ordinary words: a time only capitalised, beside a number
     time_units: str = ""                # "a week", "10 days"
+    month_compounds: str = ""           # units written glued after a month: "Maiwoche", "Juliwochenende"
     numbers: str = ""                   # number words: "a week", "two nights", "a couple of days"
     qualifiers: str = ""                # "early May", "next week", "el mes que viene"
     relatives: str = ""                 # between a unit and its qualifier: "el mes que viene"
@@ -2686,6 +2687,7 @@ GERMAN = Language(
     seasons="fruhling fruehling sommer herbst winter ostern weihnachten pfingsten silvester fruhjahr heute "
             "morgen wochenende",
     season_nouns="saison",
+    month_compounds="woche wochen wochenende",
     holiday_words="ferien urlaub",
     uncertain_times="morgen",
     time_units="tag tage tagen nacht nachte woche wochen monat monate jahr jahre",
@@ -2935,7 +2937,8 @@ TEXT_KINDS = ("email", "url", "date", "place")     # kinds of the string type
 NUMBER_KINDS = ("money", "year", "month")         # kinds of the number types
 CLAUSE_MARKS = frozenset(",;.!?:()[]—|\n")
 TOKEN_PATTERN = re.compile(
-    r"(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4}|\d{1,2}/\d{1,2}(?![\d/]))"
+    r"(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4}|\d{1,2}/\d{1,2}(?![\d/])"
+    r"|(?:0?[1-9]|[12]\d|3[01])\.(?:0?[1-9]|1[0-2])\.(?![\d.]))"   # "vom 28.12. bis 2.1."
     r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]|\s*[–-]\s*\d))|(?P<number>\d+(?:[.,]\d+)*)"
     r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\S)")
 # A short capitalised abbreviation with its dot ("St. Louis", "Mt. Fuji") does not end a phrase.
@@ -3074,9 +3077,13 @@ MONTHS = MappingProxyType({word: month for language in LANGUAGES.values()
                            for month, words in enumerate(language.months, 1) for word in words.split()})
 # A season and a holiday word written as one word name a time too ("Herbstferien", "Osterferien",
 # "Weihnachtsurlaub"): made from each language's own two lists, with the joins compounds take.
-COMPOUND_TIMES = frozenset(stem + join + holiday for language in LANGUAGES.values()
-                           for season in language.seasons.split() for holiday in language.holiday_words.split()
-                           for stem in (season, season[:-1]) for join in ("", "s"))
+# So do a month and a unit of time its language glues to it ("Maiwoche", "Juliwochenende").
+COMPOUND_TIMES = frozenset(
+    [stem + join + holiday for language in LANGUAGES.values()
+     for season in language.seasons.split() for holiday in language.holiday_words.split()
+     for stem in {season, season[:-1], season[:-2]} for join in ("", "s")]   # "Osterferien", "Pfingstferien"
+    + [month + unit for language in LANGUAGES.values() for names in language.months for month in names.split()
+       for unit in language.month_compounds.split()])
 SEASONS = words_of("seasons")
 TIME_NAMES = words_of("weekdays") | SEASONS | MONTHS.keys() | COMPOUND_TIMES
 TIME_PHRASES, APPROXIMATIONS = phrases_of("time_phrases"), phrases_of("approximations")
@@ -3168,6 +3175,7 @@ TIME_NAME_PARTS = TIME_NAMES | QUALIFIERS
 SMALL_IN_A_CORRECTION = CORRECTION_FILLERS | PLACE_LEADS | ARTICLES | PREFERENCES
 CHANGE_WORDS = CHANGES | PREFERENCES | CORRECTION_FILLERS
 CORRECTION_LEAD_WORDS = 3   # a correction's word stands this close before the value it gives: "mets plutôt 2500"
+LISTED_AMOUNT_MIN = 100     # a bare number listed among values is an amount from this on ("Prague, 1200, ...")
 LEADS_BEFORE_AN_OPTION = LEADS_OR_LINKS - ALTERNATIVES
 CANCEL_PATTERN = _phrase_pattern("cancel_phrases", whole=True)
 RERUN_PATTERN = _phrase_pattern("rerun_phrases", whole=False)
@@ -4386,7 +4394,9 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
         if not is_open:
             continue
         if kind == "money":
-            for span in _take_corrected(reading, query.name, tokens, money):
+            asked = conversation.asked == [query.name]
+            for span in _take_corrected(reading, query.name, tokens, money) or _listed_amount(tokens, taken_tokens,
+                                                                                               asked):
                 reading.add(query.name, 1, span.value)
         elif kind == "date":
             _read_period(tokens, text, periods, query, reading)
@@ -4413,6 +4423,19 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
                                                                    [s for s in named if not s.negated])}:
                 reading.add(query.name, 1, value)
     _read_bounded_number(workflow, conversation, tokens, taken_tokens, reading)
+
+
+def _listed_amount(tokens: Sequence[Token], taken: set, asked: bool) -> List[Span]:
+    """A bare number that is an item of its own in a message listing values ("Prague, 1200,
+    12/07-19/07", "nach Südtirol, in den Pfingstferien, 3000"), or in the reply to the amount's
+    question ("1500, last two weeks of june"), is the amount, when it is the only one. In a list
+    it must be LISTED_AMOUNT_MIN or more: smaller bare numbers are counts as often as amounts."""
+    found = [Span("money", index, index + 1, parse_number(token.folded)) for index, token in enumerate(tokens)
+             if token.shape == "number" and index not in taken and (index == 0 or _is_break(tokens, index - 1))
+             and (index + 1 == len(tokens) or _is_break(tokens, index + 1))]
+    if len(found) != 1 or not (asked or found[0].value >= LISTED_AMOUNT_MIN):
+        return []
+    return found
 
 
 def _synonym_spans(tokens: Sequence[Token], query: QueryInput) -> List[Span]:
@@ -4920,7 +4943,8 @@ def is_stated_in(query: QueryInput, value: Any, raw: Any, text: str, asked: bool
                        for word, number in synonyms_read(query)[len(query.synonyms):]))
     if query.type == "boolean":   # the message names what the input is about, or answers its question
         yes_no = YES_OR_NO
-        named = {word for synonym, _ in query.synonyms for word in _words(synonym)}
+        named = {words[0] for synonym, _ in query.synonyms for words in [_words(synonym)] if len(words) == 1}
+        # a phrase ("só adultos") counts whole, in _synonyms_named: its "so" alone says nothing
         return (bool(message_words & (_topic_words(query) | named)) or bool(_synonyms_named(query, text))
                 or (asked and bool(message_words & yes_no)))
     candidates = [str(value)]

@@ -1718,7 +1718,8 @@ def test_every_language_has_the_same_fields_and_each_reading_field_some_words():
     for language in cozyopenai.LANGUAGES.values():
         assert {spec.name for spec in dataclasses.fields(language)} == fields
         assert len(language.months) == 12 and language.negations and language.place_leads, language.code
-    assert all(getattr(cozyopenai.ENGLISH, name) for name in fields - {"code", "relatives", "greetings"})
+    english_leaves_empty = {"code", "relatives", "greetings", "month_compounds"}
+    assert all(getattr(cozyopenai.ENGLISH, name) for name in fields - english_leaves_empty)
 
 
 def test_a_new_language_is_one_table_the_module_checks():
@@ -2542,6 +2543,29 @@ def test_what_is_said_of_the_value_replaced_or_by_others_gives_no_value(trip_pla
     conversation = new_conversation()
     conversation.values.update(known)
     assert cozyopenai.extract_offline(trip_planner, conversation, text).values == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Prague, 1200, 12/07-19/07", {"destination": "Prague", "budget": 1200, "travel_dates": "12/07-19/07"}),
+    ("Wir fahren mit unseren zwei Kleinen (3 und 6) nach Südtirol, in den Pfingstferien, 3000",
+     {"destination": "Südtirol", "budget": 3000, "travel_dates": "den Pfingstferien"}),
+    ("Rome, 5, June", {"destination": "Rome", "travel_dates": "June"}),
+    ("vom 28.12. bis 2.1., Budget 1000", {"travel_dates": "28.12. bis 2.1.", "budget": 1000}),
+    ("2000 €, zweite Juliwoche", {"budget": 2000, "travel_dates": "zweite Juliwoche"}),
+    ("1300 €, et on emmène mon fils de 7 ans", {"budget": 1300, "children": True}),
+    ("uma semana em outubro, 1000 euros, só adultos",
+     {"budget": 1000, "travel_dates": "uma semana em outubro", "children": False}),
+])
+def test_a_listed_bare_amount_dotted_dates_month_compounds_and_words_for_children_are_read(trip_planner, text,
+                                                                                          expected):
+    assert cozyopenai.extract_offline(trip_planner, new_conversation(), text).values == expected
+
+
+def test_the_reply_to_the_budget_question_takes_its_bare_number_beside_the_dates(trip_planner):
+    conversation = new_conversation(asked=["budget"])
+    conversation.values["destination"] = "naples"
+    assert cozyopenai.extract_offline(trip_planner, conversation, "1500, last two weeks of june").values == {
+        "budget": 1500, "travel_dates": "last two weeks of june"}
 
 
 def test_a_reply_listing_two_periods_names_no_place(trip_planner):
