@@ -2504,6 +2504,7 @@ class Language:
     changes: str = ""                   # a choice after them changes a value given before: "make it packed"
     alternatives: str = ""              # offer values side by side: "Sydney or Melbourne"
     hedges: str = ""                    # leave the clause's value open: "somewhere in Italy, maybe"
+    conclusions: str = ""               # open a clause of what is decided: "so we're heading to X", "así que Berlín"
     name_joiners: str = ""              # inside a name: "Rio de Janeiro", "Frankfurt am Main"
     name_starts: str = ""               # start a place's name, written in lower case too: "new york", "san jose"
     confirmations: str = ""             # a clause of a name and these only names a value: "Florence it is"
@@ -2525,6 +2526,7 @@ class Language:
     ordinals: str = ""                  # ordinal words as "word:value", up to twelfth: "third:3" ("the third month")
     currency_words: str = ""
     rate_words: str = ""                # an amount before these and a unit is a rate: "50 euros a night"
+    limits: str = ""                    # beside a bare number, make it the most to spend: "1000 max", "max. 800"
     rate_units: str = ""                # besides time units: "per person"
     kind_words: Mapping[str, str] = field(default_factory=dict)   # the kind of an input, from its words
 
@@ -2560,7 +2562,7 @@ ENGLISH = Language(
     period_leads="in on at for from during over",
     articles="the",
     place_leads="to in into for visit visiting see explore discover",
-    motions="go goes going travel travelling traveling fly flying trip head heading getaway holiday vacation",
+    motions="go goes going travel travelling traveling fly flying trip head heading getaway holiday vacation honeymoon",
     stays="im am live lives living based stay staying",
     corrections="sorry pardon wait actually oops ah oh meant",
     hearsay="heard told said says",
@@ -2571,6 +2573,7 @@ ENGLISH = Language(
     contrasts="but rather instead",
     preferences="rather instead prefer finally",
     alternatives="or",
+    conclusions="so, so yeah, therefore",
     hedges="maybe perhaps possibly somewhere probably",
     name_joiners="upon on", name_starts="new san santa saint st port fort mount lake",
     confirmations="it is its please then this time now decided ok okay",
@@ -2599,6 +2602,7 @@ ENGLISH = Language(
               "thirteen:13 fourteen:14 fifteen:15 sixteen:16 seventeen:17 eighteen:18 nineteen:19 twenty:20 "
               "thirty:30 forty:40 fifty:50 sixty:60 seventy:70 eighty:80 ninety:90 hundred:100 thousand:1000 "
               "grand:1000",
+    limits="max maximum tops",
     rate_words="a an per each every",
     rate_units="person persons people head pax",
     kind_words={"email": "email e-mail", "url": "url urls link website webpage",
@@ -2645,6 +2649,7 @@ FRENCH = Language(
     contrasts="mais plutot",
     preferences="plutot prefere prefererais finalement",
     alternatives="ou",
+    conclusions="donc, donc voila, alors",
     hedges="peut-etre peutetre",
     name_joiners="de la le sur en", name_starts="saint sainte",
     confirmations="cest alors svp decide cette fois sera ce",
@@ -2664,6 +2669,7 @@ FRENCH = Language(
               "douze:12 treize:13 quatorze:14 quinze:15 seize:16 vingt:20 vingts:20 trente:30 quarante:40 "
               "cinquante:50 soixante:60 septante:70 huitante:80 octante:80 nonante:90 quatre-vingt:80 "
               "quatre-vingts:80 cent:100 cents:100 mille:1000",
+    limits="max maximum",
     rate_words="par la le",
     rate_units="personne personnes",
     kind_words={"year": "annee", "month": "mois", "place": "destination ville lieu pays", "date": "quand dates periode",
@@ -2709,6 +2715,7 @@ GERMAN = Language(
     contrasts="aber sondern lieber",
     preferences="lieber bevorzuge",
     alternatives="oder",
+    conclusions="also, deshalb, daher",
     hedges="vielleicht eventuell irgendwo",
     name_joiners="am an", name_starts="sankt bad",
     confirmations="bitte dann entschieden diesmal",
@@ -2728,6 +2735,7 @@ GERMAN = Language(
               "zehn:10 elf:11 zwolf:12 zwoelf:12 dreizehn:13 vierzehn:14 funfzehn:15 sechzehn:16 siebzehn:17 "
               "achtzehn:18 neunzehn:19 zwanzig:20 dreissig:30 vierzig:40 funfzig:50 sechzig:60 siebzig:70 "
               "achtzig:80 neunzig:90 hundert:100 tausend:1000",
+    limits="max maximal hochstens",
     rate_words="pro je",
     rate_units="person personen",
     kind_words={"year": "jahr", "month": "monat", "place": "wohin ziel reiseziel stadt ort",
@@ -2771,6 +2779,7 @@ SPANISH = Language(
     contrasts="pero sino mejor",
     preferences="mejor prefiero finalmente",
     alternatives="o u",
+    conclusions="asi que, entonces, pues",
     hedges="quizas quiza tal",
     name_joiners="de del la y", name_starts="san santa santo los las ciudad puerto",
     confirmations="porfa decidido entonces sera",
@@ -2792,6 +2801,7 @@ SPANISH = Language(
               "ochenta:80 noventa:90 cien:100 ciento:100 doscientos:200 doscientas:200 trescientos:300 "
               "cuatrocientos:400 quinientos:500 seiscientos:600 setecientos:700 ochocientos:800 "
               "novecientos:900 mil:1000",
+    limits="max maximo",
     rate_words="por la el",
     rate_units="persona personas",
     kind_words={"year": "ano", "month": "mes", "place": "destino ciudad lugar", "date": "cuando fechas fecha",
@@ -2835,6 +2845,7 @@ ITALIAN = Language(
     contrasts="ma piuttosto invece",
     preferences="meglio piuttosto invece preferisco finalmente",
     alternatives="o oppure",
+    conclusions="quindi, allora, dunque",
     hedges="forse magari",
     name_joiners="di da", name_starts="san santa santo",
     confirmations="allora grazie deciso sara",
@@ -2855,6 +2866,7 @@ ITALIAN = Language(
               "diciannove:19 venti:20 vent:20 trenta:30 trent:30 quaranta:40 quarant:40 cinquanta:50 "
               "cinquant:50 sessanta:60 sessant:60 settanta:70 settant:70 ottanta:80 ottant:80 novanta:90 "
               "novant:90 cento:100 mille:1000 mila:1000",
+    limits="max massimo",
     rate_words="a al per",
     rate_units="persona persone",
     kind_words={"year": "anno", "month": "mese", "place": "destinazione meta citta luogo",
@@ -2898,6 +2910,7 @@ PORTUGUESE = Language(
     contrasts="mas prefiro antes",
     preferences="prefiro antes melhor finalmente",
     alternatives="ou",
+    conclusions="entao, portanto, por isso",
     hedges="talvez quica",
     name_joiners="de do da dos das", name_starts="sao santa santo nova novo",
     confirmations="entao decidido vai ser",
@@ -2918,6 +2931,7 @@ PORTUGUESE = Language(
               "cinquenta:50 sessenta:60 setenta:70 oitenta:80 noventa:90 cem:100 cento:100 duzentos:200 "
               "duzentas:200 trezentos:300 quatrocentos:400 quinhentos:500 seiscentos:600 setecentos:700 "
               "oitocentos:800 novecentos:900 mil:1000",
+    limits="max maximo",
     rate_words="por a o",
     rate_units="pessoa pessoas",
     kind_words={"year": "ano", "month": "mes", "place": "destino cidade lugar", "date": "quando datas",
@@ -3017,7 +3031,7 @@ def _words(text: str) -> List[str]:
 # The language tables as the reader uses them: each field's words over every language. An
 # entry a message can never match (not folded, an apostrophe, two words where one is read)
 # stops the module from loading, naming the language, the field and the entry.
-PHRASE_FIELDS = ("time_phrases", "cancel_phrases", "rerun_phrases", "approximations")
+PHRASE_FIELDS = ("time_phrases", "cancel_phrases", "rerun_phrases", "approximations", "conclusions")
 WORD_PATTERN = re.compile(r"[^\W_]+(?:-[^\W_]+)*\Z")
 
 
@@ -3087,6 +3101,7 @@ COMPOUND_TIMES = frozenset(
 SEASONS = words_of("seasons")
 TIME_NAMES = words_of("weekdays") | SEASONS | MONTHS.keys() | COMPOUND_TIMES
 TIME_PHRASES, APPROXIMATIONS = phrases_of("time_phrases"), phrases_of("approximations")
+CONCLUSIONS = phrases_of("conclusions")
 TIME_PHRASES_BY_FIRST_WORD: Mapping[str, Tuple[Tuple[str, ...], ...]] = MappingProxyType({
     first: tuple(phrase for phrase in TIME_PHRASES if phrase[0] == first) for first in {p[0] for p in TIME_PHRASES}})
 UNCERTAIN_TIMES, SEASON_NOUNS, HOLIDAYS = words_of("uncertain_times"), words_of("season_nouns"), words_of("holiday_words")
@@ -3112,6 +3127,7 @@ NUMBER_PATTERN = re.compile(r"(?<![\w.,])[-+]?(\d{1,3}(?:[,.'’\u00a0\u202f]\d{
                             r"(\s*" + _THOUSAND + r"|\s*[mM]\b(?!\w))?", re.I)
 CURRENCIES = words_of("currency_words") | frozenset(CURRENCY_CODES.split())
 RATE_WORDS, RATE_UNITS = words_of("rate_words"), words_of("rate_units") | TIME_UNITS
+LIMITS = words_of("limits")
 
 
 def valued_words(field_name: str) -> Mapping[str, int]:
@@ -3837,7 +3853,8 @@ def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alon
             spans[-1] = dataclasses.replace(spans[-1], negated=True)
         replaces = bool(spans) and spans[-1].negated and (corrects or _follows_closely(tokens, spans[-1].end, index))
         chosen = end < len(tokens) and tokens[end].folded in PREFERENCES   # "let's do Florence instead"
-        if negated or replaces or chosen or _led_by(tokens, index, leads, end) or (alone and _stands_alone(tokens, index, end, listing)):
+        if negated or replaces or chosen or _led_by(tokens, index, leads, end) or (
+                alone and (_stands_alone(tokens, index, end, listing) or _after_a_conclusion(tokens, index))):
             retracted = _retracted(tokens, end)   # "to Rome, actually no, ..."
             spans.append(Span("name", index, end, value, (negated and not replaces) or retracted))
     regions = {span.value.partition(",")[0] for span in spans if "," in span.value}
@@ -3863,7 +3880,7 @@ def _stands_alone(tokens: Sequence[Token], index: int, end: int, listing: bool =
     Not a sentence of its own that ends otherwise ("Honeymoon!! Santorini, 4.5k")."""
     first, last = _clause(tokens, index, end)
     rest = [token for token in tokens[first:index] + tokens[end:last] if token.shape != "mark"]
-    ends_an_item = last == len(tokens) or tokens[last].text in ",;" or (listing and tokens[last].text == ".")
+    ends_an_item = last == len(tokens) or tokens[last].text in ",;" or (listing and tokens[last].text in ".!")
     if not rest and (ends_an_item or (first > 0 and tokens[first - 1].text == ":")):
         return True   # "Rome, 1500 euros", "Quick one: Berlin, ...", "la montagne : Chamonix."
     sentence_start = first == 0 or tokens[first - 1].text in ".!?\n"
@@ -3876,7 +3893,8 @@ def _is_hedged(tokens: Sequence[Token], index: int, end: int) -> bool:
     """Does the clause of tokens [index, end) leave its value open ("somewhere in Italy",
     "vielleicht Wien"), or does the next clause only hedge it ("Italy, maybe?")?"""
     first, last = _clause(tokens, index, end)
-    if any(token.folded in HEDGES for token in tokens[first:last]):
+    first = max([first] + [start + size for start, size in _conclusions_in(tokens, first, index)])
+    if any(token.folded in HEDGES for token in tokens[first:last]):   # "somewhere quieter, so we're heading to X"
         return True
     following = []
     for position in range(last + 1, len(tokens)):
@@ -3884,6 +3902,27 @@ def _is_hedged(tokens: Sequence[Token], index: int, end: int) -> bool:
             break
         following.append(tokens[position])
     return bool(following) and all(token.folded in HEDGES for token in following)
+
+
+def _conclusions_in(tokens: Sequence[Token], first: int, end: int) -> List[Tuple[int, int]]:
+    """(start, length) of each phrase of conclusion in tokens [first, end): what follows one
+    is decided, whatever came before it in the clause."""
+    found = []
+    for start in range(first, end):
+        for phrase in CONCLUSIONS:
+            if tuple(token.folded for token in tokens[start:start + len(phrase)]) == phrase:
+                found.append((start, len(phrase)))
+                break
+    return found
+
+
+def _after_a_conclusion(tokens: Sequence[Token], index: int) -> bool:
+    """Does a phrase of conclusion end right before the name at ``index``, marks aside: "así
+    que Berlín", "donc voilà, Rome !"?"""
+    before = index
+    while before > 0 and tokens[before - 1].shape == "mark":
+        before -= 1
+    return any(start + size == before for start, size in _conclusions_in(tokens, max(0, before - 3), before))
 
 
 def _qualified(tokens: Sequence[Token], runs: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
@@ -3915,8 +3954,11 @@ def _is_a_region(tokens: Sequence[Token], head: Tuple[int, int], qualifier: Tupl
     """Is ``qualifier``, after the comma that follows ``head``, its region rather than the next
     name of a list: neither of them beside another comma or a word that lists ("or", "and")?"""
     before = tokens[head[0] - 1].folded if head[0] > 0 else ""
-    after = tokens[qualifier[1]].folded if qualifier[1] < len(tokens) else ""
-    return before not in ALTERNATIVES | AND_WORDS and after not in {","} | ALTERNATIVES | AND_WORDS
+    after = tokens[qualifier[1]].text if qualifier[1] < len(tokens) else ""
+    letters = [len(token.folded) for token in tokens[qualifier[0]:qualifier[1]]]
+    if min(letters) < 2 or (after and after[0] in CURRENCY_SIGNS):
+        return False   # "Viagem ao Rio, R$3 mil": a currency, not a region
+    return before not in ALTERNATIVES | AND_WORDS and _fold(after) not in {","} | ALTERNATIVES | AND_WORDS
 
 
 def _retracted(tokens: Sequence[Token], end: int) -> bool:
@@ -4395,8 +4437,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
             continue
         if kind == "money":
             asked = conversation.asked == [query.name]
-            for span in _take_corrected(reading, query.name, tokens, money) or _listed_amount(tokens, taken_tokens,
-                                                                                               asked):
+            for span in (_take_corrected(reading, query.name, tokens, money) or _limited_amount(tokens, taken_tokens)
+                         or _listed_amount(tokens, taken_tokens, asked)):
                 reading.add(query.name, 1, span.value)
         elif kind == "date":
             _read_period(tokens, text, periods, query, reading)
@@ -4423,6 +4465,20 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
                                                                    [s for s in named if not s.negated])}:
                 reading.add(query.name, 1, value)
     _read_bounded_number(workflow, conversation, tokens, taken_tokens, reading)
+
+
+def _limited_amount(tokens: Sequence[Token], taken: set) -> List[Span]:
+    """A bare number with a word that makes it the most to spend: "1000 max", "max. 800"."""
+    found = []
+    for index, token in enumerate(tokens):
+        if token.shape != "number" or index in taken:
+            continue
+        after = index + 1 < len(tokens) and tokens[index + 1].folded in LIMITS
+        previous = index - 2 if index >= 2 and tokens[index - 1].text in ".:" else index - 1   # "max. 800"
+        before = previous >= 0 and tokens[previous].folded in LIMITS
+        if after or before:
+            found.append(Span("money", index, index + 1, parse_number(token.folded)))
+    return found if len(found) == 1 else []
 
 
 def _listed_amount(tokens: Sequence[Token], taken: set, asked: bool) -> List[Span]:
@@ -4480,7 +4536,8 @@ def words_taken(workflow: Workflow) -> frozenset:
 def _words_taken(workflow: Workflow) -> frozenset:
     taken = set(SENTENCE_STARTS | YES_OR_NO | COUNT_WORDS | NEGATIONS)
     taken |= CURRENCIES | CONTRASTS | ALTERNATIVES | CANCELS | QUALIFIERS | NON_ANSWERS | CONFIRMATIONS | HEDGES
-    taken |= CORRECTION_FILLERS | PREFERENCES | CHANGES | WISHES | STAYS | RATE_UNITS   # "150 Euro pro Person"
+    taken |= CORRECTION_FILLERS | PREFERENCES | CHANGES | WISHES | STAYS | MOTIONS   # "Honeymoon!! Santorini"
+    taken |= RATE_UNITS   # "150 Euro pro Person"
     for query in workflow.query_inputs.values():
         # A cue's words too: "qual a temperatura agora em miami" (cue "temperatura em") names no "temperatura".
         taken |= set(_words(" ".join([query.label, *query.choices, *query.cues])))
@@ -4673,20 +4730,28 @@ def _context_tokens(tokens: Sequence[Token]) -> set:
     said ("me dijeron que es más tranquilo"). A contrast
     ends the part ("my friend went to Paris last year, but I want Athens")."""
     context = set()
-    for span in period_spans(tokens):
-        if not _tells_of_the_past(tokens, span):
+    periods = period_spans(tokens)
+    now = {span.start for span in periods if not _tells_of_the_past(tokens, span)}   # "este año queremos ..."
+
+    def ends_the_part(index: int) -> bool:
+        token = tokens[index]
+        return (token.text in ".!?\n" or token.folded in CONTRASTS or index in now
+                or (token.shape == "mark" and unicodedata.category(token.text[0])[0] == "S"))   # an emoji
+    for span in periods:
+        if span.start in now:
             continue
         first = span.start
-        while first > 0 and tokens[first - 1].text not in ".!?\n" and tokens[first - 1].folded not in CONTRASTS:
+        while first > 0 and not ends_the_part(first - 1):
             first -= 1
         end = span.end
-        while end < len(tokens) and tokens[end].text not in ".!?\n" and tokens[end].folded not in CONTRASTS:
+        while end < len(tokens) and not ends_the_part(end):
             end += 1
         context.update(range(first, end))
+    decided = {start for start, _ in _conclusions_in(tokens, 0, len(tokens))}   # "... me dijo, así que Berlín"
     for index, token in enumerate(tokens):
         if token.folded in REASONS | HEARSAY:
             end = index + 1
-            while end < len(tokens) and not _is_break(tokens, end):
+            while end < len(tokens) and not _is_break(tokens, end) and end not in decided:
                 end += 1
             context.update(range(index, end))
     return context

@@ -2568,6 +2568,22 @@ def test_the_reply_to_the_budget_question_takes_its_bare_number_beside_the_dates
         "budget": 1500, "travel_dates": "last two weeks of june"}
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("This time my wife wants somewhere quieter so we're heading to Positano", {"destination": "Positano"}),
+    ("mi hermano me dijo así que Berlín", {"destination": "Berlín"}), ("donc voilà, Rome !", {"destination": "Rome"}),
+    ("so maybe Rome", {}),
+    ("New York!! 5 nights over new year's eve", {"destination": "New York", "travel_dates": "5 nights over new year's eve"}),
+    ("need a getaway end of march, 4 nights, 1000 max", {"budget": 1000, "travel_dates": "end of march, 4 nights"}),
+    ("budget max. 800", {"budget": 800}),
+    ("el año pasado fui a londres 🙈 este año queremos ir a Dublín, 5 días en marzo",
+     {"destination": "Dublín", "travel_dates": "5 días en marzo"}),
+    ("l'anno scorso siamo stati in Grecia. Quest'anno vorremmo andare in Scozia", {"destination": "Scozia"}),
+])
+def test_a_conclusion_decides_an_emoji_or_this_year_ends_the_past_and_a_limit_makes_an_amount(trip_planner, text,
+                                                                                              expected):
+    assert cozyopenai.extract_offline(trip_planner, new_conversation(), text).values == expected
+
+
 def test_a_reply_listing_two_periods_names_no_place(trip_planner):
     conversation = new_conversation(asked=["destination"])
     conversation.values["budget"] = 1500
