@@ -2486,6 +2486,7 @@ class Language:
     reasons: str = ""                   # open a clause of why, whose values are context: "because of Christmas"
     hearsay: str = ""                   # open a clause of what others said, context too: "they told me it is calm"
     range_links: str = ""               # join the parts of a period: "from 10 to 17 October", "del 3 al 10"
+    range_openers: str = ""             # open a range, kept with it: "from 10 to 17", "entre 4 e 11 de maio"
     range_words: str = ""               # between two numbers, a range or a choice: "1500 to 2000", "1500 or 2000"
     and_words: str = ""                 # between two numbers, the ends of a range: "between 1000 and 2000"
     period_leads: str = ""              # lead into a period, not part of it: "in April" is April
@@ -2507,6 +2508,7 @@ class Language:
     conclusions: str = ""               # open a clause of what is decided: "so we're heading to X", "así que Berlín"
     name_joiners: str = ""              # inside a name: "Rio de Janeiro", "Frankfurt am Main"
     name_starts: str = ""               # start a place's name, written in lower case too: "new york", "san jose"
+    name_ends: str = ""                 # end a capitalised name, though a word of their own: "Salt Lake City"
     confirmations: str = ""             # a clause of a name and these only names a value: "Florence it is"
     non_answers: str = ""               # talk about the chat, not a value: "Add Details", "no idea", "Great."
     cancels: str = ""                   # words of stopping, for the LLM's cancel intent
@@ -2552,12 +2554,13 @@ ENGLISH = Language(
     season_nouns="season",
     holiday_words="break breaks holiday holidays vacation eve",
     uncertain_times="may mar jan march sun sat wed fall",
-    time_units="day days night nights week weeks month months fortnight year years",
+    time_units="day days night nights week weeks wk wks month months fortnight year years",
     numbers="a an one two three four five six seven eight nine ten eleven twelve fourteen fifteen couple few "
             "several",
     qualifiers="early mid middle late end sometime beginning start first second third fourth last next this coming "
                "following long whole entire half now",
-    range_links="to until till through thru and from of in on at the for during over after before around",
+    range_openers="from between",
+    range_links="to until till through thru and from of in on at the for during over after before around between",
     range_words="to or", and_words="and",
     period_leads="in on at for from during over",
     articles="the",
@@ -2575,7 +2578,7 @@ ENGLISH = Language(
     alternatives="or",
     conclusions="so, so yeah, therefore",
     hedges="maybe perhaps possibly somewhere probably",
-    name_joiners="upon on", name_starts="new san santa saint st port fort mount lake",
+    name_joiners="upon on", name_starts="new san santa saint st port fort mount lake", name_ends="city town",
     confirmations="it is its please then this time now decided ok okay",
     non_answers="add details detail more less concise shorter longer tell me explain elaborate continue again "
                 "regenerate retry try hmm hm um uh er let think about it maybe not sure unsure know dunno idk no "
@@ -2635,7 +2638,8 @@ FRENCH = Language(
     qualifiers="debut mi milieu fin premier premiere premiers premieres deuxieme deuxiemes troisieme dernier "
                "derniere derniers dernieres prochain prochaine prochains prochaines ce cet cette ces vient",
     relatives="qui",
-    range_links="du des au aux jusqu jusquau et le la les l d de en dans pour pendant qui apres avant vers",
+    range_openers="du de entre",
+    range_links="du des au aux jusqu jusquau et le la les l d de en dans pour pendant qui apres avant vers entre",
     range_words="a ou", and_words="et",
     period_leads="du au aux jusqu de d en dans pour pendant",
     articles="la le les l",
@@ -2701,7 +2705,8 @@ GERMAN = Language(
     qualifiers="anfang mitte ende erste ersten zweite zweiten dritte letzte letzten letztes nachste nachsten nachstes "
                "nachster kommende kommenden diese diesen dieses lang lange langes langen verlangerte verlangertes "
                "verlangerten",
-    range_links="vom von bis zum zur und im am in der die das den des dem fur wahrend uber ubers um gegen vor",
+    range_openers="von vom zwischen ab",
+    range_links="vom von bis zum zur und im am in der die das den des dem fur wahrend uber ubers um gegen vor zwischen",
     range_words="bis oder", and_words="und",
     period_leads="vom von bis zum zur im am fur wahrend uber ubers",
     articles="der die das den",
@@ -2717,7 +2722,7 @@ GERMAN = Language(
     alternatives="oder",
     conclusions="also, deshalb, daher",
     hedges="vielleicht eventuell irgendwo",
-    name_joiners="am an", name_starts="sankt bad",
+    name_joiners="am an", name_starts="sankt bad", name_ends="stadt",
     confirmations="bitte dann entschieden diesmal",
     non_answers="mehr kurzer erklare weiter vielleicht weiss nicht keine ahnung super toll prima perfekt gut klasse",
     cancels="abbrechen vergiss vergessen stopp",
@@ -2765,7 +2770,8 @@ SPANISH = Language(
     qualifiers="principios mediados finales primera primer segunda segundo tercera ultima ultimo proximo "
                "proxima este esta largo larga viene primeras primeros ultimas ultimos",
     relatives="que",
-    range_links="al del que desde hasta y el los las a de en despues antes hacia",
+    range_openers="del de desde entre",
+    range_links="al del que desde hasta y el los las a de en despues antes hacia entre",
     range_words="a al y o", and_words="y",
     period_leads="del desde hasta a en de",
     articles="el los las la",
@@ -2831,7 +2837,8 @@ ITALIAN = Language(
     qualifiers="inizio meta fine prima primo seconda secondo terza prossimo prossima questo questa lungo "
                "lunga viene prime primi ultime ultimi",
     relatives="che",
-    range_links="al dal dai fino e il lo di del nel nella per durante a dopo verso",
+    range_openers="dal dai da tra fra",
+    range_links="al dal dai fino e il lo di del nel nella per durante a dopo verso tra fra",
     range_words="a o oppure", and_words="e",
     period_leads="a ad dal dai fino nel nella per durante di",
     articles="il lo la gli",
@@ -2896,7 +2903,8 @@ PORTUGUESE = Language(
     qualifiers="inicio meados fim final primeira primeiro segunda segundo terceira ultima ultimo proximo "
                "proxima este esta longo longa vem primeiras primeiros ultimas ultimos",
     relatives="que",
-    range_links="de do da dos das a ao ate e em no na depois antes",
+    range_openers="de do da entre desde",
+    range_links="de do da dos das a ao ate e em no na depois antes entre",
     range_words="a ate ou", and_words="e",
     period_leads="em no na de do da a ate",
     articles="o os as",
@@ -3109,6 +3117,7 @@ TIME_UNITS, COUNT_WORDS, QUALIFIERS = words_of("time_units"), words_of("numbers"
 RELATIVES, PAST, REASONS = words_of("relatives"), words_of("past"), words_of("reasons")
 HEARSAY = words_of("hearsay")
 TIME_LINKS, LEADING_LINKS, ARTICLES = words_of("range_links"), words_of("period_leads"), words_of("articles")
+RANGE_OPENERS = words_of("range_openers")
 RANGE_WORDS, AND_WORDS = words_of("range_words"), words_of("and_words")
 PLACE_LEADS, STAYS, CORRECTION_FILLERS = words_of("place_leads"), words_of("stays"), words_of("corrections")
 MOTIONS = words_of("motions")
@@ -3116,7 +3125,7 @@ NEGATIONS, CONTRASTS, PREFERENCES = words_of("negations"), words_of("contrasts")
 WISHES, CHANGES, EXCESS = words_of("wishes"), words_of("changes"), words_of("excess")
 EXCEPTS, EXCEPT_OPENERS = words_of("except_words"), words_of("except_openers")
 ALTERNATIVES, HEDGES, NAME_JOINERS = words_of("alternatives"), words_of("hedges"), words_of("name_joiners")
-NAME_STARTS = words_of("name_starts")
+NAME_STARTS, NAME_ENDS = words_of("name_starts"), words_of("name_ends")
 CONFIRMATIONS, NON_ANSWERS, CANCELS = words_of("confirmations"), words_of("non_answers"), words_of("cancels")
 SENTENCE_STARTS, PHRASE_STARTS = words_of("sentence_starts") | words_of("greetings"), words_of("phrase_starts")
 COPULAS, LABEL_LINKS, COMMON_WORDS = words_of("copulas"), words_of("label_links"), words_of("common_words")
@@ -3669,6 +3678,9 @@ def is_negated(tokens: Sequence[Token], index: int, reach: int = 4) -> bool:
         token = tokens[back]
         if _is_break(tokens, back) or (token.folded in CONTRASTS and not _is_except(tokens, back)):
             return False
+        if token.folded in NEGATIONS and back + 1 < index and (
+                tokens[back + 1].shape == "mark" or tokens[back + 1].folded in CORRECTION_FILLERS):
+            return False   # a "no" that stands alone takes back what came before: "no wait, i meant providence"
         if token.folded in NEGATIONS or _is_except(tokens, back):
             return index - back <= reach or wished
         wished = wished or token.folded in WISHES
@@ -3804,7 +3816,8 @@ def period_spans(tokens: Sequence[Token], cached: bool = True) -> List[Span]:
         while end < len(tokens) and roles[end] is not None:
             end += 1
         start, stop = index, end
-        while start < stop and roles[start] == "glue" and _leads_into_period(tokens, start):
+        while start < stop and roles[start] == "glue" and _leads_into_period(tokens, start) and not (
+                _opens_a_range(tokens, start, stop)):
             start += 1
         while stop > start and roles[stop - 1] == "glue" and (tokens[stop - 1].folded in LINKS_OR_COUNTS
                                                              or tokens[stop - 1].shape == "mark"):
@@ -3814,6 +3827,15 @@ def period_spans(tokens: Sequence[Token], cached: bool = True) -> List[Span]:
             spans.append(Span("date", start, stop, None, is_negated(tokens, start)))
         index = end
     return spans
+
+
+def _opens_a_range(tokens: Sequence[Token], index: int, stop: int) -> bool:
+    """Is the word at ``index`` the opening of a range closed later in the period ("from 10 to
+    17", "von Ende Juli bis Mitte August", "entre 4 e 11 de maio")? Then it stays: without it
+    "4 e 11 de maio" reads as two days."""
+    return (tokens[index].folded in RANGE_OPENERS and index + 1 < stop and tokens[index + 1].shape != "mark"
+            and any(token.folded in TIME_LINKS | AND_WORDS and token.folded not in ARTICLES
+                    for token in tokens[index + 2:stop]))
 
 
 def _approximation_after(tokens: Sequence[Token], index: int) -> int:
@@ -4013,7 +4035,8 @@ def _name_end(tokens: Sequence[Token], index: int, taken: frozenset) -> int:
         return index
     while end < len(tokens):
         token = tokens[end]
-        if token.capitalised and token.folded not in taken and not _is_time_word(token, tokens, end) and not (
+        city = end > index and token.capitalised and token.folded in NAME_ENDS   # "Salt Lake City", "Mexico City"
+        if city or token.capitalised and token.folded not in taken and not _is_time_word(token, tokens, end) and not (
                 token.folded.endswith(COMPOUND_LABEL_HEADS)   # "Gesamtbudget" labels an amount
                 or _is_a_travel_compound(token.folded)):
             end += 1
@@ -4268,6 +4291,8 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
         for name, raw in _direct_reply(workflow, conversation, text, reading.tokens).items():   # several values
             gives_others = bool(reading.candidates.keys() - {name})
             phrase = input_kind(workflow.query_inputs[name]) in ("place", "text") and len(str(raw).split()) > 1
+            if phrase and name in reading.candidates:
+                continue   # "weather in lyon", asked which city: the place read in it, not the whole reply
             if not gives_others or (name not in reading.candidates and not phrase):
                 reading.add(name, 2, raw)
     _choose(workflow, reading, extraction)
@@ -4655,20 +4680,31 @@ def _lowercase_places(tokens: Sequence[Token], taken: frozenset, valued: set, cu
     lisbon", "jveux aller a lyon", "will nach rio de janeiro!!!", "make it porto"; with
     ``any_lead`` (the place is all the workflow needs), after any place word: "weather in san
     francisco in fahrenheit". The place is right after a place word that follows a word of
-    motion, or after one of the input's cues (_lowercase_name_end)."""
+    motion, after one of the input's cues, or after a word of correction, which then wins
+    ("boston. no wait i meant providence"); its extent is _lowercase_name_end's."""
     if any(token.text[:1].isupper() for token in tokens):
         return []
     known = taken | ALL_WORDS
+    found = []
     for index in range(1, len(tokens)):
         lead = tokens[index - 1].folded in PLACE_LEADS
         loose = any_lead and tokens[index - 1].folded not in ARTICLES   # "qual a temperatura": "a" is "the" too
-        if not ((lead and (loose or (index >= 2 and tokens[index - 2].folded in MOTIONS)))
+        before = index - 1
+        while before > 0 and tokens[before].shape == "mark":
+            before -= 1
+        postposed = (tokens[before].folded in PREFERENCES and before + 1 < index and before > 0
+                     and tokens[before - 1].shape == "word")   # "naples instead, rome ...": naples's
+        right_after_a_correction = tokens[before].folded in CHANGE_WORDS and not postposed   # "no wait i meant X"
+        if not ((lead and (loose or (index >= 2 and tokens[index - 2].folded in MOTIONS))) or right_after_a_correction
                 or (index >= 2 and (tokens[index - 2].folded, tokens[index - 1].folded) in cue_pairs)):
             continue
+        corrects = right_after_a_correction or any(   # "trip to lisbon, actually make it porto"
+            token.folded in CHANGE_WORDS for token in tokens[max(0, index - CORRECTION_LEAD_WORDS):index])
         end = _lowercase_name_end(tokens, index, known, valued)
         if end > index:
-            return [Span("name", index, end, _span_text(tokens, index, end), is_negated(tokens, index))]
-    return []
+            found.append((corrects, Span("name", index, end, _span_text(tokens, index, end), is_negated(tokens, index))))
+    corrected = [span for corrects, span in found if corrects]
+    return corrected[-1:] or [span for _, span in found[:1]]   # the correction's place, or the first
 
 
 def _lowercase_name_end(tokens: Sequence[Token], index: int, known: frozenset, valued: set,
@@ -5040,6 +5076,10 @@ def _direct_reply(workflow: Workflow, conversation: Conversation, text: str, tok
     query = fitting[0]
     others = [other for other in workflow.query_inputs.values()
               if other.name != query.name and other.name not in conversation.values]
+    chosen = [other for other in workflow.query_inputs.values() if other.name != query.name
+              and other.type == "choice" and any(_words(choice) == _words(text) for choice in other.choices)]
+    if len(chosen) == 1:   # "celsius", asked which city: the unit, whatever was asked
+        return {chosen[0].name: _reply_value(chosen[0], text)}
     if not _fits(query, text, tokens):   # a bare value of another kind: "2000" when asked where to go
         instead = [other for other in others if not other.optional and _fits(other, text, tokens)]
         if len(instead) == 1 and input_kind(instead[0]) not in ("place", "text") and _is_bare(tokens):

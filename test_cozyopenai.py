@@ -1903,11 +1903,12 @@ def test_a_range_or_a_number_without_a_currency_is_no_money_span(text):
 
 
 @pytest.mark.parametrize("text, period", [
-    ("from 10 to 17 October", "10 to 17 October"), ("a week in mid-October", "a week in mid-October"),
-    ("Let's go in April", "April"), ("im Juli", "Juli"), ("del 3 al 10 de junio", "3 al 10 de junio"),
+    ("from 10 to 17 October", "from 10 to 17 October"), ("a week in mid-October", "a week in mid-October"),
+    ("Let's go in April", "April"), ("im Juli", "Juli"), ("del 3 al 10 de junio", "del 3 al 10 de junio"),
     ("2026-05-01 to 2026-05-08", "2026-05-01 to 2026-05-08"), ("10-17 October", "10-17 October"),
 ])
-def test_a_period_is_one_date_span_in_the_users_words_without_the_word_leading_into_it(text, period):
+def test_a_period_is_one_date_span_in_the_users_words_without_the_word_leading_into_it_but_a_ranges_opener(
+        text, period):
     tokens = cozyopenai.tokenize(text)
     (span,) = cozyopenai.period_spans(tokens)
     assert span.holds == "date" and not span.negated
@@ -1954,7 +1955,7 @@ def test_a_word_is_negated_by_a_negation_before_it_in_its_clause_until_a_contras
 def test_the_floor_reads_an_amount_a_period_and_a_place_from_plain_sentences(trip_planner):
     extraction, reading = cozyopenai.read_floor(trip_planner, new_conversation(),
                                                 "My budget is 1 500 €, from 10 to 17 October")
-    assert extraction.values == {"budget": 1500, "travel_dates": "10 to 17 October"} and extraction.rejected == {}
+    assert extraction.values == {"budget": 1500, "travel_dates": "from 10 to 17 October"} and extraction.rejected == {}
     assert [token.text for token in reading.tokens][:3] == ["My", "budget", "is"]
     assert cozyopenai.extract_offline(trip_planner, new_conversation(), "Trip to Oslo with the children, 2k euros"
                                       ).values == {"destination": "Oslo", "budget": 2000, "children": True}
@@ -2211,7 +2212,7 @@ def test_a_place_proposed_with_dates_in_it_is_not_taken(start, fake_llm):
     message = "Vamos a Oporto del 1 al 4 de junio."
     fake_llm.extractions = {message: {"destination": "Oporto del 1 al 4 de junio"}}   # as gemma3-270m answered
     reply = Chat(start(llm=fake_llm.settings())).say(message)
-    assert "Understood destination: Oporto." in reply and "Understood travel dates: 1 al 4 de junio." in reply
+    assert "Understood destination: Oporto." in reply and "Understood travel dates: del 1 al 4 de junio." in reply
     assert "Ignored destination = 'Oporto del 1 al 4 de junio': that is not a place for the destination." in reply
 
 
@@ -2550,7 +2551,7 @@ def test_what_is_said_of_the_value_replaced_or_by_others_gives_no_value(trip_pla
     ("Wir fahren mit unseren zwei Kleinen (3 und 6) nach Südtirol, in den Pfingstferien, 3000",
      {"destination": "Südtirol", "budget": 3000, "travel_dates": "den Pfingstferien"}),
     ("Rome, 5, June", {"destination": "Rome", "travel_dates": "June"}),
-    ("vom 28.12. bis 2.1., Budget 1000", {"travel_dates": "28.12. bis 2.1.", "budget": 1000}),
+    ("vom 28.12. bis 2.1., Budget 1000", {"travel_dates": "vom 28.12. bis 2.1.", "budget": 1000}),
     ("2000 €, zweite Juliwoche", {"budget": 2000, "travel_dates": "zweite Juliwoche"}),
     ("1300 €, et on emmène mon fils de 7 ans", {"budget": 1300, "children": True}),
     ("uma semana em outubro, 1000 euros, só adultos",
@@ -2582,6 +2583,25 @@ def test_the_reply_to_the_budget_question_takes_its_bare_number_beside_the_dates
 def test_a_conclusion_decides_an_emoji_or_this_year_ends_the_past_and_a_limit_makes_an_amount(trip_planner, text,
                                                                                               expected):
     assert cozyopenai.extract_offline(trip_planner, new_conversation(), text).values == expected
+
+
+@pytest.mark.parametrize("model, asked, text, expected", [
+    ("trip-planner", [], "von Ende Juli bis Mitte August", {"travel_dates": "von Ende Juli bis Mitte August"}),
+    ("trip-planner", [], "visitar a Madeira entre 4 e 11 de maio", {"destination": "Madeira",
+                                                                   "travel_dates": "entre 4 e 11 de maio"}),
+    ("trip-planner", [], "last wk of april", {"travel_dates": "last wk of april"}),
+    ("trip-planner", [], "in April", {"travel_dates": "April"}),
+    ("trip-planner", [], "trip to lisbon, actually make it porto", {"destination": "porto"}),
+    ("trip-planner", [], "plutôt biarritz en fait", {"destination": "biarritz"}),
+    ("trip-planner", [], "mejor que sean 7 días", {"travel_dates": "7 días"}),
+    ("weather-now", [], "I'm flying from Denver to Salt Lake City tomorrow", {"city": "Salt Lake City"}),
+    ("weather-now", ["city"], "celsius", {"units": "celsius"}),
+    ("weather-now", ["city"], "weather in lyon", {"city": "lyon"}),
+    ("weather-now", ["city"], "boston. no wait i meant providence", {"city": "providence"}),
+])
+def test_a_range_keeps_its_opener_and_a_reply_gives_what_it_names_not_what_was_asked(model, asked, text, expected):
+    workflow = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))[model]
+    assert cozyopenai.extract_offline(workflow, new_conversation(model, asked=asked), text).values == expected
 
 
 def test_a_reply_listing_two_periods_names_no_place(trip_planner):
