@@ -4348,13 +4348,12 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
 
 
 def _linked_out_of_bounds(query: QueryInput, match: "re.Match[str]") -> bool:
-    """Is a number its label reaches through a link word outside the input's bounds, so the
-    link is of something else: "the first month of 2027" names no month 2027."""
+    """Is a number its label reaches through a link word above the input's maximum, so the
+    link is of something else: "the first month of 2027" names no month 2027. (One below the
+    minimum is refused with the reason: "a budget of -5".)"""
     number = _number_or_none(match.group(1))
     linked = bool(set(_words(match.group(0))) & LABEL_LINKS)
-    return linked and number is not None and (
-        (query.minimum is not None and number < query.minimum)
-        or (query.maximum is not None and number > query.maximum))
+    return linked and number is not None and query.maximum is not None and number > query.maximum
 
 
 def _labelled_number_patterns(workflow: Workflow) -> Dict[str, "re.Pattern[str]"]:
@@ -4462,8 +4461,9 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
             continue
         if kind == "money":
             asked = conversation.asked == [query.name]
+            listed = (_listed_amount(tokens, taken_tokens, asked) if asked or periods else [])   # "2000" alone: no
             for span in (_take_corrected(reading, query.name, tokens, money) or _limited_amount(tokens, taken_tokens)
-                         or _listed_amount(tokens, taken_tokens, asked)):
+                         or listed):
                 reading.add(query.name, 1, span.value)
         elif kind == "date":
             _read_period(tokens, text, periods, query, reading)
@@ -4507,8 +4507,8 @@ def _limited_amount(tokens: Sequence[Token], taken: set) -> List[Span]:
 
 
 def _listed_amount(tokens: Sequence[Token], taken: set, asked: bool) -> List[Span]:
-    """A bare number that is an item of its own in a message listing values ("Prague, 1200,
-    12/07-19/07", "nach Südtirol, in den Pfingstferien, 3000"), or in the reply to the amount's
+    """A bare number that is an item of its own in a message that also gives a period ("Prague,
+    1200, 12/07-19/07", "nach Südtirol, in den Pfingstferien, 3000"), or in the reply to the amount's
     question ("1500, last two weeks of june"), is the amount, when it is the only one. In a list
     it must be LISTED_AMOUNT_MIN or more: smaller bare numbers are counts as often as amounts."""
     found = [Span("money", index, index + 1, parse_number(token.folded)) for index, token in enumerate(tokens)
@@ -4702,7 +4702,8 @@ def _lowercase_places(tokens: Sequence[Token], taken: frozenset, valued: set, cu
             token.folded in CHANGE_WORDS for token in tokens[max(0, index - CORRECTION_LEAD_WORDS):index])
         end = _lowercase_name_end(tokens, index, known, valued)
         if end > index:
-            found.append((corrects, Span("name", index, end, _span_text(tokens, index, end), is_negated(tokens, index))))
+            span = Span("name", index, end, _span_text(tokens, index, end), is_negated(tokens, index))
+            found.append((corrects, span))
     corrected = [span for corrects, span in found if corrects]
     return corrected[-1:] or [span for _, span in found[:1]]   # the correction's place, or the first
 

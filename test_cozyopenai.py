@@ -1782,7 +1782,7 @@ def test_an_inputs_kind_comes_from_its_type_or_the_words_of_its_name_and_descrip
     trip, calendar = workflows["trip-planner"].query_inputs, workflows["month-calendar"].query_inputs
     assert {name: cozyopenai.input_kind(query) for name, query in trip.items()} == {
         "destination": "place", "budget": "money", "travel_dates": "date", "pace": "choice", "children": "boolean"}
-    assert cozyopenai.input_kind(calendar["year"]) == "year" and cozyopenai.input_kind(calendar["month"]) == "number"
+    assert cozyopenai.input_kind(calendar["year"]) == "year" and cozyopenai.input_kind(calendar["month"]) == "month"
     assert cozyopenai.input_kind(cozyopenai.QueryInput("contact", "Where we send the summary, by email.")) == "email"
     assert cozyopenai.input_kind(cozyopenai.QueryInput("topic", "What the talk is about.")) == "text"
     assert cozyopenai.input_kind(cozyopenai.QueryInput("guests", "How many come.", type="integer")) == "number"
@@ -2296,7 +2296,7 @@ def test_the_floor_reads_each_rule_of_the_grammar(trip_planner, text, expected):
     ("next March", ["travel_dates"], {}, {"travel_dates": "next March"}),
     ("2000", ["destination"], {}, {"budget": 2000}),
     ("1 500 €, du 10 au 17 avril", ["budget"], {"destination": "Nice"}, {"budget": 1500,
-                                                                      "travel_dates": "10 au 17 avril"}),
+                                                                      "travel_dates": "du 10 au 17 avril"}),
     ("1800 dollars, September 5 to 12", ["budget"], {}, {"budget": 1800, "travel_dates": "September 5 to 12"}),
     ("Neapel. Entschieden.", ["destination"], {}, {"destination": "Neapel"}),
     ("4 giorni a marzo va bene, ma il budget è 600", ["destination"], {}, {"travel_dates": "4 giorni a marzo",
