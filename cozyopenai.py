@@ -175,6 +175,7 @@ MAX_ASKS_PER_INPUT = 3                    # then say so and offer to start over,
 TRANSPORT_LOGGERS = ("httpx", "httpx2", "httpcore")   # the openai client's HTTP libraries, by release
 MAX_DIRECT_REPLY_WORDS = 4                # a longer reply to "where to?" is a sentence, not a destination
 READ_MAX_CHARS = 16000                    # of a message, read: its first and last halves (a 6 MB one held a thread for a minute)
+EMOJI_CATEGORY = "So"                     # Unicode's "other symbol": emoji, which end a part of a sentence
 MAX_NUMBER_VALUE = 10 ** 15               # a number beyond this is a slip, never a budget, count or year
 CONTEXT_TURNS = 6                         # earlier messages shown to the extraction call
 CHARS_PER_TOKEN = 4                       # for the estimated `usage` figures
@@ -2541,8 +2542,8 @@ ENGLISH = Language(
                    "much long",
     excess="too overly",
     past="last ago previous",
-    greetings="hi hello hey dear",
-    wishes="want wanna like wish would", changes="make change changed switch set turn go raise increase bump",
+    greetings="hi hello hey dear sir madam",
+    wishes="want wanna like wish would do", changes="make change changed switch set turn go raise increase bump",
     approximations="or so, ish, more or less, roughly",
     months=("january jan", "february feb", "march mar", "april apr", "may", "june jun", "july jul",
             "august aug", "september sep sept", "october oct", "november nov", "december dec"),
@@ -2566,7 +2567,7 @@ ENGLISH = Language(
     articles="the",
     place_leads="to in into for visit visiting see explore discover",
     motions="go goes going travel travelling traveling fly flying trip head heading getaway holiday vacation honeymoon",
-    stays="im am live lives living based stay staying",
+    stays="im am live lives living based stay staying home",
     corrections="sorry pardon wait actually oops ah oh meant",
     hearsay="heard told said says",
     reasons="because cause cuz coz",
@@ -2584,7 +2585,7 @@ ENGLISH = Language(
                 "regenerate retry try hmm hm um uh er let think about it maybe not sure unsure know dunno idk no "
                 "idea whatever anything anywhere somewhere something wait please thanks thank you ok okay yes what "
                 "why how which who great perfect cool awesome super fine sure good lovely excellent amazing wonderful "
-                "lol haha",
+                "lol haha pls plz",
     cancels="stop cancel abort reset forget nevermind restart",
     cancel_phrases="stop, cancel, abort, reset, start over, start again, restart, never mind, nevermind",
     rerun_phrases="again, retry, rerun, re-run, once more, try it",
@@ -2595,7 +2596,7 @@ ENGLISH = Language(
                     "instead but and also then",
     phrase_starts="a an the with for of in to that which and or is are was will yet not still any some you "
                   "should would could as doesn don isn no none nothing never really tbd unknown undecided",
-    copulas="is are", label_links="of now", thousands="thousand grand",
+    copulas="is are", label_links="of now to", thousands="thousand grand",
     common_words="whether with that this from they their them user users there what when which will would should "
                  "have does into also only more than some very your about name number value true false",
     currency_words="dollar dollars bucks pound pounds quid euro euros",
@@ -2622,7 +2623,7 @@ FRENCH = Language(
                    "partir aller pas",
     excess="trop",
     past="dernier derniere passe passee",
-    greetings="bonjour salut bonsoir coucou",
+    greetings="bonjour salut bonsoir coucou madame monsieur messieurs",
     wishes="veux voudrais veut voulons aimerais voulais", changes="mets passe change rends faisons monte augmente",
     approximations="environ, a peu pres, plus ou moins",
     months=("janvier", "fevrier", "mars", "avril", "mai", "juin", "juillet", "aout", "septembre", "octobre",
@@ -2633,7 +2634,7 @@ FRENCH = Language(
     time_phrases="nouvel an, jour de lan, saint sylvestre",
     season_nouns="saison",
     holiday_words="vacances sainte",
-    time_units="jour jours journee nuit nuits semaine semaines mois quinzaine annee annees",
+    time_units="jour jours journee nuit nuits semaine semaines mois quinzaine an ans annee annees",
     numbers="un une deux trois quatre cinq six sept huit neuf dix quinze quelques dizaine douzaine",
     qualifiers="debut mi milieu fin premier premiere premiers premieres deuxieme deuxiemes troisieme dernier "
                "derniere derniers dernieres prochain prochaine prochains prochaines ce cet cette ces vient",
@@ -2658,7 +2659,7 @@ FRENCH = Language(
     name_joiners="de la le sur en", name_starts="saint sainte",
     confirmations="cest alors svp decide cette fois sera ce",
     non_answers="plus details detaille concis court explique encore peut etre sais pas idee parfait super genial "
-                "bien excellent top",
+                "bien excellent top stp svp",
     cancels="annuler annule oublie oublier arrete",
     cancel_phrases="annuler, recommencer, on recommence",
     rerun_phrases="encore",
@@ -2676,7 +2677,7 @@ FRENCH = Language(
     limits="max maximum",
     rate_words="par la le",
     rate_units="personne personnes",
-    kind_words={"year": "annee", "month": "mois", "place": "destination ville lieu pays", "date": "quand dates periode",
+    kind_words={"year": "an ans annee annees", "month": "mois", "place": "destination ville lieu pays", "date": "quand dates periode",
                 "money": "budget prix"},
 )
 
@@ -2688,7 +2689,7 @@ GERMAN = Language(
                    "nicht auch gerade",
     excess="zu so",
     past="letztes letzten letzte vergangenen vergangenes vorigen voriges",
-    greetings="hallo servus moin",
+    greetings="hallo servus moin geehrte geehrter herren damen",
     wishes="will mochte mochten wollen moechte", changes="mach mache machen stell andere erhohe erhoh",
     approximations="oder so, ungefahr, etwa",
     months=("januar janner", "februar", "marz maerz", "april", "mai", "juni", "juli", "august", "september",
@@ -2710,10 +2711,10 @@ GERMAN = Language(
     range_words="bis oder", and_words="und",
     period_leads="vom von bis zum zur im am fur wahrend uber ubers",
     articles="der die das den",
-    place_leads="nach in ins fur besuchen sehen entdecken",
+    place_leads="nach in ins an fur besuchen sehen entdecken",
     motions="fahren fahre fahrt fliegen fliege reise reisen urlaub ausflug will wollen mochte mochten moechte",
-    stays="wohne wohnen lebe bin",
-    corrections="entschuldigung ups warte eigentlich",
+    stays="wohne wohnen lebe bin hause",
+    corrections="entschuldigung ups warte eigentlich moment meinte",
     hearsay="gesagt sagt gehort",
     reasons="weil wegen",
     negations="nicht kein keine keinen keinem ohne ausser statt anstatt nie",
@@ -2731,7 +2732,7 @@ GERMAN = Language(
     yes="ja wahr",
     no="nein falsch",
     sentence_starts="ich wir mein meine nein ja lieber",
-    copulas="ist sind", label_links="von jetzt nun", thousands="tausend",
+    copulas="ist sind", label_links="von jetzt nun auf", thousands="tausend",
     currency_words="franken pfund",
     ordinals="erste:1 ersten:1 zweite:2 zweiten:2 dritte:3 dritten:3 vierte:4 vierten:4 funfte:5 funften:5 "
              "sechste:6 sechsten:6 siebte:7 siebten:7 achte:8 achten:8 neunte:9 neunten:9 zehnte:10 zehnten:10 "
@@ -2743,7 +2744,7 @@ GERMAN = Language(
     limits="max maximal hochstens",
     rate_words="pro je",
     rate_units="person personen",
-    kind_words={"year": "jahr", "month": "monat", "place": "wohin ziel reiseziel stadt ort",
+    kind_words={"year": "jahr jahre jahren", "month": "monat", "place": "wohin ziel reiseziel stadt ort",
                 "date": "wann zeitraum datum reisezeit",
                 "money": "budget preis"},
 )
@@ -2755,7 +2756,7 @@ SPANISH = Language(
                    "donde como cuanto quiero quisiera gustaria para con por viaje viajar ir fechas presupuesto",
     excess="demasiado demasiada",
     past="pasado pasada anterior",
-    greetings="hola buenas",
+    greetings="hola buenas estimado estimada estimados senor senora",
     wishes="quiero quisiera queremos queria", changes="hazlo haz pon cambia ponlo hagamos sube subelo aumenta",
     approximations="mas o menos, o asi, aproximadamente",
     months=("enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre setiembre",
@@ -2777,7 +2778,7 @@ SPANISH = Language(
     articles="el los las la",
     place_leads="a al en para por hacia visitar ver conocer descubrir",
     motions="ir voy vamos viajar viaje volar escapada vacaciones",
-    stays="vivo vive estoy",
+    stays="vivo vive estoy casa",
     corrections="bueno perdon perdona ups espera quise",
     hearsay="dijeron dicen dijo oido",
     reasons="porque causa",
@@ -2789,7 +2790,7 @@ SPANISH = Language(
     hedges="quizas quiza tal",
     name_joiners="de del la y", name_starts="san santa santo los las ciudad puerto",
     confirmations="porfa decidido entonces sera",
-    non_answers="mas detalles conciso explica quizas se ni idea perfecto genial vale bien estupendo",
+    non_answers="mas detalles conciso explica quizas se ni idea perfecto genial vale bien estupendo porfa",
     cancels="cancela cancelar olvida olvidalo",
     cancel_phrases="cancelar, cancela, empezar de nuevo, empecemos de nuevo",
     rerun_phrases="otra vez, de nuevo",
@@ -2810,7 +2811,7 @@ SPANISH = Language(
     limits="max maximo",
     rate_words="por la el",
     rate_units="persona personas",
-    kind_words={"year": "ano", "month": "mes", "place": "destino ciudad lugar", "date": "cuando fechas fecha",
+    kind_words={"year": "ano anos", "month": "mes", "place": "destino ciudad lugar", "date": "cuando fechas fecha",
                 "money": "presupuesto precio"},
 )
 
@@ -2821,7 +2822,7 @@ ITALIAN = Language(
                    "quanto voglio vorrei piacerebbe per con di del della viaggio andare partire date",
     excess="troppo troppa",
     past="scorso scorsa",
-    greetings="ciao salve buongiorno buonasera",
+    greetings="ciao salve buongiorno buonasera gentile egregio signore signora",
     wishes="voglio vorrei vogliamo volevo", changes="fallo fai metti cambia rendilo facciamo alza alzalo aumenta",
     approximations="piu o meno, circa, o giu di li",
     months=("gennaio", "febbraio", "marzo", "aprile", "maggio", "giugno", "luglio", "agosto", "settembre",
@@ -2842,10 +2843,10 @@ ITALIAN = Language(
     range_words="a o oppure", and_words="e",
     period_leads="a ad dal dai fino nel nella per durante di",
     articles="il lo la gli",
-    place_leads="a ad in nel nella nell per verso visitare vedere scoprire",
+    place_leads="a ad in nel nella nell alla allo all per verso visitare vedere scoprire",
     motions="andare vado andiamo viaggio viaggiare volare partire vacanza gita",
-    stays="sono abito",
-    corrections="anzi scusa scusate ops aspetta",
+    stays="sono abito casa",
+    corrections="anzi scusa scusate ops aspetta intendevo",
     hearsay="detto dicono sentito",
     reasons="perche causa",
     negations="senza tranne eccetto mai ne niente nessun nessuno nessuna",
@@ -2876,7 +2877,7 @@ ITALIAN = Language(
     limits="max massimo",
     rate_words="a al per",
     rate_units="persona persone",
-    kind_words={"year": "anno", "month": "mese", "place": "destinazione meta citta luogo",
+    kind_words={"year": "anno anni", "month": "mese", "place": "destinazione meta citta luogo",
                 "date": "quando date periodo",
                 "money": "budget prezzo"},
 )
@@ -2888,7 +2889,7 @@ PORTUGUESE = Language(
                    "como quanto quero gostaria queria para com do da viagem viajar ir datas orcamento nao",
     excess="demais demasiado",
     past="passado passada",
-    greetings="ola oi",
+    greetings="ola oi prezado prezada prezados senhor senhora",
     wishes="quero queria queremos", changes="faz faca coloca muda deixa fazemos sobe aumenta",
     approximations="mais ou menos, por ai, aproximadamente",
     months=("janeiro", "fevereiro", "marco", "abril", "maio", "junho", "julho", "agosto", "setembro",
@@ -2910,8 +2911,8 @@ PORTUGUESE = Language(
     articles="o os as",
     place_leads="a ao aos para pra pro em conhecer visitar ver descobrir",
     motions="ir vou vamos viajar viagem voar ferias passeio",
-    stays="moro vivo estou",
-    corrections="desculpa desculpe perdao ops espera quis afinal",
+    stays="moro vivo estou casa",
+    corrections="desculpa desculpe perdao ops espera quis afinal pensando",
     hearsay="disseram dizem disse ouvi",
     reasons="porque causa",
     negations="nao nem sem nunca exceto nenhum nenhuma",
@@ -2922,14 +2923,14 @@ PORTUGUESE = Language(
     hedges="talvez quica",
     name_joiners="de do da dos das", name_starts="sao santa santo nova novo",
     confirmations="entao decidido vai ser",
-    non_answers="mais detalhes explica talvez sei nao ideia perfeito otimo beleza legal",
+    non_answers="mais detalhes explica talvez sei nao ideia perfeito otimo beleza legal pfv",
     cancels="cancela cancelar esquece",
     cancel_phrases="cancelar, cancela, recomecar, vamos recomecar, comecar de novo",
     rerun_phrases="de novo, outra vez",
     yes="sim verdadeiro",
     no="nao falso",
     sentence_starts="eu quero queremos meu minha prefiro",
-    copulas="e sao", label_links="de agora", thousands="mil",
+    copulas="e sao", label_links="de agora para", thousands="mil",
     currency_words="real reais libra libras",
     ordinals="primeiro:1 primeira:1 segundo:2 segunda:2 terceiro:3 terceira:3 quarto:4 quarta:4 quinto:5 "
              "quinta:5 sexto:6 sexta:6 setimo:7 setima:7 oitavo:8 oitava:8 nono:9 nona:9 decimo:10 decima:10",
@@ -2942,7 +2943,7 @@ PORTUGUESE = Language(
     limits="max maximo",
     rate_words="por a o",
     rate_units="pessoa pessoas",
-    kind_words={"year": "ano", "month": "mes", "place": "destino cidade lugar", "date": "quando datas",
+    kind_words={"year": "ano anos", "month": "mes", "place": "destino cidade lugar", "date": "quando datas",
                 "money": "orcamento preco"},
 )
 
@@ -3822,11 +3823,22 @@ def period_spans(tokens: Sequence[Token], cached: bool = True) -> List[Span]:
         while stop > start and roles[stop - 1] == "glue" and (tokens[stop - 1].folded in LINKS_OR_COUNTS
                                                              or tokens[stop - 1].shape == "mark"):
             stop -= 1
-        if any(roles[k] == "anchor" for k in range(start, stop)):
+        if any(roles[k] == "anchor" for k in range(start, stop)) and not _is_an_age(tokens, start, stop):
             stop += _approximation_after(tokens, stop)   # "10 days or so"
             spans.append(Span("date", start, stop, None, is_negated(tokens, start)))
         index = end
     return spans
+
+
+def _is_an_age(tokens: Sequence[Token], start: int, stop: int) -> bool:
+    """Is tokens [start, stop) a count of years after a word and "of": an age, not a period
+    ("mon fils de 8 ans", "a daughter of 9 years")?"""
+    if stop - start != 2 or tokens[stop - 1].folded not in KINDS["year"] or start < 2:
+        return False
+    before = start - 1 if tokens[start - 1].folded in OF_JOINERS else start
+    thing = tokens[before - 1]
+    return before < start and thing.shape == "word" and not _is_time_word(thing, tokens, before - 1) and (
+        thing.folded not in TIME_GLUE | MOTIONS)
 
 
 def _opens_a_range(tokens: Sequence[Token], index: int, stop: int) -> bool:
@@ -4140,10 +4152,16 @@ def _corrected_amounts(tokens: Sequence[Token], money: Sequence[Span], taken: se
 
 
 def _changed_by(tokens: Sequence[Token], index: int) -> bool:
-    """Is the number at ``index`` what a word of change just before it sets: "make it 700",
-    "y súbelo a 700", "mets 900"?"""
-    words = [token for token in tokens[max(0, index - CORRECTION_LEAD_WORDS):index] if token.shape != "mark"]
-    return any(token.folded in CHANGES for token in words)
+    """Is the bare number at ``index`` what a word of change or correction just before it sets
+    ("make it 700", "y súbelo a 700", "no wait, 1200.", "non, finalement 2700, on a des
+    travaux")? Not a count of something ("no, 3 kids"): nothing but a mark, a link or the
+    end may follow it."""
+    after = tokens[index + 1] if index + 1 < len(tokens) else None
+    if after is not None and after.shape != "mark" and after.folded not in LEADS_OR_LINKS:
+        return False
+    words = [k for k in range(max(0, index - CORRECTION_LEAD_WORDS - 1), index) if tokens[k].shape != "mark"]
+    return any(tokens[k].folded in CHANGE_WORDS or (tokens[k].folded in NEGATING and tokens[k + 1].shape == "mark")
+               for k in words[-CORRECTION_LEAD_WORDS:])
 
 
 def _follows_closely(tokens: Sequence[Token], after: int, index: int) -> bool:
@@ -4416,7 +4434,9 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     if len(places) == 1 and (places[0].name not in conversation.values or changing):
         needed = [query for query in workflow.query_inputs.values() if not query.optional]
         lowercase = [span for span in _lowercase_places(tokens, words_taken(workflow), money_tokens,
-                                                        _cue_pairs(places[0]), any_lead=needed == places)
+                                                        _cue_pairs(places[0]), any_lead=needed == places,
+                                                        asked=conversation.asked == [places[0].name],
+                                                        known=places[0].name in conversation.values)
                      if span.start not in past]
         joined |= {k for span in lowercase for k in range(span.start, span.end)}
     periods = [_without(tokens, span, joined) for span in period_spans(tokens)
@@ -4675,13 +4695,15 @@ def _cue_pairs(query: QueryInput) -> frozenset:
 
 
 def _lowercase_places(tokens: Sequence[Token], taken: frozenset, valued: set, cue_pairs: frozenset = frozenset(),
-                      any_lead: bool = False) -> List[Span]:
+                      any_lead: bool = False, asked: bool = False, known: bool = False) -> List[Span]:
     """In a message written all in lower case, the place after going somewhere: "trip to
     lisbon", "jveux aller a lyon", "will nach rio de janeiro!!!", "make it porto"; with
     ``any_lead`` (the place is all the workflow needs), after any place word: "weather in san
     francisco in fahrenheit". The place is right after a place word that follows a word of
-    motion, after one of the input's cues, or after a word of correction, which then wins
-    ("boston. no wait i meant providence"); its extent is _lowercase_name_end's."""
+    motion, after one of the input's cues, or after a correction, which then wins: any word of
+    correction in the reply to its question (``asked``: "boston. no wait i meant providence"), a
+    word of preference or change once it is known (``known``: "plutôt biarritz en fait"). Its
+    extent is _lowercase_name_end's."""
     if any(token.text[:1].isupper() for token in tokens):
         return []
     known = taken | ALL_WORDS
@@ -4694,7 +4716,10 @@ def _lowercase_places(tokens: Sequence[Token], taken: frozenset, valued: set, cu
             before -= 1
         postposed = (tokens[before].folded in PREFERENCES and before + 1 < index and before > 0
                      and tokens[before - 1].shape == "word")   # "naples instead, rome ...": naples's
-        right_after_a_correction = tokens[before].folded in CHANGE_WORDS and not postposed   # "no wait i meant X"
+        # "no wait i meant X" answering where; "plutôt biarritz" changing the place (not "pensando bem")
+        right_after_a_correction = not postposed and (
+            (asked and tokens[before].folded in CHANGE_WORDS)
+            or (known and tokens[before].folded in PREFERENCES | CHANGES))
         if not ((lead and (loose or (index >= 2 and tokens[index - 2].folded in MOTIONS))) or right_after_a_correction
                 or (index >= 2 and (tokens[index - 2].folded, tokens[index - 1].folded) in cue_pairs)):
             continue
@@ -4773,7 +4798,7 @@ def _context_tokens(tokens: Sequence[Token]) -> set:
     def ends_the_part(index: int) -> bool:
         token = tokens[index]
         return (token.text in ".!?\n" or token.folded in CONTRASTS or index in now
-                or (token.shape == "mark" and unicodedata.category(token.text[0])[0] == "S"))   # an emoji
+                or (token.shape == "mark" and unicodedata.category(token.text[0]) == EMOJI_CATEGORY))   # not "€"
     for span in periods:
         if span.start in now:
             continue
@@ -4781,8 +4806,10 @@ def _context_tokens(tokens: Sequence[Token]) -> set:
         while first > 0 and not ends_the_part(first - 1):
             first -= 1
         end = span.end
-        while end < len(tokens) and not ends_the_part(end):
-            end += 1
+        ends_its_clause = end < len(tokens) and _is_break(tokens, end)
+        while end < len(tokens) and not ends_the_part(end) and not (ends_its_clause and first < span.start
+                                                                   and _is_break(tokens, end)):
+            end += 1   # "Mon frère a dépensé 3000 € l'an dernier, moi j'ai 2000 €": the past ends at the comma
         context.update(range(first, end))
     decided = {start for start, _ in _conclusions_in(tokens, 0, len(tokens))}   # "... me dijo, así que Berlín"
     for index, token in enumerate(tokens):

@@ -2592,7 +2592,7 @@ def test_a_conclusion_decides_an_emoji_or_this_year_ends_the_past_and_a_limit_ma
     ("trip-planner", [], "last wk of april", {"travel_dates": "last wk of april"}),
     ("trip-planner", [], "in April", {"travel_dates": "April"}),
     ("trip-planner", [], "trip to lisbon, actually make it porto", {"destination": "porto"}),
-    ("trip-planner", [], "plutôt biarritz en fait", {"destination": "biarritz"}),
+    ("trip-planner", ["destination"], "plutôt biarritz en fait", {"destination": "biarritz"}),
     ("trip-planner", [], "mejor que sean 7 días", {"travel_dates": "7 días"}),
     ("weather-now", [], "I'm flying from Denver to Salt Lake City tomorrow", {"city": "Salt Lake City"}),
     ("weather-now", ["city"], "celsius", {"units": "celsius"}),
@@ -2602,6 +2602,23 @@ def test_a_conclusion_decides_an_emoji_or_this_year_ends_the_past_and_a_limit_ma
 def test_a_range_keeps_its_opener_and_a_reply_gives_what_it_names_not_what_was_asked(model, asked, text, expected):
     workflow = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))[model]
     assert cozyopenai.extract_offline(workflow, new_conversation(model, asked=asked), text).values == expected
+
+
+@pytest.mark.parametrize("known, text, expected", [
+    ({"budget": 1500}, "no wait, 1200. the flights are already paid", {"budget": 1200}),
+    ({"budget": 3200}, "non, finalement deux mille sept cents, on a des travaux", {"budget": 2700}),
+    ({"budget": 1000}, "anzi no, 1.350 per stare tranquilli", {"budget": 1350}),
+    ({"budget": 1500}, "no, 3 kids", {"children": True}),
+    ({}, "Mon frère a dépensé 3000 € l'an dernier, moi j'ai 2000 € maximum.", {"budget": 2000}),
+    ({}, "j'emmène mon fils de 8 ans", {"children": True}),
+    ({}, "Je souhaiterais un rythme équilibré", {"pace": "balanced"}),
+    ({"destination": "Lisboa"}, "pensando bem, ritmo equilibrado", {"pace": "balanced"}),
+])
+def test_a_known_amount_is_corrected_by_a_bare_number_and_an_age_or_a_past_clause_gives_nothing(trip_planner, known,
+                                                                                                text, expected):
+    conversation = new_conversation()
+    conversation.values.update(known)
+    assert cozyopenai.extract_offline(trip_planner, conversation, text).values == expected
 
 
 def test_a_reply_listing_two_periods_names_no_place(trip_planner):
