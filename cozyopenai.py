@@ -2730,7 +2730,7 @@ GERMAN = Language(
     cancel_phrases="abbrechen, von vorne, nochmal von vorne",
     rerun_phrases="nochmal, noch einmal",
     yes="ja wahr",
-    no="nein falsch",
+    no="nein nee falsch",
     sentence_starts="ich wir mein meine nein ja lieber",
     copulas="ist sind", label_links="von jetzt nun auf", thousands="tausend",
     currency_words="franken pfund",
@@ -3682,6 +3682,8 @@ def is_negated(tokens: Sequence[Token], index: int, reach: int = 4) -> bool:
         if token.folded in NEGATIONS and back + 1 < index and (
                 tokens[back + 1].shape == "mark" or tokens[back + 1].folded in CORRECTION_FILLERS):
             return False   # a "no" that stands alone takes back what came before: "no wait, i meant providence"
+        if back == index - 1 and token.folded in NEGATIONS & LEADING_LINKS and _is_time_word(tokens[index]):
+            return False   # a word that also leads into a time, right before one: "no carnaval" is "at carnival"
         if token.folded in NEGATIONS or _is_except(tokens, back):
             return index - back <= reach or wished
         wished = wished or token.folded in WISHES
@@ -3888,7 +3890,8 @@ def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alon
         replaces = bool(spans) and spans[-1].negated and (corrects or _follows_closely(tokens, spans[-1].end, index))
         chosen = end < len(tokens) and tokens[end].folded in PREFERENCES   # "let's do Florence instead"
         if negated or replaces or chosen or _led_by(tokens, index, leads, end) or (
-                alone and (_stands_alone(tokens, index, end, listing) or _after_a_conclusion(tokens, index))):
+                alone and (_stands_alone(tokens, index, end, listing) or _after_a_conclusion(tokens, index)
+                           or _after_a_correction(tokens, index))):
             retracted = _retracted(tokens, end)   # "to Rome, actually no, ..."
             spans.append(Span("name", index, end, value, (negated and not replaces) or retracted))
     regions = {span.value.partition(",")[0] for span in spans if "," in span.value}
@@ -3948,6 +3951,18 @@ def _conclusions_in(tokens: Sequence[Token], first: int, end: int) -> List[Tuple
                 found.append((start, len(phrase)))
                 break
     return found
+
+
+def _after_a_correction(tokens: Sequence[Token], index: int) -> bool:
+    """Is the name at ``index`` what a correction gives, marks aside: "nee, Budapest.",
+    "no wait, Rome", "anzi, Napoli"?"""
+    before = index - 1
+    while before > 0 and tokens[before].shape == "mark":
+        before -= 1
+    if before < 0 or before == index - 1 and tokens[before].folded in NEGATING:
+        return False   # "no Paris" rules Paris out
+    word = tokens[before].folded
+    return word in CORRECTION_FILLERS or (word in NEGATING and tokens[before + 1].shape == "mark")
 
 
 def _after_a_conclusion(tokens: Sequence[Token], index: int) -> bool:
@@ -4549,9 +4564,10 @@ def _synonym_spans(tokens: Sequence[Token], query: QueryInput) -> List[Span]:
     months = query.derived["month_values"]
     for index, token in enumerate(tokens):
         raw = token.text if token.text in written else from_tables.get(token.folded)
-        if raw is None and token.folded in MONTHS and index + 1 < len(tokens) and (
-                re.fullmatch(r"\d{4}", tokens[index + 1].folded) or tokens[index + 1].text in "'’"):
-            raw = months.get(MONTHS[token.folded])   # a name that is also another word, before its year: "sept 2027"
+        following = tokens[index + 1] if index + 1 < len(tokens) else None
+        if raw is None and token.folded in MONTHS and following is not None and (
+                re.fullmatch(r"\d{4}", following.folded) or following.text in "'’" or following.shape == "ordinal"):
+            raw = months.get(MONTHS[token.folded])   # a short name or another word before its year or day: "feb 1st"
         if raw is not None:
             spans.append(Span("number", index, index + 1, raw, is_negated(tokens, index)))
     return spans
@@ -5174,9 +5190,13 @@ def _could_be(query: QueryInput, tokens: Sequence[Token], words: Sequence[str]) 
 
 
 def is_period(tokens: Sequence[Token]) -> bool:
-    """Does a short reply name a time: a period in words, a date, a day ("the 10th"), or two
-    days joined ("10-17")? A bare "42" or "around $3000" does not."""
+    """Does a short reply name a time: a period in words, a date, a day ("the 10th"), two
+    days joined ("10-17"), or a month's name alone, even one that is another word too
+    ("March", "May")? A bare "42" or "around $3000" does not."""
     numbers = [token for token in tokens if token.shape == "number" and (_number_or_none(token.folded) or 0) <= 31]
+    words = [token for token in tokens if token.shape != "mark"]
+    if len(words) == 1 and words[0].folded in MONTHS:
+        return True
     return bool(period_spans(tokens)) or any(token.shape in ("iso", "dmy", "ordinal") for token in tokens) or (
         len(numbers) == 2 and len(tokens) <= 5 and not money_spans(getattr(tokens, "text", ""), tokens))
 

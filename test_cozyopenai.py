@@ -2621,6 +2621,22 @@ def test_a_known_amount_is_corrected_by_a_bare_number_and_an_age_or_a_past_claus
     assert cozyopenai.extract_offline(trip_planner, conversation, text).values == expected
 
 
+@pytest.mark.parametrize("model, asked, known, text, expected", [
+    ("month-calendar", [], {}, "what day does feb 1st 2027 fall on?", {"year": 2027, "month": 2}),
+    ("trip-planner", ["travel_dates"], {"destination": "Edinburgh"}, "March", {"travel_dates": "March"}),
+    ("trip-planner", ["budget"], {"destination": "Prag"}, "nee, Budapest. endgültig.", {"destination": "Budapest"}),
+    ("trip-planner", ["budget"], {"destination": "Prag"}, "no Paris", {}),
+    ("trip-planner", [], {}, "no carnaval, bem agitado", {"travel_dates": "carnaval", "pace": "packed"}),
+    ("trip-planner", [], {}, "not in July", {}),
+])
+def test_a_month_before_its_day_a_month_alone_a_name_after_a_lone_no_and_no_as_a_lead(model, asked, known, text,
+                                                                                      expected):
+    workflow = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))[model]
+    conversation = new_conversation(model, asked=asked)
+    conversation.values.update(known)
+    assert cozyopenai.extract_offline(workflow, conversation, text).values == expected
+
+
 def test_a_reply_listing_two_periods_names_no_place(trip_planner):
     conversation = new_conversation(asked=["destination"])
     conversation.values["budget"] = 1500
