@@ -3111,6 +3111,8 @@ SEASONS = words_of("seasons")
 TIME_NAMES = words_of("weekdays") | SEASONS | MONTHS.keys() | COMPOUND_TIMES
 TIME_PHRASES, APPROXIMATIONS = phrases_of("time_phrases"), phrases_of("approximations")
 CONCLUSIONS = phrases_of("conclusions")
+CONCLUSIONS_BY_FIRST_WORD: Mapping[str, Tuple[Tuple[str, ...], ...]] = MappingProxyType({
+    first: tuple(phrase for phrase in CONCLUSIONS if phrase[0] == first) for first in {p[0] for p in CONCLUSIONS}})
 TIME_PHRASES_BY_FIRST_WORD: Mapping[str, Tuple[Tuple[str, ...], ...]] = MappingProxyType({
     first: tuple(phrase for phrase in TIME_PHRASES if phrase[0] == first) for first in {p[0] for p in TIME_PHRASES}})
 UNCERTAIN_TIMES, SEASON_NOUNS, HOLIDAYS = words_of("uncertain_times"), words_of("season_nouns"), words_of("holiday_words")
@@ -3589,6 +3591,11 @@ class Tokens(list):
         return frozenset(found)
 
     @cached_property
+    def all_lower_case(self) -> bool:
+        """Whether no word starts with a capital: then names are read in lower case too."""
+        return not any(token.text[:1].isupper() for token in self)
+
+    @cached_property
     def has_season_noun(self) -> bool:
         """Whether any word is a season noun (else no word can be one before it: _names_a_season)."""
         return not SEASON_NOUNS.isdisjoint([token.folded for token in self])
@@ -3946,7 +3953,7 @@ def _conclusions_in(tokens: Sequence[Token], first: int, end: int) -> List[Tuple
     is decided, whatever came before it in the clause."""
     found = []
     for start in range(first, end):
-        for phrase in CONCLUSIONS:
+        for phrase in CONCLUSIONS_BY_FIRST_WORD.get(tokens[start].folded, ()):
             if tuple(token.folded for token in tokens[start:start + len(phrase)]) == phrase:
                 found.append((start, len(phrase)))
                 break
@@ -4448,10 +4455,10 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     lowercase: List[Span] = []   # "will nach rio de janeiro!!!": the workflow's one place, written in lower case
     if len(places) == 1 and (places[0].name not in conversation.values or changing):
         needed = [query for query in workflow.query_inputs.values() if not query.optional]
-        lowercase = [span for span in _lowercase_places(tokens, words_taken(workflow), money_tokens,
+        lowercase = [span for span in _lowercase_places(tokens, known_words(workflow), money_tokens,
                                                         _cue_pairs(places[0]), any_lead=needed == places,
                                                         asked=conversation.asked == [places[0].name],
-                                                        known=places[0].name in conversation.values)
+                                                        has_value=places[0].name in conversation.values)
                      if span.start not in past]
         joined |= {k for span in lowercase for k in range(span.start, span.end)}
     periods = [_without(tokens, span, joined) for span in period_spans(tokens)
@@ -4482,7 +4489,7 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
                                                  listing=bool(money or periods)) if span.start not in past]
             if only_place and is_open and not spans:   # "rome, 1200 eur, 5 days in june", "going to lyon"
                 valued = {k for span in money + periods for k in range(span.start, span.end)}
-                spans = _lowercase_list_head(tokens, words_taken(workflow), valued) or lowercase
+                spans = _lowercase_list_head(tokens, known_words(workflow), valued) or lowercase
             if query.name in conversation.values:   # "mejor Córdoba, Granada ya la conozco": Granada is no region
                 spans = [_without_the_known(tokens, span, conversation.values[query.name]) for span in spans]
             reading.ruled_out.setdefault(query.name, []).extend(span.value for span in spans if span.negated)
@@ -4616,6 +4623,21 @@ def _without_the_known(tokens: Sequence[Token], span: Span, known: Any) -> Span:
     return dataclasses.replace(span, end=end, value=head)
 
 
+def _all_lower_case(tokens: Sequence[Token]) -> bool:
+    if isinstance(tokens, Tokens):
+        return tokens.all_lower_case
+    return not any(token.text[:1].isupper() for token in tokens)
+
+
+def known_words(workflow: Workflow) -> frozenset:
+    """Every word that means something here, the tables' and this workflow's (words_taken):
+    a lower-case word of none of them can be a name. Worked out once per workflow."""
+    known = workflow.derived.get("known_words")
+    if known is None:
+        known = workflow.derived["known_words"] = words_taken(workflow) | ALL_WORDS
+    return known
+
+
 def _cued(tokens: Sequence[Token], span: Span, query: QueryInput) -> bool:
     """Is the name right after one of the input's own cues ("now do it for Rome")?"""
     before = " ".join(token.folded for token in tokens[max(0, span.start - 4):span.start])
@@ -4686,16 +4708,15 @@ def _read_period(tokens: Sequence[Token], text: str, periods: Sequence[Span], qu
     reading.add(query.name, 1, " ".join(parts))
 
 
-def _lowercase_list_head(tokens: Sequence[Token], taken: frozenset, valued: set) -> List[Span]:
+def _lowercase_list_head(tokens: Sequence[Token], known: frozenset, valued: set) -> List[Span]:
     """In a message written all in lower case that lists values, its first item when it is one
     to three words that mean nothing else here and the next item is a value (an amount, a
     period): "hamburg. 500 euro", "porto, 400 euros"; not "oii gente, eu e minhas amigas"."""
-    if any(token.text[:1].isupper() for token in tokens):
+    if not _all_lower_case(tokens):
         return []
     end = 0
     while end < len(tokens) and tokens[end].shape == "word":
         end += 1
-    known = taken | ALL_WORDS
     if not 1 <= end <= 3 or end == len(tokens) or tokens[end].text not in ",;." or any(
             token.folded in known or len(token.folded) < 3 or k in valued for k, token in enumerate(tokens[:end])):
         return []   # "mi-mai, 5 jours" lists two periods
@@ -4710,19 +4731,18 @@ def _cue_pairs(query: QueryInput) -> frozenset:
     return frozenset(tuple(_fold(cue).split()[-2:]) for cue in query.cues if len(cue.split()) >= 2)
 
 
-def _lowercase_places(tokens: Sequence[Token], taken: frozenset, valued: set, cue_pairs: frozenset = frozenset(),
-                      any_lead: bool = False, asked: bool = False, known: bool = False) -> List[Span]:
+def _lowercase_places(tokens: Sequence[Token], known: frozenset, valued: set, cue_pairs: frozenset = frozenset(),
+                      any_lead: bool = False, asked: bool = False, has_value: bool = False) -> List[Span]:
     """In a message written all in lower case, the place after going somewhere: "trip to
     lisbon", "jveux aller a lyon", "will nach rio de janeiro!!!", "make it porto"; with
     ``any_lead`` (the place is all the workflow needs), after any place word: "weather in san
     francisco in fahrenheit". The place is right after a place word that follows a word of
     motion, after one of the input's cues, or after a correction, which then wins: any word of
     correction in the reply to its question (``asked``: "boston. no wait i meant providence"), a
-    word of preference or change once it is known (``known``: "plutôt biarritz en fait"). Its
+    word of preference or change once it has one (``has_value``: "plutôt biarritz en fait"). Its
     extent is _lowercase_name_end's."""
-    if any(token.text[:1].isupper() for token in tokens):
+    if not _all_lower_case(tokens):
         return []
-    known = taken | ALL_WORDS
     found = []
     for index in range(1, len(tokens)):
         lead = tokens[index - 1].folded in PLACE_LEADS
@@ -4735,7 +4755,7 @@ def _lowercase_places(tokens: Sequence[Token], taken: frozenset, valued: set, cu
         # "no wait i meant X" answering where; "plutôt biarritz" changing the place (not "pensando bem")
         right_after_a_correction = not postposed and (
             (asked and tokens[before].folded in CHANGE_WORDS)
-            or (known and tokens[before].folded in PREFERENCES | CHANGES))
+            or (has_value and tokens[before].folded in PREFERENCES | CHANGES))
         if not ((lead and (loose or (index >= 2 and tokens[index - 2].folded in MOTIONS))) or right_after_a_correction
                 or (index >= 2 and (tokens[index - 2].folded, tokens[index - 1].folded) in cue_pairs)):
             continue
