@@ -3142,11 +3142,12 @@ RATE_WORDS, RATE_UNITS = words_of("rate_words"), words_of("rate_units") | TIME_U
 LIMITS = words_of("limits")
 
 
-def valued_words(field_name: str) -> Mapping[str, int]:
-    """A field of "word:value" entries over every language, hyphens dropped ("quatrevingt");
-    a word that two languages give different values could never be read, so it is refused."""
+def valued_words(field_name: str, languages: Iterable[Language] = ()) -> Mapping[str, int]:
+    """A field of "word:value" entries over every language (or ``languages``), hyphens
+    dropped ("quatrevingt"); a word that two languages give different values could never be
+    read, so it is refused."""
     values: Dict[str, int] = {}
-    for language in LANGUAGES.values():
+    for language in languages or LANGUAGES.values():
         for entry in getattr(language, field_name).split():
             word, _, value = entry.partition(":")
             word = word.replace("-", "")

@@ -2432,13 +2432,18 @@ def test_number_words_add_and_multiply_as_they_are_said():
     assert cozyopenai.cardinal_value([2, 1000, 20, 7]) == 2027 and cozyopenai.cardinal_value([1000, 200]) == 1200
 
 
-def test_no_number_word_has_two_values_in_the_tables():
+@pytest.mark.parametrize("field, table", [("cardinals", "CARDINALS"), ("ordinals", "ORDINALS")])
+def test_no_number_word_has_two_values_in_the_tables(field, table):
     spoken = {}
     for language in cozyopenai.LANGUAGES.values():
-        for entry in language.cardinals.split():
+        for entry in getattr(language, field).split():
             word, _, value = entry.partition(":")
             assert spoken.setdefault(word.replace("-", ""), int(value)) == int(value), word
-    assert spoken == dict(cozyopenai.CARDINALS)
+    assert spoken == dict(getattr(cozyopenai, table))
+    with pytest.raises(ValueError, match=f"{field}: 'uno' has two values"):
+        twice = dataclasses.replace(cozyopenai.ENGLISH, code="xx", **{field: "uno:1"}), dataclasses.replace(
+            cozyopenai.ENGLISH, code="yy", **{field: "uno:2"})
+        cozyopenai.valued_words(field, twice)
 
 
 @pytest.mark.parametrize("text, expected", [
