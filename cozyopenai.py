@@ -4541,9 +4541,11 @@ def _limited_amount(tokens: Sequence[Token], taken: set) -> List[Span]:
     for index, token in enumerate(tokens):
         if token.shape != "number" or index in taken:
             continue
-        after = index + 1 < len(tokens) and tokens[index + 1].folded in LIMITS
+        following = tokens[index + 1] if index + 1 < len(tokens) else None
+        after = following is not None and following.folded in LIMITS
         previous = index - 2 if index >= 2 and tokens[index - 1].text in ".:" else index - 1   # "max. 800"
-        before = previous >= 0 and tokens[previous].folded in LIMITS
+        before = previous >= 0 and tokens[previous].folded in LIMITS and (
+            following is None or following.shape == "mark" or following.folded in CURRENCIES)   # not "max 3 nights"
         if after or before:
             found.append(Span("money", index, index + 1, parse_number(token.folded)))
     return found if len(found) == 1 else []
