@@ -370,7 +370,11 @@ class Workflow:
     derived: Dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def node(self, node_id: str) -> Node:
-        return next(node for node in self.nodes if node.id == node_id)
+        return self._nodes_by_id[node_id]
+
+    @cached_property
+    def _nodes_by_id(self) -> Dict[str, Node]:   # looked up several times a turn
+        return {node.id: node for node in reversed(self.nodes)}   # the first of an id, as a search finds it
 
     def nodes_fed_by(self, query_name: str) -> List[Node]:
         return [node for node in self.nodes if QueryRef(query_name) in node.inputs.values()]
@@ -906,10 +910,34 @@ def lookup_path(value: Any, path: Sequence[str], label: str) -> Any:
 
 
 def render_template(template: str, values: Mapping[str, Any]) -> str:
+    parts = _plain_template(str(template))
+    if parts is not None:   # the same text as the formatter below, without its machinery
+        filled = []
+        for literal, name in parts:
+            filled.append(literal)
+            if name is not None:
+                if name not in values:
+                    raise NodeFailed(f"{name!r} is not available (nothing at {name!r})")
+                value = values[name]
+                filled.append(shown_value(value) if isinstance(value, (bool, float)) else format(value, ""))
+        return "".join(filled)
     try:
         return _TemplateFormatter().format(str(template), **values)
     except (ValueError, IndexError) as exc:
         raise NodeFailed(f"template error: {exc}") from None
+
+
+@lru_cache(maxsize=256)   # a workflow's few templates, filled turn after turn
+def _plain_template(template: str) -> Optional[Tuple[Tuple[str, Optional[str]], ...]]:
+    """A template's (text, field name) parts when every field is a plain name with no format
+    spec or conversion, as most are ("You said {word}"); None for any other template."""
+    try:
+        parts = tuple(string.Formatter().parse(template))
+    except ValueError:
+        return None
+    if any(name is not None and (not name.isidentifier() or spec or conversion) for _, name, spec, conversion in parts):
+        return None
+    return tuple((literal, name) for literal, name, _, _ in parts)
 
 
 def _check_template(inputs: Dict[str, Any], functions: Optional[FunctionFinder] = None) -> None:
@@ -1098,8 +1126,7 @@ NODE_TYPES: Mapping[str, NodeType] = MappingProxyType({
 # Runner: nodes run when all their inputs are ready
 ####################################################################################
 
-@dataclass(frozen=True)
-class RunEvent:
+class RunEvent(NamedTuple):   # a tuple, not a frozen dataclass: several are made per turn, and cheaply
     """What the runner reports. what: "started", "finished" (with seconds and value),
     "failed" (with seconds and text), "note" (a line for the thinking block, from
     NodeContext.note, in the order noted), "answer" (a piece of the answer), "done"."""
@@ -1187,7 +1214,8 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
         inputs = {name: _input_value(workflow, node, name, value, outputs, values)
                   for name, value in node.inputs.items()}
         result = _call_within(node.timeout_seconds, node_types[node.type].run, inputs, context)
-        yield from _note_events(context)
+        if context.notes:
+            yield from _note_events(context)
         if isinstance(result, TextStream):
             pieces = []
             try:
@@ -1195,7 +1223,8 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
                     if stop.is_set():
                         raise NodeFailed("the run was stopped")
                     pieces.append(piece)
-                    yield from _note_events(context)   # noted before this piece came
+                    if context.notes:   # noted before this piece came
+                        yield from _note_events(context)
                     if streams_answer:
                         yield RunEvent("answer", node.id, text=piece)
             finally:   # stopped, failed or closed (the client left): its producer stops now
@@ -1982,14 +2011,28 @@ class _KeyedLocks:
         self._locks: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
         self._guard = threading.Lock()
 
-    @contextlib.contextmanager
-    def __call__(self, key: str) -> Iterator[None]:
+    def __call__(self, key: str) -> "contextlib.AbstractContextManager[None]":
         with self._guard:
             held = self._locks.get(key)
             if held is None:
                 held = self._locks[key] = self._Lock()
-        with held.lock:
-            yield
+        return _Holding(held)
+
+
+class _Holding:
+    """Holds a _KeyedLocks lock from enter to exit, and the lock itself alive while it does (a
+    class, not a generator: one is taken per turn)."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self, held: Any) -> None:
+        self._held = held
+
+    def __enter__(self) -> None:
+        self._held.lock.acquire()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._held.lock.release()
 
 
 class Store(abc.ABC):
@@ -5307,8 +5350,7 @@ RUN_FAILED_REPLY = ("Sorry, the workflow stopped: step {node!r} failed ({reason}
                     'say "again" to retry, or change a value.')
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):   # a tuple: a turn makes a dozen, and a frozen dataclass is slow to make
     """A piece of the reply, for the channel "thinking" (inside the <thinking> block) or "answer"."""
     channel: str
     text: str
@@ -5810,9 +5852,10 @@ class Turn:
         """The turn's pieces, thinking then answer, with secrets redacted, produced as they are
         read. With ``keepalive_seconds``, they are produced in a thread of their own and a None
         comes each time the turn is silent that long (so a proxy keeps a long stream open)."""
-        self._playing = self._play()
-        if keepalive_seconds is not None:
-            self._playing = with_keepalives(self._playing, keepalive_seconds, self.stop)
+        if keepalive_seconds is None:   # read on this thread, which closes the turn at the end itself
+            self._playing = self._play(closing=True)
+            return self._playing
+        self._playing = with_keepalives(self._play(), keepalive_seconds, self.stop)
         return self._closed_at_the_end(self._playing)
 
     def _closed_at_the_end(self, pieces: Iterator[Optional[Piece]]) -> Iterator[Optional[Piece]]:
@@ -5822,20 +5865,25 @@ class Turn:
         yield from pieces
         self.close()
 
-    def _play(self) -> Iterator[Piece]:
+    def _play(self, closing: bool = False) -> Iterator[Piece]:
+        """The pieces, redacted; with ``closing``, the turn closes once they are all read, as
+        _closed_at_the_end does, without a step more per piece."""
         if self._twin is not None:
             yield Piece("thinking", self._twin["thinking"])
             yield Piece("thinking", REPEAT_NOTE)
             yield Piece("answer", self._twin["answer"])
-            return
-        assert self._context is not None
-        self._game = play_turn(self._context)
-        pieces = self._recorded(ordered_pieces(self._game))
-        if not self.workflow.redact:   # a workflow with no secrets skips a step per piece
-            yield from pieces
-            return
-        for channel, text in self.workflow.redact.stream((piece.channel, piece.text) for piece in pieces):
-            yield Piece(channel, text)
+        else:
+            assert self._context is not None
+            self._game = play_turn(self._context)
+            pieces = self._recorded(ordered_pieces(self._game))
+            if not self.workflow.redact:   # a workflow with no secrets skips a step per piece
+                yield from pieces
+            else:
+                for channel, text in self.workflow.redact.stream((piece.channel, piece.text) for piece in pieces):
+                    yield Piece(channel, text)
+        if closing:
+            self._playing = None   # this very generator, still running: close() must not close it
+            self.close()
 
     def _recorded(self, pieces: Iterator[Piece]) -> Iterator[Piece]:
         """The pieces, kept as written for the save; the first reply ends with the id block."""
@@ -6027,8 +6075,15 @@ def estimate_tokens(text: str) -> int:
 
 
 def _log_line(method: str, path: str, status: int, trace: Mapping[str, str], started: float) -> None:
-    log.info("%s %s model=%s conversation=%s status=%d %.0f ms", method, path, trace.get("model", "-"),
-             trace.get("conversation", "-"), status, (time.monotonic() - started) * 1000)
+    if not log.isEnabledFor(logging.INFO):
+        return
+    # The record log.info would make, made here: log.info would walk the stack to find this
+    # function (findCaller) on every request, for fields the log line does not show.
+    frame = sys._getframe()
+    log.handle(log.makeRecord(log.name, logging.INFO, frame.f_code.co_filename, frame.f_lineno,
+                              "%s %s model=%s conversation=%s status=%d %.0f ms",
+                              (method, path, trace.get("model", "-"), trace.get("conversation", "-"), status,
+                               (time.monotonic() - started) * 1000), None, "_log_line"))
 
 
 def _logged_when_done(stream: Iterator[bytes], method: str, path: str, trace: Mapping[str, str],
@@ -6122,6 +6177,8 @@ def check_origin(origins: Sequence[str]) -> None:
     """A browser's Origin must be this machine's (loopback) or one given with --cors-origin:
     without it any page the user opens could drive the workflows (a form or a text/plain
     POST needs no preflight), and DNS rebinding makes "the same as Host" no test at all."""
+    if "HTTP_ORIGIN" not in bottle.request.environ:   # not a browser: nothing to check (the common case)
+        return
     origin = bottle.request.get_header("Origin")
     if origin and origin not in origins and "*" not in origins:
         if (urlsplit(origin).hostname or "") not in ("localhost", "127.0.0.1", "::1"):
@@ -6134,7 +6191,7 @@ def read_body() -> bytes:
     server. A body shorter than its Content-Length is a 400; one that stops arriving (the
     built-in server's --body-timeout) a 408."""
     environ = bottle.request.environ
-    stream, length = environ["wsgi.input"], bottle.request.content_length
+    stream, length = environ["wsgi.input"], int(environ.get("CONTENT_LENGTH") or -1)   # bottle's content_length
     try:
         if length > MAX_BODY_BYTES:
             raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
@@ -6452,9 +6509,10 @@ def completion_object(fields: Iterator[Tuple[str, str]], request: ChatRequest, p
     for field_name, text in fields:
         texts[field_name].append(text)
     message = {"role": "assistant", "content": "".join(texts["content"]), "refusal": None}
+    characters = len(message["content"])
     if texts["reasoning_content"]:
         message["reasoning_content"] = "".join(texts["reasoning_content"])
-    characters = sum(len(text) for parts in texts.values() for text in parts)
+        characters += len(message["reasoning_content"])
     return {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
             "model": request.model, "system_fingerprint": None,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
@@ -6474,7 +6532,7 @@ def model_object(workflow: Workflow) -> dict:
 def chat_completions(service: Service) -> Any:
     """POST /openai/chat/completions: one turn, streamed as chunks or answered whole."""
     environ = bottle.request.environ
-    request = parse_chat_request(read_body(), bottle.request.content_type)
+    request = parse_chat_request(read_body(), environ.get("CONTENT_TYPE", ""))
     prompt_tokens = estimate_tokens("".join(message["content"] for message in request.messages))
     chat_key = bottle.request.get_header(service.conversation_header, "") if service.conversation_header else ""
     turn = open_chat_turn(service, TurnRequest(request.model, request.messages, chat_key=chat_key),
@@ -8186,13 +8244,15 @@ class Metrics:
         self._lock = threading.Lock()
 
     def add(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
+        key = (name, tuple(sorted(labels.items())) if len(labels) > 1 else tuple(labels.items()))
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
-        self.add(name + "_sum", seconds, **labels)
-        self.add(name + "_count", 1, **labels)
+        keyed = tuple(sorted(labels.items()))
+        with self._lock:   # the sum and the count together
+            for key, amount in (((name + "_sum", keyed), seconds), ((name + "_count", keyed), 1)):
+                self._values[key] = self._values.get(key, 0.0) + amount
 
     def render(self, gauges: Mapping[str, float]) -> str:
         with self._lock:
@@ -8498,16 +8558,23 @@ def _guard_the_edge(service: Service, origins: Sequence[str]) -> None:
     unknown path under /openai is a 401 without a key (a 404 would tell what exists), then
     a browser's Origin on anything that changes state. A CORS preflight carries no key: with
     origins allowed, OPTIONS passes."""
-    environ, path = bottle.request.environ, bottle.request.path
+    environ = bottle.request.environ
+    method, path = request_line_of(environ)
     try:
         check_framing(environ)
-        if service.api_keys and is_keyed_path(path) and not (origins and bottle.request.method == "OPTIONS"):
+        if service.api_keys and is_keyed_path(path) and not (origins and method == "OPTIONS"):
             check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
-        if bottle.request.method not in ("GET", "HEAD", "OPTIONS") and not path.startswith("/mcp"):
+        if method not in ("GET", "HEAD", "OPTIONS") and not path.startswith("/mcp"):
             check_origin(origins)   # /mcp answers its own refusal, in JSON-RPC
     except CozyError as exc:
-        _log_line(bottle.request.method, path, exc.status, {}, time.monotonic())
+        _log_line(method, path, exc.status, {}, time.monotonic())
         raise bottle.HTTPResponse(edge_error_body(path, exc), exc.status, {"Content-Type": "application/json"})
+
+
+def request_line_of(environ: Mapping[str, Any]) -> Tuple[str, str]:
+    """The request's method and path, as bottle.request gives them, read from the environ at
+    once (each bottle.request attribute is a thread-local look-up)."""
+    return environ.get("REQUEST_METHOD", "GET").upper(), "/" + environ.get("PATH_INFO", "").lstrip("/")
 
 
 def _log_requests_under_a_wsgi_server(level: str) -> None:
@@ -8529,19 +8596,22 @@ def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., 
     with its status, and one log line per request (a stream's when it ends)."""
     def route(**url_args: Any) -> Any:
         started, trace = time.monotonic(), {}
-        bottle.request.environ[TRACE_ENVIRON_KEY] = trace
+        environ = bottle.request.environ
+        environ[TRACE_ENVIRON_KEY] = trace
         try:
-            check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
+            if service.api_keys:
+                check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
             result = handler(service, **url_args)
         except CozyError as exc:
             result = _error_response(exc)
         if isinstance(result, dict):
             bottle.response.content_type = "application/json"
             result = json.dumps(result, ensure_ascii=False)
+        method, path = request_line_of(environ)
         if isinstance(result, str):
-            _log_line(bottle.request.method, bottle.request.path, bottle.response.status_code, trace, started)
+            _log_line(method, path, bottle.response.status_code, trace, started)
             return result
-        return _logged_when_done(result, bottle.request.method, bottle.request.path, trace, started)
+        return _logged_when_done(result, method, path, trace, started)
     return route
 
 
