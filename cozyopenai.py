@@ -89,6 +89,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import queue
 import random
 import re
@@ -1140,14 +1141,15 @@ class RunEvent(NamedTuple):   # a tuple, not a frozen dataclass: several are mad
 def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
                  node_types: Optional[Mapping[str, NodeType]] = None, llm: Optional[LLMClient] = None,
                  stop: Optional[threading.Event] = None,
-                 follow_up: Optional[Tuple[str, str]] = None) -> Iterator[RunEvent]:
+                 follow_up: Optional[Tuple[str, str]] = None, metrics: Any = None) -> Iterator[RunEvent]:
     """Run ``workflow`` with the query ``values``, yielding progress as it happens.
 
     Independent nodes run side by side in threads; a plain chain runs in the caller's
     thread. The answer arrives as "answer" events (streamed when it comes from an `llm`
     node), then "done". A failure yields "failed" and starts nothing more. Closing the
     generator (the client hung up) sets ``stop`` so no new node starts. ``follow_up`` goes to
-    the node whose output is the answer (see NodeContext).
+    the node whose output is the answer (see NodeContext). With ``metrics``, the run is counted
+    (runs by outcome, failed nodes by type).
     """
     node_types = NODE_TYPES if node_types is None else node_types
     stop = stop or threading.Event()
@@ -1157,6 +1159,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     threaded: set = set()                       # nodes running in threads right now
     streams_answer = workflow.answer_source()
     answer_streamed = False
+    outcome = "stopped"
 
     def events_of(node_id: str) -> Iterator[RunEvent]:
         return _node_events(workflow, workflow.node(node_id), outputs, values, node_types, llm, stop,
@@ -1178,6 +1181,10 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
                 if event.what in ("finished", "failed"):
                     threaded.discard(event.node_id)
                 answer_streamed = answer_streamed or event.what == "answer"
+                if event.what == "failed":
+                    outcome = "failed"
+                    if metrics is not None:
+                        metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
                 yield event
                 if event.what == "failed":
                     return
@@ -1188,9 +1195,12 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
         answer = outputs[workflow.output_node]
         if not answer_streamed:
             yield RunEvent("answer", workflow.output_node, text=answer)
+        outcome = "ok"
         yield RunEvent("done", workflow.output_node, text=answer)
     finally:
         stop.set()   # also on failure and GeneratorExit: threads still running start nothing new
+        if metrics is not None:
+            metrics.add("runs_total", model=workflow.name, outcome=outcome)
 
 
 def _start_in_thread(events: Iterator[RunEvent], sink: "queue.Queue[RunEvent]") -> None:
@@ -2096,7 +2106,7 @@ class MemoryStore(Store):
                  max_age_seconds: Optional[float] = None):
         self.max_conversations = max_conversations
         self.max_age_seconds = max_age_seconds
-        self._records: "OrderedDict[str, Tuple[float, str]]" = OrderedDict()
+        self._records: "OrderedDict[str, Tuple[float, bytes]]" = OrderedDict()
         self._guard = threading.Lock()
         self._locks = _KeyedLocks()
 
@@ -2109,7 +2119,7 @@ class MemoryStore(Store):
             saved = self._records.get(conversation_id)
             if saved is not None:
                 self._records.move_to_end(conversation_id)
-        return json.loads(saved[1]) if saved is not None else None
+        return pickle.loads(saved[1]) if saved is not None else None   # our own bytes, made by save
 
     def count(self) -> int:
         return len(self._records)
@@ -2118,9 +2128,11 @@ class MemoryStore(Store):
         return "memory (lost on restart)"
 
     def save(self, conversation_id: str, record: dict) -> None:
-        text = json.dumps(record)   # a copy, so callers cannot change what is stored
+        # A copy, so callers cannot change what is stored: pickled, which for a record of JSON
+        # data is several times quicker to make and to read again than JSON (floats above all).
+        copied = pickle.dumps(record, pickle.HIGHEST_PROTOCOL)
         with self._guard:
-            self._records[conversation_id] = (time.time(), text)
+            self._records[conversation_id] = (time.time(), copied)
             self._records.move_to_end(conversation_id)
             while len(self._records) > self.max_conversations:
                 self._records.popitem(last=False)
@@ -5389,11 +5401,12 @@ class TurnRequest:
 SORRY_REPLY = "Sorry, something went wrong on the server while answering. Your conversation is kept."
 
 
-def ordered_pieces(pieces: Iterator[Piece]) -> Iterator[Piece]:
+def ordered_pieces(pieces: Iterator[Piece], written: Optional[Mapping[str, List[str]]] = None) -> Iterator[Piece]:
     """The turn's pieces as every API shows them: thinking, then the answer. Progress that comes
     after the answer has begun (the node that streams the answer finishing, a side branch) is
     held and shown after the answer, so the record of the run is whole; a bug in the turn ends
-    the answer with an apology rather than a broken reply."""
+    the answer with an apology rather than a broken reply. With ``written`` ({channel: texts}),
+    each piece is kept there as it goes out."""
     answer_begun, after = False, []   # after: thinking held until the answer is whole
     try:
         for piece in pieces:
@@ -5401,11 +5414,18 @@ def ordered_pieces(pieces: Iterator[Piece]) -> Iterator[Piece]:
                 after.append(piece.text)
                 continue
             answer_begun = answer_begun or piece.channel == "answer"
+            if written is not None:
+                written[piece.channel].append(piece.text)
             yield piece
         if after:
-            yield Piece("thinking", "".join(after))
+            piece = Piece("thinking", "".join(after))
+            if written is not None:
+                written["thinking"].append(piece.text)
+            yield piece
     except Exception:   # the turn's own bug
         log.exception("turn failed")
+        if written is not None:
+            written["answer"].append(SORRY_REPLY)
         yield Piece("answer", SORRY_REPLY)
 
 
@@ -5664,21 +5684,8 @@ def run_events(workflow: Workflow, values: Mapping[str, Any], *, node_types: Map
                follow_up: Optional[Tuple[str, str]] = None) -> Iterator[RunEvent]:
     """The run of every wire format: run_workflow's events, counted in the metrics (runs by
     outcome, failed nodes by type); closing it stops the run."""
-    outcome = "stopped"
-    events = run_workflow(workflow, values, node_types=node_types, llm=llm, stop=stop, follow_up=follow_up)
-    try:
-        for event in events:
-            if event.what == "failed":
-                outcome = "failed"
-                if metrics is not None:
-                    metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
-            elif event.what == "done":
-                outcome = "ok"
-            yield event
-    finally:
-        events.close()
-        if metrics is not None:
-            metrics.add("runs_total", model=workflow.name, outcome=outcome)
+    return run_workflow(workflow, values, node_types=node_types, llm=llm, stop=stop, follow_up=follow_up,
+                        metrics=metrics)
 
 
 def with_keepalives(texts: Iterator[Any], interval_seconds: float, stop: threading.Event) -> Iterator[Any]:
@@ -5875,7 +5882,9 @@ class Turn:
         else:
             assert self._context is not None
             self._game = play_turn(self._context)
-            pieces = self._recorded(ordered_pieces(self._game))
+            # Kept as written for the save; chain adds no step per piece, and its second part is
+            # only looked at once the first is over.
+            pieces = itertools.chain(ordered_pieces(self._game, self._written), self._id_block())
             if not self.workflow.redact:   # a workflow with no secrets skips a step per piece
                 yield from pieces
             else:
@@ -5885,12 +5894,9 @@ class Turn:
             self._playing = None   # this very generator, still running: close() must not close it
             self.close()
 
-    def _recorded(self, pieces: Iterator[Piece]) -> Iterator[Piece]:
-        """The pieces, kept as written for the save; the first reply ends with the id block."""
+    def _id_block(self) -> Iterator[Piece]:
+        """The first reply's last piece, kept with the answer for the save: the id block."""
         assert self.conversation is not None
-        for piece in pieces:
-            self._written[piece.channel].append(piece.text)
-            yield piece
         if self.conversation.is_new and self.request.id_block and not self.request.chat_key:
             self._written["answer"].append(id_block(self.conversation.id))
             yield Piece("answer", self._written["answer"][-1])
