@@ -5860,10 +5860,15 @@ class Turn:
         read. With ``keepalive_seconds``, they are produced in a thread of their own and a None
         comes each time the turn is silent that long (so a proxy keeps a long stream open)."""
         if keepalive_seconds is None:   # read on this thread, which closes the turn at the end itself
-            self._playing = self._play(closing=True)
+            self._playing = itertools.chain(self._play(), self._closing())   # chain: no step more per piece
             return self._playing
         self._playing = with_keepalives(self._play(), keepalive_seconds, self.stop)
         return self._closed_at_the_end(self._playing)
+
+    def _closing(self) -> Iterator[Piece]:
+        """No piece: the turn closed once the pieces before it are all read, as _closed_at_the_end does."""
+        self.close()
+        yield from ()
 
     def _closed_at_the_end(self, pieces: Iterator[Optional[Piece]]) -> Iterator[Optional[Piece]]:
         """The pieces; once they are all read, the turn closes at once (on the reader's thread,
@@ -5872,27 +5877,19 @@ class Turn:
         yield from pieces
         self.close()
 
-    def _play(self, closing: bool = False) -> Iterator[Piece]:
-        """The pieces, redacted; with ``closing``, the turn closes once they are all read, as
-        _closed_at_the_end does, without a step more per piece."""
+    def _play(self) -> Iterator[Piece]:
+        """The pieces, in order, kept as written for the save, then redacted. Iterators are
+        chained rather than wrapped in a generator of their own: each would add a step per piece."""
         if self._twin is not None:
-            yield Piece("thinking", self._twin["thinking"])
-            yield Piece("thinking", REPEAT_NOTE)
-            yield Piece("answer", self._twin["answer"])
-        else:
-            assert self._context is not None
-            self._game = play_turn(self._context)
-            # Kept as written for the save; chain adds no step per piece, and its second part is
-            # only looked at once the first is over.
-            pieces = itertools.chain(ordered_pieces(self._game, self._written), self._id_block())
-            if not self.workflow.redact:   # a workflow with no secrets skips a step per piece
-                yield from pieces
-            else:
-                for channel, text in self.workflow.redact.stream((piece.channel, piece.text) for piece in pieces):
-                    yield Piece(channel, text)
-        if closing:
-            self._playing = None   # this very generator, still running: close() must not close it
-            self.close()
+            return iter([Piece("thinking", self._twin["thinking"]), Piece("thinking", REPEAT_NOTE),
+                         Piece("answer", self._twin["answer"])])
+        assert self._context is not None
+        self._game = play_turn(self._context)
+        pieces = itertools.chain(ordered_pieces(self._game, self._written), self._id_block())   # the block once over
+        if not self.workflow.redact:   # a workflow with no secrets skips a step per piece
+            return pieces
+        return (Piece(channel, text) for channel, text in self.workflow.redact.stream(
+            (piece.channel, piece.text) for piece in pieces))
 
     def _id_block(self) -> Iterator[Piece]:
         """The first reply's last piece, kept with the answer for the save: the id block."""
@@ -5909,7 +5906,7 @@ class Turn:
         with self._held:   # unlocks last, whatever saving does
             self.stop.set()
             for playing in (self._playing, self._game):   # outside in; a stream's producer is joined first
-                if playing is not None:
+                if getattr(playing, "close", None) is not None:   # a chain of pieces has nothing to close
                     playing.close()
             if self.conversation is not None and self._twin is not None:
                 self._save_repeat()
@@ -6011,9 +6008,9 @@ def branch_of(conversation: Conversation, messages: Sequence[dict], arrived: flo
     latest reply), "earlier" (an older one: an edit, a regenerated reply, an older branch),
     "new chat" (no reply yet, under a reused header key) or "unknown" (replies it does not keep),
     and the user turns to read again first (edited in place)."""
-    found, again = conversation.continue_from(messages, arrived)
-    if not conversation.snapshots:
+    if not conversation.snapshots:   # new, or nothing kept yet: its state is the empty one already
         return "", []
+    found, again = conversation.continue_from(messages, arrived)
     if found is None:
         return ("unknown" if any(m["role"] == "assistant" for m in messages) else "new chat"), []
     return ("" if found is conversation.snapshots[-1] or found["key"] == LEGACY_SNAPSHOT else "earlier"), again
@@ -6467,6 +6464,26 @@ def reply_fields(pieces: Iterator[Optional[Piece]], thinking: str = "tags") -> I
         yield "content", "</thinking>\n\n"
 
 
+def whole_reply(pieces: Iterable[Piece], thinking: str = "tags") -> Dict[str, Optional[str]]:
+    """A reply sent whole: the text reply_fields gives each field, joined, with no generator
+    step per piece; ``reasoning_content`` is None when no piece went there."""
+    if thinking != "tags":
+        texts: Dict[str, List[str]] = {"content": [], "reasoning_content": []}
+        for piece in pieces:
+            texts["reasoning_content" if piece.channel == "thinking" else "content"].append(piece.text)
+        reasoning = "".join(texts["reasoning_content"]) if texts["reasoning_content"] else None
+        return {"content": "".join(texts["content"]), "reasoning_content": reasoning}
+    content, thinking_open = [], False
+    for piece in pieces:
+        if (piece.channel == "thinking") != thinking_open:   # the <thinking> block opens or closes
+            content.append("</thinking>\n\n" if thinking_open else "<thinking>\n")
+            thinking_open = not thinking_open
+        content.append(piece.text)
+    if thinking_open:
+        content.append("</thinking>\n\n")
+    return {"content": "".join(content), "reasoning_content": None}
+
+
 def new_completion_id() -> str:
     """Completion ids need to be unique, not secret: no system call for them (one per reply costs under load)."""
     return f"chatcmpl-{random.getrandbits(96):024x}"
@@ -6510,14 +6527,12 @@ def completion_cut(message: str) -> bytes:
     return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-def completion_object(fields: Iterator[Tuple[str, str]], request: ChatRequest, prompt_tokens: int) -> dict:
-    texts: Dict[str, List[str]] = {"content": [], "reasoning_content": []}
-    for field_name, text in fields:
-        texts[field_name].append(text)
-    message = {"role": "assistant", "content": "".join(texts["content"]), "refusal": None}
+def completion_object(texts: Mapping[str, Optional[str]], request: ChatRequest, prompt_tokens: int) -> dict:
+    """The chat.completion object of a whole reply, from its texts (whole_reply)."""
+    message = {"role": "assistant", "content": texts["content"], "refusal": None}
     characters = len(message["content"])
-    if texts["reasoning_content"]:
-        message["reasoning_content"] = "".join(texts["reasoning_content"])
+    if texts["reasoning_content"] is not None:
+        message["reasoning_content"] = texts["reasoning_content"]
         characters += len(message["reasoning_content"])
     return {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
             "model": request.model, "system_fingerprint": None,
@@ -6549,7 +6564,7 @@ def chat_completions(service: Service) -> Any:
         return StreamedTurn(completion_chunks(fields, request, prompt_tokens), turn, service.metrics,
                             lambda message, sent: completion_cut(message))
     with turn:
-        return completion_object(reply_fields(turn.pieces(), service.thinking), request, prompt_tokens)
+        return completion_object(whole_reply(turn.pieces(), service.thinking), request, prompt_tokens)
 
 
 def open_chat_turn(service: Service, request: TurnRequest, stop: threading.Event,
@@ -8255,7 +8270,7 @@ class Metrics:
             self._values[key] = self._values.get(key, 0.0) + amount
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
-        keyed = tuple(sorted(labels.items()))
+        keyed = tuple(sorted(labels.items())) if len(labels) > 1 else tuple(labels.items())
         with self._lock:   # the sum and the count together
             for key, amount in (((name + "_sum", keyed), seconds), ((name + "_count", keyed), 1)):
                 self._values[key] = self._values.get(key, 0.0) + amount
