@@ -185,6 +185,9 @@ TRACE_ENVIRON_KEY = "cozyopenai.trace"             # model and short conversatio
 ENDING_ENVIRON_KEY = "cozyopenai.ending"           # how a stream ends if the server cuts it short (StreamEnding)
 SHUTDOWN_GRACE_SECONDS = 10.0                       # on SIGTERM, running turns have this long to finish
 SHUTDOWN_MESSAGE = "The server is shutting down; this reply was cut short. Send it again in a moment."
+# json.dumps(value, ensure_ascii=False), the text every reply is written in, with one encoder
+# made once: json.dumps makes a new one on each call with an option set.
+json_text = json.JSONEncoder(ensure_ascii=False).encode
 
 
 ####################################################################################
@@ -1873,9 +1876,10 @@ class Conversation:
             self.snapshots = (self.snapshots + [snapshot])[-SNAPSHOTS_KEPT:]
         used = {s.get("result") for s in self.snapshots}
         self.results = {digest: text for digest, text in self.results.items() if digest in used}
-        kept = {_sid(s) for s in self.snapshots}
-        responses = [(rid, response) for rid, response in self.responses.items() if response["snapshot"] in kept]
-        self.responses = dict(responses[-RESPONSES_KEPT:])
+        if self.responses:   # the Responses API's, of the snapshots still kept
+            kept = {_sid(s) for s in self.snapshots}
+            responses = [(rid, response) for rid, response in self.responses.items() if response["snapshot"] in kept]
+            self.responses = dict(responses[-RESPONSES_KEPT:])
         return _sid(snapshot)
 
     def keep_response(self, response_id: str, snapshot: str, thinking: str, answer: str, extra: Mapping[str, Any]) -> None:
@@ -1918,7 +1922,7 @@ def item_messages(items: Sequence[Mapping[str, Any]]) -> List[dict]:
 def request_digest(model: str, messages: Sequence[dict], chat_key: str = "") -> str:
     """What makes two requests the same one: the model, the whole history (the new message
     included) and the conversation header's key."""
-    sent = json.dumps([model, chat_key, [[m["role"], m["content"]] for m in messages]], ensure_ascii=False)
+    sent = json_text([model, chat_key, [[m["role"], m["content"]] for m in messages]])
     return hashlib.sha256(sent.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
@@ -6501,7 +6505,7 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
         if request.include_usage:
             body["usage"] = None
-        return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+        return b"data: " + json_text(body).encode() + b"\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
     completion_chars = 0
@@ -6866,7 +6870,7 @@ def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest
 
 
 def sse_event(event: Mapping[str, Any]) -> bytes:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+    return f"event: {event['type']}\ndata: {json_text(event)}\n\n".encode()
 
 
 def response_event_objects(pieces: Iterator[Optional[Piece]], request: ResponsesRequest, response_id: str,
@@ -8627,7 +8631,7 @@ def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., 
             result = _error_response(exc)
         if isinstance(result, dict):
             bottle.response.content_type = "application/json"
-            result = json.dumps(result, ensure_ascii=False)
+            result = json_text(result)
         method, path = request_line_of(environ)
         if isinstance(result, str):
             _log_line(method, path, bottle.response.status_code, trace, started)
