@@ -309,7 +309,7 @@ class QueryInput:
     # What the reader works out from the definition (its kind, ...), kept so it is worked out once.
     derived: Dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
-    @property
+    @cached_property   # read in every thinking line and question
     def label(self) -> str:
         return self.name.replace("_", " ")
 
@@ -1226,7 +1226,9 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
             raise NodeFailed("the run was stopped")
         inputs = {name: _input_value(workflow, node, name, value, outputs, values)
                   for name, value in node.inputs.items()}
-        result = _call_within(node.timeout_seconds, node_types[node.type].run, inputs, context)
+        run = node_types[node.type].run
+        result = run(inputs, context) if node.timeout_seconds is None else _call_within(node.timeout_seconds, run,
+                                                                                         inputs, context)
         if context.notes:
             yield from _note_events(context)
         if isinstance(result, TextStream):
@@ -6335,8 +6337,7 @@ def _offline_task_value(workflow: Workflow, key: str, task: str) -> Any:
     return [] if key in ("follow_ups", "queries") else ""
 
 
-@dataclass(frozen=True)
-class ChatRequest:
+class ChatRequest(NamedTuple):   # one per request: a tuple is quicker to make than a frozen dataclass
     model: str
     messages: List[dict]      # {"role", "content"} with content as text
     stream: bool
@@ -6601,8 +6602,7 @@ def get_model(service: Service, model_id: str) -> dict:
 # The Responses API
 ####################################################################################
 
-@dataclass(frozen=True)
-class ResponsesRequest:
+class ResponsesRequest(NamedTuple):   # one per request: a tuple is quicker to make than a frozen dataclass
     model: str
     messages: List[dict]          # the input as chat messages
     stream: bool
