@@ -89,6 +89,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import queue
 import random
 import re
@@ -185,6 +186,9 @@ TRACE_ENVIRON_KEY = "cozyopenai.trace"             # model and short conversatio
 ENDING_ENVIRON_KEY = "cozyopenai.ending"           # how a stream ends if the server cuts it short (StreamEnding)
 SHUTDOWN_GRACE_SECONDS = 10.0                       # on SIGTERM, running turns have this long to finish
 SHUTDOWN_MESSAGE = "The server is shutting down; this reply was cut short. Send it again in a moment."
+# json.dumps(value, ensure_ascii=False), the text every reply is written in, with one encoder
+# made once: json.dumps makes a new one on each call with an option set.
+json_text = json.JSONEncoder(ensure_ascii=False).encode
 
 
 ####################################################################################
@@ -306,7 +310,7 @@ class QueryInput:
     # What the reader works out from the definition (its kind, ...), kept so it is worked out once.
     derived: Dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
-    @property
+    @cached_property   # read in every thinking line and question
     def label(self) -> str:
         return self.name.replace("_", " ")
 
@@ -371,7 +375,11 @@ class Workflow:
     derived: Dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def node(self, node_id: str) -> Node:
-        return next(node for node in self.nodes if node.id == node_id)
+        return self._nodes_by_id[node_id]
+
+    @cached_property
+    def _nodes_by_id(self) -> Dict[str, Node]:   # looked up several times a turn
+        return {node.id: node for node in reversed(self.nodes)}   # the first of an id, as a search finds it
 
     def nodes_fed_by(self, query_name: str) -> List[Node]:
         return [node for node in self.nodes if QueryRef(query_name) in node.inputs.values()]
@@ -907,10 +915,34 @@ def lookup_path(value: Any, path: Sequence[str], label: str) -> Any:
 
 
 def render_template(template: str, values: Mapping[str, Any]) -> str:
+    parts = _plain_template(str(template))
+    if parts is not None:   # the same text as the formatter below, without its machinery
+        filled = []
+        for literal, name in parts:
+            filled.append(literal)
+            if name is not None:
+                if name not in values:
+                    raise NodeFailed(f"{name!r} is not available (nothing at {name!r})")
+                value = values[name]
+                filled.append(shown_value(value) if isinstance(value, (bool, float)) else format(value, ""))
+        return "".join(filled)
     try:
         return _TemplateFormatter().format(str(template), **values)
     except (ValueError, IndexError) as exc:
         raise NodeFailed(f"template error: {exc}") from None
+
+
+@lru_cache(maxsize=256)   # a workflow's few templates, filled turn after turn
+def _plain_template(template: str) -> Optional[Tuple[Tuple[str, Optional[str]], ...]]:
+    """A template's (text, field name) parts when every field is a plain name with no format
+    spec or conversion, as most are ("You said {word}"); None for any other template."""
+    try:
+        parts = tuple(string.Formatter().parse(template))
+    except ValueError:
+        return None
+    if any(name is not None and (not name.isidentifier() or spec or conversion) for _, name, spec, conversion in parts):
+        return None
+    return tuple((literal, name) for literal, name, _, _ in parts)
 
 
 def _check_template(inputs: Dict[str, Any], functions: Optional[FunctionFinder] = None) -> None:
@@ -1099,8 +1131,7 @@ NODE_TYPES: Mapping[str, NodeType] = MappingProxyType({
 # Runner: nodes run when all their inputs are ready
 ####################################################################################
 
-@dataclass(frozen=True)
-class RunEvent:
+class RunEvent(NamedTuple):   # a tuple, not a frozen dataclass: several are made per turn, and cheaply
     """What the runner reports. what: "started", "finished" (with seconds and value),
     "failed" (with seconds and text), "note" (a line for the thinking block, from
     NodeContext.note, in the order noted), "answer" (a piece of the answer), "done"."""
@@ -1114,14 +1145,15 @@ class RunEvent:
 def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
                  node_types: Optional[Mapping[str, NodeType]] = None, llm: Optional[LLMClient] = None,
                  stop: Optional[threading.Event] = None,
-                 follow_up: Optional[Tuple[str, str]] = None) -> Iterator[RunEvent]:
+                 follow_up: Optional[Tuple[str, str]] = None, metrics: Any = None) -> Iterator[RunEvent]:
     """Run ``workflow`` with the query ``values``, yielding progress as it happens.
 
     Independent nodes run side by side in threads; a plain chain runs in the caller's
     thread. The answer arrives as "answer" events (streamed when it comes from an `llm`
     node), then "done". A failure yields "failed" and starts nothing more. Closing the
     generator (the client hung up) sets ``stop`` so no new node starts. ``follow_up`` goes to
-    the node whose output is the answer (see NodeContext).
+    the node whose output is the answer (see NodeContext). With ``metrics``, the run is counted
+    (runs by outcome, failed nodes by type).
     """
     node_types = NODE_TYPES if node_types is None else node_types
     stop = stop or threading.Event()
@@ -1131,6 +1163,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     threaded: set = set()                       # nodes running in threads right now
     streams_answer = workflow.answer_source()
     answer_streamed = False
+    outcome = "stopped"
 
     def events_of(node_id: str) -> Iterator[RunEvent]:
         return _node_events(workflow, workflow.node(node_id), outputs, values, node_types, llm, stop,
@@ -1152,6 +1185,10 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
                 if event.what in ("finished", "failed"):
                     threaded.discard(event.node_id)
                 answer_streamed = answer_streamed or event.what == "answer"
+                if event.what == "failed":
+                    outcome = "failed"
+                    if metrics is not None:
+                        metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
                 yield event
                 if event.what == "failed":
                     return
@@ -1162,9 +1199,12 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
         answer = outputs[workflow.output_node]
         if not answer_streamed:
             yield RunEvent("answer", workflow.output_node, text=answer)
+        outcome = "ok"
         yield RunEvent("done", workflow.output_node, text=answer)
     finally:
         stop.set()   # also on failure and GeneratorExit: threads still running start nothing new
+        if metrics is not None:
+            metrics.add("runs_total", model=workflow.name, outcome=outcome)
 
 
 def _start_in_thread(events: Iterator[RunEvent], sink: "queue.Queue[RunEvent]") -> None:
@@ -1187,8 +1227,11 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
             raise NodeFailed("the run was stopped")
         inputs = {name: _input_value(workflow, node, name, value, outputs, values)
                   for name, value in node.inputs.items()}
-        result = _call_within(node.timeout_seconds, node_types[node.type].run, inputs, context)
-        yield from _note_events(context)
+        run = node_types[node.type].run
+        result = run(inputs, context) if node.timeout_seconds is None else _call_within(node.timeout_seconds, run,
+                                                                                         inputs, context)
+        if context.notes:
+            yield from _note_events(context)
         if isinstance(result, TextStream):
             pieces = []
             try:
@@ -1196,7 +1239,8 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
                     if stop.is_set():
                         raise NodeFailed("the run was stopped")
                     pieces.append(piece)
-                    yield from _note_events(context)   # noted before this piece came
+                    if context.notes:   # noted before this piece came
+                        yield from _note_events(context)
                     if streams_answer:
                         yield RunEvent("answer", node.id, text=piece)
             finally:   # stopped, failed or closed (the client left): its producer stops now
@@ -1835,9 +1879,10 @@ class Conversation:
             self.snapshots = (self.snapshots + [snapshot])[-SNAPSHOTS_KEPT:]
         used = {s.get("result") for s in self.snapshots}
         self.results = {digest: text for digest, text in self.results.items() if digest in used}
-        kept = {_sid(s) for s in self.snapshots}
-        responses = [(rid, response) for rid, response in self.responses.items() if response["snapshot"] in kept]
-        self.responses = dict(responses[-RESPONSES_KEPT:])
+        if self.responses:   # the Responses API's, of the snapshots still kept
+            kept = {_sid(s) for s in self.snapshots}
+            responses = [(rid, response) for rid, response in self.responses.items() if response["snapshot"] in kept]
+            self.responses = dict(responses[-RESPONSES_KEPT:])
         return _sid(snapshot)
 
     def keep_response(self, response_id: str, snapshot: str, thinking: str, answer: str, extra: Mapping[str, Any]) -> None:
@@ -1880,7 +1925,7 @@ def item_messages(items: Sequence[Mapping[str, Any]]) -> List[dict]:
 def request_digest(model: str, messages: Sequence[dict], chat_key: str = "") -> str:
     """What makes two requests the same one: the model, the whole history (the new message
     included) and the conversation header's key."""
-    sent = json.dumps([model, chat_key, [[m["role"], m["content"]] for m in messages]], ensure_ascii=False)
+    sent = json_text([model, chat_key, [[m["role"], m["content"]] for m in messages]])
     return hashlib.sha256(sent.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
@@ -1983,14 +2028,28 @@ class _KeyedLocks:
         self._locks: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
         self._guard = threading.Lock()
 
-    @contextlib.contextmanager
-    def __call__(self, key: str) -> Iterator[None]:
+    def __call__(self, key: str) -> "contextlib.AbstractContextManager[None]":
         with self._guard:
             held = self._locks.get(key)
             if held is None:
                 held = self._locks[key] = self._Lock()
-        with held.lock:
-            yield
+        return _Holding(held)
+
+
+class _Holding:
+    """Holds a _KeyedLocks lock from enter to exit, and the lock itself alive while it does (a
+    class, not a generator: one is taken per turn)."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self, held: Any) -> None:
+        self._held = held
+
+    def __enter__(self) -> None:
+        self._held.lock.acquire()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._held.lock.release()
 
 
 class Store(abc.ABC):
@@ -2054,7 +2113,7 @@ class MemoryStore(Store):
                  max_age_seconds: Optional[float] = None):
         self.max_conversations = max_conversations
         self.max_age_seconds = max_age_seconds
-        self._records: "OrderedDict[str, Tuple[float, str]]" = OrderedDict()
+        self._records: "OrderedDict[str, Tuple[float, bytes]]" = OrderedDict()
         self._guard = threading.Lock()
         self._locks = _KeyedLocks()
 
@@ -2067,7 +2126,7 @@ class MemoryStore(Store):
             saved = self._records.get(conversation_id)
             if saved is not None:
                 self._records.move_to_end(conversation_id)
-        return json.loads(saved[1]) if saved is not None else None
+        return pickle.loads(saved[1]) if saved is not None else None   # our own bytes, made by save
 
     def count(self) -> int:
         return len(self._records)
@@ -2076,9 +2135,11 @@ class MemoryStore(Store):
         return "memory (lost on restart)"
 
     def save(self, conversation_id: str, record: dict) -> None:
-        text = json.dumps(record)   # a copy, so callers cannot change what is stored
+        # A copy, so callers cannot change what is stored: pickled, which for a record of JSON
+        # data is several times quicker to make and to read again than JSON (floats above all).
+        copied = pickle.dumps(record, pickle.HIGHEST_PROTOCOL)
         with self._guard:
-            self._records[conversation_id] = (time.time(), text)
+            self._records[conversation_id] = (time.time(), copied)
             self._records.move_to_end(conversation_id)
             while len(self._records) > self.max_conversations:
                 self._records.popitem(last=False)
@@ -5816,8 +5877,7 @@ RUN_FAILED_REPLY = ("Sorry, the workflow stopped: step {node!r} failed ({reason}
                     'say "again" to retry, or change a value.')
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):   # a tuple: a turn makes a dozen, and a frozen dataclass is slow to make
     """A piece of the reply, for the channel "thinking" (inside the <thinking> block) or "answer"."""
     channel: str
     text: str
@@ -5856,11 +5916,12 @@ class TurnRequest:
 SORRY_REPLY = "Sorry, something went wrong on the server while answering. Your conversation is kept."
 
 
-def ordered_pieces(pieces: Iterator[Piece]) -> Iterator[Piece]:
+def ordered_pieces(pieces: Iterator[Piece], written: Optional[Mapping[str, List[str]]] = None) -> Iterator[Piece]:
     """The turn's pieces as every API shows them: thinking, then the answer. Progress that comes
     after the answer has begun (the node that streams the answer finishing, a side branch) is
     held and shown after the answer, so the record of the run is whole; a bug in the turn ends
-    the answer with an apology rather than a broken reply."""
+    the answer with an apology rather than a broken reply. With ``written`` ({channel: texts}),
+    each piece is kept there as it goes out."""
     answer_begun, after = False, []   # after: thinking held until the answer is whole
     try:
         for piece in pieces:
@@ -5868,11 +5929,18 @@ def ordered_pieces(pieces: Iterator[Piece]) -> Iterator[Piece]:
                 after.append(piece.text)
                 continue
             answer_begun = answer_begun or piece.channel == "answer"
+            if written is not None:
+                written[piece.channel].append(piece.text)
             yield piece
         if after:
-            yield Piece("thinking", "".join(after))
+            piece = Piece("thinking", "".join(after))
+            if written is not None:
+                written["thinking"].append(piece.text)
+            yield piece
     except Exception:   # the turn's own bug
         log.exception("turn failed")
+        if written is not None:
+            written["answer"].append(SORRY_REPLY)
         yield Piece("answer", SORRY_REPLY)
 
 
@@ -6131,21 +6199,8 @@ def run_events(workflow: Workflow, values: Mapping[str, Any], *, node_types: Map
                follow_up: Optional[Tuple[str, str]] = None) -> Iterator[RunEvent]:
     """The run of every wire format: run_workflow's events, counted in the metrics (runs by
     outcome, failed nodes by type); closing it stops the run."""
-    outcome = "stopped"
-    events = run_workflow(workflow, values, node_types=node_types, llm=llm, stop=stop, follow_up=follow_up)
-    try:
-        for event in events:
-            if event.what == "failed":
-                outcome = "failed"
-                if metrics is not None:
-                    metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
-            elif event.what == "done":
-                outcome = "ok"
-            yield event
-    finally:
-        events.close()
-        if metrics is not None:
-            metrics.add("runs_total", model=workflow.name, outcome=outcome)
+    return run_workflow(workflow, values, node_types=node_types, llm=llm, stop=stop, follow_up=follow_up,
+                        metrics=metrics)
 
 
 def with_keepalives(texts: Iterator[Any], interval_seconds: float, stop: threading.Event) -> Iterator[Any]:
@@ -6319,10 +6374,16 @@ class Turn:
         """The turn's pieces, thinking then answer, with secrets redacted, produced as they are
         read. With ``keepalive_seconds``, they are produced in a thread of their own and a None
         comes each time the turn is silent that long (so a proxy keeps a long stream open)."""
-        self._playing = self._play()
-        if keepalive_seconds is not None:
-            self._playing = with_keepalives(self._playing, keepalive_seconds, self.stop)
+        if keepalive_seconds is None:   # read on this thread, which closes the turn at the end itself
+            self._playing = itertools.chain(self._play(), self._closing())   # chain: no step more per piece
+            return self._playing
+        self._playing = with_keepalives(self._play(), keepalive_seconds, self.stop)
         return self._closed_at_the_end(self._playing)
+
+    def _closing(self) -> Iterator[Piece]:
+        """No piece: the turn closed once the pieces before it are all read, as _closed_at_the_end does."""
+        self.close()
+        yield from ()
 
     def _closed_at_the_end(self, pieces: Iterator[Optional[Piece]]) -> Iterator[Optional[Piece]]:
         """The pieces; once they are all read, the turn closes at once (on the reader's thread,
@@ -6332,26 +6393,22 @@ class Turn:
         self.close()
 
     def _play(self) -> Iterator[Piece]:
+        """The pieces, in order, kept as written for the save, then redacted. Iterators are
+        chained rather than wrapped in a generator of their own: each would add a step per piece."""
         if self._twin is not None:
-            yield Piece("thinking", self._twin["thinking"])
-            yield Piece("thinking", REPEAT_NOTE)
-            yield Piece("answer", self._twin["answer"])
-            return
+            return iter([Piece("thinking", self._twin["thinking"]), Piece("thinking", REPEAT_NOTE),
+                         Piece("answer", self._twin["answer"])])
         assert self._context is not None
         self._game = play_turn(self._context)
-        pieces = self._recorded(ordered_pieces(self._game))
+        pieces = itertools.chain(ordered_pieces(self._game, self._written), self._id_block())   # the block once over
         if not self.workflow.redact:   # a workflow with no secrets skips a step per piece
-            yield from pieces
-            return
-        for channel, text in self.workflow.redact.stream((piece.channel, piece.text) for piece in pieces):
-            yield Piece(channel, text)
+            return pieces
+        return (Piece(channel, text) for channel, text in self.workflow.redact.stream(
+            (piece.channel, piece.text) for piece in pieces))
 
-    def _recorded(self, pieces: Iterator[Piece]) -> Iterator[Piece]:
-        """The pieces, kept as written for the save; the first reply ends with the id block."""
+    def _id_block(self) -> Iterator[Piece]:
+        """The first reply's last piece, kept with the answer for the save: the id block."""
         assert self.conversation is not None
-        for piece in pieces:
-            self._written[piece.channel].append(piece.text)
-            yield piece
         if self.conversation.is_new and self.request.id_block and not self.request.chat_key:
             self._written["answer"].append(id_block(self.conversation.id))
             yield Piece("answer", self._written["answer"][-1])
@@ -6364,7 +6421,7 @@ class Turn:
         with self._held:   # unlocks last, whatever saving does
             self.stop.set()
             for playing in (self._playing, self._game):   # outside in; a stream's producer is joined first
-                if playing is not None:
+                if getattr(playing, "close", None) is not None:   # a chain of pieces has nothing to close
                     playing.close()
             if self.conversation is not None and self._twin is not None:
                 self._save_repeat()
@@ -6466,9 +6523,9 @@ def branch_of(conversation: Conversation, messages: Sequence[dict], arrived: flo
     latest reply), "earlier" (an older one: an edit, a regenerated reply, an older branch),
     "new chat" (no reply yet, under a reused header key) or "unknown" (replies it does not keep),
     and the user turns to read again first (edited in place)."""
-    found, again = conversation.continue_from(messages, arrived)
-    if not conversation.snapshots:
+    if not conversation.snapshots:   # new, or nothing kept yet: its state is the empty one already
         return "", []
+    found, again = conversation.continue_from(messages, arrived)
     if found is None:
         return ("unknown" if any(m["role"] == "assistant" for m in messages) else "new chat"), []
     return ("" if found is conversation.snapshots[-1] or found["key"] == LEGACY_SNAPSHOT else "earlier"), again
@@ -6536,8 +6593,15 @@ def estimate_tokens(text: str) -> int:
 
 
 def _log_line(method: str, path: str, status: int, trace: Mapping[str, str], started: float) -> None:
-    log.info("%s %s model=%s conversation=%s status=%d %.0f ms", method, path, trace.get("model", "-"),
-             trace.get("conversation", "-"), status, (time.monotonic() - started) * 1000)
+    if not log.isEnabledFor(logging.INFO):
+        return
+    # The record log.info would make, made here: log.info would walk the stack to find this
+    # function (findCaller) on every request, for fields the log line does not show.
+    frame = sys._getframe()
+    log.handle(log.makeRecord(log.name, logging.INFO, frame.f_code.co_filename, frame.f_lineno,
+                              "%s %s model=%s conversation=%s status=%d %.0f ms",
+                              (method, path, trace.get("model", "-"), trace.get("conversation", "-"), status,
+                               (time.monotonic() - started) * 1000), None, "_log_line"))
 
 
 def _logged_when_done(stream: Iterator[bytes], method: str, path: str, trace: Mapping[str, str],
@@ -6631,6 +6695,8 @@ def check_origin(origins: Sequence[str]) -> None:
     """A browser's Origin must be this machine's (loopback) or one given with --cors-origin:
     without it any page the user opens could drive the workflows (a form or a text/plain
     POST needs no preflight), and DNS rebinding makes "the same as Host" no test at all."""
+    if "HTTP_ORIGIN" not in bottle.request.environ:   # not a browser: nothing to check (the common case)
+        return
     origin = bottle.request.get_header("Origin")
     if origin and origin not in origins and "*" not in origins:
         if (urlsplit(origin).hostname or "") not in ("localhost", "127.0.0.1", "::1"):
@@ -6643,7 +6709,7 @@ def read_body() -> bytes:
     server. A body shorter than its Content-Length is a 400; one that stops arriving (the
     built-in server's --body-timeout) a 408."""
     environ = bottle.request.environ
-    stream, length = environ["wsgi.input"], bottle.request.content_length
+    stream, length = environ["wsgi.input"], int(environ.get("CONTENT_LENGTH") or -1)   # bottle's content_length
     try:
         if length > MAX_BODY_BYTES:
             raise BodyTooLargeError(f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
@@ -6780,8 +6846,7 @@ def _offline_task_value(workflow: Workflow, key: str, task: str) -> Any:
     return [] if key in ("follow_ups", "queries") else ""
 
 
-@dataclass(frozen=True)
-class ChatRequest:
+class ChatRequest(NamedTuple):   # one per request: a tuple is quicker to make than a frozen dataclass
     model: str
     messages: List[dict]      # {"role", "content"} with content as text
     stream: bool
@@ -6913,6 +6978,26 @@ def reply_fields(pieces: Iterator[Optional[Piece]], thinking: str = "tags") -> I
         yield "content", "</thinking>\n\n"
 
 
+def whole_reply(pieces: Iterable[Piece], thinking: str = "tags") -> Dict[str, Optional[str]]:
+    """A reply sent whole: the text reply_fields gives each field, joined, with no generator
+    step per piece; ``reasoning_content`` is None when no piece went there."""
+    if thinking != "tags":
+        texts: Dict[str, List[str]] = {"content": [], "reasoning_content": []}
+        for piece in pieces:
+            texts["reasoning_content" if piece.channel == "thinking" else "content"].append(piece.text)
+        reasoning = "".join(texts["reasoning_content"]) if texts["reasoning_content"] else None
+        return {"content": "".join(texts["content"]), "reasoning_content": reasoning}
+    content, thinking_open = [], False
+    for piece in pieces:
+        if (piece.channel == "thinking") != thinking_open:   # the <thinking> block opens or closes
+            content.append("</thinking>\n\n" if thinking_open else "<thinking>\n")
+            thinking_open = not thinking_open
+        content.append(piece.text)
+    if thinking_open:
+        content.append("</thinking>\n\n")
+    return {"content": "".join(content), "reasoning_content": None}
+
+
 def new_completion_id() -> str:
     """Completion ids need to be unique, not secret: no system call for them (one per reply costs under load)."""
     return f"chatcmpl-{random.getrandbits(96):024x}"
@@ -6930,7 +7015,7 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
         if request.include_usage:
             body["usage"] = None
-        return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+        return b"data: " + json_text(body).encode() + b"\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
     completion_chars = 0
@@ -6956,14 +7041,13 @@ def completion_cut(message: str) -> bytes:
     return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-def completion_object(fields: Iterator[Tuple[str, str]], request: ChatRequest, prompt_tokens: int) -> dict:
-    texts: Dict[str, List[str]] = {"content": [], "reasoning_content": []}
-    for field_name, text in fields:
-        texts[field_name].append(text)
-    message = {"role": "assistant", "content": "".join(texts["content"]), "refusal": None}
-    if texts["reasoning_content"]:
-        message["reasoning_content"] = "".join(texts["reasoning_content"])
-    characters = sum(len(text) for parts in texts.values() for text in parts)
+def completion_object(texts: Mapping[str, Optional[str]], request: ChatRequest, prompt_tokens: int) -> dict:
+    """The chat.completion object of a whole reply, from its texts (whole_reply)."""
+    message = {"role": "assistant", "content": texts["content"], "refusal": None}
+    characters = len(message["content"])
+    if texts["reasoning_content"] is not None:
+        message["reasoning_content"] = texts["reasoning_content"]
+        characters += len(message["reasoning_content"])
     return {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
             "model": request.model, "system_fingerprint": None,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
@@ -6983,7 +7067,7 @@ def model_object(workflow: Workflow) -> dict:
 def chat_completions(service: Service) -> Any:
     """POST /openai/chat/completions: one turn, streamed as chunks or answered whole."""
     environ = bottle.request.environ
-    request = parse_chat_request(read_body(), bottle.request.content_type)
+    request = parse_chat_request(read_body(), environ.get("CONTENT_TYPE", ""))
     prompt_tokens = estimate_tokens("".join(message["content"] for message in request.messages))
     chat_key = bottle.request.get_header(service.conversation_header, "") if service.conversation_header else ""
     turn = open_chat_turn(service, TurnRequest(request.model, request.messages, chat_key=chat_key),
@@ -6994,7 +7078,7 @@ def chat_completions(service: Service) -> Any:
         return StreamedTurn(completion_chunks(fields, request, prompt_tokens), turn, service.metrics,
                             lambda message, sent: completion_cut(message))
     with turn:
-        return completion_object(reply_fields(turn.pieces(), service.thinking), request, prompt_tokens)
+        return completion_object(whole_reply(turn.pieces(), service.thinking), request, prompt_tokens)
 
 
 def open_chat_turn(service: Service, request: TurnRequest, stop: threading.Event,
@@ -7027,8 +7111,7 @@ def get_model(service: Service, model_id: str) -> dict:
 # The Responses API
 ####################################################################################
 
-@dataclass(frozen=True)
-class ResponsesRequest:
+class ResponsesRequest(NamedTuple):   # one per request: a tuple is quicker to make than a frozen dataclass
     model: str
     messages: List[dict]          # the input as chat messages
     stream: bool
@@ -7296,7 +7379,7 @@ def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest
 
 
 def sse_event(event: Mapping[str, Any]) -> bytes:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+    return f"event: {event['type']}\ndata: {json_text(event)}\n\n".encode()
 
 
 def response_event_objects(pieces: Iterator[Optional[Piece]], request: ResponsesRequest, response_id: str,
@@ -8695,13 +8778,15 @@ class Metrics:
         self._lock = threading.Lock()
 
     def add(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
+        key = (name, tuple(sorted(labels.items())) if len(labels) > 1 else tuple(labels.items()))
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
-        self.add(name + "_sum", seconds, **labels)
-        self.add(name + "_count", 1, **labels)
+        keyed = tuple(sorted(labels.items())) if len(labels) > 1 else tuple(labels.items())
+        with self._lock:   # the sum and the count together
+            for key, amount in (((name + "_sum", keyed), seconds), ((name + "_count", keyed), 1)):
+                self._values[key] = self._values.get(key, 0.0) + amount
 
     def render(self, gauges: Mapping[str, float]) -> str:
         with self._lock:
@@ -9007,16 +9092,23 @@ def _guard_the_edge(service: Service, origins: Sequence[str]) -> None:
     unknown path under /openai is a 401 without a key (a 404 would tell what exists), then
     a browser's Origin on anything that changes state. A CORS preflight carries no key: with
     origins allowed, OPTIONS passes."""
-    environ, path = bottle.request.environ, bottle.request.path
+    environ = bottle.request.environ
+    method, path = request_line_of(environ)
     try:
         check_framing(environ)
-        if service.api_keys and is_keyed_path(path) and not (origins and bottle.request.method == "OPTIONS"):
+        if service.api_keys and is_keyed_path(path) and not (origins and method == "OPTIONS"):
             check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
-        if bottle.request.method not in ("GET", "HEAD", "OPTIONS") and not path.startswith("/mcp"):
+        if method not in ("GET", "HEAD", "OPTIONS") and not path.startswith("/mcp"):
             check_origin(origins)   # /mcp answers its own refusal, in JSON-RPC
     except CozyError as exc:
-        _log_line(bottle.request.method, path, exc.status, {}, time.monotonic())
+        _log_line(method, path, exc.status, {}, time.monotonic())
         raise bottle.HTTPResponse(edge_error_body(path, exc), exc.status, {"Content-Type": "application/json"})
+
+
+def request_line_of(environ: Mapping[str, Any]) -> Tuple[str, str]:
+    """The request's method and path, as bottle.request gives them, read from the environ at
+    once (each bottle.request attribute is a thread-local look-up)."""
+    return environ.get("REQUEST_METHOD", "GET").upper(), "/" + environ.get("PATH_INFO", "").lstrip("/")
 
 
 def _log_requests_under_a_wsgi_server(level: str) -> None:
@@ -9038,19 +9130,22 @@ def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., 
     with its status, and one log line per request (a stream's when it ends)."""
     def route(**url_args: Any) -> Any:
         started, trace = time.monotonic(), {}
-        bottle.request.environ[TRACE_ENVIRON_KEY] = trace
+        environ = bottle.request.environ
+        environ[TRACE_ENVIRON_KEY] = trace
         try:
-            check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
+            if service.api_keys:
+                check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
             result = handler(service, **url_args)
         except CozyError as exc:
             result = _error_response(exc)
         if isinstance(result, dict):
             bottle.response.content_type = "application/json"
-            result = json.dumps(result, ensure_ascii=False)
+            result = json_text(result)
+        method, path = request_line_of(environ)
         if isinstance(result, str):
-            _log_line(bottle.request.method, bottle.request.path, bottle.response.status_code, trace, started)
+            _log_line(method, path, bottle.response.status_code, trace, started)
             return result
-        return _logged_when_done(result, bottle.request.method, bottle.request.path, trace, started)
+        return _logged_when_done(result, method, path, trace, started)
     return route
 
 

@@ -18,6 +18,7 @@ import collections
 import contextlib
 import http.server
 import importlib.util
+import io
 import itertools
 import json
 import logging
@@ -43,7 +44,7 @@ CLIENTS = 16                      # concurrent clients for the throughput figure
 STREAMS = 200                     # simultaneous open streams for the concurrency figure
 STORED_CONVERSATIONS = 100_000    # for the storage scaling figure
 SECTIONS = ("overhead", "ttfb", "concurrency", "parallel", "storage", "llm", "latency", "calls", "reading", "startup")
-EXTRA_SECTIONS = ("soak",)        # long: only with --only soak
+EXTRA_SECTIONS = ("soak", "instructions")   # only when named: long (soak), or needs valgrind
 SOAK_SECONDS = 600.0
 SOAK_MOST_OPEN = 64               # connections the soak's client keeps open at most
 
@@ -1075,6 +1076,58 @@ def python_calls_per_turn(service, model, text, turns=PROFILED_TURNS):
     return pstats.Stats(profile).total_calls / turns, seconds * 1e6
 
 
+INSTRUCTION_TURNS = (100, 600)   # the count is taken at both, so start-up cancels out
+
+
+def turns_in_process(kind, count):
+    """``count`` requests of ``kind`` through the WSGI app, in this process, no sockets: what
+    `instructions` counts under cachegrind (bare: the baseline route, with the same body)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        stream=tempfile.TemporaryFile("w"))   # the request lines are written, as served
+    app = cozyopenai.make_app(BENCH_WORKFLOWS, store="memory", node_types=BENCH_NODE_TYPES)
+    path, body = "/openai/chat/completions", chat_body("echo", ECHO_MESSAGE, stream=kind == "streamed")
+    if kind == "responses":
+        path, body = "/openai/responses", json.dumps({"model": "echo", "input": ECHO_MESSAGE}).encode()
+
+    def request(app, path):
+        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "CONTENT_TYPE": "application/json",
+                   "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body), "SERVER_NAME": "127.0.0.1",
+                   "SERVER_PORT": "80", "wsgi.url_scheme": "http", "SERVER_PROTOCOL": "HTTP/1.1",
+                   "wsgi.errors": sys.stderr, "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "127.0.0.1"}
+        reply = app(environ, lambda *a: None)
+        try:
+            return b"".join(reply)
+        finally:
+            getattr(reply, "close", lambda: None)()
+    if kind == "bare":   # an answer as long as the turn's, as in the overhead figure
+        app, path = _bare_app(len(request(app, path))), "/bare"
+    for _ in range(count):
+        request(app, path)
+
+
+def bench_instructions():
+    """Machine instructions per request, counted by valgrind's cachegrind: unlike a rate, the
+    same on a busy machine as on an idle one, so two versions compare at any hour. In process
+    (no sockets, no server threads: the server's own share, the same for every route, is not in it)."""
+    print("Instructions per request (valgrind cachegrind), in-process WSGI, no LLM, memory store")
+    if shutil.which("valgrind") is None:
+        report("instructions", "skipped: valgrind is not installed", "measured", True)
+        return
+    counts = {}
+    for kind in ("bare", "memory", "responses", "streamed"):
+        totals = []
+        for count in INSTRUCTION_TURNS:
+            run = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+                                  sys.executable, os.path.abspath(__file__), "turns", "--kind", kind,
+                                  "--count", str(count)], capture_output=True, text=True, check=True)
+            totals.append(int(re.search(r"I\s+refs:\s+([\d,]+)", run.stderr).group(1).replace(",", "")))
+        counts[kind] = (totals[1] - totals[0]) / (INSTRUCTION_TURNS[1] - INSTRUCTION_TURNS[0])
+    report("bare Bottle route", f"{counts['bare']:,.0f}", "measured", True)
+    for kind, label in (("memory", "non-streamed turn"), ("responses", "the same over the Responses API"),
+                        ("streamed", "streamed turn")):
+        report(label, f"{counts[kind]:,.0f} ({counts[kind] / counts['bare']:.1f}x bare)", "measured", True)
+
+
 def bench_calls():
     print("Python calls per turn (cProfile), in-process, no LLM, memory store")
     trip = cozyopenai.make_app(os.path.join(TOP, "workflows.json"), store="memory").config["cozyopenai.service"]
@@ -1212,11 +1265,11 @@ def paced_turns(port, path, bodies, rate, seconds, every_10_s=None, most_open=SO
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", nargs="?", default="bench", choices=("bench", "serve"))
+    parser.add_argument("mode", nargs="?", default="bench", choices=("bench", "serve", "turns"))
     parser.add_argument("--runs", type=int, default=5, help="runs per figure; medians are reported")
     parser.add_argument("--seconds", type=float, default=2.0, help="length of each throughput run")
     parser.add_argument("--only", default=",".join(SECTIONS),
-                        help="comma-separated: " + ", ".join(SECTIONS + EXTRA_SECTIONS) + " (soak: only when named)")
+                        help="comma-separated: " + ", ".join(SECTIONS + EXTRA_SECTIONS) + " (soak and instructions: only when named)")
     parser.add_argument("--soak-seconds", type=float, default=SOAK_SECONDS,
                         help="length of the soak (default: %(default)s)")
     parser.add_argument("--conversations", type=int, default=STORED_CONVERSATIONS,
@@ -1235,9 +1288,13 @@ def main(argv=None):
     parser.add_argument("--json-store", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     parser.add_argument("--body-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--kind", default="memory", help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
     if arguments.mode == "serve":
         return serve(arguments)
+    if arguments.mode == "turns":   # what the instructions figure counts, under valgrind
+        return turns_in_process(arguments.kind, arguments.count)
     chosen = [name.strip() for name in arguments.only.split(",") if name.strip()]
     print(f"cozyopenai {cozyopenai.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} cores, "
           f"medians of {arguments.runs} runs", flush=True)
@@ -1266,6 +1323,8 @@ def main(argv=None):
                          [name.strip() for name in arguments.real_sets.split(",") if name.strip()])
     if "startup" in chosen:
         bench_startup(arguments.runs)
+    if "instructions" in chosen:
+        bench_instructions()
     if "soak" in chosen:
         bench_soak(arguments.soak_seconds)
     return 0
