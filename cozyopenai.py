@@ -3616,8 +3616,9 @@ def valid_text(text: str) -> str:
 # Reading: typed spans of a message
 ####################################################################################
 
-@dataclass(frozen=True)
-class Token:
+class Token(NamedTuple):
+    """One word, number or mark of a message (a tuple: a message makes many, and a frozen
+    dataclass costs several times as much to build)."""
     text: str
     folded: str          # lower case, no accents, no apostrophes
     start: int
@@ -3697,7 +3698,7 @@ def tokenize(text: str) -> Tokens:
                                    or tokens[index - 1].folded in LEADING_LINKS | QUALIFIERS | TIME_LINKS)):
             month = _month_misspelt(token.folded)   # "in setpember", "anfang dezembr": read as the month
             if month:
-                tokens[index] = dataclasses.replace(token, folded=month)
+                tokens[index] = token._replace(folded=month)
     tokens.text = text
     return tokens
 
@@ -3718,9 +3719,9 @@ def _month_misspelt(word: str) -> Optional[str]:
     return None
 
 
-@dataclass(frozen=True)
-class Span:
-    """A piece of the message that can be a value: where it is, what it holds, and how it reads."""
+class Span(NamedTuple):
+    """A piece of the message that can be a value: where it is, what it holds, and how it
+    reads (a tuple, as Token is)."""
     holds: str           # "money", "date", "year", "number", "name", "choice", "boolean", "email", "url"
     start: int           # token indexes [start, end)
     end: int
@@ -3955,7 +3956,7 @@ def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alon
         negated = is_negated(tokens, index)
         corrects = bool(spans) and not spans[-1].negated and _corrects(tokens, spans[-1].end, index)
         if corrects:   # "Roma, bueno no, a Florencia": the earlier name is ruled out
-            spans[-1] = dataclasses.replace(spans[-1], negated=True)
+            spans[-1] = spans[-1]._replace(negated=True)
         replaces = bool(spans) and spans[-1].negated and (corrects or _follows_closely(tokens, spans[-1].end, index))
         chosen = end < len(tokens) and tokens[end].folded in PREFERENCES   # "let's do Florence instead"
         if negated or replaces or chosen or _led_by(tokens, index, leads, end) or (
@@ -4684,7 +4685,7 @@ def _without_the_known(tokens: Sequence[Token], span: Span, known: Any) -> Span:
     if not comma or _fold(region.strip()) != _fold(str(known)):
         return span
     end = next(k for k in range(span.start, span.end) if tokens[k].text == ",")
-    return dataclasses.replace(span, end=end, value=head)
+    return span._replace(end=end, value=head)
 
 
 def _all_lower_case(tokens: Sequence[Token]) -> bool:
@@ -4876,7 +4877,7 @@ def _without(tokens: Sequence[Token], span: Span, taken: set) -> Optional[Span]:
         return span
     while start < span.end - 1 and _leads_into_period(tokens, start):
         start += 1
-    rest = dataclasses.replace(span, start=start)
+    rest = span._replace(start=start)
     left_a_time = start < span.end and (_names_a_time(tokens, rest) or _counts_a_time(tokens, rest))
     return rest if left_a_time and not taken & set(range(start, span.end)) else None
 
