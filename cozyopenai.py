@@ -3180,6 +3180,7 @@ UNCERTAIN_TIMES, SEASON_NOUNS, HOLIDAYS = words_of("uncertain_times"), words_of(
 TIME_UNITS, COUNT_WORDS, QUALIFIERS = words_of("time_units"), words_of("numbers"), words_of("qualifiers")
 RELATIVES, PAST, REASONS = words_of("relatives"), words_of("past"), words_of("reasons")
 HEARSAY = words_of("hearsay")
+CONTEXT_OPENERS = REASONS | HEARSAY
 TIME_LINKS, LEADING_LINKS, ARTICLES = words_of("range_links"), words_of("period_leads"), words_of("articles")
 RANGE_OPENERS = words_of("range_openers")
 RANGE_WORDS, AND_WORDS = words_of("range_words"), words_of("and_words")
@@ -3245,6 +3246,8 @@ COMPOUND_LABEL_HEADS = tuple(sorted(word for word in KINDS["money"] if len(word)
 # "Urlaubsplanung"), when this many letters or more follow it: no name.
 COMPOUND_TRAVEL_STARTS = tuple(sorted(word for word in MOTIONS - WISHES if len(word) >= 5))
 COMPOUND_REST_MIN_LETTERS = 4
+COMPOUND_TRAVEL_PATTERN = re.compile("(?:" + "|".join(map(re.escape, COMPOUND_TRAVEL_STARTS)) + r")\w{"
+                                     + str(COMPOUND_REST_MIN_LETTERS) + r",}\Z")
 ABBREVIATION_MAX_LETTERS = 3   # "St", "Mt", "Ste": a capitalised word this short before a dot
 # Month names long enough that one slip of the keyboard leaves them recognisable, and what each
 # becomes with a letter dropped: a misspelt month is found through these (see _month_misspelt).
@@ -4014,7 +4017,9 @@ def _is_hedged(tokens: Sequence[Token], index: int, end: int) -> bool:
 def _conclusions_in(tokens: Sequence[Token], first: int, end: int) -> List[Tuple[int, int]]:
     """(start, length) of each phrase of conclusion in tokens [first, end): what follows one
     is decided, whatever came before it in the clause."""
-    found = []
+    found: List[Tuple[int, int]] = []
+    if isinstance(tokens, Tokens) and CONCLUSIONS_BY_FIRST_WORD.keys().isdisjoint(tokens.where):
+        return found   # none in the message: nothing to look for
     for start in range(first, end):
         for phrase in CONCLUSIONS_BY_FIRST_WORD.get(tokens[start].folded, ()):
             if tuple(token.folded for token in tokens[start:start + len(phrase)]) == phrase:
@@ -4190,8 +4195,7 @@ def _is_time_word(token: Token, tokens: Sequence[Token] = (), index: int = -1) -
 
 def _is_a_travel_compound(word: str) -> bool:
     """A noun made on a word of travel: "reiseplanung", "urlaubsplanung" (not "tripoli")."""
-    return any(word.startswith(start) and len(word) - len(start) >= COMPOUND_REST_MIN_LETTERS
-               for start in COMPOUND_TRAVEL_STARTS)
+    return COMPOUND_TRAVEL_PATTERN.match(word) is not None
 
 
 def _correction_before(tokens: Sequence[Token], after: int, index: int) -> bool:
@@ -4501,20 +4505,21 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     """Typed spans, each given to the input of its kind. Inputs already known take a new value
     only from their cues or a replaced name ("now do it for Rome", "not Paris — Lyon")."""
     tokens = reading.tokens
+    kinds = {query.name: input_kind(query) for query in workflow.query_inputs.values()}
     past = _context_tokens(tokens)   # "last year in Paris we spent 3000 euros": no value of this trip
-    if asks_a_change(tokens):   # "make it naples instead, rome is too crowded in summer": no dates
+    changing = asks_a_change(tokens)
+    if changing:   # "make it naples instead, rome is too crowded in summer": no dates
         past |= _clauses_of_the_replaced(tokens, conversation)
     money = [span for span in money_spans(text, tokens) if span.start not in past]
     rates = {id(span): _rate_end(tokens, span.end) for span in money}   # "50 euros a night" is no total
     money_tokens = {index for span in money for index in range(span.start, rates[id(span)] or span.end)}
     money = [span for span in money if not rates[id(span)]]
     reading.ruled_out.update({query.name: [span.value for span in money if span.negated]
-                              for query in workflow.query_inputs.values() if input_kind(query) == "money"})
+                              for query in workflow.query_inputs.values() if kinds[query.name] == "money"})
     money = [span for span in money if not span.negated]
     joined = {k for start, end in _name_runs(tokens, words_taken(workflow)) if end - start > 2
               for k in range(start, end)}   # "Rio de Janeiro" holds no month
-    places = [query for query in workflow.query_inputs.values() if input_kind(query) == "place"]
-    changing = asks_a_change(tokens)
+    places = [query for query in workflow.query_inputs.values() if kinds[query.name] == "place"]
     lowercase: List[Span] = []   # "will nach rio de janeiro!!!": the workflow's one place, written in lower case
     if len(places) == 1 and (places[0].name not in conversation.values or changing):
         needed = [query for query in workflow.query_inputs.values() if not query.optional]
@@ -4528,19 +4533,18 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
                if not money_tokens & set(range(span.start, span.end)) and span.start not in past]
     periods = [span for span in periods if span is not None]
     taken_tokens = money_tokens | {index for span in periods for index in range(span.start, span.end)}
-    labels = {_coerce_or_none(query, raw) for query in workflow.query_inputs.values() if input_kind(query) == "money"
+    labels = {_coerce_or_none(query, raw) for query in workflow.query_inputs.values() if kinds[query.name] == "money"
               for raw in reading.candidates.get(query.name, {}).get(3, [])}   # "orçamento 3000, melhor 3500"
     labelled = [Span("money", index, index + 1, parse_number(token.folded)) for index, token in enumerate(tokens)
-                if labels and token.shape == "number" and parse_number(token.folded) in labels]
-    amount_known = any(input_kind(query) == "money" and query.name in conversation.values
-                       for query in workflow.query_inputs.values())
+                if token.shape == "number" and parse_number(token.folded) in labels] if labels else []
+    amount_known = not money and any(kinds[name] == "money" for name in conversation.values if name in kinds)
     # "1800 €, ah non, mets plutôt 2500", "orçamento 3000, melhor 3500", "y súbelo a 700"
     corrected = _corrected_amounts(tokens, money + labelled, taken_tokens | past, known=amount_known)
     money += corrected + [span for span in labelled if span.start not in money_tokens]
     money_tokens |= {span.start for span in corrected}
     taken_tokens |= money_tokens
     for query in workflow.query_inputs.values():
-        kind, is_open = input_kind(query), query.name not in conversation.values or changing
+        kind, is_open = kinds[query.name], query.name not in conversation.values or changing
         if query.type in STRING_TYPES and kind in ("place", "text"):
             leads = query.derived.get("cue_leads")
             if leads is None:   # the last word of each cue, once per input
@@ -4599,7 +4603,9 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
 
 def _limited_amount(tokens: Sequence[Token], taken: set) -> List[Span]:
     """A bare number with a word that makes it the most to spend: "1000 max", "max. 800"."""
-    found = []
+    found: List[Span] = []
+    if isinstance(tokens, Tokens) and LIMITS.isdisjoint(tokens.where):
+        return found
     for index, token in enumerate(tokens):
         if token.shape != "number" or index in taken:
             continue
@@ -4722,6 +4728,8 @@ def _take_corrected(reading: Reading, name: str, tokens: Sequence[Token], spans:
     """The spans an input keeps after the message's last correction of it. What the correction
     takes back is ruled out, a label's value too ("orçamento 3000 dólares... melhor 3500"), and
     what replaces it is as strong as anything else the message gives the input."""
+    if len(spans) < 2:
+        return list(spans)   # nothing to correct
     spans = sorted(spans, key=lambda span: span.start)
     kept = _after_the_last_correction(tokens, spans)
     if len(kept) == len(spans):
@@ -4792,8 +4800,13 @@ def _lowercase_list_head(tokens: Sequence[Token], known: frozenset, valued: set)
 
 
 def _cue_pairs(query: QueryInput) -> frozenset:
-    """The last two words of each of an input's cues of two words or more: "make it", "trip to"."""
-    return frozenset(tuple(_fold(cue).split()[-2:]) for cue in query.cues if len(cue.split()) >= 2)
+    """The last two words of each of an input's cues of two words or more: "make it", "trip to".
+    Worked out once per input."""
+    pairs = query.derived.get("cue_pairs")
+    if pairs is None:
+        pairs = query.derived["cue_pairs"] = frozenset(tuple(_fold(cue).split()[-2:]) for cue in query.cues
+                                                       if len(cue.split()) >= 2)
+    return pairs
 
 
 def _lowercase_places(tokens: Sequence[Token], known: frozenset, valued: set, cue_pairs: frozenset = frozenset(),
@@ -4890,9 +4903,9 @@ def _context_tokens(tokens: Sequence[Token]) -> set:
     """The tokens of the parts of sentences whose values are context, not this trip's: the
     parts that tell of the past ("last year", "el año pasado", "letzten Sommer"; not "the
     last week of May"), clauses of why ("por causa dos presentes de natal") and of what others
-    said ("me dijeron que es más tranquilo"). A contrast
-    ends the part ("my friend went to Paris last year, but I want Athens")."""
-    context = set()
+    said ("me dijeron que es más tranquilo"). A contrast ends the part ("my friend went to
+    Paris last year, but I want Athens")."""
+    context: set = set()
     periods = period_spans(tokens)
     now = {span.start for span in periods if not _tells_of_the_past(tokens, span)}   # "este año queremos ..."
 
@@ -4912,9 +4925,11 @@ def _context_tokens(tokens: Sequence[Token]) -> set:
                                                                    and _is_break(tokens, end)):
             end += 1   # "Mon frère a dépensé 3000 € l'an dernier, moi j'ai 2000 €": the past ends at the comma
         context.update(range(first, end))
+    if isinstance(tokens, Tokens) and CONTEXT_OPENERS.isdisjoint(tokens.where):
+        return context
     decided = {start for start, _ in _conclusions_in(tokens, 0, len(tokens))}   # "... me dijo, así que Berlín"
     for index, token in enumerate(tokens):
-        if token.folded in REASONS | HEARSAY:
+        if token.folded in CONTEXT_OPENERS:
             end = index + 1
             while end < len(tokens) and not _is_break(tokens, end) and end not in decided:
                 end += 1
