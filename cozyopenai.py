@@ -2604,7 +2604,7 @@ ENGLISH = Language(
     excess="too overly",
     past="last ago previous",
     greetings="hi hello hey dear sir madam",
-    wishes="want wanna like wish would do", changes="make change changed switch set turn go raise increase bump",
+    wishes="want wanna like wish would do", changes="make change changed switch set turn go raise increase bump meant",
     approximations="or so, ish, more or less, roughly",
     months=("january jan", "february feb", "march mar", "april apr", "may", "june jun", "july jul",
             "august aug", "september sep sept", "october oct", "november nov", "december dec"),
@@ -2629,7 +2629,7 @@ ENGLISH = Language(
     place_leads="to in into for visit visiting see explore discover",
     motions="go goes going travel travelling traveling fly flying trip head heading getaway holiday vacation honeymoon",
     stays="im am live lives living based stay staying home",
-    corrections="sorry pardon wait actually oops ah oh meant",
+    corrections="sorry pardon wait actually oops ah oh",
     hearsay="heard told said says",
     reasons="because cause cuz coz",
     negations="not no never without except excluding nor dont doesnt didnt wont cant isnt arent none zero",
@@ -2641,7 +2641,7 @@ ENGLISH = Language(
     conclusions="so, so yeah, therefore",
     hedges="maybe perhaps possibly somewhere probably",
     name_joiners="upon on", name_starts="new san santa saint st port fort mount lake", name_ends="city town",
-    confirmations="it is its please then this time now decided ok okay",
+    confirmations="it is its please then this that time now decided ok okay",
     non_answers="add details detail more less concise shorter longer tell me explain elaborate continue again "
                 "regenerate retry try hmm hm um uh er let think about it maybe not sure unsure know dunno idk no "
                 "idea whatever anything anywhere somewhere something wait please thanks thank you ok okay yes what "
@@ -2694,7 +2694,7 @@ FRENCH = Language(
             "week-end",
     time_phrases="nouvel an, jour de lan, saint sylvestre",
     season_nouns="saison",
-    holiday_words="vacances sainte",
+    holiday_words="vacances sainte fetes",
     time_units="jour jours journee nuit nuits semaine semaines mois quinzaine an ans annee annees",
     numbers="un une deux trois quatre cinq six sept huit neuf dix quinze quelques dizaine douzaine",
     qualifiers="debut mi milieu fin premier premiere premiers premieres deuxieme deuxiemes troisieme dernier "
@@ -2751,7 +2751,7 @@ GERMAN = Language(
     excess="zu so",
     past="letztes letzten letzte vergangenen vergangenes vorigen voriges",
     greetings="hallo servus moin geehrte geehrter herren damen",
-    wishes="will mochte mochten wollen moechte", changes="mach mache machen stell andere erhohe erhoh",
+    wishes="will mochte mochten wollen moechte", changes="mach mache machen stell andere erhohe erhoh meinte",
     approximations="oder so, ungefahr, etwa",
     months=("januar janner", "februar", "marz maerz", "april", "mai", "juni", "juli", "august", "september",
             "oktober", "november", "dezember"),
@@ -2775,7 +2775,7 @@ GERMAN = Language(
     place_leads="nach in ins an fur besuchen sehen entdecken",
     motions="fahren fahre fahrt fliegen fliege reise reisen urlaub ausflug will wollen mochte mochten moechte",
     stays="wohne wohnen lebe bin hause",
-    corrections="entschuldigung ups warte eigentlich moment meinte",
+    corrections="entschuldigung ups warte eigentlich moment",
     hearsay="gesagt sagt gehort",
     reasons="weil wegen",
     negations="nicht kein keine keinen keinem ohne ausser statt anstatt nie",
@@ -2826,7 +2826,7 @@ SPANISH = Language(
     seasons="primavera verano otono invierno temporada pascua navidad nochevieja hoy manana",
     time_phrases="semana santa, ano nuevo, fin de ano, fin de semana",
     season_nouns="temporada",
-    holiday_words="vacaciones puente santa santo",
+    holiday_words="vacaciones puente santa santo fiestas",
     time_units="dia dias noche noches semana semanas finde findes mes meses quincena ano anos",
     numbers="un una uno unos unas dos tres cuatro cinco seis siete ocho nueve diez quince decena docena",
     qualifiers="principios mediados finales primera primer segunda segundo tercera ultima ultimo proximo "
@@ -2849,7 +2849,7 @@ SPANISH = Language(
     alternatives="o u",
     conclusions="asi que, entonces, pues",
     hedges="quizas quiza tal",
-    name_joiners="de del la y", name_starts="san santa santo los las ciudad puerto",
+    name_joiners="de del la y", name_starts="san santa santo ciudad puerto",
     confirmations="porfa decidido entonces sera",
     non_answers="mas detalles conciso explica quizas se ni idea perfecto genial vale bien estupendo porfa",
     cancels="cancela cancelar olvida olvidalo",
@@ -2884,7 +2884,7 @@ ITALIAN = Language(
     excess="troppo troppa",
     past="scorso scorsa",
     greetings="ciao salve buongiorno buonasera gentile egregio signore signora",
-    wishes="voglio vorrei vogliamo volevo", changes="fallo fai metti cambia rendilo facciamo alza alzalo aumenta",
+    wishes="voglio vorrei vogliamo volevo", changes="fallo fai metti cambia rendilo facciamo alza alzalo aumenta intendevo",
     approximations="piu o meno, circa, o giu di li",
     months=("gennaio", "febbraio", "marzo", "aprile", "maggio", "giugno", "luglio", "agosto", "settembre",
             "ottobre", "novembre", "dicembre"),
@@ -2892,7 +2892,7 @@ ITALIAN = Language(
     seasons="primavera estate autunno inverno stagione pasqua natale capodanno ferragosto oggi domani",
     time_phrases="fine settimana",
     season_nouns="stagione",
-    holiday_words="vacanze ponte santo",
+    holiday_words="vacanze ponte santo feste",
     time_units="giorno giorni notte notti settimana settimane mese mesi anno anni",
     numbers="un uno una due tre quattro cinque sei sette otto nove dieci quindici qualche alcuni alcune decina "
             "dozzina",
@@ -2907,7 +2907,7 @@ ITALIAN = Language(
     place_leads="a ad in nel nella nell alla allo all per verso visitare vedere scoprire",
     motions="andare vado andiamo viaggio viaggiare volare partire vacanza gita",
     stays="sono abito casa",
-    corrections="anzi scusa scusate ops aspetta intendevo",
+    corrections="anzi scusa scusate ops aspetta",
     hearsay="detto dicono sentito",
     reasons="perche causa",
     negations="senza tranne eccetto mai ne niente nessun nessuno nessuna",
@@ -2959,7 +2959,7 @@ PORTUGUESE = Language(
     seasons="primavera verao outono inverno temporada pascoa natal reveillon carnaval hoje amanha",
     time_phrases="ano novo, semana santa, fim de semana",
     season_nouns="temporada",
-    holiday_words="ferias feriado",
+    holiday_words="ferias feriado festas",
     time_units="dia dias noite noites semana semanas mes meses quinzena ano anos",
     numbers="um uma uns umas dois duas tres quatro cinco seis sete oito nove dez quinze alguns algumas dezena duzia",
     qualifiers="inicio meados fim final primeira primeiro segunda segundo terceira ultima ultimo proximo "
@@ -3267,8 +3267,10 @@ COUNTS_A_UNIT = COUNT_WORDS | QUALIFIERS
 TIME_NAME_PARTS = TIME_NAMES | QUALIFIERS
 SMALL_IN_A_CORRECTION = CORRECTION_FILLERS | PLACE_LEADS | ARTICLES | PREFERENCES
 CHANGE_WORDS = CHANGES | PREFERENCES | CORRECTION_FILLERS
+SMALL_BEFORE_A_NUMBER = LEADS_OR_LINKS | CONFIRMATIONS | CORRECTION_FILLERS   # "make it 700", "súbelo a 700"
 CORRECTION_LEAD_WORDS = 3   # a correction's word stands this close before the value it gives: "mets plutôt 2500"
 LISTED_AMOUNT_MIN = 100     # a bare number listed among values is an amount from this on ("Prague, 1200, ...")
+YEAR_MIN, YEAR_MAX = 1900, 2100   # a number in between, right after a period, is its year ("July, 2026")
 LEADS_BEFORE_AN_OPTION = LEADS_OR_LINKS - ALTERNATIVES
 CANCEL_PATTERN = _phrase_pattern("cancel_phrases", whole=True)
 RERUN_PATTERN = _phrase_pattern("rerun_phrases", whole=False)
@@ -3755,7 +3757,8 @@ def is_negated(tokens: Sequence[Token], index: int, reach: int = 4) -> bool:
         if token.folded in NEGATIONS and back + 1 < index and (
                 tokens[back + 1].shape == "mark" or tokens[back + 1].folded in CORRECTION_FILLERS):
             return False   # a "no" that stands alone takes back what came before: "no wait, i meant providence"
-        if back == index - 1 and token.folded in NEGATIONS & LEADING_LINKS and _is_time_word(tokens[index]):
+        if (back == index - 1 and token.folded in NEGATIONS & LEADING_LINKS and _is_time_word(tokens[index])
+                and not tokens[index].text[:1].isupper()):   # "no Christmas" stays a negation
             return False   # a word that also leads into a time, right before one: "no carnaval" is "at carnival"
         if token.folded in NEGATIONS or _is_except(tokens, back):
             return index - back <= reach or wished
@@ -3892,12 +3895,12 @@ def period_spans(tokens: Sequence[Token], cached: bool = True) -> List[Span]:
         while end < len(tokens) and roles[end] is not None:
             end += 1
         start, stop = index, end
+        while stop > start and roles[stop - 1] == "glue" and (tokens[stop - 1].folded in LINKS_OR_COUNTS
+                                                             or tokens[stop - 1].shape == "mark"):
+            stop -= 1   # trimmed first, so a trailing "and" closes no range
         while start < stop and roles[start] == "glue" and _leads_into_period(tokens, start) and not (
                 _opens_a_range(tokens, start, stop)):
             start += 1
-        while stop > start and roles[stop - 1] == "glue" and (tokens[stop - 1].folded in LINKS_OR_COUNTS
-                                                             or tokens[stop - 1].shape == "mark"):
-            stop -= 1
         if any(roles[k] == "anchor" for k in range(start, stop)) and not _is_an_age(tokens, start, stop):
             stop += _approximation_after(tokens, stop)   # "10 days or so"
             spans.append(Span("date", start, stop, None, is_negated(tokens, start)))
@@ -4036,6 +4039,9 @@ def _after_a_correction(tokens: Sequence[Token], index: int) -> bool:
         before -= 1
     if before < 0 or before == index - 1 and tokens[before].folded in NEGATING:
         return False   # "no Paris" rules Paris out
+    _, last = _clause(tokens, index, index + 1)
+    if last > index + 1 and any(token.shape != "mark" for token in tokens[index + 1:last]):
+        return False   # "No, Paris is too expensive": the name is talked about, not given
     word = tokens[before].folded
     return word in CORRECTION_FILLERS or (word in NEGATING and tokens[before + 1].shape == "mark")
 
@@ -4198,30 +4204,40 @@ def _is_a_travel_compound(word: str) -> bool:
     return COMPOUND_TRAVEL_PATTERN.match(word) is not None
 
 
-def _correction_before(tokens: Sequence[Token], after: int, index: int) -> bool:
-    """Is the value at ``index`` said as a correction of one that ends at ``after``: a contrast
-    between them ("2000, but rather 2500"), a "no" that stands alone ("2026, euh non, 2027"),
-    or a word of correction, preference or change among the last words before it ("1800 €.
-    Ah non, mets plutôt 2500", "abril, no espera, mejor junio", "make it the weekend after next")?"""
+def _correction_before(tokens: Sequence[Token], after: int, index: int, contrast_anywhere: bool = False) -> bool:
+    """Is the value at ``index`` said as a correction of one that ends at ``after``: among the
+    last words before it, a contrast ("2000, but rather 2500"), a "no" that stands alone
+    ("2026, euh non, 2027") or a word of correction, preference or change ("1800 €. Ah non,
+    mets plutôt 2500", "abril, no espera, mejor junio", "make it the weekend after next")?
+    A contrast further back is of something else ("March 2026, but my visa ends 2027"), but
+    with ``contrast_anywhere``: two amounts or periods either side of one are two choices,
+    the later kept ("... 400 euro, ma quella è un'altra storia. ... budget totale 900 euro")."""
     between = tokens[after:index]
     if between and between[0].folded in PREFERENCES:
         return False   # "2500 instead, 2000 is too little": the preference is the earlier value's
-    words = [k for k, token in enumerate(between) if token.shape != "mark"]
-    for k, token in enumerate(between):
+    if contrast_anywhere and any(token.folded in CONTRASTS and not _is_except(tokens, after + k)
+                                 for k, token in enumerate(between)):
+        return True
+    words = [k for k, token in enumerate(between) if token.shape != "mark"][-CORRECTION_LEAD_WORDS:]
+    for k in words:
+        token = between[k]
         if token.folded in CONTRASTS and not _is_except(tokens, after + k):
             return True
-        if (token.folded in NEGATING and k + 1 < len(between) and between[k + 1].shape == "mark"
-                and between[k + 1].text not in ".!?"):
+        if token.folded in NEGATING and k + 1 < len(between) and between[k + 1].shape == "mark" and (
+                between[k + 1].text not in ".!?"):
             return True
-    return any(between[k].folded in CHANGE_WORDS for k in words[-CORRECTION_LEAD_WORDS:])
+        if token.folded in CHANGE_WORDS:
+            return True
+    return False
 
 
-def _after_the_last_correction(tokens: Sequence[Token], spans: Sequence[Span]) -> List[Span]:
+def _after_the_last_correction(tokens: Sequence[Token], spans: Sequence[Span],
+                               contrast_anywhere: bool = False) -> List[Span]:
     """Of values of one kind said on both sides of a correction, the later ones: the earlier
     were taken back ("900 Euro. Ach nee, sagen wir lieber 1200" is 1200)."""
     spans = sorted(spans, key=lambda span: span.start)
     for k in range(len(spans) - 1, 0, -1):
-        if _correction_before(tokens, spans[k - 1].end, spans[k].start):
+        if _correction_before(tokens, spans[k - 1].end, spans[k].start, contrast_anywhere):
             return spans[k:]
     return spans
 
@@ -4235,22 +4251,33 @@ def _corrected_amounts(tokens: Sequence[Token], money: Sequence[Span], taken: se
     first_end = min(span.end for span in money) if money else 0
     return [Span("money", index, index + 1, parse_number(token.folded)) for index, token in enumerate(tokens)
             if index >= first_end and token.shape == "number" and index not in taken
+            and _number_or_none(token.folded) is not None
             and not (index + 1 < len(tokens) and tokens[index + 1].folded in TIME_UNITS)
-            and (_correction_before(tokens, first_end, index) if money else _changed_by(tokens, index))
+            and _changed_by(tokens, index)
             and not any(span.start <= index < span.end for span in money)]
 
 
 def _changed_by(tokens: Sequence[Token], index: int) -> bool:
-    """Is the bare number at ``index`` what a word of change or correction just before it sets
-    ("make it 700", "y súbelo a 700", "no wait, 1200.", "non, finalement 2700, on a des
-    travaux")? Not a count of something ("no, 3 kids"): nothing but a mark, a link or the
-    end may follow it."""
+    """Is the bare number at ``index`` what a correction right before it sets: a word of
+    change or preference ("mets plutôt 2500", "anzi facciamo 2500", "make it 700", "y súbelo
+    a 700") or a "no" that stands alone ("no wait, 1200.", "anzi no, 1.350"), with nothing
+    between but marks, links and small words? Not a count ("actually we are 4", "but we
+    are 3", "no, 3 kids"): nothing but a mark, a link or the end may follow it."""
     after = tokens[index + 1] if index + 1 < len(tokens) else None
     if after is not None and after.shape != "mark" and after.folded not in LEADS_OR_LINKS:
         return False
-    words = [k for k in range(max(0, index - CORRECTION_LEAD_WORDS - 1), index) if tokens[k].shape != "mark"]
-    return any(tokens[k].folded in CHANGE_WORDS or (tokens[k].folded in NEGATING and tokens[k + 1].shape == "mark")
-               for k in words[-CORRECTION_LEAD_WORDS:])
+    before = index - 1
+    while before >= 0:
+        token = tokens[before]
+        if token.folded in NEGATING and (tokens[before + 1].shape == "mark"
+                                         or tokens[before + 1].folded in CORRECTION_FILLERS):
+            return True   # "no, 1200", "no wait, 1200"
+        if token.folded in CHANGES | PREFERENCES:
+            return True
+        if token.shape != "mark" and token.folded not in SMALL_BEFORE_A_NUMBER:
+            return False
+        before -= 1
+    return False
 
 
 def _follows_closely(tokens: Sequence[Token], after: int, index: int) -> bool:
@@ -4508,9 +4535,9 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     kinds = {query.name: input_kind(query) for query in workflow.query_inputs.values()}
     past = _context_tokens(tokens)   # "last year in Paris we spent 3000 euros": no value of this trip
     changing = asks_a_change(tokens)
-    if changing:   # "make it naples instead, rome is too crowded in summer": no dates
-        past |= _clauses_of_the_replaced(tokens, conversation)
     money = [span for span in money_spans(text, tokens) if span.start not in past]
+    if changing:   # "make it naples instead, rome is too crowded in summer": no dates (amounts stay:
+        past = past | _clauses_of_the_replaced(tokens, conversation)   # "2000 euros for Rome please")
     rates = {id(span): _rate_end(tokens, span.end) for span in money}   # "50 euros a night" is no total
     money_tokens = {index for span in money for index in range(span.start, rates[id(span)] or span.end)}
     money = [span for span in money if not rates[id(span)]]
@@ -4525,8 +4552,7 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
         needed = [query for query in workflow.query_inputs.values() if not query.optional]
         lowercase = [span for span in _lowercase_places(tokens, known_words(workflow), money_tokens,
                                                         _cue_pairs(places[0]), any_lead=needed == places,
-                                                        asked=conversation.asked == [places[0].name],
-                                                        has_value=places[0].name in conversation.values)
+                                                        asked=conversation.asked == [places[0].name])
                      if span.start not in past]
         joined |= {k for span in lowercase for k in range(span.start, span.end)}
     periods = [_without(tokens, span, joined) for span in period_spans(tokens)
@@ -4535,8 +4561,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     taken_tokens = money_tokens | {index for span in periods for index in range(span.start, span.end)}
     labels = {_coerce_or_none(query, raw) for query in workflow.query_inputs.values() if kinds[query.name] == "money"
               for raw in reading.candidates.get(query.name, {}).get(3, [])}   # "orçamento 3000, melhor 3500"
-    labelled = [Span("money", index, index + 1, parse_number(token.folded)) for index, token in enumerate(tokens)
-                if token.shape == "number" and parse_number(token.folded) in labels] if labels else []
+    labelled = [Span("money", index, index + 1, _number_or_none(token.folded)) for index, token in enumerate(tokens)
+                if token.shape == "number" and _number_or_none(token.folded) in labels] if labels else []
     amount_known = not money and any(kinds[name] == "money" for name in conversation.values if name in kinds)
     # "1800 €, ah non, mets plutôt 2500", "orçamento 3000, melhor 3500", "y súbelo a 700"
     corrected = _corrected_amounts(tokens, money + labelled, taken_tokens | past, known=amount_known)
@@ -4571,7 +4597,8 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
         if kind == "money":
             asked = conversation.asked == [query.name]
             listed = (_listed_amount(tokens, taken_tokens, asked) if asked or periods else [])   # "2000" alone: no
-            for span in (_take_corrected(reading, query.name, tokens, money) or _limited_amount(tokens, taken_tokens)
+            for span in (_take_corrected(reading, query.name, tokens, money, contrast_anywhere=True)
+                         or _limited_amount(tokens, taken_tokens)
                          or listed):
                 reading.add(query.name, 1, span.value)
         elif kind == "date":
@@ -4593,7 +4620,7 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
         elif query.type == "boolean":
             _read_polarity(tokens, query, reading)
         elif query.type in NUMERIC_TYPES and query.synonyms:
-            named = _synonym_spans(tokens, query) + _ordinal_spans(tokens, kind)
+            named = _synonym_spans(tokens, query) or _ordinal_spans(tokens, kind)   # "June, my first month at ..."
             reading.ruled_out.setdefault(query.name, []).extend(span.value for span in named if span.negated)
             for value in {span.value for span in _take_corrected(reading, query.name, tokens,
                                                                    [s for s in named if not s.negated])}:
@@ -4607,8 +4634,8 @@ def _limited_amount(tokens: Sequence[Token], taken: set) -> List[Span]:
     if isinstance(tokens, Tokens) and LIMITS.isdisjoint(tokens.where):
         return found
     for index, token in enumerate(tokens):
-        if token.shape != "number" or index in taken:
-            continue
+        if token.shape != "number" or index in taken or (_number_or_none(token.folded) or 0) < LISTED_AMOUNT_MIN:
+            continue   # "max 1.2.3" is no number, "kids max 2" no budget
         following = tokens[index + 1] if index + 1 < len(tokens) else None
         after = following is not None and following.folded in LIMITS
         previous = index - 2 if index >= 2 and tokens[index - 1].text in ".:" else index - 1   # "max. 800"
@@ -4625,11 +4652,23 @@ def _listed_amount(tokens: Sequence[Token], taken: set, asked: bool) -> List[Spa
     question ("1500, last two weeks of june"), is the amount, when it is the only one. In a list
     it must be LISTED_AMOUNT_MIN or more: smaller bare numbers are counts as often as amounts."""
     found = [Span("money", index, index + 1, parse_number(token.folded)) for index, token in enumerate(tokens)
-             if token.shape == "number" and index not in taken and (index == 0 or _is_break(tokens, index - 1))
-             and (index + 1 == len(tokens) or _is_break(tokens, index + 1))]
+             if token.shape == "number" and index not in taken and _number_or_none(token.folded) is not None
+             and (index == 0 or _is_break(tokens, index - 1))
+             and (index + 1 == len(tokens) or _is_break(tokens, index + 1)) and not _is_a_periods_year(tokens, index, taken)]
     if len(found) != 1 or not (asked or found[0].value >= LISTED_AMOUNT_MIN):
         return []
     return found
+
+
+def _is_a_periods_year(tokens: Sequence[Token], index: int, taken: set) -> bool:
+    """Is the number at ``index`` a year right after a period ("Berlin in July, 2026",
+    "Berlin, 10 days, 2026"), not an amount?"""
+    if not YEAR_MIN <= (_number_or_none(tokens[index].folded) or 0) <= YEAR_MAX:
+        return False
+    before = index - 1
+    while before >= 0 and tokens[before].shape == "mark":
+        before -= 1
+    return before >= 0 and (before in taken or _is_time_word(tokens[before], tokens, before))
 
 
 def _synonym_spans(tokens: Sequence[Token], query: QueryInput) -> List[Span]:
@@ -4724,14 +4763,15 @@ def _replaces(tokens: Sequence[Token], span: Span) -> bool:
 
 
 def _take_corrected(reading: Reading, name: str, tokens: Sequence[Token], spans: Sequence[Span],
-                    shown: Callable[[Span], Any] = lambda span: span.value) -> List[Span]:
+                    shown: Callable[[Span], Any] = lambda span: span.value,
+                    contrast_anywhere: bool = False) -> List[Span]:
     """The spans an input keeps after the message's last correction of it. What the correction
     takes back is ruled out, a label's value too ("orçamento 3000 dólares... melhor 3500"), and
     what replaces it is as strong as anything else the message gives the input."""
     if len(spans) < 2:
         return list(spans)   # nothing to correct
     spans = sorted(spans, key=lambda span: span.start)
-    kept = _after_the_last_correction(tokens, spans)
+    kept = _after_the_last_correction(tokens, spans, contrast_anywhere)
     if len(kept) == len(spans):
         return kept
     reading.ruled_out.setdefault(name, []).extend(shown(span) for span in spans[:len(spans) - len(kept)])
@@ -4752,7 +4792,7 @@ def _read_period(tokens: Sequence[Token], text: str, periods: Sequence[Span], qu
     if not kept:
         return
     kept = _take_corrected(reading, query.name, tokens, kept,   # "next weekend ..., make it the weekend after next"
-                           lambda span: _span_text(tokens, span.start, span.end, text))
+                           lambda span: _span_text(tokens, span.start, span.end, text), contrast_anywhere=True)
     if any(alternatives_to(tokens, span.start, span.end - span.start) or
            (span.start >= 1 and tokens[span.start - 1].folded in ALTERNATIVES) for span in kept[1:]):
         for span in kept:
@@ -4810,31 +4850,30 @@ def _cue_pairs(query: QueryInput) -> frozenset:
 
 
 def _lowercase_places(tokens: Sequence[Token], known: frozenset, valued: set, cue_pairs: frozenset = frozenset(),
-                      any_lead: bool = False, asked: bool = False, has_value: bool = False) -> List[Span]:
+                      any_lead: bool = False, asked: bool = False) -> List[Span]:
     """In a message written all in lower case, the place after going somewhere: "trip to
     lisbon", "jveux aller a lyon", "will nach rio de janeiro!!!", "make it porto"; with
     ``any_lead`` (the place is all the workflow needs), after any place word: "weather in san
     francisco in fahrenheit". The place is right after a place word that follows a word of
-    motion, after one of the input's cues, or after a correction, which then wins: any word of
-    correction in the reply to its question (``asked``: "boston. no wait i meant providence"), a
-    word of preference or change once it has one (``has_value``: "plutôt biarritz en fait"). Its
-    extent is _lowercase_name_end's."""
+    motion, after one of the input's cues, or, in the reply to its question (``asked``), right
+    after a word of preference or change, which then wins ("boston. no wait i meant
+    providence"). Its extent is _lowercase_name_end's."""
     if not _all_lower_case(tokens):
         return []
     found = []
     for index in range(1, len(tokens)):
         lead = tokens[index - 1].folded in PLACE_LEADS
-        loose = any_lead and tokens[index - 1].folded not in ARTICLES   # "qual a temperatura": "a" is "the" too
+        after_any_place_word = (any_lead and tokens[index - 1].folded not in ARTICLES   # "qual a temperatura"
+                                and not (index >= 2 and tokens[index - 2].folded in PLACE_LEADS))   # "in a bit"
         before = index - 1
         while before > 0 and tokens[before].shape == "mark":
             before -= 1
-        postposed = (tokens[before].folded in PREFERENCES and before + 1 < index and before > 0
-                     and tokens[before - 1].shape == "word")   # "naples instead, rome ...": naples's
-        # "no wait i meant X" answering where; "plutôt biarritz" changing the place (not "pensando bem")
-        right_after_a_correction = not postposed and (
-            (asked and tokens[before].folded in CHANGE_WORDS)
-            or (has_value and tokens[before].folded in PREFERENCES | CHANGES))
-        if not ((lead and (loose or (index >= 2 and tokens[index - 2].folded in MOTIONS))) or right_after_a_correction
+        preference_of_the_word_before = (tokens[before].folded in PREFERENCES and before + 1 < index and before > 0
+                                         and tokens[before - 1].shape == "word")   # "naples instead, rome ..."
+        right_after_a_correction = (not preference_of_the_word_before and asked
+                                    and tokens[before].folded in (PREFERENCES | CHANGES) - MOTIONS)
+        if not ((lead and (after_any_place_word or (index >= 2 and tokens[index - 2].folded in MOTIONS)))
+                or right_after_a_correction
                 or (index >= 2 and (tokens[index - 2].folded, tokens[index - 1].folded) in cue_pairs)):
             continue
         corrects = right_after_a_correction or any(   # "trip to lisbon, actually make it porto"

@@ -2631,7 +2631,8 @@ def test_a_known_amount_is_corrected_by_a_bare_number_and_an_age_or_a_past_claus
     ("trip-planner", ["travel_dates"], {"destination": "Edinburgh"}, "March", {"travel_dates": "March"}),
     ("trip-planner", ["budget"], {"destination": "Prag"}, "nee, Budapest. endgültig.", {"destination": "Budapest"}),
     ("trip-planner", ["budget"], {"destination": "Prag"}, "no Paris", {}),
-    ("trip-planner", [], {}, "no carnaval, bem agitado", {"travel_dates": "carnaval", "pace": "packed"}),
+    ("trip-planner", [], {}, "no carnaval, ritmo intenso", {"travel_dates": "carnaval", "pace": "packed"}),
+    ("trip-planner", [], {}, "Lisbon, 1000 euros, no Christmas", {"destination": "Lisbon", "budget": 1000}),
     ("trip-planner", [], {}, "not in July", {}),
 ])
 def test_a_month_before_its_day_a_month_alone_a_name_after_a_lone_no_and_no_as_a_lead(model, asked, known, text,
@@ -2640,6 +2641,27 @@ def test_a_month_before_its_day_a_month_alone_a_name_after_a_lone_no_and_no_as_a
     conversation = new_conversation(model, asked=asked)
     conversation.values.update(known)
     assert cozyopenai.extract_offline(workflow, conversation, text).values == expected
+
+
+@pytest.mark.parametrize("known, text, expected", [
+    ({}, "Budget 1500 Euro, aber wir sind 3", {"budget": 1500}),
+    ({}, "Rome, 1500 euros, actually we are 2", {"destination": "Rome", "budget": 1500}),
+    ({}, "Budget 1500, app version 1.2.3", {"budget": 1500}), ({}, "max 1.2.3", {}),
+    ({}, "Rome, 1.2.3.4, June", {"destination": "Rome", "travel_dates": "June"}),
+    ({}, "Berlin in July, 2026", {"travel_dates": "July"}), ({}, "Rome in June, kids max 2",
+                                                              {"travel_dates": "June", "children": True}),
+    ({}, "No, Paris is too expensive", {}), ({}, "Sorry, Rome is fully booked for us", {}),
+    ({}, "mon fils de 8 ans et moi, Lisbonne en mai", {"travel_dates": "mai", "children": True}),
+    ({}, "Strasbourg pendant les fêtes de Noël", {"travel_dates": "les fêtes de Noël"}),
+    ({"destination": "Rome", "budget": 1500}, "2000 euros for Rome please, and make it relaxed",
+     {"budget": 2000, "pace": "relaxed"}),
+    ({"destination": "Rome", "budget": 1500}, "actually, we are 4.", {}),
+    ({"destination": "Rome", "budget": 1500}, "i'd rather relax", {"pace": "relaxed"}),
+])
+def test_counts_versions_years_and_what_a_sentence_says_of_a_name_are_no_values(trip_planner, known, text, expected):
+    conversation = new_conversation()
+    conversation.values.update(known)
+    assert cozyopenai.extract_offline(trip_planner, conversation, text).values == expected
 
 
 def test_a_reply_listing_two_periods_names_no_place(trip_planner):
