@@ -3913,10 +3913,9 @@ def _is_an_age(tokens: Sequence[Token], start: int, stop: int) -> bool:
     ("mon fils de 8 ans", "a daughter of 9 years")?"""
     if stop - start != 2 or tokens[stop - 1].folded not in KINDS["year"] or start < 2:
         return False
-    before = start - 1 if tokens[start - 1].folded in OF_JOINERS else start
-    thing = tokens[before - 1]
-    return before < start and thing.shape == "word" and not _is_time_word(thing, tokens, before - 1) and (
-        thing.folded not in TIME_GLUE | MOTIONS)
+    thing = tokens[start - 2]
+    return (tokens[start - 1].folded in OF_JOINERS and thing.shape == "word"
+            and not _is_time_word(thing, tokens, start - 2) and thing.folded not in TIME_GLUE | MOTIONS)
 
 
 def _opens_a_range(tokens: Sequence[Token], index: int, stop: int) -> bool:
@@ -4117,6 +4116,13 @@ def _led_by(tokens: Sequence[Token], index: int, leads: frozenset, end: int) -> 
         tokens[end].shape != "word" or tokens[end].folded in PLACE_LEADS | LEADING_LINKS | AND_WORDS)
 
 
+def _is_a_lone_no(tokens: Sequence[Token], index: int) -> bool:
+    """Is the word at ``index`` a "no" that stands alone, a mark or a filler after it ("no, 1200",
+    "no wait, Rome", "anzi no, a Seul"): it takes back what came before, and negates nothing after?"""
+    return (tokens[index].folded in NEGATING and index + 1 < len(tokens)
+            and (tokens[index + 1].shape == "mark" or tokens[index + 1].folded in CORRECTION_FILLERS))
+
+
 def _corrects(tokens: Sequence[Token], after: int, index: int) -> bool:
     """Between two names, a "no" that stands alone, or a word of preference, followed only by
     small words up to the name: "Québec ? Ah non pardon, Montréal", "Tokyo, anzi no, a Seul",
@@ -4127,9 +4133,7 @@ def _corrects(tokens: Sequence[Token], after: int, index: int) -> bool:
         return False   # "make it Florence instead, Rome is too crowded": the preference is Florence's
     for k, token in enumerate(between):
         # "bueno no, a Florencia", not "Barcelona, not to Valencia" (that "not" rules out Valencia)
-        standalone_no = ((token.folded in NEGATIONS or token.folded in BOOLEAN_WORDS[False]) and k + 1 < len(between)
-                         and (between[k + 1].shape == "mark" or between[k + 1].folded in CORRECTION_FILLERS))
-        if (standalone_no or token.folded in PREFERENCES) and all(
+        if (_is_a_lone_no(tokens, after + k) or token.folded in PREFERENCES) and all(
                 rest.shape == "mark" and rest.text not in ".!?" or rest.folded in small for rest in between[k + 1:]):
             return len(between) <= 10
     return False
@@ -4269,8 +4273,7 @@ def _changed_by(tokens: Sequence[Token], index: int) -> bool:
     before = index - 1
     while before >= 0:
         token = tokens[before]
-        if token.folded in NEGATING and (tokens[before + 1].shape == "mark"
-                                         or tokens[before + 1].folded in CORRECTION_FILLERS):
+        if _is_a_lone_no(tokens, before):
             return True   # "no, 1200", "no wait, 1200"
         if token.folded in CHANGES | PREFERENCES:
             return True
@@ -4890,7 +4893,7 @@ def _lowercase_name_end(tokens: Sequence[Token], index: int, known: frozenset, v
                         region: bool = True) -> int:
     """Where a lower-case name that starts at ``index`` ends, or ``index`` when none does: one
     word that means nothing else here ("lyon"), after words that start names ("new york",
-    "san francisco", "los angeles") and joined to more by a name's joining words ("frankfurt
+    "san francisco", "saint louis") and joined to more by a name's joining words ("frankfurt
     am main", "rio de janeiro", "ciudad de mexico"), with its region after a comma ("zürich,
     schweiz"; see _qualified). It must end at a mark, a number or a word
     that means something: of two unknown words in a row, which is the name would be a guess
@@ -4959,10 +4962,11 @@ def _context_tokens(tokens: Sequence[Token]) -> set:
         while first > 0 and not ends_the_part(first - 1):
             first -= 1
         end = span.end
-        ends_its_clause = end < len(tokens) and _is_break(tokens, end)
-        while end < len(tokens) and not ends_the_part(end) and not (ends_its_clause and first < span.start
-                                                                   and _is_break(tokens, end)):
-            end += 1   # "Mon frère a dépensé 3000 € l'an dernier, moi j'ai 2000 €": the past ends at the comma
+        # A period that ends its clause, not at the sentence's start, ends the part there too:
+        # "Mon frère a dépensé 3000 € l'an dernier, moi j'ai 2000 €" (but "Last year, we went to Rome").
+        if not (first < span.start and end < len(tokens) and _is_break(tokens, end)):
+            while end < len(tokens) and not ends_the_part(end):
+                end += 1
         context.update(range(first, end))
     if isinstance(tokens, Tokens) and CONTEXT_OPENERS.isdisjoint(tokens.where):
         return context
@@ -8833,15 +8837,20 @@ class Metrics:
         self._lock = threading.Lock()
 
     def add(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())) if len(labels) > 1 else tuple(labels.items()))
+        key = (name, self._labelled(labels))
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
-        keyed = tuple(sorted(labels.items())) if len(labels) > 1 else tuple(labels.items())
+        keyed = self._labelled(labels)
         with self._lock:   # the sum and the count together
             for key, amount in (((name + "_sum", keyed), seconds), ((name + "_count", keyed), 1)):
                 self._values[key] = self._values.get(key, 0.0) + amount
+
+    @staticmethod
+    def _labelled(labels: Mapping[str, str]) -> Tuple[Tuple[str, str], ...]:
+        """A series' labels as its key, in one order whatever order they came in."""
+        return tuple(sorted(labels.items())) if len(labels) > 1 else tuple(labels.items())
 
     def render(self, gauges: Mapping[str, float]) -> str:
         with self._lock:
