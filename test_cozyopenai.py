@@ -81,7 +81,8 @@ class FakeLLM:
     answered counts the calls answered so far.
     question: the question call's answer; a list is streamed piece by piece, stream_gate (an
     Event, 10 s at most) waited on before piece stream_gate_at (1), piece_seconds between the others;
-    pieces_sent counts them, and stream_cut is set when the client closed the stream early.
+    pieces_sent counts those handed to the socket, and stream_cut is set when the client closed
+    the stream early.
     """
 
     def __init__(self):
@@ -151,13 +152,13 @@ class FakeLLM:
                             time.sleep(fake.piece_seconds)
                         chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "fake",
                                  "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                        fake.pieces_sent += 1   # counted before it is written: the client may read it first
                         try:
                             self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                             self.wfile.flush()
                         except OSError:   # the client closed the stream
                             fake.stream_cut.set()
                             return
-                        fake.pieces_sent += 1
                     chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "fake",
                              "choices": [{"index": 0, "delta": {}, "finish_reason": "length" if capped else "stop"}]}
                     self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
@@ -3424,6 +3425,22 @@ def test_progress_can_go_to_the_reasoning_content_field(start):
               if line.startswith("data: {")]
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert any("reasoning_content" in d for d in deltas) and not any("<thinking>" in d.get("content", "") for d in deltas)
+
+
+def test_a_reply_sent_whole_has_the_same_text_as_its_streamed_fields():
+    # whole_reply joins a reply without reply_fields' generator: the two must never differ.
+    from hypothesis import given, settings, strategies as st
+    pieces = st.lists(st.builds(cozyopenai.Piece, st.sampled_from(["thinking", "answer"]), st.text(max_size=5)),
+                      max_size=8)
+
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True)
+    @given(pieces=pieces, thinking=st.sampled_from(cozyopenai.THINKING_STYLES))
+    def check(pieces, thinking):
+        joined = {"content": "", "reasoning_content": None}
+        for field_name, text in cozyopenai.reply_fields(iter(pieces), thinking):
+            joined[field_name] = (joined[field_name] or "") + text
+        assert cozyopenai.whole_reply(pieces, thinking) == joined
+    check()
 
 
 def test_text_parts_in_content_are_read_like_a_string(start):
