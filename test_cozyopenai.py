@@ -2251,8 +2251,14 @@ def test_extraction_set_accepts_only_what_users_said_and_never_reads_less_than_o
     assert scores["natural"]["recall"] >= 0.6   # issue 9: offline on natural one-line requests
 
 
-def read(workflow, text, **state):
-    return cozyopenai.extract_offline(workflow, new_conversation(**state), text).values
+def read(workflow, text, known=None, **state):
+    """What the reader takes from ``text`` offline: ``workflow`` is one, or a shipped one's
+    name; the conversation has the values ``known`` so far and ``state`` (the inputs asked)."""
+    if isinstance(workflow, str):
+        workflow = cozyopenai.load_workflows(WORKFLOWS_PATH)[workflow]
+    conversation = new_conversation(workflow.name, **state)
+    conversation.values.update(known or {})
+    return cozyopenai.extract_offline(workflow, conversation, text).values
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -2456,8 +2462,7 @@ def test_no_number_word_has_two_values_in_the_tables(field, table):
     ("el mar en mayo 2026", {"year": 2026, "month": 5}), ("can i see it for '27", {"year": 2027}),
 ])
 def test_a_month_input_takes_its_names_its_number_after_a_month_word_and_an_ordinal_before_one(text, expected):
-    calendar = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))["month-calendar"]
-    assert cozyopenai.extract_offline(calendar, new_conversation("month-calendar"), text).values == expected
+    assert read("month-calendar", text) == expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -2498,7 +2503,7 @@ def test_a_value_corrected_in_the_same_message_is_the_later_one_of_any_kind(mode
     ("the last two weeks of june", {"travel_dates": "the last two weeks of june"}),
 ])
 def test_values_in_a_clause_of_why_or_of_the_past_are_context(trip_planner, text, expected):
-    assert cozyopenai.extract_offline(trip_planner, new_conversation(), text).values == expected
+    assert read(trip_planner, text) == expected
 
 
 @pytest.mark.parametrize("model, text, expected", [
@@ -2519,8 +2524,7 @@ def test_values_in_a_clause_of_why_or_of_the_past_are_context(trip_planner, text
     ("trip-planner", "budget 2000 in total", {"budget": 2000}),
 ])
 def test_places_of_several_words_in_lower_case_and_a_place_with_its_region_are_one_name(model, text, expected):
-    workflow = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))[model]
-    assert cozyopenai.extract_offline(workflow, new_conversation(model), text).values == expected
+    assert read(model, text) == expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -2535,7 +2539,7 @@ def test_places_of_several_words_in_lower_case_and_a_place_with_its_region_are_o
 ])
 def test_a_period_keeps_its_approximation_and_ends_at_an_emoji_and_a_travel_compound_is_no_name(trip_planner, text,
                                                                                                expected):
-    assert cozyopenai.extract_offline(trip_planner, new_conversation(), text).values == expected
+    assert read(trip_planner, text) == expected
 
 
 @pytest.mark.parametrize("known, text, expected", [
@@ -2547,9 +2551,7 @@ def test_a_period_keeps_its_approximation_and_ends_at_an_emoji_and_a_travel_comp
     ({"destination": "Cancún"}, "mejor a Tulum, me dijeron que es más tranquilo", {"destination": "Tulum"}),
 ])
 def test_what_is_said_of_the_value_replaced_or_by_others_gives_no_value(trip_planner, known, text, expected):
-    conversation = new_conversation()
-    conversation.values.update(known)
-    assert cozyopenai.extract_offline(trip_planner, conversation, text).values == expected
+    assert read(trip_planner, text, known) == expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -2565,13 +2567,11 @@ def test_what_is_said_of_the_value_replaced_or_by_others_gives_no_value(trip_pla
 ])
 def test_a_listed_bare_amount_dotted_dates_month_compounds_and_words_for_children_are_read(trip_planner, text,
                                                                                           expected):
-    assert cozyopenai.extract_offline(trip_planner, new_conversation(), text).values == expected
+    assert read(trip_planner, text) == expected
 
 
 def test_the_reply_to_the_budget_question_takes_its_bare_number_beside_the_dates(trip_planner):
-    conversation = new_conversation(asked=["budget"])
-    conversation.values["destination"] = "naples"
-    assert cozyopenai.extract_offline(trip_planner, conversation, "1500, last two weeks of june").values == {
+    assert read(trip_planner, "1500, last two weeks of june", {"destination": "naples"}, asked=["budget"]) == {
         "budget": 1500, "travel_dates": "last two weeks of june"}
 
 
@@ -2588,7 +2588,7 @@ def test_the_reply_to_the_budget_question_takes_its_bare_number_beside_the_dates
 ])
 def test_a_conclusion_decides_an_emoji_or_this_year_ends_the_past_and_a_limit_makes_an_amount(trip_planner, text,
                                                                                               expected):
-    assert cozyopenai.extract_offline(trip_planner, new_conversation(), text).values == expected
+    assert read(trip_planner, text) == expected
 
 
 @pytest.mark.parametrize("model, asked, text, expected", [
@@ -2606,8 +2606,7 @@ def test_a_conclusion_decides_an_emoji_or_this_year_ends_the_past_and_a_limit_ma
     ("weather-now", ["city"], "boston. no wait i meant providence", {"city": "providence"}),
 ])
 def test_a_range_keeps_its_opener_and_a_reply_gives_what_it_names_not_what_was_asked(model, asked, text, expected):
-    workflow = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))[model]
-    assert cozyopenai.extract_offline(workflow, new_conversation(model, asked=asked), text).values == expected
+    assert read(model, text, asked=asked) == expected
 
 
 @pytest.mark.parametrize("known, text, expected", [
@@ -2622,9 +2621,7 @@ def test_a_range_keeps_its_opener_and_a_reply_gives_what_it_names_not_what_was_a
 ])
 def test_a_known_amount_is_corrected_by_a_bare_number_and_an_age_or_a_past_clause_gives_nothing(trip_planner, known,
                                                                                                 text, expected):
-    conversation = new_conversation()
-    conversation.values.update(known)
-    assert cozyopenai.extract_offline(trip_planner, conversation, text).values == expected
+    assert read(trip_planner, text, known) == expected
 
 
 @pytest.mark.parametrize("model, asked, known, text, expected", [
@@ -2638,10 +2635,7 @@ def test_a_known_amount_is_corrected_by_a_bare_number_and_an_age_or_a_past_claus
 ])
 def test_a_month_before_its_day_a_month_alone_a_name_after_a_lone_no_and_no_as_a_lead(model, asked, known, text,
                                                                                       expected):
-    workflow = cozyopenai.load_workflows(os.path.join(HERE, "workflows.json"))[model]
-    conversation = new_conversation(model, asked=asked)
-    conversation.values.update(known)
-    assert cozyopenai.extract_offline(workflow, conversation, text).values == expected
+    assert read(model, text, known, asked=asked) == expected
 
 
 @pytest.mark.parametrize("known, text, expected", [
@@ -2660,26 +2654,20 @@ def test_a_month_before_its_day_a_month_alone_a_name_after_a_lone_no_and_no_as_a
     ({"destination": "Rome", "budget": 1500}, "i'd rather relax", {"pace": "relaxed"}),
 ])
 def test_counts_versions_years_and_what_a_sentence_says_of_a_name_are_no_values(trip_planner, known, text, expected):
-    conversation = new_conversation()
-    conversation.values.update(known)
-    assert cozyopenai.extract_offline(trip_planner, conversation, text).values == expected
+    assert read(trip_planner, text, known) == expected
 
 
 def test_a_reply_listing_two_periods_names_no_place(trip_planner):
-    conversation = new_conversation(asked=["destination"])
-    conversation.values["budget"] = 1500
-    assert cozyopenai.extract_offline(trip_planner, conversation, "mi-mai, 5 jours").values == {
+    assert read(trip_planner, "mi-mai, 5 jours", {"budget": 1500}, asked=["destination"]) == {
         "travel_dates": "mi-mai, 5 jours"}
 
 
 def test_names_in_a_list_stay_apart_and_a_known_value_named_again_is_no_region(trip_planner):
     assert cozyopenai.extract_offline(trip_planner, new_conversation(), "Rome, Florence, Venice").ambiguous == {
         "destination": ["Rome", "Florence", "Venice"]}
-    conversation = new_conversation()
-    conversation.values.update(destination="Granada", travel_dates="puente de mayo", budget=500)
-    assert cozyopenai.extract_offline(trip_planner, conversation, "mejor Córdoba, Granada ya la conozco").values == {
-        "destination": "Córdoba"}
-    assert cozyopenai.extract_offline(trip_planner, conversation, "y súbelo a 700").values == {"budget": 700}
+    known = {"destination": "Granada", "travel_dates": "puente de mayo", "budget": 500}
+    assert read(trip_planner, "mejor Córdoba, Granada ya la conozco", known) == {"destination": "Córdoba"}
+    assert read(trip_planner, "y súbelo a 700", known) == {"budget": 700}
 
 
 def test_a_message_over_the_reading_limit_is_read_in_its_first_and_last_parts_and_says_so(trip_planner):
