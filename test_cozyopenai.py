@@ -76,7 +76,8 @@ class FakeLLM:
     endless_node_stream: a node's stream sends a token every endless_seconds (20 ms) until
     the client goes away; endless_stream_ended is set when that handler has ended, at ended_at.
     hold: a call kind ("extraction") answered by no word until the client closes its connection
-    (a slow model's long silence); held_call_closed is set when it did, at ended_at.
+    (a slow model's long silence); held_call_started is set when such a call comes,
+    held_call_closed when it was closed, at ended_at.
     gate: an Event each chat completion waits on (10 s at most) before it is answered;
     answered counts the calls answered so far.
     question: the question call's answer; a list is streamed piece by piece, stream_gate (an
@@ -98,6 +99,7 @@ class FakeLLM:
         self.endless_stream_ended = threading.Event()
         self.endless_seconds = 0.02
         self.hold, self.held_call_closed, self.ended_at = None, threading.Event(), None
+        self.held_call_started = threading.Event()
         self.closed = threading.Event()
         self.broken_json = False
         self.question = "Paris is a wonderful choice! What is your budget, and when would you like to go?"
@@ -189,6 +191,7 @@ class FakeLLM:
                     fake.endless_stream_ended.set()
 
             def _hold(self):
+                fake.held_call_started.set()
                 if self._closed_within(10):
                     fake.ended_at = time.monotonic()
                     fake.held_call_closed.set()
@@ -1026,9 +1029,9 @@ def test_a_client_that_hangs_up_mid_stream_stops_the_run_and_leaves_the_conversa
     assert answer_of(ask(server, "echo", history)).endswith("later")   # not locked out
 
 
-def _hang_up_after(server, message, seen, seconds=10):
+def _hang_up_after(server, message, seen, seconds=10, started=None):
     """Send a streamed chat request on a raw socket, read until ``seen`` arrives (or at once, with
-    None), then hang up; the moment it hung up."""
+    None), and until the Event ``started`` is set if one is given, then hang up; the moment it hung up."""
     body = json.dumps({"model": "trip-planner", "stream": True, "messages": [{"role": "user", "content": message}]})
     client = socket.create_connection(("127.0.0.1", server.httpd.server_port))
     client.sendall(f"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -1038,6 +1041,7 @@ def _hang_up_after(server, message, seen, seconds=10):
     while seen is not None and seen not in received:
         assert time.monotonic() < deadline, f"{seen!r} did not arrive within {seconds} s"
         received += client.recv(4096)
+    assert started is None or started.wait(seconds), f"nothing had started {seconds} s after {seen!r}"
     client.close()
     return time.monotonic()
 
@@ -1054,7 +1058,9 @@ def test_a_hang_up_on_the_first_turn_closes_the_llm_stream_within_a_second(start
 def test_a_hang_up_during_the_extraction_call_closes_its_connection_long_before_its_time_out(start, fake_llm):
     fake_llm.hold = "extraction"                        # the model says nothing for a long while
     server = start(llm=fake_llm.settings(timeout_seconds=20))
-    left = _hang_up_after(server, "I want to plan a trip to Paris.", b"Reading your message")
+    # Hung up once the call is under way: a hang-up seen before it starts makes no call at all.
+    left = _hang_up_after(server, "I want to plan a trip to Paris.", b"Reading your message",
+                          started=fake_llm.held_call_started)
     # The hang-up closes it, not the 20 s time-out (the margin is for a loaded machine, not a speed).
     assert fake_llm.held_call_closed.wait(5), "the extraction call was still open 5 s after the client left"
     assert fake_llm.ended_at - left < 5
