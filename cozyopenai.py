@@ -307,12 +307,22 @@ class QueryInput:
     minimum: Optional[float] = None
     maximum: Optional[float] = None
     cues: Tuple[str, ...] = ()     # words after which a user names a text value ("trip to" Paris)
+    # In other languages, by code: (label, question), either possibly empty ("fr": ("budget", "Quel est ...?")).
+    translations: Mapping[str, Tuple[str, str]] = field(default_factory=dict, compare=False)   # (unhashable)
     # What the reader works out from the definition (its kind, ...), kept so it is worked out once.
     derived: Dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @cached_property   # read in every thinking line and question
     def label(self) -> str:
         return self.name.replace("_", " ")
+
+    def label_in(self, code: str) -> str:
+        """The label in the language of ``code``, or "" when the workflow gives none."""
+        return self.label if code == "en" else self.translations.get(code, ("", ""))[0]
+
+    def question_in(self, code: str) -> str:
+        """The question in the language of ``code``, or "" when the workflow gives none."""
+        return self.question if code == "en" else self.translations.get(code, ("", ""))[1]
 
 
 @dataclass(frozen=True)
@@ -542,7 +552,8 @@ def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
                            synonyms=_parse_synonyms(spec.get("synonyms", {}), value_type, choices, at),
                            minimum=_parse_bound(spec, "minimum", at, 0 if value_type == "money" else None),
                            maximum=_parse_bound(spec, "maximum", at),
-                           cues=_parse_cues(spec.get("cues", []), value_type, at))
+                           cues=_parse_cues(spec.get("cues", []), value_type, at),
+                           translations=_parse_translations(spec.get("translations", {}), at))
         if query.minimum is not None and query.maximum is not None and query.minimum > query.maximum:
             raise WorkflowFileError(f"{at}: 'minimum' ({query.minimum:g}) is above 'maximum' ({query.maximum:g}); "
                                     "no value could be accepted")
@@ -567,6 +578,28 @@ def _parse_cues(raw: Any, value_type: str, at: str) -> Tuple[str, ...]:
     if raw and value_type not in ("string", "place"):
         raise WorkflowFileError(f"{at}: 'cues' are for inputs of type string or place")
     return tuple(cue.strip() for cue in raw)
+
+
+def _parse_translations(raw: Any, at: str) -> Mapping[str, Tuple[str, str]]:
+    """The label and the question in other languages: {"fr": {"label": ..., "question": ...}}.
+    A language the server has no table for is never used; the label is also read in a
+    ``label: value`` line, so it must hold a word."""
+    if not isinstance(raw, dict):
+        raise WorkflowFileError(f"{at}: 'translations' must be an object of language code: "
+                                '{"label": ..., "question": ...}')
+    parsed = {}
+    for code, spec in raw.items():
+        if not isinstance(code, str) or not re.fullmatch(r"[a-z]{2}", code) or code == "en":
+            raise WorkflowFileError(f"{at}: 'translations' are keyed by a two-letter language code other than "
+                                    f"'en' (the input's own label and question), not {code!r}")
+        if not isinstance(spec, dict) or not set(spec) <= {"label", "question"} or not all(
+                isinstance(text, str) and text.strip() for text in spec.values()):
+            raise WorkflowFileError(f"{at}, translation {code!r}: an object with a 'label' and a 'question', "
+                                    "each a non-empty text")
+        if "label" in spec and not re.search(r"[^\W\d_]", spec["label"]):
+            raise WorkflowFileError(f"{at}, translation {code!r}: the label needs a word")
+        parsed[code] = (spec.get("label", "").strip(), spec.get("question", "").strip())
+    return MappingProxyType(parsed)
 
 
 def _parse_bound(spec: Mapping[str, Any], key: str, at: str, default: Optional[float] = None) -> Optional[float]:
@@ -2520,6 +2553,14 @@ def user_turns(history: Sequence[dict]) -> List[str]:
 INTENTS = ("provide", "correct", "cancel", "skip", "other")
 
 
+# The sentences a language's table writes, each with its fields (see Language.writes).
+WRITTEN_SENTENCES: Mapping[str, Tuple[str, ...]] = MappingProxyType({
+    "understood": ("values",), "value": ("label", "value"), "changed": ("changes",),
+    "change": ("label", "old", "new"), "still_need": ("labels",), "which": ("label", "values"),
+    "several": ("label",), "line_form": (), "not_read": ("labels", "text"), "give_up": ("label", "tries", "line"),
+    "and": (), "or": (), "yes": (), "no": ()})
+
+
 @dataclass(frozen=True)
 class Language:
     """One language's words, for the reader. Every field is words separated by spaces,
@@ -2593,6 +2634,9 @@ class Language:
     limits: str = ""                    # beside a bare number, make it the most to spend: "1000 max", "max. 800"
     rate_units: str = ""                # besides time units: "per person"
     kind_words: Mapping[str, str] = field(default_factory=dict)   # the kind of an input, from its words
+    # Not read: the sentences the server writes in this language (its questions without an LLM),
+    # as format strings, each with the fields WRITTEN_SENTENCES gives it. Empty: replies are English.
+    writes: Mapping[str, str] = field(default_factory=dict)
 
 
 ENGLISH = Language(
@@ -2674,6 +2718,16 @@ ENGLISH = Language(
                 "date": "date dates when period day days", "place": "where destination city town place country "
                 "region location", "money": "budget price cost money amount spend spending fee salary currency",
                 "year": "year years", "month": "month"},
+    writes={
+        "understood": "Got it: {values}.", "value": "{label} {value}", "changed": "Changed {changes}.",
+        "change": "the {label} from {old} to {new}", "still_need": "I still need the {labels}.",
+        "which": "Which {label} do you mean: {values}?",
+        "several": 'You can also give several at once, one per line, like "{label}: ...".',
+        "line_form": "You can also write it like this, one per line:",
+        "not_read": 'I could not read the {labels} from "{text}". ',
+        "give_up": ('I asked for the {label} {tries} times without an answer I could use. You can give it as '
+                    '"{line}: ...", or say "start over" to begin again.'),
+        "and": "and", "or": "or", "yes": "yes", "no": "no"},
 )
 
 FRENCH = Language(
@@ -2740,6 +2794,16 @@ FRENCH = Language(
     rate_units="personne personnes",
     kind_words={"year": "an ans annee annees", "month": "mois", "place": "destination ville lieu pays", "date": "quand dates periode",
                 "money": "budget prix"},
+    writes={
+        "understood": "C'est noté : {values}.", "value": "{label} {value}", "changed": "Modifié : {changes}.",
+        "change": "{label} de {old} à {new}", "still_need": "Il me manque encore : {labels}.",
+        "which": "Pour « {label} », vous voulez dire {values} ?",
+        "several": "Vous pouvez aussi en donner plusieurs à la fois, une par ligne, comme « {label} : ... ».",
+        "line_form": "Vous pouvez aussi l'écrire ainsi, une valeur par ligne :",
+        "not_read": "Je n'ai rien pu lire pour {labels} dans « {text} ». ",
+        "give_up": ("J'ai demandé « {label} » {tries} fois sans réponse que je puisse utiliser. Vous pouvez "
+                    "l'écrire « {line} : ... », ou dire « recommencer » pour reprendre depuis le début."),
+        "and": "et", "or": "ou", "yes": "oui", "no": "non"},
 )
 
 GERMAN = Language(
@@ -2808,6 +2872,16 @@ GERMAN = Language(
     kind_words={"year": "jahr jahre jahren", "month": "monat", "place": "wohin ziel reiseziel stadt ort",
                 "date": "wann zeitraum datum reisezeit",
                 "money": "budget preis"},
+    writes={
+        "understood": "Verstanden: {values}.", "value": "{label} {value}", "changed": "Geändert: {changes}.",
+        "change": "{label} von {old} auf {new}", "still_need": "Mir fehlt noch: {labels}.",
+        "which": "{label}: Meinen Sie {values}?",
+        "several": "Sie können auch mehrere auf einmal angeben, eine pro Zeile, etwa „{label}: ...“.",
+        "line_form": "Sie können es auch so schreiben, eine Angabe pro Zeile:",
+        "not_read": "Ich konnte aus „{text}“ nichts für {labels} lesen. ",
+        "give_up": ("Ich habe {tries}-mal nach „{label}“ gefragt, ohne eine Antwort, die ich verwenden kann. Sie "
+                    "können es als „{line}: ...“ angeben oder „von vorne“ sagen, um neu zu beginnen."),
+        "and": "und", "or": "oder", "yes": "ja", "no": "nein"},
 )
 
 SPANISH = Language(
@@ -2874,6 +2948,16 @@ SPANISH = Language(
     rate_units="persona personas",
     kind_words={"year": "ano anos", "month": "mes", "place": "destino ciudad lugar", "date": "cuando fechas fecha",
                 "money": "presupuesto precio"},
+    writes={
+        "understood": "Entendido: {values}.", "value": "{label} {value}", "changed": "Cambiado: {changes}.",
+        "change": "{label} de {old} a {new}", "still_need": "Todavía necesito: {labels}.",
+        "which": "Para «{label}», ¿se refiere a {values}?",
+        "several": "También puede dar varios a la vez, uno por línea, como «{label}: ...».",
+        "line_form": "También puede escribirlo así, uno por línea:",
+        "not_read": "No pude leer nada para {labels} en «{text}». ",
+        "give_up": ("He preguntado por «{label}» {tries} veces sin una respuesta que pueda usar. Puede darlo "
+                    "como «{line}: ...», o decir «empezar de nuevo» para volver a empezar."),
+        "and": "y", "or": "o", "yes": "sí", "no": "no"},
 )
 
 ITALIAN = Language(
@@ -2941,6 +3025,16 @@ ITALIAN = Language(
     kind_words={"year": "anno anni", "month": "mese", "place": "destinazione meta citta luogo",
                 "date": "quando date periodo",
                 "money": "budget prezzo"},
+    writes={
+        "understood": "Ricevuto: {values}.", "value": "{label} {value}", "changed": "Modificato: {changes}.",
+        "change": "{label} da {old} a {new}", "still_need": "Mi serve ancora: {labels}.",
+        "which": "Per «{label}», intende {values}?",
+        "several": "Può anche darne diversi insieme, uno per riga, come «{label}: ...».",
+        "line_form": "Può anche scriverlo così, uno per riga:",
+        "not_read": "Non sono riuscito a leggere nulla per {labels} da «{text}». ",
+        "give_up": ("Ho chiesto «{label}» {tries} volte senza una risposta che io possa usare. Può scriverlo "
+                    "come «{line}: ...», oppure dire «ricominciamo» per ripartire da capo."),
+        "and": "e", "or": "o", "yes": "sì", "no": "no"},
 )
 
 PORTUGUESE = Language(
@@ -3006,6 +3100,16 @@ PORTUGUESE = Language(
     rate_units="pessoa pessoas",
     kind_words={"year": "ano anos", "month": "mes", "place": "destino cidade lugar", "date": "quando datas",
                 "money": "orcamento preco"},
+    writes={
+        "understood": "Entendido: {values}.", "value": "{label} {value}", "changed": "Alterado: {changes}.",
+        "change": "{label} de {old} para {new}", "still_need": "Ainda preciso de: {labels}.",
+        "which": "Para «{label}», quer dizer {values}?",
+        "several": "Também pode dar vários de uma vez, um por linha, como «{label}: ...».",
+        "line_form": "Também pode escrevê-lo assim, um por linha:",
+        "not_read": "Não consegui ler nada para {labels} em «{text}». ",
+        "give_up": ("Perguntei por «{label}» {tries} vezes sem uma resposta que eu possa usar. Pode dá-lo como "
+                    "«{line}: ...», ou dizer «recomeçar» para começar de novo."),
+        "and": "e", "or": "ou", "yes": "sim", "no": "não"},
 )
 
 LANGUAGES: Mapping[str, Language] = MappingProxyType({
@@ -3109,7 +3213,7 @@ def _language_entries(language: Language) -> Iterator[Tuple[str, str]]:
     """(field, entry) for every entry of a language: words, and the words of its phrases."""
     for spec in dataclasses.fields(language):
         value = getattr(language, spec.name)
-        if spec.name in ("code", "name"):   # labels of the table, not words a message holds
+        if spec.name in ("code", "name", "writes"):   # not words a message holds
             continue
         if spec.name == "months":
             texts = list(value)
@@ -3128,6 +3232,15 @@ def check_language(language: Language) -> Language:
     """The language, if every entry can match a message's words; else ValueError."""
     if language.months and len(language.months) != 12:
         raise ValueError(f"language {language.code}: 'months' lists {len(language.months)} months, not 12")
+    if language.writes:   # every sentence, each with its fields and no other
+        for key, fields in WRITTEN_SENTENCES.items():
+            written = {name for _, name, _, _ in string.Formatter().parse(language.writes.get(key, "")) if name}
+            if key not in language.writes or written - set(fields):
+                raise ValueError(f"language {language.code}, writes: {key!r} must be a text with the fields "
+                                 f"{', '.join(fields) or 'no field'}, not {language.writes.get(key)!r}")
+        if set(language.writes) - set(WRITTEN_SENTENCES):
+            raise ValueError(f"language {language.code}, writes: unknown sentences "
+                             f"{sorted(set(language.writes) - set(WRITTEN_SENTENCES))}")
     for name, word in _language_entries(language):
         if _fold(word) != word or "'" in word or not WORD_PATTERN.match(word):
             raise ValueError(f"language {language.code}, {name}: {word!r} can never match a message's words "
@@ -3426,8 +3539,9 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
         if isinstance(raw, bool):
             return raw
         word = _fold(str(raw)).strip(" .!")
+        head = re.split(r"\s*[,;:(—–]", word, 1)[0]   # what follows says more: "sí, uno", "no (just us)"
         for value, words in BOOLEAN_WORDS.items():
-            if word in words:
+            if word in words or head in words:
                 return value
         named = _synonyms_named(query, str(raw))
         if len(named) == 1:
@@ -4514,7 +4628,9 @@ def _label_patterns(workflow: Workflow, query: QueryInput) -> List[str]:
 
 
 def _label_patterns_of(workflow: Workflow, query: QueryInput) -> List[str]:
-    patterns = [r"[\s_-]+".join(map(re.escape, _words(query.label)))]
+    # The label in every language the workflow gives, since the templated questions show them.
+    labels = dict.fromkeys([query.label, *(label for label, _ in query.translations.values() if label)])
+    patterns = [r"[\s_-]+".join(map(re.escape, _words(label))) for label in labels]
     kind = input_kind(query)
     if kind in KINDS and sum(input_kind(other) == kind for other in workflow.query_inputs.values()) == 1:
         patterns += [re.escape(word) for word in sorted(KINDS[kind])]
@@ -5369,11 +5485,14 @@ def field_value(query: QueryInput, raw: Any) -> Any:
 
 
 def _input_named(workflow: Workflow, key: str) -> Optional[str]:
-    """The input a label names: its name ("travel_dates", "travel dates"), or words of its
-    label that name no other input ("dates")."""
+    """The input a label names: its name ("travel_dates", "travel dates"), its label in
+    another language, or words of its label that name no other input ("dates")."""
     wanted = re.sub(r"[\s\-]+", "_", _fold(key).strip())
     for name in workflow.query_inputs:
         if _fold(name) == wanted:
+            return name
+    for name, query in workflow.query_inputs.items():   # its label in another language: "dates du voyage"
+        if any(_words(key) == _words(label) for label, _ in query.translations.values() if label):
             return name
     words = set(_words(key))
     # A word of the input's kind, in any language: "where", "when", "Ziel", "fechas", "presupuesto".
@@ -5797,41 +5916,66 @@ def elicitation_message(workflow: Workflow, missing: Sequence[QueryInput], probl
     return " ".join(parts)
 
 
+def reply_language(workflow: Workflow, named: Iterable[str], asked: QueryInput, said: Sequence[str],
+                   problems: Mapping[str, str]) -> Language:
+    """The language a templated reply is written in: the user's (``said``: their messages),
+    when its table writes sentences and the workflow gives the question ``asked`` and the
+    label of every input ``named`` in that language; else English. A reply that says why a
+    value was refused is English too: the reasons are written in English only."""
+    name = users_language(said)
+    language = next((language for language in LANGUAGES.values() if language.name == name), ENGLISH)
+    if language is ENGLISH or not language.writes or problems or not asked.question_in(language.code):
+        return ENGLISH
+    if not all(workflow.query_inputs[input_name].label_in(language.code) for input_name in named):
+        return ENGLISH
+    return language
+
+
+def _shown_in(value: Any, language: Language) -> str:
+    return language.writes[shown_value(value)] if isinstance(value, bool) else shown_value(value)
+
+
 def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understood: Mapping[str, Any],
                      changed: Mapping[str, Tuple[Any, Any]], problems: Mapping[str, str],
-                     ambiguous: Optional[Mapping[str, Sequence[Any]]] = None, line_hint: bool = True) -> str:
+                     ambiguous: Optional[Mapping[str, Sequence[Any]]] = None, line_hint: bool = True,
+                     language: Language = ENGLISH) -> str:
     """A templated question for the first missing input, naming the rest; "which one?" when
-    the message named several values for it."""
+    the message named several values for it. In ``language`` (see reply_language)."""
+    writes, code = language.writes, language.code
+    def label(name: str) -> str:
+        return workflow.query_inputs[name].label_in(code)
     parts = []
     if understood:
-        parts.append("Got it: " + _and_list([f"{workflow.query_inputs[name].label} {shown_value(value)}"
-                                             for name, value in understood.items()]) + ".")
+        parts.append(writes["understood"].format(values=_and_list(
+            [writes["value"].format(label=label(name), value=_shown_in(value, language))
+             for name, value in understood.items()], language)))
     if changed:
-        parts.append("Changed " + _and_list([f"the {workflow.query_inputs[name].label} from {shown_value(old)} to "
-                                             f"{shown_value(new)}"
-                                             for name, (old, new) in changed.items()]) + ".")
+        parts.append(writes["changed"].format(changes=_and_list(
+            [writes["change"].format(label=label(name), old=_shown_in(old, language), new=_shown_in(new, language))
+             for name, (old, new) in changed.items()], language)))
     parts += [reason[0].upper() + reason[1:] + "." for reason in problems.values()]
     first = missing[0]
     if len(missing) > 1:
-        parts.append(f"I still need the {_and_list([query.label for query in missing])}.")
+        parts.append(writes["still_need"].format(labels=_and_list([label(query.name) for query in missing], language)))
     if ambiguous and first.name in ambiguous:
-        parts.append(f"Which {first.label} do you mean: {_or_list(ambiguous[first.name])}?")
+        parts.append(writes["which"].format(label=label(first.name), values=_or_list(ambiguous[first.name], language)))
     else:
-        parts.append(first.question or f"Could you tell me the {first.label} ({first.description.rstrip('.')})?")
+        parts.append(first.question_in(code)
+                     or f"Could you tell me the {first.label} ({first.description.rstrip('.')})?")
     if len(missing) > 1 and line_hint:
-        parts.append(f'You can also give several at once, one per line, like "{missing[1].label}: ...".')
+        parts.append(writes["several"].format(label=label(missing[1].name)))
     return " ".join(parts)
 
 
-def _or_list(values: Sequence[Any]) -> str:
-    shown = [shown_value(value) for value in values]
-    return ", ".join(shown[:-1]) + " or " + shown[-1] if len(shown) > 1 else shown[0]
+def _or_list(values: Sequence[Any], language: Language = ENGLISH) -> str:
+    shown = [_shown_in(value, language) for value in values]
+    return ", ".join(shown[:-1]) + f" {language.writes['or']} " + shown[-1] if len(shown) > 1 else shown[0]
 
 
-def _line_form(missing: Sequence[QueryInput]) -> str:
+def _line_form(missing: Sequence[QueryInput], language: Language = ENGLISH) -> str:
     """The ``name: value`` lines the simple reader always understands, for what is missing."""
-    return "\n\nYou can also write it like this, one per line:\n\n" + "\n".join(
-        f"    {query.label}: ..." for query in missing)
+    return f"\n\n{language.writes['line_form']}\n\n" + "\n".join(
+        f"    {query.label_in(language.code)}: ..." for query in missing)
 
 
 def _nothing_read(text: str, asked: Sequence[str], extraction: Extraction) -> bool:
@@ -5840,8 +5984,8 @@ def _nothing_read(text: str, asked: Sequence[str], extraction: Extraction) -> bo
                 and not extraction.rejected and not extraction.ambiguous and not text.rstrip().endswith("?"))
 
 
-def _and_list(items: Sequence[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+def _and_list(items: Sequence[str], language: Language = ENGLISH) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" {language.writes['and']} " + items[-1]
 
 
 def question_messages(workflow: Workflow, missing: Sequence[QueryInput], understood: Mapping[str, Any],
@@ -5930,8 +6074,6 @@ def _visible_problem(text: str, max_chars: int) -> Optional[str]:
 
 CANCELLED_REPLY = "Okay, I've cleared everything and won't run anything. Tell me when you want to start again."
 NOTHING_CHANGED_REPLY = 'Nothing changed, so I have not run it again. {change}say "again" to run it once more.'
-GIVE_UP_REPLY = ("I asked for the {label} {tries} times without an answer I could use. You can give it as "
-                 '"{name}: ...", or say "start over" to begin again.')
 RUN_FAILED_REPLY = ("Sorry, the workflow stopped: step {node!r} failed ({reason}). Your inputs are kept; "
                     'say "again" to retry, or change a value.')
 
@@ -6133,27 +6275,35 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
     ambiguous = {name: values for name, values in extraction.ambiguous.items() if name not in conversation.values}
     missing = sorted(missing, key=lambda query: query.name not in ambiguous)   # "which one?" first
     first = missing[0]
+    messages = [m["content"] for m in turn.history if m["role"] == "user"] + [turn.text]
     if conversation.ask_counts.get(first.name, 0) >= MAX_ASKS_PER_INPUT and not extraction.values:
         conversation.asked = [first.name]
-        yield Piece("answer", GIVE_UP_REPLY.format(label=first.label, name=first.name, tries=MAX_ASKS_PER_INPUT))
+        language = reply_language(workflow, [first.name], first, messages, {})
+        yield Piece("answer", language.writes["give_up"].format(
+            label=first.label_in(language.code), tries=MAX_ASKS_PER_INPUT,
+            line=first.name if language is ENGLISH else first.label_in(language.code)))
         return
     problems = {name: reason for name, reason in extraction.rejected.items() if name not in conversation.values}
     asked_before = [name for name in conversation.asked if name in workflow.query_inputs]
     nothing_read = _nothing_read(turn.text, asked_before, extraction)
     def check(text: str) -> Optional[str]:   # what the user said and their language: only for an LLM's text
-        messages = [m["content"] for m in turn.history if m["role"] == "user"] + [turn.text]
         said = messages + [shown_value(value) for value in conversation.values.values()]
         return check_llm_text(text, workflow, said, users_language(messages))
+    blamed: List[str] = []
+    if nothing_read:   # the input the message talks of, if not the one asked
+        words = set(_words(turn.text))
+        named = [name for name, query in workflow.query_inputs.items() if words & _topic_words(query)]
+        blamed = named if named and not set(named) <= set(asked_before) else asked_before
+    language = reply_language(workflow, [*understood, *changed, *blamed, *(query.name for query in missing)],
+                              first, messages, problems)
     question, notes = None, []
     opening, closing = "", ""
     if nothing_read:   # say what was not understood, and the form that always is
         quoted = turn.text if len(turn.text) <= 80 else turn.text[:77].rstrip() + "..."
-        words = set(_words(turn.text))   # the input the message talks of, if not the one asked
-        named = [name for name, query in workflow.query_inputs.items() if words & _topic_words(query)]
-        blamed = named if named and not set(named) <= set(asked_before) else asked_before
-        opening = (f"I could not read the {_and_list([workflow.query_inputs[n].label for n in blamed])}"
-                   f" from \"{quoted}\". ")
-        closing = _line_form(missing)
+        opening = language.writes["not_read"].format(
+            labels=_and_list([workflow.query_inputs[name].label_in(language.code) for name in blamed], language),
+            text=quoted)
+        closing = _line_form(missing, language)
     if extraction.question is not None:
         # The extraction call wrote the question assuming its values were taken. It asks for the
         # right inputs only when they were, and the simple reader took nothing it did not give;
@@ -6186,7 +6336,7 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
             yield Piece("answer", opening + question)
     else:
         yield Piece("answer", opening + question_offline(workflow, missing, understood, changed, problems, ambiguous,
-                                                         line_hint=not nothing_read))
+                                                         line_hint=not nothing_read, language=language))
         conversation.asked = [first.name]   # offline asks one at a time, so the reply can be read
     if closing:
         yield Piece("answer", closing)

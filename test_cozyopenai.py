@@ -493,6 +493,15 @@ BROKEN_FILES = {
                                   "query input 'word': 'synonyms' are for inputs of type choice, boolean or a number type"),
     "cues that are not a list of words": (lambda w, d: w["query_inputs"]["word"].update(cues="trip to"),
                                           "query input 'word': 'cues' must be a list of words"),
+    "translations keyed by a language name": (
+        lambda w, d: w["query_inputs"]["word"].update(translations={"French": {"label": "mot"}}),
+        "query input 'word': 'translations' are keyed by a two-letter language code other than 'en'"),
+    "a translation with an empty question": (
+        lambda w, d: w["query_inputs"]["word"].update(translations={"fr": {"label": "mot", "question": " "}}),
+        "query input 'word', translation 'fr': an object with a 'label' and a 'question', each a non-empty text"),
+    "a translated label with no word": (
+        lambda w, d: w["query_inputs"]["word"].update(translations={"fr": {"label": "42"}}),
+        "query input 'word', translation 'fr': the label needs a word"),
     "duplicate name": (lambda w, d: d["workflows"].append(workflow()),
                        "workflow 'echo': the name is used twice"),
     "input neither fixed nor query": (lambda w, d: w["nodes"][0]["inputs"].update(word=None),
@@ -1712,6 +1721,20 @@ def test_every_shipped_language_passes_its_check_and_an_entry_no_message_can_mat
             cozyopenai.check_language(broken)
 
 
+def test_each_language_writes_every_sentence_with_its_fields_and_a_table_that_does_not_is_refused():
+    for language in cozyopenai.LANGUAGES.values():
+        assert set(language.writes) == set(cozyopenai.WRITTEN_SENTENCES), language.code
+    english = cozyopenai.ENGLISH
+    without_which = {key: text for key, text in english.writes.items() if key != "which"}
+    for writes, reason in ((without_which, "language en, writes: 'which' must be a text with the fields label, values"),
+                           ({**english.writes, "which": "Which {input}?"}, "'which' must be a text with the fields"),
+                           ({**english.writes, "thanks": "Thanks!"}, "language en, writes: unknown sentences ['thanks']")):
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            cozyopenai.check_language(dataclasses.replace(english, writes=writes))
+    # A table that writes nothing is allowed: its speakers are answered in English.
+    assert cozyopenai.check_language(dataclasses.replace(english, code="br", writes={})).writes == {}
+
+
 def test_month_names_in_each_language_give_the_months_number():
     for words, month in ((("october", "oct", "octobre", "oktober", "octubre", "ottobre", "outubro"), 10),
                          (("may", "mai", "mayo", "maggio", "maio"), 5), (("march", "mars", "marz", "marzo"), 3)):
@@ -2768,6 +2791,8 @@ def test_a_rejected_value_stays_missing_and_the_next_question_says_why(start):
 def test_competing_values_are_asked_about_by_name(start, fake_llm):
     reply = Chat(start()).say("Quiero ir a Lima o a Cusco en mayo.")
     assert "Understood travel dates: mayo." in reply
+    assert "Para «destino», ¿se refiere a Lima o Cusco?" in answer_of(reply)
+    reply = Chat(start()).say("I want to go to Lima or Cusco in May.")
     assert "Which destination do you mean: Lima or Cusco?" in answer_of(reply)
     message = "Sydney or Melbourne, 2000 dollars"
     fake_llm.extractions = {message: {"destination": "Sydney"}}
@@ -2819,7 +2844,9 @@ def test_an_llm_question_that_fails_a_check_is_replaced_by_the_templated_one(sta
     fake_llm.extractions = {message: {"destination": "Paris"}}
     fake_llm.question = question
     reply = Chat(start(llm=fake_llm.settings())).say(message)
-    assert answer_of(reply).startswith("Got it: destination Paris. I still need the budget and travel dates.")
+    assert answer_of(reply).startswith(   # the templated question is in the user's language
+        "Got it: destination Paris. I still need the budget and travel dates." if message.startswith("Trip")
+        else "C'est noté : destination Paris. Il me manque encore : budget et dates du voyage.")
     line = next(line for line in thinking_of(reply).splitlines() if "question was not used" in line)
     assert why in line and line.endswith("Asked the templated question instead.")
 
@@ -2997,6 +3024,62 @@ def test_a_required_input_asked_three_times_ends_with_an_offer_to_start_over(sta
     assert replies[3] == ("I asked for the year 3 times without an answer I could use. You can give it as "
                           '"year: ...", or say "start over" to begin again.')
     assert "Which month" in chat.say("year: 2026")
+
+
+@pytest.mark.parametrize("language, message, expected", [
+    ("French", "Je voudrais partir à Lisbonne avec 1500 euros",
+     "C'est noté : destination Lisbonne et budget 1500. Quand aimeriez-vous partir, et pour combien de temps ?"),
+    ("German", "Ich möchte nach Wien reisen",
+     "Verstanden: Reiseziel Wien. Mir fehlt noch: Budget und Reisedaten. Wie hoch ist Ihr Gesamtbudget für die "
+     "Reise? Sie können auch mehrere auf einmal angeben, eine pro Zeile, etwa „Reisedaten: ...“."),
+    ("Spanish", "Quiero ir a Lima o a Cusco en mayo",
+     "Entendido: fechas del viaje mayo. Todavía necesito: destino y presupuesto. Para «destino», ¿se refiere a "
+     "Lima o Cusco? También puede dar varios a la vez, uno por línea, como «presupuesto: ...»."),
+    ("Italian", "vorrei andare a Napoli con 900 euro",
+     "Ricevuto: destinazione Napoli e budget 900. Quando vorrebbe partire, e per quanto tempo?"),
+    ("Portuguese", "Quero ir a Lisboa em maio com os filhos",
+     "Entendido: destino Lisboa, datas da viagem maio e crianças sim. Qual é o seu orçamento total para a viagem?"),
+    ("English", "I want to go to Rome with the kids",
+     "Got it: destination Rome and children yes. I still need the budget and travel dates. What is your total "
+     "budget for the trip? You can also give several at once, one per line, like \"travel dates: ...\"."),
+])
+def test_the_templated_question_is_in_the_users_language_when_the_workflow_gives_its_questions_in_it(
+        start, language, message, expected):
+    answer = answer_of(Chat(start()).say(message))
+    assert answer == expected
+    assert cozyopenai.language_of(answer) in (language, None)
+
+
+def test_a_translated_label_shown_in_the_line_form_reads_the_line_it_asks_for(start):
+    chat = Chat(start())
+    chat.say("Je voudrais partir à Lisbonne.")
+    answer = answer_of(chat.say("euh, je ne sais pas encore"))
+    assert answer.startswith("Je n'ai rien pu lire pour budget dans « euh, je ne sais pas encore ». ")
+    assert "Vous pouvez aussi l'écrire ainsi, une valeur par ligne :\n\n    budget: ...\n    dates du voyage: ..." in answer
+    reply = chat.say("budget: 1800\ndates du voyage: du 3 au 10 mai")
+    assert "**When:** du 3 au 10 mai" in answer_of(reply) and "**Budget:** 1800" in answer_of(reply)
+
+
+def test_a_language_the_workflow_does_not_give_and_a_refused_value_are_answered_in_english(start, tmp_path):
+    path = tmp_path / "workflows.json"   # the shipped workflows, less their Italian questions
+    data = json.loads(open(WORKFLOWS_PATH, encoding="utf-8").read())
+    for query in data["workflows"][0]["query_inputs"].values():
+        query.get("translations", {}).pop("it", None)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    assert answer_of(Chat(start(workflows=str(path))).say("vorrei andare a Napoli con 900 euro")) == (
+        "Got it: destination Napoli and budget 900. When would you like to travel, and for how long?")
+    # The reasons a value is refused are written in English: the whole reply is, so it reads as one.
+    answer = answer_of(Chat(start()).say("Je voudrais partir à Lisbonne avec un budget de -5 euros"))
+    assert answer.startswith("Got it: destination Lisbonne. The budget must be at least 0, not -5.")
+
+
+def test_the_offer_to_start_over_is_in_the_users_language_and_names_the_line_it_reads(start):
+    chat = Chat(start(), "month-calendar")
+    replies = [answer_of(chat.say(text)) for text in ("le calendrier s'il vous plaît", "hein ?", "quoi ?", "aucune idée ?")]
+    assert all("Quelle année ?" in reply for reply in replies[:3])
+    assert replies[3] == ("J'ai demandé « année » 3 fois sans réponse que je puisse utiliser. Vous pouvez l'écrire "
+                          "« année : ... », ou dire « recommencer » pour reprendre depuis le début.")
+    assert "Quel mois" in answer_of(chat.say("année : 2026"))
 
 
 def test_replies_that_change_other_values_are_no_unanswered_asks(start):
