@@ -2582,6 +2582,7 @@ class Language:
     uncertain_times: str = ""           # also ordinary words: a time only capitalised, beside a number
     time_units: str = ""                # "a week", "10 days"
     month_compounds: str = ""           # units written glued after a month: "Maiwoche", "Juliwochenende"
+    travel_heads: str = ""              # end a compound that names a kind of trip, no name: "Städtetrip"
     numbers: str = ""                   # number words: "a week", "two nights", "a couple of days"
     qualifiers: str = ""                # "early May", "next week", "el mes que viene"
     relatives: str = ""                 # between a unit and its qualifier: "el mes que viene"
@@ -2823,7 +2824,8 @@ GERMAN = Language(
     seasons="fruhling fruehling sommer herbst winter ostern weihnachten pfingsten silvester fruhjahr heute "
             "morgen wochenende",
     season_nouns="saison",
-    month_compounds="woche wochen wochenende",
+    month_compounds="woche wochen wochenende halfte",
+    travel_heads="trip reise urlaub ausflug ferien fahrt",
     holiday_words="ferien urlaub",
     uncertain_times="morgen",
     time_units="tag tage tagen nacht nachte woche wochen monat monate jahr jahre",
@@ -3127,8 +3129,8 @@ CLAUSE_MARKS = frozenset(",;.!?:()[]—|\n")
 TOKEN_PATTERN = re.compile(
     r"(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4}|\d{1,2}/\d{1,2}(?![\d/])"
     r"|(?:0?[1-9]|[12]\d|3[01])\.(?:0?[1-9]|1[0-2])\.(?![\d.]))"   # "vom 28.12. bis 2.1."
-    r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]|\s*[–-]\s*\d))|(?P<number>\d+(?:[.,]\d+)*)"
-    r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\S)")
+    r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]|\s*[–/-]\s*\d))|(?P<number>\d+(?:[.,]\d+)*)"
+    r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\n|\S)")
 # A short capitalised abbreviation with its dot ("St. Louis", "Mt. Fuji") does not end a phrase.
 ABBREVIATION_PATTERN = r"\b[A-Z][a-z]{0,2}\.(?=\s)"
 # Marks that are not text: controls, bidirectional and zero-width marks, lone surrogates.
@@ -3142,6 +3144,7 @@ QUOTED_PASSAGE_PATTERN = re.compile(
     r"\u201c[^\u201c\u201d\n]*\u201d|\u201e[^\u201c\u201d\u201e\n]*[\u201c\u201d]|\u00ab[^\u00ab\u00bb\n]*\u00bb"
     r"|\u2018[^\u2018\u2019\n]*\u2019(?![^\W\d_])"
     r"|(?:(?<=^)|(?<=[\s:(]))\"[^\"\n]*\"|(?:(?<=^)|(?<=[\s:(]))'[^'\n]*'(?=[\s.,;:!?)]|$)", re.M)
+QUOTATION_MARKS = "\"'\u201c\u201d\u201e\u00ab\u00bb\u2018\u2019"
 QUOTED_PASSAGE_MIN_WORDS = 4   # fewer is a value quoted for emphasis ("a trip to "Paris""), unless it quotes a label
 CENTURY_OF_SHORT_YEARS = 2000   # "'27" is 2027
 MAX_LABEL_WORDS = 3            # "travel dates: ..." labels a value; "my friend sent me this: ..." does not
@@ -3359,8 +3362,11 @@ COMPOUND_LABEL_HEADS = tuple(sorted(word for word in KINDS["money"] if len(word)
 # "Urlaubsplanung"), when this many letters or more follow it: no name.
 COMPOUND_TRAVEL_STARTS = tuple(sorted(word for word in MOTIONS - WISHES if len(word) >= 5))
 COMPOUND_REST_MIN_LETTERS = 4
-COMPOUND_TRAVEL_PATTERN = re.compile("(?:" + "|".join(map(re.escape, COMPOUND_TRAVEL_STARTS)) + r")\w{"
-                                     + str(COMPOUND_REST_MIN_LETTERS) + r",}\Z")
+# Or that ends with a head of such compounds ("Städtetrip", "Badeurlaub").
+COMPOUND_TRAVEL_PATTERN = re.compile(
+    "(?:" + "|".join(map(re.escape, COMPOUND_TRAVEL_STARTS)) + r")\w{" + str(COMPOUND_REST_MIN_LETTERS) + r",}\Z"
+    + r"|\w{" + str(COMPOUND_REST_MIN_LETTERS) + ",}(?:" + "|".join(map(re.escape, sorted(words_of("travel_heads"))))
+    + r")\Z")
 ABBREVIATION_MAX_LETTERS = 3   # "St", "Mt", "Ste": a capitalised word this short before a dot
 # Month names long enough that one slip of the keyboard leaves them recognisable, and what each
 # becomes with a letter dropped: a misspelt month is found through these (see _month_misspelt).
@@ -3853,8 +3859,8 @@ def _is_break(tokens: Sequence[Token], index: int) -> bool:
     if token.shape != "mark":
         return False
     if token.text in "-–/":   # "10-17 October" is one period; "Paris - Lyon" two clauses
-        return not (0 < index < len(tokens) - 1 and tokens[index - 1].shape in ("number", "ordinal")
-                    and tokens[index + 1].shape in ("number", "ordinal"))
+        return not (0 < index < len(tokens) - 1 and tokens[index - 1].shape in ("number", "ordinal", "dmy")
+                    and tokens[index + 1].shape in ("number", "ordinal", "dmy"))
     return token.text in CLAUSE_MARKS
 
 
@@ -4068,6 +4074,7 @@ def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alon
     clause of its own ("Rome, 1500 euros", "Florence it is.", "Kyoto"). A name in a hedged
     clause ("somewhere in Italy, maybe?") is left open: neither taken nor ruled out."""
     spans: List[Span] = []
+    compounds = PLACE_LEADS <= leads
     for index, end in _qualified(tokens, _name_runs(tokens, taken)):
         value = _span_text(tokens, index, end)
         if _is_hedged(tokens, index, end):
@@ -4076,9 +4083,12 @@ def name_spans(tokens: Sequence[Token], leads: frozenset, taken: frozenset, alon
         corrects = bool(spans) and not spans[-1].negated and _corrects(tokens, spans[-1].end, index)
         if corrects:   # "Roma, bueno no, a Florencia": the earlier name is ruled out
             spans[-1] = spans[-1]._replace(negated=True)
-        replaces = bool(spans) and spans[-1].negated and (corrects or _follows_closely(tokens, spans[-1].end, index))
+        replaces = bool(spans) and spans[-1].negated and (corrects or (
+            _follows_closely(tokens, spans[-1].end, index) and (   # "not Paris, France is too dear" replaces nothing
+                _clause(tokens, index, end)[1] == end or any(token.shape != "mark"
+                                                             for token in tokens[spans[-1].end:index]))))
         chosen = end < len(tokens) and tokens[end].folded in PREFERENCES   # "let's do Florence instead"
-        if negated or replaces or chosen or _led_by(tokens, index, leads, end) or (
+        if negated or replaces or chosen or _led_by(tokens, index, leads, end, compounds) or (
                 alone and (_stands_alone(tokens, index, end, listing) or _after_a_conclusion(tokens, index)
                            or _after_a_correction(tokens, index))):
             retracted = _retracted(tokens, end)   # "to Rome, actually no, ..."
@@ -4184,8 +4194,11 @@ def _qualified(tokens: Sequence[Token], runs: List[Tuple[int, int]]) -> List[Tup
             continue
         pair = next((p for p in pairs if p[0] == k), None)
         listed = k > 0 and runs[k - 1][1] + 1 == run[0]   # "Rome, Florence, Venice": the run before is one comma away
+        # After a "not", a name after the comma is what replaces it ("non Milano, Napoli!"),
+        # unless the same name comes with two regions ("Paris, Texas, not Paris, France").
         if pair is not None and (len(heads.get(_span_text(tokens, *run), ())) > 1
-                                 or (not listed and _is_a_region(tokens, run, pair[2]))):
+                                 or (not listed and not is_negated(tokens, run[0])
+                                     and _is_a_region(tokens, run, pair[2]))):
             joined.append((run[0], pair[2][1]))
             skip.add(k + 1)
         else:
@@ -4215,7 +4228,7 @@ def _retracted(tokens: Sequence[Token], end: int) -> bool:
     return False
 
 
-def _led_by(tokens: Sequence[Token], index: int, leads: frozenset, end: int) -> bool:
+def _led_by(tokens: Sequence[Token], index: int, leads: frozenset, end: int, compounds: bool = False) -> bool:
     """Does a word of ``leads`` stand right before the name, or before its article, and not
     after a word of being somewhere ("I'm in London", "Ich wohne in Hamburg")? A wish leads
     only to a name that ends its phrase ("I want Rome", "Volevo Verona."), not to a word that
@@ -4224,7 +4237,9 @@ def _led_by(tokens: Sequence[Token], index: int, leads: frozenset, end: int) -> 
     if before >= 1 and tokens[before].folded in ARTICLES:
         before -= 1
     staying = before >= 1 and tokens[before - 1].folded in STAYS
-    if before < 0 or tokens[before].folded not in leads or staying:
+    # With the words that lead to a place, a compound of travel does: "Städtetrip Prag".
+    if before < 0 or staying or tokens[before].folded not in leads and not (
+            compounds and _is_a_travel_compound(tokens[before].folded)):
         return False
     return tokens[before].folded not in WISHES - PLACE_LEADS or end == len(tokens) or (
         tokens[end].shape != "word" or tokens[end].folded in PLACE_LEADS | LEADING_LINKS | AND_WORDS)
@@ -4585,8 +4600,8 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
                and not _linked_out_of_bounds(workflow.query_inputs[name], match)}
     for key, value in LINE_VALUE_PATTERN.findall(text):
         name = _input_named(workflow, key)
-        if name:
-            reading.add(name, 3, numbers.get(name, value))
+        if name:   # the marks of a quotation the line was in are not the value's: "When: 3-9 March""
+            reading.add(name, 3, numbers.get(name, value.strip(QUOTATION_MARKS) or value))
     for query in workflow.query_inputs.values():
         if query.name in reading.candidates:
             continue

@@ -1748,7 +1748,7 @@ def test_every_language_has_the_same_fields_and_each_reading_field_some_words():
     for language in cozyopenai.LANGUAGES.values():
         assert {spec.name for spec in dataclasses.fields(language)} == fields
         assert len(language.months) == 12 and language.negations and language.place_leads, language.code
-    english_leaves_empty = {"code", "relatives", "greetings", "month_compounds"}
+    english_leaves_empty = {"code", "relatives", "greetings", "month_compounds", "travel_heads"}
     assert all(getattr(cozyopenai.ENGLISH, name) for name in fields - english_leaves_empty)
 
 
@@ -2636,6 +2636,23 @@ def test_a_conclusion_decides_an_emoji_or_this_year_ends_the_past_and_a_limit_ma
 ])
 def test_a_range_keeps_its_opener_and_a_reply_gives_what_it_names_not_what_was_asked(model, asked, text, expected):
     assert read(model, text, asked=asked) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('copying from my notes:\n"Trip: Marrakech\nWhen: 3-9 March"', {"destination": "Marrakech",
+                                                                  "travel_dates": "3-9 March"}),
+    ("not Paris, Lyon", {"destination": "Lyon"}),
+    ("non Milano, Napoli! tre giorni 8-10 dicembre", {"destination": "Napoli", "travel_dates": "tre giorni 8-10 dicembre"}),
+    ("I don't want to go to Paris, France is too expensive", {}),
+    ("Paris, Texas, not Paris, France", {"destination": "Paris, Texas"}),
+    ("Städtetrip Prag", {"destination": "Prag"}), ("Badeurlaub Mallorca", {"destination": "Mallorca"}),
+    ("zweite Oktoberhälfte", {"travel_dates": "zweite Oktoberhälfte"}),
+    ("vom 15.-18.10.", {"travel_dates": "15.-18.10."}),
+    ("Hamburg, Wochenende 12./13. Juli", {"destination": "Hamburg", "travel_dates": "Wochenende 12./13. Juli"}),
+])
+def test_a_line_break_ends_a_name_a_name_after_a_ruled_out_one_replaces_it_and_german_compounds_and_ranges_read(
+        trip_planner, text, expected):
+    assert read(trip_planner, text) == expected
 
 
 @pytest.mark.parametrize("known, text, expected", [
