@@ -2587,6 +2587,7 @@ class Language:
     qualifiers: str = ""                # "early May", "next week", "el mes que viene"
     relatives: str = ""                 # between a unit and its qualifier: "el mes que viene"
     past: str = ""                      # a time before now: "last year" (a sentence about the past gives no value)
+    went: str = ""                      # tell of a trip made before, opening a clause of context: "my mother went to"
     reasons: str = ""                   # open a clause of why, whose values are context: "because of Christmas"
     hearsay: str = ""                   # open a clause of what others said, context too: "they told me it is calm"
     range_links: str = ""               # join the parts of a period: "from 10 to 17 October", "del 3 al 10"
@@ -2647,7 +2648,7 @@ ENGLISH = Language(
                    "who would could should like want please tell for with of to about this that trip travel go "
                    "much long",
     excess="too overly",
-    past="last ago previous",
+    past="last ago previous", went="went visited",
     greetings="hi hello hey dear sir madam",
     wishes="want wanna like wish would do", changes="make change changed switch set turn go raise increase bump meant",
     approximations="or so, ish, more or less, roughly",
@@ -2738,7 +2739,7 @@ FRENCH = Language(
                    "quels quand ou comment combien voudrais voulez souhaitez aimeriez pour avec dans sur voyage "
                    "partir aller pas",
     excess="trop",
-    past="dernier derniere passe passee",
+    past="dernier derniere passe passee", went="allee allees etais etait etions etaient",
     greetings="bonjour salut bonsoir coucou madame monsieur messieurs",
     wishes="veux voudrais veut voulons aimerais voulais", changes="mets passe change rends faisons monte augmente",
     approximations="environ, a peu pres, plus ou moins",
@@ -2814,7 +2815,7 @@ GERMAN = Language(
                    "wo wie welche welcher wohin mochte mochten wollen bitte fur mit nach reise fahren urlaub "
                    "nicht auch gerade",
     excess="zu so",
-    past="letztes letzten letzte vergangenen vergangenes vorigen voriges",
+    past="letztes letzten letzte vergangenen vergangenes vorigen voriges", went="war waren gewesen",
     greetings="hallo servus moin geehrte geehrter herren damen",
     wishes="will mochte mochten wollen moechte", changes="mach mache machen stell andere erhohe erhoh meinte",
     approximations="oder so, ungefahr, etwa",
@@ -2892,7 +2893,7 @@ SPANISH = Language(
     function_words="yo tu usted su sus nosotros mi mis el los las un una unos y o es son esta cual cuales cuando "
                    "donde como cuanto quiero quisiera gustaria para con por viaje viajar ir fechas presupuesto",
     excess="demasiado demasiada",
-    past="pasado pasada anterior",
+    past="pasado pasada anterior", went="fui fue fuimos fueron estuve estuvo estuvimos",
     greetings="hola buenas estimado estimada estimados senor senora",
     wishes="quiero quisiera queremos queria", changes="hazlo haz pon cambia ponlo hagamos sube subelo aumenta",
     approximations="mas o menos, o asi, aproximadamente",
@@ -2916,7 +2917,7 @@ SPANISH = Language(
     place_leads="a al en para por hacia visitar ver conocer descubrir",
     motions="ir voy vamos viajar viaje volar escapada vacaciones",
     stays="vivo vive estoy casa",
-    corrections="bueno perdon perdona ups espera quise",
+    corrections="bueno perdon perdona ups espera quise decir",
     hearsay="dijeron dicen dijo oido",
     reasons="porque causa",
     negations="sin excepto salvo menos nunca nada ningun ninguno ninguna",
@@ -2968,7 +2969,7 @@ ITALIAN = Language(
     function_words="io tu lei voi noi mio mia il lo gli un una uno e o sono che quale quali quando dove come "
                    "quanto voglio vorrei piacerebbe per con di del della viaggio andare partire date",
     excess="troppo troppa",
-    past="scorso scorsa",
+    past="scorso scorsa", went="andato andata andati ando stato stata stati ero era erano",
     greetings="ciao salve buongiorno buonasera gentile egregio signore signora",
     wishes="voglio vorrei vogliamo volevo", changes="fallo fai metti cambia rendilo facciamo alza alzalo aumenta intendevo",
     approximations="piu o meno, circa, o giu di li",
@@ -2993,7 +2994,7 @@ ITALIAN = Language(
     place_leads="a ad in nel nella nell alla allo all per verso visitare vedere scoprire",
     motions="andare vado andiamo viaggio viaggiare volare partire vacanza gita",
     stays="sono abito casa",
-    corrections="anzi scusa scusate ops aspetta",
+    corrections="anzi scusa scusate ops aspetta realta",
     hearsay="detto dicono sentito",
     reasons="perche causa",
     negations="senza tranne eccetto mai ne niente nessun nessuno nessuna",
@@ -3045,7 +3046,7 @@ PORTUGUESE = Language(
     function_words="eu voce vos seu sua nos meu minha o os as um uma uns e ou sao esta qual quais quando onde "
                    "como quanto quero gostaria queria para com do da viagem viajar ir datas orcamento nao",
     excess="demais demasiado",
-    past="passado passada",
+    past="passado passada", went="foi fui fomos foram estive esteve estivemos estiveram",
     greetings="ola oi prezado prezada prezados senhor senhora",
     wishes="quero queria queremos", changes="faz faca coloca muda deixa fazemos sobe aumenta",
     approximations="mais ou menos, por ai, aproximadamente",
@@ -3069,7 +3070,7 @@ PORTUGUESE = Language(
     place_leads="a ao aos para pra pro em conhecer visitar ver descobrir",
     motions="ir vou vamos viajar viagem voar ferias passeio",
     stays="moro vivo estou casa",
-    corrections="desculpa desculpe perdao ops espera quis afinal pensando",
+    corrections="desculpa desculpe perdao ops espera quis dizer afinal pensando",
     hearsay="disseram dizem disse ouvi",
     reasons="porque causa",
     negations="nao nem sem nunca exceto nenhum nenhuma",
@@ -3295,8 +3296,8 @@ TIME_PHRASES_BY_FIRST_WORD: Mapping[str, Tuple[Tuple[str, ...], ...]] = MappingP
 UNCERTAIN_TIMES, SEASON_NOUNS, HOLIDAYS = words_of("uncertain_times"), words_of("season_nouns"), words_of("holiday_words")
 TIME_UNITS, COUNT_WORDS, QUALIFIERS = words_of("time_units"), words_of("numbers"), words_of("qualifiers")
 RELATIVES, PAST, REASONS = words_of("relatives"), words_of("past"), words_of("reasons")
-HEARSAY = words_of("hearsay")
-CONTEXT_OPENERS = REASONS | HEARSAY
+HEARSAY, WENT = words_of("hearsay"), words_of("went")
+CONTEXT_OPENERS = REASONS | HEARSAY | WENT
 TIME_LINKS, LEADING_LINKS, ARTICLES = words_of("range_links"), words_of("period_leads"), words_of("articles")
 RANGE_OPENERS = words_of("range_openers")
 RANGE_WORDS, AND_WORDS = words_of("range_words"), words_of("and_words")
@@ -3866,7 +3867,7 @@ def _is_break(tokens: Sequence[Token], index: int) -> bool:
 
 def is_negated(tokens: Sequence[Token], index: int, reach: int = 4) -> bool:
     """Is the word at ``index`` ruled out by a word before it in its clause: "not relaxed",
-    "no children", "anywhere but Paris", "sans enfants"? A contrast ("not Paris but Lyon")
+    "no children", "anywhere but Paris", "sans enfants", "forget paris"? A contrast ("not Paris but Lyon")
     ends the negation's reach; a negated wish reaches twice as far ("I don't want to go in
     July"), a negated other verb does not ("I can't wait to see Paris")."""
     wished = False
@@ -3882,6 +3883,8 @@ def is_negated(tokens: Sequence[Token], index: int, reach: int = 4) -> bool:
             return False   # a word that also leads into a time, right before one: "no carnaval" is "at carnival"
         if token.folded in NEGATIONS or _is_except(tokens, back):
             return index - back <= reach or wished
+        if token.folded in CANCELS and index - back <= 2:   # "forget paris", "vergiss München"
+            return True
         wished = wished or token.folded in WISHES
     return False
 
@@ -4395,11 +4398,14 @@ def _changed_by(tokens: Sequence[Token], index: int) -> bool:
     change or preference ("mets plutôt 2500", "anzi facciamo 2500", "make it 700", "y súbelo
     a 700") or a "no" that stands alone ("no wait, 1200.", "anzi no, 1.350"), with nothing
     between but marks, links and small words? Not a count ("actually we are 4", "but we
-    are 3", "no, 3 kids"): nothing but a mark, a link or the end may follow it."""
+    are 3", "no, 3 kids"): nothing but a mark, a link, the end, or a number it is said against
+    may follow it."""
     after = tokens[index + 1] if index + 1 < len(tokens) else None
-    if after is not None and after.shape != "mark" and after.folded not in LEADS_OR_LINKS:
+    denies = (after is not None and after.folded in NEGATING and index + 2 < len(tokens)
+              and tokens[index + 2].shape == "number")   # "2500 not 2000"
+    if after is not None and after.shape != "mark" and after.folded not in LEADS_OR_LINKS and not denies:
         return False
-    before = index - 1
+    before, filler = index - 1, False
     while before >= 0:
         token = tokens[before]
         if _is_a_lone_no(tokens, before):
@@ -4407,9 +4413,13 @@ def _changed_by(tokens: Sequence[Token], index: int) -> bool:
         if token.folded in CHANGES | PREFERENCES:
             return True
         if token.shape != "mark" and token.folded not in SMALL_BEFORE_A_NUMBER:
-            return False
+            break
+        filler = filler or token.folded in CORRECTION_FILLERS
         before -= 1
-    return False
+    # A filler of correction alone, or a number said against another, sets an amount-sized
+    # number only: "in realtà 6500, ho ricontrollato", "wait, 2500 not 2000" (not "actually 4").
+    starts = before < 0 or _is_break(tokens, before)
+    return (denies or filler and starts) and (_number_or_none(tokens[index].folded) or 0) >= LISTED_AMOUNT_MIN
 
 
 def _follows_closely(tokens: Sequence[Token], after: int, index: int) -> bool:
@@ -4720,6 +4730,9 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
             if query.name in conversation.values:   # "mejor Córdoba, Granada ya la conozco": Granada is no region
                 spans = [_without_the_known(tokens, span, conversation.values[query.name]) for span in spans]
             reading.ruled_out.setdefault(query.name, []).extend(span.value for span in spans if span.negated)
+            # A name ruled out where it is written again, in any case: "a week in Paris? forget paris".
+            reading.ruled_out[query.name].extend(span.value for span in spans if not span.negated and any(
+                is_negated(tokens, again) for again in find_words(tokens, span.value) if again != span.start))
             for span in _after_the_last_contrast(tokens, [span for span in spans if not span.negated]):
                 if is_open or _cued(tokens, span, query) or _replaces(tokens, span):
                     for name in [span.value] + alternatives_to(tokens, span.start, span.end - span.start):
@@ -4752,7 +4765,7 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
         elif query.type == "choice":
             _read_choice(workflow, tokens, query, reading, context=past)
         elif query.type == "boolean":
-            _read_polarity(tokens, query, reading)
+            _read_polarity(tokens, query, reading, context=past)
         elif query.type in NUMERIC_TYPES and query.synonyms:
             named = _synonym_spans(tokens, query) or _ordinal_spans(tokens, kind)   # "June, my first month at ..."
             reading.ruled_out.setdefault(query.name, []).extend(span.value for span in named if span.negated)
@@ -5075,16 +5088,17 @@ def _sentence_of(tokens: Sequence[Token], index: int) -> int:
 def _context_tokens(tokens: Sequence[Token]) -> set:
     """The tokens of the parts of sentences whose values are context, not this trip's: the
     parts that tell of the past ("last year", "el año pasado", "letzten Sommer"; not "the
-    last week of May"), clauses of why ("por causa dos presentes de natal") and of what others
-    said ("me dijeron que es más tranquilo"). A contrast ends the part ("my friend went to
+    last week of May"), clauses of why ("por causa dos presentes de natal"), of what others
+    said ("me dijeron que es más tranquilo") and of a trip made before ("minha mãe foi para a
+    Itália em maio"). A contrast ends the part ("my friend went to
     Paris last year, but I want Athens")."""
     context: set = set()
     periods = period_spans(tokens)
     now = {span.start for span in periods if not _tells_of_the_past(tokens, span)}   # "este año queremos ..."
 
-    def ends_the_part(index: int) -> bool:
+    def ends_the_part(index: int, at_periods: bool = True) -> bool:
         token = tokens[index]
-        return (token.text in ".!?\n" or token.folded in CONTRASTS or index in now
+        return (token.text in ".!?\n" or token.folded in CONTRASTS or (at_periods and index in now)
                 or (token.shape == "mark" and unicodedata.category(token.text[0]) == EMOJI_CATEGORY))   # not "€"
     for span in periods:
         if span.start in now:
@@ -5104,10 +5118,15 @@ def _context_tokens(tokens: Sequence[Token]) -> set:
     decided = {start for start, _ in _conclusions_in(tokens, 0, len(tokens))}   # "... me dijo, así que Berlín"
     for index, token in enumerate(tokens):
         if token.folded in CONTEXT_OPENERS:
-            end = index + 1
-            while end < len(tokens) and not _is_break(tokens, end) and end not in decided:
+            first, end, went = index, index + 1, token.folded in WENT
+            # A trip made before is its whole clause, up to the end of a part: "in May my mother
+            # went to Italy, I want Greece", "my sister went to Rome but I'd rather do Florence".
+            while went and first > 0 and not _is_break(tokens, first - 1) and not ends_the_part(first - 1, False):
+                first -= 1
+            while end < len(tokens) and not _is_break(tokens, end) and end not in decided and not (
+                    went and ends_the_part(end, False)):
                 end += 1
-            context.update(range(index, end))
+            context.update(range(first, end))
     return context
 
 
@@ -5227,9 +5246,11 @@ def _after_the_last_contrast(tokens: Sequence[Token], spans: List[Span]) -> List
     return spans
 
 
-def _read_polarity(tokens: Sequence[Token], query: QueryInput, reading: Reading) -> None:
+def _read_polarity(tokens: Sequence[Token], query: QueryInput, reading: Reading,
+                   context: AbstractSet[int] = frozenset()) -> None:
     """A yes/no input from the words that name it: "with the kids" is yes, "no children",
-    "sans enfants" and "ohne Kinder" are no; a question ("children allowed?") is neither."""
+    "sans enfants" and "ohne Kinder" are no; a question ("children allowed?") is neither, nor
+    a word in ``context`` ("mia figlia è stata in Thailandia")."""
     seen = set()
     phrases = query.derived.get("polarity_phrases")
     if phrases is None:   # worked out once per input
@@ -5242,6 +5263,8 @@ def _read_polarity(tokens: Sequence[Token], query: QueryInput, reading: Reading)
         if not (keys[0] in where or keys[1] in where):   # not in the message: find_words would find nothing
             continue
         for index in find_words(tokens, phrase):
+            if index in context:
+                continue
             answer = _yes_or_no_after(tokens, index + size)   # "kids: no", "Kinder - nein"
             if answer is not None:
                 seen.add(meaning == answer)

@@ -2656,6 +2656,22 @@ def test_a_line_break_ends_a_name_a_name_after_a_ruled_out_one_replaces_it_and_g
 
 
 @pytest.mark.parametrize("known, text, expected", [
+    ({}, "minha mãe foi para a Itália em maio, eu quero ir para a Grécia", {"destination": "Grécia"}),
+    ({}, "my sister went to Rome in May but I'd rather do Florence", {"destination": "Florence"}),
+    ({}, "mia figlia è stata in Thailandia l'anno scorso, io e mio marito invece vorremmo andare in Grecia, "
+         "solo adulti stavolta", {"destination": "Grecia", "children": False}),
+    ({"budget": 2000}, "wait, 2500 not 2000", {"budget": 2500}),
+    ({"budget": 6000}, "in realtà 6500, ho ricontrollato", {"budget": 6500}),
+    ({"budget": 800}, "ops, quis dizer 1800", {"budget": 1800}),
+    ({"budget": 800}, "actually 4", {}),
+    ({}, "how much would a week in Paris cost? actually forget paris, make it Amsterdam", {"destination": "Amsterdam"}),
+])
+def test_a_trip_made_before_is_context_a_filler_corrects_a_known_amount_and_a_name_forgotten_is_ruled_out(
+        trip_planner, known, text, expected):
+    assert read(trip_planner, text, known) == expected
+
+
+@pytest.mark.parametrize("known, text, expected", [
     ({"budget": 1500}, "no wait, 1200. the flights are already paid", {"budget": 1200}),
     ({"budget": 3200}, "non, finalement deux mille sept cents, on a des travaux", {"budget": 2700}),
     ({"budget": 1000}, "anzi no, 1.350 per stare tranquilli", {"budget": 1350}),
