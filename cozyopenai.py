@@ -2609,7 +2609,7 @@ class Language:
     preferences: str = ""               # choose the value beside them: "Florence instead", "plutot Cannes"
     changes: str = ""                   # a choice after them changes a value given before: "make it packed"
     alternatives: str = ""              # offer values side by side: "Sydney or Melbourne"
-    hedges: str = ""                    # leave the clause's value open: "somewhere in Italy, maybe"
+    hedges: str = ""                    # leave the clause's value open: "somewhere in Italy, maybe", "tal vez"
     conclusions: str = ""               # open a clause of what is decided: "so we're heading to X", "así que Berlín"
     name_joiners: str = ""              # inside a name: "Rio de Janeiro", "Frankfurt am Main"
     name_starts: str = ""               # start a place's name, written in lower case too: "new york", "san jose"
@@ -2634,6 +2634,7 @@ class Language:
     currency_words: str = ""
     rate_words: str = ""                # an amount before these and a unit is a rate: "50 euros a night"
     limits: str = ""                    # beside a bare number, make it the most to spend: "1000 max", "max. 800"
+    amount_leads: str = ""              # before a bare number of LISTED_AMOUNT_MIN or more, bring it: "con 1500"
     rate_units: str = ""                # besides time units: "per person"
     kind_words: Mapping[str, str] = field(default_factory=dict)   # the kind of an input, from its words
     # Not read: the sentences the server writes in this language (its questions without an LLM),
@@ -2685,7 +2686,7 @@ ENGLISH = Language(
     preferences="rather instead prefer finally",
     alternatives="or",
     conclusions="so, so yeah, therefore",
-    hedges="maybe perhaps possibly somewhere probably",
+    hedges="maybe, perhaps, possibly, somewhere, probably",
     name_joiners="upon on", name_starts="new san santa saint st port fort mount lake", name_ends="city town",
     confirmations="it is its please then this that time now decided ok okay",
     non_answers="add details detail more less concise shorter longer tell me explain elaborate continue again "
@@ -2713,7 +2714,7 @@ ENGLISH = Language(
               "thirteen:13 fourteen:14 fifteen:15 sixteen:16 seventeen:17 eighteen:18 nineteen:19 twenty:20 "
               "thirty:30 forty:40 fifty:50 sixty:60 seventy:70 eighty:80 ninety:90 hundred:100 thousand:1000 "
               "grand:1000",
-    limits="max maximum tops",
+    limits="max maximum tops", amount_leads="with",
     rate_words="a an per each every",
     rate_units="person persons people head pax",
     kind_words={"email": "email e-mail", "url": "url urls link website webpage",
@@ -2772,7 +2773,7 @@ FRENCH = Language(
     preferences="plutot prefere prefererais finalement",
     alternatives="ou",
     conclusions="donc, donc voila, alors",
-    hedges="peut-etre peutetre",
+    hedges="peut-etre, peutetre",
     name_joiners="de la le sur en", name_starts="saint sainte",
     confirmations="cest alors svp decide cette fois sera ce",
     non_answers="plus details detaille concis court explique encore peut etre sais pas idee parfait super genial "
@@ -2791,7 +2792,7 @@ FRENCH = Language(
               "douze:12 treize:13 quatorze:14 quinze:15 seize:16 vingt:20 vingts:20 trente:30 quarante:40 "
               "cinquante:50 soixante:60 septante:70 huitante:80 octante:80 nonante:90 quatre-vingt:80 "
               "quatre-vingts:80 cent:100 cents:100 mille:1000",
-    limits="max maximum",
+    limits="max maximum", amount_leads="avec",
     rate_words="par la le",
     rate_units="personne personnes",
     kind_words={"year": "an ans annee annees", "month": "mois", "place": "destination ville lieu pays", "date": "quand dates periode",
@@ -2850,7 +2851,7 @@ GERMAN = Language(
     preferences="lieber bevorzuge",
     alternatives="oder",
     conclusions="also, deshalb, daher",
-    hedges="vielleicht eventuell irgendwo",
+    hedges="vielleicht, eventuell, irgendwo",
     name_joiners="am an", name_starts="sankt bad", name_ends="stadt",
     confirmations="bitte dann entschieden diesmal",
     non_answers="mehr kurzer erklare weiter vielleicht weiss nicht keine ahnung super toll prima perfekt gut klasse",
@@ -2869,7 +2870,7 @@ GERMAN = Language(
               "zehn:10 elf:11 zwolf:12 zwoelf:12 dreizehn:13 vierzehn:14 funfzehn:15 sechzehn:16 siebzehn:17 "
               "achtzehn:18 neunzehn:19 zwanzig:20 dreissig:30 vierzig:40 funfzig:50 sechzig:60 siebzig:70 "
               "achtzig:80 neunzig:90 hundert:100 tausend:1000",
-    limits="max maximal hochstens",
+    limits="max maximal hochstens", amount_leads="mit",
     rate_words="pro je",
     rate_units="person personen",
     kind_words={"year": "jahr jahre jahren", "month": "monat", "place": "wohin ziel reiseziel stadt ort",
@@ -2925,7 +2926,7 @@ SPANISH = Language(
     preferences="mejor prefiero finalmente",
     alternatives="o u",
     conclusions="asi que, entonces, pues",
-    hedges="quizas quiza tal",
+    hedges="quizas, quiza, tal vez",
     name_joiners="de del la y", name_starts="san santa santo ciudad puerto",
     confirmations="porfa decidido entonces sera",
     non_answers="mas detalles conciso explica quizas se ni idea perfecto genial vale bien estupendo porfa",
@@ -2946,7 +2947,7 @@ SPANISH = Language(
               "ochenta:80 noventa:90 cien:100 ciento:100 doscientos:200 doscientas:200 trescientos:300 "
               "cuatrocientos:400 quinientos:500 seiscientos:600 setecientos:700 ochocientos:800 "
               "novecientos:900 mil:1000",
-    limits="max maximo",
+    limits="max maximo", amount_leads="con",
     rate_words="por la el",
     rate_units="persona personas",
     kind_words={"year": "ano anos", "month": "mes", "place": "destino ciudad lugar", "date": "cuando fechas fecha",
@@ -3002,7 +3003,7 @@ ITALIAN = Language(
     preferences="meglio piuttosto invece preferisco finalmente",
     alternatives="o oppure",
     conclusions="quindi, allora, dunque",
-    hedges="forse magari",
+    hedges="forse, magari",
     name_joiners="di da", name_starts="san santa santo",
     confirmations="allora grazie deciso sara",
     non_answers="piu dettagli spiega forse so non idea perfetto ottimo bene benissimo fantastico",
@@ -3022,7 +3023,7 @@ ITALIAN = Language(
               "diciannove:19 venti:20 vent:20 trenta:30 trent:30 quaranta:40 quarant:40 cinquanta:50 "
               "cinquant:50 sessanta:60 sessant:60 settanta:70 settant:70 ottanta:80 ottant:80 novanta:90 "
               "novant:90 cento:100 mille:1000 mila:1000",
-    limits="max massimo",
+    limits="max massimo", amount_leads="con",
     rate_words="a al per",
     rate_units="persona persone",
     kind_words={"year": "anno anni", "month": "mese", "place": "destinazione meta citta luogo",
@@ -3078,7 +3079,7 @@ PORTUGUESE = Language(
     preferences="prefiro antes melhor finalmente",
     alternatives="ou",
     conclusions="entao, portanto, por isso",
-    hedges="talvez quica",
+    hedges="talvez, quica",
     name_joiners="de do da dos das", name_starts="sao santa santo nova novo",
     confirmations="entao decidido vai ser",
     non_answers="mais detalhes explica talvez sei nao ideia perfeito otimo beleza legal pfv",
@@ -3098,7 +3099,7 @@ PORTUGUESE = Language(
               "cinquenta:50 sessenta:60 setenta:70 oitenta:80 noventa:90 cem:100 cento:100 duzentos:200 "
               "duzentas:200 trezentos:300 quatrocentos:400 quinhentos:500 seiscentos:600 setecentos:700 "
               "oitocentos:800 novecentos:900 mil:1000",
-    limits="max maximo",
+    limits="max maximo", amount_leads="com",
     rate_words="por a o",
     rate_units="pessoa pessoas",
     kind_words={"year": "ano anos", "month": "mes", "place": "destino cidade lugar", "date": "quando datas",
@@ -3134,6 +3135,9 @@ TOKEN_PATTERN = re.compile(
     r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\n|\S)")
 # A short capitalised abbreviation with its dot ("St. Louis", "Mt. Fuji") does not end a phrase.
 ABBREVIATION_PATTERN = r"\b[A-Z][a-z]{0,2}\.(?=\s)"
+# Before a dot that ends no sentence: an abbreviation ("St", "D.C") or a number ("3.–10. Juni").
+NO_SENTENCE_END_BEFORE_PATTERN = re.compile(r"(?:\b[A-Z][a-z]?(?:\.[A-Z])*|\d)\Z")
+SENTENCE_END_PATTERN = re.compile(r"[.!?]+(?=\s+\S|\s*\Z)")
 # Marks that are not text: controls, bidirectional and zero-width marks, lone surrogates.
 INVISIBLE_PATTERN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff"
                                "\ufffd\ud800-\udfff]")   # and the replacement mark a lone surrogate became
@@ -3209,7 +3213,7 @@ def _words(text: str) -> List[str]:
 # The language tables as the reader uses them: each field's words over every language. An
 # entry a message can never match (not folded, an apostrophe, two words where one is read)
 # stops the module from loading, naming the language, the field and the entry.
-PHRASE_FIELDS = ("time_phrases", "cancel_phrases", "rerun_phrases", "approximations", "conclusions")
+PHRASE_FIELDS = ("time_phrases", "cancel_phrases", "rerun_phrases", "approximations", "conclusions", "hedges")
 WORD_PATTERN = re.compile(r"[^\W_]+(?:-[^\W_]+)*\Z")
 
 
@@ -3296,7 +3300,7 @@ TIME_PHRASES_BY_FIRST_WORD: Mapping[str, Tuple[Tuple[str, ...], ...]] = MappingP
 UNCERTAIN_TIMES, SEASON_NOUNS, HOLIDAYS = words_of("uncertain_times"), words_of("season_nouns"), words_of("holiday_words")
 TIME_UNITS, COUNT_WORDS, QUALIFIERS = words_of("time_units"), words_of("numbers"), words_of("qualifiers")
 RELATIVES, PAST, REASONS = words_of("relatives"), words_of("past"), words_of("reasons")
-HEARSAY, WENT = words_of("hearsay"), words_of("went")
+HEARSAY, WENT, AMOUNT_LEADS = words_of("hearsay"), words_of("went"), words_of("amount_leads")
 CONTEXT_OPENERS = REASONS | HEARSAY | WENT
 TIME_LINKS, LEADING_LINKS, ARTICLES = words_of("range_links"), words_of("period_leads"), words_of("articles")
 RANGE_OPENERS = words_of("range_openers")
@@ -3306,7 +3310,9 @@ MOTIONS = words_of("motions")
 NEGATIONS, CONTRASTS, PREFERENCES = words_of("negations"), words_of("contrasts"), words_of("preferences")
 WISHES, CHANGES, EXCESS = words_of("wishes"), words_of("changes"), words_of("excess")
 EXCEPTS, EXCEPT_OPENERS = words_of("except_words"), words_of("except_openers")
-ALTERNATIVES, HEDGES, NAME_JOINERS = words_of("alternatives"), words_of("hedges"), words_of("name_joiners")
+ALTERNATIVES, NAME_JOINERS = words_of("alternatives"), words_of("name_joiners")
+HEDGE_PHRASES = phrases_of("hedges")
+HEDGES = frozenset(word for phrase in HEDGE_PHRASES for word in phrase)
 NAME_STARTS, NAME_ENDS = words_of("name_starts"), words_of("name_ends")
 CONFIRMATIONS, NON_ANSWERS, CANCELS = words_of("confirmations"), words_of("non_answers"), words_of("cancels")
 SENTENCE_STARTS, PHRASE_STARTS = words_of("sentence_starts") | words_of("greetings"), words_of("phrase_starts")
@@ -4133,14 +4139,27 @@ def _is_hedged(tokens: Sequence[Token], index: int, end: int) -> bool:
     "vielleicht Wien"), or does the next clause only hedge it ("Italy, maybe?")?"""
     first, last = _clause(tokens, index, end)
     first = max([first] + [start + size for start, size in _conclusions_in(tokens, first, index)])
-    if any(token.folded in HEDGES for token in tokens[first:last]):   # "somewhere quieter, so we're heading to X"
+    if _hedges_in(tokens, first, last):   # "somewhere quieter, so we're heading to X"
         return True
     following = []
     for position in range(last + 1, len(tokens)):
         if _is_break(tokens, position):
             break
         following.append(tokens[position])
-    return bool(following) and all(token.folded in HEDGES for token in following)
+    return bool(following) and _hedges_in(following, 0, len(following)) == len(following)
+
+
+def _hedges_in(tokens: Sequence[Token], first: int, last: int) -> int:
+    """How many of tokens [first, last) are words of a hedge ("maybe", "tal vez"; not the
+    "tal" of "¿qué tal Tulum?")."""
+    covered, start = 0, first
+    while start < last:
+        size = next((len(phrase) for phrase in HEDGE_PHRASES if start + len(phrase) <= last and tuple(
+            token.folded for token in tokens[start:start + len(phrase)]) == phrase), 0) if tokens[
+            start].folded in HEDGES else 0
+        covered += size
+        start += size or 1
+    return covered
 
 
 def _conclusions_in(tokens: Sequence[Token], first: int, end: int) -> List[Tuple[int, int]]:
@@ -4611,7 +4630,7 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
     for key, value in LINE_VALUE_PATTERN.findall(text):
         name = _input_named(workflow, key)
         if name:   # the marks of a quotation the line was in are not the value's: "When: 3-9 March""
-            reading.add(name, 3, numbers.get(name, value.strip(QUOTATION_MARKS) or value))
+            reading.add(name, 3, numbers.get(name, _first_sentence(value.strip(QUOTATION_MARKS) or value)))
     for query in workflow.query_inputs.values():
         if query.name in reading.candidates:
             continue
@@ -4619,8 +4638,38 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
             reading.add(query.name, 3, numbers[query.name])
         elif query.type in STRING_TYPES:
             found = _labelled_phrase(query, text, _label_patterns(workflow, query)[1:])
+            if found and input_kind(query) == "date":   # "Zeitraum: Ostern, 10 Tage": the whole period
+                found = _period_from(reading.tokens, found)
             if found:
                 reading.add(query.name, 3, found)
+
+
+def _first_sentence(value: str) -> str:
+    """A line's value up to the end of its first sentence, without that sentence's full stop
+    ("Ostern, 10 Tage. Budget 2800 €." is "Ostern, 10 Tage"); an abbreviation's dot ("St.
+    Louis", "Washington D.C.") or a number's ("3.–10. Juni") ends nothing."""
+    for end in SENTENCE_END_PATTERN.finditer(value):
+        if not NO_SENTENCE_END_BEFORE_PATTERN.search(value, 0, end.start()):
+            return value[:end.start()].rstrip() or value
+    return value
+
+
+def _period_from(tokens: Sequence[Token], phrase: str) -> str:
+    """The period that a labelled phrase opens, with the parts close after it in its sentence
+    (as _read_period joins them), when it goes on past the phrase's punctuation."""
+    periods = period_spans(tokens)
+    for k, span in enumerate(periods):
+        if not _span_text(tokens, span.start, span.end).startswith(phrase):
+            continue
+        end = span.end
+        for following in periods[k + 1:]:
+            gap = tokens[end:following.start]
+            if len(gap) > 3 or any(token.capitalised or token.text in ".!?\n" for token in gap):
+                break
+            end = following.end
+        text = _span_text(tokens, span.start, end)
+        return text if len(text) > len(phrase) else phrase
+    return phrase
 
 
 def _linked_out_of_bounds(query: QueryInput, match: "re.Match[str]") -> bool:
@@ -4743,9 +4792,9 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
             continue
         if kind == "money":
             asked = conversation.asked == [query.name]
-            listed = (_listed_amount(tokens, taken_tokens, asked) if asked or periods else [])   # "2000" alone: no
+            listed = (_listed_amount(tokens, taken_tokens | past, asked) if asked or periods else [])   # "2000" alone: no
             for span in (_take_corrected(reading, query.name, tokens, money, contrast_anywhere=True)
-                         or _limited_amount(tokens, taken_tokens)
+                         or _limited_amount(tokens, taken_tokens | past)   # not "el año pasado fui con 880 €"
                          or listed):
                 reading.add(query.name, 1, span.value)
         elif kind == "date":
@@ -4776,9 +4825,10 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
 
 
 def _limited_amount(tokens: Sequence[Token], taken: set) -> List[Span]:
-    """A bare number with a word that makes it the most to spend: "1000 max", "max. 800"."""
+    """A bare number with a word that makes it the most to spend ("1000 max", "max. 800"), or
+    after one that brings it ("viaje a Lima en junio con 1500")."""
     found: List[Span] = []
-    if isinstance(tokens, Tokens) and LIMITS.isdisjoint(tokens.where):
+    if isinstance(tokens, Tokens) and LIMITS.isdisjoint(tokens.where) and AMOUNT_LEADS.isdisjoint(tokens.where):
         return found
     for index, token in enumerate(tokens):
         if token.shape != "number" or index in taken or (_number_or_none(token.folded) or 0) < LISTED_AMOUNT_MIN:
@@ -4786,7 +4836,7 @@ def _limited_amount(tokens: Sequence[Token], taken: set) -> List[Span]:
         following = tokens[index + 1] if index + 1 < len(tokens) else None
         after = following is not None and following.folded in LIMITS
         previous = index - 2 if index >= 2 and tokens[index - 1].text in ".:" else index - 1   # "max. 800"
-        before = previous >= 0 and tokens[previous].folded in LIMITS and (
+        before = previous >= 0 and tokens[previous].folded in LIMITS | AMOUNT_LEADS and (
             following is None or following.shape == "mark" or following.folded in CURRENCIES)   # not "max 3 nights"
         if after or before:
             found.append(Span("money", index, index + 1, parse_number(token.folded)))

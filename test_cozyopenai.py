@@ -2655,6 +2655,25 @@ def test_a_line_break_ends_a_name_a_name_after_a_ruled_out_one_replaces_it_and_g
     assert read(trip_planner, text) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("viaje a Lima en junio con 1500", {"destination": "Lima", "travel_dates": "junio", "budget": 1500}),
+    ("mit 2 Kindern nach Rom", {"destination": "Rom", "children": True}),
+    ("el año pasado fui a Dublín con 880 €. Este año quiero algo diferente: Marruecos, una semana a finales de "
+     "octubre.", {"destination": "Marruecos", "travel_dates": "una semana a finales de octubre"}),
+    ("Reise nach Schottland. Zeitraum: Ostern, 10 Tage. Budget 2800 €.",
+     {"destination": "Schottland", "travel_dates": "Ostern, 10 Tage", "budget": 2800}),
+    ("travel_dates: in May. budget: 300", {"travel_dates": "in May", "budget": 300}),
+    ("destination: Washington D.C.", {"destination": "Washington D.C."}),
+    ("- Zeitraum: 3.–10. Juni", {"travel_dates": "3.–10. Juni"}),
+    ("un truc au bord de la mer, disons Nice", {"destination": "Nice"}),
+    ("Não quero Cancún, muito turístico. Que tal Tulum?", {"destination": "Tulum"}),
+    ("Italia, tal vez?", {}),
+])
+def test_an_amount_a_word_brings_a_labelled_period_whole_and_a_lines_first_sentence_are_read(trip_planner, text,
+                                                                                              expected):
+    assert read(trip_planner, text) == expected
+
+
 @pytest.mark.parametrize("known, text, expected", [
     ({}, "minha mãe foi para a Itália em maio, eu quero ir para a Grécia", {"destination": "Grécia"}),
     ({}, "my sister went to Rome in May but I'd rather do Florence", {"destination": "Florence"}),
