@@ -4971,7 +4971,9 @@ def _take_corrected(reading: Reading, name: str, tokens: Sequence[Token], spans:
     kept = _after_the_last_correction(tokens, spans, contrast_anywhere)
     if len(kept) == len(spans):
         return kept
-    reading.ruled_out.setdefault(name, []).extend(shown(span) for span in spans[:len(spans) - len(kept)])
+    again = [shown(span) for span in kept]   # said again after it, a value stands: "maio 2030, não, maio 2032"
+    reading.ruled_out.setdefault(name, []).extend(shown(span) for span in spans[:len(spans) - len(kept)]
+                                                  if shown(span) not in again)
     strongest = max(reading.candidates.get(name, {1: []}))
     if strongest > 1:
         for span in kept:

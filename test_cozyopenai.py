@@ -2674,6 +2674,11 @@ def test_an_amount_a_word_brings_a_labelled_period_whole_and_a_lines_first_sente
     assert read(trip_planner, text) == expected
 
 
+def test_a_value_said_again_after_its_correction_stands():
+    assert read("month-calendar", "quero ver o calendário de maio 2030, não, maio 2032") == {"year": 2032, "month": 5}
+    assert read("month-calendar", "March 2026, no, April 2026") == {"year": 2026, "month": 4}
+
+
 @pytest.mark.parametrize("known, text, expected", [
     ({}, "minha mãe foi para a Itália em maio, eu quero ir para a Grécia", {"destination": "Grécia"}),
     ({}, "my sister went to Rome in May but I'd rather do Florence", {"destination": "Florence"}),
