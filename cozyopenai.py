@@ -2587,7 +2587,7 @@ class Language:
     qualifiers: str = ""                # "early May", "next week", "el mes que viene"
     relatives: str = ""                 # between a unit and its qualifier: "el mes que viene"
     past: str = ""                      # a time before now: "last year" (a sentence about the past gives no value)
-    went: str = ""                      # tell of a trip made before, opening a clause of context: "my mother went to"
+    went: str = ""                      # with a place after them, a trip made before, context: "my mother went to"
     reasons: str = ""                   # open a clause of why, whose values are context: "because of Christmas"
     hearsay: str = ""                   # open a clause of what others said, context too: "they told me it is calm"
     range_links: str = ""               # join the parts of a period: "from 10 to 17 October", "del 3 al 10"
@@ -2634,7 +2634,7 @@ class Language:
     currency_words: str = ""
     rate_words: str = ""                # an amount before these and a unit is a rate: "50 euros a night"
     limits: str = ""                    # beside a bare number, make it the most to spend: "1000 max", "max. 800"
-    amount_leads: str = ""              # before a bare number of LISTED_AMOUNT_MIN or more, bring it: "con 1500"
+    amount_leads: str = ""              # before a bare number of AMOUNT_LEAD_MIN or more, bring it: "con 1500"
     rate_units: str = ""                # besides time units: "per person"
     kind_words: Mapping[str, str] = field(default_factory=dict)   # the kind of an input, from its words
     # Not read: the sentences the server writes in this language (its questions without an LLM),
@@ -2740,7 +2740,7 @@ FRENCH = Language(
                    "quels quand ou comment combien voudrais voulez souhaitez aimeriez pour avec dans sur voyage "
                    "partir aller pas",
     excess="trop",
-    past="dernier derniere passe passee", went="allee allees etais etait etions etaient",
+    past="dernier derniere passe passee", went="allee allees",
     greetings="bonjour salut bonsoir coucou madame monsieur messieurs",
     wishes="veux voudrais veut voulons aimerais voulais", changes="mets passe change rends faisons monte augmente",
     approximations="environ, a peu pres, plus ou moins",
@@ -2816,7 +2816,7 @@ GERMAN = Language(
                    "wo wie welche welcher wohin mochte mochten wollen bitte fur mit nach reise fahren urlaub "
                    "nicht auch gerade",
     excess="zu so",
-    past="letztes letzten letzte vergangenen vergangenes vorigen voriges", went="war waren gewesen",
+    past="letztes letzten letzte vergangenen vergangenes vorigen voriges", went="gewesen besucht gefahren geflogen",
     greetings="hallo servus moin geehrte geehrter herren damen",
     wishes="will mochte mochten wollen moechte", changes="mach mache machen stell andere erhohe erhoh meinte",
     approximations="oder so, ungefahr, etwa",
@@ -2970,7 +2970,7 @@ ITALIAN = Language(
     function_words="io tu lei voi noi mio mia il lo gli un una uno e o sono che quale quali quando dove come "
                    "quanto voglio vorrei piacerebbe per con di del della viaggio andare partire date",
     excess="troppo troppa",
-    past="scorso scorsa", went="andato andata andati ando stato stata stati ero era erano",
+    past="scorso scorsa", went="andato andata andati ando stato stata stati",
     greetings="ciao salve buongiorno buonasera gentile egregio signore signora",
     wishes="voglio vorrei vogliamo volevo", changes="fallo fai metti cambia rendilo facciamo alza alzalo aumenta intendevo",
     approximations="piu o meno, circa, o giu di li",
@@ -3133,11 +3133,13 @@ TOKEN_PATTERN = re.compile(
     r"|(?:0?[1-9]|[12]\d|3[01])\.(?:0?[1-9]|1[0-2])\.(?![\d.]))"   # "vom 28.12. bis 2.1."
     r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]|\s*[–/-]\s*\d))|(?P<number>\d+(?:[.,]\d+)*)"
     r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\n|\S)")
+# What opens a line that is an item of its own: a list or quote mark, or a label ("When: ...").
+NEW_ITEM_PATTERN = re.compile(r"[ \t]*(?:[-*•>\"'“«]|\d+[.)][ \t]|[^\W\d_][\w \-]{0,63}?[ \t]*[:=])")
 # A short capitalised abbreviation with its dot ("St. Louis", "Mt. Fuji") does not end a phrase.
 ABBREVIATION_PATTERN = r"\b[A-Z][a-z]{0,2}\.(?=\s)"
 # Before a dot that ends no sentence: an abbreviation ("St", "D.C") or a number ("3.–10. Juni").
 NO_SENTENCE_END_BEFORE_PATTERN = re.compile(r"(?:\b[A-Z][a-z]?(?:\.[A-Z])*|\d)\Z")
-SENTENCE_END_PATTERN = re.compile(r"[.!?]+(?=\s+\S|\s*\Z)")
+SENTENCE_END_PATTERN = re.compile(r"(?<!\.)[.!](?![.!?])(?=\s+\S|\s*\Z)")   # not "?", nor "...": doubt goes on
 # Marks that are not text: controls, bidirectional and zero-width marks, lone surrogates.
 INVISIBLE_PATTERN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff"
                                "\ufffd\ud800-\udfff]")   # and the replacement mark a lone surrogate became
@@ -3302,6 +3304,7 @@ TIME_UNITS, COUNT_WORDS, QUALIFIERS = words_of("time_units"), words_of("numbers"
 RELATIVES, PAST, REASONS = words_of("relatives"), words_of("past"), words_of("reasons")
 HEARSAY, WENT, AMOUNT_LEADS = words_of("hearsay"), words_of("went"), words_of("amount_leads")
 CONTEXT_OPENERS = REASONS | HEARSAY | WENT
+WENT_SUBJECT_MAX_WORDS = 4   # "in May my mother went": the words before a trip made before that are its own
 TIME_LINKS, LEADING_LINKS, ARTICLES = words_of("range_links"), words_of("period_leads"), words_of("articles")
 RANGE_OPENERS = words_of("range_openers")
 RANGE_WORDS, AND_WORDS = words_of("range_words"), words_of("and_words")
@@ -3356,6 +3359,7 @@ NUMBER_WORD_PATTERN = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*|\d+")
 CARDINAL_PHRASE_MIN = 100   # smaller counts stay words: "two weeks" is read as a period, as written
 BOOLEAN_WORDS = MappingProxyType({True: words_of("yes") | frozenset(SYMBOL_YES.split()),
                                   False: words_of("no") | frozenset(SYMBOL_NO.split())})
+YES_OR_NO_WORDS = words_of("yes") | words_of("no")
 KINDS = MappingProxyType({kind: frozenset(word for language in LANGUAGES.values()
                                           for word in language.kind_words.get(kind, "").split())
                           for kind in TEXT_KINDS + NUMBER_KINDS})
@@ -3393,9 +3397,11 @@ COUNTS_A_UNIT = COUNT_WORDS | QUALIFIERS
 TIME_NAME_PARTS = TIME_NAMES | QUALIFIERS
 SMALL_IN_A_CORRECTION = CORRECTION_FILLERS | PLACE_LEADS | ARTICLES | PREFERENCES
 CHANGE_WORDS = CHANGES | PREFERENCES | CORRECTION_FILLERS
+CLAUSE_OPENERS = AND_WORDS | REASONS | HEARSAY | WISHES   # where a clause about a trip made before ends
 SMALL_BEFORE_A_NUMBER = LEADS_OR_LINKS | CONFIRMATIONS | CORRECTION_FILLERS   # "make it 700", "súbelo a 700"
 CORRECTION_LEAD_WORDS = 3   # a correction's word stands this close before the value it gives: "mets plutôt 2500"
 LISTED_AMOUNT_MIN = 100     # a bare number listed among values is an amount from this on ("Prague, 1200, ...")
+AMOUNT_LEAD_MIN = 1000      # and after a word that brings it ("con 1500"): groups of 150 come "with" too
 YEAR_MIN, YEAR_MAX = 1900, 2100   # a number in between, right after a period, is its year ("July, 2026")
 LEADS_BEFORE_AN_OPTION = LEADS_OR_LINKS - ALTERNATIVES
 CANCEL_PATTERN = _phrase_pattern("cancel_phrases", whole=True)
@@ -3543,6 +3549,12 @@ def _input_kind(query: QueryInput) -> str:
     return next((kind for kind in kinds if words & KINDS[kind]), "text" if query.type == "string" else "number")
 
 
+def _head_and_rest(text: str) -> Tuple[str, str]:
+    """A text's first part, up to a mark that says more ("sí, uno", "no (just us)"), and the rest."""
+    parts = re.split(r"\s*[,;:(—–]", text, 1)
+    return parts[0], parts[1] if len(parts) > 1 else ""
+
+
 def coerce_value(query: QueryInput, raw: Any) -> Any:
     """The value in the input's declared type; ValueError says why not, in words for the user."""
     label = query.label
@@ -3552,10 +3564,15 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
         if isinstance(raw, bool):
             return raw
         word = _fold(str(raw)).strip(" .!")
-        head = re.split(r"\s*[,;:(—–]", word, 1)[0]   # what follows says more: "sí, uno", "no (just us)"
+        head, rest = _head_and_rest(word)
+        # What follows says more ("sí, uno", "no (just us)"), unless it says yes or no again.
+        decided = not set(re.findall(r"\w+", rest)) & YES_OR_NO_WORDS   # (not its symbols: "on va à Lyon")
         for value, words in BOOLEAN_WORDS.items():
-            if word in words or head in words:
+            if word in words or (head in words and decided):
                 return value
+        count = _number_or_none(head) if head[:1].isdigit() else CARDINALS.get(head)
+        if count is not None and decided:   # how many: "Kinder: 2", "enfants : deux, 8 et 10 ans"
+            return count > 0
         named = _synonyms_named(query, str(raw))
         if len(named) == 1:
             return named.pop()
@@ -3822,7 +3839,8 @@ class Tokens(list):
 
 def tokenize(text: str) -> Tokens:
     tokens = Tokens([Token(match.group(0), _fold(match.group(0)).replace("'", "").replace("’", ""), match.start(),
-                           match.end(), match.lastgroup) for match in TOKEN_PATTERN.finditer(text)])
+                           match.end(), match.lastgroup) for match in TOKEN_PATTERN.finditer(text)
+                     if match.group(0) != "\n" or _ends_an_item(text, match.start())])
     for index, token in enumerate(tokens):
         if (token.shape == "word" and len(token.folded) >= MONTH_TYPO_MIN_LETTERS and token.folded not in ALL_WORDS
                 and not token.text[:1].isupper()   # a capitalised word is written with care, or a name: "Augusta"
@@ -3833,6 +3851,14 @@ def tokenize(text: str) -> Tokens:
                 tokens[index] = token._replace(folded=month)
     tokens.text = text
     return tokens
+
+
+def _ends_an_item(text: str, newline: int) -> bool:
+    """Does the line break at ``newline`` end an item, a mark of its own: the next line opens
+    one (a label, a list or quote mark), or this one is a ``label: value`` line? Text only
+    wrapped ("Trip to New\nYork in May") goes on across it."""
+    line_start = text.rfind("\n", 0, newline) + 1
+    return bool(NEW_ITEM_PATTERN.match(text, newline + 1) or LINE_VALUE_PATTERN.fullmatch(text, line_start, newline))
 
 
 def _deletions(word: str) -> List[str]:
@@ -3889,8 +3915,8 @@ def is_negated(tokens: Sequence[Token], index: int, reach: int = 4) -> bool:
             return False   # a word that also leads into a time, right before one: "no carnaval" is "at carnival"
         if token.folded in NEGATIONS or _is_except(tokens, back):
             return index - back <= reach or wished
-        if token.folded in CANCELS and index - back <= 2:   # "forget paris", "vergiss München"
-            return True
+        if token.folded in CANCELS and index - back <= 2 and not (back and tokens[back - 1].folded in NEGATIONS):
+            return True   # "forget paris", "vergiss München"; not "don't forget Paris"
         wished = wished or token.folded in WISHES
     return False
 
@@ -4216,11 +4242,8 @@ def _qualified(tokens: Sequence[Token], runs: List[Tuple[int, int]]) -> List[Tup
             continue
         pair = next((p for p in pairs if p[0] == k), None)
         listed = k > 0 and runs[k - 1][1] + 1 == run[0]   # "Rome, Florence, Venice": the run before is one comma away
-        # After a "not", a name after the comma is what replaces it ("non Milano, Napoli!"),
-        # unless the same name comes with two regions ("Paris, Texas, not Paris, France").
         if pair is not None and (len(heads.get(_span_text(tokens, *run), ())) > 1
-                                 or (not listed and not is_negated(tokens, run[0])
-                                     and _is_a_region(tokens, run, pair[2]))):
+                                 or (not listed and _is_a_region(tokens, run, pair[2]))):
             joined.append((run[0], pair[2][1]))
             skip.add(k + 1)
         else:
@@ -4397,10 +4420,12 @@ def _after_the_last_correction(tokens: Sequence[Token], spans: Sequence[Span],
     return spans
 
 
-def _corrected_amounts(tokens: Sequence[Token], money: Sequence[Span], taken: set, known: bool = False) -> List[Span]:
+def _corrected_amounts(tokens: Sequence[Token], money: Sequence[Span], taken: set, known: bool = False,
+                       said: AbstractSet[Any] = frozenset()) -> List[Span]:
     """A bare number said as a correction of an amount before it is an amount too: "2000
     euro, anzi facciamo 2500", "orçamento 3000 dólares... melhor 3500"; with ``known`` (an
-    amount was given before), one right after a word of change: "y súbelo a 700"."""
+    amount was given before), one right after a word of change: "y súbelo a 700". ``said``:
+    the amounts given so far, which one is said against ("2500 not 2000")."""
     if not money and not known:
         return []
     first_end = min(span.end for span in money) if money else 0
@@ -4408,11 +4433,11 @@ def _corrected_amounts(tokens: Sequence[Token], money: Sequence[Span], taken: se
             if index >= first_end and token.shape == "number" and index not in taken
             and _number_or_none(token.folded) is not None
             and not (index + 1 < len(tokens) and tokens[index + 1].folded in TIME_UNITS)
-            and _changed_by(tokens, index)
+            and _changed_by(tokens, index, said)
             and not any(span.start <= index < span.end for span in money)]
 
 
-def _changed_by(tokens: Sequence[Token], index: int) -> bool:
+def _changed_by(tokens: Sequence[Token], index: int, said: AbstractSet[Any] = frozenset()) -> bool:
     """Is the bare number at ``index`` what a correction right before it sets: a word of
     change or preference ("mets plutôt 2500", "anzi facciamo 2500", "make it 700", "y súbelo
     a 700") or a "no" that stands alone ("no wait, 1200.", "anzi no, 1.350"), with nothing
@@ -4420,8 +4445,8 @@ def _changed_by(tokens: Sequence[Token], index: int) -> bool:
     are 3", "no, 3 kids"): nothing but a mark, a link, the end, or a number it is said against
     may follow it."""
     after = tokens[index + 1] if index + 1 < len(tokens) else None
-    denies = (after is not None and after.folded in NEGATING and index + 2 < len(tokens)
-              and tokens[index + 2].shape == "number")   # "2500 not 2000"
+    denies = (after is not None and after.folded in NEGATING and index + 2 < len(tokens)   # "2500 not 2000"
+              and tokens[index + 2].shape == "number" and _number_or_none(tokens[index + 2].folded) in said)
     if after is not None and after.shape != "mark" and after.folded not in LEADS_OR_LINKS and not denies:
         return False
     before, filler = index - 1, False
@@ -4435,10 +4460,12 @@ def _changed_by(tokens: Sequence[Token], index: int) -> bool:
             break
         filler = filler or token.folded in CORRECTION_FILLERS
         before -= 1
-    # A filler of correction alone, or a number said against another, sets an amount-sized
-    # number only: "in realtà 6500, ho ricontrollato", "wait, 2500 not 2000" (not "actually 4").
+    # Said against an amount given before ("wait, 2500 not 2000"), or after a filler of
+    # correction alone, an amount-sized number that is no year: "in realtà 6500, ho
+    # ricontrollato" (not "actually 4", "actually 2027").
+    number = _number_or_none(tokens[index].folded) or 0
     starts = before < 0 or _is_break(tokens, before)
-    return (denies or filler and starts) and (_number_or_none(tokens[index].folded) or 0) >= LISTED_AMOUNT_MIN
+    return denies or (filler and starts and number >= LISTED_AMOUNT_MIN and not YEAR_MIN <= number <= YEAR_MAX)
 
 
 def _follows_closely(tokens: Sequence[Token], after: int, index: int) -> bool:
@@ -4630,7 +4657,8 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
     for key, value in LINE_VALUE_PATTERN.findall(text):
         name = _input_named(workflow, key)
         if name:   # the marks of a quotation the line was in are not the value's: "When: 3-9 March""
-            reading.add(name, 3, numbers.get(name, _first_sentence(value.strip(QUOTATION_MARKS) or value)))
+            value = _before_another_label(workflow, name, _first_sentence(value.strip(QUOTATION_MARKS) or value))
+            reading.add(name, 3, numbers.get(name, value))
     for query in workflow.query_inputs.values():
         if query.name in reading.candidates:
             continue
@@ -4642,6 +4670,18 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
                 found = _period_from(reading.tokens, found)
             if found:
                 reading.add(query.name, 3, found)
+
+
+def _before_another_label(workflow: Workflow, name: str, value: str) -> str:
+    """A line's value up to the comma before another input's label: "3-9 mars, budget 1200"
+    is "3-9 mars", "Berlin, Einheiten: Fahrenheit" is "Berlin"."""
+    parts = re.split(r"([,;])", value)
+    for k in range(2, len(parts), 2):
+        words = parts[k].split()
+        if any(_input_named(workflow, " ".join(words[:size]).rstrip(":=")) not in (None, name)
+               for size in range(1, min(MAX_LABEL_WORDS, len(words)) + 1)):
+            return "".join(parts[:k - 1]).rstrip() or value
+    return value
 
 
 def _first_sentence(value: str) -> str:
@@ -4758,7 +4798,9 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
                 if token.shape == "number" and _number_or_none(token.folded) in labels] if labels else []
     amount_known = not money and any(kinds[name] == "money" for name in conversation.values if name in kinds)
     # "1800 €, ah non, mets plutôt 2500", "orçamento 3000, melhor 3500", "y súbelo a 700"
-    corrected = _corrected_amounts(tokens, money + labelled, taken_tokens | past, known=amount_known)
+    known_amounts = {value for name, value in conversation.values.items() if kinds.get(name) == "money"}
+    corrected = _corrected_amounts(tokens, money + labelled, taken_tokens | past, known=amount_known,
+                                   said=known_amounts | {span.value for span in money + labelled})
     money += corrected + [span for span in labelled if span.start not in money_tokens]
     money_tokens |= {span.start for span in corrected}
     taken_tokens |= money_tokens
@@ -4836,7 +4878,9 @@ def _limited_amount(tokens: Sequence[Token], taken: set) -> List[Span]:
         following = tokens[index + 1] if index + 1 < len(tokens) else None
         after = following is not None and following.folded in LIMITS
         previous = index - 2 if index >= 2 and tokens[index - 1].text in ".:" else index - 1   # "max. 800"
-        before = previous >= 0 and tokens[previous].folded in LIMITS | AMOUNT_LEADS and (
+        led = previous >= 0 and tokens[previous].folded in AMOUNT_LEADS and (   # "con 1500", not "con 150 alumnos"
+            (_number_or_none(token.folded) or 0) >= AMOUNT_LEAD_MIN and not _clause_is_question(tokens, index))
+        before = previous >= 0 and (tokens[previous].folded in LIMITS or led) and (
             following is None or following.shape == "mark" or following.folded in CURRENCIES)   # not "max 3 nights"
         if after or before:
             found.append(Span("money", index, index + 1, parse_number(token.folded)))
@@ -4971,7 +5015,9 @@ def _take_corrected(reading: Reading, name: str, tokens: Sequence[Token], spans:
     kept = _after_the_last_correction(tokens, spans, contrast_anywhere)
     if len(kept) == len(spans):
         return kept
-    again = [shown(span) for span in kept]   # said again after it, a value stands: "maio 2030, não, maio 2032"
+    # The one value left, said again after the correction, stands: "maio 2030, não, maio 2032"
+    # (not "3000, no, 2000, 3000 is too much").
+    again = [shown(kept[0])] if all(shown(span) == shown(kept[0]) for span in kept) else []
     reading.ruled_out.setdefault(name, []).extend(shown(span) for span in spans[:len(spans) - len(kept)]
                                                   if shown(span) not in again)
     strongest = max(reading.candidates.get(name, {1: []}))
@@ -5169,17 +5215,25 @@ def _context_tokens(tokens: Sequence[Token]) -> set:
         return context
     decided = {start for start, _ in _conclusions_in(tokens, 0, len(tokens))}   # "... me dijo, así que Berlín"
     for index, token in enumerate(tokens):
-        if token.folded in CONTEXT_OPENERS:
-            first, end, went = index, index + 1, token.folded in WENT
-            # A trip made before is its whole clause, up to the end of a part: "in May my mother
-            # went to Italy, I want Greece", "my sister went to Rome but I'd rather do Florence".
-            while went and first > 0 and not _is_break(tokens, first - 1) and not ends_the_part(first - 1, False):
+        went = token.folded in WENT
+        if token.folded in CONTEXT_OPENERS and (not went or _names_a_place_after(tokens, index)):
+            first, end = index, index + 1
+            # A trip made before is its clause, from its subject ("in May my mother went to
+            # Italy, I want Greece") up to a contrast or a new clause ("... and I want Athens").
+            while went and first > max(0, index - WENT_SUBJECT_MAX_WORDS) and not _is_break(tokens, first - 1) and not (
+                    ends_the_part(first - 1, False) or tokens[first - 1].folded in CLAUSE_OPENERS):
                 first -= 1
             while end < len(tokens) and not _is_break(tokens, end) and end not in decided and not (
-                    went and ends_the_part(end, False)):
+                    went and (ends_the_part(end, False) or tokens[end].folded in CLAUSE_OPENERS)):
                 end += 1
             context.update(range(first, end))
     return context
+
+
+def _names_a_place_after(tokens: Sequence[Token], index: int) -> bool:
+    """Is a place named right after the word at ``index``: a word that leads to one, or a
+    name, within two words ("foi para a Itália", "visited Lisbon"; not "foi o que decidimos")?"""
+    return any(token.folded in PLACE_LEADS or token.capitalised for token in tokens[index + 1:index + 3])
 
 
 def _clauses_of_the_replaced(tokens: Sequence[Token], conversation: Conversation) -> set:
