@@ -293,6 +293,16 @@ class FixedRef:
     name: str
 
 
+class Translation(NamedTuple):
+    """An input's label, question and choices in another language; "" where none is given."""
+    label: str
+    question: str
+    choices: Mapping[str, str]
+
+
+NO_TRANSLATION = Translation("", "", MappingProxyType({}))
+
+
 @dataclass(frozen=True)
 class QueryInput:
     """A value gathered from the chat user."""
@@ -307,8 +317,8 @@ class QueryInput:
     minimum: Optional[float] = None
     maximum: Optional[float] = None
     cues: Tuple[str, ...] = ()     # words after which a user names a text value ("trip to" Paris)
-    # In other languages, by code: (label, question), either possibly empty ("fr": ("budget", "Quel est ...?")).
-    translations: Mapping[str, Tuple[str, str]] = field(default_factory=dict, compare=False)   # (unhashable)
+    # In other languages, by code ("fr": Translation("budget", "Quel est ...?", {})).
+    translations: Mapping[str, "Translation"] = field(default_factory=dict, compare=False)   # (unhashable)
     # What the reader works out from the definition (its kind, ...), kept so it is worked out once.
     derived: Dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
@@ -318,11 +328,15 @@ class QueryInput:
 
     def label_in(self, code: str) -> str:
         """The label in the language of ``code``, or "" when the workflow gives none."""
-        return self.label if code == "en" else self.translations.get(code, ("", ""))[0]
+        return self.label if code == "en" else self.translations.get(code, NO_TRANSLATION).label
 
     def question_in(self, code: str) -> str:
         """The question in the language of ``code``, or "" when the workflow gives none."""
-        return self.question if code == "en" else self.translations.get(code, ("", ""))[1]
+        return self.question if code == "en" else self.translations.get(code, NO_TRANSLATION).question
+
+    def choice_in(self, code: str, choice: str) -> str:
+        """A choice as the language of ``code`` names it, or "" when the workflow gives no name."""
+        return choice if code == "en" else self.translations.get(code, NO_TRANSLATION).choices.get(choice, "")
 
 
 @dataclass(frozen=True)
@@ -553,7 +567,11 @@ def _parse_query_inputs(raw: Any, where: str) -> Dict[str, QueryInput]:
                            minimum=_parse_bound(spec, "minimum", at, 0 if value_type == "money" else None),
                            maximum=_parse_bound(spec, "maximum", at),
                            cues=_parse_cues(spec.get("cues", []), value_type, at),
-                           translations=_parse_translations(spec.get("translations", {}), at))
+                           translations=_parse_translations(spec.get("translations", {}), choices, at))
+        named = [(text, choice) for translation in query.translations.values() for choice, text in
+                 translation.choices.items() if (text, choice) not in query.synonyms]
+        if named:   # a choice as the questions name it is read as it: "rythme tranquille"
+            query = dataclasses.replace(query, synonyms=query.synonyms + tuple(dict.fromkeys(named)))
         if query.minimum is not None and query.maximum is not None and query.minimum > query.maximum:
             raise WorkflowFileError(f"{at}: 'minimum' ({query.minimum:g}) is above 'maximum' ({query.maximum:g}); "
                                     "no value could be accepted")
@@ -580,10 +598,11 @@ def _parse_cues(raw: Any, value_type: str, at: str) -> Tuple[str, ...]:
     return tuple(cue.strip() for cue in raw)
 
 
-def _parse_translations(raw: Any, at: str) -> Mapping[str, Tuple[str, str]]:
-    """The label and the question in other languages: {"fr": {"label": ..., "question": ...}}.
-    A language the server has no table for is never used; the label is also read in a
-    ``label: value`` line, so it must hold a word."""
+def _parse_translations(raw: Any, choices: Sequence[str], at: str) -> Mapping[str, Translation]:
+    """The label, the question and the choices in other languages: {"fr": {"label": ...,
+    "question": ..., "choices": {"relaxed": "tranquille"}}}. A language the server has no
+    table for is never used; the label is also read in a ``label: value`` line, so it must
+    hold a word, and a choice's name is read as the choice."""
     if not isinstance(raw, dict):
         raise WorkflowFileError(f"{at}: 'translations' must be an object of language code: "
                                 '{"label": ..., "question": ...}')
@@ -592,13 +611,20 @@ def _parse_translations(raw: Any, at: str) -> Mapping[str, Tuple[str, str]]:
         if not isinstance(code, str) or not re.fullmatch(r"[a-z]{2}", code) or code == "en":
             raise WorkflowFileError(f"{at}: 'translations' are keyed by a two-letter language code other than "
                                     f"'en' (the input's own label and question), not {code!r}")
-        if not isinstance(spec, dict) or not set(spec) <= {"label", "question"} or not all(
-                isinstance(text, str) and text.strip() for text in spec.values()):
+        texts = {key: text for key, text in spec.items() if key != "choices"} if isinstance(spec, dict) else None
+        if texts is None or not set(texts) <= {"label", "question"} or not all(
+                isinstance(text, str) and text.strip() for text in texts.values()):
             raise WorkflowFileError(f"{at}, translation {code!r}: an object with a 'label' and a 'question', "
                                     "each a non-empty text")
         if "label" in spec and not re.search(r"[^\W\d_]", spec["label"]):
             raise WorkflowFileError(f"{at}, translation {code!r}: the label needs a word")
-        parsed[code] = (spec.get("label", "").strip(), spec.get("question", "").strip())
+        named = spec.get("choices", {})
+        if not isinstance(named, dict) or not set(named) <= set(choices) or not all(
+                isinstance(text, str) and text.strip() for text in named.values()):
+            raise WorkflowFileError(f"{at}, translation {code!r}: 'choices' names each of the input's choices "
+                                    f"({', '.join(choices) or 'it has none'}) in that language")
+        parsed[code] = Translation(spec.get("label", "").strip(), spec.get("question", "").strip(),
+                                   MappingProxyType({choice: text.strip() for choice, text in named.items()}))
     return MappingProxyType(parsed)
 
 
@@ -4743,7 +4769,7 @@ def _label_patterns(workflow: Workflow, query: QueryInput) -> List[str]:
 
 def _label_patterns_of(workflow: Workflow, query: QueryInput) -> List[str]:
     # The label in every language the workflow gives, since the templated questions show them.
-    labels = dict.fromkeys([query.label, *(label for label, _ in query.translations.values() if label)])
+    labels = dict.fromkeys([query.label, *(text.label for text in query.translations.values() if text.label)])
     patterns = [r"[\s_-]+".join(map(re.escape, _words(label))) for label in labels]
     kind = input_kind(query)
     if kind in KINDS and sum(input_kind(other) == kind for other in workflow.query_inputs.values()) == 1:
@@ -5636,7 +5662,7 @@ def _input_named(workflow: Workflow, key: str) -> Optional[str]:
         if _fold(name) == wanted:
             return name
     for name, query in workflow.query_inputs.items():   # its label in another language: "dates du voyage"
-        if any(_words(key) == _words(label) for label, _ in query.translations.values() if label):
+        if any(_words(key) == _words(text.label) for text in query.translations.values() if text.label):
             return name
     words = set(_words(key))
     # A word of the input's kind, in any language: "where", "when", "Ziel", "fechas", "presupuesto".
@@ -6061,22 +6087,49 @@ def elicitation_message(workflow: Workflow, missing: Sequence[QueryInput], probl
 
 
 def reply_language(workflow: Workflow, named: Iterable[str], asked: QueryInput, said: Sequence[str],
-                   problems: Mapping[str, str]) -> Language:
+                   problems: Mapping[str, str], shown: Iterable[Tuple[str, Any]] = ()) -> Language:
     """The language a templated reply is written in: the user's (``said``: their messages),
-    when its table writes sentences and the workflow gives the question ``asked`` and the
-    label of every input ``named`` in that language; else English. A reply that says why a
-    value was refused is English too: the reasons are written in English only."""
-    name = users_language(said)
+    when its table writes sentences and the workflow gives, in that language, the question
+    ``asked``, the label of every input ``named`` and the name of every choice ``shown``
+    ((input, value) pairs); else English, whole. A reply that says why a value was refused
+    is English too: the reasons are written in English only."""
+    name = (users_language(said) or _language_by_its_words("\n".join(said[-1:]))
+            or _language_by_its_words("\n".join(said)))
     language = next((language for language in LANGUAGES.values() if language.name == name), ENGLISH)
     if language is ENGLISH or not language.writes or problems or not asked.question_in(language.code):
         return ENGLISH
-    if not all(workflow.query_inputs[input_name].label_in(language.code) for input_name in named):
+    code, inputs = language.code, workflow.query_inputs
+    if not all(inputs[input_name].label_in(code) for input_name in named) or not all(
+            inputs[input_name].choice_in(code, value) for input_name, value in shown
+            if inputs[input_name].type == "choice"):
         return ENGLISH
     return language
 
 
-def _shown_in(value: Any, language: Language) -> str:
-    return language.writes[shown_value(value)] if isinstance(value, bool) else shown_value(value)
+# Per language, the words of its table that no other table holds ("vorrei", "settimane", "maggio").
+OWN_WORDS: Mapping[str, frozenset] = MappingProxyType({
+    language.name: frozenset(word for _, word in _language_entries(language)) - frozenset(
+        word for other in LANGUAGES.values() if other is not language for _, word in _language_entries(other))
+    for language in LANGUAGES.values()})
+
+
+def _language_by_its_words(text: str) -> Optional[str]:
+    """For a message too short to tell by its common words ("Vorrei andare a Roma. Due
+    settimane a maggio"): the language whose own words it holds most, if one does."""
+    words = _words(text)
+    counts = sorted(((sum(word in own for word in words), name) for name, own in OWN_WORDS.items()), reverse=True)
+    (best, name), (second, _) = counts[0], counts[1]
+    return name if best >= 1 and best > second else None
+
+
+def _shown_in(value: Any, language: Language, query: Optional[QueryInput] = None) -> str:
+    """A value as a reply in ``language`` shows it: yes or no in its words, a choice by its
+    name there (``query`` is the input it is of)."""
+    if isinstance(value, bool):
+        return language.writes[shown_value(value)]
+    if query is not None and query.type == "choice":
+        return query.choice_in(language.code, value) or shown_value(value)
+    return shown_value(value)
 
 
 def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understood: Mapping[str, Any],
@@ -6089,20 +6142,23 @@ def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understo
     def label(name: str) -> str:
         return workflow.query_inputs[name].label_in(code)
     parts = []
+    inputs = workflow.query_inputs
     if understood:
         parts.append(writes["understood"].format(values=_and_list(
-            [writes["value"].format(label=label(name), value=_shown_in(value, language))
+            [writes["value"].format(label=label(name), value=_shown_in(value, language, inputs[name]))
              for name, value in understood.items()], language)))
     if changed:
         parts.append(writes["changed"].format(changes=_and_list(
-            [writes["change"].format(label=label(name), old=_shown_in(old, language), new=_shown_in(new, language))
+            [writes["change"].format(label=label(name), old=_shown_in(old, language, inputs[name]),
+                                     new=_shown_in(new, language, inputs[name]))
              for name, (old, new) in changed.items()], language)))
     parts += [reason[0].upper() + reason[1:] + "." for reason in problems.values()]
     first = missing[0]
     if len(missing) > 1:
         parts.append(writes["still_need"].format(labels=_and_list([label(query.name) for query in missing], language)))
     if ambiguous and first.name in ambiguous:
-        parts.append(writes["which"].format(label=label(first.name), values=_or_list(ambiguous[first.name], language)))
+        parts.append(writes["which"].format(label=label(first.name),
+                                            values=_or_list(ambiguous[first.name], language, first)))
     else:
         parts.append(first.question_in(code)
                      or f"Could you tell me the {first.label} ({first.description.rstrip('.')})?")
@@ -6111,8 +6167,8 @@ def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understo
     return " ".join(parts)
 
 
-def _or_list(values: Sequence[Any], language: Language = ENGLISH) -> str:
-    shown = [_shown_in(value, language) for value in values]
+def _or_list(values: Sequence[Any], language: Language = ENGLISH, query: Optional[QueryInput] = None) -> str:
+    shown = [_shown_in(value, language, query) for value in values]
     return ", ".join(shown[:-1]) + f" {language.writes['or']} " + shown[-1] if len(shown) > 1 else shown[0]
 
 
@@ -6439,7 +6495,9 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
         named = [name for name, query in workflow.query_inputs.items() if words & _topic_words(query)]
         blamed = named if named and not set(named) <= set(asked_before) else asked_before
     language = reply_language(workflow, [*understood, *changed, *blamed, *(query.name for query in missing)],
-                              first, messages, problems)
+                              first, messages, problems,
+                              [*understood.items(), *((name, value) for name, pair in changed.items() for value in pair),
+                               *((name, value) for name, values in ambiguous.items() for value in values)])
     question, notes = None, []
     opening, closing = "", ""
     if nothing_read:   # say what was not understood, and the form that always is

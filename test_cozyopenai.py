@@ -499,6 +499,9 @@ BROKEN_FILES = {
     "a translation with an empty question": (
         lambda w, d: w["query_inputs"]["word"].update(translations={"fr": {"label": "mot", "question": " "}}),
         "query input 'word', translation 'fr': an object with a 'label' and a 'question', each a non-empty text"),
+    "a translated choice the input does not have": (
+        lambda w, d: w["query_inputs"]["word"].update(translations={"fr": {"label": "mot", "choices": {"a": "b"}}}),
+        "query input 'word', translation 'fr': 'choices' names each of the input's choices (it has none)"),
     "a translated label with no word": (
         lambda w, d: w["query_inputs"]["word"].update(translations={"fr": {"label": "42"}}),
         "query input 'word', translation 'fr': the label needs a word"),
@@ -3126,6 +3129,25 @@ def test_the_templated_question_is_in_the_users_language_when_the_workflow_gives
     answer = answer_of(Chat(start()).say(message))
     assert answer == expected
     assert cozyopenai.language_of(answer) in (language, None)
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("Quiero ir a Lima, ritmo intenso, sin niños",
+     "Entendido: destino Lima, ritmo intenso y niños no. Todavía necesito: presupuesto y fechas del viaje."),
+    # Too short to tell by its common words: told by the words only its language's table holds.
+    ("Vorrei andare a Roma. Due settimane a maggio",
+     "Ricevuto: destinazione Roma e date del viaggio Due settimane a maggio. Qual è il suo budget totale"),
+    ("Lisboa em maio", "Entendido: datas da viagem maio. Ainda preciso de: destino e orçamento. Para onde"),
+    ("Rome in May", "Got it: travel dates May."),
+])
+def test_a_templated_reply_names_choices_in_the_users_language_and_tells_a_short_message_by_its_own_words(
+        start, message, expected):
+    assert answer_of(Chat(start()).say(message)).startswith(expected)
+
+
+def test_a_choice_as_a_translation_names_it_is_read_as_that_choice(trip_planner):
+    assert read(trip_planner, "rythme chargé") == {"pace": "packed"}
+    assert dict(trip_planner.query_inputs["pace"].synonyms)["chargé"] == "packed"
 
 
 def test_a_translated_label_shown_in_the_line_form_reads_the_line_it_asks_for(start):
