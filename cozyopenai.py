@@ -4622,7 +4622,7 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     ones are asked about; what the message rules out is never taken. ``text`` is the message
     as sent: it is cleaned here, once (user_words), and ``reading.tokens.text`` is what was read."""
     long = len(text) > READ_MAX_CHARS
-    text = user_words(text, history)
+    sent, text = text, user_words(text, history)
     extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(_fold(text)) else "provide")
     if long:
         extraction.notes.append(LONG_MESSAGE_NOTE)
@@ -4643,8 +4643,32 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
                 continue   # "weather in lyon", asked which city: the place read in it, not the whole reply
             if not gives_others or (name not in reading.candidates and not phrase):
                 reading.add(name, 2, raw)
+    for name, value in _quoted_label_lines(workflow, sent, history).items():
+        if name not in reading.candidates and name not in conversation.values:
+            reading.add(name, 1, value)   # only where the user's own words give nothing
     _choose(workflow, reading, extraction)
     return extraction, reading
+
+
+def _quoted_label_lines(workflow: Workflow, text: str, history: Sequence[dict]) -> Dict[str, str]:
+    """The ``label: value`` lines of a quoted block ("> Ziel: Kopenhagen") that the user
+    pastes as their own data ("Hier die Eckdaten aus unserer Mail:"), by input; never a line
+    of one of our replies. They are context for everything else, and weaker than the user's
+    own words: read_floor takes them only for inputs those leave open."""
+    found: Dict[str, str] = {}
+    if ">" not in text:
+        return found
+    ours = [" ".join(_fold(message["content"]).split()) for message in history if message.get("role") == "assistant"]
+    for line in INVISIBLE_PATTERN.sub("", within_reading_limit(text)).split("\n"):
+        quoted = re.match(r"\s*>[>\s]*(.*)", line)
+        labelled = quoted and LINE_VALUE_PATTERN.fullmatch(quoted.group(1))
+        if not labelled or not re.search(r"\w", labelled.group(2)) or any(
+                " ".join(_fold(quoted.group(1)).split()) in reply for reply in ours):
+            continue   # nor a form's empty line ("> destination: ...")
+        name = _input_named(workflow, labelled.group(1))
+        if name and name not in found:
+            found[name] = _before_another_label(workflow, name, _first_sentence(labelled.group(2)))
+    return found
 
 
 # Words without which no span of a message is ruled out (is_negated, _corrects, _retracted, EXCESS).

@@ -2688,6 +2688,18 @@ def test_an_amount_a_word_brings_a_labelled_period_whole_and_a_lines_first_sente
     assert read(trip_planner, text) == expected
 
 
+def test_a_quoted_block_of_label_lines_gives_only_what_the_users_own_words_leave_open(trip_planner):
+    pasted = "Hier die Eckdaten aus unserer Mail:\n> Ziel: Kopenhagen\n> Reisezeit: 22.–26.09.\n> Budget: 1.500 EUR"
+    assert read(trip_planner, pasted) == {"destination": "Kopenhagen", "travel_dates": "22.–26.09.", "budget": 1500}
+    assert read(trip_planner, "My friend's plan:\n> budget: 5000\nMine is 2000 euros for Rome") == {
+        "budget": 2000, "destination": "Rome"}
+    assert read(trip_planner, "> destination: ...\n> budget: ...") == {}   # the line form, quoted back
+    ours = "Got it: destination Paris.\n\n    destination: Paris"
+    history = [{"role": "assistant", "content": ours}]
+    extraction, _ = cozyopenai.read_floor(trip_planner, new_conversation("trip-planner"), "> destination: Paris", history)
+    assert extraction.values == {}   # a line of our own reply is never the user's
+
+
 def test_a_value_said_again_after_its_correction_stands_and_one_talked_about_after_it_stays_ruled_out():
     assert read("month-calendar", "quero ver o calendário de maio 2030, não, maio 2032") == {"year": 2032, "month": 5}
     assert read("month-calendar", "March 2026, no, April 2026") == {"year": 2026, "month": 4}
