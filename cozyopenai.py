@@ -5088,6 +5088,13 @@ def _read_period(tokens: Sequence[Token], text: str, periods: Sequence[Span], qu
         return
     kept = _take_corrected(reading, query.name, tokens, kept,   # "next weekend ..., make it the weekend after next"
                            lambda span: _span_text(tokens, span.start, span.end, text), contrast_anywhere=True)
+    ranges = [span for span in kept if _is_a_day_range(tokens, span)]
+    if len(ranges) == 1:
+        # A range of days says when and how long: a count or a time beside it says it again
+        # ("3 nights, 12/07-15/07", "tre giorni 8-10 dicembre", "de 9 a 16 de fevereiro, depois do carnaval").
+        kept = sorted([_without_a_count(tokens, ranges[0])] + [
+            span for span in kept if span is not ranges[0] and _names_a_time(tokens, span) and any(
+                token.shape in DAY_SHAPES for token in tokens[span.start:span.end])], key=lambda span: span.start)
     if any(alternatives_to(tokens, span.start, span.end - span.start) or
            (span.start >= 1 and tokens[span.start - 1].folded in ALTERNATIVES) for span in kept[1:]):
         for span in kept:
@@ -5114,6 +5121,29 @@ def _read_period(tokens: Sequence[Token], text: str, periods: Sequence[Span], qu
             pieces.append([span.start, span.end])
     parts = [_span_text(tokens, start, end, text) for start, end in pieces]
     reading.add(query.name, 1, " ".join(parts))
+
+
+DAY_SHAPES = ("number", "ordinal", "dmy", "iso")
+
+
+def _is_a_day_range(tokens: Sequence[Token], span: Span) -> bool:
+    """Does the period name a range of days: two dates ("12/07-15/07"), or two day numbers
+    and a month ("8-10 dicembre", "de 9 a 16 de fevereiro")?"""
+    inside = tokens[span.start:span.end]
+    dates = sum(token.shape in ("dmy", "iso") for token in inside)
+    days = sum(token.shape in ("number", "ordinal") for token in inside)
+    return dates >= 2 or (days >= 2 and any(token.folded in MONTHS for token in inside))
+
+
+def _without_a_count(tokens: Sequence[Token], span: Span) -> Span:
+    """The range of days without a count that opens its period ("tre giorni 8-10 dicembre")."""
+    start = span.start
+    if start + 2 < span.end and (tokens[start].shape == "number" or tokens[start].folded in COUNT_WORDS) and \
+            tokens[start + 1].folded in TIME_UNITS:
+        start += 2
+        while start < span.end - 1 and tokens[start].shape == "mark":
+            start += 1
+    return span._replace(start=start)
 
 
 def _lowercase_list_head(tokens: Sequence[Token], known: frozenset, valued: set) -> List[Span]:

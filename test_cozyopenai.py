@@ -2688,6 +2688,18 @@ def test_an_amount_a_word_brings_a_labelled_period_whole_and_a_lines_first_sente
     assert read(trip_planner, text) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("tre giorni 8-10 dicembre, 500 euro", {"travel_dates": "8-10 dicembre", "budget": 500}),
+    ("3 nights, 12/07-15/07", {"travel_dates": "12/07-15/07"}),
+    ("de 9 a 16 de fevereiro, depois do carnaval", {"travel_dates": "de 9 a 16 de fevereiro"}),
+    ("from March 3 to March 14", {"travel_dates": "from March 3 to March 14"}),
+    ("Wochenende 12./13. Juli", {"travel_dates": "Wochenende 12./13. Juli"}),
+    ("Pfingsten, 5 Tage", {"travel_dates": "Pfingsten, 5 Tage"}),   # no range of days: both parts kept
+])
+def test_a_range_of_days_is_the_period_without_a_count_or_a_time_that_says_it_again(trip_planner, text, expected):
+    assert read(trip_planner, text) == expected
+
+
 def test_a_quoted_block_of_label_lines_gives_only_what_the_users_own_words_leave_open(trip_planner):
     pasted = "Hier die Eckdaten aus unserer Mail:\n> Ziel: Kopenhagen\n> Reisezeit: 22.–26.09.\n> Budget: 1.500 EUR"
     assert read(trip_planner, pasted) == {"destination": "Kopenhagen", "travel_dates": "22.–26.09.", "budget": 1500}
