@@ -5715,9 +5715,13 @@ def _input_named(workflow: Workflow, key: str) -> Optional[str]:
     for name in workflow.query_inputs:
         if _fold(name) == wanted:
             return name
-    for name, query in workflow.query_inputs.items():   # its label in another language: "dates du voyage"
-        if any(_words(key) == _words(text.label) for text in query.translations.values() if text.label):
-            return name
+    translated = workflow.derived.get("translated_labels")
+    if translated is None:   # its label in another language: "dates du voyage"; worked out once
+        translated = workflow.derived["translated_labels"] = {
+            tuple(_words(text.label)): name for name, query in workflow.query_inputs.items()
+            for text in query.translations.values() if text.label}
+    if tuple(_words(key)) in translated:
+        return translated[tuple(_words(key))]
     words = set(_words(key))
     # A word of the input's kind, in any language: "where", "when", "Ziel", "fechas", "presupuesto".
     named = [name for name, query in workflow.query_inputs.items()
