@@ -3528,8 +3528,11 @@ def synonyms_read(query: QueryInput) -> Tuple[Tuple[str, Any], ...]:
 
 def _synonyms_named(query: QueryInput, text: str) -> set:
     """The values whose synonyms the text says, in any case ("march" names 3)."""
+    synonyms = synonyms_read(query)
+    if not synonyms:   # most inputs have none: the text need not be split
+        return set()
     words = _words(text)
-    return {value for synonym, value in synonyms_read(query) if _says_words(words, _words(synonym))}
+    return {value for synonym, value in synonyms if _says_words(words, _words(synonym))}
 
 
 def _match_choice(query: QueryInput, raw: Any) -> str:
@@ -3596,6 +3599,8 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     text = within_reading_limit(text)
     text = CODE_FENCE_PATTERN.sub("\n", INVISIBLE_PATTERN.sub("", text))
     ours = [" ".join(_fold(message["content"]).split()) for message in history if message.get("role") == "assistant"]
+    if not ours and ">" not in text and not QUOTED_PASSAGE_PATTERN.search(text):
+        return numbers_as_digits(text.strip())   # no line is context (the common case): none to look at one by one
     kept = []
     for line in text.split("\n"):
         plain = " ".join(_fold(line).split())
@@ -3694,7 +3699,8 @@ class Tokens(list):
 
 
 def tokenize(text: str) -> Tokens:
-    tokens = Tokens([Token(match.group(0), _fold(match.group(0)).replace("'", "").replace("’", ""), match.start(),
+    tokens = Tokens(_ascii_tokens(text) if text.isascii() else
+                    [Token(match.group(0), _fold(match.group(0)).replace("'", "").replace("’", ""), match.start(),
                            match.end(), match.lastgroup) for match in TOKEN_PATTERN.finditer(text)])
     for index, token in enumerate(tokens):
         if (token.shape == "word" and len(token.folded) >= MONTH_TYPO_MIN_LETTERS and token.folded not in ALL_WORDS
@@ -3706,6 +3712,15 @@ def tokenize(text: str) -> Tokens:
                 tokens[index] = token._replace(folded=month)
     tokens.text = text
     return tokens
+
+
+def _ascii_tokens(text: str) -> List[Token]:
+    """tokenize's tokens of an ASCII text (most messages): folding it is lower-casing it, done
+    once for the whole text rather than per token, and each token is made as the plain tuple it
+    is (a NamedTuple's own constructor is a Python call per token)."""
+    folded, make = text.casefold(), tuple.__new__
+    return [make(Token, (match.group(0), folded[match.start():match.end()].replace("'", ""), match.start(),
+                         match.end(), match.lastgroup)) for match in TOKEN_PATTERN.finditer(text)]
 
 
 def _deletions(word: str) -> List[str]:
@@ -4488,9 +4503,11 @@ def _linked_out_of_bounds(query: QueryInput, match: "re.Match[str]") -> bool:
     """Is a number its label reaches through a link word above the input's maximum, so the
     link is of something else: "the first month of 2027" names no month 2027. (One below the
     minimum is refused with the reason: "a budget of -5".)"""
+    if query.maximum is None:   # the common case: no bound to be out of
+        return False
     number = _number_or_none(match.group(1))
     linked = bool(set(_words(match.group(0))) & LABEL_LINKS)
-    return linked and number is not None and query.maximum is not None and number > query.maximum
+    return linked and number is not None and number > query.maximum
 
 
 def _labelled_number_patterns(workflow: Workflow) -> Dict[str, "re.Pattern[str]"]:
