@@ -1159,7 +1159,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     stop = stop or threading.Event()
     outputs: Dict[str, Any] = {}
     waiting = {node.id: node.dependencies() for node in workflow.nodes}
-    finished: Optional["queue.Queue[RunEvent]"] = None   # made only when nodes run side by side
+    finished: Optional["queue.SimpleQueue[RunEvent]"] = None   # made only when nodes run side by side
     threaded: set = set()                       # nodes running in threads right now
     streams_answer = workflow.answer_source()
     answer_streamed = False
@@ -1176,7 +1176,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
             if len(ready) == 1 and not threaded:
                 events = events_of(ready[0])     # the common case, a chain: no thread hand-off
             else:
-                finished = finished or queue.Queue()
+                finished = finished or queue.SimpleQueue()
                 for node_id in ready:
                     _start_in_thread(events_of(node_id), finished)
                 threaded.update(ready)
@@ -1207,7 +1207,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
             metrics.add("runs_total", model=workflow.name, outcome=outcome)
 
 
-def _start_in_thread(events: Iterator[RunEvent], sink: "queue.Queue[RunEvent]") -> None:
+def _start_in_thread(events: Iterator[RunEvent], sink: "queue.SimpleQueue[RunEvent]") -> None:
     def pump() -> None:
         for event in events:
             sink.put(event)
@@ -1587,7 +1587,7 @@ class LLMClient:
             request.setdefault("timeout", min(self.settings.timeout_seconds, within_seconds))
 
         def pieces() -> Iterator[str]:
-            arrived: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
+            arrived: "queue.SimpleQueue[Tuple[str, Any]]" = queue.SimpleQueue()
             leaving = threading.Event()
             deadline = None if within_seconds is None else time.monotonic() + within_seconds
             reader = threading.Thread(target=self._read_stream, args=(request, arrived, leaving), daemon=True)
@@ -1621,7 +1621,7 @@ class LLMClient:
         finish: List[Optional[str]] = [None]   # no reference from the pieces to the stream: no cycle to wait for
         return _LLMStream(pieces(), finish)
 
-    def _read_stream(self, request: Dict[str, Any], arrived: "queue.Queue[Tuple[str, Any]]",
+    def _read_stream(self, request: Dict[str, Any], arrived: "queue.SimpleQueue[Tuple[str, Any]]",
                      leaving: threading.Event) -> None:
         """In a thread of its own, so that a stalled upstream cannot hold the reader past its
         deadline: puts ("piece", text)..., then ("end", finish_reason) or ("error", LLMError)."""
@@ -6283,7 +6283,7 @@ def with_keepalives(texts: Iterator[Any], interval_seconds: float, stop: threadi
     """The texts, produced in a thread of their own, with a None each ``interval_seconds`` the
     turn is silent, so a long node does not let a proxy cut the stream. Closing this generator
     (the client is gone, or the reply is over) tells the producer to stop and waits for it."""
-    pipe: "queue.Queue[Any]" = queue.Queue()
+    pipe: "queue.SimpleQueue[Any]" = queue.SimpleQueue()   # unbounded, as Queue() was, and a C call per piece
     finished = object()
 
     def produce() -> None:
