@@ -7093,6 +7093,9 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
             body["usage"] = None
         return b"data: " + json_text(body).encode() + b"\n\n"
 
+    # The chunks of the pieces differ only in their delta: the bytes around it are encoded once
+    # (chunk's own, split at a stand-in delta, the last string of the object), the delta per piece.
+    before, _, after = chunk("\0").rpartition(b'"\\u0000"')
     yield chunk({"role": "assistant", "content": ""})
     completion_chars = 0
     for item in fields:
@@ -7100,7 +7103,7 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
             yield b": keep-alive\n\n"
         elif item[1]:
             completion_chars += len(item[1])
-            yield chunk({item[0]: item[1]})
+            yield before + json_text({item[0]: item[1]}).encode() + after
     yield chunk({}, "stop")
     if request.include_usage:
         usage = _usage(prompt_tokens, completion_chars)
