@@ -3038,6 +3038,7 @@ QUOTED_PASSAGE_PATTERN = re.compile(
     r"\u201c[^\u201c\u201d\n]*\u201d|\u201e[^\u201c\u201d\u201e\n]*[\u201c\u201d]|\u00ab[^\u00ab\u00bb\n]*\u00bb"
     r"|\u2018[^\u2018\u2019\n]*\u2019(?![^\W\d_])"
     r"|(?:(?<=^)|(?<=[\s:(]))\"[^\"\n]*\"|(?:(?<=^)|(?<=[\s:(]))'[^'\n]*'(?=[\s.,;:!?)]|$)", re.M)
+QUOTE_OPENERS = re.compile("[\u201c\u201e\u00ab\u2018\"']")   # the first mark of every passage above: a quick look
 QUOTED_PASSAGE_MIN_WORDS = 4   # fewer is a value quoted for emphasis ("a trip to "Paris""), unless it quotes a label
 CENTURY_OF_SHORT_YEARS = 2000   # "'27" is 2027
 MAX_LABEL_WORDS = 3            # "travel dates: ..." labels a value; "my friend sent me this: ..." does not
@@ -3221,8 +3222,10 @@ def valued_words(field_name: str, languages: Iterable[Language] = ()) -> Mapping
 CARDINALS, ORDINALS = valued_words("cardinals"), valued_words("ordinals")
 # A number word of the tables at the start of a word, in a message's words folded and joined
 # by spaces: a word is made of number words only if it starts with one.
-CARDINAL_START_PATTERN = re.compile(r"(?:^| )(?:" + "|".join(map(re.escape, sorted(CARDINALS, key=len, reverse=True)))
-                                    + ")")
+# By first letter, so a word is compared with the few that can start it, not two hundred (each
+# is one word: the tables are split at spaces).
+CARDINALS_BY_INITIAL = MappingProxyType({initial: tuple(sorted(word for word in CARDINALS if word[0] == initial))
+                                         for initial in sorted({word[0] for word in CARDINALS})})
 WORDS_BESIDES_MONTHS = frozenset(word for language in LANGUAGES.values()
                                  for field_name, word in _language_entries(language) if field_name != "months")
 MONTH_SYNONYM_MIN_LETTERS = 4   # "mar" is also the sea, "jun" and "jul" are too short to be sure of
@@ -3292,6 +3295,8 @@ MONEY_PATTERN = re.compile(
 
 def parse_number(token: str) -> float:
     """'2,000' → 2000, '2.000,50' → 2000.5, '2,5' → 2.5, '2k' → 2000, '3 mil' → 3000."""
+    if token.isdigit():   # "3", the commonest: nothing below would change it
+        return float(token)
     text = re.sub(r"[\s'’\u00a0\u202f]", "", token)
     factor = 1
     word = re.search(r"[^\W\d_]{2,}\Z", text)
@@ -3361,7 +3366,8 @@ def numbers_as_digits(text: str) -> str:
     reader reads them: "deux mille euros" is "2000 euros", "duemilaventisette" is "2027".
     Only numbers of CARDINAL_PHRASE_MIN and more, of several number words or a thousand
     before a currency ("mil euros"); not a capitalised word inside a sentence ("Mila")."""
-    if not CARDINAL_START_PATTERN.search(_fold(" ".join(NUMBER_WORD_PATTERN.findall(text))).replace("-", "")):
+    spelled = _fold(" ".join(NUMBER_WORD_PATTERN.findall(text))).replace("-", "")
+    if not any(word.startswith(CARDINALS_BY_INITIAL.get(word[:1], ())) for word in spelled.split(" ")):
         return text   # no word starts with a number word: none can be one
     words = list(NUMBER_WORD_PATTERN.finditer(text))
     pieces, last, index = [], 0, 0
@@ -3599,7 +3605,7 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     text = within_reading_limit(text)
     text = CODE_FENCE_PATTERN.sub("\n", INVISIBLE_PATTERN.sub("", text))
     ours = [" ".join(_fold(message["content"]).split()) for message in history if message.get("role") == "assistant"]
-    if not ours and ">" not in text and not QUOTED_PASSAGE_PATTERN.search(text):
+    if not ours and ">" not in text and not (QUOTE_OPENERS.search(text) and QUOTED_PASSAGE_PATTERN.search(text)):
         return numbers_as_digits(text.strip())   # no line is context (the common case): none to look at one by one
     kept = []
     for line in text.split("\n"):
@@ -3718,9 +3724,14 @@ def _ascii_tokens(text: str) -> List[Token]:
     """tokenize's tokens of an ASCII text (most messages): folding it is lower-casing it, done
     once for the whole text rather than per token, and each token is made as the plain tuple it
     is (a NamedTuple's own constructor is a Python call per token)."""
-    folded, make = text.casefold(), tuple.__new__
-    return [make(Token, (match.group(0), folded[match.start():match.end()].replace("'", ""), match.start(),
-                         match.end(), match.lastgroup)) for match in TOKEN_PATTERN.finditer(text)]
+    folded, make, tokens = text.casefold(), tuple.__new__, []
+    apostrophes = "'" in text
+    for match in TOKEN_PATTERN.finditer(text):
+        start, end = match.span()
+        word = folded[start:end]
+        tokens.append(make(Token, (text[start:end], word.replace("'", "") if apostrophes else word, start, end,
+                                   match.lastgroup)))
+    return tokens
 
 
 def _deletions(word: str) -> List[str]:
