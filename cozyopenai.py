@@ -103,7 +103,6 @@ import threading
 import time
 import traceback
 import unicodedata
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache, partial
@@ -2016,40 +2015,52 @@ def is_conversation_id(text: str) -> bool:
 
 
 class _KeyedLocks:
-    """One lock per key, made on demand and dropped when no one holds or waits for it."""
-
-    class _Lock:
-        __slots__ = ("lock", "__weakref__")
-
-        def __init__(self) -> None:
-            self.lock = threading.Lock()
+    """One lock per key, made on demand and dropped when no one holds or waits for it. A plain
+    dict with a count of who holds or waits, under a guard: a weak dictionary would cost a
+    turn several Python calls (its look-up, its reference, its callback when the lock dies)."""
 
     def __init__(self) -> None:
-        self._locks: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+        self._locks: Dict[str, List[Any]] = {}   # key -> [its lock, how many hold or wait for it]
         self._guard = threading.Lock()
 
     def __call__(self, key: str) -> "contextlib.AbstractContextManager[None]":
+        return _Holding(self, key)
+
+    def take(self, key: str) -> List[Any]:
+        """The key's entry, counted: it stays until the matching drop."""
         with self._guard:
-            held = self._locks.get(key)
-            if held is None:
-                held = self._locks[key] = self._Lock()
-        return _Holding(held)
+            entry = self._locks.get(key)
+            if entry is None:
+                entry = self._locks[key] = [threading.Lock(), 0]
+            entry[1] += 1
+        return entry
+
+    def drop(self, key: str, entry: List[Any]) -> None:
+        with self._guard:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._locks[key]
 
 
 class _Holding:
-    """Holds a _KeyedLocks lock from enter to exit, and the lock itself alive while it does (a
-    class, not a generator: one is taken per turn)."""
+    """Holds a _KeyedLocks lock from enter to exit (a class, not a generator: one is taken per turn)."""
 
-    __slots__ = ("_held",)
+    __slots__ = ("_locks", "_key", "_entry")
 
-    def __init__(self, held: Any) -> None:
-        self._held = held
+    def __init__(self, locks: _KeyedLocks, key: str) -> None:
+        self._locks, self._key = locks, key
 
     def __enter__(self) -> None:
-        self._held.lock.acquire()
+        self._entry = self._locks.take(self._key)
+        try:
+            self._entry[0].acquire()
+        except BaseException:   # interrupted while waiting: not a holder
+            self._locks.drop(self._key, self._entry)
+            raise
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._held.lock.release()
+        self._entry[0].release()
+        self._locks.drop(self._key, self._entry)
 
 
 class Store(abc.ABC):
@@ -6685,10 +6696,13 @@ def _log_line(method: str, path: str, status: int, trace: Mapping[str, str], sta
     # The record log.info would make, made here: log.info would walk the stack to find this
     # function (findCaller) on every request, for fields the log line does not show.
     frame = sys._getframe()
-    log.handle(log.makeRecord(log.name, logging.INFO, frame.f_code.co_filename, frame.f_lineno,
-                              "%s %s model=%s conversation=%s status=%d %.0f ms",
-                              (method, path, trace.get("model", "-"), trace.get("conversation", "-"), status,
-                               (time.monotonic() - started) * 1000), None, "_log_line"))
+    try:
+        log.handle(log.makeRecord(log.name, logging.INFO, frame.f_code.co_filename, frame.f_lineno,
+                                  "%s %s model=%s conversation=%s status=%d %.0f ms",
+                                  (method, path, trace.get("model", "-"), trace.get("conversation", "-"), status,
+                                   (time.monotonic() - started) * 1000), None, "_log_line"))
+    finally:   # a frame kept in its own locals is a cycle: the request's frames, and all they hold, would
+        del frame   # wait for the garbage collector
 
 
 def _logged_when_done(stream: Iterator[bytes], method: str, path: str, trace: Mapping[str, str],
