@@ -103,6 +103,7 @@ import threading
 import time
 import traceback
 import unicodedata
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache, partial
@@ -7614,8 +7615,10 @@ def response_turn_request(request: ResponsesRequest) -> TurnRequest:
                                                _stored_fields(request, "", "", prompt_tokens).items()
                                                if key not in ("thinking", "answer", "created_at")})
 
+    request_ref = weakref.ref(turn_request)   # the request holds this function: held back, a cycle for the collector
+
     def saving(kept: Conversation, thinking: str, answer: str) -> None:
-        response_id = turn_request.response_id
+        response_id = request_ref().response_id   # type: ignore[union-attr]   (its turn holds it while it saves)
         response = kept.responses.get(response_id)
         if response is None:
             return
