@@ -1900,7 +1900,8 @@ class Conversation:
         conversation's lock, so it is always among the last few."""
         self.answered.pop(digest, None)
         self.answered[digest] = {"at": time.time(), "thinking": thinking, "answer": answer, "snapshot": snapshot}
-        self.answered = dict(list(self.answered.items())[-ANSWERED_KEPT:])
+        if len(self.answered) > ANSWERED_KEPT:   # copied only when there is something to drop
+            self.answered = dict(list(self.answered.items())[-ANSWERED_KEPT:])
 
     def twin_of(self, digest: str, arrived: float) -> Optional[dict]:
         """The answer of the same request, if it was answered after ``arrived`` (this request
