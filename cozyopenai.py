@@ -189,6 +189,8 @@ SHUTDOWN_MESSAGE = "The server is shutting down; this reply was cut short. Send 
 # json.dumps(value, ensure_ascii=False), the text every reply is written in, with one encoder
 # made once: json.dumps makes a new one on each call with an option set.
 json_text = json.JSONEncoder(ensure_ascii=False).encode
+# A string as json_text writes it, without the encoder's set-up (a call per streamed piece).
+json_string = json.encoder.encode_basestring
 
 
 ####################################################################################
@@ -7143,7 +7145,8 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
             yield b": keep-alive\n\n"
         elif item[1]:
             completion_chars += len(item[1])
-            yield before + json_text({item[0]: item[1]}).encode() + after
+            delta = f"{{{json_string(item[0])}: {json_string(item[1])}}}"   # json_text({field: text}), written out
+            yield before + delta.encode() + after
     yield chunk({}, "stop")
     if request.include_usage:
         usage = _usage(prompt_tokens, completion_chars)
