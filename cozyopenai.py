@@ -4498,9 +4498,10 @@ def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bo
 def _read_topics(workflow: Workflow, conversation: Conversation, reading: Reading) -> None:
     """What _read_spans finds that a message of ``name: value`` lines can still need: the
     yes/no an input's topic words state, which an LLM's reading is checked against."""
-    changing = asks_a_change(reading.tokens)
-    for query in workflow.query_inputs.values():
-        if query.type == "boolean" and (query.name not in conversation.values or changing):
+    booleans = [query for query in workflow.query_inputs.values() if query.type == "boolean"]
+    changing = bool(booleans) and asks_a_change(reading.tokens)   # asked only where a yes/no can be read
+    for query in booleans:
+        if query.name not in conversation.values or changing:
             _read_polarity(reading.tokens, query, reading)
 
 
