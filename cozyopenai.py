@@ -1972,9 +1972,8 @@ def replies_in(messages: Sequence[dict]) -> List[Reply]:
 def users_digest(messages: Sequence[dict]) -> Tuple[str, str]:
     """The digests of the user turns of ``messages``, with and without the last, as
     replies_in computes them for a reply that follows them."""
-    turns = user_turns(messages)
-    return (text_digest(" ".join(text_digest(turn) for turn in turns)),
-            text_digest(" ".join(text_digest(turn) for turn in turns[:-1])))
+    digests = [text_digest(turn) for turn in user_turns(messages)]   # each turn's once, for both
+    return text_digest(" ".join(digests)), text_digest(" ".join(digests[:-1]))
 
 
 def new_response_id(conversation_id: str) -> str:
