@@ -189,6 +189,8 @@ SHUTDOWN_MESSAGE = "The server is shutting down; this reply was cut short. Send 
 # json.dumps(value, ensure_ascii=False), the text every reply is written in, with one encoder
 # made once: json.dumps makes a new one on each call with an option set.
 json_text = json.JSONEncoder(ensure_ascii=False).encode
+# A string as json_text writes it, without the encoder's set-up (a call per streamed piece).
+json_string = json.encoder.encode_basestring
 
 
 ####################################################################################
@@ -1218,7 +1220,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     stop = stop or threading.Event()
     outputs: Dict[str, Any] = {}
     waiting = {node.id: node.dependencies() for node in workflow.nodes}
-    finished: Optional["queue.Queue[RunEvent]"] = None   # made only when nodes run side by side
+    finished: Optional["queue.SimpleQueue[RunEvent]"] = None   # made only when nodes run side by side
     threaded: set = set()                       # nodes running in threads right now
     streams_answer = workflow.answer_source()
     answer_streamed = False
@@ -1235,7 +1237,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
             if len(ready) == 1 and not threaded:
                 events = events_of(ready[0])     # the common case, a chain: no thread hand-off
             else:
-                finished = finished or queue.Queue()
+                finished = finished or queue.SimpleQueue()
                 for node_id in ready:
                     _start_in_thread(events_of(node_id), finished)
                 threaded.update(ready)
@@ -1266,7 +1268,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
             metrics.add("runs_total", model=workflow.name, outcome=outcome)
 
 
-def _start_in_thread(events: Iterator[RunEvent], sink: "queue.Queue[RunEvent]") -> None:
+def _start_in_thread(events: Iterator[RunEvent], sink: "queue.SimpleQueue[RunEvent]") -> None:
     def pump() -> None:
         for event in events:
             sink.put(event)
@@ -1646,7 +1648,7 @@ class LLMClient:
             request.setdefault("timeout", min(self.settings.timeout_seconds, within_seconds))
 
         def pieces() -> Iterator[str]:
-            arrived: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
+            arrived: "queue.SimpleQueue[Tuple[str, Any]]" = queue.SimpleQueue()
             leaving = threading.Event()
             deadline = None if within_seconds is None else time.monotonic() + within_seconds
             reader = threading.Thread(target=self._read_stream, args=(request, arrived, leaving), daemon=True)
@@ -1680,7 +1682,7 @@ class LLMClient:
         finish: List[Optional[str]] = [None]   # no reference from the pieces to the stream: no cycle to wait for
         return _LLMStream(pieces(), finish)
 
-    def _read_stream(self, request: Dict[str, Any], arrived: "queue.Queue[Tuple[str, Any]]",
+    def _read_stream(self, request: Dict[str, Any], arrived: "queue.SimpleQueue[Tuple[str, Any]]",
                      leaving: threading.Event) -> None:
         """In a thread of its own, so that a stalled upstream cannot hold the reader past its
         deadline: puts ("piece", text)..., then ("end", finish_reason) or ("error", LLMError)."""
@@ -1959,7 +1961,8 @@ class Conversation:
         conversation's lock, so it is always among the last few."""
         self.answered.pop(digest, None)
         self.answered[digest] = {"at": time.time(), "thinking": thinking, "answer": answer, "snapshot": snapshot}
-        self.answered = dict(list(self.answered.items())[-ANSWERED_KEPT:])
+        if len(self.answered) > ANSWERED_KEPT:   # copied only when there is something to drop
+            self.answered = dict(list(self.answered.items())[-ANSWERED_KEPT:])
 
     def twin_of(self, digest: str, arrived: float) -> Optional[dict]:
         """The answer of the same request, if it was answered after ``arrived`` (this request
@@ -2028,9 +2031,8 @@ def replies_in(messages: Sequence[dict]) -> List[Reply]:
 def users_digest(messages: Sequence[dict]) -> Tuple[str, str]:
     """The digests of the user turns of ``messages``, with and without the last, as
     replies_in computes them for a reply that follows them."""
-    turns = user_turns(messages)
-    return (text_digest(" ".join(text_digest(turn) for turn in turns)),
-            text_digest(" ".join(text_digest(turn) for turn in turns[:-1])))
+    digests = [text_digest(turn) for turn in user_turns(messages)]   # each turn's once, for both
+    return text_digest(" ".join(digests)), text_digest(" ".join(digests[:-1]))
 
 
 def new_response_id(conversation_id: str) -> str:
@@ -2075,40 +2077,52 @@ def is_conversation_id(text: str) -> bool:
 
 
 class _KeyedLocks:
-    """One lock per key, made on demand and dropped when no one holds or waits for it."""
-
-    class _Lock:
-        __slots__ = ("lock", "__weakref__")
-
-        def __init__(self) -> None:
-            self.lock = threading.Lock()
+    """One lock per key, made on demand and dropped when no one holds or waits for it. A plain
+    dict with a count of who holds or waits, under a guard: a weak dictionary would cost a
+    turn several Python calls (its look-up, its reference, its callback when the lock dies)."""
 
     def __init__(self) -> None:
-        self._locks: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+        self._locks: Dict[str, List[Any]] = {}   # key -> [its lock, how many hold or wait for it]
         self._guard = threading.Lock()
 
     def __call__(self, key: str) -> "contextlib.AbstractContextManager[None]":
+        return _Holding(self, key)
+
+    def take(self, key: str) -> List[Any]:
+        """The key's entry, counted: it stays until the matching drop."""
         with self._guard:
-            held = self._locks.get(key)
-            if held is None:
-                held = self._locks[key] = self._Lock()
-        return _Holding(held)
+            entry = self._locks.get(key)
+            if entry is None:
+                entry = self._locks[key] = [threading.Lock(), 0]
+            entry[1] += 1
+        return entry
+
+    def drop(self, key: str, entry: List[Any]) -> None:
+        with self._guard:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._locks[key]
 
 
 class _Holding:
-    """Holds a _KeyedLocks lock from enter to exit, and the lock itself alive while it does (a
-    class, not a generator: one is taken per turn)."""
+    """Holds a _KeyedLocks lock from enter to exit (a class, not a generator: one is taken per turn)."""
 
-    __slots__ = ("_held",)
+    __slots__ = ("_locks", "_key", "_entry")
 
-    def __init__(self, held: Any) -> None:
-        self._held = held
+    def __init__(self, locks: _KeyedLocks, key: str) -> None:
+        self._locks, self._key = locks, key
 
     def __enter__(self) -> None:
-        self._held.lock.acquire()
+        self._entry = self._locks.take(self._key)
+        try:
+            self._entry[0].acquire()
+        except BaseException:   # interrupted while waiting: not a holder
+            self._locks.drop(self._key, self._entry)
+            raise
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._held.lock.release()
+        self._entry[0].release()
+        self._locks.drop(self._key, self._entry)
 
 
 class Store(abc.ABC):
@@ -3154,10 +3168,12 @@ TYPED_VALUE_PATTERNS = FORMAT_PATTERNS   # their shape makes them unambiguous: r
 TEXT_KINDS = ("email", "url", "date", "place")     # kinds of the string type
 NUMBER_KINDS = ("money", "year", "month")         # kinds of the number types
 CLAUSE_MARKS = frozenset(",;.!?:()[]—|\n")
+# The shapes that start with a digit are tried only where one stands (the lookahead): the same
+# tokens, without four failed tries at every letter and space.
 TOKEN_PATTERN = re.compile(
-    r"(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4}|\d{1,2}/\d{1,2}(?![\d/])"
+    r"(?=\d)(?:(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4}|\d{1,2}/\d{1,2}(?![\d/])"
     r"|(?:0?[1-9]|[12]\d|3[01])\.(?:0?[1-9]|1[0-2])\.(?![\d.]))"   # "vom 28.12. bis 2.1."
-    r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]|\s*[–/-]\s*\d))|(?P<number>\d+(?:[.,]\d+)*)"
+    r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]|\s*[–/-]\s*\d))|(?P<number>\d+(?:[.,]\d+)*))"
     r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\n|\S)")
 # What opens a line that is an item of its own: a list or quote mark, or a label ("When: ...").
 NEW_ITEM_PATTERN = re.compile(r"[ \t]*(?:[-*•>\"'“«]|\d+[.)][ \t]|[^\W\d_][\w \-]{0,63}?[ \t]*[:=])")
@@ -3178,6 +3194,7 @@ QUOTED_PASSAGE_PATTERN = re.compile(
     r"|\u2018[^\u2018\u2019\n]*\u2019(?![^\W\d_])"
     r"|(?:(?<=^)|(?<=[\s:(]))\"[^\"\n]*\"|(?:(?<=^)|(?<=[\s:(]))'[^'\n]*'(?=[\s.,;:!?)]|$)", re.M)
 QUOTATION_MARKS = "\"'\u201c\u201d\u201e\u00ab\u00bb\u2018\u2019"
+QUOTE_OPENERS = re.compile("[\u201c\u201e\u00ab\u2018\"']")   # the first mark of every passage above: a quick look
 QUOTED_PASSAGE_MIN_WORDS = 4   # fewer is a value quoted for emphasis ("a trip to "Paris""), unless it quotes a label
 CENTURY_OF_SHORT_YEARS = 2000   # "'27" is 2027
 MAX_LABEL_WORDS = 3            # "travel dates: ..." labels a value; "my friend sent me this: ..." does not
@@ -3373,8 +3390,10 @@ def valued_words(field_name: str, languages: Iterable[Language] = ()) -> Mapping
 CARDINALS, ORDINALS = valued_words("cardinals"), valued_words("ordinals")
 # A number word of the tables at the start of a word, in a message's words folded and joined
 # by spaces: a word is made of number words only if it starts with one.
-CARDINAL_START_PATTERN = re.compile(r"(?:^| )(?:" + "|".join(map(re.escape, sorted(CARDINALS, key=len, reverse=True)))
-                                    + ")")
+# By first letter, so a word is compared with the few that can start it, not two hundred (each
+# is one word: the tables are split at spaces).
+CARDINALS_BY_INITIAL = MappingProxyType({initial: tuple(sorted(word for word in CARDINALS if word[0] == initial))
+                                         for initial in sorted({word[0] for word in CARDINALS})})
 WORDS_BESIDES_MONTHS = frozenset(word for language in LANGUAGES.values()
                                  for field_name, word in _language_entries(language) if field_name != "months")
 MONTH_SYNONYM_MIN_LETTERS = 4   # "mar" is also the sea, "jun" and "jul" are too short to be sure of
@@ -3450,6 +3469,8 @@ MONEY_PATTERN = re.compile(
 
 def parse_number(token: str) -> float:
     """'2,000' → 2000, '2.000,50' → 2000.5, '2,5' → 2.5, '2k' → 2000, '3 mil' → 3000."""
+    if token.isdigit():   # "3", the commonest: nothing below would change it
+        return float(token)
     text = re.sub(r"[\s'’\u00a0\u202f]", "", token)
     factor = 1
     word = re.search(r"[^\W\d_]{2,}\Z", text)
@@ -3519,7 +3540,8 @@ def numbers_as_digits(text: str) -> str:
     reader reads them: "deux mille euros" is "2000 euros", "duemilaventisette" is "2027".
     Only numbers of CARDINAL_PHRASE_MIN and more, of several number words or a thousand
     before a currency ("mil euros"); not a capitalised word inside a sentence ("Mila")."""
-    if not CARDINAL_START_PATTERN.search(_fold(" ".join(NUMBER_WORD_PATTERN.findall(text))).replace("-", "")):
+    spelled = _fold(" ".join(NUMBER_WORD_PATTERN.findall(text))).replace("-", "")
+    if not any(word.startswith(CARDINALS_BY_INITIAL.get(word[:1], ())) for word in spelled.split(" ")):
         return text   # no word starts with a number word: none can be one
     words = list(NUMBER_WORD_PATTERN.finditer(text))
     pieces, last, index = [], 0, 0
@@ -3698,8 +3720,11 @@ def synonyms_read(query: QueryInput) -> Tuple[Tuple[str, Any], ...]:
 
 def _synonyms_named(query: QueryInput, text: str) -> set:
     """The values whose synonyms the text says, in any case ("march" names 3)."""
+    synonyms = synonyms_read(query)
+    if not synonyms:   # most inputs have none: the text need not be split
+        return set()
     words = _words(text)
-    return {value for synonym, value in synonyms_read(query) if _says_words(words, _words(synonym))}
+    return {value for synonym, value in synonyms if _says_words(words, _words(synonym))}
 
 
 def _match_choice(query: QueryInput, raw: Any) -> str:
@@ -3766,6 +3791,8 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     text = within_reading_limit(text)
     text = CODE_FENCE_PATTERN.sub("\n", INVISIBLE_PATTERN.sub("", text))
     ours = [" ".join(_fold(message["content"]).split()) for message in history if message.get("role") == "assistant"]
+    if not ours and ">" not in text and not (QUOTE_OPENERS.search(text) and QUOTED_PASSAGE_PATTERN.search(text)):
+        return numbers_as_digits(text.strip())   # no line is context (the common case): none to look at one by one
     kept = []
     for line in text.split("\n"):
         plain = " ".join(_fold(line).split())
@@ -3864,7 +3891,8 @@ class Tokens(list):
 
 
 def tokenize(text: str) -> Tokens:
-    tokens = Tokens([Token(match.group(0), _fold(match.group(0)).replace("'", "").replace("’", ""), match.start(),
+    tokens = Tokens(_ascii_tokens(text) if text.isascii() else
+                    [Token(match.group(0), _fold(match.group(0)).replace("'", "").replace("’", ""), match.start(),
                            match.end(), match.lastgroup) for match in TOKEN_PATTERN.finditer(text)
                      if match.group(0) != "\n" or _ends_an_item(text, match.start())])
     for index, token in enumerate(tokens):
@@ -3885,6 +3913,22 @@ def _ends_an_item(text: str, newline: int) -> bool:
     wrapped ("Trip to New\nYork in May") goes on across it."""
     line_start = text.rfind("\n", 0, newline) + 1
     return bool(NEW_ITEM_PATTERN.match(text, newline + 1) or LINE_VALUE_PATTERN.fullmatch(text, line_start, newline))
+
+
+def _ascii_tokens(text: str) -> List[Token]:
+    """tokenize's tokens of an ASCII text (most messages): folding it is lower-casing it, done
+    once for the whole text rather than per token, and each token is made as the plain tuple it
+    is (a NamedTuple's own constructor is a Python call per token)."""
+    folded, make, tokens = text.casefold(), tuple.__new__, []
+    apostrophes = "'" in text
+    for match in TOKEN_PATTERN.finditer(text):
+        start, end = match.span()
+        if text[start] == "\n" and not _ends_an_item(text, start):
+            continue
+        word = folded[start:end]
+        tokens.append(make(Token, (text[start:end], word.replace("'", "") if apostrophes else word, start, end,
+                                   match.lastgroup)))
+    return tokens
 
 
 def _deletions(word: str) -> List[str]:
@@ -4690,9 +4734,10 @@ def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bo
 def _read_topics(workflow: Workflow, conversation: Conversation, reading: Reading) -> None:
     """What _read_spans finds that a message of ``name: value`` lines can still need: the
     yes/no an input's topic words state, which an LLM's reading is checked against."""
-    changing = asks_a_change(reading.tokens)
-    for query in workflow.query_inputs.values():
-        if query.type == "boolean" and (query.name not in conversation.values or changing):
+    booleans = [query for query in workflow.query_inputs.values() if query.type == "boolean"]
+    changing = bool(booleans) and asks_a_change(reading.tokens)   # asked only where a yes/no can be read
+    for query in booleans:
+        if query.name not in conversation.values or changing:
             _read_polarity(reading.tokens, query, reading)
 
 
@@ -4766,9 +4811,11 @@ def _linked_out_of_bounds(query: QueryInput, match: "re.Match[str]") -> bool:
     """Is a number its label reaches through a link word above the input's maximum, so the
     link is of something else: "the first month of 2027" names no month 2027. (One below the
     minimum is refused with the reason: "a budget of -5".)"""
+    if query.maximum is None:   # the common case: no bound to be out of
+        return False
     number = _number_or_none(match.group(1))
     linked = bool(set(_words(match.group(0))) & LABEL_LINKS)
-    return linked and number is not None and query.maximum is not None and number > query.maximum
+    return linked and number is not None and number > query.maximum
 
 
 def _labelled_number_patterns(workflow: Workflow) -> Dict[str, "re.Pattern[str]"]:
@@ -5712,9 +5759,9 @@ def _input_named(workflow: Workflow, key: str) -> Optional[str]:
     """The input a label names: its name ("travel_dates", "travel dates"), its label in
     another language, or words of its label that name no other input ("dates")."""
     wanted = re.sub(r"[\s\-]+", "_", _fold(key).strip())
-    for name in workflow.query_inputs:
-        if _fold(name) == wanted:
-            return name
+    named_so = _inputs_by_folded_name(workflow).get(wanted)
+    if named_so is not None:
+        return named_so
     translated = workflow.derived.get("translated_labels")
     if translated is None:   # its label in another language: "dates du voyage"; worked out once
         translated = workflow.derived["translated_labels"] = {
@@ -5732,6 +5779,17 @@ def _input_named(workflow: Workflow, key: str) -> Optional[str]:
         return None
     named = [name for name, query in workflow.query_inputs.items() if words <= set(_words(query.label))]
     return named[0] if len(named) == 1 else None
+
+
+def _inputs_by_folded_name(workflow: Workflow) -> Dict[str, str]:
+    """The workflow's inputs by their names folded (the first of two that fold the same), once per workflow."""
+    found = workflow.derived.get("inputs_by_folded_name")
+    if found is None:
+        found = {}
+        for name in workflow.query_inputs:
+            found.setdefault(_fold(name), name)
+        workflow.derived["inputs_by_folded_name"] = found   # whole: another thread may look at once
+    return found
 
 
 def _labelled_phrase(query: QueryInput, text: str, kind_labels: Sequence[str] = ()) -> Optional[str]:
@@ -6676,7 +6734,7 @@ def with_keepalives(texts: Iterator[Any], interval_seconds: float, stop: threadi
     """The texts, produced in a thread of their own, with a None each ``interval_seconds`` the
     turn is silent, so a long node does not let a proxy cut the stream. Closing this generator
     (the client is gone, or the reply is over) tells the producer to stop and waits for it."""
-    pipe: "queue.Queue[Any]" = queue.Queue()
+    pipe: "queue.SimpleQueue[Any]" = queue.SimpleQueue()   # unbounded, as Queue() was, and a C call per piece
     finished = object()
 
     def produce() -> None:
@@ -7067,10 +7125,13 @@ def _log_line(method: str, path: str, status: int, trace: Mapping[str, str], sta
     # The record log.info would make, made here: log.info would walk the stack to find this
     # function (findCaller) on every request, for fields the log line does not show.
     frame = sys._getframe()
-    log.handle(log.makeRecord(log.name, logging.INFO, frame.f_code.co_filename, frame.f_lineno,
-                              "%s %s model=%s conversation=%s status=%d %.0f ms",
-                              (method, path, trace.get("model", "-"), trace.get("conversation", "-"), status,
-                               (time.monotonic() - started) * 1000), None, "_log_line"))
+    try:
+        log.handle(log.makeRecord(log.name, logging.INFO, frame.f_code.co_filename, frame.f_lineno,
+                                  "%s %s model=%s conversation=%s status=%d %.0f ms",
+                                  (method, path, trace.get("model", "-"), trace.get("conversation", "-"), status,
+                                   (time.monotonic() - started) * 1000), None, "_log_line"))
+    finally:   # a frame kept in its own locals is a cycle: the request's frames, and all they hold, would
+        del frame   # wait for the garbage collector
 
 
 def _logged_when_done(stream: Iterator[bytes], method: str, path: str, trace: Mapping[str, str],
@@ -7486,6 +7547,9 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
             body["usage"] = None
         return b"data: " + json_text(body).encode() + b"\n\n"
 
+    # The chunks of the pieces differ only in their delta: the bytes around it are encoded once
+    # (chunk's own, split at a stand-in delta, the last string of the object), the delta per piece.
+    before, _, after = chunk("\0").rpartition(b'"\\u0000"')
     yield chunk({"role": "assistant", "content": ""})
     completion_chars = 0
     for item in fields:
@@ -7493,7 +7557,8 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
             yield b": keep-alive\n\n"
         elif item[1]:
             completion_chars += len(item[1])
-            yield chunk({item[0]: item[1]})
+            delta = f"{{{json_string(item[0])}: {json_string(item[1])}}}"   # json_text({field: text}), written out
+            yield before + delta.encode() + after
     yield chunk({}, "stop")
     if request.include_usage:
         usage = _usage(prompt_tokens, completion_chars)
@@ -7979,8 +8044,10 @@ def response_turn_request(request: ResponsesRequest) -> TurnRequest:
                                                _stored_fields(request, "", "", prompt_tokens).items()
                                                if key not in ("thinking", "answer", "created_at")})
 
+    request_ref = weakref.ref(turn_request)   # the request holds this function: held back, a cycle for the collector
+
     def saving(kept: Conversation, thinking: str, answer: str) -> None:
-        response_id = turn_request.response_id
+        response_id = request_ref().response_id   # type: ignore[union-attr]   (its turn holds it while it saves)
         response = kept.responses.get(response_id)
         if response is None:
             return
