@@ -44,13 +44,15 @@ Conversations live in memory, in a folder of JSON files (the default), or in Red
 or Valkey (``--store redis://host:6379/0``) for several instances on several
 machines; another store is a ``Store`` subclass (its docstring states the locking
 rule). Text the internal LLM writes for a person (questions, client tasks) is
-checked before it is shown, with a templated fallback.
+checked before it is shown, with a templated fallback, written in the user's
+language where the workflow gives its questions in it (``translations``).
 
 Limits: token counts in ``usage`` are estimates (about four characters a
 token); one choice per request (``n`` must be 1); the JSON store keeps one
 file per conversation in a directory, fine for thousands of chats on one
 machine; without an LLM the reader knows English, French, German, Spanish,
-Italian and Portuguese (one table each, in "Reading: the language tables").
+Italian and Portuguese (one table each, in "Reading: the language tables");
+the thinking block, and the reason a value is refused, are English.
 """
 
 from __future__ import annotations   # a type named before its section, as an argument, is not read at import
