@@ -6233,9 +6233,11 @@ OWN_WORDS: Mapping[str, frozenset] = MappingProxyType({
 
 def _language_by_its_words(text: str) -> Optional[str]:
     """For a message too short to tell by its common words ("Vorrei andare a Roma. Due
-    settimane a maggio"): the language whose own words it holds most, if one does."""
+    settimane a maggio", "que tempo faz?"): the language whose own words, and then common
+    words, it holds most, if one does."""
     words = _words(text)
-    counts = sorted(((sum(word in own for word in words), name) for name, own in OWN_WORDS.items()), reverse=True)
+    counts = sorted(((sum(2 * (word in own) + (word in LANGUAGE_WORDS[name]) for word in words), name)
+                     for name, own in OWN_WORDS.items()), reverse=True)   # a word of its own weighs more
     (best, name), (second, _) = counts[0], counts[1]
     return name if best >= 1 and best > second else None
 

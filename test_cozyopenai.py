@@ -3174,6 +3174,7 @@ def test_the_templated_question_is_in_the_users_language_when_the_workflow_gives
      "Ricevuto: destinazione Roma e date del viaggio Due settimane a maggio. Qual è il suo budget totale"),
     ("Lisboa em maio", "Entendido: datas da viagem maio. Ainda preciso de: destino e orçamento. Para onde"),
     ("Rome in May", "Got it: travel dates May."),
+    ("que tempo faz? vamos a Lisboa", "Entendido: destino Lisboa."),   # a common word and a word of its own
 ])
 def test_a_templated_reply_names_choices_in_the_users_language_and_tells_a_short_message_by_its_own_words(
         start, message, expected):
