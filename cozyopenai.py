@@ -2607,8 +2607,8 @@ WRITTEN_SENTENCES: Mapping[str, Tuple[str, ...]] = MappingProxyType({
 class Language:
     """One language's words, for the reader. Every field is words separated by spaces,
     written folded (lower case, no accents, no apostrophes: as the reader sees a message),
-    except ``months`` (twelve such lists) and the phrase fields (phrases separated by
-    commas). A field a language has no words for stays empty. The reader's logic names no
+    except ``months`` (twelve such lists), the phrase fields (phrases separated by commas)
+    and ``writes`` (sentences the server writes, as people read them). A field a language has no words for stays empty. The reader's logic names no
     word of any language: it reads only these tables, so adding a language is adding one
     Language to LANGUAGES (its entries are checked when the module loads)."""
     code: str
