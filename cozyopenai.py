@@ -2675,7 +2675,7 @@ class Language:
     ordinals: str = ""                  # ordinal words as "word:value", up to twelfth: "third:3" ("the third month")
     currency_words: str = ""
     rate_words: str = ""                # an amount before these and a unit is a rate: "50 euros a night"
-    limits: str = ""                    # beside a bare number, make it the most to spend: "1000 max", "max. 800"
+    limits: str = ""                    # beside a bare number, make it the amount: "1000 max", "1600 in totale"
     amount_leads: str = ""              # before a bare number of AMOUNT_LEAD_MIN or more, bring it: "con 1500"
     rate_units: str = ""                # besides time units: "per person"
     kind_words: Mapping[str, str] = field(default_factory=dict)   # the kind of an input, from its words
@@ -2756,7 +2756,7 @@ ENGLISH = Language(
               "thirteen:13 fourteen:14 fifteen:15 sixteen:16 seventeen:17 eighteen:18 nineteen:19 twenty:20 "
               "thirty:30 forty:40 fifty:50 sixty:60 seventy:70 eighty:80 ninety:90 hundred:100 thousand:1000 "
               "grand:1000",
-    limits="max maximum tops", amount_leads="with",
+    limits="max maximum tops total", amount_leads="with",
     rate_words="a an per each every",
     rate_units="person persons people head pax",
     kind_words={"email": "email e-mail", "url": "url urls link website webpage",
@@ -2797,7 +2797,7 @@ FRENCH = Language(
     time_units="jour jours journee nuit nuits semaine semaines mois quinzaine an ans annee annees",
     numbers="un une deux trois quatre cinq six sept huit neuf dix quinze quelques dizaine douzaine",
     qualifiers="debut mi milieu fin premier premiere premiers premieres deuxieme deuxiemes troisieme dernier "
-               "derniere derniers dernieres prochain prochaine prochains prochaines ce cet cette ces vient",
+               "derniere derniers dernieres prochain prochaine prochains prochaines ce cet cette ces vient tout",
     relatives="qui",
     range_openers="du de entre",
     range_links="du des au aux jusqu jusquau et le la les l d de en dans pour pendant qui apres avant vers entre",
@@ -2834,7 +2834,7 @@ FRENCH = Language(
               "douze:12 treize:13 quatorze:14 quinze:15 seize:16 vingt:20 vingts:20 trente:30 quarante:40 "
               "cinquante:50 soixante:60 septante:70 huitante:80 octante:80 nonante:90 quatre-vingt:80 "
               "quatre-vingts:80 cent:100 cents:100 mille:1000",
-    limits="max maximum", amount_leads="avec",
+    limits="max maximum total", amount_leads="avec",
     rate_words="par la le",
     rate_units="personne personnes",
     kind_words={"year": "an ans annee annees", "month": "mois", "place": "destination ville lieu pays", "date": "quand dates periode",
@@ -2876,7 +2876,7 @@ GERMAN = Language(
     numbers="ein eine einen zwei drei vier funf sechs sieben acht neun zehn vierzehn paar einige dutzend",
     qualifiers="anfang mitte ende erste ersten zweite zweiten dritte letzte letzten letztes nachste nachsten nachstes "
                "nachster kommende kommenden diese diesen dieses lang lange langes langen verlangerte verlangertes "
-               "verlangerten",
+               "verlangerten ganz ganzen ganze",
     range_openers="von vom zwischen ab",
     range_links="vom von bis zum zur und im am in der die das den des dem fur wahrend uber ubers um gegen vor zwischen",
     range_words="bis oder", and_words="und",
@@ -2912,7 +2912,7 @@ GERMAN = Language(
               "zehn:10 elf:11 zwolf:12 zwoelf:12 dreizehn:13 vierzehn:14 funfzehn:15 sechzehn:16 siebzehn:17 "
               "achtzehn:18 neunzehn:19 zwanzig:20 dreissig:30 vierzig:40 funfzig:50 sechzig:60 siebzig:70 "
               "achtzig:80 neunzig:90 hundert:100 tausend:1000",
-    limits="max maximal hochstens", amount_leads="mit",
+    limits="max maximal hochstens insgesamt", amount_leads="mit",
     rate_words="pro je",
     rate_units="person personen",
     kind_words={"year": "jahr jahre jahren", "month": "monat", "place": "wohin ziel reiseziel stadt ort",
@@ -2950,7 +2950,7 @@ SPANISH = Language(
     time_units="dia dias noche noches semana semanas finde findes mes meses quincena ano anos",
     numbers="un una uno unos unas dos tres cuatro cinco seis siete ocho nueve diez quince decena docena",
     qualifiers="principios mediados finales primera primer segunda segundo tercera ultima ultimo proximo "
-               "proxima este esta largo larga viene primeras primeros ultimas ultimos",
+               "proxima este esta largo larga viene primeras primeros ultimas ultimos todo",
     relatives="que",
     range_openers="del de desde entre",
     range_links="al del que desde hasta y el los las a de en despues antes hacia entre",
@@ -2989,7 +2989,7 @@ SPANISH = Language(
               "ochenta:80 noventa:90 cien:100 ciento:100 doscientos:200 doscientas:200 trescientos:300 "
               "cuatrocientos:400 quinientos:500 seiscientos:600 setecientos:700 ochocientos:800 "
               "novecientos:900 mil:1000",
-    limits="max maximo", amount_leads="con",
+    limits="max maximo total", amount_leads="con",
     rate_words="por la el",
     rate_units="persona personas",
     kind_words={"year": "ano anos", "month": "mes", "place": "destino ciudad lugar", "date": "cuando fechas fecha",
@@ -3027,7 +3027,7 @@ ITALIAN = Language(
     numbers="un uno una due tre quattro cinque sei sette otto nove dieci quindici qualche alcuni alcune decina "
             "dozzina",
     qualifiers="inizio meta fine prima primo seconda secondo terza prossimo prossima questo questa lungo "
-               "lunga viene prime primi ultime ultimi",
+               "lunga viene prime primi ultime ultimi tutto",
     relatives="che",
     range_openers="dal dai da tra fra",
     range_links="al dal dai fino e il lo di del nel nella per durante a dopo verso tra fra",
@@ -3065,9 +3065,9 @@ ITALIAN = Language(
               "diciannove:19 venti:20 vent:20 trenta:30 trent:30 quaranta:40 quarant:40 cinquanta:50 "
               "cinquant:50 sessanta:60 sessant:60 settanta:70 settant:70 ottanta:80 ottant:80 novanta:90 "
               "novant:90 cento:100 mille:1000 mila:1000",
-    limits="max massimo", amount_leads="con",
+    limits="max massimo totale", amount_leads="con",
     rate_words="a al per",
-    rate_units="persona persone",
+    rate_units="persona persone testa",
     kind_words={"year": "anno anni", "month": "mese", "place": "destinazione meta citta luogo",
                 "date": "quando date periodo",
                 "money": "budget prezzo"},
@@ -3103,7 +3103,7 @@ PORTUGUESE = Language(
     time_units="dia dias noite noites semana semanas mes meses quinzena ano anos",
     numbers="um uma uns umas dois duas tres quatro cinco seis sete oito nove dez quinze alguns algumas dezena duzia",
     qualifiers="inicio meados fim final primeira primeiro segunda segundo terceira ultima ultimo proximo "
-               "proxima este esta longo longa vem primeiras primeiros ultimas ultimos",
+               "proxima este esta longo longa vem primeiras primeiros ultimas ultimos todo",
     relatives="que",
     range_openers="de do da entre desde",
     range_links="de do da dos das a ao ate e em no na depois antes entre",
@@ -3141,7 +3141,7 @@ PORTUGUESE = Language(
               "cinquenta:50 sessenta:60 setenta:70 oitenta:80 noventa:90 cem:100 cento:100 duzentos:200 "
               "duzentas:200 trezentos:300 quatrocentos:400 quinhentos:500 seiscentos:600 setecentos:700 "
               "oitocentos:800 novecentos:900 mil:1000",
-    limits="max maximo", amount_leads="com",
+    limits="max maximo total", amount_leads="com",
     rate_words="por a o",
     rate_units="pessoa pessoas",
     kind_words={"year": "ano anos", "month": "mes", "place": "destino cidade lugar", "date": "quando datas",
@@ -4905,6 +4905,9 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     taken_tokens |= money_tokens
     for query in workflow.query_inputs.values():
         kind, is_open = kinds[query.name], query.name not in conversation.values or changing
+        # A message that is only a period gives the dates again, as a choice alone does ("deux
+        # semaines en juillet" after "cet été").
+        is_open = is_open or (kind == "date" and _only_a_period(tokens, periods))
         if query.type in STRING_TYPES and kind in ("place", "text"):
             leads = query.derived.get("cue_leads")
             if leads is None:   # the last word of each cue, once per input
@@ -4965,6 +4968,15 @@ def _read_spans(workflow: Workflow, conversation: Conversation, text: str, readi
     _read_bounded_number(workflow, conversation, tokens, taken_tokens, reading)
 
 
+def _only_a_period(tokens: Sequence[Token], periods: Sequence[Span]) -> bool:
+    """Is the message one period and nothing else, marks and the word leading into it aside?"""
+    if len(periods) != 1:
+        return False
+    span = periods[0]
+    return not any(token.shape != "mark" and not (index < span.start and _leads_into_period(tokens, index))
+                   for index, token in enumerate(tokens) if not span.start <= index < span.end)
+
+
 def _limited_amount(tokens: Sequence[Token], taken: set) -> List[Span]:
     """A bare number with a word that makes it the most to spend ("1000 max", "max. 800"), or
     after one that brings it ("viaje a Lima en junio con 1500")."""
@@ -4975,7 +4987,8 @@ def _limited_amount(tokens: Sequence[Token], taken: set) -> List[Span]:
         if token.shape != "number" or index in taken or (_number_or_none(token.folded) or 0) < LISTED_AMOUNT_MIN:
             continue   # "max 1.2.3" is no number, "kids max 2" no budget
         following = tokens[index + 1] if index + 1 < len(tokens) else None
-        after = following is not None and following.folded in LIMITS
+        after = following is not None and (following.folded in LIMITS or (   # "1600 in totale", "2000 au total"
+            following.folded in TIME_LINKS | ARTICLES and index + 2 < len(tokens) and tokens[index + 2].folded in LIMITS))
         previous = index - 2 if index >= 2 and tokens[index - 1].text in ".:" else index - 1   # "max. 800"
         led = previous >= 0 and tokens[previous].folded in AMOUNT_LEADS and (   # "con 1500", not "con 150 alumnos"
             (_number_or_none(token.folded) or 0) >= AMOUNT_LEAD_MIN and not _clause_is_question(tokens, index))

@@ -2700,6 +2700,18 @@ def test_a_range_of_days_is_the_period_without_a_count_or_a_time_that_says_it_ag
     assert read(trip_planner, text) == expected
 
 
+@pytest.mark.parametrize("known, text, expected", [
+    ({}, "tutto agosto, veniamo con i bambini", {"travel_dates": "tutto agosto", "children": True}),
+    ({}, "Amsterdam 22/04-26/04, 800€ a testa e siamo in due quindi 1600 in totale",
+     {"travel_dates": "22/04-26/04", "budget": 1600}),
+    ({}, "2000 au total pour Rome", {"destination": "Rome", "budget": 2000}),
+    ({"travel_dates": "cet été"}, "deux semaines en juillet", {"travel_dates": "deux semaines en juillet"}),
+    ({"travel_dates": "cet été"}, "3000 euros, deux semaines en juillet", {"budget": 3000}),   # not a period alone
+])
+def test_a_whole_part_a_total_and_a_message_that_is_only_a_period_are_read(trip_planner, known, text, expected):
+    assert read(trip_planner, text, known) == expected
+
+
 def test_a_quoted_block_of_label_lines_gives_only_what_the_users_own_words_leave_open(trip_planner):
     pasted = "Hier die Eckdaten aus unserer Mail:\n> Ziel: Kopenhagen\n> Reisezeit: 22.–26.09.\n> Budget: 1.500 EUR"
     assert read(trip_planner, pasted) == {"destination": "Kopenhagen", "travel_dates": "22.–26.09.", "budget": 1500}
