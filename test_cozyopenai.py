@@ -2741,6 +2741,7 @@ def test_a_value_said_again_after_its_correction_stands_and_one_talked_about_aft
     ({"budget": 6000}, "in realtà 6500, ho ricontrollato", {"budget": 6500}),
     ({"budget": 800}, "ops, quis dizer 1800", {"budget": 1800}),
     ({"budget": 800}, "actually 4", {}),
+    ({"budget": 600}, "Korrektur: 800€, hab mich vertippt", {"budget": 800}),
     ({"budget": 2000, "travel_dates": "May 2026"}, "wait, 2027 not 2026", {}),
     ({"budget": 2000}, "in realtà 2027", {}), ({"budget": 2000}, "wait, 300 not 200 people", {}),
     ({}, "I want to go to Rome in May because my sister went there", {"destination": "Rome", "travel_dates": "May"}),
