@@ -1219,7 +1219,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     (runs by outcome, failed nodes by type).
     """
     node_types = NODE_TYPES if node_types is None else node_types
-    stop = stop or threading.Event()
+    stop = stop or StopSignal()
     outputs: Dict[str, Any] = {}
     waiting = {node.id: node.dependencies() for node in workflow.nodes}
     finished: Optional["queue.SimpleQueue[RunEvent]"] = None   # made only when nodes run side by side
@@ -1362,7 +1362,42 @@ def _input_value(workflow: Workflow, node: Node, name: str, value: Any,
     return value
 
 
-class HangUpAwareEvent(threading.Event):
+class StopSignal:
+    """A turn's stop signal: threading.Event's is_set, set, clear and wait, for less. A turn
+    sets it and looks at it, but seldom waits on it (a node that sleeps, a stream's LLM call):
+    the Event, with its Condition and lock (some 30,000 instructions made and set twice), is
+    made only for the first wait."""
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._event: Optional[threading.Event] = None   # made by the first wait
+        self._making = threading.Lock()                  # so two first waiters share one Event
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        self._flag = True   # before the Event is read: a waiter that made it after looks at the flag again
+        if self._event is not None:
+            self._event.set()
+
+    def clear(self) -> None:
+        self._flag = False
+        if self._event is not None:
+            self._event.clear()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if self._flag:
+            return True
+        with self._making:
+            if self._event is None:
+                self._event = threading.Event()
+        if self._flag:   # set while the Event was being made, before set() could see it
+            return True
+        return self._event.wait(timeout) or self._flag
+
+
+class HangUpAwareEvent(StopSignal):
     """The turn's stop signal. It also turns set when the client has closed its connection,
     which the runner checks before starting each node: nothing new starts for no one."""
 
@@ -1374,11 +1409,11 @@ class HangUpAwareEvent(threading.Event):
     def is_set(self) -> bool:
         # A system call per check would cost every fast turn under load: look at the socket
         # at most every HANGUP_CHECK_SECONDS, and never in a turn quicker than that.
-        if not super().is_set() and self._connection is not None and time.monotonic() >= self._next_check:
+        if not self._flag and self._connection is not None and time.monotonic() >= self._next_check:
             self._next_check = time.monotonic() + HANGUP_CHECK_SECONDS
             if _peer_closed(self._connection):
                 self.set()
-        return super().is_set()
+        return self._flag
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """As Event.wait, and a hang-up ends the wait too (a node that waits on the stop signal
@@ -6474,7 +6509,7 @@ class TurnContext:
     text: str
     llm: Optional[LLMClient]
     node_types: Mapping[str, NodeType]
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=StopSignal)
     restored: Optional[Mapping[str, Any]] = None   # values read again from the history (unknown id)
     branch: str = ""                               # "earlier" (an older reply continued) or "new chat"
     answer: Optional[str] = None                   # the workflow's answer, when it ran
@@ -6808,7 +6843,7 @@ class Service:
         trace = {} if trace is None else trace
         trace["model"] = workflow.name
         self._expire_now_and_then()
-        turn = Turn(self, workflow, request, stop or threading.Event(), trace)
+        turn = Turn(self, workflow, request, stop or StopSignal(), trace)
         try:
             turn.open()
         except BaseException:
