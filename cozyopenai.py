@@ -352,7 +352,11 @@ class Node:
     timeout_seconds: Optional[float] = None    # the run fails if the node takes longer
 
     def dependencies(self) -> set:
-        return {value.node for value in self.inputs.values() if isinstance(value, Link)}
+        return set(self._links)   # a new set: the runner crosses them off as their nodes finish
+
+    @cached_property
+    def _links(self) -> AbstractSet[str]:   # the nodes it takes inputs from: its inputs never change, and every run asks
+        return frozenset(value.node for value in self.inputs.values() if isinstance(value, Link))
 
 
 class FunctionFinder:
@@ -422,6 +426,10 @@ class Workflow:
 
     def answer_source(self) -> Optional[str]:
         """The node whose whole output is the answer; its tokens may stream straight out."""
+        return self._answer_source
+
+    @cached_property
+    def _answer_source(self) -> Optional[str]:   # worked out once: every run asks
         text = self.node(self.output_node).inputs.get("text")
         return text.node if isinstance(text, Link) and not text.path else None
 
