@@ -2602,10 +2602,14 @@ def find_conversation_ids(messages: Sequence[dict]) -> List[str]:
 
 def split_new_messages(messages: Sequence[dict]) -> Tuple[List[dict], str]:
     """(earlier turns, cleaned for context; the user text sent after the last assistant reply)."""
-    last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    earlier = [{"role": m["role"], "content": clean_reply(m["content"]) if m["role"] == "assistant" else m["content"]}
-               for m in messages[:last_assistant + 1] if m["role"] in ("user", "assistant")]
-    new = "\n".join(m["content"] for m in messages[last_assistant + 1:] if m["role"] == "user").strip()
+    # Every turn comes here, most with one message: plain loops, and nothing made for a new chat's empty past.
+    last_assistant = len(messages) - 1   # the last reply, looked for from the end
+    while last_assistant >= 0 and messages[last_assistant]["role"] != "assistant":
+        last_assistant -= 1
+    earlier = [] if last_assistant < 0 else [
+        {"role": m["role"], "content": clean_reply(m["content"]) if m["role"] == "assistant" else m["content"]}
+        for m in messages[:last_assistant + 1] if m["role"] in ("user", "assistant")]
+    new = "\n".join([m["content"] for m in messages[last_assistant + 1:] if m["role"] == "user"]).strip()
     return earlier, new
 
 
