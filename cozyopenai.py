@@ -2046,6 +2046,9 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(" ".join(text.split()).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+NO_TEXT_DIGEST = text_digest("")
+
+
 def reply_digest(text: str) -> str:
     """An assistant reply as clients send it back: without the thinking block (Open WebUI
     strips it) or the identifier block, whitespace collapsed."""
@@ -2077,7 +2080,8 @@ def users_digest(messages: Sequence[dict]) -> Tuple[str, str]:
     """The digests of the user turns of ``messages``, with and without the last, as
     replies_in computes them for a reply that follows them."""
     digests = [text_digest(turn) for turn in user_turns(messages)]   # each turn's once, for both
-    return text_digest(" ".join(digests)), text_digest(" ".join(digests[:-1]))
+    before = digests[:-1]   # none on a chat's first turn: the digest of no text, worked out once
+    return text_digest(" ".join(digests)), text_digest(" ".join(before)) if before else NO_TEXT_DIGEST
 
 
 def new_response_id(conversation_id: str) -> str:
