@@ -352,7 +352,11 @@ class Node:
     timeout_seconds: Optional[float] = None    # the run fails if the node takes longer
 
     def dependencies(self) -> set:
-        return {value.node for value in self.inputs.values() if isinstance(value, Link)}
+        return set(self._links)   # a new set: the runner crosses them off as their nodes finish
+
+    @cached_property
+    def _links(self) -> AbstractSet[str]:   # the nodes it takes inputs from: its inputs never change, and every run asks
+        return frozenset(value.node for value in self.inputs.values() if isinstance(value, Link))
 
 
 class FunctionFinder:
@@ -422,6 +426,10 @@ class Workflow:
 
     def answer_source(self) -> Optional[str]:
         """The node whose whole output is the answer; its tokens may stream straight out."""
+        return self._answer_source
+
+    @cached_property
+    def _answer_source(self) -> Optional[str]:   # worked out once: every run asks
         text = self.node(self.output_node).inputs.get("text")
         return text.node if isinstance(text, Link) and not text.path else None
 
@@ -1219,7 +1227,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     (runs by outcome, failed nodes by type).
     """
     node_types = NODE_TYPES if node_types is None else node_types
-    stop = stop or threading.Event()
+    stop = stop or StopSignal()
     outputs: Dict[str, Any] = {}
     waiting = {node.id: node.dependencies() for node in workflow.nodes}
     finished: Optional["queue.SimpleQueue[RunEvent]"] = None   # made only when nodes run side by side
@@ -1362,7 +1370,42 @@ def _input_value(workflow: Workflow, node: Node, name: str, value: Any,
     return value
 
 
-class HangUpAwareEvent(threading.Event):
+class StopSignal:
+    """A turn's stop signal: threading.Event's is_set, set, clear and wait, for less. A turn
+    sets it and looks at it, but seldom waits on it (a node that sleeps, a stream's LLM call):
+    the Event, with its Condition and lock (some 30,000 instructions made and set twice), is
+    made only for the first wait."""
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._event: Optional[threading.Event] = None   # made by the first wait
+        self._making = threading.Lock()                  # so two first waiters share one Event
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        self._flag = True   # before the Event is read: a waiter that made it after looks at the flag again
+        if self._event is not None:
+            self._event.set()
+
+    def clear(self) -> None:
+        self._flag = False
+        if self._event is not None:
+            self._event.clear()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if self._flag:
+            return True
+        with self._making:
+            if self._event is None:
+                self._event = threading.Event()
+        if self._flag:   # set while the Event was being made, before set() could see it
+            return True
+        return self._event.wait(timeout) or self._flag
+
+
+class HangUpAwareEvent(StopSignal):
     """The turn's stop signal. It also turns set when the client has closed its connection,
     which the runner checks before starting each node: nothing new starts for no one."""
 
@@ -1374,11 +1417,11 @@ class HangUpAwareEvent(threading.Event):
     def is_set(self) -> bool:
         # A system call per check would cost every fast turn under load: look at the socket
         # at most every HANGUP_CHECK_SECONDS, and never in a turn quicker than that.
-        if not super().is_set() and self._connection is not None and time.monotonic() >= self._next_check:
+        if not self._flag and self._connection is not None and time.monotonic() >= self._next_check:
             self._next_check = time.monotonic() + HANGUP_CHECK_SECONDS
             if _peer_closed(self._connection):
                 self.set()
-        return super().is_set()
+        return self._flag
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """As Event.wait, and a hang-up ends the wait too (a node that waits on the stop signal
@@ -2003,6 +2046,9 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(" ".join(text.split()).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+NO_TEXT_DIGEST = text_digest("")
+
+
 def reply_digest(text: str) -> str:
     """An assistant reply as clients send it back: without the thinking block (Open WebUI
     strips it) or the identifier block, whitespace collapsed."""
@@ -2034,7 +2080,8 @@ def users_digest(messages: Sequence[dict]) -> Tuple[str, str]:
     """The digests of the user turns of ``messages``, with and without the last, as
     replies_in computes them for a reply that follows them."""
     digests = [text_digest(turn) for turn in user_turns(messages)]   # each turn's once, for both
-    return text_digest(" ".join(digests)), text_digest(" ".join(digests[:-1]))
+    before = digests[:-1]   # none on a chat's first turn: the digest of no text, worked out once
+    return text_digest(" ".join(digests)), text_digest(" ".join(before)) if before else NO_TEXT_DIGEST
 
 
 def new_response_id(conversation_id: str) -> str:
@@ -2559,10 +2606,14 @@ def find_conversation_ids(messages: Sequence[dict]) -> List[str]:
 
 def split_new_messages(messages: Sequence[dict]) -> Tuple[List[dict], str]:
     """(earlier turns, cleaned for context; the user text sent after the last assistant reply)."""
-    last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    earlier = [{"role": m["role"], "content": clean_reply(m["content"]) if m["role"] == "assistant" else m["content"]}
-               for m in messages[:last_assistant + 1] if m["role"] in ("user", "assistant")]
-    new = "\n".join(m["content"] for m in messages[last_assistant + 1:] if m["role"] == "user").strip()
+    # Every turn comes here, most with one message: plain loops, and nothing made for a new chat's empty past.
+    last_assistant = len(messages) - 1   # the last reply, looked for from the end
+    while last_assistant >= 0 and messages[last_assistant]["role"] != "assistant":
+        last_assistant -= 1
+    earlier = [] if last_assistant < 0 else [
+        {"role": m["role"], "content": clean_reply(m["content"]) if m["role"] == "assistant" else m["content"]}
+        for m in messages[:last_assistant + 1] if m["role"] in ("user", "assistant")]
+    new = "\n".join([m["content"] for m in messages[last_assistant + 1:] if m["role"] == "user"]).strip()
     return earlier, new
 
 
@@ -6487,7 +6538,7 @@ class TurnContext:
     text: str
     llm: Optional[LLMClient]
     node_types: Mapping[str, NodeType]
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=StopSignal)
     restored: Optional[Mapping[str, Any]] = None   # values read again from the history (unknown id)
     branch: str = ""                               # "earlier" (an older reply continued) or "new chat"
     answer: Optional[str] = None                   # the workflow's answer, when it ran
@@ -6821,7 +6872,7 @@ class Service:
         trace = {} if trace is None else trace
         trace["model"] = workflow.name
         self._expire_now_and_then()
-        turn = Turn(self, workflow, request, stop or threading.Event(), trace)
+        turn = Turn(self, workflow, request, stop or StopSignal(), trace)
         try:
             turn.open()
         except BaseException:
