@@ -2659,9 +2659,10 @@ class Language:
     """One language's words, for the reader. Every field is words separated by spaces,
     written folded (lower case, no accents, no apostrophes: as the reader sees a message),
     except ``months`` (twelve such lists), the phrase fields (phrases separated by commas)
-    and ``writes`` (sentences the server writes, as people read them). A field a language has no words for stays empty. The reader's logic names no
-    word of any language: it reads only these tables, so adding a language is adding one
-    Language to LANGUAGES (its entries are checked when the module loads)."""
+    and ``writes`` (sentences the server writes, as people read them). A field a language
+    has no words for stays empty. The reader's logic names no word of any language: it reads
+    only these tables, so adding a language is adding one Language to LANGUAGES (its entries
+    are checked when the module loads)."""
     code: str
     name: str = ""                      # as a question names it: "English"
     function_words: str = ""            # common words that tell the language of a text apart
@@ -3391,10 +3392,16 @@ SEASONS = words_of("seasons")
 TIME_NAMES = words_of("weekdays") | SEASONS | MONTHS.keys() | COMPOUND_TIMES
 TIME_PHRASES, APPROXIMATIONS = phrases_of("time_phrases"), phrases_of("approximations")
 CONCLUSIONS = phrases_of("conclusions")
-CONCLUSIONS_BY_FIRST_WORD: Mapping[str, Tuple[Tuple[str, ...], ...]] = MappingProxyType({
-    first: tuple(phrase for phrase in CONCLUSIONS if phrase[0] == first) for first in {p[0] for p in CONCLUSIONS}})
-TIME_PHRASES_BY_FIRST_WORD: Mapping[str, Tuple[Tuple[str, ...], ...]] = MappingProxyType({
-    first: tuple(phrase for phrase in TIME_PHRASES if phrase[0] == first) for first in {p[0] for p in TIME_PHRASES}})
+
+
+def by_first_word(phrases: Sequence[Tuple[str, ...]]) -> Mapping[str, Tuple[Tuple[str, ...], ...]]:
+    """Phrases by their first word, each word's in the order given (longest first)."""
+    return MappingProxyType({first: tuple(phrase for phrase in phrases if phrase[0] == first)
+                             for first in {phrase[0] for phrase in phrases}})
+
+
+CONCLUSIONS_BY_FIRST_WORD = by_first_word(CONCLUSIONS)
+TIME_PHRASES_BY_FIRST_WORD = by_first_word(TIME_PHRASES)
 UNCERTAIN_TIMES, SEASON_NOUNS, HOLIDAYS = words_of("uncertain_times"), words_of("season_nouns"), words_of("holiday_words")
 TIME_UNITS, COUNT_WORDS, QUALIFIERS = words_of("time_units"), words_of("numbers"), words_of("qualifiers")
 RELATIVES, PAST, REASONS = words_of("relatives"), words_of("past"), words_of("reasons")
@@ -3410,8 +3417,8 @@ NEGATIONS, CONTRASTS, PREFERENCES = words_of("negations"), words_of("contrasts")
 WISHES, CHANGES, EXCESS = words_of("wishes"), words_of("changes"), words_of("excess")
 EXCEPTS, EXCEPT_OPENERS = words_of("except_words"), words_of("except_openers")
 ALTERNATIVES, NAME_JOINERS = words_of("alternatives"), words_of("name_joiners")
-HEDGE_PHRASES = phrases_of("hedges")
-HEDGES = frozenset(word for phrase in HEDGE_PHRASES for word in phrase)
+HEDGES_BY_FIRST_WORD = by_first_word(phrases_of("hedges"))
+HEDGES = frozenset(word for phrases in HEDGES_BY_FIRST_WORD.values() for phrase in phrases for word in phrase)
 NAME_STARTS, NAME_ENDS = words_of("name_starts"), words_of("name_ends")
 CONFIRMATIONS, NON_ANSWERS, CANCELS = words_of("confirmations"), words_of("non_answers"), words_of("cancels")
 SENTENCE_STARTS, PHRASE_STARTS = words_of("sentence_starts") | words_of("greetings"), words_of("phrase_starts")
@@ -3843,7 +3850,7 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     pasted from one of our earlier replies. Amounts in words are put in digits ("deux mille")."""
     text = within_reading_limit(text)
     text = CODE_FENCE_PATTERN.sub("\n", INVISIBLE_PATTERN.sub("", text))
-    ours = [" ".join(_fold(message["content"]).split()) for message in history if message.get("role") == "assistant"]
+    ours = _our_replies(history)
     if not ours and ">" not in text and not (QUOTE_OPENERS.search(text) and QUOTED_PASSAGE_PATTERN.search(text)):
         return numbers_as_digits(text.strip())   # no line is context (the common case): none to look at one by one
     kept = []
@@ -3855,6 +3862,11 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
             line = QUOTED_PASSAGE_PATTERN.sub(_without_a_long_passage, line)
         kept.append(line)
     return numbers_as_digits("\n".join(kept).strip())
+
+
+def _our_replies(history: Sequence[dict]) -> List[str]:
+    """Our earlier replies, folded and with their spaces collapsed, as a pasted line is compared with them."""
+    return [" ".join(_fold(message["content"]).split()) for message in history if message.get("role") == "assistant"]
 
 
 def valid_text(text: str) -> str:
@@ -4303,12 +4315,20 @@ def _hedges_in(tokens: Sequence[Token], first: int, last: int) -> int:
     "tal" of "¿qué tal Tulum?")."""
     covered, start = 0, first
     while start < last:
-        size = next((len(phrase) for phrase in HEDGE_PHRASES if start + len(phrase) <= last and tuple(
-            token.folded for token in tokens[start:start + len(phrase)]) == phrase), 0) if tokens[
-            start].folded in HEDGES else 0
+        size = _phrase_at(tokens, start, last, HEDGES_BY_FIRST_WORD)
         covered += size
         start += size or 1
     return covered
+
+
+def _phrase_at(tokens: Sequence[Token], start: int, last: int,
+               phrases: Mapping[str, Tuple[Tuple[str, ...], ...]]) -> int:
+    """The length of the first of ``phrases`` (by_first_word's) that tokens [start, last)
+    open with, or 0."""
+    for phrase in phrases.get(tokens[start].folded, ()):
+        if start + len(phrase) <= last and tuple(token.folded for token in tokens[start:start + len(phrase)]) == phrase:
+            return len(phrase)
+    return 0
 
 
 def _conclusions_in(tokens: Sequence[Token], first: int, end: int) -> List[Tuple[int, int]]:
@@ -4318,10 +4338,9 @@ def _conclusions_in(tokens: Sequence[Token], first: int, end: int) -> List[Tuple
     if isinstance(tokens, Tokens) and CONCLUSIONS_BY_FIRST_WORD.keys().isdisjoint(tokens.where):
         return found   # none in the message: nothing to look for
     for start in range(first, end):
-        for phrase in CONCLUSIONS_BY_FIRST_WORD.get(tokens[start].folded, ()):
-            if tuple(token.folded for token in tokens[start:start + len(phrase)]) == phrase:
-                found.append((start, len(phrase)))
-                break
+        size = _phrase_at(tokens, start, len(tokens), CONCLUSIONS_BY_FIRST_WORD)   # it may end past ``end``
+        if size:
+            found.append((start, size))
     return found
 
 
@@ -4755,7 +4774,7 @@ def _quoted_label_lines(workflow: Workflow, text: str, history: Sequence[dict]) 
     found: Dict[str, str] = {}
     if ">" not in text:
         return found
-    ours = [" ".join(_fold(message["content"]).split()) for message in history if message.get("role") == "assistant"]
+    ours = _our_replies(history)
     for line in INVISIBLE_PATTERN.sub("", within_reading_limit(text)).split("\n"):
         quoted = re.match(r"\s*>[>\s]*(.*)", line)
         labelled = quoted and LINE_VALUE_PATTERN.fullmatch(quoted.group(1))
@@ -4764,7 +4783,7 @@ def _quoted_label_lines(workflow: Workflow, text: str, history: Sequence[dict]) 
             continue   # nor a form's empty line ("> destination: ...")
         name = _input_named(workflow, labelled.group(1))
         if name and name not in found:
-            found[name] = _before_another_label(workflow, name, _first_sentence(labelled.group(2)))
+            found[name] = _line_value(workflow, name, labelled.group(2))
     return found
 
 
@@ -4805,8 +4824,7 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
     for key, value in LINE_VALUE_PATTERN.findall(text):
         name = _input_named(workflow, key)
         if name:   # the marks of a quotation the line was in are not the value's: "When: 3-9 March""
-            value = _before_another_label(workflow, name, _first_sentence(value.strip(QUOTATION_MARKS) or value))
-            reading.add(name, 3, numbers.get(name, value))
+            reading.add(name, 3, numbers.get(name, _line_value(workflow, name, value.strip(QUOTATION_MARKS) or value)))
     for query in workflow.query_inputs.values():
         if query.name in reading.candidates:
             continue
@@ -4818,6 +4836,11 @@ def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
                 found = _period_from(reading.tokens, found)
             if found:
                 reading.add(query.name, 3, found)
+
+
+def _line_value(workflow: Workflow, name: str, value: str) -> str:
+    """What a ``label: value`` line gives its input: its first sentence, up to another input's label."""
+    return _before_another_label(workflow, name, _first_sentence(value))
 
 
 def _before_another_label(workflow: Workflow, name: str, value: str) -> str:
@@ -5828,13 +5851,9 @@ def _input_named(workflow: Workflow, key: str) -> Optional[str]:
     named_so = _inputs_by_folded_name(workflow).get(wanted)
     if named_so is not None:
         return named_so
-    translated = workflow.derived.get("translated_labels")
-    if translated is None:   # its label in another language: "dates du voyage"; worked out once
-        translated = workflow.derived["translated_labels"] = {
-            tuple(_words(text.label)): name for name, query in workflow.query_inputs.items()
-            for text in query.translations.values() if text.label}
-    if tuple(_words(key)) in translated:
-        return translated[tuple(_words(key))]
+    translated = _inputs_by_translated_label(workflow).get(tuple(_words(key)))   # "dates du voyage"
+    if translated is not None:
+        return translated
     words = set(_words(key))
     # A word of the input's kind, in any language: "where", "when", "Ziel", "fechas", "presupuesto".
     named = [name for name, query in workflow.query_inputs.items()
@@ -5855,6 +5874,16 @@ def _inputs_by_folded_name(workflow: Workflow) -> Dict[str, str]:
         for name in workflow.query_inputs:
             found.setdefault(_fold(name), name)
         workflow.derived["inputs_by_folded_name"] = found   # whole: another thread may look at once
+    return found
+
+
+def _inputs_by_translated_label(workflow: Workflow) -> Dict[Tuple[str, ...], str]:
+    """The workflow's inputs by the words of their labels in other languages, once per workflow."""
+    found = workflow.derived.get("inputs_by_translated_label")
+    if found is None:
+        found = workflow.derived["inputs_by_translated_label"] = {
+            tuple(_words(text.label)): name for name, query in workflow.query_inputs.items()
+            for text in query.translations.values() if text.label}
     return found
 
 
@@ -6322,11 +6351,10 @@ def question_offline(workflow: Workflow, missing: Sequence[QueryInput], understo
                      language: Language = ENGLISH) -> str:
     """A templated question for the first missing input, naming the rest; "which one?" when
     the message named several values for it. In ``language`` (see reply_language)."""
-    writes, code = language.writes, language.code
+    writes, code, inputs = language.writes, language.code, workflow.query_inputs
     def label(name: str) -> str:
-        return workflow.query_inputs[name].label_in(code)
+        return inputs[name].label_in(code)
     parts = []
-    inputs = workflow.query_inputs
     if understood:
         parts.append(writes["understood"].format(values=_and_list(
             [writes["value"].format(label=label(name), value=_shown_in(value, language, inputs[name]))
