@@ -4846,6 +4846,8 @@ def _line_value(workflow: Workflow, name: str, value: str) -> str:
 def _before_another_label(workflow: Workflow, name: str, value: str) -> str:
     """A line's value up to the comma before another input's label: "3-9 mars, budget 1200"
     is "3-9 mars", "Berlin, Einheiten: Fahrenheit" is "Berlin"."""
+    if "," not in value and ";" not in value:   # the common line: nothing to split, nothing to look up
+        return value
     parts = re.split(r"([,;])", value)
     for k in range(2, len(parts), 2):
         words = parts[k].split()
@@ -5844,10 +5846,13 @@ def field_value(query: QueryInput, raw: Any) -> Any:
     return coerce_value(query, text)
 
 
+LABEL_SEPARATORS_PATTERN = re.compile(r"[\s\-]+")   # "travel dates", "travel-dates": travel_dates
+
+
 def _input_named(workflow: Workflow, key: str) -> Optional[str]:
     """The input a label names: its name ("travel_dates", "travel dates"), its label in
     another language, or words of its label that name no other input ("dates")."""
-    wanted = re.sub(r"[\s\-]+", "_", _fold(key).strip())
+    wanted = LABEL_SEPARATORS_PATTERN.sub("_", _fold(key).strip())
     named_so = _inputs_by_folded_name(workflow).get(wanted)
     if named_so is not None:
         return named_so
@@ -7066,8 +7071,7 @@ class Turn:
             conversation.answer_request(self._digest, thinking, answer, key)
         conversation.updated = time.time()
         self.service.store.save(conversation.id, conversation.to_record())
-        self.service.metrics.add("turns_total", model=workflow.name)
-        self.service.metrics.observe("turn_seconds", time.time() - self._arrived, model=workflow.name)
+        self.service.metrics.count_turn(workflow.name, time.time() - self._arrived)
 
 
     def _save_repeat(self) -> None:
@@ -9418,6 +9422,15 @@ class Metrics:
         keyed = self._labelled(labels)
         with self._lock:   # the sum and the count together
             for key, amount in (((name + "_sum", keyed), seconds), ((name + "_count", keyed), 1)):
+                self._values[key] = self._values.get(key, 0.0) + amount
+
+    def count_turn(self, model: str, seconds: float) -> None:
+        """A turn answered: turns_total and turn_seconds at once, under one hold of the lock
+        (every turn counts these, so they are not worth add's and observe's generality)."""
+        labelled = (("model", model),)
+        with self._lock:
+            for key, amount in ((("turns_total", labelled), 1), (("turn_seconds_sum", labelled), seconds),
+                                (("turn_seconds_count", labelled), 1)):
                 self._values[key] = self._values.get(key, 0.0) + amount
 
     @staticmethod
