@@ -4739,13 +4739,14 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     as sent: it is cleaned here, once (user_words), and ``reading.tokens.text`` is what was read."""
     long = len(text) > READ_MAX_CHARS
     sent, text = text, user_words(text, history)
-    extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(_fold(text)) else "provide")
+    folded = _fold(text)   # once: the cancel words and the labelled numbers are both found in it
+    extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(folded) else "provide")
     if long:
         extraction.notes.append(LONG_MESSAGE_NOTE)
     reading = Reading(tokens=tokenize(text))
     if extraction.intent == "cancel":
         return extraction, reading
-    _read_labels(workflow, text, reading)
+    _read_labels(workflow, text, folded, reading)
     labelled = bool(reading.candidates)
     if _spans_change_nothing(workflow, text, reading):   # "word: hello\ncount: 3"
         _read_topics(workflow, conversation, reading)
@@ -4813,11 +4814,11 @@ def _read_topics(workflow: Workflow, conversation: Conversation, reading: Readin
             _read_polarity(reading.tokens, query, reading)
 
 
-def _read_labels(workflow: Workflow, text: str, reading: Reading) -> None:
+def _read_labels(workflow: Workflow, text: str, folded: str, reading: Reading) -> None:
     """``name: value`` lines, and a value right after a label: "budget 2000", "destination
     Paris". For a number, the number right after its label: "budget: 1500, and we might
-    spend 2000 on flights" is 1500."""
-    folded = _fold(text)   # numbers are ASCII: found in the folded text, they read the same
+    spend 2000 on flights" is 1500. ``folded`` is _fold(text): numbers are ASCII, so found in
+    the folded text they read the same."""
     numbers = {name: match.group(1) for name, pattern in _labelled_number_patterns(workflow).items()
                for match in [pattern.search(folded)] if match
                and not _linked_out_of_bounds(workflow.query_inputs[name], match)}
