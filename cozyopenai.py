@@ -9420,18 +9420,22 @@ class Metrics:
             self._values[key] = self._values.get(key, 0.0) + amount
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
-        keyed = self._labelled(labels)
-        with self._lock:   # the sum and the count together
-            for key, amount in (((name + "_sum", keyed), seconds), ((name + "_count", keyed), 1)):
-                self._values[key] = self._values.get(key, 0.0) + amount
+        self._add_together(self._observed(name, seconds, self._labelled(labels)))
 
     def count_turn(self, model: str, seconds: float) -> None:
-        """A turn answered: turns_total and turn_seconds at once, under one hold of the lock
-        (every turn counts these, so they are not worth add's and observe's generality)."""
+        """A turn answered: turns_total and turn_seconds under one hold of the lock (every
+        turn counts both, so they skip add's and observe's keyword labels)."""
         labelled = (("model", model),)
-        with self._lock:
-            for key, amount in ((("turns_total", labelled), 1), (("turn_seconds_sum", labelled), seconds),
-                                (("turn_seconds_count", labelled), 1)):
+        self._add_together(((("turns_total", labelled), 1), *self._observed("turn_seconds", seconds, labelled)))
+
+    @staticmethod
+    def _observed(name: str, seconds: float, labelled: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[Any, float], ...]:
+        """What a summary's observation adds: to its _sum and its _count."""
+        return ((name + "_sum", labelled), seconds), ((name + "_count", labelled), 1)
+
+    def _add_together(self, amounts: Iterable[Tuple[Any, float]]) -> None:
+        with self._lock:   # a summary's sum and count, and a turn's series, change together
+            for key, amount in amounts:
                 self._values[key] = self._values.get(key, 0.0) + amount
 
     @staticmethod
