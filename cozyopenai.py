@@ -188,9 +188,20 @@ TRACE_ENVIRON_KEY = "cozyopenai.trace"             # model and short conversatio
 ENDING_ENVIRON_KEY = "cozyopenai.ending"           # how a stream ends if the server cuts it short (StreamEnding)
 SHUTDOWN_GRACE_SECONDS = 10.0                       # on SIGTERM, running turns have this long to finish
 SHUTDOWN_MESSAGE = "The server is shutting down; this reply was cut short. Send it again in a moment."
-# json.dumps(value, ensure_ascii=False), the text every reply is written in, with one encoder
-# made once: json.dumps makes a new one on each call with an option set.
-json_text = json.JSONEncoder(ensure_ascii=False).encode
+# The C encoder behind json.dumps(value, ensure_ascii=False), made once: JSONEncoder.encode
+# makes a new one on every call. Without a circular check, which our values, trees of JSON
+# data, never need (a stale mark left by a failed call would even refuse a later value).
+_JSON_CHUNKS = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
+    None, json.JSONEncoder().default, json.encoder.encode_basestring, None, ": ", ", ", False, False, True)
+
+
+def json_text(value: Any) -> str:
+    """json.dumps(value, ensure_ascii=False): the text every reply is written in."""
+    if _JSON_CHUNKS is None:   # a Python without the json module's C part
+        return json.dumps(value, ensure_ascii=False)
+    return "".join(_JSON_CHUNKS(value, 0))
+
+
 # A string as json_text writes it, without the encoder's set-up (a call per streamed piece).
 json_string = json.encoder.encode_basestring
 
