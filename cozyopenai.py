@@ -131,6 +131,7 @@ log = logging.getLogger("cozyopenai")
 
 MAX_BODY_BYTES = 8 * 1024 * 1024          # chat histories are long; Bottle's default is 100 KB
 CONVERSATION_ID_BYTES = 24                # 192 random bits, 32 URL-safe characters
+SNAPSHOT_ID_BYTES = 6                      # 48 random bits, 12 hex digits: one of a conversation's snapshots
 CONVERSATION_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_-]{32}\Z")
 ID_BLOCK_INFO = "cozyui-conversation-identifier"
 ID_BLOCK_PATTERN = re.compile(r"```" + ID_BLOCK_INFO + r"[ \t]*\r?\n\s*([A-Za-z0-9_-]+)\s*\r?\n?```")
@@ -1978,15 +1979,18 @@ class Conversation:
             return None   # our reply after other user turns: an earlier message edited in place
         return next((s for s in reversed(self.snapshots) if s["users"] == users and s["reply"]), None)
 
-    def remember(self, reply_text: str, users: Tuple[str, str], answer: Optional[str] = None) -> str:
+    def remember(self, reply_text: str, users: Tuple[str, str], answer: Optional[str] = None, sid: str = "") -> str:
         """Save this turn's resulting state as a new snapshot, keyed by the reply as written and
         ``users``, the digests of the user turns with and without the last. ``answer``: the
-        workflow's answer, when it ran, to give again if asked for nothing new."""
+        workflow's answer, when it ran, to give again if asked for nothing new. ``sid``: the
+        snapshot's id, random (a new one drawn when not given)."""
         if answer is not None:
             self.result = text_digest(answer)
             self.results[self.result] = answer
-        reply = reply_digest(reply_text)
-        snapshot = {"key": f"{reply}:{users[0]}", "sid": secrets.token_hex(6), "reply": reply, "users": users[0],
+        cleaned = clean_reply(reply_text)
+        # Most replies are the answer itself (and the id block): its digest, worked out once.
+        reply = self.result if answer is not None and cleaned == answer else text_digest(cleaned)
+        snapshot = {"key": f"{reply}:{users[0]}", "sid": sid or new_snapshot_id(), "reply": reply, "users": users[0],
                     "users_before": users[1], "parent": self.parent, "at": time.time(), **self.state()}
         same = next((s for s in self.snapshots if s["key"] == snapshot["key"] and s["parent"] == self.parent
                      and all(s[f] == snapshot[f] for f in self.STATE_FIELDS)), None)
@@ -2060,6 +2064,10 @@ def text_digest(text: str) -> str:
 NO_TEXT_DIGEST = text_digest("")
 
 
+def new_snapshot_id() -> str:
+    return secrets.token_hex(SNAPSHOT_ID_BYTES)
+
+
 def reply_digest(text: str) -> str:
     """An assistant reply as clients send it back: without the thinking block (Open WebUI
     strips it) or the identifier block, whitespace collapsed."""
@@ -2112,9 +2120,10 @@ def new_conversation_id() -> str:
 
 
 class ConversationIds:
-    """Conversation ids as new_conversation_id makes them, with os.urandom read a few
-    kilobytes at a time: a system call per id makes a busy server wait for the interpreter
-    lock after each one (a system call per id would cost every turn). A forked worker draws a pool of its own."""
+    """Conversation ids as new_conversation_id makes them, and snapshot ids as new_snapshot_id
+    does, with os.urandom read a few kilobytes at a time: a system call per id makes a busy
+    server wait for the interpreter lock after each one (a system call per id would cost every
+    turn). A forked worker draws a pool of its own."""
 
     POOL_BYTES = 4096
 
@@ -2123,12 +2132,19 @@ class ConversationIds:
         self._lock = threading.Lock()
 
     def __call__(self) -> str:
+        return base64.urlsafe_b64encode(self._draw(CONVERSATION_ID_BYTES)).rstrip(b"=").decode()
+
+    def snapshot_id(self) -> str:
+        return self._draw(SNAPSHOT_ID_BYTES).hex()
+
+    def _draw(self, size: int) -> bytes:
+        """``size`` random bytes, never given twice."""
         with self._lock:
-            if self._used + CONVERSATION_ID_BYTES > len(self._pool) or self._pid != os.getpid():
+            if self._used + size > len(self._pool) or self._pid != os.getpid():
                 self._pool, self._used, self._pid = os.urandom(self.POOL_BYTES), 0, os.getpid()
-            chunk = self._pool[self._used:self._used + CONVERSATION_ID_BYTES]
-            self._used += CONVERSATION_ID_BYTES
-        return base64.urlsafe_b64encode(chunk).rstrip(b"=").decode()
+            chunk = self._pool[self._used:self._used + size]
+            self._used += size
+        return chunk
 
 
 def is_conversation_id(text: str) -> bool:
@@ -2630,7 +2646,12 @@ def split_new_messages(messages: Sequence[dict]) -> Tuple[List[dict], str]:
 
 def clean_reply(text: str) -> str:
     """An assistant message without its thinking block and identifier block."""
-    return ID_BLOCK_PATTERN.sub("", THINKING_PATTERN.sub("", text)).strip()
+    # Each pattern only where its block may be: most texts have neither, and a search is dearer.
+    if "<thinking>" in text:
+        text = THINKING_PATTERN.sub("", text)
+    if ID_BLOCK_INFO in text:
+        text = ID_BLOCK_PATTERN.sub("", text)
+    return text.strip()
 
 
 def id_block(conversation_id: str) -> str:
@@ -7074,7 +7095,8 @@ class Turn:
         assert conversation is not None and self._context is not None
         answer = workflow.redact("".join(self._written["answer"]))
         thinking = workflow.redact("".join(self._written["thinking"]))
-        key = conversation.remember(answer, users_digest(request.messages), self._context.answer)
+        key = conversation.remember(answer, users_digest(request.messages), self._context.answer,
+                                    self.service.new_conversation_id.snapshot_id())
         if request.response_id:
             conversation.keep_response(request.response_id, key, thinking, answer, request.response_extra)
         if request.saving is not None:
@@ -9424,6 +9446,7 @@ class Metrics:
     def __init__(self) -> None:
         self._values: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}
         self._lock = threading.Lock()
+        self._turn_series: Dict[str, Tuple[Any, Any, Any]] = {}   # model -> the keys count_turn adds to
 
     def add(self, name: str, amount: float = 1.0, **labels: str) -> None:
         key = (name, self._labelled(labels))
@@ -9435,9 +9458,13 @@ class Metrics:
 
     def count_turn(self, model: str, seconds: float) -> None:
         """A turn answered: turns_total and turn_seconds under one hold of the lock (every
-        turn counts both, so they skip add's and observe's keyword labels)."""
-        labelled = (("model", model),)
-        self._add_together(((("turns_total", labelled), 1), *self._observed("turn_seconds", seconds, labelled)))
+        turn counts both, so their keys are made once per model, not with keyword labels)."""
+        series = self._turn_series.get(model)
+        if series is None:
+            labelled = (("model", model),)
+            (summed, _), (counted, _) = self._observed("turn_seconds", 0.0, labelled)
+            series = self._turn_series[model] = (("turns_total", labelled), summed, counted)
+        self._add_together(((series[0], 1), (series[1], seconds), (series[2], 1)))
 
     @staticmethod
     def _observed(name: str, seconds: float, labelled: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[Any, float], ...]:
@@ -9747,8 +9774,10 @@ def check_framing(environ: Mapping[str, Any]) -> None:
     if coding is not None and str(coding).strip(" \t").lower() != "chunked":
         raise RequestError(f"Transfer-Encoding must be 'chunked', not {str(coding)[:40]!r}.",
                            code="invalid_transfer_encoding")
-    size = sum(len(key) - 5 + len(value) + 4 for key, value in environ.items()
-               if key.startswith("HTTP_") and isinstance(value, str))
+    # Each field as "Name: value\r\n"; the HTTP_ keys picked by comparing, which takes no call
+    # and no new string per key of the environ (its server's and Bottle's are most of them).
+    size = sum([len(key) - 5 + len(value) + 4 for key, value in environ.items()
+                if "HTTP_" <= key < "HTTP`" and isinstance(value, str)])
     if size > MAX_HEADER_BYTES:
         raise HeadersTooLargeError(f"The request's header fields are over the limit of {MAX_HEADER_BYTES} bytes.")
 
