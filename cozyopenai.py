@@ -6954,6 +6954,33 @@ class Service:
         threading.Thread(target=self.store.expire, daemon=True).start()
 
 
+class HeldLock:
+    """The one conversation lock a turn holds, from its open to its close: an ExitStack with
+    room for one lock (its layers of callbacks cost every turn several calls). Exiting
+    releases it, with the exception that ended the block, as ExitStack would."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock: Optional["contextlib.AbstractContextManager[Any]"] = None
+
+    def enter_context(self, lock: "contextlib.AbstractContextManager[Any]") -> None:
+        """Take ``lock`` and hold it; only one at a time (release the last first)."""
+        assert self._lock is None, "a turn holds one conversation lock at a time"
+        lock.__enter__()
+        self._lock = lock
+
+    def release(self) -> None:
+        self.__exit__(None, None, None)
+
+    def __enter__(self) -> "HeldLock":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> Optional[bool]:
+        lock, self._lock = self._lock, None
+        return lock.__exit__(*exc_info) if lock is not None else None
+
+
 class Turn:
     """One turn on one conversation, from its lock to its save.
 
@@ -6969,7 +6996,7 @@ class Turn:
                  trace: Dict[str, str]):
         self.service, self.workflow, self.request, self.stop, self.trace = service, workflow, request, stop, trace
         self.conversation: Optional[Conversation] = None
-        self._held = contextlib.ExitStack()   # the conversation's lock, entered in open()
+        self._held = HeldLock()   # the conversation's lock, entered in open()
         self._arrived = time.time()
         self._written: Dict[str, List[str]] = {"thinking": [], "answer": []}
         self._playing: Optional[Iterator[Any]] = None   # the pieces being read, closed in close()
@@ -7143,7 +7170,7 @@ class AnsweredTurn:
         pass
 
 
-def resume_response(service: Service, workflow: Workflow, response_id: str, held: contextlib.ExitStack) -> Conversation:
+def resume_response(service: Service, workflow: Workflow, response_id: str, held: HeldLock) -> Conversation:
     """The conversation behind a stored response, set to the state right after it (so two
     responses that continue the same one each get their own branch)."""
     try:
@@ -7165,7 +7192,7 @@ def resume_response(service: Service, workflow: Workflow, response_id: str, held
 
 
 def resume_api_conversation(service: Service, workflow: Workflow, conversation_id: str,
-                            held: contextlib.ExitStack) -> Conversation:
+                            held: HeldLock) -> Conversation:
     """A conversation made with the Conversations API, locked for this turn; its first response
     gives it its model, and it keeps that one."""
     held.enter_context(service.store.lock(conversation_id))
@@ -7193,7 +7220,7 @@ def branch_of(conversation: Conversation, messages: Sequence[dict], arrived: flo
 
 
 def resume_by_key(service: Service, workflow: Workflow, messages: Sequence[dict], chat_key: str,
-                  held: contextlib.ExitStack) -> Tuple[Conversation, bool]:
+                  held: HeldLock) -> Tuple[Conversation, bool]:
     """Conversations keyed by a header (Open WebUI's chat id) instead of the id block.
     The key is hashed with the model's name: a model switch is a new conversation."""
     conversation_id = keyed_conversation_id(workflow, chat_key)
@@ -7211,7 +7238,7 @@ def keyed_conversation_id(workflow: Workflow, chat_key: str) -> str:
 
 
 def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[dict],
-                       held: contextlib.ExitStack, hints: Sequence[str] = ()) -> Tuple[Conversation, bool]:
+                       held: HeldLock, hints: Sequence[str] = ()) -> Tuple[Conversation, bool]:
     """The conversation named by the newest id block of this model (or else by ``hints``, the
     conversations the ids of the history's replies name), locked for this turn, and whether it
     must be recovered from the whole history (an id this store does not know)."""
@@ -7220,12 +7247,11 @@ def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[
     ids += [hint for hint in hints if hint not in ids and is_conversation_id(hint)]
     switched = False
     for conversation_id in ids:   # newest first: after A → B → A, the chat resumes A
-        lock = held.enter_context(contextlib.ExitStack())
-        lock.enter_context(store.lock(conversation_id))
+        held.enter_context(store.lock(conversation_id))
         record = store.load(conversation_id)
         if record is not None and record.get("model") == workflow.name:
             return Conversation.from_record(record), False
-        lock.close()
+        held.release()
         switched = switched or record is not None
     if switched:   # only other workflows' conversations: never reuse their values,
         return _new_conversation(service, workflow, held), False   # nor the messages sent to them
@@ -7239,7 +7265,7 @@ def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[
     return _new_conversation(service, workflow, held), not first_turn
 
 
-def _new_conversation(service: Service, workflow: Workflow, held: contextlib.ExitStack) -> Conversation:
+def _new_conversation(service: Service, workflow: Workflow, held: HeldLock) -> Conversation:
     conversation = Conversation(id=service.new_conversation_id(), model=workflow.name, is_new=True)
     held.enter_context(service.store.lock(conversation.id))
     return conversation
