@@ -7040,8 +7040,9 @@ class Turn:
         self.trace["conversation"] = conversation.id[:6]
         if request.store_response:
             request.response_id = new_response_id(conversation.id)
-        # A stored response, or a conversation of the Conversations API, goes on from its own state: never a twin.
-        if not request.previous_response_id and not request.conversation:
+        # A stored response, or a conversation of the Conversations API, goes on from its own state: never a
+        # twin. Nor a conversation this request has just made: its twin, naming no conversation either, makes its own.
+        if not request.previous_response_id and not request.conversation and not conversation.is_new:
             self._digest = request_digest(request.model, messages, request.chat_key)
             self._twin = conversation.twin_of(self._digest, self._arrived)
             if self._twin is not None:
@@ -7121,7 +7122,9 @@ class Turn:
         workflow, conversation, request = self.workflow, self.conversation, self.request
         assert conversation is not None and self._context is not None
         answer = workflow.redact("".join(self._written["answer"]))
-        thinking = workflow.redact("".join(self._written["thinking"]))
+        # The thinking is kept only with a stored response or a request's answer (for its twin).
+        kept = request.response_id or request.saving is not None or self._digest
+        thinking = workflow.redact("".join(self._written["thinking"])) if kept else ""
         key = conversation.remember(answer, users_digest(request.messages), self._context.answer,
                                     self.service.new_conversation_id.snapshot_id())
         if request.response_id:
