@@ -1205,7 +1205,8 @@ NODE_TYPES: Mapping[str, NodeType] = MappingProxyType({
 class RunEvent(NamedTuple):   # a tuple, not a frozen dataclass: several are made per turn, and cheaply
     """What the runner reports. what: "started", "finished" (with seconds and value),
     "failed" (with seconds and text), "note" (a line for the thinking block, from
-    NodeContext.note, in the order noted), "answer" (a piece of the answer), "done"."""
+    NodeContext.note, in the order noted), "answer" (a piece of the answer), "done".
+    The runner makes them with positional fields: keywords would cost a dict for each."""
     what: str
     node_id: str = ""
     text: str = ""
@@ -1244,34 +1245,40 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
             ready = [node_id for node_id, deps in waiting.items() if not deps]
             for node_id in ready:
                 del waiting[node_id]
-            if len(ready) == 1 and not threaded:
-                events = events_of(ready[0])     # the common case, a chain: no thread hand-off
+            if len(ready) == 1 and not threaded:   # the common case, a chain: run here, no thread hand-off
+                node = workflow.node(ready[0])
+                yield RunEvent("started", node.id, node.description)
+                events = _node_run(workflow, node, outputs, values, node_types, llm, stop, node.id == streams_answer,
+                                   follow_up if node.id == streams_answer else None)
             else:
                 finished = finished or queue.SimpleQueue()
                 for node_id in ready:
                     _start_in_thread(events_of(node_id), finished)
                 threaded.update(ready)
-                events = iter([finished.get()])
+                events = (finished.get(),)
             for event in events:
-                if event.what in ("finished", "failed"):
+                what = event.what
+                if what == "finished":
                     threaded.discard(event.node_id)
-                answer_streamed = answer_streamed or event.what == "answer"
-                if event.what == "failed":
-                    outcome = "failed"
-                    if metrics is not None:
-                        metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
-                yield event
-                if event.what == "failed":
-                    return
-                if event.what == "finished":
+                    yield event
                     outputs[event.node_id] = event.value
                     for deps in waiting.values():
                         deps.discard(event.node_id)
+                elif what == "failed":
+                    threaded.discard(event.node_id)
+                    outcome = "failed"
+                    if metrics is not None:
+                        metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
+                    yield event
+                    return
+                else:
+                    answer_streamed = answer_streamed or what == "answer"
+                    yield event
         answer = outputs[workflow.output_node]
         if not answer_streamed:
-            yield RunEvent("answer", workflow.output_node, text=answer)
+            yield RunEvent("answer", workflow.output_node, answer)
         outcome = "ok"
-        yield RunEvent("done", workflow.output_node, text=answer)
+        yield RunEvent("done", workflow.output_node, answer)
     finally:
         stop.set()   # also on failure and GeneratorExit: threads still running start nothing new
         if metrics is not None:
@@ -1290,49 +1297,75 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
                  streams_answer: bool, follow_up: Optional[Tuple[str, str]] = None) -> Iterator[RunEvent]:
     """Runs one node: "started", then any "note" and "answer" events in the order they happen,
     then "finished" or "failed"."""
-    yield RunEvent("started", node.id, text=node.description)
+    yield RunEvent("started", node.id, node.description)
+    yield from _node_run(workflow, node, outputs, values, node_types, llm, stop, streams_answer, follow_up)
+
+
+def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values: Mapping[str, Any],
+              node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
+              streams_answer: bool, follow_up: Optional[Tuple[str, str]] = None) -> Iterable[RunEvent]:
+    """Runs one node, once its "started" is out: its events after that. A node whose result is
+    whole runs now, in this call, and its "note" events and "finished" (or "failed") come as a
+    list, with no generator step each; a TextStream is read by a generator (_stream_events)."""
     started = time.monotonic()
-    context = NodeContext(node, workflow, llm, stop, follow_up=follow_up)
+    context = NodeContext(node, workflow, llm, stop, [], follow_up)
     try:
         if stop.is_set():
             raise NodeFailed("the run was stopped")
-        inputs = {name: _input_value(workflow, node, name, value, outputs, values)
-                  for name, value in node.inputs.items()}
+        inputs = {name: _input_value(workflow, value, outputs, values) for name, value in node.inputs.items()}
         run = node_types[node.type].run
         result = run(inputs, context) if node.timeout_seconds is None else _call_within(node.timeout_seconds, run,
                                                                                          inputs, context)
-        if context.notes:
-            yield from _note_events(context)
-        if isinstance(result, TextStream):
-            pieces = []
-            try:
-                for piece in result:
-                    if stop.is_set():
-                        raise NodeFailed("the run was stopped")
-                    pieces.append(piece)
-                    if context.notes:   # noted before this piece came
-                        yield from _note_events(context)
-                    if streams_answer:
-                        yield RunEvent("answer", node.id, text=piece)
-            finally:   # stopped, failed or closed (the client left): its producer stops now
-                result.close()
-            yield from _note_events(context)
-            result = "".join(pieces)
+    except (NodeFailed, UpstreamError) as exc:
+        return [*_note_events(context), RunEvent("failed", node.id, exc.message, time.monotonic() - started)]
+    except Exception as exc:   # a custom node's bug must end the run, not the server
+        return [_node_bug(workflow, node, exc, started)]
+    if isinstance(result, TextStream):
+        return _stream_events(workflow, node, result, context, started, streams_answer)
+    finished = RunEvent("finished", node.id, "", time.monotonic() - started, result)
+    return [*_note_events(context), finished] if context.notes else (finished,)
+
+
+def _stream_events(workflow: Workflow, node: Node, result: TextStream, context: NodeContext, started: float,
+                   streams_answer: bool) -> Iterator[RunEvent]:
+    """A node's TextStream, read: its "note" events as they are noted, its pieces as "answer"
+    events when it streams the answer, then "finished" with the whole text (or "failed")."""
+    stop = context.stop
+    try:
+        yield from _note_events(context)
+        pieces = []
+        try:
+            for piece in result:
+                if stop.is_set():
+                    raise NodeFailed("the run was stopped")
+                pieces.append(piece)
+                if context.notes:   # noted before this piece came
+                    yield from _note_events(context)
+                if streams_answer:
+                    yield RunEvent("answer", node.id, piece)
+        finally:   # stopped, failed or closed (the client left): its producer stops now
+            result.close()
+        yield from _note_events(context)
     except (NodeFailed, UpstreamError) as exc:
         yield from _note_events(context)
-        yield RunEvent("failed", node.id, text=exc.message, seconds=time.monotonic() - started)
+        yield RunEvent("failed", node.id, exc.message, time.monotonic() - started)
         return
     except Exception as exc:   # a custom node's bug must end the run, not the server
-        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        log.error("node %s of %s raised:\n%s", node.id, workflow.name, workflow.redact(trace))
-        yield RunEvent("failed", node.id, text=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - started)
+        yield _node_bug(workflow, node, exc, started)
         return
-    yield RunEvent("finished", node.id, seconds=time.monotonic() - started, value=result)
+    yield RunEvent("finished", node.id, "", time.monotonic() - started, "".join(pieces))
+
+
+def _node_bug(workflow: Workflow, node: Node, exc: Exception, started: float) -> RunEvent:
+    """The "failed" event of a node that raised what no node should: logged with its trace."""
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    log.error("node %s of %s raised:\n%s", node.id, workflow.name, workflow.redact(trace))
+    return RunEvent("failed", node.id, f"{type(exc).__name__}: {exc}", time.monotonic() - started)
 
 
 def _note_events(context: NodeContext) -> Iterator[RunEvent]:
     while context.notes:
-        yield RunEvent("note", context.node.id, text=context.notes.pop(0))
+        yield RunEvent("note", context.node.id, context.notes.pop(0))
 
 
 def _call_within(seconds: Optional[float], function: Callable[..., Any], *arguments: Any) -> Any:
@@ -1358,11 +1391,11 @@ def _call_within(seconds: Optional[float], function: Callable[..., Any], *argume
     return outcome["value"]
 
 
-def _input_value(workflow: Workflow, node: Node, name: str, value: Any,
-                 outputs: Mapping[str, Any], values: Mapping[str, Any]) -> Any:
+def _input_value(workflow: Workflow, value: Any, outputs: Mapping[str, Any], values: Mapping[str, Any]) -> Any:
     if isinstance(value, Link):
-        label = ".".join((value.node,) + value.path)
-        return lookup_path(outputs[value.node], value.path, label)
+        if not value.path:   # the whole output, as most links take it
+            return outputs[value.node]
+        return lookup_path(outputs[value.node], value.path, ".".join((value.node,) + value.path))
     if isinstance(value, QueryRef):
         return values[value.name]
     if isinstance(value, FixedRef):
