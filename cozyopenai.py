@@ -433,6 +433,24 @@ class Workflow:
         text = self.node(self.output_node).inputs.get("text")
         return text.node if isinstance(text, Link) and not text.path else None
 
+    def chain(self) -> Optional[Tuple[Node, ...]]:
+        """The nodes in the order they run when only one at a time can (each needs the one
+        before it, as in most workflows); None when some could run side by side."""
+        return self._chain
+
+    @cached_property
+    def _chain(self) -> Optional[Tuple[Node, ...]]:   # worked out once: every run asks
+        waiting, order = {node.id: node.dependencies() for node in self.nodes}, []
+        while waiting:   # as the runner would find them ready, one by one
+            ready = [node_id for node_id, deps in waiting.items() if not deps]
+            if len(ready) != 1:
+                return None
+            del waiting[ready[0]]
+            for deps in waiting.values():
+                deps.discard(ready[0])
+            order.append(self.node(ready[0]))
+        return tuple(order)
+
     @cached_property
     def redact(self) -> "Redactor":
         """Replaces this workflow's secrets in a text that is about to leave the server."""
@@ -1230,50 +1248,22 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     node_types = NODE_TYPES if node_types is None else node_types
     stop = stop or StopSignal()
     outputs: Dict[str, Any] = {}
-    waiting = {node.id: node.dependencies() for node in workflow.nodes}
-    finished: Optional["queue.SimpleQueue[RunEvent]"] = None   # made only when nodes run side by side
-    threaded: set = set()                       # nodes running in threads right now
-    streams_answer = workflow.answer_source()
-    answer_streamed = False
-    outcome = "stopped"
-
-    def events_of(node_id: str) -> Iterator[RunEvent]:
-        return _node_events(workflow, workflow.node(node_id), outputs, values, node_types, llm, stop,
-                            node_id == streams_answer, follow_up if node_id == streams_answer else None)
+    chain = workflow.chain()
+    if chain is not None:
+        events = _chain_events(workflow, chain, outputs, values, node_types, llm, stop, follow_up)
+    else:
+        events = _side_by_side_events(workflow, outputs, values, node_types, llm, stop, follow_up)
+    answer_streamed, outcome = False, "stopped"
     try:
-        while waiting or threaded:
-            ready = [node_id for node_id, deps in waiting.items() if not deps]
-            for node_id in ready:
-                del waiting[node_id]
-            if len(ready) == 1 and not threaded:   # the common case, a chain: run here, no thread hand-off
-                node = workflow.node(ready[0])
-                yield RunEvent("started", node.id, node.description)
-                events = _node_run(workflow, node, outputs, values, node_types, llm, stop, node.id == streams_answer,
-                                   follow_up if node.id == streams_answer else None)
-            else:
-                finished = finished or queue.SimpleQueue()
-                for node_id in ready:
-                    _start_in_thread(events_of(node_id), finished)
-                threaded.update(ready)
-                events = (finished.get(),)
-            for event in events:
-                what = event.what
-                if what == "finished":
-                    threaded.discard(event.node_id)
-                    yield event
-                    outputs[event.node_id] = event.value
-                    for deps in waiting.values():
-                        deps.discard(event.node_id)
-                elif what == "failed":
-                    threaded.discard(event.node_id)
-                    outcome = "failed"
-                    if metrics is not None:
-                        metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
-                    yield event
-                    return
-                else:
-                    answer_streamed = answer_streamed or what == "answer"
-                    yield event
+        for event in events:
+            if event.what == "failed":
+                outcome = "failed"
+                if metrics is not None:
+                    metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
+                yield event
+                return
+            answer_streamed = answer_streamed or event.what == "answer"
+            yield event
         answer = outputs[workflow.output_node]
         if not answer_streamed:
             yield RunEvent("answer", workflow.output_node, answer)
@@ -1283,6 +1273,60 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
         stop.set()   # also on failure and GeneratorExit: threads still running start nothing new
         if metrics is not None:
             metrics.add("runs_total", model=workflow.name, outcome=outcome)
+
+
+def _chain_events(workflow: Workflow, chain: Sequence[Node], outputs: Dict[str, Any], values: Mapping[str, Any],
+                  node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
+                  follow_up: Optional[Tuple[str, str]]) -> Iterator[RunEvent]:
+    """The nodes of a chain, one after another in the caller's thread (no hand-off to make),
+    each output kept in ``outputs``; the events end with the first "failed"."""
+    streams_answer = workflow.answer_source()
+    for node in chain:
+        yield RunEvent("started", node.id, node.description)
+        for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, node.id == streams_answer,
+                               follow_up if node.id == streams_answer else None):
+            yield event
+            if event.what == "finished":
+                outputs[node.id] = event.value
+            elif event.what == "failed":
+                return
+
+
+def _side_by_side_events(workflow: Workflow, outputs: Dict[str, Any], values: Mapping[str, Any],
+                         node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
+                         follow_up: Optional[Tuple[str, str]]) -> Iterator[RunEvent]:
+    """The nodes of a workflow with branches, each started as soon as its inputs are ready:
+    independent ones side by side in threads, a node ready on its own in the caller's thread.
+    Each output is kept in ``outputs``; the events end with the first "failed"."""
+    waiting = {node.id: node.dependencies() for node in workflow.nodes}
+    finished: "queue.SimpleQueue[RunEvent]" = queue.SimpleQueue()
+    threaded: set = set()                       # nodes running in threads right now
+    streams_answer = workflow.answer_source()
+
+    def events_of(node_id: str) -> Iterator[RunEvent]:
+        return _node_events(workflow, workflow.node(node_id), outputs, values, node_types, llm, stop,
+                            node_id == streams_answer, follow_up if node_id == streams_answer else None)
+    while waiting or threaded:
+        ready = [node_id for node_id, deps in waiting.items() if not deps]
+        for node_id in ready:
+            del waiting[node_id]
+        if len(ready) == 1 and not threaded:   # no thread hand-off for it
+            events = events_of(ready[0])
+        else:
+            for node_id in ready:
+                _start_in_thread(events_of(node_id), finished)
+            threaded.update(ready)
+            events = iter([finished.get()])
+        for event in events:
+            yield event
+            if event.what in ("finished", "failed"):
+                threaded.discard(event.node_id)
+            if event.what == "failed":
+                return
+            if event.what == "finished":
+                outputs[event.node_id] = event.value
+                for deps in waiting.values():
+                    deps.discard(event.node_id)
 
 
 def _start_in_thread(events: Iterator[RunEvent], sink: "queue.SimpleQueue[RunEvent]") -> None:
@@ -6568,31 +6612,35 @@ class TurnRequest:
 SORRY_REPLY = "Sorry, something went wrong on the server while answering. Your conversation is kept."
 
 
-def ordered_pieces(pieces: Iterator[Piece], written: Optional[Mapping[str, List[str]]] = None) -> Iterator[Piece]:
+def ordered_pieces(pieces: Iterable[Piece], written: Mapping[str, List[str]]) -> Iterator[Piece]:
     """The turn's pieces as every API shows them: thinking, then the answer. Progress that comes
     after the answer has begun (the node that streams the answer finishing, a side branch) is
     held and shown after the answer, so the record of the run is whole; a bug in the turn ends
-    the answer with an apology rather than a broken reply. With ``written`` ({channel: texts}),
-    each piece is kept there as it goes out."""
-    answer_begun, after = False, []   # after: thinking held until the answer is whole
+    the answer with an apology rather than a broken reply. Each piece is kept in ``written``
+    ({channel: texts}) as it goes out."""
+    thinking, answer = written["thinking"], written["answer"]
+    held: List[str] = []   # thinking that came once the answer had begun
+    pieces = iter(pieces)
     try:
-        for piece in pieces:
-            if piece.channel == "thinking" and answer_begun:
-                after.append(piece.text)
-                continue
-            answer_begun = answer_begun or piece.channel == "answer"
-            if written is not None:
-                written[piece.channel].append(piece.text)
+        for piece in pieces:   # thinking, up to the answer's first piece
+            if piece.channel == "answer":
+                answer.append(piece.text)
+                yield piece
+                break
+            thinking.append(piece.text)
             yield piece
-        if after:
-            piece = Piece("thinking", "".join(after))
-            if written is not None:
-                written["thinking"].append(piece.text)
-            yield piece
+        for piece in pieces:   # the answer: thinking is held until it is whole
+            if piece.channel == "thinking":
+                held.append(piece.text)
+            else:
+                answer.append(piece.text)
+                yield piece
+        if held:
+            thinking.append("".join(held))
+            yield Piece("thinking", thinking[-1])
     except Exception:   # the turn's own bug
         log.exception("turn failed")
-        if written is not None:
-            written["answer"].append(SORRY_REPLY)
+        answer.append(SORRY_REPLY)
         yield Piece("answer", SORRY_REPLY)
 
 
@@ -6824,16 +6872,17 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
     written = ""   # the answer streamed so far: a stop notice after it gets a paragraph of its own
     for event in run_events(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
                             metrics=turn.metrics, follow_up=follow_up):
-        if event.what in RUN_MARKS:
-            yield Piece("thinking", RUN_MARKS[event.what] + progress_line(event) + "\n")
-        if event.what == "failed":
-            yield Piece("answer", (paragraph_break(written) if written else preface) +
-                        RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
-        elif event.what == "answer":
+        what = event.what
+        if what == "answer":
             yield Piece("answer", preface + event.text)
             written, preface = (written + event.text)[-2:], ""
-        elif event.what == "done":
+        elif what == "done":
             turn.answer = event.text
+        else:   # a node's progress (RUN_MARKS)
+            yield Piece("thinking", RUN_MARKS[what] + progress_line(event) + "\n")
+            if what == "failed":
+                yield Piece("answer", (paragraph_break(written) if written else preface) +
+                            RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
 
 
 RUN_MARKS = {"started": "→ ", "finished": "✓ ", "failed": "✗ ", "note": ""}   # how the thinking block shows them
