@@ -6704,7 +6704,9 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     changed = {name: (conversation.values[name], value) for name, value in extraction.values.items()
                if name in conversation.values and conversation.values[name] != value}
     understood = {name: value for name, value in extraction.values.items() if name not in conversation.values}
-    yield from _describe_extraction(workflow, extraction, understood, changed)
+    described = _describe_extraction(workflow, extraction, understood, changed)
+    if described:
+        yield Piece("thinking", described)
     conversation.values.update(extraction.values)
     for name in extraction.values:
         conversation.ask_counts.pop(name, None)
@@ -6747,22 +6749,25 @@ def _answer_again(turn: TurnContext) -> Iterator[Piece]:
 
 
 def _describe_extraction(workflow: Workflow, extraction: Extraction, understood: Mapping[str, Any],
-                         changed: Mapping[str, Tuple[Any, Any]]) -> Iterator[Piece]:
+                         changed: Mapping[str, Tuple[Any, Any]]) -> str:
+    """The thinking lines for what the message gave, changed or could not give, as one text:
+    they are written at once, so they go out as one piece ("" when there are none)."""
+    queries, lines = workflow.query_inputs, []
     for name, value in understood.items():
-        yield Piece("thinking", f"Understood {workflow.query_inputs[name].label}: {shown_value(value)}.\n")
+        lines.append(f"Understood {queries[name].label}: {shown_value(value)}.\n")
     for name, (old, new) in changed.items():
-        yield Piece("thinking", f"Changed {workflow.query_inputs[name].label}: {shown_value(old)} → "
-                                f"{shown_value(new)}.\n")
+        lines.append(f"Changed {queries[name].label}: {shown_value(old)} → {shown_value(new)}.\n")
     for name, (raw, why) in extraction.ignored.items():
-        yield Piece("thinking", f"Ignored {workflow.query_inputs[name].label} = {raw!r}: {why}.\n")
+        lines.append(f"Ignored {queries[name].label} = {raw!r}: {why}.\n")
     for name, values in extraction.ambiguous.items():
-        yield Piece("thinking", f"Your message names several values for the {workflow.query_inputs[name].label}"
-                                f" ({_or_list(values)}): asking which.\n")
+        lines.append(f"Your message names several values for the {queries[name].label} ({_or_list(values)}): "
+                     "asking which.\n")
     for name, reason in extraction.rejected.items():
-        yield Piece("thinking", f"Could not use the {workflow.query_inputs[name].label}: {reason}.\n")
+        lines.append(f"Could not use the {queries[name].label}: {reason}.\n")
     if extraction.intent == "skip":
-        yield Piece("thinking", "You asked to skip an input; only optional inputs can be left out, "
-                                "and those are never asked for.\n")
+        lines.append("You asked to skip an input; only optional inputs can be left out, "
+                     "and those are never asked for.\n")
+    return "".join(lines)
 
 
 def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, understood: Mapping[str, Any],
