@@ -358,6 +358,12 @@ class Node:
     def _links(self) -> AbstractSet[str]:   # the nodes it takes inputs from: its inputs never change, and every run asks
         return frozenset(value.node for value in self.inputs.values() if isinstance(value, Link))
 
+    @cached_property
+    def references(self) -> Tuple[Tuple[str, Any], ...]:
+        """Its inputs whose values are found when it runs (a link, a query input, a fixed
+        input), with their names; the others are used as written."""
+        return tuple((name, value) for name, value in self.inputs.items() if isinstance(value, (Link, QueryRef, FixedRef)))
+
 
 class FunctionFinder:
     """Finds a `python` node's ``module:function``. A module file beside the workflows file
@@ -1356,7 +1362,9 @@ def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values
     try:
         if stop.is_set():
             raise NodeFailed("the run was stopped")
-        inputs = {name: _input_value(workflow, value, outputs, values) for name, value in node.inputs.items()}
+        inputs = node.inputs.copy()   # the dict under its proxy, in the file's order; each reference filled in
+        for name, value in node.references:
+            inputs[name] = _input_value(workflow, value, outputs, values)
         run = node_types[node.type].run
         result = run(inputs, context) if node.timeout_seconds is None else _call_within(node.timeout_seconds, run,
                                                                                          inputs, context)
@@ -6875,14 +6883,16 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
     yield Piece("thinking", f"Running {workflow.name} with {shown}.\n")
     conversation.runs += 1
     written = ""   # the answer streamed so far: a stop notice after it gets a paragraph of its own
-    for event in run_events(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
-                            metrics=turn.metrics, follow_up=follow_up):
+    for event in run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
+                              metrics=turn.metrics, follow_up=follow_up):
         what = event.what
         if what == "answer":
             yield Piece("answer", preface + event.text)
             written, preface = (written + event.text)[-2:], ""
         elif what == "done":
             turn.answer = event.text
+        elif what == "started":
+            yield _started_piece(event.node_id, event.text)
         else:   # a node's progress (RUN_MARKS)
             yield Piece("thinking", RUN_MARKS[what] + progress_line(event) + "\n")
             if what == "failed":
@@ -6891,6 +6901,12 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
 
 
 RUN_MARKS = {"started": "→ ", "finished": "✓ ", "failed": "✗ ", "note": ""}   # how the thinking block shows them
+
+
+@lru_cache(maxsize=256)   # a workflow's few nodes, started turn after turn
+def _started_piece(node_id: str, description: str) -> Piece:
+    """A node's "started" line for the thinking block: the same each time it runs, so made once."""
+    return Piece("thinking", RUN_MARKS["started"] + progress_line(RunEvent("started", node_id, description)) + "\n")
 
 
 def paragraph_break(text: str) -> str:
@@ -6913,8 +6929,8 @@ def progress_line(event: RunEvent) -> str:
 def run_events(workflow: Workflow, values: Mapping[str, Any], *, node_types: Mapping[str, NodeType],
                llm: Optional[LLMClient], stop: threading.Event, metrics: Any = None,
                follow_up: Optional[Tuple[str, str]] = None) -> Iterator[RunEvent]:
-    """The run of every wire format: run_workflow's events, counted in the metrics (runs by
-    outcome, failed nodes by type); closing it stops the run."""
+    """MCP's run: run_workflow's events, counted in the metrics (runs by outcome, failed nodes
+    by type); closing it stops the run."""
     return run_workflow(workflow, values, node_types=node_types, llm=llm, stop=stop, follow_up=follow_up,
                         metrics=metrics)
 
