@@ -439,13 +439,10 @@ class Workflow:
         text = self.node(self.output_node).inputs.get("text")
         return text.node if isinstance(text, Link) and not text.path else None
 
+    @cached_property   # worked out once: every run asks
     def chain(self) -> Optional[Tuple[Node, ...]]:
         """The nodes in the order they run when only one at a time can (each needs the one
         before it, as in most workflows); None when some could run side by side."""
-        return self._chain
-
-    @cached_property
-    def _chain(self) -> Optional[Tuple[Node, ...]]:   # worked out once: every run asks
         waiting, order = {node.id: node.dependencies() for node in self.nodes}, []
         while waiting:   # as the runner would find them ready, one by one
             ready = [node_id for node_id, deps in waiting.items() if not deps]
@@ -1254,7 +1251,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     node_types = NODE_TYPES if node_types is None else node_types
     stop = stop or StopSignal()
     outputs: Dict[str, Any] = {}
-    chain = workflow.chain()
+    chain = workflow.chain
     if chain is not None:
         events = _chain_events(workflow, chain, outputs, values, node_types, llm, stop, follow_up)
     else:
@@ -1288,7 +1285,7 @@ def _chain_events(workflow: Workflow, chain: Sequence[Node], outputs: Dict[str, 
     each output kept in ``outputs``; the events end with the first "failed"."""
     streams_answer = workflow.answer_source()
     for node in chain:
-        yield RunEvent("started", node.id, node.description)
+        yield _started(node.id, node.description)
         for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, node.id == streams_answer,
                                follow_up if node.id == streams_answer else None):
             yield event
@@ -1347,8 +1344,14 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
                  streams_answer: bool, follow_up: Optional[Tuple[str, str]] = None) -> Iterator[RunEvent]:
     """Runs one node: "started", then any "note" and "answer" events in the order they happen,
     then "finished" or "failed"."""
-    yield RunEvent("started", node.id, node.description)
+    yield _started(node.id, node.description)
     yield from _node_run(workflow, node, outputs, values, node_types, llm, stop, streams_answer, follow_up)
+
+
+@lru_cache(maxsize=256)   # a workflow's few nodes, run turn after turn
+def _started(node_id: str, description: str) -> RunEvent:
+    """A node's "started" event: the same each time it runs, so made once."""
+    return RunEvent("started", node_id, description)
 
 
 def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values: Mapping[str, Any],
