@@ -362,7 +362,8 @@ class Node:
     def references(self) -> Tuple[Tuple[str, Any], ...]:
         """Its inputs whose values are found when it runs (a link, a query input, a fixed
         input), with their names; the others are used as written."""
-        return tuple((name, value) for name, value in self.inputs.items() if isinstance(value, (Link, QueryRef, FixedRef)))
+        return tuple((name, value) for name, value in self.inputs.items()
+                     if isinstance(value, (Link, QueryRef, FixedRef)))
 
 
 class FunctionFinder:
