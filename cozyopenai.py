@@ -370,6 +370,13 @@ class Node:
     def _links(self) -> AbstractSet[str]:   # the nodes it takes inputs from: its inputs never change, and every run asks
         return frozenset(value.node for value in self.inputs.values() if isinstance(value, Link))
 
+    @cached_property
+    def references(self) -> Tuple[Tuple[str, Any], ...]:
+        """Its inputs whose values are found when it runs (a link, a query input, a fixed
+        input), with their names; the others are used as written."""
+        return tuple((name, value) for name, value in self.inputs.items()
+                     if isinstance(value, (Link, QueryRef, FixedRef)))
+
 
 class FunctionFinder:
     """Finds a `python` node's ``module:function``. A module file beside the workflows file
@@ -444,6 +451,21 @@ class Workflow:
     def _answer_source(self) -> Optional[str]:   # worked out once: every run asks
         text = self.node(self.output_node).inputs.get("text")
         return text.node if isinstance(text, Link) and not text.path else None
+
+    @cached_property   # worked out once: every run asks
+    def chain(self) -> Optional[Tuple[Node, ...]]:
+        """The nodes in the order they run when only one at a time can (each needs the one
+        before it, as in most workflows); None when some could run side by side."""
+        waiting, order = {node.id: node.dependencies() for node in self.nodes}, []
+        while waiting:   # as the runner would find them ready, one by one
+            ready = [node_id for node_id, deps in waiting.items() if not deps]
+            if len(ready) != 1:
+                return None
+            del waiting[ready[0]]
+            for deps in waiting.values():
+                deps.discard(ready[0])
+            order.append(self.node(ready[0]))
+        return tuple(order)
 
     @cached_property
     def redact(self) -> "Redactor":
@@ -1217,7 +1239,8 @@ NODE_TYPES: Mapping[str, NodeType] = MappingProxyType({
 class RunEvent(NamedTuple):   # a tuple, not a frozen dataclass: several are made per turn, and cheaply
     """What the runner reports. what: "started", "finished" (with seconds and value),
     "failed" (with seconds and text), "note" (a line for the thinking block, from
-    NodeContext.note, in the order noted), "answer" (a piece of the answer), "done"."""
+    NodeContext.note, in the order noted), "answer" (a piece of the answer), "done".
+    The runner makes them with positional fields: keywords would cost a dict for each."""
     what: str
     node_id: str = ""
     text: str = ""
@@ -1241,53 +1264,85 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     node_types = NODE_TYPES if node_types is None else node_types
     stop = stop or StopSignal()
     outputs: Dict[str, Any] = {}
-    waiting = {node.id: node.dependencies() for node in workflow.nodes}
-    finished: Optional["queue.SimpleQueue[RunEvent]"] = None   # made only when nodes run side by side
-    threaded: set = set()                       # nodes running in threads right now
-    streams_answer = workflow.answer_source()
-    answer_streamed = False
-    outcome = "stopped"
-
-    def events_of(node_id: str) -> Iterator[RunEvent]:
-        return _node_events(workflow, workflow.node(node_id), outputs, values, node_types, llm, stop,
-                            node_id == streams_answer, follow_up if node_id == streams_answer else None)
+    chain = workflow.chain
+    if chain is not None:
+        events = _chain_events(workflow, chain, outputs, values, node_types, llm, stop, follow_up)
+    else:
+        events = _side_by_side_events(workflow, outputs, values, node_types, llm, stop, follow_up)
+    answer_streamed, outcome = False, "stopped"
     try:
-        while waiting or threaded:
-            ready = [node_id for node_id, deps in waiting.items() if not deps]
-            for node_id in ready:
-                del waiting[node_id]
-            if len(ready) == 1 and not threaded:
-                events = events_of(ready[0])     # the common case, a chain: no thread hand-off
-            else:
-                finished = finished or queue.SimpleQueue()
-                for node_id in ready:
-                    _start_in_thread(events_of(node_id), finished)
-                threaded.update(ready)
-                events = iter([finished.get()])
-            for event in events:
-                if event.what in ("finished", "failed"):
-                    threaded.discard(event.node_id)
-                answer_streamed = answer_streamed or event.what == "answer"
-                if event.what == "failed":
-                    outcome = "failed"
-                    if metrics is not None:
-                        metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
+        for event in events:
+            if event.what == "failed":
+                outcome = "failed"
+                if metrics is not None:
+                    metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
                 yield event
-                if event.what == "failed":
-                    return
-                if event.what == "finished":
-                    outputs[event.node_id] = event.value
-                    for deps in waiting.values():
-                        deps.discard(event.node_id)
+                return
+            answer_streamed = answer_streamed or event.what == "answer"
+            yield event
         answer = outputs[workflow.output_node]
         if not answer_streamed:
-            yield RunEvent("answer", workflow.output_node, text=answer)
+            yield RunEvent("answer", workflow.output_node, answer)
         outcome = "ok"
-        yield RunEvent("done", workflow.output_node, text=answer)
+        yield RunEvent("done", workflow.output_node, answer)
     finally:
         stop.set()   # also on failure and GeneratorExit: threads still running start nothing new
         if metrics is not None:
             metrics.add("runs_total", model=workflow.name, outcome=outcome)
+
+
+def _chain_events(workflow: Workflow, chain: Sequence[Node], outputs: Dict[str, Any], values: Mapping[str, Any],
+                  node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
+                  follow_up: Optional[Tuple[str, str]]) -> Iterator[RunEvent]:
+    """The nodes of a chain, one after another in the caller's thread (no hand-off to make),
+    each output kept in ``outputs``; the events end with the first "failed"."""
+    streams_answer = workflow.answer_source()
+    for node in chain:
+        yield _started(node.id, node.description)
+        for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, node.id == streams_answer,
+                               follow_up if node.id == streams_answer else None):
+            yield event
+            if event.what == "finished":
+                outputs[node.id] = event.value
+            elif event.what == "failed":
+                return
+
+
+def _side_by_side_events(workflow: Workflow, outputs: Dict[str, Any], values: Mapping[str, Any],
+                         node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
+                         follow_up: Optional[Tuple[str, str]]) -> Iterator[RunEvent]:
+    """The nodes of a workflow with branches, each started as soon as its inputs are ready:
+    independent ones side by side in threads, a node ready on its own in the caller's thread.
+    Each output is kept in ``outputs``; the events end with the first "failed"."""
+    waiting = {node.id: node.dependencies() for node in workflow.nodes}
+    finished: "queue.SimpleQueue[RunEvent]" = queue.SimpleQueue()
+    threaded: set = set()                       # nodes running in threads right now
+    streams_answer = workflow.answer_source()
+
+    def events_of(node_id: str) -> Iterator[RunEvent]:
+        return _node_events(workflow, workflow.node(node_id), outputs, values, node_types, llm, stop,
+                            node_id == streams_answer, follow_up if node_id == streams_answer else None)
+    while waiting or threaded:
+        ready = [node_id for node_id, deps in waiting.items() if not deps]
+        for node_id in ready:
+            del waiting[node_id]
+        if len(ready) == 1 and not threaded:   # no thread hand-off for it
+            events = events_of(ready[0])
+        else:
+            for node_id in ready:
+                _start_in_thread(events_of(node_id), finished)
+            threaded.update(ready)
+            events = iter([finished.get()])
+        for event in events:
+            yield event
+            if event.what in ("finished", "failed"):
+                threaded.discard(event.node_id)
+            if event.what == "failed":
+                return
+            if event.what == "finished":
+                outputs[event.node_id] = event.value
+                for deps in waiting.values():
+                    deps.discard(event.node_id)
 
 
 def _start_in_thread(events: Iterator[RunEvent], sink: "queue.SimpleQueue[RunEvent]") -> None:
@@ -1302,49 +1357,83 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
                  streams_answer: bool, follow_up: Optional[Tuple[str, str]] = None) -> Iterator[RunEvent]:
     """Runs one node: "started", then any "note" and "answer" events in the order they happen,
     then "finished" or "failed"."""
-    yield RunEvent("started", node.id, text=node.description)
+    yield _started(node.id, node.description)
+    yield from _node_run(workflow, node, outputs, values, node_types, llm, stop, streams_answer, follow_up)
+
+
+@lru_cache(maxsize=256)   # a workflow's few nodes, run turn after turn
+def _started(node_id: str, description: str) -> RunEvent:
+    """A node's "started" event: the same each time it runs, so made once."""
+    return RunEvent("started", node_id, description)
+
+
+def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values: Mapping[str, Any],
+              node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
+              streams_answer: bool, follow_up: Optional[Tuple[str, str]] = None) -> Iterable[RunEvent]:
+    """Runs one node, once its "started" is out: its events after that. A node whose result is
+    whole runs now, in this call, and its "note" events and "finished" (or "failed") come as a
+    list, with no generator step each; a TextStream is read by a generator (_stream_events)."""
     started = time.monotonic()
-    context = NodeContext(node, workflow, llm, stop, follow_up=follow_up)
+    context = NodeContext(node, workflow, llm, stop, [], follow_up)
     try:
         if stop.is_set():
             raise NodeFailed("the run was stopped")
-        inputs = {name: _input_value(workflow, node, name, value, outputs, values)
-                  for name, value in node.inputs.items()}
+        inputs = node.inputs.copy()   # the dict under its proxy, in the file's order; each reference filled in
+        for name, value in node.references:
+            inputs[name] = _input_value(workflow, value, outputs, values)
         run = node_types[node.type].run
         result = run(inputs, context) if node.timeout_seconds is None else _call_within(node.timeout_seconds, run,
                                                                                          inputs, context)
-        if context.notes:
-            yield from _note_events(context)
-        if isinstance(result, TextStream):
-            pieces = []
-            try:
-                for piece in result:
-                    if stop.is_set():
-                        raise NodeFailed("the run was stopped")
-                    pieces.append(piece)
-                    if context.notes:   # noted before this piece came
-                        yield from _note_events(context)
-                    if streams_answer:
-                        yield RunEvent("answer", node.id, text=piece)
-            finally:   # stopped, failed or closed (the client left): its producer stops now
-                result.close()
-            yield from _note_events(context)
-            result = "".join(pieces)
+    except (NodeFailed, UpstreamError) as exc:
+        return [*_note_events(context), RunEvent("failed", node.id, exc.message, time.monotonic() - started)]
+    except Exception as exc:   # a custom node's bug must end the run, not the server
+        return [_node_bug(workflow, node, exc, started)]
+    if isinstance(result, TextStream):
+        return _stream_events(workflow, node, result, context, started, streams_answer)
+    finished = RunEvent("finished", node.id, "", time.monotonic() - started, result)
+    return [*_note_events(context), finished] if context.notes else (finished,)
+
+
+def _stream_events(workflow: Workflow, node: Node, result: TextStream, context: NodeContext, started: float,
+                   streams_answer: bool) -> Iterator[RunEvent]:
+    """A node's TextStream, read: its "note" events as they are noted, its pieces as "answer"
+    events when it streams the answer, then "finished" with the whole text (or "failed")."""
+    stop = context.stop
+    try:
+        yield from _note_events(context)
+        pieces = []
+        try:
+            for piece in result:
+                if stop.is_set():
+                    raise NodeFailed("the run was stopped")
+                pieces.append(piece)
+                if context.notes:   # noted before this piece came
+                    yield from _note_events(context)
+                if streams_answer:
+                    yield RunEvent("answer", node.id, piece)
+        finally:   # stopped, failed or closed (the client left): its producer stops now
+            result.close()
+        yield from _note_events(context)
     except (NodeFailed, UpstreamError) as exc:
         yield from _note_events(context)
-        yield RunEvent("failed", node.id, text=exc.message, seconds=time.monotonic() - started)
+        yield RunEvent("failed", node.id, exc.message, time.monotonic() - started)
         return
     except Exception as exc:   # a custom node's bug must end the run, not the server
-        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        log.error("node %s of %s raised:\n%s", node.id, workflow.name, workflow.redact(trace))
-        yield RunEvent("failed", node.id, text=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - started)
+        yield _node_bug(workflow, node, exc, started)
         return
-    yield RunEvent("finished", node.id, seconds=time.monotonic() - started, value=result)
+    yield RunEvent("finished", node.id, "", time.monotonic() - started, "".join(pieces))
+
+
+def _node_bug(workflow: Workflow, node: Node, exc: Exception, started: float) -> RunEvent:
+    """The "failed" event of a node that raised what no node should: logged with its trace."""
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    log.error("node %s of %s raised:\n%s", node.id, workflow.name, workflow.redact(trace))
+    return RunEvent("failed", node.id, f"{type(exc).__name__}: {exc}", time.monotonic() - started)
 
 
 def _note_events(context: NodeContext) -> Iterator[RunEvent]:
     while context.notes:
-        yield RunEvent("note", context.node.id, text=context.notes.pop(0))
+        yield RunEvent("note", context.node.id, context.notes.pop(0))
 
 
 def _call_within(seconds: Optional[float], function: Callable[..., Any], *arguments: Any) -> Any:
@@ -1370,11 +1459,11 @@ def _call_within(seconds: Optional[float], function: Callable[..., Any], *argume
     return outcome["value"]
 
 
-def _input_value(workflow: Workflow, node: Node, name: str, value: Any,
-                 outputs: Mapping[str, Any], values: Mapping[str, Any]) -> Any:
+def _input_value(workflow: Workflow, value: Any, outputs: Mapping[str, Any], values: Mapping[str, Any]) -> Any:
     if isinstance(value, Link):
-        label = ".".join((value.node,) + value.path)
-        return lookup_path(outputs[value.node], value.path, label)
+        if not value.path:   # the whole output, as most links take it
+            return outputs[value.node]
+        return lookup_path(outputs[value.node], value.path, ".".join((value.node,) + value.path))
     if isinstance(value, QueryRef):
         return values[value.name]
     if isinstance(value, FixedRef):
@@ -6567,31 +6656,35 @@ class TurnRequest:
 SORRY_REPLY = "Sorry, something went wrong on the server while answering. Your conversation is kept."
 
 
-def ordered_pieces(pieces: Iterator[Piece], written: Optional[Mapping[str, List[str]]] = None) -> Iterator[Piece]:
+def ordered_pieces(pieces: Iterable[Piece], written: Mapping[str, List[str]]) -> Iterator[Piece]:
     """The turn's pieces as every API shows them: thinking, then the answer. Progress that comes
     after the answer has begun (the node that streams the answer finishing, a side branch) is
     held and shown after the answer, so the record of the run is whole; a bug in the turn ends
-    the answer with an apology rather than a broken reply. With ``written`` ({channel: texts}),
-    each piece is kept there as it goes out."""
-    answer_begun, after = False, []   # after: thinking held until the answer is whole
+    the answer with an apology rather than a broken reply. Each piece is kept in ``written``
+    ({channel: texts}) as it goes out."""
+    thinking, answer = written["thinking"], written["answer"]
+    held: List[str] = []   # thinking that came once the answer had begun
+    pieces = iter(pieces)
     try:
-        for piece in pieces:
-            if piece.channel == "thinking" and answer_begun:
-                after.append(piece.text)
-                continue
-            answer_begun = answer_begun or piece.channel == "answer"
-            if written is not None:
-                written[piece.channel].append(piece.text)
+        for piece in pieces:   # thinking, up to the answer's first piece
+            if piece.channel == "answer":
+                answer.append(piece.text)
+                yield piece
+                break
+            thinking.append(piece.text)
             yield piece
-        if after:
-            piece = Piece("thinking", "".join(after))
-            if written is not None:
-                written["thinking"].append(piece.text)
-            yield piece
+        for piece in pieces:   # the answer: thinking is held until it is whole
+            if piece.channel == "thinking":
+                held.append(piece.text)
+            else:
+                answer.append(piece.text)
+                yield piece
+        if held:
+            thinking.append("".join(held))
+            yield Piece("thinking", thinking[-1])
     except Exception:   # the turn's own bug
         log.exception("turn failed")
-        if written is not None:
-            written["answer"].append(SORRY_REPLY)
+        answer.append(SORRY_REPLY)
         yield Piece("answer", SORRY_REPLY)
 
 
@@ -6655,7 +6748,9 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     changed = {name: (conversation.values[name], value) for name, value in extraction.values.items()
                if name in conversation.values and conversation.values[name] != value}
     understood = {name: value for name, value in extraction.values.items() if name not in conversation.values}
-    yield from _describe_extraction(workflow, extraction, understood, changed)
+    described = _describe_extraction(workflow, extraction, understood, changed)
+    if described:
+        yield Piece("thinking", described)
     conversation.values.update(extraction.values)
     for name in extraction.values:
         conversation.ask_counts.pop(name, None)
@@ -6698,22 +6793,25 @@ def _answer_again(turn: TurnContext) -> Iterator[Piece]:
 
 
 def _describe_extraction(workflow: Workflow, extraction: Extraction, understood: Mapping[str, Any],
-                         changed: Mapping[str, Tuple[Any, Any]]) -> Iterator[Piece]:
+                         changed: Mapping[str, Tuple[Any, Any]]) -> str:
+    """The thinking lines for what the message gave, changed or could not give, as one text:
+    they are written at once, so they go out as one piece ("" when there are none)."""
+    queries, lines = workflow.query_inputs, []
     for name, value in understood.items():
-        yield Piece("thinking", f"Understood {workflow.query_inputs[name].label}: {shown_value(value)}.\n")
+        lines.append(f"Understood {queries[name].label}: {shown_value(value)}.\n")
     for name, (old, new) in changed.items():
-        yield Piece("thinking", f"Changed {workflow.query_inputs[name].label}: {shown_value(old)} → "
-                                f"{shown_value(new)}.\n")
+        lines.append(f"Changed {queries[name].label}: {shown_value(old)} → {shown_value(new)}.\n")
     for name, (raw, why) in extraction.ignored.items():
-        yield Piece("thinking", f"Ignored {workflow.query_inputs[name].label} = {raw!r}: {why}.\n")
+        lines.append(f"Ignored {queries[name].label} = {raw!r}: {why}.\n")
     for name, values in extraction.ambiguous.items():
-        yield Piece("thinking", f"Your message names several values for the {workflow.query_inputs[name].label}"
-                                f" ({_or_list(values)}): asking which.\n")
+        lines.append(f"Your message names several values for the {queries[name].label} ({_or_list(values)}): "
+                     "asking which.\n")
     for name, reason in extraction.rejected.items():
-        yield Piece("thinking", f"Could not use the {workflow.query_inputs[name].label}: {reason}.\n")
+        lines.append(f"Could not use the {queries[name].label}: {reason}.\n")
     if extraction.intent == "skip":
-        yield Piece("thinking", "You asked to skip an input; only optional inputs can be left out, "
-                                "and those are never asked for.\n")
+        lines.append("You asked to skip an input; only optional inputs can be left out, "
+                     "and those are never asked for.\n")
+    return "".join(lines)
 
 
 def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, understood: Mapping[str, Any],
@@ -6821,21 +6919,30 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
     yield Piece("thinking", f"Running {workflow.name} with {shown}.\n")
     conversation.runs += 1
     written = ""   # the answer streamed so far: a stop notice after it gets a paragraph of its own
-    for event in run_events(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
-                            metrics=turn.metrics, follow_up=follow_up):
-        if event.what in RUN_MARKS:
-            yield Piece("thinking", RUN_MARKS[event.what] + progress_line(event) + "\n")
-        if event.what == "failed":
-            yield Piece("answer", (paragraph_break(written) if written else preface) +
-                        RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
-        elif event.what == "answer":
+    for event in run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
+                              metrics=turn.metrics, follow_up=follow_up):
+        what = event.what
+        if what == "answer":
             yield Piece("answer", preface + event.text)
             written, preface = (written + event.text)[-2:], ""
-        elif event.what == "done":
+        elif what == "done":
             turn.answer = event.text
+        elif what == "started":
+            yield _started_piece(event.node_id, event.text)
+        else:   # a node's progress (RUN_MARKS)
+            yield Piece("thinking", RUN_MARKS[what] + progress_line(event) + "\n")
+            if what == "failed":
+                yield Piece("answer", (paragraph_break(written) if written else preface) +
+                            RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
 
 
 RUN_MARKS = {"started": "→ ", "finished": "✓ ", "failed": "✗ ", "note": ""}   # how the thinking block shows them
+
+
+@lru_cache(maxsize=256)   # a workflow's few nodes, started turn after turn
+def _started_piece(node_id: str, description: str) -> Piece:
+    """A node's "started" line for the thinking block: the same each time it runs, so made once."""
+    return Piece("thinking", RUN_MARKS["started"] + progress_line(RunEvent("started", node_id, description)) + "\n")
 
 
 def paragraph_break(text: str) -> str:
@@ -6858,8 +6965,8 @@ def progress_line(event: RunEvent) -> str:
 def run_events(workflow: Workflow, values: Mapping[str, Any], *, node_types: Mapping[str, NodeType],
                llm: Optional[LLMClient], stop: threading.Event, metrics: Any = None,
                follow_up: Optional[Tuple[str, str]] = None) -> Iterator[RunEvent]:
-    """The run of every wire format: run_workflow's events, counted in the metrics (runs by
-    outcome, failed nodes by type); closing it stops the run."""
+    """MCP's run: run_workflow's events, counted in the metrics (runs by outcome, failed nodes
+    by type); closing it stops the run."""
     return run_workflow(workflow, values, node_types=node_types, llm=llm, stop=stop, follow_up=follow_up,
                         metrics=metrics)
 
