@@ -3224,11 +3224,12 @@ NUMBER_KINDS = ("money", "year", "month")         # kinds of the number types
 CLAUSE_MARKS = frozenset(",;.!?:()[]—|\n")
 # The shapes that start with a digit are tried only where one stands (the lookahead): the same
 # tokens, without four failed tries at every letter and space.
+SHORT_ENDINGS = ("t", "s", "re", "ve", "ll", "d", "m")   # after an apostrophe, part of the word: "don't", "we're"
 TOKEN_PATTERN = re.compile(
     r"(?=\d)(?:(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4}|\d{1,2}/\d{1,2}(?![\d/])"
     r"|(?:0?[1-9]|[12]\d|3[01])\.(?:0?[1-9]|1[0-2])\.(?![\d.]))"   # "vom 28.12. bis 2.1."
     r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]|\s*[–/-]\s*\d))|(?P<number>\d+(?:[.,]\d+)*))"
-    r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\n|\S)")
+    r"|(?P<word>[^\W\d_]+(?:['’](?:" + "|".join(SHORT_ENDINGS) + r")\b)?(?:-[^\W\d_]+)*)|(?P<mark>\n|\S)")
 # What opens a line that is an item of its own: a list or quote mark, or a label ("When: ...").
 NEW_ITEM_PATTERN = re.compile(r"[ \t]*(?:[-*•>\"'“«]|\d+[.)][ \t]|[^\W\d_][\w \-]{0,63}?[ \t]*[:=])")
 # A short capitalised abbreviation with its dot ("St. Louis", "Mt. Fuji") does not end a phrase.
@@ -3303,6 +3304,22 @@ def _folded_pattern(words: frozenset) -> str:
     # Longest first, so a word is not matched by its own beginning; words of one length cannot
     # both match at one place, so their order does not matter.
     return "|".join("".join(map(_accented, word)) for word in sorted(words, key=lambda word: (-len(word), word)))
+
+
+def word_tree_pattern(words: Iterable[str], joint: str = "") -> str:
+    """A regular expression for any of the words, written as a tree of their letters:
+    ["no", "non", "not", "ne"] is "n(?:e|o(?:(?:n|t))?)". The regex engine tries the branches of
+    an alternation one by one wherever it looks, a hundred for a flat list of a hundred
+    words; a tree tries a few letters. ``joint`` may stand between letters ("-?": "dr-ei")."""
+    heads: Dict[str, List[str]] = {}
+    for word in words:
+        heads.setdefault(word[:1], []).append(word[1:])
+    branches = []
+    for head, rests in sorted(heads.items()):
+        longer = [rest for rest in rests if rest]
+        tail = joint + word_tree_pattern(longer, joint) if longer else ""
+        branches.append(re.escape(head) + (f"(?:{tail})?" if longer and "" in rests else tail))
+    return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
 
 
 def _words(text: str) -> List[str]:
@@ -3970,6 +3987,29 @@ def tokenize(text: str) -> Tokens:
                 tokens[index] = token._replace(folded=month)
     tokens.text = text
     return tokens
+
+
+def ascii_token_pattern(words: Iterable[str]) -> "re.Pattern[str]":
+    """Where a token of an ASCII text may fold to one of these words, found in the lower-cased
+    text without tokenizing it, by TOKEN_PATTERN's rules: a word between non-letters, maybe
+    with its short ending after an apostrophe ("don't" folds to "dont"); a number between
+    non-digits, or right after a date's digits, where a token ends at once ("2027-05-010").
+    It may find more than the tokens hold (a find is checked against them), never less."""
+    letters, digits = [], []
+    for word in sorted(words, key=len, reverse=True):
+        if not word.isascii():
+            continue   # no token of an ASCII text folds to it
+        if word.isdigit():
+            digits.append(word)
+        elif word.isalpha():
+            letters += [word] + [word[:-len(ending)] + "'" + ending for ending in SHORT_ENDINGS
+                                 if word.endswith(ending) and len(word) > len(ending)]
+        else:
+            return re.compile("")   # a word of another shape: found everywhere, so the tokens decide
+    return re.compile("|".join(
+        [r"(?<![a-z])" + word_tree_pattern(letters) + r"(?![a-z])"] * bool(letters)
+        + [r"(?:(?<!\d)|(?<=-\d\d)|(?<=[./]\d{4}))" + word_tree_pattern(digits) + r"(?!\d|[.,]\d)"] * bool(digits))
+        or r"(?!)")
 
 
 def _ends_an_item(text: str, newline: int) -> bool:
@@ -4723,7 +4763,14 @@ class Reading:
     candidates: Dict[str, Dict[int, List[Any]]] = field(default_factory=dict)
     ruled_out: Dict[str, List[Any]] = field(default_factory=dict)   # what the message negates
     polarity: Dict[str, bool] = field(default_factory=dict)         # booleans the message states
-    tokens: Tokens = field(default_factory=Tokens)                  # the message's, made once per message
+    text: str = ""                                                  # the message as read (user_words)
+    label_lines: int = 0                                            # how many ``name: value`` lines it has
+
+    @cached_property
+    def tokens(self) -> Tokens:
+        """The message's tokens, made once, and only when a part of the reader needs them: a
+        message of ``name: value`` lines, with no yes/no to read, is read without them."""
+        return tokenize(self.text)
 
     def add(self, name: str, strength: int, raw: Any) -> None:
         self.candidates.setdefault(name, {}).setdefault(strength, []).append(raw)
@@ -4743,7 +4790,7 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(folded) else "provide")
     if long:
         extraction.notes.append(LONG_MESSAGE_NOTE)
-    reading = Reading(tokens=tokenize(text))
+    reading = Reading(text=text)
     if extraction.intent == "cancel":
         return extraction, reading
     _read_labels(workflow, text, folded, reading)
@@ -4790,6 +4837,7 @@ def _quoted_label_lines(workflow: Workflow, text: str, history: Sequence[dict]) 
 
 # Words without which no span of a message is ruled out (is_negated, _corrects, _retracted, EXCESS).
 RULING_OUT_WORDS = NEGATIONS | NEGATING | EXCEPTS | EXCESS | PREFERENCES
+RULING_OUT_PATTERN = ascii_token_pattern(RULING_OUT_WORDS)
 
 
 def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bool:
@@ -4799,8 +4847,10 @@ def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bo
     if len(reading.candidates) < len(workflow.query_inputs):
         return False
     lines = sum(1 for line in text.splitlines() if line.strip())
-    if len(LINE_VALUE_PATTERN.findall(text)) != lines:
+    if reading.label_lines != lines:
         return False
+    if text.isascii() and not RULING_OUT_PATTERN.search(text.lower()):   # the common case: no tokens needed
+        return True
     return RULING_OUT_WORDS.isdisjoint([token.folded for token in reading.tokens])
 
 
@@ -4818,11 +4868,13 @@ def _read_labels(workflow: Workflow, text: str, folded: str, reading: Reading) -
     """``name: value`` lines, and a value right after a label: "budget 2000", "destination
     Paris". For a number, the number right after its label: "budget: 1500, and we might
     spend 2000 on flights" is 1500. ``folded`` is _fold(text): numbers are ASCII, so found in
-    the folded text they read the same."""
+    the folded text they read the same. The count of ``name: value`` lines is kept on the reading."""
     numbers = {name: match.group(1) for name, pattern in _labelled_number_patterns(workflow).items()
                for match in [pattern.search(folded)] if match
                and not _linked_out_of_bounds(workflow.query_inputs[name], match)}
-    for key, value in LINE_VALUE_PATTERN.findall(text):
+    lines = LINE_VALUE_PATTERN.findall(text)
+    reading.label_lines = len(lines)
+    for key, value in lines:
         name = _input_named(workflow, key)
         if name:   # the marks of a quotation the line was in are not the value's: "When: 3-9 March""
             reading.add(name, 3, numbers.get(name, _line_value(workflow, name, value.strip(QUOTATION_MARKS) or value)))

@@ -2861,6 +2861,18 @@ def test_a_message_of_only_name_value_lines_reads_the_same_without_the_typed_spa
     assert skipped == 2   # those with "not", "no" and "too" read their spans
 
 
+def test_the_ruling_out_words_are_found_without_tokens_wherever_the_tokens_hold_one():
+    texts = ["budget: 2000", "word: hello\ncount: 3", "pace: don't care", "Il n'est pas loin", "non-stop: yes",
+             "dates: 2027-05-010", "on 1/2/20240", "kids: 0", "kids: 0.5", "x.0", "3no", "1st not", "ZU VOLL",
+             "NO", "it's fine", "prefer-ably", "notably", "menos", "a_no", "10-200"]
+    for text in texts:
+        in_tokens = not cozyopenai.RULING_OUT_WORDS.isdisjoint(token.folded for token in cozyopenai.tokenize(text))
+        found = bool(cozyopenai.RULING_OUT_PATTERN.search(text.lower()))
+        assert found or not in_tokens, text
+    assert not cozyopenai.RULING_OUT_PATTERN.search("budget: 2000\ncount: 3\nword: hello")
+    assert not cozyopenai.RULING_OUT_WORDS & cozyopenai.LONG_MONTHS   # no typo's month becomes one unseen
+
+
 ####################################################################################
 # Questions: asking for what is missing
 ####################################################################################
