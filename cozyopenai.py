@@ -3743,6 +3743,8 @@ def _coerce_number(query: QueryInput, raw: Any) -> Any:
         number = float(named.pop())
     elif named:   # "May 3": a month and a number, or two months
         raise ValueError(f"I need the {label} alone, not {str(raw)!r}")
+    elif str(raw).isascii() and str(raw).isdigit():   # "3", the commonest: the one number it is, as numbers_in reads it
+        number = float(str(raw))
     else:
         found = numbers_in(str(raw))
         spaced = SPACED_NUMBER_PATTERN.findall(str(raw))
@@ -4914,6 +4916,8 @@ def _first_sentence(value: str) -> str:
     """A line's value up to the end of its first sentence, without that sentence's full stop
     ("Ostern, 10 Tage. Budget 2800 €." is "Ostern, 10 Tage"); an abbreviation's dot ("St.
     Louis", "Washington D.C.") or a number's ("3.–10. Juni") ends nothing."""
+    if "." not in value and "!" not in value:   # the common value ("3", "Paris"): no mark that ends a sentence
+        return value
     for end in SENTENCE_END_PATTERN.finditer(value):
         if not NO_SENTENCE_END_BEFORE_PATTERN.search(value, 0, end.start()):
             return value[:end.start()].rstrip() or value
