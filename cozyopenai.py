@@ -3478,6 +3478,7 @@ MONTH_SYNONYM_MIN_LETTERS = 4   # "mar" is also the sea, "jun" and "jul" are too
 # ("e", "y") would glue too much ("tree" is no "tre" and "e").
 NUMBER_GLUES = frozenset(word for word in AND_WORDS if len(word) > 1)
 NUMBER_WORD_PATTERN = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*|\d+")
+ASCII_NUMBER_WORD_START = re.compile(r"(?<![a-z])(?<![a-z]-)" + word_tree_pattern(CARDINALS, joint="-?"))
 CARDINAL_PHRASE_MIN = 100   # smaller counts stay words: "two weeks" is read as a period, as written
 BOOLEAN_WORDS = MappingProxyType({True: words_of("yes") | frozenset(SYMBOL_YES.split()),
                                   False: words_of("no") | frozenset(SYMBOL_NO.split())})
@@ -3617,8 +3618,7 @@ def numbers_as_digits(text: str) -> str:
     reader reads them: "deux mille euros" is "2000 euros", "duemilaventisette" is "2027".
     Only numbers of CARDINAL_PHRASE_MIN and more, of several number words or a thousand
     before a currency ("mil euros"); not a capitalised word inside a sentence ("Mila")."""
-    spelled = _fold(" ".join(NUMBER_WORD_PATTERN.findall(text))).replace("-", "")
-    if not any(word.startswith(CARDINALS_BY_INITIAL.get(word[:1], ())) for word in spelled.split(" ")):
+    if not _may_spell_a_number(text):
         return text   # no word starts with a number word: none can be one
     words = list(NUMBER_WORD_PATTERN.finditer(text))
     pieces, last, index = [], 0, 0
@@ -3643,6 +3643,16 @@ def numbers_as_digits(text: str) -> str:
             last = words[end - 1].end()
         index = max(end, first + 1)
     return "".join(pieces) + text[last:] if pieces else text
+
+
+def _may_spell_a_number(text: str) -> bool:
+    """Does a word of the text (NUMBER_WORD_PATTERN's, folded, its hyphens aside: "dr-ei")
+    start with a number word? An ASCII text is looked through at once, lower-cased, where a
+    word starts after anything but a letter or a hyphen that joins it to the letters before."""
+    if text.isascii():
+        return bool(ASCII_NUMBER_WORD_START.search(text.lower()))
+    spelled = _fold(" ".join(NUMBER_WORD_PATTERN.findall(text))).replace("-", "")
+    return any(word.startswith(CARDINALS_BY_INITIAL.get(word[:1], ())) for word in spelled.split(" "))
 
 
 def _spoken_number_parts(text: str, word: "re.Match") -> Optional[Tuple[int, ...]]:
@@ -3991,12 +4001,14 @@ def tokenize(text: str) -> Tokens:
     return tokens
 
 
-def ascii_token_pattern(words: Iterable[str]) -> "re.Pattern[str]":
+def ascii_token_patterns(words: Iterable[str]) -> Tuple["re.Pattern[str]", ...]:
     """Where a token of an ASCII text may fold to one of these words, found in the lower-cased
     text without tokenizing it, by TOKEN_PATTERN's rules: a word between non-letters, maybe
     with its short ending after an apostrophe ("don't" folds to "dont"); a number between
     non-digits, or right after a date's digits, where a token ends at once ("2027-05-010").
-    It may find more than the tokens hold (a find is checked against them), never less."""
+    Together they may find more than the tokens hold (a find is checked against them), never
+    less. Words and numbers are two patterns: each alone is looked for quickly, the number
+    by its first digit."""
     letters, digits = [], []
     for word in sorted(words, key=len, reverse=True):
         if not word.isascii():
@@ -4007,11 +4019,11 @@ def ascii_token_pattern(words: Iterable[str]) -> "re.Pattern[str]":
             letters += [word] + [word[:-len(ending)] + "'" + ending for ending in SHORT_ENDINGS
                                  if word.endswith(ending) and len(word) > len(ending)]
         else:
-            return re.compile("")   # a word of another shape: found everywhere, so the tokens decide
-    return re.compile("|".join(
-        [r"(?<![a-z])" + word_tree_pattern(letters) + r"(?![a-z])"] * bool(letters)
-        + [r"(?:(?<!\d)|(?<=-\d\d)|(?<=[./]\d{4}))" + word_tree_pattern(digits) + r"(?!\d|[.,]\d)"] * bool(digits))
-        or r"(?!)")
+            return (re.compile(""),)   # a word of another shape: found everywhere, so the tokens decide
+    numbers = [rf"{number}(?:(?<!\d{number})|(?<=-\d\d{number})|(?<=[./]\d{{4}}{number}))(?!\d|[.,]\d)"
+               for number in digits]
+    return tuple(re.compile(pattern) for pattern in [r"(?<![a-z])" + word_tree_pattern(letters) + r"(?![a-z])"]
+                 * bool(letters) + ["|".join(numbers)] * bool(numbers))
 
 
 def _ends_an_item(text: str, newline: int) -> bool:
@@ -4839,7 +4851,7 @@ def _quoted_label_lines(workflow: Workflow, text: str, history: Sequence[dict]) 
 
 # Words without which no span of a message is ruled out (is_negated, _corrects, _retracted, EXCESS).
 RULING_OUT_WORDS = NEGATIONS | NEGATING | EXCEPTS | EXCESS | PREFERENCES
-RULING_OUT_PATTERN = ascii_token_pattern(RULING_OUT_WORDS)
+RULING_OUT_PATTERNS = ascii_token_patterns(RULING_OUT_WORDS)
 
 
 def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bool:
@@ -4851,8 +4863,9 @@ def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bo
     lines = sum(1 for line in text.splitlines() if line.strip())
     if reading.label_lines != lines:
         return False
-    if text.isascii() and not RULING_OUT_PATTERN.search(text.lower()):   # the common case: no tokens needed
-        return True
+    lowered = text.lower()
+    if text.isascii() and not any(pattern.search(lowered) for pattern in RULING_OUT_PATTERNS):
+        return True   # the common case, found without the tokens
     return RULING_OUT_WORDS.isdisjoint([token.folded for token in reading.tokens])
 
 
@@ -5909,6 +5922,22 @@ LABEL_SEPARATORS_PATTERN = re.compile(r"[\s\-]+")   # "travel dates", "travel-da
 def _input_named(workflow: Workflow, key: str) -> Optional[str]:
     """The input a label names: its name ("travel_dates", "travel dates"), its label in
     another language, or words of its label that name no other input ("dates")."""
+    own_names = _inputs_named_by_own_name(workflow)
+    if key in own_names:   # the commonest label: an input's name as it is ("budget")
+        return own_names[key]
+    return _input_named_by(workflow, key)
+
+
+def _inputs_named_by_own_name(workflow: Workflow) -> Dict[str, Optional[str]]:
+    """What _input_named finds for each input's own name, worked out once per workflow."""
+    found = workflow.derived.get("inputs_named_by_own_name")
+    if found is None:
+        found = workflow.derived["inputs_named_by_own_name"] = {
+            name: _input_named_by(workflow, name) for name in workflow.query_inputs}
+    return found
+
+
+def _input_named_by(workflow: Workflow, key: str) -> Optional[str]:
     wanted = LABEL_SEPARATORS_PATTERN.sub("_", _fold(key).strip())
     named_so = _inputs_by_folded_name(workflow).get(wanted)
     if named_so is not None:
