@@ -3513,6 +3513,7 @@ NEVER_OPTIONS = NEGATIONS | TIME_LINKS | COUNT_WORDS
 AFTER_A_COUNT = TIME_UNITS | QUALIFIERS | COUNT_WORDS
 LINKS_OR_COUNTS = TIME_LINKS | COUNT_WORDS
 LINKS_OR_QUALIFIERS = TIME_LINKS | QUALIFIERS
+BEFORE_A_MONTH = LEADING_LINKS | QUALIFIERS | TIME_LINKS   # a misspelt month is read after them: "in setpember"
 TIME_GLUE = COUNT_WORDS | QUALIFIERS | TIME_LINKS | HOLIDAYS | PAST
 OF_JOINERS = NAME_JOINERS - ARTICLES - PLACE_LEADS   # "mercatini di Natale", not "Tokio en primavera"
 QUALIFIES_A_UNIT = QUALIFIERS | HOLIDAYS | PAST   # "l'anno scorso", "el año pasado"
@@ -3532,7 +3533,7 @@ RERUN_PATTERN = _phrase_pattern("rerun_phrases", whole=False)
 _RANGE = "|".join(map(re.escape, sorted(RANGE_WORDS, key=len, reverse=True)))
 _RANGE_OR_AND = "|".join(map(re.escape, sorted(RANGE_WORDS | AND_WORDS, key=len, reverse=True)))
 # A number right after its label ("budget: 1500", "budget of 2000"), not the start of a range ("1500-2000").
-LABELLED_NUMBER = (r"\b(?:\s*(?:(?:" + "|".join(map(re.escape, sorted(COPULAS | LABEL_LINKS))) + r")\b|=|:)){0,3}\s*[$€£¥]?\s*"
+LABELLED_NUMBER = (r"\b(?:\s*(?:" + word_tree_pattern(COPULAS | LABEL_LINKS) + r"\b|=|:)){0,3}\s*[$€£¥]?\s*"
                    r"(-?\d{1,3}(?: \d{3})+(?![\d.,]?\d)|-?\d[\d.,'’\u00a0\u202f]*(?:\s*" + _THOUSAND + r")?)"
                    r"(?![\d.,]*\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d)")
 RANGE_AFTER_PATTERN = re.compile(r"\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d", re.I)
@@ -3993,7 +3994,7 @@ def tokenize(text: str) -> Tokens:
         if (token.shape == "word" and len(token.folded) >= MONTH_TYPO_MIN_LETTERS and token.folded not in ALL_WORDS
                 and not token.text[:1].isupper()   # a capitalised word is written with care, or a name: "Augusta"
                 and index > 0 and (tokens[index - 1].shape in ("number", "ordinal")
-                                   or tokens[index - 1].folded in LEADING_LINKS | QUALIFIERS | TIME_LINKS)):
+                                   or tokens[index - 1].folded in BEFORE_A_MONTH)):
             month = _month_misspelt(token.folded)   # "in setpember", "anfang dezembr": read as the month
             if month:
                 tokens[index] = token._replace(folded=month)
