@@ -3345,11 +3345,12 @@ NUMBER_KINDS = ("money", "year", "month")         # kinds of the number types
 CLAUSE_MARKS = frozenset(",;.!?:()[]—|\n")
 # The shapes that start with a digit are tried only where one stands (the lookahead): the same
 # tokens, without four failed tries at every letter and space.
+SHORT_ENDINGS = ("t", "s", "re", "ve", "ll", "d", "m")   # after an apostrophe, part of the word: "don't", "we're"
 TOKEN_PATTERN = re.compile(
     r"(?=\d)(?:(?P<iso>\d{4}-\d{2}-\d{2})|(?P<dmy>\d{1,2}[./]\d{1,2}[./]\d{2,4}|\d{1,2}/\d{1,2}(?![\d/])"
     r"|(?:0?[1-9]|[12]\d|3[01])\.(?:0?[1-9]|1[0-2])\.(?![\d.]))"   # "vom 28.12. bis 2.1."
     r"|(?P<ordinal>\d{1,2}(?:st|nd|rd|th|er|e|º|ª)\b|\d{1,2}\.(?=\s+[^\W\d_]|\s*[–/-]\s*\d))|(?P<number>\d+(?:[.,]\d+)*))"
-    r"|(?P<word>[^\W\d_]+(?:['’](?:t|s|re|ve|ll|d|m)\b)?(?:-[^\W\d_]+)*)|(?P<mark>\n|\S)")
+    r"|(?P<word>[^\W\d_]+(?:['’](?:" + "|".join(SHORT_ENDINGS) + r")\b)?(?:-[^\W\d_]+)*)|(?P<mark>\n|\S)")
 # What opens a line that is an item of its own: a list or quote mark, or a label ("When: ...").
 NEW_ITEM_PATTERN = re.compile(r"[ \t]*(?:[-*•>\"'“«]|\d+[.)][ \t]|[^\W\d_][\w \-]{0,63}?[ \t]*[:=])")
 # A short capitalised abbreviation with its dot ("St. Louis", "Mt. Fuji") does not end a phrase.
@@ -3424,6 +3425,22 @@ def _folded_pattern(words: frozenset) -> str:
     # Longest first, so a word is not matched by its own beginning; words of one length cannot
     # both match at one place, so their order does not matter.
     return "|".join("".join(map(_accented, word)) for word in sorted(words, key=lambda word: (-len(word), word)))
+
+
+def word_tree_pattern(words: Iterable[str], joint: str = "") -> str:
+    """A regular expression for any of the words, written as a tree of their letters:
+    ["no", "non", "not", "ne"] is "n(?:e|o(?:(?:n|t))?)". The regex engine tries the branches of
+    an alternation one by one wherever it looks, a hundred for a flat list of a hundred
+    words; a tree tries a few letters. ``joint`` may stand between letters ("-?": "dr-ei")."""
+    heads: Dict[str, List[str]] = {}
+    for word in words:
+        heads.setdefault(word[:1], []).append(word[1:])
+    branches = []
+    for head, rests in sorted(heads.items()):
+        longer = [rest for rest in rests if rest]
+        tail = joint + word_tree_pattern(longer, joint) if longer else ""
+        branches.append(re.escape(head) + (f"(?:{tail})?" if longer and "" in rests else tail))
+    return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
 
 
 def _words(text: str) -> List[str]:
@@ -3582,6 +3599,7 @@ MONTH_SYNONYM_MIN_LETTERS = 4   # "mar" is also the sea, "jun" and "jul" are too
 # ("e", "y") would glue too much ("tree" is no "tre" and "e").
 NUMBER_GLUES = frozenset(word for word in AND_WORDS if len(word) > 1)
 NUMBER_WORD_PATTERN = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*|\d+")
+ASCII_NUMBER_WORD_START = re.compile(r"(?<![a-z])(?<![a-z]-)" + word_tree_pattern(CARDINALS, joint="-?"))
 CARDINAL_PHRASE_MIN = 100   # smaller counts stay words: "two weeks" is read as a period, as written
 BOOLEAN_WORDS = MappingProxyType({True: words_of("yes") | frozenset(SYMBOL_YES.split()),
                                   False: words_of("no") | frozenset(SYMBOL_NO.split())})
@@ -3616,6 +3634,7 @@ NEVER_OPTIONS = NEGATIONS | TIME_LINKS | COUNT_WORDS
 AFTER_A_COUNT = TIME_UNITS | QUALIFIERS | COUNT_WORDS
 LINKS_OR_COUNTS = TIME_LINKS | COUNT_WORDS
 LINKS_OR_QUALIFIERS = TIME_LINKS | QUALIFIERS
+BEFORE_A_MONTH = LEADING_LINKS | QUALIFIERS | TIME_LINKS   # a misspelt month is read after them: "in setpember"
 TIME_GLUE = COUNT_WORDS | QUALIFIERS | TIME_LINKS | HOLIDAYS | PAST
 OF_JOINERS = NAME_JOINERS - ARTICLES - PLACE_LEADS   # "mercatini di Natale", not "Tokio en primavera"
 QUALIFIES_A_UNIT = QUALIFIERS | HOLIDAYS | PAST   # "l'anno scorso", "el año pasado"
@@ -3635,7 +3654,7 @@ RERUN_PATTERN = _phrase_pattern("rerun_phrases", whole=False)
 _RANGE = "|".join(map(re.escape, sorted(RANGE_WORDS, key=len, reverse=True)))
 _RANGE_OR_AND = "|".join(map(re.escape, sorted(RANGE_WORDS | AND_WORDS, key=len, reverse=True)))
 # A number right after its label ("budget: 1500", "budget of 2000"), not the start of a range ("1500-2000").
-LABELLED_NUMBER = (r"\b(?:\s*(?:(?:" + "|".join(map(re.escape, sorted(COPULAS | LABEL_LINKS))) + r")\b|=|:)){0,3}\s*[$€£¥]?\s*"
+LABELLED_NUMBER = (r"\b(?:\s*(?:" + word_tree_pattern(COPULAS | LABEL_LINKS) + r"\b|=|:)){0,3}\s*[$€£¥]?\s*"
                    r"(-?\d{1,3}(?: \d{3})+(?![\d.,]?\d)|-?\d[\d.,'’\u00a0\u202f]*(?:\s*" + _THOUSAND + r")?)"
                    r"(?![\d.,]*\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d)")
 RANGE_AFTER_PATTERN = re.compile(r"\s*(?:-|–|(?:" + _RANGE + r")\b)\s*[$€£¥]?\d", re.I)
@@ -3721,8 +3740,7 @@ def numbers_as_digits(text: str) -> str:
     reader reads them: "deux mille euros" is "2000 euros", "duemilaventisette" is "2027".
     Only numbers of CARDINAL_PHRASE_MIN and more, of several number words or a thousand
     before a currency ("mil euros"); not a capitalised word inside a sentence ("Mila")."""
-    spelled = _fold(" ".join(NUMBER_WORD_PATTERN.findall(text))).replace("-", "")
-    if not any(word.startswith(CARDINALS_BY_INITIAL.get(word[:1], ())) for word in spelled.split(" ")):
+    if not _may_spell_a_number(text):
         return text   # no word starts with a number word: none can be one
     words = list(NUMBER_WORD_PATTERN.finditer(text))
     pieces, last, index = [], 0, 0
@@ -3747,6 +3765,16 @@ def numbers_as_digits(text: str) -> str:
             last = words[end - 1].end()
         index = max(end, first + 1)
     return "".join(pieces) + text[last:] if pieces else text
+
+
+def _may_spell_a_number(text: str) -> bool:
+    """Does a word of the text (NUMBER_WORD_PATTERN's, folded, its hyphens aside: "dr-ei")
+    start with a number word? An ASCII text is looked through at once, lower-cased, where a
+    word starts after anything but a letter or a hyphen that joins it to the letters before."""
+    if text.isascii():
+        return bool(ASCII_NUMBER_WORD_START.search(text.lower()))
+    spelled = _fold(" ".join(NUMBER_WORD_PATTERN.findall(text))).replace("-", "")
+    return any(word.startswith(CARDINALS_BY_INITIAL.get(word[:1], ())) for word in spelled.split(" "))
 
 
 def _spoken_number_parts(text: str, word: "re.Match") -> Optional[Tuple[int, ...]]:
@@ -3847,6 +3875,8 @@ def _coerce_number(query: QueryInput, raw: Any) -> Any:
         number = float(named.pop())
     elif named:   # "May 3": a month and a number, or two months
         raise ValueError(f"I need the {label} alone, not {str(raw)!r}")
+    elif str(raw).isascii() and str(raw).isdigit():   # "3", the commonest: the one number it is, as numbers_in reads it
+        number = float(str(raw))
     else:
         found = numbers_in(str(raw))
         spaced = SPACED_NUMBER_PATTERN.findall(str(raw))
@@ -4085,12 +4115,37 @@ def tokenize(text: str) -> Tokens:
         if (token.shape == "word" and len(token.folded) >= MONTH_TYPO_MIN_LETTERS and token.folded not in ALL_WORDS
                 and not token.text[:1].isupper()   # a capitalised word is written with care, or a name: "Augusta"
                 and index > 0 and (tokens[index - 1].shape in ("number", "ordinal")
-                                   or tokens[index - 1].folded in LEADING_LINKS | QUALIFIERS | TIME_LINKS)):
+                                   or tokens[index - 1].folded in BEFORE_A_MONTH)):
             month = _month_misspelt(token.folded)   # "in setpember", "anfang dezembr": read as the month
             if month:
                 tokens[index] = token._replace(folded=month)
     tokens.text = text
     return tokens
+
+
+def ascii_token_patterns(words: Iterable[str]) -> Tuple["re.Pattern[str]", ...]:
+    """Where a token of an ASCII text may fold to one of these words, found in the lower-cased
+    text without tokenizing it, by TOKEN_PATTERN's rules: a word between non-letters, maybe
+    with its short ending after an apostrophe ("don't" folds to "dont"); a number between
+    non-digits, or right after a date's digits, where a token ends at once ("2027-05-010").
+    Together they may find more than the tokens hold (a find is checked against them), never
+    less. Words and numbers are two patterns: each alone is looked for quickly, the number
+    by its first digit."""
+    letters, digits = [], []
+    for word in sorted(words, key=len, reverse=True):
+        if not word.isascii():
+            continue   # no token of an ASCII text folds to it
+        if word.isdigit():
+            digits.append(word)
+        elif word.isalpha():
+            letters += [word] + [word[:-len(ending)] + "'" + ending for ending in SHORT_ENDINGS
+                                 if word.endswith(ending) and len(word) > len(ending)]
+        else:
+            return (re.compile(""),)   # a word of another shape: found everywhere, so the tokens decide
+    numbers = [rf"{number}(?:(?<!\d{number})|(?<=-\d\d{number})|(?<=[./]\d{{4}}{number}))(?!\d|[.,]\d)"
+               for number in digits]
+    return tuple(re.compile(pattern) for pattern in [r"(?<![a-z])" + word_tree_pattern(letters) + r"(?![a-z])"]
+                 * bool(letters) + ["|".join(numbers)] * bool(numbers))
 
 
 def _ends_an_item(text: str, newline: int) -> bool:
@@ -4844,7 +4899,14 @@ class Reading:
     candidates: Dict[str, Dict[int, List[Any]]] = field(default_factory=dict)
     ruled_out: Dict[str, List[Any]] = field(default_factory=dict)   # what the message negates
     polarity: Dict[str, bool] = field(default_factory=dict)         # booleans the message states
-    tokens: Tokens = field(default_factory=Tokens)                  # the message's, made once per message
+    text: str = ""                                                  # the message as read (user_words)
+    label_lines: int = 0                                            # how many ``name: value`` lines it has
+
+    @cached_property
+    def tokens(self) -> Tokens:
+        """The message's tokens, made once, and only when a part of the reader needs them: a
+        message of ``name: value`` lines, with no yes/no to read, is read without them."""
+        return tokenize(self.text)
 
     def add(self, name: str, strength: int, raw: Any) -> None:
         self.candidates.setdefault(name, {}).setdefault(strength, []).append(raw)
@@ -4864,7 +4926,7 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(folded) else "provide")
     if long:
         extraction.notes.append(LONG_MESSAGE_NOTE)
-    reading = Reading(tokens=tokenize(text))
+    reading = Reading(text=text)
     if extraction.intent == "cancel":
         return extraction, reading
     _read_labels(workflow, text, folded, reading)
@@ -4911,6 +4973,7 @@ def _quoted_label_lines(workflow: Workflow, text: str, history: Sequence[dict]) 
 
 # Words without which no span of a message is ruled out (is_negated, _corrects, _retracted, EXCESS).
 RULING_OUT_WORDS = NEGATIONS | NEGATING | EXCEPTS | EXCESS | PREFERENCES
+RULING_OUT_PATTERNS = ascii_token_patterns(RULING_OUT_WORDS)
 
 
 def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bool:
@@ -4920,8 +4983,11 @@ def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bo
     if len(reading.candidates) < len(workflow.query_inputs):
         return False
     lines = sum(1 for line in text.splitlines() if line.strip())
-    if len(LINE_VALUE_PATTERN.findall(text)) != lines:
+    if reading.label_lines != lines:
         return False
+    lowered = text.lower()
+    if text.isascii() and not any(pattern.search(lowered) for pattern in RULING_OUT_PATTERNS):
+        return True   # the common case, found without the tokens
     return RULING_OUT_WORDS.isdisjoint([token.folded for token in reading.tokens])
 
 
@@ -4939,11 +5005,13 @@ def _read_labels(workflow: Workflow, text: str, folded: str, reading: Reading) -
     """``name: value`` lines, and a value right after a label: "budget 2000", "destination
     Paris". For a number, the number right after its label: "budget: 1500, and we might
     spend 2000 on flights" is 1500. ``folded`` is _fold(text): numbers are ASCII, so found in
-    the folded text they read the same."""
+    the folded text they read the same. The count of ``name: value`` lines is kept on the reading."""
     numbers = {name: match.group(1) for name, pattern in _labelled_number_patterns(workflow).items()
                for match in [pattern.search(folded)] if match
                and not _linked_out_of_bounds(workflow.query_inputs[name], match)}
-    for key, value in LINE_VALUE_PATTERN.findall(text):
+    lines = LINE_VALUE_PATTERN.findall(text)
+    reading.label_lines = len(lines)
+    for key, value in lines:
         name = _input_named(workflow, key)
         if name:   # the marks of a quotation the line was in are not the value's: "When: 3-9 March""
             reading.add(name, 3, numbers.get(name, _line_value(workflow, name, value.strip(QUOTATION_MARKS) or value)))
@@ -4983,6 +5051,8 @@ def _first_sentence(value: str) -> str:
     """A line's value up to the end of its first sentence, without that sentence's full stop
     ("Ostern, 10 Tage. Budget 2800 €." is "Ostern, 10 Tage"); an abbreviation's dot ("St.
     Louis", "Washington D.C.") or a number's ("3.–10. Juni") ends nothing."""
+    if "." not in value and "!" not in value:   # the common value ("3", "Paris"): no mark that ends a sentence
+        return value
     for end in SENTENCE_END_PATTERN.finditer(value):
         if not NO_SENTENCE_END_BEFORE_PATTERN.search(value, 0, end.start()):
             return value[:end.start()].rstrip() or value
@@ -5974,6 +6044,22 @@ LABEL_SEPARATORS_PATTERN = re.compile(r"[\s\-]+")   # "travel dates", "travel-da
 def _input_named(workflow: Workflow, key: str) -> Optional[str]:
     """The input a label names: its name ("travel_dates", "travel dates"), its label in
     another language, or words of its label that name no other input ("dates")."""
+    own_names = _inputs_named_by_own_name(workflow)
+    if key in own_names:   # the commonest label: an input's name as it is ("budget")
+        return own_names[key]
+    return _input_named_by(workflow, key)
+
+
+def _inputs_named_by_own_name(workflow: Workflow) -> Dict[str, Optional[str]]:
+    """What _input_named finds for each input's own name, worked out once per workflow."""
+    found = workflow.derived.get("inputs_named_by_own_name")
+    if found is None:
+        found = workflow.derived["inputs_named_by_own_name"] = {
+            name: _input_named_by(workflow, name) for name in workflow.query_inputs}
+    return found
+
+
+def _input_named_by(workflow: Workflow, key: str) -> Optional[str]:
     wanted = LABEL_SEPARATORS_PATTERN.sub("_", _fold(key).strip())
     named_so = _inputs_by_folded_name(workflow).get(wanted)
     if named_so is not None:

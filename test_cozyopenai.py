@@ -2861,6 +2861,27 @@ def test_a_message_of_only_name_value_lines_reads_the_same_without_the_typed_spa
     assert skipped == 2   # those with "not", "no" and "too" read their spans
 
 
+def test_an_ascii_text_may_spell_a_number_exactly_where_its_words_start_with_a_number_word():
+    def word_by_word(text):
+        spelled = cozyopenai._fold(" ".join(cozyopenai.NUMBER_WORD_PATTERN.findall(text))).replace("-", "")
+        return any(word.startswith(cozyopenai.CARDINALS_BY_INITIAL.get(word[:1], ())) for word in spelled.split(" "))
+    for text in ["word: hello\ncount: 3", "deux mille euros", "Dr-ei Tage", "x-zwei", "3-zwei", "a--zwei", "_uno",
+                 "zweitausend", "Berlin", "centre", "quatre-vingt-dix", "", "budget 2000"]:
+        assert cozyopenai._may_spell_a_number(text) == word_by_word(text), text
+
+
+def test_the_ruling_out_words_are_found_without_tokens_wherever_the_tokens_hold_one():
+    texts = ["budget: 2000", "word: hello\ncount: 3", "pace: don't care", "Il n'est pas loin", "non-stop: yes",
+             "dates: 2027-05-010", "on 1/2/20240", "kids: 0", "kids: 0.5", "x.0", "3no", "1st not", "ZU VOLL",
+             "NO", "it's fine", "prefer-ably", "notably", "menos", "a_no", "10-200"]
+    for text in texts:
+        in_tokens = not cozyopenai.RULING_OUT_WORDS.isdisjoint(token.folded for token in cozyopenai.tokenize(text))
+        found = any(pattern.search(text.lower()) for pattern in cozyopenai.RULING_OUT_PATTERNS)
+        assert found or not in_tokens, text
+    assert not any(pattern.search("budget: 2000\ncount: 3\nword: hello") for pattern in cozyopenai.RULING_OUT_PATTERNS)
+    assert not cozyopenai.RULING_OUT_WORDS & cozyopenai.LONG_MONTHS   # no typo's month becomes one unseen
+
+
 ####################################################################################
 # Questions: asking for what is missing
 ####################################################################################
