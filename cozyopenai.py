@@ -4985,8 +4985,8 @@ def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bo
     lines = sum(1 for line in text.splitlines() if line.strip())
     if reading.label_lines != lines:
         return False
-    lowered = text.lower()
-    if text.isascii() and not any(pattern.search(lowered) for pattern in RULING_OUT_PATTERNS):
+    lowered = text.lower() if text.isascii() else ""
+    if lowered and not any(pattern.search(lowered) for pattern in RULING_OUT_PATTERNS):
         return True   # the common case, found without the tokens
     return RULING_OUT_WORDS.isdisjoint([token.folded for token in reading.tokens])
 
