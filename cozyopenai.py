@@ -1288,7 +1288,7 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     finally:
         stop.set()   # also on failure and GeneratorExit: threads still running start nothing new
         if metrics is not None:
-            metrics.add("runs_total", model=workflow.name, outcome=outcome)
+            metrics.count_run(workflow.name, outcome)
 
 
 def _chain_events(workflow: Workflow, chain: Sequence[Node], outputs: Dict[str, Any], values: Mapping[str, Any],
@@ -2005,10 +2005,6 @@ class Conversation:
                                        "parent": "", "at": conversation.updated, **state, "result": ""}]
         return conversation
 
-    def state(self) -> dict:
-        return {"values": dict(self.values), "asked": list(self.asked), "ask_counts": dict(self.ask_counts),
-                "runs": self.runs, "result": self.result}
-
     def restore(self, state: Mapping[str, Any]) -> None:
         self.values, self.asked = dict(state["values"]), list(state["asked"])
         self.ask_counts, self.runs, self.result = dict(state["ask_counts"]), state["runs"], state.get("result", "")
@@ -2079,16 +2075,23 @@ class Conversation:
         cleaned = clean_reply(reply_text)
         # Most replies are the answer itself (and the id block): its digest, worked out once.
         reply = self.result if answer is not None and cleaned == answer else text_digest(cleaned)
-        snapshot = {"key": f"{reply}:{users[0]}", "sid": sid or new_snapshot_id(), "reply": reply, "users": users[0],
-                    "users_before": users[1], "parent": self.parent, "at": time.time(), **self.state()}
-        same = next((s for s in self.snapshots if s["key"] == snapshot["key"] and s["parent"] == self.parent
-                     and all(s[f] == snapshot[f] for f in self.STATE_FIELDS)), None)
-        if same is not None:   # a regenerated reply that came out the same, from the same state
-            snapshot = same
-        else:
-            self.snapshots = (self.snapshots + [snapshot])[-SNAPSHOTS_KEPT:]
-        used = {s.get("result") for s in self.snapshots}
-        self.results = {digest: text for digest, text in self.results.items() if digest in used}
+        key, parent = f"{reply}:{users[0]}", self.parent
+        for snapshot in self.snapshots:   # a regenerated reply that came out the same, from the same state
+            if (snapshot["key"] == key and snapshot["parent"] == parent and snapshot["values"] == self.values
+                    and snapshot["asked"] == self.asked and snapshot["ask_counts"] == self.ask_counts
+                    and snapshot["runs"] == self.runs and snapshot["result"] == self.result):
+                break
+        else:   # the state copied: the working one goes on changing
+            snapshot = {"key": key, "sid": sid or new_snapshot_id(), "reply": reply, "users": users[0],
+                        "users_before": users[1], "parent": parent, "at": time.time(), "values": dict(self.values),
+                        "asked": list(self.asked), "ask_counts": dict(self.ask_counts), "runs": self.runs,
+                        "result": self.result}
+            self.snapshots.append(snapshot)
+            if len(self.snapshots) > SNAPSHOTS_KEPT:
+                del self.snapshots[:-SNAPSHOTS_KEPT]
+                # Only then can an answer lose its last snapshot: this turn's is the new snapshot's.
+                used = {s.get("result") for s in self.snapshots}
+                self.results = {digest: text for digest, text in self.results.items() if digest in used}
         if self.responses:   # the Responses API's, of the snapshots still kept
             kept = {_sid(s) for s in self.snapshots}
             responses = [(rid, response) for rid, response in self.responses.items() if response["snapshot"] in kept]
@@ -2187,7 +2190,7 @@ def replies_in(messages: Sequence[dict]) -> List[Reply]:
 def users_digest(messages: Sequence[dict]) -> Tuple[str, str]:
     """The digests of the user turns of ``messages``, with and without the last, as
     replies_in computes them for a reply that follows them."""
-    digests = [text_digest(turn) for turn in user_turns(messages)]   # each turn's once, for both
+    digests = list(map(text_digest, user_turns(messages)))   # each turn's once, for both
     before = digests[:-1]   # none on a chat's first turn: the digest of no text, worked out once
     return text_digest(" ".join(digests)), text_digest(" ".join(before)) if before else NO_TEXT_DIGEST
 
@@ -2751,12 +2754,14 @@ def user_turns(history: Sequence[dict]) -> List[str]:
     """The text of each earlier user turn: the user messages between two assistant replies."""
     turns: List[str] = []
     pending: List[str] = []
-    for message in list(history) + [{"role": "assistant", "content": ""}]:
+    for message in history:
         if message["role"] == "user":
             pending.append(message["content"])
         elif message["role"] == "assistant" and pending:
             turns.append("\n".join(pending).strip())
             pending = []
+    if pending:   # the last turn, with no reply after it yet
+        turns.append("\n".join(pending).strip())
     return turns
 
 
@@ -9685,6 +9690,7 @@ class Metrics:
         self._values: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}
         self._lock = threading.Lock()
         self._turn_series: Dict[str, Tuple[Any, Any, Any]] = {}   # model -> the keys count_turn adds to
+        self._run_series: Dict[Tuple[str, str], Any] = {}   # (model, outcome) -> the key count_run adds to
 
     def add(self, name: str, amount: float = 1.0, **labels: str) -> None:
         key = (name, self._labelled(labels))
@@ -9702,7 +9708,22 @@ class Metrics:
             labelled = (("model", model),)
             (summed, _), (counted, _) = self._observed("turn_seconds", 0.0, labelled)
             series = self._turn_series[model] = (("turns_total", labelled), summed, counted)
-        self._add_together(((series[0], 1), (series[1], seconds), (series[2], 1)))
+        turns, summed, counted = series
+        with self._lock:
+            values = self._values
+            values[turns] = values.get(turns, 0.0) + 1
+            values[summed] = values.get(summed, 0.0) + seconds
+            values[counted] = values.get(counted, 0.0) + 1
+
+    def count_run(self, model: str, outcome: str) -> None:
+        """A workflow run ended: runs_total, its key made once per model and outcome (every
+        turn that runs its workflow counts one, and keyword labels are sorted at each call)."""
+        key = self._run_series.get((model, outcome))
+        if key is None:
+            key = self._run_series[(model, outcome)] = ("runs_total", self._labelled({"model": model,
+                                                                                    "outcome": outcome}))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + 1
 
     @staticmethod
     def _observed(name: str, seconds: float, labelled: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[Any, float], ...]:
