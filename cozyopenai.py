@@ -6709,6 +6709,11 @@ class Piece(NamedTuple):   # a tuple: a turn makes a dozen, and a frozen datacla
     text: str
 
 
+# The turn's pieces, made as the plain tuples they are: Piece(channel, text) would be a Python
+# call (the NamedTuple's constructor) for each of the dozen a turn makes. The same Piece.
+new_piece = partial(tuple.__new__, Piece)
+
+
 def replay_offline(workflow: Workflow, conversation: Conversation, turns: Sequence[str]) -> Dict[str, Any]:
     """Rebuild values from earlier user turns the conversation has no record of (an unknown
     id, or replies it no longer keeps), each read as the offline reader read it when it came:
@@ -6767,11 +6772,11 @@ def ordered_pieces(pieces: Iterable[Piece], written: Mapping[str, List[str]]) ->
                 yield piece
         if held:
             thinking.append("".join(held))
-            yield Piece("thinking", thinking[-1])
+            yield new_piece(("thinking", thinking[-1]))
     except Exception:   # the turn's own bug
         log.exception("turn failed")
         answer.append(SORRY_REPLY)
-        yield Piece("answer", SORRY_REPLY)
+        yield new_piece(("answer", SORRY_REPLY))
 
 
 @dataclass
@@ -6794,49 +6799,50 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     """Gather what the new message gives; ask for what is missing, or run the workflow."""
     workflow, conversation = turn.workflow, turn.conversation
     conversation.turns += 1
-    extraction = Extraction()
     # The turn's own LLM calls (extraction, question): one attempt each, all within --llm-timeout,
     # and cut as soon as the client leaves.
     budget = TurnBudget(turn.stop, turn.llm.settings.timeout_seconds) if turn.llm is not None else None
     own_calls = (lambda: turn.llm.within(budget)) if turn.llm is not None else contextlib.nullcontext
     if turn.branch == "new chat":   # a reused header key (Open WebUI's temporary chats share one)
-        yield Piece("thinking", "A new chat: starting from nothing.\n")
+        yield new_piece(("thinking", "A new chat: starting from nothing.\n"))
     elif turn.branch:
         known = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}"
                           for name, value in conversation.values.items() if name in workflow.query_inputs)
-        yield Piece("thinking", "Continuing from an earlier reply of this chat (a message edited or sent again, "
-                                f"or an older branch): {known or 'nothing gathered yet'}.\n")
+        yield new_piece(("thinking", "Continuing from an earlier reply of this chat (a message edited or sent "
+                                     f"again, or an older branch): {known or 'nothing gathered yet'}.\n"))
     if turn.restored:
         shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}"
                           for name, value in turn.restored.items())
-        yield Piece("thinking", f"Read the earlier messages again: {shown}.\n")
+        yield new_piece(("thinking", f"Read the earlier messages again: {shown}.\n"))
     if turn.text and workflow.query_inputs:
         wanted = conversation.missing(workflow)
-        yield Piece("thinking", f"Reading your message for the {_and_list([q.label for q in wanted])}.\n" if wanted
-                    else "Reading your message for changes.\n")
+        yield new_piece(("thinking", f"Reading your message for the {_and_list([q.label for q in wanted])}.\n"
+                         if wanted else "Reading your message for changes.\n"))
         extraction, reading = read_floor(workflow, conversation, turn.text, turn.history)
         if turn.llm is not None:   # what the simple reader decided is shown while the LLM reads
             if extraction.values and extraction.intent != "cancel":
                 found = ", ".join(f"{workflow.query_inputs[name].label} {shown_value(value)}"
                                   for name, value in extraction.values.items())
-                yield Piece("thinking", f"Found so far: {found} (the language model is reading it too).\n")
+                yield new_piece(("thinking", f"Found so far: {found} (the language model is reading it too).\n"))
             with own_calls():
                 extraction = extract_on_floor(turn.llm, workflow, conversation, turn.history, reading.tokens.text,
                                               extraction, reading)
+    else:   # nothing to read
+        extraction = Extraction()
     for note in extraction.notes:
-        yield Piece("thinking", note + "\n")
+        yield new_piece(("thinking", note + "\n"))
     if extraction.intent == "cancel":
         conversation.values.clear()
         conversation.asked, conversation.ask_counts = [], {}
-        yield Piece("thinking", "You asked to stop: cleared every value.\n")
-        yield Piece("answer", CANCELLED_REPLY)
+        yield new_piece(("thinking", "You asked to stop: cleared every value.\n"))
+        yield new_piece(("answer", CANCELLED_REPLY))
         return
     changed = {name: (conversation.values[name], value) for name, value in extraction.values.items()
                if name in conversation.values and conversation.values[name] != value}
     understood = {name: value for name, value in extraction.values.items() if name not in conversation.values}
     described = _describe_extraction(workflow, extraction, understood, changed)
     if described:
-        yield Piece("thinking", described)
+        yield new_piece(("thinking", described))
     conversation.values.update(extraction.values)
     for name in extraction.values:
         conversation.ask_counts.pop(name, None)
@@ -6999,27 +7005,27 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
     workflow, conversation = turn.workflow, turn.conversation
     values = workflow.with_defaults(conversation.values)
     for name in [name for name in values if name not in conversation.values]:
-        yield Piece("thinking", f"Using the default {workflow.query_inputs[name].label}: "
-                                f"{shown_value(values[name])}.\n")
+        yield new_piece(("thinking", f"Using the default {workflow.query_inputs[name].label}: "
+                                     f"{shown_value(values[name])}.\n"))
     shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}" for name, value in values.items())
-    yield Piece("thinking", f"Running {workflow.name} with {shown}.\n")
+    yield new_piece(("thinking", f"Running {workflow.name} with {shown}.\n"))
     conversation.runs += 1
     written = ""   # the answer streamed so far: a stop notice after it gets a paragraph of its own
     for event in run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
                               metrics=turn.metrics, follow_up=follow_up):
         what = event.what
         if what == "answer":
-            yield Piece("answer", preface + event.text)
+            yield new_piece(("answer", preface + event.text))
             written, preface = (written + event.text)[-2:], ""
         elif what == "done":
             turn.answer = event.text
         elif what == "started":
             yield _started_piece(event.node_id, event.text)
         else:   # a node's progress (RUN_MARKS)
-            yield Piece("thinking", RUN_MARKS[what] + progress_line(event) + "\n")
+            yield new_piece(("thinking", RUN_MARKS[what] + progress_line(event) + "\n"))
             if what == "failed":
-                yield Piece("answer", (paragraph_break(written) if written else preface) +
-                            RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
+                yield new_piece(("answer", (paragraph_break(written) if written else preface) +
+                                 RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text)))
 
 
 RUN_MARKS = {"started": "→ ", "finished": "✓ ", "failed": "✗ ", "note": ""}   # how the thinking block shows them
@@ -7285,15 +7291,14 @@ class Turn:
         pieces = itertools.chain(ordered_pieces(self._game, self._written), self._id_block())   # the block once over
         if not self.workflow.redact:   # a workflow with no secrets skips a step per piece
             return pieces
-        return (Piece(channel, text) for channel, text in self.workflow.redact.stream(
-            (piece.channel, piece.text) for piece in pieces))
+        return map(new_piece, self.workflow.redact.stream(pieces))   # a piece is the (channel, text) it reads
 
     def _id_block(self) -> Iterator[Piece]:
         """The first reply's last piece, kept with the answer for the save: the id block."""
         assert self.conversation is not None
         if self.conversation.is_new and self.request.id_block and not self.request.chat_key:
             self._written["answer"].append(id_block(self.conversation.id))
-            yield Piece("answer", self._written["answer"][-1])
+            yield new_piece(("answer", self._written["answer"][-1]))
 
     def close(self) -> None:
         """Stop what still runs, save what the turn did, and unlock. Safe to call again."""
