@@ -187,6 +187,7 @@ REDACTED = "[redacted]"
 CONNECTION_ENVIRON_KEY = "cozyopenai.connection"   # the client's socket, to notice a hang-up
 TRACE_ENVIRON_KEY = "cozyopenai.trace"             # model and short conversation id, for the log line
 ENDING_ENVIRON_KEY = "cozyopenai.ending"           # how a stream ends if the server cuts it short (StreamEnding)
+REQUEST_LINE_ENVIRON_KEY = "cozyopenai.request_line"   # (method, path), as the edge guard read them
 SHUTDOWN_GRACE_SECONDS = 10.0                       # on SIGTERM, running turns have this long to finish
 SHUTDOWN_MESSAGE = "The server is shutting down; this reply was cut short. Send it again in a moment."
 # The C encoder behind json.dumps(value, ensure_ascii=False), made once: JSONEncoder.encode
@@ -1248,6 +1249,11 @@ class RunEvent(NamedTuple):   # a tuple, not a frozen dataclass: several are mad
     value: Any = None
 
 
+# The runner's events, made as the plain tuples they are, every field given: RunEvent(...) would
+# be a Python call (the NamedTuple's constructor) for each. The same RunEvent.
+new_event = partial(tuple.__new__, RunEvent)
+
+
 def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
                  node_types: Optional[Mapping[str, NodeType]] = None, llm: Optional[LLMClient] = None,
                  stop: Optional[threading.Event] = None,
@@ -1282,9 +1288,9 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
             yield event
         answer = outputs[workflow.output_node]
         if not answer_streamed:
-            yield RunEvent("answer", workflow.output_node, answer)
+            yield new_event(("answer", workflow.output_node, answer, 0.0, None))
         outcome = "ok"
-        yield RunEvent("done", workflow.output_node, answer)
+        yield new_event(("done", workflow.output_node, answer, 0.0, None))
     finally:
         stop.set()   # also on failure and GeneratorExit: threads still running start nothing new
         if metrics is not None:
@@ -1390,7 +1396,7 @@ def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values
         return [_node_bug(workflow, node, exc, started)]
     if isinstance(result, TextStream):
         return _stream_events(workflow, node, result, context, started, streams_answer)
-    finished = RunEvent("finished", node.id, "", time.monotonic() - started, result)
+    finished = new_event(("finished", node.id, "", time.monotonic() - started, result))
     return [*_note_events(context), finished] if context.notes else (finished,)
 
 
@@ -7582,11 +7588,12 @@ def check_key(api_keys: Sequence[str], authorization: str) -> None:
         raise UnauthorizedError("Missing or wrong API key: send 'Authorization: Bearer <key>'.")
 
 
-def check_origin(origins: Sequence[str]) -> None:
+def check_origin(origins: Sequence[str], environ: Mapping[str, Any]) -> None:
     """A browser's Origin must be this machine's (loopback) or one given with --cors-origin:
     without it any page the user opens could drive the workflows (a form or a text/plain
-    POST needs no preflight), and DNS rebinding makes "the same as Host" no test at all."""
-    if "HTTP_ORIGIN" not in bottle.request.environ:   # not a browser: nothing to check (the common case)
+    POST needs no preflight), and DNS rebinding makes "the same as Host" no test at all.
+    ``environ`` is the request's (bottle.request.environ)."""
+    if "HTTP_ORIGIN" not in environ:   # not a browser: nothing to check (the common case)
         return
     origin = bottle.request.get_header("Origin")
     if origin and origin not in origins and "*" not in origins:
@@ -7594,12 +7601,11 @@ def check_origin(origins: Sequence[str]) -> None:
             raise ForbiddenOriginError(f"Origin {origin!r} is not allowed here; give it with --cors-origin.")
 
 
-def read_body() -> bytes:
-    """The request body, read under our own limit (Bottle's MEMFILE_MAX is a global and 100 KB).
-    The framing was checked at the edge (check_framing); a chunked body comes decoded by the
-    server. A body shorter than its Content-Length is a 400; one that stops arriving (the
-    built-in server's --body-timeout) a 408."""
-    environ = bottle.request.environ
+def read_body(environ: Mapping[str, Any]) -> bytes:
+    """The body of the request of ``environ`` (bottle.request.environ), read under our own
+    limit (Bottle's MEMFILE_MAX is a global and 100 KB). The framing was checked at the edge
+    (check_framing); a chunked body comes decoded by the server. A body shorter than its
+    Content-Length is a 400; one that stops arriving (the built-in server's --body-timeout) a 408."""
     stream, length = environ["wsgi.input"], int(environ.get("CONTENT_LENGTH") or -1)   # bottle's content_length
     try:
         if length > MAX_BODY_BYTES:
@@ -7966,7 +7972,7 @@ def completion_object(texts: Mapping[str, Optional[str]], request: ChatRequest, 
 
 
 def _usage(prompt_tokens: int, completion_chars: int) -> dict:
-    completion_tokens = estimate_tokens("x" * completion_chars) if completion_chars else 0
+    completion_tokens = (completion_chars + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN   # as estimate_tokens counts
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
@@ -7978,7 +7984,7 @@ def model_object(workflow: Workflow) -> dict:
 def chat_completions(service: Service) -> Any:
     """POST /openai/chat/completions: one turn, streamed as chunks or answered whole."""
     environ = bottle.request.environ
-    request = parse_chat_request(read_body(), environ.get("CONTENT_TYPE", ""))
+    request = parse_chat_request(read_body(environ), environ.get("CONTENT_TYPE", ""))
     prompt_tokens = estimate_tokens("".join(message["content"] for message in request.messages))
     chat_key = bottle.request.get_header(service.conversation_header, "") if service.conversation_header else ""
     turn = open_chat_turn(service, TurnRequest(request.model, request.messages, chat_key=chat_key),
@@ -8381,7 +8387,7 @@ def create_response(service: Service, runs: Optional["BackgroundRuns"] = None) -
     """POST /openai/responses: one turn, streamed as semantic events or answered whole; with
     ``background``, run on without the client (see BackgroundRun)."""
     environ = bottle.request.environ
-    request = parse_responses_request(read_body(), bottle.request.content_type,
+    request = parse_responses_request(read_body(bottle.request.environ), bottle.request.content_type,
                                       lambda item_id: find_item(service, item_id))
     turn_request = response_turn_request(request)
     if request.background:
@@ -8773,7 +8779,7 @@ CONVERSATION_ITEMS_AT_ONCE = 20       # items one create or add request may carr
 
 def create_conversation(service: Service) -> dict:
     """POST /conversations: a new conversation, with optional ``items`` and ``metadata``."""
-    body = read_body()
+    body = read_body(bottle.request.environ)
     data = _json_body(body, bottle.request.content_type) if body.strip() else {}   # curl -X POST, with no body
     for name in data:
         if name not in ("items", "metadata"):
@@ -8830,7 +8836,7 @@ def retrieve_conversation(service: Service, conversation_id: str) -> dict:
 
 def update_conversation(service: Service, conversation_id: str) -> dict:
     """POST /conversations/{id}: its metadata replaced."""
-    data = _json_body(read_body(), bottle.request.content_type)
+    data = _json_body(read_body(bottle.request.environ), bottle.request.content_type)
     if "metadata" not in data or set(data) - {"metadata"}:
         raise RequestError("Send 'metadata', and only it, to update a conversation.", param="metadata")
     metadata = checked_metadata(data["metadata"])
@@ -8853,7 +8859,7 @@ def list_conversation_items(service: Service, conversation_id: str) -> dict:
 
 def add_conversation_items(service: Service, conversation_id: str) -> dict:
     """POST /conversations/{id}/items: messages added at its end; the list of those added."""
-    data = _json_body(read_body(), bottle.request.content_type)
+    data = _json_body(read_body(bottle.request.environ), bottle.request.content_type)
     if not isinstance(data.get("items"), list) or not data["items"]:
         raise RequestError("'items' must be a non-empty array of messages, not "
                            f"{'an empty array' if data.get('items') == [] else _json_type(data.get('items'))}.",
@@ -9586,14 +9592,14 @@ def _mcp_guard(service: Service, origins: Sequence[str]) -> None:
     except UnauthorizedError as exc:
         raise McpError(JSONRPC_INVALID_REQUEST, exc.message, 401) from None
     try:
-        check_origin(origins)
+        check_origin(origins, bottle.request.environ)
     except ForbiddenOriginError as exc:
         raise McpError(JSONRPC_INVALID_REQUEST, exc.message, 403) from None
 
 
 def _mcp_body() -> Any:
     try:
-        body = read_body()
+        body = read_body(bottle.request.environ)
     except CozyError as exc:
         raise McpError(JSONRPC_INVALID_REQUEST, exc.message, exc.status) from None
     try:
@@ -10031,13 +10037,13 @@ def _guard_the_edge(service: Service, origins: Sequence[str]) -> None:
     a browser's Origin on anything that changes state. A CORS preflight carries no key: with
     origins allowed, OPTIONS passes."""
     environ = bottle.request.environ
-    method, path = request_line_of(environ)
+    method, path = environ[REQUEST_LINE_ENVIRON_KEY] = request_line_of(environ)   # the route's log line reads it
     try:
         check_framing(environ)
         if service.api_keys and is_keyed_path(path) and not (origins and method == "OPTIONS"):
             check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
         if method not in ("GET", "HEAD", "OPTIONS") and not path.startswith("/mcp"):
-            check_origin(origins)   # /mcp answers its own refusal, in JSON-RPC
+            check_origin(origins, environ)   # /mcp answers its own refusal, in JSON-RPC
     except CozyError as exc:
         _log_line(method, path, exc.status, {}, time.monotonic())
         raise bottle.HTTPResponse(edge_error_body(path, exc), exc.status, {"Content-Type": "application/json"})
@@ -10079,7 +10085,7 @@ def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., 
         if isinstance(result, dict):
             bottle.response.content_type = "application/json"
             result = json_text(result)
-        method, path = request_line_of(environ)
+        method, path = environ[REQUEST_LINE_ENVIRON_KEY]   # the edge guard's, run before every route
         if isinstance(result, str):
             _log_line(method, path, bottle.response.status_code, trace, started)
             return result
