@@ -7013,7 +7013,7 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
     for name in [name for name in values if name not in conversation.values]:
         yield new_piece(("thinking", f"Using the default {workflow.query_inputs[name].label}: "
                                      f"{shown_value(values[name])}.\n"))
-    shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}" for name, value in values.items())
+    shown = ", ".join([f"{workflow.query_inputs[name].label} = {shown_value(value)}" for name, value in values.items()])
     yield new_piece(("thinking", f"Running {workflow.name} with {shown}.\n"))
     conversation.runs += 1
     written = ""   # the answer streamed so far: a stop notice after it gets a paragraph of its own
@@ -7823,8 +7823,7 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
     if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int) or choices != 1):
         raise RequestError("'n' must be 1: a workflow gives one answer per turn.", param="n")
     options = _field_of(data, "stream_options", dict) or {}
-    return ChatRequest(model=model, messages=messages, stream=stream,
-                       include_usage=stream and options.get("include_usage") is True)
+    return ChatRequest(model, messages, stream, stream and options.get("include_usage") is True)
 
 
 def _parse_message(message: Any, index: int) -> dict:
@@ -7913,7 +7912,7 @@ def whole_reply(pieces: Iterable[Piece], thinking: str = "tags") -> Dict[str, Op
 
 def new_completion_id() -> str:
     """Completion ids need to be unique, not secret: no system call for them (one per reply costs under load)."""
-    return f"chatcmpl-{random.getrandbits(96):024x}"
+    return "chatcmpl-" + random.getrandbits(96).to_bytes(12, "big").hex()   # f"{n:024x}", for half the work
 
 
 def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: ChatRequest,
@@ -7985,7 +7984,7 @@ def chat_completions(service: Service) -> Any:
     """POST /openai/chat/completions: one turn, streamed as chunks or answered whole."""
     environ = bottle.request.environ
     request = parse_chat_request(read_body(environ), environ.get("CONTENT_TYPE", ""))
-    prompt_tokens = estimate_tokens("".join(message["content"] for message in request.messages))
+    prompt_tokens = estimate_tokens("".join([message["content"] for message in request.messages]))
     chat_key = bottle.request.get_header(service.conversation_header, "") if service.conversation_header else ""
     turn = open_chat_turn(service, TurnRequest(request.model, request.messages, chat_key=chat_key),
                           HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY)), environ.get(TRACE_ENVIRON_KEY))
@@ -7994,8 +7993,10 @@ def chat_completions(service: Service) -> Any:
         fields = reply_fields(turn.pieces(service.keepalive_seconds), service.thinking)
         return StreamedTurn(completion_chunks(fields, request, prompt_tokens), turn, service.metrics,
                             lambda message, sent: completion_cut(message))
-    with turn:
+    try:
         return completion_object(whole_reply(turn.pieces(), service.thinking), request, prompt_tokens)
+    finally:
+        turn.close()
 
 
 def open_chat_turn(service: Service, request: TurnRequest, stop: threading.Event,
