@@ -6843,9 +6843,12 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
         yield new_piece(("thinking", "You asked to stop: cleared every value.\n"))
         yield new_piece(("answer", CANCELLED_REPLY))
         return
-    changed = {name: (conversation.values[name], value) for name, value in extraction.values.items()
-               if name in conversation.values and conversation.values[name] != value}
-    understood = {name: value for name, value in extraction.values.items() if name not in conversation.values}
+    understood, changed = {}, {}   # the values new to the conversation, and those it had otherwise
+    for name, value in extraction.values.items():
+        if name not in conversation.values:
+            understood[name] = value
+        elif conversation.values[name] != value:
+            changed[name] = (conversation.values[name], value)
     described = _describe_extraction(workflow, extraction, understood, changed)
     if described:
         yield new_piece(("thinking", described))
@@ -7010,9 +7013,10 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
     """Run the workflow: progress as thinking, then ``preface`` and the answer."""
     workflow, conversation = turn.workflow, turn.conversation
     values = workflow.with_defaults(conversation.values)
-    for name in [name for name in values if name not in conversation.values]:
-        yield new_piece(("thinking", f"Using the default {workflow.query_inputs[name].label}: "
-                                     f"{shown_value(values[name])}.\n"))
+    for name in values:
+        if name not in conversation.values:   # a default
+            yield new_piece(("thinking", f"Using the default {workflow.query_inputs[name].label}: "
+                                         f"{shown_value(values[name])}.\n"))
     shown = ", ".join([f"{workflow.query_inputs[name].label} = {shown_value(value)}" for name, value in values.items()])
     yield new_piece(("thinking", f"Running {workflow.name} with {shown}.\n"))
     conversation.runs += 1
