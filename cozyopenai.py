@@ -3841,7 +3841,10 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
     if isinstance(raw, (dict, list)) or raw is None or not str(raw).strip():
         raise ValueError(f"I need some text for the {label}")
     # One line of plain text: a value never carries a code fence or line breaks into a workflow.
-    text = " ".join(INVISIBLE_PATTERN.sub("", str(raw)).replace("`", " ").split())
+    text = str(raw)
+    if not (text.isascii() and text.isprintable()):   # the common value, printable ASCII, has no invisible mark
+        text = INVISIBLE_PATTERN.sub("", text)
+    text = " ".join(text.replace("`", " ").split())
     if not text:
         raise ValueError(f"I need some text for the {label}")
     if query.type in FORMAT_PATTERNS and not FORMAT_PATTERNS[query.type].fullmatch(text):
@@ -3868,7 +3871,7 @@ def _coerce_number(query: QueryInput, raw: Any) -> Any:
         raise ValueError(f"I need a number for the {label}, not {as_written(raw)}")
     if isinstance(raw, int) and abs(raw) > MAX_NUMBER_VALUE:   # before float(), which a huge int overflows
         raise ValueError(f"the {label} is too large")
-    named = _synonyms_named(query, str(raw))
+    named = _synonyms_named(query, str(raw)) if query.synonyms else ()   # most inputs have none
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
         number = float(raw)
     elif len(named) == 1 and not numbers_in(str(raw)):   # "March" for a month, when the workflow says so
@@ -5823,6 +5826,12 @@ def _choose(workflow: Workflow, reading: Reading, extraction: Extraction) -> Non
     for name, found in reading.candidates.items():
         query = workflow.query_inputs[name]
         strongest = found[max(found)]
+        if len(strongest) == 1 and not reading.ruled_out.get(name):   # the common case: one value, nothing ruled out
+            try:
+                extraction.values[name] = coerce_value(query, strongest[0])
+            except ValueError as exc:
+                extraction.rejected[name] = str(exc)
+            continue
         values, problems = [], []
         ruled_out = [_coerce_or_none(query, raw) for raw in reading.ruled_out.get(name, [])]
         for raw in strongest:
