@@ -4003,7 +4003,9 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     code blocks, quoted lines ("> ..."), passages of several words in quotation marks and lines
     pasted from one of our earlier replies. Amounts in words are put in digits ("deux mille")."""
     text = within_reading_limit(text)
-    text = CODE_FENCE_PATTERN.sub("\n", INVISIBLE_PATTERN.sub("", text))
+    text = INVISIBLE_PATTERN.sub("", text)
+    if "```" in text or "~~~" in text:   # every fence opens with one: most messages have none to look for
+        text = CODE_FENCE_PATTERN.sub("\n", text)
     ours = _our_replies(history)
     if not ours and ">" not in text and not (QUOTE_OPENERS.search(text) and QUOTED_PASSAGE_PATTERN.search(text)):
         return numbers_as_digits(text.strip())   # no line is context (the common case): none to look at one by one
@@ -5009,8 +5011,9 @@ def _read_labels(workflow: Workflow, text: str, folded: str, reading: Reading) -
     Paris". For a number, the number right after its label: "budget: 1500, and we might
     spend 2000 on flights" is 1500. ``folded`` is _fold(text): numbers are ASCII, so found in
     the folded text they read the same. The count of ``name: value`` lines is kept on the reading."""
-    numbers = {name: match.group(1) for name, pattern in _labelled_number_patterns(workflow).items()
-               for match in [pattern.search(folded)] if match
+    which = 0 if folded.isascii() else 1
+    numbers = {name: match.group(1) for name, patterns in _labelled_number_patterns(workflow).items()
+               for match in [patterns[which].search(folded)] if match
                and not _linked_out_of_bounds(workflow.query_inputs[name], match)}
     lines = LINE_VALUE_PATTERN.findall(text)
     reading.label_lines = len(lines)
@@ -5091,13 +5094,20 @@ def _linked_out_of_bounds(query: QueryInput, match: "re.Match[str]") -> bool:
     return linked and number is not None and number > query.maximum
 
 
-def _labelled_number_patterns(workflow: Workflow) -> Dict[str, "re.Pattern[str]"]:
-    """Per number input, a label and the number right after it, compiled once per workflow."""
+def _labelled_number_patterns(workflow: Workflow) -> Dict[str, Tuple["re.Pattern[str]", "re.Pattern[str]"]]:
+    """Per number input, a label and the number right after it, compiled once per workflow: for
+    an ASCII folded text, and for any text. The first ignores case in the label alone: the words
+    of LABELLED_NUMBER are ASCII and lower case, so in an ASCII folded text, lower case too, no
+    case to ignore changes what they match (only "ı", "ſ", "K" and "İ" fold onto ASCII letters),
+    and the regex engine tries the words of a case it ignores one by one, without its quick look."""
     found = workflow.derived.get("labelled_numbers")
     if found is None:
-        found = workflow.derived["labelled_numbers"] = {
-            query.name: re.compile(r"\b(?:" + "|".join(_label_patterns(workflow, query)) + r")" + LABELLED_NUMBER, re.I)
-            for query in workflow.query_inputs.values() if query.type in NUMERIC_TYPES}
+        found = workflow.derived["labelled_numbers"] = {}
+        for query in workflow.query_inputs.values():
+            if query.type in NUMERIC_TYPES:
+                label = r"\b(?:" + "|".join(_label_patterns(workflow, query)) + r")"
+                found[query.name] = (re.compile("(?i:" + label + ")" + LABELLED_NUMBER),
+                                     re.compile(label + LABELLED_NUMBER, re.I))
     return found
 
 
