@@ -3852,7 +3852,10 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
     if isinstance(raw, (dict, list)) or raw is None or not str(raw).strip():
         raise ValueError(f"I need some text for the {label}")
     # One line of plain text: a value never carries a code fence or line breaks into a workflow.
-    text = " ".join(INVISIBLE_PATTERN.sub("", str(raw)).replace("`", " ").split())
+    text = str(raw)
+    if not (text.isascii() and text.isprintable()):   # the common value, printable ASCII, has no invisible mark
+        text = INVISIBLE_PATTERN.sub("", text)
+    text = " ".join(text.replace("`", " ").split())
     if not text:
         raise ValueError(f"I need some text for the {label}")
     if query.type in FORMAT_PATTERNS and not FORMAT_PATTERNS[query.type].fullmatch(text):
@@ -3879,7 +3882,7 @@ def _coerce_number(query: QueryInput, raw: Any) -> Any:
         raise ValueError(f"I need a number for the {label}, not {as_written(raw)}")
     if isinstance(raw, int) and abs(raw) > MAX_NUMBER_VALUE:   # before float(), which a huge int overflows
         raise ValueError(f"the {label} is too large")
-    named = _synonyms_named(query, str(raw))
+    named = _synonyms_named(query, str(raw)) if query.synonyms else ()   # most inputs have none
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
         number = float(raw)
     elif len(named) == 1 and not numbers_in(str(raw)):   # "March" for a month, when the workflow says so
@@ -4011,7 +4014,9 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     code blocks, quoted lines ("> ..."), passages of several words in quotation marks and lines
     pasted from one of our earlier replies. Amounts in words are put in digits ("deux mille")."""
     text = within_reading_limit(text)
-    text = CODE_FENCE_PATTERN.sub("\n", INVISIBLE_PATTERN.sub("", text))
+    text = INVISIBLE_PATTERN.sub("", text)
+    if "```" in text or "~~~" in text:   # every fence opens with one: most messages have none to look for
+        text = CODE_FENCE_PATTERN.sub("\n", text)
     ours = _our_replies(history)
     if not ours and ">" not in text and not (QUOTE_OPENERS.search(text) and QUOTED_PASSAGE_PATTERN.search(text)):
         return numbers_as_digits(text.strip())   # no line is context (the common case): none to look at one by one
@@ -5017,8 +5022,9 @@ def _read_labels(workflow: Workflow, text: str, folded: str, reading: Reading) -
     Paris". For a number, the number right after its label: "budget: 1500, and we might
     spend 2000 on flights" is 1500. ``folded`` is _fold(text): numbers are ASCII, so found in
     the folded text they read the same. The count of ``name: value`` lines is kept on the reading."""
-    numbers = {name: match.group(1) for name, pattern in _labelled_number_patterns(workflow).items()
-               for match in [pattern.search(folded)] if match
+    which = 0 if folded.isascii() else 1
+    numbers = {name: match.group(1) for name, patterns in _labelled_number_patterns(workflow).items()
+               for match in [patterns[which].search(folded)] if match
                and not _linked_out_of_bounds(workflow.query_inputs[name], match)}
     lines = LINE_VALUE_PATTERN.findall(text)
     reading.label_lines = len(lines)
@@ -5099,13 +5105,20 @@ def _linked_out_of_bounds(query: QueryInput, match: "re.Match[str]") -> bool:
     return linked and number is not None and number > query.maximum
 
 
-def _labelled_number_patterns(workflow: Workflow) -> Dict[str, "re.Pattern[str]"]:
-    """Per number input, a label and the number right after it, compiled once per workflow."""
+def _labelled_number_patterns(workflow: Workflow) -> Dict[str, Tuple["re.Pattern[str]", "re.Pattern[str]"]]:
+    """Per number input, a label and the number right after it, compiled once per workflow: for
+    an ASCII folded text, and for any text. The first ignores case in the label alone: the words
+    of LABELLED_NUMBER are ASCII and lower case, so in an ASCII folded text, lower case too, no
+    case to ignore changes what they match (only "ı", "ſ", "K" and "İ" fold onto ASCII letters),
+    and the regex engine tries the words of a case it ignores one by one, without its quick look."""
     found = workflow.derived.get("labelled_numbers")
     if found is None:
-        found = workflow.derived["labelled_numbers"] = {
-            query.name: re.compile(r"\b(?:" + "|".join(_label_patterns(workflow, query)) + r")" + LABELLED_NUMBER, re.I)
-            for query in workflow.query_inputs.values() if query.type in NUMERIC_TYPES}
+        found = workflow.derived["labelled_numbers"] = {}
+        for query in workflow.query_inputs.values():
+            if query.type in NUMERIC_TYPES:
+                label = r"\b(?:" + "|".join(_label_patterns(workflow, query)) + r")"
+                found[query.name] = (re.compile("(?i:" + label + ")" + LABELLED_NUMBER),
+                                     re.compile(label + LABELLED_NUMBER, re.I))
     return found
 
 
@@ -5834,6 +5847,12 @@ def _choose(workflow: Workflow, reading: Reading, extraction: Extraction) -> Non
     for name, found in reading.candidates.items():
         query = workflow.query_inputs[name]
         strongest = found[max(found)]
+        if len(strongest) == 1 and not reading.ruled_out.get(name):   # the common case: one value, nothing ruled out
+            try:
+                extraction.values[name] = coerce_value(query, strongest[0])
+            except ValueError as exc:
+                extraction.rejected[name] = str(exc)
+            continue
         values, problems = [], []
         ruled_out = [_coerce_or_none(query, raw) for raw in reading.ruled_out.get(name, [])]
         for raw in strongest:
