@@ -455,18 +455,12 @@ class Workflow:
 
     @cached_property   # worked out once: every run asks
     def chain(self) -> Optional[Tuple[Node, ...]]:
-        """The nodes in the order they run when only one at a time can (each needs the one
-        before it, as in most workflows); None when some could run side by side."""
-        waiting, order = {node.id: node.dependencies() for node in self.nodes}, []
-        while waiting:   # as the runner would find them ready, one by one
-            ready = [node_id for node_id, deps in waiting.items() if not deps]
-            if len(ready) != 1:
-                return None
-            del waiting[ready[0]]
-            for deps in waiting.values():
-                deps.discard(ready[0])
-            order.append(self.node(ready[0]))
-        return tuple(order)
+        """The nodes in the order they run when only one at a time can, as in most workflows:
+        ``nodes`` (each after its inputs) when each takes an input from the one before it; None
+        when some could run side by side."""
+        if all(before.id in node.dependencies() for before, node in zip(self.nodes, self.nodes[1:])):
+            return self.nodes
+        return None
 
     @cached_property
     def redact(self) -> "Redactor":
