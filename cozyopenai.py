@@ -9738,11 +9738,7 @@ class Metrics:
             (summed, _), (counted, _) = self._observed("turn_seconds", 0.0, labelled)
             series = self._turn_series[model] = (("turns_total", labelled), summed, counted)
         turns, summed, counted = series
-        with self._lock:
-            values = self._values
-            values[turns] = values.get(turns, 0.0) + 1
-            values[summed] = values.get(summed, 0.0) + seconds
-            values[counted] = values.get(counted, 0.0) + 1
+        self._add_together(((turns, 1), (summed, seconds), (counted, 1)))
 
     def count_run(self, model: str, outcome: str) -> None:
         """A workflow run ended: runs_total, its key made once per model and outcome (every
@@ -9751,8 +9747,7 @@ class Metrics:
         if key is None:
             key = self._run_series[(model, outcome)] = ("runs_total", self._labelled({"model": model,
                                                                                     "outcome": outcome}))
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + 1
+        self._add_together(((key, 1),))
 
     @staticmethod
     def _observed(name: str, seconds: float, labelled: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[Any, float], ...]:
