@@ -2064,11 +2064,11 @@ class Conversation:
             return None   # our reply after other user turns: an earlier message edited in place
         return next((s for s in reversed(self.snapshots) if s["users"] == users and s["reply"]), None)
 
-    def remember(self, reply_text: str, users: Tuple[str, str], answer: Optional[str] = None, sid: str = "") -> str:
+    def remember(self, reply_text: str, users: Tuple[str, str], answer: Optional[str], sid: str) -> str:
         """Save this turn's resulting state as a new snapshot, keyed by the reply as written and
         ``users``, the digests of the user turns with and without the last. ``answer``: the
         workflow's answer, when it ran, to give again if asked for nothing new. ``sid``: the
-        snapshot's id, random (a new one drawn when not given)."""
+        snapshot's id, random (ConversationIds.snapshot_id)."""
         if answer is not None:
             self.result = text_digest(answer)
             self.results[self.result] = answer
@@ -2082,7 +2082,7 @@ class Conversation:
                     and snapshot["runs"] == self.runs and snapshot["result"] == self.result):
                 break
         else:   # the state copied: the working one goes on changing
-            snapshot = {"key": key, "sid": sid or new_snapshot_id(), "reply": reply, "users": users[0],
+            snapshot = {"key": key, "sid": sid, "reply": reply, "users": users[0],
                         "users_before": users[1], "parent": parent, "at": time.time(), "values": dict(self.values),
                         "asked": list(self.asked), "ask_counts": dict(self.ask_counts), "runs": self.runs,
                         "result": self.result}
@@ -2156,10 +2156,6 @@ def text_digest(text: str) -> str:
 NO_TEXT_DIGEST = text_digest("")
 
 
-def new_snapshot_id() -> str:
-    return secrets.token_hex(SNAPSHOT_ID_BYTES)
-
-
 def reply_digest(text: str) -> str:
     """An assistant reply as clients send it back: without the thinking block (Open WebUI
     strips it) or the identifier block, whitespace collapsed."""
@@ -2212,8 +2208,8 @@ def new_conversation_id() -> str:
 
 
 class ConversationIds:
-    """Conversation ids as new_conversation_id makes them, and snapshot ids as new_snapshot_id
-    does, with os.urandom read a few kilobytes at a time: a system call per id makes a busy
+    """Conversation ids as new_conversation_id makes them, and snapshot ids (snapshot_id, 12 hex
+    digits), with os.urandom read a few kilobytes at a time: a system call per id makes a busy
     server wait for the interpreter lock after each one (a system call per id would cost every
     turn). A forked worker draws a pool of its own."""
 
