@@ -7501,7 +7501,12 @@ def _new_conversation(service: Service, workflow: Workflow, held: HeldLock) -> C
 ####################################################################################
 
 def estimate_tokens(text: str) -> int:
-    return (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+    return tokens_of_chars(len(text))
+
+
+def tokens_of_chars(count: int) -> int:
+    """The tokens estimate_tokens counts for a text of ``count`` characters."""
+    return (count + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
 
 
 def _log_line(method: str, path: str, status: int, trace: Mapping[str, str], started: float) -> None:
@@ -7989,7 +7994,7 @@ def completion_object(texts: Mapping[str, Optional[str]], request: ChatRequest, 
 
 
 def _usage(prompt_tokens: int, completion_chars: int) -> dict:
-    completion_tokens = (completion_chars + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN   # as estimate_tokens counts
+    completion_tokens = tokens_of_chars(completion_chars)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
