@@ -7618,7 +7618,7 @@ def check_origin(origins: Sequence[str], environ: Mapping[str, Any]) -> None:
     ``environ`` is the request's (bottle.request.environ)."""
     if "HTTP_ORIGIN" not in environ:   # not a browser: nothing to check (the common case)
         return
-    origin = bottle.request.get_header("Origin")
+    origin = environ["HTTP_ORIGIN"]
     if origin and origin not in origins and "*" not in origins:
         if (urlsplit(origin).hostname or "") not in ("localhost", "127.0.0.1", "::1"):
             raise ForbiddenOriginError(f"Origin {origin!r} is not allowed here; give it with --cors-origin.")
@@ -8411,7 +8411,7 @@ def create_response(service: Service, runs: Optional["BackgroundRuns"] = None) -
     """POST /openai/responses: one turn, streamed as semantic events or answered whole; with
     ``background``, run on without the client (see BackgroundRun)."""
     environ = bottle.request.environ
-    request = parse_responses_request(read_body(bottle.request.environ), bottle.request.content_type,
+    request = parse_responses_request(read_body(environ), bottle.request.content_type,
                                       lambda item_id: find_item(service, item_id))
     turn_request = response_turn_request(request)
     if request.background:
