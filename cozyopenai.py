@@ -7783,7 +7783,7 @@ def _json_body(body: bytes, content_type: str) -> dict:
         raise UnsupportedMediaTypeError(f"Send the body as JSON with 'Content-Type: application/json', "
                                         f"not {media_type!r}.")
     try:
-        data = json_value(body.decode("utf-8"))
+        data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise RequestError("The request body is not valid JSON.") from None
     except RecursionError:   # a thousand nested brackets: refused, not a 500
@@ -7794,22 +7794,6 @@ def _json_body(body: bytes, content_type: str) -> dict:
 
 
 JSON_TYPE_NAMES = {str: "a string", bool: "true or false", dict: "an object", list: "an array"}
-JSON_WHITESPACE = " \t\n\r"
-# The C scanner json.loads ends in, made once: the layers above it (a type check, a decoder
-# looked up, a regular expression for the white space either side) cost every request body.
-_JSON_SCAN = json.scanner.make_scanner(json.JSONDecoder())
-
-
-def json_value(text: str) -> Any:
-    """json.loads(text): the one JSON value ``text`` holds, or a ValueError."""
-    start = len(text) - len(text.lstrip(JSON_WHITESPACE))
-    try:
-        value, end = _JSON_SCAN(text, start)
-    except StopIteration as stop:   # the scanner's way to say "no value here"
-        raise json.JSONDecodeError("Expecting value", text, stop.value) from None
-    if text[end:].strip(JSON_WHITESPACE):
-        raise json.JSONDecodeError("Extra data", text, end)
-    return value
 
 
 def _field_of(data: Mapping[str, Any], name: str, expected: type) -> Any:
