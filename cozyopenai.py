@@ -1264,22 +1264,33 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     node_types = NODE_TYPES if node_types is None else node_types
     stop = stop or StopSignal()
     outputs: Dict[str, Any] = {}
-    chain = workflow.chain
-    if chain is not None:
-        events = _chain_events(workflow, chain, outputs, values, node_types, llm, stop, follow_up)
-    else:
-        events = _side_by_side_events(workflow, outputs, values, node_types, llm, stop, follow_up)
     answer_streamed, outcome = False, "stopped"
     try:
-        for event in events:
-            if event.what == "failed":
-                outcome = "failed"
-                if metrics is not None:
-                    metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
+        if workflow.chain is not None:
+            # One node after another, in this generator's own frame: a generator of their own
+            # (as side by side nodes have) would be one more step for every event.
+            streams_answer = workflow.answer_source()
+            for node in workflow.chain:
+                yield _started(node.id, node.description)
+                for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, node.id == streams_answer,
+                                       follow_up if node.id == streams_answer else None):
+                    if event.what == "failed":
+                        outcome = "failed"
+                        _count_failure(workflow, event, metrics)
+                        yield event
+                        return
+                    answer_streamed = answer_streamed or event.what == "answer"
+                    yield event
+                outputs[node.id] = event.value   # its last event is its "finished"
+        else:
+            for event in _side_by_side_events(workflow, outputs, values, node_types, llm, stop, follow_up):
+                if event.what == "failed":
+                    outcome = "failed"
+                    _count_failure(workflow, event, metrics)
+                    yield event
+                    return
+                answer_streamed = answer_streamed or event.what == "answer"
                 yield event
-                return
-            answer_streamed = answer_streamed or event.what == "answer"
-            yield event
         answer = outputs[workflow.output_node]
         if not answer_streamed:
             yield new_event(("answer", workflow.output_node, answer, 0.0, None))
@@ -1291,21 +1302,10 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
             metrics.count_run(workflow.name, outcome)
 
 
-def _chain_events(workflow: Workflow, chain: Sequence[Node], outputs: Dict[str, Any], values: Mapping[str, Any],
-                  node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
-                  follow_up: Optional[Tuple[str, str]]) -> Iterator[RunEvent]:
-    """The nodes of a chain, one after another in the caller's thread (no hand-off to make),
-    each output kept in ``outputs``; the events end with the first "failed"."""
-    streams_answer = workflow.answer_source()
-    for node in chain:
-        yield _started(node.id, node.description)
-        for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, node.id == streams_answer,
-                               follow_up if node.id == streams_answer else None):
-            yield event
-            if event.what == "finished":
-                outputs[node.id] = event.value
-            elif event.what == "failed":
-                return
+def _count_failure(workflow: Workflow, event: RunEvent, metrics: Any) -> None:
+    """A node's "failed" event, counted by node type (with ``metrics``)."""
+    if metrics is not None:
+        metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
 
 
 def _side_by_side_events(workflow: Workflow, outputs: Dict[str, Any], values: Mapping[str, Any],
@@ -1379,8 +1379,14 @@ def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values
         if stop.is_set():
             raise NodeFailed("the run was stopped")
         inputs = node.inputs.copy()   # the dict under its proxy, in the file's order; each reference filled in
-        for name, value in node.references:
-            inputs[name] = _input_value(workflow, value, outputs, values)
+        for name, value in node.references:   # a query input or a whole output here, with no call each
+            kind = type(value)
+            if kind is QueryRef:
+                inputs[name] = values[value.name]
+            elif kind is Link and not value.path:
+                inputs[name] = outputs[value.node]
+            else:
+                inputs[name] = _input_value(workflow, value, outputs, values)
         run = node_types[node.type].run
         result = run(inputs, context) if node.timeout_seconds is None else _call_within(node.timeout_seconds, run,
                                                                                          inputs, context)
