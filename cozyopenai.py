@@ -438,11 +438,29 @@ class Workflow:
 
     def missing(self, values: Mapping[str, Any]) -> List["QueryInput"]:
         """The required inputs that ``values`` does not hold yet, in the file's order."""
-        return [query for query in self.query_inputs.values() if query.name not in values and not query.optional]
+        if not values:   # a conversation's start: all of them
+            return list(self._required)
+        if values.keys() >= self._required_names:   # all given, as once a message gave them: no list to sift
+            return []
+        return [query for query in self._required if query.name not in values]
+
+    @cached_property   # worked out once: every turn asks what is missing
+    def _required(self) -> Tuple["QueryInput", ...]:
+        return tuple(query for query in self.query_inputs.values() if not query.optional)
+
+    @cached_property
+    def _required_names(self) -> AbstractSet[str]:
+        return frozenset(query.name for query in self._required)
 
     def with_defaults(self, values: Mapping[str, Any]) -> Dict[str, Any]:
         """``values`` with each input they leave out set to its default (optional inputs have one)."""
+        if values.keys() >= self._query_names:   # every input given (no optional ones, or all set): a copy
+            return dict(values)
         return {**values, **{name: query.default for name, query in self.query_inputs.items() if name not in values}}
+
+    @cached_property
+    def _query_names(self) -> AbstractSet[str]:
+        return frozenset(self.query_inputs)
 
     def answer_source(self) -> Optional[str]:
         """The node whose whole output is the answer; its tokens may stream straight out."""
@@ -805,6 +823,8 @@ def _on_cycles(waiting: Dict[str, set]) -> set:
 def shown_value(value: Any) -> str:
     """A value as people read it, in replies, thinking lines and templates: yes/no rather than
     True/False, a whole number without ".0"; anything else as it is."""
+    if type(value) is str:   # most values, so first
+        return value
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
@@ -1269,11 +1289,10 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
         if workflow.chain is not None:
             # One node after another, in this generator's own frame: a generator of their own
             # (as side by side nodes have) would be one more step for every event.
-            streams_answer = workflow.answer_source()
-            for node in workflow.chain:
-                yield _started(node.id, node.description)
-                for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, node.id == streams_answer,
-                                       follow_up if node.id == streams_answer else None):
+            for node, started, streams_answer in _chain_steps(workflow):
+                yield started
+                for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, streams_answer,
+                                       follow_up if streams_answer else None):
                     if event.what == "failed":
                         outcome = "failed"
                         _count_failure(workflow, event, metrics)
@@ -1300,6 +1319,17 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
         stop.set()   # also on failure and GeneratorExit: threads still running start nothing new
         if metrics is not None:
             metrics.count_run(workflow.name, outcome)
+
+
+def _chain_steps(workflow: Workflow) -> Tuple[Tuple[Node, RunEvent, bool], ...]:
+    """A chain's nodes, each with its "started" event and whether it streams the answer:
+    the same every run, so worked out once per workflow."""
+    steps = workflow.derived.get("chain_steps")
+    if steps is None:
+        streams_answer = workflow.answer_source()
+        steps = workflow.derived["chain_steps"] = tuple((node, _started(node.id, node.description),
+                                                         node.id == streams_answer) for node in workflow.chain or ())
+    return steps
 
 
 def _count_failure(workflow: Workflow, event: RunEvent, metrics: Any) -> None:
@@ -6841,9 +6871,7 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
                           for name, value in turn.restored.items())
         yield new_piece(("thinking", f"Read the earlier messages again: {shown}.\n"))
     if turn.text and workflow.query_inputs:
-        wanted = conversation.missing(workflow)
-        yield new_piece(("thinking", f"Reading your message for the {_and_list([q.label for q in wanted])}.\n"
-                         if wanted else "Reading your message for changes.\n"))
+        yield new_piece(("thinking", _reading_line(workflow, conversation)))
         extraction, reading = read_floor(workflow, conversation, turn.text, turn.history)
         if turn.llm is not None:   # what the simple reader decided is shown while the LLM reads
             if extraction.values and extraction.intent != "cancel":
@@ -6885,11 +6913,27 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
         yield from _answer_again(turn)   # "thanks!", or Open WebUI's "Add Details" (decision in the README)
         return
     news = [f"the {workflow.query_inputs[name].label} from {shown_value(old)} to {shown_value(new)}"
-            for name, (old, new) in changed.items()]
+            for name, (old, new) in changed.items()] if changed else []
     if conversation.runs:   # after a run, an optional input given now is news too
         news += [f"the {workflow.query_inputs[name].label} to {shown_value(value)}" for name, value in understood.items()]
     preface = ("Changed " if changed else "Set ") + _and_list(news) + ".\n\n" if news else ""
     yield from _run(turn, preface)
+
+
+def _reading_line(workflow: Workflow, conversation: Conversation) -> str:
+    """The thinking line that says what a message is read for. A conversation's first message
+    is read for every required input: that line is written once per workflow."""
+    if conversation.values:
+        return _reading_line_for(conversation.missing(workflow))
+    line = workflow.derived.get("reading_line")
+    if line is None:
+        line = workflow.derived["reading_line"] = _reading_line_for(workflow.missing({}))
+    return line
+
+
+def _reading_line_for(wanted: Sequence[QueryInput]) -> str:
+    return f"Reading your message for the {_and_list([q.label for q in wanted])}.\n" if wanted else \
+        "Reading your message for changes.\n"
 
 
 def _answer_again(turn: TurnContext) -> Iterator[Piece]:
@@ -7033,10 +7077,11 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
     """Run the workflow: progress as thinking, then ``preface`` and the answer."""
     workflow, conversation = turn.workflow, turn.conversation
     values = workflow.with_defaults(conversation.values)
-    for name in values:
-        if name not in conversation.values:   # a default
-            yield new_piece(("thinking", f"Using the default {workflow.query_inputs[name].label}: "
-                                         f"{shown_value(values[name])}.\n"))
+    if len(values) > len(conversation.values):   # some defaults
+        for name in values:
+            if name not in conversation.values:   # a default
+                yield new_piece(("thinking", f"Using the default {workflow.query_inputs[name].label}: "
+                                             f"{shown_value(values[name])}.\n"))
     shown = ", ".join([f"{workflow.query_inputs[name].label} = {shown_value(value)}" for name, value in values.items()])
     yield new_piece(("thinking", f"Running {workflow.name} with {shown}.\n"))
     conversation.runs += 1
@@ -7051,6 +7096,8 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
             turn.answer = event.text
         elif what == "started":
             yield _started_piece(event.node_id, event.text)
+        elif what == "finished":   # every node's, so written here, as progress_line writes it, with no call
+            yield new_piece(("thinking", f"{RUN_MARKS['finished']}{event.node_id} finished in {event.seconds:.2f} s\n"))
         else:   # a node's progress (RUN_MARKS)
             yield new_piece(("thinking", RUN_MARKS[what] + progress_line(event) + "\n"))
             if what == "failed":
