@@ -1000,12 +1000,16 @@ class NodeType:
     ``required`` inputs must be present; ``author_only`` inputs must be written in the
     workflow file, never fed by a link or the user; ``check(inputs, functions)`` validates
     the literal inputs at start-up (raise ValueError); ``functions`` finds a ``module:function``
-    as `python` nodes do, beside the workflows file first.
+    as `python` nodes do, beside the workflows file first. ``takes_context=False`` says ``run``
+    never looks at its context: it is given None.
     """
     run: Callable[[Dict[str, Any], NodeContext], Any]
     required: Tuple[str, ...] = ()
     author_only: Tuple[str, ...] = ()
     check: Optional[Callable[[Dict[str, Any], FunctionFinder], None]] = None
+    # False for a ``run`` that never looks at its context (template, output): it gets None, and
+    # the runner makes no NodeContext for it (an object each node would cost every turn).
+    takes_context: bool = True
 
 
 class _TemplateFormatter(string.Formatter):
@@ -1238,12 +1242,13 @@ class NodeTypes(dict):
 
 NODE_TYPES: Mapping[str, NodeType] = MappingProxyType({
     "template": NodeType(run_template_node, required=("template",), author_only=("template",),
-                         check=_check_template),
+                         check=_check_template, takes_context=False),
     "llm": NodeType(run_llm_node, required=("prompt",), check=_check_llm),
-    "http": NodeType(run_http_node, required=("url",), author_only=("url", "method"), check=_check_http),
+    "http": NodeType(run_http_node, required=("url",), author_only=("url", "method"), check=_check_http,
+                     takes_context=False),
     "python": NodeType(run_python_node, required=("function",), author_only=("function",),
                        check=_check_python),
-    "output": NodeType(run_output_node, required=("text",)),
+    "output": NodeType(run_output_node, required=("text",), takes_context=False),
 })
 
 
@@ -1404,8 +1409,11 @@ def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values
     whole runs now, in this call, and its "note" events and "finished" (or "failed") come as a
     list, with no generator step each; a TextStream is read by a generator (_stream_events)."""
     started = time.monotonic()
-    context = NodeContext(node, workflow, llm, stop, [], follow_up)
+    context: Optional[NodeContext] = None   # none for a node type that never looks at it: one object less a node
     try:
+        node_type = node_types[node.type]
+        if node_type.takes_context:
+            context = NodeContext(node, workflow, llm, stop, [], follow_up)
         if stop.is_set():
             raise NodeFailed("the run was stopped")
         inputs = node.inputs.copy()   # the dict under its proxy, in the file's order; each reference filled in
@@ -1417,7 +1425,7 @@ def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values
                 inputs[name] = outputs[value.node]
             else:
                 inputs[name] = _input_value(workflow, value, outputs, values)
-        run = node_types[node.type].run
+        run = node_type.run
         result = run(inputs, context) if node.timeout_seconds is None else _call_within(node.timeout_seconds, run,
                                                                                          inputs, context)
     except (NodeFailed, UpstreamError) as exc:
@@ -1425,9 +1433,10 @@ def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values
     except Exception as exc:   # a custom node's bug must end the run, not the server
         return [_node_bug(workflow, node, exc, started)]
     if isinstance(result, TextStream):
-        return _stream_events(workflow, node, result, context, started, streams_answer)
+        return _stream_events(workflow, node, result, context or NodeContext(node, workflow, llm, stop, [], follow_up),
+                              started, streams_answer)
     finished = new_event(("finished", node.id, "", time.monotonic() - started, result))
-    return [*_note_events(context), finished] if context.notes else (finished,)
+    return [*_note_events(context), finished] if context is not None and context.notes else (finished,)
 
 
 def _stream_events(workflow: Workflow, node: Node, result: TextStream, context: NodeContext, started: float,
@@ -1467,8 +1476,8 @@ def _node_bug(workflow: Workflow, node: Node, exc: Exception, started: float) ->
     return RunEvent("failed", node.id, f"{type(exc).__name__}: {exc}", time.monotonic() - started)
 
 
-def _note_events(context: NodeContext) -> Iterator[RunEvent]:
-    while context.notes:
+def _note_events(context: Optional[NodeContext]) -> Iterator[RunEvent]:
+    while context is not None and context.notes:
         yield RunEvent("note", context.node.id, context.notes.pop(0))
 
 
