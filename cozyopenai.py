@@ -6975,6 +6975,8 @@ def _describe_extraction(workflow: Workflow, extraction: Extraction, understood:
         lines.append(f"Understood {queries[name].label}: {shown_value(value)}.\n")
     for name, (old, new) in changed.items():
         lines.append(f"Changed {queries[name].label}: {shown_value(old)} → {shown_value(new)}.\n")
+    if not (extraction.ignored or extraction.ambiguous or extraction.rejected) and extraction.intent != "skip":
+        return "".join(lines)   # what most messages leave: nothing ignored, unclear or refused
     for name, (raw, why) in extraction.ignored.items():
         lines.append(f"Ignored {queries[name].label} = {raw!r}: {why}.\n")
     for name, values in extraction.ambiguous.items():
