@@ -823,8 +823,11 @@ def _on_cycles(waiting: Dict[str, set]) -> set:
 def shown_value(value: Any) -> str:
     """A value as people read it, in replies, thinking lines and templates: yes/no rather than
     True/False, a whole number without ".0"; anything else as it is."""
-    if type(value) is str:   # most values, so first
+    kind = type(value)
+    if kind is str:   # most values, so first
         return value
+    if kind is int:   # (a bool's type is bool)
+        return str(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
@@ -7093,8 +7096,10 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
             if name not in conversation.values:   # a default
                 yield new_piece(("thinking", f"Using the default {workflow.query_inputs[name].label}: "
                                              f"{shown_value(values[name])}.\n"))
-    shown = ", ".join([f"{workflow.query_inputs[name].label} = {shown_value(value)}" for name, value in values.items()])
-    yield new_piece(("thinking", f"Running {workflow.name} with {shown}.\n"))
+    queries, shown = workflow.query_inputs, []
+    for name, value in values.items():   # a loop: a comprehension would be one more call each turn
+        shown.append(f"{queries[name].label} = {shown_value(value)}")
+    yield new_piece(("thinking", f"Running {workflow.name} with {', '.join(shown)}.\n"))
     conversation.runs += 1
     written = ""   # the answer streamed so far: a stop notice after it gets a paragraph of its own
     for event in run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
