@@ -3881,7 +3881,8 @@ def _coerce_number(query: QueryInput, raw: Any) -> Any:
         raise ValueError(f"I need a finite number for the {label}")
     if abs(number) > MAX_NUMBER_VALUE:   # 1e308 would be written out with 309 digits
         raise ValueError(f"the {label} is too large")
-    check_bounds(query, number)
+    if query.minimum is not None or query.maximum is not None:   # most inputs have no bound to check
+        check_bounds(query, number)
     if query.type == "integer":
         if number != int(number):
             raise ValueError(f"I need a whole number for the {label}, not {str(raw)!r}")
@@ -4152,7 +4153,8 @@ def ascii_token_patterns(words: Iterable[str]) -> Tuple["re.Pattern[str]", ...]:
     non-digits, or right after a date's digits, where a token ends at once ("2027-05-010").
     Together they may find more than the tokens hold (a find is checked against them), never
     less. Words and numbers are two patterns: each alone is looked for quickly, the number
-    by its first digit."""
+    by its first digit. They are searched in " " + the lower-cased text: what stands before a
+    word is matched, not looked back at, so the regex engine tries only where a non-letter stands."""
     letters, digits = [], []
     for word in sorted(words, key=len, reverse=True):
         if not word.isascii():
@@ -4166,7 +4168,7 @@ def ascii_token_patterns(words: Iterable[str]) -> Tuple["re.Pattern[str]", ...]:
             return (re.compile(""),)   # a word of another shape: found everywhere, so the tokens decide
     numbers = [rf"{number}(?:(?<!\d{number})|(?<=-\d\d{number})|(?<=[./]\d{{4}}{number}))(?!\d|[.,]\d)"
                for number in digits]
-    return tuple(re.compile(pattern) for pattern in [r"(?<![a-z])" + word_tree_pattern(letters) + r"(?![a-z])"]
+    return tuple(re.compile(pattern) for pattern in [r"[^a-z]" + word_tree_pattern(letters) + r"(?![a-z])"]
                  * bool(letters) + ["|".join(numbers)] * bool(numbers))
 
 
@@ -5005,12 +5007,15 @@ def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bo
     candidates than the lines' (never chosen), so only the yes/no topics are read (_read_topics)."""
     if len(reading.candidates) < len(workflow.query_inputs):
         return False
-    lines = sum(1 for line in text.splitlines() if line.strip())
-    if reading.label_lines != lines:
+    if reading.label_lines != len([line for line in text.splitlines() if line.strip()]):
         return False
-    lowered = text.lower() if text.isascii() else ""
-    if lowered and not any(pattern.search(lowered) for pattern in RULING_OUT_PATTERNS):
-        return True   # the common case, found without the tokens
+    if text.isascii():   # the common case, found without the tokens
+        lowered = " " + text.lower()   # as RULING_OUT_PATTERNS are searched
+        for pattern in RULING_OUT_PATTERNS:
+            if pattern.search(lowered):
+                break
+        else:
+            return True
     return RULING_OUT_WORDS.isdisjoint([token.folded for token in reading.tokens])
 
 
