@@ -5145,10 +5145,21 @@ def _labelled_number_patterns(workflow: Workflow) -> Dict[str, Tuple["re.Pattern
         found = workflow.derived["labelled_numbers"] = {}
         for query in workflow.query_inputs.values():
             if query.type in NUMERIC_TYPES:
-                label = r"\b(?:" + "|".join(_label_patterns(workflow, query)) + r")"
-                found[query.name] = (re.compile("(?i:" + label + ")" + LABELLED_NUMBER),
+                labels = _label_patterns(workflow, query)
+                label = r"\b(?:" + "|".join(labels) + r")"
+                found[query.name] = (re.compile(_ascii_label_pattern(labels) + LABELLED_NUMBER),
                                      re.compile(label + LABELLED_NUMBER, re.I))
     return found
+
+
+def _ascii_label_pattern(labels: List[str]) -> str:
+    """The labels as found in an ASCII folded text. When each is one ASCII word (the common
+    label: "count", "budget"), the word comes first and the word boundary before it is looked
+    back at once it is found: case ignored or not, the folded words match the same lower-case
+    letters, and the regex engine then looks for the words' letters, not at every character."""
+    if all(label.isascii() and re.fullmatch(r"\w+", label) for label in labels):
+        return "(?:" + "|".join(rf"{label}(?<!\w{label})" for label in labels) + ")"
+    return r"(?i:\b(?:" + "|".join(labels) + r"))"
 
 
 def _label_patterns(workflow: Workflow, query: QueryInput) -> List[str]:
