@@ -4025,7 +4025,9 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     if "```" in text or "~~~" in text:   # every fence opens with one: most messages have none to look for
         text = CODE_FENCE_PATTERN.sub("\n", text)
     ours = _our_replies(history) if history else []   # a chat's first message: no reply of ours to paste
-    if not ours and ">" not in text and not (QUOTE_OPENERS.search(text) and QUOTED_PASSAGE_PATTERN.search(text)):
+    # In an ASCII text only a straight quote can open a passage: found without a regex.
+    opens = ('"' in text or "'" in text) if text.isascii() else QUOTE_OPENERS.search(text)
+    if not ours and ">" not in text and not (opens and QUOTED_PASSAGE_PATTERN.search(text)):
         return numbers_as_digits(text.strip())   # no line is context (the common case): none to look at one by one
     kept = []
     for line in text.split("\n"):
@@ -4947,8 +4949,9 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     long = len(text) > READ_MAX_CHARS
     sent, text = text, user_words(text, history)
     folded = _fold(text)   # once: the cancel words and the labelled numbers are both found in it
-    cancel = ASCII_CANCEL_PATTERN if folded.isascii() else CANCEL_PATTERN
-    extraction = Extraction(intent="cancel" if cancel.match(folded) else "provide")
+    extraction = Extraction()   # intent "provide" (a keyword argument costs as much as setting the field)
+    if (ASCII_CANCEL_PATTERN if folded.isascii() else CANCEL_PATTERN).match(folded):
+        extraction.intent = "cancel"
     if long:
         extraction.notes.append(LONG_MESSAGE_NOTE)
     reading = Reading(text=text)
@@ -5051,8 +5054,9 @@ def _read_labels(workflow: Workflow, text: str, folded: str, reading: Reading) -
             numbers[name] = match.group(1)
     lines = LINE_VALUE_PATTERN.findall(text)
     reading.label_lines = len(lines)
+    own_names = _inputs_named_by_own_name(workflow)   # the commonest labels, as _input_named finds them first
     for key, value in lines:
-        name = _input_named(workflow, key)
+        name = own_names[key] if key in own_names else _input_named(workflow, key)
         if name in numbers:   # "count: 3": the number after the label, whatever follows it on the line
             reading.add(name, 3, numbers[name])
         elif name:   # the marks of a quotation the line was in are not the value's: "When: 3-9 March""
