@@ -3554,10 +3554,10 @@ def phrases_of(field_name: str) -> Tuple[Tuple[str, ...], ...]:
     return tuple(sorted(phrases, key=len, reverse=True))
 
 
-def _phrase_pattern(field_name: str, whole: bool) -> re.Pattern:
+def _phrase_pattern(field_name: str, whole: bool, flags: int = re.I) -> re.Pattern:
     """A pattern of one phrase field, matched on folded text: the whole message, or anywhere."""
     body = "|".join(r"[\s-]*".join(map(re.escape, phrase)) for phrase in phrases_of(field_name))
-    return re.compile(r"\A\W*(?:" + body + r")\W*\Z" if whole else r"\b(?:" + body + r")\b", re.I)
+    return re.compile(r"\A\W*(?:" + body + r")\W*\Z" if whole else r"\b(?:" + body + r")\b", flags)
 
 
 CHECKED_LANGUAGES = tuple(check_language(language) for language in LANGUAGES.values())
@@ -3648,7 +3648,9 @@ MONTH_SYNONYM_MIN_LETTERS = 4   # "mar" is also the sea, "jun" and "jul" are too
 # ("e", "y") would glue too much ("tree" is no "tre" and "e").
 NUMBER_GLUES = frozenset(word for word in AND_WORDS if len(word) > 1)
 NUMBER_WORD_PATTERN = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*|\d+")
-ASCII_NUMBER_WORD_START = re.compile(r"(?<![a-z])(?<![a-z]-)" + word_tree_pattern(CARDINALS, joint="-?"))
+# Searched in " " + the lower-cased text: what stands before a word's start is matched, not looked
+# back at, so the regex engine tries only where a non-letter stands (the space: the text's start).
+ASCII_NUMBER_WORD_START = re.compile(r"[^a-z](?<![a-z]-)" + word_tree_pattern(CARDINALS, joint="-?"))
 CARDINAL_PHRASE_MIN = 100   # smaller counts stay words: "two weeks" is read as a period, as written
 BOOLEAN_WORDS = MappingProxyType({True: words_of("yes") | frozenset(SYMBOL_YES.split()),
                                   False: words_of("no") | frozenset(SYMBOL_NO.split())})
@@ -3699,6 +3701,11 @@ AMOUNT_LEAD_MIN = 1000      # and after a word that brings it ("con 1500"): grou
 YEAR_MIN, YEAR_MAX = 1900, 2100   # a number in between, right after a period, is its year ("July, 2026")
 LEADS_BEFORE_AN_OPTION = LEADS_OR_LINKS - ALTERNATIVES
 CANCEL_PATTERN = _phrase_pattern("cancel_phrases", whole=True)
+# The same for an ASCII folded text, which is lower case, as the phrases are: ignoring case there
+# changes nothing (only "ı", "ſ", "K" and "İ" match ASCII letters of another case), and the regex
+# engine passes over a phrase at its first letter only when it need not ignore case.
+ASCII_CANCEL_PATTERN = (_phrase_pattern("cancel_phrases", whole=True, flags=0)
+                        if all("".join(phrase).isascii() for phrase in phrases_of("cancel_phrases")) else CANCEL_PATTERN)
 RERUN_PATTERN = _phrase_pattern("rerun_phrases", whole=False)
 _RANGE = "|".join(map(re.escape, sorted(RANGE_WORDS, key=len, reverse=True)))
 _RANGE_OR_AND = "|".join(map(re.escape, sorted(RANGE_WORDS | AND_WORDS, key=len, reverse=True)))
@@ -3821,7 +3828,7 @@ def _may_spell_a_number(text: str) -> bool:
     start with a number word? An ASCII text is looked through at once, lower-cased, where a
     word starts after anything but a letter or a hyphen that joins it to the letters before."""
     if text.isascii():
-        return bool(ASCII_NUMBER_WORD_START.search(text.lower()))
+        return bool(ASCII_NUMBER_WORD_START.search(" " + text.lower()))
     spelled = _fold(" ".join(NUMBER_WORD_PATTERN.findall(text))).replace("-", "")
     return any(word.startswith(CARDINALS_BY_INITIAL.get(word[:1], ())) for word in spelled.split(" "))
 
@@ -3914,6 +3921,26 @@ def as_written(raw: Any) -> str:
 
 def _coerce_number(query: QueryInput, raw: Any) -> Any:
     label = query.label
+    if isinstance(raw, str) and raw.isdigit() and raw.isascii() and not query.synonyms:
+        number = float(raw)   # "3", the commonest: what _number_of finds in it, without its tests for data
+    else:
+        number = _number_of(query, raw)
+    if not math.isfinite(number):
+        raise ValueError(f"I need a finite number for the {label}")
+    if abs(number) > MAX_NUMBER_VALUE:   # 1e308 would be written out with 309 digits
+        raise ValueError(f"the {label} is too large")
+    if query.minimum is not None or query.maximum is not None:   # most inputs have no bound to check
+        check_bounds(query, number)
+    if query.type == "integer":
+        if number != int(number):
+            raise ValueError(f"I need a whole number for the {label}, not {str(raw)!r}")
+        return int(number)
+    return int(number) if number == int(number) else number
+
+
+def _number_of(query: QueryInput, raw: Any) -> float:
+    """The one number a value holds, before its bounds are checked; ValueError says why there is none."""
+    label = query.label
     if isinstance(raw, (dict, list)):
         raise ValueError(f"I need a number for the {label}, not {as_written(raw)}")
     if isinstance(raw, bool):   # JSON's true is no number, whatever Python says
@@ -3922,31 +3949,20 @@ def _coerce_number(query: QueryInput, raw: Any) -> Any:
         raise ValueError(f"the {label} is too large")
     named = _synonyms_named(query, str(raw)) if query.synonyms else ()   # most inputs have none
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        number = float(raw)
-    elif len(named) == 1 and not numbers_in(str(raw)):   # "March" for a month, when the workflow says so
-        number = float(named.pop())
-    elif named:   # "May 3": a month and a number, or two months
+        return float(raw)
+    if len(named) == 1 and not numbers_in(str(raw)):   # "March" for a month, when the workflow says so
+        return float(named.pop())
+    if named:   # "May 3": a month and a number, or two months
         raise ValueError(f"I need the {label} alone, not {str(raw)!r}")
-    elif str(raw).isascii() and str(raw).isdigit():   # "3", the commonest: the one number it is, as numbers_in reads it
-        number = float(str(raw))
-    else:
-        found = numbers_in(str(raw))
-        spaced = SPACED_NUMBER_PATTERN.findall(str(raw))
-        if len(spaced) == 1 and not re.search(r"\d", SPACED_NUMBER_PATTERN.sub("", str(raw))):
-            found = [parse_number(spaced[0])]
-        if len(found) != 1:
-            raise ValueError(f"I need a single number for the {label}, not {str(raw)!r}")
-        number = found[0]
-    if not math.isfinite(number):
-        raise ValueError(f"I need a finite number for the {label}")
-    if abs(number) > MAX_NUMBER_VALUE:   # 1e308 would be written out with 309 digits
-        raise ValueError(f"the {label} is too large")
-    check_bounds(query, number)
-    if query.type == "integer":
-        if number != int(number):
-            raise ValueError(f"I need a whole number for the {label}, not {str(raw)!r}")
-        return int(number)
-    return int(number) if number == int(number) else number
+    if str(raw).isascii() and str(raw).isdigit():   # "3": the one number it is, as numbers_in reads it
+        return float(str(raw))
+    found = numbers_in(str(raw))
+    spaced = SPACED_NUMBER_PATTERN.findall(str(raw))
+    if len(spaced) == 1 and not re.search(r"\d", SPACED_NUMBER_PATTERN.sub("", str(raw))):
+        found = [parse_number(spaced[0])]
+    if len(found) != 1:
+        raise ValueError(f"I need a single number for the {label}, not {str(raw)!r}")
+    return found[0]
 
 
 def _same_word(word: str, known: str) -> bool:
@@ -4052,11 +4068,14 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     code blocks, quoted lines ("> ..."), passages of several words in quotation marks and lines
     pasted from one of our earlier replies. Amounts in words are put in digits ("deux mille")."""
     text = within_reading_limit(text)
-    text = INVISIBLE_PATTERN.sub("", text)
+    if not (text.isascii() and text.replace("\n", " ").isprintable()):   # printable ASCII lines have no invisible mark
+        text = INVISIBLE_PATTERN.sub("", text)
     if "```" in text or "~~~" in text:   # every fence opens with one: most messages have none to look for
         text = CODE_FENCE_PATTERN.sub("\n", text)
-    ours = _our_replies(history)
-    if not ours and ">" not in text and not (QUOTE_OPENERS.search(text) and QUOTED_PASSAGE_PATTERN.search(text)):
+    ours = _our_replies(history) if history else []   # a chat's first message: no reply of ours to paste
+    # In an ASCII text only a straight quote can open a passage: found without a regex.
+    opens = ('"' in text or "'" in text) if text.isascii() else QUOTE_OPENERS.search(text)
+    if not ours and ">" not in text and not (opens and QUOTED_PASSAGE_PATTERN.search(text)):
         return numbers_as_digits(text.strip())   # no line is context (the common case): none to look at one by one
     kept = []
     for line in text.split("\n"):
@@ -4184,7 +4203,8 @@ def ascii_token_patterns(words: Iterable[str]) -> Tuple["re.Pattern[str]", ...]:
     non-digits, or right after a date's digits, where a token ends at once ("2027-05-010").
     Together they may find more than the tokens hold (a find is checked against them), never
     less. Words and numbers are two patterns: each alone is looked for quickly, the number
-    by its first digit."""
+    by its first digit. They are searched in " " + the lower-cased text: what stands before a
+    word is matched, not looked back at, so the regex engine tries only where a non-letter stands."""
     letters, digits = [], []
     for word in sorted(words, key=len, reverse=True):
         if not word.isascii():
@@ -4198,7 +4218,7 @@ def ascii_token_patterns(words: Iterable[str]) -> Tuple["re.Pattern[str]", ...]:
             return (re.compile(""),)   # a word of another shape: found everywhere, so the tokens decide
     numbers = [rf"{number}(?:(?<!\d{number})|(?<=-\d\d{number})|(?<=[./]\d{{4}}{number}))(?!\d|[.,]\d)"
                for number in digits]
-    return tuple(re.compile(pattern) for pattern in [r"(?<![a-z])" + word_tree_pattern(letters) + r"(?![a-z])"]
+    return tuple(re.compile(pattern) for pattern in [r"[^a-z]" + word_tree_pattern(letters) + r"(?![a-z])"]
                  * bool(letters) + ["|".join(numbers)] * bool(numbers))
 
 
@@ -4977,7 +4997,9 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     long = len(text) > READ_MAX_CHARS
     sent, text = text, user_words(text, history)
     folded = _fold(text)   # once: the cancel words and the labelled numbers are both found in it
-    extraction = Extraction(intent="cancel" if CANCEL_PATTERN.match(folded) else "provide")
+    extraction = Extraction()   # intent "provide" (a keyword argument costs as much as setting the field)
+    if (ASCII_CANCEL_PATTERN if folded.isascii() else CANCEL_PATTERN).match(folded):
+        extraction.intent = "cancel"
     if long:
         extraction.notes.append(LONG_MESSAGE_NOTE)
     reading = Reading(text=text)
@@ -5036,23 +5058,35 @@ def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bo
     candidates than the lines' (never chosen), so only the yes/no topics are read (_read_topics)."""
     if len(reading.candidates) < len(workflow.query_inputs):
         return False
-    lines = sum(1 for line in text.splitlines() if line.strip())
-    if reading.label_lines != lines:
+    if reading.label_lines != len([line for line in text.splitlines() if line.strip()]):
         return False
-    lowered = text.lower() if text.isascii() else ""
-    if lowered and not any(pattern.search(lowered) for pattern in RULING_OUT_PATTERNS):
-        return True   # the common case, found without the tokens
+    if text.isascii():   # the common case, found without the tokens
+        lowered = " " + text.lower()   # as RULING_OUT_PATTERNS are searched
+        for pattern in RULING_OUT_PATTERNS:
+            if pattern.search(lowered):
+                break
+        else:
+            return True
     return RULING_OUT_WORDS.isdisjoint([token.folded for token in reading.tokens])
 
 
 def _read_topics(workflow: Workflow, conversation: Conversation, reading: Reading) -> None:
     """What _read_spans finds that a message of ``name: value`` lines can still need: the
     yes/no an input's topic words state, which an LLM's reading is checked against."""
-    booleans = [query for query in workflow.query_inputs.values() if query.type == "boolean"]
+    booleans = _boolean_inputs(workflow)
     changing = bool(booleans) and asks_a_change(reading.tokens)   # asked only where a yes/no can be read
     for query in booleans:
         if query.name not in conversation.values or changing:
             _read_polarity(reading.tokens, query, reading)
+
+
+def _boolean_inputs(workflow: Workflow) -> Tuple[QueryInput, ...]:
+    """The workflow's yes/no inputs, found once per workflow."""
+    found = workflow.derived.get("boolean_inputs")
+    if found is None:
+        found = workflow.derived["boolean_inputs"] = tuple(
+            query for query in workflow.query_inputs.values() if query.type == "boolean")
+    return found
 
 
 def _read_labels(workflow: Workflow, text: str, folded: str, reading: Reading) -> None:
@@ -5061,15 +5095,20 @@ def _read_labels(workflow: Workflow, text: str, folded: str, reading: Reading) -
     spend 2000 on flights" is 1500. ``folded`` is _fold(text): numbers are ASCII, so found in
     the folded text they read the same. The count of ``name: value`` lines is kept on the reading."""
     which = 0 if folded.isascii() else 1
-    numbers = {name: match.group(1) for name, patterns in _labelled_number_patterns(workflow).items()
-               for match in [patterns[which].search(folded)] if match
-               and not _linked_out_of_bounds(workflow.query_inputs[name], match)}
+    numbers = {}
+    for name, patterns in _labelled_number_patterns(workflow).items():
+        match = patterns[which].search(folded)
+        if match and not _linked_out_of_bounds(workflow.query_inputs[name], match):
+            numbers[name] = match.group(1)
     lines = LINE_VALUE_PATTERN.findall(text)
     reading.label_lines = len(lines)
+    own_names = _inputs_named_by_own_name(workflow)   # the commonest labels, as _input_named finds them first
     for key, value in lines:
-        name = _input_named(workflow, key)
-        if name:   # the marks of a quotation the line was in are not the value's: "When: 3-9 March""
-            reading.add(name, 3, numbers.get(name, _line_value(workflow, name, value.strip(QUOTATION_MARKS) or value)))
+        name = own_names[key] if key in own_names else _input_named(workflow, key)
+        if name in numbers:   # "count: 3": the number after the label, whatever follows it on the line
+            reading.add(name, 3, numbers[name])
+        elif name:   # the marks of a quotation the line was in are not the value's: "When: 3-9 March""
+            reading.add(name, 3, _line_value(workflow, name, value.strip(QUOTATION_MARKS) or value))
     for query in workflow.query_inputs.values():
         if query.name in reading.candidates:
             continue
@@ -5085,7 +5124,11 @@ def _read_labels(workflow: Workflow, text: str, folded: str, reading: Reading) -
 
 def _line_value(workflow: Workflow, name: str, value: str) -> str:
     """What a ``label: value`` line gives its input: its first sentence, up to another input's label."""
-    return _before_another_label(workflow, name, _first_sentence(value))
+    if "." in value or "!" in value:
+        value = _first_sentence(value)
+    if "," in value or ";" in value:
+        value = _before_another_label(workflow, name, value)
+    return value   # the common value ("3", "Paris"): nothing to cut, and no call to find so
 
 
 def _before_another_label(workflow: Workflow, name: str, value: str) -> str:
@@ -5154,10 +5197,21 @@ def _labelled_number_patterns(workflow: Workflow) -> Dict[str, Tuple["re.Pattern
         found = workflow.derived["labelled_numbers"] = {}
         for query in workflow.query_inputs.values():
             if query.type in NUMERIC_TYPES:
-                label = r"\b(?:" + "|".join(_label_patterns(workflow, query)) + r")"
-                found[query.name] = (re.compile("(?i:" + label + ")" + LABELLED_NUMBER),
+                labels = _label_patterns(workflow, query)
+                label = r"\b(?:" + "|".join(labels) + r")"
+                found[query.name] = (re.compile(_ascii_label_pattern(labels) + LABELLED_NUMBER),
                                      re.compile(label + LABELLED_NUMBER, re.I))
     return found
+
+
+def _ascii_label_pattern(labels: List[str]) -> str:
+    """The labels as found in an ASCII folded text. When each is one ASCII word (the common
+    label: "count", "budget"), the word comes first and the word boundary before it is looked
+    back at once it is found: case ignored or not, the folded words match the same lower-case
+    letters, and the regex engine then looks for the words' letters, not at every character."""
+    if all(label.isascii() and re.fullmatch(r"\w+", label) for label in labels):
+        return "(?:" + "|".join(rf"{label}(?<!\w{label})" for label in labels) + ")"
+    return r"(?i:\b(?:" + "|".join(labels) + r"))"
 
 
 def _label_patterns(workflow: Workflow, query: QueryInput) -> List[str]:

@@ -2876,9 +2876,9 @@ def test_the_ruling_out_words_are_found_without_tokens_wherever_the_tokens_hold_
              "NO", "it's fine", "prefer-ably", "notably", "menos", "a_no", "10-200"]
     for text in texts:
         in_tokens = not cozyopenai.RULING_OUT_WORDS.isdisjoint(token.folded for token in cozyopenai.tokenize(text))
-        found = any(pattern.search(text.lower()) for pattern in cozyopenai.RULING_OUT_PATTERNS)
+        found = any(pattern.search(" " + text.lower()) for pattern in cozyopenai.RULING_OUT_PATTERNS)
         assert found or not in_tokens, text
-    assert not any(pattern.search("budget: 2000\ncount: 3\nword: hello") for pattern in cozyopenai.RULING_OUT_PATTERNS)
+    assert not any(pattern.search(" budget: 2000\ncount: 3\nword: hello") for pattern in cozyopenai.RULING_OUT_PATTERNS)
     assert not cozyopenai.RULING_OUT_WORDS & cozyopenai.LONG_MONTHS   # no typo's month becomes one unseen
 
 
@@ -5778,3 +5778,14 @@ def test_no_silent_acceptance_at_the_edge(start):
     stream = requests.post(server.url + "/openai/chat/completions", timeout=10, json={
         "model": "trip-planner", "stream": True, "messages": [{"role": "user", "content": "Un voyage à Zürich ☀"}]})
     assert stream.headers["Content-Type"] == "text/event-stream; charset=utf-8" and "Zürich" in stream.text
+
+
+def test_a_labelled_number_in_an_ascii_text_is_found_as_with_the_word_boundary_first():
+    texts = ["count: 3", "the count of 5", "recount: 4", "count3", "_count 2", "a count, 7; budget: 9", "counts: 2",
+             "COUNT: 1".lower(), "x-count: 6", "budget 1200 and count 2"]
+    for labels in (["count"], ["count", "budget"], ["travel[\\s_-]+dates", "count"], ["nombre", "count"]):
+        fast = re.compile(cozyopenai._ascii_label_pattern(labels) + cozyopenai.LABELLED_NUMBER)
+        slow = re.compile(r"(?i:\b(?:" + "|".join(labels) + r"))" + cozyopenai.LABELLED_NUMBER)
+        for text in texts:
+            found, expected = fast.search(text), slow.search(text)
+            assert (found and (found.span(), found.groups())) == (expected and (expected.span(), expected.groups())), text
