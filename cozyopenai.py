@@ -7771,6 +7771,11 @@ class ChatRequest(NamedTuple):   # one per request: a tuple is quicker to make t
     messages: List[dict]      # {"role", "content"} with content as text
     stream: bool
     include_usage: bool
+    prompt_tokens: int        # the estimate for all the messages' text (estimate_tokens)
+
+
+# Made as the plain tuple it is: ChatRequest(...) would be a Python call (its constructor). The same ChatRequest.
+new_chat_request = partial(tuple.__new__, ChatRequest)
 
 
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -7822,33 +7827,42 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
     if not isinstance(raw_messages, list) or not raw_messages:
         raise RequestError("'messages' must be a non-empty array of {role, content} objects, not "
                            f"{'an empty array' if raw_messages == [] else _json_type(raw_messages)}.", param="messages")
-    messages = [_parse_message(message, index) for index, message in enumerate(raw_messages)]
-    if not any(message["role"] == "user" for message in messages):
+    # One loop for the messages, whether one has role "user" and their characters: each
+    # comprehension (or any() over a generator) would be a function made and called per request.
+    messages, has_user, characters = [], False, 0
+    for index, message in enumerate(raw_messages):
+        parsed = _parse_message(message, index)
+        messages.append(parsed)
+        has_user = has_user or parsed["role"] == "user"
+        characters += len(parsed["content"])
+    if not has_user:
         raise RequestError("'messages' needs at least one message with role 'user'.", param="messages")
     stream = bool(_field_of(data, "stream", bool))
     choices = data.get("n", 1)
     if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int) or choices != 1):
         raise RequestError("'n' must be 1: a workflow gives one answer per turn.", param="n")
     options = _field_of(data, "stream_options", dict) or {}
-    return ChatRequest(model, messages, stream, stream and options.get("include_usage") is True)
+    return new_chat_request((model, messages, stream, stream and options.get("include_usage") is True,
+                             tokens_of_chars(characters)))   # estimate_tokens of the messages' texts joined
 
 
 def _parse_message(message: Any, index: int) -> dict:
-    where = f"messages[{index}]"
+    where = "messages[%d]"   # % index: written only for an error (or parts), not for every message
     if not isinstance(message, dict):
-        raise RequestError(f"{where} must be an object with 'role' and 'content', not {_json_type(message)}.",
-                           param=where)
+        raise RequestError(f"{where % index} must be an object with 'role' and 'content', not "
+                           f"{_json_type(message)}.", param=where % index)
     role = message.get("role")
     if role not in MESSAGE_ROLES:
-        raise RequestError(f"{where}.role must be one of {', '.join(MESSAGE_ROLES)}.", param=f"{where}.role")
+        raise RequestError(f"{where % index}.role must be one of {', '.join(MESSAGE_ROLES)}.",
+                           param=f"{where % index}.role")
     content = message.get("content")
     if content is None and role in ("assistant", "tool", "function"):
         content = ""
     if isinstance(content, list):
-        content = _text_of_parts(content, where)
+        content = _text_of_parts(content, where % index)
     if not isinstance(content, str):
-        raise RequestError(f"{where}.content must be a string or an array of text parts, not {_json_type(content)}.",
-                           param=f"{where}.content")
+        raise RequestError(f"{where % index}.content must be a string or an array of text parts, not "
+                           f"{_json_type(content)}.", param=f"{where % index}.content")
     return {"role": role, "content": valid_text(content)}
 
 
@@ -7991,7 +8005,7 @@ def chat_completions(service: Service) -> Any:
     """POST /openai/chat/completions: one turn, streamed as chunks or answered whole."""
     environ = bottle.request.environ
     request = parse_chat_request(read_body(environ), environ.get("CONTENT_TYPE", ""))
-    prompt_tokens = estimate_tokens("".join([message["content"] for message in request.messages]))
+    prompt_tokens = request.prompt_tokens
     chat_key = bottle.request.get_header(service.conversation_header, "") if service.conversation_header else ""
     turn = open_chat_turn(service, TurnRequest(request.model, request.messages, chat_key=chat_key),
                           HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY)), environ.get(TRACE_ENVIRON_KEY))
