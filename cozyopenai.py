@@ -9983,31 +9983,31 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         raise ValueError(f"thinking must be one of {', '.join(THINKING_STYLES)}")
     sessions, runs, state_key = McpSessions(), BackgroundRuns(), mcp_state_key(mcp_state_secret)
     app = bottle.Bottle()
+
+    def json_route(path: str, method: str, handler: Callable[..., Any]) -> None:
+        # Bottle's JSON plugin would wrap each route in one more call, to turn a dict into JSON:
+        # _json_route's own wrapper does that, and gives Bottle the JSON's bytes.
+        app.route(path, method, _json_route(service, handler), skip=[bottle.JSONPlugin])
     # Clients configured with a "/v1" suffix or a trailing slash ask for these paths too.
     for prefix in ("/openai", "/openai/v1", "/openai/", "/openai/v1/"):
-        app.route(prefix + "/models", "GET", _json_route(service, list_models))
-        app.route(prefix + "/models/<model_id:path>", "GET", _json_route(service, get_model))
-        app.route(prefix + "/chat/completions", "POST", _json_route(service, chat_completions))
-        app.route(prefix + "/responses", "POST", _json_route(service, partial(create_response, runs=runs)))
-        app.route(prefix + "/responses/<response_id>/cancel", "POST",
-                  _json_route(service, partial(cancel_response, runs=runs)))
-        app.route(prefix + "/responses/<response_id>", "GET", _json_route(service, stored_response))
-        app.route(prefix + "/responses/<response_id>", "DELETE", _json_route(service, delete_response))
-        app.route(prefix + "/responses/<response_id>/input_items", "GET", _json_route(service, response_input_items))
-        app.route(prefix + "/conversations", "POST", _json_route(service, create_conversation))
-        app.route(prefix + "/conversations/<conversation_id>", "GET", _json_route(service, retrieve_conversation))
-        app.route(prefix + "/conversations/<conversation_id>", "POST", _json_route(service, update_conversation))
-        app.route(prefix + "/conversations/<conversation_id>", "DELETE", _json_route(service, delete_conversation))
-        app.route(prefix + "/conversations/<conversation_id>/items", "GET",
-                  _json_route(service, list_conversation_items))
-        app.route(prefix + "/conversations/<conversation_id>/items", "POST",
-                  _json_route(service, add_conversation_items))
-        app.route(prefix + "/conversations/<conversation_id>/items/<item_id>", "GET",
-                  _json_route(service, retrieve_conversation_item))
-        app.route(prefix + "/conversations/<conversation_id>/items/<item_id>", "DELETE",
-                  _json_route(service, delete_conversation_item))
+        json_route(prefix + "/models", "GET", list_models)
+        json_route(prefix + "/models/<model_id:path>", "GET", get_model)
+        json_route(prefix + "/chat/completions", "POST", chat_completions)
+        json_route(prefix + "/responses", "POST", partial(create_response, runs=runs))
+        json_route(prefix + "/responses/<response_id>/cancel", "POST", partial(cancel_response, runs=runs))
+        json_route(prefix + "/responses/<response_id>", "GET", stored_response)
+        json_route(prefix + "/responses/<response_id>", "DELETE", delete_response)
+        json_route(prefix + "/responses/<response_id>/input_items", "GET", response_input_items)
+        json_route(prefix + "/conversations", "POST", create_conversation)
+        json_route(prefix + "/conversations/<conversation_id>", "GET", retrieve_conversation)
+        json_route(prefix + "/conversations/<conversation_id>", "POST", update_conversation)
+        json_route(prefix + "/conversations/<conversation_id>", "DELETE", delete_conversation)
+        json_route(prefix + "/conversations/<conversation_id>/items", "GET", list_conversation_items)
+        json_route(prefix + "/conversations/<conversation_id>/items", "POST", add_conversation_items)
+        json_route(prefix + "/conversations/<conversation_id>/items/<item_id>", "GET", retrieve_conversation_item)
+        json_route(prefix + "/conversations/<conversation_id>/items/<item_id>", "DELETE", delete_conversation_item)
     app.route("/health", "GET", lambda: _health(service))
-    app.route("/metrics", "GET", _json_route(service, _metrics))
+    json_route("/metrics", "GET", _metrics)
     app.route("/", "GET", lambda: _home(service))
     for path in ("/mcp", "/mcp/"):
         app.route(path, "POST", lambda: mcp_post(service, sessions, cors_origins or (), state_key))
@@ -10017,7 +10017,7 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         app.route("/openai/<path:path>", "OPTIONS", lambda path: "")   # preflight; headers from the hook
         app.route("/mcp", "OPTIONS", lambda: "")
         app.add_hook("after_request", lambda: _allow_origin(cors_origins))
-    app.add_hook("before_request", lambda: _guard_the_edge(service, cors_origins or ()))
+    app.add_hook("before_request", partial(_guard_the_edge, service, cors_origins or ()))
     app.default_error_handler = _error_page
     app.config["cozyopenai.service"] = service
     return app
@@ -10115,11 +10115,11 @@ def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., 
             result = handler(service, **url_args)
         except CozyError as exc:
             result = _error_response(exc)
-        if isinstance(result, dict):
-            bottle.response.content_type = "application/json"
-            result = json_text(result)
+        if isinstance(result, dict):   # as bytes: Bottle would look up the charset to encode a str
+            bottle.response.set_header("Content-Type", "application/json")   # so UTF-8, as json_text is written
+            result = json_text(result).encode()
         method, path = environ[REQUEST_LINE_ENVIRON_KEY]   # the edge guard's, run before every route
-        if isinstance(result, str):
+        if isinstance(result, (str, bytes)):
             _log_line(method, path, bottle.response.status_code, trace, started)
             return result
         return _logged_when_done(result, method, path, trace, started)
