@@ -7568,20 +7568,31 @@ class StreamedTurn:
     reply ends, whether it was sent whole or the client left (PEP 3333); that closes the body,
     then the turn, which saves and unlocks. A body read to its end closes itself, for servers
     that never call close on an empty reply. ``ending(message, events sent)`` gives the bytes
-    that end it if the server cuts it short."""
+    that end it if the server cuts it short. It is in the open-streams gauge (as MCP's streams,
+    counted_stream) from its first piece until it closes, and ``when_closed`` is called after:
+    done here, not by generators around it, which would each be resumed for every piece."""
 
     def __init__(self, body: Iterator[bytes], turn: Union[Turn, AnsweredTurn], metrics: Any,
                  ending: Optional[Callable[[str, int], bytes]] = None):
-        self._body, self._turn = counted_stream(body, metrics), turn   # the open-streams gauge, as MCP's
+        self._body, self._turn, self._metrics = body, turn, metrics
         self.events_sent = 0   # SSE events, not comments: the Responses API numbers its events
         self._open = True
+        self._counted = False   # in the open-streams gauge
+        self._when_closed: Optional[Callable[[], None]] = None
         if ending is not None:
             stream_ending(lambda message: ending(message, self.events_sent))
+
+    def when_closed(self, then: Callable[[], None]) -> None:
+        """Call ``then`` once the reply is over, its turn closed (the route's log line)."""
+        self._when_closed = then
 
     def __iter__(self) -> "StreamedTurn":
         return self
 
     def __next__(self) -> bytes:
+        if not self._counted and self._open:
+            self._counted = True
+            self._metrics.add("open_streams")
         try:
             data = next(self._body)
         except BaseException:   # the end, or a failure: either way the turn is over
@@ -7596,10 +7607,17 @@ class StreamedTurn:
             return
         self._open = False
         try:
-            self._body.close()
+            try:
+                self._body.close()
+            finally:
+                if self._counted:
+                    self._metrics.add("open_streams", -1)
             self._turn.close()
         except CozyError as exc:   # the store went away while the reply streamed: too late for a 503
             log.error("a streamed turn could not be saved: %s", exc.message)
+        finally:
+            if self._when_closed is not None:
+                self._when_closed()
 
 
 def check_key(api_keys: Sequence[str], authorization: str) -> None:
@@ -10121,6 +10139,9 @@ def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., 
         method, path = environ[REQUEST_LINE_ENVIRON_KEY]   # the edge guard's, run before every route
         if isinstance(result, (str, bytes)):
             _log_line(method, path, bottle.response.status_code, trace, started)
+            return result
+        if isinstance(result, StreamedTurn):   # it calls back when it ends: no generator around each piece
+            result.when_closed(partial(_log_line, method, path, 200, trace, started))
             return result
         return _logged_when_done(result, method, path, trace, started)
     return route
