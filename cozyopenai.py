@@ -9755,7 +9755,11 @@ class Metrics:
             (summed, _), (counted, _) = self._observed("turn_seconds", 0.0, labelled)
             series = self._turn_series[model] = (("turns_total", labelled), summed, counted)
         turns, summed, counted = series
-        self._add_together(((turns, 1), (summed, seconds), (counted, 1)))
+        with self._lock:   # added here, not by _add_together: a call and a tuple of pairs fewer a turn
+            values = self._values
+            values[turns] = values.get(turns, 0.0) + 1
+            values[summed] = values.get(summed, 0.0) + seconds
+            values[counted] = values.get(counted, 0.0) + 1
 
     def count_run(self, model: str, outcome: str) -> None:
         """A workflow run ended: runs_total, its key made once per model and outcome (every
@@ -9764,7 +9768,8 @@ class Metrics:
         if key is None:
             key = self._run_series[(model, outcome)] = ("runs_total", self._labelled({"model": model,
                                                                                     "outcome": outcome}))
-        self._add_together(((key, 1),))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + 1
 
     @staticmethod
     def _observed(name: str, seconds: float, labelled: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[Any, float], ...]:
@@ -10093,8 +10098,8 @@ def _guard_the_edge(service: Service, origins: Sequence[str]) -> None:
         check_framing(environ)
         if service.api_keys and is_keyed_path(path) and not (origins and method == "OPTIONS"):
             check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
-        if method not in ("GET", "HEAD", "OPTIONS") and not path.startswith("/mcp"):
-            check_origin(origins, environ)   # /mcp answers its own refusal, in JSON-RPC
+        if "HTTP_ORIGIN" in environ and method not in ("GET", "HEAD", "OPTIONS") and not path.startswith("/mcp"):
+            check_origin(origins, environ)   # a browser's (/mcp answers its own refusal, in JSON-RPC)
     except CozyError as exc:
         _log_line(method, path, exc.status, {}, time.monotonic())
         raise bottle.HTTPResponse(edge_error_body(path, exc), exc.status, {"Content-Type": "application/json"})
