@@ -8104,6 +8104,11 @@ RESPONSES_REFUSED_FIELDS = {
     "runs take no options", "context_management": "a workflow reads only the new message, so it needs none",
     "moderation": "there is no moderation model", "image": "workflows take text", "access_programs":
     "there are no access programs"}
+# The fields a body may have whatever their value: one with only these needs no field by field look.
+RESPONSES_PLAIN_FIELDS = frozenset(RESPONSES_IGNORED_FIELDS + RESPONSES_OWN_FIELDS)
+# The fields of one JSON type, when given (None is always allowed).
+RESPONSES_TYPED_FIELDS = (("stream", bool), ("store", bool), ("previous_response_id", str), ("instructions", str),
+                          ("background", bool))
 
 
 # OpenAI's rule for the metadata of a response and of a conversation alike.
@@ -8144,11 +8149,12 @@ def parse_responses_request(body: bytes, content_type: str = "",
     calls no client tools; images and files are refused. A field OpenAI's API has and this
     server does not honour is a 400 that names it, as is one OpenAI's API does not have."""
     data = _json_body(body, content_type)
-    _refuse_what_is_not_honoured(data)
+    if not data.keys() <= RESPONSES_PLAIN_FIELDS:   # a set comparison in C: most bodies have none to refuse
+        _refuse_what_is_not_honoured(data)
     model = _model_of(data)
-    for name, expected in (("stream", bool), ("store", bool), ("previous_response_id", str),
-                           ("instructions", str), ("background", bool)):
-        _field_of(data, name, expected)
+    for name, expected in RESPONSES_TYPED_FIELDS:
+        if name in data:   # one left out is None: nothing to check, no call
+            _field_of(data, name, expected)
     metadata = checked_metadata(data.get("metadata"))
     conversation = data.get("conversation")
     if isinstance(conversation, dict):
@@ -8170,10 +8176,13 @@ def parse_responses_request(body: bytes, content_type: str = "",
                            f"{'an empty array' if raw == [] else _json_type(raw)}.", param="input")
     items = [message for index, item in enumerate(raw) for message in _input_items(item, index, find_item)]
     messages = item_messages(items)
-    if not conversation and not any(message["role"] == "user" for message in messages):
+    if not conversation and "user" not in [message["role"] for message in messages]:   # no any() generator
         raise RequestError("'input' needs at least one user message.", param="input")
-    hints = [match.group(1) for match in (ITEM_ID_PATTERN.match(item.get("id") or "") for item in reversed(items)
-                                          if item["role"] == "assistant") if match]
+    hints = []   # a loop: a comprehension over a generator made two functions per request, for no reply most often
+    for item in reversed(items):
+        match = ITEM_ID_PATTERN.match(item.get("id") or "") if item["role"] == "assistant" else None
+        if match:
+            hints.append(match.group(1))
     truncation = data.get("truncation") or "disabled"
     if truncation not in ("auto", "disabled"):
         raise RequestError("'truncation' must be 'auto' or 'disabled'.", param="truncation")
@@ -8321,10 +8330,15 @@ def collect_response(pieces: Iterator[Piece], request: ResponsesRequest, respons
 
 
 def _stored_fields(request: ResponsesRequest, thinking: str, answer: str, prompt_tokens: int) -> dict:
-    return {"thinking": thinking, "answer": answer, "created_at": int(time.time()), "metadata": request.metadata,
-            "previous_response_id": request.previous_response_id, "instructions": request.instructions,
-            "store": request.store, "prompt_tokens": prompt_tokens, "conversation": request.conversation,
-            "truncation": request.truncation, "background": request.background}
+    return {"thinking": thinking, "answer": answer, "created_at": int(time.time()),
+            **_request_fields(request, prompt_tokens)}
+
+
+def _request_fields(request: ResponsesRequest, prompt_tokens: int) -> dict:
+    """What a response keeps of its request: _stored_fields less the texts and the time (a turn's response_extra)."""
+    return {"metadata": request.metadata, "previous_response_id": request.previous_response_id,
+            "instructions": request.instructions, "store": request.store, "prompt_tokens": prompt_tokens,
+            "conversation": request.conversation, "truncation": request.truncation, "background": request.background}
 
 
 def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest, response_id: str,
@@ -8381,9 +8395,8 @@ def response_event_objects(pieces: Iterator[Optional[Piece]], request: Responses
                         part=done["content"][0])
         yield event("response.output_item.done", output_index=index, item=done)
 
-    started = response_object(response_id, request.model, {
-        key: value for key, value in _stored_fields(request, "", "", prompt_tokens).items()
-        if key not in ("thinking", "answer")}, "in_progress")
+    started = response_object(response_id, request.model,
+                              {"created_at": int(time.time()), **_request_fields(request, prompt_tokens)}, "in_progress")
     yield event("response.created", response=started)
     yield event("response.in_progress", response=started)
     for piece in pieces:
@@ -8458,14 +8471,13 @@ def response_turn_request(request: ResponsesRequest) -> TurnRequest:
     """The turn a Responses request asks for. Its response keeps its input items, and a
     conversation (Conversations API) gets the input and output items of each response."""
     conversation = conversation_key(request.conversation) if request.conversation else ""
-    prompt_tokens = estimate_tokens("".join(message["content"] for message in request.messages))
+    # estimate_tokens of the messages' texts joined, from their lengths: no string joined, no generator
+    prompt_tokens = tokens_of_chars(sum([len(message["content"]) for message in request.messages]))
     turn_request = TurnRequest(request.model, request.messages, id_block=not request.store and not conversation,
                                previous_response_id=request.previous_response_id,
                                store_response=request.store or bool(conversation), conversation=conversation,
                                conversation_hints=list(request.hints),
-                               response_extra={key: value for key, value in
-                                               _stored_fields(request, "", "", prompt_tokens).items()
-                                               if key not in ("thinking", "answer", "created_at")})
+                               response_extra=_request_fields(request, prompt_tokens))
 
     request_ref = weakref.ref(turn_request)   # the request holds this function: held back, a cycle for the collector
 
