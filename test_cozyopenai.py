@@ -3680,6 +3680,32 @@ def test_a_reply_sent_whole_has_the_same_text_as_its_streamed_fields():
     check()
 
 
+def test_a_whole_reply_is_the_json_of_its_completion_object():
+    # completion_text writes the chat.completion object out, not through json_text: the text
+    # must be json_text's for the object it holds, to the byte, and hold what it always held.
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=100, deadline=None, database=None, derandomize=True)
+    @given(content=st.text(), reasoning=st.none() | st.text(), model=st.text(min_size=1),
+           prompt_tokens=st.integers(0, 10 ** 6))
+    def check(content, reasoning, model, prompt_tokens):
+        request = cozyopenai.new_chat_request((model, [], False, False, prompt_tokens))
+        text = cozyopenai.completion_text({"content": content, "reasoning_content": reasoning}, request, prompt_tokens)
+        reply = json.loads(text)
+        assert cozyopenai.json_text(reply) == text
+        message = {"role": "assistant", "content": content, "refusal": None}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        completion = cozyopenai.tokens_of_chars(len(content) + len(reasoning or ""))
+        assert re.fullmatch(r"chatcmpl-[0-9a-f]{24}", reply["id"]) and isinstance(reply["created"], int)
+        assert reply == {"id": reply["id"], "object": "chat.completion", "created": reply["created"], "model": model,
+                         "system_fingerprint": None,
+                         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                   "total_tokens": prompt_tokens + completion}}
+    check()
+
+
 def test_text_parts_in_content_are_read_like_a_string(start):
     reply = ask(start(), "month-calendar", [{"role": "user", "content": [
         {"type": "text", "text": "year: 2026"}, {"type": "text", "text": "month: 1"}]}])
