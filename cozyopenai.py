@@ -7959,19 +7959,15 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
     """Server-sent events of chat.completion.chunk objects, then ``data: [DONE]``.
     A None in ``fields`` becomes an SSE comment, which keeps idle proxies from closing."""
     completion_id, created = new_completion_id(), int(time.time())
-
-    def chunk(delta: dict, finish_reason: Optional[str] = None) -> bytes:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                "model": request.model, "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-        if request.include_usage:
-            body["usage"] = None
-        return b"data: " + json_text(body).encode() + b"\n\n"
-
-    # The chunks of the pieces differ only in their delta: the bytes around it are encoded once
-    # (chunk's own, split at a stand-in delta, the last string of the object), the delta per piece.
-    before, _, after = chunk("\0").rpartition(b'"\\u0000"')
-    yield chunk({"role": "assistant", "content": ""})
+    # Each chunk is json_text's text of its object, written out as completion_text is (the test
+    # test_streamed_chunks_are_the_json_of_their_objects holds it to that): the chunks differ only
+    # in their delta and finish_reason, so the bytes around the delta are written once.
+    before = (f'data: {{"id": "{completion_id}", "object": "chat.completion.chunk", "created": {created}, '
+              f'"model": {json_string(request.model)}, "system_fingerprint": null, "choices": [{{"index": 0, '
+              f'"delta": ').encode()
+    usage_item = ', "usage": null' if request.include_usage else ""
+    after = f', "logprobs": null, "finish_reason": null}}]{usage_item}}}\n\n'.encode()
+    yield before + b'{"role": "assistant", "content": ""}' + after
     completion_chars = 0
     for item in fields:
         if item is None:
@@ -7980,7 +7976,7 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
             completion_chars += len(item[1])
             delta = f"{{{json_string(item[0])}: {json_string(item[1])}}}"   # json_text({field: text}), written out
             yield before + delta.encode() + after
-    yield chunk({}, "stop")
+    yield before + f'{{}}, "logprobs": null, "finish_reason": "stop"}}]{usage_item}}}\n\n'.encode()
     if request.include_usage:
         usage = _usage(prompt_tokens, completion_chars)
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,

@@ -3706,6 +3706,36 @@ def test_a_whole_reply_is_the_json_of_its_completion_object():
     check()
 
 
+def test_streamed_chunks_are_the_json_of_their_objects():
+    # completion_chunks writes its chunks out, not through json_text: each must be json_text's
+    # text of the chunk object it holds, to the byte, and hold what it always held.
+    from hypothesis import given, settings, strategies as st
+    fields = st.lists(st.none() | st.tuples(st.sampled_from(["content", "reasoning_content"]), st.text()), max_size=5)
+
+    @settings(max_examples=100, deadline=None, database=None, derandomize=True)
+    @given(fields=fields, model=st.text(min_size=1), include_usage=st.booleans())
+    def check(fields, model, include_usage):
+        request = cozyopenai.new_chat_request((model, [], True, include_usage, 3))
+        events = list(cozyopenai.completion_chunks(iter(fields), request, 3))
+        assert events[-1] == b"data: [DONE]\n\n"
+        chunks = [event[6:-2].decode() for event in events if event.startswith(b"data: {")]
+        objects = [json.loads(text) for text in chunks]
+        if include_usage:   # the usage chunk is json.dumps's
+            assert objects.pop()["choices"] == [] and chunks.pop()
+        for text, chunk in zip(chunks, objects):
+            assert cozyopenai.json_text(chunk) == text
+        deltas = [{"role": "assistant", "content": ""}] + [{name: text} for name, text in filter(None, fields) if text] + [{}]
+        first = objects[0]
+        assert re.fullmatch(r"chatcmpl-[0-9a-f]{24}", first["id"]) and isinstance(first["created"], int)
+        assert objects == [dict({"id": first["id"], "object": "chat.completion.chunk", "created": first["created"],
+                                 "model": model, "system_fingerprint": None,
+                                 "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                              "finish_reason": None if delta else "stop"}]},
+                                **({"usage": None} if include_usage else {})) for delta in deltas]
+        assert events.count(b": keep-alive\n\n") == fields.count(None)
+    check()
+
+
 def test_text_parts_in_content_are_read_like_a_string(start):
     reply = ask(start(), "month-calendar", [{"role": "user", "content": [
         {"type": "text", "text": "year: 2026"}, {"type": "text", "text": "month: 1"}]}])
