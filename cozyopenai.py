@@ -8294,6 +8294,46 @@ def response_object(response_id: str, model: str, stored: Mapping[str, Any], sta
                       "total_tokens": usage.get("input_tokens", 0) + usage.get("output_tokens", 0)}}
 
 
+def response_text(response_id: str, model: str, stored: Mapping[str, Any], status: str = "completed") -> str:
+    """json_text(response_object(...)), written out as completion_text is: a response object has
+    some forty items, most of them the same in every response, and json_text's encoder costs
+    some 1,500 instructions an item. test_a_response_is_the_json_of_its_response_object holds
+    the two to the same text, to the byte."""
+    status = stored.get("status", status)
+    usage = _response_usage(stored.get("prompt_tokens", 0), stored.get("thinking", ""), stored.get("answer", ""))
+    conversation = stored.get("conversation")
+    input_tokens, output_tokens = usage.get("input_tokens", 0), usage.get("output_tokens", 0)
+    conversation_json = f'{{"id": {_json_of(conversation)}}}' if conversation else "null"
+    return (f'{{"id": {json_string(response_id)}, "object": "response", '
+            f'"created_at": {_json_of(stored.get("created_at", int(time.time())))}, "status": {json_string(status)}, '
+            f'"model": {json_string(model)}, "output": {json_text(response_output(response_id, stored, status))}, '
+            f'"output_text": {_json_of(stored.get("answer", ""))}, '
+            f'"previous_response_id": {_json_of(stored.get("previous_response_id") or None)}, '
+            f'"conversation": {conversation_json}, '
+            f'"background": {_json_of(stored.get("background", False))}, '
+            f'"instructions": {_json_of(stored.get("instructions"))}, '
+            f'"metadata": {_json_of(stored.get("metadata") or {})}, "store": {_json_of(stored.get("store", True))}, '
+            f'"error": {_json_of(stored.get("error"))}, "incomplete_details": null, "parallel_tool_calls": false, '
+            f'"tool_choice": "none", "tools": [], "temperature": null, "top_p": null, "max_output_tokens": null, '
+            f'"truncation": {_json_of(stored.get("truncation", "disabled"))}, "text": {{"format": {{"type": "text"}}}}, '
+            f'"reasoning": {{"effort": null, "summary": null}}, "user": null, '
+            f'"usage": {{"input_tokens": {_json_of(input_tokens)}, "input_tokens_details": {{"cached_tokens": 0}}, '
+            f'"output_tokens": {_json_of(output_tokens)}, '
+            f'"output_tokens_details": {{"reasoning_tokens": {_json_of(usage.get("reasoning_tokens", 0))}}}, '
+            f'"total_tokens": {_json_of(input_tokens + output_tokens)}}}}}')
+
+
+def _json_of(value: Any) -> str:
+    """json_text(value), with no encoder set up for a string, null, a bool, an int or an empty object."""
+    if value.__class__ is str:
+        return json_string(value)
+    if value is None or value is True or value is False:
+        return "null" if value is None else "true" if value else "false"
+    if value.__class__ is int:
+        return int.__repr__(value)   # as the encoder writes it
+    return "{}" if value == {} else json_text(value)
+
+
 def response_output(response_id: str, stored: Mapping[str, Any], status: str = "completed") -> List[dict]:
     """A response's output items: its progress as a reasoning item, its answer as a message."""
     output: List[dict] = []
@@ -8322,13 +8362,13 @@ def _response_usage(prompt_tokens: int, thinking: str, answer: str) -> dict:
 
 
 def collect_response(pieces: Iterator[Piece], request: ResponsesRequest, response_id: str,
-                     prompt_tokens: int) -> dict:
-    """Non-streamed: the whole response object."""
+                     prompt_tokens: int) -> str:
+    """Non-streamed: the whole response object, as its JSON text (response_text)."""
     texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
     for piece in pieces:
         texts[piece.channel].append(piece.text)
     thinking, answer = "".join(texts["thinking"]), "".join(texts["answer"])
-    return response_object(response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens))
+    return response_text(response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens))
 
 
 def _stored_fields(request: ResponsesRequest, thinking: str, answer: str, prompt_tokens: int) -> dict:
@@ -8466,7 +8506,9 @@ def create_response(service: Service, runs: Optional["BackgroundRuns"] = None) -
         return StreamedTurn(events, turn, service.metrics,
                             lambda message, sent: response_cut(response_id, request.model, message, sent))
     with turn:
-        return collect_response(turn.pieces(), request, response_id, prompt_tokens)
+        text = collect_response(turn.pieces(), request, response_id, prompt_tokens)
+    bottle.response.set_header("Content-Type", "application/json")   # as _json_route would for an object
+    return text.encode()
 
 
 def response_turn_request(request: ResponsesRequest) -> TurnRequest:

@@ -3736,6 +3736,29 @@ def test_streamed_chunks_are_the_json_of_their_objects():
     check()
 
 
+def test_a_response_is_the_json_of_its_response_object():
+    # response_text writes response_object out, not through json_text: the two must give the
+    # same text, to the byte, for whatever a stored response holds.
+    from hypothesis import given, settings, strategies as st
+    optional = {"status": st.sampled_from(["completed", "in_progress", "failed", "cancelled", "incomplete"]),
+                "thinking": st.text(), "answer": st.text(), "created_at": st.integers(0, 2 ** 40),
+                "prompt_tokens": st.integers(0, 10 ** 6), "previous_response_id": st.none() | st.text(),
+                "conversation": st.none() | st.text(), "background": st.booleans(),
+                "instructions": st.none() | st.text(), "metadata": st.none() | st.dictionaries(st.text(), st.text()),
+                "store": st.booleans(), "error": st.none() | st.fixed_dictionaries({"code": st.text(), "message": st.text()}),
+                "truncation": st.sampled_from(["auto", "disabled"])}
+
+    @settings(max_examples=200, deadline=None, database=None, derandomize=True)
+    @given(stored=st.fixed_dictionaries({}, optional=optional), model=st.text(min_size=1),
+           status=st.sampled_from(["completed", "in_progress", "failed"]))
+    def check(stored, model, status):
+        response_id = "resp_" + "a1" * 20
+        stored = dict(stored, created_at=stored.get("created_at", 7))   # the same time in both
+        assert cozyopenai.response_text(response_id, model, stored, status) == cozyopenai.json_text(
+            cozyopenai.response_object(response_id, model, stored, status))
+    check()
+
+
 def test_text_parts_in_content_are_read_like_a_string(start):
     reply = ask(start(), "month-calendar", [{"role": "user", "content": [
         {"type": "text", "text": "year: 2026"}, {"type": "text", "text": "month: 1"}]}])
