@@ -7801,7 +7801,8 @@ MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 def _json_body(body: bytes, content_type: str) -> dict:
     """The request body as a JSON object, or the OpenAI error that says why not."""
-    media_type = content_type.split(";")[0].strip().lower()
+    media_type = "application/json" if content_type == "application/json" else (   # most often: nothing to split
+        content_type.split(";")[0].strip().lower())
     if media_type and media_type not in ("application/json", "text/plain") and not media_type.endswith("+json"):
         raise UnsupportedMediaTypeError(f"Send the body as JSON with 'Content-Type: application/json', "
                                         f"not {media_type!r}.")
@@ -7859,7 +7860,7 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
     choices = data.get("n", 1)
     if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int) or choices != 1):
         raise RequestError("'n' must be 1: a workflow gives one answer per turn.", param="n")
-    options = _field_of(data, "stream_options", dict) or {}
+    options = (_field_of(data, "stream_options", dict) or {}) if "stream_options" in data else {}
     return new_chat_request((model, messages, stream, stream and options.get("include_usage") is True,
                              tokens_of_chars(characters)))   # estimate_tokens of the messages' texts joined
 
