@@ -8296,10 +8296,10 @@ def response_object(response_id: str, model: str, stored: Mapping[str, Any], sta
 
 
 def response_text(response_id: str, model: str, stored: Mapping[str, Any], status: str = "completed") -> str:
-    """json_text(response_object(...)), written out as completion_text is: a response object has
-    some forty items, most of them the same in every response, and json_text's encoder costs
-    some 1,500 instructions an item. test_a_response_is_the_json_of_its_response_object holds
-    the two to the same text, to the byte."""
+    """json_text(response_object(...)), written out as completion_text is, its output items too
+    (_output_text): a response object has some fifty items, most of them the same in every
+    response, and json_text's encoder costs some 1,500 instructions an item.
+    test_a_response_is_the_json_of_its_response_object holds the two to the same text, to the byte."""
     status = stored.get("status", status)
     usage = _response_usage(stored.get("prompt_tokens", 0), stored.get("thinking", ""), stored.get("answer", ""))
     conversation = stored.get("conversation")
@@ -8307,7 +8307,7 @@ def response_text(response_id: str, model: str, stored: Mapping[str, Any], statu
     conversation_json = f'{{"id": {_json_of(conversation)}}}' if conversation else "null"
     return (f'{{"id": {json_string(response_id)}, "object": "response", '
             f'"created_at": {_json_of(stored.get("created_at", int(time.time())))}, "status": {json_string(status)}, '
-            f'"model": {json_string(model)}, "output": {json_text(response_output(response_id, stored, status))}, '
+            f'"model": {json_string(model)}, "output": {_output_text(response_id, stored, status)}, '
             f'"output_text": {_json_of(stored.get("answer", ""))}, '
             f'"previous_response_id": {_json_of(stored.get("previous_response_id") or None)}, '
             f'"conversation": {conversation_json}, '
@@ -8322,6 +8322,22 @@ def response_text(response_id: str, model: str, stored: Mapping[str, Any], statu
             f'"output_tokens": {_json_of(output_tokens)}, '
             f'"output_tokens_details": {{"reasoning_tokens": {_json_of(usage.get("reasoning_tokens", 0))}}}, '
             f'"total_tokens": {_json_of(input_tokens + output_tokens)}}}}}')
+
+
+def _output_text(response_id: str, stored: Mapping[str, Any], status: str) -> str:
+    """json_text(response_output(...)), written out (for response_text, whose test holds it to that)."""
+    items = []
+    if stored.get("thinking"):
+        items.append(f'{{"type": "reasoning", "id": {json_string("rs_" + response_id[5:])}, '
+                     f'"summary": [{{"type": "summary_text", "text": {_json_of(stored["thinking"])}}}]}}')
+    if status == "completed" or stored.get("answer"):
+        text = stored.get("answer", "")
+        content = f'[{{"type": "output_text", "text": {_json_of(text)}, "annotations": []}}]' if (
+            status == "completed" or text) else "[]"
+        item_status = status if status in ("completed", "in_progress") else "incomplete"   # as _message_item
+        items.append(f'{{"type": "message", "id": {json_string("msg_" + response_id[5:])}, "status": "{item_status}", '
+                     f'"role": "assistant", "content": {content}}}')
+    return f"[{', '.join(items)}]"
 
 
 def _json_of(value: Any) -> str:
