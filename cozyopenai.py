@@ -8107,7 +8107,8 @@ RESPONSES_REFUSED_FIELDS = {
     "runs take no options", "context_management": "a workflow reads only the new message, so it needs none",
     "moderation": "there is no moderation model", "image": "workflows take text", "access_programs":
     "there are no access programs"}
-# The fields a body may have whatever their value: one with only these needs no field by field look.
+# The fields the field-by-field look lets by (tools, tool_choice and text are looked at after it):
+# a body with only these needs no such look.
 RESPONSES_PLAIN_FIELDS = frozenset(RESPONSES_IGNORED_FIELDS + RESPONSES_OWN_FIELDS)
 # The fields of one JSON type, when given (None is always allowed).
 RESPONSES_TYPED_FIELDS = (("stream", bool), ("store", bool), ("previous_response_id", str), ("instructions", str),
@@ -8152,8 +8153,7 @@ def parse_responses_request(body: bytes, content_type: str = "",
     calls no client tools; images and files are refused. A field OpenAI's API has and this
     server does not honour is a 400 that names it, as is one OpenAI's API does not have."""
     data = _json_body(body, content_type)
-    if not data.keys() <= RESPONSES_PLAIN_FIELDS:   # a set comparison in C: most bodies have none to refuse
-        _refuse_what_is_not_honoured(data)
+    _refuse_what_is_not_honoured(data)
     model = _model_of(data)
     for name, expected in RESPONSES_TYPED_FIELDS:
         if name in data:   # one left out is None: nothing to check, no call
@@ -8198,12 +8198,13 @@ def parse_responses_request(body: bytes, content_type: str = "",
 
 
 def _refuse_what_is_not_honoured(data: Mapping[str, Any]) -> None:
-    for name, value in data.items():
-        if name in RESPONSES_REFUSED_FIELDS and value is not None:
-            raise RequestError(f"'{name}' is not supported: {RESPONSES_REFUSED_FIELDS[name]}.", param=name,
-                               code="unsupported_parameter")
-        if name not in RESPONSES_REFUSED_FIELDS and name not in RESPONSES_IGNORED_FIELDS + RESPONSES_OWN_FIELDS:
-            raise RequestError(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
+    if not data.keys() <= RESPONSES_PLAIN_FIELDS:   # a set comparison in C: most bodies need no look field by field
+        for name, value in data.items():
+            if name in RESPONSES_REFUSED_FIELDS and value is not None:
+                raise RequestError(f"'{name}' is not supported: {RESPONSES_REFUSED_FIELDS[name]}.", param=name,
+                                   code="unsupported_parameter")
+            if name not in RESPONSES_REFUSED_FIELDS and name not in RESPONSES_PLAIN_FIELDS:
+                raise RequestError(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
     tools, choice, text = data.get("tools"), data.get("tool_choice"), data.get("text")
     if tools is not None and tools != []:
         raise RequestError("'tools' is not supported: a workflow calls no client tools; send an empty list.",
