@@ -9813,7 +9813,7 @@ class Metrics:
         self._run_series: Dict[Tuple[str, str], Any] = {}   # (model, outcome) -> the key count_run adds to
 
     def add(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = (name, self._labelled(labels))
+        key = (name, self._labelled(labels) if labels else ())   # a gauge's (open streams): no call
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
