@@ -7691,20 +7691,31 @@ class StreamedTurn:
     reply ends, whether it was sent whole or the client left (PEP 3333); that closes the body,
     then the turn, which saves and unlocks. A body read to its end closes itself, for servers
     that never call close on an empty reply. ``ending(message, events sent)`` gives the bytes
-    that end it if the server cuts it short."""
+    that end it if the server cuts it short. It is in the open-streams gauge (as MCP's streams,
+    counted_stream) from its first piece until it closes, and ``when_closed`` is called after:
+    done here, not by generators around it, which would each be resumed for every piece."""
 
     def __init__(self, body: Iterator[bytes], turn: Union[Turn, AnsweredTurn], metrics: Any,
                  ending: Optional[Callable[[str, int], bytes]] = None):
-        self._body, self._turn = counted_stream(body, metrics), turn   # the open-streams gauge, as MCP's
+        self._body, self._turn, self._metrics = body, turn, metrics
         self.events_sent = 0   # SSE events, not comments: the Responses API numbers its events
         self._open = True
+        self._counted = False   # in the open-streams gauge
+        self._when_closed: Optional[Callable[[], None]] = None
         if ending is not None:
             stream_ending(lambda message: ending(message, self.events_sent))
+
+    def when_closed(self, then: Callable[[], None]) -> None:
+        """Call ``then`` once the reply is over, its turn closed (the route's log line)."""
+        self._when_closed = then
 
     def __iter__(self) -> "StreamedTurn":
         return self
 
     def __next__(self) -> bytes:
+        if not self._counted and self._open:
+            self._counted = True
+            self._metrics.add("open_streams")
         try:
             data = next(self._body)
         except BaseException:   # the end, or a failure: either way the turn is over
@@ -7719,10 +7730,17 @@ class StreamedTurn:
             return
         self._open = False
         try:
-            self._body.close()
+            try:
+                self._body.close()
+            finally:
+                if self._counted:
+                    self._metrics.add("open_streams", -1)
             self._turn.close()
         except CozyError as exc:   # the store went away while the reply streamed: too late for a 503
             log.error("a streamed turn could not be saved: %s", exc.message)
+        finally:
+            if self._when_closed is not None:
+                self._when_closed()
 
 
 def check_key(api_keys: Sequence[str], authorization: str) -> None:
@@ -7894,6 +7912,11 @@ class ChatRequest(NamedTuple):   # one per request: a tuple is quicker to make t
     messages: List[dict]      # {"role", "content"} with content as text
     stream: bool
     include_usage: bool
+    prompt_tokens: int        # the estimate for all the messages' text (estimate_tokens)
+
+
+# Made as the plain tuple it is: ChatRequest(...) would be a Python call (its constructor). The same ChatRequest.
+new_chat_request = partial(tuple.__new__, ChatRequest)
 
 
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -7901,7 +7924,8 @@ MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 def _json_body(body: bytes, content_type: str) -> dict:
     """The request body as a JSON object, or the OpenAI error that says why not."""
-    media_type = content_type.split(";")[0].strip().lower()
+    media_type = "application/json" if content_type == "application/json" else (   # most often: nothing to split
+        content_type.split(";")[0].strip().lower())
     if media_type and media_type not in ("application/json", "text/plain") and not media_type.endswith("+json"):
         raise UnsupportedMediaTypeError(f"Send the body as JSON with 'Content-Type: application/json', "
                                         f"not {media_type!r}.")
@@ -7945,33 +7969,42 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
     if not isinstance(raw_messages, list) or not raw_messages:
         raise RequestError("'messages' must be a non-empty array of {role, content} objects, not "
                            f"{'an empty array' if raw_messages == [] else _json_type(raw_messages)}.", param="messages")
-    messages = [_parse_message(message, index) for index, message in enumerate(raw_messages)]
-    if not any(message["role"] == "user" for message in messages):
+    # One loop for the messages, whether one has role "user" and their characters: each
+    # comprehension (or any() over a generator) would be a function made and called per request.
+    messages, has_user, characters = [], False, 0
+    for index, message in enumerate(raw_messages):
+        parsed = _parse_message(message, index)
+        messages.append(parsed)
+        has_user = has_user or parsed["role"] == "user"
+        characters += len(parsed["content"])
+    if not has_user:
         raise RequestError("'messages' needs at least one message with role 'user'.", param="messages")
     stream = bool(_field_of(data, "stream", bool))
     choices = data.get("n", 1)
     if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int) or choices != 1):
         raise RequestError("'n' must be 1: a workflow gives one answer per turn.", param="n")
-    options = _field_of(data, "stream_options", dict) or {}
-    return ChatRequest(model, messages, stream, stream and options.get("include_usage") is True)
+    options = (_field_of(data, "stream_options", dict) or {}) if "stream_options" in data else {}
+    return new_chat_request((model, messages, stream, stream and options.get("include_usage") is True,
+                             tokens_of_chars(characters)))   # estimate_tokens of the messages' texts joined
 
 
 def _parse_message(message: Any, index: int) -> dict:
-    where = f"messages[{index}]"
+    where = "messages[%d]"   # % index: written only for an error (or parts), not for every message
     if not isinstance(message, dict):
-        raise RequestError(f"{where} must be an object with 'role' and 'content', not {_json_type(message)}.",
-                           param=where)
+        raise RequestError(f"{where % index} must be an object with 'role' and 'content', not "
+                           f"{_json_type(message)}.", param=where % index)
     role = message.get("role")
     if role not in MESSAGE_ROLES:
-        raise RequestError(f"{where}.role must be one of {', '.join(MESSAGE_ROLES)}.", param=f"{where}.role")
+        raise RequestError(f"{where % index}.role must be one of {', '.join(MESSAGE_ROLES)}.",
+                           param=f"{where % index}.role")
     content = message.get("content")
     if content is None and role in ("assistant", "tool", "function"):
         content = ""
     if isinstance(content, list):
-        content = _text_of_parts(content, where)
+        content = _text_of_parts(content, where % index)
     if not isinstance(content, str):
-        raise RequestError(f"{where}.content must be a string or an array of text parts, not {_json_type(content)}.",
-                           param=f"{where}.content")
+        raise RequestError(f"{where % index}.content must be a string or an array of text parts, not "
+                           f"{_json_type(content)}.", param=f"{where % index}.content")
     return {"role": role, "content": valid_text(content)}
 
 
@@ -8050,19 +8083,15 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
     """Server-sent events of chat.completion.chunk objects, then ``data: [DONE]``.
     A None in ``fields`` becomes an SSE comment, which keeps idle proxies from closing."""
     completion_id, created = new_completion_id(), int(time.time())
-
-    def chunk(delta: dict, finish_reason: Optional[str] = None) -> bytes:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                "model": request.model, "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-        if request.include_usage:
-            body["usage"] = None
-        return b"data: " + json_text(body).encode() + b"\n\n"
-
-    # The chunks of the pieces differ only in their delta: the bytes around it are encoded once
-    # (chunk's own, split at a stand-in delta, the last string of the object), the delta per piece.
-    before, _, after = chunk("\0").rpartition(b'"\\u0000"')
-    yield chunk({"role": "assistant", "content": ""})
+    # Each chunk is json_text's text of its object, written out as completion_text is (the test
+    # test_streamed_chunks_are_the_json_of_their_objects holds it to that): the chunks differ only
+    # in their delta and finish_reason, so the bytes around the delta are written once.
+    before = (f'data: {{"id": "{completion_id}", "object": "chat.completion.chunk", "created": {created}, '
+              f'"model": {json_string(request.model)}, "system_fingerprint": null, "choices": [{{"index": 0, '
+              f'"delta": ').encode()
+    usage_item = ', "usage": null' if request.include_usage else ""
+    after = f', "logprobs": null, "finish_reason": null}}]{usage_item}}}\n\n'.encode()
+    yield before + b'{"role": "assistant", "content": ""}' + after
     completion_chars = 0
     for item in fields:
         if item is None:
@@ -8071,7 +8100,7 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
             completion_chars += len(item[1])
             delta = f"{{{json_string(item[0])}: {json_string(item[1])}}}"   # json_text({field: text}), written out
             yield before + delta.encode() + after
-    yield chunk({}, "stop")
+    yield before + f'{{}}, "logprobs": null, "finish_reason": "stop"}}]{usage_item}}}\n\n'.encode()
     if request.include_usage:
         usage = _usage(prompt_tokens, completion_chars)
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
@@ -8087,17 +8116,21 @@ def completion_cut(message: str) -> bytes:
     return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-def completion_object(texts: Mapping[str, Optional[str]], request: ChatRequest, prompt_tokens: int) -> dict:
-    """The chat.completion object of a whole reply, from its texts (whole_reply)."""
-    message = {"role": "assistant", "content": texts["content"], "refusal": None}
-    characters = len(message["content"])
-    if texts["reasoning_content"] is not None:
-        message["reasoning_content"] = texts["reasoning_content"]
-        characters += len(message["reasoning_content"])
-    return {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
-            "model": request.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
-            "usage": _usage(prompt_tokens, characters)}
+def completion_text(texts: Mapping[str, Optional[str]], request: ChatRequest, prompt_tokens: int) -> str:
+    """The chat.completion object of a whole reply, from its texts (whole_reply), as the JSON
+    text json_text would write for it, written out: the encoder costs some 1,500 instructions
+    an item of an object, and an object of two dozen items was most of the reply's cost at the
+    edge. Only its strings from outside need json_string; the test that it is json_text's, to
+    the byte, whatever the texts, is test_a_whole_reply_is_the_json_of_its_completion_object."""
+    content, reasoning = texts["content"], texts["reasoning_content"]
+    characters = len(content) if reasoning is None else len(content) + len(reasoning)
+    usage = _usage(prompt_tokens, characters)
+    reasoning_item = "" if reasoning is None else f', "reasoning_content": {json_string(reasoning)}'
+    return (f'{{"id": "{new_completion_id()}", "object": "chat.completion", "created": {int(time.time())}, '   # hex
+            f'"model": {json_string(request.model)}, "system_fingerprint": null, "choices": [{{"index": 0, '
+            f'"message": {{"role": "assistant", "content": {json_string(content)}, "refusal": null{reasoning_item}}}, '
+            f'"logprobs": null, "finish_reason": "stop"}}], "usage": {{"prompt_tokens": {usage["prompt_tokens"]}, '
+            f'"completion_tokens": {usage["completion_tokens"]}, "total_tokens": {usage["total_tokens"]}}}}}')
 
 
 def _usage(prompt_tokens: int, completion_chars: int) -> dict:
@@ -8114,7 +8147,7 @@ def chat_completions(service: Service) -> Any:
     """POST /openai/chat/completions: one turn, streamed as chunks or answered whole."""
     environ = bottle.request.environ
     request = parse_chat_request(read_body(environ), environ.get("CONTENT_TYPE", ""))
-    prompt_tokens = estimate_tokens("".join([message["content"] for message in request.messages]))
+    prompt_tokens = request.prompt_tokens
     chat_key = bottle.request.get_header(service.conversation_header, "") if service.conversation_header else ""
     turn = open_chat_turn(service, TurnRequest(request.model, request.messages, chat_key=chat_key),
                           HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY)), environ.get(TRACE_ENVIRON_KEY))
@@ -8124,9 +8157,11 @@ def chat_completions(service: Service) -> Any:
         return StreamedTurn(completion_chunks(fields, request, prompt_tokens), turn, service.metrics,
                             lambda message, sent: completion_cut(message))
     try:
-        return completion_object(whole_reply(turn.pieces(), service.thinking), request, prompt_tokens)
+        text = completion_text(whole_reply(turn.pieces(), service.thinking), request, prompt_tokens)
     finally:
         turn.close()
+    bottle.response.set_header("Content-Type", "application/json")   # as _json_route would for an object
+    return text.encode()
 
 
 def open_chat_turn(service: Service, request: TurnRequest, stop: threading.Event,
@@ -8195,6 +8230,12 @@ RESPONSES_REFUSED_FIELDS = {
     "runs take no options", "context_management": "a workflow reads only the new message, so it needs none",
     "moderation": "there is no moderation model", "image": "workflows take text", "access_programs":
     "there are no access programs"}
+# The fields the field-by-field look lets by (tools, tool_choice and text are looked at after it):
+# a body with only these needs no such look.
+RESPONSES_PLAIN_FIELDS = frozenset(RESPONSES_IGNORED_FIELDS + RESPONSES_OWN_FIELDS)
+# The fields of one JSON type, when given (None is always allowed).
+RESPONSES_TYPED_FIELDS = (("stream", bool), ("store", bool), ("previous_response_id", str), ("instructions", str),
+                          ("background", bool))
 
 
 # OpenAI's rule for the metadata of a response and of a conversation alike.
@@ -8237,9 +8278,9 @@ def parse_responses_request(body: bytes, content_type: str = "",
     data = _json_body(body, content_type)
     _refuse_what_is_not_honoured(data)
     model = _model_of(data)
-    for name, expected in (("stream", bool), ("store", bool), ("previous_response_id", str),
-                           ("instructions", str), ("background", bool)):
-        _field_of(data, name, expected)
+    for name, expected in RESPONSES_TYPED_FIELDS:
+        if name in data:   # one left out is None: nothing to check, no call
+            _field_of(data, name, expected)
     metadata = checked_metadata(data.get("metadata"))
     conversation = data.get("conversation")
     if isinstance(conversation, dict):
@@ -8261,10 +8302,13 @@ def parse_responses_request(body: bytes, content_type: str = "",
                            f"{'an empty array' if raw == [] else _json_type(raw)}.", param="input")
     items = [message for index, item in enumerate(raw) for message in _input_items(item, index, find_item)]
     messages = item_messages(items)
-    if not conversation and not any(message["role"] == "user" for message in messages):
+    if not conversation and "user" not in [message["role"] for message in messages]:   # no any() generator
         raise RequestError("'input' needs at least one user message.", param="input")
-    hints = [match.group(1) for match in (ITEM_ID_PATTERN.match(item.get("id") or "") for item in reversed(items)
-                                          if item["role"] == "assistant") if match]
+    hints = []   # a loop: a comprehension over a generator made two functions per request, for no reply most often
+    for item in reversed(items):
+        match = ITEM_ID_PATTERN.match(item.get("id") or "") if item["role"] == "assistant" else None
+        if match:
+            hints.append(match.group(1))
     truncation = data.get("truncation") or "disabled"
     if truncation not in ("auto", "disabled"):
         raise RequestError("'truncation' must be 'auto' or 'disabled'.", param="truncation")
@@ -8277,12 +8321,13 @@ def parse_responses_request(body: bytes, content_type: str = "",
 
 
 def _refuse_what_is_not_honoured(data: Mapping[str, Any]) -> None:
-    for name, value in data.items():
-        if name in RESPONSES_REFUSED_FIELDS and value is not None:
-            raise RequestError(f"'{name}' is not supported: {RESPONSES_REFUSED_FIELDS[name]}.", param=name,
-                               code="unsupported_parameter")
-        if name not in RESPONSES_REFUSED_FIELDS and name not in RESPONSES_IGNORED_FIELDS + RESPONSES_OWN_FIELDS:
-            raise RequestError(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
+    if not data.keys() <= RESPONSES_PLAIN_FIELDS:   # a set comparison in C: most bodies need no look field by field
+        for name, value in data.items():
+            if name in RESPONSES_REFUSED_FIELDS and value is not None:
+                raise RequestError(f"'{name}' is not supported: {RESPONSES_REFUSED_FIELDS[name]}.", param=name,
+                                   code="unsupported_parameter")
+            if name not in RESPONSES_REFUSED_FIELDS and name not in RESPONSES_PLAIN_FIELDS:
+                raise RequestError(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
     tools, choice, text = data.get("tools"), data.get("tool_choice"), data.get("text")
     if tools is not None and tools != []:
         raise RequestError("'tools' is not supported: a workflow calls no client tools; send an empty list.",
@@ -8374,6 +8419,62 @@ def response_object(response_id: str, model: str, stored: Mapping[str, Any], sta
                       "total_tokens": usage.get("input_tokens", 0) + usage.get("output_tokens", 0)}}
 
 
+def response_text(response_id: str, model: str, stored: Mapping[str, Any], status: str = "completed") -> str:
+    """json_text(response_object(...)), written out as completion_text is, its output items too
+    (_output_text): a response object has some fifty items, most of them the same in every
+    response, and json_text's encoder costs some 1,500 instructions an item.
+    test_a_response_is_the_json_of_its_response_object holds the two to the same text, to the byte."""
+    status = stored.get("status", status)
+    usage = _response_usage(stored.get("prompt_tokens", 0), stored.get("thinking", ""), stored.get("answer", ""))
+    conversation = stored.get("conversation")
+    input_tokens, output_tokens = usage.get("input_tokens", 0), usage.get("output_tokens", 0)
+    conversation_json = f'{{"id": {_json_of(conversation)}}}' if conversation else "null"
+    return (f'{{"id": {json_string(response_id)}, "object": "response", '
+            f'"created_at": {_json_of(stored.get("created_at", int(time.time())))}, "status": {json_string(status)}, '
+            f'"model": {json_string(model)}, "output": {_output_text(response_id, stored, status)}, '
+            f'"output_text": {_json_of(stored.get("answer", ""))}, '
+            f'"previous_response_id": {_json_of(stored.get("previous_response_id") or None)}, '
+            f'"conversation": {conversation_json}, '
+            f'"background": {_json_of(stored.get("background", False))}, '
+            f'"instructions": {_json_of(stored.get("instructions"))}, '
+            f'"metadata": {_json_of(stored.get("metadata") or {})}, "store": {_json_of(stored.get("store", True))}, '
+            f'"error": {_json_of(stored.get("error"))}, "incomplete_details": null, "parallel_tool_calls": false, '
+            f'"tool_choice": "none", "tools": [], "temperature": null, "top_p": null, "max_output_tokens": null, '
+            f'"truncation": {_json_of(stored.get("truncation", "disabled"))}, "text": {{"format": {{"type": "text"}}}}, '
+            f'"reasoning": {{"effort": null, "summary": null}}, "user": null, '
+            f'"usage": {{"input_tokens": {_json_of(input_tokens)}, "input_tokens_details": {{"cached_tokens": 0}}, '
+            f'"output_tokens": {_json_of(output_tokens)}, '
+            f'"output_tokens_details": {{"reasoning_tokens": {_json_of(usage.get("reasoning_tokens", 0))}}}, '
+            f'"total_tokens": {_json_of(input_tokens + output_tokens)}}}}}')
+
+
+def _output_text(response_id: str, stored: Mapping[str, Any], status: str) -> str:
+    """json_text(response_output(...)), written out (for response_text, whose test holds it to that)."""
+    items = []
+    if stored.get("thinking"):
+        items.append(f'{{"type": "reasoning", "id": {json_string("rs_" + response_id[5:])}, '
+                     f'"summary": [{{"type": "summary_text", "text": {_json_of(stored["thinking"])}}}]}}')
+    if status == "completed" or stored.get("answer"):
+        text = stored.get("answer", "")
+        content = f'[{{"type": "output_text", "text": {_json_of(text)}, "annotations": []}}]' if (
+            status == "completed" or text) else "[]"
+        item_status = status if status in ("completed", "in_progress") else "incomplete"   # as _message_item
+        items.append(f'{{"type": "message", "id": {json_string("msg_" + response_id[5:])}, "status": "{item_status}", '
+                     f'"role": "assistant", "content": {content}}}')
+    return f"[{', '.join(items)}]"
+
+
+def _json_of(value: Any) -> str:
+    """json_text(value), with no encoder set up for a string, null, a bool, an int or an empty object."""
+    if value.__class__ is str:
+        return json_string(value)
+    if value is None or value is True or value is False:
+        return "null" if value is None else "true" if value else "false"
+    if value.__class__ is int:
+        return int.__repr__(value)   # as the encoder writes it
+    return "{}" if value == {} else json_text(value)
+
+
 def response_output(response_id: str, stored: Mapping[str, Any], status: str = "completed") -> List[dict]:
     """A response's output items: its progress as a reasoning item, its answer as a message."""
     output: List[dict] = []
@@ -8402,20 +8503,25 @@ def _response_usage(prompt_tokens: int, thinking: str, answer: str) -> dict:
 
 
 def collect_response(pieces: Iterator[Piece], request: ResponsesRequest, response_id: str,
-                     prompt_tokens: int) -> dict:
-    """Non-streamed: the whole response object."""
+                     prompt_tokens: int) -> str:
+    """Non-streamed: the whole response object, as its JSON text (response_text)."""
     texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
     for piece in pieces:
         texts[piece.channel].append(piece.text)
     thinking, answer = "".join(texts["thinking"]), "".join(texts["answer"])
-    return response_object(response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens))
+    return response_text(response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens))
 
 
 def _stored_fields(request: ResponsesRequest, thinking: str, answer: str, prompt_tokens: int) -> dict:
-    return {"thinking": thinking, "answer": answer, "created_at": int(time.time()), "metadata": request.metadata,
-            "previous_response_id": request.previous_response_id, "instructions": request.instructions,
-            "store": request.store, "prompt_tokens": prompt_tokens, "conversation": request.conversation,
-            "truncation": request.truncation, "background": request.background}
+    return {"thinking": thinking, "answer": answer, "created_at": int(time.time()),
+            **_request_fields(request, prompt_tokens)}
+
+
+def _request_fields(request: ResponsesRequest, prompt_tokens: int) -> dict:
+    """What a response keeps of its request: _stored_fields less the texts and the time (a turn's response_extra)."""
+    return {"metadata": request.metadata, "previous_response_id": request.previous_response_id,
+            "instructions": request.instructions, "store": request.store, "prompt_tokens": prompt_tokens,
+            "conversation": request.conversation, "truncation": request.truncation, "background": request.background}
 
 
 def response_events(pieces: Iterator[Optional[Piece]], request: ResponsesRequest, response_id: str,
@@ -8472,9 +8578,8 @@ def response_event_objects(pieces: Iterator[Optional[Piece]], request: Responses
                         part=done["content"][0])
         yield event("response.output_item.done", output_index=index, item=done)
 
-    started = response_object(response_id, request.model, {
-        key: value for key, value in _stored_fields(request, "", "", prompt_tokens).items()
-        if key not in ("thinking", "answer")}, "in_progress")
+    started = response_object(response_id, request.model,
+                              {"created_at": int(time.time()), **_request_fields(request, prompt_tokens)}, "in_progress")
     yield event("response.created", response=started)
     yield event("response.in_progress", response=started)
     for piece in pieces:
@@ -8542,21 +8647,22 @@ def create_response(service: Service, runs: Optional["BackgroundRuns"] = None) -
         return StreamedTurn(events, turn, service.metrics,
                             lambda message, sent: response_cut(response_id, request.model, message, sent))
     with turn:
-        return collect_response(turn.pieces(), request, response_id, prompt_tokens)
+        text = collect_response(turn.pieces(), request, response_id, prompt_tokens)
+    bottle.response.set_header("Content-Type", "application/json")   # as _json_route would for an object
+    return text.encode()
 
 
 def response_turn_request(request: ResponsesRequest) -> TurnRequest:
     """The turn a Responses request asks for. Its response keeps its input items, and a
     conversation (Conversations API) gets the input and output items of each response."""
     conversation = conversation_key(request.conversation) if request.conversation else ""
-    prompt_tokens = estimate_tokens("".join(message["content"] for message in request.messages))
+    # estimate_tokens of the messages' texts joined, from their lengths: no string joined, no generator
+    prompt_tokens = tokens_of_chars(sum([len(message["content"]) for message in request.messages]))
     turn_request = TurnRequest(request.model, request.messages, id_block=not request.store and not conversation,
                                previous_response_id=request.previous_response_id,
                                store_response=request.store or bool(conversation), conversation=conversation,
                                conversation_hints=list(request.hints),
-                               response_extra={key: value for key, value in
-                                               _stored_fields(request, "", "", prompt_tokens).items()
-                                               if key not in ("thinking", "answer", "created_at")})
+                               response_extra=_request_fields(request, prompt_tokens))
 
     request_ref = weakref.ref(turn_request)   # the request holds this function: held back, a cycle for the collector
 
@@ -9830,7 +9936,7 @@ class Metrics:
         self._run_series: Dict[Tuple[str, str], Any] = {}   # (model, outcome) -> the key count_run adds to
 
     def add(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = (name, self._labelled(labels))
+        key = (name, self._labelled(labels) if labels else ())   # a gauge's (open streams): no call
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
@@ -9846,7 +9952,11 @@ class Metrics:
             (summed, _), (counted, _) = self._observed("turn_seconds", 0.0, labelled)
             series = self._turn_series[model] = (("turns_total", labelled), summed, counted)
         turns, summed, counted = series
-        self._add_together(((turns, 1), (summed, seconds), (counted, 1)))
+        with self._lock:   # added here, not by _add_together: a call and a tuple of pairs fewer a turn
+            values = self._values
+            values[turns] = values.get(turns, 0.0) + 1
+            values[summed] = values.get(summed, 0.0) + seconds
+            values[counted] = values.get(counted, 0.0) + 1
 
     def count_run(self, model: str, outcome: str) -> None:
         """A workflow run ended: runs_total, its key made once per model and outcome (every
@@ -9855,7 +9965,8 @@ class Metrics:
         if key is None:
             key = self._run_series[(model, outcome)] = ("runs_total", self._labelled({"model": model,
                                                                                     "outcome": outcome}))
-        self._add_together(((key, 1),))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + 1
 
     @staticmethod
     def _observed(name: str, seconds: float, labelled: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[Any, float], ...]:
@@ -10092,31 +10203,31 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         raise ValueError(f"thinking must be one of {', '.join(THINKING_STYLES)}")
     sessions, runs, state_key = McpSessions(), BackgroundRuns(), mcp_state_key(mcp_state_secret)
     app = bottle.Bottle()
+
+    def json_route(path: str, method: str, handler: Callable[..., Any]) -> None:
+        # Bottle's JSON plugin would wrap each route in one more call, to turn a dict into JSON:
+        # _json_route's own wrapper does that, and gives Bottle the JSON's bytes.
+        app.route(path, method, _json_route(service, handler), skip=[bottle.JSONPlugin])
     # Clients configured with a "/v1" suffix or a trailing slash ask for these paths too.
     for prefix in ("/openai", "/openai/v1", "/openai/", "/openai/v1/"):
-        app.route(prefix + "/models", "GET", _json_route(service, list_models))
-        app.route(prefix + "/models/<model_id:path>", "GET", _json_route(service, get_model))
-        app.route(prefix + "/chat/completions", "POST", _json_route(service, chat_completions))
-        app.route(prefix + "/responses", "POST", _json_route(service, partial(create_response, runs=runs)))
-        app.route(prefix + "/responses/<response_id>/cancel", "POST",
-                  _json_route(service, partial(cancel_response, runs=runs)))
-        app.route(prefix + "/responses/<response_id>", "GET", _json_route(service, stored_response))
-        app.route(prefix + "/responses/<response_id>", "DELETE", _json_route(service, delete_response))
-        app.route(prefix + "/responses/<response_id>/input_items", "GET", _json_route(service, response_input_items))
-        app.route(prefix + "/conversations", "POST", _json_route(service, create_conversation))
-        app.route(prefix + "/conversations/<conversation_id>", "GET", _json_route(service, retrieve_conversation))
-        app.route(prefix + "/conversations/<conversation_id>", "POST", _json_route(service, update_conversation))
-        app.route(prefix + "/conversations/<conversation_id>", "DELETE", _json_route(service, delete_conversation))
-        app.route(prefix + "/conversations/<conversation_id>/items", "GET",
-                  _json_route(service, list_conversation_items))
-        app.route(prefix + "/conversations/<conversation_id>/items", "POST",
-                  _json_route(service, add_conversation_items))
-        app.route(prefix + "/conversations/<conversation_id>/items/<item_id>", "GET",
-                  _json_route(service, retrieve_conversation_item))
-        app.route(prefix + "/conversations/<conversation_id>/items/<item_id>", "DELETE",
-                  _json_route(service, delete_conversation_item))
+        json_route(prefix + "/models", "GET", list_models)
+        json_route(prefix + "/models/<model_id:path>", "GET", get_model)
+        json_route(prefix + "/chat/completions", "POST", chat_completions)
+        json_route(prefix + "/responses", "POST", partial(create_response, runs=runs))
+        json_route(prefix + "/responses/<response_id>/cancel", "POST", partial(cancel_response, runs=runs))
+        json_route(prefix + "/responses/<response_id>", "GET", stored_response)
+        json_route(prefix + "/responses/<response_id>", "DELETE", delete_response)
+        json_route(prefix + "/responses/<response_id>/input_items", "GET", response_input_items)
+        json_route(prefix + "/conversations", "POST", create_conversation)
+        json_route(prefix + "/conversations/<conversation_id>", "GET", retrieve_conversation)
+        json_route(prefix + "/conversations/<conversation_id>", "POST", update_conversation)
+        json_route(prefix + "/conversations/<conversation_id>", "DELETE", delete_conversation)
+        json_route(prefix + "/conversations/<conversation_id>/items", "GET", list_conversation_items)
+        json_route(prefix + "/conversations/<conversation_id>/items", "POST", add_conversation_items)
+        json_route(prefix + "/conversations/<conversation_id>/items/<item_id>", "GET", retrieve_conversation_item)
+        json_route(prefix + "/conversations/<conversation_id>/items/<item_id>", "DELETE", delete_conversation_item)
     app.route("/health", "GET", lambda: _health(service))
-    app.route("/metrics", "GET", _json_route(service, _metrics))
+    json_route("/metrics", "GET", _metrics)
     app.route("/", "GET", lambda: _home(service))
     for path in ("/mcp", "/mcp/"):
         app.route(path, "POST", lambda: mcp_post(service, sessions, cors_origins or (), state_key))
@@ -10126,7 +10237,7 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
         app.route("/openai/<path:path>", "OPTIONS", lambda path: "")   # preflight; headers from the hook
         app.route("/mcp", "OPTIONS", lambda: "")
         app.add_hook("after_request", lambda: _allow_origin(cors_origins))
-    app.add_hook("before_request", lambda: _guard_the_edge(service, cors_origins or ()))
+    app.add_hook("before_request", partial(_guard_the_edge, service, cors_origins or ()))
     app.default_error_handler = _error_page
     app.config["cozyopenai.service"] = service
     return app
@@ -10184,8 +10295,8 @@ def _guard_the_edge(service: Service, origins: Sequence[str]) -> None:
         check_framing(environ)
         if service.api_keys and is_keyed_path(path) and not (origins and method == "OPTIONS"):
             check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
-        if method not in ("GET", "HEAD", "OPTIONS") and not path.startswith("/mcp"):
-            check_origin(origins, environ)   # /mcp answers its own refusal, in JSON-RPC
+        if "HTTP_ORIGIN" in environ and method not in ("GET", "HEAD", "OPTIONS") and not path.startswith("/mcp"):
+            check_origin(origins, environ)   # a browser's (/mcp answers its own refusal, in JSON-RPC)
     except CozyError as exc:
         _log_line(method, path, exc.status, {}, time.monotonic())
         raise bottle.HTTPResponse(edge_error_body(path, exc), exc.status, {"Content-Type": "application/json"})
@@ -10224,12 +10335,15 @@ def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., 
             result = handler(service, **url_args)
         except CozyError as exc:
             result = _error_response(exc)
-        if isinstance(result, dict):
-            bottle.response.content_type = "application/json"
-            result = json_text(result)
+        if isinstance(result, dict):   # as bytes: Bottle would look up the charset to encode a str
+            bottle.response.set_header("Content-Type", "application/json")   # so UTF-8, as json_text is written
+            result = json_text(result).encode()
         method, path = environ[REQUEST_LINE_ENVIRON_KEY]   # the edge guard's, run before every route
-        if isinstance(result, str):
+        if isinstance(result, (str, bytes)):
             _log_line(method, path, bottle.response.status_code, trace, started)
+            return result
+        if isinstance(result, StreamedTurn):   # it calls back when it ends: no generator around each piece
+            result.when_closed(partial(_log_line, method, path, 200, trace, started))
             return result
         return _logged_when_done(result, method, path, trace, started)
     return route

@@ -3680,6 +3680,85 @@ def test_a_reply_sent_whole_has_the_same_text_as_its_streamed_fields():
     check()
 
 
+def test_a_whole_reply_is_the_json_of_its_completion_object():
+    # completion_text writes the chat.completion object out, not through json_text: the text
+    # must be json_text's for the object it holds, to the byte, and hold what it always held.
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=100, deadline=None, database=None, derandomize=True)
+    @given(content=st.text(), reasoning=st.none() | st.text(), model=st.text(min_size=1),
+           prompt_tokens=st.integers(0, 10 ** 6))
+    def check(content, reasoning, model, prompt_tokens):
+        request = cozyopenai.new_chat_request((model, [], False, False, prompt_tokens))
+        text = cozyopenai.completion_text({"content": content, "reasoning_content": reasoning}, request, prompt_tokens)
+        reply = json.loads(text)
+        assert cozyopenai.json_text(reply) == text
+        message = {"role": "assistant", "content": content, "refusal": None}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        completion = cozyopenai.tokens_of_chars(len(content) + len(reasoning or ""))
+        assert re.fullmatch(r"chatcmpl-[0-9a-f]{24}", reply["id"]) and isinstance(reply["created"], int)
+        assert reply == {"id": reply["id"], "object": "chat.completion", "created": reply["created"], "model": model,
+                         "system_fingerprint": None,
+                         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                   "total_tokens": prompt_tokens + completion}}
+    check()
+
+
+def test_streamed_chunks_are_the_json_of_their_objects():
+    # completion_chunks writes its chunks out, not through json_text: each must be json_text's
+    # text of the chunk object it holds, to the byte, and hold what it always held.
+    from hypothesis import given, settings, strategies as st
+    fields = st.lists(st.none() | st.tuples(st.sampled_from(["content", "reasoning_content"]), st.text()), max_size=5)
+
+    @settings(max_examples=100, deadline=None, database=None, derandomize=True)
+    @given(fields=fields, model=st.text(min_size=1), include_usage=st.booleans())
+    def check(fields, model, include_usage):
+        request = cozyopenai.new_chat_request((model, [], True, include_usage, 3))
+        events = list(cozyopenai.completion_chunks(iter(fields), request, 3))
+        assert events[-1] == b"data: [DONE]\n\n"
+        chunks = [event[6:-2].decode() for event in events if event.startswith(b"data: {")]
+        objects = [json.loads(text) for text in chunks]
+        if include_usage:   # the usage chunk is json.dumps's
+            assert objects.pop()["choices"] == [] and chunks.pop()
+        for text, chunk in zip(chunks, objects):
+            assert cozyopenai.json_text(chunk) == text
+        deltas = [{"role": "assistant", "content": ""}] + [{name: text} for name, text in filter(None, fields) if text] + [{}]
+        first = objects[0]
+        assert re.fullmatch(r"chatcmpl-[0-9a-f]{24}", first["id"]) and isinstance(first["created"], int)
+        assert objects == [dict({"id": first["id"], "object": "chat.completion.chunk", "created": first["created"],
+                                 "model": model, "system_fingerprint": None,
+                                 "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                              "finish_reason": None if delta else "stop"}]},
+                                **({"usage": None} if include_usage else {})) for delta in deltas]
+        assert events.count(b": keep-alive\n\n") == fields.count(None)
+    check()
+
+
+def test_a_response_is_the_json_of_its_response_object():
+    # response_text writes response_object out, not through json_text: the two must give the
+    # same text, to the byte, for whatever a stored response holds.
+    from hypothesis import given, settings, strategies as st
+    optional = {"status": st.sampled_from(["completed", "in_progress", "failed", "cancelled", "incomplete"]),
+                "thinking": st.text(), "answer": st.text(), "created_at": st.integers(0, 2 ** 40),
+                "prompt_tokens": st.integers(0, 10 ** 6), "previous_response_id": st.none() | st.text(),
+                "conversation": st.none() | st.text(), "background": st.booleans(),
+                "instructions": st.none() | st.text(), "metadata": st.none() | st.dictionaries(st.text(), st.text()),
+                "store": st.booleans(), "error": st.none() | st.fixed_dictionaries({"code": st.text(), "message": st.text()}),
+                "truncation": st.sampled_from(["auto", "disabled"])}
+
+    @settings(max_examples=200, deadline=None, database=None, derandomize=True)
+    @given(stored=st.fixed_dictionaries({}, optional=optional), model=st.text(min_size=1),
+           status=st.sampled_from(["completed", "in_progress", "failed"]))
+    def check(stored, model, status):
+        response_id = "resp_" + "a1" * 20
+        stored = dict(stored, created_at=stored.get("created_at", 7))   # the same time in both
+        assert cozyopenai.response_text(response_id, model, stored, status) == cozyopenai.json_text(
+            cozyopenai.response_object(response_id, model, stored, status))
+    check()
+
+
 def test_text_parts_in_content_are_read_like_a_string(start):
     reply = ask(start(), "month-calendar", [{"role": "user", "content": [
         {"type": "text", "text": "year: 2026"}, {"type": "text", "text": "month: 1"}]}])
