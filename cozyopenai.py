@@ -106,7 +106,7 @@ import time
 import traceback
 import unicodedata
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache, partial
 from types import MappingProxyType
@@ -2207,32 +2207,51 @@ def new_conversation_id() -> str:
     return secrets.token_urlsafe(CONVERSATION_ID_BYTES)
 
 
-class ConversationIds:
-    """Conversation ids as new_conversation_id makes them, and snapshot ids (snapshot_id, 12 hex
-    digits), with os.urandom read a few kilobytes at a time: a system call per id makes a busy
-    server wait for the interpreter lock after each one (a system call per id would cost every
-    turn). A forked worker draws a pool of its own."""
+class RandomIds:
+    """Random ids of one form, never given twice: os.urandom read a few kilobytes at a time, the
+    pool encoded once and cut into ids. A system call per id makes a busy server wait for the
+    interpreter lock after each one; encoding each id on its own, and a lock per id, cost every
+    turn a few thousand instructions (a deque's popleft is thread-safe as it is). A forked worker
+    draws a pool of its own."""
 
-    POOL_BYTES = 4096
+    POOL_BYTES = 4095   # a multiple of 3: the Base64 of the pool has no padding, each character 6 random bits
 
-    def __init__(self) -> None:
-        self._pool, self._used, self._pid = b"", 0, -1
-        self._lock = threading.Lock()
+    def __init__(self, encode: Callable[[bytes], str], length: int) -> None:
+        self._encode, self._length = encode, length   # the pool's text; an id is ``length`` characters of it
+        self._ids: "deque[str]" = deque()
+        self._pid = -1   # the process the pool was drawn in
+        self._lock = threading.Lock()   # one refill at a time
 
     def __call__(self) -> str:
-        return base64.urlsafe_b64encode(self._draw(CONVERSATION_ID_BYTES)).rstrip(b"=").decode()
+        if self._pid == os.getpid():
+            try:
+                return self._ids.popleft()
+            except IndexError:   # the pool is used up
+                pass
+        return self._refill()
 
-    def snapshot_id(self) -> str:
-        return self._draw(SNAPSHOT_ID_BYTES).hex()
-
-    def _draw(self, size: int) -> bytes:
-        """``size`` random bytes, never given twice."""
+    def _refill(self) -> str:
         with self._lock:
-            if self._used + size > len(self._pool) or self._pid != os.getpid():
-                self._pool, self._used, self._pid = os.urandom(self.POOL_BYTES), 0, os.getpid()
-            chunk = self._pool[self._used:self._used + size]
-            self._used += size
-        return chunk
+            if not self._ids or self._pid != os.getpid():   # not refilled by another thread meanwhile
+                text, length = self._encode(os.urandom(self.POOL_BYTES)), self._length
+                self._ids = deque([text[start:start + length]
+                                   for start in range(0, len(text) - length + 1, length)])
+                self._pid = os.getpid()
+            return self._ids.popleft()
+
+
+def _url_safe_text(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode()
+
+
+class ConversationIds(RandomIds):
+    """Conversation ids as new_conversation_id makes them (32 URL-safe characters, 192 random
+    bits: the Base64 of CONVERSATION_ID_BYTES), and snapshot ids (``snapshot_id()``,
+    SNAPSHOT_ID_BYTES as 12 hex digits), each from a pool of its own."""
+
+    def __init__(self) -> None:
+        super().__init__(_url_safe_text, -(-CONVERSATION_ID_BYTES * 4 // 3))   # Base64's length, unpadded
+        self.snapshot_id = RandomIds(bytes.hex, SNAPSHOT_ID_BYTES * 2)
 
 
 def is_conversation_id(text: str) -> bool:
