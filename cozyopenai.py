@@ -2156,6 +2156,12 @@ def text_digest(text: str) -> str:
 NO_TEXT_DIGEST = text_digest("")
 
 
+def digest_of_digests(digests: Sequence[str]) -> str:
+    """text_digest of ``digests`` joined by spaces, without collapsing their whitespace: they
+    have none (hex digits), so splitting and joining again would be work for nothing."""
+    return hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
+
+
 def reply_digest(text: str) -> str:
     """An assistant reply as clients send it back: without the thinking block (Open WebUI
     strips it) or the identifier block, whitespace collapsed."""
@@ -2179,7 +2185,7 @@ def replies_in(messages: Sequence[dict]) -> List[Reply]:
             if pending:
                 turns.append(text_digest("\n".join(pending)))
                 pending = []
-            found.append(Reply(index, reply_digest(message["content"]), text_digest(" ".join(turns))))
+            found.append(Reply(index, reply_digest(message["content"]), digest_of_digests(turns)))
     return found
 
 
@@ -2188,7 +2194,7 @@ def users_digest(messages: Sequence[dict]) -> Tuple[str, str]:
     replies_in computes them for a reply that follows them."""
     digests = list(map(text_digest, user_turns(messages)))   # each turn's once, for both
     before = digests[:-1]   # none on a chat's first turn: the digest of no text, worked out once
-    return text_digest(" ".join(digests)), text_digest(" ".join(before)) if before else NO_TEXT_DIGEST
+    return digest_of_digests(digests), digest_of_digests(before) if before else NO_TEXT_DIGEST
 
 
 def new_response_id(conversation_id: str) -> str:
@@ -2265,47 +2271,54 @@ class _KeyedLocks:
     turn several Python calls (its look-up, its reference, its callback when the lock dies)."""
 
     def __init__(self) -> None:
-        self._locks: Dict[str, List[Any]] = {}   # key -> [its lock, how many hold or wait for it]
+        self._entries: Dict[str, List[Any]] = {}   # key -> [its lock, how many hold or wait for it]
         self._guard = threading.Lock()
 
     def __call__(self, key: str) -> "contextlib.AbstractContextManager[None]":
-        return _Holding(self, key)
-
-    def take(self, key: str) -> List[Any]:
-        """The key's entry, counted: it stays until the matching drop."""
-        with self._guard:
-            entry = self._locks.get(key)
-            if entry is None:
-                entry = self._locks[key] = [threading.Lock(), 0]
-            entry[1] += 1
-        return entry
-
-    def drop(self, key: str, entry: List[Any]) -> None:
-        with self._guard:
-            entry[1] -= 1
-            if not entry[1]:
-                del self._locks[key]
+        return _Holding(self._entries, self._guard, key)
 
 
 class _Holding:
-    """Holds a _KeyedLocks lock from enter to exit (a class, not a generator: one is taken per turn)."""
+    """Holds a _KeyedLocks lock from enter to exit: counts itself in the key's entry (made if
+    there is none), takes the entry's lock, and on exit releases it and drops the entry if no
+    one else holds or waits for it. A class, not a generator, and the guard taken without a
+    with block (its lookups and calls cost more than the counting it guards): one is taken per turn."""
 
-    __slots__ = ("_locks", "_key", "_entry")
+    __slots__ = ("_entries", "_guard", "_key", "_entry")
 
-    def __init__(self, locks: _KeyedLocks, key: str) -> None:
-        self._locks, self._key = locks, key
+    def __init__(self, entries: Dict[str, List[Any]], guard: "threading.Lock", key: str) -> None:
+        self._entries, self._guard, self._key = entries, guard, key
 
     def __enter__(self) -> None:
-        self._entry = self._locks.take(self._key)
+        guard = self._guard
+        guard.acquire()
         try:
-            self._entry[0].acquire()
+            entry = self._entries.get(self._key)
+            if entry is None:
+                entry = self._entries[self._key] = [threading.Lock(), 0]
+            entry[1] += 1
+        finally:
+            guard.release()
+        self._entry = entry
+        try:
+            entry[0].acquire()
         except BaseException:   # interrupted while waiting: not a holder
-            self._locks.drop(self._key, self._entry)
+            self._drop()
             raise
 
     def __exit__(self, *exc_info: Any) -> None:
         self._entry[0].release()
-        self._locks.drop(self._key, self._entry)
+        self._drop()
+
+    def _drop(self) -> None:
+        guard, entry = self._guard, self._entry
+        guard.acquire()
+        try:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._entries[self._key]
+        finally:
+            guard.release()
 
 
 class Store(abc.ABC):
