@@ -2064,15 +2064,17 @@ class Conversation:
             return None   # our reply after other user turns: an earlier message edited in place
         return next((s for s in reversed(self.snapshots) if s["users"] == users and s["reply"]), None)
 
-    def remember(self, reply_text: str, users: Tuple[str, str], answer: Optional[str], sid: str) -> str:
+    def remember(self, reply_text: str, users: Tuple[str, str], answer: Optional[str], sid: str,
+                 block: str = "") -> str:
         """Save this turn's resulting state as a new snapshot, keyed by the reply as written and
         ``users``, the digests of the user turns with and without the last. ``answer``: the
         workflow's answer, when it ran, to give again if asked for nothing new. ``sid``: the
-        snapshot's id, random (ConversationIds.snapshot_id)."""
+        snapshot's id, random (ConversationIds.snapshot_id). ``block``: the identifier block the
+        turn wrote after the reply, if any (see clean_own_reply). Returns the snapshot's id."""
         if answer is not None:
             self.result = text_digest(answer)
             self.results[self.result] = answer
-        cleaned = clean_reply(reply_text)
+        cleaned = clean_own_reply(reply_text, block)
         # Most replies are the answer itself (and the id block): its digest, worked out once.
         reply = self.result if answer is not None and cleaned == answer else text_digest(cleaned)
         key, parent = f"{reply}:{users[0]}", self.parent
@@ -2080,6 +2082,7 @@ class Conversation:
             if (snapshot["key"] == key and snapshot["parent"] == parent and snapshot["values"] == self.values
                     and snapshot["asked"] == self.asked and snapshot["ask_counts"] == self.ask_counts
                     and snapshot["runs"] == self.runs and snapshot["result"] == self.result):
+                sid = _sid(snapshot)
                 break
         else:   # the state copied: the working one goes on changing
             snapshot = {"key": key, "sid": sid, "reply": reply, "users": users[0],
@@ -2096,7 +2099,7 @@ class Conversation:
             kept = {_sid(s) for s in self.snapshots}
             responses = [(rid, response) for rid, response in self.responses.items() if response["snapshot"] in kept]
             self.responses = dict(responses[-RESPONSES_KEPT:])
-        return _sid(snapshot)
+        return sid
 
     def keep_response(self, response_id: str, snapshot: str, thinking: str, answer: str, extra: Mapping[str, Any]) -> None:
         """A response of the Responses API, stored with the snapshot it left, to continue from."""
@@ -2772,6 +2775,19 @@ def clean_reply(text: str) -> str:
     if ID_BLOCK_INFO in text:
         text = ID_BLOCK_PATTERN.sub("", text)
     return text.strip()
+
+
+def clean_own_reply(text: str, block: str) -> str:
+    """clean_reply(text), for a reply this server wrote that may end with ``block``, the
+    identifier block of a conversation id (id_block). When the text before the block has no
+    block or thinking of its own, the pattern would find that block alone and take it away,
+    leaving whitespace that strip() removes: the block is cut off instead, without a search
+    (a chat's first turn would pay one on every save)."""
+    if block and text.endswith(block):
+        head = text[:-len(block)]
+        if ID_BLOCK_INFO not in head and "<thinking>" not in head:
+            return head.strip()
+    return clean_reply(text)
 
 
 def id_block(conversation_id: str) -> str:
@@ -7379,8 +7395,10 @@ class Turn:
         # The thinking is kept only with a stored response or a request's answer (for its twin).
         kept = request.response_id or request.saving is not None or self._digest
         thinking = workflow.redact("".join(self._written["thinking"])) if kept else ""
+        # Only a new conversation's reply ends with its identifier block (see _id_block).
+        block = id_block(conversation.id) if conversation.is_new else ""
         key = conversation.remember(answer, users_digest(request.messages), self._context.answer,
-                                    self.service.new_conversation_id.snapshot_id())
+                                    self.service.new_conversation_id.snapshot_id(), block)
         if request.response_id:
             conversation.keep_response(request.response_id, key, thinking, answer, request.response_extra)
         if request.saving is not None:
