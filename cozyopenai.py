@@ -7519,7 +7519,8 @@ def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[
     must be recovered from the whole history (an id this store does not know)."""
     store = service.store
     ids = find_conversation_ids(messages)
-    ids += [hint for hint in hints if hint not in ids and is_conversation_id(hint)]
+    if hints:   # Responses only: most turns have none, and an empty comprehension is still a call
+        ids += [hint for hint in hints if hint not in ids and is_conversation_id(hint)]
     switched = False
     for conversation_id in ids:   # newest first: after A → B → A, the chat resumes A
         held.enter_context(store.lock(conversation_id))
