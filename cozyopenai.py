@@ -106,7 +106,7 @@ import time
 import traceback
 import unicodedata
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache, partial
 from types import MappingProxyType
@@ -2112,15 +2112,17 @@ class Conversation:
             return None   # our reply after other user turns: an earlier message edited in place
         return next((s for s in reversed(self.snapshots) if s["users"] == users and s["reply"]), None)
 
-    def remember(self, reply_text: str, users: Tuple[str, str], answer: Optional[str], sid: str) -> str:
+    def remember(self, reply_text: str, users: Tuple[str, str], answer: Optional[str], sid: str,
+                 block: str = "") -> str:
         """Save this turn's resulting state as a new snapshot, keyed by the reply as written and
         ``users``, the digests of the user turns with and without the last. ``answer``: the
         workflow's answer, when it ran, to give again if asked for nothing new. ``sid``: the
-        snapshot's id, random (ConversationIds.snapshot_id)."""
+        snapshot's id, random (ConversationIds.snapshot_id). ``block``: the identifier block the
+        turn wrote after the reply, if any (see clean_own_reply). Returns the snapshot's id."""
         if answer is not None:
             self.result = text_digest(answer)
             self.results[self.result] = answer
-        cleaned = clean_reply(reply_text)
+        cleaned = clean_own_reply(reply_text, block)
         # Most replies are the answer itself (and the id block): its digest, worked out once.
         reply = self.result if answer is not None and cleaned == answer else text_digest(cleaned)
         key, parent = f"{reply}:{users[0]}", self.parent
@@ -2128,6 +2130,7 @@ class Conversation:
             if (snapshot["key"] == key and snapshot["parent"] == parent and snapshot["values"] == self.values
                     and snapshot["asked"] == self.asked and snapshot["ask_counts"] == self.ask_counts
                     and snapshot["runs"] == self.runs and snapshot["result"] == self.result):
+                sid = _sid(snapshot)
                 break
         else:   # the state copied: the working one goes on changing
             snapshot = {"key": key, "sid": sid, "reply": reply, "users": users[0],
@@ -2144,7 +2147,7 @@ class Conversation:
             kept = {_sid(s) for s in self.snapshots}
             responses = [(rid, response) for rid, response in self.responses.items() if response["snapshot"] in kept]
             self.responses = dict(responses[-RESPONSES_KEPT:])
-        return _sid(snapshot)
+        return sid
 
     def keep_response(self, response_id: str, snapshot: str, thinking: str, answer: str, extra: Mapping[str, Any]) -> None:
         """A response of the Responses API, stored with the snapshot it left, to continue from."""
@@ -2204,6 +2207,12 @@ def text_digest(text: str) -> str:
 NO_TEXT_DIGEST = text_digest("")
 
 
+def digest_of_digests(digests: Sequence[str]) -> str:
+    """text_digest of ``digests`` joined by spaces, without collapsing their whitespace: they
+    have none (hex digits), so splitting and joining again would be work for nothing."""
+    return hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
+
+
 def reply_digest(text: str) -> str:
     """An assistant reply as clients send it back: without the thinking block (Open WebUI
     strips it) or the identifier block, whitespace collapsed."""
@@ -2227,7 +2236,7 @@ def replies_in(messages: Sequence[dict]) -> List[Reply]:
             if pending:
                 turns.append(text_digest("\n".join(pending)))
                 pending = []
-            found.append(Reply(index, reply_digest(message["content"]), text_digest(" ".join(turns))))
+            found.append(Reply(index, reply_digest(message["content"]), digest_of_digests(turns)))
     return found
 
 
@@ -2236,7 +2245,7 @@ def users_digest(messages: Sequence[dict]) -> Tuple[str, str]:
     replies_in computes them for a reply that follows them."""
     digests = list(map(text_digest, user_turns(messages)))   # each turn's once, for both
     before = digests[:-1]   # none on a chat's first turn: the digest of no text, worked out once
-    return text_digest(" ".join(digests)), text_digest(" ".join(before)) if before else NO_TEXT_DIGEST
+    return digest_of_digests(digests), digest_of_digests(before) if before else NO_TEXT_DIGEST
 
 
 def new_response_id(conversation_id: str) -> str:
@@ -2255,32 +2264,51 @@ def new_conversation_id() -> str:
     return secrets.token_urlsafe(CONVERSATION_ID_BYTES)
 
 
-class ConversationIds:
-    """Conversation ids as new_conversation_id makes them, and snapshot ids (snapshot_id, 12 hex
-    digits), with os.urandom read a few kilobytes at a time: a system call per id makes a busy
-    server wait for the interpreter lock after each one (a system call per id would cost every
-    turn). A forked worker draws a pool of its own."""
+class RandomIds:
+    """Random ids of one form, never given twice: os.urandom read a few kilobytes at a time, the
+    pool encoded once and cut into ids. A system call per id makes a busy server wait for the
+    interpreter lock after each one; encoding each id on its own, and a lock per id, cost every
+    turn a few thousand instructions (a deque's popleft is thread-safe as it is). A forked worker
+    draws a pool of its own."""
 
-    POOL_BYTES = 4096
+    POOL_BYTES = 4095   # a multiple of 3: the Base64 of the pool has no padding, each character 6 random bits
 
-    def __init__(self) -> None:
-        self._pool, self._used, self._pid = b"", 0, -1
-        self._lock = threading.Lock()
+    def __init__(self, encode: Callable[[bytes], str], length: int) -> None:
+        self._encode, self._length = encode, length   # the pool's text; an id is ``length`` characters of it
+        self._ids: "deque[str]" = deque()
+        self._pid = -1   # the process the pool was drawn in
+        self._lock = threading.Lock()   # one refill at a time
 
     def __call__(self) -> str:
-        return base64.urlsafe_b64encode(self._draw(CONVERSATION_ID_BYTES)).rstrip(b"=").decode()
+        if self._pid == os.getpid():
+            try:
+                return self._ids.popleft()
+            except IndexError:   # the pool is used up
+                pass
+        return self._refill()
 
-    def snapshot_id(self) -> str:
-        return self._draw(SNAPSHOT_ID_BYTES).hex()
-
-    def _draw(self, size: int) -> bytes:
-        """``size`` random bytes, never given twice."""
+    def _refill(self) -> str:
         with self._lock:
-            if self._used + size > len(self._pool) or self._pid != os.getpid():
-                self._pool, self._used, self._pid = os.urandom(self.POOL_BYTES), 0, os.getpid()
-            chunk = self._pool[self._used:self._used + size]
-            self._used += size
-        return chunk
+            if not self._ids or self._pid != os.getpid():   # not refilled by another thread meanwhile
+                text, length = self._encode(os.urandom(self.POOL_BYTES)), self._length
+                self._ids = deque([text[start:start + length]
+                                   for start in range(0, len(text) - length + 1, length)])
+                self._pid = os.getpid()
+            return self._ids.popleft()
+
+
+def _url_safe_text(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode()
+
+
+class ConversationIds(RandomIds):
+    """Conversation ids as new_conversation_id makes them (32 URL-safe characters, 192 random
+    bits: the Base64 of CONVERSATION_ID_BYTES), and snapshot ids (``snapshot_id()``,
+    SNAPSHOT_ID_BYTES as 12 hex digits), each from a pool of its own."""
+
+    def __init__(self) -> None:
+        super().__init__(_url_safe_text, -(-CONVERSATION_ID_BYTES * 4 // 3))   # Base64's length, unpadded
+        self.snapshot_id = RandomIds(bytes.hex, SNAPSHOT_ID_BYTES * 2)
 
 
 def is_conversation_id(text: str) -> bool:
@@ -2294,47 +2322,54 @@ class _KeyedLocks:
     turn several Python calls (its look-up, its reference, its callback when the lock dies)."""
 
     def __init__(self) -> None:
-        self._locks: Dict[str, List[Any]] = {}   # key -> [its lock, how many hold or wait for it]
+        self._entries: Dict[str, List[Any]] = {}   # key -> [its lock, how many hold or wait for it]
         self._guard = threading.Lock()
 
     def __call__(self, key: str) -> "contextlib.AbstractContextManager[None]":
-        return _Holding(self, key)
-
-    def take(self, key: str) -> List[Any]:
-        """The key's entry, counted: it stays until the matching drop."""
-        with self._guard:
-            entry = self._locks.get(key)
-            if entry is None:
-                entry = self._locks[key] = [threading.Lock(), 0]
-            entry[1] += 1
-        return entry
-
-    def drop(self, key: str, entry: List[Any]) -> None:
-        with self._guard:
-            entry[1] -= 1
-            if not entry[1]:
-                del self._locks[key]
+        return _Holding(self._entries, self._guard, key)
 
 
 class _Holding:
-    """Holds a _KeyedLocks lock from enter to exit (a class, not a generator: one is taken per turn)."""
+    """Holds a _KeyedLocks lock from enter to exit: counts itself in the key's entry (made if
+    there is none), takes the entry's lock, and on exit releases it and drops the entry if no
+    one else holds or waits for it. A class, not a generator, and the guard taken without a
+    with block (its lookups and calls cost more than the counting it guards): one is taken per turn."""
 
-    __slots__ = ("_locks", "_key", "_entry")
+    __slots__ = ("_entries", "_guard", "_key", "_entry")
 
-    def __init__(self, locks: _KeyedLocks, key: str) -> None:
-        self._locks, self._key = locks, key
+    def __init__(self, entries: Dict[str, List[Any]], guard: "threading.Lock", key: str) -> None:
+        self._entries, self._guard, self._key = entries, guard, key
 
     def __enter__(self) -> None:
-        self._entry = self._locks.take(self._key)
+        guard = self._guard
+        guard.acquire()
         try:
-            self._entry[0].acquire()
+            entry = self._entries.get(self._key)
+            if entry is None:
+                entry = self._entries[self._key] = [threading.Lock(), 0]
+            entry[1] += 1
+        finally:
+            guard.release()
+        self._entry = entry
+        try:
+            entry[0].acquire()
         except BaseException:   # interrupted while waiting: not a holder
-            self._locks.drop(self._key, self._entry)
+            self._drop()
             raise
 
     def __exit__(self, *exc_info: Any) -> None:
         self._entry[0].release()
-        self._locks.drop(self._key, self._entry)
+        self._drop()
+
+    def _drop(self) -> None:
+        guard, entry = self._guard, self._entry
+        guard.acquire()
+        try:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._entries[self._key]
+        finally:
+            guard.release()
 
 
 class Store(abc.ABC):
@@ -2788,6 +2823,19 @@ def clean_reply(text: str) -> str:
     if ID_BLOCK_INFO in text:
         text = ID_BLOCK_PATTERN.sub("", text)
     return text.strip()
+
+
+def clean_own_reply(text: str, block: str) -> str:
+    """clean_reply(text), for a reply this server wrote that may end with ``block``, the
+    identifier block of a conversation id (id_block). When the text before the block has no
+    block or thinking of its own, the pattern would find that block alone and take it away,
+    leaving whitespace that strip() removes: the block is cut off instead, without a search
+    (a chat's first turn would pay one on every save)."""
+    if block and text.endswith(block):
+        head = text[:-len(block)]
+        if ID_BLOCK_INFO not in head and "<thinking>" not in head:
+            return head.strip()
+    return clean_reply(text)
 
 
 def id_block(conversation_id: str) -> str:
@@ -7470,8 +7518,10 @@ class Turn:
         # The thinking is kept only with a stored response or a request's answer (for its twin).
         kept = request.response_id or request.saving is not None or self._digest
         thinking = workflow.redact("".join(self._written["thinking"])) if kept else ""
+        # Only a new conversation's reply ends with its identifier block (see _id_block).
+        block = id_block(conversation.id) if conversation.is_new else ""
         key = conversation.remember(answer, users_digest(request.messages), self._context.answer,
-                                    self.service.new_conversation_id.snapshot_id())
+                                    self.service.new_conversation_id.snapshot_id(), block)
         if request.response_id:
             conversation.keep_response(request.response_id, key, thinking, answer, request.response_extra)
         if request.saving is not None:
@@ -7592,7 +7642,8 @@ def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[
     must be recovered from the whole history (an id this store does not know)."""
     store = service.store
     ids = find_conversation_ids(messages)
-    ids += [hint for hint in hints if hint not in ids and is_conversation_id(hint)]
+    if hints:   # Responses only: most turns have none, and an empty comprehension is still a call
+        ids += [hint for hint in hints if hint not in ids and is_conversation_id(hint)]
     switched = False
     for conversation_id in ids:   # newest first: after A → B → A, the chat resumes A
         held.enter_context(store.lock(conversation_id))

@@ -1296,6 +1296,25 @@ def test_conversation_ids_are_well_formed_unique_and_differ_in_a_forked_worker()
     os.close(reader), os.close(writer)
 
 
+def test_a_reply_ending_with_its_own_identifier_block_cleans_as_clean_reply_cleans_it():
+    # clean_own_reply cuts off the block a turn wrote instead of searching for it: the two must never differ.
+    from hypothesis import given, settings, strategies as st
+    info = cozyopenai.ID_BLOCK_INFO
+    parts = st.sampled_from(["", " ", "\n", "\r\n", "\t", "x", "`", "```", "<thinking>", "</thinking>", info,
+                             "```" + info + "\n", "```" + info + "\nabc", "\n```", "abc"])
+    texts = st.lists(parts, max_size=8).map("".join) | st.text(max_size=20)
+    ids = cozyopenai.ConversationIds()
+
+    @settings(max_examples=400, deadline=None, database=None, derandomize=True)   # a second or so
+    @given(text=texts, tail=texts, ends_with_block=st.booleans())
+    def check(text, tail, ends_with_block):
+        block = cozyopenai.id_block(ids())
+        reply = text + block if ends_with_block else text + tail
+        assert cozyopenai.clean_own_reply(reply, block) == cozyopenai.clean_reply(reply)
+        assert cozyopenai.clean_own_reply(reply, "") == cozyopenai.clean_reply(reply)
+    check()
+
+
 def test_json_store_locks_each_conversation_on_its_own(tmp_path):
     store = cozyopenai.JsonFileStore(tmp_path)
     ids = [cozyopenai.new_conversation_id() for _ in range(64)]
