@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import logging
 import os
 import re
 import select
@@ -3558,6 +3559,31 @@ def test_each_request_is_logged_on_one_line_with_model_conversation_status_and_d
         time.sleep(0.01)
     assert re.fullmatch(rf"POST /openai/chat/completions model=trip-planner conversation={re.escape(short_id)} "
                         r"status=200 \d+ ms", lines[-1])
+
+
+def test_the_log_line_formatter_writes_what_the_standard_formatter_writes():
+    # LogLineFormatter writes the line of logging.Formatter(LOG_FORMAT) its own shorter way: the
+    # two must never differ, whatever the message, its arguments, the time, or a traceback.
+    from hypothesis import given, settings, strategies as st
+    ours, standard = cozyopenai.LogLineFormatter(), logging.Formatter(cozyopenai.LOG_FORMAT)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = sys.exc_info()
+
+    @settings(max_examples=200, deadline=None, database=None, derandomize=True)
+    @given(message=st.text(max_size=20), argument=st.one_of(st.none(), st.text(max_size=8), st.integers()),
+           created=st.floats(min_value=0, max_value=4e9), level=st.sampled_from([logging.INFO, logging.WARNING]),
+           traceback=st.booleans(), stack=st.booleans())
+    def check(message, argument, created, level, traceback, stack):
+        def record():
+            made = logging.LogRecord("cozyopenai", level, __file__, 1, message.replace("%", "%%") + " %s",
+                                     (argument,), failure if traceback else None, sinfo="Stack:\n  here" if stack else None)
+            made.created, made.msecs = created, int((created - int(created)) * 1000) + 0.0
+            return made
+        assert ours.format(record()) == standard.format(record())
+        assert ours.format(record()) == ours.format(record())   # the second's text, kept, is the same text
+    check()
 
 
 def test_a_long_history_well_over_bottles_100kb_default_is_accepted(start):

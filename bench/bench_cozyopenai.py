@@ -108,10 +108,17 @@ def _bare_app(body_bytes):
     return bare
 
 
+def log_as_the_command_line_does(stream):
+    """Logging as `python cozyopenai.py` sets it up: a line per record, at INFO, on ``stream``."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(cozyopenai.LogLineFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
 def serve(arguments):
     """One server: /bare is the baseline, /memory and /json are cozyopenai with each store.
     Logging is set up as `python cozyopenai.py` sets it (a line per request, to stderr)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    log_as_the_command_line_does(sys.stderr)
     apps = {"bare": _bare_app(arguments.body_bytes)}
     apps["memory"] = cozyopenai.make_app(BENCH_WORKFLOWS, store="memory", node_types=BENCH_NODE_TYPES)
     if arguments.json_store:
@@ -1084,8 +1091,7 @@ INSTRUCTION_TURNS = (100, 600)   # the count is taken at both, so start-up cance
 def turns_in_process(kind, count):
     """``count`` requests of ``kind`` through the WSGI app, in this process, no sockets: what
     `instructions` counts under cachegrind (bare: the baseline route, with the same body)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        stream=tempfile.TemporaryFile("w"))   # the request lines are written, as served
+    log_as_the_command_line_does(tempfile.TemporaryFile("w"))   # the request lines are written, as served
     app = cozyopenai.make_app(BENCH_WORKFLOWS, store="memory", node_types=BENCH_NODE_TYPES)
     path, body = "/openai/chat/completions", chat_body("echo", ECHO_MESSAGE, stream=kind == "streamed")
     if kind == "responses":
