@@ -26,6 +26,7 @@ import os
 import re
 import selectors
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -1115,8 +1116,10 @@ def turns_in_process(kind, count):
 
 def bench_instructions():
     """Machine instructions per request, counted by valgrind's cachegrind: unlike a rate, the
-    same on a busy machine as on an idle one, so two versions compare at any hour. In process
-    (no sockets, no server threads: the server's own share, the same for every route, is not in it)."""
+    same on a busy machine as on an idle one, so two versions compare at any hour. First in process
+    (no sockets, no server threads), then in the overhead figure's server process, one request
+    at a time: there the server's own share, the same for every route, is in both counts, and
+    their ratio is what the turn rate's ratio comes to on an idle machine."""
     print("Instructions per request (valgrind cachegrind), in-process WSGI, no LLM, memory store")
     if shutil.which("valgrind") is None:
         report("instructions", "skipped: valgrind is not installed", "measured", True)
@@ -1125,15 +1128,57 @@ def bench_instructions():
     for kind in ("bare", "memory", "responses", "streamed"):
         totals = []
         for count in INSTRUCTION_TURNS:
-            run = subprocess.run(["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-                                  sys.executable, os.path.abspath(__file__), "turns", "--kind", kind,
-                                  "--count", str(count)], capture_output=True, text=True, check=True)
-            totals.append(int(re.search(r"I\s+refs:\s+([\d,]+)", run.stderr).group(1).replace(",", "")))
+            run = subprocess.run(VALGRIND + [sys.executable, os.path.abspath(__file__), "turns", "--kind", kind,
+                                             "--count", str(count)], capture_output=True, text=True, check=True,
+                                 env=FIXED_HASH_ENV)
+            totals.append(instructions_counted(run.stderr))
         counts[kind] = (totals[1] - totals[0]) / (INSTRUCTION_TURNS[1] - INSTRUCTION_TURNS[0])
     report("bare Bottle route", f"{counts['bare']:,.0f}", "measured", True)
     for kind, label in (("memory", "non-streamed turn"), ("responses", "the same over the Responses API"),
                         ("streamed", "streamed turn")):
         report(label, f"{counts[kind]:,.0f} ({counts[kind] / counts['bare']:.1f}x bare)", "measured", True)
+    print("  The same over HTTP, counted in the `serve` process (its server, threads and sockets included)")
+    with ServerProcess() as probe:   # the bare route answers as many bytes as the turn, as in the overhead figure
+        answer_bytes = len(http_request(probe.port, "POST", "/memory/openai/chat/completions",
+                                        chat_body("echo", ECHO_MESSAGE))[1])
+    served = {kind: served_instructions(kind, answer_bytes) for kind in ("bare", "memory")}
+    report("bare Bottle route, served", f"{served['bare']:,.0f}", "measured", True)
+    report("non-streamed turn, served", f"{served['memory']:,.0f} (bare/turn {served['bare'] / served['memory']:.2f}x)",
+           "measured", True)   # on an idle machine, the turn rate's ratio to the bare route's
+
+
+VALGRIND = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
+FIXED_HASH_ENV = {**os.environ, "PYTHONHASHSEED": "0"}   # string hashes, and so the count, the same every run
+SERVED_REQUESTS = (20, 220)
+
+
+def instructions_counted(valgrind_stderr):
+    return int(re.search(r"I\s+refs:\s+([\d,]+)", valgrind_stderr).group(1).replace(",", ""))
+
+
+def served_instructions(kind, answer_bytes):
+    """Instructions per request of the overhead figure's server process, one request at a
+    time over loopback: the server's own share (accepting, parsing, its thread) included."""
+    totals = []
+    for count in SERVED_REQUESTS:
+        port = free_port()
+        process = subprocess.Popen(VALGRIND + [sys.executable, os.path.abspath(__file__), "serve", "--port", str(port),
+                                               "--body-bytes", str(answer_bytes)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=FIXED_HASH_ENV)
+        try:
+            wait_until_answering(port, "/bare", process, limit_seconds=120)
+            path = "/bare" if kind == "bare" else "/memory/openai/chat/completions"
+            body = chat_body("echo", ECHO_MESSAGE)
+            for _ in range(count):
+                status = http_request(port, "POST", path, body)[0]
+                assert status == 200, f"{kind}: status {status}"
+            process.send_signal(signal.SIGINT)   # serve_forever ends, and valgrind writes its count
+            totals.append(instructions_counted(process.communicate(timeout=120)[1]))
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return (totals[1] - totals[0]) / (SERVED_REQUESTS[1] - SERVED_REQUESTS[0])
 
 
 def bench_calls():
