@@ -10738,6 +10738,15 @@ class _GuardedWriter:
         self.closed = True
 
 
+class _RequestHandler(ServerHandler):
+    """wsgiref's handler of one request, without the process's environment in the request's
+    environ: wsgiref copies every variable in (a CGI habit), so each request would carry the
+    server's secrets (the LLM's key, the state secret) where any code that shows an environ
+    shows them, and every look over the environ would walk past them."""
+
+    os_environ: Mapping[str, str] = MappingProxyType({})
+
+
 class _LoggingHandler(WSGIRequestHandler):
     """One connection: one request (HTTP/1.0), its framing checked before the app runs (two
     Content-Length fields, or one with Transfer-Encoding, are refused: the way requests are
@@ -10806,7 +10815,7 @@ class _LoggingHandler(WSGIRequestHandler):
             return
         self._reader.deadline, self._reader.pause = None, limits.body_pause_seconds
         stdin = _ChunkedBody(self.rfile) if "Transfer-Encoding" in self.headers else self.rfile
-        handler = ServerHandler(stdin, self.wfile, self.get_stderr(), self.get_environ(), multithread=False)
+        handler = _RequestHandler(stdin, self.wfile, self.get_stderr(), self.get_environ(), multithread=False)
         handler.request_handler = self
         handler.run(self.server.get_app())
 

@@ -5213,6 +5213,23 @@ def test_the_llms_credentials_never_reach_the_log_at_start_up_nor_on_each_call(f
     assert "HTTP Request" not in output and f"LLM: {fake_llm.url}/v1 model fake-model" in output
 
 
+def test_the_built_in_server_gives_a_request_none_of_the_processes_environment():
+    # wsgiref would copy every variable of the process (its secrets too) into each environ.
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(dict(environ))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+    server = Server(app)
+    try:
+        assert requests.get(server.url + "/look", timeout=5).text == "ok"
+    finally:
+        server.close()
+    assert "PATH" in os.environ and not set(os.environ) & set(seen[0])
+    assert seen[0]["PATH_INFO"] == "/look" and seen[0]["HTTP_HOST"].startswith("127.0.0.1")
+
+
 def test_a_url_is_shown_without_its_user_password_or_query():
     assert cozyopenai.shown_url("http://alice:pw@127.0.0.1:8091/v1?api-key=QK") == "http://127.0.0.1:8091/v1"
 
