@@ -1519,16 +1519,21 @@ def _input_value(workflow: Workflow, value: Any, outputs: Mapping[str, Any], val
     return value
 
 
+# So two first waiters of a StopSignal share one Event: one lock for all, as a first wait is
+# seldom and brief, rather than a lock made with every turn's signal.
+_MAKING_STOP_EVENTS = threading.Lock()
+
+
 class StopSignal:
     """A turn's stop signal: threading.Event's is_set, set, clear and wait, for less. A turn
     sets it and looks at it, but seldom waits on it (a node that sleeps, a stream's LLM call):
     the Event, with its Condition and lock (some 30,000 instructions made and set twice), is
-    made only for the first wait."""
+    made only for the first wait. Slots: one is made every turn, its fields stored with no dict."""
+    __slots__ = ("_flag", "_event")
 
     def __init__(self) -> None:
         self._flag = False
         self._event: Optional[threading.Event] = None   # made by the first wait
-        self._making = threading.Lock()                  # so two first waiters share one Event
 
     def is_set(self) -> bool:
         return self._flag
@@ -1546,7 +1551,7 @@ class StopSignal:
     def wait(self, timeout: Optional[float] = None) -> bool:
         if self._flag:
             return True
-        with self._making:
+        with _MAKING_STOP_EVENTS:
             if self._event is None:
                 self._event = threading.Event()
         if self._flag:   # set while the Event was being made, before set() could see it
@@ -1557,9 +1562,10 @@ class StopSignal:
 class HangUpAwareEvent(StopSignal):
     """The turn's stop signal. It also turns set when the client has closed its connection,
     which the runner checks before starting each node: nothing new starts for no one."""
+    __slots__ = ("_connection", "_next_check")
 
     def __init__(self, connection: Optional[socket.socket] = None):
-        super().__init__()
+        self._flag, self._event = False, None   # StopSignal's fields, set here: a call less each turn
         self._connection = connection
         self._next_check = time.monotonic() + HANGUP_CHECK_SECONDS
 
