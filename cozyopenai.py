@@ -6984,36 +6984,42 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     # and cut as soon as the client leaves.
     budget = TurnBudget(turn.stop, turn.llm.settings.timeout_seconds) if turn.llm is not None else None
     own_calls = (lambda: turn.llm.within(budget)) if turn.llm is not None else contextlib.nullcontext
+    # The thinking lines written one after another, with no wait between them (no LLM call, no
+    # node run), go out as one piece: a piece less to pass on for each, the same text. Held
+    # lines always go out before anything that waits.
+    lines = ""
     if turn.branch == "new chat":   # a reused header key (Open WebUI's temporary chats share one)
-        yield ("thinking", "A new chat: starting from nothing.\n")
+        lines = "A new chat: starting from nothing.\n"
     elif turn.branch:
         known = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}"
                           for name, value in conversation.values.items() if name in workflow.query_inputs)
-        yield ("thinking", "Continuing from an earlier reply of this chat (a message edited or sent "
-                           f"again, or an older branch): {known or 'nothing gathered yet'}.\n")
+        lines = ("Continuing from an earlier reply of this chat (a message edited or sent "
+                 f"again, or an older branch): {known or 'nothing gathered yet'}.\n")
     if turn.restored:
         shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}"
                           for name, value in turn.restored.items())
-        yield ("thinking", f"Read the earlier messages again: {shown}.\n")
+        lines += f"Read the earlier messages again: {shown}.\n"
     if turn.text and workflow.query_inputs:
-        yield ("thinking", _reading_line(workflow, conversation))
+        lines += _reading_line(workflow, conversation)
         extraction, reading = read_floor(workflow, conversation, turn.text, turn.history)
         if turn.llm is not None:   # what the simple reader decided is shown while the LLM reads
             if extraction.values and extraction.intent != "cancel":
                 found = ", ".join(f"{workflow.query_inputs[name].label} {shown_value(value)}"
                                   for name, value in extraction.values.items())
-                yield ("thinking", f"Found so far: {found} (the language model is reading it too).\n")
+                lines += f"Found so far: {found} (the language model is reading it too).\n"
+            yield ("thinking", lines)
+            lines = ""
             with own_calls():
                 extraction = extract_on_floor(turn.llm, workflow, conversation, turn.history, reading.tokens.text,
                                               extraction, reading)
     else:   # nothing to read
         extraction = Extraction()
     for note in extraction.notes:
-        yield ("thinking", note + "\n")
+        lines += note + "\n"
     if extraction.intent == "cancel":
         conversation.values.clear()
         conversation.asked, conversation.ask_counts = [], {}
-        yield ("thinking", "You asked to stop: cleared every value.\n")
+        yield ("thinking", lines + "You asked to stop: cleared every value.\n")
         yield ("answer", CANCELLED_REPLY)
         return
     understood, changed = {}, {}   # the values new to the conversation, and those it had otherwise
@@ -7022,19 +7028,21 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
             understood[name] = value
         elif conversation.values[name] != value:
             changed[name] = (conversation.values[name], value)
-    described = _describe_extraction(workflow, extraction, understood, changed)
-    if described:
-        yield ("thinking", described)
+    lines += _describe_extraction(workflow, extraction, understood, changed)
     conversation.values.update(extraction.values)
     for name in extraction.values:
         conversation.ask_counts.pop(name, None)
     missing = conversation.missing(workflow)
     if missing:
+        if lines:
+            yield ("thinking", lines)
         with own_calls():
             yield from _ask(turn, missing, extraction, understood, changed, budget)
         return
     conversation.asked = []
     if conversation.runs and not understood and not changed and not RERUN_PATTERN.search(turn.text):
+        if lines:
+            yield ("thinking", lines)
         yield from _answer_again(turn)   # "thanks!", or Open WebUI's "Add Details" (decision in the README)
         return
     news = [f"the {workflow.query_inputs[name].label} from {shown_value(old)} to {shown_value(new)}"
@@ -7042,7 +7050,7 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     if conversation.runs:   # after a run, an optional input given now is news too
         news += [f"the {workflow.query_inputs[name].label} to {shown_value(value)}" for name, value in understood.items()]
     preface = ("Changed " if changed else "Set ") + _and_list(news) + ".\n\n" if news else ""
-    yield from _run(turn, preface)
+    yield from _run(turn, preface, thinking=lines)
 
 
 def _reading_line(workflow: Workflow, conversation: Conversation) -> str:
@@ -7200,47 +7208,70 @@ def _question_stream(llm: LLMClient, budget: Optional[TurnBudget], workflow: Wor
                            temperature=0, max_tokens=QUESTION_MAX_TOKENS, retry=False))   # one attempt
 
 
-def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, str]] = None) -> Iterator[Piece]:
-    """Run the workflow: progress as thinking, then ``preface`` and the answer."""
+def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, str]] = None,
+         thinking: str = "") -> Iterator[Piece]:
+    """Run the workflow: progress as thinking, then ``preface`` and the answer. ``thinking``,
+    lines written just before, go out with the run's first line, as one piece."""
     workflow, conversation = turn.workflow, turn.conversation
     values = workflow.with_defaults(conversation.values)
     if len(values) > len(conversation.values):   # some defaults
         for name in values:
             if name not in conversation.values:   # a default
-                yield ("thinking", f"Using the default {workflow.query_inputs[name].label}: "
-                                   f"{shown_value(values[name])}.\n")
+                thinking += f"Using the default {workflow.query_inputs[name].label}: {shown_value(values[name])}.\n"
     queries, shown = workflow.query_inputs, []
     for name, value in values.items():   # a loop: a comprehension would be one more call each turn
         shown.append(f"{queries[name].label} = {shown_value(value)}")
-    yield ("thinking", f"Running {workflow.name} with {', '.join(shown)}.\n")
+    held = f"{thinking}Running {workflow.name} with {', '.join(shown)}.\n"   # thinking not yet out
+    # A chain's first node starts at once, and each next one as soon as the one before finishes:
+    # the line before a "started" goes out with it, one piece. Nodes side by side may wait first.
+    chain = workflow.chain is not None
+    if not chain:
+        yield ("thinking", held)
+        held = ""
     conversation.runs += 1
     written = ""   # the answer streamed so far: a stop notice after it gets a paragraph of its own
-    for event in run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
-                              metrics=turn.metrics, follow_up=follow_up):
-        what = event.what
-        if what == "answer":
-            yield ("answer", preface + event.text)
-            written, preface = (written + event.text)[-2:], ""
-        elif what == "done":
-            turn.answer = event.text
-        elif what == "started":
-            yield _started_piece(event.node_id, event.text)
-        elif what == "finished":   # every node's, so written here, as progress_line writes it, with no call
-            yield ("thinking", f"{RUN_MARKS['finished']}{event.node_id} finished in {event.seconds:.2f} s\n")
-        else:   # a node's progress (RUN_MARKS)
-            yield ("thinking", RUN_MARKS[what] + progress_line(event) + "\n")
-            if what == "failed":
-                yield ("answer", (paragraph_break(written) if written else preface) +
-                       RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
+    try:
+        for event in run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
+                                  metrics=turn.metrics, follow_up=follow_up):
+            what = event.what
+            if what == "answer":
+                if held:
+                    yield ("thinking", held)
+                    held = ""
+                yield ("answer", preface + event.text)
+                written, preface = (written + event.text)[-2:], ""
+            elif what == "done":
+                turn.answer = event.text
+            elif what == "started":
+                yield ("thinking", held + _started_line(event.node_id, event.text))
+                held = ""
+            elif what == "finished":   # every node's, so written here, as progress_line writes it, with no call
+                line = f"{RUN_MARKS['finished']}{event.node_id} finished in {event.seconds:.2f} s\n"
+                if chain:   # out with what comes next, at once
+                    held += line
+                else:
+                    yield ("thinking", line)
+            else:   # a node's progress (RUN_MARKS)
+                yield ("thinking", held + RUN_MARKS[what] + progress_line(event) + "\n")
+                held = ""
+                if what == "failed":
+                    yield ("answer", (paragraph_break(written) if written else preface) +
+                           RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
+    except Exception:   # a bug in the run: what it had written still goes out, before the bug's apology
+        if held:
+            yield ("thinking", held)
+        raise
+    if held:
+        yield ("thinking", held)
 
 
 RUN_MARKS = {"started": "→ ", "finished": "✓ ", "failed": "✗ ", "note": ""}   # how the thinking block shows them
 
 
 @lru_cache(maxsize=256)   # a workflow's few nodes, started turn after turn
-def _started_piece(node_id: str, description: str) -> Piece:
+def _started_line(node_id: str, description: str) -> str:
     """A node's "started" line for the thinking block: the same each time it runs, so made once."""
-    return ("thinking", RUN_MARKS["started"] + progress_line(RunEvent("started", node_id, description)) + "\n")
+    return RUN_MARKS["started"] + progress_line(RunEvent("started", node_id, description)) + "\n"
 
 
 def paragraph_break(text: str) -> str:
