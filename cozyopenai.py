@@ -7246,7 +7246,11 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
                 yield ("thinking", held + _started_line(event.node_id, event.text))
                 held = ""
             elif what == "finished":   # every node's, so written here, as progress_line writes it, with no call
-                line = f"{RUN_MARKS['finished']}{event.node_id} finished in {event.seconds:.2f} s\n"
+                seconds = event.seconds
+                # Most nodes (templates, outputs) take under 5 ms, which shows as 0.00 s: that line is
+                # the same each time, so made once, with no float formatted (.2f rounds below 0.005 down).
+                line = _finished_at_once_line(event.node_id) if 0.0 < seconds < 0.005 else \
+                    f"{RUN_MARKS['finished']}{event.node_id} finished in {seconds:.2f} s\n"
                 if chain:   # out with what comes next, at once
                     held += line
                 else:
@@ -7272,6 +7276,12 @@ RUN_MARKS = {"started": "→ ", "finished": "✓ ", "failed": "✗ ", "note": ""
 def _started_line(node_id: str, description: str) -> str:
     """A node's "started" line for the thinking block: the same each time it runs, so made once."""
     return RUN_MARKS["started"] + progress_line(RunEvent("started", node_id, description)) + "\n"
+
+
+@lru_cache(maxsize=256)
+def _finished_at_once_line(node_id: str) -> str:
+    """A node's "finished" line for the thinking block when it took under 5 ms: made once."""
+    return f"{RUN_MARKS['finished']}{node_id} finished in 0.00 s\n"
 
 
 def paragraph_break(text: str) -> str:
