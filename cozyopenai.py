@@ -1520,16 +1520,21 @@ def _input_value(workflow: Workflow, value: Any, outputs: Mapping[str, Any], val
     return value
 
 
+# So two first waiters of a StopSignal share one Event: one lock for all, as a first wait is
+# seldom and brief, rather than a lock made with every turn's signal.
+_MAKING_STOP_EVENTS = threading.Lock()
+
+
 class StopSignal:
     """A turn's stop signal: threading.Event's is_set, set, clear and wait, for less. A turn
     sets it and looks at it, but seldom waits on it (a node that sleeps, a stream's LLM call):
     the Event, with its Condition and lock (some 30,000 instructions made and set twice), is
-    made only for the first wait."""
+    made only for the first wait. Slots: one is made every turn, its fields stored with no dict."""
+    __slots__ = ("_flag", "_event")
 
     def __init__(self) -> None:
         self._flag = False
         self._event: Optional[threading.Event] = None   # made by the first wait
-        self._making = threading.Lock()                  # so two first waiters share one Event
 
     def is_set(self) -> bool:
         return self._flag
@@ -1547,7 +1552,7 @@ class StopSignal:
     def wait(self, timeout: Optional[float] = None) -> bool:
         if self._flag:
             return True
-        with self._making:
+        with _MAKING_STOP_EVENTS:
             if self._event is None:
                 self._event = threading.Event()
         if self._flag:   # set while the Event was being made, before set() could see it
@@ -1558,9 +1563,10 @@ class StopSignal:
 class HangUpAwareEvent(StopSignal):
     """The turn's stop signal. It also turns set when the client has closed its connection,
     which the runner checks before starting each node: nothing new starts for no one."""
+    __slots__ = ("_connection", "_next_check")
 
     def __init__(self, connection: Optional[socket.socket] = None):
-        super().__init__()
+        self._flag, self._event = False, None   # StopSignal's fields, set here: a call less each turn
         self._connection = connection
         self._next_check = time.monotonic() + HANGUP_CHECK_SECONDS
 
@@ -6874,14 +6880,17 @@ RUN_FAILED_REPLY = ("Sorry, the workflow stopped: step {node!r} failed ({reason}
                     'say "again" to retry, or change a value.')
 
 
-class Piece(NamedTuple):   # a tuple: a turn makes a dozen, and a frozen dataclass is slow to make
-    """A piece of the reply, for the channel "thinking" (inside the <thinking> block) or "answer"."""
+class Piece(NamedTuple):
+    """A piece of the reply, for the channel "thinking" (inside the <thinking> block) or "answer".
+    The turn makes its pieces as plain (channel, text) tuples, and every reader unpacks them
+    (``channel, text = piece``): a Piece is one too, with its fields named, for where one is
+    made seldom. A Piece costs a constructor call to make and an attribute look-up to read;
+    a plain tuple, neither, for the dozen pieces of every turn and each step they pass."""
     channel: str
     text: str
 
 
-# The turn's pieces, made as the plain tuples they are: Piece(channel, text) would be a Python
-# call (the NamedTuple's constructor) for each of the dozen a turn makes. The same Piece.
+# A piece made a Piece without the NamedTuple's constructor (a Python call): the same Piece.
 new_piece = partial(tuple.__new__, Piece)
 
 
@@ -6929,25 +6938,27 @@ def ordered_pieces(pieces: Iterable[Piece], written: Mapping[str, List[str]]) ->
     pieces = iter(pieces)
     try:
         for piece in pieces:   # thinking, up to the answer's first piece
-            if piece.channel == "answer":
-                answer.append(piece.text)
+            channel, text = piece
+            if channel == "answer":
+                answer.append(text)
                 yield piece
                 break
-            thinking.append(piece.text)
+            thinking.append(text)
             yield piece
         for piece in pieces:   # the answer: thinking is held until it is whole
-            if piece.channel == "thinking":
-                held.append(piece.text)
+            channel, text = piece
+            if channel == "thinking":
+                held.append(text)
             else:
-                answer.append(piece.text)
+                answer.append(text)
                 yield piece
         if held:
             thinking.append("".join(held))
-            yield new_piece(("thinking", thinking[-1]))
+            yield ("thinking", thinking[-1])
     except Exception:   # the turn's own bug
         log.exception("turn failed")
         answer.append(SORRY_REPLY)
-        yield new_piece(("answer", SORRY_REPLY))
+        yield ("answer", SORRY_REPLY)
 
 
 @dataclass
@@ -6974,37 +6985,43 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     # and cut as soon as the client leaves.
     budget = TurnBudget(turn.stop, turn.llm.settings.timeout_seconds) if turn.llm is not None else None
     own_calls = (lambda: turn.llm.within(budget)) if turn.llm is not None else contextlib.nullcontext
+    # The thinking lines written one after another, with no wait between them (no LLM call, no
+    # node run), go out as one piece: a piece less to pass on for each, the same text. Held
+    # lines always go out before anything that waits.
+    lines = ""
     if turn.branch == "new chat":   # a reused header key (Open WebUI's temporary chats share one)
-        yield new_piece(("thinking", "A new chat: starting from nothing.\n"))
+        lines = "A new chat: starting from nothing.\n"
     elif turn.branch:
         known = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}"
                           for name, value in conversation.values.items() if name in workflow.query_inputs)
-        yield new_piece(("thinking", "Continuing from an earlier reply of this chat (a message edited or sent "
-                                     f"again, or an older branch): {known or 'nothing gathered yet'}.\n"))
+        lines = ("Continuing from an earlier reply of this chat (a message edited or sent "
+                 f"again, or an older branch): {known or 'nothing gathered yet'}.\n")
     if turn.restored:
         shown = ", ".join(f"{workflow.query_inputs[name].label} = {shown_value(value)}"
                           for name, value in turn.restored.items())
-        yield new_piece(("thinking", f"Read the earlier messages again: {shown}.\n"))
+        lines += f"Read the earlier messages again: {shown}.\n"
     if turn.text and workflow.query_inputs:
-        yield new_piece(("thinking", _reading_line(workflow, conversation)))
+        lines += _reading_line(workflow, conversation)
         extraction, reading = read_floor(workflow, conversation, turn.text, turn.history)
         if turn.llm is not None:   # what the simple reader decided is shown while the LLM reads
             if extraction.values and extraction.intent != "cancel":
                 found = ", ".join(f"{workflow.query_inputs[name].label} {shown_value(value)}"
                                   for name, value in extraction.values.items())
-                yield new_piece(("thinking", f"Found so far: {found} (the language model is reading it too).\n"))
+                lines += f"Found so far: {found} (the language model is reading it too).\n"
+            yield ("thinking", lines)
+            lines = ""
             with own_calls():
                 extraction = extract_on_floor(turn.llm, workflow, conversation, turn.history, reading.tokens.text,
                                               extraction, reading)
     else:   # nothing to read
         extraction = Extraction()
     for note in extraction.notes:
-        yield new_piece(("thinking", note + "\n"))
+        lines += note + "\n"
     if extraction.intent == "cancel":
         conversation.values.clear()
         conversation.asked, conversation.ask_counts = [], {}
-        yield new_piece(("thinking", "You asked to stop: cleared every value.\n"))
-        yield new_piece(("answer", CANCELLED_REPLY))
+        yield ("thinking", lines + "You asked to stop: cleared every value.\n")
+        yield ("answer", CANCELLED_REPLY)
         return
     understood, changed = {}, {}   # the values new to the conversation, and those it had otherwise
     for name, value in extraction.values.items():
@@ -7012,19 +7029,21 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
             understood[name] = value
         elif conversation.values[name] != value:
             changed[name] = (conversation.values[name], value)
-    described = _describe_extraction(workflow, extraction, understood, changed)
-    if described:
-        yield new_piece(("thinking", described))
+    lines += _describe_extraction(workflow, extraction, understood, changed)
     conversation.values.update(extraction.values)
     for name in extraction.values:
         conversation.ask_counts.pop(name, None)
     missing = conversation.missing(workflow)
     if missing:
+        if lines:
+            yield ("thinking", lines)
         with own_calls():
             yield from _ask(turn, missing, extraction, understood, changed, budget)
         return
     conversation.asked = []
     if conversation.runs and not understood and not changed and not RERUN_PATTERN.search(turn.text):
+        if lines:
+            yield ("thinking", lines)
         yield from _answer_again(turn)   # "thanks!", or Open WebUI's "Add Details" (decision in the README)
         return
     news = [f"the {workflow.query_inputs[name].label} from {shown_value(old)} to {shown_value(new)}"
@@ -7032,7 +7051,7 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
     if conversation.runs:   # after a run, an optional input given now is news too
         news += [f"the {workflow.query_inputs[name].label} to {shown_value(value)}" for name, value in understood.items()]
     preface = ("Changed " if changed else "Set ") + _and_list(news) + ".\n\n" if news else ""
-    yield from _run(turn, preface)
+    yield from _run(turn, preface, thinking=lines)
 
 
 def _reading_line(workflow: Workflow, conversation: Conversation) -> str:
@@ -7059,17 +7078,17 @@ def _answer_again(turn: TurnContext) -> Iterator[Piece]:
     workflow, conversation = turn.workflow, turn.conversation
     last, source = conversation.last_result(), workflow.answer_source()
     if last and turn.llm is not None and source and workflow.node(source).type == "llm":
-        yield Piece("thinking", "Your message changes no value: the last answer is written again as it asks.\n")
+        yield ("thinking", "Your message changes no value: the last answer is written again as it asks.\n")
         yield from _run(turn, follow_up=(last, turn.text))
     elif last:
-        yield Piece("thinking", 'Your message changes no value, so this is the last result again. Change a value, '
-                                'or say "again" to run it once more.\n')
-        yield Piece("answer", last)
+        yield ("thinking", 'Your message changes no value, so this is the last result again. Change a value, '
+                           'or say "again" to run it once more.\n')
+        yield ("answer", last)
         turn.answer = last
     else:   # a conversation stored before results were kept
         first = next(iter(workflow.query_inputs.values()), None)
         change = f'Change a value (for example "{first.label}: ...") or ' if first else ""
-        yield Piece("answer", NOTHING_CHANGED_REPLY.format(change=change))
+        yield ("answer", NOTHING_CHANGED_REPLY.format(change=change))
 
 
 def _describe_extraction(workflow: Workflow, extraction: Extraction, understood: Mapping[str, Any],
@@ -7109,7 +7128,7 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
     if conversation.ask_counts.get(first.name, 0) >= MAX_ASKS_PER_INPUT and not extraction.values:
         conversation.asked = [first.name]
         language = reply_language(workflow, [first.name], first, messages, {})
-        yield Piece("answer", language.writes["give_up"].format(
+        yield ("answer", language.writes["give_up"].format(
             label=first.label_in(language.code), tries=MAX_ASKS_PER_INPUT,
             line=first.name if language is ENGLISH else first.label_in(language.code)))
         return
@@ -7152,26 +7171,26 @@ def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, u
                                                    turn.text, ambiguous),
                                   check)
         for part in checked:
-            yield Piece("answer", opening + part)
+            yield ("answer", opening + part)
             opening = ""   # said once, before the question's first part
         if checked.shown:   # part of it, at least, was a checked question: the rest is left out
             if checked.why:
-                yield Piece("thinking", f"The rest of the language model's question was not used: {checked.why}.\n")
+                yield ("thinking", f"The rest of the language model's question was not used: {checked.why}.\n")
             question = ""
         elif checked.why:
             notes.append(f"The language model's question was not used: {checked.why}.")
     for note in notes:
-        yield Piece("thinking", note + " Asked the templated question instead.\n")
+        yield ("thinking", note + " Asked the templated question instead.\n")
     if question is not None:
         conversation.asked = [query.name for query in missing]
         if question:
-            yield Piece("answer", opening + question)
+            yield ("answer", opening + question)
     else:
-        yield Piece("answer", opening + question_offline(workflow, missing, understood, changed, problems, ambiguous,
-                                                         line_hint=not nothing_read, language=language))
+        yield ("answer", opening + question_offline(workflow, missing, understood, changed, problems, ambiguous,
+                                                    line_hint=not nothing_read, language=language))
         conversation.asked = [first.name]   # offline asks one at a time, so the reply can be read
     if closing:
-        yield Piece("answer", closing)
+        yield ("answer", closing)
     if not extraction.values:   # a reply that changed or gave something was an answer I could use
         for name in conversation.asked:
             conversation.ask_counts[name] = conversation.ask_counts.get(name, 0) + 1
@@ -7190,47 +7209,80 @@ def _question_stream(llm: LLMClient, budget: Optional[TurnBudget], workflow: Wor
                            temperature=0, max_tokens=QUESTION_MAX_TOKENS, retry=False))   # one attempt
 
 
-def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, str]] = None) -> Iterator[Piece]:
-    """Run the workflow: progress as thinking, then ``preface`` and the answer."""
+def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, str]] = None,
+         thinking: str = "") -> Iterator[Piece]:
+    """Run the workflow: progress as thinking, then ``preface`` and the answer. ``thinking``,
+    lines written just before, go out with the run's first line, as one piece."""
     workflow, conversation = turn.workflow, turn.conversation
     values = workflow.with_defaults(conversation.values)
     if len(values) > len(conversation.values):   # some defaults
         for name in values:
             if name not in conversation.values:   # a default
-                yield new_piece(("thinking", f"Using the default {workflow.query_inputs[name].label}: "
-                                             f"{shown_value(values[name])}.\n"))
+                thinking += f"Using the default {workflow.query_inputs[name].label}: {shown_value(values[name])}.\n"
     queries, shown = workflow.query_inputs, []
     for name, value in values.items():   # a loop: a comprehension would be one more call each turn
         shown.append(f"{queries[name].label} = {shown_value(value)}")
-    yield new_piece(("thinking", f"Running {workflow.name} with {', '.join(shown)}.\n"))
+    held = f"{thinking}Running {workflow.name} with {', '.join(shown)}.\n"   # thinking not yet out
+    # A chain's first node starts at once, and each next one as soon as the one before finishes:
+    # the line before a "started" goes out with it, one piece. Nodes side by side may wait first.
+    chain = workflow.chain is not None
+    if not chain:
+        yield ("thinking", held)
+        held = ""
     conversation.runs += 1
     written = ""   # the answer streamed so far: a stop notice after it gets a paragraph of its own
-    for event in run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
-                              metrics=turn.metrics, follow_up=follow_up):
-        what = event.what
-        if what == "answer":
-            yield new_piece(("answer", preface + event.text))
-            written, preface = (written + event.text)[-2:], ""
-        elif what == "done":
-            turn.answer = event.text
-        elif what == "started":
-            yield _started_piece(event.node_id, event.text)
-        elif what == "finished":   # every node's, so written here, as progress_line writes it, with no call
-            yield new_piece(("thinking", f"{RUN_MARKS['finished']}{event.node_id} finished in {event.seconds:.2f} s\n"))
-        else:   # a node's progress (RUN_MARKS)
-            yield new_piece(("thinking", RUN_MARKS[what] + progress_line(event) + "\n"))
-            if what == "failed":
-                yield new_piece(("answer", (paragraph_break(written) if written else preface) +
-                                 RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text)))
+    try:
+        for event in run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
+                                  metrics=turn.metrics, follow_up=follow_up):
+            what = event.what
+            if what == "answer":
+                if held:
+                    yield ("thinking", held)
+                    held = ""
+                yield ("answer", preface + event.text)
+                written, preface = (written + event.text)[-2:], ""
+            elif what == "done":
+                turn.answer = event.text
+            elif what == "started":
+                yield ("thinking", held + _started_line(event.node_id, event.text))
+                held = ""
+            elif what == "finished":   # every node's, so written here, as progress_line writes it, with no call
+                seconds = event.seconds
+                # Most nodes (templates, outputs) take under 5 ms, which shows as 0.00 s: that line is
+                # the same each time, so made once, with no float formatted (.2f rounds below 0.005 down).
+                line = _finished_at_once_line(event.node_id) if 0.0 < seconds < 0.005 else \
+                    f"{RUN_MARKS['finished']}{event.node_id} finished in {seconds:.2f} s\n"
+                if chain:   # out with what comes next, at once
+                    held += line
+                else:
+                    yield ("thinking", line)
+            else:   # a node's progress (RUN_MARKS)
+                yield ("thinking", held + RUN_MARKS[what] + progress_line(event) + "\n")
+                held = ""
+                if what == "failed":
+                    yield ("answer", (paragraph_break(written) if written else preface) +
+                           RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
+    except Exception:   # a bug in the run: what it had written still goes out, before the bug's apology
+        if held:
+            yield ("thinking", held)
+        raise
+    if held:
+        yield ("thinking", held)
 
 
 RUN_MARKS = {"started": "→ ", "finished": "✓ ", "failed": "✗ ", "note": ""}   # how the thinking block shows them
 
 
 @lru_cache(maxsize=256)   # a workflow's few nodes, started turn after turn
-def _started_piece(node_id: str, description: str) -> Piece:
+def _started_line(node_id: str, description: str) -> str:
     """A node's "started" line for the thinking block: the same each time it runs, so made once."""
-    return Piece("thinking", RUN_MARKS["started"] + progress_line(RunEvent("started", node_id, description)) + "\n")
+    return RUN_MARKS["started"] + progress_line(RunEvent("started", node_id, description)) + "\n"
+
+
+@lru_cache(maxsize=256)
+def _finished_at_once_line(node_id: str) -> str:
+    """A node's "finished" line for the thinking block when it took under 5 ms: made once."""
+    return f"{RUN_MARKS['finished']}{node_id} finished in 0.00 s\n"
 
 
 def paragraph_break(text: str) -> str:
@@ -8115,16 +8167,18 @@ def reply_fields(pieces: Iterator[Optional[Piece]], thinking: str = "tags") -> I
     for piece in pieces:
         if piece is None:   # a keep-alive
             yield None
-        elif piece.channel == "thinking":
+            continue
+        channel, text = piece
+        if channel == "thinking":
             if tags and not thinking_open:
                 yield "content", "<thinking>\n"
             thinking_open = True
-            yield ("content" if tags else "reasoning_content"), piece.text
+            yield ("content" if tags else "reasoning_content"), text
         else:
             if tags and thinking_open:
                 yield "content", "</thinking>\n\n"
             thinking_open = False
-            yield "content", piece.text
+            yield "content", text
     if tags and thinking_open:
         yield "content", "</thinking>\n\n"
 
@@ -8134,16 +8188,16 @@ def whole_reply(pieces: Iterable[Piece], thinking: str = "tags") -> Dict[str, Op
     step per piece; ``reasoning_content`` is None when no piece went there."""
     if thinking != "tags":
         texts: Dict[str, List[str]] = {"content": [], "reasoning_content": []}
-        for piece in pieces:
-            texts["reasoning_content" if piece.channel == "thinking" else "content"].append(piece.text)
+        for channel, text in pieces:
+            texts["reasoning_content" if channel == "thinking" else "content"].append(text)
         reasoning = "".join(texts["reasoning_content"]) if texts["reasoning_content"] else None
         return {"content": "".join(texts["content"]), "reasoning_content": reasoning}
     content, thinking_open = [], False
-    for piece in pieces:
-        if (piece.channel == "thinking") != thinking_open:   # the <thinking> block opens or closes
+    for channel, text in pieces:
+        if (channel == "thinking") != thinking_open:   # the <thinking> block opens or closes
             content.append("</thinking>\n\n" if thinking_open else "<thinking>\n")
             thinking_open = not thinking_open
-        content.append(piece.text)
+        content.append(text)
     if thinking_open:
         content.append("</thinking>\n\n")
     return {"content": "".join(content), "reasoning_content": None}
@@ -8582,8 +8636,8 @@ def collect_response(pieces: Iterator[Piece], request: ResponsesRequest, respons
                      prompt_tokens: int) -> str:
     """Non-streamed: the whole response object, as its JSON text (response_text)."""
     texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
-    for piece in pieces:
-        texts[piece.channel].append(piece.text)
+    for channel, text in pieces:
+        texts[channel].append(text)
     thinking, answer = "".join(texts["thinking"]), "".join(texts["answer"])
     return response_text(response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens))
 
@@ -8662,21 +8716,22 @@ def response_event_objects(pieces: Iterator[Optional[Piece]], request: Responses
         if piece is None:
             yield None
             continue
-        item_type = "reasoning" if piece.channel == "thinking" else "message"
+        channel, text = piece
+        item_type = "reasoning" if channel == "thinking" else "message"
         if item_type == "reasoning" and "message" in opened and "reasoning" in opened:
-            texts["thinking"].append(piece.text)   # the run's record after a streamed answer: in the
+            texts["thinking"].append(text)   # the run's record after a streamed answer: in the
             continue                               # completed response, its item being closed
         if item_type not in opened:
             if item_type == "message" and "reasoning" in opened:
                 yield from close_item("reasoning")
             yield from open_item(item_type)
-        texts[piece.channel].append(piece.text)
+        texts[channel].append(text)
         if item_type == "reasoning":
             yield event("response.reasoning_summary_text.delta", item_id=item[item_type]["id"],
-                        output_index=opened.index(item_type), summary_index=0, delta=piece.text)
-        elif piece.text:
+                        output_index=opened.index(item_type), summary_index=0, delta=text)
+        elif text:
             yield event("response.output_text.delta", item_id=item[item_type]["id"], output_index=opened.index(item_type),
-                        content_index=0, delta=piece.text)
+                        content_index=0, delta=text)
     if "reasoning" in opened and "message" not in opened:
         yield from close_item("reasoning")
     if "message" not in opened:

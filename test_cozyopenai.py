@@ -916,6 +916,14 @@ def test_runner_reports_each_node_in_dependency_order_then_the_answer():
     assert events[-1].text == "You said hi."
 
 
+def test_a_node_quicker_than_5_ms_has_the_finished_line_progress_line_writes():
+    # _run writes that line made once, with no float formatted: it must be the formatted one.
+    import math
+    for seconds in (1e-9, 0.001, 0.00499, math.nextafter(0.005, 0)):
+        event = cozyopenai.RunEvent("finished", "say", "", seconds)
+        assert cozyopenai._finished_at_once_line("say") == "✓ " + cozyopenai.progress_line(event) + "\n"
+
+
 def test_independent_nodes_run_at_the_same_time():
     together = threading.Barrier(2, timeout=5)   # breaks unless both nodes are inside at once
 
