@@ -207,6 +207,21 @@ def json_text(value: Any) -> str:
 # A string as json_text writes it, without the encoder's set-up (a call per streamed piece).
 json_string = json.encoder.encode_basestring
 
+# The scanner of json.loads' decoder, made once, and the white space it skips around a document.
+_JSON_SCAN, _JSON_SPACE = json.JSONDecoder().scan_once, json.decoder.WHITESPACE.match
+
+
+def json_document(text: str) -> Any:
+    """json.loads(text) for a str, as JSONDecoder.decode reads it, without the three Python
+    calls (loads, decode, raw_decode) around the scanner: ValueError when it is no JSON."""
+    try:
+        value, end = _JSON_SCAN(text, _JSON_SPACE(text, 0).end())
+    except StopIteration:   # no value where one starts
+        raise ValueError("Expecting value") from None
+    if _JSON_SPACE(text, end).end() != len(text):
+        raise ValueError("Extra data")
+    return value
+
 
 ####################################################################################
 # Errors
@@ -7981,7 +7996,7 @@ def _json_body(body: bytes, content_type: str) -> dict:
         raise UnsupportedMediaTypeError(f"Send the body as JSON with 'Content-Type: application/json', "
                                         f"not {media_type!r}.")
     try:
-        data = json.loads(body.decode("utf-8"))
+        data = json_document(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise RequestError("The request body is not valid JSON.") from None
     except RecursionError:   # a thousand nested brackets: refused, not a 500
