@@ -8030,7 +8030,9 @@ def _model_of(data: Mapping[str, Any]) -> str:
 def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
     """Validate a chat-completions body; unknown fields are ignored, as OpenAI clients send many."""
     data = _json_body(body, content_type)
-    model = _model_of(data)
+    model = data.get("model")
+    if model.__class__ is not str or not model:   # a name, most often: the checks and their errors for the others
+        model = _model_of(data)
     raw_messages = data.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise RequestError("'messages' must be a non-empty array of {role, content} objects, not "
@@ -8045,7 +8047,9 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
         characters += len(parsed["content"])
     if not has_user:
         raise RequestError("'messages' needs at least one message with role 'user'.", param="messages")
-    stream = bool(_field_of(data, "stream", bool))
+    stream = data.get("stream", False)
+    if stream.__class__ is not bool:   # null is False; anything else a 400 that names its type
+        stream = bool(_field_of(data, "stream", bool))
     choices = data.get("n", 1)
     if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int) or choices != 1):
         raise RequestError("'n' must be 1: a workflow gives one answer per turn.", param="n")
@@ -10344,8 +10348,12 @@ def check_framing(environ: Mapping[str, Any]) -> None:
                            code="invalid_transfer_encoding")
     # Each field as "Name: value\r\n"; the HTTP_ keys picked by comparing, which takes no call
     # and no new string per key of the environ (its server's and Bottle's are most of them).
-    size = sum([len(key) - 5 + len(value) + 4 for key, value in environ.items()
-                if "HTTP_" <= key < "HTTP`" and isinstance(value, str)])
+    # A loop, not a comprehension (one more function call); "HTTP`" compared first, which
+    # most keys are past (wsgi.*, bottle.*, REQUEST_*, SERVER_*): one comparison for them.
+    size = 0
+    for key, value in environ.items():
+        if key < "HTTP`" and key >= "HTTP_" and isinstance(value, str):
+            size += len(key) - 5 + len(value) + 4
     if size > MAX_HEADER_BYTES:
         raise HeadersTooLargeError(f"The request's header fields are over the limit of {MAX_HEADER_BYTES} bytes.")
 
@@ -10356,7 +10364,10 @@ def _guard_the_edge(service: Service, origins: Sequence[str]) -> None:
     a browser's Origin on anything that changes state. A CORS preflight carries no key: with
     origins allowed, OPTIONS passes."""
     environ = bottle.request.environ
-    method, path = environ[REQUEST_LINE_ENVIRON_KEY] = request_line_of(environ)   # the route's log line reads it
+    # The request's method and path, as bottle.request gives them, read from the environ at
+    # once (each bottle.request attribute is a thread-local look-up); the route's log line reads them.
+    method, path = environ[REQUEST_LINE_ENVIRON_KEY] = (environ.get("REQUEST_METHOD", "GET").upper(),
+                                                        "/" + environ.get("PATH_INFO", "").lstrip("/"))
     try:
         check_framing(environ)
         if service.api_keys and is_keyed_path(path) and not (origins and method == "OPTIONS"):
@@ -10366,12 +10377,6 @@ def _guard_the_edge(service: Service, origins: Sequence[str]) -> None:
     except CozyError as exc:
         _log_line(method, path, exc.status, {}, time.monotonic())
         raise bottle.HTTPResponse(edge_error_body(path, exc), exc.status, {"Content-Type": "application/json"})
-
-
-def request_line_of(environ: Mapping[str, Any]) -> Tuple[str, str]:
-    """The request's method and path, as bottle.request gives them, read from the environ at
-    once (each bottle.request attribute is a thread-local look-up)."""
-    return environ.get("REQUEST_METHOD", "GET").upper(), "/" + environ.get("PATH_INFO", "").lstrip("/")
 
 
 def _log_requests_under_a_wsgi_server(level: str) -> None:
