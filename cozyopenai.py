@@ -8193,14 +8193,13 @@ def completion_text(texts: Mapping[str, Optional[str]], request: ChatRequest, pr
     edge. Only its strings from outside need json_string; the test that it is json_text's, to
     the byte, whatever the texts, is test_a_whole_reply_is_the_json_of_its_completion_object."""
     content, reasoning = texts["content"], texts["reasoning_content"]
-    characters = len(content) if reasoning is None else len(content) + len(reasoning)
-    usage = _usage(prompt_tokens, characters)
+    completion_tokens = tokens_of_chars(len(content) if reasoning is None else len(content) + len(reasoning))
     reasoning_item = "" if reasoning is None else f', "reasoning_content": {json_string(reasoning)}'
     return (f'{{"id": "{new_completion_id()}", "object": "chat.completion", "created": {int(time.time())}, '   # hex
             f'"model": {json_string(request.model)}, "system_fingerprint": null, "choices": [{{"index": 0, '
             f'"message": {{"role": "assistant", "content": {json_string(content)}, "refusal": null{reasoning_item}}}, '
-            f'"logprobs": null, "finish_reason": "stop"}}], "usage": {{"prompt_tokens": {usage["prompt_tokens"]}, '
-            f'"completion_tokens": {usage["completion_tokens"]}, "total_tokens": {usage["total_tokens"]}}}}}')
+            f'"logprobs": null, "finish_reason": "stop"}}], "usage": {{"prompt_tokens": {prompt_tokens}, '   # as _usage
+            f'"completion_tokens": {completion_tokens}, "total_tokens": {prompt_tokens + completion_tokens}}}}}')
 
 
 def _usage(prompt_tokens: int, completion_chars: int) -> dict:
@@ -8693,7 +8692,7 @@ def create_response(service: Service, runs: Optional["BackgroundRuns"] = None) -
     """POST /openai/responses: one turn, streamed as semantic events or answered whole; with
     ``background``, run on without the client (see BackgroundRun)."""
     environ = bottle.request.environ
-    request = parse_responses_request(read_body(environ), bottle.request.content_type,
+    request = parse_responses_request(read_body(environ), environ.get("CONTENT_TYPE", ""),   # _json_body lowers it
                                       lambda item_id: find_item(service, item_id))
     turn_request = response_turn_request(request)
     if request.background:
