@@ -8278,6 +8278,11 @@ class ResponsesRequest(NamedTuple):   # one per request: a tuple is quicker to m
     background: bool = False
 
 
+# Made as the plain tuple it is, every field given in order: ResponsesRequest(...) would be a
+# Python call (the NamedTuple's constructor), with keywords. The same ResponsesRequest.
+new_responses_request = partial(tuple.__new__, ResponsesRequest)
+
+
 RESPONSES_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "developer"}
 INPUT_TEXT_PARTS = ("input_text", "output_text", "text")
 # An item id names its conversation, so a reference is found with one load: "msg_" or "rs_",
@@ -8346,7 +8351,9 @@ def parse_responses_request(body: bytes, content_type: str = "",
     server does not honour is a 400 that names it, as is one OpenAI's API does not have."""
     data = _json_body(body, content_type)
     _refuse_what_is_not_honoured(data)
-    model = _model_of(data)
+    model = data.get("model")
+    if model.__class__ is not str or not model:   # a name, most often: the checks and their errors for the others
+        model = _model_of(data)
     for name, expected in RESPONSES_TYPED_FIELDS:
         if name in data:   # one left out is None: nothing to check, no call
             _field_of(data, name, expected)
@@ -8381,12 +8388,13 @@ def parse_responses_request(body: bytes, content_type: str = "",
     truncation = data.get("truncation") or "disabled"
     if truncation not in ("auto", "disabled"):
         raise RequestError("'truncation' must be 'auto' or 'disabled'.", param="truncation")
-    return ResponsesRequest(model=model, messages=messages, stream=bool(data.get("stream")),
-                            store=data.get("store") is not False,
-                            previous_response_id=data.get("previous_response_id") or "",
-                            metadata=metadata, instructions=data.get("instructions"),
-                            conversation=conversation or "", items=tuple(items), hints=tuple(dict.fromkeys(hints)),
-                            truncation=truncation, background=bool(data.get("background")))
+    return new_responses_request((model, messages, bool(data.get("stream")),   # model, messages, stream,
+                                  data.get("store") is not False,              # store,
+                                  data.get("previous_response_id") or "",      # previous_response_id,
+                                  metadata, data.get("instructions"),          # metadata, instructions,
+                                  conversation or "", tuple(items),            # conversation, items,
+                                  tuple(dict.fromkeys(hints)),                 # hints,
+                                  truncation, bool(data.get("background"))))   # truncation, background
 
 
 def _refuse_what_is_not_honoured(data: Mapping[str, Any]) -> None:
