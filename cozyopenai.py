@@ -208,6 +208,21 @@ def json_text(value: Any) -> str:
 # A string as json_text writes it, without the encoder's set-up (a call per streamed piece).
 json_string = json.encoder.encode_basestring
 
+# The scanner of json.loads' decoder, made once, and the white space it skips around a document.
+_JSON_SCAN, _JSON_SPACE = json.JSONDecoder().scan_once, json.decoder.WHITESPACE.match
+
+
+def json_document(text: str) -> Any:
+    """json.loads(text) for a str, as JSONDecoder.decode reads it, without the three Python
+    calls (loads, decode, raw_decode) around the scanner: ValueError when it is no JSON."""
+    try:
+        value, end = _JSON_SCAN(text, _JSON_SPACE(text, 0).end())
+    except StopIteration:   # no value where one starts
+        raise ValueError("Expecting value") from None
+    if _JSON_SPACE(text, end).end() != len(text):
+        raise ValueError("Extra data")
+    return value
+
 
 ####################################################################################
 # Errors
@@ -8058,7 +8073,7 @@ def _json_body(body: bytes, content_type: str) -> dict:
         raise UnsupportedMediaTypeError(f"Send the body as JSON with 'Content-Type: application/json', "
                                         f"not {media_type!r}.")
     try:
-        data = json.loads(body.decode("utf-8"))
+        data = json_document(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise RequestError("The request body is not valid JSON.") from None
     except RecursionError:   # a thousand nested brackets: refused, not a 500
@@ -8092,7 +8107,9 @@ def _model_of(data: Mapping[str, Any]) -> str:
 def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
     """Validate a chat-completions body; unknown fields are ignored, as OpenAI clients send many."""
     data = _json_body(body, content_type)
-    model = _model_of(data)
+    model = data.get("model")
+    if model.__class__ is not str or not model:   # a name, most often: the checks and their errors for the others
+        model = _model_of(data)
     raw_messages = data.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise RequestError("'messages' must be a non-empty array of {role, content} objects, not "
@@ -8107,7 +8124,9 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
         characters += len(parsed["content"])
     if not has_user:
         raise RequestError("'messages' needs at least one message with role 'user'.", param="messages")
-    stream = bool(_field_of(data, "stream", bool))
+    stream = data.get("stream", False)
+    if stream.__class__ is not bool:   # null is False; anything else a 400 that names its type
+        stream = bool(_field_of(data, "stream", bool))
     choices = data.get("n", 1)
     if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int) or choices != 1):
         raise RequestError("'n' must be 1: a workflow gives one answer per turn.", param="n")
@@ -8253,14 +8272,13 @@ def completion_text(texts: Mapping[str, Optional[str]], request: ChatRequest, pr
     edge. Only its strings from outside need json_string; the test that it is json_text's, to
     the byte, whatever the texts, is test_a_whole_reply_is_the_json_of_its_completion_object."""
     content, reasoning = texts["content"], texts["reasoning_content"]
-    characters = len(content) if reasoning is None else len(content) + len(reasoning)
-    usage = _usage(prompt_tokens, characters)
+    completion_tokens = tokens_of_chars(len(content) if reasoning is None else len(content) + len(reasoning))
     reasoning_item = "" if reasoning is None else f', "reasoning_content": {json_string(reasoning)}'
     return (f'{{"id": "{new_completion_id()}", "object": "chat.completion", "created": {int(time.time())}, '   # hex
             f'"model": {json_string(request.model)}, "system_fingerprint": null, "choices": [{{"index": 0, '
             f'"message": {{"role": "assistant", "content": {json_string(content)}, "refusal": null{reasoning_item}}}, '
-            f'"logprobs": null, "finish_reason": "stop"}}], "usage": {{"prompt_tokens": {usage["prompt_tokens"]}, '
-            f'"completion_tokens": {usage["completion_tokens"]}, "total_tokens": {usage["total_tokens"]}}}}}')
+            f'"logprobs": null, "finish_reason": "stop"}}], "usage": {{"prompt_tokens": {prompt_tokens}, '   # as _usage
+            f'"completion_tokens": {completion_tokens}, "total_tokens": {prompt_tokens + completion_tokens}}}}}')
 
 
 def _usage(prompt_tokens: int, completion_chars: int) -> dict:
@@ -8339,6 +8357,11 @@ class ResponsesRequest(NamedTuple):   # one per request: a tuple is quicker to m
     background: bool = False
 
 
+# Made as the plain tuple it is, every field given in order: ResponsesRequest(...) would be a
+# Python call (the NamedTuple's constructor), with keywords. The same ResponsesRequest.
+new_responses_request = partial(tuple.__new__, ResponsesRequest)
+
+
 RESPONSES_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "developer"}
 INPUT_TEXT_PARTS = ("input_text", "output_text", "text")
 # An item id names its conversation, so a reference is found with one load: "msg_" or "rs_",
@@ -8407,7 +8430,9 @@ def parse_responses_request(body: bytes, content_type: str = "",
     server does not honour is a 400 that names it, as is one OpenAI's API does not have."""
     data = _json_body(body, content_type)
     _refuse_what_is_not_honoured(data)
-    model = _model_of(data)
+    model = data.get("model")
+    if model.__class__ is not str or not model:   # a name, most often: the checks and their errors for the others
+        model = _model_of(data)
     for name, expected in RESPONSES_TYPED_FIELDS:
         if name in data:   # one left out is None: nothing to check, no call
             _field_of(data, name, expected)
@@ -8442,12 +8467,13 @@ def parse_responses_request(body: bytes, content_type: str = "",
     truncation = data.get("truncation") or "disabled"
     if truncation not in ("auto", "disabled"):
         raise RequestError("'truncation' must be 'auto' or 'disabled'.", param="truncation")
-    return ResponsesRequest(model=model, messages=messages, stream=bool(data.get("stream")),
-                            store=data.get("store") is not False,
-                            previous_response_id=data.get("previous_response_id") or "",
-                            metadata=metadata, instructions=data.get("instructions"),
-                            conversation=conversation or "", items=tuple(items), hints=tuple(dict.fromkeys(hints)),
-                            truncation=truncation, background=bool(data.get("background")))
+    return new_responses_request((model, messages, bool(data.get("stream")),   # model, messages, stream,
+                                  data.get("store") is not False,              # store,
+                                  data.get("previous_response_id") or "",      # previous_response_id,
+                                  metadata, data.get("instructions"),          # metadata, instructions,
+                                  conversation or "", tuple(items),            # conversation, items,
+                                  tuple(dict.fromkeys(hints)),                 # hints,
+                                  truncation, bool(data.get("background"))))   # truncation, background
 
 
 def _refuse_what_is_not_honoured(data: Mapping[str, Any]) -> None:
@@ -8754,7 +8780,7 @@ def create_response(service: Service, runs: Optional["BackgroundRuns"] = None) -
     """POST /openai/responses: one turn, streamed as semantic events or answered whole; with
     ``background``, run on without the client (see BackgroundRun)."""
     environ = bottle.request.environ
-    request = parse_responses_request(read_body(environ), bottle.request.content_type,
+    request = parse_responses_request(read_body(environ), environ.get("CONTENT_TYPE", ""),   # _json_body lowers it
                                       lambda item_id: find_item(service, item_id))
     turn_request = response_turn_request(request)
     if request.background:
@@ -10409,8 +10435,12 @@ def check_framing(environ: Mapping[str, Any]) -> None:
                            code="invalid_transfer_encoding")
     # Each field as "Name: value\r\n"; the HTTP_ keys picked by comparing, which takes no call
     # and no new string per key of the environ (its server's and Bottle's are most of them).
-    size = sum([len(key) - 5 + len(value) + 4 for key, value in environ.items()
-                if "HTTP_" <= key < "HTTP`" and isinstance(value, str)])
+    # A loop, not a comprehension (one more function call); "HTTP`" compared first, which
+    # most keys are past (wsgi.*, bottle.*, REQUEST_*, SERVER_*): one comparison for them.
+    size = 0
+    for key, value in environ.items():
+        if key < "HTTP`" and key >= "HTTP_" and isinstance(value, str):
+            size += len(key) - 5 + len(value) + 4
     if size > MAX_HEADER_BYTES:
         raise HeadersTooLargeError(f"The request's header fields are over the limit of {MAX_HEADER_BYTES} bytes.")
 
@@ -10421,7 +10451,10 @@ def _guard_the_edge(service: Service, origins: Sequence[str]) -> None:
     a browser's Origin on anything that changes state. A CORS preflight carries no key: with
     origins allowed, OPTIONS passes."""
     environ = bottle.request.environ
-    method, path = environ[REQUEST_LINE_ENVIRON_KEY] = request_line_of(environ)   # the route's log line reads it
+    # The request's method and path, as bottle.request gives them, read from the environ at
+    # once (each bottle.request attribute is a thread-local look-up); the route's log line reads them.
+    method, path = environ[REQUEST_LINE_ENVIRON_KEY] = (environ.get("REQUEST_METHOD", "GET").upper(),
+                                                        "/" + environ.get("PATH_INFO", "").lstrip("/"))
     try:
         check_framing(environ)
         if service.api_keys and is_keyed_path(path) and not (origins and method == "OPTIONS"):
@@ -10431,12 +10464,6 @@ def _guard_the_edge(service: Service, origins: Sequence[str]) -> None:
     except CozyError as exc:
         _log_line(method, path, exc.status, {}, time.monotonic())
         raise bottle.HTTPResponse(edge_error_body(path, exc), exc.status, {"Content-Type": "application/json"})
-
-
-def request_line_of(environ: Mapping[str, Any]) -> Tuple[str, str]:
-    """The request's method and path, as bottle.request gives them, read from the environ at
-    once (each bottle.request attribute is a thread-local look-up)."""
-    return environ.get("REQUEST_METHOD", "GET").upper(), "/" + environ.get("PATH_INFO", "").lstrip("/")
 
 
 def _log_requests_under_a_wsgi_server(level: str) -> None:
