@@ -2032,10 +2032,12 @@ class Conversation:
     STATE_FIELDS = ("values", "asked", "ask_counts", "runs", "result")
 
     def to_record(self) -> dict:
-        return {"version": RECORD_VERSION, "id": self.id, "model": self.model, "turns": self.turns,
-                "created": self.created, "updated": self.updated, "snapshots": self.snapshots,
-                "results": self.results, "responses": self.responses, "answered": self.answered,
-                **({"api": self.api} if self.api is not None else {})}
+        record = {"version": RECORD_VERSION, "id": self.id, "model": self.model, "turns": self.turns,
+                  "created": self.created, "updated": self.updated, "snapshots": self.snapshots,
+                  "results": self.results, "responses": self.responses, "answered": self.answered}
+        if self.api is not None:   # set, not merged in: most records have none, and a merge builds two dicts
+            record["api"] = self.api
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "Conversation":
@@ -2326,7 +2328,7 @@ class _KeyedLocks:
         self._guard = threading.Lock()
 
     def __call__(self, key: str) -> "contextlib.AbstractContextManager[None]":
-        return _Holding(self._entries, self._guard, key)
+        return _Holding(self, key)
 
 
 class _Holding:
@@ -2337,8 +2339,8 @@ class _Holding:
 
     __slots__ = ("_entries", "_guard", "_key", "_entry")
 
-    def __init__(self, entries: Dict[str, List[Any]], guard: "threading.Lock", key: str) -> None:
-        self._entries, self._guard, self._key = entries, guard, key
+    def __init__(self, locks: _KeyedLocks, key: str) -> None:
+        self._entries, self._guard, self._key = locks._entries, locks._guard, key
 
     def __enter__(self) -> None:
         guard = self._guard
@@ -2358,8 +2360,15 @@ class _Holding:
             raise
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._entry[0].release()
-        self._drop()
+        guard, entry = self._guard, self._entry
+        entry[0].release()
+        guard.acquire()   # _drop's work, written out: a call fewer on every turn
+        try:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._entries[self._key]
+        finally:
+            guard.release()
 
     def _drop(self) -> None:
         guard, entry = self._guard, self._entry
@@ -2438,7 +2447,7 @@ class MemoryStore(Store):
         self._locks = _KeyedLocks()
 
     def lock(self, conversation_id: str) -> "contextlib.AbstractContextManager[None]":
-        return self._locks(conversation_id)
+        return _Holding(self._locks, conversation_id)   # not through _KeyedLocks.__call__: a call fewer a turn
 
     def load(self, conversation_id: str) -> Optional[dict]:
         with self._guard:
@@ -7353,10 +7362,8 @@ class HeldLock:
     room for one lock (its layers of callbacks cost every turn several calls). Exiting
     releases it, with the exception that ended the block, as ExitStack would."""
 
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock: Optional["contextlib.AbstractContextManager[Any]"] = None
+    # A class default, not an __init__: one is made every turn, and a call would cost more than the object.
+    _lock: Optional["contextlib.AbstractContextManager[Any]"] = None
 
     def enter_context(self, lock: "contextlib.AbstractContextManager[Any]") -> None:
         """Take ``lock`` and hold it; only one at a time (release the last first)."""
@@ -7395,6 +7402,7 @@ class Turn:
         self._written: Dict[str, List[str]] = {"thinking": [], "answer": []}
         self._playing: Optional[Iterator[Any]] = None   # the pieces being read, closed in close()
         self._game: Optional[Iterator[Piece]] = None      # play_turn, closed in close() after them
+        self._block = ""                        # the identifier block _id_block wrote, if it did
         self._context: Optional[TurnContext] = None
         self._closed = False
         self._digest = ""                       # request_digest, for a twin sent while this one runs
@@ -7429,7 +7437,9 @@ class Turn:
                 conversation, recovered = resume_by_id_block(service, workflow, messages, held,
                                                              request.conversation_hints)
             history, text = split_new_messages(messages)
-            branch, again = ("", []) if recovered else branch_of(conversation, messages, self._arrived)
+            # No snapshot (a new conversation): its state is the empty one already, as branch_of would say.
+            branch, again = ("", []) if recovered or not conversation.snapshots else \
+                branch_of(conversation, messages, self._arrived)
         self.conversation = conversation
         self.trace["conversation"] = conversation.id[:6]
         if request.store_response:
@@ -7492,8 +7502,9 @@ class Turn:
         """The first reply's last piece, kept with the answer for the save: the id block."""
         assert self.conversation is not None
         if self.conversation.is_new and self.request.id_block and not self.request.chat_key:
-            self._written["answer"].append(id_block(self.conversation.id))
-            yield new_piece(("answer", self._written["answer"][-1]))
+            self._block = id_block(self.conversation.id)
+            self._written["answer"].append(self._block)
+            yield new_piece(("answer", self._block))
 
     def close(self) -> None:
         """Stop what still runs, save what the turn did, and unlock. Safe to call again."""
@@ -7518,10 +7529,10 @@ class Turn:
         # The thinking is kept only with a stored response or a request's answer (for its twin).
         kept = request.response_id or request.saving is not None or self._digest
         thinking = workflow.redact("".join(self._written["thinking"])) if kept else ""
-        # Only a new conversation's reply ends with its identifier block (see _id_block).
-        block = id_block(conversation.id) if conversation.is_new else ""
+        # Only a new conversation's reply ends with its identifier block, if _id_block wrote it (a
+        # reply that does not end with it is cleaned as clean_reply would, so none is looked for).
         key = conversation.remember(answer, users_digest(request.messages), self._context.answer,
-                                    self.service.new_conversation_id.snapshot_id(), block)
+                                    self.service.new_conversation_id.snapshot_id(), self._block)
         if request.response_id:
             conversation.keep_response(request.response_id, key, thinking, answer, request.response_extra)
         if request.saving is not None:
@@ -7660,8 +7671,10 @@ def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[
         if record is not None and record.get("model") == workflow.name:
             return Conversation.from_record(record), False
         return Conversation(id=ids[0], model=workflow.name), True
-    first_turn = not any(message["role"] == "assistant" for message in messages)
-    return _new_conversation(service, workflow, held), not first_turn
+    for message in messages:   # a loop, not any() over a generator: every new chat's first turn comes here
+        if message["role"] == "assistant":   # replies, and no id of ours: recovered from the history
+            return _new_conversation(service, workflow, held), True
+    return _new_conversation(service, workflow, held), False
 
 
 def _new_conversation(service: Service, workflow: Workflow, held: HeldLock) -> Conversation:
