@@ -9996,8 +9996,10 @@ class Metrics:
     def __init__(self) -> None:
         self._values: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}
         self._lock = threading.Lock()
-        self._turn_series: Dict[str, Tuple[Any, Any, Any]] = {}   # model -> the keys count_turn adds to
-        self._run_series: Dict[Tuple[str, str], Any] = {}   # (model, outcome) -> the key count_run adds to
+        # Every turn counts these: their totals are kept in lists, by model (and outcome), and are
+        # merged with _values only by render; a key of nested tuples is hashed again at each look-up.
+        self._turn_series: Dict[str, List[float]] = {}   # model -> [turns, their seconds] (count_turn)
+        self._run_series: Dict[Tuple[str, str], List[float]] = {}   # (model, outcome) -> [runs] (count_run)
 
     def add(self, name: str, amount: float = 1.0, **labels: str) -> None:
         key = (name, self._labelled(labels) if labels else ())   # a gauge's (open streams): no call
@@ -10008,29 +10010,23 @@ class Metrics:
         self._add_together(self._observed(name, seconds, self._labelled(labels)))
 
     def count_turn(self, model: str, seconds: float) -> None:
-        """A turn answered: turns_total and turn_seconds under one hold of the lock (every
-        turn counts both, so their keys are made once per model, not with keyword labels)."""
-        series = self._turn_series.get(model)
-        if series is None:
-            labelled = (("model", model),)
-            (summed, _), (counted, _) = self._observed("turn_seconds", 0.0, labelled)
-            series = self._turn_series[model] = (("turns_total", labelled), summed, counted)
-        turns, summed, counted = series
-        with self._lock:   # added here, not by _add_together: a call and a tuple of pairs fewer a turn
-            values = self._values
-            values[turns] = values.get(turns, 0.0) + 1
-            values[summed] = values.get(summed, 0.0) + seconds
-            values[counted] = values.get(counted, 0.0) + 1
+        """A turn answered: turns_total and turn_seconds under one hold of the lock, added to
+        the model's totals (render makes them the series)."""
+        totals = self._turn_series.get(model)
+        if totals is None:   # setdefault: two threads' first turns share one list
+            totals = self._turn_series.setdefault(model, [0.0, 0.0])
+        with self._lock:   # turns_total and turn_seconds_count are the same count
+            totals[0] += 1
+            totals[1] += seconds
 
     def count_run(self, model: str, outcome: str) -> None:
-        """A workflow run ended: runs_total, its key made once per model and outcome (every
-        turn that runs its workflow counts one, and keyword labels are sorted at each call)."""
-        key = self._run_series.get((model, outcome))
-        if key is None:
-            key = self._run_series[(model, outcome)] = ("runs_total", self._labelled({"model": model,
-                                                                                    "outcome": outcome}))
+        """A workflow run ended: runs_total, added to the total of its model and outcome (every
+        turn that runs its workflow counts one; render makes the series)."""
+        totals = self._run_series.get((model, outcome))
+        if totals is None:
+            totals = self._run_series.setdefault((model, outcome), [0.0])
         with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + 1
+            totals[0] += 1
 
     @staticmethod
     def _observed(name: str, seconds: float, labelled: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[Any, float], ...]:
@@ -10050,6 +10046,19 @@ class Metrics:
     def render(self, gauges: Mapping[str, float]) -> str:
         with self._lock:
             values = dict(self._values)
+            turns = [(model, *totals) for model, totals in self._turn_series.items()]
+            runs = [(model, outcome, totals[0]) for (model, outcome), totals in self._run_series.items()]
+        # count_turn's and count_run's totals as the series they are; one made but not yet counted is none yet.
+        amounts = []
+        for model, count, seconds in turns:
+            if count:
+                labelled = (("model", model),)
+                amounts += [(("turns_total", labelled), count), (("turn_seconds_sum", labelled), seconds),
+                            (("turn_seconds_count", labelled), count)]
+        amounts += [(("runs_total", self._labelled({"model": model, "outcome": outcome})), count)
+                    for model, outcome, count in runs if count]
+        for key, amount in amounts:
+            values[key] = values.get(key, 0.0) + amount
         values.update({(name, ()): value for name, value in gauges.items()})
         lines = []
         for name, (metric_type, text) in self.SERIES.items():
