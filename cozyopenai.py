@@ -2246,6 +2246,8 @@ def users_digest(messages: Sequence[dict]) -> Tuple[str, str]:
     """The digests of the user turns of ``messages``, with and without the last, as
     replies_in computes them for a reply that follows them."""
     digests = list(map(text_digest, user_turns(messages)))   # each turn's once, for both
+    if len(digests) == 1:   # a chat's first turn: digest_of_digests of one, without its call and join
+        return hashlib.sha256(digests[0].encode()).hexdigest()[:16], NO_TEXT_DIGEST
     before = digests[:-1]   # none on a chat's first turn: the digest of no text, worked out once
     return digest_of_digests(digests), digest_of_digests(before) if before else NO_TEXT_DIGEST
 
@@ -7340,7 +7342,8 @@ class Service:
         workflow = self.workflow(request.model)
         trace = {} if trace is None else trace
         trace["model"] = workflow.name
-        self._expire_now_and_then()
+        if time.monotonic() >= self._next_expiry:   # tested here: most turns make no call for it
+            self._expire_now_and_then()
         turn = Turn(self, workflow, request, stop or StopSignal(), trace)
         try:
             turn.open()
