@@ -7339,7 +7339,9 @@ class Service:
         """A turn, opened: its conversation locked and loaded. Errors found before any piece (an
         unknown model, a store that is down, an unknown previous response) are raised here,
         so that they are answered as errors before a reply starts. Close what this returns."""
-        workflow = self.workflow(request.model)
+        workflow = self.workflows.get(request.model)
+        if workflow is None:   # self.workflow's error; the look-up is made here, without its call
+            workflow = self.workflow(request.model)
         trace = {} if trace is None else trace
         trace["model"] = workflow.name
         if time.monotonic() >= self._next_expiry:   # tested here: most turns make no call for it
@@ -7655,7 +7657,12 @@ def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[
     conversations the ids of the history's replies name), locked for this turn, and whether it
     must be recovered from the whole history (an id this store does not know)."""
     store = service.store
-    ids = find_conversation_ids(messages)
+    replied = False   # a loop, not any() over a generator: every new chat's first turn comes here
+    for message in messages:
+        if message["role"] == "assistant":
+            replied = True
+            break
+    ids = find_conversation_ids(messages) if replied else []   # ids are only looked for in replies
     if hints:   # Responses only: most turns have none, and an empty comprehension is still a call
         ids += [hint for hint in hints if hint not in ids and is_conversation_id(hint)]
     switched = False
@@ -7674,10 +7681,7 @@ def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[
         if record is not None and record.get("model") == workflow.name:
             return Conversation.from_record(record), False
         return Conversation(id=ids[0], model=workflow.name), True
-    for message in messages:   # a loop, not any() over a generator: every new chat's first turn comes here
-        if message["role"] == "assistant":   # replies, and no id of ours: recovered from the history
-            return _new_conversation(service, workflow, held), True
-    return _new_conversation(service, workflow, held), False
+    return _new_conversation(service, workflow, held), replied   # replies, and no id of ours: recovered
 
 
 def _new_conversation(service: Service, workflow: Workflow, held: HeldLock) -> Conversation:
