@@ -2054,10 +2054,12 @@ class Conversation:
     STATE_FIELDS = ("values", "asked", "ask_counts", "runs", "result")
 
     def to_record(self) -> dict:
-        return {"version": RECORD_VERSION, "id": self.id, "model": self.model, "turns": self.turns,
-                "created": self.created, "updated": self.updated, "snapshots": self.snapshots,
-                "results": self.results, "responses": self.responses, "answered": self.answered,
-                **({"api": self.api} if self.api is not None else {})}
+        record = {"version": RECORD_VERSION, "id": self.id, "model": self.model, "turns": self.turns,
+                  "created": self.created, "updated": self.updated, "snapshots": self.snapshots,
+                  "results": self.results, "responses": self.responses, "answered": self.answered}
+        if self.api is not None:   # set, not merged in: most records have none, and a merge builds two dicts
+            record["api"] = self.api
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "Conversation":
@@ -2266,6 +2268,8 @@ def users_digest(messages: Sequence[dict]) -> Tuple[str, str]:
     """The digests of the user turns of ``messages``, with and without the last, as
     replies_in computes them for a reply that follows them."""
     digests = list(map(text_digest, user_turns(messages)))   # each turn's once, for both
+    if len(digests) == 1:   # a chat's first turn: digest_of_digests of one, without its call and join
+        return hashlib.sha256(digests[0].encode()).hexdigest()[:16], NO_TEXT_DIGEST
     before = digests[:-1]   # none on a chat's first turn: the digest of no text, worked out once
     return digest_of_digests(digests), digest_of_digests(before) if before else NO_TEXT_DIGEST
 
@@ -2348,7 +2352,7 @@ class _KeyedLocks:
         self._guard = threading.Lock()
 
     def __call__(self, key: str) -> "contextlib.AbstractContextManager[None]":
-        return _Holding(self._entries, self._guard, key)
+        return _Holding(self, key)
 
 
 class _Holding:
@@ -2359,8 +2363,8 @@ class _Holding:
 
     __slots__ = ("_entries", "_guard", "_key", "_entry")
 
-    def __init__(self, entries: Dict[str, List[Any]], guard: "threading.Lock", key: str) -> None:
-        self._entries, self._guard, self._key = entries, guard, key
+    def __init__(self, locks: _KeyedLocks, key: str) -> None:
+        self._entries, self._guard, self._key = locks._entries, locks._guard, key
 
     def __enter__(self) -> None:
         guard = self._guard
@@ -2380,8 +2384,15 @@ class _Holding:
             raise
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._entry[0].release()
-        self._drop()
+        guard, entry = self._guard, self._entry
+        entry[0].release()
+        guard.acquire()   # _drop's work, written out: a call fewer on every turn
+        try:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._entries[self._key]
+        finally:
+            guard.release()
 
     def _drop(self) -> None:
         guard, entry = self._guard, self._entry
@@ -2460,7 +2471,7 @@ class MemoryStore(Store):
         self._locks = _KeyedLocks()
 
     def lock(self, conversation_id: str) -> "contextlib.AbstractContextManager[None]":
-        return self._locks(conversation_id)
+        return _Holding(self._locks, conversation_id)   # not through _KeyedLocks.__call__: a call fewer a turn
 
     def load(self, conversation_id: str) -> Optional[dict]:
         with self._guard:
@@ -7396,10 +7407,13 @@ class Service:
         """A turn, opened: its conversation locked and loaded. Errors found before any piece (an
         unknown model, a store that is down, an unknown previous response) are raised here,
         so that they are answered as errors before a reply starts. Close what this returns."""
-        workflow = self.workflow(request.model)
+        workflow = self.workflows.get(request.model)
+        if workflow is None:   # self.workflow's error; the look-up is made here, without its call
+            workflow = self.workflow(request.model)
         trace = {} if trace is None else trace
         trace["model"] = workflow.name
-        self._expire_now_and_then()
+        if time.monotonic() >= self._next_expiry:   # tested here: most turns make no call for it
+            self._expire_now_and_then()
         turn = Turn(self, workflow, request, stop or StopSignal(), trace)
         try:
             turn.open()
@@ -7421,10 +7435,8 @@ class HeldLock:
     room for one lock (its layers of callbacks cost every turn several calls). Exiting
     releases it, with the exception that ended the block, as ExitStack would."""
 
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock: Optional["contextlib.AbstractContextManager[Any]"] = None
+    # A class default, not an __init__: one is made every turn, and a call would cost more than the object.
+    _lock: Optional["contextlib.AbstractContextManager[Any]"] = None
 
     def enter_context(self, lock: "contextlib.AbstractContextManager[Any]") -> None:
         """Take ``lock`` and hold it; only one at a time (release the last first)."""
@@ -7463,6 +7475,7 @@ class Turn:
         self._written: Dict[str, List[str]] = {"thinking": [], "answer": []}
         self._playing: Optional[Iterator[Any]] = None   # the pieces being read, closed in close()
         self._game: Optional[Iterator[Piece]] = None      # play_turn, closed in close() after them
+        self._block = ""                        # the identifier block _id_block wrote, if it did
         self._context: Optional[TurnContext] = None
         self._closed = False
         self._digest = ""                       # request_digest, for a twin sent while this one runs
@@ -7497,7 +7510,9 @@ class Turn:
                 conversation, recovered = resume_by_id_block(service, workflow, messages, held,
                                                              request.conversation_hints)
             history, text = split_new_messages(messages)
-            branch, again = ("", []) if recovered else branch_of(conversation, messages, self._arrived)
+            # No snapshot (a new conversation): its state is the empty one already, as branch_of would say.
+            branch, again = ("", []) if recovered or not conversation.snapshots else \
+                branch_of(conversation, messages, self._arrived)
         self.conversation = conversation
         self.trace["conversation"] = conversation.id[:6]
         if request.store_response:
@@ -7560,8 +7575,9 @@ class Turn:
         """The first reply's last piece, kept with the answer for the save: the id block."""
         assert self.conversation is not None
         if self.conversation.is_new and self.request.id_block and not self.request.chat_key:
-            self._written["answer"].append(id_block(self.conversation.id))
-            yield new_piece(("answer", self._written["answer"][-1]))
+            self._block = id_block(self.conversation.id)
+            self._written["answer"].append(self._block)
+            yield new_piece(("answer", self._block))
 
     def close(self) -> None:
         """Stop what still runs, save what the turn did, and unlock. Safe to call again."""
@@ -7586,10 +7602,10 @@ class Turn:
         # The thinking is kept only with a stored response or a request's answer (for its twin).
         kept = request.response_id or request.saving is not None or self._digest
         thinking = workflow.redact("".join(self._written["thinking"])) if kept else ""
-        # Only a new conversation's reply ends with its identifier block (see _id_block).
-        block = id_block(conversation.id) if conversation.is_new else ""
+        # Only a new conversation's reply ends with its identifier block, if _id_block wrote it (a
+        # reply that does not end with it is cleaned as clean_reply would, so none is looked for).
         key = conversation.remember(answer, users_digest(request.messages), self._context.answer,
-                                    self.service.new_conversation_id.snapshot_id(), block)
+                                    self.service.new_conversation_id.snapshot_id(), self._block)
         if request.response_id:
             conversation.keep_response(request.response_id, key, thinking, answer, request.response_extra)
         if request.saving is not None:
@@ -7709,7 +7725,12 @@ def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[
     conversations the ids of the history's replies name), locked for this turn, and whether it
     must be recovered from the whole history (an id this store does not know)."""
     store = service.store
-    ids = find_conversation_ids(messages)
+    replied = False   # a loop, not any() over a generator: every new chat's first turn comes here
+    for message in messages:
+        if message["role"] == "assistant":
+            replied = True
+            break
+    ids = find_conversation_ids(messages) if replied else []   # ids are only looked for in replies
     if hints:   # Responses only: most turns have none, and an empty comprehension is still a call
         ids += [hint for hint in hints if hint not in ids and is_conversation_id(hint)]
     switched = False
@@ -7728,8 +7749,7 @@ def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[
         if record is not None and record.get("model") == workflow.name:
             return Conversation.from_record(record), False
         return Conversation(id=ids[0], model=workflow.name), True
-    first_turn = not any(message["role"] == "assistant" for message in messages)
-    return _new_conversation(service, workflow, held), not first_turn
+    return _new_conversation(service, workflow, held), replied   # replies, and no id of ours: recovered
 
 
 def _new_conversation(service: Service, workflow: Workflow, held: HeldLock) -> Conversation:
@@ -10089,8 +10109,10 @@ class Metrics:
     def __init__(self) -> None:
         self._values: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float] = {}
         self._lock = threading.Lock()
-        self._turn_series: Dict[str, Tuple[Any, Any, Any]] = {}   # model -> the keys count_turn adds to
-        self._run_series: Dict[Tuple[str, str], Any] = {}   # (model, outcome) -> the key count_run adds to
+        # Every turn counts these: their totals are kept in lists, by model (and outcome), and are
+        # merged with _values only by render; a key of nested tuples is hashed again at each look-up.
+        self._turn_series: Dict[str, List[float]] = {}   # model -> [turns, their seconds] (count_turn)
+        self._run_series: Dict[Tuple[str, str], List[float]] = {}   # (model, outcome) -> [runs] (count_run)
 
     def add(self, name: str, amount: float = 1.0, **labels: str) -> None:
         key = (name, self._labelled(labels) if labels else ())   # a gauge's (open streams): no call
@@ -10101,29 +10123,23 @@ class Metrics:
         self._add_together(self._observed(name, seconds, self._labelled(labels)))
 
     def count_turn(self, model: str, seconds: float) -> None:
-        """A turn answered: turns_total and turn_seconds under one hold of the lock (every
-        turn counts both, so their keys are made once per model, not with keyword labels)."""
-        series = self._turn_series.get(model)
-        if series is None:
-            labelled = (("model", model),)
-            (summed, _), (counted, _) = self._observed("turn_seconds", 0.0, labelled)
-            series = self._turn_series[model] = (("turns_total", labelled), summed, counted)
-        turns, summed, counted = series
-        with self._lock:   # added here, not by _add_together: a call and a tuple of pairs fewer a turn
-            values = self._values
-            values[turns] = values.get(turns, 0.0) + 1
-            values[summed] = values.get(summed, 0.0) + seconds
-            values[counted] = values.get(counted, 0.0) + 1
+        """A turn answered: turns_total and turn_seconds under one hold of the lock, added to
+        the model's totals (render makes them the series)."""
+        totals = self._turn_series.get(model)
+        if totals is None:   # setdefault: two threads' first turns share one list
+            totals = self._turn_series.setdefault(model, [0.0, 0.0])
+        with self._lock:   # turns_total and turn_seconds_count are the same count
+            totals[0] += 1
+            totals[1] += seconds
 
     def count_run(self, model: str, outcome: str) -> None:
-        """A workflow run ended: runs_total, its key made once per model and outcome (every
-        turn that runs its workflow counts one, and keyword labels are sorted at each call)."""
-        key = self._run_series.get((model, outcome))
-        if key is None:
-            key = self._run_series[(model, outcome)] = ("runs_total", self._labelled({"model": model,
-                                                                                    "outcome": outcome}))
+        """A workflow run ended: runs_total, added to the total of its model and outcome (every
+        turn that runs its workflow counts one; render makes the series)."""
+        totals = self._run_series.get((model, outcome))
+        if totals is None:
+            totals = self._run_series.setdefault((model, outcome), [0.0])
         with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + 1
+            totals[0] += 1
 
     @staticmethod
     def _observed(name: str, seconds: float, labelled: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[Any, float], ...]:
@@ -10143,6 +10159,19 @@ class Metrics:
     def render(self, gauges: Mapping[str, float]) -> str:
         with self._lock:
             values = dict(self._values)
+            turns = [(model, *totals) for model, totals in self._turn_series.items()]
+            runs = [(model, outcome, totals[0]) for (model, outcome), totals in self._run_series.items()]
+        # count_turn's and count_run's totals as the series they are; one made but not yet counted is none yet.
+        amounts = []
+        for model, count, seconds in turns:
+            if count:
+                labelled = (("model", model),)
+                amounts += [(("turns_total", labelled), count), (("turn_seconds_sum", labelled), seconds),
+                            (("turn_seconds_count", labelled), count)]
+        amounts += [(("runs_total", self._labelled({"model": model, "outcome": outcome})), count)
+                    for model, outcome, count in runs if count]
+        for key, amount in amounts:
+            values[key] = values.get(key, 0.0) + amount
         values.update({(name, ()): value for name, value in gauges.items()})
         lines = []
         for name, (metric_type, text) in self.SERIES.items():
