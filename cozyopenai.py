@@ -3481,7 +3481,16 @@ MAX_LABEL_WORDS = 3            # "travel dates: ..." labels a value; "my friend 
 # Reading: words, numbers and typed values
 ####################################################################################
 
-@dataclass
+def _set_fields(instance: Any, given: Mapping[str, Any]) -> None:
+    """The fields given to the constructor of a dataclass that writes its own __init__; the others
+    keep their class defaults. A name that is no field is refused, as the dataclass's own __init__ would."""
+    for name, value in given.items():
+        if name not in instance.__dataclass_fields__:
+            raise TypeError(f"{type(instance).__name__}() got an unexpected keyword argument {name!r}")
+        setattr(instance, name, value)
+
+
+@dataclass(init=False)
 class Extraction:
     """The result of reading one user message."""
     values: Dict[str, Any] = field(default_factory=dict)     # accepted and coerced
@@ -3493,6 +3502,14 @@ class Extraction:
     llm_failed: bool = False                                 # then the question is not asked of it either
     question: Optional[str] = None                           # written by the extraction call (single call)
     question_assumes: frozenset = frozenset()                # the inputs that call gave values for
+
+    def __init__(self, **given: Any) -> None:
+        # Made for every message: the dataclass's __init__ of nine keyword parameters costs
+        # twice this one. The fields of a value that never changes in place (intent, ...) are
+        # the class's own until one is given or set.
+        self.values = {}; self.rejected = {}; self.ignored = {}; self.ambiguous = {}; self.notes = []
+        if given:
+            _set_fields(self, given)
 
 
 def _fold(text: str) -> str:
@@ -5014,7 +5031,7 @@ otherwise null.
 """
 
 
-@dataclass
+@dataclass(init=False)
 class Reading:
     """What the deterministic reader found: candidates per input, by strength (3: a
     ``name: value`` line, 2: the answer to the question just asked, 1: a typed span)."""
@@ -5023,6 +5040,12 @@ class Reading:
     polarity: Dict[str, bool] = field(default_factory=dict)         # booleans the message states
     text: str = ""                                                  # the message as read (user_words)
     label_lines: int = 0                                            # how many ``name: value`` lines it has
+
+    def __init__(self, **given: Any) -> None:
+        # Made for every message: cheaper than the dataclass's __init__ (see Extraction's).
+        self.candidates = {}; self.ruled_out = {}; self.polarity = {}
+        if given:
+            _set_fields(self, given)
 
     @cached_property
     def tokens(self) -> Tokens:
@@ -5050,7 +5073,8 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
         extraction.intent = "cancel"
     if long:
         extraction.notes.append(LONG_MESSAGE_NOTE)
-    reading = Reading(text=text)
+    reading = Reading()
+    reading.text = text   # (set, not given: a keyword argument costs more than the field)
     if extraction.intent == "cancel":
         return extraction, reading
     _read_labels(workflow, text, folded, reading)
