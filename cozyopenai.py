@@ -3987,7 +3987,12 @@ def as_written(raw: Any) -> str:
 def _coerce_number(query: QueryInput, raw: Any) -> Any:
     label = query.label
     if isinstance(raw, str) and raw.isdigit() and raw.isascii() and not query.synonyms:
-        number = float(raw)   # "3", the commonest: what _number_of finds in it, without its tests for data
+        if len(raw) <= 15:   # "3", the commonest: a whole number below MAX_NUMBER_VALUE, which float
+            number = int(raw)   # reads exactly, so it is its own value for every numeric type
+            if query.minimum is not None or query.maximum is not None:
+                check_bounds(query, number)   # (an int's :g is its float's)
+            return number
+        number = float(raw)   # what _number_of finds in it, without its tests for data
     else:
         number = _number_of(query, raw)
     if not math.isfinite(number):
@@ -5130,7 +5135,10 @@ def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bo
     candidates than the lines' (never chosen), so only the yes/no topics are read (_read_topics)."""
     if len(reading.candidates) < len(workflow.query_inputs):
         return False
-    if reading.label_lines != len([line for line in text.splitlines() if line.strip()]):
+    lines = text.splitlines()
+    # Each ``name: value`` line has a letter on a line of its own: never more of them than lines
+    # that are not blank, which need counting only when some line is not one of them.
+    if reading.label_lines != len(lines) and reading.label_lines != len([line for line in lines if line.strip()]):
         return False
     if text.isascii():   # the common case, found without the tokens
         lowered = " " + text.lower()   # as RULING_OUT_PATTERNS are searched
