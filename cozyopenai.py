@@ -3435,7 +3435,9 @@ SYMBOL_YES, SYMBOL_NO = "y 1 on", "n 0 off"
 CURRENCY_CODES = "usd eur gbp chf jpy cad aud yen kr"
 CURRENCY_SIGNS = "$€£¥₹"
 SPACED_NUMBER_PATTERN = re.compile(r"(?<![\w.,])\d{1,3}(?: \d{3})+(?![\d.,]\d)")
-LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*(.+?)\s*$", re.M)
+# The value is the line up to its last non-space, or its one first character when all are spaces:
+# what a lazy "(.+?)\s*$" takes, found by a greedy one, without a try of the end at every character.
+LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*(.*\S|.)\s*$", re.M)
 TYPED_VALUE_PATTERNS = FORMAT_PATTERNS   # their shape makes them unambiguous: read without a label
 TEXT_KINDS = ("email", "url", "date", "place")     # kinds of the string type
 NUMBER_KINDS = ("money", "year", "month")         # kinds of the number types
