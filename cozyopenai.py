@@ -3468,7 +3468,9 @@ SYMBOL_YES, SYMBOL_NO = "y 1 on", "n 0 off"
 CURRENCY_CODES = "usd eur gbp chf jpy cad aud yen kr"
 CURRENCY_SIGNS = "$€£¥₹"
 SPACED_NUMBER_PATTERN = re.compile(r"(?<![\w.,])\d{1,3}(?: \d{3})+(?![\d.,]\d)")
-LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*(.+?)\s*$", re.M)
+# The value is the line up to its last non-space, or its one first character when all are spaces:
+# what a lazy "(.+?)\s*$" takes, found by a greedy one, without a try of the end at every character.
+LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*(.*\S|.)\s*$", re.M)
 TYPED_VALUE_PATTERNS = FORMAT_PATTERNS   # their shape makes them unambiguous: read without a label
 TEXT_KINDS = ("email", "url", "date", "place")     # kinds of the string type
 NUMBER_KINDS = ("money", "year", "month")         # kinds of the number types
@@ -3514,7 +3516,16 @@ MAX_LABEL_WORDS = 3            # "travel dates: ..." labels a value; "my friend 
 # Reading: words, numbers and typed values
 ####################################################################################
 
-@dataclass
+def _set_fields(instance: Any, given: Mapping[str, Any]) -> None:
+    """The fields given to the constructor of a dataclass that writes its own __init__; the others
+    keep their class defaults. A name that is no field is refused, as the dataclass's own __init__ would."""
+    for name, value in given.items():
+        if name not in instance.__dataclass_fields__:
+            raise TypeError(f"{type(instance).__name__}() got an unexpected keyword argument {name!r}")
+        setattr(instance, name, value)
+
+
+@dataclass(init=False)
 class Extraction:
     """The result of reading one user message."""
     values: Dict[str, Any] = field(default_factory=dict)     # accepted and coerced
@@ -3526,6 +3537,14 @@ class Extraction:
     llm_failed: bool = False                                 # then the question is not asked of it either
     question: Optional[str] = None                           # written by the extraction call (single call)
     question_assumes: frozenset = frozenset()                # the inputs that call gave values for
+
+    def __init__(self, **given: Any) -> None:
+        # Made for every message: the dataclass's __init__ of nine keyword parameters costs
+        # twice this one. The fields of a value that never changes in place (intent, ...) are
+        # the class's own until one is given or set.
+        self.values = {}; self.rejected = {}; self.ignored = {}; self.ambiguous = {}; self.notes = []
+        if given:
+            _set_fields(self, given)
 
 
 def _fold(text: str) -> str:
@@ -4003,7 +4022,12 @@ def as_written(raw: Any) -> str:
 def _coerce_number(query: QueryInput, raw: Any) -> Any:
     label = query.label
     if isinstance(raw, str) and raw.isdigit() and raw.isascii() and not query.synonyms:
-        number = float(raw)   # "3", the commonest: what _number_of finds in it, without its tests for data
+        if len(raw) <= 15:   # "3", the commonest: a whole number below MAX_NUMBER_VALUE, which float
+            number = int(raw)   # reads exactly, so it is its own value for every numeric type
+            if query.minimum is not None or query.maximum is not None:
+                check_bounds(query, number)   # (an int's :g is its float's)
+            return number
+        number = float(raw)   # what _number_of finds in it, without its tests for data
     else:
         number = _number_of(query, raw)
     if not math.isfinite(number):
@@ -5047,7 +5071,7 @@ otherwise null.
 """
 
 
-@dataclass
+@dataclass(init=False)
 class Reading:
     """What the deterministic reader found: candidates per input, by strength (3: a
     ``name: value`` line, 2: the answer to the question just asked, 1: a typed span)."""
@@ -5056,6 +5080,12 @@ class Reading:
     polarity: Dict[str, bool] = field(default_factory=dict)         # booleans the message states
     text: str = ""                                                  # the message as read (user_words)
     label_lines: int = 0                                            # how many ``name: value`` lines it has
+
+    def __init__(self, **given: Any) -> None:
+        # Made for every message: cheaper than the dataclass's __init__ (see Extraction's).
+        self.candidates = {}; self.ruled_out = {}; self.polarity = {}
+        if given:
+            _set_fields(self, given)
 
     @cached_property
     def tokens(self) -> Tokens:
@@ -5083,7 +5113,8 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
         extraction.intent = "cancel"
     if long:
         extraction.notes.append(LONG_MESSAGE_NOTE)
-    reading = Reading(text=text)
+    reading = Reading()
+    reading.text = text   # (set, not given: a keyword argument costs more than the field)
     if extraction.intent == "cancel":
         return extraction, reading
     _read_labels(workflow, text, folded, reading)
@@ -5139,7 +5170,10 @@ def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bo
     candidates than the lines' (never chosen), so only the yes/no topics are read (_read_topics)."""
     if len(reading.candidates) < len(workflow.query_inputs):
         return False
-    if reading.label_lines != len([line for line in text.splitlines() if line.strip()]):
+    lines = text.splitlines()
+    # Each ``name: value`` line has a letter on a line of its own: never more of them than lines
+    # that are not blank, which need counting only when some line is not one of them.
+    if reading.label_lines != len(lines) and reading.label_lines != len([line for line in lines if line.strip()]):
         return False
     if text.isascii():   # the common case, found without the tokens
         lowered = " " + text.lower()   # as RULING_OUT_PATTERNS are searched
