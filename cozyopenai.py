@@ -1309,31 +1309,20 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     stop = stop or StopSignal()
     outputs: Dict[str, Any] = {}
     answer_streamed, outcome = False, "stopped"
+    if workflow.chain is not None:
+        events = _chain_events(workflow, outputs, values, node_types, llm, stop, follow_up)
+    else:
+        events = _side_by_side_events(workflow, outputs, values, node_types, llm, stop, follow_up)
     try:
-        if workflow.chain is not None:
-            # One node after another, in this generator's own frame: a generator of their own
-            # (as side by side nodes have) would be one more step for every event.
-            for node, started, streams_answer in _chain_steps(workflow):
-                yield started
-                for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, streams_answer,
-                                       follow_up if streams_answer else None):
-                    if event.what == "failed":
-                        outcome = "failed"
-                        _count_failure(workflow, event, metrics)
-                        yield event
-                        return
-                    answer_streamed = answer_streamed or event.what == "answer"
-                    yield event
-                outputs[node.id] = event.value   # its last event is its "finished"
-        else:
-            for event in _side_by_side_events(workflow, outputs, values, node_types, llm, stop, follow_up):
-                if event.what == "failed":
-                    outcome = "failed"
-                    _count_failure(workflow, event, metrics)
-                    yield event
-                    return
-                answer_streamed = answer_streamed or event.what == "answer"
+        for event in events:
+            if event.what == "failed":
+                outcome = "failed"
+                if metrics is not None:
+                    metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
                 yield event
+                return
+            answer_streamed = answer_streamed or event.what == "answer"
+            yield event
         answer = outputs[workflow.output_node]
         if not answer_streamed:
             yield new_event(("answer", workflow.output_node, answer, 0.0, None))
@@ -1356,10 +1345,19 @@ def _chain_steps(workflow: Workflow) -> Tuple[Tuple[Node, RunEvent, bool], ...]:
     return steps
 
 
-def _count_failure(workflow: Workflow, event: RunEvent, metrics: Any) -> None:
-    """A node's "failed" event, counted by node type (with ``metrics``)."""
-    if metrics is not None:
-        metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
+def _chain_events(workflow: Workflow, outputs: Dict[str, Any], values: Mapping[str, Any],
+                  node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
+                  follow_up: Optional[Tuple[str, str]]) -> Iterator[RunEvent]:
+    """The nodes of a chain, one after another in the caller's thread (no hand-off to make),
+    each output kept in ``outputs``; the events end with the first "failed"."""
+    for node, started, streams_answer in _chain_steps(workflow):
+        yield started
+        for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, streams_answer,
+                               follow_up if streams_answer else None):
+            yield event
+            if event.what == "failed":
+                return
+        outputs[node.id] = event.value   # its last event is its "finished"
 
 
 def _side_by_side_events(workflow: Workflow, outputs: Dict[str, Any], values: Mapping[str, Any],
@@ -2384,17 +2382,11 @@ class _Holding:
             raise
 
     def __exit__(self, *exc_info: Any) -> None:
-        guard, entry = self._guard, self._entry
-        entry[0].release()
-        guard.acquire()   # _drop's work, written out: a call fewer on every turn
-        try:
-            entry[1] -= 1
-            if not entry[1]:
-                del self._entries[self._key]
-        finally:
-            guard.release()
+        self._entry[0].release()
+        self._drop()
 
     def _drop(self) -> None:
+        """This holder's count off the key's entry, and the entry off the table when it was the last."""
         guard, entry = self._guard, self._entry
         guard.acquire()
         try:
