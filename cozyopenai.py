@@ -8119,7 +8119,10 @@ def _json_body(body: bytes, content_type: str) -> dict:
         raise UnsupportedMediaTypeError(f"Send the body as JSON with 'Content-Type: application/json', "
                                         f"not {media_type!r}.")
     try:
-        data = json_document(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        data = json_document(text)
+        if SURROGATE_ESCAPE.search(text):
+            data = with_valid_text(data)
     except (UnicodeDecodeError, ValueError):
         raise RequestError("The request body is not valid JSON.") from None
     except RecursionError:   # a thousand nested brackets: refused, not a 500
@@ -8127,6 +8130,23 @@ def _json_body(body: bytes, content_type: str) -> dict:
     if not isinstance(data, dict):
         raise RequestError("The request body must be a JSON object.")
     return data
+
+
+# A "\ud800" to "\udfff" escape: the one way a lone surrogate, which UTF-8 cannot write,
+# gets into a body read as UTF-8 (a pair of them is one character, and valid).
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def with_valid_text(value: Any) -> Any:
+    """A JSON value with every string in it, keys too, made valid_text: a lone surrogate in any
+    field (metadata, instructions, a tool's arguments) would fail the save and the reply."""
+    if isinstance(value, str):
+        return valid_text(value)
+    if isinstance(value, list):
+        return [with_valid_text(item) for item in value]
+    if isinstance(value, dict):
+        return {valid_text(key): with_valid_text(item) for key, item in value.items()}
+    return value
 
 
 JSON_TYPE_NAMES = {str: "a string", bool: "true or false", dict: "an object", list: "an array"}
@@ -10043,7 +10063,8 @@ def _mcp_body() -> Any:
     except CozyError as exc:
         raise McpError(JSONRPC_INVALID_REQUEST, exc.message, exc.status) from None
     try:
-        return json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        return with_valid_text(json.loads(text)) if SURROGATE_ESCAPE.search(text) else json.loads(text)
     except (UnicodeDecodeError, ValueError):
         raise McpError(JSONRPC_PARSE_ERROR, "The request body is not valid JSON.", 400) from None
     except RecursionError:   # valid JSON, but past what can be read: the same words as on /openai
