@@ -66,7 +66,7 @@ __all__ = [
     "run_workflow", "RunEvent",
     "LLMSettings", "LLMClient",
     "Conversation", "ConversationIds", "MemoryStore", "JsonFileStore", "STORE_TYPES", "open_store",
-    "Metrics", "LogLineFormatter", "Store", "RedisStore", "CozyError", "WorkflowFileError", "ConfigError", "StoreUnavailable",
+    "Metrics", "LogLineFormatter", "log_line_handler", "Store", "RedisStore", "CozyError", "WorkflowFileError", "ConfigError", "StoreUnavailable",
     "NodeFailed", "UpstreamError", "RequestError",
     "UnauthorizedError", "NotFoundError", "ModelNotFoundError", "MethodNotAllowedError",
     "BodyTooLargeError", "UnsupportedMediaTypeError", "ForbiddenOriginError", "HeadersTooLargeError", "UriTooLongError",
@@ -111,7 +111,7 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache, partial
 from types import MappingProxyType
 from typing import (AbstractSet, Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, NoReturn,
-                    Optional, Sequence, Tuple, Union)
+                    Optional, Sequence, TextIO, Tuple, Union)
 from urllib.parse import quote, quote_plus, urlsplit
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
@@ -1494,7 +1494,7 @@ def _node_bug(workflow: Workflow, node: Node, exc: Exception, started: float) ->
 
 
 def _note_events(context: Optional[NodeContext]) -> Iterator[RunEvent]:
-    while context is not None and context.notes:
+    while context is not None and context.notes:   # none for a node type that takes no context
         yield RunEvent("note", context.node.id, context.notes.pop(0))
 
 
@@ -7152,8 +7152,6 @@ def _describe_extraction(workflow: Workflow, extraction: Extraction, understood:
         lines.append(f"Understood {queries[name].label}: {shown_value(value)}.\n")
     for name, (old, new) in changed.items():
         lines.append(f"Changed {queries[name].label}: {shown_value(old)} → {shown_value(new)}.\n")
-    if not (extraction.ignored or extraction.ambiguous or extraction.rejected) and extraction.intent != "skip":
-        return "".join(lines)   # what most messages leave: nothing ignored, unclear or refused
     for name, (raw, why) in extraction.ignored.items():
         lines.append(f"Ignored {queries[name].label} = {raw!r}: {why}.\n")
     for name, values in extraction.ambiguous.items():
@@ -7298,12 +7296,12 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
             elif what == "started":
                 yield ("thinking", held + _started_line(event.node_id, event.text))
                 held = ""
-            elif what == "finished":   # every node's, so written here, as progress_line writes it, with no call
+            elif what == "finished":   # every node's, so written here, with no call to progress_line
                 seconds = event.seconds
                 # Most nodes (templates, outputs) take under 5 ms, which shows as 0.00 s: that line is
                 # the same each time, so made once, with no float formatted (.2f rounds below 0.005 down).
                 line = _finished_at_once_line(event.node_id) if 0.0 < seconds < 0.005 else \
-                    f"{RUN_MARKS['finished']}{event.node_id} finished in {seconds:.2f} s\n"
+                    RUN_MARKS["finished"] + finished_text(event.node_id, seconds) + "\n"
                 if chain:   # out with what comes next, at once
                     held += line
                 else:
@@ -7334,7 +7332,7 @@ def _started_line(node_id: str, description: str) -> str:
 @lru_cache(maxsize=256)
 def _finished_at_once_line(node_id: str) -> str:
     """A node's "finished" line for the thinking block when it took under 5 ms: made once."""
-    return f"{RUN_MARKS['finished']}{node_id} finished in 0.00 s\n"
+    return RUN_MARKS["finished"] + finished_text(node_id, 0.0) + "\n"
 
 
 def paragraph_break(text: str) -> str:
@@ -7343,12 +7341,16 @@ def paragraph_break(text: str) -> str:
     return "\n\n"[len(text) - len(text.rstrip("\n")):]
 
 
+def finished_text(node_id: str, seconds: float) -> str:
+    return f"{node_id} finished in {seconds:.2f} s"
+
+
 def progress_line(event: RunEvent) -> str:
     """A node's event as one line, as the thinking block and MCP progress both tell it."""
     if event.what == "started":
         return f"{event.node_id} started{': ' + event.text if event.text else ''}"
     if event.what == "finished":
-        return f"{event.node_id} finished in {event.seconds:.2f} s"
+        return finished_text(event.node_id, event.seconds)
     if event.what == "failed":
         return f"{event.node_id} failed after {event.seconds:.2f} s: {event.text}"
     return f"{event.node_id}: {event.text}"
@@ -7819,6 +7821,14 @@ class LogLineFormatter(logging.Formatter):
         record.message = record.getMessage()   # as the standard format leaves them, for a handler after us
         record.asctime = f"{text},{int(record.msecs):03d}"
         return f"{record.asctime} {record.levelname} {record.message}"
+
+
+def log_line_handler(stream: Optional[TextIO] = None) -> logging.Handler:
+    """The handler `python cozyopenai.py` logs with: a line per record (LogLineFormatter) on
+    ``stream``, stderr by default."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(LogLineFormatter())
+    return handler
 
 
 def _log_line(method: str, path: str, status: int, trace: Mapping[str, str], started: float) -> None:
@@ -8305,7 +8315,8 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
               f'"model": {json_string(request.model)}, "system_fingerprint": null, "choices": [{{"index": 0, '
               f'"delta": ').encode()
     usage_item = ', "usage": null' if request.include_usage else ""
-    after = f', "logprobs": null, "finish_reason": null}}]{usage_item}}}\n\n'.encode()
+    tail = ', "logprobs": null, "finish_reason": %s}]' + usage_item + '}\n\n'   # after the delta
+    after = (tail % "null").encode()
     yield before + b'{"role": "assistant", "content": ""}' + after
     completion_chars = 0
     for item in fields:
@@ -8315,7 +8326,7 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
             completion_chars += len(item[1])
             delta = f"{{{json_string(item[0])}: {json_string(item[1])}}}"   # json_text({field: text}), written out
             yield before + delta.encode() + after
-    yield before + f'{{}}, "logprobs": null, "finish_reason": "stop"}}]{usage_item}}}\n\n'.encode()
+    yield before + b"{}" + (tail % '"stop"').encode()
     if request.include_usage:
         usage = _usage(prompt_tokens, completion_chars)
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
@@ -10546,9 +10557,7 @@ def _log_requests_under_a_wsgi_server(level: str) -> None:
     """gunicorn and the like configure their own loggers, not ours: without this, the request
     lines would go nowhere. Only when nobody configured logging, so an embedding app decides."""
     if not log.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(LogLineFormatter())
-        log.addHandler(handler)
+        log.addHandler(log_line_handler())
         log.propagate = False   # waitress configures the root logger later: one line, not two
         known = level.upper() in LOG_LEVELS
         log.setLevel(level.upper() if known else "INFO")
@@ -11076,9 +11085,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "with: pip install -r requirements.txt", file=sys.stderr)
         return 2
     arguments = parse_arguments(argv, os.environ)
-    stderr = logging.StreamHandler()
-    stderr.setFormatter(LogLineFormatter())
-    logging.basicConfig(level=arguments.log_level.upper(), handlers=[stderr])
+    logging.basicConfig(level=arguments.log_level.upper(), handlers=[log_line_handler()])
     # The openai client's HTTP library logs each call's whole URL at INFO, credentials and
     # all, and a line per call besides ours: only its warnings are kept.
     for name in TRANSPORT_LOGGERS:

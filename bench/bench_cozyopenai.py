@@ -111,9 +111,7 @@ def _bare_app(body_bytes):
 
 def log_as_the_command_line_does(stream):
     """Logging as `python cozyopenai.py` sets it up: a line per record, at INFO, on ``stream``."""
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(cozyopenai.LogLineFormatter())
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.basicConfig(level=logging.INFO, handlers=[cozyopenai.log_line_handler(stream)])
 
 
 def serve(arguments):
