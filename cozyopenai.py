@@ -7823,10 +7823,20 @@ class LogLineFormatter(logging.Formatter):
         return f"{record.asctime} {record.levelname} {record.message}"
 
 
+class _LineStreamHandler(logging.StreamHandler):
+    """A StreamHandler that does not flush a line-buffered stream after each line (stderr is
+    one, interactive or not): writing the line's newline has flushed it already, and the
+    second flush, with its lock, cost every request some 3,000 instructions."""
+
+    def flush(self) -> None:
+        if not (getattr(self.stream, "line_buffering", False) and "\n" in self.terminator):
+            super().flush()
+
+
 def log_line_handler(stream: Optional[TextIO] = None) -> logging.Handler:
     """The handler `python cozyopenai.py` logs with: a line per record (LogLineFormatter) on
     ``stream``, stderr by default."""
-    handler = logging.StreamHandler(stream)
+    handler = _LineStreamHandler(stream)
     handler.setFormatter(LogLineFormatter())
     return handler
 

@@ -12,6 +12,7 @@ import ast
 import contextlib
 import dataclasses
 import importlib.util
+import io
 import itertools
 import json
 import logging
@@ -3592,6 +3593,23 @@ def test_the_log_line_formatter_writes_what_the_standard_formatter_writes():
         assert ours.format(record()) == standard.format(record())
         assert ours.format(record()) == ours.format(record())   # the second's text, kept, is the same text
     check()
+
+
+@pytest.mark.parametrize("line_buffering", [True, False])
+def test_the_log_line_handler_leaves_each_line_readable_at_once_on_a_buffered_or_line_buffered_stream(line_buffering):
+    # The handler skips its flush where the stream's own line buffering has flushed the line:
+    # a reader at the other end of a pipe (a log collector) must see every line as it is logged.
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    stream = io.TextIOWrapper(io.BufferedWriter(io.FileIO(write_end, "w")), line_buffering=line_buffering)
+    handler = cozyopenai.log_line_handler(stream)
+    try:
+        for number in range(3):
+            handler.handle(logging.LogRecord("cozyopenai", logging.INFO, __file__, 1, "line %d", (number,), None))
+            assert os.read(read_end, 4096).decode().endswith(f" INFO line {number}\n")
+    finally:
+        stream.close()
+        os.close(read_end)
 
 
 def test_a_long_history_well_over_bottles_100kb_default_is_accepted(start):

@@ -1090,7 +1090,8 @@ INSTRUCTION_TURNS = (100, 600)   # the count is taken at both, so start-up cance
 def turns_in_process(kind, count):
     """``count`` requests of ``kind`` through the WSGI app, in this process, no sockets: what
     `instructions` counts under cachegrind (bare: the baseline route, with the same body)."""
-    log_as_the_command_line_does(tempfile.TemporaryFile("w"))   # the request lines are written, as served
+    # The request lines are written, as served: to a line-buffered file, as stderr is.
+    log_as_the_command_line_does(tempfile.TemporaryFile("w", buffering=1))
     app = cozyopenai.make_app(BENCH_WORKFLOWS, store="memory", node_types=BENCH_NODE_TYPES)
     path, body = "/openai/chat/completions", chat_body("echo", ECHO_MESSAGE, stream=kind == "streamed")
     if kind == "responses":
