@@ -2466,11 +2466,15 @@ class MemoryStore(Store):
         return _Holding(self._locks, conversation_id)   # not through _KeyedLocks.__call__: a call fewer a turn
 
     def load(self, conversation_id: str) -> Optional[dict]:
-        with self._guard:
+        guard = self._guard
+        guard.acquire()   # not a with block, as in save
+        try:
             self._forget_old()
             saved = self._records.get(conversation_id)
             if saved is not None:
                 self._records.move_to_end(conversation_id)
+        finally:
+            guard.release()
         return pickle.loads(saved[1]) if saved is not None else None   # our own bytes, made by save
 
     def count(self) -> int:
@@ -2483,11 +2487,15 @@ class MemoryStore(Store):
         # A copy, so callers cannot change what is stored: pickled, which for a record of JSON
         # data is several times quicker to make and to read again than JSON (floats above all).
         copied = pickle.dumps(record, pickle.HIGHEST_PROTOCOL)
-        with self._guard:
-            self._records[conversation_id] = (time.time(), copied)
-            self._records.move_to_end(conversation_id)
-            while len(self._records) > self.max_conversations:
-                self._records.popitem(last=False)
+        records, guard = self._records, self._guard
+        guard.acquire()   # not a with block: its special-method calls cost more than what it guards
+        try:
+            records[conversation_id] = (time.time(), copied)
+            records.move_to_end(conversation_id)
+            while len(records) > self.max_conversations:
+                records.popitem(last=False)
+        finally:
+            guard.release()
 
     def _forget_old(self) -> None:
         if self.max_age_seconds is None:
@@ -10186,9 +10194,15 @@ class Metrics:
         totals = self._turn_series.get(model)
         if totals is None:   # setdefault: two threads' first turns share one list
             totals = self._turn_series.setdefault(model, [0.0, 0.0])
-        with self._lock:   # turns_total and turn_seconds_count are the same count
+        # The lock taken without a with block, here and in count_run: its special-method calls
+        # cost more than the two additions it guards (every turn counts here).
+        lock = self._lock
+        lock.acquire()
+        try:   # turns_total and turn_seconds_count are the same count
             totals[0] += 1
             totals[1] += seconds
+        finally:
+            lock.release()
 
     def count_run(self, model: str, outcome: str) -> None:
         """A workflow run ended: runs_total, added to the total of its model and outcome (every
@@ -10196,8 +10210,12 @@ class Metrics:
         totals = self._run_series.get((model, outcome))
         if totals is None:
             totals = self._run_series.setdefault((model, outcome), [0.0])
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             totals[0] += 1
+        finally:
+            lock.release()
 
     @staticmethod
     def _observed(name: str, seconds: float, labelled: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[Any, float], ...]:
