@@ -1228,6 +1228,22 @@ def test_memory_store_forgets_the_least_recently_used_beyond_its_bound():
     assert store.load("a") is None and store.load("c") == {"n": "c"}
 
 
+def test_memory_store_keeps_a_copy_apart_from_its_callers_and_saves_again_after_a_failed_save():
+    store = cozyopenai.MemoryStore()
+    record = {"snapshots": [{"values": {"word": "hello"}, "at": 1.5}], "results": {"d": "text"}}
+    store.save("a", record)
+    record["snapshots"][0]["values"]["word"] = "changed"   # the caller's later change
+    loaded = store.load("a")
+    assert loaded == {"snapshots": [{"values": {"word": "hello"}, "at": 1.5}], "results": {"d": "text"}}
+    loaded["results"]["d"] = "changed too"   # a change to what load gave
+    assert store.load("a")["results"] == {"d": "text"}
+    with pytest.raises(Exception):
+        store.save("a", {"x": [1, lambda: 0]})   # a pickling that fails half-way
+    assert store.load("a")["results"] == {"d": "text"}
+    store.save("b", {"n": [1]})
+    assert store.load("b") == {"n": [1]}
+
+
 def test_memory_store_forgets_conversations_unused_past_their_age():
     store = cozyopenai.MemoryStore(max_age_seconds=0.05)
     store.save("a" * 32, {"n": 1})
