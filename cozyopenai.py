@@ -2265,10 +2265,11 @@ def replies_in(messages: Sequence[dict]) -> List[Reply]:
 def users_digest(messages: Sequence[dict]) -> Tuple[str, str]:
     """The digests of the user turns of ``messages``, with and without the last, as
     replies_in computes them for a reply that follows them."""
-    digests = list(map(text_digest, user_turns(messages)))   # each turn's once, for both
-    if len(digests) == 1:   # a chat's first turn: digest_of_digests of one, without its call and join
-        return hashlib.sha256(digests[0].encode()).hexdigest()[:16], NO_TEXT_DIGEST
-    before = digests[:-1]   # none on a chat's first turn: the digest of no text, worked out once
+    turns = user_turns(messages)
+    if len(turns) == 1:   # a chat's first turn: digest_of_digests of one, without its call and join
+        return hashlib.sha256(text_digest(turns[0]).encode()).hexdigest()[:16], NO_TEXT_DIGEST
+    digests = list(map(text_digest, turns))   # each turn's once, for both
+    before = digests[:-1]   # none when there is no turn: the digest of no text, worked out once
     return digest_of_digests(digests), digest_of_digests(before) if before else NO_TEXT_DIGEST
 
 
@@ -2853,6 +2854,9 @@ def split_new_messages(messages: Sequence[dict]) -> Tuple[List[dict], str]:
     earlier = [] if last_assistant < 0 else [
         {"role": m["role"], "content": clean_reply(m["content"]) if m["role"] == "assistant" else m["content"]}
         for m in messages[:last_assistant + 1] if m["role"] in ("user", "assistant")]
+    if last_assistant == len(messages) - 2:   # one message after the last reply (most turns): nothing to join
+        last = messages[-1]
+        return earlier, last["content"].strip() if last["role"] == "user" else ""
     new = "\n".join([m["content"] for m in messages[last_assistant + 1:] if m["role"] == "user"]).strip()
     return earlier, new
 
