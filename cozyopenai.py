@@ -2342,60 +2342,44 @@ def is_conversation_id(text: str) -> bool:
 
 
 class _KeyedLocks:
-    """One lock per key, made on demand and dropped when no one holds or waits for it. A plain
-    dict with a count of who holds or waits, under a guard: a weak dictionary would cost a
-    turn several Python calls (its look-up, its reference, its callback when the lock dies)."""
+    """One lock per key, made on demand and dropped when its holder leaves. The table maps a
+    key to the lock of the one who holds it: a turn makes a lock of its own, already taken, and
+    holds the key when dict.setdefault puts that lock in (one step, under the interpreter lock:
+    no guard, no count of who waits). A weak dictionary would cost a turn several Python calls
+    (its look-up, its reference, its callback when the lock dies)."""
 
     def __init__(self) -> None:
-        self._entries: Dict[str, List[Any]] = {}   # key -> [its lock, how many hold or wait for it]
-        self._guard = threading.Lock()
+        self._entries: Dict[str, Any] = {}   # key -> the lock of its holder, taken until the holder leaves
 
     def __call__(self, key: str) -> "contextlib.AbstractContextManager[None]":
         return _Holding(self, key)
 
 
 class _Holding:
-    """Holds a _KeyedLocks lock from enter to exit: counts itself in the key's entry (made if
-    there is none), takes the entry's lock, and on exit releases it and drops the entry if no
-    one else holds or waits for it. A class, not a generator, and the guard taken without a
-    with block (its lookups and calls cost more than the counting it guards): one is taken per turn."""
+    """Holds a _KeyedLocks key from enter to exit. A class, not a generator: one is taken per
+    turn. Who finds the key held waits for the holder's lock, which is released only after the
+    key has left the table, and then tries again; so at most one holds a key, and a waiter
+    interrupted while it waits has changed nothing."""
 
-    __slots__ = ("_entries", "_guard", "_key", "_entry")
+    __slots__ = ("_entries", "_key", "_lock")
 
     def __init__(self, locks: _KeyedLocks, key: str) -> None:
-        self._entries, self._guard, self._key = locks._entries, locks._guard, key
+        self._entries, self._key = locks._entries, key
 
     def __enter__(self) -> None:
-        guard = self._guard
-        guard.acquire()
-        try:
-            entry = self._entries.get(self._key)
-            if entry is None:
-                entry = self._entries[self._key] = [threading.Lock(), 0]
-            entry[1] += 1
-        finally:
-            guard.release()
-        self._entry = entry
-        try:
-            entry[0].acquire()
-        except BaseException:   # interrupted while waiting: not a holder
-            self._drop()
-            raise
+        lock = self._lock = threading.Lock()
+        lock.acquire()
+        entries, key = self._entries, self._key
+        while True:
+            holder = entries.setdefault(key, lock)
+            if holder is lock:
+                return
+            holder.acquire()   # until that holder leaves; then the key may be free
+            holder.release()
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._entry[0].release()
-        self._drop()
-
-    def _drop(self) -> None:
-        """This holder's count off the key's entry, and the entry off the table when it was the last."""
-        guard, entry = self._guard, self._entry
-        guard.acquire()
-        try:
-            entry[1] -= 1
-            if not entry[1]:
-                del self._entries[self._key]
-        finally:
-            guard.release()
+        del self._entries[self._key]   # before the release: a waiter that wakes finds the key free
+        self._lock.release()
 
 
 class Store(abc.ABC):
