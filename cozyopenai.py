@@ -2265,10 +2265,11 @@ def replies_in(messages: Sequence[dict]) -> List[Reply]:
 def users_digest(messages: Sequence[dict]) -> Tuple[str, str]:
     """The digests of the user turns of ``messages``, with and without the last, as
     replies_in computes them for a reply that follows them."""
-    digests = list(map(text_digest, user_turns(messages)))   # each turn's once, for both
-    if len(digests) == 1:   # a chat's first turn: digest_of_digests of one, without its call and join
-        return hashlib.sha256(digests[0].encode()).hexdigest()[:16], NO_TEXT_DIGEST
-    before = digests[:-1]   # none on a chat's first turn: the digest of no text, worked out once
+    turns = user_turns(messages)
+    if len(turns) == 1:   # a chat's first turn: digest_of_digests of one, without its call and join
+        return hashlib.sha256(text_digest(turns[0]).encode()).hexdigest()[:16], NO_TEXT_DIGEST
+    digests = list(map(text_digest, turns))   # each turn's once, for both
+    before = digests[:-1]   # none when there is no turn: the digest of no text, worked out once
     return digest_of_digests(digests), digest_of_digests(before) if before else NO_TEXT_DIGEST
 
 
@@ -2341,60 +2342,44 @@ def is_conversation_id(text: str) -> bool:
 
 
 class _KeyedLocks:
-    """One lock per key, made on demand and dropped when no one holds or waits for it. A plain
-    dict with a count of who holds or waits, under a guard: a weak dictionary would cost a
-    turn several Python calls (its look-up, its reference, its callback when the lock dies)."""
+    """One lock per key, made on demand and dropped when its holder leaves. The table maps a
+    key to the lock of the one who holds it: a turn makes a lock of its own, already taken, and
+    holds the key when dict.setdefault puts that lock in (one step, under the interpreter lock:
+    no guard, no count of who waits). A weak dictionary would cost a turn several Python calls
+    (its look-up, its reference, its callback when the lock dies)."""
 
     def __init__(self) -> None:
-        self._entries: Dict[str, List[Any]] = {}   # key -> [its lock, how many hold or wait for it]
-        self._guard = threading.Lock()
+        self._entries: Dict[str, Any] = {}   # key -> the lock of its holder, taken until the holder leaves
 
     def __call__(self, key: str) -> "contextlib.AbstractContextManager[None]":
         return _Holding(self, key)
 
 
 class _Holding:
-    """Holds a _KeyedLocks lock from enter to exit: counts itself in the key's entry (made if
-    there is none), takes the entry's lock, and on exit releases it and drops the entry if no
-    one else holds or waits for it. A class, not a generator, and the guard taken without a
-    with block (its lookups and calls cost more than the counting it guards): one is taken per turn."""
+    """Holds a _KeyedLocks key from enter to exit. A class, not a generator: one is taken per
+    turn. Who finds the key held waits for the holder's lock, which is released only after the
+    key has left the table, and then tries again; so at most one holds a key, and a waiter
+    interrupted while it waits has changed nothing."""
 
-    __slots__ = ("_entries", "_guard", "_key", "_entry")
+    __slots__ = ("_entries", "_key", "_lock")
 
     def __init__(self, locks: _KeyedLocks, key: str) -> None:
-        self._entries, self._guard, self._key = locks._entries, locks._guard, key
+        self._entries, self._key = locks._entries, key
 
     def __enter__(self) -> None:
-        guard = self._guard
-        guard.acquire()
-        try:
-            entry = self._entries.get(self._key)
-            if entry is None:
-                entry = self._entries[self._key] = [threading.Lock(), 0]
-            entry[1] += 1
-        finally:
-            guard.release()
-        self._entry = entry
-        try:
-            entry[0].acquire()
-        except BaseException:   # interrupted while waiting: not a holder
-            self._drop()
-            raise
+        lock = self._lock = threading.Lock()
+        lock.acquire()
+        entries, key = self._entries, self._key
+        while True:
+            holder = entries.setdefault(key, lock)
+            if holder is lock:
+                return
+            holder.acquire()   # until that holder leaves; then the key may be free
+            holder.release()
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._entry[0].release()
-        self._drop()
-
-    def _drop(self) -> None:
-        """This holder's count off the key's entry, and the entry off the table when it was the last."""
-        guard, entry = self._guard, self._entry
-        guard.acquire()
-        try:
-            entry[1] -= 1
-            if not entry[1]:
-                del self._entries[self._key]
-        finally:
-            guard.release()
+        del self._entries[self._key]   # before the release: a waiter that wakes finds the key free
+        self._lock.release()
 
 
 class Store(abc.ABC):
@@ -2461,16 +2446,27 @@ class MemoryStore(Store):
         self._records: "OrderedDict[str, Tuple[float, bytes]]" = OrderedDict()
         self._guard = threading.Lock()
         self._locks = _KeyedLocks()
+        # save's copy is pickled by one pickler, used under the guard (the interpreter lock keeps
+        # threads apart through a pickling anyway): pickle.dumps makes one per call. Fast mode
+        # keeps no memo of what it wrote: a record is JSON data, a tree with no cycles, so the
+        # memo would only find each string again; without it a copy costs a fifth less.
+        self._pickled = io.BytesIO()
+        self._pickler = pickle.Pickler(self._pickled, pickle.HIGHEST_PROTOCOL)
+        self._pickler.fast = True
 
     def lock(self, conversation_id: str) -> "contextlib.AbstractContextManager[None]":
         return _Holding(self._locks, conversation_id)   # not through _KeyedLocks.__call__: a call fewer a turn
 
     def load(self, conversation_id: str) -> Optional[dict]:
-        with self._guard:
+        guard = self._guard
+        guard.acquire()   # not a with block, as in save
+        try:
             self._forget_old()
             saved = self._records.get(conversation_id)
             if saved is not None:
                 self._records.move_to_end(conversation_id)
+        finally:
+            guard.release()
         return pickle.loads(saved[1]) if saved is not None else None   # our own bytes, made by save
 
     def count(self) -> int:
@@ -2482,12 +2478,18 @@ class MemoryStore(Store):
     def save(self, conversation_id: str, record: dict) -> None:
         # A copy, so callers cannot change what is stored: pickled, which for a record of JSON
         # data is several times quicker to make and to read again than JSON (floats above all).
-        copied = pickle.dumps(record, pickle.HIGHEST_PROTOCOL)
-        with self._guard:
-            self._records[conversation_id] = (time.time(), copied)
-            self._records.move_to_end(conversation_id)
-            while len(self._records) > self.max_conversations:
-                self._records.popitem(last=False)
+        records, guard, pickled = self._records, self._guard, self._pickled
+        guard.acquire()   # not a with block: its special-method calls cost more than what it guards
+        try:
+            pickled.seek(0)   # emptied first: a pickling that failed may have left a part
+            pickled.truncate()
+            self._pickler.dump(record)
+            records[conversation_id] = (time.time(), pickled.getvalue())
+            records.move_to_end(conversation_id)
+            while len(records) > self.max_conversations:
+                records.popitem(last=False)
+        finally:
+            guard.release()
 
     def _forget_old(self) -> None:
         if self.max_age_seconds is None:
@@ -2836,6 +2838,9 @@ def split_new_messages(messages: Sequence[dict]) -> Tuple[List[dict], str]:
     earlier = [] if last_assistant < 0 else [
         {"role": m["role"], "content": clean_reply(m["content"]) if m["role"] == "assistant" else m["content"]}
         for m in messages[:last_assistant + 1] if m["role"] in ("user", "assistant")]
+    if last_assistant == len(messages) - 2:   # one message after the last reply (most turns): nothing to join
+        last = messages[-1]
+        return earlier, last["content"].strip() if last["role"] == "user" else ""
     new = "\n".join([m["content"] for m in messages[last_assistant + 1:] if m["role"] == "user"]).strip()
     return earlier, new
 
@@ -10196,9 +10201,15 @@ class Metrics:
         totals = self._turn_series.get(model)
         if totals is None:   # setdefault: two threads' first turns share one list
             totals = self._turn_series.setdefault(model, [0.0, 0.0])
-        with self._lock:   # turns_total and turn_seconds_count are the same count
+        # The lock taken without a with block, here and in count_run: its special-method calls
+        # cost more than the two additions it guards (every turn counts here).
+        lock = self._lock
+        lock.acquire()
+        try:   # turns_total and turn_seconds_count are the same count
             totals[0] += 1
             totals[1] += seconds
+        finally:
+            lock.release()
 
     def count_run(self, model: str, outcome: str) -> None:
         """A workflow run ended: runs_total, added to the total of its model and outcome (every
@@ -10206,8 +10217,12 @@ class Metrics:
         totals = self._run_series.get((model, outcome))
         if totals is None:
             totals = self._run_series.setdefault((model, outcome), [0.0])
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             totals[0] += 1
+        finally:
+            lock.release()
 
     @staticmethod
     def _observed(name: str, seconds: float, labelled: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[Any, float], ...]:

@@ -1229,6 +1229,45 @@ def test_memory_store_forgets_the_least_recently_used_beyond_its_bound():
     assert store.load("a") is None and store.load("c") == {"n": "c"}
 
 
+def test_memory_store_keeps_a_copy_apart_from_its_callers_and_saves_again_after_a_failed_save():
+    store = cozyopenai.MemoryStore()
+    record = {"snapshots": [{"values": {"word": "hello"}, "at": 1.5}], "results": {"d": "text"}}
+    store.save("a", record)
+    record["snapshots"][0]["values"]["word"] = "changed"   # the caller's later change
+    loaded = store.load("a")
+    assert loaded == {"snapshots": [{"values": {"word": "hello"}, "at": 1.5}], "results": {"d": "text"}}
+    loaded["results"]["d"] = "changed too"   # a change to what load gave
+    assert store.load("a")["results"] == {"d": "text"}
+    with pytest.raises(Exception):
+        store.save("a", {"x": [1, lambda: 0]})   # a pickling that fails half-way
+    assert store.load("a")["results"] == {"d": "text"}
+    store.save("b", {"n": [1]})
+    assert store.load("b") == {"n": [1]}
+
+
+def test_keyed_locks_let_one_thread_at_a_time_hold_a_key_and_keep_no_entry_once_left():
+    locks, inside, most = cozyopenai._KeyedLocks(), {"a": 0, "b": 0}, {"a": 0, "b": 0}
+
+    def turns(key):
+        for number in range(300):
+            with locks(key):
+                inside[key] += 1
+                most[key] = max(most[key], inside[key])
+                if number % 50 == 0:
+                    time.sleep(0.001)   # a holder that waits: the others queue behind it
+                inside[key] -= 1
+    threads = [threading.Thread(target=turns, args=("a",)) for _ in range(4)] + [threading.Thread(target=turns,
+                                                                                                  args=("b",))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most == {"a": 1, "b": 1} and locks._entries == {}   # one holder of a key at a time; nothing kept
+    with locks("a"):   # keys apart do not wait for each other
+        with locks("b"):
+            assert set(locks._entries) == {"a", "b"}
+
+
 def test_memory_store_forgets_conversations_unused_past_their_age():
     store = cozyopenai.MemoryStore(max_age_seconds=0.05)
     store.save("a" * 32, {"n": 1})
