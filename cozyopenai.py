@@ -3462,7 +3462,10 @@ CURRENCY_SIGNS = "$€£¥₹"
 SPACED_NUMBER_PATTERN = re.compile(r"(?<![\w.,])\d{1,3}(?: \d{3})+(?![\d.,]\d)")
 # The value is the line up to its last non-space, or its one first character when all are spaces:
 # what a lazy "(.+?)\s*$" takes, found by a greedy one, without a try of the end at every character.
-LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*(.*\S|.)\s*$", re.M)
+# The label is greedy too, for the same reason: it then keeps the spaces before its mark ("word : x"
+# gives "word "), which change nothing its users read of it (_input_named strips them, split()
+# drops them); the lines found, and their values, are a lazy label's.
+LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63})\s*[:=]\s*(.*\S|.)\s*$", re.M)
 TYPED_VALUE_PATTERNS = FORMAT_PATTERNS   # their shape makes them unambiguous: read without a label
 TEXT_KINDS = ("email", "url", "date", "place")     # kinds of the string type
 NUMBER_KINDS = ("money", "year", "month")         # kinds of the number types
@@ -5205,17 +5208,22 @@ def _read_labels(workflow: Workflow, text: str, folded: str, reading: Reading) -
     numbers = {}
     for name, patterns in _labelled_number_patterns(workflow).items():
         match = patterns[which].search(folded)
-        if match and not _linked_out_of_bounds(workflow.query_inputs[name], match):
+        # (patterns[2]: the input has a maximum, which a number reached through a link may be above)
+        if match and not (patterns[2] and _linked_out_of_bounds(workflow.query_inputs[name], match)):
             numbers[name] = match.group(1)
     lines = LINE_VALUE_PATTERN.findall(text)
     reading.label_lines = len(lines)
     own_names = _inputs_named_by_own_name(workflow)   # the commonest labels, as _input_named finds them first
+    # _line_value cuts a value only at a mark that ends a sentence or parts of a list: a text
+    # with none of them has no value to cut, and no call to find so.
+    cuttable = "." in text or "!" in text or "," in text or ";" in text
     for key, value in lines:
         name = own_names[key] if key in own_names else _input_named(workflow, key)
         if name in numbers:   # "count: 3": the number after the label, whatever follows it on the line
             reading.add(name, 3, numbers[name])
         elif name:   # the marks of a quotation the line was in are not the value's: "When: 3-9 March""
-            reading.add(name, 3, _line_value(workflow, name, value.strip(QUOTATION_MARKS) or value))
+            value = value.strip(QUOTATION_MARKS) or value
+            reading.add(name, 3, _line_value(workflow, name, value) if cuttable else value)
     for query in workflow.query_inputs.values():
         if query.name in reading.candidates:
             continue
@@ -5293,9 +5301,10 @@ def _linked_out_of_bounds(query: QueryInput, match: "re.Match[str]") -> bool:
     return linked and number is not None and number > query.maximum
 
 
-def _labelled_number_patterns(workflow: Workflow) -> Dict[str, Tuple["re.Pattern[str]", "re.Pattern[str]"]]:
+def _labelled_number_patterns(workflow: Workflow) -> Dict[str, Tuple["re.Pattern[str]", "re.Pattern[str]", bool]]:
     """Per number input, a label and the number right after it, compiled once per workflow: for
-    an ASCII folded text, and for any text. The first ignores case in the label alone: the words
+    an ASCII folded text, and for any text; and whether the input has a maximum, without which
+    no number is out of bounds (_linked_out_of_bounds, then not called). The first ignores case in the label alone: the words
     of LABELLED_NUMBER are ASCII and lower case, so in an ASCII folded text, lower case too, no
     case to ignore changes what they match (only "ı", "ſ", "K" and "İ" fold onto ASCII letters),
     and the regex engine tries the words of a case it ignores one by one, without its quick look."""
@@ -5307,7 +5316,7 @@ def _labelled_number_patterns(workflow: Workflow) -> Dict[str, Tuple["re.Pattern
                 labels = _label_patterns(workflow, query)
                 label = r"\b(?:" + "|".join(labels) + r")"
                 found[query.name] = (re.compile(_ascii_label_pattern(labels) + LABELLED_NUMBER),
-                                     re.compile(label + LABELLED_NUMBER, re.I))
+                                     re.compile(label + LABELLED_NUMBER, re.I), query.maximum is not None)
     return found
 
 
