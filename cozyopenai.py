@@ -3965,9 +3965,11 @@ def _head_and_rest(text: str) -> Tuple[str, str]:
 
 def coerce_value(query: QueryInput, raw: Any) -> Any:
     """The value in the input's declared type; ValueError says why not, in words for the user."""
-    label = query.label
     if isinstance(raw, list) and len(raw) == 1:   # weak models wrap a value in a list
         raw = raw[0]
+    if query.type in NUMERIC_TYPES:   # (the label, which _coerce_number fetches only to say why not)
+        return _coerce_number(query, raw)
+    label = query.label
     if query.type == "boolean":
         if isinstance(raw, bool):
             return raw
@@ -3985,14 +3987,12 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
         if len(named) == 1:
             return named.pop()
         raise ValueError(f"I need a yes or no for the {label}, not {as_written(raw)}")
-    if query.type in NUMERIC_TYPES:
-        return _coerce_number(query, raw)
     if query.type == "choice":
         return _match_choice(query, raw)
-    if isinstance(raw, (dict, list)) or raw is None or not str(raw).strip():
+    text = "" if isinstance(raw, (dict, list)) or raw is None else str(raw)
+    if not text.strip():
         raise ValueError(f"I need some text for the {label}")
     # One line of plain text: a value never carries a code fence or line breaks into a workflow.
-    text = str(raw)
     if not (text.isascii() and text.isprintable()):   # the common value, printable ASCII, has no invisible mark
         text = INVISIBLE_PATTERN.sub("", text)
     text = " ".join(text.replace("`", " ").split())
@@ -4015,7 +4015,6 @@ def as_written(raw: Any) -> str:
 
 
 def _coerce_number(query: QueryInput, raw: Any) -> Any:
-    label = query.label
     if isinstance(raw, str) and raw.isdigit() and raw.isascii() and not query.synonyms:
         if len(raw) <= 15:   # "3", the commonest: a whole number below MAX_NUMBER_VALUE, which float
             number = int(raw)   # reads exactly, so it is its own value for every numeric type
@@ -4025,6 +4024,7 @@ def _coerce_number(query: QueryInput, raw: Any) -> Any:
         number = float(raw)   # what _number_of finds in it, without its tests for data
     else:
         number = _number_of(query, raw)
+    label = query.label   # (not fetched for the common whole number above, which nothing refuses but its bounds)
     if not math.isfinite(number):
         raise ValueError(f"I need a finite number for the {label}")
     if abs(number) > MAX_NUMBER_VALUE:   # 1e308 would be written out with 309 digits
@@ -4167,7 +4167,8 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     what is only context, which must never give values over the user's own words: fenced
     code blocks, quoted lines ("> ..."), passages of several words in quotation marks and lines
     pasted from one of our earlier replies. Amounts in words are put in digits ("deux mille")."""
-    text = within_reading_limit(text)
+    if len(text) > READ_MAX_CHARS:   # (the common message is read whole: no call to find so)
+        text = within_reading_limit(text)
     if not (text.isascii() and text.replace("\n", " ").isprintable()):   # printable ASCII lines have no invisible mark
         text = INVISIBLE_PATTERN.sub("", text)
     if "```" in text or "~~~" in text:   # every fence opens with one: most messages have none to look for
@@ -5115,7 +5116,9 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     _read_labels(workflow, text, folded, reading)
     labelled = bool(reading.candidates)
     if _spans_change_nothing(workflow, text, reading):   # "word: hello\ncount: 3"
-        _read_topics(workflow, conversation, reading)
+        booleans = _boolean_inputs(workflow)
+        if booleans:   # (no topic to read in a workflow without a yes/no input)
+            _read_topics(booleans, conversation, reading)
     else:
         _read_spans(workflow, conversation, text, reading)
     if not labelled:   # the answer to the question just asked, unless the message is a sentence of
@@ -5126,9 +5129,10 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
                 continue   # "weather in lyon", asked which city: the place read in it, not the whole reply
             if not gives_others or (name not in reading.candidates and not phrase):
                 reading.add(name, 2, raw)
-    for name, value in _quoted_label_lines(workflow, sent, history).items():
-        if name not in reading.candidates and name not in conversation.values:
-            reading.add(name, 1, value)   # only where the user's own words give nothing
+    if ">" in sent:   # every quoted line has one: most messages have none (no call to find so)
+        for name, value in _quoted_label_lines(workflow, sent, history).items():
+            if name not in reading.candidates and name not in conversation.values:
+                reading.add(name, 1, value)   # only where the user's own words give nothing
     _choose(workflow, reading, extraction)
     return extraction, reading
 
@@ -5180,10 +5184,10 @@ def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bo
     return RULING_OUT_WORDS.isdisjoint([token.folded for token in reading.tokens])
 
 
-def _read_topics(workflow: Workflow, conversation: Conversation, reading: Reading) -> None:
+def _read_topics(booleans: Sequence[QueryInput], conversation: Conversation, reading: Reading) -> None:
     """What _read_spans finds that a message of ``name: value`` lines can still need: the
-    yes/no an input's topic words state, which an LLM's reading is checked against."""
-    booleans = _boolean_inputs(workflow)
+    yes/no an input's topic words state, which an LLM's reading is checked against.
+    ``booleans``: the workflow's yes/no inputs (_boolean_inputs)."""
     changing = bool(booleans) and asks_a_change(reading.tokens)   # asked only where a yes/no can be read
     for query in booleans:
         if query.name not in conversation.values or changing:
@@ -6054,7 +6058,10 @@ def _choose(workflow: Workflow, reading: Reading, extraction: Extraction) -> Non
     """Per input, the strongest candidates: one value is accepted, several are asked about."""
     for name, found in reading.candidates.items():
         query = workflow.query_inputs[name]
-        strongest = found[max(found)]
+        if len(found) == 1:   # the common case: candidates of one strength, found without a call of max()
+            (strongest,) = found.values()
+        else:
+            strongest = found[max(found)]
         if len(strongest) == 1 and not reading.ruled_out.get(name):   # the common case: one value, nothing ruled out
             try:
                 extraction.values[name] = coerce_value(query, strongest[0])
