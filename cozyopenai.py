@@ -3891,8 +3891,10 @@ def numbers_as_digits(text: str) -> str:
     reader reads them: "deux mille euros" is "2000 euros", "duemilaventisette" is "2027".
     Only numbers of CARDINAL_PHRASE_MIN and more, of several number words or a thousand
     before a currency ("mil euros"); not a capitalised word inside a sentence ("Mila")."""
-    if not _may_spell_a_number(text):
-        return text   # no word starts with a number word: none can be one
+    # No word starts with a number word: none can be one. (An ASCII text, the common one, is
+    # looked through here as _may_spell_a_number looks through it, without a call.)
+    if not (ASCII_NUMBER_WORD_START.search(" " + text.lower()) if text.isascii() else _may_spell_a_number(text)):
+        return text
     words = list(NUMBER_WORD_PATTERN.finditer(text))
     pieces, last, index = [], 0, 0
     while index < len(words):
@@ -3967,9 +3969,8 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
     """The value in the input's declared type; ValueError says why not, in words for the user."""
     if isinstance(raw, list) and len(raw) == 1:   # weak models wrap a value in a list
         raw = raw[0]
-    if query.type in NUMERIC_TYPES:   # (the label, which _coerce_number fetches only to say why not)
+    if query.type in NUMERIC_TYPES:
         return _coerce_number(query, raw)
-    label = query.label
     if query.type == "boolean":
         if isinstance(raw, bool):
             return raw
@@ -3986,21 +3987,26 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
         named = _synonyms_named(query, str(raw))
         if len(named) == 1:
             return named.pop()
-        raise ValueError(f"I need a yes or no for the {label}, not {as_written(raw)}")
+        raise ValueError(f"I need a yes or no for the {query.label}, not {as_written(raw)}")
     if query.type == "choice":
         return _match_choice(query, raw)
+    # (query.label, a look-up, is fetched only to say why a value is refused)
     text = "" if isinstance(raw, (dict, list)) or raw is None else str(raw)
     if not text.strip():
-        raise ValueError(f"I need some text for the {label}")
+        raise ValueError(f"I need some text for the {query.label}")
     # One line of plain text: a value never carries a code fence or line breaks into a workflow.
-    if not (text.isascii() and text.isprintable()):   # the common value, printable ASCII, has no invisible mark
-        text = INVISIBLE_PATTERN.sub("", text)
-    text = " ".join(text.replace("`", " ").split())
-    if not text:
-        raise ValueError(f"I need some text for the {label}")
+    # The common value, one word of printable ASCII ("hello", "Paris"), is one already: it has
+    # no invisible mark, and no space or backtick to join or replace.
+    printable = text.isascii() and text.isprintable()
+    if not (printable and " " not in text and "`" not in text):
+        if not printable:
+            text = INVISIBLE_PATTERN.sub("", text)
+        text = " ".join(text.replace("`", " ").split())
+        if not text:
+            raise ValueError(f"I need some text for the {query.label}")
     if query.type in FORMAT_PATTERNS and not FORMAT_PATTERNS[query.type].fullmatch(text):
         raise ValueError(f"I need {'an email address' if query.type == 'email' else 'a web address'} "
-                         f"for the {label}, not {text!r}")
+                         f"for the {query.label}, not {text!r}")
     return text
 
 
@@ -5221,13 +5227,20 @@ def _read_labels(workflow: Workflow, text: str, folded: str, reading: Reading) -
     # _line_value cuts a value only at a mark that ends a sentence or parts of a list: a text
     # with none of them has no value to cut, and no call to find so.
     cuttable = "." in text or "!" in text or "," in text or ";" in text
+    candidates = reading.candidates
     for key, value in lines:
         name = own_names[key] if key in own_names else _input_named(workflow, key)
         if name in numbers:   # "count: 3": the number after the label, whatever follows it on the line
-            reading.add(name, 3, numbers[name])
+            value = numbers[name]
         elif name:   # the marks of a quotation the line was in are not the value's: "When: 3-9 March""
             value = value.strip(QUOTATION_MARKS) or value
-            reading.add(name, 3, _line_value(workflow, name, value) if cuttable else value)
+            if cuttable:
+                value = _line_value(workflow, name, value)
+        else:
+            continue
+        candidates.setdefault(name, {}).setdefault(3, []).append(value)   # reading.add, without a call a line
+    if len(reading.candidates) == len(workflow.query_inputs):   # the lines gave every input a value:
+        return                                                   # none to look for after its label
     for query in workflow.query_inputs.values():
         if query.name in reading.candidates:
             continue
