@@ -3801,6 +3801,11 @@ CANCEL_PATTERN = _phrase_pattern("cancel_phrases", whole=True)
 # engine passes over a phrase at its first letter only when it need not ignore case.
 ASCII_CANCEL_PATTERN = (_phrase_pattern("cancel_phrases", whole=True, flags=0)
                         if all("".join(phrase).isascii() for phrase in phrases_of("cancel_phrases")) else CANCEL_PATTERN)
+# The letters a cancel phrase opens with: only non-word characters may stand before it, so an
+# ASCII folded text that opens with another letter or a digit ("word: hello") is no cancel, found
+# without a match. (Every letter and digit where the pattern ignores case: no look-up of its folds.)
+ASCII_CANCEL_INITIALS = (frozenset(phrase[0][:1] for phrase in phrases_of("cancel_phrases"))
+                         if ASCII_CANCEL_PATTERN is not CANCEL_PATTERN else frozenset(string.ascii_letters + string.digits))
 RERUN_PATTERN = _phrase_pattern("rerun_phrases", whole=False)
 _RANGE = "|".join(map(re.escape, sorted(RANGE_WORDS, key=len, reverse=True)))
 _RANGE_OR_AND = "|".join(map(re.escape, sorted(RANGE_WORDS | AND_WORDS, key=len, reverse=True)))
@@ -5111,7 +5116,12 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     sent, text = text, user_words(text, history)
     folded = _fold(text)   # once: the cancel words and the labelled numbers are both found in it
     extraction = Extraction()   # intent "provide" (a keyword argument costs as much as setting the field)
-    if (ASCII_CANCEL_PATTERN if folded.isascii() else CANCEL_PATTERN).match(folded):
+    if folded.isascii():
+        opening = folded[:1]   # (no letter or digit, or one a cancel phrase opens with: the pattern decides)
+        cancel = (opening in ASCII_CANCEL_INITIALS or not opening.isalnum()) and ASCII_CANCEL_PATTERN.match(folded)
+    else:
+        cancel = CANCEL_PATTERN.match(folded)
+    if cancel:
         extraction.intent = "cancel"
     if long:
         extraction.notes.append(LONG_MESSAGE_NOTE)
