@@ -3587,6 +3587,13 @@ def word_tree_pattern(words: Iterable[str], joint: str = "") -> str:
     return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
 
 
+def initials_ahead(words: Iterable[str]) -> str:
+    """A lookahead for the first letters of the words, put before their word_tree_pattern where
+    the regex engine tries it at many places: one look at a letter that opens none of them fails
+    at once, where the tree's branches are tried one by one."""
+    return "(?=[" + "".join(sorted({re.escape(word[:1]) for word in words})) + "])"
+
+
 def _words(text: str) -> List[str]:
     return re.findall(r"\w+", _fold(text))
 
@@ -3745,7 +3752,8 @@ NUMBER_GLUES = frozenset(word for word in AND_WORDS if len(word) > 1)
 NUMBER_WORD_PATTERN = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*|\d+")
 # Searched in " " + the lower-cased text: what stands before a word's start is matched, not looked
 # back at, so the regex engine tries only where a non-letter stands (the space: the text's start).
-ASCII_NUMBER_WORD_START = re.compile(r"[^a-z](?<![a-z]-)" + word_tree_pattern(CARDINALS, joint="-?"))
+ASCII_NUMBER_WORD_START = re.compile(r"[^a-z]" + initials_ahead(CARDINALS) + r"(?<![a-z]-)"
+                                     + word_tree_pattern(CARDINALS, joint="-?"))
 CARDINAL_PHRASE_MIN = 100   # smaller counts stay words: "two weeks" is read as a period, as written
 BOOLEAN_WORDS = MappingProxyType({True: words_of("yes") | frozenset(SYMBOL_YES.split()),
                                   False: words_of("no") | frozenset(SYMBOL_NO.split())})
@@ -4330,8 +4338,8 @@ def ascii_token_patterns(words: Iterable[str]) -> Tuple["re.Pattern[str]", ...]:
             return (re.compile(""),)   # a word of another shape: found everywhere, so the tokens decide
     numbers = [rf"{number}(?:(?<!\d{number})|(?<=-\d\d{number})|(?<=[./]\d{{4}}{number}))(?!\d|[.,]\d)"
                for number in digits]
-    return tuple(re.compile(pattern) for pattern in [r"[^a-z]" + word_tree_pattern(letters) + r"(?![a-z])"]
-                 * bool(letters) + ["|".join(numbers)] * bool(numbers))
+    words_pattern = r"[^a-z]" + initials_ahead(letters) + word_tree_pattern(letters) + r"(?![a-z])" if letters else ""
+    return tuple(re.compile(pattern) for pattern in [words_pattern] * bool(letters) + ["|".join(numbers)] * bool(numbers))
 
 
 def _ends_an_item(text: str, newline: int) -> bool:
