@@ -5122,7 +5122,9 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     as sent: it is cleaned here, once (user_words), and ``reading.tokens.text`` is what was read."""
     long = len(text) > READ_MAX_CHARS
     sent, text = text, user_words(text, history)
-    folded = _fold(text)   # once: the cancel words and the labelled numbers are both found in it
+    # Once: the cancel words and the labelled numbers are both found in it. (An ASCII text's fold
+    # is its casefold, _fold's common case, made here without a call.)
+    folded = text.casefold() if text.isascii() else _fold(text)
     extraction = Extraction()   # intent "provide" (a keyword argument costs as much as setting the field)
     if folded.isascii():
         opening = folded[:1]   # (no letter or digit, or one a cancel phrase opens with: the pattern decides)
