@@ -3467,7 +3467,10 @@ CURRENCY_SIGNS = "$€£¥₹"
 SPACED_NUMBER_PATTERN = re.compile(r"(?<![\w.,])\d{1,3}(?: \d{3})+(?![\d.,]\d)")
 # The value is the line up to its last non-space, or its one first character when all are spaces:
 # what a lazy "(.+?)\s*$" takes, found by a greedy one, without a try of the end at every character.
-LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63}?)\s*[:=]\s*(.*\S|.)\s*$", re.M)
+# The label is greedy too, for the same reason: it then keeps the spaces before its mark ("word : x"
+# gives "word "), which change nothing its users read of it (_input_named strips them, split()
+# drops them); the lines found, and their values, are a lazy label's.
+LINE_VALUE_PATTERN = re.compile(r"^\s*[-*]?\s*([A-Za-z][\w \-]{0,63})\s*[:=]\s*(.*\S|.)\s*$", re.M)
 TYPED_VALUE_PATTERNS = FORMAT_PATTERNS   # their shape makes them unambiguous: read without a label
 TEXT_KINDS = ("email", "url", "date", "place")     # kinds of the string type
 NUMBER_KINDS = ("money", "year", "month")         # kinds of the number types
@@ -3587,6 +3590,13 @@ def word_tree_pattern(words: Iterable[str], joint: str = "") -> str:
         tail = joint + word_tree_pattern(longer, joint) if longer else ""
         branches.append(re.escape(head) + (f"(?:{tail})?" if longer and "" in rests else tail))
     return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+
+
+def initials_ahead(words: Iterable[str]) -> str:
+    """A lookahead for the first letters of the words, put before their word_tree_pattern where
+    the regex engine tries it at many places: one look at a letter that opens none of them fails
+    at once, where the tree's branches are tried one by one."""
+    return "(?=[" + "".join(sorted({re.escape(word[:1]) for word in words})) + "])"
 
 
 def _words(text: str) -> List[str]:
@@ -3747,7 +3757,8 @@ NUMBER_GLUES = frozenset(word for word in AND_WORDS if len(word) > 1)
 NUMBER_WORD_PATTERN = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*|\d+")
 # Searched in " " + the lower-cased text: what stands before a word's start is matched, not looked
 # back at, so the regex engine tries only where a non-letter stands (the space: the text's start).
-ASCII_NUMBER_WORD_START = re.compile(r"[^a-z](?<![a-z]-)" + word_tree_pattern(CARDINALS, joint="-?"))
+ASCII_NUMBER_WORD_START = re.compile(r"[^a-z]" + initials_ahead(CARDINALS) + r"(?<![a-z]-)"
+                                     + word_tree_pattern(CARDINALS, joint="-?"))
 CARDINAL_PHRASE_MIN = 100   # smaller counts stay words: "two weeks" is read as a period, as written
 BOOLEAN_WORDS = MappingProxyType({True: words_of("yes") | frozenset(SYMBOL_YES.split()),
                                   False: words_of("no") | frozenset(SYMBOL_NO.split())})
@@ -3803,6 +3814,11 @@ CANCEL_PATTERN = _phrase_pattern("cancel_phrases", whole=True)
 # engine passes over a phrase at its first letter only when it need not ignore case.
 ASCII_CANCEL_PATTERN = (_phrase_pattern("cancel_phrases", whole=True, flags=0)
                         if all("".join(phrase).isascii() for phrase in phrases_of("cancel_phrases")) else CANCEL_PATTERN)
+# The letters a cancel phrase opens with: only non-word characters may stand before it, so an
+# ASCII folded text that opens with another letter or a digit ("word: hello") is no cancel, found
+# without a match. (Every letter and digit where the pattern ignores case: no look-up of its folds.)
+ASCII_CANCEL_INITIALS = (frozenset(phrase[0][:1] for phrase in phrases_of("cancel_phrases"))
+                         if ASCII_CANCEL_PATTERN is not CANCEL_PATTERN else frozenset(string.ascii_letters + string.digits))
 RERUN_PATTERN = _phrase_pattern("rerun_phrases", whole=False)
 _RANGE = "|".join(map(re.escape, sorted(RANGE_WORDS, key=len, reverse=True)))
 _RANGE_OR_AND = "|".join(map(re.escape, sorted(RANGE_WORDS | AND_WORDS, key=len, reverse=True)))
@@ -3893,8 +3909,10 @@ def numbers_as_digits(text: str) -> str:
     reader reads them: "deux mille euros" is "2000 euros", "duemilaventisette" is "2027".
     Only numbers of CARDINAL_PHRASE_MIN and more, of several number words or a thousand
     before a currency ("mil euros"); not a capitalised word inside a sentence ("Mila")."""
-    if not _may_spell_a_number(text):
-        return text   # no word starts with a number word: none can be one
+    # No word starts with a number word: none can be one. (An ASCII text, the common one, is
+    # looked through here as _may_spell_a_number looks through it, without a call.)
+    if not (ASCII_NUMBER_WORD_START.search(" " + text.lower()) if text.isascii() else _may_spell_a_number(text)):
+        return text
     words = list(NUMBER_WORD_PATTERN.finditer(text))
     pieces, last, index = [], 0, 0
     while index < len(words):
@@ -3967,9 +3985,10 @@ def _head_and_rest(text: str) -> Tuple[str, str]:
 
 def coerce_value(query: QueryInput, raw: Any) -> Any:
     """The value in the input's declared type; ValueError says why not, in words for the user."""
-    label = query.label
     if isinstance(raw, list) and len(raw) == 1:   # weak models wrap a value in a list
         raw = raw[0]
+    if query.type in NUMERIC_TYPES:
+        return _coerce_number(query, raw)
     if query.type == "boolean":
         if isinstance(raw, bool):
             return raw
@@ -3986,23 +4005,26 @@ def coerce_value(query: QueryInput, raw: Any) -> Any:
         named = _synonyms_named(query, str(raw))
         if len(named) == 1:
             return named.pop()
-        raise ValueError(f"I need a yes or no for the {label}, not {as_written(raw)}")
-    if query.type in NUMERIC_TYPES:
-        return _coerce_number(query, raw)
+        raise ValueError(f"I need a yes or no for the {query.label}, not {as_written(raw)}")
     if query.type == "choice":
         return _match_choice(query, raw)
-    if isinstance(raw, (dict, list)) or raw is None or not str(raw).strip():
-        raise ValueError(f"I need some text for the {label}")
+    # (query.label, a look-up, is fetched only to say why a value is refused)
+    text = "" if isinstance(raw, (dict, list)) or raw is None else str(raw)
+    if not text.strip():
+        raise ValueError(f"I need some text for the {query.label}")
     # One line of plain text: a value never carries a code fence or line breaks into a workflow.
-    text = str(raw)
-    if not (text.isascii() and text.isprintable()):   # the common value, printable ASCII, has no invisible mark
-        text = INVISIBLE_PATTERN.sub("", text)
-    text = " ".join(text.replace("`", " ").split())
-    if not text:
-        raise ValueError(f"I need some text for the {label}")
+    # The common value, one word of printable ASCII ("hello", "Paris"), is one already: it has
+    # no invisible mark, and no space or backtick to join or replace.
+    printable = text.isascii() and text.isprintable()
+    if not (printable and " " not in text and "`" not in text):
+        if not printable:
+            text = INVISIBLE_PATTERN.sub("", text)
+        text = " ".join(text.replace("`", " ").split())
+        if not text:
+            raise ValueError(f"I need some text for the {query.label}")
     if query.type in FORMAT_PATTERNS and not FORMAT_PATTERNS[query.type].fullmatch(text):
         raise ValueError(f"I need {'an email address' if query.type == 'email' else 'a web address'} "
-                         f"for the {label}, not {text!r}")
+                         f"for the {query.label}, not {text!r}")
     return text
 
 
@@ -4017,7 +4039,6 @@ def as_written(raw: Any) -> str:
 
 
 def _coerce_number(query: QueryInput, raw: Any) -> Any:
-    label = query.label
     if isinstance(raw, str) and raw.isdigit() and raw.isascii() and not query.synonyms:
         if len(raw) <= 15:   # "3", the commonest: a whole number below MAX_NUMBER_VALUE, which float
             number = int(raw)   # reads exactly, so it is its own value for every numeric type
@@ -4027,6 +4048,7 @@ def _coerce_number(query: QueryInput, raw: Any) -> Any:
         number = float(raw)   # what _number_of finds in it, without its tests for data
     else:
         number = _number_of(query, raw)
+    label = query.label   # (not fetched for the common whole number above, which nothing refuses but its bounds)
     if not math.isfinite(number):
         raise ValueError(f"I need a finite number for the {label}")
     if abs(number) > MAX_NUMBER_VALUE:   # 1e308 would be written out with 309 digits
@@ -4169,7 +4191,8 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     what is only context, which must never give values over the user's own words: fenced
     code blocks, quoted lines ("> ..."), passages of several words in quotation marks and lines
     pasted from one of our earlier replies. Amounts in words are put in digits ("deux mille")."""
-    text = within_reading_limit(text)
+    if len(text) > READ_MAX_CHARS:   # (the common message is read whole: no call to find so)
+        text = within_reading_limit(text)
     if not (text.isascii() and text.replace("\n", " ").isprintable()):   # printable ASCII lines have no invisible mark
         text = INVISIBLE_PATTERN.sub("", text)
     if "```" in text or "~~~" in text:   # every fence opens with one: most messages have none to look for
@@ -4320,8 +4343,8 @@ def ascii_token_patterns(words: Iterable[str]) -> Tuple["re.Pattern[str]", ...]:
             return (re.compile(""),)   # a word of another shape: found everywhere, so the tokens decide
     numbers = [rf"{number}(?:(?<!\d{number})|(?<=-\d\d{number})|(?<=[./]\d{{4}}{number}))(?!\d|[.,]\d)"
                for number in digits]
-    return tuple(re.compile(pattern) for pattern in [r"[^a-z]" + word_tree_pattern(letters) + r"(?![a-z])"]
-                 * bool(letters) + ["|".join(numbers)] * bool(numbers))
+    words_pattern = r"[^a-z]" + initials_ahead(letters) + word_tree_pattern(letters) + r"(?![a-z])" if letters else ""
+    return tuple(re.compile(pattern) for pattern in [words_pattern] * bool(letters) + ["|".join(numbers)] * bool(numbers))
 
 
 def _ends_an_item(text: str, newline: int) -> bool:
@@ -5104,9 +5127,16 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     as sent: it is cleaned here, once (user_words), and ``reading.tokens.text`` is what was read."""
     long = len(text) > READ_MAX_CHARS
     sent, text = text, user_words(text, history)
-    folded = _fold(text)   # once: the cancel words and the labelled numbers are both found in it
+    # Once: the cancel words and the labelled numbers are both found in it. (An ASCII text's fold
+    # is its casefold, _fold's common case, made here without a call.)
+    folded = text.casefold() if text.isascii() else _fold(text)
     extraction = Extraction()   # intent "provide" (a keyword argument costs as much as setting the field)
-    if (ASCII_CANCEL_PATTERN if folded.isascii() else CANCEL_PATTERN).match(folded):
+    if folded.isascii():
+        opening = folded[:1]   # (no letter or digit, or one a cancel phrase opens with: the pattern decides)
+        cancel = (opening in ASCII_CANCEL_INITIALS or not opening.isalnum()) and ASCII_CANCEL_PATTERN.match(folded)
+    else:
+        cancel = CANCEL_PATTERN.match(folded)
+    if cancel:
         extraction.intent = "cancel"
     if long:
         extraction.notes.append(LONG_MESSAGE_NOTE)
@@ -5117,7 +5147,9 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     _read_labels(workflow, text, folded, reading)
     labelled = bool(reading.candidates)
     if _spans_change_nothing(workflow, text, reading):   # "word: hello\ncount: 3"
-        _read_topics(workflow, conversation, reading)
+        booleans = _boolean_inputs(workflow)
+        if booleans:   # (no topic to read in a workflow without a yes/no input)
+            _read_topics(booleans, conversation, reading)
     else:
         _read_spans(workflow, conversation, text, reading)
     if not labelled:   # the answer to the question just asked, unless the message is a sentence of
@@ -5128,9 +5160,10 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
                 continue   # "weather in lyon", asked which city: the place read in it, not the whole reply
             if not gives_others or (name not in reading.candidates and not phrase):
                 reading.add(name, 2, raw)
-    for name, value in _quoted_label_lines(workflow, sent, history).items():
-        if name not in reading.candidates and name not in conversation.values:
-            reading.add(name, 1, value)   # only where the user's own words give nothing
+    if ">" in sent:   # every quoted line has one: most messages have none (no call to find so)
+        for name, value in _quoted_label_lines(workflow, sent, history).items():
+            if name not in reading.candidates and name not in conversation.values:
+                reading.add(name, 1, value)   # only where the user's own words give nothing
     _choose(workflow, reading, extraction)
     return extraction, reading
 
@@ -5182,10 +5215,10 @@ def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bo
     return RULING_OUT_WORDS.isdisjoint([token.folded for token in reading.tokens])
 
 
-def _read_topics(workflow: Workflow, conversation: Conversation, reading: Reading) -> None:
+def _read_topics(booleans: Sequence[QueryInput], conversation: Conversation, reading: Reading) -> None:
     """What _read_spans finds that a message of ``name: value`` lines can still need: the
-    yes/no an input's topic words state, which an LLM's reading is checked against."""
-    booleans = _boolean_inputs(workflow)
+    yes/no an input's topic words state, which an LLM's reading is checked against.
+    ``booleans``: the workflow's yes/no inputs (_boolean_inputs)."""
     changing = bool(booleans) and asks_a_change(reading.tokens)   # asked only where a yes/no can be read
     for query in booleans:
         if query.name not in conversation.values or changing:
@@ -5210,17 +5243,29 @@ def _read_labels(workflow: Workflow, text: str, folded: str, reading: Reading) -
     numbers = {}
     for name, patterns in _labelled_number_patterns(workflow).items():
         match = patterns[which].search(folded)
-        if match and not _linked_out_of_bounds(workflow.query_inputs[name], match):
+        # (patterns[2]: the input has a maximum, which a number reached through a link may be above)
+        if match and not (patterns[2] and _linked_out_of_bounds(workflow.query_inputs[name], match)):
             numbers[name] = match.group(1)
     lines = LINE_VALUE_PATTERN.findall(text)
     reading.label_lines = len(lines)
     own_names = _inputs_named_by_own_name(workflow)   # the commonest labels, as _input_named finds them first
+    # _line_value cuts a value only at a mark that ends a sentence or parts of a list: a text
+    # with none of them has no value to cut, and no call to find so.
+    cuttable = "." in text or "!" in text or "," in text or ";" in text
+    candidates = reading.candidates
     for key, value in lines:
         name = own_names[key] if key in own_names else _input_named(workflow, key)
         if name in numbers:   # "count: 3": the number after the label, whatever follows it on the line
-            reading.add(name, 3, numbers[name])
+            value = numbers[name]
         elif name:   # the marks of a quotation the line was in are not the value's: "When: 3-9 March""
-            reading.add(name, 3, _line_value(workflow, name, value.strip(QUOTATION_MARKS) or value))
+            value = value.strip(QUOTATION_MARKS) or value
+            if cuttable:
+                value = _line_value(workflow, name, value)
+        else:
+            continue
+        candidates.setdefault(name, {}).setdefault(3, []).append(value)   # reading.add, without a call a line
+    if len(reading.candidates) == len(workflow.query_inputs):   # the lines gave every input a value:
+        return                                                   # none to look for after its label
     for query in workflow.query_inputs.values():
         if query.name in reading.candidates:
             continue
@@ -5298,9 +5343,10 @@ def _linked_out_of_bounds(query: QueryInput, match: "re.Match[str]") -> bool:
     return linked and number is not None and number > query.maximum
 
 
-def _labelled_number_patterns(workflow: Workflow) -> Dict[str, Tuple["re.Pattern[str]", "re.Pattern[str]"]]:
+def _labelled_number_patterns(workflow: Workflow) -> Dict[str, Tuple["re.Pattern[str]", "re.Pattern[str]", bool]]:
     """Per number input, a label and the number right after it, compiled once per workflow: for
-    an ASCII folded text, and for any text. The first ignores case in the label alone: the words
+    an ASCII folded text, and for any text; and whether the input has a maximum, without which
+    no number is out of bounds (_linked_out_of_bounds, then not called). The first ignores case in the label alone: the words
     of LABELLED_NUMBER are ASCII and lower case, so in an ASCII folded text, lower case too, no
     case to ignore changes what they match (only "ı", "ſ", "K" and "İ" fold onto ASCII letters),
     and the regex engine tries the words of a case it ignores one by one, without its quick look."""
@@ -5312,7 +5358,7 @@ def _labelled_number_patterns(workflow: Workflow) -> Dict[str, Tuple["re.Pattern
                 labels = _label_patterns(workflow, query)
                 label = r"\b(?:" + "|".join(labels) + r")"
                 found[query.name] = (re.compile(_ascii_label_pattern(labels) + LABELLED_NUMBER),
-                                     re.compile(label + LABELLED_NUMBER, re.I))
+                                     re.compile(label + LABELLED_NUMBER, re.I), query.maximum is not None)
     return found
 
 
@@ -6050,7 +6096,10 @@ def _choose(workflow: Workflow, reading: Reading, extraction: Extraction) -> Non
     """Per input, the strongest candidates: one value is accepted, several are asked about."""
     for name, found in reading.candidates.items():
         query = workflow.query_inputs[name]
-        strongest = found[max(found)]
+        if len(found) == 1:   # the common case: candidates of one strength, found without a call of max()
+            (strongest,) = found.values()
+        else:
+            strongest = found[max(found)]
         if len(strongest) == 1 and not reading.ruled_out.get(name):   # the common case: one value, nothing ruled out
             try:
                 extraction.values[name] = coerce_value(query, strongest[0])
