@@ -1303,22 +1303,26 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     node), then "done". A failure yields "failed" and starts nothing more. Closing the
     generator (the client hung up) sets ``stop`` so no new node starts. ``follow_up`` goes to
     the node whose output is the answer (see NodeContext). With ``metrics``, the run is counted
-    (runs by outcome, failed nodes by type).
+    (runs by outcome, failed nodes by type). Nothing runs before the first event is asked for.
     """
     node_types = NODE_TYPES if node_types is None else node_types
     stop = stop or StopSignal()
+    if workflow.chain is not None:   # one generator for the whole run: no layer more for each event
+        return _run_chain(workflow, values, node_types, llm, stop, follow_up, metrics)
+    return _run_side_by_side(workflow, values, node_types, llm, stop, follow_up, metrics)
+
+
+def _run_side_by_side(workflow: Workflow, values: Mapping[str, Any], node_types: Mapping[str, NodeType],
+                      llm: Optional[LLMClient], stop: threading.Event, follow_up: Optional[Tuple[str, str]],
+                      metrics: Any) -> Iterator[RunEvent]:
+    """run_workflow for a workflow with branches (see _side_by_side_events)."""
     outputs: Dict[str, Any] = {}
     answer_streamed, outcome = False, "stopped"
-    if workflow.chain is not None:
-        events = _chain_events(workflow, outputs, values, node_types, llm, stop, follow_up)
-    else:
-        events = _side_by_side_events(workflow, outputs, values, node_types, llm, stop, follow_up)
     try:
-        for event in events:
+        for event in _side_by_side_events(workflow, outputs, values, node_types, llm, stop, follow_up):
             if event.what == "failed":
                 outcome = "failed"
-                if metrics is not None:
-                    metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
+                _count_failure(metrics, workflow, event)
                 yield event
                 return
             answer_streamed = answer_streamed or event.what == "answer"
@@ -1334,6 +1338,45 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
             metrics.count_run(workflow.name, outcome)
 
 
+def _run_chain(workflow: Workflow, values: Mapping[str, Any], node_types: Mapping[str, NodeType],
+               llm: Optional[LLMClient], stop: threading.Event, follow_up: Optional[Tuple[str, str]],
+               metrics: Any) -> Iterator[RunEvent]:
+    """run_workflow for a chain: its nodes one after another in the caller's thread (no
+    hand-off to make), each output kept for the next; the same events as _run_side_by_side
+    would give, made in this one generator."""
+    outputs: Dict[str, Any] = {}
+    answer_streamed, outcome = False, "stopped"
+    try:
+        for node, started, streams_answer in _chain_steps(workflow):
+            yield started
+            for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, streams_answer,
+                                   follow_up if streams_answer else None):
+                what = event.what
+                if what == "failed":
+                    outcome = "failed"
+                    _count_failure(metrics, workflow, event)
+                    yield event
+                    return
+                if what == "answer":
+                    answer_streamed = True
+                yield event
+            outputs[node.id] = event.value   # its last event is its "finished"
+        answer = outputs[workflow.output_node]
+        if not answer_streamed:
+            yield new_event(("answer", workflow.output_node, answer, 0.0, None))
+        outcome = "ok"
+        yield new_event(("done", workflow.output_node, answer, 0.0, None))
+    finally:
+        stop.set()   # also on failure and GeneratorExit: nothing more starts
+        if metrics is not None:
+            metrics.count_run(workflow.name, outcome)
+
+
+def _count_failure(metrics: Any, workflow: Workflow, failed: RunEvent) -> None:
+    if metrics is not None:
+        metrics.add("node_failures_total", type=workflow.node(failed.node_id).type)
+
+
 def _chain_steps(workflow: Workflow) -> Tuple[Tuple[Node, RunEvent, bool], ...]:
     """A chain's nodes, each with its "started" event and whether it streams the answer:
     the same every run, so worked out once per workflow."""
@@ -1343,21 +1386,6 @@ def _chain_steps(workflow: Workflow) -> Tuple[Tuple[Node, RunEvent, bool], ...]:
         steps = workflow.derived["chain_steps"] = tuple((node, _started(node.id, node.description),
                                                          node.id == streams_answer) for node in workflow.chain or ())
     return steps
-
-
-def _chain_events(workflow: Workflow, outputs: Dict[str, Any], values: Mapping[str, Any],
-                  node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
-                  follow_up: Optional[Tuple[str, str]]) -> Iterator[RunEvent]:
-    """The nodes of a chain, one after another in the caller's thread (no hand-off to make),
-    each output kept in ``outputs``; the events end with the first "failed"."""
-    for node, started, streams_answer in _chain_steps(workflow):
-        yield started
-        for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, streams_answer,
-                               follow_up if streams_answer else None):
-            yield event
-            if event.what == "failed":
-                return
-        outputs[node.id] = event.value   # its last event is its "finished"
 
 
 def _side_by_side_events(workflow: Workflow, outputs: Dict[str, Any], values: Mapping[str, Any],
