@@ -1058,7 +1058,9 @@ def lookup_path(value: Any, path: Sequence[str], label: str) -> Any:
 
 
 def render_template(template: str, values: Mapping[str, Any]) -> str:
-    parts = _plain_template(str(template))
+    if type(template) is not str:   # a number written as a template, say
+        template = str(template)
+    parts = _plain_template(template)
     if parts is not None:   # the same text as the formatter below, without its machinery
         filled = []
         for literal, name in parts:
@@ -1067,10 +1069,12 @@ def render_template(template: str, values: Mapping[str, Any]) -> str:
                 if name not in values:
                     raise NodeFailed(f"{name!r} is not available (nothing at {name!r})")
                 value = values[name]
-                filled.append(shown_value(value) if isinstance(value, (bool, float)) else format(value, ""))
+                kind = type(value)   # text and whole numbers, most values, are told apart with no call
+                filled.append(value if kind is str else str(value) if kind is int else
+                              shown_value(value) if isinstance(value, (bool, float)) else format(value, ""))
         return "".join(filled)
     try:
-        return _TemplateFormatter().format(str(template), **values)
+        return _TemplateFormatter().format(template, **values)
     except (ValueError, IndexError) as exc:
         raise NodeFailed(f"template error: {exc}") from None
 
@@ -2864,6 +2868,8 @@ def split_new_messages(messages: Sequence[dict]) -> Tuple[List[dict], str]:
     earlier = [] if last_assistant < 0 else [
         {"role": m["role"], "content": clean_reply(m["content"]) if m["role"] == "assistant" else m["content"]}
         for m in messages[:last_assistant + 1] if m["role"] in ("user", "assistant")]
+    if last_assistant == len(messages) - 2 and messages[-1]["role"] == "user":   # one message after: its text
+        return earlier, messages[-1]["content"].strip()
     new = "\n".join([m["content"] for m in messages[last_assistant + 1:] if m["role"] == "user"]).strip()
     return earlier, new
 
@@ -7041,7 +7047,7 @@ def ordered_pieces(pieces: Iterable[Piece], written: Mapping[str, List[str]]) ->
         yield ("answer", SORRY_REPLY)
 
 
-@dataclass
+@dataclass(slots=True)   # one a turn: its fields are stored with no dict
 class TurnContext:
     """Everything one turn needs, so the turn logic holds no server state of its own."""
     workflow: Workflow
@@ -7175,22 +7181,29 @@ def _describe_extraction(workflow: Workflow, extraction: Extraction, understood:
                          changed: Mapping[str, Tuple[Any, Any]]) -> str:
     """The thinking lines for what the message gave, changed or could not give, as one text:
     they are written at once, so they go out as one piece ("" when there are none)."""
-    queries, lines = workflow.query_inputs, []
+    # A text of lines, each test before its loop: most dicts here are empty, and a loop over an
+    # empty one costs as much as a line. A value that is text is shown as it is, without
+    # shown_value's call (most values are).
+    queries, lines = workflow.query_inputs, ""
     for name, value in understood.items():
-        lines.append(f"Understood {queries[name].label}: {shown_value(value)}.\n")
-    for name, (old, new) in changed.items():
-        lines.append(f"Changed {queries[name].label}: {shown_value(old)} → {shown_value(new)}.\n")
-    for name, (raw, why) in extraction.ignored.items():
-        lines.append(f"Ignored {queries[name].label} = {raw!r}: {why}.\n")
-    for name, values in extraction.ambiguous.items():
-        lines.append(f"Your message names several values for the {queries[name].label} ({_or_list(values)}): "
-                     "asking which.\n")
-    for name, reason in extraction.rejected.items():
-        lines.append(f"Could not use the {queries[name].label}: {reason}.\n")
+        lines += f"Understood {queries[name].label}: {value if type(value) is str else shown_value(value)}.\n"
+    if changed:
+        for name, (old, new) in changed.items():
+            lines += f"Changed {queries[name].label}: {shown_value(old)} → {shown_value(new)}.\n"
+    if extraction.ignored:
+        for name, (raw, why) in extraction.ignored.items():
+            lines += f"Ignored {queries[name].label} = {raw!r}: {why}.\n"
+    if extraction.ambiguous:
+        for name, values in extraction.ambiguous.items():
+            lines += (f"Your message names several values for the {queries[name].label} ({_or_list(values)}): "
+                      "asking which.\n")
+    if extraction.rejected:
+        for name, reason in extraction.rejected.items():
+            lines += f"Could not use the {queries[name].label}: {reason}.\n"
     if extraction.intent == "skip":
-        lines.append("You asked to skip an input; only optional inputs can be left out, "
-                     "and those are never asked for.\n")
-    return "".join(lines)
+        lines += ("You asked to skip an input; only optional inputs can be left out, "
+                  "and those are never asked for.\n")
+    return lines
 
 
 def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, understood: Mapping[str, Any],
