@@ -1481,7 +1481,7 @@ def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values
         return [*_note_events(context), RunEvent("failed", node.id, exc.message, time.monotonic() - started)]
     except Exception as exc:   # a custom node's bug must end the run, not the server
         return [_node_bug(workflow, node, exc, started)]
-    if isinstance(result, TextStream):
+    if type(result) is not str and isinstance(result, TextStream):   # most results are text: no isinstance
         return _stream_events(workflow, node, result, context or NodeContext(node, workflow, llm, stop, [], follow_up),
                               started, streams_answer)
     finished = new_event(("finished", node.id, "", time.monotonic() - started, result))
@@ -7013,11 +7013,12 @@ class TurnRequest:
 SORRY_REPLY = "Sorry, something went wrong on the server while answering. Your conversation is kept."
 
 
-def ordered_pieces(pieces: Iterable[Piece], written: Mapping[str, List[str]]) -> Iterator[Piece]:
+def ordered_pieces(pieces: Iterable[Piece], written: Mapping[str, List[str]], last: str = "") -> Iterator[Piece]:
     """The turn's pieces as every API shows them: thinking, then the answer. Progress that comes
     after the answer has begun (the node that streams the answer finishing, a side branch) is
     held and shown after the answer, so the record of the run is whole; a bug in the turn ends
-    the answer with an apology rather than a broken reply. Each piece is kept in ``written``
+    the answer with an apology rather than a broken reply. ``last``, if any, ends the answer once
+    all is out (a new conversation's id block). Each piece is kept in ``written``
     ({channel: texts}) as it goes out."""
     thinking, answer = written["thinking"], written["answer"]
     held: List[str] = []   # thinking that came once the answer had begun
@@ -7045,6 +7046,9 @@ def ordered_pieces(pieces: Iterable[Piece], written: Mapping[str, List[str]]) ->
         log.exception("turn failed")
         answer.append(SORRY_REPLY)
         yield ("answer", SORRY_REPLY)
+    if last:
+        answer.append(last)
+        yield ("answer", last)
 
 
 @dataclass(slots=True)   # one a turn: its fields are stored with no dict
@@ -7117,9 +7121,10 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
             changed[name] = (conversation.values[name], value)
     lines += _describe_extraction(workflow, extraction, understood, changed)
     conversation.values.update(extraction.values)
-    for name in extraction.values:
-        conversation.ask_counts.pop(name, None)
-    missing = conversation.missing(workflow)
+    if conversation.ask_counts:   # most conversations were asked nothing yet
+        for name in extraction.values:
+            conversation.ask_counts.pop(name, None)
+    missing = workflow.missing(conversation.values)
     if missing:
         if lines:
             yield ("thinking", lines)
@@ -7312,7 +7317,7 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
                 thinking += f"Using the default {workflow.query_inputs[name].label}: {shown_value(values[name])}.\n"
     queries, shown = workflow.query_inputs, []
     for name, value in values.items():   # a loop: a comprehension would be one more call each turn
-        shown.append(f"{queries[name].label} = {shown_value(value)}")
+        shown.append(f"{queries[name].label} = {value if type(value) is str else shown_value(value)}")
     held = f"{thinking}Running {workflow.name} with {', '.join(shown)}.\n"   # thinking not yet out
     # A chain's first node starts at once, and each next one as soon as the one before finishes:
     # the line before a "started" goes out with it, one piece. Nodes side by side may wait first.
@@ -7544,7 +7549,7 @@ class Turn:
         self._written: Dict[str, List[str]] = {"thinking": [], "answer": []}
         self._playing: Optional[Iterator[Any]] = None   # the pieces being read, closed in close()
         self._game: Optional[Iterator[Piece]] = None      # play_turn, closed in close() after them
-        self._block = ""                        # the identifier block _id_block wrote, if it did
+        self._block = ""                        # the identifier block that ends the reply, if it has one
         self._context: Optional[TurnContext] = None
         self._closed = False
         self._digest = ""                       # request_digest, for a twin sent while this one runs
@@ -7635,18 +7640,18 @@ class Turn:
                          Piece("answer", self._twin["answer"])])
         assert self._context is not None
         self._game = play_turn(self._context)
-        pieces = itertools.chain(ordered_pieces(self._game, self._written), self._id_block())   # the block once over
+        pieces = ordered_pieces(self._game, self._written, self._id_block())   # the block once all is over
         if not self.workflow.redact:   # a workflow with no secrets skips a step per piece
             return pieces
         return map(new_piece, self.workflow.redact.stream(pieces))   # a piece is the (channel, text) it reads
 
-    def _id_block(self) -> Iterator[Piece]:
-        """The first reply's last piece, kept with the answer for the save: the id block."""
+    def _id_block(self) -> str:
+        """The first reply's last piece, the id block ("" for any other reply), kept for the save
+        from the start: whether the reply ends with it, the save sees (clean_own_reply)."""
         assert self.conversation is not None
         if self.conversation.is_new and self.request.id_block and not self.request.chat_key:
             self._block = id_block(self.conversation.id)
-            self._written["answer"].append(self._block)
-            yield new_piece(("answer", self._block))
+        return self._block
 
     def close(self) -> None:
         """Stop what still runs, save what the turn did, and unlock. Safe to call again."""
