@@ -1291,9 +1291,13 @@ class RunEvent(NamedTuple):   # a tuple, not a frozen dataclass: several are mad
     value: Any = None
 
 
-# The runner's events, made as the plain tuples they are, every field given: RunEvent(...) would
-# be a Python call (the NamedTuple's constructor) for each. The same RunEvent.
+# A RunEvent made from the plain tuple of its fields, every one given: RunEvent(...) would be a
+# Python call (the NamedTuple's constructor). Inside, the runner makes its events as plain
+# (what, node_id, text, seconds, value) tuples, cheaper still (a RunEvent costs some 2,000
+# instructions to make, a tuple a third of that); run_workflow gives them as RunEvents, and the
+# turn, which reads every event of every run, reads them as they are (_run_events).
 new_event = partial(tuple.__new__, RunEvent)
+PlainEvent = Tuple[str, str, str, float, Any]   # a RunEvent's fields, as a plain tuple
 
 
 def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
@@ -1310,32 +1314,48 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     (runs by outcome, failed nodes by type). Nothing runs before the first event is asked for.
     """
     node_types = NODE_TYPES if node_types is None else node_types
-    stop = stop or StopSignal()
+    return _as_run_events(_run_events(workflow, values, node_types, llm, stop or StopSignal(), follow_up, metrics))
+
+
+def _run_events(workflow: Workflow, values: Mapping[str, Any], node_types: Mapping[str, NodeType],
+                llm: Optional[LLMClient], stop: threading.Event, follow_up: Optional[Tuple[str, str]],
+                metrics: Any) -> Iterator[PlainEvent]:
+    """run_workflow's events, as the plain tuples of their fields (see new_event)."""
     if workflow.chain is not None:   # one generator for the whole run: no layer more for each event
         return _run_chain(workflow, values, node_types, llm, stop, follow_up, metrics)
     return _run_side_by_side(workflow, values, node_types, llm, stop, follow_up, metrics)
 
 
+def _as_run_events(events: Iterator[PlainEvent]) -> Iterator[RunEvent]:
+    """The events as RunEvents; closing this closes the run."""
+    try:
+        for event in events:
+            yield new_event(event)
+    finally:
+        events.close()   # type: ignore[attr-defined]
+
+
 def _run_side_by_side(workflow: Workflow, values: Mapping[str, Any], node_types: Mapping[str, NodeType],
                       llm: Optional[LLMClient], stop: threading.Event, follow_up: Optional[Tuple[str, str]],
-                      metrics: Any) -> Iterator[RunEvent]:
+                      metrics: Any) -> Iterator[PlainEvent]:
     """run_workflow for a workflow with branches (see _side_by_side_events)."""
     outputs: Dict[str, Any] = {}
     answer_streamed, outcome = False, "stopped"
     try:
         for event in _side_by_side_events(workflow, outputs, values, node_types, llm, stop, follow_up):
-            if event.what == "failed":
+            what = event[0]   # (what, node_id, text, seconds, value)
+            if what == "failed":
                 outcome = "failed"
                 _count_failure(metrics, workflow, event)
                 yield event
                 return
-            answer_streamed = answer_streamed or event.what == "answer"
+            answer_streamed = answer_streamed or what == "answer"
             yield event
         answer = outputs[workflow.output_node]
         if not answer_streamed:
-            yield new_event(("answer", workflow.output_node, answer, 0.0, None))
+            yield ("answer", workflow.output_node, answer, 0.0, None)
         outcome = "ok"
-        yield new_event(("done", workflow.output_node, answer, 0.0, None))
+        yield ("done", workflow.output_node, answer, 0.0, None)
     finally:
         stop.set()   # also on failure and GeneratorExit: threads still running start nothing new
         if metrics is not None:
@@ -1344,7 +1364,7 @@ def _run_side_by_side(workflow: Workflow, values: Mapping[str, Any], node_types:
 
 def _run_chain(workflow: Workflow, values: Mapping[str, Any], node_types: Mapping[str, NodeType],
                llm: Optional[LLMClient], stop: threading.Event, follow_up: Optional[Tuple[str, str]],
-               metrics: Any) -> Iterator[RunEvent]:
+               metrics: Any) -> Iterator[PlainEvent]:
     """run_workflow for a chain: its nodes one after another in the caller's thread (no
     hand-off to make), each output kept for the next; the same events as _run_side_by_side
     would give, made in this one generator."""
@@ -1355,7 +1375,7 @@ def _run_chain(workflow: Workflow, values: Mapping[str, Any], node_types: Mappin
             yield started
             for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, streams_answer,
                                    follow_up if streams_answer else None):
-                what = event.what
+                what = event[0]   # (what, node_id, text, seconds, value)
                 if what == "failed":
                     outcome = "failed"
                     _count_failure(metrics, workflow, event)
@@ -1364,24 +1384,24 @@ def _run_chain(workflow: Workflow, values: Mapping[str, Any], node_types: Mappin
                 if what == "answer":
                     answer_streamed = True
                 yield event
-            outputs[node.id] = event.value   # its last event is its "finished"
+            outputs[node.id] = event[4]   # its last event is its "finished", with the value
         answer = outputs[workflow.output_node]
         if not answer_streamed:
-            yield new_event(("answer", workflow.output_node, answer, 0.0, None))
+            yield ("answer", workflow.output_node, answer, 0.0, None)
         outcome = "ok"
-        yield new_event(("done", workflow.output_node, answer, 0.0, None))
+        yield ("done", workflow.output_node, answer, 0.0, None)
     finally:
         stop.set()   # also on failure and GeneratorExit: nothing more starts
         if metrics is not None:
             metrics.count_run(workflow.name, outcome)
 
 
-def _count_failure(metrics: Any, workflow: Workflow, failed: RunEvent) -> None:
+def _count_failure(metrics: Any, workflow: Workflow, failed: PlainEvent) -> None:
     if metrics is not None:
-        metrics.add("node_failures_total", type=workflow.node(failed.node_id).type)
+        metrics.add("node_failures_total", type=workflow.node(failed[1]).type)
 
 
-def _chain_steps(workflow: Workflow) -> Tuple[Tuple[Node, RunEvent, bool], ...]:
+def _chain_steps(workflow: Workflow) -> Tuple[Tuple[Node, PlainEvent, bool], ...]:
     """A chain's nodes, each with its "started" event and whether it streams the answer:
     the same every run, so worked out once per workflow."""
     steps = workflow.derived.get("chain_steps")
@@ -1394,16 +1414,16 @@ def _chain_steps(workflow: Workflow) -> Tuple[Tuple[Node, RunEvent, bool], ...]:
 
 def _side_by_side_events(workflow: Workflow, outputs: Dict[str, Any], values: Mapping[str, Any],
                          node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
-                         follow_up: Optional[Tuple[str, str]]) -> Iterator[RunEvent]:
+                         follow_up: Optional[Tuple[str, str]]) -> Iterator[PlainEvent]:
     """The nodes of a workflow with branches, each started as soon as its inputs are ready:
     independent ones side by side in threads, a node ready on its own in the caller's thread.
     Each output is kept in ``outputs``; the events end with the first "failed"."""
     waiting = {node.id: node.dependencies() for node in workflow.nodes}
-    finished: "queue.SimpleQueue[RunEvent]" = queue.SimpleQueue()
+    finished: "queue.SimpleQueue[PlainEvent]" = queue.SimpleQueue()
     threaded: set = set()                       # nodes running in threads right now
     streams_answer = workflow.answer_source()
 
-    def events_of(node_id: str) -> Iterator[RunEvent]:
+    def events_of(node_id: str) -> Iterator[PlainEvent]:
         return _node_events(workflow, workflow.node(node_id), outputs, values, node_types, llm, stop,
                             node_id == streams_answer, follow_up if node_id == streams_answer else None)
     while waiting or threaded:
@@ -1419,17 +1439,18 @@ def _side_by_side_events(workflow: Workflow, outputs: Dict[str, Any], values: Ma
             events = iter([finished.get()])
         for event in events:
             yield event
-            if event.what in ("finished", "failed"):
-                threaded.discard(event.node_id)
-            if event.what == "failed":
+            what, node_id = event[0], event[1]   # (what, node_id, text, seconds, value)
+            if what in ("finished", "failed"):
+                threaded.discard(node_id)
+            if what == "failed":
                 return
-            if event.what == "finished":
-                outputs[event.node_id] = event.value
+            if what == "finished":
+                outputs[node_id] = event[4]
                 for deps in waiting.values():
-                    deps.discard(event.node_id)
+                    deps.discard(node_id)
 
 
-def _start_in_thread(events: Iterator[RunEvent], sink: "queue.SimpleQueue[RunEvent]") -> None:
+def _start_in_thread(events: Iterator[PlainEvent], sink: "queue.SimpleQueue[PlainEvent]") -> None:
     def pump() -> None:
         for event in events:
             sink.put(event)
@@ -1438,7 +1459,7 @@ def _start_in_thread(events: Iterator[RunEvent], sink: "queue.SimpleQueue[RunEve
 
 def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values: Mapping[str, Any],
                  node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
-                 streams_answer: bool, follow_up: Optional[Tuple[str, str]] = None) -> Iterator[RunEvent]:
+                 streams_answer: bool, follow_up: Optional[Tuple[str, str]] = None) -> Iterator[PlainEvent]:
     """Runs one node: "started", then any "note" and "answer" events in the order they happen,
     then "finished" or "failed"."""
     yield _started(node.id, node.description)
@@ -1446,14 +1467,14 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
 
 
 @lru_cache(maxsize=256)   # a workflow's few nodes, run turn after turn
-def _started(node_id: str, description: str) -> RunEvent:
+def _started(node_id: str, description: str) -> PlainEvent:
     """A node's "started" event: the same each time it runs, so made once."""
-    return RunEvent("started", node_id, description)
+    return ("started", node_id, description, 0.0, None)
 
 
 def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values: Mapping[str, Any],
               node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
-              streams_answer: bool, follow_up: Optional[Tuple[str, str]] = None) -> Iterable[RunEvent]:
+              streams_answer: bool, follow_up: Optional[Tuple[str, str]] = None) -> Iterable[PlainEvent]:
     """Runs one node, once its "started" is out: its events after that. A node whose result is
     whole runs now, in this call, and its "note" events and "finished" (or "failed") come as a
     list, with no generator step each; a TextStream is read by a generator (_stream_events)."""
@@ -1478,18 +1499,18 @@ def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values
         result = run(inputs, context) if node.timeout_seconds is None else _call_within(node.timeout_seconds, run,
                                                                                          inputs, context)
     except (NodeFailed, UpstreamError) as exc:
-        return [*_note_events(context), RunEvent("failed", node.id, exc.message, time.monotonic() - started)]
+        return [*_note_events(context), ("failed", node.id, exc.message, time.monotonic() - started, None)]
     except Exception as exc:   # a custom node's bug must end the run, not the server
         return [_node_bug(workflow, node, exc, started)]
     if type(result) is not str and isinstance(result, TextStream):   # most results are text: no isinstance
         return _stream_events(workflow, node, result, context or NodeContext(node, workflow, llm, stop, [], follow_up),
                               started, streams_answer)
-    finished = new_event(("finished", node.id, "", time.monotonic() - started, result))
+    finished = ("finished", node.id, "", time.monotonic() - started, result)
     return [*_note_events(context), finished] if context is not None and context.notes else (finished,)
 
 
 def _stream_events(workflow: Workflow, node: Node, result: TextStream, context: NodeContext, started: float,
-                   streams_answer: bool) -> Iterator[RunEvent]:
+                   streams_answer: bool) -> Iterator[PlainEvent]:
     """A node's TextStream, read: its "note" events as they are noted, its pieces as "answer"
     events when it streams the answer, then "finished" with the whole text (or "failed")."""
     stop = context.stop
@@ -1504,30 +1525,30 @@ def _stream_events(workflow: Workflow, node: Node, result: TextStream, context: 
                 if context.notes:   # noted before this piece came
                     yield from _note_events(context)
                 if streams_answer:
-                    yield RunEvent("answer", node.id, piece)
+                    yield ("answer", node.id, piece, 0.0, None)
         finally:   # stopped, failed or closed (the client left): its producer stops now
             result.close()
         yield from _note_events(context)
     except (NodeFailed, UpstreamError) as exc:
         yield from _note_events(context)
-        yield RunEvent("failed", node.id, exc.message, time.monotonic() - started)
+        yield ("failed", node.id, exc.message, time.monotonic() - started, None)
         return
     except Exception as exc:   # a custom node's bug must end the run, not the server
         yield _node_bug(workflow, node, exc, started)
         return
-    yield RunEvent("finished", node.id, "", time.monotonic() - started, "".join(pieces))
+    yield ("finished", node.id, "", time.monotonic() - started, "".join(pieces))
 
 
-def _node_bug(workflow: Workflow, node: Node, exc: Exception, started: float) -> RunEvent:
+def _node_bug(workflow: Workflow, node: Node, exc: Exception, started: float) -> PlainEvent:
     """The "failed" event of a node that raised what no node should: logged with its trace."""
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     log.error("node %s of %s raised:\n%s", node.id, workflow.name, workflow.redact(trace))
-    return RunEvent("failed", node.id, f"{type(exc).__name__}: {exc}", time.monotonic() - started)
+    return ("failed", node.id, f"{type(exc).__name__}: {exc}", time.monotonic() - started, None)
 
 
-def _note_events(context: Optional[NodeContext]) -> Iterator[RunEvent]:
+def _note_events(context: Optional[NodeContext]) -> Iterator[PlainEvent]:
     while context is not None and context.notes:   # none for a node type that takes no context
-        yield RunEvent("note", context.node.id, context.notes.pop(0))
+        yield ("note", context.node.id, context.notes.pop(0), 0.0, None)
 
 
 def _call_within(seconds: Optional[float], function: Callable[..., Any], *arguments: Any) -> Any:
@@ -7327,37 +7348,35 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
         held = ""
     conversation.runs += 1
     written = ""   # the answer streamed so far: a stop notice after it gets a paragraph of its own
-    try:
-        for event in run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
-                                  metrics=turn.metrics, follow_up=follow_up):
-            what = event.what
+    try:   # the run's events as the plain tuples they are made as (no RunEvent made for each)
+        for event in _run_events(workflow, values, turn.node_types, turn.llm, turn.stop, follow_up, turn.metrics):
+            what, node_id, text, seconds, _ = event
             if what == "answer":
                 if held:
                     yield ("thinking", held)
                     held = ""
-                yield ("answer", preface + event.text)
-                written, preface = (written + event.text)[-2:], ""
+                yield ("answer", preface + text)
+                written, preface = (written + text)[-2:], ""
             elif what == "done":
-                turn.answer = event.text
+                turn.answer = text
             elif what == "started":
-                yield ("thinking", held + _started_line(event.node_id, event.text))
+                yield ("thinking", held + _started_line(node_id, text))
                 held = ""
             elif what == "finished":   # every node's, so written here, with no call to progress_line
-                seconds = event.seconds
                 # Most nodes (templates, outputs) take under 5 ms, which shows as 0.00 s: that line is
                 # the same each time, so made once, with no float formatted (.2f rounds below 0.005 down).
-                line = _finished_at_once_line(event.node_id) if 0.0 < seconds < 0.005 else \
-                    RUN_MARKS["finished"] + finished_text(event.node_id, seconds) + "\n"
+                line = _finished_at_once_line(node_id) if 0.0 < seconds < 0.005 else \
+                    RUN_MARKS["finished"] + finished_text(node_id, seconds) + "\n"
                 if chain:   # out with what comes next, at once
                     held += line
                 else:
                     yield ("thinking", line)
             else:   # a node's progress (RUN_MARKS)
-                yield ("thinking", held + RUN_MARKS[what] + progress_line(event) + "\n")
+                yield ("thinking", held + RUN_MARKS[what] + progress_line(new_event(event)) + "\n")
                 held = ""
                 if what == "failed":
                     yield ("answer", (paragraph_break(written) if written else preface) +
-                           RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
+                           RUN_FAILED_REPLY.format(node=node_id, reason=text))
     except Exception:   # a bug in the run: what it had written still goes out, before the bug's apology
         if held:
             yield ("thinking", held)
