@@ -7126,8 +7126,9 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
                                               extraction, reading)
     else:   # nothing to read
         extraction = Extraction()
-    for note in extraction.notes:
-        lines += note + "\n"
+    if extraction.notes:   # seldom any: a loop over none costs as much as a line
+        for note in extraction.notes:
+            lines += note + "\n"
     if extraction.intent == "cancel":
         conversation.values.clear()
         conversation.asked, conversation.ask_counts = [], {}
@@ -7823,6 +7824,8 @@ def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[
         if message["role"] == "assistant":
             replied = True
             break
+    if not replied and not hints:   # a new chat's first turn: no id to look for, a new conversation
+        return _new_conversation(service, workflow, held), False
     ids = find_conversation_ids(messages) if replied else []   # ids are only looked for in replies
     if hints:   # Responses only: most turns have none, and an empty comprehension is still a call
         ids += [hint for hint in hints if hint not in ids and is_conversation_id(hint)]
