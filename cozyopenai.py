@@ -1058,7 +1058,9 @@ def lookup_path(value: Any, path: Sequence[str], label: str) -> Any:
 
 
 def render_template(template: str, values: Mapping[str, Any]) -> str:
-    parts = _plain_template(str(template))
+    if type(template) is not str:   # a number written as a template, say
+        template = str(template)
+    parts = _plain_template(template)
     if parts is not None:   # the same text as the formatter below, without its machinery
         filled = []
         for literal, name in parts:
@@ -1067,10 +1069,12 @@ def render_template(template: str, values: Mapping[str, Any]) -> str:
                 if name not in values:
                     raise NodeFailed(f"{name!r} is not available (nothing at {name!r})")
                 value = values[name]
-                filled.append(shown_value(value) if isinstance(value, (bool, float)) else format(value, ""))
+                kind = type(value)   # text and whole numbers, most values, are told apart with no call
+                filled.append(value if kind is str else str(value) if kind is int else
+                              shown_value(value) if isinstance(value, (bool, float)) else format(value, ""))
         return "".join(filled)
     try:
-        return _TemplateFormatter().format(str(template), **values)
+        return _TemplateFormatter().format(template, **values)
     except (ValueError, IndexError) as exc:
         raise NodeFailed(f"template error: {exc}") from None
 
@@ -1287,9 +1291,13 @@ class RunEvent(NamedTuple):   # a tuple, not a frozen dataclass: several are mad
     value: Any = None
 
 
-# The runner's events, made as the plain tuples they are, every field given: RunEvent(...) would
-# be a Python call (the NamedTuple's constructor) for each. The same RunEvent.
+# A RunEvent made from the plain tuple of its fields, every one given: RunEvent(...) would be a
+# Python call (the NamedTuple's constructor). Inside, the runner makes its events as plain
+# (what, node_id, text, seconds, value) tuples, cheaper still (a RunEvent costs some 2,000
+# instructions to make, a tuple a third of that); run_workflow gives them as RunEvents, and the
+# turn, which reads every event of every run, reads them as they are (_run_events).
 new_event = partial(tuple.__new__, RunEvent)
+PlainEvent = Tuple[str, str, str, float, Any]   # a RunEvent's fields, as a plain tuple
 
 
 def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
@@ -1303,38 +1311,97 @@ def run_workflow(workflow: Workflow, values: Mapping[str, Any], *,
     node), then "done". A failure yields "failed" and starts nothing more. Closing the
     generator (the client hung up) sets ``stop`` so no new node starts. ``follow_up`` goes to
     the node whose output is the answer (see NodeContext). With ``metrics``, the run is counted
-    (runs by outcome, failed nodes by type).
+    (runs by outcome, failed nodes by type). Nothing runs before the first event is asked for.
     """
     node_types = NODE_TYPES if node_types is None else node_types
-    stop = stop or StopSignal()
-    outputs: Dict[str, Any] = {}
-    answer_streamed, outcome = False, "stopped"
-    if workflow.chain is not None:
-        events = _chain_events(workflow, outputs, values, node_types, llm, stop, follow_up)
-    else:
-        events = _side_by_side_events(workflow, outputs, values, node_types, llm, stop, follow_up)
+    return _as_run_events(_run_events(workflow, values, node_types, llm, stop or StopSignal(), follow_up, metrics))
+
+
+def _run_events(workflow: Workflow, values: Mapping[str, Any], node_types: Mapping[str, NodeType],
+                llm: Optional[LLMClient], stop: threading.Event, follow_up: Optional[Tuple[str, str]],
+                metrics: Any) -> Iterator[PlainEvent]:
+    """run_workflow's events, as the plain tuples of their fields (see new_event)."""
+    if workflow.chain is not None:   # one generator for the whole run: no layer more for each event
+        return _run_chain(workflow, values, node_types, llm, stop, follow_up, metrics)
+    return _run_side_by_side(workflow, values, node_types, llm, stop, follow_up, metrics)
+
+
+def _as_run_events(events: Iterator[PlainEvent]) -> Iterator[RunEvent]:
+    """The events as RunEvents; closing this closes the run."""
     try:
         for event in events:
-            if event.what == "failed":
+            yield new_event(event)
+    finally:
+        events.close()   # type: ignore[attr-defined]
+
+
+def _run_side_by_side(workflow: Workflow, values: Mapping[str, Any], node_types: Mapping[str, NodeType],
+                      llm: Optional[LLMClient], stop: threading.Event, follow_up: Optional[Tuple[str, str]],
+                      metrics: Any) -> Iterator[PlainEvent]:
+    """run_workflow for a workflow with branches (see _side_by_side_events)."""
+    outputs: Dict[str, Any] = {}
+    answer_streamed, outcome = False, "stopped"
+    try:
+        for event in _side_by_side_events(workflow, outputs, values, node_types, llm, stop, follow_up):
+            what = event[0]   # (what, node_id, text, seconds, value)
+            if what == "failed":
                 outcome = "failed"
-                if metrics is not None:
-                    metrics.add("node_failures_total", type=workflow.node(event.node_id).type)
+                _count_failure(metrics, workflow, event)
                 yield event
                 return
-            answer_streamed = answer_streamed or event.what == "answer"
+            answer_streamed = answer_streamed or what == "answer"
             yield event
         answer = outputs[workflow.output_node]
         if not answer_streamed:
-            yield new_event(("answer", workflow.output_node, answer, 0.0, None))
+            yield ("answer", workflow.output_node, answer, 0.0, None)
         outcome = "ok"
-        yield new_event(("done", workflow.output_node, answer, 0.0, None))
+        yield ("done", workflow.output_node, answer, 0.0, None)
     finally:
         stop.set()   # also on failure and GeneratorExit: threads still running start nothing new
         if metrics is not None:
             metrics.count_run(workflow.name, outcome)
 
 
-def _chain_steps(workflow: Workflow) -> Tuple[Tuple[Node, RunEvent, bool], ...]:
+def _run_chain(workflow: Workflow, values: Mapping[str, Any], node_types: Mapping[str, NodeType],
+               llm: Optional[LLMClient], stop: threading.Event, follow_up: Optional[Tuple[str, str]],
+               metrics: Any) -> Iterator[PlainEvent]:
+    """run_workflow for a chain: its nodes one after another in the caller's thread (no
+    hand-off to make), each output kept for the next; the same events as _run_side_by_side
+    would give, made in this one generator."""
+    outputs: Dict[str, Any] = {}
+    answer_streamed, outcome = False, "stopped"
+    try:
+        for node, started, streams_answer in _chain_steps(workflow):
+            yield started
+            for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, streams_answer,
+                                   follow_up if streams_answer else None):
+                what = event[0]   # (what, node_id, text, seconds, value)
+                if what == "failed":
+                    outcome = "failed"
+                    _count_failure(metrics, workflow, event)
+                    yield event
+                    return
+                if what == "answer":
+                    answer_streamed = True
+                yield event
+            outputs[node.id] = event[4]   # its last event is its "finished", with the value
+        answer = outputs[workflow.output_node]
+        if not answer_streamed:
+            yield ("answer", workflow.output_node, answer, 0.0, None)
+        outcome = "ok"
+        yield ("done", workflow.output_node, answer, 0.0, None)
+    finally:
+        stop.set()   # also on failure and GeneratorExit: nothing more starts
+        if metrics is not None:
+            metrics.count_run(workflow.name, outcome)
+
+
+def _count_failure(metrics: Any, workflow: Workflow, failed: PlainEvent) -> None:
+    if metrics is not None:
+        metrics.add("node_failures_total", type=workflow.node(failed[1]).type)
+
+
+def _chain_steps(workflow: Workflow) -> Tuple[Tuple[Node, PlainEvent, bool], ...]:
     """A chain's nodes, each with its "started" event and whether it streams the answer:
     the same every run, so worked out once per workflow."""
     steps = workflow.derived.get("chain_steps")
@@ -1345,33 +1412,18 @@ def _chain_steps(workflow: Workflow) -> Tuple[Tuple[Node, RunEvent, bool], ...]:
     return steps
 
 
-def _chain_events(workflow: Workflow, outputs: Dict[str, Any], values: Mapping[str, Any],
-                  node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
-                  follow_up: Optional[Tuple[str, str]]) -> Iterator[RunEvent]:
-    """The nodes of a chain, one after another in the caller's thread (no hand-off to make),
-    each output kept in ``outputs``; the events end with the first "failed"."""
-    for node, started, streams_answer in _chain_steps(workflow):
-        yield started
-        for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, streams_answer,
-                               follow_up if streams_answer else None):
-            yield event
-            if event.what == "failed":
-                return
-        outputs[node.id] = event.value   # its last event is its "finished"
-
-
 def _side_by_side_events(workflow: Workflow, outputs: Dict[str, Any], values: Mapping[str, Any],
                          node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
-                         follow_up: Optional[Tuple[str, str]]) -> Iterator[RunEvent]:
+                         follow_up: Optional[Tuple[str, str]]) -> Iterator[PlainEvent]:
     """The nodes of a workflow with branches, each started as soon as its inputs are ready:
     independent ones side by side in threads, a node ready on its own in the caller's thread.
     Each output is kept in ``outputs``; the events end with the first "failed"."""
     waiting = {node.id: node.dependencies() for node in workflow.nodes}
-    finished: "queue.SimpleQueue[RunEvent]" = queue.SimpleQueue()
+    finished: "queue.SimpleQueue[PlainEvent]" = queue.SimpleQueue()
     threaded: set = set()                       # nodes running in threads right now
     streams_answer = workflow.answer_source()
 
-    def events_of(node_id: str) -> Iterator[RunEvent]:
+    def events_of(node_id: str) -> Iterator[PlainEvent]:
         return _node_events(workflow, workflow.node(node_id), outputs, values, node_types, llm, stop,
                             node_id == streams_answer, follow_up if node_id == streams_answer else None)
     while waiting or threaded:
@@ -1387,17 +1439,18 @@ def _side_by_side_events(workflow: Workflow, outputs: Dict[str, Any], values: Ma
             events = iter([finished.get()])
         for event in events:
             yield event
-            if event.what in ("finished", "failed"):
-                threaded.discard(event.node_id)
-            if event.what == "failed":
+            what, node_id = event[0], event[1]   # (what, node_id, text, seconds, value)
+            if what in ("finished", "failed"):
+                threaded.discard(node_id)
+            if what == "failed":
                 return
-            if event.what == "finished":
-                outputs[event.node_id] = event.value
+            if what == "finished":
+                outputs[node_id] = event[4]
                 for deps in waiting.values():
-                    deps.discard(event.node_id)
+                    deps.discard(node_id)
 
 
-def _start_in_thread(events: Iterator[RunEvent], sink: "queue.SimpleQueue[RunEvent]") -> None:
+def _start_in_thread(events: Iterator[PlainEvent], sink: "queue.SimpleQueue[PlainEvent]") -> None:
     def pump() -> None:
         for event in events:
             sink.put(event)
@@ -1406,7 +1459,7 @@ def _start_in_thread(events: Iterator[RunEvent], sink: "queue.SimpleQueue[RunEve
 
 def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values: Mapping[str, Any],
                  node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
-                 streams_answer: bool, follow_up: Optional[Tuple[str, str]] = None) -> Iterator[RunEvent]:
+                 streams_answer: bool, follow_up: Optional[Tuple[str, str]] = None) -> Iterator[PlainEvent]:
     """Runs one node: "started", then any "note" and "answer" events in the order they happen,
     then "finished" or "failed"."""
     yield _started(node.id, node.description)
@@ -1414,14 +1467,14 @@ def _node_events(workflow: Workflow, node: Node, outputs: Mapping[str, Any], val
 
 
 @lru_cache(maxsize=256)   # a workflow's few nodes, run turn after turn
-def _started(node_id: str, description: str) -> RunEvent:
+def _started(node_id: str, description: str) -> PlainEvent:
     """A node's "started" event: the same each time it runs, so made once."""
-    return RunEvent("started", node_id, description)
+    return ("started", node_id, description, 0.0, None)
 
 
 def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values: Mapping[str, Any],
               node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
-              streams_answer: bool, follow_up: Optional[Tuple[str, str]] = None) -> Iterable[RunEvent]:
+              streams_answer: bool, follow_up: Optional[Tuple[str, str]] = None) -> Iterable[PlainEvent]:
     """Runs one node, once its "started" is out: its events after that. A node whose result is
     whole runs now, in this call, and its "note" events and "finished" (or "failed") come as a
     list, with no generator step each; a TextStream is read by a generator (_stream_events)."""
@@ -1446,18 +1499,18 @@ def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values
         result = run(inputs, context) if node.timeout_seconds is None else _call_within(node.timeout_seconds, run,
                                                                                          inputs, context)
     except (NodeFailed, UpstreamError) as exc:
-        return [*_note_events(context), RunEvent("failed", node.id, exc.message, time.monotonic() - started)]
+        return [*_note_events(context), ("failed", node.id, exc.message, time.monotonic() - started, None)]
     except Exception as exc:   # a custom node's bug must end the run, not the server
         return [_node_bug(workflow, node, exc, started)]
-    if isinstance(result, TextStream):
+    if type(result) is not str and isinstance(result, TextStream):   # most results are text: no isinstance
         return _stream_events(workflow, node, result, context or NodeContext(node, workflow, llm, stop, [], follow_up),
                               started, streams_answer)
-    finished = new_event(("finished", node.id, "", time.monotonic() - started, result))
+    finished = ("finished", node.id, "", time.monotonic() - started, result)
     return [*_note_events(context), finished] if context is not None and context.notes else (finished,)
 
 
 def _stream_events(workflow: Workflow, node: Node, result: TextStream, context: NodeContext, started: float,
-                   streams_answer: bool) -> Iterator[RunEvent]:
+                   streams_answer: bool) -> Iterator[PlainEvent]:
     """A node's TextStream, read: its "note" events as they are noted, its pieces as "answer"
     events when it streams the answer, then "finished" with the whole text (or "failed")."""
     stop = context.stop
@@ -1472,30 +1525,30 @@ def _stream_events(workflow: Workflow, node: Node, result: TextStream, context: 
                 if context.notes:   # noted before this piece came
                     yield from _note_events(context)
                 if streams_answer:
-                    yield RunEvent("answer", node.id, piece)
+                    yield ("answer", node.id, piece, 0.0, None)
         finally:   # stopped, failed or closed (the client left): its producer stops now
             result.close()
         yield from _note_events(context)
     except (NodeFailed, UpstreamError) as exc:
         yield from _note_events(context)
-        yield RunEvent("failed", node.id, exc.message, time.monotonic() - started)
+        yield ("failed", node.id, exc.message, time.monotonic() - started, None)
         return
     except Exception as exc:   # a custom node's bug must end the run, not the server
         yield _node_bug(workflow, node, exc, started)
         return
-    yield RunEvent("finished", node.id, "", time.monotonic() - started, "".join(pieces))
+    yield ("finished", node.id, "", time.monotonic() - started, "".join(pieces))
 
 
-def _node_bug(workflow: Workflow, node: Node, exc: Exception, started: float) -> RunEvent:
+def _node_bug(workflow: Workflow, node: Node, exc: Exception, started: float) -> PlainEvent:
     """The "failed" event of a node that raised what no node should: logged with its trace."""
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     log.error("node %s of %s raised:\n%s", node.id, workflow.name, workflow.redact(trace))
-    return RunEvent("failed", node.id, f"{type(exc).__name__}: {exc}", time.monotonic() - started)
+    return ("failed", node.id, f"{type(exc).__name__}: {exc}", time.monotonic() - started, None)
 
 
-def _note_events(context: Optional[NodeContext]) -> Iterator[RunEvent]:
+def _note_events(context: Optional[NodeContext]) -> Iterator[PlainEvent]:
     while context is not None and context.notes:   # none for a node type that takes no context
-        yield RunEvent("note", context.node.id, context.notes.pop(0))
+        yield ("note", context.node.id, context.notes.pop(0), 0.0, None)
 
 
 def _call_within(seconds: Optional[float], function: Callable[..., Any], *arguments: Any) -> Any:
@@ -7033,11 +7086,12 @@ class TurnRequest:
 SORRY_REPLY = "Sorry, something went wrong on the server while answering. Your conversation is kept."
 
 
-def ordered_pieces(pieces: Iterable[Piece], written: Mapping[str, List[str]]) -> Iterator[Piece]:
+def ordered_pieces(pieces: Iterable[Piece], written: Mapping[str, List[str]], last: str = "") -> Iterator[Piece]:
     """The turn's pieces as every API shows them: thinking, then the answer. Progress that comes
     after the answer has begun (the node that streams the answer finishing, a side branch) is
     held and shown after the answer, so the record of the run is whole; a bug in the turn ends
-    the answer with an apology rather than a broken reply. Each piece is kept in ``written``
+    the answer with an apology rather than a broken reply. ``last``, if any, ends the answer once
+    all is out (a new conversation's id block). Each piece is kept in ``written``
     ({channel: texts}) as it goes out."""
     thinking, answer = written["thinking"], written["answer"]
     held: List[str] = []   # thinking that came once the answer had begun
@@ -7065,9 +7119,12 @@ def ordered_pieces(pieces: Iterable[Piece], written: Mapping[str, List[str]]) ->
         log.exception("turn failed")
         answer.append(SORRY_REPLY)
         yield ("answer", SORRY_REPLY)
+    if last:
+        answer.append(last)
+        yield ("answer", last)
 
 
-@dataclass
+@dataclass(slots=True)   # one a turn: its fields are stored with no dict
 class TurnContext:
     """Everything one turn needs, so the turn logic holds no server state of its own."""
     workflow: Workflow
@@ -7121,8 +7178,9 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
                                               extraction, reading)
     else:   # nothing to read
         extraction = Extraction()
-    for note in extraction.notes:
-        lines += note + "\n"
+    if extraction.notes:   # seldom any: a loop over none costs as much as a line
+        for note in extraction.notes:
+            lines += note + "\n"
     if extraction.intent == "cancel":
         conversation.values.clear()
         conversation.asked, conversation.ask_counts = [], {}
@@ -7137,9 +7195,10 @@ def play_turn(turn: TurnContext) -> Iterator[Piece]:
             changed[name] = (conversation.values[name], value)
     lines += _describe_extraction(workflow, extraction, understood, changed)
     conversation.values.update(extraction.values)
-    for name in extraction.values:
-        conversation.ask_counts.pop(name, None)
-    missing = conversation.missing(workflow)
+    if conversation.ask_counts:   # most conversations were asked nothing yet
+        for name in extraction.values:
+            conversation.ask_counts.pop(name, None)
+    missing = workflow.missing(conversation.values)
     if missing:
         if lines:
             yield ("thinking", lines)
@@ -7201,22 +7260,29 @@ def _describe_extraction(workflow: Workflow, extraction: Extraction, understood:
                          changed: Mapping[str, Tuple[Any, Any]]) -> str:
     """The thinking lines for what the message gave, changed or could not give, as one text:
     they are written at once, so they go out as one piece ("" when there are none)."""
-    queries, lines = workflow.query_inputs, []
+    # A text of lines, each test before its loop: most dicts here are empty, and a loop over an
+    # empty one costs as much as a line. A value that is text is shown as it is, without
+    # shown_value's call (most values are).
+    queries, lines = workflow.query_inputs, ""
     for name, value in understood.items():
-        lines.append(f"Understood {queries[name].label}: {shown_value(value)}.\n")
-    for name, (old, new) in changed.items():
-        lines.append(f"Changed {queries[name].label}: {shown_value(old)} → {shown_value(new)}.\n")
-    for name, (raw, why) in extraction.ignored.items():
-        lines.append(f"Ignored {queries[name].label} = {raw!r}: {why}.\n")
-    for name, values in extraction.ambiguous.items():
-        lines.append(f"Your message names several values for the {queries[name].label} ({_or_list(values)}): "
-                     "asking which.\n")
-    for name, reason in extraction.rejected.items():
-        lines.append(f"Could not use the {queries[name].label}: {reason}.\n")
+        lines += f"Understood {queries[name].label}: {value if type(value) is str else shown_value(value)}.\n"
+    if changed:
+        for name, (old, new) in changed.items():
+            lines += f"Changed {queries[name].label}: {shown_value(old)} → {shown_value(new)}.\n"
+    if extraction.ignored:
+        for name, (raw, why) in extraction.ignored.items():
+            lines += f"Ignored {queries[name].label} = {raw!r}: {why}.\n"
+    if extraction.ambiguous:
+        for name, values in extraction.ambiguous.items():
+            lines += (f"Your message names several values for the {queries[name].label} ({_or_list(values)}): "
+                      "asking which.\n")
+    if extraction.rejected:
+        for name, reason in extraction.rejected.items():
+            lines += f"Could not use the {queries[name].label}: {reason}.\n"
     if extraction.intent == "skip":
-        lines.append("You asked to skip an input; only optional inputs can be left out, "
-                     "and those are never asked for.\n")
-    return "".join(lines)
+        lines += ("You asked to skip an input; only optional inputs can be left out, "
+                  "and those are never asked for.\n")
+    return lines
 
 
 def _ask(turn: TurnContext, missing: List[QueryInput], extraction: Extraction, understood: Mapping[str, Any],
@@ -7325,7 +7391,7 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
                 thinking += f"Using the default {workflow.query_inputs[name].label}: {shown_value(values[name])}.\n"
     queries, shown = workflow.query_inputs, []
     for name, value in values.items():   # a loop: a comprehension would be one more call each turn
-        shown.append(f"{queries[name].label} = {shown_value(value)}")
+        shown.append(f"{queries[name].label} = {value if type(value) is str else shown_value(value)}")
     held = f"{thinking}Running {workflow.name} with {', '.join(shown)}.\n"   # thinking not yet out
     # A chain's first node starts at once, and each next one as soon as the one before finishes:
     # the line before a "started" goes out with it, one piece. Nodes side by side may wait first.
@@ -7335,37 +7401,35 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
         held = ""
     conversation.runs += 1
     written = ""   # the answer streamed so far: a stop notice after it gets a paragraph of its own
-    try:
-        for event in run_workflow(workflow, values, node_types=turn.node_types, llm=turn.llm, stop=turn.stop,
-                                  metrics=turn.metrics, follow_up=follow_up):
-            what = event.what
+    try:   # the run's events as the plain tuples they are made as (no RunEvent made for each)
+        for event in _run_events(workflow, values, turn.node_types, turn.llm, turn.stop, follow_up, turn.metrics):
+            what, node_id, text, seconds, _ = event
             if what == "answer":
                 if held:
                     yield ("thinking", held)
                     held = ""
-                yield ("answer", preface + event.text)
-                written, preface = (written + event.text)[-2:], ""
+                yield ("answer", preface + text)
+                written, preface = (written + text)[-2:], ""
             elif what == "done":
-                turn.answer = event.text
+                turn.answer = text
             elif what == "started":
-                yield ("thinking", held + _started_line(event.node_id, event.text))
+                yield ("thinking", held + _started_line(node_id, text))
                 held = ""
             elif what == "finished":   # every node's, so written here, with no call to progress_line
-                seconds = event.seconds
                 # Most nodes (templates, outputs) take under 5 ms, which shows as 0.00 s: that line is
                 # the same each time, so made once, with no float formatted (.2f rounds below 0.005 down).
-                line = _finished_at_once_line(event.node_id) if 0.0 < seconds < 0.005 else \
-                    RUN_MARKS["finished"] + finished_text(event.node_id, seconds) + "\n"
+                line = _finished_at_once_line(node_id) if 0.0 < seconds < 0.005 else \
+                    RUN_MARKS["finished"] + finished_text(node_id, seconds) + "\n"
                 if chain:   # out with what comes next, at once
                     held += line
                 else:
                     yield ("thinking", line)
             else:   # a node's progress (RUN_MARKS)
-                yield ("thinking", held + RUN_MARKS[what] + progress_line(event) + "\n")
+                yield ("thinking", held + RUN_MARKS[what] + progress_line(new_event(event)) + "\n")
                 held = ""
                 if what == "failed":
                     yield ("answer", (paragraph_break(written) if written else preface) +
-                           RUN_FAILED_REPLY.format(node=event.node_id, reason=event.text))
+                           RUN_FAILED_REPLY.format(node=node_id, reason=text))
     except Exception:   # a bug in the run: what it had written still goes out, before the bug's apology
         if held:
             yield ("thinking", held)
@@ -7557,7 +7621,7 @@ class Turn:
         self._written: Dict[str, List[str]] = {"thinking": [], "answer": []}
         self._playing: Optional[Iterator[Any]] = None   # the pieces being read, closed in close()
         self._game: Optional[Iterator[Piece]] = None      # play_turn, closed in close() after them
-        self._block = ""                        # the identifier block _id_block wrote, if it did
+        self._block = ""                        # the identifier block that ends the reply, if it has one
         self._context: Optional[TurnContext] = None
         self._closed = False
         self._digest = ""                       # request_digest, for a twin sent while this one runs
@@ -7648,18 +7712,18 @@ class Turn:
                          Piece("answer", self._twin["answer"])])
         assert self._context is not None
         self._game = play_turn(self._context)
-        pieces = itertools.chain(ordered_pieces(self._game, self._written), self._id_block())   # the block once over
+        pieces = ordered_pieces(self._game, self._written, self._id_block())   # the block once all is over
         if not self.workflow.redact:   # a workflow with no secrets skips a step per piece
             return pieces
         return map(new_piece, self.workflow.redact.stream(pieces))   # a piece is the (channel, text) it reads
 
-    def _id_block(self) -> Iterator[Piece]:
-        """The first reply's last piece, kept with the answer for the save: the id block."""
+    def _id_block(self) -> str:
+        """The first reply's last piece, the id block ("" for any other reply), kept for the save
+        from the start: whether the reply ends with it, the save sees (clean_own_reply)."""
         assert self.conversation is not None
         if self.conversation.is_new and self.request.id_block and not self.request.chat_key:
             self._block = id_block(self.conversation.id)
-            self._written["answer"].append(self._block)
-            yield new_piece(("answer", self._block))
+        return self._block
 
     def close(self) -> None:
         """Stop what still runs, save what the turn did, and unlock. Safe to call again."""
@@ -7812,6 +7876,8 @@ def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[
         if message["role"] == "assistant":
             replied = True
             break
+    if not replied and not hints:   # a new chat's first turn: no id to look for, a new conversation
+        return _new_conversation(service, workflow, held), False
     ids = find_conversation_ids(messages) if replied else []   # ids are only looked for in replies
     if hints:   # Responses only: most turns have none, and an empty comprehension is still a call
         ids += [hint for hint in hints if hint not in ids and is_conversation_id(hint)]
