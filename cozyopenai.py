@@ -2070,7 +2070,16 @@ def first_json_object(text: str) -> dict:
 # Conversations and their stores
 ####################################################################################
 
-@dataclass
+def _set_fields(instance: Any, given: Mapping[str, Any]) -> None:
+    """The fields given to the constructor of a dataclass that writes its own __init__; the others
+    keep their class defaults. A name that is no field is refused, as the dataclass's own __init__ would."""
+    for name, value in given.items():
+        if name not in instance.__dataclass_fields__:
+            raise TypeError(f"{type(instance).__name__}() got an unexpected keyword argument {name!r}")
+        setattr(instance, name, value)
+
+
+@dataclass(init=False)
 class Conversation:
     """What the server remembers of one chat with one workflow: every turn's resulting state
     as a snapshot, never changed once written (an edit or a regenerated reply goes back to
@@ -2102,6 +2111,20 @@ class Conversation:
     parent: str = ""                                      # not stored: the snapshot this turn continues
     is_new: bool = False                                  # not stored: the id block goes out once
 
+    def __init__(self, id: str, model: str, **given: Any) -> None:
+        # One is made for every turn: cheaper than the dataclass's __init__, which calls a
+        # default factory per field (two clock reads among them). Made now, both times are one.
+        self.id, self.model = id, model
+        self.values = {}; self.asked = []; self.ask_counts = {}
+        self.runs = self.turns = 0
+        self.result = self.parent = ""
+        self.created = self.updated = time.time()
+        self.snapshots = []; self.results = {}; self.responses = {}; self.answered = {}
+        self.api = None
+        self.is_new = False
+        if given:
+            _set_fields(self, given)
+
     STATE_FIELDS = ("values", "asked", "ask_counts", "runs", "result")
 
     def to_record(self) -> dict:
@@ -2116,11 +2139,14 @@ class Conversation:
     def from_record(cls, record: Mapping[str, Any]) -> "Conversation":
         """A stored conversation; a record of version 1 (one mutable state) becomes one snapshot
         that any reply of that conversation continues from."""
-        conversation = cls(id=record["id"], model=record["model"], turns=record.get("turns", 0),
-                           created=record.get("created", time.time()), updated=record.get("updated", time.time()),
-                           snapshots=list(record.get("snapshots", [])), results=dict(record.get("results", {})),
-                           responses=dict(record.get("responses", {})),
-                           answered=dict(record.get("answered", {})), api=record.get("api"))
+        conversation = cls(record["id"], record["model"])   # then the stored fields: quicker than keywords
+        get = record.get
+        conversation.turns = get("turns", 0)
+        conversation.created = get("created", conversation.created)
+        conversation.updated = get("updated", conversation.updated)
+        conversation.snapshots, conversation.results = list(get("snapshots", ())), dict(get("results", ()))
+        conversation.responses, conversation.answered = dict(get("responses", ())), dict(get("answered", ()))
+        conversation.api = get("api")
         if "snapshots" not in record:
             state = {name: record.get(name, default) for name, default in
                      (("values", {}), ("asked", []), ("ask_counts", {}), ("runs", 0))}
@@ -3568,15 +3594,6 @@ MAX_LABEL_WORDS = 3            # "travel dates: ..." labels a value; "my friend 
 ####################################################################################
 # Reading: words, numbers and typed values
 ####################################################################################
-
-def _set_fields(instance: Any, given: Mapping[str, Any]) -> None:
-    """The fields given to the constructor of a dataclass that writes its own __init__; the others
-    keep their class defaults. A name that is no field is refused, as the dataclass's own __init__ would."""
-    for name, value in given.items():
-        if name not in instance.__dataclass_fields__:
-            raise TypeError(f"{type(instance).__name__}() got an unexpected keyword argument {name!r}")
-        setattr(instance, name, value)
-
 
 @dataclass(init=False)
 class Extraction:
@@ -7856,7 +7873,7 @@ def resume_by_key(service: Service, workflow: Workflow, messages: Sequence[dict]
     record = service.store.load(conversation_id)
     if record is not None and record.get("model") == workflow.name:
         return Conversation.from_record(record), False
-    return Conversation(id=conversation_id, model=workflow.name), any(m["role"] == "assistant" for m in messages)
+    return Conversation(conversation_id, workflow.name), any(m["role"] == "assistant" for m in messages)
 
 
 def keyed_conversation_id(workflow: Workflow, chat_key: str) -> str:
@@ -7896,12 +7913,13 @@ def resume_by_id_block(service: Service, workflow: Workflow, messages: Sequence[
         record = store.load(ids[0])   # a concurrent turn may have just made it
         if record is not None and record.get("model") == workflow.name:
             return Conversation.from_record(record), False
-        return Conversation(id=ids[0], model=workflow.name), True
+        return Conversation(ids[0], workflow.name), True
     return _new_conversation(service, workflow, held), replied   # replies, and no id of ours: recovered
 
 
 def _new_conversation(service: Service, workflow: Workflow, held: HeldLock) -> Conversation:
-    conversation = Conversation(id=service.new_conversation_id(), model=workflow.name, is_new=True)
+    conversation = Conversation(service.new_conversation_id(), workflow.name)   # positional: quicker
+    conversation.is_new = True
     held.enter_context(service.store.lock(conversation.id))
     return conversation
 
@@ -9840,7 +9858,7 @@ class McpCall:
         problems: Dict[str, str] = {}
         text = self.arguments.get(REQUEST_ARGUMENT)
         if isinstance(text, str) and text.strip():
-            conversation = Conversation(id="mcp", model=self.workflow.name)
+            conversation = Conversation("mcp", self.workflow.name)
             extraction = extract(self.service.llm, self.workflow, conversation, [], valid_text(text), asks=False)
             values.update(extraction.values)
             problems.update(extraction.rejected)
