@@ -215,11 +215,17 @@ _JSON_SCAN, _JSON_SPACE = json.JSONDecoder().scan_once, json.decoder.WHITESPACE.
 def json_document(text: str) -> Any:
     """json.loads(text) for a str, as JSONDecoder.decode reads it, without the three Python
     calls (loads, decode, raw_decode) around the scanner: ValueError when it is no JSON."""
+    # Most documents have no white space around them: the scanner tries the first character
+    # at once (white space there is no value, StopIteration), and the white space is matched
+    # only where there is some.
     try:
-        value, end = _JSON_SCAN(text, _JSON_SPACE(text, 0).end())
-    except StopIteration:   # no value where one starts
-        raise ValueError("Expecting value") from None
-    if _JSON_SPACE(text, end).end() != len(text):
+        value, end = _JSON_SCAN(text, 0)
+    except StopIteration:
+        try:
+            value, end = _JSON_SCAN(text, _JSON_SPACE(text, 0).end())
+        except StopIteration:   # no value where one starts
+            raise ValueError("Expecting value") from None
+    if end != len(text) and _JSON_SPACE(text, end).end() != len(text):
         raise ValueError("Extra data")
     return value
 
@@ -8010,7 +8016,8 @@ CLIENT_TASK_KEY_PATTERN = re.compile(r'JSON format:\s*\{\s*"(\w+)"')
 
 
 def is_client_task(messages: Sequence[dict]) -> bool:
-    return messages[-1]["role"] == "user" and messages[-1]["content"].lstrip().startswith(CLIENT_TASK_PREFIX)
+    last = messages[-1]
+    return last["role"] == "user" and last["content"].lstrip().startswith(CLIENT_TASK_PREFIX)
 
 
 def answer_client_task(workflow: Workflow, task: str, llm: Optional[LLMClient],
@@ -8131,7 +8138,7 @@ def _json_body(body: bytes, content_type: str) -> dict:
     try:
         text = body.decode("utf-8")
         data = json_document(text)
-        if SURROGATE_ESCAPE.search(text):
+        if "\\u" in text and SURROGATE_ESCAPE.search(text):   # no escape at all, most often: no search
             data = with_valid_text(data)
     except (UnicodeDecodeError, ValueError):
         raise RequestError("The request body is not valid JSON.") from None
@@ -8203,8 +8210,8 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
     stream = data.get("stream", False)
     if stream.__class__ is not bool:   # null is False; anything else a 400 that names its type
         stream = bool(_field_of(data, "stream", bool))
-    choices = data.get("n", 1)
-    if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int) or choices != 1):
+    choices = data.get("n", 1)   # the body's JSON: an int is of class int, true and false of bool
+    if choices is not None and (choices.__class__ is not int or choices != 1):
         raise RequestError("'n' must be 1: a workflow gives one answer per turn.", param="n")
     options = (_field_of(data, "stream_options", dict) or {}) if "stream_options" in data else {}
     return new_chat_request((model, messages, stream, stream and options.get("include_usage") is True,
@@ -8213,7 +8220,7 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
 
 def _parse_message(message: Any, index: int) -> dict:
     where = "messages[%d]"   # % index: written only for an error (or parts), not for every message
-    if not isinstance(message, dict):
+    if message.__class__ is not dict:   # JSON's: an object is a dict
         raise RequestError(f"{where % index} must be an object with 'role' and 'content', not "
                            f"{_json_type(message)}.", param=where % index)
     role = message.get("role")
@@ -8228,7 +8235,8 @@ def _parse_message(message: Any, index: int) -> dict:
     if not isinstance(content, str):
         raise RequestError(f"{where % index}.content must be a string or an array of text parts, not "
                            f"{_json_type(content)}.", param=f"{where % index}.content")
-    return {"role": role, "content": valid_text(content)}
+    # ASCII text holds no lone surrogate: valid_text as it is, without the call and its encoding.
+    return {"role": role, "content": content if content.isascii() else valid_text(content)}
 
 
 def _text_of_parts(parts: List[Any], where: str, kinds: Sequence[str] = ("text", "input_text")) -> str:
@@ -8393,12 +8401,14 @@ def open_chat_turn(service: Service, request: TurnRequest, stop: threading.Event
                    trace: Optional[Dict[str, str]]) -> Union[Turn, AnsweredTurn]:
     """The turn, or what a chat client's own requests get without one (both APIs use this)."""
     trace = {} if trace is None else trace
-    if request.messages[-1]["role"] == "assistant":
+    last = request.messages[-1]
+    if last["role"] == "assistant":
         # Open WebUI's "Continue Response" sends the history ending with our reply: the turn
         # is over and nothing was said, so there is nothing to add (and no turn).
         trace.update(model=service.workflow(request.model).name, conversation="continue")
         return AnsweredTurn("")
-    if is_client_task(request.messages):
+    # A task's text holds its prefix: most turns' do not, and skip is_client_task's call.
+    if CLIENT_TASK_PREFIX in last["content"] and is_client_task(request.messages):
         workflow = service.workflow(request.model)
         trace.update(model=workflow.name, conversation="task")
         task = request.messages[-1]["content"]
@@ -10514,7 +10524,11 @@ def check_framing(environ: Mapping[str, Any]) -> None:
     any route, so Bottle never parses a bad length itself (its int() was a 500)."""
     length, coding = environ.get("CONTENT_LENGTH"), environ.get("HTTP_TRANSFER_ENCODING")
     length = None if length == "" else length   # wsgiref's empty default: no Content-Length
-    if length is not None and not CONTENT_LENGTH_DIGITS.match(str(length).strip(" \t")):
+    # Most lengths are a str of ASCII digits, which the pattern takes as they are: its match
+    # (and the strip before it) only for the others. In ASCII only 0 to 9 are isdigit().
+    if length is not None and not (length.__class__ is str and length.isdigit() and length.isascii()
+                                   and len(length) <= 18) \
+            and not CONTENT_LENGTH_DIGITS.match(str(length).strip(" \t")):
         raise RequestError(f"Content-Length must be the body's size in decimal digits, not {str(length)[:40]!r}.",
                            code="invalid_content_length")
     if coding is not None and str(coding).strip(" \t").lower() != "chunked":
@@ -10524,10 +10538,13 @@ def check_framing(environ: Mapping[str, Any]) -> None:
     # and no new string per key of the environ (its server's and Bottle's are most of them).
     # A loop, not a comprehension (one more function call); "HTTP`" compared first, which
     # most keys are past (wsgi.*, bottle.*, REQUEST_*, SERVER_*): one comparison for them.
+    # Over the keys, not the items: a value is looked up only for the few HTTP_ keys.
     size = 0
-    for key, value in environ.items():
-        if key < "HTTP`" and key >= "HTTP_" and isinstance(value, str):
-            size += len(key) - 5 + len(value) + 4
+    for key in environ:
+        if key < "HTTP`" and key >= "HTTP_":
+            value = environ[key]
+            if isinstance(value, str):
+                size += len(key) - 5 + len(value) + 4
     if size > MAX_HEADER_BYTES:
         raise HeadersTooLargeError(f"The request's header fields are over the limit of {MAX_HEADER_BYTES} bytes.")
 
