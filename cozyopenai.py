@@ -8297,7 +8297,7 @@ def whole_reply(pieces: Iterable[Piece], thinking: str = "tags") -> Dict[str, Op
         return {"content": "".join(texts["content"]), "reasoning_content": reasoning}
     content, thinking_open = [], False
     for channel, text in pieces:
-        if (channel == "thinking") != thinking_open:   # the <thinking> block opens or closes
+        if (channel == "thinking") is not thinking_open:   # the <thinking> block opens or closes (both bools)
             content.append("</thinking>\n\n" if thinking_open else "<thinking>\n")
             thinking_open = not thinking_open
         content.append(text)
@@ -10557,10 +10557,10 @@ def _guard_the_edge(service: Service, origins: Sequence[str]) -> None:
     environ = bottle.request.environ
     # The request's method and path, as bottle.request gives them, read from the environ at
     # once (each bottle.request attribute is a thread-local look-up); the route's log line reads them.
-    method, path = environ[REQUEST_LINE_ENVIRON_KEY] = (environ.get("REQUEST_METHOD", "GET").upper(),
-                                                        "/" + environ.get("PATH_INFO", "").lstrip("/"))
+    method, path = environ.get("REQUEST_METHOD", "GET").upper(), "/" + environ.get("PATH_INFO", "").lstrip("/")
     try:
         check_framing(environ)
+        environ[REQUEST_LINE_ENVIRON_KEY] = (method, path)   # after the framing's look over the keys: one key less
         if service.api_keys and is_keyed_path(path) and not (origins and method == "OPTIONS"):
             check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
         if "HTTP_ORIGIN" in environ and method not in ("GET", "HEAD", "OPTIONS") and not path.startswith("/mcp"):
@@ -10584,23 +10584,25 @@ def _log_requests_under_a_wsgi_server(level: str) -> None:
 
 def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap ``handler(service, **url_args)``: API key check, CozyError → OpenAI error object
-    with its status, and one log line per request (a stream's when it ends)."""
+    with its status, and one log line per request (a stream's when it ends). A handler sets
+    no status: it answers 200, or raises the CozyError that says its status, so the log line
+    knows the status without asking Bottle's thread-local response for it."""
     def route(**url_args: Any) -> Any:
-        started, trace = time.monotonic(), {}
+        started, trace, status = time.monotonic(), {}, 200
         environ = bottle.request.environ
         environ[TRACE_ENVIRON_KEY] = trace
         try:
             if service.api_keys:
                 check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
-            result = handler(service, **url_args)
+            result = handler(service, **url_args) if url_args else handler(service)   # no dict unpacked, most often
         except CozyError as exc:
-            result = _error_response(exc)
+            result, status = _error_response(exc), exc.status
         if isinstance(result, dict):   # as bytes: Bottle would look up the charset to encode a str
             bottle.response.set_header("Content-Type", "application/json")   # so UTF-8, as json_text is written
             result = json_text(result).encode()
         method, path = environ[REQUEST_LINE_ENVIRON_KEY]   # the edge guard's, run before every route
         if isinstance(result, (str, bytes)):
-            _log_line(method, path, bottle.response.status_code, trace, started)
+            _log_line(method, path, status, trace, started)
             return result
         if isinstance(result, StreamedTurn):   # it calls back when it ends: no generator around each piece
             result.when_closed(partial(_log_line, method, path, 200, trace, started))
