@@ -8350,20 +8350,28 @@ def completion_cut(message: str) -> bytes:
     return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-def completion_text(texts: Mapping[str, Optional[str]], request: ChatRequest, prompt_tokens: int) -> str:
-    """The chat.completion object of a whole reply, from its texts (whole_reply), as the JSON
-    text json_text would write for it, written out: the encoder costs some 1,500 instructions
-    an item of an object, and an object of two dozen items was most of the reply's cost at the
-    edge. Only its strings from outside need json_string; the test that it is json_text's, to
-    the byte, whatever the texts, is test_a_whole_reply_is_the_json_of_its_completion_object."""
+def completion_body(texts: Mapping[str, Optional[str]], request: ChatRequest, prompt_tokens: int) -> bytes:
+    """The chat.completion object of a whole reply, from its texts (whole_reply), as the UTF-8 of
+    the JSON text json_text would write for it, written out: the encoder costs some 1,500
+    instructions an item of an object, and an object of two dozen items was most of the reply's
+    cost at the edge. Only its strings from outside need json_string; the test that it is
+    json_text's, to the byte, whatever the texts, is test_a_whole_reply_is_the_json_of_its_completion_object.
+    Encoded in three parts: the ASCII around the content is copied as it is, where one text
+    holding the content (wide with any non-ASCII character) would be encoded character by character."""
     content, reasoning = texts["content"], texts["reasoning_content"]
     completion_tokens = tokens_of_chars(len(content) if reasoning is None else len(content) + len(reasoning))
     reasoning_item = "" if reasoning is None else f', "reasoning_content": {json_string(reasoning)}'
     return (f'{{"id": "{new_completion_id()}", "object": "chat.completion", "created": {int(time.time())}, '   # hex
             f'"model": {json_string(request.model)}, "system_fingerprint": null, "choices": [{{"index": 0, '
-            f'"message": {{"role": "assistant", "content": {json_string(content)}, "refusal": null{reasoning_item}}}, '
+            f'"message": {{"role": "assistant", "content": ').encode() + json_string(content).encode() + (
+            f', "refusal": null{reasoning_item}}}, '
             f'"logprobs": null, "finish_reason": "stop"}}], "usage": {{"prompt_tokens": {prompt_tokens}, '   # as _usage
-            f'"completion_tokens": {completion_tokens}, "total_tokens": {prompt_tokens + completion_tokens}}}}}')
+            f'"completion_tokens": {completion_tokens}, "total_tokens": {prompt_tokens + completion_tokens}}}}}').encode()
+
+
+def completion_text(texts: Mapping[str, Optional[str]], request: ChatRequest, prompt_tokens: int) -> str:
+    """completion_body's JSON, as text."""
+    return completion_body(texts, request, prompt_tokens).decode()
 
 
 def _usage(prompt_tokens: int, completion_chars: int) -> dict:
@@ -8390,11 +8398,11 @@ def chat_completions(service: Service) -> Any:
         return StreamedTurn(completion_chunks(fields, request, prompt_tokens), turn, service.metrics,
                             lambda message, sent: completion_cut(message))
     try:
-        text = completion_text(whole_reply(turn.pieces(), service.thinking), request, prompt_tokens)
+        body = completion_body(whole_reply(turn.pieces(), service.thinking), request, prompt_tokens)
     finally:
         turn.close()
     bottle.response.set_header("Content-Type", "application/json")   # as _json_route would for an object
-    return text.encode()
+    return body
 
 
 def open_chat_turn(service: Service, request: TurnRequest, stop: threading.Event,
