@@ -8384,9 +8384,9 @@ def model_object(workflow: Workflow) -> dict:
     return {"id": workflow.name, "object": "model", "created": workflow.created, "owned_by": MODEL_OWNER}
 
 
-def chat_completions(service: Service) -> Any:
-    """POST /openai/chat/completions: one turn, streamed as chunks or answered whole."""
-    environ = bottle.request.environ
+def chat_completions(service: Service, environ: Dict[str, Any]) -> Any:
+    """POST /openai/chat/completions: one turn, streamed as chunks or answered whole.
+    ``environ`` is the request's, as its route read it (bottle.request.environ)."""
     request = parse_chat_request(read_body(environ), environ.get("CONTENT_TYPE", ""))
     prompt_tokens = request.prompt_tokens
     chat_key = bottle.request.get_header(service.conversation_header, "") if service.conversation_header else ""
@@ -8871,10 +8871,10 @@ def response_cut(response_id: str, model: str, message: str, sequence_number: in
     return f"event: response.failed\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
 
 
-def create_response(service: Service, runs: Optional["BackgroundRuns"] = None) -> Any:
+def create_response(service: Service, environ: Dict[str, Any], runs: Optional["BackgroundRuns"] = None) -> Any:
     """POST /openai/responses: one turn, streamed as semantic events or answered whole; with
-    ``background``, run on without the client (see BackgroundRun)."""
-    environ = bottle.request.environ
+    ``background``, run on without the client (see BackgroundRun). ``environ`` is the
+    request's, as its route read it (bottle.request.environ)."""
     request = parse_responses_request(read_body(environ), environ.get("CONTENT_TYPE", ""),   # _json_body lowers it
                                       lambda item_id: find_item(service, item_id))
     turn_request = response_turn_request(request)
@@ -10466,16 +10466,16 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
     sessions, runs, state_key = McpSessions(), BackgroundRuns(), mcp_state_key(mcp_state_secret)
     app = bottle.Bottle()
 
-    def json_route(path: str, method: str, handler: Callable[..., Any]) -> None:
+    def json_route(path: str, method: str, handler: Callable[..., Any], with_environ: bool = False) -> None:
         # Bottle's JSON plugin would wrap each route in one more call, to turn a dict into JSON:
         # _json_route's own wrapper does that, and gives Bottle the JSON's bytes.
-        app.route(path, method, _json_route(service, handler), skip=[bottle.JSONPlugin])
+        app.route(path, method, _json_route(service, handler, with_environ), skip=[bottle.JSONPlugin])
     # Clients configured with a "/v1" suffix or a trailing slash ask for these paths too.
     for prefix in ("/openai", "/openai/v1", "/openai/", "/openai/v1/"):
         json_route(prefix + "/models", "GET", list_models)
         json_route(prefix + "/models/<model_id:path>", "GET", get_model)
-        json_route(prefix + "/chat/completions", "POST", chat_completions)
-        json_route(prefix + "/responses", "POST", partial(create_response, runs=runs))
+        json_route(prefix + "/chat/completions", "POST", chat_completions, with_environ=True)
+        json_route(prefix + "/responses", "POST", partial(create_response, runs=runs), with_environ=True)
         json_route(prefix + "/responses/<response_id>/cancel", "POST", partial(cancel_response, runs=runs))
         json_route(prefix + "/responses/<response_id>", "GET", stored_response)
         json_route(prefix + "/responses/<response_id>", "DELETE", delete_response)
@@ -10590,8 +10590,10 @@ def _log_requests_under_a_wsgi_server(level: str) -> None:
             log.warning("unknown COZYOPENAI_LOG_LEVEL %r; using INFO (one of %s)", level, ", ".join(LOG_LEVELS))
 
 
-def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap ``handler(service, **url_args)``: API key check, CozyError → OpenAI error object
+def _json_route(service: Service, handler: Callable[..., Any], with_environ: bool = False) -> Callable[..., Any]:
+    """Wrap ``handler(service, **url_args)``, or ``handler(service, environ)`` ``with_environ``
+    (the turn routes, which read the request's environ: the route's, read once, not a second
+    thread-local look-up): API key check, CozyError → OpenAI error object
     with its status, and one log line per request (a stream's when it ends). A handler sets
     no status: it answers 200, or raises the CozyError that says its status, so the log line
     knows the status without asking Bottle's thread-local response for it."""
@@ -10602,7 +10604,10 @@ def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., 
         try:
             if service.api_keys:
                 check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
-            result = handler(service, **url_args) if url_args else handler(service)   # no dict unpacked, most often
+            if with_environ:
+                result = handler(service, environ)
+            else:
+                result = handler(service, **url_args) if url_args else handler(service)   # no dict unpacked, most often
         except CozyError as exc:
             result, status = _error_response(exc), exc.status
         if isinstance(result, dict):   # as bytes: Bottle would look up the charset to encode a str
