@@ -8671,10 +8671,17 @@ def response_object(response_id: str, model: str, stored: Mapping[str, Any], sta
 
 
 def response_text(response_id: str, model: str, stored: Mapping[str, Any], status: str = "completed") -> str:
-    """json_text(response_object(...)), written out as completion_text is, its output items too
-    (_output_text): a response object has some fifty items, most of them the same in every
-    response, and json_text's encoder costs some 1,500 instructions an item.
-    test_a_response_is_the_json_of_its_response_object holds the two to the same text, to the byte."""
+    """json_text(response_object(...)): response_body's JSON, as text."""
+    return response_body(response_id, model, stored, status).decode()
+
+
+def response_body(response_id: str, model: str, stored: Mapping[str, Any], status: str = "completed") -> bytes:
+    """The UTF-8 of json_text(response_object(...)), written out as completion_body is, its output
+    items too (_output_text): a response object has some fifty items, most of them the same in
+    every response, and json_text's encoder costs some 1,500 instructions an item.
+    test_a_response_is_the_json_of_its_response_object holds the two to the same text, to the byte.
+    Encoded in parts, as completion_body is: the texts of the turn (the output, output_text) on
+    their own, so the ASCII of the rest is not widened and encoded character by character."""
     status = stored.get("status", status)
     usage = _response_usage(stored.get("prompt_tokens", 0), stored.get("thinking", ""), stored.get("answer", ""))
     conversation = stored.get("conversation")
@@ -8682,9 +8689,9 @@ def response_text(response_id: str, model: str, stored: Mapping[str, Any], statu
     conversation_json = f'{{"id": {_json_of(conversation)}}}' if conversation else "null"
     return (f'{{"id": {json_string(response_id)}, "object": "response", '
             f'"created_at": {_json_of(stored.get("created_at", int(time.time())))}, "status": {json_string(status)}, '
-            f'"model": {json_string(model)}, "output": {_output_text(response_id, stored, status)}, '
-            f'"output_text": {_json_of(stored.get("answer", ""))}, '
-            f'"previous_response_id": {_json_of(stored.get("previous_response_id") or None)}, '
+            f'"model": {json_string(model)}, "output": ').encode() + _output_text(response_id, stored, status).encode() + (
+            b', "output_text": ') + _json_of(stored.get("answer", "")).encode() + (
+            f', "previous_response_id": {_json_of(stored.get("previous_response_id") or None)}, '
             f'"conversation": {conversation_json}, '
             f'"background": {_json_of(stored.get("background", False))}, '
             f'"instructions": {_json_of(stored.get("instructions"))}, '
@@ -8696,7 +8703,7 @@ def response_text(response_id: str, model: str, stored: Mapping[str, Any], statu
             f'"usage": {{"input_tokens": {_json_of(input_tokens)}, "input_tokens_details": {{"cached_tokens": 0}}, '
             f'"output_tokens": {_json_of(output_tokens)}, '
             f'"output_tokens_details": {{"reasoning_tokens": {_json_of(usage.get("reasoning_tokens", 0))}}}, '
-            f'"total_tokens": {_json_of(input_tokens + output_tokens)}}}}}')
+            f'"total_tokens": {_json_of(input_tokens + output_tokens)}}}}}').encode()
 
 
 def _output_text(response_id: str, stored: Mapping[str, Any], status: str) -> str:
@@ -8754,13 +8761,13 @@ def _response_usage(prompt_tokens: int, thinking: str, answer: str) -> dict:
 
 
 def collect_response(pieces: Iterator[Piece], request: ResponsesRequest, response_id: str,
-                     prompt_tokens: int) -> str:
-    """Non-streamed: the whole response object, as its JSON text (response_text)."""
+                     prompt_tokens: int) -> bytes:
+    """Non-streamed: the whole response object, as the UTF-8 of its JSON text (response_body)."""
     texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
     for channel, text in pieces:
         texts[channel].append(text)
     thinking, answer = "".join(texts["thinking"]), "".join(texts["answer"])
-    return response_text(response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens))
+    return response_body(response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens))
 
 
 def _stored_fields(request: ResponsesRequest, thinking: str, answer: str, prompt_tokens: int) -> dict:
@@ -8899,9 +8906,9 @@ def create_response(service: Service, environ: Dict[str, Any], runs: Optional["B
         return StreamedTurn(events, turn, service.metrics,
                             lambda message, sent: response_cut(response_id, request.model, message, sent))
     with turn:
-        text = collect_response(turn.pieces(), request, response_id, prompt_tokens)
+        body = collect_response(turn.pieces(), request, response_id, prompt_tokens)
     bottle.response.set_header("Content-Type", "application/json")   # as _json_route would for an object
-    return text.encode()
+    return body
 
 
 def response_turn_request(request: ResponsesRequest) -> TurnRequest:
