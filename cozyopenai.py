@@ -215,11 +215,17 @@ _JSON_SCAN, _JSON_SPACE = json.JSONDecoder().scan_once, json.decoder.WHITESPACE.
 def json_document(text: str) -> Any:
     """json.loads(text) for a str, as JSONDecoder.decode reads it, without the three Python
     calls (loads, decode, raw_decode) around the scanner: ValueError when it is no JSON."""
+    # Most documents have no white space around them: the scanner tries the first character
+    # at once (white space there is no value, StopIteration), and the white space is matched
+    # only where there is some.
     try:
-        value, end = _JSON_SCAN(text, _JSON_SPACE(text, 0).end())
-    except StopIteration:   # no value where one starts
-        raise ValueError("Expecting value") from None
-    if _JSON_SPACE(text, end).end() != len(text):
+        value, end = _JSON_SCAN(text, 0)
+    except StopIteration:
+        try:
+            value, end = _JSON_SCAN(text, _JSON_SPACE(text, 0).end())
+        except StopIteration:   # no value where one starts
+            raise ValueError("Expecting value") from None
+    if end != len(text) and _JSON_SPACE(text, end).end() != len(text):
         raise ValueError("Extra data")
     return value
 
@@ -8158,7 +8164,8 @@ CLIENT_TASK_KEY_PATTERN = re.compile(r'JSON format:\s*\{\s*"(\w+)"')
 
 
 def is_client_task(messages: Sequence[dict]) -> bool:
-    return messages[-1]["role"] == "user" and messages[-1]["content"].lstrip().startswith(CLIENT_TASK_PREFIX)
+    last = messages[-1]
+    return last["role"] == "user" and last["content"].lstrip().startswith(CLIENT_TASK_PREFIX)
 
 
 def answer_client_task(workflow: Workflow, task: str, llm: Optional[LLMClient],
@@ -8279,7 +8286,7 @@ def _json_body(body: bytes, content_type: str) -> dict:
     try:
         text = body.decode("utf-8")
         data = json_document(text)
-        if SURROGATE_ESCAPE.search(text):
+        if "\\u" in text and SURROGATE_ESCAPE.search(text):   # no escape at all, most often: no search
             data = with_valid_text(data)
     except (UnicodeDecodeError, ValueError):
         raise RequestError("The request body is not valid JSON.") from None
@@ -8351,8 +8358,8 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
     stream = data.get("stream", False)
     if stream.__class__ is not bool:   # null is False; anything else a 400 that names its type
         stream = bool(_field_of(data, "stream", bool))
-    choices = data.get("n", 1)
-    if choices is not None and (isinstance(choices, bool) or not isinstance(choices, int) or choices != 1):
+    choices = data.get("n", 1)   # the body's JSON: an int is of class int, true and false of bool
+    if choices is not None and (choices.__class__ is not int or choices != 1):
         raise RequestError("'n' must be 1: a workflow gives one answer per turn.", param="n")
     options = (_field_of(data, "stream_options", dict) or {}) if "stream_options" in data else {}
     return new_chat_request((model, messages, stream, stream and options.get("include_usage") is True,
@@ -8361,7 +8368,7 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
 
 def _parse_message(message: Any, index: int) -> dict:
     where = "messages[%d]"   # % index: written only for an error (or parts), not for every message
-    if not isinstance(message, dict):
+    if message.__class__ is not dict:   # JSON's: an object is a dict
         raise RequestError(f"{where % index} must be an object with 'role' and 'content', not "
                            f"{_json_type(message)}.", param=where % index)
     role = message.get("role")
@@ -8376,7 +8383,8 @@ def _parse_message(message: Any, index: int) -> dict:
     if not isinstance(content, str):
         raise RequestError(f"{where % index}.content must be a string or an array of text parts, not "
                            f"{_json_type(content)}.", param=f"{where % index}.content")
-    return {"role": role, "content": valid_text(content)}
+    # ASCII text holds no lone surrogate: valid_text as it is, without the call and its encoding.
+    return {"role": role, "content": content if content.isascii() else valid_text(content)}
 
 
 def _text_of_parts(parts: List[Any], where: str, kinds: Sequence[str] = ("text", "input_text")) -> str:
@@ -8437,7 +8445,7 @@ def whole_reply(pieces: Iterable[Piece], thinking: str = "tags") -> Dict[str, Op
         return {"content": "".join(texts["content"]), "reasoning_content": reasoning}
     content, thinking_open = [], False
     for channel, text in pieces:
-        if (channel == "thinking") != thinking_open:   # the <thinking> block opens or closes
+        if (channel == "thinking") is not thinking_open:   # the <thinking> block opens or closes (both bools)
             content.append("</thinking>\n\n" if thinking_open else "<thinking>\n")
             thinking_open = not thinking_open
         content.append(text)
@@ -8490,20 +8498,28 @@ def completion_cut(message: str) -> bytes:
     return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"
 
 
-def completion_text(texts: Mapping[str, Optional[str]], request: ChatRequest, prompt_tokens: int) -> str:
-    """The chat.completion object of a whole reply, from its texts (whole_reply), as the JSON
-    text json_text would write for it, written out: the encoder costs some 1,500 instructions
-    an item of an object, and an object of two dozen items was most of the reply's cost at the
-    edge. Only its strings from outside need json_string; the test that it is json_text's, to
-    the byte, whatever the texts, is test_a_whole_reply_is_the_json_of_its_completion_object."""
+def completion_body(texts: Mapping[str, Optional[str]], request: ChatRequest, prompt_tokens: int) -> bytes:
+    """The chat.completion object of a whole reply, from its texts (whole_reply), as the UTF-8 of
+    the JSON text json_text would write for it, written out: the encoder costs some 1,500
+    instructions an item of an object, and an object of two dozen items was most of the reply's
+    cost at the edge. Only its strings from outside need json_string; the test that it is
+    json_text's, to the byte, whatever the texts, is test_a_whole_reply_is_the_json_of_its_completion_object.
+    Encoded in three parts: the ASCII around the content is copied as it is, where one text
+    holding the content (wide with any non-ASCII character) would be encoded character by character."""
     content, reasoning = texts["content"], texts["reasoning_content"]
     completion_tokens = tokens_of_chars(len(content) if reasoning is None else len(content) + len(reasoning))
     reasoning_item = "" if reasoning is None else f', "reasoning_content": {json_string(reasoning)}'
     return (f'{{"id": "{new_completion_id()}", "object": "chat.completion", "created": {int(time.time())}, '   # hex
             f'"model": {json_string(request.model)}, "system_fingerprint": null, "choices": [{{"index": 0, '
-            f'"message": {{"role": "assistant", "content": {json_string(content)}, "refusal": null{reasoning_item}}}, '
+            f'"message": {{"role": "assistant", "content": ').encode() + json_string(content).encode() + (
+            f', "refusal": null{reasoning_item}}}, '
             f'"logprobs": null, "finish_reason": "stop"}}], "usage": {{"prompt_tokens": {prompt_tokens}, '   # as _usage
-            f'"completion_tokens": {completion_tokens}, "total_tokens": {prompt_tokens + completion_tokens}}}}}')
+            f'"completion_tokens": {completion_tokens}, "total_tokens": {prompt_tokens + completion_tokens}}}}}').encode()
+
+
+def completion_text(texts: Mapping[str, Optional[str]], request: ChatRequest, prompt_tokens: int) -> str:
+    """completion_body's JSON, as text."""
+    return completion_body(texts, request, prompt_tokens).decode()
 
 
 def _usage(prompt_tokens: int, completion_chars: int) -> dict:
@@ -8516,9 +8532,9 @@ def model_object(workflow: Workflow) -> dict:
     return {"id": workflow.name, "object": "model", "created": workflow.created, "owned_by": MODEL_OWNER}
 
 
-def chat_completions(service: Service) -> Any:
-    """POST /openai/chat/completions: one turn, streamed as chunks or answered whole."""
-    environ = bottle.request.environ
+def chat_completions(service: Service, environ: Dict[str, Any]) -> Any:
+    """POST /openai/chat/completions: one turn, streamed as chunks or answered whole.
+    ``environ`` is the request's, as its route read it (bottle.request.environ)."""
     request = parse_chat_request(read_body(environ), environ.get("CONTENT_TYPE", ""))
     prompt_tokens = request.prompt_tokens
     chat_key = bottle.request.get_header(service.conversation_header, "") if service.conversation_header else ""
@@ -8530,23 +8546,25 @@ def chat_completions(service: Service) -> Any:
         return StreamedTurn(completion_chunks(fields, request, prompt_tokens), turn, service.metrics,
                             lambda message, sent: completion_cut(message))
     try:
-        text = completion_text(whole_reply(turn.pieces(), service.thinking), request, prompt_tokens)
+        body = completion_body(whole_reply(turn.pieces(), service.thinking), request, prompt_tokens)
     finally:
         turn.close()
     bottle.response.set_header("Content-Type", "application/json")   # as _json_route would for an object
-    return text.encode()
+    return body
 
 
 def open_chat_turn(service: Service, request: TurnRequest, stop: threading.Event,
                    trace: Optional[Dict[str, str]]) -> Union[Turn, AnsweredTurn]:
     """The turn, or what a chat client's own requests get without one (both APIs use this)."""
     trace = {} if trace is None else trace
-    if request.messages[-1]["role"] == "assistant":
+    last = request.messages[-1]
+    if last["role"] == "assistant":
         # Open WebUI's "Continue Response" sends the history ending with our reply: the turn
         # is over and nothing was said, so there is nothing to add (and no turn).
         trace.update(model=service.workflow(request.model).name, conversation="continue")
         return AnsweredTurn("")
-    if is_client_task(request.messages):
+    # A task's text holds its prefix: most turns' do not, and skip is_client_task's call.
+    if CLIENT_TASK_PREFIX in last["content"] and is_client_task(request.messages):
         workflow = service.workflow(request.model)
         trace.update(model=workflow.name, conversation="task")
         task = request.messages[-1]["content"]
@@ -8801,10 +8819,17 @@ def response_object(response_id: str, model: str, stored: Mapping[str, Any], sta
 
 
 def response_text(response_id: str, model: str, stored: Mapping[str, Any], status: str = "completed") -> str:
-    """json_text(response_object(...)), written out as completion_text is, its output items too
-    (_output_text): a response object has some fifty items, most of them the same in every
-    response, and json_text's encoder costs some 1,500 instructions an item.
-    test_a_response_is_the_json_of_its_response_object holds the two to the same text, to the byte."""
+    """json_text(response_object(...)): response_body's JSON, as text."""
+    return response_body(response_id, model, stored, status).decode()
+
+
+def response_body(response_id: str, model: str, stored: Mapping[str, Any], status: str = "completed") -> bytes:
+    """The UTF-8 of json_text(response_object(...)), written out as completion_body is, its output
+    items too (_output_text): a response object has some fifty items, most of them the same in
+    every response, and json_text's encoder costs some 1,500 instructions an item.
+    test_a_response_is_the_json_of_its_response_object holds the two to the same text, to the byte.
+    Encoded in parts, as completion_body is: the texts of the turn (the output, output_text) on
+    their own, so the ASCII of the rest is not widened and encoded character by character."""
     status = stored.get("status", status)
     usage = _response_usage(stored.get("prompt_tokens", 0), stored.get("thinking", ""), stored.get("answer", ""))
     conversation = stored.get("conversation")
@@ -8812,9 +8837,9 @@ def response_text(response_id: str, model: str, stored: Mapping[str, Any], statu
     conversation_json = f'{{"id": {_json_of(conversation)}}}' if conversation else "null"
     return (f'{{"id": {json_string(response_id)}, "object": "response", '
             f'"created_at": {_json_of(stored.get("created_at", int(time.time())))}, "status": {json_string(status)}, '
-            f'"model": {json_string(model)}, "output": {_output_text(response_id, stored, status)}, '
-            f'"output_text": {_json_of(stored.get("answer", ""))}, '
-            f'"previous_response_id": {_json_of(stored.get("previous_response_id") or None)}, '
+            f'"model": {json_string(model)}, "output": ').encode() + _output_text(response_id, stored, status).encode() + (
+            b', "output_text": ') + _json_of(stored.get("answer", "")).encode() + (
+            f', "previous_response_id": {_json_of(stored.get("previous_response_id") or None)}, '
             f'"conversation": {conversation_json}, '
             f'"background": {_json_of(stored.get("background", False))}, '
             f'"instructions": {_json_of(stored.get("instructions"))}, '
@@ -8826,7 +8851,7 @@ def response_text(response_id: str, model: str, stored: Mapping[str, Any], statu
             f'"usage": {{"input_tokens": {_json_of(input_tokens)}, "input_tokens_details": {{"cached_tokens": 0}}, '
             f'"output_tokens": {_json_of(output_tokens)}, '
             f'"output_tokens_details": {{"reasoning_tokens": {_json_of(usage.get("reasoning_tokens", 0))}}}, '
-            f'"total_tokens": {_json_of(input_tokens + output_tokens)}}}}}')
+            f'"total_tokens": {_json_of(input_tokens + output_tokens)}}}}}').encode()
 
 
 def _output_text(response_id: str, stored: Mapping[str, Any], status: str) -> str:
@@ -8884,13 +8909,13 @@ def _response_usage(prompt_tokens: int, thinking: str, answer: str) -> dict:
 
 
 def collect_response(pieces: Iterator[Piece], request: ResponsesRequest, response_id: str,
-                     prompt_tokens: int) -> str:
-    """Non-streamed: the whole response object, as its JSON text (response_text)."""
+                     prompt_tokens: int) -> bytes:
+    """Non-streamed: the whole response object, as the UTF-8 of its JSON text (response_body)."""
     texts: Dict[str, List[str]] = {"thinking": [], "answer": []}
     for channel, text in pieces:
         texts[channel].append(text)
     thinking, answer = "".join(texts["thinking"]), "".join(texts["answer"])
-    return response_text(response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens))
+    return response_body(response_id, request.model, _stored_fields(request, thinking, answer, prompt_tokens))
 
 
 def _stored_fields(request: ResponsesRequest, thinking: str, answer: str, prompt_tokens: int) -> dict:
@@ -9001,10 +9026,10 @@ def response_cut(response_id: str, model: str, message: str, sequence_number: in
     return f"event: response.failed\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
 
 
-def create_response(service: Service, runs: Optional["BackgroundRuns"] = None) -> Any:
+def create_response(service: Service, environ: Dict[str, Any], runs: Optional["BackgroundRuns"] = None) -> Any:
     """POST /openai/responses: one turn, streamed as semantic events or answered whole; with
-    ``background``, run on without the client (see BackgroundRun)."""
-    environ = bottle.request.environ
+    ``background``, run on without the client (see BackgroundRun). ``environ`` is the
+    request's, as its route read it (bottle.request.environ)."""
     request = parse_responses_request(read_body(environ), environ.get("CONTENT_TYPE", ""),   # _json_body lowers it
                                       lambda item_id: find_item(service, item_id))
     turn_request = response_turn_request(request)
@@ -9029,9 +9054,9 @@ def create_response(service: Service, runs: Optional["BackgroundRuns"] = None) -
         return StreamedTurn(events, turn, service.metrics,
                             lambda message, sent: response_cut(response_id, request.model, message, sent))
     with turn:
-        text = collect_response(turn.pieces(), request, response_id, prompt_tokens)
+        body = collect_response(turn.pieces(), request, response_id, prompt_tokens)
     bottle.response.set_header("Content-Type", "application/json")   # as _json_route would for an object
-    return text.encode()
+    return body
 
 
 def response_turn_request(request: ResponsesRequest) -> TurnRequest:
@@ -10606,16 +10631,16 @@ def make_app(workflows: Union[str, os.PathLike, dict, list, None] = None, *,
     sessions, runs, state_key = McpSessions(), BackgroundRuns(), mcp_state_key(mcp_state_secret)
     app = bottle.Bottle()
 
-    def json_route(path: str, method: str, handler: Callable[..., Any]) -> None:
+    def json_route(path: str, method: str, handler: Callable[..., Any], with_environ: bool = False) -> None:
         # Bottle's JSON plugin would wrap each route in one more call, to turn a dict into JSON:
         # _json_route's own wrapper does that, and gives Bottle the JSON's bytes.
-        app.route(path, method, _json_route(service, handler), skip=[bottle.JSONPlugin])
+        app.route(path, method, _json_route(service, handler, with_environ), skip=[bottle.JSONPlugin])
     # Clients configured with a "/v1" suffix or a trailing slash ask for these paths too.
     for prefix in ("/openai", "/openai/v1", "/openai/", "/openai/v1/"):
         json_route(prefix + "/models", "GET", list_models)
         json_route(prefix + "/models/<model_id:path>", "GET", get_model)
-        json_route(prefix + "/chat/completions", "POST", chat_completions)
-        json_route(prefix + "/responses", "POST", partial(create_response, runs=runs))
+        json_route(prefix + "/chat/completions", "POST", chat_completions, with_environ=True)
+        json_route(prefix + "/responses", "POST", partial(create_response, runs=runs), with_environ=True)
         json_route(prefix + "/responses/<response_id>/cancel", "POST", partial(cancel_response, runs=runs))
         json_route(prefix + "/responses/<response_id>", "GET", stored_response)
         json_route(prefix + "/responses/<response_id>", "DELETE", delete_response)
@@ -10672,7 +10697,11 @@ def check_framing(environ: Mapping[str, Any]) -> None:
     any route, so Bottle never parses a bad length itself (its int() was a 500)."""
     length, coding = environ.get("CONTENT_LENGTH"), environ.get("HTTP_TRANSFER_ENCODING")
     length = None if length == "" else length   # wsgiref's empty default: no Content-Length
-    if length is not None and not CONTENT_LENGTH_DIGITS.match(str(length).strip(" \t")):
+    # Most lengths are a str of ASCII digits, which the pattern takes as they are: its match
+    # (and the strip before it) only for the others. In ASCII only 0 to 9 are isdigit().
+    if length is not None and not (length.__class__ is str and length.isdigit() and length.isascii()
+                                   and len(length) <= 18) \
+            and not CONTENT_LENGTH_DIGITS.match(str(length).strip(" \t")):
         raise RequestError(f"Content-Length must be the body's size in decimal digits, not {str(length)[:40]!r}.",
                            code="invalid_content_length")
     if coding is not None and str(coding).strip(" \t").lower() != "chunked":
@@ -10682,10 +10711,13 @@ def check_framing(environ: Mapping[str, Any]) -> None:
     # and no new string per key of the environ (its server's and Bottle's are most of them).
     # A loop, not a comprehension (one more function call); "HTTP`" compared first, which
     # most keys are past (wsgi.*, bottle.*, REQUEST_*, SERVER_*): one comparison for them.
+    # Over the keys, not the items: a value is looked up only for the few HTTP_ keys.
     size = 0
-    for key, value in environ.items():
-        if key < "HTTP`" and key >= "HTTP_" and isinstance(value, str):
-            size += len(key) - 5 + len(value) + 4
+    for key in environ:
+        if key < "HTTP`" and key >= "HTTP_":
+            value = environ[key]
+            if isinstance(value, str):
+                size += len(key) - 5 + len(value) + 4
     if size > MAX_HEADER_BYTES:
         raise HeadersTooLargeError(f"The request's header fields are over the limit of {MAX_HEADER_BYTES} bytes.")
 
@@ -10698,10 +10730,10 @@ def _guard_the_edge(service: Service, origins: Sequence[str]) -> None:
     environ = bottle.request.environ
     # The request's method and path, as bottle.request gives them, read from the environ at
     # once (each bottle.request attribute is a thread-local look-up); the route's log line reads them.
-    method, path = environ[REQUEST_LINE_ENVIRON_KEY] = (environ.get("REQUEST_METHOD", "GET").upper(),
-                                                        "/" + environ.get("PATH_INFO", "").lstrip("/"))
+    method, path = environ.get("REQUEST_METHOD", "GET").upper(), "/" + environ.get("PATH_INFO", "").lstrip("/")
     try:
         check_framing(environ)
+        environ[REQUEST_LINE_ENVIRON_KEY] = (method, path)   # after the framing's look over the keys: one key less
         if service.api_keys and is_keyed_path(path) and not (origins and method == "OPTIONS"):
             check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
         if "HTTP_ORIGIN" in environ and method not in ("GET", "HEAD", "OPTIONS") and not path.startswith("/mcp"):
@@ -10723,25 +10755,32 @@ def _log_requests_under_a_wsgi_server(level: str) -> None:
             log.warning("unknown COZYOPENAI_LOG_LEVEL %r; using INFO (one of %s)", level, ", ".join(LOG_LEVELS))
 
 
-def _json_route(service: Service, handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap ``handler(service, **url_args)``: API key check, CozyError → OpenAI error object
-    with its status, and one log line per request (a stream's when it ends)."""
+def _json_route(service: Service, handler: Callable[..., Any], with_environ: bool = False) -> Callable[..., Any]:
+    """Wrap ``handler(service, **url_args)``, or ``handler(service, environ)`` ``with_environ``
+    (the turn routes, which read the request's environ: the route's, read once, not a second
+    thread-local look-up): API key check, CozyError → OpenAI error object
+    with its status, and one log line per request (a stream's when it ends). A handler sets
+    no status: it answers 200, or raises the CozyError that says its status, so the log line
+    knows the status without asking Bottle's thread-local response for it."""
     def route(**url_args: Any) -> Any:
-        started, trace = time.monotonic(), {}
+        started, trace, status = time.monotonic(), {}, 200
         environ = bottle.request.environ
         environ[TRACE_ENVIRON_KEY] = trace
         try:
             if service.api_keys:
                 check_key(service.api_keys, bottle.request.get_header("Authorization", ""))
-            result = handler(service, **url_args)
+            if with_environ:
+                result = handler(service, environ)
+            else:
+                result = handler(service, **url_args) if url_args else handler(service)   # no dict unpacked, most often
         except CozyError as exc:
-            result = _error_response(exc)
+            result, status = _error_response(exc), exc.status
         if isinstance(result, dict):   # as bytes: Bottle would look up the charset to encode a str
             bottle.response.set_header("Content-Type", "application/json")   # so UTF-8, as json_text is written
             result = json_text(result).encode()
         method, path = environ[REQUEST_LINE_ENVIRON_KEY]   # the edge guard's, run before every route
         if isinstance(result, (str, bytes)):
-            _log_line(method, path, bottle.response.status_code, trace, started)
+            _log_line(method, path, status, trace, started)
             return result
         if isinstance(result, StreamedTurn):   # it calls back when it ends: no generator around each piece
             result.when_closed(partial(_log_line, method, path, 200, trace, started))
