@@ -7284,11 +7284,13 @@ def _describe_extraction(workflow: Workflow, extraction: Extraction, understood:
     """The thinking lines for what the message gave, changed or could not give, as one text:
     they are written at once, so they go out as one piece ("" when there are none)."""
     # A text of lines, each test before its loop: most dicts here are empty, and a loop over an
-    # empty one costs as much as a line. A value that is text is shown as it is, without
-    # shown_value's call (most values are).
+    # empty one costs as much as a line. A value that is text or a whole number is shown
+    # without shown_value's call (most values are).
     queries, lines = workflow.query_inputs, ""
     for name, value in understood.items():
-        lines += f"Understood {queries[name].label}: {value if type(value) is str else shown_value(value)}.\n"
+        kind = type(value)
+        lines += (f"Understood {queries[name].label}: "
+                  f"{value if kind is str else str(value) if kind is int else shown_value(value)}.\n")
     if changed:
         for name, (old, new) in changed.items():
             lines += f"Changed {queries[name].label}: {shown_value(old)} → {shown_value(new)}.\n"
@@ -7414,7 +7416,9 @@ def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, st
                 thinking += f"Using the default {workflow.query_inputs[name].label}: {shown_value(values[name])}.\n"
     queries, shown = workflow.query_inputs, []
     for name, value in values.items():   # a loop: a comprehension would be one more call each turn
-        shown.append(f"{queries[name].label} = {value if type(value) is str else shown_value(value)}")
+        kind = type(value)   # text and whole numbers, most values, shown with no call
+        shown.append(f"{queries[name].label} = "
+                     f"{value if kind is str else str(value) if kind is int else shown_value(value)}")
     held = f"{thinking}Running {workflow.name} with {', '.join(shown)}.\n"   # thinking not yet out
     # A chain's first node starts at once, and each next one as soon as the one before finishes:
     # the line before a "started" goes out with it, one piece. Nodes side by side may wait first.
