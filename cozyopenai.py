@@ -507,6 +507,11 @@ class Workflow:
         """Replaces this workflow's secrets in a text that is about to leave the server."""
         return Redactor(self.secret_values())
 
+    @cached_property   # every turn asks, twice: read with no call to the Redactor's __bool__
+    def has_secrets(self) -> bool:
+        """Whether ``redact`` changes any text (most workflows have no secrets: it never does)."""
+        return bool(self.redact)
+
     def secret_values(self) -> Tuple[str, ...]:
         """Strings redacted from everything that leaves the server: fixed inputs and node inputs
         with key-like names (whether literal or fed by a fixed input), and fixed inputs whose
@@ -7740,7 +7745,7 @@ class Turn:
         assert self._context is not None
         self._game = play_turn(self._context)
         pieces = ordered_pieces(self._game, self._written, self._id_block())   # the block once all is over
-        if not self.workflow.redact:   # a workflow with no secrets skips a step per piece
+        if not self.workflow.has_secrets:   # a workflow with no secrets skips a step per piece
             return pieces
         return map(new_piece, self.workflow.redact.stream(pieces))   # a piece is the (channel, text) it reads
 
@@ -7771,10 +7776,12 @@ class Turn:
     def _save(self) -> None:
         workflow, conversation, request = self.workflow, self.conversation, self.request
         assert conversation is not None and self._context is not None
-        answer = workflow.redact("".join(self._written["answer"]))
+        answer = "".join(self._written["answer"])
         # The thinking is kept only with a stored response or a request's answer (for its twin).
         kept = request.response_id or request.saving is not None or self._digest
-        thinking = workflow.redact("".join(self._written["thinking"])) if kept else ""
+        thinking = "".join(self._written["thinking"]) if kept else ""
+        if workflow.has_secrets:   # most workflows have none: no call to the Redactor
+            answer, thinking = workflow.redact(answer), workflow.redact(thinking) if kept else ""
         # Only a new conversation's reply ends with its identifier block, if _id_block wrote it (a
         # reply that does not end with it is cleaned as clean_reply would, so none is looked for).
         key = conversation.remember(answer, users_digest(request.messages), self._context.answer,
