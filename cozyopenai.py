@@ -484,6 +484,11 @@ class Workflow:
     def _query_names(self) -> AbstractSet[str]:
         return frozenset(self.query_inputs)
 
+    @cached_property   # worked out once: every run asks
+    def has_optional_inputs(self) -> bool:
+        """Whether some input may be left out (and then takes its default)."""
+        return len(self._required) < len(self.query_inputs)
+
     def answer_source(self) -> Optional[str]:
         """The node whose whole output is the answer; its tokens may stream straight out."""
         return self._answer_source
@@ -7411,14 +7416,19 @@ def _question_stream(llm: LLMClient, budget: Optional[TurnBudget], workflow: Wor
 
 def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, str]] = None,
          thinking: str = "") -> Iterator[Piece]:
-    """Run the workflow: progress as thinking, then ``preface`` and the answer. ``thinking``,
-    lines written just before, go out with the run's first line, as one piece."""
+    """Run the workflow, every required input set: progress as thinking, then ``preface`` and the
+    answer. ``thinking``, lines written just before, go out with the run's first line, as one piece."""
     workflow, conversation = turn.workflow, turn.conversation
-    values = workflow.with_defaults(conversation.values)
-    if len(values) > len(conversation.values):   # some defaults
-        for name in values:
-            if name not in conversation.values:   # a default
-                thinking += f"Using the default {workflow.query_inputs[name].label}: {shown_value(values[name])}.\n"
+    given = conversation.values
+    if not workflow.has_optional_inputs:   # every input is required, so given by now: no default to add
+        values = dict(given)
+    else:
+        values = workflow.with_defaults(given)
+        if len(values) > len(given):   # some defaults
+            for name in values:
+                if name not in given:   # a default
+                    thinking += (f"Using the default {workflow.query_inputs[name].label}: "
+                                 f"{shown_value(values[name])}.\n")
     queries, shown = workflow.query_inputs, []
     for name, value in values.items():   # a loop: a comprehension would be one more call each turn
         kind = type(value)   # text and whole numbers, most values, shown with no call
