@@ -393,12 +393,23 @@ class Node:
     def _links(self) -> AbstractSet[str]:   # the nodes it takes inputs from: its inputs never change, and every run asks
         return frozenset(value.node for value in self.inputs.values() if isinstance(value, Link))
 
-    @cached_property
-    def references(self) -> Tuple[Tuple[str, Any], ...]:
-        """Its inputs whose values are found when it runs (a link, a query input, a fixed
-        input), with their names; the others are used as written."""
-        return tuple((name, value) for name, value in self.inputs.items()
-                     if isinstance(value, (Link, QueryRef, FixedRef)))
+    @cached_property   # worked out once: every run fills its inputs
+    def filling(self) -> Tuple[Dict[str, Any], Tuple[Tuple[str, Any, Any], ...]]:
+        """Its inputs as a plain dict to copy (in the file's order: a plain dict's copy costs half
+        a proxy's), and those whose values are found when it runs, each as (its name, where,
+        key): QueryRef (the query input named key), Link (the whole output of the node key), or
+        None (key is the reference itself: a path into an output, a fixed input). The other
+        inputs are used as written."""
+        references = []
+        for name, value in self.inputs.items():
+            kind = type(value)
+            if kind is QueryRef:
+                references.append((name, QueryRef, value.name))
+            elif kind is Link and not value.path:
+                references.append((name, Link, value.node))
+            elif isinstance(value, (Link, QueryRef, FixedRef)):
+                references.append((name, None, value))
+        return dict(self.inputs), tuple(references)
 
 
 class FunctionFinder:
@@ -1502,15 +1513,15 @@ def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values
             context = NodeContext(node, workflow, llm, stop, [], follow_up)
         if stop.is_set():
             raise NodeFailed("the run was stopped")
-        inputs = node.inputs.copy()   # the dict under its proxy, in the file's order; each reference filled in
-        for name, value in node.references:   # a query input or a whole output here, with no call each
-            kind = type(value)
-            if kind is QueryRef:
-                inputs[name] = values[value.name]
-            elif kind is Link and not value.path:
-                inputs[name] = outputs[value.node]
+        written, references = node.filling
+        inputs = written.copy()   # in the file's order; each reference filled in
+        for name, where, key in references:   # a query input or a whole output here, with no call each
+            if where is QueryRef:
+                inputs[name] = values[key]
+            elif where is Link:
+                inputs[name] = outputs[key]
             else:
-                inputs[name] = _input_value(workflow, value, outputs, values)
+                inputs[name] = _input_value(workflow, key, outputs, values)
         run = node_type.run
         result = run(inputs, context) if node.timeout_seconds is None else _call_within(node.timeout_seconds, run,
                                                                                          inputs, context)
