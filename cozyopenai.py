@@ -361,9 +361,11 @@ class QueryInput:
     # What the reader works out from the definition (its kind, ...), kept so it is worked out once.
     derived: Dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
-    @cached_property   # read in every thinking line and question
-    def label(self) -> str:
-        return self.name.replace("_", " ")
+    def __post_init__(self) -> None:
+        # Its label ("trip_budget" -> "trip budget"), read in every thinking line and question: a
+        # plain attribute, set once, is read quicker than a cached_property (a descriptor, which
+        # the interpreter's attribute caches pass over).
+        object.__setattr__(self, "label", self.name.replace("_", " "))
 
     def label_in(self, code: str) -> str:
         """The label in the language of ``code``, or "" when the workflow gives none."""
@@ -393,13 +395,16 @@ class Node:
     def _links(self) -> AbstractSet[str]:   # the nodes it takes inputs from: its inputs never change, and every run asks
         return frozenset(value.node for value in self.inputs.values() if isinstance(value, Link))
 
-    @cached_property   # worked out once: every run fills its inputs
-    def filling(self) -> Tuple[Dict[str, Any], Tuple[Tuple[str, Any, Any], ...]]:
-        """Its inputs as a plain dict to copy (in the file's order: a plain dict's copy costs half
-        a proxy's), and those whose values are found when it runs, each as (its name, where,
-        key): QueryRef (the query input named key), Link (the whole output of the node key), or
-        None (key is the reference itself: a path into an output, a fixed input). The other
-        inputs are used as written."""
+    def __post_init__(self) -> None:
+        # Set once, as a plain attribute (read quicker than a cached_property): every run reads it.
+        object.__setattr__(self, "filling", self._filling())
+
+    def _filling(self) -> Tuple[Dict[str, Any], Tuple[Tuple[str, Any, Any], ...]]:
+        """``filling``: its inputs as a plain dict to copy (in the file's order: a plain dict's
+        copy costs half a proxy's), and those whose values are found when it runs, each as (its
+        name, where, key): QueryRef (the query input named key), Link (the whole output of the
+        node key), or None (key is the reference itself: a path into an output, a fixed input).
+        The other inputs are used as written."""
         references = []
         for name, value in self.inputs.items():
             kind = type(value)
