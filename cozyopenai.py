@@ -361,9 +361,11 @@ class QueryInput:
     # What the reader works out from the definition (its kind, ...), kept so it is worked out once.
     derived: Dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
-    @cached_property   # read in every thinking line and question
-    def label(self) -> str:
-        return self.name.replace("_", " ")
+    def __post_init__(self) -> None:
+        # Its label ("trip_budget" -> "trip budget"), read in every thinking line and question: a
+        # plain attribute, set once, is read quicker than a cached_property (a descriptor, which
+        # the interpreter's attribute caches pass over).
+        object.__setattr__(self, "label", self.name.replace("_", " "))
 
     def label_in(self, code: str) -> str:
         """The label in the language of ``code``, or "" when the workflow gives none."""
@@ -393,12 +395,26 @@ class Node:
     def _links(self) -> AbstractSet[str]:   # the nodes it takes inputs from: its inputs never change, and every run asks
         return frozenset(value.node for value in self.inputs.values() if isinstance(value, Link))
 
-    @cached_property
-    def references(self) -> Tuple[Tuple[str, Any], ...]:
-        """Its inputs whose values are found when it runs (a link, a query input, a fixed
-        input), with their names; the others are used as written."""
-        return tuple((name, value) for name, value in self.inputs.items()
-                     if isinstance(value, (Link, QueryRef, FixedRef)))
+    def __post_init__(self) -> None:
+        # Set once, as a plain attribute (read quicker than a cached_property): every run reads it.
+        object.__setattr__(self, "filling", self._filling())
+
+    def _filling(self) -> Tuple[Dict[str, Any], Tuple[Tuple[str, Any, Any], ...]]:
+        """``filling``: its inputs as a plain dict to copy (in the file's order: a plain dict's
+        copy costs half a proxy's), and those whose values are found when it runs, each as (its
+        name, where, key): QueryRef (the query input named key), Link (the whole output of the
+        node key), or None (key is the reference itself: a path into an output, a fixed input).
+        The other inputs are used as written."""
+        references = []
+        for name, value in self.inputs.items():
+            kind = type(value)
+            if kind is QueryRef:
+                references.append((name, QueryRef, value.name))
+            elif kind is Link and not value.path:
+                references.append((name, Link, value.node))
+            elif isinstance(value, (Link, QueryRef, FixedRef)):
+                references.append((name, None, value))
+        return dict(self.inputs), tuple(references)
 
 
 class FunctionFinder:
@@ -484,6 +500,11 @@ class Workflow:
     def _query_names(self) -> AbstractSet[str]:
         return frozenset(self.query_inputs)
 
+    @cached_property   # worked out once: every run asks
+    def has_optional_inputs(self) -> bool:
+        """Whether some input may be left out (and then takes its default)."""
+        return len(self._required) < len(self.query_inputs)
+
     def answer_source(self) -> Optional[str]:
         """The node whose whole output is the answer; its tokens may stream straight out."""
         return self._answer_source
@@ -506,6 +527,11 @@ class Workflow:
     def redact(self) -> "Redactor":
         """Replaces this workflow's secrets in a text that is about to leave the server."""
         return Redactor(self.secret_values())
+
+    @cached_property   # every turn asks, twice: read with no call to the Redactor's __bool__
+    def has_secrets(self) -> bool:
+        """Whether ``redact`` changes any text (most workflows have no secrets: it never does)."""
+        return bool(self.redact)
 
     def secret_values(self) -> Tuple[str, ...]:
         """Strings redacted from everything that leaves the server: fixed inputs and node inputs
@@ -1492,15 +1518,15 @@ def _node_run(workflow: Workflow, node: Node, outputs: Mapping[str, Any], values
             context = NodeContext(node, workflow, llm, stop, [], follow_up)
         if stop.is_set():
             raise NodeFailed("the run was stopped")
-        inputs = node.inputs.copy()   # the dict under its proxy, in the file's order; each reference filled in
-        for name, value in node.references:   # a query input or a whole output here, with no call each
-            kind = type(value)
-            if kind is QueryRef:
-                inputs[name] = values[value.name]
-            elif kind is Link and not value.path:
-                inputs[name] = outputs[value.node]
+        written, references = node.filling
+        inputs = written.copy()   # in the file's order; each reference filled in
+        for name, where, key in references:   # a query input or a whole output here, with no call each
+            if where is QueryRef:
+                inputs[name] = values[key]
+            elif where is Link:
+                inputs[name] = outputs[key]
             else:
-                inputs[name] = _input_value(workflow, value, outputs, values)
+                inputs[name] = _input_value(workflow, key, outputs, values)
         run = node_type.run
         result = run(inputs, context) if node.timeout_seconds is None else _call_within(node.timeout_seconds, run,
                                                                                          inputs, context)
@@ -7284,11 +7310,13 @@ def _describe_extraction(workflow: Workflow, extraction: Extraction, understood:
     """The thinking lines for what the message gave, changed or could not give, as one text:
     they are written at once, so they go out as one piece ("" when there are none)."""
     # A text of lines, each test before its loop: most dicts here are empty, and a loop over an
-    # empty one costs as much as a line. A value that is text is shown as it is, without
-    # shown_value's call (most values are).
+    # empty one costs as much as a line. A value that is text or a whole number is shown
+    # without shown_value's call (most values are).
     queries, lines = workflow.query_inputs, ""
     for name, value in understood.items():
-        lines += f"Understood {queries[name].label}: {value if type(value) is str else shown_value(value)}.\n"
+        kind = type(value)
+        lines += (f"Understood {queries[name].label}: "
+                  f"{value if kind is str else str(value) if kind is int else shown_value(value)}.\n")
     if changed:
         for name, (old, new) in changed.items():
             lines += f"Changed {queries[name].label}: {shown_value(old)} → {shown_value(new)}.\n"
@@ -7404,17 +7432,24 @@ def _question_stream(llm: LLMClient, budget: Optional[TurnBudget], workflow: Wor
 
 def _run(turn: TurnContext, preface: str = "", follow_up: Optional[Tuple[str, str]] = None,
          thinking: str = "") -> Iterator[Piece]:
-    """Run the workflow: progress as thinking, then ``preface`` and the answer. ``thinking``,
-    lines written just before, go out with the run's first line, as one piece."""
+    """Run the workflow, every required input set: progress as thinking, then ``preface`` and the
+    answer. ``thinking``, lines written just before, go out with the run's first line, as one piece."""
     workflow, conversation = turn.workflow, turn.conversation
-    values = workflow.with_defaults(conversation.values)
-    if len(values) > len(conversation.values):   # some defaults
-        for name in values:
-            if name not in conversation.values:   # a default
-                thinking += f"Using the default {workflow.query_inputs[name].label}: {shown_value(values[name])}.\n"
+    given = conversation.values
+    if not workflow.has_optional_inputs:   # every input is required, so given by now: no default to add
+        values = dict(given)
+    else:
+        values = workflow.with_defaults(given)
+        if len(values) > len(given):   # some defaults
+            for name in values:
+                if name not in given:   # a default
+                    thinking += (f"Using the default {workflow.query_inputs[name].label}: "
+                                 f"{shown_value(values[name])}.\n")
     queries, shown = workflow.query_inputs, []
     for name, value in values.items():   # a loop: a comprehension would be one more call each turn
-        shown.append(f"{queries[name].label} = {value if type(value) is str else shown_value(value)}")
+        kind = type(value)   # text and whole numbers, most values, shown with no call
+        shown.append(f"{queries[name].label} = "
+                     f"{value if kind is str else str(value) if kind is int else shown_value(value)}")
     held = f"{thinking}Running {workflow.name} with {', '.join(shown)}.\n"   # thinking not yet out
     # A chain's first node starts at once, and each next one as soon as the one before finishes:
     # the line before a "started" goes out with it, one piece. Nodes side by side may wait first.
@@ -7736,7 +7771,7 @@ class Turn:
         assert self._context is not None
         self._game = play_turn(self._context)
         pieces = ordered_pieces(self._game, self._written, self._id_block())   # the block once all is over
-        if not self.workflow.redact:   # a workflow with no secrets skips a step per piece
+        if not self.workflow.has_secrets:   # a workflow with no secrets skips a step per piece
             return pieces
         return map(new_piece, self.workflow.redact.stream(pieces))   # a piece is the (channel, text) it reads
 
@@ -7767,10 +7802,12 @@ class Turn:
     def _save(self) -> None:
         workflow, conversation, request = self.workflow, self.conversation, self.request
         assert conversation is not None and self._context is not None
-        answer = workflow.redact("".join(self._written["answer"]))
+        answer = "".join(self._written["answer"])
         # The thinking is kept only with a stored response or a request's answer (for its twin).
         kept = request.response_id or request.saving is not None or self._digest
-        thinking = workflow.redact("".join(self._written["thinking"])) if kept else ""
+        thinking = "".join(self._written["thinking"]) if kept else ""
+        if workflow.has_secrets:   # most workflows have none: no call to the Redactor
+            answer, thinking = workflow.redact(answer), workflow.redact(thinking) if kept else ""
         # Only a new conversation's reply ends with its identifier block, if _id_block wrote it (a
         # reply that does not end with it is cleaned as clean_reply would, so none is looked for).
         key = conversation.remember(answer, users_digest(request.messages), self._context.answer,
