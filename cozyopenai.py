@@ -8489,14 +8489,19 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
     tail = ', "logprobs": null, "finish_reason": %s}]' + usage_item + '}\n\n'   # after the delta
     after = (tail % "null").encode()
     yield before + b'{"role": "assistant", "content": ""}' + after
+    # Every chunk's bytes up to its text, by field (json_text({field: text}) written out): the
+    # names reply_fields gives, written once, not escaped in every chunk.
+    openings = {"content": before + b'{"content": ', "reasoning_content": before + b'{"reasoning_content": '}
+    closing = b"}" + after
     completion_chars = 0
     for item in fields:
         if item is None:
             yield b": keep-alive\n\n"
         elif item[1]:
-            completion_chars += len(item[1])
-            delta = f"{{{json_string(item[0])}: {json_string(item[1])}}}"   # json_text({field: text}), written out
-            yield before + delta.encode() + after
+            field_name, text = item
+            completion_chars += len(text)
+            opening = openings.get(field_name) or before + f"{{{json_string(field_name)}: ".encode()
+            yield opening + json_string(text).encode() + closing
     yield before + b"{}" + (tail % '"stop"').encode()
     if request.include_usage:
         usage = _usage(prompt_tokens, completion_chars)
