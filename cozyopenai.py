@@ -8362,9 +8362,10 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
                            f"{'an empty array' if raw_messages == [] else _json_type(raw_messages)}.", param="messages")
     # One loop for the messages, whether one has role "user" and their characters: each
     # comprehension (or any() over a generator) would be a function made and called per request.
+    # The index, for an error, is the count of messages parsed so far: no enumerate.
     messages, has_user, characters = [], False, 0
-    for index, message in enumerate(raw_messages):
-        parsed = _parse_message(message, index)
+    for message in raw_messages:
+        parsed = _parse_message(message, len(messages))
         messages.append(parsed)
         has_user = has_user or parsed["role"] == "user"
         characters += len(parsed["content"])
@@ -8525,16 +8526,21 @@ def completion_body(texts: Mapping[str, Optional[str]], request: ChatRequest, pr
     cost at the edge. Only its strings from outside need json_string; the test that it is
     json_text's, to the byte, whatever the texts, is test_a_whole_reply_is_the_json_of_its_completion_object.
     Encoded in three parts: the ASCII around the content is copied as it is, where one text
-    holding the content (wide with any non-ASCII character) would be encoded character by character."""
+    holding the content (wide with any non-ASCII character) would be encoded character by character:
+    the texts are encoded on their own, and written into COMPLETION_BODY with the numbers."""
     content, reasoning = texts["content"], texts["reasoning_content"]
     completion_tokens = tokens_of_chars(len(content) if reasoning is None else len(content) + len(reasoning))
-    reasoning_item = "" if reasoning is None else f', "reasoning_content": {json_string(reasoning)}'
-    return (f'{{"id": "{new_completion_id()}", "object": "chat.completion", "created": {int(time.time())}, '   # hex
-            f'"model": {json_string(request.model)}, "system_fingerprint": null, "choices": [{{"index": 0, '
-            f'"message": {{"role": "assistant", "content": ').encode() + json_string(content).encode() + (
-            f', "refusal": null{reasoning_item}}}, '
-            f'"logprobs": null, "finish_reason": "stop"}}], "usage": {{"prompt_tokens": {prompt_tokens}, '   # as _usage
-            f'"completion_tokens": {completion_tokens}, "total_tokens": {prompt_tokens + completion_tokens}}}}}').encode()
+    reasoning_item = b"" if reasoning is None else b', "reasoning_content": ' + json_string(reasoning).encode()
+    return COMPLETION_BODY % (new_completion_id().encode(), int(time.time()), json_string(request.model).encode(),
+                              json_string(content).encode(), reasoning_item,
+                              prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)   # as _usage
+
+
+# completion_body's bytes, its values left out: one formatting writes them all in (the id is hex).
+COMPLETION_BODY = (b'{"id": "%s", "object": "chat.completion", "created": %d, "model": %s, "system_fingerprint": null, '
+                   b'"choices": [{"index": 0, "message": {"role": "assistant", "content": %s, "refusal": null%s}, '
+                   b'"logprobs": null, "finish_reason": "stop"}], "usage": {"prompt_tokens": %d, '
+                   b'"completion_tokens": %d, "total_tokens": %d}}')
 
 
 def completion_text(texts: Mapping[str, Optional[str]], request: ChatRequest, prompt_tokens: int) -> str:
@@ -8924,8 +8930,9 @@ def _message_item(response_id: str, text: str, status: str = "completed") -> dic
 
 
 def _response_usage(prompt_tokens: int, thinking: str, answer: str) -> dict:
-    return {"input_tokens": prompt_tokens, "output_tokens": estimate_tokens(thinking + answer),
-            "reasoning_tokens": estimate_tokens(thinking)}
+    # estimate_tokens of the texts, from their lengths: no copy of them joined, no call through estimate_tokens.
+    return {"input_tokens": prompt_tokens, "output_tokens": tokens_of_chars(len(thinking) + len(answer)),
+            "reasoning_tokens": tokens_of_chars(len(thinking))}
 
 
 def collect_response(pieces: Iterator[Piece], request: ResponsesRequest, response_id: str,
