@@ -8851,7 +8851,7 @@ def response_text(response_id: str, model: str, stored: Mapping[str, Any], statu
 
 def response_body(response_id: str, model: str, stored: Mapping[str, Any], status: str = "completed") -> bytes:
     """The UTF-8 of json_text(response_object(...)), written out as completion_body is, its output
-    items too (_output_text): a response object has some fifty items, most of them the same in
+    items too (_output_json): a response object has some fifty items, most of them the same in
     every response, and json_text's encoder costs some 1,500 instructions an item.
     test_a_response_is_the_json_of_its_response_object holds the two to the same text, to the byte.
     Encoded in parts, as completion_body is: the texts of the turn (the output, output_text) on
@@ -8863,7 +8863,7 @@ def response_body(response_id: str, model: str, stored: Mapping[str, Any], statu
     conversation_json = f'{{"id": {_json_of(conversation)}}}' if conversation else "null"
     return (f'{{"id": {json_string(response_id)}, "object": "response", '
             f'"created_at": {_json_of(stored.get("created_at", int(time.time())))}, "status": {json_string(status)}, '
-            f'"model": {json_string(model)}, "output": ').encode() + _output_text(response_id, stored, status).encode() + (
+            f'"model": {json_string(model)}, "output": ').encode() + _output_json(response_id, stored, status) + (
             b', "output_text": ') + _json_of(stored.get("answer", "")).encode() + (
             f', "previous_response_id": {_json_of(stored.get("previous_response_id") or None)}, '
             f'"conversation": {conversation_json}, '
@@ -8880,20 +8880,25 @@ def response_body(response_id: str, model: str, stored: Mapping[str, Any], statu
             f'"total_tokens": {_json_of(input_tokens + output_tokens)}}}}}').encode()
 
 
-def _output_text(response_id: str, stored: Mapping[str, Any], status: str) -> str:
-    """json_text(response_output(...)), written out (for response_text, whose test holds it to that)."""
+def _output_json(response_id: str, stored: Mapping[str, Any], status: str) -> bytes:
+    """The UTF-8 of json_text(response_output(...)), written out (for response_body, whose test holds it
+    to that): each text encoded on its own, so the ASCII around a wide one is copied, not widened."""
     items = []
     if stored.get("thinking"):
-        items.append(f'{{"type": "reasoning", "id": {json_string("rs_" + response_id[5:])}, '
-                     f'"summary": [{{"type": "summary_text", "text": {_json_of(stored["thinking"])}}}]}}')
+        items.append(REASONING_ITEM % (json_string("rs_" + response_id[5:]).encode(),
+                                       _json_of(stored["thinking"]).encode()))
     if status == "completed" or stored.get("answer"):
         text = stored.get("answer", "")
-        content = f'[{{"type": "output_text", "text": {_json_of(text)}, "annotations": []}}]' if (
-            status == "completed" or text) else "[]"
+        content = b'[{"type": "output_text", "text": %s, "annotations": []}]' % _json_of(text).encode() if (
+            status == "completed" or text) else b"[]"
         item_status = status if status in ("completed", "in_progress") else "incomplete"   # as _message_item
-        items.append(f'{{"type": "message", "id": {json_string("msg_" + response_id[5:])}, "status": "{item_status}", '
-                     f'"role": "assistant", "content": {content}}}')
-    return f"[{', '.join(items)}]"
+        items.append(MESSAGE_ITEM % (json_string("msg_" + response_id[5:]).encode(), item_status.encode(), content))
+    return b"[" + b", ".join(items) + b"]"
+
+
+# _output_json's items, their values left out.
+REASONING_ITEM = b'{"type": "reasoning", "id": %s, "summary": [{"type": "summary_text", "text": %s}]}'
+MESSAGE_ITEM = b'{"type": "message", "id": %s, "status": "%s", "role": "assistant", "content": %s}'
 
 
 def _json_of(value: Any) -> str:
