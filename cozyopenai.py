@@ -7116,7 +7116,7 @@ def replay_offline(workflow: Workflow, conversation: Conversation, turns: Sequen
     return dict(conversation.values)
 
 
-@dataclass
+@dataclass(init=False)
 class TurnRequest:
     """One turn asked for, whatever API it came by."""
     model: str
@@ -7130,6 +7130,21 @@ class TurnRequest:
     conversation: str = ""                # Responses: the Conversations API conversation it continues, its id
     conversation_hints: List[str] = field(default_factory=list)   # Responses: conversations its items' ids name
     saving: Optional[Callable[["Conversation", str, str], None]] = None   # with thinking, answer, at the save
+
+    def __init__(self, model: str, messages: List[dict], id_block: bool = True, chat_key: str = "",
+                 previous_response_id: str = "", store_response: bool = False,
+                 response_extra: Optional[Dict[str, Any]] = None, response_id: str = "", conversation: str = "",
+                 conversation_hints: Optional[List[str]] = None,
+                 saving: Optional[Callable[["Conversation", str, str], None]] = None) -> None:
+        # One is made every turn: the dataclass's __init__, with its two default factories,
+        # costs a third more than this one (and more still called with keywords, as
+        # chat_completions does not).
+        self.model = model; self.messages = messages; self.id_block = id_block; self.chat_key = chat_key
+        self.previous_response_id = previous_response_id; self.store_response = store_response
+        self.response_extra = {} if response_extra is None else response_extra
+        self.response_id = response_id; self.conversation = conversation
+        self.conversation_hints = [] if conversation_hints is None else conversation_hints
+        self.saving = saving
 
 
 SORRY_REPLY = "Sorry, something went wrong on the server while answering. Your conversation is kept."
@@ -8384,9 +8399,10 @@ def parse_chat_request(body: bytes, content_type: str = "") -> ChatRequest:
                            f"{'an empty array' if raw_messages == [] else _json_type(raw_messages)}.", param="messages")
     # One loop for the messages, whether one has role "user" and their characters: each
     # comprehension (or any() over a generator) would be a function made and called per request.
+    # The index, for an error, is the count of messages parsed so far: no enumerate.
     messages, has_user, characters = [], False, 0
-    for index, message in enumerate(raw_messages):
-        parsed = _parse_message(message, index)
+    for message in raw_messages:
+        parsed = _parse_message(message, len(messages))
         messages.append(parsed)
         has_user = has_user or parsed["role"] == "user"
         characters += len(parsed["content"])
@@ -8511,14 +8527,19 @@ def completion_chunks(fields: Iterator[Optional[Tuple[str, str]]], request: Chat
     tail = ', "logprobs": null, "finish_reason": %s}]' + usage_item + '}\n\n'   # after the delta
     after = (tail % "null").encode()
     yield before + b'{"role": "assistant", "content": ""}' + after
+    # Every chunk's bytes up to its text, by field (json_text({field: text}) written out): the
+    # names reply_fields gives, written once, not escaped in every chunk.
+    openings = {"content": before + b'{"content": ', "reasoning_content": before + b'{"reasoning_content": '}
+    closing = b"}" + after
     completion_chars = 0
     for item in fields:
         if item is None:
             yield b": keep-alive\n\n"
         elif item[1]:
-            completion_chars += len(item[1])
-            delta = f"{{{json_string(item[0])}: {json_string(item[1])}}}"   # json_text({field: text}), written out
-            yield before + delta.encode() + after
+            field_name, text = item
+            completion_chars += len(text)
+            opening = openings.get(field_name) or before + f"{{{json_string(field_name)}: ".encode()
+            yield opening + json_string(text).encode() + closing
     yield before + b"{}" + (tail % '"stop"').encode()
     if request.include_usage:
         usage = _usage(prompt_tokens, completion_chars)
@@ -8542,16 +8563,21 @@ def completion_body(texts: Mapping[str, Optional[str]], request: ChatRequest, pr
     cost at the edge. Only its strings from outside need json_string; the test that it is
     json_text's, to the byte, whatever the texts, is test_a_whole_reply_is_the_json_of_its_completion_object.
     Encoded in three parts: the ASCII around the content is copied as it is, where one text
-    holding the content (wide with any non-ASCII character) would be encoded character by character."""
+    holding the content (wide with any non-ASCII character) would be encoded character by character:
+    the texts are encoded on their own, and written into COMPLETION_BODY with the numbers."""
     content, reasoning = texts["content"], texts["reasoning_content"]
     completion_tokens = tokens_of_chars(len(content) if reasoning is None else len(content) + len(reasoning))
-    reasoning_item = "" if reasoning is None else f', "reasoning_content": {json_string(reasoning)}'
-    return (f'{{"id": "{new_completion_id()}", "object": "chat.completion", "created": {int(time.time())}, '   # hex
-            f'"model": {json_string(request.model)}, "system_fingerprint": null, "choices": [{{"index": 0, '
-            f'"message": {{"role": "assistant", "content": ').encode() + json_string(content).encode() + (
-            f', "refusal": null{reasoning_item}}}, '
-            f'"logprobs": null, "finish_reason": "stop"}}], "usage": {{"prompt_tokens": {prompt_tokens}, '   # as _usage
-            f'"completion_tokens": {completion_tokens}, "total_tokens": {prompt_tokens + completion_tokens}}}}}').encode()
+    reasoning_item = b"" if reasoning is None else b', "reasoning_content": ' + json_string(reasoning).encode()
+    return COMPLETION_BODY % (new_completion_id().encode(), int(time.time()), json_string(request.model).encode(),
+                              json_string(content).encode(), reasoning_item,
+                              prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)   # as _usage
+
+
+# completion_body's bytes, its values left out: one formatting writes them all in (the id is hex).
+COMPLETION_BODY = (b'{"id": "%s", "object": "chat.completion", "created": %d, "model": %s, "system_fingerprint": null, '
+                   b'"choices": [{"index": 0, "message": {"role": "assistant", "content": %s, "refusal": null%s}, '
+                   b'"logprobs": null, "finish_reason": "stop"}], "usage": {"prompt_tokens": %d, '
+                   b'"completion_tokens": %d, "total_tokens": %d}}')
 
 
 def completion_text(texts: Mapping[str, Optional[str]], request: ChatRequest, prompt_tokens: int) -> str:
@@ -8575,7 +8601,7 @@ def chat_completions(service: Service, environ: Dict[str, Any]) -> Any:
     request = parse_chat_request(read_body(environ), environ.get("CONTENT_TYPE", ""))
     prompt_tokens = request.prompt_tokens
     chat_key = bottle.request.get_header(service.conversation_header, "") if service.conversation_header else ""
-    turn = open_chat_turn(service, TurnRequest(request.model, request.messages, chat_key=chat_key),
+    turn = open_chat_turn(service, TurnRequest(request.model, request.messages, True, chat_key),
                           HangUpAwareEvent(environ.get(CONNECTION_ENVIRON_KEY)), environ.get(TRACE_ENVIRON_KEY))
     if request.stream:
         stream_headers()
@@ -8862,7 +8888,7 @@ def response_text(response_id: str, model: str, stored: Mapping[str, Any], statu
 
 def response_body(response_id: str, model: str, stored: Mapping[str, Any], status: str = "completed") -> bytes:
     """The UTF-8 of json_text(response_object(...)), written out as completion_body is, its output
-    items too (_output_text): a response object has some fifty items, most of them the same in
+    items too (_output_json): a response object has some fifty items, most of them the same in
     every response, and json_text's encoder costs some 1,500 instructions an item.
     test_a_response_is_the_json_of_its_response_object holds the two to the same text, to the byte.
     Encoded in parts, as completion_body is: the texts of the turn (the output, output_text) on
@@ -8874,7 +8900,7 @@ def response_body(response_id: str, model: str, stored: Mapping[str, Any], statu
     conversation_json = f'{{"id": {_json_of(conversation)}}}' if conversation else "null"
     return (f'{{"id": {json_string(response_id)}, "object": "response", '
             f'"created_at": {_json_of(stored.get("created_at", int(time.time())))}, "status": {json_string(status)}, '
-            f'"model": {json_string(model)}, "output": ').encode() + _output_text(response_id, stored, status).encode() + (
+            f'"model": {json_string(model)}, "output": ').encode() + _output_json(response_id, stored, status) + (
             b', "output_text": ') + _json_of(stored.get("answer", "")).encode() + (
             f', "previous_response_id": {_json_of(stored.get("previous_response_id") or None)}, '
             f'"conversation": {conversation_json}, '
@@ -8891,20 +8917,25 @@ def response_body(response_id: str, model: str, stored: Mapping[str, Any], statu
             f'"total_tokens": {_json_of(input_tokens + output_tokens)}}}}}').encode()
 
 
-def _output_text(response_id: str, stored: Mapping[str, Any], status: str) -> str:
-    """json_text(response_output(...)), written out (for response_text, whose test holds it to that)."""
+def _output_json(response_id: str, stored: Mapping[str, Any], status: str) -> bytes:
+    """The UTF-8 of json_text(response_output(...)), written out (for response_body, whose test holds it
+    to that): each text encoded on its own, so the ASCII around a wide one is copied, not widened."""
     items = []
     if stored.get("thinking"):
-        items.append(f'{{"type": "reasoning", "id": {json_string("rs_" + response_id[5:])}, '
-                     f'"summary": [{{"type": "summary_text", "text": {_json_of(stored["thinking"])}}}]}}')
+        items.append(REASONING_ITEM % (json_string("rs_" + response_id[5:]).encode(),
+                                       _json_of(stored["thinking"]).encode()))
     if status == "completed" or stored.get("answer"):
         text = stored.get("answer", "")
-        content = f'[{{"type": "output_text", "text": {_json_of(text)}, "annotations": []}}]' if (
-            status == "completed" or text) else "[]"
+        content = b'[{"type": "output_text", "text": %s, "annotations": []}]' % _json_of(text).encode() if (
+            status == "completed" or text) else b"[]"
         item_status = status if status in ("completed", "in_progress") else "incomplete"   # as _message_item
-        items.append(f'{{"type": "message", "id": {json_string("msg_" + response_id[5:])}, "status": "{item_status}", '
-                     f'"role": "assistant", "content": {content}}}')
-    return f"[{', '.join(items)}]"
+        items.append(MESSAGE_ITEM % (json_string("msg_" + response_id[5:]).encode(), item_status.encode(), content))
+    return b"[" + b", ".join(items) + b"]"
+
+
+# _output_json's items, their values left out.
+REASONING_ITEM = b'{"type": "reasoning", "id": %s, "summary": [{"type": "summary_text", "text": %s}]}'
+MESSAGE_ITEM = b'{"type": "message", "id": %s, "status": "%s", "role": "assistant", "content": %s}'
 
 
 def _json_of(value: Any) -> str:
@@ -8941,8 +8972,9 @@ def _message_item(response_id: str, text: str, status: str = "completed") -> dic
 
 
 def _response_usage(prompt_tokens: int, thinking: str, answer: str) -> dict:
-    return {"input_tokens": prompt_tokens, "output_tokens": estimate_tokens(thinking + answer),
-            "reasoning_tokens": estimate_tokens(thinking)}
+    # estimate_tokens of the texts, from their lengths: no copy of them joined, no call through estimate_tokens.
+    return {"input_tokens": prompt_tokens, "output_tokens": tokens_of_chars(len(thinking) + len(answer)),
+            "reasoning_tokens": tokens_of_chars(len(thinking))}
 
 
 def collect_response(pieces: Iterator[Piece], request: ResponsesRequest, response_id: str,
