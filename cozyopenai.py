@@ -3859,8 +3859,8 @@ NUMBER_GLUES = frozenset(word for word in AND_WORDS if len(word) > 1)
 NUMBER_WORD_PATTERN = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*|\d+")
 # Searched in " " + the lower-cased text: what stands before a word's start is matched, not looked
 # back at, so the regex engine tries only where a non-letter stands (the space: the text's start).
-ASCII_NUMBER_WORD_START = re.compile(r"[^a-z]" + initials_ahead(CARDINALS) + r"(?<![a-z]-)"
-                                     + word_tree_pattern(CARDINALS, joint="-?"))
+NUMBER_WORD_TREE = word_tree_pattern(CARDINALS, joint="-?")   # (ASCII_NUMBER_WORD_START's, and ASCII_CUE_PATTERN's)
+ASCII_NUMBER_WORD_START = re.compile(r"[^a-z]" + initials_ahead(CARDINALS) + r"(?<![a-z]-)" + NUMBER_WORD_TREE)
 CARDINAL_PHRASE_MIN = 100   # smaller counts stay words: "two weeks" is read as a period, as written
 BOOLEAN_WORDS = MappingProxyType({True: words_of("yes") | frozenset(SYMBOL_YES.split()),
                                   False: words_of("no") | frozenset(SYMBOL_NO.split())})
@@ -4015,6 +4015,11 @@ def numbers_as_digits(text: str) -> str:
     # looked through here as _may_spell_a_number looks through it, without a call.)
     if not (ASCII_NUMBER_WORD_START.search(" " + text.lower()) if text.isascii() else _may_spell_a_number(text)):
         return text
+    return _spelled_numbers_in_digits(text)
+
+
+def _spelled_numbers_in_digits(text: str) -> str:
+    """numbers_as_digits of a text a word of which starts with a number word."""
     words = list(NUMBER_WORD_PATTERN.finditer(text))
     pieces, last, index = [], 0, 0
     while index < len(words):
@@ -4293,6 +4298,14 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     what is only context, which must never give values over the user's own words: fenced
     code blocks, quoted lines ("> ..."), passages of several words in quotation marks and lines
     pasted from one of our earlier replies. Amounts in words are put in digits ("deux mille")."""
+    return _user_words(text, history)[0]
+
+
+def _user_words(text: str, history: Sequence[dict]) -> Tuple[str, Optional[bool]]:
+    """user_words, and whether a word of letters in them may rule something out (as
+    _spans_change_nothing asks): False or True when the search of an ASCII text for its number
+    words, made for both (ASCII_CUE_PATTERN), said so; None when it did not (the text is not
+    ASCII, or a number word in it was put in digits)."""
     if len(text) > READ_MAX_CHARS:   # (the common message is read whole: no call to find so)
         text = within_reading_limit(text)
     if not (text.isascii() and text.replace("\n", " ").isprintable()):   # printable ASCII lines have no invisible mark
@@ -4303,7 +4316,7 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
     # In an ASCII text only a straight quote can open a passage: found without a regex.
     opens = ('"' in text or "'" in text) if text.isascii() else QUOTE_OPENERS.search(text)
     if not ours and ">" not in text and not (opens and QUOTED_PASSAGE_PATTERN.search(text)):
-        return numbers_as_digits(text.strip())   # no line is context (the common case): none to look at one by one
+        return _in_digits(text.strip())   # no line is context (the common case): none to look at one by one
     kept = []
     for line in text.split("\n"):
         plain = " ".join(_fold(line).split())
@@ -4312,7 +4325,20 @@ def user_words(text: str, history: Sequence[dict] = ()) -> str:
         if not _is_a_written_value(line):
             line = QUOTED_PASSAGE_PATTERN.sub(_without_a_long_passage, line)
         kept.append(line)
-    return numbers_as_digits("\n".join(kept).strip())
+    return _in_digits("\n".join(kept).strip())
+
+
+def _in_digits(text: str) -> Tuple[str, Optional[bool]]:
+    """numbers_as_digits(text), and whether a word of letters in it may rule something out, as _user_words says."""
+    if not text.isascii():
+        return numbers_as_digits(text), None
+    lowered = " " + text.lower()
+    cue = ASCII_CUE_PATTERN.search(lowered)
+    if cue is None:   # the common message: no number word, and nothing that rules out
+        return text, False
+    if cue.lastgroup == "number" or ASCII_NUMBER_WORD_START.search(lowered, cue.start()):
+        return _spelled_numbers_in_digits(text), None   # (the text may change: looked for again in what it becomes)
+    return text, True
 
 
 def _our_replies(history: Sequence[dict]) -> List[str]:
@@ -4432,6 +4458,22 @@ def ascii_token_patterns(words: Iterable[str]) -> Tuple["re.Pattern[str]", ...]:
     less. Words and numbers are two patterns: each alone is looked for quickly, the number
     by its first digit. They are searched in " " + the lower-cased text: what stands before a
     word is matched, not looked back at, so the regex engine tries only where a non-letter stands."""
+    forms = _ascii_token_forms(words)
+    if forms is None:
+        return (re.compile(""),)   # a word of another shape: found everywhere, so the tokens decide
+    letters, digits = forms
+    numbers = [number + _NUMBER_TOKEN_END.format(number=number) for number in digits]
+    words_pattern = r"[^a-z]" + initials_ahead(letters) + word_tree_pattern(letters) + r"(?![a-z])" if letters else ""
+    return tuple(re.compile(pattern) for pattern in [words_pattern] * bool(letters) + ["|".join(numbers)] * bool(numbers))
+
+
+# Where a number token ends, right after the number: as TOKEN_PATTERN ends one (ascii_token_patterns).
+_NUMBER_TOKEN_END = r"(?:(?<!\d{number})|(?<=-\d\d{number})|(?<=[./]\d{{4}}{number}))(?!\d|[.,]\d)"
+
+
+def _ascii_token_forms(words: Iterable[str]) -> Optional[Tuple[List[str], List[str]]]:
+    """What ascii_token_patterns look for: the words of letters, each with its short endings after
+    an apostrophe, longest first, and the numbers; None when a word has another shape."""
     letters, digits = [], []
     for word in sorted(words, key=len, reverse=True):
         if not word.isascii():
@@ -4442,11 +4484,24 @@ def ascii_token_patterns(words: Iterable[str]) -> Tuple["re.Pattern[str]", ...]:
             letters += [word] + [word[:-len(ending)] + "'" + ending for ending in SHORT_ENDINGS
                                  if word.endswith(ending) and len(word) > len(ending)]
         else:
-            return (re.compile(""),)   # a word of another shape: found everywhere, so the tokens decide
-    numbers = [rf"{number}(?:(?<!\d{number})|(?<=-\d\d{number})|(?<=[./]\d{{4}}{number}))(?!\d|[.,]\d)"
-               for number in digits]
-    words_pattern = r"[^a-z]" + initials_ahead(letters) + word_tree_pattern(letters) + r"(?![a-z])" if letters else ""
-    return tuple(re.compile(pattern) for pattern in [words_pattern] * bool(letters) + ["|".join(numbers)] * bool(numbers))
+            return None
+    return letters, digits
+
+
+def ascii_cue_pattern(words: Iterable[str]) -> str:
+    """One pattern, searched in " " + an ASCII text lower-cased, for what ASCII_NUMBER_WORD_START
+    finds (as the group "number") and what ascii_token_patterns(words) find of the words made of
+    letters. Each place where a non-letter stands is tried once for both: a number word or one of
+    the words may start after it. (Their numbers are left to their own pattern, which the regex
+    engine looks for by its first digit, more quickly than any place is tried here.)"""
+    forms = _ascii_token_forms(words)
+    if forms is None:
+        return ""   # (found everywhere, as by ascii_token_patterns: the tokens decide)
+    letters = forms[0]
+    branches = [r"(?P<number>(?<![a-z]-)" + NUMBER_WORD_TREE + ")"]
+    if letters:
+        branches.append(word_tree_pattern(letters) + r"(?![a-z])")
+    return r"[^a-z]" + initials_ahead(list(CARDINALS) + letters) + "(?:" + "|".join(branches) + ")"
 
 
 def _ends_an_item(text: str, newline: int) -> bool:
@@ -5228,7 +5283,8 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
     ones are asked about; what the message rules out is never taken. ``text`` is the message
     as sent: it is cleaned here, once (user_words), and ``reading.tokens.text`` is what was read."""
     long = len(text) > READ_MAX_CHARS
-    sent, text = text, user_words(text, history)
+    sent = text
+    text, rules_out = _user_words(text, history)
     # Once: the cancel words and the labelled numbers are both found in it. (An ASCII text's fold
     # is its casefold, _fold's common case, made here without a call.)
     folded = text.casefold() if text.isascii() else _fold(text)
@@ -5248,7 +5304,7 @@ def read_floor(workflow: Workflow, conversation: Conversation, text: str,
         return extraction, reading
     _read_labels(workflow, text, folded, reading)
     labelled = bool(reading.candidates)
-    if _spans_change_nothing(workflow, text, reading):   # "word: hello\ncount: 3"
+    if _spans_change_nothing(workflow, text, reading, rules_out):   # "word: hello\ncount: 3"
         booleans = _boolean_inputs(workflow)
         if booleans:   # (no topic to read in a workflow without a yes/no input)
             _read_topics(booleans, conversation, reading)
@@ -5294,12 +5350,18 @@ def _quoted_label_lines(workflow: Workflow, text: str, history: Sequence[dict]) 
 # Words without which no span of a message is ruled out (is_negated, _corrects, _retracted, EXCESS).
 RULING_OUT_WORDS = NEGATIONS | NEGATING | EXCEPTS | EXCESS | PREFERENCES
 RULING_OUT_PATTERNS = ascii_token_patterns(RULING_OUT_WORDS)
+RULING_OUT_NUMBER_PATTERNS = ascii_token_patterns(word for word in RULING_OUT_WORDS if word.isdigit())   # ("0")
+# In " " + an ASCII text lower-cased, a number word (the group "number": what ASCII_NUMBER_WORD_START
+# finds) or a ruling-out word of letters (what RULING_OUT_PATTERNS find but the numbers): two searches
+# of every message made as one (_in_digits), which in the common message, with neither, rules out both.
+ASCII_CUE_PATTERN = re.compile(ascii_cue_pattern(RULING_OUT_WORDS))
 
 
-def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bool:
+def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading, rules_out: Optional[bool] = None) -> bool:
     """Whether reading typed spans could change nothing: the message is only ``name: value``
     lines, every input has one, and no word rules anything out. Spans then add only weaker
-    candidates than the lines' (never chosen), so only the yes/no topics are read (_read_topics)."""
+    candidates than the lines' (never chosen), so only the yes/no topics are read (_read_topics).
+    ``rules_out``: whether RULING_OUT_PATTERNS find a word of letters in the text, when _user_words found so."""
     if len(reading.candidates) < len(workflow.query_inputs):
         return False
     lines = text.splitlines()
@@ -5307,9 +5369,10 @@ def _spans_change_nothing(workflow: Workflow, text: str, reading: Reading) -> bo
     # that are not blank, which need counting only when some line is not one of them.
     if reading.label_lines != len(lines) and reading.label_lines != len([line for line in lines if line.strip()]):
         return False
-    if text.isascii():   # the common case, found without the tokens
+    if text.isascii() and not rules_out:   # the common case, found without the tokens
         lowered = " " + text.lower()   # as RULING_OUT_PATTERNS are searched
-        for pattern in RULING_OUT_PATTERNS:
+        # (with rules_out False, only the numbers are left to look for)
+        for pattern in RULING_OUT_PATTERNS if rules_out is None else RULING_OUT_NUMBER_PATTERNS:
             if pattern.search(lowered):
                 break
         else:

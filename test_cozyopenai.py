@@ -2950,6 +2950,21 @@ def test_the_ruling_out_words_are_found_without_tokens_wherever_the_tokens_hold_
     assert not cozyopenai.RULING_OUT_WORDS & cozyopenai.LONG_MONTHS   # no typo's month becomes one unseen
 
 
+def test_one_search_finds_the_number_words_and_the_ruling_out_words_as_their_own_searches_do():
+    texts = ["word: hello\ncount: 3", "pace: don't care", "not two", "two, not", "deux mille euros", "Dr-ei Tage",
+             "x-zwei", "kids: 0", "zero", "NO", "notably", "prefer-ably", "budget 2000", "", "zweitausend nicht"]
+    for text in texts:
+        lowered = " " + text.lower()
+        cue = cozyopenai.ASCII_CUE_PATTERN.search(lowered)
+        number = cozyopenai.ASCII_NUMBER_WORD_START.search(lowered)
+        word = cozyopenai.RULING_OUT_PATTERNS[0].search(lowered)
+        assert bool(cue) == bool(number or word), text
+        assert cozyopenai.user_words(text) == cozyopenai.numbers_as_digits(text.strip()), text
+        words, rules_out = cozyopenai._user_words(text, ())
+        assert rules_out is None or rules_out == bool(cozyopenai.RULING_OUT_PATTERNS[0].search(" " + words.lower())), text
+    assert cozyopenai._user_words("word: hello\ncount: 3", ()) == ("word: hello\ncount: 3", False)
+
+
 ####################################################################################
 # Questions: asking for what is missing
 ####################################################################################
