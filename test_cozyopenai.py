@@ -3666,6 +3666,36 @@ def test_the_log_line_handler_leaves_each_line_readable_at_once_on_a_buffered_or
         os.close(read_end)
 
 
+def test_log_lines_of_many_threads_at_once_come_out_whole_and_none_is_lost():
+    # On a line-buffered stream the handler writes each line in one system call, outside its
+    # lock: lines of threads logging at once must neither mix nor go missing.
+    read_end, write_end = os.pipe()
+    stream = io.TextIOWrapper(io.BufferedWriter(io.FileIO(write_end, "w")), line_buffering=True)
+    handler = cozyopenai.log_line_handler(stream)
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_end, 65536), b"")))
+    reader.start()
+
+    def log_lines(thread):
+        for number in range(200):
+            handler.handle(logging.LogRecord("cozyopenai", logging.INFO, __file__, 1, "thread %d line %d %s",
+                                             (thread, number, "x" * 300), None))
+    threads = [threading.Thread(target=log_lines, args=(thread,)) for thread in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "a logging thread did not finish"
+    stream.close()
+    reader.join(timeout=30)
+    os.close(read_end)
+    lines = b"".join(chunks).decode().splitlines()
+    assert len(lines) == 8 * 200
+    assert all(re.fullmatch(r"\S+ \S+ INFO thread \d line \d+ x{300}", line) for line in lines)
+    assert {line.split()[4] + " " + line.split()[6] for line in lines} == {
+        f"{thread} {number}" for thread in range(8) for number in range(200)}
+
+
 def test_a_long_history_well_over_bottles_100kb_default_is_accepted(start):
     history = [{"role": "user", "content": "x" * 50_000}, {"role": "assistant", "content": "y" * 50_000},
                {"role": "user", "content": "destination: Paris"}]
