@@ -1353,9 +1353,12 @@ def _run_events(workflow: Workflow, values: Mapping[str, Any], node_types: Mappi
                 llm: Optional[LLMClient], stop: threading.Event, follow_up: Optional[Tuple[str, str]],
                 metrics: Any) -> Iterator[PlainEvent]:
     """run_workflow's events, as the plain tuples of their fields (see new_event)."""
-    if workflow.chain is not None:   # one generator for the whole run: no layer more for each event
-        return _run_chain(workflow, values, node_types, llm, stop, follow_up, metrics)
-    return _run_side_by_side(workflow, values, node_types, llm, stop, follow_up, metrics)
+    outputs: Dict[str, Any] = {}
+    if workflow.chain is not None:   # in the caller's thread: no hand-off to make
+        events = _chain_events(workflow, outputs, values, node_types, llm, stop, follow_up)
+    else:
+        events = _side_by_side_events(workflow, outputs, values, node_types, llm, stop, follow_up)
+    return _counted_run(workflow, events, outputs, stop, metrics)
 
 
 def _as_run_events(events: Iterator[PlainEvent]) -> Iterator[RunEvent]:
@@ -1367,21 +1370,21 @@ def _as_run_events(events: Iterator[PlainEvent]) -> Iterator[RunEvent]:
         events.close()   # type: ignore[attr-defined]
 
 
-def _run_side_by_side(workflow: Workflow, values: Mapping[str, Any], node_types: Mapping[str, NodeType],
-                      llm: Optional[LLMClient], stop: threading.Event, follow_up: Optional[Tuple[str, str]],
-                      metrics: Any) -> Iterator[PlainEvent]:
-    """run_workflow for a workflow with branches (see _side_by_side_events)."""
-    outputs: Dict[str, Any] = {}
+def _counted_run(workflow: Workflow, events: Iterator[PlainEvent], outputs: Dict[str, Any],
+                 stop: threading.Event, metrics: Any) -> Iterator[PlainEvent]:
+    """The nodes' events, stopped at the first failure, then the answer (unless an `llm` node
+    streamed it) and "done"; the run counted by its outcome."""
     answer_streamed, outcome = False, "stopped"
     try:
-        for event in _side_by_side_events(workflow, outputs, values, node_types, llm, stop, follow_up):
+        for event in events:
             what = event[0]   # (what, node_id, text, seconds, value)
             if what == "failed":
                 outcome = "failed"
                 _count_failure(metrics, workflow, event)
                 yield event
                 return
-            answer_streamed = answer_streamed or what == "answer"
+            if what == "answer":
+                answer_streamed = True
             yield event
         answer = outputs[workflow.output_node]
         if not answer_streamed:
@@ -1394,38 +1397,16 @@ def _run_side_by_side(workflow: Workflow, values: Mapping[str, Any], node_types:
             metrics.count_run(workflow.name, outcome)
 
 
-def _run_chain(workflow: Workflow, values: Mapping[str, Any], node_types: Mapping[str, NodeType],
-               llm: Optional[LLMClient], stop: threading.Event, follow_up: Optional[Tuple[str, str]],
-               metrics: Any) -> Iterator[PlainEvent]:
-    """run_workflow for a chain: its nodes one after another in the caller's thread (no
-    hand-off to make), each output kept for the next; the same events as _run_side_by_side
-    would give, made in this one generator."""
-    outputs: Dict[str, Any] = {}
-    answer_streamed, outcome = False, "stopped"
-    try:
-        for node, started, streams_answer in _chain_steps(workflow):
-            yield started
-            for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, streams_answer,
-                                   follow_up if streams_answer else None):
-                what = event[0]   # (what, node_id, text, seconds, value)
-                if what == "failed":
-                    outcome = "failed"
-                    _count_failure(metrics, workflow, event)
-                    yield event
-                    return
-                if what == "answer":
-                    answer_streamed = True
-                yield event
-            outputs[node.id] = event[4]   # its last event is its "finished", with the value
-        answer = outputs[workflow.output_node]
-        if not answer_streamed:
-            yield ("answer", workflow.output_node, answer, 0.0, None)
-        outcome = "ok"
-        yield ("done", workflow.output_node, answer, 0.0, None)
-    finally:
-        stop.set()   # also on failure and GeneratorExit: nothing more starts
-        if metrics is not None:
-            metrics.count_run(workflow.name, outcome)
+def _chain_events(workflow: Workflow, outputs: Dict[str, Any], values: Mapping[str, Any],
+                  node_types: Mapping[str, NodeType], llm: Optional[LLMClient], stop: threading.Event,
+                  follow_up: Optional[Tuple[str, str]]) -> Iterator[PlainEvent]:
+    """A chain's events: its nodes one after another, each output kept for the next."""
+    for node, started, streams_answer in _chain_steps(workflow):
+        yield started
+        for event in _node_run(workflow, node, outputs, values, node_types, llm, stop, streams_answer,
+                               follow_up if streams_answer else None):
+            yield event
+        outputs[node.id] = event[4]   # its last event is its "finished", with the value (a failure ends the run)
 
 
 def _count_failure(metrics: Any, workflow: Workflow, failed: PlainEvent) -> None:
