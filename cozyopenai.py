@@ -11214,25 +11214,42 @@ class _ChunkedBody:
 class _GuardedWriter:
     """The connection's writes, each whole and one at a time, so that a shutdown can end a
     reply between two of them; after ``cut``, a write is a BrokenPipeError, as if the
-    client had left (the app then closes the reply)."""
+    client had left (the app then closes the reply). After ``hold()``, writes are kept until
+    the next ``flush()`` and sent as one: wsgiref writes a reply's status line, date, server
+    name, header fields and first body bytes one by one, five system calls and, on a network,
+    five small packets (a whole reply is now one send; a stream's head leaves with its first
+    chunk)."""
 
     def __init__(self, connection: socket.socket):
         self._connection = connection
         self.lock = threading.Lock()
-        self.written = 0
+        self.written = 0   # the bytes sent, not those held
         self.cut = False
         self.closed = False
+        self._held: Optional[List[bytes]] = None
+
+    def hold(self) -> None:
+        if self._held is None:
+            self._held = []
 
     def write(self, data: bytes) -> int:
+        if self._held is not None:
+            self._held.append(data)
+        else:
+            self._send(data)
+        return len(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._send(b"".join(held))
+
+    def _send(self, data: bytes) -> None:
         with self.lock:
             if self.cut:
                 raise BrokenPipeError("the server cut this reply short")
             self._connection.sendall(data)
             self.written += len(data)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
 
     def close(self) -> None:
         self.closed = True
@@ -11246,11 +11263,22 @@ class _RequestHandler(ServerHandler):
 
     os_environ: Mapping[str, str] = MappingProxyType({})
 
+    def send_headers(self) -> None:
+        self.stdout.hold()   # the head goes out with the first body bytes: wsgiref flushes after writing them
+        super().send_headers()
+
+    def finish_content(self) -> None:
+        super().finish_content()
+        self.stdout.flush()   # a reply with no body: its head alone
+
 
 class _LoggingHandler(WSGIRequestHandler):
     """One connection: one request (HTTP/1.0), its framing checked before the app runs (two
     Content-Length fields, or one with Transfer-Encoding, are refused: the way requests are
     smuggled past a proxy), and every error it answers itself in the protocol's own form."""
+    # A stream's chunks are small writes: with Nagle's algorithm each would wait for the
+    # client to acknowledge the one before, which a client may delay by up to 200 ms.
+    disable_nagle_algorithm = True
 
     def setup(self) -> None:
         super().setup()
