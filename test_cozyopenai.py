@@ -3666,11 +3666,25 @@ def test_the_log_line_handler_leaves_each_line_readable_at_once_on_a_buffered_or
         os.close(read_end)
 
 
-def test_log_lines_of_many_threads_at_once_come_out_whole_and_none_is_lost():
-    # On a line-buffered stream the handler writes each line in one system call, outside its
-    # lock: lines of threads logging at once must neither mix nor go missing.
+def test_the_log_line_handler_writes_stderrs_lines_itself_on_a_file_a_pipe_and_a_line_buffered_stream(tmp_path):
+    # Python's stderr writes through to its file when it is not a terminal: the handler's one
+    # system call outside its lock must be taken there too, where a server's log usually goes.
+    probe = ("import sys, io, cozyopenai; h = cozyopenai.log_line_handler(); "
+             "print(h._writes_whole_lines(), cozyopenai.log_line_handler(io.StringIO())._writes_whole_lines(), "
+             "cozyopenai.log_line_handler(open(sys.argv[1], 'w'))._writes_whole_lines())")
+    for stderr in (open(tmp_path / "stderr", "w"), subprocess.PIPE):
+        run = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "buffered")], cwd=HERE, stdout=subprocess.PIPE,
+                             stderr=stderr, text=True, timeout=30)
+        assert run.stdout.split() == ["True", "False", "False"], run   # a StringIO, a buffered file: the standard way
+
+
+@pytest.mark.parametrize("kind", ["line-buffered", "write-through"])
+def test_log_lines_of_many_threads_at_once_come_out_whole_and_none_is_lost(kind):
+    # Where the stream keeps nothing back the handler writes each line in one system call,
+    # outside its lock: lines of threads logging at once must neither mix nor go missing.
     read_end, write_end = os.pipe()
-    stream = io.TextIOWrapper(io.BufferedWriter(io.FileIO(write_end, "w")), line_buffering=True)
+    stream = (io.TextIOWrapper(io.BufferedWriter(io.FileIO(write_end, "w")), line_buffering=True)
+              if kind == "line-buffered" else io.TextIOWrapper(io.FileIO(write_end, "w"), write_through=True))
     handler = cozyopenai.log_line_handler(stream)
     chunks = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_end, 65536), b"")))
