@@ -3678,6 +3678,31 @@ def test_the_log_line_handler_writes_stderrs_lines_itself_on_a_file_a_pipe_and_a
         assert run.stdout.split() == ["True", "False", "False"], run   # a StringIO, a buffered file: the standard way
 
 
+@pytest.mark.parametrize("encoding, newline, line_buffering", [
+    ("utf-8", None, False), ("utf-16", None, False), ("utf-8-sig", None, True), ("utf-16", "\r\n", False),
+    ("utf-8", "\r\n", True)])
+def test_the_log_line_handler_writes_the_bytes_the_standard_handler_writes(tmp_path, encoding, newline, line_buffering):
+    # Writing outside the lock must not change a byte: a stateful encoding's byte-order mark
+    # comes once, and the stream's own line endings apply (stderr's on Windows are CRLF).
+    written = {}
+    for name, make_handler in (("standard", logging.StreamHandler), ("ours", cozyopenai.log_line_handler)):
+        raw = io.FileIO(tmp_path / name, "w")
+        stream = (io.TextIOWrapper(io.BufferedWriter(raw), encoding=encoding, newline=newline, line_buffering=True)
+                  if line_buffering else io.TextIOWrapper(raw, encoding=encoding, newline=newline, write_through=True))
+        handler = make_handler(stream)
+        handler.setFormatter(cozyopenai.LogLineFormatter())
+        stream.write("plain ü\n")
+        for number in range(3):
+            record = logging.LogRecord("cozyopenai", logging.INFO, __file__, 1, "line %d é", (number,), None)
+            record.created, record.msecs = 1_700_000_000.25, 250.0
+            handler.handle(record)
+            assert os.path.getsize(tmp_path / name) > 0   # out at once, before any flush or close
+        stream.close()
+        written[name] = (tmp_path / name).read_bytes()
+    assert written["ours"] == written["standard"]
+    assert written["ours"].decode(encoding).count("\ufeff") == 0   # the mark, if any, is the decoder's to drop
+
+
 @pytest.mark.parametrize("kind", ["line-buffered", "write-through"])
 def test_log_lines_of_many_threads_at_once_come_out_whole_and_none_is_lost(kind):
     # Where the stream keeps nothing back the handler writes each line in one system call,
