@@ -11503,7 +11503,8 @@ def startup_summary(service: "Service") -> str:
     where = describe() if describe else type(service.store).__name__
     llm = (f"{shown_url(service.llm.settings.base_url)} model {service.llm.settings.model}" if service.llm
            else "none: the simple reader")
-    return (f"cozyopenai {__version__}: {len(service.workflows)} models ({', '.join(service.workflows)}) from "
+    count = len(service.workflows)
+    return (f"cozyopenai {__version__}: {count} model{'' if count == 1 else 's'} ({', '.join(service.workflows)}) from "
             f"{service.workflows_source}; store: {where}; LLM: {llm}; API keys: "
             f"{'required' if service.api_keys else 'not required'}")
 

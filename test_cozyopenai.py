@@ -5491,6 +5491,11 @@ def test_start_up_says_what_runs_and_warns_when_the_llm_does_not_answer(tmp_path
     assert "k1" not in said
 
 
+def test_the_start_up_line_counts_one_model_in_the_singular():
+    service = cozyopenai.make_app([workflow()], store="memory").config["cozyopenai.service"]
+    assert f"cozyopenai {cozyopenai.__version__}: 1 model (echo) from " in cozyopenai.startup_summary(service)
+
+
 def test_a_port_in_use_gets_one_line_not_a_traceback():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
