@@ -2053,6 +2053,31 @@ def test_a_word_is_negated_by_a_negation_before_it_in_its_clause_until_a_contras
 # Reading: the floor (no LLM) and the LLM on top of it
 ####################################################################################
 
+def test_a_new_servers_first_message_compiles_no_pattern_the_reader_made_at_start_up():
+    # The reader compiles its patterns for a workflow's labels on the first message that needs
+    # them (about 90 ms): make_app reads a message per workflow, so that no user waits for them.
+    # A fresh interpreter, since the patterns, once compiled, are cached for the process.
+    probe = """if True:
+        import io, json, re, sys, cozyopenai
+        app = cozyopenai.make_app("workflows.json", store="memory")
+        def call(method, path, body=b""):
+            environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "CONTENT_TYPE": "application/json",
+                       "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body), "SERVER_NAME": "x",
+                       "SERVER_PORT": "80", "wsgi.url_scheme": "http", "SERVER_PROTOCOL": "HTTP/1.1",
+                       "wsgi.errors": sys.stderr, "REMOTE_ADDR": "127.0.0.1"}
+            return b"".join(app(environ, lambda *a: None))
+        call("GET", "/health")   # Bottle's own router is compiled on its first request
+        compiled, original = [], re._compiler.compile
+        re._compiler.compile = lambda pattern, *rest: compiled.append(str(pattern)[:60]) or original(pattern, *rest)
+        reply = json.loads(call("POST", "/openai/chat/completions", json.dumps(
+            {"model": "trip-planner", "messages": [{"role": "user", "content": sys.argv[1]}]}).encode()))
+        print(json.dumps([compiled, reply["choices"][0]["message"]["content"]]))"""
+    run = subprocess.run([sys.executable, "-c", probe, "I want to plan a trip to Paris."], cwd=HERE, capture_output=True,
+                         text=True, timeout=30)
+    compiled, answer = json.loads(run.stdout)
+    assert "Paris" in answer and compiled == [], (compiled, run.stderr[-500:])
+
+
 def test_the_floor_reads_an_amount_a_period_and_a_place_from_plain_sentences(trip_planner):
     extraction, reading = cozyopenai.read_floor(trip_planner, new_conversation(),
                                                 "My budget is 1 500 €, from 10 to 17 October")
