@@ -1658,7 +1658,10 @@ def _pairs_at_once(urls, fake_llm, pairs=15):
              for number in range(pairs) for _ in range(2)]
     sends += [(pairs, histories[pairs] + [{"role": "user", "content": text}])
               for text in ("budget: 2222", "travel dates: May")]
-    fake_llm.delay_seconds = 0.3   # the first of a pair still reads its message (one call) when its twin arrives
+    # The first of a pair still reads its message (one call) when its twin arrives: long enough
+    # for both to arrive on a loaded machine (at 0.3 s the gunicorn case failed once, with another
+    # test suite running beside it).
+    fake_llm.delay_seconds = 0.6
     replies = [None] * len(sends)
 
     def send(index):
