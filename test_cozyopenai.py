@@ -5763,7 +5763,7 @@ def test_a_reply_leaves_in_one_send_and_a_streams_head_with_its_first_chunk(star
                            "messages": [{"role": "user", "content": "hi"}]}).encode()
     preflight = (b"OPTIONS /openai/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://app.example\r\n"
                  b"Access-Control-Request-Method: POST\r\n\r\n")   # an empty body: the head alone
-    firsts = {}
+    firsts, laters = {}, {}   # each answer's first read, and what came after it
     for case, data in (("whole", request_bytes("POST", "/openai/chat/completions",
                                                b"Content-Length: %d\r\n" % len(EDGE_BODY))),
                        ("stream", request_bytes("POST", "/openai/chat/completions",
@@ -5771,18 +5771,15 @@ def test_a_reply_leaves_in_one_send_and_a_streams_head_with_its_first_chunk(star
                        ("preflight", preflight)):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:   # each read's deadline
             sock.sendall(data)
-            first = rest = sock.recv(65536)
-            while rest:
-                rest = sock.recv(65536)
-                firsts.setdefault(case + " later", b"")
-                firsts[case + " later"] += rest
-            firsts[case] = first
+            firsts[case], laters[case] = sock.recv(65536), b""
+            while chunk := sock.recv(65536):
+                laters[case] += chunk
     head, _, body = firsts["whole"].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200") and json.loads(body)["object"] == "chat.completion"
-    assert not firsts.get("whole later")   # nothing came after the first read
+    assert laters["whole"] == b""   # nothing came after the first read
     head, _, body = firsts["stream"].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200") and b"text/event-stream" in head and body.startswith(b"data: {")
-    assert firsts["stream later"].endswith(b"data: [DONE]\n\n")
+    assert laters["stream"].endswith(b"data: [DONE]\n\n")
     head, _, body = firsts["preflight"].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200") and b"Content-Length: 0" in head and body == b""
     assert b"Access-Control-Allow-Origin: https://app.example" in head
